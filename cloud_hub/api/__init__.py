@@ -1,0 +1,1 @@
+"""The DSO's HTTP API, one router per resource."""

@@ -1,0 +1,38 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from cloud_hub.store import StoreUnavailable
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    """Ready when the storage accepts writes and the MQTT link to the hub broker is up."""
+    state = request.app.state
+    checks: dict[str, str] = {}
+    try:
+        await state.store.ping()
+        checks["storage"] = "ok"
+    except StoreUnavailable as exc:
+        checks["storage"] = str(exc)
+    link = state.relay.link
+    checks["mqtt"] = "ok" if link is not None and link.connected else "not connected"
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,133 @@
+"""The hub's ASGI application: the HTTP API, with the store and the MQTT relay opened in its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cloud_hub.api import health, registry, requests
+from cloud_hub.metrics import HubMetrics
+from cloud_hub.relay import HubRelay
+from cloud_hub.service import Forbidden, HubService, IdempotencyConflict, NotFound
+from cloud_hub.settings import HubSettings
+from cloud_hub.store import Conflict, HubStore, StoreUnavailable
+from cloud_hub.tokens import TokenBook
+from mhp_wire import topics
+from mhp_wire.mqtt import MqttEndpoint, MqttLink
+
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message, **extra}, status_code=status)
+
+
+async def _run_relay(app: FastAPI, settings: HubSettings) -> None:
+    relay: HubRelay = app.state.relay
+    endpoint = MqttEndpoint(settings.mqtt_host, settings.mqtt_port, settings.mqtt_username,
+                            settings.mqtt_password, settings.mqtt_tls_ca_file)
+    link = MqttLink(endpoint, client_id=settings.mqtt_client_id, subscriptions=[topics.all_up("retailers")],
+                    handler=relay.handle, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None)
+    async with link:
+        relay.link = link
+        relay.kick()
+        await relay.run()
+
+
+def create_app(settings: HubSettings) -> FastAPI:
+    """Build the hub application for ``settings``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = HubStore(settings.db_path)
+        await store.open()
+        metrics = HubMetrics()
+        relay = HubRelay(store, metrics)
+        app.state.store, app.state.metrics, app.state.relay = store, metrics, relay
+        app.state.service = HubService(store, relay, metrics)
+        app.state.tokens = TokenBook(settings.tokens_file)
+        task = asyncio.create_task(_run_relay(app, settings), name="hub-relay")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await store.close()
+
+    app = FastAPI(title="Market Hub Platform", version="1", lifespan=lifespan)
+    app.include_router(health.router)
+    app.include_router(registry.router)
+    app.include_router(requests.router)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return _error(413, "too_large", f"request body over {settings.max_body_bytes} bytes")
+        return await call_next(request)
+
+    def count(status: int) -> None:
+        metrics = getattr(app.state, "metrics", None)
+        if metrics is not None:
+            metrics.http_rejected.labels(str(status)).inc()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        count(422)
+        problems = [
+            {"field": ".".join(str(p) for p in e["loc"] if p != "body"), "message": e["msg"]} for e in exc.errors()
+        ]
+        text = "; ".join(f"{p['field'] or 'body'}: {p['message']}" for p in problems[:10])
+        return _error(422, "invalid", f"invalid request: {text}", problems=problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        count(exc.status_code)
+        code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+        resp = _error(exc.status_code, code.get(exc.status_code, "error"), str(exc.detail))
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, exc: Forbidden) -> JSONResponse:
+        count(403)
+        return _error(403, "forbidden", str(exc))
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound) -> JSONResponse:
+        count(404)
+        return _error(404, "not_found", str(exc))
+
+    @app.exception_handler(Conflict)
+    async def conflict(request: Request, exc: Conflict) -> JSONResponse:
+        count(409)
+        return _error(409, "conflict", str(exc))
+
+    @app.exception_handler(IdempotencyConflict)
+    async def idem_conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:
+        count(409)
+        return _error(409, "conflict", str(exc))
+
+    @app.exception_handler(ValueError)
+    async def value_error(request: Request, exc: ValueError) -> JSONResponse:
+        count(422)
+        return _error(422, "invalid", str(exc))
+
+    @app.exception_handler(StoreUnavailable)
+    async def unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        count(503)
+        log.error("storage unavailable: %s", exc)
+        return _error(503, "storage_unavailable", "storage is unavailable; nothing was stored, retry later",
+                      retry_after_s=1)
+
+    return app

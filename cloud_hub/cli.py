@@ -1,0 +1,61 @@
+"""``cloud-hub``: serve the hub, manage its bearer tokens."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cloud_hub.app import create_app
+    from cloud_hub.settings import HubSettings
+
+    try:
+        settings = HubSettings.load(args.config, http_port=args.port, http_host=args.host, db_path=args.db)
+    except ValidationError as exc:
+        print(f"cloud-hub: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port,
+                log_level=args.log_level.lower(), access_log=False, timeout_graceful_shutdown=3)
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from cloud_hub.tokens import TokenBook
+
+    try:
+        print(TokenBook(args.tokens_file).issue(args.principal))
+    except ValueError as exc:
+        print(f"cloud-hub: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``cloud-hub``."""
+    parser = argparse.ArgumentParser(prog="cloud-hub", description="The Market Hub Platform's hub.")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP API and the MQTT relay")
+    serve.add_argument("--config", type=Path, help="TOML file with a [hub] table (env MHP_HUB_* also works)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--db", type=Path, help="SQLite file of the embedded store")
+    serve.set_defaults(fn=_serve)
+    tok = sub.add_parser("token", help="issue a bearer token (its hash is stored, the token printed once)")
+    tok.add_argument("--tokens-file", type=Path, required=True)
+    tok.add_argument("--principal", required=True, help="dso, admin or retailer:<id>")
+    tok.set_defaults(fn=_token)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

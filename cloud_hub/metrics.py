@@ -1,0 +1,33 @@
+"""The hub's Prometheus metrics (one registry per app, so two hubs in one test process do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class HubMetrics:
+    """Counters and histograms exposed at ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests_created = Counter("mhp_requests_created", "Requests accepted (202)", ["type"], registry=r)
+        self.requests_finished = Counter("mhp_requests_finished", "Requests that reached a terminal state",
+                                         ["type", "state"], registry=r)
+        self.request_seconds = Histogram(
+            "mhp_request_completion_seconds", "From acceptance to terminal state", ["type"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        self.accept_seconds = Histogram(
+            "mhp_request_accept_seconds", "HTTP request received to 202 (hub and storage)", ["type"], registry=r,
+            buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.015, 0.03, 0.05, 0.1, 0.25, 1),
+        )
+        self.mqtt_received = Counter("mhp_mqtt_received", "MQTT messages received", ["type"], registry=r)
+        self.mqtt_rejected = Counter("mhp_mqtt_rejected", "MQTT messages refused", ["reason"], registry=r)
+        self.outbox_sent = Counter("mhp_outbox_sent", "Outbox publications (first sends and re-sends)", registry=r)
+        self.open_requests = Gauge("mhp_open_requests", "Requests that have not ended", registry=r)
+        self.http_rejected = Counter("mhp_http_rejected", "HTTP requests refused", ["status"], registry=r)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -1,0 +1,45 @@
+"""The hub's settings: environment variables ``MHP_HUB_*``, optionally a TOML file, errors reported all at once."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class HubSettings(BaseSettings):
+    """Everything the hub needs to start."""
+
+    model_config = SettingsConfigDict(env_prefix="MHP_HUB_", extra="forbid")
+
+    environment: Literal["development", "production"] = "development"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+    db_path: Path = Path("state/hub.db")
+    tokens_file: Path = Path("state/hub-tokens.json")
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = Field(1883, ge=1, le=65535)
+    mqtt_username: str = "hub"
+    mqtt_password: str = ""
+    mqtt_client_id: str = "hub-1"
+    mqtt_tls_ca_file: str | None = None
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _no_default_secrets(self) -> HubSettings:
+        if self.environment == "production" and not self.mqtt_password:
+            raise ValueError("mqtt_password must be set outside development")
+        return self
+
+    @classmethod
+    def load(cls, toml_file: Path | None = None, **overrides: Any) -> HubSettings:
+        """Settings from an optional TOML file (a ``[hub]`` table or top-level keys), the environment, overrides."""
+        values: dict[str, Any] = {}
+        if toml_file is not None:
+            data = tomllib.loads(Path(toml_file).read_text())
+            values.update(data.get("hub", data))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,75 @@
+"""The gateway's TOML configuration: a ``[gateway]`` table and a ``[[devices]]`` array (DESIGN.md's contract)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from device_drivers.config import DeviceConfig
+from mhp_wire.topics import check_id
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing or invalid; the message lists every problem."""
+
+
+class Uplink(BaseModel):
+    """The retailer broker this gateway talks to."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    """Defaults to the gateway id (the broker's ACL binds topics to it)."""
+    password: str = ""
+    tls_ca_file: str | None = None
+
+
+class GatewaySection(BaseModel):
+    """The ``[gateway]`` table."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    client_id: str
+    uplink: Uplink = Field(default_factory=lambda: Uplink())
+    state_dir: Path = Path("/var/lib/hems-gateway")
+    poll_interval_s: float = Field(1.0, gt=0)
+    telemetry_interval_s: float = Field(5.0, gt=0)
+
+    @field_validator("id", "client_id")
+    @classmethod
+    def _valid_id(cls, v: str) -> str:
+        return check_id(v)
+
+
+class GatewayConfig(BaseModel):
+    """A whole gateway configuration file."""
+
+    model_config = ConfigDict(extra="forbid")
+    gateway: GatewaySection
+    devices: list[DeviceConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> GatewayConfig:
+        names = [d.name for d in self.devices]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"device names must be unique: {', '.join(dupes)}")
+        return self
+
+    @classmethod
+    def load(cls, path: Path) -> GatewayConfig:
+        """Read and validate a TOML file; :class:`ConfigError` names every problem at once."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+            raise ConfigError(f"{path}: invalid configuration:\n" + "\n".join(lines)) from None

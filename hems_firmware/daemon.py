@@ -1,0 +1,376 @@
+"""The gateway daemon: polls its devices, executes commands from its retailer's bridge, reports outcomes.
+
+A command is stored, then acknowledged to the bridge (application-level ``ack``), executed at its ``start``,
+and its outcome kept in a stored outbox until the bridge acknowledges it; a redelivered command is recognised by
+its request id and not executed twice. While an emergency is active every poll re-checks the meter and sheds
+more if the home is over the limit; at its end the loads it shed are switched back on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from device_drivers.errors import DeviceError
+from device_drivers.modbus import BusPool
+from device_drivers.registry import Meter, Switch, build_device
+from hems_firmware.config import GatewayConfig
+from hems_firmware.controller import Load, plan_shedding
+from mhp_wire import topics
+from mhp_wire.messages import (
+    Ack,
+    ClientState,
+    Command,
+    ErrorReply,
+    Outcome,
+    Telemetry,
+    WireError,
+    decode,
+    encode,
+    utcnow,
+)
+from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
+from mhp_wire.sqlite import SqliteThread, StorageError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS commands (
+    request_id TEXT PRIMARY KEY, payload BLOB NOT NULL, state TEXT NOT NULL, received_at REAL NOT NULL,
+    shed TEXT NOT NULL DEFAULT '[]');
+CREATE TABLE IF NOT EXISTS outbox (
+    msg_id TEXT PRIMARY KEY, payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL);
+"""
+
+METER_DRIVERS = frozenset({"eastron_sdm630", "eastron_sdm120", "eredes_han", "dsmr_p1"})
+
+
+@dataclass(slots=True)
+class ActiveEmergency:
+    """An emergency being held right now."""
+
+    request_id: str
+    limit_kw: float
+    end: float
+    shed: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Actuation:
+    """One switching of a plug, and the request that caused it (for field testers)."""
+
+    at: float
+    device: str
+    on: bool
+    request_id: str | None
+    reason: str
+
+
+class Gateway:
+    """One home's gateway. ``await Gateway(cfg).run()`` runs it until cancelled."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.id = cfg.gateway.id
+        self.client_id = cfg.gateway.client_id
+        self.sql = SqliteThread(Path(cfg.gateway.state_dir) / f"gateway-{self.id}.db", SCHEMA,
+                                name=f"gw-{self.id}")
+        self.meters: dict[str, Meter] = {}
+        self.switches: dict[str, Switch] = {}
+        self.state: dict[str, dict[str, float | bool | None]] = {}
+        self.link: MqttLink | None = None
+        self.active: ActiveEmergency | None = None
+        self.actuations: list[Actuation] = []
+        self.rejected = 0
+        self._seq = 0
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- running ------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Open the devices, the store and the uplink; poll, execute and report until cancelled."""
+        up = self.cfg.gateway.uplink
+        await self.sql.open()
+        try:
+            async with BusPool() as pool:
+                for dev in self.cfg.devices:
+                    built = build_device(dev, pool)
+                    if dev.driver in METER_DRIVERS:
+                        self.meters[dev.name] = built  # type: ignore[assignment]
+                    else:
+                        self.switches[dev.name] = built  # type: ignore[assignment]
+                link = MqttLink(
+                    MqttEndpoint(up.host, up.port, up.username or self.id, up.password, up.tls_ca_file),
+                    client_id=f"gw-{self.id}",
+                    subscriptions=[topics.down("gateways", self.id), topics.PUBLIC_ALL],
+                    handler=self.on_message, status_topic=topics.status("gateways", self.id),
+                    connect_timeout_s=None,
+                )
+                async with link:
+                    self.link = link
+                    await self._resume()
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._poll_loop(), name=f"gw-{self.id}-poll")
+                        tg.create_task(self._outbox_loop(), name=f"gw-{self.id}-outbox")
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await self.sql.close()
+
+    async def _resume(self) -> None:
+        """After a restart, re-arm every stored command that has not finished."""
+        rows = await self.sql.read(lambda db: [dict(r) for r in db.execute(
+            "SELECT * FROM commands WHERE state IN ('scheduled', 'active')")])
+        for row in rows:
+            cmd = Command.model_validate_json(row["payload"])
+            self._spawn(self._execute(cmd, row["received_at"], resumed_shed=json.loads(row["shed"])))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- polling ------------------------------------------------------------------------------------------
+
+    async def poll_once(self) -> dict[str, dict[str, float | bool | None]]:
+        """Read every device once; a device that fails is reported unavailable (``None`` values)."""
+        out: dict[str, dict[str, float | bool | None]] = {}
+        devices: list[tuple[str, Meter | Switch]] = [*self.meters.items(), *self.switches.items()]
+        for name, dev in devices:
+            try:
+                out[name] = dict(await dev.read())
+            except DeviceError:
+                out[name] = {"available": False}
+        self.state = out
+        return out
+
+    def measured_kw(self) -> float | None:
+        """Import power of the home from the first meter that answered, in kW."""
+        for name in self.meters:
+            value = self.state.get(name, {}).get("active_power_kw")
+            if isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value):
+                return float(value)
+        return None
+
+    def loads(self) -> list[Load]:
+        """The switchable appliances as the controller sees them."""
+        out = []
+        for name, sw in self.switches.items():
+            on = self.state.get(name, {}).get("on")
+            c = sw.config
+            out.append(Load(name, c.rated_power_kw, c.priority, c.sheddable, on if isinstance(on, bool) else None))
+        return out
+
+    async def _poll_loop(self) -> None:
+        interval = self.cfg.gateway.poll_interval_s
+        last_telemetry = 0.0
+        while True:
+            started = time.monotonic()
+            await self.poll_once()
+            await self._hold_limit()
+            if started - last_telemetry >= self.cfg.gateway.telemetry_interval_s:
+                last_telemetry = started
+                await self._publish_telemetry()
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def _publish_telemetry(self) -> None:
+        if self.link is None:
+            return
+        self._seq += 1
+        msg = Telemetry(gateway_id=self.id, client_id=self.client_id, seq=self._seq, at=utcnow(), devices=self.state)
+        with contextlib.suppress(MqttError):
+            await self.link.publish(topics.telemetry(self.id), encode(msg))
+
+    # -- commands -----------------------------------------------------------------------------------------
+
+    async def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        """Apply one message from the bridge."""
+        if topic.startswith(topics.PREFIX + "/public/"):
+            return
+        try:
+            msg = decode(payload)
+        except WireError as exc:
+            self.rejected += 1
+            log.warning("gateway %s refused a message: %s", self.id, exc)
+            await self._send(ErrorReply(code="invalid", message=str(exc)))
+            return
+        if isinstance(msg, Command):
+            await self._on_command(msg)
+        elif isinstance(msg, Ack):
+            await self.sql.tx(lambda db: db.executemany("DELETE FROM outbox WHERE msg_id=?",
+                                                        [(m,) for m in msg.ack_ids]))
+        elif isinstance(msg, ErrorReply):
+            log.warning("the bridge refused %s: %s", msg.ref_msg_id, msg.message)
+            if msg.ref_msg_id:
+                await self.sql.tx(lambda db: db.execute("DELETE FROM outbox WHERE msg_id=?", (msg.ref_msg_id,)))
+        else:
+            self.rejected += 1
+            await self._send(ErrorReply(ref_msg_id=msg.msg_id, code="invalid",
+                                        message=f"a gateway does not handle {msg.type!r} messages"))
+
+    async def _on_command(self, cmd: Command) -> None:
+        if cmd.client_id != self.client_id:
+            self.rejected += 1
+            await self._send(ErrorReply(ref_msg_id=cmd.msg_id, code="forbidden",
+                                        message=f"gateway {self.id} serves {self.client_id}, not {cmd.client_id}"))
+            return
+        now = time.time()
+        if cmd.expires_at.timestamp() <= now:
+            await self._outcome(Outcome(request_id=cmd.request_id, client_id=self.client_id,
+                                        state=ClientState.REFUSED,
+                                        detail={"reason": "expired: the command arrived after its expiry"}))
+            await self._send(Ack(ack_ids=[cmd.msg_id]))
+            return
+
+        def store(db: sqlite3.Connection) -> bool:
+            cur = db.execute("INSERT OR IGNORE INTO commands (request_id, payload, state, received_at) "
+                             "VALUES (?,?,?,?)", (cmd.request_id, encode(cmd), "scheduled", now))
+            return bool(cur.rowcount)
+
+        is_new = await self.sql.tx(store)
+        await self._send(Ack(ack_ids=[cmd.msg_id]))
+        if is_new:
+            self._spawn(self._execute(cmd, now))
+
+    async def _execute(self, cmd: Command, received_at: float, resumed_shed: list[str] | None = None) -> None:
+        params = cmd.params
+        start, end = params.start.timestamp(), params.end.timestamp()
+        await asyncio.sleep(max(0.0, start - time.time()))
+        if time.time() >= end:
+            await self._finish(cmd.request_id, resumed_shed or [])
+            return
+        t0 = time.perf_counter()
+        active = ActiveEmergency(cmd.request_id, params.power_limit_kw, end, list(resumed_shed or []))
+        self.active = active
+        await self.poll_once()
+        before = self.measured_kw()
+        plan = await self._hold_limit()
+        detail: dict[str, Any] = {
+            "limit_kw": params.power_limit_kw,
+            "measured_kw_before": before,
+            "shed": list(active.shed),
+            "expected_kw": None if plan is None or math.isnan(plan) else round(plan, 3),
+            "meter_available": before is not None,
+        }
+        if resumed_shed is None:
+            await self.sql.tx(lambda db: db.execute("UPDATE commands SET state='active' WHERE request_id=?",
+                                                    (cmd.request_id,)))
+            await self._outcome(Outcome(
+                request_id=cmd.request_id, client_id=self.client_id, state=ClientState.EXECUTED, detail=detail,
+                trace={"gateway_ms": round((time.perf_counter() - t0) * 1000, 3),
+                       "waited_ms": round(max(0.0, start - received_at) * 1000, 3)},
+            ))
+        await asyncio.sleep(max(0.0, end - time.time()))
+        await self._finish(cmd.request_id, active.shed)
+
+    async def _hold_limit(self) -> float | None:
+        """Shed more while the active emergency's limit is exceeded; returns the expected draw afterwards."""
+        active = self.active
+        if active is None:
+            return None
+        measured = self.measured_kw()
+        plan = plan_shedding(active.limit_kw, measured, self.loads())
+        for name in plan.shed:
+            if await self._switch(name, False, active.request_id, f"emergency limit {active.limit_kw} kW"):
+                if name not in active.shed:
+                    active.shed.append(name)
+        if plan.shed:
+            shed = json.dumps(active.shed)
+            await self.sql.tx(lambda db: db.execute("UPDATE commands SET shed=? WHERE request_id=?",
+                                                    (shed, active.request_id)))
+        return plan.expected_kw
+
+    async def _finish(self, request_id: str, shed: list[str]) -> None:
+        if self.active is not None and self.active.request_id == request_id:
+            self.active = None
+        for name in shed:
+            await self._switch(name, True, request_id, "emergency ended: restore")
+        await self.sql.tx(lambda db: db.execute("UPDATE commands SET state='done' WHERE request_id=?", (request_id,)))
+
+    async def _switch(self, name: str, on: bool, request_id: str | None, reason: str) -> bool:
+        sw = self.switches.get(name)
+        if sw is None:
+            return False
+        try:
+            state = await sw.set(on)
+        except DeviceError as exc:
+            log.error("gateway %s could not switch %s %s: %s", self.id, name, "on" if on else "off", exc)
+            return False
+        self.state.setdefault(name, {})["on"] = state
+        self.actuations.append(Actuation(time.time(), name, on, request_id, reason))
+        del self.actuations[:-1000]
+        log.info("gateway %s switched %s %s (%s, request %s)", self.id, name, "on" if on else "off", reason,
+                 request_id)
+        return state == on
+
+    # -- outbox -------------------------------------------------------------------------------------------
+
+    async def _outcome(self, out: Outcome) -> None:
+        await self.sql.tx(lambda db: db.execute(
+            "INSERT OR IGNORE INTO outbox (msg_id, payload, next_attempt_at) VALUES (?,?,0)",
+            (out.msg_id, encode(out))))
+        self._wake.set()
+
+    async def _send(self, msg: Ack | ErrorReply) -> None:
+        if self.link is not None:
+            with contextlib.suppress(MqttError):
+                await self.link.publish(topics.up("gateways", self.id), encode(msg))
+
+    async def _outbox_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                rows = await self.sql.read(lambda db: [dict(r) for r in db.execute(
+                    "SELECT * FROM outbox WHERE next_attempt_at<=? ORDER BY rowid", (time.time(),))])
+                sent = []
+                for row in rows:
+                    if self.link is None or not self.link.connected:
+                        break
+                    try:
+                        await self.link.publish(topics.up("gateways", self.id), row["payload"])
+                    except MqttError:
+                        break
+                    sent.append((time.time() + min(30.0, 0.5 * 2 ** row["attempts"]), row["msg_id"]))
+                if sent:
+                    await self.sql.tx(partial(_mark_sent, sent=sent))
+            except StorageError as exc:
+                log.error("gateway %s outbox paused: %s", self.id, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.5)
+
+
+def _mark_sent(db: sqlite3.Connection, sent: list[tuple[float, str]]) -> None:
+    db.executemany("UPDATE outbox SET attempts=attempts+1, next_attempt_at=? WHERE msg_id=?", sent)
+
+
+async def selftest(cfg: GatewayConfig) -> dict[str, Any]:
+    """Read every configured device once: ``{"devices": {name: {"ok", "readings", "error"?}}}``."""
+    result: dict[str, Any] = {"devices": {}}
+    async with BusPool() as pool:
+        for dev in cfg.devices:
+            entry: dict[str, Any] = {"ok": False, "readings": {}}
+            device: Meter | Switch = build_device(dev, pool)
+            try:
+                entry["readings"] = dict(await device.read())
+                entry["ok"] = True
+            except DeviceError as exc:
+                entry["error"] = f"{dev.driver} at {_where(dev)}: {exc}"
+            result["devices"][dev.name] = entry
+    return result
+
+
+def _where(dev: Any) -> str:
+    if dev.transport == "modbus-rtu" or dev.transport == "serial":
+        return f"{dev.serial_port} unit {dev.unit_id}"
+    return f"{dev.host}:{dev.port} unit {dev.unit_id}"

@@ -1,0 +1,213 @@
+"""Typed, validated message models of wire version 1; every MQTT payload is one of these, as UTF-8 JSON.
+
+Every message carries ``v`` (the wire version), ``type`` (the discriminator), a unique ``msg_id`` and
+``sent_at``. Delivery is QoS 1, *at least once*: a receiver acknowledges a message it has durably stored with an
+``ack`` naming its ``msg_id`` (the application-level acknowledgement that survives a broker crash, see
+``docs/protocol.md``), and drops duplicates by ``(request_id, client_id)``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from mhp_wire.topics import TopicError, check_id
+
+WIRE_VERSION = 1
+MAX_PAYLOAD_BYTES = 256 * 1024
+
+
+class WireError(ValueError):
+    """A payload that is not a valid v1 message; ``str()`` says exactly what is wrong."""
+
+
+def new_id() -> str:
+    """A fresh message or request id."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware (UTC)."""
+    return datetime.now(UTC)
+
+
+def _check_id_field(value: str) -> str:
+    try:
+        return check_id(value)
+    except TopicError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+Id = Annotated[str, AfterValidator(_check_id_field)]
+
+
+class RequestKind(StrEnum):
+    """What a DSO request asks of the homes."""
+
+    EMERGENCY = "emergency"
+
+
+class ClientState(StrEnum):
+    """Where one targeted client stands in one request."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    ACKNOWLEDGED = "acknowledged"
+    AVAILABLE = "available"
+    UNAVAILABLE = "unavailable"
+    EXECUTED = "executed"
+    REFUSED = "refused"
+    UNREACHABLE = "unreachable"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether no later state can follow."""
+        return self not in _NON_TERMINAL
+
+
+_NON_TERMINAL = frozenset({ClientState.PENDING, ClientState.SENT, ClientState.DELIVERED})
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = 1
+    msg_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+    sent_at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class EmergencyParams(BaseModel):
+    """Hold the home under ``power_limit_kw`` of import from ``start`` to ``end``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: AwareDatetime
+    end: AwareDatetime
+    power_limit_kw: float = Field(ge=0, le=10_000)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EmergencyParams:
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+
+class Request(_Msg):
+    """Hub -> retailer: a DSO request for some of that retailer's clients (never another retailer's)."""
+
+    type: Literal["request"] = "request"
+    request_id: str = Field(min_length=1, max_length=64)
+    kind: RequestKind
+    client_ids: list[Id] = Field(min_length=1, max_length=100_000)
+    params: EmergencyParams
+    expires_at: AwareDatetime
+
+
+class Command(_Msg):
+    """Bridge -> gateway: what one home must do for one request."""
+
+    type: Literal["command"] = "command"
+    request_id: str = Field(min_length=1, max_length=64)
+    client_id: Id
+    kind: RequestKind
+    params: EmergencyParams
+    expires_at: AwareDatetime
+
+
+class Cancel(_Msg):
+    """Hub -> retailer or bridge -> gateway: stop acting on a request."""
+
+    type: Literal["cancel"] = "cancel"
+    request_id: str = Field(min_length=1, max_length=64)
+    client_ids: list[Id] = Field(default_factory=list, max_length=100_000)
+
+
+class Ack(_Msg):
+    """The receiver has durably stored the messages named in ``ack_ids``; the sender may stop re-sending them."""
+
+    type: Literal["ack"] = "ack"
+    ack_ids: list[str] = Field(min_length=1, max_length=10_000)
+
+
+class Outcome(_Msg):
+    """Gateway -> bridge -> hub: where one client stands in one request, with per-component timings (ms)."""
+
+    type: Literal["outcome"] = "outcome"
+    request_id: str = Field(min_length=1, max_length=64)
+    client_id: Id
+    state: ClientState
+    detail: dict[str, Any] = Field(default_factory=dict)
+    trace: dict[str, float] = Field(default_factory=dict)
+
+
+class ErrorReply(_Msg):
+    """An answer to a message that was refused: what was wrong with it, so its sender can tell."""
+
+    type: Literal["error"] = "error"
+    ref_msg_id: str | None = None
+    code: Literal["invalid", "forbidden", "unknown_client", "expired", "internal"]
+    message: str = Field(max_length=2000)
+
+
+class Telemetry(_Msg):
+    """Gateway -> bridge: one poll of the home's devices; ``seq`` numbers a gateway's telemetry in order."""
+
+    type: Literal["telemetry"] = "telemetry"
+    gateway_id: Id
+    client_id: Id
+    seq: int = Field(ge=0)
+    at: AwareDatetime
+    devices: dict[str, dict[str, float | bool | None]]
+
+
+class Presence(_Msg):
+    """A party's retained presence; its ``offline`` form is the party's last will."""
+
+    type: Literal["presence"] = "presence"
+    state: Literal["online", "offline"]
+
+
+Message = Annotated[
+    Request | Command | Cancel | Ack | Outcome | ErrorReply | Telemetry | Presence,
+    Field(discriminator="type"),
+]
+_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+def encode(msg: BaseModel) -> bytes:
+    """Serialise a message to its wire form."""
+    return msg.model_dump_json(exclude_none=True).encode()
+
+
+def decode(payload: bytes) -> Message:
+    """Parse and validate a wire payload, raising :class:`WireError` with a readable reason."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise WireError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
+    try:
+        return _ADAPTER.validate_json(payload)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(message)'}: {err['msg']}" for err in exc.errors()[:10]
+        )
+        raise WireError(f"invalid v{WIRE_VERSION} message: {problems}") from None
+
+
+def presence_payload(state: Literal["online", "offline"]) -> bytes:
+    """The retained presence payload (also used as the last will)."""
+    return encode(Presence(state=state, msg_id=f"presence-{state}"))

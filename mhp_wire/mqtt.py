@@ -1,0 +1,192 @@
+"""The one MQTT adapter of the project (gmqtt, MQTT 5, asyncio). Nothing else imports gmqtt.
+
+A :class:`MqttLink` is one long-lived connection with a persistent session (clean start off, a session expiry),
+QoS 1 subscriptions, a retained presence topic with an ``offline`` last will, and an async message handler that
+runs *before* the PUBACK is sent (gmqtt's optimistic acknowledgement is off). gmqtt reconnects by itself after a
+drop and re-subscribes; the first connection is retried here with back-off. Errors become :class:`MqttError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gmqtt
+from gmqtt.mqtt.constants import MQTTv50
+from gmqtt.mqtt.handler import MQTTConnectError
+
+from mhp_wire.messages import presence_payload
+
+log = logging.getLogger(__name__)
+
+_AUTH_REFUSALS = frozenset({4, 5, 134, 135, 138, 140})  # CONNACK codes (3.1.1 and 5) that retrying cannot fix
+
+Handler = Callable[[str, bytes, bool], Awaitable[None]]
+"""``handler(topic, payload, retained)``; an exception is logged and the message still acknowledged at MQTT
+level: redelivery of anything that matters is the sender's application-level outbox's job."""
+
+
+class MqttError(Exception):
+    """The broker could not be reached, refused us, or the link is down."""
+
+
+class MqttAuthError(MqttError):
+    """The broker refused our credentials; retrying will not help."""
+
+
+@dataclass(frozen=True, slots=True)
+class MqttEndpoint:
+    """Where a broker is and who we are on it."""
+
+    host: str
+    port: int
+    username: str
+    password: str
+    tls_ca_file: str | None = None
+
+
+@dataclass(slots=True)
+class LinkStats:
+    """Counters a component exposes in its metrics."""
+
+    received: int = 0
+    published: int = 0
+    handler_errors: int = 0
+    connects: int = 0
+    disconnects: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class MqttLink:
+    """One persistent MQTT 5 session; use as ``async with MqttLink(...) as link``."""
+
+    def __init__(
+        self,
+        endpoint: MqttEndpoint,
+        *,
+        client_id: str,
+        subscriptions: Sequence[str],
+        handler: Handler,
+        status_topic: str | None = None,
+        session_expiry_s: int = 7 * 24 * 3600,
+        clean_start: bool = False,
+        connect_timeout_s: float | None = 30.0,
+        reconnect_delay_s: float = 1.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.client_id = client_id
+        self._subscriptions = list(subscriptions)
+        self._handler = handler
+        self._status_topic = status_topic
+        self._connect_timeout_s = connect_timeout_s
+        self.stats = LinkStats()
+        self._connected = asyncio.Event()
+        will = (
+            gmqtt.Message(status_topic, presence_payload("offline"), qos=1, retain=True)
+            if status_topic
+            else None
+        )
+        self._client = gmqtt.Client(
+            client_id,
+            clean_session=clean_start,
+            optimistic_acknowledgement=False,
+            will_message=will,
+            session_expiry_interval=session_expiry_s,
+            logger=logging.getLogger("mhp_wire.mqtt.gmqtt"),
+        )
+        self._client.reconnect_delay = reconnect_delay_s
+        self._client.set_auth_credentials(endpoint.username, endpoint.password)
+        self._client.on_message = self._on_message
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+
+    @property
+    def connected(self) -> bool:
+        """Whether the link is up right now."""
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout_s: float | None = None) -> None:
+        """Wait until the link is up."""
+        await asyncio.wait_for(self._connected.wait(), timeout_s)
+
+    async def __aenter__(self) -> MqttLink:
+        loop = asyncio.get_running_loop()
+        deadline = None if self._connect_timeout_s is None else loop.time() + self._connect_timeout_s
+        delay = 0.1
+        tls: ssl.SSLContext | bool = False
+        if self.endpoint.tls_ca_file:
+            tls = ssl.create_default_context(cafile=self.endpoint.tls_ca_file)
+        while True:
+            try:
+                await self._client.connect(self.endpoint.host, self.endpoint.port, ssl=tls, keepalive=30,
+                                           version=MQTTv50)
+                break
+            except MQTTConnectError as exc:
+                if getattr(exc, "_code", None) in _AUTH_REFUSALS:
+                    raise MqttAuthError(
+                        f"{self.endpoint.host}:{self.endpoint.port} refused {self.endpoint.username!r}: {exc}"
+                    ) from None
+                err: Exception = exc
+            except OSError as exc:
+                err = exc
+            if deadline is not None and loop.time() + delay > deadline:
+                raise MqttError(
+                    f"cannot connect to MQTT broker {self.endpoint.host}:{self.endpoint.port} as "
+                    f"{self.endpoint.username!r}: {err}"
+                ) from None
+            log.warning("MQTT connect to %s:%s failed (%s), retrying in %.1f s",
+                        self.endpoint.host, self.endpoint.port, err, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        if self._subscriptions:
+            self._client.subscribe([gmqtt.Subscription(t, qos=1) for t in self._subscriptions])
+        if self._status_topic:
+            await self.publish(self._status_topic, presence_payload("online"), retain=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self._status_topic and self.connected:
+                await self.publish(self._status_topic, presence_payload("offline"), retain=True)
+            self._client.stop_reconnect()
+            self._connected.clear()
+            await asyncio.wait_for(self._client.disconnect(), 2.0)
+        except (OSError, TimeoutError, MqttError, AttributeError) as exc:
+            log.debug("MQTT disconnect of %s ended with %r", self.client_id, exc)
+        self._connected.clear()
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Publish; raises :class:`MqttError` while the link is down (the caller's outbox will send it again)."""
+        if not self.connected:
+            raise MqttError(f"MQTT link {self.client_id} is down")
+        try:
+            self._client.publish(topic, payload, qos=qos, retain=retain)
+        except (OSError, AttributeError) as exc:
+            raise MqttError(f"publish on {topic} failed: {exc}") from None
+        self.stats.published += 1
+
+    def _on_connect(self, client: Any, flags: Any, rc: Any, properties: Any) -> None:
+        self.stats.connects += 1
+        self._connected.set()
+        log.info("MQTT %s connected to %s:%s", self.client_id, self.endpoint.host, self.endpoint.port)
+
+    def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
+        if self._connected.is_set():
+            self.stats.disconnects += 1
+            log.warning("MQTT %s lost its connection to %s:%s", self.client_id, self.endpoint.host,
+                        self.endpoint.port)
+        self._connected.clear()
+
+    async def _on_message(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any) -> int:
+        self.stats.received += 1
+        retained = bool(properties.get("retain", 0)) if isinstance(properties, dict) else False
+        try:
+            await self._handler(topic, payload, retained)
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("handler failed on a message from topic %s", topic)
+        return 0

@@ -1,0 +1,97 @@
+"""A SQLite database on its own thread, for the stored outboxes and state of every component.
+
+WAL mode with ``synchronous=FULL``: a committed transaction survives ``kill -9`` and power loss, which is what
+"accepted means stored" and the application-level acknowledgements rest on. A SQLite error becomes
+:class:`StorageError` at this boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class StorageError(Exception):
+    """The database cannot be used right now (locked, read-only, gone); the transaction was rolled back."""
+
+
+class SqliteThread:
+    """One SQLite connection, used only from one dedicated worker thread."""
+
+    def __init__(self, path: Path | str, schema: str, *, busy_timeout_ms: int = 2000, name: str = "sqlite") -> None:
+        self.path = str(path)
+        self._schema = schema
+        self._busy_timeout_ms = busy_timeout_ms
+        self._db: sqlite3.Connection | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.busy_seconds = 0.0
+
+    async def open(self) -> None:
+        """Open (and create) the database."""
+        await self.call(self._open)
+
+    def _open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(self._schema)
+        self._db = db
+
+    async def close(self) -> None:
+        """Close the database and stop its thread."""
+        if self._db is not None:
+            db, self._db = self._db, None
+            await asyncio.get_running_loop().run_in_executor(self._pool, db.close)
+        self._pool.shutdown(wait=True)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection; only valid on the worker thread."""
+        if self._db is None:
+            raise StorageError("storage is not open")
+        return self._db
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the worker thread."""
+        loop = asyncio.get_running_loop()
+
+        def timed() -> T:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            except sqlite3.Error as exc:
+                raise StorageError(f"storage error: {exc}") from exc
+            finally:
+                self.busy_seconds += time.perf_counter() - t0
+
+        return await loop.run_in_executor(self._pool, timed)
+
+    async def tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(db)`` in one write transaction on the worker thread; committed when it returns."""
+        return await self.call(self._tx, fn)
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(db)`` (reads only) on the worker thread."""
+        return await self.call(lambda: fn(self.db))

@@ -1,0 +1,111 @@
+"""The MQTT topic tree, version 1. Components never format a topic string by hand: they call these builders.
+
+Two brokers, one shape. On the **hub broker** the parties are retailers (MQTT username = retailer id) and the
+hub; on a **retailer broker** the parties are gateways (MQTT username = gateway id) and that retailer's bridge.
+Each party has a ``down`` subtree that only the privileged side writes and an ``up`` subtree that only the party
+writes; ``public`` is written by the privileged side and read by all. The broker ACLs in ``broker_config``
+are generated from the same three rules, so the topic tree and the ACLs cannot drift apart.
+
+    mhp/v1/retailers/{retailer_id}/down/msg      hub -> retailer       QoS 1
+    mhp/v1/retailers/{retailer_id}/up/msg        retailer -> hub       QoS 1
+    mhp/v1/retailers/{retailer_id}/up/status     retailer presence     QoS 1, retained, last will
+    mhp/v1/gateways/{gateway_id}/down/msg        bridge -> gateway     QoS 1
+    mhp/v1/gateways/{gateway_id}/up/msg          gateway -> bridge     QoS 1
+    mhp/v1/gateways/{gateway_id}/up/telemetry    gateway -> bridge     QoS 1
+    mhp/v1/gateways/{gateway_id}/up/status       gateway presence      QoS 1, retained, last will
+    mhp/v1/public/tariff                         current tariff        QoS 1, retained
+    mhp/v1/public/status                         hub / bridge presence QoS 1, retained, last will
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+ROOT = "mhp"
+VERSION = "v1"
+PREFIX = f"{ROOT}/{VERSION}"
+
+PartyKind = Literal["retailers", "gateways"]
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+RESERVED_IDS = frozenset({"hub", "bridge", "admin", "dso"})
+
+
+class TopicError(ValueError):
+    """A topic or identifier does not belong to the v1 topic tree."""
+
+
+def check_id(value: str) -> str:
+    """Return ``value`` if it can be a retailer, gateway or client id (and so an MQTT username and a topic level)."""
+    if not _ID_RE.fullmatch(value):
+        raise TopicError(
+            f"invalid id {value!r}: 1-64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
+        )
+    return value
+
+
+def down(kind: PartyKind, party_id: str) -> str:
+    """Privileged side -> one party: requests and commands."""
+    return f"{PREFIX}/{kind}/{check_id(party_id)}/down/msg"
+
+
+def up(kind: PartyKind, party_id: str) -> str:
+    """One party -> privileged side: acknowledgements, outcomes, answers."""
+    return f"{PREFIX}/{kind}/{check_id(party_id)}/up/msg"
+
+
+def telemetry(gateway_id: str) -> str:
+    """A gateway's measurements."""
+    return f"{PREFIX}/gateways/{check_id(gateway_id)}/up/telemetry"
+
+
+def status(kind: PartyKind, party_id: str) -> str:
+    """A party's retained presence (``online``/``offline``), also its last will."""
+    return f"{PREFIX}/{kind}/{check_id(party_id)}/up/status"
+
+
+def all_up(kind: PartyKind) -> str:
+    """Subscription filter for everything every party of ``kind`` sends up."""
+    return f"{PREFIX}/{kind}/+/up/#"
+
+
+TARIFF = f"{PREFIX}/public/tariff"
+PUBLIC_STATUS = f"{PREFIX}/public/status"
+PUBLIC_ALL = f"{PREFIX}/public/#"
+
+
+def acl_patterns(kind: PartyKind) -> list[tuple[Literal["read", "write", "readwrite"], str]]:
+    """Mosquitto ``pattern`` rules for every party of ``kind``: ``%u`` is replaced by the MQTT username."""
+    return [
+        ("read", f"{PREFIX}/{kind}/%u/down/#"),
+        ("write", f"{PREFIX}/{kind}/%u/up/#"),
+        ("read", PUBLIC_ALL),
+    ]
+
+
+PRIVILEGED_ACL = f"{PREFIX}/#"
+"""The hub (on the hub broker) and a bridge (on its retailer broker) may read and write the whole v1 tree."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    """What an incoming ``up`` topic says: which party sent it and on which channel."""
+
+    kind: PartyKind
+    party_id: str
+    channel: Literal["msg", "telemetry", "status"]
+
+
+_UP_RE = re.compile(rf"^{ROOT}/{VERSION}/(retailers|gateways)/([^/]+)/up/(msg|telemetry|status)$")
+
+
+def parse_up(topic: str) -> ParsedTopic:
+    """Parse an ``up`` topic; the party id comes from the topic, which the broker's ACL ties to the username."""
+    m = _UP_RE.fullmatch(topic)
+    if not m:
+        raise TopicError(f"not a v1 up topic: {topic!r}")
+    kind, party_id, channel = m.groups()
+    check_id(party_id)
+    return ParsedTopic(kind, party_id, channel)  # type: ignore[arg-type]

@@ -1,0 +1,250 @@
+"""The bridge's relay: hub requests become gateway commands, gateway outcomes go back to the hub.
+
+Both directions use stored outboxes and application-level acknowledgements (``reference/delivery.md``): a hub
+request is acknowledged to the hub only once its commands are committed; a command is re-sent until its gateway
+acknowledges it, and reported ``unreachable`` when the gateway stays silent past ``gateway_ack_timeout_s``; an
+outcome is re-sent to the hub until the hub acknowledges it. A gateway may only report for its own client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from mhp_wire import topics
+from mhp_wire.messages import (
+    Ack,
+    ClientState,
+    Command,
+    ErrorReply,
+    Outcome,
+    Request,
+    Telemetry,
+    WireError,
+    decode,
+    encode,
+)
+from mhp_wire.mqtt import MqttError, MqttLink
+from mhp_wire.sqlite import StorageError
+from retailer_bridge.store import CLOSED, DELIVERED, BridgeStore, NewCommand
+
+log = logging.getLogger(__name__)
+
+
+def retry_delay_s(attempts: int) -> float:
+    """Back-off before re-sending a message for the ``attempts``-th time."""
+    return float(min(30.0, 0.5 * 2 ** max(0, attempts - 1)))
+
+
+class BridgeRelay:
+    """Relays between the hub broker and this retailer's broker."""
+
+    def __init__(self, retailer_id: str, customers: dict[str, str], store: BridgeStore, *,
+                 gateway_ack_timeout_s: float = 10.0) -> None:
+        self.retailer_id = retailer_id
+        self.customers = dict(customers)
+        self.gateway_of_client = self.customers
+        self.store = store
+        self.gateway_ack_timeout_s = gateway_ack_timeout_s
+        self.hub: MqttLink | None = None
+        self.local: MqttLink | None = None
+        self.rejected: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()
+        self.latest_telemetry: dict[str, Telemetry] = {}
+        self.gateway_presence: dict[str, str] = {}
+        self._wake = asyncio.Event()
+
+    def kick(self) -> None:
+        """Wake the dispatcher."""
+        self._wake.set()
+
+    # -- from the hub -------------------------------------------------------------------------------------
+
+    async def on_hub_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        """Apply one message from the hub broker."""
+        if topic == topics.TARIFF or topic == topics.PUBLIC_STATUS:
+            return
+        try:
+            msg = decode(payload)
+        except WireError as exc:
+            self.rejected["hub_invalid"] += 1
+            log.warning("refused a message from the hub: %s", exc)
+            await self._to_hub(ErrorReply(code="invalid", message=str(exc)))
+            return
+        self.received[f"hub_{msg.type}"] += 1
+        if isinstance(msg, Request):
+            await self._on_request(msg)
+        elif isinstance(msg, Ack):
+            await self.store.ack_outbox(msg.ack_ids)
+        elif isinstance(msg, ErrorReply):
+            log.warning("the hub refused our message %s: %s", msg.ref_msg_id, msg.message)
+            if msg.ref_msg_id:
+                await self.store.ack_outbox([msg.ref_msg_id])
+        else:
+            self.rejected["hub_unexpected"] += 1
+            await self._to_hub(ErrorReply(ref_msg_id=msg.msg_id, code="invalid",
+                                          message=f"the bridge does not handle {msg.type!r} messages yet"))
+
+    async def _on_request(self, req: Request) -> None:
+        now = time.time()
+        commands: list[NewCommand] = []
+        refusals: list[tuple[str, bytes]] = []
+        for cid in req.client_ids:
+            gid = self.gateway_of_client.get(cid)
+            if gid is None:
+                out = Outcome(request_id=req.request_id, client_id=cid, state=ClientState.REFUSED,
+                              detail={"reason": f"{cid} is not a customer of retailer {self.retailer_id}"})
+                refusals.append((out.msg_id, encode(out)))
+                continue
+            cmd = Command(request_id=req.request_id, client_id=cid, kind=req.kind, params=req.params,
+                          expires_at=req.expires_at)
+            commands.append(NewCommand(req.request_id, cid, gid, cmd.msg_id, encode(cmd), now,
+                                       req.expires_at.timestamp()))
+        await self.store.accept_request(commands, refusals)
+        await self._to_hub(Ack(ack_ids=[req.msg_id]))
+        self.kick()
+
+    # -- from gateways ------------------------------------------------------------------------------------
+
+    async def on_local_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        """Apply one message from a gateway; the gateway id comes from the topic, which the broker ACL binds."""
+        try:
+            parsed = topics.parse_up(topic)
+        except topics.TopicError:
+            self.rejected["local_topic"] += 1
+            return
+        if parsed.kind != "gateways":
+            return
+        gid = parsed.party_id
+        try:
+            msg = decode(payload)
+        except WireError as exc:
+            self.rejected["gateway_invalid"] += 1
+            log.warning("refused a message from gateway %s: %s", gid, exc)
+            await self._to_gateway(gid, ErrorReply(code="invalid", message=str(exc)))
+            return
+        self.received[f"gateway_{msg.type}"] += 1
+        if parsed.channel == "status":
+            if msg.type == "presence":
+                self.gateway_presence[gid] = msg.state
+        elif isinstance(msg, Telemetry):
+            if self.gateway_of_client.get(msg.client_id) != gid or msg.gateway_id != gid:
+                self.rejected["gateway_foreign_client"] += 1
+                return
+            self.latest_telemetry[gid] = msg
+        elif isinstance(msg, Ack):
+            await self._on_gateway_ack(gid, msg)
+        elif isinstance(msg, Outcome):
+            await self._on_gateway_outcome(gid, msg)
+        elif isinstance(msg, ErrorReply):
+            log.warning("gateway %s refused %s: %s", gid, msg.ref_msg_id, msg.message)
+        else:
+            self.rejected["gateway_unexpected"] += 1
+            await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="invalid",
+                                                   message=f"a gateway may not send {msg.type!r} messages"))
+
+    async def _on_gateway_ack(self, gid: str, msg: Ack) -> None:
+        for cmd in await self.store.command_by_msg(gid, msg.ack_ids):
+            out = Outcome(request_id=cmd["request_id"], client_id=cmd["client_id"], state=ClientState.DELIVERED,
+                          trace={"retailer_ms": round(cmd["handling_ms"], 3)})
+            await self.store.set_state(cmd["request_id"], cmd["client_id"], DELIVERED, (out.msg_id, encode(out)))
+        self.kick()
+
+    async def _on_gateway_outcome(self, gid: str, msg: Outcome) -> None:
+        t0 = time.time()
+        if self.gateway_of_client.get(msg.client_id) != gid:
+            self.rejected["gateway_foreign_client"] += 1
+            log.warning("gateway %s reported for client %s, which is not its own", gid, msg.client_id)
+            await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="forbidden",
+                                                   message=f"gateway {gid} may not report for {msg.client_id}"))
+            return
+        cmd = await self.store.get_command(msg.request_id, msg.client_id)
+        if cmd is None:
+            self.rejected["gateway_unknown_request"] += 1
+            await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="unknown_client",
+                                                   message=f"no request {msg.request_id} for {msg.client_id}"))
+            return
+        if cmd["state"] != CLOSED and msg.state.terminal:
+            trace: dict[str, Any] = {k: v for k, v in msg.trace.items() if k in ("gateway_ms", "waited_ms")}
+            if cmd["first_sent_at"] is not None:
+                trace["gateway_rtt_ms"] = round((t0 - cmd["first_sent_at"]) * 1000, 3)
+            trace["retailer_ms"] = round(cmd["handling_ms"] + (time.time() - t0) * 1000, 3)
+            out = Outcome(request_id=msg.request_id, client_id=msg.client_id, state=msg.state, detail=msg.detail,
+                          trace=trace)
+            await self.store.set_state(msg.request_id, msg.client_id, CLOSED, (out.msg_id, encode(out)))
+            self.kick()
+        await self._to_gateway(gid, Ack(ack_ids=[msg.msg_id]))
+
+    # -- sending ------------------------------------------------------------------------------------------
+
+    async def _to_hub(self, msg: Ack | ErrorReply) -> None:
+        if self.hub is None:
+            return
+        try:
+            await self.hub.publish(topics.up("retailers", self.retailer_id), encode(msg))
+        except MqttError as exc:
+            log.warning("could not answer the hub: %s", exc)
+
+    async def _to_gateway(self, gid: str, msg: Ack | ErrorReply) -> None:
+        if self.local is None:
+            return
+        try:
+            await self.local.publish(topics.down("gateways", gid), encode(msg))
+        except MqttError as exc:
+            log.warning("could not answer gateway %s: %s", gid, exc)
+
+    async def run(self) -> None:
+        """Dispatch commands and outcomes until cancelled."""
+        while True:
+            self._wake.clear()
+            wait_s = 1.0
+            try:
+                wait_s = await self.dispatch_once()
+            except StorageError as exc:
+                log.warning("dispatch paused: %s", exc)
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait_s)
+            except TimeoutError:
+                pass
+
+    async def dispatch_once(self) -> float:
+        """Send what is due in both directions; returns how long to sleep."""
+        now = time.time()
+        if self.local is not None and self.local.connected:
+            sent: list[tuple[str, float]] = []
+            for cmd in await self.store.due_commands(now):
+                if cmd["first_sent_at"] is not None and now - cmd["first_sent_at"] > self.gateway_ack_timeout_s:
+                    await self._unreachable(cmd, "no acknowledgement from the gateway in time")
+                    continue
+                if cmd["deadline"] <= now:
+                    await self._unreachable(cmd, "the request expired before the gateway acknowledged it")
+                    continue
+                try:
+                    await self.local.publish(topics.down("gateways", cmd["gateway_id"]), cmd["payload"])
+                except MqttError:
+                    break
+                sent.append((cmd["msg_id"], now + retry_delay_s(cmd["attempts"] + 1)))
+            if sent:
+                await self.store.mark_sent(sent, now)
+        if self.hub is not None and self.hub.connected:
+            done: list[tuple[str, float]] = []
+            for row in await self.store.due_outbox(now):
+                try:
+                    await self.hub.publish(topics.up("retailers", self.retailer_id), row["payload"])
+                except MqttError:
+                    break
+                done.append((row["msg_id"], now + retry_delay_s(row["attempts"] + 1)))
+            if done:
+                await self.store.mark_outbox_sent(done)
+        nxt = await self.store.next_due()
+        return 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
+
+    async def _unreachable(self, cmd: dict[str, Any], reason: str) -> None:
+        out = Outcome(request_id=cmd["request_id"], client_id=cmd["client_id"], state=ClientState.UNREACHABLE,
+                      detail={"reason": reason, "gateway_id": cmd["gateway_id"]},
+                      trace={"retailer_ms": round(cmd["handling_ms"], 3)})
+        await self.store.set_state(cmd["request_id"], cmd["client_id"], CLOSED, (out.msg_id, encode(out)))
+        log.warning("client %s unreachable for request %s: %s", cmd["client_id"], cmd["request_id"], reason)

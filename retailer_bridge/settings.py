@@ -1,0 +1,62 @@
+"""The bridge's settings: environment variables ``MHP_BRIDGE_*``, optionally a TOML file."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mhp_wire.topics import check_id
+
+
+class BridgeSettings(BaseSettings):
+    """Everything one retailer's bridge needs to start."""
+
+    model_config = SettingsConfigDict(env_prefix="MHP_BRIDGE_", extra="forbid")
+
+    environment: Literal["development", "production"] = "development"
+    retailer_id: str
+    hub_mqtt_host: str = "127.0.0.1"
+    hub_mqtt_port: int = Field(1883, ge=1, le=65535)
+    hub_mqtt_password: str = ""
+    hub_mqtt_tls_ca_file: str | None = None
+    local_mqtt_host: str = "127.0.0.1"
+    local_mqtt_port: int = Field(1884, ge=1, le=65535)
+    local_mqtt_username: str = "bridge"
+    local_mqtt_password: str = ""
+    local_mqtt_tls_ca_file: str | None = None
+    db_path: Path = Path("state/bridge.db")
+    customers: dict[str, str] = Field(default_factory=dict)
+    """``client_id -> gateway_id`` of this retailer's customers."""
+    customers_file: Path | None = None
+    gateway_ack_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("retailer_id")
+    @classmethod
+    def _valid_id(cls, v: str) -> str:
+        return check_id(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> BridgeSettings:
+        if self.environment == "production" and not (self.hub_mqtt_password and self.local_mqtt_password):
+            raise ValueError("MQTT passwords must be set outside development")
+        if self.customers_file is not None:
+            self.customers = {**json.loads(self.customers_file.read_text()), **self.customers}
+        for cid, gid in self.customers.items():
+            check_id(cid)
+            check_id(gid)
+        return self
+
+    @classmethod
+    def load(cls, toml_file: Path | None = None, **overrides: Any) -> BridgeSettings:
+        """Settings from an optional TOML file (a ``[bridge]`` table or top-level keys), the environment, overrides."""
+        values: dict[str, Any] = {}
+        if toml_file is not None:
+            data = tomllib.loads(Path(toml_file).read_text())
+            values.update(data.get("bridge", data))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

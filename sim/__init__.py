@@ -1,0 +1,1 @@
+"""The test framework: simulated devices and homes, the whole stack on one box, experiments."""

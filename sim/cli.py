@@ -1,0 +1,24 @@
+"""``mhp-sim``: the test framework's tools (simulated devices now; experiments come with the simulation issue)."""
+
+from __future__ import annotations
+
+import sys
+
+from sim import devices
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mhp-sim``."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: mhp-sim devices --spec HOMES.json --ports PORTS.json --events EVENTS.jsonl\n\n"
+              "  devices   serve simulated homes (SDM630 meter + relay board each) over Modbus TCP")
+        return 0 if args else 2
+    if args[0] == "devices":
+        return devices.main(args[1:])
+    print(f"mhp-sim: unknown command {args[0]!r} (known: devices)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""``mhp-stack``: the whole Market Hub Platform on one machine."""

@@ -1,0 +1,203 @@
+"""``mhp-stack``: ``demo`` runs a scripted scenario on a fresh stack; ``up`` keeps a stack running."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from device_drivers.config import DeviceConfig
+from device_drivers.errors import DeviceError
+from device_drivers.modbus import BusPool
+from device_drivers.registry import build_device
+from sim.stack.stack import PLUGS, Stack, StackError
+
+TERMINAL = {"completed", "partially_completed", "failed", "expired", "cancelled"}
+
+
+def _iso(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class Timeline:
+    """What happened where, printed in time order relative to the scenario's start."""
+
+    def __init__(self) -> None:
+        self.t0 = time.time()
+        self.rows: list[tuple[float, str, str]] = []
+
+    def add(self, at: float, where: str, what: str) -> None:
+        """Record one event."""
+        self.rows.append((at, where, what))
+
+    def print(self) -> None:
+        """Print every event in order."""
+        for at, where, what in sorted(self.rows, key=lambda r: r[0]):
+            print(f"  {at - self.t0:+8.3f}s  {where:<14} {what}")
+
+
+async def read_plugs(stack: Stack) -> dict[str, dict[str, bool | None]]:
+    """Each home's plug states, read over Modbus TCP from the simulated relay boards (what is really switched)."""
+    out: dict[str, dict[str, bool | None]] = {}
+    async with BusPool() as pool:
+        for h in stack.homes:
+            states: dict[str, bool | None] = {}
+            for p in PLUGS:
+                dev = build_device(DeviceConfig(name=p["name"], driver="modbus_relay", transport="modbus-tcp",
+                                                host=stack.host, port=h.relay_port, unit_id=1, coil=p["coil"]), pool)
+                try:
+                    states[p["name"]] = bool((await dev.read())["on"])
+                except DeviceError:
+                    states[p["name"]] = None
+            out[h.gateway_id] = states
+    return out
+
+
+async def demo(state_dir: Path, retailers: int, homes: int) -> int:
+    """Start a stack, announce an emergency to every home, follow it to the plugs, print the timeline."""
+    stack = Stack(state_dir, retailers=retailers, homes=homes, log_level="WARNING")
+    print(f"mhp-stack demo: starting {retailers} retailers and {homes} homes in {stack.dir}")
+    t_start = time.monotonic()
+    try:
+        await stack.start()
+        procs = stack.info["processes"]
+        print(f"stack up in {time.monotonic() - t_start:.1f} s: {len(procs)} processes "
+              f"({', '.join(sorted(procs))}); hub at {stack.hub_url}; see {stack.dir / 'stack.json'}")
+        return await _emergency_scenario(stack)
+    except StackError as exc:
+        print(f"mhp-stack demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await stack.stop()
+
+
+async def _emergency_scenario(stack: Stack) -> int:
+    tl = Timeline()
+    dso = {"Authorization": f"Bearer {stack.tokens['dso']}"}
+    clients = [h.client_id for h in stack.homes]
+    lead_s, duration_s, limit_kw = 2.0, 30, 1.0
+    start = datetime.now(UTC) + timedelta(seconds=lead_s)
+    async with httpx.AsyncClient(base_url=stack.hub_url, timeout=10) as http:
+        print("\nscenario: the DSO announces an emergency to every home, "
+              f"{lead_s:.0f} s ahead: hold import under {limit_kw} kW for {duration_s} s")
+        body = {"client_ids": clients, "start": start.isoformat(), "duration_s": duration_s,
+                "power_limit_kw": limit_kw}
+        t_post = time.time()
+        r = await http.post("/v1/emergencies", json=body, headers={**dso, "Idempotency-Key": "demo-emergency-1"})
+        tl.add(t_post, "dso", f"POST /v1/emergencies for {len(clients)} clients")
+        if r.status_code != 202:
+            print(f"the hub answered {r.status_code}: {r.text}", file=sys.stderr)
+            return 1
+        request_id = r.json()["request_id"]
+        tl.add(time.time(), "dso", f"got 202 accepted, request {request_id[:8]}… (stored before the answer)")
+        bad = await http.post("/v1/emergencies", headers=dso,
+                              json={**body, "client_ids": ["client-9999"], "power_limit_kw": -1})
+        tl.add(time.time(), "hub", f"a malformed emergency is refused: {bad.status_code} {bad.json()['message'][:70]}")
+        req: dict[str, Any] = {}
+        deadline = time.monotonic() + lead_s + 30
+        while time.monotonic() < deadline:
+            req = (await http.get(f"/v1/requests/{request_id}", headers=dso)).json()
+            if req["state"] in TERMINAL:
+                break
+            await asyncio.sleep(0.1)
+    created = datetime.fromisoformat(req["created_at"]).timestamp()
+    tl.add(created, "hub", f"request stored ({req['trace']['storage_ms']:.1f} ms in storage)")
+    if "dispatch_ms" in req["trace"]:
+        per = ", ".join(f"{rid} ({v['clients']} clients)" for rid, v in sorted(req["retailers"].items()))
+        tl.add(created + req["trace"]["dispatch_ms"] / 1000, "hub", f"dispatched to {per}")
+    tl.add(start.timestamp(), "-", "emergency takes effect")
+    for cid, c in sorted(req["clients"].items()):
+        d = c["detail"]
+        if c["state"] == "executed":
+            what = (f"{cid} executed: shed {', '.join(d.get('shed', [])) or 'nothing'}; "
+                    f"{d.get('measured_kw_before')} kW measured → {d.get('expected_kw')} kW expected")
+        else:
+            what = f"{cid} {c['state']}: {d}"
+        tl.add(datetime.fromisoformat(c["updated_at"]).timestamp(), f"hub←{c['retailer_id']}", what)
+    events = Path(stack.info["device_events"])
+    if events.exists():
+        for line in events.read_text().splitlines():
+            e = json.loads(line)
+            if e["at"] >= tl.t0:
+                tl.add(e["at"], f"plug {e['gateway_id']}",
+                       f"{e['plug']} switched {'ON' if e['on'] else 'OFF'} (home now draws {e['home_kw']} kW)")
+    if req.get("completed_at"):
+        tl.add(datetime.fromisoformat(req["completed_at"]).timestamp(), "hub", f"request {req['state']}")
+    print("\ntimeline (seconds from the DSO's POST):")
+    tl.print()
+    trace = req.get("trace", {})
+    print("\ntrace (ms): " + ", ".join(f"{k}={v}" for k, v in trace.items()))
+    plugs = await read_plugs(stack)
+    print("\nplug states read back over Modbus TCP from every home's relay board:")
+    sheddable = [p["name"] for p in PLUGS if p["sheddable"]]
+    ok = req.get("state") == "completed"
+    for gw, states in plugs.items():
+        shown = "  ".join(f"{n}={'on' if v else 'OFF' if v is False else '?'}" for n, v in states.items())
+        print(f"  {gw:<8} {shown}")
+        ok = ok and all(states[n] is False for n in sheddable)
+    print(f"\nrequest {request_id}: {req.get('state')}; "
+          f"{sum(1 for c in req.get('clients', {}).values() if c['state'] == 'executed')}/{len(clients)} executed")
+    if stack.sup.events:
+        print("supervisor: " + "; ".join(stack.sup.events))
+    print("demo " + ("succeeded" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+async def up(state_dir: Path, retailers: int, homes: int) -> int:
+    """Start a stack and keep it running (restarting what dies) until interrupted."""
+    stack = Stack(state_dir, retailers=retailers, homes=homes)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stack.start()
+        print(json.dumps({"stack_json": str(stack.dir / "stack.json"), "hub_url": stack.hub_url,
+                          "processes": stack.info["processes"]}), flush=True)
+        print(f"mhp-stack: up; {len(stack.homes)} homes, {len(stack.retailer_ids)} retailers. "
+              f"Details in {stack.dir / 'stack.json'}. Ctrl-C stops.", flush=True)
+        sup = asyncio.create_task(stack.supervise())
+        await stop.wait()
+        sup.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sup
+        return 0
+    except StackError as exc:
+        print(f"mhp-stack: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await stack.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mhp-stack``."""
+    parser = argparse.ArgumentParser(prog="mhp-stack", description="The whole Market Hub Platform on one machine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("demo", "run a scripted scenario on a fresh stack and print what happened where"),
+                       ("up", "start the stack and keep it running; writes STATE_DIR/stack.json")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--state-dir", type=Path, default=None)
+        p.add_argument("--retailers", type=int, default=2)
+        p.add_argument("--homes", type=int, default=4)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state_dir = args.state_dir
+    if args.command == "demo":
+        with tempfile.TemporaryDirectory(prefix="mhp-demo-") as tmp:
+            return asyncio.run(demo(state_dir or Path(tmp), args.retailers, args.homes))
+    return asyncio.run(up(state_dir or Path("state"), args.retailers, args.homes))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

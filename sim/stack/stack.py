@@ -1,0 +1,319 @@
+"""The whole platform on one machine: brokers, hub, bridges, gateways and simulated devices as real processes.
+
+Every process is the real command (``cloud-hub serve``, ``retailer-bridge run``, ``hems-gateway run``,
+``mosquitto``); several simulated homes share one gateway process (each with its own MQTT identity, config and
+devices) so that 100 homes fit a 2-core machine. ``stack.json`` in the state directory says what runs where.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tomli_w
+
+from broker_config.launcher import find_mosquitto
+from broker_config.render import BrokerSpec, Identity, generate_password, render
+from cloud_hub.tokens import TokenBook
+from mhp_wire import topics
+from mhp_wire.messages import Presence, WireError, decode
+from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from sim.stack.supervisor import Child, Supervisor
+
+log = logging.getLogger(__name__)
+
+# One home: base load plus four plugs on relay coils 0..3 (name, coil, rated kW, priority, sheddable).
+PLUGS: list[dict[str, Any]] = [
+    {"name": "water-heater", "coil": 0, "rated_kw": 2.0, "priority": 1, "sheddable": True},
+    {"name": "ev-charger", "coil": 1, "rated_kw": 3.7, "priority": 2, "sheddable": True},
+    {"name": "washing-machine", "coil": 2, "rated_kw": 1.2, "priority": 3, "sheddable": True},
+    {"name": "fridge", "coil": 3, "rated_kw": 0.15, "priority": 9, "sheddable": False},
+]
+BASE_LOAD_KW = 0.3
+CONTRACTED_POWER_KW = 6.9
+HOMES_PER_GATEWAY_PROCESS = 25
+
+
+class StackError(Exception):
+    """The stack could not start; the message says which part and where its log is."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Home:
+    """One simulated home: its client, retailer, gateway and device ports."""
+
+    client_id: str
+    retailer_id: str
+    gateway_id: str
+    feeder_id: str
+    password: str = field(default_factory=generate_password)
+    meter_port: int = 0
+    relay_port: int = 0
+
+
+class Stack:
+    """Start with :meth:`start`, stop with :meth:`stop`; :attr:`info` is what ``stack.json`` holds."""
+
+    def __init__(self, state_dir: Path, *, retailers: int = 2, homes: int = 4, host: str = "127.0.0.1",
+                 hub_port: int | None = None, log_level: str = "INFO") -> None:
+        if retailers < 1 or homes < 1:
+            raise ValueError("a stack needs at least one retailer and one home")
+        self.dir = Path(state_dir).resolve()
+        self.host = host
+        self.log_level = log_level
+        self.retailer_ids = [f"r{i + 1}" for i in range(retailers)]
+        self.homes = [
+            Home(client_id=f"client-{i + 1:04d}", retailer_id=self.retailer_ids[i % retailers],
+                 gateway_id=f"gw-{i + 1}", feeder_id=f"feeder-{i % 3 + 1}")
+            for i in range(homes)
+        ]
+        self.hub_port = hub_port or free_port(host)
+        self.sup = Supervisor(on_change=self.write_info)
+        self.info: dict[str, Any] = {}
+        self.tokens: dict[str, Any] = {}
+        self.brokers: dict[str, dict[str, Any]] = {}
+        self._observers: list[MqttLink] = []
+        self.presence: dict[str, str] = {}
+        self._watch_task: asyncio.Task[None] | None = None
+
+    # -- layout -------------------------------------------------------------------------------------------
+
+    def _python(self, module: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", module, *args]
+
+    def _broker(self, name: str, kind: str, privileged: str, parties: list[Identity]) -> dict[str, Any]:
+        port = free_port(self.host)
+        priv = Identity(privileged, generate_password())
+        observer = Identity("stack", generate_password())
+        spec = BrokerSpec(kind=kind, port=port, data_dir=self.dir / "brokers" / name, privileged=priv,  # type: ignore[arg-type]
+                          parties=parties, extra_privileged=[observer], host=self.host)
+        conf = render(spec)
+        self.sup.start(Child(f"broker-{name}", [find_mosquitto(), "-c", str(conf)],
+                             self.dir / "logs" / f"broker-{name}.log"))
+        creds = {i.username: {"username": i.username, "password": i.password} for i in [priv, observer, *parties]}
+        return {"host": self.host, "port": port, "credentials": creds}
+
+    def _write_toml(self, name: str, data: dict[str, Any]) -> Path:
+        path = self.dir / "config" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(tomli_w.dumps(data).encode())
+        os.chmod(path, 0o600)
+        return path
+
+    # -- start --------------------------------------------------------------------------------------------
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        """Start every part, register retailers and clients with the hub, and wait until all are online."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        (self.dir / "logs").mkdir(exist_ok=True)
+        deadline = time.monotonic() + timeout_s
+        # Brokers: the hub broker (hub + retailers) and one broker per retailer (its bridge + its gateways).
+        self.brokers["hub"] = self._broker(
+            "hub", "hub", "hub", [Identity(r, generate_password()) for r in self.retailer_ids])
+        for rid in self.retailer_ids:
+            gws = [Identity(h.gateway_id, h.password) for h in self.homes if h.retailer_id == rid]
+            self.brokers[rid] = self._broker(rid, "retailer", "bridge", gws)
+        # Simulated devices: they pick their own ports and say which.
+        spec = {"homes": [{"gateway_id": h.gateway_id, "base_load_kw": BASE_LOAD_KW, "plugs": PLUGS}
+                          for h in self.homes]}
+        (self.dir / "config").mkdir(exist_ok=True)
+        spec_path, ports_path = self.dir / "config" / "homes.json", self.dir / "devices-ports.json"
+        ports_path.unlink(missing_ok=True)
+        spec_path.write_text(json.dumps(spec, indent=1))
+        events = str(self.dir / "device-events.jsonl")
+        self.sup.start(Child("devices", self._python("sim.devices", "--spec", str(spec_path), "--ports",
+                                                      str(ports_path), "--events", events),
+                             self.dir / "logs" / "devices.log"))
+        # The hub, with a bearer token per principal.
+        book = TokenBook(self.dir / "hub-tokens.json")
+        if book.path.exists():
+            book.path.unlink()
+        self.tokens = {"dso": book.issue("dso"), "admin": book.issue("admin"),
+                       "retailers": {r: book.issue(f"retailer:{r}") for r in self.retailer_ids}}
+        hub_cfg = self._write_toml("hub.toml", {"hub": {
+            "http_host": self.host, "http_port": self.hub_port, "db_path": str(self.dir / "hub.db"),
+            "tokens_file": str(book.path), "mqtt_host": self.host, "mqtt_port": self.brokers["hub"]["port"],
+            "mqtt_username": "hub", "mqtt_password": self.brokers["hub"]["credentials"]["hub"]["password"]}})
+        self.sup.start(Child("hub", self._python("cloud_hub.cli", "--log-level", self.log_level, "serve",
+                                                 "--config", str(hub_cfg)), self.dir / "logs" / "hub.log"))
+        await self._wait_tcp(self.brokers["hub"]["port"], deadline, "broker-hub")
+        await self._watch_presence()
+        await self._wait_ready(deadline)
+        await self._register()
+        # Bridges.
+        for rid in self.retailer_ids:
+            customers = {h.client_id: h.gateway_id for h in self.homes if h.retailer_id == rid}
+            cfg = self._write_toml(f"bridge-{rid}.toml", {"bridge": {
+                "retailer_id": rid, "hub_mqtt_host": self.host, "hub_mqtt_port": self.brokers["hub"]["port"],
+                "hub_mqtt_password": self.brokers["hub"]["credentials"][rid]["password"],
+                "local_mqtt_host": self.host, "local_mqtt_port": self.brokers[rid]["port"],
+                "local_mqtt_username": "bridge",
+                "local_mqtt_password": self.brokers[rid]["credentials"]["bridge"]["password"],
+                "db_path": str(self.dir / f"bridge-{rid}.db"), "customers": customers}})
+            self.sup.start(Child(f"bridge-{rid}", self._python("retailer_bridge.cli", "--log-level", self.log_level,
+                                                               "run", "--config", str(cfg)),
+                                 self.dir / "logs" / f"bridge-{rid}.log"))
+        # Gateways, several homes per process, once the devices say where they listen.
+        ports = await self._wait_file(ports_path, deadline, "devices")
+        configs = []
+        for h in self.homes:
+            h.meter_port, h.relay_port = ports[h.gateway_id]["meter_port"], ports[h.gateway_id]["relay_port"]
+            configs.append(self._write_toml(f"gateway-{h.gateway_id}.toml", self.gateway_config(h)))
+        for i in range(0, len(configs), HOMES_PER_GATEWAY_PROCESS):
+            group = configs[i:i + HOMES_PER_GATEWAY_PROCESS]
+            name = f"gateways-{i // HOMES_PER_GATEWAY_PROCESS + 1}"
+            args = [a for c in group for a in ("--config", str(c))]
+            self.sup.start(Child(name, self._python("hems_firmware.cli", "--log-level", self.log_level, "run", *args),
+                                 self.dir / "logs" / f"{name}.log"))
+        await self._wait_online(deadline)
+        self.write_info()
+
+    def gateway_config(self, h: Home) -> dict[str, Any]:
+        """The TOML configuration of one home's gateway."""
+        broker = self.brokers[h.retailer_id]
+        devices: list[dict[str, Any]] = [{"name": "meter", "driver": "eastron_sdm630", "transport": "modbus-tcp",
+                                          "host": self.host, "port": h.meter_port, "unit_id": 1, "timeout_s": 1.0}]
+        for p in PLUGS:
+            devices.append({"name": p["name"], "driver": "modbus_relay", "transport": "modbus-tcp", "host": self.host,
+                            "port": h.relay_port, "unit_id": 1, "coil": p["coil"], "rated_power_kw": p["rated_kw"],
+                            "priority": p["priority"], "sheddable": p["sheddable"], "timeout_s": 1.0})
+        return {"gateway": {"id": h.gateway_id, "client_id": h.client_id,
+                            "state_dir": str(self.dir / "gateways"), "poll_interval_s": 1.0,
+                            "telemetry_interval_s": 5.0,
+                            "uplink": {"host": broker["host"], "port": broker["port"], "username": h.gateway_id,
+                                       "password": h.password}},
+                "devices": devices}
+
+    async def _register(self) -> None:
+        async with httpx.AsyncClient(base_url=self.hub_url, timeout=10) as http:
+            for rid in self.retailer_ids:
+                r = await http.put(f"/v1/retailers/{rid}", json={"name": f"Retailer {rid.upper()}"},
+                                   headers={"Authorization": f"Bearer {self.tokens['admin']}"})
+                r.raise_for_status()
+            for h in self.homes:
+                dso = {"Authorization": f"Bearer {self.tokens['dso']}"}
+                r = await http.put(f"/v1/clients/{h.client_id}", headers=dso,
+                                   json={"retailer_id": h.retailer_id, "contracted_power_kw": CONTRACTED_POWER_KW,
+                                         "feeder_id": h.feeder_id, "valid_from": "2020-01-01T00:00:00+00:00"})
+                r.raise_for_status()
+
+    @property
+    def hub_url(self) -> str:
+        """Where the hub's HTTP API listens."""
+        return f"http://{self.host}:{self.hub_port}"
+
+    # -- waiting ------------------------------------------------------------------------------------------
+
+    def _died(self, name: str) -> StackError:
+        return StackError(f"{name} did not come up; see {self.dir / 'logs' / (name + '.log')}")
+
+    async def _wait_tcp(self, port: int, deadline: float, name: str) -> None:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                _, w = await asyncio.open_connection(self.host, port)
+                w.close()
+                return
+            await asyncio.sleep(0.05)
+        raise self._died(name)
+
+    async def _wait_file(self, path: Path, deadline: float, name: str) -> dict[str, Any]:
+        while time.monotonic() < deadline:
+            if path.exists():
+                data: dict[str, Any] = json.loads(path.read_text())
+                return data
+            await asyncio.sleep(0.05)
+        raise self._died(name)
+
+    async def _wait_ready(self, deadline: float) -> None:
+        async with httpx.AsyncClient(base_url=self.hub_url, timeout=2) as http:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get("/readyz")).status_code == 200:
+                        return
+                await asyncio.sleep(0.1)
+        raise self._died("hub")
+
+    async def _watch_presence(self) -> None:
+        """Follow every party's retained presence on every broker, as the stack's observer identity."""
+
+        async def on_presence(topic: str, payload: bytes, retained: bool) -> None:
+            with contextlib.suppress(topics.TopicError, WireError):
+                parsed = topics.parse_up(topic)
+                msg = decode(payload)
+                if isinstance(msg, Presence):
+                    self.presence[parsed.party_id] = msg.state
+
+        for name, broker in self.brokers.items():
+            await self._wait_tcp(broker["port"], time.monotonic() + 15, f"broker-{name}")
+            kind: topics.PartyKind = "retailers" if name == "hub" else "gateways"
+            creds = broker["credentials"]["stack"]
+            link = MqttLink(MqttEndpoint(broker["host"], broker["port"], creds["username"], creds["password"]),
+                            client_id=f"stack-observer-{name}", subscriptions=[f"{topics.PREFIX}/{kind}/+/up/status"],
+                            handler=on_presence, clean_start=True, session_expiry_s=0)
+            self._observers.append(await link.__aenter__())
+
+    async def _wait_online(self, deadline: float) -> None:
+        wanted = set(self.retailer_ids) | {h.gateway_id for h in self.homes}
+        while time.monotonic() < deadline:
+            missing = sorted(p for p in wanted if self.presence.get(p) != "online")
+            if not missing:
+                return
+            self.sup.check()
+            await asyncio.sleep(0.1)
+        raise StackError(f"not online after start: {', '.join(missing[:10])}; logs in {self.dir / 'logs'}")
+
+    # -- running ------------------------------------------------------------------------------------------
+
+    def write_info(self) -> None:
+        """Write ``stack.json``: URLs, tokens, brokers and credentials, homes, processes and their pids."""
+        self.info = {
+            "hub_url": self.hub_url,
+            "tokens": self.tokens,
+            "brokers": {"hub": self.brokers.get("hub", {}),
+                        "retailers": {r: self.brokers[r] for r in self.retailer_ids if r in self.brokers}},
+            "homes": [{"client_id": h.client_id, "retailer_id": h.retailer_id, "gateway_id": h.gateway_id,
+                       "feeder_id": h.feeder_id, "meter": {"host": self.host, "port": h.meter_port, "unit_id": 1},
+                       "relay": {"host": self.host, "port": h.relay_port, "unit_id": 1}} for h in self.homes],
+            "processes": {name: pid for name, pid in self.sup.pids().items()},
+            "logs": str(self.dir / "logs"),
+            "device_events": str(self.dir / "device-events.jsonl"),
+            "plugs": PLUGS,
+            "restarts": self.sup.events[-50:],
+        }
+        path = self.dir / "stack.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.info, indent=2))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+
+    async def supervise(self) -> None:
+        """Restart whatever dies, until cancelled."""
+        while True:
+            self.sup.check()
+            await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        """Stop every process of the stack."""
+        for link in self._observers:
+            with contextlib.suppress(Exception):
+                await link.__aexit__(None, None, None)
+        self._observers.clear()
+        await asyncio.get_running_loop().run_in_executor(None, self.sup.stop_all)
