@@ -61,6 +61,8 @@ class HubService:
     async def put_client(self, who: Principal, client_id: str, body: dict[str, Any]) -> bool:
         """Register a client or change it (a new retailer with a later ``valid_from`` is a supplier switch)."""
         right = self.authorize(who, Action.MANAGE_CLIENT)
+        if await self.store.get_retailer(body["retailer_id"]) is None:
+            raise NotFound(f"retailer {body['retailer_id']!r} is not registered")
         valid_from: datetime | None = body.get("valid_from")
         created = await self.store.put_client(
             client_id, body["retailer_id"], body["contracted_power_kw"], body.get("feeder_id"),

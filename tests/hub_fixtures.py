@@ -1,0 +1,80 @@
+"""A real hub for tests: FastAPI served by uvicorn on a free port, SQLite in ``tmp_path``, a real hub broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from cloud_hub.app import create_app
+from cloud_hub.settings import HubSettings
+from cloud_hub.tokens import TokenBook
+from tests.broker_fixtures import BrokerHandle, MosquittoFactory, free_port
+
+__all__ = ["HubHandle", "hub"]
+
+
+@dataclass
+class HubHandle:
+    """A running hub: its URL, a bearer token per principal, its broker, and an HTTP client."""
+
+    url: str
+    tokens: dict[str, str]
+    broker: BrokerHandle
+    http: httpx.AsyncClient
+    app: Any
+
+    def auth(self, principal: str) -> dict[str, str]:
+        """Headers that authenticate as ``principal`` (dso, admin, r1, r2)."""
+        return {"Authorization": f"Bearer {self.tokens[principal]}"}
+
+    async def setup_registry(self, clients: dict[str, str]) -> None:
+        """Register retailers r1, r2 and ``clients`` (client id -> retailer id) as the DSO would."""
+        for rid in ("r1", "r2"):
+            r = await self.http.put(f"/v1/retailers/{rid}", json={"name": rid.upper()}, headers=self.auth("admin"))
+            assert r.status_code in (200, 201), r.text
+        for cid, rid in clients.items():
+            r = await self.http.put(f"/v1/clients/{cid}", headers=self.auth("dso"), json={
+                "retailer_id": rid, "contracted_power_kw": 6.9, "feeder_id": "f1",
+                "valid_from": "2020-01-01T00:00:00+00:00"})
+            assert r.status_code in (200, 201), r.text
+
+
+async def start_hub(tmp_path: Path, broker: BrokerHandle, **overrides: Any) -> tuple[uvicorn.Server, asyncio.Task[None], dict[str, str], str]:
+    """Start a hub in this event loop; returns the server, its task, the tokens and the URL."""
+    book = TokenBook(tmp_path / "tokens.json")
+    tokens = {"dso": book.issue("dso"), "admin": book.issue("admin"), "r1": book.issue("retailer:r1"),
+              "r2": book.issue("retailer:r2")}
+    port = free_port()
+    settings = HubSettings(http_port=port, db_path=tmp_path / "hub.db", tokens_file=book.path,
+                           mqtt_host=broker.host, mqtt_port=broker.port, mqtt_username="hub",
+                           mqtt_password=broker.identities["hub"].password, **overrides)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve(), name="test-hub")
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    return server, task, tokens, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def hub(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncIterator[HubHandle]:
+    """A running hub with its hub broker (retailers r1, r2), ready (storage and MQTT up)."""
+    broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
+    server, task, tokens, url = await start_hub(tmp_path, broker)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        for _ in range(200):
+            if (await http.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.02)
+        yield HubHandle(url, tokens, broker, http, server.config.app)
+    server.should_exit = True
+    await task
