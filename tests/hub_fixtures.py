@@ -46,7 +46,9 @@ class HubHandle:
             assert r.status_code in (200, 201), r.text
 
 
-async def start_hub(tmp_path: Path, broker: BrokerHandle, **overrides: Any) -> tuple[uvicorn.Server, asyncio.Task[None], dict[str, str], str]:
+async def start_hub(
+    tmp_path: Path, broker: BrokerHandle, **overrides: Any
+) -> tuple[uvicorn.Server, asyncio.Task[None], dict[str, str], str]:
     """Start a hub in this event loop; returns the server, its task, the tokens and the URL."""
     book = TokenBook(tmp_path / "tokens.json")
     tokens = {"dso": book.issue("dso"), "admin": book.issue("admin"), "r1": book.issue("retailer:r1"),

@@ -103,7 +103,8 @@ class Stack:
         priv = Identity(privileged, generate_password())
         observer = Identity("stack", generate_password())
         spec = BrokerSpec(kind=kind, port=port, data_dir=self.dir / "brokers" / name, privileged=priv,  # type: ignore[arg-type]
-                          parties=parties, extra_privileged=[observer], host=self.host)
+                          parties=parties, extra_privileged=[observer], host=self.host,
+                          use_username_as_clientid=True)
         conf = render(spec)
         self.sup.start(Child(f"broker-{name}", [find_mosquitto(), "-c", str(conf)],
                              self.dir / "logs" / f"broker-{name}.log"))

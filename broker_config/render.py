@@ -1,0 +1,260 @@
+"""What a Mosquitto broker of the platform is (``BrokerSpec``) and the files that configure it (``render``).
+
+The text of the three files is produced by pure functions (``conf_text``, ``password_file_text``, ``acl_text``);
+``render`` only validates and writes them. The ACL comes from ``mhp_wire.topics`` so that the topic tree and the
+broker's rules cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import pwd
+import secrets
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Literal
+
+from mhp_wire import topics
+
+from .errors import BrokerConfigError
+
+BrokerKind = Literal["hub", "retailer"]
+
+CONF_NAME = "mosquitto.conf"
+PASSWORD_NAME = "passwords"
+ACL_NAME = "acl"
+LOG_NAME = "mosquitto.log"
+DB_NAME = "mosquitto.db"
+
+PBKDF2_ITERATIONS = 101
+"""What ``mosquitto_passwd`` of Mosquitto 2.0 uses for its ``$7$`` (PBKDF2-SHA512) hashes."""
+_SALT_BYTES = 12
+
+_PARTY_KIND: dict[str, topics.PartyKind] = {"hub": "retailers", "retailer": "gateways"}
+_DEFAULT_LOG_TYPES = ("error", "warning", "notice", "information")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An MQTT username and its password (the password is kept out of ``repr``)."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+def generate_password() -> str:
+    """A new random password (URL-safe, 256 bits of entropy)."""
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(kw_only=True)
+class BrokerSpec:
+    """Everything needed to configure and run one Mosquitto broker of the platform.
+
+    ``privileged`` is the hub on the hub broker and the bridge on a retailer broker; it and every
+    ``extra_privileged`` identity (a simulator, an observer) may read and write the whole v1 tree.
+    ``parties`` are the retailers on the hub broker and the gateways on a retailer broker; each gets only the
+    rules of ``mhp_wire.topics.acl_patterns``.
+    """
+
+    kind: BrokerKind
+    port: int
+    data_dir: Path
+    privileged: Identity
+    parties: list[Identity] = field(default_factory=list)
+    extra_privileged: list[Identity] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    tls: None = None
+    """Reserved for a TLS listener; not implemented yet, so it must stay ``None``."""
+    max_inflight_messages: int = 1000
+    max_queued_messages: int = 100_000
+    """Per client; Mosquitto's default of 1000 drops messages under fan-out (delivery.md). 0 = no limit."""
+    max_packet_size: int = 256 * 1024
+    """Whole MQTT packet in bytes; a client sending a larger one is disconnected."""
+    autosave_interval: int = 10
+    """Seconds between persistence snapshots (also written on SIGTERM, never on SIGKILL)."""
+    use_username_as_clientid: bool = False
+    """Replace every client id by the username. Without it, any user who knows another's client id can
+    disconnect it and take over (and so empty) its persistent session; with it, each username can hold only
+    one connection at a time (a hub or bridge needing several connections needs several identities)."""
+    log_types: tuple[str, ...] = _DEFAULT_LOG_TYPES
+    run_as_user: str | None = None
+    """User Mosquitto switches to when started as root; ``None`` = the current user (it must read data_dir)."""
+
+    @property
+    def party_kind(self) -> topics.PartyKind:
+        """``retailers`` on the hub broker, ``gateways`` on a retailer broker."""
+        return _PARTY_KIND[self.kind]
+
+    @property
+    def privileged_identities(self) -> list[Identity]:
+        """The privileged identity followed by the extra privileged ones."""
+        return [self.privileged, *self.extra_privileged]
+
+    @property
+    def identities(self) -> dict[str, Identity]:
+        """Every identity of this broker by username."""
+        return {i.username: i for i in [*self.privileged_identities, *self.parties]}
+
+    @property
+    def conf_path(self) -> Path:
+        """Where ``render`` writes ``mosquitto.conf``."""
+        return self.data_dir / CONF_NAME
+
+    @property
+    def password_path(self) -> Path:
+        """Where ``render`` writes the password file."""
+        return self.data_dir / PASSWORD_NAME
+
+    @property
+    def acl_path(self) -> Path:
+        """Where ``render`` writes the ACL file."""
+        return self.data_dir / ACL_NAME
+
+    @property
+    def log_path(self) -> Path:
+        """The broker's log file."""
+        return self.data_dir / LOG_NAME
+
+    @property
+    def db_path(self) -> Path:
+        """The broker's persistence snapshot."""
+        return self.data_dir / DB_NAME
+
+
+def validate(spec: BrokerSpec) -> list[str]:
+    """Every problem of ``spec`` (an empty list when it can be rendered)."""
+    errors: list[str] = []
+    if spec.kind not in _PARTY_KIND:
+        errors.append(f"kind must be 'hub' or 'retailer', not {spec.kind!r}")
+    if not 1 <= spec.port <= 65535:
+        errors.append(f"port must be 1-65535, not {spec.port}")
+    if spec.tls is not None:
+        errors.append("tls is not implemented yet: leave it None")
+    if not spec.host or any(c.isspace() for c in spec.host):
+        errors.append(f"host must be a non-empty address without spaces, not {spec.host!r}")
+    if any(c.isspace() for c in str(spec.data_dir)):
+        errors.append(f"data_dir must not contain whitespace (Mosquitto config lines): {str(spec.data_dir)!r}")
+    for name in ("max_inflight_messages", "max_queued_messages", "max_packet_size", "autosave_interval"):
+        if getattr(spec, name) < 0:
+            errors.append(f"{name} must be >= 0, not {getattr(spec, name)}")
+    if spec.run_as_user is not None and not spec.run_as_user.strip():
+        errors.append("run_as_user must be a user name or None")
+
+    seen: set[str] = set()
+    roles = [(i, True) for i in spec.privileged_identities] + [(i, False) for i in spec.parties]
+    for identity, privileged in roles:
+        role = "privileged identity" if privileged else f"party ({spec.party_kind})"
+        try:
+            topics.check_id(identity.username)
+        except topics.TopicError as exc:
+            errors.append(f"{role}: {exc}")
+        else:
+            if not privileged and identity.username in topics.RESERVED_IDS:
+                errors.append(
+                    f"{role} {identity.username!r}: reserved name ({', '.join(sorted(topics.RESERVED_IDS))}) "
+                    "is only for privileged identities"
+                )
+        if identity.username in seen:
+            errors.append(f"username {identity.username!r} is given more than once")
+        seen.add(identity.username)
+        if not identity.password:
+            errors.append(f"{role} {identity.username!r}: empty password")
+    return errors
+
+
+def hash_password(password: str, *, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
+    """The Mosquitto 2.0 password-file hash of ``password``: ``$7$<iterations>$<b64 salt>$<b64 PBKDF2-SHA512>``."""
+    salt = secrets.token_bytes(_SALT_BYTES) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def password_file_text(identities: list[Identity]) -> str:
+    """A Mosquitto password file with one ``username:hash`` line per identity."""
+    return "".join(f"{i.username}:{hash_password(i.password)}\n" for i in identities)
+
+
+def acl_text(spec: BrokerSpec) -> str:
+    """The Mosquitto ACL file of ``spec``.
+
+    ``pattern`` lines apply to every authenticated user, the privileged ones included; they only ever grant a
+    party its own ``down``/``up`` subtrees and ``public``, which a privileged user has anyway. The privileged
+    identities get the whole v1 tree through their ``user`` blocks, plus read access to ``$SYS`` to watch the
+    broker (e.g. ``$SYS/broker/publish/messages/dropped``). No ``topic`` line precedes the first ``user`` line:
+    such lines would apply to anonymous clients, which are refused anyway.
+    """
+    lines = [
+        f"# Mosquitto ACL of a Market Hub Platform {spec.kind} broker, generated by broker_config.render().",
+        f"# Parties ({spec.party_kind}): these patterns apply to every user; %u is the MQTT username.",
+    ]
+    lines += [f"pattern {access} {topic}" for access, topic in topics.acl_patterns(spec.party_kind)]
+    for identity in spec.privileged_identities:
+        lines += [
+            "",
+            f"user {identity.username}",
+            f"topic readwrite {topics.PRIVILEGED_ACL}",
+            "topic read $SYS/#",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _current_user() -> str:
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def conf_text(spec: BrokerSpec) -> str:
+    """The ``mosquitto.conf`` of ``spec`` (paths made absolute), from the shared template."""
+    data_dir = spec.data_dir.absolute()
+    template = Template(resources.files(__package__).joinpath("mosquitto.conf.tmpl").read_text("utf-8"))
+    return template.substitute(
+        kind=spec.kind,
+        password_file=data_dir / PASSWORD_NAME,
+        acl_file=data_dir / ACL_NAME,
+        port=spec.port,
+        host=spec.host,
+        max_inflight_messages=spec.max_inflight_messages,
+        max_queued_messages=spec.max_queued_messages,
+        max_packet_size=spec.max_packet_size,
+        use_username_as_clientid=str(spec.use_username_as_clientid).lower(),
+        persistence_location=f"{data_dir}/",
+        autosave_interval=spec.autosave_interval,
+        log_file=data_dir / LOG_NAME,
+        log_types="\n".join(f"log_type {t}" for t in spec.log_types),
+        run_as_user=spec.run_as_user or _current_user(),
+    )
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    """Write ``text`` atomically to ``path`` with permissions ``mode`` from the first byte on."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def render(spec: BrokerSpec) -> Path:
+    """Validate ``spec``, write ``mosquitto.conf``, the password file and the ACL file into ``spec.data_dir``.
+
+    The password and ACL files are mode 0600. Returns the path of ``mosquitto.conf``.
+    Raises ``BrokerConfigError`` listing every problem of ``spec``.
+    """
+    errors = validate(spec)
+    if errors:
+        raise BrokerConfigError(errors)
+    spec.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    identities = [*spec.privileged_identities, *spec.parties]
+    _write(spec.password_path, password_file_text(identities), 0o600)
+    _write(spec.acl_path, acl_text(spec), 0o600)
+    _write(spec.conf_path, conf_text(spec), 0o644)
+    return spec.conf_path

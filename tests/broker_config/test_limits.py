@@ -1,0 +1,26 @@
+"""The size limit, as Mosquitto 2.0 enforces ``max_packet_size`` on a paho MQTT 5 client."""
+
+from __future__ import annotations
+
+from mhp_wire import topics
+from tests.broker_fixtures import MosquittoFactory
+
+from .conftest import ConnectAs
+
+
+def test_oversize_packet_disconnects_the_sender(mosquitto_factory: MosquittoFactory, connect_as: ConnectAs) -> None:
+    """paho sends the packet anyway (it does not enforce the broker's Maximum Packet Size); Mosquitto drops the
+    connection ("disconnected due to oversize packet") and the message goes nowhere."""
+    broker = mosquitto_factory("hub", ["r1"], "hub", max_packet_size=1024)
+    hub = connect_as(broker, "hub")
+    assert not hub.subscribe(topics.all_up("retailers")).is_failure
+    r1 = connect_as(broker, "r1")
+
+    r1.publish(topics.up("retailers", "r1"), b"x" * 2048, qos=0)
+    assert r1.disconnected.wait(3.0)
+
+    r1.connect()
+    rc = r1.publish(topics.up("retailers", "r1"), b"x" * 512)
+    assert rc is not None and not rc.is_failure
+    assert hub.next_message().payload == b"x" * 512  # the first message in: the oversize one never came
+    assert "oversize packet" in broker.process.log_tail()

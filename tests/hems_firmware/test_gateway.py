@@ -1,0 +1,146 @@
+"""The gateway daemon against a real retailer broker (a paho test bridge) and a simulated home served over real
+Modbus TCP: acknowledge, execute at start, report, never twice; refuse late and foreign commands."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from device_drivers.sim.home import Plug, SimulatedHome
+from device_drivers.sim.server import ModbusSimServer
+from hems_firmware.config import GatewayConfig
+from hems_firmware.daemon import Gateway
+from mhp_wire import topics
+from mhp_wire.messages import Ack, ClientState, Command, EmergencyParams, ErrorReply, Outcome, RequestKind, Telemetry
+from tests.broker_fixtures import BrokerHandle, MosquittoFactory
+from tests.mqtt_party import Party, parties
+
+
+@dataclass
+class Rig:
+    home: SimulatedHome
+    gateway: Gateway
+    broker: BrokerHandle
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncIterator[Rig]:
+    broker = mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge")
+    home = SimulatedHome(0.3, [Plug(0, 2.0, "heater", 1, True), Plug(1, 3.7, "ev", 2, True),
+                               Plug(3, 0.15, "fridge", 9, False)])
+    async with ModbusSimServer({1: home.meter}, port=0) as meter, ModbusSimServer({1: home.relays}, port=0) as relay:
+        devices = [{"name": "meter", "driver": "eastron_sdm630", "transport": "modbus-tcp", "host": "127.0.0.1",
+                    "port": meter.port, "unit_id": 1, "timeout_s": 0.5}]
+        for p in home.plugs.values():
+            devices.append({"name": p.name, "driver": "modbus_relay", "transport": "modbus-tcp",
+                            "host": "127.0.0.1", "port": relay.port, "unit_id": 1, "coil": p.coil,
+                            "rated_power_kw": p.rated_power_kw, "priority": p.priority, "sheddable": p.sheddable,
+                            "timeout_s": 0.5})
+        cfg = GatewayConfig.model_validate({
+            "gateway": {"id": "gw-1", "client_id": "c1", "state_dir": str(tmp_path / "gw"), "poll_interval_s": 0.2,
+                        "telemetry_interval_s": 0.2,
+                        "uplink": {"host": broker.host, "port": broker.port,
+                                   "password": broker.identities["gw-1"].password}},
+            "devices": devices})
+        gw = Gateway(cfg)
+        task = asyncio.create_task(gw.run())
+        for _ in range(200):
+            if gw.link is not None and gw.link.connected and gw.state:
+                break
+            await asyncio.sleep(0.02)
+        try:
+            yield Rig(home, gw, broker)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def command(client_id: str = "c1", lead_s: float = 0.3, duration_s: float = 30, limit: float = 1.0,
+            request_id: str = "q1") -> Command:
+    start = datetime.now(UTC) + timedelta(seconds=lead_s)
+    params = EmergencyParams(start=start, end=start + timedelta(seconds=duration_s), power_limit_kw=limit)
+    return Command(request_id=request_id, client_id=client_id, kind=RequestKind.EMERGENCY, params=params,
+                   expires_at=params.end)
+
+
+async def test_emergency_is_acked_executed_at_start_reported_once_and_restored_at_the_end(rig: Rig) -> None:
+    with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+        cmd = command(lead_s=0.5, duration_s=1.5)
+        await bridge.publish(topics.down("gateways", "gw-1"), cmd)
+        ack = await bridge.next("ack")
+        assert isinstance(ack, Ack) and ack.ack_ids == [cmd.msg_id]
+        assert rig.home.coil_state(0), "nothing switches before the emergency starts"
+        out = await bridge.next("outcome", timeout=5)
+        assert isinstance(out, Outcome)
+        assert out.state is ClientState.EXECUTED and out.client_id == "c1"
+        assert out.detail["measured_kw_before"] == pytest.approx(6.15, abs=0.01)
+        assert out.detail["shed"] == ["heater", "ev"]
+        assert out.trace["waited_ms"] >= 300
+        assert not rig.home.coil_state(0) and not rig.home.coil_state(1) and rig.home.coil_state(3)
+        assert rig.home.total_power_kw() == pytest.approx(0.45)
+        # The same command again (QoS 1 redelivery): acknowledged, not executed twice.
+        await bridge.publish(topics.down("gateways", "gw-1"), cmd)
+        assert (await bridge.next("ack")).ack_ids == [cmd.msg_id]  # type: ignore[union-attr]
+        # Until the bridge acknowledges the outcome, the gateway sends it again.
+        again = await bridge.next("outcome", timeout=3)
+        assert again.msg_id == out.msg_id
+        await bridge.publish(topics.down("gateways", "gw-1"), Ack(ack_ids=[out.msg_id]))
+        for _ in range(60):
+            if rig.home.coil_state(0) and rig.home.coil_state(1):
+                break
+            await asyncio.sleep(0.05)
+        assert rig.home.coil_state(0) and rig.home.coil_state(1), "loads restored after the end"
+        assert [a.request_id for a in rig.gateway.actuations] == ["q1"] * 4
+
+
+async def test_the_limiter_holds_the_home_when_load_appears_during_the_emergency(rig: Rig) -> None:
+    with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+        await bridge.publish(topics.down("gateways", "gw-1"), command(lead_s=0, limit=4.5))
+        out = await bridge.next("outcome", timeout=5)
+        assert out.detail["shed"] == ["heater"]  # type: ignore[union-attr]
+        assert rig.home.coil_state(1)
+        rig.home.set_base_load_kw(1.5)  # the household switches on the oven: 5.35 kW, over the limit
+        for _ in range(60):
+            if not rig.home.coil_state(1):
+                break
+            await asyncio.sleep(0.05)
+        assert not rig.home.coil_state(1), "the next poll sheds the EV charger"
+        assert rig.home.total_power_kw() <= 4.5
+
+
+async def test_late_and_foreign_commands_and_garbage_are_refused(rig: Rig) -> None:
+    with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+        late = command(lead_s=-60, duration_s=30)
+        await bridge.publish(topics.down("gateways", "gw-1"), late)
+        out = await bridge.next("outcome")
+        assert isinstance(out, Outcome) and out.state is ClientState.REFUSED
+        assert "expired" in out.detail["reason"]
+        foreign = command(client_id="c2", request_id="q2")
+        await bridge.publish(topics.down("gateways", "gw-1"), foreign)
+        err = await bridge.next("error")
+        assert isinstance(err, ErrorReply) and err.code == "forbidden"
+        await bridge.publish(topics.down("gateways", "gw-1"), b"{not json")
+        err = await bridge.next("error")
+        assert isinstance(err, ErrorReply) and err.code == "invalid"
+        assert rig.gateway.rejected == 2
+        assert all(rig.home.coil_state(c) for c in (0, 1, 3)), "nothing was switched"
+        telemetry = await bridge.next("telemetry")
+        assert isinstance(telemetry, Telemetry)
+        assert telemetry.devices["meter"]["active_power_kw"] == pytest.approx(6.15, abs=0.01)
+
+
+async def test_a_gateway_cannot_command_another_gateway(rig: Rig) -> None:
+    """The broker ACL stops gw-2 from publishing on gw-1's command topic: gw-1 never sees it."""
+    with parties(Party(rig.broker, "gw-2"), Party(rig.broker, "bridge", topics.all_up("gateways"))) as (gw2, bridge):
+        rc = await asyncio.to_thread(gw2.client.publish, topics.down("gateways", "gw-1"),
+                                     command(lead_s=0).model_dump_json().encode(), 1)
+        assert rc is not None and rc.is_failure, "Mosquitto refuses the publish (MQTT 5 reason code)"
+        await bridge.nothing("ack", within=1.0)
+        assert rig.home.coil_state(0)
