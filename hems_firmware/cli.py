@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import sys
@@ -67,10 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "selftest":
         return _selftest(args)
-    configs = _load(args.config)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run_all(configs))
-    return 0
+    from mhp_wire.process import run_service
+
+    return run_service(_run_all(_load(args.config)))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ class Gateway:
                         self.switches[dev.name] = built  # type: ignore[assignment]
                 link = MqttLink(
                     MqttEndpoint(up.host, up.port, up.username or self.id, up.password, up.tls_ca_file),
-                    client_id=f"gw-{self.id}",
+                    client_id=self.id,
                     subscriptions=[topics.down("gateways", self.id), topics.PUBLIC_ALL],
                     handler=self.on_message, status_topic=topics.status("gateways", self.id),
                     connect_timeout_s=None,

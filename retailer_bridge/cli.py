@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
+
+from mhp_wire.process import run_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError, OSError) as exc:
         print(f"retailer-bridge: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_bridge(settings))
-    return 0
+    return run_service(run_bridge(settings))
 
 
 if __name__ == "__main__":

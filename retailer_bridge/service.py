@@ -14,31 +14,41 @@ from retailer_bridge.store import BridgeStore
 log = logging.getLogger(__name__)
 
 
+class Bridge:
+    """One retailer's bridge; ``relay`` holds its counters (received, rejected) and live gateway state."""
+
+    def __init__(self, settings: BridgeSettings) -> None:
+        self.settings = settings
+        self.store = BridgeStore(settings.db_path)
+        self.relay = BridgeRelay(settings.retailer_id, settings.customers, self.store,
+                                 gateway_ack_timeout_s=settings.gateway_ack_timeout_s)
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        s, rid = self.settings, self.settings.retailer_id
+        await self.store.open()
+        hub = MqttLink(
+            MqttEndpoint(s.hub_mqtt_host, s.hub_mqtt_port, rid, s.hub_mqtt_password, s.hub_mqtt_tls_ca_file),
+            client_id=rid, subscriptions=[topics.down("retailers", rid), topics.PUBLIC_ALL],
+            handler=self.relay.on_hub_message, status_topic=topics.status("retailers", rid), connect_timeout_s=None,
+        )
+        local = MqttLink(
+            MqttEndpoint(s.local_mqtt_host, s.local_mqtt_port, s.local_mqtt_username, s.local_mqtt_password,
+                         s.local_mqtt_tls_ca_file),
+            client_id=s.local_mqtt_username, subscriptions=[topics.all_up("gateways")],
+            handler=self.relay.on_local_message, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None,
+        )
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                self.relay.local = await stack.enter_async_context(local)
+                self.relay.hub = await stack.enter_async_context(hub)
+                log.info("bridge %s running with %d customers", rid, len(s.customers))
+                self.relay.kick()
+                await self.relay.run()
+        finally:
+            await self.store.close()
+
+
 async def run_bridge(settings: BridgeSettings) -> None:
-    """Run until cancelled."""
-    store = BridgeStore(settings.db_path)
-    await store.open()
-    relay = BridgeRelay(settings.retailer_id, settings.customers, store,
-                        gateway_ack_timeout_s=settings.gateway_ack_timeout_s)
-    rid = settings.retailer_id
-    hub = MqttLink(
-        MqttEndpoint(settings.hub_mqtt_host, settings.hub_mqtt_port, rid, settings.hub_mqtt_password,
-                     settings.hub_mqtt_tls_ca_file),
-        client_id=f"bridge-{rid}", subscriptions=[topics.down("retailers", rid), topics.PUBLIC_ALL],
-        handler=relay.on_hub_message, status_topic=topics.status("retailers", rid), connect_timeout_s=None,
-    )
-    local = MqttLink(
-        MqttEndpoint(settings.local_mqtt_host, settings.local_mqtt_port, settings.local_mqtt_username,
-                     settings.local_mqtt_password, settings.local_mqtt_tls_ca_file),
-        client_id=f"bridge-{rid}-local", subscriptions=[topics.all_up("gateways")],
-        handler=relay.on_local_message, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None,
-    )
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            relay.local = await stack.enter_async_context(local)
-            relay.hub = await stack.enter_async_context(hub)
-            log.info("bridge %s running with %d customers", rid, len(settings.customers))
-            relay.kick()
-            await relay.run()
-    finally:
-        await store.close()
+    """Run one bridge until cancelled."""
+    await Bridge(settings).run()

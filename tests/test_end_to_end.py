@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +30,23 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         await s.stop()
 
 
+async def run_emergency(stack: Stack, clients: list[str], lead_s: float = 1.0) -> dict:  # type: ignore[type-arg]
+    """Post an emergency for ``clients`` and follow it until it ends; returns the request as the DSO sees it."""
+    dso = {"Authorization": f"Bearer {stack.tokens['dso']}"}
+    start = datetime.now(UTC) + timedelta(seconds=lead_s)
+    async with httpx.AsyncClient(base_url=stack.hub_url, timeout=10) as http:
+        r = await http.post("/v1/emergencies", headers=dso, json={
+            "client_ids": clients, "start": start.isoformat(), "duration_s": 60, "power_limit_kw": 1.0})
+        assert r.status_code == 202, r.text
+        request_id = r.json()["request_id"]
+        for _ in range(200):
+            req = (await http.get(f"/v1/requests/{request_id}", headers=dso)).json()
+            if req["state"] not in ("accepted", "dispatching"):
+                break
+            await asyncio.sleep(0.1)
+    return req  # type: ignore[no-any-return]
+
+
 async def test_emergency_reaches_the_plugs_and_every_client_ends_executed(stack: Stack) -> None:
     info = json.loads((stack.dir / "stack.json").read_text())
     assert info["hub_url"] == stack.hub_url
@@ -38,19 +57,8 @@ async def test_emergency_reaches_the_plugs_and_every_client_ends_executed(stack:
     before = await read_plugs(stack)
     assert all(all(states.values()) for states in before.values()), "every plug starts on"
 
-    dso = {"Authorization": f"Bearer {info['tokens']['dso']}"}
     clients = [h["client_id"] for h in info["homes"]]
-    start = datetime.now(UTC) + timedelta(seconds=1)
-    async with httpx.AsyncClient(base_url=stack.hub_url, timeout=10) as http:
-        r = await http.post("/v1/emergencies", headers=dso, json={
-            "client_ids": clients, "start": start.isoformat(), "duration_s": 60, "power_limit_kw": 1.0})
-        assert r.status_code == 202
-        request_id = r.json()["request_id"]
-        for _ in range(150):
-            req = (await http.get(f"/v1/requests/{request_id}", headers=dso)).json()
-            if req["state"] not in ("accepted", "dispatching"):
-                break
-            await asyncio.sleep(0.1)
+    req = await run_emergency(stack, clients)
     assert req["state"] == "completed", req
     assert {cid: c["state"] for cid, c in req["clients"].items()} == dict.fromkeys(clients, "executed")
     for c in req["clients"].values():
@@ -65,3 +73,25 @@ async def test_emergency_reaches_the_plugs_and_every_client_ends_executed(stack:
     for gw, states in after.items():
         for p in PLUGS:
             assert states[p["name"]] is (not p["sheddable"]), f"{gw} {p['name']}"
+
+
+async def test_the_stack_restarts_a_killed_process_and_logs_it(stack: Stack) -> None:
+    """``kill -9`` a bridge: the supervisor restarts it, logs the restart, updates stack.json, and requests to
+    that retailer's clients complete again."""
+    old_pid = stack.info["processes"]["bridge-r1"]
+    supervise = asyncio.create_task(stack.supervise())
+    try:
+        os.kill(old_pid, signal.SIGKILL)
+        for _ in range(100):
+            info = json.loads((stack.dir / "stack.json").read_text())
+            if info["processes"]["bridge-r1"] not in (None, old_pid):
+                break
+            await asyncio.sleep(0.1)
+        assert info["processes"]["bridge-r1"] not in (None, old_pid)
+        assert any("bridge-r1" in e and "exited" in e for e in info["restarts"])
+        assert any("bridge-r1 restarted as pid" in e for e in info["restarts"])
+        r1_clients = [h.client_id for h in stack.homes if h.retailer_id == "r1"]
+        req = await run_emergency(stack, r1_clients)
+        assert req["state"] == "completed", req
+    finally:
+        supervise.cancel()

@@ -13,7 +13,7 @@ import pytest
 
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, Command, EmergencyParams, ErrorReply, Outcome, Request, RequestKind
-from retailer_bridge.service import run_bridge
+from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.mqtt_party import Party, parties
@@ -23,6 +23,7 @@ from tests.mqtt_party import Party, parties
 class Rig:
     hub_broker: BrokerHandle
     local: BrokerHandle
+    bridge: Bridge
 
 
 @pytest.fixture
@@ -34,12 +35,13 @@ async def rig(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncItera
         hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host,
         local_mqtt_port=local.port, local_mqtt_password=local.identities["bridge"].password,
         db_path=tmp_path / "bridge.db", customers={"c1": "gw-1", "c2": "gw-2"}, gateway_ack_timeout_s=1.5)
-    task = asyncio.create_task(run_bridge(settings))
+    bridge = Bridge(settings)
+    task = asyncio.create_task(bridge.run())
     with parties(Party(hub_broker, "hub", topics.status("retailers", "r1"))) as (probe,):
         await probe.next("presence")
     await asyncio.sleep(0.3)
     try:
-        yield Rig(hub_broker, local)
+        yield Rig(hub_broker, local, bridge)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -109,3 +111,5 @@ async def test_a_gateway_may_report_only_for_its_own_client_and_garbage_is_refus
         err = await hub.next("error")
         assert isinstance(err, ErrorReply) and err.code == "invalid"
         await hub.nothing("outcome", within=0.5)
+        rejected = rig.bridge.relay.rejected
+        assert (rejected["gateway_foreign_client"], rejected["gateway_invalid"], rejected["hub_invalid"]) == (1, 1, 1)

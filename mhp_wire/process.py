@@ -1,0 +1,25 @@
+"""Running a service's main coroutine as a process: SIGTERM and SIGINT cancel it, so it shuts down cleanly
+(presence ``offline``, databases closed) as systemd and the stack supervisor expect."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+
+def run_service(main: Coroutine[Any, Any, None]) -> int:
+    """Run ``main`` until it ends or the process is asked to stop; returns the exit code."""
+
+    async def runner() -> None:
+        task = asyncio.ensure_future(main)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(runner())
+    return 0
