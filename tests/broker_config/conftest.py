@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import pytest
 
-from broker_config import live_processes
 from tests.broker_fixtures import *  # noqa: F403
 from tests.broker_fixtures import BrokerHandle
 
 from .paho_client import TestClient
-
-
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """Fail a test that leaves a Mosquitto process or a thread running after its teardown."""
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 2.0
-    while True:
-        threads = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        brokers = live_processes()
-        if not (threads or brokers) or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert not brokers, f"leaked brokers: {brokers}"
-    assert not threads, f"leaked threads: {threads}"
 
 
 class ConnectAs(Protocol):
