@@ -38,6 +38,7 @@ __all__ = [
     "Identity",
     "MosquittoNotFoundError",
     "MosquittoProcess",
+    "die_with_parent",
     "find_mosquitto",
     "generate_password",
     "live_processes",
@@ -75,7 +76,7 @@ def live_processes() -> list[MosquittoProcess]:
     return [p for p in _live if p.is_running()]
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """A ``preexec_fn`` asking Linux to SIGTERM the child when the forking thread dies; ``None`` elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
@@ -269,7 +270,7 @@ class MosquittoProcess:
                 stdout=self._out,
                 stderr=subprocess.STDOUT,
                 cwd=self.spec.data_dir,
-                preexec_fn=_die_with_parent(),  # only prctl + getppid in the child: no locks
+                preexec_fn=die_with_parent(),  # only prctl + getppid in the child: no locks
             )
         except OSError as exc:
             self._out.close()

@@ -5,36 +5,18 @@ Children die with the supervisor (``PR_SET_PDEATHSIG`` on Linux), so a killed ``
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from broker_config.launcher import die_with_parent
 
 log = logging.getLogger(__name__)
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
 
 
 @dataclass
@@ -70,7 +52,7 @@ class Supervisor:
         with open(child.log_path, "ab") as out:
             child.proc = subprocess.Popen(
                 child.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **child.env}, preexec_fn=_die_with_parent(),
+                env={**os.environ, **child.env}, preexec_fn=die_with_parent(),
             )
         child.started_at = time.monotonic()
         self.children[child.name] = child
