@@ -13,7 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cloud_hub.api import health, registry, requests
+from cloud_hub.api import data, health, registry, requests
+from cloud_hub.book import RequestBook
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.relay import HubRelay
 from cloud_hub.service import Forbidden, HubService, IdempotencyConflict, NotFound
@@ -47,12 +48,19 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = HubStore(settings.db_path)
+        store = HubStore.embedded(settings.db_path)
         await store.open()
         metrics = HubMetrics()
-        relay = HubRelay(store, metrics)
-        app.state.store, app.state.metrics, app.state.relay = store, metrics, relay
-        app.state.service = HubService(store, relay, metrics)
+        book = RequestBook(store, metrics)
+        resumed = await book.load()
+        if resumed:
+            log.info("resumed %d unfinished request(s) from storage", resumed)
+        relay = HubRelay(book, metrics)
+        service = HubService(store, book, metrics)
+        relay.on_measurements = service.accept_measurements
+        relay.on_phase_due = service.finish_availability
+        service.publish_tariff_retained = relay.publish_tariff
+        app.state.store, app.state.metrics, app.state.relay, app.state.service = store, metrics, relay, service
         app.state.tokens = TokenBook(settings.tokens_file)
         task = asyncio.create_task(_run_relay(app, settings), name="hub-relay")
         try:
@@ -67,6 +75,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(registry.router)
     app.include_router(requests.router)
+    app.include_router(data.router)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:

@@ -18,9 +18,19 @@ class Action(StrEnum):
     MANAGE_RETAILER = "manage_retailer"
     MANAGE_CLIENT = "manage_client"
     READ_CLIENT = "read_client"
+    UPLOAD_READINGS = "upload_readings"
+    READ_CONSUMPTION = "read_consumption"
+    REQUEST_BILLING = "request_billing"
+    PUBLISH_TARIFF = "publish_tariff"
     TRIGGER_EMERGENCY = "trigger_emergency"
+    TRIGGER_LOAD_SHIFT = "trigger_load_shift"
+    TRIGGER_LOAD_REDUCTION = "trigger_load_reduction"
+    READ_MEASUREMENTS = "read_measurements"
+    READ_AUDIT = "read_audit"
     READ_REQUEST = "read_request"
+    CANCEL_REQUEST = "cancel_request"
     REPORT_OUTCOME = "report_outcome"
+    SEND_MEASUREMENT = "send_measurement"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +71,15 @@ class Context:
     """The retailer that supplied the client at the time the data or action refers to."""
     issuer: str | None = None
     """The principal that created the request being read."""
-    addressed_retailer: str | None = None
-    """The retailer the hub sent this client's request to."""
+    addressed_retailers: tuple[str, ...] = ()
+    """The retailers the hub sent this client's request to."""
+    covered_by_supplier: str | None = None
+    """The retailer that supplied the client over the whole time range asked for (None: nobody did alone)."""
 
 
-_DSO_ONLY = {Action.MANAGE_CLIENT, Action.TRIGGER_EMERGENCY}
+_DSO_ONLY = {Action.MANAGE_CLIENT, Action.UPLOAD_READINGS, Action.REQUEST_BILLING, Action.PUBLISH_TARIFF,
+             Action.TRIGGER_EMERGENCY, Action.TRIGGER_LOAD_SHIFT, Action.TRIGGER_LOAD_REDUCTION,
+             Action.READ_MEASUREMENTS, Action.READ_AUDIT}
 
 
 def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decision:
@@ -85,12 +99,25 @@ def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decisi
         if who.kind == "retailer" and ctx.supplier_at_time is not None and ctx.supplier_at_time == who.retailer_id:
             return Decision(True, "retailer:current-supplier")
         return Decision(False, "none", "a retailer may read only its own clients")
-    if action is Action.READ_REQUEST:
+    if action is Action.READ_CONSUMPTION:
+        if who.kind == "dso":
+            return Decision(True, "dso:consumption")
+        owner = ctx.covered_by_supplier
+        if who.kind == "retailer" and owner is not None and owner == who.retailer_id:
+            return Decision(True, "retailer:supplier-of-period")
+        return Decision(False, "none",
+                        "a retailer may read consumption only for periods in which it supplied that client")
+    if action in (Action.READ_REQUEST, Action.CANCEL_REQUEST):
         if ctx.issuer is not None and ctx.issuer == str(who):
             return Decision(True, "issuer")
-        return Decision(False, "none", "only the issuer of a request may follow it")
+        verb = "follow" if action is Action.READ_REQUEST else "cancel"
+        return Decision(False, "none", f"only the issuer of a request may {verb} it")
     if action is Action.REPORT_OUTCOME:
-        if who.kind == "retailer" and ctx.addressed_retailer is not None and ctx.addressed_retailer == who.retailer_id:
+        if who.kind == "retailer" and who.retailer_id in ctx.addressed_retailers:
             return Decision(True, "retailer:addressed-supplier")
         return Decision(False, "none", "a retailer may report only on requests the hub sent it for that client")
+    if action is Action.SEND_MEASUREMENT:
+        if who.kind == "retailer" and ctx.supplier_at_time is not None and ctx.supplier_at_time == who.retailer_id:
+            return Decision(True, "retailer:supplier-at-time")
+        return Decision(False, "none", "a retailer may send measurements only for its own clients at that time")
     raise AssertionError(f"unhandled action {action}")  # every Action is handled above

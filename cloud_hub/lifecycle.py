@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
 from mhp_wire.messages import ClientState
@@ -30,26 +31,44 @@ TIMED_OUT = frozenset({ClientState.EXPIRED, ClientState.UNREACHABLE})
 
 
 def request_state(current: RequestState, clients: Iterable[ClientState]) -> RequestState:
-    """The request's state once its clients are in ``clients``; a terminal request stays as it is."""
+    """The request's state once its targets are in ``clients``; a terminal request stays as it is."""
+    return request_state_from_counts(current, Counter(clients))
+
+
+def request_state_from_counts(current: RequestState, counts: Mapping[ClientState, int]) -> RequestState:
+    """:func:`request_state` from the number of targets in each state (cheap for large requests)."""
     if current.terminal:
         return current
-    states = list(clients)
-    if not states:
+    total = sum(counts.values())
+    if not total:
         return RequestState.FAILED
-    if not all(s.terminal for s in states):
-        if current is RequestState.ACCEPTED and all(s is ClientState.PENDING for s in states):
+    open_ = sum(n for s, n in counts.items() if not s.terminal)
+    if open_:
+        if current is RequestState.ACCEPTED and counts.get(ClientState.PENDING, 0) == total:
             return RequestState.ACCEPTED
         return RequestState.DISPATCHING
-    if any(s is ClientState.CANCELLED for s in states):
+    if counts.get(ClientState.CANCELLED, 0):
         return RequestState.CANCELLED
-    ok = sum(1 for s in states if s in SUCCESS)
-    if ok == len(states):
+    ok = sum(n for s, n in counts.items() if s in SUCCESS)
+    if ok == total:
         return RequestState.COMPLETED
     if ok:
         return RequestState.PARTIALLY_COMPLETED
-    if all(s in TIMED_OUT for s in states) and any(s is ClientState.EXPIRED for s in states):
+    timed_out = sum(n for s, n in counts.items() if s in TIMED_OUT)
+    if timed_out == total and counts.get(ClientState.EXPIRED, 0):
         return RequestState.EXPIRED
     return RequestState.FAILED
+
+
+def combine(states: Iterable[ClientState]) -> ClientState:
+    """One client's state from its deliveries to several retailers (billing across a supplier switch)."""
+    states = list(states)
+    open_ = [s for s in states if not s.terminal]
+    if open_:
+        order = [ClientState.PENDING, ClientState.SENT, ClientState.DELIVERED]
+        return min(open_, key=order.index)
+    bad = [s for s in states if s not in SUCCESS]
+    return bad[0] if bad else states[0]
 
 
 def state_after_deadline(state: ClientState) -> ClientState:

@@ -1,9 +1,10 @@
-"""The hub's MQTT side: a stored outbox re-sent until each retailer acknowledges it, and outcomes coming back.
+"""The hub's MQTT side: the request book's outbox sent until each retailer acknowledges it, and what comes back.
 
-Zero loss does not come from the broker (its persistence is a snapshot, ``reference/delivery.md``): a request
-message stays in the hub's outbox, and is re-sent with back-off, until the retailer's bridge answers with an
-application-level ``ack``. Outcomes are acknowledged only after they are committed, so the bridge re-sends them
-until then. Every incoming message is checked against the retailer the topic (and so the broker ACL) names.
+Zero loss does not come from the broker (its persistence is a snapshot, ``reference/delivery.md``): a message
+stays in the request's stored outbox, and is re-sent with back-off, until the retailer's bridge answers with an
+application-level ``ack``. Outcomes and measurements are acknowledged only after they are committed, so the bridge
+re-sends them until then. Every incoming message is checked against the retailer the topic (and so the broker
+ACL) names; a bridge that comes back online is sent at once everything it has not acknowledged.
 """
 
 from __future__ import annotations
@@ -11,50 +12,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
-from typing import Literal, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from cloud_hub.authz import Action, Context, Principal, decide
-from cloud_hub.lifecycle import retry_delay_s
+from cloud_hub.book import RequestBook
 from cloud_hub.metrics import HubMetrics
-from cloud_hub.store import HubStore, StoreUnavailable
+from cloud_hub.storage import StoreUnavailable
 from mhp_wire import topics
-from mhp_wire.messages import Ack, ErrorReply, Outcome, WireError, decode, encode
+from mhp_wire.messages import Ack, ErrorReply, Measurements, Outcome, WireError, decode, encode
 from mhp_wire.mqtt import MqttError, MqttLink
 
 log = logging.getLogger(__name__)
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class BoundedDict(OrderedDict[K, V]):
-    """A dict that forgets its oldest entries beyond ``limit`` (in-memory figures that must not grow forever)."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-
-    def __setitem__(self, key: K, value: V) -> None:
-        super().__setitem__(key, value)
-        while len(self) > self.limit:
-            self.popitem(last=False)
 
 
 class HubRelay:
     """Dispatches the outbox and applies what retailers send back."""
 
-    def __init__(self, store: HubStore, metrics: HubMetrics, *, sweep_interval_s: float = 0.5) -> None:
-        self.store = store
+    def __init__(self, book: RequestBook, metrics: HubMetrics, *, sweep_interval_s: float = 0.25) -> None:
+        self.book = book
         self.metrics = metrics
         self.link: MqttLink | None = None
         self._wake = asyncio.Event()
         self._sweep_interval_s = sweep_interval_s
-        self.storage_ms: BoundedDict[str, float] = BoundedDict(20_000)
         self.presence: dict[str, str] = {}
+        self.on_measurements: Callable[[str, Measurements], Awaitable[list[str]]] | None = None
+        self.on_phase_due: Callable[[str], Awaitable[None]] | None = None
+        book.kick = self.kick
 
     def kick(self) -> None:
-        """Wake the dispatcher: a new message is in the outbox."""
+        """Wake the dispatcher: a message is due."""
         self._wake.set()
 
     async def run(self) -> None:
@@ -69,6 +56,9 @@ class HubRelay:
             wait_s = 1.0
             try:
                 wait_s = await self.dispatch_once()
+                for request_id in self.book.phases_due(time.time()):
+                    if self.on_phase_due is not None:
+                        await self.on_phase_due(request_id)
             except StoreUnavailable as exc:
                 log.warning("dispatch paused: %s", exc)
             try:
@@ -82,33 +72,40 @@ class HubRelay:
         now = time.time()
         if link is None or not link.connected:
             return 0.2
-        sent: list[tuple[str, str, str, float]] = []
-        for row in await self.store.due_outbox(now):
+        sent = []
+        for item in self.book.due(now):
             try:
-                await link.publish(topics.down("retailers", row["retailer_id"]), row["payload"])
+                await link.publish(topics.down("retailers", item.retailer_id), item.payload)
             except MqttError as exc:
                 log.warning("outbox send paused: %s", exc)
                 break
             self.metrics.outbox_sent.inc()
-            sent.append((row["msg_id"], row["request_id"], row["retailer_id"],
-                         now + retry_delay_s(row["attempts"] + 1)))
+            sent.append(item)
         if sent:
-            await self.store.mark_sent(sent, now)
-        nxt = await self.store.next_outbox_due()
-        if nxt is None:
-            return 1.0
-        return max(0.01, min(1.0, nxt - time.time()))
+            await self.book.mark_sent(sent, now)
+        nxt = self.book.next_due()
+        phase = min((p.due for p in self.book.phases.values()), default=None)
+        candidates = [t for t in (nxt, phase) if t is not None]
+        return 1.0 if not candidates else max(0.01, min(1.0, min(candidates) - time.time()))
 
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self._sweep_interval_s)
             try:
-                changed = await self.store.expire_due(time.time())
-                if changed:
-                    log.info("%d request(s) reached their deadline", len(changed))
-                self.metrics.open_requests.set(await self.store.open_request_count())
+                closed = await self.book.expire_due(time.time())
+                if closed:
+                    log.info("%d request(s) reached their deadline", len(closed))
+                self.metrics.open_requests.set(len(self.book.deadlines))
             except StoreUnavailable as exc:
                 log.warning("sweep paused: %s", exc)
+
+    async def publish_tariff(self, payload: bytes) -> None:
+        """Publish the current tariff, retained, for every retailer that connects later."""
+        if self.link is not None:
+            try:
+                await self.link.publish(topics.TARIFF, payload, retain=True)
+            except MqttError as exc:
+                log.warning("retained tariff not published now (%s); retailers still get it from the outbox", exc)
 
     async def handle(self, topic: str, payload: bytes, retained: bool) -> None:
         """Apply one message from a retailer; refuse and count anything wrong, keep serving the rest."""
@@ -132,12 +129,18 @@ class HubRelay:
         self.metrics.mqtt_received.labels(msg.type).inc()
         if parsed.channel == "status":
             if msg.type == "presence":
+                before = self.presence.get(retailer_id)
                 self.presence[retailer_id] = msg.state
+                if msg.state == "online" and before != "online":
+                    n = self.book.retailer_online(retailer_id)
+                    log.info("retailer %s online: %d unacknowledged message(s) re-sent now", retailer_id, n)
             return
         if isinstance(msg, Ack):
-            await self.store.ack_outbox(retailer_id, msg.ack_ids)
+            await self.book.on_ack(retailer_id, msg.ack_ids)
         elif isinstance(msg, Outcome):
             await self._on_outcome(retailer_id, msg)
+        elif isinstance(msg, Measurements):
+            await self._on_measurements(retailer_id, msg)
         elif isinstance(msg, ErrorReply):
             log.warning("retailer %s reported an error about %s: %s", retailer_id, msg.ref_msg_id, msg.message)
         else:
@@ -146,22 +149,31 @@ class HubRelay:
                 ref_msg_id=msg.msg_id, code="invalid", message=f"a retailer may not send {msg.type!r} messages"))
 
     async def _on_outcome(self, retailer_id: str, msg: Outcome) -> None:
-        addressed = await self.store.addressed_retailer(msg.request_id, msg.client_id)
+        addressed = await self.book.addressed(msg.request_id, msg.client_id)
         verdict = decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
-                         Context(addressed_retailer=addressed))
+                         Context(addressed_retailers=tuple(addressed or ())))
         if not verdict.allowed:
             reason: Literal["unknown_client", "forbidden"] = "unknown_client" if addressed is None else "forbidden"
             self.metrics.mqtt_rejected.labels(reason).inc()
             log.warning("refused an outcome from retailer %s for request %s client %s: %s",
                         retailer_id, msg.request_id, msg.client_id, verdict.reason)
-            text = verdict.reason if addressed else f"request {msg.request_id} has no client {msg.client_id}"
+            text = (verdict.reason if addressed is not None
+                    else f"request {msg.request_id} has no client {msg.client_id}")
             await self._reply(retailer_id, ErrorReply(ref_msg_id=msg.msg_id, code=reason, message=text))
             return
-        result = await self.store.record_outcome(
-            msg.request_id, msg.client_id, retailer_id, msg.state, msg.detail, msg.trace, time.time()
-        )
-        if result.request_state is not None and result.request_state.terminal and result.changed:
-            self.metrics.requests_finished.labels("emergency", result.request_state.value).inc()
+        await self.book.on_outcome(retailer_id, msg.request_id, msg.client_id, msg.state, msg.detail, msg.trace)
+        await self._reply(retailer_id, Ack(ack_ids=[msg.msg_id]))
+
+    async def _on_measurements(self, retailer_id: str, msg: Measurements) -> None:
+        if self.on_measurements is None:
+            return
+        refused = await self.on_measurements(retailer_id, msg)
+        if refused:
+            self.metrics.mqtt_rejected.labels("forbidden").inc(len(refused))
+            log.warning("refused measurements from retailer %s for %s", retailer_id, ", ".join(refused[:10]))
+            await self._reply(retailer_id, ErrorReply(
+                ref_msg_id=msg.msg_id, code="forbidden",
+                message=f"not your client(s) at that time: {', '.join(refused[:20])}; the others were stored"))
         await self._reply(retailer_id, Ack(ack_ids=[msg.msg_id]))
 
     async def _reply(self, retailer_id: str, msg: Ack | ErrorReply) -> None:

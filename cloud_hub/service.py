@@ -1,4 +1,4 @@
-"""Use cases of the hub, between the HTTP layer and the store: authorization first, then the work."""
+"""Use cases of the hub, between the HTTP/MQTT layers and storage: authorization first, then the work."""
 
 from __future__ import annotations
 
@@ -6,15 +6,37 @@ import hashlib
 import json
 import time
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from cloud_hub.authz import Action, Context, Principal, decide
+from cloud_hub.book import OutboxItem, RequestBook
 from cloud_hub.lifecycle import RequestState
 from cloud_hub.metrics import HubMetrics
-from cloud_hub.relay import HubRelay
-from cloud_hub.store import AuditEntry, HubStore, NewRequest
-from mhp_wire.messages import EmergencyParams, Request, RequestKind, encode, new_id
+from cloud_hub.store import AuditEntry, Conflict, HubStore
+from cloud_hub.timeline import choose_for_reduction, clip_blocks, covered_by, profile, supplier_at, supply_spans
+from mhp_wire.messages import (
+    AvailabilityParams,
+    BillingClient,
+    BillingData,
+    Cancel,
+    ClientState,
+    EmergencyParams,
+    LoadReductionParams,
+    LoadShiftParams,
+    Measurements,
+    Params,
+    ReadingBlock,
+    Request,
+    RequestKind,
+    Tariff,
+    encode,
+    new_id,
+)
+
+BILLING_CLIENTS_PER_MESSAGE = 100
+BILLING_DELIVERY_S = 24 * 3600
+TARIFF_DELIVERY_S = 3600
 
 
 class Forbidden(Exception):
@@ -29,7 +51,8 @@ class IdempotencyConflict(Exception):
     """An ``Idempotency-Key`` was reused with a different body (HTTP 409)."""
 
 
-def _iso(ts: float | None) -> str | None:
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as RFC 3339 (UTC)."""
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
 
 
@@ -38,13 +61,20 @@ def body_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _ts(value: datetime | float) -> float:
+    return value.timestamp() if isinstance(value, datetime) else float(value)
+
+
 class HubService:
     """The hub's use cases."""
 
-    def __init__(self, store: HubStore, relay: HubRelay, metrics: HubMetrics) -> None:
+    def __init__(self, store: HubStore, book: RequestBook, metrics: HubMetrics) -> None:
         self.store = store
-        self.relay = relay
+        self.book = book
         self.metrics = metrics
+        self.storage_ms: dict[str, float] = {}
+        self.publish_tariff_retained: Any = None
+        """Set by the relay: ``async (payload: bytes) -> None`` publishing the retained public tariff."""
 
     def authorize(self, who: Principal, action: Action, ctx: Context | None = None) -> str:
         """Raise :class:`Forbidden` unless allowed; returns the right the permission rests on."""
@@ -52,6 +82,17 @@ class HubService:
         if not verdict.allowed:
             raise Forbidden(verdict.reason)
         return verdict.right
+
+    async def _authorize_logged(self, who: Principal, action: Action, client_id: str,
+                                ctx: Context | None = None, ref: str | None = None) -> str:
+        """Authorize an operation on one client's data and write it to the data access log either way."""
+        verdict = decide(who, action, ctx)
+        await self.store.audit([AuditEntry(str(who), client_id, action.value, verdict.right, verdict.allowed, ref)])
+        if not verdict.allowed:
+            raise Forbidden(verdict.reason)
+        return verdict.right
+
+    # -- registry -----------------------------------------------------------------------------------------
 
     async def put_retailer(self, who: Principal, retailer_id: str, name: str) -> bool:
         """Register or rename a retailer."""
@@ -63,12 +104,10 @@ class HubService:
         right = self.authorize(who, Action.MANAGE_CLIENT)
         if await self.store.get_retailer(body["retailer_id"]) is None:
             raise NotFound(f"retailer {body['retailer_id']!r} is not registered")
-        valid_from: datetime | None = body.get("valid_from")
-        created = await self.store.put_client(
-            client_id, body["retailer_id"], body["contracted_power_kw"], body.get("feeder_id"),
-            valid_from.timestamp() if valid_from else time.time(),
-        )
-        await self.store.audit([AuditEntry(str(who), client_id, "manage_client", right)])
+        valid_from = body.get("valid_from")
+        created = await self.store.put_client(client_id, body["retailer_id"], body["contracted_power_kw"],
+                                              body.get("feeder_id"), _ts(valid_from) if valid_from else time.time())
+        await self.store.audit([AuditEntry(str(who), client_id, Action.MANAGE_CLIENT.value, right)])
         return created
 
     async def get_client(self, who: Principal, client_id: str) -> dict[str, Any]:
@@ -76,80 +115,321 @@ class HubService:
         client = await self.store.get_client(client_id)
         if client is None:
             raise NotFound(f"client {client_id!r} is not registered")
-        now = time.time()
-        current = next((p["retailer_id"] for p in reversed(client["suppliers"]) if p["valid_from"] <= now), None)
-        try:
-            right = self.authorize(who, Action.READ_CLIENT, Context(supplier_at_time=current))
-        except Forbidden:
-            await self.store.audit([AuditEntry(str(who), client_id, "read_client", "none", allowed=False)])
-            raise
-        await self.store.audit([AuditEntry(str(who), client_id, "read_client", right)])
-        return {
-            "client_id": client_id,
-            "retailer_id": current,
-            "contracted_power_kw": client["contracted_power_kw"],
-            "feeder_id": client["feeder_id"],
-            "suppliers": [
-                {"retailer_id": p["retailer_id"], "valid_from": _iso(p["valid_from"])} for p in client["suppliers"]
-            ],
-        }
+        current = supplier_at(client["suppliers"], time.time())
+        await self._authorize_logged(who, Action.READ_CLIENT, client_id, Context(supplier_at_time=current))
+        return {"client_id": client_id, "retailer_id": current,
+                "contracted_power_kw": client["contracted_power_kw"], "feeder_id": client["feeder_id"],
+                "suppliers": [{"retailer_id": p["retailer_id"], "valid_from": iso(p["valid_from"])}
+                              for p in client["suppliers"]]}
 
-    async def create_emergency(
-        self, who: Principal, body: dict[str, Any], idempotency_key: str | None
-    ) -> tuple[int, dict[str, Any]]:
-        """Accept an emergency: resolve its clients, address each to its supplier at ``start``, store, dispatch.
-
-        Returns ``(status, answer)``; a retry with the same ``Idempotency-Key`` returns the first answer.
-        """
-        t0 = time.perf_counter()
-        right = self.authorize(who, Action.TRIGGER_EMERGENCY)
-        digest = body_hash(body)
-        if idempotency_key:
-            earlier = await self.store.idempotent_answer(str(who), idempotency_key)
-            if earlier is not None:
-                if earlier[0] != digest:
-                    raise IdempotencyConflict(
-                        f"Idempotency-Key {idempotency_key!r} was already used with a different body"
-                    )
-                return earlier[1], earlier[2]
-        start: datetime = body["start"]
-        end = start + timedelta(seconds=body["duration_s"])
-        client_ids = await self._targets(body)
-        suppliers = await self.store.suppliers_at(client_ids, start.timestamp())
-        unknown = sorted(set(client_ids) - set(suppliers))
+    async def _known_clients(self, client_ids: list[str]) -> dict[str, dict[str, Any]]:
+        clients = await self.store.get_clients(client_ids)
+        unknown = sorted(set(client_ids) - set(clients))
         if unknown:
             raise NotFound(f"unknown client(s): {', '.join(unknown[:20])}")
-        unsupplied = sorted(c for c, r in suppliers.items() if r is None)
-        if unsupplied:
-            raise NotFound(f"client(s) with no retailer at {start.isoformat()}: {', '.join(unsupplied[:20])}")
-        by_retailer: dict[str, list[str]] = defaultdict(list)
-        for cid in client_ids:
-            rid = suppliers[cid]
-            assert rid is not None
-            by_retailer[rid].append(cid)
+        return clients
+
+    # -- meter readings, consumption, billing ---------------------------------------------------------------
+
+    async def upload_readings(self, who: Principal, readings: list[dict[str, Any]]) -> dict[str, Any]:
+        """Store meter readings; an upload for an interval already stored is a correction."""
+        right = self.authorize(who, Action.UPLOAD_READINGS)
+        await self._known_clients(sorted({r["client_id"] for r in readings}))
+        blocks = [{**r, "start": _ts(r["start"]), "quality": r.get("quality") or "measured"} for r in readings]
+        stored, corrections = await self.store.put_readings(blocks)
+        await self.store.audit([AuditEntry(str(who), cid, Action.UPLOAD_READINGS.value, right)
+                                for cid in sorted({r["client_id"] for r in readings})])
+        return {"stored": stored, "corrections": corrections}
+
+    async def consumption_profile(self, who: Principal, client_id: str, start: float, end: float,
+                                  resolution_s: int) -> dict[str, Any]:
+        """A client's consumption series, for the DSO or the retailer that supplied it over the whole range."""
+        if end <= start:
+            raise ValueError("'to' must be after 'from'")
+        if (end - start) / resolution_s > 100_000:
+            raise ValueError("too many points: ask for a shorter range or a coarser resolution_s")
+        client = await self.store.get_client(client_id)
+        if client is None:
+            raise NotFound(f"client {client_id!r} is not registered")
+        spans = supply_spans(client["suppliers"], start, end)
+        owner = spans[0][0] if len(spans) == 1 and covered_by(spans, spans[0][0], start, end) else None
+        await self._authorize_logged(who, Action.READ_CONSUMPTION, client_id, Context(covered_by_supplier=owner))
+        blocks = await self.store.readings(client_id, start, end)
+        return {"client_id": client_id, "from": iso(start), "to": iso(end), "resolution_s": resolution_s,
+                "series": [{**p, "start": iso(p["start"])} for p in profile(blocks, start, end, resolution_s)]}
+
+    async def request_billing(self, who: Principal, body: dict[str, Any], key: str | None
+                              ) -> tuple[int, dict[str, Any]]:
+        """Deliver each client's readings of the period to the retailer(s) that supplied it, split at switches."""
+        right = self.authorize(who, Action.REQUEST_BILLING)
+        earlier = await self._idempotent(who, key, body)
+        if earlier:
+            return earlier
+        t0 = time.perf_counter()
+        start, end = _ts(body["period_start"]), _ts(body["period_end"])
+        if end <= start:
+            raise ValueError("period_end must be after period_start")
+        client_ids = list(dict.fromkeys(body["client_ids"]))
+        clients = await self._known_clients(client_ids)
         request_id = new_id()
-        params = EmergencyParams(start=start, end=end, power_limit_kw=body["power_limit_kw"])
+        per_retailer: dict[str, list[BillingClient]] = defaultdict(list)
+        entries: dict[str, dict[str, Any]] = {}
+        unsupplied = []
+        for cid in client_ids:
+            spans = supply_spans(clients[cid]["suppliers"], start, end)
+            if not spans:
+                unsupplied.append(cid)
+                continue
+            entries[cid] = {"retailers": {}, "state": ClientState.PENDING.value, "detail": {}, "trace": {},
+                            "updated_at": time.time()}
+            for rid, s, e in spans:
+                blocks = clip_blocks(await self.store.readings(cid, s, e), s, e)
+                per_retailer[rid].append(BillingClient(
+                    client_id=cid, period_start=datetime.fromtimestamp(s, UTC),
+                    period_end=datetime.fromtimestamp(e, UTC),
+                    readings=[ReadingBlock(**{**b, "start": datetime.fromtimestamp(b["start"], UTC)}) for b in blocks]))
+                entries[cid]["retailers"][rid] = ClientState.PENDING.value
+                entries[cid]["detail"].setdefault("corrected", False)
+                entries[cid]["detail"]["corrected"] |= any(b["corrected"] for b in blocks)
+        if unsupplied:
+            raise Conflict(f"no retailer supplied {', '.join(unsupplied[:20])} in the billed period")
+        outbox = []
+        for rid, items in sorted(per_retailer.items()):
+            for i in range(0, len(items), BILLING_CLIENTS_PER_MESSAGE):
+                chunk = items[i:i + BILLING_CLIENTS_PER_MESSAGE]
+                msg = BillingData(request_id=request_id, period_start=body["period_start"],
+                                  period_end=body["period_end"], clients=chunk)
+                outbox.append(OutboxItem(msg.msg_id, request_id, rid, "billing", encode(msg),
+                                         [c.client_id for c in chunk]))
+        audit = [AuditEntry(str(who), cid, Action.REQUEST_BILLING.value, right, ref=request_id) for cid in client_ids]
+        return await self._create(who, key, body, request_id, "billing", time.time() + BILLING_DELIVERY_S, entries,
+                                  outbox, {}, audit, t0)
+
+    # -- tariffs ------------------------------------------------------------------------------------------
+
+    async def publish_tariff(self, who: Principal, body: dict[str, Any], key: str | None
+                             ) -> tuple[int, dict[str, Any]]:
+        """Store a new tariff version, publish it retained for late joiners, and deliver it to every retailer."""
+        self.authorize(who, Action.PUBLISH_TARIFF)
+        earlier = await self._idempotent(who, key, body)
+        if earlier:
+            return earlier
+        t0 = time.perf_counter()
+        if _ts(body["valid_to"]) <= _ts(body["valid_from"]):
+            raise ValueError("valid_to must be after valid_from")
+        tariff = json.loads(json.dumps(body, default=str))
+        version = await self.store.put_tariff(tariff)
+        msg = Tariff(tariff_id=body["tariff_id"], version=version, valid_from=body["valid_from"],
+                     valid_to=body["valid_to"], periods=body["periods"])
+        if self.publish_tariff_retained is not None:
+            await self.publish_tariff_retained(encode(msg))
+        request_id = new_id()
+        retailers = await self.store.retailer_ids()
+        parties = {rid: {"retailers": {rid: ClientState.PENDING.value}, "state": ClientState.PENDING.value,
+                         "detail": {}, "trace": {}, "updated_at": time.time()} for rid in retailers}
+        outbox = [OutboxItem(f"{msg.msg_id}-{rid}", request_id, rid, "tariff",
+                             encode(msg.model_copy(update={"msg_id": f"{msg.msg_id}-{rid}"}))) for rid in retailers]
+        status, answer = await self._create(who, key, body, request_id, "tariff", time.time() + TARIFF_DELIVERY_S,
+                                            {}, outbox, parties, [], t0, extra={"version": version})
+        return status, {**answer, "version": version}
+
+    # -- flexibility requests -------------------------------------------------------------------------------
+
+    async def create_emergency(self, who: Principal, body: dict[str, Any], key: str | None
+                               ) -> tuple[int, dict[str, Any]]:
+        """Announce emergency mode to the targeted clients' retailers before it takes effect."""
+        start = _ts(body["start"])
+        end = start + body["duration_s"]
+        params = EmergencyParams(start=body["start"], end=datetime.fromtimestamp(end, UTC),
+                                 power_limit_kw=body["power_limit_kw"])
+        return await self._client_request(who, Action.TRIGGER_EMERGENCY, RequestKind.EMERGENCY, body, key, params,
+                                          at=start, deadline=end)
+
+    async def create_load_shift(self, who: Principal, body: dict[str, Any], key: str | None
+                                ) -> tuple[int, dict[str, Any]]:
+        """Ask the targeted clients' gateways to move flexible loads out of a window."""
+        start, end = _ts(body["window_start"]), _ts(body["window_end"])
+        if end <= start:
+            raise ValueError("window_end must be after window_start")
+        params = LoadShiftParams(start=body["window_start"], end=body["window_end"], reason=body.get("reason"))
+        return await self._client_request(who, Action.TRIGGER_LOAD_SHIFT, RequestKind.LOAD_SHIFT, body, key, params,
+                                          at=start, deadline=end)
+
+    async def create_load_reduction(self, who: Principal, body: dict[str, Any], key: str | None
+                                    ) -> tuple[int, dict[str, Any]]:
+        """Phase one of a load reduction: ask the retailers which targeted clients are available."""
+        start = _ts(body["start"])
+        end = start + body["duration_s"]
+        params = AvailabilityParams(start=body["start"], end=datetime.fromtimestamp(end, UTC),
+                                    reduction_kw=body["reduction_kw"])
+        return await self._client_request(
+            who, Action.TRIGGER_LOAD_REDUCTION, RequestKind.AVAILABILITY, body, key, params, at=start, deadline=end,
+            request_type="load_reduction",
+            extra={"phase": "availability", "phase_due": time.time() + body["respond_within_s"], "answered": 0})
+
+    async def _client_request(self, who: Principal, action: Action, kind: RequestKind, body: dict[str, Any],
+                              key: str | None, params: Params, *, at: float, deadline: float,
+                              request_type: str | None = None, extra: dict[str, Any] | None = None
+                              ) -> tuple[int, dict[str, Any]]:
+        t0 = time.perf_counter()
+        right = self.authorize(who, action)
+        earlier = await self._idempotent(who, key, body)
+        if earlier:
+            return earlier
+        if deadline <= time.time():
+            raise ValueError("the request would already be over: its end is in the past")
+        client_ids = await self._targets(body)
+        clients = await self._known_clients(client_ids)
+        by_retailer: dict[str, list[str]] = defaultdict(list)
+        unsupplied = []
+        for cid in client_ids:
+            rid = supplier_at(clients[cid]["suppliers"], at)
+            if rid is None:
+                unsupplied.append(cid)
+            else:
+                by_retailer[rid].append(cid)
+        if unsupplied:
+            raise Conflict(f"no retailer supplies {', '.join(unsupplied[:20])} at {iso(at)}")
+        request_id = new_id()
+        expires = datetime.fromtimestamp(deadline, UTC)
+        now = time.time()
+        entries = {cid: {"retailers": {rid: ClientState.PENDING.value}, "state": ClientState.PENDING.value,
+                         "detail": {}, "trace": {}, "updated_at": now}
+                   for rid, cids in by_retailer.items() for cid in cids}
         outbox = []
         for rid, cids in sorted(by_retailer.items()):
-            msg = Request(request_id=request_id, kind=RequestKind.EMERGENCY, client_ids=cids, params=params,
-                          expires_at=end)
-            outbox.append((msg.msg_id, rid, encode(msg)))
+            msg = Request(request_id=request_id, kind=kind, client_ids=cids, params=params, expires_at=expires)
+            outbox.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+        audit = [AuditEntry(str(who), cid, action.value, right, ref=request_id, at=now) for cid in client_ids]
+        return await self._create(who, key, body, request_id, request_type or kind.value, deadline, entries, outbox,
+                                  {}, audit, t0, extra={**(extra or {}), "targets": len(entries)})
+
+    async def finish_availability(self, request_id: str) -> None:
+        """Phase two of a load reduction: disconnect the most available clients until the reduction is covered."""
+        async with self.book.lock(request_id):
+            req = await self.store.get_request(request_id, ["r:", "c:"])
+            if req is None or req["meta"].get("phase") != "availability":
+                self.book.phases.pop(request_id, None)
+                return
+            meta = req["meta"]
+            self.book.phases.pop(request_id, None)
+            available = {cid: e.get("available_kw", 0.0) for cid, e in req["clients"].items()
+                         if e.get("availability") == "available"}
+            chosen = choose_for_reduction(available, meta["body"]["reduction_kw"])
+            now = time.time()
+            put: dict[str, Any] = {}
+            counts: dict[str, int] = defaultdict(int)
+            by_retailer: dict[str, list[str]] = defaultdict(list)
+            for cid, e in req["clients"].items():
+                if cid in chosen:
+                    rid = next(iter(e["retailers"]))
+                    e["retailers"][rid] = ClientState.PENDING.value
+                    e["state"] = ClientState.PENDING.value
+                    by_retailer[rid].append(cid)
+                elif e["state"] not in ("pending", "sent", "delivered"):
+                    pass
+                else:
+                    answer = e.get("availability")
+                    e["state"] = answer if answer in ("available", "unavailable") else ClientState.UNREACHABLE.value
+                    if answer is None:
+                        e["detail"] = {"reason": "no availability answer within respond_within_s"}
+                e["updated_at"] = now
+                counts[e["state"]] += 1
+                put[f"c:{cid}"] = e
+            selected_kw = round(sum(available[c] for c in chosen), 3)
+            params = LoadReductionParams(start=meta["body"]["start"], end=datetime.fromtimestamp(meta["deadline"], UTC),
+                                         target_kw=meta["body"]["reduction_kw"])
+            items = []
+            for rid, cids in sorted(by_retailer.items()):
+                msg = Request(request_id=request_id, kind=RequestKind.LOAD_REDUCTION, client_ids=cids, params=params,
+                              expires_at=datetime.fromtimestamp(meta["deadline"], UTC))
+                items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+            put.update({"r:phase": "dispatch", "r:counts": dict(counts),
+                        "r:selection": {"chosen": chosen, "selected_kw": selected_kw,
+                                        "reduction_kw": meta["body"]["reduction_kw"],
+                                        "covered": selected_kw >= meta["body"]["reduction_kw"]}})
+            if not chosen:
+                state = RequestState.COMPLETED if available else RequestState.FAILED
+                put.update({"r:state": state.value, "r:completed_at": now, "r:phase": "done"})
+                await self.book._write(request_id, put)
+                return
+            await self.book.add_messages(request_id, items, put)
+
+    async def cancel(self, who: Principal, request_id: str) -> dict[str, Any]:
+        """Cancel a request that has not ended; every retailer it was sent to is told, and so every home."""
+        req = await self.store.get_request(request_id, ["r:", "c:", "p:"])
+        if req is None:
+            raise NotFound(f"request {request_id!r} does not exist")
+        self.authorize(who, Action.CANCEL_REQUEST, Context(issuer=req["meta"]["issuer"]))
+        async with self.book.lock(request_id):
+            req = await self.store.get_request(request_id, ["r:", "c:", "p:"])
+            assert req is not None
+            meta = req["meta"]
+            if RequestState(meta["state"]).terminal:
+                raise Conflict(f"request {request_id} has already ended ({meta['state']})")
+            now = time.time()
+            put: dict[str, Any] = {}
+            reached: dict[str, list[str]] = defaultdict(list)
+            counts: dict[str, int] = defaultdict(int)
+            for cid, e in req["clients"].items():
+                for rid, st in e["retailers"].items():
+                    if st != ClientState.PENDING.value:
+                        reached[rid].append(cid)
+                if not ClientState(e["state"]).terminal:
+                    e["state"] = ClientState.CANCELLED.value
+                    e["updated_at"] = now
+                    put[f"c:{cid}"] = e
+                counts[e["state"]] += 1
+            dropped = [m for m, i in self.book.outbox.items() if i.request_id == request_id]
+            for m in dropped:
+                del self.book.outbox[m]
+            items = []
+            for rid, cids in sorted(reached.items()):
+                msg = Cancel(request_id=request_id, client_ids=cids)
+                items.append(OutboxItem(msg.msg_id, request_id, rid, "cancel", encode(msg), []))
+            put.update({"r:state": RequestState.CANCELLED.value, "r:completed_at": now, "r:phase": "done",
+                        "r:counts": dict(counts), "r:cancel": {"requested_at": now, "retailers": {}}})
+            self.book.deadlines.pop(request_id, None)
+            self.book.phases.pop(request_id, None)
+            await self.store.update_request(request_id, {**put, **{f"o:{i.msg_id}": i.stored() for i in items}},
+                                            [f"o:{m}" for m in dropped] or None, close=not items)
+            for item in items:
+                self.book.outbox[item.msg_id] = item
+            self.book.kick()
+        self.metrics.requests_finished.labels(meta["type"], "cancelled").inc()
+        return {"request_id": request_id, "state": RequestState.CANCELLED.value,
+                "cancel_sent_to": sorted(reached)}
+
+    # -- shared ---------------------------------------------------------------------------------------------
+
+    async def _idempotent(self, who: Principal, key: str | None, body: dict[str, Any]
+                          ) -> tuple[int, dict[str, Any]] | None:
+        if not key:
+            return None
+        earlier = await self.store.idempotent_answer(str(who), key)
+        if earlier is None:
+            return None
+        if earlier[0] != body_hash(body):
+            raise IdempotencyConflict(f"Idempotency-Key {key!r} was already used with a different body")
+        return earlier[1], earlier[2]
+
+    async def _create(self, who: Principal, key: str | None, body: dict[str, Any], request_id: str, kind: str,
+                      deadline: float, clients: dict[str, dict[str, Any]], outbox: list[OutboxItem],
+                      parties: dict[str, dict[str, Any]], audit: list[AuditEntry], t0: float,
+                      extra: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
         now = time.time()
         answer = {"request_id": request_id, "state": RequestState.ACCEPTED.value}
-        stored_body = {**body, "start": start.isoformat(), "client_ids": client_ids}
-        req = NewRequest(
-            request_id=request_id, type="emergency", issuer=str(who), body=stored_body, created_at=now,
-            deadline=end.timestamp(), clients=[(c, suppliers[c] or "") for c in client_ids], outbox=outbox,
-            audit=[AuditEntry(str(who), c, "trigger_emergency", right, ref=request_id, at=now) for c in client_ids],
-            hub_ms=(time.perf_counter() - t0) * 1000,
-            idempotency=(str(who), idempotency_key, digest, 202, answer) if idempotency_key else None,
-        )
+        meta = {"type": kind, "issuer": str(who), "body": json.loads(json.dumps(body, default=str)),
+                "created_at": now, "deadline": deadline, "hub_ms": round((time.perf_counter() - t0) * 1000, 3),
+                **(extra or {})}
+        idem = (str(who), key, body_hash(body), 202, answer) if key else None
         t_store = time.perf_counter()
-        await self.store.create_request(req)
-        self.relay.storage_ms[request_id] = (time.perf_counter() - t_store) * 1000
-        self.relay.kick()
-        self.metrics.requests_created.labels("emergency").inc()
-        self.metrics.accept_seconds.labels("emergency").observe(time.perf_counter() - t0)
+        await self.book.create(request_id, meta, clients, outbox, parties, audit, idem)
+        self.storage_ms[request_id] = round((time.perf_counter() - t_store) * 1000, 3)
+        if len(self.storage_ms) > 20_000:
+            self.storage_ms.pop(next(iter(self.storage_ms)))
+        self.metrics.requests_created.labels(kind).inc()
+        self.metrics.accept_seconds.labels(kind).observe(time.perf_counter() - t0)
         return 202, answer
 
     async def _targets(self, body: dict[str, Any]) -> list[str]:
@@ -168,36 +448,79 @@ class HubService:
         req = await self.store.get_request(request_id)
         if req is None:
             raise NotFound(f"request {request_id!r} does not exist")
-        self.authorize(who, Action.READ_REQUEST, Context(issuer=req["issuer"]))
+        meta = req["meta"]
+        self.authorize(who, Action.READ_REQUEST, Context(issuer=meta["issuer"]))
         retailers: dict[str, dict[str, Any]] = {}
         clients: dict[str, dict[str, Any]] = {}
         sums: dict[str, list[float]] = defaultdict(list)
-        for c in req["clients"]:
-            r = retailers.setdefault(c["retailer_id"], {"clients": 0, "states": {}})
-            r["clients"] += 1
-            r["states"][c["state"]] = r["states"].get(c["state"], 0) + 1
-            clients[c["client_id"]] = {"state": c["state"], "retailer_id": c["retailer_id"], "detail": c["detail"],
-                                       "trace": c["trace"], "updated_at": _iso(c["updated_at"])}
+        for cid, c in sorted(req["clients"].items()):
+            for rid in c["retailers"]:
+                r = retailers.setdefault(rid, {"clients": 0, "states": {}})
+                r["clients"] += 1
+                r["states"][c["state"]] = r["states"].get(c["state"], 0) + 1
+            clients[cid] = {"state": c["state"], "retailer_id": next(iter(c["retailers"])),
+                            "retailers": c["retailers"], "detail": c.get("detail", {}), "trace": c.get("trace", {}),
+                            "updated_at": iso(c["updated_at"])}
+            if "available_kw" in c:
+                clients[cid]["available_kw"] = c["available_kw"]
             for k in ("retailer_ms", "gateway_ms", "total_ms"):
-                if k in c["trace"]:
+                if k in c.get("trace", {}):
                     sums[k].append(float(c["trace"][k]))
-        storage_ms = self.relay.storage_ms.get(request_id, req["storage_ms"])
-        trace: dict[str, Any] = {"hub_ms": round(req["hub_ms"], 3), "storage_ms": round(storage_ms, 3)}
-        if req["first_dispatch_at"] is not None:
-            trace["dispatch_ms"] = round((req["first_dispatch_at"] - req["created_at"]) * 1000, 3)
+        for rid, p in sorted(req["parties"].items()):
+            retailers[rid] = {"state": p["state"], "updated_at": iso(p["updated_at"])}
+        trace: dict[str, Any] = {"hub_ms": meta["hub_ms"],
+                                 "storage_ms": self.storage_ms.get(request_id, meta.get("storage_ms", 0.0))}
+        if meta.get("first_dispatch_at") is not None:
+            trace["dispatch_ms"] = round((meta["first_dispatch_at"] - meta["created_at"]) * 1000, 3)
         for k, values in sums.items():
             trace[k] = round(sum(values) / len(values), 3)
             trace[k.replace("_ms", "_max_ms")] = round(max(values), 3)
-        if req["completed_at"] is not None:
-            trace["completion_ms"] = round((req["completed_at"] - req["created_at"]) * 1000, 3)
-        return {
-            "request_id": request_id,
-            "type": req["type"],
-            "state": req["state"],
-            "created_at": _iso(req["created_at"]),
-            "completed_at": _iso(req["completed_at"]),
-            "request": req["body"],
-            "retailers": retailers,
-            "clients": clients,
-            "trace": trace,
-        }
+        if meta.get("completed_at") is not None:
+            trace["completion_ms"] = round((meta["completed_at"] - meta["created_at"]) * 1000, 3)
+        out = {"request_id": request_id, "type": meta["type"], "state": meta["state"],
+               "created_at": iso(meta["created_at"]), "completed_at": iso(meta.get("completed_at")),
+               "deadline": iso(meta["deadline"]), "request": meta["body"], "retailers": retailers,
+               "clients": clients, "trace": trace}
+        for k in ("selection", "version"):
+            if k in meta:
+                out[k] = meta[k]
+        if "cancel" in meta:
+            out["cancel"] = {"requested_at": iso(meta["cancel"]["requested_at"]),
+                             "acknowledged_by": {r: iso(t) for r, t in meta["cancel"]["retailers"].items()}}
+        return out
+
+    # -- measurements and audit -------------------------------------------------------------------------------
+
+    async def accept_measurements(self, retailer_id: str, msg: Measurements) -> list[str]:
+        """Store the measurements a retailer may send (its own clients at that time); returns refused clients."""
+        who = Principal("retailer", retailer_id)
+        clients = await self.store.get_clients(sorted({m.client_id for m in msg.items}))
+        ok, refused = [], []
+        for m in msg.items:
+            c = clients.get(m.client_id)
+            supplier = supplier_at(c["suppliers"], m.at.timestamp()) if c else None
+            if decide(who, Action.SEND_MEASUREMENT, Context(supplier_at_time=supplier)).allowed:
+                ok.append((m.client_id, m.at.timestamp(), m.active_power_kw, retailer_id))
+            else:
+                refused.append(m.client_id)
+        if ok:
+            await self.store.put_measurements(ok)
+        return sorted(set(refused))
+
+    async def get_measurements(self, who: Principal, client_id: str, start: float, end: float) -> dict[str, Any]:
+        """A client's active-power series (DSO)."""
+        self.authorize(who, Action.READ_MEASUREMENTS)
+        if await self.store.get_client(client_id) is None:
+            raise NotFound(f"client {client_id!r} is not registered")
+        await self._authorize_logged(who, Action.READ_MEASUREMENTS, client_id)
+        series = await self.store.measurements(client_id, start, end)
+        return {"client_id": client_id, "from": iso(start), "to": iso(end),
+                "series": [{"at": iso(s["at"]), "active_power_kw": s["active_power_kw"],
+                            "retailer_id": s["retailer_id"]} for s in series]}
+
+    async def get_audit(self, who: Principal, client_id: str, start: float, end: float) -> dict[str, Any]:
+        """The data access log of one client (DSO)."""
+        self.authorize(who, Action.READ_AUDIT)
+        entries = await self.store.get_audit(client_id, start, end)
+        return {"client_id": client_id, "from": iso(start), "to": iso(end),
+                "entries": [{**e, "at": iso(e["at"])} for e in entries]}

@@ -1,69 +1,49 @@
-"""The hub's embedded store: SQLite in WAL mode with ``synchronous=FULL``, so a commit survives ``kill -9``.
+"""The hub's data on the HBase-shaped store: row keys and cells of every table (``docs/storage.md``).
 
-All SQL runs on one dedicated thread (:class:`mhp_wire.sqlite.SqliteThread`). Times are stored as float epoch
-seconds (UTC). A storage failure becomes
-:class:`StoreUnavailable`, which the HTTP layer answers with 503.
+Every query costs in proportion to its own answer: a client is one row (with its supplier periods as cells), a
+request is one row (with a cell per targeted client and per outbox message), a consumption profile or a
+measurement series is one prefix scan of ``client_id|time``, the audit of a client one prefix scan.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from cloud_hub.lifecycle import RequestState, may_move, request_state, state_after_deadline
-from mhp_wire.messages import ClientState
-from mhp_wire.sqlite import SqliteThread, StorageError
+from cloud_hub.storage import KVStore, Mutation, Row, StoreUnavailable
+from cloud_hub.storage.sqlite import SqliteKV
 
-T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS retailers (
-    retailer_id TEXT PRIMARY KEY, name TEXT NOT NULL, created_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS clients (
-    client_id TEXT PRIMARY KEY, contracted_power_kw REAL NOT NULL, feeder_id TEXT, created_at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS clients_feeder ON clients(feeder_id);
-CREATE TABLE IF NOT EXISTS supplier_periods (
-    client_id TEXT NOT NULL, valid_from REAL NOT NULL, retailer_id TEXT NOT NULL,
-    PRIMARY KEY (client_id, valid_from));
-CREATE TABLE IF NOT EXISTS requests (
-    request_id TEXT PRIMARY KEY, type TEXT NOT NULL, issuer TEXT NOT NULL, state TEXT NOT NULL,
-    body TEXT NOT NULL, created_at REAL NOT NULL, deadline REAL NOT NULL, completed_at REAL,
-    first_dispatch_at REAL, hub_ms REAL NOT NULL DEFAULT 0, storage_ms REAL NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS requests_open ON requests(state, deadline);
-CREATE TABLE IF NOT EXISTS request_clients (
-    request_id TEXT NOT NULL, client_id TEXT NOT NULL, retailer_id TEXT NOT NULL, state TEXT NOT NULL,
-    detail TEXT NOT NULL DEFAULT '{}', trace TEXT NOT NULL DEFAULT '{}', updated_at REAL NOT NULL,
-    PRIMARY KEY (request_id, client_id));
-CREATE TABLE IF NOT EXISTS outbox (
-    msg_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, retailer_id TEXT NOT NULL, payload BLOB NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, deadline REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_attempt_at);
-CREATE TABLE IF NOT EXISTS idempotency (
-    principal TEXT NOT NULL, key TEXT NOT NULL, body_hash TEXT NOT NULL, status INTEGER NOT NULL,
-    response TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (principal, key));
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, principal TEXT NOT NULL, client_id TEXT NOT NULL,
-    action TEXT NOT NULL, right TEXT NOT NULL, allowed INTEGER NOT NULL, ref TEXT);
-CREATE INDEX IF NOT EXISTS audit_client ON audit(client_id, at);
-"""
-
-
-class StoreUnavailable(Exception):
-    """The storage cannot be used right now (locked, read-only, gone); nothing was half-written."""
+__all__ = ["AuditEntry", "Conflict", "HubStore", "StoreUnavailable", "ms", "tkey"]
 
 
 class Conflict(Exception):
     """The write contradicts what is stored (HTTP 409)."""
 
 
+def ms(ts: float) -> int:
+    """Epoch seconds to integer milliseconds."""
+    return round(ts * 1000)
+
+
+def tkey(ts: float) -> str:
+    """A time as a fixed-width row-key part that sorts in time order (ms since the epoch, 15 digits)."""
+    return f"{max(0, ms(ts)):015d}"
+
+
+def _j(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode()
+
+
+def _u(raw: bytes | None, default: Any = None) -> Any:
+    return default if raw is None else json.loads(raw)
+
+
 @dataclass(slots=True)
 class AuditEntry:
-    """One line of the data access log."""
+    """One line of the data access log: who read or triggered what, for which client, under which right."""
 
     principal: str
     client_id: str
@@ -74,436 +54,238 @@ class AuditEntry:
     at: float = field(default_factory=time.time)
 
 
-@dataclass(slots=True)
-class NewRequest:
-    """Everything stored, in one transaction, when a request is accepted."""
-
-    request_id: str
-    type: str
-    issuer: str
-    body: dict[str, Any]
-    created_at: float
-    deadline: float
-    clients: list[tuple[str, str]]
-    """``(client_id, retailer_id)`` pairs: the retailer is the client's supplier at the time the action refers to."""
-    outbox: list[tuple[str, str, bytes]]
-    """``(msg_id, retailer_id, payload)``: one message per addressed retailer."""
-    audit: list[AuditEntry]
-    hub_ms: float = 0.0
-    idempotency: tuple[str, str, str, int, dict[str, Any]] | None = None
-    """``(principal, key, body_hash, status, response)``."""
+_seq = 0
 
 
-@dataclass(slots=True)
-class OutcomeResult:
-    """What recording one client outcome changed."""
-
-    known: bool
-    addressed_retailer: str | None = None
-    changed: bool = False
-    request_state: RequestState | None = None
+def audit_mutation(e: AuditEntry) -> Mutation:
+    """The audit row of one entry (key ``client_id|time|seq``: one client's log is one prefix scan)."""
+    global _seq
+    _seq = (_seq + 1) % 1_000_000
+    return Mutation("audit", f"{e.client_id}|{tkey(e.at)}|{_seq:06d}", {
+        "a:principal": e.principal.encode(), "a:action": e.action.encode(), "a:right": e.right.encode(),
+        "a:allowed": b"1" if e.allowed else b"0", "a:ref": (e.ref or "").encode(), "a:at": _j(e.at)})
 
 
 class HubStore:
-    """The hub's durable state. Open with :meth:`open`, close with :meth:`close`."""
+    """Registry, requests, readings, measurements, tariffs and the access log of the hub."""
 
-    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 2000) -> None:
-        self.path = str(path)
-        self._sql = SqliteThread(path, SCHEMA, busy_timeout_ms=busy_timeout_ms, name="hub-store")
+    def __init__(self, kv: KVStore) -> None:
+        self.kv = kv
 
-    @property
-    def storage_seconds(self) -> float:
-        """Seconds spent in storage operations since start."""
-        return self._sql.busy_seconds
+    @classmethod
+    def embedded(cls, path: Path | str) -> HubStore:
+        """The default: the embedded SQLite backend."""
+        return cls(SqliteKV(path))
 
     async def open(self) -> None:
-        """Open (and create) the database."""
-        await self._guard(self._sql.open())
+        """Open the backend (creating tables)."""
+        await self.kv.open()
 
     async def close(self) -> None:
-        """Close the database and its thread."""
-        await self._sql.close()
-
-    @staticmethod
-    async def _guard(aw: Awaitable[T]) -> T:
-        try:
-            return await aw
-        except StorageError as exc:
-            raise StoreUnavailable(str(exc)) from exc
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._guard(self._sql.call(fn, *args))
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        return self._sql.db
-
-    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return self._sql._tx(fn)
-
-    # -- health -------------------------------------------------------------------------------------------
+        """Close the backend."""
+        await self.kv.close()
 
     async def ping(self) -> None:
-        """Raise :class:`StoreUnavailable` unless the database answers and accepts writes."""
-
-        def check() -> None:
-            self._tx(lambda db: db.execute("CREATE TABLE IF NOT EXISTS ping (x)"))
-
-        await self._call(check)
+        """Raise :class:`StoreUnavailable` unless storage accepts writes."""
+        await self.kv.ping()
 
     # -- registry -----------------------------------------------------------------------------------------
 
     async def put_retailer(self, retailer_id: str, name: str) -> bool:
         """Create or rename a retailer; True when it is new."""
-
-        def op(db: sqlite3.Connection) -> bool:
-            cur = db.execute("UPDATE retailers SET name=? WHERE retailer_id=?", (name, retailer_id))
-            if cur.rowcount:
-                return False
-            db.execute("INSERT INTO retailers VALUES (?,?,?)", (retailer_id, name, time.time()))
-            return True
-
-        return await self._call(self._tx, op)
+        existing = await self.kv.get("retailers", retailer_id, ["d:name"])
+        await self.kv.batch([Mutation("retailers", retailer_id, {
+            "d:name": name.encode(), **({} if existing else {"d:created_at": _j(time.time())})})])
+        return not existing
 
     async def get_retailer(self, retailer_id: str) -> dict[str, Any] | None:
         """A retailer, or None."""
+        row = await self.kv.get("retailers", retailer_id)
+        return {"retailer_id": retailer_id, "name": row["d:name"].decode()} if row else None
 
-        def op() -> dict[str, Any] | None:
-            row = self.db.execute("SELECT * FROM retailers WHERE retailer_id=?", (retailer_id,)).fetchone()
-            return dict(row) if row else None
+    async def retailer_ids(self) -> list[str]:
+        """Every registered retailer."""
+        return [r for r, _ in await self.kv.scan("retailers", columns=["d:name"])]
 
-        return await self._call(op)
-
-    async def put_client(
-        self, client_id: str, retailer_id: str, contracted_power_kw: float, feeder_id: str | None, valid_from: float
-    ) -> bool:
-        """Create or update a client; a different retailer from ``valid_from`` on is a supplier switch.
-
-        Returns True when the client is new. Raises :class:`Conflict` for a switch dated before the current
-        supplier's period began, or an unknown retailer.
-        """
-
-        def op(db: sqlite3.Connection) -> bool:
-            if not db.execute("SELECT 1 FROM retailers WHERE retailer_id=?", (retailer_id,)).fetchone():
-                raise Conflict(f"retailer {retailer_id!r} is not registered")
-            row = db.execute("SELECT 1 FROM clients WHERE client_id=?", (client_id,)).fetchone()
-            now = time.time()
-            if row is None:
-                db.execute("INSERT INTO clients VALUES (?,?,?,?)", (client_id, contracted_power_kw, feeder_id, now))
-                db.execute("INSERT INTO supplier_periods VALUES (?,?,?)", (client_id, valid_from, retailer_id))
-                return True
-            db.execute(
-                "UPDATE clients SET contracted_power_kw=?, feeder_id=? WHERE client_id=?",
-                (contracted_power_kw, feeder_id, client_id),
-            )
-            last = db.execute(
-                "SELECT valid_from, retailer_id FROM supplier_periods WHERE client_id=? "
-                "ORDER BY valid_from DESC LIMIT 1",
-                (client_id,),
-            ).fetchone()
-            if last["retailer_id"] != retailer_id:
-                if valid_from <= last["valid_from"]:
-                    raise Conflict(
-                        f"client {client_id!r} is supplied by {last['retailer_id']!r} since "
-                        f"{last['valid_from']}; a supplier switch needs a later valid_from"
-                    )
-                db.execute("INSERT INTO supplier_periods VALUES (?,?,?)", (client_id, valid_from, retailer_id))
-            return False
-
-        return await self._call(self._tx, op)
+    @staticmethod
+    def _client(client_id: str, row: Row) -> dict[str, Any]:
+        periods = sorted((int(c[2:]) / 1000, v.decode()) for c, v in row.items() if c.startswith("s:"))
+        return {"client_id": client_id, "contracted_power_kw": _u(row.get("d:contracted_power_kw")),
+                "feeder_id": _u(row.get("d:feeder_id")),
+                "suppliers": [{"valid_from": f, "retailer_id": r} for f, r in periods]}
 
     async def get_client(self, client_id: str) -> dict[str, Any] | None:
-        """A client with its supplier history (oldest first), or None."""
+        """A client with its supplier periods (oldest first), or None."""
+        row = await self.kv.get("clients", client_id)
+        return self._client(client_id, row) if row else None
 
-        def op() -> dict[str, Any] | None:
-            row = self.db.execute("SELECT * FROM clients WHERE client_id=?", (client_id,)).fetchone()
-            if row is None:
-                return None
-            periods = self.db.execute(
-                "SELECT valid_from, retailer_id FROM supplier_periods WHERE client_id=? ORDER BY valid_from",
-                (client_id,),
-            ).fetchall()
-            out = dict(row)
-            out["suppliers"] = [dict(p) for p in periods]
-            return out
+    async def get_clients(self, client_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Several clients at once; unknown ones are absent."""
+        rows = await self.kv.get_many("clients", client_ids)
+        return {cid: self._client(cid, row) for cid, row in rows.items()}
 
-        return await self._call(op)
-
-    async def suppliers_at(self, client_ids: Iterable[str], at: float) -> dict[str, str | None]:
-        """Each client's supplier at time ``at`` (None for an unknown client or a time before its first supply)."""
-        ids = list(client_ids)
-
-        def op() -> dict[str, str | None]:
-            out: dict[str, str | None] = {}
-            for cid in ids:
-                row = self.db.execute(
-                    "SELECT retailer_id FROM supplier_periods WHERE client_id=? AND valid_from<=? "
-                    "ORDER BY valid_from DESC LIMIT 1",
-                    (cid, at),
-                ).fetchone()
-                known = row is not None or self.db.execute(
-                    "SELECT 1 FROM clients WHERE client_id=?", (cid,)
-                ).fetchone()
-                out[cid] = row["retailer_id"] if row else None
-                if not known:
-                    out.pop(cid)
-            return out
-
-        return await self._call(op)
+    async def put_client(self, client_id: str, retailer_id: str, contracted_power_kw: float,
+                         feeder_id: str | None, valid_from: float) -> bool:
+        """Create or update a client; a different retailer from a later ``valid_from`` is a supplier switch."""
+        old = await self.get_client(client_id)
+        muts = []
+        cells: Row = {"d:contracted_power_kw": _j(contracted_power_kw), "d:feeder_id": _j(feeder_id)}
+        if old is None:
+            cells["d:created_at"] = _j(time.time())
+            cells[f"s:{tkey(valid_from)}"] = retailer_id.encode()
+        else:
+            last = old["suppliers"][-1]
+            if last["retailer_id"] != retailer_id:
+                if valid_from <= last["valid_from"]:
+                    raise Conflict(f"client {client_id!r} is supplied by {last['retailer_id']!r} since "
+                                   f"{_iso(last['valid_from'])}; a supplier switch needs a later valid_from")
+                cells[f"s:{tkey(valid_from)}"] = retailer_id.encode()
+            if old["feeder_id"] and old["feeder_id"] != feeder_id:
+                muts.append(Mutation("feeders", f"{old['feeder_id']}|{client_id}", delete=[]))
+        if feeder_id:
+            muts.append(Mutation("feeders", f"{feeder_id}|{client_id}", {"d:x": b"1"}))
+        await self.kv.batch([Mutation("clients", client_id, cells), *muts])
+        return old is None
 
     async def clients_on_feeder(self, feeder_id: str) -> list[str]:
         """The clients registered on a feeder."""
-
-        def op() -> list[str]:
-            rows = self.db.execute("SELECT client_id FROM clients WHERE feeder_id=? ORDER BY client_id", (feeder_id,))
-            return [r[0] for r in rows]
-
-        return await self._call(op)
+        return [r.split("|", 1)[1] for r, _ in await self.kv.scan("feeders", prefix=f"{feeder_id}|")]
 
     # -- requests -----------------------------------------------------------------------------------------
 
     async def idempotent_answer(self, principal: str, key: str) -> tuple[str, int, dict[str, Any]] | None:
-        """``(body_hash, status, response)`` stored for this principal's ``Idempotency-Key``, or None."""
+        """``(body_hash, status, answer)`` stored for this principal's ``Idempotency-Key``, or None."""
+        row = await self.kv.get("idempotency", f"{principal}|{key}")
+        if not row:
+            return None
+        return row["d:hash"].decode(), int(row["d:status"]), _u(row["d:answer"])
 
-        def op() -> tuple[str, int, dict[str, Any]] | None:
-            row = self.db.execute(
-                "SELECT body_hash, status, response FROM idempotency WHERE principal=? AND key=?", (principal, key)
-            ).fetchone()
-            return (row[0], row[1], json.loads(row[2])) if row else None
+    async def create_request(self, request_id: str, meta: dict[str, Any], clients: dict[str, dict[str, Any]],
+                             outbox: dict[str, dict[str, Any]], parties: dict[str, dict[str, Any]],
+                             audit: list[AuditEntry],
+                             idempotency: tuple[str, str, str, int, dict[str, Any]] | None) -> None:
+        """Store a new request. Rows in crash-safe order: the open index, the request row (atomic), the
+        idempotency answer, the audit lines; a restart ignores an index entry without its request row."""
+        cells: Row = {f"r:{k}": _j(v) for k, v in meta.items()}
+        cells.update({f"c:{cid}": _j(e) for cid, e in clients.items()})
+        cells.update({f"o:{mid}": _j(m) for mid, m in outbox.items()})
+        cells.update({f"p:{rid}": _j(p) for rid, p in parties.items()})
+        muts = [Mutation("open_requests", request_id, {"d:deadline": _j(meta["deadline"])}),
+                Mutation("requests", request_id, cells)]
+        if idempotency:
+            principal, key, digest, status, answer = idempotency
+            muts.append(Mutation("idempotency", f"{principal}|{key}", {
+                "d:hash": digest.encode(), "d:status": str(status).encode(), "d:answer": _j(answer)}))
+        muts += [audit_mutation(e) for e in audit]
+        await self.kv.batch(muts)
 
-        return await self._call(op)
+    async def get_request(self, request_id: str, families: list[str] | None = None) -> dict[str, Any] | None:
+        """A request as ``{"meta", "clients", "outbox", "parties"}`` (only the families asked), or None."""
+        row = await self.kv.get("requests", request_id, families)
+        if not row:
+            return None
+        out: dict[str, Any] = {"meta": {}, "clients": {}, "outbox": {}, "parties": {}}
+        names = {"r": "meta", "c": "clients", "o": "outbox", "p": "parties"}
+        for col, raw in row.items():
+            fam, _, qual = col.partition(":")
+            out[names[fam]][qual] = _u(raw)
+        return out
 
-    async def create_request(self, req: NewRequest) -> None:
-        """Store a request, its clients, its outbox, its audit lines and its idempotency answer atomically."""
+    async def get_request_cells(self, request_id: str, columns: list[str]) -> dict[str, Any]:
+        """Some cells of a request, decoded: ``{"c:<client>": {...}, "r:counts": {...}}``."""
+        row = await self.kv.get("requests", request_id, columns)
+        return {c: _u(v) for c, v in row.items()}
 
-        def op(db: sqlite3.Connection) -> None:
-            t0 = time.perf_counter()
-            db.execute(
-                "INSERT INTO requests (request_id, type, issuer, state, body, created_at, deadline, hub_ms) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (req.request_id, req.type, req.issuer, RequestState.ACCEPTED.value, json.dumps(req.body),
-                 req.created_at, req.deadline, req.hub_ms),
-            )
-            db.executemany(
-                "INSERT INTO request_clients (request_id, client_id, retailer_id, state, updated_at) "
-                "VALUES (?,?,?,?,?)",
-                [(req.request_id, c, r, ClientState.PENDING.value, req.created_at) for c, r in req.clients],
-            )
-            db.executemany(
-                "INSERT INTO outbox (msg_id, request_id, retailer_id, payload, next_attempt_at, deadline) "
-                "VALUES (?,?,?,?,?,?)",
-                [(m, req.request_id, r, p, 0.0, req.deadline) for m, r, p in req.outbox],
-            )
-            self._insert_audit(db, req.audit)
-            if req.idempotency:
-                principal, key, body_hash, status, response = req.idempotency
-                db.execute(
-                    "INSERT INTO idempotency VALUES (?,?,?,?,?,?)",
-                    (principal, key, body_hash, status, json.dumps(response), req.created_at),
-                )
-            db.execute(
-                "UPDATE requests SET storage_ms=? WHERE request_id=?",
-                ((time.perf_counter() - t0) * 1000, req.request_id),
-            )
+    async def update_request(self, request_id: str, put: dict[str, Any], delete: list[str] | None = None,
+                             audit: list[AuditEntry] | None = None, close: bool = False) -> None:
+        """Write cells of one request row atomically (``put`` maps ``family:qualifier`` to JSON-able values);
+        ``close`` drops it from the open index afterwards."""
+        muts = [Mutation("requests", request_id, {c: _j(v) for c, v in put.items()}, delete=delete or None)]
+        muts += [audit_mutation(e) for e in audit or []]
+        if close:
+            muts.append(Mutation("open_requests", request_id, delete=[]))
+        await self.kv.batch(muts)
 
-        await self._call(self._tx, op)
+    async def open_request_ids(self) -> list[str]:
+        """Requests that have not ended, or still have messages to deliver."""
+        return [r for r, _ in await self.kv.scan("open_requests")]
 
-    async def get_request(self, request_id: str) -> dict[str, Any] | None:
-        """A request with its clients, or None."""
+    # -- meter readings -----------------------------------------------------------------------------------
 
-        def op() -> dict[str, Any] | None:
-            row = self.db.execute("SELECT * FROM requests WHERE request_id=?", (request_id,)).fetchone()
-            if row is None:
-                return None
-            out = dict(row)
-            out["body"] = json.loads(out["body"])
-            out["clients"] = [
-                {**dict(r), "detail": json.loads(r["detail"]), "trace": json.loads(r["trace"])}
-                for r in self.db.execute(
-                    "SELECT client_id, retailer_id, state, detail, trace, updated_at FROM request_clients "
-                    "WHERE request_id=? ORDER BY client_id",
-                    (request_id,),
-                )
-            ]
-            return out
+    async def put_readings(self, blocks: list[dict[str, Any]]) -> tuple[int, int]:
+        """Store reading blocks (row ``client|start``); a block for an interval already stored is a correction.
+        Returns ``(stored, corrections)``."""
+        keys = [f"{b['client_id']}|{tkey(b['start'])}" for b in blocks]
+        existing = await self.kv.get_many("readings", keys, ["r:version"])
+        muts, corrections = [], 0
+        for key, b in zip(keys, blocks, strict=True):
+            version = int(existing[key]["r:version"]) + 1 if key in existing else 1
+            corrections += version > 1
+            muts.append(Mutation("readings", key, {
+                "r:start": _j(b["start"]), "r:resolution_s": _j(b["resolution_s"]), "r:values": _j(b["values_kwh"]),
+                "r:quality": b["quality"].encode(), "r:version": str(version).encode(),
+                "r:uploaded_at": _j(time.time())}))
+        await self.kv.batch(muts)
+        return len(blocks), corrections
 
-        return await self._call(op)
+    async def readings(self, client_id: str, start: float, end: float, lookback_s: float = 86_400 * 31
+                       ) -> list[dict[str, Any]]:
+        """Reading blocks of a client that may overlap ``[start, end)`` (one range scan of its rows)."""
+        rows = await self.kv.scan("readings", start=f"{client_id}|{tkey(start - lookback_s)}",
+                                  stop=f"{client_id}|{tkey(end)}")
+        out = []
+        for _, r in rows:
+            b = {"start": _u(r["r:start"]), "resolution_s": _u(r["r:resolution_s"]), "values_kwh": _u(r["r:values"]),
+                 "quality": r["r:quality"].decode(), "version": int(r["r:version"]),
+                 "uploaded_at": _u(r["r:uploaded_at"])}
+            if b["start"] + b["resolution_s"] * len(b["values_kwh"]) > start:
+                out.append(b)
+        return out
 
-    async def due_outbox(self, now: float, limit: int = 500) -> list[dict[str, Any]]:
-        """Outbox messages whose next attempt is due."""
+    # -- measurements -------------------------------------------------------------------------------------
 
-        def op() -> list[dict[str, Any]]:
-            rows = self.db.execute(
-                "SELECT * FROM outbox WHERE next_attempt_at<=? ORDER BY next_attempt_at LIMIT ?", (now, limit)
-            )
-            return [dict(r) for r in rows]
+    async def put_measurements(self, items: list[tuple[str, float, float, str]]) -> None:
+        """Store ``(client_id, at, active_power_kw, retailer_id)`` items (idempotent: the key is client|time)."""
+        await self.kv.batch([Mutation("measurements", f"{cid}|{tkey(at)}", {
+            "m:kw": _j(kw), "m:retailer": rid.encode()}) for cid, at, kw, rid in items])
 
-        return await self._call(op)
+    async def measurements(self, client_id: str, start: float, end: float) -> list[dict[str, Any]]:
+        """A client's active-power series in ``[start, end)``."""
+        rows = await self.kv.scan("measurements", start=f"{client_id}|{tkey(start)}", stop=f"{client_id}|{tkey(end)}")
+        return [{"at": int(r.split("|")[1]) / 1000, "active_power_kw": _u(c["m:kw"]),
+                 "retailer_id": c["m:retailer"].decode()} for r, c in rows]
 
-    async def next_outbox_due(self) -> float | None:
-        """When the next outbox message is due, or None when the outbox is empty."""
+    # -- tariffs ------------------------------------------------------------------------------------------
 
-        def op() -> float | None:
-            row = self.db.execute("SELECT MIN(next_attempt_at) FROM outbox").fetchone()
-            return row[0]
+    async def put_tariff(self, tariff: dict[str, Any]) -> int:
+        """Store a new version of a tariff and make it the current one; returns its version."""
+        version = await self.kv.increment("tariffs", tariff["tariff_id"], "t:version")
+        stored = {**tariff, "version": version}
+        await self.kv.batch([Mutation("tariffs", tariff["tariff_id"], {f"t:v{version:09d}": _j(stored)}),
+                             Mutation("tariffs", "~current", {"t:tariff": _j(stored)})])
+        return version
 
-        return await self._call(op)
-
-    async def mark_sent(self, sent: list[tuple[str, str, str, float]], now: float) -> None:
-        """Record attempts ``(msg_id, request_id, retailer_id, next_attempt_at)``; pending clients become sent."""
-
-        def op(db: sqlite3.Connection) -> None:
-            for msg_id, request_id, retailer_id, next_at in sent:
-                db.execute(
-                    "UPDATE outbox SET attempts=attempts+1, next_attempt_at=? WHERE msg_id=?", (next_at, msg_id)
-                )
-                db.execute(
-                    "UPDATE request_clients SET state=?, updated_at=? WHERE request_id=? AND retailer_id=? AND state=?",
-                    (ClientState.SENT.value, now, request_id, retailer_id, ClientState.PENDING.value),
-                )
-                db.execute(
-                    "UPDATE requests SET state=?, first_dispatch_at=COALESCE(first_dispatch_at, ?) "
-                    "WHERE request_id=? AND state=?",
-                    (RequestState.DISPATCHING.value, now, request_id, RequestState.ACCEPTED.value),
-                )
-
-        await self._call(self._tx, op)
-
-    async def ack_outbox(self, retailer_id: str, msg_ids: list[str]) -> int:
-        """Drop messages the retailer acknowledged (only its own); returns how many were dropped."""
-
-        def op(db: sqlite3.Connection) -> int:
-            n = 0
-            for m in msg_ids:
-                n += db.execute("DELETE FROM outbox WHERE msg_id=? AND retailer_id=?", (m, retailer_id)).rowcount
-            return n
-
-        return await self._call(self._tx, op)
-
-    def _refresh_request(self, db: sqlite3.Connection, request_id: str, now: float) -> RequestState:
-        row = db.execute("SELECT state FROM requests WHERE request_id=?", (request_id,)).fetchone()
-        current = RequestState(row["state"])
-        states = [
-            ClientState(r[0]) for r in db.execute("SELECT state FROM request_clients WHERE request_id=?", (request_id,))
-        ]
-        new = request_state(current, states)
-        if new is not current:
-            db.execute(
-                "UPDATE requests SET state=?, completed_at=? WHERE request_id=?",
-                (new.value, now if new.terminal else None, request_id),
-            )
-            if new.terminal:
-                db.execute("DELETE FROM outbox WHERE request_id=?", (request_id,))
-        return new
-
-    async def addressed_retailer(self, request_id: str, client_id: str) -> str | None:
-        """The retailer the hub addressed for this client in this request, or None if there is no such pair."""
-
-        def op() -> str | None:
-            row = self.db.execute(
-                "SELECT retailer_id FROM request_clients WHERE request_id=? AND client_id=?", (request_id, client_id)
-            ).fetchone()
-            return row[0] if row else None
-
-        return await self._call(op)
-
-    async def record_outcome(
-        self,
-        request_id: str,
-        client_id: str,
-        retailer_id: str,
-        state: ClientState,
-        detail: dict[str, Any],
-        trace: dict[str, float],
-        now: float,
-    ) -> OutcomeResult:
-        """Apply one client outcome reported by ``retailer_id`` (the caller has checked it may report it)."""
-
-        def op(db: sqlite3.Connection) -> OutcomeResult:
-            row = db.execute(
-                "SELECT retailer_id, state FROM request_clients WHERE request_id=? AND client_id=?",
-                (request_id, client_id),
-            ).fetchone()
-            if row is None:
-                return OutcomeResult(known=False)
-            if row["retailer_id"] != retailer_id:
-                return OutcomeResult(known=True, addressed_retailer=row["retailer_id"])
-            if not may_move(ClientState(row["state"]), state):
-                return OutcomeResult(known=True, addressed_retailer=retailer_id, changed=False)
-            created = db.execute("SELECT created_at FROM requests WHERE request_id=?", (request_id,)).fetchone()[0]
-            full_trace = dict(trace)
-            if state.terminal:
-                full_trace["total_ms"] = round((now - created) * 1000, 3)
-            db.execute(
-                "UPDATE request_clients SET state=?, detail=?, trace=?, updated_at=? "
-                "WHERE request_id=? AND client_id=?",
-                (state.value, json.dumps(detail), json.dumps(full_trace), now, request_id, client_id),
-            )
-            new = self._refresh_request(db, request_id, now)
-            return OutcomeResult(known=True, addressed_retailer=retailer_id, changed=True, request_state=new)
-
-        return await self._call(self._tx, op)
-
-    async def expire_due(self, now: float) -> list[str]:
-        """Close every open client of every request past its deadline; returns the requests that changed."""
-
-        def op(db: sqlite3.Connection) -> list[str]:
-            open_states = (RequestState.ACCEPTED.value, RequestState.DISPATCHING.value)
-            due = [
-                r[0]
-                for r in db.execute(
-                    "SELECT request_id FROM requests WHERE state IN (?,?) AND deadline<=?", (*open_states, now)
-                )
-            ]
-            for request_id in due:
-                for r in db.execute(
-                    "SELECT client_id, state FROM request_clients WHERE request_id=?", (request_id,)
-                ).fetchall():
-                    old = ClientState(r["state"])
-                    new = state_after_deadline(old)
-                    if new is not old:
-                        db.execute(
-                            "UPDATE request_clients SET state=?, detail=?, updated_at=? "
-                            "WHERE request_id=? AND client_id=?",
-                            (new.value, json.dumps({"reason": "no outcome before the request's deadline"}), now,
-                             request_id, r["client_id"]),
-                        )
-                self._refresh_request(db, request_id, now)
-            return due
-
-        return await self._call(self._tx, op)
-
-    async def open_request_count(self) -> int:
-        """How many requests have not ended."""
-
-        def op() -> int:
-            return int(self.db.execute("SELECT COUNT(*) FROM requests WHERE state IN ('accepted','dispatching')")
-                       .fetchone()[0])
-
-        return await self._call(op)
+    async def current_tariff(self) -> dict[str, Any] | None:
+        """The latest tariff published, or None."""
+        row = await self.kv.get("tariffs", "~current")
+        return _u(row.get("t:tariff")) if row else None
 
     # -- audit --------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _insert_audit(db: sqlite3.Connection, entries: list[AuditEntry]) -> None:
-        db.executemany(
-            "INSERT INTO audit (at, principal, client_id, action, right, allowed, ref) VALUES (?,?,?,?,?,?,?)",
-            [(e.at, e.principal, e.client_id, e.action, e.right, int(e.allowed), e.ref) for e in entries],
-        )
-
     async def audit(self, entries: list[AuditEntry]) -> None:
         """Append lines to the data access log."""
-        await self._call(self._tx, lambda db: self._insert_audit(db, entries))
+        if entries:
+            await self.kv.batch([audit_mutation(e) for e in entries])
 
     async def get_audit(self, client_id: str, start: float, end: float) -> list[dict[str, Any]]:
-        """The data access log of one client between two times."""
+        """The data access log of one client between two times, oldest first."""
+        rows = await self.kv.scan("audit", start=f"{client_id}|{tkey(start)}", stop=f"{client_id}|{tkey(end)}")
+        return [{"at": _u(c["a:at"]), "principal": c["a:principal"].decode(), "client_id": client_id,
+                 "action": c["a:action"].decode(), "right": c["a:right"].decode(),
+                 "allowed": c["a:allowed"] == b"1", "ref": c["a:ref"].decode() or None} for _, c in rows]
 
-        def op() -> list[dict[str, Any]]:
-            rows = self.db.execute(
-                "SELECT at, principal, client_id, action, right, allowed, ref FROM audit "
-                "WHERE client_id=? AND at>=? AND at<? ORDER BY seq",
-                (client_id, start, end),
-            )
-            return [dict(r) for r in rows]
 
-        return await self._call(op)
+def _iso(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat()

@@ -58,6 +58,9 @@ class RequestKind(StrEnum):
     """What a DSO request asks of the homes."""
 
     EMERGENCY = "emergency"
+    LOAD_SHIFT = "load_shift"
+    AVAILABILITY = "availability"
+    LOAD_REDUCTION = "load_reduction"
 
 
 class ClientState(StrEnum):
@@ -92,20 +95,50 @@ class _Msg(BaseModel):
     sent_at: AwareDatetime = Field(default_factory=utcnow)
 
 
-class EmergencyParams(BaseModel):
-    """Hold the home under ``power_limit_kw`` of import from ``start`` to ``end``."""
-
+class _Window(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     start: AwareDatetime
     end: AwareDatetime
-    power_limit_kw: float = Field(ge=0, le=10_000)
 
     @model_validator(mode="after")
-    def _ordered(self) -> EmergencyParams:
+    def _ordered(self) -> _Window:
         if self.end <= self.start:
             raise ValueError("end must be after start")
         return self
+
+
+class EmergencyParams(_Window):
+    """Hold the home under ``power_limit_kw`` of import from ``start`` to ``end``."""
+
+    kind: Literal["emergency"] = "emergency"
+    power_limit_kw: float = Field(ge=0, le=10_000)
+
+
+class LoadShiftParams(_Window):
+    """Move flexible (sheddable) loads out of the window from ``start`` to ``end``."""
+
+    kind: Literal["load_shift"] = "load_shift"
+    reason: str | None = Field(None, max_length=500)
+
+
+class AvailabilityParams(_Window):
+    """Phase one of a load reduction: which of these clients could shed load from ``start`` to ``end``?"""
+
+    kind: Literal["availability"] = "availability"
+    reduction_kw: float = Field(gt=0, le=1_000_000)
+
+
+class LoadReductionParams(_Window):
+    """Phase two of a load reduction: switch appliances off from ``start`` to ``end``."""
+
+    kind: Literal["load_reduction"] = "load_reduction"
+    target_kw: float | None = Field(None, ge=0)
+
+
+Params = Annotated[
+    EmergencyParams | LoadShiftParams | AvailabilityParams | LoadReductionParams, Field(discriminator="kind")
+]
 
 
 class Request(_Msg):
@@ -115,8 +148,14 @@ class Request(_Msg):
     request_id: str = Field(min_length=1, max_length=64)
     kind: RequestKind
     client_ids: list[Id] = Field(min_length=1, max_length=100_000)
-    params: EmergencyParams
+    params: Params
     expires_at: AwareDatetime
+
+    @model_validator(mode="after")
+    def _kind_matches(self) -> Request:
+        if self.params.kind != self.kind.value:
+            raise ValueError(f"params are for {self.params.kind!r}, not {self.kind.value!r}")
+        return self
 
 
 class Command(_Msg):
@@ -126,7 +165,7 @@ class Command(_Msg):
     request_id: str = Field(min_length=1, max_length=64)
     client_id: Id
     kind: RequestKind
-    params: EmergencyParams
+    params: Params
     expires_at: AwareDatetime
 
 
@@ -183,8 +222,78 @@ class Presence(_Msg):
     state: Literal["online", "offline"]
 
 
+class ReadingBlock(BaseModel):
+    """Consecutive meter readings of one client: ``values_kwh[i]`` is the energy of interval ``i``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    start: AwareDatetime
+    resolution_s: int = Field(gt=0, le=86_400)
+    values_kwh: list[float] = Field(min_length=1, max_length=10_000)
+    quality: Literal["measured", "estimated"] = "measured"
+    version: int = Field(1, ge=1)
+    """Uploads of the same interval so far; above 1 the block is a correction."""
+    corrected: bool = False
+
+
+class BillingClient(BaseModel):
+    """One client's readings for the part of the billed period in which this retailer supplied it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    client_id: Id
+    period_start: AwareDatetime
+    period_end: AwareDatetime
+    readings: list[ReadingBlock] = Field(max_length=10_000)
+
+
+class BillingData(_Msg):
+    """Hub -> retailer: billing data of its clients for a period (one message may carry part of the clients)."""
+
+    type: Literal["billing_data"] = "billing_data"
+    request_id: str = Field(min_length=1, max_length=64)
+    period_start: AwareDatetime
+    period_end: AwareDatetime
+    clients: list[BillingClient] = Field(min_length=1, max_length=1_000)
+
+
+class TariffPeriod(BaseModel):
+    """A price for a time span."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    start: AwareDatetime
+    end: AwareDatetime
+    price_eur_per_kwh: float = Field(ge=-10, le=100)
+
+
+class Tariff(_Msg):
+    """A network tariff calendar, public; ``version`` increases with every publication of the same id."""
+
+    type: Literal["tariff"] = "tariff"
+    tariff_id: Id
+    version: int = Field(ge=1)
+    valid_from: AwareDatetime
+    valid_to: AwareDatetime
+    periods: list[TariffPeriod] = Field(min_length=1, max_length=10_000)
+
+
+class Measurement(BaseModel):
+    """Active power of one client at one time."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    client_id: Id
+    at: AwareDatetime
+    active_power_kw: float = Field(ge=-10_000, le=10_000)
+
+
+class Measurements(_Msg):
+    """Retailer -> hub: active-power measurements of its own clients."""
+
+    type: Literal["measurements"] = "measurements"
+    items: list[Measurement] = Field(min_length=1, max_length=10_000)
+
+
 Message = Annotated[
-    Request | Command | Cancel | Ack | Outcome | ErrorReply | Telemetry | Presence,
+    Request | Command | Cancel | Ack | Outcome | ErrorReply | Telemetry | Presence | BillingData | Tariff
+    | Measurements,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)

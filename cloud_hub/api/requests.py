@@ -1,4 +1,4 @@
-"""DSO requests: creating them and following them to their last client."""
+"""DSO requests: creating them, following them to their last client, cancelling them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from cloud_hub.api.deps import Caller, IdempotencyKey, Service
 router = APIRouter(prefix="/v1", tags=["requests"])
 
 ClientId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+RequestId = Annotated[str, Path(max_length=64)]
 
 
 class Targets(BaseModel):
@@ -38,17 +39,100 @@ class EmergencyBody(Targets):
     power_limit_kw: float = Field(ge=0, le=10_000)
 
 
+class LoadShiftBody(Targets):
+    """Load information: move flexible loads out of the window."""
+
+    window_start: AwareDatetime
+    window_end: AwareDatetime
+    reason: str | None = Field(None, max_length=500)
+
+
+class LoadReductionBody(Targets):
+    """Reduce load by ``reduction_kw`` from ``start`` for ``duration_s``; retailers answer within the time given."""
+
+    reduction_kw: float = Field(gt=0, le=1_000_000)
+    start: AwareDatetime
+    duration_s: int = Field(gt=0, le=7 * 24 * 3600)
+    respond_within_s: float = Field(gt=0, le=3600)
+
+
+class BillingBody(BaseModel):
+    """Deliver billing data of these clients for a period to the retailer(s) that supplied them."""
+
+    model_config = ConfigDict(extra="forbid")
+    client_ids: list[ClientId] = Field(min_length=1, max_length=100_000)
+    period_start: AwareDatetime
+    period_end: AwareDatetime
+
+
+class TariffPeriodBody(BaseModel):
+    """A price for a time span."""
+
+    model_config = ConfigDict(extra="forbid")
+    start: AwareDatetime
+    end: AwareDatetime
+    price_eur_per_kwh: float = Field(ge=-10, le=100)
+
+
+class TariffBody(BaseModel):
+    """A network tariff calendar."""
+
+    model_config = ConfigDict(extra="forbid")
+    tariff_id: ClientId
+    valid_from: AwareDatetime
+    valid_to: AwareDatetime
+    periods: list[TariffPeriodBody] = Field(min_length=1, max_length=10_000)
+
+
+def _answer(response: Response, result: tuple[int, dict[str, Any]]) -> dict[str, Any]:
+    response.status_code = result[0]
+    return result[1]
+
+
 @router.post("/emergencies", status_code=202)
 async def post_emergency(body: EmergencyBody, who: Caller, service: Service, response: Response,
                          idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     """Announce an emergency to the targeted clients, before it takes effect (dso)."""
-    status, answer = await service.create_emergency(who, body.model_dump(exclude_none=True), idempotency_key)
-    response.status_code = status
-    return answer
+    return _answer(response, await service.create_emergency(who, body.model_dump(exclude_none=True), idempotency_key))
+
+
+@router.post("/load-shifts", status_code=202)
+async def post_load_shift(body: LoadShiftBody, who: Caller, service: Service, response: Response,
+                          idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    """Ask the targeted clients to shift flexible loads out of a window (dso)."""
+    return _answer(response, await service.create_load_shift(who, body.model_dump(exclude_none=True),
+                                                             idempotency_key))
+
+
+@router.post("/load-reductions", status_code=202)
+async def post_load_reduction(body: LoadReductionBody, who: Caller, service: Service, response: Response,
+                              idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    """Two-phase load reduction: availability first, then disconnects until the reduction is covered (dso)."""
+    return _answer(response, await service.create_load_reduction(who, body.model_dump(exclude_none=True),
+                                                                 idempotency_key))
+
+
+@router.post("/billing-data", status_code=202)
+async def post_billing(body: BillingBody, who: Caller, service: Service, response: Response,
+                       idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    """Deliver each client's readings of the period to the retailer(s) that supplied it (dso)."""
+    return _answer(response, await service.request_billing(who, body.model_dump(), idempotency_key))
+
+
+@router.post("/tariffs", status_code=202)
+async def post_tariff(body: TariffBody, who: Caller, service: Service, response: Response,
+                      idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    """Publish a network tariff calendar to every retailer and gateway (dso)."""
+    return _answer(response, await service.publish_tariff(who, body.model_dump(mode="json"), idempotency_key))
 
 
 @router.get("/requests/{request_id}")
-async def get_request(request_id: Annotated[str, Path(max_length=64)], who: Caller,
-                      service: Service) -> dict[str, Any]:
+async def get_request(request_id: RequestId, who: Caller, service: Service) -> dict[str, Any]:
     """A request's state, per-retailer and per-client progress and per-component trace (its issuer)."""
     return await service.get_request(who, request_id)
+
+
+@router.post("/requests/{request_id}/cancel")
+async def cancel_request(request_id: RequestId, who: Caller, service: Service) -> dict[str, Any]:
+    """Cancel a request that has not ended; the cancellation reaches every home that got it (its issuer)."""
+    return await service.cancel(who, request_id)

@@ -1,0 +1,91 @@
+"""The hub's storage interface, shaped after HBase's data model, so the embedded store and HBase are one contract.
+
+A store has **tables**; a table has **rows** kept sorted by row key; a row has **cells** named
+``family:qualifier`` (the families of each table are fixed by :data:`SCHEMA`). The operations are HBase's: get a
+row (or some of its columns), put cells, delete cells or a row, scan a key range or a prefix in key order, and
+increment a counter. A single-row mutation is atomic; a :meth:`KVStore.batch` of several rows is applied in
+order, atomically on the embedded store and row by row on HBase, so callers order their rows so that a crash
+between two of them leaves nothing a restart cannot repair (see ``docs/storage.md``).
+
+Every backend turns its own failures into :class:`StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Row = dict[str, bytes]
+"""Cells of one row: ``"family:qualifier" -> value``."""
+
+SCHEMA: dict[str, tuple[str, ...]] = {
+    "retailers": ("d",),
+    "clients": ("d", "s"),          # d: attributes; s:<valid_from ms> -> retailer id (supplier periods)
+    "feeders": ("d",),              # row feeder_id|client_id: an index
+    "requests": ("r", "c", "o", "p"),  # r: meta; c:<client> state; o:<msg id> outbox; p:<retailer> delivery
+    "open_requests": ("d",),        # row request id while the request has not ended: an index for restarts
+    "idempotency": ("d",),          # row principal|key
+    "audit": ("a",),                # row client_id|ts ms|seq: the data access log
+    "readings": ("r",),             # row client_id|interval start ms: a block of meter readings
+    "measurements": ("m",),         # row client_id|ts ms: active power
+    "tariffs": ("t",),              # row tariff_id: t:<version> -> tariff; row "~current" -> latest
+}
+
+
+class StoreUnavailable(Exception):
+    """The storage cannot be used right now (locked, read-only, unreachable); retry later."""
+
+
+@dataclass(slots=True)
+class Mutation:
+    """Put cells into, or delete cells (or the whole row) from, one row of one table."""
+
+    table: str
+    row: str
+    put: Row = field(default_factory=dict)
+    delete: list[str] | None = None
+    """Columns to delete; an empty list deletes the whole row."""
+
+
+class KVStore(Protocol):
+    """An HBase-shaped store."""
+
+    async def open(self) -> None:
+        """Connect, and create the tables of :data:`SCHEMA` if missing (idempotent)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+    async def get(self, table: str, row: str, columns: list[str] | None = None) -> Row:
+        """The cells of one row (only ``columns`` when given, a column being ``family:qualifier`` or ``family:``);
+        an empty dict when the row does not exist."""
+        ...
+
+    async def get_many(self, table: str, rows: list[str], columns: list[str] | None = None) -> dict[str, Row]:
+        """Several rows at once; missing rows are absent from the answer."""
+        ...
+
+    async def scan(self, table: str, *, prefix: str | None = None, start: str | None = None,
+                   stop: str | None = None, limit: int | None = None,
+                   columns: list[str] | None = None) -> list[tuple[str, Row]]:
+        """Rows in key order: those starting with ``prefix``, or with ``start <= key < stop``."""
+        ...
+
+    async def batch(self, mutations: list[Mutation]) -> None:
+        """Apply mutations in order (each row atomically)."""
+        ...
+
+    async def increment(self, table: str, row: str, column: str, value: int = 1) -> int:
+        """Atomically add ``value`` to a 64-bit counter cell and return the new value."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the store answers and accepts writes."""
+        ...
+
+
+def prefix_stop(prefix: str) -> str:
+    """The smallest key greater than every key starting with ``prefix``."""
+    return prefix + "\U0010ffff"

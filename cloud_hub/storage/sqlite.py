@@ -1,0 +1,186 @@
+"""The embedded backend: the HBase-shaped model in one SQLite file (WAL, ``synchronous=FULL``).
+
+Cells live in one table keyed ``(tbl, row, col)`` without a rowid, so a row is a contiguous range of the B-tree,
+a prefix scan is a range scan, and a batch is one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cloud_hub.storage import SCHEMA, Mutation, Row, StoreUnavailable, prefix_stop
+from mhp_wire.sqlite import SqliteThread, StorageError
+
+T = TypeVar("T")
+
+DDL = """
+CREATE TABLE IF NOT EXISTS cells (
+    tbl TEXT NOT NULL, row TEXT NOT NULL, col TEXT NOT NULL, val BLOB NOT NULL,
+    PRIMARY KEY (tbl, row, col)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ping (x);
+"""
+
+
+def _check_table(table: str) -> None:
+    if table not in SCHEMA:
+        raise KeyError(f"no table {table!r}")
+
+
+def _column_filter(columns: list[str] | None) -> tuple[str, list[str]]:
+    if not columns:
+        return "", []
+    parts, args = [], []
+    for c in columns:
+        if c.endswith(":"):
+            parts.append("(col >= ? AND col < ?)")
+            args += [c, prefix_stop(c)]
+        else:
+            parts.append("col = ?")
+            args.append(c)
+    return " AND (" + " OR ".join(parts) + ")", args
+
+
+class SqliteKV:
+    """The HBase-shaped store on SQLite."""
+
+    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 2000) -> None:
+        self.path = str(path)
+        self._sql = SqliteThread(path, DDL, busy_timeout_ms=busy_timeout_ms, name="hub-store")
+
+    @property
+    def busy_seconds(self) -> float:
+        """Seconds spent in SQLite since start."""
+        return self._sql.busy_seconds
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await self._sql.call(fn, *args)
+        except StorageError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def open(self) -> None:
+        """Open (and create) the database file."""
+        try:
+            await self._sql.open()
+        except StorageError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def close(self) -> None:
+        """Close the database."""
+        await self._sql.close()
+
+    def _get(self, table: str, row: str, columns: list[str] | None) -> Row:
+        where, args = _column_filter(columns)
+        cur = self._sql.db.execute(f"SELECT col, val FROM cells WHERE tbl=? AND row=?{where}", [table, row, *args])
+        return {c: bytes(v) for c, v in cur}
+
+    async def get(self, table: str, row: str, columns: list[str] | None = None) -> Row:
+        """The cells of one row."""
+        _check_table(table)
+        result: Row = await self._run(self._get, table, row, columns)
+        return result
+
+    async def get_many(self, table: str, rows: list[str], columns: list[str] | None = None) -> dict[str, Row]:
+        """Several rows at once."""
+        _check_table(table)
+
+        def op() -> dict[str, Row]:
+            out: dict[str, Row] = {}
+            where, cargs = _column_filter(columns)
+            for i in range(0, len(rows), 500):
+                chunk = rows[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                cur = self._sql.db.execute(
+                    f"SELECT row, col, val FROM cells WHERE tbl=? AND row IN ({marks}){where}",
+                    [table, *chunk, *cargs])
+                for r, c, v in cur:
+                    out.setdefault(r, {})[c] = bytes(v)
+            return out
+
+        result: dict[str, Row] = await self._run(op)
+        return result
+
+    async def scan(self, table: str, *, prefix: str | None = None, start: str | None = None,
+                   stop: str | None = None, limit: int | None = None,
+                   columns: list[str] | None = None) -> list[tuple[str, Row]]:
+        """Rows in key order."""
+        _check_table(table)
+        if prefix is not None:
+            if start is not None or stop is not None:
+                raise ValueError("prefix cannot be combined with start/stop (as in happybase)")
+            start, stop = prefix, prefix_stop(prefix)
+
+        def op() -> list[tuple[str, Row]]:
+            where, cargs = _column_filter(columns)
+            sql = "SELECT row, col, val FROM cells WHERE tbl=?"
+            args: list[object] = [table]
+            if start is not None:
+                sql += " AND row >= ?"
+                args.append(start)
+            if stop is not None:
+                sql += " AND row < ?"
+                args.append(stop)
+            sql += where + " ORDER BY row, col"
+            out: list[tuple[str, Row]] = []
+            for r, c, v in self._sql.db.execute(sql, [*args, *cargs]):
+                if not out or out[-1][0] != r:
+                    if limit is not None and len(out) >= limit:
+                        break
+                    out.append((r, {}))
+                out[-1][1][c] = bytes(v)
+            return out
+
+        result: list[tuple[str, Row]] = await self._run(op)
+        return result
+
+    @staticmethod
+    def _apply(db: sqlite3.Connection, m: Mutation) -> None:
+        _check_table(m.table)
+        if m.delete is not None:
+            if not m.delete:
+                db.execute("DELETE FROM cells WHERE tbl=? AND row=?", (m.table, m.row))
+            else:
+                db.executemany("DELETE FROM cells WHERE tbl=? AND row=? AND col=?",
+                               [(m.table, m.row, c) for c in m.delete])
+        if m.put:
+            db.executemany("INSERT OR REPLACE INTO cells (tbl, row, col, val) VALUES (?,?,?,?)",
+                           [(m.table, m.row, c, v) for c, v in m.put.items()])
+
+    async def batch(self, mutations: list[Mutation]) -> None:
+        """Apply every mutation in one transaction."""
+
+        def op(db: sqlite3.Connection) -> None:
+            for m in mutations:
+                self._apply(db, m)
+
+        try:
+            await self._sql.tx(op)
+        except StorageError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def increment(self, table: str, row: str, column: str, value: int = 1) -> int:
+        """Atomically add to a big-endian 64-bit counter, as HBase stores them."""
+        _check_table(table)
+
+        def op(db: sqlite3.Connection) -> int:
+            cur = db.execute("SELECT val FROM cells WHERE tbl=? AND row=? AND col=?", (table, row, column)).fetchone()
+            new = (struct.unpack(">q", cur[0])[0] if cur else 0) + value
+            db.execute("INSERT OR REPLACE INTO cells VALUES (?,?,?,?)", (table, row, column, struct.pack(">q", new)))
+            return int(new)
+
+        try:
+            result: int = await self._sql.tx(op)
+        except StorageError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return result
+
+    async def ping(self) -> None:
+        """Check that the database accepts a write."""
+        try:
+            await self._sql.tx(lambda db: db.execute("DELETE FROM ping"))
+        except StorageError as exc:
+            raise StoreUnavailable(str(exc)) from exc

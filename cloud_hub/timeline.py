@@ -1,0 +1,94 @@
+"""Pure functions over supplier periods and meter readings: who supplied a client when, and consumption series."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def supplier_at(periods: list[dict[str, Any]], at: float) -> str | None:
+    """The retailer supplying at time ``at`` (periods sorted by ``valid_from``), or None before the first."""
+    current = None
+    for p in periods:
+        if p["valid_from"] <= at:
+            current = p["retailer_id"]
+        else:
+            break
+    return current
+
+
+def supply_spans(periods: list[dict[str, Any]], start: float, end: float) -> list[tuple[str, float, float]]:
+    """``(retailer, from, to)`` pieces of ``[start, end)`` by who supplied; unsupplied time is left out."""
+    spans: list[tuple[str, float, float]] = []
+    for i, p in enumerate(periods):
+        p_end = periods[i + 1]["valid_from"] if i + 1 < len(periods) else float("inf")
+        s, e = max(start, p["valid_from"]), min(end, p_end)
+        if s < e:
+            if spans and spans[-1][0] == p["retailer_id"] and spans[-1][2] == s:
+                spans[-1] = (p["retailer_id"], spans[-1][1], e)
+            else:
+                spans.append((p["retailer_id"], s, e))
+    return spans
+
+
+def covered_by(spans: list[tuple[str, float, float]], retailer_id: str, start: float, end: float) -> bool:
+    """Whether ``retailer_id`` supplied the whole of ``[start, end)``."""
+    return len(spans) == 1 and spans[0] == (retailer_id, start, end)
+
+
+def points(blocks: Iterable[dict[str, Any]], start: float, end: float) -> dict[float, tuple[float, float, str, bool]]:
+    """Every reading interval starting in ``[start, end)``: ``t -> (kwh, resolution_s, quality, corrected)``.
+
+    Where uploads overlap, the one uploaded last wins (a correction replaces what it covers).
+    """
+    out: dict[float, tuple[float, float, str, bool]] = {}
+    for b in sorted(blocks, key=lambda b: b["uploaded_at"]):
+        res = b["resolution_s"]
+        for i, kwh in enumerate(b["values_kwh"]):
+            t = b["start"] + i * res
+            if start <= t < end:
+                out[t] = (kwh, res, b["quality"], b["version"] > 1)
+    return out
+
+
+def profile(blocks: Iterable[dict[str, Any]], start: float, end: float, resolution_s: int) -> list[dict[str, Any]]:
+    """Energy per ``resolution_s`` bucket from ``start``; a bucket is ``estimated`` if any value in it is,
+    and ``complete`` when the readings cover all of it."""
+    buckets: dict[int, dict[str, Any]] = {}
+    for t, (kwh, res, quality, _) in points(blocks, start, end).items():
+        k = int((t - start) // resolution_s)
+        b = buckets.setdefault(k, {"kwh": 0.0, "covered_s": 0.0, "quality": "measured"})
+        b["kwh"] += kwh
+        b["covered_s"] += res
+        if quality == "estimated":
+            b["quality"] = "estimated"
+    out = []
+    for k in sorted(buckets):
+        b = buckets[k]
+        out.append({"start": start + k * resolution_s, "kwh": round(b["kwh"], 6), "quality": b["quality"],
+                    "complete": b["covered_s"] >= resolution_s})
+    return out
+
+
+def clip_blocks(blocks: Iterable[dict[str, Any]], start: float, end: float) -> list[dict[str, Any]]:
+    """The parts of reading blocks inside ``[start, end)``, as blocks, with their quality and correction flag."""
+    out = []
+    for b in sorted(blocks, key=lambda b: b["start"]):
+        res = b["resolution_s"]
+        idx = [i for i in range(len(b["values_kwh"])) if start <= b["start"] + i * res < end]
+        if idx:
+            out.append({"start": b["start"] + idx[0] * res, "resolution_s": res,
+                        "values_kwh": b["values_kwh"][idx[0]:idx[-1] + 1], "quality": b["quality"],
+                        "version": b["version"], "corrected": b["version"] > 1})
+    return out
+
+
+def choose_for_reduction(available: dict[str, float], reduction_kw: float) -> list[str]:
+    """Clients to disconnect: the most available first, until ``reduction_kw`` is covered (ties by id)."""
+    chosen, total = [], 0.0
+    for cid, kw in sorted(available.items(), key=lambda kv: (-kv[1], kv[0])):
+        if total >= reduction_kw or kw <= 0:
+            break
+        chosen.append(cid)
+        total += kw
+    return chosen
