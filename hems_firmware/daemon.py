@@ -28,10 +28,14 @@ from hems_firmware.controller import Load, plan_shedding
 from mhp_wire import topics
 from mhp_wire.messages import (
     Ack,
+    Cancel,
     ClientState,
     Command,
+    EmergencyParams,
     ErrorReply,
+    LoadShiftParams,
     Outcome,
+    Tariff,
     Telemetry,
     WireError,
     decode,
@@ -56,10 +60,11 @@ METER_DRIVERS = frozenset({"eastron_sdm630", "eastron_sdm120", "eredes_han", "ds
 
 
 @dataclass(slots=True)
-class ActiveEmergency:
-    """An emergency being held right now."""
+class ActiveAction:
+    """A request being acted on right now: hold the home under ``limit_kw`` until ``end``."""
 
     request_id: str
+    kind: str
     limit_kw: float
     end: float
     shed: list[str] = field(default_factory=list)
@@ -89,12 +94,13 @@ class Gateway:
         self.switches: dict[str, Switch] = {}
         self.state: dict[str, dict[str, float | bool | None]] = {}
         self.link: MqttLink | None = None
-        self.active: ActiveEmergency | None = None
+        self.active: dict[str, ActiveAction] = {}
+        self.tariff: Tariff | None = None
         self.actuations: list[Actuation] = []
         self.rejected = 0
         self._seq = 0
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
     # -- running ------------------------------------------------------------------------------------------
 
@@ -124,7 +130,7 @@ class Gateway:
                         tg.create_task(self._poll_loop(), name=f"gw-{self.id}-poll")
                         tg.create_task(self._outbox_loop(), name=f"gw-{self.id}-outbox")
         finally:
-            for task in self._tasks:
+            for task in list(self._tasks.values()):
                 task.cancel()
             await self.sql.close()
 
@@ -134,12 +140,12 @@ class Gateway:
             "SELECT * FROM commands WHERE state IN ('scheduled', 'active')")])
         for row in rows:
             cmd = Command.model_validate_json(row["payload"])
-            self._spawn(self._execute(cmd, row["received_at"], resumed_shed=json.loads(row["shed"])))
+            self._spawn(cmd.request_id, self._execute(cmd, row["received_at"], resumed_shed=json.loads(row["shed"])))
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, request_id: str, coro: Any) -> None:
+        task = asyncio.create_task(coro, name=f"gw-{self.id}-{request_id}")
+        self._tasks[request_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(request_id, None))
 
     # -- polling ------------------------------------------------------------------------------------------
 
@@ -184,11 +190,16 @@ class Gateway:
                 await self._publish_telemetry()
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
+    def sheddable_kw(self) -> float:
+        """Rated power of the sheddable loads that are on now."""
+        return round(sum(ld.rated_kw for ld in self.loads() if ld.sheddable and ld.on), 3)
+
     async def _publish_telemetry(self) -> None:
         if self.link is None:
             return
         self._seq += 1
-        msg = Telemetry(gateway_id=self.id, client_id=self.client_id, seq=self._seq, at=utcnow(), devices=self.state)
+        msg = Telemetry(gateway_id=self.id, client_id=self.client_id, seq=self._seq, at=utcnow(), devices=self.state,
+                        active_power_kw=self.measured_kw(), sheddable_kw=self.sheddable_kw())
         with contextlib.suppress(MqttError):
             await self.link.publish(topics.telemetry(self.id), encode(msg))
 
@@ -196,17 +207,24 @@ class Gateway:
 
     async def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         """Apply one message from the bridge."""
-        if topic.startswith(topics.PREFIX + "/public/"):
-            return
         try:
             msg = decode(payload)
         except WireError as exc:
             self.rejected += 1
             log.warning("gateway %s refused a message: %s", self.id, exc)
-            await self._send(ErrorReply(code="invalid", message=str(exc)))
+            if not topic.startswith(topics.PREFIX + "/public/"):
+                await self._send(ErrorReply(code="invalid", message=str(exc)))
+            return
+        if topic.startswith(topics.PREFIX + "/public/"):
+            if isinstance(msg, Tariff) and (self.tariff is None or (msg.tariff_id, msg.version) != (
+                    self.tariff.tariff_id, self.tariff.version)):
+                self.tariff = msg
+                log.info("gateway %s has tariff %s v%d", self.id, msg.tariff_id, msg.version)
             return
         if isinstance(msg, Command):
             await self._on_command(msg)
+        elif isinstance(msg, Cancel):
+            await self._on_cancel(msg)
         elif isinstance(msg, Ack):
             await self.sql.tx(lambda db: db.executemany("DELETE FROM outbox WHERE msg_id=?",
                                                         [(m,) for m in msg.ack_ids]))
@@ -241,7 +259,26 @@ class Gateway:
         is_new = await self.sql.tx(store)
         await self._send(Ack(ack_ids=[cmd.msg_id]))
         if is_new:
-            self._spawn(self._execute(cmd, now))
+            if isinstance(cmd.params, LoadShiftParams):
+                will = [ld.name for ld in self.loads() if ld.sheddable]
+                await self._outcome(Outcome(request_id=cmd.request_id, client_id=self.client_id,
+                                            state=ClientState.ACKNOWLEDGED,
+                                            detail={"will_shift": will, "window_start": cmd.params.start.isoformat(),
+                                                    "window_end": cmd.params.end.isoformat()}))
+            self._spawn(cmd.request_id, self._execute(cmd, now))
+
+    async def _on_cancel(self, msg: Cancel) -> None:
+        if msg.client_ids and self.client_id not in msg.client_ids:
+            await self._send(ErrorReply(ref_msg_id=msg.msg_id, code="forbidden",
+                                        message=f"gateway {self.id} serves {self.client_id} only"))
+            return
+        task = self._tasks.pop(msg.request_id, None)
+        if task is not None:
+            task.cancel()
+        action = self.active.get(msg.request_id)
+        await self._finish(msg.request_id, action.shed if action else [], state="cancelled")
+        log.info("gateway %s cancelled request %s", self.id, msg.request_id)
+        await self._send(Ack(ack_ids=[msg.msg_id]))
 
     async def _execute(self, cmd: Command, received_at: float, resumed_shed: list[str] | None = None) -> None:
         params = cmd.params
@@ -251,52 +288,57 @@ class Gateway:
             await self._finish(cmd.request_id, resumed_shed or [])
             return
         t0 = time.perf_counter()
-        active = ActiveEmergency(cmd.request_id, params.power_limit_kw, end, list(resumed_shed or []))
-        self.active = active
+        limit = params.power_limit_kw if isinstance(params, EmergencyParams) else 0.0
+        action = ActiveAction(cmd.request_id, cmd.kind.value, limit, end, list(resumed_shed or []))
+        self.active[cmd.request_id] = action
         await self.poll_once()
         before = self.measured_kw()
         plan = await self._hold_limit()
         detail: dict[str, Any] = {
-            "limit_kw": params.power_limit_kw,
+            "limit_kw": limit,
             "measured_kw_before": before,
-            "shed": list(active.shed),
+            "shed": list(action.shed),
             "expected_kw": None if plan is None or math.isnan(plan) else round(plan, 3),
             "meter_available": before is not None,
         }
         if resumed_shed is None:
             await self.sql.tx(lambda db: db.execute("UPDATE commands SET state='active' WHERE request_id=?",
                                                     (cmd.request_id,)))
-            await self._outcome(Outcome(
-                request_id=cmd.request_id, client_id=self.client_id, state=ClientState.EXECUTED, detail=detail,
-                trace={"gateway_ms": round((time.perf_counter() - t0) * 1000, 3),
-                       "waited_ms": round(max(0.0, start - received_at) * 1000, 3)},
-            ))
+            if not isinstance(params, LoadShiftParams):  # a load shift was acknowledged when it arrived
+                await self._outcome(Outcome(
+                    request_id=cmd.request_id, client_id=self.client_id, state=ClientState.EXECUTED, detail=detail,
+                    trace={"gateway_ms": round((time.perf_counter() - t0) * 1000, 3),
+                           "waited_ms": round(max(0.0, start - received_at) * 1000, 3)},
+                ))
         await asyncio.sleep(max(0.0, end - time.time()))
-        await self._finish(cmd.request_id, active.shed)
+        await self._finish(cmd.request_id, action.shed)
 
     async def _hold_limit(self) -> float | None:
-        """Shed more while the active emergency's limit is exceeded; returns the expected draw afterwards."""
-        active = self.active
-        if active is None:
+        """Shed more while the strictest active limit is exceeded; returns the expected draw afterwards."""
+        if not self.active:
             return None
-        measured = self.measured_kw()
-        plan = plan_shedding(active.limit_kw, measured, self.loads())
+        owner = min(self.active.values(), key=lambda a: a.limit_kw)
+        plan = plan_shedding(owner.limit_kw, self.measured_kw(), self.loads())
         for name in plan.shed:
-            if await self._switch(name, False, active.request_id, f"emergency limit {active.limit_kw} kW"):
-                if name not in active.shed:
-                    active.shed.append(name)
+            if await self._switch(name, False, owner.request_id, f"{owner.kind}: limit {owner.limit_kw} kW"):
+                if name not in owner.shed:
+                    owner.shed.append(name)
         if plan.shed:
-            shed = json.dumps(active.shed)
+            shed = json.dumps(owner.shed)
             await self.sql.tx(lambda db: db.execute("UPDATE commands SET shed=? WHERE request_id=?",
-                                                    (shed, active.request_id)))
+                                                    (shed, owner.request_id)))
         return plan.expected_kw
 
-    async def _finish(self, request_id: str, shed: list[str]) -> None:
-        if self.active is not None and self.active.request_id == request_id:
-            self.active = None
-        for name in shed:
-            await self._switch(name, True, request_id, "emergency ended: restore")
-        await self.sql.tx(lambda db: db.execute("UPDATE commands SET state='done' WHERE request_id=?", (request_id,)))
+    async def _finish(self, request_id: str, shed: list[str], state: str = "done") -> None:
+        """End one action: what it shed goes back on, unless another action still holds the home."""
+        self.active.pop(request_id, None)
+        if self.active:
+            heir = min(self.active.values(), key=lambda a: a.limit_kw)
+            heir.shed.extend(n for n in shed if n not in heir.shed)
+        else:
+            for name in shed:
+                await self._switch(name, True, request_id, f"request {state}: restore")
+        await self.sql.tx(lambda db: db.execute("UPDATE commands SET state=? WHERE request_id=?", (state, request_id)))
 
     async def _switch(self, name: str, on: bool, request_id: str | None, reason: str) -> bool:
         sw = self.switches.get(name)

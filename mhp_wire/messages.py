@@ -213,6 +213,10 @@ class Telemetry(_Msg):
     seq: int = Field(ge=0)
     at: AwareDatetime
     devices: dict[str, dict[str, float | bool | None]]
+    active_power_kw: float | None = None
+    """The home's import now (from its meter), if known."""
+    sheddable_kw: float | None = None
+    """Rated power of the sheddable loads that are on now: what the home could shed."""
 
 
 class Presence(_Msg):

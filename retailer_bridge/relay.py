@@ -9,6 +9,7 @@ outcome is re-sent to the hub until the hub acknowledges it. A gateway may only 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
@@ -17,11 +18,17 @@ from typing import Any
 from mhp_wire import topics
 from mhp_wire.messages import (
     Ack,
+    BillingData,
+    Cancel,
     ClientState,
     Command,
     ErrorReply,
+    Measurement,
+    Measurements,
     Outcome,
     Request,
+    RequestKind,
+    Tariff,
     Telemetry,
     WireError,
     decode,
@@ -43,7 +50,7 @@ class BridgeRelay:
     """Relays between the hub broker and this retailer's broker."""
 
     def __init__(self, retailer_id: str, customers: dict[str, str], store: BridgeStore, *,
-                 gateway_ack_timeout_s: float = 10.0) -> None:
+                 gateway_ack_timeout_s: float = 10.0, measurement_interval_s: float = 5.0) -> None:
         self.retailer_id = retailer_id
         self.customers = dict(customers)
         self.gateway_of_client = self.customers
@@ -55,6 +62,9 @@ class BridgeRelay:
         self.received: Counter[str] = Counter()
         self.latest_telemetry: dict[str, Telemetry] = {}
         self.gateway_presence: dict[str, str] = {}
+        self.measurement_interval_s = measurement_interval_s
+        self._pending_measurements: dict[tuple[str, float], Measurement] = {}
+        self._last_measurements = 0.0
         self._wake = asyncio.Event()
 
     def kick(self) -> None:
@@ -65,18 +75,29 @@ class BridgeRelay:
 
     async def on_hub_message(self, topic: str, payload: bytes, retained: bool) -> None:
         """Apply one message from the hub broker."""
-        if topic == topics.TARIFF or topic == topics.PUBLIC_STATUS:
+        if topic == topics.PUBLIC_STATUS:
             return
         try:
             msg = decode(payload)
         except WireError as exc:
             self.rejected["hub_invalid"] += 1
             log.warning("refused a message from the hub: %s", exc)
-            await self._to_hub(ErrorReply(code="invalid", message=str(exc)))
+            if topic != topics.TARIFF:
+                await self._to_hub(ErrorReply(code="invalid", message=str(exc)))
             return
         self.received[f"hub_{msg.type}"] += 1
+        if topic == topics.TARIFF:
+            if isinstance(msg, Tariff):
+                await self._on_tariff(msg, ack=False)
+            return
         if isinstance(msg, Request):
             await self._on_request(msg)
+        elif isinstance(msg, Cancel):
+            await self._on_cancel(msg)
+        elif isinstance(msg, BillingData):
+            await self._on_billing(msg)
+        elif isinstance(msg, Tariff):
+            await self._on_tariff(msg, ack=True)
         elif isinstance(msg, Ack):
             await self.store.ack_outbox(msg.ack_ids)
         elif isinstance(msg, ErrorReply):
@@ -91,21 +112,73 @@ class BridgeRelay:
     async def _on_request(self, req: Request) -> None:
         now = time.time()
         commands: list[NewCommand] = []
-        refusals: list[tuple[str, bytes]] = []
+        answers: list[tuple[str, bytes]] = []
+        if await self.store.is_cancelled(req.request_id):
+            await self._to_hub(Ack(ack_ids=[req.msg_id]))
+            return
         for cid in req.client_ids:
             gid = self.gateway_of_client.get(cid)
             if gid is None:
                 out = Outcome(request_id=req.request_id, client_id=cid, state=ClientState.REFUSED,
                               detail={"reason": f"{cid} is not a customer of retailer {self.retailer_id}"})
-                refusals.append((out.msg_id, encode(out)))
-                continue
-            cmd = Command(request_id=req.request_id, client_id=cid, kind=req.kind, params=req.params,
-                          expires_at=req.expires_at)
-            commands.append(NewCommand(req.request_id, cid, gid, cmd.msg_id, encode(cmd), now,
-                                       req.expires_at.timestamp()))
-        await self.store.accept_request(commands, refusals)
+                answers.append((out.msg_id, encode(out)))
+            elif req.kind is RequestKind.AVAILABILITY:
+                out = self.availability(req.request_id, cid, gid)
+                answers.append((out.msg_id, encode(out)))
+            else:
+                cmd = Command(request_id=req.request_id, client_id=cid, kind=req.kind, params=req.params,
+                              expires_at=req.expires_at)
+                commands.append(NewCommand(req.request_id, cid, gid, cmd.msg_id, encode(cmd), now,
+                                           req.expires_at.timestamp(), req.params.start.timestamp()))
+        await self.store.accept_request(commands, answers)
         await self._to_hub(Ack(ack_ids=[req.msg_id]))
         self.kick()
+
+    def availability(self, request_id: str, client_id: str, gateway_id: str) -> Outcome:
+        """Whether a client could shed load now, from its gateway's presence and latest telemetry."""
+        tel = self.latest_telemetry.get(gateway_id)
+        if self.gateway_presence.get(gateway_id) != "online" or tel is None:
+            return Outcome(request_id=request_id, client_id=client_id, state=ClientState.UNAVAILABLE,
+                           detail={"reason": "the home's gateway is offline", "available_kw": 0.0})
+        kw = round(tel.sheddable_kw or 0.0, 3)
+        if kw <= 0:
+            return Outcome(request_id=request_id, client_id=client_id, state=ClientState.UNAVAILABLE,
+                           detail={"reason": "no sheddable load is on", "available_kw": 0.0})
+        return Outcome(request_id=request_id, client_id=client_id, state=ClientState.AVAILABLE,
+                       detail={"available_kw": kw, "active_power_kw": tel.active_power_kw})
+
+    async def _on_cancel(self, msg: Cancel) -> None:
+        now = time.time()
+        notices = []
+        for cmd in await self.store.commands_of(msg.request_id):
+            notice = Cancel(request_id=msg.request_id, client_ids=[cmd["client_id"]])
+            notices.append((notice.msg_id, cmd["gateway_id"], encode(notice), now + 24 * 3600))
+        await self.store.cancel(msg.request_id, now, notices)
+        await self._to_hub(Ack(ack_ids=[msg.msg_id]))
+        self.kick()
+
+    async def _on_billing(self, msg: BillingData) -> None:
+        rows = []
+        for c in msg.clients:
+            if c.client_id not in self.customers:
+                log.warning("billing data for %s, who is not our customer, refused", c.client_id)
+                self.rejected["hub_foreign_client"] += 1
+                continue
+            rows.append((c.client_id, c.period_start.isoformat(), c.period_end.isoformat(),
+                         json.dumps([b.model_dump(mode="json") for b in c.readings])))
+        await self.store.store_billing(msg.request_id, rows, time.time())
+        await self._to_hub(Ack(ack_ids=[msg.msg_id]))
+
+    async def _on_tariff(self, msg: Tariff, *, ack: bool) -> None:
+        public = msg.model_copy(update={"msg_id": f"tariff-{msg.tariff_id}-{msg.version}"})
+        if await self.store.put_tariff(msg.tariff_id, msg.version, encode(public)) and self.local is not None:
+            try:
+                await self.local.publish(topics.TARIFF, encode(public), retain=True)
+                log.info("tariff %s v%d published to our gateways", msg.tariff_id, msg.version)
+            except MqttError as exc:
+                log.warning("tariff not republished now: %s", exc)
+        if ack:
+            await self._to_hub(Ack(ack_ids=[msg.msg_id]))
 
     # -- from gateways ------------------------------------------------------------------------------------
 
@@ -129,12 +202,19 @@ class BridgeRelay:
         self.received[f"gateway_{msg.type}"] += 1
         if parsed.channel == "status":
             if msg.type == "presence":
+                before = self.gateway_presence.get(gid)
                 self.gateway_presence[gid] = msg.state
+                if msg.state == "online" and before != "online":
+                    await self.store.resend_now(gid)
+                    self.kick()
         elif isinstance(msg, Telemetry):
             if self.gateway_of_client.get(msg.client_id) != gid or msg.gateway_id != gid:
                 self.rejected["gateway_foreign_client"] += 1
                 return
             self.latest_telemetry[gid] = msg
+            if msg.active_power_kw is not None:
+                self._pending_measurements[(msg.client_id, msg.at.timestamp())] = Measurement(
+                    client_id=msg.client_id, at=msg.at, active_power_kw=msg.active_power_kw)
         elif isinstance(msg, Ack):
             await self._on_gateway_ack(gid, msg)
         elif isinstance(msg, Outcome):
@@ -147,6 +227,7 @@ class BridgeRelay:
                                                    message=f"a gateway may not send {msg.type!r} messages"))
 
     async def _on_gateway_ack(self, gid: str, msg: Ack) -> None:
+        await self.store.ack_gateway_outbox(gid, msg.ack_ids)
         for cmd in await self.store.command_by_msg(gid, msg.ack_ids):
             out = Outcome(request_id=cmd["request_id"], client_id=cmd["client_id"], state=ClientState.DELIVERED,
                           trace={"retailer_ms": round(cmd["handling_ms"], 3)})
@@ -216,7 +297,8 @@ class BridgeRelay:
         if self.local is not None and self.local.connected:
             sent: list[tuple[str, float]] = []
             for cmd in await self.store.due_commands(now):
-                if cmd["first_sent_at"] is not None and now - cmd["first_sent_at"] > self.gateway_ack_timeout_s:
+                waited_from = max(cmd["first_sent_at"] or now, cmd["not_before"])
+                if cmd["first_sent_at"] is not None and now - waited_from > self.gateway_ack_timeout_s:
                     await self._unreachable(cmd, "no acknowledgement from the gateway in time")
                     continue
                 if cmd["deadline"] <= now:
@@ -229,6 +311,25 @@ class BridgeRelay:
                 sent.append((cmd["msg_id"], now + retry_delay_s(cmd["attempts"] + 1)))
             if sent:
                 await self.store.mark_sent(sent, now)
+            notices: list[tuple[str, float]] = []
+            expired: list[str] = []
+            for row in await self.store.due_gateway_outbox(now):
+                if row["deadline"] <= now:
+                    expired.append(row["msg_id"])
+                    continue
+                try:
+                    await self.local.publish(topics.down("gateways", row["gateway_id"]), row["payload"])
+                except MqttError:
+                    break
+                notices.append((row["msg_id"], now + retry_delay_s(row["attempts"] + 1)))
+            if notices or expired:
+                await self.store.mark_gateway_outbox(notices, expired)
+        if self._pending_measurements and now - self._last_measurements >= self.measurement_interval_s:
+            self._last_measurements = now
+            items = list(self._pending_measurements.values())[:10_000]
+            self._pending_measurements.clear()
+            batch = Measurements(items=items)
+            await self.store.queue_for_hub([(batch.msg_id, encode(batch))])
         if self.hub is not None and self.hub.connected:
             done: list[tuple[str, float]] = []
             for row in await self.store.due_outbox(now):
@@ -240,7 +341,10 @@ class BridgeRelay:
             if done:
                 await self.store.mark_outbox_sent(done)
         nxt = await self.store.next_due()
-        return 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
+        wait = 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
+        if self._pending_measurements:
+            wait = min(wait, max(0.01, self._last_measurements + self.measurement_interval_s - time.time()))
+        return wait
 
     async def _unreachable(self, cmd: dict[str, Any], reason: str) -> None:
         out = Outcome(request_id=cmd["request_id"], client_id=cmd["client_id"], state=ClientState.UNREACHABLE,

@@ -21,7 +21,8 @@ class Bridge:
         self.settings = settings
         self.store = BridgeStore(settings.db_path)
         self.relay = BridgeRelay(settings.retailer_id, settings.customers, self.store,
-                                 gateway_ack_timeout_s=settings.gateway_ack_timeout_s)
+                                 gateway_ack_timeout_s=settings.gateway_ack_timeout_s,
+                                 measurement_interval_s=settings.measurement_interval_s)
 
     async def run(self) -> None:
         """Run until cancelled."""

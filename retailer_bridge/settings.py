@@ -34,6 +34,8 @@ class BridgeSettings(BaseSettings):
     """``client_id -> gateway_id`` of this retailer's customers."""
     customers_file: Path | None = None
     gateway_ack_timeout_s: float = Field(10.0, gt=0)
+    measurement_interval_s: float = Field(5.0, gt=0)
+    """How often active-power measurements of the customers are forwarded to the hub."""
 
     @field_validator("retailer_id")
     @classmethod

@@ -48,8 +48,8 @@ async def rig(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncItera
             await task
 
 
-def request(clients: list[str], request_id: str = "q1") -> Request:
-    start = datetime.now(UTC) + timedelta(seconds=5)
+def request(clients: list[str], request_id: str = "q1", lead_s: float = 5) -> Request:
+    start = datetime.now(UTC) + timedelta(seconds=lead_s)
     params = EmergencyParams(start=start, end=start + timedelta(minutes=5), power_limit_kw=1.0)
     return Request(request_id=request_id, kind=RequestKind.EMERGENCY, client_ids=clients, params=params,
                    expires_at=params.end)
@@ -88,7 +88,7 @@ async def test_request_is_relayed_to_the_right_gateways_and_outcomes_go_back(rig
 
 async def test_a_silent_gateway_is_reported_unreachable(rig: Rig) -> None:
     with parties(Party(rig.hub_broker, "hub", topics.all_up("retailers"))) as (hub,):
-        await hub.publish(topics.down("retailers", "r1"), request(["c1"], "q2"))
+        await hub.publish(topics.down("retailers", "r1"), request(["c1"], "q2", lead_s=0))
         await hub.next("ack")
         out = await hub.next("outcome", timeout=6)
         assert isinstance(out, Outcome) and out.state is ClientState.UNREACHABLE
