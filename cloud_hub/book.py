@@ -76,6 +76,18 @@ class Phase:
     reduction_kw: float
 
 
+def reduction_outcome(selection: dict[str, Any], counts: Counter[ClientState]) -> RequestState:
+    """A finished load reduction: completed when every chosen client executed and the reduction was covered;
+    clients that were unavailable, or available but not needed, do not make it partial."""
+    chosen = len(selection.get("chosen", []))
+    executed = counts.get(C.EXECUTED, 0)
+    if chosen and executed == chosen and selection.get("covered"):
+        return RequestState.COMPLETED
+    if executed:
+        return RequestState.PARTIALLY_COMPLETED
+    return RequestState.FAILED
+
+
 class RequestBook:
     """Open requests, their outbox and their targets."""
 
@@ -294,7 +306,8 @@ class RequestBook:
             col = f"c:{client_id}"
             cells = await self.store.get_request_cells(
                 request_id,
-                [col, "r:state", "r:counts", "r:created_at", "r:phase", "r:type", "r:answered", "r:targets"])
+                [col, "r:state", "r:counts", "r:created_at", "r:phase", "r:type", "r:answered", "r:targets",
+                 "r:selection"])
             entry = cells.get(col)
             if entry is None or "r:state" not in cells:
                 return OutcomeVerdict(False, [])
@@ -327,6 +340,8 @@ class RequestBook:
                 full["total_ms"] = round((now - cells["r:created_at"]) * 1000, 3)
             entry["trace"] = full
             state_now = request_state_from_counts(current, counts)
+            if cells.get("r:type") == "load_reduction" and state_now.terminal and state_now is not current:
+                state_now = reduction_outcome(cells.get("r:selection") or {}, counts)
             put = {col: entry, "r:counts": {k.value: v for k, v in counts.items() if v}}
             self._finish(put, current, state_now, now)
             await self._write(request_id, put)

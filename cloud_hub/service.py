@@ -61,7 +61,9 @@ def body_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _ts(value: datetime | float) -> float:
+def _ts(value: datetime | float | str) -> float:
+    if isinstance(value, str):
+        return datetime.fromisoformat(value).timestamp()
     return value.timestamp() if isinstance(value, datetime) else float(value)
 
 

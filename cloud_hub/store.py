@@ -220,11 +220,13 @@ class HubStore:
         muts, corrections = [], 0
         for key, b in zip(keys, blocks, strict=True):
             version = int(existing[key]["r:version"]) + 1 if key in existing else 1
-            corrections += version > 1
+            end = b["start"] + b["resolution_s"] * len(b["values_kwh"])
+            overlaps = version > 1 or bool(await self.readings(b["client_id"], b["start"], end))
+            corrections += overlaps
             muts.append(Mutation("readings", key, {
                 "r:start": _j(b["start"]), "r:resolution_s": _j(b["resolution_s"]), "r:values": _j(b["values_kwh"]),
                 "r:quality": b["quality"].encode(), "r:version": str(version).encode(),
-                "r:uploaded_at": _j(time.time())}))
+                "r:corrects": b"1" if overlaps else b"0", "r:uploaded_at": _j(time.time())}))
         await self.kv.batch(muts)
         return len(blocks), corrections
 
@@ -237,7 +239,7 @@ class HubStore:
         for _, r in rows:
             b = {"start": _u(r["r:start"]), "resolution_s": _u(r["r:resolution_s"]), "values_kwh": _u(r["r:values"]),
                  "quality": r["r:quality"].decode(), "version": int(r["r:version"]),
-                 "uploaded_at": _u(r["r:uploaded_at"])}
+                 "corrected": r.get("r:corrects") == b"1", "uploaded_at": _u(r["r:uploaded_at"])}
             if b["start"] + b["resolution_s"] * len(b["values_kwh"]) > start:
                 out.append(b)
         return out

@@ -47,7 +47,7 @@ def points(blocks: Iterable[dict[str, Any]], start: float, end: float) -> dict[f
         for i, kwh in enumerate(b["values_kwh"]):
             t = b["start"] + i * res
             if start <= t < end:
-                out[t] = (kwh, res, b["quality"], b["version"] > 1)
+                out[t] = (kwh, res, b["quality"], bool(b.get("corrected")) or b["version"] > 1)
     return out
 
 
@@ -71,15 +71,17 @@ def profile(blocks: Iterable[dict[str, Any]], start: float, end: float, resoluti
 
 
 def clip_blocks(blocks: Iterable[dict[str, Any]], start: float, end: float) -> list[dict[str, Any]]:
-    """The parts of reading blocks inside ``[start, end)``, as blocks, with their quality and correction flag."""
-    out = []
-    for b in sorted(blocks, key=lambda b: b["start"]):
-        res = b["resolution_s"]
-        idx = [i for i in range(len(b["values_kwh"])) if start <= b["start"] + i * res < end]
-        if idx:
-            out.append({"start": b["start"] + idx[0] * res, "resolution_s": res,
-                        "values_kwh": b["values_kwh"][idx[0]:idx[-1] + 1], "quality": b["quality"],
-                        "version": b["version"], "corrected": b["version"] > 1})
+    """The readings in ``[start, end)`` as blocks of consecutive values, corrections applied (the last upload
+    wins where uploads overlap), each block with its quality and whether it corrects an earlier upload."""
+    out: list[dict[str, Any]] = []
+    for t, (kwh, res, quality, corrected) in sorted(points(blocks, start, end).items()):
+        last = out[-1] if out else None
+        if (last and last["resolution_s"] == res and last["quality"] == quality and last["corrected"] == corrected
+                and last["start"] + res * len(last["values_kwh"]) == t):
+            last["values_kwh"].append(kwh)
+        else:
+            out.append({"start": t, "resolution_s": res, "values_kwh": [kwh], "quality": quality,
+                        "version": 2 if corrected else 1, "corrected": corrected})
     return out
 
 
