@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from mhp_wire import topics
 from tests.broker_fixtures import MosquittoFactory
 
@@ -23,4 +25,7 @@ def test_oversize_packet_disconnects_the_sender(mosquitto_factory: MosquittoFact
     rc = r1.publish(topics.up("retailers", "r1"), b"x" * 512)
     assert rc is not None and not rc.is_failure
     assert hub.next_message().payload == b"x" * 512  # the first message in: the oversize one never came
+    deadline = time.monotonic() + 3.0
+    while "oversize packet" not in broker.process.log_tail() and time.monotonic() < deadline:
+        time.sleep(0.05)  # Mosquitto's log is written asynchronously
     assert "oversize packet" in broker.process.log_tail()
