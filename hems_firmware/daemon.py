@@ -201,7 +201,7 @@ class Gateway:
         msg = Telemetry(gateway_id=self.id, client_id=self.client_id, seq=self._seq, at=utcnow(), devices=self.state,
                         active_power_kw=self.measured_kw(), sheddable_kw=self.sheddable_kw())
         with contextlib.suppress(MqttError):
-            await self.link.publish(topics.telemetry(self.id), encode(msg))
+            await self.link.publish(topics.telemetry(self.id), encode(msg), retain=True)
 
     # -- commands -----------------------------------------------------------------------------------------
 

@@ -40,6 +40,9 @@ from retailer_bridge.store import CLOSED, DELIVERED, BridgeStore, NewCommand
 
 log = logging.getLogger(__name__)
 
+STALE_TELEMETRY_S = 60.0
+"""Availability is not promised from telemetry older than this."""
+
 
 def retry_delay_s(attempts: int) -> float:
     """Back-off before re-sending a message for the ``attempts``-th time."""
@@ -137,9 +140,14 @@ class BridgeRelay:
     def availability(self, request_id: str, client_id: str, gateway_id: str) -> Outcome:
         """Whether a client could shed load now, from its gateway's presence and latest telemetry."""
         tel = self.latest_telemetry.get(gateway_id)
-        if self.gateway_presence.get(gateway_id) != "online" or tel is None:
+        reason = None
+        if self.gateway_presence.get(gateway_id) != "online":
+            reason = "the home's gateway is offline"
+        elif tel is None or tel.at.timestamp() < time.time() - STALE_TELEMETRY_S:
+            reason = "no recent telemetry from the home's gateway"
+        if reason or tel is None:
             return Outcome(request_id=request_id, client_id=client_id, state=ClientState.UNAVAILABLE,
-                           detail={"reason": "the home's gateway is offline", "available_kw": 0.0})
+                           detail={"reason": reason, "available_kw": 0.0})
         kw = round(tel.sheddable_kw or 0.0, 3)
         if kw <= 0:
             return Outcome(request_id=request_id, client_id=client_id, state=ClientState.UNAVAILABLE,

@@ -74,7 +74,7 @@ async def demo(state_dir: Path, retailers: int, homes: int) -> int:
         procs = stack.info["processes"]
         print(f"stack up in {time.monotonic() - t_start:.1f} s: {len(procs)} processes "
               f"({', '.join(sorted(procs))}); hub at {stack.hub_url}; see {stack.dir / 'stack.json'}")
-        return await _emergency_scenario(stack)
+        return await _scenario(stack)
     except StackError as exc:
         print(f"mhp-stack demo: {exc}", file=sys.stderr)
         return 1
@@ -82,49 +82,97 @@ async def demo(state_dir: Path, retailers: int, homes: int) -> int:
         await stack.stop()
 
 
-async def _emergency_scenario(stack: Stack) -> int:
-    tl = Timeline()
-    dso = {"Authorization": f"Bearer {stack.tokens['dso']}"}
-    clients = [h.client_id for h in stack.homes]
-    lead_s, duration_s, limit_kw = 2.0, 30, 1.0
-    start = datetime.now(UTC) + timedelta(seconds=lead_s)
-    async with httpx.AsyncClient(base_url=stack.hub_url, timeout=10) as http:
-        print("\nscenario: the DSO announces an emergency to every home, "
-              f"{lead_s:.0f} s ahead: hold import under {limit_kw} kW for {duration_s} s")
-        body = {"client_ids": clients, "start": start.isoformat(), "duration_s": duration_s,
-                "power_limit_kw": limit_kw}
-        t_post = time.time()
-        r = await http.post("/v1/emergencies", json=body, headers={**dso, "Idempotency-Key": "demo-emergency-1"})
-        tl.add(t_post, "dso", f"POST /v1/emergencies for {len(clients)} clients")
-        if r.status_code != 202:
-            print(f"the hub answered {r.status_code}: {r.text}", file=sys.stderr)
-            return 1
-        request_id = r.json()["request_id"]
-        tl.add(time.time(), "dso", f"got 202 accepted, request {request_id[:8]}… (stored before the answer)")
-        bad = await http.post("/v1/emergencies", headers=dso,
-                              json={**body, "client_ids": ["client-9999"], "power_limit_kw": -1})
-        tl.add(time.time(), "hub", f"a malformed emergency is refused: {bad.status_code} {bad.json()['message'][:70]}")
-        req: dict[str, Any] = {}
-        deadline = time.monotonic() + lead_s + 30
-        while time.monotonic() < deadline:
-            req = (await http.get(f"/v1/requests/{request_id}", headers=dso)).json()
-            if req["state"] in TERMINAL:
-                break
-            await asyncio.sleep(0.1)
-    created = datetime.fromisoformat(req["created_at"]).timestamp()
-    tl.add(created, "hub", f"request stored ({req['trace']['storage_ms']:.1f} ms in storage)")
-    if "dispatch_ms" in req["trace"]:
-        per = ", ".join(f"{rid} ({v['clients']} clients)" for rid, v in sorted(req["retailers"].items()))
-        tl.add(created + req["trace"]["dispatch_ms"] / 1000, "hub", f"dispatched to {per}")
-    tl.add(start.timestamp(), "-", "emergency takes effect")
+async def _follow(http: httpx.AsyncClient, headers: dict[str, str], request_id: str, timeout_s: float
+                  ) -> dict[str, Any]:
+    """Poll a request until it ends (or the timeout)."""
+    req: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        req = (await http.get(f"/v1/requests/{request_id}", headers=headers)).json()
+        if req["state"] in TERMINAL:
+            break
+        await asyncio.sleep(0.1)
+    return req
+
+
+def _client_rows(tl: Timeline, req: dict[str, Any]) -> None:
     for cid, c in sorted(req["clients"].items()):
         d = c["detail"]
         if c["state"] == "executed":
             what = (f"{cid} executed: shed {', '.join(d.get('shed', [])) or 'nothing'}; "
                     f"{d.get('measured_kw_before')} kW measured → {d.get('expected_kw')} kW expected")
         else:
-            what = f"{cid} {c['state']}: {d}"
+            what = f"{cid} {c['state']}" + (f" ({d['reason']})" if "reason" in d else "")
+            if "available_kw" in c:
+                what += f", {c['available_kw']} kW available"
         tl.add(datetime.fromisoformat(c["updated_at"]).timestamp(), f"hub←{c['retailer_id']}", what)
+
+
+async def _scenario(stack: Stack) -> int:
+    tl = Timeline()
+    dso = {"Authorization": f"Bearer {stack.tokens['dso']}"}
+    clients = [h.client_id for h in stack.homes]
+    ok = True
+    async with httpx.AsyncClient(base_url=stack.hub_url, timeout=10) as http:
+        # 1. A network tariff calendar, broadcast to every retailer and on to every gateway.
+        print("\nscenario 1/3: the DSO publishes a network tariff calendar")
+        day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        periods = [{"start": (day + timedelta(hours=h)).isoformat(), "end": (day + timedelta(hours=h + 1)).isoformat(),
+                    "price_eur_per_kwh": 0.08 if h < 7 or h >= 22 else 0.21} for h in range(24)]
+        t = time.time()
+        r = await http.post("/v1/tariffs", headers=dso, json={
+            "tariff_id": "tou-demo", "valid_from": day.isoformat(), "valid_to": (day + timedelta(days=1)).isoformat(),
+            "periods": periods})
+        tl.add(t, "dso", f"POST /v1/tariffs → {r.status_code}, version {r.json().get('version')}")
+        req = await _follow(http, dso, r.json()["request_id"], 10)
+        for rid, v in sorted(req["retailers"].items()):
+            tl.add(datetime.fromisoformat(v["updated_at"]).timestamp(), f"hub←{rid}", f"tariff {v['state']}")
+        for broker, (tid, version, seen) in sorted(stack.tariffs.items()):
+            if broker != "hub":
+                tl.add(seen, f"broker {broker}", f"holds tariff {tid} v{version} retained for its gateways")
+        ok = ok and req.get("state") == "completed"
+        # 2. A two-phase load reduction: availability first, then disconnects until the reduction is covered.
+        print("scenario 2/3: the DSO asks for an 8 kW load reduction (availability within 2 s, then disconnects)")
+        await asyncio.sleep(0.5)
+        t = time.time()
+        r = await http.post("/v1/load-reductions", headers=dso, json={
+            "client_ids": clients, "reduction_kw": 8.0, "start": (datetime.now(UTC) + timedelta(seconds=3)).isoformat(),
+            "duration_s": 60, "respond_within_s": 2})
+        tl.add(t, "dso", f"POST /v1/load-reductions 8 kW → {r.status_code}")
+        req = await _follow(http, dso, r.json()["request_id"], 15)
+        sel = req.get("selection", {})
+        tl.add(datetime.fromisoformat(req["created_at"]).timestamp() + 2, "hub",
+               f"availability closed: chose {', '.join(sel.get('chosen', []))} ({sel.get('selected_kw')} kW)")
+        _client_rows(tl, req)
+        tl.add(datetime.fromisoformat(req["completed_at"] or req["created_at"]).timestamp(), "hub",
+               f"load reduction {req['state']}")
+        ok = ok and req.get("state") == "completed"
+        # 3. An emergency announced ahead of time to every home.
+        lead_s, limit_kw = 2.0, 1.0
+        print(f"scenario 3/3: the DSO announces an emergency to every home, {lead_s:.0f} s ahead: "
+              f"hold import under {limit_kw} kW")
+        start = datetime.now(UTC) + timedelta(seconds=lead_s)
+        body = {"client_ids": clients, "start": start.isoformat(), "duration_s": 30, "power_limit_kw": limit_kw}
+        t = time.time()
+        r = await http.post("/v1/emergencies", json=body, headers={**dso, "Idempotency-Key": "demo-emergency-1"})
+        tl.add(t, "dso", f"POST /v1/emergencies for {len(clients)} clients → {r.status_code}")
+        if r.status_code != 202:
+            print(f"the hub answered {r.status_code}: {r.text}", file=sys.stderr)
+            return 1
+        request_id = r.json()["request_id"]
+        bad = await http.post("/v1/emergencies", headers=dso,
+                              json={**body, "client_ids": ["client-9999"], "power_limit_kw": -1})
+        tl.add(time.time(), "hub", f"a malformed emergency is refused: {bad.status_code} {bad.json()['message'][:60]}")
+        req = await _follow(http, dso, request_id, lead_s + 30)
+    created = datetime.fromisoformat(req["created_at"]).timestamp()
+    tl.add(created, "hub", f"emergency stored ({req['trace']['storage_ms']:.1f} ms in storage), answered 202")
+    if "dispatch_ms" in req["trace"]:
+        per = ", ".join(f"{rid} ({v['clients']} clients)" for rid, v in sorted(req["retailers"].items()))
+        tl.add(created + req["trace"]["dispatch_ms"] / 1000, "hub", f"dispatched to {per}")
+    tl.add(start.timestamp(), "-", "emergency takes effect")
+    _client_rows(tl, req)
+    if req.get("completed_at"):
+        tl.add(datetime.fromisoformat(req["completed_at"]).timestamp(), "hub", f"emergency {req['state']}")
     events = Path(stack.info["device_events"])
     if events.exists():
         for line in events.read_text().splitlines():
@@ -132,21 +180,18 @@ async def _emergency_scenario(stack: Stack) -> int:
             if e["at"] >= tl.t0:
                 tl.add(e["at"], f"plug {e['gateway_id']}",
                        f"{e['plug']} switched {'ON' if e['on'] else 'OFF'} (home now draws {e['home_kw']} kW)")
-    if req.get("completed_at"):
-        tl.add(datetime.fromisoformat(req["completed_at"]).timestamp(), "hub", f"request {req['state']}")
-    print("\ntimeline (seconds from the DSO's POST):")
+    print("\ntimeline (seconds from the first POST):")
     tl.print()
-    trace = req.get("trace", {})
-    print("\ntrace (ms): " + ", ".join(f"{k}={v}" for k, v in trace.items()))
+    print("\nemergency trace (ms): " + ", ".join(f"{k}={v}" for k, v in req.get("trace", {}).items()))
     plugs = await read_plugs(stack)
     print("\nplug states read back over Modbus TCP from every home's relay board:")
     sheddable = [p["name"] for p in PLUGS if p["sheddable"]]
-    ok = req.get("state") == "completed"
+    ok = ok and req.get("state") == "completed"
     for gw, states in plugs.items():
         shown = "  ".join(f"{n}={'on' if v else 'OFF' if v is False else '?'}" for n, v in states.items())
         print(f"  {gw:<8} {shown}")
         ok = ok and all(states[n] is False for n in sheddable)
-    print(f"\nrequest {request_id}: {req.get('state')}; "
+    print(f"\nemergency {request_id}: {req.get('state')}; "
           f"{sum(1 for c in req.get('clients', {}).values() if c['state'] == 'executed')}/{len(clients)} executed")
     if stack.sup.events:
         print("supervisor: " + "; ".join(stack.sup.events))

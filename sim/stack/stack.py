@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from broker_config.launcher import find_mosquitto
 from broker_config.render import BrokerSpec, Identity, generate_password, render
 from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
-from mhp_wire.messages import Presence, WireError, decode
+from mhp_wire.messages import Presence, Tariff, WireError, decode
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from sim.stack.supervisor import Child, Supervisor
 
@@ -91,6 +92,8 @@ class Stack:
         self.brokers: dict[str, dict[str, Any]] = {}
         self._observers: list[MqttLink] = []
         self.presence: dict[str, str] = {}
+        self.tariffs: dict[str, tuple[str, int, float]] = {}
+        """The tariff each broker holds retained: ``broker name -> (tariff id, version, seen at)``."""
         self._watch_task: asyncio.Task[None] | None = None
 
     # -- layout -------------------------------------------------------------------------------------------
@@ -255,20 +258,27 @@ class Stack:
     async def _watch_presence(self) -> None:
         """Follow every party's retained presence on every broker, as the stack's observer identity."""
 
-        async def on_presence(topic: str, payload: bytes, retained: bool) -> None:
-            with contextlib.suppress(topics.TopicError, WireError):
-                parsed = topics.parse_up(topic)
-                msg = decode(payload)
-                if isinstance(msg, Presence):
-                    self.presence[parsed.party_id] = msg.state
+        def on_message_of(broker_name: str) -> Callable[[str, bytes, bool], Awaitable[None]]:
+            async def on_message(topic: str, payload: bytes, retained: bool) -> None:
+                with contextlib.suppress(topics.TopicError, WireError):
+                    msg = decode(payload)
+                    if topic == topics.TARIFF and isinstance(msg, Tariff):
+                        self.tariffs[broker_name] = (msg.tariff_id, msg.version, time.time())
+                        return
+                    parsed = topics.parse_up(topic)
+                    if isinstance(msg, Presence):
+                        self.presence[parsed.party_id] = msg.state
+
+            return on_message
 
         for name, broker in self.brokers.items():
             await self._wait_tcp(broker["port"], time.monotonic() + 15, f"broker-{name}")
             kind: topics.PartyKind = "retailers" if name == "hub" else "gateways"
             creds = broker["credentials"]["stack"]
             link = MqttLink(MqttEndpoint(broker["host"], broker["port"], creds["username"], creds["password"]),
-                            client_id=f"stack-observer-{name}", subscriptions=[f"{topics.PREFIX}/{kind}/+/up/status"],
-                            handler=on_presence, clean_start=True, session_expiry_s=0)
+                            client_id=f"stack-observer-{name}",
+                            subscriptions=[f"{topics.PREFIX}/{kind}/+/up/status", topics.TARIFF],
+                            handler=on_message_of(name), clean_start=True, session_expiry_s=0)
             self._observers.append(await link.__aenter__())
 
     async def _wait_online(self, deadline: float) -> None:
