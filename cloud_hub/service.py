@@ -328,9 +328,7 @@ class HubService:
                     e["retailers"][rid] = ClientState.PENDING.value
                     e["state"] = ClientState.PENDING.value
                     by_retailer[rid].append(cid)
-                elif e["state"] not in ("pending", "sent", "delivered"):
-                    pass
-                else:
+                elif not ClientState(e["state"]).terminal:  # a refused client keeps its state
                     answer = e.get("availability")
                     e["state"] = answer if answer in ("available", "unavailable") else ClientState.UNREACHABLE.value
                     if answer is None:
