@@ -17,7 +17,19 @@ from device_drivers.sim.server import ModbusSimServer
 from hems_firmware.config import GatewayConfig
 from hems_firmware.daemon import Gateway
 from mhp_wire import topics
-from mhp_wire.messages import Ack, ClientState, Command, EmergencyParams, ErrorReply, Outcome, RequestKind, Telemetry
+from mhp_wire.messages import (
+    Ack,
+    Cancel,
+    ClientState,
+    Command,
+    EmergencyParams,
+    ErrorReply,
+    LoadReductionParams,
+    LoadShiftParams,
+    Outcome,
+    RequestKind,
+    Telemetry,
+)
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.mqtt_party import Party, parties
 
@@ -144,3 +156,59 @@ async def test_a_gateway_cannot_command_another_gateway(rig: Rig) -> None:
         assert rc is not None and rc.is_failure, "Mosquitto refuses the publish (MQTT 5 reason code)"
         await bridge.nothing("ack", within=1.0)
         assert rig.home.coil_state(0)
+
+
+def shift_or_reduction(kind: str, lead_s: float = 0.3, duration_s: float = 30, request_id: str = "q9") -> Command:
+    start = datetime.now(UTC) + timedelta(seconds=lead_s)
+    end = start + timedelta(seconds=duration_s)
+    params = (LoadShiftParams(start=start, end=end, reason="peak") if kind == "load_shift"
+              else LoadReductionParams(start=start, end=end, target_kw=5.0))
+    return Command(request_id=request_id, client_id="c1", kind=RequestKind(kind), params=params, expires_at=end)
+
+
+async def test_load_shift_is_acknowledged_at_once_and_keeps_flexible_loads_off_in_the_window(rig: Rig) -> None:
+    with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+        await bridge.publish(topics.down("gateways", "gw-1"), shift_or_reduction("load_shift", 0.6, 1.0))
+        out = await bridge.next("outcome")
+        assert isinstance(out, Outcome) and out.state is ClientState.ACKNOWLEDGED
+        assert out.detail["will_shift"] == ["heater", "ev"]
+        assert rig.home.coil_state(0), "nothing moves before the window"
+        for _ in range(40):
+            if not rig.home.coil_state(0):
+                break
+            await asyncio.sleep(0.05)
+        assert not rig.home.coil_state(0) and not rig.home.coil_state(1) and rig.home.coil_state(3)
+        for _ in range(60):
+            if rig.home.coil_state(0):
+                break
+            await asyncio.sleep(0.05)
+        assert rig.home.coil_state(0) and rig.home.coil_state(1), "back on after the window"
+
+
+async def test_load_reduction_sheds_every_sheddable_load_and_reports_executed(rig: Rig) -> None:
+    with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+        await bridge.publish(topics.down("gateways", "gw-1"), shift_or_reduction("load_reduction", 0))
+        out = await bridge.next("outcome")
+        assert isinstance(out, Outcome) and out.state is ClientState.EXECUTED
+        assert out.detail["shed"] == ["heater", "ev"]
+        assert rig.home.total_power_kw() == pytest.approx(0.45)
+
+
+async def test_cancel_before_start_and_while_active(rig: Rig) -> None:
+    with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+        early = command(lead_s=30, request_id="qa")
+        await bridge.publish(topics.down("gateways", "gw-1"), early)
+        await bridge.next("ack")
+        cancel = Cancel(request_id="qa", client_ids=["c1"])
+        await bridge.publish(topics.down("gateways", "gw-1"), cancel)
+        assert (await bridge.next("ack")).ack_ids == [cancel.msg_id]  # type: ignore[union-attr]
+        assert "qa" not in rig.gateway._tasks, "the waiting emergency is dropped"
+        now = command(lead_s=0, request_id="qb")
+        await bridge.publish(topics.down("gateways", "gw-1"), now)
+        await bridge.next("outcome")
+        assert not rig.home.coil_state(0)
+        cancel = Cancel(request_id="qb", client_ids=["c1"])
+        await bridge.publish(topics.down("gateways", "gw-1"), cancel)
+        await bridge.next("ack")
+        assert rig.home.coil_state(0) and rig.home.coil_state(1), "what it shed is restored at once"
+        assert "qb" not in rig.gateway.active

@@ -12,7 +12,26 @@ from pathlib import Path
 import pytest
 
 from mhp_wire import topics
-from mhp_wire.messages import Ack, ClientState, Command, EmergencyParams, ErrorReply, Outcome, Request, RequestKind
+from mhp_wire.messages import (
+    Ack,
+    AvailabilityParams,
+    BillingClient,
+    BillingData,
+    Cancel,
+    ClientState,
+    Command,
+    EmergencyParams,
+    ErrorReply,
+    Measurements,
+    Outcome,
+    ReadingBlock,
+    Request,
+    RequestKind,
+    Tariff,
+    TariffPeriod,
+    Telemetry,
+    presence_payload,
+)
 from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
@@ -34,7 +53,8 @@ async def rig(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncItera
         retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
         hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host,
         local_mqtt_port=local.port, local_mqtt_password=local.identities["bridge"].password,
-        db_path=tmp_path / "bridge.db", customers={"c1": "gw-1", "c2": "gw-2"}, gateway_ack_timeout_s=1.5)
+        db_path=tmp_path / "bridge.db", customers={"c1": "gw-1", "c2": "gw-2"}, gateway_ack_timeout_s=1.5,
+        measurement_interval_s=0.5)
     bridge = Bridge(settings)
     task = asyncio.create_task(bridge.run())
     with parties(Party(hub_broker, "hub", topics.status("retailers", "r1"))) as (probe,):
@@ -113,3 +133,79 @@ async def test_a_gateway_may_report_only_for_its_own_client_and_garbage_is_refus
         await hub.nothing("outcome", within=0.5)
         rejected = rig.bridge.relay.rejected
         assert (rejected["gateway_foreign_client"], rejected["gateway_invalid"], rejected["hub_invalid"]) == (1, 1, 1)
+
+
+async def test_cancel_reaches_the_gateway_and_a_late_copy_of_the_request_is_ignored(rig: Rig) -> None:
+    with parties(Party(rig.hub_broker, "hub", topics.all_up("retailers")),
+                 Party(rig.local, "gw-1", topics.down("gateways", "gw-1"))) as (hub, gw1):
+        req = request(["c1"], "q4")
+        await hub.publish(topics.down("retailers", "r1"), req)
+        await hub.next("ack")
+        cmd = await gw1.next("command")
+        await gw1.publish(topics.up("gateways", "gw-1"), Ack(ack_ids=[cmd.msg_id]))
+        cancel = Cancel(request_id="q4", client_ids=["c1"])
+        await hub.publish(topics.down("retailers", "r1"), cancel)
+        assert (await hub.next("ack")).ack_ids == [cancel.msg_id]  # type: ignore[union-attr]
+        notice = await gw1.next("cancel")
+        assert isinstance(notice, Cancel) and notice.request_id == "q4" and notice.client_ids == ["c1"]
+        again = await gw1.next("cancel", timeout=3)
+        assert again.msg_id == notice.msg_id, "re-sent until the gateway acknowledges"
+        await gw1.publish(topics.up("gateways", "gw-1"), Ack(ack_ids=[notice.msg_id]))
+        await hub.publish(topics.down("retailers", "r1"), req)  # a redelivered copy after the cancel
+        await hub.next("ack")
+        await gw1.nothing("command", within=0.8)
+
+
+async def test_billing_is_kept_and_the_tariff_republished_for_gateways(rig: Rig) -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    bill = BillingData(request_id="b1", period_start=start, period_end=start + timedelta(days=1), clients=[
+        BillingClient(client_id="c1", period_start=start, period_end=start + timedelta(days=1), readings=[
+            ReadingBlock(start=start, resolution_s=3600, values_kwh=[1.0, 2.0])])])
+    tariff = Tariff(tariff_id="tou", version=3, valid_from=start, valid_to=start + timedelta(days=1), periods=[
+        TariffPeriod(start=start, end=start + timedelta(hours=1), price_eur_per_kwh=0.1)])
+    with parties(Party(rig.hub_broker, "hub", topics.all_up("retailers"))) as (hub,):
+        await hub.publish(topics.down("retailers", "r1"), bill)
+        assert (await hub.next("ack")).ack_ids == [bill.msg_id]  # type: ignore[union-attr]
+        kept = await rig.bridge.store.billing_of("c1")
+        assert len(kept) == 1 and '"values_kwh":[1.0,2.0]' in kept[0]["readings"].replace(" ", "")
+        await hub.publish(topics.down("retailers", "r1"), tariff)
+        assert (await hub.next("ack")).ack_ids == [tariff.msg_id]  # type: ignore[union-attr]
+    with parties(Party(rig.local, "gw-2", topics.TARIFF)) as (gw2,):
+        got = await gw2.raw()
+        assert got.retain and Tariff.model_validate_json(got.payload).version == 3
+
+
+async def test_availability_comes_from_gateway_telemetry_and_measurements_are_forwarded(rig: Rig) -> None:
+    now = datetime.now(UTC)
+    with parties(Party(rig.hub_broker, "hub", topics.all_up("retailers")),
+                 Party(rig.local, "gw-1")) as (hub, gw1):
+        await gw1.publish(topics.status("gateways", "gw-1"), presence_payload("online"), retain=True)
+        await gw1.publish(topics.telemetry("gw-1"), Telemetry(
+            gateway_id="gw-1", client_id="c1", seq=1, at=now, devices={}, active_power_kw=5.5, sheddable_kw=4.2))
+        await asyncio.sleep(0.3)
+        start = now + timedelta(seconds=30)
+        ask = Request(request_id="a1", kind=RequestKind.AVAILABILITY, client_ids=["c1", "c2"],
+                      params=AvailabilityParams(start=start, end=start + timedelta(minutes=5), reduction_kw=3),
+                      expires_at=start + timedelta(minutes=5))
+        await hub.publish(topics.down("retailers", "r1"), ask)
+        answers = {}
+        while len(answers) < 2:
+            msg = await hub.next()
+            if isinstance(msg, Outcome):
+                answers[msg.client_id] = msg
+        assert answers["c1"].state is ClientState.AVAILABLE and answers["c1"].detail["available_kw"] == 4.2
+        assert answers["c2"].state is ClientState.UNAVAILABLE and "offline" in answers["c2"].detail["reason"]
+        batch = await hub.next("measurements", timeout=3)
+        assert isinstance(batch, Measurements)
+        assert [(m.client_id, m.active_power_kw) for m in batch.items] == [("c1", 5.5)]
+
+
+async def test_a_gateway_that_comes_back_gets_its_command_at_once(rig: Rig) -> None:
+    with parties(Party(rig.hub_broker, "hub", topics.all_up("retailers"))) as (hub,):
+        await hub.publish(topics.down("retailers", "r1"), request(["c1"], "q5", lead_s=30))
+        await hub.next("ack")
+        await asyncio.sleep(1.8)  # sent twice while gw-1 was away; the next retry is seconds off
+        with parties(Party(rig.local, "gw-1", topics.down("gateways", "gw-1"))) as (gw1,):
+            await gw1.publish(topics.status("gateways", "gw-1"), presence_payload("online"), retain=True)
+            cmd = await gw1.next("command", timeout=1.0)
+            assert isinstance(cmd, Command) and cmd.request_id == "q5"
