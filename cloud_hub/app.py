@@ -48,7 +48,7 @@ def create_app(settings: HubSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = HubStore.embedded(settings.db_path)
+        store = HubStore.from_settings(settings)
         await store.open()
         metrics = HubMetrics()
         book = RequestBook(store, metrics)

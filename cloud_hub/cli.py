@@ -26,6 +26,37 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_init(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cloud_hub.settings import HubSettings
+    from cloud_hub.storage import SCHEMA, StoreUnavailable
+    from cloud_hub.store import HubStore
+
+    try:
+        settings = HubSettings.load(args.config, db_path=args.db)
+    except ValidationError as exc:
+        print(f"cloud-hub: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+
+    async def init() -> None:
+        store = HubStore.from_settings(settings)
+        try:
+            await store.open()
+            await store.ping()
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(init())
+    except StoreUnavailable as exc:
+        print(f"cloud-hub: storage unavailable: {exc}", file=sys.stderr)
+        return 1
+    where = ", ".join(settings.hbase_hosts) if settings.storage == "hbase" else str(settings.db_path)
+    print(f"{settings.storage} storage ready at {where}: tables {', '.join(SCHEMA)}")
+    return 0
+
+
 def _token(args: argparse.Namespace) -> int:
     from cloud_hub.tokens import TokenBook
 
@@ -48,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int)
     serve.add_argument("--db", type=Path, help="SQLite file of the embedded store")
     serve.set_defaults(fn=_serve)
+    storage = sub.add_parser("storage", help="storage administration")
+    storage_sub = storage.add_subparsers(dest="storage_command", required=True)
+    init = storage_sub.add_parser("init", help="create the tables that are missing (idempotent)")
+    init.add_argument("--config", type=Path)
+    init.add_argument("--db", type=Path, help="SQLite file of the embedded store")
+    init.set_defaults(fn=_storage_init)
     tok = sub.add_parser("token", help="issue a bearer token (its hash is stored, the token printed once)")
     tok.add_argument("--tokens-file", type=Path, required=True)
     tok.add_argument("--principal", required=True, help="dso, admin or retailer:<id>")

@@ -27,11 +27,21 @@ class HubSettings(BaseSettings):
     mqtt_client_id: str = "hub-1"
     mqtt_tls_ca_file: str | None = None
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    storage: Literal["embedded", "hbase"] = "embedded"
+    """``embedded``: SQLite in ``db_path``; ``hbase``: an HBase cluster through its Thrift gateways."""
+    hbase_hosts: list[str] = Field(default_factory=list)
+    """Thrift gateway addresses ``host:port``, tried in turn (failover)."""
+    hbase_table_prefix: str = "mhp"
+    hbase_pool_size: int = Field(4, ge=1, le=64)
+    hbase_timeout_ms: int = Field(2000, ge=100)
+    sqlite_busy_timeout_ms: int = Field(1000, ge=0)
 
     @model_validator(mode="after")
     def _no_default_secrets(self) -> HubSettings:
         if self.environment == "production" and not self.mqtt_password:
             raise ValueError("mqtt_password must be set outside development")
+        if self.storage == "hbase" and not self.hbase_hosts:
+            raise ValueError("storage 'hbase' needs hbase_hosts (Thrift gateway addresses host:port)")
         return self
 
     @classmethod

@@ -11,10 +11,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloud_hub.storage import KVStore, Mutation, Row, StoreUnavailable
 from cloud_hub.storage.sqlite import SqliteKV
+
+if TYPE_CHECKING:
+    from cloud_hub.settings import HubSettings
 
 __all__ = ["AuditEntry", "Conflict", "HubStore", "StoreUnavailable", "ms", "tkey"]
 
@@ -73,9 +76,19 @@ class HubStore:
         self.kv = kv
 
     @classmethod
-    def embedded(cls, path: Path | str) -> HubStore:
+    def embedded(cls, path: Path | str, busy_timeout_ms: int = 1000) -> HubStore:
         """The default: the embedded SQLite backend."""
-        return cls(SqliteKV(path))
+        return cls(SqliteKV(path, busy_timeout_ms=busy_timeout_ms))
+
+    @classmethod
+    def from_settings(cls, settings: HubSettings) -> HubStore:
+        """The backend the settings name."""
+        if settings.storage == "hbase":
+            from cloud_hub.storage.hbase import HBaseKV
+
+            return cls(HBaseKV(settings.hbase_hosts, table_prefix=settings.hbase_table_prefix,
+                               pool_size=settings.hbase_pool_size, timeout_ms=settings.hbase_timeout_ms))
+        return cls.embedded(settings.db_path, settings.sqlite_busy_timeout_ms)
 
     async def open(self) -> None:
         """Open the backend (creating tables)."""
@@ -146,6 +159,18 @@ class HubStore:
             muts.append(Mutation("feeders", f"{feeder_id}|{client_id}", {"d:x": b"1"}))
         await self.kv.batch([Mutation("clients", client_id, cells), *muts])
         return old is None
+
+    async def import_clients(self, clients: list[tuple[str, str, float, str | None, float]]) -> None:
+        """Bulk registration of new clients ``(client_id, retailer_id, contracted_power_kw, feeder_id,
+        valid_from)``, e.g. a DSO's initial import; unlike :meth:`put_client` it does not check for switches."""
+        now = _j(time.time())
+        muts = []
+        for cid, rid, kw, feeder, valid_from in clients:
+            muts.append(Mutation("clients", cid, {"d:contracted_power_kw": _j(kw), "d:feeder_id": _j(feeder),
+                                                  "d:created_at": now, f"s:{tkey(valid_from)}": rid.encode()}))
+            if feeder:
+                muts.append(Mutation("feeders", f"{feeder}|{cid}", {"d:x": b"1"}))
+        await self.kv.batch(muts)
 
     async def clients_on_feeder(self, feeder_id: str) -> list[str]:
         """The clients registered on a feeder."""

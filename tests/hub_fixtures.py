@@ -17,7 +17,7 @@ from cloud_hub.settings import HubSettings
 from cloud_hub.tokens import TokenBook
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory, free_port
 
-__all__ = ["HubHandle", "hub"]
+__all__ = ["HubHandle", "hub", "hub_any"]
 
 
 @dataclass
@@ -67,11 +67,15 @@ async def start_hub(
     return server, task, tokens, f"http://127.0.0.1:{port}"
 
 
-@pytest.fixture
-async def hub(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncIterator[HubHandle]:
-    """A running hub with its hub broker (retailers r1, r2), ready (storage and MQTT up)."""
+async def running_hub(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory,
+                      backend: str) -> AsyncIterator[HubHandle]:
+    """A running hub on ``backend`` (``sqlite``, or ``hbase`` through the Thrift test double), ready."""
     broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
-    server, task, tokens, url = await start_hub(tmp_path, broker)
+    overrides: dict[str, Any] = {}
+    if backend == "hbase":
+        double = request.getfixturevalue("hbase_double")
+        overrides = {"storage": "hbase", "hbase_hosts": [f"127.0.0.1:{double.port}"]}
+    server, task, tokens, url = await start_hub(tmp_path, broker, **overrides)
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         for _ in range(200):
             if (await http.get("/readyz")).status_code == 200:
@@ -80,3 +84,19 @@ async def hub(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncItera
         yield HubHandle(url, tokens, broker, http, server.config.app)
     server.should_exit = True
     await task
+
+
+@pytest.fixture
+async def hub(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory
+              ) -> AsyncIterator[HubHandle]:
+    """A running hub on the embedded store with its hub broker (retailers r1, r2), ready."""
+    async for h in running_hub(request, tmp_path, mosquitto_factory, "sqlite"):
+        yield h
+
+
+@pytest.fixture(params=["sqlite", "hbase"])
+async def hub_any(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory
+                  ) -> AsyncIterator[HubHandle]:
+    """The same hub on each storage backend: tests using it run twice."""
+    async for h in running_hub(request, tmp_path, mosquitto_factory, request.param):
+        yield h

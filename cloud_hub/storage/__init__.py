@@ -29,6 +29,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "readings": ("r",),             # row client_id|interval start ms: a block of meter readings
     "measurements": ("m",),         # row client_id|ts ms: active power
     "tariffs": ("t",),              # row tariff_id: t:<version> -> tariff; row "~current" -> latest
+    "health": ("d",),               # written by readiness checks
 }
 
 

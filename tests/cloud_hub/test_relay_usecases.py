@@ -1,4 +1,5 @@
-"""Each use case through the hub's MQTT side, with paho test retailers on a real hub broker."""
+"""Each use case through the hub's MQTT side, with paho test retailers on a real hub broker, on both storage
+backends (the embedded store, and HBase through happybase against the Thrift test double)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def retailer(hub: HubHandle, rid: str) -> Party:
     return Party(hub.broker, rid, topics.down("retailers", rid))
 
 
-async def test_billing_is_split_at_a_supplier_switch_and_says_when_corrected(hub: HubHandle) -> None:
+async def test_billing_is_split_at_a_supplier_switch_and_says_when_corrected(hub_any: HubHandle) -> None:
+    hub = hub_any
     await registry_with_switch(hub)
     await upload(hub, "c1", T0, [1.0] * 72)
     await upload(hub, "c1", T0 + timedelta(hours=30), [5.0, 5.0])  # a correction of two hours on day 2
@@ -53,7 +55,8 @@ async def test_billing_is_split_at_a_supplier_switch_and_says_when_corrected(hub
         assert req["clients"]["c1"]["detail"]["corrected"] is True
 
 
-async def test_tariff_reaches_every_retailer_and_a_late_joiner_gets_the_current_one(hub: HubHandle) -> None:
+async def test_tariff_reaches_every_retailer_and_a_late_joiner_gets_the_current_one(hub_any: HubHandle) -> None:
+    hub = hub_any
     await hub.setup_registry({})
     with parties(retailer(hub, "r1"), retailer(hub, "r2")) as (r1, r2):
         body = {"tariff_id": "tou", "valid_from": iso(T0), "valid_to": iso(T0 + timedelta(days=30)),
@@ -72,7 +75,8 @@ async def test_tariff_reaches_every_retailer_and_a_late_joiner_gets_the_current_
         assert Tariff.model_validate_json(got.payload).tariff_id == "tou"
 
 
-async def test_load_reduction_asks_availability_then_disconnects_enough_clients(hub: HubHandle) -> None:
+async def test_load_reduction_asks_availability_then_disconnects_enough_clients(hub_any: HubHandle) -> None:
+    hub = hub_any
     await hub.setup_registry({"c1": "r1", "c2": "r2", "c3": "r1"})
     with parties(retailer(hub, "r1"), retailer(hub, "r2")) as (r1, r2):
         r = await hub.http.post("/v1/load-reductions", headers=hub.auth("dso"), json={
@@ -101,7 +105,8 @@ async def test_load_reduction_asks_availability_then_disconnects_enough_clients(
                                     "covered": True}
 
 
-async def test_cancel_reaches_the_retailers_and_is_recorded(hub: HubHandle) -> None:
+async def test_cancel_reaches_the_retailers_and_is_recorded(hub_any: HubHandle) -> None:
+    hub = hub_any
     await hub.setup_registry({"c1": "r1"})
     with parties(retailer(hub, "r1")) as (r1,):
         r = await hub.http.post("/v1/emergencies", headers=hub.auth("dso"), json={
@@ -123,7 +128,8 @@ async def test_cancel_reaches_the_retailers_and_is_recorded(hub: HubHandle) -> N
         assert list(req["cancel"]["acknowledged_by"]) == ["r1"]
 
 
-async def test_measurements_only_for_own_clients_and_queryable_by_the_dso(hub: HubHandle) -> None:
+async def test_measurements_only_for_own_clients_and_queryable_by_the_dso(hub_any: HubHandle) -> None:
+    hub = hub_any
     await hub.setup_registry({"c1": "r1", "c2": "r2"})
     now = datetime.now(UTC)
     with parties(retailer(hub, "r1")) as (r1,):
@@ -143,7 +149,8 @@ async def test_measurements_only_for_own_clients_and_queryable_by_the_dso(hub: H
     assert metric((await hub.http.get("/metrics")).text, "mhp_mqtt_rejected_total", reason="forbidden") == 1
 
 
-async def test_a_retailer_coming_back_online_is_resynced_at_once(hub: HubHandle) -> None:
+async def test_a_retailer_coming_back_online_is_resynced_at_once(hub_any: HubHandle) -> None:
+    hub = hub_any
     await hub.setup_registry({"c1": "r1"})
     with parties(retailer(hub, "r1")) as (r1,):
         await hub.http.post("/v1/emergencies", headers=hub.auth("dso"), json={
