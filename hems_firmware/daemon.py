@@ -25,6 +25,7 @@ from device_drivers.modbus import BusPool
 from device_drivers.registry import Meter, Switch, build_device
 from hems_firmware.config import GatewayConfig
 from hems_firmware.controller import Load, plan_shedding
+from hems_firmware.events import EventFeed
 from mhp_wire import topics
 from mhp_wire.messages import (
     Ack,
@@ -97,6 +98,7 @@ class Gateway:
         self.active: dict[str, ActiveAction] = {}
         self.tariff: Tariff | None = None
         self.actuations: list[Actuation] = []
+        self.events = EventFeed()
         self.rejected = 0
         self._seq = 0
         self._wake = asyncio.Event()
@@ -159,6 +161,10 @@ class Gateway:
             except DeviceError:
                 out[name] = {"available": False}
         self.state = out
+        self.events.publish({"type": "state", "at": time.time(), "gateway_id": self.id, "client_id": self.client_id,
+                             "devices": out, "active_power_kw": self.measured_kw(),
+                             "active": [{"request_id": a.request_id, "kind": a.kind, "limit_kw": a.limit_kw,
+                                         "end": a.end, "shed": list(a.shed)} for a in self.active.values()]})
         return out
 
     def measured_kw(self) -> float | None:
@@ -350,8 +356,11 @@ class Gateway:
             log.error("gateway %s could not switch %s %s: %s", self.id, name, "on" if on else "off", exc)
             return False
         self.state.setdefault(name, {})["on"] = state
-        self.actuations.append(Actuation(time.time(), name, on, request_id, reason))
+        act = Actuation(time.time(), name, on, request_id, reason)
+        self.actuations.append(act)
         del self.actuations[:-1000]
+        self.events.publish({"type": "actuation", "at": act.at, "gateway_id": self.id, "device": name, "on": on,
+                             "request_id": request_id, "reason": reason})
         log.info("gateway %s switched %s %s (%s, request %s)", self.id, name, "on" if on else "off", reason,
                  request_id)
         return state == on
