@@ -27,6 +27,27 @@ class Uplink(BaseModel):
     tls_ca_file: str | None = None
 
 
+class FlexibleSchedule(BaseModel):
+    """The consumer's schedule for one flexible appliance: how long it must run each day, and when it may."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: str
+    run_s: float = Field(gt=0, le=86_400)
+    """Running time needed per day."""
+    allowed: list[tuple[str, str]] = Field(default_factory=lambda: [("00:00", "24:00")])
+    """Windows ``("HH:MM", "HH:MM")`` in the gateway's time zone; a window may wrap past midnight."""
+
+    @field_validator("allowed")
+    @classmethod
+    def _times(cls, v: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        for a, b in v:
+            for t in (a, b):
+                hh, _, mm = t.partition(":")
+                if not (hh.isdigit() and mm.isdigit() and 0 <= int(hh) <= 24 and 0 <= int(mm) < 60):
+                    raise ValueError(f"{t!r} is not HH:MM")
+        return v
+
+
 class GatewaySection(BaseModel):
     """The ``[gateway]`` table."""
 
@@ -37,6 +58,16 @@ class GatewaySection(BaseModel):
     state_dir: Path = Path("/var/lib/hems-gateway")
     poll_interval_s: float = Field(1.0, gt=0)
     telemetry_interval_s: float = Field(5.0, gt=0)
+    telemetry_buffer_max: int = Field(100_000, ge=10)
+    """Telemetry kept on disk while the uplink is down (the oldest goes first beyond this)."""
+    contracted_power_kw: float | None = Field(None, gt=0)
+    """The home's contracted power; a meter that reports it (E-Redes HAN) takes precedence."""
+    restore_band_kw: float = Field(0.5, ge=0)
+    """Hysteresis: a shed load comes back only if the home then stays this far under its cap."""
+    restore_interval_s: float = Field(5.0, ge=0)
+    """At most one shed load comes back per interval."""
+    timezone: str = "UTC"
+    flexible: list[FlexibleSchedule] = Field(default_factory=list)
 
     @field_validator("id", "client_id")
     @classmethod
@@ -57,6 +88,9 @@ class GatewayConfig(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"device names must be unique: {', '.join(dupes)}")
+        unknown = sorted({f.device for f in self.gateway.flexible} - set(names))
+        if unknown:
+            raise ValueError(f"flexible schedule for unknown device(s): {', '.join(unknown)}")
         return self
 
     @classmethod

@@ -16,16 +16,19 @@ import math
 import sqlite3
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from device_drivers.errors import DeviceError
 from device_drivers.modbus import BusPool
 from device_drivers.registry import Meter, Switch, build_device
 from hems_firmware.config import GatewayConfig
-from hems_firmware.controller import Load, plan_shedding
+from hems_firmware.controller import Load, cheapest_slots, plan_restore, plan_shedding
 from hems_firmware.events import EventFeed
+from hems_firmware.systemd import Notifier
 from mhp_wire import topics
 from mhp_wire.messages import (
     Ack,
@@ -55,6 +58,11 @@ CREATE TABLE IF NOT EXISTS commands (
 CREATE TABLE IF NOT EXISTS outbox (
     msg_id TEXT PRIMARY KEY, payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS telemetry (
+    seq INTEGER PRIMARY KEY, msg_id TEXT NOT NULL, payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS telemetry_msg ON telemetry(msg_id);
+CREATE TABLE IF NOT EXISTS to_restore (name TEXT PRIMARY KEY, request_id TEXT, since REAL NOT NULL);
 """
 
 METER_DRIVERS = frozenset({"eastron_sdm630", "eastron_sdm120", "eredes_han", "dsmr_p1"})
@@ -99,6 +107,11 @@ class Gateway:
         self.tariff: Tariff | None = None
         self.actuations: list[Actuation] = []
         self.events = EventFeed()
+        self.notifier = Notifier()
+        self.to_restore: dict[str, str | None] = {}
+        """Loads an ended action shed, waiting to come back (one per ``restore_interval_s``, with hysteresis)."""
+        self._last_restore = 0.0
+        self._plan: tuple[tuple[str, int, str], dict[str, list[float]]] | None = None
         self.rejected = 0
         self._seq = 0
         self._wake = asyncio.Event()
@@ -128,6 +141,7 @@ class Gateway:
                 async with link:
                     self.link = link
                     await self._resume()
+                    self.notifier.ready()
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._poll_loop(), name=f"gw-{self.id}-poll")
                         tg.create_task(self._outbox_loop(), name=f"gw-{self.id}-outbox")
@@ -137,7 +151,11 @@ class Gateway:
             await self.sql.close()
 
     async def _resume(self) -> None:
-        """After a restart, re-arm every stored command that has not finished."""
+        """After a restart, re-arm every stored command that has not finished, and what waits to be restored."""
+        self._seq = await self.sql.read(lambda db: int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM telemetry")
+                                                       .fetchone()[0]))
+        self.to_restore = await self.sql.read(lambda db: {r[0]: r[1] for r in db.execute(
+            "SELECT name, request_id FROM to_restore")})
         rows = await self.sql.read(lambda db: [dict(r) for r in db.execute(
             "SELECT * FROM commands WHERE state IN ('scheduled', 'active')")])
         for row in rows:
@@ -191,23 +209,84 @@ class Gateway:
             started = time.monotonic()
             await self.poll_once()
             await self._hold_limit()
+            await self._restore_step()
+            await self._schedule_step()
             if started - last_telemetry >= self.cfg.gateway.telemetry_interval_s:
                 last_telemetry = started
-                await self._publish_telemetry()
+                await self._queue_telemetry()
+            self.notifier.alive()
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     def sheddable_kw(self) -> float:
         """Rated power of the sheddable loads that are on now."""
         return round(sum(ld.rated_kw for ld in self.loads() if ld.sheddable and ld.on), 3)
 
-    async def _publish_telemetry(self) -> None:
-        if self.link is None:
-            return
+    async def _queue_telemetry(self) -> None:
+        """Store this poll's telemetry; the outbox loop sends it, in order, until the bridge acknowledges it."""
         self._seq += 1
         msg = Telemetry(gateway_id=self.id, client_id=self.client_id, seq=self._seq, at=utcnow(), devices=self.state,
                         active_power_kw=self.measured_kw(), sheddable_kw=self.sheddable_kw())
-        with contextlib.suppress(MqttError):
-            await self.link.publish(topics.telemetry(self.id), encode(msg), retain=True)
+        keep = self.cfg.gateway.telemetry_buffer_max
+
+        def store(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO telemetry (seq, msg_id, payload) VALUES (?,?,?)", (msg.seq, msg.msg_id,
+                                                                                    encode(msg)))
+            db.execute("DELETE FROM telemetry WHERE seq <= ?", (msg.seq - keep,))
+
+        await self.sql.tx(store)
+        self._wake.set()
+
+    def cap_kw(self) -> float:
+        """The power the home must stay under when nothing is active: its contracted power, if known."""
+        for name in self.meters:
+            kva = self.state.get(name, {}).get("contracted_power_kva")
+            if isinstance(kva, float | int) and not isinstance(kva, bool) and kva > 0:
+                return float(kva)
+        return self.cfg.gateway.contracted_power_kw or float("inf")
+
+    async def _restore_step(self) -> None:
+        """Bring one shed load back, if the hysteresis band allows it and no action holds the home."""
+        if not self.to_restore or self.active:
+            return
+        if time.monotonic() - self._last_restore < self.cfg.gateway.restore_interval_s:
+            return
+        shed = [ld for ld in self.loads() if ld.name in self.to_restore]
+        for name in [n for n in self.to_restore if n not in self.switches]:
+            self.to_restore.pop(name)
+        for name in plan_restore(self.cap_kw(), self.measured_kw(), shed, self.cfg.gateway.restore_band_kw):
+            request_id = self.to_restore.get(name)
+            if await self._switch(name, True, request_id, "restore after the request ended"):
+                self._last_restore = time.monotonic()
+                self.to_restore.pop(name, None)
+                await self.sql.tx(partial(_forget_restore, name=name))
+
+    async def _schedule_step(self) -> None:
+        """Run flexible appliances in the cheapest slots of the current tariff that their schedule allows."""
+        if not self.cfg.gateway.flexible or self.tariff is None or self.active:
+            return
+        tz = ZoneInfo(self.cfg.gateway.timezone)
+        now = datetime.now(tz)
+        key = (self.tariff.tariff_id, self.tariff.version, now.date().isoformat())
+        if self._plan is None or self._plan[0] != key:
+            midnight = now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+            prices = [(p.start.timestamp(), p.end.timestamp(), p.price_eur_per_kwh) for p in self.tariff.periods]
+            plans = {}
+            for f in self.cfg.gateway.flexible:
+                windows = []
+                for a, b in f.allowed:
+                    s = midnight + _seconds(a)
+                    e = midnight + _seconds(b)
+                    windows += [(s, e)] if e > s else [(midnight, e), (s, midnight + 86_400)]
+                plans[f.device] = cheapest_slots(prices, windows, f.run_s)
+            self._plan = (key, plans)
+            log.info("gateway %s planned its flexible loads on tariff %s v%d", self.id, key[0], key[1])
+        t = now.timestamp()
+        for device, slots in self._plan[1].items():
+            want = any(s <= t < s + 900 for s in slots)
+            on = self.state.get(device, {}).get("on")
+            if isinstance(on, bool) and on != want and device not in self.to_restore:
+                why = "cheapest tariff slot" if want else "outside its cheapest tariff slots"
+                await self._switch(device, want, None, f"tariff {key[0]} v{key[1]}: {why}")
 
     # -- commands -----------------------------------------------------------------------------------------
 
@@ -232,8 +311,11 @@ class Gateway:
         elif isinstance(msg, Cancel):
             await self._on_cancel(msg)
         elif isinstance(msg, Ack):
-            await self.sql.tx(lambda db: db.executemany("DELETE FROM outbox WHERE msg_id=?",
-                                                        [(m,) for m in msg.ack_ids]))
+            def drop(db: sqlite3.Connection) -> None:
+                db.executemany("DELETE FROM outbox WHERE msg_id=?", [(m,) for m in msg.ack_ids])
+                db.executemany("DELETE FROM telemetry WHERE msg_id=?", [(m,) for m in msg.ack_ids])
+
+            await self.sql.tx(drop)
         elif isinstance(msg, ErrorReply):
             log.warning("the bridge refused %s: %s", msg.ref_msg_id, msg.message)
             if msg.ref_msg_id:
@@ -336,15 +418,25 @@ class Gateway:
         return plan.expected_kw
 
     async def _finish(self, request_id: str, shed: list[str], state: str = "done") -> None:
-        """End one action: what it shed goes back on, unless another action still holds the home."""
+        """End one action: what it shed is handed to another action still holding the home, or queued to come
+        back with hysteresis (one load per ``restore_interval_s`` while the home stays under its cap)."""
         self.active.pop(request_id, None)
         if self.active:
             heir = min(self.active.values(), key=lambda a: a.limit_kw)
             heir.shed.extend(n for n in shed if n not in heir.shed)
         else:
             for name in shed:
-                await self._switch(name, True, request_id, f"request {state}: restore")
-        await self.sql.tx(lambda db: db.execute("UPDATE commands SET state=? WHERE request_id=?", (state, request_id)))
+                self.to_restore[name] = request_id
+        now = time.time()
+
+        def record(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE commands SET state=? WHERE request_id=?", (state, request_id))
+            if not self.active:
+                db.executemany("INSERT OR REPLACE INTO to_restore VALUES (?,?,?)",
+                               [(n, request_id, now) for n in shed])
+
+        await self.sql.tx(record)
+        self._last_restore = 0.0
 
     async def _switch(self, name: str, on: bool, request_id: str | None, reason: str) -> bool:
         sw = self.switches.get(name)
@@ -366,6 +458,26 @@ class Gateway:
         return state == on
 
     # -- outbox -------------------------------------------------------------------------------------------
+
+    async def _send_telemetry(self) -> None:
+        """Send buffered telemetry in order (the newest retained, for a bridge that starts later)."""
+        rows = await self.sql.read(lambda db: [dict(r) for r in db.execute(
+            "SELECT seq, msg_id, payload, attempts FROM telemetry WHERE next_attempt_at<=? ORDER BY seq LIMIT 500",
+            (time.time(),))])
+        if not rows or self.link is None or not self.link.connected:
+            return
+        newest = rows[-1]["seq"] == self._seq
+        sent = []
+        for i, row in enumerate(rows):
+            try:
+                await self.link.publish(topics.telemetry(self.id), row["payload"],
+                                        retain=newest and i == len(rows) - 1)
+            except MqttError:
+                break
+            sent.append((time.time() + min(30.0, 2.0 * 2 ** row["attempts"]), row["seq"]))
+        if sent:
+            await self.sql.tx(lambda db: db.executemany(
+                "UPDATE telemetry SET attempts=attempts+1, next_attempt_at=? WHERE seq=?", sent))
 
     async def _outcome(self, out: Outcome) -> None:
         await self.sql.tx(lambda db: db.execute(
@@ -395,10 +507,20 @@ class Gateway:
                     sent.append((time.time() + min(30.0, 0.5 * 2 ** row["attempts"]), row["msg_id"]))
                 if sent:
                     await self.sql.tx(partial(_mark_sent, sent=sent))
+                await self._send_telemetry()
             except StorageError as exc:
                 log.error("gateway %s outbox paused: %s", self.id, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.5)
+
+
+def _forget_restore(db: sqlite3.Connection, name: str) -> None:
+    db.execute("DELETE FROM to_restore WHERE name=?", (name,))
+
+
+def _seconds(hhmm: str) -> float:
+    hh, _, mm = hhmm.partition(":")
+    return int(hh) * 3600.0 + int(mm) * 60.0
 
 
 def _mark_sent(db: sqlite3.Connection, sent: list[tuple[float, str]]) -> None:

@@ -219,7 +219,11 @@ class BridgeRelay:
             if self.gateway_of_client.get(msg.client_id) != gid or msg.gateway_id != gid:
                 self.rejected["gateway_foreign_client"] += 1
                 return
-            self.latest_telemetry[gid] = msg
+            if not retained:
+                await self._to_gateway(gid, Ack(ack_ids=[msg.msg_id]))
+            latest = self.latest_telemetry.get(gid)
+            if latest is None or msg.seq >= latest.seq:
+                self.latest_telemetry[gid] = msg
             if msg.active_power_kw is not None:
                 self._pending_measurements[(msg.client_id, msg.at.timestamp())] = Measurement(
                     client_id=msg.client_id, at=msg.at, active_power_kw=msg.active_power_kw)

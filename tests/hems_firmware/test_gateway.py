@@ -56,6 +56,7 @@ async def rig(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncItera
                             "timeout_s": 0.5})
         cfg = GatewayConfig.model_validate({
             "gateway": {"id": "gw-1", "client_id": "c1", "state_dir": str(tmp_path / "gw"), "poll_interval_s": 0.2,
+                        "restore_interval_s": 0.1, "contracted_power_kw": 6.9,
                         "telemetry_interval_s": 0.2,
                         "uplink": {"host": broker.host, "port": broker.port,
                                    "password": broker.identities["gw-1"].password}},
@@ -210,5 +211,64 @@ async def test_cancel_before_start_and_while_active(rig: Rig) -> None:
         cancel = Cancel(request_id="qb", client_ids=["c1"])
         await bridge.publish(topics.down("gateways", "gw-1"), cancel)
         await bridge.next("ack")
-        assert rig.home.coil_state(0) and rig.home.coil_state(1), "what it shed is restored at once"
         assert "qb" not in rig.gateway.active
+        for _ in range(40):
+            if rig.home.coil_state(0) and rig.home.coil_state(1):
+                break
+            await asyncio.sleep(0.05)
+        assert rig.home.coil_state(0) and rig.home.coil_state(1), "what it shed comes back, one load per interval"
+
+
+async def test_telemetry_is_buffered_while_the_broker_is_down_and_replayed_in_order(rig: Rig) -> None:
+    """The broker stops for a while: the gateway keeps polling and stores its telemetry; when the broker is back
+    every telemetry message arrives, none lost, first deliveries in order; acknowledged ones are dropped."""
+    seen: list[int] = []
+    with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+        first = await bridge.next("telemetry")
+        assert isinstance(first, Telemetry)
+        rig.broker.process.stop()
+        await asyncio.sleep(1.5)  # about seven polls without an uplink
+        assert rig.gateway.link is not None and not rig.gateway.link.connected
+    rig.broker.process.start()
+    with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+        deadline = asyncio.get_running_loop().time() + 8
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                msg = await bridge.next("telemetry", timeout=0.5)
+            except TimeoutError:
+                continue
+            assert isinstance(msg, Telemetry)
+            if msg.seq not in seen:
+                seen.append(msg.seq)
+                await bridge.publish(topics.down("gateways", "gw-1"), Ack(ack_ids=[msg.msg_id]))
+            if len(seen) > 12 and seen[-1] >= first.seq + 12:
+                break
+    after = [s for s in seen if s > first.seq]
+    assert after[:12] == list(range(first.seq + 1, first.seq + 13)), f"lost or reordered: {seen}"
+    left = await rig.gateway.sql.read(lambda db: db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
+    assert left < 5, "acknowledged telemetry is dropped from the buffer"
+
+
+async def test_systemd_ready_and_watchdog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from hems_firmware.systemd import Notifier
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(2)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+        n = Notifier()
+        assert n.interval_s == 1.0
+        n.ready()
+        n.alive()
+        n.alive()  # within half the watchdog period: not sent again
+        assert sock.recv(64) == b"READY=1"
+        assert sock.recv(64) == b"WATCHDOG=1"
+        sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            sock.recv(64)
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert Notifier().notify("READY=1") is False
