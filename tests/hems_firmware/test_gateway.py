@@ -272,3 +272,27 @@ async def test_systemd_ready_and_watchdog(tmp_path: Path, monkeypatch: pytest.Mo
             sock.recv(64)
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert Notifier().notify("READY=1") is False
+
+
+async def test_the_limiter_holds_a_home_through_a_scripted_day_end_to_end(rig: Rig) -> None:
+    """A compressed day on the real gateway and simulated devices: the household's base load moves through the
+    day's profile while an emergency at 3 kW holds; after each poll the import stays under the limit whenever
+    shedding can achieve it, and once the emergency ends what was shed comes back under the contracted power."""
+    profile = [0.3, 0.8, 1.5, 0.5, 2.2, 1.2, 0.4, 2.8, 0.6]  # kW, one step per few polls
+    with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+        await bridge.publish(topics.down("gateways", "gw-1"), command(lead_s=0, duration_s=len(profile) * 0.6 + 0.5,
+                                                                         limit=3.0, request_id="day"))
+        await bridge.next("outcome")
+        for kw in profile:
+            rig.home.set_base_load_kw(kw)
+            await asyncio.sleep(0.6)  # three polls
+            feasible = kw + 0.15 <= 3.0
+            if feasible:
+                assert rig.home.total_power_kw() <= 3.0 + 1e-9, f"base {kw} kW: home at {rig.home.total_power_kw()}"
+        rig.home.set_base_load_kw(0.3)
+        for _ in range(60):
+            if rig.home.coil_state(0) and rig.home.coil_state(1):
+                break
+            await asyncio.sleep(0.1)
+        assert rig.home.coil_state(0) and rig.home.coil_state(1), "restored after the emergency"
+        assert rig.home.total_power_kw() <= 6.9
