@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -15,6 +15,13 @@ TCP_TRANSPORTS: frozenset[str] = frozenset({"modbus-tcp", "modbus-rtu-over-tcp"}
 SERIAL_TRANSPORTS: frozenset[str] = frozenset({"modbus-rtu", "serial"})
 #: Drivers that speak Modbus (any transport but plain "serial").
 MODBUS_DRIVERS: frozenset[str] = frozenset({"eastron_sdm630", "eastron_sdm120", "modbus_relay", "eredes_han"})
+#: Defaults that differ by driver, applied only to fields the entry leaves out.
+#: DSMR 5 P1 ports run at 115200 baud; the E-Redes HAN port wants a quiet line between requests (field
+#: configurations throttle it at 200 ms per command).
+DRIVER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dsmr_p1": {"baudrate": 115200},
+    "eredes_han": {"gap_ms": 100.0},
+}
 
 
 class DeviceConfig(BaseModel):
@@ -30,6 +37,8 @@ class DeviceConfig(BaseModel):
     unit_id: int = Field(default=1, ge=1, le=247)
     serial_port: str | None = None
     baudrate: int = Field(default=9600, gt=0)
+    #: Data bits: 8, or 7 for the 7E1 line of DSMR 2.2/3 (and some DSMR 4) P1 ports; Modbus needs 8.
+    bytesize: Literal[7, 8] = 8
     parity: Literal["N", "E", "O"] = "N"
     stopbits: int = Field(default=1, ge=1, le=2)
     coil: int | None = Field(default=None, ge=0, le=65535)
@@ -38,6 +47,19 @@ class DeviceConfig(BaseModel):
     sheddable: bool = False
     timeout_s: float = Field(default=1.0, gt=0)
     gap_ms: float = Field(default=0.0, ge=0)
+    #: How old the newest reading of a push device (dsmr_p1) may be before the device counts as unavailable.
+    max_age_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _driver_defaults(cls, data: Any) -> Any:
+        """Fill the fields whose default depends on the driver, where the entry leaves them out."""
+        if isinstance(data, dict):
+            defaults = DRIVER_DEFAULTS.get(str(data.get("driver")), {})
+            missing = {k: v for k, v in defaults.items() if k not in data}
+            if missing:
+                return {**data, **missing}
+        return data
 
     @model_validator(mode="after")
     def _check_connection(self) -> DeviceConfig:
@@ -55,6 +77,8 @@ class DeviceConfig(BaseModel):
             problems.append(f"driver {self.driver!r} speaks Modbus: use a modbus-* transport, not 'serial'")
         if self.driver == "dsmr_p1" and self.transport != "serial":
             problems.append("driver 'dsmr_p1' reads P1 telegrams: use transport 'serial'")
+        if self.driver in MODBUS_DRIVERS and self.bytesize != 8:
+            problems.append(f"driver {self.driver!r} speaks Modbus RTU, which needs bytesize 8")
         if problems:
             raise ValueError(f"device {self.name!r}: " + "; ".join(problems))
         return self

@@ -7,6 +7,14 @@ timeout. After any failure the connection is dropped and the next request opens 
 pymodbus exceptions and exception responses become :mod:`device_drivers.errors` here; nothing above
 this module sees a pymodbus type.
 
+Non-standard answers: the E-Redes HAN port answers a function 04 read of count 1 with as many data bytes as
+the DLMS object behind that index holds (4 for a 32-bit object), not ``2 * count``. pymodbus 3.16 frames such an
+answer correctly (its RTU framer sizes a response from the byte count, and nothing compares the count with the
+request), but its stock response decoder turns the bytes into 16-bit registers and fails on an odd byte count.
+Every client here therefore decodes function 04 with :class:`ObjectReadResponse`, registered through
+``client.register()``: it keeps the raw data bytes next to the same ``registers`` the stock class gives, so
+devices sharing the bus are unaffected, and :meth:`ModbusBus.read_input_object` returns the bytes.
+
 pymodbus logs every unanswered request at ERROR, with the last 20 raw frames of *every* connection in
 the process attached. The device layer already logs each failure once at ERROR and repeats at DEBUG, so
 this module silences the ``pymodbus`` logger unless the application set its level itself (set it to
@@ -28,6 +36,7 @@ from pymodbus.client.base import ModbusBaseClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.register_message import ReadInputRegistersResponse
 
 from .config import TCP_TRANSPORTS, DeviceConfig
 from .errors import DeviceError, DeviceExceptionResponse, DeviceUnavailable
@@ -83,6 +92,31 @@ class BusEndpoint:
         if self.transport in TCP_TRANSPORTS:
             return f"{self.transport} {self.host}:{self.port}"
         return f"{self.transport} {self.serial_port} {self.baudrate} 8{self.parity}{self.stopbits}"
+
+
+class ObjectReadResponse(ReadInputRegistersResponse):
+    """A function 04 response decoded without assuming two bytes per register asked for.
+
+    ``payload`` holds the data bytes as sent (any count, odd included); ``registers`` holds the same 16-bit
+    words the stock response would (a trailing odd byte is left out of them).
+    """
+
+    def __init__(self, *args: Any, payload: bytes = b"", **kwargs: Any) -> None:
+        """Build an empty response (pymodbus builds it, then calls :meth:`decode`)."""
+        super().__init__(*args, **kwargs)
+        self.payload = payload
+
+    def decode(self, data: bytes) -> None:
+        """Take the byte count, then exactly that many data bytes."""
+        byte_count = int(data[0])
+        if byte_count > len(data) - 1:
+            raise ValueError(f"byte count {byte_count} exceeds the {len(data) - 1} data bytes received")
+        self.payload = bytes(data[1 : 1 + byte_count])
+        self.registers = [int.from_bytes(self.payload[i : i + 2], "big") for i in range(0, byte_count - 1, 2)]
+
+    def encode(self) -> bytes:
+        """Encode the byte count and the payload."""
+        return bytes([len(self.payload)]) + self.payload
 
 
 class _ConnectionLost(Exception):
@@ -158,6 +192,21 @@ class ModbusBus:
             timeout_s,
         )
         return _registers(rsp, count, unit)
+
+    async def read_input_object(self, unit: int, index: int, *, timeout_s: float | None = None) -> bytes:
+        """Read one object with function 04, count 1, and return its data bytes however many came back.
+
+        For devices that map a whole object to one "register" index (the E-Redes HAN port).
+        """
+        rsp = await self._execute(
+            unit,
+            f"read input object {index:#06x}",
+            lambda c: c.read_input_registers(index, count=1, device_id=unit),
+            timeout_s,
+        )
+        if not isinstance(rsp, ObjectReadResponse):
+            raise DeviceError(f"{self.endpoint} unit {unit}: unexpected answer {type(rsp).__name__} to object read")
+        return rsp.payload
 
     async def read_holding_registers(
         self, unit: int, address: int, count: int, *, timeout_s: float | None = None
@@ -313,6 +362,12 @@ class ModbusBus:
         return client, lost, True
 
     def _new_client(self, trace_connect: Callable[[bool], None]) -> ModbusBaseClient:
+        """Build the pymodbus client for this endpoint, decoding function 04 with :class:`ObjectReadResponse`."""
+        client = self._stock_client(trace_connect)
+        client.register(ObjectReadResponse)
+        return client
+
+    def _stock_client(self, trace_connect: Callable[[bool], None]) -> ModbusBaseClient:
         """Build the pymodbus client for this endpoint, with automatic reconnection off."""
         ep = self.endpoint
         if ep.transport == "modbus-rtu":
@@ -362,13 +417,28 @@ def _registers(rsp: ModbusPDU, count: int, unit: int) -> list[int]:
 
 
 class BusPool:
-    """Hands the same :class:`ModbusBus` to devices that share a connection; closes them all on exit."""
+    """Hands the same :class:`ModbusBus` to devices that share a connection; closes them all on exit.
+
+    A device that owns a serial port outright (a P1 reader) claims it with :meth:`claim_port`; the pool then
+    refuses any other device on that port and runs the device's closer when it closes.
+    """
 
     def __init__(self, *, retries: int = 0) -> None:
         """Start empty; `retries` is passed to every bus (keep it 0 or 1 so dead devices fail fast)."""
         self.retries = retries
         self._buses: dict[tuple[str, str], ModbusBus] = {}
         self._owners: dict[tuple[str, str], str] = {}
+        self._claims: dict[tuple[str, str], str] = {}
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    def claim_port(self, cfg: DeviceConfig, close: Callable[[], Awaitable[None]]) -> None:
+        """Give `cfg`'s serial port to that one device; `close` is awaited when the pool closes."""
+        key = ("serial", cfg.serial_port or "")
+        other = self._claims.get(key) or self._owners.get(key)
+        if other is not None:
+            raise DeviceError(f"device {cfg.name!r} needs {cfg.serial_port} to itself but device {other!r} uses it")
+        self._claims[key] = cfg.name
+        self._closers.append(close)
 
     def bus_for(self, cfg: DeviceConfig) -> ModbusBus:
         """Return the bus for `cfg`'s connection, creating it on first use.
@@ -377,6 +447,11 @@ class BusPool:
         name the same connection with different framing or line settings are a configuration error.
         """
         endpoint = BusEndpoint.from_config(cfg)
+        if endpoint.key in self._claims:
+            raise DeviceError(
+                f"device {cfg.name!r} uses {endpoint} but device {self._claims[endpoint.key]!r} "
+                f"has {endpoint.serial_port} to itself"
+            )
         bus = self._buses.get(endpoint.key)
         if bus is None:
             bus = ModbusBus.from_config(cfg, retries=self.retries)
@@ -398,7 +473,13 @@ class BusPool:
         return list(self._buses.values())
 
     async def close(self) -> None:
-        """Close every bus."""
+        """Stop every port owner that claimed a port, then close every bus."""
+        closers, self._closers = self._closers, []
+        for close in closers:
+            try:
+                await close()
+            except Exception:  # one owner failing to stop must not leave the others running
+                _log.exception("closing a serial port owner failed")
         for bus in self._buses.values():
             await bus.close()
 

@@ -7,7 +7,9 @@ from collections.abc import Callable, Iterable
 from typing import Literal, Protocol, runtime_checkable
 
 from .config import DeviceConfig
+from .dsmr import DsmrP1Meter
 from .eastron import MODELS, EastronMeter
+from .eredes import EredesHanMeter
 from .errors import DeviceError
 from .modbus import BusPool
 from .relay import ModbusRelay
@@ -34,7 +36,8 @@ class Meter(Protocol):
 
     async def read(self) -> dict[str, float]:
         """Read ``active_power_kw``, ``import_energy_kwh``, ``export_energy_kwh``, ``voltage_v``, ``current_a``,
-        ``frequency_hz``."""
+        ``frequency_hz``; a driver may add readings of its own and leave out one its meter lacks (P1 has no
+        frequency)."""
         ...
 
 
@@ -72,12 +75,19 @@ Device = Meter | Switch
 def build_device(cfg: DeviceConfig, pool: BusPool, *, clock: Callable[[], float] = time.monotonic) -> Device:
     """Build the driver for `cfg` on the shared bus from `pool`.
 
-    `clock` (monotonic seconds) drives the device's backoff; tests pass a fake one.
+    `clock` (monotonic seconds) drives the device's backoff and, for P1 meters, the age of telegrams; tests
+    pass a fake one. A P1 meter claims its serial port from `pool`, which stops its reader when it closes.
     """
     if cfg.driver in MODELS:
         return EastronMeter(cfg, pool.bus_for(cfg), clock=clock)
     if cfg.driver == "modbus_relay":
         return ModbusRelay(cfg, pool.bus_for(cfg), clock=clock)
+    if cfg.driver == "eredes_han":
+        return EredesHanMeter(cfg, pool.bus_for(cfg), clock=clock)
+    if cfg.driver == "dsmr_p1":
+        meter = DsmrP1Meter(cfg, clock=clock)
+        pool.claim_port(cfg, meter.close)
+        return meter
     raise DeviceError(f"device {cfg.name!r}: driver {cfg.driver!r} is not built yet")
 
 

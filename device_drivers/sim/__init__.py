@@ -1,4 +1,6 @@
-"""Simulated Modbus devices speaking real frames through pymodbus's server side, for tests and the stack.
+"""Simulated devices speaking their real wire protocols, for tests and the stack: Modbus devices through
+pymodbus's server side (Eastron meters, relay boards, the E-Redes HAN port), and a DSMR P1 telegram writer on
+a pty pair.
 
 Start a simulated home on a TCP port::
 
@@ -9,22 +11,29 @@ Start a simulated home on a TCP port::
 
 from .base import SimulatedDevice
 from .clock import ManualClock
+from .eredes import HanMeterSim, HanState
 from .home import Plug, SimulatedHome
 from .meter import MeterModel, MeterSim, MeterState
+from .p1 import P1State, P1TelegramWriter, build_telegram
 from .pty import PtyNullModem
 from .relay import RelayBoardSim
 from .server import ModbusSimServer, SimTransport
 
 __all__ = [
+    "HanMeterSim",
+    "HanState",
     "ManualClock",
     "MeterModel",
     "MeterSim",
     "MeterState",
     "ModbusSimServer",
+    "P1State",
+    "P1TelegramWriter",
     "Plug",
     "PtyNullModem",
     "RelayBoardSim",
     "SimTransport",
     "SimulatedDevice",
     "SimulatedHome",
+    "build_telegram",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from pymodbus.constants import ExcCodes
+from pymodbus.pdu import ModbusPDU
 from pymodbus.simulator import SimData, SimDevice
 
 
@@ -21,6 +22,10 @@ class SimulatedDevice(ABC):
 
     #: Whether coils are addressed bit by bit (relay boards) rather than register by register.
     bit_addressing: bool = False
+    #: Request PDU classes the server must decode with instead of pymodbus's own, for a device that speaks a
+    #: non-standard dialect of a function code (the E-Redes HAN port's function 04). Devices served together
+    #: must agree on them.
+    request_pdus: tuple[type[ModbusPDU], ...] = ()
 
     def __init__(self) -> None:
         """Start online with no requests seen."""

@@ -26,7 +26,8 @@ class ModbusSimServer:
     ``modbus-tcp`` and ``modbus-rtu-over-tcp`` listen on `host`:`port` (port 0 picks a free port, read it
     from :attr:`port`); ``modbus-rtu`` opens `serial_port` (a pty from :class:`PtyNullModem` in tests).
     A request for a unit that is not served, or whose device is offline, gets no answer at all, as on an
-    RS-485 line where nobody has that address.
+    RS-485 line where nobody has that address. Devices with their own dialect of a function code
+    (:attr:`SimulatedDevice.request_pdus`) are served only with devices of the same dialect.
     """
 
     def __init__(
@@ -49,6 +50,11 @@ class ModbusSimServer:
                 raise ValueError(f"unit id {unit} outside 1..247")
         if transport == "modbus-rtu" and not serial_port:
             raise ValueError("transport 'modbus-rtu' needs serial_port")
+        dialects = {device.request_pdus for device in devices.values()}
+        if len(dialects) > 1:
+            kinds = sorted({type(device).__name__ for device in devices.values()})
+            raise ValueError(f"devices {kinds} decode requests differently and cannot share one server")
+        self._custom_pdu = list(dialects.pop())
         self.devices = dict(devices)
         self.transport: SimTransport = transport
         self.host = host
@@ -96,6 +102,7 @@ class ModbusSimServer:
                 stopbits=self.stopbits,
                 reconnect_delay=0.0,
                 trace_pdu=self._filter,
+                custom_pdu=self._custom_pdu or None,
             )
         else:
             server = ModbusTcpServer(
@@ -103,6 +110,7 @@ class ModbusSimServer:
                 framer=FramerType.RTU if self.transport == "modbus-rtu-over-tcp" else FramerType.SOCKET,
                 address=(self.host, self._port),
                 trace_pdu=self._filter,
+                custom_pdu=self._custom_pdu or None,
             )
         try:
             await server.serve_forever(background=True)

@@ -61,14 +61,43 @@ def test_every_missing_field_is_reported_at_once() -> None:
     assert "needs coil" in text
 
 
-async def test_drivers_of_a_later_issue_are_refused_clearly() -> None:
+async def test_every_driver_is_built() -> None:
+    from device_drivers import DsmrP1Meter, EredesHanMeter
+
     async with BusPool() as pool:
-        for driver, transport in (("eredes_han", "modbus-rtu"), ("dsmr_p1", "serial")):
-            cfg = DeviceConfig.model_validate(
-                {"name": "x", "driver": driver, "transport": transport, "serial_port": "/dev/null"}
-            )
-            with pytest.raises(DeviceError, match=f"driver '{driver}' is not built yet"):
-                build_device(cfg, pool)
+        han = build_device(
+            DeviceConfig(name="han", driver="eredes_han", transport="modbus-rtu", serial_port="/dev/ttyUSB0"), pool
+        )
+        p1 = build_device(
+            DeviceConfig(name="p1", driver="dsmr_p1", transport="serial", serial_port="/dev/ttyUSB1"), pool
+        )
+    assert isinstance(han, EredesHanMeter) and isinstance(p1, DsmrP1Meter)
+
+
+def test_driver_defaults_apply_only_where_the_entry_is_silent() -> None:
+    p1 = {"name": "p1", "driver": "dsmr_p1", "transport": "serial", "serial_port": "/dev/ttyUSB0"}
+    cfg = DeviceConfig.model_validate(p1)
+    assert (cfg.baudrate, cfg.bytesize, cfg.parity, cfg.max_age_s) == (115200, 8, "N", 10.0)
+    dsmr3 = DeviceConfig.model_validate(p1 | {"baudrate": 9600, "bytesize": 7, "parity": "E", "max_age_s": 30})
+    assert (dsmr3.baudrate, dsmr3.bytesize, dsmr3.parity, dsmr3.max_age_s) == (9600, 7, "E", 30.0)
+    han = DeviceConfig.model_validate(tcp_meter(driver="eredes_han"))
+    assert (han.baudrate, han.gap_ms, han.stopbits) == (9600, 100.0, 1)
+    assert DeviceConfig.model_validate(tcp_meter(driver="eredes_han", gap_ms=0)).gap_ms == 0
+    assert DeviceConfig.model_validate(tcp_meter()).gap_ms == 0  # other drivers keep theirs
+    assert DeviceConfig.model_validate(cfg.model_dump()) == cfg  # a dumped entry validates to itself
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"bytesize": 7}, "needs bytesize 8"),
+        ({"bytesize": 6}, "Input should be 7 or 8"),
+        ({"max_age_s": 0}, "greater than 0"),
+    ],
+)
+def test_invalid_line_settings_are_refused(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        DeviceConfig.model_validate(tcp_meter(driver="eredes_han", **overrides))
 
 
 async def test_build_devices_refuses_duplicate_names_and_shared_coils() -> None:
