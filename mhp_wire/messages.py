@@ -295,9 +295,34 @@ class Measurements(_Msg):
     items: list[Measurement] = Field(min_length=1, max_length=10_000)
 
 
+class ApplianceSchedule(BaseModel):
+    """A customer's flexibility settings for one appliance (from the retailer's personal area)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    device: str = Field(min_length=1, max_length=64)
+    allowed: list[tuple[str, str]] = Field(default_factory=list, max_length=24)
+    """Windows ``("HH:MM", "HH:MM")`` in which the appliance may run (empty: any time)."""
+    run_s: float | None = Field(None, ge=0, le=86_400)
+    """Running time it needs per day, placed in the cheapest allowed slots (None: not tariff-scheduled)."""
+    max_interruption_s: float | None = Field(None, ge=0, le=86_400)
+    """The longest it may be kept off by a request (None: no bound)."""
+    priority: int | None = Field(None, ge=0, le=1000)
+    """Lower sheds first (None: keep the installer's setting)."""
+    never_shed: bool = False
+
+
+class Schedule(_Msg):
+    """Bridge -> gateway: the customer's flexibility schedule; the newest ``version`` wins."""
+
+    type: Literal["schedule"] = "schedule"
+    client_id: Id
+    version: int = Field(ge=1)
+    appliances: list[ApplianceSchedule] = Field(max_length=64)
+
+
 Message = Annotated[
     Request | Command | Cancel | Ack | Outcome | ErrorReply | Telemetry | Presence | BillingData | Tariff
-    | Measurements,
+    | Measurements | Schedule,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)

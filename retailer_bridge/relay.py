@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from mhp_wire import topics
@@ -28,6 +29,7 @@ from mhp_wire.messages import (
     Outcome,
     Request,
     RequestKind,
+    Schedule,
     Tariff,
     Telemetry,
     WireError,
@@ -66,6 +68,8 @@ class BridgeRelay:
         self.latest_telemetry: dict[str, Telemetry] = {}
         self.gateway_presence: dict[str, str] = {}
         self.measurement_interval_s = measurement_interval_s
+        self.telemetry_sinks: list[Callable[[Telemetry], None]] = []
+        """Called with every accepted telemetry message (the telemetry export); must not block."""
         self._pending_measurements: dict[tuple[str, float], Measurement] = {}
         self._last_measurements = 0.0
         self._wake = asyncio.Event()
@@ -224,6 +228,8 @@ class BridgeRelay:
             latest = self.latest_telemetry.get(gid)
             if latest is None or msg.seq >= latest.seq:
                 self.latest_telemetry[gid] = msg
+            for sink in self.telemetry_sinks:
+                sink(msg)
             if msg.active_power_kw is not None:
                 self._pending_measurements[(msg.client_id, msg.at.timestamp())] = Measurement(
                     client_id=msg.client_id, at=msg.at, active_power_kw=msg.active_power_kw)
@@ -364,3 +370,8 @@ class BridgeRelay:
                       trace={"retailer_ms": round(cmd["handling_ms"], 3)})
         await self.store.set_state(cmd["request_id"], cmd["client_id"], CLOSED, (out.msg_id, encode(out)))
         log.warning("client %s unreachable for request %s: %s", cmd["client_id"], cmd["request_id"], reason)
+
+    async def push_schedule(self, gateway_id: str, schedule: Schedule) -> None:
+        """Send a customer's schedule to its gateway through the stored outbox (re-sent until acknowledged)."""
+        await self.store.queue_for_gateway(schedule.msg_id, gateway_id, encode(schedule), time.time() + 7 * 86_400)
+        self.kick()

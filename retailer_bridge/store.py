@@ -266,3 +266,9 @@ class BridgeStore:
             return True
 
         return await self.sql.tx(op)
+
+    async def queue_for_gateway(self, msg_id: str, gateway_id: str, payload: bytes, deadline: float) -> None:
+        """A notice for one gateway (a schedule), re-sent until that gateway acknowledges it."""
+        await self.sql.tx(lambda db: db.execute(
+            "INSERT OR IGNORE INTO gateway_outbox (msg_id, gateway_id, payload, next_attempt_at, deadline) "
+            "VALUES (?,?,?,0,?)", (msg_id, gateway_id, payload, deadline)))
