@@ -36,6 +36,22 @@ class BridgeSettings(BaseSettings):
     gateway_ack_timeout_s: float = Field(10.0, gt=0)
     measurement_interval_s: float = Field(5.0, gt=0)
     """How often active-power measurements of the customers are forwarded to the hub."""
+    telemetry_store: Literal["sqlite", "influxdb", "none"] = "sqlite"
+    """Where the customers' telemetry is kept: the embedded SQLite file, or an InfluxDB (v2 write API)."""
+    telemetry_db_path: Path = Path("state/telemetry.db")
+    influx_url: str | None = None
+    influx_token: str = ""
+    influx_org: str = "mhp"
+    influx_bucket: str = "telemetry"
+    telemetry_batch_size: int = Field(500, ge=1)
+    telemetry_flush_interval_s: float = Field(1.0, gt=0)
+    telemetry_spool_max: int = Field(1_000_000, ge=1000)
+    """Points kept on disk while the telemetry store is down (the oldest go first beyond this)."""
+    personal_area_host: str = "127.0.0.1"
+    personal_area_port: int | None = None
+    """The customers' personal area (web); None: not served."""
+    personal_area_secure_cookies: bool = False
+    """Mark session cookies Secure (set it when the personal area is behind HTTPS)."""
 
     @field_validator("retailer_id")
     @classmethod
@@ -46,6 +62,8 @@ class BridgeSettings(BaseSettings):
     def _check(self) -> BridgeSettings:
         if self.environment == "production" and not (self.hub_mqtt_password and self.local_mqtt_password):
             raise ValueError("MQTT passwords must be set outside development")
+        if self.telemetry_store == "influxdb" and not self.influx_url:
+            raise ValueError("telemetry_store 'influxdb' needs influx_url")
         if self.customers_file is not None:
             self.customers = {**json.loads(self.customers_file.read_text()), **self.customers}
         for cid, gid in self.customers.items():
