@@ -173,6 +173,17 @@ class MqttLink:
         self.stats.connects += 1
         self._connected.set()
         log.info("MQTT %s connected to %s:%s", self.client_id, self.endpoint.host, self.endpoint.port)
+        if self.stats.connects > 1:
+            # A reconnect. gmqtt does not subscribe again by itself: a broker that lost our session (restarted
+            # from an old snapshot, or after kill -9) must get our subscriptions again. And our last will has
+            # marked us offline: say we are back.
+            try:
+                if not flags and self._subscriptions:
+                    self._client.subscribe([gmqtt.Subscription(t, qos=1) for t in self._subscriptions])
+                if self._status_topic:
+                    self._client.publish(self._status_topic, presence_payload("online"), qos=1, retain=True)
+            except (OSError, AttributeError) as exc:
+                log.warning("MQTT %s could not restore its subscriptions: %s", self.client_id, exc)
 
     def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
         if self._connected.is_set():

@@ -9,9 +9,10 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -30,8 +31,9 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         await s.stop()
 
 
-async def run_emergency(stack: Stack, clients: list[str], lead_s: float = 1.0) -> dict:  # type: ignore[type-arg]
-    """Post an emergency for ``clients`` and follow it until it ends; returns the request as the DSO sees it."""
+async def run_emergency_started(stack: Stack, clients: list[str], lead_s: float = 1.0
+                                ) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """Post an emergency for ``clients``; returns a coroutine function that follows it until it ends."""
     dso = {"Authorization": f"Bearer {stack.tokens['dso']}"}
     start = datetime.now(UTC) + timedelta(seconds=lead_s)
     async with httpx.AsyncClient(base_url=stack.hub_url, timeout=10) as http:
@@ -39,12 +41,23 @@ async def run_emergency(stack: Stack, clients: list[str], lead_s: float = 1.0) -
             "client_ids": clients, "start": start.isoformat(), "duration_s": 60, "power_limit_kw": 1.0})
         assert r.status_code == 202, r.text
         request_id = r.json()["request_id"]
-        for _ in range(200):
-            req = (await http.get(f"/v1/requests/{request_id}", headers=dso)).json()
-            if req["state"] not in ("accepted", "dispatching"):
-                break
-            await asyncio.sleep(0.1)
-    return req  # type: ignore[no-any-return]
+
+    async def follow(timeout_s: float = 40) -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=stack.hub_url, timeout=10) as http:
+            for _ in range(int(timeout_s * 10)):
+                req: dict[str, Any] = (await http.get(f"/v1/requests/{request_id}", headers=dso)).json()
+                if req["state"] not in ("accepted", "dispatching"):
+                    break
+                await asyncio.sleep(0.1)
+        return req
+
+    return follow
+
+
+async def run_emergency(stack: Stack, clients: list[str], lead_s: float = 1.0) -> dict[str, Any]:
+    """Post an emergency for ``clients`` and follow it until it ends; returns the request as the DSO sees it."""
+    follow = await run_emergency_started(stack, clients, lead_s)
+    return await follow()
 
 
 async def test_emergency_reaches_the_plugs_and_every_client_ends_executed(stack: Stack) -> None:
