@@ -8,6 +8,7 @@ WAL mode with ``synchronous=FULL``: a committed transaction survives ``kill -9``
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class StorageError(Exception):
@@ -69,7 +71,15 @@ class SqliteThread:
         def timed() -> T:
             t0 = time.perf_counter()
             try:
-                return fn(*args)
+                try:
+                    return fn(*args)
+                except sqlite3.InterfaceError:
+                    # CPython's sqlite3 sometimes reports SQLITE_MISUSE ("bad parameter or other API misuse") for a
+                    # statement reused from its cache under load, where running it again succeeds (seen here in
+                    # the bridge benchmark; coverage.py hit the same, its issues #1010 and #1138). The failed
+                    # transaction was rolled back, so one retry is safe.
+                    log.debug("sqlite3 reported API misuse; retrying once", exc_info=True)
+                    return fn(*args)
             except sqlite3.Error as exc:
                 raise StorageError(f"storage error: {exc}") from exc
             finally:
