@@ -7,9 +7,11 @@ import logging
 
 from mhp_wire import topics
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from retailer_bridge.personal_area import PersonalArea
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.settings import BridgeSettings
 from retailer_bridge.store import BridgeStore
+from retailer_bridge.telemetry import TelemetryExporter
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,10 @@ class Bridge:
         self.relay = BridgeRelay(settings.retailer_id, settings.customers, self.store,
                                  gateway_ack_timeout_s=settings.gateway_ack_timeout_s,
                                  measurement_interval_s=settings.measurement_interval_s)
+        self.telemetry = TelemetryExporter.from_settings(settings)
+        self.relay.telemetry_sinks.append(self.telemetry.submit)
+        self.personal_area: PersonalArea | None = None
+        """The customers' personal area while it runs (``personal_area.address``: where it listens)."""
 
     async def run(self) -> None:
         """Run until cancelled."""
@@ -41,6 +47,10 @@ class Bridge:
         )
         try:
             async with contextlib.AsyncExitStack() as stack:
+                await stack.enter_async_context(self.telemetry)  # spools and drains until the bridge stops
+                if s.personal_area_port is not None:  # before the links: customers may edit while a broker is down
+                    self.personal_area = await stack.enter_async_context(
+                        PersonalArea(s, self.relay, self.store).serving())
                 self.relay.local = await stack.enter_async_context(local)
                 self.relay.hub = await stack.enter_async_context(hub)
                 log.info("bridge %s running with %d customers", rid, len(s.customers))

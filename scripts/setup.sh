@@ -7,7 +7,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+# Debian's victoria-metrics: the bridge's telemetry-export tests write to it over InfluxDB's v2 write API (they start
+# their own on a free port; a system service the package may start on port 8428 is never used).
+command -v victoria-metrics >/dev/null 2>&1 || [ -x /usr/bin/victoria-metrics ] || missing+=(victoria-metrics)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+# Debian's chromium: the gateway page's browser test drives it headless over the DevTools protocol.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} from Debian's packages" >&2
   sudo=""
