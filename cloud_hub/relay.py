@@ -22,6 +22,7 @@ from cloud_hub.storage import StoreUnavailable
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ErrorReply, Measurements, Outcome, WireError, decode, encode
 from mhp_wire.mqtt import MqttError, MqttLink
+from mhp_wire.process import wait_or_timeout
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,7 @@ class HubRelay:
                         await self.on_phase_due(request_id)
             except StoreUnavailable as exc:
                 log.warning("dispatch paused: %s", exc)
-            try:
-                await asyncio.wait_for(self._wake.wait(), wait_s)
-            except TimeoutError:
-                pass
+            await wait_or_timeout(self._wake, wait_s)
 
     async def dispatch_once(self) -> float:
         """Send what is due; returns how long to sleep before the next attempt."""

@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--units", default="1-247", help="unit ids to probe, e.g. 1-10,20")
     sc.add_argument("--timeout", type=float, default=0.3, help="seconds to wait for each answer")
     sc.add_argument("--json", action="store_true")
+    wa = sub.add_parser("watch", help="follow a gateway's live page in the terminal (actuations and power)")
+    wa.add_argument("--url", required=True, help="the gateway's page, e.g. http://127.0.0.1:8080")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "selftest":
@@ -132,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         return _provision(args)
     if args.command == "scan":
         return _scan(args)
+    if args.command == "watch":
+        from hems_firmware.watch import main as watch
+
+        return watch(args.url)
     from mhp_wire.process import run_service
 
     return run_service(_run_all(_load(args.config)))

@@ -58,6 +58,9 @@ class GatewaySection(BaseModel):
     state_dir: Path = Path("/var/lib/hems-gateway")
     poll_interval_s: float = Field(1.0, gt=0)
     telemetry_interval_s: float = Field(5.0, gt=0)
+    web_port: int | None = Field(default=None, ge=0, le=65535)
+    """The field testers' live page (``hems_firmware.web``); ``None``: no page, 0: any free port."""
+    web_host: str = "127.0.0.1"
     telemetry_buffer_max: int = Field(100_000, ge=10)
     """Telemetry kept on disk while the uplink is down (the oldest goes first beyond this)."""
     contracted_power_kw: float | None = Field(None, gt=0)

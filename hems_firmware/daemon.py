@@ -25,13 +25,15 @@ from zoneinfo import ZoneInfo
 from device_drivers.errors import DeviceError
 from device_drivers.modbus import BusPool
 from device_drivers.registry import Meter, Switch, build_device
-from hems_firmware.config import GatewayConfig
+from hems_firmware.config import FlexibleSchedule, GatewayConfig
 from hems_firmware.controller import Load, cheapest_slots, plan_restore, plan_shedding
 from hems_firmware.events import EventFeed
 from hems_firmware.systemd import Notifier
+from hems_firmware.web import serve_web
 from mhp_wire import topics
 from mhp_wire.messages import (
     Ack,
+    ApplianceSchedule,
     Cancel,
     ClientState,
     Command,
@@ -39,6 +41,7 @@ from mhp_wire.messages import (
     ErrorReply,
     LoadShiftParams,
     Outcome,
+    Schedule,
     Tariff,
     Telemetry,
     WireError,
@@ -47,6 +50,7 @@ from mhp_wire.messages import (
     utcnow,
 )
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
+from mhp_wire.process import wait_or_timeout
 from mhp_wire.sqlite import SqliteThread, StorageError
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,8 @@ CREATE TABLE IF NOT EXISTS telemetry (
     next_attempt_at REAL NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS telemetry_msg ON telemetry(msg_id);
 CREATE TABLE IF NOT EXISTS to_restore (name TEXT PRIMARY KEY, request_id TEXT, since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS schedule (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL,
+    payload BLOB NOT NULL);
 """
 
 METER_DRIVERS = frozenset({"eastron_sdm630", "eastron_sdm120", "eredes_han", "dsmr_p1"})
@@ -108,6 +114,11 @@ class Gateway:
         self.actuations: list[Actuation] = []
         self.events = EventFeed()
         self.notifier = Notifier()
+        self.schedule: Schedule | None = None
+        """The customer's flexibility schedule from the personal area (overrides the installer's settings)."""
+        self.shed_since: dict[str, float] = {}
+        self.exempt: set[str] = set()
+        """Loads that reached the customer's longest interruption: not shed again while actions hold the home."""
         self.to_restore: dict[str, str | None] = {}
         """Loads an ended action shed, waiting to come back (one per ``restore_interval_s``, with hysteresis)."""
         self._last_restore = 0.0
@@ -145,6 +156,8 @@ class Gateway:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._poll_loop(), name=f"gw-{self.id}-poll")
                         tg.create_task(self._outbox_loop(), name=f"gw-{self.id}-outbox")
+                        if self.cfg.gateway.web_port is not None:
+                            tg.create_task(serve_web(self), name=f"gw-{self.id}-web")
         finally:
             for task in list(self._tasks.values()):
                 task.cancel()
@@ -156,6 +169,9 @@ class Gateway:
                                                        .fetchone()[0]))
         self.to_restore = await self.sql.read(lambda db: {r[0]: r[1] for r in db.execute(
             "SELECT name, request_id FROM to_restore")})
+        stored = await self.sql.read(lambda db: db.execute("SELECT payload FROM schedule WHERE id=1").fetchone())
+        if stored is not None:
+            self.schedule = Schedule.model_validate_json(stored[0])
         rows = await self.sql.read(lambda db: [dict(r) for r in db.execute(
             "SELECT * FROM commands WHERE state IN ('scheduled', 'active')")])
         for row in rows:
@@ -193,13 +209,27 @@ class Gateway:
                 return float(value)
         return None
 
+    def appliance(self, name: str) -> ApplianceSchedule | None:
+        """The customer's settings for one appliance, if any."""
+        if self.schedule is None:
+            return None
+        return next((a for a in self.schedule.appliances if a.device == name), None)
+
     def loads(self) -> list[Load]:
-        """The switchable appliances as the controller sees them."""
+        """The switchable appliances as the controller sees them (the customer's schedule overriding the
+        installer's priority, and able to forbid shedding an appliance, or to bound how long it stays off)."""
         out = []
+        now = time.monotonic()
         for name, sw in self.switches.items():
             on = self.state.get(name, {}).get("on")
             c = sw.config
-            out.append(Load(name, c.rated_power_kw, c.priority, c.sheddable, on if isinstance(on, bool) else None))
+            a = self.appliance(name)
+            priority = a.priority if a is not None and a.priority is not None else c.priority
+            sheddable = c.sheddable and not (a is not None and a.never_shed)
+            if a is not None and a.max_interruption_s is not None and name in self.shed_since:
+                sheddable = sheddable and now - self.shed_since[name] < a.max_interruption_s
+            sheddable = sheddable and name not in self.exempt
+            out.append(Load(name, c.rated_power_kw, priority, sheddable, on if isinstance(on, bool) else None))
         return out
 
     async def _poll_loop(self) -> None:
@@ -260,18 +290,32 @@ class Gateway:
                 self.to_restore.pop(name, None)
                 await self.sql.tx(partial(_forget_restore, name=name))
 
+    def flexible(self) -> list[FlexibleSchedule]:
+        """Appliances to run in the cheapest slots: the customer's schedule where it says so, else the config."""
+        out = {f.device: f for f in self.cfg.gateway.flexible}
+        if self.schedule is not None:
+            for a in self.schedule.appliances:
+                if a.run_s and a.device in self.switches:
+                    out[a.device] = FlexibleSchedule(device=a.device, run_s=a.run_s,
+                                                     allowed=a.allowed or [("00:00", "24:00")])
+                elif a.device in out and not a.run_s:
+                    del out[a.device]
+        return list(out.values())
+
     async def _schedule_step(self) -> None:
         """Run flexible appliances in the cheapest slots of the current tariff that their schedule allows."""
-        if not self.cfg.gateway.flexible or self.tariff is None or self.active:
+        flexible = self.flexible()
+        if not flexible or self.tariff is None or self.active:
             return
         tz = ZoneInfo(self.cfg.gateway.timezone)
         now = datetime.now(tz)
-        key = (self.tariff.tariff_id, self.tariff.version, now.date().isoformat())
+        key = (self.tariff.tariff_id, self.tariff.version,
+               f"{now.date().isoformat()}/s{self.schedule.version if self.schedule else 0}")
         if self._plan is None or self._plan[0] != key:
             midnight = now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
             prices = [(p.start.timestamp(), p.end.timestamp(), p.price_eur_per_kwh) for p in self.tariff.periods]
             plans = {}
-            for f in self.cfg.gateway.flexible:
+            for f in flexible:
                 windows = []
                 for a, b in f.allowed:
                     s = midnight + _seconds(a)
@@ -310,6 +354,8 @@ class Gateway:
             await self._on_command(msg)
         elif isinstance(msg, Cancel):
             await self._on_cancel(msg)
+        elif isinstance(msg, Schedule):
+            await self._on_schedule(msg)
         elif isinstance(msg, Ack):
             def drop(db: sqlite3.Connection) -> None:
                 db.executemany("DELETE FROM outbox WHERE msg_id=?", [(m,) for m in msg.ack_ids])
@@ -354,6 +400,21 @@ class Gateway:
                                             detail={"will_shift": will, "window_start": cmd.params.start.isoformat(),
                                                     "window_end": cmd.params.end.isoformat()}))
             self._spawn(cmd.request_id, self._execute(cmd, now))
+
+    async def _on_schedule(self, msg: Schedule) -> None:
+        if msg.client_id != self.client_id:
+            self.rejected += 1
+            await self._send(ErrorReply(ref_msg_id=msg.msg_id, code="forbidden",
+                                        message=f"gateway {self.id} serves {self.client_id} only"))
+            return
+        if self.schedule is None or msg.version > self.schedule.version:
+            payload = encode(msg)
+            await self.sql.tx(lambda db: db.execute("INSERT OR REPLACE INTO schedule VALUES (1,?,?)",
+                                                    (msg.version, payload)))
+            self.schedule = msg
+            self._plan = None
+            log.info("gateway %s applies schedule v%d of its customer", self.id, msg.version)
+        await self._send(Ack(ack_ids=[msg.msg_id]))
 
     async def _on_cancel(self, msg: Cancel) -> None:
         if msg.client_ids and self.client_id not in msg.client_ids:
@@ -406,6 +467,16 @@ class Gateway:
         if not self.active:
             return None
         owner = min(self.active.values(), key=lambda a: a.limit_kw)
+        for action in self.active.values():
+            for name in list(action.shed):
+                a = self.appliance(name)
+                since = self.shed_since.get(name)
+                if a is not None and since is not None and (
+                        a.never_shed or (a.max_interruption_s is not None
+                                         and time.monotonic() - since >= a.max_interruption_s)):
+                    if await self._switch(name, True, action.request_id, "the customer's longest interruption"):
+                        action.shed.remove(name)
+                        self.exempt.add(name)
         plan = plan_shedding(owner.limit_kw, self.measured_kw(), self.loads())
         for name in plan.shed:
             if await self._switch(name, False, owner.request_id, f"{owner.kind}: limit {owner.limit_kw} kW"):
@@ -421,6 +492,8 @@ class Gateway:
         """End one action: what it shed is handed to another action still holding the home, or queued to come
         back with hysteresis (one load per ``restore_interval_s`` while the home stays under its cap)."""
         self.active.pop(request_id, None)
+        if not self.active:
+            self.exempt.clear()
         if self.active:
             heir = min(self.active.values(), key=lambda a: a.limit_kw)
             heir.shed.extend(n for n in shed if n not in heir.shed)
@@ -448,6 +521,10 @@ class Gateway:
             log.error("gateway %s could not switch %s %s: %s", self.id, name, "on" if on else "off", exc)
             return False
         self.state.setdefault(name, {})["on"] = state
+        if on:
+            self.shed_since.pop(name, None)
+        elif request_id is not None:
+            self.shed_since.setdefault(name, time.monotonic())
         act = Actuation(time.time(), name, on, request_id, reason)
         self.actuations.append(act)
         del self.actuations[:-1000]
@@ -510,8 +587,7 @@ class Gateway:
                 await self._send_telemetry()
             except StorageError as exc:
                 log.error("gateway %s outbox paused: %s", self.id, exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.5)
+            await wait_or_timeout(self._wake, 0.5)
 
 
 def _forget_restore(db: sqlite3.Connection, name: str) -> None:

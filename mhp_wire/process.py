@@ -23,3 +23,14 @@ def run_service(main: Coroutine[Any, Any, None]) -> int:
 
     asyncio.run(runner())
     return 0
+
+
+async def wait_or_timeout(event: asyncio.Event, timeout_s: float) -> None:
+    """Wait until ``event`` is set or ``timeout_s`` passed, whichever comes first.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that arrives just as the inner wait
+    completes, and a loop built on it then never stops (a gateway hung on SIGTERM that way).
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()

@@ -37,6 +37,7 @@ from mhp_wire.messages import (
     encode,
 )
 from mhp_wire.mqtt import MqttError, MqttLink
+from mhp_wire.process import wait_or_timeout
 from mhp_wire.sqlite import StorageError
 from retailer_bridge.store import CLOSED, DELIVERED, BridgeStore, NewCommand
 
@@ -304,10 +305,7 @@ class BridgeRelay:
                 wait_s = await self.dispatch_once()
             except StorageError as exc:
                 log.warning("dispatch paused: %s", exc)
-            try:
-                await asyncio.wait_for(self._wake.wait(), wait_s)
-            except TimeoutError:
-                pass
+            await wait_or_timeout(self._wake, wait_s)
 
     async def dispatch_once(self) -> float:
         """Send what is due in both directions; returns how long to sleep."""

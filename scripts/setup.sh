@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Idempotent set-up on a fresh Debian 12 machine that has only python3: Mosquitto and python3-venv from Debian's
-# packages when missing, a virtual environment in .venv, the package with every extra and the dev tools.
+# Idempotent set-up on a fresh Debian 12 machine that has only python3: from Debian's packages when missing,
+# Mosquitto (the brokers), python3-venv, Chromium (headless browser tests of the web pages) and VictoriaMetrics
+# (a server speaking InfluxDB's write API, for the telemetry-export tests); then a virtual environment in .venv
+# with the package, every extra and the dev tools.
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it only installs what is missing).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

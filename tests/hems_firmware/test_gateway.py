@@ -19,6 +19,7 @@ from hems_firmware.daemon import Gateway
 from mhp_wire import topics
 from mhp_wire.messages import (
     Ack,
+    ApplianceSchedule,
     Cancel,
     ClientState,
     Command,
@@ -28,6 +29,7 @@ from mhp_wire.messages import (
     LoadShiftParams,
     Outcome,
     RequestKind,
+    Schedule,
     Telemetry,
 )
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
@@ -296,3 +298,31 @@ async def test_the_limiter_holds_a_home_through_a_scripted_day_end_to_end(rig: R
             await asyncio.sleep(0.1)
         assert rig.home.coil_state(0) and rig.home.coil_state(1), "restored after the emergency"
         assert rig.home.total_power_kw() <= 6.9
+
+
+async def test_the_customers_schedule_changes_what_the_gateway_sheds(rig: Rig) -> None:
+    """The personal area's schedule reaches the gateway: an appliance marked never-shed is kept on, another's
+    priority moves it first in line, and a bounded interruption brings a load back in time."""
+    with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+        sched = Schedule(client_id="c1", version=1, appliances=[
+            ApplianceSchedule(device="heater", never_shed=True),
+            ApplianceSchedule(device="ev", priority=0, max_interruption_s=1.0)])
+        await bridge.publish(topics.down("gateways", "gw-1"), sched)
+        assert (await bridge.next("ack")).ack_ids == [sched.msg_id]  # type: ignore[union-attr]
+        await bridge.publish(topics.down("gateways", "gw-1"), command(lead_s=0, limit=1.0, request_id="qs"))
+        out = await bridge.next("outcome")
+        assert out.detail["shed"] == ["ev"], "the heater is never shed, whatever the limit"  # type: ignore[union-attr]
+        assert rig.home.coil_state(0) and not rig.home.coil_state(1)
+        for _ in range(40):
+            if rig.home.coil_state(1):
+                break
+            await asyncio.sleep(0.1)
+        assert rig.home.coil_state(1), "the EV is back after its longest interruption"
+        older = Schedule(client_id="c1", version=1, appliances=[])
+        await bridge.publish(topics.down("gateways", "gw-1"), older)
+        await bridge.next("ack")
+        assert rig.gateway.schedule is not None and rig.gateway.schedule.appliances, "an older version changes nothing"
+        foreign = Schedule(client_id="c2", version=5, appliances=[])
+        await bridge.publish(topics.down("gateways", "gw-1"), foreign)
+        err = await bridge.next("error")
+        assert isinstance(err, ErrorReply) and err.code == "forbidden"

@@ -1,0 +1,262 @@
+"""The live page in a real headless Chromium (Debian's ``chromium``), driven over the Chrome DevTools Protocol on its
+websocket, against a real gateway: the page shows the home, and an actuation with its request id within a second."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from mhp_wire import topics
+from tests.broker_fixtures import MosquittoFactory
+from tests.hems_firmware.web_rig import WebRig, emergency, running_gateway, send
+from tests.mqtt_party import Party, parties
+
+CHROMIUM = shutil.which("chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh)")
+
+
+@dataclass
+class Browser:
+    process: subprocess.Popen[bytes]
+    ws_url: str
+    profile: Path
+
+
+def _profile_processes(profile: Path) -> list[int]:
+    """Every process whose command line names ``profile`` (the browser and its helpers)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(profile).encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[Browser]:
+    """A headless Chromium with its DevTools on a free port, in its own process group; gone at teardown."""
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    log = (tmp_path / "chromium.log").open("wb")
+    t0 = time.monotonic()
+    proc = subprocess.Popen([CHROMIUM or "chromium", *FLAGS, f"--user-data-dir={profile}",
+                             "--remote-debugging-port=0", "about:blank"],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        while not (port_file.exists() and len(port_file.read_text().split()) == 2):
+            assert proc.poll() is None, f"chromium exited with {proc.returncode}: see {tmp_path / 'chromium.log'}"
+            assert time.monotonic() - t0 < 10, "chromium did not open its DevTools port"
+            time.sleep(0.02)
+        port, path = port_file.read_text().split()
+        print(f"chromium ready in {time.monotonic() - t0:.2f} s")
+        yield Browser(proc, f"ws://127.0.0.1:{port}{path}", profile)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the browser and every helper it started
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        log.close()
+        deadline = time.monotonic() + 3
+        while _profile_processes(profile) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _profile_processes(profile), "chromium helpers left running"
+
+
+class Cdp:
+    """A minimal Chrome DevTools Protocol client: one browser websocket, flat sessions, commands and events."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.events: list[dict[str, Any]] = []
+        self._event = asyncio.Event()
+        self._reader = asyncio.create_task(self._read(), name="cdp-reader")
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            msg = json.loads(raw)
+            if "id" in msg:
+                fut = self._pending.pop(msg["id"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            else:
+                self.events.append(msg)
+                self._event.set()
+
+    async def call(self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
+                   timeout: float = 5.0) -> dict[str, Any]:
+        """Send one command; its ``result`` (a protocol error fails the test)."""
+        msg_id = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = fut
+        msg: dict[str, Any] = {"id": msg_id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        await self.ws.send(json.dumps(msg))
+        reply = await asyncio.wait_for(fut, timeout)
+        assert "error" not in reply, f"{method}: {reply['error']}"
+        return reply["result"]  # type: ignore[no-any-return]
+
+    async def wait_event(self, method: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The first event named ``method`` (received before or after this call)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for e in self.events:
+                    if e["method"] == method:
+                        return e
+                self._event.clear()
+                await self._event.wait()
+
+    async def evaluate(self, session: str, expression: str, timeout: float = 5.0) -> Any:
+        """The value of a JavaScript expression in the page (promises awaited)."""
+        result = await self.call("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
+                                                      "returnByValue": True}, session, timeout)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def problems(self) -> list[str]:
+        """Console errors, uncaught exceptions and browser log errors (a CSP violation is one)."""
+        out = []
+        for e in self.events:
+            p = e.get("params", {})
+            if e["method"] == "Runtime.exceptionThrown":
+                out.append(json.dumps(p["exceptionDetails"]))
+            elif e["method"] == "Runtime.consoleAPICalled" and p.get("type") == "error":
+                out.append(json.dumps(p.get("args")))
+            elif e["method"] == "Log.entryAdded" and p["entry"]["level"] == "error":
+                out.append(p["entry"]["text"])
+        return out
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        await self.ws.close()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, mosquitto_factory: MosquittoFactory, request: pytest.FixtureRequest,
+              ) -> AsyncIterator[WebRig]:
+    broker = mosquitto_factory("retailer", ["gw-1"], "bridge")
+    names = getattr(request, "param", ("heater", "ev", "fridge"))
+    async with running_gateway(tmp_path, broker, plug_names=names) as r:
+        yield r
+
+
+async def open_page(browser: Browser, url: str) -> tuple[Cdp, str]:
+    """Open ``url`` in a new tab of ``browser``; the client and the tab's session, once the page is live."""
+    cdp = Cdp(await connect(browser.ws_url, max_size=None))
+    target = (await cdp.call("Target.createTarget", {"url": "about:blank"}))["targetId"]
+    session = (await cdp.call("Target.attachToTarget", {"targetId": target, "flatten": True}))["sessionId"]
+    for method in ("Page.enable", "Runtime.enable", "Log.enable"):
+        await cdp.call(method, session=session)
+    await cdp.call("Emulation.setDeviceMetricsOverride", {"width": 1200, "height": 860, "deviceScaleFactor": 1,
+                                                          "mobile": False}, session)
+    await cdp.call("Page.navigate", {"url": url}, session)
+    await cdp.wait_event("Page.loadEventFired")
+    await cdp.evaluate(session, """new Promise((resolve, reject) => {
+        const ready = () => document.body.dataset.ready === "yes"
+                            && document.getElementById("conn").textContent === "live";
+        const t0 = Date.now();
+        (function poll() { ready() ? resolve(true) : Date.now() - t0 > 3000 ? reject(new Error("not live"))
+                                                   : setTimeout(poll, 10); })();
+    })""")
+    return cdp, session
+
+
+ROW_SHOWN = """new Promise((resolve, reject) => {
+    const find = () => [...document.querySelectorAll("#log tbody tr")].find((r) => r.dataset.requestId === %s);
+    const done = () => { const r = find(); resolve({at: Date.now(), cells: [...r.cells].map((c) => c.textContent)}); };
+    if (find()) return done();
+    const obs = new MutationObserver(() => { if (find()) { obs.disconnect(); done(); } });
+    obs.observe(document.getElementById("log"), {childList: true, subtree: true});
+    setTimeout(() => reject(new Error("no row for the request")), 4000);
+})"""
+
+
+async def test_the_page_shows_an_actuation_with_its_request_id_within_a_second(
+        rig: WebRig, chromium: Browser, tmp_path: Path) -> None:
+    cdp, page = await open_page(chromium, rig.url + "/")
+    try:
+        assert await cdp.evaluate(page, 'document.getElementById("gateway-id").textContent') == "gw-1"
+        assert await cdp.evaluate(page, 'document.getElementById("client-id").textContent') == "c1"
+        assert await cdp.evaluate(page, 'document.getElementById("power").textContent') == "6.15 kW"
+        devices = await cdp.evaluate(page, """[...document.querySelectorAll("#devices tbody tr")].map(
+            (r) => [r.cells[0].textContent, r.cells[1].textContent, r.cells[2].textContent])""")
+        assert devices == [["meter", "METER", "6.15 kW"], ["heater", "ON", ""], ["ev", "ON", ""],
+                           ["fridge", "ON", ""]]
+
+        shown = asyncio.create_task(cdp.evaluate(page, ROW_SHOWN % json.dumps("q-browser")))
+        with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+            await send(rig, bridge, emergency("q-browser", limit_kw=1.0))
+            row = await shown
+        acted = next(a for a in rig.gateway.actuations if a.request_id == "q-browser")
+        delay = row["at"] / 1000 - acted.at
+        print(f"actuation of {acted.device} shown {delay * 1000:.0f} ms after the switching")
+        assert delay < 1.0, f"the row appeared {delay:.3f} s after the actuation"
+        time_cell, device, switched, reason, request = row["cells"]
+        assert (device, switched, reason, request) == ("heater", "OFF", "emergency: limit 1.0 kW", "q-browser")
+        assert len(time_cell) == len("12:00:00.000")
+
+        # The next poll's state event lists what the emergency shed.
+        await cdp.evaluate(page, """new Promise((resolve) => { (function poll() {
+            const action = document.querySelector('#actions tbody tr[data-request-id="q-browser"]');
+            action && action.cells[4].textContent === "heater, ev" && document.querySelectorAll(
+              "#log tbody tr").length === 2 ? resolve(true) : setTimeout(poll, 20); })(); })""", timeout=3)
+        action = await cdp.evaluate(page, """[...document.querySelector('#actions tbody tr').cells].map(
+            (c) => c.textContent)""")
+        assert action[:3] == ["Emergency", "q-browser", "1.00 kW"] and action[4] == "heater, ev"
+        states = await cdp.evaluate(page, """[...document.querySelectorAll("#devices tbody tr")].map(
+            (r) => r.cells[1].textContent)""")
+        assert states == ["METER", "OFF", "OFF", "ON"]
+        await asyncio.sleep(0.3)  # let the fresh-row highlight fade a little for the picture
+        shot = await cdp.call("Page.captureScreenshot", {"format": "png"}, page)
+        png = tmp_path / "gateway-page.png"
+        png.write_bytes(base64.b64decode(shot["data"]))
+        print(f"screenshot: {png}")
+        assert png.stat().st_size > 10_000
+        assert cdp.problems() == []
+    finally:
+        await cdp.close()
+
+
+@pytest.mark.parametrize("rig", [('heater<img src=x onerror="window.pwned=1">', "ev", "fridge")], indirect=True)
+async def test_what_the_gateway_sends_is_shown_as_text_never_as_markup(rig: WebRig, chromium: Browser) -> None:
+    cdp, page = await open_page(chromium, rig.url + "/")
+    try:
+        hostile = rig.cfg.devices[1].name
+        shown = asyncio.create_task(cdp.evaluate(page, ROW_SHOWN % json.dumps("q-text")))
+        with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+            await send(rig, bridge, emergency("q-text", limit_kw=1.0))
+            row = await shown
+        assert row["cells"][1] == hostile
+        names = await cdp.evaluate(page, '[...document.querySelectorAll("#devices tbody tr")].map('
+                                         '(r) => r.cells[0].textContent)')
+        assert names[1] == hostile
+        assert await cdp.evaluate(page, 'document.querySelectorAll("main img").length') == 0
+        assert await cdp.evaluate(page, "window.pwned === undefined") is True
+    finally:
+        await cdp.close()
