@@ -318,7 +318,8 @@ class BridgeRelay:
                     await self._unreachable(cmd, "no acknowledgement from the gateway in time")
                     continue
                 if cmd["deadline"] <= now:
-                    await self._unreachable(cmd, "the request expired before the gateway acknowledged it")
+                    await self._unreachable(cmd, "the request expired before the gateway acknowledged it",
+                                            ClientState.EXPIRED)
                     continue
                 try:
                     await self.local.publish(topics.down("gateways", cmd["gateway_id"]), cmd["payload"])
@@ -362,8 +363,9 @@ class BridgeRelay:
             wait = min(wait, max(0.01, self._last_measurements + self.measurement_interval_s - time.time()))
         return wait
 
-    async def _unreachable(self, cmd: dict[str, Any], reason: str) -> None:
-        out = Outcome(request_id=cmd["request_id"], client_id=cmd["client_id"], state=ClientState.UNREACHABLE,
+    async def _unreachable(self, cmd: dict[str, Any], reason: str,
+                           state: ClientState = ClientState.UNREACHABLE) -> None:
+        out = Outcome(request_id=cmd["request_id"], client_id=cmd["client_id"], state=state,
                       detail={"reason": reason, "gateway_id": cmd["gateway_id"]},
                       trace={"retailer_ms": round(cmd["handling_ms"], 3)})
         await self.store.set_state(cmd["request_id"], cmd["client_id"], CLOSED, (out.msg_id, encode(out)))

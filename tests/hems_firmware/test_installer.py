@@ -95,3 +95,52 @@ def test_cli_scan_and_provision_exit_codes(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "hems_firmware.cli", "scan"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "--serial-port" in out.stderr
+
+
+async def test_selftest_reads_every_device_and_names_the_silent_one(tmp_path: Path) -> None:
+    import asyncio
+    import json
+
+    from device_drivers.sim.home import SimulatedHome
+    from tests.broker_fixtures import free_port
+
+    home = SimulatedHome(0.3, [(0, 2.0)])
+    async with ModbusSimServer({1: home.meter}, port=0) as meter, ModbusSimServer({1: home.relays}, port=0) as relay:
+        dead = free_port()
+        config = tmp_path / "gw.toml"
+        config.write_text(f"""
+[gateway]
+id = "gw-1"
+client_id = "c1"
+[[devices]]
+name = "meter"
+driver = "eastron_sdm630"
+transport = "modbus-tcp"
+host = "127.0.0.1"
+port = {meter.port}
+[[devices]]
+name = "boiler"
+driver = "modbus_relay"
+transport = "modbus-tcp"
+host = "127.0.0.1"
+port = {relay.port}
+coil = 0
+[[devices]]
+name = "plug-in-the-garage"
+driver = "modbus_relay"
+transport = "modbus-tcp"
+host = "127.0.0.1"
+port = {dead}
+coil = 0
+timeout_s = 0.3
+""")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hems_firmware.cli", "selftest", "--config", str(config), "--json",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    result = json.loads(out)["devices"]
+    assert result["meter"]["ok"] and result["meter"]["readings"]["active_power_kw"] == pytest.approx(2.3, abs=0.01)
+    assert result["boiler"] == {"ok": True, "readings": {"on": True}}
+    assert not result["plug-in-the-garage"]["ok"] and str(dead) in result["plug-in-the-garage"]["error"]
+    assert b"plug-in-the-garage" in err

@@ -209,3 +209,16 @@ async def test_a_gateway_that_comes_back_gets_its_command_at_once(rig: Rig) -> N
             await gw1.publish(topics.status("gateways", "gw-1"), presence_payload("online"), retain=True)
             cmd = await gw1.next("command", timeout=1.0)
             assert isinstance(cmd, Command) and cmd.request_id == "q5"
+
+
+async def test_a_command_past_its_deadline_before_any_ack_is_reported_expired(rig: Rig) -> None:
+    start = datetime.now(UTC) - timedelta(seconds=5)
+    params = EmergencyParams(start=start, end=datetime.now(UTC) + timedelta(seconds=0.5), power_limit_kw=1.0)
+    req = Request(request_id="q-exp", kind=RequestKind.EMERGENCY, client_ids=["c2"], params=params,
+                  expires_at=params.end)
+    with parties(Party(rig.hub_broker, "hub", topics.all_up("retailers"))) as (hub,):
+        await hub.publish(topics.down("retailers", "r1"), req)
+        await hub.next("ack")
+        out = await hub.next("outcome", timeout=5)
+        assert isinstance(out, Outcome) and out.client_id == "c2"
+        assert out.state is ClientState.EXPIRED and "expired" in out.detail["reason"]
