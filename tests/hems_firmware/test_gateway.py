@@ -171,21 +171,26 @@ def shift_or_reduction(kind: str, lead_s: float = 0.3, duration_s: float = 30, r
 
 async def test_load_shift_is_acknowledged_at_once_and_keeps_flexible_loads_off_in_the_window(rig: Rig) -> None:
     with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
-        await bridge.publish(topics.down("gateways", "gw-1"), shift_or_reduction("load_shift", 0.6, 1.0))
+        await bridge.publish(topics.down("gateways", "gw-1"), shift_or_reduction("load_shift", 0.8, 1.5))
         out = await bridge.next("outcome")
         assert isinstance(out, Outcome) and out.state is ClientState.ACKNOWLEDGED
         assert out.detail["will_shift"] == ["heater", "ev"]
         assert rig.home.coil_state(0), "nothing moves before the window"
-        for _ in range(40):
-            if not rig.home.coil_state(0):
+
+        def switched(on: bool) -> set[str]:
+            return {a.device for a in rig.gateway.actuations if a.request_id == "q9" and a.on is on}
+
+        for _ in range(100):  # judged on the gateway's actuation log, not on a sample of coil states in time
+            if switched(False) == {"heater", "ev"} and switched(True) == {"heater", "ev"}:
                 break
             await asyncio.sleep(0.05)
-        assert not rig.home.coil_state(0) and not rig.home.coil_state(1) and rig.home.coil_state(3)
-        for _ in range(60):
-            if rig.home.coil_state(0):
-                break
-            await asyncio.sleep(0.05)
-        assert rig.home.coil_state(0) and rig.home.coil_state(1), "back on after the window"
+        assert switched(False) == {"heater", "ev"}, "flexible loads off in the window"
+        assert switched(True) == {"heater", "ev"}, "back on after the window"
+        assert rig.home.coil_state(3), "the fridge is not flexible"
+        offs = [a.at for a in rig.gateway.actuations if a.request_id == "q9" and not a.on]
+        ons = [a.at for a in rig.gateway.actuations if a.request_id == "q9" and a.on]
+        assert max(offs) < min(ons)
+        assert rig.home.coil_state(0) and rig.home.coil_state(1)
 
 
 async def test_load_reduction_sheds_every_sheddable_load_and_reports_executed(rig: Rig) -> None:
