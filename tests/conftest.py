@@ -12,7 +12,7 @@ import pytest
 
 from broker_config import live_processes
 
-pytest_plugins = ["tests.broker_fixtures", "tests.hub_fixtures", "tests.storage_fixtures"]
+pytest_plugins = ["tests.broker_fixtures", "tests.hub_fixtures", "tests.storage_fixtures", "tests.browser"]
 
 
 def child_processes() -> set[int]:
