@@ -61,8 +61,10 @@ async def test_counters(kv: KVStore) -> None:
     assert await kv.increment("tariffs", "t2", "t:version") == 1
 
 
-async def test_ping(kv: KVStore) -> None:
-    await kv.ping()
+async def test_ping_writes_and_leaves_the_data_alone(kv: KVStore) -> None:
+    await kv.batch([Mutation("retailers", "r1", {"d:name": b"One"})])
+    assert await kv.ping() is None
+    assert await kv.get("retailers", "r1") == {"d:name": b"One"}
 
 
 async def test_hub_data_on_both_backends(kv: KVStore) -> None:
