@@ -7,7 +7,13 @@ The identities file is JSON::
      "extra_privileged": [{"username": "sim", "password": "..."}]}
 
 ``render`` writes the configuration and prints the path of ``mosquitto.conf``; ``run`` renders and then replaces
-itself with ``mosquitto -c <conf>`` in the foreground.
+itself with ``mosquitto -c <conf>`` in the foreground; ``--tls-cafile/--tls-certfile/--tls-keyfile`` (and
+``--require-certificate``) make its listener TLS.
+
+``python -m broker_config tls --out DIR --hosts 127.0.0.1,localhost [--servers broker,hub] [--names r1,gw-1]``
+creates a CA in DIR (or reuses the one there) and, signed by it, a server certificate per ``--servers`` name for
+the hosts, and a client certificate per ``--names`` identity (mutual TLS). Keys are mode 0600; DIR must be outside
+the git work tree (or git-ignored).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 
 from .errors import BrokerError
 from .launcher import find_mosquitto
-from .render import BrokerSpec, Identity, render
+from .render import BrokerSpec, BrokerTls, Identity, render
 
 
 def _identity(raw: Any, where: str) -> Identity:
@@ -56,11 +62,57 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queued-messages", type=int, default=100_000)
     parser.add_argument("--max-packet-size", type=int, default=256 * 1024)
     parser.add_argument("--autosave-interval", type=int, default=10)
+    parser.add_argument("--tls-cafile", type=Path, help="with --tls-certfile and --tls-keyfile: a TLS listener")
+    parser.add_argument("--tls-certfile", type=Path)
+    parser.add_argument("--tls-keyfile", type=Path)
+    parser.add_argument("--require-certificate", action="store_true", help="mutual TLS: clients need a certificate")
     return parser
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _tls_main(argv: list[str]) -> int:
+    """``python -m broker_config tls``: a CA and certificates signed by it."""
+    from .tls import TlsError, create_pki
+
+    parser = argparse.ArgumentParser(prog="python -m broker_config tls",
+                                     description="Create a CA and server/client certificates signed by it.")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the CA, certificates and keys")
+    parser.add_argument("--hosts", type=_csv, required=True, help="host names and IPs of the servers, comma-separated")
+    parser.add_argument("--servers", type=_csv, default=["server"], help="server certificate names (default: server)")
+    parser.add_argument("--names", type=_csv, default=[], help="client identities that get a client certificate")
+    args = parser.parse_args(argv)
+    try:
+        pki = create_pki(args.out, args.hosts, servers=args.servers, clients=args.names)
+    except (OSError, ValueError, TlsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({
+        "ca_file": str(pki.ca_file),
+        "servers": {n: {"certfile": str(c.certfile), "keyfile": str(c.keyfile)} for n, c in pki.servers.items()},
+        "clients": {n: {"certfile": str(c.certfile), "keyfile": str(c.keyfile)} for n, c in pki.clients.items()},
+    }, indent=2))
+    return 0
+
+
+def _tls_option(args: argparse.Namespace) -> BrokerTls | None:
+    files = (args.tls_cafile, args.tls_certfile, args.tls_keyfile)
+    if not any(files):
+        if args.require_certificate:
+            raise ValueError("--require-certificate needs --tls-cafile, --tls-certfile and --tls-keyfile")
+        return None
+    if not all(files):
+        raise ValueError("a TLS listener needs all of --tls-cafile, --tls-certfile and --tls-keyfile")
+    return BrokerTls(args.tls_cafile, args.tls_certfile, args.tls_keyfile, args.require_certificate)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (``run`` does not return on success)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tls"]:
+        return _tls_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         privileged, parties, extra = _load_identities(args.identities_json)
@@ -76,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             max_queued_messages=args.max_queued_messages,
             max_packet_size=args.max_packet_size,
             autosave_interval=args.autosave_interval,
+            tls=_tls_option(args),
         )
         conf = render(spec)
         if args.command == "run":

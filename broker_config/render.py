@@ -51,6 +51,20 @@ def generate_password() -> str:
     return secrets.token_urlsafe(32)
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerTls:
+    """The broker's TLS listener: its CA, certificate and key (PEM files; see ``broker_config.tls``).
+
+    ``require_certificate``: clients must also present a certificate signed by ``cafile`` (mutual TLS), on top of
+    their username and password.
+    """
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = False
+
+
 @dataclass(kw_only=True)
 class BrokerSpec:
     """Everything needed to configure and run one Mosquitto broker of the platform.
@@ -68,8 +82,8 @@ class BrokerSpec:
     parties: list[Identity] = field(default_factory=list)
     extra_privileged: list[Identity] = field(default_factory=list)
     host: str = "127.0.0.1"
-    tls: None = None
-    """Reserved for a TLS listener; not implemented yet, so it must stay ``None``."""
+    tls: BrokerTls | None = None
+    """With it, the listener speaks MQTT over TLS only (TLS 1.2 or later); ``None``: plain MQTT."""
     max_inflight_messages: int = 1000
     max_queued_messages: int = 100_000
     """Per client; Mosquitto's default of 1000 drops messages under fan-out (delivery.md). 0 = no limit."""
@@ -134,7 +148,15 @@ def validate(spec: BrokerSpec) -> list[str]:
     if not 1 <= spec.port <= 65535:
         errors.append(f"port must be 1-65535, not {spec.port}")
     if spec.tls is not None:
-        errors.append("tls is not implemented yet: leave it None")
+        if not isinstance(spec.tls, BrokerTls):
+            errors.append("tls must be a BrokerTls or None: any other tls is not implemented")
+        else:
+            for name in ("cafile", "certfile", "keyfile"):
+                path = Path(getattr(spec.tls, name))
+                if any(c.isspace() for c in str(path.absolute())):
+                    errors.append(f"tls.{name} must not contain whitespace (Mosquitto config lines): {str(path)!r}")
+                elif not path.is_file():
+                    errors.append(f"tls.{name}: no such file {str(path)!r}")
     if not spec.host or any(c.isspace() for c in spec.host):
         errors.append(f"host must be a non-empty address without spaces, not {spec.host!r}")
     if any(c.isspace() for c in str(spec.data_dir)):
@@ -207,6 +229,21 @@ def _current_user() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
+def tls_lines(tls: BrokerTls | None) -> str:
+    """The listener's TLS settings for ``mosquitto.conf`` (a comment when ``tls`` is ``None``)."""
+    if tls is None:
+        return "# (none: BrokerSpec.tls is None, so the listener above speaks plain MQTT)"
+    lines = [
+        f"cafile {Path(tls.cafile).absolute()}",
+        f"certfile {Path(tls.certfile).absolute()}",
+        f"keyfile {Path(tls.keyfile).absolute()}",
+        "tls_version tlsv1.2",
+    ]
+    if tls.require_certificate:
+        lines.append("require_certificate true")
+    return "\n".join(lines)
+
+
 def conf_text(spec: BrokerSpec) -> str:
     """The ``mosquitto.conf`` of ``spec`` (paths made absolute), from the shared template."""
     data_dir = spec.data_dir.absolute()
@@ -226,6 +263,7 @@ def conf_text(spec: BrokerSpec) -> str:
         log_file=data_dir / LOG_NAME,
         log_types="\n".join(f"log_type {t}" for t in spec.log_types),
         run_as_user=spec.run_as_user or _current_user(),
+        tls=tls_lines(spec.tls),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud_hub.api import data, health, registry, requests
+from cloud_hub.api.deps import RateLimited
 from cloud_hub.book import RequestBook
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.relay import HubRelay
@@ -23,6 +25,7 @@ from cloud_hub.store import Conflict, HubStore, StoreUnavailable
 from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from mhp_wire.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ def create_app(settings: HubSettings) -> FastAPI:
         relay = HubRelay(book, metrics)
         service = HubService(store, book, metrics)
         relay.on_measurements = service.accept_measurements
+        relay.limiter = RateLimiter(settings.mqtt_rate_limit_per_s, settings.mqtt_rate_limit_burst)
         relay.on_phase_due = service.finish_availability
         service.publish_tariff_retained = relay.publish_tariff
         app.state.store, app.state.metrics, app.state.relay, app.state.service = store, metrics, relay, service
@@ -76,6 +80,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.include_router(registry.router)
     app.include_router(requests.router)
     app.include_router(data.router)
+    app.state.http_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
@@ -131,6 +136,13 @@ def create_app(settings: HubSettings) -> FastAPI:
     async def value_error(request: Request, exc: ValueError) -> JSONResponse:
         count(422)
         return _error(422, "invalid", str(exc))
+
+    @app.exception_handler(RateLimited)
+    async def rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
+        count(429)
+        resp = _error(429, "rate_limited", str(exc), retry_after_s=round(exc.retry_after_s, 3))
+        resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        return resp
 
     @app.exception_handler(StoreUnavailable)
     async def unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:

@@ -22,7 +22,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"cloud-hub: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port,
-                log_level=args.log_level.lower(), access_log=False, timeout_graceful_shutdown=3)
+                log_level=args.log_level.lower(), access_log=False, timeout_graceful_shutdown=3,
+                ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
     return 0
 
 
@@ -61,7 +62,11 @@ def _token(args: argparse.Namespace) -> int:
     from cloud_hub.tokens import TokenBook
 
     try:
-        print(TokenBook(args.tokens_file).issue(args.principal))
+        book = TokenBook(args.tokens_file)
+        if args.action == "revoke":
+            print(f"revoked {book.revoke(args.principal, keep_newest=args.keep_newest)} token(s) of {args.principal}")
+        else:
+            print(book.issue(args.principal, expires_in_s=args.expires_in))
     except ValueError as exc:
         print(f"cloud-hub: {exc}", file=sys.stderr)
         return 2
@@ -88,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     tok = sub.add_parser("token", help="issue a bearer token (its hash is stored, the token printed once)")
     tok.add_argument("--tokens-file", type=Path, required=True)
     tok.add_argument("--principal", required=True, help="dso, admin or retailer:<id>")
+    tok.add_argument("action", nargs="?", choices=["issue", "revoke"], default="issue",
+                     help="issue (default) a new token, or revoke every token of the principal")
+    tok.add_argument("--expires-in", type=float, metavar="SECONDS", help="issue: the token expires after this")
+    tok.add_argument("--keep-newest", action="store_true",
+                     help="revoke: keep the principal's newest token (rotation: issue, then revoke --keep-newest)")
     tok.set_defaults(fn=_token)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -23,6 +23,7 @@ from mhp_wire import topics
 from mhp_wire.messages import Ack, ErrorReply, Measurements, Outcome, WireError, decode, encode
 from mhp_wire.mqtt import MqttError, MqttLink
 from mhp_wire.process import wait_or_timeout
+from mhp_wire.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class HubRelay:
         self.presence: dict[str, str] = {}
         self.on_measurements: Callable[[str, Measurements], Awaitable[list[str]]] | None = None
         self.on_phase_due: Callable[[str], Awaitable[None]] | None = None
+        self.limiter = RateLimiter(200.0, 400)
+        """One token bucket per retailer: messages beyond it are refused (unread) with an error answer."""
         book.kick = self.kick
 
     def kick(self) -> None:
@@ -117,6 +120,12 @@ class HubRelay:
             self.metrics.mqtt_rejected.labels("topic").inc()
             return
         retailer_id = parsed.party_id
+        if self.limiter.take(retailer_id) > 0:
+            self.metrics.mqtt_rejected.labels("rate_limited").inc()
+            log.debug("rate limit: refused a message from retailer %s", retailer_id)
+            await self._reply(retailer_id, ErrorReply(code="invalid", message="rate limit: message refused unread, "
+                                                                               "send it again later"))
+            return
         try:
             msg = decode(payload)
         except WireError as exc:

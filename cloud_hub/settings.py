@@ -26,6 +26,10 @@ class HubSettings(BaseSettings):
     mqtt_password: str = ""
     mqtt_client_id: str = "hub-1"
     mqtt_tls_ca_file: str | None = None
+    """CA that signed the hub broker's certificate: with it the MQTT link is TLS and verifies chain and host."""
+    tls_certfile: Path | None = None
+    """With ``tls_keyfile``: the HTTP API is served over HTTPS only, with this certificate (chain) in PEM."""
+    tls_keyfile: Path | None = None
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     storage: Literal["embedded", "hbase"] = "embedded"
     """``embedded``: SQLite in ``db_path``; ``hbase``: an HBase cluster through its Thrift gateways."""
@@ -35,11 +39,20 @@ class HubSettings(BaseSettings):
     hbase_pool_size: int = Field(4, ge=1, le=64)
     hbase_timeout_ms: int = Field(2000, ge=100)
     sqlite_busy_timeout_ms: int = Field(1000, ge=0)
+    rate_limit_per_s: float = Field(200.0, gt=0)
+    """HTTP requests per second each principal (token holder) may sustain; beyond it: 429 with Retry-After."""
+    rate_limit_burst: int = Field(400, ge=1)
+    """HTTP requests a principal may send at once before the sustained rate applies."""
+    mqtt_rate_limit_per_s: float = Field(200.0, gt=0)
+    """MQTT messages per second each retailer may sustain; beyond it they are refused with an error answer."""
+    mqtt_rate_limit_burst: int = Field(400, ge=1)
 
     @model_validator(mode="after")
     def _no_default_secrets(self) -> HubSettings:
         if self.environment == "production" and not self.mqtt_password:
             raise ValueError("mqtt_password must be set outside development")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("HTTPS needs both tls_certfile and tls_keyfile (or neither for plain HTTP)")
         if self.storage == "hbase" and not self.hbase_hosts:
             raise ValueError("storage 'hbase' needs hbase_hosts (Thrift gateway addresses host:port)")
         return self

@@ -1,4 +1,8 @@
-"""Bearer tokens: stored as SHA-256 hashes in a JSON file, re-read when the file changes (rotation, no restart)."""
+"""Bearer tokens: stored as SHA-256 hashes in a JSON file, re-read when the file changes (rotation, no restart).
+
+A token may carry ``expires_at`` (RFC 3339); after it the token is refused as expired. Revoking a principal removes
+its tokens from the file, and the hub refuses them from its next request on.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import hashlib
 import json
 import os
 import secrets
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cloud_hub.authz import Principal
 
@@ -16,6 +22,18 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _expiry(entry: dict[str, Any]) -> float | None:
+    """When a stored token expires (epoch seconds), None if never; an unreadable date expires it at once."""
+    text = entry.get("expires_at")
+    if text is None:
+        return None
+    try:
+        at = datetime.fromisoformat(str(text))
+    except ValueError:
+        return 0.0
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+
+
 class TokenBook:
     """Maps presented bearer tokens to principals."""
 
@@ -23,33 +41,69 @@ class TokenBook:
         self.path = Path(path)
         self._mtime: float | None = None
         self._by_hash: dict[str, Principal] = {}
+        self._expires: dict[str, float | None] = {}
+        self._seen: tuple[int, int, int] | None = None
 
     def _reload(self) -> None:
         try:
-            mtime = self.path.stat().st_mtime
+            st = self.path.stat()
         except FileNotFoundError:
-            self._by_hash, self._mtime = {}, None
+            self._by_hash, self._expires, self._mtime, self._seen = {}, {}, None, None
             return
-        if mtime == self._mtime:
+        mtime = st.st_mtime
+        seen = (st.st_mtime_ns, st.st_ino, st.st_size)  # a rewrite within the clock's granularity still counts
+        if mtime == self._mtime and seen == self._seen:
             return
         data = json.loads(self.path.read_text() or "{}")
         self._by_hash = {t["sha256"]: Principal.parse(t["principal"]) for t in data.get("tokens", [])}
-        self._mtime = mtime
+        self._expires = {t["sha256"]: _expiry(t) for t in data.get("tokens", [])}
+        self._mtime, self._seen = mtime, seen
 
     def principal(self, token: str) -> Principal | None:
-        """The principal a token stands for, or None."""
+        """The principal a token stands for, or None (unknown, revoked or expired)."""
         self._reload()
+        if self.expired(token):
+            return None
         return self._by_hash.get(token_hash(token))
 
-    def issue(self, principal: str) -> str:
+    def expired(self, token: str) -> bool:
+        """Whether ``token`` is a known token past its ``expires_at``."""
+        self._reload()
+        at = self._expires.get(token_hash(token))
+        return at is not None and at <= datetime.now(UTC).timestamp()
+
+    def issue(self, principal: str, expires_in_s: float | None = None) -> str:
         """Create a token for ``principal``, store its hash, and return it (it is shown only this once)."""
         Principal.parse(principal)
         token = secrets.token_urlsafe(32)
-        data = json.loads(self.path.read_text()) if self.path.exists() else {"tokens": []}
-        data["tokens"].append({"principal": principal, "sha256": token_hash(token)})
+        data = self._read()
+        entry = {"principal": principal, "sha256": token_hash(token)}
+        if expires_in_s is not None:
+            entry["expires_at"] = (datetime.now(UTC) + timedelta(seconds=expires_in_s)).isoformat()
+        data["tokens"].append(entry)
+        self._write(data)
+        return token
+
+    def revoke(self, principal: str, *, keep_newest: bool = False) -> int:
+        """Remove every token of ``principal`` (but its newest, for a rotation); returns how many went."""
+        Principal.parse(principal)
+        data = self._read()
+        mine = [i for i, t in enumerate(data["tokens"]) if t.get("principal") == principal]
+        gone = set(mine[:-1] if keep_newest else mine)
+        kept = [t for i, t in enumerate(data["tokens"]) if i not in gone]
+        removed = len(data["tokens"]) - len(kept)
+        data["tokens"] = kept
+        self._write(data)
+        return removed
+
+    def _read(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.path.read_text() or "{}") if self.path.exists() else {}
+        data.setdefault("tokens", [])
+        return data
+
+    def _write(self, data: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.chmod(tmp, 0o600)
         tmp.replace(self.path)
-        return token

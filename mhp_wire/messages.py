@@ -341,9 +341,15 @@ def decode(payload: bytes) -> Message:
         return _ADAPTER.validate_json(payload)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(message)'}: {err['msg']}" for err in exc.errors()[:10]
+            f"{_clip('.'.join(str(p) for p in err['loc'])) or '(message)'}: {_clip(err['msg'])}"
+            for err in exc.errors()[:10]
         )
-        raise WireError(f"invalid v{WIRE_VERSION} message: {problems}") from None
+        raise WireError(f"invalid v{WIRE_VERSION} message: {_clip(problems, 1800)}") from None
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """A hostile value echoed in an error stays short (an error answer carries at most 2000 characters)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def presence_payload(state: Literal["online", "offline"]) -> bytes:

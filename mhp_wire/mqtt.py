@@ -23,6 +23,8 @@ from mhp_wire.messages import presence_payload
 
 log = logging.getLogger(__name__)
 
+CONNECT_ATTEMPT_S = 10.0
+"""How long one connection attempt (TCP, TLS and the CONNACK) may take."""
 _AUTH_REFUSALS = frozenset({4, 5, 134, 135, 138, 140})  # CONNACK codes (3.1.1 and 5) that retrying cannot fix
 
 Handler = Callable[[str, bytes, bool], Awaitable[None]]
@@ -122,8 +124,10 @@ class MqttLink:
             tls = ssl.create_default_context(cafile=self.endpoint.tls_ca_file)
         while True:
             try:
-                await self._client.connect(self.endpoint.host, self.endpoint.port, ssl=tls, keepalive=30,
-                                           version=MQTTv50)
+                # gmqtt waits for a CONNACK without a time limit (a plain client on a TLS port waits forever).
+                async with asyncio.timeout(CONNECT_ATTEMPT_S):
+                    await self._client.connect(self.endpoint.host, self.endpoint.port, ssl=tls, keepalive=30,
+                                               version=MQTTv50)
                 break
             except MQTTConnectError as exc:
                 if getattr(exc, "_code", None) in _AUTH_REFUSALS:
@@ -131,7 +135,7 @@ class MqttLink:
                         f"{self.endpoint.host}:{self.endpoint.port} refused {self.endpoint.username!r}: {exc}"
                     ) from None
                 err: Exception = exc
-            except OSError as exc:
+            except (OSError, TimeoutError) as exc:
                 err = exc
             if deadline is not None and loop.time() + delay > deadline:
                 raise MqttError(

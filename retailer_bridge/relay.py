@@ -38,6 +38,7 @@ from mhp_wire.messages import (
 )
 from mhp_wire.mqtt import MqttError, MqttLink
 from mhp_wire.process import wait_or_timeout
+from mhp_wire.ratelimit import RateLimiter
 from mhp_wire.sqlite import StorageError
 from retailer_bridge.store import CLOSED, DELIVERED, BridgeStore, NewCommand
 
@@ -74,6 +75,8 @@ class BridgeRelay:
         self._pending_measurements: dict[tuple[str, float], Measurement] = {}
         self._last_measurements = 0.0
         self._wake = asyncio.Event()
+        self.gateway_limiter = RateLimiter(50.0, 200)
+        """One token bucket per gateway: messages beyond it are refused (unread) with an error answer."""
 
     def kick(self) -> None:
         """Wake the dispatcher."""
@@ -205,6 +208,12 @@ class BridgeRelay:
         if parsed.kind != "gateways":
             return
         gid = parsed.party_id
+        if self.gateway_limiter.take(gid) > 0:
+            self.rejected["gateway_rate_limited"] += 1
+            log.debug("rate limit: refused a message from gateway %s", gid)
+            await self._to_gateway(gid, ErrorReply(code="invalid", message="rate limit: message refused unread, "
+                                                                           "send it again later"))
+            return
         try:
             msg = decode(payload)
         except WireError as exc:

@@ -7,6 +7,7 @@ import logging
 
 from mhp_wire import topics
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from mhp_wire.ratelimit import RateLimiter
 from retailer_bridge.personal_area import PersonalArea
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.settings import BridgeSettings
@@ -25,6 +26,7 @@ class Bridge:
         self.relay = BridgeRelay(settings.retailer_id, settings.customers, self.store,
                                  gateway_ack_timeout_s=settings.gateway_ack_timeout_s,
                                  measurement_interval_s=settings.measurement_interval_s)
+        self.relay.gateway_limiter = RateLimiter(settings.gateway_rate_limit_per_s, settings.gateway_rate_limit_burst)
         self.telemetry = TelemetryExporter.from_settings(settings)
         self.relay.telemetry_sinks.append(self.telemetry.submit)
         self.personal_area: PersonalArea | None = None

@@ -35,6 +35,9 @@ class BridgeSettings(BaseSettings):
     customers_file: Path | None = None
     gateway_ack_timeout_s: float = Field(10.0, gt=0)
     measurement_interval_s: float = Field(5.0, gt=0)
+    gateway_rate_limit_per_s: float = Field(50.0, gt=0)
+    """MQTT messages per second each gateway may sustain; beyond it they are refused with an error answer."""
+    gateway_rate_limit_burst: int = Field(200, ge=1)
     """How often active-power measurements of the customers are forwarded to the hub."""
     telemetry_store: Literal["sqlite", "influxdb", "none"] = "sqlite"
     """Where the customers' telemetry is kept: the embedded SQLite file, or an InfluxDB (v2 write API)."""

@@ -1,4 +1,4 @@
-"""``mhp-sim``: the test framework's tools (simulated devices now; experiments come with the simulation issue)."""
+"""``mhp-sim``: the test framework's tools: simulated devices and the paper's experiments."""
 
 from __future__ import annotations
 
@@ -11,12 +11,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mhp-sim``."""
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
-        print("usage: mhp-sim devices --spec HOMES.json --ports PORTS.json --events EVENTS.jsonl\n\n"
-              "  devices   serve simulated homes (SDM630 meter + relay board each) over Modbus TCP")
+        print("usage: mhp-sim devices --spec HOMES.json --ports PORTS.json --events EVENTS.jsonl\n"
+              "       mhp-sim experiment base --out DIR [--clients N] [--retailers N] [--duration-s S] ...\n\n"
+              "  devices      serve simulated homes (SDM630 meter + relay board each) over Modbus TCP\n"
+              "  experiment   run one of the paper's experiments (DSO and RP simulators against the real hub)")
         return 0 if args else 2
     if args[0] == "devices":
         return devices.main(args[1:])
-    print(f"mhp-sim: unknown command {args[0]!r} (known: devices)", file=sys.stderr)
+    if args[0] == "experiment":
+        from sim.experiment import cli as experiment_cli  # matplotlib only when an experiment runs
+
+        return experiment_cli.main(args[1:])
+    print(f"mhp-sim: unknown command {args[0]!r} (known: devices, experiment)", file=sys.stderr)
     return 2
 
 

@@ -8,6 +8,15 @@ from fastapi import Depends, Header, HTTPException, Request
 
 from cloud_hub.authz import Principal
 from cloud_hub.service import HubService
+from mhp_wire.ratelimit import RateLimiter
+
+
+class RateLimited(Exception):
+    """A principal sent more HTTP requests than its token bucket allows; retry after ``retry_after_s``."""
+
+    def __init__(self, principal: Principal, retry_after_s: float) -> None:
+        super().__init__(f"rate limit exceeded for {principal}: retry in {retry_after_s:.2f} s")
+        self.retry_after_s = retry_after_s
 
 
 def get_service(request: Request) -> HubService:
@@ -22,8 +31,15 @@ def get_principal(request: Request, authorization: Annotated[str | None, Header(
         raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": "Bearer"})
     principal = request.app.state.tokens.principal(authorization[7:].strip())
+    if principal is None and request.app.state.tokens.expired(authorization[7:].strip()):
+        raise HTTPException(401, "token expired", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     if principal is None:
         raise HTTPException(401, "invalid or revoked bearer token", headers={"WWW-Authenticate": "Bearer"})
+    limiter: RateLimiter | None = getattr(request.app.state, "http_limiter", None)
+    if limiter is not None:
+        wait_s = limiter.take(str(principal))
+        if wait_s > 0:
+            raise RateLimited(principal, wait_s)
     return principal
 
 

@@ -64,9 +64,18 @@ async def read_plugs(stack: Stack) -> dict[str, dict[str, bool | None]]:
     return out
 
 
-async def demo(state_dir: Path, retailers: int, homes: int) -> int:
+def transport_note(stack: Stack) -> str:
+    """One line saying how the stack's parties talk: TLS with its CA, or plain on loopback."""
+    if stack.pki is not None:
+        return (f"TLS everywhere: every broker listens with TLS only, the hub serves HTTPS; everything verifies "
+                f"with the CA {stack.pki.ca_file}")
+    return (f"plain MQTT and HTTP on {stack.host}: use --tls for TLS on every broker, HTTPS on the hub and "
+            "certificate verification everywhere (the production configuration)")
+
+
+async def demo(state_dir: Path, retailers: int, homes: int, tls: bool = False) -> int:
     """Start a stack, announce an emergency to every home, follow it to the plugs, print the timeline."""
-    stack = Stack(state_dir, retailers=retailers, homes=homes, log_level="WARNING")
+    stack = Stack(state_dir, retailers=retailers, homes=homes, log_level="WARNING", tls=tls)
     print(f"mhp-stack demo: starting {retailers} retailers and {homes} homes in {stack.dir}")
     t_start = time.monotonic()
     try:
@@ -74,6 +83,7 @@ async def demo(state_dir: Path, retailers: int, homes: int) -> int:
         procs = stack.info["processes"]
         print(f"stack up in {time.monotonic() - t_start:.1f} s: {len(procs)} processes "
               f"({', '.join(sorted(procs))}); hub at {stack.hub_url}; see {stack.dir / 'stack.json'}")
+        print(transport_note(stack))
         return await _scenario(stack)
     except StackError as exc:
         print(f"mhp-stack demo: {exc}", file=sys.stderr)
@@ -113,7 +123,7 @@ async def _scenario(stack: Stack) -> int:
     dso = {"Authorization": f"Bearer {stack.tokens['dso']}"}
     clients = [h.client_id for h in stack.homes]
     ok = True
-    async with httpx.AsyncClient(base_url=stack.hub_url, timeout=10) as http:
+    async with stack.http_client() as http:
         # 1. A network tariff calendar, broadcast to every retailer and on to every gateway.
         print("\nscenario 1/3: the DSO publishes a network tariff calendar")
         day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -199,9 +209,9 @@ async def _scenario(stack: Stack) -> int:
     return 0 if ok else 1
 
 
-async def up(state_dir: Path, retailers: int, homes: int) -> int:
+async def up(state_dir: Path, retailers: int, homes: int, tls: bool = False) -> int:
     """Start a stack and keep it running (restarting what dies) until interrupted."""
-    stack = Stack(state_dir, retailers=retailers, homes=homes)
+    stack = Stack(state_dir, retailers=retailers, homes=homes, tls=tls)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -209,7 +219,8 @@ async def up(state_dir: Path, retailers: int, homes: int) -> int:
     try:
         await stack.start()
         print(json.dumps({"stack_json": str(stack.dir / "stack.json"), "hub_url": stack.hub_url,
-                          "processes": stack.info["processes"]}), flush=True)
+                          "processes": stack.info["processes"], "tls": stack.info.get("tls")}), flush=True)
+        print(f"mhp-stack: {transport_note(stack)}", flush=True)
         print(f"mhp-stack: up; {len(stack.homes)} homes, {len(stack.retailer_ids)} retailers. "
               f"Details in {stack.dir / 'stack.json'}. Ctrl-C stops.", flush=True)
         sup = asyncio.create_task(stack.supervise())
@@ -235,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--state-dir", type=Path, default=None)
         p.add_argument("--retailers", type=int, default=2)
         p.add_argument("--homes", type=int, default=4)
+        p.add_argument("--tls", action="store_true",
+                       help="TLS on every broker and HTTPS on the hub, with a CA made in STATE_DIR/tls")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state_dir = args.state_dir
     if args.command == "demo":
         with tempfile.TemporaryDirectory(prefix="mhp-demo-") as tmp:
-            return asyncio.run(demo(state_dir or Path(tmp), args.retailers, args.homes))
-    return asyncio.run(up(state_dir or Path("state"), args.retailers, args.homes))
+            return asyncio.run(demo(state_dir or Path(tmp), args.retailers, args.homes, args.tls))
+    return asyncio.run(up(state_dir or Path("state"), args.retailers, args.homes, args.tls))
 
 
 if __name__ == "__main__":

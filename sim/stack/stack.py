@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,8 @@ import httpx
 import tomli_w
 
 from broker_config.launcher import find_mosquitto
-from broker_config.render import BrokerSpec, Identity, generate_password, render
+from broker_config.render import BrokerSpec, BrokerTls, Identity, generate_password, render
+from broker_config.tls import Pki, create_pki
 from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
 from mhp_wire.messages import Presence, Tariff, WireError, decode
@@ -73,7 +75,7 @@ class Stack:
     """Start with :meth:`start`, stop with :meth:`stop`; :attr:`info` is what ``stack.json`` holds."""
 
     def __init__(self, state_dir: Path, *, retailers: int = 2, homes: int = 4, host: str = "127.0.0.1",
-                 hub_port: int | None = None, log_level: str = "INFO") -> None:
+                 hub_port: int | None = None, log_level: str = "INFO", tls: bool = False) -> None:
         if retailers < 1 or homes < 1:
             raise ValueError("a stack needs at least one retailer and one home")
         self.dir = Path(state_dir).resolve()
@@ -86,6 +88,9 @@ class Stack:
             for i in range(homes)
         ]
         self.hub_port = hub_port or free_port(host)
+        self.tls = tls
+        """Every broker listens with TLS only, the hub serves HTTPS, every client verifies with ``self.pki``'s CA."""
+        self.pki: Pki | None = None
         self.sup = Supervisor(on_change=self.write_info)
         self.info: dict[str, Any] = {}
         self.tokens: dict[str, Any] = {}
@@ -105,14 +110,18 @@ class Stack:
         port = free_port(self.host)
         priv = Identity(privileged, generate_password())
         observer = Identity("stack", generate_password())
+        tls = None
+        if self.pki is not None:
+            server = self.pki.servers[f"broker-{name}"]
+            tls = BrokerTls(self.pki.ca_file, server.certfile, server.keyfile)
         spec = BrokerSpec(kind=kind, port=port, data_dir=self.dir / "brokers" / name, privileged=priv,  # type: ignore[arg-type]
                           parties=parties, extra_privileged=[observer], host=self.host,
-                          use_username_as_clientid=True)
+                          use_username_as_clientid=True, tls=tls)
         conf = render(spec)
         self.sup.start(Child(f"broker-{name}", [find_mosquitto(), "-c", str(conf)],
                              self.dir / "logs" / f"broker-{name}.log"))
         creds = {i.username: {"username": i.username, "password": i.password} for i in [priv, observer, *parties]}
-        return {"host": self.host, "port": port, "credentials": creds}
+        return {"host": self.host, "port": port, "credentials": creds, "tls": tls is not None}
 
     def _write_toml(self, name: str, data: dict[str, Any]) -> Path:
         path = self.dir / "config" / name
@@ -129,6 +138,11 @@ class Stack:
         os.chmod(self.dir, 0o700)
         (self.dir / "logs").mkdir(exist_ok=True)
         deadline = time.monotonic() + timeout_s
+        if self.tls:  # a CA and server certificates for every broker and the hub's HTTPS, in the state dir
+            hosts = list(dict.fromkeys([self.host, "localhost", "127.0.0.1"]))
+            servers = ["hub", "broker-hub", *(f"broker-{r}" for r in self.retailer_ids)]
+            self.pki = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: create_pki(self.dir / "tls", hosts, servers=servers))
         # Brokers: the hub broker (hub + retailers) and one broker per retailer (its bridge + its gateways).
         self.brokers["hub"] = self._broker(
             "hub", "hub", "hub", [Identity(r, generate_password()) for r in self.retailer_ids])
@@ -155,7 +169,8 @@ class Stack:
         hub_cfg = self._write_toml("hub.toml", {"hub": {
             "http_host": self.host, "http_port": self.hub_port, "db_path": str(self.dir / "hub.db"),
             "tokens_file": str(book.path), "mqtt_host": self.host, "mqtt_port": self.brokers["hub"]["port"],
-            "mqtt_username": "hub", "mqtt_password": self.brokers["hub"]["credentials"]["hub"]["password"]}})
+            "mqtt_username": "hub", "mqtt_password": self.brokers["hub"]["credentials"]["hub"]["password"],
+            **self._hub_tls_settings()}})
         self.sup.start(Child("hub", self._python("cloud_hub.cli", "--log-level", self.log_level, "serve",
                                                  "--config", str(hub_cfg)), self.dir / "logs" / "hub.log"))
         await self._wait_tcp(self.brokers["hub"]["port"], deadline, "broker-hub")
@@ -171,7 +186,8 @@ class Stack:
                 "local_mqtt_host": self.host, "local_mqtt_port": self.brokers[rid]["port"],
                 "local_mqtt_username": "bridge",
                 "local_mqtt_password": self.brokers[rid]["credentials"]["bridge"]["password"],
-                "db_path": str(self.dir / f"bridge-{rid}.db"), "customers": customers}})
+                "db_path": str(self.dir / f"bridge-{rid}.db"), "customers": customers,
+                **self._ca_settings("hub_mqtt_tls_ca_file", "local_mqtt_tls_ca_file")}})
             self.sup.start(Child(f"bridge-{rid}", self._python("retailer_bridge.cli", "--log-level", self.log_level,
                                                                "run", "--config", str(cfg)),
                                  self.dir / "logs" / f"bridge-{rid}.log"))
@@ -203,11 +219,33 @@ class Stack:
                             "state_dir": str(self.dir / "gateways"), "poll_interval_s": 1.0,
                             "telemetry_interval_s": 5.0,
                             "uplink": {"host": broker["host"], "port": broker["port"], "username": h.gateway_id,
-                                       "password": h.password}},
+                                       "password": h.password, **self._ca_settings("tls_ca_file")}},
                 "devices": devices}
 
+    def _ca_settings(self, *keys: str) -> dict[str, str]:
+        """``{key: CA file}`` for each key when the stack runs TLS, else nothing."""
+        return {k: str(self.pki.ca_file) for k in keys} if self.pki is not None else {}
+
+    def _hub_tls_settings(self) -> dict[str, str]:
+        if self.pki is None:
+            return {}
+        https = self.pki.servers["hub"]
+        return {**self._ca_settings("mqtt_tls_ca_file"), "tls_certfile": str(https.certfile),
+                "tls_keyfile": str(https.keyfile)}
+
+    @property
+    def http_verify(self) -> ssl.SSLContext | bool:
+        """What an HTTP client of the hub verifies its certificate with (``True``, the system's CAs, when plain)."""
+        if self.pki is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.pki.ca_file))
+
+    def http_client(self, timeout: float = 10) -> httpx.AsyncClient:
+        """An HTTP client of the hub that trusts the stack's CA when it runs TLS."""
+        return httpx.AsyncClient(base_url=self.hub_url, timeout=timeout, verify=self.http_verify)
+
     async def _register(self) -> None:
-        async with httpx.AsyncClient(base_url=self.hub_url, timeout=10) as http:
+        async with self.http_client() as http:
             for rid in self.retailer_ids:
                 r = await http.put(f"/v1/retailers/{rid}", json={"name": f"Retailer {rid.upper()}"},
                                    headers={"Authorization": f"Bearer {self.tokens['admin']}"})
@@ -222,7 +260,8 @@ class Stack:
     @property
     def hub_url(self) -> str:
         """Where the hub's HTTP API listens."""
-        return f"http://{self.host}:{self.hub_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.hub_port}"
 
     # -- waiting ------------------------------------------------------------------------------------------
 
@@ -247,7 +286,7 @@ class Stack:
         raise self._died(name)
 
     async def _wait_ready(self, deadline: float) -> None:
-        async with httpx.AsyncClient(base_url=self.hub_url, timeout=2) as http:
+        async with self.http_client(timeout=2) as http:
             while time.monotonic() < deadline:
                 with contextlib.suppress(httpx.HTTPError):
                     if (await http.get("/readyz")).status_code == 200:
@@ -275,7 +314,8 @@ class Stack:
             await self._wait_tcp(broker["port"], time.monotonic() + 15, f"broker-{name}")
             kind: topics.PartyKind = "retailers" if name == "hub" else "gateways"
             creds = broker["credentials"]["stack"]
-            link = MqttLink(MqttEndpoint(broker["host"], broker["port"], creds["username"], creds["password"]),
+            ca = str(self.pki.ca_file) if self.pki is not None else None
+            link = MqttLink(MqttEndpoint(broker["host"], broker["port"], creds["username"], creds["password"], ca),
                             client_id=f"stack-observer-{name}",
                             subscriptions=[f"{topics.PREFIX}/{kind}/+/up/status", topics.TARIFF],
                             handler=on_message_of(name), clean_start=True, session_expiry_s=0)
@@ -308,6 +348,7 @@ class Stack:
             "device_events": str(self.dir / "device-events.jsonl"),
             "plugs": PLUGS,
             "restarts": self.sup.events[-50:],
+            "tls": {"ca_file": str(self.pki.ca_file)} if self.pki is not None else None,
         }
         path = self.dir / "stack.json"
         tmp = path.with_suffix(".tmp")

@@ -239,10 +239,10 @@ def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
     assert not (tmp_path / "with space").exists()
 
 
-def test_tls_is_refused_until_implemented(tmp_path: Path) -> None:
+def test_tls_must_be_a_broker_tls_with_files_that_exist(tmp_path: Path) -> None:
     spec = hub_spec(tmp_path)
     spec.tls = object()  # type: ignore[assignment]
-    with pytest.raises(BrokerConfigError, match="tls is not implemented"):
+    with pytest.raises(BrokerConfigError, match="BrokerTls"):
         render(spec)
 
 

@@ -1,0 +1,282 @@
+"""``mhp-sim experiment base``: the paper's base setup, every part a real process, measured from the outside.
+
+Starts the hub broker (Mosquitto from ``broker_config``), the hub (``cloud-hub serve``, embedded storage), one RP
+simulator per retailer, registers the retailers and clients over HTTP (and uploads one day of meter readings
+per client for the billing requests), runs the DSO simulator in its own process, samples CPU time and memory of
+every process from ``/proc`` once a second, stops everything and writes the results (``sim.experiment.report``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import tomli_w
+
+from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, die_with_parent, generate_password
+from cloud_hub.tokens import TokenBook
+from sim.experiment import report
+from sim.experiment.dso_sim import BILLING_PERIOD_START, TYPES
+from sim.stack.stack import free_port
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class BaseParams:
+    """Parameters of one base-setup run."""
+
+    out: Path
+    clients: int = 100
+    retailers: int = 1
+    duration_s: float = 60.0
+    warmup_s: float = 5.0
+    rate_per_min: float = 30.0
+    rates_per_min: dict[str, float] = field(default_factory=dict)
+    """Per type; a type missing here runs at ``rate_per_min``."""
+    fractions: dict[str, float] = field(default_factory=lambda: {
+        "emergency": 0.10, "load_reduction": 0.10, "load_shift": 0.10, "billing": 0.30})
+    rp_delay_min_ms: float = 100.0
+    rp_delay_max_ms: float = 110.0
+    drain_s: float = 30.0
+    poll_interval_s: float = 0.02
+    progress_interval_s: float = 5.0
+    seed: int = 1
+
+    def rates(self) -> dict[str, float]:
+        """The rate of each type, per minute."""
+        return {t: float(self.rates_per_min.get(t, self.rate_per_min)) for t in TYPES}
+
+
+def proc_sample(pid: int) -> dict[str, float] | None:
+    """CPU seconds (user + system) and current / peak resident memory (MiB) of a process, from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (OSError, IndexError):
+        return None
+    mem = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            mem[key] = int(value.split()[0]) / 1024
+    return {"cpu_s": (int(stat[11]) + int(stat[12])) / _CLK_TCK, "rss_mib": round(mem.get("VmRSS", 0.0), 2),
+            "max_rss_mib": round(mem.get("VmHWM", 0.0), 2)}
+
+
+def machine() -> dict[str, Any]:
+    """What the run ran on."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_total = ""
+    try:
+        mem_total = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    except (OSError, IndexError):
+        pass
+    return {"hostname": platform.node(), "cpus": os.cpu_count(), "cpu_model": model, "memory": mem_total,
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+class Experiment:
+    """One run of the base setup; :meth:`run` does everything and returns ``results.json``'s content."""
+
+    def __init__(self, p: BaseParams) -> None:
+        self.p = p
+        self.out = p.out.resolve()
+        self.work = self.out / "run"
+        self.retailer_ids = [f"r{i + 1}" for i in range(p.retailers)]
+        self.client_ids = [f"client-{i + 1:05d}" for i in range(p.clients)]
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.pids: dict[str, int] = {}
+
+    def log(self, text: str) -> None:
+        """A progress line."""
+        print(f"[experiment] {text}", flush=True)
+
+    def _spawn(self, name: str, argv: list[str], *, inherit_stdout: bool = False) -> subprocess.Popen[bytes]:
+        logf = (self.work / "logs" / f"{name}.log").open("ab")
+        self._logs.append(logf)
+        proc = subprocess.Popen(argv, stdout=None if inherit_stdout else logf, stderr=logf, cwd=self.work,
+                                preexec_fn=die_with_parent())
+        self.procs[name] = proc
+        self.pids[name] = proc.pid
+        return proc
+
+    def run(self) -> dict[str, Any]:
+        """Start, measure, stop, write; returns the results."""
+        p = self.p
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        passwords = {r: generate_password() for r in self.retailer_ids}
+        spec = BrokerSpec(kind="hub", port=free_port(), data_dir=self.work / "broker",
+                          privileged=Identity("hub", generate_password()),
+                          parties=[Identity(r, pw) for r, pw in passwords.items()], use_username_as_clientid=True)
+        started = time.time()
+        self.log(f"base setup: {p.clients} clients, {p.retailers} retailer(s), {p.duration_s:g} s (+{p.warmup_s:g} s "
+                 f"warm-up), rates/min {p.rates()}, RP delay [{p.rp_delay_min_ms:g}, {p.rp_delay_max_ms:g}) ms")
+        try:
+            with MosquittoProcess(spec) as broker:
+                if broker.pid is not None:
+                    self.pids["broker"] = broker.pid
+                try:
+                    results_raw = asyncio.run(self._run_async(broker.port, spec, passwords))
+                finally:
+                    self._stop_all()  # before the broker, so that nobody logs a lost connection
+        finally:
+            self._stop_all()
+        rp_stats = {}
+        for r in self.retailer_ids:
+            path = self.work / f"rp-{r}.stats.json"
+            rp_stats[r] = json.loads(path.read_text()) if path.exists() else {"error": "no stats written"}
+        records = report.read_records(self.work / "requests.jsonl")
+        params = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(p).items()}, "rates_per_min": p.rates()}
+        return report.write_all(self.out, params=params, machine=machine(), records=records, rp_stats=rp_stats,
+                                samples=self.samples, procs=results_raw["procs"],
+                                wall_s=round(time.time() - started, 3), setup=results_raw["setup"])
+
+    async def _run_async(self, broker_port: int, spec: BrokerSpec, passwords: dict[str, str]) -> dict[str, Any]:
+        p = self.p
+        book = TokenBook(self.work / "hub-tokens.json")
+        if book.path.exists():
+            book.path.unlink()
+        tokens = {"dso": book.issue("dso"), "admin": book.issue("admin")}
+        hub_port = free_port()
+        hub_cfg = self.work / "hub.toml"
+        hub_cfg.write_text(tomli_w.dumps({"hub": {
+            "http_host": "127.0.0.1", "http_port": hub_port, "db_path": str(self.work / "hub.db"),
+            "tokens_file": str(book.path), "mqtt_host": "127.0.0.1", "mqtt_port": broker_port,
+            "mqtt_username": "hub", "mqtt_password": spec.privileged.password,
+            # The experiment measures the platform, not its abuse limits: lift them far above the offered load.
+            "rate_limit_per_s": 1_000_000.0, "rate_limit_burst": 1_000_000,
+            "mqtt_rate_limit_per_s": 1_000_000.0, "mqtt_rate_limit_burst": 1_000_000}}))
+        os.chmod(hub_cfg, 0o600)
+        hub_url = f"http://127.0.0.1:{hub_port}"
+        self._spawn("hub", [sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve",
+                            "--config", str(hub_cfg)])
+        t_setup = time.monotonic()
+        await self._wait_ready(hub_url)
+        self.log(f"hub ready at {hub_url} ({time.monotonic() - t_setup:.1f} s)")
+        await self._register(hub_url, tokens)
+        setup_s = round(time.monotonic() - t_setup, 3)
+        self.log(f"registered {p.retailers} retailer(s), {p.clients} clients, uploaded one day of readings each "
+                 f"({setup_s:.1f} s)")
+        for r in self.retailer_ids:
+            self._spawn(f"rp-{r}", [sys.executable, "-m", "sim.experiment.rp_sim", "--port", str(broker_port),
+                                    "--retailer", r, "--password", passwords[r],
+                                    "--delay-min-ms", str(p.rp_delay_min_ms), "--delay-max-ms", str(p.rp_delay_max_ms),
+                                    "--seed", str(p.seed), "--ready-file", str(self.work / f"rp-{r}.ready"),
+                                    "--stats-file", str(self.work / f"rp-{r}.stats.json")])
+        await self._wait_files([self.work / f"rp-{r}.ready" for r in self.retailer_ids], "RP simulator")
+        await self._wait_online(hub_url, tokens)
+        self.log(f"{p.retailers} RP simulator(s) online; starting the DSO simulator")
+        dso_cfg = self.work / "dso.json"
+        dso_cfg.write_text(json.dumps({
+            "hub_url": hub_url, "token": tokens["dso"], "clients": self.client_ids, "rates_per_min": p.rates(),
+            "fractions": p.fractions, "duration_s": p.duration_s, "warmup_s": p.warmup_s, "drain_s": p.drain_s,
+            "poll_interval_s": p.poll_interval_s, "progress_interval_s": p.progress_interval_s, "seed": p.seed}))
+        os.chmod(dso_cfg, 0o600)
+        dso = self._spawn("dso-sim", [sys.executable, "-m", "sim.experiment.dso_sim", "--config", str(dso_cfg),
+                                      "--out", str(self.work / "requests.jsonl"),
+                                      "--stats-file", str(self.work / "dso-sim.stats.json")], inherit_stdout=True)
+        self.pids["experiment"] = os.getpid()
+        t0 = time.monotonic()
+        while dso.poll() is None:
+            self._sample(time.monotonic() - t0)
+            await asyncio.sleep(1.0)
+            for name, proc in self.procs.items():
+                if name != "dso-sim" and proc.poll() is not None:
+                    self.log(f"{name} exited with {proc.returncode} during the run; see {self.work / 'logs'}")
+        procs = self._sample(time.monotonic() - t0)
+        dso_stats = self.work / "dso-sim.stats.json"
+        if dso_stats.exists():  # it has exited: /proc no longer has it, it reported its own rusage
+            procs["dso-sim"] = {**json.loads(dso_stats.read_text()), "rss_mib": 0.0}
+        if dso.returncode != 0:
+            self.log(f"the DSO simulator exited with {dso.returncode}; see {self.work / 'logs' / 'dso-sim.log'}")
+        return {"procs": procs, "setup": {"setup_s": setup_s, "hub_url": hub_url, "work_dir": str(self.work)}}
+
+    def _sample(self, t: float) -> dict[str, dict[str, float]]:
+        now: dict[str, dict[str, float]] = {}
+        for name, pid in self.pids.items():
+            s = proc_sample(pid)
+            if s is not None:
+                now[name] = s
+                self.samples.append({"t_s": round(t, 3), "process": name, **s})
+        return now
+
+    async def _wait_ready(self, hub_url: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(base_url=hub_url, timeout=2) as http:
+            while time.monotonic() < deadline:
+                if self.procs["hub"].poll() is not None:
+                    break
+                try:
+                    if (await http.get("/readyz")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"the hub did not become ready; see {self.work / 'logs' / 'hub.log'}")
+
+    async def _wait_files(self, paths: list[Path], what: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not all(f.exists() for f in paths):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start; see {self.work / 'logs'}")
+            await asyncio.sleep(0.05)
+
+    async def _wait_online(self, hub_url: str, tokens: dict[str, str]) -> None:
+        # The hub learns presence from retained status messages; give it a moment to see every simulator.
+        await asyncio.sleep(0.5)
+
+    async def _register(self, hub_url: str, tokens: dict[str, str]) -> None:
+        admin = {"Authorization": f"Bearer {tokens['admin']}"}
+        dso = {"Authorization": f"Bearer {tokens['dso']}"}
+        async with httpx.AsyncClient(base_url=hub_url, timeout=30) as http:
+            for r in self.retailer_ids:
+                (await http.put(f"/v1/retailers/{r}", json={"name": f"Retailer {r}"}, headers=admin)).raise_for_status()
+            sem = asyncio.Semaphore(16)
+
+            async def client(i: int, cid: str) -> None:
+                async with sem:
+                    resp = await http.put(f"/v1/clients/{cid}", headers=dso, json={
+                        "retailer_id": self.retailer_ids[i % len(self.retailer_ids)], "contracted_power_kw": 6.9,
+                        "feeder_id": f"feeder-{i % 3 + 1}", "valid_from": "2020-01-01T00:00:00+00:00"})
+                    resp.raise_for_status()
+
+            await asyncio.gather(*(client(i, c) for i, c in enumerate(self.client_ids)))
+            values = [round(0.1 + 0.05 * (k % 8), 3) for k in range(96)]
+            for i in range(0, len(self.client_ids), 200):
+                readings = [{"client_id": c, "start": BILLING_PERIOD_START.isoformat(), "resolution_s": 900,
+                             "values_kwh": values} for c in self.client_ids[i:i + 200]]
+                (await http.post("/v1/meter-readings", headers=dso, json={"readings": readings})).raise_for_status()
+
+    def _stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.log(f"{name} did not stop in 10 s; killed")
+                proc.kill()
+                proc.wait()
+        for f in self._logs:
+            f.close()
+        self._logs.clear()

@@ -1,0 +1,221 @@
+"""DSO simulator (the paper's "DSO Simulator"): an open-loop load generator against the hub's HTTP API.
+
+It runs in its own process (so its CPU is visible, and not taken from the hub unnoticed). For each request type
+it sends at a fixed rate, on a schedule fixed in advance (open loop: a slow answer never delays the next send),
+numbers every request (``seq``, also its ``Idempotency-Key``), times POST → 202, then follows the request with
+``GET /v1/requests/{id}`` until it reaches a terminal state, keeping the hub's per-component ``trace``.
+
+    python -m sim.experiment.dso_sim --config dso.json --out requests.jsonl
+
+``dso.json``: ``hub_url``, ``token``, ``clients`` (ids), ``rates_per_min`` and ``fractions`` per type,
+``duration_s``, ``warmup_s``, ``drain_s``, ``poll_interval_s``, ``progress_interval_s``, ``seed``. Every request
+scheduled is written to ``--out`` (one JSON object per line), finished or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import resource
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TYPES = ("emergency", "load_reduction", "load_shift", "billing")
+"""The paper's four request types."""
+PATHS = {"emergency": "/v1/emergencies", "load_reduction": "/v1/load-reductions", "load_shift": "/v1/load-shifts",
+         "billing": "/v1/billing-data"}
+TERMINAL = frozenset({"completed", "partially_completed", "failed", "expired", "cancelled"})
+BILLING_PERIOD_START = datetime(2026, 1, 1, tzinfo=UTC)
+"""The day whose readings the experiment uploads and bills."""
+
+
+def pct(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (nearest rank) of ``values``, or ``None`` when empty."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
+    return round(s[k], 3)
+
+
+def body_for(kind: str, clients: list[str], seq: int, rp_window_s: float = 3.0,
+             reduction_kw_per_client: float = 1.0) -> dict[str, Any]:
+    """The POST body of one request of ``kind`` for ``clients``.
+
+    A load reduction asks for ``reduction_kw_per_client`` per targeted client: with the RP simulator's default of
+    2 kW available per client, about half of the targets are chosen for phase two, the others stay ``available``.
+    """
+    now = datetime.now(UTC)
+    start = (now + timedelta(seconds=60)).isoformat()
+    if kind == "emergency":
+        return {"client_ids": clients, "start": start, "duration_s": 600, "power_limit_kw": 1.0}
+    if kind == "load_reduction":
+        return {"client_ids": clients, "reduction_kw": round(reduction_kw_per_client * len(clients), 3),
+                "start": start, "duration_s": 900, "respond_within_s": rp_window_s}
+    if kind == "load_shift":
+        return {"client_ids": clients, "window_start": start,
+                "window_end": (now + timedelta(hours=1)).isoformat(), "reason": f"experiment request {seq}"}
+    return {"client_ids": clients, "period_start": BILLING_PERIOD_START.isoformat(),
+            "period_end": (BILLING_PERIOD_START + timedelta(days=1)).isoformat()}
+
+
+class DsoSimulator:
+    """Sends the schedule, follows every request, keeps one record per request."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.clients: list[str] = list(cfg["clients"])
+        self.rng = random.Random(cfg.get("seed", 1))
+        self.records: list[dict[str, Any]] = []
+        self.poll_s = float(cfg.get("poll_interval_s", 0.02))
+        self.reduction_kw = float(cfg.get("reduction_kw_per_client", 1.0))
+        self.t0 = 0.0
+        self.stop_following_at = float("inf")
+
+    def schedule(self) -> list[tuple[float, str]]:
+        """``(seconds from start, type)`` of every request, sorted; types are staggered within a period."""
+        total = float(self.cfg["warmup_s"]) + float(self.cfg["duration_s"])
+        out: list[tuple[float, str]] = []
+        for k, kind in enumerate(TYPES):
+            rate = float(self.cfg["rates_per_min"].get(kind, 0))
+            if rate <= 0:
+                continue
+            period = 60.0 / rate
+            t = period * k / len(TYPES)
+            while t < total:
+                out.append((t, kind))
+                t += period
+        return sorted(out)
+
+    def targets(self, kind: str) -> list[str]:
+        """A random ``fraction`` of the clients (at least one)."""
+        n = max(1, round(len(self.clients) * float(self.cfg["fractions"][kind])))
+        return self.rng.sample(self.clients, min(n, len(self.clients)))
+
+    async def run(self) -> None:
+        """Send everything, follow it, print progress."""
+        plan = self.schedule()
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        headers = {"Authorization": f"Bearer {self.cfg['token']}"}
+        async with httpx.AsyncClient(base_url=self.cfg["hub_url"], headers=headers, timeout=30.0,
+                                     limits=limits) as http:
+            self.t0 = time.monotonic()
+            send_end = float(self.cfg["warmup_s"]) + float(self.cfg["duration_s"])
+            self.stop_following_at = self.t0 + send_end + float(self.cfg.get("drain_s", 30.0))
+            progress = asyncio.create_task(self._progress())
+            tasks = []
+            for seq, (at, kind) in enumerate(plan):
+                delay = self.t0 + at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                rec: dict[str, Any] = {"seq": seq, "type": kind, "warmup": at < float(self.cfg["warmup_s"]),
+                                       "scheduled_s": round(at, 4)}
+                self.records.append(rec)
+                tasks.append(asyncio.create_task(self._one(http, rec)))
+            await asyncio.gather(*tasks)
+            progress.cancel()
+            self._print_progress(final=True)
+
+    async def _one(self, http: httpx.AsyncClient, rec: dict[str, Any]) -> None:
+        kind = rec["type"]
+        clients = self.targets(kind)
+        rec["clients"] = len(clients)
+        rec["sent_s"] = round(time.monotonic() - self.t0, 4)
+        rec["lag_ms"] = round((rec["sent_s"] - rec["scheduled_s"]) * 1000, 3)
+        rec["sent_at"] = time.time()
+        t_post = time.perf_counter()
+        try:
+            resp = await http.post(PATHS[kind], json=body_for(kind, clients, rec["seq"],
+                                                                   reduction_kw_per_client=self.reduction_kw),
+                                   headers={"Idempotency-Key": f"experiment-{rec['seq']}"})
+        except httpx.HTTPError as exc:
+            rec.update(outcome="failed", error=f"POST: {type(exc).__name__}: {exc}",
+                       post_ms=round((time.perf_counter() - t_post) * 1000, 3))
+            return
+        t_202 = time.perf_counter()
+        rec["post_ms"] = round((t_202 - t_post) * 1000, 3)
+        rec["status"] = resp.status_code
+        if resp.status_code != 202:
+            rec.update(outcome="failed", error=f"POST answered {resp.status_code}: {resp.text[:300]}")
+            return
+        rec["request_id"] = resp.json()["request_id"]
+        rec["state"] = "accepted"
+        while time.monotonic() < self.stop_following_at:
+            await asyncio.sleep(self.poll_s)
+            try:
+                r = await http.get(f"/v1/requests/{rec['request_id']}")
+            except httpx.HTTPError as exc:
+                rec["last_poll_error"] = f"{type(exc).__name__}: {exc}"
+                continue
+            if r.status_code != 200:
+                rec["last_poll_error"] = f"GET answered {r.status_code}"
+                continue
+            body = r.json()
+            rec["state"] = body["state"]
+            if body["state"] in TERMINAL:
+                rec["done_ms"] = round((time.perf_counter() - t_202) * 1000, 3)
+                rec["end_to_end_ms"] = round((time.perf_counter() - t_post) * 1000, 3)
+                rec["trace"] = body.get("trace", {})
+                states: dict[str, int] = {}
+                for c in body.get("clients", {}).values():
+                    states[c["state"]] = states.get(c["state"], 0) + 1
+                rec["client_states"] = states
+                rec["outcome"] = "completed" if body["state"] == "completed" else "failed"
+                if rec["outcome"] == "failed":
+                    rec["error"] = f"ended {body['state']}: {states}"
+                return
+        rec["outcome"] = "missing"
+        rec["error"] = f"not terminal after the drain period (last state {rec.get('state')})"
+
+    async def _progress(self) -> None:
+        every = float(self.cfg.get("progress_interval_s", 5.0))
+        while True:
+            await asyncio.sleep(every)
+            self._print_progress()
+
+    def _print_progress(self, final: bool = False) -> None:
+        recs = self.records
+        done = [r["done_ms"] for r in recs if "done_ms" in r]
+        posts = [r["post_ms"] for r in recs if "post_ms" in r and r.get("status") == 202]
+        n_ok = sum(1 for r in recs if r.get("outcome") == "completed")
+        n_fail = sum(1 for r in recs if r.get("outcome") == "failed")
+        n_miss = sum(1 for r in recs if r.get("outcome") == "missing")
+        head = "final" if final else f"t={time.monotonic() - self.t0:5.1f}s"
+        print(f"[dso-sim] {head} sent={len(recs)} accepted={len(posts)} completed={n_ok} failed={n_fail} "
+              f"missing={n_miss} open={len(recs) - n_ok - n_fail - n_miss} "
+              f"p99(POST->202)={pct(posts, 99)} ms p99(202->completed)={pct(done, 99)} ms", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    parser = argparse.ArgumentParser(prog="python -m sim.experiment.dso_sim", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--stats-file", type=Path, help="written at exit: this process's CPU seconds and max RSS")
+    args = parser.parse_args(argv)
+    sim = DsoSimulator(json.loads(args.config.read_text()))
+    try:
+        asyncio.run(sim.run())
+    finally:
+        tmp = args.out.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            for rec in sim.records:
+                f.write(json.dumps(rec) + "\n")
+        tmp.replace(args.out)
+        if args.stats_file is not None:
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            args.stats_file.write_text(json.dumps({"cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
+                                                   "max_rss_mib": round(ru.ru_maxrss / 1024, 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
