@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cloud_hub.authz import Principal
+
+log = logging.getLogger(__name__)
 
 
 def token_hash(token: str) -> str:
@@ -54,10 +57,18 @@ class TokenBook:
         seen = (st.st_mtime_ns, st.st_ino, st.st_size)  # a rewrite within the clock's granularity still counts
         if mtime == self._mtime and seen == self._seen:
             return
-        data = json.loads(self.path.read_text() or "{}")
-        self._by_hash = {t["sha256"]: Principal.parse(t["principal"]) for t in data.get("tokens", [])}
-        self._expires = {t["sha256"]: _expiry(t) for t in data.get("tokens", [])}
         self._mtime, self._seen = mtime, seen
+        try:
+            data = json.loads(self.path.read_text() or "{}")
+            by_hash = {t["sha256"]: Principal.parse(t["principal"]) for t in data.get("tokens", [])}
+            expires = {t["sha256"]: _expiry(t) for t in data.get("tokens", [])}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Fail closed: a token file that cannot be read accepts no token until it is fixed.
+            log.error("tokens file %s is unreadable (%s): every bearer token is refused until it is fixed",
+                      self.path, exc)
+            self._by_hash, self._expires = {}, {}
+            return
+        self._by_hash, self._expires = by_hash, expires
 
     def principal(self, token: str) -> Principal | None:
         """The principal a token stands for, or None (unknown, revoked or expired)."""

@@ -71,3 +71,15 @@ def test_rewrites_within_one_clock_tick_are_still_seen(tmp_path: object) -> None
 def test_cli_refuses_an_unknown_principal(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["token", "revoke", "--tokens-file", f"{tmp_path}/t.json", "--principal", "nobody"]) == 2
     assert "unknown principal" in capsys.readouterr().err
+
+
+async def test_an_unreadable_tokens_file_fails_closed(hub: HubHandle) -> None:
+    book_path = hub.app.state.tokens.path
+    good = book_path.read_text()
+    book_path.write_text("{ this is not json")
+    r = await hub.http.get("/v1/clients/c1", headers=hub.auth("dso"))
+    assert r.status_code == 401, "no token is accepted while the file cannot be read"
+    assert (await hub.http.get("/healthz")).status_code == 200
+    book_path.write_text(good)
+    r = await hub.http.get("/v1/clients/nobody", headers=hub.auth("dso"))
+    assert r.status_code == 404, "accepted again once the file is fixed"
