@@ -178,7 +178,7 @@ class Experiment:
                  f"({setup_s:.1f} s)")
         for r in self.retailer_ids:
             self._spawn(f"rp-{r}", [sys.executable, "-m", "sim.experiment.rp_sim", "--port", str(broker_port),
-                                    "--retailer", r, "--password", passwords[r],
+                                    "--retailer", r, f"--password={passwords[r]}",  # a password may start with "-"
                                     "--delay-min-ms", str(p.rp_delay_min_ms), "--delay-max-ms", str(p.rp_delay_max_ms),
                                     "--seed", str(p.seed), "--ready-file", str(self.work / f"rp-{r}.ready"),
                                     "--stats-file", str(self.work / f"rp-{r}.stats.json")])
