@@ -31,16 +31,20 @@ def _check_table(table: str) -> None:
 
 
 def _column_filter(columns: list[str] | None) -> tuple[str, list[str]]:
+    """SQL for a column selection: exact columns as one ``IN`` list (a request row may name thousands of clients;
+    a chain of ORs would exceed SQLite's expression depth of 1000), whole families as key ranges."""
     if not columns:
         return "", []
-    parts, args = [], []
-    for c in columns:
-        if c.endswith(":"):
-            parts.append("(col >= ? AND col < ?)")
-            args += [c, prefix_stop(c)]
-        else:
-            parts.append("col = ?")
-            args.append(c)
+    families = [c for c in columns if c.endswith(":")]
+    exact = [c for c in columns if not c.endswith(":")]
+    parts: list[str] = []
+    args: list[str] = []
+    for fam in families:
+        parts.append("(col >= ? AND col < ?)")
+        args += [fam, prefix_stop(fam)]
+    if exact:
+        parts.append(f"col IN ({','.join('?' * len(exact))})")
+        args += exact
     return " AND (" + " OR ".join(parts) + ")", args
 
 

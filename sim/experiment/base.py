@@ -9,9 +9,12 @@ every process from ``/proc`` once a second, stops everything and writes the resu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -51,6 +54,14 @@ class BaseParams:
     poll_interval_s: float = 0.02
     progress_interval_s: float = 5.0
     seed: int = 1
+    fault: str = ""
+    """``""`` (none), ``"hub"`` (``kill -9`` of the hub, restarted at once) or ``"storage"`` (the hub's SQLite
+    database locked by this process for ``fault_down_s``)."""
+    fault_at_s: float = 20.0
+    """When the fault is injected, in seconds after the DSO simulator was started."""
+    fault_down_s: float = 5.0
+    retry_s: float = 0.5
+    """The DSO simulator's pause before re-sending a POST that got no answer or a 5xx (same Idempotency-Key)."""
 
     def rates(self) -> dict[str, float]:
         """The rate of each type, per minute."""
@@ -105,6 +116,8 @@ class Experiment:
         self._logs: list[IO[bytes]] = []
         self.samples: list[dict[str, Any]] = []
         self.pids: dict[str, int] = {}
+        self.fault_log: dict[str, Any] = {}
+        """What the fault injection did and measured (wall-clock times, durations); empty without a fault."""
 
     def log(self, text: str) -> None:
         """A progress line."""
@@ -189,26 +202,86 @@ class Experiment:
         dso_cfg.write_text(json.dumps({
             "hub_url": hub_url, "token": tokens["dso"], "clients": self.client_ids, "rates_per_min": p.rates(),
             "fractions": p.fractions, "duration_s": p.duration_s, "warmup_s": p.warmup_s, "drain_s": p.drain_s,
-            "poll_interval_s": p.poll_interval_s, "progress_interval_s": p.progress_interval_s, "seed": p.seed}))
+            "poll_interval_s": p.poll_interval_s, "progress_interval_s": p.progress_interval_s, "seed": p.seed,
+            "retry_s": p.retry_s}))
         os.chmod(dso_cfg, 0o600)
         dso = self._spawn("dso-sim", [sys.executable, "-m", "sim.experiment.dso_sim", "--config", str(dso_cfg),
                                       "--out", str(self.work / "requests.jsonl"),
                                       "--stats-file", str(self.work / "dso-sim.stats.json")], inherit_stdout=True)
         self.pids["experiment"] = os.getpid()
         t0 = time.monotonic()
+        fault = asyncio.create_task(self._inject_fault(hub_url, t0)) if p.fault else None
         while dso.poll() is None:
             self._sample(time.monotonic() - t0)
             await asyncio.sleep(1.0)
             for name, proc in self.procs.items():
                 if name != "dso-sim" and proc.poll() is not None:
                     self.log(f"{name} exited with {proc.returncode} during the run; see {self.work / 'logs'}")
+        if fault is not None:
+            if not fault.done():
+                self.log("the DSO simulator ended before the fault was over; cancelling the injection")
+                fault.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await fault
         procs = self._sample(time.monotonic() - t0)
         dso_stats = self.work / "dso-sim.stats.json"
         if dso_stats.exists():  # it has exited: /proc no longer has it, it reported its own rusage
             procs["dso-sim"] = {**json.loads(dso_stats.read_text()), "rss_mib": 0.0}
         if dso.returncode != 0:
             self.log(f"the DSO simulator exited with {dso.returncode}; see {self.work / 'logs' / 'dso-sim.log'}")
-        return {"procs": procs, "setup": {"setup_s": setup_s, "hub_url": hub_url, "work_dir": str(self.work)}}
+        return {"procs": procs, "setup": {"setup_s": setup_s, "hub_url": hub_url, "work_dir": str(self.work)},
+                "fault": dict(self.fault_log)}
+
+    async def _inject_fault(self, hub_url: str, t0: float) -> None:
+        """At ``fault_at_s``: kill -9 the hub and restart it, or lock its database for ``fault_down_s``."""
+        p = self.p
+        await asyncio.sleep(max(0.0, t0 + p.fault_at_s - time.monotonic()))
+        f = self.fault_log
+        f.update(kind=p.fault, at_wall=time.time())
+        if p.fault == "hub":
+            old = self.procs["hub"]
+            os.kill(old.pid, signal.SIGKILL)
+            old.wait()
+            killed = time.monotonic()
+            # The samples of the killed process keep their own name, so CPU is not mixed across the two processes.
+            for s in self.samples:
+                if s["process"] == "hub":
+                    s["process"] = "hub (killed)"
+            self._spawn("hub", [sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve",
+                                "--config", str(self.work / "hub.toml")])
+            self.log(f"fault: hub pid {old.pid} killed with SIGKILL (exit {old.returncode}); restarted as pid "
+                     f"{self.procs['hub'].pid}")
+            await self._wait_ready(hub_url)
+            f.update(killed_pid=old.pid, exit_code=old.returncode, restarted_pid=self.procs["hub"].pid,
+                     restart_to_ready_s=round(time.monotonic() - killed, 3), ready_wall=time.time())
+            self.log(f"fault: hub ready again {f['restart_to_ready_s']:.3f} s after the kill")
+        elif p.fault == "storage":
+            db = sqlite3.connect(self.work / "hub.db", isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("BEGIN EXCLUSIVE")
+                locked = time.monotonic()
+                self.log(f"fault: hub database locked (BEGIN EXCLUSIVE from pid {os.getpid()}) for "
+                         f"{p.fault_down_s:g} s")
+                unready_after = None
+                async with httpx.AsyncClient(base_url=hub_url, timeout=5) as http:
+                    while time.monotonic() - locked < p.fault_down_s:
+                        if unready_after is None:
+                            with contextlib.suppress(httpx.HTTPError):
+                                if (await http.get("/readyz")).status_code == 503:
+                                    unready_after = round(time.monotonic() - locked, 3)
+                        await asyncio.sleep(0.1)
+                    db.execute("ROLLBACK")
+                    unlocked = time.monotonic()
+                    f.update(locked_s=round(unlocked - locked, 3), unlock_wall=time.time(),
+                             readyz_503_after_s=unready_after)
+                    self.log("fault: hub database unlocked")
+                    await self._wait_ready(hub_url)
+                    f.update(unlock_to_ready_s=round(time.monotonic() - unlocked, 3), ready_wall=time.time())
+                    self.log(f"fault: hub ready {f['unlock_to_ready_s']:.3f} s after the unlock")
+            finally:
+                db.close()
+        else:
+            raise ValueError(f"unknown fault {p.fault!r}")
 
     def _sample(self, t: float) -> dict[str, dict[str, float]]:
         now: dict[str, dict[str, float]] = {}

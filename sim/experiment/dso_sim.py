@@ -77,6 +77,7 @@ class DsoSimulator:
         self.records: list[dict[str, Any]] = []
         self.poll_s = float(cfg.get("poll_interval_s", 0.02))
         self.reduction_kw = float(cfg.get("reduction_kw_per_client", 1.0))
+        self.retry_s = float(cfg.get("retry_s", 0.5))
         self.t0 = 0.0
         self.stop_following_at = float("inf")
 
@@ -131,21 +132,40 @@ class DsoSimulator:
         rec["sent_s"] = round(time.monotonic() - self.t0, 4)
         rec["lag_ms"] = round((rec["sent_s"] - rec["scheduled_s"]) * 1000, 3)
         rec["sent_at"] = time.time()
+        payload = body_for(kind, clients, rec["seq"], reduction_kw_per_client=self.reduction_kw)
+        key = f"experiment-{rec['seq']}"
         t_post = time.perf_counter()
-        try:
-            resp = await http.post(PATHS[kind], json=body_for(kind, clients, rec["seq"],
-                                                                   reduction_kw_per_client=self.reduction_kw),
-                                   headers={"Idempotency-Key": f"experiment-{rec['seq']}"})
-        except httpx.HTTPError as exc:
-            rec.update(outcome="failed", error=f"POST: {type(exc).__name__}: {exc}",
-                       post_ms=round((time.perf_counter() - t_post) * 1000, 3))
-            return
+        rec["attempts"] = 0
+        while True:
+            # A POST that gets no answer, a 503 or another 5xx is sent again with the same Idempotency-Key, as a
+            # real DSO would, until the drain period ends; every attempt is counted.
+            rec["attempts"] += 1
+            t_try = time.perf_counter()
+            try:
+                resp = await http.post(PATHS[kind], json=payload, headers={"Idempotency-Key": key})
+            except httpx.HTTPError as exc:
+                rec["no_answer"] = rec.get("no_answer", 0) + 1
+                rec.pop("status", None)
+                rec["error"] = f"POST: {type(exc).__name__}: {exc}"
+                retry = True
+            else:
+                rec["status"] = resp.status_code
+                if resp.status_code == 503:
+                    rec["status_503"] = rec.get("status_503", 0) + 1
+                elif resp.status_code >= 500:
+                    rec["status_5xx_other"] = rec.get("status_5xx_other", 0) + 1
+                rec["error"] = f"POST answered {resp.status_code}: {resp.text[:300]}"
+                retry = resp.status_code >= 500
+            if not retry or time.monotonic() + self.retry_s >= self.stop_following_at:
+                break
+            await asyncio.sleep(self.retry_s)
         t_202 = time.perf_counter()
         rec["post_ms"] = round((t_202 - t_post) * 1000, 3)
-        rec["status"] = resp.status_code
-        if resp.status_code != 202:
-            rec.update(outcome="failed", error=f"POST answered {resp.status_code}: {resp.text[:300]}")
+        rec["last_post_ms"] = round((t_202 - t_try) * 1000, 3)
+        if rec.get("status") != 202:
+            rec.update(outcome="failed")
             return
+        rec.pop("error", None)
         rec["request_id"] = resp.json()["request_id"]
         rec["state"] = "accepted"
         while time.monotonic() < self.stop_following_at:

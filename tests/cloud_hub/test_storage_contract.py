@@ -104,3 +104,12 @@ async def test_hub_data_on_both_backends(kv: KVStore) -> None:
     req = await store.get_request("q1")
     assert req is not None and req["clients"]["c1"]["state"] == "executed" and req["outbox"] == {}
     assert await store.open_request_ids() == []
+
+
+async def test_a_row_with_thousands_of_cells_and_a_selection_of_thousands(kv: KVStore) -> None:
+    """A request of 5,000 clients is one row of 5,000 cells; reading 3,000 of them by name works on both."""
+    cells = {f"c:client-{i:05d}": str(i).encode() for i in range(5000)}
+    await kv.batch([Mutation("requests", "big", {**cells, "r:state": b"accepted"})])
+    wanted = [f"c:client-{i:05d}" for i in range(0, 6000, 2)]
+    got = await kv.get("requests", "big", [*wanted, "r:state"])
+    assert len(got) == 2501 and got["c:client-04998"] == b"4998" and got["r:state"] == b"accepted"

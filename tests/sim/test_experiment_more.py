@@ -1,0 +1,71 @@
+"""``mhp-sim experiment scale`` and ``faults`` end to end, CI-sized: real broker, hub, RP and DSO simulators."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sim.experiment.dso_sim import TYPES
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL = ["--duration-s", "3", "--warmup-s", "0.5", "--rate-per-min", "120", "--drain-s", "10"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "sim.cli", "experiment", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_scale_two_sizes_of_clients(tmp_path: Path) -> None:
+    out = tmp_path / "scale"
+    proc = run("scale", "--out", str(out), "--clients", "5,20", *SMALL)
+    assert "[scale] size 1/2" in proc.stdout and "[scale] size 2/2" in proc.stdout and "[dso-sim]" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["axis"] == "clients" and res["sizes"] == [5, 20]
+    for r in res["runs"]:
+        t = r["totals"]
+        assert t["sent"] > 0 and t["sent"] == t["completed"] and t["failed"] == t["missing"] == 0
+        assert r["all"]["mean_ms"] is not None and r["all"]["p99_ms"] >= r["all"]["p50_ms"]
+        assert r["components_mean_ms"]["storage_ms"] is not None
+        assert set(r["per_type"]) == set(TYPES)
+        assert (out / r["dir"] / "results.json").exists()
+    rows = list(csv.DictReader((out / "scale.csv").open()))
+    assert len(rows) == 2 * (1 + len(TYPES))
+    for name in res["files"]["plots"]:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    assert "scale in clients" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("fault", ["hub", "storage"])
+def test_faults_lose_nothing(tmp_path: Path, fault: str) -> None:
+    out = tmp_path / fault
+    proc = run("faults", "--out", str(out), "--fault", fault, "--clients", "10", "--duration-s", "5",
+               "--warmup-s", "0.5", "--at-s", "2", "--down-s", "1.5", "--rate-per-min", "120", "--drain-s", "15",
+               "--bucket-s", "1")
+    assert "fault:" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["experiment"] == "faults"
+    f, a = res["fault"], res["accounting"]
+    assert f["injected"] and f["kind"] == fault and f["at_s"] < f["ready_s"]
+    if fault == "hub":
+        assert f["exit_code"] == -9 and f["killed_pid"] != f["restarted_pid"] and 0 < f["restart_to_ready_s"] < 15
+    else:
+        assert f["locked_s"] >= 1.5 and f["unlock_to_ready_s"] is not None
+    assert a["accounted"] and a["sent"] > 0
+    assert a["lost"] == 0 and a["completed"] == a["accepted"] == a["sent"]
+    assert a["duplicate_request_ids"] == 0
+    assert a["post_attempts"] == a["sent"] + a["retries"]
+    # Every re-send follows exactly one unanswered or 5xx attempt (all requests ended up accepted).
+    assert a["retries"] == a["status_503"] + a["no_answer"] + a["status_5xx_other"]
+    buckets = res["buckets"]
+    assert sum(b["sent"] for b in buckets) == a["sent"] and sum(b["completed"] for b in buckets) == a["completed"]
+    assert len(list(csv.DictReader((out / "latency_buckets.csv").open()))) == len(buckets)
+    assert (out / "latency_fault.png").read_bytes()[:8] == PNG_MAGIC
+    assert f"## Fault: {fault}" in (out / "report.md").read_text()
