@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,29 +47,32 @@ class TokenBook:
         self._by_hash: dict[str, Principal] = {}
         self._expires: dict[str, float | None] = {}
         self._seen: tuple[int, int, int] | None = None
+        self._lock = threading.Lock()
 
     def _reload(self) -> None:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            self._by_hash, self._expires, self._mtime, self._seen = {}, {}, None, None
-            return
-        mtime = st.st_mtime
-        seen = (st.st_mtime_ns, st.st_ino, st.st_size)  # a rewrite within the clock's granularity still counts
-        if mtime == self._mtime and seen == self._seen:
-            return
-        self._mtime, self._seen = mtime, seen
-        try:
-            data = json.loads(self.path.read_text() or "{}")
-            by_hash = {t["sha256"]: Principal.parse(t["principal"]) for t in data.get("tokens", [])}
-            expires = {t["sha256"]: _expiry(t) for t in data.get("tokens", [])}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # Fail closed: a token file that cannot be read accepts no token until it is fixed.
-            log.error("tokens file %s is unreadable (%s): every bearer token is refused until it is fixed",
-                      self.path, exc)
-            self._by_hash, self._expires = {}, {}
-            return
-        self._by_hash, self._expires = by_hash, expires
+        # FastAPI runs the (sync) token dependency on a thread pool: one lock, and the new view published only
+        # once it is complete, so no request ever sees a half-loaded book.
+        with self._lock:
+            try:
+                st = self.path.stat()
+            except FileNotFoundError:
+                self._by_hash, self._expires, self._mtime, self._seen = {}, {}, None, None
+                return
+            mtime = st.st_mtime
+            seen = (st.st_mtime_ns, st.st_ino, st.st_size)  # a rewrite within the clock's granularity still counts
+            if mtime == self._mtime and seen == self._seen:
+                return
+            try:
+                data = json.loads(self.path.read_text() or "{}")
+                by_hash = {t["sha256"]: Principal.parse(t["principal"]) for t in data.get("tokens", [])}
+                expires = {t["sha256"]: _expiry(t) for t in data.get("tokens", [])}
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                # Fail closed: a token file that cannot be read accepts no token until it is fixed.
+                log.error("tokens file %s is unreadable (%s): every bearer token is refused until it is fixed",
+                          self.path, exc)
+                by_hash, expires = {}, {}
+            self._by_hash, self._expires = by_hash, expires
+            self._mtime, self._seen = mtime, seen
 
     def principal(self, token: str) -> Principal | None:
         """The principal a token stands for, or None (unknown, revoked or expired)."""
