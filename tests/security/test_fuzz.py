@@ -158,7 +158,7 @@ def test_every_message_type_has_a_sample() -> None:
     assert set(schema["discriminator"]["mapping"]) == set(MESSAGE_TYPES)
 
 
-def decodes_or_wire_error(payload: bytes) -> None:
+def check_decodes_or_wire_error(payload: bytes) -> None:
     try:
         decode(payload)
     except WireError as exc:
@@ -169,7 +169,7 @@ def decodes_or_wire_error(payload: bytes) -> None:
 @QUICK
 @given(st.binary(max_size=2_000))
 def test_decode_of_arbitrary_bytes(payload: bytes) -> None:
-    decodes_or_wire_error(payload)
+    check_decodes_or_wire_error(payload)
 
 
 @QUICK
@@ -177,13 +177,13 @@ def test_decode_of_arbitrary_bytes(payload: bytes) -> None:
     "v": JSON_VALUES, "msg_id": JSON_VALUES, "sent_at": JSON_VALUES, "request_id": JSON_VALUES,
     "client_ids": JSON_VALUES, "params": JSON_VALUES, "kind": JSON_VALUES, "state": JSON_VALUES}))
 def test_decode_of_arbitrary_json_values(value: Any) -> None:
-    decodes_or_wire_error(json.dumps(value).encode())
+    check_decodes_or_wire_error(json.dumps(value).encode())
 
 
 @QUICK
 @given(st.sampled_from(SAMPLES).flatmap(lambda m: mutated(json.loads(encode(m)))))
 def test_decode_of_mutated_valid_messages(payload: bytes) -> None:
-    decodes_or_wire_error(payload)
+    check_decodes_or_wire_error(payload)
 
 
 IDS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", fullmatch=True)
