@@ -169,6 +169,11 @@ class MqttLink:
             raise MqttError(f"MQTT link {self.client_id} is down")
         try:
             self._client.publish(topic, payload, qos=qos, retain=retain)
+        except OverflowError:
+            # gmqtt has no packet id left: as many QoS 1 publishes are in flight as the broker's receive maximum
+            # (Mosquitto's max_inflight_messages) allows. The caller's outbox sends it again shortly.
+            self.stats.extra["inflight_full"] = self.stats.extra.get("inflight_full", 0) + 1
+            raise MqttError(f"publish on {topic} deferred: the in-flight window is full") from None
         except (OSError, AttributeError) as exc:
             raise MqttError(f"publish on {topic} failed: {exc}") from None
         self.stats.published += 1
