@@ -330,7 +330,7 @@ _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 
 def encode(msg: BaseModel) -> bytes:
     """Serialise a message to its wire form."""
-    return msg.model_dump_json(exclude_none=True).encode()
+    return msg.model_dump_json().encode()  # not exclude_none: it would also drop None values inside dicts
 
 
 def decode(payload: bytes) -> Message:

@@ -17,6 +17,7 @@ from mhp_wire.messages import (
     Outcome,
     Request,
     RequestKind,
+    Telemetry,
     WireError,
     decode,
     encode,
@@ -108,3 +109,10 @@ def test_emergency_params_need_an_ordered_window_and_a_non_negative_limit() -> N
 def test_client_states_know_which_are_terminal() -> None:
     assert {s for s in ClientState if not s.terminal} == {ClientState.PENDING, ClientState.SENT,
                                                           ClientState.DELIVERED}
+
+
+def test_none_values_inside_details_and_readings_survive_the_wire() -> None:
+    out = Outcome(request_id="q1", client_id="c1", state=ClientState.EXECUTED, detail={"expected_kw": None})
+    assert decode(encode(out)) == out
+    tel = Telemetry(gateway_id="gw-1", client_id="c1", seq=1, at=NOW, devices={"meter": {"active_power_kw": None}})
+    assert decode(encode(tel)) == tel
