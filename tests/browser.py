@@ -5,6 +5,7 @@ protocol on its websocket."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -13,10 +14,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-__all__ = ["CHROMIUM", "FLAGS", "Browser", "chromium", "needs_chromium"]
+__all__ = ["CHROMIUM", "FLAGS", "Browser", "chromium", "needs_chromium", "page_problems"]
 
 CHROMIUM = shutil.which("chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -76,3 +78,17 @@ def chromium(tmp_path: Path) -> Iterator[Browser]:
         while _profile_processes(profile) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _profile_processes(profile), "chromium helpers left running"
+
+
+def page_problems(events: list[dict[str, Any]]) -> list[str]:
+    """Console errors, uncaught exceptions and browser log errors among DevTools events (a CSP violation is one)."""
+    out = []
+    for e in events:
+        p = e.get("params", {})
+        if e["method"] == "Runtime.exceptionThrown":
+            out.append(json.dumps(p["exceptionDetails"]))
+        elif e["method"] == "Runtime.consoleAPICalled" and p.get("type") == "error":
+            out.append(json.dumps(p.get("args")))
+        elif e["method"] == "Log.entryAdded" and p["entry"]["level"] == "error":
+            out.append(p["entry"]["text"])
+    return out

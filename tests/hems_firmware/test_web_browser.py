@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from mhp_wire import topics
 from tests.broker_fixtures import MosquittoFactory
-from tests.browser import Browser, needs_chromium
+from tests.browser import Browser, needs_chromium, page_problems
 from tests.hems_firmware.web_rig import WebRig, emergency, running_gateway, send
 from tests.mqtt_party import Party, parties
 
@@ -78,16 +78,7 @@ class Cdp:
 
     def problems(self) -> list[str]:
         """Console errors, uncaught exceptions and browser log errors (a CSP violation is one)."""
-        out = []
-        for e in self.events:
-            p = e.get("params", {})
-            if e["method"] == "Runtime.exceptionThrown":
-                out.append(json.dumps(p["exceptionDetails"]))
-            elif e["method"] == "Runtime.consoleAPICalled" and p.get("type") == "error":
-                out.append(json.dumps(p.get("args")))
-            elif e["method"] == "Log.entryAdded" and p["entry"]["level"] == "error":
-                out.append(p["entry"]["text"])
-        return out
+        return page_problems(self.events)
 
     async def close(self) -> None:
         self._reader.cancel()

@@ -22,7 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ApplianceSchedule, Schedule
 from tests.broker_fixtures import MosquittoFactory
-from tests.browser import Browser, needs_chromium
+from tests.browser import Browser, needs_chromium, page_problems
 from tests.mqtt_party import Party, parties
 from tests.retailer_bridge.personal_area_rig import ALICE, AreaRig, running_area
 
@@ -97,16 +97,7 @@ class Tab:
 
     def problems(self) -> list[str]:
         """Console errors, uncaught exceptions and browser log errors (a CSP violation is one)."""
-        out = []
-        for e in self.events:
-            p = e.get("params", {})
-            if e["method"] == "Runtime.exceptionThrown":
-                out.append(json.dumps(p["exceptionDetails"]))
-            elif e["method"] == "Runtime.consoleAPICalled" and p.get("type") == "error":
-                out.append(json.dumps(p.get("args")))
-            elif e["method"] == "Log.entryAdded" and p["entry"]["level"] == "error":
-                out.append(p["entry"]["text"])
-        return out
+        return page_problems(self.events)
 
     async def close(self) -> None:
         self._reader.cancel()
