@@ -9,7 +9,7 @@ import contextlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from device_drivers.sim.home import Plug, SimulatedHome
+from device_drivers.sim.home import Plug, SimulatedHome, split_device_entries
 from device_drivers.sim.server import ModbusSimServer
 from hems_firmware.config import GatewayConfig
 from hems_firmware.daemon import Gateway
@@ -25,11 +25,7 @@ async def test_a_schedule_set_in_the_personal_area_changes_what_the_gateway_shed
     sim = SimulatedHome(0.3, [Plug(0, 2.0, "heater", 1, True), Plug(1, 3.7, "ev", 2, True)])
     async with running_area(tmp_path, mosquitto_factory) as rig:
         async with ModbusSimServer({1: sim.meter}, port=0) as meter, ModbusSimServer({1: sim.relays}, port=0) as relay:
-            devices = [{"name": "meter", "driver": "eastron_sdm630", "transport": "modbus-tcp", "host": "127.0.0.1",
-                        "port": meter.port, "unit_id": 1}]
-            devices += [{"name": p.name, "driver": "modbus_relay", "transport": "modbus-tcp", "host": "127.0.0.1",
-                         "port": relay.port, "unit_id": 1, "coil": p.coil, "rated_power_kw": p.rated_power_kw,
-                         "priority": p.priority, "sheddable": True} for p in sim.plugs.values()]
+            devices = split_device_entries(sim, "127.0.0.1", meter.port, relay.port, timeout_s=1.0)
             gateway = Gateway(GatewayConfig.model_validate({
                 "gateway": {"id": "gw-1", "client_id": "c1", "state_dir": str(tmp_path / "gw"),
                             "poll_interval_s": 0.2, "telemetry_interval_s": 0.2,

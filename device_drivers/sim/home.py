@@ -164,3 +164,17 @@ class SimulatedHome:
                 )
             )
         return cfgs
+
+
+def split_device_entries(home: SimulatedHome, host: str, meter_port: int, relay_port: int, *,
+                         timeout_s: float = 0.5) -> list[dict[str, object]]:
+    """The gateway's ``[[devices]]`` entries for a home whose meter and relay board each have their own Modbus TCP
+    server (both at unit 1), as a KMtronic board and a meter behind a TCP gateway would."""
+    entries: list[dict[str, object]] = [{"name": "meter", "driver": "eastron_sdm630", "transport": "modbus-tcp",
+                                         "host": host, "port": meter_port, "unit_id": 1, "timeout_s": timeout_s}]
+    for p in home.plugs.values():
+        entries.append({"name": p.name or f"plug{p.coil}", "driver": "modbus_relay", "transport": "modbus-tcp",
+                        "host": host, "port": relay_port, "unit_id": 1, "coil": p.coil,
+                        "rated_power_kw": p.rated_power_kw, "priority": p.priority, "sheddable": p.sheddable,
+                        "timeout_s": timeout_s})
+    return entries

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from device_drivers.sim.home import Plug, SimulatedHome
+from device_drivers.sim.home import Plug, SimulatedHome, split_device_entries
 from device_drivers.sim.server import ModbusSimServer
 from hems_firmware.config import GatewayConfig
 from hems_firmware.daemon import Gateway
@@ -49,13 +49,7 @@ async def rig(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncItera
     home = SimulatedHome(0.3, [Plug(0, 2.0, "heater", 1, True), Plug(1, 3.7, "ev", 2, True),
                                Plug(3, 0.15, "fridge", 9, False)])
     async with ModbusSimServer({1: home.meter}, port=0) as meter, ModbusSimServer({1: home.relays}, port=0) as relay:
-        devices = [{"name": "meter", "driver": "eastron_sdm630", "transport": "modbus-tcp", "host": "127.0.0.1",
-                    "port": meter.port, "unit_id": 1, "timeout_s": 0.5}]
-        for p in home.plugs.values():
-            devices.append({"name": p.name, "driver": "modbus_relay", "transport": "modbus-tcp",
-                            "host": "127.0.0.1", "port": relay.port, "unit_id": 1, "coil": p.coil,
-                            "rated_power_kw": p.rated_power_kw, "priority": p.priority, "sheddable": p.sheddable,
-                            "timeout_s": 0.5})
+        devices = split_device_entries(home, "127.0.0.1", meter.port, relay.port)
         cfg = GatewayConfig.model_validate({
             "gateway": {"id": "gw-1", "client_id": "c1", "state_dir": str(tmp_path / "gw"), "poll_interval_s": 0.2,
                         "restore_interval_s": 0.1, "contracted_power_kw": 6.9,
