@@ -4,7 +4,9 @@ protocol on its websocket."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -17,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import ClientConnection
 
-__all__ = ["CHROMIUM", "FLAGS", "Browser", "chromium", "needs_chromium", "page_problems"]
+__all__ = ["CHROMIUM", "FLAGS", "Browser", "Cdp", "chromium", "needs_chromium", "page_problems"]
 
 CHROMIUM = shutil.which("chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -92,3 +95,59 @@ def page_problems(events: list[dict[str, Any]]) -> list[str]:
         elif e["method"] == "Log.entryAdded" and p["entry"]["level"] == "error":
             out.append(p["entry"]["text"])
     return out
+
+
+class Cdp:
+    """A minimal Chrome DevTools Protocol client: one browser websocket, flat sessions, commands and events."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.events: list[dict[str, Any]] = []
+        self._event = asyncio.Event()
+        self._reader = asyncio.create_task(self._read(), name="cdp-reader")
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            msg = json.loads(raw)
+            if "id" in msg:
+                fut = self._pending.pop(msg["id"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            else:
+                self.events.append(msg)
+                self._event.set()
+
+    async def send(self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
+                   timeout: float = 5.0) -> dict[str, Any]:
+        """Send one command (to ``session`` when given); its ``result`` (a protocol error fails the test)."""
+        msg_id = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = fut
+        msg: dict[str, Any] = {"id": msg_id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        await self.ws.send(json.dumps(msg))
+        reply = await asyncio.wait_for(fut, timeout)
+        assert "error" not in reply, f"{method}: {reply['error']}"
+        return reply["result"]  # type: ignore[no-any-return]
+
+    async def wait_event(self, method: str, after: int = 0, timeout: float = 5.0) -> dict[str, Any]:
+        """The first event named ``method`` among those received after the first ``after`` events."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for e in self.events[after:]:
+                    if e["method"] == method:
+                        return e
+                self._event.clear()
+                await self._event.wait()
+
+    def problems(self) -> list[str]:
+        """Console errors, uncaught exceptions and browser log errors (a CSP violation is one)."""
+        return page_problems(self.events)
+
+    async def close(self) -> None:
+        """Stop reading and close the websocket."""
+        self._reader.cancel()
+        await self.ws.close()

@@ -5,69 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from mhp_wire import topics
 from tests.broker_fixtures import MosquittoFactory
-from tests.browser import Browser, needs_chromium, page_problems
+from tests.browser import Browser, Cdp, needs_chromium
 from tests.hems_firmware.web_rig import WebRig, emergency, running_gateway, send
 from tests.mqtt_party import Party, parties
 
 pytestmark = needs_chromium
 
 
-class Cdp:
-    """A minimal Chrome DevTools Protocol client: one browser websocket, flat sessions, commands and events."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.events: list[dict[str, Any]] = []
-        self._event = asyncio.Event()
-        self._reader = asyncio.create_task(self._read(), name="cdp-reader")
-
-    async def _read(self) -> None:
-        async for raw in self.ws:
-            msg = json.loads(raw)
-            if "id" in msg:
-                fut = self._pending.pop(msg["id"], None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-            else:
-                self.events.append(msg)
-                self._event.set()
+class PageCdp(Cdp):
+    """The shared DevTools client, with commands addressed by session."""
 
     async def call(self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
                    timeout: float = 5.0) -> dict[str, Any]:
-        """Send one command; its ``result`` (a protocol error fails the test)."""
-        msg_id = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[msg_id] = fut
-        msg: dict[str, Any] = {"id": msg_id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        await self.ws.send(json.dumps(msg))
-        reply = await asyncio.wait_for(fut, timeout)
-        assert "error" not in reply, f"{method}: {reply['error']}"
-        return reply["result"]  # type: ignore[no-any-return]
-
-    async def wait_event(self, method: str, timeout: float = 5.0) -> dict[str, Any]:
-        """The first event named ``method`` (received before or after this call)."""
-        async with asyncio.timeout(timeout):
-            while True:
-                for e in self.events:
-                    if e["method"] == method:
-                        return e
-                self._event.clear()
-                await self._event.wait()
+        """Send one command; its ``result``."""
+        return await self.send(method, params, session, timeout)
 
     async def evaluate(self, session: str, expression: str, timeout: float = 5.0) -> Any:
         """The value of a JavaScript expression in the page (promises awaited)."""
@@ -75,14 +36,6 @@ class Cdp:
                                                       "returnByValue": True}, session, timeout)
         assert "exceptionDetails" not in result, result["exceptionDetails"]
         return result["result"].get("value")
-
-    def problems(self) -> list[str]:
-        """Console errors, uncaught exceptions and browser log errors (a CSP violation is one)."""
-        return page_problems(self.events)
-
-    async def close(self) -> None:
-        self._reader.cancel()
-        await self.ws.close()
 
 
 @pytest.fixture
@@ -94,9 +47,9 @@ async def rig(tmp_path: Path, mosquitto_factory: MosquittoFactory, request: pyte
         yield r
 
 
-async def open_page(browser: Browser, url: str) -> tuple[Cdp, str]:
+async def open_page(browser: Browser, url: str) -> tuple[PageCdp, str]:
     """Open ``url`` in a new tab of ``browser``; the client and the tab's session, once the page is live."""
-    cdp = Cdp(await connect(browser.ws_url, max_size=None))
+    cdp = PageCdp(await connect(browser.ws_url, max_size=None))
     target = (await cdp.call("Target.createTarget", {"url": "about:blank"}))["targetId"]
     session = (await cdp.call("Target.attachToTarget", {"targetId": target, "flatten": True}))["sessionId"]
     for method in ("Page.enable", "Runtime.enable", "Log.enable"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import itertools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,59 +21,24 @@ from websockets.asyncio.client import ClientConnection, connect
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ApplianceSchedule, Schedule
 from tests.broker_fixtures import MosquittoFactory
-from tests.browser import Browser, needs_chromium, page_problems
+from tests.browser import Browser, Cdp, needs_chromium
 from tests.mqtt_party import Party, parties
 from tests.retailer_bridge.personal_area_rig import ALICE, AreaRig, running_area
 
 pytestmark = needs_chromium
 
 
-class Tab:
-    """One browser tab driven over the DevTools Protocol (one websocket, a flat session)."""
+class Tab(Cdp):
+    """One browser tab driven over the shared DevTools client (one websocket, a flat session)."""
 
     def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
+        super().__init__(ws)
         self.session = ""
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.events: list[dict[str, Any]] = []
-        self._event = asyncio.Event()
-        self._reader = asyncio.create_task(self._read(), name="cdp-reader")
-
-    async def _read(self) -> None:
-        async for raw in self.ws:
-            msg = json.loads(raw)
-            if "id" in msg:
-                fut = self._pending.pop(msg["id"], None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-            else:
-                self.events.append(msg)
-                self._event.set()
 
     async def call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 5.0,
                    *, browser: bool = False) -> dict[str, Any]:
-        """Send one command to the tab (or to the browser); its ``result`` (a protocol error fails the test)."""
-        msg_id = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[msg_id] = fut
-        msg: dict[str, Any] = {"id": msg_id, "method": method, "params": params or {}}
-        if self.session and not browser:
-            msg["sessionId"] = self.session
-        await self.ws.send(json.dumps(msg))
-        reply = await asyncio.wait_for(fut, timeout)
-        assert "error" not in reply, f"{method}: {reply['error']}"
-        return reply["result"]
-
-    async def wait_event(self, method: str, after: int, timeout: float = 5.0) -> dict[str, Any]:
-        """The first event named ``method`` among those received after the first ``after`` events."""
-        async with asyncio.timeout(timeout):
-            while True:
-                for e in self.events[after:]:
-                    if e["method"] == method:
-                        return e
-                self._event.clear()
-                await self._event.wait()
+        """Send one command to the tab (or to the browser); its ``result``."""
+        return await self.send(method, params, None if browser else self.session or None, timeout)
 
     async def evaluate(self, expression: str) -> Any:
         """The value of a JavaScript expression in the page (promises awaited)."""
@@ -94,14 +58,6 @@ class Tab:
         await self.evaluate(f"(() => {{ const f = document.querySelector({json.dumps(selector)}); f.focus(); "
                             "f.select(); })()")
         await self.call("Input.insertText", {"text": text})
-
-    def problems(self) -> list[str]:
-        """Console errors, uncaught exceptions and browser log errors (a CSP violation is one)."""
-        return page_problems(self.events)
-
-    async def close(self) -> None:
-        self._reader.cancel()
-        await self.ws.close()
 
 
 @contextlib.asynccontextmanager
