@@ -84,7 +84,7 @@ LOCK_AFTER = 5
 CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:\-]{8,100}")
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 SECURITY_HEADERS = {
     "content-security-policy": CSP,
@@ -441,7 +441,8 @@ class DsoWeb:
         token = secrets.token_urlsafe(32)
         alert = f'<p class="alert" role="alert">{html.escape(message)}</p>' if message else ""
         body = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
-                '<meta name="viewport" content="width=device-width, initial-scale=1"><title>DSO: sign in</title>'
+                '<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">'
+                '<title>DSO: sign in</title>'
                 '<link rel="stylesheet" href="/static/dso.css"></head><body><main class="login"><h1>DSO requests</h1>'
                 f'{alert}<form method="post" action="/login"><input type="hidden" name="csrf" value="{token}">'
                 '<label>Operator password <input type="password" name="password" autocomplete="current-password" '
