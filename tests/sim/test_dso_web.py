@@ -27,6 +27,7 @@ from mhp_wire.mqtt import MqttEndpoint
 from retailer_bridge.accounts import ScryptCost, hash_password
 from sim.dso_web import DsoWeb, DsoWebSettings, FormProblems, build_request
 from sim.experiment.rp_sim import RpSimulator, run
+from sim.stack.stack import Stack
 from tests.browser import Browser, Cdp, needs_chromium
 from tests.hub_fixtures import HubHandle
 
@@ -421,6 +422,35 @@ async def test_the_command_serves_the_page_as_its_own_process(hub: HubHandle, tm
     assert proc.returncode == 0, err
     assert hub.tokens["dso"].encode() not in err
 
+
+
+async def test_the_stacks_page_posts_an_emergency_that_real_gateways_execute(tmp_path: Path) -> None:
+    """``mhp-stack``'s own ``dso-web`` process (no sign-in on loopback) -> hub -> bridge -> gateways -> relays."""
+    stack = Stack(tmp_path / "stack", retailers=1, homes=2, log_level="WARNING")
+    try:
+        await stack.start(timeout_s=60)
+        info = json.loads((stack.dir / "stack.json").read_text())
+        assert info["dso_web_url"] == stack.dso_web_url and info["dso_web_password"] is None
+        assert "dso-web" in info["processes"]
+        assert (stack.dir / "dso-token").stat().st_mode & 0o077 == 0
+        async with httpx.AsyncClient(base_url=stack.dso_web_url, timeout=10) as http:
+            csrf = (await http.get("/api/session")).json()["csrf"]
+            clients = " ".join(h.client_id for h in stack.homes)
+            r = await http.post("/api/requests", headers={"X-CSRF-Token": csrf}, json={
+                "kind": "emergency", "client_ids": clients, "start": soon(1), "duration_s": "30",
+                "power_limit_kw": "1"})
+            assert r.status_code == 202, r.text
+            assert stack.tokens["dso"] not in r.text
+            views = []
+            async with http.stream("GET", f"/api/requests/{r.json()['request_id']}/events", timeout=60) as events:
+                async for line in events.aiter_lines():
+                    if line.startswith("data: ") and json.loads(line[6:])["type"] == "request":
+                        views.append(json.loads(line[6:])["request"])
+    finally:
+        await stack.stop()
+    assert views[-1]["state"] == "completed" and views[-1]["client_counts"] == {"executed": 2}
+    assert all(c["detail"]["shed"] for c in views[-1]["clients"].values()), "each gateway shed its plugs"
+    assert "gateway_ms" in views[-1]["trace"]
 
 # -- in a browser ------------------------------------------------------------------------------------------------
 
