@@ -645,10 +645,10 @@ class DsoWeb:
             return _error(404, "not_found", "not a request id")
         if self.streams >= MAX_STREAMS:
             return _error(503, "busy", f"already following {MAX_STREAMS} requests; close a page")
-        return StreamingResponse(self._follow(rid), media_type="text/event-stream",
+        return StreamingResponse(self._follow(rid, request), media_type="text/event-stream",
                                  headers={"X-Accel-Buffering": "no"})
 
-    async def _follow(self, rid: str) -> AsyncIterator[str]:
+    async def _follow(self, rid: str, request: Request) -> AsyncIterator[str]:
         self.streams += 1
         try:
             yield f"retry: {RETRY_MS}\n\n"
@@ -656,7 +656,7 @@ class DsoWeb:
             last_error: str | None = None
             ended_at: float | None = None
             sent_at = time.monotonic()
-            while not self._closing.is_set():
+            while not self._closing.is_set() and not await request.is_disconnected():
                 t0 = time.monotonic()
                 try:
                     status, answer = await self._hub("GET", f"/v1/requests/{quote(rid, safe='')}")

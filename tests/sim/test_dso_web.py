@@ -321,6 +321,22 @@ async def test_cancel_reaches_the_hub_and_the_stream_shows_it(hub: HubHandle, pa
     assert unknown[0]["type"] == "error" and unknown[0]["status"] == 404 and unknown[-1]["type"] == "end"
 
 
+
+async def test_a_browser_that_goes_away_stops_its_stream(hub: HubHandle, page: Page) -> None:
+    r = await page.post({"kind": "emergency", "client_ids": "c1", "start": soon(120), "duration_s": "600",
+                         "power_limit_kw": "1"})
+    async with httpx.AsyncClient(base_url=page.web.url) as http, \
+            http.stream("GET", f"/api/requests/{r.json()['request_id']}/events") as events:
+        async for line in events.aiter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["request"]["state"] == "dispatching":
+                break  # no retailer answers: nothing changes any more, nothing more is written
+        assert page.web.streams == 1
+    for _ in range(500):  # the hub is no longer asked for a page nobody reads
+        if page.web.streams == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert page.web.streams == 0
+
 async def test_a_hub_that_refuses_the_token_or_is_away_is_a_502(hub: HubHandle) -> None:
     web = DsoWeb(DsoWebSettings(hub.url, "not-the-token", port=0))
     async with web.serving(), httpx.AsyncClient(base_url=web.url) as http:
