@@ -24,7 +24,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from mhp_wire.mqtt import MqttEndpoint
-from retailer_bridge.accounts import ScryptCost, hash_password
+from retailer_bridge.accounts import ScryptCost, hash_password, verify_password
 from sim.dso_web import DsoWeb, DsoWebSettings, FormProblems, build_request
 from sim.experiment.rp_sim import RpSimulator, run
 from sim.stack.stack import Stack
@@ -437,6 +437,11 @@ async def test_the_command_serves_the_page_as_its_own_process(hub: HubHandle, tm
         _, err = await asyncio.wait_for(proc.communicate(), 10)
     assert proc.returncode == 0, err
     assert hub.tokens["dso"].encode() not in err
+    hasher = await asyncio.create_subprocess_exec(sys.executable, "-m", "sim.cli", "dso-web", "hash-password",
+                                                  stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(hasher.communicate(PASSWORD.encode() + b"\n"), 30)
+    assert hasher.returncode == 0 and verify_password(PASSWORD, out.decode().strip())
+    assert not verify_password("something else", out.decode().strip())
 
 
 
