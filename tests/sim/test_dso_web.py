@@ -445,14 +445,16 @@ async def test_the_command_serves_the_page_as_its_own_process(hub: HubHandle, tm
 
 
 
-async def test_the_stacks_page_posts_an_emergency_that_real_gateways_execute(tmp_path: Path) -> None:
-    """``mhp-stack``'s own ``dso-web`` process (no sign-in on loopback) -> hub -> bridge -> gateways -> relays."""
-    stack = Stack(tmp_path / "stack", retailers=1, homes=2, log_level="WARNING")
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_the_stacks_page_posts_an_emergency_that_real_gateways_execute(tmp_path: Path, tls: bool) -> None:
+    """``mhp-stack``'s own ``dso-web`` process (no sign-in on loopback) -> hub (HTTPS checked with the stack's CA
+    under ``--tls``) -> bridge -> gateways -> relays."""
+    stack = Stack(tmp_path / "stack", retailers=1, homes=2, log_level="WARNING", tls=tls)
     try:
         await stack.start(timeout_s=60)
         info = json.loads((stack.dir / "stack.json").read_text())
         assert info["dso_web_url"] == stack.dso_web_url and info["dso_web_password"] is None
-        assert "dso-web" in info["processes"]
+        assert "dso-web" in info["processes"] and stack.hub_url.startswith("https://" if tls else "http://")
         assert (stack.dir / "dso-token").stat().st_mode & 0o077 == 0
         async with httpx.AsyncClient(base_url=stack.dso_web_url, timeout=10) as http:
             csrf = (await http.get("/api/session")).json()["csrf"]
