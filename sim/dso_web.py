@@ -7,8 +7,9 @@ token (read from a file; never sent to the browser, never logged) and acts with 
   with ``--password-hash-file``; a session cookie, HttpOnly and SameSite=Strict, follows). Only on a loopback
   address may it run without sign-in, and only when started with ``--no-login`` (the local simulator), in which
   case requests naming any other host are refused (DNS rebinding);
-* every POST is JSON with the page's CSRF token in ``X-CSRF-Token`` (a cross-site form cannot send either) and, when
-  the browser says where it comes from, an ``Origin`` of this page;
+* every POST of the page carries the session's CSRF token in ``X-CSRF-Token`` (a cross-site form cannot set a
+  header) and, when the browser says where it comes from, an ``Origin`` of this page; the sign-in form carries a
+  pre-session token bound to a SameSite=Strict cookie;
 * the page is static (``sim/static/``: HTML, one script, one stylesheet; no external asset) under a CSP allowing
   only this origin's script and style.
 
@@ -712,6 +713,8 @@ class DsoWeb:
             answer = {"error": "error", "message": r.text[:300]}
         if not isinstance(answer, dict):
             answer = {"error": "error", "message": str(answer)[:300]}
+        if "retry-after" in r.headers:
+            answer["retry_after"] = r.headers["retry-after"]
         if r.status_code == 401:
             return 502, {"error": "hub_refused", "message": f"the hub refused the DSO's token: {answer.get('message')}"}
         return r.status_code, answer
@@ -774,7 +777,8 @@ def _passed(status: int, answer: dict[str, Any]) -> JSONResponse:
     out = {"error": answer.get("error", "error"), "message": answer.get("message", ""), "hub_status": status}
     if "problems" in answer:
         out["problems"] = answer["problems"]
-    return JSONResponse(out, status)
+    retry = answer.get("retry_after")
+    return JSONResponse(out, status, headers={"retry-after": str(retry)} if retry else None)
 
 
 class _EmbeddedServer(uvicorn.Server):

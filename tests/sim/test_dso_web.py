@@ -28,8 +28,9 @@ from retailer_bridge.accounts import ScryptCost, hash_password, verify_password
 from sim.dso_web import DsoWeb, DsoWebSettings, FormProblems, build_request
 from sim.experiment.rp_sim import RpSimulator, run
 from sim.stack.stack import Stack
+from tests.broker_fixtures import MosquittoFactory
 from tests.browser import Browser, Cdp, needs_chromium
-from tests.hub_fixtures import HubHandle
+from tests.hub_fixtures import HubHandle, start_hub
 
 CLIENTS = {"c1": "r1", "c2": "r2", "c3": "r1"}
 PASSWORD = "correct horse battery"
@@ -321,6 +322,23 @@ async def test_cancel_reaches_the_hub_and_the_stream_shows_it(hub: HubHandle, pa
     assert unknown[0]["type"] == "error" and unknown[0]["status"] == 404 and unknown[-1]["type"] == "end"
 
 
+
+
+async def test_the_hubs_rate_limit_passes_through_with_its_retry_after(tmp_path: Path,
+                                                                       mosquitto_factory: MosquittoFactory) -> None:
+    broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
+    server, task, tokens, url = await start_hub(tmp_path, broker, rate_limit_per_s=0.01, rate_limit_burst=2)
+    try:
+        web = DsoWeb(DsoWebSettings(url, tokens["dso"], port=0))
+        async with web.serving(), httpx.AsyncClient(base_url=web.url) as http:
+            csrf = (await http.get("/api/session")).json()["csrf"]
+            answers = [await http.post("/api/requests", headers={"X-CSRF-Token": csrf}, json=BILLING)
+                       for _ in range(3)]
+        assert [a.status_code for a in answers] == [404, 404, 429]
+        assert answers[2].json()["error"] == "rate_limited" and int(answers[2].headers["retry-after"]) >= 1
+    finally:
+        server.should_exit = True
+        await task
 
 async def test_a_browser_that_goes_away_stops_its_stream(hub: HubHandle, page: Page) -> None:
     r = await page.post({"kind": "emergency", "client_ids": "c1", "start": soon(120), "duration_s": "600",
