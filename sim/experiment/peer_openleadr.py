@@ -34,6 +34,7 @@ import csv
 import json
 import logging
 import math
+import os
 import random
 import resource
 import signal
@@ -245,7 +246,8 @@ async def _vens_main(url: str, first: int, count: int, concurrency: int, poll_s:
     async def start(c: Any, delay_s: float) -> bool:
         # Homes come up at random times: spread the poll phases over one period, as in steady operation.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay_s)
+            async with asyncio.timeout(delay_s):
+                await stop.wait()
         async with sem:
             if stop.is_set():
                 return False
@@ -466,8 +468,9 @@ def run_openleadr_fanout(n_vens: int, out_dir: Path, runs: int = 3, *, poll_s: f
                 procs.spawn(f"vens-{k + 1}", ["vens", "--url", f"{base}/OpenADR2/Simple/2.0b", "--first", str(first),
                                               "--count", str(count), "--poll-s", str(poll_s), "--seed", str(k + 1)])
             st = _wait_polling(http, procs, n_vens, reg_timeout)
-            setup = {"registered": st["registered"], "polling": st["polled"],
-                     "register_s": round(time.monotonic() - t_reg, 3), "cpu_s": _delta(procs.cpu(), cpu0)}
+            setup = {"loadavg_1min_at_start": round(os.getloadavg()[0], 2), "registered": st["registered"],
+                     "polling": st["polled"], "register_s": round(time.monotonic() - t_reg, 3),
+                     "cpu_s": _delta(procs.cpu(), cpu0)}
             _progress(f"{st['registered']}/{n_vens} VENs registered, {st['polled']} polling after "
                       f"{setup['register_s']:.1f} s")
             cpu_a, polls_a, t_a = procs.cpu(), st["polls"], time.monotonic()
@@ -484,6 +487,7 @@ def run_openleadr_fanout(n_vens: int, out_dir: Path, runs: int = 3, *, poll_s: f
                 raw_runs.append(raw)
                 run_results.append(res)
             setup["memory_max_rss_mib"] = procs.memory()
+            setup["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
     finally:
         exit_codes = procs.stop(first=lambda name: name.startswith("vens"))
     results: dict[str, Any] = {
@@ -565,6 +569,7 @@ def _one_run(http: httpx.Client, procs: _Procs, run: int, n: int, timeout_s: flo
     res = _run_result(raw, n)
     res["cpu_s"], res["window_s"] = cpu, round(window_s, 3)
     res["cancel_confirmed_s"] = round(time.monotonic() - t_c, 3) if pending == 0 else None
+    res["loadavg_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine shows here
     res["cancel_unconfirmed"] = pending
     _progress(f"run {run}: {res['acked']}/{n} acknowledged; p50 {res['ack_ms']['p50']} ms, p99 "
               f"{res['ack_ms']['p99']} ms, all after {res['time_to_fraction_ms']['1.0']} ms; missing "
@@ -642,15 +647,16 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s.get('idle', {}).get('cpu_s_per_s')}.", "",
         "## Per run (ms since the VTN started creating the emergency)", "",
         "| run | created in | acked | missing | dup | handed out p50 | ack p50 | p90 | p99 | max | 50 % | 90 % | 99 % "
-        "| 100 % | CPU s VTN | CPU s VENs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| 100 % | CPU s VTN | CPU s VENs | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         a, t = r["ack_ms"], r["time_to_fraction_ms"]
         lines.append(f"| {r['run']} | {_fmt(r['create_ms'])} | {r['acked']} | {r['missing']} | {r['duplicates']} | "
                      f"{_fmt(r['delivered_ms']['p50'])} | {_fmt(a['p50'])} | {_fmt(a['p90'])} | {_fmt(a['p99'])} | "
                      f"{_fmt(a['max'])} | {_fmt(t['0.5'])} | {_fmt(t['0.9'])} | {_fmt(t['0.99'])} | "
-                     f"{_fmt(t['1.0'])} | {_fmt(r['cpu_s']['vtn'])} | {_fmt(r['cpu_s']['vens'])} |")
+                     f"{_fmt(t['1.0'])} | {_fmt(r['cpu_s']['vtn'])} | {_fmt(r['cpu_s']['vens'])} | "
+                     f"{_fmt(r['loadavg_1min'])} |")
     sm = results["summary"]
     lines += [
         "", f"Median over runs: ack p50 {_fmt(sm['ack_ms']['p50'])} ms, p99 {_fmt(sm['ack_ms']['p99'])} ms, all "
@@ -658,7 +664,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{sm['duplicates']} (summed).", "",
         "Each VEN sees the emergency in the answer to its next poll (\"handed out\"), answers optIn and the VTN's "
         "response callback stamps the acknowledgement; all times are on the VTN's clock. A run's CPU covers "
-        "creation to the last acknowledgement (or the time-out) and includes the VENs' ongoing polling.", "",
+        "creation to the last acknowledgement (or the time-out) and includes the VENs' ongoing polling. `load` is the "
+        "machine's 1-minute load average after the run: above the number of CPUs, other work competed for them.", "",
         "Plot: `peer_cumulative.png`. Per VEN: `peer.csv`.", "",
     ]
     return "\n".join(lines)
