@@ -75,13 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     peer.add_argument("--out", type=Path, required=True, help="folder for results.json, peer.csv, the PNG, report.md")
     peer.add_argument("--homes", type=int, default=100, help="VENs, one per home")
     peer.add_argument("--runs", type=int, default=3, help="emergencies, one after the other, each measured")
-    peer.add_argument("--poll-s", type=float, default=1.0, help="the VENs' poll period the VTN asks for")
+    peer.add_argument("--poll-s", type=int, default=1, help="the VENs' poll period the VTN asks for, whole seconds "
+                      "(OpenLEADR writes whole seconds into OpenADR's duration)")
     peer.add_argument("--ven-procs", type=int, default=None, help="VEN processes (default: one per 500 VENs, <= 4)")
     peer.add_argument("--timeout-s", type=float, default=None, help="a run's limit (default 30 s + 10 ms per VEN)")
     args = parser.parse_args(argv)
     if args.experiment == "peer":
-        if args.homes < 1 or args.runs < 1 or args.poll_s <= 0:
-            parser.error("--homes and --runs must be positive, --poll-s > 0")
+        if args.homes < 1 or args.runs < 1 or args.poll_s < 1:
+            parser.error("--homes, --runs and --poll-s must be positive")
         if args.ven_procs is not None and not 1 <= args.ven_procs <= args.homes:
             parser.error("--ven-procs must be between 1 and --homes")
         res = peer_openleadr.run_openleadr_fanout(args.homes, args.out, args.runs, poll_s=args.poll_s,

@@ -167,7 +167,7 @@ class _VtnBench:
                 "opt": dict(r["opt"]), "cancelled_at": r.get("cancelled_at")}
 
 
-async def _vtn_main(port: int, poll_s: float) -> None:
+async def _vtn_main(port: int, poll_s: int) -> None:
     from aiohttp import web
     from openleadr import OpenADRServer, hooks
 
@@ -254,6 +254,18 @@ async def _vens_main(url: str, first: int, count: int, concurrency: int, poll_s:
             await c.run()
             return bool(c.registration_id)
 
+    host, _, rest = url.removeprefix("http://").partition(":")
+    port = int(rest.split("/", 1)[0])
+    async with asyncio.timeout(60):  # the VTN starts at the same time as this process
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            break
     started = time.monotonic()
     ok = await asyncio.gather(*(start(c, rng.uniform(0, poll_s)) for c in clients))
     print(f"[peer-vens] {sum(ok)}/{count} VENs registered and polling after {time.monotonic() - started:.1f} s",
@@ -276,7 +288,7 @@ def _process_main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="role", required=True)
     vtn = sub.add_parser("vtn", help="the OpenLEADR VTN with the benchmark's control API")
     vtn.add_argument("--port", type=int, required=True)
-    vtn.add_argument("--poll-s", type=float, default=1.0)
+    vtn.add_argument("--poll-s", type=int, default=1)
     vens = sub.add_parser("vens", help="a group of OpenLEADR VENs on one asyncio loop")
     vens.add_argument("--url", required=True, help="the VTN's OpenADR base URL")
     vens.add_argument("--first", type=int, required=True, help="number of the first VEN (1-based)")
@@ -422,19 +434,21 @@ def _progress(text: str) -> None:
     print(f"[peer] {text}", flush=True)
 
 
-def run_openleadr_fanout(n_vens: int, out_dir: Path, runs: int = 3, *, poll_s: float = 1.0,
+def run_openleadr_fanout(n_vens: int, out_dir: Path, runs: int = 3, *, poll_s: int = 1,
                          ven_procs: int | None = None, timeout_s: float | None = None,
                          register_timeout_s: float | None = None, settle_s: float | None = None,
                          write: bool = True) -> dict[str, Any]:
     """The emergency fan-out to ``n_vens`` OpenLEADR VENs, ``runs`` times; writes the outputs, returns the results.
 
-    ``ven_procs`` VEN processes share the VENs (default: one per 500, at most 4). A run ends when every VEN
-    answered or after ``timeout_s`` (default 30 s + 10 ms per VEN); its CPU figures cover creation to that end.
-    ``settle_s`` (default two poll periods) passes before each run so that the VENs' poll phases are spread as in
-    steady operation. Synchronous (no event loop of its own in this process): callable from anywhere.
+    ``poll_s`` is whole seconds: OpenADR carries the poll period as an RFC 5545 duration, and OpenLEADR writes
+    only whole seconds into it (1 s is the shortest period). ``ven_procs`` VEN processes share the VENs (default:
+    one per 500, at most 4). A run ends when every VEN answered or after ``timeout_s`` (default 30 s + 10 ms per
+    VEN); its CPU figures cover creation to that end. ``settle_s`` (default two poll periods) passes before each
+    run. ``write=False`` leaves ``out_dir`` with the logs only. Synchronous, without an event loop of its own in
+    the calling process: callable from a plain function or a worker thread.
     """
-    if n_vens < 1 or runs < 1 or poll_s <= 0:
-        raise ValueError("n_vens and runs must be positive, poll_s > 0")
+    if n_vens < 1 or runs < 1 or poll_s < 1:
+        raise ValueError("n_vens and runs must be positive, poll_s at least 1")
     procs_n = ven_procs if ven_procs is not None else min(4, max(1, math.ceil(n_vens / 500)))
     if procs_n < 1 or procs_n > n_vens:
         raise ValueError(f"ven_procs must be between 1 and n_vens ({n_vens}), got {procs_n}")
@@ -457,20 +471,19 @@ def run_openleadr_fanout(n_vens: int, out_dir: Path, runs: int = 3, *, poll_s: f
     raw_runs: list[dict[str, Any]] = []
     try:
         procs.spawn("vtn", ["vtn", "--port", str(port), "--poll-s", str(poll_s)])
+        per = math.ceil(n_vens / procs_n)
+        for k in range(procs_n):  # they start (imports) while the VTN does, then wait for its port
+            first = 1 + k * per
+            count = min(per, n_vens - first + 1)
+            procs.spawn(f"vens-{k + 1}", ["vens", "--url", f"{base}/OpenADR2/Simple/2.0b", "--first", str(first),
+                                          "--count", str(count), "--poll-s", str(poll_s), "--seed", str(k + 1)])
         with httpx.Client(base_url=base, timeout=60) as http:
             _wait_vtn(http, procs)
-            cpu0 = procs.cpu()
             t_reg = time.monotonic()
-            per = math.ceil(n_vens / procs_n)
-            for k in range(procs_n):
-                first = 1 + k * per
-                count = min(per, n_vens - first + 1)
-                procs.spawn(f"vens-{k + 1}", ["vens", "--url", f"{base}/OpenADR2/Simple/2.0b", "--first", str(first),
-                                              "--count", str(count), "--poll-s", str(poll_s), "--seed", str(k + 1)])
             st = _wait_polling(http, procs, n_vens, reg_timeout)
             setup = {"loadavg_1min_at_start": round(os.getloadavg()[0], 2), "registered": st["registered"],
                      "polling": st["polled"], "register_s": round(time.monotonic() - t_reg, 3),
-                     "cpu_s": _delta(procs.cpu(), cpu0)}
+                     "cpu_s": _delta(procs.cpu(), {})}
             _progress(f"{st['registered']}/{n_vens} VENs registered, {st['polled']} polling after "
                       f"{setup['register_s']:.1f} s")
             cpu_a, polls_a, t_a = procs.cpu(), st["polls"], time.monotonic()

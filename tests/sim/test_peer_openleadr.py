@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sim.experiment import cli as experiment_cli
 from sim.experiment.peer_openleadr import cumulative_curve, run_openleadr_fanout, time_to_fraction
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -57,13 +58,14 @@ def test_cli_peer_runs_and_prints_progress(tmp_path: Path) -> None:
     assert json.loads((out / "results.json").read_text())["runs"][0]["acked"] == 3
 
 
-def test_cli_peer_rejects_bad_sizes(tmp_path: Path) -> None:
-    for args in (["--homes", "0"], ["--runs", "0"], ["--homes", "2", "--ven-procs", "3"]):
-        proc = subprocess.run([sys.executable, "-m", "sim.cli", "experiment", "peer", "--out", str(tmp_path), *args],
-                              capture_output=True, text=True, timeout=30, check=False)
-        assert proc.returncode == 2 and "error" in proc.stderr, args
+def test_cli_peer_rejects_bad_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["--homes", "0"], ["--runs", "0"], ["--poll-s", "0"], ["--homes", "2", "--ven-procs", "3"]):
+        with pytest.raises(SystemExit) as exc:
+            experiment_cli.main(["peer", "--out", str(tmp_path), *args])
+        assert exc.value.code == 2 and "error" in capsys.readouterr().err, args
     with pytest.raises(ValueError, match="ven_procs"):
         run_openleadr_fanout(2, tmp_path, ven_procs=3)
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_curve_and_fractions_count_the_ones_that_never_answered() -> None:
