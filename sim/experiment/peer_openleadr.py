@@ -86,6 +86,7 @@ class _VtnBench:
     # OpenLEADR handlers and callbacks
 
     def on_create_party_registration(self, registration_info: dict[str, Any]) -> tuple[str, str] | bool:
+        """Accept a VEN of this benchmark by its name, which becomes its id."""
         name = registration_info.get("ven_name")
         if not isinstance(name, str) or not name.startswith("ven-"):
             return False
@@ -94,6 +95,7 @@ class _VtnBench:
         return name, self.registered[name]
 
     def ven_lookup(self, ven_id: str) -> dict[str, Any]:
+        """OpenLEADR asks on every message whether the VEN is registered (else it requests a re-registration)."""
         reg = self.registered.get(ven_id)
         return {"ven_id": ven_id, "ven_name": ven_id, "fingerprint": None, "registration_id": reg} if reg else {}
 
@@ -109,9 +111,11 @@ class _VtnBench:
                     self.runs[where[0]]["responses"][where[1]] += 1
 
     def on_delivered(self, run: int, ven_id: str) -> None:
+        """The VEN's event went out in the answer to its poll (the first time counts)."""
         self.runs[run]["delivered"].setdefault(ven_id, time.time())
 
     def on_response(self, run: int, ven_id: str, event_id: str, opt_type: str) -> None:
+        """The event's response callback: the VEN's answer (OpenLEADR calls it for the first answer only)."""
         t = time.time()
         r = self.runs[run]
         r["acks"].setdefault(ven_id, t)
@@ -142,6 +146,7 @@ class _VtnBench:
         return {"run": run, "events": len(r["vens"]), "created_at": r["created_at"], "created_done": r["created_done"]}
 
     def cancel(self, run: int) -> int:
+        """Cancel the run's events; each VEN confirms at its next poll."""
         r = self.runs[run]
         for ven_id in r["vens"]:
             self.server.cancel_event(ven_id, f"emergency-{run}-{ven_id}")
@@ -506,7 +511,7 @@ def run_openleadr_fanout(n_vens: int, out_dir: Path, runs: int = 3, *, poll_s: i
     results: dict[str, Any] = {
         "system": "openleadr", "n": n_vens, "runs": run_results, "summary": _summary(run_results),
         "setup": setup, "params": params, "machine": machine(), "exit_codes": exit_codes,
-        "versions": _versions(), "wall_s": round(time.time() - started, 3),
+        "ven_errors": _ven_errors(logs), "versions": _versions(), "wall_s": round(time.time() - started, 3),
     }
     if write:
         _write(out, results, raw_runs)
@@ -617,6 +622,17 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "cpu_s": {k: med([r["cpu_s"][k] for r in runs]) for k in ("vtn", "vens", "total")}}
 
 
+def _ven_errors(logs: Path) -> dict[str, int]:
+    """What OpenLEADR's VENs logged as errors over the whole experiment: their requests that timed out (aiohttp's
+    10 s read limit; OpenLEADR does not retry them, so an answer lost that way stays missing) and the others."""
+    counts = {"request_timeouts": 0, "other": 0}
+    for path in sorted(logs.glob("vens-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if " ERROR " in line:
+                counts["request_timeouts" if "TimeoutError" in line else "other"] += 1
+    return counts
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -679,6 +695,8 @@ def markdown(results: dict[str, Any]) -> str:
         "response callback stamps the acknowledgement; all times are on the VTN's clock. A run's CPU covers "
         "creation to the last acknowledgement (or the time-out) and includes the VENs' ongoing polling. `load` is the "
         "machine's 1-minute load average after the run: above the number of CPUs, other work competed for them.", "",
+        f"Errors the VENs logged: {results['ven_errors']['request_timeouts']} requests timed out (10 s, not "
+        f"retried), {results['ven_errors']['other']} others.", "",
         "Plot: `peer_cumulative.png`. Per VEN: `peer.csv`.", "",
     ]
     return "\n".join(lines)
