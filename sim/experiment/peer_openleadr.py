@@ -387,7 +387,7 @@ class _Procs:
         self._files: list[IO[bytes]] = []
 
     def spawn(self, name: str, argv: list[str]) -> None:
-        f = (self.logs / f"{name}.log").open("ab")
+        f = (self.logs / f"{name}.log").open("wb")  # this experiment's only
         self._files.append(f)
         self.procs[name] = subprocess.Popen([sys.executable, "-m", "sim.experiment.peer_openleadr", *argv],
                                             stdout=f, stderr=f, preexec_fn=die_with_parent())
