@@ -394,20 +394,28 @@ class Experiment:
             os.kill(pid, signal.SIGSTOP)
             stopped = time.monotonic()
             self.log(f"fault: HBase test double pid {pid} stopped (SIGSTOP) for {p.fault_down_s:g} s")
-            try:
-                unready_after = None
-                async with httpx.AsyncClient(base_url=hub_url, timeout=5) as http:
-                    while time.monotonic() - stopped < p.fault_down_s:
-                        if unready_after is None:
-                            with contextlib.suppress(httpx.HTTPError):
-                                if (await http.get("/readyz")).status_code == 503:
-                                    unready_after = round(time.monotonic() - stopped, 3)
+            unready: list[float] = []
+
+            async def probe() -> None:
+                # Apart from the stop's own clock: a probe waits for the hub, which waits for the stopped double.
+                async with httpx.AsyncClient(base_url=hub_url, timeout=1) as http:
+                    while not unready:
+                        with contextlib.suppress(httpx.HTTPError):
+                            if (await http.get("/readyz")).status_code == 503:
+                                unready.append(round(time.monotonic() - stopped, 3))
                         await asyncio.sleep(0.1)
+
+            prober = asyncio.create_task(probe())
+            try:
+                await asyncio.sleep(p.fault_down_s)
             finally:
                 os.kill(pid, signal.SIGCONT)
+                prober.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await prober
             resumed = time.monotonic()
             f.update(stopped_pid=pid, stopped_s=round(resumed - stopped, 3), unlock_wall=time.time(),
-                     readyz_503_after_s=unready_after)
+                     readyz_503_after_s=unready[0] if unready else None)
             self.log("fault: HBase test double continued (SIGCONT)")
             await self._wait_ready(hub_url)
             f.update(resume_to_ready_s=round(time.monotonic() - resumed, 3), ready_wall=time.time())
