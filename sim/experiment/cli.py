@@ -54,6 +54,10 @@ def _print_base(results: dict[str, object], out: Path) -> None:
     t: dict[str, int] = results["totals"]  # type: ignore[assignment]
     print(f"[experiment] done: sent {t['sent']}, completed {t['completed']}, failed {t['failed']}, missing "
           f"{t['missing']}; results in {out}", flush=True)
+    gen: dict[str, object] = results["generator"]  # type: ignore[assignment]
+    if not gen["valid"]:
+        print("[experiment] WARNING: a DSO simulator did not keep its schedule (send lag over its bound): the load "
+              "generator, not the hub, set the pace; see report.md", flush=True)
     per_type: dict[str, dict[str, dict[str, dict[str, float]]]] = results["per_type"]  # type: ignore[assignment]
     for kind, s in per_type.items():
         d, a = s["latency_ms"]["accepted_to_completed"], s["latency_ms"]["post_to_202"]
