@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                            "latency the hub and its storage add)")
     rate.add_argument("--p99-ms", type=float, default=250.0, help="the p99 bound (DESIGN.md: 250 ms)")
     rate.add_argument("--dso-workers", type=int, default=0,
-                      help="DSO simulator processes per run (0: one per 3000 requests/min, at most 8)")
+                      help="DSO simulator processes per run (0: one per 6000 requests/min, at most 8)")
     rate.add_argument("--poll-s", type=float, default=0.25,
                       help="the DSO simulators' wait before each GET of an accepted request (latency comes from the "
                            "hub's completed_at, so sparse polling does not blur it and spares the hub)")

@@ -37,7 +37,7 @@ from sim.experiment.base import BaseParams, Experiment
 from sim.experiment.dso_sim import TYPES
 
 METRICS = ("hub_added", "post_to_completed", "post_to_202")
-PER_WORKER_PER_MIN = 3000.0
+PER_WORKER_PER_MIN = 6000.0
 """Requests per minute one DSO simulator process is given when the number of processes is automatic."""
 
 
