@@ -82,6 +82,7 @@ class BaseParams:
     lag_bound_ms: float = 50.0
     """A run whose send-lag p99 exceeds this was paced by the generator, not the hub: flagged invalid."""
     sample_interval_s: float = 1.0
+    """How often CPU, memory and disk counters are read from /proc."""
 
     def rates(self) -> dict[str, float]:
         """The rate of each type, per minute."""

@@ -7,8 +7,9 @@ numbers every request (``seq``, also its ``Idempotency-Key``), times POST → 20
 
 Completion is timed on the hub's own clock: ``end_to_end_ms`` is the request's ``completed_at`` (set by the hub when
 the last client's outcome arrived) minus the wall-clock time of the first POST, both read from the same host clock;
-the GETs only fetch that result, so they can be sparse (``first_poll_s``, then every ``poll_interval_s``) and the
-figure does not depend on the polling grid. ``seen_ms`` is when the simulator itself saw the terminal state.
+the GETs only fetch that result, so they can be sparse (``first_poll_s``, then ``poll_interval_s`` doubling up to
+``poll_max_s`` while the request is open) and the figure does not depend on the polling grid. ``seen_ms`` is when
+the simulator itself saw the terminal state.
 
 The generator checks itself: ``lag_ms`` is how late each send left against its schedule; when the p99 of the lag
 exceeds ``lag_bound_ms`` the simulator, not the hub, set the pace, and its stats say ``schedule_kept: false``.
@@ -18,9 +19,9 @@ requests whose ``seq`` is ``i`` modulo ``workers`` (every ``seq`` is still uniqu
     python -m sim.experiment.dso_sim --config dso.json --out requests.jsonl [--worker I]
 
 ``dso.json``: ``hub_url``, ``token``, ``clients`` (ids), ``rates_per_min`` and ``fractions`` per type,
-``duration_s``, ``warmup_s``, ``drain_s``, ``first_poll_s``, ``poll_interval_s``, ``lag_bound_ms``, ``workers``,
-``progress_interval_s``, ``seed``. Every request scheduled is written to ``--out`` (one JSON object per line),
-finished or not.
+``duration_s``, ``warmup_s``, ``drain_s``, ``first_poll_s``, ``poll_interval_s``, ``poll_max_s``, ``lag_bound_ms``,
+``workers``, ``progress_interval_s``, ``seed``. Every request scheduled is written to ``--out`` (one JSON object per
+line), finished or not.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class DsoSimulator:
         self.records: list[dict[str, Any]] = []
         self.poll_s = float(cfg.get("poll_interval_s", 0.02))
         self.first_poll_s = float(cfg.get("first_poll_s", self.poll_s))
+        self.poll_max_s = max(self.poll_s, float(cfg.get("poll_max_s", 2.0)))
         self.lag_bound_ms = float(cfg.get("lag_bound_ms", 50.0))
         self.workers = int(cfg.get("workers", 1))
         self.worker = int(cfg.get("worker", 0))
@@ -191,9 +193,11 @@ class DsoSimulator:
         rec["request_id"] = json.loads(text)["request_id"]
         rec["state"] = "accepted"
         wait = self.first_poll_s
-        while time.monotonic() < self.stop_following_at:
-            await asyncio.sleep(wait)
-            wait = self.poll_s
+        while (left := self.stop_following_at - time.monotonic()) > 0:
+            await asyncio.sleep(min(wait, left))  # the last look exactly when following stops
+            # Back off while the request is open: the latency comes from ``completed_at``, so a later look costs no
+            # accuracy, and a backlog at the hub does not multiply the GETs that load it further.
+            wait = min(self.poll_max_s, max(self.poll_s, 2 * wait))
             rec["polls"] = rec.get("polls", 0) + 1
             self.polls += 1
             try:

@@ -9,7 +9,7 @@ search stops after the first step that is not sustained:
   ``p99_bound_ms`` (DESIGN.md: 250 ms on the latency the hub and its storage add, ``hub_added``);
 * ``lost or failed``: a request failed, went missing or was duplicated in any run;
 * ``generator could not keep up``: a DSO simulator's send lag broke its bound — the step measured the load
-  generator, not the hub, so neither it nor any higher rate says anything.
+  generator as well as the hub, so its figures do not describe the hub alone.
 
 The sustained rate is the highest step before the first that is not. Outputs: ``results.json``, ``rate.csv`` (one
 row per run, one per step), ``rate.png`` (p50 / p99 / p99.9 against the offered rate with the bound, and the CPU
@@ -97,14 +97,14 @@ def step_summary(p: RateParams, rate: float, runs: list[dict[str, Any]],
     """One step: the runs' requests pooled, the verdict."""
     lat = report.latencies(records)
     p99 = lat[p.metric]["p99"]
+    reasons = []
+    if any(r["failed"] or r["missing"] or r["duplicates"] or not r["accounted"] for r in runs):
+        reasons.append("lost or failed")
+    if p99 is None or p99 > p.p99_bound_ms:
+        reasons.append("p99 over the bound")
     if not all(r["generator_valid"] for r in runs):
-        verdict = "generator could not keep up"
-    elif any(r["failed"] or r["missing"] or r["duplicates"] or not r["accounted"] for r in runs):
-        verdict = "lost or failed"
-    elif p99 is None or p99 > p.p99_bound_ms:
-        verdict = "p99 over the bound"
-    else:
-        verdict = "sustained"
+        reasons.append("generator could not keep up")
+    verdict = "; ".join(reasons) or "sustained"
     cpu_keys = runs[0]["cpu_pct"].keys() if runs else []
     return {"rate_per_min": rate, "runs": len(runs), "verdict": verdict, "sustained": verdict == "sustained",
             "metric": p.metric, "p99_ms": p99, "latency_ms": lat,
@@ -186,7 +186,7 @@ def write_csv(path: Path, p: RateParams, runs: list[dict[str, Any]], steps: list
         w.writerow(["rate_per_min", "run", "verdict", "sent", "completed", "failed", "missing", "duplicates",
                     "completed_per_min", "generator_valid", *lat_cols, *cpu_cols])
         rows = [(r, str(r["run"]), "", r["generator_valid"]) for r in runs]
-        rows += [(s, "all", s["verdict"], s["verdict"] != "generator could not keep up") for s in steps]
+        rows += [(s, "all", s["verdict"], "generator could not keep up" not in s["verdict"]) for s in steps]
         for r, label, verdict, valid in sorted(rows, key=lambda x: (x[0]["rate_per_min"], x[1] == "all", x[1])):
             cpu = r["cpu_pct"]
             w.writerow([r["rate_per_min"], label, verdict, r["sent"], r["completed"], r["failed"], r["missing"],
