@@ -230,9 +230,13 @@ def markdown(results: dict[str, Any]) -> str:
     p, b = results["params"], results["params"]["base"]
     s = results["sustained"]
     metric = p["metric"]
-    head = (f"**Largest sustained rate: {s['rate_per_min']:g} requests/min ({s['rate_per_min'] / 60:g}/s)**, "
-            f"{metric} p99 {s['p99_ms']} ms (bound {p['p99_bound_ms']:g} ms)." if s else
-            "**No step was sustained.**")
+    if s:
+        lat = s["latency_ms"][metric]
+        head = (f"**Largest sustained rate: {s['rate_per_min']:g} requests/min ({s['rate_per_min'] / 60:g}/s)**, "
+                f"{metric} over its {p['runs']} run(s): p50 {lat['p50']}, p90 {lat['p90']}, p99 {lat['p99']}, "
+                f"p99.9 {lat['p99.9']}, max {lat['max']} ms (n {lat['n']}; bound on p99 {p['p99_bound_ms']:g} ms).")
+    else:
+        head = "**No step was sustained.**"
     stop = results["stopped_at"]
     lines = ["# Experiment: sustained rate", "",
              f"Open loop, the four request types at equal rates, {b['clients']} clients, {b['retailers']} "
