@@ -165,26 +165,8 @@ class Experiment:
 
     async def _run_async(self, broker_port: int, spec: BrokerSpec, passwords: dict[str, str]) -> dict[str, Any]:
         p = self.p
-        book = TokenBook(self.work / "hub-tokens.json")
-        if book.path.exists():
-            book.path.unlink()
-        tokens = {"dso": book.issue("dso"), "admin": book.issue("admin")}
-        hub_port = free_port()
-        hub_cfg = self.work / "hub.toml"
-        hub_cfg.write_text(tomli_w.dumps({"hub": {
-            "http_host": "127.0.0.1", "http_port": hub_port, "db_path": str(self.work / "hub.db"),
-            "tokens_file": str(book.path), "mqtt_host": "127.0.0.1", "mqtt_port": broker_port,
-            "mqtt_username": "hub", "mqtt_password": spec.privileged.password,
-            # The experiment measures the platform, not its abuse limits: lift them far above the offered load.
-            "rate_limit_per_s": 1_000_000.0, "rate_limit_burst": 1_000_000,
-            "mqtt_rate_limit_per_s": 1_000_000.0, "mqtt_rate_limit_burst": 1_000_000}}))
-        os.chmod(hub_cfg, 0o600)
-        hub_url = f"http://127.0.0.1:{hub_port}"
-        self._spawn("hub", [sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve",
-                            "--config", str(hub_cfg)])
         t_setup = time.monotonic()
-        await self._wait_ready(hub_url)
-        self.log(f"hub ready at {hub_url} ({time.monotonic() - t_setup:.1f} s)")
+        hub_url, tokens = await self.start_hub(broker_port, spec)
         await self._register(hub_url, tokens)
         setup_s = round(time.monotonic() - t_setup, 3)
         self.log(f"registered {p.retailers} retailer(s), {p.clients} clients, uploaded one day of readings each "
@@ -231,6 +213,31 @@ class Experiment:
             self.log(f"the DSO simulator exited with {dso.returncode}; see {self.work / 'logs' / 'dso-sim.log'}")
         return {"procs": procs, "setup": {"setup_s": setup_s, "hub_url": hub_url, "work_dir": str(self.work)},
                 "fault": dict(self.fault_log)}
+
+    async def start_hub(self, broker_port: int, spec: BrokerSpec) -> tuple[str, dict[str, str]]:
+        """Issue the ``dso`` and ``admin`` tokens, start ``cloud-hub serve`` on the hub broker and wait until it
+        is ready; returns its URL and the tokens."""
+        book = TokenBook(self.work / "hub-tokens.json")
+        if book.path.exists():
+            book.path.unlink()
+        tokens = {"dso": book.issue("dso"), "admin": book.issue("admin")}
+        hub_port = free_port()
+        hub_cfg = self.work / "hub.toml"
+        hub_cfg.write_text(tomli_w.dumps({"hub": {
+            "http_host": "127.0.0.1", "http_port": hub_port, "db_path": str(self.work / "hub.db"),
+            "tokens_file": str(book.path), "mqtt_host": "127.0.0.1", "mqtt_port": broker_port,
+            "mqtt_username": "hub", "mqtt_password": spec.privileged.password,
+            # The experiment measures the platform, not its abuse limits: lift them far above the offered load.
+            "rate_limit_per_s": 1_000_000.0, "rate_limit_burst": 1_000_000,
+            "mqtt_rate_limit_per_s": 1_000_000.0, "mqtt_rate_limit_burst": 1_000_000}}))
+        os.chmod(hub_cfg, 0o600)
+        hub_url = f"http://127.0.0.1:{hub_port}"
+        self._spawn("hub", [sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve",
+                            "--config", str(hub_cfg)])
+        t0 = time.monotonic()
+        await self._wait_ready(hub_url)
+        self.log(f"hub ready at {hub_url} ({time.monotonic() - t0:.1f} s)")
+        return hub_url, tokens
 
     async def _inject_fault(self, hub_url: str, t0: float) -> None:
         """At ``fault_at_s``: kill -9 the hub and restart it, or lock its database for ``fault_down_s``."""
@@ -317,7 +324,9 @@ class Experiment:
         # The hub learns presence from retained status messages; give it a moment to see every simulator.
         await asyncio.sleep(0.5)
 
-    async def _register(self, hub_url: str, tokens: dict[str, str]) -> None:
+    async def _register(self, hub_url: str, tokens: dict[str, str], *, with_readings: bool = True) -> None:
+        """Register the retailers and the clients (client i with retailer i mod R); with ``with_readings``, upload one
+        day of meter readings per client."""
         admin = {"Authorization": f"Bearer {tokens['admin']}"}
         dso = {"Authorization": f"Bearer {tokens['dso']}"}
         async with httpx.AsyncClient(base_url=hub_url, timeout=30) as http:
@@ -333,6 +342,8 @@ class Experiment:
                     resp.raise_for_status()
 
             await asyncio.gather(*(client(i, c) for i, c in enumerate(self.client_ids)))
+            if not with_readings:
+                return
             values = [round(0.1 + 0.05 * (k % 8), 3) for k in range(96)]
             for i in range(0, len(self.client_ids), 200):
                 readings = [{"client_id": c, "start": BILLING_PERIOD_START.isoformat(), "resolution_s": 900,
