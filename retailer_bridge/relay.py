@@ -40,7 +40,7 @@ from mhp_wire.mqtt import MqttError, MqttLink
 from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
 from mhp_wire.sqlite import StorageError
-from retailer_bridge.store import CLOSED, DELIVERED, BridgeStore, NewCommand
+from retailer_bridge.store import CLOSED, BridgeStore, NewCommand, delivered_msg_id
 
 log = logging.getLogger(__name__)
 
@@ -255,11 +255,13 @@ class BridgeRelay:
                                                    message=f"a gateway may not send {msg.type!r} messages"))
 
     async def _on_gateway_ack(self, gid: str, msg: Ack) -> None:
-        await self.store.ack_gateway_outbox(gid, msg.ack_ids)
-        for cmd in await self.store.command_by_msg(gid, msg.ack_ids):
-            out = Outcome(request_id=cmd["request_id"], client_id=cmd["client_id"], state=ClientState.DELIVERED,
+        def delivered(cmd: dict[str, Any]) -> tuple[str, bytes]:
+            out = Outcome(msg_id=delivered_msg_id(cmd["msg_id"]), request_id=cmd["request_id"],
+                          client_id=cmd["client_id"], state=ClientState.DELIVERED,
                           trace={"retailer_ms": round(cmd["handling_ms"], 3)})
-            await self.store.set_state(cmd["request_id"], cmd["client_id"], DELIVERED, (out.msg_id, encode(out)))
+            return out.msg_id, encode(out)
+
+        await self.store.deliver(gid, msg.ack_ids, delivered)
         self.kick()
 
     async def _on_gateway_outcome(self, gid: str, msg: Outcome) -> None:
@@ -270,20 +272,25 @@ class BridgeRelay:
             await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="forbidden",
                                                    message=f"gateway {gid} may not report for {msg.client_id}"))
             return
-        cmd = await self.store.get_command(msg.request_id, msg.client_id)
-        if cmd is None:
-            self.rejected["gateway_unknown_request"] += 1
-            await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="unknown_client",
-                                                   message=f"no request {msg.request_id} for {msg.client_id}"))
-            return
-        if cmd["state"] != CLOSED and msg.state.terminal:
+
+        def closing(cmd: dict[str, Any]) -> tuple[str, bytes] | None:
+            if not msg.state.terminal:
+                return None
             trace: dict[str, Any] = {k: v for k, v in msg.trace.items() if k in ("gateway_ms", "waited_ms")}
             if cmd["first_sent_at"] is not None:
                 trace["gateway_rtt_ms"] = round((t0 - cmd["first_sent_at"]) * 1000, 3)
             trace["retailer_ms"] = round(cmd["handling_ms"] + (time.time() - t0) * 1000, 3)
             out = Outcome(request_id=msg.request_id, client_id=msg.client_id, state=msg.state, detail=msg.detail,
                           trace=trace)
-            await self.store.set_state(msg.request_id, msg.client_id, CLOSED, (out.msg_id, encode(out)))
+            return out.msg_id, encode(out)
+
+        cmd = await self.store.close_command(msg.request_id, msg.client_id, closing)
+        if cmd is None:
+            self.rejected["gateway_unknown_request"] += 1
+            await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="unknown_client",
+                                                   message=f"no request {msg.request_id} for {msg.client_id}"))
+            return
+        if cmd["state"] != CLOSED and msg.state.terminal:
             self.kick()
         await self._to_gateway(gid, Ack(ack_ids=[msg.msg_id]))
 
