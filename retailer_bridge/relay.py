@@ -27,6 +27,7 @@ from mhp_wire.messages import (
     Measurement,
     Measurements,
     Outcome,
+    Presence,
     Request,
     RequestKind,
     Schedule,
@@ -46,11 +47,21 @@ log = logging.getLogger(__name__)
 
 STALE_TELEMETRY_S = 60.0
 """Availability is not promised from telemetry older than this."""
+PUBLISH_WAIT_S = 5.0
+"""How long a publish waits for room in the broker's in-flight window (back-pressure) before the outbox takes
+over; a fan-out to 10,000 gateways fills a window of 1,000 many times."""
 
 
-def retry_delay_s(attempts: int) -> float:
+def retry_delay_s(attempts: int, first_s: float = 0.5) -> float:
     """Back-off before re-sending a message for the ``attempts``-th time."""
-    return float(min(30.0, 0.5 * 2 ** max(0, attempts - 1)))
+    return float(min(30.0, first_s * 2 ** max(0, attempts - 1)))
+
+
+HUB_FIRST_RETRY_S = 5.0
+"""First re-send of an outcome the hub has not acknowledged. The hub acknowledges after its own commit, which
+takes seconds when 10,000 outcomes arrive at once; re-sending sooner only multiplies its work (seen: 6 copies of
+each outcome). A lost message comes with a lost connection, and when the hub is back (its presence says
+``online``) everything waiting for it is re-sent at once."""
 
 
 class BridgeRelay:
@@ -69,6 +80,7 @@ class BridgeRelay:
         self.received: Counter[str] = Counter()
         self.latest_telemetry: dict[str, Telemetry] = {}
         self.gateway_presence: dict[str, str] = {}
+        self.hub_presence: str | None = None
         self.measurement_interval_s = measurement_interval_s
         self.telemetry_sinks: list[Callable[[Telemetry], None]] = []
         """Called with every accepted telemetry message (the telemetry export); must not block."""
@@ -87,6 +99,7 @@ class BridgeRelay:
     async def on_hub_message(self, topic: str, payload: bytes, retained: bool) -> None:
         """Apply one message from the hub broker."""
         if topic == topics.PUBLIC_STATUS:
+            await self._on_hub_presence(payload)
             return
         try:
             msg = decode(payload)
@@ -119,6 +132,19 @@ class BridgeRelay:
             self.rejected["hub_unexpected"] += 1
             await self._to_hub(ErrorReply(ref_msg_id=msg.msg_id, code="invalid",
                                           message=f"the bridge does not handle {msg.type!r} messages yet"))
+
+    async def _on_hub_presence(self, payload: bytes) -> None:
+        try:
+            msg = decode(payload)
+        except WireError:
+            return
+        if not isinstance(msg, Presence):
+            return
+        state = msg.state
+        before, self.hub_presence = self.hub_presence, state
+        if state == "online" and before != "online":
+            await self.store.resend_to_hub_now()
+            self.kick()
 
     async def _on_request(self, req: Request) -> None:
         now = time.time()
@@ -189,7 +215,7 @@ class BridgeRelay:
         public = msg.model_copy(update={"msg_id": f"tariff-{msg.tariff_id}-{msg.version}"})
         if await self.store.put_tariff(msg.tariff_id, msg.version, encode(public)) and self.local is not None:
             try:
-                await self.local.publish(topics.TARIFF, encode(public), retain=True)
+                await self.local.publish(topics.TARIFF, encode(public), retain=True, wait_s=PUBLISH_WAIT_S)
                 log.info("tariff %s v%d published to our gateways", msg.tariff_id, msg.version)
             except MqttError as exc:
                 log.warning("tariff not republished now: %s", exc)
@@ -300,7 +326,7 @@ class BridgeRelay:
         if self.hub is None:
             return
         try:
-            await self.hub.publish(topics.up("retailers", self.retailer_id), encode(msg))
+            await self.hub.publish(topics.up("retailers", self.retailer_id), encode(msg), wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
             log.warning("could not answer the hub: %s", exc)
 
@@ -308,7 +334,7 @@ class BridgeRelay:
         if self.local is None:
             return
         try:
-            await self.local.publish(topics.down("gateways", gid), encode(msg))
+            await self.local.publish(topics.down("gateways", gid), encode(msg), wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
             log.warning("could not answer gateway %s: %s", gid, exc)
 
@@ -338,7 +364,8 @@ class BridgeRelay:
                                             ClientState.EXPIRED)
                     continue
                 try:
-                    await self.local.publish(topics.down("gateways", cmd["gateway_id"]), cmd["payload"])
+                    await self.local.publish(topics.down("gateways", cmd["gateway_id"]), cmd["payload"],
+                                             wait_s=PUBLISH_WAIT_S)
                 except MqttError:
                     break
                 sent.append((cmd["msg_id"], now + retry_delay_s(cmd["attempts"] + 1)))
@@ -351,7 +378,8 @@ class BridgeRelay:
                     expired.append(row["msg_id"])
                     continue
                 try:
-                    await self.local.publish(topics.down("gateways", row["gateway_id"]), row["payload"])
+                    await self.local.publish(topics.down("gateways", row["gateway_id"]), row["payload"],
+                                             wait_s=PUBLISH_WAIT_S)
                 except MqttError:
                     break
                 notices.append((row["msg_id"], now + retry_delay_s(row["attempts"] + 1)))
@@ -367,10 +395,11 @@ class BridgeRelay:
             done: list[tuple[str, float]] = []
             for row in await self.store.due_outbox(now):
                 try:
-                    await self.hub.publish(topics.up("retailers", self.retailer_id), row["payload"])
+                    await self.hub.publish(topics.up("retailers", self.retailer_id), row["payload"],
+                                           wait_s=PUBLISH_WAIT_S)
                 except MqttError:
                     break
-                done.append((row["msg_id"], now + retry_delay_s(row["attempts"] + 1)))
+                done.append((row["msg_id"], now + retry_delay_s(row["attempts"] + 1, HUB_FIRST_RETRY_S)))
             if done:
                 await self.store.mark_outbox_sent(done)
         nxt = await self.store.next_due()

@@ -361,6 +361,10 @@ class BridgeStore:
 
         await self._tx(op)
 
+    async def resend_to_hub_now(self) -> None:
+        """The hub is back: every outcome waiting for its acknowledgement is due now."""
+        await self._tx(lambda db: db.execute("UPDATE hub_outbox SET next_attempt_at=0"))
+
     async def store_billing(self, request_id: str, rows: list[tuple[str, str, str, str]], now: float) -> None:
         """Keep billing data received from the hub (``client_id, period_start, period_end, readings json``)."""
         await self._tx(lambda db: db.executemany(

@@ -14,9 +14,20 @@ from pathlib import Path
 import pytest
 
 from mhp_wire import topics
-from mhp_wire.messages import Ack, ClientState, Command, EmergencyParams, Outcome, Request, RequestKind, decode
+from mhp_wire.messages import (
+    Ack,
+    ClientState,
+    Command,
+    EmergencyParams,
+    Outcome,
+    Request,
+    RequestKind,
+    decode,
+    presence_payload,
+)
 from mhp_wire.mqtt import MqttEndpoint
 from mhp_wire.sqlite import StorageError
+from retailer_bridge.relay import HUB_FIRST_RETRY_S
 from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
 from retailer_bridge.store import CLOSED, BridgeStore, NewCommand, delivered_msg_id
@@ -173,3 +184,28 @@ async def test_a_terminal_outcome_withdraws_the_unsent_delivered_one(tmp_path: P
         assert outbox == (sorted(["dlv-cmd1", "final"]) if delivered_sent else ["final"])
     finally:
         await store.close()
+
+
+async def test_outcomes_waiting_for_the_hub_are_re_sent_when_it_comes_back(
+        tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
+    hub_broker = mosquitto_factory("hub", ["r1"], "hub")
+    local = mosquitto_factory("retailer", ["gw-1"], "bridge")
+    bridge = Bridge(BridgeSettings(
+        retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
+        hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host, local_mqtt_port=local.port,
+        local_mqtt_password=local.identities["bridge"].password, db_path=tmp_path / "bridge.db",
+        telemetry_store="none", customers={"c1": "gw-1"}))
+    with parties(Party(hub_broker, "hub", topics.all_up("retailers"), topics.status("retailers", "r1"))) as (hub,):
+        async with running(bridge, hub):
+            await hub.publish(topics.down("retailers", "r1"), emergency(["c9"], "q"))  # not a customer: refused
+            first = await hub.next("outcome")
+            assert isinstance(first, Outcome) and first.state is ClientState.REFUSED
+            # Unacknowledged, it would wait HUB_FIRST_RETRY_S; the hub going away and coming back sends it now.
+            await hub.publish(topics.PUBLIC_STATUS, presence_payload("offline"), retain=True)
+            await hub.nothing("outcome", within=0.5)
+            await hub.publish(topics.PUBLIC_STATUS, presence_payload("online"), retain=True)
+            again = await hub.next("outcome", timeout=HUB_FIRST_RETRY_S / 2)
+            assert again.msg_id == first.msg_id
+            await hub.publish(topics.down("retailers", "r1"), Ack(ack_ids=[first.msg_id]))
+            await asyncio.sleep(0.3)
+            assert (await bridge.store.counts())["hub_outbox"] == 0
