@@ -361,6 +361,11 @@ class BridgeStore:
 
         await self._tx(op)
 
+    async def postpone_hub_resends(self, now: float, until: float) -> None:
+        """Re-sends to the hub due by ``now`` wait until ``until``; first sends are not touched."""
+        await self._tx(lambda db: db.execute(
+            "UPDATE hub_outbox SET next_attempt_at=? WHERE attempts>0 AND next_attempt_at<=?", (until, now)))
+
     async def resend_to_hub_now(self) -> None:
         """The hub is back: every outcome waiting for its acknowledgement is due now."""
         await self._tx(lambda db: db.execute("UPDATE hub_outbox SET next_attempt_at=0"))

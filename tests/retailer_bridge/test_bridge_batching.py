@@ -209,3 +209,26 @@ async def test_outcomes_waiting_for_the_hub_are_re_sent_when_it_comes_back(
             await hub.publish(topics.down("retailers", "r1"), Ack(ack_ids=[first.msg_id]))
             await asyncio.sleep(0.3)
             assert (await bridge.store.counts())["hub_outbox"] == 0
+
+
+async def test_no_re_send_to_a_hub_that_is_busy_acknowledging_and_one_once_it_is_quiet(
+        tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
+    hub_broker = mosquitto_factory("hub", ["r1"], "hub")
+    local = mosquitto_factory("retailer", ["gw-1"], "bridge")
+    bridge = Bridge(BridgeSettings(
+        retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
+        hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host, local_mqtt_port=local.port,
+        local_mqtt_password=local.identities["bridge"].password, db_path=tmp_path / "bridge.db",
+        telemetry_store="none", customers={"c1": "gw-1"}))
+    bridge.relay.hub_retry_s = 1.0
+    with parties(Party(hub_broker, "hub", topics.all_up("retailers"), topics.status("retailers", "r1"))) as (hub,):
+        async with running(bridge, hub):
+            await hub.publish(topics.down("retailers", "r1"), emergency(["c9"], "q"))
+            first = await hub.next("outcome")
+            # For three re-send periods the hub acknowledges other messages: it is working through its queue.
+            for _ in range(10):
+                await hub.publish(topics.down("retailers", "r1"), Ack(ack_ids=["something-else"]))
+                await hub.nothing("outcome", within=0.3)
+            # Quiet now: the outcome it never acknowledged comes again (the same message).
+            again = await hub.next("outcome", timeout=4)
+            assert again.msg_id == first.msg_id
