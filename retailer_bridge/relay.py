@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 STALE_TELEMETRY_S = 60.0
 """Availability is not promised from telemetry older than this."""
+DISPATCH_BATCH = 2000
+"""Commands, and outcomes for the hub, read and sent per dispatch round (one read, one write each)."""
 PUBLISH_WAIT_S = 5.0
 """How long a publish waits for room in the broker's in-flight window (back-pressure) before the outbox takes
 over; a fan-out to 10,000 gateways fills a window of 1,000 many times."""
@@ -359,8 +361,8 @@ class BridgeRelay:
         """Send what is due in both directions; returns how long to sleep."""
         now = time.time()
         if self.local is not None and self.local.connected:
-            sent: list[tuple[str, float]] = []
-            for cmd in await self.store.due_commands(now):
+            sent: list[tuple[str, int]] = []
+            for cmd in await self.store.due_commands(now, DISPATCH_BATCH):
                 waited_from = max(cmd["first_sent_at"] or now, cmd["not_before"])
                 if cmd["first_sent_at"] is not None and now - waited_from > self.gateway_ack_timeout_s:
                     await self._unreachable(cmd, "no acknowledgement from the gateway in time")
@@ -374,9 +376,10 @@ class BridgeRelay:
                                              wait_s=PUBLISH_WAIT_S)
                 except MqttError:
                     break
-                sent.append((cmd["msg_id"], now + retry_delay_s(cmd["attempts"] + 1)))
-            if sent:
-                await self.store.mark_sent(sent, now)
+                sent.append((cmd["msg_id"], cmd["attempts"]))
+            if sent:  # re-sends count from the end of the batch: thousands of publishes take a while
+                after = time.time()
+                await self.store.mark_sent([(m, after + retry_delay_s(a + 1)) for m, a in sent], now)
             notices: list[tuple[str, float]] = []
             expired: list[str] = []
             for row in await self.store.due_gateway_outbox(now):
@@ -398,19 +401,21 @@ class BridgeRelay:
             batch = Measurements(items=items)
             await self.store.queue_for_hub([(batch.msg_id, encode(batch))])
         if self.hub is not None and self.hub.connected:
-            done: list[tuple[str, float]] = []
+            done: list[tuple[str, int]] = []
             busy = time.monotonic() - self.last_hub_ack < self.hub_retry_s
             if busy:  # the hub is acknowledging, in order: what it has not acknowledged yet is queued there
                 await self.store.postpone_hub_resends(now, now + self.hub_retry_s)
-            for row in await self.store.due_outbox(now):
+            for row in await self.store.due_outbox(now, DISPATCH_BATCH):
                 try:
                     await self.hub.publish(topics.up("retailers", self.retailer_id), row["payload"],
                                            wait_s=PUBLISH_WAIT_S)
                 except MqttError:
                     break
-                done.append((row["msg_id"], now + retry_delay_s(row["attempts"] + 1, self.hub_retry_s)))
+                done.append((row["msg_id"], row["attempts"]))
             if done:
-                await self.store.mark_outbox_sent(done)
+                after = time.time()
+                await self.store.mark_outbox_sent([(m, after + retry_delay_s(a + 1, self.hub_retry_s))
+                                                   for m, a in done])
         nxt = await self.store.next_due()
         wait = 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
         if self._pending_measurements:

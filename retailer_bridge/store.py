@@ -203,14 +203,13 @@ class BridgeStore:
         """Record attempts ``(msg_id, next_attempt_at)``."""
 
         def op(db: sqlite3.Connection) -> None:
-            for msg_id, next_at in sent:
-                db.execute(
-                    "UPDATE commands SET attempts=attempts+1, next_attempt_at=?, "
-                    "first_sent_at=COALESCE(first_sent_at, ?), "
-                    "handling_ms=CASE WHEN first_sent_at IS NULL THEN (?-received_at)*1000 ELSE handling_ms END "
-                    "WHERE msg_id=?",
-                    (next_at, now, now, msg_id),
-                )
+            db.executemany(
+                "UPDATE commands SET attempts=attempts+1, next_attempt_at=?, "
+                "first_sent_at=COALESCE(first_sent_at, ?), "
+                "handling_ms=CASE WHEN first_sent_at IS NULL THEN (?-received_at)*1000 ELSE handling_ms END "
+                "WHERE msg_id=?",
+                [(next_at, now, now, msg_id) for msg_id, next_at in sent],
+            )
 
         await self._tx(op)
 

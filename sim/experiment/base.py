@@ -324,9 +324,7 @@ class Experiment:
         # The hub learns presence from retained status messages; give it a moment to see every simulator.
         await asyncio.sleep(0.5)
 
-    async def _register(self, hub_url: str, tokens: dict[str, str], *, with_readings: bool = True) -> None:
-        """Register the retailers and the clients (client i with retailer i mod R); with ``with_readings``, upload one
-        day of meter readings per client."""
+    async def _register(self, hub_url: str, tokens: dict[str, str]) -> None:
         admin = {"Authorization": f"Bearer {tokens['admin']}"}
         dso = {"Authorization": f"Bearer {tokens['dso']}"}
         async with httpx.AsyncClient(base_url=hub_url, timeout=30) as http:
@@ -342,8 +340,6 @@ class Experiment:
                     resp.raise_for_status()
 
             await asyncio.gather(*(client(i, c) for i, c in enumerate(self.client_ids)))
-            if not with_readings:
-                return
             values = [round(0.1 + 0.05 * (k % 8), 3) for k in range(96)]
             for i in range(0, len(self.client_ids), 200):
                 readings = [{"client_id": c, "start": BILLING_PERIOD_START.isoformat(), "resolution_s": 900,

@@ -176,7 +176,7 @@ class FanoutExperiment(Experiment):
         fp = self.fp
         t_setup = time.monotonic()
         hub_url, tokens = await self.start_hub(hub_port, hub_spec)
-        await self._register(hub_url, tokens, with_readings=False)
+        await self._register(hub_url, tokens)
         self.log(f"registered {fp.retailers} retailer(s) and {fp.gateways} clients "
                  f"({time.monotonic() - t_setup:.1f} s)")
         for r in self.retailer_ids:
