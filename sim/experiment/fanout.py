@@ -55,7 +55,7 @@ CHECK_INTERVAL_S = 3.0
 """How often a run still going reads the request's whole view (thousands of clients: not every poll)."""
 RUN_FIELDS = ("run", "request_id", "clients", "post_ms", "executed", "other_terminal", "missing_commands",
               "duplicate_commands", "hub_completed_s", "observed_done_s", "t50_s", "t90_s", "t99_s", "t100_s",
-              "gateway_first_p50_s", "gateway_first_max_s", "state", "within_target")
+              "gateway_first_p50_s", "gateway_first_max_s", "state", "within_target", "loadavg_1m")
 
 
 @dataclass
@@ -88,6 +88,14 @@ def time_to_fraction(times: list[float], total: int, q: float) -> float | None:
     if len(times) < need:
         return None
     return round(sorted(times)[need - 1], 4)
+
+
+def loadavg() -> float | None:
+    """The machine's 1-minute load average (other work on it shows here), from /proc."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def reconcile(expected: dict[str, list[str]], fleet_stats: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -254,6 +262,7 @@ class FanoutExperiment(Experiment):
         before = await self._metrics(http)
         finished_before, outcomes_before = before["finished"], before["outcomes"]
         cpu_before = self._cpu()
+        load_before = loadavg()
         start = datetime.now(UTC) + timedelta(minutes=1)  # announced before it takes effect
         body = {"client_ids": self.client_ids, "start": start.isoformat(), "duration_s": 600, "power_limit_kw": 2.0}
         t_post = time.time()
@@ -297,7 +306,8 @@ class FanoutExperiment(Experiment):
                    datetime.fromisoformat(completed_at).timestamp() - t_post, 3),
                "observed_done_s": None if done_at is None else round(done_at - t_post, 3),
                "executed_s": sorted(round(t, 4) for t in times), "post_at": t_post, "trace": view.get("trace", {}),
-               "cpu_s": {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 3) for k in cpu_after}}
+               "cpu_s": {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 3) for k in cpu_after},
+               "loadavg_1m": load_before}
         for q in QUANTILES:
             run[f"t{q}_s"] = time_to_fraction(times, len(self.client_ids), q)
         run["within_target"] = run["t100_s"] is not None and run["t100_s"] <= TARGET_S
@@ -406,15 +416,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s['missing_commands']}, duplicated {s['duplicate_commands']}; within target every run: "
         f"{'yes' if s['within_target_every_run'] else 'NO'}.", "",
         "| run | POST→202 ms | executed | 50 % s | 90 % s | 99 % s | 100 % s | hub completed s | seen done s "
-        "| gateways got it p50 / max s | missing | duplicates | state |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| gateways got it p50 / max s | missing | duplicates | state | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         lines.append(f"| {r['run']} | {_fmt(r['post_ms'])} | {r['executed']}/{r['clients']} | {_fmt(r['t50_s'])} | "
                      f"{_fmt(r['t90_s'])} | {_fmt(r['t99_s'])} | {_fmt(r['t100_s'])} | {_fmt(r['hub_completed_s'])} "
                      f"| {_fmt(r['observed_done_s'])} | {_fmt(r['gateway_first_p50_s'])} / "
                      f"{_fmt(r['gateway_first_max_s'])} | {r['missing_commands']} | {r['duplicate_commands']} | "
-                     f"{r['state']} |")
+                     f"{r['state']} | {_fmt(r.get('loadavg_1m'))} |")
     names = sorted({k for r in results["runs"] for k in r["cpu_s"]})
     lines += ["", "## CPU seconds per process during each run (/proc)", "",
               "| run | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -422,7 +432,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {r['run']} | " + " | ".join(_fmt(r["cpu_s"].get(k)) for k in names) + " |")
     lines += ["", "Times are from the DSO's POST to each client's last update in the hub's request view "
               "(`executed`); \"seen done\" is when this process saw the request end on the hub's `/metrics`. "
-              "Plot: `fanout.png`; per-client times: `fanout_clients.csv`.", ""]
+              "Plot: `fanout.png`; per-client times: `fanout_clients.csv`. \"load avg\" is the machine's 1-minute "
+              "load average at the POST: above the number of CPUs, other work shared them and times stretch.", ""]
     peer = results.get("peer")
     if peer:
         lines += ["## Peer: " + peer["name"], "", "```", json.dumps(peer.get("result", peer), indent=1)[:4000],
