@@ -139,10 +139,11 @@ class GroupCommit:
                     results.append(_Failed(StorageError(f"storage error: {exc}") if isinstance(exc, sqlite3.Error)
                                            else exc))
                 db.execute("RELEASE one_write")
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT leaves it open: the next batch must start clean
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
         return results
 
 

@@ -232,3 +232,20 @@ async def test_no_re_send_to_a_hub_that_is_busy_acknowledging_and_one_once_it_is
             # Quiet now: the outcome it never acknowledged comes again (the same message).
             again = await hub.next("outcome", timeout=4)
             assert again.msg_id == first.msg_id
+
+
+async def test_a_batch_that_cannot_commit_fails_every_caller_and_the_next_one_works(tmp_path: Path) -> None:
+    store = BridgeStore(tmp_path / "b.db")
+    await store.open()
+    other = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock past the busy timeout
+        outcomes = await asyncio.gather(*(store.queue_for_hub([(f"m{i}", b"x")]) for i in range(5)),
+                                        return_exceptions=True)
+        assert all(isinstance(o, StorageError) for o in outcomes)
+        other.execute("ROLLBACK")
+        await store.queue_for_hub([("after", b"y")])
+        assert (await store.counts())["hub_outbox"] == 1  # nothing of the failed batch, the new write stored
+    finally:
+        other.close()
+        await store.close()
