@@ -37,6 +37,8 @@ CREATE INDEX IF NOT EXISTS commands_due ON commands(state, next_attempt_at);
 CREATE TABLE IF NOT EXISTS hub_outbox (
     msg_id TEXT PRIMARY KEY, payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS hub_outbox_due ON hub_outbox(next_attempt_at);
+CREATE INDEX IF NOT EXISTS gateway_outbox_due ON gateway_outbox(next_attempt_at);
 """
 
 SENDING = "sending"
