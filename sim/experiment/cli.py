@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sim.experiment import fanout as fanout_mod
 from sim.experiment import faults as faults_mod
+from sim.experiment import peer_openleadr
 from sim.experiment import scale as scale_mod
 from sim.experiment.base import BaseParams, Experiment
 
@@ -95,9 +96,26 @@ def main(argv: list[str] | None = None) -> int:
     fanout.add_argument("--per-fleet", type=int, default=2_500, help="simulated gateways per fleet process")
     fanout.add_argument("--timeout-s", type=float, default=60.0, help="how long one run is followed")
     fanout.add_argument("--peer", choices=("openleadr",), help="also run this peer's fan-out to as many VENs")
+    peer = sub.add_parser("peer", help="the emergency fan-out to N homes through a peer, OpenLEADR (OpenADR 2.0b)")
+    peer.add_argument("--out", type=Path, required=True, help="folder for results.json, peer.csv, the PNG, report.md")
+    peer.add_argument("--homes", type=int, default=100, help="VENs, one per home")
+    peer.add_argument("--runs", type=int, default=3, help="emergencies, one after the other, each measured")
+    peer.add_argument("--poll-s", type=int, default=1, help="the VENs' poll period the VTN asks for, whole seconds "
+                      "(OpenLEADR writes whole seconds into OpenADR's duration)")
+    peer.add_argument("--ven-procs", type=int, default=None, help="VEN processes (default: one per 500 VENs, <= 4)")
+    peer.add_argument("--timeout-s", type=float, default=None, help="a run's limit (default 30 s + 10 ms per VEN)")
     args = parser.parse_args(argv)
     if args.experiment == "fanout":
         return _fanout(parser, args)
+    if args.experiment == "peer":
+        if args.homes < 1 or args.runs < 1 or args.poll_s < 1:
+            parser.error("--homes, --runs and --poll-s must be positive")
+        if args.ven_procs is not None and not 1 <= args.ven_procs <= args.homes:
+            parser.error("--ven-procs must be between 1 and --homes")
+        res = peer_openleadr.run_openleadr_fanout(args.homes, args.out, args.runs, poll_s=args.poll_s,
+                                                  ven_procs=args.ven_procs, timeout_s=args.timeout_s)
+        s = res["summary"]
+        return 0 if s["missing"] == 0 and s["duplicates"] == 0 else 1
     if args.duration_s <= 0 or args.rate_per_min <= 0:
         parser.error("duration and rate must be positive")
     common = dict(out=args.out, duration_s=args.duration_s, warmup_s=args.warmup_s, rate_per_min=args.rate_per_min,
