@@ -436,8 +436,13 @@ def markdown(results: dict[str, Any]) -> str:
               "load average at the POST: above the number of CPUs, other work shared them and times stretch.", ""]
     peer = results.get("peer")
     if peer:
-        lines += ["## Peer: " + peer["name"], "", "```", json.dumps(peer.get("result", peer), indent=1)[:4000],
-                  "```", ""]
+        lines += ["## Peer: " + peer["name"], ""]
+        frac = peer.get("result", {}).get("summary", {}).get("time_to_fraction_ms", {})
+        if frac:
+            lines += [f"The same emergency to {p['gateways']} VENs: 50 / 90 / 99 / 100 % acknowledged after "
+                      + " / ".join(_fmt(frac.get(q)) for q in ("0.5", "0.9", "0.99", "1.0"))
+                      + f" ms; its own report: `{peer.get('dir')}/report.md`.", ""]
+        lines += ["```", json.dumps(peer.get("result", {}).get("summary", peer), indent=1)[:4000], "```", ""]
     return "\n".join(lines)
 
 

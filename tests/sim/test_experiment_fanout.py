@@ -47,6 +47,20 @@ def test_fanout_reaches_every_gateway_exactly_once_and_the_outputs_reconcile(tmp
     assert len(got) == 50 and set(got.values()) == {1}
 
 
+def test_fanout_with_the_openleadr_peer_puts_both_in_one_report(tmp_path: Path) -> None:
+    out = tmp_path / "both"
+    proc = subprocess.run([sys.executable, "-m", "sim.cli", "experiment", "fanout", "--out", str(out),
+                           "--gateways", "10", "--runs", "1", "--peer", "openleadr"],
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["runs"][0]["executed"] == 10
+    peer = res["peer"]
+    assert peer["name"] == "openleadr" and "error" not in peer
+    assert peer["result"]["summary"]["missing"] == 0 and (out / peer["dir"] / "results.json").exists()
+    assert "## Peer: openleadr" in (out / "report.md").read_text()
+
+
 def test_time_to_fraction_and_reconcile_count_what_is_missing_and_repeated() -> None:
     times = [0.4, 0.1, 0.3, 0.2]
     assert time_to_fraction(times, 4, 50) == 0.2 and time_to_fraction(times, 4, 100) == 0.4
