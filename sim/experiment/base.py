@@ -216,29 +216,8 @@ class Experiment:
 
     async def _run_async(self, broker_port: int, spec: BrokerSpec, passwords: dict[str, str]) -> dict[str, Any]:
         p = self.p
-        book = TokenBook(self.work / "hub-tokens.json")
-        if book.path.exists():
-            book.path.unlink()
-        tokens = {"dso": book.issue("dso"), "admin": book.issue("admin")}
-        hub_port = free_port()
-        hub_cfg = self.work / "hub.toml"
-        storage: dict[str, Any] = {}
-        if p.storage == "hbase":
-            storage = {"storage": "hbase", "hbase_hosts": [f"127.0.0.1:{await self._start_hbase()}"]}
-        hub_cfg.write_text(tomli_w.dumps({"hub": {
-            "http_host": "127.0.0.1", "http_port": hub_port, "db_path": str(self.work / "hub.db"),
-            "tokens_file": str(book.path), "mqtt_host": "127.0.0.1", "mqtt_port": broker_port,
-            "mqtt_username": "hub", "mqtt_password": spec.privileged.password, **storage,
-            # The experiment measures the platform, not its abuse limits: lift them far above the offered load.
-            "rate_limit_per_s": 1_000_000.0, "rate_limit_burst": 1_000_000,
-            "mqtt_rate_limit_per_s": 1_000_000.0, "mqtt_rate_limit_burst": 1_000_000}}))
-        os.chmod(hub_cfg, 0o600)
-        hub_url = f"http://127.0.0.1:{hub_port}"
-        self._spawn("hub", [sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve",
-                            "--config", str(hub_cfg)])
         t_setup = time.monotonic()
-        await self._wait_ready(hub_url)
-        self.log(f"hub ready at {hub_url} ({time.monotonic() - t_setup:.1f} s)")
+        hub_url, tokens = await self.start_hub(broker_port, spec)
         await self._register(hub_url, tokens)
         setup_s = round(time.monotonic() - t_setup, 3)
         self.log(f"registered {p.retailers} retailer(s), {p.clients} clients, uploaded one day of readings each "
@@ -324,6 +303,34 @@ class Experiment:
                                                              if "state" in sample.labels else "")
                     counters[key][label] = int(sample.value)
         return counters
+
+    async def start_hub(self, broker_port: int, spec: BrokerSpec) -> tuple[str, dict[str, str]]:
+        """Issue the ``dso`` and ``admin`` tokens, start ``cloud-hub serve`` on the hub broker and wait until it
+        is ready; returns its URL and the tokens."""
+        book = TokenBook(self.work / "hub-tokens.json")
+        if book.path.exists():
+            book.path.unlink()
+        tokens = {"dso": book.issue("dso"), "admin": book.issue("admin")}
+        hub_port = free_port()
+        hub_cfg = self.work / "hub.toml"
+        storage: dict[str, Any] = {}
+        if self.p.storage == "hbase":
+            storage = {"storage": "hbase", "hbase_hosts": [f"127.0.0.1:{await self._start_hbase()}"]}
+        hub_cfg.write_text(tomli_w.dumps({"hub": {
+            "http_host": "127.0.0.1", "http_port": hub_port, "db_path": str(self.work / "hub.db"),
+            "tokens_file": str(book.path), "mqtt_host": "127.0.0.1", "mqtt_port": broker_port,
+            "mqtt_username": "hub", "mqtt_password": spec.privileged.password, **storage,
+            # The experiment measures the platform, not its abuse limits: lift them far above the offered load.
+            "rate_limit_per_s": 1_000_000.0, "rate_limit_burst": 1_000_000,
+            "mqtt_rate_limit_per_s": 1_000_000.0, "mqtt_rate_limit_burst": 1_000_000}}))
+        os.chmod(hub_cfg, 0o600)
+        hub_url = f"http://127.0.0.1:{hub_port}"
+        self._spawn("hub", [sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve",
+                            "--config", str(hub_cfg)])
+        t0 = time.monotonic()
+        await self._wait_ready(hub_url)
+        self.log(f"hub ready at {hub_url} ({time.monotonic() - t0:.1f} s)")
+        return hub_url, tokens
 
     async def _inject_fault(self, hub_url: str, t0: float) -> None:
         """At ``fault_at_s``: kill -9 the hub and restart it, lock its database for ``fault_down_s``, kill -9 the

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from sim.experiment import fanout as fanout_mod
 from sim.experiment import faults as faults_mod
 from sim.experiment import peer_openleadr
 from sim.experiment import rate as rate_mod
@@ -68,6 +69,21 @@ def _print_base(results: dict[str, object], out: Path) -> None:
                                                                         "retailer_ms", "other_ms")}), flush=True)
 
 
+def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if min(args.gateways, args.retailers, args.runs, args.per_fleet) < 1 or args.timeout_s <= 0:
+        parser.error("--gateways, --retailers, --runs, --per-fleet and --timeout-s must be positive")
+    if args.retailers > args.gateways:
+        parser.error("--retailers cannot exceed --gateways (each retailer needs at least one client)")
+    res = fanout_mod.run(fanout_mod.FanoutParams(out=args.out, gateways=args.gateways, retailers=args.retailers,
+                                                 runs=args.runs, per_fleet=args.per_fleet, timeout_s=args.timeout_s,
+                                                 peer=args.peer or ""))
+    s = res["summary"]
+    print(f"[fanout] done: {s['runs']} run(s); all executed every run: {s['all_executed_every_run']}; missing "
+          f"{s['missing_commands']}, duplicates {s['duplicate_commands']}; 100 % executed by {s['t100_s_best']} s "
+          f"(best) / {s['t100_s_worst']} s (worst), target {s['target_s']:g} s; results in {args.out}", flush=True)
+    return 0 if s["all_executed_every_run"] and s["missing_commands"] == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mhp-sim experiment``."""
     parser = argparse.ArgumentParser(prog="mhp-sim experiment", description=__doc__.split("\n\n")[0])
@@ -87,6 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     faults.add_argument("--down-s", type=float, default=5.0, help="how long the storage stays locked")
     faults.add_argument("--bucket-s", type=float, default=2.0, help="latency-over-time bucket")
     faults.add_argument("--retry-s", type=float, default=0.5, help="the DSO's pause before re-sending a POST")
+    fanout = sub.add_parser("fanout", help="one emergency to every simulated gateway through the real chain, timed")
+    fanout.add_argument("--out", type=Path, required=True, help="folder for results.json, CSVs, PNG, report.md")
+    fanout.add_argument("--gateways", type=int, default=10_000, help="simulated gateways (one client each)")
+    fanout.add_argument("--retailers", type=int, default=1, help="bridges (and retailer brokers); clients are "
+                        "spread over them")
+    fanout.add_argument("--runs", type=int, default=3, help="emergencies sent, one after the other")
+    fanout.add_argument("--per-fleet", type=int, default=2_500, help="simulated gateways per fleet process")
+    fanout.add_argument("--timeout-s", type=float, default=60.0, help="how long one run is followed")
+    fanout.add_argument("--peer", choices=("openleadr",), help="also run this peer's fan-out to as many VENs")
     peer = sub.add_parser("peer", help="the emergency fan-out to N homes through a peer, OpenLEADR (OpenADR 2.0b)")
     peer.add_argument("--out", type=Path, required=True, help="folder for results.json, peer.csv, the PNG, report.md")
     peer.add_argument("--homes", type=int, default=100, help="VENs, one per home")
@@ -111,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="the DSO simulators' wait before each GET of an accepted request (latency comes from the "
                            "hub's completed_at, so sparse polling does not blur it and spares the hub)")
     args = parser.parse_args(argv)
+    if args.experiment == "fanout":
+        return _fanout(parser, args)
     if args.experiment == "peer":
         if args.homes < 1 or args.runs < 1 or args.poll_s < 1:
             parser.error("--homes, --runs and --poll-s must be positive")
