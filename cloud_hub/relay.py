@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from cloud_hub.authz import Action, Context, Principal, decide
-from cloud_hub.book import RequestBook
+from cloud_hub.book import ReportedOutcome, RequestBook
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import StoreUnavailable
 from mhp_wire import topics
@@ -26,6 +26,12 @@ from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
+
+PUBLISH_WAIT_S = 5.0
+"""How long a publish may wait for room in the MQTT in-flight window (the broker's receive maximum) before it
+gives up; the outbox, or the retailer's re-send, brings what was given up again."""
+ACK_IDS_MAX = 10_000
+"""Message ids per ``ack`` (the wire model's limit)."""
 
 
 class HubRelay:
@@ -42,6 +48,10 @@ class HubRelay:
         self.on_phase_due: Callable[[str], Awaitable[None]] | None = None
         self.limiter = RateLimiter(200.0, 400)
         """One token bucket per retailer: messages beyond it are refused (unread) with an error answer."""
+        self.max_batch = 5_000
+        """Outcomes per group commit (one storage batch; its column list stays well inside SQLite's limits)."""
+        self._outcomes: list[tuple[str, Outcome, asyncio.Future[None]]] = []
+        self._committer: asyncio.Task[None] | None = None
         book.kick = self.kick
 
     def kick(self) -> None:
@@ -76,7 +86,7 @@ class HubRelay:
         sent = []
         for item in self.book.due(now):
             try:
-                await link.publish(topics.down("retailers", item.retailer_id), item.payload)
+                await link.publish(topics.down("retailers", item.retailer_id), item.payload, wait_s=PUBLISH_WAIT_S)
             except MqttError as exc:
                 log.warning("outbox send paused: %s", exc)
                 break
@@ -156,20 +166,51 @@ class HubRelay:
                 ref_msg_id=msg.msg_id, code="invalid", message=f"a retailer may not send {msg.type!r} messages"))
 
     async def _on_outcome(self, retailer_id: str, msg: Outcome) -> None:
-        addressed = await self.book.addressed(msg.request_id, msg.client_id)
-        verdict = decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
-                         Context(addressed_retailers=tuple(addressed or ())))
-        if not verdict.allowed:
-            reason: Literal["unknown_client", "forbidden"] = "unknown_client" if addressed is None else "forbidden"
+        """Queue the outcome for the next group commit and wait for it (so the MQTT-level PUBACK follows it)."""
+        done = asyncio.get_running_loop().create_future()
+        self._outcomes.append((retailer_id, msg, done))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_outcomes(), name="hub-outcome-commit")
+        await done
+
+    async def _commit_outcomes(self) -> None:
+        """Group commit: the outcomes that arrived while the previous commit was in flight, in one storage batch.
+
+        No artificial wait: the first outcome starts a commit at once, and everything that arrives meanwhile
+        forms the next one. Only after a commit does each retailer get one ``ack`` naming all of its outcomes
+        of that commit; when storage is unavailable nothing is acknowledged, so the bridges re-send them."""
+        while self._outcomes:
+            batch, self._outcomes = self._outcomes[:self.max_batch], self._outcomes[self.max_batch:]
+            try:
+                await self._commit_batch(batch)
+            except StoreUnavailable as exc:
+                log.warning("%d outcome(s) not stored, so not acknowledged (their senders re-send them): %s",
+                            len(batch), exc)
+            finally:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    async def _commit_batch(self, batch: list[tuple[str, Outcome, asyncio.Future[None]]]) -> None:
+        verdicts = await self.book.apply_outcomes([
+            ReportedOutcome(rid, m.request_id, m.client_id, m.state, m.detail, m.trace) for rid, m, _ in batch])
+        self.metrics.outcome_batch_size.observe(len(batch))
+        acks: dict[str, list[str]] = {}
+        for (retailer_id, msg, _), v in zip(batch, verdicts, strict=True):
+            verdict = decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
+                             Context(addressed_retailers=tuple(v.addressed)))
+            if v.known and verdict.allowed:
+                acks.setdefault(retailer_id, []).append(msg.msg_id)
+                continue
+            reason: Literal["unknown_client", "forbidden"] = "forbidden" if v.known else "unknown_client"
             self.metrics.mqtt_rejected.labels(reason).inc()
             log.warning("refused an outcome from retailer %s for request %s client %s: %s",
                         retailer_id, msg.request_id, msg.client_id, verdict.reason)
-            text = (verdict.reason if addressed is not None
-                    else f"request {msg.request_id} has no client {msg.client_id}")
+            text = verdict.reason if v.known else f"request {msg.request_id} has no client {msg.client_id}"
             await self._reply(retailer_id, ErrorReply(ref_msg_id=msg.msg_id, code=reason, message=text))
-            return
-        await self.book.on_outcome(retailer_id, msg.request_id, msg.client_id, msg.state, msg.detail, msg.trace)
-        await self._reply(retailer_id, Ack(ack_ids=[msg.msg_id]))
+        for retailer_id, ids in acks.items():
+            for i in range(0, len(ids), ACK_IDS_MAX):
+                await self._reply(retailer_id, Ack(ack_ids=ids[i:i + ACK_IDS_MAX]))
 
     async def _on_measurements(self, retailer_id: str, msg: Measurements) -> None:
         if self.on_measurements is None:
@@ -187,6 +228,6 @@ class HubRelay:
         if self.link is None:
             return
         try:
-            await self.link.publish(topics.down("retailers", retailer_id), encode(msg))
+            await self.link.publish(topics.down("retailers", retailer_id), encode(msg), wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
             log.warning("could not answer retailer %s: %s", retailer_id, exc)

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 CONNECT_ATTEMPT_S = 10.0
 """How long one connection attempt (TCP, TLS and the CONNACK) may take."""
+ROOM_POLL_S = 0.001
+"""How often a publish waiting for room in the in-flight window looks again."""
 _AUTH_REFUSALS = frozenset({4, 5, 134, 135, 138, 140})  # CONNACK codes (3.1.1 and 5) that retrying cannot fix
 
 Handler = Callable[[str, bytes, bool], Awaitable[None]]
@@ -87,6 +89,9 @@ class MqttLink:
         self._connect_timeout_s = connect_timeout_s
         self.stats = LinkStats()
         self._connected = asyncio.Event()
+        self._room = asyncio.Lock()
+        """Held by the publish that waits for room in the in-flight window; the others wait behind it."""
+        self._waiting = 0
         will = (
             gmqtt.Message(status_topic, presence_payload("offline"), qos=1, retain=True)
             if status_topic
@@ -163,20 +168,48 @@ class MqttLink:
             log.debug("MQTT disconnect of %s ended with %r", self.client_id, exc)
         self._connected.clear()
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """Publish; raises :class:`MqttError` while the link is down (the caller's outbox will send it again)."""
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      wait_s: float = 0.0) -> None:
+        """Publish; raises :class:`MqttError` while the link is down (the caller's outbox will send it again).
+
+        As many QoS 1 publishes may be in flight (not yet PUBACKed) as the broker's receive maximum (Mosquitto's
+        ``max_inflight_messages``) allows. When the window is full, ``wait_s`` > 0 waits up to that long for room
+        (back-pressure: waiting publishers go in their order); ``wait_s`` = 0, or a window that stays full, raises
+        :class:`MqttError`.
+        """
+        if not self._waiting and self._try_publish(topic, payload, qos, retain):
+            return
+        if wait_s <= 0:
+            self.stats.extra["inflight_full"] = self.stats.extra.get("inflight_full", 0) + 1
+            raise MqttError(f"publish on {topic} deferred: the in-flight window is full")
+        self._waiting += 1
+        try:
+            async with self._room:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + wait_s
+                while not self._try_publish(topic, payload, qos, retain):
+                    if loop.time() >= deadline:
+                        self.stats.extra["inflight_full"] = self.stats.extra.get("inflight_full", 0) + 1
+                        raise MqttError(f"publish on {topic} deferred: the in-flight window stayed full for "
+                                        f"{wait_s:g} s")
+                    self.stats.extra["inflight_waits"] = self.stats.extra.get("inflight_waits", 0) + 1
+                    # gmqtt frees a packet id when its PUBACK is read; it has no event for that, so look again soon.
+                    await asyncio.sleep(ROOM_POLL_S)
+        finally:
+            self._waiting -= 1
+
+    def _try_publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
+        """Publish now; False when no packet id is free (the in-flight window is full)."""
         if not self.connected:
             raise MqttError(f"MQTT link {self.client_id} is down")
         try:
             self._client.publish(topic, payload, qos=qos, retain=retain)
         except OverflowError:
-            # gmqtt has no packet id left: as many QoS 1 publishes are in flight as the broker's receive maximum
-            # (Mosquitto's max_inflight_messages) allows. The caller's outbox sends it again shortly.
-            self.stats.extra["inflight_full"] = self.stats.extra.get("inflight_full", 0) + 1
-            raise MqttError(f"publish on {topic} deferred: the in-flight window is full") from None
+            return False
         except (OSError, AttributeError) as exc:
             raise MqttError(f"publish on {topic} failed: {exc}") from None
         self.stats.published += 1
+        return True
 
     def _on_connect(self, client: Any, flags: Any, rc: Any, properties: Any) -> None:
         self.stats.connects += 1

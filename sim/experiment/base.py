@@ -32,6 +32,8 @@ from sim.experiment.dso_sim import BILLING_PERIOD_START, TYPES
 from sim.stack.stack import free_port
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+RP_PROCESSES = 4
+"""At most this many RP simulator processes (on 2 cores, 100 processes would measure the scheduler)."""
 
 
 @dataclass
@@ -189,13 +191,8 @@ class Experiment:
         setup_s = round(time.monotonic() - t_setup, 3)
         self.log(f"registered {p.retailers} retailer(s), {p.clients} clients, uploaded one day of readings each "
                  f"({setup_s:.1f} s)")
-        for r in self.retailer_ids:
-            self._spawn(f"rp-{r}", [sys.executable, "-m", "sim.experiment.rp_sim", "--port", str(broker_port),
-                                    "--retailer", r, f"--password={passwords[r]}",  # a password may start with "-"
-                                    "--delay-min-ms", str(p.rp_delay_min_ms), "--delay-max-ms", str(p.rp_delay_max_ms),
-                                    "--seed", str(p.seed), "--ready-file", str(self.work / f"rp-{r}.ready"),
-                                    "--stats-file", str(self.work / f"rp-{r}.stats.json")])
-        await self._wait_files([self.work / f"rp-{r}.ready" for r in self.retailer_ids], "RP simulator")
+        ready = self._spawn_rp_sims(broker_port, passwords)
+        await self._wait_files(ready, "RP simulator")
         await self._wait_online(hub_url, tokens)
         self.log(f"{p.retailers} RP simulator(s) online; starting the DSO simulator")
         dso_cfg = self.work / "dso.json"
@@ -231,6 +228,25 @@ class Experiment:
             self.log(f"the DSO simulator exited with {dso.returncode}; see {self.work / 'logs' / 'dso-sim.log'}")
         return {"procs": procs, "setup": {"setup_s": setup_s, "hub_url": hub_url, "work_dir": str(self.work)},
                 "fault": dict(self.fault_log)}
+
+    def _spawn_rp_sims(self, broker_port: int, passwords: dict[str, str]) -> list[Path]:
+        """Start the RP simulators: at most ``RP_PROCESSES`` processes, the retailers dealt round-robin among
+        them (each retailer keeps its own MQTT connection and counters); returns their ready files."""
+        p = self.p
+        groups = [self.retailer_ids[k::RP_PROCESSES] for k in range(min(RP_PROCESSES, len(self.retailer_ids)))]
+        ready = []
+        for k, group in enumerate(groups):
+            name = f"rp-{group[0]}" if len(group) == 1 else f"rp-sim-{k + 1}"
+            ids = self.work / f"{name}.identities.json"
+            ids.touch(0o600)
+            ids.write_text(json.dumps({r: passwords[r] for r in group}))
+            ready.append(self.work / f"{name}.ready")
+            self._spawn(name, [sys.executable, "-m", "sim.experiment.rp_sim", "--port", str(broker_port),
+                               "--identities", str(ids), "--delay-min-ms", str(p.rp_delay_min_ms),
+                               "--delay-max-ms", str(p.rp_delay_max_ms), "--seed", str(p.seed),
+                               "--ready-file", str(ready[-1]),
+                               "--stats-file", str(self.work / "rp-{retailer}.stats.json")])
+        return ready
 
     async def _inject_fault(self, hub_url: str, t0: float) -> None:
         """At ``fault_at_s``: kill -9 the hub and restart it, or lock its database for ``fault_down_s``."""
