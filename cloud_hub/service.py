@@ -112,6 +112,22 @@ class HubService:
         await self.store.audit([AuditEntry(str(who), client_id, Action.MANAGE_CLIENT.value, right)])
         return created
 
+    async def put_clients(self, who: Principal, clients: list[dict[str, Any]]) -> dict[str, int]:
+        """Register or change many clients at once (a DSO's import), each as :meth:`put_client` would; all or
+        nothing: an unknown retailer or a supplier switch without a later ``valid_from`` stores none of them."""
+        right = self.authorize(who, Action.MANAGE_CLIENT)
+        wanted = sorted({c["retailer_id"] for c in clients})
+        unknown = sorted(set(wanted) - await self.store.known_retailers(wanted))
+        if unknown:
+            raise NotFound(f"retailer(s) not registered: {', '.join(repr(r) for r in unknown[:20])}")
+        now = time.time()
+        created = await self.store.put_clients([
+            (c["client_id"], c["retailer_id"], c["contracted_power_kw"], c.get("feeder_id"),
+             _ts(c["valid_from"]) if c.get("valid_from") else now) for c in clients])
+        await self.store.audit([AuditEntry(str(who), c["client_id"], Action.MANAGE_CLIENT.value, right)
+                                for c in clients])
+        return {"created": created, "updated": len(clients) - created}
+
     async def get_client(self, who: Principal, client_id: str) -> dict[str, Any]:
         """A client with its supplier history, for the DSO or its current retailer."""
         client = await self.store.get_client(client_id)
