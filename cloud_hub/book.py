@@ -32,6 +32,7 @@ from mhp_wire.messages import ClientState
 log = logging.getLogger(__name__)
 
 C = ClientState
+_TERMINAL = frozenset(s.value for s in ClientState if s.terminal)
 
 
 @dataclass(slots=True)
@@ -399,6 +400,9 @@ class RequestBook:
                 put[col] = entry
                 put["r:answered"] = answered
                 write.verdicts.append(OutcomeVerdict(True, addressed, changed=True, request_state=current))
+                continue
+            if entry["state"] in _TERMINAL:  # a re-sent outcome, the common duplicate: a terminal state stays
+                write.verdicts.append(OutcomeVerdict(True, addressed, request_state=current))
                 continue
             entry["retailers"][o.retailer_id] = o.state.value
             new = combine(C(s) for s in entry["retailers"].values())

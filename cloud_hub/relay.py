@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Any, Literal
 
 from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import ReportedOutcome, RequestBook
@@ -52,6 +52,7 @@ class HubRelay:
         """Outcomes per group commit (one storage batch; its column list stays well inside SQLite's limits)."""
         self._outcomes: list[tuple[str, Outcome, asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._received: dict[str, Any] = {}
         book.kick = self.kick
 
     def kick(self) -> None:
@@ -143,7 +144,10 @@ class HubRelay:
             log.warning("refused a message from retailer %s: %s", retailer_id, exc)
             await self._reply(retailer_id, ErrorReply(code="invalid", message=str(exc)))
             return
-        self.metrics.mqtt_received.labels(msg.type).inc()
+        received = self._received.get(msg.type)
+        if received is None:  # labels() costs more than the rest of a small message's handling: look it up once
+            received = self._received[msg.type] = self.metrics.mqtt_received.labels(msg.type)
+        received.inc()
         if parsed.channel == "status":
             if msg.type == "presence":
                 before = self.presence.get(retailer_id)

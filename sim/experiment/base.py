@@ -334,26 +334,29 @@ class Experiment:
         await asyncio.sleep(0.5)
 
     async def _register(self, hub_url: str, tokens: dict[str, str]) -> None:
+        """Register the retailers, then the clients in bulk (``PUT /v1/clients``, 5,000 a call) and upload their
+        readings (200 clients a call), a few calls at a time."""
         admin = {"Authorization": f"Bearer {tokens['admin']}"}
         dso = {"Authorization": f"Bearer {tokens['dso']}"}
-        async with httpx.AsyncClient(base_url=hub_url, timeout=30) as http:
+        async with httpx.AsyncClient(base_url=hub_url, timeout=120) as http:
             for r in self.retailer_ids:
                 (await http.put(f"/v1/retailers/{r}", json={"name": f"Retailer {r}"}, headers=admin)).raise_for_status()
-            sem = asyncio.Semaphore(16)
+            sem = asyncio.Semaphore(4)
 
-            async def client(i: int, cid: str) -> None:
+            async def call(method: str, path: str, body: dict[str, Any]) -> None:
                 async with sem:
-                    resp = await http.put(f"/v1/clients/{cid}", headers=dso, json={
-                        "retailer_id": self.retailer_ids[i % len(self.retailer_ids)], "contracted_power_kw": 6.9,
-                        "feeder_id": f"feeder-{i % 3 + 1}", "valid_from": "2020-01-01T00:00:00+00:00"})
-                    resp.raise_for_status()
+                    (await http.request(method, path, headers=dso, json=body)).raise_for_status()
 
-            await asyncio.gather(*(client(i, c) for i, c in enumerate(self.client_ids)))
+            await asyncio.gather(*(call("PUT", "/v1/clients", {"clients": [
+                {"client_id": cid, "retailer_id": self.retailer_ids[i % len(self.retailer_ids)],
+                 "contracted_power_kw": 6.9, "feeder_id": f"feeder-{i % 3 + 1}",
+                 "valid_from": "2020-01-01T00:00:00+00:00"}
+                for i, cid in enumerate(self.client_ids[k:k + 5000], start=k)]})
+                for k in range(0, len(self.client_ids), 5000)))
             values = [round(0.1 + 0.05 * (k % 8), 3) for k in range(96)]
-            for i in range(0, len(self.client_ids), 200):
-                readings = [{"client_id": c, "start": BILLING_PERIOD_START.isoformat(), "resolution_s": 900,
-                             "values_kwh": values} for c in self.client_ids[i:i + 200]]
-                (await http.post("/v1/meter-readings", headers=dso, json={"readings": readings})).raise_for_status()
+            await asyncio.gather(*(call("POST", "/v1/meter-readings", {"readings": [
+                {"client_id": c, "start": BILLING_PERIOD_START.isoformat(), "resolution_s": 900, "values_kwh": values}
+                for c in self.client_ids[k:k + 200]]}) for k in range(0, len(self.client_ids), 200)))
 
     def _stop_all(self) -> None:
         for proc in self.procs.values():

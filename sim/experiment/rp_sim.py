@@ -84,6 +84,8 @@ def retry_delay_s(attempts: int) -> float:
     return float(min(30.0, 0.5 * 2 ** max(0, attempts - 1)))
 
 
+RESEND_QUIET_S = 5.0
+"""Re-sends wait until the hub has acknowledged nothing for this long."""
 PUBLISH_WAIT_S = 30.0
 """How long a publish waits for room in the in-flight window; past it the outcome stays in the re-send queue."""
 
@@ -100,8 +102,13 @@ class RpSimulator:
         self.stats = RpStats()
         self.answered: dict[tuple[str, str], set[str]] = {}
         """Clients answered per ``(request_id, kind)``: a load reduction's two phases share one request id."""
-        self.unacked: dict[str, tuple[bytes, int]] = {}
-        """Outcomes sent and not yet acknowledged: ``msg_id -> (payload, attempts)``."""
+        self.unacked: dict[str, tuple[bytes, int, int]] = {}
+        """Outcomes sent and not yet acknowledged: ``msg_id -> (payload, attempts, send sequence number)``."""
+        self._seq = 0
+        self.acked_seq = 0
+        """The highest send sequence number the hub has acknowledged."""
+        self.last_ack = 0.0
+        """When the hub last acknowledged something (monotonic)."""
         self._resend_at: list[tuple[float, str]] = []
         """A heap of ``(when, msg_id)``: the next re-send of each unacknowledged outcome."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -118,9 +125,12 @@ class RpSimulator:
             log.warning("undecodable message from the hub: %s", exc)
             return
         if isinstance(msg, Ack):
+            self.last_ack = time.monotonic()
             for mid in msg.ack_ids:
-                if self.unacked.pop(mid, None) is not None:
+                sent = self.unacked.pop(mid, None)
+                if sent is not None:
                     self.stats.outcomes_acked += 1
+                    self.acked_seq = max(self.acked_seq, sent[2])
             return
         if isinstance(msg, ErrorReply):
             self.stats.errors_from_hub += 1
@@ -167,7 +177,8 @@ class RpSimulator:
             out = Outcome(request_id=req.request_id, client_id=client_id, state=state, detail=detail,
                           trace={"retailer_ms": round((time.perf_counter() - received) * 1000, 3)})
             payload = encode(out)
-            self.unacked[out.msg_id] = (payload, 1)
+            self._seq += 1
+            self.unacked[out.msg_id] = (payload, 1, self._seq)
             heapq.heappush(self._resend_at, (time.monotonic() + retry_delay_s(1), out.msg_id))
             self.stats.outcomes += 1
             await self._publish(payload)
@@ -179,19 +190,33 @@ class RpSimulator:
             log.debug("publish deferred: %s", exc)
 
     async def resend_loop(self) -> None:
-        """Re-send unacknowledged outcomes with back-off, until cancelled."""
+        """Re-send unacknowledged outcomes with back-off, until cancelled.
+
+        The hub acknowledges in the order it received (one group commit after the other), so an outcome sent
+        after the last one acknowledged is most likely still in its backlog: it is re-sent only once the hub has
+        acknowledged nothing for ``RESEND_QUIET_S`` (a re-send would only add to the backlog). One sent before
+        an acknowledged one was lost (a hub restart, a storage outage) and is re-sent when due."""
         while True:
             await asyncio.sleep(0.1)
             now = time.monotonic()
+            quiet = now - self.last_ack >= RESEND_QUIET_S
+            held: list[tuple[float, str]] = []
             while self._resend_at and self._resend_at[0][0] <= now:
-                _, mid = heapq.heappop(self._resend_at)
+                item = heapq.heappop(self._resend_at)
+                mid = item[1]
                 if mid not in self.unacked:
                     continue
-                payload, attempts = self.unacked[mid]
-                self.unacked[mid] = (payload, attempts + 1)
+                payload, attempts, seq = self.unacked[mid]
+                if seq > self.acked_seq and not quiet:
+                    held.append(item)
+                    continue
+                self._seq += 1
+                self.unacked[mid] = (payload, attempts + 1, self._seq)
                 heapq.heappush(self._resend_at, (now + retry_delay_s(attempts + 1), mid))
                 self.stats.outcome_resends += 1
                 await self._publish(payload)
+            for item in held:
+                heapq.heappush(self._resend_at, item)
 
 
 async def run(sims: list[RpSimulator], ready_file: Path | None, stop: asyncio.Event) -> None:
