@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 PUBLISH_WAIT_S = 5.0
 """How long a publish may wait for room in the MQTT in-flight window (the broker's receive maximum) before it
 gives up; the outbox, or the retailer's re-send, brings what was given up again."""
-ACK_IDS_MAX = 10_000
-"""Message ids per ``ack`` (the wire model's limit)."""
+ACK_IDS_MAX = 2_000
+"""Message ids per ``ack``: 2,000 ids of at most 64 characters stay well under the 256 KiB payload limit."""
 
 
 class HubRelay:

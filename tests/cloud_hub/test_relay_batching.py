@@ -8,12 +8,18 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
+import httpx
+import pytest
+
+from cloud_hub.service import REQUEST_CLIENTS_PER_MESSAGE
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, ErrorReply, Outcome, Request, decode, encode
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from tests.broker_fixtures import MosquittoFactory
 from tests.cloud_hub.test_relay import metric, post_emergency, wait_state
-from tests.hub_fixtures import HubHandle
+from tests.hub_fixtures import HubHandle, start_hub
 
 
 class Retailer:
@@ -148,3 +154,42 @@ async def test_refused_outcomes_in_a_burst_get_errors_and_the_rest_is_stored(hub
         await r2.request_for(request_id)
         await r2.burst([executed(request_id, "c3")])
         assert (await wait_state(hub, request_id, "completed"))["state"] == "completed"
+
+
+@pytest.fixture
+async def roomy_hub(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncIterator[HubHandle]:
+    """A hub whose per-retailer MQTT rate limit (200 messages/s by default) is lifted, like the experiment's."""
+    broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
+    server, task, tokens, url = await start_hub(tmp_path, broker, mqtt_rate_limit_per_s=1e6,
+                                                mqtt_rate_limit_burst=1_000_000)
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        for _ in range(200):
+            if (await http.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.02)
+        yield HubHandle(url, tokens, broker, http, server.config.app)
+    server.should_exit = True
+    await task
+
+
+async def test_a_request_too_big_for_one_message_is_split_and_completes(roomy_hub: HubHandle) -> None:
+    hub = roomy_hub
+    await hub.setup_registry({})
+    clients = [f"client-{i:05d}" for i in range(REQUEST_CLIENTS_PER_MESSAGE + 500)]
+    r = await hub.http.put("/v1/clients", headers=hub.auth("dso"), json={"clients": [
+        {"client_id": c, "retailer_id": "r1", "contracted_power_kw": 6.9} for c in clients]})
+    assert r.status_code == 200, r.text
+    async with retailers(hub, "r1") as (r1,):
+        request_id = await post_emergency(hub, clients)
+        for _ in range(200):
+            if sum(len(m.client_ids) for m in r1.requests) >= len(clients):
+                break
+            await asyncio.sleep(0.05)
+        assert [len(m.client_ids) for m in r1.requests] == [REQUEST_CLIENTS_PER_MESSAGE, 500]
+        assert sorted(c for m in r1.requests for c in m.client_ids) == clients
+        outcomes = [executed(request_id, c) for c in clients]
+        await r1.burst(outcomes)
+        await r1.wait_acked([o.msg_id for o in outcomes], timeout=60)
+        assert set(r1.acked()) == {o.msg_id for o in outcomes} and r1.errors == []
+        req = await wait_state(hub, request_id, "completed", timeout=10)
+        assert req["state"] == "completed" and req["retailers"]["r1"]["states"] == {"executed": len(clients)}
