@@ -26,7 +26,7 @@ from cloud_hub.lifecycle import (
     state_after_deadline,
 )
 from cloud_hub.metrics import HubMetrics
-from cloud_hub.store import AuditEntry, HubStore
+from cloud_hub.store import AuditEntry, HubStore, StoreUnavailable
 from mhp_wire.messages import ClientState
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class _RowWrite:
     request_id: str
     verdicts: list[OutcomeVerdict] = field(default_factory=list)
     put: dict[str, Any] = field(default_factory=dict)
+    delete: list[str] | None = None
     close: bool = False
     phase_complete: bool = False
     finished: tuple[str, RequestState, float] | None = None
@@ -244,18 +245,41 @@ class RequestBook:
 
     async def on_ack(self, retailer_id: str, msg_ids: list[str]) -> None:
         """A retailer stored these messages: stop re-sending them; a billing or tariff delivery is complete."""
-        by_request: dict[str, list[OutboxItem]] = {}
-        for mid in msg_ids:
-            item = self.outbox.get(mid)
-            if item is not None and item.retailer_id == retailer_id:
-                del self.outbox[mid]
-                by_request.setdefault(item.request_id, []).append(item)
-        for request_id, items in by_request.items():
-            async with self.lock(request_id):
-                await self._apply_acks(request_id, items)
+        await self.on_acks([(retailer_id, msg_ids)])
 
-    async def _apply_acks(self, request_id: str, items: list[OutboxItem]) -> None:
+    async def on_acks(self, acks: list[tuple[str, list[str]]]) -> None:
+        """:meth:`on_ack` for the ``(retailer_id, msg_ids)`` of several acks at once: each request row read and
+        written once, every row in one storage batch (group commit, as for outcomes)."""
+        by_request: dict[str, list[OutboxItem]] = {}
+        for retailer_id, msg_ids in acks:
+            for mid in msg_ids:
+                item = self.outbox.get(mid)
+                if item is not None and item.retailer_id == retailer_id:
+                    del self.outbox[mid]
+                    by_request.setdefault(item.request_id, []).append(item)
+        if not by_request:
+            return
         now = time.time()
+        async with contextlib.AsyncExitStack() as locks:
+            for request_id in sorted(by_request):
+                await locks.enter_async_context(self.lock(request_id))
+            writes: list[_RowWrite] = []
+            try:
+                for request_id, items in by_request.items():
+                    write = await self._apply_acks(request_id, items, now)
+                    if write is not None:
+                        writes.append(write)
+                if writes:
+                    await self.store.update_requests([(w.request_id, w.put, w.delete, w.close) for w in writes])
+            except StoreUnavailable:
+                for item in (i for items in by_request.values() for i in items):  # still stored: send them again
+                    self.outbox.setdefault(item.msg_id, item)
+                raise
+            for w in writes:
+                self._after_write(w, now)
+
+    async def _apply_acks(self, request_id: str, items: list[OutboxItem], now: float) -> _RowWrite | None:
+        """The new cells of one request row once ``items`` are acknowledged (None: the row is gone)."""
         delete = [f"o:{i.msg_id}" for i in items]
         deliveries = [i for i in items if i.kind in ("billing", "tariff")]
         cancels = [i for i in items if i.kind == "cancel"]
@@ -266,7 +290,7 @@ class RequestBook:
                 cols += [f"c:{c}" for c in i.clients] or [f"p:{i.retailer_id}"]
             cells = await self.store.get_request_cells(request_id, cols)
             if "r:state" not in cells:
-                return
+                return None
             if cancels:
                 cancel = cells.get("r:cancel") or {"retailers": {}}
                 for i in cancels:
@@ -285,7 +309,7 @@ class RequestBook:
             state = request_state_from_counts(current, counts)
             put["r:counts"] = {k.value: v for k, v in counts.items() if v}
             self._finish(put, current, state, now)
-        await self._write(request_id, put, delete)
+        return _RowWrite(request_id, put=put, delete=delete, close=self._closes(request_id, put))
 
     @staticmethod
     def _set_state(entry: dict[str, Any], new: ClientState, counts: Counter[ClientState], now: float) -> bool:
@@ -356,7 +380,7 @@ class RequestBook:
                 if write.put:
                     writes.append(write)
             if writes:
-                await self.store.update_requests([(w.request_id, w.put, w.close) for w in writes])
+                await self.store.update_requests([(w.request_id, w.put, None, w.close) for w in writes])
             for w in writes:
                 self._after_write(w, now)
         return verdicts

@@ -250,11 +250,12 @@ class HubStore:
             muts.append(Mutation("open_requests", request_id, delete=[]))
         await self.kv.batch(muts)
 
-    async def update_requests(self, writes: list[tuple[str, dict[str, Any], bool]]) -> None:
-        """Write cells of several request rows in one batch, each row atomically: ``(request_id, put, close)``
-        as in :meth:`update_request`; the open index loses the closed requests after every row is written."""
-        muts = [Mutation("requests", rid, {c: _j(v) for c, v in put.items()}) for rid, put, _ in writes]
-        muts += [Mutation("open_requests", rid, delete=[]) for rid, _, close in writes if close]
+    async def update_requests(self, writes: list[tuple[str, dict[str, Any], list[str] | None, bool]]) -> None:
+        """Write cells of several request rows in one batch, each row atomically: ``(request_id, put, delete,
+        close)`` as in :meth:`update_request`; the open index loses the closed requests after every row."""
+        muts = [Mutation("requests", rid, {c: _j(v) for c, v in put.items()}, delete=delete or None)
+                for rid, put, delete, _ in writes]
+        muts += [Mutation("open_requests", rid, delete=[]) for rid, _, _, close in writes if close]
         await self.kv.batch(muts)
 
     async def open_request_ids(self) -> list[str]:

@@ -102,8 +102,8 @@ class RpSimulator:
         self.stats = RpStats()
         self.answered: dict[tuple[str, str], set[str]] = {}
         """Clients answered per ``(request_id, kind)``: a load reduction's two phases share one request id."""
-        self.unacked: dict[str, tuple[bytes, int, int]] = {}
-        """Outcomes sent and not yet acknowledged: ``msg_id -> (payload, attempts, send sequence number)``."""
+        self.unacked: dict[str, tuple[bytes, int, int, float]] = {}
+        """Outcomes sent and not yet acknowledged: ``msg_id -> (payload, attempts, send sequence number, sent at)``."""
         self._seq = 0
         self.acked_seq = 0
         """The highest send sequence number the hub has acknowledged."""
@@ -178,7 +178,7 @@ class RpSimulator:
                           trace={"retailer_ms": round((time.perf_counter() - received) * 1000, 3)})
             payload = encode(out)
             self._seq += 1
-            self.unacked[out.msg_id] = (payload, 1, self._seq)
+            self.unacked[out.msg_id] = (payload, 1, self._seq, time.monotonic())
             heapq.heappush(self._resend_at, (time.monotonic() + retry_delay_s(1), out.msg_id))
             self.stats.outcomes += 1
             await self._publish(payload)
@@ -193,9 +193,10 @@ class RpSimulator:
         """Re-send unacknowledged outcomes with back-off, until cancelled.
 
         The hub acknowledges in the order it received (one group commit after the other), so an outcome sent
-        after the last one acknowledged is most likely still in its backlog: it is re-sent only once the hub has
-        acknowledged nothing for ``RESEND_QUIET_S`` (a re-send would only add to the backlog). One sent before
-        an acknowledged one was lost (a hub restart, a storage outage) and is re-sent when due."""
+        after the last one acknowledged is most likely still in its backlog: it is re-sent only once it has waited
+        ``RESEND_QUIET_S`` and the hub has acknowledged nothing for as long (a re-send would only add to the
+        backlog). One sent before an acknowledged one was lost (a hub restart, a storage outage) and is re-sent
+        when due."""
         while True:
             await asyncio.sleep(0.1)
             now = time.monotonic()
@@ -206,12 +207,12 @@ class RpSimulator:
                 mid = item[1]
                 if mid not in self.unacked:
                     continue
-                payload, attempts, seq = self.unacked[mid]
-                if seq > self.acked_seq and not quiet:
+                payload, attempts, seq, sent_at = self.unacked[mid]
+                if seq > self.acked_seq and (not quiet or now - sent_at < RESEND_QUIET_S):
                     held.append(item)
                     continue
                 self._seq += 1
-                self.unacked[mid] = (payload, attempts + 1, self._seq)
+                self.unacked[mid] = (payload, attempts + 1, self._seq, now)
                 heapq.heappush(self._resend_at, (now + retry_delay_s(attempts + 1), mid))
                 self.stats.outcome_resends += 1
                 await self._publish(payload)

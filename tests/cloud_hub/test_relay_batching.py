@@ -99,6 +99,11 @@ async def test_a_burst_over_several_requests_and_retailers_is_stored_and_each_ou
             for party in (r1, r2):
                 req = await party.request_for(rid)
                 sent[party.retailer_id] += [executed(rid, c) for c in req.client_ids]
+        # Both retailers acknowledged both requests at once (group-committed acks): nothing is sent again, although
+        # the first re-send would be due after 0.5 s.
+        await asyncio.sleep(1.5)
+        assert sorted(m.request_id for m in r1.requests) == sorted(m.request_id for m in r2.requests) == sorted(
+            [first, second])
         # The same message twice and a later, different outcome for a client already executed, in the same burst.
         dup = sent["r1"][0]
         late = Outcome(request_id=first, client_id=dup.client_id, state=ClientState.REFUSED)
