@@ -342,25 +342,22 @@ class RequestBook:
         if close:
             self._locks.pop(request_id, None)
 
-    async def addressed(self, request_id: str, client_id: str) -> list[str] | None:
-        """The retailers the hub addressed for this client in this request (None: no such pair)."""
-        cells = await self.store.get_request_cells(request_id, [f"c:{client_id}"])
-        entry = cells.get(f"c:{client_id}")
-        return None if entry is None else list(entry.get("retailers", {}))
-
     async def on_outcome(self, retailer_id: str, request_id: str, client_id: str, state: ClientState,
                          detail: dict[str, Any], trace: dict[str, float]) -> OutcomeVerdict:
         """Apply one client's outcome reported by ``retailer_id`` (a batch of one, see :meth:`apply_outcomes`)."""
         return (await self.apply_outcomes([ReportedOutcome(retailer_id, request_id, client_id, state, detail,
                                                            trace)]))[0]
 
-    async def apply_outcomes(self, outcomes: list[ReportedOutcome]) -> list[OutcomeVerdict]:
+    async def apply_outcomes(self, outcomes: list[ReportedOutcome],
+                             allowed: Callable[[str, list[str]], bool] = lambda r, addressed: r in addressed,
+                             ) -> list[OutcomeVerdict]:
         """Apply outcomes reported by retailers, in order, all committed in one storage batch (group commit).
 
         Each request's row is read once and written once, under its lock (the locks of the batch are taken in
-        request-id order, so two batches never wait on each other); an outcome from a retailer that was not
-        addressed for that client, or for an unknown request or client, changes nothing and says so in its
-        verdict. Returns one verdict per outcome, in order, once everything is durable; raises
+        request-id order, so two batches never wait on each other). Before an outcome changes anything,
+        ``allowed(retailer_id, addressed_retailers)`` must say that its retailer may report on that client; one
+        that may not, or for an unknown request or client, changes nothing and says so in its verdict. Returns one
+        verdict per outcome, in order, once everything is durable; raises
         :class:`~cloud_hub.storage.StoreUnavailable` (nothing of the batch may be acknowledged then: the
         retailers re-send, and applying an outcome again changes nothing).
         """
@@ -374,7 +371,7 @@ class RequestBook:
                 await locks.enter_async_context(self.lock(request_id))
             writes: list[_RowWrite] = []
             for request_id, idx in by_request.items():
-                write = await self._apply_to_row(request_id, [outcomes[i] for i in idx], now)
+                write = await self._apply_to_row(request_id, [outcomes[i] for i in idx], now, allowed)
                 for i, v in zip(idx, write.verdicts, strict=True):
                     verdicts[i] = v
                 if write.put:
@@ -385,7 +382,8 @@ class RequestBook:
                 self._after_write(w, now)
         return verdicts
 
-    async def _apply_to_row(self, request_id: str, batch: list[ReportedOutcome], now: float) -> _RowWrite:
+    async def _apply_to_row(self, request_id: str, batch: list[ReportedOutcome], now: float,
+                            allowed: Callable[[str, list[str]], bool]) -> _RowWrite:
         """The new cells of one request row after ``batch`` (read once; nothing written here)."""
         cols = list(dict.fromkeys(f"c:{o.client_id}" for o in batch))
         cells = await self.store.get_request_cells(request_id, [
@@ -407,7 +405,7 @@ class RequestBook:
                 write.verdicts.append(OutcomeVerdict(False, []))
                 continue
             addressed = list(entry.get("retailers", {}))
-            if o.retailer_id not in addressed:
+            if not allowed(o.retailer_id, addressed):
                 write.verdicts.append(OutcomeVerdict(True, addressed))
                 continue
             if cells.get("r:phase") == "availability" and o.state in (C.AVAILABLE, C.UNAVAILABLE):

@@ -223,9 +223,16 @@ class HubRelay:
             log.warning("%d outcome(s) not stored, so not acknowledged (their senders re-send them): %s",
                         len(batch), exc)
 
+    @staticmethod
+    def _may_report(retailer_id: str, addressed: list[str]) -> bool:
+        """The authorization of one outcome, asked by the book before the outcome changes anything."""
+        return decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
+                      Context(addressed_retailers=tuple(addressed))).allowed
+
     async def _commit_batch(self, batch: list[tuple[str, Outcome]]) -> None:
         verdicts = await self.book.apply_outcomes([
-            ReportedOutcome(rid, m.request_id, m.client_id, m.state, m.detail, m.trace) for rid, m in batch])
+            ReportedOutcome(rid, m.request_id, m.client_id, m.state, m.detail, m.trace) for rid, m in batch],
+            self._may_report)
         self.metrics.outcome_batch_size.observe(len(batch))
         acks: dict[str, list[str]] = {}
         for (retailer_id, msg), v in zip(batch, verdicts, strict=True):
