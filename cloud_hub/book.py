@@ -9,6 +9,7 @@ read-modify-write of its row.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -25,12 +26,13 @@ from cloud_hub.lifecycle import (
     state_after_deadline,
 )
 from cloud_hub.metrics import HubMetrics
-from cloud_hub.store import AuditEntry, HubStore
+from cloud_hub.store import AuditEntry, HubStore, StoreUnavailable
 from mhp_wire.messages import ClientState
 
 log = logging.getLogger(__name__)
 
 C = ClientState
+_TERMINAL = frozenset(s.value for s in ClientState if s.terminal)
 
 
 @dataclass(slots=True)
@@ -66,6 +68,31 @@ class OutcomeVerdict:
     addressed: list[str]
     changed: bool = False
     request_state: RequestState | None = None
+
+
+@dataclass(slots=True)
+class ReportedOutcome:
+    """One client's outcome as a retailer reported it (already checked against the topic's retailer)."""
+
+    retailer_id: str
+    request_id: str
+    client_id: str
+    state: ClientState
+    detail: dict[str, Any] = field(default_factory=dict)
+    trace: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _RowWrite:
+    """What a batch of outcomes does to one request row: the cells to write and what follows in memory."""
+
+    request_id: str
+    verdicts: list[OutcomeVerdict] = field(default_factory=list)
+    put: dict[str, Any] = field(default_factory=dict)
+    delete: list[str] | None = None
+    close: bool = False
+    phase_complete: bool = False
+    finished: tuple[str, RequestState, float] | None = None
 
 
 @dataclass(slots=True)
@@ -218,18 +245,41 @@ class RequestBook:
 
     async def on_ack(self, retailer_id: str, msg_ids: list[str]) -> None:
         """A retailer stored these messages: stop re-sending them; a billing or tariff delivery is complete."""
-        by_request: dict[str, list[OutboxItem]] = {}
-        for mid in msg_ids:
-            item = self.outbox.get(mid)
-            if item is not None and item.retailer_id == retailer_id:
-                del self.outbox[mid]
-                by_request.setdefault(item.request_id, []).append(item)
-        for request_id, items in by_request.items():
-            async with self.lock(request_id):
-                await self._apply_acks(request_id, items)
+        await self.on_acks([(retailer_id, msg_ids)])
 
-    async def _apply_acks(self, request_id: str, items: list[OutboxItem]) -> None:
+    async def on_acks(self, acks: list[tuple[str, list[str]]]) -> None:
+        """:meth:`on_ack` for the ``(retailer_id, msg_ids)`` of several acks at once: each request row read and
+        written once, every row in one storage batch (group commit, as for outcomes)."""
+        by_request: dict[str, list[OutboxItem]] = {}
+        for retailer_id, msg_ids in acks:
+            for mid in msg_ids:
+                item = self.outbox.get(mid)
+                if item is not None and item.retailer_id == retailer_id:
+                    del self.outbox[mid]
+                    by_request.setdefault(item.request_id, []).append(item)
+        if not by_request:
+            return
         now = time.time()
+        async with contextlib.AsyncExitStack() as locks:
+            for request_id in sorted(by_request):
+                await locks.enter_async_context(self.lock(request_id))
+            writes: list[_RowWrite] = []
+            try:
+                for request_id, items in by_request.items():
+                    write = await self._apply_acks(request_id, items, now)
+                    if write is not None:
+                        writes.append(write)
+                if writes:
+                    await self.store.update_requests([(w.request_id, w.put, w.delete, w.close) for w in writes])
+            except StoreUnavailable:
+                for item in (i for items in by_request.values() for i in items):  # still stored: send them again
+                    self.outbox.setdefault(item.msg_id, item)
+                raise
+            for w in writes:
+                self._after_write(w, now)
+
+    async def _apply_acks(self, request_id: str, items: list[OutboxItem], now: float) -> _RowWrite | None:
+        """The new cells of one request row once ``items`` are acknowledged (None: the row is gone)."""
         delete = [f"o:{i.msg_id}" for i in items]
         deliveries = [i for i in items if i.kind in ("billing", "tariff")]
         cancels = [i for i in items if i.kind == "cancel"]
@@ -240,7 +290,7 @@ class RequestBook:
                 cols += [f"c:{c}" for c in i.clients] or [f"p:{i.retailer_id}"]
             cells = await self.store.get_request_cells(request_id, cols)
             if "r:state" not in cells:
-                return
+                return None
             if cancels:
                 cancel = cells.get("r:cancel") or {"retailers": {}}
                 for i in cancels:
@@ -259,7 +309,7 @@ class RequestBook:
             state = request_state_from_counts(current, counts)
             put["r:counts"] = {k.value: v for k, v in counts.items() if v}
             self._finish(put, current, state, now)
-        await self._write(request_id, put, delete)
+        return _RowWrite(request_id, put=put, delete=delete, close=self._closes(request_id, put))
 
     @staticmethod
     def _set_state(entry: dict[str, Any], new: ClientState, counts: Counter[ClientState], now: float) -> bool:
@@ -292,62 +342,141 @@ class RequestBook:
         if close:
             self._locks.pop(request_id, None)
 
-    async def addressed(self, request_id: str, client_id: str) -> list[str] | None:
-        """The retailers the hub addressed for this client in this request (None: no such pair)."""
-        cells = await self.store.get_request_cells(request_id, [f"c:{client_id}"])
-        entry = cells.get(f"c:{client_id}")
-        return None if entry is None else list(entry.get("retailers", {}))
-
     async def on_outcome(self, retailer_id: str, request_id: str, client_id: str, state: ClientState,
                          detail: dict[str, Any], trace: dict[str, float]) -> OutcomeVerdict:
-        """Apply one client's outcome reported by ``retailer_id`` (already authorized by the caller)."""
+        """Apply one client's outcome reported by ``retailer_id`` (a batch of one, see :meth:`apply_outcomes`)."""
+        return (await self.apply_outcomes([ReportedOutcome(retailer_id, request_id, client_id, state, detail,
+                                                           trace)]))[0]
+
+    async def apply_outcomes(self, outcomes: list[ReportedOutcome],
+                             allowed: Callable[[str, list[str]], bool] = lambda r, addressed: r in addressed,
+                             ) -> list[OutcomeVerdict]:
+        """Apply outcomes reported by retailers, in order, all committed in one storage batch (group commit).
+
+        Each request's row is read once and written once, under its lock (the locks of the batch are taken in
+        request-id order, so two batches never wait on each other). Before an outcome changes anything,
+        ``allowed(retailer_id, addressed_retailers)`` must say that its retailer may report on that client; one
+        that may not, or for an unknown request or client, changes nothing and says so in its verdict. Returns one
+        verdict per outcome, in order, once everything is durable; raises
+        :class:`~cloud_hub.storage.StoreUnavailable` (nothing of the batch may be acknowledged then: the
+        retailers re-send, and applying an outcome again changes nothing).
+        """
         now = time.time()
-        async with self.lock(request_id):
-            col = f"c:{client_id}"
-            cells = await self.store.get_request_cells(
-                request_id,
-                [col, "r:state", "r:counts", "r:created_at", "r:phase", "r:type", "r:answered", "r:targets",
-                 "r:selection"])
-            entry = cells.get(col)
-            if entry is None or "r:state" not in cells:
-                return OutcomeVerdict(False, [])
+        by_request: dict[str, list[int]] = {}
+        for i, o in enumerate(outcomes):
+            by_request.setdefault(o.request_id, []).append(i)
+        verdicts: list[OutcomeVerdict] = [OutcomeVerdict(False, []) for _ in outcomes]
+        async with contextlib.AsyncExitStack() as locks:
+            for request_id in sorted(by_request):
+                await locks.enter_async_context(self.lock(request_id))
+            writes: list[_RowWrite] = []
+            for request_id, idx in by_request.items():
+                write = await self._apply_to_row(request_id, [outcomes[i] for i in idx], now, allowed)
+                for i, v in zip(idx, write.verdicts, strict=True):
+                    verdicts[i] = v
+                if write.put:
+                    writes.append(write)
+            if writes:
+                await self.store.update_requests([(w.request_id, w.put, None, w.close) for w in writes])
+            for w in writes:
+                self._after_write(w, now)
+        return verdicts
+
+    async def _apply_to_row(self, request_id: str, batch: list[ReportedOutcome], now: float,
+                            allowed: Callable[[str, list[str]], bool]) -> _RowWrite:
+        """The new cells of one request row after ``batch`` (read once; nothing written here)."""
+        cols = list(dict.fromkeys(f"c:{o.client_id}" for o in batch))
+        cells = await self.store.get_request_cells(request_id, [
+            *cols, "r:state", "r:counts", "r:created_at", "r:phase", "r:type", "r:answered", "r:targets",
+            "r:selection"])
+        write = _RowWrite(request_id)
+        if "r:state" not in cells:
+            write.verdicts = [OutcomeVerdict(False, []) for _ in batch]
+            return write
+        current = RequestState(cells["r:state"])
+        counts = Counter({C(k): v for k, v in cells["r:counts"].items()})
+        answered = int(cells.get("r:answered") or 0)
+        put: dict[str, Any] = {}
+        changed_any = False
+        for o in batch:
+            col = f"c:{o.client_id}"
+            entry = put.get(col) or cells.get(col)
+            if entry is None:
+                write.verdicts.append(OutcomeVerdict(False, []))
+                continue
             addressed = list(entry.get("retailers", {}))
-            if retailer_id not in addressed:
-                return OutcomeVerdict(True, addressed)
-            current = RequestState(cells["r:state"])
-            counts = Counter({C(k): v for k, v in cells["r:counts"].items()})
-            if cells.get("r:phase") == "availability" and state in (C.AVAILABLE, C.UNAVAILABLE):
+            if not allowed(o.retailer_id, addressed):
+                write.verdicts.append(OutcomeVerdict(True, addressed))
+                continue
+            if cells.get("r:phase") == "availability" and o.state in (C.AVAILABLE, C.UNAVAILABLE):
                 if entry.get("answered"):
-                    return OutcomeVerdict(True, addressed)
+                    write.verdicts.append(OutcomeVerdict(True, addressed))
+                    continue
                 entry["answered"] = True
-                entry["available_kw"] = float(detail.get("available_kw", 0.0)) if state is C.AVAILABLE else 0.0
-                entry["availability"] = state.value
-                entry["detail"] = detail
+                entry["available_kw"] = (float(o.detail.get("available_kw", 0.0)) if o.state is C.AVAILABLE
+                                         else 0.0)
+                entry["availability"] = o.state.value
+                entry["detail"] = o.detail
                 entry["updated_at"] = now
-                answered = int(cells.get("r:answered") or 0) + 1
-                await self._write(request_id, {col: entry, "r:answered": answered})
-                if answered >= int(cells.get("r:targets") or 0) and request_id in self.phases:
-                    self.phases[request_id].due = 0.0
-                    self.kick()
-                return OutcomeVerdict(True, addressed, changed=True, request_state=current)
-            entry["retailers"][retailer_id] = state.value
+                answered += 1
+                put[col] = entry
+                put["r:answered"] = answered
+                write.verdicts.append(OutcomeVerdict(True, addressed, changed=True, request_state=current))
+                continue
+            if entry["state"] in _TERMINAL:  # a re-sent outcome, the common duplicate: a terminal state stays
+                write.verdicts.append(OutcomeVerdict(True, addressed, request_state=current))
+                continue
+            entry["retailers"][o.retailer_id] = o.state.value
             new = combine(C(s) for s in entry["retailers"].values())
             if not self._set_state(entry, new, counts, now):
-                return OutcomeVerdict(True, addressed, request_state=current)
-            entry["detail"] = detail
-            full = {**entry.get("trace", {}), **trace}
+                write.verdicts.append(OutcomeVerdict(True, addressed, request_state=current))
+                continue
+            entry["detail"] = o.detail
+            full = {**entry.get("trace", {}), **o.trace}
             if new.terminal:
                 full["total_ms"] = round((now - cells["r:created_at"]) * 1000, 3)
             entry["trace"] = full
+            put[col] = entry
+            changed_any = True
+            write.verdicts.append(OutcomeVerdict(True, addressed, changed=True))
+        if "r:answered" in put and answered >= int(cells.get("r:targets") or 0):
+            write.phase_complete = True
+        if changed_any:
             state_now = request_state_from_counts(current, counts)
             if cells.get("r:type") == "load_reduction" and state_now.terminal and state_now is not current:
                 state_now = reduction_outcome(cells.get("r:selection") or {}, counts)
-            put = {col: entry, "r:counts": {k.value: v for k, v in counts.items() if v}}
+            put["r:counts"] = {k.value: v for k, v in counts.items() if v}
             self._finish(put, current, state_now, now)
-            await self._write(request_id, put)
             if state_now is not current and state_now.terminal:
-                self._finished_metrics(cells["r:type"], state_now, now - cells["r:created_at"])
-            return OutcomeVerdict(True, addressed, changed=True, request_state=state_now)
+                write.finished = (cells["r:type"], state_now, now - cells["r:created_at"])
+            for v in write.verdicts:
+                if v.changed and v.request_state is None:
+                    v.request_state = state_now
+        write.put = put
+        if put:
+            write.close = self._closes(request_id, put)
+        return write
+
+    def _closes(self, request_id: str, put: dict[str, Any]) -> bool:
+        """Whether writing ``put`` ends the request's life in the open index (as :meth:`_write` decides)."""
+        state = put.get("r:state")
+        ended = state is not None and RequestState(state).terminal
+        pending = any(i.request_id == request_id for i in self.outbox.values())
+        return (ended and not pending) or (state is None and not pending and request_id not in self.deadlines)
+
+    def _after_write(self, w: _RowWrite, now: float) -> None:
+        """What the book keeps in memory, once a row written by :meth:`apply_outcomes` is durable."""
+        state = w.put.get("r:state")
+        if state is not None and RequestState(state).terminal:
+            self.deadlines.pop(w.request_id, None)
+            self.phases.pop(w.request_id, None)
+        if w.close:
+            self._locks.pop(w.request_id, None)
+        if w.phase_complete and w.request_id in self.phases:
+            self.phases[w.request_id].due = 0.0
+            self.kick()
+        if w.finished is not None:
+            self._finished_metrics(*w.finished)
 
     def _finished_metrics(self, kind: str, state: RequestState, seconds: float) -> None:
         self.metrics.requests_finished.labels(kind, state.value).inc()

@@ -25,6 +25,10 @@ class HubMetrics:
         self.mqtt_received = Counter("mhp_mqtt_received", "MQTT messages received", ["type"], registry=r)
         self.mqtt_rejected = Counter("mhp_mqtt_rejected", "MQTT messages refused", ["reason"], registry=r)
         self.outbox_sent = Counter("mhp_outbox_sent", "Outbox publications (first sends and re-sends)", registry=r)
+        self.outcome_batch_size = Histogram(
+            "mhp_outcome_batch_size", "Outcomes stored and acknowledged per group commit", registry=r,
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+        )
         self.open_requests = Gauge("mhp_open_requests", "Requests that have not ended", registry=r)
         self.http_rejected = Counter("mhp_http_rejected", "HTTP requests refused", ["status"], registry=r)
 

@@ -13,10 +13,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from cloud_hub.authz import Action, Context, Principal, decide
-from cloud_hub.book import RequestBook
+from cloud_hub.book import ReportedOutcome, RequestBook
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import StoreUnavailable
 from mhp_wire import topics
@@ -26,6 +26,49 @@ from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PUBLISH_WAIT_S = 5.0
+"""How long a publish may wait for room in the MQTT in-flight window (the broker's receive maximum) before it
+gives up; the outbox, or the retailer's re-send, brings what was given up again."""
+ACK_IDS_MAX = 2_000
+"""Message ids per ``ack``: 2,000 ids of at most 64 characters stay well under the 256 KiB payload limit."""
+
+
+class GroupCommit(Generic[T]):
+    """Items that arrive while a commit is in flight are committed together, by one call of ``commit``.
+
+    No artificial wait: the first item starts a commit at once (at the next turn of the event loop, by which time
+    every message read in the same turn has queued its item), and everything that arrives meanwhile forms the next
+    one, of at most ``max_batch`` items. :meth:`submit` returns once its item's commit has ended (committed, or
+    failed: ``commit`` handles its own errors, and answers nothing for what it did not store)."""
+
+    def __init__(self, commit: Callable[[list[T]], Awaitable[None]], *, max_batch: int, name: str) -> None:
+        self._commit = commit
+        self.max_batch = max_batch
+        self._name = name
+        self._queue: list[tuple[T, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> None:
+        """Queue ``item`` for the next commit and wait for that commit."""
+        done = asyncio.get_running_loop().create_future()
+        self._queue.append((item, done))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=self._name)
+        await done
+
+    async def _run(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+            try:
+                await self._commit([item for item, _ in batch])
+            except Exception:  # one failed commit must not strand the items queued behind it
+                log.exception("%s: a commit of %d item(s) failed", self._name, len(batch))
+            finally:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
 
 
 class HubRelay:
@@ -42,6 +85,10 @@ class HubRelay:
         self.on_phase_due: Callable[[str], Awaitable[None]] | None = None
         self.limiter = RateLimiter(200.0, 400)
         """One token bucket per retailer: messages beyond it are refused (unread) with an error answer."""
+        self.outcomes = GroupCommit(self._commit_outcomes, max_batch=5_000, name="hub-outcome-commit")
+        """5,000 outcomes at most per storage batch: its column list stays well inside SQLite's limits."""
+        self.acks = GroupCommit(self._commit_acks, max_batch=1_000, name="hub-ack-commit")
+        self._received: dict[str, Any] = {}
         book.kick = self.kick
 
     def kick(self) -> None:
@@ -76,7 +123,7 @@ class HubRelay:
         sent = []
         for item in self.book.due(now):
             try:
-                await link.publish(topics.down("retailers", item.retailer_id), item.payload)
+                await link.publish(topics.down("retailers", item.retailer_id), item.payload, wait_s=PUBLISH_WAIT_S)
             except MqttError as exc:
                 log.warning("outbox send paused: %s", exc)
                 break
@@ -133,7 +180,10 @@ class HubRelay:
             log.warning("refused a message from retailer %s: %s", retailer_id, exc)
             await self._reply(retailer_id, ErrorReply(code="invalid", message=str(exc)))
             return
-        self.metrics.mqtt_received.labels(msg.type).inc()
+        received = self._received.get(msg.type)
+        if received is None:  # labels() costs more than the rest of a small message's handling: look it up once
+            received = self._received[msg.type] = self.metrics.mqtt_received.labels(msg.type)
+        received.inc()
         if parsed.channel == "status":
             if msg.type == "presence":
                 before = self.presence.get(retailer_id)
@@ -143,9 +193,10 @@ class HubRelay:
                     log.info("retailer %s online: %d unacknowledged message(s) re-sent now", retailer_id, n)
             return
         if isinstance(msg, Ack):
-            await self.book.on_ack(retailer_id, msg.ack_ids)
+            await self.acks.submit((retailer_id, msg.ack_ids))
         elif isinstance(msg, Outcome):
-            await self._on_outcome(retailer_id, msg)
+            # Waiting for the commit keeps the MQTT-level PUBACK after it (and the broker's window as back-pressure).
+            await self.outcomes.submit((retailer_id, msg))
         elif isinstance(msg, Measurements):
             await self._on_measurements(retailer_id, msg)
         elif isinstance(msg, ErrorReply):
@@ -155,21 +206,50 @@ class HubRelay:
             await self._reply(retailer_id, ErrorReply(
                 ref_msg_id=msg.msg_id, code="invalid", message=f"a retailer may not send {msg.type!r} messages"))
 
-    async def _on_outcome(self, retailer_id: str, msg: Outcome) -> None:
-        addressed = await self.book.addressed(msg.request_id, msg.client_id)
-        verdict = decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
-                         Context(addressed_retailers=tuple(addressed or ())))
-        if not verdict.allowed:
-            reason: Literal["unknown_client", "forbidden"] = "unknown_client" if addressed is None else "forbidden"
+    async def _commit_acks(self, batch: list[tuple[str, list[str]]]) -> None:
+        """Apply retailers' acks in one group commit; when storage is unavailable the messages stay in the outbox
+        and are sent again (the retailer acknowledges them again)."""
+        try:
+            await self.book.on_acks(batch)
+        except StoreUnavailable as exc:
+            log.warning("%d ack(s) not applied now (the messages will be sent again): %s", len(batch), exc)
+
+    async def _commit_outcomes(self, batch: list[tuple[str, Outcome]]) -> None:
+        """Store outcomes in one group commit; then each retailer gets one ``ack`` naming all of its outcomes of
+        the commit. When storage is unavailable nothing is acknowledged, so the bridges re-send them."""
+        try:
+            await self._commit_batch(batch)
+        except StoreUnavailable as exc:
+            log.warning("%d outcome(s) not stored, so not acknowledged (their senders re-send them): %s",
+                        len(batch), exc)
+
+    @staticmethod
+    def _may_report(retailer_id: str, addressed: list[str]) -> bool:
+        """The authorization of one outcome, asked by the book before the outcome changes anything."""
+        return decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
+                      Context(addressed_retailers=tuple(addressed))).allowed
+
+    async def _commit_batch(self, batch: list[tuple[str, Outcome]]) -> None:
+        verdicts = await self.book.apply_outcomes([
+            ReportedOutcome(rid, m.request_id, m.client_id, m.state, m.detail, m.trace) for rid, m in batch],
+            self._may_report)
+        self.metrics.outcome_batch_size.observe(len(batch))
+        acks: dict[str, list[str]] = {}
+        for (retailer_id, msg), v in zip(batch, verdicts, strict=True):
+            verdict = decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
+                             Context(addressed_retailers=tuple(v.addressed)))
+            if v.known and verdict.allowed:
+                acks.setdefault(retailer_id, []).append(msg.msg_id)
+                continue
+            reason: Literal["unknown_client", "forbidden"] = "forbidden" if v.known else "unknown_client"
             self.metrics.mqtt_rejected.labels(reason).inc()
             log.warning("refused an outcome from retailer %s for request %s client %s: %s",
                         retailer_id, msg.request_id, msg.client_id, verdict.reason)
-            text = (verdict.reason if addressed is not None
-                    else f"request {msg.request_id} has no client {msg.client_id}")
+            text = verdict.reason if v.known else f"request {msg.request_id} has no client {msg.client_id}"
             await self._reply(retailer_id, ErrorReply(ref_msg_id=msg.msg_id, code=reason, message=text))
-            return
-        await self.book.on_outcome(retailer_id, msg.request_id, msg.client_id, msg.state, msg.detail, msg.trace)
-        await self._reply(retailer_id, Ack(ack_ids=[msg.msg_id]))
+        for retailer_id, ids in acks.items():
+            for i in range(0, len(ids), ACK_IDS_MAX):
+                await self._reply(retailer_id, Ack(ack_ids=ids[i:i + ACK_IDS_MAX]))
 
     async def _on_measurements(self, retailer_id: str, msg: Measurements) -> None:
         if self.on_measurements is None:
@@ -187,6 +267,6 @@ class HubRelay:
         if self.link is None:
             return
         try:
-            await self.link.publish(topics.down("retailers", retailer_id), encode(msg))
+            await self.link.publish(topics.down("retailers", retailer_id), encode(msg), wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
             log.warning("could not answer retailer %s: %s", retailer_id, exc)

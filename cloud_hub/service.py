@@ -35,6 +35,8 @@ from mhp_wire.messages import (
 )
 
 BILLING_CLIENTS_PER_MESSAGE = 100
+REQUEST_CLIENTS_PER_MESSAGE = 3_000
+"""Client ids per ``request`` message: 3,000 ids of at most 64 characters stay under the 256 KiB payload limit."""
 BILLING_DELIVERY_S = 24 * 3600
 TARIFF_DELIVERY_S = 3600
 
@@ -49,6 +51,11 @@ class NotFound(Exception):
 
 class IdempotencyConflict(Exception):
     """An ``Idempotency-Key`` was reused with a different body (HTTP 409)."""
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    """``items`` in consecutive parts of at most ``size``."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def iso(ts: float | None) -> str | None:
@@ -111,6 +118,22 @@ class HubService:
                                               body.get("feeder_id"), _ts(valid_from) if valid_from else time.time())
         await self.store.audit([AuditEntry(str(who), client_id, Action.MANAGE_CLIENT.value, right)])
         return created
+
+    async def put_clients(self, who: Principal, clients: list[dict[str, Any]]) -> dict[str, int]:
+        """Register or change many clients at once (a DSO's import), each as :meth:`put_client` would; all or
+        nothing: an unknown retailer or a supplier switch without a later ``valid_from`` stores none of them."""
+        right = self.authorize(who, Action.MANAGE_CLIENT)
+        wanted = sorted({c["retailer_id"] for c in clients})
+        unknown = sorted(set(wanted) - await self.store.known_retailers(wanted))
+        if unknown:
+            raise NotFound(f"retailer(s) not registered: {', '.join(repr(r) for r in unknown[:20])}")
+        now = time.time()
+        created = await self.store.put_clients([
+            (c["client_id"], c["retailer_id"], c["contracted_power_kw"], c.get("feeder_id"),
+             _ts(c["valid_from"]) if c.get("valid_from") else now) for c in clients])
+        await self.store.audit([AuditEntry(str(who), c["client_id"], Action.MANAGE_CLIENT.value, right)
+                                for c in clients])
+        return {"created": created, "updated": len(clients) - created}
 
     async def get_client(self, who: Principal, client_id: str) -> dict[str, Any]:
         """A client with its supplier history, for the DSO or its current retailer."""
@@ -299,9 +322,10 @@ class HubService:
                          "detail": {}, "trace": {}, "updated_at": now}
                    for rid, cids in by_retailer.items() for cid in cids}
         outbox = []
-        for rid, cids in sorted(by_retailer.items()):
-            msg = Request(request_id=request_id, kind=kind, client_ids=cids, params=params, expires_at=expires)
-            outbox.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+        for rid, all_cids in sorted(by_retailer.items()):
+            for cids in _chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):
+                msg = Request(request_id=request_id, kind=kind, client_ids=cids, params=params, expires_at=expires)
+                outbox.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
         audit = [AuditEntry(str(who), cid, action.value, right, ref=request_id, at=now) for cid in client_ids]
         return await self._create(who, key, body, request_id, request_type or kind.value, deadline, entries, outbox,
                                   {}, audit, t0, extra={**(extra or {}), "targets": len(entries)})
@@ -340,10 +364,11 @@ class HubService:
             params = LoadReductionParams(start=meta["body"]["start"], end=datetime.fromtimestamp(meta["deadline"], UTC),
                                          target_kw=meta["body"]["reduction_kw"])
             items = []
-            for rid, cids in sorted(by_retailer.items()):
-                msg = Request(request_id=request_id, kind=RequestKind.LOAD_REDUCTION, client_ids=cids, params=params,
-                              expires_at=datetime.fromtimestamp(meta["deadline"], UTC))
-                items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+            for rid, all_cids in sorted(by_retailer.items()):
+                for cids in _chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):
+                    msg = Request(request_id=request_id, kind=RequestKind.LOAD_REDUCTION, client_ids=cids,
+                                  params=params, expires_at=datetime.fromtimestamp(meta["deadline"], UTC))
+                    items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
             put.update({"r:phase": "dispatch", "r:counts": dict(counts),
                         "r:selection": {"chosen": chosen, "selected_kw": selected_kw,
                                         "reduction_kw": meta["body"]["reduction_kw"],

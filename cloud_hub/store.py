@@ -116,6 +116,10 @@ class HubStore:
         row = await self.kv.get("retailers", retailer_id)
         return {"retailer_id": retailer_id, "name": row["d:name"].decode()} if row else None
 
+    async def known_retailers(self, retailer_ids: list[str]) -> set[str]:
+        """Those of ``retailer_ids`` that are registered."""
+        return set(await self.kv.get_many("retailers", retailer_ids, ["d:name"]))
+
     async def retailer_ids(self) -> list[str]:
         """Every registered retailer."""
         return [r for r, _ in await self.kv.scan("retailers", columns=["d:name"])]
@@ -140,7 +144,23 @@ class HubStore:
     async def put_client(self, client_id: str, retailer_id: str, contracted_power_kw: float,
                          feeder_id: str | None, valid_from: float) -> bool:
         """Create or update a client; a different retailer from a later ``valid_from`` is a supplier switch."""
-        old = await self.get_client(client_id)
+        return await self.put_clients([(client_id, retailer_id, contracted_power_kw, feeder_id, valid_from)]) == 1
+
+    async def put_clients(self, clients: list[tuple[str, str, float, str | None, float]]) -> int:
+        """:meth:`put_client` for many ``(client_id, retailer_id, contracted_power_kw, feeder_id, valid_from)``
+        at once: one read of the rows, one batch. Raises :class:`Conflict`, writing nothing, when any of them is
+        a supplier switch without a later ``valid_from``. Returns how many clients are new."""
+        existing = await self.get_clients([c[0] for c in clients])
+        muts: list[Mutation] = []
+        for client_id, retailer_id, contracted_power_kw, feeder_id, valid_from in clients:
+            muts += self._client_mutations(client_id, existing.get(client_id), retailer_id, contracted_power_kw,
+                                           feeder_id, valid_from)
+        await self.kv.batch(muts)
+        return sum(c[0] not in existing for c in clients)
+
+    @staticmethod
+    def _client_mutations(client_id: str, old: dict[str, Any] | None, retailer_id: str,
+                          contracted_power_kw: float, feeder_id: str | None, valid_from: float) -> list[Mutation]:
         muts = []
         cells: Row = {"d:contracted_power_kw": _j(contracted_power_kw), "d:feeder_id": _j(feeder_id)}
         if old is None:
@@ -157,8 +177,7 @@ class HubStore:
                 muts.append(Mutation("feeders", f"{old['feeder_id']}|{client_id}", delete=[]))
         if feeder_id:
             muts.append(Mutation("feeders", f"{feeder_id}|{client_id}", {"d:x": b"1"}))
-        await self.kv.batch([Mutation("clients", client_id, cells), *muts])
-        return old is None
+        return [Mutation("clients", client_id, cells), *muts]
 
     async def import_clients(self, clients: list[tuple[str, str, float, str | None, float]]) -> None:
         """Bulk registration of new clients ``(client_id, retailer_id, contracted_power_kw, feeder_id,
@@ -229,6 +248,14 @@ class HubStore:
         muts += [audit_mutation(e) for e in audit or []]
         if close:
             muts.append(Mutation("open_requests", request_id, delete=[]))
+        await self.kv.batch(muts)
+
+    async def update_requests(self, writes: list[tuple[str, dict[str, Any], list[str] | None, bool]]) -> None:
+        """Write cells of several request rows in one batch, each row atomically: ``(request_id, put, delete,
+        close)`` as in :meth:`update_request`; the open index loses the closed requests after every row."""
+        muts = [Mutation("requests", rid, {c: _j(v) for c, v in put.items()}, delete=delete or None)
+                for rid, put, delete, _ in writes]
+        muts += [Mutation("open_requests", rid, delete=[]) for rid, _, _, close in writes if close]
         await self.kv.batch(muts)
 
     async def open_request_ids(self) -> list[str]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from cloud_hub.api.deps import Caller, Service
 
@@ -31,6 +32,27 @@ class ClientBody(BaseModel):
     valid_from: AwareDatetime | None = None
 
 
+class ClientItem(ClientBody):
+    """One client of a bulk registration."""
+
+    client_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class ClientsBody(BaseModel):
+    """Many clients at once (a DSO's import); each client id at most once."""
+
+    model_config = ConfigDict(extra="forbid")
+    clients: list[ClientItem] = Field(min_length=1, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ClientsBody:
+        counts = Counter(c.client_id for c in self.clients)
+        twice = sorted(cid for cid, n in counts.items() if n > 1)
+        if twice:
+            raise ValueError(f"client id(s) given more than once: {', '.join(twice[:20])}")
+        return self
+
+
 @router.put("/retailers/{retailer_id}")
 async def put_retailer(retailer_id: IdPath, body: RetailerBody, who: Caller, service: Service,
                        response: Response) -> dict[str, str]:
@@ -47,6 +69,12 @@ async def put_client(client_id: IdPath, body: ClientBody, who: Caller, service: 
     created = await service.put_client(who, client_id, body.model_dump())
     response.status_code = 201 if created else 200
     return await service.get_client(who, client_id)
+
+
+@router.put("/clients")
+async def put_clients(body: ClientsBody, who: Caller, service: Service) -> dict[str, int]:
+    """Register or change up to 10,000 clients in one call, all or nothing (dso)."""
+    return await service.put_clients(who, [c.model_dump() for c in body.clients])
 
 
 @router.get("/clients/{client_id}")

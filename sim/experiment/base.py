@@ -42,6 +42,8 @@ from sim.experiment.dso_sim import BILLING_PERIOD_START, TYPES
 from sim.stack.stack import free_port
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+RP_PROCESSES = 4
+"""At most this many RP simulator processes (on 2 cores, 100 processes would measure the scheduler)."""
 
 
 @dataclass
@@ -222,13 +224,8 @@ class Experiment:
         setup_s = round(time.monotonic() - t_setup, 3)
         self.log(f"registered {p.retailers} retailer(s), {p.clients} clients, uploaded one day of readings each "
                  f"({setup_s:.1f} s)")
-        for r in self.retailer_ids:
-            self._spawn(f"rp-{r}", [sys.executable, "-m", "sim.experiment.rp_sim", "--port", str(broker_port),
-                                    "--retailer", r, f"--password={passwords[r]}",  # a password may start with "-"
-                                    "--delay-min-ms", str(p.rp_delay_min_ms), "--delay-max-ms", str(p.rp_delay_max_ms),
-                                    "--seed", str(p.seed), "--ready-file", str(self.work / f"rp-{r}.ready"),
-                                    "--stats-file", str(self.work / f"rp-{r}.stats.json")])
-        await self._wait_files([self.work / f"rp-{r}.ready" for r in self.retailer_ids], "RP simulator")
+        ready = self._spawn_rp_sims(broker_port, passwords)
+        await self._wait_files(ready, "RP simulator")
         await self._wait_online(hub_url, tokens)
         self.log(f"{p.retailers} RP simulator(s) online; starting the DSO simulator")
         dso_cfg = self.work / "dso.json"
@@ -331,6 +328,25 @@ class Experiment:
         await self._wait_ready(hub_url)
         self.log(f"hub ready at {hub_url} ({time.monotonic() - t0:.1f} s)")
         return hub_url, tokens
+
+    def _spawn_rp_sims(self, broker_port: int, passwords: dict[str, str]) -> list[Path]:
+        """Start the RP simulators: at most ``RP_PROCESSES`` processes, the retailers dealt round-robin among
+        them (each retailer keeps its own MQTT connection and counters); returns their ready files."""
+        p = self.p
+        groups = [self.retailer_ids[k::RP_PROCESSES] for k in range(min(RP_PROCESSES, len(self.retailer_ids)))]
+        ready = []
+        for k, group in enumerate(groups):
+            name = f"rp-{group[0]}" if len(group) == 1 else f"rp-sim-{k + 1}"
+            ids = self.work / f"{name}.identities.json"
+            ids.touch(0o600)
+            ids.write_text(json.dumps({r: passwords[r] for r in group}))
+            ready.append(self.work / f"{name}.ready")
+            self._spawn(name, [sys.executable, "-m", "sim.experiment.rp_sim", "--port", str(broker_port),
+                               "--identities", str(ids), "--delay-min-ms", str(p.rp_delay_min_ms),
+                               "--delay-max-ms", str(p.rp_delay_max_ms), "--seed", str(p.seed),
+                               "--ready-file", str(ready[-1]),
+                               "--stats-file", str(self.work / "rp-{retailer}.stats.json")])
+        return ready
 
     async def _inject_fault(self, hub_url: str, t0: float) -> None:
         """At ``fault_at_s``: kill -9 the hub and restart it, lock its database for ``fault_down_s``, kill -9 the
@@ -492,26 +508,29 @@ class Experiment:
         await asyncio.sleep(0.5)
 
     async def _register(self, hub_url: str, tokens: dict[str, str]) -> None:
+        """Register the retailers, then the clients in bulk (``PUT /v1/clients``, 5,000 a call) and upload their
+        readings (200 clients a call), a few calls at a time."""
         admin = {"Authorization": f"Bearer {tokens['admin']}"}
         dso = {"Authorization": f"Bearer {tokens['dso']}"}
-        async with httpx.AsyncClient(base_url=hub_url, timeout=30) as http:
+        async with httpx.AsyncClient(base_url=hub_url, timeout=120) as http:
             for r in self.retailer_ids:
                 (await http.put(f"/v1/retailers/{r}", json={"name": f"Retailer {r}"}, headers=admin)).raise_for_status()
-            sem = asyncio.Semaphore(16)
+            sem = asyncio.Semaphore(4)
 
-            async def client(i: int, cid: str) -> None:
+            async def call(method: str, path: str, body: dict[str, Any]) -> None:
                 async with sem:
-                    resp = await http.put(f"/v1/clients/{cid}", headers=dso, json={
-                        "retailer_id": self.retailer_ids[i % len(self.retailer_ids)], "contracted_power_kw": 6.9,
-                        "feeder_id": f"feeder-{i % 3 + 1}", "valid_from": "2020-01-01T00:00:00+00:00"})
-                    resp.raise_for_status()
+                    (await http.request(method, path, headers=dso, json=body)).raise_for_status()
 
-            await asyncio.gather(*(client(i, c) for i, c in enumerate(self.client_ids)))
+            await asyncio.gather(*(call("PUT", "/v1/clients", {"clients": [
+                {"client_id": cid, "retailer_id": self.retailer_ids[i % len(self.retailer_ids)],
+                 "contracted_power_kw": 6.9, "feeder_id": f"feeder-{i % 3 + 1}",
+                 "valid_from": "2020-01-01T00:00:00+00:00"}
+                for i, cid in enumerate(self.client_ids[k:k + 5000], start=k)]})
+                for k in range(0, len(self.client_ids), 5000)))
             values = [round(0.1 + 0.05 * (k % 8), 3) for k in range(96)]
-            for i in range(0, len(self.client_ids), 200):
-                readings = [{"client_id": c, "start": BILLING_PERIOD_START.isoformat(), "resolution_s": 900,
-                             "values_kwh": values} for c in self.client_ids[i:i + 200]]
-                (await http.post("/v1/meter-readings", headers=dso, json={"readings": readings})).raise_for_status()
+            await asyncio.gather(*(call("POST", "/v1/meter-readings", {"readings": [
+                {"client_id": c, "start": BILLING_PERIOD_START.isoformat(), "resolution_s": 900, "values_kwh": values}
+                for c in self.client_ids[k:k + 200]]}) for k in range(0, len(self.client_ids), 200)))
 
     def _stop_all(self) -> None:
         for proc in self.procs.values():

@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     _common(base, duration_s=60.0)
     scale = sub.add_parser("scale", help="the base setup once per number of clients or retailers (Figures 7-10)")
     _common(scale, duration_s=20.0, sizes=True)
+    scale.add_argument("--poll-interval-s", type=float, default=0.02,
+                       help="how often the DSO simulator polls each open request (GET /v1/requests/{id})")
+    scale.add_argument("--max-targets", type=int, default=0,
+                       help="at most this many clients per request: the type fractions are lowered for the sizes "
+                            "where they would target more (0: no cap, the paper's fractions)")
     faults = sub.add_parser("faults", help="the base setup with a hub or storage fault injected (Figures 12-13)")
     _common(faults, duration_s=60.0)
     faults.add_argument("--fault", choices=("hub", "storage", "hbase", "hbase-stall"), required=True,
@@ -182,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(clients) > 1 and len(retailers) > 1:
             parser.error("only one of --clients / --retailers can be a list of sizes")
         axis, sizes = ("retailers", retailers) if len(retailers) > 1 else ("clients", clients)
-        res = scale_mod.run(BaseParams(clients=clients[0], retailers=retailers[0], **common), axis, sizes)
+        if args.poll_interval_s <= 0 or args.max_targets < 0:
+            parser.error("--poll-interval-s must be positive and --max-targets >= 0")
+        res = scale_mod.run(BaseParams(clients=clients[0], retailers=retailers[0],
+                                       poll_interval_s=args.poll_interval_s, **common), axis, sizes,
+                            max_targets=args.max_targets)
         t = res["totals"]
         print(f"[scale] done: {len(sizes)} sizes of {axis}; sent {t['sent']}, completed {t['completed']}, failed "
               f"{t['failed']}, missing {t['missing']}; results in {args.out}", flush=True)

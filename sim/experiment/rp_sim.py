@@ -1,6 +1,7 @@
-"""RP simulator (the paper's "RP Simulator"): a retailer platform without gateways, one process per retailer.
+"""RP simulator (the paper's "RP Simulator"): retailer platforms without gateways, one or several per process.
 
-It connects to the hub broker as the retailer's identity, with its presence topic, and:
+Each simulated retailer has its own MQTT connection to the hub broker (as the retailer's identity, with its
+presence topic) and its own counters, and:
 
 * acknowledges every message the hub sends (application-level ``ack``) as soon as it has read it;
 * for a ``request``, after an artificial delay drawn uniformly from ``[delay_min_ms, delay_max_ms)`` per client,
@@ -8,14 +9,20 @@ It connects to the hub broker as the retailer's identity, with its presence topi
   (load shift), ``available`` with ``available_kw`` (availability); ``retailer_ms`` in the outcome's trace is the
   time from receipt to sending;
 * ``billing_data``, ``tariff`` and ``cancel`` get only the ``ack``;
+* publishes with back-pressure: when the MQTT in-flight window (the broker's receive maximum) is full, it waits
+  for room instead of dropping the message, so a request for 10,000 clients is answered at full speed;
 * re-sends every outcome the hub has not acknowledged, with back-off, like a real bridge's outbox (in memory
   here: the simulator is not crash-safe, it does not need to be);
 * a request delivered again (the hub re-sends until acked) is acked again but answered only once per client
   (per phase: a load reduction's availability and disconnect phases share one request id).
 
     python -m sim.experiment.rp_sim --port 1883 --retailer r1 --password PW [--stats-file F] [--ready-file F]
+    python -m sim.experiment.rp_sim --port 1883 --identities FILE --stats-file 'rp-{retailer}.stats.json' ...
 
-On SIGTERM it writes its counters to ``--stats-file`` (JSON) and exits.
+``--identities`` names a JSON file ``{"r1": "password", ...}`` (keep it private: mode 0600) with every retailer
+the process hosts. The ready file is written once every retailer is connected. On SIGTERM each retailer's
+counters go to ``--stats-file`` (JSON; ``{retailer}`` in the path is replaced by the retailer id, and is required
+when the process hosts several) and the process exits.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import heapq
 import json
 import logging
 import os
@@ -76,6 +84,12 @@ def retry_delay_s(attempts: int) -> float:
     return float(min(30.0, 0.5 * 2 ** max(0, attempts - 1)))
 
 
+RESEND_QUIET_S = 5.0
+"""Re-sends wait until the hub has acknowledged nothing for this long."""
+PUBLISH_WAIT_S = 30.0
+"""How long a publish waits for room in the in-flight window; past it the outcome stays in the re-send queue."""
+
+
 class RpSimulator:
     """One simulated retailer platform."""
 
@@ -86,11 +100,19 @@ class RpSimulator:
         self.available_kw = available_kw
         self.rng = random.Random(seed)
         self.stats = RpStats()
-        self.answered: set[tuple[str, str, str]] = set()
-        """``(request_id, kind, client_id)`` answered: a load reduction's two phases share one request id."""
-        self.unacked: dict[str, tuple[bytes, float, int]] = {}
-        """Outcomes sent and not yet acknowledged: ``msg_id -> (payload, next resend at, attempts)``."""
+        self.answered: dict[tuple[str, str], set[str]] = {}
+        """Clients answered per ``(request_id, kind)``: a load reduction's two phases share one request id."""
+        self.unacked: dict[str, tuple[bytes, int, int, float]] = {}
+        """Outcomes sent and not yet acknowledged: ``msg_id -> (payload, attempts, send sequence number, sent at)``."""
+        self._seq = 0
+        self.acked_seq = 0
+        """The highest send sequence number the hub has acknowledged."""
+        self.last_ack = 0.0
+        """When the hub last acknowledged something (monotonic)."""
+        self._resend_at: list[tuple[float, str]] = []
+        """A heap of ``(when, msg_id)``: the next re-send of each unacknowledged outcome."""
         self._tasks: set[asyncio.Task[None]] = set()
+        self._topic = topics.up("retailers", retailer_id)
         self.link = MqttLink(endpoint, client_id=retailer_id, subscriptions=[topics.down("retailers", retailer_id)],
                              handler=self.on_message, status_topic=topics.status("retailers", retailer_id),
                              clean_start=True, session_expiry_s=0)
@@ -103,9 +125,12 @@ class RpSimulator:
             log.warning("undecodable message from the hub: %s", exc)
             return
         if isinstance(msg, Ack):
+            self.last_ack = time.monotonic()
             for mid in msg.ack_ids:
-                if self.unacked.pop(mid, None) is not None:
+                sent = self.unacked.pop(mid, None)
+                if sent is not None:
                     self.stats.outcomes_acked += 1
+                    self.acked_seq = max(self.acked_seq, sent[2])
             return
         if isinstance(msg, ErrorReply):
             self.stats.errors_from_hub += 1
@@ -113,14 +138,15 @@ class RpSimulator:
             return
         if isinstance(msg, Request):
             self.stats.requests += 1
-            fresh = [c for c in msg.client_ids if (msg.request_id, msg.kind.value, c) not in self.answered]
+            done = self.answered.setdefault((msg.request_id, msg.kind.value), set())
+            fresh = [c for c in msg.client_ids if c not in done]
             if len(fresh) < len(msg.client_ids):
                 self.stats.redelivered_requests += 1
-            self.answered.update((msg.request_id, msg.kind.value, c) for c in fresh)
+            done.update(fresh)
             received = time.perf_counter()
-            await self._send(Ack(ack_ids=[msg.msg_id]))
-            for cid in fresh:
-                task = asyncio.create_task(self._answer(msg, cid, received))
+            await self._publish(encode(Ack(ack_ids=[msg.msg_id])))
+            if fresh:
+                task = asyncio.create_task(self._answer(msg, fresh, received))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             return
@@ -132,10 +158,10 @@ class RpSimulator:
             self.stats.cancels += 1
         else:
             self.stats.other += 1
-        await self._send(Ack(ack_ids=[msg.msg_id]))
+        await self._publish(encode(Ack(ack_ids=[msg.msg_id])))
 
-    async def _answer(self, req: Request, client_id: str, received: float) -> None:
-        await asyncio.sleep(self.rng.uniform(*self.delay))
+    async def _answer(self, req: Request, clients: list[str], received: float) -> None:
+        """Answer each client after its own delay (one task per request, in delay order, not one per client)."""
         detail: dict[str, object] = {"simulated": True}
         if req.kind is RequestKind.AVAILABILITY:
             state = ClientState.AVAILABLE
@@ -144,49 +170,95 @@ class RpSimulator:
             state = ClientState.ACKNOWLEDGED
         else:
             state = ClientState.EXECUTED
-        out = Outcome(request_id=req.request_id, client_id=client_id, state=state, detail=detail,
-                      trace={"retailer_ms": round((time.perf_counter() - received) * 1000, 3)})
-        payload = encode(out)
-        self.unacked[out.msg_id] = (payload, time.monotonic() + retry_delay_s(1), 1)
-        self.stats.outcomes += 1
-        await self._publish(payload)
-
-    async def _send(self, msg: Ack) -> None:
-        await self._publish(encode(msg))
+        for delay, client_id in sorted((self.rng.uniform(*self.delay), c) for c in clients):
+            wait = received + delay - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            out = Outcome(request_id=req.request_id, client_id=client_id, state=state, detail=detail,
+                          trace={"retailer_ms": round((time.perf_counter() - received) * 1000, 3)})
+            payload = encode(out)
+            self._seq += 1
+            self.unacked[out.msg_id] = (payload, 1, self._seq, time.monotonic())
+            heapq.heappush(self._resend_at, (time.monotonic() + retry_delay_s(1), out.msg_id))
+            self.stats.outcomes += 1
+            await self._publish(payload)
 
     async def _publish(self, payload: bytes) -> None:
-        with contextlib.suppress(MqttError):  # the outbox re-sends outcomes; the hub re-sends what we did not ack
-            await self.link.publish(topics.up("retailers", self.retailer_id), payload)
+        try:
+            await self.link.publish(self._topic, payload, wait_s=PUBLISH_WAIT_S)
+        except MqttError as exc:  # the link is down: the re-send loop (or the hub's outbox) brings it again
+            log.debug("publish deferred: %s", exc)
 
     async def resend_loop(self) -> None:
-        """Re-send unacknowledged outcomes with back-off, until cancelled."""
+        """Re-send unacknowledged outcomes with back-off, until cancelled.
+
+        The hub acknowledges in the order it received (one group commit after the other), so an outcome sent
+        after the last one acknowledged is most likely still in its backlog: it is re-sent only once it has waited
+        ``RESEND_QUIET_S`` and the hub has acknowledged nothing for as long (a re-send would only add to the
+        backlog). One sent before an acknowledged one was lost (a hub restart, a storage outage) and is re-sent
+        when due."""
         while True:
             await asyncio.sleep(0.1)
             now = time.monotonic()
-            for mid, (payload, due, attempts) in list(self.unacked.items()):
-                if due <= now and mid in self.unacked:
-                    self.unacked[mid] = (payload, now + retry_delay_s(attempts + 1), attempts + 1)
-                    self.stats.outcome_resends += 1
-                    await self._publish(payload)
+            quiet = now - self.last_ack >= RESEND_QUIET_S
+            held: list[tuple[float, str]] = []
+            while self._resend_at and self._resend_at[0][0] <= now:
+                item = heapq.heappop(self._resend_at)
+                mid = item[1]
+                if mid not in self.unacked:
+                    continue
+                payload, attempts, seq, sent_at = self.unacked[mid]
+                if seq > self.acked_seq and (not quiet or now - sent_at < RESEND_QUIET_S):
+                    held.append(item)
+                    continue
+                self._seq += 1
+                self.unacked[mid] = (payload, attempts + 1, self._seq, now)
+                heapq.heappush(self._resend_at, (now + retry_delay_s(attempts + 1), mid))
+                self.stats.outcome_resends += 1
+                await self._publish(payload)
+            for item in held:
+                heapq.heappush(self._resend_at, item)
 
 
-async def run(sim: RpSimulator, ready_file: Path | None, stop: asyncio.Event) -> None:
-    """Connect, say so in ``ready_file``, serve until ``stop`` is set."""
-    async with sim.link:
-        resend = asyncio.create_task(sim.resend_loop())
+async def run(sims: list[RpSimulator], ready_file: Path | None, stop: asyncio.Event) -> None:
+    """Connect every simulator, say so in ``ready_file``, serve until ``stop`` is set."""
+    async with contextlib.AsyncExitStack() as stack:
+        for sim in sims:
+            await stack.enter_async_context(sim.link)
+        resend = [asyncio.create_task(sim.resend_loop(), name=f"rp-resend-{sim.retailer_id}") for sim in sims]
         if ready_file is not None:
             tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"retailer_id": sim.retailer_id, "pid": os.getpid()}))
+            tmp.write_text(json.dumps({"retailers": [s.retailer_id for s in sims], "pid": os.getpid()}))
             os.replace(tmp, ready_file)
         try:
             await stop.wait()
         finally:
-            resend.cancel()
-            for t in list(sim._tasks):
+            for t in [*resend, *(t for s in sims for t in s._tasks)]:
                 t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await resend
-    sim.stats.unacked_at_exit = len(sim.unacked)
+            await asyncio.gather(*resend, return_exceptions=True)
+    for sim in sims:
+        sim.stats.unacked_at_exit = len(sim.unacked)
+
+
+def identities(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The retailers to host and their passwords, from ``--identities`` or ``--retailer`` / ``--password``."""
+    ids: dict[str, str] = {}
+    if args.identities is not None:
+        try:
+            raw = json.loads(args.identities.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--identities {args.identities}: {exc}")
+        if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+            parser.error(f"--identities {args.identities}: expected a JSON object retailer id -> password")
+        ids.update(raw)
+    if len(args.retailer) != len(args.password):
+        parser.error("give one --password per --retailer")
+    ids.update(zip(args.retailer, args.password, strict=True))
+    if not ids:
+        parser.error("no retailer: give --retailer and --password, or --identities")
+    if len(ids) > 1 and args.stats_file is not None and "{retailer}" not in str(args.stats_file):
+        parser.error("--stats-file must contain {retailer} when the process hosts several retailers")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,30 +266,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sim.experiment.rp_sim", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--retailer", required=True)
-    parser.add_argument("--password", required=True)
+    parser.add_argument("--retailer", action="append", default=[], help="a retailer to host (repeatable)")
+    parser.add_argument("--password", action="append", default=[], help="its password (one per --retailer)")
+    parser.add_argument("--identities", type=Path, help='JSON file {"retailer id": "password", ...}')
     parser.add_argument("--delay-min-ms", type=float, default=100.0)
     parser.add_argument("--delay-max-ms", type=float, default=110.0)
     parser.add_argument("--available-kw", type=float, default=2.0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--ready-file", type=Path)
-    parser.add_argument("--stats-file", type=Path)
+    parser.add_argument("--stats-file", type=Path, help="per retailer; {retailer} is replaced by its id")
     args = parser.parse_args(argv)
+    ids = identities(args, parser)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s rp-sim: %(message)s")
-    sim = RpSimulator(args.retailer, MqttEndpoint(args.host, args.port, args.retailer, args.password),
-                      delay_min_ms=args.delay_min_ms, delay_max_ms=args.delay_max_ms,
-                      available_kw=args.available_kw, seed=args.seed)
+    sims = [RpSimulator(rid, MqttEndpoint(args.host, args.port, rid, pw), delay_min_ms=args.delay_min_ms,
+                        delay_max_ms=args.delay_max_ms, available_kw=args.available_kw,
+                        seed=None if args.seed is None else args.seed + i)
+            for i, (rid, pw) in enumerate(ids.items())]
 
     async def go() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run(sim, args.ready_file, stop)
+        await run(sims, args.ready_file, stop)
 
     asyncio.run(go())
     if args.stats_file is not None:
-        args.stats_file.write_text(json.dumps(asdict(sim.stats), indent=1))
+        for sim in sims:
+            Path(str(args.stats_file).replace("{retailer}", sim.retailer_id)).write_text(
+                json.dumps(asdict(sim.stats), indent=1))
     return 0
 
 

@@ -50,15 +50,25 @@ def size_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
             "per_type": per_type}
 
 
-def run(base: BaseParams, axis: str, sizes: list[int]) -> dict[str, Any]:
-    """Run the base setup for each size of ``axis`` (``clients`` or ``retailers``); write the combined outputs."""
+def capped_fractions(fractions: dict[str, float], clients: int, max_targets: int) -> dict[str, float]:
+    """The type fractions, each lowered so that a request targets at most ``max_targets`` clients (0: as is)."""
+    if max_targets <= 0:
+        return dict(fractions)
+    return {k: min(f, max_targets / clients) for k, f in fractions.items()}
+
+
+def run(base: BaseParams, axis: str, sizes: list[int], *, max_targets: int = 0) -> dict[str, Any]:
+    """Run the base setup for each size of ``axis`` (``clients`` or ``retailers``); write the combined outputs.
+    ``max_targets`` > 0 caps the clients per request (the fractions are lowered where needed, per size)."""
     out = base.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
     started = time.time()
     for i, n in enumerate(sizes):
-        p = replace(base, out=out / f"{axis}-{n}", clients=n if axis == "clients" else base.clients,
-                    retailers=n if axis == "retailers" else base.retailers)
+        clients = n if axis == "clients" else base.clients
+        p = replace(base, out=out / f"{axis}-{n}", clients=clients,
+                    retailers=n if axis == "retailers" else base.retailers,
+                    fractions=capped_fractions(base.fractions, clients, max_targets))
         print(f"[scale] size {i + 1}/{len(sizes)}: {p.clients} clients, {p.retailers} retailer(s), "
               f"{p.duration_s:g} s -> {p.out}", flush=True)
         t = time.time()
@@ -68,6 +78,7 @@ def run(base: BaseParams, axis: str, sizes: list[int]) -> dict[str, Any]:
             r["other_ms"] = report._other_ms(r.get("trace", {}))
         tot = res["totals"]
         runs.append({"size": n, "clients": p.clients, "retailers": p.retailers, "dir": p.out.name,
+                     "fractions": p.fractions,
                      "wall_s": round(time.time() - t, 1), "setup_s": res["setup"]["setup_s"],
                      "totals": tot, **size_summary(records),
                      "hub_cpu_pct": res["processes"].get("hub", {}).get("cpu_pct_of_one_core"),
@@ -78,6 +89,7 @@ def run(base: BaseParams, axis: str, sizes: list[int]) -> dict[str, Any]:
               f"components {s['components_mean_ms']} ({s['wall_s']:.0f} s)", flush=True)
     params = {k: (str(v) if k == "out" else v) for k, v in vars(base).items() if k not in (axis, "fault",
                                                                                           "fault_at_s", "fault_down_s")}
+    params["max_targets"] = max_targets
     results = {"experiment": "scale", "axis": axis, "sizes": sizes, "params": params,
                "wall_s": round(time.time() - started, 1), "runs": runs,
                "totals": {k: sum(r["totals"][k] for r in runs) for k in ("sent", "completed", "failed", "missing")},

@@ -18,6 +18,7 @@ import pytest
 from mhp_wire import topics
 from mhp_wire.messages import ClientState, Outcome
 from tests.broker_fixtures import MosquittoFactory
+from tests.cloud_hub.test_relay_batching import executed, retailers
 from tests.hub_fixtures import HubHandle, start_hub
 from tests.mqtt_party import Party, parties
 
@@ -106,3 +107,29 @@ async def test_storage_outage_gives_quick_503s_loses_nothing_and_recovers(
                 break
             await asyncio.sleep(0.05)
         assert req["state"] == "completed", "the request accepted before the outage was not lost"
+
+
+async def test_a_burst_of_outcomes_during_an_outage_is_not_acknowledged_and_its_resend_is_stored(
+        faulty_hub: tuple[HubHandle, Callable[[], None], Callable[[], None]]) -> None:
+    hub, break_storage, mend_storage = faulty_hub
+    clients = [f"c{i}" for i in range(40)]
+    await hub.setup_registry(dict.fromkeys(clients, "r1"))
+    async with retailers(hub, "r1") as (r1,):
+        r = await hub.http.post("/v1/emergencies", json=emergency(clients), headers=hub.auth("dso"))
+        request_id = r.json()["request_id"]
+        await r1.request_for(request_id)
+        outcomes = [executed(request_id, c) for c in clients]
+        break_storage()
+        await r1.burst(outcomes)
+        await asyncio.sleep(1.5)  # the group commit fails: nothing of it may be acknowledged
+        assert r1.acks == [] and r1.errors == []
+        mend_storage()
+        for _ in range(100):
+            if (await hub.http.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        await r1.burst(outcomes)  # the bridge's re-send
+        await r1.wait_acked([o.msg_id for o in outcomes])
+        assert set(r1.acked()) == {o.msg_id for o in outcomes}
+        req = (await hub.http.get(f"/v1/requests/{request_id}", headers=hub.auth("dso"))).json()
+        assert req["state"] == "completed" and {c["state"] for c in req["clients"].values()} == {"executed"}

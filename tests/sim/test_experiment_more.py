@@ -43,6 +43,23 @@ def test_scale_two_sizes_of_clients(tmp_path: Path) -> None:
     assert "scale in clients" in (out / "report.md").read_text()
 
 
+def test_scale_hosts_many_retailers_in_few_processes_and_caps_targets(tmp_path: Path) -> None:
+    out = tmp_path / "scale"
+    run("scale", "--out", str(out), "--clients", "40", "--retailers", "6", "--max-targets", "2",
+        "--poll-interval-s", "0.05", *SMALL)
+    res = json.loads((out / "results.json").read_text())
+    (size,) = res["runs"]
+    assert size["totals"]["sent"] > 0 and size["totals"]["sent"] == size["totals"]["completed"]
+    assert size["fractions"] == dict.fromkeys(TYPES, 2 / 40) and res["params"]["max_targets"] == 2
+    assert res["params"]["poll_interval_s"] == 0.05
+    one = json.loads((out / size["dir"] / "results.json").read_text())
+    # 6 retailers in 4 processes (two of them host two), each retailer with its own counters.
+    assert {p for p in one["processes"] if p.startswith("rp-")} == {"rp-sim-1", "rp-sim-2", "rp-r3", "rp-r4"}
+    assert set(one["rp_simulators"]) == {f"r{i}" for i in range(1, 7)}
+    for rp in one["rp_simulators"].values():
+        assert rp["requests"] > 0 and rp["unacked_at_exit"] == 0
+
+
 @pytest.mark.parametrize("fault", ["hub", "storage", "hbase", "hbase-stall"])
 def test_faults_lose_nothing(tmp_path: Path, fault: str) -> None:
     out = tmp_path / fault
