@@ -4,7 +4,9 @@ Zero loss does not come from the broker (its persistence is a snapshot, ``refere
 stays in the request's stored outbox, and is re-sent with back-off, until the retailer's bridge answers with an
 application-level ``ack``. Outcomes and measurements are acknowledged only after they are committed, so the bridge
 re-sends them until then. Every incoming message is checked against the retailer the topic (and so the broker
-ACL) names; a bridge that comes back online is sent at once everything it has not acknowledged.
+ACL) names; a bridge that comes back online is sent at once everything it has not acknowledged. With several hub
+replicas (``cloud_hub.replicas``) an outcome for another replica's request, or an ack of another replica's
+message, is forwarded to it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Literal
 from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import RequestBook
 from cloud_hub.metrics import HubMetrics
+from cloud_hub.replicas import Replicas
 from cloud_hub.storage import StoreUnavailable
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ErrorReply, Measurements, Outcome, WireError, decode, encode
@@ -42,7 +45,14 @@ class HubRelay:
         self.on_phase_due: Callable[[str], Awaitable[None]] | None = None
         self.limiter = RateLimiter(200.0, 400)
         """One token bucket per retailer: messages beyond it are refused (unread) with an error answer."""
+        self.replicas: Replicas | None = None
+        """Set when the hub runs as several replicas."""
         book.kick = self.kick
+
+    def use_replicas(self, replicas: Replicas) -> None:
+        """Run as one of several replicas: forward what another replica owns, apply what they forward."""
+        self.replicas = replicas
+        replicas.on_outcome = self.apply_forwarded_outcome
 
     def kick(self) -> None:
         """Wake the dispatcher: a message is due."""
@@ -110,6 +120,14 @@ class HubRelay:
 
     async def handle(self, topic: str, payload: bytes, retained: bool) -> None:
         """Apply one message from a retailer; refuse and count anything wrong, keep serving the rest."""
+        if self.replicas is not None:
+            replica = topics.parse_replica(topic)
+            if replica is not None:
+                if replica[1] == "status":
+                    await self.replicas.on_status(replica[0], payload)
+                elif replica[0] == self.replicas.me:
+                    await self.replicas.on_message(payload)
+                return
         try:
             parsed = topics.parse_up(topic)
         except topics.TopicError:
@@ -143,9 +161,13 @@ class HubRelay:
                     log.info("retailer %s online: %d unacknowledged message(s) re-sent now", retailer_id, n)
             return
         if isinstance(msg, Ack):
+            if self.replicas is not None:
+                foreign = [m for m in msg.ack_ids if m not in self.book.outbox]
+                if foreign:
+                    await self.replicas.forward_acks(retailer_id, foreign)
             await self.book.on_ack(retailer_id, msg.ack_ids)
         elif isinstance(msg, Outcome):
-            await self._on_outcome(retailer_id, msg)
+            await self._on_outcome(retailer_id, msg, payload)
         elif isinstance(msg, Measurements):
             await self._on_measurements(retailer_id, msg)
         elif isinstance(msg, ErrorReply):
@@ -155,8 +177,22 @@ class HubRelay:
             await self._reply(retailer_id, ErrorReply(
                 ref_msg_id=msg.msg_id, code="invalid", message=f"a retailer may not send {msg.type!r} messages"))
 
-    async def _on_outcome(self, retailer_id: str, msg: Outcome) -> None:
-        addressed = await self.book.addressed(msg.request_id, msg.client_id)
+    async def apply_forwarded_outcome(self, retailer_id: str, payload: bytes) -> None:
+        """An outcome another replica received for a request this replica owns."""
+        try:
+            msg = decode(payload)
+        except WireError as exc:
+            log.warning("ignored an invalid forwarded outcome of retailer %s: %s", retailer_id, exc)
+            return
+        if isinstance(msg, Outcome):
+            await self._on_outcome(retailer_id, msg, payload, forwarded=True)
+
+    async def _on_outcome(self, retailer_id: str, msg: Outcome, payload: bytes, forwarded: bool = False) -> None:
+        owner = None
+        if self.replicas is None:
+            addressed = await self.book.addressed(msg.request_id, msg.client_id)
+        else:
+            addressed, owner = await self.book.route(msg.request_id, msg.client_id)
         verdict = decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
                          Context(addressed_retailers=tuple(addressed or ())))
         if not verdict.allowed:
@@ -167,6 +203,14 @@ class HubRelay:
             text = (verdict.reason if addressed is not None
                     else f"request {msg.request_id} has no client {msg.client_id}")
             await self._reply(retailer_id, ErrorReply(ref_msg_id=msg.msg_id, code=reason, message=text))
+            return
+        if self.replicas is not None and owner != self.replicas.me:
+            # Only the owner writes the request's row. Not acknowledged here: the owner acknowledges it, or, while
+            # the owner is offline (and until a survivor adopts the request), the retailer sends it again.
+            if not forwarded and self.replicas.is_live(owner) and owner is not None:
+                await self.replicas.forward_outcome(owner, retailer_id, payload)
+            else:
+                self.metrics.replica_held.inc()
             return
         await self.book.on_outcome(retailer_id, msg.request_id, msg.client_id, msg.state, msg.detail, msg.trace)
         await self._reply(retailer_id, Ack(ack_ids=[msg.msg_id]))
