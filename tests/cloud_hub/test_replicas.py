@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -98,6 +98,15 @@ async def wait_ready(url: str, timeout_s: float = 30) -> None:
                     return
             await asyncio.sleep(0.05)
     raise TimeoutError(f"replica at {url} not ready")
+
+
+async def until(cond: Callable[[], bool], timeout_s: float = 20) -> None:
+    """Wait until ``cond()`` holds (the assertion after it says what did not happen)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        await asyncio.sleep(0.05)
 
 
 def metric(text: str, name: str) -> float:
@@ -198,12 +207,12 @@ def owners(db: Path) -> Counter[str]:
 
 
 def test_replica_settings() -> None:
-    s = HubSettings(replica_id="b")
-    assert s.mqtt_client_id == "hub-b"
-    assert HubSettings(replica_id="b", mqtt_client_id="x").mqtt_client_id == "x"
-    assert HubSettings().replica_id is None and HubSettings().mqtt_client_id == "hub-1"
+    assert HubSettings.load(replica_id="b").mqtt_client_id == "hub-b"
+    assert HubSettings.load(replica_id="b", mqtt_client_id="x").mqtt_client_id == "x"
+    single = HubSettings.load()
+    assert single.replica_id is None and single.mqtt_client_id == "hub-1"
     with pytest.raises(ValidationError, match="invalid id"):
-        HubSettings(replica_id="a/b")
+        HubSettings.load(replica_id="a/b")
 
 
 async def test_outcomes_are_shared_and_reach_the_owner(
@@ -272,15 +281,11 @@ async def test_killed_replica_requests_are_adopted_and_complete_once(
                         for _ in range(15)]
                 on_b = [(await hb.post("/v1/emergencies", headers=dso, json=emergency(CLIENTS))).json()["request_id"]
                         for _ in range(5)]
-                deadline = time.monotonic() + 20
-                while len({k[0] for k in fake.executed}) < 20 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
+                await until(lambda: len({k[0] for k in fake.executed}) == 20)
                 assert len({k[0] for k in fake.executed}) == 20, "every request reached the retailer"
                 assert owners(tmp_path / "hub.db") == {"a": 15, "b": 5}
                 a.kill()  # mid-request: every request of a is open, its outcomes not yet sent
-                deadline = time.monotonic() + 20
-                while owners(tmp_path / "hub.db").get("a") and time.monotonic() < deadline:
-                    await asyncio.sleep(0.1)
+                await until(lambda: not owners(tmp_path / "hub.db").get("a"))
                 assert owners(tmp_path / "hub.db") == {"b": 20}, "the survivor adopted every open request"
                 fake.holding = False
                 states = await wait_states(hb, dso, on_a + on_b)
@@ -303,7 +308,7 @@ async def test_killed_replica_requests_are_adopted_and_complete_once(
 
 async def test_only_replicas_use_the_replica_topics(
         cluster: tuple[Replica, Replica, BrokerHandle, dict[str, str]]) -> None:
-    a, _, broker, tokens = cluster
+    a, _, broker, _ = cluster
     a.start()
     await wait_ready(a.url)
     with parties(Party(broker, "r1", f"{topics.REPLICAS}/#", topics.down("retailers", "r1"))) as (r1,):
