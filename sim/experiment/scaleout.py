@@ -148,7 +148,10 @@ class ScaleoutExperiment(Experiment):
     async def _start_hub(self, broker_port: int, spec: BrokerSpec, tokens_file: Path) -> str:
         identities = [spec.privileged, *spec.extra_privileged]
         for rid, identity in zip(self.replica_ids, identities, strict=True):
-            cfg, url = self._hub_config(f"hub-{rid}", broker_port, identity, tokens_file, replica_id=rid)
+            # Several writers on one SQLite file wait for each other's transactions: a longer busy timeout than one
+            # hub needs, so that contention shows as latency rather than as 503s.
+            cfg, url = self._hub_config(f"hub-{rid}", broker_port, identity, tokens_file, replica_id=rid,
+                                        sqlite_busy_timeout_ms=5000)
             self.replica_cfgs[rid], self.replica_urls[rid] = cfg, url
             self._spawn_hub(f"hub-{rid}", cfg)
         t0 = time.monotonic()
