@@ -10,7 +10,6 @@ import contextlib
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pydantic import ValidationError
 
 from broker_config.launcher import die_with_parent
 from cloud_hub.settings import HubSettings
+from cloud_hub.store import HubStore
 from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, Outcome, Request
@@ -39,7 +39,8 @@ NOT_AUTHORIZED = 0x87
 class Replica:
     """One hub replica as a child process, so that it can be killed for real."""
 
-    def __init__(self, tmp: Path, broker: BrokerHandle, replica_id: str, username: str, tokens_file: Path) -> None:
+    def __init__(self, tmp: Path, broker: BrokerHandle, replica_id: str, username: str, tokens_file: Path,
+                 storage: dict[str, object]) -> None:
         self.replica_id = replica_id
         self.port = free_port()
         self.config = tmp / f"hub-{replica_id}.toml"
@@ -47,7 +48,7 @@ class Replica:
             "http_port": self.port, "db_path": str(tmp / "hub.db"), "tokens_file": str(tokens_file),
             "mqtt_host": broker.host, "mqtt_port": broker.port, "mqtt_username": username,
             "mqtt_password": broker.identities[username].password, "replica_id": replica_id,
-            "replica_settle_s": 0.5, "replica_scan_s": 2.0}}))
+            "replica_settle_s": 0.5, "replica_scan_s": 2.0, **storage}}))
         self.log = tmp / f"hub-{replica_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
@@ -74,14 +75,19 @@ class Replica:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, mosquitto_factory: MosquittoFactory
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory
             ) -> Iterator[tuple[Replica, Replica, BrokerHandle, dict[str, str]]]:
-    """Replicas ``a`` (identity ``hub``) and ``b`` (identity ``hub-b``), each its own MQTT identity, one store."""
+    """Replicas ``a`` (identity ``hub``) and ``b`` (identity ``hub-b``), each its own MQTT identity, one store:
+    one SQLite file, or (``indirect`` parameter ``hbase``) one HBase through the Thrift test double."""
+    storage: dict[str, object] = {}
+    if getattr(request, "param", "sqlite") == "hbase":
+        double = request.getfixturevalue("hbase_double")
+        storage = {"storage": "hbase", "hbase_hosts": [f"127.0.0.1:{double.port}"]}
     broker = mosquitto_factory("hub", ["r1"], "hub", extra_privileged=["hub-b"])
     book = TokenBook(tmp_path / "tokens.json")
     tokens = {p: book.issue(p) for p in ("dso", "admin")}
-    a = Replica(tmp_path, broker, "a", "hub", book.path)
-    b = Replica(tmp_path, broker, "b", "hub-b", book.path)
+    a = Replica(tmp_path, broker, "a", "hub", book.path, storage)
+    b = Replica(tmp_path, broker, "b", "hub-b", book.path, storage)
     try:
         yield a, b, broker, tokens
     finally:
@@ -196,14 +202,14 @@ async def wait_states(http: httpx.AsyncClient, dso: dict[str, str], ids: list[st
     return states
 
 
-def owners(db: Path) -> Counter[str]:
-    """Owners of the open requests, read straight from the shared SQLite file (``cloud_hub.storage.sqlite``)."""
-    con = sqlite3.connect(db)
+async def owners(config: Path) -> Counter[str]:
+    """Owners of the open requests, read from the replicas' shared store."""
+    store = HubStore.from_settings(HubSettings.load(config))
+    await store.open()
     try:
-        rows = con.execute("select val from cells where tbl='open_requests' and col='d:owner'").fetchall()
+        return Counter(owner or "" for _, owner in await store.open_request_owners())
     finally:
-        con.close()
-    return Counter(bytes(r[0]).decode() for r in rows)
+        await store.close()
 
 
 def test_replica_settings() -> None:
@@ -262,8 +268,9 @@ async def test_outcomes_are_shared_and_reach_the_owner(
     assert max(fake.executed.values()) == 1 and len(fake.executed) == 60
 
 
+@pytest.mark.parametrize("cluster", ["sqlite", "hbase"], indirect=True)
 async def test_killed_replica_requests_are_adopted_and_complete_once(
-        cluster: tuple[Replica, Replica, BrokerHandle, dict[str, str]], tmp_path: Path) -> None:
+        cluster: tuple[Replica, Replica, BrokerHandle, dict[str, str]]) -> None:
     a, b, broker, tokens = cluster
     a.start()
     b.start()
@@ -283,16 +290,20 @@ async def test_killed_replica_requests_are_adopted_and_complete_once(
                         for _ in range(5)]
                 await until(lambda: len({k[0] for k in fake.executed}) == 20)
                 assert len({k[0] for k in fake.executed}) == 20, "every request reached the retailer"
-                assert owners(tmp_path / "hub.db") == {"a": 15, "b": 5}
+                assert await owners(a.config) == {"a": 15, "b": 5}
                 a.kill()  # mid-request: every request of a is open, its outcomes not yet sent
-                await until(lambda: not owners(tmp_path / "hub.db").get("a"))
-                assert owners(tmp_path / "hub.db") == {"b": 20}, "the survivor adopted every open request"
+                for _ in range(200):
+                    if not (await owners(a.config)).get("a"):
+                        break
+                    await asyncio.sleep(0.1)
+                assert await owners(a.config) == {"b": 20}, "the survivor adopted every open request"
+                # The killed replica comes back before the outcomes: it takes back nothing that was adopted.
+                a.start()
+                await wait_ready(a.url)
+                assert await owners(a.config) == {"b": 20}
                 fake.holding = False
                 states = await wait_states(hb, dso, on_a + on_b)
                 assert Counter(states.values()) == {"completed": 20}
-                # The killed replica comes back: it owns nothing any more and serves new requests.
-                a.start()
-                await wait_ready(a.url)
                 later = (await ha.post("/v1/emergencies", headers=dso, json=emergency(CLIENTS))).json()["request_id"]
                 assert (await wait_states(ha, dso, [later]))[later] == "completed"
         finally:
