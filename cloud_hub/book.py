@@ -139,6 +139,15 @@ class RequestBook:
 
     # -- replicas -----------------------------------------------------------------------------------------
 
+    def forget(self) -> int:
+        """Drop the in-memory view (a replica that lost the broker may have had its requests adopted meanwhile: it
+        loads again, after rejoining, only what it still owns); returns how many open requests were dropped."""
+        n = len(self.deadlines)
+        self.outbox.clear()
+        self.deadlines.clear()
+        self.phases.clear()
+        return n
+
     async def adopt(self, request_id: str) -> bool:
         """Take over an open request of a replica that went offline: become its owner in storage, then load it
         (its unacknowledged messages are sent again at once; retailers drop what they already have)."""

@@ -204,10 +204,11 @@ class HubRelay:
                     else f"request {msg.request_id} has no client {msg.client_id}")
             await self._reply(retailer_id, ErrorReply(ref_msg_id=msg.msg_id, code=reason, message=text))
             return
-        if self.replicas is not None and owner != self.replicas.me:
-            # Only the owner writes the request's row. Not acknowledged here: the owner acknowledges it, or, while
-            # the owner is offline (and until a survivor adopts the request), the retailer sends it again.
-            if not forwarded and self.replicas.is_live(owner) and owner is not None:
+        if self.replicas is not None and (owner != self.replicas.me or not self.replicas.ready.is_set()):
+            # Only the owner writes the request's row, once it has loaded its book. Not acknowledged here: the owner
+            # acknowledges it, or, while the owner is offline or joining (until it has loaded its requests, or a
+            # survivor has adopted them), the retailer sends it again.
+            if not forwarded and owner != self.replicas.me and self.replicas.is_live(owner) and owner is not None:
                 await self.replicas.forward_outcome(owner, retailer_id, payload)
             else:
                 self.metrics.replica_held.inc()

@@ -129,7 +129,13 @@ class Replicas:
     # -- start-up and adoption ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """After the link is up: settle, load this replica's requests, then adopt orphans until cancelled."""
+        """After the link is up: join (settle, load this replica's requests), then adopt orphans until cancelled;
+        after a lost connection, join again."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._adopt_loop(), name="hub-replica-adopt")
+            tg.create_task(self._join_loop(), name="hub-replica-join")
+
+    async def _join(self) -> None:
         await asyncio.sleep(self.settle_s)
         while True:
             try:
@@ -142,13 +148,38 @@ class Replicas:
             log.info("replica %s resumed %d unfinished request(s) it owns", self.me, n)
         self.book.kick()
         self.ready.set()
+        self._wake.set()
+
+    async def _join_loop(self) -> None:
+        await self._join()
+        while True:
+            await asyncio.sleep(0.1)
+            if self.link is None or self.link.connected:
+                continue
+            # Our last will has told the others we are offline, and the adopter may be taking our requests: stop
+            # acting on them and, once connected again, take back only those still ours.
+            self.ready.clear()
+            dropped = self.book.forget()
+            log.warning("replica %s lost the broker: dropped its %d open request(s) until it rejoins", self.me,
+                        dropped)
+            await self.link.wait_connected()
+            await self._join()
+
+    async def _adopt_loop(self) -> None:
+        await self.ready.wait()
         while True:
             self._wake.clear()
             try:
-                await self.adopt_orphans()
+                if self.ready.is_set():
+                    await self.adopt_orphans()
             except StoreUnavailable as exc:
                 log.warning("adoption paused: %s", exc)
             await wait_or_timeout(self._wake, self.scan_s)
+
+    def check_ready(self) -> None:
+        """Raise :class:`OwnerUnavailable` while this replica is (re)joining: it must not take new work."""
+        if not self.ready.is_set():
+            raise OwnerUnavailable(f"hub replica {self.me} is joining the others; retry shortly")
 
     async def adopt_orphans(self) -> int:
         """If this replica is the adopter, adopt every open request whose owner is not live; returns how many."""

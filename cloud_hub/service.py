@@ -374,6 +374,8 @@ class HubService:
             if status == 200:
                 return body
             raise {403: Forbidden, 404: NotFound, 409: Conflict}.get(status, OwnerUnavailable)(body.get("message", ""))
+        if self.replicas is not None:
+            self.replicas.check_ready()
         async with self.book.lock(request_id):
             req = await self.store.get_request(request_id, ["r:", "c:", "p:"])
             assert req is not None
@@ -430,6 +432,8 @@ class HubService:
                       deadline: float, clients: dict[str, dict[str, Any]], outbox: list[OutboxItem],
                       parties: dict[str, dict[str, Any]], audit: list[AuditEntry], t0: float,
                       extra: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        if self.replicas is not None:
+            self.replicas.check_ready()
         now = time.time()
         answer = {"request_id": request_id, "state": RequestState.ACCEPTED.value}
         meta = {"type": kind, "issuer": str(who), "body": json.loads(json.dumps(body, default=str)),

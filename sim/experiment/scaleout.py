@@ -53,8 +53,8 @@ class ScaleoutParams(BaseParams):
 def haproxy_config(port: int, backends: dict[str, int]) -> str:
     """HAProxy's configuration: one HTTP frontend on ``port``, the replicas as a round-robin backend.
 
-    A replica is taken out at its first refused connection (``observe layer4``) or after two failed ``/readyz``
-    checks, and back after two good ones; a refused connection is retried on another replica at once
+    A replica is taken out at its first refused connection (``observe layer4``) or after three failed ``/readyz``
+    checks (each may take 3 s: a replica that is slow under load is not a dead one), and back after two good ones; a refused connection is retried on another replica at once
     (``option redispatch 1``; HAProxy waits ``min(timeout connect, 1 s)`` before a retry, hence the short connect
     timeout on loopback). Only connection failures are retried: a POST a replica received and did not answer gets
     a 502, and the client sends it again with its Idempotency-Key.
@@ -80,7 +80,8 @@ backend replicas
     balance roundrobin
     option httpchk GET /readyz
     http-check expect status 200
-    default-server inter 500ms fastinter 200ms fall 2 rise 2 observe layer4 error-limit 1 on-error mark-down
+    timeout check 3s
+    default-server inter 1s fastinter 250ms fall 3 rise 2 observe layer4 error-limit 1 on-error mark-down
 {servers}
 """
 

@@ -343,3 +343,48 @@ def broker_publish_as_hub(broker: BrokerHandle, topic: str) -> None:
         hub.publish(topic, Ack(ack_ids=["sentinel"]).model_dump_json().encode(), 1)
     finally:
         hub.close()
+
+
+async def test_replica_that_lost_the_broker_rejoins_without_taking_back_adopted_requests(
+        cluster: tuple[Replica, Replica, BrokerHandle, dict[str, str]]) -> None:
+    """Replica a's connection is taken over (its client id reused), so its last will fires while it still runs:
+    b adopts a's open requests; a, back on the broker, drops its book and loads only what it still owns."""
+    from tests.broker_config.paho_client import TestClient
+
+    a, b, broker, tokens = cluster
+    a.start()
+    b.start()
+    await asyncio.gather(wait_ready(a.url), wait_ready(b.url))
+    await register(a.url, tokens)
+    dso = {"Authorization": f"Bearer {tokens['dso']}"}
+    with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
+        fake = FakeRetailer(r1)
+        fake.holding = True
+        worker = asyncio.create_task(fake.run())
+        try:
+            async with httpx.AsyncClient(base_url=a.url, timeout=10) as ha, \
+                    httpx.AsyncClient(base_url=b.url, timeout=10) as hb:
+                ids = [(await ha.post("/v1/emergencies", headers=dso, json=emergency(CLIENTS))).json()["request_id"]
+                       for _ in range(8)]
+                await until(lambda: len({k[0] for k in fake.executed}) == 8)
+                assert await owners(a.config) == {"a": 8}
+                intruder = TestClient(broker.host, broker.port, "hub", broker.identities["hub"].password,
+                                      client_id="hub-a")
+                assert not (await asyncio.to_thread(intruder.connect)).is_failure
+                await asyncio.to_thread(intruder.close)
+                for _ in range(200):
+                    if (await owners(a.config)).get("b") == 8:
+                        break
+                    await asyncio.sleep(0.1)
+                assert await owners(a.config) == {"b": 8}, "b adopted a's requests when a's will fired"
+                await wait_ready(a.url)  # a reconnected and rejoined
+                assert await owners(a.config) == {"b": 8}
+                fake.holding = False
+                states = await wait_states(hb, dso, ids)
+                assert Counter(states.values()) == {"completed": 8}
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+    assert "lost the broker: dropped its 8 open request(s)" in a.log.read_text()
+    assert max(fake.executed.values()) == 1, "nothing executed twice"
