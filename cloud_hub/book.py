@@ -166,10 +166,6 @@ class RequestBook:
         entry = cells.get(f"c:{client_id}")
         return (None if entry is None else list(entry.get("retailers", {}))), cells.get("r:owner")
 
-    async def owner(self, request_id: str) -> str | None:
-        """The replica that owns a request (None: no such request, or a hub without replicas)."""
-        return (await self.store.get_request_cells(request_id, ["r:owner"])).get("r:owner")
-
     # -- new requests -------------------------------------------------------------------------------------
 
     async def create(self, request_id: str, meta: dict[str, Any], clients: dict[str, dict[str, Any]],

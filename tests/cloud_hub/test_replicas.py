@@ -212,6 +212,19 @@ async def owners(config: Path) -> Counter[str]:
         await store.close()
 
 
+def test_replica_topics() -> None:
+    assert topics.shared(topics.all_up_msg("retailers")) == "$share/hub/mhp/v1/retailers/+/up/msg"
+    assert topics.replica_in("b") == "mhp/v1/hub/replicas/b/in"
+    assert topics.parse_replica(topics.replica_status("b")) == ("b", "status")
+    assert topics.parse_replica(topics.replica_in("b")) == ("b", "in")
+    assert topics.parse_replica(topics.up("retailers", "r1")) is None
+    with pytest.raises(topics.TopicError):
+        topics.replica_in("a/b")
+    # No party pattern reaches the replicas' subtree.
+    assert not any(t.startswith(topics.REPLICAS) or t.startswith("mhp/v1/hub")
+                   for _, t in topics.acl_patterns("retailers"))
+
+
 def test_replica_settings() -> None:
     assert HubSettings.load(replica_id="b").mqtt_client_id == "hub-b"
     assert HubSettings.load(replica_id="b", mqtt_client_id="x").mqtt_client_id == "x"
