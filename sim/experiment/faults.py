@@ -93,7 +93,7 @@ def plot(records: list[dict[str, Any]], rows: list[dict[str, Any]], fault: dict[
                 a.axvspan(fault["at_s"], fault["ready_s"], color="red", alpha=0.12)
         a.grid(alpha=0.3)
     what = {"hub": "hub killed (kill -9) and restarted", "storage": "hub database locked",
-            "replica": "one hub replica killed (kill -9), until its requests were adopted"}.get(fault["kind"], "")
+            "replica": "one hub replica killed (kill -9)"}.get(fault["kind"], "")
     ax.set_yscale("log")
     ax.set_ylabel("first POST -> completed (ms, log)")
     ax.set_title(f"Latency over time, measured by the DSO simulator; red: {what} until ready again")
