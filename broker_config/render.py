@@ -215,6 +215,8 @@ def acl_text(spec: BrokerSpec) -> str:
         f"# Parties ({spec.party_kind}): these patterns apply to every user; %u is the MQTT username.",
     ]
     lines += [f"pattern {access} {topic}" for access, topic in topics.acl_patterns(spec.party_kind)]
+    if spec.kind == "hub":
+        lines.append(f"# {topics.REPLICAS}/#: hub replicas only (each replica one privileged identity below).")
     for identity in spec.privileged_identities:
         lines += [
             "",

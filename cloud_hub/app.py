@@ -16,15 +16,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud_hub.api import data, health, registry, requests
 from cloud_hub.api.deps import RateLimited
+from cloud_hub.authz import Principal
 from cloud_hub.book import RequestBook
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.relay import HubRelay
+from cloud_hub.replicas import CancelHandler, OwnerUnavailable, Replicas
 from cloud_hub.service import Forbidden, HubService, IdempotencyConflict, NotFound
 from cloud_hub.settings import HubSettings
 from cloud_hub.store import Conflict, HubStore, StoreUnavailable
 from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
-from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from mhp_wire.messages import presence_payload
+from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
 from mhp_wire.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -36,14 +39,49 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
 
 async def _run_relay(app: FastAPI, settings: HubSettings) -> None:
     relay: HubRelay = app.state.relay
+    replicas: Replicas | None = relay.replicas
     endpoint = MqttEndpoint(settings.mqtt_host, settings.mqtt_port, settings.mqtt_username,
                             settings.mqtt_password, settings.mqtt_tls_ca_file)
-    link = MqttLink(endpoint, client_id=settings.mqtt_client_id, subscriptions=[topics.all_up("retailers")],
-                    handler=relay.handle, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None)
+    if replicas is None:
+        link = MqttLink(endpoint, client_id=settings.mqtt_client_id, subscriptions=[topics.all_up("retailers")],
+                        handler=relay.handle, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None)
+    else:
+        # One last will per connection: a replica's is its own presence, which the others act on. The public
+        # hub presence is only ever "online" here (the bridges do not act on it).
+        link = MqttLink(endpoint, client_id=settings.mqtt_client_id, subscriptions=replicas.subscriptions(),
+                        handler=relay.handle, status_topic=topics.replica_status(replicas.me),
+                        connect_timeout_s=None, clean_start=settings.replica_session_expiry_s == 0,
+                        session_expiry_s=settings.replica_session_expiry_s)
     async with link:
         relay.link = link
         relay.kick()
-        await relay.run()
+        if replicas is None:
+            await relay.run()
+            return
+        replicas.link = link
+        with contextlib.suppress(MqttError):
+            await link.publish(topics.PUBLIC_STATUS, presence_payload("online"), retain=True)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(replicas.run(), name="hub-replicas")
+            tg.create_task(relay.run(), name="hub-relay-loops")
+
+
+def _owner_cancel(service: HubService) -> CancelHandler:
+    """The owner's side of a cancel forwarded by another replica, answered as ``(HTTP status, body)``."""
+
+    async def cancel(principal: str, request_id: str) -> tuple[int, dict[str, Any]]:
+        try:
+            return 200, await service.cancel(Principal.parse(principal), request_id, forwarded=True)
+        except NotFound as exc:
+            return 404, {"message": str(exc)}
+        except Forbidden as exc:
+            return 403, {"message": str(exc)}
+        except Conflict as exc:
+            return 409, {"message": str(exc)}
+        except (OwnerUnavailable, StoreUnavailable, ValueError) as exc:
+            return 503, {"message": str(exc)}
+
+    return cancel
 
 
 def create_app(settings: HubSettings) -> FastAPI:
@@ -54,17 +92,26 @@ def create_app(settings: HubSettings) -> FastAPI:
         store = HubStore.from_settings(settings)
         await store.open()
         metrics = HubMetrics()
-        book = RequestBook(store, metrics)
-        resumed = await book.load()
-        if resumed:
-            log.info("resumed %d unfinished request(s) from storage", resumed)
+        book = RequestBook(store, metrics, settings.replica_id)
         relay = HubRelay(book, metrics)
-        service = HubService(store, book, metrics)
+        replicas = None
+        if settings.replica_id is None:
+            resumed = await book.load()
+            if resumed:
+                log.info("resumed %d unfinished request(s) from storage", resumed)
+        else:  # a replica loads its requests once it has heard the others' presence (Replicas.run)
+            replicas = Replicas(settings.replica_id, book, metrics, settle_s=settings.replica_settle_s,
+                                scan_s=settings.replica_scan_s, forward_timeout_s=settings.replica_forward_timeout_s)
+            relay.use_replicas(replicas)
+        service = HubService(store, book, metrics, replicas)
+        if replicas is not None:
+            replicas.on_cancel = _owner_cancel(service)
         relay.on_measurements = service.accept_measurements
         relay.limiter = RateLimiter(settings.mqtt_rate_limit_per_s, settings.mqtt_rate_limit_burst)
         relay.on_phase_due = service.finish_availability
         service.publish_tariff_retained = relay.publish_tariff
         app.state.store, app.state.metrics, app.state.relay, app.state.service = store, metrics, relay, service
+        app.state.replicas = replicas
         app.state.tokens = TokenBook(settings.tokens_file)
         task = asyncio.create_task(_run_relay(app, settings), name="hub-relay")
         try:
@@ -142,6 +189,13 @@ def create_app(settings: HubSettings) -> FastAPI:
         count(429)
         resp = _error(429, "rate_limited", str(exc), retry_after_s=round(exc.retry_after_s, 3))
         resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        return resp
+
+    @app.exception_handler(OwnerUnavailable)
+    async def owner_unavailable(request: Request, exc: OwnerUnavailable) -> JSONResponse:
+        count(503)
+        resp = _error(503, "owner_unavailable", str(exc), retry_after_s=1)
+        resp.headers["Retry-After"] = "1"
         return resp
 
     @app.exception_handler(StoreUnavailable)

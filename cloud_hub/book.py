@@ -118,9 +118,11 @@ def reduction_outcome(selection: dict[str, Any], counts: Counter[ClientState]) -
 class RequestBook:
     """Open requests, their outbox and their targets."""
 
-    def __init__(self, store: HubStore, metrics: HubMetrics) -> None:
+    def __init__(self, store: HubStore, metrics: HubMetrics, replica_id: str | None = None) -> None:
         self.store = store
         self.metrics = metrics
+        self.replica_id = replica_id
+        """Set when the hub runs as several replicas: the book holds only the requests this replica owns."""
         self.outbox: dict[str, OutboxItem] = {}
         self.deadlines: dict[str, float] = {}
         self.phases: dict[str, Phase] = {}
@@ -135,24 +137,61 @@ class RequestBook:
     # -- start-up -----------------------------------------------------------------------------------------
 
     async def load(self) -> int:
-        """Rebuild the in-memory view from storage; returns how many open requests were found."""
+        """Rebuild the in-memory view from storage; returns how many open requests were found. A replica
+        (``replica_id`` set) loads only the open requests it owns."""
+        if self.replica_id is None:
+            ids = await self.store.open_request_ids()
+        else:
+            ids = [r for r, owner in await self.store.open_request_owners() if owner == self.replica_id]
         n = 0
-        for request_id in await self.store.open_request_ids():
-            req = await self.store.get_request(request_id, ["r:", "o:"])
-            if req is None:  # crashed between writing the index and the row: nothing was accepted
-                await self.store.update_request(request_id, {}, close=True)
-                continue
-            meta = req["meta"]
-            for mid, d in req["outbox"].items():
-                self.outbox[mid] = OutboxItem.load(mid, request_id, d)
-            if not RequestState(meta["state"]).terminal:
-                self.deadlines[request_id] = meta["deadline"]
-                if meta.get("phase") == "availability":
-                    self.phases[request_id] = Phase(meta["phase_due"], meta["body"]["reduction_kw"])
-            elif not req["outbox"]:
-                await self.store.update_request(request_id, {}, close=True)
-            n += 1
+        for request_id in ids:
+            n += await self._load_one(request_id)
         return n
+
+    async def _load_one(self, request_id: str) -> bool:
+        req = await self.store.get_request(request_id, ["r:", "o:"])
+        if req is None:  # crashed between writing the index and the row: nothing was accepted
+            await self.store.update_request(request_id, {}, close=True)
+            return False
+        meta = req["meta"]
+        for mid, d in req["outbox"].items():
+            self.outbox[mid] = OutboxItem.load(mid, request_id, d)
+        if not RequestState(meta["state"]).terminal:
+            self.deadlines[request_id] = meta["deadline"]
+            if meta.get("phase") == "availability":
+                self.phases[request_id] = Phase(meta["phase_due"], meta["body"]["reduction_kw"])
+        elif not req["outbox"]:
+            await self.store.update_request(request_id, {}, close=True)
+        return True
+
+    # -- replicas -----------------------------------------------------------------------------------------
+
+    def forget(self) -> int:
+        """Drop the in-memory view (a replica that lost the broker may have had its requests adopted meanwhile: it
+        loads again, after rejoining, only what it still owns); returns how many open requests were dropped."""
+        n = len(self.deadlines)
+        self.outbox.clear()
+        self.deadlines.clear()
+        self.phases.clear()
+        return n
+
+    async def adopt(self, request_id: str) -> bool:
+        """Take over an open request of a replica that went offline: become its owner in storage, then load it
+        (its unacknowledged messages are sent again at once; retailers drop what they already have)."""
+        assert self.replica_id is not None, "only a replica adopts requests"
+        async with self.lock(request_id):
+            await self.store.set_owner(request_id, self.replica_id)
+            loaded = await self._load_one(request_id)
+        if loaded:
+            self.kick()
+        return loaded
+
+    async def route(self, request_id: str, client_id: str) -> tuple[list[str] | None, str | None]:
+        """What an outcome for ``(request_id, client_id)`` needs before it is applied: the retailers addressed for
+        that client (None: no such pair) and the replica that owns the request (None: a hub without replicas)."""
+        cells = await self.store.get_request_cells(request_id, [f"c:{client_id}", "r:owner"])
+        entry = cells.get(f"c:{client_id}")
+        return (None if entry is None else list(entry.get("retailers", {}))), cells.get("r:owner")
 
     # -- new requests -------------------------------------------------------------------------------------
 
@@ -163,7 +202,7 @@ class RequestBook:
         counts = Counter(e["state"] for e in (clients or parties).values())
         meta = {**meta, "state": RequestState.ACCEPTED.value, "counts": dict(counts)}
         await self.store.create_request(request_id, meta, clients, {o.msg_id: o.stored() for o in outbox},
-                                        parties, audit, idempotency)
+                                        parties, audit, idempotency, owner=self.replica_id)
         self.deadlines[request_id] = meta["deadline"]
         if meta.get("phase") == "availability":
             self.phases[request_id] = Phase(meta["phase_due"], meta["body"]["reduction_kw"])

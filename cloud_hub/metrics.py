@@ -31,6 +31,12 @@ class HubMetrics:
         )
         self.open_requests = Gauge("mhp_open_requests", "Requests that have not ended", registry=r)
         self.http_rejected = Counter("mhp_http_rejected", "HTTP requests refused", ["status"], registry=r)
+        self.replica_forwarded = Counter("mhp_replica_forwarded", "Messages forwarded to another hub replica",
+                                         ["kind"], registry=r)
+        self.replica_held = Counter("mhp_replica_held", "Outcomes left unacknowledged: their owner replica is "
+                                    "offline and the retailer sends them again", registry=r)
+        self.replica_adopted = Counter("mhp_replica_adopted", "Open requests adopted from offline replicas",
+                                       registry=r)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

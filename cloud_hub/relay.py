@@ -4,7 +4,9 @@ Zero loss does not come from the broker (its persistence is a snapshot, ``refere
 stays in the request's stored outbox, and is re-sent with back-off, until the retailer's bridge answers with an
 application-level ``ack``. Outcomes and measurements are acknowledged only after they are committed, so the bridge
 re-sends them until then. Every incoming message is checked against the retailer the topic (and so the broker
-ACL) names; a bridge that comes back online is sent at once everything it has not acknowledged.
+ACL) names; a bridge that comes back online is sent at once everything it has not acknowledged. With several hub
+replicas (``cloud_hub.replicas``) an outcome for another replica's request, or an ack of another replica's
+message, is forwarded to it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Generic, Literal, TypeVar
 from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import ReportedOutcome, RequestBook
 from cloud_hub.metrics import HubMetrics
+from cloud_hub.replicas import Replicas
 from cloud_hub.storage import StoreUnavailable
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ErrorReply, Measurements, Outcome, WireError, decode, encode
@@ -89,7 +92,14 @@ class HubRelay:
         """5,000 outcomes at most per storage batch: its column list stays well inside SQLite's limits."""
         self.acks = GroupCommit(self._commit_acks, max_batch=1_000, name="hub-ack-commit")
         self._received: dict[str, Any] = {}
+        self.replicas: Replicas | None = None
+        """Set when the hub runs as several replicas."""
         book.kick = self.kick
+
+    def use_replicas(self, replicas: Replicas) -> None:
+        """Run as one of several replicas: forward what another replica owns, apply what they forward."""
+        self.replicas = replicas
+        replicas.on_outcome = self.apply_forwarded_outcome
 
     def kick(self) -> None:
         """Wake the dispatcher: a message is due."""
@@ -157,6 +167,14 @@ class HubRelay:
 
     async def handle(self, topic: str, payload: bytes, retained: bool) -> None:
         """Apply one message from a retailer; refuse and count anything wrong, keep serving the rest."""
+        if self.replicas is not None:
+            replica = topics.parse_replica(topic)
+            if replica is not None:
+                if replica[1] == "status":
+                    await self.replicas.on_status(replica[0], payload)
+                elif replica[0] == self.replicas.me:
+                    await self.replicas.on_message(payload)
+                return
         try:
             parsed = topics.parse_up(topic)
         except topics.TopicError:
@@ -193,8 +211,14 @@ class HubRelay:
                     log.info("retailer %s online: %d unacknowledged message(s) re-sent now", retailer_id, n)
             return
         if isinstance(msg, Ack):
+            if self.replicas is not None:
+                foreign = [m for m in msg.ack_ids if m not in self.book.outbox]
+                if foreign:
+                    await self.replicas.forward_acks(retailer_id, foreign)
             await self.acks.submit((retailer_id, msg.ack_ids))
         elif isinstance(msg, Outcome):
+            if self.replicas is not None and not await self._owned_here(retailer_id, msg, payload):
+                return
             # Waiting for the commit keeps the MQTT-level PUBACK after it (and the broker's window as back-pressure).
             await self.outcomes.submit((retailer_id, msg))
         elif isinstance(msg, Measurements):
@@ -205,6 +229,32 @@ class HubRelay:
             self.metrics.mqtt_rejected.labels("unexpected").inc()
             await self._reply(retailer_id, ErrorReply(
                 ref_msg_id=msg.msg_id, code="invalid", message=f"a retailer may not send {msg.type!r} messages"))
+
+    async def apply_forwarded_outcome(self, retailer_id: str, payload: bytes) -> None:
+        """An outcome another replica received for a request this replica owns."""
+        try:
+            msg = decode(payload)
+        except WireError as exc:
+            log.warning("ignored an invalid forwarded outcome of retailer %s: %s", retailer_id, exc)
+            return
+        if isinstance(msg, Outcome) and await self._owned_here(retailer_id, msg, payload, forwarded=True):
+            await self.outcomes.submit((retailer_id, msg))
+
+    async def _owned_here(self, retailer_id: str, msg: Outcome, payload: bytes, forwarded: bool = False) -> bool:
+        """With replicas: whether this replica owns the outcome's request and has loaded its book, so that it may
+        apply the outcome (only the owner writes the request's row). Otherwise the outcome is forwarded to a live
+        owner, or held: not acknowledged, so that the retailer sends it again once the owner is back or a survivor
+        has adopted the request. An outcome naming no such request and client is applied here, where the group
+        commit refuses it with its error answer."""
+        assert self.replicas is not None
+        addressed, owner = await self.book.route(msg.request_id, msg.client_id)
+        if addressed is None or (owner == self.replicas.me and self.replicas.ready.is_set()):
+            return True
+        if not forwarded and owner is not None and owner != self.replicas.me and self.replicas.is_live(owner):
+            await self.replicas.forward_outcome(owner, retailer_id, payload)
+        else:
+            self.metrics.replica_held.inc()
+        return False
 
     async def _commit_acks(self, batch: list[tuple[str, list[str]]]) -> None:
         """Apply retailers' acks in one group commit; when storage is unavailable the messages stay in the outbox

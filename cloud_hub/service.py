@@ -13,6 +13,7 @@ from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import OutboxItem, RequestBook
 from cloud_hub.lifecycle import RequestState
 from cloud_hub.metrics import HubMetrics
+from cloud_hub.replicas import OwnerUnavailable, Replicas
 from cloud_hub.store import AuditEntry, Conflict, HubStore
 from cloud_hub.timeline import choose_for_reduction, clip_blocks, covered_by, profile, supplier_at, supply_spans
 from mhp_wire.messages import (
@@ -77,10 +78,13 @@ def _ts(value: datetime | float | str) -> float:
 class HubService:
     """The hub's use cases."""
 
-    def __init__(self, store: HubStore, book: RequestBook, metrics: HubMetrics) -> None:
+    def __init__(self, store: HubStore, book: RequestBook, metrics: HubMetrics,
+                 replicas: Replicas | None = None) -> None:
         self.store = store
         self.book = book
         self.metrics = metrics
+        self.replicas = replicas
+        """Set when the hub runs as several replicas: a cancel goes to the replica that owns the request."""
         self.storage_ms: dict[str, float] = {}
         self.publish_tariff_retained: Any = None
         """Set by the relay: ``async (payload: bytes) -> None`` publishing the retained public tariff."""
@@ -380,12 +384,23 @@ class HubService:
                 return
             await self.book.add_messages(request_id, items, put)
 
-    async def cancel(self, who: Principal, request_id: str) -> dict[str, Any]:
-        """Cancel a request that has not ended; every retailer it was sent to is told, and so every home."""
+    async def cancel(self, who: Principal, request_id: str, forwarded: bool = False) -> dict[str, Any]:
+        """Cancel a request that has not ended; every retailer it was sent to is told, and so every home.
+        On a replica that does not own the request, the owner does it (``forwarded``: asked by another replica)."""
         req = await self.store.get_request(request_id, ["r:", "c:", "p:"])
         if req is None:
             raise NotFound(f"request {request_id!r} does not exist")
         self.authorize(who, Action.CANCEL_REQUEST, Context(issuer=req["meta"]["issuer"]))
+        owner = req["meta"].get("owner")
+        if self.replicas is not None and owner != self.replicas.me:
+            if forwarded or owner is None:
+                raise OwnerUnavailable(f"request {request_id} is changing owner replica; retry shortly")
+            status, body = await self.replicas.forward_cancel(owner, str(who), request_id)
+            if status == 200:
+                return body
+            raise {403: Forbidden, 404: NotFound, 409: Conflict}.get(status, OwnerUnavailable)(body.get("message", ""))
+        if self.replicas is not None:
+            self.replicas.check_ready()
         async with self.book.lock(request_id):
             req = await self.store.get_request(request_id, ["r:", "c:", "p:"])
             assert req is not None
@@ -442,6 +457,8 @@ class HubService:
                       deadline: float, clients: dict[str, dict[str, Any]], outbox: list[OutboxItem],
                       parties: dict[str, dict[str, Any]], audit: list[AuditEntry], t0: float,
                       extra: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        if self.replicas is not None:
+            self.replicas.check_ready()
         now = time.time()
         answer = {"request_id": request_id, "state": RequestState.ACCEPTED.value}
         meta = {"type": kind, "issuer": str(who), "body": json.loads(json.dumps(body, default=str)),

@@ -9,6 +9,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mhp_wire.topics import check_id
+
 
 class HubSettings(BaseSettings):
     """Everything the hub needs to start."""
@@ -46,6 +48,19 @@ class HubSettings(BaseSettings):
     mqtt_rate_limit_per_s: float = Field(200.0, gt=0)
     """MQTT messages per second each retailer may sustain; beyond it they are refused with an error answer."""
     mqtt_rate_limit_burst: int = Field(400, ge=1)
+    replica_id: str | None = None
+    """Run as one of several hub replicas on one shared store (``docs/architecture.md``, scale-out); None: the
+    single hub. Each replica needs its own MQTT identity; ``mqtt_client_id`` defaults to ``hub-<replica_id>``."""
+    replica_settle_s: float = Field(1.0, ge=0)
+    """After connecting, how long a replica listens to the retained presence of the others before it loads its
+    requests and adopts those of offline replicas."""
+    replica_scan_s: float = Field(10.0, gt=0)
+    """How often the adopting replica looks for open requests whose owner is offline."""
+    replica_session_expiry_s: int = Field(0, ge=0)
+    """MQTT session expiry of a replica. 0 (default): a replica's shared subscription ends with its connection;
+    Mosquitto 2.0 hands a stored offline session its share of the group's messages (``docs/decisions.md``)."""
+    replica_forward_timeout_s: float = Field(5.0, gt=0)
+    """How long a replica waits for the owner's answer to a forwarded cancel before answering 503."""
 
     @model_validator(mode="after")
     def _no_default_secrets(self) -> HubSettings:
@@ -53,6 +68,10 @@ class HubSettings(BaseSettings):
             raise ValueError("mqtt_password must be set outside development")
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("HTTPS needs both tls_certfile and tls_keyfile (or neither for plain HTTP)")
+        if self.replica_id is not None:
+            check_id(self.replica_id)  # a topic level of the replica's presence and inbox
+            if "mqtt_client_id" not in self.model_fields_set:
+                self.mqtt_client_id = f"hub-{self.replica_id}"
         if self.storage == "hbase" and not self.hbase_hosts:
             raise ValueError("storage 'hbase' needs hbase_hosts (Thrift gateway addresses host:port)")
         return self

@@ -207,15 +207,20 @@ class HubStore:
     async def create_request(self, request_id: str, meta: dict[str, Any], clients: dict[str, dict[str, Any]],
                              outbox: dict[str, dict[str, Any]], parties: dict[str, dict[str, Any]],
                              audit: list[AuditEntry],
-                             idempotency: tuple[str, str, str, int, dict[str, Any]] | None) -> None:
+                             idempotency: tuple[str, str, str, int, dict[str, Any]] | None,
+                             owner: str | None = None) -> None:
         """Store a new request. Rows in crash-safe order: the open index, the request row (atomic), the
-        idempotency answer, the audit lines; a restart ignores an index entry without its request row."""
+        idempotency answer, the audit lines; a restart ignores an index entry without its request row.
+        ``owner``: the hub replica that keeps the request's book (``r:owner`` and the index's ``d:owner``)."""
         cells: Row = {f"r:{k}": _j(v) for k, v in meta.items()}
         cells.update({f"c:{cid}": _j(e) for cid, e in clients.items()})
         cells.update({f"o:{mid}": _j(m) for mid, m in outbox.items()})
         cells.update({f"p:{rid}": _j(p) for rid, p in parties.items()})
-        muts = [Mutation("open_requests", request_id, {"d:deadline": _j(meta["deadline"])}),
-                Mutation("requests", request_id, cells)]
+        index: Row = {"d:deadline": _j(meta["deadline"])}
+        if owner is not None:
+            index["d:owner"] = owner.encode()
+            cells["r:owner"] = _j(owner)
+        muts = [Mutation("open_requests", request_id, index), Mutation("requests", request_id, cells)]
         if idempotency:
             principal, key, digest, status, answer = idempotency
             muts.append(Mutation("idempotency", f"{principal}|{key}", {
@@ -261,6 +266,16 @@ class HubStore:
     async def open_request_ids(self) -> list[str]:
         """Requests that have not ended, or still have messages to deliver."""
         return [r for r, _ in await self.kv.scan("open_requests")]
+
+    async def open_request_owners(self) -> list[tuple[str, str | None]]:
+        """Open requests with the hub replica that owns each (None: stored by a hub without replicas)."""
+        rows = await self.kv.scan("open_requests")  # not columns=["d:owner"]: rows without one would be left out
+        return [(r, cells["d:owner"].decode() if "d:owner" in cells else None) for r, cells in rows]
+
+    async def set_owner(self, request_id: str, owner: str) -> None:
+        """Hand an open request to another hub replica: the row's ``r:owner``, then the index's ``d:owner``."""
+        await self.kv.batch([Mutation("requests", request_id, {"r:owner": _j(owner)}),
+                             Mutation("open_requests", request_id, {"d:owner": owner.encode()})])
 
     # -- meter readings -----------------------------------------------------------------------------------
 

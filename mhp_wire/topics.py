@@ -15,6 +15,13 @@ are generated from the same three rules, so the topic tree and the ACLs cannot d
     mhp/v1/gateways/{gateway_id}/up/status       gateway presence      QoS 1, retained, last will
     mhp/v1/public/tariff                         current tariff        QoS 1, retained
     mhp/v1/public/status                         hub / bridge presence QoS 1, retained, last will
+    mhp/v1/hub/replicas/{replica_id}/status      hub replica presence  QoS 1, retained, last will
+    mhp/v1/hub/replicas/{replica_id}/in          replica -> replica    QoS 1 (forwarded outcomes, acks, cancels)
+
+The ``hub`` subtree exists only on the hub broker and only between hub replicas (``docs/architecture.md``,
+scale-out): no party pattern grants it, so only the privileged identities (one per replica) may use it. Replicas
+share the retailers' ``up/msg`` traffic through the MQTT 5 shared subscription ``$share/hub/...`` (:func:`shared`)
+and each also subscribes, unshared, to every retailer's presence.
 """
 
 from __future__ import annotations
@@ -71,6 +78,41 @@ def all_up(kind: PartyKind) -> str:
     return f"{PREFIX}/{kind}/+/up/#"
 
 
+def all_up_msg(kind: PartyKind) -> str:
+    """Subscription filter for the messages (not the presence) every party of ``kind`` sends up."""
+    return f"{PREFIX}/{kind}/+/up/msg"
+
+
+def all_status(kind: PartyKind) -> str:
+    """Subscription filter for the retained presence of every party of ``kind``."""
+    return f"{PREFIX}/{kind}/+/up/status"
+
+
+SHARE_GROUP = "hub"
+"""The shared-subscription group of the hub replicas."""
+
+
+def shared(topic_filter: str, group: str = SHARE_GROUP) -> str:
+    """An MQTT 5 shared subscription: the broker hands each matching message to one member of ``group``."""
+    check_id(group)
+    return f"$share/{group}/{topic_filter}"
+
+
+REPLICAS = f"{PREFIX}/hub/replicas"
+
+
+def replica_status(replica_id: str) -> str:
+    """A hub replica's retained presence (``online``/``offline``), also its last will."""
+    return f"{REPLICAS}/{check_id(replica_id)}/status"
+
+
+def replica_in(replica_id: str) -> str:
+    """What the other replicas send one hub replica."""
+    return f"{REPLICAS}/{check_id(replica_id)}/in"
+
+
+REPLICA_STATUS_ALL = f"{REPLICAS}/+/status"
+
 TARIFF = f"{PREFIX}/public/tariff"
 PUBLIC_STATUS = f"{PREFIX}/public/status"
 PUBLIC_ALL = f"{PREFIX}/public/#"
@@ -86,7 +128,8 @@ def acl_patterns(kind: PartyKind) -> list[tuple[Literal["read", "write", "readwr
 
 
 PRIVILEGED_ACL = f"{PREFIX}/#"
-"""The hub (on the hub broker) and a bridge (on its retailer broker) may read and write the whole v1 tree."""
+"""The hub (on the hub broker) and a bridge (on its retailer broker) may read and write the whole v1 tree, the
+hub replicas' ``hub/replicas`` subtree included (and only they: :func:`acl_patterns` never grants it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +139,18 @@ class ParsedTopic:
     kind: PartyKind
     party_id: str
     channel: Literal["msg", "telemetry", "status"]
+
+
+_REPLICA_RE = re.compile(rf"^{ROOT}/{VERSION}/hub/replicas/([^/]+)/(status|in)$")
+
+
+def parse_replica(topic: str) -> tuple[str, Literal["status", "in"]] | None:
+    """``(replica_id, channel)`` of a hub-replica topic, or None for any other topic."""
+    m = _REPLICA_RE.fullmatch(topic)
+    if not m:
+        return None
+    check_id(m.group(1))
+    return m.group(1), m.group(2)  # type: ignore[return-value]
 
 
 _UP_RE = re.compile(rf"^{ROOT}/{VERSION}/(retailers|gateways)/([^/]+)/up/(msg|telemetry|status)$")

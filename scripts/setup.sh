@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian 12 machine that has only python3: from Debian's packages when missing,
-# Mosquitto (the brokers), python3-venv, Chromium (headless browser tests of the web pages) and VictoriaMetrics
-# (a server speaking InfluxDB's write API, for the telemetry-export tests); then a virtual environment in .venv
-# with the package, every extra and the dev tools.
+# Mosquitto (the brokers), HAProxy (the HTTP entry of the hub replicas), python3-venv, Chromium (headless browser
+# tests of the web pages) and VictoriaMetrics (a server speaking InfluxDB's write API, for the telemetry-export
+# tests); then a virtual environment in .venv with the package, every extra and the dev tools.
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it only installs what is missing).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -12,6 +12,9 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(
 # Debian's victoria-metrics: the bridge's telemetry-export tests write to it over InfluxDB's v2 write API (they start
 # their own on a free port; a system service the package may start on port 8428 is never used).
 command -v victoria-metrics >/dev/null 2>&1 || [ -x /usr/bin/victoria-metrics ] || missing+=(victoria-metrics)
+# Debian's haproxy: the one HTTP entry in front of the hub replicas in the scale-out experiment and its tests (they
+# start their own on a free port; a system service the package may start is never used).
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 # Debian's chromium: the gateway page's browser test drives it headless over the DevTools protocol.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

@@ -18,7 +18,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> Response:
-    """Ready when the storage accepts writes and the MQTT link to the hub broker is up."""
+    """Ready when the storage accepts writes and the MQTT link to the hub broker is up (and, for a hub replica,
+    once it has loaded the requests it owns)."""
     state = request.app.state
     checks: dict[str, str] = {}
     try:
@@ -28,6 +29,9 @@ async def readyz(request: Request) -> Response:
         checks["storage"] = str(exc)
     link = state.relay.link
     checks["mqtt"] = "ok" if link is not None and link.connected else "not connected"
+    replicas = getattr(state, "replicas", None)
+    if replicas is not None:
+        checks["replica"] = "ok" if replicas.ready.is_set() else "loading the requests it owns"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 

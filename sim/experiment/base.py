@@ -166,6 +166,8 @@ class Experiment:
         """The HBase test double's port (``storage="hbase"``)."""
         self.gateway_port = 0
         """The Thrift gateway relay's port in front of the double (``fault="hbase"``)."""
+        self.storage_settings: dict[str, Any] = {}
+        """The hub's storage settings (empty: the embedded default)."""
         self.pids: dict[str, int] = {}
         self.fault_log: dict[str, Any] = {}
         """What the fault injection did and measured (wall-clock times, durations); empty without a fault."""
@@ -188,9 +190,7 @@ class Experiment:
         p = self.p
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         passwords = {r: generate_password() for r in self.retailer_ids}
-        spec = BrokerSpec(kind="hub", port=free_port(), data_dir=self.work / "broker",
-                          privileged=Identity("hub", generate_password()),
-                          parties=[Identity(r, pw) for r, pw in passwords.items()], use_username_as_clientid=True)
+        spec = self._broker_spec(passwords)
         started = time.time()
         self.log(f"base setup: {p.clients} clients, {p.retailers} retailer(s), {p.duration_s:g} s (+{p.warmup_s:g} s "
                  f"warm-up), rates/min {p.rates()}, RP delay [{p.rp_delay_min_ms:g}, {p.rp_delay_max_ms:g}) ms")
@@ -215,6 +215,42 @@ class Experiment:
                                 wall_s=round(time.time() - started, 3), setup=results_raw["setup"],
                                 generator=results_raw["generator"], hub_counters=results_raw["hub_counters"],
                                 disk_samples=self.disk_samples)
+
+    def _broker_spec(self, passwords: dict[str, str]) -> BrokerSpec:
+        """The hub broker: the hub's identity and one per retailer."""
+        return BrokerSpec(kind="hub", port=free_port(), data_dir=self.work / "broker",
+                          privileged=Identity("hub", generate_password()),
+                          parties=[Identity(r, pw) for r, pw in passwords.items()], use_username_as_clientid=True)
+
+    def _hub_config(self, name: str, broker_port: int, identity: Identity, tokens_file: Path,
+                    **extra: Any) -> tuple[Path, str]:
+        """Write the TOML settings of one hub process ``name``; returns the file and the hub's URL."""
+        http_port = free_port()
+        cfg = self.work / f"{name}.toml"
+        cfg.write_text(tomli_w.dumps({"hub": {
+            "http_host": "127.0.0.1", "http_port": http_port, "db_path": str(self.work / "hub.db"),
+            "tokens_file": str(tokens_file), "mqtt_host": "127.0.0.1", "mqtt_port": broker_port,
+            "mqtt_username": identity.username, "mqtt_password": identity.password,
+            # The experiment measures the platform, not its abuse limits: lift them far above the offered load.
+            "rate_limit_per_s": 1_000_000.0, "rate_limit_burst": 1_000_000,
+            "mqtt_rate_limit_per_s": 1_000_000.0, "mqtt_rate_limit_burst": 1_000_000, **self.storage_settings,
+            **extra}}))
+        os.chmod(cfg, 0o600)
+        return cfg, f"http://127.0.0.1:{http_port}"
+
+    def _spawn_hub(self, name: str, cfg: Path) -> subprocess.Popen[bytes]:
+        """Start ``cloud-hub serve`` as process ``name``."""
+        return self._spawn(name, [sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve",
+                                  "--config", str(cfg)])
+
+    async def _start_hub(self, broker_port: int, spec: BrokerSpec, tokens_file: Path) -> str:
+        """Start the hub and wait until it is ready; returns the URL the DSO simulator uses."""
+        hub_cfg, hub_url = self._hub_config("hub", broker_port, spec.privileged, tokens_file)
+        self._spawn_hub("hub", hub_cfg)
+        t0 = time.monotonic()
+        await self._wait_ready(hub_url)
+        self.log(f"hub ready at {hub_url} ({time.monotonic() - t0:.1f} s)")
+        return hub_url
 
     async def _run_async(self, broker_port: int, spec: BrokerSpec, passwords: dict[str, str]) -> dict[str, Any]:
         p = self.p
@@ -302,32 +338,16 @@ class Experiment:
         return counters
 
     async def start_hub(self, broker_port: int, spec: BrokerSpec) -> tuple[str, dict[str, str]]:
-        """Issue the ``dso`` and ``admin`` tokens, start ``cloud-hub serve`` on the hub broker and wait until it
-        is ready; returns its URL and the tokens."""
+        """Issue the ``dso`` and ``admin`` tokens, start the storage the run asks for (the HBase test double) and
+        the hub (or, in a subclass, its replicas) on the hub broker, and wait until it is ready; returns the URL the
+        DSO uses and the tokens."""
         book = TokenBook(self.work / "hub-tokens.json")
         if book.path.exists():
             book.path.unlink()
         tokens = {"dso": book.issue("dso"), "admin": book.issue("admin")}
-        hub_port = free_port()
-        hub_cfg = self.work / "hub.toml"
-        storage: dict[str, Any] = {}
         if self.p.storage == "hbase":
-            storage = {"storage": "hbase", "hbase_hosts": [f"127.0.0.1:{await self._start_hbase()}"]}
-        hub_cfg.write_text(tomli_w.dumps({"hub": {
-            "http_host": "127.0.0.1", "http_port": hub_port, "db_path": str(self.work / "hub.db"),
-            "tokens_file": str(book.path), "mqtt_host": "127.0.0.1", "mqtt_port": broker_port,
-            "mqtt_username": "hub", "mqtt_password": spec.privileged.password, **storage,
-            # The experiment measures the platform, not its abuse limits: lift them far above the offered load.
-            "rate_limit_per_s": 1_000_000.0, "rate_limit_burst": 1_000_000,
-            "mqtt_rate_limit_per_s": 1_000_000.0, "mqtt_rate_limit_burst": 1_000_000}}))
-        os.chmod(hub_cfg, 0o600)
-        hub_url = f"http://127.0.0.1:{hub_port}"
-        self._spawn("hub", [sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve",
-                            "--config", str(hub_cfg)])
-        t0 = time.monotonic()
-        await self._wait_ready(hub_url)
-        self.log(f"hub ready at {hub_url} ({time.monotonic() - t0:.1f} s)")
-        return hub_url, tokens
+            self.storage_settings = {"storage": "hbase", "hbase_hosts": [f"127.0.0.1:{await self._start_hbase()}"]}
+        return await self._start_hub(broker_port, spec, book.path), tokens
 
     def _spawn_rp_sims(self, broker_port: int, passwords: dict[str, str]) -> list[Path]:
         """Start the RP simulators: at most ``RP_PROCESSES`` processes, the retailers dealt round-robin among
@@ -364,8 +384,7 @@ class Experiment:
             for s in self.samples:
                 if s["process"] == "hub":
                     s["process"] = "hub (killed)"
-            self._spawn("hub", [sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve",
-                                "--config", str(self.work / "hub.toml")])
+            self._spawn_hub("hub", self.work / "hub.toml")
             self.log(f"fault: hub pid {old.pid} killed with SIGKILL (exit {old.returncode}); restarted as pid "
                      f"{self.procs['hub'].pid}")
             await self._wait_ready(hub_url)
@@ -482,11 +501,11 @@ class Experiment:
                                        "--ready-file", str(ready)])
         await self._wait_files([ready], "the Thrift gateway relay")
 
-    async def _wait_ready(self, hub_url: str, timeout_s: float = 30.0) -> None:
+    async def _wait_ready(self, hub_url: str, timeout_s: float = 30.0, name: str = "hub") -> None:
         deadline = time.monotonic() + timeout_s
         async with httpx.AsyncClient(base_url=hub_url, timeout=2) as http:
             while time.monotonic() < deadline:
-                if self.procs["hub"].poll() is not None:
+                if name in self.procs and self.procs[name].poll() is not None:
                     break
                 try:
                     if (await http.get("/readyz")).status_code == 200:
@@ -494,7 +513,7 @@ class Experiment:
                 except httpx.HTTPError:
                     pass
                 await asyncio.sleep(0.1)
-        raise RuntimeError(f"the hub did not become ready; see {self.work / 'logs' / 'hub.log'}")
+        raise RuntimeError(f"{name} did not become ready; see {self.work / 'logs' / (name + '.log')}")
 
     async def _wait_files(self, paths: list[Path], what: str, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -12,6 +12,7 @@ from sim.experiment import faults as faults_mod
 from sim.experiment import peer_openleadr
 from sim.experiment import rate as rate_mod
 from sim.experiment import scale as scale_mod
+from sim.experiment import scaleout as scaleout_mod
 from sim.experiment.base import BaseParams, Experiment
 
 
@@ -140,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     rate.add_argument("--poll-s", type=float, default=0.25,
                       help="the DSO simulators' wait before each GET of an accepted request (latency comes from the "
                            "hub's completed_at, so sparse polling does not blur it and spares the hub)")
+    scaleout = sub.add_parser("scaleout", help="hub replicas behind one HTTP entry (HAProxy), one killed mid-run")
+    _common(scaleout, duration_s=60.0)
+    scaleout.add_argument("--replicas", type=int, default=2, help="hub replicas (at least 2)")
+    scaleout.add_argument("--kill-at-s", type=float, default=20.0,
+                          help="when replica 1 is killed with SIGKILL, in seconds after the DSO simulator started")
+    scaleout.add_argument("--restart-after-s", type=float,
+                          help="start the killed replica again this long after the kill (default: it stays down)")
+    scaleout.add_argument("--bucket-s", type=float, default=2.0, help="latency-over-time bucket")
+    scaleout.add_argument("--retry-s", type=float, default=0.5, help="the DSO's pause before re-sending a POST")
     args = parser.parse_args(argv)
     if args.experiment == "fanout":
         return _fanout(parser, args)
@@ -211,6 +221,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[faults] sent {a['sent']} accepted {a['accepted']} completed {a['completed']} lost {a['lost']} "
               f"(retried {a['retried_requests']} requests, {a['retries']} re-sends: {a['status_503']} 503s, "
               f"{a['no_answer']} without an answer); results in {args.out}", flush=True)
+        return 0 if a["accounted"] and a["lost"] == 0 and f["injected"] else 1
+    if args.experiment == "scaleout":
+        if args.replicas < 2:
+            parser.error("--replicas must be at least 2")
+        if args.kill_at_s < 0 or args.bucket_s <= 0 or (args.restart_after_s is not None and args.restart_after_s < 0):
+            parser.error("--kill-at-s and --restart-after-s must be >= 0, --bucket-s positive")
+        if args.kill_at_s >= args.warmup_s + args.duration_s:
+            parser.error("--kill-at-s must fall before the end of the run (warm-up + duration)")
+        sp = scaleout_mod.ScaleoutParams(clients=args.clients, retailers=args.retailers, replicas=args.replicas,
+                                         fault_at_s=args.kill_at_s, restart_after_s=args.restart_after_s,
+                                         bucket_s=args.bucket_s, retry_s=args.retry_s, **common)
+        res = scaleout_mod.run(sp)
+        a, f = res["accounting"], res["fault"]
+        print(f"[scaleout] done: {json.dumps(f)}", flush=True)
+        print(f"[scaleout] sent {a['sent']} accepted {a['accepted']} completed {a['completed']} lost {a['lost']} "
+              f"duplicate ids {a['duplicate_request_ids']} (retried {a['retried_requests']} requests, "
+              f"{a['redelivered_to_retailers']} requests re-delivered to retailers and dropped there); CPU per "
+              f"replica " + json.dumps({k: v["cpu_s"] for k, v in res["replicas"]["cpu"].items()})
+              + f"; results in {args.out}", flush=True)
         return 0 if a["accounted"] and a["lost"] == 0 and f["injected"] else 1
     results = Experiment(BaseParams(clients=args.clients, retailers=args.retailers, **common)).run()
     _print_base(results, args.out)

@@ -100,7 +100,8 @@ def plot(records: list[dict[str, Any]], rows: list[dict[str, Any]], fault: dict[
         a.grid(alpha=0.3)
     what = {"hub": "hub killed (kill -9) and restarted", "storage": "hub database locked",
             "hbase": "Thrift gateway killed (kill -9) and restarted",
-            "hbase-stall": "HBase stopped (SIGSTOP)"}.get(fault["kind"], "")
+            "hbase-stall": "HBase stopped (SIGSTOP)",
+            "replica": "one hub replica killed (kill -9)"}.get(fault["kind"], "")
     ax.set_yscale("log")
     ax.set_ylabel("first POST -> completed (ms, log)")
     ax.set_title(f"Latency over time, measured by the DSO simulator; red: {what} until ready again")

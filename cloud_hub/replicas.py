@@ -1,0 +1,272 @@
+"""Several hub replicas on one shared store: who owns which request, what they forward to each other, adoption.
+
+Each replica keeps the book (outbox, deadlines, phases) of the requests it created; the request row names its
+owner (``r:owner``, and ``d:owner`` in the open-requests index), and only the owner writes the row, so the book's
+single-writer locking holds across processes. Retailers' messages reach one replica of the shared subscription:
+
+* an outcome for a request another replica owns is forwarded to that owner's inbox, which applies and acknowledges
+  it; while the owner is offline it is left unacknowledged (the retailer's outbox sends it again);
+* an ack naming messages that are not in this replica's outbox is forwarded to every other live replica;
+* a cancel (HTTP) for a request another replica owns is forwarded to the owner, which answers.
+
+Presence is each replica's retained status with an ``offline`` last will. When one goes offline, the lowest live
+replica id adopts its open requests: it rewrites their owner and loads them (unacknowledged messages are sent
+again; retailers drop duplicates). A replica starting listens to the retained presence for ``settle_s`` first,
+then loads only the requests it owns: by then an adoption of its requests begun while it was offline has been
+written (``docs/architecture.md``, scale-out; ``docs/decisions.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cloud_hub.book import RequestBook
+from cloud_hub.metrics import HubMetrics
+from cloud_hub.storage import StoreUnavailable
+from mhp_wire import topics
+from mhp_wire.messages import Presence, WireError, decode
+from mhp_wire.mqtt import MqttError, MqttLink
+from mhp_wire.process import wait_or_timeout
+
+log = logging.getLogger(__name__)
+
+
+class OwnerUnavailable(Exception):
+    """The replica that owns a request cannot act on it now (offline, not answering); retry later (HTTP 503)."""
+
+
+class ReplicaMessage(BaseModel):
+    """What one replica sends another on its inbox (``mhp/v1/hub/replicas/{id}/in``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["outcome", "ack", "cancel", "cancel_result"]
+    sender: str
+    retailer_id: str | None = None
+    payload: str | None = None
+    """``outcome``: the retailer's message as it was received."""
+    ack_ids: list[str] = Field(default_factory=list)
+    request_id: str | None = None
+    principal: str | None = None
+    """``cancel``: who asked (already authorized by the sender; the owner authorizes again)."""
+    corr: str | None = None
+    """``cancel``/``cancel_result``: pairs an answer with its question."""
+    status: int | None = None
+    body: dict[str, Any] | None = None
+
+
+CancelHandler = Callable[[str, str], Awaitable[tuple[int, dict[str, Any]]]]
+"""``(principal, request_id) -> (HTTP status, body)``: the owner's cancel."""
+
+
+class Replicas:
+    """This replica's view of the others, and the forwarding and adoption between them."""
+
+    def __init__(self, replica_id: str, book: RequestBook, metrics: HubMetrics, *, settle_s: float = 1.0,
+                 scan_s: float = 10.0, forward_timeout_s: float = 5.0) -> None:
+        self.me = replica_id
+        self.book = book
+        self.metrics = metrics
+        self.settle_s = settle_s
+        self.scan_s = scan_s
+        self.forward_timeout_s = forward_timeout_s
+        self.link: MqttLink | None = None
+        self.presence: dict[str, str] = {}
+        """Other replicas' last known presence (``online``/``offline``), from their retained status."""
+        self.ready = asyncio.Event()
+        """Set once this replica has loaded the requests it owns."""
+        self.on_outcome: Callable[[str, bytes], Awaitable[None]] | None = None
+        """Set by the relay: apply an outcome forwarded by another replica."""
+        self.on_cancel: CancelHandler | None = None
+        self._answers: dict[str, asyncio.Future[tuple[int, dict[str, Any]]]] = {}
+        self._wake = asyncio.Event()
+        self._adopting = asyncio.Lock()
+
+    # -- who is there ---------------------------------------------------------------------------------------
+
+    def is_live(self, replica_id: str | None) -> bool:
+        """Whether ``replica_id`` is this replica or another one currently online."""
+        return replica_id == self.me or (replica_id is not None and self.presence.get(replica_id) == "online")
+
+    def peers(self) -> list[str]:
+        """The other replicas online now."""
+        return sorted(r for r, state in self.presence.items() if state == "online" and r != self.me)
+
+    def adopter(self) -> str:
+        """The replica that adopts offline replicas' requests: the lowest live id."""
+        return min([self.me, *self.peers()])
+
+    def subscriptions(self) -> list[str]:
+        """What a replica subscribes to: retailers' messages shared with the group, presence and its inbox not."""
+        return [topics.shared(topics.all_up_msg("retailers")), topics.all_status("retailers"),
+                topics.REPLICA_STATUS_ALL, topics.replica_in(self.me)]
+
+    async def on_status(self, replica_id: str, payload: bytes) -> None:
+        """Another replica's retained presence (or last will) changed."""
+        if replica_id == self.me:
+            return
+        try:
+            msg = decode(payload)
+        except WireError as exc:
+            log.warning("ignored an invalid presence of replica %s: %s", replica_id, exc)
+            return
+        if not isinstance(msg, Presence):
+            return
+        before = self.presence.get(replica_id)
+        self.presence[replica_id] = msg.state
+        if msg.state != before:
+            log.info("hub replica %s is %s", replica_id, msg.state)
+        if msg.state == "offline":
+            self._wake.set()
+
+    # -- start-up and adoption ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """After the link is up: join (settle, load this replica's requests), then adopt orphans until cancelled;
+        after a lost connection, join again."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._adopt_loop(), name="hub-replica-adopt")
+            tg.create_task(self._join_loop(), name="hub-replica-join")
+
+    async def _join(self) -> None:
+        await asyncio.sleep(self.settle_s)
+        while True:
+            try:
+                n = await self.book.load()
+                break
+            except StoreUnavailable as exc:
+                log.warning("replica %s cannot load its requests yet: %s", self.me, exc)
+                await asyncio.sleep(1.0)
+        if n:
+            log.info("replica %s resumed %d unfinished request(s) it owns", self.me, n)
+        self.book.kick()
+        self.ready.set()
+        self._wake.set()
+
+    async def _join_loop(self) -> None:
+        await self._join()
+        while True:
+            await asyncio.sleep(0.1)
+            if self.link is None or self.link.connected:
+                continue
+            # Our last will has told the others we are offline, and the adopter may be taking our requests: stop
+            # acting on them and, once connected again, take back only those still ours.
+            self.ready.clear()
+            dropped = self.book.forget()
+            log.warning("replica %s lost the broker: dropped its %d open request(s) until it rejoins", self.me,
+                        dropped)
+            await self.link.wait_connected()
+            await self._join()
+
+    async def _adopt_loop(self) -> None:
+        await self.ready.wait()
+        while True:
+            self._wake.clear()
+            try:
+                if self.ready.is_set():
+                    await self.adopt_orphans()
+            except StoreUnavailable as exc:
+                log.warning("adoption paused: %s", exc)
+            await wait_or_timeout(self._wake, self.scan_s)
+
+    def check_ready(self) -> None:
+        """Raise :class:`OwnerUnavailable` while this replica is (re)joining: it must not take new work."""
+        if not self.ready.is_set():
+            raise OwnerUnavailable(f"hub replica {self.me} is joining the others; retry shortly")
+
+    async def adopt_orphans(self) -> int:
+        """If this replica is the adopter, adopt every open request whose owner is not live; returns how many."""
+        async with self._adopting:
+            if self.adopter() != self.me:
+                return 0
+            n = 0
+            dead: set[str] = set()
+            for request_id, owner in await self.book.store.open_request_owners():
+                # Checked again for every row: a replica that comes back stops the adoption of its requests.
+                if self.is_live(owner) or self.adopter() != self.me:
+                    continue
+                if await self.book.adopt(request_id):
+                    n += 1
+                    dead.add(owner or "(no owner)")
+            if n:
+                self.metrics.replica_adopted.inc(n)
+                log.warning("replica %s adopted %d open request(s) of offline replica(s) %s", self.me, n,
+                            ", ".join(sorted(dead)))
+            return n
+
+    # -- forwarding -----------------------------------------------------------------------------------------
+
+    async def _send(self, replica_id: str, msg: ReplicaMessage) -> None:
+        if self.link is None:
+            raise MqttError("the MQTT link is not up")
+        await self.link.publish(topics.replica_in(replica_id), msg.model_dump_json(exclude_none=True).encode())
+
+    async def forward_outcome(self, owner: str, retailer_id: str, payload: bytes) -> None:
+        """Hand an outcome to the replica that owns its request (which acknowledges it to the retailer)."""
+        try:
+            await self._send(owner, ReplicaMessage(type="outcome", sender=self.me, retailer_id=retailer_id,
+                                                   payload=payload.decode()))
+            self.metrics.replica_forwarded.labels("outcome").inc()
+        except MqttError as exc:  # the retailer sends it again: it was not acknowledged
+            log.warning("could not forward an outcome to replica %s: %s", owner, exc)
+
+    async def forward_acks(self, retailer_id: str, ack_ids: list[str]) -> None:
+        """Acks of messages this replica did not send: every other live replica may have sent them."""
+        for peer in self.peers():
+            try:
+                await self._send(peer, ReplicaMessage(type="ack", sender=self.me, retailer_id=retailer_id,
+                                                      ack_ids=ack_ids))
+                self.metrics.replica_forwarded.labels("ack").inc()
+            except MqttError as exc:  # the owner sends the message again and the retailer acks it again
+                log.warning("could not forward acks to replica %s: %s", peer, exc)
+
+    async def forward_cancel(self, owner: str, principal: str, request_id: str) -> tuple[int, dict[str, Any]]:
+        """Ask the owner of a request to cancel it; its answer as ``(HTTP status, body)``."""
+        if not self.is_live(owner):
+            raise OwnerUnavailable(f"replica {owner} that owns request {request_id} is offline; another replica "
+                                   "is adopting its requests, retry shortly")
+        corr = uuid.uuid4().hex
+        fut: asyncio.Future[tuple[int, dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._answers[corr] = fut
+        try:
+            await self._send(owner, ReplicaMessage(type="cancel", sender=self.me, request_id=request_id,
+                                                   principal=principal, corr=corr))
+            self.metrics.replica_forwarded.labels("cancel").inc()
+            return await asyncio.wait_for(fut, self.forward_timeout_s)
+        except (MqttError, TimeoutError) as exc:
+            raise OwnerUnavailable(f"replica {owner} that owns request {request_id} did not answer ({exc or 'timeout'})"
+                                   "; retry shortly") from None
+        finally:
+            self._answers.pop(corr, None)
+
+    async def on_message(self, payload: bytes) -> None:
+        """Apply what another replica sent this one."""
+        try:
+            msg = ReplicaMessage.model_validate(json.loads(payload))
+        except (ValueError, ValidationError) as exc:
+            log.warning("ignored an invalid message on replica %s's inbox: %s", self.me, exc)
+            return
+        if msg.type == "outcome" and msg.retailer_id and msg.payload is not None and self.on_outcome is not None:
+            await self.on_outcome(msg.retailer_id, msg.payload.encode())
+        elif msg.type == "ack" and msg.retailer_id:
+            await self.book.on_ack(msg.retailer_id, msg.ack_ids)
+        elif msg.type == "cancel" and msg.corr and msg.request_id and msg.principal and self.on_cancel is not None:
+            status, body = await self.on_cancel(msg.principal, msg.request_id)
+            try:
+                await self._send(msg.sender, ReplicaMessage(type="cancel_result", sender=self.me, corr=msg.corr,
+                                                            status=status, body=body))
+            except MqttError as exc:  # the asking replica answers 503 after its timeout
+                log.warning("could not answer replica %s's cancel: %s", msg.sender, exc)
+        elif msg.type == "cancel_result" and msg.corr:
+            fut = self._answers.get(msg.corr)
+            if fut is not None and not fut.done():
+                fut.set_result((msg.status or 503, msg.body or {}))
+        else:
+            log.warning("ignored an incomplete %s message from replica %s", msg.type, msg.sender)
