@@ -27,6 +27,7 @@ from mhp_wire.messages import (
     Measurement,
     Measurements,
     Outcome,
+    Presence,
     Request,
     RequestKind,
     Schedule,
@@ -40,17 +41,31 @@ from mhp_wire.mqtt import MqttError, MqttLink
 from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
 from mhp_wire.sqlite import StorageError
-from retailer_bridge.store import CLOSED, DELIVERED, BridgeStore, NewCommand
+from retailer_bridge.store import CLOSED, BridgeStore, NewCommand, delivered_msg_id
 
 log = logging.getLogger(__name__)
 
 STALE_TELEMETRY_S = 60.0
 """Availability is not promised from telemetry older than this."""
+DISPATCH_BATCH = 10_000
+"""Commands, and outcomes for the hub, read and sent per dispatch round (one read, one write each): each round
+waits for the group commit in progress, so an emergency to 10,000 gateways goes out in one round, not five."""
+PUBLISH_WAIT_S = 5.0
+"""How long a publish waits for room in the broker's in-flight window (back-pressure) before the outbox takes
+over; a fan-out to 10,000 gateways fills a window of 1,000 many times."""
 
 
-def retry_delay_s(attempts: int) -> float:
+def retry_delay_s(attempts: int, first_s: float = 0.5) -> float:
     """Back-off before re-sending a message for the ``attempts``-th time."""
-    return float(min(30.0, 0.5 * 2 ** max(0, attempts - 1)))
+    return float(min(30.0, first_s * 2 ** max(0, attempts - 1)))
+
+
+HUB_FIRST_RETRY_S = 5.0
+"""First re-send of an outcome the hub has not acknowledged, and re-sends wait while the hub has acknowledged
+anything within this time. The hub acknowledges after its own commit, in order, which takes many seconds when
+10,000 outcomes arrive at once: re-sending then only multiplies its work (seen: 4 to 6 copies of each outcome).
+A message is lost with a connection, and when the hub is back (its presence says ``online``) everything waiting
+for it is re-sent at once; one the hub dropped otherwise is re-sent once the hub has gone quiet."""
 
 
 class BridgeRelay:
@@ -69,6 +84,11 @@ class BridgeRelay:
         self.received: Counter[str] = Counter()
         self.latest_telemetry: dict[str, Telemetry] = {}
         self.gateway_presence: dict[str, str] = {}
+        self.hub_presence: str | None = None
+        self.last_hub_ack = float("-inf")
+        """When (monotonic) the hub last acknowledged something."""
+        self.hub_retry_s = HUB_FIRST_RETRY_S
+        """``HUB_FIRST_RETRY_S`` (tests shorten it)."""
         self.measurement_interval_s = measurement_interval_s
         self.telemetry_sinks: list[Callable[[Telemetry], None]] = []
         """Called with every accepted telemetry message (the telemetry export); must not block."""
@@ -87,6 +107,7 @@ class BridgeRelay:
     async def on_hub_message(self, topic: str, payload: bytes, retained: bool) -> None:
         """Apply one message from the hub broker."""
         if topic == topics.PUBLIC_STATUS:
+            await self._on_hub_presence(payload)
             return
         try:
             msg = decode(payload)
@@ -110,6 +131,7 @@ class BridgeRelay:
         elif isinstance(msg, Tariff):
             await self._on_tariff(msg, ack=True)
         elif isinstance(msg, Ack):
+            self.last_hub_ack = time.monotonic()
             await self.store.ack_outbox(msg.ack_ids)
         elif isinstance(msg, ErrorReply):
             log.warning("the hub refused our message %s: %s", msg.ref_msg_id, msg.message)
@@ -119,6 +141,19 @@ class BridgeRelay:
             self.rejected["hub_unexpected"] += 1
             await self._to_hub(ErrorReply(ref_msg_id=msg.msg_id, code="invalid",
                                           message=f"the bridge does not handle {msg.type!r} messages yet"))
+
+    async def _on_hub_presence(self, payload: bytes) -> None:
+        try:
+            msg = decode(payload)
+        except WireError:
+            return
+        if not isinstance(msg, Presence):
+            return
+        state = msg.state
+        before, self.hub_presence = self.hub_presence, state
+        if state == "online" and before != "online":
+            await self.store.resend_to_hub_now()
+            self.kick()
 
     async def _on_request(self, req: Request) -> None:
         now = time.time()
@@ -189,7 +224,7 @@ class BridgeRelay:
         public = msg.model_copy(update={"msg_id": f"tariff-{msg.tariff_id}-{msg.version}"})
         if await self.store.put_tariff(msg.tariff_id, msg.version, encode(public)) and self.local is not None:
             try:
-                await self.local.publish(topics.TARIFF, encode(public), retain=True)
+                await self.local.publish(topics.TARIFF, encode(public), retain=True, wait_s=PUBLISH_WAIT_S)
                 log.info("tariff %s v%d published to our gateways", msg.tariff_id, msg.version)
             except MqttError as exc:
                 log.warning("tariff not republished now: %s", exc)
@@ -255,11 +290,13 @@ class BridgeRelay:
                                                    message=f"a gateway may not send {msg.type!r} messages"))
 
     async def _on_gateway_ack(self, gid: str, msg: Ack) -> None:
-        await self.store.ack_gateway_outbox(gid, msg.ack_ids)
-        for cmd in await self.store.command_by_msg(gid, msg.ack_ids):
-            out = Outcome(request_id=cmd["request_id"], client_id=cmd["client_id"], state=ClientState.DELIVERED,
+        def delivered(cmd: dict[str, Any]) -> tuple[str, bytes]:
+            out = Outcome(msg_id=delivered_msg_id(cmd["msg_id"]), request_id=cmd["request_id"],
+                          client_id=cmd["client_id"], state=ClientState.DELIVERED,
                           trace={"retailer_ms": round(cmd["handling_ms"], 3)})
-            await self.store.set_state(cmd["request_id"], cmd["client_id"], DELIVERED, (out.msg_id, encode(out)))
+            return out.msg_id, encode(out)
+
+        await self.store.deliver(gid, msg.ack_ids, delivered)
         self.kick()
 
     async def _on_gateway_outcome(self, gid: str, msg: Outcome) -> None:
@@ -270,20 +307,25 @@ class BridgeRelay:
             await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="forbidden",
                                                    message=f"gateway {gid} may not report for {msg.client_id}"))
             return
-        cmd = await self.store.get_command(msg.request_id, msg.client_id)
-        if cmd is None:
-            self.rejected["gateway_unknown_request"] += 1
-            await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="unknown_client",
-                                                   message=f"no request {msg.request_id} for {msg.client_id}"))
-            return
-        if cmd["state"] != CLOSED and msg.state.terminal:
+
+        def closing(cmd: dict[str, Any]) -> tuple[str, bytes] | None:
+            if not msg.state.terminal:
+                return None
             trace: dict[str, Any] = {k: v for k, v in msg.trace.items() if k in ("gateway_ms", "waited_ms")}
             if cmd["first_sent_at"] is not None:
                 trace["gateway_rtt_ms"] = round((t0 - cmd["first_sent_at"]) * 1000, 3)
             trace["retailer_ms"] = round(cmd["handling_ms"] + (time.time() - t0) * 1000, 3)
             out = Outcome(request_id=msg.request_id, client_id=msg.client_id, state=msg.state, detail=msg.detail,
                           trace=trace)
-            await self.store.set_state(msg.request_id, msg.client_id, CLOSED, (out.msg_id, encode(out)))
+            return out.msg_id, encode(out)
+
+        cmd = await self.store.close_command(msg.request_id, msg.client_id, closing)
+        if cmd is None:
+            self.rejected["gateway_unknown_request"] += 1
+            await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="unknown_client",
+                                                   message=f"no request {msg.request_id} for {msg.client_id}"))
+            return
+        if cmd["state"] != CLOSED and msg.state.terminal:
             self.kick()
         await self._to_gateway(gid, Ack(ack_ids=[msg.msg_id]))
 
@@ -293,7 +335,7 @@ class BridgeRelay:
         if self.hub is None:
             return
         try:
-            await self.hub.publish(topics.up("retailers", self.retailer_id), encode(msg))
+            await self.hub.publish(topics.up("retailers", self.retailer_id), encode(msg), wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
             log.warning("could not answer the hub: %s", exc)
 
@@ -301,7 +343,7 @@ class BridgeRelay:
         if self.local is None:
             return
         try:
-            await self.local.publish(topics.down("gateways", gid), encode(msg))
+            await self.local.publish(topics.down("gateways", gid), encode(msg), wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
             log.warning("could not answer gateway %s: %s", gid, exc)
 
@@ -320,8 +362,8 @@ class BridgeRelay:
         """Send what is due in both directions; returns how long to sleep."""
         now = time.time()
         if self.local is not None and self.local.connected:
-            sent: list[tuple[str, float]] = []
-            for cmd in await self.store.due_commands(now):
+            sent: list[tuple[str, int]] = []
+            for cmd in await self.store.due_commands(now, DISPATCH_BATCH):
                 waited_from = max(cmd["first_sent_at"] or now, cmd["not_before"])
                 if cmd["first_sent_at"] is not None and now - waited_from > self.gateway_ack_timeout_s:
                     await self._unreachable(cmd, "no acknowledgement from the gateway in time")
@@ -331,12 +373,14 @@ class BridgeRelay:
                                             ClientState.EXPIRED)
                     continue
                 try:
-                    await self.local.publish(topics.down("gateways", cmd["gateway_id"]), cmd["payload"])
+                    await self.local.publish(topics.down("gateways", cmd["gateway_id"]), cmd["payload"],
+                                             wait_s=PUBLISH_WAIT_S)
                 except MqttError:
                     break
-                sent.append((cmd["msg_id"], now + retry_delay_s(cmd["attempts"] + 1)))
-            if sent:
-                await self.store.mark_sent(sent, now)
+                sent.append((cmd["msg_id"], cmd["attempts"]))
+            if sent:  # re-sends count from the end of the batch: thousands of publishes take a while
+                after = time.time()
+                await self.store.mark_sent([(m, after + retry_delay_s(a + 1)) for m, a in sent], now)
             notices: list[tuple[str, float]] = []
             expired: list[str] = []
             for row in await self.store.due_gateway_outbox(now):
@@ -344,7 +388,8 @@ class BridgeRelay:
                     expired.append(row["msg_id"])
                     continue
                 try:
-                    await self.local.publish(topics.down("gateways", row["gateway_id"]), row["payload"])
+                    await self.local.publish(topics.down("gateways", row["gateway_id"]), row["payload"],
+                                             wait_s=PUBLISH_WAIT_S)
                 except MqttError:
                     break
                 notices.append((row["msg_id"], now + retry_delay_s(row["attempts"] + 1)))
@@ -357,15 +402,21 @@ class BridgeRelay:
             batch = Measurements(items=items)
             await self.store.queue_for_hub([(batch.msg_id, encode(batch))])
         if self.hub is not None and self.hub.connected:
-            done: list[tuple[str, float]] = []
-            for row in await self.store.due_outbox(now):
+            done: list[tuple[str, int]] = []
+            busy = time.monotonic() - self.last_hub_ack < self.hub_retry_s
+            if busy:  # the hub is acknowledging, in order: what it has not acknowledged yet is queued there
+                await self.store.postpone_hub_resends(now, now + self.hub_retry_s)
+            for row in await self.store.due_outbox(now, DISPATCH_BATCH):
                 try:
-                    await self.hub.publish(topics.up("retailers", self.retailer_id), row["payload"])
+                    await self.hub.publish(topics.up("retailers", self.retailer_id), row["payload"],
+                                           wait_s=PUBLISH_WAIT_S)
                 except MqttError:
                     break
-                done.append((row["msg_id"], now + retry_delay_s(row["attempts"] + 1)))
+                done.append((row["msg_id"], row["attempts"]))
             if done:
-                await self.store.mark_outbox_sent(done)
+                after = time.time()
+                await self.store.mark_outbox_sent([(m, after + retry_delay_s(a + 1, self.hub_retry_s))
+                                                   for m, a in done])
         nxt = await self.store.next_due()
         wait = 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
         if self._pending_measurements:

@@ -1,13 +1,22 @@
-"""The bridge's durable state: commands to gateways and outcomes to the hub, each kept until acknowledged."""
+"""The bridge's durable state: commands to gateways and outcomes to the hub, each kept until acknowledged.
+
+Writes are group-committed (:class:`GroupCommit`): every write that arrives while a commit is running joins the
+next transaction, so 10,000 gateways answering at once cost a few dozen fsyncs, not 10,000. Each write still
+returns only once its transaction is committed, so "stored before acknowledged" holds for every caller.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from mhp_wire.sqlite import SqliteThread
+from mhp_wire.sqlite import SqliteThread, StorageError
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (
@@ -28,6 +37,8 @@ CREATE INDEX IF NOT EXISTS commands_due ON commands(state, next_attempt_at);
 CREATE TABLE IF NOT EXISTS hub_outbox (
     msg_id TEXT PRIMARY KEY, payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS hub_outbox_due ON hub_outbox(next_attempt_at);
+CREATE INDEX IF NOT EXISTS gateway_outbox_due ON gateway_outbox(next_attempt_at);
 """
 
 SENDING = "sending"
@@ -36,6 +47,12 @@ DELIVERED = "delivered"
 """The gateway acknowledged the command and will report its outcome."""
 CLOSED = "closed"
 """The outcome went to the hub's outbox."""
+
+
+def delivered_msg_id(command_msg_id: str) -> str:
+    """The message id of the ``delivered`` outcome of a command: fixed, so that a later terminal outcome can
+    withdraw it from the outbox if it was not sent yet."""
+    return f"dlv-{command_msg_id}"
 
 
 @dataclass(slots=True)
@@ -53,19 +70,103 @@ class NewCommand:
     """The gateway counts as unreachable only after this time (the action's start) plus the ack timeout."""
 
 
+@dataclass(slots=True)
+class _Failed:
+    error: BaseException
+
+
+class GroupCommit:
+    """Write transactions of many callers, committed together.
+
+    ``await tx(fn)`` queues ``fn(db)``; one flusher runs everything queued in a single ``BEGIN IMMEDIATE`` …
+    ``COMMIT`` on the database thread, each ``fn`` inside its own savepoint, and resolves every caller after the
+    commit. A ``fn`` that raises is rolled back to its savepoint and gets its error; the others commit. Whatever
+    arrives during a commit waits for the next one: the batch grows with the load, and a lone write pays one
+    commit as before. If the commit itself fails, every caller of that batch gets the :class:`StorageError`.
+    """
+
+    def __init__(self, sql: SqliteThread) -> None:
+        self.sql = sql
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.commits = 0
+        """Transactions committed (the number of fsyncs)."""
+        self.writes = 0
+        """Writes committed; ``writes / commits`` is the mean batch."""
+
+    async def tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(db)`` in the next group transaction; returns once that transaction is committed."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((fn, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="bridge-group-commit")
+        return await fut
+
+    async def drain(self) -> None:
+        """Wait until everything queued is committed (or failed)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                results = await self.sql.call(self._run, [fn for fn, _ in batch])
+            except Exception as exc:  # the commit failed (StorageError): nothing of this batch is stored
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            self.commits += 1
+            self.writes += len(batch)
+            for (_, fut), result in zip(batch, results, strict=True):
+                if fut.done():  # the caller was cancelled; its write is committed all the same
+                    continue
+                if isinstance(result, _Failed):
+                    fut.set_exception(result.error)
+                else:
+                    fut.set_result(result)
+
+    def _run(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        db = self.sql.db
+        db.execute("BEGIN IMMEDIATE")
+        results: list[Any] = []
+        try:
+            for fn in fns:
+                db.execute("SAVEPOINT one_write")
+                try:
+                    results.append(fn(db))
+                except Exception as exc:
+                    db.execute("ROLLBACK TO one_write")
+                    results.append(_Failed(StorageError(f"storage error: {exc}") if isinstance(exc, sqlite3.Error)
+                                           else exc))
+                db.execute("RELEASE one_write")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # a failed COMMIT leaves it open: the next batch must start clean
+                db.execute("ROLLBACK")
+            raise
+        return results
+
+
 class BridgeStore:
-    """Commands and the outbox towards the hub, in SQLite."""
+    """Commands and the outbox towards the hub, in SQLite; every write goes through one :class:`GroupCommit`."""
 
     def __init__(self, path: Path | str) -> None:
         self.sql = SqliteThread(path, SCHEMA, name="bridge-store")
+        self.group = GroupCommit(self.sql)
 
     async def open(self) -> None:
         """Open (and create) the database."""
         await self.sql.open()
 
     async def close(self) -> None:
-        """Close the database."""
+        """Commit what is queued, then close the database."""
+        await self.group.drain()
         await self.sql.close()
+
+    async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self.group.tx(fn)
 
     async def accept_request(self, commands: list[NewCommand], outcomes: list[tuple[str, bytes]]) -> int:
         """Store new commands (a redelivered request adds nothing) and outcomes for the hub; returns new commands."""
@@ -83,7 +184,7 @@ class BridgeStore:
             self._queue(db, outcomes)
             return added
 
-        return await self.sql.tx(op)
+        return await self._tx(op)
 
     @staticmethod
     def _queue(db: sqlite3.Connection, outcomes: list[tuple[str, bytes]]) -> None:
@@ -93,7 +194,7 @@ class BridgeStore:
 
     async def queue_for_hub(self, outcomes: list[tuple[str, bytes]]) -> None:
         """Add outcomes to the outbox towards the hub."""
-        await self.sql.tx(lambda db: self._queue(db, outcomes))
+        await self._tx(lambda db: self._queue(db, outcomes))
 
     async def due_commands(self, now: float, limit: int = 500) -> list[dict[str, Any]]:
         """Commands not yet acknowledged by their gateway whose next attempt is due."""
@@ -105,42 +206,15 @@ class BridgeStore:
         """Record attempts ``(msg_id, next_attempt_at)``."""
 
         def op(db: sqlite3.Connection) -> None:
-            for msg_id, next_at in sent:
-                db.execute(
-                    "UPDATE commands SET attempts=attempts+1, next_attempt_at=?, "
-                    "first_sent_at=COALESCE(first_sent_at, ?), "
-                    "handling_ms=CASE WHEN first_sent_at IS NULL THEN (?-received_at)*1000 ELSE handling_ms END "
-                    "WHERE msg_id=?",
-                    (next_at, now, now, msg_id),
-                )
+            db.executemany(
+                "UPDATE commands SET attempts=attempts+1, next_attempt_at=?, "
+                "first_sent_at=COALESCE(first_sent_at, ?), "
+                "handling_ms=CASE WHEN first_sent_at IS NULL THEN (?-received_at)*1000 ELSE handling_ms END "
+                "WHERE msg_id=?",
+                [(next_at, now, now, msg_id) for msg_id, next_at in sent],
+            )
 
-        await self.sql.tx(op)
-
-    async def command_by_msg(self, gateway_id: str, msg_ids: list[str]) -> list[dict[str, Any]]:
-        """Commands of ``gateway_id`` with these message ids that are still waiting for its acknowledgement."""
-
-        def op(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            out = []
-            for m in msg_ids:
-                row = db.execute(
-                    "SELECT * FROM commands WHERE msg_id=? AND gateway_id=? AND state=?", (m, gateway_id, SENDING)
-                ).fetchone()
-                if row:
-                    out.append(dict(row))
-            return out
-
-        return await self.sql.read(op)
-
-    async def get_command(self, request_id: str, client_id: str) -> dict[str, Any] | None:
-        """One command, or None."""
-
-        def op(db: sqlite3.Connection) -> dict[str, Any] | None:
-            row = db.execute(
-                "SELECT * FROM commands WHERE request_id=? AND client_id=?", (request_id, client_id)
-            ).fetchone()
-            return dict(row) if row else None
-
-        return await self.sql.read(op)
+        await self._tx(op)
 
     async def set_state(self, request_id: str, client_id: str, state: str, outcome: tuple[str, bytes] | None) -> bool:
         """Move a command to ``state`` (never back from closed) and queue its outcome for the hub, atomically."""
@@ -154,7 +228,57 @@ class BridgeStore:
                 self._queue(db, [outcome])
             return bool(cur.rowcount)
 
-        return await self.sql.tx(op)
+        return await self._tx(op)
+
+    async def deliver(self, gateway_id: str, msg_ids: list[str],
+                      outcome_of: Callable[[dict[str, Any]], tuple[str, bytes]]) -> int:
+        """A gateway acknowledged these messages: drop its notices among them, and move its commands among them
+        that still wait for that acknowledgement to ``delivered`` with the outcome ``outcome_of(command)`` queued
+        for the hub; one write. Returns the commands moved."""
+
+        def op(db: sqlite3.Connection) -> int:
+            db.executemany("DELETE FROM gateway_outbox WHERE msg_id=? AND gateway_id=?",
+                           [(m, gateway_id) for m in msg_ids])
+            moved = 0
+            for m in msg_ids:
+                row = db.execute("SELECT * FROM commands WHERE msg_id=? AND gateway_id=? AND state=?",
+                                 (m, gateway_id, SENDING)).fetchone()
+                if row is None:
+                    continue
+                db.execute("UPDATE commands SET state=? WHERE msg_id=?", (DELIVERED, m))
+                self._queue(db, [outcome_of(dict(row))])
+                moved += 1
+            return moved
+
+        return await self._tx(op)
+
+    async def close_command(self, request_id: str, client_id: str,
+                            outcome_of: Callable[[dict[str, Any]], tuple[str, bytes] | None]
+                            ) -> dict[str, Any] | None:
+        """Close a command with the outcome ``outcome_of(command)`` (None: leave it as it is), in one write.
+
+        An outcome still unsent that said ``delivered`` for the same command (:func:`delivered_msg_id`) is dropped
+        from the outbox: the terminal one supersedes it, and the hub gets one message instead of two. Returns the
+        command as it was before, or None if there is no such command.
+        """
+
+        def op(db: sqlite3.Connection) -> dict[str, Any] | None:
+            row = db.execute("SELECT * FROM commands WHERE request_id=? AND client_id=?",
+                             (request_id, client_id)).fetchone()
+            if row is None:
+                return None
+            cmd = dict(row)
+            if cmd["state"] == CLOSED:
+                return cmd
+            outcome = outcome_of(cmd)
+            if outcome is not None:
+                db.execute("UPDATE commands SET state=? WHERE request_id=? AND client_id=?",
+                           (CLOSED, request_id, client_id))
+                db.execute("DELETE FROM hub_outbox WHERE msg_id=? AND attempts=0", (delivered_msg_id(cmd["msg_id"]),))
+                self._queue(db, [outcome])
+            return cmd
+
+        return await self._tx(op)
 
     async def due_outbox(self, now: float, limit: int = 500) -> list[dict[str, Any]]:
         """Outcomes for the hub whose next attempt is due."""
@@ -163,13 +287,13 @@ class BridgeStore:
 
     async def mark_outbox_sent(self, sent: list[tuple[str, float]]) -> None:
         """Record attempts ``(msg_id, next_attempt_at)`` towards the hub."""
-        await self.sql.tx(lambda db: db.executemany(
+        await self._tx(lambda db: db.executemany(
             "UPDATE hub_outbox SET attempts=attempts+1, next_attempt_at=? WHERE msg_id=?",
             [(n, m) for m, n in sent]))
 
     async def ack_outbox(self, msg_ids: list[str]) -> None:
         """Drop outcomes the hub acknowledged."""
-        await self.sql.tx(lambda db: db.executemany("DELETE FROM hub_outbox WHERE msg_id=?", [(m,) for m in msg_ids]))
+        await self._tx(lambda db: db.executemany("DELETE FROM hub_outbox WHERE msg_id=?", [(m,) for m in msg_ids]))
 
     async def next_due(self) -> float | None:
         """When the next command or outcome is due, or None."""
@@ -208,7 +332,7 @@ class BridgeStore:
             db.executemany("INSERT OR IGNORE INTO gateway_outbox (msg_id, gateway_id, payload, next_attempt_at, "
                            "deadline) VALUES (?,?,?,0,?)", notices)
 
-        await self.sql.tx(op)
+        await self._tx(op)
 
     async def commands_of(self, request_id: str) -> list[dict[str, Any]]:
         """Every command of one request."""
@@ -228,12 +352,7 @@ class BridgeStore:
                            [(n, m) for m, n in sent])
             db.executemany("DELETE FROM gateway_outbox WHERE msg_id=?", [(m,) for m in expired])
 
-        await self.sql.tx(op)
-
-    async def ack_gateway_outbox(self, gateway_id: str, msg_ids: list[str]) -> None:
-        """Drop notices a gateway acknowledged."""
-        await self.sql.tx(lambda db: db.executemany(
-            "DELETE FROM gateway_outbox WHERE msg_id=? AND gateway_id=?", [(m, gateway_id) for m in msg_ids]))
+        await self._tx(op)
 
     async def resend_now(self, gateway_id: str) -> None:
         """A gateway came back online: everything waiting for it is due now."""
@@ -242,11 +361,20 @@ class BridgeStore:
             db.execute("UPDATE commands SET next_attempt_at=0 WHERE gateway_id=? AND state=?", (gateway_id, SENDING))
             db.execute("UPDATE gateway_outbox SET next_attempt_at=0 WHERE gateway_id=?", (gateway_id,))
 
-        await self.sql.tx(op)
+        await self._tx(op)
+
+    async def postpone_hub_resends(self, now: float, until: float) -> None:
+        """Re-sends to the hub due by ``now`` wait until ``until``; first sends are not touched."""
+        await self._tx(lambda db: db.execute(
+            "UPDATE hub_outbox SET next_attempt_at=? WHERE attempts>0 AND next_attempt_at<=?", (until, now)))
+
+    async def resend_to_hub_now(self) -> None:
+        """The hub is back: every outcome waiting for its acknowledgement is due now."""
+        await self._tx(lambda db: db.execute("UPDATE hub_outbox SET next_attempt_at=0"))
 
     async def store_billing(self, request_id: str, rows: list[tuple[str, str, str, str]], now: float) -> None:
         """Keep billing data received from the hub (``client_id, period_start, period_end, readings json``)."""
-        await self.sql.tx(lambda db: db.executemany(
+        await self._tx(lambda db: db.executemany(
             "INSERT OR REPLACE INTO billing VALUES (?,?,?,?,?,?)",
             [(request_id, c, s, e, r, now) for c, s, e, r in rows]))
 
@@ -265,10 +393,10 @@ class BridgeStore:
             db.execute("INSERT OR REPLACE INTO tariff VALUES (1,?,?,?)", (tariff_id, version, payload))
             return True
 
-        return await self.sql.tx(op)
+        return await self._tx(op)
 
     async def queue_for_gateway(self, msg_id: str, gateway_id: str, payload: bytes, deadline: float) -> None:
         """A notice for one gateway (a schedule), re-sent until that gateway acknowledges it."""
-        await self.sql.tx(lambda db: db.execute(
+        await self._tx(lambda db: db.execute(
             "INSERT OR IGNORE INTO gateway_outbox (msg_id, gateway_id, payload, next_attempt_at, deadline) "
             "VALUES (?,?,?,0,?)", (msg_id, gateway_id, payload, deadline)))

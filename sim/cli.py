@@ -12,9 +12,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
         print("usage: mhp-sim devices --spec HOMES.json --ports PORTS.json --events EVENTS.jsonl\n"
-              "       mhp-sim experiment base --out DIR [--clients N] [--retailers N] [--duration-s S] ...\n\n"
+              "       mhp-sim experiment base --out DIR [--clients N] [--retailers N] [--duration-s S] ...\n"
+              "       mhp-sim dso-web --hub-url URL --token-file F (--no-login | --password-hash-file F) "
+              "[--host H --port P]\n\n"
               "  devices      serve simulated homes (SDM630 meter + relay board each) over Modbus TCP\n"
-              "  experiment   run one of the paper's experiments (DSO and RP simulators against the real hub)")
+              "  experiment   run one of the paper's experiments (DSO and RP simulators against the real hub)\n"
+              "  dso-web      the DSO's web page: post a request to the hub and follow it live")
         return 0 if args else 2
     if args[0] == "devices":
         return devices.main(args[1:])
@@ -22,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         from sim.experiment import cli as experiment_cli  # matplotlib only when an experiment runs
 
         return experiment_cli.main(args[1:])
-    print(f"mhp-sim: unknown command {args[0]!r} (known: devices, experiment)", file=sys.stderr)
+    if args[0] == "dso-web":
+        from sim import dso_web
+
+        return dso_web.main(args[1:])
+    print(f"mhp-sim: unknown command {args[0]!r} (known: devices, experiment, dso-web)", file=sys.stderr)
     return 2
 
 

@@ -4,9 +4,12 @@ Each simulated gateway has its own MQTT identity, subscribes to its own command 
 acknowledges every command and answers it at once (``executed`` for actions, ``acknowledged`` for a load shift)
 — no devices behind it. It is the load generator for bridge and fan-out benchmarks, not a gateway.
 
-    python -m sim.fleet --host 127.0.0.1 --port 1884 --credentials creds.json [--ready-file F]
+    python -m sim.fleet --host 127.0.0.1 --port 1884 --credentials creds.json [--ready-file F] [--stats-file F]
 
-``creds.json`` maps gateway id to ``{"client_id": ..., "password": ...}``.
+``creds.json`` maps gateway id to ``{"client_id": ..., "password": ...}``. On SIGTERM the fleet writes, to
+``--stats-file``, every command it got per request and gateway: ``{"gateways": n, "connect_s": s, "commands":
+{request_id: {gateway_id: [times received, first received at (epoch s)]}}}`` — what the fan-out experiment
+counts missing and duplicate commands from.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class FleetGateway:
         self.id = gateway_id
         self.client_id = client_id
         self.commands = 0
+        self.received: dict[str, list[float]] = {}
+        """Per request id: ``[times received, first received at]`` (a duplicate is a second receipt)."""
         self.link = MqttLink(endpoint, client_id=gateway_id, subscriptions=[topics.down("gateways", gateway_id)],
                              handler=self.on_message, status_topic=topics.status("gateways", gateway_id),
                              clean_start=True, session_expiry_s=0, connect_timeout_s=60)
@@ -50,6 +55,11 @@ class FleetGateway:
         if isinstance(msg, Command):
             self.commands += 1
             t0 = time.perf_counter()
+            seen = self.received.get(msg.request_id)
+            if seen is None:
+                self.received[msg.request_id] = [1, time.time()]
+            else:
+                seen[0] += 1
             state = ClientState.ACKNOWLEDGED if msg.kind is RequestKind.LOAD_SHIFT else ClientState.EXECUTED
             await self.link.publish(topics.up("gateways", self.id), encode(Ack(ack_ids=[msg.msg_id])))
             out = Outcome(request_id=msg.request_id, client_id=self.client_id, state=state,
@@ -57,26 +67,50 @@ class FleetGateway:
             await self.link.publish(topics.up("gateways", self.id), encode(out))
 
 
+def fleet_stats(fleet: list[FleetGateway], connect_s: float | None) -> dict[str, Any]:
+    """What the fleet received, per request and gateway (the shape ``--stats-file`` documents)."""
+    commands: dict[str, dict[str, list[float]]] = {}
+    for g in fleet:
+        for request_id, seen in g.received.items():
+            commands.setdefault(request_id, {})[g.id] = seen
+    return {"gateways": len(fleet), "connect_s": connect_s, "commands": commands}
+
+
 async def run_fleet(host: str, port: int, credentials: dict[str, dict[str, str]], ready_file: Path | None,
-                    connect_concurrency: int = 200) -> None:
-    """Connect every gateway, then serve until cancelled."""
+                    connect_concurrency: int = 200, stats_file: Path | None = None) -> None:
+    """Connect every gateway, then serve until SIGTERM (or cancelled); then write ``stats_file``."""
     fleet = [FleetGateway(gid, c["client_id"], MqttEndpoint(host, port, gid, c["password"]))
              for gid, c in credentials.items()]
     sem = asyncio.Semaphore(connect_concurrency)
-    async with contextlib.AsyncExitStack() as stack:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    connect_s: float | None = None
+    connected: list[FleetGateway] = []
 
-        async def connect(g: FleetGateway) -> None:
-            async with sem:
-                await stack.enter_async_context(g.link)
+    async def connect(g: FleetGateway) -> None:
+        async with sem:
+            await g.link.__aenter__()
+            connected.append(g)
 
+    try:
         t0 = time.monotonic()
         await asyncio.gather(*(connect(g) for g in fleet))
-        log.info("%d simulated gateways connected in %.2f s", len(fleet), time.monotonic() - t0)
+        connect_s = round(time.monotonic() - t0, 3)
+        log.info("%d simulated gateways connected in %.2f s", len(fleet), connect_s)
         if ready_file is not None:
-            tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"gateways": len(fleet), "connect_s": round(time.monotonic() - t0, 3)}))
-            os.replace(tmp, ready_file)
-        await asyncio.Event().wait()
+            _write_atomically(ready_file, {"gateways": len(fleet), "connect_s": connect_s})
+        await stop.wait()
+    finally:
+        if stats_file is not None:  # before the links close
+            _write_atomically(stats_file, fleet_stats(fleet, connect_s))
+        # All at once: one after the other, thousands of clean disconnects take longer than a supervisor waits.
+        await asyncio.gather(*(g.link.__aexit__(None, None, None) for g in connected))
+
+
+def _write_atomically(path: Path, content: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(content))
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--credentials", type=Path, required=True)
     parser.add_argument("--ready-file", type=Path)
+    parser.add_argument("--stats-file", type=Path, help="written on SIGTERM: the commands received")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     creds: dict[str, Any] = json.loads(args.credentials.read_text())
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with contextlib.suppress(KeyboardInterrupt, SystemExit):
-        asyncio.run(run_fleet(args.host, args.port, creds, args.ready_file))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_fleet(args.host, args.port, creds, args.ready_file, stats_file=args.stats_file))
     return 0
 
 

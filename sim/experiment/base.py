@@ -1,9 +1,18 @@
 """``mhp-sim experiment base``: the paper's base setup, every part a real process, measured from the outside.
 
-Starts the hub broker (Mosquitto from ``broker_config``), the hub (``cloud-hub serve``, embedded storage), one RP
+Starts the hub broker (Mosquitto from ``broker_config``), the hub (``cloud-hub serve``; its storage embedded SQLite,
+or ``storage="hbase"``: the HBase Thrift test double ``sim.hbase_double`` as a process of its own), one RP
 simulator per retailer, registers the retailers and clients over HTTP (and uploads one day of meter readings
-per client for the billing requests), runs the DSO simulator in its own process, samples CPU time and memory of
-every process from ``/proc`` once a second, stops everything and writes the results (``sim.experiment.report``).
+per client for the billing requests), runs the DSO simulator in one or more processes of its own, samples CPU
+time, memory and disk I/O of every process (``/proc/<pid>/stat``, ``status``, ``io``) and of every disk
+(``/proc/diskstats``, iostat's source) once a second, stops everything and writes the results
+(``sim.experiment.report``).
+
+With ``fault="hbase"`` a Thrift gateway process (``sim.experiment.thrift_gateway``, a TCP relay) stands between the
+hub and the double, as HBase's stateless Thrift gateway stands in front of the cluster; that process is killed
+with SIGKILL and started again. ``fault="hbase-stall"`` stops the double itself (SIGSTOP) for ``fault_down_s``
+and lets it go on (SIGCONT), like a region server hung in a long garbage collection: nothing is lost, every call
+waits or times out.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import IO, Any
 
 import httpx
 import tomli_w
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, die_with_parent, generate_password
 from cloud_hub.tokens import TokenBook
@@ -57,13 +67,24 @@ class BaseParams:
     progress_interval_s: float = 5.0
     seed: int = 1
     fault: str = ""
-    """``""`` (none), ``"hub"`` (``kill -9`` of the hub, restarted at once) or ``"storage"`` (the hub's SQLite
-    database locked by this process for ``fault_down_s``)."""
+    """``""`` (none), ``"hub"`` (``kill -9`` of the hub, restarted at once), ``"storage"`` (the hub's SQLite
+    database locked by this process for ``fault_down_s``), ``"hbase"`` (``kill -9`` of the Thrift gateway in front
+    of the HBase double, restarted at once) or ``"hbase-stall"`` (the double stopped for ``fault_down_s``)."""
     fault_at_s: float = 20.0
     """When the fault is injected, in seconds after the DSO simulator was started."""
     fault_down_s: float = 5.0
     retry_s: float = 0.5
     """The DSO simulator's pause before re-sending a POST that got no answer or a 5xx (same Idempotency-Key)."""
+    storage: str = "sqlite"
+    """``sqlite`` (the hub's embedded store) or ``hbase`` (the Thrift test double as its own process)."""
+    dso_workers: int = 1
+    """DSO simulator processes sharing the schedule (``seq`` modulo ``dso_workers``)."""
+    first_poll_s: float | None = None
+    """The DSO simulator's wait before the first GET of an accepted request; ``None``: ``poll_interval_s``."""
+    lag_bound_ms: float = 50.0
+    """A run whose send-lag p99 exceeds this was paced by the generator, not the hub: flagged invalid."""
+    sample_interval_s: float = 1.0
+    """How often CPU, memory and disk counters are read from /proc."""
 
     def rates(self) -> dict[str, float]:
         """The rate of each type, per minute."""
@@ -71,19 +92,42 @@ class BaseParams:
 
 
 def proc_sample(pid: int) -> dict[str, float] | None:
-    """CPU seconds (user + system) and current / peak resident memory (MiB) of a process, from /proc."""
+    """CPU seconds (user + system), current / peak resident memory (MiB) and bytes read from / written to storage
+    (``read_bytes`` / ``write_bytes`` of ``/proc/<pid>/io``: what reached the block layer, not the page cache) of a
+    process, from /proc."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         status = Path(f"/proc/{pid}/status").read_text()
     except (OSError, IndexError):
         return None
+    io: dict[str, int] = {}
+    with contextlib.suppress(OSError):  # another user's process (not ours) has no readable io file
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            key, _, value = line.partition(":")
+            io[key] = int(value)
     mem = {}
     for line in status.splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             mem[key] = int(value.split()[0]) / 1024
     return {"cpu_s": (int(stat[11]) + int(stat[12])) / _CLK_TCK, "rss_mib": round(mem.get("VmRSS", 0.0), 2),
-            "max_rss_mib": round(mem.get("VmHWM", 0.0), 2)}
+            "max_rss_mib": round(mem.get("VmHWM", 0.0), 2), "read_bytes": io.get("read_bytes", 0),
+            "write_bytes": io.get("write_bytes", 0)}
+
+
+def disk_sample() -> dict[str, dict[str, int]]:
+    """Bytes read and written so far per physical disk (``/proc/diskstats``, sectors of 512 bytes; devices with a
+    ``/sys/block/<name>/device``, so not loop, zram or partitions)."""
+    out: dict[str, dict[str, int]] = {}
+    try:
+        lines = Path("/proc/diskstats").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        f = line.split()
+        if len(f) >= 10 and Path(f"/sys/block/{f[2]}/device").exists():
+            out[f[2]] = {"read_bytes": int(f[5]) * 512, "write_bytes": int(f[9]) * 512}
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -117,6 +161,11 @@ class Experiment:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
         self.samples: list[dict[str, Any]] = []
+        self.disk_samples: list[dict[str, Any]] = []
+        self.hbase_port = 0
+        """The HBase test double's port (``storage="hbase"``)."""
+        self.gateway_port = 0
+        """The Thrift gateway relay's port in front of the double (``fault="hbase"``)."""
         self.pids: dict[str, int] = {}
         self.fault_log: dict[str, Any] = {}
         """What the fault injection did and measured (wall-clock times, durations); empty without a fault."""
@@ -163,30 +212,14 @@ class Experiment:
         params = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(p).items()}, "rates_per_min": p.rates()}
         return report.write_all(self.out, params=params, machine=machine(), records=records, rp_stats=rp_stats,
                                 samples=self.samples, procs=results_raw["procs"],
-                                wall_s=round(time.time() - started, 3), setup=results_raw["setup"])
+                                wall_s=round(time.time() - started, 3), setup=results_raw["setup"],
+                                generator=results_raw["generator"], hub_counters=results_raw["hub_counters"],
+                                disk_samples=self.disk_samples)
 
     async def _run_async(self, broker_port: int, spec: BrokerSpec, passwords: dict[str, str]) -> dict[str, Any]:
         p = self.p
-        book = TokenBook(self.work / "hub-tokens.json")
-        if book.path.exists():
-            book.path.unlink()
-        tokens = {"dso": book.issue("dso"), "admin": book.issue("admin")}
-        hub_port = free_port()
-        hub_cfg = self.work / "hub.toml"
-        hub_cfg.write_text(tomli_w.dumps({"hub": {
-            "http_host": "127.0.0.1", "http_port": hub_port, "db_path": str(self.work / "hub.db"),
-            "tokens_file": str(book.path), "mqtt_host": "127.0.0.1", "mqtt_port": broker_port,
-            "mqtt_username": "hub", "mqtt_password": spec.privileged.password,
-            # The experiment measures the platform, not its abuse limits: lift them far above the offered load.
-            "rate_limit_per_s": 1_000_000.0, "rate_limit_burst": 1_000_000,
-            "mqtt_rate_limit_per_s": 1_000_000.0, "mqtt_rate_limit_burst": 1_000_000}}))
-        os.chmod(hub_cfg, 0o600)
-        hub_url = f"http://127.0.0.1:{hub_port}"
-        self._spawn("hub", [sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve",
-                            "--config", str(hub_cfg)])
         t_setup = time.monotonic()
-        await self._wait_ready(hub_url)
-        self.log(f"hub ready at {hub_url} ({time.monotonic() - t_setup:.1f} s)")
+        hub_url, tokens = await self.start_hub(broker_port, spec)
         await self._register(hub_url, tokens)
         setup_s = round(time.monotonic() - t_setup, 3)
         self.log(f"registered {p.retailers} retailer(s), {p.clients} clients, uploaded one day of readings each "
@@ -199,20 +232,25 @@ class Experiment:
         dso_cfg.write_text(json.dumps({
             "hub_url": hub_url, "token": tokens["dso"], "clients": self.client_ids, "rates_per_min": p.rates(),
             "fractions": p.fractions, "duration_s": p.duration_s, "warmup_s": p.warmup_s, "drain_s": p.drain_s,
-            "poll_interval_s": p.poll_interval_s, "progress_interval_s": p.progress_interval_s, "seed": p.seed,
-            "retry_s": p.retry_s}))
+            "poll_interval_s": p.poll_interval_s, "first_poll_s": p.first_poll_s if p.first_poll_s is not None
+            else p.poll_interval_s, "lag_bound_ms": p.lag_bound_ms, "workers": p.dso_workers,
+            "progress_interval_s": p.progress_interval_s, "seed": p.seed, "retry_s": p.retry_s}))
         os.chmod(dso_cfg, 0o600)
-        dso = self._spawn("dso-sim", [sys.executable, "-m", "sim.experiment.dso_sim", "--config", str(dso_cfg),
-                                      "--out", str(self.work / "requests.jsonl"),
-                                      "--stats-file", str(self.work / "dso-sim.stats.json")], inherit_stdout=True)
+        names = ["dso-sim"] if p.dso_workers == 1 else [f"dso-sim-{i + 1}" for i in range(p.dso_workers)]
+        dsos = {name: self._spawn(name, [sys.executable, "-m", "sim.experiment.dso_sim", "--config", str(dso_cfg),
+                                         "--worker", str(i), "--out", str(self.work / f"{name}.requests.jsonl"),
+                                         "--stats-file", str(self.work / f"{name}.stats.json")], inherit_stdout=True)
+                for i, name in enumerate(names)}
         self.pids["experiment"] = os.getpid()
         t0 = time.monotonic()
         fault = asyncio.create_task(self._inject_fault(hub_url, t0)) if p.fault else None
-        while dso.poll() is None:
+        exited: set[str] = set()
+        while any(d.poll() is None for d in dsos.values()):
             self._sample(time.monotonic() - t0)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(p.sample_interval_s)
             for name, proc in self.procs.items():
-                if name != "dso-sim" and proc.poll() is not None:
+                if name not in dsos and name not in exited and proc.poll() is not None:
+                    exited.add(name)
                     self.log(f"{name} exited with {proc.returncode} during the run; see {self.work / 'logs'}")
         if fault is not None:
             if not fault.done():
@@ -221,13 +259,75 @@ class Experiment:
             with contextlib.suppress(asyncio.CancelledError):
                 await fault
         procs = self._sample(time.monotonic() - t0)
-        dso_stats = self.work / "dso-sim.stats.json"
-        if dso_stats.exists():  # it has exited: /proc no longer has it, it reported its own rusage
-            procs["dso-sim"] = {**json.loads(dso_stats.read_text()), "rss_mib": 0.0}
-        if dso.returncode != 0:
-            self.log(f"the DSO simulator exited with {dso.returncode}; see {self.work / 'logs' / 'dso-sim.log'}")
-        return {"procs": procs, "setup": {"setup_s": setup_s, "hub_url": hub_url, "work_dir": str(self.work)},
-                "fault": dict(self.fault_log)}
+        hub_counters = await self._hub_counters(hub_url)
+        generator: list[dict[str, Any]] = []
+        merged: list[str] = []
+        for name, dso in dsos.items():
+            dso_stats = self.work / f"{name}.stats.json"
+            if dso_stats.exists():  # it has exited: /proc no longer has it, it reported its own rusage
+                st = json.loads(dso_stats.read_text())
+                generator.append({"process": name, **st.pop("generator", {})})
+                procs[name] = {**st, "rss_mib": 0.0}
+            else:
+                generator.append({"process": name, "schedule_kept": False, "error": "no stats written"})
+            if dso.returncode != 0:
+                self.log(f"{name} exited with {dso.returncode}; see {self.work / 'logs' / f'{name}.log'}")
+            part = self.work / f"{name}.requests.jsonl"
+            if part.exists():
+                merged += [line for line in part.read_text().splitlines() if line.strip()]
+        merged.sort(key=lambda line: int(json.loads(line)["seq"]))
+        (self.work / "requests.jsonl").write_text("".join(line + "\n" for line in merged))
+        return {"procs": procs, "setup": {"setup_s": setup_s, "hub_url": hub_url, "work_dir": str(self.work),
+                                          "storage": p.storage},
+                "fault": dict(self.fault_log), "generator": generator, "hub_counters": hub_counters}
+
+    async def _hub_counters(self, hub_url: str) -> dict[str, Any]:
+        """The hub's own count of requests it accepted and finished, per type (``/metrics``), to reconcile with the
+        DSO simulator's records; a hub killed during the run restarted its counters, which the result says."""
+        counters: dict[str, Any] = {"created": {}, "finished": {}, "since_restart": self.p.fault == "hub"}
+        try:
+            async with httpx.AsyncClient(base_url=hub_url, timeout=10) as http:
+                text = (await http.get("/metrics")).text
+        except httpx.HTTPError as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        for family in text_string_to_metric_families(text):
+            key = {"mhp_requests_created": "created", "mhp_requests_finished": "finished"}.get(family.name)
+            if key is None:
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    label = sample.labels.get("type", "") + (f":{sample.labels['state']}"
+                                                             if "state" in sample.labels else "")
+                    counters[key][label] = int(sample.value)
+        return counters
+
+    async def start_hub(self, broker_port: int, spec: BrokerSpec) -> tuple[str, dict[str, str]]:
+        """Issue the ``dso`` and ``admin`` tokens, start ``cloud-hub serve`` on the hub broker and wait until it
+        is ready; returns its URL and the tokens."""
+        book = TokenBook(self.work / "hub-tokens.json")
+        if book.path.exists():
+            book.path.unlink()
+        tokens = {"dso": book.issue("dso"), "admin": book.issue("admin")}
+        hub_port = free_port()
+        hub_cfg = self.work / "hub.toml"
+        storage: dict[str, Any] = {}
+        if self.p.storage == "hbase":
+            storage = {"storage": "hbase", "hbase_hosts": [f"127.0.0.1:{await self._start_hbase()}"]}
+        hub_cfg.write_text(tomli_w.dumps({"hub": {
+            "http_host": "127.0.0.1", "http_port": hub_port, "db_path": str(self.work / "hub.db"),
+            "tokens_file": str(book.path), "mqtt_host": "127.0.0.1", "mqtt_port": broker_port,
+            "mqtt_username": "hub", "mqtt_password": spec.privileged.password, **storage,
+            # The experiment measures the platform, not its abuse limits: lift them far above the offered load.
+            "rate_limit_per_s": 1_000_000.0, "rate_limit_burst": 1_000_000,
+            "mqtt_rate_limit_per_s": 1_000_000.0, "mqtt_rate_limit_burst": 1_000_000}}))
+        os.chmod(hub_cfg, 0o600)
+        hub_url = f"http://127.0.0.1:{hub_port}"
+        self._spawn("hub", [sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve",
+                            "--config", str(hub_cfg)])
+        t0 = time.monotonic()
+        await self._wait_ready(hub_url)
+        self.log(f"hub ready at {hub_url} ({time.monotonic() - t0:.1f} s)")
+        return hub_url, tokens
 
     def _spawn_rp_sims(self, broker_port: int, passwords: dict[str, str]) -> list[Path]:
         """Start the RP simulators: at most ``RP_PROCESSES`` processes, the retailers dealt round-robin among
@@ -249,7 +349,8 @@ class Experiment:
         return ready
 
     async def _inject_fault(self, hub_url: str, t0: float) -> None:
-        """At ``fault_at_s``: kill -9 the hub and restart it, or lock its database for ``fault_down_s``."""
+        """At ``fault_at_s``: kill -9 the hub and restart it, lock its database for ``fault_down_s``, kill -9 the
+        Thrift gateway and restart it, or stop the HBase double for ``fault_down_s``."""
         p = self.p
         await asyncio.sleep(max(0.0, t0 + p.fault_at_s - time.monotonic()))
         f = self.fault_log
@@ -296,6 +397,53 @@ class Experiment:
                     self.log(f"fault: hub ready {f['unlock_to_ready_s']:.3f} s after the unlock")
             finally:
                 db.close()
+        elif p.fault == "hbase":
+            old = self.procs["thrift-gateway"]
+            os.kill(old.pid, signal.SIGKILL)
+            old.wait()
+            killed = time.monotonic()
+            for s in self.samples:
+                if s["process"] == "thrift-gateway":
+                    s["process"] = "thrift-gateway (killed)"
+            await self._start_gateway()
+            self.log(f"fault: Thrift gateway pid {old.pid} killed with SIGKILL (exit {old.returncode}); restarted "
+                     f"as pid {self.procs['thrift-gateway'].pid} on the same port")
+            f.update(killed_pid=old.pid, exit_code=old.returncode, restarted_pid=self.procs["thrift-gateway"].pid,
+                     restart_s=round(time.monotonic() - killed, 3))
+            await self._wait_ready(hub_url)
+            f.update(kill_to_hub_ready_s=round(time.monotonic() - killed, 3), ready_wall=time.time())
+            self.log(f"fault: hub ready {f['kill_to_hub_ready_s']:.3f} s after the gateway was killed")
+        elif p.fault == "hbase-stall":
+            pid = self.procs["hbase"].pid
+            os.kill(pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            self.log(f"fault: HBase test double pid {pid} stopped (SIGSTOP) for {p.fault_down_s:g} s")
+            unready: list[float] = []
+
+            async def probe() -> None:
+                # Apart from the stop's own clock: a probe waits for the hub, which waits for the stopped double.
+                async with httpx.AsyncClient(base_url=hub_url, timeout=1) as http:
+                    while not unready:
+                        with contextlib.suppress(httpx.HTTPError):
+                            if (await http.get("/readyz")).status_code == 503:
+                                unready.append(round(time.monotonic() - stopped, 3))
+                        await asyncio.sleep(0.1)
+
+            prober = asyncio.create_task(probe())
+            try:
+                await asyncio.sleep(p.fault_down_s)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+                prober.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await prober
+            resumed = time.monotonic()
+            f.update(stopped_pid=pid, stopped_s=round(resumed - stopped, 3), unlock_wall=time.time(),
+                     readyz_503_after_s=unready[0] if unready else None)
+            self.log("fault: HBase test double continued (SIGCONT)")
+            await self._wait_ready(hub_url)
+            f.update(resume_to_ready_s=round(time.monotonic() - resumed, 3), ready_wall=time.time())
+            self.log(f"fault: hub ready {f['resume_to_ready_s']:.3f} s after the double went on")
         else:
             raise ValueError(f"unknown fault {p.fault!r}")
 
@@ -306,7 +454,33 @@ class Experiment:
             if s is not None:
                 now[name] = s
                 self.samples.append({"t_s": round(t, 3), "process": name, **s})
+        for dev, d in disk_sample().items():
+            self.disk_samples.append({"t_s": round(t, 3), "device": dev, **d})
         return now
+
+    async def _start_hbase(self) -> int:
+        """Start the HBase Thrift test double (and, for the gateway fault, the gateway relay in front of it); the
+        port the hub is to use."""
+        ready = self.work / "hbase.ready"
+        ready.unlink(missing_ok=True)
+        self._spawn("hbase", [sys.executable, "-m", "sim.hbase_double", "--host", "127.0.0.1", "--port", "0",
+                              "--ready-file", str(ready)])
+        await self._wait_files([ready], "the HBase test double")
+        self.hbase_port = int(ready.read_text().strip())
+        self.log(f"HBase Thrift test double on port {self.hbase_port}")
+        if self.p.fault != "hbase":
+            return self.hbase_port
+        self.gateway_port = free_port()
+        await self._start_gateway()
+        return self.gateway_port
+
+    async def _start_gateway(self) -> None:
+        ready = self.work / "thrift-gateway.ready"
+        ready.unlink(missing_ok=True)
+        self._spawn("thrift-gateway", [sys.executable, "-m", "sim.experiment.thrift_gateway", "--listen-port",
+                                       str(self.gateway_port), "--upstream-port", str(self.hbase_port),
+                                       "--ready-file", str(ready)])
+        await self._wait_files([ready], "the Thrift gateway relay")
 
     async def _wait_ready(self, hub_url: str, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -7,12 +7,16 @@ import json
 import sys
 from pathlib import Path
 
+from sim.experiment import fanout as fanout_mod
 from sim.experiment import faults as faults_mod
+from sim.experiment import peer_openleadr
+from sim.experiment import rate as rate_mod
 from sim.experiment import scale as scale_mod
 from sim.experiment.base import BaseParams, Experiment
 
 
-def _common(sp: argparse.ArgumentParser, *, duration_s: float, sizes: bool = False) -> None:
+def _common(sp: argparse.ArgumentParser, *, duration_s: float, sizes: bool = False, rate: bool = True,
+            warmup_s: float = 5.0, drain_s: float = 30.0) -> None:
     sp.add_argument("--out", type=Path, required=True, help="folder for results.json, CSVs, PNGs, report.md")
     if sizes:
         sp.add_argument("--clients", default="1000", help="a number, or a comma-separated list of sizes (e.g. "
@@ -22,12 +26,20 @@ def _common(sp: argparse.ArgumentParser, *, duration_s: float, sizes: bool = Fal
         sp.add_argument("--clients", type=int, default=100)
         sp.add_argument("--retailers", type=int, default=1)
     sp.add_argument("--duration-s", type=float, default=duration_s, help="measured period (after the warm-up)")
-    sp.add_argument("--warmup-s", type=float, default=5.0, help="sent and accounted, not in the latency figures")
-    sp.add_argument("--rate-per-min", type=float, default=30.0, help="requests per minute of each of the 4 types")
+    sp.add_argument("--warmup-s", type=float, default=warmup_s, help="sent and accounted, not in the latency figures")
+    if rate:
+        sp.add_argument("--rate-per-min", type=float, default=30.0, help="requests per minute of each of the 4 types")
     sp.add_argument("--rp-delay-min-ms", type=float, default=100.0)
     sp.add_argument("--rp-delay-max-ms", type=float, default=110.0)
-    sp.add_argument("--drain-s", type=float, default=30.0, help="how long requests are followed after the last send")
+    sp.add_argument("--drain-s", type=float, default=drain_s,
+                    help="how long requests are followed after the last send")
     sp.add_argument("--seed", type=int, default=1)
+    sp.add_argument("--storage", choices=("sqlite", "hbase"), default=None,
+                    help="the hub's storage: sqlite (embedded; the default) or hbase (the HBase Thrift test double "
+                         "sim.hbase_double as its own process; the default for the hbase faults)")
+    sp.add_argument("--lag-bound-ms", type=float, default=50.0,
+                    help="a DSO simulator whose send-lag p99 exceeds this did not keep its schedule: the run is "
+                         "flagged invalid")
 
 
 def _sizes(parser: argparse.ArgumentParser, text: str, what: str) -> list[int]:
@@ -44,6 +56,10 @@ def _print_base(results: dict[str, object], out: Path) -> None:
     t: dict[str, int] = results["totals"]  # type: ignore[assignment]
     print(f"[experiment] done: sent {t['sent']}, completed {t['completed']}, failed {t['failed']}, missing "
           f"{t['missing']}; results in {out}", flush=True)
+    gen: dict[str, object] = results["generator"]  # type: ignore[assignment]
+    if not gen["valid"]:
+        print("[experiment] WARNING: a DSO simulator did not keep its schedule (send lag over its bound): the load "
+              "generator, not the hub, set the pace; see report.md", flush=True)
     per_type: dict[str, dict[str, dict[str, dict[str, float]]]] = results["per_type"]  # type: ignore[assignment]
     for kind, s in per_type.items():
         d, a = s["latency_ms"]["accepted_to_completed"], s["latency_ms"]["post_to_202"]
@@ -51,6 +67,21 @@ def _print_base(results: dict[str, object], out: Path) -> None:
               f"p99 {d['p99']} ms | breakdown " + json.dumps({k: v["mean"] for k, v in s["breakdown_ms"].items()
                                                                if k in ("hub_ms", "storage_ms", "dispatch_ms",
                                                                         "retailer_ms", "other_ms")}), flush=True)
+
+
+def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if min(args.gateways, args.retailers, args.runs, args.per_fleet) < 1 or args.timeout_s <= 0:
+        parser.error("--gateways, --retailers, --runs, --per-fleet and --timeout-s must be positive")
+    if args.retailers > args.gateways:
+        parser.error("--retailers cannot exceed --gateways (each retailer needs at least one client)")
+    res = fanout_mod.run(fanout_mod.FanoutParams(out=args.out, gateways=args.gateways, retailers=args.retailers,
+                                                 runs=args.runs, per_fleet=args.per_fleet, timeout_s=args.timeout_s,
+                                                 peer=args.peer or ""))
+    s = res["summary"]
+    print(f"[fanout] done: {s['runs']} run(s); all executed every run: {s['all_executed_every_run']}; missing "
+          f"{s['missing_commands']}, duplicates {s['duplicate_commands']}; 100 % executed by {s['t100_s_best']} s "
+          f"(best) / {s['t100_s_worst']} s (worst), target {s['target_s']:g} s; results in {args.out}", flush=True)
+    return 0 if s["all_executed_every_run"] and s["missing_commands"] == 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,19 +99,89 @@ def main(argv: list[str] | None = None) -> int:
                             "where they would target more (0: no cap, the paper's fractions)")
     faults = sub.add_parser("faults", help="the base setup with a hub or storage fault injected (Figures 12-13)")
     _common(faults, duration_s=60.0)
-    faults.add_argument("--fault", choices=("hub", "storage"), required=True,
+    faults.add_argument("--fault", choices=("hub", "storage", "hbase", "hbase-stall"), required=True,
                         help="hub: kill -9 of the hub process and an immediate restart; storage: the hub's SQLite "
-                             "database locked by another process for --down-s")
+                             "database locked by another process for --down-s; hbase: kill -9 of the Thrift gateway "
+                             "(a relay process in front of the HBase double) and an immediate restart; hbase-stall: "
+                             "the HBase double stopped (SIGSTOP) for --down-s, then continued")
     faults.add_argument("--at-s", type=float, default=20.0, help="when, in seconds after the DSO simulator started")
     faults.add_argument("--down-s", type=float, default=5.0, help="how long the storage stays locked")
     faults.add_argument("--bucket-s", type=float, default=2.0, help="latency-over-time bucket")
     faults.add_argument("--retry-s", type=float, default=0.5, help="the DSO's pause before re-sending a POST")
+    fanout = sub.add_parser("fanout", help="one emergency to every simulated gateway through the real chain, timed")
+    fanout.add_argument("--out", type=Path, required=True, help="folder for results.json, CSVs, PNG, report.md")
+    fanout.add_argument("--gateways", type=int, default=10_000, help="simulated gateways (one client each)")
+    fanout.add_argument("--retailers", type=int, default=1, help="bridges (and retailer brokers); clients are "
+                        "spread over them")
+    fanout.add_argument("--runs", type=int, default=3, help="emergencies sent, one after the other")
+    fanout.add_argument("--per-fleet", type=int, default=2_500, help="simulated gateways per fleet process")
+    fanout.add_argument("--timeout-s", type=float, default=60.0, help="how long one run is followed")
+    fanout.add_argument("--peer", choices=("openleadr",), help="also run this peer's fan-out to as many VENs")
+    peer = sub.add_parser("peer", help="the emergency fan-out to N homes through a peer, OpenLEADR (OpenADR 2.0b)")
+    peer.add_argument("--out", type=Path, required=True, help="folder for results.json, peer.csv, the PNG, report.md")
+    peer.add_argument("--homes", type=int, default=100, help="VENs, one per home")
+    peer.add_argument("--runs", type=int, default=3, help="emergencies, one after the other, each measured")
+    peer.add_argument("--poll-s", type=int, default=1, help="the VENs' poll period the VTN asks for, whole seconds "
+                      "(OpenLEADR writes whole seconds into OpenADR's duration)")
+    peer.add_argument("--ven-procs", type=int, default=None, help="VEN processes (default: one per 500 VENs, <= 4)")
+    peer.add_argument("--timeout-s", type=float, default=None, help="a run's limit (default 30 s + 10 ms per VEN)")
+    rate = sub.add_parser("rate", help="open loop at fixed total rates, stepped up until the p99 target breaks")
+    _common(rate, duration_s=60.0, rate=False, warmup_s=10.0, drain_s=10.0)
+    rate.add_argument("--start-per-min", type=float, default=1200.0, help="first total rate (4 types together)")
+    rate.add_argument("--step-per-min", type=float, default=1200.0)
+    rate.add_argument("--max-per-min", type=float, default=30000.0)
+    rate.add_argument("--runs", type=int, default=3, help="runs per step (each a fresh hub, broker, storage)")
+    rate.add_argument("--metric", choices=rate_mod.METRICS, default="hub_added",
+                      help="the latency the p99 bound applies to (default: what DESIGN.md's targets measure, the "
+                           "latency the hub and its storage add)")
+    rate.add_argument("--p99-ms", type=float, default=250.0, help="the p99 bound (DESIGN.md: 250 ms)")
+    rate.add_argument("--dso-workers", type=int, default=0,
+                      help="DSO simulator processes per run (0: one per 6000 requests/min, at most 8)")
+    rate.add_argument("--poll-s", type=float, default=0.25,
+                      help="the DSO simulators' wait before each GET of an accepted request (latency comes from the "
+                           "hub's completed_at, so sparse polling does not blur it and spares the hub)")
     args = parser.parse_args(argv)
-    if args.duration_s <= 0 or args.rate_per_min <= 0:
+    if args.experiment == "fanout":
+        return _fanout(parser, args)
+    if args.experiment == "peer":
+        if args.homes < 1 or args.runs < 1 or args.poll_s < 1:
+            parser.error("--homes, --runs and --poll-s must be positive")
+        if args.ven_procs is not None and not 1 <= args.ven_procs <= args.homes:
+            parser.error("--ven-procs must be between 1 and --homes")
+        res = peer_openleadr.run_openleadr_fanout(args.homes, args.out, args.runs, poll_s=args.poll_s,
+                                                  ven_procs=args.ven_procs, timeout_s=args.timeout_s)
+        s = res["summary"]
+        return 0 if s["missing"] == 0 and s["duplicates"] == 0 else 1
+    if args.duration_s <= 0 or getattr(args, "rate_per_min", 1.0) <= 0:
         parser.error("duration and rate must be positive")
-    common = dict(out=args.out, duration_s=args.duration_s, warmup_s=args.warmup_s, rate_per_min=args.rate_per_min,
+    fault = getattr(args, "fault", "")
+    storage = args.storage or ("hbase" if fault in ("hbase", "hbase-stall") else "sqlite")
+    if fault in ("hbase", "hbase-stall") and storage != "hbase":
+        parser.error(f"--fault {fault} needs --storage hbase")
+    if fault == "storage" and storage != "sqlite":
+        parser.error("--fault storage locks the embedded SQLite database; with --storage hbase use --fault hbase "
+                     "or hbase-stall")
+    common = dict(out=args.out, duration_s=args.duration_s, warmup_s=args.warmup_s,
                   rp_delay_min_ms=args.rp_delay_min_ms, rp_delay_max_ms=args.rp_delay_max_ms, drain_s=args.drain_s,
-                  seed=args.seed)
+                  seed=args.seed, storage=storage, lag_bound_ms=args.lag_bound_ms)
+    if args.experiment == "rate":
+        if args.clients < 1 or args.retailers < 1 or args.runs < 1 or args.dso_workers < 0 or args.poll_s <= 0:
+            parser.error("clients, retailers and runs must be positive, --dso-workers >= 0, --poll-s > 0")
+        if args.start_per_min <= 0 or args.step_per_min <= 0 or args.max_per_min < args.start_per_min:
+            parser.error("--start-per-min and --step-per-min must be positive, --max-per-min >= --start-per-min")
+        rp = rate_mod.RateParams(
+            base=BaseParams(clients=args.clients, retailers=args.retailers, poll_interval_s=args.poll_s,
+                            first_poll_s=args.poll_s, progress_interval_s=10.0, **common),
+            start_per_min=args.start_per_min, step_per_min=args.step_per_min, max_per_min=args.max_per_min,
+            runs=args.runs, metric=args.metric, p99_bound_ms=args.p99_ms, dso_workers=args.dso_workers)
+        res = rate_mod.run(rp)
+        s = res["sustained"]
+        print("[rate] done: largest sustained rate "
+              + (f"{s['rate_per_min']:g} requests/min ({args.metric} p99 {s['p99_ms']} ms)" if s else "none")
+              + (f"; stopped at {res['stopped_at']['rate_per_min']:g}/min: {res['stopped_at']['verdict']}"
+                 if res["stopped_at"] else "") + f"; results in {args.out}", flush=True)
+        return 0
+    common["rate_per_min"] = args.rate_per_min
     if args.experiment == "scale":
         clients, retailers = _sizes(parser, args.clients, "clients"), _sizes(parser, args.retailers, "retailers")
         if len(clients) > 1 and len(retailers) > 1:

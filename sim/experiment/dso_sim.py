@@ -5,11 +5,23 @@ it sends at a fixed rate, on a schedule fixed in advance (open loop: a slow answ
 numbers every request (``seq``, also its ``Idempotency-Key``), times POST → 202, then follows the request with
 ``GET /v1/requests/{id}`` until it reaches a terminal state, keeping the hub's per-component ``trace``.
 
-    python -m sim.experiment.dso_sim --config dso.json --out requests.jsonl
+Completion is timed on the hub's own clock: ``end_to_end_ms`` is the request's ``completed_at`` (set by the hub when
+the last client's outcome arrived) minus the wall-clock time of the first POST, both read from the same host clock;
+the GETs only fetch that result, so they can be sparse (``first_poll_s``, then ``poll_interval_s`` doubling up to
+``poll_max_s`` while the request is open) and the figure does not depend on the polling grid. ``seen_ms`` is when
+the simulator itself saw the terminal state.
+
+The generator checks itself: ``lag_ms`` is how late each send left against its schedule; when the p99 of the lag
+exceeds ``lag_bound_ms`` the simulator, not the hub, set the pace, and its stats say ``schedule_kept: false``.
+One process may not generate a high rate: ``workers`` processes then share one schedule, worker ``i`` sending the
+requests whose ``seq`` is ``i`` modulo ``workers`` (every ``seq`` is still unique and scheduled exactly once).
+
+    python -m sim.experiment.dso_sim --config dso.json --out requests.jsonl [--worker I]
 
 ``dso.json``: ``hub_url``, ``token``, ``clients`` (ids), ``rates_per_min`` and ``fractions`` per type,
-``duration_s``, ``warmup_s``, ``drain_s``, ``poll_interval_s``, ``progress_interval_s``, ``seed``. Every request
-scheduled is written to ``--out`` (one JSON object per line), finished or not.
+``duration_s``, ``warmup_s``, ``drain_s``, ``first_poll_s``, ``poll_interval_s``, ``poll_max_s``, ``lag_bound_ms``,
+``workers``, ``progress_interval_s``, ``seed``. Every request scheduled is written to ``--out`` (one JSON object per
+line), finished or not.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 TYPES = ("emergency", "load_reduction", "load_shift", "billing")
 """The paper's four request types."""
@@ -73,9 +85,16 @@ class DsoSimulator:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
         self.clients: list[str] = list(cfg["clients"])
-        self.rng = random.Random(cfg.get("seed", 1))
+        self.rng = random.Random(int(cfg.get("seed", 1)) * 1000 + int(cfg.get("worker", 0)))
         self.records: list[dict[str, Any]] = []
         self.poll_s = float(cfg.get("poll_interval_s", 0.02))
+        self.first_poll_s = float(cfg.get("first_poll_s", self.poll_s))
+        self.poll_max_s = max(self.poll_s, float(cfg.get("poll_max_s", 2.0)))
+        self.lag_bound_ms = float(cfg.get("lag_bound_ms", 50.0))
+        self.workers = int(cfg.get("workers", 1))
+        self.worker = int(cfg.get("worker", 0))
+        self.planned = 0
+        self.polls = 0
         self.reduction_kw = float(cfg.get("reduction_kw_per_client", 1.0))
         self.retry_s = float(cfg.get("retry_s", 0.5))
         self.t0 = 0.0
@@ -102,18 +121,21 @@ class DsoSimulator:
         return self.rng.sample(self.clients, min(n, len(self.clients)))
 
     async def run(self) -> None:
-        """Send everything, follow it, print progress."""
-        plan = self.schedule()
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        """Send this worker's share of the schedule, follow it, print progress."""
+        plan = [(seq, at, kind) for seq, (at, kind) in enumerate(self.schedule()) if seq % self.workers == self.worker]
+        self.planned = len(plan)
         headers = {"Authorization": f"Bearer {self.cfg['token']}"}
-        async with httpx.AsyncClient(base_url=self.cfg["hub_url"], headers=headers, timeout=30.0,
-                                     limits=limits) as http:
+        # aiohttp, not httpx: httpx's pool costs several times the CPU per request, growing with the number of
+        # requests in flight (encode/httpx#3215), which made the generator, not the hub, the bottleneck.
+        async with aiohttp.ClientSession(base_url=self.cfg["hub_url"], headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=30.0),
+                                         connector=aiohttp.TCPConnector(limit=200)) as http:
             self.t0 = time.monotonic()
             send_end = float(self.cfg["warmup_s"]) + float(self.cfg["duration_s"])
             self.stop_following_at = self.t0 + send_end + float(self.cfg.get("drain_s", 30.0))
             progress = asyncio.create_task(self._progress())
             tasks = []
-            for seq, (at, kind) in enumerate(plan):
+            for seq, at, kind in plan:
                 delay = self.t0 + at - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -125,14 +147,14 @@ class DsoSimulator:
             progress.cancel()
             self._print_progress(final=True)
 
-    async def _one(self, http: httpx.AsyncClient, rec: dict[str, Any]) -> None:
+    async def _one(self, http: aiohttp.ClientSession, rec: dict[str, Any]) -> None:
         kind = rec["type"]
         clients = self.targets(kind)
         rec["clients"] = len(clients)
         rec["sent_s"] = round(time.monotonic() - self.t0, 4)
         rec["lag_ms"] = round((rec["sent_s"] - rec["scheduled_s"]) * 1000, 3)
-        rec["sent_at"] = time.time()
         payload = body_for(kind, clients, rec["seq"], reduction_kw_per_client=self.reduction_kw)
+        rec["sent_at"] = time.time()
         key = f"experiment-{rec['seq']}"
         t_post = time.perf_counter()
         rec["attempts"] = 0
@@ -142,47 +164,62 @@ class DsoSimulator:
             rec["attempts"] += 1
             t_try = time.perf_counter()
             try:
-                resp = await http.post(PATHS[kind], json=payload, headers={"Idempotency-Key": key})
-            except httpx.HTTPError as exc:
+                async with http.post(PATHS[kind], json=payload, headers={"Idempotency-Key": key}) as resp:
+                    status, text = resp.status, await resp.text()
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 rec["no_answer"] = rec.get("no_answer", 0) + 1
                 rec.pop("status", None)
                 rec["error"] = f"POST: {type(exc).__name__}: {exc}"
                 retry = True
             else:
-                rec["status"] = resp.status_code
-                if resp.status_code == 503:
+                rec["status"] = status
+                if status == 503:
                     rec["status_503"] = rec.get("status_503", 0) + 1
-                elif resp.status_code >= 500:
+                elif status >= 500:
                     rec["status_5xx_other"] = rec.get("status_5xx_other", 0) + 1
-                rec["error"] = f"POST answered {resp.status_code}: {resp.text[:300]}"
-                retry = resp.status_code >= 500
+                rec["error"] = f"POST answered {status}: {text[:300]}"
+                retry = status >= 500
             if not retry or time.monotonic() + self.retry_s >= self.stop_following_at:
                 break
             await asyncio.sleep(self.retry_s)
         t_202 = time.perf_counter()
+        accepted_at = time.time()
         rec["post_ms"] = round((t_202 - t_post) * 1000, 3)
         rec["last_post_ms"] = round((t_202 - t_try) * 1000, 3)
         if rec.get("status") != 202:
             rec.update(outcome="failed")
             return
         rec.pop("error", None)
-        rec["request_id"] = resp.json()["request_id"]
+        rec["request_id"] = json.loads(text)["request_id"]
         rec["state"] = "accepted"
-        while time.monotonic() < self.stop_following_at:
-            await asyncio.sleep(self.poll_s)
+        wait = self.first_poll_s
+        while (left := self.stop_following_at - time.monotonic()) > 0:
+            await asyncio.sleep(min(wait, left))  # the last look exactly when following stops
+            # Back off while the request is open: the latency comes from ``completed_at``, so a later look costs no
+            # accuracy, and a backlog at the hub does not multiply the GETs that load it further.
+            wait = min(self.poll_max_s, max(self.poll_s, 2 * wait))
+            rec["polls"] = rec.get("polls", 0) + 1
+            self.polls += 1
             try:
-                r = await http.get(f"/v1/requests/{rec['request_id']}")
-            except httpx.HTTPError as exc:
+                async with http.get(f"/v1/requests/{rec['request_id']}") as r:
+                    status, text = r.status, await r.text()
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 rec["last_poll_error"] = f"{type(exc).__name__}: {exc}"
                 continue
-            if r.status_code != 200:
-                rec["last_poll_error"] = f"GET answered {r.status_code}"
+            if status != 200:
+                rec["last_poll_error"] = f"GET answered {status}"
                 continue
-            body = r.json()
+            body = json.loads(text)
             rec["state"] = body["state"]
             if body["state"] in TERMINAL:
-                rec["done_ms"] = round((time.perf_counter() - t_202) * 1000, 3)
-                rec["end_to_end_ms"] = round((time.perf_counter() - t_post) * 1000, 3)
+                rec["seen_ms"] = round((time.perf_counter() - t_post) * 1000, 3)
+                if body.get("completed_at"):  # the hub's clock: the same host clock as ``sent_at``
+                    done_at = datetime.fromisoformat(body["completed_at"]).timestamp()
+                    rec["done_ms"] = round((done_at - accepted_at) * 1000, 3)
+                    rec["end_to_end_ms"] = round((done_at - rec["sent_at"]) * 1000, 3)
+                else:
+                    rec["done_ms"] = round((time.perf_counter() - t_202) * 1000, 3)
+                    rec["end_to_end_ms"] = rec["seen_ms"]
                 rec["trace"] = body.get("trace", {})
                 states: dict[str, int] = {}
                 for c in body.get("clients", {}).values():
@@ -209,9 +246,22 @@ class DsoSimulator:
         n_fail = sum(1 for r in recs if r.get("outcome") == "failed")
         n_miss = sum(1 for r in recs if r.get("outcome") == "missing")
         head = "final" if final else f"t={time.monotonic() - self.t0:5.1f}s"
-        print(f"[dso-sim] {head} sent={len(recs)} accepted={len(posts)} completed={n_ok} failed={n_fail} "
+        who = f"[dso-sim {self.worker + 1}/{self.workers}]" if self.workers > 1 else "[dso-sim]"
+        lags = [float(r["lag_ms"]) for r in recs if "lag_ms" in r]
+        print(f"{who} {head} sent={len(recs)} accepted={len(posts)} completed={n_ok} failed={n_fail} "
               f"missing={n_miss} open={len(recs) - n_ok - n_fail - n_miss} "
-              f"p99(POST->202)={pct(posts, 99)} ms p99(202->completed)={pct(done, 99)} ms", flush=True)
+              f"p99(POST->202)={pct(posts, 99)} ms p99(202->completed)={pct(done, 99)} ms "
+              f"p99(send lag)={pct(lags, 99)} ms", flush=True)
+
+    def self_check(self) -> dict[str, Any]:
+        """Whether this generator kept its schedule (open loop at the offered rate) and what it cost."""
+        lags = [float(r["lag_ms"]) for r in self.records if "lag_ms" in r and not r.get("warmup")]
+        p99 = pct(lags, 99)
+        return {"worker": self.worker, "workers": self.workers, "planned": self.planned, "sent": len(self.records),
+                "polls": self.polls, "lag_bound_ms": self.lag_bound_ms, "lag_p99_ms": p99,
+                "lag_max_ms": round(max(lags), 3) if lags else None,
+                "late_sends": sum(1 for v in lags if v > self.lag_bound_ms),
+                "schedule_kept": len(self.records) == self.planned and (p99 is None or p99 <= self.lag_bound_ms)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,9 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sim.experiment.dso_sim", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--stats-file", type=Path, help="written at exit: this process's CPU seconds and max RSS")
+    parser.add_argument("--stats-file", type=Path, help="written at exit: this process's CPU seconds and max RSS, "
+                        "and whether it kept its schedule")
+    parser.add_argument("--worker", type=int, default=0, help="which share of the schedule (0 .. workers-1)")
     args = parser.parse_args(argv)
-    sim = DsoSimulator(json.loads(args.config.read_text()))
+    cfg = json.loads(args.config.read_text())
+    if not 0 <= args.worker < int(cfg.get("workers", 1)):
+        parser.error(f"--worker must be in 0 .. {int(cfg.get('workers', 1)) - 1}")
+    sim = DsoSimulator({**cfg, "worker": args.worker})
     try:
         asyncio.run(sim.run())
     finally:
@@ -233,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.stats_file is not None:
             ru = resource.getrusage(resource.RUSAGE_SELF)
             args.stats_file.write_text(json.dumps({"cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
-                                                   "max_rss_mib": round(ru.ru_maxrss / 1024, 2)}))
+                                                   "max_rss_mib": round(ru.ru_maxrss / 1024, 2),
+                                                   "generator": sim.self_check()}))
     return 0
 
 

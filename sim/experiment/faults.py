@@ -2,7 +2,13 @@
 
 ``hub``: the hub process is killed with SIGKILL at ``--at-s`` and started again at once; restart-to-ready is the
 time from the kill to the first ``/readyz`` 200. ``storage``: the hub's SQLite database is locked by the experiment
-process (``BEGIN EXCLUSIVE``, as in ``tests/cloud_hub/test_storage_faults.py``) for ``--down-s`` seconds. The DSO
+process (``BEGIN EXCLUSIVE``, as in ``tests/cloud_hub/test_storage_faults.py``) for ``--down-s`` seconds.
+``hbase`` (with ``--storage hbase``): the Thrift gateway is killed with SIGKILL and started again at once on the
+same port. The HBase test double is gateway and "cluster" in one process holding its rows in memory, so killing it
+would lose the data HBase keeps on three HDFS replicas; the gateway is therefore a process of its own, a TCP relay
+in front of the double (``sim.experiment.thrift_gateway``), stateless as the real one. ``hbase-stall``: the double
+itself is stopped (SIGSTOP) for ``--down-s`` and continued (SIGCONT), as a region server hung in a garbage
+collection pause: connections stay open, calls hang until the hub's ``hbase_timeout_ms``. The DSO
 simulator keeps its open-loop schedule throughout; a POST with no answer or a 5xx is sent again with its
 Idempotency-Key. Written on top of the base outputs: ``results.json`` gets ``experiment: faults``, ``fault``,
 ``accounting`` and ``buckets``; ``latency_buckets.csv``; ``latency_fault.png``; a section in ``report.md``.
@@ -92,7 +98,9 @@ def plot(records: list[dict[str, Any]], rows: list[dict[str, Any]], fault: dict[
             if fault.get("ready_s") is not None:
                 a.axvspan(fault["at_s"], fault["ready_s"], color="red", alpha=0.12)
         a.grid(alpha=0.3)
-    what = {"hub": "hub killed (kill -9) and restarted", "storage": "hub database locked"}.get(fault["kind"], "")
+    what = {"hub": "hub killed (kill -9) and restarted", "storage": "hub database locked",
+            "hbase": "Thrift gateway killed (kill -9) and restarted",
+            "hbase-stall": "HBase stopped (SIGSTOP)"}.get(fault["kind"], "")
     ax.set_yscale("log")
     ax.set_ylabel("first POST -> completed (ms, log)")
     ax.set_title(f"Latency over time, measured by the DSO simulator; red: {what} until ready again")

@@ -31,6 +31,8 @@ from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
 from mhp_wire.messages import Presence, Tariff, WireError, decode
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from retailer_bridge.accounts import hash_password
+from sim.dso_web import is_loopback
 from sim.stack.supervisor import Child, Supervisor
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,9 @@ class Stack:
         self.tariffs: dict[str, tuple[str, int, float]] = {}
         """The tariff each broker holds retained: ``broker name -> (tariff id, version, seen at)``."""
         self._watch_task: asyncio.Task[None] | None = None
+        self.dso_web_port = 0
+        self.dso_web_password: str | None = None
+        """The DSO page's operator password (``None`` on loopback, where it runs without sign-in)."""
 
     # -- layout -------------------------------------------------------------------------------------------
 
@@ -177,6 +182,7 @@ class Stack:
         await self._watch_presence()
         await self._wait_ready(deadline)
         await self._register()
+        self._start_dso_web()
         # Bridges.
         for rid in self.retailer_ids:
             customers = {h.client_id: h.gateway_id for h in self.homes if h.retailer_id == rid}
@@ -204,7 +210,34 @@ class Stack:
             self.sup.start(Child(name, self._python("hems_firmware.cli", "--log-level", self.log_level, "run", *args),
                                  self.dir / "logs" / f"{name}.log"))
         await self._wait_online(deadline)
+        await self._wait_tcp(self.dso_web_port, deadline, "dso-web")
         self.write_info()
+
+    def _start_dso_web(self) -> None:
+        """The DSO's page (``mhp-sim dso-web``), holding the DSO's token; with an operator password off loopback."""
+        token_file = self.dir / "dso-token"
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.tokens["dso"])
+        self.dso_web_port = free_port(self.host)
+        args = ["dso-web", "--hub-url", self.hub_url, "--token-file", str(token_file), "--host", self.host,
+                "--port", str(self.dso_web_port), "--log-level", self.log_level]
+        if is_loopback(self.host):
+            args.append("--no-login")
+        else:
+            self.dso_web_password = generate_password()
+            hash_file = self.dir / "dso-web-password.hash"
+            hash_file.write_text(hash_password(self.dso_web_password))
+            args += ["--password-hash-file", str(hash_file)]
+        if self.pki is not None:
+            args += ["--ca-file", str(self.pki.ca_file)]
+        self.sup.start(Child("dso-web", self._python("sim.cli", *args), self.dir / "logs" / "dso-web.log"))
+
+    @property
+    def dso_web_url(self) -> str:
+        """Where the DSO's page listens."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.dso_web_port}/"
 
     def gateway_config(self, h: Home) -> dict[str, Any]:
         """The TOML configuration of one home's gateway."""
@@ -337,6 +370,8 @@ class Stack:
         """Write ``stack.json``: URLs, tokens, brokers and credentials, homes, processes and their pids."""
         self.info = {
             "hub_url": self.hub_url,
+            "dso_web_url": self.dso_web_url if self.dso_web_port else None,
+            "dso_web_password": self.dso_web_password,
             "tokens": self.tokens,
             "brokers": {"hub": self.brokers.get("hub", {}),
                         "retailers": {r: self.brokers[r] for r in self.retailer_ids if r in self.brokers}},

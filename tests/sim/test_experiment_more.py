@@ -60,7 +60,7 @@ def test_scale_hosts_many_retailers_in_few_processes_and_caps_targets(tmp_path: 
         assert rp["requests"] > 0 and rp["unacked_at_exit"] == 0
 
 
-@pytest.mark.parametrize("fault", ["hub", "storage"])
+@pytest.mark.parametrize("fault", ["hub", "storage", "hbase", "hbase-stall"])
 def test_faults_lose_nothing(tmp_path: Path, fault: str) -> None:
     out = tmp_path / fault
     proc = run("faults", "--out", str(out), "--fault", fault, "--clients", "10", "--duration-s", "5",
@@ -73,8 +73,13 @@ def test_faults_lose_nothing(tmp_path: Path, fault: str) -> None:
     assert f["injected"] and f["kind"] == fault and f["at_s"] < f["ready_s"]
     if fault == "hub":
         assert f["exit_code"] == -9 and f["killed_pid"] != f["restarted_pid"] and 0 < f["restart_to_ready_s"] < 15
-    else:
+    elif fault == "storage":
         assert f["locked_s"] >= 1.5 and f["unlock_to_ready_s"] is not None
+    elif fault == "hbase":  # the gateway relay died; the double (the "cluster") kept its rows
+        assert f["exit_code"] == -9 and f["killed_pid"] != f["restarted_pid"] and f["kill_to_hub_ready_s"] > 0
+        assert res["setup"]["storage"] == "hbase" and "thrift-gateway" in res["processes"]
+    else:
+        assert 1.5 <= f["stopped_s"] < 3 and f["resume_to_ready_s"] is not None
     assert a["accounted"] and a["sent"] > 0
     assert a["lost"] == 0 and a["completed"] == a["accepted"] == a["sent"]
     assert a["duplicate_request_ids"] == 0

@@ -1,0 +1,849 @@
+"""The DSO's web page: post one request to the hub and follow its progress live (``mhp-sim dso-web``).
+
+A small Starlette server (uvicorn) between an operator's browser and the hub's HTTP API. It holds the DSO's bearer
+token (read from a file; never sent to the browser, never logged) and acts with the DSO's authority, so:
+
+* it binds 127.0.0.1 by default; anywhere else the operator must sign in with a password (its scrypt hash is given
+  with ``--password-hash-file``; a session cookie, HttpOnly and SameSite=Strict, follows). Only on a loopback
+  address may it run without sign-in, and only when started with ``--no-login`` (the local simulator), in which
+  case requests naming any other host are refused (DNS rebinding);
+* every POST of the page carries the session's CSRF token in ``X-CSRF-Token`` (a cross-site form cannot set a
+  header) and, when the browser says where it comes from, an ``Origin`` of this page; the sign-in form carries a
+  pre-session token bound to a SameSite=Strict cookie;
+* the page is static (``sim/static/``: HTML, one script, one stylesheet; no external asset) under a CSP allowing
+  only this origin's script and style.
+
+Routes: ``GET /`` the page; ``GET|POST /login``, ``POST /logout``; ``GET /api/session`` (the CSRF token);
+``GET /api/requests`` the requests posted from this page (newest first, kept in memory); ``POST /api/requests``
+one form, turned into the hub's body by :func:`build_request` and posted; ``GET /api/requests/{id}`` and
+``POST /api/requests/{id}/cancel`` passed to the hub; ``GET /api/requests/{id}/events`` a server-sent event stream:
+the page server polls ``GET /v1/requests/{id}`` every :attr:`DsoWebSettings.poll_s` and pushes the view only when it
+changed, until the request has ended (and :attr:`DsoWebSettings.settle_s` more, for late cancel acknowledgements).
+
+Errors are ``{"error", "message"}`` plus ``problems`` (one per form field) for an invalid form (400, nothing posted)
+or an invalid body (the hub's 422); the hub's 404, 409, 413, 429 and 503 pass through as they are; a hub that cannot
+be reached, or refuses the DSO's token, is a 502.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import hashlib
+import hmac
+import html
+import ipaddress
+import json
+import logging
+import math
+import re
+import secrets
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from retailer_bridge.accounts import hash_password, verify_password
+
+log = logging.getLogger(__name__)
+
+TERMINAL = frozenset({"completed", "partially_completed", "failed", "expired", "cancelled"})
+KINDS = {"emergency": "/v1/emergencies", "load_shift": "/v1/load-shifts", "load_reduction": "/v1/load-reductions",
+         "billing": "/v1/billing-data", "tariff": "/v1/tariffs"}
+"""Request types of the form and the hub endpoint each is posted to."""
+MAX_BODY = 256 * 1024
+MAX_RECENT = 50
+MAX_STREAMS = 32
+MAX_CLIENT_ROWS = 1000
+"""Clients a pushed view lists (the counts cover all of them)."""
+KEEPALIVE_S = 15.0
+RETRY_MS = 2000
+SESSION_S = 8 * 3600
+LOCK_AFTER = 5
+"""Failed sign-ins from one address before it is locked out for a while (doubling with each further failure)."""
+
+CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:\-]{8,100}")
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+SECURITY_HEADERS = {
+    "content-security-policy": CSP,
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cross-origin-opener-policy": "same-origin",
+    "cross-origin-resource-policy": "same-origin",
+}
+
+
+# -- the form (pure) -------------------------------------------------------------------------------------------
+
+
+class FormProblems(Exception):
+    """A form that cannot become a hub request; ``problems`` says which field and why."""
+
+    def __init__(self, problems: list[dict[str, str]]) -> None:
+        super().__init__("; ".join(f"{p['field'] or 'form'}: {p['message']}" for p in problems))
+        self.problems = problems
+
+
+class _Reader:
+    """Reads a form's fields, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, form: Mapping[str, Any], tz: ZoneInfo) -> None:
+        self.form = form
+        self.tz = tz
+        self.problems: list[dict[str, str]] = []
+
+    def problem(self, name: str, message: str) -> None:
+        self.problems.append({"field": name, "message": message})
+
+    def text(self, name: str, *, required: bool = True) -> str | None:
+        value = self.form.get(name, "")
+        if not isinstance(value, str):
+            self.problem(name, "must be text")
+            return None
+        value = value.strip()
+        if not value:
+            if required:
+                self.problem(name, "required")
+            return None
+        return value
+
+    def when(self, name: str) -> str | None:
+        """An RFC 3339 time with its offset; a time without one is read in the form's time zone."""
+        value = self.text(name)
+        if value is None:
+            return None
+        try:
+            return _when(value, self.tz)
+        except ValueError:
+            self.problem(name, f"“{value[:40]}” is not a date and time (like 2026-11-27T15:30)")
+            return None
+
+    def number(self, name: str, *, integer: bool = False, required: bool = True) -> float | int | None:
+        value = self.text(name, required=required)
+        if value is None:
+            return None
+        try:
+            number = float(value.replace(",", "."))
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or (integer and not number.is_integer()):
+            self.problem(name, f"“{value[:40]}” is not a{' whole' if integer else ''} number")
+            return None
+        return int(number) if integer else number
+
+    def client_ids(self, name: str) -> list[str] | None:
+        value = self.text(name)
+        if value is None:
+            return None
+        ids = list(dict.fromkeys(i for i in re.split(r"[\s,;]+", value) if i))
+        bad = [i for i in ids if not CLIENT_ID.fullmatch(i)]
+        if bad:
+            shown = ", ".join(f"“{b[:40]}”" for b in bad[:5])
+            self.problem(name, f"not a client id: {shown}{' …' if len(bad) > 5 else ''} (letters, digits, _ . -)")
+            return None
+        return ids
+
+    def targets(self) -> dict[str, Any]:
+        target = self.form.get("target", "clients")
+        if target == "clients":
+            ids = self.client_ids("client_ids")
+            return {} if ids is None else {"client_ids": ids}
+        if target == "feeder":
+            feeder = self.text("feeder_id")
+            return {} if feeder is None else {"feeder_id": feeder}
+        self.problem("target", "choose listed clients or a feeder")
+        return {}
+
+    def periods(self, name: str) -> list[dict[str, Any]] | None:
+        value = self.text(name)
+        if value is None:
+            return None
+        out = []
+        for n, line in enumerate((ln for ln in value.splitlines() if ln.strip()), 1):
+            parts = [p.strip() for p in line.split(";" if ";" in line else ",")]  # "0,5" needs ";" between fields
+            try:
+                if len(parts) != 3:
+                    raise ValueError
+                price = float(parts[2].replace(",", "."))
+                if not math.isfinite(price):
+                    raise ValueError
+                out.append({"start": _when(parts[0], self.tz), "end": _when(parts[1], self.tz),
+                            "price_eur_per_kwh": price})
+            except ValueError:
+                self.problem(name, f"line {n}: “{line.strip()[:60]}” is not “start, end, price” "
+                                   "(like 2026-11-27T07:00, 2026-11-27T22:00, 0.21)")
+                return None
+        return out
+
+
+def _when(value: str, tz: ZoneInfo) -> str:
+    at = datetime.fromisoformat(value.replace(" ", "T", 1) if "T" not in value else value)
+    return (at if at.tzinfo is not None else at.replace(tzinfo=tz)).isoformat()
+
+
+def build_request(form: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """``(kind, hub path, body)`` of one submitted form, or :class:`FormProblems` (nothing is posted then).
+
+    The form's field names are the hub's; ``kind`` picks the request type, ``target`` (``clients`` or ``feeder``)
+    the targets of an emergency, load shift or load reduction, and ``tz`` (an IANA zone, the browser's) the zone of
+    times given without an offset. Only the form's syntax is checked here; the hub checks ranges and answers 422.
+    """
+    kind = form.get("kind")
+    if kind not in KINDS:
+        raise FormProblems([{"field": "kind", "message": f"choose one of {', '.join(KINDS)}"}])
+    tz_name = form.get("tz") or "UTC"
+    try:
+        if not isinstance(tz_name, str) or len(tz_name) > 64:
+            raise ValueError
+        tz = ZoneInfo(tz_name)
+    except (ValueError, ZoneInfoNotFoundError):
+        raise FormProblems([{"field": "tz", "message": f"unknown time zone {str(tz_name)[:64]!r}"}]) from None
+    r = _Reader(form, tz)
+    body: dict[str, Any]
+    if kind == "emergency":
+        body = {**r.targets(), "start": r.when("start"), "duration_s": r.number("duration_s", integer=True),
+                "power_limit_kw": r.number("power_limit_kw")}
+    elif kind == "load_shift":
+        body = {**r.targets(), "window_start": r.when("window_start"), "window_end": r.when("window_end")}
+        reason = r.text("reason", required=False)
+        if reason is not None:
+            body["reason"] = reason
+    elif kind == "load_reduction":
+        body = {**r.targets(), "reduction_kw": r.number("reduction_kw"), "start": r.when("start"),
+                "duration_s": r.number("duration_s", integer=True),
+                "respond_within_s": r.number("respond_within_s")}
+    elif kind == "billing":
+        body = {"client_ids": r.client_ids("client_ids"), "period_start": r.when("period_start"),
+                "period_end": r.when("period_end")}
+    else:
+        body = {"tariff_id": r.text("tariff_id"), "valid_from": r.when("valid_from"), "valid_to": r.when("valid_to"),
+                "periods": r.periods("periods")}
+    if r.problems:
+        raise FormProblems(r.problems)
+    return kind, KINDS[kind], body
+
+
+def summarize(view: dict[str, Any], max_rows: int = MAX_CLIENT_ROWS) -> dict[str, Any]:
+    """The hub's view of a request as the page gets it: client states counted, the client table capped."""
+    clients = view.get("clients") or {}
+    counts: dict[str, int] = {}
+    for c in clients.values():
+        counts[c["state"]] = counts.get(c["state"], 0) + 1
+    shown = dict(list(clients.items())[:max_rows])
+    return {**view, "clients": shown, "client_counts": counts, "clients_total": len(clients)}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def target_summary(body: dict[str, Any]) -> str:
+    """Who a request is for, in a few words."""
+    if "feeder_id" in body:
+        return f"feeder {body['feeder_id']}"
+    if "client_ids" in body:
+        ids = body["client_ids"]
+        return ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+    return "every retailer" if "tariff_id" in body else ""
+
+
+def sse(event: dict[str, Any]) -> str:
+    """One server-sent event: a single ``data:`` line of JSON."""
+    return "data: " + json.dumps(event, separators=(",", ":"), default=str) + "\n\n"
+
+
+# -- settings ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DsoWebSettings:
+    """How the page server runs. ``password_hash`` ``None`` means no sign-in (loopback only)."""
+
+    hub_url: str
+    token: str = field(repr=False)
+    host: str = "127.0.0.1"
+    port: int = 8090
+    password_hash: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    """The CA the hub's HTTPS certificate is checked with (the system's CAs when ``None``)."""
+    poll_s: float = 0.25
+    settle_s: float = 2.0
+    secure_cookies: bool = False
+    """Cookies only over HTTPS (``__Host-`` names): when a TLS proxy fronts the page."""
+
+    def __post_init__(self) -> None:
+        if not self.token.strip():
+            raise ValueError("the DSO's bearer token is empty")
+        if self.password_hash is None and not is_loopback(self.host):
+            raise ValueError(f"without sign-in the page may only listen on a loopback address, not {self.host!r}: "
+                             "give --password-hash-file")
+        if self.password_hash is not None and not self.password_hash.startswith("scrypt$"):
+            raise ValueError("the password hash is not an scrypt hash (make one with: mhp-sim dso-web hash-password)")
+        if not self.hub_url.startswith(("http://", "https://")):
+            raise ValueError(f"the hub URL must start with http:// or https://, not {self.hub_url!r}")
+
+
+@dataclass
+class _Session:
+    csrf: str
+    expires_at: float
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    locked_until: float = 0.0
+
+
+class _HubError(Exception):
+    """The hub could not be reached."""
+
+
+# -- the application ---------------------------------------------------------------------------------------------
+
+
+class Guard:
+    """ASGI middleware: security headers and no caching on every response; without sign-in, loopback hosts only."""
+
+    def __init__(self, app: ASGIApp, loopback_only: bool) -> None:
+        self.app = app
+        self.loopback_only = loopback_only
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.loopback_only:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if not is_loopback(name):
+                response = JSONResponse({"error": "forbidden", "message": "this page answers only to a loopback "
+                                         "host name (it runs without sign-in)"}, 403)
+                await self._headers(response)(scope, receive, send)
+                return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items() if k.encode() not in present]
+                if b"cache-control" not in present:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    @staticmethod
+    def _headers(response: Response) -> Response:
+        response.headers.update({**SECURITY_HEADERS, "cache-control": "no-store"})
+        return response
+
+
+def _static(name: str) -> str:
+    return (resources.files("sim.static") / name).read_text(encoding="utf-8")
+
+
+class DsoWeb:
+    """The page server; :meth:`serving` runs it."""
+
+    def __init__(self, settings: DsoWebSettings) -> None:
+        self.settings = settings
+        self.login_required = settings.password_hash is not None
+        secure = settings.secure_cookies
+        self.session_cookie = "__Host-dso_session" if secure else "dso_session"
+        self.login_cookie = "__Host-dso_login" if secure else "dso_login"
+        self._sessions: dict[str, _Session] = {}
+        """Sessions by the SHA-256 of their token (the token itself is only in the operator's cookie)."""
+        self._open_csrf = secrets.token_urlsafe(32)
+        """The CSRF token of the page when it runs without sign-in."""
+        self._failures: dict[str, _Failures] = {}
+        self._login_lock = asyncio.Lock()
+        self.recent: list[dict[str, Any]] = []
+        """Requests posted from this page, newest first (at most :data:`MAX_RECENT`)."""
+        self.streams = 0
+        self._closing = asyncio.Event()
+        self.http: httpx.AsyncClient | None = None
+        self.address: tuple[str, int] | None = None
+        self.page_html, self.script, self.style = _static("dso.html"), _static("dso.js"), _static("dso.css")
+        self.app = Starlette(routes=[
+            Route("/", self.page, methods=["GET"]),
+            Route("/login", self.login_form, methods=["GET"]),
+            Route("/login", self.login, methods=["POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
+            Route("/static/dso.js", self.static_script, methods=["GET"]),
+            Route("/static/dso.css", self.static_style, methods=["GET"]),
+            Route("/api/session", self.session_info, methods=["GET"]),
+            Route("/api/requests", self.list_requests, methods=["GET"]),
+            Route("/api/requests", self.create, methods=["POST"]),
+            Route("/api/requests/{request_id}", self.get_request, methods=["GET"]),
+            Route("/api/requests/{request_id}/cancel", self.cancel, methods=["POST"]),
+            Route("/api/requests/{request_id}/events", self.events, methods=["GET"]),
+        ], middleware=[Middleware(Guard, loopback_only=not self.login_required)])
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` while serving."""
+        assert self.address is not None, "the DSO page is not serving"
+        host, port = self.address
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    # -- sessions ---------------------------------------------------------------------------------------------
+
+    def _session(self, request: Request) -> _Session | None:
+        """The operator's session; without sign-in, the page's one implicit session."""
+        if not self.login_required:
+            return _Session(self._open_csrf, math.inf)
+        token = request.cookies.get(self.session_cookie, "")
+        if not token or len(token) > 100:
+            return None
+        key = hashlib.sha256(token.encode()).hexdigest()
+        session = self._sessions.get(key)
+        if session is None or session.expires_at < time.time():
+            self._sessions.pop(key, None)
+            return None
+        return session
+
+    def _set_cookie(self, response: Response, name: str, value: str, max_age: int) -> None:
+        response.set_cookie(name, value, max_age=max_age, path="/", httponly=True, samesite="strict",
+                            secure=self.settings.secure_cookies)
+
+    def _login_page(self, status: int, message: str | None = None) -> Response:
+        token = secrets.token_urlsafe(32)
+        alert = f'<p class="alert" role="alert">{html.escape(message)}</p>' if message else ""
+        body = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
+                '<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">'
+                '<title>DSO: sign in</title>'
+                '<link rel="stylesheet" href="/static/dso.css"></head><body><main class="login"><h1>DSO requests</h1>'
+                f'{alert}<form method="post" action="/login"><input type="hidden" name="csrf" value="{token}">'
+                '<label>Operator password <input type="password" name="password" autocomplete="current-password" '
+                'required autofocus></label><button type="submit">Sign in</button></form></main></body></html>')
+        response = HTMLResponse(body, status)
+        self._set_cookie(response, self.login_cookie, token, 3600)
+        return response
+
+    def _check_post(self, request: Request, session: _Session) -> Response | None:
+        """A refusal unless the POST is JSON from this page carrying the session's CSRF token."""
+        origin = request.headers.get("origin")
+        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        if origin is not None and origin != own:
+            return _error(403, "forbidden", "the request did not come from this page")
+        given = request.headers.get("x-csrf-token", "")
+        if not given or not hmac.compare_digest(given.encode(), session.csrf.encode()):
+            return _error(403, "forbidden", "missing or stale CSRF token: reload the page")
+        return None
+
+    # -- pages ------------------------------------------------------------------------------------------------
+
+    async def page(self, request: Request) -> Response:
+        """``GET /``: the page (the sign-in form first when needed)."""
+        if self._session(request) is None:
+            return RedirectResponse("/login", 303)
+        return HTMLResponse(self.page_html)
+
+    async def static_script(self, request: Request) -> Response:
+        """``GET /static/dso.js``."""
+        return Response(self.script, media_type="text/javascript")
+
+    async def static_style(self, request: Request) -> Response:
+        """``GET /static/dso.css``."""
+        return Response(self.style, media_type="text/css")
+
+    async def login_form(self, request: Request) -> Response:
+        """``GET /login``: the sign-in form (straight to the page when signed in or without sign-in)."""
+        if self._session(request) is not None:
+            return RedirectResponse("/", 303)
+        return self._login_page(200)
+
+    async def login(self, request: Request) -> Response:
+        """``POST /login``: check the operator's password; a new session on success."""
+        if not self.login_required:
+            return RedirectResponse("/", 303)
+        try:
+            form = dict(parse_qsl((await _read_body(request, 4096)).decode(), max_num_fields=5))
+        except (ValueError, UnicodeDecodeError):
+            return self._login_page(400, "The form could not be read.")
+        expected = request.cookies.get(self.login_cookie, "")
+        given = form.get("csrf", "")
+        if not (given and expected and hmac.compare_digest(given.encode(), expected.encode())):
+            return self._login_page(403, "The sign-in form had expired; please sign in again.")
+        address = request.client.host if request.client else "unknown"
+        async with self._login_lock:  # one check at a time: parallel guesses cannot slip past the lock-out
+            failures = self._failures.setdefault(address, _Failures())
+            wait_s = failures.locked_until - time.monotonic()
+            if wait_s > 0:
+                response = self._login_page(429, f"Too many failed sign-ins; try again in {math.ceil(wait_s)} s.")
+                response.headers["retry-after"] = str(math.ceil(wait_s))
+                return response
+            assert self.settings.password_hash is not None
+            ok = await asyncio.get_running_loop().run_in_executor(
+                None, verify_password, form.get("password", "")[:1024], self.settings.password_hash)
+            if not ok:
+                failures.count += 1
+                if failures.count >= LOCK_AFTER:
+                    failures.locked_until = time.monotonic() + min(900, 30 * 2 ** (failures.count - LOCK_AFTER))
+                log.warning("DSO page: failed sign-in from %s (%d in a row)", address, failures.count)
+                return self._login_page(401, "Wrong password.")
+            self._failures.pop(address, None)
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        self._sessions = {k: s for k, s in self._sessions.items() if s.expires_at > now}
+        self._sessions[hashlib.sha256(token.encode()).hexdigest()] = _Session(secrets.token_urlsafe(32),
+                                                                             now + SESSION_S)
+        log.info("DSO page: operator signed in from %s", address)
+        response = RedirectResponse("/", 303)
+        self._set_cookie(response, self.session_cookie, token, SESSION_S)
+        response.delete_cookie(self.login_cookie, path="/", httponly=True, samesite="strict",
+                               secure=self.settings.secure_cookies)
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        """``POST /logout`` (with the CSRF token): the session ends."""
+        session = self._session(request)
+        if session is not None and self.login_required:
+            refused = self._check_post(request, session)
+            if refused is not None:
+                return refused
+            token = request.cookies.get(self.session_cookie, "")
+            self._sessions.pop(hashlib.sha256(token.encode()).hexdigest(), None)
+        response = JSONResponse({"signed_out": True})
+        response.delete_cookie(self.session_cookie, path="/", httponly=True, samesite="strict",
+                               secure=self.settings.secure_cookies)
+        return response
+
+    # -- the API the page uses --------------------------------------------------------------------------------
+
+    async def session_info(self, request: Request) -> Response:
+        """``GET /api/session``: the CSRF token for the page's POSTs (readable by this origin only)."""
+        session = self._session(request)
+        if session is None:
+            return _signed_out()
+        return JSONResponse({"csrf": session.csrf, "login": self.login_required, "hub_url": self.settings.hub_url})
+
+    async def list_requests(self, request: Request) -> Response:
+        """``GET /api/requests``: the requests posted from this page, newest first."""
+        if self._session(request) is None:
+            return _signed_out()
+        return JSONResponse({"requests": self.recent})
+
+    async def create(self, request: Request) -> Response:
+        """``POST /api/requests``: one form, checked, turned into the hub's body and posted to the hub."""
+        session = self._session(request)
+        if session is None:
+            return _signed_out()
+        refused = self._check_post(request, session)
+        if refused is not None:
+            return refused
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return _error(415, "unsupported_media_type", "send the form as application/json")
+        try:
+            form = json.loads(await _read_body(request, MAX_BODY))
+        except _TooLarge:
+            return _error(413, "too_large", f"the form is larger than {MAX_BODY // 1024} KiB")
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "invalid_form", "the form is not JSON")
+        if not isinstance(form, dict):
+            return _error(400, "invalid_form", "the form is not a JSON object")
+        try:
+            kind, path, body = build_request(form)
+        except FormProblems as exc:
+            return _error(400, "invalid_form", f"nothing was posted: {exc}", problems=exc.problems)
+        headers = {}
+        key = form.get("idempotency_key")
+        if key is not None:
+            if not isinstance(key, str) or not IDEMPOTENCY_KEY.fullmatch(key):
+                return _error(400, "invalid_form", "nothing was posted: a bad idempotency key",
+                              problems=[{"field": "idempotency_key", "message": "8 to 100 letters, digits, _ . : -"}])
+            headers["Idempotency-Key"] = "dso-web-" + key
+        try:
+            status, answer = await self._hub("POST", path, json=body, headers=headers)
+        except _HubError as exc:
+            return _error(502, "hub_unreachable", str(exc))
+        if status >= 300:
+            log.info("DSO page: the hub refused a %s: %d %s", kind, status, answer.get("message"))
+            return _passed(status, answer)
+        rid = str(answer.get("request_id", ""))
+        if not any(r["request_id"] == rid for r in self.recent):
+            self.recent.insert(0, {"request_id": rid, "kind": kind, "posted_at": time.time(),
+                                   "targets": target_summary(body), "state": answer.get("state", "accepted")})
+            del self.recent[MAX_RECENT:]
+        log.info("DSO page: posted %s %s for %s", kind, rid, target_summary(body))
+        return JSONResponse({**answer, "kind": kind, "body": body}, 202)
+
+    async def get_request(self, request: Request) -> Response:
+        """``GET /api/requests/{id}``: the hub's view of a request, once."""
+        if self._session(request) is None:
+            return _signed_out()
+        rid = request.path_params["request_id"]
+        if not REQUEST_ID.fullmatch(rid):
+            return _error(404, "not_found", "not a request id")
+        try:
+            status, answer = await self._hub("GET", f"/v1/requests/{quote(rid, safe='')}")
+        except _HubError as exc:
+            return _error(502, "hub_unreachable", str(exc))
+        if status != 200:
+            return _passed(status, answer)
+        self._note_state(rid, answer)
+        return JSONResponse(summarize(answer))
+
+    async def cancel(self, request: Request) -> Response:
+        """``POST /api/requests/{id}/cancel``: cancel a request that has not ended."""
+        session = self._session(request)
+        if session is None:
+            return _signed_out()
+        refused = self._check_post(request, session)
+        if refused is not None:
+            return refused
+        rid = request.path_params["request_id"]
+        if not REQUEST_ID.fullmatch(rid):
+            return _error(404, "not_found", "not a request id")
+        try:
+            status, answer = await self._hub("POST", f"/v1/requests/{quote(rid, safe='')}/cancel")
+        except _HubError as exc:
+            return _error(502, "hub_unreachable", str(exc))
+        if status != 200:
+            return _passed(status, answer)
+        log.info("DSO page: cancelled %s", rid)
+        self._note_state(rid, answer)
+        return JSONResponse(answer)
+
+    async def events(self, request: Request) -> Response:
+        """``GET /api/requests/{id}/events``: the request's view as server-sent events, each time it changes."""
+        if self._session(request) is None:
+            return _signed_out()
+        rid = request.path_params["request_id"]
+        if not REQUEST_ID.fullmatch(rid):
+            return _error(404, "not_found", "not a request id")
+        if self.streams >= MAX_STREAMS:
+            return _error(503, "busy", f"already following {MAX_STREAMS} requests; close a page")
+        return StreamingResponse(self._follow(rid, request), media_type="text/event-stream",
+                                 headers={"X-Accel-Buffering": "no"})
+
+    async def _follow(self, rid: str, request: Request) -> AsyncIterator[str]:
+        self.streams += 1
+        try:
+            yield f"retry: {RETRY_MS}\n\n"
+            last: dict[str, Any] | None = None
+            last_error: str | None = None
+            ended_at: float | None = None
+            sent_at = time.monotonic()
+            while not self._closing.is_set() and not await request.is_disconnected():
+                t0 = time.monotonic()
+                try:
+                    status, answer = await self._hub("GET", f"/v1/requests/{quote(rid, safe='')}")
+                except _HubError as exc:
+                    status, answer = 502, {"error": "hub_unreachable", "message": str(exc)}
+                took = time.monotonic() - t0
+                if status == 200:
+                    last_error = None
+                    if answer != last:
+                        last = answer
+                        self._note_state(rid, answer)
+                        yield sse({"type": "request", "request": summarize(answer)})
+                        sent_at = time.monotonic()
+                    if answer.get("state") in TERMINAL:
+                        ended_at = ended_at or time.monotonic()
+                        if time.monotonic() - ended_at >= self.settings.settle_s:
+                            yield sse({"type": "end", "state": answer["state"]})
+                            return
+                elif status in (404, 403) or (status == 502 and answer.get("error") == "hub_refused"):
+                    yield sse({"type": "error", "status": status, **answer})
+                    yield sse({"type": "end", "state": None})
+                    return
+                elif answer.get("message") != last_error:  # the hub is away or busy: say so once, keep asking
+                    last_error = answer.get("message")
+                    yield sse({"type": "error", "status": status, **answer, "retrying": True})
+                    sent_at = time.monotonic()
+                if time.monotonic() - sent_at >= KEEPALIVE_S:
+                    yield ": keep-alive\n\n"
+                    sent_at = time.monotonic()
+                # A large request takes long to fetch: ask again only after a few times that.
+                delay = max(self.settings.poll_s, 4 * took) if status == 200 else max(1.0, self.settings.poll_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), delay)
+        finally:
+            self.streams -= 1
+
+    def _note_state(self, rid: str, view: Mapping[str, Any]) -> None:
+        for r in self.recent:
+            if r["request_id"] == rid:
+                r["state"] = view.get("state", r["state"])
+
+    async def _hub(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+        """The hub's status and JSON answer (a 502 when it refuses the DSO's token); :class:`_HubError` when it
+        cannot be reached."""
+        assert self.http is not None, "the DSO page is not serving"
+        try:
+            r = await self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise _HubError(f"cannot reach the hub at {self.settings.hub_url}: {type(exc).__name__}: {exc}") from None
+        try:
+            answer = r.json()
+        except ValueError:
+            answer = {"error": "error", "message": r.text[:300]}
+        if not isinstance(answer, dict):
+            answer = {"error": "error", "message": str(answer)[:300]}
+        if "retry-after" in r.headers:
+            answer["retry_after"] = r.headers["retry-after"]
+        if r.status_code == 401:
+            return 502, {"error": "hub_refused", "message": f"the hub refused the DSO's token: {answer.get('message')}"}
+        return r.status_code, answer
+
+    # -- serving ----------------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[DsoWeb]:
+        """Serve on ``host:port`` (the port may be 0) inside the block."""
+        s = self.settings
+        verify: ssl.SSLContext | bool = True if s.ca_file is None else ssl.create_default_context(cafile=str(s.ca_file))
+        sock = _bind(s.host, s.port)
+        self._closing.clear()
+        async with httpx.AsyncClient(base_url=s.hub_url, timeout=10, verify=verify,
+                                     headers={"Authorization": f"Bearer {s.token.strip()}"}) as http:
+            self.http = http
+            config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", ws="none",
+                                    proxy_headers=False, server_header=False, timeout_graceful_shutdown=2)
+            server = _EmbeddedServer(config)
+            serving = asyncio.create_task(server.serve(sockets=[sock]), name="dso-web")
+            self.address = sock.getsockname()[:2]  # bound already: connections wait in its backlog until served
+            log.info("DSO page on %s/ (hub %s, %s)", self.url, s.hub_url,
+                     "operator sign-in" if self.login_required else "no sign-in: loopback only")
+            try:
+                yield self
+            finally:
+                self._closing.set()
+                server.should_exit = True
+                try:
+                    await serving
+                finally:
+                    self.address = None
+                    self.http = None
+                    sock.close()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _TooLarge
+    return body
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message, **extra}, status)
+
+
+def _signed_out() -> JSONResponse:
+    return _error(401, "signed_out", "sign in first (reload the page)")
+
+
+def _passed(status: int, answer: dict[str, Any]) -> JSONResponse:
+    """The hub's error as the browser gets it: same status, same code, message and problems."""
+    out = {"error": answer.get("error", "error"), "message": answer.get("message", ""), "hub_status": status}
+    if "problems" in answer:
+        out["problems"] = answer["problems"]
+    retry = answer.get("retry_after")
+    return JSONResponse(out, status, headers={"retry-after": str(retry)} if retry else None)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to :func:`main` (or to the test that runs it)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family)
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mhp-sim dso-web``: serve the page until SIGINT or SIGTERM; ``mhp-sim dso-web hash-password``."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["hash-password"]:
+        password = getpass.getpass("operator password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+        if len(password) < 10:
+            print("mhp-sim dso-web: the password needs at least 10 characters", file=sys.stderr)
+            return 2
+        print(hash_password(password))
+        return 0
+    parser = argparse.ArgumentParser(prog="mhp-sim dso-web", description="The DSO's page: post a request to the hub "
+                                     "and follow it live. (mhp-sim dso-web hash-password < PW makes a hash.)")
+    parser.add_argument("--hub-url", required=True, help="the hub's HTTP API, like http://127.0.0.1:8080")
+    parser.add_argument("--token-file", type=Path, required=True, help="a file holding the DSO's bearer token")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8090, help="0: any free port (the URL is printed)")
+    login = parser.add_mutually_exclusive_group(required=True)
+    login.add_argument("--password-hash-file", type=Path,
+                       help="a file holding the operator password's scrypt hash (mhp-sim dso-web hash-password)")
+    login.add_argument("--no-login", action="store_true", help="no sign-in (only on a loopback address)")
+    parser.add_argument("--ca-file", type=Path, help="the CA of the hub's HTTPS certificate")
+    parser.add_argument("--poll-s", type=float, default=0.25, help="how often a followed request is asked for")
+    parser.add_argument("--secure-cookies", action="store_true", help="behind a TLS proxy: HTTPS-only cookies")
+    parser.add_argument("--log-level", default="INFO")
+    ns = parser.parse_args(args)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = DsoWebSettings(
+            hub_url=ns.hub_url.rstrip("/"), token=ns.token_file.read_text(), host=ns.host, port=ns.port,
+            password_hash=None if ns.no_login else ns.password_hash_file.read_text().strip(), ca_file=ns.ca_file,
+            poll_s=ns.poll_s, secure_cookies=ns.secure_cookies)
+    except (OSError, ValueError) as exc:
+        print(f"mhp-sim dso-web: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with DsoWeb(settings).serving() as web:
+            print(f"mhp-sim dso-web: {web.url}/", flush=True)
+            await stop.wait()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"mhp-sim dso-web: cannot listen on {ns.host}:{ns.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,451 @@
+"""``mhp-sim experiment fanout``: one emergency to every gateway of a simulated fleet, through the real chain.
+
+DSO (this process, over HTTP) → hub (``cloud-hub serve``, embedded storage) → hub Mosquitto → one retailer
+bridge per retailer (``retailer-bridge run``) → its retailer Mosquitto → simulated gateways (``python -m
+sim.fleet``, real MQTT connections, at most ``per_fleet`` per process) → acknowledgements and outcomes back → the
+hub records every client executed. Every part is its own process, started from ``broker_config`` and the
+packages' own command lines, as in ``sim.experiment.base``.
+
+Per run: POST → 202; when the hub had the last outcome (its ``completed_at``) and when this process saw the
+request end (it follows the hub's ``/metrics`` counters while the run lasts, so that thousands of clients are not
+re-read ten times a second, then reads ``GET /v1/requests/{id}`` once); the time, from the POST, by which 50, 90,
+99 and 100 % of the clients were executed (each client's ``updated_at`` in that view); missing and duplicate
+commands as the gateways counted them; CPU seconds of every process during the run (/proc). DESIGN.md's target:
+an emergency reaches 10,000 gateways and all acknowledge in ≤ 5 s.
+
+Outputs in OUT: ``results.json``, ``fanout.csv`` (one row per run), ``fanout_clients.csv`` (each client's time
+to executed, per run), ``fanout.png`` (fraction of clients executed against time, one line per run) and
+``report.md``. ``--peer openleadr`` also runs ``sim.experiment.peer_openleadr.run_openleadr_fanout`` (the same
+fan-out over OpenADR 2.0b) into ``OUT/peer-openleadr`` and puts its result next to ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import matplotlib
+import tomli_w
+from prometheus_client.parser import text_string_to_metric_families
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, generate_password
+from sim.experiment.base import BaseParams, Experiment, machine, proc_sample
+from sim.experiment.dso_sim import pct
+from sim.stack.stack import free_port
+
+TARGET_S = 5.0
+"""DESIGN.md: an emergency reaches 10,000 gateways and all acknowledge in at most this."""
+QUANTILES = (50, 90, 99, 100)
+ENDED = frozenset({"completed", "failed", "partially_completed", "expired", "cancelled"})
+CHECK_INTERVAL_S = 3.0
+"""How often a run still going reads the request's whole view (thousands of clients: not every poll)."""
+RUN_FIELDS = ("run", "request_id", "clients", "post_ms", "executed", "other_terminal", "missing_commands",
+              "duplicate_commands", "hub_completed_s", "observed_done_s", "t50_s", "t90_s", "t99_s", "t100_s",
+              "gateway_first_p50_s", "gateway_first_max_s", "state", "within_target", "loadavg_1m")
+
+
+@dataclass
+class FanoutParams:
+    """Parameters of a fan-out experiment."""
+
+    out: Path
+    gateways: int = 10_000
+    retailers: int = 1
+    runs: int = 3
+    per_fleet: int = 2_500
+    """Simulated gateways per fleet process (each retailer's gateways are split over ``ceil(n / per_fleet)``)."""
+    timeout_s: float = 60.0
+    """How long one run is followed before it counts as not done."""
+    settle_s: float = 120.0
+    """At most this long waiting, before each run, for every process to be idle (presence storms, earlier runs)."""
+    progress_interval_s: float = 1.0
+    peer: str = ""
+    """``""`` or ``"openleadr"``: also run that peer's fan-out with as many VENs as gateways."""
+
+
+def gateway_of(client_id: str) -> str:
+    """The simulated gateway of a client (``client-00042`` → ``gw-00042``)."""
+    return "gw-" + client_id.removeprefix("client-")
+
+
+def time_to_fraction(times: list[float], total: int, q: float) -> float | None:
+    """When ``q`` % of ``total`` clients had been executed, from their times; None if that many never were."""
+    need = max(1, math.ceil(q / 100 * total))
+    if len(times) < need:
+        return None
+    return round(sorted(times)[need - 1], 4)
+
+
+def loadavg() -> float | None:
+    """The machine's 1-minute load average (other work on it shows here), from /proc."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def reconcile(expected: dict[str, list[str]], fleet_stats: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per request id: gateways that got no command, commands received more than once, first-receipt times.
+
+    ``expected``: request id → the gateways it targeted; ``fleet_stats``: what each fleet process wrote.
+    """
+    got: dict[str, dict[str, list[float]]] = {}
+    for s in fleet_stats:
+        for request_id, per_gateway in s.get("commands", {}).items():
+            got.setdefault(request_id, {}).update(per_gateway)
+    out = {}
+    for request_id, gateways in expected.items():
+        seen = got.get(request_id, {})
+        missing = [g for g in gateways if g not in seen]
+        out[request_id] = {"missing": len(missing), "missing_gateways": missing[:50],
+                           "duplicates": int(sum(max(0, n - 1) for n, _ in seen.values())),
+                           "first_at": sorted(at for _, at in seen.values())}
+    return out
+
+
+class FanoutExperiment(Experiment):
+    """The fan-out experiment; :meth:`run` does everything and returns ``results.json``'s content."""
+
+    def __init__(self, fp: FanoutParams) -> None:
+        super().__init__(BaseParams(out=fp.out, clients=fp.gateways, retailers=fp.retailers))
+        self.fp = fp
+        self.clients_of = {r: self.client_ids[i::fp.retailers] for i, r in enumerate(self.retailer_ids)}
+        """Each retailer's clients, as ``Experiment._register`` assigns them (client i to retailer i mod R)."""
+        self.gateway_passwords = {gateway_of(c): generate_password() for c in self.client_ids}
+        self.fleets: list[str] = []
+
+    def log(self, text: str) -> None:
+        """A progress line."""
+        print(f"[fanout] {text}", flush=True)
+
+    def run(self) -> dict[str, Any]:
+        """Start, measure, stop, write; returns the results."""
+        fp = self.fp
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        for stale in self.work.glob("fleet-*.json"):
+            stale.unlink()
+        started = time.time()
+        passwords = {r: generate_password() for r in self.retailer_ids}
+        hub_spec = BrokerSpec(kind="hub", port=free_port(), data_dir=self.work / "broker",
+                              privileged=Identity("hub", generate_password()),
+                              parties=[Identity(r, pw) for r, pw in passwords.items()], use_username_as_clientid=True)
+        self.log(f"{fp.gateways} gateways, {fp.retailers} retailer(s), {fp.runs} run(s); target: all executed in "
+                 f"<= {TARGET_S:g} s")
+        runs: list[dict[str, Any]] = []
+        setup: dict[str, Any] = {}
+        try:
+            with MosquittoProcess(hub_spec) as hub_broker, contextlib.ExitStack() as stack:
+                self._track("hub-broker", hub_broker.pid)
+                brokers: dict[str, MosquittoProcess] = {}
+                for r in self.retailer_ids:
+                    spec = BrokerSpec(kind="retailer", port=free_port(), data_dir=self.work / f"broker-{r}",
+                                      privileged=Identity("bridge", generate_password()),
+                                      parties=[Identity(gateway_of(c), self.gateway_passwords[gateway_of(c)])
+                                               for c in self.clients_of[r]])
+                    brokers[r] = stack.enter_context(MosquittoProcess(spec))
+                    self._track(f"broker-{r}", brokers[r].pid)
+                try:
+                    runs, setup = asyncio.run(self._fanout_async(hub_broker.port, hub_spec, passwords, brokers))
+                finally:
+                    self._stop_all()  # the fleets write what they received on SIGTERM
+        finally:
+            self._stop_all()
+        stats = [json.loads(f.read_text()) for f in sorted(self.work.glob("fleet-*.stats.json"))]
+        if len(stats) < len(self.fleets):
+            self.log(f"only {len(stats)} of {len(self.fleets)} fleet processes wrote their counts; see "
+                     f"{self.work / 'logs'}")
+        setup["fleet_connect_s"] = {s["file"]: s["connect_s"] for s in setup.pop("fleet_ready", [])}
+        results = self._results(runs, stats, setup, round(time.time() - started, 3))
+        if fp.peer:
+            results["peer"] = self._run_peer()
+        write_all(self.out, results)
+        return results
+
+    def _track(self, name: str, pid: int | None) -> None:
+        if pid is not None:
+            self.pids[name] = pid
+
+    async def _fanout_async(self, hub_port: int, hub_spec: BrokerSpec, passwords: dict[str, str],
+                         brokers: dict[str, MosquittoProcess]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        fp = self.fp
+        t_setup = time.monotonic()
+        hub_url, tokens = await self.start_hub(hub_port, hub_spec)
+        await self._register(hub_url, tokens)
+        self.log(f"registered {fp.retailers} retailer(s) and {fp.gateways} clients "
+                 f"({time.monotonic() - t_setup:.1f} s)")
+        for r in self.retailer_ids:
+            self._start_bridge(r, hub_port, passwords[r], brokers[r])
+        for r in self.retailer_ids:
+            self._start_fleets(r, brokers[r])
+        t_fleet = time.monotonic()
+        ready = [self.work / f"{name}.ready" for name in self.fleets]
+        await self._wait_files(ready, "the fleet", timeout_s=60.0 + fp.gateways / 50)
+        fleet_ready = [{"file": f.stem, **json.loads(f.read_text())} for f in ready]
+        self.log(f"{fp.gateways} gateways connected over {len(self.fleets)} fleet process(es) in "
+                 f"{time.monotonic() - t_fleet:.1f} s (slowest fleet's own figure "
+                 f"{max(f['connect_s'] for f in fleet_ready):.2f} s)")
+        self.pids["experiment"] = os.getpid()
+        runs = []
+        async with httpx.AsyncClient(base_url=hub_url, timeout=60,
+                                     headers={"Authorization": f"Bearer {tokens['dso']}"}) as http:
+            for i in range(fp.runs):
+                await self._settle()
+                runs.append(await self._one_run(http, i + 1))
+        setup = {"setup_s": round(time.monotonic() - t_setup, 3), "hub_url": hub_url, "work_dir": str(self.work),
+                 "fleet_processes": len(self.fleets), "fleet_ready": fleet_ready}
+        return runs, setup
+
+    def _start_bridge(self, r: str, hub_port: int, password: str, broker: MosquittoProcess) -> None:
+        cfg = self.work / f"bridge-{r}.toml"
+        cfg.write_text(tomli_w.dumps({"bridge": {
+            "retailer_id": r, "hub_mqtt_port": hub_port, "hub_mqtt_password": password,
+            "local_mqtt_port": broker.port, "local_mqtt_password": broker.spec.privileged.password,
+            "db_path": str(self.work / f"bridge-{r}.db"), "telemetry_store": "none",
+            "customers": {c: gateway_of(c) for c in self.clients_of[r]}}}))
+        os.chmod(cfg, 0o600)
+        self._spawn(f"bridge-{r}", [sys.executable, "-m", "retailer_bridge.cli", "--log-level", "WARNING", "run",
+                                    "--config", str(cfg)])
+
+    def _start_fleets(self, r: str, broker: MosquittoProcess) -> None:
+        clients = self.clients_of[r]
+        n = max(1, math.ceil(len(clients) / self.fp.per_fleet))
+        for k in range(n):
+            name = f"fleet-{r}-{k + 1}"
+            creds = self.work / f"{name}.creds.json"
+            creds.write_text(json.dumps({gateway_of(c): {"client_id": c, "password": self.gateway_passwords[
+                gateway_of(c)]} for c in clients[k::n]}))
+            os.chmod(creds, 0o600)
+            for old in (self.work / f"{name}.ready", self.work / f"{name}.stats.json"):
+                old.unlink(missing_ok=True)
+            self._spawn(name, [sys.executable, "-m", "sim.fleet", "--port", str(broker.port), "--credentials",
+                               str(creds), "--ready-file", str(self.work / f"{name}.ready"), "--stats-file",
+                               str(self.work / f"{name}.stats.json")])
+            self.fleets.append(name)
+
+    async def _settle(self) -> None:
+        """Wait until every process is idle: below 5 % of a core together over half a second."""
+        deadline = time.monotonic() + self.fp.settle_s
+        before = self._cpu()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            now = self._cpu()
+            busy = sum(now[k] - before.get(k, now[k]) for k in now)
+            before = now
+            if busy < 0.025:
+                return
+        self.log(f"processes still busy after {self.fp.settle_s:g} s; starting the run anyway")
+
+    def _cpu(self) -> dict[str, float]:
+        out = {}
+        for name, pid in self.pids.items():
+            s = proc_sample(pid)
+            if s is not None:
+                out[name] = s["cpu_s"]
+        return out
+
+    async def _one_run(self, http: httpx.AsyncClient, n: int) -> dict[str, Any]:
+        fp = self.fp
+        before = await self._metrics(http)
+        finished_before, outcomes_before = before["finished"], before["outcomes"]
+        cpu_before = self._cpu()
+        load_before = loadavg()
+        start = datetime.now(UTC) + timedelta(minutes=1)  # announced before it takes effect
+        body = {"client_ids": self.client_ids, "start": start.isoformat(), "duration_s": 600, "power_limit_kw": 2.0}
+        t_post = time.time()
+        resp = await http.post("/v1/emergencies", json=body)
+        post_ms = round((time.time() - t_post) * 1000, 3)
+        resp.raise_for_status()
+        request_id = resp.json()["request_id"]
+        self.log(f"run {n}/{fp.runs}: {request_id} accepted in {post_ms:.1f} ms")
+        done_at = None
+        last_progress = last_check = time.monotonic()
+        while time.time() - t_post < fp.timeout_s:
+            await asyncio.sleep(0.05)
+            metrics = await self._metrics(http)
+            if metrics["finished"] > finished_before:
+                done_at = time.time()
+                break
+            if time.monotonic() - last_check >= CHECK_INTERVAL_S:
+                # The hub's counter is the cheap signal; its request view, read now and then, the sure one.
+                last_check = time.monotonic()
+                if (await http.get(f"/v1/requests/{request_id}")).json()["state"] in ENDED:
+                    done_at = time.time()
+                    break
+            if time.monotonic() - last_progress >= fp.progress_interval_s:
+                last_progress = time.monotonic()
+                self.log(f"run {n}/{fp.runs}: {time.time() - t_post:.1f} s, the hub has received "
+                         f"{metrics['outcomes'] - outcomes_before:.0f} outcome messages")
+        cpu_after = self._cpu()
+        view = (await http.get(f"/v1/requests/{request_id}")).json()
+        times = []
+        states: dict[str, int] = {}
+        for c in view["clients"].values():
+            states[c["state"]] = states.get(c["state"], 0) + 1
+            if c["state"] == "executed":
+                times.append(datetime.fromisoformat(c["updated_at"]).timestamp() - t_post)
+        completed_at = view.get("completed_at")
+        run = {"run": n, "request_id": request_id, "clients": len(self.client_ids), "post_ms": post_ms,
+               "state": view["state"], "states": states, "executed": states.get("executed", 0),
+               "other_terminal": sum(v for k, v in states.items() if k not in ("executed", "pending", "sent",
+                                                                              "delivered")),
+               "hub_completed_s": None if completed_at is None else round(
+                   datetime.fromisoformat(completed_at).timestamp() - t_post, 3),
+               "observed_done_s": None if done_at is None else round(done_at - t_post, 3),
+               "executed_s": sorted(round(t, 4) for t in times), "post_at": t_post, "trace": view.get("trace", {}),
+               "cpu_s": {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 3) for k in cpu_after},
+               "loadavg_1m": load_before}
+        for q in QUANTILES:
+            run[f"t{q}_s"] = time_to_fraction(times, len(self.client_ids), q)
+        run["within_target"] = run["t100_s"] is not None and run["t100_s"] <= TARGET_S
+        self.log(f"run {n}/{fp.runs}: {run['executed']}/{len(self.client_ids)} executed, state {run['state']}; "
+                 + ", ".join(f"{q} % by {run[f't{q}_s']} s" for q in QUANTILES)
+                 + f"; CPU s {json.dumps(run['cpu_s'])}")
+        return run
+
+    async def _metrics(self, http: httpx.AsyncClient) -> dict[str, float]:
+        text = (await http.get("/metrics")).text
+        out = {"finished": 0.0, "outcomes": 0.0}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "mhp_requests_finished_total" and s.labels.get("type") == "emergency":
+                    out["finished"] += s.value
+                elif s.name == "mhp_mqtt_received_total" and s.labels.get("type") == "outcome":
+                    out["outcomes"] += s.value
+        return out
+
+    def _results(self, runs: list[dict[str, Any]], stats: list[dict[str, Any]], setup: dict[str, Any],
+                 wall_s: float) -> dict[str, Any]:
+        gateways = [gateway_of(c) for c in self.client_ids]
+        rec = reconcile({r["request_id"]: gateways for r in runs}, stats)
+        for r in runs:
+            got = rec[r["request_id"]]
+            first = [at - r["post_at"] for at in got.pop("first_at")]
+            r.update(missing_commands=got["missing"], missing_gateways=got["missing_gateways"],
+                     duplicate_commands=got["duplicates"], gateway_first_p50_s=pct(first, 50),
+                     gateway_first_max_s=round(max(first), 3) if first else None,
+                     gateway_first_s={f"p{q}": pct(first, q) for q in QUANTILES})
+        t100 = [r["t100_s"] for r in runs if r["t100_s"] is not None]
+        summary = {"runs": len(runs), "all_executed_every_run": all(r["executed"] == r["clients"] for r in runs),
+                   "missing_commands": sum(r["missing_commands"] for r in runs),
+                   "duplicate_commands": sum(r["duplicate_commands"] for r in runs),
+                   "t100_s_best": min(t100) if t100 else None, "t100_s_worst": max(t100) if len(t100) == len(runs)
+                   and t100 else None, "within_target_every_run": bool(runs) and all(r["within_target"] for r in runs),
+                   "target_s": TARGET_S}
+        return {"experiment": "fanout", "params": {k: (str(v) if isinstance(v, Path) else v)
+                                                   for k, v in vars(self.fp).items()},
+                "machine": machine(), "wall_s": wall_s, "setup": setup, "summary": summary, "runs": runs,
+                "files": {"runs_csv": "fanout.csv", "clients_csv": "fanout_clients.csv", "plots": ["fanout.png"],
+                          "report": "report.md"}}
+
+    def _run_peer(self) -> dict[str, Any]:
+        if self.fp.peer != "openleadr":
+            raise ValueError(f"unknown peer {self.fp.peer!r} (known: openleadr)")
+        try:
+            from sim.experiment.peer_openleadr import run_openleadr_fanout
+        except ImportError as exc:
+            self.log(f"peer openleadr not run: {exc}")
+            return {"name": "openleadr", "error": f"cannot import sim.experiment.peer_openleadr: {exc}"}
+        self.log(f"peer openleadr: {self.fp.gateways} VENs, {self.fp.runs} run(s)")
+        result: dict[str, Any] = run_openleadr_fanout(self.fp.gateways, self.out / "peer-openleadr", self.fp.runs)
+        return {"name": "openleadr", "dir": "peer-openleadr", "result": result}
+
+
+def write_all(out: Path, results: dict[str, Any]) -> None:
+    """``results.json``, the two CSVs, the plot and ``report.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    with (out / "fanout.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RUN_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(results["runs"])
+    with (out / "fanout_clients.csv").open("w", newline="") as f:
+        w2 = csv.writer(f)
+        w2.writerow(["run", "rank", "executed_s"])
+        for r in results["runs"]:
+            w2.writerows((r["run"], k + 1, t) for k, t in enumerate(r["executed_s"]))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in results["runs"]:
+        ts = r["executed_s"]
+        if ts:
+            ax.step([0.0, *ts], [0.0, *[(k + 1) / r["clients"] for k in range(len(ts))]], where="post",
+                    label=f"run {r['run']} ({r['executed']}/{r['clients']})")
+    ax.axvline(TARGET_S, color="grey", linestyle="--", linewidth=1, label=f"target {TARGET_S:g} s")
+    ax.set_xlabel("seconds since the DSO's POST")
+    ax.set_ylabel("fraction of clients executed (hub)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"Emergency to {results['params']['gateways']} gateways, {results['params']['retailers']} "
+                 "retailer(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "fanout.png", dpi=110)
+    plt.close(fig)
+    (out / "report.md").write_text(markdown(results))
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The short human-readable report."""
+    p, m, s = results["params"], results["machine"], results["summary"]
+    setup = results["setup"]
+    lines = [
+        "# Experiment: emergency fan-out", "",
+        f"One emergency to {p['gateways']} simulated gateways (real MQTT connections, "
+        f"{setup.get('fleet_processes', '-')} fleet processes) through hub → hub broker → {p['retailers']} "
+        f"bridge(s) → retailer broker(s) → gateways and back; {s['runs']} run(s). Machine: {m['cpus']} CPUs, "
+        f"{m['cpu_model']}, {m['memory']}. Target (DESIGN.md): all executed in ≤ {s['target_s']:g} s.", "",
+        f"Fleet connect time per process (s): {setup.get('fleet_connect_s', {})}.", "",
+        f"Every client executed in every run: {'yes' if s['all_executed_every_run'] else 'NO'}; commands missing "
+        f"{s['missing_commands']}, duplicated {s['duplicate_commands']}; within target every run: "
+        f"{'yes' if s['within_target_every_run'] else 'NO'}.", "",
+        "| run | POST→202 ms | executed | 50 % s | 90 % s | 99 % s | 100 % s | hub completed s | seen done s "
+        "| gateways got it p50 / max s | missing | duplicates | state | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        lines.append(f"| {r['run']} | {_fmt(r['post_ms'])} | {r['executed']}/{r['clients']} | {_fmt(r['t50_s'])} | "
+                     f"{_fmt(r['t90_s'])} | {_fmt(r['t99_s'])} | {_fmt(r['t100_s'])} | {_fmt(r['hub_completed_s'])} "
+                     f"| {_fmt(r['observed_done_s'])} | {_fmt(r['gateway_first_p50_s'])} / "
+                     f"{_fmt(r['gateway_first_max_s'])} | {r['missing_commands']} | {r['duplicate_commands']} | "
+                     f"{r['state']} | {_fmt(r.get('loadavg_1m'))} |")
+    names = sorted({k for r in results["runs"] for k in r["cpu_s"]})
+    lines += ["", "## CPU seconds per process during each run (/proc)", "",
+              "| run | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in results["runs"]:
+        lines.append(f"| {r['run']} | " + " | ".join(_fmt(r["cpu_s"].get(k)) for k in names) + " |")
+    lines += ["", "Times are from the DSO's POST to each client's last update in the hub's request view "
+              "(`executed`); \"seen done\" is when this process saw the request end on the hub's `/metrics`. "
+              "Plot: `fanout.png`; per-client times: `fanout_clients.csv`. \"load avg\" is the machine's 1-minute "
+              "load average at the POST: above the number of CPUs, other work shared them and times stretch.", ""]
+    peer = results.get("peer")
+    if peer:
+        lines += ["## Peer: " + peer["name"], ""]
+        frac = peer.get("result", {}).get("summary", {}).get("time_to_fraction_ms", {})
+        if frac:
+            lines += [f"The same emergency to {p['gateways']} VENs: 50 / 90 / 99 / 100 % acknowledged after "
+                      + " / ".join(_fmt(frac.get(q)) for q in ("0.5", "0.9", "0.99", "1.0"))
+                      + f" ms; its own report: `{peer.get('dir')}/report.md`.", ""]
+        lines += ["```", json.dumps(peer.get("result", {}).get("summary", peer), indent=1)[:4000], "```", ""]
+    return "\n".join(lines)
+
+
+def run(fp: FanoutParams) -> dict[str, Any]:
+    """Run the experiment; returns ``results.json``'s content."""
+    return FanoutExperiment(fp).run()
