@@ -74,6 +74,11 @@ class KVStore(Protocol):
         """Rows in key order: those starting with ``prefix``, or with ``start <= key < stop``."""
         ...
 
+    async def scan_ranges(self, table: str, ranges: list[tuple[str, str]]) -> list[list[tuple[str, Row]]]:
+        """Several scans in one storage call: for each ``(start, stop)``, the rows with ``start <= key < stop`` in
+        key order (a billing request reads the readings of every client it names)."""
+        ...
+
     async def batch(self, mutations: list[Mutation]) -> None:
         """Apply mutations in order (each row atomically)."""
         ...

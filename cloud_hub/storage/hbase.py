@@ -204,6 +204,17 @@ class HBaseKV:
 
         return await self._run(op)
 
+    async def scan_ranges(self, table: str, ranges: list[tuple[str, str]]) -> list[list[tuple[str, Row]]]:
+        """Several key ranges, each in key order, on one pooled connection in one thread hand-off."""
+
+        def op(c: happybase.Connection) -> list[list[tuple[str, Row]]]:
+            t = c.table(table)
+            return [[(k.decode(), self._decode(v)) for k, v in t.scan(row_start=start.encode(), row_stop=stop.encode(),
+                                                                      batch_size=1000)]
+                    for start, stop in ranges]
+
+        return await self._run(op)
+
     async def batch(self, mutations: list[Mutation]) -> None:
         """Apply mutations in order: consecutive mutations of one table go in one ``mutateRows`` call."""
 

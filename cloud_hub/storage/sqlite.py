@@ -141,6 +141,25 @@ class SqliteKV:
         result: list[tuple[str, Row]] = await self._run(op)
         return result
 
+    async def scan_ranges(self, table: str, ranges: list[tuple[str, str]]) -> list[list[tuple[str, Row]]]:
+        """Several key ranges, each in key order, in one hand-off to the SQLite thread."""
+        _check_table(table)
+
+        def op() -> list[list[tuple[str, Row]]]:
+            out: list[list[tuple[str, Row]]] = []
+            sql = "SELECT row, col, val FROM cells WHERE tbl=? AND row >= ? AND row < ? ORDER BY row, col"
+            for start, stop in ranges:
+                rows: list[tuple[str, Row]] = []
+                for r, c, v in self._sql.db.execute(sql, (table, start, stop)):
+                    if not rows or rows[-1][0] != r:
+                        rows.append((r, {}))
+                    rows[-1][1][c] = bytes(v)
+                out.append(rows)
+            return out
+
+        result: list[list[tuple[str, Row]]] = await self._run(op)
+        return result
+
     @staticmethod
     def _apply(db: sqlite3.Connection, m: Mutation) -> None:
         _check_table(m.table)

@@ -44,6 +44,9 @@ async def test_scans_are_sorted_and_bounded(kv: KVStore) -> None:
     assert rows == [("b|1", {"r:v": b"b|1"})]
     with pytest.raises(ValueError, match="prefix"):
         await kv.scan("readings", prefix="a", start="a")
+    ranges = await kv.scan_ranges("readings", [("a|2", "b|1"), ("zz", "zzz"), ("b|", "b|~")])
+    assert [[k for k, _ in rows] for rows in ranges] == [["a|2", "a|3", "a~"], [], ["b|1"]]
+    assert ranges[2] == [("b|1", {"r:v": b"b|1", "r:w": b"x"})]
 
 
 async def test_batch_across_tables_applies_in_order(kv: KVStore) -> None:
