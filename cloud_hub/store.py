@@ -252,6 +252,11 @@ class HubStore:
         row = await self.kv.get("requests", request_id, columns)
         return {c: _u(v) for c, v in row.items()}
 
+    async def get_requests_cells(self, wanted: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+        """:meth:`get_request_cells` of several requests in one storage call (a missing request maps to ``{}``)."""
+        rows = await self.kv.get_each("requests", dict(wanted))
+        return {rid: {c: _u(v) for c, v in rows.get(rid, {}).items()} for rid in wanted}
+
     async def update_request(self, request_id: str, put: dict[str, Any], delete: list[str] | None = None,
                              audit: list[AuditEntry] | None = None, close: bool = False) -> None:
         """Write cells of one request row atomically (``put`` maps ``family:qualifier`` to JSON-able values);

@@ -68,6 +68,11 @@ class KVStore(Protocol):
         """Several rows at once; missing rows are absent from the answer."""
         ...
 
+    async def get_each(self, table: str, wanted: dict[str, list[str] | None]) -> dict[str, Row]:
+        """For each row of ``wanted``, its cells (only the columns given for it, as in :meth:`get`), in one storage
+        call; missing rows are absent from the answer."""
+        ...
+
     async def scan(self, table: str, *, prefix: str | None = None, start: str | None = None,
                    stop: str | None = None, limit: int | None = None,
                    columns: list[str] | None = None) -> list[tuple[str, Row]]:

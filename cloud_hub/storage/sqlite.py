@@ -88,6 +88,17 @@ class SqliteKV:
         result: Row = await self._run(self._get, table, row, columns)
         return result
 
+    async def get_each(self, table: str, wanted: dict[str, list[str] | None]) -> dict[str, Row]:
+        """Rows with their own column selections, in one hand-off to the SQLite thread."""
+        _check_table(table)
+
+        def op() -> dict[str, Row]:
+            found = ((row, self._get(table, row, columns)) for row, columns in wanted.items())
+            return {row: cells for row, cells in found if cells}
+
+        result: dict[str, Row] = await self._run(op)
+        return result
+
     async def get_many(self, table: str, rows: list[str], columns: list[str] | None = None) -> dict[str, Row]:
         """Several rows at once."""
         _check_table(table)
