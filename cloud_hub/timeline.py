@@ -75,23 +75,23 @@ def clip_blocks(blocks: Iterable[dict[str, Any]], start: float, end: float) -> l
     """The readings in ``[start, end)`` as blocks of consecutive values, corrections applied (the last upload
     wins where uploads overlap), each block with its quality and whether it corrects an earlier upload.
 
-    Blocks that do not overlap (the usual case: one upload per interval) with integer times are sliced whole; the
-    general case goes value by value through :func:`points`. Both give the same answer.
+    Blocks that do not overlap (the usual case: one upload per interval) and start on a whole second with a whole
+    number of seconds per value (so the times of their values are exact) are sliced whole; the general case goes
+    value by value through :func:`points`. Both give the same answer.
     """
     ordered = sorted(blocks, key=lambda b: b["start"])
-    if all(isinstance(b["start"], int) and isinstance(b["resolution_s"], int) for b in ordered) and all(
+    if all(float(b["start"]).is_integer() and float(b["resolution_s"]).is_integer() for b in ordered) and all(
             a["start"] + a["resolution_s"] * len(a["values_kwh"]) <= b["start"] for a, b in pairwise(ordered)):
         return _clip_disjoint(ordered, start, end)
     return _clip_points(ordered, start, end)
 
 
 def _clip_disjoint(ordered: list[dict[str, Any]], start: float, end: float) -> list[dict[str, Any]]:
-    """:func:`clip_blocks` of blocks sorted by start that do not overlap, with integer start and resolution."""
+    """:func:`clip_blocks` of blocks sorted by start that do not overlap, with whole-second start and resolution."""
     out: list[dict[str, Any]] = []
     for b in ordered:
         b0, res, values = b["start"], b["resolution_s"], b["values_kwh"]
-        first = max(0, int(-((b0 - start) // res)))  # the first i with b0 + i * res >= start
-        stop = min(len(values), max(0, int(-((b0 - end) // res))))  # the first i with b0 + i * res >= end
+        first, stop = _first_at(b0, res, len(values), start), _first_at(b0, res, len(values), end)
         if first >= stop:
             continue
         t, quality = b0 + first * res, b["quality"]
@@ -104,6 +104,17 @@ def _clip_disjoint(ordered: list[dict[str, Any]], start: float, end: float) -> l
             out.append({"start": t, "resolution_s": res, "values_kwh": list(values[first:stop]), "quality": quality,
                         "version": 2 if corrected else 1, "corrected": corrected})
     return out
+
+
+def _first_at(b0: float, res: float, n: int, at: float) -> int:
+    """The first ``i`` in ``[0, n]`` with ``b0 + i * res >= at``: estimated by division, then settled with the same
+    comparison :func:`points` makes (the division's rounding can be one off)."""
+    i = min(n, max(0, int(-((b0 - at) // res))))
+    while i > 0 and b0 + (i - 1) * res >= at:
+        i -= 1
+    while i < n and b0 + i * res < at:
+        i += 1
+    return i
 
 
 def _clip_points(blocks: Iterable[dict[str, Any]], start: float, end: float) -> list[dict[str, Any]]:

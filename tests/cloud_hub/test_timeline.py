@@ -70,7 +70,7 @@ def test_a_later_upload_replaces_what_it_covers_and_is_flagged_corrected() -> No
 
 @st.composite
 def disjoint_blocks(draw: st.DrawFn) -> list[dict]:  # type: ignore[type-arg]
-    t, out = draw(st.integers(-100, 100)), []
+    t, out = draw(st.sampled_from([0, 0.0, 1_700_000_000.0])) + draw(st.integers(-100, 100)), []
     for _ in range(draw(st.integers(0, 4))):
         t += draw(st.integers(0, 20))
         res, n = draw(st.sampled_from([1, 3, 900])), draw(st.integers(0, 6))
@@ -81,9 +81,12 @@ def disjoint_blocks(draw: st.DrawFn) -> list[dict]:  # type: ignore[type-arg]
     return draw(st.permutations(out))
 
 
-@given(disjoint_blocks(), st.one_of(st.integers(-150, 150), st.floats(-150, 150)), st.floats(0, 150))
+@given(disjoint_blocks(), st.one_of(st.integers(-150, 150), st.floats(-150, 150)), st.floats(0, 150),
+       st.sampled_from([0, 1_700_000_000.0]))
 def test_clipping_disjoint_blocks_whole_equals_clipping_value_by_value(blocks: list[dict],  # type: ignore[type-arg]
-                                                                       start: float, span: float) -> None:
+                                                                       start: float, span: float,
+                                                                       offset: float) -> None:
+    start += offset
     assert clip_blocks(blocks, start, start + span) == _clip_points(blocks, start, start + span)
 
 
