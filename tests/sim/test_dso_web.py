@@ -90,7 +90,7 @@ async def retailers(hub: HubHandle, *ids: str) -> AsyncIterator[list[RpSimulator
     stop = asyncio.Event()
     sims = [RpSimulator(rid, MqttEndpoint(hub.broker.host, hub.broker.port, rid, hub.broker.identities[rid].password),
                         delay_min_ms=5, delay_max_ms=10, seed=1) for rid in ids]
-    tasks = [asyncio.create_task(run(s, None, stop)) for s in sims]
+    tasks = [asyncio.create_task(run(sims, None, stop))]
     try:
         for s in sims:
             await s.link.wait_connected(10)
