@@ -235,39 +235,53 @@ class RequestBook:
             item.next_at = now + retry_delay_s(item.attempts)
             if item.attempts == 1 and item.kind in ("request", "billing", "tariff"):
                 first.setdefault(item.request_id, []).append(item)
-        for request_id, sent in first.items():
-            await self._advance_sent(request_id, sent, now)
+        if not first:
+            return
+        # Every request of the round read in one storage call and written in one batch (each row atomically), as
+        # the group commit does for outcomes; the locks are taken in request-id order, as there.
+        async with contextlib.AsyncExitStack() as locks:
+            for request_id in sorted(first):
+                await locks.enter_async_context(self.lock(request_id))
+            wanted: dict[str, list[str]] = {}
+            for request_id, sent in first.items():
+                cols = ["r:state", "r:counts", "r:first_dispatch_at"]
+                for item in sent:
+                    cols += [f"c:{c}" for c in item.clients] or [f"p:{item.retailer_id}"]
+                wanted[request_id] = cols
+            rows = await self.store.get_requests_cells(wanted)
+            writes: list[tuple[str, dict[str, Any], list[str] | None, bool]] = [
+                (rid, put, None, False) for rid, sent in first.items()
+                if (put := self._advance_sent(rows[rid], sent, now))]
+            if writes:
+                await self.store.update_requests(writes)
 
-    async def _advance_sent(self, request_id: str, sent: list[OutboxItem], now: float) -> None:
-        async with self.lock(request_id):
-            cols = ["r:state", "r:counts", "r:first_dispatch_at"]
-            for item in sent:
-                cols += [f"c:{c}" for c in item.clients] or [f"p:{item.retailer_id}"]
-            cells = await self.store.get_request_cells(request_id, cols)
-            if "r:state" not in cells or RequestState(cells["r:state"]).terminal:
-                return
-            counts = Counter({C(k): v for k, v in cells["r:counts"].items()})
-            put: dict[str, Any] = {}
-            for item in sent:
-                for col in [f"c:{c}" for c in item.clients] or [f"p:{item.retailer_id}"]:
-                    entry = put.get(col) or cells.get(col)
-                    if entry is None:
-                        continue
-                    if entry.get("retailers", {}).get(item.retailer_id) == C.PENDING.value:
-                        entry["retailers"][item.retailer_id] = C.SENT.value
-                    new = combine(C(s) for s in entry["retailers"].values())
-                    if new is not C(entry["state"]) and may_move(C(entry["state"]), new):
-                        counts[C(entry["state"])] -= 1
-                        counts[new] += 1
-                        entry["state"] = new.value
-                        entry["updated_at"] = now
-                    put[col] = entry
-            state = request_state_from_counts(RequestState(cells["r:state"]), counts)
-            put["r:counts"] = {k.value: v for k, v in counts.items() if v}
-            put["r:state"] = state.value
-            if cells.get("r:first_dispatch_at") is None:
-                put["r:first_dispatch_at"] = now
-            await self.store.update_request(request_id, put)
+    @staticmethod
+    def _advance_sent(cells: dict[str, Any], sent: list[OutboxItem], now: float) -> dict[str, Any]:
+        """The cells of a request row to write once ``sent`` went out (nothing when the request has ended)."""
+        if "r:state" not in cells or RequestState(cells["r:state"]).terminal:
+            return {}
+        counts = Counter({C(k): v for k, v in cells["r:counts"].items()})
+        put: dict[str, Any] = {}
+        for item in sent:
+            for col in [f"c:{c}" for c in item.clients] or [f"p:{item.retailer_id}"]:
+                entry = put.get(col) or cells.get(col)
+                if entry is None:
+                    continue
+                if entry.get("retailers", {}).get(item.retailer_id) == C.PENDING.value:
+                    entry["retailers"][item.retailer_id] = C.SENT.value
+                new = combine(C(s) for s in entry["retailers"].values())
+                if new is not C(entry["state"]) and may_move(C(entry["state"]), new):
+                    counts[C(entry["state"])] -= 1
+                    counts[new] += 1
+                    entry["state"] = new.value
+                    entry["updated_at"] = now
+                put[col] = entry
+        state = request_state_from_counts(RequestState(cells["r:state"]), counts)
+        put["r:counts"] = {k.value: v for k, v in counts.items() if v}
+        put["r:state"] = state.value
+        if cells.get("r:first_dispatch_at") is None:
+            put["r:first_dispatch_at"] = now
+        return put
 
     def retailer_online(self, retailer_id: str) -> int:
         """A retailer's bridge (re)connected: send it everything it has not acknowledged, now."""
@@ -409,8 +423,10 @@ class RequestBook:
             for request_id in sorted(by_request):
                 await locks.enter_async_context(self.lock(request_id))
             writes: list[_RowWrite] = []
+            rows = await self.store.get_requests_cells(  # every row of the commit in one storage call
+                {rid: self._outcome_columns([outcomes[i] for i in idx]) for rid, idx in by_request.items()})
             for request_id, idx in by_request.items():
-                write = await self._apply_to_row(request_id, [outcomes[i] for i in idx], now, allowed)
+                write = self._apply_to_row(request_id, rows[request_id], [outcomes[i] for i in idx], now, allowed)
                 for i, v in zip(idx, write.verdicts, strict=True):
                     verdicts[i] = v
                 if write.put:
@@ -421,13 +437,16 @@ class RequestBook:
                 self._after_write(w, now)
         return verdicts
 
-    async def _apply_to_row(self, request_id: str, batch: list[ReportedOutcome], now: float,
-                            allowed: Callable[[str, list[str]], bool]) -> _RowWrite:
-        """The new cells of one request row after ``batch`` (read once; nothing written here)."""
-        cols = list(dict.fromkeys(f"c:{o.client_id}" for o in batch))
-        cells = await self.store.get_request_cells(request_id, [
-            *cols, "r:state", "r:counts", "r:created_at", "r:phase", "r:type", "r:answered", "r:targets",
-            "r:selection"])
+    @staticmethod
+    def _outcome_columns(batch: list[ReportedOutcome]) -> list[str]:
+        """The cells of a request row that :meth:`_apply_to_row` reads for ``batch``."""
+        return [*dict.fromkeys(f"c:{o.client_id}" for o in batch), "r:state", "r:counts", "r:created_at", "r:phase",
+                "r:type", "r:answered", "r:targets", "r:selection"]
+
+    def _apply_to_row(self, request_id: str, cells: dict[str, Any], batch: list[ReportedOutcome], now: float,
+                      allowed: Callable[[str, list[str]], bool]) -> _RowWrite:
+        """The new cells of one request row (``cells``: its :meth:`_outcome_columns`) after ``batch``; nothing is
+        written here."""
         write = _RowWrite(request_id)
         if "r:state" not in cells:
             write.verdicts = [OutcomeVerdict(False, []) for _ in batch]

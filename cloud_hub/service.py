@@ -204,15 +204,19 @@ class HubService:
         per_retailer: dict[str, list[BillingClient]] = defaultdict(list)
         entries: dict[str, dict[str, Any]] = {}
         unsupplied = []
+        spans_of = {cid: supply_spans(clients[cid]["suppliers"], start, end) for cid in client_ids}
+        # Every client's readings of every supply span in one storage call (one per span was a thread hand-off each).
+        queries = [(cid, s, e) for cid in client_ids for _, s, e in spans_of[cid]]
+        found = dict(zip(queries, await self.store.readings_many(queries), strict=True))
         for cid in client_ids:
-            spans = supply_spans(clients[cid]["suppliers"], start, end)
+            spans = spans_of[cid]
             if not spans:
                 unsupplied.append(cid)
                 continue
             entries[cid] = {"retailers": {}, "state": ClientState.PENDING.value, "detail": {}, "trace": {},
                             "updated_at": time.time()}
             for rid, s, e in spans:
-                blocks = clip_blocks(await self.store.readings(cid, s, e), s, e)
+                blocks = clip_blocks(found[(cid, s, e)], s, e)
                 per_retailer[rid].append(BillingClient(
                     client_id=cid, period_start=datetime.fromtimestamp(s, UTC),
                     period_end=datetime.fromtimestamp(e, UTC),

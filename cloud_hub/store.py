@@ -44,6 +44,18 @@ def _u(raw: bytes | None, default: Any = None) -> Any:
     return default if raw is None else json.loads(raw)
 
 
+def _blocks(rows: list[tuple[str, Row]], start: float) -> list[dict[str, Any]]:
+    """Reading blocks decoded from their rows, those that end after ``start``."""
+    out = []
+    for _, r in rows:
+        b = {"start": _u(r["r:start"]), "resolution_s": _u(r["r:resolution_s"]), "values_kwh": _u(r["r:values"]),
+             "quality": r["r:quality"].decode(), "version": int(r["r:version"]),
+             "corrected": r.get("r:corrects") == b"1", "uploaded_at": _u(r["r:uploaded_at"])}
+        if b["start"] + b["resolution_s"] * len(b["values_kwh"]) > start:
+            out.append(b)
+    return out
+
+
 @dataclass(slots=True)
 class AuditEntry:
     """One line of the data access log: who read or triggered what, for which client, under which right."""
@@ -245,6 +257,11 @@ class HubStore:
         row = await self.kv.get("requests", request_id, columns)
         return {c: _u(v) for c, v in row.items()}
 
+    async def get_requests_cells(self, wanted: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+        """:meth:`get_request_cells` of several requests in one storage call (a missing request maps to ``{}``)."""
+        rows = await self.kv.get_each("requests", dict(wanted))
+        return {rid: {c: _u(v) for c, v in rows.get(rid, {}).items()} for rid in wanted}
+
     async def update_request(self, request_id: str, put: dict[str, Any], delete: list[str] | None = None,
                              audit: list[AuditEntry] | None = None, close: bool = False) -> None:
         """Write cells of one request row atomically (``put`` maps ``family:qualifier`` to JSON-able values);
@@ -302,14 +319,14 @@ class HubStore:
         """Reading blocks of a client that may overlap ``[start, end)`` (one range scan of its rows)."""
         rows = await self.kv.scan("readings", start=f"{client_id}|{tkey(start - lookback_s)}",
                                   stop=f"{client_id}|{tkey(end)}")
-        out = []
-        for _, r in rows:
-            b = {"start": _u(r["r:start"]), "resolution_s": _u(r["r:resolution_s"]), "values_kwh": _u(r["r:values"]),
-                 "quality": r["r:quality"].decode(), "version": int(r["r:version"]),
-                 "corrected": r.get("r:corrects") == b"1", "uploaded_at": _u(r["r:uploaded_at"])}
-            if b["start"] + b["resolution_s"] * len(b["values_kwh"]) > start:
-                out.append(b)
-        return out
+        return _blocks(rows, start)
+
+    async def readings_many(self, queries: list[tuple[str, float, float]], lookback_s: float = 86_400 * 31
+                            ) -> list[list[dict[str, Any]]]:
+        """:meth:`readings` for each ``(client_id, start, end)``, all in one storage call."""
+        found = await self.kv.scan_ranges("readings", [(f"{cid}|{tkey(start - lookback_s)}", f"{cid}|{tkey(end)}")
+                                                       for cid, start, end in queries])
+        return [_blocks(rows, start) for rows, (_, start, _) in zip(found, queries, strict=True)]
 
     # -- measurements -------------------------------------------------------------------------------------
 

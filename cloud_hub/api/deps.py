@@ -19,13 +19,14 @@ class RateLimited(Exception):
         self.retry_after_s = retry_after_s
 
 
-def get_service(request: Request) -> HubService:
-    """The hub's use cases, opened in the app's lifespan."""
+async def get_service(request: Request) -> HubService:
+    """The hub's use cases, opened in the app's lifespan (``async``, as every dependency here: FastAPI runs a plain
+    ``def`` dependency on a worker thread, a thread hand-off per request)."""
     service: HubService = request.app.state.service
     return service
 
 
-def get_principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+async def get_principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
     """The principal behind the bearer token; 401 without one or with an unknown one."""
     if not authorization or not authorization.lower().startswith("bearer "):
         raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>'",

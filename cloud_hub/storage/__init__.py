@@ -68,10 +68,20 @@ class KVStore(Protocol):
         """Several rows at once; missing rows are absent from the answer."""
         ...
 
+    async def get_each(self, table: str, wanted: dict[str, list[str] | None]) -> dict[str, Row]:
+        """For each row of ``wanted``, its cells (only the columns given for it, as in :meth:`get`), in one storage
+        call; missing rows are absent from the answer."""
+        ...
+
     async def scan(self, table: str, *, prefix: str | None = None, start: str | None = None,
                    stop: str | None = None, limit: int | None = None,
                    columns: list[str] | None = None) -> list[tuple[str, Row]]:
         """Rows in key order: those starting with ``prefix``, or with ``start <= key < stop``."""
+        ...
+
+    async def scan_ranges(self, table: str, ranges: list[tuple[str, str]]) -> list[list[tuple[str, Row]]]:
+        """Several scans in one storage call: for each ``(start, stop)``, the rows with ``start <= key < stop`` in
+        key order (a billing request reads the readings of every client it names)."""
         ...
 
     async def batch(self, mutations: list[Mutation]) -> None:

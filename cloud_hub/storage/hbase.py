@@ -171,6 +171,17 @@ class HBaseKV:
         cols = hbase_columns(columns)
         return await self._run(lambda c: self._decode(c.table(table).row(row.encode(), columns=cols)))
 
+    async def get_each(self, table: str, wanted: dict[str, list[str] | None]) -> dict[str, Row]:
+        """Rows with their own column selections, on one pooled connection in one thread hand-off."""
+
+        def op(c: happybase.Connection) -> dict[str, Row]:
+            t = c.table(table)
+            found = ((row, self._decode(t.row(row.encode(), columns=hbase_columns(columns))))
+                     for row, columns in wanted.items())
+            return {row: cells for row, cells in found if cells}
+
+        return await self._run(op)
+
     async def get_many(self, table: str, rows: list[str], columns: list[str] | None = None) -> dict[str, Row]:
         """Several rows at once (in chunks of 500 keys)."""
 
@@ -201,6 +212,17 @@ class HBaseKV:
                                      limit=limit,
                                      batch_size=min(limit or 1000, 1000))
             return [(k.decode(), self._decode(v)) for k, v in it]
+
+        return await self._run(op)
+
+    async def scan_ranges(self, table: str, ranges: list[tuple[str, str]]) -> list[list[tuple[str, Row]]]:
+        """Several key ranges, each in key order, on one pooled connection in one thread hand-off."""
+
+        def op(c: happybase.Connection) -> list[list[tuple[str, Row]]]:
+            t = c.table(table)
+            return [[(k.decode(), self._decode(v)) for k, v in t.scan(row_start=start.encode(), row_stop=stop.encode(),
+                                                                      batch_size=1000)]
+                    for start, stop in ranges]
 
         return await self._run(op)
 

@@ -88,6 +88,17 @@ class SqliteKV:
         result: Row = await self._run(self._get, table, row, columns)
         return result
 
+    async def get_each(self, table: str, wanted: dict[str, list[str] | None]) -> dict[str, Row]:
+        """Rows with their own column selections, in one hand-off to the SQLite thread."""
+        _check_table(table)
+
+        def op() -> dict[str, Row]:
+            found = ((row, self._get(table, row, columns)) for row, columns in wanted.items())
+            return {row: cells for row, cells in found if cells}
+
+        result: dict[str, Row] = await self._run(op)
+        return result
+
     async def get_many(self, table: str, rows: list[str], columns: list[str] | None = None) -> dict[str, Row]:
         """Several rows at once."""
         _check_table(table)
@@ -139,6 +150,25 @@ class SqliteKV:
             return out
 
         result: list[tuple[str, Row]] = await self._run(op)
+        return result
+
+    async def scan_ranges(self, table: str, ranges: list[tuple[str, str]]) -> list[list[tuple[str, Row]]]:
+        """Several key ranges, each in key order, in one hand-off to the SQLite thread."""
+        _check_table(table)
+
+        def op() -> list[list[tuple[str, Row]]]:
+            out: list[list[tuple[str, Row]]] = []
+            sql = "SELECT row, col, val FROM cells WHERE tbl=? AND row >= ? AND row < ? ORDER BY row, col"
+            for start, stop in ranges:
+                rows: list[tuple[str, Row]] = []
+                for r, c, v in self._sql.db.execute(sql, (table, start, stop)):
+                    if not rows or rows[-1][0] != r:
+                        rows.append((r, {}))
+                    rows[-1][1][c] = bytes(v)
+                out.append(rows)
+            return out
+
+        result: list[list[tuple[str, Row]]] = await self._run(op)
         return result
 
     @staticmethod

@@ -30,6 +30,9 @@ async def test_get_many_skips_missing_rows(kv: KVStore) -> None:
     await kv.batch([Mutation("clients", f"c{i}", {"d:n": str(i).encode()}) for i in range(5)])
     got = await kv.get_many("clients", ["c1", "c3", "zz"], ["d:n"])
     assert got == {"c1": {"d:n": b"1"}, "c3": {"d:n": b"3"}}
+    await kv.batch([Mutation("clients", "c1", {"d:m": b"m", "s:x": b"x"})])
+    each = await kv.get_each("clients", {"c1": ["d:m", "s:"], "c2": None, "c3": ["d:zz"], "zz": None})
+    assert each == {"c1": {"d:m": b"m", "s:x": b"x"}, "c2": {"d:n": b"2"}}
 
 
 async def test_scans_are_sorted_and_bounded(kv: KVStore) -> None:
@@ -44,6 +47,9 @@ async def test_scans_are_sorted_and_bounded(kv: KVStore) -> None:
     assert rows == [("b|1", {"r:v": b"b|1"})]
     with pytest.raises(ValueError, match="prefix"):
         await kv.scan("readings", prefix="a", start="a")
+    ranges = await kv.scan_ranges("readings", [("a|2", "b|1"), ("zz", "zzz"), ("b|", "b|~")])
+    assert [[k for k, _ in rows] for rows in ranges] == [["a|2", "a|3", "a~"], [], ["b|1"]]
+    assert ranges[2] == [("b|1", {"r:v": b"b|1", "r:w": b"x"})]
 
 
 async def test_batch_across_tables_applies_in_order(kv: KVStore) -> None:

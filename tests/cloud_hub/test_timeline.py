@@ -5,10 +5,20 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cloud_hub.book import reduction_outcome
 from cloud_hub.lifecycle import RequestState, combine
-from cloud_hub.timeline import choose_for_reduction, clip_blocks, covered_by, profile, supplier_at, supply_spans
+from cloud_hub.timeline import (
+    _clip_points,
+    choose_for_reduction,
+    clip_blocks,
+    covered_by,
+    profile,
+    supplier_at,
+    supply_spans,
+)
 from mhp_wire.messages import ClientState as C
 
 PERIODS = [{"valid_from": 100.0, "retailer_id": "r1"}, {"valid_from": 200.0, "retailer_id": "r2"},
@@ -56,6 +66,28 @@ def test_a_later_upload_replaces_what_it_covers_and_is_flagged_corrected() -> No
     clipped = clip_blocks(blocks, 0, 40)
     assert [(b["start"], b["values_kwh"], b["corrected"]) for b in clipped] == [
         (0, [1], False), (10, [5, 5], True), (30, [1], False)]
+
+
+@st.composite
+def disjoint_blocks(draw: st.DrawFn) -> list[dict]:  # type: ignore[type-arg]
+    t, out = draw(st.sampled_from([0, 0.0, 1_700_000_000.0])) + draw(st.integers(-100, 100)), []
+    for _ in range(draw(st.integers(0, 4))):
+        t += draw(st.integers(0, 20))
+        res, n = draw(st.sampled_from([1, 3, 900])), draw(st.integers(0, 6))
+        out.append({"start": t, "resolution_s": res, "values_kwh": [float(i) for i in range(n)],
+                    "quality": draw(st.sampled_from(["measured", "estimated"])), "version": draw(st.integers(1, 2)),
+                    "corrected": draw(st.booleans()), "uploaded_at": draw(st.floats(0, 10))})
+        t += res * n
+    return draw(st.permutations(out))
+
+
+@given(disjoint_blocks(), st.one_of(st.integers(-150, 150), st.floats(-150, 150)), st.floats(0, 150),
+       st.sampled_from([0, 1_700_000_000.0]))
+def test_clipping_disjoint_blocks_whole_equals_clipping_value_by_value(blocks: list[dict],  # type: ignore[type-arg]
+                                                                       start: float, span: float,
+                                                                       offset: float) -> None:
+    start += offset
+    assert clip_blocks(blocks, start, start + span) == _clip_points(blocks, start, start + span)
 
 
 def test_clip_keeps_only_the_period() -> None:
