@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mhp_wire import topics
@@ -94,13 +94,15 @@ class BridgeRelay:
         """Called with every accepted telemetry message (the telemetry export); must not block."""
         self._pending_measurements: dict[tuple[str, float], Measurement] = {}
         self._last_measurements = 0.0
-        self._wake = asyncio.Event()
+        self._wake_gateways = asyncio.Event()
+        self._wake_hub = asyncio.Event()
         self.gateway_limiter = RateLimiter(50.0, 200)
         """One token bucket per gateway: messages beyond it are refused (unread) with an error answer."""
 
     def kick(self) -> None:
-        """Wake the dispatcher."""
-        self._wake.set()
+        """Wake the dispatchers."""
+        self._wake_gateways.set()
+        self._wake_hub.set()
 
     # -- from the hub -------------------------------------------------------------------------------------
 
@@ -348,18 +350,31 @@ class BridgeRelay:
             log.warning("could not answer gateway %s: %s", gid, exc)
 
     async def run(self) -> None:
-        """Dispatch commands and outcomes until cancelled."""
+        """Dispatch until cancelled, in two loops: towards the gateways (commands, notices) and towards the hub
+        (outcomes, measurements). Sending thousands of commands takes seconds; in one loop the outcomes the first
+        gateways already answered waited behind the last commands (an emergency to 10,000 gateways reached the hub
+        in bursts, seconds late)."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._loop(self._wake_gateways, self.dispatch_gateways), name="bridge-to-gateways")
+            tg.create_task(self._loop(self._wake_hub, self.dispatch_hub), name="bridge-to-hub")
+
+    @staticmethod
+    async def _loop(wake: asyncio.Event, step: Callable[[], Awaitable[float]]) -> None:
         while True:
-            self._wake.clear()
+            wake.clear()
             wait_s = 1.0
             try:
-                wait_s = await self.dispatch_once()
+                wait_s = await step()
             except StorageError as exc:
                 log.warning("dispatch paused: %s", exc)
-            await wait_or_timeout(self._wake, wait_s)
+            await wait_or_timeout(wake, wait_s)
 
     async def dispatch_once(self) -> float:
-        """Send what is due in both directions; returns how long to sleep."""
+        """Send what is due in both directions once; returns how long to sleep."""
+        return min(await self.dispatch_gateways(), await self.dispatch_hub())
+
+    async def dispatch_gateways(self) -> float:
+        """Send the commands and notices that are due to gateways; returns how long to sleep."""
         now = time.time()
         if self.local is not None and self.local.connected:
             sent: list[tuple[str, int]] = []
@@ -395,6 +410,12 @@ class BridgeRelay:
                 notices.append((row["msg_id"], now + retry_delay_s(row["attempts"] + 1)))
             if notices or expired:
                 await self.store.mark_gateway_outbox(notices, expired)
+        nxt = await self.store.next_due("gateways")
+        return 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
+
+    async def dispatch_hub(self) -> float:
+        """Send the outcomes and measurements that are due to the hub; returns how long to sleep."""
+        now = time.time()
         if self._pending_measurements and now - self._last_measurements >= self.measurement_interval_s:
             self._last_measurements = now
             items = list(self._pending_measurements.values())[:10_000]
@@ -417,7 +438,7 @@ class BridgeRelay:
                 after = time.time()
                 await self.store.mark_outbox_sent([(m, after + retry_delay_s(a + 1, self.hub_retry_s))
                                                    for m, a in done])
-        nxt = await self.store.next_due()
+        nxt = await self.store.next_due("hub")
         wait = 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
         if self._pending_measurements:
             wait = min(wait, max(0.01, self._last_measurements + self.measurement_interval_s - time.time()))

@@ -295,15 +295,20 @@ class BridgeStore:
         """Drop outcomes the hub acknowledged."""
         await self._tx(lambda db: db.executemany("DELETE FROM hub_outbox WHERE msg_id=?", [(m,) for m in msg_ids]))
 
-    async def next_due(self) -> float | None:
-        """When the next command or outcome is due, or None."""
+    async def next_due(self, towards: str = "both") -> float | None:
+        """When the next message is due, or None: towards ``"gateways"`` (commands and notices), the ``"hub"``
+        (outcomes, measurements) or ``"both"``."""
 
         def op(db: sqlite3.Connection) -> float | None:
-            a = db.execute("SELECT MIN(next_attempt_at) FROM commands WHERE state=?", (SENDING,)).fetchone()[0]
-            b = db.execute("SELECT MIN(next_attempt_at) FROM hub_outbox").fetchone()[0]
-            c = db.execute("SELECT MIN(next_attempt_at) FROM gateway_outbox").fetchone()[0]
-            values = [v for v in (a, b, c) if v is not None]
-            return min(values) if values else None
+            values = []
+            if towards in ("gateways", "both"):
+                values.append(db.execute("SELECT MIN(next_attempt_at) FROM commands WHERE state=?",
+                                         (SENDING,)).fetchone()[0])
+                values.append(db.execute("SELECT MIN(next_attempt_at) FROM gateway_outbox").fetchone()[0])
+            if towards in ("hub", "both"):
+                values.append(db.execute("SELECT MIN(next_attempt_at) FROM hub_outbox").fetchone()[0])
+            due = [v for v in values if v is not None]
+            return min(due) if due else None
 
         return await self.sql.read(op)
 

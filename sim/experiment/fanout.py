@@ -364,6 +364,21 @@ class FanoutExperiment(Experiment):
         return {"name": "openleadr", "dir": "peer-openleadr", "result": result}
 
 
+def peer_ack_times(out: Path, results: dict[str, Any]) -> dict[str, list[float]]:
+    """The peer's acknowledgement times per run (seconds, sorted) from its ``peer.csv``, to draw next to ours;
+    empty without a peer run. A VEN that never answered has no time: its run's line ends below 1."""
+    peer = results.get("peer") or {}
+    path = out / str(peer.get("dir", "")) / "peer.csv"
+    if not peer.get("dir") or not path.exists():
+        return {}
+    runs: dict[str, list[float]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("ack_ms"):
+                runs.setdefault(row["run"], []).append(float(row["ack_ms"]) / 1000)
+    return {run: sorted(v) for run, v in runs.items()}
+
+
 def write_all(out: Path, results: dict[str, Any]) -> None:
     """``results.json``, the two CSVs, the plot and ``report.md``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -383,8 +398,14 @@ def write_all(out: Path, results: dict[str, Any]) -> None:
         if ts:
             ax.step([0.0, *ts], [0.0, *[(k + 1) / r["clients"] for k in range(len(ts))]], where="post",
                     label=f"run {r['run']} ({r['executed']}/{r['clients']})")
+    vens = int((results.get("peer") or {}).get("result", {}).get("n", 0))
+    peer_runs = peer_ack_times(out, results)
+    for run, acks_s in peer_runs.items():
+        n = max(vens, len(acks_s))
+        ax.step([0.0, *acks_s], [0.0, *[(k + 1) / n for k in range(len(acks_s))]], where="post",
+                linestyle=":", label=f"OpenLEADR run {run} ({len(acks_s)}/{n})")
     ax.axvline(TARGET_S, color="grey", linestyle="--", linewidth=1, label=f"target {TARGET_S:g} s")
-    ax.set_xlabel("seconds since the DSO's POST")
+    ax.set_xlabel("seconds since the DSO's POST" + (" (OpenLEADR: since the event was created)" if peer_runs else ""))
     ax.set_ylabel("fraction of clients executed (hub)")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"Emergency to {results['params']['gateways']} gateways, {results['params']['retailers']} "

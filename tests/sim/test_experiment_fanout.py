@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sim.experiment.fanout import reconcile, time_to_fraction
+from sim.experiment.fanout import peer_ack_times, reconcile, time_to_fraction
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -59,6 +59,8 @@ def test_fanout_with_the_openleadr_peer_puts_both_in_one_report(tmp_path: Path) 
     assert peer["name"] == "openleadr" and "error" not in peer
     assert peer["result"]["summary"]["missing"] == 0 and (out / peer["dir"] / "results.json").exists()
     assert "## Peer: openleadr" in (out / "report.md").read_text()
+    # The plot draws the peer's runs next to ours, from the peer's own per-VEN times.
+    assert {run: len(acks) for run, acks in peer_ack_times(out, res).items()} == {"1": 10}
 
 
 def test_time_to_fraction_and_reconcile_count_what_is_missing_and_repeated() -> None:
