@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -68,6 +69,9 @@ class OutcomeVerdict:
     addressed: list[str]
     changed: bool = False
     request_state: RequestState | None = None
+    held: bool = False
+    """Not applied: another replica owns the request (it adopted it meanwhile); not acknowledged either, so the
+    retailer sends it again and the owner applies it."""
 
 
 @dataclass(slots=True)
@@ -101,6 +105,15 @@ class Phase:
 
     due: float
     reduction_kw: float
+
+
+def _kw(value: Any) -> float:
+    """A power a retailer reported in an outcome's free-form ``detail``: a finite, non-negative number, else 0."""
+    try:
+        kw = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return kw if math.isfinite(kw) and kw >= 0 else 0.0
 
 
 def reduction_outcome(selection: dict[str, Any], counts: Counter[ClientState]) -> RequestState:
@@ -437,17 +450,22 @@ class RequestBook:
                 self._after_write(w, now)
         return verdicts
 
-    @staticmethod
-    def _outcome_columns(batch: list[ReportedOutcome]) -> list[str]:
+    def _outcome_columns(self, batch: list[ReportedOutcome]) -> list[str]:
         """The cells of a request row that :meth:`_apply_to_row` reads for ``batch``."""
+        owner = ["r:owner"] if self.replica_id is not None else []
         return [*dict.fromkeys(f"c:{o.client_id}" for o in batch), "r:state", "r:counts", "r:created_at", "r:phase",
-                "r:type", "r:answered", "r:targets", "r:selection"]
+                "r:type", "r:answered", "r:targets", "r:selection", *owner]
 
     def _apply_to_row(self, request_id: str, cells: dict[str, Any], batch: list[ReportedOutcome], now: float,
                       allowed: Callable[[str, list[str]], bool]) -> _RowWrite:
         """The new cells of one request row (``cells``: its :meth:`_outcome_columns`) after ``batch``; nothing is
         written here."""
         write = _RowWrite(request_id)
+        if self.replica_id is not None and cells.get("r:owner") not in (None, self.replica_id):
+            # Checked again at the commit: the relay saw this replica as the owner, but another has adopted the
+            # request since (this one lost the broker meanwhile); only the owner writes the row.
+            write.verdicts = [OutcomeVerdict(True, [], held=True) for _ in batch]
+            return write
         if "r:state" not in cells:
             write.verdicts = [OutcomeVerdict(False, []) for _ in batch]
             return write
@@ -471,7 +489,7 @@ class RequestBook:
                     write.verdicts.append(OutcomeVerdict(True, addressed))
                     continue
                 entry["answered"] = True
-                entry["available_kw"] = (float(o.detail.get("available_kw", 0.0)) if o.state is C.AVAILABLE
+                entry["available_kw"] = (_kw(o.detail.get("available_kw", 0.0)) if o.state is C.AVAILABLE
                                          else 0.0)
                 entry["availability"] = o.state.value
                 entry["detail"] = o.detail

@@ -247,7 +247,12 @@ class HubRelay:
         has adopted the request. An outcome naming no such request and client is applied here, where the group
         commit refuses it with its error answer."""
         assert self.replicas is not None
-        addressed, owner = await self.book.route(msg.request_id, msg.client_id)
+        try:
+            addressed, owner = await self.book.route(msg.request_id, msg.client_id)
+        except StoreUnavailable as exc:
+            log.debug("outcome for %s held, storage unavailable: %s", msg.request_id, exc)
+            self.metrics.replica_held.inc()
+            return False
         if addressed is None or (owner == self.replicas.me and self.replicas.ready.is_set()):
             return True
         if not forwarded and owner is not None and owner != self.replicas.me and self.replicas.is_live(owner):
@@ -272,6 +277,14 @@ class HubRelay:
         except StoreUnavailable as exc:
             log.warning("%d outcome(s) not stored, so not acknowledged (their senders re-send them): %s",
                         len(batch), exc)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            # Something in one outcome broke the whole commit: apply them one by one, so that it fails alone
+            # (unacknowledged) and the rest of the batch, from every retailer, goes through.
+            log.exception("a group commit of %d outcomes failed; applying them one by one", len(batch))
+            for item in batch:
+                await self._commit_outcomes([item])
 
     @staticmethod
     def _may_report(retailer_id: str, addressed: list[str]) -> bool:
@@ -280,12 +293,20 @@ class HubRelay:
                       Context(addressed_retailers=tuple(addressed))).allowed
 
     async def _commit_batch(self, batch: list[tuple[str, Outcome]]) -> None:
+        if self.replicas is not None and not self.replicas.ready.is_set():
+            # This replica lost the broker and is joining again since the outcomes were queued: not its to apply
+            # now (unacknowledged, they come again).
+            self.metrics.replica_held.inc(len(batch))
+            return
         verdicts = await self.book.apply_outcomes([
             ReportedOutcome(rid, m.request_id, m.client_id, m.state, m.detail, m.trace) for rid, m in batch],
             self._may_report)
         self.metrics.outcome_batch_size.observe(len(batch))
         acks: dict[str, list[str]] = {}
         for (retailer_id, msg), v in zip(batch, verdicts, strict=True):
+            if v.held:
+                self.metrics.replica_held.inc()
+                continue
             verdict = decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
                              Context(addressed_retailers=tuple(v.addressed)))
             if v.known and verdict.allowed:

@@ -206,7 +206,8 @@ class Replicas:
     async def _send(self, replica_id: str, msg: ReplicaMessage) -> None:
         if self.link is None:
             raise MqttError("the MQTT link is not up")
-        await self.link.publish(topics.replica_in(replica_id), msg.model_dump_json(exclude_none=True).encode())
+        await self.link.publish(topics.replica_in(replica_id), msg.model_dump_json(exclude_none=True).encode(),
+                                wait_s=self.forward_timeout_s)
 
     async def forward_outcome(self, owner: str, retailer_id: str, payload: bytes) -> None:
         """Hand an outcome to the replica that owns its request (which acknowledges it to the retailer)."""

@@ -410,6 +410,8 @@ class BridgeRelay:
                 notices.append((row["msg_id"], now + retry_delay_s(row["attempts"] + 1)))
             if notices or expired:
                 await self.store.mark_gateway_outbox(notices, expired)
+        if self.local is None or not self.local.connected:
+            return 0.2  # what is due waits for the retailer broker; do not poll the store meanwhile
         nxt = await self.store.next_due("gateways")
         return 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
 
@@ -438,6 +440,8 @@ class BridgeRelay:
                 after = time.time()
                 await self.store.mark_outbox_sent([(m, after + retry_delay_s(a + 1, self.hub_retry_s))
                                                    for m, a in done])
+        if self.hub is None or not self.hub.connected:
+            return 0.2  # what is due waits for the hub broker (measurements are still queued on time)
         nxt = await self.store.next_due("hub")
         wait = 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
         if self._pending_measurements:
@@ -450,6 +454,7 @@ class BridgeRelay:
                       detail={"reason": reason, "gateway_id": cmd["gateway_id"]},
                       trace={"retailer_ms": round(cmd["handling_ms"], 3)})
         await self.store.set_state(cmd["request_id"], cmd["client_id"], CLOSED, (out.msg_id, encode(out)))
+        self._wake_hub.set()  # the outcome goes to the hub from the other loop
         log.warning("client %s unreachable for request %s: %s", cmd["client_id"], cmd["request_id"], reason)
 
     async def push_schedule(self, gateway_id: str, schedule: Schedule) -> None:

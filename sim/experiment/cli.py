@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{a['no_answer']} without an answer); results in {args.out}", flush=True)
         return 0 if a["accounted"] and a["lost"] == 0 and f["injected"] else 1
     if args.experiment == "scaleout":
+        if storage != "sqlite":
+            parser.error("scaleout runs its replicas on one shared SQLite file (it checks request owners there); "
+                         "--storage hbase is not supported by this experiment")
         if args.replicas < 2:
             parser.error("--replicas must be at least 2")
         if args.kill_at_s < 0 or args.bucket_s <= 0 or (args.restart_after_s is not None and args.restart_after_s < 0):

@@ -163,3 +163,26 @@ async def test_a_retailer_coming_back_online_is_resynced_at_once(hub_any: HubHan
         await r1.publish(topics.status("retailers", "r1"), presence_payload("online"), retain=True)
         again = await r1.next("request", timeout=0.9)
         assert again.msg_id == first.msg_id
+
+
+async def test_an_availability_answer_with_a_nonsensical_power_counts_as_zero_and_breaks_nothing(
+        hub_any: HubHandle) -> None:
+    # ``detail`` is free-form: a retailer's "abc" (or a negative, or an infinite power) must neither poison the group
+    # commit it shares with the other answers nor be selected as available power.
+    hub = hub_any
+    await hub.setup_registry({"c1": "r1", "c2": "r1", "c3": "r1"})
+    with parties(retailer(hub, "r1")) as (r1,):
+        r = await hub.http.post("/v1/load-reductions", headers=hub.auth("dso"), json={
+            "client_ids": ["c1", "c2", "c3"], "reduction_kw": 2.0, "start": soon(30), "duration_s": 600,
+            "respond_within_s": 3})
+        request_id = r.json()["request_id"]
+        await r1.next("request")
+        for cid, kw in (("c1", "abc"), ("c2", 3.0), ("c3", float("inf"))):
+            await r1.publish(topics.up("retailers", "r1"), Outcome(
+                request_id=request_id, client_id=cid, state=ClientState.AVAILABLE, detail={"available_kw": kw}))
+        disconnect = await r1.next("request")
+        assert isinstance(disconnect, Request) and disconnect.client_ids == ["c2"]
+        req = (await hub.http.get(f"/v1/requests/{request_id}", headers=hub.auth("dso"))).json()
+        assert req["selection"]["chosen"] == ["c2"] and req["selection"]["selected_kw"] == 3.0
+        assert {c: v["state"] for c, v in req["clients"].items() if c != "c2"} == {"c1": "available",
+                                                                                  "c3": "available"}
