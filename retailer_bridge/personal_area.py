@@ -371,17 +371,23 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
 
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                present = {k.lower() for k, _ in headers}
-                headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items() if k.encode() not in present]
-                if b"cache-control" not in present:
-                    headers.append((b"cache-control", b"no-store"))
-                message = {**message, "headers": headers}
-            await send(message)
+        await self.app(scope, receive, with_security_headers(send, SECURITY_HEADERS))
 
-        await self.app(scope, receive, send_with_headers)
+
+def with_security_headers(send: Send, security_headers: dict[str, str]) -> Send:
+    """``send`` adding ``security_headers`` (and ``cache-control: no-store``) to a response that lacks them."""
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            present = {k.lower() for k, _ in headers}
+            headers += [(k.encode(), v.encode()) for k, v in security_headers.items() if k.encode() not in present]
+            if b"cache-control" not in present:
+                headers.append((b"cache-control", b"no-store"))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_headers
 
 
 class FormError(Exception):
