@@ -166,6 +166,8 @@ class Experiment:
         """The HBase test double's port (``storage="hbase"``)."""
         self.gateway_port = 0
         """The Thrift gateway relay's port in front of the double (``fault="hbase"``)."""
+        self.broker: MosquittoProcess | None = None
+        """The hub broker, while the run lasts (``fault="broker"`` kills and restarts it)."""
         self.storage_settings: dict[str, Any] = {}
         """The hub's storage settings (empty: the embedded default)."""
         self.pids: dict[str, int] = {}
@@ -196,6 +198,7 @@ class Experiment:
                  f"warm-up), rates/min {p.rates()}, RP delay [{p.rp_delay_min_ms:g}, {p.rp_delay_max_ms:g}) ms")
         try:
             with MosquittoProcess(spec) as broker:
+                self.broker = broker
                 if broker.pid is not None:
                     self.pids["broker"] = broker.pid
                 try:
@@ -370,7 +373,8 @@ class Experiment:
 
     async def _inject_fault(self, hub_url: str, t0: float) -> None:
         """At ``fault_at_s``: kill -9 the hub and restart it, lock its database for ``fault_down_s``, kill -9 the
-        Thrift gateway and restart it, or stop the HBase double for ``fault_down_s``."""
+        hub broker and restart it, kill -9 the Thrift gateway and restart it, or stop the HBase double for
+        ``fault_down_s``."""
         p = self.p
         await asyncio.sleep(max(0.0, t0 + p.fault_at_s - time.monotonic()))
         f = self.fault_log
@@ -432,6 +436,18 @@ class Experiment:
             await self._wait_ready(hub_url)
             f.update(kill_to_hub_ready_s=round(time.monotonic() - killed, 3), ready_wall=time.time())
             self.log(f"fault: hub ready {f['kill_to_hub_ready_s']:.3f} s after the gateway was killed")
+        elif p.fault == "broker":
+            assert self.broker is not None
+            old_pid = self.broker.pid
+            self.broker.kill()  # SIGKILL: Mosquitto saves nothing, its sessions and queued messages are gone
+            killed = time.monotonic()
+            self.log(f"fault: hub broker pid {old_pid} killed with SIGKILL; restarting it on the same port")
+            await self.broker.start_async()
+            if self.broker.pid is not None:
+                self.pids["broker"] = self.broker.pid
+            f.update(killed_pid=old_pid, restarted_pid=self.broker.pid,
+                     restart_s=round(time.monotonic() - killed, 3), ready_wall=time.time())
+            self.log(f"fault: hub broker accepting connections {f['restart_s']:.3f} s after the kill")
         elif p.fault == "hbase-stall":
             pid = self.procs["hbase"].pid
             os.kill(pid, signal.SIGSTOP)

@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                             "where they would target more (0: no cap, the paper's fractions)")
     faults = sub.add_parser("faults", help="the base setup with a hub or storage fault injected (Figures 12-13)")
     _common(faults, duration_s=60.0)
-    faults.add_argument("--fault", choices=("hub", "storage", "hbase", "hbase-stall"), required=True,
-                        help="hub: kill -9 of the hub process and an immediate restart; storage: the hub's SQLite "
+    faults.add_argument("--fault", choices=("hub", "storage", "broker", "hbase", "hbase-stall"), required=True,
+                        help="hub: kill -9 of the hub process and an immediate restart; broker: kill -9 of the hub "
+                             "broker (Mosquitto) and an immediate restart; storage: the hub's SQLite "
                              "database locked by another process for --down-s; hbase: kill -9 of the Thrift gateway "
                              "(a relay process in front of the HBase double) and an immediate restart; hbase-stall: "
                              "the HBase double stopped (SIGSTOP) for --down-s, then continued")

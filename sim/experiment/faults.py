@@ -101,7 +101,8 @@ def plot(records: list[dict[str, Any]], rows: list[dict[str, Any]], fault: dict[
     what = {"hub": "hub killed (kill -9) and restarted", "storage": "hub database locked",
             "hbase": "Thrift gateway killed (kill -9) and restarted",
             "hbase-stall": "HBase stopped (SIGSTOP)",
-            "replica": "one hub replica killed (kill -9)"}.get(fault["kind"], "")
+            "replica": "one hub replica killed (kill -9)",
+            "broker": "hub broker killed (kill -9) and restarted"}.get(fault["kind"], "")
     ax.set_yscale("log")
     ax.set_ylabel("first POST -> completed (ms, log)")
     ax.set_title(f"Latency over time, measured by the DSO simulator; red: {what} until ready again")
