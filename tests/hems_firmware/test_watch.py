@@ -128,7 +128,7 @@ async def test_watch_follows_a_gateway_through_a_restart_and_stops_on_ctrl_c(rig
         assert "heater off  ev off  fridge on | emergency q-watch <=1.00 kW" in resumed[-1], "the emergency resumed"
 
         proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(3):
+        async with asyncio.timeout(10):  # a guard against a hang, not a speed check: a loaded machine is slow
             assert await proc.wait() == 0
         rest = (await proc.stderr.read()).decode()
         assert "Traceback" not in rest
