@@ -21,10 +21,9 @@ import json
 import logging
 import math
 import re
-import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from hems_firmware.events import EventFeed
+from mhp_wire.webserver import EmbeddedServer, bind
 
 if TYPE_CHECKING:
     from hems_firmware.daemon import ActiveAction, Actuation, Gateway
@@ -216,18 +216,6 @@ async def _pump(feed: EventFeed, client: _Client) -> None:
 # -- serving ---------------------------------------------------------------------------------------------------
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to the gateway process (``run_service`` cancels on SIGTERM)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family)
-
 
 async def serve_web(gw: Gateway, keepalive_s: float = KEEPALIVE_S) -> None:
     """Serve ``gw``'s live page on ``[gateway] web_host:web_port`` until cancelled."""
@@ -235,7 +223,7 @@ async def serve_web(gw: Gateway, keepalive_s: float = KEEPALIVE_S) -> None:
     if section.web_port is None:
         return
     try:
-        sock = _bind(section.web_host, section.web_port)
+        sock = bind(section.web_host, section.web_port)
     except OSError as exc:
         log.error("gateway %s: no field-tester page, cannot listen on %s:%d: %s", gw.id, section.web_host,
                   section.web_port, exc)
@@ -243,7 +231,7 @@ async def serve_web(gw: Gateway, keepalive_s: float = KEEPALIVE_S) -> None:
     page = LivePage(gw, keepalive_s)
     config = uvicorn.Config(page.app, log_config=None, access_log=False, lifespan="off", ws="none",
                             proxy_headers=False, server_header=False, timeout_graceful_shutdown=2)
-    server = _EmbeddedServer(config)
+    server = EmbeddedServer(config)
     host, port = sock.getsockname()[:2]
     _bound[gw] = (host, port)
     log.info("gateway %s: field-tester page on http://%s:%d/", gw.id, host, port)

@@ -27,9 +27,8 @@ import logging
 import math
 import re
 import secrets
-import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote
 
@@ -43,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mhp_wire.messages import ApplianceSchedule
 from mhp_wire.sqlite import StorageError
+from mhp_wire.webserver import EmbeddedServer, bind
 from retailer_bridge.accounts import Accounts, Session, StoredAppliance, StoredSchedule
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.settings import BridgeSettings
@@ -632,7 +632,7 @@ class PersonalArea:
         try:
             await self._push_unqueued()
             try:
-                sock = _bind(s.personal_area_host, s.personal_area_port or 0)
+                sock = bind(s.personal_area_host, s.personal_area_port or 0)
             except OSError as exc:
                 log.error("no personal area: cannot listen on %s:%s: %s", s.personal_area_host,
                           s.personal_area_port, exc)
@@ -640,7 +640,7 @@ class PersonalArea:
                 return
             config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", ws="none",
                                     proxy_headers=False, server_header=False, timeout_graceful_shutdown=2)
-            server = _EmbeddedServer(config)
+            server = EmbeddedServer(config)
             serving = asyncio.create_task(server.serve(sockets=[sock]), name="bridge-personal-area")
             self.address = sock.getsockname()[:2]
             log.info("personal area of %s on %s/", s.retailer_id, self.url)
@@ -666,16 +666,3 @@ class PersonalArea:
             await self.relay.push_schedule(stored.gateway_id, stored.schedule)
             await self.accounts.mark_queued(cid, stored.version)
             log.info("schedule v%d of %s queued for its gateway after a restart", stored.version, cid)
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to the bridge process (``run_service`` cancels on SIGTERM)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family)

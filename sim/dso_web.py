@@ -41,11 +41,10 @@ import math
 import re
 import secrets
 import signal
-import socket
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
@@ -63,6 +62,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mhp_wire.webserver import EmbeddedServer, bind
 from retailer_bridge.accounts import hash_password, verify_password
 from retailer_bridge.personal_area import with_security_headers
 
@@ -717,14 +717,14 @@ class DsoWeb:
         """Serve on ``host:port`` (the port may be 0) inside the block."""
         s = self.settings
         verify: ssl.SSLContext | bool = True if s.ca_file is None else ssl.create_default_context(cafile=str(s.ca_file))
-        sock = _bind(s.host, s.port)
+        sock = bind(s.host, s.port)
         self._closing.clear()
         async with httpx.AsyncClient(base_url=s.hub_url, timeout=10, verify=verify,
                                      headers={"Authorization": f"Bearer {s.token.strip()}"}) as http:
             self.http = http
             config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", ws="none",
                                     proxy_headers=False, server_header=False, timeout_graceful_shutdown=2)
-            server = _EmbeddedServer(config)
+            server = EmbeddedServer(config)
             serving = asyncio.create_task(server.serve(sockets=[sock]), name="dso-web")
             self.address = sock.getsockname()[:2]  # bound already: connections wait in its backlog until served
             log.info("DSO page on %s/ (hub %s, %s)", self.url, s.hub_url,
@@ -743,7 +743,7 @@ class DsoWeb:
 
 
 class _TooLarge(Exception):
-    pass
+    """A request body above the page's limit."""
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -770,19 +770,6 @@ def _passed(status: int, answer: dict[str, Any]) -> JSONResponse:
         out["problems"] = answer["problems"]
     retry = answer.get("retry_after")
     return JSONResponse(out, status, headers={"retry-after": str(retry)} if retry else None)
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to :func:`main` (or to the test that runs it)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family)
 
 
 # -- command line ------------------------------------------------------------------------------------------------

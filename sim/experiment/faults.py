@@ -150,13 +150,15 @@ def run(p: BaseParams, bucket_s: float) -> dict[str, Any]:
              "Fault: " + json.dumps(fault), "",
              "Accounting: " + json.dumps(acc), "",
              f"Latency per {bucket_s:g} s bucket (first POST -> completed, including retries; `latency_fault.png`):",
-             "", "| from s | sent | completed | retried | 503s | no answer | mean ms | p99 ms |",
-             "|---|---|---|---|---|---|---|---|"]
-    for b in rows:
-        lines.append(f"| {b['t_start_s']:g} | {b['sent']} | {b['completed']} | {b['retried']} | {b['status_503']} | "
-                     f"{b['no_answer']} | {b['mean_ms']} | {b['p99_ms']} |")
+             "", *bucket_table(rows)]
     with (out / "report.md").open("a") as fh:
         fh.write("\n".join(lines) + "\n")
     return results
 
 
+def bucket_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of latency-over-time buckets (the faults and the scale-out reports)."""
+    return ["| from s | sent | completed | retried | 503s | no answer | mean ms | p99 ms |",
+            "|---|---|---|---|---|---|---|---|",
+            *(f"| {b['t_start_s']:g} | {b['sent']} | {b['completed']} | {b['retried']} | {b['status_503']} | "
+              f"{b['no_answer']} | {b['mean_ms']} | {b['p99_ms']} |" for b in rows)]

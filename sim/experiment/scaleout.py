@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt
 from broker_config.launcher import BrokerSpec, Identity, generate_password
 from sim.experiment import report
 from sim.experiment.base import BaseParams, Experiment
-from sim.experiment.faults import accounting, buckets, dso_t0_wall, plot
+from sim.experiment.faults import accounting, bucket_table, buckets, dso_t0_wall, plot
 from sim.stack.stack import free_port
 
 
@@ -287,12 +287,7 @@ def run(p: ScaleoutParams) -> dict[str, Any]:
         lines.append(f"| {name} | {c['cpu_s']} | {c['cpu_pct_of_one_core']} | {c['max_rss_mib']} | "
                      f"{json.dumps(counters) if counters else ''} |")
     lines += ["", f"Latency per {p.bucket_s:g} s bucket (first POST -> completed, including retries; "
-              "`latency_fault.png`, CPU per replica `replica_cpu.png`):", "",
-              "| from s | sent | completed | retried | 503s | no answer | mean ms | p99 ms |",
-              "|---|---|---|---|---|---|---|---|"]
-    for b in rows:
-        lines.append(f"| {b['t_start_s']:g} | {b['sent']} | {b['completed']} | {b['retried']} | {b['status_503']} | "
-                     f"{b['no_answer']} | {b['mean_ms']} | {b['p99_ms']} |")
+              "`latency_fault.png`, CPU per replica `replica_cpu.png`):", "", *bucket_table(rows)]
     with (out / "report.md").open("a") as fh:
         fh.write("\n".join(lines) + "\n")
     return results
