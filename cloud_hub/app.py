@@ -78,6 +78,7 @@ async def _run_relay(app: FastAPI, settings: HubSettings) -> None:
                         session_expiry_s=settings.replica_session_expiry_s)
     async with link:
         relay.link = link
+        relay.failure = None
         relay.kick()
         if replicas is None:
             await relay.run()
@@ -88,6 +89,34 @@ async def _run_relay(app: FastAPI, settings: HubSettings) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(replicas.run(), name="hub-replicas")
             tg.create_task(relay.run(), name="hub-relay-loops")
+
+
+RELAY_RESTART_MAX_S = 30.0
+"""The longest pause between two restarts of a failing MQTT relay."""
+
+
+async def _supervise_relay(app: FastAPI, settings: HubSettings) -> None:
+    """Run the MQTT side until cancelled: a failure (a refused login, a bug in a loop) is logged with its traceback,
+    shown by ``/readyz``, and the relay is started again after a pause that doubles up to
+    :data:`RELAY_RESTART_MAX_S`, while the HTTP API keeps serving. A silently dead relay task would leave the hub
+    accepting requests that it never sends."""
+    relay: HubRelay = app.state.relay
+    pause = 1.0
+    while True:
+        started = asyncio.get_running_loop().time()
+        try:
+            await _run_relay(app, settings)
+            problem = "the MQTT relay stopped"
+        except Exception as exc:  # anything that ends the relay is logged, and the relay restarted
+            problem = f"the MQTT relay failed: {type(exc).__name__}: {exc}"
+            log.exception("%s; restarting it in %.0f s", problem, pause)
+        else:
+            log.error("%s; restarting it in %.0f s", problem, pause)
+        relay.failure = problem
+        app.state.metrics.relay_restarts.inc()
+        await asyncio.sleep(pause)
+        ran_s = asyncio.get_running_loop().time() - started
+        pause = 1.0 if ran_s > 10 * RELAY_RESTART_MAX_S else min(2 * pause, RELAY_RESTART_MAX_S)
 
 
 def _owner_cancel(service: HubService) -> CancelHandler:
@@ -137,7 +166,7 @@ def create_app(settings: HubSettings) -> FastAPI:
         app.state.store, app.state.metrics, app.state.relay, app.state.service = store, metrics, relay, service
         app.state.replicas = replicas
         app.state.tokens = TokenBook(settings.tokens_file)
-        task = asyncio.create_task(_run_relay(app, settings), name="hub-relay")
+        task = asyncio.create_task(_supervise_relay(app, settings), name="hub-relay")
         try:
             yield
         finally:

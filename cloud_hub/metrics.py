@@ -37,6 +37,8 @@ class HubMetrics:
                                     "offline and the retailer sends them again", registry=r)
         self.replica_adopted = Counter("mhp_replica_adopted", "Open requests adopted from offline replicas",
                                        registry=r)
+        self.relay_restarts = Counter("mhp_relay_restarts", "Restarts of the MQTT relay after it failed or stopped",
+                                      registry=r)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

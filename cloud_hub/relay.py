@@ -81,6 +81,8 @@ class HubRelay:
         self.book = book
         self.metrics = metrics
         self.link: MqttLink | None = None
+        self.failure: str | None = None
+        """Why the relay last ended, until it is connected again (shown by ``/readyz``)."""
         self._wake = asyncio.Event()
         self._sweep_interval_s = sweep_interval_s
         self.presence: dict[str, str] = {}

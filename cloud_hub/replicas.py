@@ -131,6 +131,10 @@ class Replicas:
     async def run(self) -> None:
         """After the link is up: join (settle, load this replica's requests), then adopt orphans until cancelled;
         after a lost connection, join again."""
+        if self.ready.is_set():  # the relay was restarted: as after a lost connection, rejoin from storage
+            self.ready.clear()
+            log.warning("replica %s restarts its relay: dropped its %d open request(s) until it rejoins", self.me,
+                        self.book.forget())
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._adopt_loop(), name="hub-replica-adopt")
             tg.create_task(self._join_loop(), name="hub-replica-join")

@@ -54,9 +54,9 @@ async def start_hub(
     tokens = {"dso": book.issue("dso"), "admin": book.issue("admin"), "r1": book.issue("retailer:r1"),
               "r2": book.issue("retailer:r2")}
     port = free_port()
-    settings = HubSettings(http_port=port, db_path=tmp_path / "hub.db", tokens_file=book.path,
-                           mqtt_host=broker.host, mqtt_port=broker.port, mqtt_username="hub",
-                           mqtt_password=broker.identities["hub"].password, **overrides)
+    settings = HubSettings(**{"http_port": port, "db_path": tmp_path / "hub.db", "tokens_file": book.path,
+                              "mqtt_host": broker.host, "mqtt_port": broker.port, "mqtt_username": "hub",
+                              "mqtt_password": broker.identities["hub"].password, **overrides})
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     task = asyncio.create_task(server.serve(), name="test-hub")

@@ -28,7 +28,7 @@ async def readyz(request: Request) -> Response:
     except StoreUnavailable as exc:
         checks["storage"] = str(exc)
     link = state.relay.link
-    checks["mqtt"] = "ok" if link is not None and link.connected else "not connected"
+    checks["mqtt"] = "ok" if link is not None and link.connected else state.relay.failure or "not connected"
     replicas = getattr(state, "replicas", None)
     if replicas is not None:
         checks["replica"] = "ok" if replicas.ready.is_set() else "loading the requests it owns"

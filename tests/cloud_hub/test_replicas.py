@@ -42,16 +42,21 @@ class Replica:
     def __init__(self, tmp: Path, broker: BrokerHandle, replica_id: str, username: str, tokens_file: Path,
                  storage: dict[str, object]) -> None:
         self.replica_id = replica_id
-        self.port = free_port()
         self.config = tmp / f"hub-{replica_id}.toml"
-        self.config.write_text(tomli_w.dumps({"hub": {
-            "http_port": self.port, "db_path": str(tmp / "hub.db"), "tokens_file": str(tokens_file),
+        self.settings: dict[str, object] = {
+            "db_path": str(tmp / "hub.db"), "tokens_file": str(tokens_file),
             "mqtt_host": broker.host, "mqtt_port": broker.port, "mqtt_username": username,
             "mqtt_password": broker.identities[username].password, "replica_id": replica_id,
-            "replica_settle_s": 0.5, "replica_scan_s": 2.0, **storage}}))
+            "replica_settle_s": 0.5, "replica_scan_s": 2.0, **storage}
         self.log = tmp / f"hub-{replica_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.new_port()
+
+    def new_port(self) -> None:
+        """Listen on another free port (the one chosen was taken by another process before the replica bound it)."""
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.config.write_text(tomli_w.dumps({"hub": {"http_port": self.port, **self.settings}}))
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
@@ -95,15 +100,24 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: M
         b.stop()
 
 
-async def wait_ready(url: str, timeout_s: float = 30) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=2) as http:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get("/readyz")).status_code == 200:
-                    return
-            await asyncio.sleep(0.05)
-    raise TimeoutError(f"replica at {url} not ready")
+async def wait_ready(replica: Replica, timeout_s: float = 30) -> None:
+    """Wait for the replica's /readyz; on a timeout, say what it last answered and show its log."""
+    last = "no answer"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert replica.proc is not None
+        if replica.proc.poll() is not None and "address already in use" in replica.log.read_text():
+            replica.new_port()  # free_port() is a race with every other process binding one; a real one
+            replica.start()
+        with contextlib.suppress(httpx.HTTPError):
+            async with httpx.AsyncClient(base_url=replica.url, timeout=2) as http:
+                r = await http.get("/readyz")
+            if r.status_code == 200:
+                return
+            last = r.text
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"replica {replica.replica_id} at {replica.url} not ready: {last}\n"
+                       f"{replica.log.read_text()[-3000:]}")
 
 
 async def until(cond: Callable[[], bool], timeout_s: float = 20) -> None:
@@ -239,7 +253,7 @@ async def test_outcomes_are_shared_and_reach_the_owner(
     a, b, broker, tokens = cluster
     a.start()
     b.start()
-    await asyncio.gather(wait_ready(a.url), wait_ready(b.url))
+    await asyncio.gather(wait_ready(a), wait_ready(b))
     await register(a.url, tokens)
     dso = {"Authorization": f"Bearer {tokens['dso']}"}
     with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
@@ -287,7 +301,7 @@ async def test_killed_replica_requests_are_adopted_and_complete_once(
     a, b, broker, tokens = cluster
     a.start()
     b.start()
-    await asyncio.gather(wait_ready(a.url), wait_ready(b.url))
+    await asyncio.gather(wait_ready(a), wait_ready(b))
     await register(b.url, tokens)
     dso = {"Authorization": f"Bearer {tokens['dso']}"}
     with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
@@ -312,7 +326,7 @@ async def test_killed_replica_requests_are_adopted_and_complete_once(
                 assert await owners(a.config) == {"b": 20}, "the survivor adopted every open request"
                 # The killed replica comes back before the outcomes: it takes back nothing that was adopted.
                 a.start()
-                await wait_ready(a.url)
+                await wait_ready(a)
                 assert await owners(a.config) == {"b": 20}
                 fake.holding = False
                 states = await wait_states(hb, dso, on_a + on_b)
@@ -334,7 +348,7 @@ async def test_only_replicas_use_the_replica_topics(
         cluster: tuple[Replica, Replica, BrokerHandle, dict[str, str]]) -> None:
     a, _, broker, _ = cluster
     a.start()
-    await wait_ready(a.url)
+    await wait_ready(a)
     with parties(Party(broker, "r1", f"{topics.REPLICAS}/#", topics.down("retailers", "r1"))) as (r1,):
         rc = await asyncio.to_thread(r1.client.publish, topics.replica_in("a"), b'{"type":"ack"}', 1)
         assert rc is not None and rc.value == NOT_AUTHORIZED
@@ -367,7 +381,7 @@ async def test_replica_that_lost_the_broker_rejoins_without_taking_back_adopted_
     a, b, broker, tokens = cluster
     a.start()
     b.start()
-    await asyncio.gather(wait_ready(a.url), wait_ready(b.url))
+    await asyncio.gather(wait_ready(a), wait_ready(b))
     await register(a.url, tokens)
     dso = {"Authorization": f"Bearer {tokens['dso']}"}
     with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
@@ -390,7 +404,7 @@ async def test_replica_that_lost_the_broker_rejoins_without_taking_back_adopted_
                         break
                     await asyncio.sleep(0.1)
                 assert await owners(a.config) == {"b": 8}, "b adopted a's requests when a's will fired"
-                await wait_ready(a.url)  # a reconnected and rejoined
+                await wait_ready(a)  # a reconnected and rejoined
                 assert await owners(a.config) == {"b": 8}
                 fake.holding = False
                 states = await wait_states(hb, dso, ids)
