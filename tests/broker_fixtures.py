@@ -10,7 +10,6 @@ started in the test's ``tmp_path`` on a free port and stopped at teardown, whate
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Protocol
 import pytest
 
 from broker_config import BrokerKind, BrokerSpec, BrokerStartError, Identity, MosquittoProcess, generate_password
+from mhp_wire.ports import free_port
 
 __all__ = [
     "BrokerHandle",
@@ -28,13 +28,6 @@ __all__ = [
     "mosquitto_factory",
     "retailer_broker",
 ]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (bind to port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import ssl
 import sys
 import time
@@ -31,6 +30,7 @@ from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
 from mhp_wire.messages import Presence, Tariff, WireError, decode
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from mhp_wire.ports import free_port
 from retailer_bridge.accounts import hash_password
 from sim.dso_web import is_loopback
 from sim.stack.supervisor import Child, Supervisor
@@ -51,13 +51,6 @@ HOMES_PER_GATEWAY_PROCESS = 25
 
 class StackError(Exception):
     """The stack could not start; the message says which part and where its log is."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

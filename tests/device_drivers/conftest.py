@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import AsyncIterator
 
 import pytest
 
 from device_drivers.sim import ManualClock
-
-
-def pick_free_port() -> int:
-    """Bind 127.0.0.1:0, read the port the kernel chose, release it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from mhp_wire.ports import free_port as pick_free_port
 
 
 @pytest.fixture
