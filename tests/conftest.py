@@ -9,10 +9,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from broker_config import live_processes
 
 pytest_plugins = ["tests.broker_fixtures", "tests.hub_fixtures", "tests.storage_fixtures", "tests.browser"]
+
+# Property tests: the same examples on every run of the suite (CI does not fail by chance on an example no one
+# ran before); MHP_HYPOTHESIS=explore draws new ones, many more, to look for failures on purpose.
+settings.register_profile("suite", derandomize=True, database=None)
+settings.register_profile("explore", max_examples=3000, derandomize=False, database=None)
+settings.load_profile(os.environ.get("MHP_HYPOTHESIS", "suite"))
 
 
 def child_processes() -> set[int]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -191,10 +193,16 @@ TIMES = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1,
                      timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))]))
 FINITE = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6)
 
+
+def is_finite(value: Any) -> bool:
+    """JSON has no Infinity or NaN: a valid message carries finite numbers (the wire writes others as null,
+    ``test_non_finite_numbers_travel_as_null``)."""
+    return not isinstance(value, float) or math.isfinite(value)
+
 VALID = st.one_of(
     st.sampled_from(SAMPLES),
     st.builds(Outcome, request_id=IDS, client_id=IDS, state=st.sampled_from(ClientState),
-              detail=st.dictionaries(st.text(max_size=10), JSON_LEAVES.filter(lambda v: v == v), max_size=4),
+              detail=st.dictionaries(st.text(max_size=10), JSON_LEAVES.filter(is_finite), max_size=4),
               trace=st.dictionaries(st.text(max_size=10), FINITE, max_size=4), sent_at=TIMES),
     st.builds(Telemetry, gateway_id=IDS, client_id=IDS, seq=st.integers(0, 2**53), at=TIMES,
               devices=st.dictionaries(st.text(max_size=10), st.dictionaries(
@@ -211,6 +219,18 @@ VALID = st.one_of(
 @given(VALID)
 def test_valid_messages_round_trip(msg: Any) -> None:
     assert decode(encode(msg)) == msg
+
+
+def test_non_finite_numbers_travel_as_null() -> None:
+    out = Outcome(request_id="r", client_id="c", state=ClientState.EXECUTED, detail={"x": math.inf, "y": 1.5})
+    assert decode(encode(out)).detail == {"x": None, "y": 1.5}  # type: ignore[union-attr]
+    tele = Telemetry(gateway_id="g", client_id="c", seq=1, at=datetime.now(UTC),
+                     devices={"meter": {"active_power_kw": math.nan, "on": True}}, active_power_kw=math.nan)
+    back = decode(encode(tele))
+    assert isinstance(back, Telemetry)
+    assert back.devices == {"meter": {"active_power_kw": None, "on": True}} and back.active_power_kw is None
+    with pytest.raises(ValueError):
+        Measurement(client_id="c", at=datetime.now(UTC), active_power_kw=math.inf)  # bounded: refused at the sender
 
 
 # -- (b) HTTP bodies against the live hub ---------------------------------------------------------------------
