@@ -22,7 +22,7 @@ from cloud_hub.book import RequestBook
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.relay import HubRelay
 from cloud_hub.replicas import CancelHandler, OwnerUnavailable, Replicas
-from cloud_hub.service import Forbidden, HubService, IdempotencyConflict, NotFound
+from cloud_hub.service import Forbidden, HubService, IdempotencyConflict, KeyInProgress, NotFound
 from cloud_hub.settings import HubSettings
 from cloud_hub.store import Conflict, HubStore, StoreUnavailable
 from cloud_hub.tokens import TokenBook
@@ -226,6 +226,13 @@ def create_app(settings: HubSettings) -> FastAPI:
     async def idem_conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:
         count(409)
         return _error(409, "conflict", str(exc))
+
+    @app.exception_handler(KeyInProgress)
+    async def key_in_progress(request: Request, exc: KeyInProgress) -> JSONResponse:
+        count(409)
+        resp = _error(409, "in_progress", str(exc), retry_after_s=1)
+        resp.headers["Retry-After"] = "1"
+        return resp
 
     @app.exception_handler(ValueError)
     async def value_error(request: Request, exc: ValueError) -> JSONResponse:

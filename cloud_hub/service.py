@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,7 +19,7 @@ from cloud_hub.book import OutboxItem, RequestBook
 from cloud_hub.lifecycle import RequestState
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.replicas import OwnerUnavailable, Replicas
-from cloud_hub.store import AuditEntry, Conflict, HubStore
+from cloud_hub.store import AuditEntry, Conflict, HubStore, StoreUnavailable
 from cloud_hub.timeline import choose_for_reduction, clip_blocks, covered_by, profile, supplier_at, supply_spans
 from mhp_wire.messages import (
     AvailabilityParams,
@@ -35,6 +40,8 @@ from mhp_wire.messages import (
     new_id,
 )
 
+log = logging.getLogger(__name__)
+
 BILLING_CLIENTS_PER_MESSAGE = 100
 REQUEST_CLIENTS_PER_MESSAGE = 3_000
 """Client ids per ``request`` message: 3,000 ids of at most 64 characters stay under the 256 KiB payload limit."""
@@ -52,6 +59,27 @@ class NotFound(Exception):
 
 class IdempotencyConflict(Exception):
     """An ``Idempotency-Key`` was reused with a different body (HTTP 409)."""
+
+
+class KeyInProgress(Exception):
+    """The first attempt with this ``Idempotency-Key`` is still creating its request (HTTP 409, retry)."""
+
+
+KEY_WAIT_S = 5.0
+"""How long a repeated attempt waits for the first attempt with its ``Idempotency-Key`` to answer."""
+KEY_CLAIM_STALE_S = 30.0
+"""A claim on an ``Idempotency-Key`` this old whose request does not exist belongs to an attempt that died (a
+crash, or storage lost while it released the claim); a retry takes it over."""
+
+
+@dataclass(slots=True)
+class KeySlot:
+    """What :meth:`HubService._keyed` decided: the stored ``answer`` to return, or the ``request_id`` to create
+    (under ``claim``, the stored claim value, when a key was given)."""
+
+    request_id: str = ""
+    answer: tuple[int, dict[str, Any]] | None = None
+    claim: bytes | None = None
 
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
@@ -191,16 +219,19 @@ class HubService:
                               ) -> tuple[int, dict[str, Any]]:
         """Deliver each client's readings of the period to the retailer(s) that supplied it, split at switches."""
         right = self.authorize(who, Action.REQUEST_BILLING)
-        earlier = await self._idempotent(who, key, body)
-        if earlier:
-            return earlier
+        async with self._keyed(who, key, body) as slot:
+            if slot.answer is not None:
+                return slot.answer
+            return await self._billing(who, body, key, right, slot.request_id)
+
+    async def _billing(self, who: Principal, body: dict[str, Any], key: str | None, right: str, request_id: str
+                       ) -> tuple[int, dict[str, Any]]:
         t0 = time.perf_counter()
         start, end = _ts(body["period_start"]), _ts(body["period_end"])
         if end <= start:
             raise ValueError("period_end must be after period_start")
         client_ids = list(dict.fromkeys(body["client_ids"]))
         clients = await self._known_clients(client_ids)
-        request_id = new_id()
         per_retailer: dict[str, list[BillingClient]] = defaultdict(list)
         entries: dict[str, dict[str, Any]] = {}
         unsupplied = []
@@ -244,9 +275,13 @@ class HubService:
                              ) -> tuple[int, dict[str, Any]]:
         """Store a new tariff version, publish it retained for late joiners, and deliver it to every retailer."""
         self.authorize(who, Action.PUBLISH_TARIFF)
-        earlier = await self._idempotent(who, key, body)
-        if earlier:
-            return earlier
+        async with self._keyed(who, key, body) as slot:
+            if slot.answer is not None:
+                return slot.answer
+            return await self._tariff(who, body, key, slot.request_id)
+
+    async def _tariff(self, who: Principal, body: dict[str, Any], key: str | None, request_id: str
+                      ) -> tuple[int, dict[str, Any]]:
         t0 = time.perf_counter()
         if _ts(body["valid_to"]) <= _ts(body["valid_from"]):
             raise ValueError("valid_to must be after valid_from")
@@ -256,7 +291,6 @@ class HubService:
                      valid_to=body["valid_to"], periods=body["periods"])
         if self.publish_tariff_retained is not None:
             await self.publish_tariff_retained(encode(msg))
-        request_id = new_id()
         retailers = await self.store.retailer_ids()
         parties = {rid: {"retailers": {rid: ClientState.PENDING.value}, "state": ClientState.PENDING.value,
                          "detail": {}, "trace": {}, "updated_at": time.time()} for rid in retailers}
@@ -306,9 +340,17 @@ class HubService:
                               ) -> tuple[int, dict[str, Any]]:
         t0 = time.perf_counter()
         right = self.authorize(who, action)
-        earlier = await self._idempotent(who, key, body)
-        if earlier:
-            return earlier
+        async with self._keyed(who, key, body) as slot:
+            if slot.answer is not None:
+                return slot.answer
+            return await self._new_client_request(who, action, kind, body, key, params, at=at, deadline=deadline,
+                                                  request_type=request_type, extra=extra, right=right, t0=t0,
+                                                  request_id=slot.request_id)
+
+    async def _new_client_request(self, who: Principal, action: Action, kind: RequestKind, body: dict[str, Any],
+                                  key: str | None, params: Params, *, at: float, deadline: float,
+                                  request_type: str | None, extra: dict[str, Any] | None, right: str, t0: float,
+                                  request_id: str) -> tuple[int, dict[str, Any]]:
         if deadline <= time.time():
             raise ValueError("the request would already be over: its end is in the past")
         client_ids = await self._targets(body)
@@ -323,7 +365,6 @@ class HubService:
                 by_retailer[rid].append(cid)
         if unsupplied:
             raise Conflict(f"no retailer supplies {', '.join(unsupplied[:20])} at {iso(at)}")
-        request_id = new_id()
         expires = datetime.fromtimestamp(deadline, UTC)
         now = time.time()
         entries = {cid: {"retailers": {rid: ClientState.PENDING.value}, "state": ClientState.PENDING.value,
@@ -446,16 +487,55 @@ class HubService:
 
     # -- shared ---------------------------------------------------------------------------------------------
 
-    async def _idempotent(self, who: Principal, key: str | None, body: dict[str, Any]
-                          ) -> tuple[int, dict[str, Any]] | None:
+    @contextlib.asynccontextmanager
+    async def _keyed(self, who: Principal, key: str | None, body: dict[str, Any]) -> AsyncIterator[KeySlot]:
+        """The ``Idempotency-Key`` protocol around creating a request: the first attempt claims the key in storage
+        (a compare-and-set, so two attempts at once, on one hub or on two replicas, cannot both create) and gets the
+        request id to create; a later attempt gets the stored answer, or waits for the first attempt's answer, or
+        takes over a claim whose attempt died before creating anything. An attempt that fails before creating its
+        request releases its claim, so that the DSO's retry is tried afresh."""
         if not key:
-            return None
-        earlier = await self.store.idempotent_answer(str(who), key)
-        if earlier is None:
-            return None
-        if earlier[0] != body_hash(body):
-            raise IdempotencyConflict(f"Idempotency-Key {key!r} was already used with a different body")
-        return earlier[1], earlier[2]
+            yield KeySlot(new_id())
+            return
+        principal, digest = str(who), body_hash(body)
+        slot = await self._claim(principal, key, digest)
+        if slot.answer is not None or slot.claim is None:
+            yield slot
+            return
+        try:
+            yield slot
+        except BaseException:
+            with contextlib.suppress(StoreUnavailable):  # else it goes stale and is taken over by a retry
+                if not await self.store.request_exists(slot.request_id):
+                    await self.store.release_idempotency(principal, key)
+            raise
+
+    async def _claim(self, principal: str, key: str, digest: str) -> KeySlot:
+        waited_until = time.monotonic() + KEY_WAIT_S
+        while True:
+            answer, claim = await self.store.idempotency(principal, key)
+            if answer is not None:
+                if answer[0] != digest:
+                    raise IdempotencyConflict(f"Idempotency-Key {key!r} was already used with a different body")
+                return KeySlot(answer=(answer[1], answer[2]))
+            held = json.loads(claim) if claim is not None else None
+            if held is not None and held["hash"] != digest:
+                raise IdempotencyConflict(f"Idempotency-Key {key!r} is in use with a different body")
+            if held is not None and await self.store.request_exists(held["request_id"]):
+                # Created by the first attempt, whose answer is being written (HBase writes row by row).
+                return KeySlot(answer=(202, {"request_id": held["request_id"], "state": RequestState.ACCEPTED.value}))
+            if held is None or time.time() - held["at"] > KEY_CLAIM_STALE_S:
+                mine = json.dumps({"hash": digest, "request_id": new_id(), "at": time.time(),
+                                   "by": self.replicas.me if self.replicas is not None else "hub"}).encode()
+                if await self.store.claim_idempotency(principal, key, claim, mine):
+                    if held is not None:
+                        log.warning("Idempotency-Key %r of %s: took over a claim of %.0f s ago that created nothing",
+                                    key, principal, time.time() - held["at"])
+                    return KeySlot(json.loads(mine)["request_id"], claim=mine)
+                continue  # another attempt claimed it in the meantime
+            if time.monotonic() > waited_until:
+                raise KeyInProgress(f"a request with Idempotency-Key {key!r} is still being created; retry shortly")
+            await asyncio.sleep(0.05)
 
     async def _create(self, who: Principal, key: str | None, body: dict[str, Any], request_id: str, kind: str,
                       deadline: float, clients: dict[str, dict[str, Any]], outbox: list[OutboxItem],

@@ -209,12 +209,25 @@ class HubStore:
 
     # -- requests -----------------------------------------------------------------------------------------
 
-    async def idempotent_answer(self, principal: str, key: str) -> tuple[str, int, dict[str, Any]] | None:
-        """``(body_hash, status, answer)`` stored for this principal's ``Idempotency-Key``, or None."""
+    async def idempotency(self, principal: str, key: str
+                          ) -> tuple[tuple[str, int, dict[str, Any]] | None, bytes | None]:
+        """What is stored for this principal's ``Idempotency-Key``: ``(body_hash, status, answer)`` once answered,
+        and the claim of the attempt that is (or was) creating the request, each None when absent."""
         row = await self.kv.get("idempotency", f"{principal}|{key}")
-        if not row:
-            return None
-        return row["d:hash"].decode(), int(row["d:status"]), _u(row["d:answer"])
+        answer = (row["d:hash"].decode(), int(row["d:status"]), _u(row["d:answer"])) if "d:answer" in row else None
+        return answer, row.get("d:claim")
+
+    async def claim_idempotency(self, principal: str, key: str, expected: bytes | None, claim: bytes) -> bool:
+        """Set the key's claim to ``claim`` if it is still ``expected`` (None: unclaimed); whether it was set."""
+        return await self.kv.check_and_put("idempotency", f"{principal}|{key}", "d:claim", expected, claim)
+
+    async def release_idempotency(self, principal: str, key: str) -> None:
+        """Remove the key's claim (its attempt failed before creating anything)."""
+        await self.kv.batch([Mutation("idempotency", f"{principal}|{key}", delete=["d:claim"])])
+
+    async def request_exists(self, request_id: str) -> bool:
+        """Whether the request's row has been written."""
+        return bool(await self.kv.get("requests", request_id, ["r:type"]))
 
     async def create_request(self, request_id: str, meta: dict[str, Any], clients: dict[str, dict[str, Any]],
                              outbox: dict[str, dict[str, Any]], parties: dict[str, dict[str, Any]],

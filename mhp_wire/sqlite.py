@@ -87,19 +87,29 @@ class SqliteThread:
 
         return await loop.run_in_executor(self._pool, timed)
 
-    async def tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(db)`` in one write transaction on the worker thread; committed when it returns."""
-        return await self.call(self._tx, fn)
+    async def tx(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """Run ``fn(db)`` in one write transaction on the worker thread; committed when it returns.
 
-    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        ``durable=False`` commits without waiting for the disk (``synchronous=OFF`` for this transaction): a crash
+        may lose it, but never a later durable transaction without it (the WAL is synced in order).
+        """
+        return await self.call(self._tx, fn, durable)
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
+        if not durable:
+            db.execute("PRAGMA synchronous=OFF")
         try:
-            result = fn(db)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            if not durable:
+                db.execute("PRAGMA synchronous=FULL")
         return result
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -92,6 +92,11 @@ class KVStore(Protocol):
         """Atomically add ``value`` to a 64-bit counter cell and return the new value."""
         ...
 
+    async def check_and_put(self, table: str, row: str, column: str, expected: bytes | None, value: bytes) -> bool:
+        """Atomically: if the cell ``column`` of ``row`` holds ``expected`` (None: the cell does not exist), set it
+        to ``value`` and return True; otherwise change nothing and return False (HBase's ``checkAndPut``)."""
+        ...
+
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` unless the store answers and accepts writes."""
         ...

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import happybase
+from happybase.batch import Mutation as ThriftMutation
 from thriftpy2.transport import TTransportException
 
 from cloud_hub.storage import SCHEMA, Mutation, Row, StoreUnavailable
@@ -250,6 +251,18 @@ class HBaseKV:
         """Atomic increment of a counter cell; not retried once it may have reached the server."""
         return int(await self._run(lambda c: c.table(table).counter_inc(row.encode(), column.encode(), value),
                                    retry=False))
+
+    async def check_and_put(self, table: str, row: str, column: str, expected: bytes | None, value: bytes) -> bool:
+        """HBase's ``checkAndPut`` (Thrift v1; happybase has no wrapper for it, so its Thrift client is called);
+        not retried once it may have reached the server: a retry could report False for its own first write."""
+        if table not in SCHEMA:
+            raise KeyError(f"no table {table!r}")
+
+        def op(c: happybase.Connection) -> bool:
+            return bool(c.client.checkAndPut(c.table(table).name, row.encode(), column.encode(), expected,
+                                             ThriftMutation(column=column.encode(), value=value), {}))
+
+        return await self._run(op, retry=False)
 
     async def ping(self) -> None:
         """Check that HBase answers and accepts a write."""

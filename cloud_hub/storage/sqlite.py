@@ -212,6 +212,25 @@ class SqliteKV:
             raise StoreUnavailable(str(exc)) from exc
         return result
 
+    async def check_and_put(self, table: str, row: str, column: str, expected: bytes | None, value: bytes) -> bool:
+        """Compare and set one cell in one transaction, not waiting for the disk: its one use, a claim on an
+        ``Idempotency-Key``, may be lost in a crash (the key is then unclaimed, as before the attempt), and the
+        request written under it is durable with it (SQLite syncs the WAL in order)."""
+        _check_table(table)
+
+        def op(db: sqlite3.Connection) -> bool:
+            cur = db.execute("SELECT val FROM cells WHERE tbl=? AND row=? AND col=?", (table, row, column)).fetchone()
+            if (bytes(cur[0]) if cur else None) != expected:
+                return False
+            db.execute("INSERT OR REPLACE INTO cells VALUES (?,?,?,?)", (table, row, column, value))
+            return True
+
+        try:
+            result: bool = await self._sql.tx(op, durable=False)
+        except StorageError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return result
+
     async def ping(self) -> None:
         """Check that the database accepts a write."""
         try:

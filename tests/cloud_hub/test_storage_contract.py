@@ -3,6 +3,8 @@ must behave identically, for the raw HBase-shaped interface and for the hub's da
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from cloud_hub.storage import KVStore, Mutation
@@ -65,6 +67,27 @@ async def test_counters(kv: KVStore) -> None:
     assert await kv.increment("tariffs", "t1", "t:version") == 1
     assert await kv.increment("tariffs", "t1", "t:version", 5) == 6
     assert await kv.increment("tariffs", "t2", "t:version") == 1
+
+
+async def test_check_and_put_compares_then_sets_one_cell(kv: KVStore) -> None:
+    assert await kv.check_and_put("idempotency", "p|k", "d:claim", None, b"first") is True
+    assert await kv.check_and_put("idempotency", "p|k", "d:claim", None, b"second") is False, "the cell exists"
+    assert await kv.check_and_put("idempotency", "p|k", "d:claim", b"other", b"second") is False
+    assert await kv.get("idempotency", "p|k") == {"d:claim": b"first"}
+    assert await kv.check_and_put("idempotency", "p|k", "d:claim", b"first", b"second") is True
+    await kv.batch([Mutation("idempotency", "p|k", {"d:answer": b"a"})])
+    assert await kv.get("idempotency", "p|k") == {"d:claim": b"second", "d:answer": b"a"}, "other cells untouched"
+    await kv.batch([Mutation("idempotency", "p|k", delete=["d:claim"])])
+    assert await kv.check_and_put("idempotency", "p|k", "d:claim", None, b"third") is True, "deleted: absent again"
+    with pytest.raises(KeyError):
+        await kv.check_and_put("nope", "r", "d:c", None, b"x")
+
+
+async def test_check_and_put_lets_one_of_many_concurrent_claims_win(kv: KVStore) -> None:
+    won = await asyncio.gather(*(kv.check_and_put("idempotency", "p|race", "d:claim", None, str(i).encode())
+                                 for i in range(20)))
+    assert won.count(True) == 1
+    assert (await kv.get("idempotency", "p|race"))["d:claim"] == str(won.index(True)).encode()
 
 
 async def test_ping_writes_and_leaves_the_data_alone(kv: KVStore) -> None:

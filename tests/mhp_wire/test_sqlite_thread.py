@@ -1,0 +1,34 @@
+"""The SQLite worker's transactions: committed when the function returns, rolled back when it raises, and a
+non-durable one (``durable=False``) leaves the connection at ``synchronous=FULL`` for the next."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from mhp_wire.sqlite import SqliteThread, StorageError
+
+
+async def test_transactions_commit_roll_back_and_restore_durability(tmp_path: Path) -> None:
+    db = SqliteThread(tmp_path / "t.db", "CREATE TABLE IF NOT EXISTS t (x);", name="t")
+    await db.open()
+    try:
+        await db.tx(lambda c: c.execute("INSERT INTO t VALUES (1)"))
+        await db.tx(lambda c: c.execute("INSERT INTO t VALUES (2)"), durable=False)
+        assert await db.read(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2, "FULL again"
+
+        def fails(c: sqlite3.Connection) -> None:
+            c.execute("INSERT INTO t VALUES (3)")
+            raise sqlite3.OperationalError("disk I/O error")
+
+        with pytest.raises(StorageError, match="disk I/O"):
+            await db.tx(fails, durable=False)
+        assert await db.read(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2
+        assert await db.read(lambda c: [r[0] for r in c.execute("SELECT x FROM t ORDER BY x")]) == [1, 2]
+    finally:
+        await db.close()
+    again = sqlite3.connect(tmp_path / "t.db")
+    assert [r[0] for r in again.execute("SELECT x FROM t ORDER BY x")] == [1, 2]
+    again.close()
