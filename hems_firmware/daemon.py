@@ -122,6 +122,9 @@ class Gateway:
         self.to_restore: dict[str, str | None] = {}
         """Loads an ended action shed, waiting to come back (one per ``restore_interval_s``, with hysteresis)."""
         self._last_restore = 0.0
+        self._control = asyncio.Lock()
+        """One control step at a time (read the devices, then switch): a command starting while the poll loop
+        plans would otherwise plan from the same reading and switch the same loads twice."""
         self._plan: tuple[tuple[str, int, str], dict[str, list[float]]] | None = None
         self.rejected = 0
         self._seq = 0
@@ -237,10 +240,11 @@ class Gateway:
         last_telemetry = 0.0
         while True:
             started = time.monotonic()
-            await self.poll_once()
-            await self._hold_limit()
-            await self._restore_step()
-            await self._schedule_step()
+            async with self._control:
+                await self.poll_once()
+                await self._hold_limit()
+                await self._restore_step()
+                await self._schedule_step()
             if started - last_telemetry >= self.cfg.gateway.telemetry_interval_s:
                 last_telemetry = started
                 await self._queue_telemetry()
@@ -440,9 +444,10 @@ class Gateway:
         limit = params.power_limit_kw if isinstance(params, EmergencyParams) else 0.0
         action = ActiveAction(cmd.request_id, cmd.kind.value, limit, end, list(resumed_shed or []))
         self.active[cmd.request_id] = action
-        await self.poll_once()
-        before = self.measured_kw()
-        plan = await self._hold_limit()
+        async with self._control:
+            await self.poll_once()
+            before = self.measured_kw()
+            plan = await self._hold_limit()
         detail: dict[str, Any] = {
             "limit_kw": limit,
             "measured_kw_before": before,

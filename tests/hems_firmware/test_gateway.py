@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -107,6 +108,27 @@ async def test_emergency_is_acked_executed_at_start_reported_once_and_restored_a
             await asyncio.sleep(0.05)
         assert rig.home.coil_state(0) and rig.home.coil_state(1), "loads restored after the end"
         assert [a.request_id for a in rig.gateway.actuations] == ["q1"] * 4
+
+
+async def test_a_command_starting_during_a_poll_switches_each_load_once(rig: Rig,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The poll loop and a starting command each read the devices, plan and switch: one control step at a time, or
+    one plans while the other is switching and switches the same loads again (duplicate rows on the gateway page)."""
+    for sw in rig.gateway.switches.values():
+        fast_set = sw.set
+
+        async def slow_set(on: bool, fast_set: Callable[[bool], Awaitable[bool]] = fast_set) -> bool:
+            await asyncio.sleep(0.12)  # a slow bus: a plan made meanwhile still sees the load on
+            return await fast_set(on)
+
+        monkeypatch.setattr(sw, "set", slow_set)
+    with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+        for i in range(3):
+            await bridge.publish(topics.down("gateways", "gw-1"), command(lead_s=0, request_id=f"q{i}"))
+            out = await bridge.next("outcome", timeout=5)
+            assert isinstance(out, Outcome) and out.state is ClientState.EXECUTED
+    offs = Counter(a.device for a in rig.gateway.actuations if not a.on)
+    assert offs == {"heater": 1, "ev": 1}, rig.gateway.actuations
 
 
 async def test_the_limiter_holds_the_home_when_load_appears_during_the_emergency(rig: Rig) -> None:
