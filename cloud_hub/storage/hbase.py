@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import happybase
 from happybase.batch import Mutation as ThriftMutation
+from Hbase_thrift import AlreadyExists  # the Thrift module happybase loads (``import happybase`` comes first)
 from thriftpy2.transport import TTransportException
 
 from cloud_hub.storage import SCHEMA, Mutation, Row, StoreUnavailable
@@ -147,7 +148,11 @@ class HBaseKV:
             existing = {t.decode() for t in conn.tables()}
             for name, families in SCHEMA.items():
                 if name not in existing:
-                    conn.create_table(name, {f: {"max_versions": 1} for f in families})
+                    try:
+                        conn.create_table(name, {f: {"max_versions": 1} for f in families})
+                    except AlreadyExists:  # another hub (replica) starting at the same moment created it
+                        log.info("HBase table %s_%s was created meanwhile by another hub", self.table_prefix, name)
+                        continue
                     log.info("created HBase table %s_%s", self.table_prefix, name)
 
         await self._run(create)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import happybase
 import pytest
 
 from cloud_hub.storage import Mutation, StoreUnavailable
@@ -33,6 +34,23 @@ async def test_fails_over_to_the_next_thrift_gateway(hbase_double: HBaseThriftDo
         assert kv.failovers >= 1
     finally:
         await kv.close()
+
+
+async def test_hubs_starting_together_both_open_the_store(hbase_double: HBaseThriftDouble,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two hubs (replicas) starting at once both see no tables and both create them: the one that comes second
+    gets AlreadyExists for each, and opens all the same."""
+    first = HBaseKV([f"127.0.0.1:{hbase_double.port}"], table_prefix="together")
+    await first.open()
+    await first.close()
+    monkeypatch.setattr(happybase.Connection, "tables", lambda self: [])  # listed before the other created them
+    second = HBaseKV([f"127.0.0.1:{hbase_double.port}"], table_prefix="together")
+    await second.open()
+    try:
+        await second.batch([Mutation("retailers", "r1", {"d:name": b"One"})])
+        assert await second.get("retailers", "r1") == {"d:name": b"One"}
+    finally:
+        await second.close()
 
 
 async def test_reconnects_when_the_gateway_drops_connections(hbase_double: HBaseThriftDouble) -> None:
