@@ -88,25 +88,28 @@ class SqliteThread:
         return await loop.run_in_executor(self._pool, timed)
 
     async def tx(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
-        """Run ``fn(db)`` in one write transaction on the worker thread; committed when it returns.
+        """Run ``fn(db)`` in one write transaction on the worker thread; committed when it returns, rolled back
+        when it (or the commit) fails.
 
-        ``durable=False`` commits without waiting for the disk (``synchronous=OFF`` for this transaction): a crash
-        may lose it, but never a later durable transaction without it (the WAL is synced in order).
+        ``durable=False`` commits without waiting for the disk (``synchronous=NORMAL`` for this transaction: in WAL
+        mode the commit is not synced, checkpoints still are): a power loss may lose it, but never a durable
+        transaction committed before or after it (the WAL is synced in order, the database at every checkpoint).
         """
         return await self.call(self._tx, fn, durable)
 
     def _tx(self, fn: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
         db = self.db
         if not durable:
-            db.execute("PRAGMA synchronous=OFF")
+            db.execute("PRAGMA synchronous=NORMAL")
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(db)
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # also after a failed COMMIT (SQLITE_BUSY leaves the transaction open)
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
         finally:
             if not durable:
                 db.execute("PRAGMA synchronous=FULL")
