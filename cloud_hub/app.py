@@ -113,6 +113,8 @@ async def _supervise_relay(app: FastAPI, settings: HubSettings) -> None:
         else:
             log.error("%s; restarting it in %.0f s", problem, pause)
         relay.failure = problem
+        if relay.replicas is not None:  # takes no new work until it has rejoined (Replicas.run)
+            relay.replicas.ready.clear()
         app.state.metrics.relay_restarts.inc()
         await asyncio.sleep(pause)
         ran_s = asyncio.get_running_loop().time() - started

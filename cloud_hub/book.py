@@ -188,6 +188,14 @@ class RequestBook:
         self.phases.clear()
         return n
 
+    async def resume(self, request_id: str) -> bool:
+        """Queue a stored request this book does not hold (its creation failed after its row was written)."""
+        async with self.lock(request_id):
+            loaded = await self._load_one(request_id)
+        if loaded:
+            self.kick()
+        return loaded
+
     async def adopt(self, request_id: str) -> bool:
         """Take over an open request of a replica that went offline: become its owner in storage, then load it
         (its unacknowledged messages are sent again at once; retailers drop what they already have)."""

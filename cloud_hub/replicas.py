@@ -131,7 +131,7 @@ class Replicas:
     async def run(self) -> None:
         """After the link is up: join (settle, load this replica's requests), then adopt orphans until cancelled;
         after a lost connection, join again."""
-        if self.ready.is_set():  # the relay was restarted: as after a lost connection, rejoin from storage
+        if self.book.deadlines or self.book.outbox:  # the relay was restarted: as after a lost connection, rejoin
             self.ready.clear()
             log.warning("replica %s restarts its relay: dropped its %d open request(s) until it rejoins", self.me,
                         self.book.forget())

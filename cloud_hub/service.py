@@ -504,10 +504,12 @@ class HubService:
             return
         try:
             yield slot
+        except asyncio.CancelledError:
+            raise  # its storage write may still land (a thread cannot be stopped): the claim goes stale instead
         except BaseException:
             with contextlib.suppress(StoreUnavailable):  # else it goes stale and is taken over by a retry
                 if not await self.store.request_exists(slot.request_id):
-                    await self.store.release_idempotency(principal, key)
+                    await self.store.release_idempotency(principal, key, slot.claim)
             raise
 
     async def _claim(self, principal: str, key: str, digest: str) -> KeySlot:
@@ -518,24 +520,43 @@ class HubService:
                 if answer[0] != digest:
                     raise IdempotencyConflict(f"Idempotency-Key {key!r} was already used with a different body")
                 return KeySlot(answer=(answer[1], answer[2]))
-            held = json.loads(claim) if claim is not None else None
-            if held is not None and held["hash"] != digest:
-                raise IdempotencyConflict(f"Idempotency-Key {key!r} is in use with a different body")
-            if held is not None and await self.store.request_exists(held["request_id"]):
-                # Created by the first attempt, whose answer is being written (HBase writes row by row).
-                return KeySlot(answer=(202, {"request_id": held["request_id"], "state": RequestState.ACCEPTED.value}))
-            if held is None or time.time() - held["at"] > KEY_CLAIM_STALE_S:
-                mine = json.dumps({"hash": digest, "request_id": new_id(), "at": time.time(),
-                                   "by": self.replicas.me if self.replicas is not None else "hub"}).encode()
-                if await self.store.claim_idempotency(principal, key, claim, mine):
-                    if held is not None:
-                        log.warning("Idempotency-Key %r of %s: took over a claim of %.0f s ago that created nothing",
-                                    key, principal, time.time() - held["at"])
-                    return KeySlot(json.loads(mine)["request_id"], claim=mine)
-                continue  # another attempt claimed it in the meantime
-            if time.monotonic() > waited_until:
-                raise KeyInProgress(f"a request with Idempotency-Key {key!r} is still being created; retry shortly")
-            await asyncio.sleep(0.05)
+            held = json.loads(claim) if claim else None  # b"": released
+            if held is not None:
+                made = await self.store.request_exists(held["request_id"])
+                if held["hash"] != digest and (made or time.time() - held["at"] <= KEY_CLAIM_STALE_S):
+                    raise IdempotencyConflict(f"Idempotency-Key {key!r} is in use with a different body")
+                if made and time.monotonic() > waited_until:
+                    return KeySlot(answer=await self._repair(principal, key, held))
+                if made or time.time() - held["at"] <= KEY_CLAIM_STALE_S:
+                    if time.monotonic() > waited_until:
+                        raise KeyInProgress(f"a request with Idempotency-Key {key!r} is still being created; "
+                                            "retry shortly")
+                    await asyncio.sleep(0.05)
+                    continue
+            mine = json.dumps({"hash": digest, "request_id": new_id(), "at": time.time(),
+                               "by": self.replicas.me if self.replicas is not None else "hub"}).encode()
+            if await self.store.claim_idempotency(principal, key, claim, mine):
+                if held is not None:
+                    log.warning("Idempotency-Key %r of %s: took over a claim of %.0f s ago that created nothing",
+                                key, principal, time.time() - held["at"])
+                return KeySlot(json.loads(mine)["request_id"], claim=mine)
+            # another attempt claimed it in the meantime: look again
+
+    async def _repair(self, principal: str, key: str, held: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """The claim's request was stored but its answer was not, for longer than a repeat waits: the attempt
+        failed part-way (HBase writes row by row). The request is valid (its row is atomic): the owner queues it
+        if it has not (this hub, or this replica when it owns it; another replica's is queued when it reloads)
+        and the answer is written, so that every retry gets it."""
+        request_id = held["request_id"]
+        known = request_id in self.book.deadlines or any(o.request_id == request_id for o in self.book.outbox.values())
+        owner = (await self.store.get_request_cells(request_id, ["r:owner"])).get("r:owner")
+        if not known and (self.replicas is None or owner == self.replicas.me):
+            await self.book.resume(request_id)
+            log.warning("request %s of Idempotency-Key %r was stored without its answer; queued it now", request_id,
+                        key)
+        answer = {"request_id": request_id, "state": RequestState.ACCEPTED.value}
+        await self.store.put_idempotent_answer(principal, key, held["hash"], 202, answer)
+        return 202, answer
 
     async def _create(self, who: Principal, key: str | None, body: dict[str, Any], request_id: str, kind: str,
                       deadline: float, clients: dict[str, dict[str, Any]], outbox: list[OutboxItem],

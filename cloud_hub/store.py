@@ -221,9 +221,18 @@ class HubStore:
         """Set the key's claim to ``claim`` if it is still ``expected`` (None: unclaimed); whether it was set."""
         return await self.kv.check_and_put("idempotency", f"{principal}|{key}", "d:claim", expected, claim)
 
-    async def release_idempotency(self, principal: str, key: str) -> None:
-        """Remove the key's claim (its attempt failed before creating anything)."""
-        await self.kv.batch([Mutation("idempotency", f"{principal}|{key}", delete=["d:claim"])])
+    async def release_idempotency(self, principal: str, key: str, claim: bytes | None) -> bool:
+        """Release the key's claim (its attempt failed before creating anything), unless another attempt has taken
+        it over meanwhile: the claim becomes empty (unclaimed). Whether it was released."""
+        if claim is None:
+            return False
+        return await self.kv.check_and_put("idempotency", f"{principal}|{key}", "d:claim", claim, b"")
+
+    async def put_idempotent_answer(self, principal: str, key: str, digest: str, status: int,
+                                    answer: dict[str, Any]) -> None:
+        """Store the answer of a key whose request exists (written with the request, normally)."""
+        await self.kv.batch([Mutation("idempotency", f"{principal}|{key}", {
+            "d:hash": digest.encode(), "d:status": str(status).encode(), "d:answer": _j(answer)})])
 
     async def request_exists(self, request_id: str) -> bool:
         """Whether the request's row has been written."""

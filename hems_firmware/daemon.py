@@ -443,8 +443,8 @@ class Gateway:
         t0 = time.perf_counter()
         limit = params.power_limit_kw if isinstance(params, EmergencyParams) else 0.0
         action = ActiveAction(cmd.request_id, cmd.kind.value, limit, end, list(resumed_shed or []))
-        self.active[cmd.request_id] = action
         async with self._control:
+            self.active[cmd.request_id] = action
             await self.poll_once()
             before = self.measured_kw()
             plan = await self._hold_limit()
@@ -472,7 +472,7 @@ class Gateway:
         if not self.active:
             return None
         owner = min(self.active.values(), key=lambda a: a.limit_kw)
-        for action in self.active.values():
+        for action in list(self.active.values()):
             for name in list(action.shed):
                 a = self.appliance(name)
                 since = self.shed_since.get(name)
@@ -496,25 +496,26 @@ class Gateway:
     async def _finish(self, request_id: str, shed: list[str], state: str = "done") -> None:
         """End one action: what it shed is handed to another action still holding the home, or queued to come
         back with hysteresis (one load per ``restore_interval_s`` while the home stays under its cap)."""
-        self.active.pop(request_id, None)
-        if not self.active:
-            self.exempt.clear()
-        if self.active:
-            heir = min(self.active.values(), key=lambda a: a.limit_kw)
-            heir.shed.extend(n for n in shed if n not in heir.shed)
-        else:
-            for name in shed:
-                self.to_restore[name] = request_id
-        now = time.time()
-
-        def record(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE commands SET state=? WHERE request_id=?", (state, request_id))
+        async with self._control:  # not while a control step is switching what this action shed
+            self.active.pop(request_id, None)
             if not self.active:
-                db.executemany("INSERT OR REPLACE INTO to_restore VALUES (?,?,?)",
-                               [(n, request_id, now) for n in shed])
+                self.exempt.clear()
+            if self.active:
+                heir = min(self.active.values(), key=lambda a: a.limit_kw)
+                heir.shed.extend(n for n in shed if n not in heir.shed)
+            else:
+                for name in shed:
+                    self.to_restore[name] = request_id
+            now = time.time()
 
-        await self.sql.tx(record)
-        self._last_restore = 0.0
+            def record(db: sqlite3.Connection) -> None:
+                db.execute("UPDATE commands SET state=? WHERE request_id=?", (state, request_id))
+                if not self.active:
+                    db.executemany("INSERT OR REPLACE INTO to_restore VALUES (?,?,?)",
+                                   [(n, request_id, now) for n in shed])
+
+            await self.sql.tx(record)
+            self._last_restore = 0.0
 
     async def _switch(self, name: str, on: bool, request_id: str | None, reason: str) -> bool:
         sw = self.switches.get(name)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import cloud_hub.service
+from cloud_hub.storage import Mutation
 from cloud_hub.store import HubStore
 from tests.hub_fixtures import HubHandle
 
@@ -76,11 +77,17 @@ async def test_a_repeat_waits_for_the_attempt_in_progress(hub_any: HubHandle, mo
     other = await hub.http.post("/v1/emergencies", json={**body, "power_limit_kw": 1}, headers=headers)
     assert other.status_code == 409 and other.json()["error"] == "conflict"
     assert "different body" in other.json()["message"]
+    # Once that claim is stale (its attempt died, nothing created), a corrected body may take the key.
+    await hub.app.state.store.kv.batch([Mutation("idempotency", "dso|busy", delete=["d:claim"])])
+    await claim(hub.app.state.store, "busy", digest, "not-created", age_s=cloud_hub.service.KEY_CLAIM_STALE_S + 1)
+    corrected = await hub.http.post("/v1/emergencies", json={**body, "power_limit_kw": 1}, headers=headers)
+    assert corrected.status_code == 202, corrected.text
 
 
-async def test_a_dead_attempts_claim_is_taken_over_or_answered(hub_any: HubHandle,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_dead_attempts_claim_is_taken_over_or_answered(hub_any: HubHandle, caplog: pytest.LogCaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     hub = hub_any
+    monkeypatch.setattr(cloud_hub.service, "KEY_WAIT_S", 0.3)
     await hub.setup_registry({"c1": "r1"})
     body = emergency(["c1"])
     digest = await digest_of(hub, body)
@@ -92,8 +99,28 @@ async def test_a_dead_attempts_claim_is_taken_over_or_answered(hub_any: HubHandl
     assert r.status_code == 202, r.text
     assert r.json()["request_id"] != "never-created"
     assert "took over a claim" in caplog.text
-    # It died after creating its request, before writing the answer: the retry is answered with that request.
+    # It failed after storing its request, before storing the answer (HBase writes row by row), and the hub never
+    # queued the request: a retry, once it has waited for the answer, queues the request and stores the answer.
     made = (await hub.http.post("/v1/emergencies", json=body, headers=hub.auth("dso"))).json()["request_id"]
+    book = hub.app.state.service.book
+    book.forget()
+    assert made not in book.deadlines
     await claim(store, "half", digest, made, age_s=0)
-    r = await hub.http.post("/v1/emergencies", json=body, headers={**hub.auth("dso"), "Idempotency-Key": "half"})
+    with caplog.at_level(logging.WARNING, logger="cloud_hub.service"):
+        r = await hub.http.post("/v1/emergencies", json=body, headers={**hub.auth("dso"), "Idempotency-Key": "half"})
     assert r.status_code == 202 and r.json() == {"request_id": made, "state": "accepted"}, r.text
+    assert made in book.deadlines, "queued again"
+    assert "stored without its answer; queued it now" in caplog.text
+    answer, _ = await store.idempotency("dso", "half")
+    assert answer is not None and answer[2] == {"request_id": made, "state": "accepted"}
+
+
+async def test_a_release_never_removes_a_claim_taken_over(hub_any: HubHandle) -> None:
+    store = hub_any.app.state.store
+    assert await store.claim_idempotency("dso", "k", None, b"first")
+    assert await store.claim_idempotency("dso", "k", b"first", b"second")  # taken over (the first went stale)
+    assert await store.release_idempotency("dso", "k", b"first") is False
+    assert (await store.idempotency("dso", "k"))[1] == b"second"
+    assert await store.release_idempotency("dso", "k", b"second") is True
+    assert (await store.idempotency("dso", "k"))[1] == b"", "released: empty, unclaimed"
+    assert await store.claim_idempotency("dso", "k", b"", b"third")

@@ -50,6 +50,8 @@ class Replica:
             "replica_settle_s": 0.5, "replica_scan_s": 2.0, **storage}
         self.log = tmp / f"hub-{replica_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log_from = 0
+        """Where this start's output begins in the log."""
         self.new_port()
 
     def new_port(self) -> None:
@@ -59,6 +61,7 @@ class Replica:
         self.config.write_text(tomli_w.dumps({"hub": {"http_port": self.port, **self.settings}}))
 
     def start(self) -> None:
+        self.log_from = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "cloud_hub.cli", "--log-level", "INFO", "serve",
                                           "--config", str(self.config)], stdout=out, stderr=subprocess.STDOUT,
@@ -106,7 +109,7 @@ async def wait_ready(replica: Replica, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert replica.proc is not None
-        if replica.proc.poll() is not None and "address already in use" in replica.log.read_text():
+        if replica.proc.poll() is not None and b"address already in use" in replica.log.read_bytes()[replica.log_from:]:
             replica.new_port()  # free_port() is a race with every other process binding one; a real one
             replica.start()
         with contextlib.suppress(httpx.HTTPError):
