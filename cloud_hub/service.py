@@ -73,6 +73,14 @@ crash, or storage lost while it released the claim); a retry takes it over."""
 
 
 @dataclass(slots=True)
+class LocalClaim:
+    """A single hub's claim on an ``Idempotency-Key``: the body it was claimed with, set ``done`` when released."""
+
+    digest: str
+    done: asyncio.Event
+
+
+@dataclass(slots=True)
 class KeySlot:
     """What :meth:`HubService._keyed` decided: the stored ``answer`` to return, or the ``request_id`` to create
     (under ``claim``, the stored claim value, when a key was given)."""
@@ -114,6 +122,8 @@ class HubService:
         self.replicas = replicas
         """Set when the hub runs as several replicas: a cancel goes to the replica that owns the request."""
         self.storage_ms: dict[str, float] = {}
+        self._claims_here: dict[tuple[str, str], LocalClaim] = {}
+        """A single hub's ``Idempotency-Key`` claims (replicas claim in storage)."""
         self.publish_tariff_retained: Any = None
         """Set by the relay: ``async (payload: bytes) -> None`` publishing the retained public tariff."""
 
@@ -489,15 +499,27 @@ class HubService:
 
     @contextlib.asynccontextmanager
     async def _keyed(self, who: Principal, key: str | None, body: dict[str, Any]) -> AsyncIterator[KeySlot]:
-        """The ``Idempotency-Key`` protocol around creating a request: the first attempt claims the key in storage
-        (a compare-and-set, so two attempts at once, on one hub or on two replicas, cannot both create) and gets the
-        request id to create; a later attempt gets the stored answer, or waits for the first attempt's answer, or
-        takes over a claim whose attempt died before creating anything. An attempt that fails before creating its
-        request releases its claim, so that the DSO's retry is tried afresh."""
+        """The ``Idempotency-Key`` protocol around creating a request: the first attempt claims the key (a single
+        hub in memory, replicas in storage with a compare-and-set), so that two attempts at once, on one hub or on
+        two replicas, cannot both create, and gets the request id to create; a later attempt gets the stored
+        answer, or waits for the first attempt's answer, or (replicas) takes over a claim whose attempt died before
+        creating anything. An attempt that fails before creating its request releases its claim, so that the DSO's
+        retry is tried afresh."""
         if not key:
             yield KeySlot(new_id())
             return
         principal, digest = str(who), body_hash(body)
+        if self.replicas is None:  # one hub process: every attempt is here, the claim is kept in memory
+            slot, here = await self._claim_here(principal, key, digest)
+            if here is None:
+                yield slot
+                return
+            try:
+                yield slot
+            finally:
+                del self._claims_here[(principal, key)]
+                here.done.set()
+            return
         slot = await self._claim(principal, key, digest)
         if slot.answer is not None or slot.claim is None:
             yield slot
@@ -512,7 +534,44 @@ class HubService:
                     await self.store.release_idempotency(principal, key, slot.claim)
             raise
 
+    async def _claim_here(self, principal: str, key: str, digest: str) -> tuple[KeySlot, LocalClaim | None]:
+        """The claim of a single hub: an attempt with a key another attempt holds waits for it (then reads its
+        stored answer); costs no storage call beyond reading the answer, as the key had before claims."""
+        waited_until = time.monotonic() + KEY_WAIT_S
+        while True:
+            held = self._claims_here.get((principal, key))
+            if held is None:
+                break
+            if held.digest != digest:
+                raise IdempotencyConflict(f"Idempotency-Key {key!r} is in use with a different body")
+            left = waited_until - time.monotonic()
+            if left <= 0:
+                raise KeyInProgress(f"a request with Idempotency-Key {key!r} is still being created; retry shortly")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(held.done.wait(), left)
+        here = self._claims_here[(principal, key)] = LocalClaim(digest, asyncio.Event())  # no await since the check
+        try:
+            answer, _ = await self.store.idempotency(principal, key)
+        except BaseException:
+            del self._claims_here[(principal, key)]
+            here.done.set()
+            raise
+        if answer is None:
+            return KeySlot(new_id()), here
+        del self._claims_here[(principal, key)]
+        here.done.set()
+        if answer[0] != digest:
+            raise IdempotencyConflict(f"Idempotency-Key {key!r} was already used with a different body")
+        return KeySlot(answer=(answer[1], answer[2])), None
+
+    def _new_claim(self, digest: str) -> bytes:
+        return json.dumps({"hash": digest, "request_id": new_id(), "at": time.time(),
+                           "by": self.replicas.me if self.replicas is not None else "hub"}).encode()
+
     async def _claim(self, principal: str, key: str, digest: str) -> KeySlot:
+        mine = self._new_claim(digest)
+        if await self.store.claim_idempotency(principal, key, None, mine):  # a new key: one storage call
+            return KeySlot(json.loads(mine)["request_id"], claim=mine)
         waited_until = time.monotonic() + KEY_WAIT_S
         while True:
             answer, claim = await self.store.idempotency(principal, key)
@@ -533,8 +592,7 @@ class HubService:
                                             "retry shortly")
                     await asyncio.sleep(0.05)
                     continue
-            mine = json.dumps({"hash": digest, "request_id": new_id(), "at": time.time(),
-                               "by": self.replicas.me if self.replicas is not None else "hub"}).encode()
+            mine = self._new_claim(digest)
             if await self.store.claim_idempotency(principal, key, claim, mine):
                 if held is not None:
                     log.warning("Idempotency-Key %r of %s: took over a claim of %.0f s ago that created nothing",

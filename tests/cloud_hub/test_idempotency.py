@@ -1,6 +1,7 @@
-"""``Idempotency-Key`` on both storage backends: attempts at once create one request, a failed attempt frees the key,
-an attempt still creating makes a repeat wait (then 409 ``in_progress``), and a claim left by an attempt that
-died is taken over, or answered with the request it did create."""
+"""``Idempotency-Key`` on a single hub (claims in memory) and on a replica (claims in the shared store), each on
+both storage backends: attempts at once create one request, a failed attempt frees the key, a repeat waits for the
+attempt in progress (then 409 ``in_progress``); and, for replicas, a claim left by an attempt that died is taken
+over, or answered with the request it did create."""
 
 from __future__ import annotations
 
@@ -8,15 +9,56 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import cloud_hub.service
 from cloud_hub.storage import Mutation
 from cloud_hub.store import HubStore
-from tests.hub_fixtures import HubHandle
+from tests.broker_fixtures import MosquittoFactory
+from tests.hub_fixtures import HubHandle, start_hub
+
+VARIANTS = [("sqlite", "single"), ("hbase", "single"), ("sqlite", "replica"), ("hbase", "replica")]
+
+
+async def keyed(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory,
+                backend: str, mode: str) -> AsyncIterator[HubHandle]:
+    broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
+    overrides: dict[str, Any] = {}
+    if backend == "hbase":
+        overrides = {"storage": "hbase", "hbase_hosts": [f"127.0.0.1:{request.getfixturevalue('hbase_double').port}"]}
+    if mode == "replica":  # a replica of one: the same code as several, claims in the store
+        overrides |= {"replica_id": "a", "replica_settle_s": 0.1}
+    server, task, tokens, url = await start_hub(tmp_path, broker, **overrides)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            for _ in range(300):
+                if (await http.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.02)
+            yield HubHandle(url, tokens, broker, http, server.config.app)
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture(params=VARIANTS, ids=["-".join(v) for v in VARIANTS])
+async def keyed_hub(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory
+                    ) -> AsyncIterator[HubHandle]:
+    async for h in keyed(request, tmp_path, mosquitto_factory, *request.param):
+        yield h
+
+
+@pytest.fixture(params=["sqlite", "hbase"])
+async def replica_hub(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory
+                      ) -> AsyncIterator[HubHandle]:
+    async for h in keyed(request, tmp_path, mosquitto_factory, request.param, "replica"):
+        yield h
 
 
 def emergency(clients: list[str]) -> dict[str, Any]:
@@ -37,8 +79,8 @@ async def claim(store: HubStore, key: str, digest: str, request_id: str, age_s: 
     assert await store.claim_idempotency("dso", key, None, value.encode())
 
 
-async def test_attempts_at_once_create_one_request(hub_any: HubHandle) -> None:
-    hub = hub_any
+async def test_attempts_at_once_create_one_request(keyed_hub: HubHandle) -> None:
+    hub = keyed_hub
     await hub.setup_registry({"c1": "r1", "c2": "r2"})
     body = emergency(["c1", "c2"])
     headers = {**hub.auth("dso"), "Idempotency-Key": "storm"}
@@ -49,8 +91,8 @@ async def test_attempts_at_once_create_one_request(hub_any: HubHandle) -> None:
     assert len(await hub.app.state.store.kv.scan("requests")) == 1
 
 
-async def test_a_failed_attempt_frees_its_key(hub_any: HubHandle) -> None:
-    hub = hub_any
+async def test_a_failed_attempt_frees_its_key(keyed_hub: HubHandle) -> None:
+    hub = keyed_hub
     await hub.setup_registry({"c1": "r1"})
     body = emergency(["c1", "late"])
     headers = {**hub.auth("dso"), "Idempotency-Key": "retry-me"}
@@ -62,21 +104,51 @@ async def test_a_failed_attempt_frees_its_key(hub_any: HubHandle) -> None:
     assert (await hub.http.post("/v1/emergencies", json=body, headers=headers)).json() == second.json()
 
 
-async def test_a_repeat_waits_for_the_attempt_in_progress(hub_any: HubHandle, monkeypatch: pytest.MonkeyPatch
+async def test_a_repeat_waits_for_the_attempt_in_progress(keyed_hub: HubHandle, monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
-    hub = hub_any
-    monkeypatch.setattr(cloud_hub.service, "KEY_WAIT_S", 0.5)
+    hub = keyed_hub
     await hub.setup_registry({"c1": "r1"})
+    service = hub.app.state.service
+    looked_up = service._known_clients
+
+    async def slow_lookup(client_ids: list[str]) -> dict[str, dict[str, Any]]:
+        await asyncio.sleep(0.8)  # the first attempt is slow (a large request, a busy store)
+        return dict(await looked_up(client_ids))
+
+    monkeypatch.setattr(service, "_known_clients", slow_lookup)
     body = emergency(["c1"])
-    digest = await digest_of(hub, body)
-    await claim(hub.app.state.store, "busy", digest, "not-yet-created", age_s=0)
-    headers = {**hub.auth("dso"), "Idempotency-Key": "busy"}
+    headers = {**hub.auth("dso"), "Idempotency-Key": "slow"}
+    first = asyncio.create_task(hub.http.post("/v1/emergencies", json=body, headers=headers))
+    await asyncio.sleep(0.2)
+    repeat = await hub.http.post("/v1/emergencies", json=body, headers=headers)  # waits for the first's answer
+    assert repeat.status_code == 202 and repeat.json() == (await first).json(), repeat.text
+    # A repeat that would wait longer than KEY_WAIT_S is told to retry; another body is a conflict.
+    monkeypatch.setattr(cloud_hub.service, "KEY_WAIT_S", 0.2)
+    headers = {**hub.auth("dso"), "Idempotency-Key": "slower"}
+    first = asyncio.create_task(hub.http.post("/v1/emergencies", json=body, headers=headers))
+    await asyncio.sleep(0.2)
     r = await hub.http.post("/v1/emergencies", json=body, headers=headers)
     assert r.status_code == 409 and r.json()["error"] == "in_progress", r.text
     assert r.headers["Retry-After"] == "1"
     other = await hub.http.post("/v1/emergencies", json={**body, "power_limit_kw": 1}, headers=headers)
     assert other.status_code == 409 and other.json()["error"] == "conflict"
     assert "different body" in other.json()["message"]
+    assert (await first).status_code == 202
+
+
+async def test_a_stored_claim_in_progress_makes_a_repeat_wait(replica_hub: HubHandle,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = replica_hub
+    monkeypatch.setattr(cloud_hub.service, "KEY_WAIT_S", 0.5)
+    await hub.setup_registry({"c1": "r1"})
+    body = emergency(["c1"])
+    digest = await digest_of(hub, body)
+    await claim(hub.app.state.store, "busy", digest, "not-yet-created", age_s=0)  # another replica's attempt
+    headers = {**hub.auth("dso"), "Idempotency-Key": "busy"}
+    r = await hub.http.post("/v1/emergencies", json=body, headers=headers)
+    assert r.status_code == 409 and r.json()["error"] == "in_progress", r.text
+    other = await hub.http.post("/v1/emergencies", json={**body, "power_limit_kw": 1}, headers=headers)
+    assert other.status_code == 409 and other.json()["error"] == "conflict"
     # Once that claim is stale (its attempt died, nothing created), a corrected body may take the key.
     await hub.app.state.store.kv.batch([Mutation("idempotency", "dso|busy", delete=["d:claim"])])
     await claim(hub.app.state.store, "busy", digest, "not-created", age_s=cloud_hub.service.KEY_CLAIM_STALE_S + 1)
@@ -84,9 +156,10 @@ async def test_a_repeat_waits_for_the_attempt_in_progress(hub_any: HubHandle, mo
     assert corrected.status_code == 202, corrected.text
 
 
-async def test_a_dead_attempts_claim_is_taken_over_or_answered(hub_any: HubHandle, caplog: pytest.LogCaptureFixture,
+async def test_a_dead_attempts_claim_is_taken_over_or_answered(replica_hub: HubHandle,
+                                                               caplog: pytest.LogCaptureFixture,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    hub = hub_any
+    hub = replica_hub
     monkeypatch.setattr(cloud_hub.service, "KEY_WAIT_S", 0.3)
     await hub.setup_registry({"c1": "r1"})
     body = emergency(["c1"])
