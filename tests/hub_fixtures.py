@@ -17,7 +17,7 @@ from cloud_hub.settings import HubSettings
 from cloud_hub.tokens import TokenBook
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory, free_port
 
-__all__ = ["HubHandle", "hub", "hub_any"]
+__all__ = ["HubHandle", "hub", "hub_any", "running_hub"]
 
 
 @dataclass
@@ -68,22 +68,25 @@ async def start_hub(
 
 
 async def running_hub(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory,
-                      backend: str) -> AsyncIterator[HubHandle]:
-    """A running hub on ``backend`` (``sqlite``, or ``hbase`` through the Thrift test double), ready."""
+                      backend: str, **settings: Any) -> AsyncIterator[HubHandle]:
+    """A running hub on ``backend`` (``sqlite``, or ``hbase`` through the Thrift test double), ready; ``settings``
+    override its ``HubSettings`` (e.g. ``replica_id``)."""
     broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
     overrides: dict[str, Any] = {}
     if backend == "hbase":
         double = request.getfixturevalue("hbase_double")
         overrides = {"storage": "hbase", "hbase_hosts": [f"127.0.0.1:{double.port}"]}
-    server, task, tokens, url = await start_hub(tmp_path, broker, **overrides)
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        for _ in range(200):
-            if (await http.get("/readyz")).status_code == 200:
-                break
-            await asyncio.sleep(0.02)
-        yield HubHandle(url, tokens, broker, http, server.config.app)
-    server.should_exit = True
-    await task
+    server, task, tokens, url = await start_hub(tmp_path, broker, **overrides, **settings)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            for _ in range(300):
+                if (await http.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.02)
+            yield HubHandle(url, tokens, broker, http, server.config.app)
+    finally:
+        server.should_exit = True
+        await task
 
 
 @pytest.fixture

@@ -14,37 +14,23 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 import cloud_hub.service
 from cloud_hub.storage import Mutation
 from cloud_hub.store import HubStore
 from tests.broker_fixtures import MosquittoFactory
-from tests.hub_fixtures import HubHandle, start_hub
+from tests.hub_fixtures import HubHandle, running_hub
 
 VARIANTS = [("sqlite", "single"), ("hbase", "single"), ("sqlite", "replica"), ("hbase", "replica")]
 
 
 async def keyed(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory,
                 backend: str, mode: str) -> AsyncIterator[HubHandle]:
-    broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
-    overrides: dict[str, Any] = {}
-    if backend == "hbase":
-        overrides = {"storage": "hbase", "hbase_hosts": [f"127.0.0.1:{request.getfixturevalue('hbase_double').port}"]}
-    if mode == "replica":  # a replica of one: the same code as several, claims in the store
-        overrides |= {"replica_id": "a", "replica_settle_s": 0.1}
-    server, task, tokens, url = await start_hub(tmp_path, broker, **overrides)
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
-            for _ in range(300):
-                if (await http.get("/readyz")).status_code == 200:
-                    break
-                await asyncio.sleep(0.02)
-            yield HubHandle(url, tokens, broker, http, server.config.app)
-    finally:
-        server.should_exit = True
-        await task
+    # A replica of one runs the same code as several: its claims are in the store.
+    settings: dict[str, Any] = {"replica_id": "a", "replica_settle_s": 0.1} if mode == "replica" else {}
+    async for hub in running_hub(request, tmp_path, mosquitto_factory, backend, **settings):
+        yield hub
 
 
 @pytest.fixture(params=VARIANTS, ids=["-".join(v) for v in VARIANTS])
