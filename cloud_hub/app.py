@@ -38,6 +38,13 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": code, "message": message, **extra}, status_code=status)
 
 
+def _retry_later(status: int, code: str, message: str, after_s: float = 1.0) -> JSONResponse:
+    """An error the client should retry: ``retry_after_s`` in the body, ``Retry-After`` (whole seconds) header."""
+    resp = _error(status, code, message, retry_after_s=round(after_s, 3))
+    resp.headers["Retry-After"] = str(max(1, math.ceil(after_s)))
+    return resp
+
+
 class BodyLimit:
     """Refuses (413) a request whose ``Content-Length`` is over ``max_bytes`` before anything reads its body.
 
@@ -232,9 +239,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     @app.exception_handler(KeyInProgress)
     async def key_in_progress(request: Request, exc: KeyInProgress) -> JSONResponse:
         count(409)
-        resp = _error(409, "in_progress", str(exc), retry_after_s=1)
-        resp.headers["Retry-After"] = "1"
-        return resp
+        return _retry_later(409, "in_progress", str(exc))
 
     @app.exception_handler(ValueError)
     async def value_error(request: Request, exc: ValueError) -> JSONResponse:
@@ -244,16 +249,12 @@ def create_app(settings: HubSettings) -> FastAPI:
     @app.exception_handler(RateLimited)
     async def rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
         count(429)
-        resp = _error(429, "rate_limited", str(exc), retry_after_s=round(exc.retry_after_s, 3))
-        resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-        return resp
+        return _retry_later(429, "rate_limited", str(exc), exc.retry_after_s)
 
     @app.exception_handler(OwnerUnavailable)
     async def owner_unavailable(request: Request, exc: OwnerUnavailable) -> JSONResponse:
         count(503)
-        resp = _error(503, "owner_unavailable", str(exc), retry_after_s=1)
-        resp.headers["Retry-After"] = "1"
-        return resp
+        return _retry_later(503, "owner_unavailable", str(exc))
 
     @app.exception_handler(StoreUnavailable)
     async def unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
