@@ -51,7 +51,8 @@ from tests.cloud_hub.test_relay import metric, wait_state
 from tests.hub_fixtures import HubHandle
 from tests.mqtt_party import Party, parties
 
-T0 = datetime(2030, 1, 1, tzinfo=UTC)
+T0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(days=1)
+"""Tomorrow's whole hour: the samples' requests must not have expired, whatever the day the suite runs."""
 HOUR = timedelta(hours=1)
 QUICK = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
