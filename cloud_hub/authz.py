@@ -3,13 +3,17 @@
 The paper's correctness rule: "prepending each operation that either handles sensitive data or triggers sensitive
 actions with checks to ensure that the stakeholder is allowed to do so". Every rule is evaluated at the time the
 data or action refers to, because clients change supplier.
+
+Neutrality also covers what a refusal says: a retailer is never told whether a client it does not supply exists.
+A refusal marked ``conceal`` must be answered exactly as an unknown id is (``docs/decisions.md``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 
 class Action(StrEnum):
@@ -61,6 +65,8 @@ class Decision:
     allowed: bool
     right: str
     reason: str = ""
+    conceal: bool = False
+    """A refusal that must look to the principal like an unknown id: the client is not its to know of."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +81,8 @@ class Context:
     """The retailers the hub sent this client's request to."""
     covered_by_supplier: str | None = None
     """The retailer that supplied the client over the whole time range asked for (None: nobody did alone)."""
+    suppliers_in_range: tuple[str, ...] = ()
+    """Every retailer that supplied the client at some time in the range asked for."""
 
 
 _DSO_ONLY = {Action.MANAGE_CLIENT, Action.UPLOAD_READINGS, Action.REQUEST_BILLING, Action.PUBLISH_TARIFF,
@@ -98,15 +106,18 @@ def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decisi
             return Decision(True, "dso:registry")
         if who.kind == "retailer" and ctx.supplier_at_time is not None and ctx.supplier_at_time == who.retailer_id:
             return Decision(True, "retailer:current-supplier")
-        return Decision(False, "none", "a retailer may read only its own clients")
+        return Decision(False, "none", "a retailer may read only its own clients", conceal=who.kind == "retailer")
     if action is Action.READ_CONSUMPTION:
         if who.kind == "dso":
             return Decision(True, "dso:consumption")
         owner = ctx.covered_by_supplier
         if who.kind == "retailer" and owner is not None and owner == who.retailer_id:
             return Decision(True, "retailer:supplier-of-period")
+        # A retailer that supplied part of the range knows the client: it is told why; any other is not told
+        # that the client exists.
         return Decision(False, "none",
-                        "a retailer may read consumption only for periods in which it supplied that client")
+                        "a retailer may read consumption only for periods in which it supplied that client",
+                        conceal=who.kind == "retailer" and who.retailer_id not in ctx.suppliers_in_range)
     if action in (Action.READ_REQUEST, Action.CANCEL_REQUEST):
         if ctx.issuer is not None and ctx.issuer == str(who):
             return Decision(True, "issuer")
@@ -121,3 +132,11 @@ def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decisi
             return Decision(True, "retailer:supplier-at-time")
         return Decision(False, "none", "a retailer may send measurements only for its own clients at that time")
     raise AssertionError(f"unhandled action {action}")  # every Action is handled above
+
+
+def visible_suppliers(who: Principal, periods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The supplier periods ``who`` may see of a client it may read: all of them for the DSO, only its own for a
+    retailer (never the previous or the next supplier)."""
+    if who.kind == "retailer":
+        return [p for p in periods if p["retailer_id"] == who.retailer_id]
+    return list(periods)

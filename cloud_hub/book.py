@@ -471,8 +471,13 @@ class RequestBook:
         write = _RowWrite(request_id)
         if self.replica_id is not None and cells.get("r:owner") not in (None, self.replica_id):
             # Checked again at the commit: the relay saw this replica as the owner, but another has adopted the
-            # request since (this one lost the broker meanwhile); only the owner writes the row.
-            write.verdicts = [OutcomeVerdict(True, [], held=True) for _ in batch]
+            # request since (this one lost the broker meanwhile); only the owner writes the row. A refusal writes
+            # nothing, so any replica gives it (as it does for an unknown pair).
+            for o in batch:
+                entry = cells.get(f"c:{o.client_id}")
+                addressed = [] if entry is None else list(entry.get("retailers", {}))
+                refused = entry is None or not allowed(o.retailer_id, addressed)
+                write.verdicts.append(OutcomeVerdict(entry is not None, addressed, held=not refused))
             return write
         if "r:state" not in cells:
             write.verdicts = [OutcomeVerdict(False, []) for _ in batch]

@@ -15,13 +15,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import ReportedOutcome, RequestBook
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.replicas import Replicas
 from cloud_hub.storage import StoreUnavailable
+from cloud_hub.store import AuditEntry
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ErrorReply, Measurements, Outcome, WireError, decode, encode
 from mhp_wire.mqtt import MqttError, MqttLink
@@ -247,7 +248,8 @@ class HubRelay:
         apply the outcome (only the owner writes the request's row). Otherwise the outcome is forwarded to a live
         owner, or held: not acknowledged, so that the retailer sends it again once the owner is back or a survivor
         has adopted the request. An outcome naming no such request and client is applied here, where the group
-        commit refuses it with its error answer."""
+        commit refuses it with its error answer, and so is one for another retailer's client (neutral: held, it would
+        be answered differently from an unknown one)."""
         assert self.replicas is not None
         try:
             addressed, owner = await self.book.route(msg.request_id, msg.client_id)
@@ -255,8 +257,9 @@ class HubRelay:
             log.debug("outcome for %s held, storage unavailable: %s", msg.request_id, exc)
             self.metrics.replica_held.inc()
             return False
-        if addressed is None or (owner == self.replicas.me and self.replicas.ready.is_set()):
-            return True
+        if (addressed is None or not self._may_report(retailer_id, addressed)
+                or (owner == self.replicas.me and self.replicas.ready.is_set())):
+            return True  # a refusal is answered here and now, the same whether the pair exists or not
         if not forwarded and owner is not None and owner != self.replicas.me and self.replicas.is_live(owner):
             await self.replicas.forward_outcome(owner, retailer_id, payload)
         else:
@@ -305,6 +308,7 @@ class HubRelay:
             self._may_report)
         self.metrics.outcome_batch_size.observe(len(batch))
         acks: dict[str, list[str]] = {}
+        refused: list[tuple[str, Outcome, str]] = []
         for (retailer_id, msg), v in zip(batch, verdicts, strict=True):
             if v.held:
                 self.metrics.replica_held.inc()
@@ -314,12 +318,20 @@ class HubRelay:
             if v.known and verdict.allowed:
                 acks.setdefault(retailer_id, []).append(msg.msg_id)
                 continue
-            reason: Literal["unknown_client", "forbidden"] = "forbidden" if v.known else "unknown_client"
-            self.metrics.mqtt_rejected.labels(reason).inc()
-            log.warning("refused an outcome from retailer %s for request %s client %s: %s",
-                        retailer_id, msg.request_id, msg.client_id, verdict.reason)
-            text = verdict.reason if v.known else f"request {msg.request_id} has no client {msg.client_id}"
-            await self._reply(retailer_id, ErrorReply(ref_msg_id=msg.msg_id, code=reason, message=text))
+            refused.append((retailer_id, msg, verdict.reason))
+            log.warning("refused an outcome from retailer %s for request %s client %s: %s", retailer_id,
+                        msg.request_id, msg.client_id, verdict.reason if v.known else "no such request and client")
+        if refused:
+            # In the data access log before anyone is answered (if it cannot be written, nothing of the batch is
+            # acknowledged and the retailers send it again).
+            await self.book.store.audit([
+                AuditEntry(f"retailer:{rid}", msg.client_id, Action.REPORT_OUTCOME.value, "none", False,
+                           msg.request_id) for rid, msg, _ in refused])
+        for retailer_id, msg, reason in refused:
+            # Neutral: one answer, code and text, whether the request and client exist or were addressed to
+            # another retailer; only the log above and the data access log tell them apart.
+            self.metrics.mqtt_rejected.labels("forbidden").inc()
+            await self._reply(retailer_id, ErrorReply(ref_msg_id=msg.msg_id, code="forbidden", message=reason))
         for retailer_id, ids in acks.items():
             for i in range(0, len(ids), ACK_IDS_MAX):
                 await self._reply(retailer_id, Ack(ack_ids=ids[i:i + ACK_IDS_MAX]))

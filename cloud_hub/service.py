@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from cloud_hub.authz import Action, Context, Principal, decide
+from cloud_hub.authz import Action, Context, Principal, decide, visible_suppliers
 from cloud_hub.book import OutboxItem, RequestBook
 from cloud_hub.lifecycle import RequestState
 from cloud_hub.metrics import HubMetrics
@@ -55,6 +55,11 @@ class Forbidden(Exception):
 
 class NotFound(Exception):
     """An id names nothing (HTTP 404)."""
+
+
+def hidden_client(client_id: str) -> str:
+    """The one answer a retailer gets for a client that is unknown or not its own (HTTP 404 ``not_found``)."""
+    return f"client {client_id!r} not found"
 
 
 class IdempotencyConflict(Exception):
@@ -135,10 +140,18 @@ class HubService:
         return verdict.right
 
     async def _authorize_logged(self, who: Principal, action: Action, client_id: str,
-                                ctx: Context | None = None, ref: str | None = None) -> str:
-        """Authorize an operation on one client's data and write it to the data access log either way."""
+                                ctx: Context | None = None, ref: str | None = None, *, exists: bool = True) -> str:
+        """Authorize an operation on one client's data and write it to the data access log either way.
+
+        ``exists`` False: the client is not registered. A principal allowed to know that (the DSO) gets
+        :class:`NotFound` and nothing is logged, as before any read; a refused one is logged and answered as the
+        verdict says, so that a retailer gets the same answer for an unknown client as for another's."""
         verdict = decide(who, action, ctx)
+        if not exists and verdict.allowed:
+            raise NotFound(f"client {client_id!r} is not registered")
         await self.store.audit([AuditEntry(str(who), client_id, action.value, verdict.right, verdict.allowed, ref)])
+        if verdict.conceal:
+            raise NotFound(hidden_client(client_id))
         if not verdict.allowed:
             raise Forbidden(verdict.reason)
         return verdict.right
@@ -180,14 +193,14 @@ class HubService:
     async def get_client(self, who: Principal, client_id: str) -> dict[str, Any]:
         """A client with its supplier history, for the DSO or its current retailer."""
         client = await self.store.get_client(client_id)
-        if client is None:
-            raise NotFound(f"client {client_id!r} is not registered")
-        current = supplier_at(client["suppliers"], time.time())
-        await self._authorize_logged(who, Action.READ_CLIENT, client_id, Context(supplier_at_time=current))
+        current = None if client is None else supplier_at(client["suppliers"], time.time())
+        await self._authorize_logged(who, Action.READ_CLIENT, client_id, Context(supplier_at_time=current),
+                                     exists=client is not None)
+        assert client is not None  # an unknown client was answered NotFound above
         return {"client_id": client_id, "retailer_id": current,
                 "contracted_power_kw": client["contracted_power_kw"], "feeder_id": client["feeder_id"],
                 "suppliers": [{"retailer_id": p["retailer_id"], "valid_from": iso(p["valid_from"])}
-                              for p in client["suppliers"]]}
+                              for p in visible_suppliers(who, client["suppliers"])]}
 
     async def _known_clients(self, client_ids: list[str]) -> dict[str, dict[str, Any]]:
         clients = await self.store.get_clients(client_ids)
@@ -216,11 +229,11 @@ class HubService:
         if (end - start) / resolution_s > 100_000:
             raise ValueError("too many points: ask for a shorter range or a coarser resolution_s")
         client = await self.store.get_client(client_id)
-        if client is None:
-            raise NotFound(f"client {client_id!r} is not registered")
-        spans = supply_spans(client["suppliers"], start, end)
+        spans = [] if client is None else supply_spans(client["suppliers"], start, end)
         owner = spans[0][0] if len(spans) == 1 and covered_by(spans, spans[0][0], start, end) else None
-        await self._authorize_logged(who, Action.READ_CONSUMPTION, client_id, Context(covered_by_supplier=owner))
+        await self._authorize_logged(who, Action.READ_CONSUMPTION, client_id, Context(
+            covered_by_supplier=owner, suppliers_in_range=tuple(sorted({rid for rid, _, _ in spans}))),
+            exists=client is not None)
         blocks = await self.store.readings(client_id, start, end)
         return {"client_id": client_id, "from": iso(start), "to": iso(end), "resolution_s": resolution_s,
                 "series": [{**p, "start": iso(p["start"])} for p in profile(blocks, start, end, resolution_s)]}
@@ -708,9 +721,14 @@ class HubService:
                 ok.append((m.client_id, m.at.timestamp(), m.active_power_kw, retailer_id))
             else:
                 refused.append(m.client_id)
+        refused = sorted(set(refused))
+        # Every refused attempt is in the data access log (an unknown client's too: the retailer is answered the
+        # same for both), before anything is stored: if the log cannot be written, nothing is acknowledged.
+        await self.store.audit([AuditEntry(str(who), cid, Action.SEND_MEASUREMENT.value, "none", False, msg.msg_id)
+                                for cid in refused])
         if ok:
             await self.store.put_measurements(ok)
-        return sorted(set(refused))
+        return refused
 
     async def get_measurements(self, who: Principal, client_id: str, start: float, end: float) -> dict[str, Any]:
         """A client's active-power series (DSO)."""
