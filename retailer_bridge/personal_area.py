@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mhp_wire.messages import ApplianceSchedule
 from mhp_wire.sqlite import StorageError
 from mhp_wire.webserver import EmbeddedServer, bind
-from retailer_bridge.accounts import Accounts, Session, StoredAppliance, StoredSchedule
+from retailer_bridge.accounts import MAX_PASSWORD_CHARS, Accounts, Session, StoredAppliance, StoredSchedule
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.settings import BridgeSettings
 from retailer_bridge.store import BridgeStore
@@ -52,6 +52,14 @@ log = logging.getLogger(__name__)
 
 MAX_FORM_BYTES = 16 * 1024
 MAX_WINDOWS = 24
+MAX_WINDOWS_CHARS = 512
+"""The longest run-windows text parsed (24 windows like ``22:00 - 07:00, `` need 360)."""
+MAX_NUMBER_CHARS = 32
+FIELD_CHARS = {"csrf": 128, "email": 254, "password": MAX_PASSWORD_CHARS, "windows": MAX_WINDOWS_CHARS,
+               "hours": MAX_NUMBER_CHARS, "max_interruption_min": MAX_NUMBER_CHARS, "priority": MAX_NUMBER_CHARS,
+               "never_shed": 8}
+"""The longest value of each form field, in characters; any other field may have ``OTHER_FIELD_CHARS``."""
+OTHER_FIELD_CHARS = 256
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; "
                                "object-src 'none'",
@@ -66,7 +74,11 @@ SECURITY_HEADERS = {
 
 
 _TIME = re.compile(r"(\d{1,2}):(\d{2})")
-_WINDOW = re.compile("\\s*(\\S+?)\\s*(?:-|\u2013|\u2014|\\bto\\b)\\s*(\\S+)\\s*")
+_DASHES = ("-", "\u2013", "\u2014")
+# A window's words: a run of characters that are neither spaces nor dashes, or one dash. The two alternatives
+# share no character, the run is possessive and nothing follows it in the pattern, so the engine never backtracks:
+# finding every word costs one pass over the text (the old ``\s*(\S+?)\s*(?:-|to)\s*(\S+)\s*`` was quadratic).
+_WINDOW_WORD = re.compile("[^\\s\\-\u2013\u2014]++|[\\-\u2013\u2014]")
 
 
 def parse_time(text: str, *, end: bool = False) -> int:
@@ -78,20 +90,34 @@ def parse_time(text: str, *, end: bool = False) -> int:
     return minutes
 
 
+def window_ends(part: str) -> tuple[str, str] | None:
+    """The start and end written in one window (``22:00-07:00``, ``7:30 \u2013 9:00``, ``12:00 to 14:00``), or None.
+
+    One pass over ``part``, no backtracking (see ``_WINDOW_WORD``).
+    """
+    words = _WINDOW_WORD.findall(part)
+    if len(words) == 3 and (words[1] in _DASHES or words[1] == "to"):
+        return words[0], words[2]
+    return None
+
+
 def parse_windows(text: str) -> list[tuple[str, str]]:
     """Run windows ``HH:MM-HH:MM``, separated by commas, semicolons or new lines (a window may wrap past midnight).
 
-    Empty: any time. ValueError says what is wrong.
+    Empty: any time. ValueError says what is wrong; a text longer than ``MAX_WINDOWS_CHARS`` is refused before
+    it is looked at.
     """
+    if len(text) > MAX_WINDOWS_CHARS:
+        raise ValueError(f"at most {MAX_WINDOWS_CHARS} characters")
     parts = [p for p in re.split(r"[,;\n]", text) if p.strip()]
     if len(parts) > MAX_WINDOWS:
         raise ValueError(f"at most {MAX_WINDOWS} run windows")
     windows = []
     for part in parts:
-        m = _WINDOW.fullmatch(part)
-        if not m:
+        ends = window_ends(part)
+        if ends is None:
             raise ValueError(f"“{part.strip()}” is not a window like 22:00-07:00")
-        start, stop = parse_time(m[1]), parse_time(m[2], end=True)
+        start, stop = parse_time(ends[0]), parse_time(ends[1], end=True)
         if start == stop:
             raise ValueError(f"“{part.strip()}” starts when it ends")
         windows.append((_hhmm(start), _hhmm(stop)))
@@ -257,8 +283,10 @@ def login_page(csrf: str, message: str | None = None, email: str = "") -> str:
     alert = f'<p class="alert" role="alert">{esc(message)}</p>' if message else ""
     return page("Sign in", f"""<section class="login"><h1>Sign in</h1>{alert}
 <form method="post" action="/login"><input type="hidden" name="csrf" value="{esc(csrf)}">
-<label>E-mail <input type="email" name="email" value="{esc(email)}" autocomplete="username" required></label>
-<label>Password <input type="password" name="password" autocomplete="current-password" required></label>
+<label>E-mail <input type="email" name="email" value="{esc(email)}" maxlength="{FIELD_CHARS['email']}"
+autocomplete="username" required></label>
+<label>Password <input type="password" name="password" maxlength="{FIELD_CHARS['password']}"
+autocomplete="current-password" required></label>
 <button type="submit">Sign in</button></form></section>""")
 
 
@@ -271,7 +299,7 @@ def message_page(title: str, text: str, csrf: str | None = None) -> str:
 
 def _input(name: str, label: str, values: Mapping[str, str], hint: str, mode: str) -> str:
     return (f'<label>{esc(label)} <input type="text" name="{name}" value="{esc(values.get(name, ""))}" '
-            f'inputmode="{mode}" placeholder="{esc(hint)}"></label>')
+            f'maxlength="{FIELD_CHARS[name]}" inputmode="{mode}" placeholder="{esc(hint)}"></label>')
 
 
 def appliance_section(view: ApplianceView, csrf: str, status: str) -> str:
@@ -399,7 +427,8 @@ class FormError(Exception):
 
 
 async def read_form(request: Request, limit: int = MAX_FORM_BYTES) -> dict[str, str]:
-    """A URL-encoded form body (first value of each field), at most ``limit`` bytes and 50 fields."""
+    """A URL-encoded form body (first value of each field), at most ``limit`` bytes and 50 fields, each field at
+    most as long as ``FIELD_CHARS`` says (other fields ``OTHER_FIELD_CHARS``): a longer one is refused (400)."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
         raise FormError(415, "Expected a form.")
     body = b""
@@ -413,6 +442,10 @@ async def read_form(request: Request, limit: int = MAX_FORM_BYTES) -> dict[str, 
         raise FormError(400, "The form could not be read.") from None
     form: dict[str, str] = {}
     for k, v in pairs:
+        longest = FIELD_CHARS.get(k, OTHER_FIELD_CHARS)
+        if len(v) > longest or len(k) > 64:
+            name = k if len(k) <= 64 else k[:60] + "…"
+            raise FormError(400, f"The field “{name}” is too long (at most {longest} characters).")
         form.setdefault(k, v)
     return form
 
