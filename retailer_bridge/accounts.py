@@ -4,7 +4,9 @@ Everything lives in the bridge's SQLite file (tables ``customer_*``) behind its 
 password check (scrypt, deliberately slow) never runs on the event loop and login attempts are strictly serialised:
 a burst of parallel guesses cannot slip past the lock-out. Stored are only what cannot be used to sign in:
 
-* passwords as ``scrypt$N$r$p$salt$hash`` (random 16-byte salt, compared in constant time);
+* passwords as ``scrypt$N$r$p$salt$hash`` (random 16-byte salt, N=2**17 for new ones, compared in constant time;
+  a hash keeps verifying with the parameters stored in it, and one cheaper than today's cost is replaced at the
+  customer's next sign-in);
 * sessions by the SHA-256 of their token (the token itself is only in the customer's cookie), each with its own
   CSRF token, an absolute expiry and an idle timeout.
 
@@ -60,7 +62,7 @@ class AccountError(ValueError):
 class ScryptCost:
     """scrypt's cost parameters; stored with each hash, so raising them later keeps old hashes valid."""
 
-    n: int = 2**15
+    n: int = 2**17
     r: int = 8
     p: int = 1
 
@@ -92,6 +94,17 @@ def verify_password(password: str, stored: str) -> bool:
     except ValueError:
         return False
     return hmac.compare_digest(got, expected)
+
+
+def hash_cost(stored: str) -> ScryptCost | None:
+    """The cost parameters written in a hash made by :func:`hash_password` (None if it is not one)."""
+    parts = stored.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        return None
+    try:
+        return ScryptCost(int(parts[1]), int(parts[2]), int(parts[3]))
+    except ValueError:
+        return None
 
 
 def check_password(password: str) -> str:
@@ -270,6 +283,10 @@ class Accounts:
         ok = verify_password(password[:MAX_PASSWORD_CHARS], row[1] if row else self._dummy_hash)
         if ok and row is not None:
             db.execute("DELETE FROM customer_login_failures WHERE key=?", (keys[0][0],))
+            stored = hash_cost(row[1])
+            if stored is not None and (stored.n, stored.r, stored.p) < (self.cost.n, self.cost.r, self.cost.p):
+                db.execute("UPDATE customer_accounts SET password_hash=? WHERE client_id=?",
+                           (hash_password(password, self.cost), row[0]))
             return LoginResult(client_id=row[0])
         updated = [(key, after_failure(records[key], now, policy)) for key, policy in keys]
         db.executemany("INSERT OR REPLACE INTO customer_login_failures VALUES (?,?,?,?)",

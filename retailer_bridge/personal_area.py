@@ -43,7 +43,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mhp_wire.messages import ApplianceSchedule
 from mhp_wire.sqlite import StorageError
 from mhp_wire.webserver import EmbeddedServer, bind
-from retailer_bridge.accounts import MAX_PASSWORD_CHARS, Accounts, Session, StoredAppliance, StoredSchedule
+from retailer_bridge.accounts import (
+    MAX_PASSWORD_CHARS,
+    Accounts,
+    ScryptCost,
+    Session,
+    StoredAppliance,
+    StoredSchedule,
+)
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.settings import BridgeSettings
 from retailer_bridge.store import BridgeStore
@@ -458,7 +465,7 @@ class PersonalArea:
         self.settings = settings
         self.relay = relay
         self.store = store
-        self.accounts = accounts or Accounts(settings.db_path)
+        self.accounts = accounts or Accounts(settings.db_path, cost=ScryptCost(n=settings.personal_area_scrypt_n))
         secure = settings.personal_area_secure_cookies
         self.session_cookie = "__Host-mhp_session" if secure else "mhp_session"
         self.login_cookie = "__Host-mhp_login" if secure else "mhp_login"

@@ -55,16 +55,27 @@ class BridgeSettings(BaseSettings):
     """The customers' personal area (web); None: not served."""
     personal_area_secure_cookies: bool = False
     """Mark session cookies Secure (set it when the personal area is behind HTTPS)."""
+    personal_area_scrypt_n: int = Field(2**17, ge=2**10)
+    """scrypt's cost N for new personal-area passwords (r=8, p=1); below 2**17 only in development (tests)."""
 
     @field_validator("retailer_id")
     @classmethod
     def _valid_id(cls, v: str) -> str:
         return check_id(v)
 
+    @field_validator("personal_area_scrypt_n")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("scrypt's N must be a power of two")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> BridgeSettings:
         if self.environment == "production" and not (self.hub_mqtt_password and self.local_mqtt_password):
             raise ValueError("MQTT passwords must be set outside development")
+        if self.environment == "production" and self.personal_area_scrypt_n < 2**17:
+            raise ValueError("personal_area_scrypt_n below 2**17 is for development only")
         if self.telemetry_store == "influxdb" and not self.influx_url:
             raise ValueError("telemetry_store 'influxdb' needs influx_url")
         if self.customers_file is not None:
