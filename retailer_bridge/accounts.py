@@ -12,6 +12,10 @@ a burst of parallel guesses cannot slip past the lock-out. Stored are only what 
 
 A customer's schedule is the latest settings of each appliance; every change makes a new version of the whole
 schedule (all of that customer's appliances), which is what the gateway gets as a :class:`Schedule`.
+
+No e-mail address goes into a log: :meth:`Accounts.pseudonym` names a sign-in in the log by a keyed hash of the
+address (its key is random and kept in the same file, so the name is stable across restarts but cannot be
+reversed by hashing guessed addresses without that file).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ CREATE TABLE IF NOT EXISTS customer_login_failures (
 CREATE TABLE IF NOT EXISTS customer_appliances (
     client_id TEXT NOT NULL, device TEXT NOT NULL, version INTEGER NOT NULL, settings TEXT NOT NULL,
     updated_at REAL NOT NULL, PRIMARY KEY (client_id, device));
+CREATE TABLE IF NOT EXISTS customer_secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS customer_schedules (
     client_id TEXT PRIMARY KEY, version INTEGER NOT NULL, msg_id TEXT NOT NULL, gateway_id TEXT NOT NULL,
     payload BLOB NOT NULL, created_at REAL NOT NULL, queued INTEGER NOT NULL DEFAULT 0);
@@ -219,11 +224,25 @@ class Accounts:
         self.account_policy = account_policy
         self.address_policy = address_policy
         self._dummy_hash = ""
+        self._log_key = b""
 
     async def open(self) -> None:
         """Open (and create) the tables."""
         await self.sql.open()
         self._dummy_hash = await self.sql.call(hash_password, secrets.token_urlsafe(16), self.cost)
+
+        def log_key(db: sqlite3.Connection) -> bytes:
+            db.execute("INSERT OR IGNORE INTO customer_secrets VALUES ('log_pseudonym_key', ?)",
+                       (secrets.token_bytes(32),))
+            return bytes(db.execute("SELECT value FROM customer_secrets WHERE name='log_pseudonym_key'").fetchone()[0])
+
+        self._log_key = await self.sql.tx(log_key)
+
+    def pseudonym(self, email: str) -> str:
+        """How the log names a sign-in's e-mail address: ``acct-`` and a keyed hash (the same for any case)."""
+        assert self._log_key, "the accounts are not open"
+        digest = hmac.new(self._log_key, _account_key(email).encode(), hashlib.sha256).hexdigest()
+        return "acct-" + digest[:12]
 
     async def close(self) -> None:
         """Close the database."""

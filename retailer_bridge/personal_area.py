@@ -538,8 +538,8 @@ class PersonalArea:
                     429, f"Too many failed sign-ins. Try again in {minutes} minute{'s' if minutes > 1 else ''}.",
                     email)
                 response.headers["retry-after"] = str(math.ceil(result.locked_for_s))
-                log.warning("sign-in as %r from %s refused: locked for %.0f s", email, request.client.host
-                            if request.client else "unknown", result.locked_for_s)
+                log.warning("sign-in as %s from %s refused: locked for %.0f s", self.accounts.pseudonym(email),
+                            request.client.host if request.client else "unknown", result.locked_for_s)
                 return response
             return self._login_response(401, "Wrong e-mail or password.", email)
         if result.client_id not in self.settings.customers:
