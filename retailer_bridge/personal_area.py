@@ -15,6 +15,12 @@ A customer only ever sees and changes their own home: the home comes from the se
 Every route but ``/login`` (and the stylesheet and icon) needs a session; every POST carries a synchronizer CSRF token
 (``/login`` a pre-session one bound to a SameSite=Strict cookie); every page is sent with a strict CSP, framing
 denied and caching off.
+
+Hostile input: every form field has a length bound (``FIELD_CHARS``; longer is refused with 400 before anything is
+parsed), the run windows are parsed in one pass, and form posts are rate-limited per account and per client
+address (429 with ``Retry-After``). The client address is the socket peer, or, when that peer is one of the
+configured ``personal_area_trusted_proxies``, the address its ``X-Forwarded-For`` names (uvicorn's proxy-headers
+middleware). The log names a sign-in by a pseudonym of its e-mail address, never the address itself.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mhp_wire.messages import ApplianceSchedule
+from mhp_wire.ratelimit import Clock, RateLimiter
 from mhp_wire.sqlite import StorageError
 from mhp_wire.webserver import EmbeddedServer, bind
 from retailer_bridge.accounts import (
@@ -425,6 +432,11 @@ def with_security_headers(send: Send, security_headers: dict[str, str]) -> Send:
     return send_with_headers
 
 
+def _too_many_text(wait: float) -> str:
+    seconds = max(1, math.ceil(wait))
+    return f"Too many forms sent in a short time; nothing was changed. Try again in {seconds} s."
+
+
 class FormError(Exception):
     """A request body that is not an acceptable form; ``status`` is the HTTP status to answer."""
 
@@ -461,11 +473,17 @@ class PersonalArea:
     """The personal area of one bridge; :meth:`serving` runs it."""
 
     def __init__(self, settings: BridgeSettings, relay: BridgeRelay, store: BridgeStore,
-                 accounts: Accounts | None = None) -> None:
+                 accounts: Accounts | None = None, clock: Clock = time.monotonic) -> None:
         self.settings = settings
         self.relay = relay
         self.store = store
         self.accounts = accounts or Accounts(settings.db_path, cost=ScryptCost(n=settings.personal_area_scrypt_n))
+        self.account_limiter = RateLimiter(settings.personal_area_form_rate_per_s, settings.personal_area_form_burst,
+                                           clock)
+        """Form posts per account: ``login:<e-mail>`` for sign-ins, ``customer:<client id>`` for the rest."""
+        self.address_limiter = RateLimiter(settings.personal_area_address_rate_per_s,
+                                           settings.personal_area_address_burst, clock)
+        """Form posts per client address."""
         secure = settings.personal_area_secure_cookies
         self.session_cookie = "__Host-mhp_session" if secure else "mhp_session"
         self.login_cookie = "__Host-mhp_login" if secure else "mhp_login"
@@ -512,6 +530,34 @@ class PersonalArea:
         self._set_cookie(response, self.login_cookie, token, 3600)
         return response
 
+    @staticmethod
+    def _address(request: Request) -> str:
+        """The client's address (uvicorn has already taken it from a trusted proxy's ``X-Forwarded-For``)."""
+        return request.client.host[:64] if request.client else "unknown"
+
+    def _address_wait(self, request: Request) -> float:
+        """Count a form post against its client address: 0.0 when it may go on, else the seconds to wait."""
+        address = self._address(request)
+        wait = self.address_limiter.take(address)
+        if wait > 0:
+            log.warning("%s %s from %s refused: too many form posts from that address", request.method,
+                        request.url.path[:100], address)
+        return wait
+
+    def _account_wait(self, key: str, request: Request, who: str) -> float:
+        """Count a form post against its account (``who`` names it in the log): 0.0 or the seconds to wait."""
+        wait = self.account_limiter.take(key)
+        if wait > 0:
+            log.warning("%s %s as %s from %s refused: too many form posts for that account", request.method,
+                        request.url.path[:100], who, self._address(request))
+        return wait
+
+    @staticmethod
+    def _too_many(response: Response, wait: float) -> Response:
+        """``response`` (a 429) with its ``Retry-After``."""
+        response.headers["retry-after"] = str(max(1, math.ceil(wait)))
+        return response
+
     # -- routes ---------------------------------------------------------------------------------------------
 
     async def login_form(self, request: Request) -> Response:
@@ -522,15 +568,21 @@ class PersonalArea:
 
     async def login(self, request: Request) -> Response:
         """``POST /login``: check the password; a new session on success."""
+        wait = self._address_wait(request)
+        if wait > 0:
+            return self._too_many(self._login_response(429, _too_many_text(wait)), wait)
         try:
             form = await read_form(request)
         except FormError as exc:
             return self._login_response(exc.status, str(exc))
-        email = form.get("email", "")[:254]
+        email = form.get("email", "")
         if not self._csrf_ok(form, request.cookies.get(self.login_cookie, "")):
             return self._login_response(403, "The sign-in form had expired; please sign in again.", email)
-        result = await self.accounts.login(email, form.get("password", ""),
-                                           request.client.host if request.client else "unknown")
+        address = self._address(request)
+        wait = self._account_wait("login:" + email.strip().lower(), request, self.accounts.pseudonym(email))
+        if wait > 0:
+            return self._too_many(self._login_response(429, _too_many_text(wait), email), wait)
+        result = await self.accounts.login(email, form.get("password", ""), address)
         if result.client_id is None:
             if result.locked_for_s > 0:
                 minutes = max(1, math.ceil(result.locked_for_s / 60))
@@ -539,7 +591,7 @@ class PersonalArea:
                     email)
                 response.headers["retry-after"] = str(math.ceil(result.locked_for_s))
                 log.warning("sign-in as %s from %s refused: locked for %.0f s", self.accounts.pseudonym(email),
-                            request.client.host if request.client else "unknown", result.locked_for_s)
+                            address, result.locked_for_s)
                 return response
             return self._login_response(401, "Wrong e-mail or password.", email)
         if result.client_id not in self.settings.customers:
@@ -557,6 +609,9 @@ class PersonalArea:
 
     async def logout(self, request: Request) -> Response:
         """``POST /logout``: the session is deleted and its cookie cleared."""
+        wait = self._address_wait(request)
+        if wait > 0:
+            return self._too_many(HTMLResponse(message_page("Not signed out", _too_many_text(wait)), 429), wait)
         signed_in = await self._session(request)
         if signed_in is not None:
             token, session = signed_in
@@ -586,10 +641,17 @@ class PersonalArea:
 
     async def change(self, request: Request) -> Response:
         """``POST /appliances/{device}``: new settings for one appliance of the signed-in customer's home."""
+        wait = self._address_wait(request)
+        if wait > 0:
+            return self._too_many(HTMLResponse(message_page("Not saved", _too_many_text(wait)), 429), wait)
         signed_in = await self._session(request)
         if signed_in is None:
             return HTMLResponse(message_page("Signed out", "Your session has ended; please sign in again."), 403)
         session = signed_in[1]
+        wait = self._account_wait("customer:" + session.client_id, request, session.client_id)
+        if wait > 0:
+            return self._too_many(HTMLResponse(message_page("Not saved", _too_many_text(wait), session.csrf_token),
+                                               429), wait)
         try:
             form = await read_form(request)
         except FormError as exc:
@@ -678,8 +740,11 @@ class PersonalArea:
                           s.personal_area_port, exc)
                 yield self
                 return
+            # X-Forwarded-For is believed only from the configured proxies (never uvicorn's default 127.0.0.1).
+            proxies = s.personal_area_trusted_proxies
             config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", ws="none",
-                                    proxy_headers=False, server_header=False, timeout_graceful_shutdown=2)
+                                    proxy_headers=bool(proxies), forwarded_allow_ips=list(proxies) or None,
+                                    server_header=False, timeout_graceful_shutdown=2)
             server = EmbeddedServer(config)
             serving = asyncio.create_task(server.serve(sockets=[sock]), name="bridge-personal-area")
             self.address = sock.getsockname()[:2]
