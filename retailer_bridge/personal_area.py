@@ -540,7 +540,7 @@ class PersonalArea:
         address = self._address(request)
         wait = self.address_limiter.take(address)
         if wait > 0:
-            log.warning("%s %s from %s refused: too many form posts from that address", request.method,
+            log.warning("%s %r from %s refused: too many form posts from that address", request.method,
                         request.url.path[:100], address)
         return wait
 
@@ -548,7 +548,7 @@ class PersonalArea:
         """Count a form post against its account (``who`` names it in the log): 0.0 or the seconds to wait."""
         wait = self.account_limiter.take(key)
         if wait > 0:
-            log.warning("%s %s as %s from %s refused: too many form posts for that account", request.method,
+            log.warning("%s %r as %s from %s refused: too many form posts for that account", request.method,
                         request.url.path[:100], who, self._address(request))
         return wait
 
