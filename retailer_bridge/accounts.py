@@ -4,12 +4,18 @@ Everything lives in the bridge's SQLite file (tables ``customer_*``) behind its 
 password check (scrypt, deliberately slow) never runs on the event loop and login attempts are strictly serialised:
 a burst of parallel guesses cannot slip past the lock-out. Stored are only what cannot be used to sign in:
 
-* passwords as ``scrypt$N$r$p$salt$hash`` (random 16-byte salt, compared in constant time);
+* passwords as ``scrypt$N$r$p$salt$hash`` (random 16-byte salt, N=2**17 for new ones, compared in constant time;
+  a hash keeps verifying with the parameters stored in it, and one cheaper than today's cost is replaced at the
+  customer's next sign-in);
 * sessions by the SHA-256 of their token (the token itself is only in the customer's cookie), each with its own
   CSRF token, an absolute expiry and an idle timeout.
 
 A customer's schedule is the latest settings of each appliance; every change makes a new version of the whole
 schedule (all of that customer's appliances), which is what the gateway gets as a :class:`Schedule`.
+
+No e-mail address goes into a log: :meth:`Accounts.pseudonym` names a sign-in in the log by a keyed hash of the
+address (its key is random and kept in the same file, so the name is stable across restarts but cannot be
+reversed by hashing guessed addresses without that file).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ CREATE TABLE IF NOT EXISTS customer_login_failures (
 CREATE TABLE IF NOT EXISTS customer_appliances (
     client_id TEXT NOT NULL, device TEXT NOT NULL, version INTEGER NOT NULL, settings TEXT NOT NULL,
     updated_at REAL NOT NULL, PRIMARY KEY (client_id, device));
+CREATE TABLE IF NOT EXISTS customer_secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS customer_schedules (
     client_id TEXT PRIMARY KEY, version INTEGER NOT NULL, msg_id TEXT NOT NULL, gateway_id TEXT NOT NULL,
     payload BLOB NOT NULL, created_at REAL NOT NULL, queued INTEGER NOT NULL DEFAULT 0);
@@ -60,7 +67,7 @@ class AccountError(ValueError):
 class ScryptCost:
     """scrypt's cost parameters; stored with each hash, so raising them later keeps old hashes valid."""
 
-    n: int = 2**15
+    n: int = 2**17
     r: int = 8
     p: int = 1
 
@@ -92,6 +99,17 @@ def verify_password(password: str, stored: str) -> bool:
     except ValueError:
         return False
     return hmac.compare_digest(got, expected)
+
+
+def hash_cost(stored: str) -> ScryptCost | None:
+    """The cost parameters written in a hash made by :func:`hash_password` (None if it is not one)."""
+    parts = stored.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        return None
+    try:
+        return ScryptCost(int(parts[1]), int(parts[2]), int(parts[3]))
+    except ValueError:
+        return None
 
 
 def check_password(password: str) -> str:
@@ -206,11 +224,25 @@ class Accounts:
         self.account_policy = account_policy
         self.address_policy = address_policy
         self._dummy_hash = ""
+        self._log_key = b""
 
     async def open(self) -> None:
         """Open (and create) the tables."""
         await self.sql.open()
         self._dummy_hash = await self.sql.call(hash_password, secrets.token_urlsafe(16), self.cost)
+
+        def log_key(db: sqlite3.Connection) -> bytes:
+            db.execute("INSERT OR IGNORE INTO customer_secrets VALUES ('log_pseudonym_key', ?)",
+                       (secrets.token_bytes(32),))
+            return bytes(db.execute("SELECT value FROM customer_secrets WHERE name='log_pseudonym_key'").fetchone()[0])
+
+        self._log_key = await self.sql.tx(log_key)
+
+    def pseudonym(self, email: str) -> str:
+        """How the log names a sign-in's e-mail address: ``acct-`` and a keyed hash (the same for any case)."""
+        assert self._log_key, "the accounts are not open"
+        digest = hmac.new(self._log_key, _account_key(email).encode(), hashlib.sha256).hexdigest()
+        return "acct-" + digest[:12]
 
     async def close(self) -> None:
         """Close the database."""
@@ -270,6 +302,10 @@ class Accounts:
         ok = verify_password(password[:MAX_PASSWORD_CHARS], row[1] if row else self._dummy_hash)
         if ok and row is not None:
             db.execute("DELETE FROM customer_login_failures WHERE key=?", (keys[0][0],))
+            stored = hash_cost(row[1])
+            if stored is not None and (stored.n, stored.r, stored.p) < (self.cost.n, self.cost.r, self.cost.p):
+                db.execute("UPDATE customer_accounts SET password_hash=? WHERE client_id=?",
+                           (hash_password(password, self.cost), row[0]))
             return LoginResult(client_id=row[0])
         updated = [(key, after_failure(records[key], now, policy)) for key, policy in keys]
         db.executemany("INSERT OR REPLACE INTO customer_login_failures VALUES (?,?,?,?)",

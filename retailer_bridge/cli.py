@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 def customer_command(args: argparse.Namespace, settings: BridgeSettings) -> int:
     """``retailer-bridge customer add|set-password``: manage an account in the bridge's database."""
     from mhp_wire.sqlite import StorageError
-    from retailer_bridge.accounts import AccountError, Accounts
+    from retailer_bridge.accounts import AccountError, Accounts, ScryptCost
 
     if args.client_id not in settings.customers:
         print(f"retailer-bridge: {args.client_id} is not a customer of this bridge (customers, customers_file)",
@@ -70,7 +70,7 @@ def customer_command(args: argparse.Namespace, settings: BridgeSettings) -> int:
         return 2
 
     async def apply() -> str:
-        accounts = Accounts(settings.db_path)
+        accounts = Accounts(settings.db_path, cost=ScryptCost(n=settings.personal_area_scrypt_n))
         await accounts.open()
         try:
             if args.customer_command == "add":

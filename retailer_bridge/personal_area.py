@@ -15,6 +15,12 @@ A customer only ever sees and changes their own home: the home comes from the se
 Every route but ``/login`` (and the stylesheet and icon) needs a session; every POST carries a synchronizer CSRF token
 (``/login`` a pre-session one bound to a SameSite=Strict cookie); every page is sent with a strict CSP, framing
 denied and caching off.
+
+Hostile input: every form field has a length bound (``FIELD_CHARS``; longer is refused with 400 before anything is
+parsed), the run windows are parsed in one pass, and form posts are rate-limited per account and per client
+address (429 with ``Retry-After``). The client address is the socket peer, or, when that peer is one of the
+configured ``personal_area_trusted_proxies``, the address its ``X-Forwarded-For`` names (uvicorn's proxy-headers
+middleware). The log names a sign-in by a pseudonym of its e-mail address, never the address itself.
 """
 
 from __future__ import annotations
@@ -41,9 +47,17 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mhp_wire.messages import ApplianceSchedule
+from mhp_wire.ratelimit import Clock, RateLimiter
 from mhp_wire.sqlite import StorageError
 from mhp_wire.webserver import EmbeddedServer, bind
-from retailer_bridge.accounts import Accounts, Session, StoredAppliance, StoredSchedule
+from retailer_bridge.accounts import (
+    MAX_PASSWORD_CHARS,
+    Accounts,
+    ScryptCost,
+    Session,
+    StoredAppliance,
+    StoredSchedule,
+)
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.settings import BridgeSettings
 from retailer_bridge.store import BridgeStore
@@ -52,6 +66,14 @@ log = logging.getLogger(__name__)
 
 MAX_FORM_BYTES = 16 * 1024
 MAX_WINDOWS = 24
+MAX_WINDOWS_CHARS = 512
+"""The longest run-windows text parsed (24 windows like ``22:00 - 07:00, `` need 360)."""
+MAX_NUMBER_CHARS = 32
+FIELD_CHARS = {"csrf": 128, "email": 254, "password": MAX_PASSWORD_CHARS, "windows": MAX_WINDOWS_CHARS,
+               "hours": MAX_NUMBER_CHARS, "max_interruption_min": MAX_NUMBER_CHARS, "priority": MAX_NUMBER_CHARS,
+               "never_shed": 8}
+"""The longest value of each form field, in characters; any other field may have ``OTHER_FIELD_CHARS``."""
+OTHER_FIELD_CHARS = 256
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; "
                                "object-src 'none'",
@@ -66,7 +88,11 @@ SECURITY_HEADERS = {
 
 
 _TIME = re.compile(r"(\d{1,2}):(\d{2})")
-_WINDOW = re.compile("\\s*(\\S+?)\\s*(?:-|\u2013|\u2014|\\bto\\b)\\s*(\\S+)\\s*")
+_DASHES = ("-", "\u2013", "\u2014")
+# A window's words: a run of characters that are neither spaces nor dashes, or one dash. The two alternatives
+# share no character, the run is possessive and nothing follows it in the pattern, so the engine never backtracks:
+# finding every word costs one pass over the text (the old ``\s*(\S+?)\s*(?:-|to)\s*(\S+)\s*`` was quadratic).
+_WINDOW_WORD = re.compile("[^\\s\\-\u2013\u2014]++|[\\-\u2013\u2014]")
 
 
 def parse_time(text: str, *, end: bool = False) -> int:
@@ -78,20 +104,34 @@ def parse_time(text: str, *, end: bool = False) -> int:
     return minutes
 
 
+def window_ends(part: str) -> tuple[str, str] | None:
+    """The start and end written in one window (``22:00-07:00``, ``7:30 \u2013 9:00``, ``12:00 to 14:00``), or None.
+
+    One pass over ``part``, no backtracking (see ``_WINDOW_WORD``).
+    """
+    words = _WINDOW_WORD.findall(part)
+    if len(words) == 3 and (words[1] in _DASHES or words[1] == "to"):
+        return words[0], words[2]
+    return None
+
+
 def parse_windows(text: str) -> list[tuple[str, str]]:
     """Run windows ``HH:MM-HH:MM``, separated by commas, semicolons or new lines (a window may wrap past midnight).
 
-    Empty: any time. ValueError says what is wrong.
+    Empty: any time. ValueError says what is wrong; a text longer than ``MAX_WINDOWS_CHARS`` is refused before
+    it is looked at.
     """
+    if len(text) > MAX_WINDOWS_CHARS:
+        raise ValueError(f"at most {MAX_WINDOWS_CHARS} characters")
     parts = [p for p in re.split(r"[,;\n]", text) if p.strip()]
     if len(parts) > MAX_WINDOWS:
         raise ValueError(f"at most {MAX_WINDOWS} run windows")
     windows = []
     for part in parts:
-        m = _WINDOW.fullmatch(part)
-        if not m:
+        ends = window_ends(part)
+        if ends is None:
             raise ValueError(f"“{part.strip()}” is not a window like 22:00-07:00")
-        start, stop = parse_time(m[1]), parse_time(m[2], end=True)
+        start, stop = parse_time(ends[0]), parse_time(ends[1], end=True)
         if start == stop:
             raise ValueError(f"“{part.strip()}” starts when it ends")
         windows.append((_hhmm(start), _hhmm(stop)))
@@ -257,8 +297,10 @@ def login_page(csrf: str, message: str | None = None, email: str = "") -> str:
     alert = f'<p class="alert" role="alert">{esc(message)}</p>' if message else ""
     return page("Sign in", f"""<section class="login"><h1>Sign in</h1>{alert}
 <form method="post" action="/login"><input type="hidden" name="csrf" value="{esc(csrf)}">
-<label>E-mail <input type="email" name="email" value="{esc(email)}" autocomplete="username" required></label>
-<label>Password <input type="password" name="password" autocomplete="current-password" required></label>
+<label>E-mail <input type="email" name="email" value="{esc(email)}" maxlength="{FIELD_CHARS['email']}"
+autocomplete="username" required></label>
+<label>Password <input type="password" name="password" maxlength="{FIELD_CHARS['password']}"
+autocomplete="current-password" required></label>
 <button type="submit">Sign in</button></form></section>""")
 
 
@@ -271,7 +313,7 @@ def message_page(title: str, text: str, csrf: str | None = None) -> str:
 
 def _input(name: str, label: str, values: Mapping[str, str], hint: str, mode: str) -> str:
     return (f'<label>{esc(label)} <input type="text" name="{name}" value="{esc(values.get(name, ""))}" '
-            f'inputmode="{mode}" placeholder="{esc(hint)}"></label>')
+            f'maxlength="{FIELD_CHARS[name]}" inputmode="{mode}" placeholder="{esc(hint)}"></label>')
 
 
 def appliance_section(view: ApplianceView, csrf: str, status: str) -> str:
@@ -390,6 +432,11 @@ def with_security_headers(send: Send, security_headers: dict[str, str]) -> Send:
     return send_with_headers
 
 
+def _too_many_text(wait: float) -> str:
+    seconds = max(1, math.ceil(wait))
+    return f"Too many forms sent in a short time; nothing was changed. Try again in {seconds} s."
+
+
 class FormError(Exception):
     """A request body that is not an acceptable form; ``status`` is the HTTP status to answer."""
 
@@ -399,7 +446,8 @@ class FormError(Exception):
 
 
 async def read_form(request: Request, limit: int = MAX_FORM_BYTES) -> dict[str, str]:
-    """A URL-encoded form body (first value of each field), at most ``limit`` bytes and 50 fields."""
+    """A URL-encoded form body (first value of each field), at most ``limit`` bytes and 50 fields, each field at
+    most as long as ``FIELD_CHARS`` says (other fields ``OTHER_FIELD_CHARS``): a longer one is refused (400)."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
         raise FormError(415, "Expected a form.")
     body = b""
@@ -413,6 +461,10 @@ async def read_form(request: Request, limit: int = MAX_FORM_BYTES) -> dict[str, 
         raise FormError(400, "The form could not be read.") from None
     form: dict[str, str] = {}
     for k, v in pairs:
+        longest = FIELD_CHARS.get(k, OTHER_FIELD_CHARS)
+        if len(v) > longest or len(k) > 64:
+            name = k if len(k) <= 64 else k[:60] + "…"
+            raise FormError(400, f"The field “{name}” is too long (at most {longest} characters).")
         form.setdefault(k, v)
     return form
 
@@ -421,11 +473,17 @@ class PersonalArea:
     """The personal area of one bridge; :meth:`serving` runs it."""
 
     def __init__(self, settings: BridgeSettings, relay: BridgeRelay, store: BridgeStore,
-                 accounts: Accounts | None = None) -> None:
+                 accounts: Accounts | None = None, clock: Clock = time.monotonic) -> None:
         self.settings = settings
         self.relay = relay
         self.store = store
-        self.accounts = accounts or Accounts(settings.db_path)
+        self.accounts = accounts or Accounts(settings.db_path, cost=ScryptCost(n=settings.personal_area_scrypt_n))
+        self.account_limiter = RateLimiter(settings.personal_area_form_rate_per_s, settings.personal_area_form_burst,
+                                           clock)
+        """Form posts per account: ``login:<e-mail>`` for sign-ins, ``customer:<client id>`` for the rest."""
+        self.address_limiter = RateLimiter(settings.personal_area_address_rate_per_s,
+                                           settings.personal_area_address_burst, clock)
+        """Form posts per client address."""
         secure = settings.personal_area_secure_cookies
         self.session_cookie = "__Host-mhp_session" if secure else "mhp_session"
         self.login_cookie = "__Host-mhp_login" if secure else "mhp_login"
@@ -472,6 +530,34 @@ class PersonalArea:
         self._set_cookie(response, self.login_cookie, token, 3600)
         return response
 
+    @staticmethod
+    def _address(request: Request) -> str:
+        """The client's address (uvicorn has already taken it from a trusted proxy's ``X-Forwarded-For``)."""
+        return request.client.host[:64] if request.client else "unknown"
+
+    def _address_wait(self, request: Request) -> float:
+        """Count a form post against its client address: 0.0 when it may go on, else the seconds to wait."""
+        address = self._address(request)
+        wait = self.address_limiter.take(address)
+        if wait > 0:
+            log.warning("%s %r from %s refused: too many form posts from that address", request.method,
+                        request.url.path[:100], address)
+        return wait
+
+    def _account_wait(self, key: str, request: Request, who: str) -> float:
+        """Count a form post against its account (``who`` names it in the log): 0.0 or the seconds to wait."""
+        wait = self.account_limiter.take(key)
+        if wait > 0:
+            log.warning("%s %r as %s from %s refused: too many form posts for that account", request.method,
+                        request.url.path[:100], who, self._address(request))
+        return wait
+
+    @staticmethod
+    def _too_many(response: Response, wait: float) -> Response:
+        """``response`` (a 429) with its ``Retry-After``."""
+        response.headers["retry-after"] = str(max(1, math.ceil(wait)))
+        return response
+
     # -- routes ---------------------------------------------------------------------------------------------
 
     async def login_form(self, request: Request) -> Response:
@@ -482,15 +568,21 @@ class PersonalArea:
 
     async def login(self, request: Request) -> Response:
         """``POST /login``: check the password; a new session on success."""
+        wait = self._address_wait(request)
+        if wait > 0:
+            return self._too_many(self._login_response(429, _too_many_text(wait)), wait)
         try:
             form = await read_form(request)
         except FormError as exc:
             return self._login_response(exc.status, str(exc))
-        email = form.get("email", "")[:254]
+        email = form.get("email", "")
         if not self._csrf_ok(form, request.cookies.get(self.login_cookie, "")):
             return self._login_response(403, "The sign-in form had expired; please sign in again.", email)
-        result = await self.accounts.login(email, form.get("password", ""),
-                                           request.client.host if request.client else "unknown")
+        address = self._address(request)
+        wait = self._account_wait("login:" + email.strip().lower(), request, self.accounts.pseudonym(email))
+        if wait > 0:
+            return self._too_many(self._login_response(429, _too_many_text(wait), email), wait)
+        result = await self.accounts.login(email, form.get("password", ""), address)
         if result.client_id is None:
             if result.locked_for_s > 0:
                 minutes = max(1, math.ceil(result.locked_for_s / 60))
@@ -498,8 +590,8 @@ class PersonalArea:
                     429, f"Too many failed sign-ins. Try again in {minutes} minute{'s' if minutes > 1 else ''}.",
                     email)
                 response.headers["retry-after"] = str(math.ceil(result.locked_for_s))
-                log.warning("sign-in as %r from %s refused: locked for %.0f s", email, request.client.host
-                            if request.client else "unknown", result.locked_for_s)
+                log.warning("sign-in as %s from %s refused: locked for %.0f s", self.accounts.pseudonym(email),
+                            address, result.locked_for_s)
                 return response
             return self._login_response(401, "Wrong e-mail or password.", email)
         if result.client_id not in self.settings.customers:
@@ -517,6 +609,9 @@ class PersonalArea:
 
     async def logout(self, request: Request) -> Response:
         """``POST /logout``: the session is deleted and its cookie cleared."""
+        wait = self._address_wait(request)
+        if wait > 0:
+            return self._too_many(HTMLResponse(message_page("Not signed out", _too_many_text(wait)), 429), wait)
         signed_in = await self._session(request)
         if signed_in is not None:
             token, session = signed_in
@@ -546,10 +641,17 @@ class PersonalArea:
 
     async def change(self, request: Request) -> Response:
         """``POST /appliances/{device}``: new settings for one appliance of the signed-in customer's home."""
+        wait = self._address_wait(request)
+        if wait > 0:
+            return self._too_many(HTMLResponse(message_page("Not saved", _too_many_text(wait)), 429), wait)
         signed_in = await self._session(request)
         if signed_in is None:
             return HTMLResponse(message_page("Signed out", "Your session has ended; please sign in again."), 403)
         session = signed_in[1]
+        wait = self._account_wait("customer:" + session.client_id, request, session.client_id)
+        if wait > 0:
+            return self._too_many(HTMLResponse(message_page("Not saved", _too_many_text(wait), session.csrf_token),
+                                               429), wait)
         try:
             form = await read_form(request)
         except FormError as exc:
@@ -638,8 +740,11 @@ class PersonalArea:
                           s.personal_area_port, exc)
                 yield self
                 return
+            # X-Forwarded-For is believed only from the configured proxies (never uvicorn's default 127.0.0.1).
+            proxies = s.personal_area_trusted_proxies
             config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", ws="none",
-                                    proxy_headers=False, server_header=False, timeout_graceful_shutdown=2)
+                                    proxy_headers=bool(proxies), forwarded_allow_ips=list(proxies) or None,
+                                    server_header=False, timeout_graceful_shutdown=2)
             server = EmbeddedServer(config)
             serving = asyncio.create_task(server.serve(sockets=[sock]), name="bridge-personal-area")
             self.address = sock.getsockname()[:2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import tomllib
 from pathlib import Path
@@ -55,16 +56,49 @@ class BridgeSettings(BaseSettings):
     """The customers' personal area (web); None: not served."""
     personal_area_secure_cookies: bool = False
     """Mark session cookies Secure (set it when the personal area is behind HTTPS)."""
+    personal_area_trusted_proxies: list[str] = Field(default_factory=list)
+    """Addresses or networks (``10.0.0.0/8``) of reverse proxies whose ``X-Forwarded-For`` names the customer's
+    address; empty: the socket peer is the customer's address and the header is ignored."""
+    personal_area_form_rate_per_s: float = Field(0.2, gt=0)
+    """Form posts per second each account may sustain (sign-ins per e-mail address, changes per customer)."""
+    personal_area_form_burst: int = Field(10, ge=1)
+    personal_area_address_rate_per_s: float = Field(1.0, gt=0)
+    """Form posts per second each client address may sustain (several customers may share one address)."""
+    personal_area_address_burst: int = Field(30, ge=1)
+    personal_area_scrypt_n: int = Field(2**17, ge=2**10)
+    """scrypt's cost N for new personal-area passwords (r=8, p=1); below 2**17 only in development (tests)."""
 
     @field_validator("retailer_id")
     @classmethod
     def _valid_id(cls, v: str) -> str:
         return check_id(v)
 
+    @field_validator("personal_area_trusted_proxies")
+    @classmethod
+    def _valid_proxies(cls, v: list[str]) -> list[str]:
+        bad = []
+        for proxy in v:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                bad.append(proxy)
+        if bad:
+            raise ValueError(f"not an IP address or network: {', '.join(bad)}")
+        return v
+
+    @field_validator("personal_area_scrypt_n")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("scrypt's N must be a power of two")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> BridgeSettings:
         if self.environment == "production" and not (self.hub_mqtt_password and self.local_mqtt_password):
             raise ValueError("MQTT passwords must be set outside development")
+        if self.environment == "production" and self.personal_area_scrypt_n < 2**17:
+            raise ValueError("personal_area_scrypt_n below 2**17 is for development only")
         if self.telemetry_store == "influxdb" and not self.influx_url:
             raise ValueError("telemetry_store 'influxdb' needs influx_url")
         if self.customers_file is not None:

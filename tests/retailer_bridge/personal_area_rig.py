@@ -10,18 +10,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from mhp_wire import topics
 from mhp_wire.messages import Telemetry
-from retailer_bridge.accounts import Accounts
+from retailer_bridge.accounts import Accounts, ScryptCost
 from retailer_bridge.personal_area import PersonalArea
 from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.mqtt_party import Party, parties
 
+CHEAP_SCRYPT_N = 2**10
+"""scrypt's N for the rig's passwords: the production default (2**17) would cost every test seconds."""
 ALICE = ("c1", "alice@example.com", "correct horse battery")
 BOB = ("c2", "bob@example.com", "tr0ub4dor&3-tr0ub4dor")
 HOMES: dict[str, tuple[str, dict[str, dict[str, float | bool | None]]]] = {
@@ -62,9 +65,12 @@ class AreaRig:
 
 @contextlib.asynccontextmanager
 async def running_area(tmp_path: Path, mosquitto_factory: MosquittoFactory,
-                       prepare: Callable[[Accounts], Awaitable[None]] | None = None) -> AsyncIterator[AreaRig]:
+                       prepare: Callable[[Accounts], Awaitable[None]] | None = None,
+                       **settings_overrides: Any) -> AsyncIterator[AreaRig]:
     """Two brokers, the accounts of ALICE (c1, gw-1) and BOB (c2, gw-2), then the bridge with its personal area
-    on port 0; both gateways have sent one telemetry message when the block starts."""
+    on port 0; both gateways have sent one telemetry message when the block starts.
+
+    Passwords are hashed with a cheap scrypt cost (N=2**10) unless ``settings_overrides`` say otherwise."""
     hub_broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
     local = mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge")
     settings = BridgeSettings(
@@ -72,8 +78,8 @@ async def running_area(tmp_path: Path, mosquitto_factory: MosquittoFactory,
         hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host,
         local_mqtt_port=local.port, local_mqtt_password=local.identities["bridge"].password,
         db_path=tmp_path / "bridge.db", customers={"c1": "gw-1", "c2": "gw-2"}, gateway_ack_timeout_s=1.5,
-        personal_area_port=0)
-    accounts = Accounts(settings.db_path)
+        personal_area_port=0, **{"personal_area_scrypt_n": CHEAP_SCRYPT_N, **settings_overrides})
+    accounts = Accounts(settings.db_path, cost=ScryptCost(n=settings.personal_area_scrypt_n))
     await accounts.open()
     try:
         for cid, email, password in (ALICE, BOB):

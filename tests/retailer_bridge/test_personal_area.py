@@ -41,6 +41,7 @@ from tests.mqtt_party import Party, parties
 from tests.retailer_bridge.personal_area_rig import (
     ALICE,
     BOB,
+    CHEAP_SCRYPT_N,
     AreaRig,
     csrf_of,
     customer,
@@ -262,10 +263,11 @@ async def test_a_schedule_stored_but_not_queued_before_a_crash_is_sent_at_the_ne
 
 async def test_secure_cookies_when_configured(tmp_path: Path) -> None:
     settings = BridgeSettings(retailer_id="r1", db_path=tmp_path / "b.db", customers={"c1": "gw-1"},
-                              personal_area_port=0, personal_area_secure_cookies=True)
+                              personal_area_port=0, personal_area_secure_cookies=True,
+                              personal_area_scrypt_n=CHEAP_SCRYPT_N)
     store = BridgeStore(settings.db_path)
     await store.open()
-    accounts = Accounts(settings.db_path)
+    accounts = Accounts(settings.db_path, cost=ScryptCost(n=CHEAP_SCRYPT_N))
     await accounts.open()
     await accounts.add(*ALICE)
     await accounts.close()
@@ -291,6 +293,7 @@ def test_customer_add_and_set_password_from_the_command_line(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "bridge.toml"
     config.write_text(f'[bridge]\nretailer_id = "r1"\ndb_path = "{tmp_path / "b.db"}"\n'
+                      f'personal_area_scrypt_n = {CHEAP_SCRYPT_N}\n'
                       '[bridge.customers]\nc1 = "gw-1"\nc2 = "gw-2"\n')
     secret = tmp_path / "pw"
     secret.write_text("first password 123\n")
@@ -309,7 +312,7 @@ def test_customer_add_and_set_password_from_the_command_line(tmp_path: Path,
     assert bridge_cli(change) == 0
 
     async def logins() -> list[str | None]:
-        accounts = Accounts(tmp_path / "b.db")
+        accounts = Accounts(tmp_path / "b.db", cost=ScryptCost(n=CHEAP_SCRYPT_N))
         await accounts.open()
         try:
             return [(await accounts.login("alice@example.com", pw, "127.0.0.1")).client_id
