@@ -72,6 +72,9 @@ class OutcomeVerdict:
     held: bool = False
     """Not applied: another replica owns the request (it adopted it meanwhile); not acknowledged either, so the
     retailer sends it again and the owner applies it."""
+    refused_claim: tuple[float, float] | None = None
+    """``(claimed_kw, bound_kw)`` of an availability claim above the client's contracted power: recorded as
+    ``unavailable``, not believed."""
 
 
 @dataclass(slots=True)
@@ -502,15 +505,27 @@ class RequestBook:
                     write.verdicts.append(OutcomeVerdict(True, addressed))
                     continue
                 entry["answered"] = True
-                entry["available_kw"] = (_kw(o.detail.get("available_kw", 0.0)) if o.state is C.AVAILABLE
-                                         else 0.0)
-                entry["availability"] = o.state.value
-                entry["detail"] = o.detail
+                kw = _kw(o.detail.get("available_kw", 0.0)) if o.state is C.AVAILABLE else 0.0
+                bound = entry.get("max_kw")
+                refused = None
+                if bound is not None and kw > bound:
+                    # A home cannot shed more than it may draw: a claim above its contracted power is not
+                    # believed, and the client counts as unavailable (docs/decisions.md, "Bounded claims").
+                    refused = (kw, float(bound))
+                    entry["available_kw"], entry["availability"] = 0.0, C.UNAVAILABLE.value
+                    entry["detail"] = {"reason": f"claimed {kw:g} kW available, more than the client's contracted "
+                                                 f"power ({bound:g} kW): not believed", "claimed_kw": kw,
+                                       "available_kw": 0.0}
+                else:
+                    entry["available_kw"] = kw
+                    entry["availability"] = o.state.value
+                    entry["detail"] = o.detail
                 entry["updated_at"] = now
                 answered += 1
                 put[col] = entry
                 put["r:answered"] = answered
-                write.verdicts.append(OutcomeVerdict(True, addressed, changed=True, request_state=current))
+                write.verdicts.append(OutcomeVerdict(True, addressed, changed=True, request_state=current,
+                                                     refused_claim=refused))
                 continue
             if entry["state"] in _TERMINAL:  # a re-sent outcome, the common duplicate: a terminal state stays
                 write.verdicts.append(OutcomeVerdict(True, addressed, request_state=current))

@@ -24,6 +24,8 @@ class HubMetrics:
         )
         self.mqtt_received = Counter("mhp_mqtt_received", "MQTT messages received", ["type"], registry=r)
         self.mqtt_rejected = Counter("mhp_mqtt_rejected", "MQTT messages refused", ["reason"], registry=r)
+        self.claims_refused = Counter("mhp_claims_refused", "Availability claims above the client's contracted power, "
+                                      "not believed (the client counts as unavailable)", registry=r)
         self.outbox_sent = Counter("mhp_outbox_sent", "Outbox publications (first sends and re-sends)", registry=r)
         self.outcome_batch_size = Histogram(
             "mhp_outcome_batch_size", "Outcomes stored and acknowledged per group commit", registry=r,

@@ -24,6 +24,7 @@ from cloud_hub.replicas import Replicas
 from cloud_hub.storage import StoreUnavailable
 from cloud_hub.store import AuditEntry
 from mhp_wire import topics
+from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import Ack, ErrorReply, Measurements, Outcome, WireError, decode, encode
 from mhp_wire.mqtt import MqttError, MqttLink
 from mhp_wire.process import wait_or_timeout
@@ -97,6 +98,7 @@ class HubRelay:
         self._received: dict[str, Any] = {}
         self.replicas: Replicas | None = None
         """Set when the hub runs as several replicas."""
+        self._claims_logged = Once()
         book.kick = self.kick
 
     def use_replicas(self, replicas: Replicas) -> None:
@@ -181,8 +183,12 @@ class HubRelay:
         try:
             parsed = topics.parse_up(topic)
         except topics.TopicError:
+            # The rate limit first (a flood of strange topics is a flood of log lines), then the log line.
+            if self.limiter.take(topics.sender_of(topic) or "") > 0:
+                self.metrics.mqtt_rejected.labels("rate_limited").inc()
+                return
             self.metrics.mqtt_rejected.labels("topic").inc()
-            log.warning("ignored a message on unexpected topic %s", topic)
+            log.warning("ignored a message on unexpected topic %s", outside(topic))
             return
         if parsed.kind != "retailers":
             self.metrics.mqtt_rejected.labels("topic").inc()
@@ -198,7 +204,7 @@ class HubRelay:
             msg = decode(payload)
         except WireError as exc:
             self.metrics.mqtt_rejected.labels("invalid").inc()
-            log.warning("refused a message from retailer %s: %s", retailer_id, exc)
+            log.warning("refused a message from retailer %s: %s", retailer_id, outside(exc, 300))
             await self._reply(retailer_id, ErrorReply(code="invalid", message=str(exc)))
             return
         received = self._received.get(msg.type)
@@ -227,7 +233,8 @@ class HubRelay:
         elif isinstance(msg, Measurements):
             await self._on_measurements(retailer_id, msg)
         elif isinstance(msg, ErrorReply):
-            log.warning("retailer %s reported an error about %s: %s", retailer_id, msg.ref_msg_id, msg.message)
+            log.warning("retailer %s reported an error about %s: %s", retailer_id, outside(msg.ref_msg_id),
+                        outside(msg.message, 300))
         else:
             self.metrics.mqtt_rejected.labels("unexpected").inc()
             await self._reply(retailer_id, ErrorReply(
@@ -238,7 +245,7 @@ class HubRelay:
         try:
             msg = decode(payload)
         except WireError as exc:
-            log.warning("ignored an invalid forwarded outcome of retailer %s: %s", retailer_id, exc)
+            log.warning("ignored an invalid forwarded outcome of retailer %s: %s", retailer_id, outside(exc, 300))
             return
         if isinstance(msg, Outcome) and await self._owned_here(retailer_id, msg, payload, forwarded=True):
             await self.outcomes.submit((retailer_id, msg))
@@ -254,7 +261,7 @@ class HubRelay:
         try:
             addressed, owner = await self.book.route(msg.request_id, msg.client_id)
         except StoreUnavailable as exc:
-            log.debug("outcome for %s held, storage unavailable: %s", msg.request_id, exc)
+            log.debug("outcome for %s held, storage unavailable: %s", outside(msg.request_id), exc)
             self.metrics.replica_held.inc()
             return False
         if (addressed is None or not self._may_report(retailer_id, addressed)
@@ -313,6 +320,12 @@ class HubRelay:
             if v.held:
                 self.metrics.replica_held.inc()
                 continue
+            if v.refused_claim is not None:
+                self.metrics.claims_refused.inc()
+                if self._claims_logged.first((retailer_id, msg.client_id)):
+                    log.warning("retailer %s claimed %s kW available for client %s, more than its contracted power "
+                                "(%s kW): not believed (logged once per client, counted in mhp_claims_refused)",
+                                retailer_id, f"{v.refused_claim[0]:g}", msg.client_id, f"{v.refused_claim[1]:g}")
             verdict = decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
                              Context(addressed_retailers=tuple(v.addressed)))
             if v.known and verdict.allowed:
@@ -320,7 +333,8 @@ class HubRelay:
                 continue
             refused.append((retailer_id, msg, verdict.reason))
             log.warning("refused an outcome from retailer %s for request %s client %s: %s", retailer_id,
-                        msg.request_id, msg.client_id, verdict.reason if v.known else "no such request and client")
+                        outside(msg.request_id), outside(msg.client_id),
+                        verdict.reason if v.known else "no such request and client")
         if refused:
             # In the data access log before anyone is answered (if it cannot be written, nothing of the batch is
             # acknowledged and the retailers send it again).

@@ -31,6 +31,7 @@ from cloud_hub.book import RequestBook
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import StoreUnavailable
 from mhp_wire import topics
+from mhp_wire.logsafe import outside
 from mhp_wire.messages import Presence, WireError, decode
 from mhp_wire.mqtt import MqttError, MqttLink
 from mhp_wire.process import wait_or_timeout
@@ -115,7 +116,7 @@ class Replicas:
         try:
             msg = decode(payload)
         except WireError as exc:
-            log.warning("ignored an invalid presence of replica %s: %s", replica_id, exc)
+            log.warning("ignored an invalid presence of replica %s: %s", replica_id, outside(exc, 300))
             return
         if not isinstance(msg, Presence):
             return
@@ -256,7 +257,7 @@ class Replicas:
         try:
             msg = ReplicaMessage.model_validate(json.loads(payload))
         except (ValueError, ValidationError) as exc:
-            log.warning("ignored an invalid message on replica %s's inbox: %s", self.me, exc)
+            log.warning("ignored an invalid message on replica %s's inbox: %s", self.me, outside(exc, 300))
             return
         if msg.type == "outcome" and msg.retailer_id and msg.payload is not None and self.on_outcome is not None:
             await self.on_outcome(msg.retailer_id, msg.payload.encode())
@@ -274,4 +275,4 @@ class Replicas:
             if fut is not None and not fut.done():
                 fut.set_result((msg.status or 503, msg.body or {}))
         else:
-            log.warning("ignored an incomplete %s message from replica %s", msg.type, msg.sender)
+            log.warning("ignored an incomplete %s message from replica %s", msg.type, outside(msg.sender))

@@ -393,6 +393,9 @@ class HubService:
         entries = {cid: {"retailers": {rid: ClientState.PENDING.value}, "state": ClientState.PENDING.value,
                          "detail": {}, "trace": {}, "updated_at": now}
                    for rid, cids in by_retailer.items() for cid in cids}
+        if kind is RequestKind.AVAILABILITY:  # the bound of each client's availability claim (cloud_hub.book)
+            for cid, e in entries.items():
+                e["max_kw"] = clients[cid]["contracted_power_kw"]
         outbox = []
         for rid, all_cids in sorted(by_retailer.items()):
             for cids in _chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):

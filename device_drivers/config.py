@@ -42,7 +42,9 @@ class DeviceConfig(BaseModel):
     parity: Literal["N", "E", "O"] = "N"
     stopbits: int = Field(default=1, ge=1, le=2)
     coil: int | None = Field(default=None, ge=0, le=65535)
-    rated_power_kw: float = Field(default=0.0, ge=0)
+    #: A finite rating, at most 10,000 kW (the wire's bound on a measured power): the gateway's claim of what the
+    #: home can shed is the sum of these, so an ``inf`` in the TOML must not become an infinite claim.
+    rated_power_kw: float = Field(default=0.0, ge=0, le=10_000, allow_inf_nan=False)
     priority: int = 100
     sheddable: bool = False
     timeout_s: float = Field(default=1.0, gt=0)

@@ -31,6 +31,7 @@ from hems_firmware.events import EventFeed
 from hems_firmware.systemd import Notifier
 from hems_firmware.web import serve_web
 from mhp_wire import topics
+from mhp_wire.logsafe import outside
 from mhp_wire.messages import (
     Ack,
     ApplianceSchedule,
@@ -252,14 +253,20 @@ class Gateway:
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     def sheddable_kw(self) -> float:
-        """Rated power of the sheddable loads that are on now."""
+        """Rated power of the sheddable loads that are on now (never above :meth:`rated_sheddable_kw`)."""
         return round(sum(ld.rated_kw for ld in self.loads() if ld.sheddable and ld.on), 3)
+
+    def rated_sheddable_kw(self) -> float:
+        """Rated power of every load the installer configured as sheddable, on or off: what the home could shed at
+        most, and so the bound of its claim (``sheddable_kw``); finite, as the configuration bounds each rating."""
+        return round(sum(sw.config.rated_power_kw for sw in self.switches.values() if sw.config.sheddable), 3)
 
     async def _queue_telemetry(self) -> None:
         """Store this poll's telemetry; the outbox loop sends it, in order, until the bridge acknowledges it."""
         self._seq += 1
         msg = Telemetry(gateway_id=self.id, client_id=self.client_id, seq=self._seq, at=utcnow(), devices=self.state,
-                        active_power_kw=self.measured_kw(), sheddable_kw=self.sheddable_kw())
+                        active_power_kw=self.measured_kw(), sheddable_kw=self.sheddable_kw(),
+                        rated_sheddable_kw=self.rated_sheddable_kw())
         keep = self.cfg.gateway.telemetry_buffer_max
 
         def store(db: sqlite3.Connection) -> None:
@@ -344,7 +351,7 @@ class Gateway:
             msg = decode(payload)
         except WireError as exc:
             self.rejected += 1
-            log.warning("gateway %s refused a message: %s", self.id, exc)
+            log.warning("gateway %s refused a message: %s", self.id, outside(exc, 300))
             if not topic.startswith(topics.PREFIX + "/public/"):
                 await self._send(ErrorReply(code="invalid", message=str(exc)))
             return
@@ -367,7 +374,7 @@ class Gateway:
 
             await self.sql.tx(drop)
         elif isinstance(msg, ErrorReply):
-            log.warning("the bridge refused %s: %s", msg.ref_msg_id, msg.message)
+            log.warning("the bridge refused %s: %s", outside(msg.ref_msg_id), outside(msg.message, 300))
             if msg.ref_msg_id:
                 await self.sql.tx(lambda db: db.execute("DELETE FROM outbox WHERE msg_id=?", (msg.ref_msg_id,)))
         else:
@@ -430,7 +437,7 @@ class Gateway:
             task.cancel()
         action = self.active.get(msg.request_id)
         await self._finish(msg.request_id, action.shed if action else [], state="cancelled")
-        log.info("gateway %s cancelled request %s", self.id, msg.request_id)
+        log.info("gateway %s cancelled request %s", self.id, outside(msg.request_id))
         await self._send(Ack(ack_ids=[msg.msg_id]))
 
     async def _execute(self, cmd: Command, received_at: float, resumed_shed: list[str] | None = None) -> None:
@@ -537,7 +544,7 @@ class Gateway:
         self.events.publish({"type": "actuation", "at": act.at, "gateway_id": self.id, "device": name, "on": on,
                              "request_id": request_id, "reason": reason})
         log.info("gateway %s switched %s %s (%s, request %s)", self.id, name, "on" if on else "off", reason,
-                 request_id)
+                 outside(request_id))
         return state == on
 
     # -- outbox -------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Every message carries ``v`` (the wire version), ``type`` (the discriminator), a 
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -21,9 +22,12 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
+from mhp_wire.logsafe import outside
 from mhp_wire.topics import TopicError, check_id
 
 WIRE_VERSION = 1
@@ -52,6 +56,18 @@ def _check_id_field(value: str) -> str:
 
 
 Id = Annotated[str, AfterValidator(_check_id_field)]
+
+_WIRE = {"wire": True}
+"""The validation context of :func:`decode`: what arrives from outside, as opposed to a model built here."""
+
+
+def _finite_claim(value: Any, info: ValidationInfo) -> Any:
+    """A power a party claims must be a finite number when it arrives: JSON has no ``Infinity`` or ``NaN``, yet the
+    JSON parser reads ``1e999``, ``Infinity`` and ``NaN`` into floats. A model built here still accepts a
+    non-finite value, which :func:`encode` writes as ``null`` (docs/protocol.md)."""
+    if (info.context or {}).get("wire") and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
 
 
 class RequestKind(StrEnum):
@@ -133,7 +149,7 @@ class LoadReductionParams(_Window):
     """Phase two of a load reduction: switch appliances off from ``start`` to ``end``."""
 
     kind: Literal["load_reduction"] = "load_reduction"
-    target_kw: float | None = Field(None, ge=0)
+    target_kw: float | None = Field(None, ge=0, le=1_000_000)
 
 
 Params = Annotated[
@@ -194,12 +210,23 @@ class Outcome(_Msg):
     detail: dict[str, Any] = Field(default_factory=dict)
     trace: dict[str, float] = Field(default_factory=dict)
 
+    @field_validator("detail")
+    @classmethod
+    def _finite_available_kw(cls, detail: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """``detail.available_kw`` is a claim (what the client could shed): not infinite or NaN on the wire."""
+        try:
+            _finite_claim(detail.get("available_kw"), info)
+        except ValueError:
+            raise ValueError("available_kw must be a finite number") from None
+        return detail
+
 
 class ErrorReply(_Msg):
     """An answer to a message that was refused: what was wrong with it, so its sender can tell."""
 
     type: Literal["error"] = "error"
-    ref_msg_id: str | None = None
+    ref_msg_id: str | None = Field(default=None, max_length=64)
+    """The ``msg_id`` of the refused message (a ``msg_id`` has at most 64 characters)."""
     code: Literal["invalid", "forbidden", "unknown_client", "expired", "internal"]
     message: str = Field(max_length=2000)
 
@@ -217,6 +244,14 @@ class Telemetry(_Msg):
     """The home's import now (from its meter), if known."""
     sheddable_kw: float | None = None
     """Rated power of the sheddable loads that are on now: what the home could shed."""
+    rated_sheddable_kw: float | None = None
+    """Rated power of every load the gateway is configured to shed, on or off: the bound of ``sheddable_kw``
+    (absent from gateways older than this field)."""
+
+    @field_validator("active_power_kw", "sheddable_kw", "rated_sheddable_kw")
+    @classmethod
+    def _finite_claims(cls, value: float | None, info: ValidationInfo) -> float | None:
+        return _finite_claim(value, info)
 
 
 class Presence(_Msg):
@@ -338,7 +373,7 @@ def decode(payload: bytes) -> Message:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise WireError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
     try:
-        return _ADAPTER.validate_json(payload)
+        return _ADAPTER.validate_json(payload, context=_WIRE)
     except ValidationError as exc:
         problems = "; ".join(
             f"{_clip('.'.join(str(p) for p in err['loc'])) or '(message)'}: {_clip(err['msg'])}"
@@ -348,8 +383,9 @@ def decode(payload: bytes) -> Message:
 
 
 def _clip(text: str, limit: int = 120) -> str:
-    """A hostile value echoed in an error stays short (an error answer carries at most 2000 characters)."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    """A hostile value echoed in an error stays short (an error answer carries at most 2000 characters) and on one
+    line (the error is logged too)."""
+    return outside(text, limit)
 
 
 def presence_payload(state: Literal["online", "offline"]) -> bytes:

@@ -19,6 +19,7 @@ import gmqtt
 from gmqtt.mqtt.constants import MQTTv50
 from gmqtt.mqtt.handler import MQTTConnectError
 
+from mhp_wire.logsafe import outside
 from mhp_wire.messages import presence_payload
 
 log = logging.getLogger(__name__)
@@ -241,5 +242,5 @@ class MqttLink:
             await self._handler(topic, payload, retained)
         except Exception:
             self.stats.handler_errors += 1
-            log.exception("handler failed on a message from topic %s", topic)
+            log.exception("handler failed on a message from topic %s", outside(topic))
         return 0

@@ -156,6 +156,16 @@ def parse_replica(topic: str) -> tuple[str, Literal["status", "in"]] | None:
 _UP_RE = re.compile(rf"^{ROOT}/{VERSION}/(retailers|gateways)/([^/]+)/up/(msg|telemetry|status)$")
 
 
+_SENDER_RE = re.compile(rf"^{ROOT}/{VERSION}/(?:retailers|gateways)/([^/]+)/up/")
+
+
+def sender_of(topic: str) -> str | None:
+    """The party id of a topic in some party's ``up`` subtree (which the broker's ACL ties to the username), even
+    when the rest of the topic is not one of ours; None for any other topic. For rate-limiting what is refused."""
+    m = _SENDER_RE.match(topic)
+    return m.group(1) if m else None
+
+
 def parse_up(topic: str) -> ParsedTopic:
     """Parse an ``up`` topic; the party id comes from the topic, which the broker's ACL ties to the username."""
     m = _UP_RE.fullmatch(topic)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mhp_wire import topics
+from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
     Ack,
     BillingData,
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 STALE_TELEMETRY_S = 60.0
 """Availability is not promised from telemetry older than this."""
+CLAIM_TOLERANCE_KW = 0.001
+"""Claims and ratings travel rounded to watts: a claim is above its bound only beyond this."""
 DISPATCH_BATCH = 10_000
 """Commands, and outcomes for the hub, read and sent per dispatch round (one read, one write each): each round
 waits for the group commit in progress, so an emergency to 10,000 gateways goes out in one round, not five."""
@@ -72,7 +75,8 @@ class BridgeRelay:
     """Relays between the hub broker and this retailer's broker."""
 
     def __init__(self, retailer_id: str, customers: dict[str, str], store: BridgeStore, *,
-                 gateway_ack_timeout_s: float = 10.0, measurement_interval_s: float = 5.0) -> None:
+                 gateway_ack_timeout_s: float = 10.0, measurement_interval_s: float = 5.0,
+                 rated_sheddable_kw: dict[str, float] | None = None) -> None:
         self.retailer_id = retailer_id
         self.customers = dict(customers)
         self.gateway_of_client = self.customers
@@ -98,6 +102,9 @@ class BridgeRelay:
         self._wake_hub = asyncio.Event()
         self.gateway_limiter = RateLimiter(50.0, 200)
         """One token bucket per gateway: messages beyond it are refused (unread) with an error answer."""
+        self.rated_sheddable_kw = dict(rated_sheddable_kw or {})
+        """``client_id -> kW`` from the installation record (settings ``customer_sheddable_kw``)."""
+        self._claims_logged = Once()
 
     def kick(self) -> None:
         """Wake the dispatchers."""
@@ -115,7 +122,7 @@ class BridgeRelay:
             msg = decode(payload)
         except WireError as exc:
             self.rejected["hub_invalid"] += 1
-            log.warning("refused a message from the hub: %s", exc)
+            log.warning("refused a message from the hub: %s", outside(exc, 300))
             if topic != topics.TARIFF:
                 await self._to_hub(ErrorReply(code="invalid", message=str(exc)))
             return
@@ -136,7 +143,7 @@ class BridgeRelay:
             self.last_hub_ack = time.monotonic()
             await self.store.ack_outbox(msg.ack_ids)
         elif isinstance(msg, ErrorReply):
-            log.warning("the hub refused our message %s: %s", msg.ref_msg_id, msg.message)
+            log.warning("the hub refused our message %s: %s", outside(msg.ref_msg_id), outside(msg.message, 300))
             if msg.ref_msg_id:
                 await self.store.ack_outbox([msg.ref_msg_id])
         else:
@@ -194,11 +201,35 @@ class BridgeRelay:
             return Outcome(request_id=request_id, client_id=client_id, state=ClientState.UNAVAILABLE,
                            detail={"reason": reason, "available_kw": 0.0})
         kw = round(tel.sheddable_kw or 0.0, 3)
+        bound = self.claim_bound(tel)
+        if bound is not None and kw > bound + CLAIM_TOLERANCE_KW:
+            return Outcome(request_id=request_id, client_id=client_id, state=ClientState.UNAVAILABLE,
+                           detail={"reason": f"the home's gateway claims {kw:g} kW sheddable, more than its rated "
+                                             f"sheddable loads ({bound:g} kW): not believed",
+                                   "available_kw": 0.0, "claimed_kw": kw, "rated_sheddable_kw": bound})
         if kw <= 0:
             return Outcome(request_id=request_id, client_id=client_id, state=ClientState.UNAVAILABLE,
                            detail={"reason": "no sheddable load is on", "available_kw": 0.0})
         return Outcome(request_id=request_id, client_id=client_id, state=ClientState.AVAILABLE,
                        detail={"available_kw": kw, "active_power_kw": tel.active_power_kw})
+
+    def claim_bound(self, tel: Telemetry) -> float | None:
+        """The most a home may claim it can shed: the rated power of its sheddable loads in the installation
+        record, else as its gateway declares them; None when neither is known (a gateway older than
+        ``rated_sheddable_kw``: the hub still bounds the claim by the client's contracted power)."""
+        known = self.rated_sheddable_kw.get(tel.client_id)
+        return known if known is not None else tel.rated_sheddable_kw
+
+    def _check_claim(self, gid: str, tel: Telemetry) -> None:
+        """Count (and log once per gateway) a claim above its bound; :meth:`availability` does not believe it."""
+        bound = self.claim_bound(tel)
+        if tel.sheddable_kw is None or bound is None or tel.sheddable_kw <= bound + CLAIM_TOLERANCE_KW:
+            return
+        self.rejected["gateway_claim_refused"] += 1
+        if self._claims_logged.first(gid):
+            log.warning("gateway %s claims %s kW sheddable, more than its rated sheddable loads (%s kW): not "
+                        "believed (logged once per gateway, counted as gateway_claim_refused)", gid,
+                        outside(tel.sheddable_kw), outside(bound))
 
     async def _on_cancel(self, msg: Cancel) -> None:
         now = time.time()
@@ -214,7 +245,7 @@ class BridgeRelay:
         rows = []
         for c in msg.clients:
             if c.client_id not in self.customers:
-                log.warning("billing data for %s, who is not our customer, refused", c.client_id)
+                log.warning("billing data for %s, who is not our customer, refused", outside(c.client_id))
                 self.rejected["hub_foreign_client"] += 1
                 continue
             rows.append((c.client_id, c.period_start.isoformat(), c.period_end.isoformat(),
@@ -255,7 +286,7 @@ class BridgeRelay:
             msg = decode(payload)
         except WireError as exc:
             self.rejected["gateway_invalid"] += 1
-            log.warning("refused a message from gateway %s: %s", gid, exc)
+            log.warning("refused a message from gateway %s: %s", gid, outside(exc, 300))
             await self._to_gateway(gid, ErrorReply(code="invalid", message=str(exc)))
             return
         self.received[f"gateway_{msg.type}"] += 1
@@ -272,6 +303,7 @@ class BridgeRelay:
                 return
             if not retained:
                 await self._to_gateway(gid, Ack(ack_ids=[msg.msg_id]))
+            self._check_claim(gid, msg)
             latest = self.latest_telemetry.get(gid)
             if latest is None or msg.seq >= latest.seq:
                 self.latest_telemetry[gid] = msg
@@ -285,7 +317,7 @@ class BridgeRelay:
         elif isinstance(msg, Outcome):
             await self._on_gateway_outcome(gid, msg)
         elif isinstance(msg, ErrorReply):
-            log.warning("gateway %s refused %s: %s", gid, msg.ref_msg_id, msg.message)
+            log.warning("gateway %s refused %s: %s", gid, outside(msg.ref_msg_id), outside(msg.message, 300))
         else:
             self.rejected["gateway_unexpected"] += 1
             await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="invalid",
@@ -305,7 +337,7 @@ class BridgeRelay:
         t0 = time.time()
         if self.gateway_of_client.get(msg.client_id) != gid:
             self.rejected["gateway_foreign_client"] += 1
-            log.warning("gateway %s reported for client %s, which is not its own", gid, msg.client_id)
+            log.warning("gateway %s reported for client %s, which is not its own", gid, outside(msg.client_id))
             await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="forbidden",
                                                    message=f"gateway {gid} may not report for {msg.client_id}"))
             return
@@ -455,7 +487,7 @@ class BridgeRelay:
                       trace={"retailer_ms": round(cmd["handling_ms"], 3)})
         await self.store.set_state(cmd["request_id"], cmd["client_id"], CLOSED, (out.msg_id, encode(out)))
         self._wake_hub.set()  # the outcome goes to the hub from the other loop
-        log.warning("client %s unreachable for request %s: %s", cmd["client_id"], cmd["request_id"], reason)
+        log.warning("client %s unreachable for request %s: %s", cmd["client_id"], outside(cmd["request_id"]), reason)
 
     async def push_schedule(self, gateway_id: str, schedule: Schedule) -> None:
         """Send a customer's schedule to its gateway through the stored outbox (re-sent until acknowledged)."""

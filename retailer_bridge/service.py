@@ -25,7 +25,8 @@ class Bridge:
         self.store = BridgeStore(settings.db_path)
         self.relay = BridgeRelay(settings.retailer_id, settings.customers, self.store,
                                  gateway_ack_timeout_s=settings.gateway_ack_timeout_s,
-                                 measurement_interval_s=settings.measurement_interval_s)
+                                 measurement_interval_s=settings.measurement_interval_s,
+                                 rated_sheddable_kw=settings.customer_sheddable_kw)
         self.relay.gateway_limiter = RateLimiter(settings.gateway_rate_limit_per_s, settings.gateway_rate_limit_burst)
         self.telemetry = TelemetryExporter.from_settings(settings)
         self.relay.telemetry_sinks.append(self.telemetry.submit)

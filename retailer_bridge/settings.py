@@ -6,7 +6,7 @@ import ipaddress
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +34,11 @@ class BridgeSettings(BaseSettings):
     customers: dict[str, str] = Field(default_factory=dict)
     """``client_id -> gateway_id`` of this retailer's customers."""
     customers_file: Path | None = None
+    customer_sheddable_kw: dict[str, Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)]] = Field(
+        default_factory=dict)
+    """``client_id -> kW``: the rated power of each customer's sheddable loads, from the installation record. A
+    gateway claiming more is not believed (its home answers ``unavailable``); for a customer missing here the bound
+    is what its gateway declares (``rated_sheddable_kw`` of its telemetry)."""
     gateway_ack_timeout_s: float = Field(10.0, gt=0)
     measurement_interval_s: float = Field(5.0, gt=0)
     gateway_rate_limit_per_s: float = Field(50.0, gt=0)
@@ -106,6 +111,9 @@ class BridgeSettings(BaseSettings):
         for cid, gid in self.customers.items():
             check_id(cid)
             check_id(gid)
+        strangers = sorted(set(self.customer_sheddable_kw) - set(self.customers))
+        if strangers:
+            raise ValueError(f"customer_sheddable_kw names clients that are not customers: {', '.join(strangers[:20])}")
         return self
 
     @classmethod

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mhp_wire import topics
+from mhp_wire.logsafe import outside
 from mhp_wire.messages import (
     Ack,
     BillingData,
@@ -134,7 +135,7 @@ class RpSimulator:
             return
         if isinstance(msg, ErrorReply):
             self.stats.errors_from_hub += 1
-            log.warning("the hub refused %s: %s", msg.ref_msg_id, msg.message)
+            log.warning("the hub refused %s: %s", outside(msg.ref_msg_id), outside(msg.message, 300))
             return
         if isinstance(msg, Request):
             self.stats.requests += 1

@@ -44,6 +44,8 @@ PLUGS: list[dict[str, Any]] = [
     {"name": "washing-machine", "coil": 2, "rated_kw": 1.2, "priority": 3, "sheddable": True},
     {"name": "fridge", "coil": 3, "rated_kw": 0.15, "priority": 9, "sheddable": False},
 ]
+HOME_SHEDDABLE_KW = round(sum(p["rated_kw"] for p in PLUGS if p["sheddable"]), 3)
+"""Rated power of a home's sheddable plugs: its bridge's installation record."""
 BASE_LOAD_KW = 0.3
 CONTRACTED_POWER_KW = 6.9
 HOMES_PER_GATEWAY_PROCESS = 25
@@ -186,6 +188,8 @@ class Stack:
                 "local_mqtt_username": "bridge",
                 "local_mqtt_password": self.brokers[rid]["credentials"]["bridge"]["password"],
                 "db_path": str(self.dir / f"bridge-{rid}.db"), "customers": customers,
+                # The installation record: what each home could shed at most (a claim above it is not believed).
+                "customer_sheddable_kw": {c: HOME_SHEDDABLE_KW for c in customers},
                 **self._ca_settings("hub_mqtt_tls_ca_file", "local_mqtt_tls_ca_file")}})
             self.sup.start(Child(f"bridge-{rid}", self._python("retailer_bridge.cli", "--log-level", self.log_level,
                                                                "run", "--config", str(cfg)),
