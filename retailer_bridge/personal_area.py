@@ -443,10 +443,11 @@ class PersonalArea:
 
     @property
     def url(self) -> str:
-        """``http://host:port`` while serving."""
+        """``http://host:port`` (``https://`` with its own certificate) while serving."""
         assert self.address is not None, "the personal area is not serving"
         host, port = self.address
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        scheme = "https" if self.settings.personal_area_tls_certfile is not None else "http"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
     # -- sessions -------------------------------------------------------------------------------------------
 
@@ -639,7 +640,10 @@ class PersonalArea:
                 yield self
                 return
             config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", ws="none",
-                                    proxy_headers=False, server_header=False, timeout_graceful_shutdown=2)
+                                    server_header=False, timeout_graceful_shutdown=2,
+                                    ssl_certfile=s.personal_area_tls_certfile, ssl_keyfile=s.personal_area_tls_keyfile,
+                                    proxy_headers=s.personal_area_behind_tls_proxy,
+                                    forwarded_allow_ips=s.personal_area_forwarded_allow_ips)
             server = EmbeddedServer(config)
             serving = asyncio.create_task(server.serve(sockets=[sock]), name="bridge-personal-area")
             self.address = sock.getsockname()[:2]
