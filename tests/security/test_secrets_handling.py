@@ -34,13 +34,13 @@ from mhp_wire.secretfile import write_private
 from retailer_bridge.settings import BridgeSettings
 from sim.stack.stack import Stack
 
-SECRET = "Zq8-hunter2-secret-value-7Kp"
+SECRET = "Zq8Hx2Kp9Wm4Tr7Vb3Ny6Lc5Qd"
 """A secret long enough that pydantic would show a prefix of it (it clips long inputs with ``...``)."""
 
 
 def leaks(text: str) -> bool:
-    """Whether ``text`` shows the secret or any 8-character piece of it."""
-    return any(SECRET[i:i + 8] in text for i in range(len(SECRET) - 7))
+    """Whether ``text`` shows the secret or any 5-character piece of it (pydantic clips to a 6-character prefix)."""
+    return any(SECRET[i:i + 5] in text for i in range(len(SECRET) - 4))
 
 
 # -- secret files -----------------------------------------------------------------------------------------------
