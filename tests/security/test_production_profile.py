@@ -379,3 +379,43 @@ async def test_influx_export_trusts_the_configured_ca_and_refuses_others(influx_
     with pytest.raises(TelemetryStoreError, match="CERTIFICATE_VERIFY_FAILED"):
         await influx_write(influx_tls, foreign.ca_file)
     await influx_write(influx_tls, pki.ca_file)
+
+
+# -- the hub behind a TLS proxy ------------------------------------------------------------------------------------
+
+
+def test_hub_in_production_behind_a_tls_proxy_answers_with_the_proxys_scheme(
+        tmp_path: Path, mosquitto_factory: MosquittoFactory, pki: Pki) -> None:
+    """``cloud-hub serve`` starts in production behind a TLS proxy (plain HTTP on loopback, TLS MQTT), and the
+    scheme its answers carry (a redirect's Location) is the one the proxy at ``forwarded_allow_ips`` reports."""
+    broker = tls_broker(mosquitto_factory, pki, "hub", ["r1"], "hub")
+    port = free_port()
+    env = {**os.environ, "MHP_HUB_ENVIRONMENT": "production", "MHP_HUB_HTTP_PORT": str(port),
+           "MHP_HUB_MQTT_PORT": str(broker.port), "MHP_HUB_MQTT_PASSWORD": broker.identities["hub"].password,
+           "MHP_HUB_MQTT_TLS_CA_FILE": str(pki.ca_file), "MHP_HUB_BEHIND_TLS_PROXY": "true",
+           "MHP_HUB_FORWARDED_ALLOW_IPS": '["127.0.0.1"]', "MHP_HUB_DB_PATH": str(tmp_path / "hub.db"),
+           "MHP_HUB_TOKENS_FILE": str(tmp_path / "tokens.json")}
+    log = (tmp_path / "hub.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, (tmp_path / "hub.log").read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the hub did not come up"
+            time.sleep(0.05)
+        proxied = httpx.get(f"{url}/healthz/", headers={"x-forwarded-proto": "https", "x-forwarded-host": "x"},
+                            follow_redirects=False, timeout=5)
+        assert proxied.status_code == 307 and proxied.headers["location"].startswith("https://"), proxied.headers
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
