@@ -384,17 +384,14 @@ async def test_influx_export_trusts_the_configured_ca_and_refuses_others(influx_
 # -- the hub behind a TLS proxy ------------------------------------------------------------------------------------
 
 
-def test_hub_in_production_behind_a_tls_proxy_answers_with_the_proxys_scheme(
-        tmp_path: Path, mosquitto_factory: MosquittoFactory, pki: Pki) -> None:
-    """``cloud-hub serve`` starts in production behind a TLS proxy (plain HTTP on loopback, TLS MQTT), and the
-    scheme its answers carry (a redirect's Location) is the one the proxy at ``forwarded_allow_ips`` reports."""
-    broker = tls_broker(mosquitto_factory, pki, "hub", ["r1"], "hub")
+@contextlib.contextmanager
+def hub_process(tmp_path: Path, broker: BrokerHandle, **settings: str) -> Iterator[str]:
+    """``cloud-hub serve`` with ``MHP_HUB_*`` settings, until it answers ``/healthz``; yields its URL."""
     port = free_port()
-    env = {**os.environ, "MHP_HUB_ENVIRONMENT": "production", "MHP_HUB_HTTP_PORT": str(port),
-           "MHP_HUB_MQTT_PORT": str(broker.port), "MHP_HUB_MQTT_PASSWORD": broker.identities["hub"].password,
-           "MHP_HUB_MQTT_TLS_CA_FILE": str(pki.ca_file), "MHP_HUB_BEHIND_TLS_PROXY": "true",
-           "MHP_HUB_FORWARDED_ALLOW_IPS": '["127.0.0.1"]', "MHP_HUB_DB_PATH": str(tmp_path / "hub.db"),
-           "MHP_HUB_TOKENS_FILE": str(tmp_path / "tokens.json")}
+    env = {**os.environ, "MHP_HUB_HTTP_PORT": str(port), "MHP_HUB_MQTT_PORT": str(broker.port),
+           "MHP_HUB_MQTT_PASSWORD": broker.identities["hub"].password, "MHP_HUB_DB_PATH": str(tmp_path / "hub.db"),
+           "MHP_HUB_TOKENS_FILE": str(tmp_path / "tokens.json"),
+           **{f"MHP_HUB_{k.upper()}": v for k, v in settings.items()}}
     log = (tmp_path / "hub.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve"], env=env,
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -408,9 +405,7 @@ def test_hub_in_production_behind_a_tls_proxy_answers_with_the_proxys_scheme(
                     break
             assert time.monotonic() < deadline, "the hub did not come up"
             time.sleep(0.05)
-        proxied = httpx.get(f"{url}/healthz/", headers={"x-forwarded-proto": "https", "x-forwarded-host": "x"},
-                            follow_redirects=False, timeout=5)
-        assert proxied.status_code == 307 and proxied.headers["location"].startswith("https://"), proxied.headers
+        yield url
     finally:
         proc.terminate()
         try:
@@ -419,3 +414,28 @@ def test_hub_in_production_behind_a_tls_proxy_answers_with_the_proxys_scheme(
             proc.kill()
             proc.wait()
         log.close()
+
+
+def scheme_of_redirect(url: str) -> str:
+    """The scheme of the Location the hub answers a trailing slash with, when a client claims to be on HTTPS."""
+    answer = httpx.get(f"{url}/healthz/", headers={"x-forwarded-proto": "https", "x-forwarded-for": "203.0.113.7"},
+                       follow_redirects=False, timeout=5)
+    assert answer.status_code == 307, answer.text
+    return answer.headers["location"].split(":", 1)[0]
+
+
+def test_hub_in_production_behind_a_tls_proxy_answers_with_the_proxys_scheme(
+        tmp_path: Path, mosquitto_factory: MosquittoFactory, pki: Pki) -> None:
+    """Production behind a TLS proxy: plain HTTP on loopback, TLS MQTT; the proxy's X-Forwarded-Proto is believed."""
+    broker = tls_broker(mosquitto_factory, pki, "hub", ["r1"], "hub")
+    with hub_process(tmp_path, broker, environment="production", mqtt_tls_ca_file=str(pki.ca_file),
+                     behind_tls_proxy="true", forwarded_allow_ips='["127.0.0.1"]') as url:
+        assert scheme_of_redirect(url) == "https"
+
+
+def test_hub_not_behind_a_proxy_ignores_forwarded_headers(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
+    """Without ``behind_tls_proxy`` any local process could claim another scheme and client address through
+    X-Forwarded-* (uvicorn believes them from 127.0.0.1 by default): the hub ignores them."""
+    broker = mosquitto_factory("hub", ["r1"], "hub")
+    with hub_process(tmp_path, broker) as url:
+        assert scheme_of_redirect(url) == "http"
