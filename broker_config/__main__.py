@@ -8,7 +8,7 @@ The identities file is JSON::
 
 ``render`` writes the configuration and prints the path of ``mosquitto.conf``; ``run`` renders and then replaces
 itself with ``mosquitto -c <conf>`` in the foreground; ``--tls-cafile/--tls-certfile/--tls-keyfile`` (and
-``--require-certificate``) make its listener TLS.
+``--require-certificate``) make its listener TLS; ``--environment production`` refuses to go without them.
 
 ``python -m broker_config tls --out DIR --hosts 127.0.0.1,localhost [--servers broker,hub] [--names r1,gw-1]``
 creates a CA in DIR (or reuses the one there) and, signed by it, a server certificate per ``--servers`` name for
@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-certfile", type=Path)
     parser.add_argument("--tls-keyfile", type=Path)
     parser.add_argument("--require-certificate", action="store_true", help="mutual TLS: clients need a certificate")
+    parser.add_argument("--environment", choices=["development", "production"], default="development",
+                        help="production: refuse to render or run a listener without TLS")
     return parser
 
 
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             max_packet_size=args.max_packet_size,
             autosave_interval=args.autosave_interval,
             tls=_tls_option(args),
+            environment=args.environment,
         )
         conf = render(spec)
         if args.command == "run":

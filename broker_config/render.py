@@ -19,6 +19,7 @@ from string import Template
 from typing import Literal
 
 from mhp_wire import topics
+from mhp_wire.secretfile import write_private
 
 from .errors import BrokerConfigError
 
@@ -98,6 +99,8 @@ class BrokerSpec:
     log_types: tuple[str, ...] = _DEFAULT_LOG_TYPES
     run_as_user: str | None = None
     """User Mosquitto switches to when started as root; ``None`` = the current user (it must read data_dir)."""
+    environment: Literal["development", "production"] = "development"
+    """``production`` refuses a plain-MQTT listener (``tls`` None): every link of a production broker is TLS."""
 
     @property
     def party_kind(self) -> topics.PartyKind:
@@ -166,6 +169,11 @@ def validate(spec: BrokerSpec) -> list[str]:
             errors.append(f"{name} must be >= 0, not {getattr(spec, name)}")
     if spec.run_as_user is not None and not spec.run_as_user.strip():
         errors.append("run_as_user must be a user name or None")
+    if spec.environment == "production" and spec.tls is None:
+        errors.append('environment "production" refuses a plain MQTT listener: give tls (--tls-cafile, '
+                      "--tls-certfile, --tls-keyfile)")
+    elif spec.environment not in ("development", "production"):
+        errors.append(f"environment must be 'development' or 'production', not {spec.environment!r}")
 
     seen: set[str] = set()
     roles = [(i, True) for i in spec.privileged_identities] + [(i, False) for i in spec.parties]
@@ -269,20 +277,6 @@ def conf_text(spec: BrokerSpec) -> str:
     )
 
 
-def _write(path: Path, text: str, mode: int) -> None:
-    """Write ``text`` atomically to ``path`` with permissions ``mode`` from the first byte on."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
 def render(spec: BrokerSpec) -> Path:
     """Validate ``spec``, write ``mosquitto.conf``, the password file and the ACL file into ``spec.data_dir``.
 
@@ -294,7 +288,7 @@ def render(spec: BrokerSpec) -> Path:
         raise BrokerConfigError(errors)
     spec.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     identities = [*spec.privileged_identities, *spec.parties]
-    _write(spec.password_path, password_file_text(identities), 0o600)
-    _write(spec.acl_path, acl_text(spec), 0o600)
-    _write(spec.conf_path, conf_text(spec), 0o644)
+    write_private(spec.password_path, password_file_text(identities))
+    write_private(spec.acl_path, acl_text(spec))
+    write_private(spec.conf_path, conf_text(spec), 0o644)
     return spec.conf_path

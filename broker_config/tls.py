@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mhp_wire import topics
+from mhp_wire.secretfile import write_private
 
 from .errors import BrokerError
 
@@ -67,25 +67,11 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` atomically to ``path`` with permissions ``mode`` from the first byte on."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
 def _save(pair: CertPair, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> CertPair:
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    _write(pair.keyfile, key_pem, 0o600)
-    _write(pair.certfile, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_private(pair.keyfile, key_pem)
+    write_private(pair.certfile, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return pair
 
 

@@ -507,11 +507,11 @@ class RequestBook:
                 entry["answered"] = True
                 kw = _kw(o.detail.get("available_kw", 0.0)) if o.state is C.AVAILABLE else 0.0
                 bound = entry.get("max_kw")
-                refused = None
+                refused_claim: tuple[float, float] | None = None
                 if bound is not None and kw > bound:
                     # A home cannot shed more than it may draw: a claim above its contracted power is not
                     # believed, and the client counts as unavailable (docs/decisions.md, "Bounded claims").
-                    refused = (kw, float(bound))
+                    refused_claim = (kw, float(bound))
                     entry["available_kw"], entry["availability"] = 0.0, C.UNAVAILABLE.value
                     entry["detail"] = {"reason": f"claimed {kw:g} kW available, more than the client's contracted "
                                                  f"power ({bound:g} kW): not believed", "claimed_kw": kw,
@@ -525,7 +525,7 @@ class RequestBook:
                 put[col] = entry
                 put["r:answered"] = answered
                 write.verdicts.append(OutcomeVerdict(True, addressed, changed=True, request_state=current,
-                                                     refused_claim=refused))
+                                                     refused_claim=refused_claim))
                 continue
             if entry["state"] in _TERMINAL:  # a re-sent outcome, the common duplicate: a terminal state stays
                 write.verdicts.append(OutcomeVerdict(True, addressed, request_state=current))

@@ -25,7 +25,9 @@ def _serve(args: argparse.Namespace) -> int:
     # hub's CPU per request.
     uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port, loop="uvloop",
                 http="httptools", log_level=args.log_level.lower(), access_log=False, timeout_graceful_shutdown=3,
-                ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
+                ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile,
+                # Behind a TLS proxy: the client's scheme and address from X-Forwarded-*, believed only from it.
+                proxy_headers=settings.behind_tls_proxy, forwarded_allow_ips=settings.forwarded_allow_ips)
     return 0
 
 

@@ -9,13 +9,15 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mhp_wire.production import production_error, production_problems
 from mhp_wire.topics import check_id
 
 
 class HubSettings(BaseSettings):
     """Everything the hub needs to start."""
 
-    model_config = SettingsConfigDict(env_prefix="MHP_HUB_", extra="forbid")
+    # hide_input_in_errors: a validation error never echoes a value (a password next to a bad port).
+    model_config = SettingsConfigDict(env_prefix="MHP_HUB_", extra="forbid", hide_input_in_errors=True)
 
     environment: Literal["development", "production"] = "development"
     http_host: str = "127.0.0.1"
@@ -32,6 +34,11 @@ class HubSettings(BaseSettings):
     tls_certfile: Path | None = None
     """With ``tls_keyfile``: the HTTP API is served over HTTPS only, with this certificate (chain) in PEM."""
     tls_keyfile: Path | None = None
+    behind_tls_proxy: bool = False
+    """The HTTP API is served plain to a TLS-terminating proxy: its X-Forwarded-Proto/For are honoured (only from
+    ``forwarded_allow_ips``). In production the API needs this or ``tls_certfile``/``tls_keyfile``."""
+    forwarded_allow_ips: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    """Addresses of the TLS proxy whose X-Forwarded-* headers are believed (``behind_tls_proxy``)."""
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     storage: Literal["embedded", "hbase"] = "embedded"
     """``embedded``: SQLite in ``db_path``; ``hbase``: an HBase cluster through its Thrift gateways."""
@@ -61,6 +68,18 @@ class HubSettings(BaseSettings):
     Mosquitto 2.0 hands a stored offline session its share of the group's messages (``docs/decisions.md``)."""
     replica_forward_timeout_s: float = Field(5.0, gt=0)
     """How long a replica waits for the owner's answer to a forwarded cancel before answering 503."""
+
+    @model_validator(mode="after")
+    def _production_profile(self) -> HubSettings:
+        if self.environment == "production":
+            problems = production_problems(
+                secrets={"mqtt_password": self.mqtt_password},
+                mqtt_ca_files={"mqtt_tls_ca_file": self.mqtt_tls_ca_file},
+                listeners={"HTTP API (tls_certfile and tls_keyfile, or behind_tls_proxy = true)":
+                           self.behind_tls_proxy or (self.tls_certfile is not None and self.tls_keyfile is not None)})
+            if problems:
+                raise ValueError(production_error(problems))
+        return self
 
     @model_validator(mode="after")
     def _no_default_secrets(self) -> HubSettings:

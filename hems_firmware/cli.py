@@ -105,7 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     prov.add_argument("--id")
     prov.add_argument("--client-id")
     prov.add_argument("--broker", help="the retailer broker, host:port")
-    prov.add_argument("--password", help="this gateway's MQTT password")
+    # --password stays known only to refuse it with a clear message: a password on argv is readable by every user
+    # of the box (ps, /proc/PID/cmdline) and kept in shell history.
+    prov.add_argument("--password", help=argparse.SUPPRESS)
+    pw = prov.add_mutually_exclusive_group()
+    pw.add_argument("--password-file", type=Path, help="read this gateway's MQTT password from the file's first line")
+    pw.add_argument("--password-stdin", action="store_true",
+                    help="read this gateway's MQTT password from the first line of standard input")
+    prov.add_argument("--ca-file", type=Path, help="the CA of the retailer broker's certificate: the uplink is TLS")
+    prov.add_argument("--production", action="store_true",
+                      help='environment "production": the gateway then refuses to run without TLS and a password')
     prov.add_argument("--device", action="append",
                       help="key=value,... of one [[devices]] entry (repeat), e.g. "
                            "name=meter,driver=eastron_sdm630,transport=modbus-rtu,serial_port=/dev/ttyUSB0")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from device_drivers.config import DeviceConfig
+from mhp_wire.production import production_error, production_problems
 from mhp_wire.topics import check_id
 
 
@@ -54,6 +57,9 @@ class GatewaySection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str
     client_id: str
+    environment: Literal["development", "production"] = "development"
+    """``production`` refuses a plain uplink (no ``uplink.tls_ca_file``), an empty password, and the field
+    testers' page (plain HTTP) off the loopback address."""
     uplink: Uplink = Field(default_factory=lambda: Uplink())
     state_dir: Path = Path("/var/lib/hems-gateway")
     poll_interval_s: float = Field(1.0, gt=0)
@@ -77,11 +83,30 @@ class GatewaySection(BaseModel):
     def _valid_id(cls, v: str) -> str:
         return check_id(v)
 
+    @model_validator(mode="after")
+    def _production_profile(self) -> GatewaySection:
+        if self.environment == "production":
+            problems = production_problems(secrets={"uplink.password": self.uplink.password},
+                                           mqtt_ca_files={"uplink.tls_ca_file": self.uplink.tls_ca_file})
+            if self.web_port is not None and not _is_loopback(self.web_host):
+                problems.append("web_host must be a loopback address: the field testers' page has no TLS "
+                                "(reach it through an SSH tunnel)")
+            if problems:
+                raise ValueError(production_error(problems))
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
 
 class GatewayConfig(BaseModel):
     """A whole gateway configuration file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     gateway: GatewaySection
     devices: list[DeviceConfig] = Field(default_factory=list)
 

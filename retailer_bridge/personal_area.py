@@ -501,10 +501,11 @@ class PersonalArea:
 
     @property
     def url(self) -> str:
-        """``http://host:port`` while serving."""
+        """``http://host:port`` (``https://`` with its own certificate) while serving."""
         assert self.address is not None, "the personal area is not serving"
         host, port = self.address
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        scheme = "https" if self.settings.personal_area_tls_certfile is not None else "http"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
     # -- sessions -------------------------------------------------------------------------------------------
 
@@ -744,7 +745,8 @@ class PersonalArea:
             proxies = s.personal_area_trusted_proxies
             config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", ws="none",
                                     proxy_headers=bool(proxies), forwarded_allow_ips=list(proxies) or None,
-                                    server_header=False, timeout_graceful_shutdown=2)
+                                    server_header=False, timeout_graceful_shutdown=2,
+                                    ssl_certfile=s.personal_area_tls_certfile, ssl_keyfile=s.personal_area_tls_keyfile)
             server = EmbeddedServer(config)
             serving = asyncio.create_task(server.serve(sockets=[sock]), name="bridge-personal-area")
             self.address = sock.getsockname()[:2]

@@ -11,13 +11,15 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mhp_wire.production import production_error, production_problems
 from mhp_wire.topics import check_id
 
 
 class BridgeSettings(BaseSettings):
     """Everything one retailer's bridge needs to start."""
 
-    model_config = SettingsConfigDict(env_prefix="MHP_BRIDGE_", extra="forbid")
+    # hide_input_in_errors: a validation error never echoes a value (a password next to a bad port).
+    model_config = SettingsConfigDict(env_prefix="MHP_BRIDGE_", extra="forbid", hide_input_in_errors=True)
 
     environment: Literal["development", "production"] = "development"
     retailer_id: str
@@ -52,6 +54,8 @@ class BridgeSettings(BaseSettings):
     influx_token: str = ""
     influx_org: str = "mhp"
     influx_bucket: str = "telemetry"
+    influx_ca_file: str | None = None
+    """CA that signed an ``https://`` InfluxDB's certificate (the system's CAs when None)."""
     telemetry_batch_size: int = Field(500, ge=1)
     telemetry_flush_interval_s: float = Field(1.0, gt=0)
     telemetry_spool_max: int = Field(1_000_000, ge=1000)
@@ -60,7 +64,7 @@ class BridgeSettings(BaseSettings):
     personal_area_port: int | None = None
     """The customers' personal area (web); None: not served."""
     personal_area_secure_cookies: bool = False
-    """Mark session cookies Secure (set it when the personal area is behind HTTPS)."""
+    """Mark session cookies Secure (set it when the personal area is behind HTTPS); implied by TLS or a proxy."""
     personal_area_trusted_proxies: list[str] = Field(default_factory=list)
     """Addresses or networks (``10.0.0.0/8``) of reverse proxies whose ``X-Forwarded-For`` names the customer's
     address; empty: the socket peer is the customer's address and the header is ignored."""
@@ -72,6 +76,12 @@ class BridgeSettings(BaseSettings):
     personal_area_address_burst: int = Field(30, ge=1)
     personal_area_scrypt_n: int = Field(2**17, ge=2**10)
     """scrypt's cost N for new personal-area passwords (r=8, p=1); below 2**17 only in development (tests)."""
+    personal_area_tls_certfile: Path | None = None
+    """With ``personal_area_tls_keyfile``: the personal area is served over HTTPS only (certificate chain, PEM)."""
+    personal_area_tls_keyfile: Path | None = None
+    personal_area_behind_tls_proxy: bool = False
+    """Served plain to a TLS-terminating proxy: Secure cookies; list the proxy in ``personal_area_trusted_proxies``
+    so that X-Forwarded-Proto/For are honoured (from it only)."""
 
     @field_validator("retailer_id")
     @classmethod
@@ -99,11 +109,33 @@ class BridgeSettings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _production_profile(self) -> BridgeSettings:
+        if (self.personal_area_tls_certfile is None) != (self.personal_area_tls_keyfile is None):
+            raise ValueError("the personal area's HTTPS needs both personal_area_tls_certfile and "
+                             "personal_area_tls_keyfile (or neither)")
+        https = self.personal_area_tls_certfile is not None
+        if https or self.personal_area_behind_tls_proxy:
+            self.personal_area_secure_cookies = True
+        if self.environment == "production":
+            listeners = {} if self.personal_area_port is None else {
+                "personal area (personal_area_tls_certfile and personal_area_tls_keyfile, or "
+                "personal_area_behind_tls_proxy = true)": https or self.personal_area_behind_tls_proxy}
+            problems = production_problems(
+                secrets={"hub_mqtt_password": self.hub_mqtt_password, "local_mqtt_password": self.local_mqtt_password},
+                mqtt_ca_files={"hub_mqtt_tls_ca_file": self.hub_mqtt_tls_ca_file,
+                               "local_mqtt_tls_ca_file": self.local_mqtt_tls_ca_file},
+                listeners=listeners,
+                https_urls={"influx_url": self.influx_url if self.telemetry_store == "influxdb" else None})
+            if self.personal_area_scrypt_n < 2**17:
+                problems.append("personal_area_scrypt_n below 2**17 is for development only")
+            if problems:
+                raise ValueError(production_error(problems))
+        return self
+
+    @model_validator(mode="after")
     def _check(self) -> BridgeSettings:
         if self.environment == "production" and not (self.hub_mqtt_password and self.local_mqtt_password):
             raise ValueError("MQTT passwords must be set outside development")
-        if self.environment == "production" and self.personal_area_scrypt_n < 2**17:
-            raise ValueError("personal_area_scrypt_n below 2**17 is for development only")
         if self.telemetry_store == "influxdb" and not self.influx_url:
             raise ValueError("telemetry_store 'influxdb' needs influx_url")
         if self.customers_file is not None:

@@ -163,8 +163,11 @@ class SqlitePointStore:
 class InfluxPointStore:
     """InfluxDB's v2 write API (``/api/v2/write``), through influxdb-client's synchronous writer on a worker thread."""
 
-    def __init__(self, url: str, token: str, org: str, bucket: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, token: str, org: str, bucket: str, *, timeout_s: float = 10.0,
+                 ca_file: str | None = None) -> None:
         self.url, self.org, self.bucket = url, org, bucket
+        self.ca_file = ca_file
+        """The CA an ``https://`` server's certificate is verified with (the system's CAs when None)."""
         self._token = token
         self._timeout_ms = max(1, int(timeout_s * 1000))
         self._client: Any = None
@@ -177,7 +180,8 @@ class InfluxPointStore:
         from influxdb_client import InfluxDBClient
         from influxdb_client.client.write_api import SYNCHRONOUS
 
-        self._client = InfluxDBClient(url=self.url, token=self._token, org=self.org, timeout=self._timeout_ms)
+        self._client = InfluxDBClient(url=self.url, token=self._token, org=self.org, timeout=self._timeout_ms,
+                                      verify_ssl=True, ssl_ca_cert=self.ca_file)
         self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
 
     @staticmethod
@@ -243,7 +247,8 @@ class TelemetryExporter:
 
     def __init__(self, kind: Literal["sqlite", "influxdb", "none"], db_path: Path | str, *,
                  influx_url: str | None = None, influx_token: str = "", influx_org: str = "mhp",
-                 influx_bucket: str = "telemetry", influx_timeout_s: float = 10.0, batch_size: int = 500,
+                 influx_bucket: str = "telemetry", influx_timeout_s: float = 10.0,
+                 influx_ca_file: str | None = None, batch_size: int = 500,
                  flush_interval_s: float = 1.0, spool_max: int = 1_000_000, pending_max: int = 10_000,
                  retry_base_s: float = 0.5, retry_max_s: float = 30.0) -> None:
         self.kind = kind
@@ -276,7 +281,7 @@ class TelemetryExporter:
                 raise ValueError("telemetry store 'influxdb' needs influx_url")
             self._db = SqliteThread(self.db_path, SPOOL_SCHEMA, name="telemetry")
             self.store = InfluxPointStore(influx_url, influx_token, influx_org, influx_bucket,
-                                          timeout_s=influx_timeout_s)
+                                          timeout_s=influx_timeout_s, ca_file=influx_ca_file)
 
     @classmethod
     def from_settings(cls, settings: BridgeSettings, **tuning: Any) -> TelemetryExporter:
@@ -287,7 +292,8 @@ class TelemetryExporter:
             db_path = settings.db_path.with_name(f"{settings.db_path.stem}-telemetry.db")
         return cls(settings.telemetry_store, db_path, influx_url=settings.influx_url,
                    influx_token=settings.influx_token, influx_org=settings.influx_org,
-                   influx_bucket=settings.influx_bucket, batch_size=settings.telemetry_batch_size,
+                   influx_bucket=settings.influx_bucket, influx_ca_file=settings.influx_ca_file,
+                   batch_size=settings.telemetry_batch_size,
                    flush_interval_s=settings.telemetry_flush_interval_s, spool_max=settings.telemetry_spool_max,
                    **tuning)
 

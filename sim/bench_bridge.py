@@ -40,6 +40,7 @@ from mhp_wire.messages import (
     encode,
 )
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from mhp_wire.secretfile import write_private
 from sim.bench_gateway import pct
 from sim.stack.stack import free_port
 
@@ -56,13 +57,13 @@ async def bench(n_gateways: int, n_requests: int, per_request: int) -> dict[str,
                              parties=[Identity(g, c["password"]) for g, c in gws.items()])
         with MosquittoProcess(hub_spec) as hub_broker, MosquittoProcess(r1_spec) as r1_broker:
             cfg = tmp / "bridge.toml"
-            cfg.write_text(tomli_w.dumps({"bridge": {
+            write_private(cfg, tomli_w.dumps({"bridge": {
                 "retailer_id": "r1", "hub_mqtt_port": hub_broker.port, "hub_mqtt_password": "r1-pw",
                 "local_mqtt_port": r1_broker.port, "local_mqtt_password": r1_spec.privileged.password,
                 "db_path": str(tmp / "bridge.db"), "telemetry_store": "none",
                 "customers": {c["client_id"]: g for g, c in gws.items()}}}))
             creds = tmp / "fleet.json"
-            creds.write_text(json.dumps(gws))
+            write_private(creds, json.dumps(gws))
             ready = tmp / "fleet.ready"
             procs = [
                 subprocess.Popen([sys.executable, "-m", "retailer_bridge.cli", "--log-level", "WARNING", "run",

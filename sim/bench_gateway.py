@@ -32,6 +32,7 @@ from device_drivers.sim.server import ModbusSimServer
 from mhp_wire import topics
 from mhp_wire.messages import Command, EmergencyParams, RequestKind, encode
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from mhp_wire.secretfile import write_private
 from sim.stack.stack import free_port
 
 
@@ -54,7 +55,7 @@ def gateway_process(tmp: Path, name: str, broker: MosquittoProcess, password: st
                        "uplink": {"host": broker.host, "port": broker.port, "password": password}, **gateway},
            "devices": devices}
     path = tmp / f"{name}.toml"
-    path.write_text(tomli_w.dumps(cfg))
+    write_private(path, tomli_w.dumps(cfg))
     return subprocess.Popen([sys.executable, "-m", "hems_firmware.cli", "--log-level", "WARNING", "run", "--config",
                              str(path)], preexec_fn=die_with_parent())
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -62,6 +62,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mhp_wire.production import production_error, production_problems
 from mhp_wire.webserver import EmbeddedServer, bind
 from retailer_bridge.accounts import hash_password, verify_password
 from retailer_bridge.personal_area import with_security_headers
@@ -300,9 +301,30 @@ class DsoWebSettings:
     poll_s: float = 0.25
     settle_s: float = 2.0
     secure_cookies: bool = False
-    """Cookies only over HTTPS (``__Host-`` names): when a TLS proxy fronts the page."""
+    """Cookies only over HTTPS (``__Host-`` names); implied by ``tls_certfile`` and ``behind_tls_proxy``."""
+    environment: Literal["development", "production"] = "development"
+    """``production`` refuses a plain listener (no certificate and no TLS proxy) and a plain ``http://`` hub."""
+    tls_certfile: Path | None = None
+    """With ``tls_keyfile``: the page is served over HTTPS only (certificate chain, PEM)."""
+    tls_keyfile: Path | None = None
+    behind_tls_proxy: bool = False
+    """Served plain to a TLS-terminating proxy: Secure cookies, X-Forwarded-Proto/For honoured from
+    ``forwarded_allow_ips`` only."""
+    forwarded_allow_ips: list[str] = field(default_factory=lambda: ["127.0.0.1"])
 
     def __post_init__(self) -> None:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("HTTPS needs both a certificate and its key (--tls-certfile, --tls-keyfile)")
+        if self.tls_certfile is not None or self.behind_tls_proxy:
+            self.secure_cookies = True
+        if self.environment == "production":
+            problems = production_problems(
+                secrets={"the DSO's bearer token": self.token.strip()},
+                listeners={"DSO page (--tls-certfile and --tls-keyfile, or --behind-tls-proxy)":
+                           self.tls_certfile is not None or self.behind_tls_proxy},
+                https_urls={"the hub URL": self.hub_url})
+            if problems:
+                raise ValueError(production_error(problems))
         if not self.token.strip():
             raise ValueError("the DSO's bearer token is empty")
         if self.password_hash is None and not is_loopback(self.host):
@@ -404,10 +426,11 @@ class DsoWeb:
 
     @property
     def url(self) -> str:
-        """``http://host:port`` while serving."""
+        """``http://host:port`` (``https://`` with its own certificate) while serving."""
         assert self.address is not None, "the DSO page is not serving"
         host, port = self.address
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        scheme = "https" if self.settings.tls_certfile is not None else "http"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
     # -- sessions ---------------------------------------------------------------------------------------------
 
@@ -723,7 +746,9 @@ class DsoWeb:
                                      headers={"Authorization": f"Bearer {s.token.strip()}"}) as http:
             self.http = http
             config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", ws="none",
-                                    proxy_headers=False, server_header=False, timeout_graceful_shutdown=2)
+                                    server_header=False, timeout_graceful_shutdown=2,
+                                    ssl_certfile=s.tls_certfile, ssl_keyfile=s.tls_keyfile,
+                                    proxy_headers=s.behind_tls_proxy, forwarded_allow_ips=s.forwarded_allow_ips)
             server = EmbeddedServer(config)
             serving = asyncio.create_task(server.serve(sockets=[sock]), name="dso-web")
             self.address = sock.getsockname()[:2]  # bound already: connections wait in its backlog until served
@@ -797,7 +822,15 @@ def main(argv: list[str] | None = None) -> int:
     login.add_argument("--no-login", action="store_true", help="no sign-in (only on a loopback address)")
     parser.add_argument("--ca-file", type=Path, help="the CA of the hub's HTTPS certificate")
     parser.add_argument("--poll-s", type=float, default=0.25, help="how often a followed request is asked for")
-    parser.add_argument("--secure-cookies", action="store_true", help="behind a TLS proxy: HTTPS-only cookies")
+    parser.add_argument("--secure-cookies", action="store_true", help="HTTPS-only cookies (implied by the next two)")
+    parser.add_argument("--tls-certfile", type=Path, help="with --tls-keyfile: serve the page over HTTPS")
+    parser.add_argument("--tls-keyfile", type=Path)
+    parser.add_argument("--behind-tls-proxy", action="store_true",
+                        help="served to a TLS proxy: Secure cookies, X-Forwarded-* from --forwarded-allow-ips")
+    parser.add_argument("--forwarded-allow-ips", default="127.0.0.1",
+                        help="comma-separated addresses of the TLS proxy (default 127.0.0.1)")
+    parser.add_argument("--environment", choices=["development", "production"], default="development",
+                        help="production: refuse a plain listener and a plain http:// hub")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(args)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -805,7 +838,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = DsoWebSettings(
             hub_url=ns.hub_url.rstrip("/"), token=ns.token_file.read_text(), host=ns.host, port=ns.port,
             password_hash=None if ns.no_login else ns.password_hash_file.read_text().strip(), ca_file=ns.ca_file,
-            poll_s=ns.poll_s, secure_cookies=ns.secure_cookies)
+            poll_s=ns.poll_s, secure_cookies=ns.secure_cookies, environment=ns.environment,
+            tls_certfile=ns.tls_certfile, tls_keyfile=ns.tls_keyfile, behind_tls_proxy=ns.behind_tls_proxy,
+            forwarded_allow_ips=[a.strip() for a in ns.forwarded_allow_ips.split(",") if a.strip()])
     except (OSError, ValueError) as exc:
         print(f"mhp-sim dso-web: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, die_with_parent, generate_password
 from cloud_hub.tokens import TokenBook
+from mhp_wire.secretfile import write_private
 from sim.experiment import report
 from sim.experiment.dso_sim import BILLING_PERIOD_START, TYPES
 from sim.stack.stack import free_port
@@ -230,7 +231,7 @@ class Experiment:
         """Write the TOML settings of one hub process ``name``; returns the file and the hub's URL."""
         http_port = free_port()
         cfg = self.work / f"{name}.toml"
-        cfg.write_text(tomli_w.dumps({"hub": {
+        write_private(cfg, tomli_w.dumps({"hub": {
             "http_host": "127.0.0.1", "http_port": http_port, "db_path": str(self.work / "hub.db"),
             "tokens_file": str(tokens_file), "mqtt_host": "127.0.0.1", "mqtt_port": broker_port,
             "mqtt_username": identity.username, "mqtt_password": identity.password,
@@ -238,7 +239,6 @@ class Experiment:
             "rate_limit_per_s": 1_000_000.0, "rate_limit_burst": 1_000_000,
             "mqtt_rate_limit_per_s": 1_000_000.0, "mqtt_rate_limit_burst": 1_000_000, **self.storage_settings,
             **extra}}))
-        os.chmod(cfg, 0o600)
         return cfg, f"http://127.0.0.1:{http_port}"
 
     def _spawn_hub(self, name: str, cfg: Path) -> subprocess.Popen[bytes]:
@@ -268,13 +268,12 @@ class Experiment:
         await self._wait_online(hub_url, tokens)
         self.log(f"{p.retailers} RP simulator(s) online; starting the DSO simulator")
         dso_cfg = self.work / "dso.json"
-        dso_cfg.write_text(json.dumps({
+        write_private(dso_cfg, json.dumps({
             "hub_url": hub_url, "token": tokens["dso"], "clients": self.client_ids, "rates_per_min": p.rates(),
             "fractions": p.fractions, "duration_s": p.duration_s, "warmup_s": p.warmup_s, "drain_s": p.drain_s,
             "poll_interval_s": p.poll_interval_s, "first_poll_s": p.first_poll_s if p.first_poll_s is not None
             else p.poll_interval_s, "lag_bound_ms": p.lag_bound_ms, "workers": p.dso_workers,
             "progress_interval_s": p.progress_interval_s, "seed": p.seed, "retry_s": p.retry_s}))
-        os.chmod(dso_cfg, 0o600)
         names = ["dso-sim"] if p.dso_workers == 1 else [f"dso-sim-{i + 1}" for i in range(p.dso_workers)]
         dsos = {name: self._spawn(name, [sys.executable, "-m", "sim.experiment.dso_sim", "--config", str(dso_cfg),
                                          "--worker", str(i), "--out", str(self.work / f"{name}.requests.jsonl"),
@@ -361,8 +360,7 @@ class Experiment:
         for k, group in enumerate(groups):
             name = f"rp-{group[0]}" if len(group) == 1 else f"rp-sim-{k + 1}"
             ids = self.work / f"{name}.identities.json"
-            ids.touch(0o600)
-            ids.write_text(json.dumps({r: passwords[r] for r in group}))
+            write_private(ids, json.dumps({r: passwords[r] for r in group}))
             ready.append(self.work / f"{name}.ready")
             self._spawn(name, [sys.executable, "-m", "sim.experiment.rp_sim", "--port", str(broker_port),
                                "--identities", str(ids), "--delay-min-ms", str(p.rp_delay_min_ms),

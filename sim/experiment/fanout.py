@@ -43,6 +43,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, generate_password
+from mhp_wire.secretfile import write_private
 from sim.experiment.base import BaseParams, Experiment, machine, proc_sample
 from sim.experiment.dso_sim import pct
 from sim.stack.stack import free_port
@@ -211,12 +212,11 @@ class FanoutExperiment(Experiment):
 
     def _start_bridge(self, r: str, hub_port: int, password: str, broker: MosquittoProcess) -> None:
         cfg = self.work / f"bridge-{r}.toml"
-        cfg.write_text(tomli_w.dumps({"bridge": {
+        write_private(cfg, tomli_w.dumps({"bridge": {
             "retailer_id": r, "hub_mqtt_port": hub_port, "hub_mqtt_password": password,
             "local_mqtt_port": broker.port, "local_mqtt_password": broker.spec.privileged.password,
             "db_path": str(self.work / f"bridge-{r}.db"), "telemetry_store": "none",
             "customers": {c: gateway_of(c) for c in self.clients_of[r]}}}))
-        os.chmod(cfg, 0o600)
         self._spawn(f"bridge-{r}", [sys.executable, "-m", "retailer_bridge.cli", "--log-level", "WARNING", "run",
                                     "--config", str(cfg)])
 
@@ -226,9 +226,8 @@ class FanoutExperiment(Experiment):
         for k in range(n):
             name = f"fleet-{r}-{k + 1}"
             creds = self.work / f"{name}.creds.json"
-            creds.write_text(json.dumps({gateway_of(c): {"client_id": c, "password": self.gateway_passwords[
+            write_private(creds, json.dumps({gateway_of(c): {"client_id": c, "password": self.gateway_passwords[
                 gateway_of(c)]} for c in clients[k::n]}))
-            os.chmod(creds, 0o600)
             for old in (self.work / f"{name}.ready", self.work / f"{name}.stats.json"):
                 old.unlink(missing_ok=True)
             self._spawn(name, [sys.executable, "-m", "sim.fleet", "--port", str(broker.port), "--credentials",

@@ -31,6 +31,7 @@ from mhp_wire import topics
 from mhp_wire.messages import Presence, Tariff, WireError, decode
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.ports import free_port
+from mhp_wire.secretfile import write_private
 from retailer_bridge.accounts import hash_password
 from sim.dso_web import is_loopback
 from sim.stack.supervisor import Child, Supervisor
@@ -126,15 +127,13 @@ class Stack:
     def _write_toml(self, name: str, data: dict[str, Any]) -> Path:
         path = self.dir / "config" / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(tomli_w.dumps(data).encode())
-        os.chmod(path, 0o600)
-        return path
+        return write_private(path, tomli_w.dumps(data))
 
     # -- start --------------------------------------------------------------------------------------------
 
     async def start(self, timeout_s: float = 60.0) -> None:
         """Start every part, register retailers and clients with the hub, and wait until all are online."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         (self.dir / "logs").mkdir(exist_ok=True)
         deadline = time.monotonic() + timeout_s
@@ -213,9 +212,7 @@ class Stack:
     def _start_dso_web(self) -> None:
         """The DSO's page (``mhp-sim dso-web``), holding the DSO's token; with an operator password off loopback."""
         token_file = self.dir / "dso-token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.tokens["dso"])
+        write_private(token_file, self.tokens["dso"])
         self.dso_web_port = free_port(self.host)
         args = ["dso-web", "--hub-url", self.hub_url, "--token-file", str(token_file), "--host", self.host,
                 "--port", str(self.dso_web_port), "--log-level", self.log_level]
@@ -224,7 +221,7 @@ class Stack:
         else:
             self.dso_web_password = generate_password()
             hash_file = self.dir / "dso-web-password.hash"
-            hash_file.write_text(hash_password(self.dso_web_password))
+            write_private(hash_file, hash_password(self.dso_web_password))
             args += ["--password-hash-file", str(hash_file)]
         if self.pki is not None:
             args += ["--ca-file", str(self.pki.ca_file)]
@@ -383,10 +380,7 @@ class Stack:
             "tls": {"ca_file": str(self.pki.ca_file)} if self.pki is not None else None,
         }
         path = self.dir / "stack.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.info, indent=2))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        write_private(path, json.dumps(self.info, indent=2))
 
     async def supervise(self) -> None:
         """Restart whatever dies, until cancelled."""

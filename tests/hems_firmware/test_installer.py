@@ -20,8 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def args(tmp: Path, **over: object) -> argparse.Namespace:
+    password_file = tmp / "gateway-password"
+    password_file.write_text("s3cret\n")
     base = {"output": tmp / "gateway.toml", "id": "gw-9", "client_id": "c9", "broker": "10.0.0.2:1884",
-            "password": "s3cret", "device": ["name=meter,driver=eastron_sdm630,transport=modbus-tcp,host=10.0.0.5,"
+            "password": None, "password_file": password_file, "password_stdin": False, "ca_file": None,
+            "production": False, "device": ["name=meter,driver=eastron_sdm630,transport=modbus-tcp,host=10.0.0.5,"
                                              "port=502,unit_id=1",
                                              "name=boiler,driver=modbus_relay,transport=modbus-tcp,host=10.0.0.6,"
                                              "port=502,coil=0,rated_power_kw=2.0,sheddable=true,priority=1"],
@@ -41,10 +44,10 @@ def test_provision_from_flags_writes_a_valid_config(tmp_path: Path) -> None:
 
 
 def test_provision_asks_for_what_is_missing(tmp_path: Path) -> None:
-    answers = iter(["gw-7", "c7", "127.0.0.1:1883", "pw", "name=m,driver=eastron_sdm120,transport=modbus-rtu,"
+    answers = iter(["gw-7", "c7", "127.0.0.1:1883", "name=m,driver=eastron_sdm120,transport=modbus-rtu,"
                     "serial_port=/dev/ttyUSB0", ""])
-    a = args(tmp_path, id=None, client_id=None, broker=None, password=None, device=None, interactive=True)
-    assert provision(a, ask=lambda q: next(answers)) == 0
+    a = args(tmp_path, id=None, client_id=None, broker=None, password_file=None, device=None, interactive=True)
+    assert provision(a, ask=lambda q: next(answers), ask_secret=lambda q: "pw") == 0
     data = tomllib.loads((tmp_path / "gateway.toml").read_text())
     assert data["gateway"]["id"] == "gw-7" and data["devices"][0]["driver"] == "eastron_sdm120"
 
