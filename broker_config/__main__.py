@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queued-messages", type=int, default=100_000)
     parser.add_argument("--max-packet-size", type=int, default=256 * 1024)
     parser.add_argument("--autosave-interval", type=int, default=10)
+    parser.add_argument("--use-username-as-clientid", action=argparse.BooleanOptionalAction, default=True,
+                        help="replace each client id by the username (default: on), so that no identity can take "
+                             "over another's session by reusing its client id; --no-use-username-as-clientid only "
+                             "where all users trust each other")
     parser.add_argument("--tls-cafile", type=Path, help="with --tls-certfile and --tls-keyfile: a TLS listener")
     parser.add_argument("--tls-certfile", type=Path)
     parser.add_argument("--tls-keyfile", type=Path)
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             max_queued_messages=args.max_queued_messages,
             max_packet_size=args.max_packet_size,
             autosave_interval=args.autosave_interval,
+            use_username_as_clientid=args.use_username_as_clientid,
             tls=_tls_option(args),
         )
         conf = render(spec)

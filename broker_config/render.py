@@ -91,10 +91,13 @@ class BrokerSpec:
     """Whole MQTT packet in bytes; a client sending a larger one is disconnected."""
     autosave_interval: int = 10
     """Seconds between persistence snapshots (also written on SIGTERM, never on SIGKILL)."""
-    use_username_as_clientid: bool = False
-    """Replace every client id by the username. Without it, any user who knows another's client id can
-    disconnect it and take over (and so empty) its persistent session; with it, each username can hold only
-    one connection at a time (a hub or bridge needing several connections needs several identities)."""
+    use_username_as_clientid: bool = True
+    """Replace every client id by the username (the default). Without it, any user who knows another's client id
+    (they are predictable: ``bridge``, ``hub-1``, a gateway id) can disconnect it and take over, and so empty, its
+    persistent session. The price: each username holds one connection at a time, so a hub replica or a second
+    process of one party needs an identity of its own (``extra_privileged``); the stack, the fleet simulator and
+    the scale-out experiment already log in that way. ``False`` only for a broker whose users all trust each
+    other."""
     log_types: tuple[str, ...] = _DEFAULT_LOG_TYPES
     run_as_user: str | None = None
     """User Mosquitto switches to when started as root; ``None`` = the current user (it must read data_dir)."""

@@ -124,7 +124,7 @@ def test_conf_has_the_required_settings(tmp_path: Path) -> None:
         f"password_file {data_dir}/passwords",
         f"acl_file {data_dir}/acl",
         "listener 1999 127.0.0.2",
-        "use_username_as_clientid false",
+        "use_username_as_clientid true",
         "set_tcp_nodelay true",
         "max_inflight_messages 1000",
         "max_queued_messages 100000",
@@ -148,7 +148,7 @@ def test_conf_tuning_is_passed_through(tmp_path: Path) -> None:
         max_queued_messages=0,
         max_packet_size=1024,
         autosave_interval=60,
-        use_username_as_clientid=True,
+        use_username_as_clientid=False,
     )
     lines = conf_lines(spec)
     for expected in [
@@ -156,7 +156,7 @@ def test_conf_tuning_is_passed_through(tmp_path: Path) -> None:
         "max_queued_messages 0",
         "max_packet_size 1024",
         "autosave_interval 60",
-        "use_username_as_clientid true",
+        "use_username_as_clientid false",
     ]:
         assert expected in lines
 
@@ -304,3 +304,15 @@ def test_cli_as_module(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "d" / "passwords").read_text().startswith("hub:$7$101$")
+
+
+def test_cli_binds_client_ids_to_usernames_unless_told_otherwise(tmp_path: Path) -> None:
+    """``python -m broker_config render|run`` renders ``use_username_as_clientid true`` (client-id takeover); the
+    opt-out is explicit."""
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps({"privileged": {"username": "hub", "password": "h"}}))
+    argv = ["render", "--kind", "hub", "--port", "1883", "--identities-json", str(ids)]
+    assert cli_main([*argv, "--data-dir", str(tmp_path / "on")]) == 0
+    assert "use_username_as_clientid true" in (tmp_path / "on" / "mosquitto.conf").read_text().splitlines()
+    assert cli_main([*argv, "--data-dir", str(tmp_path / "off"), "--no-use-username-as-clientid"]) == 0
+    assert "use_username_as_clientid false" in (tmp_path / "off" / "mosquitto.conf").read_text().splitlines()
