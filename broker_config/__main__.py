@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--identities-json", type=Path, required=True)
     parser.add_argument("--max-inflight-messages", type=int, default=1000)
     parser.add_argument("--max-queued-messages", type=int, default=100_000)
+    parser.add_argument("--max-queued-bytes", type=int, default=64 * 1024 * 1024)
     parser.add_argument("--max-packet-size", type=int, default=256 * 1024)
     parser.add_argument("--autosave-interval", type=int, default=10)
     parser.add_argument("--use-username-as-clientid", action=argparse.BooleanOptionalAction, default=True,
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             extra_privileged=extra,
             max_inflight_messages=args.max_inflight_messages,
             max_queued_messages=args.max_queued_messages,
+            max_queued_bytes=args.max_queued_bytes,
             max_packet_size=args.max_packet_size,
             autosave_interval=args.autosave_interval,
             use_username_as_clientid=args.use_username_as_clientid,

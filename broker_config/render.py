@@ -87,6 +87,10 @@ class BrokerSpec:
     max_inflight_messages: int = 1000
     max_queued_messages: int = 100_000
     """Per client; Mosquitto's default of 1000 drops messages under fan-out (delivery.md). 0 = no limit."""
+    max_queued_bytes: int = 64 * 1024 * 1024
+    """Per client, the bytes of QoS 1/2 messages queued beyond those in flight (with ``max_queued_messages``,
+    whichever is reached first); beyond it Mosquitto drops, as there. 64 MiB holds ~100,000 ordinary messages but
+    only 256 of the largest, so one offline client cannot make the broker hold 100,000 x 256 KiB. 0 = no limit."""
     max_packet_size: int = 256 * 1024
     """Whole MQTT packet in bytes; a client sending a larger one is disconnected."""
     autosave_interval: int = 10
@@ -164,7 +168,8 @@ def validate(spec: BrokerSpec) -> list[str]:
         errors.append(f"host must be a non-empty address without spaces, not {spec.host!r}")
     if any(c.isspace() for c in str(spec.data_dir)):
         errors.append(f"data_dir must not contain whitespace (Mosquitto config lines): {str(spec.data_dir)!r}")
-    for name in ("max_inflight_messages", "max_queued_messages", "max_packet_size", "autosave_interval"):
+    for name in ("max_inflight_messages", "max_queued_messages", "max_queued_bytes", "max_packet_size",
+                 "autosave_interval"):
         if getattr(spec, name) < 0:
             errors.append(f"{name} must be >= 0, not {getattr(spec, name)}")
     if spec.run_as_user is not None and not spec.run_as_user.strip():
@@ -261,6 +266,7 @@ def conf_text(spec: BrokerSpec) -> str:
         host=spec.host,
         max_inflight_messages=spec.max_inflight_messages,
         max_queued_messages=spec.max_queued_messages,
+        max_queued_bytes=spec.max_queued_bytes,
         max_packet_size=spec.max_packet_size,
         use_username_as_clientid=str(spec.use_username_as_clientid).lower(),
         persistence_location=f"{data_dir}/",

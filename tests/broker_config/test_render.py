@@ -24,7 +24,7 @@ from broker_config import (
 from broker_config.__main__ import main as cli_main
 from broker_config.render import acl_text, conf_text, validate
 from mhp_wire import topics
-from tests.broker_fixtures import free_port
+from tests.broker_fixtures import MosquittoFactory, free_port
 
 from .conftest import ConnectAs
 
@@ -128,6 +128,7 @@ def test_conf_has_the_required_settings(tmp_path: Path) -> None:
         "set_tcp_nodelay true",
         "max_inflight_messages 1000",
         "max_queued_messages 100000",
+        "max_queued_bytes 67108864",
         "max_packet_size 262144",
         "persistence true",
         f"persistence_location {data_dir}/",
@@ -146,6 +147,7 @@ def test_conf_tuning_is_passed_through(tmp_path: Path) -> None:
         tmp_path,
         max_inflight_messages=0,
         max_queued_messages=0,
+        max_queued_bytes=4096,
         max_packet_size=1024,
         autosave_interval=60,
         use_username_as_clientid=False,
@@ -154,6 +156,7 @@ def test_conf_tuning_is_passed_through(tmp_path: Path) -> None:
     for expected in [
         "max_inflight_messages 0",
         "max_queued_messages 0",
+        "max_queued_bytes 4096",
         "max_packet_size 1024",
         "autosave_interval 60",
         "use_username_as_clientid false",
@@ -316,3 +319,27 @@ def test_cli_binds_client_ids_to_usernames_unless_told_otherwise(tmp_path: Path)
     assert "use_username_as_clientid true" in (tmp_path / "on" / "mosquitto.conf").read_text().splitlines()
     assert cli_main([*argv, "--data-dir", str(tmp_path / "off"), "--no-use-username-as-clientid"]) == 0
     assert "use_username_as_clientid false" in (tmp_path / "off" / "mosquitto.conf").read_text().splitlines()
+
+
+def test_max_queued_bytes_caps_an_offline_clients_queue(
+    mosquitto_factory: MosquittoFactory, connect_as: ConnectAs
+) -> None:
+    """The rendered ``max_queued_bytes`` is Mosquitto's: beyond it, messages for an offline session are dropped
+    (the hub's and the bridges' outboxes re-send them), so one client cannot make the broker hold without bound."""
+    broker = mosquitto_factory("hub", ["r1"], "hub", max_queued_bytes=4096)
+    assert "max_queued_bytes 4096" in broker.spec.conf_path.read_text().splitlines()
+    r1 = connect_as(broker, "r1", clean_start=False, session_expiry=3600)
+    assert not r1.subscribe(topics.down("retailers", "r1")).is_failure
+    r1.disconnect()
+    hub = connect_as(broker, "hub")
+    for n in range(8):  # 8 KiB for a queue of 4 KiB
+        assert not hub.publish(topics.down("retailers", "r1"), bytes([n]) * 1024).is_failure  # type: ignore[union-attr]
+    r1.connect()
+    assert r1.session_present is True
+    assert not hub.publish(topics.down("retailers", "r1"), b"online again").is_failure  # type: ignore[union-attr]
+    got: list[bytes] = []
+    while not got or got[-1] != b"online again":
+        got.append(r1.next_message().payload)
+    kept = got[:-1]
+    assert 0 < len(kept) < 8, f"{len(kept)} of 8 queued messages kept: the queue was not capped"
+    assert kept == [bytes([n]) * 1024 for n in range(len(kept))], "what was kept is the oldest, in order"
