@@ -27,7 +27,7 @@ from typing import Any
 
 from .errors import BrokerError
 from .launcher import find_mosquitto
-from .render import BrokerSpec, BrokerTls, Identity, render
+from .render import PBKDF2_ITERATIONS, BrokerSpec, BrokerTls, Identity, render
 
 
 def _identity(raw: Any, where: str) -> Identity:
@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queued-bytes", type=int, default=64 * 1024 * 1024)
     parser.add_argument("--max-packet-size", type=int, default=256 * 1024)
     parser.add_argument("--autosave-interval", type=int, default=10)
+    parser.add_argument("--password-iterations", type=int, default=PBKDF2_ITERATIONS,
+                        help=f"PBKDF2-SHA512 iterations of the password hashes (default {PBKDF2_ITERATIONS:,})")
     parser.add_argument("--use-username-as-clientid", action=argparse.BooleanOptionalAction, default=True,
                         help="replace each client id by the username (default: on), so that no identity can take "
                              "over another's session by reusing its client id; --no-use-username-as-clientid only "
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             max_queued_bytes=args.max_queued_bytes,
             max_packet_size=args.max_packet_size,
             autosave_interval=args.autosave_interval,
+            password_iterations=args.password_iterations,
             use_username_as_clientid=args.use_username_as_clientid,
             tls=_tls_option(args),
         )

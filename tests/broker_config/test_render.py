@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker_config import (
+    GENERATED_PASSWORD_ITERATIONS,
     BrokerConfigError,
     BrokerSpec,
     Identity,
@@ -55,15 +56,15 @@ def test_hash_matches_mosquitto_passwd_vector() -> None:
         "McXvZHHVJ12D352A=="
     )
     salt = base64.b64decode("Zz5J5HImdMYgO8xV")
-    assert "alice:" + hash_password("secret", salt=salt) == line
+    assert "alice:" + hash_password("secret", salt=salt, iterations=101) == line
 
 
 def test_hash_is_salted() -> None:
     a, b = hash_password("same"), hash_password("same")
     assert a != b
-    assert a.startswith("$7$101$")
+    assert a.startswith("$7$210000$")  # OWASP's count for PBKDF2-HMAC-SHA512 (mosquitto_passwd writes 101)
     _, _, iterations, salt, digest = a.split("$")
-    assert (iterations, len(base64.b64decode(salt)), len(base64.b64decode(digest))) == ("101", 12, 64)
+    assert (iterations, len(base64.b64decode(salt)), len(base64.b64decode(digest))) == ("210000", 12, 64)
 
 
 def test_generated_passwords_are_long_and_distinct() -> None:
@@ -78,7 +79,8 @@ def test_mosquitto_accepts_a_python_generated_password_file_of_100_parties(
     from tests.broker_fixtures import BrokerHandle
 
     parties = [Identity(f"r{n}", generate_password()) for n in range(100)]
-    spec = hub_spec(tmp_path, port=free_port(), parties=parties)
+    # Generated passwords: the count for them (at 210,000 iterations these 101 hashes take ~20 s to write).
+    spec = hub_spec(tmp_path, port=free_port(), parties=parties, password_iterations=GENERATED_PASSWORD_ITERATIONS)
     t0 = time.perf_counter()
     render(spec)
     assert time.perf_counter() - t0 < 1.0
@@ -306,7 +308,7 @@ def test_cli_as_module(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "d" / "passwords").read_text().startswith("hub:$7$101$")
+    assert (tmp_path / "d" / "passwords").read_text().startswith("hub:$7$210000$")
 
 
 def test_cli_binds_client_ids_to_usernames_unless_told_otherwise(tmp_path: Path) -> None:
@@ -343,3 +345,11 @@ def test_max_queued_bytes_caps_an_offline_clients_queue(
     kept = got[:-1]
     assert 0 < len(kept) < 8, f"{len(kept)} of 8 queued messages kept: the queue was not capped"
     assert kept == [bytes([n]) * 1024 for n in range(len(kept))], "what was kept is the oldest, in order"
+
+
+def test_password_hashes_take_their_iteration_count_from_the_spec(tmp_path: Path) -> None:
+    spec = hub_spec(tmp_path, password_iterations=1000)
+    render(spec)
+    assert all(line.split(":", 1)[1].startswith("$7$1000$") for line in spec.password_path.read_text().splitlines())
+    with pytest.raises(BrokerConfigError, match="password_iterations"):
+        render(hub_spec(tmp_path, password_iterations=0))

@@ -32,6 +32,8 @@ from tests.broker_config.paho_client import TestClient
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 15.0
 CLI_TIMEOUT_S = 10.0
+OWASP_PBKDF2_SHA512 = 210_000
+"""OWASP's iteration count for PBKDF2-HMAC-SHA512 password hashes."""
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto_sub") is None or shutil.which("mosquitto_pub") is None,
                                 reason="mosquitto-clients is not installed (scripts/setup.sh installs it)")
@@ -221,3 +223,20 @@ def test_a_gateway_reusing_the_bridges_client_id_does_not_kick_the_bridge(cli_br
         assert connack and all("(0)" in line for line in connack), attacker.lines
     finally:
         bridge.close()
+
+
+def test_the_cli_brokers_password_hashes_use_a_modern_iteration_count_that_mosquitto_accepts(
+    cli_broker: CliBroker,
+) -> None:
+    """Low item of the round: PBKDF2-SHA512 with OWASP's 210,000 iterations (not mosquitto_passwd's 101), and a real
+    login against those hashes: the right password is accepted, a wrong one refused."""
+    lines = (cli_broker.data_dir / "passwords").read_text().splitlines()
+    assert sorted(line.split(":")[0] for line in lines) == ["bridge", "gw-1", "gw-2"]
+    assert all(line.split(":", 1)[1].startswith(f"$7${OWASP_PBKDF2_SHA512}$") for line in lines), lines
+
+    _publish(cli_broker, "gw-1", topics.up("gateways", "gw-1"), "logged in")
+    wrong = subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(cli_broker.port), "-V", "mqttv5", "-u", "gw-1",
+         "-P", cli_broker.passwords["gw-2"], "-q", "1", "-t", topics.up("gateways", "gw-1"), "-m", "x"],
+        capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert wrong.returncode == 0x87 and "not authorized" in wrong.stderr.lower(), (wrong.returncode, wrong.stderr)
