@@ -8,7 +8,8 @@ The identities file is JSON::
 
 ``render`` writes the configuration and prints the path of ``mosquitto.conf``; ``run`` renders and then replaces
 itself with ``mosquitto -c <conf>`` in the foreground; ``--tls-cafile/--tls-certfile/--tls-keyfile`` (and
-``--require-certificate``) make its listener TLS.
+``--require-certificate``) make its listener TLS. Client ids are bound to usernames (``use_username_as_clientid``)
+unless ``--no-use-username-as-clientid``; password hashes use ``--password-iterations`` (default 210,000).
 
 ``python -m broker_config tls --out DIR --hosts 127.0.0.1,localhost [--servers broker,hub] [--names r1,gw-1]``
 creates a CA in DIR (or reuses the one there) and, signed by it, a server certificate per ``--servers`` name for
