@@ -11,9 +11,20 @@ Example::
 
 from .errors import BrokerConfigError, BrokerError, BrokerStartError, MosquittoNotFoundError
 from .launcher import MosquittoProcess, find_mosquitto, live_processes
-from .render import BrokerKind, BrokerSpec, Identity, generate_password, hash_password, render
+from .render import (
+    GENERATED_PASSWORD_ITERATIONS,
+    PBKDF2_ITERATIONS,
+    BrokerKind,
+    BrokerSpec,
+    Identity,
+    generate_password,
+    hash_password,
+    render,
+)
 
 __all__ = [
+    "GENERATED_PASSWORD_ITERATIONS",
+    "PBKDF2_ITERATIONS",
     "BrokerConfigError",
     "BrokerError",
     "BrokerKind",

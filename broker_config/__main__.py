@@ -9,6 +9,8 @@ The identities file is JSON::
 ``render`` writes the configuration and prints the path of ``mosquitto.conf``; ``run`` renders and then replaces
 itself with ``mosquitto -c <conf>`` in the foreground; ``--tls-cafile/--tls-certfile/--tls-keyfile`` (and
 ``--require-certificate``) make its listener TLS; ``--environment production`` refuses to go without them.
+Client ids are bound to usernames (``use_username_as_clientid``) unless ``--no-use-username-as-clientid``; password
+hashes use ``--password-iterations`` (default 210,000).
 
 ``python -m broker_config tls --out DIR --hosts 127.0.0.1,localhost [--servers broker,hub] [--names r1,gw-1]``
 creates a CA in DIR (or reuses the one there) and, signed by it, a server certificate per ``--servers`` name for
@@ -27,7 +29,7 @@ from typing import Any
 
 from .errors import BrokerError
 from .launcher import find_mosquitto
-from .render import BrokerSpec, BrokerTls, Identity, render
+from .render import PBKDF2_ITERATIONS, BrokerSpec, BrokerTls, Identity, render
 
 
 def _identity(raw: Any, where: str) -> Identity:
@@ -60,8 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--identities-json", type=Path, required=True)
     parser.add_argument("--max-inflight-messages", type=int, default=1000)
     parser.add_argument("--max-queued-messages", type=int, default=100_000)
+    parser.add_argument("--max-queued-bytes", type=int, default=64 * 1024 * 1024)
     parser.add_argument("--max-packet-size", type=int, default=256 * 1024)
     parser.add_argument("--autosave-interval", type=int, default=10)
+    parser.add_argument("--password-iterations", type=int, default=PBKDF2_ITERATIONS,
+                        help=f"PBKDF2-SHA512 iterations of the password hashes (default {PBKDF2_ITERATIONS:,})")
+    parser.add_argument("--use-username-as-clientid", action=argparse.BooleanOptionalAction, default=True,
+                        help="replace each client id by the username (default: on), so that no identity can take "
+                             "over another's session by reusing its client id; --no-use-username-as-clientid only "
+                             "where all users trust each other")
     parser.add_argument("--tls-cafile", type=Path, help="with --tls-certfile and --tls-keyfile: a TLS listener")
     parser.add_argument("--tls-certfile", type=Path)
     parser.add_argument("--tls-keyfile", type=Path)
@@ -128,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             extra_privileged=extra,
             max_inflight_messages=args.max_inflight_messages,
             max_queued_messages=args.max_queued_messages,
+            max_queued_bytes=args.max_queued_bytes,
             max_packet_size=args.max_packet_size,
             autosave_interval=args.autosave_interval,
+            password_iterations=args.password_iterations,
+            use_username_as_clientid=args.use_username_as_clientid,
             tls=_tls_option(args),
             environment=args.environment,
         )

@@ -31,8 +31,14 @@ ACL_NAME = "acl"
 LOG_NAME = "mosquitto.log"
 DB_NAME = "mosquitto.db"
 
-PBKDF2_ITERATIONS = 101
-"""What ``mosquitto_passwd`` of Mosquitto 2.0 uses for its ``$7$`` (PBKDF2-SHA512) hashes."""
+PBKDF2_ITERATIONS = 210_000
+"""Iterations of the password hashes (``$7$``: PBKDF2-HMAC-SHA512, Mosquitto 2.0's format, which reads the count
+from each hash): OWASP's figure for PBKDF2-HMAC-SHA512 (``mosquitto_passwd`` of 2.0 writes only 101). The price:
+Mosquitto checks the password at every CONNECT on its one thread, ~0.1-0.3 s of CPU per login on a small machine."""
+GENERATED_PASSWORD_ITERATIONS = 1_000
+"""For brokers whose every password comes from :func:`generate_password` (256 bits of entropy, which no iteration
+count makes any harder to guess): the tests, ``mhp-stack`` and the fleet experiments, where hundreds to thousands
+of logins (and hashes to write) at :data:`PBKDF2_ITERATIONS` would stall the broker for seconds to minutes."""
 _SALT_BYTES = 12
 
 _PARTY_KIND: dict[str, topics.PartyKind] = {"hub": "retailers", "retailer": "gateways"}
@@ -88,14 +94,24 @@ class BrokerSpec:
     max_inflight_messages: int = 1000
     max_queued_messages: int = 100_000
     """Per client; Mosquitto's default of 1000 drops messages under fan-out (delivery.md). 0 = no limit."""
+    max_queued_bytes: int = 64 * 1024 * 1024
+    """Per client, the bytes of QoS 1/2 messages queued beyond those in flight (with ``max_queued_messages``,
+    whichever is reached first); beyond it Mosquitto drops, as there. 64 MiB holds ~100,000 ordinary messages but
+    only 256 of the largest, so one offline client cannot make the broker hold 100,000 x 256 KiB. 0 = no limit."""
     max_packet_size: int = 256 * 1024
     """Whole MQTT packet in bytes; a client sending a larger one is disconnected."""
+    password_iterations: int = PBKDF2_ITERATIONS
+    """PBKDF2 iterations of the password file's hashes; :data:`GENERATED_PASSWORD_ITERATIONS` only where every
+    password is generated."""
     autosave_interval: int = 10
     """Seconds between persistence snapshots (also written on SIGTERM, never on SIGKILL)."""
-    use_username_as_clientid: bool = False
-    """Replace every client id by the username. Without it, any user who knows another's client id can
-    disconnect it and take over (and so empty) its persistent session; with it, each username can hold only
-    one connection at a time (a hub or bridge needing several connections needs several identities)."""
+    use_username_as_clientid: bool = True
+    """Replace every client id by the username (the default). Without it, any user who knows another's client id
+    (they are predictable: ``bridge``, ``hub-1``, a gateway id) can disconnect it and take over, and so empty, its
+    persistent session. The price: each username holds one connection at a time, so a hub replica or a second
+    process of one party needs an identity of its own (``extra_privileged``); the stack, the fleet simulator and
+    the scale-out experiment already log in that way. ``False`` only for a broker whose users all trust each
+    other."""
     log_types: tuple[str, ...] = _DEFAULT_LOG_TYPES
     run_as_user: str | None = None
     """User Mosquitto switches to when started as root; ``None`` = the current user (it must read data_dir)."""
@@ -164,9 +180,12 @@ def validate(spec: BrokerSpec) -> list[str]:
         errors.append(f"host must be a non-empty address without spaces, not {spec.host!r}")
     if any(c.isspace() for c in str(spec.data_dir)):
         errors.append(f"data_dir must not contain whitespace (Mosquitto config lines): {str(spec.data_dir)!r}")
-    for name in ("max_inflight_messages", "max_queued_messages", "max_packet_size", "autosave_interval"):
+    for name in ("max_inflight_messages", "max_queued_messages", "max_queued_bytes", "max_packet_size",
+                 "autosave_interval"):
         if getattr(spec, name) < 0:
             errors.append(f"{name} must be >= 0, not {getattr(spec, name)}")
+    if spec.password_iterations < 1:
+        errors.append(f"password_iterations must be >= 1, not {spec.password_iterations}")
     if spec.run_as_user is not None and not spec.run_as_user.strip():
         errors.append("run_as_user must be a user name or None")
     if spec.environment == "production" and spec.tls is None:
@@ -204,9 +223,9 @@ def hash_password(password: str, *, salt: bytes | None = None, iterations: int =
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def password_file_text(identities: list[Identity]) -> str:
+def password_file_text(identities: list[Identity], iterations: int = PBKDF2_ITERATIONS) -> str:
     """A Mosquitto password file with one ``username:hash`` line per identity."""
-    return "".join(f"{i.username}:{hash_password(i.password)}\n" for i in identities)
+    return "".join(f"{i.username}:{hash_password(i.password, iterations=iterations)}\n" for i in identities)
 
 
 def acl_text(spec: BrokerSpec) -> str:
@@ -266,6 +285,7 @@ def conf_text(spec: BrokerSpec) -> str:
         host=spec.host,
         max_inflight_messages=spec.max_inflight_messages,
         max_queued_messages=spec.max_queued_messages,
+        max_queued_bytes=spec.max_queued_bytes,
         max_packet_size=spec.max_packet_size,
         use_username_as_clientid=str(spec.use_username_as_clientid).lower(),
         persistence_location=f"{data_dir}/",
@@ -288,7 +308,7 @@ def render(spec: BrokerSpec) -> Path:
         raise BrokerConfigError(errors)
     spec.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     identities = [*spec.privileged_identities, *spec.parties]
-    write_private(spec.password_path, password_file_text(identities))
+    write_private(spec.password_path, password_file_text(identities, spec.password_iterations))
     write_private(spec.acl_path, acl_text(spec))
     write_private(spec.conf_path, conf_text(spec), 0o644)
     return spec.conf_path

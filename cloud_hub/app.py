@@ -170,6 +170,7 @@ def create_app(settings: HubSettings) -> FastAPI:
             replicas.on_cancel = _owner_cancel(service)
         relay.on_measurements = service.accept_measurements
         relay.limiter = RateLimiter(settings.mqtt_rate_limit_per_s, settings.mqtt_rate_limit_burst)
+        relay.presence_limiter = RateLimiter(settings.presence_rate_limit_per_s, settings.presence_rate_limit_burst)
         relay.on_phase_due = service.finish_availability
         service.publish_tariff_retained = relay.publish_tariff
         app.state.store, app.state.metrics, app.state.relay, app.state.service = store, metrics, relay, service

@@ -244,8 +244,10 @@ class RequestBook:
     # -- dispatch -----------------------------------------------------------------------------------------
 
     def due(self, now: float, limit: int = 1000) -> list[OutboxItem]:
-        """Messages whose next attempt is due."""
-        return sorted((i for i in self.outbox.values() if i.next_at <= now), key=lambda i: i.next_at)[:limit]
+        """Messages whose next attempt is due: every first send before any re-send, then oldest due first, so
+        that no retailer's re-sends (a flapping bridge's, say) ever delay another retailer's new messages."""
+        return sorted((i for i in self.outbox.values() if i.next_at <= now),
+                      key=lambda i: (i.attempts > 0, i.next_at))[:limit]
 
     def next_due(self) -> float | None:
         """When the next message is due."""
@@ -307,12 +309,13 @@ class RequestBook:
             put["r:first_dispatch_at"] = now
         return put
 
-    def retailer_online(self, retailer_id: str) -> int:
-        """A retailer's bridge (re)connected: send it everything it has not acknowledged, now."""
+    def retailer_online(self, retailer_id: str, now: float) -> int:
+        """A retailer's bridge (re)connected: everything it has not acknowledged is due ``now`` (re-sends still
+        go behind every first send, see :meth:`due`); returns how many messages that is."""
         n = 0
         for item in self.outbox.values():
             if item.retailer_id == retailer_id:
-                item.next_at = 0.0
+                item.next_at = min(item.next_at, now)
                 n += 1
         if n:
             self.kick()

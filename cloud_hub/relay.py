@@ -38,6 +38,10 @@ PUBLISH_WAIT_S = 5.0
 gives up; the outbox, or the retailer's re-send, brings what was given up again."""
 ACK_IDS_MAX = 2_000
 """Message ids per ``ack``: 2,000 ids of at most 64 characters stay well under the 256 KiB payload limit."""
+PRESENCE_CHANGES_PER_S = 0.1
+"""Presence changes (``online``/``offline``) per second a retailer may sustain (settings override it)."""
+PRESENCE_CHANGES_BURST = 10
+"""Presence changes a retailer may make at once before :data:`PRESENCE_CHANGES_PER_S` applies."""
 
 
 class GroupCommit(Generic[T]):
@@ -79,9 +83,12 @@ class GroupCommit(Generic[T]):
 class HubRelay:
     """Dispatches the outbox and applies what retailers send back."""
 
-    def __init__(self, book: RequestBook, metrics: HubMetrics, *, sweep_interval_s: float = 0.25) -> None:
+    def __init__(self, book: RequestBook, metrics: HubMetrics, *, sweep_interval_s: float = 0.25,
+                 clock: Callable[[], float] = time.time) -> None:
         self.book = book
         self.metrics = metrics
+        self.clock = clock
+        """Wall-clock time (seconds since the epoch) of dispatch, back-off and deadlines."""
         self.link: MqttLink | None = None
         self.failure: str | None = None
         """Why the relay last ended, until it is connected again (shown by ``/readyz``)."""
@@ -92,6 +99,11 @@ class HubRelay:
         self.on_phase_due: Callable[[str], Awaitable[None]] | None = None
         self.limiter = RateLimiter(200.0, 400)
         """One token bucket per retailer: messages beyond it are refused (unread) with an error answer."""
+        self.presence_limiter = RateLimiter(PRESENCE_CHANGES_PER_S, PRESENCE_CHANGES_BURST)
+        """One token bucket per retailer for presence changes: a bridge flapping online/offline would otherwise
+        have all its unacknowledged messages re-sent at every ``online``. Changes beyond it are ignored and
+        counted (``presence_rate_limited``); those messages are then re-sent on their back-off."""
+        self._presence_muted: set[str] = set()
         self.outcomes = GroupCommit(self._commit_outcomes, max_batch=5_000, name="hub-outcome-commit")
         """5,000 outcomes at most per storage batch: its column list stays well inside SQLite's limits."""
         self.acks = GroupCommit(self._commit_acks, max_batch=1_000, name="hub-ack-commit")
@@ -122,7 +134,7 @@ class HubRelay:
             wait_s = 1.0
             try:
                 wait_s = await self.dispatch_once()
-                for request_id in self.book.phases_due(time.time()):
+                for request_id in self.book.phases_due(self.clock()):
                     if self.on_phase_due is not None:
                         await self.on_phase_due(request_id)
             except StoreUnavailable as exc:
@@ -132,7 +144,7 @@ class HubRelay:
     async def dispatch_once(self) -> float:
         """Send what is due; returns how long to sleep before the next attempt."""
         link = self.link
-        now = time.time()
+        now = self.clock()
         if link is None or not link.connected:
             return 0.2
         sent = []
@@ -149,13 +161,13 @@ class HubRelay:
         nxt = self.book.next_due()
         phase = min((p.due for p in self.book.phases.values()), default=None)
         candidates = [t for t in (nxt, phase) if t is not None]
-        return 1.0 if not candidates else max(0.01, min(1.0, min(candidates) - time.time()))
+        return 1.0 if not candidates else max(0.01, min(1.0, min(candidates) - self.clock()))
 
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self._sweep_interval_s)
             try:
-                closed = await self.book.expire_due(time.time())
+                closed = await self.book.expire_due(self.clock())
                 if closed:
                     log.info("%d request(s) reached their deadline", len(closed))
                 self.metrics.open_requests.set(len(self.book.deadlines))
@@ -213,11 +225,7 @@ class HubRelay:
         received.inc()
         if parsed.channel == "status":
             if msg.type == "presence":
-                before = self.presence.get(retailer_id)
-                self.presence[retailer_id] = msg.state
-                if msg.state == "online" and before != "online":
-                    n = self.book.retailer_online(retailer_id)
-                    log.info("retailer %s online: %d unacknowledged message(s) re-sent now", retailer_id, n)
+                self._on_presence(retailer_id, msg.state)
             return
         if isinstance(msg, Ack):
             if self.replicas is not None:
@@ -239,6 +247,26 @@ class HubRelay:
             self.metrics.mqtt_rejected.labels("unexpected").inc()
             await self._reply(retailer_id, ErrorReply(
                 ref_msg_id=msg.msg_id, code="invalid", message=f"a retailer may not send {msg.type!r} messages"))
+
+    def _on_presence(self, retailer_id: str, state: str) -> None:
+        """Record a retailer's presence; one coming online is re-sent what it has not acknowledged. Changes beyond
+        the retailer's presence rate are ignored and counted: a flapping bridge cannot flood the dispatcher."""
+        if self.presence.get(retailer_id) == state:
+            return
+        if self.presence_limiter.take(retailer_id) > 0:
+            self.metrics.mqtt_rejected.labels("presence_rate_limited").inc()
+            if retailer_id in self._presence_muted:
+                log.debug("retailer %s: presence %s ignored (rate limit)", retailer_id, state)
+            else:
+                self._presence_muted.add(retailer_id)
+                log.warning("retailer %s changes its presence too often: changes ignored (its unacknowledged "
+                            "messages are re-sent on their back-off)", retailer_id)
+            return
+        self._presence_muted.discard(retailer_id)
+        self.presence[retailer_id] = state
+        if state == "online":
+            n = self.book.retailer_online(retailer_id, self.clock())
+            log.info("retailer %s online: %d unacknowledged message(s) re-sent now", retailer_id, n)
 
     async def apply_forwarded_outcome(self, retailer_id: str, payload: bytes) -> None:
         """An outcome another replica received for a request this replica owns."""

@@ -55,6 +55,10 @@ class HubSettings(BaseSettings):
     mqtt_rate_limit_per_s: float = Field(200.0, gt=0)
     """MQTT messages per second each retailer may sustain; beyond it they are refused with an error answer."""
     mqtt_rate_limit_burst: int = Field(400, ge=1)
+    presence_rate_limit_per_s: float = Field(0.1, gt=0)
+    """Presence changes (online/offline) per second each retailer may sustain; beyond it a change is ignored and
+    counted, and the retailer's unacknowledged messages are re-sent on their back-off instead of at once."""
+    presence_rate_limit_burst: int = Field(10, ge=1)
     replica_id: str | None = None
     """Run as one of several hub replicas on one shared store (``docs/architecture.md``, scale-out); None: the
     single hub. Each replica needs its own MQTT identity; ``mqtt_client_id`` defaults to ``hub-<replica_id>``."""

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian 12 machine that has only python3: from Debian's packages when missing,
-# Mosquitto (the brokers), HAProxy (the HTTP entry of the hub replicas), python3-venv, Chromium (headless browser
+# Mosquitto (the brokers) and its command-line clients, HAProxy (the HTTP entry of the hub replicas), python3-venv, Chromium (headless browser
 # tests of the web pages) and VictoriaMetrics (a server speaking InfluxDB's write API, for the telemetry-export
 # tests); then a virtual environment in .venv with the package, every extra and the dev tools.
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it only installs what is missing).
@@ -9,6 +9,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+# Debian's mosquitto-clients: the broker security tests attack the brokers with mosquitto_sub/mosquitto_pub.
+command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 # Debian's victoria-metrics: the bridge's telemetry-export tests write to it over InfluxDB's v2 write API (they start
 # their own on a free port; a system service the package may start on port 8428 is never used).
 command -v victoria-metrics >/dev/null 2>&1 || [ -x /usr/bin/victoria-metrics ] || missing+=(victoria-metrics)

@@ -27,6 +27,7 @@ from typing import Any
 import tomli_w
 
 from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, die_with_parent, generate_password
+from broker_config.render import GENERATED_PASSWORD_ITERATIONS
 from mhp_wire import topics
 from mhp_wire.messages import (
     Ack,
@@ -54,7 +55,8 @@ async def bench(n_gateways: int, n_requests: int, per_request: int) -> dict[str,
                               privileged=Identity("hub", generate_password()), parties=[Identity("r1", "r1-pw")])
         r1_spec = BrokerSpec(kind="retailer", port=free_port(), data_dir=tmp / "r1-broker",
                              privileged=Identity("bridge", generate_password()),
-                             parties=[Identity(g, c["password"]) for g, c in gws.items()])
+                             parties=[Identity(g, c["password"]) for g, c in gws.items()],
+                             password_iterations=GENERATED_PASSWORD_ITERATIONS)  # generated; many gateways
         with MosquittoProcess(hub_spec) as hub_broker, MosquittoProcess(r1_spec) as r1_broker:
             cfg = tmp / "bridge.toml"
             write_private(cfg, tomli_w.dumps({"bridge": {

@@ -17,7 +17,15 @@ from typing import Any, Protocol
 
 import pytest
 
-from broker_config import BrokerKind, BrokerSpec, BrokerStartError, Identity, MosquittoProcess, generate_password
+from broker_config import (
+    GENERATED_PASSWORD_ITERATIONS,
+    BrokerKind,
+    BrokerSpec,
+    BrokerStartError,
+    Identity,
+    MosquittoProcess,
+    generate_password,
+)
 from mhp_wire.ports import free_port
 
 __all__ = [
@@ -92,7 +100,7 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[MosquittoFactory]:
             privileged=Identity(privileged, generate_password()),
             parties=[Identity(name, generate_password()) for name in parties],
             extra_privileged=[Identity(name, generate_password()) for name in extra_privileged],
-            **tuning,
+            **{"password_iterations": GENERATED_PASSWORD_ITERATIONS, **tuning},  # every password is generated
         )
         process = MosquittoProcess(spec)
         started.append(process)

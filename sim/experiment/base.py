@@ -36,6 +36,7 @@ import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, die_with_parent, generate_password
+from broker_config.render import GENERATED_PASSWORD_ITERATIONS
 from cloud_hub.tokens import TokenBook
 from mhp_wire.secretfile import write_private
 from sim.experiment import report
@@ -224,7 +225,8 @@ class Experiment:
         """The hub broker: the hub's identity and one per retailer."""
         return BrokerSpec(kind="hub", port=free_port(), data_dir=self.work / "broker",
                           privileged=Identity("hub", generate_password()),
-                          parties=[Identity(r, pw) for r, pw in passwords.items()], use_username_as_clientid=True)
+                          parties=[Identity(r, pw) for r, pw in passwords.items()], use_username_as_clientid=True,
+                          password_iterations=GENERATED_PASSWORD_ITERATIONS)  # every password is generated
 
     def _hub_config(self, name: str, broker_port: int, identity: Identity, tokens_file: Path,
                     **extra: Any) -> tuple[Path, str]:

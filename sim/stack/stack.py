@@ -24,7 +24,14 @@ import httpx
 import tomli_w
 
 from broker_config.launcher import find_mosquitto
-from broker_config.render import BrokerSpec, BrokerTls, Identity, generate_password, render
+from broker_config.render import (
+    GENERATED_PASSWORD_ITERATIONS,
+    BrokerSpec,
+    BrokerTls,
+    Identity,
+    generate_password,
+    render,
+)
 from broker_config.tls import Pki, create_pki
 from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
@@ -117,7 +124,8 @@ class Stack:
             tls = BrokerTls(self.pki.ca_file, server.certfile, server.keyfile)
         spec = BrokerSpec(kind=kind, port=port, data_dir=self.dir / "brokers" / name, privileged=priv,  # type: ignore[arg-type]
                           parties=parties, extra_privileged=[observer], host=self.host,
-                          use_username_as_clientid=True, tls=tls)
+                          use_username_as_clientid=True, tls=tls,
+                          password_iterations=GENERATED_PASSWORD_ITERATIONS)  # every password is generated
         conf = render(spec)
         self.sup.start(Child(f"broker-{name}", [find_mosquitto(), "-c", str(conf)],
                              self.dir / "logs" / f"broker-{name}.log"))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker_config import (
+    GENERATED_PASSWORD_ITERATIONS,
     BrokerConfigError,
     BrokerSpec,
     Identity,
@@ -24,7 +25,7 @@ from broker_config import (
 from broker_config.__main__ import main as cli_main
 from broker_config.render import acl_text, conf_text, validate
 from mhp_wire import topics
-from tests.broker_fixtures import free_port
+from tests.broker_fixtures import MosquittoFactory, free_port
 
 from .conftest import ConnectAs
 
@@ -55,15 +56,15 @@ def test_hash_matches_mosquitto_passwd_vector() -> None:
         "McXvZHHVJ12D352A=="
     )
     salt = base64.b64decode("Zz5J5HImdMYgO8xV")
-    assert "alice:" + hash_password("secret", salt=salt) == line
+    assert "alice:" + hash_password("secret", salt=salt, iterations=101) == line
 
 
 def test_hash_is_salted() -> None:
     a, b = hash_password("same"), hash_password("same")
     assert a != b
-    assert a.startswith("$7$101$")
+    assert a.startswith("$7$210000$")  # OWASP's count for PBKDF2-HMAC-SHA512 (mosquitto_passwd writes 101)
     _, _, iterations, salt, digest = a.split("$")
-    assert (iterations, len(base64.b64decode(salt)), len(base64.b64decode(digest))) == ("101", 12, 64)
+    assert (iterations, len(base64.b64decode(salt)), len(base64.b64decode(digest))) == ("210000", 12, 64)
 
 
 def test_generated_passwords_are_long_and_distinct() -> None:
@@ -78,7 +79,8 @@ def test_mosquitto_accepts_a_python_generated_password_file_of_100_parties(
     from tests.broker_fixtures import BrokerHandle
 
     parties = [Identity(f"r{n}", generate_password()) for n in range(100)]
-    spec = hub_spec(tmp_path, port=free_port(), parties=parties)
+    # Generated passwords: the count for them (at 210,000 iterations these 101 hashes take ~20 s to write).
+    spec = hub_spec(tmp_path, port=free_port(), parties=parties, password_iterations=GENERATED_PASSWORD_ITERATIONS)
     t0 = time.perf_counter()
     render(spec)
     assert time.perf_counter() - t0 < 1.0
@@ -124,10 +126,11 @@ def test_conf_has_the_required_settings(tmp_path: Path) -> None:
         f"password_file {data_dir}/passwords",
         f"acl_file {data_dir}/acl",
         "listener 1999 127.0.0.2",
-        "use_username_as_clientid false",
+        "use_username_as_clientid true",
         "set_tcp_nodelay true",
         "max_inflight_messages 1000",
         "max_queued_messages 100000",
+        "max_queued_bytes 67108864",
         "max_packet_size 262144",
         "persistence true",
         f"persistence_location {data_dir}/",
@@ -146,17 +149,19 @@ def test_conf_tuning_is_passed_through(tmp_path: Path) -> None:
         tmp_path,
         max_inflight_messages=0,
         max_queued_messages=0,
+        max_queued_bytes=4096,
         max_packet_size=1024,
         autosave_interval=60,
-        use_username_as_clientid=True,
+        use_username_as_clientid=False,
     )
     lines = conf_lines(spec)
     for expected in [
         "max_inflight_messages 0",
         "max_queued_messages 0",
+        "max_queued_bytes 4096",
         "max_packet_size 1024",
         "autosave_interval 60",
-        "use_username_as_clientid true",
+        "use_username_as_clientid false",
     ]:
         assert expected in lines
 
@@ -303,4 +308,48 @@ def test_cli_as_module(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "d" / "passwords").read_text().startswith("hub:$7$101$")
+    assert (tmp_path / "d" / "passwords").read_text().startswith("hub:$7$210000$")
+
+
+def test_cli_binds_client_ids_to_usernames_unless_told_otherwise(tmp_path: Path) -> None:
+    """``python -m broker_config render|run`` renders ``use_username_as_clientid true`` (client-id takeover); the
+    opt-out is explicit."""
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps({"privileged": {"username": "hub", "password": "h"}}))
+    argv = ["render", "--kind", "hub", "--port", "1883", "--identities-json", str(ids)]
+    assert cli_main([*argv, "--data-dir", str(tmp_path / "on")]) == 0
+    assert "use_username_as_clientid true" in (tmp_path / "on" / "mosquitto.conf").read_text().splitlines()
+    assert cli_main([*argv, "--data-dir", str(tmp_path / "off"), "--no-use-username-as-clientid"]) == 0
+    assert "use_username_as_clientid false" in (tmp_path / "off" / "mosquitto.conf").read_text().splitlines()
+
+
+def test_max_queued_bytes_caps_an_offline_clients_queue(
+    mosquitto_factory: MosquittoFactory, connect_as: ConnectAs
+) -> None:
+    """The rendered ``max_queued_bytes`` is Mosquitto's: beyond it, messages for an offline session are dropped
+    (the hub's and the bridges' outboxes re-send them), so one client cannot make the broker hold without bound."""
+    broker = mosquitto_factory("hub", ["r1"], "hub", max_queued_bytes=4096)
+    assert "max_queued_bytes 4096" in broker.spec.conf_path.read_text().splitlines()
+    r1 = connect_as(broker, "r1", clean_start=False, session_expiry=3600)
+    assert not r1.subscribe(topics.down("retailers", "r1")).is_failure
+    r1.disconnect()
+    hub = connect_as(broker, "hub")
+    for n in range(8):  # 8 KiB for a queue of 4 KiB
+        assert not hub.publish(topics.down("retailers", "r1"), bytes([n]) * 1024).is_failure  # type: ignore[union-attr]
+    r1.connect()
+    assert r1.session_present is True
+    assert not hub.publish(topics.down("retailers", "r1"), b"online again").is_failure  # type: ignore[union-attr]
+    got: list[bytes] = []
+    while not got or got[-1] != b"online again":
+        got.append(r1.next_message().payload)
+    kept = got[:-1]
+    assert 0 < len(kept) < 8, f"{len(kept)} of 8 queued messages kept: the queue was not capped"
+    assert kept == [bytes([n]) * 1024 for n in range(len(kept))], "what was kept is the oldest, in order"
+
+
+def test_password_hashes_take_their_iteration_count_from_the_spec(tmp_path: Path) -> None:
+    spec = hub_spec(tmp_path, password_iterations=1000)
+    render(spec)
+    assert all(line.split(":", 1)[1].startswith("$7$1000$") for line in spec.password_path.read_text().splitlines())
+    with pytest.raises(BrokerConfigError, match="password_iterations"):
+        render(hub_spec(tmp_path, password_iterations=0))
