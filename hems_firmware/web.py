@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from hems_firmware.events import EventFeed
-from mhp_wire.webserver import EmbeddedServer, bind
+from mhp_wire.webserver import BodyLimit, EmbeddedServer, bind
 
 if TYPE_CHECKING:
     from hems_firmware.daemon import ActiveAction, Actuation, Gateway
@@ -139,7 +140,7 @@ class LivePage:
             Route("/", self.page, methods=["GET"]),
             Route("/api/state", self.state, methods=["GET"]),
             Route("/events", self.events, methods=["GET"]),
-        ])
+        ], middleware=[Middleware(BodyLimit, max_bytes=0)])  # it takes no request body
 
     async def page(self, request: Request) -> Response:
         """``GET /``: the live page."""
