@@ -161,8 +161,13 @@ def create_app(settings: HubSettings) -> FastAPI:
                 await task
             await store.close()
 
-    app = FastAPI(title="Market Hub Platform", version="1", lifespan=lifespan)
+    # The API's own description (/docs, /redoc, /openapi.json) only where the settings expose it.
+    docs = settings.expose_docs
+    app = FastAPI(title="Market Hub Platform", version="1", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.include_router(health.router)
+    if settings.expose_metrics:
+        app.include_router(health.metrics_router)
     app.include_router(registry.router)
     app.include_router(requests.router)
     app.include_router(data.router)
