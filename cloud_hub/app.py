@@ -13,7 +13,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cloud_hub.api import data, health, registry, requests
 from cloud_hub.api.deps import RateLimited
@@ -30,6 +29,7 @@ from mhp_wire import topics
 from mhp_wire.messages import presence_payload
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
 from mhp_wire.ratelimit import RateLimiter
+from mhp_wire.webserver import BodyLimit
 
 log = logging.getLogger(__name__)
 
@@ -43,29 +43,6 @@ def _retry_later(status: int, code: str, message: str, after_s: float = 1.0) -> 
     resp = _error(status, code, message, retry_after_s=round(after_s, 3))
     resp.headers["Retry-After"] = str(max(1, math.ceil(after_s)))
     return resp
-
-
-class BodyLimit:
-    """Refuses (413) a request whose ``Content-Length`` is over ``max_bytes`` before anything reads its body.
-
-    Plain ASGI: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) runs every request in a task group and
-    streams its response through a memory channel, a measurable share of the hub's CPU per request.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"content-length":
-                    if not value.isdigit() or int(value) > self.max_bytes:
-                        await _error(413, "too_large", f"request body over {self.max_bytes} bytes")(scope, receive,
-                                                                                                    send)
-                        return
-                    break
-        await self.app(scope, receive, send)
 
 
 async def _run_relay(app: FastAPI, settings: HubSettings) -> None:
@@ -185,8 +162,13 @@ def create_app(settings: HubSettings) -> FastAPI:
                 await task
             await store.close()
 
-    app = FastAPI(title="Market Hub Platform", version="1", lifespan=lifespan)
+    # The API's own description (/docs, /redoc, /openapi.json) only where the settings expose it.
+    docs = settings.expose_docs
+    app = FastAPI(title="Market Hub Platform", version="1", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.include_router(health.router)
+    if settings.expose_metrics:
+        app.include_router(health.metrics_router)
     app.include_router(registry.router)
     app.include_router(requests.router)
     app.include_router(data.router)

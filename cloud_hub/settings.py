@@ -40,6 +40,10 @@ class HubSettings(BaseSettings):
     forwarded_allow_ips: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
     """Addresses of the TLS proxy whose X-Forwarded-* headers are believed (``behind_tls_proxy``)."""
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    expose_docs: bool | None = None
+    """Serve ``/docs``, ``/redoc`` and ``/openapi.json``; unset: only in development (not on a production listener)."""
+    expose_metrics: bool | None = None
+    """Serve ``/metrics``; unset: only in development (in production set it where the listener is private)."""
     storage: Literal["embedded", "hbase"] = "embedded"
     """``embedded``: SQLite in ``db_path``; ``hbase``: an HBase cluster through its Thrift gateways."""
     hbase_hosts: list[str] = Field(default_factory=list)
@@ -97,6 +101,15 @@ class HubSettings(BaseSettings):
                 self.mqtt_client_id = f"hub-{self.replica_id}"
         if self.storage == "hbase" and not self.hbase_hosts:
             raise ValueError("storage 'hbase' needs hbase_hosts (Thrift gateway addresses host:port)")
+        return self
+
+    @model_validator(mode="after")
+    def _exposure(self) -> HubSettings:
+        development = self.environment == "development"
+        if self.expose_docs is None:
+            self.expose_docs = development
+        if self.expose_metrics is None:
+            self.expose_metrics = development
         return self
 
     @classmethod

@@ -67,6 +67,11 @@ class GatewaySection(BaseModel):
     web_port: int | None = Field(default=None, ge=0, le=65535)
     """The field testers' live page (``hems_firmware.web``); ``None``: no page, 0: any free port."""
     web_host: str = "127.0.0.1"
+    web_hosts: list[str] = Field(default_factory=list)
+    """Other host names the page answers to (besides loopback names, IP addresses and ``web_host``), e.g. the
+    box's name on the home network; any other ``Host`` is refused (DNS rebinding)."""
+    web_max_streams: int = Field(8, ge=1, le=256)
+    """Live event streams the page serves at once (503 beyond)."""
     telemetry_buffer_max: int = Field(100_000, ge=10)
     """Telemetry kept on disk while the uplink is down (the oldest goes first beyond this)."""
     contracted_power_kw: float | None = Field(None, gt=0)

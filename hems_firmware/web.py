@@ -1,4 +1,4 @@
-"""The field testers' live page, served by the gateway itself (Starlette on uvicorn, in the gateway's event loop).
+"""The field testers' live page, served by the gateway itself (Starlette on uvicorn, in a thread of its own).
 
 ``GET /`` is one self-contained HTML page (no external assets); ``GET /api/state`` the current snapshot as JSON;
 ``GET /events`` a server-sent event stream: first the snapshot, then every event of the gateway's
@@ -7,8 +7,13 @@
 carrying its ``type``, and a comment line every :data:`KEEPALIVE_S` seconds. Everything is read-only: no
 endpoint changes the gateway.
 
-The page is an aid for people standing next to the home: it never stops the gateway. A port that cannot be bound
-is logged and the gateway runs on without its page.
+The page is an aid for people standing next to the home: it never stops or slows the gateway. It runs its own event
+loop in a thread of its own: HTTP parsing, JSON encoding, keep-alives and socket writes of every stream happen
+there, and the gateway's control loop (polling, commands, switching) only takes a snapshot when a stream opens and
+hands each stream's events over (one subscription per stream, ``EventFeed``). At most ``[gateway] web_max_streams``
+streams are served at once (503 beyond). It answers only to loopback names, IP addresses, its ``web_host`` and
+``web_hosts`` (DNS rebinding), and takes no request body (413). A port that cannot be bound is logged and the
+gateway runs on without its page.
 """
 
 from __future__ import annotations
@@ -21,20 +26,22 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from hems_firmware.events import EventFeed
-from mhp_wire.webserver import EmbeddedServer, bind
+from mhp_wire.webserver import BodyLimit, EmbeddedServer, HostGuard, bind
 
 if TYPE_CHECKING:
     from hems_firmware.daemon import ActiveAction, Actuation, Gateway
@@ -51,6 +58,12 @@ RETRY_MS = 2000
 """How soon a browser reconnects after the stream breaks (the SSE ``retry:`` field)."""
 
 _bound: weakref.WeakKeyDictionary[Gateway, tuple[str, int]] = weakref.WeakKeyDictionary()
+_pages: weakref.WeakKeyDictionary[Gateway, LivePage] = weakref.WeakKeyDictionary()
+
+
+def page_of(gw: Gateway) -> LivePage | None:
+    """The page ``gw`` is serving (its :attr:`LivePage.loop` is the page's own event loop), or ``None``."""
+    return _pages.get(gw)
 
 
 def bound_address(gw: Gateway) -> tuple[str, int] | None:
@@ -128,18 +141,39 @@ def _load_page() -> tuple[str, str]:
 
 
 class LivePage:
-    """The Starlette app of one gateway's page, and the event streams it is serving."""
+    """The Starlette app of one gateway's page, and the event streams it is serving.
 
-    def __init__(self, gw: Gateway, keepalive_s: float = KEEPALIVE_S) -> None:
+    ``control`` is the gateway's event loop (where its state and its event feed live); ``loop`` the loop serving
+    the page. They are the same loop when the page is not serving from its own thread (``_stream`` driven directly).
+    """
+
+    def __init__(self, gw: Gateway, keepalive_s: float = KEEPALIVE_S, max_streams: int | None = None,
+                 hosts: tuple[str, ...] = ()) -> None:
         self.gw = gw
         self.keepalive_s = keepalive_s
+        self.max_streams = gw.cfg.gateway.web_max_streams if max_streams is None else max_streams
         self.html, self.csp = _load_page()
         self._clients: set[_Client] = set()
+        self.streams = 0
+        """Event streams being served (reserved before the response starts, released when it ends)."""
+        self.control: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        section = gw.cfg.gateway
         self.app = Starlette(routes=[
             Route("/", self.page, methods=["GET"]),
             Route("/api/state", self.state, methods=["GET"]),
             Route("/events", self.events, methods=["GET"]),
-        ])
+        ], middleware=[Middleware(HostGuard, names=(section.web_host, *section.web_hosts, *hosts)),
+                       Middleware(BodyLimit, max_bytes=0)])
+
+    async def _on_control(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` run on the gateway's loop (its state is only read there), awaited from the page's loop."""
+        control = self.control or asyncio.get_running_loop()
+
+        async def call() -> Any:
+            return fn()
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call(), control))
 
     async def page(self, request: Request) -> Response:
         """``GET /``: the live page."""
@@ -149,20 +183,39 @@ class LivePage:
 
     async def state(self, request: Request) -> Response:
         """``GET /api/state``: the snapshot the event stream starts with."""
-        return JSONResponse(snapshot(self.gw), headers={"Cache-Control": "no-store"})
+        return JSONResponse(await self._on_control(lambda: snapshot(self.gw)), headers={"Cache-Control": "no-store"})
 
     async def events(self, request: Request) -> Response:
-        """``GET /events``: the snapshot, then the gateway's events, as server-sent events."""
-        return StreamingResponse(self._stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        """``GET /events``: the snapshot, then the gateway's events, as server-sent events (503 past the cap)."""
+        if self.streams >= self.max_streams:
+            return JSONResponse({"error": "busy", "message": f"already serving {self.max_streams} event streams; "
+                                 "close a page"}, 503, headers={"Retry-After": "5", "Cache-Control": "no-store"})
+        self.streams += 1
+        return _Stream(self._stream(), self._release, media_type="text/event-stream",
+                       headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    def _release(self) -> None:
+        self.streams -= 1
 
     async def _stream(self) -> AsyncIterator[str]:
         client = _Client()
-        pump = asyncio.create_task(_pump(self.gw.events, client), name=f"gw-{self.gw.id}-web-sse")
-        self._clients.add(client)
-        try:
+        here = asyncio.get_running_loop()
+        control = self.control or here
+
+        def deliver(event: dict[str, Any] | None) -> None:  # on the gateway's loop
+            with contextlib.suppress(RuntimeError):  # the page's loop has closed
+                here.call_soon_threadsafe(client.put, event)
+
+        async def start() -> tuple[asyncio.Task[None], dict[str, Any]]:  # on the gateway's loop
+            pump = asyncio.create_task(_pump(self.gw, deliver), name=f"gw-{self.gw.id}-web-sse")
             await asyncio.sleep(0)  # the pump subscribes before the snapshot is taken: no event falls in between
-            yield f"retry: {RETRY_MS}\n" + sse(snapshot(self.gw))
+            return pump, snapshot(self.gw)
+
+        self._clients.add(client)
+        pump: asyncio.Task[None] | None = None
+        try:
+            pump, first = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(start(), control))
+            yield f"retry: {RETRY_MS}\n" + sse(first)
             while True:
                 try:
                     async with asyncio.timeout(self.keepalive_s):
@@ -175,18 +228,40 @@ class LivePage:
                     client.dropped = 0
                 if event is None:  # the server is shutting down
                     return
-                if event.get("type") == "state":
-                    event = {**event, "to_restore": restore_list(self.gw)}
                 yield sse(event)
         finally:
             # Cancelling the pump ends its subscription at once: the pump only ever waits inside the feed.
-            pump.cancel()
+            if pump is not None:
+                with contextlib.suppress(RuntimeError):  # the gateway's loop has closed
+                    control.call_soon_threadsafe(pump.cancel)
             self._clients.discard(client)
 
     def close_streams(self) -> None:
         """End every open event stream (the server is stopping; browsers reconnect to the next gateway)."""
-        for client in self._clients:
-            client.put(None)
+
+        def close() -> None:
+            for client in self._clients:
+                client.put(None)
+
+        if self.loop is None:
+            close()
+        else:
+            with contextlib.suppress(RuntimeError):  # the page's loop has already closed
+                self.loop.call_soon_threadsafe(close)
+
+
+class _Stream(StreamingResponse):
+    """An event stream that gives its slot back when it ends, however it ends."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 class _Client:
@@ -197,6 +272,9 @@ class _Client:
         self.dropped = 0
 
     def put(self, item: dict[str, Any] | None) -> None:
+        if item is not None and item.get("type") == "dropped":  # the feed dropped some for this stream
+            self.dropped += int(item.get("count", 1))
+            return
         if self.queue.full():
             with contextlib.suppress(asyncio.QueueEmpty):
                 self.queue.get_nowait()
@@ -204,13 +282,14 @@ class _Client:
         self.queue.put_nowait(item)
 
 
-async def _pump(feed: EventFeed, client: _Client) -> None:
-    """Move the feed's events into one client's queue (never waiting anywhere but inside the feed)."""
-    async for event in feed.subscribe():
-        if event.get("type") == "dropped":
-            client.dropped += int(event.get("count", 1))
-        else:
-            client.put(event)
+async def _pump(gw: Gateway, deliver: Callable[[dict[str, Any] | None], None]) -> None:
+    """Hand the feed's events to one stream (runs on the gateway's loop, never waiting anywhere but inside the
+    feed). Each event is copied there (the page's thread never touches the gateway's objects); ``state`` events get
+    the loads waiting to be restored."""
+    async for event in gw.events.subscribe():
+        if event.get("type") == "state":
+            event = {**event, "to_restore": restore_list(gw)}
+        deliver(jsonable(event))
 
 
 # -- serving ---------------------------------------------------------------------------------------------------
@@ -218,7 +297,7 @@ async def _pump(feed: EventFeed, client: _Client) -> None:
 
 
 async def serve_web(gw: Gateway, keepalive_s: float = KEEPALIVE_S) -> None:
-    """Serve ``gw``'s live page on ``[gateway] web_host:web_port`` until cancelled."""
+    """Serve ``gw``'s live page on ``[gateway] web_host:web_port`` until cancelled, from a thread of its own."""
     section = gw.cfg.gateway
     if section.web_port is None:
         return
@@ -229,27 +308,43 @@ async def serve_web(gw: Gateway, keepalive_s: float = KEEPALIVE_S) -> None:
                   section.web_port, exc)
         return
     page = LivePage(gw, keepalive_s)
+    control = page.control = asyncio.get_running_loop()
     config = uvicorn.Config(page.app, log_config=None, access_log=False, lifespan="off", ws="none",
                             proxy_headers=False, server_header=False, timeout_graceful_shutdown=2)
     server = EmbeddedServer(config)
+    stopped: asyncio.Future[None] = control.create_future()
+
+    def set_stopped() -> None:
+        if not stopped.done():
+            stopped.set_result(None)
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        page.loop = loop
+        try:
+            loop.run_until_complete(server.serve(sockets=[sock]))
+        except Exception:
+            log.exception("gateway %s: the field-tester page stopped", gw.id)
+        finally:
+            loop.close()
+            with contextlib.suppress(RuntimeError):  # the gateway's loop has closed
+                control.call_soon_threadsafe(set_stopped)
+
     host, port = sock.getsockname()[:2]
+    thread = threading.Thread(target=run, name=f"gw-{gw.id}-web", daemon=True)
     _bound[gw] = (host, port)
+    _pages[gw] = page
     log.info("gateway %s: field-tester page on http://%s:%d/", gw.id, host, port)
-    serving = asyncio.create_task(server.serve(sockets=[sock]), name=f"gw-{gw.id}-web")
+    thread.start()
     try:
-        await asyncio.shield(serving)
+        await asyncio.shield(stopped)
     except asyncio.CancelledError:
         # Stop in order: end the event streams, then let uvicorn close its connections and its socket.
         page.close_streams()
         server.should_exit = True
-        try:
-            await serving
-        except asyncio.CancelledError:
-            serving.cancel()
-            raise
+        await stopped
         raise
-    except Exception:
-        log.exception("gateway %s: the field-tester page stopped", gw.id)
     finally:
         _bound.pop(gw, None)
+        _pages.pop(gw, None)
         sock.close()

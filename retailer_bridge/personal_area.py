@@ -49,7 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mhp_wire.messages import ApplianceSchedule
 from mhp_wire.ratelimit import Clock, RateLimiter
 from mhp_wire.sqlite import StorageError
-from mhp_wire.webserver import EmbeddedServer, bind
+from mhp_wire.webserver import BodyLimit, EmbeddedServer, bind
 from retailer_bridge.accounts import (
     MAX_PASSWORD_CHARS,
     Accounts,
@@ -497,7 +497,7 @@ class PersonalArea:
             Route("/appliances/{device:path}", self.change, methods=["POST"]),
             Route("/static/style.css", self.style, methods=["GET"]),
             Route("/static/icon.svg", self.icon, methods=["GET"]),
-        ], middleware=[Middleware(SecurityHeaders)])
+        ], middleware=[Middleware(SecurityHeaders), Middleware(BodyLimit, max_bytes=MAX_FORM_BYTES)])
 
     @property
     def url(self) -> str:

@@ -63,7 +63,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mhp_wire.production import production_error, production_problems
-from mhp_wire.webserver import EmbeddedServer, bind
+from mhp_wire.webserver import BodyLimit, EmbeddedServer, bind
 from retailer_bridge.accounts import hash_password, verify_password
 from retailer_bridge.personal_area import with_security_headers
 
@@ -74,6 +74,8 @@ KINDS = {"emergency": "/v1/emergencies", "load_shift": "/v1/load-shifts", "load_
          "billing": "/v1/billing-data", "tariff": "/v1/tariffs"}
 """Request types of the form and the hub endpoint each is posted to."""
 MAX_BODY = 256 * 1024
+LOGIN_MAX_BODY = 4096
+"""The sign-in form's limit (read before anyone has signed in)."""
 MAX_RECENT = 50
 MAX_STREAMS = 32
 MAX_CLIENT_ROWS = 1000
@@ -412,7 +414,8 @@ class DsoWeb:
         self.app = Starlette(routes=[
             Route("/", self.page, methods=["GET"]),
             Route("/login", self.login_form, methods=["GET"]),
-            Route("/login", self.login, methods=["POST"]),
+            Route("/login", self.login, methods=["POST"],  # read before sign-in: a smaller limit
+                  middleware=[Middleware(BodyLimit, max_bytes=LOGIN_MAX_BODY)]),
             Route("/logout", self.logout, methods=["POST"]),
             Route("/static/dso.js", self.static_script, methods=["GET"]),
             Route("/static/dso.css", self.static_style, methods=["GET"]),
@@ -422,7 +425,8 @@ class DsoWeb:
             Route("/api/requests/{request_id}", self.get_request, methods=["GET"]),
             Route("/api/requests/{request_id}/cancel", self.cancel, methods=["POST"]),
             Route("/api/requests/{request_id}/events", self.events, methods=["GET"]),
-        ], middleware=[Middleware(Guard, loopback_only=not self.login_required)])
+        ], middleware=[Middleware(Guard, loopback_only=not self.login_required),
+                       Middleware(BodyLimit, max_bytes=MAX_BODY)])
 
     @property
     def url(self) -> str:
@@ -504,7 +508,9 @@ class DsoWeb:
         if not self.login_required:
             return RedirectResponse("/", 303)
         try:
-            form = dict(parse_qsl((await _read_body(request, 4096)).decode(), max_num_fields=5))
+            form = dict(parse_qsl((await _read_body(request, LOGIN_MAX_BODY)).decode(), max_num_fields=5))
+        except _TooLarge:
+            return self._login_page(413, "The form is too large.")
         except (ValueError, UnicodeDecodeError):
             return self._login_page(400, "The form could not be read.")
         expected = request.cookies.get(self.login_cookie, "")

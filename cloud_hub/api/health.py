@@ -8,6 +8,8 @@ from fastapi.responses import JSONResponse
 from cloud_hub.store import StoreUnavailable
 
 router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["health"])
+"""``/metrics``: included only where the settings expose it (``HubSettings.expose_metrics``)."""
 
 
 @router.get("/healthz")
@@ -36,7 +38,7 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@metrics_router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
     return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")

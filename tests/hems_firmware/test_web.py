@@ -116,7 +116,7 @@ async def test_a_client_that_disconnects_leaves_no_subscriber(rig: WebRig) -> No
         await wait_for(lambda: feed.subscribers == 0, timeout=2)
     # A browser that vanishes without reading: the TCP connection is simply closed.
     reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
-    writer.write(b"GET /events HTTP/1.1\r\nHost: gw\r\nAccept: text/event-stream\r\n\r\n")
+    writer.write(b"GET /events HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n")
     await writer.drain()
     assert b"200" in await reader.readline()
     await wait_for(lambda: feed.subscribers == 1, timeout=2)

@@ -93,9 +93,8 @@ async def test_the_payload_over_http_gets_a_clear_4xx_and_the_area_keeps_serving
         at_bound = await client.post("/appliances/heater", data={**HEATER, "csrf": token,
                                                                  "windows": "-" * (BOUND - 2) + " b"})
         assert at_bound.status_code == 400 and "is not a window like 22:00-07:00" in at_bound.text
-        huge = await client.post("/appliances/heater", data={**HEATER, "csrf": token,
-                                                             "windows": "-" * 160_000 + " b"})
-        assert huge.status_code == 413 and "The form is too large." in huge.text
+        # 160,000 characters are past the area's body limit: answered 413 as they arrive, before the form is parsed,
+        # and the connection closed (test_http_bodies.py reads that answer over a raw socket).
         # Every other field has its bound too, a field the form does not have included.
         for name, longest in (("hours", 32), ("max_interruption_min", 32), ("priority", 32), ("never_shed", 8),
                               ("csrf", 128), ("client_id", 256)):
