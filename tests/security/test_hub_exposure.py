@@ -19,8 +19,8 @@ DESCRIPTION = ("/docs", "/redoc", "/openapi.json")
 
 def production(tmp_path: Path, **settings: Any) -> HubSettings:
     """Production settings as an operator writes them (a broker password, MQTT over TLS, HTTPS)."""
-    return HubSettings(environment="production", mqtt_password="not-a-default", mqtt_tls_ca_file=str(tmp_path / "ca.crt"),
-                       tls_certfile=tmp_path / "hub.crt",
+    return HubSettings(environment="production", mqtt_password="not-a-default",
+                       mqtt_tls_ca_file=str(tmp_path / "ca.crt"), tls_certfile=tmp_path / "hub.crt",
                        tls_keyfile=tmp_path / "hub.key", **settings)
 
 
