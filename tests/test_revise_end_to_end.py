@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,7 @@ from mhp_wire import topics
 from mhp_wire.messages import Ack, Cancel, ClientState, Command, EmergencyParams, ErrorReply, RequestKind
 from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
+from retailer_bridge.store import BridgeStore, NewCommand
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.hub_fixtures import HubHandle
 from tests.mqtt_party import Party, parties
@@ -201,3 +203,36 @@ async def test_a_revision_that_removes_a_client_cancels_it_at_its_gateway(chain:
     assert isinstance(refused, ErrorReply) and refused.ref_msg_id == stale.msg_id
     assert refused.code == "stale_revision"
     assert chain.gateways["c1"].active[request_id].limit_kw == 1.5
+
+
+async def test_a_bridge_database_from_before_revisions_takes_them(tmp_path: Path) -> None:
+    """A bridge upgraded in place: its stored commands (no revision column) count as revision 1, and a newer
+    revision replaces one; an older or equal one changes nothing."""
+    path = tmp_path / "bridge.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(
+            "CREATE TABLE commands (request_id TEXT NOT NULL, client_id TEXT NOT NULL, gateway_id TEXT NOT NULL, "
+            "msg_id TEXT NOT NULL UNIQUE, payload BLOB NOT NULL, state TEXT NOT NULL, received_at REAL NOT NULL, "
+            "first_sent_at REAL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, "
+            "deadline REAL NOT NULL, handling_ms REAL NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0, "
+            "PRIMARY KEY (request_id, client_id))")
+        db.execute("INSERT INTO commands (request_id, client_id, gateway_id, msg_id, payload, state, received_at, "
+                   "first_sent_at, attempts, next_attempt_at, deadline) VALUES "
+                   "('q1', 'c1', 'gw-1', 'm1', x'7b7d', 'closed', 1, 2, 3, 4, 9e9)")
+        db.commit()
+    store = BridgeStore(path)
+    await store.open()
+    try:
+        [old] = await store.commands_of("q1")
+        assert (old["revision"], old["state"], old["msg_id"]) == (1, "closed", "m1")
+        again = NewCommand("q1", "c1", "gw-1", "m1-again", b"{}", 10, 9e9, 0, revision=1)
+        assert await store.accept_request([again], []) == 0
+        newer = NewCommand("q1", "c1", "gw-1", "m2", b'{"revision":2}', 10, 9e9, 5, revision=2)
+        assert await store.accept_request([newer], []) == 1
+        [row] = await store.commands_of("q1")
+        assert (row["revision"], row["state"], row["msg_id"], row["attempts"], row["first_sent_at"]) == (
+            2, "sending", "m2", 0, None)
+        assert await store.accept_request([again], []) == 0
+        assert (await store.commands_of("q1"))[0]["msg_id"] == "m2"
+    finally:
+        await store.close()
