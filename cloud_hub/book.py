@@ -44,7 +44,7 @@ class OutboxItem:
     request_id: str
     retailer_id: str
     kind: str
-    """``request``, ``cancel``, ``billing`` or ``tariff``."""
+    """``request``, ``cancel``, ``billing``, ``tariff``, or ``removal`` (a cancel of the clients a revision removed)."""
     payload: bytes
     clients: list[str] = field(default_factory=list)
     attempts: int = 0
