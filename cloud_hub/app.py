@@ -21,7 +21,7 @@ from cloud_hub.book import RequestBook
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.relay import HubRelay
 from cloud_hub.replicas import CancelHandler, OwnerUnavailable, Replicas
-from cloud_hub.service import Forbidden, HubService, IdempotencyConflict, KeyInProgress, NotFound
+from cloud_hub.service import Forbidden, HubService, IdempotencyConflict, InvalidBody, KeyInProgress, NotFound
 from cloud_hub.settings import HubSettings
 from cloud_hub.store import Conflict, HubStore, StoreUnavailable
 from cloud_hub.tokens import TokenBook
@@ -223,6 +223,11 @@ def create_app(settings: HubSettings) -> FastAPI:
     async def key_in_progress(request: Request, exc: KeyInProgress) -> JSONResponse:
         count(409)
         return _retry_later(409, "in_progress", str(exc))
+
+    @app.exception_handler(InvalidBody)
+    async def invalid_merged_body(request: Request, exc: InvalidBody) -> JSONResponse:
+        count(422)
+        return _error(422, "invalid", str(exc), problems=exc.problems)
 
     @app.exception_handler(ValueError)
     async def value_error(request: Request, exc: ValueError) -> JSONResponse:

@@ -33,6 +33,7 @@ class Action(StrEnum):
     READ_AUDIT = "read_audit"
     READ_REQUEST = "read_request"
     CANCEL_REQUEST = "cancel_request"
+    REVISE_REQUEST = "revise_request"
     REPORT_OUTCOME = "report_outcome"
     SEND_MEASUREMENT = "send_measurement"
 
@@ -118,10 +119,10 @@ def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decisi
         return Decision(False, "none",
                         "a retailer may read consumption only for periods in which it supplied that client",
                         conceal=who.kind == "retailer" and who.retailer_id not in ctx.suppliers_in_range)
-    if action in (Action.READ_REQUEST, Action.CANCEL_REQUEST):
+    if action in (Action.READ_REQUEST, Action.CANCEL_REQUEST, Action.REVISE_REQUEST):
         if ctx.issuer is not None and ctx.issuer == str(who):
             return Decision(True, "issuer")
-        verb = "follow" if action is Action.READ_REQUEST else "cancel"
+        verb = {Action.READ_REQUEST: "follow", Action.CANCEL_REQUEST: "cancel"}.get(action, "revise")
         return Decision(False, "none", f"only the issuer of a request may {verb} it")
     if action is Action.REPORT_OUTCOME:
         if who.kind == "retailer" and who.retailer_id in ctx.addressed_retailers:

@@ -44,7 +44,7 @@ class OutboxItem:
     request_id: str
     retailer_id: str
     kind: str
-    """``request``, ``cancel``, ``billing`` or ``tariff``."""
+    """``request``, ``cancel``, ``billing``, ``tariff``, or ``removal`` (a cancel of the clients a revision removed)."""
     payload: bytes
     clients: list[str] = field(default_factory=list)
     attempts: int = 0
@@ -75,6 +75,8 @@ class OutcomeVerdict:
     refused_claim: tuple[float, float] | None = None
     """``(claimed_kw, bound_kw)`` of an availability claim above the client's contracted power: recorded as
     ``unavailable``, not believed."""
+    stale: bool = False
+    """The outcome answers an older revision of the request than the client's latest: acknowledged, not applied."""
 
 
 @dataclass(slots=True)
@@ -87,6 +89,8 @@ class ReportedOutcome:
     state: ClientState
     detail: dict[str, Any] = field(default_factory=dict)
     trace: dict[str, float] = field(default_factory=dict)
+    revision: int = 1
+    """The revision of the request the outcome answers."""
 
 
 @dataclass(slots=True)
@@ -502,6 +506,11 @@ class RequestBook:
             addressed = list(entry.get("retailers", {}))
             if not allowed(o.retailer_id, addressed):
                 write.verdicts.append(OutcomeVerdict(True, addressed))
+                continue
+            if o.revision < int(entry.get("revision", 1)):
+                # An answer to a revision the client has since been sent a newer one of (a late delivery, or a
+                # re-send): the hub keeps the latest revision's outcome only (docs/decisions.md, "Revisions").
+                write.verdicts.append(OutcomeVerdict(True, addressed, request_state=current, stale=True))
                 continue
             if cells.get("r:phase") == "availability" and o.state in (C.AVAILABLE, C.UNAVAILABLE):
                 if entry.get("answered"):

@@ -339,7 +339,8 @@ class HubRelay:
             self.metrics.replica_held.inc(len(batch))
             return
         verdicts = await self.book.apply_outcomes([
-            ReportedOutcome(rid, m.request_id, m.client_id, m.state, m.detail, m.trace) for rid, m in batch],
+            ReportedOutcome(rid, m.request_id, m.client_id, m.state, m.detail, m.trace, m.revision)
+            for rid, m in batch],
             self._may_report)
         self.metrics.outcome_batch_size.observe(len(batch))
         acks: dict[str, list[str]] = {}

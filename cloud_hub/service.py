@@ -8,15 +8,15 @@ import hashlib
 import json
 import logging
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from cloud_hub.authz import Action, Context, Principal, decide, visible_suppliers
 from cloud_hub.book import OutboxItem, RequestBook
-from cloud_hub.lifecycle import RequestState
+from cloud_hub.lifecycle import RequestState, request_state_from_counts
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.replicas import OwnerUnavailable, Replicas
 from cloud_hub.store import AuditEntry, Conflict, HubStore, StoreUnavailable
@@ -47,6 +47,64 @@ REQUEST_CLIENTS_PER_MESSAGE = 3_000
 """Client ids per ``request`` message: 3,000 ids of at most 64 characters stay under the 256 KiB payload limit."""
 BILLING_DELIVERY_S = 24 * 3600
 TARIFF_DELIVERY_S = 3600
+
+
+class InvalidBody(ValueError):
+    """A body that fails validation after the HTTP layer's (a revision merged into its request): HTTP 422 with
+    ``problems``, each ``{"field", "message"}``, as for any invalid body."""
+
+    def __init__(self, problems: list[dict[str, str]]) -> None:
+        super().__init__("invalid request: " + "; ".join(f"{p['field'] or 'body'}: {p['message']}"
+                                                         for p in problems[:10]))
+        self.problems = problems
+
+
+BodyValidator = Callable[[str, dict[str, Any]], dict[str, Any]]
+"""``(request type, body) -> body``: a whole request body validated as the creating POST validates it (raises
+:class:`InvalidBody`); the HTTP layer owns the body models."""
+
+REVISABLE: dict[str, frozenset[str]] = {
+    "emergency": frozenset({"power_limit_kw", "start", "duration_s", "client_ids", "feeder_id"}),
+    "load_shift": frozenset({"window_start", "window_end", "reason", "client_ids", "feeder_id"}),
+    "load_reduction": frozenset({"reduction_kw", "start", "duration_s"}),
+}
+"""The fields a revision may change, per request type (docs/decisions.md, "Revisions")."""
+REVISABLE_AFTER_SELECTION = frozenset({"start", "duration_s"})
+"""A load reduction whose clients are chosen: only its window may change (the choice rests on ``reduction_kw``)."""
+REVISION_HISTORY_MAX = 20
+"""Earlier revisions' outcomes kept per client."""
+
+
+def _revised_history(entry: dict[str, Any]) -> None:
+    """Keep where a client stood in the revision a new one replaces."""
+    if entry.get("state") == ClientState.PENDING.value and not entry.get("detail"):
+        return
+    entry["history"] = [*entry.get("history", []), {
+        "revision": entry.get("revision", 1), "state": entry["state"], "detail": entry.get("detail", {}),
+        "updated_at": entry.get("updated_at")}][-REVISION_HISTORY_MAX:]
+
+
+def _wire_kind(kind: str) -> RequestKind:
+    return {"emergency": RequestKind.EMERGENCY, "load_shift": RequestKind.LOAD_SHIFT}.get(
+        kind, RequestKind.LOAD_REDUCTION)
+
+
+def _revised_params(kind: str, phase: str | None, body: dict[str, Any]) -> tuple[float, float, Params]:
+    """``(start, end, params)`` of a revised request's validated ``body``, as its creation derives them."""
+    if kind == "load_shift":
+        start, end = _ts(body["window_start"]), _ts(body["window_end"])
+        if end <= start:
+            raise InvalidBody([{"field": "window_end", "message": "window_end must be after window_start"}])
+        return start, end, LoadShiftParams(start=body["window_start"], end=body["window_end"],
+                                           reason=body.get("reason"))
+    start = _ts(body["start"])
+    end = start + body["duration_s"]
+    until = datetime.fromtimestamp(end, UTC)
+    if kind == "emergency":
+        return start, end, EmergencyParams(start=body["start"], end=until, power_limit_kw=body["power_limit_kw"])
+    if phase == "availability":
+        return start, end, AvailabilityParams(start=body["start"], end=until, reduction_kw=body["reduction_kw"])
+    return start, end, LoadReductionParams(start=body["start"], end=until, target_kw=body["reduction_kw"])
 
 
 class Forbidden(Exception):
@@ -426,6 +484,7 @@ class HubService:
                     rid = next(iter(e["retailers"]))
                     e["retailers"][rid] = ClientState.PENDING.value
                     e["state"] = ClientState.PENDING.value
+                    e["revision"] = meta.get("revision", 1)
                     by_retailer[rid].append(cid)
                 elif not ClientState(e["state"]).terminal:  # a refused client keeps its state
                     answer = e.get("availability")
@@ -442,7 +501,8 @@ class HubService:
             for rid, all_cids in sorted(by_retailer.items()):
                 for cids in _chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):
                     msg = Request(request_id=request_id, kind=RequestKind.LOAD_REDUCTION, client_ids=cids,
-                                  params=params, expires_at=datetime.fromtimestamp(meta["deadline"], UTC))
+                                  params=params, expires_at=datetime.fromtimestamp(meta["deadline"], UTC),
+                                  revision=meta.get("revision", 1))
                     items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
             put.update({"r:phase": "dispatch", "r:counts": dict(counts),
                         "r:selection": {"chosen": chosen, "selected_kw": selected_kw,
@@ -510,6 +570,158 @@ class HubService:
         self.metrics.requests_finished.labels(meta["type"], "cancelled").inc()
         return {"request_id": request_id, "state": RequestState.CANCELLED.value,
                 "cancel_sent_to": sorted(reached)}
+
+    # -- revisions ------------------------------------------------------------------------------------------
+
+    async def revise(self, who: Principal, request_id: str, changes: dict[str, Any], key: str | None,
+                     validate: BodyValidator) -> tuple[int, dict[str, Any]]:
+        """A new numbered revision of an emergency, load shift or load reduction: ``changes`` (the fields that
+        change) merged into the stored body, validated by ``validate`` as a new request of that type would be,
+        and delivered through the same outboxes; clients the revision removes get a cancel, added ones the
+        request (docs/decisions.md, "Revisions"). Honours ``Idempotency-Key`` as the creating POSTs do."""
+        req = await self.store.get_request(request_id, ["r:"])
+        if req is None:
+            raise NotFound(f"request {request_id!r} does not exist")
+        meta = req["meta"]
+        right = self.authorize(who, Action.REVISE_REQUEST, Context(issuer=meta["issuer"]))
+        if self.replicas is not None:
+            if meta.get("owner") != self.replicas.me:
+                raise OwnerUnavailable(f"request {request_id} is revised by the replica that owns it; retry shortly")
+            self.replicas.check_ready()
+        keyed = {"revise": request_id, **changes}
+        async with self._keyed(who, key, keyed) as slot:
+            if slot.answer is not None:
+                return slot.answer
+            idem = (str(who), key, body_hash(keyed)) if key else None
+            return 202, await self._revise(who, request_id, changes, validate, right, idem)
+
+    async def _revise(self, who: Principal, request_id: str, changes: dict[str, Any], validate: BodyValidator,
+                      right: str, idem: tuple[str, str, str] | None) -> dict[str, Any]:
+        async with self.book.lock(request_id):
+            req = await self.store.get_request(request_id, ["r:", "c:"])
+            assert req is not None  # a request row is never deleted
+            meta, entries = req["meta"], req["clients"]
+            kind, state, now = meta["type"], RequestState(meta["state"]), time.time()
+            if kind not in REVISABLE:
+                raise Conflict(f"a {kind} request cannot be revised")
+            if state in (RequestState.CANCELLED, RequestState.EXPIRED) or meta["deadline"] <= now:
+                why = state.value if state in (RequestState.CANCELLED, RequestState.EXPIRED) else "its window is over"
+                raise Conflict(f"request {request_id} has ended ({why}): it cannot be revised")
+            phase = meta.get("phase")
+            if kind == "load_reduction" and phase != "availability":
+                phase = "dispatch"  # its clients were chosen (a finished one has a selection too)
+            allowed = REVISABLE[kind] if phase != "dispatch" else REVISABLE_AFTER_SELECTION
+            refused = [f for f in changes if f not in allowed]
+            if refused:
+                why = ("the clients were chosen on the stored reduction" if kind == "load_reduction" and phase ==
+                       "dispatch" else f"a {kind} revision may change only {', '.join(sorted(allowed))}")
+                raise InvalidBody([{"field": f, "message": f"cannot be revised: {why}"} for f in sorted(refused)])
+            merged = {**meta["body"], **changes}
+            for one, other in (("client_ids", "feeder_id"), ("feeder_id", "client_ids")):
+                if one in changes:
+                    merged.pop(other, None)
+            body = validate(kind, merged)
+            revision = int(meta.get("revision", 1)) + 1
+            start, end, params = _revised_params(kind, phase, body)
+            if end <= now:
+                raise ValueError("the revised request would already be over: its end is in the past")
+            live = {cid for cid, e in entries.items() if not e.get("removed")}
+            targets: list[str] = []
+            added: list[str] = []
+            removed: list[str] = []
+            if phase == "dispatch":
+                targets = sorted(set((meta.get("selection") or {}).get("chosen", [])) & live)
+            elif phase != "availability":  # (in that phase nothing is sent: the answers stand, and the
+                targets = await self._targets(body) if {"client_ids", "feeder_id"} & set(changes) else sorted(live)
+                added = [c for c in targets if c not in entries or entries[c].get("removed")]
+                removed = sorted(live - set(targets))  # selection uses the revised reduction_kw)
+            supplier: dict[str, str | None] = {}
+            if added:
+                known = await self._known_clients(added)
+                supplier = {cid: supplier_at(known[cid]["suppliers"], start) for cid in added}
+                unsupplied = [cid for cid, rid in supplier.items() if rid is None]
+                if unsupplied:
+                    raise Conflict(f"no retailer supplies {', '.join(unsupplied[:20])} at {iso(start)}")
+            put: dict[str, Any] = {}
+            counts = Counter({ClientState(k): v for k, v in (meta.get("counts") or {}).items()})
+            by_retailer: dict[str, list[str]] = defaultdict(list)
+            cancels: dict[str, list[str]] = defaultdict(list)
+            for cid in targets:
+                e = entries.get(cid)
+                if e is None or e.get("removed"):
+                    rid = supplier[cid]
+                    assert rid is not None
+                    if e is not None:
+                        _revised_history(e)
+                    e = {"retailers": {}, "state": ClientState.PENDING.value, "detail": {}, "trace": {},
+                         "history": (e or {}).get("history", [])}
+                    counts[ClientState.PENDING] += 1
+                else:
+                    rid = next(iter(e["retailers"]))
+                    _revised_history(e)
+                    counts[ClientState(e["state"])] -= 1
+                    counts[ClientState.PENDING] += 1
+                e.update({"retailers": {rid: ClientState.PENDING.value}, "state": ClientState.PENDING.value,
+                          "detail": {}, "trace": {}, "updated_at": now, "revision": revision})
+                put[f"c:{cid}"] = e
+                by_retailer[rid].append(cid)
+            for cid in removed:
+                e = entries[cid]
+                _revised_history(e)
+                counts[ClientState(e["state"])] -= 1
+                for rid, st in e["retailers"].items():
+                    if st != ClientState.PENDING.value:
+                        cancels[rid].append(cid)
+                e.update({"state": ClientState.CANCELLED.value, "updated_at": now, "revision": revision,
+                          "removed": revision, "detail": {"reason": f"removed from the request by revision "
+                                                                     f"{revision}"}})
+                put[f"c:{cid}"] = e
+            dropped = [m for m, i in self.book.outbox.items() if i.request_id == request_id and i.kind == "request"]
+            items = []
+            expires = datetime.fromtimestamp(end, UTC)
+            for rid, all_cids in sorted(by_retailer.items()):
+                for cids in _chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):
+                    msg = Request(request_id=request_id, kind=_wire_kind(kind), client_ids=cids, params=params,
+                                  expires_at=expires, revision=revision)
+                    items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+            for rid, cids in sorted(cancels.items()):
+                notice = Cancel(request_id=request_id, client_ids=cids, revision=revision)
+                items.append(OutboxItem(notice.msg_id, request_id, rid, "removal", encode(notice), []))
+            history = meta.get("revisions") or [{"revision": 1, "at": meta["created_at"], "request": meta["body"]}]
+            body_json = json.loads(json.dumps(body, default=str))
+            history = [*history, {"revision": revision, "at": now, "by": str(who), "request": body_json,
+                                  "changes": json.loads(json.dumps(changes, default=str)),
+                                  "added": added, "removed": removed}]
+            counts = Counter({k: v for k, v in counts.items() if v > 0})
+            new_state = RequestState.DISPATCHING if targets or phase == "availability" else (
+                request_state_from_counts(RequestState.DISPATCHING, counts))
+            put.update({"r:body": body_json, "r:revision": revision, "r:revisions": history, "r:deadline": end,
+                        "r:state": new_state.value, "r:counts": {k.value: v for k, v in counts.items()},
+                        "r:completed_at": None})
+            if kind == "load_reduction":
+                put["r:phase"] = phase
+            else:
+                put["r:phase"] = None
+                put["r:targets"] = len(targets)
+            answer = {"request_id": request_id, "revision": revision, "state": new_state.value}
+            audit = [AuditEntry(str(who), cid, Action.REVISE_REQUEST.value, right, ref=request_id, at=now)
+                     for cid in sorted({*targets, *removed})]
+            owner = self.replicas.me if self.replicas is not None else None
+            for m in dropped:
+                del self.book.outbox[m]
+            await self.store.update_request(
+                request_id, {**put, **{f"o:{i.msg_id}": i.stored() for i in items}},
+                [f"o:{m}" for m in dropped] or None, audit, reopen=(end, owner),
+                idempotency=(*idem, 202, answer) if idem else None)
+            self.book.deadlines[request_id] = end
+            if request_id in self.book.phases:
+                self.book.phases[request_id].reduction_kw = body["reduction_kw"]
+            for item in items:
+                self.book.outbox[item.msg_id] = item
+            self.book.kick()
+        log.info("request %s revised to revision %d by %s (%d client(s) sent it, %d removed)", request_id, revision,
+                 who, len(targets), len(removed))
+        return answer
 
     # -- shared ---------------------------------------------------------------------------------------------
 
@@ -684,6 +896,9 @@ class HubService:
                             "updated_at": iso(c["updated_at"])}
             if "available_kw" in c:
                 clients[cid]["available_kw"] = c["available_kw"]
+            if "revision" in c:  # a revised request: the revision this state answers, and the earlier ones
+                clients[cid]["revision"] = c["revision"]
+                clients[cid]["history"] = [{**h, "updated_at": iso(h.get("updated_at"))} for h in c.get("history", [])]
             for k in ("retailer_ms", "gateway_ms", "total_ms"):
                 if k in c.get("trace", {}):
                     sums[k].append(float(c["trace"][k]))
@@ -705,6 +920,9 @@ class HubService:
         for k in ("selection", "version"):
             if k in meta:
                 out[k] = meta[k]
+        out["revision"] = meta.get("revision", 1)
+        out["revisions"] = [{**r, "at": iso(r["at"])} for r in meta.get("revisions") or [
+            {"revision": 1, "at": meta["created_at"], "request": meta["body"]}]]
         if "cancel" in meta:
             out["cancel"] = {"requested_at": iso(meta["cancel"]["requested_at"]),
                              "acknowledged_by": {r: iso(t) for r, t in meta["cancel"]["retailers"].items()}}

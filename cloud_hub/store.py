@@ -285,10 +285,24 @@ class HubStore:
         return {rid: {c: _u(v) for c, v in rows.get(rid, {}).items()} for rid in wanted}
 
     async def update_request(self, request_id: str, put: dict[str, Any], delete: list[str] | None = None,
-                             audit: list[AuditEntry] | None = None, close: bool = False) -> None:
+                             audit: list[AuditEntry] | None = None, close: bool = False,
+                             reopen: tuple[float, str | None] | None = None,
+                             idempotency: tuple[str, str, str, int, dict[str, Any]] | None = None) -> None:
         """Write cells of one request row atomically (``put`` maps ``family:qualifier`` to JSON-able values);
-        ``close`` drops it from the open index afterwards."""
-        muts = [Mutation("requests", request_id, {c: _j(v) for c, v in put.items()}, delete=delete or None)]
+        ``close`` drops it from the open index afterwards. ``reopen`` ``(deadline, owner)``: the request is open
+        again (a revision), its index entry is written first, as at creation; ``idempotency``: the answer of the
+        ``Idempotency-Key`` that made this write, after the row."""
+        muts: list[Mutation] = []
+        if reopen is not None:
+            index: Row = {"d:deadline": _j(reopen[0])}
+            if reopen[1] is not None:
+                index["d:owner"] = reopen[1].encode()
+            muts.append(Mutation("open_requests", request_id, index))
+        muts.append(Mutation("requests", request_id, {c: _j(v) for c, v in put.items()}, delete=delete or None))
+        if idempotency:
+            principal, key, digest, status, answer = idempotency
+            muts.append(Mutation("idempotency", f"{principal}|{key}", {
+                "d:hash": digest.encode(), "d:status": str(status).encode(), "d:answer": _j(answer)}))
         muts += [audit_mutation(e) for e in audit or []]
         if close:
             muts.append(Mutation("open_requests", request_id, delete=[]))

@@ -185,7 +185,12 @@ class Gateway:
     def _spawn(self, request_id: str, coro: Any) -> None:
         task = asyncio.create_task(coro, name=f"gw-{self.id}-{request_id}")
         self._tasks[request_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(request_id, None))
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._tasks.get(request_id) is done:  # not the task of a newer revision
+                del self._tasks[request_id]
+
+        task.add_done_callback(forget)
 
     # -- polling ------------------------------------------------------------------------------------------
 
@@ -392,25 +397,69 @@ class Gateway:
         if cmd.expires_at.timestamp() <= now:
             await self._outcome(Outcome(request_id=cmd.request_id, client_id=self.client_id,
                                         state=ClientState.REFUSED,
-                                        detail={"reason": "expired: the command arrived after its expiry"}))
+                                        detail={"reason": "expired: the command arrived after its expiry"},
+                                        revision=cmd.revision))
             await self._send(Ack(ack_ids=[cmd.msg_id]))
             return
 
-        def store(db: sqlite3.Connection) -> bool:
-            cur = db.execute("INSERT OR IGNORE INTO commands (request_id, payload, state, received_at) "
-                             "VALUES (?,?,?,?)", (cmd.request_id, encode(cmd), "scheduled", now))
-            return bool(cur.rowcount)
+        def store(db: sqlite3.Connection) -> int | None:
+            """None: a new request; else the revision held before (replaced when ``cmd`` is newer)."""
+            row = db.execute("SELECT payload, state FROM commands WHERE request_id=?", (cmd.request_id,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO commands (request_id, payload, state, received_at) VALUES (?,?,?,?)",
+                           (cmd.request_id, encode(cmd), "scheduled", now))
+                return None
+            held = Command.model_validate_json(row[0]).revision
+            if cmd.revision > held:
+                db.execute("UPDATE commands SET payload=?, state=? WHERE request_id=?",
+                           (encode(cmd), "active" if row[1] == "active" else "scheduled", cmd.request_id))
+            return held
 
-        is_new = await self.sql.tx(store)
+        held = await self.sql.tx(store)
         await self._send(Ack(ack_ids=[cmd.msg_id]))
-        if is_new:
+        if held is not None and cmd.revision < held:
+            await self._stale(cmd.msg_id, cmd.request_id, cmd.revision, held)
+            return
+        if held is None or cmd.revision > held:
             if isinstance(cmd.params, LoadShiftParams):
                 will = [ld.name for ld in self.loads() if ld.sheddable]
                 await self._outcome(Outcome(request_id=cmd.request_id, client_id=self.client_id,
                                             state=ClientState.ACKNOWLEDGED,
                                             detail={"will_shift": will, "window_start": cmd.params.start.isoformat(),
-                                                    "window_end": cmd.params.end.isoformat()}))
-            self._spawn(cmd.request_id, self._execute(cmd, now))
+                                                    "window_end": cmd.params.end.isoformat()},
+                                            revision=cmd.revision))
+            shed: list[str] | None = None
+            if held is not None:  # a newer revision: it replaces the one in force, keeping what that one shed
+                shed = await self._replace(cmd)
+                log.info("gateway %s applies revision %d of request %s", self.id, cmd.revision,
+                         outside(cmd.request_id))
+            self._spawn(cmd.request_id, self._execute(cmd, now, resumed_shed=shed, report=True))
+
+    async def _replace(self, cmd: Command) -> list[str] | None:
+        """Stop acting on the revision ``cmd`` replaces; returns what its action holds shed (None: it has not
+        started, or ``cmd`` starts later, in which case the loads it shed are restored as at an action's end)."""
+        task = self._tasks.pop(cmd.request_id, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        action = self.active.get(cmd.request_id)
+        if action is None:
+            return None
+        if cmd.params.start.timestamp() > time.time():
+            await self._finish(cmd.request_id, action.shed, state="scheduled")
+            return None
+        return list(action.shed)
+
+    async def _stale(self, msg_id: str, request_id: str, revision: int, held: int) -> None:
+        """A message of an older revision than the one held arrived late: acknowledged, ignored, and said so."""
+        self.rejected += 1
+        text = (f"request {request_id}: revision {revision} arrived after revision {held}, which this gateway "
+                f"applies; ignored")
+        log.warning("gateway %s: %s", self.id, outside(text, 300))
+        self.events.publish({"type": "stale_revision", "at": time.time(), "gateway_id": self.id,
+                             "request_id": request_id, "revision": revision, "held": held})
+        await self._send(ErrorReply(ref_msg_id=msg_id, code="stale_revision", message=text))
 
     async def _on_schedule(self, msg: Schedule) -> None:
         if msg.client_id != self.client_id:
@@ -432,6 +481,14 @@ class Gateway:
             await self._send(ErrorReply(ref_msg_id=msg.msg_id, code="forbidden",
                                         message=f"gateway {self.id} serves {self.client_id} only"))
             return
+        if msg.revision is not None:  # a revision removed this client: unless a newer one has re-added it
+            row = await self.sql.read(lambda db: db.execute("SELECT payload FROM commands WHERE request_id=?",
+                                                            (msg.request_id,)).fetchone())
+            held = Command.model_validate_json(row[0]).revision if row is not None else None
+            if held is not None and held > msg.revision:
+                await self._send(Ack(ack_ids=[msg.msg_id]))
+                await self._stale(msg.msg_id, msg.request_id, msg.revision, held)
+                return
         task = self._tasks.pop(msg.request_id, None)
         if task is not None:
             task.cancel()
@@ -440,7 +497,11 @@ class Gateway:
         log.info("gateway %s cancelled request %s", self.id, outside(msg.request_id))
         await self._send(Ack(ack_ids=[msg.msg_id]))
 
-    async def _execute(self, cmd: Command, received_at: float, resumed_shed: list[str] | None = None) -> None:
+    async def _execute(self, cmd: Command, received_at: float, resumed_shed: list[str] | None = None,
+                       report: bool | None = None) -> None:
+        """Act on ``cmd`` from its start to its end; ``resumed_shed``: what an earlier run of it (before a restart,
+        or of the revision it replaces) holds shed; ``report`` (default: not resumed) sends its outcome."""
+        report = resumed_shed is None if report is None else report
         params = cmd.params
         start, end = params.start.timestamp(), params.end.timestamp()
         await asyncio.sleep(max(0.0, start - time.time()))
@@ -462,7 +523,7 @@ class Gateway:
             "expected_kw": None if plan is None or math.isnan(plan) else round(plan, 3),
             "meter_available": before is not None,
         }
-        if resumed_shed is None:
+        if report:
             await self.sql.tx(lambda db: db.execute("UPDATE commands SET state='active' WHERE request_id=?",
                                                     (cmd.request_id,)))
             if not isinstance(params, LoadShiftParams):  # a load shift was acknowledged when it arrived
@@ -470,6 +531,7 @@ class Gateway:
                     request_id=cmd.request_id, client_id=self.client_id, state=ClientState.EXECUTED, detail=detail,
                     trace={"gateway_ms": round((time.perf_counter() - t0) * 1000, 3),
                            "waited_ms": round(max(0.0, start - received_at) * 1000, 3)},
+                    revision=cmd.revision,
                 ))
         await asyncio.sleep(max(0.0, end - time.time()))
         await self._finish(cmd.request_id, action.shed)

@@ -166,6 +166,9 @@ class Request(_Msg):
     client_ids: list[Id] = Field(min_length=1, max_length=100_000)
     params: Params
     expires_at: AwareDatetime
+    revision: int = Field(default=1, ge=1)
+    """The request's revision (``POST /v1/requests/{id}/revise``): a higher one replaces what a lower one said
+    for the same clients; absent (an older hub) means 1."""
 
     @model_validator(mode="after")
     def _kind_matches(self) -> Request:
@@ -183,6 +186,9 @@ class Command(_Msg):
     kind: RequestKind
     params: Params
     expires_at: AwareDatetime
+    revision: int = Field(default=1, ge=1)
+    """The request's revision this command carries: the gateway applies the newest it has, and ignores (and
+    reports, ``stale_revision``) an older one that arrives late; absent (an older bridge) means 1."""
 
 
 class Cancel(_Msg):
@@ -191,6 +197,10 @@ class Cancel(_Msg):
     type: Literal["cancel"] = "cancel"
     request_id: str = Field(min_length=1, max_length=64)
     client_ids: list[Id] = Field(default_factory=list, max_length=100_000)
+    revision: int | None = Field(default=None, ge=1)
+    """None: the whole request is cancelled. A number: that revision of the request removed the clients named
+    (only they stop; the request goes on for the others), and a receiver that already holds a newer revision for a
+    client ignores it."""
 
 
 class Ack(_Msg):
@@ -209,6 +219,9 @@ class Outcome(_Msg):
     state: ClientState
     detail: dict[str, Any] = Field(default_factory=dict)
     trace: dict[str, float] = Field(default_factory=dict)
+    revision: int = Field(default=1, ge=1)
+    """The revision of the request this outcome answers; the hub keeps only outcomes of a client's latest
+    revision. Absent (an older gateway or bridge) means 1."""
 
     @field_validator("detail")
     @classmethod
@@ -227,7 +240,9 @@ class ErrorReply(_Msg):
     type: Literal["error"] = "error"
     ref_msg_id: str | None = Field(default=None, max_length=64)
     """The ``msg_id`` of the refused message (a ``msg_id`` has at most 64 characters)."""
-    code: Literal["invalid", "forbidden", "unknown_client", "expired", "internal"]
+    code: Literal["invalid", "forbidden", "unknown_client", "expired", "internal", "stale_revision"]
+    """``stale_revision``: a command (or cancel) of an older revision than the one the receiver holds arrived
+    late; it was acknowledged and ignored."""
     message: str = Field(max_length=2000)
 
 

@@ -175,16 +175,17 @@ class BridgeRelay:
             gid = self.gateway_of_client.get(cid)
             if gid is None:
                 out = Outcome(request_id=req.request_id, client_id=cid, state=ClientState.REFUSED,
-                              detail={"reason": f"{cid} is not a customer of retailer {self.retailer_id}"})
+                              detail={"reason": f"{cid} is not a customer of retailer {self.retailer_id}"},
+                              revision=req.revision)
                 answers.append((out.msg_id, encode(out)))
             elif req.kind is RequestKind.AVAILABILITY:
-                out = self.availability(req.request_id, cid, gid)
+                out = self.availability(req.request_id, cid, gid).model_copy(update={"revision": req.revision})
                 answers.append((out.msg_id, encode(out)))
             else:
                 cmd = Command(request_id=req.request_id, client_id=cid, kind=req.kind, params=req.params,
-                              expires_at=req.expires_at)
+                              expires_at=req.expires_at, revision=req.revision)
                 commands.append(NewCommand(req.request_id, cid, gid, cmd.msg_id, encode(cmd), now,
-                                           req.expires_at.timestamp(), req.params.start.timestamp()))
+                                           req.expires_at.timestamp(), req.params.start.timestamp(), req.revision))
         await self.store.accept_request(commands, answers)
         await self._to_hub(Ack(ack_ids=[req.msg_id]))
         self.kick()
@@ -233,6 +234,17 @@ class BridgeRelay:
 
     async def _on_cancel(self, msg: Cancel) -> None:
         now = time.time()
+        if msg.revision is not None:  # a revision removed these clients: only they stop
+            ours = [c for c in msg.client_ids if c in self.gateway_of_client]
+            removal = []
+            for cmd in await self.store.commands_of(msg.request_id):
+                if cmd["client_id"] in ours and cmd["revision"] <= msg.revision:
+                    notice = Cancel(request_id=msg.request_id, client_ids=[cmd["client_id"]], revision=msg.revision)
+                    removal.append((notice.msg_id, cmd["gateway_id"], encode(notice), now + 24 * 3600))
+            await self.store.remove_clients(msg.request_id, ours, msg.revision, removal)
+            await self._to_hub(Ack(ack_ids=[msg.msg_id]))
+            self.kick()
+            return
         notices = []
         for cmd in await self.store.commands_of(msg.request_id):
             notice = Cancel(request_id=msg.request_id, client_ids=[cmd["client_id"]])
@@ -327,7 +339,7 @@ class BridgeRelay:
         def delivered(cmd: dict[str, Any]) -> tuple[str, bytes]:
             out = Outcome(msg_id=delivered_msg_id(cmd["msg_id"]), request_id=cmd["request_id"],
                           client_id=cmd["client_id"], state=ClientState.DELIVERED,
-                          trace={"retailer_ms": round(cmd["handling_ms"], 3)})
+                          trace={"retailer_ms": round(cmd["handling_ms"], 3)}, revision=cmd["revision"])
             return out.msg_id, encode(out)
 
         await self.store.deliver(gid, msg.ack_ids, delivered)
@@ -343,14 +355,14 @@ class BridgeRelay:
             return
 
         def closing(cmd: dict[str, Any]) -> tuple[str, bytes] | None:
-            if not msg.state.terminal:
-                return None
+            if not msg.state.terminal or msg.revision < cmd["revision"]:
+                return None  # an answer to a revision since replaced is not the client's outcome any more
             trace: dict[str, Any] = {k: v for k, v in msg.trace.items() if k in ("gateway_ms", "waited_ms")}
             if cmd["first_sent_at"] is not None:
                 trace["gateway_rtt_ms"] = round((t0 - cmd["first_sent_at"]) * 1000, 3)
             trace["retailer_ms"] = round(cmd["handling_ms"] + (time.time() - t0) * 1000, 3)
             out = Outcome(request_id=msg.request_id, client_id=msg.client_id, state=msg.state, detail=msg.detail,
-                          trace=trace)
+                          trace=trace, revision=msg.revision)
             return out.msg_id, encode(out)
 
         cmd = await self.store.close_command(msg.request_id, msg.client_id, closing)
@@ -359,7 +371,11 @@ class BridgeRelay:
             await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="unknown_client",
                                                    message=f"no request {msg.request_id} for {msg.client_id}"))
             return
-        if cmd["state"] != CLOSED and msg.state.terminal:
+        if msg.revision < cmd["revision"]:
+            self.rejected["gateway_stale_revision"] += 1
+            log.info("gateway %s answered revision %d of request %s, which revision %d replaced: not forwarded", gid,
+                     msg.revision, outside(msg.request_id), cmd["revision"])
+        elif cmd["state"] != CLOSED and msg.state.terminal:
             self.kick()
         await self._to_gateway(gid, Ack(ack_ids=[msg.msg_id]))
 
@@ -484,7 +500,7 @@ class BridgeRelay:
                            state: ClientState = ClientState.UNREACHABLE) -> None:
         out = Outcome(request_id=cmd["request_id"], client_id=cmd["client_id"], state=state,
                       detail={"reason": reason, "gateway_id": cmd["gateway_id"]},
-                      trace={"retailer_ms": round(cmd["handling_ms"], 3)})
+                      trace={"retailer_ms": round(cmd["handling_ms"], 3)}, revision=cmd["revision"])
         await self.store.set_state(cmd["request_id"], cmd["client_id"], CLOSED, (out.msg_id, encode(out)))
         self._wake_hub.set()  # the outcome goes to the hub from the other loop
         log.warning("client %s unreachable for request %s: %s", cmd["client_id"], outside(cmd["request_id"]), reason)

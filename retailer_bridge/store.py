@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS commands (
     request_id TEXT NOT NULL, client_id TEXT NOT NULL, gateway_id TEXT NOT NULL, msg_id TEXT NOT NULL UNIQUE,
     payload BLOB NOT NULL, state TEXT NOT NULL, received_at REAL NOT NULL, first_sent_at REAL,
     attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, deadline REAL NOT NULL,
-    handling_ms REAL NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0, PRIMARY KEY (request_id, client_id));
+    handling_ms REAL NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0, revision INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (request_id, client_id));
 CREATE TABLE IF NOT EXISTS cancelled (request_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS gateway_outbox (
     msg_id TEXT PRIMARY KEY, gateway_id TEXT NOT NULL, payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
@@ -68,6 +69,8 @@ class NewCommand:
     deadline: float
     not_before: float = 0.0
     """The gateway counts as unreachable only after this time (the action's start) plus the ack timeout."""
+    revision: int = 1
+    """The request's revision the command carries: a higher one replaces the stored command of its client."""
 
 
 @dataclass(slots=True)
@@ -157,8 +160,9 @@ class BridgeStore:
         self.group = GroupCommit(self.sql)
 
     async def open(self) -> None:
-        """Open (and create) the database."""
+        """Open (and create) the database; a database of a bridge older than revisions gets their column."""
         await self.sql.open()
+        await self.sql.tx(_add_revision_column)
 
     async def close(self) -> None:
         """Commit what is queued, then close the database."""
@@ -176,10 +180,17 @@ class BridgeStore:
             for c in commands:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO commands (request_id, client_id, gateway_id, msg_id, payload, state, "
-                    "received_at, next_attempt_at, deadline, not_before) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    "received_at, next_attempt_at, deadline, not_before, revision) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (c.request_id, c.client_id, c.gateway_id, c.msg_id, c.payload, SENDING, c.received_at, 0.0,
-                     c.deadline, c.not_before),
+                     c.deadline, c.not_before, c.revision),
                 )
+                if not cur.rowcount:  # a newer revision replaces the command, whatever its state (re-sent anew)
+                    cur = db.execute(
+                        "UPDATE commands SET gateway_id=?, msg_id=?, payload=?, state=?, received_at=?, "
+                        "first_sent_at=NULL, attempts=0, next_attempt_at=0, deadline=?, handling_ms=0, not_before=?, "
+                        "revision=? WHERE request_id=? AND client_id=? AND revision<?",
+                        (c.gateway_id, c.msg_id, c.payload, SENDING, c.received_at, c.deadline, c.not_before,
+                         c.revision, c.request_id, c.client_id, c.revision))
                 added += cur.rowcount
             self._queue(db, outcomes)
             return added
@@ -339,6 +350,19 @@ class BridgeStore:
 
         await self._tx(op)
 
+    async def remove_clients(self, request_id: str, client_ids: list[str], revision: int,
+                             notices: list[tuple[str, str, bytes, float]]) -> None:
+        """Revision ``revision`` of a request removed these clients: their commands of that revision or older stop
+        (a newer one stays), and each of their gateways is told (``notices`` as in :meth:`cancel`)."""
+
+        def op(db: sqlite3.Connection) -> None:
+            db.executemany("UPDATE commands SET state=? WHERE request_id=? AND client_id=? AND revision<=?",
+                           [(CLOSED, request_id, c, revision) for c in client_ids])
+            db.executemany("INSERT OR IGNORE INTO gateway_outbox (msg_id, gateway_id, payload, next_attempt_at, "
+                           "deadline) VALUES (?,?,?,0,?)", notices)
+
+        await self._tx(op)
+
     async def commands_of(self, request_id: str) -> list[dict[str, Any]]:
         """Every command of one request."""
         return await self.sql.read(lambda db: [dict(r) for r in db.execute(
@@ -405,3 +429,8 @@ class BridgeStore:
         await self._tx(lambda db: db.execute(
             "INSERT OR IGNORE INTO gateway_outbox (msg_id, gateway_id, payload, next_attempt_at, deadline) "
             "VALUES (?,?,?,0,?)", (msg_id, gateway_id, payload, deadline)))
+
+
+def _add_revision_column(db: sqlite3.Connection) -> None:
+    if "revision" not in {r[1] for r in db.execute("PRAGMA table_info(commands)")}:
+        db.execute("ALTER TABLE commands ADD COLUMN revision INTEGER NOT NULL DEFAULT 1")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cloud_hub.api.deps import Caller, IdempotencyKey, Service
+from cloud_hub.service import InvalidBody
 
 router = APIRouter(prefix="/v1", tags=["requests"])
 
@@ -84,6 +85,40 @@ class TariffBody(BaseModel):
     periods: list[TariffPeriodBody] = Field(min_length=1, max_length=10_000)
 
 
+class RevisionBody(BaseModel):
+    """The fields of a request that a revision changes (which ones a type allows: docs/decisions.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    client_ids: list[ClientId] | None = Field(None, min_length=1, max_length=100_000)
+    feeder_id: str | None = Field(None, min_length=1, max_length=64)
+    start: AwareDatetime | None = None
+    duration_s: int | None = Field(None, gt=0, le=7 * 24 * 3600)
+    power_limit_kw: float | None = Field(None, ge=0, le=10_000)
+    window_start: AwareDatetime | None = None
+    window_end: AwareDatetime | None = None
+    reason: str | None = Field(None, max_length=500)
+    reduction_kw: float | None = Field(None, gt=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> RevisionBody:
+        if not self.model_dump(exclude_none=True):
+            raise ValueError("give at least one field to change")
+        return self
+
+
+_BODIES: dict[str, type[BaseModel]] = {"emergency": EmergencyBody, "load_shift": LoadShiftBody,
+                                       "load_reduction": LoadReductionBody}
+
+
+def validate_body(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A whole request body of type ``kind`` validated by the model its creating POST uses."""
+    try:
+        return _BODIES[kind].model_validate(body).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        raise InvalidBody([{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                           for e in exc.errors()]) from None
+
+
 def _answer(response: Response, result: tuple[int, dict[str, Any]]) -> dict[str, Any]:
     response.status_code = result[0]
     return result[1]
@@ -136,3 +171,12 @@ async def get_request(request_id: RequestId, who: Caller, service: Service) -> d
 async def cancel_request(request_id: RequestId, who: Caller, service: Service) -> dict[str, Any]:
     """Cancel a request that has not ended; the cancellation reaches every home that got it (its issuer)."""
     return await service.cancel(who, request_id)
+
+
+@router.post("/requests/{request_id}/revise", status_code=202)
+async def revise_request(request_id: RequestId, body: RevisionBody, who: Caller, service: Service,
+                         response: Response, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    """A new numbered revision of an emergency, load shift or load reduction that has not ended: the fields that
+    change, delivered like the first revision (its issuer)."""
+    return _answer(response, await service.revise(who, request_id, body.model_dump(exclude_none=True),
+                                                  idempotency_key, validate_body))
