@@ -47,6 +47,7 @@ class Bridge:
                          s.local_mqtt_tls_ca_file),
             client_id=s.local_mqtt_username, subscriptions=[topics.all_up("gateways")],
             handler=self.relay.on_local_message, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None,
+            on_connect=self.relay.local_connected,
         )
         try:
             async with contextlib.AsyncExitStack() as stack:

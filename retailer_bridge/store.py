@@ -400,6 +400,11 @@ class BridgeStore:
 
         return await self._tx(op)
 
+    async def current_tariff(self) -> bytes | None:
+        """The stored tariff's payload (as published to the gateways), or None."""
+        row = await self.sql.read(lambda db: db.execute("SELECT payload FROM tariff WHERE id=1").fetchone())
+        return None if row is None else bytes(row[0])
+
     async def queue_for_gateway(self, msg_id: str, gateway_id: str, payload: bytes, deadline: float) -> None:
         """A notice for one gateway (a schedule), re-sent until that gateway acknowledges it."""
         await self._tx(lambda db: db.execute(
