@@ -42,6 +42,7 @@ from mhp_wire.mqtt import MqttError, MqttLink
 from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
 from mhp_wire.sqlite import StorageError
+from retailer_bridge.billing import BillingReading, readings_of
 from retailer_bridge.store import CLOSED, BridgeStore, NewCommand, delivered_msg_id
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ class BridgeRelay:
         self.measurement_interval_s = measurement_interval_s
         self.telemetry_sinks: list[Callable[[Telemetry], None]] = []
         """Called with every accepted telemetry message (the telemetry export); must not block."""
+        self.billing_sinks: list[Callable[[str, list[BillingReading]], Awaitable[None]]] = []
+        """Awaited with the ``msg_id`` and the intervals of every billing delivery once it is stored, before the
+        hub is acknowledged (the telemetry export's ``billing`` measurement)."""
         self._pending_measurements: dict[tuple[str, float], Measurement] = {}
         self._last_measurements = 0.0
         self._wake_gateways = asyncio.Event()
@@ -281,7 +285,18 @@ class BridgeRelay:
                 continue
             rows.append((c.client_id, c.period_start.isoformat(), c.period_end.isoformat(),
                          json.dumps([b.model_dump(mode="json") for b in c.readings])))
-        await self.store.store_billing(msg.request_id, rows, time.time())
+        received_at = time.time()
+        await self.store.store_billing(msg.request_id, rows, received_at)
+        if self.billing_sinks:
+            readings = [r for c in msg.clients if c.client_id in self.customers
+                        for r in readings_of(msg.request_id, c.client_id, c.period_start, c.period_end,
+                                             [b.model_dump(mode="json") for b in c.readings], received_at)]
+            for sink in self.billing_sinks:
+                try:
+                    await sink(msg.msg_id, readings)
+                except Exception:  # the billing data is stored above: ``billing export`` still has it
+                    log.exception("billing data of request %s not exported to the telemetry store",
+                                  outside(msg.request_id))
         await self._to_hub(Ack(ack_ids=[msg.msg_id]))
 
     async def _on_tariff(self, msg: Tariff, *, ack: bool) -> None:

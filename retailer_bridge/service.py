@@ -30,6 +30,7 @@ class Bridge:
         self.relay.gateway_limiter = RateLimiter(settings.gateway_rate_limit_per_s, settings.gateway_rate_limit_burst)
         self.telemetry = TelemetryExporter.from_settings(settings)
         self.relay.telemetry_sinks.append(self.telemetry.submit)
+        self.relay.billing_sinks.append(self.telemetry.submit_billing)
         self.personal_area: PersonalArea | None = None
         """The customers' personal area while it runs (``personal_area.address``: where it listens)."""
 
