@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import tomli_w
 
+from retailer_bridge.billing import BillingReading, readings_of, select, to_csv
 from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
 from retailer_bridge.telemetry import to_ms
@@ -211,3 +212,38 @@ async def test_billing_goes_to_influxdb(hub: HubHandle, influx_bridge_settings: 
         assert estimated == {("c1", 0.0), ("c2", 1.0)}
     finally:
         await stop(task)
+
+
+def reading(client: str, hour: int, kwh: float, received_s: float, version: int = 1,
+            request_id: str = "b1") -> BillingReading:
+    start = DAY + timedelta(hours=hour)
+    return BillingReading(client, start, start + timedelta(hours=1), kwh, "measured", request_id, 3600, version,
+                          version > 1, DAY + timedelta(days=2, seconds=received_s))
+
+
+@pytest.mark.parametrize(("delivered", "want"), [
+    # one delivery: every interval in the range, in client and time order
+    ([reading("c2", 0, 1.0, 0), reading("c1", 1, 2.0, 0), reading("c1", 0, 3.0, 0)],
+     [("c1", 0, 3.0), ("c1", 1, 2.0), ("c2", 0, 1.0)]),
+    # the same interval delivered again later (the DSO asked again): exported once, as received last
+    ([reading("c1", 0, 1.0, 0, request_id="b1"), reading("c1", 0, 1.5, 60, version=2, request_id="b2")],
+     [("c1", 0, 1.5)]),
+    ([reading("c1", 0, 1.5, 60, version=2, request_id="b2"), reading("c1", 0, 1.0, 0, request_id="b1")],
+     [("c1", 0, 1.5)]),
+    # the range is [from, to): an interval starting at "to" is not in it
+    ([reading("c1", 23, 1.0, 0), reading("c1", 24, 2.0, 0), reading("c1", -1, 3.0, 0)], [("c1", 23, 1.0)]),
+])
+def test_select_keeps_each_interval_once_as_last_received(delivered: list[BillingReading],
+                                                          want: list[tuple[str, int, float]]) -> None:
+    got = select(delivered, DAY, DAY + timedelta(days=1))
+    assert [(r.client_id, int((r.start - DAY).total_seconds() // 3600), r.energy_kwh) for r in got] == want
+
+
+def test_readings_of_keeps_to_the_delivered_period() -> None:
+    blocks = [{"start": (DAY - timedelta(hours=1)).isoformat(), "resolution_s": 1800, "values_kwh": [1, 2, 3, 4, 5],
+               "quality": "estimated", "version": 1, "corrected": False}]
+    got = readings_of("b1", "c1", DAY, DAY + timedelta(hours=1), blocks, (DAY + timedelta(days=1)).timestamp())
+    assert [(r.start, r.energy_kwh, r.quality) for r in got] == [
+        (DAY, 3.0, "estimated"), (DAY + timedelta(minutes=30), 4.0, "estimated")]
+    assert to_csv(got).splitlines()[1] == (f"c1,{DAY.isoformat()},{(DAY + timedelta(minutes=30)).isoformat()},3.0,"
+                                           f"estimated,b1,1800,1,False,{(DAY + timedelta(days=1)).isoformat()}")
