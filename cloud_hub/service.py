@@ -38,6 +38,7 @@ from mhp_wire.messages import (
     Tariff,
     encode,
     new_id,
+    tariff_msg_id,
 )
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,7 @@ CURRENT_TARIFF = "current"
 def tariff_message(stored: dict[str, Any]) -> Tariff:
     """The ``tariff`` message of a stored tariff version; its ``msg_id`` names the tariff and version, so that a
     republication of the same version is recognisably the same."""
-    digest = hashlib.sha256(f"{stored['tariff_id']}|{stored['version']}".encode()).hexdigest()[:32]
-    return Tariff(msg_id=f"tariff-{digest}", tariff_id=stored["tariff_id"],
+    return Tariff(msg_id=tariff_msg_id(stored["tariff_id"], stored["version"]), tariff_id=stored["tariff_id"],
                   version=stored["version"], valid_from=stored["valid_from"], valid_to=stored["valid_to"],
                   periods=stored["periods"])
 

@@ -37,6 +37,7 @@ from mhp_wire.messages import (
     WireError,
     decode,
     encode,
+    tariff_msg_id,
 )
 from mhp_wire.mqtt import MqttError, MqttLink
 from mhp_wire.process import wait_or_timeout
@@ -300,7 +301,7 @@ class BridgeRelay:
         await self._to_hub(Ack(ack_ids=[msg.msg_id]))
 
     async def _on_tariff(self, msg: Tariff, *, ack: bool) -> None:
-        public = msg.model_copy(update={"msg_id": f"tariff-{msg.tariff_id}-{msg.version}"})
+        public = msg.model_copy(update={"msg_id": tariff_msg_id(msg.tariff_id, msg.version)})
         if await self.store.put_tariff(msg.tariff_id, msg.version, encode(public)) and self.local is not None:
             try:
                 await self.local.publish(topics.TARIFF, encode(public), retain=True, wait_s=PUBLISH_WAIT_S)

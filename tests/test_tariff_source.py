@@ -229,6 +229,12 @@ async def test_bridge_republishes_when_its_broker_restarts_empty(stack: Stack) -
     await restart(stack, "gateways-1")
     await eventually(lambda: gateway_got(stack, "gw-1", "tou", version) == 2, "the restarted gateway took it")
 
+    # A tariff id of the longest allowed length reaches the gateway too (its retained copy's msg_id fits the wire).
+    long_id = "t" * 64
+    async with stack.http_client() as http:
+        long_version = await publish(stack, http, long_id, 0.2)
+    await eventually(lambda: gateway_got(stack, "gw-1", long_id, long_version) == 1, "the gateway took a long id")
+
 
 async def test_stored_tariffs_are_readable_by_anyone_with_a_token(stack: Stack) -> None:
     async with stack.http_client() as http:
