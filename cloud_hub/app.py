@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cloud_hub.api import data, health, registry, requests
+from cloud_hub.api import data, health, registry, requests, tariffs
 from cloud_hub.api.deps import RateLimited
 from cloud_hub.authz import Principal
 from cloud_hub.book import RequestBook
@@ -52,14 +52,15 @@ async def _run_relay(app: FastAPI, settings: HubSettings) -> None:
                             settings.mqtt_password, settings.mqtt_tls_ca_file)
     if replicas is None:
         link = MqttLink(endpoint, client_id=settings.mqtt_client_id, subscriptions=[topics.all_up("retailers")],
-                        handler=relay.handle, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None)
+                        handler=relay.handle, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None,
+                        on_connect=relay.link_connected)
     else:
         # One last will per connection: a replica's is its own presence, which the others act on. The public
         # hub presence is only ever "online" here (the bridges do not act on it).
         link = MqttLink(endpoint, client_id=settings.mqtt_client_id, subscriptions=replicas.subscriptions(),
                         handler=relay.handle, status_topic=topics.replica_status(replicas.me),
                         connect_timeout_s=None, clean_start=settings.replica_session_expiry_s == 0,
-                        session_expiry_s=settings.replica_session_expiry_s)
+                        session_expiry_s=settings.replica_session_expiry_s, on_connect=relay.link_connected)
     async with link:
         relay.link = link
         relay.failure = None
@@ -172,6 +173,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.include_router(registry.router)
     app.include_router(requests.router)
     app.include_router(data.router)
+    app.include_router(tariffs.router)
     app.state.http_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

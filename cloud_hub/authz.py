@@ -36,6 +36,7 @@ class Action(StrEnum):
     REVISE_REQUEST = "revise_request"
     REPORT_OUTCOME = "report_outcome"
     SEND_MEASUREMENT = "send_measurement"
+    READ_TARIFF = "read_tariff"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,8 @@ _DSO_ONLY = {Action.MANAGE_CLIENT, Action.UPLOAD_READINGS, Action.REQUEST_BILLIN
 def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decision:
     """Decide whether ``who`` may perform ``action`` on the resource described by ``ctx``."""
     ctx = ctx or Context()
+    if action is Action.READ_TARIFF:
+        return Decision(True, "public:tariff")  # the network tariff is public: anyone with a token reads it
     if action is Action.MANAGE_RETAILER:
         if who.kind in ("admin", "dso"):
             return Decision(True, f"{who.kind}:manage-registry")

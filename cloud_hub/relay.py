@@ -21,6 +21,7 @@ from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import ReportedOutcome, RequestBook
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.replicas import Replicas
+from cloud_hub.service import tariff_message
 from cloud_hub.storage import StoreUnavailable
 from cloud_hub.store import AuditEntry
 from mhp_wire import topics
@@ -111,6 +112,10 @@ class HubRelay:
         self.replicas: Replicas | None = None
         """Set when the hub runs as several replicas."""
         self._claims_logged = Once()
+        self._tariff_due = asyncio.Event()
+        """Set at every connection to the hub broker: the stored current tariff is published again, retained."""
+        self.tariff_retry_s = 1.0
+        """Pause before publishing the tariff again after storage or the broker failed."""
         book.kick = self.kick
 
     def use_replicas(self, replicas: Replicas) -> None:
@@ -127,6 +132,40 @@ class HubRelay:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._dispatch_loop(), name="hub-dispatch")
             tg.create_task(self._sweep_loop(), name="hub-sweep")
+            tg.create_task(self._tariff_loop(), name="hub-tariff-republish")
+
+    def link_connected(self) -> None:
+        """The link to the hub broker is up (the first time or again): republish the stored tariff."""
+        self._tariff_due.set()
+
+    async def _tariff_loop(self) -> None:
+        """At every connection, publish the current tariff from storage, retained: the store is its source, and a
+        broker restarted without (or with an old) persistence snapshot has lost the retained copy."""
+        while True:
+            await self._tariff_due.wait()
+            self._tariff_due.clear()
+            try:
+                await self.republish_tariff()
+            except (StoreUnavailable, MqttError) as exc:
+                log.warning("the current tariff is not republished now (%s); trying again", exc)
+                await asyncio.sleep(self.tariff_retry_s)
+                self._tariff_due.set()
+
+    async def republish_tariff(self) -> bool:
+        """Publish the stored current tariff, retained, on ``public/tariff``; False when none was published.
+        Looks at storage again after publishing, so that a tariff posted meanwhile is what stays retained."""
+        published = None
+        while True:
+            stored = await self.book.store.current_tariff()
+            if stored is None:
+                return False
+            if published == (stored["tariff_id"], stored["version"]):
+                return True
+            if self.link is None or not self.link.connected:
+                raise MqttError("the hub broker link is down")
+            await self.link.publish(topics.TARIFF, encode(tariff_message(stored)), retain=True, wait_s=PUBLISH_WAIT_S)
+            published = (stored["tariff_id"], stored["version"])
+            log.info("tariff %s v%d republished from storage, retained", published[0], published[1])
 
     async def _dispatch_loop(self) -> None:
         while True:

@@ -38,6 +38,7 @@ from mhp_wire.messages import (
     Tariff,
     encode,
     new_id,
+    tariff_msg_id,
 )
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,18 @@ def _revised_params(kind: str, phase: str | None, body: dict[str, Any]) -> tuple
     if phase == "availability":
         return start, end, AvailabilityParams(start=body["start"], end=until, reduction_kw=body["reduction_kw"])
     return start, end, LoadReductionParams(start=body["start"], end=until, target_kw=body["reduction_kw"])
+
+
+CURRENT_TARIFF = "current"
+"""Not a tariff id: ``GET /v1/tariffs/current`` names the tariff published last."""
+
+
+def tariff_message(stored: dict[str, Any]) -> Tariff:
+    """The ``tariff`` message of a stored tariff version; its ``msg_id`` names the tariff and version, so that a
+    republication of the same version is recognisably the same."""
+    return Tariff(msg_id=tariff_msg_id(stored["tariff_id"], stored["version"]), tariff_id=stored["tariff_id"],
+                  version=stored["version"], valid_from=stored["valid_from"], valid_to=stored["valid_to"],
+                  periods=stored["periods"])
 
 
 class Forbidden(Exception):
@@ -366,6 +379,8 @@ class HubService:
         t0 = time.perf_counter()
         if _ts(body["valid_to"]) <= _ts(body["valid_from"]):
             raise ValueError("valid_to must be after valid_from")
+        if body["tariff_id"] == CURRENT_TARIFF:
+            raise ValueError(f"tariff_id {CURRENT_TARIFF!r} is reserved: GET /v1/tariffs/current names the latest")
         tariff = json.loads(json.dumps(body, default=str))
         version = await self.store.put_tariff(tariff)
         msg = Tariff(tariff_id=body["tariff_id"], version=version, valid_from=body["valid_from"],
@@ -380,6 +395,48 @@ class HubService:
         status, answer = await self._create(who, key, body, request_id, "tariff", time.time() + TARIFF_DELIVERY_S,
                                             {}, outbox, parties, [], t0, extra={"version": version})
         return status, {**answer, "version": version}
+
+    async def deliver_current_tariff(self, who: Principal, retailer_id: str) -> str | None:
+        """A retailer registered after a tariff was published is sent the current one through its outbox (acked,
+        like the first delivery; ``who`` registered it and may follow the delivery); returns that request's id,
+        or None when no tariff has been published."""
+        self.authorize(who, Action.MANAGE_RETAILER)
+        stored = await self.store.current_tariff()
+        if stored is None:
+            return None
+        t0 = time.perf_counter()
+        request_id = new_id()
+        msg = tariff_message(stored)
+        msg = msg.model_copy(update={"msg_id": new_id()})
+        parties = {retailer_id: {"retailers": {retailer_id: ClientState.PENDING.value},
+                                 "state": ClientState.PENDING.value, "detail": {}, "trace": {},
+                                 "updated_at": time.time()}}
+        outbox = [OutboxItem(msg.msg_id, request_id, retailer_id, "tariff", encode(msg))]
+        body = {"tariff_id": stored["tariff_id"], "version": stored["version"], "retailer_id": retailer_id,
+                "reason": "retailer registered after the tariff was published"}
+        await self._create(who, None, body, request_id, "tariff", time.time() + TARIFF_DELIVERY_S, {}, outbox,
+                           parties, [], t0, extra={"version": stored["version"]})
+        log.info("retailer %s registered: tariff %s v%d queued for it (request %s)", retailer_id,
+                 stored["tariff_id"], stored["version"], request_id)
+        return request_id
+
+    async def current_tariff(self, who: Principal) -> dict[str, Any]:
+        """The tariff published last, from storage (anyone with a token)."""
+        self.authorize(who, Action.READ_TARIFF)
+        stored = await self.store.current_tariff()
+        if stored is None:
+            raise NotFound("no tariff has been published yet")
+        found = await self.store.get_tariff(stored["tariff_id"], stored["version"])
+        return found if found is not None else stored
+
+    async def get_tariff(self, who: Principal, tariff_id: str, version: int | None) -> dict[str, Any]:
+        """One stored version of a tariff, its latest when ``version`` is None (anyone with a token)."""
+        self.authorize(who, Action.READ_TARIFF)
+        found = await self.store.get_tariff(tariff_id, version)
+        if found is None:
+            what = f"tariff {tariff_id!r}" + ("" if version is None else f" version {version}")
+            raise NotFound(f"{what} does not exist")
+        return found
 
     # -- flexibility requests -------------------------------------------------------------------------------
 

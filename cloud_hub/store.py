@@ -392,6 +392,20 @@ class HubStore:
         row = await self.kv.get("tariffs", "~current")
         return _u(row.get("t:tariff")) if row else None
 
+    async def get_tariff(self, tariff_id: str, version: int | None = None) -> dict[str, Any] | None:
+        """One stored version of a tariff (its latest when ``version`` is None) with ``latest_version``, or None
+        when there is no such tariff or version. Every version published is kept."""
+        row = await self.kv.get("tariffs", tariff_id)
+        versions = sorted(int(c[3:]) for c in row if c.startswith("t:v") and c[3:].isdigit())
+        if not versions:
+            return None
+        wanted = versions[-1] if version is None else version
+        raw = row.get(f"t:v{wanted:09d}")
+        if raw is None:
+            return None
+        tariff: dict[str, Any] = _u(raw)
+        return {**tariff, "latest_version": versions[-1]}
+
     # -- audit --------------------------------------------------------------------------------------------
 
     async def audit(self, entries: list[AuditEntry]) -> None:

@@ -329,6 +329,12 @@ class Tariff(_Msg):
     periods: list[TariffPeriod] = Field(min_length=1, max_length=10_000)
 
 
+def tariff_msg_id(tariff_id: str, version: int) -> str:
+    """The ``msg_id`` of a tariff version as published retained: the same at every republication, and within the
+    64 characters of a ``msg_id`` whatever the tariff id's length (``tariff-<id>-<version>`` was not)."""
+    return f"tariff-{uuid.uuid5(uuid.NAMESPACE_URL, f'mhp:tariff:{tariff_id}:{version}').hex}"
+
+
 class Measurement(BaseModel):
     """Active power of one client at one time."""
 

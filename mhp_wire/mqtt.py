@@ -81,6 +81,7 @@ class MqttLink:
         clean_start: bool = False,
         connect_timeout_s: float | None = 30.0,
         reconnect_delay_s: float = 1.0,
+        on_connect: Callable[[], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.client_id = client_id
@@ -88,6 +89,10 @@ class MqttLink:
         self._handler = handler
         self._status_topic = status_topic
         self._connect_timeout_s = connect_timeout_s
+        self._on_connected = on_connect
+        """Called (on the event loop, must not block) after every connection, the first and each reconnection:
+        a broker restarted empty has lost what was retained, and the owner of a retained message publishes it
+        again."""
         self.stats = LinkStats()
         self._connected = asyncio.Event()
         self._room = asyncio.Lock()
@@ -227,6 +232,8 @@ class MqttLink:
                     self._client.publish(self._status_topic, presence_payload("online"), qos=1, retain=True)
             except (OSError, AttributeError) as exc:
                 log.warning("MQTT %s could not restore its subscriptions: %s", self.client_id, exc)
+        if self._on_connected is not None:
+            self._on_connected()
 
     def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
         if self._connected.is_set():

@@ -1,4 +1,4 @@
-"""``retailer-bridge``: run one retailer's bridge."""
+"""``retailer-bridge``: run one retailer's bridge, manage its customers' accounts, export its billing data."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import logging
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -33,6 +34,17 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--email", required=True)
         p.add_argument("--password-file", type=Path, help="read the password from this file's first line "
                                                           "(default: ask for it)")
+    billing = sub.add_parser("billing", help="billing data the hub delivered to this retailer")
+    bsub = billing.add_subparsers(dest="billing_command", required=True)
+    export = bsub.add_parser("export", help="write the billing intervals of a time range as CSV or JSON")
+    export.add_argument("--config", type=Path, help="the bridge's TOML file (its db_path)")
+    export.add_argument("--from", dest="start", required=True, type=_aware,
+                        help="RFC 3339 time with offset: intervals starting at or after it")
+    export.add_argument("--to", dest="end", required=True, type=_aware,
+                        help="RFC 3339 time with offset: intervals starting before it")
+    export.add_argument("--format", choices=("csv", "json"), default="csv")
+    export.add_argument("--client-id", action="append", help="only this client (repeat for more)")
+    export.add_argument("--output", type=Path, help="write here instead of standard output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -45,7 +57,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "customer":
         return customer_command(args, settings)
+    if args.command == "billing":
+        return billing_export(args, settings)
     return run_service(run_bridge(settings))
+
+
+def _aware(text: str) -> datetime:
+    """An RFC 3339 time with its offset (argparse type)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no offset: give one, e.g. {text}+00:00")
+    return value
+
+
+def billing_export(args: argparse.Namespace, settings: BridgeSettings) -> int:
+    """``retailer-bridge billing export``: the billing intervals received, read from the bridge's store."""
+    from mhp_wire.sqlite import StorageError
+    from retailer_bridge.billing import select, to_csv, to_json
+    from retailer_bridge.store import BridgeStore
+
+    if args.end <= args.start:
+        print("retailer-bridge: --to must be after --from", file=sys.stderr)
+        return 2
+    if not settings.db_path.exists():
+        print(f"retailer-bridge: no bridge store at {settings.db_path} (db_path)", file=sys.stderr)
+        return 1
+    try:
+        readings = BridgeStore.read_billing(settings.db_path, args.start, args.end)
+    except StorageError as exc:
+        print(f"retailer-bridge: {exc}", file=sys.stderr)
+        return 1
+    if args.client_id:
+        readings = select(readings, args.start, args.end, set(args.client_id))
+    text = to_csv(readings) if args.format == "csv" else to_json(readings)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        try:
+            args.output.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            print(f"retailer-bridge: cannot write {args.output}: {exc}", file=sys.stderr)
+            return 1
+    print(f"retailer-bridge: {len(readings)} billing interval(s) exported", file=sys.stderr)
+    return 0
 
 
 def customer_command(args: argparse.Namespace, settings: BridgeSettings) -> int:

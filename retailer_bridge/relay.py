@@ -37,11 +37,13 @@ from mhp_wire.messages import (
     WireError,
     decode,
     encode,
+    tariff_msg_id,
 )
 from mhp_wire.mqtt import MqttError, MqttLink
 from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
 from mhp_wire.sqlite import StorageError
+from retailer_bridge.billing import BillingReading, readings_of
 from retailer_bridge.store import CLOSED, BridgeStore, NewCommand, delivered_msg_id
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,9 @@ class BridgeRelay:
         self.measurement_interval_s = measurement_interval_s
         self.telemetry_sinks: list[Callable[[Telemetry], None]] = []
         """Called with every accepted telemetry message (the telemetry export); must not block."""
+        self.billing_sinks: list[Callable[[str, list[BillingReading]], Awaitable[None]]] = []
+        """Awaited with the ``msg_id`` and the intervals of every billing delivery once it is stored, before the
+        hub is acknowledged (the telemetry export's ``billing`` measurement)."""
         self._pending_measurements: dict[tuple[str, float], Measurement] = {}
         self._last_measurements = 0.0
         self._wake_gateways = asyncio.Event()
@@ -105,6 +110,37 @@ class BridgeRelay:
         self.rated_sheddable_kw = dict(rated_sheddable_kw or {})
         """``client_id -> kW`` from the installation record (settings ``customer_sheddable_kw``)."""
         self._claims_logged = Once()
+        self._tariff_due = asyncio.Event()
+        """Set at every connection to the retailer broker: the stored tariff is published again, retained."""
+        self.tariff_retry_s = 1.0
+        """Pause before publishing the tariff again after storage or the broker failed."""
+
+    def local_connected(self) -> None:
+        """The link to this retailer's broker is up (the first time or again): republish the stored tariff, which
+        a broker restarted without (or with an old) persistence snapshot no longer holds."""
+        self._tariff_due.set()
+
+    async def _tariff_loop(self) -> None:
+        while True:
+            await self._tariff_due.wait()
+            self._tariff_due.clear()
+            try:
+                await self.republish_tariff()
+            except (StorageError, MqttError) as exc:
+                log.warning("the stored tariff is not republished to our gateways now (%s); trying again", exc)
+                await asyncio.sleep(self.tariff_retry_s)
+                self._tariff_due.set()
+
+    async def republish_tariff(self) -> bool:
+        """Publish the stored tariff, retained, for our gateways; False when none is stored."""
+        payload = await self.store.current_tariff()
+        if payload is None:
+            return False
+        if self.local is None or not self.local.connected:
+            raise MqttError("the retailer broker link is down")
+        await self.local.publish(topics.TARIFF, payload, retain=True, wait_s=PUBLISH_WAIT_S)
+        log.info("stored tariff republished to our gateways, retained")
+        return True
 
     def kick(self) -> None:
         """Wake the dispatchers."""
@@ -262,11 +298,22 @@ class BridgeRelay:
                 continue
             rows.append((c.client_id, c.period_start.isoformat(), c.period_end.isoformat(),
                          json.dumps([b.model_dump(mode="json") for b in c.readings])))
-        await self.store.store_billing(msg.request_id, rows, time.time())
+        received_at = time.time()
+        await self.store.store_billing(msg.request_id, rows, received_at)
+        if self.billing_sinks:
+            readings = [r for c in msg.clients if c.client_id in self.customers
+                        for r in readings_of(msg.request_id, c.client_id, c.period_start, c.period_end,
+                                             [b.model_dump(mode="json") for b in c.readings], received_at)]
+            for sink in self.billing_sinks:
+                try:
+                    await sink(msg.msg_id, readings)
+                except Exception:  # the billing data is stored above: ``billing export`` still has it
+                    log.exception("billing data of request %s not exported to the telemetry store",
+                                  outside(msg.request_id))
         await self._to_hub(Ack(ack_ids=[msg.msg_id]))
 
     async def _on_tariff(self, msg: Tariff, *, ack: bool) -> None:
-        public = msg.model_copy(update={"msg_id": f"tariff-{msg.tariff_id}-{msg.version}"})
+        public = msg.model_copy(update={"msg_id": tariff_msg_id(msg.tariff_id, msg.version)})
         if await self.store.put_tariff(msg.tariff_id, msg.version, encode(public)) and self.local is not None:
             try:
                 await self.local.publish(topics.TARIFF, encode(public), retain=True, wait_s=PUBLISH_WAIT_S)
@@ -405,6 +452,7 @@ class BridgeRelay:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._loop(self._wake_gateways, self.dispatch_gateways), name="bridge-to-gateways")
             tg.create_task(self._loop(self._wake_hub, self.dispatch_hub), name="bridge-to-hub")
+            tg.create_task(self._tariff_loop(), name="bridge-tariff-republish")
 
     @staticmethod
     async def _loop(wake: asyncio.Event, step: Callable[[], Awaitable[float]]) -> None:

@@ -30,6 +30,7 @@ class Bridge:
         self.relay.gateway_limiter = RateLimiter(settings.gateway_rate_limit_per_s, settings.gateway_rate_limit_burst)
         self.telemetry = TelemetryExporter.from_settings(settings)
         self.relay.telemetry_sinks.append(self.telemetry.submit)
+        self.relay.billing_sinks.append(self.telemetry.submit_billing)
         self.personal_area: PersonalArea | None = None
         """The customers' personal area while it runs (``personal_area.address``: where it listens)."""
 
@@ -47,6 +48,7 @@ class Bridge:
                          s.local_mqtt_tls_ca_file),
             client_id=s.local_mqtt_username, subscriptions=[topics.all_up("gateways")],
             handler=self.relay.on_local_message, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None,
+            on_connect=self.relay.local_connected,
         )
         try:
             async with contextlib.AsyncExitStack() as stack:

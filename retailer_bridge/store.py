@@ -8,13 +8,16 @@ returns only once its transaction is committed, so "stored before acknowledged" 
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from mhp_wire.sqlite import SqliteThread, StorageError
+from retailer_bridge.billing import BillingReading, readings_of, select
 
 T = TypeVar("T")
 
@@ -412,6 +415,31 @@ class BridgeStore:
         return await self.sql.read(lambda db: [dict(r) for r in db.execute(
             "SELECT * FROM billing WHERE client_id=? ORDER BY period_start", (client_id,))])
 
+    @staticmethod
+    def read_billing(path: Path | str, start: datetime, end: datetime) -> list[BillingReading]:
+        """Every billing interval received that starts in ``[start, end)``, each once as last received, from the
+        store's file (read-only: the bridge may be running; see :mod:`retailer_bridge.billing`). Raises
+        :class:`StorageError` when the file cannot be read."""
+        lo, hi = start.astimezone(UTC), end.astimezone(UTC)
+        try:
+            db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=10)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the bridge's store {path}: {exc}") from exc
+        try:
+            rows = db.execute("SELECT request_id, client_id, period_start, period_end, readings, received_at "
+                              "FROM billing").fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read billing data from {path}: {exc}") from exc
+        finally:
+            db.close()
+        readings: list[BillingReading] = []
+        for request_id, client_id, p_start, p_end, blocks, received_at in rows:
+            p0, p1 = datetime.fromisoformat(p_start), datetime.fromisoformat(p_end)
+            if p1 <= lo or p0 >= hi:
+                continue
+            readings += readings_of(request_id, client_id, p0, p1, json.loads(blocks), received_at)
+        return select(readings, lo, hi)
+
     async def put_tariff(self, tariff_id: str, version: int, payload: bytes) -> bool:
         """Keep a tariff if it is newer than the one held; True when it replaced it."""
 
@@ -423,6 +451,11 @@ class BridgeStore:
             return True
 
         return await self._tx(op)
+
+    async def current_tariff(self) -> bytes | None:
+        """The stored tariff's payload (as published to the gateways), or None."""
+        row = await self.sql.read(lambda db: db.execute("SELECT payload FROM tariff WHERE id=1").fetchone())
+        return None if row is None else bytes(row[0])
 
     async def queue_for_gateway(self, msg_id: str, gateway_id: str, payload: bytes, deadline: float) -> None:
         """A notice for one gateway (a schedule), re-sent until that gateway acknowledges it."""

@@ -5,6 +5,10 @@ Every accepted :class:`~mhp_wire.messages.Telemetry` becomes points: measurement
 1.0/0.0, so that a field never changes type), plus ``active_power_kw`` and ``sheddable_kw`` of the home; time is the
 message's ``at`` in milliseconds. Here a *point* is one value of one field of one series at one time.
 
+Billing data the hub delivered goes to the same store (:meth:`TelemetryExporter.submit_billing`): measurement
+``billing``, tag ``client_id``, fields ``energy_kwh`` and ``estimated`` (1.0 for an estimated reading, else 0.0),
+one point per reading interval at its start; it is spooled before the bridge acknowledges the hub.
+
 :meth:`TelemetryExporter.submit` never blocks: it buffers the message, and a spool task writes it to a spool table
 on disk (SQLite, ``telemetry_db_path``) at once, so memory stays bounded whatever happens downstream and nothing
 is lost through a restart. The spool keeps at most ``telemetry_spool_max`` points; beyond that the oldest go
@@ -35,12 +39,14 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from mhp_wire.messages import Telemetry
 from mhp_wire.sqlite import SqliteThread, StorageError
+from retailer_bridge.billing import BillingReading
 from retailer_bridge.settings import BridgeSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MEASUREMENT = "home"
+BILLING_MEASUREMENT = "billing"
 HOME_DEVICE = ""
 """The ``device`` of the home-level fields (``active_power_kw``, ``sheddable_kw``); no tag in line protocol."""
 SEEN_KEEP = 10_000
@@ -52,17 +58,27 @@ _MS = timedelta(milliseconds=1)
 SPOOL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time INTEGER NOT NULL, gateway_id TEXT NOT NULL,
-    client_id TEXT NOT NULL, device TEXT NOT NULL, field TEXT NOT NULL, value REAL NOT NULL);
+    client_id TEXT NOT NULL, device TEXT NOT NULL, field TEXT NOT NULL, value REAL NOT NULL,
+    measurement TEXT NOT NULL DEFAULT 'home');
 CREATE TABLE IF NOT EXISTS seen (msg_id TEXT NOT NULL UNIQUE);
 """
 
 POINTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS points (
     time INTEGER NOT NULL, gateway_id TEXT NOT NULL, client_id TEXT NOT NULL, device TEXT NOT NULL,
-    field TEXT NOT NULL, value REAL NOT NULL,
+    field TEXT NOT NULL, value REAL NOT NULL, measurement TEXT NOT NULL DEFAULT 'home',
     PRIMARY KEY (client_id, time, gateway_id, device, field)) WITHOUT ROWID;
 """
-"""The embedded store; its key serves per-client time-range queries and makes a repeated write harmless."""
+"""The embedded store; its key serves per-client time-range queries and makes a repeated write harmless (a
+billing point has no gateway, device ``""`` and its own field names, so it never shares a key with a home's)."""
+
+
+def add_measurement_column(db: sqlite3.Connection) -> None:
+    """Files written before billing was exported have no ``measurement`` column: every row there is ``home``."""
+    for table in ("spool", "points"):
+        cols = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+        if cols and "measurement" not in cols:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN measurement TEXT NOT NULL DEFAULT '{MEASUREMENT}'")
 
 
 class TelemetryStoreError(Exception):
@@ -83,6 +99,7 @@ class Point:
     device: str
     field: str
     value: float
+    measurement: str = MEASUREMENT
 
     @property
     def time(self) -> datetime:
@@ -105,6 +122,17 @@ def points_of(msg: Telemetry) -> list[Point]:
         if value is None or not math.isfinite(value):
             continue
         out.append(Point(t, msg.gateway_id, msg.client_id, device, field, float(value)))
+    return out
+
+
+def billing_points(readings: Sequence[BillingReading]) -> list[Point]:
+    """The points of delivered billing intervals: ``energy_kwh`` and ``estimated`` at each interval's start."""
+    out = []
+    for r in readings:
+        t = to_ms(r.start)
+        out.append(Point(t, "", r.client_id, HOME_DEVICE, "energy_kwh", r.energy_kwh, BILLING_MEASUREMENT))
+        out.append(Point(t, "", r.client_id, HOME_DEVICE, "estimated", 1.0 if r.quality == "estimated" else 0.0,
+                         BILLING_MEASUREMENT))
     return out
 
 
@@ -137,11 +165,11 @@ class SqlitePointStore:
 
     async def write(self, points: Sequence[Point]) -> None:
         """Insert a batch (a point already stored is left as it is)."""
-        rows = [(p.time_ms, p.gateway_id, p.client_id, p.device, p.field, p.value) for p in points]
+        rows = [(p.time_ms, p.gateway_id, p.client_id, p.device, p.field, p.value, p.measurement) for p in points]
         try:
             await self._db.tx(lambda db: db.executemany(
-                "INSERT OR IGNORE INTO points (time, gateway_id, client_id, device, field, value) "
-                "VALUES (?,?,?,?,?,?)", rows))
+                "INSERT OR IGNORE INTO points (time, gateway_id, client_id, device, field, value, measurement) "
+                "VALUES (?,?,?,?,?,?,?)", rows))
         except StorageError as exc:
             raise TelemetryStoreError(str(exc)) from exc
 
@@ -151,7 +179,7 @@ class SqlitePointStore:
 
         def read(db: sqlite3.Connection) -> list[Point]:
             return [Point(*row) for row in db.execute(
-                "SELECT time, gateway_id, client_id, device, field, value FROM points "
+                "SELECT time, gateway_id, client_id, device, field, value, measurement FROM points "
                 "WHERE client_id=? AND time>=? AND time<? ORDER BY time, gateway_id, device, field", args)]
 
         return await self._db.read(read)
@@ -190,12 +218,15 @@ class InfluxPointStore:
         from influxdb_client import Point as InfluxPoint
         from influxdb_client import WritePrecision
 
-        lines: dict[tuple[int, str, str, str], Any] = {}
+        lines: dict[tuple[str, int, str, str, str], Any] = {}
         for p in points:
-            key = (p.time_ms, p.gateway_id, p.client_id, p.device)
+            key = (p.measurement, p.time_ms, p.gateway_id, p.client_id, p.device)
             line = lines.get(key)
             if line is None:
-                line = InfluxPoint(MEASUREMENT).tag("gateway_id", p.gateway_id).tag("client_id", p.client_id)
+                line = InfluxPoint(p.measurement)
+                if p.gateway_id:  # a billing point has none
+                    line.tag("gateway_id", p.gateway_id)
+                line.tag("client_id", p.client_id)
                 if p.device != HOME_DEVICE:
                     line.tag("device", p.device)
                 line.time(p.time_ms, WritePrecision.MS)
@@ -314,6 +345,7 @@ class TelemetryExporter:
         if self._db is None or self.store is None:
             return
         await self._db.open()
+        await self._db.tx(add_measurement_column)
         self.spool_size = await self._db.read(lambda db: int(db.execute("SELECT COUNT(*) FROM spool").fetchone()[0]))
         await self.store.open()
         if self.spool_size:
@@ -382,6 +414,18 @@ class TelemetryExporter:
             self._count_dropped(len(lost), "the spool does not keep up")
         self._submitted.set()
 
+    async def submit_billing(self, msg_id: str, readings: Sequence[BillingReading]) -> None:
+        """Take the intervals of one billing delivery for export and put them in the spool now (returns once
+        they are on disk; a redelivery of the same ``msg_id`` is exported once)."""
+        if self._db is None:
+            return
+        points = billing_points(readings)
+        if not points:
+            return
+        self._pending.append((f"billing-{msg_id}", points))
+        self._pending_points += len(points)
+        await self._shielded(self._flush_pending())
+
     async def _spool_loop(self) -> None:
         while True:
             await self._submitted.wait()
@@ -414,8 +458,10 @@ class TelemetryExporter:
                     dup += 1
                     continue
                 db.executemany(
-                    "INSERT INTO spool (time, gateway_id, client_id, device, field, value) VALUES (?,?,?,?,?,?)",
-                    [(p.time_ms, p.gateway_id, p.client_id, p.device, p.field, p.value) for p in points])
+                    "INSERT INTO spool (time, gateway_id, client_id, device, field, value, measurement) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    [(p.time_ms, p.gateway_id, p.client_id, p.device, p.field, p.value, p.measurement)
+                     for p in points])
                 added += len(points)
             db.execute("DELETE FROM seen WHERE rowid <= (SELECT MAX(rowid) FROM seen) - ?", (SEEN_KEEP,))
             size = int(db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
@@ -483,7 +529,8 @@ class TelemetryExporter:
         assert self._db is not None and self.store is not None
         limit = self.batch_size
         batch = await self._db.read(lambda db: db.execute(
-            "SELECT id, time, gateway_id, client_id, device, field, value FROM spool ORDER BY id LIMIT ?",
+            "SELECT id, time, gateway_id, client_id, device, field, value, measurement FROM spool ORDER BY id "
+            "LIMIT ?",
             (limit,)).fetchall())
         if not batch:
             self.spool_size = 0

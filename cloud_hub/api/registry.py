@@ -56,10 +56,15 @@ class ClientsBody(BaseModel):
 @router.put("/retailers/{retailer_id}")
 async def put_retailer(retailer_id: IdPath, body: RetailerBody, who: Caller, service: Service,
                        response: Response) -> dict[str, str]:
-    """Register or rename a retailer (admin, dso)."""
+    """Register or rename a retailer (admin, dso); a new one is sent the current tariff (``tariff_request_id``)."""
     created = await service.put_retailer(who, retailer_id, body.name)
     response.status_code = 201 if created else 200
-    return {"retailer_id": retailer_id, "name": body.name}
+    answer = {"retailer_id": retailer_id, "name": body.name}
+    if created:
+        delivery = await service.deliver_current_tariff(who, retailer_id)
+        if delivery is not None:
+            answer["tariff_request_id"] = delivery
+    return answer
 
 
 @router.put("/clients/{client_id}")

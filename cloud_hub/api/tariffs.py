@@ -1,0 +1,30 @@
+"""Network tariffs as stored: the one published last, and any version of any tariff (anyone with a token).
+
+The store, not the broker, is the tariff's source: what these answer is what the hub republishes on start and
+sends to a retailer registered later (``POST /v1/tariffs`` is with the other requests, in ``requests.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query
+
+from cloud_hub.api.deps import Caller, Service
+
+router = APIRouter(prefix="/v1", tags=["tariffs"])
+
+TariffId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+
+
+@router.get("/tariffs/current")
+async def current_tariff(who: Caller, service: Service) -> dict[str, Any]:
+    """The tariff published last, with its ``version`` and ``latest_version`` (404 before the first)."""
+    return await service.current_tariff(who)
+
+
+@router.get("/tariffs/{tariff_id}")
+async def get_tariff(tariff_id: TariffId, who: Caller, service: Service,
+                     version: Annotated[int | None, Query(ge=1)] = None) -> dict[str, Any]:
+    """One version of a tariff (its latest without ``version``); 404 for an unknown tariff or version."""
+    return await service.get_tariff(who, tariff_id, version)
