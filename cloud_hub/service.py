@@ -436,20 +436,26 @@ class HubService:
                 counts[e["state"]] += 1
                 put[f"c:{cid}"] = e
             selected_kw = round(sum(available[c] for c in chosen), 3)
-            params = LoadReductionParams(start=meta["body"]["start"], end=datetime.fromtimestamp(meta["deadline"], UTC),
-                                         target_kw=meta["body"]["reduction_kw"])
             items = []
             for rid, all_cids in sorted(by_retailer.items()):
-                for cids in _chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):
-                    msg = Request(request_id=request_id, kind=RequestKind.LOAD_REDUCTION, client_ids=cids,
-                                  params=params, expires_at=datetime.fromtimestamp(meta["deadline"], UTC))
-                    items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+                # each home's target is what it said it could shed: one message per retailer and target
+                by_target: dict[float, list[str]] = defaultdict(list)
+                for cid in all_cids:
+                    by_target[round(available[cid], 3)].append(cid)
+                for target_kw, same in sorted(by_target.items()):
+                    params = LoadReductionParams(start=meta["body"]["start"],
+                                                 end=datetime.fromtimestamp(meta["deadline"], UTC),
+                                                 target_kw=target_kw)
+                    for cids in _chunks(same, REQUEST_CLIENTS_PER_MESSAGE):
+                        msg = Request(request_id=request_id, kind=RequestKind.LOAD_REDUCTION, client_ids=cids,
+                                      params=params, expires_at=datetime.fromtimestamp(meta["deadline"], UTC))
+                        items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
             put.update({"r:phase": "dispatch", "r:counts": dict(counts),
                         "r:selection": {"chosen": chosen, "selected_kw": selected_kw,
                                         "reduction_kw": meta["body"]["reduction_kw"],
                                         "covered": selected_kw >= meta["body"]["reduction_kw"]}})
-            if not chosen:
-                state = RequestState.COMPLETED if available else RequestState.FAILED
+            if not chosen:  # the available answers cover nothing: nothing was reduced
+                state = RequestState.FAILED
                 put.update({"r:state": state.value, "r:completed_at": now, "r:phase": "done"})
                 await self.book._write(request_id, put)
                 return
