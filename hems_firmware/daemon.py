@@ -576,9 +576,7 @@ class Gateway:
                 if name not in owner.shed:
                     owner.shed.append(name)
         if plan.shed:
-            shed = json.dumps(owner.shed)
-            await self.sql.tx(lambda db: db.execute("UPDATE commands SET shed=? WHERE request_id=?",
-                                                    (shed, owner.request_id)))
+            await self.sql.tx(partial(_record_shed, owner=owner.request_id, names=list(owner.shed), at=time.time()))
         return plan.expected_kw
 
     async def _finish(self, request_id: str, shed: list[str], state: str = "done") -> None:
@@ -592,9 +590,12 @@ class Gateway:
         self.active.pop(request_id, None)
         if not self.active:
             self.exempt.clear()
-        if self.active:
-            heir = min(self.active.values(), key=lambda a: a.limit_kw)
+        heir = min(self.active.values(), key=lambda a: a.limit_kw) if self.active else None
+        if heir is not None:
             heir.shed.extend(n for n in shed if n not in heir.shed)
+            if shed:  # stored with the heir, so that a restart still brings them back when it ends
+                await self.sql.tx(partial(_record_shed, owner=heir.request_id, names=list(heir.shed),
+                                          at=time.time()))
         else:
             for name in shed:
                 self.to_restore[name] = request_id
@@ -686,6 +687,15 @@ class Gateway:
             except StorageError as exc:
                 log.error("gateway %s outbox paused: %s", self.id, exc)
             await wait_or_timeout(self._wake, 0.5)
+
+
+def _record_shed(db: sqlite3.Connection, owner: str, names: list[str], at: float) -> None:
+    """Store what an action holds off: a request's with its command (re-armed on restart); the failsafe's as
+    loads to restore (a restart does not resume the failsafe, so they come back)."""
+    if owner == FAILSAFE_ID:
+        db.executemany("INSERT OR REPLACE INTO to_restore VALUES (?,?,?)", [(n, owner, at) for n in names])
+    else:
+        db.execute("UPDATE commands SET shed=? WHERE request_id=?", (json.dumps(names), owner))
 
 
 def _forget_restore(db: sqlite3.Connection, name: str) -> None:

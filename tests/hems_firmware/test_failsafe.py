@@ -203,3 +203,28 @@ async def test_the_failsafe_ends_when_the_bridge_is_back(tmp_path: Path, mosquit
         assert rig.home.coil_state(0)
     last = seen[-1].failsafe
     assert last is not None and last.state == "ended" and last.ended_by == "reconnected"
+
+
+async def test_loads_the_failsafe_shed_come_back_after_a_restart(tmp_path: Path,
+                                                                 mosquitto_factory: MosquittoFactory) -> None:
+    """The gateway stops while its failsafe holds loads off (its task ends without finishing anything, as in a
+    crash) and starts again with its bridge reachable: the failsafe is not resumed, and what it shed comes back."""
+    async with running(tmp_path, mosquitto_factory) as rig:
+        await lose_the_bridge(rig)
+        rig.clock.now += AFTER_S
+        await until(lambda: FAILSAFE_ID in rig.gateway.active and not rig.home.coil_state(0))
+        cfg, broker, home = rig.gateway.cfg, rig.broker, rig.home
+    assert not home.coil_state(0), "the board holds what the failsafe shed"
+    broker.process.start()
+    async with ModbusSimServer({1: home.meter}, port=0) as meter, ModbusSimServer({1: home.relays}, port=0) as relay:
+        devices = split_device_entries(home, "127.0.0.1", meter.port, relay.port, timeout_s=0.3)
+        again = Gateway(cfg.model_copy(update={"devices": GatewayConfig.model_validate(
+            {"gateway": cfg.gateway.model_dump(), "devices": devices}).devices}), clock=FakeClock())
+        task = asyncio.create_task(again.run())
+        try:
+            await until(lambda: home.coil_state(0))
+            assert FAILSAFE_ID not in again.active and not again.to_restore
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
