@@ -70,15 +70,17 @@ async def test_each_home_gets_its_own_target_and_a_home_short_of_it_makes_the_re
         request_id = r.json()["request_id"]
         ask = await r1.next("request")
         assert isinstance(ask, Request) and ask.kind is RequestKind.AVAILABILITY
+        await r1.publish(topics.up("retailers", "r1"), Ack(ack_ids=[ask.msg_id]))
         for cid, kw in (("c1", 3.0), ("c2", 2.0)):
             await r1.publish(topics.up("retailers", "r1"), Outcome(
                 request_id=request_id, client_id=cid, state=ClientState.AVAILABLE, detail={"available_kw": kw}))
-        targets = {}
-        for _ in range(2):
+        targets: dict[str, float | None] = {}
+        while set(targets) != {"c1", "c2"}:
             msg = await r1.next("request")
             assert isinstance(msg, Request) and msg.kind is RequestKind.LOAD_REDUCTION
             assert isinstance(msg.params, LoadReductionParams)
             targets.update(dict.fromkeys(msg.client_ids, msg.params.target_kw))
+            await r1.publish(topics.up("retailers", "r1"), Ack(ack_ids=[msg.msg_id]))
         assert targets == {"c1": 3.0, "c2": 2.0}, "each home is asked for what it said it could shed"
         await r1.publish(topics.up("retailers", "r1"), Outcome(
             request_id=request_id, client_id="c1", state=ClientState.EXECUTED, detail={"shed_kw": 3.0}))
