@@ -20,7 +20,15 @@ from cloud_hub.lifecycle import RequestState, request_state_from_counts
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.replicas import OwnerUnavailable, Replicas
 from cloud_hub.store import AuditEntry, Conflict, HubStore, StoreUnavailable
-from cloud_hub.timeline import choose_for_reduction, clip_blocks, covered_by, profile, supplier_at, supply_spans
+from cloud_hub.timeline import (
+    choose_for_reduction,
+    clip_blocks,
+    covered_by,
+    profile,
+    reduction_targets,
+    supplier_at,
+    supply_spans,
+)
 from mhp_wire.messages import (
     AvailabilityParams,
     BillingClient,
@@ -552,21 +560,29 @@ class HubService:
                 counts[e["state"]] += 1
                 put[f"c:{cid}"] = e
             selected_kw = round(sum(available[c] for c in chosen), 3)
-            params = LoadReductionParams(start=meta["body"]["start"], end=datetime.fromtimestamp(meta["deadline"], UTC),
-                                         target_kw=meta["body"]["reduction_kw"])
+            targets = reduction_targets(available, chosen, meta["body"]["reduction_kw"])
             items = []
             for rid, all_cids in sorted(by_retailer.items()):
-                for cids in _chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):
-                    msg = Request(request_id=request_id, kind=RequestKind.LOAD_REDUCTION, client_ids=cids,
-                                  params=params, expires_at=datetime.fromtimestamp(meta["deadline"], UTC),
-                                  revision=meta.get("revision", 1))
-                    items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+                # each home's target is what it said it could shed, the last one chosen only the rest: one message
+                # per retailer and target
+                by_target: dict[float, list[str]] = defaultdict(list)
+                for cid in all_cids:
+                    by_target[targets[cid]].append(cid)
+                for target_kw, same in sorted(by_target.items()):
+                    params = LoadReductionParams(start=meta["body"]["start"],
+                                                 end=datetime.fromtimestamp(meta["deadline"], UTC),
+                                                 target_kw=target_kw)
+                    for cids in _chunks(same, REQUEST_CLIENTS_PER_MESSAGE):
+                        msg = Request(request_id=request_id, kind=RequestKind.LOAD_REDUCTION, client_ids=cids,
+                                      params=params, expires_at=datetime.fromtimestamp(meta["deadline"], UTC),
+                                      revision=meta.get("revision", 1))
+                        items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
             put.update({"r:phase": "dispatch", "r:counts": dict(counts),
                         "r:selection": {"chosen": chosen, "selected_kw": selected_kw,
                                         "reduction_kw": meta["body"]["reduction_kw"],
                                         "covered": selected_kw >= meta["body"]["reduction_kw"]}})
-            if not chosen:
-                state = RequestState.COMPLETED if available else RequestState.FAILED
+            if not chosen:  # the available answers cover nothing: nothing was reduced
+                state = RequestState.FAILED
                 put.update({"r:state": state.value, "r:completed_at": now, "r:phase": "done"})
                 await self.book._write(request_id, put)
                 return

@@ -140,3 +140,13 @@ def choose_for_reduction(available: dict[str, float], reduction_kw: float) -> li
         chosen.append(cid)
         total += kw
     return chosen
+
+
+def reduction_targets(available: dict[str, float], chosen: list[str], reduction_kw: float) -> dict[str, float]:
+    """What each chosen client is asked to shed: what it said it could, in the order chosen, until ``reduction_kw``
+    is covered; the last one only the rest (no home sheds more than the DSO asked for)."""
+    targets, rest = {}, reduction_kw
+    for cid in chosen:
+        targets[cid] = round(max(0.0, min(available[cid], rest)), 3)
+        rest -= targets[cid]
+    return targets

@@ -51,6 +51,27 @@ class FlexibleSchedule(BaseModel):
         return v
 
 
+class FailsafeSettings(BaseModel):
+    """The ``[gateway.failsafe]`` table: the import limit the gateway applies on its own when it loses its bridge."""
+
+    model_config = ConfigDict(extra="forbid")
+    after_s: float = Field(gt=0, le=7 * 86_400)
+    """How long the uplink must be down before the failsafe limit applies."""
+    limit_kw: float = Field(ge=0, le=10_000)
+    """The failsafe import limit."""
+    duration_s: float = Field(gt=0, le=7 * 86_400)
+    """How long it holds at most (it ends earlier when the uplink comes back)."""
+    floor_kw: float = Field(0.0, ge=0, le=10_000)
+    """The legal floor: the import a home must always be allowed; ``limit_kw`` below it is refused."""
+
+    @model_validator(mode="after")
+    def _not_below_floor(self) -> FailsafeSettings:
+        if self.limit_kw < self.floor_kw:
+            raise ValueError(f"limit_kw ({self.limit_kw:g} kW) is below the legal floor floor_kw "
+                             f"({self.floor_kw:g} kW)")
+        return self
+
+
 class GatewaySection(BaseModel):
     """The ``[gateway]`` table."""
 
@@ -81,6 +102,8 @@ class GatewaySection(BaseModel):
     restore_interval_s: float = Field(5.0, ge=0)
     """At most one shed load comes back per interval."""
     timezone: str = "UTC"
+    failsafe: FailsafeSettings | None = None
+    """``None``: no failsafe (the home runs freely while the bridge is away)."""
     flexible: list[FlexibleSchedule] = Field(default_factory=list)
 
     @field_validator("id", "client_id")

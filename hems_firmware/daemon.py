@@ -15,6 +15,7 @@ import logging
 import math
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -26,10 +27,20 @@ from device_drivers.errors import DeviceError
 from device_drivers.modbus import BusPool
 from device_drivers.registry import Meter, Switch, build_device
 from hems_firmware.config import FlexibleSchedule, GatewayConfig
-from hems_firmware.controller import Load, cheapest_slots, plan_restore, plan_shedding
+from hems_firmware.controller import (
+    Failsafe,
+    Load,
+    cheapest_slots,
+    failsafe_step,
+    judge_limit,
+    judge_reduction,
+    plan_restore,
+    plan_shedding,
+    reduction_limit,
+)
 from hems_firmware.events import EventFeed
 from hems_firmware.systemd import Notifier
-from hems_firmware.web import serve_web
+from hems_firmware.web import failsafe_view, serve_web
 from mhp_wire import topics
 from mhp_wire.logsafe import outside
 from mhp_wire.messages import (
@@ -40,6 +51,8 @@ from mhp_wire.messages import (
     Command,
     EmergencyParams,
     ErrorReply,
+    FailsafeReport,
+    LoadReductionParams,
     LoadShiftParams,
     Outcome,
     Schedule,
@@ -73,6 +86,8 @@ CREATE TABLE IF NOT EXISTS schedule (id INTEGER PRIMARY KEY CHECK (id = 1), vers
 """
 
 METER_DRIVERS = frozenset({"eastron_sdm630", "eastron_sdm120", "eredes_han", "dsmr_p1"})
+FAILSAFE_ID = "failsafe"
+"""The key of the failsafe among the active actions (a request id is never this: the bridge cannot cancel it)."""
 
 
 @dataclass(slots=True)
@@ -100,8 +115,10 @@ class Actuation:
 class Gateway:
     """One home's gateway. ``await Gateway(cfg).run()`` runs it until cancelled."""
 
-    def __init__(self, cfg: GatewayConfig) -> None:
+    def __init__(self, cfg: GatewayConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
+        self.clock = clock
+        """Monotonic seconds: how long loads stay shed, the restore interval, the failsafe's delays."""
         self.id = cfg.gateway.id
         self.client_id = cfg.gateway.client_id
         self.sql = SqliteThread(Path(cfg.gateway.state_dir) / f"gateway-{self.id}.db", SCHEMA,
@@ -122,11 +139,14 @@ class Gateway:
         """Loads that reached the customer's longest interruption: not shed again while actions hold the home."""
         self.to_restore: dict[str, str | None] = {}
         """Loads an ended action shed, waiting to come back (one per ``restore_interval_s``, with hysteresis)."""
-        self._last_restore = 0.0
+        self._last_restore = -math.inf
         self._control = asyncio.Lock()
         """One control step at a time (read the devices, then switch): a command starting while the poll loop
         plans would otherwise plan from the same reading and switch the same loads twice."""
         self._plan: tuple[tuple[str, int, str], dict[str, list[float]]] | None = None
+        self.failsafe = Failsafe()
+        self.failsafe_report: FailsafeReport | None = None
+        """The failsafe in force, or the one that ended and is not yet in telemetry (reported when reconnected)."""
         self.rejected = 0
         self._seq = 0
         self._wake = asyncio.Event()
@@ -207,7 +227,8 @@ class Gateway:
         self.events.publish({"type": "state", "at": time.time(), "gateway_id": self.id, "client_id": self.client_id,
                              "devices": out, "active_power_kw": self.measured_kw(),
                              "active": [{"request_id": a.request_id, "kind": a.kind, "limit_kw": a.limit_kw,
-                                         "end": a.end, "shed": list(a.shed)} for a in self.active.values()]})
+                                         "end": a.end, "shed": list(a.shed)} for a in self.active.values()],
+                             "failsafe": failsafe_view(self)})
         return out
 
     def measured_kw(self) -> float | None:
@@ -228,7 +249,7 @@ class Gateway:
         """The switchable appliances as the controller sees them (the customer's schedule overriding the
         installer's priority, and able to forbid shedding an appliance, or to bound how long it stays off)."""
         out = []
-        now = time.monotonic()
+        now = self.clock()
         for name, sw in self.switches.items():
             on = self.state.get(name, {}).get("on")
             c = sw.config
@@ -248,6 +269,7 @@ class Gateway:
             started = time.monotonic()
             async with self._control:
                 await self.poll_once()
+                await self._failsafe_step()
                 await self._hold_limit()
                 await self._restore_step()
                 await self._schedule_step()
@@ -256,6 +278,37 @@ class Gateway:
                 await self._queue_telemetry()
             self.notifier.alive()
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def _failsafe_step(self) -> None:
+        """Apply the configured failsafe limit once the uplink has been down for ``after_s``; release it after
+        ``duration_s`` or when the uplink is back (inside a control step)."""
+        fs = self.cfg.gateway.failsafe
+        if fs is None:
+            return
+        connected = self.link is not None and self.link.connected
+        now = self.clock()
+        lost_at = self.failsafe.lost_at
+        self.failsafe, what = failsafe_step(self.failsafe, connected, now, fs.after_s, fs.duration_s)
+        if what == "apply":
+            limit = max(fs.limit_kw, fs.floor_kw)
+            self.active[FAILSAFE_ID] = ActiveAction(FAILSAFE_ID, "failsafe", limit, time.time() + fs.duration_s)
+            self.failsafe_report = FailsafeReport(state="active", started_at=utcnow(), limit_kw=limit,
+                                                  offline_s=round(now - (lost_at if lost_at is not None else now), 3))
+            log.warning("gateway %s lost its bridge %.0f s ago: failsafe limit %s kW for at most %.0f s", self.id,
+                        self.failsafe_report.offline_s, limit, fs.duration_s)
+            self.events.publish({"type": "failsafe", "at": time.time(), "gateway_id": self.id, "state": "active",
+                                 "limit_kw": limit, "duration_s": fs.duration_s})
+        elif what == "release":
+            action = self.active.get(FAILSAFE_ID)
+            shed = list(action.shed) if action is not None else []
+            by = "reconnected" if connected else "duration"
+            if self.failsafe_report is not None:
+                self.failsafe_report = self.failsafe_report.model_copy(update={
+                    "state": "ended", "ended_at": utcnow(), "ended_by": by, "shed": shed})
+            await self._end_action(FAILSAFE_ID, shed)
+            log.warning("gateway %s failsafe ended (%s)", self.id, by)
+            self.events.publish({"type": "failsafe", "at": time.time(), "gateway_id": self.id, "state": "ended",
+                                 "ended_by": by})
 
     def sheddable_kw(self) -> float:
         """Rated power of the sheddable loads that are on now (never above :meth:`rated_sheddable_kw`)."""
@@ -269,9 +322,14 @@ class Gateway:
     async def _queue_telemetry(self) -> None:
         """Store this poll's telemetry; the outbox loop sends it, in order, until the bridge acknowledges it."""
         self._seq += 1
+        report = self.failsafe_report
+        if report is not None and report.state == "active" and FAILSAFE_ID in self.active:
+            report = report.model_copy(update={"shed": list(self.active[FAILSAFE_ID].shed)})
         msg = Telemetry(gateway_id=self.id, client_id=self.client_id, seq=self._seq, at=utcnow(), devices=self.state,
                         active_power_kw=self.measured_kw(), sheddable_kw=self.sheddable_kw(),
-                        rated_sheddable_kw=self.rated_sheddable_kw())
+                        rated_sheddable_kw=self.rated_sheddable_kw(), failsafe=report)
+        if report is not None and report.state == "ended":
+            self.failsafe_report = None  # an ended failsafe is reported once (the telemetry is kept until acked)
         keep = self.cfg.gateway.telemetry_buffer_max
 
         def store(db: sqlite3.Connection) -> None:
@@ -294,7 +352,7 @@ class Gateway:
         """Bring one shed load back, if the hysteresis band allows it and no action holds the home."""
         if not self.to_restore or self.active:
             return
-        if time.monotonic() - self._last_restore < self.cfg.gateway.restore_interval_s:
+        if self.clock() - self._last_restore < self.cfg.gateway.restore_interval_s:
             return
         shed = [ld for ld in self.loads() if ld.name in self.to_restore]
         for name in [n for n in self.to_restore if n not in self.switches]:
@@ -302,7 +360,7 @@ class Gateway:
         for name in plan_restore(self.cap_kw(), self.measured_kw(), shed, self.cfg.gateway.restore_band_kw):
             request_id = self.to_restore.get(name)
             if await self._switch(name, True, request_id, "restore after the request ended"):
-                self._last_restore = time.monotonic()
+                self._last_restore = self.clock()
                 self.to_restore.pop(name, None)
                 await self.sql.tx(partial(_forget_restore, name=name))
 
@@ -492,7 +550,7 @@ class Gateway:
         task = self._tasks.pop(msg.request_id, None)
         if task is not None:
             task.cancel()
-        action = self.active.get(msg.request_id)
+        action = self.active.get(msg.request_id) if msg.request_id != FAILSAFE_ID else None
         await self._finish(msg.request_id, action.shed if action else [], state="cancelled")
         log.info("gateway %s cancelled request %s", self.id, outside(msg.request_id))
         await self._send(Ack(ack_ids=[msg.msg_id]))
@@ -509,26 +567,49 @@ class Gateway:
             await self._finish(cmd.request_id, resumed_shed or [])
             return
         t0 = time.perf_counter()
-        limit = params.power_limit_kw if isinstance(params, EmergencyParams) else 0.0
-        action = ActiveAction(cmd.request_id, cmd.kind.value, limit, end, list(resumed_shed or []))
+        target = params.target_kw if isinstance(params, LoadReductionParams) else None
+        action = ActiveAction(cmd.request_id, cmd.kind.value, 0.0, end, list(resumed_shed or []))
         async with self._control:
-            self.active[cmd.request_id] = action
             await self.poll_once()
             before = self.measured_kw()
+            if isinstance(params, EmergencyParams):
+                action.limit_kw = params.power_limit_kw
+            elif isinstance(params, LoadReductionParams):
+                # resumed after a restart: what it shed before is off already, and not in ``before`` any more
+                done_kw = sum(ld.rated_kw for ld in self.loads() if ld.name in action.shed)
+                action.limit_kw = reduction_limit(None if target is None else max(0.0, target - done_kw), before)
+            self.active[cmd.request_id] = action
             plan = await self._hold_limit()
+            if action.shed:
+                await self.poll_once()  # what the shedding achieved, not what it was expected to
+            after = self.measured_kw()
+            loads = self.loads()
         detail: dict[str, Any] = {
-            "limit_kw": limit,
+            "limit_kw": action.limit_kw,
             "measured_kw_before": before,
+            "measured_kw": after,
             "shed": list(action.shed),
             "expected_kw": None if plan is None or math.isnan(plan) else round(plan, 3),
-            "meter_available": before is not None,
+            "meter_available": after is not None,
         }
+        if isinstance(params, LoadReductionParams):
+            shed_kw = round(sum(ld.rated_kw for ld in loads if ld.name in action.shed), 3)
+            detail.update(target_kw=target, shed_kw=shed_kw)
+            verdict = judge_reduction(target, shed_kw, before, after, loads)
+        else:
+            verdict = judge_limit(action.limit_kw, after, loads)
+        if verdict.reason is not None:
+            detail["reason"] = verdict.reason
         if report:
             await self.sql.tx(lambda db: db.execute("UPDATE commands SET state='active' WHERE request_id=?",
                                                     (cmd.request_id,)))
             if not isinstance(params, LoadShiftParams):  # a load shift was acknowledged when it arrived
+                state = ClientState.EXECUTED if verdict.met else ClientState.LIMIT_NOT_MET
+                if not verdict.met:
+                    log.warning("gateway %s: request %s %s: %s", self.id, outside(cmd.request_id), state.value,
+                                verdict.reason)
                 await self._outcome(Outcome(
-                    request_id=cmd.request_id, client_id=self.client_id, state=ClientState.EXECUTED, detail=detail,
+                    request_id=cmd.request_id, client_id=self.client_id, state=state, detail=detail,
                     trace={"gateway_ms": round((time.perf_counter() - t0) * 1000, 3),
                            "waited_ms": round(max(0.0, start - received_at) * 1000, 3)},
                     revision=cmd.revision,
@@ -547,7 +628,7 @@ class Gateway:
                 since = self.shed_since.get(name)
                 if a is not None and since is not None and (
                         a.never_shed or (a.max_interruption_s is not None
-                                         and time.monotonic() - since >= a.max_interruption_s)):
+                                         and self.clock() - since >= a.max_interruption_s)):
                     if await self._switch(name, True, action.request_id, "the customer's longest interruption"):
                         action.shed.remove(name)
                         self.exempt.add(name)
@@ -557,34 +638,39 @@ class Gateway:
                 if name not in owner.shed:
                     owner.shed.append(name)
         if plan.shed:
-            shed = json.dumps(owner.shed)
-            await self.sql.tx(lambda db: db.execute("UPDATE commands SET shed=? WHERE request_id=?",
-                                                    (shed, owner.request_id)))
+            await self.sql.tx(partial(_record_shed, owner=owner.request_id, names=list(owner.shed), at=time.time()))
         return plan.expected_kw
 
     async def _finish(self, request_id: str, shed: list[str], state: str = "done") -> None:
         """End one action: what it shed is handed to another action still holding the home, or queued to come
         back with hysteresis (one load per ``restore_interval_s`` while the home stays under its cap)."""
         async with self._control:  # not while a control step is switching what this action shed
-            self.active.pop(request_id, None)
+            await self._end_action(request_id, shed, state)
+
+    async def _end_action(self, request_id: str, shed: list[str], state: str = "done") -> None:
+        """:meth:`_finish` inside a control step (the caller holds ``_control``)."""
+        self.active.pop(request_id, None)
+        if not self.active:
+            self.exempt.clear()
+        heir = min(self.active.values(), key=lambda a: a.limit_kw) if self.active else None
+        if heir is not None:
+            heir.shed.extend(n for n in shed if n not in heir.shed)
+            if shed:  # stored with the heir, so that a restart still brings them back when it ends
+                await self.sql.tx(partial(_record_shed, owner=heir.request_id, names=list(heir.shed),
+                                          at=time.time()))
+        else:
+            for name in shed:
+                self.to_restore[name] = request_id
+        now = time.time()
+
+        def record(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE commands SET state=? WHERE request_id=?", (state, request_id))
             if not self.active:
-                self.exempt.clear()
-            if self.active:
-                heir = min(self.active.values(), key=lambda a: a.limit_kw)
-                heir.shed.extend(n for n in shed if n not in heir.shed)
-            else:
-                for name in shed:
-                    self.to_restore[name] = request_id
-            now = time.time()
+                db.executemany("INSERT OR REPLACE INTO to_restore VALUES (?,?,?)",
+                               [(n, request_id, now) for n in shed])
 
-            def record(db: sqlite3.Connection) -> None:
-                db.execute("UPDATE commands SET state=? WHERE request_id=?", (state, request_id))
-                if not self.active:
-                    db.executemany("INSERT OR REPLACE INTO to_restore VALUES (?,?,?)",
-                                   [(n, request_id, now) for n in shed])
-
-            await self.sql.tx(record)
-            self._last_restore = 0.0
+        await self.sql.tx(record)
+        self._last_restore = -math.inf
 
     async def _switch(self, name: str, on: bool, request_id: str | None, reason: str) -> bool:
         sw = self.switches.get(name)
@@ -599,7 +685,7 @@ class Gateway:
         if on:
             self.shed_since.pop(name, None)
         elif request_id is not None:
-            self.shed_since.setdefault(name, time.monotonic())
+            self.shed_since.setdefault(name, self.clock())
         act = Actuation(time.time(), name, on, request_id, reason)
         self.actuations.append(act)
         del self.actuations[:-1000]
@@ -663,6 +749,15 @@ class Gateway:
             except StorageError as exc:
                 log.error("gateway %s outbox paused: %s", self.id, exc)
             await wait_or_timeout(self._wake, 0.5)
+
+
+def _record_shed(db: sqlite3.Connection, owner: str, names: list[str], at: float) -> None:
+    """Store what an action holds off: a request's with its command (re-armed on restart); the failsafe's as
+    loads to restore (a restart does not resume the failsafe, so they come back)."""
+    if owner == FAILSAFE_ID:
+        db.executemany("INSERT OR REPLACE INTO to_restore VALUES (?,?,?)", [(n, owner, at) for n in names])
+    else:
+        db.execute("UPDATE commands SET shed=? WHERE request_id=?", (json.dumps(names), owner))
 
 
 def _forget_restore(db: sqlite3.Connection, name: str) -> None:

@@ -84,8 +84,20 @@ def snapshot(gw: Gateway, log_size: int = LOG_SIZE) -> dict[str, Any]:
         "devices": gw.state, "device_info": info, "active_power_kw": gw.measured_kw(),
         "active": [action_dict(a) for a in gw.active.values()],
         "to_restore": restore_list(gw),
+        "failsafe": failsafe_view(gw),
         "actuations": [actuation_dict(gw, a) for a in reversed(gw.actuations[-log_size:])],
     })
+
+
+def failsafe_view(gw: Gateway) -> dict[str, Any] | None:
+    """The configured failsafe and its latest episode (``report``: in force, or ended and not yet reported)."""
+    fs = gw.cfg.gateway.failsafe
+    if fs is None:
+        return None
+    report = gw.failsafe_report
+    return {"after_s": fs.after_s, "limit_kw": max(fs.limit_kw, fs.floor_kw), "duration_s": fs.duration_s,
+            "floor_kw": fs.floor_kw, "uplink_connected": gw.link is not None and gw.link.connected,
+            "report": None if report is None else report.model_dump(mode="json")}
 
 
 def restore_list(gw: Gateway) -> list[dict[str, Any]]:

@@ -89,6 +89,9 @@ class ClientState(StrEnum):
     AVAILABLE = "available"
     UNAVAILABLE = "unavailable"
     EXECUTED = "executed"
+    LIMIT_NOT_MET = "limit_not_met"
+    """The gateway acted but the home is not under the limit (or the target was not shed); ``detail`` says what
+    was measured, what was asked and why."""
     REFUSED = "refused"
     UNREACHABLE = "unreachable"
     EXPIRED = "expired"
@@ -246,6 +249,21 @@ class ErrorReply(_Msg):
     message: str = Field(max_length=2000)
 
 
+class FailsafeReport(BaseModel):
+    """A gateway's failsafe episode: the limit it applied on its own while its bridge was away (in telemetry)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    state: Literal["active", "ended"]
+    started_at: AwareDatetime
+    ended_at: AwareDatetime | None = None
+    ended_by: Literal["duration", "reconnected"] | None = None
+    limit_kw: float = Field(ge=0, le=10_000)
+    """The limit applied: the configured failsafe limit, never below the configured legal floor."""
+    offline_s: float = Field(ge=0)
+    """How long the uplink had been down when the failsafe applied."""
+    shed: list[str] = Field(default_factory=list, max_length=64)
+
+
 class Telemetry(_Msg):
     """Gateway -> bridge: one poll of the home's devices; ``seq`` numbers a gateway's telemetry in order."""
 
@@ -262,6 +280,8 @@ class Telemetry(_Msg):
     rated_sheddable_kw: float | None = None
     """Rated power of every load the gateway is configured to shed, on or off: the bound of ``sheddable_kw``
     (absent from gateways older than this field)."""
+    failsafe: FailsafeReport | None = None
+    """The failsafe in force, or the one that just ended (once), if any (absent from older gateways)."""
 
     @field_validator("active_power_kw", "sheddable_kw", "rated_sheddable_kw")
     @classmethod

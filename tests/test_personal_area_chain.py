@@ -60,8 +60,10 @@ async def test_a_schedule_set_in_the_personal_area_changes_what_the_gateway_shed
                         expires_at=params.end))
                     while True:
                         out = await hub.next("outcome", timeout=10)
-                        if isinstance(out, Outcome) and out.state is ClientState.EXECUTED:
+                        if isinstance(out, Outcome) and out.state.terminal:
                             break
+                # the heater the customer keeps on holds the home over the 1 kW limit: not `executed` (issue 13)
+                assert out.state is ClientState.LIMIT_NOT_MET, out
                 assert out.detail["shed"] == ["ev"]
                 assert sim.coil_state(0), "the heater stays on: the customer said never"
                 assert not sim.coil_state(1)

@@ -16,6 +16,7 @@ from cloud_hub.timeline import (
     clip_blocks,
     covered_by,
     profile,
+    reduction_targets,
     supplier_at,
     supply_spans,
 )
@@ -102,6 +103,16 @@ def test_clip_keeps_only_the_period() -> None:
 )
 def test_choose_most_available_first(available: dict[str, float], need: float, chosen: list[str]) -> None:
     assert choose_for_reduction(available, need) == chosen
+
+
+@pytest.mark.parametrize(
+    ("available", "need", "targets"),
+    [({"a": 3, "b": 2, "c": 1}, 4, {"a": 3, "b": 1}), ({"a": 3, "b": 3}, 3, {"a": 3}), ({"a": 1}, 5, {"a": 1}),
+     ({}, 1, {}), ({"a": 2.5, "b": 4}, 2, {"b": 2}), ({"a": 0.1, "b": 0.2}, 0.25, {"b": 0.2, "a": 0.05})],
+)
+def test_each_chosen_client_sheds_what_it_offered_and_the_last_only_the_rest(
+        available: dict[str, float], need: float, targets: dict[str, float]) -> None:
+    assert reduction_targets(available, choose_for_reduction(available, need), need) == targets
 
 
 @pytest.mark.parametrize(

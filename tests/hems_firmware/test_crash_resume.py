@@ -1,0 +1,174 @@
+"""Gateway crash-resume (issue 13, item 10): a real ``hems-gateway run`` process against a real Mosquitto and a
+simulated home over Modbus TCP is killed with SIGKILL in the middle of an emergency and started again. The loads it
+shed stay off until the emergency's end and are switched back on exactly once after it, judged by counting the coil
+writes the simulated relay board receives."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import tomli_w
+from pymodbus.constants import ExcCodes
+
+from device_drivers.sim.home import Plug, SimulatedHome, split_device_entries
+from device_drivers.sim.server import ModbusSimServer
+from mhp_wire import topics
+from mhp_wire.messages import Ack, ClientState, Command, EmergencyParams, Outcome, RequestKind
+from tests.broker_fixtures import MosquittoFactory
+from tests.mqtt_party import Party, parties
+
+LEAD_S, DURATION_S = 1.0, 9.0
+
+
+class CoilWrites:
+    """Every coil write the simulated relay board receives: ``(wall time, coil, on)``."""
+
+    def __init__(self, home: SimulatedHome) -> None:
+        self.writes: list[tuple[float, int, bool]] = []
+        board = home.relays
+        answer = board.on_request
+
+        def counting(function_code: int, start_address: int, address: int, count: int, registers: list[int],
+                     values: list[int] | list[bool] | None) -> ExcCodes | None:
+            if function_code in (5, 15) and values is not None:
+                self.writes += [(time.time(), address + i, bool(v)) for i, v in enumerate(values)]
+            return answer(function_code, start_address, address, count, registers, values)
+
+        board.on_request = counting  # type: ignore[method-assign]
+
+    def of(self, coil: int) -> list[tuple[float, bool]]:
+        return [(at, on) for at, c, on in self.writes if c == coil]
+
+
+@asynccontextmanager
+async def gateway_process(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``hems-gateway run --config FILE`` as its own process; killed at the end if still running."""
+    with log.open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "hems_firmware.cli", "run", "--config",
+                                                    str(config), stdout=out, stderr=out)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_a_gateway_killed_mid_emergency_restores_what_it_shed_once_at_the_end(
+        tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
+    broker = mosquitto_factory("retailer", ["gw-1"], "bridge")
+    home = SimulatedHome(0.3, [Plug(0, 2.0, "heater", 1, True), Plug(1, 3.7, "ev", 2, True),
+                               Plug(3, 0.15, "fridge", 9, False)])
+    writes = CoilWrites(home)
+    log = tmp_path / "gateway.log"
+    async with ModbusSimServer({1: home.meter}, port=0) as meter, ModbusSimServer({1: home.relays}, port=0) as relay:
+        config = tmp_path / "gateway.toml"
+        config.write_text(tomli_w.dumps({
+            "gateway": {"id": "gw-1", "client_id": "c1", "state_dir": str(tmp_path / "state"), "poll_interval_s": 0.2,
+                        "telemetry_interval_s": 0.5, "restore_interval_s": 0.1, "contracted_power_kw": 6.9,
+                        "uplink": {"host": broker.host, "port": broker.port,
+                                   "password": broker.identities["gw-1"].password}},
+            "devices": split_device_entries(home, "127.0.0.1", meter.port, relay.port)}))
+        with parties(Party(broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+            async with gateway_process(config, log) as first:
+                await bridge.next("telemetry", timeout=30)
+                start = datetime.now(UTC) + timedelta(seconds=LEAD_S)
+                params = EmergencyParams(start=start, end=start + timedelta(seconds=DURATION_S), power_limit_kw=1.0)
+                cmd = Command(request_id="em-1", client_id="c1", kind=RequestKind.EMERGENCY, params=params,
+                              expires_at=params.end)
+                await bridge.publish(topics.down("gateways", "gw-1"), cmd)
+                out = await bridge.next("outcome", timeout=10)
+                assert isinstance(out, Outcome) and out.state is ClientState.EXECUTED, out
+                assert out.detail["shed"] == ["heater", "ev"]
+                await bridge.publish(topics.down("gateways", "gw-1"), Ack(ack_ids=[out.msg_id]))
+                await asyncio.sleep(0.5)  # the acknowledgement is applied; the emergency is in force
+                first.send_signal(signal.SIGKILL)
+                assert await first.wait() == -signal.SIGKILL
+            killed_at = time.time()
+            assert not home.coil_state(0) and not home.coil_state(1), "the board holds what was shed"
+            async with gateway_process(config, log):
+                end = params.end.timestamp()
+                while time.time() < end + 5:
+                    if home.coil_state(0) and home.coil_state(1) and time.time() > end + 1:
+                        break
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(1.0)  # would a second restore come?
+                late = [m for m in await _drain(bridge) if isinstance(m, Outcome) and m.request_id == "em-1"]
+    assert killed_at < end - 3, "killed well inside the emergency"
+    for coil in (0, 1):
+        offs = [at for at, on in writes.of(coil) if not on]
+        ons = [at for at, on in writes.of(coil) if on]
+        assert len(offs) == 1 and offs[0] >= start.timestamp() - 0.05, (coil, writes.writes)
+        assert len(ons) == 1, f"coil {coil} switched back on exactly once: {writes.writes}"
+        assert end - 0.05 <= ons[0] <= end + 3, f"coil {coil} back on at the emergency's end, not before: " \
+                                                f"{ons[0] - end:+.2f} s"
+    assert writes.of(3) == [], "the fridge is never switched"
+    assert home.coil_state(0) and home.coil_state(1) and home.coil_state(3)
+    assert late == [], "the resumed emergency is not reported again"
+
+
+async def test_loads_handed_to_a_longer_emergency_come_back_after_it_across_a_kill(
+        tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
+    """Two emergencies overlap; the stricter one ends first and hands what it shed to the other, which holds them
+    until its own end. The gateway is killed between the two ends: the loads must still come back, once, when the
+    longer emergency ends (before, the hand-over lived only in memory and the loads stayed off for good)."""
+    broker = mosquitto_factory("retailer", ["gw-1"], "bridge")
+    home = SimulatedHome(0.3, [Plug(0, 2.0, "heater", 1, True), Plug(1, 3.7, "ev", 2, True),
+                               Plug(3, 0.15, "fridge", 9, False)])
+    writes = CoilWrites(home)
+    log = tmp_path / "gateway.log"
+    async with ModbusSimServer({1: home.meter}, port=0) as meter, ModbusSimServer({1: home.relays}, port=0) as relay:
+        config = tmp_path / "gateway.toml"
+        config.write_text(tomli_w.dumps({
+            "gateway": {"id": "gw-1", "client_id": "c1", "state_dir": str(tmp_path / "state"), "poll_interval_s": 0.2,
+                        "telemetry_interval_s": 0.5, "restore_interval_s": 0.1, "contracted_power_kw": 6.9,
+                        "uplink": {"host": broker.host, "port": broker.port,
+                                   "password": broker.identities["gw-1"].password}},
+            "devices": split_device_entries(home, "127.0.0.1", meter.port, relay.port)}))
+        with parties(Party(broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+            async with gateway_process(config, log) as first:
+                await bridge.next("telemetry", timeout=30)
+                start = datetime.now(UTC) + timedelta(seconds=LEAD_S)
+                short = EmergencyParams(start=start, end=start + timedelta(seconds=2.5), power_limit_kw=1.0)
+                long = EmergencyParams(start=start, end=start + timedelta(seconds=DURATION_S), power_limit_kw=4.5)
+                for rid, params in (("em-short", short), ("em-long", long)):
+                    await bridge.publish(topics.down("gateways", "gw-1"), Command(
+                        request_id=rid, client_id="c1", kind=RequestKind.EMERGENCY, params=params,
+                        expires_at=params.end))
+                for _ in range(2):
+                    out = await bridge.next("outcome", timeout=10)
+                    assert isinstance(out, Outcome)
+                    await bridge.publish(topics.down("gateways", "gw-1"), Ack(ack_ids=[out.msg_id]))
+                await asyncio.sleep(max(0.0, short.end.timestamp() + 1.0 - time.time()))  # the short one ended
+                assert not home.coil_state(0) and not home.coil_state(1), "the longer emergency holds them"
+                first.send_signal(signal.SIGKILL)
+                await first.wait()
+            async with gateway_process(config, log):
+                end = long.end.timestamp()
+                while time.time() < end + 5:
+                    if home.coil_state(0) and home.coil_state(1) and time.time() > end + 1:
+                        break
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(1.0)
+    for coil in (0, 1):
+        ons = [at for at, on in writes.of(coil) if on]
+        assert len(ons) == 1, f"coil {coil} switched back on exactly once: {writes.writes}"
+        assert end - 0.05 <= ons[0] <= end + 3, f"coil {coil} back on at the end: {ons[0] - end:+.2f} s"
+    assert home.coil_state(0) and home.coil_state(1)
+
+
+async def _drain(bridge: Party) -> list[object]:
+    """Every message already waiting at the bridge."""
+    got: list[object] = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            got.append(await bridge.next(timeout=0.3))
+    return got
