@@ -101,6 +101,11 @@ class GatewaySection(BaseModel):
     """Hysteresis: a shed load comes back only if the home then stays this far under its cap."""
     restore_interval_s: float = Field(5.0, ge=0)
     """At most one shed load comes back per interval."""
+    outcome_settle_s: float = Field(3.0, ge=0)
+    """After shedding, how long the meter may take to show it before the outcome says ``limit_not_met``: the meter
+    is read again every ``outcome_poll_s`` until the limit or target is met or this has passed (a real meter
+    averages over a second or more; the outcome is sent as soon as a reading shows the limit met)."""
+    outcome_poll_s: float = Field(0.25, gt=0)
     timezone: str = "UTC"
     failsafe: FailsafeSettings | None = None
     """``None``: no failsafe (the home runs freely while the bridge is away)."""

@@ -30,6 +30,7 @@ from hems_firmware.config import FlexibleSchedule, GatewayConfig
 from hems_firmware.controller import (
     Failsafe,
     Load,
+    Verdict,
     cheapest_slots,
     failsafe_step,
     judge_limit,
@@ -555,6 +556,16 @@ class Gateway:
         log.info("gateway %s cancelled request %s", self.id, outside(msg.request_id))
         await self._send(Ack(ack_ids=[msg.msg_id]))
 
+    def _judge(self, params: Any, target: float | None, before: float | None,
+               action: ActiveAction) -> tuple[Verdict, float | None, float]:
+        """Whether the action achieved what it was asked, from the latest reading: ``(verdict, measured kW, rated kW
+        shed)``; the rules are the controller's."""
+        after, loads = self.measured_kw(), self.loads()
+        shed_kw = round(sum(ld.rated_kw for ld in loads if ld.name in action.shed), 3)
+        if isinstance(params, LoadReductionParams):
+            return judge_reduction(target, shed_kw, before, after, loads), after, shed_kw
+        return judge_limit(action.limit_kw, after, loads), after, shed_kw
+
     async def _execute(self, cmd: Command, received_at: float, resumed_shed: list[str] | None = None,
                        report: bool | None = None) -> None:
         """Act on ``cmd`` from its start to its end; ``resumed_shed``: what an earlier run of it (before a restart,
@@ -582,22 +593,28 @@ class Gateway:
             plan = await self._hold_limit()
             if action.shed:
                 await self.poll_once()  # what the shedding achieved, not what it was expected to
-            after = self.measured_kw()
-            loads = self.loads()
+            verdict, after, shed_kw = self._judge(params, target, before, action)
+            shed = list(action.shed)
+        # A real meter shows a switch a reading or two later: read again until it shows the limit met, or the
+        # settle time has passed (only then is the home reported over its limit).
+        settle_until = self.clock() + self.cfg.gateway.outcome_settle_s
+        while not verdict.met and action.shed and after is not None and self.clock() < settle_until:
+            await asyncio.sleep(self.cfg.gateway.outcome_poll_s)
+            async with self._control:
+                await self.poll_once()
+                verdict, after, shed_kw = self._judge(params, target, before, action)
+                # what this action switched off, a load already back (its interruption bound) included
+                shed += [name for name in action.shed if name not in shed]
         detail: dict[str, Any] = {
             "limit_kw": action.limit_kw,
             "measured_kw_before": before,
             "measured_kw": after,
-            "shed": list(action.shed),
+            "shed": shed,
             "expected_kw": None if plan is None or math.isnan(plan) else round(plan, 3),
             "meter_available": after is not None,
         }
         if isinstance(params, LoadReductionParams):
-            shed_kw = round(sum(ld.rated_kw for ld in loads if ld.name in action.shed), 3)
             detail.update(target_kw=target, shed_kw=shed_kw)
-            verdict = judge_reduction(target, shed_kw, before, after, loads)
-        else:
-            verdict = judge_limit(action.limit_kw, after, loads)
         if verdict.reason is not None:
             detail["reason"] = verdict.reason
         if report:

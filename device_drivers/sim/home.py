@@ -41,8 +41,12 @@ class SimulatedHome:
         voltage_v: float = 230.0,
         frequency_hz: float = 50.0,
         clock: Callable[[], float] = time.monotonic,
+        meter_lag_s: float = 0.0,
     ) -> None:
-        """Build the home; plug coils must be distinct, and the board grows to hold the highest one."""
+        """Build the home; plug coils must be distinct, and the board grows to hold the highest one.
+
+        ``meter_lag_s``: the meter shows a switch this long after it happened (a real meter averages its power over
+        a second or more), so that a gateway judging what its shedding achieved can be tested against it."""
         self.plugs: dict[int, Plug] = {}
         for entry in plugs:
             plug = entry if isinstance(entry, Plug) else Plug(*entry)
@@ -58,6 +62,7 @@ class SimulatedHome:
         self.voltage_v = voltage_v
         self.frequency_hz = frequency_hz
         self._clock = clock
+        self.meter_lag_s = meter_lag_s
         self._base_load_kw = base_load_kw
         self._import_kwh = 0.0
         self._export_kwh = 0.0
@@ -95,10 +100,24 @@ class SimulatedHome:
         self._base_load_kw = kw
         self._held_kw = self.total_power_kw()
 
+    def shown_power_kw(self) -> float:
+        """What the meter's power reading shows now: the power of ``meter_lag_s`` ago (switches since then are not
+        in it yet)."""
+        if self.meter_lag_s <= 0:
+            return self.total_power_kw()
+        since = self._clock() - self.meter_lag_s
+        on = {coil: self.relays.coil_state(coil) for coil in self.plugs}
+        for at, coil, was_on in reversed(self.changes):
+            if at <= since:
+                break
+            if coil in on:
+                on[coil] = not was_on
+        return self._base_load_kw + sum(plug.rated_power_kw for coil, plug in self.plugs.items() if on[coil])
+
     def meter_state(self) -> MeterState:
-        """What the meter measures now."""
+        """What the meter measures now (its power ``meter_lag_s`` late; its energy integrates the true power)."""
         self._integrate()
-        phase_w = self.total_power_kw() * 1000.0 / 3
+        phase_w = self.shown_power_kw() * 1000.0 / 3
         amps = abs(phase_w) / self.voltage_v
         return MeterState(
             voltage_v=(self.voltage_v,) * 3,

@@ -55,6 +55,8 @@ async def rig(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncItera
             "gateway": {"id": "gw-1", "client_id": "c1", "state_dir": str(tmp_path / "gw"), "poll_interval_s": 0.2,
                         "restore_interval_s": 0.1, "contracted_power_kw": 6.9,
                         "telemetry_interval_s": 0.2,
+                        # the simulated meter shows a switch at once: no need to wait for it to settle
+                        "outcome_settle_s": 0.2, "outcome_poll_s": 0.1,
                         "uplink": {"host": broker.host, "port": broker.port,
                                    "password": broker.identities["gw-1"].password}},
             "devices": devices})

@@ -128,12 +128,14 @@ class Rig:
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, factory: MosquittoFactory, *, meter: bool = True) -> AsyncIterator[Rig]:
+async def running(tmp_path: Path, factory: MosquittoFactory, *, meter: bool = True, meter_lag_s: float = 0.0,
+                  settle_s: float = 0.6) -> AsyncIterator[Rig]:
     """A gateway for a home of 0.3 kW base load, a 2 kW heater, a 3.7 kW EV charger and a never-sheddable fridge;
-    with ``meter=False`` the meter's address answers nothing (a dead RS-485 converter)."""
+    with ``meter=False`` the meter's address answers nothing (a dead RS-485 converter); ``meter_lag_s``: the meter
+    shows a switch that much later; ``settle_s``: how long the gateway waits for it (``outcome_settle_s``)."""
     broker = factory("retailer", ["gw-1"], "bridge")
     home = SimulatedHome(0.3, [Plug(0, 2.0, "heater", 1, True), Plug(1, 3.7, "ev", 2, True),
-                               Plug(3, 0.15, "fridge", 9, False)])
+                               Plug(3, 0.15, "fridge", 9, False)], meter_lag_s=meter_lag_s)
     async with ModbusSimServer({1: home.meter}, port=0) as meter_srv, ModbusSimServer({1: home.relays},
                                                                                      port=0) as relay:
         devices = split_device_entries(home, "127.0.0.1", meter_srv.port if meter else free_port(), relay.port,
@@ -141,6 +143,7 @@ async def running(tmp_path: Path, factory: MosquittoFactory, *, meter: bool = Tr
         cfg = GatewayConfig.model_validate({
             "gateway": {"id": "gw-1", "client_id": "c1", "state_dir": str(tmp_path / "gw"), "poll_interval_s": 0.2,
                         "restore_interval_s": 0.1, "contracted_power_kw": 6.9, "telemetry_interval_s": 0.2,
+                        "outcome_settle_s": settle_s, "outcome_poll_s": 0.1,
                         "uplink": {"host": broker.host, "port": broker.port,
                                    "password": broker.identities["gw-1"].password}},
             "devices": devices})
@@ -240,3 +243,20 @@ async def test_a_load_reduction_short_of_its_target_is_limit_not_met(tmp_path: P
         assert out.detail["target_kw"] == 7.0
         assert out.detail["reason"] == "shed 5.7 kW of the 7 kW target: nothing more it may shed"
         assert not rig.home.coil_state(0) and not rig.home.coil_state(1)
+
+
+@pytest.mark.parametrize(("settle_s", "state"), [(2.5, ClientState.EXECUTED), (0.0, ClientState.LIMIT_NOT_MET)])
+async def test_a_meter_that_shows_the_switch_late_is_waited_for(tmp_path: Path, mosquitto_factory: MosquittoFactory,
+                                                                settle_s: float, state: ClientState) -> None:
+    """A real meter shows a switch a reading or two later: the outcome waits for a reading that shows the limit met
+    (up to ``outcome_settle_s``) instead of judging the first reading after the coils were written. Without the
+    wait, a home that did get under its limit was reported ``limit_not_met``."""
+    async with running(tmp_path, mosquitto_factory, meter_lag_s=0.8, settle_s=settle_s) as rig:
+        with parties(Party(rig.broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+            out = await outcome_of(bridge, emergency(1.0))
+    assert out.state is state, out
+    assert out.detail["shed"] == ["heater", "ev"]
+    if state is ClientState.EXECUTED:
+        assert out.detail["measured_kw"] == pytest.approx(0.45, abs=0.01), "base + fridge, once the meter shows it"
+    else:
+        assert out.detail["measured_kw"] > 1.0, "the first reading after switching still shows the loads"
