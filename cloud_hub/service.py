@@ -256,8 +256,12 @@ class HubService:
                          "detail": {"clients": len(items)}, "trace": {}, "updated_at": now}
                    for rid, items in per_retailer.items()}
         body = {"clients": sorted(plan.history)[:100], "client_count": len(plan.history)}
+        # The data access log: which retailer is given which client's supply periods, on the right it rests on.
+        audit = [AuditEntry(f"retailer:{rid}", item.client_id, "receive_supplier_periods",
+                            "retailer:supplier-of-period", ref=request_id, at=now)
+                 for rid, items in sorted(per_retailer.items()) for item in items]
         await self._create(who, None, body, request_id, "customers", now + CUSTOMERS_DELIVERY_S, {}, outbox,
-                           parties, [], t0, mutations=plan.mutations)
+                           parties, audit, t0, mutations=plan.mutations)
         log.info("supplier changes of %d client(s) announced to %s (request %s)", len(plan.history),
                  ", ".join(sorted(per_retailer)), request_id)
         return plan.created, request_id

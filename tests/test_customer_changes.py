@@ -267,6 +267,14 @@ async def test_a_supplier_switch_at_the_hub_moves_the_customer_between_the_bridg
             assert req["type"] == "customers" and req["state"] == "completed"
             assert {rid: v["state"] for rid, v in req["retailers"].items()} == {"r1": "acknowledged",
                                                                                 "r2": "acknowledged"}
+            # The data access log says which retailer was given c-move's supply periods, by which announcement.
+            log = (await hub.http.get("/v1/audit", headers=dso, params={
+                "client_id": "c-move", "from": (switch_at - timedelta(hours=1)).isoformat(),
+                "to": (datetime.now(UTC) + timedelta(minutes=1)).isoformat()})).json()["entries"]
+            given = {(e["principal"], e["right"]) for e in log
+                     if e["action"] == "receive_supplier_periods" and e["ref"] == change}
+            assert given == {("retailer:r1", "retailer:supplier-of-period"),
+                             ("retailer:r2", "retailer:supplier-of-period")}
             # Both bridges restart over their stores: what the hub told them holds without a word from the hub.
             await w.stop_bridge("r1")
             await w.stop_bridge("r2")
