@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from cloud_hub.lifecycle import (
     state_after_deadline,
 )
 from cloud_hub.metrics import HubMetrics
+from cloud_hub.storage import Mutation
 from cloud_hub.store import AuditEntry, HubStore, StoreUnavailable
 from mhp_wire.messages import ClientState
 
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 C = ClientState
 _TERMINAL = frozenset(s.value for s in ClientState if s.terminal)
+
+
+DELIVERIES = ("billing", "tariff", "customers")
+"""Outbox kinds that deliver something to a retailer: its acknowledgement ends that retailer's part."""
 
 
 @dataclass(slots=True)
@@ -44,7 +49,8 @@ class OutboxItem:
     request_id: str
     retailer_id: str
     kind: str
-    """``request``, ``cancel``, ``billing``, ``tariff``, or ``removal`` (a cancel of the clients a revision removed)."""
+    """``request``, ``cancel``, ``billing``, ``tariff``, ``customers``, or ``removal`` (a cancel of the clients a
+    revision removed)."""
     payload: bytes
     clients: list[str] = field(default_factory=list)
     attempts: int = 0
@@ -225,12 +231,14 @@ class RequestBook:
 
     async def create(self, request_id: str, meta: dict[str, Any], clients: dict[str, dict[str, Any]],
                      outbox: list[OutboxItem], parties: dict[str, dict[str, Any]], audit: list[AuditEntry],
-                     idempotency: tuple[str, str, str, int, dict[str, Any]] | None) -> None:
-        """Store a new request (durably, before it is answered) and queue its messages."""
+                     idempotency: tuple[str, str, str, int, dict[str, Any]] | None,
+                     extra: Sequence[Mutation] = ()) -> None:
+        """Store a new request (durably, before it is answered) and queue its messages; ``extra``: mutations of
+        other rows written with it (see :meth:`HubStore.create_request`)."""
         counts = Counter(e["state"] for e in (clients or parties).values())
         meta = {**meta, "state": RequestState.ACCEPTED.value, "counts": dict(counts)}
         await self.store.create_request(request_id, meta, clients, {o.msg_id: o.stored() for o in outbox},
-                                        parties, audit, idempotency, owner=self.replica_id)
+                                        parties, audit, idempotency, owner=self.replica_id, extra=extra)
         self.deadlines[request_id] = meta["deadline"]
         if meta.get("phase") == "availability":
             self.phases[request_id] = Phase(meta["phase_due"], meta["body"]["reduction_kw"])
@@ -263,7 +271,7 @@ class RequestBook:
         for item in items:
             item.attempts += 1
             item.next_at = now + retry_delay_s(item.attempts)
-            if item.attempts == 1 and item.kind in ("request", "billing", "tariff"):
+            if item.attempts == 1 and item.kind in ("request", *DELIVERIES):
                 first.setdefault(item.request_id, []).append(item)
         if not first:
             return
@@ -365,7 +373,7 @@ class RequestBook:
     async def _apply_acks(self, request_id: str, items: list[OutboxItem], now: float) -> _RowWrite | None:
         """The new cells of one request row once ``items`` are acknowledged (None: the row is gone)."""
         delete = [f"o:{i.msg_id}" for i in items]
-        deliveries = [i for i in items if i.kind in ("billing", "tariff")]
+        deliveries = [i for i in items if i.kind in DELIVERIES]
         cancels = [i for i in items if i.kind == "cancel"]
         put: dict[str, Any] = {}
         if deliveries or cancels:

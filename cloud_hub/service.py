@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,11 +19,13 @@ from cloud_hub.book import OutboxItem, RequestBook
 from cloud_hub.lifecycle import RequestState, request_state_from_counts
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.replicas import OwnerUnavailable, Replicas
+from cloud_hub.storage import Mutation
 from cloud_hub.store import AuditEntry, Conflict, HubStore, StoreUnavailable
 from cloud_hub.timeline import (
     choose_for_reduction,
     clip_blocks,
     covered_by,
+    customer_changes,
     profile,
     reduction_targets,
     supplier_at,
@@ -35,6 +37,8 @@ from mhp_wire.messages import (
     BillingData,
     Cancel,
     ClientState,
+    CustomerChange,
+    Customers,
     EmergencyParams,
     LoadReductionParams,
     LoadShiftParams,
@@ -43,6 +47,7 @@ from mhp_wire.messages import (
     ReadingBlock,
     Request,
     RequestKind,
+    SupplyPeriod,
     Tariff,
     encode,
     new_id,
@@ -56,6 +61,28 @@ REQUEST_CLIENTS_PER_MESSAGE = 3_000
 """Client ids per ``request`` message: 3,000 ids of at most 64 characters stay under the 256 KiB payload limit."""
 BILLING_DELIVERY_S = 24 * 3600
 TARIFF_DELIVERY_S = 3600
+CUSTOMERS_DELIVERY_S = 7 * 24 * 3600
+"""How long the hub keeps re-sending a ``customers`` message to a retailer that does not acknowledge it (as long
+as a broker keeps an offline bridge's session)."""
+CUSTOMERS_MESSAGE_BYTES = 200_000
+"""A ``customers`` message is cut before it would pass this size (the payload limit is 256 KiB)."""
+
+
+def _customer_messages(items: list[CustomerChange]) -> list[Customers]:
+    """``items`` in as few ``customers`` messages as fit the payload limit (and the 1,000 items a message holds)."""
+    out: list[Customers] = []
+    part: list[CustomerChange] = []
+    size = 0
+    for item in items:
+        n = len(item.model_dump_json()) + 1
+        if part and (size + n > CUSTOMERS_MESSAGE_BYTES or len(part) == 1_000):
+            out.append(Customers(items=part))
+            part, size = [], 0
+        part.append(item)
+        size += n
+    if part:
+        out.append(Customers(items=part))
+    return out
 
 
 class InvalidBody(ValueError):
@@ -244,14 +271,20 @@ class HubService:
 
     async def put_client(self, who: Principal, client_id: str, body: dict[str, Any]) -> bool:
         """Register a client or change it (a new retailer with a later ``valid_from`` is a supplier switch)."""
+        return (await self.register_client(who, client_id, body))[0]
+
+    async def register_client(self, who: Principal, client_id: str, body: dict[str, Any]) -> tuple[bool, str | None]:
+        """:meth:`put_client`, also returning the id of the request that announces the change to the retailers
+        (None when the supplier history did not change)."""
         right = self.authorize(who, Action.MANAGE_CLIENT)
         if await self.store.get_retailer(body["retailer_id"]) is None:
             raise NotFound(f"retailer {body['retailer_id']!r} is not registered")
         valid_from = body.get("valid_from")
-        created = await self.store.put_client(client_id, body["retailer_id"], body["contracted_power_kw"],
-                                              body.get("feeder_id"), _ts(valid_from) if valid_from else time.time())
+        created, announced = await self._register(who, [(
+            client_id, body["retailer_id"], body["contracted_power_kw"], body.get("feeder_id"),
+            _ts(valid_from) if valid_from else time.time())])
         await self.store.audit([AuditEntry(str(who), client_id, Action.MANAGE_CLIENT.value, right)])
-        return created
+        return created == 1, announced
 
     async def put_clients(self, who: Principal, clients: list[dict[str, Any]]) -> dict[str, int]:
         """Register or change many clients at once (a DSO's import), each as :meth:`put_client` would; all or
@@ -262,12 +295,48 @@ class HubService:
         if unknown:
             raise NotFound(f"retailer(s) not registered: {', '.join(repr(r) for r in unknown[:20])}")
         now = time.time()
-        created = await self.store.put_clients([
+        created, _ = await self._register(who, [
             (c["client_id"], c["retailer_id"], c["contracted_power_kw"], c.get("feeder_id"),
              _ts(c["valid_from"]) if c.get("valid_from") else now) for c in clients])
         await self.store.audit([AuditEntry(str(who), c["client_id"], Action.MANAGE_CLIENT.value, right)
                                 for c in clients])
         return {"created": created, "updated": len(clients) - created}
+
+    async def _register(self, who: Principal, clients: list[tuple[str, str, float, str | None, float]]
+                        ) -> tuple[int, str | None]:
+        """Store client registrations; when a supplier history changes (a new client, a supplier switch), each
+        retailer whose supply changes is told, in the same write, through the outbox: a ``customers`` message
+        (re-sent until acknowledged, kept across restarts) with all its periods of those clients. Returns how
+        many clients are new and the id of the announcing request (None: nothing to announce)."""
+        plan = await self.store.plan_clients(clients)
+        per_retailer: dict[str, list[CustomerChange]] = defaultdict(list)
+        for cid, (before, after) in sorted(plan.history.items()):
+            for rid, spans in customer_changes(before, after).items():
+                per_retailer[rid].append(CustomerChange(client_id=cid, revision=len(after), periods=[
+                    SupplyPeriod(valid_from=datetime.fromtimestamp(f, UTC),
+                                 valid_until=None if u is None else datetime.fromtimestamp(u, UTC))
+                    for f, u in spans]))
+        if not per_retailer:
+            await self.store.kv.batch(plan.mutations)
+            return plan.created, None
+        t0 = time.perf_counter()
+        request_id = new_id()
+        now = time.time()
+        outbox = [OutboxItem(msg.msg_id, request_id, rid, "customers", encode(msg))
+                  for rid, items in sorted(per_retailer.items()) for msg in _customer_messages(items)]
+        parties = {rid: {"retailers": {rid: ClientState.PENDING.value}, "state": ClientState.PENDING.value,
+                         "detail": {"clients": len(items)}, "trace": {}, "updated_at": now}
+                   for rid, items in per_retailer.items()}
+        body = {"clients": sorted(plan.history)[:100], "client_count": len(plan.history)}
+        # The data access log: which retailer is given which client's supply periods, on the right it rests on.
+        audit = [AuditEntry(f"retailer:{rid}", item.client_id, "receive_supplier_periods",
+                            "retailer:supplier-of-period", ref=request_id, at=now)
+                 for rid, items in sorted(per_retailer.items()) for item in items]
+        await self._create(who, None, body, request_id, "customers", now + CUSTOMERS_DELIVERY_S, {}, outbox,
+                           parties, audit, t0, mutations=plan.mutations)
+        log.info("supplier changes of %d client(s) announced to %s (request %s)", len(plan.history),
+                 ", ".join(sorted(per_retailer)), request_id)
+        return plan.created, request_id
 
     async def get_client(self, who: Principal, client_id: str) -> dict[str, Any]:
         """A client with its supplier history, for the DSO or its current retailer."""
@@ -920,7 +989,8 @@ class HubService:
     async def _create(self, who: Principal, key: str | None, body: dict[str, Any], request_id: str, kind: str,
                       deadline: float, clients: dict[str, dict[str, Any]], outbox: list[OutboxItem],
                       parties: dict[str, dict[str, Any]], audit: list[AuditEntry], t0: float,
-                      extra: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+                      extra: dict[str, Any] | None = None, mutations: Sequence[Mutation] = ()
+                      ) -> tuple[int, dict[str, Any]]:
         if self.replicas is not None:
             self.replicas.check_ready()
         now = time.time()
@@ -930,7 +1000,7 @@ class HubService:
                 **(extra or {})}
         idem = (str(who), key, body_hash(body), 202, answer) if key else None
         t_store = time.perf_counter()
-        await self.book.create(request_id, meta, clients, outbox, parties, audit, idem)
+        await self.book.create(request_id, meta, clients, outbox, parties, audit, idem, mutations)
         self.storage_ms[request_id] = round((time.perf_counter() - t_store) * 1000, 3)
         if len(self.storage_ms) > 20_000:
             self.storage_ms.pop(next(iter(self.storage_ms)))

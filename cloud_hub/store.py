@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,17 @@ def _blocks(rows: list[tuple[str, Row]], start: float) -> list[dict[str, Any]]:
         if b["start"] + b["resolution_s"] * len(b["values_kwh"]) > start:
             out.append(b)
     return out
+
+
+@dataclass(slots=True)
+class ClientPlan:
+    """What registering some clients writes (:meth:`HubStore.plan_clients`)."""
+
+    mutations: list[Mutation] = field(default_factory=list)
+    created: int = 0
+    """How many of the clients are new."""
+    history: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = field(default_factory=dict)
+    """``client_id -> (supplier periods before, after)`` of every client whose supplier history changes."""
 
 
 @dataclass(slots=True)
@@ -162,13 +174,30 @@ class HubStore:
         """:meth:`put_client` for many ``(client_id, retailer_id, contracted_power_kw, feeder_id, valid_from)``
         at once: one read of the rows, one batch. Raises :class:`Conflict`, writing nothing, when any of them is
         a supplier switch without a later ``valid_from``. Returns how many clients are new."""
+        plan = await self.plan_clients(clients)
+        await self.kv.batch(plan.mutations)
+        return plan.created
+
+    async def plan_clients(self, clients: list[tuple[str, str, float, str | None, float]]) -> ClientPlan:
+        """What :meth:`put_clients` would write, without writing it: the mutations, how many clients are new,
+        and the supplier history before and after of each client whose history changes (a new client, a
+        supplier switch). Raises :class:`Conflict` as :meth:`put_clients` does."""
         existing = await self.get_clients([c[0] for c in clients])
-        muts: list[Mutation] = []
+        plan = ClientPlan(created=sum(c[0] not in existing for c in clients))
         for client_id, retailer_id, contracted_power_kw, feeder_id, valid_from in clients:
-            muts += self._client_mutations(client_id, existing.get(client_id), retailer_id, contracted_power_kw,
-                                           feeder_id, valid_from)
-        await self.kv.batch(muts)
-        return sum(c[0] not in existing for c in clients)
+            plan.mutations += self._client_mutations(client_id, existing.get(client_id), retailer_id,
+                                                     contracted_power_kw, feeder_id, valid_from)
+        added: dict[str, Row] = {}
+        for m in plan.mutations:  # the supplier periods written (the cells ``s:<valid_from>``)
+            periods = {c: v for c, v in (m.put or {}).items() if c.startswith("s:")} if m.table == "clients" else {}
+            if periods:
+                added.setdefault(m.row, {}).update(periods)
+        for client_id, periods in added.items():
+            first = existing.get(client_id)
+            before = [] if first is None else first["suppliers"]
+            row: Row = {f"s:{tkey(p['valid_from'])}": p["retailer_id"].encode() for p in before}
+            plan.history[client_id] = (before, self._client(client_id, {**row, **periods})["suppliers"])
+        return plan
 
     @staticmethod
     def _client_mutations(client_id: str, old: dict[str, Any] | None, retailer_id: str,
@@ -242,10 +271,12 @@ class HubStore:
                              outbox: dict[str, dict[str, Any]], parties: dict[str, dict[str, Any]],
                              audit: list[AuditEntry],
                              idempotency: tuple[str, str, str, int, dict[str, Any]] | None,
-                             owner: str | None = None) -> None:
+                             owner: str | None = None, extra: Sequence[Mutation] = ()) -> None:
         """Store a new request. Rows in crash-safe order: the open index, the request row (atomic), the
         idempotency answer, the audit lines; a restart ignores an index entry without its request row.
-        ``owner``: the hub replica that keeps the request's book (``r:owner`` and the index's ``d:owner``)."""
+        ``owner``: the hub replica that keeps the request's book (``r:owner`` and the index's ``d:owner``).
+        ``extra``: mutations written first, in the same batch (one transaction on SQLite): the client rows whose
+        change the request announces (:meth:`plan_clients`)."""
         cells: Row = {f"r:{k}": _j(v) for k, v in meta.items()}
         cells.update({f"c:{cid}": _j(e) for cid, e in clients.items()})
         cells.update({f"o:{mid}": _j(m) for mid, m in outbox.items()})
@@ -254,7 +285,7 @@ class HubStore:
         if owner is not None:
             index["d:owner"] = owner.encode()
             cells["r:owner"] = _j(owner)
-        muts = [Mutation("open_requests", request_id, index), Mutation("requests", request_id, cells)]
+        muts = [*extra, Mutation("open_requests", request_id, index), Mutation("requests", request_id, cells)]
         if idempotency:
             principal, key, digest, status, answer = idempotency
             muts.append(Mutation("idempotency", f"{principal}|{key}", {

@@ -150,3 +150,19 @@ def reduction_targets(available: dict[str, float], chosen: list[str], reduction_
         targets[cid] = round(max(0.0, min(available[cid], rest)), 3)
         rest -= targets[cid]
     return targets
+
+
+def retailer_periods(periods: list[dict[str, Any]]) -> dict[str, list[tuple[float, float | None]]]:
+    """Per retailer, the spans ``(from, until)`` in which it supplies the client (``until`` None: open-ended)."""
+    out: dict[str, list[tuple[float, float | None]]] = {}
+    for rid, s, e in supply_spans(periods, float("-inf"), float("inf")):
+        out.setdefault(rid, []).append((s, None if e == float("inf") else e))
+    return out
+
+
+def customer_changes(before: list[dict[str, Any]], after: list[dict[str, Any]]
+                     ) -> dict[str, list[tuple[float, float | None]]]:
+    """The retailers whose supply of a client a change of its supplier history (``before`` -> ``after``) changes
+    (the one it gains, the one it loses), each with all its periods of that client after the change."""
+    old, new = retailer_periods(before), retailer_periods(after)
+    return {rid: new.get(rid, []) for rid in sorted(set(old) | set(new)) if old.get(rid) != new.get(rid)}

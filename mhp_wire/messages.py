@@ -396,9 +396,50 @@ class Schedule(_Msg):
     appliances: list[ApplianceSchedule] = Field(max_length=64)
 
 
+class SupplyPeriod(BaseModel):
+    """A span in which one retailer supplies one client: from ``valid_from``, until ``valid_until`` (None: open)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    valid_from: AwareDatetime
+    valid_until: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SupplyPeriod:
+        if self.valid_until is not None and self.valid_until <= self.valid_from:
+            raise ValueError("valid_until must be after valid_from")
+        return self
+
+
+class CustomerChange(BaseModel):
+    """Every period in which the receiving retailer supplies ``client_id``, as the hub knows them at ``revision``.
+
+    A gain is a period that starts, a loss one that ends (``valid_until``); an empty list: not this retailer's
+    client at any time. ``revision`` grows with every change of the client's supplier history: a receiver keeps
+    the highest it has seen, so a late re-send of an older revision changes nothing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    client_id: Id
+    revision: int = Field(ge=1)
+    periods: list[SupplyPeriod] = Field(max_length=1_000)
+
+    @model_validator(mode="after")
+    def _in_order(self) -> CustomerChange:
+        for a, b in zip(self.periods, self.periods[1:], strict=False):
+            if a.valid_until is None or b.valid_from < a.valid_until:
+                raise ValueError("periods must be in order and must not overlap")
+        return self
+
+
+class Customers(_Msg):
+    """Hub -> retailer: clients whose supply by this retailer changed (gained, lost, or from when)."""
+
+    type: Literal["customers"] = "customers"
+    items: list[CustomerChange] = Field(min_length=1, max_length=1_000)
+
+
 Message = Annotated[
     Request | Command | Cancel | Ack | Outcome | ErrorReply | Telemetry | Presence | BillingData | Tariff
-    | Measurements | Schedule,
+    | Measurements | Schedule | Customers,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)

@@ -36,6 +36,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from urllib.parse import parse_qsl, quote
 
 import uvicorn
@@ -302,6 +303,16 @@ autocomplete="username" required></label>
 <label>Password <input type="password" name="password" maxlength="{FIELD_CHARS['password']}"
 autocomplete="current-password" required></label>
 <button type="submit">Sign in</button></form></section>""")
+
+
+def _when(ts: float) -> str:
+    """A time for a customer: UTC, to the minute."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def moved_page(text: str, csrf: str, title: str = "Your supplier has changed") -> str:
+    """What a signed-in customer who is no longer (or not yet) this retailer's sees instead of their home."""
+    return page(title, f'<h1>{esc(title)}</h1><p id="moved" class="alert" role="alert">{esc(text)}</p>', csrf=csrf)
 
 
 def message_page(title: str, text: str, csrf: str | None = None) -> str:
@@ -595,8 +606,10 @@ class PersonalArea:
                             address, result.locked_for_s)
                 return response
             return self._login_response(401, "Wrong e-mail or password.", email)
-        if result.client_id not in self.settings.customers:
-            return self._login_response(403, "This account is not a customer of this retailer any more.", email)
+        away = self._away(result.client_id)
+        if away is not None:
+            log.info("sign-in of %s refused: %s", result.client_id, away)
+            return self._login_response(403, away, email)
         old = await self._session(request)
         if old is not None:
             await self.accounts.end_session(old[0])
@@ -636,6 +649,9 @@ class PersonalArea:
         if signed_in is None:
             return RedirectResponse("/login", 303)
         session = signed_in[1]
+        away = self._away(session.client_id)
+        if away is not None:
+            return HTMLResponse(moved_page(away, session.csrf_token))
         views = await self._appliances(session.client_id)
         saved = request.query_params.get("saved")
         return await self._home(session, views, 200, saved if saved in views else None)
@@ -661,9 +677,13 @@ class PersonalArea:
             return HTMLResponse(message_page("Not saved", "The form was out of date or not from this site; nothing "
                                              "was changed. Please try again.", session.csrf_token), 403)
         cid = session.client_id
-        gateway_id = self.settings.customers.get(cid)
+        away = self._away(cid)
+        if away is not None:
+            return HTMLResponse(moved_page(away, session.csrf_token, "Not saved"), 403)
+        gateway_id = self.relay.customer_list.gateway_of(cid)
         if gateway_id is None:
-            return HTMLResponse(message_page("Not saved", "You are not a customer of this retailer any more."), 403)
+            return HTMLResponse(message_page("Not saved", "Your home has no gateway yet: your retailer installs it "
+                                             "first.", session.csrf_token), 403)
         device = request.path_params["device"]
         views = await self._appliances(cid)
         if device not in views:
@@ -694,9 +714,21 @@ class PersonalArea:
 
     # -- helpers --------------------------------------------------------------------------------------------
 
+    def _away(self, client_id: str) -> str | None:
+        """None while ``client_id`` is this retailer's customer, else what to tell them (moved, not yet, never)."""
+        status = self.relay.customer_list.status(client_id, self.relay.clock())
+        if status.standing == "customer":
+            return None
+        if status.standing == "moved" and status.since is not None:
+            return (f"You have moved to another supplier: since {_when(status.since)} this retailer no longer "
+                    "supplies your home, and its personal area can no longer change your home's schedule.")
+        if status.standing == "not_yet" and status.until is not None:
+            return f"This retailer supplies your home from {_when(status.until)}; your personal area opens then."
+        return "This account is not a customer of this retailer any more."
+
     async def _appliances(self, client_id: str) -> dict[str, ApplianceView]:
         """The appliances of this customer's home: seen in the gateway's latest telemetry, or already scheduled."""
-        gateway_id = self.settings.customers.get(client_id)
+        gateway_id = self.relay.customer_list.gateway_of(client_id)
         tel = self.relay.latest_telemetry.get(gateway_id) if gateway_id else None
         states = switchable(tel.devices) if tel is not None and tel.client_id == client_id else {}
         views = {name: ApplianceView(name, state) for name, state in states.items()}
@@ -712,7 +744,7 @@ class PersonalArea:
     async def _home(self, session: Session, views: dict[str, ApplianceView], status_code: int,
                     saved: str | None = None) -> Response:
         cid = session.client_id
-        gateway_id = self.settings.customers.get(cid, "")
+        gateway_id = self.relay.customer_list.gateway_of(cid) or ""
         latest = await self.accounts.latest(cid)
         status = schedule_status(latest, latest is not None and latest.queued and await self._pending(latest.msg_id))
         tel = self.relay.latest_telemetry.get(gateway_id)
@@ -768,7 +800,7 @@ class PersonalArea:
     async def _push_unqueued(self) -> None:
         for stored in await self.accounts.unqueued():
             cid = stored.schedule.client_id
-            if self.settings.customers.get(cid) != stored.gateway_id:
+            if self.relay.customer_list.gateway_of(cid) != stored.gateway_id or self._away(cid) is not None:
                 continue
             await self.relay.push_schedule(stored.gateway_id, stored.schedule)
             await self.accounts.mark_queued(cid, stored.version)

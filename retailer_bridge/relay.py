@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from mhp_wire import topics
@@ -24,6 +25,7 @@ from mhp_wire.messages import (
     Cancel,
     ClientState,
     Command,
+    Customers,
     ErrorReply,
     Measurement,
     Measurements,
@@ -44,7 +46,8 @@ from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
 from mhp_wire.sqlite import StorageError
 from retailer_bridge.billing import BillingReading, readings_of
-from retailer_bridge.store import CLOSED, BridgeStore, NewCommand, delivered_msg_id
+from retailer_bridge.customers import Announced, CustomerList, periods_of
+from retailer_bridge.store import CLOSED, BridgeStore, NewCommand, Refused, delivered_msg_id
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +81,19 @@ class BridgeRelay:
 
     def __init__(self, retailer_id: str, customers: dict[str, str], store: BridgeStore, *,
                  gateway_ack_timeout_s: float = 10.0, measurement_interval_s: float = 5.0,
-                 rated_sheddable_kw: dict[str, float] | None = None) -> None:
+                 rated_sheddable_kw: dict[str, float] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.retailer_id = retailer_id
-        self.customers = dict(customers)
+        self.customer_list = CustomerList(customers)
+        """Who is a customer when (the hub's ``customers`` announcements) and each home's gateway (the
+        installation record); :meth:`load_customers` adds what the store kept."""
+        self.customers = self.customer_list.gateways
+        """``client_id -> gateway_id``: the installation record."""
         self.gateway_of_client = self.customers
+        self.clock = clock
+        """Wall-clock time (epoch seconds) against which customers' periods are checked."""
+        self.customer_changes_applied = 0
+        """Clients whose announcement from the hub was newer than the one held, and so taken (a re-send is not)."""
         self.store = store
         self.gateway_ack_timeout_s = gateway_ack_timeout_s
         self.hub: MqttLink | None = None
@@ -175,6 +187,8 @@ class BridgeRelay:
             await self._on_billing(msg)
         elif isinstance(msg, Tariff):
             await self._on_tariff(msg, ack=True)
+        elif isinstance(msg, Customers):
+            await self._on_customers(msg)
         elif isinstance(msg, Ack):
             self.last_hub_ack = time.monotonic()
             await self.store.ack_outbox(msg.ack_ids)
@@ -207,12 +221,15 @@ class BridgeRelay:
         if await self.store.is_cancelled(req.request_id):
             await self._to_hub(Ack(ack_ids=[req.msg_id]))
             return
+        at = req.params.start.timestamp()
         for cid in req.client_ids:
-            gid = self.gateway_of_client.get(cid)
-            if gid is None:
+            gid = self.customer_list.gateway_of(cid)
+            why = self.not_customer(cid, at)
+            if why is None and gid is None:
+                why = f"no gateway is recorded yet for {cid}, a customer of retailer {self.retailer_id}"
+            if why is not None or gid is None:
                 out = Outcome(request_id=req.request_id, client_id=cid, state=ClientState.REFUSED,
-                              detail={"reason": f"{cid} is not a customer of retailer {self.retailer_id}"},
-                              revision=req.revision)
+                              detail={"reason": why}, revision=req.revision)
                 answers.append((out.msg_id, encode(out)))
             elif req.kind is RequestKind.AVAILABILITY:
                 out = self.availability(req.request_id, cid, gid).model_copy(update={"revision": req.revision})
@@ -289,10 +306,61 @@ class BridgeRelay:
         await self._to_hub(Ack(ack_ids=[msg.msg_id]))
         self.kick()
 
+    def not_customer(self, client_id: str, at: float) -> str | None:
+        """None when ``client_id`` is a customer at ``at``, else why not (for a refusal)."""
+        status = self.customer_list.status(client_id, at)
+        when = datetime.fromtimestamp(at, UTC).isoformat()
+        if status.standing == "customer":
+            return None
+        if status.standing == "moved" and status.since is not None:
+            return (f"{client_id} is not a customer of retailer {self.retailer_id} at {when}: it moved to another "
+                    f"supplier at {datetime.fromtimestamp(status.since, UTC).isoformat()}")
+        if status.standing == "not_yet" and status.until is not None:
+            return (f"{client_id} is not a customer of retailer {self.retailer_id} at {when}: its supply here "
+                    f"starts at {datetime.fromtimestamp(status.until, UTC).isoformat()}")
+        return f"{client_id} is not a customer of retailer {self.retailer_id}"
+
+    async def load_customers(self) -> None:
+        """Take the hub's announcements kept in the store (after a restart)."""
+        for cid, (revision, periods) in (await self.store.customers()).items():
+            self.customer_list.announced[cid] = Announced(
+                revision, tuple((float(f), None if u is None else float(u)) for f, u in json.loads(periods)))
+
+    async def _on_customers(self, msg: Customers) -> None:
+        """The hub says which clients this retailer gains and loses, and from when: kept (before the ack), and
+        every open command of a client for a time it is no longer ours is withdrawn (``refused`` to the hub, a
+        ``cancel`` to the gateway)."""
+        changes = self.customer_list.newer(msg.items)
+        if changes:
+            after = CustomerList(self.customer_list.gateways, {
+                **self.customer_list.announced, **{c.client_id: Announced(c.revision, periods_of(c)) for c in changes}})
+            now = self.clock()
+
+            def stale(cmd: dict[str, Any]) -> tuple[tuple[str, bytes], tuple[str, str, bytes, float]] | None:
+                status = after.status(cmd["client_id"], cmd["not_before"])
+                if status.standing == "customer":
+                    return None
+                out = Outcome(request_id=cmd["request_id"], client_id=cmd["client_id"], state=ClientState.REFUSED,
+                              detail={"reason": f"{cmd['client_id']} is not a customer of retailer "
+                                                f"{self.retailer_id} when the request starts (supplier change)",
+                                      "gateway_id": cmd["gateway_id"]},
+                              trace={"retailer_ms": round(cmd["handling_ms"], 3)})
+                notice = Cancel(request_id=cmd["request_id"], client_ids=[cmd["client_id"]])
+                return (out.msg_id, encode(out)), (notice.msg_id, cmd["gateway_id"], encode(notice), now + 24 * 3600)
+
+            rows = [(c.client_id, c.revision, json.dumps(periods_of(c))) for c in changes]
+            closed = await self.store.put_customers(rows, now, stale)
+            self.customer_changes_applied += len(self.customer_list.apply(changes))
+            log.info("hub announced supplier changes of %d client(s) (%s); %d open command(s) withdrawn",
+                     len(changes), ", ".join(outside(c.client_id) for c in changes[:10]), closed)
+            if closed:
+                self.kick()
+        await self._to_hub(Ack(ack_ids=[msg.msg_id]))
+
     async def _on_billing(self, msg: BillingData) -> None:
         rows = []
         for c in msg.clients:
-            if c.client_id not in self.customers:
+            if not self.customer_list.known(c.client_id):
                 log.warning("billing data for %s, who is not our customer, refused", outside(c.client_id))
                 self.rejected["hub_foreign_client"] += 1
                 continue
@@ -360,6 +428,12 @@ class BridgeRelay:
             if self.gateway_of_client.get(msg.client_id) != gid or msg.gateway_id != gid:
                 self.rejected["gateway_foreign_client"] += 1
                 return
+            why = self.not_customer(msg.client_id, msg.at.timestamp())
+            if why is not None:  # its home has moved to another supplier (or not yet come here)
+                self.rejected["gateway_not_customer"] += 1
+                if not retained:
+                    await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="forbidden", message=why))
+                return
             if not retained:
                 await self._to_gateway(gid, Ack(ack_ids=[msg.msg_id]))
             self._check_claim(gid, msg)
@@ -412,7 +486,16 @@ class BridgeRelay:
                           trace=trace, revision=msg.revision)
             return out.msg_id, encode(out)
 
-        cmd = await self.store.close_command(msg.request_id, msg.client_id, closing)
+        def allowed(cmd: dict[str, Any]) -> str | None:
+            return self.not_customer(msg.client_id, cmd["not_before"])
+
+        try:
+            cmd = await self.store.close_command(msg.request_id, msg.client_id, closing, allowed)
+        except Refused as exc:
+            self.rejected["gateway_not_customer"] += 1
+            log.warning("gateway %s reported for request %s: %s", gid, outside(msg.request_id), exc)
+            await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="forbidden", message=str(exc)))
+            return
         if cmd is None:
             self.rejected["gateway_unknown_request"] += 1
             await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="unknown_client",

@@ -38,6 +38,7 @@ class Bridge:
         """Run until cancelled."""
         s, rid = self.settings, self.settings.retailer_id
         await self.store.open()
+        await self.relay.load_customers()  # the hub's announcements survive a restart: before any message is read
         hub = MqttLink(
             MqttEndpoint(s.hub_mqtt_host, s.hub_mqtt_port, rid, s.hub_mqtt_password, s.hub_mqtt_tls_ca_file),
             client_id=rid, subscriptions=[topics.down("retailers", rid), topics.PUBLIC_ALL],

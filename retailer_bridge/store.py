@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS hub_outbox (
     next_attempt_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS hub_outbox_due ON hub_outbox(next_attempt_at);
 CREATE INDEX IF NOT EXISTS gateway_outbox_due ON gateway_outbox(next_attempt_at);
+CREATE TABLE IF NOT EXISTS customers (client_id TEXT PRIMARY KEY, revision INTEGER NOT NULL, periods TEXT NOT NULL,
+    received_at REAL NOT NULL);
 """
 
 SENDING = "sending"
@@ -57,6 +59,11 @@ def delivered_msg_id(command_msg_id: str) -> str:
     """The message id of the ``delivered`` outcome of a command: fixed, so that a later terminal outcome can
     withdraw it from the outbox if it was not sent yet."""
     return f"dlv-{command_msg_id}"
+
+
+class Refused(Exception):
+    """A write refused by the caller's own check (:meth:`BridgeStore.close_command`'s ``allowed``); nothing of it
+    is stored."""
 
 
 @dataclass(slots=True)
@@ -267,13 +274,15 @@ class BridgeStore:
         return await self._tx(op)
 
     async def close_command(self, request_id: str, client_id: str,
-                            outcome_of: Callable[[dict[str, Any]], tuple[str, bytes] | None]
+                            outcome_of: Callable[[dict[str, Any]], tuple[str, bytes] | None],
+                            allowed: Callable[[dict[str, Any]], str | None] | None = None
                             ) -> dict[str, Any] | None:
         """Close a command with the outcome ``outcome_of(command)`` (None: leave it as it is), in one write.
 
         An outcome still unsent that said ``delivered`` for the same command (:func:`delivered_msg_id`) is dropped
         from the outbox: the terminal one supersedes it, and the hub gets one message instead of two. Returns the
-        command as it was before, or None if there is no such command.
+        command as it was before, or None if there is no such command. ``allowed(command)`` returning a reason
+        refuses the report: :class:`Refused` with that reason is raised and nothing is written.
         """
 
         def op(db: sqlite3.Connection) -> dict[str, Any] | None:
@@ -282,6 +291,9 @@ class BridgeStore:
             if row is None:
                 return None
             cmd = dict(row)
+            reason = None if allowed is None else allowed(cmd)
+            if reason is not None:
+                raise Refused(reason)
             if cmd["state"] == CLOSED:
                 return cmd
             outcome = outcome_of(cmd)
@@ -463,6 +475,47 @@ class BridgeStore:
             "INSERT OR IGNORE INTO gateway_outbox (msg_id, gateway_id, payload, next_attempt_at, deadline) "
             "VALUES (?,?,?,0,?)", (msg_id, gateway_id, payload, deadline)))
 
+    async def put_customers(self, changes: list[tuple[str, int, str]], now: float,
+                            stale: Callable[[dict[str, Any]], tuple[tuple[str, bytes], tuple[str, str, bytes, float]]
+                                            | None]) -> int:
+        """Keep the hub's announcements ``(client_id, revision, periods json)`` that are newer than those held, and,
+        in the same write, close every open command of those clients that ``stale(command)`` says is no longer
+        ours: its outcome ``(msg_id, payload)`` goes to the hub and its notice ``(msg_id, gateway_id, payload,
+        deadline)`` to the gateway. Returns the commands closed."""
+
+        def op(db: sqlite3.Connection) -> int:
+            kept = []
+            for client_id, revision, periods in changes:
+                cur = db.execute(
+                    "INSERT INTO customers VALUES (?,?,?,?) ON CONFLICT(client_id) DO UPDATE SET "
+                    "revision=excluded.revision, periods=excluded.periods, received_at=excluded.received_at "
+                    "WHERE excluded.revision > customers.revision", (client_id, revision, periods, now))
+                if cur.rowcount:
+                    kept.append(client_id)
+            closed = 0
+            for client_id in kept:
+                for row in db.execute("SELECT * FROM commands WHERE client_id=? AND state!=?",
+                                      (client_id, CLOSED)).fetchall():
+                    ended = stale(dict(row))
+                    if ended is None:
+                        continue
+                    outcome, notice = ended
+                    db.execute("UPDATE commands SET state=? WHERE request_id=? AND client_id=?",
+                               (CLOSED, row["request_id"], client_id))
+                    db.execute("DELETE FROM hub_outbox WHERE msg_id=? AND attempts=0",
+                               (delivered_msg_id(row["msg_id"]),))
+                    self._queue(db, [outcome])
+                    db.execute("INSERT OR IGNORE INTO gateway_outbox (msg_id, gateway_id, payload, next_attempt_at, "
+                               "deadline) VALUES (?,?,?,0,?)", notice)
+                    closed += 1
+            return closed
+
+        return await self._tx(op)
+
+    async def customers(self) -> dict[str, tuple[int, str]]:
+        """The hub's announcements held: ``client_id -> (revision, periods json)``."""
+        return await self.sql.read(lambda db: {r[0]: (r[1], r[2]) for r in db.execute(
+            "SELECT client_id, revision, periods FROM customers")})
 
 def _add_revision_column(db: sqlite3.Connection) -> None:
     if "revision" not in {r[1] for r in db.execute("PRAGMA table_info(commands)")}:

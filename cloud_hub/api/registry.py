@@ -70,10 +70,14 @@ async def put_retailer(retailer_id: IdPath, body: RetailerBody, who: Caller, ser
 @router.put("/clients/{client_id}")
 async def put_client(client_id: IdPath, body: ClientBody, who: Caller, service: Service,
                      response: Response) -> dict[str, object]:
-    """Register or change a client (dso)."""
-    created = await service.put_client(who, client_id, body.model_dump())
+    """Register or change a client (dso); a change of its supplier history is announced to the retailers concerned
+    by the request ``customer_change_request_id`` (follow it with ``GET /v1/requests/{id}``)."""
+    created, announced = await service.register_client(who, client_id, body.model_dump())
     response.status_code = 201 if created else 200
-    return await service.get_client(who, client_id)
+    answer = await service.get_client(who, client_id)
+    if announced is not None:
+        answer["customer_change_request_id"] = announced
+    return answer
 
 
 @router.put("/clients")

@@ -104,7 +104,9 @@ def reconcile(records: list[dict[str, Any]], generator: list[dict[str, Any]], hu
     ids = Counter(r["request_id"] for r in accepted)
     outcomes = Counter(r.get("outcome", "missing") for r in records)
     created = hub_counters.get("created", {})
-    hub_created = sum(int(v) for v in created.values()) if created else None
+    # Only the DSO's request types: the hub also creates requests of its own (a registration's ``customers``
+    # announcement to the retailers), which no DSO record stands for.
+    hub_created = sum(int(v) for k, v in created.items() if k in TYPES) if created else None
     out: dict[str, Any] = {
         "planned": planned, "sent": len(records), "accepted": len(accepted), "completed": outcomes["completed"],
         "failed": outcomes["failed"], "missing": outcomes["missing"],

@@ -63,7 +63,7 @@ async def test_a_refused_login_keeps_the_api_serving_and_the_relay_recovers(
                         break
                     await asyncio.sleep(0.1)
                 assert (await http.get("/readyz")).json()["checks"]["mqtt"] == "ok"
-                msg = await r1.next(timeout=10)
+                msg = await r1.next("request", timeout=10)  # behind the registration's customers announcement
                 assert isinstance(msg, Request) and msg.request_id == accepted.json()["request_id"]
     finally:
         server.should_exit = True

@@ -28,7 +28,7 @@ from cloud_hub.settings import HubSettings
 from cloud_hub.store import HubStore
 from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
-from mhp_wire.messages import Ack, ClientState, Outcome, Request
+from mhp_wire.messages import Ack, ClientState, Customers, Outcome, Request
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory, free_port
 from tests.mqtt_party import Party, parties
 
@@ -178,6 +178,8 @@ class FakeRetailer:
             elif isinstance(msg, Ack):
                 for mid in msg.ack_ids:
                     self.pending.pop(mid, None)
+            elif isinstance(msg, Customers):  # the registration's announcement (issue 13): taken, as a bridge does
+                await self.party.publish(topics.up("retailers", "r1"), Ack(ack_ids=[msg.msg_id]))
             if not self.holding and self.held:
                 for out in self.held:
                     self.pending[out.msg_id] = out
@@ -312,13 +314,13 @@ async def test_killed_replica_requests_are_adopted_and_complete_once(
     a.start()
     b.start()
     await asyncio.gather(wait_ready(a), wait_ready(b))
-    await register(b.url, tokens)
     dso = {"Authorization": f"Bearer {tokens['dso']}"}
     with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
         fake = FakeRetailer(r1)
         fake.holding = True  # requests are delivered and acknowledged, their outcomes kept back
         worker = asyncio.create_task(fake.run())
         try:
+            await register(b.url, tokens)  # listening: it acks their announcements
             async with httpx.AsyncClient(base_url=a.url, timeout=10) as ha, \
                     httpx.AsyncClient(base_url=b.url, timeout=10) as hb:
                 on_a = [(await ha.post("/v1/emergencies", headers=dso, json=emergency(CLIENTS))).json()["request_id"]
@@ -392,13 +394,13 @@ async def test_replica_that_lost_the_broker_rejoins_without_taking_back_adopted_
     a.start()
     b.start()
     await asyncio.gather(wait_ready(a), wait_ready(b))
-    await register(a.url, tokens)
     dso = {"Authorization": f"Bearer {tokens['dso']}"}
     with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
         fake = FakeRetailer(r1)
         fake.holding = True
         worker = asyncio.create_task(fake.run())
         try:
+            await register(a.url, tokens)  # listening: it acks their announcements
             async with httpx.AsyncClient(base_url=a.url, timeout=10) as ha, \
                     httpx.AsyncClient(base_url=b.url, timeout=10) as hb:
                 ids = [(await ha.post("/v1/emergencies", headers=dso, json=emergency(CLIENTS))).json()["request_id"]

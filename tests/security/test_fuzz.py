@@ -28,6 +28,8 @@ from mhp_wire.messages import (
     Cancel,
     ClientState,
     Command,
+    CustomerChange,
+    Customers,
     EmergencyParams,
     ErrorReply,
     LoadReductionParams,
@@ -40,6 +42,7 @@ from mhp_wire.messages import (
     Request,
     RequestKind,
     Schedule,
+    SupplyPeriod,
     Tariff,
     TariffPeriod,
     Telemetry,
@@ -147,6 +150,8 @@ def _samples() -> list[Any]:
         Measurements(items=[Measurement(client_id="c1", at=T0, active_power_kw=2.0)]),
         Schedule(client_id="c1", version=1, appliances=[ApplianceSchedule(
             device="boiler", allowed=[("01:00", "05:00")], run_s=3600, priority=1)]),
+        Customers(items=[CustomerChange(client_id="c1", revision=2, periods=[
+            SupplyPeriod(valid_from=T0 - HOUR, valid_until=T0), SupplyPeriod(valid_from=T0 + HOUR)])]),
     ]
 
 

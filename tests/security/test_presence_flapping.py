@@ -106,8 +106,8 @@ async def flap(broker: BrokerHandle, store: HubStore, clock: Callable[[], float]
 
     for rid in ("r1", "r2"):
         await service.put_retailer(DSO, rid, rid)
-    for cid, rid in [("a1", "r1"), ("b1", "r2")]:
-        await service.put_client(DSO, cid, {"retailer_id": rid, "contracted_power_kw": 5.0})
+    for cid, rid in [("a1", "r1"), ("b1", "r2")]:  # straight into storage: no customers announcement (issue 13)
+        await store.put_client(cid, rid, 5.0, None, time.time())  # joins the requests this test counts
     b_first: list[int] = []
     """Per round: the position of r2's new request in it (0: sent first)."""
     a_resent = 0
