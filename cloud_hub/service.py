@@ -20,7 +20,17 @@ from cloud_hub.lifecycle import RequestState
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.replicas import OwnerUnavailable, Replicas
 from cloud_hub.store import AuditEntry, Conflict, HubStore, StoreUnavailable
-from cloud_hub.timeline import choose_for_reduction, clip_blocks, covered_by, profile, supplier_at, supply_spans
+from cloud_hub.timeline import (
+    choose_for_reduction,
+    clip_blocks,
+    covered_by,
+    profile,
+    supplier_at,
+    supply_spans,
+    switches_in,
+    whole_supplier,
+    withhold_straddling,
+)
 from mhp_wire.messages import (
     AvailabilityParams,
     BillingClient,
@@ -234,9 +244,28 @@ class HubService:
         await self._authorize_logged(who, Action.READ_CONSUMPTION, client_id, Context(
             covered_by_supplier=owner, suppliers_in_range=tuple(sorted({rid for rid, _, _ in spans}))),
             exists=client is not None)
-        blocks = await self.store.readings(client_id, start, end)
+        assert client is not None  # an unknown client was answered NotFound above
+        periods = client["suppliers"]
+
+        def may_have(t0: float, t1: float) -> bool:  # the last interval may run past the range, into another's time
+            return decide(who, Action.READ_CONSUMPTION,
+                          Context(covered_by_supplier=whole_supplier(periods, t0, t1))).allowed
+
+        blocks, withheld = withhold_straddling(
+            clip_blocks(await self.store.readings(client_id, start, end), start, end), end, may_have)
         return {"client_id": client_id, "from": iso(start), "to": iso(end), "resolution_s": resolution_s,
-                "series": [{**p, "start": iso(p["start"])} for p in profile(blocks, start, end, resolution_s)]}
+                "series": [{**p, "start": iso(p["start"])} for p in profile(blocks, start, end, resolution_s)],
+                "withheld": [self._withheld(w, periods) for w in withheld]}
+
+    @staticmethod
+    def _withheld(w: dict[str, Any], periods: list[dict[str, Any]]) -> dict[str, Any]:
+        """A reading interval withheld from a retailer, as the answer shows it (with the switch inside it)."""
+        switches = switches_in(periods, w["start"], w["end"])
+        at = ", ".join(str(iso(t)) for t in switches)
+        reason = (f"straddles a supplier switch ({at}): attributed to no retailer" if switches
+                  else "not supplied by one retailer for the whole interval")
+        return {"start": iso(w["start"]), "end": iso(w["end"]), "resolution_s": w["resolution_s"],
+                "retailers": [rid for rid, _, _ in supply_spans(periods, w["start"], w["end"])], "reason": reason}
 
     async def request_billing(self, who: Principal, body: dict[str, Any], key: str | None
                               ) -> tuple[int, dict[str, Any]]:
@@ -259,8 +288,10 @@ class HubService:
         entries: dict[str, dict[str, Any]] = {}
         unsupplied = []
         spans_of = {cid: supply_spans(clients[cid]["suppliers"], start, end) for cid in client_ids}
-        # Every client's readings of every supply span in one storage call (one per span was a thread hand-off each).
+        # Every client's readings of every supply span in one storage call (one per span was a thread hand-off each),
+        # and of the unsupplied time before its first supplier, where an interval may reach into the first supply.
         queries = [(cid, s, e) for cid in client_ids for _, s, e in spans_of[cid]]
+        queries += [(cid, start, spans[0][1]) for cid, spans in spans_of.items() if spans and spans[0][1] > start]
         found = dict(zip(queries, await self.store.readings_many(queries), strict=True))
         for cid in client_ids:
             spans = spans_of[cid]
@@ -269,8 +300,22 @@ class HubService:
                 continue
             entries[cid] = {"retailers": {}, "state": ClientState.PENDING.value, "detail": {}, "trace": {},
                             "updated_at": time.time()}
+            periods = clients[cid]["suppliers"]
+            withheld: list[dict[str, Any]] = []
+            if spans[0][1] > start:  # nobody supplied the start of the period: its readings go to no one
+                _, held = withhold_straddling(clip_blocks(found[(cid, start, spans[0][1])], start, spans[0][1]),
+                                              spans[0][1], lambda t0, t1: False)
+                withheld += [self._withheld(w, periods) for w in held]
             for rid, s, e in spans:
-                blocks = clip_blocks(found[(cid, s, e)], s, e)
+                to = Principal("retailer", rid)
+
+                def may_have(t0: float, t1: float, to: Principal = to, periods: list[dict[str, Any]] = periods
+                             ) -> bool:  # an interval running past the span may straddle a supplier switch
+                    return decide(to, Action.DELIVER_BILLING,
+                                  Context(covered_by_supplier=whole_supplier(periods, t0, t1))).allowed
+
+                blocks, held = withhold_straddling(clip_blocks(found[(cid, s, e)], s, e), e, may_have)
+                withheld += [self._withheld(w, periods) for w in held]
                 per_retailer[rid].append(BillingClient(
                     client_id=cid, period_start=datetime.fromtimestamp(s, UTC),
                     period_end=datetime.fromtimestamp(e, UTC),
@@ -278,6 +323,8 @@ class HubService:
                 entries[cid]["retailers"][rid] = ClientState.PENDING.value
                 entries[cid]["detail"].setdefault("corrected", False)
                 entries[cid]["detail"]["corrected"] |= any(b["corrected"] for b in blocks)
+            if withheld:  # the DSO sees which intervals went to no retailer, and why
+                entries[cid]["detail"]["withheld"] = withheld
         if unsupplied:
             raise Conflict(f"no retailer supplied {', '.join(unsupplied[:20])} in the billed period")
         outbox = []
