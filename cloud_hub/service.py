@@ -136,7 +136,6 @@ class HubService:
         self.metrics = metrics
         self.replicas = replicas
         """Set when the hub runs as several replicas: a cancel goes to the replica that owns the request."""
-        self.storage_ms: dict[str, float] = {}
         self._claims_here: dict[tuple[str, str], LocalClaim] = {}
         """A single hub's ``Idempotency-Key`` claims (replicas claim in storage)."""
         self.publish_tariff_retained: Any = None
@@ -691,11 +690,7 @@ class HubService:
                 "created_at": now, "deadline": deadline, "hub_ms": round((time.perf_counter() - t0) * 1000, 3),
                 **(extra or {})}
         idem = (str(who), key, body_hash(body), 202, answer) if key else None
-        t_store = time.perf_counter()
         await self.book.create(request_id, meta, clients, outbox, parties, audit, idem)
-        self.storage_ms[request_id] = round((time.perf_counter() - t_store) * 1000, 3)
-        if len(self.storage_ms) > 20_000:
-            self.storage_ms.pop(next(iter(self.storage_ms)))
         self.metrics.requests_created.labels(kind).inc()
         self.metrics.accept_seconds.labels(kind).observe(time.perf_counter() - t0)
         return 202, answer
@@ -736,8 +731,12 @@ class HubService:
                     sums[k].append(float(c["trace"][k]))
         for rid, p in sorted(req["parties"].items()):
             retailers[rid] = {"state": p["state"], "updated_at": iso(p["updated_at"])}
-        trace: dict[str, Any] = {"hub_ms": meta["hub_ms"],
-                                 "storage_ms": self.storage_ms.get(request_id, meta.get("storage_ms", 0.0))}
+        trace: dict[str, Any] = {"hub_ms": meta["hub_ms"]}
+        # Stored with the request by the write after its creation (until then only the replica that created it
+        # knows it); absent when unknown (a request stored before it was recorded), never a made-up 0.
+        storage_ms = meta.get("storage_ms", self.book.storage_ms.get(request_id))
+        if storage_ms is not None:
+            trace["storage_ms"] = storage_ms
         if meta.get("first_dispatch_at") is not None:
             trace["dispatch_ms"] = round((meta["first_dispatch_at"] - meta["created_at"]) * 1000, 3)
         for k, values in sums.items():
