@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloud_hub.authz import Action
 from cloud_hub.lifecycle import (
     RequestState,
     combine,
@@ -287,8 +288,13 @@ class RequestBook:
             writes: list[tuple[str, dict[str, Any], list[str] | None, bool]] = [
                 (rid, self._with_storage_ms(rid, put), None, False) for rid, sent in first.items()
                 if (put := self._advance_sent(rows[rid], sent, now))]
-            if writes:
-                await self.store.update_requests(writes)
+            # Which retailer received which client's billing data, in the data access log with the round's rows.
+            # The right was decided per reading interval when the request was created (HubService._billing).
+            audit = [AuditEntry(f"retailer:{item.retailer_id}", cid, Action.DELIVER_BILLING.value,
+                                "retailer:supplier-of-period", True, item.request_id, at=now)
+                     for sent in first.values() for item in sent if item.kind == "billing" for cid in item.clients]
+            if writes or audit:
+                await self.store.update_requests(writes, audit)
                 self._storage_ms_stored(writes)
 
     @staticmethod

@@ -165,6 +165,21 @@ class HubService:
             raise Forbidden(verdict.reason)
         return verdict.right
 
+    async def _authorize_named(self, who: Principal, action: Action, client_ids: list[str] | None = None,
+                               feeder_id: str | None = None) -> str:
+        """Authorize an operation only the DSO may do on named clients (a trigger, an upload, a read); returns the
+        right it rests on. A refusal is first written to the data access log for every registered client it
+        named (an id that names no client is no one's data), then raised as :class:`Forbidden`."""
+        verdict = decide(who, action)
+        if verdict.allowed:
+            return verdict.right
+        named = list(dict.fromkeys(client_ids or []))
+        if feeder_id:
+            named += await self.store.clients_on_feeder(feeder_id)
+        known = sorted(await self.store.get_clients(named)) if named else []
+        await self.store.audit([AuditEntry(str(who), cid, action.value, verdict.right, False) for cid in known])
+        raise Forbidden(verdict.reason)
+
     # -- registry -----------------------------------------------------------------------------------------
 
     async def put_retailer(self, who: Principal, retailer_id: str, name: str) -> bool:
@@ -174,7 +189,7 @@ class HubService:
 
     async def put_client(self, who: Principal, client_id: str, body: dict[str, Any]) -> bool:
         """Register a client or change it (a new retailer with a later ``valid_from`` is a supplier switch)."""
-        right = self.authorize(who, Action.MANAGE_CLIENT)
+        right = await self._authorize_named(who, Action.MANAGE_CLIENT, [client_id])
         if await self.store.get_retailer(body["retailer_id"]) is None:
             raise NotFound(f"retailer {body['retailer_id']!r} is not registered")
         valid_from = body.get("valid_from")
@@ -186,7 +201,7 @@ class HubService:
     async def put_clients(self, who: Principal, clients: list[dict[str, Any]]) -> dict[str, int]:
         """Register or change many clients at once (a DSO's import), each as :meth:`put_client` would; all or
         nothing: an unknown retailer or a supplier switch without a later ``valid_from`` stores none of them."""
-        right = self.authorize(who, Action.MANAGE_CLIENT)
+        right = await self._authorize_named(who, Action.MANAGE_CLIENT, [c["client_id"] for c in clients])
         wanted = sorted({c["retailer_id"] for c in clients})
         unknown = sorted(set(wanted) - await self.store.known_retailers(wanted))
         if unknown:
@@ -222,7 +237,7 @@ class HubService:
 
     async def upload_readings(self, who: Principal, readings: list[dict[str, Any]]) -> dict[str, Any]:
         """Store meter readings; an upload for an interval already stored is a correction."""
-        right = self.authorize(who, Action.UPLOAD_READINGS)
+        right = await self._authorize_named(who, Action.UPLOAD_READINGS, [r["client_id"] for r in readings])
         await self._known_clients(sorted({r["client_id"] for r in readings}))
         blocks = [{**r, "start": _ts(r["start"]), "quality": r.get("quality") or "measured"} for r in readings]
         stored, corrections = await self.store.put_readings(blocks)
@@ -269,7 +284,7 @@ class HubService:
     async def request_billing(self, who: Principal, body: dict[str, Any], key: str | None
                               ) -> tuple[int, dict[str, Any]]:
         """Deliver each client's readings of the period to the retailer(s) that supplied it, split at switches."""
-        right = self.authorize(who, Action.REQUEST_BILLING)
+        right = await self._authorize_named(who, Action.REQUEST_BILLING, body.get("client_ids"))
         async with self._keyed(who, key, body) as slot:
             if slot.answer is not None:
                 return slot.answer
@@ -408,7 +423,7 @@ class HubService:
                               request_type: str | None = None, extra: dict[str, Any] | None = None
                               ) -> tuple[int, dict[str, Any]]:
         t0 = time.perf_counter()
-        right = self.authorize(who, action)
+        right = await self._authorize_named(who, action, body.get("client_ids"), body.get("feeder_id"))
         async with self._keyed(who, key, body) as slot:
             if slot.answer is not None:
                 return slot.answer
@@ -763,25 +778,30 @@ class HubService:
         who = Principal("retailer", retailer_id)
         clients = await self.store.get_clients(sorted({m.client_id for m in msg.items}))
         ok, refused = [], []
+        rights: dict[str, str] = {}
         for m in msg.items:
             c = clients.get(m.client_id)
             supplier = supplier_at(c["suppliers"], m.at.timestamp()) if c else None
-            if decide(who, Action.SEND_MEASUREMENT, Context(supplier_at_time=supplier)).allowed:
+            verdict = decide(who, Action.SEND_MEASUREMENT, Context(supplier_at_time=supplier))
+            if verdict.allowed:
                 ok.append((m.client_id, m.at.timestamp(), m.active_power_kw, retailer_id))
+                rights[m.client_id] = verdict.right
             else:
                 refused.append(m.client_id)
         refused = sorted(set(refused))
-        # Every refused attempt is in the data access log (an unknown client's too: the retailer is answered the
-        # same for both), before anything is stored: if the log cannot be written, nothing is acknowledged.
-        await self.store.audit([AuditEntry(str(who), cid, Action.SEND_MEASUREMENT.value, "none", False, msg.msg_id)
-                                for cid in refused])
-        if ok:
-            await self.store.put_measurements(ok)
+        # Every attempt is in the data access log, one line per client and message, accepted or refused (an unknown
+        # client's too: the retailer is answered the same for both), in the same write as the measurements and
+        # before them: if the log cannot be written, nothing is stored or acknowledged.
+        audit = [AuditEntry(str(who), cid, Action.SEND_MEASUREMENT.value, "none", False, msg.msg_id)
+                 for cid in refused]
+        audit += [AuditEntry(str(who), cid, Action.SEND_MEASUREMENT.value, right, True, msg.msg_id)
+                  for cid, right in sorted(rights.items())]
+        await self.store.put_measurements(ok, audit)
         return refused
 
     async def get_measurements(self, who: Principal, client_id: str, start: float, end: float) -> dict[str, Any]:
         """A client's active-power series (DSO)."""
-        self.authorize(who, Action.READ_MEASUREMENTS)
+        await self._authorize_named(who, Action.READ_MEASUREMENTS, [client_id])
         if await self.store.get_client(client_id) is None:
             raise NotFound(f"client {client_id!r} is not registered")
         await self._authorize_logged(who, Action.READ_MEASUREMENTS, client_id)
