@@ -19,14 +19,16 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cloud_hub.authz import Principal
+from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import RequestBook
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.service import Forbidden, HubService, NotFound
 from cloud_hub.store import HubStore
+from cloud_hub.timeline import whole_supplier, withhold_straddling
 from mhp_wire import topics
 from mhp_wire.messages import Ack, BillingData, decode
 from tests.cloud_hub.test_relay import wait_state
@@ -94,6 +96,45 @@ def intervals_of(blocks: list[tuple[float, int, list[float]]], start: float, end
     """Every reading interval starting in ``[start, end)``: its start -> (its end, its energy)."""
     return {b0 + i * res: (b0 + (i + 1) * res, kwh) for b0, res, values in blocks for i, kwh in enumerate(values)
             if start <= b0 + i * res < end}
+
+
+SWITCHED = [{"valid_from": 0.0, "retailer_id": "r1"}, {"valid_from": 5400.0, "retailer_id": "r2"}]  # r2 at 01:30
+
+
+@pytest.mark.parametrize(("start", "end", "owner"), [
+    (0.0, 3600.0, "r1"), (3600.0, 7200.0, None), (5400.0, 7200.0, "r2"), (7200.0, 9000.0, "r2"),
+    (-60.0, 60.0, None),  # before the first supply
+])
+def test_whole_supplier(start: float, end: float, owner: str | None) -> None:
+    assert whole_supplier(SWITCHED, start, end) == owner
+
+
+@pytest.mark.parametrize(("who", "owner", "allowed"), [
+    ("r1", "r1", True), ("r2", "r1", False), ("r1", None, False), ("dso", "r1", False)])
+def test_deliver_billing_goes_only_to_the_supplier_of_the_whole_interval(who: str, owner: str | None,
+                                                                          allowed: bool) -> None:
+    principal = Principal.parse("dso" if who == "dso" else f"retailer:{who}")
+    verdict = decide(principal, Action.DELIVER_BILLING, Context(covered_by_supplier=owner))
+    assert verdict.allowed is allowed
+    assert verdict.right == ("retailer:supplier-of-period" if allowed else "none")
+
+
+def test_withhold_straddling_cuts_only_the_interval_across_the_end() -> None:
+    """r1's span ends at the 01:30 switch: of hourly values at 00:00 and 01:00, the second is withheld; a span
+    ending at a period end that r1 keeps supplying past keeps it."""
+    block = {"start": 0.0, "resolution_s": 3600, "values_kwh": [1.0, 2.0], "quality": "measured", "version": 1,
+             "corrected": False}
+
+    def r1_may_have(t0: float, t1: float) -> bool:
+        return whole_supplier(SWITCHED, t0, t1) == "r1"
+
+    kept, withheld = withhold_straddling([block], 5400.0, r1_may_have)
+    assert [b["values_kwh"] for b in kept] == [[1.0]]
+    assert withheld == [{"start": 3600.0, "end": 7200.0, "resolution_s": 3600}]
+    kept, withheld = withhold_straddling([{**block, "values_kwh": [1.0]}], 1800.0, r1_may_have)
+    assert [b["values_kwh"] for b in kept] == [[1.0]] and withheld == []
+    kept, withheld = withhold_straddling([{**block, "start": 3600.0, "values_kwh": [2.0]}], 5400.0, r1_may_have)
+    assert kept == [] and [w["start"] for w in withheld] == [3600.0]
 
 
 async def scenario(tmp: Path, hist: list[list[tuple[int, str]]], raw_blocks: list[tuple[int, int, int, list[int]]],
