@@ -1,6 +1,7 @@
 """``trace.storage_ms`` is the truth (issue 13, item 5): the time the request's creating write took, stored with the
-request by the next write of its row, so it survives a ``kill -9`` of the hub; absent, not a made-up 0, when it was
-never stored. Both run ``cloud-hub serve`` as a real process (killed for real) with its real Mosquitto."""
+request by the next write of its row, so it survives a ``kill -9`` of the hub and another replica reads it too;
+absent, not a made-up 0, when it was never stored. Each runs ``cloud-hub serve`` as real processes (killed for
+real) with their real Mosquitto."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import httpx
 import pytest
 import tomli_w
 
+from cloud_hub.tokens import TokenBook
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory, free_port
+from tests.cloud_hub import test_replicas as replicas
 from tests.cloud_hub.test_restart import HubProcess, wait_ready
 
 
@@ -102,3 +105,33 @@ async def test_storage_ms_never_stored_is_absent_not_zero(hub_process: tuple[Hub
         await wait_alive(http)
         after = await get_trace(http, request_id, dso)
     assert "storage_ms" not in after, f"a storage time nobody measured: {after}"
+
+
+async def test_another_replica_reads_the_storage_ms_of_the_replica_that_stored_the_request(
+        tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
+    broker = mosquitto_factory("hub", ["r1"], "hub", extra_privileged=["hub-b"])
+    book = TokenBook(tmp_path / "tokens.json")
+    tokens = {p: book.issue(p) for p in ("dso", "admin")}
+    a = replicas.Replica(tmp_path, broker, "a", "hub", book.path, {})
+    b = replicas.Replica(tmp_path, broker, "b", "hub-b", book.path, {})
+    try:
+        a.start()
+        b.start()
+        await asyncio.gather(replicas.wait_ready(a), replicas.wait_ready(b))
+        await replicas.register(a.url, tokens)
+        dso = {"Authorization": f"Bearer {tokens['dso']}"}
+        async with httpx.AsyncClient(base_url=a.url, timeout=10) as ha, \
+                httpx.AsyncClient(base_url=b.url, timeout=10) as hb:
+            r = await ha.post("/v1/emergencies", headers=dso, json=replicas.emergency(["c1"]))
+            assert r.status_code == 202, r.text
+            request_id = r.json()["request_id"]
+            deadline = time.monotonic() + 10
+            while "dispatch_ms" not in (on_a := await get_trace(ha, request_id, dso)):
+                assert time.monotonic() < deadline, f"never dispatched: {on_a}"
+                await asyncio.sleep(0.05)
+            on_b = await get_trace(hb, request_id, dso)
+    finally:
+        a.stop()
+        b.stop()
+    assert on_a["storage_ms"] > 0
+    assert on_b["storage_ms"] == on_a["storage_ms"], f"replica a {on_a}, replica b {on_b}"
