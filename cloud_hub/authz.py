@@ -37,6 +37,8 @@ class Action(StrEnum):
     REPORT_OUTCOME = "report_outcome"
     SEND_MEASUREMENT = "send_measurement"
     READ_TARIFF = "read_tariff"
+    DELIVER_BILLING = "deliver_billing"
+    """The hub sending a client's readings to a retailer (the retailer is the principal: it receives them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +137,14 @@ def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decisi
         if who.kind == "retailer" and ctx.supplier_at_time is not None and ctx.supplier_at_time == who.retailer_id:
             return Decision(True, "retailer:supplier-at-time")
         return Decision(False, "none", "a retailer may send measurements only for its own clients at that time")
+    if action is Action.DELIVER_BILLING:
+        # A reading interval goes to the retailer that supplied the client for the whole of it; one that straddles
+        # a supplier switch goes to neither (docs/decisions.md, "A reading interval across a supplier switch").
+        owner = ctx.covered_by_supplier
+        if who.kind == "retailer" and owner is not None and owner == who.retailer_id:
+            return Decision(True, "retailer:supplier-of-period")
+        return Decision(False, "none", "billing data goes only to the retailer that supplied the client for the "
+                                       "whole of each reading interval")
     raise AssertionError(f"unhandled action {action}")  # every Action is handled above
 
 

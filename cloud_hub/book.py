@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloud_hub.authz import Action
 from cloud_hub.lifecycle import (
     RequestState,
     combine,
@@ -34,6 +35,8 @@ from mhp_wire.messages import ClientState
 log = logging.getLogger(__name__)
 
 C = ClientState
+STORAGE_MS_KEPT = 20_000
+"""Measured storage times kept in memory until stored with their request (see :attr:`RequestBook.storage_ms`)."""
 _TERMINAL = frozenset(s.value for s in ClientState if s.terminal)
 
 
@@ -155,6 +158,9 @@ class RequestBook:
         self._locks: dict[str, asyncio.Lock] = {}
         self.on_phase_due: Callable[[str], Any] | None = None
         self.kick: Callable[[], None] = lambda: None
+        self.storage_ms: dict[str, float] = {}
+        """How long each new request's creating write took, until the next write of its row stores it as
+        ``r:storage_ms`` (a write cannot hold its own duration); bounded, oldest dropped."""
 
     def lock(self, request_id: str) -> asyncio.Lock:
         """The lock of one request's row."""
@@ -237,8 +243,12 @@ class RequestBook:
         other rows written with it (see :meth:`HubStore.create_request`)."""
         counts = Counter(e["state"] for e in (clients or parties).values())
         meta = {**meta, "state": RequestState.ACCEPTED.value, "counts": dict(counts)}
+        t0 = time.perf_counter()
         await self.store.create_request(request_id, meta, clients, {o.msg_id: o.stored() for o in outbox},
                                         parties, audit, idempotency, owner=self.replica_id, extra=extra)
+        self.storage_ms[request_id] = round((time.perf_counter() - t0) * 1000, 3)
+        if len(self.storage_ms) > STORAGE_MS_KEPT:
+            self.storage_ms.pop(next(iter(self.storage_ms)))
         self.deadlines[request_id] = meta["deadline"]
         if meta.get("phase") == "availability":
             self.phases[request_id] = Phase(meta["phase_due"], meta["body"]["reduction_kw"])
@@ -288,10 +298,16 @@ class RequestBook:
                 wanted[request_id] = cols
             rows = await self.store.get_requests_cells(wanted)
             writes: list[tuple[str, dict[str, Any], list[str] | None, bool]] = [
-                (rid, put, None, False) for rid, sent in first.items()
+                (rid, self._with_storage_ms(rid, put), None, False) for rid, sent in first.items()
                 if (put := self._advance_sent(rows[rid], sent, now))]
-            if writes:
-                await self.store.update_requests(writes)
+            # Which retailer received which client's billing data, in the data access log with the round's rows.
+            # The right was decided per reading interval when the request was created (HubService._billing).
+            audit = [AuditEntry(f"retailer:{item.retailer_id}", cid, Action.DELIVER_BILLING.value,
+                                "retailer:supplier-of-period", True, item.request_id, at=now)
+                     for sent in first.values() for item in sent if item.kind == "billing" for cid in item.clients]
+            if writes or audit:
+                await self.store.update_requests(writes, audit)
+                self._storage_ms_stored(writes)
 
     @staticmethod
     def _advance_sent(cells: dict[str, Any], sent: list[OutboxItem], now: float) -> dict[str, Any]:
@@ -320,6 +336,18 @@ class RequestBook:
         if cells.get("r:first_dispatch_at") is None:
             put["r:first_dispatch_at"] = now
         return put
+
+    def _with_storage_ms(self, request_id: str, put: dict[str, Any]) -> dict[str, Any]:
+        """``put`` with the request's measured ``r:storage_ms`` when it is not stored yet."""
+        ms = self.storage_ms.get(request_id)
+        if ms is not None and put:
+            put["r:storage_ms"] = ms
+        return put
+
+    def _storage_ms_stored(self, writes: list[tuple[str, dict[str, Any], list[str] | None, bool]]) -> None:
+        for request_id, put, _, _ in writes:
+            if "r:storage_ms" in put:
+                self.storage_ms.pop(request_id, None)
 
     def retailer_online(self, retailer_id: str, now: float) -> int:
         """A retailer's bridge (re)connected: everything it has not acknowledged is due ``now`` (re-sends still
@@ -430,7 +458,9 @@ class RequestBook:
         close = ended and not pending
         if state is None and not pending and request_id not in self.deadlines:
             close = True
+        put = self._with_storage_ms(request_id, put)
         await self.store.update_request(request_id, put, delete, close=close)
+        self._storage_ms_stored([(request_id, put, delete, close)])
         if close:
             self._locks.pop(request_id, None)
 

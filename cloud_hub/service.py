@@ -30,6 +30,9 @@ from cloud_hub.timeline import (
     reduction_targets,
     supplier_at,
     supply_spans,
+    switches_in,
+    whole_supplier,
+    withhold_straddling,
 )
 from mhp_wire.messages import (
     AvailabilityParams,
@@ -232,7 +235,6 @@ class HubService:
         self.metrics = metrics
         self.replicas = replicas
         """Set when the hub runs as several replicas: a cancel goes to the replica that owns the request."""
-        self.storage_ms: dict[str, float] = {}
         self._claims_here: dict[tuple[str, str], LocalClaim] = {}
         """A single hub's ``Idempotency-Key`` claims (replicas claim in storage)."""
         self.publish_tariff_retained: Any = None
@@ -262,6 +264,21 @@ class HubService:
             raise Forbidden(verdict.reason)
         return verdict.right
 
+    async def _authorize_named(self, who: Principal, action: Action, client_ids: list[str] | None = None,
+                               feeder_id: str | None = None) -> str:
+        """Authorize an operation only the DSO may do on named clients (a trigger, an upload, a read); returns the
+        right it rests on. A refusal is first written to the data access log for every registered client it
+        named (an id that names no client is no one's data), then raised as :class:`Forbidden`."""
+        verdict = decide(who, action)
+        if verdict.allowed:
+            return verdict.right
+        named = list(dict.fromkeys(client_ids or []))
+        if feeder_id:
+            named += await self.store.clients_on_feeder(feeder_id)
+        known = sorted(await self.store.get_clients(named)) if named else []
+        await self.store.audit([AuditEntry(str(who), cid, action.value, verdict.right, False) for cid in known])
+        raise Forbidden(verdict.reason)
+
     # -- registry -----------------------------------------------------------------------------------------
 
     async def put_retailer(self, who: Principal, retailer_id: str, name: str) -> bool:
@@ -276,7 +293,7 @@ class HubService:
     async def register_client(self, who: Principal, client_id: str, body: dict[str, Any]) -> tuple[bool, str | None]:
         """:meth:`put_client`, also returning the id of the request that announces the change to the retailers
         (None when the supplier history did not change)."""
-        right = self.authorize(who, Action.MANAGE_CLIENT)
+        right = await self._authorize_named(who, Action.MANAGE_CLIENT, [client_id])
         if await self.store.get_retailer(body["retailer_id"]) is None:
             raise NotFound(f"retailer {body['retailer_id']!r} is not registered")
         valid_from = body.get("valid_from")
@@ -289,7 +306,7 @@ class HubService:
     async def put_clients(self, who: Principal, clients: list[dict[str, Any]]) -> dict[str, int]:
         """Register or change many clients at once (a DSO's import), each as :meth:`put_client` would; all or
         nothing: an unknown retailer or a supplier switch without a later ``valid_from`` stores none of them."""
-        right = self.authorize(who, Action.MANAGE_CLIENT)
+        right = await self._authorize_named(who, Action.MANAGE_CLIENT, [c["client_id"] for c in clients])
         wanted = sorted({c["retailer_id"] for c in clients})
         unknown = sorted(set(wanted) - await self.store.known_retailers(wanted))
         if unknown:
@@ -361,7 +378,7 @@ class HubService:
 
     async def upload_readings(self, who: Principal, readings: list[dict[str, Any]]) -> dict[str, Any]:
         """Store meter readings; an upload for an interval already stored is a correction."""
-        right = self.authorize(who, Action.UPLOAD_READINGS)
+        right = await self._authorize_named(who, Action.UPLOAD_READINGS, [r["client_id"] for r in readings])
         await self._known_clients(sorted({r["client_id"] for r in readings}))
         blocks = [{**r, "start": _ts(r["start"]), "quality": r.get("quality") or "measured"} for r in readings]
         stored, corrections = await self.store.put_readings(blocks)
@@ -382,14 +399,33 @@ class HubService:
         await self._authorize_logged(who, Action.READ_CONSUMPTION, client_id, Context(
             covered_by_supplier=owner, suppliers_in_range=tuple(sorted({rid for rid, _, _ in spans}))),
             exists=client is not None)
-        blocks = await self.store.readings(client_id, start, end)
+        assert client is not None  # an unknown client was answered NotFound above
+        periods = client["suppliers"]
+
+        def may_have(t0: float, t1: float) -> bool:  # the last interval may run past the range, into another's time
+            return decide(who, Action.READ_CONSUMPTION,
+                          Context(covered_by_supplier=whole_supplier(periods, t0, t1))).allowed
+
+        blocks, withheld = withhold_straddling(
+            clip_blocks(await self.store.readings(client_id, start, end), start, end), end, may_have)
         return {"client_id": client_id, "from": iso(start), "to": iso(end), "resolution_s": resolution_s,
-                "series": [{**p, "start": iso(p["start"])} for p in profile(blocks, start, end, resolution_s)]}
+                "series": [{**p, "start": iso(p["start"])} for p in profile(blocks, start, end, resolution_s)],
+                "withheld": [self._withheld(w, periods) for w in withheld]}
+
+    @staticmethod
+    def _withheld(w: dict[str, Any], periods: list[dict[str, Any]]) -> dict[str, Any]:
+        """A reading interval withheld from a retailer, as the answer shows it (with the switch inside it)."""
+        switches = switches_in(periods, w["start"], w["end"])
+        at = ", ".join(str(iso(t)) for t in switches)
+        reason = (f"straddles a supplier switch ({at}): attributed to no retailer" if switches
+                  else "not supplied by one retailer for the whole interval")
+        return {"start": iso(w["start"]), "end": iso(w["end"]), "resolution_s": w["resolution_s"],
+                "retailers": [rid for rid, _, _ in supply_spans(periods, w["start"], w["end"])], "reason": reason}
 
     async def request_billing(self, who: Principal, body: dict[str, Any], key: str | None
                               ) -> tuple[int, dict[str, Any]]:
         """Deliver each client's readings of the period to the retailer(s) that supplied it, split at switches."""
-        right = self.authorize(who, Action.REQUEST_BILLING)
+        right = await self._authorize_named(who, Action.REQUEST_BILLING, body.get("client_ids"))
         async with self._keyed(who, key, body) as slot:
             if slot.answer is not None:
                 return slot.answer
@@ -407,8 +443,10 @@ class HubService:
         entries: dict[str, dict[str, Any]] = {}
         unsupplied = []
         spans_of = {cid: supply_spans(clients[cid]["suppliers"], start, end) for cid in client_ids}
-        # Every client's readings of every supply span in one storage call (one per span was a thread hand-off each).
+        # Every client's readings of every supply span in one storage call (one per span was a thread hand-off each),
+        # and of the unsupplied time before its first supplier, where an interval may reach into the first supply.
         queries = [(cid, s, e) for cid in client_ids for _, s, e in spans_of[cid]]
+        queries += [(cid, start, spans[0][1]) for cid, spans in spans_of.items() if spans and spans[0][1] > start]
         found = dict(zip(queries, await self.store.readings_many(queries), strict=True))
         for cid in client_ids:
             spans = spans_of[cid]
@@ -417,8 +455,22 @@ class HubService:
                 continue
             entries[cid] = {"retailers": {}, "state": ClientState.PENDING.value, "detail": {}, "trace": {},
                             "updated_at": time.time()}
+            periods = clients[cid]["suppliers"]
+            withheld: list[dict[str, Any]] = []
+            if spans[0][1] > start:  # nobody supplied the start of the period: its readings go to no one
+                _, held = withhold_straddling(clip_blocks(found[(cid, start, spans[0][1])], start, spans[0][1]),
+                                              spans[0][1], lambda t0, t1: False)
+                withheld += [self._withheld(w, periods) for w in held]
             for rid, s, e in spans:
-                blocks = clip_blocks(found[(cid, s, e)], s, e)
+                to = Principal("retailer", rid)
+
+                def may_have(t0: float, t1: float, to: Principal = to, periods: list[dict[str, Any]] = periods
+                             ) -> bool:  # an interval running past the span may straddle a supplier switch
+                    return decide(to, Action.DELIVER_BILLING,
+                                  Context(covered_by_supplier=whole_supplier(periods, t0, t1))).allowed
+
+                blocks, held = withhold_straddling(clip_blocks(found[(cid, s, e)], s, e), e, may_have)
+                withheld += [self._withheld(w, periods) for w in held]
                 per_retailer[rid].append(BillingClient(
                     client_id=cid, period_start=datetime.fromtimestamp(s, UTC),
                     period_end=datetime.fromtimestamp(e, UTC),
@@ -426,6 +478,8 @@ class HubService:
                 entries[cid]["retailers"][rid] = ClientState.PENDING.value
                 entries[cid]["detail"].setdefault("corrected", False)
                 entries[cid]["detail"]["corrected"] |= any(b["corrected"] for b in blocks)
+            if withheld:  # the DSO sees which intervals went to no retailer, and why
+                entries[cid]["detail"]["withheld"] = withheld
         if unsupplied:
             raise Conflict(f"no retailer supplied {', '.join(unsupplied[:20])} in the billed period")
         outbox = []
@@ -554,7 +608,7 @@ class HubService:
                               request_type: str | None = None, extra: dict[str, Any] | None = None
                               ) -> tuple[int, dict[str, Any]]:
         t0 = time.perf_counter()
-        right = self.authorize(who, action)
+        right = await self._authorize_named(who, action, body.get("client_ids"), body.get("feeder_id"))
         async with self._keyed(who, key, body) as slot:
             if slot.answer is not None:
                 return slot.answer
@@ -999,11 +1053,7 @@ class HubService:
                 "created_at": now, "deadline": deadline, "hub_ms": round((time.perf_counter() - t0) * 1000, 3),
                 **(extra or {})}
         idem = (str(who), key, body_hash(body), 202, answer) if key else None
-        t_store = time.perf_counter()
         await self.book.create(request_id, meta, clients, outbox, parties, audit, idem, mutations)
-        self.storage_ms[request_id] = round((time.perf_counter() - t_store) * 1000, 3)
-        if len(self.storage_ms) > 20_000:
-            self.storage_ms.pop(next(iter(self.storage_ms)))
         self.metrics.requests_created.labels(kind).inc()
         self.metrics.accept_seconds.labels(kind).observe(time.perf_counter() - t0)
         return 202, answer
@@ -1047,8 +1097,12 @@ class HubService:
                     sums[k].append(float(c["trace"][k]))
         for rid, p in sorted(req["parties"].items()):
             retailers[rid] = {"state": p["state"], "updated_at": iso(p["updated_at"])}
-        trace: dict[str, Any] = {"hub_ms": meta["hub_ms"],
-                                 "storage_ms": self.storage_ms.get(request_id, meta.get("storage_ms", 0.0))}
+        trace: dict[str, Any] = {"hub_ms": meta["hub_ms"]}
+        # Stored with the request by the write after its creation (until then only the replica that created it
+        # knows it); absent when unknown (a request stored before it was recorded), never a made-up 0.
+        storage_ms = meta.get("storage_ms", self.book.storage_ms.get(request_id))
+        if storage_ms is not None:
+            trace["storage_ms"] = storage_ms
         if meta.get("first_dispatch_at") is not None:
             trace["dispatch_ms"] = round((meta["first_dispatch_at"] - meta["created_at"]) * 1000, 3)
         for k, values in sums.items():
@@ -1078,25 +1132,30 @@ class HubService:
         who = Principal("retailer", retailer_id)
         clients = await self.store.get_clients(sorted({m.client_id for m in msg.items}))
         ok, refused = [], []
+        rights: dict[str, str] = {}
         for m in msg.items:
             c = clients.get(m.client_id)
             supplier = supplier_at(c["suppliers"], m.at.timestamp()) if c else None
-            if decide(who, Action.SEND_MEASUREMENT, Context(supplier_at_time=supplier)).allowed:
+            verdict = decide(who, Action.SEND_MEASUREMENT, Context(supplier_at_time=supplier))
+            if verdict.allowed:
                 ok.append((m.client_id, m.at.timestamp(), m.active_power_kw, retailer_id))
+                rights[m.client_id] = verdict.right
             else:
                 refused.append(m.client_id)
         refused = sorted(set(refused))
-        # Every refused attempt is in the data access log (an unknown client's too: the retailer is answered the
-        # same for both), before anything is stored: if the log cannot be written, nothing is acknowledged.
-        await self.store.audit([AuditEntry(str(who), cid, Action.SEND_MEASUREMENT.value, "none", False, msg.msg_id)
-                                for cid in refused])
-        if ok:
-            await self.store.put_measurements(ok)
+        # Every attempt is in the data access log, one line per client and message, accepted or refused (an unknown
+        # client's too: the retailer is answered the same for both), in the same write as the measurements and
+        # before them: if the log cannot be written, nothing is stored or acknowledged.
+        audit = [AuditEntry(str(who), cid, Action.SEND_MEASUREMENT.value, "none", False, msg.msg_id)
+                 for cid in refused]
+        audit += [AuditEntry(str(who), cid, Action.SEND_MEASUREMENT.value, right, True, msg.msg_id)
+                  for cid, right in sorted(rights.items())]
+        await self.store.put_measurements(ok, audit)
         return refused
 
     async def get_measurements(self, who: Principal, client_id: str, start: float, end: float) -> dict[str, Any]:
         """A client's active-power series (DSO)."""
-        self.authorize(who, Action.READ_MEASUREMENTS)
+        await self._authorize_named(who, Action.READ_MEASUREMENTS, [client_id])
         if await self.store.get_client(client_id) is None:
             raise NotFound(f"client {client_id!r} is not registered")
         await self._authorize_logged(who, Action.READ_MEASUREMENTS, client_id)

@@ -339,13 +339,17 @@ class HubStore:
             muts.append(Mutation("open_requests", request_id, delete=[]))
         await self.kv.batch(muts)
 
-    async def update_requests(self, writes: list[tuple[str, dict[str, Any], list[str] | None, bool]]) -> None:
+    async def update_requests(self, writes: list[tuple[str, dict[str, Any], list[str] | None, bool]],
+                              audit: list[AuditEntry] | None = None) -> None:
         """Write cells of several request rows in one batch, each row atomically: ``(request_id, put, delete,
-        close)`` as in :meth:`update_request`; the open index loses the closed requests after every row."""
-        muts = [Mutation("requests", rid, {c: _j(v) for c, v in put.items()}, delete=delete or None)
-                for rid, put, delete, _ in writes]
+        close)`` as in :meth:`update_request`; the open index loses the closed requests after every row; ``audit``
+        lines go in the same batch, first."""
+        muts = [audit_mutation(e) for e in audit or []]
+        muts += [Mutation("requests", rid, {c: _j(v) for c, v in put.items()}, delete=delete or None)
+                 for rid, put, delete, _ in writes]
         muts += [Mutation("open_requests", rid, delete=[]) for rid, _, _, close in writes if close]
-        await self.kv.batch(muts)
+        if muts:
+            await self.kv.batch(muts)
 
     async def open_request_ids(self) -> list[str]:
         """Requests that have not ended, or still have messages to deliver."""
@@ -397,10 +401,15 @@ class HubStore:
 
     # -- measurements -------------------------------------------------------------------------------------
 
-    async def put_measurements(self, items: list[tuple[str, float, float, str]]) -> None:
-        """Store ``(client_id, at, active_power_kw, retailer_id)`` items (idempotent: the key is client|time)."""
-        await self.kv.batch([Mutation("measurements", f"{cid}|{tkey(at)}", {
-            "m:kw": _j(kw), "m:retailer": rid.encode()}) for cid, at, kw, rid in items])
+    async def put_measurements(self, items: list[tuple[str, float, float, str]],
+                               audit: list[AuditEntry] | None = None) -> None:
+        """Store ``(client_id, at, active_power_kw, retailer_id)`` items (idempotent: the key is client|time), with
+        their ``audit`` lines first in the same batch (one write for a whole message)."""
+        muts = [audit_mutation(e) for e in audit or []]
+        muts += [Mutation("measurements", f"{cid}|{tkey(at)}", {
+            "m:kw": _j(kw), "m:retailer": rid.encode()}) for cid, at, kw, rid in items]
+        if muts:
+            await self.kv.batch(muts)
 
     async def measurements(self, client_id: str, start: float, end: float) -> list[dict[str, Any]]:
         """A client's active-power series in ``[start, end)``."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import pairwise
 from typing import Any
 
@@ -37,13 +37,54 @@ def covered_by(spans: list[tuple[str, float, float]], retailer_id: str, start: f
     return len(spans) == 1 and spans[0] == (retailer_id, start, end)
 
 
+def whole_supplier(periods: list[dict[str, Any]], start: float, end: float) -> str | None:
+    """The retailer that supplied the client for the whole of ``[start, end)``; None when nobody did alone (a
+    supplier switch inside it, or unsupplied time)."""
+    spans = supply_spans(periods, start, end)
+    return spans[0][0] if spans and covered_by(spans, spans[0][0], start, end) else None
+
+
+def switches_in(periods: list[dict[str, Any]], start: float, end: float) -> list[float]:
+    """The times strictly inside ``(start, end)`` at which the client's supplier changes."""
+    return [p["valid_from"] for p in periods if start < p["valid_from"] < end]
+
+
+def withhold_straddling(blocks: list[dict[str, Any]], end: float, may_have: Callable[[float, float], bool]
+                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split readings clipped to a range the recipient may have (:func:`clip_blocks` over ``[start, end)``) into
+    what it may receive and the reading intervals withheld from it: ``may_have(t0, t1)`` says whether it may have
+    the energy of the interval ``[t0, t1)`` (it supplied the client for the whole of it).
+
+    Every value starts inside the range, so only an interval running past ``end`` can reach time the recipient
+    did not supply: the last values of a block. Returns ``(kept_blocks, withheld)``; each withheld item is
+    ``{"start", "end", "resolution_s"}`` (its energy is not in it).
+    """
+    kept: list[dict[str, Any]] = []
+    withheld: list[dict[str, Any]] = []
+    for b in blocks:
+        res, values = b["resolution_s"], b["values_kwh"]
+        n = len(values)
+        while n > 0 and b["start"] + n * res > end:  # the interval of value n-1 ends past the range
+            t0 = b["start"] + (n - 1) * res
+            if may_have(t0, t0 + res):
+                break
+            withheld.append({"start": t0, "end": t0 + res, "resolution_s": res})
+            n -= 1
+        if n == len(values):
+            kept.append(b)
+        elif n > 0:
+            kept.append({**b, "values_kwh": values[:n]})
+    withheld.sort(key=lambda w: w["start"])
+    return kept, withheld
+
+
 def points(blocks: Iterable[dict[str, Any]], start: float, end: float) -> dict[float, tuple[float, float, str, bool]]:
     """Every reading interval starting in ``[start, end)``: ``t -> (kwh, resolution_s, quality, corrected)``.
 
     Where uploads overlap, the one uploaded last wins (a correction replaces what it covers).
     """
     out: dict[float, tuple[float, float, str, bool]] = {}
-    for b in sorted(blocks, key=lambda b: b["uploaded_at"]):
+    for b in sorted(blocks, key=lambda b: b.get("uploaded_at", 0.0)):  # clipped blocks (no overlap) have none
         res = b["resolution_s"]
         for i, kwh in enumerate(b["values_kwh"]):
             t = b["start"] + i * res
