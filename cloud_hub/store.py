@@ -296,8 +296,9 @@ class HubStore:
                              audit: list[AuditEntry],
                              idempotency: tuple[str, str, str, int, dict[str, Any]] | None,
                              owner: str | None = None, extra: Sequence[Mutation] = ()) -> None:
-        """Store a new request. Rows in crash-safe order: the open index, the request row (atomic), the
-        idempotency answer, the audit lines; a restart ignores an index entry without its request row.
+        """Store a new request. Rows in crash-safe order: the open index and the issuer's index, the request row
+        (atomic), the idempotency answer, the audit lines; a restart, and a listing, ignore an index entry without
+        its request row.
         ``owner``: the hub replica that keeps the request's book (``r:owner`` and the index's ``d:owner``).
         ``extra``: mutations written first, in the same batch (one transaction on SQLite): the client rows whose
         change the request announces (:meth:`plan_clients`)."""
@@ -309,10 +310,11 @@ class HubStore:
         if owner is not None:
             index["d:owner"] = owner.encode()
             cells["r:owner"] = _j(owner)
-        muts = [*extra, Mutation("open_requests", request_id, index),
-                 Mutation("requests_by_issuer", issuer_key(str(meta.get("issuer", "")), meta["created_at"], request_id),
-                          {"d:x": b"1"}),
-                 Mutation("requests", request_id, cells)]
+        muts = [*extra, Mutation("open_requests", request_id, index)]
+        if "issuer" in meta and "created_at" in meta:  # listed by its issuer (GET /v1/requests), newest first
+            muts.append(Mutation("requests_by_issuer", issuer_key(str(meta["issuer"]), meta["created_at"], request_id),
+                                 {"d:x": b"1"}))
+        muts.append(Mutation("requests", request_id, cells))
         if idempotency:
             principal, key, digest, status, answer = idempotency
             muts.append(Mutation("idempotency", f"{principal}|{key}", {
