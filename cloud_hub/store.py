@@ -390,6 +390,8 @@ class HubStore:
         stop = prefix_stop(prefix)
         if since is not None:  # newest first: the oldest wanted time is the last key wanted
             stop = f"{prefix}{NEWEST_FIRST_MS - max(0, ms(since)):015d}|\U0010ffff"
+        if start >= stop:  # a cursor older than ``since``: nothing is left
+            return []
         rows = await self.kv.scan("requests_by_issuer", start=start, stop=stop, limit=limit, columns=["d:x"])
         return [(r[len(prefix):], r.rsplit("|", 1)[1]) for r, _ in rows]
 

@@ -14,6 +14,9 @@ from cloud_hub.views import PAGE_MAX, ConsoleViews
 router = APIRouter(prefix="/v1", tags=["console"])
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+FEEDER_PATTERN = r"^[^|]{1,64}$"
+"""A feeder id as registered (``PUT /v1/clients``: up to 64 characters); ``|`` separates the feeders index's keys."""
+REQUEST_CURSOR = r"^[0-9]{15}\|[A-Za-z0-9_.\-]{1,64}$"
 Limit = Annotated[int, Query(ge=1, le=PAGE_MAX)]
 RequestStateName = Literal["accepted", "dispatching", "completed", "partially_completed", "failed", "expired",
                            "cancelled"]
@@ -39,7 +42,7 @@ async def status(request: Request, who: Caller, views: Views) -> dict[str, Any]:
 
 @router.get("/clients")
 async def list_clients(who: Caller, views: Views,
-                       feeder_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+                       feeder_id: Annotated[str | None, Query(pattern=FEEDER_PATTERN)] = None,
                        retailer_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
                        limit: Limit = 100,
                        after: Annotated[str | None, Query(pattern=ID_PATTERN)] = None) -> dict[str, Any]:
@@ -49,7 +52,7 @@ async def list_clients(who: Caller, views: Views,
 
 
 @router.get("/feeders/{feeder_id}/measurements")
-async def feeder_measurements(feeder_id: Annotated[str, Path(pattern=ID_PATTERN)], who: Caller, views: Views,
+async def feeder_measurements(feeder_id: Annotated[str, Path(pattern=FEEDER_PATTERN)], who: Caller, views: Views,
                               from_: Annotated[AwareDatetime, Query(alias="from")],
                               to: Annotated[AwareDatetime, Query()],
                               step_s: Annotated[int, Query(ge=1, le=86_400)] = 60) -> dict[str, Any]:
@@ -62,7 +65,7 @@ async def feeder_measurements(feeder_id: Annotated[str, Path(pattern=ID_PATTERN)
 async def list_requests(who: Caller, views: Views, state: RequestStateName | None = None,
                         kind: Annotated[RequestType | None, Query(alias="type")] = None,
                         since: Annotated[AwareDatetime | None, Query()] = None, limit: Limit = 100,
-                        after: Annotated[str | None, Query(max_length=200)] = None) -> dict[str, Any]:
+                        after: Annotated[str | None, Query(pattern=REQUEST_CURSOR)] = None) -> dict[str, Any]:
     """The caller's requests, newest first, paged by ``after`` (the ``next_after`` of the previous page) (dso)."""
     return await views.requests(who, state=state, kind=kind, since=None if since is None else since.timestamp(),
                                 limit=limit, after=after)

@@ -191,7 +191,7 @@ async def send(party: Party, rid: str, items: list[tuple[str, datetime, float]])
 async def test_a_feeder_series_sums_its_clients_means_per_bucket(hub: HubHandle) -> None:
     await hub.setup_registry({"c1": "r1", "c2": "r2"})  # both on feeder f1
     r = await hub.http.put("/v1/clients/c3", headers=hub.auth("dso"), json={
-        "retailer_id": "r1", "contracted_power_kw": 6.9, "feeder_id": "f2", "valid_from": now_iso(-86400)})
+        "retailer_id": "r1", "contracted_power_kw": 6.9, "feeder_id": "north 2", "valid_from": now_iso(-86400)})
     assert r.status_code == 201
     base = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=10)
 
@@ -214,7 +214,7 @@ async def test_a_feeder_series_sums_its_clients_means_per_bucket(hub: HubHandle)
         (None, 0),  # nobody reported: no data, not 0 kW (c1's 9 kW is at the end, outside the range)
     ]
     assert [datetime.fromisoformat(p["start"]) for p in got["series"]] == [at(60 * i) for i in range(4)]
-    r = await hub.http.get("/v1/feeders/f2/measurements", headers=hub.auth("dso"), params={
+    r = await hub.http.get("/v1/feeders/north%202/measurements", headers=hub.auth("dso"), params={
         "from": base.isoformat(), "to": at(240).isoformat(), "step_s": 240})
     assert [(p["active_power_kw"], p["clients_reporting"]) for p in r.json()["series"]] == [(100.0, 1)]
     window = {"from": base.isoformat(), "to": at(240).isoformat()}
@@ -271,7 +271,8 @@ async def test_the_request_list_is_newest_first_filtered_and_paged(hub: HubHandl
     assert [r["request_id"] for r in await listing(type="load_shift", limit=1)] == [mine[3], mine[1]]
     since = next(r["created_at"] for r in everything if r["request_id"] == mine[2])
     assert [r["request_id"] for r in await listing(since=since)] == mine[:1:-1]
-    for bad in ({"state": "asleep"}, {"type": "party"}, {"limit": 1001}, {"since": "yesterday"}):
+    assert [r["request_id"] for r in await listing(since=now_iso(3600))] == [], "nothing created in the future"
+    for bad in ({"state": "asleep"}, {"type": "party"}, {"limit": 1001}, {"since": "yesterday"}, {"after": "c1"}):
         r = await hub.http.get("/v1/requests", params=bad, headers=hub.auth("dso"))
         assert r.status_code == 422 and r.json()["message"], bad
 
