@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from cloud_hub.authz import Action, Principal, decide
+from cloud_hub.metrics import RecentCounts
+from cloud_hub.views import bucket_means, feeder_sum
 from mhp_wire import topics
 from mhp_wire.messages import Ack, Measurement, Measurements
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
@@ -29,6 +31,37 @@ def test_only_the_dso_reads_the_console_views(who: Principal, action: Action, al
     assert verdict.allowed is allowed
     assert verdict.right == (f"dso:{action.value}" if allowed else "none")
     assert allowed or "only the DSO" in verdict.reason
+
+
+@pytest.mark.parametrize(("points", "means"), [
+    ([], {}),
+    ([(0, 1.0), (30, 3.0), (60, 4.0)], {0: 2.0, 1: 4.0}),
+    ([(-0.001, 9.0), (180, 9.0), (179.999, 5.0)], {2: 5.0}),  # outside [start, start + 3 buckets) is ignored
+    ([(10, -2.0), (20, 1.0)], {0: -0.5}),  # export (negative power) counts as it is
+])
+def test_a_clients_mean_per_bucket(points: list[tuple[float, float]], means: dict[int, float]) -> None:
+    assert bucket_means(points, 0, 60, 3) == means
+
+
+def test_a_feeder_sums_the_means_and_says_who_reported() -> None:
+    assert feeder_sum([{0: 2.0, 1: 4.0}, {0: 0.5, 2: 6.0}], 4) == [(2.5, 2), (4.0, 1), (6.0, 1), (None, 0)]
+
+
+def test_the_rolling_window_forgets_what_is_an_hour_old() -> None:
+    clock = Clock()
+    clock.now = 3600.0 * 24  # on a bucket boundary
+    recent = RecentCounts(window_s=3600, bucket_s=60, clock=clock)
+    recent.add("http_rejected", ("403",))
+    clock.now += 59 * 60 + 59
+    recent.add("http_rejected", ("403",), 2)
+    recent.add("mqtt_rejected", ("invalid",))
+    assert recent.counts("http_rejected") == {("403",): 3} and recent.counts("mqtt_rejected") == {("invalid",): 1}
+    clock.now += 1  # the first minute's bucket is an hour old
+    assert recent.counts("http_rejected") == {("403",): 2}
+    clock.now += 3600
+    assert recent.counts("http_rejected") == {} and recent.counts("nothing") == {}
+    clock.now -= 7200  # a clock set back forgets what it had counted "later"
+    assert recent.counts("mqtt_rejected") == {}
 
 
 def now_iso(delta_s: float = 0) -> str:
