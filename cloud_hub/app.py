@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cloud_hub.api import data, health, registry, requests, tariffs
+from cloud_hub.api import console, data, health, registry, requests, tariffs
 from cloud_hub.api.deps import RateLimited
 from cloud_hub.authz import Principal
 from cloud_hub.book import RequestBook
@@ -25,6 +25,7 @@ from cloud_hub.service import Forbidden, HubService, IdempotencyConflict, Invali
 from cloud_hub.settings import HubSettings
 from cloud_hub.store import Conflict, HubStore, StoreUnavailable
 from cloud_hub.tokens import TokenBook
+from cloud_hub.views import ConsoleViews
 from mhp_wire import topics
 from mhp_wire.messages import presence_payload
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
@@ -153,6 +154,7 @@ def create_app(settings: HubSettings) -> FastAPI:
         service.publish_tariff_retained = relay.publish_tariff
         app.state.store, app.state.metrics, app.state.relay, app.state.service = store, metrics, relay, service
         app.state.replicas = replicas
+        app.state.views = ConsoleViews(store, metrics, relay.presence_now)
         app.state.tokens = TokenBook(settings.tokens_file)
         task = asyncio.create_task(_supervise_relay(app, settings), name="hub-relay")
         try:
@@ -174,6 +176,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.include_router(requests.router)
     app.include_router(data.router)
     app.include_router(tariffs.router)
+    app.include_router(console.router)
     app.state.http_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

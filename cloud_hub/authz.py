@@ -39,6 +39,14 @@ class Action(StrEnum):
     READ_TARIFF = "read_tariff"
     DELIVER_BILLING = "deliver_billing"
     """The hub sending a client's readings to a retailer (the retailer is the principal: it receives them)."""
+    READ_STATUS = "read_status"
+    """The platform now: retailers' presence, open requests, refusals and errors in the last hour (the console)."""
+    LIST_CLIENTS = "list_clients"
+    """The client registry, paged, with every client's supplier history."""
+    READ_FEEDER_MEASUREMENTS = "read_feeder_measurements"
+    """A feeder's measured active power: the sum over its clients' measurements."""
+    LIST_REQUESTS = "list_requests"
+    """The requests the principal issued, newest first (docs/decisions.md: the DSO only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +99,8 @@ class Context:
 
 _DSO_ONLY = {Action.MANAGE_CLIENT, Action.UPLOAD_READINGS, Action.REQUEST_BILLING, Action.PUBLISH_TARIFF,
              Action.TRIGGER_EMERGENCY, Action.TRIGGER_LOAD_SHIFT, Action.TRIGGER_LOAD_REDUCTION,
-             Action.READ_MEASUREMENTS, Action.READ_AUDIT}
+             Action.READ_MEASUREMENTS, Action.READ_AUDIT, Action.READ_STATUS, Action.LIST_CLIENTS,
+             Action.READ_FEEDER_MEASUREMENTS, Action.LIST_REQUESTS}
 
 
 def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decision:

@@ -96,6 +96,8 @@ class HubRelay:
         self._wake = asyncio.Event()
         self._sweep_interval_s = sweep_interval_s
         self.presence: dict[str, str] = {}
+        self.presence_since: dict[str, float] = {}
+        """When (``clock``) each retailer's presence last changed, as this hub heard it (``GET /v1/status``)."""
         self.on_measurements: Callable[[str, Measurements], Awaitable[list[str]]] | None = None
         self.on_phase_due: Callable[[str], Awaitable[None]] | None = None
         self.limiter = RateLimiter(200.0, 400)
@@ -122,6 +124,10 @@ class HubRelay:
         """Run as one of several replicas: forward what another replica owns, apply what they forward."""
         self.replicas = replicas
         replicas.on_outcome = self.apply_forwarded_outcome
+
+    def presence_now(self) -> dict[str, tuple[str, float | None]]:
+        """Each retailer's presence as this hub heard it, with when it last changed (``GET /v1/status``)."""
+        return {rid: (state, self.presence_since.get(rid)) for rid, state in self.presence.items()}
 
     def kick(self) -> None:
         """Wake the dispatcher: a message is due."""
@@ -303,6 +309,7 @@ class HubRelay:
             return
         self._presence_muted.discard(retailer_id)
         self.presence[retailer_id] = state
+        self.presence_since[retailer_id] = self.clock()
         if state == "online":
             n = self.book.retailer_online(retailer_id, self.clock())
             log.info("retailer %s online: %d unacknowledged message(s) re-sent now", retailer_id, n)

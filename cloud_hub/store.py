@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cloud_hub.storage import KVStore, Mutation, Row, StoreUnavailable
+from cloud_hub.storage import KVStore, Mutation, Row, StoreUnavailable, prefix_stop
 from cloud_hub.storage.sqlite import SqliteKV
 
 if TYPE_CHECKING:
@@ -35,6 +35,16 @@ def ms(ts: float) -> int:
 def tkey(ts: float) -> str:
     """A time as a fixed-width row-key part that sorts in time order (ms since the epoch, 15 digits)."""
     return f"{max(0, ms(ts)):015d}"
+
+
+NEWEST_FIRST_MS = 10**15 - 1
+"""Row keys that sort newest first hold ``NEWEST_FIRST_MS - ms(time)`` (15 digits, like :func:`tkey`)."""
+
+
+def issuer_key(issuer: str, created_at: float, request_id: str) -> str:
+    """The ``requests_by_issuer`` row of a request: ``issuer|<newest-first time>|request_id``, so that one issuer's
+    requests are one prefix scan, newest first."""
+    return f"{issuer}|{NEWEST_FIRST_MS - max(0, ms(created_at)):015d}|{request_id}"
 
 
 def _j(obj: Any) -> bytes:
@@ -232,6 +242,20 @@ class HubStore:
                 muts.append(Mutation("feeders", f"{feeder}|{cid}", {"d:x": b"1"}))
         await self.kv.batch(muts)
 
+    async def client_page(self, after: str | None, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` clients in client-id order, those after ``after`` (one row-key range scan)."""
+        rows = await self.kv.scan("clients", start=(after + "\x00") if after is not None else None,
+                                  stop=prefix_stop(""), limit=limit)
+        return [self._client(cid, row) for cid, row in rows]
+
+    async def feeder_client_page(self, feeder_id: str, after: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` client ids of a feeder in client-id order, those after ``after`` (one range scan of the
+        ``feeders`` index)."""
+        prefix = f"{feeder_id}|"
+        start = prefix + (after + "\x00" if after is not None else "")
+        rows = await self.kv.scan("feeders", start=start, stop=prefix_stop(prefix), limit=limit, columns=["d:x"])
+        return [r[len(prefix):] for r, _ in rows]
+
     async def clients_on_feeder(self, feeder_id: str) -> list[str]:
         """The clients registered on a feeder."""
         return [r.split("|", 1)[1] for r, _ in await self.kv.scan("feeders", prefix=f"{feeder_id}|")]
@@ -272,8 +296,9 @@ class HubStore:
                              audit: list[AuditEntry],
                              idempotency: tuple[str, str, str, int, dict[str, Any]] | None,
                              owner: str | None = None, extra: Sequence[Mutation] = ()) -> None:
-        """Store a new request. Rows in crash-safe order: the open index, the request row (atomic), the
-        idempotency answer, the audit lines; a restart ignores an index entry without its request row.
+        """Store a new request. Rows in crash-safe order: the open index and the issuer's index, the request row
+        (atomic), the idempotency answer, the audit lines; a restart, and a listing, ignore an index entry without
+        its request row.
         ``owner``: the hub replica that keeps the request's book (``r:owner`` and the index's ``d:owner``).
         ``extra``: mutations written first, in the same batch (one transaction on SQLite): the client rows whose
         change the request announces (:meth:`plan_clients`)."""
@@ -285,7 +310,11 @@ class HubStore:
         if owner is not None:
             index["d:owner"] = owner.encode()
             cells["r:owner"] = _j(owner)
-        muts = [*extra, Mutation("open_requests", request_id, index), Mutation("requests", request_id, cells)]
+        muts = [*extra, Mutation("open_requests", request_id, index)]
+        if "issuer" in meta and "created_at" in meta:  # listed by its issuer (GET /v1/requests), newest first
+            muts.append(Mutation("requests_by_issuer", issuer_key(str(meta["issuer"]), meta["created_at"], request_id),
+                                 {"d:x": b"1"}))
+        muts.append(Mutation("requests", request_id, cells))
         if idempotency:
             principal, key, digest, status, answer = idempotency
             muts.append(Mutation("idempotency", f"{principal}|{key}", {
@@ -351,6 +380,26 @@ class HubStore:
         if muts:
             await self.kv.batch(muts)
 
+    async def issued_request_page(self, issuer: str, after: str | None, since: float | None, limit: int
+                                  ) -> list[tuple[str, str]]:
+        """Up to ``limit`` entries ``(cursor, request_id)`` of the ``requests_by_issuer`` index, newest first: those
+        after the cursor ``after`` (the ``cursor`` of the last entry of the previous page), created at or after
+        ``since``. Requests stored before this index existed are not in it."""
+        prefix = f"{issuer}|"
+        start = prefix + (after + "\x00" if after is not None else "")
+        stop = prefix_stop(prefix)
+        if since is not None:  # newest first: the oldest wanted time is the last key wanted
+            stop = f"{prefix}{NEWEST_FIRST_MS - max(0, ms(since)):015d}|\U0010ffff"
+        if start >= stop:  # a cursor older than ``since``: nothing is left
+            return []
+        rows = await self.kv.scan("requests_by_issuer", start=start, stop=stop, limit=limit, columns=["d:x"])
+        return [(r[len(prefix):], r.rsplit("|", 1)[1]) for r, _ in rows]
+
+    async def request_metas(self, request_ids: list[str], columns: list[str]) -> dict[str, dict[str, Any]]:
+        """The meta cells ``columns`` (names without ``r:``) of several requests, decoded; missing ones absent."""
+        rows = await self.kv.get_each("requests", {rid: [f"r:{c}" for c in columns] for rid in request_ids})
+        return {rid: {c[2:]: _u(v) for c, v in row.items()} for rid, row in rows.items()}
+
     async def open_request_ids(self) -> list[str]:
         """Requests that have not ended, or still have messages to deliver."""
         return [r for r, _ in await self.kv.scan("open_requests")]
@@ -410,6 +459,14 @@ class HubStore:
             "m:kw": _j(kw), "m:retailer": rid.encode()}) for cid, at, kw, rid in items]
         if muts:
             await self.kv.batch(muts)
+
+    async def measurements_many(self, client_ids: list[str], start: float, end: float
+                                ) -> list[list[tuple[float, float]]]:
+        """Each client's ``(at, active_power_kw)`` in ``[start, end)``, all in one storage call (one range scan
+        per client)."""
+        found = await self.kv.scan_ranges("measurements", [(f"{cid}|{tkey(start)}", f"{cid}|{tkey(end)}")
+                                                           for cid in client_ids])
+        return [[(int(r.split("|")[1]) / 1000, float(_u(c["m:kw"]))) for r, c in rows] for rows in found]
 
     async def measurements(self, client_id: str, start: float, end: float) -> list[dict[str, Any]]:
         """A client's active-power series in ``[start, end)``."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -18,11 +20,9 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-async def readyz(request: Request) -> Response:
-    """Ready when the storage accepts writes and the MQTT link to the hub broker is up (and, for a hub replica,
-    once it has loaded the requests it owns)."""
-    state = request.app.state
+async def readiness(state: Any) -> tuple[bool, dict[str, str]]:
+    """Whether the hub is ready, and each check's answer (``ok`` or why not): the app's ``state`` holds the store,
+    the relay and, for a hub replica, its replicas."""
     checks: dict[str, str] = {}
     try:
         await state.store.ping()
@@ -34,7 +34,14 @@ async def readyz(request: Request) -> Response:
     replicas = getattr(state, "replicas", None)
     if replicas is not None:
         checks["replica"] = "ok" if replicas.ready.is_set() else "loading the requests it owns"
-    ready = all(v == "ok" for v in checks.values())
+    return all(v == "ok" for v in checks.values()), checks
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    """Ready when the storage accepts writes and the MQTT link to the hub broker is up (and, for a hub replica,
+    once it has loaded the requests it owns)."""
+    ready, checks = await readiness(request.app.state)
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 

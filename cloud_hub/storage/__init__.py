@@ -24,6 +24,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "feeders": ("d",),              # row feeder_id|client_id: an index
     "requests": ("r", "c", "o", "p"),  # r: meta; c:<client> state; o:<msg id> outbox; p:<retailer> delivery
     "open_requests": ("d",),        # row request id while the request has not ended: an index for restarts
+    "requests_by_issuer": ("d",),   # row issuer|newest-first time|request id: an index for listing requests
     "idempotency": ("d",),          # row principal|key
     "audit": ("a",),                # row client_id|ts ms|seq: the data access log
     "readings": ("r",),             # row client_id|interval start ms: a block of meter readings
