@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 Clock = Callable[[], float]
@@ -42,19 +43,32 @@ class TokenBucket:
 
 
 class RateLimiter:
-    """One :class:`TokenBucket` per key (a principal, a retailer, a gateway), created on first use."""
+    """One :class:`TokenBucket` per key (a principal, a retailer, a gateway), created on first use.
+
+    At most ``max_keys`` buckets are kept, the least recently used forgotten first (in O(1)): keys chosen by an
+    attacker (e-mail addresses, client addresses) cannot grow the table or make each new key cost a pass over it. A
+    forgotten key starts again with a full bucket, as a new key would; the identity a flood comes from keeps using
+    its bucket, so it stays the most recently used and stays limited.
+    """
 
     def __init__(self, rate_per_s: float, burst: float, clock: Clock = time.monotonic,
                  max_keys: int = 10_000) -> None:
         TokenBucket(rate_per_s, burst, clock)  # validate the parameters now
+        if max_keys < 1:
+            raise ValueError("a rate limiter needs max_keys >= 1")
         self.rate_per_s, self.burst, self._clock, self.max_keys = rate_per_s, burst, clock, max_keys
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def take(self, key: str, n: float = 1.0) -> float:
         """Spend ``n`` of ``key``'s tokens: 0.0 when allowed, else the seconds to wait."""
         bucket = self._buckets.get(key)
         if bucket is None:
-            if len(self._buckets) >= self.max_keys:
-                self._buckets = {k: b for k, b in self._buckets.items() if not b.full}
+            while len(self._buckets) >= self.max_keys:
+                self._buckets.popitem(last=False)
             bucket = self._buckets[key] = TokenBucket(self.rate_per_s, self.burst, self._clock)
+        else:
+            self._buckets.move_to_end(key)
         return bucket.take(n)

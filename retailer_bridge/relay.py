@@ -344,7 +344,7 @@ class BridgeRelay:
                               detail={"reason": f"{cmd['client_id']} is not a customer of retailer "
                                                 f"{self.retailer_id} when the request starts (supplier change)",
                                       "gateway_id": cmd["gateway_id"]},
-                              trace={"retailer_ms": round(cmd["handling_ms"], 3)})
+                              trace={"retailer_ms": round(cmd["handling_ms"], 3)}, revision=cmd["revision"])
                 notice = Cancel(request_id=cmd["request_id"], client_ids=[cmd["client_id"]])
                 return (out.msg_id, encode(out)), (notice.msg_id, cmd["gateway_id"], encode(notice), now + 24 * 3600)
 

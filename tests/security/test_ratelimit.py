@@ -44,12 +44,29 @@ def test_nonsense_parameters_are_refused(rate: float, burst: int) -> None:
         RateLimiter(rate, burst)
 
 
-def test_each_key_has_its_own_bucket_and_full_ones_are_forgotten() -> None:
+def test_each_key_has_its_own_bucket_and_the_least_recently_used_is_forgotten() -> None:
     clock = FakeClock()
     limiter = RateLimiter(1.0, 2, clock, max_keys=2)
     assert [limiter.take("a") for _ in range(3)] == [0.0, 0.0, 1.0]
     assert limiter.take("b") == 0.0, "a flood from one key does not touch another"
-    clock.now += 10  # both refill; a third key forgets them rather than grow without bound
-    assert limiter.take("c") == 0.0
-    assert len(limiter._buckets) == 1
-    assert limiter.take("a") == 0.0
+    assert limiter.take("a") == 1.0, "a is still empty (and now the most recently used)"
+    assert limiter.take("c") == 0.0  # the table is full: b, the least recently used, is forgotten
+    assert len(limiter) == 2
+    assert limiter.take("a") == 1.0, "the flooding key kept its bucket"
+
+
+def test_keys_chosen_by_an_attacker_never_grow_the_table_nor_free_the_flooding_key() -> None:
+    """100,000 fresh keys (e-mail addresses, client addresses) while none has refilled: the table stays at its
+    bound, and a key that keeps flooding stays limited throughout. (The table used to keep every bucket that had
+    not refilled and rebuild itself on each new key: unbounded, and a pass over all of it per request.)"""
+    clock = FakeClock()
+    limiter = RateLimiter(0.2, 10, clock, max_keys=1_000)
+    for _ in range(10):
+        limiter.take("victim@example.com")
+    refused = 0
+    for i in range(100_000):
+        limiter.take(f"login:{i}@example.com")
+        if i % 100 == 0:
+            refused += limiter.take("victim@example.com") > 0
+        assert len(limiter) <= 1_000
+    assert refused == 1_000, "every attempt of the flooding key was refused"
