@@ -69,8 +69,8 @@ CREATE TABLE IF NOT EXISTS points (
     field TEXT NOT NULL, value REAL NOT NULL, measurement TEXT NOT NULL DEFAULT 'home',
     PRIMARY KEY (client_id, time, gateway_id, device, field)) WITHOUT ROWID;
 """
-"""The embedded store; its key serves per-client time-range queries and makes a repeated write harmless (a
-billing point has no gateway, device ``""`` and its own field names, so it never shares a key with a home's)."""
+"""The embedded store; its key serves per-client time-range queries and makes a repeated write harmless, a later
+value of the same point replacing the earlier (a billing point has no gateway, device ``""`` and its own field names, so it never shares a key with a home's)."""
 
 
 def add_measurement_column(db: sqlite3.Connection) -> None:
@@ -164,12 +164,14 @@ class SqlitePointStore:
         """Nothing to do: the exporter opened the file with :data:`POINTS_SCHEMA`."""
 
     async def write(self, points: Sequence[Point]) -> None:
-        """Insert a batch (a point already stored is left as it is)."""
+        """Write a batch; a point already stored under the same key takes the newer value, as InfluxDB does (a
+        repeated write changes nothing; a billing correction of an interval replaces the first delivery)."""
         rows = [(p.time_ms, p.gateway_id, p.client_id, p.device, p.field, p.value, p.measurement) for p in points]
         try:
             await self._db.tx(lambda db: db.executemany(
-                "INSERT OR IGNORE INTO points (time, gateway_id, client_id, device, field, value, measurement) "
-                "VALUES (?,?,?,?,?,?,?)", rows))
+                "INSERT INTO points (time, gateway_id, client_id, device, field, value, measurement) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT (client_id, time, gateway_id, device, field) "
+                "DO UPDATE SET value=excluded.value, measurement=excluded.measurement", rows))
         except StorageError as exc:
             raise TelemetryStoreError(str(exc)) from exc
 
