@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS points (
     PRIMARY KEY (client_id, time, gateway_id, device, field)) WITHOUT ROWID;
 """
 """The embedded store; its key serves per-client time-range queries and makes a repeated write harmless, a later
-value of the same point replacing the earlier (a billing point has no gateway, device ``""`` and its own field names, so it never shares a key with a home's)."""
+value of the same point replacing the earlier (a billing point has no gateway, device ``""`` and its own field
+names, so it never shares a key with a home's)."""
 
 
 def add_measurement_column(db: sqlite3.Connection) -> None:
