@@ -155,7 +155,7 @@ def tariff_message(stored: dict[str, Any]) -> Tariff:
     republication of the same version is recognisably the same."""
     return Tariff(msg_id=tariff_msg_id(stored["tariff_id"], stored["version"]), tariff_id=stored["tariff_id"],
                   version=stored["version"], valid_from=stored["valid_from"], valid_to=stored["valid_to"],
-                  periods=stored["periods"])
+                  periods=stored["periods"], published=stored.get("published"))
 
 
 class Forbidden(Exception):
@@ -514,8 +514,10 @@ class HubService:
             raise ValueError(f"tariff_id {CURRENT_TARIFF!r} is reserved: GET /v1/tariffs/current names the latest")
         tariff = json.loads(json.dumps(body, default=str))
         version = await self.store.put_tariff(tariff)
+        stored = await self.store.get_tariff(body["tariff_id"], version)
         msg = Tariff(tariff_id=body["tariff_id"], version=version, valid_from=body["valid_from"],
-                     valid_to=body["valid_to"], periods=body["periods"])
+                     valid_to=body["valid_to"], periods=body["periods"],
+                     published=None if stored is None else stored.get("published"))
         if self.publish_tariff_retained is not None:
             await self.publish_tariff_retained(encode(msg))
         retailers = await self.store.retailer_ids()

@@ -477,9 +477,11 @@ class HubStore:
     # -- tariffs ------------------------------------------------------------------------------------------
 
     async def put_tariff(self, tariff: dict[str, Any]) -> int:
-        """Store a new version of a tariff and make it the current one; returns its version."""
+        """Store a new version of a tariff and make it the current one; returns its version. Each version also
+        takes the next number of the hub's publication order (``published``, across all tariffs)."""
         version = await self.kv.increment("tariffs", tariff["tariff_id"], "t:version")
-        stored = {**tariff, "version": version}
+        published = await self.kv.increment("tariffs", "~published", "t:seq")
+        stored = {**tariff, "version": version, "published": published}
         await self.kv.batch([Mutation("tariffs", tariff["tariff_id"], {f"t:v{version:09d}": _j(stored)}),
                              Mutation("tariffs", "~current", {"t:tariff": _j(stored)})])
         return version

@@ -347,6 +347,9 @@ class Tariff(_Msg):
     valid_from: AwareDatetime
     valid_to: AwareDatetime
     periods: list[TariffPeriod] = Field(min_length=1, max_length=10_000)
+    published: int | None = Field(default=None, ge=1)
+    """The hub's publication order across all tariffs (absent from a hub older than it): a bridge keeps the tariff
+    published last, whatever order re-sends arrive in."""
 
 
 def tariff_msg_id(tariff_id: str, version: int) -> str:

@@ -382,7 +382,8 @@ class BridgeRelay:
 
     async def _on_tariff(self, msg: Tariff, *, ack: bool) -> None:
         public = msg.model_copy(update={"msg_id": tariff_msg_id(msg.tariff_id, msg.version)})
-        if await self.store.put_tariff(msg.tariff_id, msg.version, encode(public)) and self.local is not None:
+        if await self.store.put_tariff(msg.tariff_id, msg.version, encode(public), msg.published) \
+                and self.local is not None:
             try:
                 await self.local.publish(topics.TARIFF, encode(public), retain=True, wait_s=PUBLISH_WAIT_S)
                 log.info("tariff %s v%d published to our gateways", msg.tariff_id, msg.version)

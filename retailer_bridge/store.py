@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS billing (
     request_id TEXT NOT NULL, client_id TEXT NOT NULL, period_start TEXT NOT NULL, period_end TEXT NOT NULL,
     readings TEXT NOT NULL, received_at REAL NOT NULL, PRIMARY KEY (request_id, client_id, period_start));
 CREATE TABLE IF NOT EXISTS tariff (id INTEGER PRIMARY KEY CHECK (id = 1), tariff_id TEXT NOT NULL,
-    version INTEGER NOT NULL, payload BLOB NOT NULL);
+    version INTEGER NOT NULL, payload BLOB NOT NULL, published INTEGER);
 CREATE INDEX IF NOT EXISTS commands_due ON commands(state, next_attempt_at);
 CREATE TABLE IF NOT EXISTS hub_outbox (
     msg_id TEXT PRIMARY KEY, payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
@@ -173,6 +173,7 @@ class BridgeStore:
         """Open (and create) the database; a database of a bridge older than revisions gets their column."""
         await self.sql.open()
         await self.sql.tx(_add_revision_column)
+        await self.sql.tx(_add_published_column)
 
     async def close(self) -> None:
         """Commit what is queued, then close the database."""
@@ -452,14 +453,21 @@ class BridgeStore:
             readings += readings_of(request_id, client_id, p0, p1, json.loads(blocks), received_at)
         return select(readings, lo, hi)
 
-    async def put_tariff(self, tariff_id: str, version: int, payload: bytes) -> bool:
-        """Keep a tariff if it is newer than the one held; True when it replaced it."""
+    async def put_tariff(self, tariff_id: str, version: int, payload: bytes, published: int | None = None) -> bool:
+        """Keep a tariff if it was published after the one held (the hub's ``published`` order; without it, from a
+        hub older than that order, a newer version of the same tariff or any other tariff); True when it replaced
+        it. A re-send of an older tariff arriving after a newer one changes nothing."""
 
         def op(db: sqlite3.Connection) -> bool:
-            row = db.execute("SELECT tariff_id, version FROM tariff WHERE id=1").fetchone()
-            if row and row[0] == tariff_id and row[1] >= version:
-                return False
-            db.execute("INSERT OR REPLACE INTO tariff VALUES (1,?,?,?)", (tariff_id, version, payload))
+            row = db.execute("SELECT tariff_id, version, published FROM tariff WHERE id=1").fetchone()
+            if row is not None:
+                if published is not None and row[2] is not None:
+                    if published <= row[2]:
+                        return False
+                elif row[0] == tariff_id and row[1] >= version:
+                    return False
+            db.execute("INSERT OR REPLACE INTO tariff (id, tariff_id, version, payload, published) "
+                       "VALUES (1,?,?,?,?)", (tariff_id, version, payload, published))
             return True
 
         return await self._tx(op)
@@ -516,6 +524,11 @@ class BridgeStore:
         """The hub's announcements held: ``client_id -> (revision, periods json)``."""
         return await self.sql.read(lambda db: {r[0]: (r[1], r[2]) for r in db.execute(
             "SELECT client_id, revision, periods FROM customers")})
+
+def _add_published_column(db: sqlite3.Connection) -> None:
+    if "published" not in {r[1] for r in db.execute("PRAGMA table_info(tariff)")}:
+        db.execute("ALTER TABLE tariff ADD COLUMN published INTEGER")
+
 
 def _add_revision_column(db: sqlite3.Connection) -> None:
     if "revision" not in {r[1] for r in db.execute("PRAGMA table_info(commands)")}:
