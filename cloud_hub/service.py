@@ -143,7 +143,28 @@ def _revised_params(kind: str, phase: str | None, body: dict[str, Any]) -> tuple
         return start, end, EmergencyParams(start=body["start"], end=until, power_limit_kw=body["power_limit_kw"])
     if phase == "availability":
         return start, end, AvailabilityParams(start=body["start"], end=until, reduction_kw=body["reduction_kw"])
+    # Not sent as it is: each chosen home is sent its own target (:func:`_reduction_items`).
     return start, end, LoadReductionParams(start=body["start"], end=until, target_kw=body["reduction_kw"])
+
+
+def _reduction_items(request_id: str, by_retailer: dict[str, list[str]], targets: dict[str, float], start: Any,
+                     end: float, revision: int) -> list[OutboxItem]:
+    """The ``load_reduction`` messages of a load reduction's chosen clients (``by_retailer``), each home asked for
+    its own target (:func:`cloud_hub.timeline.reduction_targets`: what it said it could shed, the last one chosen
+    only the rest): one message per retailer and target, at the dispatch and at every later revision."""
+    until = datetime.fromtimestamp(end, UTC)
+    items = []
+    for rid, all_cids in sorted(by_retailer.items()):
+        by_target: dict[float, list[str]] = defaultdict(list)
+        for cid in all_cids:
+            by_target[targets[cid]].append(cid)
+        for target_kw, same in sorted(by_target.items()):
+            params = LoadReductionParams(start=start, end=until, target_kw=target_kw)
+            for cids in _chunks(same, REQUEST_CLIENTS_PER_MESSAGE):
+                msg = Request(request_id=request_id, kind=RequestKind.LOAD_REDUCTION, client_ids=cids,
+                              params=params, expires_at=until, revision=revision)
+                items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+    return items
 
 
 CURRENT_TARIFF = "current"
@@ -684,22 +705,8 @@ class HubService:
                 put[f"c:{cid}"] = e
             selected_kw = round(sum(available[c] for c in chosen), 3)
             targets = reduction_targets(available, chosen, meta["body"]["reduction_kw"])
-            items = []
-            for rid, all_cids in sorted(by_retailer.items()):
-                # each home's target is what it said it could shed, the last one chosen only the rest: one message
-                # per retailer and target
-                by_target: dict[float, list[str]] = defaultdict(list)
-                for cid in all_cids:
-                    by_target[targets[cid]].append(cid)
-                for target_kw, same in sorted(by_target.items()):
-                    params = LoadReductionParams(start=meta["body"]["start"],
-                                                 end=datetime.fromtimestamp(meta["deadline"], UTC),
-                                                 target_kw=target_kw)
-                    for cids in _chunks(same, REQUEST_CLIENTS_PER_MESSAGE):
-                        msg = Request(request_id=request_id, kind=RequestKind.LOAD_REDUCTION, client_ids=cids,
-                                      params=params, expires_at=datetime.fromtimestamp(meta["deadline"], UTC),
-                                      revision=meta.get("revision", 1))
-                        items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+            items = _reduction_items(request_id, by_retailer, targets, meta["body"]["start"], meta["deadline"],
+                                     meta.get("revision", 1))
             put.update({"r:phase": "dispatch", "r:counts": dict(counts),
                         "r:selection": {"chosen": chosen, "selected_kw": selected_kw,
                                         "reduction_kw": meta["body"]["reduction_kw"],
@@ -875,11 +882,19 @@ class HubService:
             dropped = [m for m, i in self.book.outbox.items() if i.request_id == request_id and i.kind == "request"]
             items = []
             expires = datetime.fromtimestamp(end, UTC)
-            for rid, all_cids in sorted(by_retailer.items()):
-                for cids in _chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):
-                    msg = Request(request_id=request_id, kind=_wire_kind(kind), client_ids=cids, params=params,
-                                  expires_at=expires, revision=revision)
-                    items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+            if phase == "dispatch":  # the chosen homes keep their own targets (in the order chosen): the window moves
+                selection = meta.get("selection") or {}
+                kept = set(targets)
+                chosen = [c for c in selection.get("chosen", []) if c in kept]
+                available = {c: float(entries[c].get("available_kw") or 0.0) for c in chosen}
+                shares = reduction_targets(available, chosen, selection.get("reduction_kw", body["reduction_kw"]))
+                items = _reduction_items(request_id, by_retailer, shares, body["start"], end, revision)
+            else:
+                for rid, all_cids in sorted(by_retailer.items()):
+                    for cids in _chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):
+                        msg = Request(request_id=request_id, kind=_wire_kind(kind), client_ids=cids, params=params,
+                                      expires_at=expires, revision=revision)
+                        items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
             for rid, cids in sorted(cancels.items()):
                 notice = Cancel(request_id=request_id, client_ids=cids, revision=revision)
                 items.append(OutboxItem(notice.msg_id, request_id, rid, "removal", encode(notice), []))

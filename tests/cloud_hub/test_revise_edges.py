@@ -1,0 +1,84 @@
+"""Edges of ``POST /v1/requests/{id}/revise`` over real HTTP against a hub with its real broker (retailers played by
+MQTT parties): a load reduction revised after its clients were chosen keeps each home's own target."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from mhp_wire import topics
+from mhp_wire.messages import ClientState, Outcome, Request
+from tests.hub_fixtures import HubHandle
+from tests.mqtt_party import Party, parties
+
+
+def soon(seconds: float = 60) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+async def create(hub: HubHandle, path: str, body: dict[str, Any]) -> str:
+    r = await hub.http.post(path, json=body, headers=hub.auth("dso"))
+    assert r.status_code == 202, r.text
+    request_id: str = r.json()["request_id"]
+    return request_id
+
+
+async def revise(hub: HubHandle, request_id: str, body: dict[str, Any]) -> Any:
+    return await hub.http.post(f"/v1/requests/{request_id}/revise", json=body, headers=hub.auth("dso"))
+
+
+async def get(hub: HubHandle, request_id: str) -> dict[str, Any]:
+    r = await hub.http.get(f"/v1/requests/{request_id}", headers=hub.auth("dso"))
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def requests_of(party: Party, revision: int, timeout: float = 10) -> dict[float, list[str]]:
+    """The ``load_reduction`` requests of ``revision`` one retailer gets: target_kw -> client ids (until one of each
+    target was seen and nothing more comes within half a second; re-sends of one message count once)."""
+    got: dict[float, list[str]] = {}
+    seen: set[str] = set()
+    while True:
+        try:
+            msg = await party.next("request", timeout=timeout if not got else 0.5)
+        except TimeoutError:
+            return got
+        assert isinstance(msg, Request)
+        if msg.revision != revision or msg.params.kind != "load_reduction" or msg.msg_id in seen:
+            continue
+        seen.add(msg.msg_id)
+        assert msg.params.target_kw is not None
+        got.setdefault(msg.params.target_kw, []).extend(msg.client_ids)
+
+
+# -- a load reduction revised after its clients were chosen (finding 2) ------------------------------------------
+
+async def test_a_dispatched_load_reduction_revised_keeps_each_homes_target(hub: HubHandle) -> None:
+    await hub.setup_registry({"c1": "r1", "c2": "r1", "c3": "r2"})
+    with parties(Party(hub.broker, "r1", topics.down("retailers", "r1")),
+                 Party(hub.broker, "r2", topics.down("retailers", "r2"))) as (r1, r2):
+        request_id = await create(hub, "/v1/load-reductions", {
+            "client_ids": ["c1", "c2", "c3"], "reduction_kw": 10.0, "start": soon(60), "duration_s": 600,
+            "respond_within_s": 60})
+        for party, rid, answers in ((r1, "r1", (("c1", 4.0), ("c2", 4.0))), (r2, "r2", (("c3", 2.0),))):
+            asked = await party.next("request")
+            assert isinstance(asked, Request) and asked.kind.value == "availability"
+            for cid, kw in answers:
+                await party.publish(topics.up("retailers", rid), Outcome(
+                    request_id=request_id, client_id=cid, state=ClientState.AVAILABLE, detail={"available_kw": kw}))
+        # Every client answered: the phase ends at once and the three homes are chosen, each with its own target.
+        assert await requests_of(r1, 1) == {4.0: ["c1", "c2"]}
+        assert await requests_of(r2, 1) == {2.0: ["c3"]}
+        assert (await get(hub, request_id))["selection"]["chosen"] == ["c1", "c2", "c3"]
+
+        later = soon(120)
+        r = await revise(hub, request_id, {"start": later})
+        assert r.status_code == 202, r.text
+        assert r.json()["revision"] == 2
+        # Revision 2 moves the window only: each home is still asked for what it said it could shed, not 10 kW.
+        assert await requests_of(r1, 2) == {4.0: ["c1", "c2"]}
+        assert await requests_of(r2, 2) == {2.0: ["c3"]}
+    req = await get(hub, request_id)
+    assert req["revision"] == 2 and req["selection"]["chosen"] == ["c1", "c2", "c3"]
+    assert datetime.fromisoformat(req["request"]["start"]) == datetime.fromisoformat(later)
