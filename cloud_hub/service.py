@@ -838,13 +838,24 @@ class HubService:
                 targets = await self._targets(body) if {"client_ids", "feeder_id"} & set(changes) else sorted(live)
                 added = [c for c in targets if c not in entries or entries[c].get("removed")]
                 removed = sorted(live - set(targets))  # selection uses the revised reduction_kw)
+            # Every client the revision is sent to now (or, in the availability phase, at the dispatch) is looked up
+            # as at creation: its supplier at the revised start. A kept client supplied then by another retailer than
+            # the one the request went to is a conflict: the revision is not re-routed (docs/decisions.md).
+            added_set = set(added)
+            kept = [c for c in (sorted(live) if phase == "availability" else targets) if c not in added_set]
             supplier: dict[str, str | None] = {}
-            if added:
-                known = await self._known_clients(added)
-                supplier = {cid: supplier_at(known[cid]["suppliers"], start) for cid in added}
+            if added or kept:
+                known = await self._known_clients([*added, *kept])
+                supplier = {cid: supplier_at(known[cid]["suppliers"], start) for cid in [*added, *kept]}
                 unsupplied = [cid for cid, rid in supplier.items() if rid is None]
                 if unsupplied:
                     raise Conflict(f"no retailer supplies {', '.join(unsupplied[:20])} at {iso(start)}")
+                moved = [f"{cid} (sent to {was}, supplied by {supplier[cid]} then)" for cid in kept
+                         if supplier[cid] != (was := next(iter(entries[cid]["retailers"])))]
+                if moved:
+                    raise Conflict(f"the revision would move {len(moved)} client(s) to another retailer at "
+                                   f"{iso(start)}: {', '.join(moved[:20])}; a revision keeps each client's "
+                                   f"retailer: cancel the request and create a new one")
             put: dict[str, Any] = {}
             counts = Counter({ClientState(k): v for k, v in (meta.get("counts") or {}).items()})
             by_retailer: dict[str, list[str]] = defaultdict(list)

@@ -1,5 +1,6 @@
-"""Edges of ``POST /v1/requests/{id}/revise`` over real HTTP against a hub with its real broker (retailers played by
-MQTT parties): a load reduction revised after its clients were chosen keeps each home's own target."""
+"""Edges of ``POST /v1/requests/{id}/revise`` and cancel over real HTTP against a hub with its real broker (retailers
+played by MQTT parties): a load reduction revised after its clients were chosen keeps each home's own target, and a
+revision never follows a supplier switch to the wrong retailer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mhp_wire import topics
-from mhp_wire.messages import ClientState, Outcome, Request
+from mhp_wire.messages import Ack, ClientState, Outcome, Request
 from tests.hub_fixtures import HubHandle
 from tests.mqtt_party import Party, parties
 
@@ -82,3 +83,38 @@ async def test_a_dispatched_load_reduction_revised_keeps_each_homes_target(hub: 
     req = await get(hub, request_id)
     assert req["revision"] == 2 and req["selection"]["chosen"] == ["c1", "c2", "c3"]
     assert datetime.fromisoformat(req["request"]["start"]) == datetime.fromisoformat(later)
+
+
+# -- a revision across a supplier switch (finding 3) ---------------------------------------------------------------
+
+async def test_a_revision_that_moves_a_client_past_a_supplier_switch_is_409(hub: HubHandle) -> None:
+    await hub.setup_registry({"c1": "r1", "c2": "r1"})
+    switch_at = datetime.now(UTC) + timedelta(hours=1)
+    r = await hub.http.put("/v1/clients/c1", headers=hub.auth("dso"), json={
+        "retailer_id": "r2", "contracted_power_kw": 6.9, "feeder_id": "f1", "valid_from": switch_at.isoformat()})
+    assert r.status_code in (200, 201), r.text
+    with parties(Party(hub.broker, "r1", topics.down("retailers", "r1")),
+                 Party(hub.broker, "r2", topics.down("retailers", "r2"))) as (r1, r2):
+        request_id = await create(hub, "/v1/emergencies", {
+            "client_ids": ["c1", "c2"], "start": soon(60), "duration_s": 600, "power_limit_kw": 3.0})
+        first = await r1.next("request")
+        assert isinstance(first, Request) and sorted(first.client_ids) == ["c1", "c2"]
+        await r1.publish(topics.up("retailers", "r1"), Ack(ack_ids=[first.msg_id]))
+
+        after_switch = (switch_at + timedelta(minutes=30)).isoformat()
+        r = await revise(hub, request_id, {"start": after_switch})
+        assert r.status_code == 409, r.text
+        message = r.json()["message"]
+        assert "c1" in message and "r2" in message and "c2" not in message, message
+        # Neither retailer hears of a revision: r1 no longer supplies c1 then, r2 never had the request.
+        await r1.nothing("request", 0.5)
+        await r2.nothing("request", 0.1)
+        req = await get(hub, request_id)
+        assert req["revision"] == 1 and req["clients"]["c1"]["retailer_id"] == "r1"
+
+        # A revision that stays before the switch is delivered as before, to the supplier of that time.
+        r = await revise(hub, request_id, {"start": soon(120)})
+        assert r.status_code == 202, r.text
+        second = await r1.next("request")
+        assert isinstance(second, Request) and second.revision == 2 and sorted(second.client_ids) == ["c1", "c2"]
+        await r2.nothing("request", 0.3)
