@@ -894,11 +894,12 @@ class HubService:
             items = []
             expires = datetime.fromtimestamp(end, UTC)
             if phase == "dispatch":  # the chosen homes keep their own targets (in the order chosen): the window moves
-                selection = meta.get("selection") or {}
-                kept = set(targets)
-                chosen = [c for c in selection.get("chosen", []) if c in kept]
+                selection: dict[str, Any] = meta.get("selection") or {}
+                sent_to = set(targets)
+                chosen = [c for c in selection.get("chosen", []) if c in sent_to]
                 available = {c: float(entries[c].get("available_kw") or 0.0) for c in chosen}
-                shares = reduction_targets(available, chosen, selection.get("reduction_kw", body["reduction_kw"]))
+                # (reduction_kw cannot change in this phase: the body's is the one the selection rests on)
+                shares = reduction_targets(available, chosen, float(body["reduction_kw"]))
                 items = _reduction_items(request_id, by_retailer, shares, body["start"], end, revision)
             else:
                 for rid, all_cids in sorted(by_retailer.items()):
