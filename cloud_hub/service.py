@@ -746,9 +746,11 @@ class HubService:
             reached: dict[str, list[str]] = defaultdict(list)
             counts: dict[str, int] = defaultdict(int)
             for cid, e in req["clients"].items():
-                for rid, st in e["retailers"].items():
-                    if st != ClientState.PENDING.value:
-                        reached[rid].append(cid)
+                # Every retailer the request addressed, even one whose entry still reads pending: a round is
+                # published before it is recorded as sent (and a revision resets its clients to pending), so the
+                # message may be at the broker already. A bridge that never got it stops nothing, and acknowledges.
+                for rid in e["retailers"]:
+                    reached[rid].append(cid)
                 if not ClientState(e["state"]).terminal:
                     e["state"] = ClientState.CANCELLED.value
                     e["updated_at"] = now
@@ -883,9 +885,8 @@ class HubService:
                 e = entries[cid]
                 _revised_history(e)
                 counts[ClientState(e["state"])] -= 1
-                for rid, st in e["retailers"].items():
-                    if st != ClientState.PENDING.value:
-                        cancels[rid].append(cid)
+                for rid in e["retailers"]:  # pending or not: it may be at the broker already (see cancel)
+                    cancels[rid].append(cid)
                 e.update({"state": ClientState.CANCELLED.value, "updated_at": now, "revision": revision,
                           "removed": revision, "detail": {"reason": f"removed from the request by revision "
                                                                      f"{revision}"}})

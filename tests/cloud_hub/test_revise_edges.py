@@ -1,14 +1,20 @@
 """Edges of ``POST /v1/requests/{id}/revise`` and cancel over real HTTP against a hub with its real broker (retailers
-played by MQTT parties): a load reduction revised after its clients were chosen keeps each home's own target, and a
-revision never follows a supplier switch to the wrong retailer."""
+played by MQTT parties): a load reduction revised after its clients were chosen keeps each home's own target, a
+revision never follows a supplier switch to the wrong retailer, and a client whose message is already at the broker
+but not yet recorded as sent still gets the cancel or the removal."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from cloud_hub.book import OutboxItem
+from cloud_hub.relay import HubRelay
 from mhp_wire import topics
-from mhp_wire.messages import Ack, ClientState, Outcome, Request
+from mhp_wire.messages import Ack, Cancel, ClientState, Outcome, Request
 from tests.hub_fixtures import HubHandle
 from tests.mqtt_party import Party, parties
 
@@ -118,3 +124,69 @@ async def test_a_revision_that_moves_a_client_past_a_supplier_switch_is_409(hub:
         second = await r1.next("request")
         assert isinstance(second, Request) and second.revision == 2 and sorted(second.client_ids) == ["c1", "c2"]
         await r2.nothing("request", 0.3)
+
+
+# -- the window between publishing a message and recording it as sent (finding 7) ------------------------------------
+
+@asynccontextmanager
+async def held_after_publish(relay: HubRelay, kind: str) -> AsyncIterator[asyncio.Event]:
+    """Hold the hub's dispatch after it has published a round with a ``kind`` message and before it records the
+    round as sent; the event is set once a round is held, and the round goes on when the block ends."""
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(items: list[OutboxItem]) -> None:
+        if any(i.kind == kind for i in items) and not release.is_set():
+            held.set()
+            await release.wait()
+
+    relay.on_published = hold
+    try:
+        yield held
+    finally:
+        release.set()
+        relay.on_published = None
+
+
+async def test_a_cancel_reaches_a_retailer_whose_request_is_published_but_not_yet_recorded(hub: HubHandle) -> None:
+    await hub.setup_registry({"c1": "r1"})
+    relay: HubRelay = hub.app.state.relay
+    with parties(Party(hub.broker, "r1", topics.down("retailers", "r1"))) as (r1,):  # it never acknowledges
+        async with held_after_publish(relay, "request") as held:
+            request_id = await create(hub, "/v1/emergencies", {
+                "client_ids": ["c1"], "start": soon(60), "duration_s": 600, "power_limit_kw": 3.0})
+            await asyncio.wait_for(held.wait(), 10)
+            sent = await r1.next("request")  # at the retailer already, while the hub still reads c1 as pending
+            assert isinstance(sent, Request) and sent.request_id == request_id
+            assert (await get(hub, request_id))["clients"]["c1"]["state"] == "pending"
+            r = await hub.http.post(f"/v1/requests/{request_id}/cancel", headers=hub.auth("dso"))
+            assert r.status_code == 200, r.text
+            assert r.json()["cancel_sent_to"] == ["r1"]
+        cancel = await r1.next("cancel", timeout=10)
+        assert isinstance(cancel, Cancel) and cancel.request_id == request_id and cancel.client_ids == ["c1"]
+        assert cancel.revision is None, "a cancel of the whole request, not a removal"
+    assert (await get(hub, request_id))["state"] == "cancelled"
+
+
+async def test_a_removal_reaches_a_retailer_whose_request_is_published_but_not_yet_recorded(hub: HubHandle) -> None:
+    await hub.setup_registry({"c1": "r1", "c2": "r1"})
+    relay: HubRelay = hub.app.state.relay
+    with parties(Party(hub.broker, "r1", topics.down("retailers", "r1"))) as (r1,):
+        async with held_after_publish(relay, "request") as held:
+            request_id = await create(hub, "/v1/emergencies", {
+                "client_ids": ["c1", "c2"], "start": soon(60), "duration_s": 600, "power_limit_kw": 3.0})
+            await asyncio.wait_for(held.wait(), 10)
+            sent = await r1.next("request")
+            assert isinstance(sent, Request) and sorted(sent.client_ids) == ["c1", "c2"]
+            r = await revise(hub, request_id, {"client_ids": ["c2"]})
+            assert r.status_code == 202, r.text
+        got: dict[str, Any] = {}
+        while set(got) != {"request", "cancel"}:
+            msg = await r1.next(timeout=10)
+            if isinstance(msg, Request | Cancel):
+                got[msg.type] = msg
+        removal, second = got["cancel"], got["request"]
+        assert isinstance(removal, Cancel) and removal.client_ids == ["c1"] and removal.revision == 2
+        assert isinstance(second, Request) and second.client_ids == ["c2"] and second.revision == 2
+    req = await get(hub, request_id)
+    assert req["clients"]["c1"]["state"] == "cancelled"
+    assert req["clients"]["c1"]["detail"]["reason"] == "removed from the request by revision 2"
