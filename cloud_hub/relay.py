@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from cloud_hub.authz import Action, Context, Principal, decide
-from cloud_hub.book import ReportedOutcome, RequestBook
+from cloud_hub.book import OutboxItem, ReportedOutcome, RequestBook
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.replicas import Replicas
 from cloud_hub.service import tariff_message
@@ -118,6 +118,9 @@ class HubRelay:
         """Set at every connection to the hub broker: the stored current tariff is published again, retained."""
         self.tariff_retry_s = 1.0
         """Pause before publishing the tariff again after storage or the broker failed."""
+        self.on_published: Callable[[list[OutboxItem]], Awaitable[None]] | None = None
+        """Awaited with each round of published messages before the book records them as sent: the window in which
+        a message is at the broker while its targets still read ``pending`` (a test holds a round there)."""
         book.kick = self.kick
 
     def use_replicas(self, replicas: Replicas) -> None:
@@ -202,6 +205,8 @@ class HubRelay:
             self.metrics.outbox_sent.inc()
             sent.append(item)
         if sent:
+            if self.on_published is not None:
+                await self.on_published(sent)
             await self.book.mark_sent(sent, now)
         nxt = self.book.next_due()
         phase = min((p.due for p in self.book.phases.values()), default=None)

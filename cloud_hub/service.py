@@ -143,7 +143,28 @@ def _revised_params(kind: str, phase: str | None, body: dict[str, Any]) -> tuple
         return start, end, EmergencyParams(start=body["start"], end=until, power_limit_kw=body["power_limit_kw"])
     if phase == "availability":
         return start, end, AvailabilityParams(start=body["start"], end=until, reduction_kw=body["reduction_kw"])
+    # Not sent as it is: each chosen home is sent its own target (:func:`_reduction_items`).
     return start, end, LoadReductionParams(start=body["start"], end=until, target_kw=body["reduction_kw"])
+
+
+def _reduction_items(request_id: str, by_retailer: dict[str, list[str]], targets: dict[str, float], start: Any,
+                     end: float, revision: int) -> list[OutboxItem]:
+    """The ``load_reduction`` messages of a load reduction's chosen clients (``by_retailer``), each home asked for
+    its own target (:func:`cloud_hub.timeline.reduction_targets`: what it said it could shed, the last one chosen
+    only the rest): one message per retailer and target, at the dispatch and at every later revision."""
+    until = datetime.fromtimestamp(end, UTC)
+    items = []
+    for rid, all_cids in sorted(by_retailer.items()):
+        by_target: dict[float, list[str]] = defaultdict(list)
+        for cid in all_cids:
+            by_target[targets[cid]].append(cid)
+        for target_kw, same in sorted(by_target.items()):
+            params = LoadReductionParams(start=start, end=until, target_kw=target_kw)
+            for cids in _chunks(same, REQUEST_CLIENTS_PER_MESSAGE):
+                msg = Request(request_id=request_id, kind=RequestKind.LOAD_REDUCTION, client_ids=cids,
+                              params=params, expires_at=until, revision=revision)
+                items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+    return items
 
 
 CURRENT_TARIFF = "current"
@@ -686,22 +707,8 @@ class HubService:
                 put[f"c:{cid}"] = e
             selected_kw = round(sum(available[c] for c in chosen), 3)
             targets = reduction_targets(available, chosen, meta["body"]["reduction_kw"])
-            items = []
-            for rid, all_cids in sorted(by_retailer.items()):
-                # each home's target is what it said it could shed, the last one chosen only the rest: one message
-                # per retailer and target
-                by_target: dict[float, list[str]] = defaultdict(list)
-                for cid in all_cids:
-                    by_target[targets[cid]].append(cid)
-                for target_kw, same in sorted(by_target.items()):
-                    params = LoadReductionParams(start=meta["body"]["start"],
-                                                 end=datetime.fromtimestamp(meta["deadline"], UTC),
-                                                 target_kw=target_kw)
-                    for cids in _chunks(same, REQUEST_CLIENTS_PER_MESSAGE):
-                        msg = Request(request_id=request_id, kind=RequestKind.LOAD_REDUCTION, client_ids=cids,
-                                      params=params, expires_at=datetime.fromtimestamp(meta["deadline"], UTC),
-                                      revision=meta.get("revision", 1))
-                        items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+            items = _reduction_items(request_id, by_retailer, targets, meta["body"]["start"], meta["deadline"],
+                                     meta.get("revision", 1))
             put.update({"r:phase": "dispatch", "r:counts": dict(counts),
                         "r:selection": {"chosen": chosen, "selected_kw": selected_kw,
                                         "reduction_kw": meta["body"]["reduction_kw"],
@@ -741,9 +748,11 @@ class HubService:
             reached: dict[str, list[str]] = defaultdict(list)
             counts: dict[str, int] = defaultdict(int)
             for cid, e in req["clients"].items():
-                for rid, st in e["retailers"].items():
-                    if st != ClientState.PENDING.value:
-                        reached[rid].append(cid)
+                # Every retailer the request addressed, even one whose entry still reads pending: a round is
+                # published before it is recorded as sent (and a revision resets its clients to pending), so the
+                # message may be at the broker already. A bridge that never got it stops nothing, and acknowledges.
+                for rid in e["retailers"]:
+                    reached[rid].append(cid)
                 if not ClientState(e["state"]).terminal:
                     e["state"] = ClientState.CANCELLED.value
                     e["updated_at"] = now
@@ -833,13 +842,24 @@ class HubService:
                 targets = await self._targets(body) if {"client_ids", "feeder_id"} & set(changes) else sorted(live)
                 added = [c for c in targets if c not in entries or entries[c].get("removed")]
                 removed = sorted(live - set(targets))  # selection uses the revised reduction_kw)
+            # Every client the revision is sent to now (or, in the availability phase, at the dispatch) is looked up
+            # as at creation: its supplier at the revised start. A kept client supplied then by another retailer than
+            # the one the request went to is a conflict: the revision is not re-routed (docs/decisions.md).
+            added_set = set(added)
+            kept = [c for c in (sorted(live) if phase == "availability" else targets) if c not in added_set]
             supplier: dict[str, str | None] = {}
-            if added:
-                known = await self._known_clients(added)
-                supplier = {cid: supplier_at(known[cid]["suppliers"], start) for cid in added}
+            if added or kept:
+                known = await self._known_clients([*added, *kept])
+                supplier = {cid: supplier_at(known[cid]["suppliers"], start) for cid in [*added, *kept]}
                 unsupplied = [cid for cid, rid in supplier.items() if rid is None]
                 if unsupplied:
                     raise Conflict(f"no retailer supplies {', '.join(unsupplied[:20])} at {iso(start)}")
+                moved = [f"{cid} (sent to {was}, supplied by {supplier[cid]} then)" for cid in kept
+                         if supplier[cid] != (was := next(iter(entries[cid]["retailers"])))]
+                if moved:
+                    raise Conflict(f"the revision would move {len(moved)} client(s) to another retailer at "
+                                   f"{iso(start)}: {', '.join(moved[:20])}; a revision keeps each client's "
+                                   f"retailer: cancel the request and create a new one")
             put: dict[str, Any] = {}
             counts = Counter({ClientState(k): v for k, v in (meta.get("counts") or {}).items()})
             by_retailer: dict[str, list[str]] = defaultdict(list)
@@ -867,9 +887,8 @@ class HubService:
                 e = entries[cid]
                 _revised_history(e)
                 counts[ClientState(e["state"])] -= 1
-                for rid, st in e["retailers"].items():
-                    if st != ClientState.PENDING.value:
-                        cancels[rid].append(cid)
+                for rid in e["retailers"]:  # pending or not: it may be at the broker already (see cancel)
+                    cancels[rid].append(cid)
                 e.update({"state": ClientState.CANCELLED.value, "updated_at": now, "revision": revision,
                           "removed": revision, "detail": {"reason": f"removed from the request by revision "
                                                                      f"{revision}"}})
@@ -877,11 +896,20 @@ class HubService:
             dropped = [m for m, i in self.book.outbox.items() if i.request_id == request_id and i.kind == "request"]
             items = []
             expires = datetime.fromtimestamp(end, UTC)
-            for rid, all_cids in sorted(by_retailer.items()):
-                for cids in _chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):
-                    msg = Request(request_id=request_id, kind=_wire_kind(kind), client_ids=cids, params=params,
-                                  expires_at=expires, revision=revision)
-                    items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+            if phase == "dispatch":  # the chosen homes keep their own targets (in the order chosen): the window moves
+                selection: dict[str, Any] = meta.get("selection") or {}
+                sent_to = set(targets)
+                chosen = [c for c in selection.get("chosen", []) if c in sent_to]
+                available = {c: float(entries[c].get("available_kw") or 0.0) for c in chosen}
+                # (reduction_kw cannot change in this phase: the body's is the one the selection rests on)
+                shares = reduction_targets(available, chosen, float(body["reduction_kw"]))
+                items = _reduction_items(request_id, by_retailer, shares, body["start"], end, revision)
+            else:
+                for rid, all_cids in sorted(by_retailer.items()):
+                    for cids in _chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):
+                        msg = Request(request_id=request_id, kind=_wire_kind(kind), client_ids=cids, params=params,
+                                      expires_at=expires, revision=revision)
+                        items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
             for rid, cids in sorted(cancels.items()):
                 notice = Cancel(request_id=request_id, client_ids=cids, revision=revision)
                 items.append(OutboxItem(notice.msg_id, request_id, rid, "removal", encode(notice), []))
