@@ -58,16 +58,20 @@ class OutboxItem:
     clients: list[str] = field(default_factory=list)
     attempts: int = 0
     next_at: float = 0.0
+    revision: int = 1
+    """The request's revision a ``request`` message carries: its being sent never marks a newer revision sent."""
 
     def stored(self) -> dict[str, Any]:
         """The form kept in the request row."""
-        return {"retailer_id": self.retailer_id, "kind": self.kind, "payload": self.payload.decode(),
-                "clients": self.clients}
+        d = {"retailer_id": self.retailer_id, "kind": self.kind, "payload": self.payload.decode(),
+             "clients": self.clients}
+        return d if self.revision == 1 else {**d, "revision": self.revision}
 
     @classmethod
     def load(cls, msg_id: str, request_id: str, d: dict[str, Any]) -> OutboxItem:
         """Back from the request row."""
-        return cls(msg_id, request_id, d["retailer_id"], d["kind"], d["payload"].encode(), d.get("clients", []))
+        return cls(msg_id, request_id, d["retailer_id"], d["kind"], d["payload"].encode(), d.get("clients", []),
+                   revision=d.get("revision", 1))
 
 
 @dataclass(slots=True)
@@ -319,8 +323,8 @@ class RequestBook:
         for item in sent:
             for col in [f"c:{c}" for c in item.clients] or [f"p:{item.retailer_id}"]:
                 entry = put.get(col) or cells.get(col)
-                if entry is None:
-                    continue
+                if entry is None or item.revision < entry.get("revision", 1):
+                    continue  # an older revision's message: the entry waits for its own revision's
                 if entry.get("retailers", {}).get(item.retailer_id) == C.PENDING.value:
                     entry["retailers"][item.retailer_id] = C.SENT.value
                 new = combine(C(s) for s in entry["retailers"].values())

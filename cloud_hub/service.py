@@ -163,7 +163,8 @@ def _reduction_items(request_id: str, by_retailer: dict[str, list[str]], targets
             for cids in _chunks(same, REQUEST_CLIENTS_PER_MESSAGE):
                 msg = Request(request_id=request_id, kind=RequestKind.LOAD_REDUCTION, client_ids=cids,
                               params=params, expires_at=until, revision=revision)
-                items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+                items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids,
+                                        revision=revision))
     return items
 
 
@@ -909,7 +910,8 @@ class HubService:
                     for cids in _chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):
                         msg = Request(request_id=request_id, kind=_wire_kind(kind), client_ids=cids, params=params,
                                       expires_at=expires, revision=revision)
-                        items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
+                        items.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids,
+                                                revision=revision))
             for rid, cids in sorted(cancels.items()):
                 notice = Cancel(request_id=request_id, client_ids=cids, revision=revision)
                 items.append(OutboxItem(notice.msg_id, request_id, rid, "removal", encode(notice), []))

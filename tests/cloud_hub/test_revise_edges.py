@@ -190,3 +190,37 @@ async def test_a_removal_reaches_a_retailer_whose_request_is_published_but_not_y
     req = await get(hub, request_id)
     assert req["clients"]["c1"]["state"] == "cancelled"
     assert req["clients"]["c1"]["detail"]["reason"] == "removed from the request by revision 2"
+
+
+async def test_the_older_revisions_send_being_recorded_never_marks_the_newer_one_sent(hub: HubHandle) -> None:
+    """Revision 1 published, then the request revised before the hub recorded that send: recording it must not mark
+    the clients' revision-2 entries ``sent`` (they are ``pending`` until revision 2 itself goes out)."""
+    await hub.setup_registry({"c1": "r1"})
+    relay: HubRelay = hub.app.state.relay
+    first_held, second_held, go_on, finish = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def hold(items: list[OutboxItem]) -> None:
+        if not any(i.kind == "request" for i in items):
+            return
+        if not first_held.is_set():
+            first_held.set()
+            await go_on.wait()
+        else:
+            second_held.set()
+            await finish.wait()
+
+    relay.on_published = hold
+    try:
+        with parties(Party(hub.broker, "r1", topics.down("retailers", "r1"))):
+            request_id = await create(hub, "/v1/emergencies", {
+                "client_ids": ["c1"], "start": soon(60), "duration_s": 600, "power_limit_kw": 3.0})
+            await asyncio.wait_for(first_held.wait(), 10)
+            r = await revise(hub, request_id, {"power_limit_kw": 1.5})
+            assert r.status_code == 202 and r.json()["revision"] == 2, r.text
+            go_on.set()  # revision 1's send is recorded now; revision 2 is published next and held
+            await asyncio.wait_for(second_held.wait(), 10)
+            entry = (await get(hub, request_id))["clients"]["c1"]
+            assert (entry["revision"], entry["state"]) == (2, "pending"), entry
+    finally:
+        finish.set()
+        relay.on_published = None
