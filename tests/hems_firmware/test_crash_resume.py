@@ -23,8 +23,18 @@ from pymodbus.constants import ExcCodes
 
 from device_drivers.sim.home import Plug, SimulatedHome, split_device_entries
 from device_drivers.sim.server import ModbusSimServer
+from hems_firmware.daemon import _add_reported_column
 from mhp_wire import topics
-from mhp_wire.messages import Ack, ClientState, Command, EmergencyParams, Outcome, RequestKind
+from mhp_wire.messages import (
+    Ack,
+    ClientState,
+    Command,
+    EmergencyParams,
+    LoadShiftParams,
+    Outcome,
+    RequestKind,
+    encode,
+)
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.mqtt_party import Party, parties
 
@@ -180,9 +190,11 @@ def _write_config(tmp_path: Path, broker: BrokerHandle, home: SimulatedHome, met
     return config
 
 
-async def _outcomes_until(bridge: Party, request_id: str, until: float, got: list[Outcome]) -> None:
-    """Collect (into ``got``) and acknowledge, as the bridge does, every outcome of ``request_id`` until ``until``."""
-    while (left := until - time.time()) > 0:
+async def _outcomes_until(bridge: Party, request_id: str, until: float, got: list[Outcome],
+                          stop_after: int | None = None) -> None:
+    """Collect (into ``got``) and acknowledge, as the bridge does, every outcome of ``request_id`` until ``until``
+    (or until ``got`` holds ``stop_after`` of them)."""
+    while (left := until - time.time()) > 0 and (stop_after is None or len(got) < stop_after):
         try:
             msg = await bridge.next("outcome", timeout=min(left, 0.5))
         except TimeoutError:
@@ -273,6 +285,73 @@ async def test_a_gateway_killed_while_its_outcome_settles_reports_it_once_after_
     assert len({o.msg_id for o in outcomes}) == 1, f"exactly one outcome: {outcomes}"
     assert outcomes[0].state is ClientState.EXECUTED and outcomes[0].revision == 1, outcomes[0]
     _assert_shed_at_start_and_restored_once(writes, start.timestamp(), end)
+
+
+async def test_a_revision_killed_before_it_reported_is_reported_once_after_the_restart(
+        tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
+    """Revision 1 of an emergency is executed and reported (its limit asks for no shedding); revision 2 lowers the
+    limit while it holds the home, and the gateway is killed while revision 2's outcome settles. The hub waits for
+    revision 2 (it reset the client to pending): after the restart it arrives once (before, the row kept revision
+    1's ``active`` state and the resumed run stayed silent)."""
+    broker = mosquitto_factory("retailer", ["gw-1"], "bridge")
+    home = SimulatedHome(0.3, [Plug(0, 2.0, "heater", 1, True), Plug(1, 3.7, "ev", 2, True),
+                               Plug(3, 0.15, "fridge", 9, False)], meter_lag_s=3.0)
+    log = tmp_path / "gateway.log"
+    outcomes: list[Outcome] = []
+    async with ModbusSimServer({1: home.meter}, port=0) as meter, ModbusSimServer({1: home.relays}, port=0) as relay:
+        config = _write_config(tmp_path, broker, home, meter.port, relay.port, outcome_settle_s=30.0)
+        with parties(Party(broker, "bridge", topics.all_up("gateways"))) as (bridge,):
+            async with gateway_process(config, log) as first:
+                await bridge.next("telemetry", timeout=30)
+                start = datetime.now(UTC) + timedelta(seconds=LEAD_S)
+                end = start + timedelta(seconds=20)
+                for revision, limit in ((1, 6.5), (2, 1.0)):
+                    params = EmergencyParams(start=start, end=end, power_limit_kw=limit)
+                    await bridge.publish(topics.down("gateways", "gw-1"), Command(
+                        request_id="em-1", client_id="c1", kind=RequestKind.EMERGENCY, params=params,
+                        expires_at=end, revision=revision))
+                    if revision == 1:
+                        await _outcomes_until(bridge, "em-1", time.time() + 15, outcomes, stop_after=1)
+                        assert [o.revision for o in outcomes] == [1], outcomes
+                await _until_shed_is_stored(tmp_path / "state" / "gateway-gw-1.db", "em-1", ["heater", "ev"])
+                first.send_signal(signal.SIGKILL)
+                assert await first.wait() == -signal.SIGKILL
+            early = [m for m in await _drain(bridge) if isinstance(m, Outcome) and m.revision == 2]
+            async with gateway_process(config, log):
+                await _outcomes_until(bridge, "em-1", end.timestamp() + 1, outcomes)
+    assert early == [], "killed before revision 2's outcome was sent"
+    second = [o for o in outcomes if o.revision == 2]
+    assert len({o.msg_id for o in second}) == 1, f"revision 2 reported exactly once: {outcomes}"
+    assert second[0].state is ClientState.EXECUTED, second[0]
+    assert len({o.msg_id for o in outcomes if o.revision == 1}) == 1, "revision 1 is not reported again"
+
+
+def test_an_older_database_gets_the_reported_column_without_repeating_outcomes(tmp_path: Path) -> None:
+    """A gateway database from before ``commands.reported``: rows whose outcome the old rule had stored (an action
+    that became ``active``, a load shift on arrival) count as reported; a command still waiting does not."""
+    now = datetime.now(UTC)
+    window = {"start": now + timedelta(minutes=5), "end": now + timedelta(minutes=35)}
+    commands = {
+        "active": Command(request_id="em-a", client_id="c1", kind=RequestKind.EMERGENCY, revision=2,
+                          params=EmergencyParams(**window, power_limit_kw=1.0), expires_at=window["end"]),
+        "scheduled": Command(request_id="em-s", client_id="c1", kind=RequestKind.EMERGENCY,
+                             params=EmergencyParams(**window, power_limit_kw=1.0), expires_at=window["end"]),
+        "scheduled-shift": Command(request_id="ls-s", client_id="c1", kind=RequestKind.LOAD_SHIFT,
+                                   params=LoadShiftParams(**window),
+                                   expires_at=window["end"]),
+    }
+    path = tmp_path / "gateway-gw-1.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE commands (request_id TEXT PRIMARY KEY, payload BLOB NOT NULL, state TEXT NOT NULL, "
+               "received_at REAL NOT NULL, shed TEXT NOT NULL DEFAULT '[]')")
+    for state, cmd in commands.items():
+        db.execute("INSERT INTO commands (request_id, payload, state, received_at) VALUES (?,?,?,?)",
+                   (cmd.request_id, encode(cmd), state.removesuffix("-shift"), time.time()))
+    _add_reported_column(db)
+    _add_reported_column(db)  # every start runs it: the second time it changes nothing
+    reported = dict(db.execute("SELECT request_id, reported FROM commands").fetchall())
+    db.close()
+    assert reported == {"em-a": 2, "em-s": 0, "ls-s": 1}
 
 
 async def _until_shed_is_stored(db_path: Path, request_id: str, names: list[str], timeout: float = 10.0) -> None:
