@@ -70,10 +70,12 @@ from mhp_wire.sqlite import SqliteThread, StorageError
 
 log = logging.getLogger(__name__)
 
+# commands.reported: the newest revision of the request whose outcome is in the outbox (0: none yet), set in the
+# transaction that stores the outcome, so that a restart reports a revision that was not, and none twice.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (
     request_id TEXT PRIMARY KEY, payload BLOB NOT NULL, state TEXT NOT NULL, received_at REAL NOT NULL,
-    shed TEXT NOT NULL DEFAULT '[]');
+    shed TEXT NOT NULL DEFAULT '[]', reported INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS outbox (
     msg_id TEXT PRIMARY KEY, payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL);
@@ -160,6 +162,7 @@ class Gateway:
         up = self.cfg.gateway.uplink
         await self.sql.open()
         try:
+            await self.sql.tx(_add_reported_column)
             async with BusPool() as pool:
                 for dev in self.cfg.devices:
                     built = build_device(dev, pool)
@@ -201,7 +204,11 @@ class Gateway:
             "SELECT * FROM commands WHERE state IN ('scheduled', 'active')")])
         for row in rows:
             cmd = Command.model_validate_json(row["payload"])
-            self._spawn(cmd.request_id, self._execute(cmd, row["received_at"], resumed_shed=json.loads(row["shed"])))
+            unreported = row["reported"] < cmd.revision
+            if unreported and isinstance(cmd.params, LoadShiftParams):
+                await self._acknowledge_shift(cmd, cmd.params)  # killed between storing it and acknowledging it
+            self._spawn(cmd.request_id, self._execute(cmd, row["received_at"], resumed_shed=json.loads(row["shed"]),
+                                                      report=unreported))
 
     def _spawn(self, request_id: str, coro: Any) -> None:
         task = asyncio.create_task(coro, name=f"gw-{self.id}-{request_id}")
@@ -481,18 +488,21 @@ class Gateway:
             return
         if held is None or cmd.revision > held:
             if isinstance(cmd.params, LoadShiftParams):
-                will = [ld.name for ld in self.loads() if ld.sheddable]
-                await self._outcome(Outcome(request_id=cmd.request_id, client_id=self.client_id,
-                                            state=ClientState.ACKNOWLEDGED,
-                                            detail={"will_shift": will, "window_start": cmd.params.start.isoformat(),
-                                                    "window_end": cmd.params.end.isoformat()},
-                                            revision=cmd.revision))
+                await self._acknowledge_shift(cmd, cmd.params)
             shed: list[str] | None = None
             if held is not None:  # a newer revision: it replaces the one in force, keeping what that one shed
                 shed = await self._replace(cmd)
                 log.info("gateway %s applies revision %d of request %s", self.id, cmd.revision,
                          outside(cmd.request_id))
             self._spawn(cmd.request_id, self._execute(cmd, now, resumed_shed=shed, report=True))
+
+    async def _acknowledge_shift(self, cmd: Command, params: LoadShiftParams) -> None:
+        """A load shift is reported ``acknowledged`` when it arrives (its loads are kept off in its window)."""
+        will = [ld.name for ld in self.loads() if ld.sheddable]
+        await self._report(Outcome(request_id=cmd.request_id, client_id=self.client_id, state=ClientState.ACKNOWLEDGED,
+                                   detail={"will_shift": will, "window_start": params.start.isoformat(),
+                                           "window_end": params.end.isoformat()},
+                                   revision=cmd.revision))
 
     async def _replace(self, cmd: Command) -> list[str] | None:
         """Stop acting on the revision ``cmd`` replaces; returns what its action holds shed (None: it has not
@@ -567,10 +577,10 @@ class Gateway:
         return judge_limit(action.limit_kw, after, loads), after, shed_kw
 
     async def _execute(self, cmd: Command, received_at: float, resumed_shed: list[str] | None = None,
-                       report: bool | None = None) -> None:
+                       report: bool = True) -> None:
         """Act on ``cmd`` from its start to its end; ``resumed_shed``: what an earlier run of it (before a restart,
-        or of the revision it replaces) holds shed; ``report`` (default: not resumed) sends its outcome."""
-        report = resumed_shed is None if report is None else report
+        or of the revision it replaces) holds shed; ``report``: its revision's outcome is not stored yet (a resumed
+        run of a reported revision passes False; :meth:`_report` refuses a second outcome either way)."""
         params = cmd.params
         start, end = params.start.timestamp(), params.end.timestamp()
         await asyncio.sleep(max(0.0, start - time.time()))
@@ -595,6 +605,8 @@ class Gateway:
                 await self.poll_once()  # what the shedding achieved, not what it was expected to
             verdict, after, shed_kw = self._judge(params, target, before, action)
             shed = list(action.shed)
+        await self.sql.tx(lambda db: db.execute(
+            "UPDATE commands SET state='active' WHERE request_id=? AND state='scheduled'", (cmd.request_id,)))
         # A real meter shows a switch a reading or two later: read again until it shows the limit met, or the
         # settle time has passed (only then is the home reported over its limit).
         settle_until = self.clock() + self.cfg.gateway.outcome_settle_s
@@ -617,20 +629,16 @@ class Gateway:
             detail.update(target_kw=target, shed_kw=shed_kw)
         if verdict.reason is not None:
             detail["reason"] = verdict.reason
-        if report:
-            await self.sql.tx(lambda db: db.execute("UPDATE commands SET state='active' WHERE request_id=?",
-                                                    (cmd.request_id,)))
-            if not isinstance(params, LoadShiftParams):  # a load shift was acknowledged when it arrived
-                state = ClientState.EXECUTED if verdict.met else ClientState.LIMIT_NOT_MET
-                if not verdict.met:
-                    log.warning("gateway %s: request %s %s: %s", self.id, outside(cmd.request_id), state.value,
-                                verdict.reason)
-                await self._outcome(Outcome(
+        if report and not isinstance(params, LoadShiftParams):  # a load shift was acknowledged when it arrived
+            state = ClientState.EXECUTED if verdict.met else ClientState.LIMIT_NOT_MET
+            if await self._report(Outcome(
                     request_id=cmd.request_id, client_id=self.client_id, state=state, detail=detail,
                     trace={"gateway_ms": round((time.perf_counter() - t0) * 1000, 3),
                            "waited_ms": round(max(0.0, start - received_at) * 1000, 3)},
                     revision=cmd.revision,
-                ))
+            )) and not verdict.met:
+                log.warning("gateway %s: request %s %s: %s", self.id, outside(cmd.request_id), state.value,
+                            verdict.reason)
         await asyncio.sleep(max(0.0, end - time.time()))
         await self._finish(cmd.request_id, action.shed)
 
@@ -734,7 +742,26 @@ class Gateway:
             await self.sql.tx(lambda db: db.executemany(
                 "UPDATE telemetry SET attempts=attempts+1, next_attempt_at=? WHERE seq=?", sent))
 
+    async def _report(self, out: Outcome) -> bool:
+        """Store the outcome of a stored command's revision in the outbox, unless one of that revision (or a newer
+        one) is stored already; the mark and the outcome commit together, so that a restart neither loses nor
+        repeats it. Returns whether it was stored."""
+
+        def store(db: sqlite3.Connection) -> bool:
+            marked = db.execute("UPDATE commands SET reported=? WHERE request_id=? AND reported<?",
+                                (out.revision, out.request_id, out.revision)).rowcount
+            if marked:
+                db.execute("INSERT OR IGNORE INTO outbox (msg_id, payload, next_attempt_at) VALUES (?,?,0)",
+                           (out.msg_id, encode(out)))
+            return bool(marked)
+
+        stored = await self.sql.tx(store)
+        if stored:
+            self._wake.set()
+        return stored
+
     async def _outcome(self, out: Outcome) -> None:
+        """Store an outcome that answers no stored command (one refused on arrival) in the outbox."""
         await self.sql.tx(lambda db: db.execute(
             "INSERT OR IGNORE INTO outbox (msg_id, payload, next_attempt_at) VALUES (?,?,0)",
             (out.msg_id, encode(out))))
@@ -775,6 +802,21 @@ def _record_shed(db: sqlite3.Connection, owner: str, names: list[str], at: float
         db.executemany("INSERT OR REPLACE INTO to_restore VALUES (?,?,?)", [(n, owner, at) for n in names])
     else:
         db.execute("UPDATE commands SET shed=? WHERE request_id=?", (json.dumps(names), owner))
+
+
+def _add_reported_column(db: sqlite3.Connection) -> None:
+    """Add ``commands.reported`` to a database from before it. There the outcome was stored when a command became
+    ``active`` (a load shift's when it arrived), so those rows count as reported for the revision they hold: a
+    migrated gateway repeats no outcome."""
+    if "reported" in {r[1] for r in db.execute("PRAGMA table_info(commands)")}:
+        return
+    db.execute("ALTER TABLE commands ADD COLUMN reported INTEGER NOT NULL DEFAULT 0")
+    done = []
+    for request_id, payload, state in db.execute("SELECT request_id, payload, state FROM commands").fetchall():
+        cmd = Command.model_validate_json(payload)
+        if state != "scheduled" or isinstance(cmd.params, LoadShiftParams):
+            done.append((cmd.revision, request_id))
+    db.executemany("UPDATE commands SET reported=? WHERE request_id=?", done)
 
 
 def _forget_restore(db: sqlite3.Connection, name: str) -> None:
