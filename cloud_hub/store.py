@@ -368,17 +368,24 @@ class HubStore:
     # -- meter readings -----------------------------------------------------------------------------------
 
     async def put_readings(self, blocks: list[dict[str, Any]]) -> tuple[int, int]:
-        """Store reading blocks (row ``client|start``); a block for an interval already stored is a correction.
-        Returns ``(stored, corrections)``."""
-        keys = [f"{b['client_id']}|{tkey(b['start'])}" for b in blocks]
-        existing = await self.kv.get_many("readings", keys, ["r:version"])
+        """Store reading blocks; a block for an interval already stored is a correction. Every upload's block is
+        kept: the first at ``client|start``, a later one with the same start at ``client|start|version`` (it sorts
+        right after it, so a range scan by start finds both), and reads apply "the last upload wins" where blocks
+        overlap (:func:`cloud_hub.timeline.points`). Overwriting the row lost the values of the stored block that
+        the correction did not cover. Returns ``(stored, corrections)``."""
         muts, corrections = [], 0
-        for key, b in zip(keys, blocks, strict=True):
-            version = int(existing[key]["r:version"]) + 1 if key in existing else 1
+        versions: dict[str, int] = {}  # the highest version of each ``client|start`` (this upload's blocks too)
+        for b in blocks:
+            base = f"{b['client_id']}|{tkey(b['start'])}"
             end = b["start"] + b["resolution_s"] * len(b["values_kwh"])
-            overlaps = version > 1 or bool(await self.readings(b["client_id"], b["start"], end))
+            stored = await self.readings(b["client_id"], b["start"], end)
+            if base not in versions:
+                versions[base] = max((s["version"] for s in stored if tkey(s["start"]) == tkey(b["start"])),
+                                     default=0)
+            version = versions[base] = versions[base] + 1
+            overlaps = version > 1 or bool(stored)
             corrections += overlaps
-            muts.append(Mutation("readings", key, {
+            muts.append(Mutation("readings", base if version == 1 else f"{base}|{version:06d}", {
                 "r:start": _j(b["start"]), "r:resolution_s": _j(b["resolution_s"]), "r:values": _j(b["values_kwh"]),
                 "r:quality": b["quality"].encode(), "r:version": str(version).encode(),
                 "r:corrects": b"1" if overlaps else b"0", "r:uploaded_at": _j(time.time())}))

@@ -1,0 +1,93 @@
+"""Review findings on the hub's data (5, 6, 9, 11, 13, 14), each through a real hub over HTTP, its real Mosquitto
+and MQTT parties; storage on both backends where storage is what the finding is about.
+
+- 5: a correction with the same start as a stored block keeps the values it does not cover.
+- 6: the ``withheld`` detail of a retailer's profile does not name the client's other supplier.
+- 9: a refused request or message naming thousands of ids costs a bounded log: a line per registered client up to
+  the cap, one summary line (client ``*``) counting the rest.
+- 11: the ``customers`` revision does not count the client's supplier periods.
+- 13: a tariff reaches a retailer whose id is 40 characters long with a valid ``msg_id``.
+- 14: concurrent registrations of one new client: one wins, the others are refused, one announcement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from mhp_wire import topics
+from mhp_wire.messages import Ack, Customers, Measurement, Measurements, Tariff
+from tests.broker_fixtures import MosquittoFactory
+from tests.cloud_hub.test_relay import wait_state
+from tests.hub_fixtures import HubHandle, start_hub
+from tests.mqtt_party import Party, parties
+
+DAY = 86_400.0
+TODAY = float(int(time.time() // DAY) * DAY)
+"""Midnight (UTC) of today: the tests' days are relative to it."""
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+async def profile(hub: HubHandle, who: str, client_id: str, start: float, end: float, res: int) -> dict[str, Any]:
+    r = await hub.http.get(f"/v1/clients/{client_id}/consumption-profile", headers=hub.auth(who),
+                           params={"from": iso(start), "to": iso(end), "resolution_s": res})
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+async def audit(hub: HubHandle, client_id: str) -> list[dict[str, Any]]:
+    r = await hub.http.get("/v1/audit", headers=hub.auth("dso"), params={
+        "client_id": client_id, "from": iso(TODAY - 2 * DAY), "to": iso(time.time() + DAY)})
+    assert r.status_code == 200, r.text
+    return r.json()["entries"]  # type: ignore[no-any-return]
+
+
+# -- 5 --------------------------------------------------------------------------------------------------------------
+
+async def test_a_correction_with_the_same_start_keeps_the_rest_of_the_stored_day(hub_any: HubHandle) -> None:
+    hub = hub_any
+    await hub.setup_registry({"c-day": "r1", "c-two": "r1"})
+    day = TODAY - 2 * DAY
+    up = await hub.http.post("/v1/meter-readings", headers=hub.auth("dso"), json={"readings": [
+        {"client_id": "c-day", "start": iso(day), "resolution_s": 900, "values_kwh": [0.25] * 96}]})
+    assert up.status_code == 200, up.text
+    fix = await hub.http.post("/v1/meter-readings", headers=hub.auth("dso"), json={"readings": [
+        {"client_id": "c-day", "start": iso(day), "resolution_s": 900, "values_kwh": [0.5] * 4,
+         "quality": "estimated"}]})
+    assert fix.status_code == 200, fix.text
+    assert fix.json()["corrections"] == 1
+
+    series = (await profile(hub, "dso", "c-day", day, day + DAY, 900))["series"]
+    assert len(series) == 96, f"the correction of 4 intervals left {len(series)} of the day's 96"
+    assert [p["kwh"] for p in series[:4]] == [0.5] * 4  # the last upload wins where it covers
+    assert [p["quality"] for p in series[:4]] == ["estimated"] * 4
+    assert [p["kwh"] for p in series[4:]] == [0.25] * 92
+    hourly = (await profile(hub, "dso", "c-day", day, day + DAY, 3600))["series"]
+    assert round(sum(p["kwh"] for p in hourly), 6) == 0.5 * 4 + 0.25 * 92
+
+    # one upload with two blocks of the same start: the later block wins where they overlap, the rest stays
+    both = await hub.http.post("/v1/meter-readings", headers=hub.auth("dso"), json={"readings": [
+        {"client_id": "c-two", "start": iso(day), "resolution_s": 900, "values_kwh": [1.0] * 8},
+        {"client_id": "c-two", "start": iso(day), "resolution_s": 900, "values_kwh": [3.0] * 2}]})
+    assert both.status_code == 200, both.text
+    series = (await profile(hub, "dso", "c-two", day, day + DAY, 900))["series"]
+    assert [p["kwh"] for p in series] == [3.0, 3.0] + [1.0] * 6
+
+    # billing delivers the corrected day whole (the retailer's message carries every interval)
+    with parties(Party(hub.broker, "r1", topics.down("retailers", "r1"))) as (r1,):
+        bill = await hub.http.post("/v1/billing-data", headers=hub.auth("dso"), json={
+            "client_ids": ["c-day"], "period_start": iso(day), "period_end": iso(day + DAY)})
+        assert bill.status_code == 202, bill.text
+        msg = await r1.next("billing_data", timeout=10)
+        values = [v for b in msg.clients[0].readings for v in b.values_kwh]  # type: ignore[attr-defined]
+        assert values == [0.5] * 4 + [0.25] * 92
