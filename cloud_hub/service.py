@@ -410,17 +410,21 @@ class HubService:
             clip_blocks(await self.store.readings(client_id, start, end), start, end), end, may_have)
         return {"client_id": client_id, "from": iso(start), "to": iso(end), "resolution_s": resolution_s,
                 "series": [{**p, "start": iso(p["start"])} for p in profile(blocks, start, end, resolution_s)],
-                "withheld": [self._withheld(w, periods) for w in withheld]}
+                "withheld": [self._withheld(w, periods, who) for w in withheld]}
 
     @staticmethod
-    def _withheld(w: dict[str, Any], periods: list[dict[str, Any]]) -> dict[str, Any]:
-        """A reading interval withheld from a retailer, as the answer shows it (with the switch inside it)."""
+    def _withheld(w: dict[str, Any], periods: list[dict[str, Any]], reader: Principal) -> dict[str, Any]:
+        """A reading interval withheld from a retailer, as ``reader`` sees it (with the switch inside it): the
+        retailers that supplied it are those ``reader`` may see (:func:`visible_suppliers`), so a retailer is not
+        told who supplied the client before or after it."""
         switches = switches_in(periods, w["start"], w["end"])
         at = ", ".join(str(iso(t)) for t in switches)
         reason = (f"straddles a supplier switch ({at}): attributed to no retailer" if switches
                   else "not supplied by one retailer for the whole interval")
+        visible = {p["retailer_id"] for p in visible_suppliers(reader, periods)}
         return {"start": iso(w["start"]), "end": iso(w["end"]), "resolution_s": w["resolution_s"],
-                "retailers": [rid for rid, _, _ in supply_spans(periods, w["start"], w["end"])], "reason": reason}
+                "retailers": [rid for rid, _, _ in supply_spans(periods, w["start"], w["end"]) if rid in visible],
+                "reason": reason}
 
     async def request_billing(self, who: Principal, body: dict[str, Any], key: str | None
                               ) -> tuple[int, dict[str, Any]]:
@@ -460,7 +464,7 @@ class HubService:
             if spans[0][1] > start:  # nobody supplied the start of the period: its readings go to no one
                 _, held = withhold_straddling(clip_blocks(found[(cid, start, spans[0][1])], start, spans[0][1]),
                                               spans[0][1], lambda t0, t1: False)
-                withheld += [self._withheld(w, periods) for w in held]
+                withheld += [self._withheld(w, periods, who) for w in held]
             for rid, s, e in spans:
                 to = Principal("retailer", rid)
 
@@ -470,7 +474,7 @@ class HubService:
                                   Context(covered_by_supplier=whole_supplier(periods, t0, t1))).allowed
 
                 blocks, held = withhold_straddling(clip_blocks(found[(cid, s, e)], s, e), e, may_have)
-                withheld += [self._withheld(w, periods) for w in held]
+                withheld += [self._withheld(w, periods, who) for w in held]
                 per_retailer[rid].append(BillingClient(
                     client_id=cid, period_start=datetime.fromtimestamp(s, UTC),
                     period_end=datetime.fromtimestamp(e, UTC),

@@ -91,3 +91,22 @@ async def test_a_correction_with_the_same_start_keeps_the_rest_of_the_stored_day
         msg = await r1.next("billing_data", timeout=10)
         values = [v for b in msg.clients[0].readings for v in b.values_kwh]  # type: ignore[attr-defined]
         assert values == [0.5] * 4 + [0.25] * 92
+
+
+# -- 6 --------------------------------------------------------------------------------------------------------------
+
+async def test_the_withheld_detail_does_not_tell_a_retailer_who_its_competitor_is(hub: HubHandle) -> None:
+    await hub.setup_registry({"c-sw": "r1"})
+    day = TODAY - 2 * DAY
+    switch = day + 10.5 * 3600  # inside the hourly reading 10:00-11:00
+    r = await hub.http.put("/v1/clients/c-sw", headers=hub.auth("dso"), json={
+        "retailer_id": "r2", "contracted_power_kw": 6.9, "valid_from": iso(switch)})
+    assert r.status_code in (200, 201), r.text
+    up = await hub.http.post("/v1/meter-readings", headers=hub.auth("dso"), json={"readings": [
+        {"client_id": "c-sw", "start": iso(day), "resolution_s": 3600, "values_kwh": [1.0] * 24}]})
+    assert up.status_code == 200, up.text
+
+    answer = await profile(hub, "r1", "c-sw", day, switch, 3600)
+    assert [w["start"] for w in answer["withheld"]] == [iso(day + 10 * 3600)]  # the straddling hour
+    assert answer["withheld"][0]["retailers"] == ["r1"], answer["withheld"]
+    assert "r2" not in str(answer), "the old supplier learnt who won its customer"
