@@ -54,6 +54,7 @@ from mhp_wire.messages import (
     Tariff,
     encode,
     new_id,
+    recipient_msg_id,
     tariff_msg_id,
 )
 
@@ -525,8 +526,8 @@ class HubService:
         retailers = await self.store.retailer_ids()
         parties = {rid: {"retailers": {rid: ClientState.PENDING.value}, "state": ClientState.PENDING.value,
                          "detail": {}, "trace": {}, "updated_at": time.time()} for rid in retailers}
-        outbox = [OutboxItem(f"{msg.msg_id}-{rid}", request_id, rid, "tariff",
-                             encode(msg.model_copy(update={"msg_id": f"{msg.msg_id}-{rid}"}))) for rid in retailers]
+        copies = {rid: msg.model_copy(update={"msg_id": recipient_msg_id(msg.msg_id, rid)}) for rid in retailers}
+        outbox = [OutboxItem(copy.msg_id, request_id, rid, "tariff", encode(copy)) for rid, copy in copies.items()]
         status, answer = await self._create(who, key, body, request_id, "tariff", time.time() + TARIFF_DELIVERY_S,
                                             {}, outbox, parties, [], t0, extra={"version": version})
         return status, {**answer, "version": version}

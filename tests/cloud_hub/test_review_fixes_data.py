@@ -110,3 +110,46 @@ async def test_the_withheld_detail_does_not_tell_a_retailer_who_its_competitor_i
     assert [w["start"] for w in answer["withheld"]] == [iso(day + 10 * 3600)]  # the straddling hour
     assert answer["withheld"][0]["retailers"] == ["r1"], answer["withheld"]
     assert "r2" not in str(answer), "the old supplier learnt who won its customer"
+
+
+# -- 13 -------------------------------------------------------------------------------------------------------------
+
+LONG_RETAILER = "retailer-with-a-forty-character-long-id0"
+
+
+@pytest.fixture
+async def hub_long(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncIterator[HubHandle]:
+    """A running hub whose hub broker also has a retailer with a 40-character id."""
+    assert len(LONG_RETAILER) == 40
+    broker = mosquitto_factory("hub", ["r1", "r2", LONG_RETAILER], "hub")
+    server, task, tokens, url = await start_hub(tmp_path, broker)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            for _ in range(300):
+                if (await http.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.02)
+            yield HubHandle(url, tokens, broker, http, server.config.app)
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_a_tariff_reaches_a_retailer_with_a_forty_character_id_valid_and_acknowledged(
+        hub_long: HubHandle) -> None:
+    hub = hub_long
+    r = await hub.http.put(f"/v1/retailers/{LONG_RETAILER}", json={"name": "Long"}, headers=hub.auth("admin"))
+    assert r.status_code in (200, 201), r.text
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
+    with parties(Party(hub.broker, LONG_RETAILER, topics.down("retailers", LONG_RETAILER))) as (party,):
+        posted = await hub.http.post("/v1/tariffs", headers=hub.auth("dso"), json={
+            "tariff_id": "t-long", "valid_from": start.isoformat(), "valid_to": (start + timedelta(days=1)).isoformat(),
+            "periods": [{"start": start.isoformat(), "end": (start + timedelta(days=1)).isoformat(),
+                         "price_eur_per_kwh": 0.1}]})
+        assert posted.status_code == 202, posted.text
+        msg = await party.next("tariff", timeout=10)  # decoded as a bridge decodes it: an invalid one raises
+        assert isinstance(msg, Tariff) and msg.tariff_id == "t-long"
+        assert len(msg.msg_id) <= 64
+        await party.publish(topics.up("retailers", LONG_RETAILER), Ack(ack_ids=[msg.msg_id]))
+        req = await wait_state(hub, posted.json()["request_id"], "completed", timeout=10)
+        assert req["state"] == "completed", req
