@@ -330,7 +330,7 @@ class HubService:
         per_retailer: dict[str, list[CustomerChange]] = defaultdict(list)
         for cid, (before, after) in sorted(plan.history.items()):
             for rid, spans in customer_changes(before, after).items():
-                per_retailer[rid].append(CustomerChange(client_id=cid, revision=len(after), periods=[
+                per_retailer[rid].append(CustomerChange(client_id=cid, revision=plan.revisions[cid], periods=[
                     SupplyPeriod(valid_from=datetime.fromtimestamp(f, UTC),
                                  valid_until=None if u is None else datetime.fromtimestamp(u, UTC))
                     for f, u in spans]))

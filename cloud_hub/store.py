@@ -66,6 +66,9 @@ class ClientPlan:
     """How many of the clients are new."""
     history: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = field(default_factory=dict)
     """``client_id -> (supplier periods before, after)`` of every client whose supplier history changes."""
+    revisions: dict[str, int] = field(default_factory=dict)
+    """``client_id -> revision`` of every client whose supplier history changes: the change's number in the
+    ``customers`` announcements (stored with the client, ``d:revision``)."""
 
 
 @dataclass(slots=True)
@@ -152,7 +155,7 @@ class HubStore:
     def _client(client_id: str, row: Row) -> dict[str, Any]:
         periods = sorted((int(c[2:]) / 1000, v.decode()) for c, v in row.items() if c.startswith("s:"))
         return {"client_id": client_id, "contracted_power_kw": _u(row.get("d:contracted_power_kw")),
-                "feeder_id": _u(row.get("d:feeder_id")),
+                "feeder_id": _u(row.get("d:feeder_id")), "revision": _u(row.get("d:revision")),
                 "suppliers": [{"valid_from": f, "retailer_id": r} for f, r in periods]}
 
     async def get_client(self, client_id: str) -> dict[str, Any] | None:
@@ -192,11 +195,20 @@ class HubStore:
             periods = {c: v for c, v in (m.put or {}).items() if c.startswith("s:")} if m.table == "clients" else {}
             if periods:
                 added.setdefault(m.row, {}).update(periods)
+        now_ms = ms(time.time())
         for client_id, periods in added.items():
             first = existing.get(client_id)
             before = [] if first is None else first["suppliers"]
             row: Row = {f"s:{tkey(p['valid_from'])}": p["retailer_id"].encode() for p in before}
             plan.history[client_id] = (before, self._client(client_id, {**row, **periods})["suppliers"])
+            # The change's revision: the hub's write time in ms, and above the client's last one whatever the
+            # clocks (a client announced before revisions were stored had the length of its history): it grows
+            # with every change without telling a retailer how many supplier periods the client had.
+            last = 0 if first is None else max(first["revision"] or 0, len(before))
+            plan.revisions[client_id] = max(last + 1, now_ms)
+        for m in plan.mutations:
+            if m.table == "clients" and m.row in plan.revisions:
+                m.put["d:revision"] = _j(plan.revisions[m.row])
         return plan
 
     @staticmethod

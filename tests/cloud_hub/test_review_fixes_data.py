@@ -153,3 +153,31 @@ async def test_a_tariff_reaches_a_retailer_with_a_forty_character_id_valid_and_a
         await party.publish(topics.up("retailers", LONG_RETAILER), Ack(ack_ids=[msg.msg_id]))
         req = await wait_state(hub, posted.json()["request_id"], "completed", timeout=10)
         assert req["state"] == "completed", req
+
+
+# -- 11 -------------------------------------------------------------------------------------------------------------
+
+async def test_the_customers_revision_does_not_count_the_clients_supplier_periods(hub: HubHandle) -> None:
+    await hub.setup_registry({})
+    now = time.time()
+    seen: list[int] = []
+    with parties(Party(hub.broker, "r2", topics.down("retailers", "r2"))) as (r2,):
+        for days, rid in ((-10, "r1"), (-5, "r2"), (-2, "r1"), (1, "r2")):
+            if days == -10:  # the client's first period, with r1: nothing to tell r2
+                r = await hub.http.put("/v1/clients/c-hist", headers=hub.auth("dso"), json={
+                    "retailer_id": rid, "contracted_power_kw": 6.9, "valid_from": iso(now + days * DAY)})
+                assert r.status_code in (200, 201), r.text
+                continue
+            before_ms = round(time.time() * 1000)
+            r = await hub.http.put("/v1/clients/c-hist", headers=hub.auth("dso"), json={
+                "retailer_id": rid, "contracted_power_kw": 6.9, "valid_from": iso(now + days * DAY)})
+            assert r.status_code in (200, 201), r.text
+            msg = await r2.next("customers", timeout=10)
+            assert isinstance(msg, Customers)
+            await r2.publish(topics.up("retailers", "r2"), Ack(ack_ids=[msg.msg_id]))
+            (item,) = msg.items
+            # the hub's write time: r2 learns when the change was made (it is being told now), not how many
+            # periods the client had (a revision of 4 when it gains the client told it of 3 earlier ones)
+            assert item.revision >= before_ms, f"revision {item.revision} after {len(seen)} change(s) seen"
+            seen.append(item.revision)
+    assert seen == sorted(set(seen)), "the revision must grow with every change"
