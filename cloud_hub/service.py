@@ -72,6 +72,30 @@ CUSTOMERS_MESSAGE_BYTES = 200_000
 """A ``customers`` message is cut before it would pass this size (the payload limit is 256 KiB)."""
 
 
+AUDIT_REFUSALS_LOGGED = 100
+"""A refusal is written to the data access log one line per registered client for at most this many client ids
+of one request or message; the rest, and ids that name no client, are counted in one summary line (client
+``*``)."""
+AUDIT_SUMMARY_CLIENT = "*"
+"""The ``client_id`` of a summary line of the data access log (``GET /v1/audit?client_id=*``)."""
+
+
+def refusal_audit(principal: str, action: str, right: str, known: list[str], unknown: int, more: list[str],
+                  ref: str | None = None) -> list[AuditEntry]:
+    """The data access log of one refused request or message: a line per registered client it concerned (the first
+    :data:`AUDIT_REFUSALS_LOGGED`), and one summary line (client ``*``, ``detail`` saying what it counts) for the
+    rest of them, ``unknown`` ids that name no client and the ``more`` that were not looked up, when there are any."""
+    lines = [AuditEntry(principal, cid, action, right, False, ref) for cid in known[:AUDIT_REFUSALS_LOGGED]]
+    counted = list(more)
+    if len(known) > AUDIT_REFUSALS_LOGGED:
+        counted.insert(0, f"{len(known) - AUDIT_REFUSALS_LOGGED} more registered client(s), not logged one by one")
+    if unknown:
+        counted.insert(0, f"{unknown} id(s) that name no registered client")
+    if counted:
+        lines.append(AuditEntry(principal, AUDIT_SUMMARY_CLIENT, action, right, False, ref, detail="; ".join(counted)))
+    return lines
+
+
 def _customer_messages(items: list[CustomerChange]) -> list[Customers]:
     """``items`` in as few ``customers`` messages as fit the payload limit (and the 1,000 items a message holds)."""
     out: list[Customers] = []
@@ -273,11 +297,22 @@ class HubService:
         verdict = decide(who, action)
         if verdict.allowed:
             return verdict.right
+        # A refused body may name any number of ids: only the first AUDIT_REFUSALS_LOGGED are looked up and logged
+        # per registered client, the rest counted in one summary line (the refusal costs a bounded read and write).
         named = list(dict.fromkeys(client_ids or []))
+        looked = named[:AUDIT_REFUSALS_LOGGED]
+        more: list[str] = []
+        if len(named) > len(looked):
+            more.append(f"{len(named) - len(looked)} more client id(s) named, not looked up")
         if feeder_id:
-            named += await self.store.clients_on_feeder(feeder_id)
-        known = sorted(await self.store.get_clients(named)) if named else []
-        await self.store.audit([AuditEntry(str(who), cid, action.value, verdict.right, False) for cid in known])
+            room = AUDIT_REFUSALS_LOGGED - len(looked)
+            on_feeder = await self.store.clients_on_feeder(feeder_id, limit=room + 1) if room > 0 else []
+            looked = list(dict.fromkeys(looked + on_feeder[:max(room, 0)]))
+            if room <= 0 or len(on_feeder) > room:
+                more.append(f"more clients of feeder {feeder_id!r}, not looked up")
+        known = sorted(await self.store.get_clients(looked)) if looked else []
+        await self.store.audit(refusal_audit(str(who), action.value, verdict.right, known,
+                                             len(looked) - len(known), more))
         raise Forbidden(verdict.reason)
 
     # -- registry -----------------------------------------------------------------------------------------
@@ -1148,11 +1183,15 @@ class HubService:
             else:
                 refused.append(m.client_id)
         refused = sorted(set(refused))
-        # Every attempt is in the data access log, one line per client and message, accepted or refused (an unknown
-        # client's too: the retailer is answered the same for both), in the same write as the measurements and
-        # before them: if the log cannot be written, nothing is stored or acknowledged.
-        audit = [AuditEntry(str(who), cid, Action.SEND_MEASUREMENT.value, "none", False, msg.msg_id)
-                 for cid in refused]
+        # Every attempt is in the data access log, in the same write as the measurements and before them (if the
+        # log cannot be written, nothing is stored or acknowledged): one line per client and message, accepted or
+        # refused, for a refused registered client up to AUDIT_REFUSALS_LOGGED per message; unknown ids (no one's
+        # data) and refused clients past that are counted in one summary line (client "*"), so that a message of
+        # random ids cannot write a line per id. The retailer is answered the same for an unknown client as for
+        # another's.
+        refused_known = [cid for cid in refused if cid in clients]
+        audit = refusal_audit(str(who), Action.SEND_MEASUREMENT.value, "none", refused_known,
+                              len(refused) - len(refused_known), [], msg.msg_id)
         audit += [AuditEntry(str(who), cid, Action.SEND_MEASUREMENT.value, right, True, msg.msg_id)
                   for cid, right in sorted(rights.items())]
         await self.store.put_measurements(ok, audit)

@@ -82,6 +82,8 @@ class AuditEntry:
     allowed: bool = True
     ref: str | None = None
     at: float = field(default_factory=time.time)
+    detail: str | None = None
+    """What a summary line (client ``*``) stands for, e.g. how many refused client ids it counts."""
 
 
 _seq = 0
@@ -93,7 +95,8 @@ def audit_mutation(e: AuditEntry) -> Mutation:
     _seq = (_seq + 1) % 1_000_000
     return Mutation("audit", f"{e.client_id}|{tkey(e.at)}|{_seq:06d}", {
         "a:principal": e.principal.encode(), "a:action": e.action.encode(), "a:right": e.right.encode(),
-        "a:allowed": b"1" if e.allowed else b"0", "a:ref": (e.ref or "").encode(), "a:at": _j(e.at)})
+        "a:allowed": b"1" if e.allowed else b"0", "a:ref": (e.ref or "").encode(), "a:at": _j(e.at),
+        **({"a:detail": e.detail.encode()} if e.detail else {})})
 
 
 class HubStore:
@@ -244,9 +247,9 @@ class HubStore:
                 muts.append(Mutation("feeders", f"{feeder}|{cid}", {"d:x": b"1"}))
         await self.kv.batch(muts)
 
-    async def clients_on_feeder(self, feeder_id: str) -> list[str]:
-        """The clients registered on a feeder."""
-        return [r.split("|", 1)[1] for r, _ in await self.kv.scan("feeders", prefix=f"{feeder_id}|")]
+    async def clients_on_feeder(self, feeder_id: str, limit: int | None = None) -> list[str]:
+        """The clients registered on a feeder (the first ``limit`` of them, by id, when given)."""
+        return [r.split("|", 1)[1] for r, _ in await self.kv.scan("feeders", prefix=f"{feeder_id}|", limit=limit)]
 
     # -- requests -----------------------------------------------------------------------------------------
 
@@ -477,7 +480,8 @@ class HubStore:
         rows = await self.kv.scan("audit", start=f"{client_id}|{tkey(start)}", stop=f"{client_id}|{tkey(end)}")
         return [{"at": _u(c["a:at"]), "principal": c["a:principal"].decode(), "client_id": client_id,
                  "action": c["a:action"].decode(), "right": c["a:right"].decode(),
-                 "allowed": c["a:allowed"] == b"1", "ref": c["a:ref"].decode() or None} for _, c in rows]
+                 "allowed": c["a:allowed"] == b"1", "ref": c["a:ref"].decode() or None,
+                 **({"detail": c["a:detail"].decode()} if "a:detail" in c else {})} for _, c in rows]
 
 
 def _iso(ts: float) -> str:

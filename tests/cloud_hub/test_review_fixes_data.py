@@ -181,3 +181,57 @@ async def test_the_customers_revision_does_not_count_the_clients_supplier_period
             assert item.revision >= before_ms, f"revision {item.revision} after {len(seen)} change(s) seen"
             seen.append(item.revision)
     assert seen == sorted(set(seen)), "the revision must grow with every change"
+
+
+# -- 9 --------------------------------------------------------------------------------------------------------------
+
+async def test_a_refusal_naming_thousands_of_ids_logs_the_first_registered_ones_and_counts_the_rest(
+        hub: HubHandle) -> None:
+    await hub.setup_registry({})
+    known = [f"c-{i:03d}" for i in range(150)]
+    r = await hub.http.put("/v1/clients", headers=hub.auth("dso"), json={"clients": [
+        {"client_id": cid, "retailer_id": "r1", "contracted_power_kw": 6.9, "valid_from": iso(TODAY - DAY)}
+        for cid in known]})
+    assert r.status_code == 200, r.text
+    random_ids = [f"x-{i}" for i in range(5_000)]
+    refused = await hub.http.post("/v1/emergencies", headers=hub.auth("r1"), json={
+        "client_ids": known + random_ids, "start": iso(time.time() + 3600), "duration_s": 600,
+        "power_limit_kw": 3.0})
+    assert refused.status_code == 403, refused.text
+
+    for cid in known[:100]:  # the log stays true for every registered client of the first 100 named
+        lines = [e for e in await audit(hub, cid) if e["action"] == "trigger_emergency"]
+        assert [(e["principal"], e["allowed"], e["right"]) for e in lines] == [("retailer:r1", False, "none")]
+    assert [e for e in await audit(hub, known[120]) if e["action"] == "trigger_emergency"] == []
+    summary = [e for e in await audit(hub, "*") if e["action"] == "trigger_emergency"]
+    assert len(summary) == 1, summary
+    assert summary[0]["principal"] == "retailer:r1" and summary[0]["allowed"] is False
+    assert "5050 more client id(s)" in summary[0]["detail"]
+    assert await audit(hub, "x-0") == []
+
+
+async def test_measurements_for_random_ids_are_counted_in_one_line_not_one_each(hub: HubHandle) -> None:
+    await hub.setup_registry({"c-own": "r1", "c-other": "r2"})
+    at = datetime.now(UTC)
+    items = [Measurement(client_id="c-own", at=at, active_power_kw=1.5),
+             Measurement(client_id="c-other", at=at, active_power_kw=2.0)]
+    items += [Measurement(client_id=f"rnd-{i}", at=at, active_power_kw=1.0) for i in range(500)]
+    msg = Measurements(items=items)
+    with parties(Party(hub.broker, "r1", topics.down("retailers", "r1"))) as (r1,):
+        await r1.publish(topics.up("retailers", "r1"), msg)
+        while True:  # the hub acknowledges the message once it is stored and logged
+            got = await r1.next("ack", timeout=10)
+            if msg.msg_id in got.ack_ids:  # type: ignore[attr-defined]
+                break
+
+    async def sent(cid: str) -> list[tuple[str, bool, str]]:
+        return [(e["principal"], e["allowed"], e["ref"]) for e in await audit(hub, cid)
+                if e["action"] == "send_measurement"]
+
+    assert await sent("c-own") == [("retailer:r1", True, msg.msg_id)]
+    assert await sent("c-other") == [("retailer:r1", False, msg.msg_id)]  # a registered client: its own line
+    assert await audit(hub, "rnd-7") == []
+    summary = [e for e in await audit(hub, "*") if e["action"] == "send_measurement"]
+    assert len(summary) == 1, summary
+    assert summary[0]["ref"] == msg.msg_id
+    assert summary[0]["detail"].startswith("500 id(s) that name no registered client")
