@@ -72,6 +72,8 @@ CUSTOMERS_MESSAGE_BYTES = 200_000
 """A ``customers`` message is cut before it would pass this size (the payload limit is 256 KiB)."""
 
 
+REGISTER_LOCK_STRIPES = 256
+"""Locks serialising registrations of the same client (by a hash of its id)."""
 AUDIT_REFUSALS_LOGGED = 100
 """A refusal is written to the data access log one line per registered client for at most this many client ids
 of one request or message; the rest, and ids that name no client, are counted in one summary line (client
@@ -260,6 +262,8 @@ class HubService:
         self.metrics = metrics
         self.replicas = replicas
         """Set when the hub runs as several replicas: a cancel goes to the replica that owns the request."""
+        self._register_locks = [asyncio.Lock() for _ in range(REGISTER_LOCK_STRIPES)]
+        """Registrations of one client run one at a time (a client maps to one lock: a bounded set, not a map)."""
         self._claims_here: dict[tuple[str, str], LocalClaim] = {}
         """A single hub's ``Idempotency-Key`` claims (replicas claim in storage)."""
         self.publish_tariff_retained: Any = None
@@ -360,7 +364,19 @@ class HubService:
         """Store client registrations; when a supplier history changes (a new client, a supplier switch), each
         retailer whose supply changes is told, in the same write, through the outbox: a ``customers`` message
         (re-sent until acknowledged, kept across restarts) with all its periods of those clients. Returns how
-        many clients are new and the id of the announcing request (None: nothing to announce)."""
+        many clients are new and the id of the announcing request (None: nothing to announce).
+
+        Registrations of the same client are serialised in this process (planning reads the stored row and the
+        write must follow from what was read: two at once announced contradictory periods with the same revision);
+        hub replicas are not serialised with each other (docs/decisions.md, "Review fixes: data")."""
+        stripes = sorted({hash(c[0]) % REGISTER_LOCK_STRIPES for c in clients})
+        async with contextlib.AsyncExitStack() as held:
+            for i in stripes:  # always in the same order: two batches cannot wait for each other
+                await held.enter_async_context(self._register_locks[i])
+            return await self._register_locked(who, clients)
+
+    async def _register_locked(self, who: Principal, clients: list[tuple[str, str, float, str | None, float]]
+                               ) -> tuple[int, str | None]:
         plan = await self.store.plan_clients(clients)
         per_retailer: dict[str, list[CustomerChange]] = defaultdict(list)
         for cid, (before, after) in sorted(plan.history.items()):

@@ -235,3 +235,32 @@ async def test_measurements_for_random_ids_are_counted_in_one_line_not_one_each(
     assert len(summary) == 1, summary
     assert summary[0]["ref"] == msg.msg_id
     assert summary[0]["detail"].startswith("500 id(s) that name no registered client")
+
+
+# -- 14 -------------------------------------------------------------------------------------------------------------
+
+async def test_concurrent_registrations_of_one_new_client_one_wins_the_others_conflict(hub_any: HubHandle) -> None:
+    """Each of 24 new clients is registered 8 times at once, each time with another retailer and the same
+    ``valid_from``: exactly one registration per client may succeed (the others are a switch without a later
+    ``valid_from``: 409), and only its retailer is told. Before, two that planned from the same empty row both
+    succeeded and told two retailers that each supplied the client from the same instant, with revision 1."""
+    hub = hub_any
+    retailers = [f"rc{i}" for i in range(8)]
+    for rid in retailers:
+        r = await hub.http.put(f"/v1/retailers/{rid}", json={"name": rid}, headers=hub.auth("admin"))
+        assert r.status_code in (200, 201), r.text
+    valid_from = iso(TODAY - DAY)
+    clients = [f"c-race-{n}" for n in range(24)]
+    answers = await asyncio.gather(*(hub.http.put(f"/v1/clients/{cid}", headers=hub.auth("dso"), json={
+        "retailer_id": rid, "contracted_power_kw": 6.9, "valid_from": valid_from})
+        for cid in clients for rid in retailers))
+    for n, cid in enumerate(clients):
+        mine = answers[n * len(retailers):(n + 1) * len(retailers)]
+        won = [a.json() for a in mine if a.status_code < 300]
+        assert len(won) == 1 and [a.status_code for a in mine].count(409) == len(retailers) - 1, (
+            cid, [a.status_code for a in mine])
+        client = (await hub.http.get(f"/v1/clients/{cid}", headers=hub.auth("dso"))).json()
+        assert len(client["suppliers"]) == 1
+        announced = (await hub.http.get(f"/v1/requests/{won[0]['customer_change_request_id']}",
+                                        headers=hub.auth("dso"))).json()
+        assert list(announced["retailers"]) == [client["suppliers"][0]["retailer_id"]]
