@@ -54,6 +54,7 @@ from mhp_wire.messages import (
     Tariff,
     encode,
     new_id,
+    recipient_msg_id,
     tariff_msg_id,
 )
 
@@ -69,6 +70,32 @@ CUSTOMERS_DELIVERY_S = 7 * 24 * 3600
 as a broker keeps an offline bridge's session)."""
 CUSTOMERS_MESSAGE_BYTES = 200_000
 """A ``customers`` message is cut before it would pass this size (the payload limit is 256 KiB)."""
+
+
+REGISTER_LOCK_STRIPES = 256
+"""Locks serialising registrations of the same client (by a hash of its id)."""
+AUDIT_REFUSALS_LOGGED = 100
+"""A refusal is written to the data access log one line per registered client for at most this many client ids
+of one request or message; the rest, and ids that name no client, are counted in one summary line (client
+``*``)."""
+AUDIT_SUMMARY_CLIENT = "*"
+"""The ``client_id`` of a summary line of the data access log (``GET /v1/audit?client_id=*``)."""
+
+
+def refusal_audit(principal: str, action: str, right: str, known: list[str], unknown: int, more: list[str],
+                  ref: str | None = None) -> list[AuditEntry]:
+    """The data access log of one refused request or message: a line per registered client it concerned (the first
+    :data:`AUDIT_REFUSALS_LOGGED`), and one summary line (client ``*``, ``detail`` saying what it counts) for the
+    rest of them, ``unknown`` ids that name no client and the ``more`` that were not looked up, when there are any."""
+    lines = [AuditEntry(principal, cid, action, right, False, ref) for cid in known[:AUDIT_REFUSALS_LOGGED]]
+    counted = list(more)
+    if len(known) > AUDIT_REFUSALS_LOGGED:
+        counted.insert(0, f"{len(known) - AUDIT_REFUSALS_LOGGED} more registered client(s), not logged one by one")
+    if unknown:
+        counted.insert(0, f"{unknown} id(s) that name no registered client")
+    if counted:
+        lines.append(AuditEntry(principal, AUDIT_SUMMARY_CLIENT, action, right, False, ref, detail="; ".join(counted)))
+    return lines
 
 
 def _customer_messages(items: list[CustomerChange]) -> list[Customers]:
@@ -257,6 +284,8 @@ class HubService:
         self.metrics = metrics
         self.replicas = replicas
         """Set when the hub runs as several replicas: a cancel goes to the replica that owns the request."""
+        self._register_locks = [asyncio.Lock() for _ in range(REGISTER_LOCK_STRIPES)]
+        """Registrations of one client run one at a time (a client maps to one lock: a bounded set, not a map)."""
         self._claims_here: dict[tuple[str, str], LocalClaim] = {}
         """A single hub's ``Idempotency-Key`` claims (replicas claim in storage)."""
         self.publish_tariff_retained: Any = None
@@ -294,11 +323,22 @@ class HubService:
         verdict = decide(who, action)
         if verdict.allowed:
             return verdict.right
+        # A refused body may name any number of ids: only the first AUDIT_REFUSALS_LOGGED are looked up and logged
+        # per registered client, the rest counted in one summary line (the refusal costs a bounded read and write).
         named = list(dict.fromkeys(client_ids or []))
+        looked = named[:AUDIT_REFUSALS_LOGGED]
+        more: list[str] = []
+        if len(named) > len(looked):
+            more.append(f"{len(named) - len(looked)} more client id(s) named, not looked up")
         if feeder_id:
-            named += await self.store.clients_on_feeder(feeder_id)
-        known = sorted(await self.store.get_clients(named)) if named else []
-        await self.store.audit([AuditEntry(str(who), cid, action.value, verdict.right, False) for cid in known])
+            room = AUDIT_REFUSALS_LOGGED - len(looked)
+            on_feeder = await self.store.clients_on_feeder(feeder_id, limit=room + 1) if room > 0 else []
+            looked = list(dict.fromkeys(looked + on_feeder[:max(room, 0)]))
+            if room <= 0 or len(on_feeder) > room:
+                more.append(f"more clients of feeder {feeder_id!r}, not looked up")
+        known = sorted(await self.store.get_clients(looked)) if looked else []
+        await self.store.audit(refusal_audit(str(who), action.value, verdict.right, known,
+                                             len(looked) - len(known), more))
         raise Forbidden(verdict.reason)
 
     # -- registry -----------------------------------------------------------------------------------------
@@ -346,12 +386,24 @@ class HubService:
         """Store client registrations; when a supplier history changes (a new client, a supplier switch), each
         retailer whose supply changes is told, in the same write, through the outbox: a ``customers`` message
         (re-sent until acknowledged, kept across restarts) with all its periods of those clients. Returns how
-        many clients are new and the id of the announcing request (None: nothing to announce)."""
+        many clients are new and the id of the announcing request (None: nothing to announce).
+
+        Registrations of the same client are serialised in this process (planning reads the stored row and the
+        write must follow from what was read: two at once announced contradictory periods with the same revision);
+        hub replicas are not serialised with each other (docs/decisions.md, "Review fixes: data")."""
+        stripes = sorted({hash(c[0]) % REGISTER_LOCK_STRIPES for c in clients})
+        async with contextlib.AsyncExitStack() as held:
+            for i in stripes:  # always in the same order: two batches cannot wait for each other
+                await held.enter_async_context(self._register_locks[i])
+            return await self._register_locked(who, clients)
+
+    async def _register_locked(self, who: Principal, clients: list[tuple[str, str, float, str | None, float]]
+                               ) -> tuple[int, str | None]:
         plan = await self.store.plan_clients(clients)
         per_retailer: dict[str, list[CustomerChange]] = defaultdict(list)
         for cid, (before, after) in sorted(plan.history.items()):
             for rid, spans in customer_changes(before, after).items():
-                per_retailer[rid].append(CustomerChange(client_id=cid, revision=len(after), periods=[
+                per_retailer[rid].append(CustomerChange(client_id=cid, revision=plan.revisions[cid], periods=[
                     SupplyPeriod(valid_from=datetime.fromtimestamp(f, UTC),
                                  valid_until=None if u is None else datetime.fromtimestamp(u, UTC))
                     for f, u in spans]))
@@ -432,17 +484,21 @@ class HubService:
             clip_blocks(await self.store.readings(client_id, start, end), start, end), end, may_have)
         return {"client_id": client_id, "from": iso(start), "to": iso(end), "resolution_s": resolution_s,
                 "series": [{**p, "start": iso(p["start"])} for p in profile(blocks, start, end, resolution_s)],
-                "withheld": [self._withheld(w, periods) for w in withheld]}
+                "withheld": [self._withheld(w, periods, who) for w in withheld]}
 
     @staticmethod
-    def _withheld(w: dict[str, Any], periods: list[dict[str, Any]]) -> dict[str, Any]:
-        """A reading interval withheld from a retailer, as the answer shows it (with the switch inside it)."""
+    def _withheld(w: dict[str, Any], periods: list[dict[str, Any]], reader: Principal) -> dict[str, Any]:
+        """A reading interval withheld from a retailer, as ``reader`` sees it (with the switch inside it): the
+        retailers that supplied it are those ``reader`` may see (:func:`visible_suppliers`), so a retailer is not
+        told who supplied the client before or after it."""
         switches = switches_in(periods, w["start"], w["end"])
         at = ", ".join(str(iso(t)) for t in switches)
         reason = (f"straddles a supplier switch ({at}): attributed to no retailer" if switches
                   else "not supplied by one retailer for the whole interval")
+        visible = {p["retailer_id"] for p in visible_suppliers(reader, periods)}
         return {"start": iso(w["start"]), "end": iso(w["end"]), "resolution_s": w["resolution_s"],
-                "retailers": [rid for rid, _, _ in supply_spans(periods, w["start"], w["end"])], "reason": reason}
+                "retailers": [rid for rid, _, _ in supply_spans(periods, w["start"], w["end"]) if rid in visible],
+                "reason": reason}
 
     async def request_billing(self, who: Principal, body: dict[str, Any], key: str | None
                               ) -> tuple[int, dict[str, Any]]:
@@ -482,7 +538,7 @@ class HubService:
             if spans[0][1] > start:  # nobody supplied the start of the period: its readings go to no one
                 _, held = withhold_straddling(clip_blocks(found[(cid, start, spans[0][1])], start, spans[0][1]),
                                               spans[0][1], lambda t0, t1: False)
-                withheld += [self._withheld(w, periods) for w in held]
+                withheld += [self._withheld(w, periods, who) for w in held]
             for rid, s, e in spans:
                 to = Principal("retailer", rid)
 
@@ -492,7 +548,7 @@ class HubService:
                                   Context(covered_by_supplier=whole_supplier(periods, t0, t1))).allowed
 
                 blocks, held = withhold_straddling(clip_blocks(found[(cid, s, e)], s, e), e, may_have)
-                withheld += [self._withheld(w, periods) for w in held]
+                withheld += [self._withheld(w, periods, who) for w in held]
                 per_retailer[rid].append(BillingClient(
                     client_id=cid, period_start=datetime.fromtimestamp(s, UTC),
                     period_end=datetime.fromtimestamp(e, UTC),
@@ -545,8 +601,8 @@ class HubService:
         retailers = await self.store.retailer_ids()
         parties = {rid: {"retailers": {rid: ClientState.PENDING.value}, "state": ClientState.PENDING.value,
                          "detail": {}, "trace": {}, "updated_at": time.time()} for rid in retailers}
-        outbox = [OutboxItem(f"{msg.msg_id}-{rid}", request_id, rid, "tariff",
-                             encode(msg.model_copy(update={"msg_id": f"{msg.msg_id}-{rid}"}))) for rid in retailers]
+        copies = {rid: msg.model_copy(update={"msg_id": recipient_msg_id(msg.msg_id, rid)}) for rid in retailers}
+        outbox = [OutboxItem(copy.msg_id, request_id, rid, "tariff", encode(copy)) for rid, copy in copies.items()]
         status, answer = await self._create(who, key, body, request_id, "tariff", time.time() + TARIFF_DELIVERY_S,
                                             {}, outbox, parties, [], t0, extra={"version": version})
         return status, {**answer, "version": version}
@@ -1175,11 +1231,15 @@ class HubService:
             else:
                 refused.append(m.client_id)
         refused = sorted(set(refused))
-        # Every attempt is in the data access log, one line per client and message, accepted or refused (an unknown
-        # client's too: the retailer is answered the same for both), in the same write as the measurements and
-        # before them: if the log cannot be written, nothing is stored or acknowledged.
-        audit = [AuditEntry(str(who), cid, Action.SEND_MEASUREMENT.value, "none", False, msg.msg_id)
-                 for cid in refused]
+        # Every attempt is in the data access log, in the same write as the measurements and before them (if the
+        # log cannot be written, nothing is stored or acknowledged): one line per client and message, accepted or
+        # refused, for a refused registered client up to AUDIT_REFUSALS_LOGGED per message; unknown ids (no one's
+        # data) and refused clients past that are counted in one summary line (client "*"), so that a message of
+        # random ids cannot write a line per id. The retailer is answered the same for an unknown client as for
+        # another's.
+        refused_known = [cid for cid in refused if cid in clients]
+        audit = refusal_audit(str(who), Action.SEND_MEASUREMENT.value, "none", refused_known,
+                              len(refused) - len(refused_known), [], msg.msg_id)
         audit += [AuditEntry(str(who), cid, Action.SEND_MEASUREMENT.value, right, True, msg.msg_id)
                   for cid, right in sorted(rights.items())]
         await self.store.put_measurements(ok, audit)

@@ -76,6 +76,9 @@ class ClientPlan:
     """How many of the clients are new."""
     history: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = field(default_factory=dict)
     """``client_id -> (supplier periods before, after)`` of every client whose supplier history changes."""
+    revisions: dict[str, int] = field(default_factory=dict)
+    """``client_id -> revision`` of every client whose supplier history changes: the change's number in the
+    ``customers`` announcements (stored with the client, ``d:revision``)."""
 
 
 @dataclass(slots=True)
@@ -89,6 +92,8 @@ class AuditEntry:
     allowed: bool = True
     ref: str | None = None
     at: float = field(default_factory=time.time)
+    detail: str | None = None
+    """What a summary line (client ``*``) stands for, e.g. how many refused client ids it counts."""
 
 
 _seq = 0
@@ -100,7 +105,8 @@ def audit_mutation(e: AuditEntry) -> Mutation:
     _seq = (_seq + 1) % 1_000_000
     return Mutation("audit", f"{e.client_id}|{tkey(e.at)}|{_seq:06d}", {
         "a:principal": e.principal.encode(), "a:action": e.action.encode(), "a:right": e.right.encode(),
-        "a:allowed": b"1" if e.allowed else b"0", "a:ref": (e.ref or "").encode(), "a:at": _j(e.at)})
+        "a:allowed": b"1" if e.allowed else b"0", "a:ref": (e.ref or "").encode(), "a:at": _j(e.at),
+        **({"a:detail": e.detail.encode()} if e.detail else {})})
 
 
 class HubStore:
@@ -162,7 +168,7 @@ class HubStore:
     def _client(client_id: str, row: Row) -> dict[str, Any]:
         periods = sorted((int(c[2:]) / 1000, v.decode()) for c, v in row.items() if c.startswith("s:"))
         return {"client_id": client_id, "contracted_power_kw": _u(row.get("d:contracted_power_kw")),
-                "feeder_id": _u(row.get("d:feeder_id")),
+                "feeder_id": _u(row.get("d:feeder_id")), "revision": _u(row.get("d:revision")),
                 "suppliers": [{"valid_from": f, "retailer_id": r} for f, r in periods]}
 
     async def get_client(self, client_id: str) -> dict[str, Any] | None:
@@ -202,11 +208,20 @@ class HubStore:
             periods = {c: v for c, v in (m.put or {}).items() if c.startswith("s:")} if m.table == "clients" else {}
             if periods:
                 added.setdefault(m.row, {}).update(periods)
+        now_ms = ms(time.time())
         for client_id, periods in added.items():
             first = existing.get(client_id)
             before = [] if first is None else first["suppliers"]
             row: Row = {f"s:{tkey(p['valid_from'])}": p["retailer_id"].encode() for p in before}
             plan.history[client_id] = (before, self._client(client_id, {**row, **periods})["suppliers"])
+            # The change's revision: the hub's write time in ms, and above the client's last one whatever the
+            # clocks (a client announced before revisions were stored had the length of its history): it grows
+            # with every change without telling a retailer how many supplier periods the client had.
+            last = 0 if first is None else max(first["revision"] or 0, len(before))
+            plan.revisions[client_id] = max(last + 1, now_ms)
+        for m in plan.mutations:
+            if m.table == "clients" and m.row in plan.revisions:
+                m.put["d:revision"] = _j(plan.revisions[m.row])
         return plan
 
     @staticmethod
@@ -256,9 +271,9 @@ class HubStore:
         rows = await self.kv.scan("feeders", start=start, stop=prefix_stop(prefix), limit=limit, columns=["d:x"])
         return [r[len(prefix):] for r, _ in rows]
 
-    async def clients_on_feeder(self, feeder_id: str) -> list[str]:
-        """The clients registered on a feeder."""
-        return [r.split("|", 1)[1] for r, _ in await self.kv.scan("feeders", prefix=f"{feeder_id}|")]
+    async def clients_on_feeder(self, feeder_id: str, limit: int | None = None) -> list[str]:
+        """The clients registered on a feeder (the first ``limit`` of them, by id, when given)."""
+        return [r.split("|", 1)[1] for r, _ in await self.kv.scan("feeders", prefix=f"{feeder_id}|", limit=limit)]
 
     # -- requests -----------------------------------------------------------------------------------------
 
@@ -417,17 +432,24 @@ class HubStore:
     # -- meter readings -----------------------------------------------------------------------------------
 
     async def put_readings(self, blocks: list[dict[str, Any]]) -> tuple[int, int]:
-        """Store reading blocks (row ``client|start``); a block for an interval already stored is a correction.
-        Returns ``(stored, corrections)``."""
-        keys = [f"{b['client_id']}|{tkey(b['start'])}" for b in blocks]
-        existing = await self.kv.get_many("readings", keys, ["r:version"])
+        """Store reading blocks; a block for an interval already stored is a correction. Every upload's block is
+        kept: the first at ``client|start``, a later one with the same start at ``client|start|version`` (it sorts
+        right after it, so a range scan by start finds both), and reads apply "the last upload wins" where blocks
+        overlap (:func:`cloud_hub.timeline.points`). Overwriting the row lost the values of the stored block that
+        the correction did not cover. Returns ``(stored, corrections)``."""
         muts, corrections = [], 0
-        for key, b in zip(keys, blocks, strict=True):
-            version = int(existing[key]["r:version"]) + 1 if key in existing else 1
+        versions: dict[str, int] = {}  # the highest version of each ``client|start`` (this upload's blocks too)
+        for b in blocks:
+            base = f"{b['client_id']}|{tkey(b['start'])}"
             end = b["start"] + b["resolution_s"] * len(b["values_kwh"])
-            overlaps = version > 1 or bool(await self.readings(b["client_id"], b["start"], end))
+            stored = await self.readings(b["client_id"], b["start"], end)
+            if base not in versions:
+                versions[base] = max((s["version"] for s in stored if tkey(s["start"]) == tkey(b["start"])),
+                                     default=0)
+            version = versions[base] = versions[base] + 1
+            overlaps = version > 1 or bool(stored)
             corrections += overlaps
-            muts.append(Mutation("readings", key, {
+            muts.append(Mutation("readings", base if version == 1 else f"{base}|{version:06d}", {
                 "r:start": _j(b["start"]), "r:resolution_s": _j(b["resolution_s"]), "r:values": _j(b["values_kwh"]),
                 "r:quality": b["quality"].encode(), "r:version": str(version).encode(),
                 "r:corrects": b"1" if overlaps else b"0", "r:uploaded_at": _j(time.time())}))
@@ -517,7 +539,8 @@ class HubStore:
         rows = await self.kv.scan("audit", start=f"{client_id}|{tkey(start)}", stop=f"{client_id}|{tkey(end)}")
         return [{"at": _u(c["a:at"]), "principal": c["a:principal"].decode(), "client_id": client_id,
                  "action": c["a:action"].decode(), "right": c["a:right"].decode(),
-                 "allowed": c["a:allowed"] == b"1", "ref": c["a:ref"].decode() or None} for _, c in rows]
+                 "allowed": c["a:allowed"] == b"1", "ref": c["a:ref"].decode() or None,
+                 **({"detail": c["a:detail"].decode()} if "a:detail" in c else {})} for _, c in rows]
 
 
 def _iso(ts: float) -> str:

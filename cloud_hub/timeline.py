@@ -84,7 +84,9 @@ def points(blocks: Iterable[dict[str, Any]], start: float, end: float) -> dict[f
     Where uploads overlap, the one uploaded last wins (a correction replaces what it covers).
     """
     out: dict[float, tuple[float, float, str, bool]] = {}
-    for b in sorted(blocks, key=lambda b: b.get("uploaded_at", 0.0)):  # clipped blocks (no overlap) have none
+    # clipped blocks (no overlap) have no upload time; two blocks of one upload with the same start: the later one
+    # has the higher version
+    for b in sorted(blocks, key=lambda b: (b.get("uploaded_at", 0.0), b.get("version", 1))):
         res = b["resolution_s"]
         for i, kwh in enumerate(b["values_kwh"]):
             t = b["start"] + i * res

@@ -358,6 +358,14 @@ def tariff_msg_id(tariff_id: str, version: int) -> str:
     return f"tariff-{uuid.uuid5(uuid.NAMESPACE_URL, f'mhp:tariff:{tariff_id}:{version}').hex}"
 
 
+def recipient_msg_id(msg_id: str, recipient: str) -> str:
+    """The ``msg_id`` of one recipient's copy of a message (each retailer acknowledges its own copy): a uuid5 of
+    both, so that it is the same at every re-send and within the 64 characters of a ``msg_id`` whatever the
+    recipient id's length (``<msg_id>-<recipient>`` was not: a copy for a 40-character retailer id was refused
+    as invalid by its bridge, forever)."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"mhp:copy:{msg_id}:{recipient}").hex
+
+
 class Measurement(BaseModel):
     """Active power of one client at one time."""
 

@@ -201,11 +201,15 @@ async def test_measurements_for_clients_not_its_own_answer_a_retailer_as_unknown
         errors = await errors_for(r1, list(sent.values()))
     seen = {cid: wire(errors[msg.msg_id], cid) for cid, msg in sent.items()}
     assert seen[THEIRS] == seen[GHOST] and seen[FORMER] == seen[GHOST], seen
-    # r1's own client's measurements were stored; each refused one is in the data access log.
+    # r1's own client's measurements were stored; each refused registered one is in the data access log, and an id
+    # that names no client is counted in the message's summary line (client "*"), not given a line of its own.
     r = await hub.http.get("/v1/measurements", headers=hub.auth("dso"), params={
         "client_id": "c1", "from": (t - timedelta(minutes=1)).isoformat(),
         "to": (now() + timedelta(minutes=1)).isoformat()})
     assert len(r.json()["series"]) >= 1
     for cid, msg in sent.items():
         entries = refusals(await audit(hub, cid, t - timedelta(minutes=1)), "retailer:r1", "send_measurement")
-        assert [e["ref"] for e in entries] == [msg.msg_id], cid
+        assert [e["ref"] for e in entries] == ([] if cid == GHOST else [msg.msg_id]), cid
+    summary = refusals(await audit(hub, "*", t - timedelta(minutes=1)), "retailer:r1", "send_measurement")
+    assert [(e["ref"], e["detail"]) for e in summary] == [
+        (sent[GHOST].msg_id, "1 id(s) that name no registered client")]
