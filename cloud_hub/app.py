@@ -14,10 +14,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cloud_hub.api import console, data, health, registry, requests, tariffs
+from cloud_hub.api import console, data, events, health, registry, requests, tariffs
 from cloud_hub.api.deps import RateLimited
 from cloud_hub.authz import Principal
 from cloud_hub.book import RequestBook
+from cloud_hub.feed import ChangeFeed
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.relay import HubRelay
 from cloud_hub.replicas import CancelHandler, OwnerUnavailable, Replicas
@@ -26,6 +27,7 @@ from cloud_hub.settings import HubSettings
 from cloud_hub.store import Conflict, HubStore, StoreUnavailable
 from cloud_hub.tokens import TokenBook
 from cloud_hub.views import ConsoleViews
+from cloud_hub.webhooks import WebhookPolicy, Webhooks
 from mhp_wire import topics
 from mhp_wire.messages import presence_payload
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
@@ -125,6 +127,18 @@ def _owner_cancel(service: HubService) -> CancelHandler:
     return cancel
 
 
+async def _prune_feed(feed: ChangeFeed) -> None:
+    """Delete change-feed events older than the replay window, a few times per window."""
+    pause = min(300.0, max(1.0, feed.replay_s / 10))
+    while True:
+        await asyncio.sleep(pause)
+        try:
+            while await feed.prune() > 0:
+                pass
+        except StoreUnavailable as exc:
+            log.warning("change feed: pruning old events failed (%s); tried again later", exc)
+
+
 def create_app(settings: HubSettings) -> FastAPI:
     """Build the hub application for ``settings``."""
 
@@ -133,6 +147,9 @@ def create_app(settings: HubSettings) -> FastAPI:
         store = HubStore.from_settings(settings)
         await store.open()
         metrics = HubMetrics()
+        feed = ChangeFeed(store.kv, metrics, replay_s=settings.feed_replay_s, queue_max=settings.feed_queue_max)
+        await feed.open()
+        store.feed = feed  # from here on every request write carries its change-feed events
         book = RequestBook(store, metrics, settings.replica_id)
         relay = HubRelay(book, metrics)
         replicas = None
@@ -156,13 +173,22 @@ def create_app(settings: HubSettings) -> FastAPI:
         app.state.replicas = replicas
         app.state.views = ConsoleViews(store, metrics, relay.presence_now)
         app.state.tokens = TokenBook(settings.tokens_file)
+        webhooks = Webhooks(store, feed, metrics, WebhookPolicy(
+            production=settings.environment == "production", allow_private=settings.webhook_allow_private,
+            timeout_s=settings.webhook_timeout_s, retry_initial_s=settings.webhook_retry_initial_s,
+            retry_max_s=settings.webhook_retry_max_s, max_age_s=settings.webhook_max_age_s))
+        app.state.feed, app.state.webhooks, app.state.settings = feed, webhooks, settings
+        await webhooks.start()
         task = asyncio.create_task(_supervise_relay(app, settings), name="hub-relay")
+        pruner = asyncio.create_task(_prune_feed(feed), name="hub-feed-prune")
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            for t in (task, pruner):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            await webhooks.close()
             await store.close()
 
     # The API's own description (/docs, /redoc, /openapi.json) only where the settings expose it.
@@ -177,6 +203,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.include_router(data.router)
     app.include_router(tariffs.router)
     app.include_router(console.router)
+    app.include_router(events.router)
     app.state.http_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -47,6 +47,11 @@ class Action(StrEnum):
     """A feeder's measured active power: the sum over its clients' measurements."""
     LIST_REQUESTS = "list_requests"
     """The requests the principal issued, newest first (docs/decisions.md: the DSO only)."""
+    READ_EVENTS = "read_events"
+    """Follow the change feed: of one request (``Context.issuer`` and ``addressed_retailers`` given) or of every
+    request the principal may follow (no context)."""
+    MANAGE_SUBSCRIPTION = "manage_subscription"
+    """Create a webhook subscription (no context) or read or delete one (``Context.issuer``: its owner)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +159,24 @@ def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decisi
             return Decision(True, "retailer:supplier-of-period")
         return Decision(False, "none", "billing data goes only to the retailer that supplied the client for the "
                                        "whole of each reading interval")
+    if action is Action.READ_EVENTS:
+        # The feed is neutral like the GET it replaces: the DSO follows the requests it issued, a retailer the
+        # requests that concern its clients (and sees only those clients, cloud_hub.feed.view); a request that does
+        # not concern a retailer is answered as an unknown one.
+        if who.kind == "dso" and ctx.issuer in (None, str(who)):
+            return Decision(True, "issuer")
+        if who.kind == "retailer" and (ctx.issuer is None or who.retailer_id in ctx.addressed_retailers):
+            return Decision(True, "retailer:own-clients")
+        if who.kind == "admin":
+            return Decision(False, "none", "an administrator follows no requests")
+        return Decision(False, "none", "only the issuer of a request, or a retailer of its clients, may follow it",
+                        conceal=who.kind == "retailer")
+    if action is Action.MANAGE_SUBSCRIPTION:
+        if who.kind in ("dso", "retailer") and ctx.issuer in (None, str(who)):
+            return Decision(True, "subscription-owner" if ctx.issuer else f"{who.kind}:subscribe")
+        if who.kind == "admin":
+            return Decision(False, "none", "an administrator follows no requests")
+        return Decision(False, "none", "a subscription is managed only by its owner", conceal=True)
     raise AssertionError(f"unhandled action {action}")  # every Action is handled above
 
 

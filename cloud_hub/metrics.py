@@ -135,6 +135,15 @@ class HubMetrics:
                                        registry=r)
         self.relay_restarts = WindowedCounter(Counter("mhp_relay_restarts", "Restarts of the MQTT relay after it "
                                                       "failed or stopped", registry=r), self.recent, "relay_restarts")
+        self.feed_events = Counter("mhp_feed_events", "Change-feed events stored and published", registry=r)
+        self.feed_followers = Gauge("mhp_feed_followers", "Live change-feed followers (SSE streams, webhook "
+                                    "workers)", registry=r)
+        self.feed_overflows = Counter("mhp_feed_overflows", "Followers whose bounded queue overflowed: their stream "
+                                      "was closed, to be resumed with Last-Event-ID", registry=r)
+        self.webhook_deliveries = Counter("mhp_webhook_deliveries", "Webhook delivery attempts by result",
+                                          ["result"], registry=r)
+        self.webhook_dropped = Counter("mhp_webhook_dropped", "Webhook events dropped after the maximum age of "
+                                       "retries", registry=r)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

@@ -1213,6 +1213,35 @@ class HubService:
                              "acknowledged_by": {r: iso(t) for r, t in meta["cancel"]["retailers"].items()}}
         return out
 
+    # -- the change feed ------------------------------------------------------------------------------------------
+
+    async def may_follow(self, who: Principal, request_id: str | None) -> None:
+        """Raise unless ``who`` may follow the change feed of ``request_id`` (None: of every request it may see):
+        its issuer, or a retailer of some of its clients; a request that does not concern a retailer is answered
+        as an unknown one (neutral, as the GET)."""
+        if request_id is None:
+            self.authorize(who, Action.READ_EVENTS)
+            return
+        req = await self.store.get_request(request_id, ["r:issuer", "c:", "p:"])
+        if req is None:
+            raise NotFound(f"request {request_id!r} does not exist")
+        addressed = {r for c in req["clients"].values() for r in c.get("retailers", {})} | set(req["parties"])
+        verdict = decide(who, Action.READ_EVENTS, Context(issuer=req["meta"]["issuer"],
+                                                          addressed_retailers=tuple(sorted(addressed))))
+        if verdict.conceal:
+            raise NotFound(f"request {request_id!r} does not exist")
+        if not verdict.allowed:
+            raise Forbidden(verdict.reason)
+
+    def may_manage_subscription(self, who: Principal, owner: str | None) -> None:
+        """Raise unless ``who`` may create a subscription (``owner`` None) or read or delete one of ``owner``'s;
+        another principal's subscription is answered as an unknown one."""
+        verdict = decide(who, Action.MANAGE_SUBSCRIPTION, Context(issuer=owner))
+        if verdict.conceal:
+            raise NotFound("no such subscription")
+        if not verdict.allowed:
+            raise Forbidden(verdict.reason)
+
     # -- measurements and audit -------------------------------------------------------------------------------
 
     async def accept_measurements(self, retailer_id: str, msg: Measurements) -> list[str]:

@@ -76,6 +76,22 @@ class HubSettings(BaseSettings):
     Mosquitto 2.0 hands a stored offline session its share of the group's messages (``docs/decisions.md``)."""
     replica_forward_timeout_s: float = Field(5.0, gt=0)
     """How long a replica waits for the owner's answer to a forwarded cancel before answering 503."""
+    feed_keepalive_s: float = Field(15.0, gt=0)
+    """A change-feed stream (Server-Sent Events) sends a comment line after this long without an event."""
+    feed_replay_s: float = Field(86_400.0, gt=0)
+    """How long the change feed keeps events: a follower resuming from an older id gets a ``reset`` event."""
+    feed_queue_max: int = Field(1000, ge=1)
+    """Events queued for one live follower; beyond it its stream is closed (it resumes with Last-Event-ID)."""
+    webhook_allow_private: bool = False
+    """Allow webhook targets that resolve to loopback, private, link-local, multicast or reserved addresses (tests,
+    a receiver on the hub's own network); refused otherwise, at creation and again at each delivery."""
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    """How long one webhook delivery may take."""
+    webhook_retry_initial_s: float = Field(1.0, gt=0)
+    """The first pause before a failed webhook delivery is tried again; it doubles up to ``webhook_retry_max_s``."""
+    webhook_retry_max_s: float = Field(300.0, gt=0)
+    webhook_max_age_s: float = Field(86_400.0, gt=0)
+    """How long an event is retried to a webhook before it is dropped (and counted in ``mhp_webhook_dropped``)."""
 
     @model_validator(mode="after")
     def _production_profile(self) -> HubSettings:

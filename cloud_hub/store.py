@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cloud_hub.feed import ChangeFeed, Staged
 from cloud_hub.storage import KVStore, Mutation, Row, StoreUnavailable, prefix_stop
 from cloud_hub.storage.sqlite import SqliteKV
 
@@ -114,6 +115,23 @@ class HubStore:
 
     def __init__(self, kv: KVStore) -> None:
         self.kv = kv
+        self.feed: ChangeFeed | None = None
+        """Set by the app: every request write then adds its change-feed events to the same batch."""
+
+    async def _batch_with_events(self, muts: list[Mutation],
+                                 writes: list[tuple[str, dict[str, Any], dict[str, Any] | None]]) -> None:
+        """Write ``muts`` with the change-feed events of the request rows ``writes`` ``(request_id, put, meta)``
+        (the one place events are made, see :mod:`cloud_hub.feed`); they are published once durable."""
+        if self.feed is None:
+            await self.kv.batch(muts)
+            return
+        staged: Staged = await self.feed.stage(writes)
+        try:
+            await self.kv.batch([*muts, *staged.mutations])
+        except BaseException:
+            self.feed.settle(staged, durable=False)
+            raise
+        self.feed.settle(staged, durable=True)
 
     @classmethod
     def embedded(cls, path: Path | str, busy_timeout_ms: int = 1000) -> HubStore:
@@ -335,7 +353,8 @@ class HubStore:
             muts.append(Mutation("idempotency", f"{principal}|{key}", {
                 "d:hash": digest.encode(), "d:status": str(status).encode(), "d:answer": _j(answer)}))
         muts += [audit_mutation(e) for e in audit]
-        await self.kv.batch(muts)
+        put = {**{f"c:{cid}": e for cid, e in clients.items()}, **{f"p:{rid}": p for rid, p in parties.items()}}
+        await self._batch_with_events(muts, [(request_id, put, meta)])
 
     async def get_request(self, request_id: str, families: list[str] | None = None) -> dict[str, Any] | None:
         """A request as ``{"meta", "clients", "outbox", "parties"}`` (only the families asked), or None."""
@@ -381,7 +400,7 @@ class HubStore:
         muts += [audit_mutation(e) for e in audit or []]
         if close:
             muts.append(Mutation("open_requests", request_id, delete=[]))
-        await self.kv.batch(muts)
+        await self._batch_with_events(muts, [(request_id, put, None)])
 
     async def update_requests(self, writes: list[tuple[str, dict[str, Any], list[str] | None, bool]],
                               audit: list[AuditEntry] | None = None) -> None:
@@ -393,7 +412,7 @@ class HubStore:
                  for rid, put, delete, _ in writes]
         muts += [Mutation("open_requests", rid, delete=[]) for rid, _, _, close in writes if close]
         if muts:
-            await self.kv.batch(muts)
+            await self._batch_with_events(muts, [(rid, put, None) for rid, put, _, _ in writes])
 
     async def issued_request_page(self, issuer: str, after: str | None, since: float | None, limit: int
                                   ) -> list[tuple[str, str]]:
@@ -526,6 +545,32 @@ class HubStore:
             return None
         tariff: dict[str, Any] = _u(raw)
         return {**tariff, "latest_version": versions[-1]}
+
+    # -- webhook subscriptions ----------------------------------------------------------------------------
+
+    async def put_subscription(self, sub: dict[str, Any]) -> None:
+        """Store a webhook subscription (``subscription_id``, ``owner``, ``url``, ``events``, ``request_id``,
+        ``secret``, ``created_at``, ``cursor``: the last event id handled)."""
+        cells: Row = {f"d:{k}": _j(v) for k, v in sub.items() if k != "subscription_id"}
+        await self.kv.batch([Mutation("subscriptions", sub["subscription_id"], cells)])
+
+    async def get_subscription(self, subscription_id: str) -> dict[str, Any] | None:
+        """A stored subscription, or None."""
+        row = await self.kv.get("subscriptions", subscription_id)
+        return {"subscription_id": subscription_id, **{c[2:]: _u(v) for c, v in row.items()}} if row else None
+
+    async def subscriptions(self) -> list[dict[str, Any]]:
+        """Every stored subscription."""
+        return [{"subscription_id": r, **{c[2:]: _u(v) for c, v in cells.items()}}
+                for r, cells in await self.kv.scan("subscriptions")]
+
+    async def set_subscription_cursor(self, subscription_id: str, event_id: int) -> None:
+        """The last event a subscription has handled (delivered, or dropped after its retries)."""
+        await self.kv.batch([Mutation("subscriptions", subscription_id, {"d:cursor": _j(event_id)})])
+
+    async def delete_subscription(self, subscription_id: str) -> None:
+        """Remove a subscription."""
+        await self.kv.batch([Mutation("subscriptions", subscription_id, delete=[])])
 
     # -- audit --------------------------------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "measurements": ("m",),         # row client_id|ts ms: active power
     "tariffs": ("t",),              # row tariff_id: t:<version> -> tariff; row "~current" -> latest
     "health": ("d",),               # written by readiness checks
+    "events": ("e",),               # row event id (20 digits): the change feed's log; row "~last": the highest id
+    "subscriptions": ("d",),        # row subscription id: a webhook (owner, url, events, secret, cursor)
 }
 
 

@@ -1,0 +1,118 @@
+"""The change feed: Server-Sent Events of request changes, and webhook subscriptions for the same events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloud_hub.api.deps import Caller, Service
+from cloud_hub.authz import Principal
+from cloud_hub.feed import ChangeFeed, FeedItem
+from cloud_hub.service import NotFound
+from cloud_hub.webhooks import Webhooks, public
+
+router = APIRouter(prefix="/v1", tags=["events"])
+
+RequestId = Annotated[str, Path(max_length=64)]
+LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)]
+
+
+def frame(item: FeedItem) -> str:
+    """One Server-Sent Events frame: ``id``, ``event`` and one ``data`` line of JSON; a comment for a keep-alive."""
+    if item.kind == "keepalive":
+        return ": keep-alive\n\n"
+    return f"id: {item.event_id}\nevent: {item.kind}\ndata: {json.dumps(item.data, separators=(',', ':'))}\n\n"
+
+
+def resume_point(last_event_id: str | None, since: str | None) -> int | None:
+    """The id to resume after: the ``Last-Event-ID`` header (a reconnecting EventSource sends it), else ``since``."""
+    text = last_event_id if last_event_id not in (None, "") else since
+    if text is None or text == "":
+        return None
+    if not text.isdigit():
+        raise ValueError(f"Last-Event-ID / since must be an event id (a non-negative integer), not {text!r}")
+    return int(text)
+
+
+def _stream(request: Request, who: Principal, since: int | None, request_id: str | None) -> StreamingResponse:
+    feed: ChangeFeed = request.app.state.feed
+    keepalive_s: float = request.app.state.settings.feed_keepalive_s
+
+    async def body() -> AsyncIterator[str]:
+        yield "retry: 1000\n\n"  # the browser's EventSource reconnects after 1 s, with Last-Event-ID
+        async for item in feed.follow(who, since, request_id, keepalive_s):
+            yield frame(item)
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/events")
+async def events(request: Request, who: Caller, service: Service, last_event_id: LastEventId = None,
+                 since: Annotated[str | None, Query(max_length=40)] = None) -> StreamingResponse:
+    """Server-Sent Events of the changes of every request the caller may follow (the DSO: those it issued; a
+    retailer: those of its clients, showing only them)."""
+    point = resume_point(last_event_id, since)
+    await service.may_follow(who, None)
+    return _stream(request, who, point, None)
+
+
+@router.get("/requests/{request_id}/events")
+async def request_events(request_id: RequestId, request: Request, who: Caller, service: Service,
+                         last_event_id: LastEventId = None,
+                         since: Annotated[str | None, Query(max_length=40)] = None) -> StreamingResponse:
+    """Server-Sent Events of one request's changes (its issuer; a retailer of some of its clients)."""
+    point = resume_point(last_event_id, since)
+    await service.may_follow(who, request_id)
+    return _stream(request, who, point, request_id)
+
+
+class SubscriptionBody(BaseModel):
+    """A webhook: where to POST the events, which ones, and the secret that signs them."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(min_length=8, max_length=2000)
+    events: list[str] = Field(default_factory=lambda: ["request"], min_length=1, max_length=10)
+    request_id: str | None = Field(None, min_length=1, max_length=64)
+    secret: str = Field(min_length=16, max_length=200)
+
+
+@router.post("/subscriptions", status_code=201)
+async def create_subscription(body: SubscriptionBody, request: Request, who: Caller, service: Service
+                              ) -> dict[str, Any]:
+    """Subscribe a webhook to the events the caller may follow (the DSO; a retailer, for its own clients)."""
+    service.may_manage_subscription(who, None)
+    hooks: Webhooks = request.app.state.webhooks
+    return await hooks.create(who, body.url, body.events, body.request_id, body.secret, service.may_follow)
+
+
+async def _owned(request: Request, who: Principal, service: Any, subscription_id: str) -> dict[str, Any]:
+    sub = await request.app.state.store.get_subscription(subscription_id)
+    if sub is None:
+        raise NotFound("no such subscription")
+    service.may_manage_subscription(who, sub["owner"])
+    result: dict[str, Any] = sub
+    return result
+
+
+@router.get("/subscriptions/{subscription_id}")
+async def get_subscription(subscription_id: Annotated[str, Path(max_length=64)], request: Request, who: Caller,
+                           service: Service) -> dict[str, Any]:
+    """A subscription (its owner); never its secret."""
+    return public(await _owned(request, who, service, subscription_id))
+
+
+@router.delete("/subscriptions/{subscription_id}", status_code=204)
+async def delete_subscription(subscription_id: Annotated[str, Path(max_length=64)], request: Request, who: Caller,
+                              service: Service) -> Response:
+    """Stop and remove a subscription (its owner)."""
+    await _owned(request, who, service, subscription_id)
+    hooks: Webhooks = request.app.state.webhooks
+    await hooks.stop(subscription_id)
+    await request.app.state.store.delete_subscription(subscription_id)
+    return Response(status_code=204)

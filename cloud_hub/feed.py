@@ -1,0 +1,323 @@
+"""The hub's change feed: one event per stored change of a request, kept in an event log and pushed to followers.
+
+Events are made in ONE place, the store's request writes (:class:`~cloud_hub.store.HubStore`): every write of a
+request row that changes its state, a client's entry or a retailer's delivery adds an event row to the same storage
+batch (one transaction on SQLite), so an event exists exactly when its change does. Once the batch is durable the
+event is published, in id order, to every live follower (Server-Sent Events streams, webhook workers).
+
+Event ids are integers that order: ``milliseconds since the epoch * 1000 + a sequence`` (never below the last id
+stored, so a hub restarted on a clock that went back still counts up). A follower that reconnects with the last id it
+saw gets exactly the events after it: those already published are read back from the log, the rest arrive live.
+What a principal sees of an event is decided by :func:`view` (neutral: a retailer only its own clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cloud_hub.authz import Principal
+from cloud_hub.metrics import HubMetrics
+from cloud_hub.storage import KVStore, Mutation
+
+log = logging.getLogger(__name__)
+
+TABLE = "events"
+LAST_ROW = "~last"
+"""A row after every event row: the highest event id written (a hint; the rows after it are scanned on start)."""
+KNOWN_KEPT = 50_000
+"""Requests whose type, issuer, state and retailers the feed keeps in memory (oldest forgotten, read again)."""
+PAGE = 500
+
+
+def event_key(event_id: int) -> str:
+    """The row key of an event: fixed width, so that keys sort as ids do."""
+    return f"{event_id:020d}"
+
+
+def id_time(event_id: int) -> float:
+    """When an event id was allocated (epoch seconds)."""
+    return event_id / 1_000_000
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+@dataclass(slots=True)
+class Known:
+    """What the feed remembers of a request to describe its changes."""
+
+    type: str
+    issuer: str
+    state: str
+    revision: int | None
+    audience: set[str]
+    """Every retailer the request concerns (its clients' retailers, its deliveries)."""
+
+
+@dataclass(slots=True)
+class Staged:
+    """Events of one storage batch: their rows, written with the batch, and the events, published once durable."""
+
+    mutations: list[Mutation] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    known: dict[str, Known] = field(default_factory=dict)
+
+
+@dataclass(eq=False, slots=True)
+class Follower:
+    """One live follower: what it may see, and a bounded queue of events for it."""
+
+    who: Principal
+    request_id: str | None
+    queue: asyncio.Queue[dict[str, Any]]
+    overflowed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FeedItem:
+    """What a stream yields: ``request`` (an event as the follower sees it), ``reset`` (its resume point is older
+    than the replay window: re-read with GET) or ``keepalive``."""
+
+    kind: str
+    event_id: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def view(event: dict[str, Any], who: Principal, request_id: str | None = None) -> dict[str, Any] | None:
+    """What ``who`` sees of a stored event (None: nothing). The DSO sees the requests it issued, whole; a retailer
+    only its own clients' entries and its own delivery, of requests that concern it (a change of the request's state
+    is shown to every retailer it concerns, with its own clients only); an administrator sees none."""
+    if request_id is not None and event["request_id"] != request_id:
+        return None
+    clients: dict[str, Any]
+    if who.kind == "retailer":
+        rid = who.retailer_id
+        clients = {c: {"state": e["state"], "detail": e["detail"]} for c, e in event["clients"].items()
+                   if rid in e["retailers"]}
+        retailers = {r: s for r, s in event["retailers"].items() if r == rid}
+        if not clients and not retailers and not (event["state_changed"] and rid in event["audience"]):
+            return None
+    elif who.kind == "dso" and event["issuer"] == str(who):
+        clients = {c: {"state": e["state"], "detail": e["detail"]} for c, e in event["clients"].items()}
+        retailers = dict(event["retailers"])
+    else:
+        return None
+    out = {"event_id": event["event_id"], "request_id": event["request_id"], "type": event["type"],
+           "state": event["state"], "at": event["at"], "clients": clients, "retailers": retailers}
+    if event.get("revision") is not None:
+        out["revision"] = event["revision"]
+    return out
+
+
+def describe(request_id: str, known: Known, put: dict[str, Any], created: bool) -> dict[str, Any] | None:
+    """The event of one write of a request row (``put``: its cells, decoded), or None when the write changes
+    nothing a follower sees (an outbox entry, a stored timing). Updates ``known``."""
+    clients = {col[2:]: {"state": e["state"], "detail": e.get("detail", {}),
+                         "retailers": sorted(e.get("retailers", {}))}
+               for col, e in put.items() if col.startswith("c:") and isinstance(e, dict) and "state" in e}
+    retailers = {col[2:]: e["state"] for col, e in put.items()
+                 if col.startswith("p:") and isinstance(e, dict) and "state" in e}
+    state = put.get("r:state", known.state)
+    state_changed = created or state != known.state
+    if "r:revision" in put:
+        known.revision = put["r:revision"]
+    known.state = state
+    for e in clients.values():
+        known.audience.update(e["retailers"])
+    known.audience.update(retailers)
+    if not clients and not retailers and not state_changed:
+        return None
+    return {"request_id": request_id, "type": known.type, "state": state, "revision": known.revision,
+            "clients": clients, "retailers": retailers, "issuer": known.issuer, "state_changed": state_changed,
+            "audience": sorted(known.audience)}
+
+
+class ChangeFeed:
+    """The event log of request changes and its live followers."""
+
+    def __init__(self, kv: KVStore, metrics: HubMetrics | None = None, *, replay_s: float = 86_400.0,
+                 queue_max: int = 1000, clock: Callable[[], float] = time.time) -> None:
+        self.kv = kv
+        self.metrics = metrics
+        self.replay_s = replay_s
+        """How far back a follower may resume; older resume points get a ``reset``."""
+        self.queue_max = queue_max
+        self.clock = clock
+        self.watermark = 0
+        """The highest event id published: every event up to it is durable and has been handed to the followers."""
+        self._last = 0
+        self._pending: set[int] = set()
+        self._ready: dict[int, dict[str, Any]] = {}
+        self._known: dict[str, Known] = {}
+        self._followers: set[Follower] = set()
+
+    async def open(self) -> None:
+        """Continue the ids after the last event stored."""
+        last = await self.kv.get(TABLE, LAST_ROW)
+        start = int(last["e:id"]) if last else 0
+        rows = await self.kv.scan(TABLE, start=event_key(start), stop=LAST_ROW, columns=["e:d"])
+        top = max([start, *(int(r) for r, _ in rows)])
+        self._last = self.watermark = top
+
+    # -- writing ------------------------------------------------------------------------------------------
+
+    def _allocate(self) -> int:
+        self._last = max(self._last + 1, int(self.clock() * 1000) * 1000)
+        self._pending.add(self._last)
+        return self._last
+
+    async def _known_of(self, request_id: str) -> Known | None:
+        known = self._known.get(request_id)
+        if known is not None:
+            return known
+        row = await self.kv.get("requests", request_id, ["r:type", "r:issuer", "r:state", "r:revision", "c:", "p:"])
+        if "r:type" not in row:
+            return None
+        audience: set[str] = set()
+        for col, raw in row.items():
+            if col.startswith("c:"):
+                audience.update(json.loads(raw).get("retailers", {}))
+            elif col.startswith("p:"):
+                audience.add(col[2:])
+        rev = json.loads(row["r:revision"]) if "r:revision" in row else None
+        known = Known(json.loads(row["r:type"]), json.loads(row["r:issuer"]), json.loads(row["r:state"]), rev,
+                      audience)
+        self._remember(request_id, known)
+        return known
+
+    def _remember(self, request_id: str, known: Known) -> None:
+        self._known[request_id] = known
+        if len(self._known) > KNOWN_KEPT:
+            self._known.pop(next(iter(self._known)))
+
+    async def stage(self, writes: Iterable[tuple[str, dict[str, Any], dict[str, Any] | None]]) -> Staged:
+        """The events of request-row writes ``(request_id, put, meta)`` (``meta``: the new request's, at creation),
+        to be written in the same batch; :meth:`settle` once the batch succeeded or failed."""
+        staged = Staged()
+        for request_id, put, meta in writes:
+            if meta is None and not any(c.startswith(("c:", "p:")) or c == "r:state" for c in put):
+                continue  # an outbox entry, a timing: nothing a follower sees, and no read of the row for it
+            if meta is not None:
+                audience = {r for e in put.values() if isinstance(e, dict) for r in e.get("retailers", {})}
+                audience.update(c[2:] for c in put if c.startswith("p:"))
+                known: Known | None = Known(meta["type"], meta["issuer"], meta["state"], meta.get("revision"),
+                                            audience)
+            else:
+                base = await self._known_of(request_id)
+                known = None if base is None else Known(base.type, base.issuer, base.state, base.revision,
+                                                        set(base.audience))
+            if known is None:
+                continue
+            event = describe(request_id, known, put, meta is not None)
+            staged.known[request_id] = known
+            if event is None:
+                continue
+            event_id = self._allocate()
+            now = self.clock()
+            event = {"event_id": event_id, "at": _iso(now), **event}
+            staged.events.append(event)
+            staged.mutations.append(Mutation(TABLE, event_key(event_id), {"e:d": json.dumps(
+                event, separators=(",", ":"), default=str).encode()}))
+        if staged.events:
+            staged.mutations.append(Mutation(TABLE, LAST_ROW, {"e:id": str(staged.events[-1]["event_id"]).encode()}))
+        return staged
+
+    def settle(self, staged: Staged, durable: bool) -> None:
+        """The batch of ``staged`` was written (``durable``) or not: publish, in id order, every event that no
+        lower id still waits for."""
+        for event in staged.events:
+            self._pending.discard(event["event_id"])
+            if durable:
+                self._ready[event["event_id"]] = event
+        if durable:  # otherwise the row did not change: what was known before still holds
+            for request_id, known in staged.known.items():
+                self._remember(request_id, known)
+        lowest = min(self._pending, default=None)
+        for event_id in sorted(self._ready):
+            if lowest is not None and event_id > lowest:
+                break
+            self._publish(self._ready.pop(event_id))
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        self.watermark = max(self.watermark, event["event_id"])
+        if self.metrics is not None:
+            self.metrics.feed_events.inc()
+        for f in self._followers:
+            if f.overflowed or view(event, f.who, f.request_id) is None:
+                continue
+            try:
+                f.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                f.overflowed = True  # its stream ends once it has drained the queue; it resumes from its last id
+                if self.metrics is not None:
+                    self.metrics.feed_overflows.inc()
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def too_old(self, since: int) -> bool:
+        """Whether a resume point is older than the replay window."""
+        return id_time(since) < self.clock() - self.replay_s
+
+    async def follow(self, who: Principal, since: int | None = None, request_id: str | None = None,
+                     keepalive_s: float = 15.0) -> AsyncIterator[FeedItem]:
+        """The events ``who`` sees after ``since`` (None: from now): the stored ones, then live ones, with a
+        ``keepalive`` item after each quiet ``keepalive_s``; a ``reset`` first when ``since`` is older than the
+        replay window. Ends when the follower fell ``queue_max`` events behind (it resumes from its last id)."""
+        follower = Follower(who, request_id, asyncio.Queue(self.queue_max))
+        self._followers.add(follower)
+        upto = self.watermark  # no await since adding the follower: every later event reaches its queue
+        if self.metrics is not None:
+            self.metrics.feed_followers.inc()
+        try:
+            if since is not None and since < upto and self.too_old(since):
+                yield FeedItem("reset", upto, {"reason": "the resume point is older than the replay window; read the "
+                                                         "requests again with GET, then follow from this event",
+                                               "event_id": upto})
+            elif since is not None and since < upto:
+                async for event in self._replay(since, upto):
+                    seen = view(event, who, request_id)
+                    if seen is not None:
+                        yield FeedItem("request", event["event_id"], seen)
+            while True:
+                if follower.overflowed and follower.queue.empty():
+                    return
+                try:
+                    event = await asyncio.wait_for(follower.queue.get(), keepalive_s)
+                except TimeoutError:
+                    yield FeedItem("keepalive")
+                    continue
+                seen = view(event, who, request_id)
+                if seen is not None:
+                    yield FeedItem("request", event["event_id"], seen)
+        finally:
+            self._followers.discard(follower)
+            if self.metrics is not None:
+                self.metrics.feed_followers.dec()
+
+    async def _replay(self, since: int, upto: int) -> AsyncIterator[dict[str, Any]]:
+        start = event_key(since + 1)
+        stop = event_key(upto + 1)
+        while True:
+            rows = await self.kv.scan(TABLE, start=start, stop=stop, limit=PAGE)
+            for _row, cells in rows:
+                yield json.loads(cells["e:d"])
+            if len(rows) < PAGE:
+                return
+            start = event_key(int(rows[-1][0]) + 1)
+
+    async def prune(self, limit: int = 5000) -> int:
+        """Delete events older than the replay window (at most ``limit`` at a time); returns how many."""
+        cutoff = int((self.clock() - self.replay_s) * 1_000_000)
+        rows = await self.kv.scan(TABLE, start=event_key(0), stop=event_key(max(0, cutoff)), limit=limit,
+                                  columns=["e:d"])
+        if rows:
+            await self.kv.batch([Mutation(TABLE, r, delete=[]) for r, _ in rows])
+        return len(rows)

@@ -1,0 +1,275 @@
+"""The hub's change feed over a real uvicorn hub, a real Mosquitto and test retailers answering over MQTT: following
+a request to its end as Server-Sent Events, resuming with Last-Event-ID (after a disconnect, after a hub restart),
+authorization, neutrality, and the reset beyond the replay window. The feed's own ordering and bounded queues are
+checked on the real embedded store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cloud_hub.authz import Principal
+from cloud_hub.feed import ChangeFeed
+from cloud_hub.storage.sqlite import SqliteKV
+from mhp_wire import topics
+from mhp_wire.messages import Ack, ClientState, Outcome, Request
+from tests.broker_fixtures import MosquittoFactory
+from tests.cloud_hub.sse import Frame, sse
+from tests.hub_fixtures import HubHandle, running_hub, start_hub
+from tests.mqtt_party import Party, parties
+
+TERMINAL = {"completed", "partially_completed", "failed", "expired", "cancelled"}
+
+
+@pytest.fixture
+async def hub(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory
+              ) -> AsyncIterator[HubHandle]:
+    """A hub whose feed sends a keep-alive every 0.2 s."""
+    async for h in running_hub(request, tmp_path, mosquitto_factory, "sqlite", feed_keepalive_s=0.2):
+        yield h
+
+
+async def post_emergency(http: httpx.AsyncClient, headers: dict[str, str], clients: list[str]) -> str:
+    start = datetime.now(UTC) + timedelta(seconds=60)
+    r = await http.post("/v1/emergencies", headers=headers, json={
+        "client_ids": clients, "start": start.isoformat(), "duration_s": 300, "power_limit_kw": 1.0})
+    assert r.status_code == 202, r.text
+    return str(r.json()["request_id"])
+
+
+async def take_request(party: Party, rid: str) -> Request:
+    msg = await party.next("request")
+    assert isinstance(msg, Request)
+    await party.publish(topics.up("retailers", rid), Ack(ack_ids=[msg.msg_id]))
+    return msg
+
+
+async def report(party: Party, rid: str, request_id: str, client_id: str, state: ClientState) -> None:
+    out = Outcome(request_id=request_id, client_id=client_id, state=state, detail={"by": rid})
+    await party.publish(topics.up("retailers", rid), out)
+    ack = await party.next("ack")
+    assert isinstance(ack, Ack) and ack.ack_ids == [out.msg_id]
+
+
+def ids(frames: list[Frame]) -> list[int]:
+    return [int(f.id) for f in frames if f.id is not None]
+
+
+def ended(f: Frame) -> bool:
+    return f.event == "request" and f.data["state"] in TERMINAL
+
+
+async def test_follow_a_request_to_its_end_and_each_retailer_sees_only_its_clients(hub: HubHandle) -> None:
+    await hub.setup_registry({"c1": "r1", "c2": "r2", "c3": "r1"})
+    with parties(Party(hub.broker, "r1", topics.down("retailers", "r1")),
+                 Party(hub.broker, "r2", topics.down("retailers", "r2"))) as (p1, p2):
+        async with sse(hub.http, "/v1/events", hub.auth("dso")) as dso, \
+                sse(hub.http, "/v1/events", hub.auth("r1")) as r1, \
+                sse(hub.http, "/v1/events", hub.auth("r2")) as r2:
+            request_id = await post_emergency(hub.http, hub.auth("dso"), ["c1", "c2", "c3"])
+            first = await dso.event()
+            assert first.event == "request" and first.data["request_id"] == request_id
+            assert first.data["type"] == "emergency" and first.data["state"] == "accepted"
+            assert first.data["clients"] == {c: {"state": "pending", "detail": {}} for c in ("c1", "c2", "c3")}
+            assert first.data["event_id"] == int(first.id or 0)
+            m1 = await take_request(p1, "r1")
+            await take_request(p2, "r2")
+            for cid in m1.client_ids:
+                await report(p1, "r1", request_id, cid, ClientState.EXECUTED)
+            await report(p2, "r2", request_id, "c2", ClientState.EXECUTED)
+            rest = await dso.until(ended)
+            frames = [first, *rest]
+            assert ids(frames) == sorted(set(ids(frames))), "ids increase"
+            assert frames[-1].data["state"] == "completed"
+            final: dict[str, str] = {}
+            for f in frames:
+                final.update({c: e["state"] for c, e in f.data["clients"].items()})
+            assert final == {"c1": "executed", "c2": "executed", "c3": "executed"}
+            # Neutrality: each retailer follows the same request, with its own clients only.
+            seen1 = await r1.until(ended)
+            seen2 = await r2.until(ended)
+            for seen, own in ((seen1, {"c1", "c3"}), (seen2, {"c2"})):
+                assert {f.data["request_id"] for f in seen} == {request_id}
+                clients = {c for f in seen for c in f.data["clients"]}
+                assert clients == own
+                assert all(f.data["retailers"] == {} for f in seen), "no delivery entries in an emergency"
+                assert set(ids(seen)) <= set(ids(frames)), "the same events, the same ids"
+            assert '"c2"' not in json.dumps([f.data for f in seen1]), "nothing of r2's client reaches r1"
+            shown2 = json.dumps([f.data for f in seen2])
+            assert '"c1"' not in shown2 and '"c3"' not in shown2, "nothing of r1's clients reaches r2"
+            assert seen1[-1].data["state"] == seen2[-1].data["state"] == "completed"
+
+
+async def test_resume_after_a_disconnect_gets_exactly_the_missed_events(hub: HubHandle) -> None:
+    await hub.setup_registry({"c1": "r1", "c2": "r1"})
+    with parties(Party(hub.broker, "r1", topics.down("retailers", "r1"))) as (p1,):
+        async with sse(hub.http, "/v1/events", hub.auth("dso")) as control:
+            async with sse(hub.http, "/v1/events", hub.auth("dso")) as s:
+                request_id = await post_emergency(hub.http, hub.auth("dso"), ["c1", "c2"])
+                first = await s.event()
+            # Disconnected: the request moves on meanwhile.
+            await take_request(p1, "r1")
+            await report(p1, "r1", request_id, "c1", ClientState.EXECUTED)
+            await report(p1, "r1", request_id, "c2", ClientState.REFUSED)
+            everything = await control.until(ended)
+            missed = [f for f in everything if int(f.id or 0) > int(first.id or 0)]
+            assert missed, "events happened while disconnected"
+            path = f"/v1/requests/{request_id}/events"
+            async with sse(hub.http, path, {**hub.auth("dso"), "Last-Event-ID": first.id or ""}) as again:
+                resumed = await again.until(lambda f: f.id == everything[-1].id)
+                assert [(f.id, f.data) for f in resumed] == [(f.id, f.data) for f in missed]
+                assert await again.quiet(0.5) == [], "nothing twice, nothing more"
+            async with sse(hub.http, "/v1/events", hub.auth("dso"), since=first.id) as by_query:
+                assert [(f.id, f.data) for f in await by_query.until(lambda f: f.id == everything[-1].id)] == [
+                    (f.id, f.data) for f in missed]
+
+
+async def test_resume_after_a_hub_restart_gets_exactly_the_missed_events(tmp_path: Path,
+                                                                         mosquitto_factory: MosquittoFactory) -> None:
+    broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
+    server, task, tokens, url = await start_hub(tmp_path, broker, feed_keepalive_s=0.2)
+    dso = {"Authorization": f"Bearer {tokens['dso']}"}
+    with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (p1,):
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                handle = HubHandle(url, tokens, broker, http, None)
+                await handle.setup_registry({"c1": "r1", "c2": "r1"})
+                async with sse(http, "/v1/events", dso) as s:
+                    request_id = await post_emergency(http, dso, ["c1", "c2"])
+                    await take_request(p1, "r1")
+                    await report(p1, "r1", request_id, "c1", ClientState.EXECUTED)
+                    before = await s.until(lambda f: f.data["clients"].get("c1", {}).get("state") == "executed")
+        finally:
+            server.should_exit = True
+            await task
+        # A new hub process on the same store (new port): the resume point of a follower of the old one still holds.
+        server, task, tokens2, url = await start_hub(tmp_path, broker, feed_keepalive_s=0.2)
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                dso = {"Authorization": f"Bearer {tokens2['dso']}"}
+                for _ in range(300):
+                    if (await http.get("/readyz")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.02)
+                mid = before[0].id or ""
+                async with sse(http, "/v1/events", {**dso, "Last-Event-ID": mid}) as again:
+                    replayed = await again.until(lambda f: f.id == before[-1].id)
+                    assert [(f.id, f.data) for f in replayed] == [(f.id, f.data) for f in before[1:]]
+                    await report(p1, "r1", request_id, "c2", ClientState.EXECUTED)
+                    live = await again.until(ended)
+                    assert all(int(f.id or 0) > int(before[-1].id or 0) for f in live), "ids go on after a restart"
+                    assert {"c2": {"state": "executed", "detail": {"by": "r1"}}} in [f.data["clients"] for f in live]
+        finally:
+            server.should_exit = True
+            await task
+
+
+async def test_who_may_follow_what(hub: HubHandle) -> None:
+    await hub.setup_registry({"c1": "r1", "c2": "r2"})
+    request_id = await post_emergency(hub.http, hub.auth("dso"), ["c1"])
+    for path in ("/v1/events", f"/v1/requests/{request_id}/events"):
+        r = await hub.http.get(path)
+        assert r.status_code == 401, r.text
+        r = await hub.http.get(path, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = await hub.http.get(path, headers=hub.auth("admin"))
+        assert r.status_code == 403 and "administrator" in r.json()["message"]
+    # A request that concerns none of r2's clients is, to r2, a request that does not exist.
+    r2_view = await hub.http.get(f"/v1/requests/{request_id}/events", headers=hub.auth("r2"))
+    unknown = await hub.http.get("/v1/requests/nope/events", headers=hub.auth("r2"))
+    assert r2_view.status_code == unknown.status_code == 404
+    assert r2_view.json()["message"] == f"request {request_id!r} does not exist"
+    assert (await hub.http.get("/v1/requests/nope/events", headers=hub.auth("dso"))).status_code == 404
+    bad = await hub.http.get("/v1/events", headers={**hub.auth("dso"), "Last-Event-ID": "yesterday"})
+    assert bad.status_code == 422 and "event id" in bad.json()["message"]
+    async with sse(hub.http, f"/v1/requests/{request_id}/events", hub.auth("r1"), since="0") as r1:
+        assert (await r1.event()).event == "reset", "r1 may follow the request of its client"
+
+
+async def test_a_resume_point_older_than_the_window_gets_a_reset_then_live_events(hub: HubHandle) -> None:
+    await hub.setup_registry({"c1": "r1"})
+    await post_emergency(hub.http, hub.auth("dso"), ["c1"])
+    async with sse(hub.http, "/v1/events", {**hub.auth("dso"), "Last-Event-ID": "1"}) as s:
+        reset = await s.event()
+        assert reset.event == "reset" and "GET" in reset.data["reason"]
+        assert int(reset.id or 0) == reset.data["event_id"] > 1
+        while (quiet := await s.frame(5)).event is not None:  # the first request's dispatch, live
+            assert int(quiet.id or 0) > int(reset.id or 0)
+        assert quiet.comments == ["keep-alive"], "a comment line keeps a quiet stream open"
+        request_id = await post_emergency(hub.http, hub.auth("dso"), ["c1"])
+        live = await s.event()
+        assert live.data["request_id"] == request_id and int(live.id or 0) > int(reset.id or 0)
+
+
+# -- the feed on the real embedded store: ordering and bounded queues ----------------------------------------------
+
+
+@pytest.fixture
+async def feed(tmp_path: Path) -> AsyncIterator[ChangeFeed]:
+    kv = SqliteKV(tmp_path / "feed.db")
+    await kv.open()
+    try:
+        yield ChangeFeed(kv, queue_max=3)
+    finally:
+        await kv.close()
+
+
+def write(client_id: str, state: str) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    return ("q1", {f"c:{client_id}": {"state": state, "retailers": {"r1": state}}}, None)
+
+
+META = {"type": "emergency", "issuer": "dso", "state": "accepted"}
+
+
+async def test_events_are_published_in_id_order_once_durable(feed: ChangeFeed) -> None:
+    created = await feed.stage([("q1", {"c:c1": {"state": "pending", "retailers": {"r1": "pending"}}}, META)])
+    await feed.kv.batch(created.mutations)
+    feed.settle(created, durable=True)
+    stream = feed.follow(Principal("dso"))
+    pull = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    low = await feed.stage([write("c1", "sent")])
+    high = await feed.stage([write("c1", "executed")])
+    await feed.kv.batch(high.mutations)
+    feed.settle(high, durable=True)
+    assert feed.watermark == created.events[0]["event_id"], "a later id waits for the earlier one"
+    await feed.kv.batch(low.mutations)
+    feed.settle(low, durable=True)
+    assert (await pull).event_id == low.events[0]["event_id"]
+    assert (await anext(stream)).event_id == high.events[0]["event_id"] == feed.watermark
+    failed = await feed.stage([write("c1", "refused")])
+    feed.settle(failed, durable=False)
+    after = await feed.stage([write("c1", "executed")])
+    await feed.kv.batch(after.mutations)
+    feed.settle(after, durable=True)
+    assert (await anext(stream)).event_id == after.events[0]["event_id"], "a failed write's event is never shown"
+    await stream.aclose()
+
+
+async def test_a_follower_that_falls_behind_is_closed_and_resumes_from_its_last_id(feed: ChangeFeed) -> None:
+    created = await feed.stage([("q1", {"c:c1": {"state": "pending", "retailers": {"r1": "pending"}}}, META)])
+    await feed.kv.batch(created.mutations)
+    feed.settle(created, durable=True)
+    stream = feed.follow(Principal("retailer", "r1"), since=feed.watermark)
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    written = []
+    for state in ("sent", "acknowledged", "executed", "sent", "executed", "acknowledged"):
+        staged = await feed.stage([write("c1", state)])
+        await feed.kv.batch(staged.mutations)
+        feed.settle(staged, durable=True)
+        written.append(staged.events[0]["event_id"])
+    got = [(await first).event_id]
+    got += [item.event_id async for item in stream]  # the queue (3) drained, then the stream ends
+    assert got == written[: len(got)] and len(got) < len(written)
+    resumed = feed.follow(Principal("retailer", "r1"), since=got[-1])
+    rest = [(await anext(resumed)).event_id for _ in range(len(written) - len(got))]
+    assert got + rest == written
+    await resumed.aclose()
