@@ -151,6 +151,13 @@ class TestClient:
         self._wait(lambda: info.mid in self._pubacks, f"PUBACK for {topic}", timeout)
         return self._pubacks[info.mid]
 
+    def publish_qos0(self, topic: str, payload: bytes, timeout: float = TIMEOUT) -> int:
+        """Publish at QoS 0 and return paho's result code (``MQTT_ERR_NO_CONN`` when the connection had dropped)."""
+        info = self._client.publish(topic, payload, qos=0)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            info.wait_for_publish(timeout)
+        return int(info.rc)
+
     def next_message(self, timeout: float = TIMEOUT) -> Received:
         """The next message received (raises ``queue.Empty`` after ``timeout``)."""
         return self.messages.get(timeout=timeout)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import paho.mqtt.client as mqtt
+
 from mhp_wire import topics
 from tests.broker_fixtures import MosquittoFactory
 
@@ -18,7 +20,14 @@ def test_oversize_packet_disconnects_the_sender(mosquitto_factory: MosquittoFact
     assert not hub.subscribe(topics.all_up("retailers")).is_failure
     r1 = connect_as(broker, "r1")
 
-    r1.publish(topics.up("retailers", "r1"), b"x" * 2048, qos=0)
+    rc = r1.publish_qos0(topics.up("retailers", "r1"), b"x" * 2048)
+    if rc == mqtt.MQTT_ERR_NO_CONN:
+        # The connection dropped before the oversize packet left (seen twice in full suite runs on a loaded machine,
+        # never alone): that is not what this test examines, so connect again, and keep the broker's log in view.
+        dropped = broker.process.log_tail()
+        r1.connect()
+        rc = r1.publish_qos0(topics.up("retailers", "r1"), b"x" * 2048)
+        assert rc == mqtt.MQTT_ERR_SUCCESS, f"dropped twice before the oversize packet; broker log: {dropped}"
     assert r1.disconnected.wait(3.0)
 
     r1.connect()
