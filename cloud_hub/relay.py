@@ -27,7 +27,7 @@ from cloud_hub.store import AuditEntry
 from mhp_wire import topics
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import Ack, ErrorReply, Measurements, Outcome, WireError, decode, encode
-from mhp_wire.mqtt import MqttError, MqttLink
+from mhp_wire.mqtt import MqttError, MqttLink, Republisher
 from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
 
@@ -114,10 +114,9 @@ class HubRelay:
         self.replicas: Replicas | None = None
         """Set when the hub runs as several replicas."""
         self._claims_logged = Once()
-        self._tariff_due = asyncio.Event()
-        """Set at every connection to the hub broker: the stored current tariff is published again, retained."""
-        self.tariff_retry_s = 1.0
-        """Pause before publishing the tariff again after storage or the broker failed."""
+        self.tariff = Republisher(self.republish_tariff, "the current tariff", retry_on=(StoreUnavailable,))
+        """At every connection to the hub broker the stored current tariff is published again, retained: the store
+        is its source, and a broker restarted without (or with an old) persistence snapshot has lost it."""
         self.on_published: Callable[[list[OutboxItem]], Awaitable[None]] | None = None
         """Awaited with each round of published messages before the book records them as sent: the window in which
         a message is at the broker while its targets still read ``pending`` (a test holds a round there)."""
@@ -141,24 +140,11 @@ class HubRelay:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._dispatch_loop(), name="hub-dispatch")
             tg.create_task(self._sweep_loop(), name="hub-sweep")
-            tg.create_task(self._tariff_loop(), name="hub-tariff-republish")
+            tg.create_task(self.tariff.run(), name="hub-tariff-republish")
 
     def link_connected(self) -> None:
         """The link to the hub broker is up (the first time or again): republish the stored tariff."""
-        self._tariff_due.set()
-
-    async def _tariff_loop(self) -> None:
-        """At every connection, publish the current tariff from storage, retained: the store is its source, and a
-        broker restarted without (or with an old) persistence snapshot has lost the retained copy."""
-        while True:
-            await self._tariff_due.wait()
-            self._tariff_due.clear()
-            try:
-                await self.republish_tariff()
-            except (StoreUnavailable, MqttError) as exc:
-                log.warning("the current tariff is not republished now (%s); trying again", exc)
-                await asyncio.sleep(self.tariff_retry_s)
-                self._tariff_due.set()
+        self.tariff.connected()
 
     async def republish_tariff(self) -> bool:
         """Publish the stored current tariff, retained, on ``public/tariff``; False when none was published.

@@ -251,3 +251,36 @@ class MqttLink:
             self.stats.handler_errors += 1
             log.exception("handler failed on a message from topic %s", outside(topic))
         return 0
+
+
+class Republisher:
+    """Puts a retained message back at every connection of a link: a broker restarted without (or with an old)
+    persistence snapshot has lost its retained copies, and their owner holds the source (the hub its stored tariff,
+    a bridge its stored copy). Give :meth:`connected` as the link's ``on_connect`` (or call it from there) and run
+    :meth:`run` as a task; ``publish`` is tried again after ``retry_s`` when it fails with :class:`MqttError` or one
+    of ``retry_on`` (a storage error)."""
+
+    def __init__(self, publish: Callable[[], Awaitable[object]], what: str,
+                 retry_on: tuple[type[Exception], ...] = (), retry_s: float = 1.0) -> None:
+        self._publish = publish
+        self.what = what
+        self.retry_on: tuple[type[Exception], ...] = (MqttError, *retry_on)
+        self.retry_s = retry_s
+        self._due = asyncio.Event()
+
+    def connected(self) -> None:
+        """The link is up (the first time or again): publish once more."""
+        self._due.set()
+
+    async def run(self) -> None:
+        """Publish at every connection until cancelled."""
+        while True:
+            await self._due.wait()
+            self._due.clear()
+            try:
+                await self._publish()
+            except self.retry_on as exc:
+                log.warning("%s is not republished now (%s); trying again", self.what, exc)
+                await asyncio.sleep(self.retry_s)
+                self._due.set()
+

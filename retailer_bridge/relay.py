@@ -41,7 +41,7 @@ from mhp_wire.messages import (
     encode,
     tariff_msg_id,
 )
-from mhp_wire.mqtt import MqttError, MqttLink
+from mhp_wire.mqtt import MqttError, MqttLink, Republisher
 from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
 from mhp_wire.sqlite import StorageError
@@ -122,26 +122,14 @@ class BridgeRelay:
         self.rated_sheddable_kw = dict(rated_sheddable_kw or {})
         """``client_id -> kW`` from the installation record (settings ``customer_sheddable_kw``)."""
         self._claims_logged = Once()
-        self._tariff_due = asyncio.Event()
-        """Set at every connection to the retailer broker: the stored tariff is published again, retained."""
-        self.tariff_retry_s = 1.0
-        """Pause before publishing the tariff again after storage or the broker failed."""
+        self.tariff = Republisher(self.republish_tariff, "the stored tariff for our gateways",
+                                  retry_on=(StorageError,))
+        """At every connection to the retailer broker the stored tariff is published again, retained."""
 
     def local_connected(self) -> None:
         """The link to this retailer's broker is up (the first time or again): republish the stored tariff, which
         a broker restarted without (or with an old) persistence snapshot no longer holds."""
-        self._tariff_due.set()
-
-    async def _tariff_loop(self) -> None:
-        while True:
-            await self._tariff_due.wait()
-            self._tariff_due.clear()
-            try:
-                await self.republish_tariff()
-            except (StorageError, MqttError) as exc:
-                log.warning("the stored tariff is not republished to our gateways now (%s); trying again", exc)
-                await asyncio.sleep(self.tariff_retry_s)
-                self._tariff_due.set()
+        self.tariff.connected()
 
     async def republish_tariff(self) -> bool:
         """Publish the stored tariff, retained, for our gateways; False when none is stored."""
@@ -536,7 +524,7 @@ class BridgeRelay:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._loop(self._wake_gateways, self.dispatch_gateways), name="bridge-to-gateways")
             tg.create_task(self._loop(self._wake_hub, self.dispatch_hub), name="bridge-to-hub")
-            tg.create_task(self._tariff_loop(), name="bridge-tariff-republish")
+            tg.create_task(self.tariff.run(), name="bridge-tariff-republish")
 
     @staticmethod
     async def _loop(wake: asyncio.Event, step: Callable[[], Awaitable[float]]) -> None:

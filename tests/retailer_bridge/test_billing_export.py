@@ -147,8 +147,8 @@ async def test_billing_export_cli_and_embedded_store(tmp_path: Path, hub: HubHan
         assert [r["energy_kwh"] for r in rows] == [*C1_FIX, C1[3], C1[4]]
 
         # Bad input: a clear error, nothing written.
-        done = await asyncio.to_thread(export, tmp_path, settings, "--from", "2026-01-01T00:00:00", "--to",
-                                       end.isoformat())
+        no_offset = DAY.replace(tzinfo=None).isoformat()  # a time without its offset is refused, whatever the day
+        done = await asyncio.to_thread(export, tmp_path, settings, "--from", no_offset, "--to", end.isoformat())
         assert done.returncode == 2 and "has no offset" in done.stderr and not done.stdout
         done = await asyncio.to_thread(export, tmp_path, settings, "--from", end.isoformat(), "--to",
                                        start.isoformat())
