@@ -455,15 +455,17 @@ class RequestBook:
     async def _write(self, request_id: str, put: dict[str, Any], delete: list[str] | None = None) -> None:
         state = put.get("r:state")
         ended = state is not None and RequestState(state).terminal
-        if ended:
-            self.deadlines.pop(request_id, None)
-            self.phases.pop(request_id, None)
         pending = any(i.request_id == request_id for i in self.outbox.values())
         close = ended and not pending
         if state is None and not pending and request_id not in self.deadlines:
             close = True
         put = self._with_storage_ms(request_id, put)
         await self.store.update_request(request_id, put, delete, close=close)
+        # Forgotten only once the write is durable: a write that fails (storage unavailable) leaves the request's
+        # deadline and phase here, so that the sweep and the dispatcher try again.
+        if ended:
+            self.deadlines.pop(request_id, None)
+            self.phases.pop(request_id, None)
         self._storage_ms_stored([(request_id, put, delete, close)])
         if close:
             self._locks.pop(request_id, None)
@@ -666,10 +668,14 @@ class RequestBook:
                 state = request_state_from_counts(current, counts)
                 put["r:counts"] = {k.value: v for k, v in counts.items() if v}
                 self._finish(put, current, state, now)
-                dropped = [m for m, i in self.outbox.items() if i.request_id == request_id and i.kind != "cancel"]
+                dropped = {m: i for m, i in self.outbox.items() if i.request_id == request_id and i.kind != "cancel"}
                 for mid in dropped:
                     del self.outbox[mid]
-                await self._write(request_id, put, [f"o:{m}" for m in dropped] or None)
+                try:
+                    await self._write(request_id, put, [f"o:{m}" for m in dropped] or None)
+                except BaseException:
+                    self.outbox.update(dropped)  # still stored: the next sweep drops them with the row's write
+                    raise
                 if state is not current:
                     self._finished_metrics(meta["type"], state, now - meta["created_at"])
         return due

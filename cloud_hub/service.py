@@ -739,7 +739,6 @@ class HubService:
                 self.book.phases.pop(request_id, None)
                 return
             meta = req["meta"]
-            self.book.phases.pop(request_id, None)
             available = {cid: e.get("available_kw", 0.0) for cid, e in req["clients"].items()
                          if e.get("availability") == "available"}
             chosen = choose_for_reduction(available, meta["body"]["reduction_kw"])
@@ -776,6 +775,8 @@ class HubService:
                 await self.book._write(request_id, put)
                 return
             await self.book.add_messages(request_id, items, put)
+            # Only now: when the write fails (storage unavailable), the phase stays due and is closed again.
+            self.book.phases.pop(request_id, None)
 
     async def cancel(self, who: Principal, request_id: str, forwarded: bool = False) -> dict[str, Any]:
         """Cancel a request that has not ended; every retailer it was sent to is told, and so every home.
@@ -816,18 +817,20 @@ class HubService:
                     put[f"c:{cid}"] = e
                 counts[e["state"]] += 1
             dropped = [m for m, i in self.book.outbox.items() if i.request_id == request_id]
-            for m in dropped:
-                del self.book.outbox[m]
             items = []
             for rid, cids in sorted(reached.items()):
                 msg = Cancel(request_id=request_id, client_ids=cids)
                 items.append(OutboxItem(msg.msg_id, request_id, rid, "cancel", encode(msg), []))
             put.update({"r:state": RequestState.CANCELLED.value, "r:completed_at": now, "r:phase": "done",
                         "r:counts": dict(counts), "r:cancel": {"requested_at": now, "retailers": {}}})
-            self.book.deadlines.pop(request_id, None)
-            self.book.phases.pop(request_id, None)
             await self.store.update_request(request_id, {**put, **{f"o:{i.msg_id}": i.stored() for i in items}},
                                             [f"o:{m}" for m in dropped] or None, close=not items)
+            # Forgotten only once the cancel is durable: if it cannot be stored, the request keeps its deadline,
+            # phase and messages, as storage still has them.
+            for m in dropped:
+                self.book.outbox.pop(m, None)
+            self.book.deadlines.pop(request_id, None)
+            self.book.phases.pop(request_id, None)
             for item in items:
                 self.book.outbox[item.msg_id] = item
             self.book.kick()
@@ -991,12 +994,12 @@ class HubService:
             audit = [AuditEntry(str(who), cid, Action.REVISE_REQUEST.value, right, ref=request_id, at=now)
                      for cid in sorted({*targets, *removed})]
             owner = self.replicas.me if self.replicas is not None else None
-            for m in dropped:
-                del self.book.outbox[m]
             await self.store.update_request(
                 request_id, {**put, **{f"o:{i.msg_id}": i.stored() for i in items}},
                 [f"o:{m}" for m in dropped] or None, audit, reopen=(end, owner),
                 idempotency=(*idem, 202, answer) if idem else None)
+            for m in dropped:  # only once the revision is durable (a failed write leaves storage as it was)
+                self.book.outbox.pop(m, None)
             self.book.deadlines[request_id] = end
             if request_id in self.book.phases:
                 self.book.phases[request_id].reduction_kw = body["reduction_kw"]
