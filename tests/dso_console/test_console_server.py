@@ -22,7 +22,6 @@ from typing import Any
 
 import httpx
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
 
 from dso_console.app import ConsoleSettings, DsoConsole
 from dso_console.forms import FormProblems, build_request
@@ -31,7 +30,8 @@ from mhp_wire.passwords import ScryptCost, hash_password, verify_password
 from sim.experiment.rp_sim import RpSimulator, run
 from sim.stack.stack import Stack
 from tests.broker_fixtures import MosquittoFactory
-from tests.browser import Browser, Cdp, needs_chromium
+from tests.browser import Browser, needs_chromium
+from tests.dso_console.tab import open_tab
 from tests.hub_fixtures import HubHandle, start_hub
 
 CLIENTS = {"c1": "r1", "c2": "r2", "c3": "r1"}
@@ -515,69 +515,6 @@ async def test_the_stacks_page_posts_an_emergency_that_real_gateways_execute(tmp
     assert "gateway_ms" in views[-1]["trace"]
 
 # -- in a browser ------------------------------------------------------------------------------------------------
-
-
-class Tab(Cdp):
-    """One browser tab driven over the shared DevTools client (one websocket, a flat session)."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        super().__init__(ws)
-        self.session = ""
-
-    async def call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 5.0,
-                   *, browser: bool = False) -> dict[str, Any]:
-        """Send one command to the tab (or to the browser); its ``result``."""
-        return await self.send(method, params, None if browser else self.session or None, timeout)
-
-    async def evaluate(self, expression: str, timeout: float = 5.0) -> Any:
-        """The value of a JavaScript expression in the page (promises awaited)."""
-        result = await self.call("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
-                                                      "returnByValue": True}, timeout)
-        assert "exceptionDetails" not in result, result["exceptionDetails"]
-        return result["result"].get("value")
-
-    async def loads(self, action: str) -> None:
-        """Run the JavaScript ``action`` and wait until the page it leads to has loaded."""
-        mark = len(self.events)
-        await self.evaluate(action)
-        await self.wait_event("Page.loadEventFired", after=mark)
-
-    async def type_into(self, selector: str, text: str) -> None:
-        """Focus a field, clear it, and type ``text`` as keyboard input."""
-        await self.evaluate(f"(() => {{ const f = document.querySelector({json.dumps(selector)}); f.focus(); "
-                            "f.select(); })()")
-        if text:
-            await self.call("Input.insertText", {"text": text})
-        else:
-            await self.call("Input.dispatchKeyEvent", {"type": "keyDown", "key": "Delete", "code": "Delete",
-                                                       "windowsVirtualKeyCode": 46})
-
-    async def until(self, condition: str, timeout_s: float = 10.0) -> None:
-        """Wait until the JavaScript ``condition`` holds in the page."""
-        await self.evaluate(f"""new Promise((resolve, reject) => {{ const t0 = Date.now(); (function poll() {{
-            if ({condition}) resolve(true);
-            else if (Date.now() - t0 > {timeout_s * 1000}) reject(new Error({json.dumps("never: " + condition)}));
-            else setTimeout(poll, 20); }})(); }})""", timeout_s + 2)
-
-
-@contextlib.asynccontextmanager
-async def open_tab(browser: Browser, url: str) -> AsyncIterator[Tab]:
-    """A new tab of ``browser`` showing ``url`` (loaded)."""
-    tab = Tab(await connect(browser.ws_url, max_size=None))
-    try:
-        target = (await tab.call("Target.createTarget", {"url": "about:blank"}, browser=True))["targetId"]
-        tab.session = (await tab.call("Target.attachToTarget", {"targetId": target, "flatten": True},
-                                      browser=True))["sessionId"]
-        for method in ("Page.enable", "Runtime.enable", "Log.enable"):
-            await tab.call(method)
-        await tab.call("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 1100, "deviceScaleFactor": 1,
-                                                              "mobile": False})
-        mark = len(tab.events)
-        await tab.call("Page.navigate", {"url": url})
-        await tab.wait_event("Page.loadEventFired", after=mark)
-        yield tab
-    finally:
-        await tab.close()
 
 
 @needs_chromium
