@@ -137,7 +137,16 @@ def validated(model: type[BaseModel], body: dict[str, Any], problems: list[dict[
             problems.append({"field": name, "message": message + where})
     if problems:
         raise FormProblems(problems)
-    return checked.model_dump(mode="json", exclude_none=True)
+    return _plain(checked.model_dump(exclude_none=True))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready, each time as :meth:`datetime.isoformat` writes it (``+00:00``, as the operator gave it)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value.isoformat() if isinstance(value, datetime) else value
 
 
 def _zone(form: Mapping[str, Any]) -> ZoneInfo:

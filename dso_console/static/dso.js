@@ -474,12 +474,13 @@ async function loadPlots() {
     shown.latency = lat.answer;
     const colors = ["#1f5fae", "#17803d", "#b54708", "#6941c6", "#b42318", "#1d2430", "#5f6b7a"];
     const comps = lat.answer.components;
+    // A log scale: hub and storage take a few ms, a request's completion seconds (nothing at or below 0 on it).
     drawPlot("latency-plot", {
-      title: "Trace per component of the last requests (ms; x: request, oldest first)",
-      scales: {x: {time: false}}, axes: [{label: "request"}, {label: "ms"}],
+      title: "Trace per component of the last requests (ms, log scale; x: request, oldest first)",
+      scales: {x: {time: false}, y: {distr: 3}}, axes: [{label: "request"}, {label: "ms"}],
       series: [{label: "request"}, ...comps.map((c, i) => ({label: c, stroke: colors[i % colors.length], width: 2,
                                                             points: {show: true}}))],
-    }, [rs.map((_, i) => i + 1), ...comps.map((c) => rs.map((r) => r.trace[c] ?? null))]);
+    }, [rs.map((_, i) => i + 1), ...comps.map((c) => rs.map((r) => (r.trace[c] > 0 ? r.trace[c] : null)))]);
     $("latency-plot").dataset.points = String(rs.length);
   }
   document.body.dataset.plots = String((shown.plotLoads = (shown.plotLoads || 0) + 1));
