@@ -6,7 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const TERMINAL = new Set(["completed", "partially_completed", "failed", "expired", "cancelled"]);
 const KIND_TEXT = {emergency: "Emergency", load_shift: "Load shift", load_reduction: "Load reduction",
-                   billing: "Billing data", tariff: "Network tariff"};
+                   billing: "Billing data", tariff: "Network tariff", customers: "Customer list"};
 const TRACE = [["hub_ms", null, "hub (until stored)"], ["storage_ms", null, "storage"],
                ["dispatch_ms", null, "dispatch (stored to first publish)"], ["retailer_ms", "retailer_max_ms", "retailer"],
                ["gateway_ms", "gateway_max_ms", "gateway"], ["total_ms", "total_max_ms", "total (per client)"],
