@@ -789,10 +789,13 @@ class DsoConsole:
         flex = [r for r in listed.get("requests", []) if r.get("type") in WINDOWS]
         if not flex:
             return []
-        status, members = await self._hub("GET", "/v1/clients", params={"feeder_id": feeder, "limit": 1000})
-        ours = {c["client_id"] for c in members.get("clients", [])} if status == 200 else set()
         views = await asyncio.gather(*(self._hub("GET", f"/v1/requests/{quote(r['request_id'], safe='')}")
                                        for r in flex))
+        ours: set[str] = set()
+        if any(status == 200 and (view.get("request") or {}).get("client_ids") for status, view in views):
+            # Only when a request names clients: each listing is a line per client in the data access log.
+            status, members = await self._hub("GET", "/v1/clients", params={"feeder_id": feeder, "limit": 1000})
+            ours = {c["client_id"] for c in members.get("clients", [])} if status == 200 else set()
         bands = []
         for (status, view), listed_one in zip(views, flex, strict=True):
             if status != 200:

@@ -342,7 +342,9 @@ function feed() {  // the hub's change feed of the DSO's requests, relayed by th
   es.onerror = () => say("· reconnecting…");
 }
 
-function ago(iso) { return iso ? new Date(iso).toLocaleString() : ""; }
+function ago(iso) {
+  return iso ? new Date(iso).toLocaleString([], {dateStyle: "short", timeStyle: "medium"}) : "";
+}
 
 async function loadPlatform() {
   const [st, list] = await Promise.all([api("GET", "/api/status"), api("GET", "/api/hub-requests?limit=20")]);
