@@ -127,14 +127,18 @@ def validated(model: type[BaseModel], body: dict[str, Any], problems: list[dict[
         for e in exc.errors():
             loc = [str(p) for p in e["loc"]]
             name = loc[0] if loc else ""
-            if name in named or (not name and named & {"client_ids", "feeder_id", "target"}):
-                continue  # said already (a whole-body "give client_ids or feeder_id" adds nothing to a bad target)
-            named.add(name)
+            if name in named:
+                continue  # said already
             shown = str(e.get("input"))[:40] if e["type"] not in ("missing",) and not isinstance(
                 e.get("input"), dict) else ""
             message = "required" if e["type"] == "missing" else (f"“{shown}”: {e['msg']}" if shown else e["msg"])
             where = f" (item {int(loc[1]) + 1})" if len(loc) > 1 and loc[1].isdigit() else ""
             problems.append({"field": name, "message": message + where})
+            named.add(name)
+        if any(p["field"] for p in problems):
+            # A whole-body rule ("give client_ids or feeder_id", "give at least one field to change") adds nothing
+            # to a form whose fields are already said to be wrong.
+            problems = [p for p in problems if p["field"]]
     if problems:
         raise FormProblems(problems)
     return _plain(checked.model_dump(exclude_none=True))

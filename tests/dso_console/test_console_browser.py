@@ -77,6 +77,9 @@ async def test_an_emergency_posted_from_the_console_executes_live_and_the_feeder
         assert {"hub_ms", "retailer_ms", "gateway_ms", "total_ms"} <= set(trace)
         assert await tab.evaluate('document.getElementById("conn").dataset.conn') in ("live", "ended")
         await tab.until('document.getElementById("state").dataset.state === "completed"', 30)
+        # The hub's change feed reached the page through the console's relay (the platform refreshes on it).
+        assert await tab.evaluate("consoleState.feedEvents") >= 2
+        assert await tab.evaluate('document.getElementById("feed").dataset.feed') == "· live"
         assert stack.tokens["dso"] not in await tab.evaluate("document.documentElement.outerHTML")
         await screenshot(tab, "console-request")
 
