@@ -175,3 +175,19 @@ class HostGuard:
             await _answer(send, 403, "forbidden", "this page does not answer to that host name")
             return
         await self.app(scope, receive, send)
+
+
+def with_security_headers(send: Send, security_headers: dict[str, str]) -> Send:
+    """``send`` adding ``security_headers`` (and ``cache-control: no-store``) to a response that lacks them."""
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            present = {k.lower() for k, _ in headers}
+            headers += [(k.encode(), v.encode()) for k, v in security_headers.items() if k.encode() not in present]
+            if b"cache-control" not in present:
+                headers.append((b"cache-control", b"no-store"))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_headers

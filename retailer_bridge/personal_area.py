@@ -45,12 +45,12 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mhp_wire.messages import ApplianceSchedule
 from mhp_wire.ratelimit import Clock, RateLimiter
 from mhp_wire.sqlite import StorageError
-from mhp_wire.webserver import BodyLimit, EmbeddedServer, bind
+from mhp_wire.webserver import BodyLimit, EmbeddedServer, bind, with_security_headers
 from retailer_bridge.accounts import (
     MAX_PASSWORD_CHARS,
     Accounts,
@@ -425,22 +425,6 @@ class SecurityHeaders:
             return
 
         await self.app(scope, receive, with_security_headers(send, SECURITY_HEADERS))
-
-
-def with_security_headers(send: Send, security_headers: dict[str, str]) -> Send:
-    """``send`` adding ``security_headers`` (and ``cache-control: no-store``) to a response that lacks them."""
-
-    async def send_with_headers(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            headers = list(message.get("headers", []))
-            present = {k.lower() for k, _ in headers}
-            headers += [(k.encode(), v.encode()) for k, v in security_headers.items() if k.encode() not in present]
-            if b"cache-control" not in present:
-                headers.append((b"cache-control", b"no-store"))
-            message = {**message, "headers": headers}
-        await send(message)
-
-    return send_with_headers
 
 
 def _too_many_text(wait: float) -> str:

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
               "[--host H --port P]\n\n"
               "  devices      serve simulated homes (SDM630 meter + relay board each) over Modbus TCP\n"
               "  experiment   run one of the paper's experiments (DSO and RP simulators against the real hub)\n"
-              "  dso-web      the DSO's web page: post a request to the hub and follow it live")
+              "  dso-web      an alias of dso-console, the DSO's console (its own package, dso_console/)")
         return 0 if args else 2
     if args[0] == "devices":
         return devices.main(args[1:])
@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         from sim.experiment import cli as experiment_cli  # matplotlib only when an experiment runs
 
         return experiment_cli.main(args[1:])
-    if args[0] == "dso-web":
-        from sim import dso_web
+    if args[0] == "dso-web":  # the console moved to its own package; this name still runs it
+        from dso_console import app as console
 
-        return dso_web.main(args[1:])
+        return console.main(args[1:], prog="mhp-sim dso-web")
     print(f"mhp-sim: unknown command {args[0]!r} (known: devices, experiment, dso-web)", file=sys.stderr)
     return 2
 

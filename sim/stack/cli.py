@@ -83,7 +83,7 @@ async def demo(state_dir: Path, retailers: int, homes: int, tls: bool = False) -
         procs = stack.info["processes"]
         print(f"stack up in {time.monotonic() - t_start:.1f} s: {len(procs)} processes "
               f"({', '.join(sorted(procs))}); hub at {stack.hub_url}; see {stack.dir / 'stack.json'}")
-        print(f"the DSO's page (post a request, follow it live): {stack.dso_web_url}")
+        print(f"the DSO's console (platform, requests live, feeder plots, clients): {stack.console_url}")
         print(transport_note(stack))
         return await _scenario(stack)
     except StackError as exc:
@@ -220,8 +220,9 @@ async def up(state_dir: Path, retailers: int, homes: int, tls: bool = False) -> 
     try:
         await stack.start()
         print(json.dumps({"stack_json": str(stack.dir / "stack.json"), "hub_url": stack.hub_url,
-                          "dso_web_url": stack.dso_web_url,
+                          "console_url": stack.console_url, "dso_web_url": stack.console_url,
                           "processes": stack.info["processes"], "tls": stack.info.get("tls")}), flush=True)
+        print(f"mhp-stack: the DSO's console: {stack.console_url}", flush=True)
         print(f"mhp-stack: {transport_note(stack)}", flush=True)
         print(f"mhp-stack: up; {len(stack.homes)} homes, {len(stack.retailer_ids)} retailers. "
               f"Details in {stack.dir / 'stack.json'}. Ctrl-C stops.", flush=True)

@@ -34,13 +34,13 @@ from broker_config.render import (
 )
 from broker_config.tls import Pki, create_pki
 from cloud_hub.tokens import TokenBook
+from dso_console.app import is_loopback
 from mhp_wire import topics
 from mhp_wire.messages import Presence, Tariff, WireError, decode
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from mhp_wire.passwords import hash_password
 from mhp_wire.ports import free_port
 from mhp_wire.secretfile import write_private
-from retailer_bridge.accounts import hash_password
-from sim.dso_web import is_loopback
 from sim.stack.supervisor import Child, Supervisor
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,9 @@ class Stack:
         self.tariffs: dict[str, tuple[str, int, float]] = {}
         """The tariff each broker holds retained: ``broker name -> (tariff id, version, seen at)``."""
         self._watch_task: asyncio.Task[None] | None = None
-        self.dso_web_port = 0
-        self.dso_web_password: str | None = None
-        """The DSO page's operator password (``None`` on loopback, where it runs without sign-in)."""
+        self.console_port = 0
+        self.console_password: str | None = None
+        """The DSO console's operator password (``None`` on loopback, where it runs without sign-in)."""
 
     # -- layout -------------------------------------------------------------------------------------------
 
@@ -184,7 +184,7 @@ class Stack:
         await self._watch_presence()
         await self._wait_ready(deadline)
         await self._register()
-        self._start_dso_web()
+        self._start_console()
         # Bridges.
         for rid in self.retailer_ids:
             customers = {h.client_id: h.gateway_id for h in self.homes if h.retailer_id == rid}
@@ -214,32 +214,33 @@ class Stack:
             self.sup.start(Child(name, self._python("hems_firmware.cli", "--log-level", self.log_level, "run", *args),
                                  self.dir / "logs" / f"{name}.log"))
         await self._wait_online(deadline)
-        await self._wait_tcp(self.dso_web_port, deadline, "dso-web")
+        await self._wait_tcp(self.console_port, deadline, "dso-console")
         self.write_info()
 
-    def _start_dso_web(self) -> None:
-        """The DSO's page (``mhp-sim dso-web``), holding the DSO's token; with an operator password off loopback."""
+    def _start_console(self) -> None:
+        """The DSO's console (``dso-console``, package ``dso_console``), holding the DSO's token; with an operator
+        password off loopback."""
         token_file = self.dir / "dso-token"
         write_private(token_file, self.tokens["dso"])
-        self.dso_web_port = free_port(self.host)
-        args = ["dso-web", "--hub-url", self.hub_url, "--token-file", str(token_file), "--host", self.host,
-                "--port", str(self.dso_web_port), "--log-level", self.log_level]
+        self.console_port = free_port(self.host)
+        args = ["--hub-url", self.hub_url, "--token-file", str(token_file), "--host", self.host,
+                "--port", str(self.console_port), "--log-level", self.log_level]
         if is_loopback(self.host):
             args.append("--no-login")
         else:
-            self.dso_web_password = generate_password()
-            hash_file = self.dir / "dso-web-password.hash"
-            write_private(hash_file, hash_password(self.dso_web_password))
+            self.console_password = generate_password()
+            hash_file = self.dir / "dso-console-password.hash"
+            write_private(hash_file, hash_password(self.console_password))
             args += ["--password-hash-file", str(hash_file)]
         if self.pki is not None:
             args += ["--ca-file", str(self.pki.ca_file)]
-        self.sup.start(Child("dso-web", self._python("sim.cli", *args), self.dir / "logs" / "dso-web.log"))
+        self.sup.start(Child("dso-console", self._python("dso_console", *args), self.dir / "logs" / "dso-console.log"))
 
     @property
-    def dso_web_url(self) -> str:
-        """Where the DSO's page listens."""
+    def console_url(self) -> str:
+        """Where the DSO's console listens."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.dso_web_port}/"
+        return f"http://{host}:{self.console_port}/"
 
     def gateway_config(self, h: Home) -> dict[str, Any]:
         """The TOML configuration of one home's gateway."""
@@ -372,8 +373,11 @@ class Stack:
         """Write ``stack.json``: URLs, tokens, brokers and credentials, homes, processes and their pids."""
         self.info = {
             "hub_url": self.hub_url,
-            "dso_web_url": self.dso_web_url if self.dso_web_port else None,
-            "dso_web_password": self.dso_web_password,
+            "console_url": self.console_url if self.console_port else None,
+            "console_password": self.console_password,
+            # The names of before the console was its own package (mhp-sim dso-web), for scripts that read them.
+            "dso_web_url": self.console_url if self.console_port else None,
+            "dso_web_password": self.console_password,
             "tokens": self.tokens,
             "brokers": {"hub": self.brokers.get("hub", {}),
                         "retailers": {r: self.brokers[r] for r in self.retailer_ids if r in self.brokers}},

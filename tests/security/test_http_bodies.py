@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dso_console.app import ConsoleSettings, DsoConsole
 from retailer_bridge.accounts import ScryptCost, hash_password
 from retailer_bridge.personal_area import MAX_FORM_BYTES
-from sim.dso_web import DsoWeb, DsoWebSettings
 from tests.broker_fixtures import MosquittoFactory
 from tests.hems_firmware.web_rig import running_gateway
 from tests.hub_fixtures import running_hub
@@ -30,7 +30,7 @@ from tests.retailer_bridge.personal_area_rig import running_area
 HUB_LIMIT = 4096
 """The hub's ``max_body_bytes`` in these tests (its smallest allowed value is 1024)."""
 DSO_LOGIN_LIMIT = 4096
-"""What the DSO page reads at most of a sign-in form (``sim.dso_web.LOGIN_MAX_BODY``), before anyone signed in."""
+"""What the DSO page reads at most of a sign-in form (``dso_console.app.LOGIN_MAX_BODY``), before anyone signed in."""
 CHUNK = 1024
 ANSWER_WITHIN_S = 5.0
 """How long a client waits for an answer or for the server to close (the answer comes at once when it comes)."""
@@ -66,7 +66,7 @@ async def target(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_facto
                          {"Content-Type": "application/x-www-form-urlencoded"}, "/login")
     elif name == "dso_page":
         async for hub in running_hub(request, tmp_path, mosquitto_factory, "sqlite"):
-            web = DsoWeb(DsoWebSettings(hub.url, hub.tokens["dso"], port=0,
+            web = DsoConsole(ConsoleSettings(hub.url, hub.tokens["dso"], port=0,
                                         password_hash=hash_password("correct horse battery", ScryptCost(n=2**10))))
             async with web.serving():
                 assert web.address is not None

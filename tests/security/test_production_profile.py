@@ -29,13 +29,13 @@ from broker_config.errors import BrokerConfigError
 from broker_config.render import BrokerSpec, BrokerTls, Identity, render
 from broker_config.tls import Pki, create_pki
 from cloud_hub.settings import HubSettings
+from dso_console.app import ConsoleSettings, DsoConsole
 from hems_firmware.config import GatewayConfig
 from mhp_wire.ports import free_port
 from retailer_bridge.accounts import hash_password
 from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
 from retailer_bridge.telemetry import InfluxPointStore, Point, TelemetryStoreError
-from sim.dso_web import DsoWeb, DsoWebSettings
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 
 HOSTS = ["127.0.0.1", "localhost"]
@@ -134,11 +134,11 @@ def test_gateway_in_production_refuses_a_plain_uplink_and_an_open_page() -> None
 
 def test_dso_page_in_production_refuses_a_plain_listener_and_a_plain_hub(pki: Pki) -> None:
     with pytest.raises(ValueError) as err:
-        DsoWebSettings(hub_url="http://hub.example:8080", token="t", environment="production")
+        ConsoleSettings(hub_url="http://hub.example:8080", token="t", environment="production")
     assert str(err.value).count(PRODUCTION_REFUSAL) == 1
     assert "DSO page" in str(err.value) and "hub URL must be an https" in str(err.value)
     web = pki.servers["web"]
-    s = DsoWebSettings(hub_url="https://hub.example", token="t", environment="production",
+    s = ConsoleSettings(hub_url="https://hub.example", token="t", environment="production",
                        tls_certfile=web.certfile, tls_keyfile=web.keyfile)
     assert s.secure_cookies
 
@@ -231,10 +231,10 @@ async def test_production_bridge_serves_its_personal_area_over_https_only(
 
 async def test_dso_page_serves_https_with_secure_cookies(pki: Pki, foreign: Pki) -> None:
     web = pki.servers["web"]
-    settings = DsoWebSettings(hub_url="https://127.0.0.1:9", token="t", port=0, environment="production",
+    settings = ConsoleSettings(hub_url="https://127.0.0.1:9", token="t", port=0, environment="production",
                               password_hash=hash_password("operator password"), tls_certfile=web.certfile,
                               tls_keyfile=web.keyfile)
-    async with DsoWeb(settings).serving() as page:
+    async with DsoConsole(settings).serving() as page:
         assert page.url.startswith("https://")
         async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(pki.ca_file))) as ok:
             login = await ok.get(f"{page.url}/login")
@@ -259,9 +259,9 @@ async def proxied_sign_in(client: httpx.AsyncClient, url: str, client_address: s
 async def test_dso_page_behind_a_tls_proxy_tells_operators_apart(tmp_path: Path) -> None:
     """Behind the proxy every connection comes from the proxy's address: without X-Forwarded-For, one attacker's
     failed guesses lock every operator out. With ``behind_tls_proxy`` the lock-out is per real client."""
-    settings = DsoWebSettings(hub_url="https://127.0.0.1:9", token="t", port=0, environment="production",
+    settings = ConsoleSettings(hub_url="https://127.0.0.1:9", token="t", port=0, environment="production",
                               password_hash=hash_password("operator password"), behind_tls_proxy=True)
-    async with DsoWeb(settings).serving() as page, httpx.AsyncClient(follow_redirects=False) as proxy:
+    async with DsoConsole(settings).serving() as page, httpx.AsyncClient(follow_redirects=False) as proxy:
         guesses = [(await proxied_sign_in(proxy, page.url, "203.0.113.7", f"guess {i}")).status_code
                    for i in range(6)]
         assert guesses[-1] == 429 and guesses[0] == 401, guesses

@@ -1,7 +1,7 @@
-"""The DSO's web page: post one request to the hub and follow its progress live (``mhp-sim dso-web``).
+"""The DSO's console (``dso-console``): the platform, a request followed live, feeder plots and the client registry.
 
-A small Starlette server (uvicorn) between an operator's browser and the hub's HTTP API. It holds the DSO's bearer
-token (read from a file; never sent to the browser, never logged) and acts with the DSO's authority, so:
+A small Starlette server (uvicorn) between an operator's browser and the hub's public HTTP API. It holds the DSO's
+bearer token (read from a file; never sent to the browser, never logged) and acts with the DSO's authority, so:
 
 * it binds 127.0.0.1 by default; anywhere else the operator must sign in with a password (its scrypt hash is given
   with ``--password-hash-file``; a session cookie, HttpOnly and SameSite=Strict, follows). Only on a loopback
@@ -10,15 +10,18 @@ token (read from a file; never sent to the browser, never logged) and acts with 
 * every POST of the page carries the session's CSRF token in ``X-CSRF-Token`` (a cross-site form cannot set a
   header) and, when the browser says where it comes from, an ``Origin`` of this page; the sign-in form carries a
   pre-session token bound to a SameSite=Strict cookie;
-* the page is static (``sim/static/``: HTML, one script, one stylesheet; no external asset) under a CSP allowing
-  only this origin's script and style.
+* the page is static (``dso_console/static/``: HTML, one script, one stylesheet and the vendored uPlot; no external
+  asset) under a CSP allowing only this origin's script and style.
 
 Routes: ``GET /`` the page; ``GET|POST /login``, ``POST /logout``; ``GET /api/session`` (the CSRF token);
 ``GET /api/requests`` the requests posted from this page (newest first, kept in memory); ``POST /api/requests``
-one form, turned into the hub's body by :func:`build_request` and posted; ``GET /api/requests/{id}`` and
-``POST /api/requests/{id}/cancel`` passed to the hub; ``GET /api/requests/{id}/events`` a server-sent event stream:
-the page server polls ``GET /v1/requests/{id}`` every :attr:`DsoWebSettings.poll_s` and pushes the view only when it
-changed, until the request has ended (and :attr:`DsoWebSettings.settle_s` more, for late cancel acknowledgements).
+one form, validated by the hub's own models (:mod:`dso_console.forms`) and posted; ``GET /api/requests/{id}``,
+``POST /api/requests/{id}/cancel`` and ``POST /api/requests/{id}/revise`` passed to the hub;
+``GET /api/requests/{id}/events`` the request's view pushed each time the hub's change feed
+(``GET /v1/requests/{id}/events``) says it changed, until it has ended (and :attr:`ConsoleSettings.settle_s` more,
+for late cancel acknowledgements); ``GET /api/events`` the hub's feed of every DSO request, relayed;
+``GET /api/status``, ``/api/hub-requests``, ``/api/clients``, ``/api/clients/{id}``, ``/api/audit``,
+``/api/feeders/{id}/plot``, ``/api/latency``: the hub's console reads, for the screens.
 
 Errors are ``{"error", "message"}`` plus ``problems`` (one per form field) for an invalid form (400, nothing posted)
 or an invalid body (the hub's 422); the hub's 404, 409, 413, 429 and 503 pass through as they are; a hub that cannot
@@ -46,12 +49,11 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 import uvicorn
@@ -62,17 +64,14 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dso_console.forms import FormProblems, build_request, build_revision
+from mhp_wire.passwords import hash_password, verify_password
 from mhp_wire.production import production_error, production_problems
-from mhp_wire.webserver import BodyLimit, EmbeddedServer, bind
-from retailer_bridge.accounts import hash_password, verify_password
-from retailer_bridge.personal_area import with_security_headers
+from mhp_wire.webserver import BodyLimit, EmbeddedServer, bind, with_security_headers
 
 log = logging.getLogger(__name__)
 
 TERMINAL = frozenset({"completed", "partially_completed", "failed", "expired", "cancelled"})
-KINDS = {"emergency": "/v1/emergencies", "load_shift": "/v1/load-shifts", "load_reduction": "/v1/load-reductions",
-         "billing": "/v1/billing-data", "tariff": "/v1/tariffs"}
-"""Request types of the form and the hub endpoint each is posted to."""
 MAX_BODY = 256 * 1024
 LOGIN_MAX_BODY = 4096
 """The sign-in form's limit (read before anyone has signed in)."""
@@ -83,6 +82,16 @@ MAX_CLIENT_ROWS = 1000
 KEEPALIVE_S = 15.0
 RETRY_MS = 2000
 SESSION_S = 8 * 3600
+FEED_RETRY_S = 1.0
+"""How long to wait before following the hub's feed again after it broke."""
+FEED_READ_TIMEOUT_S = 60.0
+"""The hub sends a keep-alive every 15 s: a feed silent for this long is dead."""
+MAX_BANDS = 50
+MAX_LATENCY = 100
+TRACE_KEYS = ("hub_ms", "storage_ms", "dispatch_ms", "retailer_ms", "gateway_ms", "total_ms", "completion_ms")
+WINDOWS = {"emergency": ("start", "duration_s"), "load_reduction": ("start", "duration_s"),
+           "load_shift": ("window_start", "window_end")}
+"""The request types drawn as bands and the fields of their window."""
 LOCK_AFTER = 5
 """Failed sign-ins from one address before it is locked out for a while (doubling with each further failure)."""
 
@@ -101,154 +110,7 @@ SECURITY_HEADERS = {
 }
 
 
-# -- the form (pure) -------------------------------------------------------------------------------------------
-
-
-class FormProblems(Exception):
-    """A form that cannot become a hub request; ``problems`` says which field and why."""
-
-    def __init__(self, problems: list[dict[str, str]]) -> None:
-        super().__init__("; ".join(f"{p['field'] or 'form'}: {p['message']}" for p in problems))
-        self.problems = problems
-
-
-class _Reader:
-    """Reads a form's fields, collecting every problem instead of stopping at the first."""
-
-    def __init__(self, form: Mapping[str, Any], tz: ZoneInfo) -> None:
-        self.form = form
-        self.tz = tz
-        self.problems: list[dict[str, str]] = []
-
-    def problem(self, name: str, message: str) -> None:
-        self.problems.append({"field": name, "message": message})
-
-    def text(self, name: str, *, required: bool = True) -> str | None:
-        value = self.form.get(name, "")
-        if not isinstance(value, str):
-            self.problem(name, "must be text")
-            return None
-        value = value.strip()
-        if not value:
-            if required:
-                self.problem(name, "required")
-            return None
-        return value
-
-    def when(self, name: str) -> str | None:
-        """An RFC 3339 time with its offset; a time without one is read in the form's time zone."""
-        value = self.text(name)
-        if value is None:
-            return None
-        try:
-            return _when(value, self.tz)
-        except ValueError:
-            self.problem(name, f"“{value[:40]}” is not a date and time (like 2026-11-27T15:30)")
-            return None
-
-    def number(self, name: str, *, integer: bool = False, required: bool = True) -> float | int | None:
-        value = self.text(name, required=required)
-        if value is None:
-            return None
-        try:
-            number = float(value.replace(",", "."))
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number) or (integer and not number.is_integer()):
-            self.problem(name, f"“{value[:40]}” is not a{' whole' if integer else ''} number")
-            return None
-        return int(number) if integer else number
-
-    def client_ids(self, name: str) -> list[str] | None:
-        value = self.text(name)
-        if value is None:
-            return None
-        ids = list(dict.fromkeys(i for i in re.split(r"[\s,;]+", value) if i))
-        bad = [i for i in ids if not CLIENT_ID.fullmatch(i)]
-        if bad:
-            shown = ", ".join(f"“{b[:40]}”" for b in bad[:5])
-            self.problem(name, f"not a client id: {shown}{' …' if len(bad) > 5 else ''} (letters, digits, _ . -)")
-            return None
-        return ids
-
-    def targets(self) -> dict[str, Any]:
-        target = self.form.get("target", "clients")
-        if target == "clients":
-            ids = self.client_ids("client_ids")
-            return {} if ids is None else {"client_ids": ids}
-        if target == "feeder":
-            feeder = self.text("feeder_id")
-            return {} if feeder is None else {"feeder_id": feeder}
-        self.problem("target", "choose listed clients or a feeder")
-        return {}
-
-    def periods(self, name: str) -> list[dict[str, Any]] | None:
-        value = self.text(name)
-        if value is None:
-            return None
-        out = []
-        for n, line in enumerate((ln for ln in value.splitlines() if ln.strip()), 1):
-            parts = [p.strip() for p in line.split(";" if ";" in line else ",")]  # "0,5" needs ";" between fields
-            try:
-                if len(parts) != 3:
-                    raise ValueError
-                price = float(parts[2].replace(",", "."))
-                if not math.isfinite(price):
-                    raise ValueError
-                out.append({"start": _when(parts[0], self.tz), "end": _when(parts[1], self.tz),
-                            "price_eur_per_kwh": price})
-            except ValueError:
-                self.problem(name, f"line {n}: “{line.strip()[:60]}” is not “start, end, price” "
-                                   "(like 2026-11-27T07:00, 2026-11-27T22:00, 0.21)")
-                return None
-        return out
-
-
-def _when(value: str, tz: ZoneInfo) -> str:
-    at = datetime.fromisoformat(value.replace(" ", "T", 1) if "T" not in value else value)
-    return (at if at.tzinfo is not None else at.replace(tzinfo=tz)).isoformat()
-
-
-def build_request(form: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    """``(kind, hub path, body)`` of one submitted form, or :class:`FormProblems` (nothing is posted then).
-
-    The form's field names are the hub's; ``kind`` picks the request type, ``target`` (``clients`` or ``feeder``)
-    the targets of an emergency, load shift or load reduction, and ``tz`` (an IANA zone, the browser's) the zone of
-    times given without an offset. Only the form's syntax is checked here; the hub checks ranges and answers 422.
-    """
-    kind = form.get("kind")
-    if kind not in KINDS:
-        raise FormProblems([{"field": "kind", "message": f"choose one of {', '.join(KINDS)}"}])
-    tz_name = form.get("tz") or "UTC"
-    try:
-        if not isinstance(tz_name, str) or len(tz_name) > 64:
-            raise ValueError
-        tz = ZoneInfo(tz_name)
-    except (ValueError, ZoneInfoNotFoundError):
-        raise FormProblems([{"field": "tz", "message": f"unknown time zone {str(tz_name)[:64]!r}"}]) from None
-    r = _Reader(form, tz)
-    body: dict[str, Any]
-    if kind == "emergency":
-        body = {**r.targets(), "start": r.when("start"), "duration_s": r.number("duration_s", integer=True),
-                "power_limit_kw": r.number("power_limit_kw")}
-    elif kind == "load_shift":
-        body = {**r.targets(), "window_start": r.when("window_start"), "window_end": r.when("window_end")}
-        reason = r.text("reason", required=False)
-        if reason is not None:
-            body["reason"] = reason
-    elif kind == "load_reduction":
-        body = {**r.targets(), "reduction_kw": r.number("reduction_kw"), "start": r.when("start"),
-                "duration_s": r.number("duration_s", integer=True),
-                "respond_within_s": r.number("respond_within_s")}
-    elif kind == "billing":
-        body = {"client_ids": r.client_ids("client_ids"), "period_start": r.when("period_start"),
-                "period_end": r.when("period_end")}
-    else:
-        body = {"tariff_id": r.text("tariff_id"), "valid_from": r.when("valid_from"), "valid_to": r.when("valid_to"),
-                "periods": r.periods("periods")}
-    if r.problems:
-        raise FormProblems(r.problems)
-    return kind, KINDS[kind], body
+# -- views (pure) ----------------------------------------------------------------------------------------------
 
 
 def summarize(view: dict[str, Any], max_rows: int = MAX_CLIENT_ROWS) -> dict[str, Any]:
@@ -259,6 +121,20 @@ def summarize(view: dict[str, Any], max_rows: int = MAX_CLIENT_ROWS) -> dict[str
         counts[c["state"]] = counts.get(c["state"], 0) + 1
     shown = dict(list(clients.items())[:max_rows])
     return {**view, "clients": shown, "client_counts": counts, "clients_total": len(clients)}
+
+
+def band_window(kind: str, body: Mapping[str, Any]) -> tuple[float, float] | None:
+    """``(start, end)`` in epoch seconds of a flexibility request's window, from its body (``None`` without one)."""
+    fields = WINDOWS.get(kind)
+    if fields is None:
+        return None
+    try:
+        start = datetime.fromisoformat(str(body[fields[0]])).timestamp()
+        if fields[1] == "duration_s":
+            return start, start + float(body["duration_s"])
+        return start, datetime.fromisoformat(str(body[fields[1]])).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def is_loopback(host: str) -> bool:
@@ -290,7 +166,7 @@ def sse(event: dict[str, Any]) -> str:
 
 
 @dataclass
-class DsoWebSettings:
+class ConsoleSettings:
     """How the page server runs. ``password_hash`` ``None`` means no sign-in (loopback only)."""
 
     hub_url: str
@@ -333,7 +209,7 @@ class DsoWebSettings:
             raise ValueError(f"without sign-in the page may only listen on a loopback address, not {self.host!r}: "
                              "give --password-hash-file")
         if self.password_hash is not None and not self.password_hash.startswith("scrypt$"):
-            raise ValueError("the password hash is not an scrypt hash (make one with: mhp-sim dso-web hash-password)")
+            raise ValueError("the password hash is not an scrypt hash (make one with: dso-console hash-password)")
         if not self.hub_url.startswith(("http://", "https://")):
             raise ValueError(f"the hub URL must start with http:// or https://, not {self.hub_url!r}")
 
@@ -385,14 +261,20 @@ class Guard:
         return response
 
 
+ASSETS = {"dso.js": ("dso.js", "text/javascript"), "dso.css": ("dso.css", "text/css"),
+          "uplot.js": ("vendor/uPlot.iife.min.js", "text/javascript"),
+          "uplot.css": ("vendor/uPlot.min.css", "text/css")}
+"""What ``/static/NAME`` serves: each name's file under ``dso_console/static/`` and its media type."""
+
+
 def _static(name: str) -> str:
-    return (resources.files("sim.static") / name).read_text(encoding="utf-8")
+    return resources.files("dso_console.static").joinpath(*name.split("/")).read_text(encoding="utf-8")
 
 
-class DsoWeb:
+class DsoConsole:
     """The page server; :meth:`serving` runs it."""
 
-    def __init__(self, settings: DsoWebSettings) -> None:
+    def __init__(self, settings: ConsoleSettings) -> None:
         self.settings = settings
         self.login_required = settings.password_hash is not None
         secure = settings.secure_cookies
@@ -410,21 +292,30 @@ class DsoWeb:
         self._closing = asyncio.Event()
         self.http: httpx.AsyncClient | None = None
         self.address: tuple[str, int] | None = None
-        self.page_html, self.script, self.style = _static("dso.html"), _static("dso.js"), _static("dso.css")
+        self.page_html = _static("dso.html")
+        self.assets = {name: (_static(path), media) for name, (path, media) in ASSETS.items()}
         self.app = Starlette(routes=[
             Route("/", self.page, methods=["GET"]),
             Route("/login", self.login_form, methods=["GET"]),
             Route("/login", self.login, methods=["POST"],  # read before sign-in: a smaller limit
                   middleware=[Middleware(BodyLimit, max_bytes=LOGIN_MAX_BODY)]),
             Route("/logout", self.logout, methods=["POST"]),
-            Route("/static/dso.js", self.static_script, methods=["GET"]),
-            Route("/static/dso.css", self.static_style, methods=["GET"]),
+            Route("/static/{name:path}", self.static_asset, methods=["GET"]),
             Route("/api/session", self.session_info, methods=["GET"]),
             Route("/api/requests", self.list_requests, methods=["GET"]),
             Route("/api/requests", self.create, methods=["POST"]),
             Route("/api/requests/{request_id}", self.get_request, methods=["GET"]),
             Route("/api/requests/{request_id}/cancel", self.cancel, methods=["POST"]),
+            Route("/api/requests/{request_id}/revise", self.revise, methods=["POST"]),
             Route("/api/requests/{request_id}/events", self.events, methods=["GET"]),
+            Route("/api/events", self.all_events, methods=["GET"]),
+            Route("/api/status", self.status, methods=["GET"]),
+            Route("/api/hub-requests", self.hub_requests, methods=["GET"]),
+            Route("/api/clients", self.clients, methods=["GET"]),
+            Route("/api/clients/{client_id}", self.client, methods=["GET"]),
+            Route("/api/audit", self.audit, methods=["GET"]),
+            Route("/api/feeders/{feeder_id}/plot", self.feeder_plot, methods=["GET"]),
+            Route("/api/latency", self.latency, methods=["GET"]),
         ], middleware=[Middleware(Guard, loopback_only=not self.login_required),
                        Middleware(BodyLimit, max_bytes=MAX_BODY)])
 
@@ -489,13 +380,12 @@ class DsoWeb:
             return RedirectResponse("/login", 303)
         return HTMLResponse(self.page_html)
 
-    async def static_script(self, request: Request) -> Response:
-        """``GET /static/dso.js``."""
-        return Response(self.script, media_type="text/javascript")
-
-    async def static_style(self, request: Request) -> Response:
-        """``GET /static/dso.css``."""
-        return Response(self.style, media_type="text/css")
+    async def static_asset(self, request: Request) -> Response:
+        """``GET /static/NAME``: the page's script and stylesheet and the vendored uPlot (nothing else)."""
+        asset = self.assets.get(request.path_params["name"])
+        if asset is None:
+            return _error(404, "not_found", "no such file")
+        return Response(asset[0], media_type=asset[1])
 
     async def login_form(self, request: Request) -> Response:
         """``GET /login``: the sign-in form (straight to the page when signed in or without sign-in)."""
@@ -670,49 +560,318 @@ class DsoWeb:
                                  headers={"X-Accel-Buffering": "no"})
 
     async def _follow(self, rid: str, request: Request) -> AsyncIterator[str]:
+        """The request's view, fetched once the hub's feed of it is open and again after each change it reports."""
         self.streams += 1
+        changes: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        feed = asyncio.create_task(self._watch(f"/v1/requests/{quote(rid, safe='')}/events", changes),
+                                   name=f"dso-console-feed-{rid}")
         try:
             yield f"retry: {RETRY_MS}\n\n"
             last: dict[str, Any] | None = None
             last_error: str | None = None
             ended_at: float | None = None
-            sent_at = time.monotonic()
+            feed_error: str | None = None
+            fetch = False
             while not self._closing.is_set() and not await request.is_disconnected():
-                t0 = time.monotonic()
+                if fetch:
+                    try:
+                        status, answer = await self._hub("GET", f"/v1/requests/{quote(rid, safe='')}")
+                    except _HubError as exc:
+                        status, answer = 502, {"error": "hub_unreachable", "message": str(exc)}
+                    if status == 200:
+                        last_error = None
+                        if answer != last:
+                            last = answer
+                            self._note_state(rid, answer)
+                            yield sse({"type": "request", "request": summarize(answer)})
+                        if answer.get("state") in TERMINAL:
+                            ended_at = ended_at or time.monotonic()
+                    elif status in (404, 403) or (status == 502 and answer.get("error") == "hub_refused"):
+                        yield sse({"type": "error", "status": status, **answer})
+                        yield sse({"type": "end", "state": None})
+                        return
+                    elif answer.get("message") != last_error:  # the hub is away or busy: say so once
+                        last_error = answer.get("message")
+                        yield sse({"type": "error", "status": status, **answer, "retrying": True})
+                wait_s = KEEPALIVE_S
+                if ended_at is not None:
+                    wait_s = self.settings.settle_s - (time.monotonic() - ended_at)
+                    if wait_s <= 0:  # ended, and no late change (a cancel acknowledgement) for settle_s
+                        yield sse({"type": "end", "state": last.get("state") if last else None})
+                        return
                 try:
-                    status, answer = await self._hub("GET", f"/v1/requests/{quote(rid, safe='')}")
-                except _HubError as exc:
-                    status, answer = 502, {"error": "hub_unreachable", "message": str(exc)}
-                took = time.monotonic() - t0
-                if status == 200:
-                    last_error = None
-                    if answer != last:
-                        last = answer
-                        self._note_state(rid, answer)
-                        yield sse({"type": "request", "request": summarize(answer)})
-                        sent_at = time.monotonic()
-                    if answer.get("state") in TERMINAL:
-                        ended_at = ended_at or time.monotonic()
-                        if time.monotonic() - ended_at >= self.settings.settle_s:
-                            yield sse({"type": "end", "state": answer["state"]})
-                            return
-                elif status in (404, 403) or (status == 502 and answer.get("error") == "hub_refused"):
-                    yield sse({"type": "error", "status": status, **answer})
-                    yield sse({"type": "end", "state": None})
-                    return
-                elif answer.get("message") != last_error:  # the hub is away or busy: say so once, keep asking
-                    last_error = answer.get("message")
-                    yield sse({"type": "error", "status": status, **answer, "retrying": True})
-                    sent_at = time.monotonic()
-                if time.monotonic() - sent_at >= KEEPALIVE_S:
-                    yield ": keep-alive\n\n"
-                    sent_at = time.monotonic()
-                # A large request takes long to fetch: ask again only after a few times that.
-                delay = max(self.settings.poll_s, 4 * took) if status == 200 else max(1.0, self.settings.poll_s)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), delay)
+                    kind, message = await asyncio.wait_for(changes.get(), wait_s)
+                except TimeoutError:
+                    if ended_at is None:
+                        yield ": keep-alive\n\n"
+                    fetch = False
+                    continue
+                while not changes.empty():  # many changes at once: one fetch
+                    kind, message = changes.get_nowait()
+                fetch = True  # after a change, or once a second while the feed cannot be followed (the GET says why)
+                if kind == "error" and message != feed_error:
+                    feed_error = message
+                    log.warning("DSO console: cannot follow the hub's feed of %s: %s", rid, message)
         finally:
             self.streams -= 1
+            feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feed
+
+    async def _watch(self, path: str, changes: asyncio.Queue[tuple[str, str]]) -> None:
+        """Follow the hub's feed at ``path``, putting ``("change", "")`` on ``changes`` when it opens and after each
+        event; when it cannot be followed, ``("error", why)`` once a second (the follower then fetches anyway)."""
+        last_id: str | None = None
+        while True:
+            try:
+                async for kind, event_id, _ in self._hub_stream(path, last_id, changes):
+                    if event_id:
+                        last_id = event_id
+                    await changes.put((kind, ""))
+            except _HubError as exc:
+                await changes.put(("error", str(exc)))
+            await asyncio.sleep(FEED_RETRY_S)
+
+    async def _hub_stream(self, path: str, last_id: str | None,
+                          opened: asyncio.Queue[tuple[str, str]] | None = None) -> AsyncIterator[tuple[str, str, str]]:
+        """``(event, id, data)`` of the hub's server-sent events at ``path`` (``("change", "", "")`` first, once
+        open, when ``opened`` is given); :class:`_HubError` when it cannot be reached or does not answer 200."""
+        assert self.http is not None, "the console is not serving"
+        headers = {"Accept": "text/event-stream"}
+        if last_id is not None:
+            headers["Last-Event-ID"] = last_id
+        try:
+            async with self.http.stream("GET", path, headers=headers,
+                                        timeout=httpx.Timeout(10, read=FEED_READ_TIMEOUT_S)) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    raise _HubError(f"the hub's feed answered {r.status_code}: {r.text[:200]}")
+                if opened is not None:
+                    yield "change", "", ""
+                event, event_id, data = "message", "", list[str]()
+                async for line in r.aiter_lines():
+                    if not line:
+                        if data:
+                            yield event, event_id, "\n".join(data)
+                        event, data = "message", []
+                    elif line.startswith("data:"):
+                        data.append(line[5:].lstrip(" "))
+                    elif line.startswith("id:"):
+                        event_id = line[3:].strip()
+                    elif line.startswith("event:"):
+                        event = line[6:].strip()
+        except httpx.HTTPError as exc:
+            raise _HubError(f"the hub's feed at {self.settings.hub_url} broke: {type(exc).__name__}: {exc}") from None
+
+    async def all_events(self, request: Request) -> Response:
+        """``GET /api/events``: the hub's feed of the DSO's requests (``GET /v1/events``), relayed as it comes, with
+        its event ids (a reconnecting browser's ``Last-Event-ID`` resumes at the hub)."""
+        if self._session(request) is None:
+            return _signed_out()
+        last_id = request.headers.get("last-event-id")
+        if last_id is not None and not last_id.isdigit():
+            return _error(422, "invalid", "Last-Event-ID is not an event id")
+        if self.streams >= MAX_STREAMS:
+            return _error(503, "busy", f"already relaying {MAX_STREAMS} streams; close a page")
+        return StreamingResponse(self._relay(last_id, request), media_type="text/event-stream",
+                                 headers={"X-Accel-Buffering": "no"})
+
+    async def _relay(self, last_id: str | None, request: Request) -> AsyncIterator[str]:
+        self.streams += 1
+        try:
+            yield f"retry: {RETRY_MS}\n\n"
+            while not self._closing.is_set() and not await request.is_disconnected():
+                try:
+                    async for event, event_id, data in self._hub_stream("/v1/events", last_id):
+                        if event_id:
+                            last_id = event_id
+                        yield (f"id: {event_id}\n" if event_id else "") + f"event: {event}\ndata: {data}\n\n"
+                except _HubError as exc:
+                    yield "event: hub\ndata: " + json.dumps({"error": "feed", "message": str(exc)}) + "\n\n"
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), FEED_RETRY_S)
+        finally:
+            self.streams -= 1
+
+    # -- the console's reads ----------------------------------------------------------------------------------
+
+    async def _read(self, request: Request, path: str, params: dict[str, Any] | None = None) -> Response:
+        """The hub's answer to a GET, as it is (errors passed through)."""
+        if self._session(request) is None:
+            return _signed_out()
+        try:
+            status, answer = await self._hub("GET", path, params=params)
+        except _HubError as exc:
+            return _error(502, "hub_unreachable", str(exc))
+        return JSONResponse(answer) if status == 200 else _passed(status, answer)
+
+    @staticmethod
+    def _params(request: Request, *names: str) -> dict[str, str]:
+        return {n: request.query_params[n][:200] for n in names if n in request.query_params}
+
+    async def status(self, request: Request) -> Response:
+        """``GET /api/status``: the platform now (the hub's ``GET /v1/status``)."""
+        return await self._read(request, "/v1/status")
+
+    async def hub_requests(self, request: Request) -> Response:
+        """``GET /api/hub-requests``: the DSO's requests at the hub, newest first (``GET /v1/requests``)."""
+        return await self._read(request, "/v1/requests", self._params(request, "state", "type", "since", "limit",
+                                                                      "after"))
+
+    async def clients(self, request: Request) -> Response:
+        """``GET /api/clients``: the client registry with supplier history (``GET /v1/clients``)."""
+        return await self._read(request, "/v1/clients", self._params(request, "feeder_id", "retailer_id", "limit",
+                                                                     "after"))
+
+    async def client(self, request: Request) -> Response:
+        """``GET /api/clients/{id}``: one client with its supplier history."""
+        cid = request.path_params["client_id"]
+        if not CLIENT_ID.fullmatch(cid):
+            return _error(404, "not_found", "not a client id")
+        return await self._read(request, f"/v1/clients/{quote(cid, safe='')}")
+
+    async def audit(self, request: Request) -> Response:
+        """``GET /api/audit?client_id=&days=``: a client's data access log (``GET /v1/audit``), the last ``days``
+        (1 to 366, default 7)."""
+        cid = request.query_params.get("client_id", "")
+        if not CLIENT_ID.fullmatch(cid):
+            return _error(422, "invalid", "give a client_id (letters, digits, _ . -)")
+        try:
+            days = int(request.query_params.get("days", "7"))
+        except ValueError:
+            days = 0
+        if not 1 <= days <= 366:
+            return _error(422, "invalid", "days is a whole number from 1 to 366")
+        now = datetime.now(UTC)
+        return await self._read(request, "/v1/audit", {"client_id": cid,
+                                                       "from": (now - timedelta(days=days)).isoformat(),
+                                                       "to": (now + timedelta(minutes=1)).isoformat()})
+
+    async def feeder_plot(self, request: Request) -> Response:
+        """``GET /api/feeders/{id}/plot?hours=&step_s=``: a feeder's measured active power over the last ``hours``
+        (``GET /v1/feeders/{id}/measurements``) as columns for the plot, with the DSO's requests that concern the
+        feeder as bands ``[start, end]`` on the time axis (their windows, from ``GET /v1/requests/{id}``)."""
+        if self._session(request) is None:
+            return _signed_out()
+        feeder = request.path_params["feeder_id"]
+        try:
+            hours = float(request.query_params.get("hours", "3"))
+            step_s = int(request.query_params.get("step_s", "60"))
+        except ValueError:
+            return _error(422, "invalid", "hours is a number and step_s a whole number")
+        if not (0 < hours <= 48 and 1 <= step_s <= 3600):
+            return _error(422, "invalid", "hours from 0 to 48, step_s from 1 to 3600")
+        now = datetime.now(UTC)
+        start = now - timedelta(hours=hours)
+        path = f"/v1/feeders/{quote(feeder, safe='')}/measurements"
+        try:
+            status, series = await self._hub("GET", path, params={
+                "from": start.isoformat(), "to": (now + timedelta(seconds=step_s)).isoformat(), "step_s": step_s})
+            if status != 200:
+                return _passed(status, series)
+            bands = await self._bands(feeder, start)
+        except _HubError as exc:
+            return _error(502, "hub_unreachable", str(exc))
+        xs = [datetime.fromisoformat(b["start"]).timestamp() for b in series.get("series", [])]
+        kw = [b.get("active_power_kw") for b in series.get("series", [])]
+        return JSONResponse({"feeder_id": feeder, "from": series.get("from"), "to": series.get("to"),
+                             "step_s": step_s, "clients": series.get("clients"), "x": xs, "kw": kw,
+                             "reporting": [b.get("clients_reporting") for b in series.get("series", [])],
+                             "bands": bands})
+
+    async def _bands(self, feeder: str, since: datetime) -> list[dict[str, Any]]:
+        """The DSO's flexibility requests of the feeder (by feeder or by its clients) that overlap ``since`` to
+        now: ``{request_id, type, state, start, end}`` (epoch seconds)."""
+        status, listed = await self._hub("GET", "/v1/requests", params={
+            "since": (since - timedelta(days=7)).isoformat(), "limit": MAX_BANDS})
+        if status != 200:
+            return []
+        flex = [r for r in listed.get("requests", []) if r.get("type") in WINDOWS]
+        if not flex:
+            return []
+        views = await asyncio.gather(*(self._hub("GET", f"/v1/requests/{quote(r['request_id'], safe='')}")
+                                       for r in flex))
+        ours: set[str] = set()
+        if any(status == 200 and (view.get("request") or {}).get("client_ids") for status, view in views):
+            # Only when a request names clients: each listing is a line per client in the data access log.
+            status, members = await self._hub("GET", "/v1/clients", params={"feeder_id": feeder, "limit": 1000})
+            ours = {c["client_id"] for c in members.get("clients", [])} if status == 200 else set()
+        bands = []
+        for (status, view), listed_one in zip(views, flex, strict=True):
+            if status != 200:
+                continue
+            body = view.get("request") or {}
+            if body.get("feeder_id") != feeder and not ours & set(body.get("client_ids") or ()):
+                continue
+            window = band_window(listed_one["type"], body)
+            if window is None or window[1] < since.timestamp():
+                continue
+            bands.append({"request_id": listed_one["request_id"], "type": listed_one["type"],
+                          "state": view.get("state"), "start": window[0], "end": window[1]})
+        return bands
+
+    async def latency(self, request: Request) -> Response:
+        """``GET /api/latency?limit=``: the trace per component of the DSO's recent requests, oldest first."""
+        if self._session(request) is None:
+            return _signed_out()
+        try:
+            limit = int(request.query_params.get("limit", "20"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_LATENCY:
+            return _error(422, "invalid", f"limit is a whole number from 1 to {MAX_LATENCY}")
+        try:
+            status, listed = await self._hub("GET", "/v1/requests", params={"limit": limit})
+            if status != 200:
+                return _passed(status, listed)
+            views = await asyncio.gather(*(self._hub("GET", f"/v1/requests/{quote(r['request_id'], safe='')}")
+                                           for r in listed.get("requests", [])))
+        except _HubError as exc:
+            return _error(502, "hub_unreachable", str(exc))
+        out = [{"request_id": v["request_id"], "type": v.get("type"), "state": v.get("state"),
+                "created_at": v.get("created_at"),
+                "trace": {k: v.get("trace", {}).get(k) for k in TRACE_KEYS}}
+               for status, v in views if status == 200]
+        return JSONResponse({"requests": out[::-1], "components": list(TRACE_KEYS)})
+
+    async def revise(self, request: Request) -> Response:
+        """``POST /api/requests/{id}/revise``: the fields that change, validated by the hub's revision model."""
+        session = self._session(request)
+        if session is None:
+            return _signed_out()
+        refused = self._check_post(request, session)
+        if refused is not None:
+            return refused
+        rid = request.path_params["request_id"]
+        if not REQUEST_ID.fullmatch(rid):
+            return _error(404, "not_found", "not a request id")
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return _error(415, "unsupported_media_type", "send the form as application/json")
+        try:
+            form = json.loads(await _read_body(request, MAX_BODY))
+        except _TooLarge:
+            return _error(413, "too_large", f"the form is larger than {MAX_BODY // 1024} KiB")
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "invalid_form", "the form is not JSON")
+        if not isinstance(form, dict):
+            return _error(400, "invalid_form", "the form is not a JSON object")
+        try:
+            body = build_revision(form)
+        except FormProblems as exc:
+            return _error(400, "invalid_form", f"nothing was revised: {exc}", problems=exc.problems)
+        headers = {}
+        key = form.get("idempotency_key")
+        if isinstance(key, str) and IDEMPOTENCY_KEY.fullmatch(key):
+            headers["Idempotency-Key"] = "dso-console-rev-" + key
+        try:
+            status, answer = await self._hub("POST", f"/v1/requests/{quote(rid, safe='')}/revise", json=body,
+                                             headers=headers)
+        except _HubError as exc:
+            return _error(502, "hub_unreachable", str(exc))
+        if status >= 300:
+            return _passed(status, answer)
+        log.info("DSO console: revised %s to revision %s", rid, answer.get("revision"))
+        return JSONResponse({**answer, "body": body}, 202)
 
     def _note_state(self, rid: str, view: Mapping[str, Any]) -> None:
         for r in self.recent:
@@ -742,7 +901,7 @@ class DsoWeb:
     # -- serving ----------------------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[DsoWeb]:
+    async def serving(self) -> AsyncIterator[DsoConsole]:
         """Serve on ``host:port`` (the port may be 0) inside the block."""
         s = self.settings
         verify: ssl.SSLContext | bool = True if s.ca_file is None else ssl.create_default_context(cafile=str(s.ca_file))
@@ -756,7 +915,7 @@ class DsoWeb:
                                     ssl_certfile=s.tls_certfile, ssl_keyfile=s.tls_keyfile,
                                     proxy_headers=s.behind_tls_proxy, forwarded_allow_ips=s.forwarded_allow_ips)
             server = EmbeddedServer(config)
-            serving = asyncio.create_task(server.serve(sockets=[sock]), name="dso-web")
+            serving = asyncio.create_task(server.serve(sockets=[sock]), name="dso-console")
             self.address = sock.getsockname()[:2]  # bound already: connections wait in its backlog until served
             log.info("DSO page on %s/ (hub %s, %s)", self.url, s.hub_url,
                      "operator sign-in" if self.login_required else "no sign-in: loopback only")
@@ -806,25 +965,28 @@ def _passed(status: int, answer: dict[str, Any]) -> JSONResponse:
 # -- command line ------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``mhp-sim dso-web``: serve the page until SIGINT or SIGTERM; ``mhp-sim dso-web hash-password``."""
+def main(argv: list[str] | None = None, prog: str = "dso-console") -> int:
+    """``dso-console``: serve the console until SIGINT or SIGTERM; ``dso-console hash-password`` makes a hash.
+
+    ``prog`` is the name it answers to (``mhp-sim dso-web`` runs it too)."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["hash-password"]:
         password = getpass.getpass("operator password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
         if len(password) < 10:
-            print("mhp-sim dso-web: the password needs at least 10 characters", file=sys.stderr)
+            print(f"{prog}: the password needs at least 10 characters", file=sys.stderr)
             return 2
         print(hash_password(password))
         return 0
-    parser = argparse.ArgumentParser(prog="mhp-sim dso-web", description="The DSO's page: post a request to the hub "
-                                     "and follow it live. (mhp-sim dso-web hash-password < PW makes a hash.)")
+    parser = argparse.ArgumentParser(prog=prog, description="The DSO's console: the platform, requests "
+                                     f"followed live, feeder plots, the client registry. ({prog} hash-password < PW "
+                                     "makes a hash)")
     parser.add_argument("--hub-url", required=True, help="the hub's HTTP API, like http://127.0.0.1:8080")
     parser.add_argument("--token-file", type=Path, required=True, help="a file holding the DSO's bearer token")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8090, help="0: any free port (the URL is printed)")
     login = parser.add_mutually_exclusive_group(required=True)
     login.add_argument("--password-hash-file", type=Path,
-                       help="a file holding the operator password's scrypt hash (mhp-sim dso-web hash-password)")
+                       help="a file holding the operator password's scrypt hash (dso-console hash-password)")
     login.add_argument("--no-login", action="store_true", help="no sign-in (only on a loopback address)")
     parser.add_argument("--ca-file", type=Path, help="the CA of the hub's HTTPS certificate")
     parser.add_argument("--poll-s", type=float, default=0.25, help="how often a followed request is asked for")
@@ -841,14 +1003,14 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(args)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = DsoWebSettings(
+        settings = ConsoleSettings(
             hub_url=ns.hub_url.rstrip("/"), token=ns.token_file.read_text(), host=ns.host, port=ns.port,
             password_hash=None if ns.no_login else ns.password_hash_file.read_text().strip(), ca_file=ns.ca_file,
             poll_s=ns.poll_s, secure_cookies=ns.secure_cookies, environment=ns.environment,
             tls_certfile=ns.tls_certfile, tls_keyfile=ns.tls_keyfile, behind_tls_proxy=ns.behind_tls_proxy,
             forwarded_allow_ips=[a.strip() for a in ns.forwarded_allow_ips.split(",") if a.strip()])
     except (OSError, ValueError) as exc:
-        print(f"mhp-sim dso-web: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
 
     async def run() -> None:
@@ -856,13 +1018,13 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with DsoWeb(settings).serving() as web:
-            print(f"mhp-sim dso-web: {web.url}/", flush=True)
+        async with DsoConsole(settings).serving() as web:
+            print(f"{prog}: {web.url}/", flush=True)
             await stop.wait()
 
     try:
         asyncio.run(run())
     except OSError as exc:
-        print(f"mhp-sim dso-web: cannot listen on {ns.host}:{ns.port}: {exc}", file=sys.stderr)
+        print(f"{prog}: cannot listen on {ns.host}:{ns.port}: {exc}", file=sys.stderr)
         return 1
     return 0
