@@ -72,7 +72,8 @@ def test_every_action_is_decided_for_a_party() -> None:
         assert verdict.allowed or verdict.reason
 
 
-@pytest.mark.parametrize(("text", "expected"), [("party:p1", P1), ("party:energy-co.2", Principal("party", party_id="energy-co.2"))])
+@pytest.mark.parametrize(("text", "expected"), [
+    ("party:p1", P1), ("party:energy-co.2", Principal("party", party_id="energy-co.2"))])
 def test_party_principals_parse_and_print(text: str, expected: Principal) -> None:
     assert Principal.parse(text) == expected
     assert str(expected) == text
