@@ -58,6 +58,8 @@ class Action(StrEnum):
     """An eligible party asks a client for access to their data (``Context.supplier_at_time``: the client exists)."""
     READ_PERMISSION = "read_permission"
     """Read or terminate a permission (``Context.issuer``: the party that asked for it)."""
+    TERMINATE_PERMISSION = "terminate_permission"
+    """End a permission, or withdraw an undecided request (``Context.issuer``: the party that asked for it)."""
     DECIDE_PERMISSION = "decide_permission"
     """Relay a customer's accept, reject or revoke, or show the customer their permissions and access log
     (``Context.supplier_at_time``: the client's supplier now; only it speaks for the customer)."""
@@ -142,6 +144,9 @@ def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decisi
         if who.kind == "dso":
             return Decision(True, "dso:permission-log")
         return Decision(False, "none", "a permission is read only by the party that asked for it", conceal=True)
+    if action is Action.TERMINATE_PERMISSION:
+        return Decision(False, "none", "a permission is ended only by the party that asked for it (or revoked by "
+                                       "the customer)", conceal=True)
     if action is Action.DECIDE_PERMISSION:
         # The customer decides in their current retailer's personal area: only that retailer speaks for them.
         if who.kind == "retailer" and ctx.supplier_at_time is not None and ctx.supplier_at_time == who.retailer_id:
@@ -222,10 +227,11 @@ def _decide_party(who: Principal, action: Action, ctx: Context) -> Decision:
         return Decision(True, "public:tariff")
     if action is Action.REQUEST_PERMISSION:
         return Decision(True, "party:request-permission")
-    if action is Action.READ_PERMISSION:
+    if action in (Action.READ_PERMISSION, Action.TERMINATE_PERMISSION):
         if ctx.issuer is not None and ctx.issuer == str(who):
             return Decision(True, "issuer")
-        return Decision(False, "none", "a permission is read only by the party that asked for it", conceal=True)
+        return Decision(False, "none", "a permission is read or ended only by the party that asked for it",
+                        conceal=True)
     if action in _PARTY_READS:
         if ctx.permission_id is not None:
             return Decision(True, f"party:permission:{ctx.permission_id}")

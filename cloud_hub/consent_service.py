@@ -19,7 +19,7 @@ from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.consent import Event, InvalidTransition, Permission, Scope
 from cloud_hub.consent_store import PermissionStore
 from cloud_hub.service import Forbidden, NotFound, hidden_client, iso
-from cloud_hub.store import AuditEntry, HubStore
+from cloud_hub.store import AuditEntry, Conflict, HubStore
 from cloud_hub.timeline import clip_blocks, profile, supplier_at, withhold_straddling
 from mhp_wire.messages import (
     AccessItem,
@@ -154,11 +154,15 @@ class ConsentService:
         """The party ends its permission (or withdraws its request) now."""
         async with self._lock(permission_id):
             p = await self._load(permission_id)
-            verdict = decide(who, Action.READ_PERMISSION,
+            verdict = decide(who, Action.TERMINATE_PERMISSION,
                              Context(issuer=None if p is None else f"party:{p.party_id}"))
-            if p is None or not verdict.allowed or who.kind != "party":
+            if p is None or not verdict.allowed:
                 raise NotFound(f"permission {permission_id!r} is unknown")
-            new = await self._changed(p, consent.decide(p, Event.TERMINATE, self.now(), str(who)), "issuer")
+            try:
+                ended = consent.decide(p, Event.TERMINATE, self.now(), str(who))
+            except InvalidTransition as exc:
+                raise Conflict(str(exc)) from None
+            new = await self._changed(p, ended, verdict.right)
         client = await self.store.get_client(new.client_id)
         if client is not None:
             await self.push_view(new.client_id, supplier_at(client["suppliers"], self.now()))

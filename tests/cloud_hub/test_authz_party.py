@@ -26,6 +26,10 @@ CASES = [
     (P1, Action.READ_PERMISSION, Context(), False, True),
     (DSO, Action.READ_PERMISSION, Context(issuer="party:p1"), True, "dso:permission-log"),
     (R1, Action.READ_PERMISSION, Context(issuer="party:p1"), False, True),
+    (P1, Action.TERMINATE_PERMISSION, Context(issuer="party:p1"), True, "issuer"),
+    (P2, Action.TERMINATE_PERMISSION, Context(issuer="party:p1"), False, True),
+    (DSO, Action.TERMINATE_PERMISSION, Context(issuer="party:p1"), False, True),
+    (R1, Action.TERMINATE_PERMISSION, Context(issuer="party:p1"), False, True),
     (R1, Action.DECIDE_PERMISSION, Context(supplier_at_time="r1"), True, "retailer:current-supplier"),
     (R2, Action.DECIDE_PERMISSION, Context(supplier_at_time="r1"), False, True),  # the former or another retailer
     (R1, Action.DECIDE_PERMISSION, Context(), False, True),  # unknown client, or supplied by nobody now

@@ -13,7 +13,7 @@ from typing import Any
 
 from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
-from mhp_wire.messages import ConsentDecision, ConsentQuery, ConsentView, ErrorReply
+from mhp_wire.messages import ConsentDecision, ConsentQuery, ConsentView, ErrorReply, Measurement, Measurements
 from tests.hub_fixtures import HubHandle
 from tests.mqtt_party import Party, parties
 
@@ -167,3 +167,49 @@ async def test_a_permission_from_request_to_revocation(hub_any: HubHandle, tmp_p
         ("hub", "permission_send", "party:request-permission", True),
         ("clock", "permission_time_out", "clock", True),
     ]
+
+
+async def test_live_measurements_under_a_permission_until_the_party_ends_it(hub: HubHandle, tmp_path: Path) -> None:
+    """A party with the live_measurements scope reads the measurements a retailer sent, only those of its data
+    period, without the senders' names; once it terminates the permission, its reads are refused."""
+    await hub.setup_registry({"c1": "r1"})
+    p1 = {"Authorization": f"Bearer {TokenBook(tmp_path / 'tokens.json').issue('party:p1')}"}
+    assert (await hub.http.put("/v1/parties/p1", json={"name": "Aggregator"},
+                               headers=hub.auth("dso"))).status_code == 201
+    now = time.time()
+    with parties(Party(hub.broker, "r1", topics.down("retailers", "r1"))) as (r1,):
+        sent = Measurements(items=[Measurement(client_id="c1", at=datetime.fromtimestamp(now - m * 60, UTC),
+                                               active_power_kw=float(m)) for m in range(1, 11)])
+        await r1.publish(topics.up("retailers", "r1"), sent)
+        while True:
+            msg = await r1.next(timeout=5)
+            if msg.type == "ack" and sent.msg_id in msg.ack_ids:  # type: ignore[union-attr]
+                break
+        r = await hub.http.post("/v1/permissions", headers=p1, json={
+            "client_id": "c1", "purpose": "flexibility forecasts", "scopes": ["live_measurements"],
+            "data_from": iso(now - 5.5 * 60), "data_to": iso(now + H), "valid_until": iso(now + 24 * H)})
+        assert r.status_code == 201, r.text
+        pid = r.json()["permission_id"]
+        accept = ConsentDecision(client_id="c1", permission_id=pid, decision="accept", decided_at=datetime.now(UTC))
+        await r1.publish(topics.up("retailers", "r1"), accept)
+        assert (await answers(r1, accept.msg_id))[0] == "ack"
+
+    window = {"client_id": "c1", "from": iso(now - H), "to": iso(now + 60)}
+    r = await hub.http.get("/v1/measurements", params=window, headers=p1)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [s["active_power_kw"] for s in body["series"]] == [5.0, 4.0, 3.0, 2.0, 1.0], "only its data period"
+    assert all(set(s) == {"at", "active_power_kw"} for s in body["series"]), "the senders are not named"
+    r = await hub.http.get("/v1/clients/c1/consumption-profile", params={"from": iso(now - H), "to": iso(now)},
+                           headers=p1)
+    assert r.status_code == 404, "the consumption profile is not in its scope"
+    r = await hub.http.get("/v1/audit", params=window, headers=p1)
+    assert r.status_code == 403, "a party never reads the access log"
+
+    r = await hub.http.post(f"/v1/permissions/{pid}/terminate", headers=hub.auth("dso"))
+    assert r.status_code == 404, "only the party that asked ends it"
+    r = await hub.http.post(f"/v1/permissions/{pid}/terminate", headers=p1)
+    assert r.status_code == 200 and r.json()["state"] == "terminated"
+    r = await hub.http.post(f"/v1/permissions/{pid}/terminate", headers=p1)
+    assert r.status_code == 409 and "terminated cannot be terminated" in r.json()["message"]
+    assert (await hub.http.get("/v1/measurements", params=window, headers=p1)).status_code == 404
