@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 VIEW_ACCESSES = 200
 """The newest lines of a customer's access log sent to the personal area."""
+VIEW_PERMISSIONS = 100
+"""The newest permissions of a customer sent to the personal area (a view stays far below the payload limit)."""
 VIEW_WINDOW_S = 400 * 86_400
 """How far back the personal area's access log reaches."""
 LOCK_STRIPES = 64
@@ -60,7 +62,9 @@ def permission_json(p: Permission) -> dict[str, Any]:
 
 def shown_principal(principal: str, recipient: str) -> str:
     """A principal as the customer's current retailer relays it: another retailer is not named to it (it learns
-    that the customer was supplied by someone else, not by whom)."""
+    that the customer was supplied by someone else, not by whom); the customer's own decisions read as theirs."""
+    if principal.startswith("customer via "):
+        return "you (in your supplier's personal area)"
     if principal.startswith("retailer:") and principal != f"retailer:{recipient}":
         return "retailer (your supplier at that time)"
     return principal
@@ -220,7 +224,7 @@ class ConsentService:
                 permission_id=p.permission_id, party_id=p.party_id, party_name=names[p.party_id][:200],
                 purpose=p.purpose[:500], scopes=[s.value for s in p.scopes], resolution_s=p.resolution_s,
                 data_from=_dt(p.data_from), data_to=_dt(p.data_to), valid_until=_dt(p.valid_until),
-                decide_by=_dt(p.decide_by), state=p.state.value) for p in perms[-500:]],
+                decide_by=_dt(p.decide_by), state=p.state.value) for p in perms[-VIEW_PERMISSIONS:]],
             accesses=[AccessItem(at=_dt(e["at"]), principal=shown_principal(e["principal"], retailer_id)[:200],
                                  action=e["action"][:64], right=e["right"][:200], allowed=e["allowed"])
                       for e in reversed(lines)])

@@ -39,6 +39,11 @@ ACTION_WORDS = {"read_consumption": "read your consumption", "read_measurements"
                 "upload_readings": "stored your meter readings", "send_measurement": "sent your live measurements"}
 
 
+EVENT_WORDS = {"validate": "checked by the data hub", "send": "shown to you", "accept": "allowed",
+               "reject": "refused", "time_out": "not answered in time: it lapsed", "revoke": "withdrawn",
+               "terminate": "ended by the company", "fulfil": "over: its time ended"}
+
+
 def _esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
@@ -72,7 +77,8 @@ def _button(p: ConsentItem, decision: str, label: str, csrf: str) -> str:
 def access_line(principal: str, action: str, right: str, allowed: bool) -> str:
     """One line of the access log in plain words: who, what, under which right."""
     if action.startswith("permission_"):
-        return f"{principal}: the permission was {action.removeprefix('permission_').replace('_', ' ')}"
+        event = action.removeprefix("permission_")
+        return f"{principal}: a request for your data was {EVENT_WORDS.get(event, event.replace('_', ' '))}"
     did = ACTION_WORDS.get(action, action.replace("_", " "))
     if not allowed:
         return f"{principal}: refused ({did})"

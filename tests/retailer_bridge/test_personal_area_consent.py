@@ -48,7 +48,10 @@ def test_access_lines_and_decisions() -> None:
     assert access_line("party:p1", "read_consumption", "party:permission:x", True) == \
         "party:p1 read your consumption under the right “party:permission:x”"
     assert access_line("party:p1", "read_consumption", "none", False) == "party:p1: refused (read your consumption)"
-    assert access_line("clock", "permission_time_out", "clock", True) == "clock: the permission was time out"
+    assert access_line("clock", "permission_time_out", "clock", True) == \
+        "clock: a request for your data was not answered in time: it lapsed"
+    assert access_line("you (in your supplier's personal area)", "permission_accept", "x", True) == \
+        "you (in your supplier's personal area): a request for your data was allowed"
     assert [parse_decision({"decision": d}) for d in ("accept", "reject", "revoke", "delete", "")] == [
         "accept", "reject", "revoke", None, None]
 
