@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mhp_wire import topics
-from mhp_wire.messages import ConsentDecision, ConsentItem, ConsentView
+from mhp_wire.messages import Ack, ConsentDecision, ConsentItem, ConsentView
 from retailer_bridge.consent import access_line, consent_section, describe, parse_decision
 from tests.broker_fixtures import MosquittoFactory
 from tests.mqtt_party import Party, parties
@@ -87,3 +87,35 @@ async def test_a_decision_goes_to_the_hub_for_the_customer_of_the_session_only(
             assert isinstance(got, ConsentDecision)
             assert (got.client_id, got.permission_id, got.decision) == ("c1", "perm-1", "accept")
             await hub.nothing("consent_decision", within=0.3)  # Bob's refused post sent nothing
+
+
+async def test_a_decision_is_sent_again_until_the_hub_acknowledges_it(
+        tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
+    async with running_area(tmp_path, mosquitto_factory) as rig:
+        rig.bridge.relay.hub_retry_s = 0.3  # the first re-send after 0.3 s instead of 5 s
+        with parties(Party(rig.hub_broker, "hub", topics.all_up("retailers"))) as (hub,):
+            await hub.publish(topics.down("retailers", "r1"), ConsentView(
+                client_id="c1", permissions=[item("perm-1", "accepted")], accesses=[]))
+            for _ in range(200):
+                if "c1" in rig.area.consent.views:
+                    break
+                await asyncio.sleep(0.02)
+            async with customer(rig, ALICE) as alice:
+                _, csrf = await home(alice)
+                r = await alice.post("/consent/perm-1", data={"csrf": csrf, "decision": "revoke"})
+                assert r.status_code == 303
+            first = await hub.next("consent_decision", timeout=5)
+            again = await hub.next("consent_decision", timeout=5)  # not acknowledged: sent again
+            assert isinstance(first, ConsentDecision) and first.decision == "revoke"
+            assert again.msg_id == first.msg_id
+
+            async def queued() -> list[str]:
+                return [row["msg_id"] for row in await rig.bridge.store.due_outbox(float("inf"))]
+
+            assert first.msg_id in await queued(), "kept until the hub acknowledges it"
+            await hub.publish(topics.down("retailers", "r1"), Ack(ack_ids=[first.msg_id]))
+            for _ in range(200):
+                if first.msg_id not in await queued():
+                    break
+                await asyncio.sleep(0.02)
+            assert first.msg_id not in await queued(), "acknowledged: out of the outbox"
