@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cloud_hub.api import console, data, events, health, registry, requests, tariffs
+from cloud_hub.api import console, data, events, health, permissions, registry, requests, tariffs
 from cloud_hub.api.deps import RateLimited
 from cloud_hub.authz import Principal
 from cloud_hub.book import RequestBook
@@ -179,6 +179,7 @@ def create_app(settings: HubSettings) -> FastAPI:
             retry_max_s=settings.webhook_retry_max_s, max_age_s=settings.webhook_max_age_s))
         app.state.feed, app.state.webhooks, app.state.settings = feed, webhooks, settings
         await webhooks.start()
+        permissions.attach(app)  # customer consent for eligible parties (docs/consent.md)
         task = asyncio.create_task(_supervise_relay(app, settings), name="hub-relay")
         pruner = asyncio.create_task(_prune_feed(feed), name="hub-feed-prune")
         try:
@@ -204,6 +205,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.include_router(tariffs.router)
     app.include_router(console.router)
     app.include_router(events.router)
+    app.include_router(permissions.router)
     app.state.http_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

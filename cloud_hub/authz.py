@@ -52,26 +52,42 @@ class Action(StrEnum):
     request the principal may follow (no context)."""
     MANAGE_SUBSCRIPTION = "manage_subscription"
     """Create a webhook subscription (no context) or read or delete one (``Context.issuer``: its owner)."""
+    MANAGE_PARTY = "manage_party"
+    """Register an eligible party (``party:<id>``, docs/consent.md)."""
+    REQUEST_PERMISSION = "request_permission"
+    """An eligible party asks a client for access to their data (``Context.supplier_at_time``: the client exists)."""
+    READ_PERMISSION = "read_permission"
+    """Read or terminate a permission (``Context.issuer``: the party that asked for it)."""
+    TERMINATE_PERMISSION = "terminate_permission"
+    """End a permission, or withdraw an undecided request (``Context.issuer``: the party that asked for it)."""
+    DECIDE_PERMISSION = "decide_permission"
+    """Relay a customer's accept, reject or revoke, or show the customer their permissions and access log
+    (``Context.supplier_at_time``: the client's supplier now; only it speaks for the customer)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is asking: the DSO, an administrator, or one retailer."""
+    """Who is asking: the DSO, an administrator, one retailer, or one eligible party (docs/consent.md)."""
 
-    kind: Literal["dso", "admin", "retailer"]
+    kind: Literal["dso", "admin", "retailer", "party"]
     retailer_id: str | None = None
+    party_id: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Principal:
-        """``dso``, ``admin`` or ``retailer:<id>``."""
+        """``dso``, ``admin``, ``retailer:<id>`` or ``party:<id>``."""
         if text in ("dso", "admin"):
             return cls(text)  # type: ignore[arg-type]
         kind, _, rid = text.partition(":")
         if kind == "retailer" and rid:
             return cls("retailer", rid)
-        raise ValueError(f"unknown principal {text!r}: expected dso, admin or retailer:<id>")
+        if kind == "party" and rid:
+            return cls("party", party_id=rid)
+        raise ValueError(f"unknown principal {text!r}: expected dso, admin, retailer:<id> or party:<id>")
 
     def __str__(self) -> str:
+        if self.kind == "party":
+            return f"party:{self.party_id}"
         return f"retailer:{self.retailer_id}" if self.kind == "retailer" else self.kind
 
 
@@ -100,6 +116,9 @@ class Context:
     """The retailer that supplied the client over the whole time range asked for (None: nobody did alone)."""
     suppliers_in_range: tuple[str, ...] = ()
     """Every retailer that supplied the client at some time in the range asked for."""
+    permission_id: str | None = None
+    """For a party's read: the customer's permission that covers it now (its scope, period and validity; found by
+    :func:`cloud_hub.consent.grant`), None when there is none."""
 
 
 _DSO_ONLY = {Action.MANAGE_CLIENT, Action.UPLOAD_READINGS, Action.REQUEST_BILLING, Action.PUBLISH_TARIFF,
@@ -111,12 +130,29 @@ _DSO_ONLY = {Action.MANAGE_CLIENT, Action.UPLOAD_READINGS, Action.REQUEST_BILLIN
 def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decision:
     """Decide whether ``who`` may perform ``action`` on the resource described by ``ctx``."""
     ctx = ctx or Context()
+    if who.kind == "party":
+        return _decide_party(who, action, ctx)
     if action is Action.READ_TARIFF:
         return Decision(True, "public:tariff")  # the network tariff is public: anyone with a token reads it
-    if action is Action.MANAGE_RETAILER:
+    if action in (Action.MANAGE_RETAILER, Action.MANAGE_PARTY):
         if who.kind in ("admin", "dso"):
             return Decision(True, f"{who.kind}:manage-registry")
-        return Decision(False, "none", "only the DSO or an administrator registers retailers")
+        return Decision(False, "none", "only the DSO or an administrator registers retailers and parties")
+    if action is Action.REQUEST_PERMISSION:
+        return Decision(False, "none", "only an eligible party asks a customer for a permission")
+    if action is Action.READ_PERMISSION:
+        if who.kind == "dso":
+            return Decision(True, "dso:permission-log")
+        return Decision(False, "none", "a permission is read only by the party that asked for it", conceal=True)
+    if action is Action.TERMINATE_PERMISSION:
+        return Decision(False, "none", "a permission is ended only by the party that asked for it (or revoked by "
+                                       "the customer)", conceal=True)
+    if action is Action.DECIDE_PERMISSION:
+        # The customer decides in their current retailer's personal area: only that retailer speaks for them.
+        if who.kind == "retailer" and ctx.supplier_at_time is not None and ctx.supplier_at_time == who.retailer_id:
+            return Decision(True, "retailer:current-supplier")
+        return Decision(False, "none", "only the client's current retailer relays the customer's decisions",
+                        conceal=who.kind == "retailer")
     if action in _DSO_ONLY:
         if who.kind == "dso":
             return Decision(True, f"dso:{action.value}")
@@ -178,6 +214,31 @@ def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decisi
             return Decision(False, "none", "an administrator follows no requests")
         return Decision(False, "none", "a subscription is managed only by its owner", conceal=True)
     raise AssertionError(f"unhandled action {action}")  # every Action is handled above
+
+
+_PARTY_READS = {Action.READ_CONSUMPTION: "consumption", Action.READ_MEASUREMENTS: "measurements"}
+
+
+def _decide_party(who: Principal, action: Action, ctx: Context) -> Decision:
+    """An eligible party: it reads the public tariff, asks customers for permissions, follows and ends its own, and
+    reads a client's data only under a permission the customer gave it that is valid now (docs/consent.md). It is
+    never told whether a client exists beyond what its own request for a permission tells it."""
+    if action is Action.READ_TARIFF:
+        return Decision(True, "public:tariff")
+    if action is Action.REQUEST_PERMISSION:
+        return Decision(True, "party:request-permission")
+    if action in (Action.READ_PERMISSION, Action.TERMINATE_PERMISSION):
+        if ctx.issuer is not None and ctx.issuer == str(who):
+            return Decision(True, "issuer")
+        return Decision(False, "none", "a permission is read or ended only by the party that asked for it",
+                        conceal=True)
+    if action in _PARTY_READS:
+        if ctx.permission_id is not None:
+            return Decision(True, f"party:permission:{ctx.permission_id}")
+        return Decision(False, "none", f"no permission of the customer, valid now, covers this read of "
+                                       f"{_PARTY_READS[action]}", conceal=True)
+    return Decision(False, "none", f"an eligible party may not {action.value.replace('_', ' ')}",
+                    conceal=action in (Action.READ_CLIENT, Action.READ_EVENTS, Action.MANAGE_SUBSCRIPTION))
 
 
 def visible_suppliers(who: Principal, periods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -26,7 +26,18 @@ from cloud_hub.storage import StoreUnavailable
 from cloud_hub.store import AuditEntry
 from mhp_wire import topics
 from mhp_wire.logsafe import Once, outside
-from mhp_wire.messages import Ack, ErrorReply, Measurements, Outcome, WireError, decode, encode
+from mhp_wire.messages import (
+    Ack,
+    ConsentDecision,
+    ConsentQuery,
+    ConsentView,
+    ErrorReply,
+    Measurements,
+    Outcome,
+    WireError,
+    decode,
+    encode,
+)
 from mhp_wire.mqtt import MqttError, MqttLink, Republisher
 from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
@@ -99,6 +110,9 @@ class HubRelay:
         self.presence_since: dict[str, float] = {}
         """When (``clock``) each retailer's presence last changed, as this hub heard it (``GET /v1/status``)."""
         self.on_measurements: Callable[[str, Measurements], Awaitable[list[str]]] | None = None
+        self.on_consent: Callable[[str, ConsentQuery | ConsentDecision],
+                                  Awaitable[list[Ack | ErrorReply | ConsentView]]] | None = None
+        """Set by the app: a customer's consent query or decision relayed by a retailer (docs/consent.md)."""
         self.on_phase_due: Callable[[str], Awaitable[None]] | None = None
         self.limiter = RateLimiter(200.0, 400)
         """One token bucket per retailer: messages beyond it are refused (unread) with an error answer."""
@@ -276,6 +290,9 @@ class HubRelay:
             await self.outcomes.submit((retailer_id, msg))
         elif isinstance(msg, Measurements):
             await self._on_measurements(retailer_id, msg)
+        elif isinstance(msg, ConsentQuery | ConsentDecision) and self.on_consent is not None:
+            for answer in await self.on_consent(retailer_id, msg):
+                await self._reply(retailer_id, answer)
         elif isinstance(msg, ErrorReply):
             log.warning("retailer %s reported an error about %s: %s", retailer_id, outside(msg.ref_msg_id),
                         outside(msg.message, 300))
@@ -428,7 +445,7 @@ class HubRelay:
                 message=f"not your client(s) at that time: {', '.join(refused[:20])}; the others were stored"))
         await self._reply(retailer_id, Ack(ack_ids=[msg.msg_id]))
 
-    async def _reply(self, retailer_id: str, msg: Ack | ErrorReply) -> None:
+    async def _reply(self, retailer_id: str, msg: Ack | ErrorReply | ConsentView) -> None:
         if self.link is None:
             return
         try:

@@ -448,9 +448,67 @@ class Customers(_Msg):
     items: list[CustomerChange] = Field(min_length=1, max_length=1_000)
 
 
+class ConsentQuery(_Msg):
+    """Retailer -> hub: show me this customer's permissions and access log (answered by ``consent_view`` when the
+    retailer supplies the client now). Not stored: a personal-area page asks again."""
+
+    type: Literal["consent_query"] = "consent_query"
+    client_id: Id
+
+
+class ConsentDecision(_Msg):
+    """Retailer -> hub, through the bridge's stored outbox: the customer accepted, rejected or revoked a party's
+    permission in the personal area (docs/consent.md). Acknowledged with ``ack``, or refused with ``error``."""
+
+    type: Literal["consent_decision"] = "consent_decision"
+    client_id: Id
+    permission_id: Id
+    decision: Literal["accept", "reject", "revoke"]
+    decided_at: AwareDatetime
+
+
+class ConsentItem(BaseModel):
+    """One party's permission, as the customer is shown it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    permission_id: Id
+    party_id: Id
+    party_name: str = Field(max_length=200)
+    purpose: str = Field(max_length=500)
+    scopes: list[Literal["consumption_profile", "billing_data", "live_measurements"]] = Field(max_length=3)
+    resolution_s: int = Field(gt=0)
+    data_from: AwareDatetime
+    data_to: AwareDatetime
+    valid_until: AwareDatetime
+    decide_by: AwareDatetime
+    state: Literal["created", "validated", "sent_to_pa", "accepted", "rejected", "timed_out", "revoked",
+                   "terminated", "fulfilled"]
+
+
+class AccessItem(BaseModel):
+    """One line of the hub's data access log about the customer: who, when, what, under which right."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    at: AwareDatetime
+    principal: str = Field(max_length=200)
+    action: str = Field(max_length=64)
+    right: str = Field(max_length=200)
+    allowed: bool
+
+
+class ConsentView(_Msg):
+    """Hub -> retailer: a customer's permissions and the newest lines of their access log, for the personal area
+    (sent to the client's current retailer only: on a ``consent_query``, and after each change)."""
+
+    type: Literal["consent_view"] = "consent_view"
+    client_id: Id
+    permissions: list[ConsentItem] = Field(max_length=500)
+    accesses: list[AccessItem] = Field(max_length=500)
+
+
 Message = Annotated[
     Request | Command | Cancel | Ack | Outcome | ErrorReply | Telemetry | Presence | BillingData | Tariff
-    | Measurements | Schedule | Customers,
+    | Measurements | Schedule | Customers | ConsentQuery | ConsentDecision | ConsentView,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)

@@ -59,6 +59,7 @@ from retailer_bridge.accounts import (
     StoredAppliance,
     StoredSchedule,
 )
+from retailer_bridge.consent import ConsentBoard, consent_section, parse_decision
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.settings import BridgeSettings
 from retailer_bridge.store import BridgeStore
@@ -354,7 +355,7 @@ def appliance_section(view: ApplianceView, csrf: str, status: str) -> str:
 
 def home_page(client_id: str, gateway_id: str, presence: str, telemetry_age_s: float | None,
               views: list[ApplianceView], latest: StoredSchedule | None, status: str, csrf: str,
-              saved: str | None = None) -> str:
+              saved: str | None = None, consent: str = "") -> str:
     """The customer's home: its appliances, their state and their schedule."""
     seen = "no report yet" if telemetry_age_s is None else f"last report {max(0, round(telemetry_age_s))} s ago"
     notice = ""
@@ -373,7 +374,7 @@ def home_page(client_id: str, gateway_id: str, presence: str, telemetry_age_s: f
 <span class="presence {esc(presence)}">{esc(PRESENCE_TEXT.get(presence, presence))}</span> · {esc(seen)}</p>
 {notice}{overall}
 <p class="hint">Times are your home's local time; a window may wrap past midnight (22:00-07:00).</p>
-{sections}""", csrf=csrf)
+{sections}{consent}""", csrf=csrf)
 
 
 STYLE = """
@@ -404,10 +405,17 @@ button { padding: .4rem 1rem; border-radius: 4px; border: 1px solid #134e6f; bac
 .errors { margin: .5rem 0; padding-left: 2rem; }
 .notice { background: #e3f1fb; padding: .5rem .8rem; border-radius: 4px; }
 .hint, .home { color: #4b5966; }
+.consent { background: #fff; border-radius: 6px; padding: 1rem 1.2rem; margin: 1rem 0; }
+.consent form.decide { display: inline-block; margin-right: .5rem; }
+.consent li.permission { margin: .6rem 0; }
 """
 
 ICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
         'fill="#134e6f"/><path d="M9 2 4 9h3l-1 5 5-7H8z" fill="#ffd54f"/></svg>')
+
+
+CONSENT_NOTICES = {"accept": "Sent: you allowed it. The company can read the data once the data hub has it.",
+                   "reject": "Sent: you refused it.", "revoke": "Sent: you withdrew your permission."}
 
 
 # -- the application ------------------------------------------------------------------------------------------
@@ -482,6 +490,8 @@ class PersonalArea:
         secure = settings.personal_area_secure_cookies
         self.session_cookie = "__Host-mhp_session" if secure else "mhp_session"
         self.login_cookie = "__Host-mhp_login" if secure else "mhp_login"
+        self.consent = ConsentBoard(relay)
+        """The customers' permissions for eligible parties, and their access log (docs/consent.md)."""
         self.address: tuple[str, int] | None = None
         """``(host, port)`` it listens on (the real port when configured with 0), while serving."""
         self.app = Starlette(routes=[
@@ -490,6 +500,7 @@ class PersonalArea:
             Route("/logout", self.logout, methods=["POST"]),
             Route("/", self.home, methods=["GET"]),
             Route("/appliances/{device:path}", self.change, methods=["POST"]),
+            Route("/consent/{permission_id}", self.consent_decide, methods=["POST"]),
             Route("/static/style.css", self.style, methods=["GET"]),
             Route("/static/icon.svg", self.icon, methods=["GET"]),
         ], middleware=[Middleware(SecurityHeaders), Middleware(BodyLimit, max_bytes=MAX_FORM_BYTES)])
@@ -638,7 +649,48 @@ class PersonalArea:
             return HTMLResponse(moved_page(away, session.csrf_token))
         views = await self._appliances(session.client_id)
         saved = request.query_params.get("saved")
-        return await self._home(session, views, 200, saved if saved in views else None)
+        decided = request.query_params.get("decided")
+        return await self._home(session, views, 200, saved if saved in views else None,
+                                decided if decided in CONSENT_NOTICES else None)
+
+    async def consent_decide(self, request: Request) -> Response:
+        """``POST /consent/{permission_id}``: the signed-in customer accepts, rejects or revokes a party's
+        permission; relayed to the hub through the stored outbox."""
+        wait = self._address_wait(request)
+        if wait > 0:
+            return self._too_many(HTMLResponse(message_page("Not sent", _too_many_text(wait)), 429), wait)
+        signed_in = await self._session(request)
+        if signed_in is None:
+            return HTMLResponse(message_page("Signed out", "Your session has ended; please sign in again."), 403)
+        session = signed_in[1]
+        wait = self._account_wait("customer:" + session.client_id, request, session.client_id)
+        if wait > 0:
+            return self._too_many(HTMLResponse(message_page("Not sent", _too_many_text(wait), session.csrf_token),
+                                               429), wait)
+        try:
+            form = await read_form(request)
+        except FormError as exc:
+            return HTMLResponse(message_page("Not sent", str(exc), session.csrf_token), exc.status)
+        if not self._csrf_ok(form, session.csrf_token):
+            return HTMLResponse(message_page("Not sent", "The form was out of date or not from this site; nothing "
+                                             "was changed. Please try again.", session.csrf_token), 403)
+        cid = session.client_id
+        away = self._away(cid)
+        if away is not None:
+            return HTMLResponse(moved_page(away, session.csrf_token, "Not sent"), 403)
+        decision = parse_decision(form)
+        permission_id = request.path_params["permission_id"]
+        held = self.consent.views.get(cid)
+        if decision is None or held is None or all(p.permission_id != permission_id for p in held.permissions):
+            return HTMLResponse(message_page("Not found", "No such request for your data.", session.csrf_token), 404)
+        try:
+            await self.consent.decide(cid, permission_id, decision)
+        except StorageError as exc:
+            log.error("consent decision of %s not queued: %s", cid, exc)
+            return HTMLResponse(message_page("Not sent", "Your answer could not be stored; please try again.",
+                                             session.csrf_token), 503)
+        log.info("customer %s decided %s on permission %s", cid, decision, permission_id)
+        return RedirectResponse("/?decided=" + decision, 303)
 
     async def change(self, request: Request) -> Response:
         """``POST /appliances/{device}``: new settings for one appliance of the signed-in customer's home."""
@@ -726,7 +778,7 @@ class PersonalArea:
             "SELECT 1 FROM gateway_outbox WHERE msg_id=?", (msg_id,)).fetchone() is not None)
 
     async def _home(self, session: Session, views: dict[str, ApplianceView], status_code: int,
-                    saved: str | None = None) -> Response:
+                    saved: str | None = None, decided: str | None = None) -> Response:
         cid = session.client_id
         gateway_id = self.relay.customer_list.gateway_of(cid) or ""
         latest = await self.accounts.latest(cid)
@@ -734,8 +786,10 @@ class PersonalArea:
         tel = self.relay.latest_telemetry.get(gateway_id)
         age = None if tel is None else time.time() - tel.at.timestamp()
         presence = self.relay.gateway_presence.get(gateway_id, "unknown")
+        consent = consent_section(await self.consent.view(cid), session.csrf_token,
+                                  CONSENT_NOTICES.get(decided or ""))
         body = home_page(cid, gateway_id, presence, age, list(views.values()), latest, status, session.csrf_token,
-                         saved)
+                         saved, consent)
         return HTMLResponse(body, status_code)
 
     # -- serving --------------------------------------------------------------------------------------------

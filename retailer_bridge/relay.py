@@ -25,6 +25,7 @@ from mhp_wire.messages import (
     Cancel,
     ClientState,
     Command,
+    ConsentView,
     Customers,
     ErrorReply,
     Measurement,
@@ -122,6 +123,8 @@ class BridgeRelay:
         self.rated_sheddable_kw = dict(rated_sheddable_kw or {})
         """``client_id -> kW`` from the installation record (settings ``customer_sheddable_kw``)."""
         self._claims_logged = Once()
+        self.on_consent_view: Callable[[ConsentView], None] | None = None
+        """Set by the personal area: a customer's permissions and access log from the hub (docs/consent.md)."""
         self.tariff = Republisher(self.republish_tariff, "the stored tariff for our gateways",
                                   retry_on=(StorageError,))
         """At every connection to the retailer broker the stored tariff is published again, retained."""
@@ -177,6 +180,9 @@ class BridgeRelay:
             await self._on_tariff(msg, ack=True)
         elif isinstance(msg, Customers):
             await self._on_customers(msg)
+        elif isinstance(msg, ConsentView):
+            if self.on_consent_view is not None:
+                self.on_consent_view(msg)
         elif isinstance(msg, Ack):
             self.last_hub_ack = time.monotonic()
             await self.store.ack_outbox(msg.ack_ids)

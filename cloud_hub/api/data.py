@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from cloud_hub.api.deps import Caller, Service
@@ -42,17 +42,25 @@ async def post_readings(body: ReadingsBody, who: Caller, service: Service) -> di
 @router.get("/clients/{client_id}/consumption-profile")
 async def consumption_profile(
     client_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")], who: Caller, service: Service,
-    from_: Annotated[AwareDatetime, Query(alias="from")], to: Time,
+    request: Request, from_: Annotated[AwareDatetime, Query(alias="from")], to: Time,
     resolution_s: Annotated[int, Query(gt=0, le=31 * 86_400)] = 900,
 ) -> dict[str, Any]:
-    """A client's consumption series (dso; the retailer that supplied it over the whole range)."""
+    """A client's consumption series (dso; the retailer that supplied it over the whole range; a party under the
+    customer's permission, clipped to it: docs/consent.md)."""
+    if who.kind == "party":
+        return await request.app.state.consent.consumption_profile(
+            who, client_id, from_.timestamp(), to.timestamp(), resolution_s)
     return await service.consumption_profile(who, client_id, from_.timestamp(), to.timestamp(), resolution_s)
 
 
 @router.get("/measurements")
 async def measurements(client_id: Annotated[str, Query(max_length=64)], who: Caller, service: Service,
-                       from_: Annotated[AwareDatetime, Query(alias="from")], to: Time) -> dict[str, Any]:
-    """A client's active-power series sent by its retailers (dso)."""
+                       request: Request, from_: Annotated[AwareDatetime, Query(alias="from")], to: Time
+                       ) -> dict[str, Any]:
+    """A client's active-power series sent by its retailers (dso; a party under the customer's permission)."""
+    if who.kind == "party":
+        return await request.app.state.consent.measurements(
+            who, client_id, from_.timestamp(), to.timestamp())
     return await service.get_measurements(who, client_id, from_.timestamp(), to.timestamp())
 
 

@@ -33,6 +33,9 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "health": ("d",),               # written by readiness checks
     "events": ("e",),               # row event id (20 digits): the change feed's log; row "~last": the highest id
     "subscriptions": ("d",),        # row subscription id: a webhook (owner, url, events, secret, cursor)
+    "parties": ("d",),              # row party id: an eligible party (docs/consent.md)
+    "permissions": ("d",),          # row permission id: d:p -> the permission with its history
+    "permissions_by_client": ("d",),  # row client_id|permission_id: an index for the customer's view and reads
 }
 
 

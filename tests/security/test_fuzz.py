@@ -152,7 +152,22 @@ def _samples() -> list[Any]:
             device="boiler", allowed=[("01:00", "05:00")], run_s=3600, priority=1)]),
         Customers(items=[CustomerChange(client_id="c1", revision=2, periods=[
             SupplyPeriod(valid_from=T0 - HOUR, valid_until=T0), SupplyPeriod(valid_from=T0 + HOUR)])]),
+        *_consent_samples(),
     ]
+
+
+def _consent_samples() -> list[Any]:
+    """The consent messages (issue 18, docs/consent.md)."""
+    from mhp_wire.messages import AccessItem, ConsentDecision, ConsentItem, ConsentQuery, ConsentView
+
+    return [ConsentQuery(client_id="c1"),
+            ConsentDecision(client_id="c1", permission_id="perm-1", decision="accept", decided_at=T0),
+            ConsentView(client_id="c1", permissions=[ConsentItem(
+                permission_id="perm-1", party_id="p1", party_name="Energy Co", purpose="an offer",
+                scopes=["consumption_profile"], resolution_s=900, data_from=T0 - HOUR, data_to=T0,
+                valid_until=T0 + HOUR, decide_by=T0 + HOUR, state="sent_to_pa")],
+                accesses=[AccessItem(at=T0, principal="party:p1", action="read_consumption",
+                                     right="party:permission:perm-1", allowed=True)])]
 
 
 SAMPLES = _samples()
