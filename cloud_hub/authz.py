@@ -52,6 +52,8 @@ class Action(StrEnum):
     request the principal may follow (no context)."""
     MANAGE_SUBSCRIPTION = "manage_subscription"
     """Create a webhook subscription (no context) or read or delete one (``Context.issuer``: its owner)."""
+    READ_VEN = "read_ven"
+    """An OpenADR 3 VEN object and its resources (``Context.issuer``: the VEN's principal, ``retailer:<id>``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +179,13 @@ def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decisi
         if who.kind == "admin":
             return Decision(False, "none", "an administrator follows no requests")
         return Decision(False, "none", "a subscription is managed only by its owner", conceal=True)
+    if action is Action.READ_VEN:
+        # OpenADR 3 (cloud_hub.openadr3): a VEN is a retailer or aggregator; it sees only itself and its own clients.
+        if who.kind == "dso":
+            return Decision(True, "dso:vens")
+        if who.kind == "retailer" and ctx.issuer == str(who):
+            return Decision(True, "retailer:own-ven")
+        return Decision(False, "none", "a VEN may read only itself", conceal=who.kind == "retailer")
     raise AssertionError(f"unhandled action {action}")  # every Action is handled above
 
 

@@ -33,6 +33,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "health": ("d",),               # written by readiness checks
     "events": ("e",),               # row event id (20 digits): the change feed's log; row "~last": the highest id
     "subscriptions": ("d",),        # row subscription id: a webhook (owner, url, events, secret, cursor)
+    "openadr3": ("d",),             # the OpenADR 3 facade: ven|, evt|<ven>|<request>, sub|, rep|<ven>|, ~cursor
 }
 
 

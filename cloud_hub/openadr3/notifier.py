@@ -1,0 +1,233 @@
+"""The OpenADR 3 facade's events and notifications, produced from the hub's change feed.
+
+One follower of :class:`~cloud_hub.feed.ChangeFeed` (as the DSO, the issuer of every flexibility request) watches
+the requests of the event types. When a request is created, revised or cancelled it writes, for each VEN its
+clients were addressed to (their supplier at the request's time, as the bridges get it), that VEN's index row
+``evt|<ven>|<request>`` (what ``GET /events`` lists) and notifies the VEN: on the hub broker, on the VEN's own
+topic (:func:`mhp_wire.topics.openadr3_ven`, readable only by that VEN through the broker's ACL), and to every
+webhook subscription of that VEN. Each notification carries the event as that VEN sees it (its own clients only).
+
+The follower's cursor (the last feed event handled) is stored after each change, so a restarted hub resumes where
+it stopped; a notification is sent at least once (a VEN deduplicates by the event's id and modificationDateTime).
+Webhook deliveries are retried with :class:`mhp_wire.backoff.Backoff` up to ``max_age_s``; they live in memory:
+a hub restarted while one is being retried does not retry it (the VEN's ``GET /events`` still shows the event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from cloud_hub.authz import Principal
+from cloud_hub.feed import ChangeFeed
+from cloud_hub.openadr3 import mapping
+from cloud_hub.relay import HubRelay
+from cloud_hub.storage import Mutation, prefix_stop
+from cloud_hub.store import HubStore
+from cloud_hub.webhooks import TargetRefused, Webhooks
+from mhp_wire import topics
+from mhp_wire.backoff import Backoff
+from mhp_wire.mqtt import MqttError
+
+log = logging.getLogger(__name__)
+
+TABLE = "openadr3"
+CURSOR_ROW = "~cursor"
+OPERATIONS = ("CREATE", "UPDATE", "DELETE")
+
+
+def _j(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class Notifier:
+    """Turns the hub's requests into OpenADR events per VEN and notifies the VENs (MQTT and webhooks)."""
+
+    def __init__(self, store: HubStore, feed: ChangeFeed, relay: HubRelay, hooks: Webhooks, *,
+                 now: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.store = store
+        self.kv = store.kv
+        self.feed = feed
+        self.relay = relay
+        self.hooks = hooks
+        self.now = now
+        self.sleep = sleep
+        self.subscriptions: dict[str, dict[str, Any]] = {}
+        self._seen: dict[str, tuple[str, int | None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._http = httpx.AsyncClient(timeout=hooks.policy.timeout_s, follow_redirects=False, trust_env=False)
+        self.sent = {"mqtt": 0, "webhook": 0, "webhook_failed": 0}
+
+    async def start(self) -> None:
+        """Load the subscriptions and follow the feed from the stored cursor (from now on, the first time)."""
+        for _, cells in await self.kv.scan(TABLE, prefix="sub|"):
+            sub = json.loads(cells["d:o"])
+            self.subscriptions[sub["id"]] = sub
+        row = await self.kv.get(TABLE, CURSOR_ROW)
+        cursor = int(row["d:c"]) if row else self.feed.watermark
+        self._task = asyncio.create_task(self._run(cursor), name="openadr3-notifier")
+
+    async def close(self) -> None:
+        """Stop following and delivering."""
+        for task in [self._task, *self._deliveries]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._http.aclose()
+
+    async def _run(self, cursor: int) -> None:
+        dso = Principal("dso")
+        while True:
+            try:
+                async for item in self.feed.follow(dso, since=cursor, keepalive_s=3600):
+                    if item.kind != "request":
+                        continue
+                    if await self.on_change(item.data):
+                        await self.kv.batch([_cursor(item.event_id)])
+                    cursor = max(cursor, item.event_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a storage failure: resume from the cursor after a pause
+                log.exception("openadr3 notifier failed; resuming from feed event %d", cursor)
+                await self.sleep(1.0)
+
+    async def on_change(self, change: dict[str, Any]) -> bool:
+        """Handle one change of a request (as the feed shows it to the DSO); returns whether it made an event."""
+        if change.get("type") not in mapping.PROGRAM_OF_TYPE:
+            return False
+        rid = change["request_id"]
+        key = (change["state"], change.get("revision"))
+        if self._seen.get(rid) == key:
+            return False  # a client's progress: nothing an OpenADR event shows
+        self._seen[rid] = key
+        if len(self._seen) > 50_000:
+            self._seen.pop(next(iter(self._seen)))
+        req = await self.store.get_request(rid, ["r:", "c:"])
+        if req is None:
+            return False
+        meta, clients = req["meta"], req["clients"]
+        vens = mapping.addressed_vens(clients)
+        rows = await self.kv.get_many(TABLE, [f"evt|{v}|{rid}" for v in vens])
+        revision = int(meta.get("revision", 1))
+        for ven in vens:
+            row = rows.get(f"evt|{ven}|{rid}")
+            seen = json.loads(row["d:o"]) if row else None
+            if meta["state"] == "cancelled":
+                if seen is None:
+                    continue
+                op = "DELETE"
+            elif seen is None:
+                op = "CREATE"
+            elif seen["revision"] != revision:
+                op = "UPDATE"
+            else:
+                continue
+            event = mapping.event_for(rid, meta, clients, ven)
+            if event is None:
+                continue
+            if op == "DELETE":
+                await self.kv.batch([_delete(f"evt|{ven}|{rid}")])
+            else:
+                await self.kv.batch([_put(f"evt|{ven}|{rid}", {"revision": revision, "created_at": meta["created_at"],
+                                                               "program": event["programID"]})])
+            await self.notify(ven, "EVENT", op, event)
+        return True
+
+    async def notify(self, ven: str, object_type: str, operation: str, obj: dict[str, Any]) -> None:
+        """Tell ``ven`` of a change of one of its objects: on its MQTT topic and to its webhook subscriptions."""
+        body = _j({"objectType": object_type, "operation": operation, "object": obj})
+        link = self.relay.link
+        if link is not None:
+            try:
+                await link.publish(topics.openadr3_ven(ven, object_type.lower() + "s", operation.lower()), body,
+                                   wait_s=5.0)
+                self.sent["mqtt"] += 1
+            except MqttError as exc:
+                log.warning("openadr3: MQTT notification to VEN %s not sent (%s); its GET shows the object", ven,
+                            exc)
+        owner = f"retailer:{ven}"
+        for sub in list(self.subscriptions.values()):
+            if sub["owner"] != owner:
+                continue
+            if sub.get("programID") and obj.get("programID") and sub["programID"] != obj["programID"]:
+                continue
+            for oo in sub["objectOperations"]:
+                if object_type in oo["objects"] and (operation in oo["operations"] or "ALL" in oo["operations"]
+                                                     or _verb(operation) in oo["operations"]):
+                    task = asyncio.create_task(self._deliver(oo["callbackUrl"], oo.get("bearerToken"), body),
+                                               name=f"openadr3-webhook-{sub['id']}")
+                    self._deliveries.add(task)
+                    task.add_done_callback(self._deliveries.discard)
+                    break
+
+    async def _deliver(self, url: str, bearer: str | None, body: bytes) -> None:
+        headers = {"Content-Type": "application/json", "User-Agent": "mhp-hub-openadr3/1"}
+        if bearer:
+            headers["Authorization"] = f"Bearer {bearer}"
+        policy = self.hooks.policy
+        first = self.now()
+        backoff = Backoff(initial_s=policy.retry_initial_s, max_s=policy.retry_max_s)
+        while True:
+            try:
+                await self.hooks.check(url)  # again at every delivery: the name may resolve elsewhere now
+                answer = await self._http.post(url, content=body, headers=headers)
+                if 200 <= answer.status_code < 300:
+                    self.sent["webhook"] += 1
+                    return
+                problem = f"answered {answer.status_code}"
+            except TargetRefused as exc:
+                problem = str(exc)
+            except httpx.HTTPError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            age = self.now() - first
+            if age >= policy.max_age_s:
+                self.sent["webhook_failed"] += 1
+                log.warning("openadr3: notification to %s dropped after %.0f s (%s)", url, age, problem)
+                return
+            await self.sleep(min(backoff.record_failure(self.now()), max(0.0, policy.max_age_s - age)))
+
+    # -- the VENs' index and subscriptions ---------------------------------------------------------------
+
+    async def event_ids(self, ven: str) -> list[tuple[str, dict[str, Any]]]:
+        """``(request_id, index entry)`` of every event of ``ven``, newest first."""
+        prefix = f"evt|{ven}|"
+        rows = await self.kv.scan(TABLE, start=prefix, stop=prefix_stop(prefix))
+        out = [(r[len(prefix):], json.loads(c["d:o"])) for r, c in rows]
+        return sorted(out, key=lambda x: -float(x[1]["created_at"]))
+
+    async def put_subscription(self, sub: dict[str, Any]) -> None:
+        """Store a subscription and start notifying it."""
+        await self.kv.batch([_put(f"sub|{sub['id']}", sub)])
+        self.subscriptions[sub["id"]] = sub
+
+    async def delete_subscription(self, sub_id: str) -> None:
+        """Stop notifying a subscription and forget it."""
+        await self.kv.batch([_delete(f"sub|{sub_id}")])
+        self.subscriptions.pop(sub_id, None)
+
+
+def _verb(operation: str) -> str:
+    """The HTTP verb of an operation (OpenADR 3.0 subscriptions name operations by verb: POST, PUT, DELETE)."""
+    return {"CREATE": "POST", "UPDATE": "PUT", "DELETE": "DELETE"}[operation]
+
+
+def _put(row: str, obj: dict[str, Any]) -> Mutation:
+    return Mutation(TABLE, row, {"d:o": _j(obj)})
+
+
+def _delete(row: str) -> Mutation:
+    return Mutation(TABLE, row, delete=[])
+
+
+def _cursor(event_id: int) -> Mutation:
+    return Mutation(TABLE, CURSOR_ROW, {"d:c": str(event_id).encode()})
