@@ -30,7 +30,8 @@ def mount(app: FastAPI) -> None:
     async def lifespan(the_app: FastAPI) -> AsyncIterator[None]:
         async with inner(the_app):
             state = the_app.state
-            notifier = Notifier(state.store, state.feed, state.relay, state.webhooks)
+            notifier = Notifier(state.store, state.feed, state.relay, state.webhooks,
+                                replica_id=state.settings.replica_id)
             state.openadr3, state.openadr3_started = notifier, time.time()
             await notifier.start()
             try:

@@ -51,13 +51,15 @@ class Notifier:
     """Turns the hub's requests into OpenADR events per VEN and notifies the VENs (MQTT and webhooks)."""
 
     def __init__(self, store: HubStore, feed: ChangeFeed, relay: HubRelay, hooks: Webhooks, *,
-                 now: Callable[[], float] = time.time,
+                 replica_id: str | None = None, now: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.store = store
         self.kv = store.kv
         self.feed = feed
         self.relay = relay
         self.hooks = hooks
+        self.cursor_row = CURSOR_ROW if replica_id is None else f"{CURSOR_ROW}|{replica_id}"
+        """Each hub replica follows its own feed (the changes it writes), so each keeps its own cursor."""
         self.now = now
         self.sleep = sleep
         self.subscriptions: dict[str, dict[str, Any]] = {}
@@ -72,7 +74,7 @@ class Notifier:
         for _, cells in await self.kv.scan(TABLE, prefix="sub|"):
             sub = json.loads(cells["d:o"])
             self.subscriptions[sub["id"]] = sub
-        row = await self.kv.get(TABLE, CURSOR_ROW)
+        row = await self.kv.get(TABLE, self.cursor_row)
         cursor = int(row["d:c"]) if row else self.feed.watermark
         self._task = asyncio.create_task(self._run(cursor), name="openadr3-notifier")
 
@@ -93,7 +95,7 @@ class Notifier:
                     if item.kind != "request":
                         continue
                     if await self.on_change(item.data):
-                        await self.kv.batch([_cursor(item.event_id)])
+                        await self.kv.batch([Mutation(TABLE, self.cursor_row, {"d:c": str(item.event_id).encode()})])
                     cursor = max(cursor, item.event_id)
             except asyncio.CancelledError:
                 raise
@@ -227,7 +229,3 @@ def _put(row: str, obj: dict[str, Any]) -> Mutation:
 
 def _delete(row: str) -> Mutation:
     return Mutation(TABLE, row, delete=[])
-
-
-def _cursor(event_id: int) -> Mutation:
-    return Mutation(TABLE, CURSOR_ROW, {"d:c": str(event_id).encode()})
