@@ -146,14 +146,25 @@ def _report_descriptors(kind: str, meta: Mapping[str, Any]) -> list[dict[str, An
     return out
 
 
+def clients_by_ven(clients: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Each addressed VEN's clients of a request's row, in one pass (sorted)."""
+    out: dict[str, list[str]] = {}
+    for cid in sorted(clients):
+        for r in clients[cid].get("retailers", {}):
+            out.setdefault(r, []).append(cid)
+    return out
+
+
 def event_for(request_id: str, meta: Mapping[str, Any], clients: Mapping[str, Mapping[str, Any]],
-              ven: str | None) -> dict[str, Any] | None:
+              ven: str | None, mine: list[str] | None = None) -> dict[str, Any] | None:
     """The OpenADR event of one hub request as ``ven`` sees it (None: a VEN that none of its clients concern, or a
-    request type that is no event); ``ven`` None: as its issuer (the DSO) sees it, every client."""
+    request type that is no event); ``ven`` None: as its issuer (the DSO) sees it, every client. ``mine``: the
+    VEN's clients when already known (:func:`clients_by_ven`)."""
     kind = meta.get("type")
     if kind not in PROGRAM_OF_TYPE:
         return None
-    mine = sorted(clients) if ven is None else ven_clients(clients, ven)
+    if mine is None:
+        mine = sorted(clients) if ven is None else ven_clients(clients, ven)
     if not mine:
         return None
     body = meta.get("body") or {}

@@ -118,10 +118,12 @@ class Notifier:
         if req is None:
             return False
         meta, clients = req["meta"], req["clients"]
-        vens = mapping.addressed_vens(clients)
-        rows = await self.kv.get_many(TABLE, [f"evt|{v}|{rid}" for v in vens])
+        by_ven = mapping.clients_by_ven(clients)
+        rows = await self.kv.get_many(TABLE, [f"evt|{v}|{rid}" for v in by_ven])
         revision = int(meta.get("revision", 1))
-        for ven in vens:
+        writes: list[Mutation] = []
+        notes: list[tuple[str, str, dict[str, Any]]] = []
+        for ven, mine in by_ven.items():
             row = rows.get(f"evt|{ven}|{rid}")
             seen = json.loads(row["d:o"]) if row else None
             if meta["state"] == "cancelled":
@@ -134,14 +136,18 @@ class Notifier:
                 op = "UPDATE"
             else:
                 continue
-            event = mapping.event_for(rid, meta, clients, ven)
+            event = mapping.event_for(rid, meta, clients, ven, mine)
             if event is None:
                 continue
             if op == "DELETE":
-                await self.kv.batch([_delete(f"evt|{ven}|{rid}")])
+                writes.append(_delete(f"evt|{ven}|{rid}"))
             else:
-                await self.kv.batch([_put(f"evt|{ven}|{rid}", {"revision": revision, "created_at": meta["created_at"],
-                                                               "program": event["programID"]})])
+                writes.append(_put(f"evt|{ven}|{rid}", {"revision": revision, "created_at": meta["created_at"],
+                                                        "program": event["programID"]}))
+            notes.append((ven, op, event))
+        if writes:  # every VEN's index in one write, then the notifications (GET /events agrees with them)
+            await self.kv.batch(writes)
+        for ven, op, event in notes:
             await self.notify(ven, "EVENT", op, event)
         return True
 

@@ -319,10 +319,19 @@ async def create_report(body: ReportBody, request: Request, who: Caller, service
     """A VEN's report: outcomes become the request's client states and ``DEMAND`` the clients' measurements, as
     its bridge's MQTT messages would. All or nothing: one client that is not the VEN's refuses the whole report."""
     ven = _ven_of(who)
-    event = await _event(service, who, body.eventID)  # another VEN's event is an unknown one
     report = body.model_dump()
     items = mapping.report_items(report, time.time())
-    mine = set(next(t["values"] for t in event["targets"] if t["type"] == "RESOURCE_NAME"))
+    named = sorted({i.client_id for i in items})
+    # Only the named clients' cells of the request row: a report costs the same on a request of a million clients.
+    cells = await service.store.get_request_cells(body.eventID, ["r:type", "r:issuer", "r:state", "r:revision"]
+                                                  + [f"c:{c}" for c in named])
+    addressed = {c: set((cells.get(f"c:{c}") or {}).get("retailers", {})) for c in named}
+    verdict = decide(who, Action.READ_EVENTS, Context(
+        issuer=cells.get("r:issuer"), addressed_retailers=tuple(sorted(set().union(*addressed.values())))))
+    if (cells.get("r:type") not in mapping.PROGRAM_OF_TYPE or cells.get("r:state") == "cancelled"
+            or not verdict.allowed):
+        raise NotFound(f"event {body.eventID!r} does not exist")  # another VEN's event is an unknown one
+    mine = {c for c, rs in addressed.items() if ven in rs}
     strangers = sorted({i.client_id for i in items if i.kind == "outcome" and i.client_id not in mine})
     demands = [i for i in items if i.kind == "demand"]
     clients = await service.store.get_clients(sorted({i.client_id for i in demands}))
@@ -334,7 +343,7 @@ async def create_report(body: ReportBody, request: Request, who: Caller, service
     if strangers:
         raise Forbidden(f"not your client(s) in this event or at that time: {', '.join(sorted(set(strangers))[:20])};"
                         f" nothing of the report was stored")
-    revision = int((await service.store.get_request_cells(body.eventID, ["r:revision"])).get("r:revision") or 1)
+    revision = int(cells.get("r:revision") or 1)
     outcomes = [ReportedOutcome(ven, body.eventID, i.client_id, i.state, {"available_kw": i.value}
                                 if i.value is not None else {}, {}, revision)
                 for i in items if i.kind == "outcome" and i.state is not None]
