@@ -348,8 +348,7 @@ async def create_report(body: ReportBody, request: Request, who: Caller, service
                                 if i.value is not None else {}, {}, revision)
                 for i in items if i.kind == "outcome" and i.state is not None]
     if outcomes:
-        relay = request.app.state.relay
-        verdicts = await relay.book.apply_outcomes(outcomes, relay._may_report)
+        verdicts = await _notifier(request).apply_outcomes(outcomes)
         refused = [o.client_id for o, v in zip(outcomes, verdicts, strict=True) if not v.known]
         if refused:
             raise Forbidden(f"not your client(s) in this event: {', '.join(refused[:20])}")
