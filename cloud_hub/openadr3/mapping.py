@@ -119,6 +119,13 @@ def addressed_vens(clients: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return sorted({r for e in clients.values() for r in e.get("retailers", {})})
 
 
+def dispatched(meta: Mapping[str, Any]) -> set[str] | None:
+    """The clients a load reduction's second phase disconnects (None: not a load reduction past its first phase)."""
+    if meta.get("type") != "load_reduction" or meta.get("phase") in (None, "availability"):
+        return None
+    return set((meta.get("selection") or {}).get("chosen") or [])
+
+
 def _window(kind: str, body: Mapping[str, Any]) -> tuple[float, float]:
     if kind == "load_shift":
         start, end = _ts(body["window_start"]), _ts(body["window_end"])
@@ -165,6 +172,9 @@ def event_for(request_id: str, meta: Mapping[str, Any], clients: Mapping[str, Ma
         return None
     if mine is None:
         mine = sorted(clients) if ven is None else ven_clients(clients, ven)
+    chosen = dispatched(meta)
+    if chosen is not None and ven is not None:  # a load reduction's second phase: only the clients disconnected
+        mine = [c for c in mine if c in chosen]
     if not mine:
         return None
     body = meta.get("body") or {}

@@ -80,7 +80,7 @@ class Notifier:
         self.now = now
         self.sleep = sleep
         self.subscriptions: dict[str, dict[str, Any]] = {}
-        self._seen: dict[str, tuple[str, int | None]] = {}
+        self._seen: dict[str, tuple[str, int | None, str | None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
         self._http = httpx.AsyncClient(timeout=hooks.policy.timeout_s, follow_redirects=False, trust_env=False)
@@ -150,7 +150,10 @@ class Notifier:
         if change.get("type") not in mapping.PROGRAM_OF_TYPE:
             return False
         rid = change["request_id"]
-        key = (change["state"], change.get("revision"))
+        phase = None
+        if change["type"] == "load_reduction":  # its second phase changes who is asked what: one cell read
+            phase = (await self.store.get_request_cells(rid, ["r:phase"])).get("r:phase")
+        key = (change["state"], change.get("revision"), phase)
         if self._seen.get(rid) == key:
             return False  # a client's progress: nothing an OpenADR event shows
         self._seen[rid] = key
@@ -165,26 +168,29 @@ class Notifier:
         revision = int(meta.get("revision", 1))
         writes: list[Mutation] = []
         notes: list[tuple[str, str, dict[str, Any]]] = []
+        phase = meta.get("phase")
         for ven, mine in by_ven.items():
             row = rows.get(f"evt|{ven}|{rid}")
             seen = json.loads(row["d:o"]) if row else None
-            if meta["state"] == "cancelled":
+            event = mapping.event_for(rid, meta, clients, ven, mine)
+            if meta["state"] == "cancelled" or event is None:  # cancelled; or none of its clients disconnected
                 if seen is None:
                     continue
                 op = "DELETE"
+                event = event or mapping.event_for(rid, {**meta, "phase": None}, clients, ven, mine)
             elif seen is None:
                 op = "CREATE"
-            elif seen["revision"] != revision:
+            elif seen["revision"] != revision or seen.get("phase") != phase:
                 op = "UPDATE"
             else:
                 continue
-            event = mapping.event_for(rid, meta, clients, ven, mine)
             if event is None:
                 continue
             if op == "DELETE":
                 writes.append(_delete(f"evt|{ven}|{rid}"))
             else:
-                writes.append(_put(f"evt|{ven}|{rid}", {"revision": revision, "created_at": meta["created_at"],
+                writes.append(_put(f"evt|{ven}|{rid}", {"revision": revision, "phase": phase,
+                                                        "created_at": meta["created_at"],
                                                         "program": event["programID"]}))
             notes.append((ven, op, event))
         if writes:  # every VEN's index in one write, then the notifications (GET /events agrees with them)
