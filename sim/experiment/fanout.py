@@ -385,7 +385,7 @@ class FanoutExperiment(Experiment):
         return {"name": "openleadr", "dir": "peer-openleadr", "result": result}
 
 
-def _via_section(results: dict[str, Any]) -> list[str]:
+def via_section(results: dict[str, Any]) -> list[str]:
     """The report's section of ``--via openadr3``: the same emergency through the standard door."""
     via = results.get("via")
     if not via:
@@ -503,7 +503,7 @@ def markdown(results: dict[str, Any]) -> str:
                       + " / ".join(_fmt(frac.get(q)) for q in ("0.5", "0.9", "0.99", "1.0"))
                       + f" ms; its own report: `{peer.get('dir')}/report.md`.", ""]
         lines += ["```", json.dumps(peer.get("result", {}).get("summary", peer), indent=1)[:4000], "```", ""]
-    lines += _via_section(results)
+    lines += via_section(results)
     return "\n".join(lines)
 
 
