@@ -17,7 +17,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud_hub.api.deps import Caller, Service
+from cloud_hub.api.deps import Caller, IdempotencyKey, Service
 from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import ReportedOutcome
 from cloud_hub.openadr3 import mapping
@@ -200,13 +200,14 @@ class EventBody(BaseModel):
 
 
 @router.post("/events", status_code=201)
-async def create_event(body: EventBody, who: Caller, service: Service) -> dict[str, Any]:
+async def create_event(body: EventBody, who: Caller, service: Service, key: IdempotencyKey = None
+                       ) -> dict[str, Any]:
     """A DSO's event: the same request as ``POST /v1/emergencies`` (or load-shifts, load-reductions) would make,
-    delivered to bridges and VENs alike."""
+    delivered to bridges and VENs alike; ``Idempotency-Key`` honoured as there."""
     kind, hub_body = mapping.request_body(body.model_dump(by_alias=True))
     create = {"emergency": service.create_emergency, "load_shift": service.create_load_shift,
               "load_reduction": service.create_load_reduction}[kind]
-    _, answer = await create(who, hub_body, None)
+    _, answer = await create(who, hub_body, key)
     return await _event(service, who, answer["request_id"])
 
 

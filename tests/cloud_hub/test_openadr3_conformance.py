@@ -148,6 +148,12 @@ async def test_the_dso_creates_an_event_that_reaches_bridges_and_vens_alike(oadr
     assert r.status_code == 201, r.text
     event = r.json()
     assert _resources(event) == ["c1", "c2"]
+    # The same Idempotency-Key twice: one request.
+    body = {k: event[k] for k in ("programID", "targets", "intervalPeriod", "intervals")}
+    keyed = [await hub.http.post(f"{BASE_PATH}/events", headers={**hub.auth("dso"), "Idempotency-Key": "ev-1"},
+                                 json=body) for _ in range(2)]
+    assert [k.status_code for k in keyed] == [201, 201] and keyed[0].json()["id"] == keyed[1].json()["id"]
+    assert keyed[0].json()["id"] != event["id"]
     req = (await hub.http.get(f"/v1/requests/{event['id']}", headers=hub.auth("dso"))).json()
     assert req["type"] == "emergency" and req["request"]["power_limit_kw"] == 3.0
     assert req["request"]["duration_s"] == 900 and set(req["clients"]) == {"c1", "c2"}
@@ -180,3 +186,26 @@ async def test_client_credentials_refuse_a_wrong_secret_and_name_the_scopes(oadr
     assert r.status_code == 401
     server = (await hub.http.get(f"{BASE_PATH}/auth/server")).json()
     assert server["tokenURL"].endswith(f"{BASE_PATH}/auth/token")
+
+
+async def test_a_revision_reaches_the_ven_as_an_update_with_the_new_values(oadr_hub: HubHandle,
+                                                                          receiver: Receiver) -> None:
+    hub = oadr_hub
+    async with ven(hub, "r1") as v1:
+        await v1.post_subscription(Subscription(
+            client_name="ven-r1", object_operations=[ObjectOperation(
+                objects=[ObjectType.EVENT], operations=[OperationType.POST, OperationType.PUT],
+                callback_url=receiver.url)], program_id="mhp-emergency"))
+        request_id, _ = await emergency(hub.http, hub.auth("dso"), ["c1"])
+        await receiver.events(1)
+        r = await hub.http.post(f"/v1/requests/{request_id}/revise", headers=hub.auth("dso"),
+                                json={"power_limit_kw": 1.5})
+        assert r.status_code == 202, r.text
+        notes = await receiver.events(2)
+        assert [n["operation"] for n in notes] == ["CREATE", "UPDATE"]
+        updated = Event.model_validate(notes[1]["object"])
+        assert updated.id == request_id and updated.intervals[0].payloads[0].values == [1.5]
+        assert updated.modification_date_time is not None and updated.created_date_time is not None
+        assert updated.modification_date_time > updated.created_date_time
+        polled = [e for e in await v1.get_events() if e.id == request_id]
+        assert polled[0].intervals[0].payloads[0].values == [1.5]
