@@ -191,7 +191,7 @@ class Notifier:
             else:
                 writes.append(_put(f"evt|{ven}|{rid}", {"revision": revision, "phase": phase,
                                                         "created_at": meta["created_at"],
-                                                        "program": event["programID"]}))
+                                                        "program": event["programID"], "clients": mine}))
             notes.append((ven, op, event))
         if writes:  # every VEN's index in one write, then the notifications (GET /events agrees with them)
             await self.kv.batch(writes)

@@ -127,10 +127,14 @@ async def get_events(request: Request, who: Caller, service: Service, skip: Skip
                 break
             if program_id is not None and entry.get("program") != program_id:
                 continue
-            req = await service.store.get_request(rid, ["r:", "c:"])
-            if req is None:
-                continue
-            event = mapping.event_for(rid, req["meta"], req["clients"], ven)
+            # Only this VEN's clients' cells (the index row names them): a VEN's poll costs its own clients,
+            # not the whole request's.
+            mine = entry.get("clients")
+            cells = await service.store.get_request_cells(rid, ["r:", *(f"c:{c}" for c in mine)] if mine is not None
+                                                          else ["r:", "c:"])
+            meta = {k[2:]: v for k, v in cells.items() if k.startswith("r:")}
+            clients = {k[2:]: v for k, v in cells.items() if k.startswith("c:")}
+            event = mapping.event_for(rid, meta, clients, ven) if meta else None
             if event is not None:
                 events.append(event)
     elif who.kind == "dso":
