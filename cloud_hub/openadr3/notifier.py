@@ -80,6 +80,9 @@ class Notifier:
         self.now = now
         self.sleep = sleep
         self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.vens: set[str] = set()
+        """The retailers registered as VENs (``POST /vens``): only their events are indexed and notified, so a
+        platform whose retailers all run bridges pays nothing for the door."""
         self._seen: dict[str, tuple[str, int | None, str | None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -113,6 +116,8 @@ class Notifier:
 
     async def start(self) -> None:
         """Load the subscriptions and follow the feed from the stored cursor (from now on, the first time)."""
+        self.vens = {r[len("ven|"):] for r, _ in await self.kv.scan(TABLE, start="ven|", stop=prefix_stop("ven|"),
+                                                                      columns=["d:o"])}
         for _, cells in await self.kv.scan(TABLE, prefix="sub|"):
             sub = json.loads(cells["d:o"])
             self.subscriptions[sub["id"]] = sub
@@ -147,7 +152,7 @@ class Notifier:
 
     async def on_change(self, change: dict[str, Any]) -> bool:
         """Handle one change of a request (as the feed shows it to the DSO); returns whether it made an event."""
-        if change.get("type") not in mapping.PROGRAM_OF_TYPE:
+        if change.get("type") not in mapping.PROGRAM_OF_TYPE or not self.vens:
             return False
         rid = change["request_id"]
         phase = None
@@ -163,7 +168,7 @@ class Notifier:
         if req is None:
             return False
         meta, clients = req["meta"], req["clients"]
-        by_ven = mapping.clients_by_ven(clients)
+        by_ven = {v: cs for v, cs in mapping.clients_by_ven(clients).items() if v in self.vens}
         rows = await self.kv.get_many(TABLE, [f"evt|{v}|{rid}" for v in by_ven])
         revision = int(meta.get("revision", 1))
         writes: list[Mutation] = []

@@ -257,6 +257,7 @@ async def create_ven(body: VenBody, request: Request, who: Caller, service: Serv
     stored = json.loads(row["d:o"]) if row else {"createdDateTime": mapping._iso(time.time())}
     stored["attributes"] = body.attributes
     await kv.batch([Mutation(TABLE, f"ven|{body.venName}", {"d:o": json.dumps(stored).encode()})])
+    _notifier(request).vens.add(body.venName)  # its events are indexed and notified from now on
     return _ven_object(body.venName, stored)
 
 

@@ -84,7 +84,10 @@ class OpenAdr3Fanout(Experiment):
         ven_tokens = {r: book.issue(f"retailer:{r}") for r in self.retailer_ids}
         async with httpx.AsyncClient(base_url=hub_url, timeout=60) as http:
             topic_of = {}
-            for r in self.retailer_ids:  # each VEN asks for its own topics, as docs/openadr3.md tells it to
+            for r in self.retailer_ids:  # each VEN joins and asks for its own topics, as docs/openadr3.md says
+                joined = await http.post(f"{BASE_PATH}/vens", json={"venName": r},
+                                         headers={"Authorization": f"Bearer {ven_tokens[r]}"})
+                joined.raise_for_status()
                 got = await http.get(f"{BASE_PATH}/notifiers/mqtt/topics/vens/{r}/events",
                                      headers={"Authorization": f"Bearer {ven_tokens[r]}"})
                 got.raise_for_status()

@@ -23,7 +23,7 @@ from tests.broker_fixtures import MosquittoFactory
 from tests.cloud_hub.test_webhooks import Receiver
 from tests.hub_fixtures import HubHandle, running_hub
 
-__all__ = ["Receiver", "emergency", "oadr_hub", "receiver", "token", "ven"]
+__all__ = ["Receiver", "emergency", "join", "oadr_hub", "receiver", "token", "ven"]
 
 
 @pytest.fixture
@@ -74,6 +74,13 @@ async def token(hub: HubHandle, retailer: str) -> dict[str, str]:
         "grant_type": "client_credentials", "client_id": retailer, "client_secret": hub.tokens[retailer]})
     assert r.status_code == 200, r.text
     return {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+
+async def join(hub: HubHandle, *retailers: str) -> None:
+    """Each retailer joins as a VEN: a token from the facade's token endpoint, then ``POST /vens``."""
+    for retailer in retailers:
+        r = await hub.http.post(f"{BASE_PATH}/vens", headers=await token(hub, retailer), json={"venName": retailer})
+        assert r.status_code == 201, r.text
 
 
 async def emergency(http: httpx.AsyncClient, headers: dict[str, str], clients: list[str], lead_s: float = 60

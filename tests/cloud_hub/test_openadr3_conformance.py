@@ -26,7 +26,7 @@ from toadr3.models import (
 
 from cloud_hub.openadr3 import BASE_PATH
 from tests.broker_config.paho_client import TestClient
-from tests.cloud_hub.openadr3_parts import Receiver, emergency, oadr_hub, receiver, token, ven, wait_for
+from tests.cloud_hub.openadr3_parts import Receiver, emergency, join, oadr_hub, receiver, token, ven, wait_for
 from tests.hub_fixtures import HubHandle
 
 __all__ = ["oadr_hub", "receiver"]
@@ -47,6 +47,7 @@ async def test_a_ven_joins_gets_an_emergency_by_webhook_and_mqtt_and_reports(oad
         r = await hub.http.post(f"{BASE_PATH}/vens", headers=h1, json={"venName": "r1"})
         assert r.status_code == 201, r.text
         assert r.json()["venName"] == "r1" and r.json()["objectType"] == "VEN"
+        await join(hub, "r2")
         programs = {p.id: p for p in await v1.get_programs()}
         assert {"mhp-tariff", "mhp-emergency", "mhp-load-shift", "mhp-load-reduction"} <= set(programs)
         assert programs["mhp-tariff"].program_type == "PRICE"
@@ -140,6 +141,7 @@ async def test_a_ven_joins_gets_an_emergency_by_webhook_and_mqtt_and_reports(oad
 async def test_the_dso_creates_an_event_that_reaches_bridges_and_vens_alike(oadr_hub: HubHandle) -> None:
     """One request, two doors: an event POSTed by the DSO is the same hub request a bridge receives over MQTT."""
     hub = oadr_hub
+    await join(hub, "r2")
     start = datetime.now(UTC) + timedelta(minutes=5)
     r = await hub.http.post(f"{BASE_PATH}/events", headers=hub.auth("dso"), json={
         "programID": "mhp-emergency", "targets": [{"type": "RESOURCE_NAME", "values": ["c1", "c2"]}],
@@ -191,6 +193,7 @@ async def test_client_credentials_refuse_a_wrong_secret_and_name_the_scopes(oadr
 async def test_a_revision_reaches_the_ven_as_an_update_with_the_new_values(oadr_hub: HubHandle,
                                                                           receiver: Receiver) -> None:
     hub = oadr_hub
+    await join(hub, "r1")
     async with ven(hub, "r1") as v1:
         await v1.post_subscription(Subscription(
             client_name="ven-r1", object_operations=[ObjectOperation(
@@ -209,3 +212,30 @@ async def test_a_revision_reaches_the_ven_as_an_update_with_the_new_values(oadr_
         assert updated.modification_date_time > updated.created_date_time
         polled = [e for e in await v1.get_events() if e.id == request_id]
         assert polled[0].intervals[0].payloads[0].values == [1.5]
+
+
+async def test_a_retailer_that_has_not_joined_as_a_ven_gets_no_events_and_costs_nothing(oadr_hub: HubHandle) -> None:
+    """Only registered VENs are indexed and notified: a retailer running only its bridge pays nothing for the door
+    (and a VEN sees events from its registration on)."""
+    hub = oadr_hub
+    await join(hub, "r1")
+    request_id, _ = await emergency(hub.http, hub.auth("dso"), ["c1", "c2"])
+    h1, h2 = await token(hub, "r1"), await token(hub, "r2")
+
+    async def listed_for_r1() -> bool:
+        return (await hub.http.get(f"{BASE_PATH}/events/{request_id}", headers=h1)).status_code == 200
+
+    await wait_for(listed_for_r1)
+    rows = await hub.app.state.store.kv.scan("openadr3", prefix="evt|")
+    assert [r for r, _ in rows] == [f"evt|r1|{request_id}"], "no index row for r2, which has not joined"
+    r2_events = (await hub.http.get(f"{BASE_PATH}/events", headers=h2)).json()
+    assert [e["id"] for e in r2_events if not e["id"].startswith("tariff-")] == []
+    # Joining later: the events from then on.
+    await join(hub, "r2")
+    later, _ = await emergency(hub.http, hub.auth("dso"), ["c2"])
+
+    async def listed_for_r2() -> list[str]:
+        got = (await hub.http.get(f"{BASE_PATH}/events", headers=h2)).json()
+        return [e["id"] for e in got if not e["id"].startswith("tariff-")]
+
+    assert await wait_for(listed_for_r2) == [later]

@@ -18,7 +18,7 @@ from toadr3.models import (
     ValuesMap,
 )
 
-from tests.cloud_hub.openadr3_parts import Receiver, oadr_hub, receiver, ven, wait_for
+from tests.cloud_hub.openadr3_parts import Receiver, join, oadr_hub, receiver, ven, wait_for
 from tests.hub_fixtures import HubHandle
 
 __all__ = ["oadr_hub", "receiver"]
@@ -31,6 +31,7 @@ def _payload(report_type: str, value: object) -> list[Interval]:
 async def test_both_vens_are_asked_and_only_the_available_clients_vens_are_dispatched(oadr_hub: HubHandle,
                                                                                    receiver: Receiver) -> None:
     hub = oadr_hub
+    await join(hub, "r1", "r2")
     async with ven(hub, "r1") as v1, ven(hub, "r2") as v2:
         for client, name in ((v1, "ven-r1"), (v2, "ven-r2")):
             await client.post_subscription(Subscription(

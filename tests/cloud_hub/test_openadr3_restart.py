@@ -11,7 +11,7 @@ import uvicorn
 
 from cloud_hub.openadr3 import BASE_PATH
 from tests.broker_fixtures import MosquittoFactory
-from tests.cloud_hub.openadr3_parts import Receiver, emergency, receiver, wait_for
+from tests.cloud_hub.openadr3_parts import Receiver, emergency, join, receiver, wait_for
 from tests.hub_fixtures import HubHandle, start_hub
 
 __all__ = ["receiver"]
@@ -32,6 +32,7 @@ async def test_subscriptions_events_and_the_cursor_survive_a_restart(tmp_path: P
     hub, task, server = await up()
     try:
         await hub.setup_registry({"c1": "r1", "c2": "r2"})
+        await join(hub, "r1")
         h1 = hub.auth("r1")
         r = await hub.http.post(f"{BASE_PATH}/subscriptions", headers=h1, json={
             "clientName": "ven-r1", "objectOperations": [{"objects": ["EVENT"], "operations": ["CREATE", "DELETE"],

@@ -14,7 +14,7 @@ import pytest
 
 from cloud_hub.openadr3 import BASE_PATH
 from tests.broker_fixtures import MosquittoFactory
-from tests.cloud_hub.openadr3_parts import emergency, oadr_hub, receiver, token, wait_for
+from tests.cloud_hub.openadr3_parts import emergency, join, oadr_hub, receiver, token, wait_for
 from tests.hub_fixtures import HubHandle, running_hub
 
 __all__ = ["oadr_hub", "receiver"]
@@ -35,6 +35,7 @@ async def _listed(hub: HubHandle, headers: dict[str, str], event_id: str) -> boo
 
 async def test_another_vens_event_is_an_unknown_one(oadr_hub: HubHandle) -> None:
     hub = oadr_hub
+    await join(hub, "r1", "r2")
     h1, h2 = await token(hub, "r1"), await token(hub, "r2")
     only_r1, _ = await emergency(hub.http, hub.auth("dso"), ["c1"])
     shared, _ = await emergency(hub.http, hub.auth("dso"), ["c1", "c2"])
