@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cloud_hub import openadr3
 from cloud_hub.api import console, data, events, health, permissions, registry, requests, tariffs
 from cloud_hub.api.deps import RateLimited
 from cloud_hub.authz import Principal
@@ -206,6 +207,7 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.include_router(console.router)
     app.include_router(events.router)
     app.include_router(permissions.router)
+    openadr3.mount(app)  # the OpenADR 3.1 VTN facade (docs/openadr3.md)
     app.state.http_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

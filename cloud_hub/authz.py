@@ -63,6 +63,8 @@ class Action(StrEnum):
     DECIDE_PERMISSION = "decide_permission"
     """Relay a customer's accept, reject or revoke, or show the customer their permissions and access log
     (``Context.supplier_at_time``: the client's supplier now; only it speaks for the customer)."""
+    READ_VEN = "read_ven"
+    """An OpenADR 3 VEN object and its resources (``Context.issuer``: the VEN's principal, ``retailer:<id>``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +215,13 @@ def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decisi
         if who.kind == "admin":
             return Decision(False, "none", "an administrator follows no requests")
         return Decision(False, "none", "a subscription is managed only by its owner", conceal=True)
+    if action is Action.READ_VEN:
+        # OpenADR 3 (cloud_hub.openadr3): a VEN is a retailer or aggregator; it sees only itself and its own clients.
+        if who.kind == "dso":
+            return Decision(True, "dso:vens")
+        if who.kind == "retailer" and ctx.issuer == str(who):
+            return Decision(True, "retailer:own-ven")
+        return Decision(False, "none", "a VEN may read only itself", conceal=who.kind == "retailer")
     raise AssertionError(f"unhandled action {action}")  # every Action is handled above
 
 

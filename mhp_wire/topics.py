@@ -127,6 +127,13 @@ def acl_patterns(kind: PartyKind) -> list[tuple[Literal["read", "write", "readwr
     ]
 
 
+def openadr3_ven(ven_id: str, object_type: str, operation: str) -> str:
+    """The OpenADR 3 MQTT notifier's topic of one VEN's objects (``events``) and operation (``create``, ``update``,
+    ``delete``, or ``+`` for all): under the retailer's own ``down`` subtree, so the broker's ACL pattern for
+    retailers already lets only that VEN read it, and its bridge (subscribed to ``down/msg``) never gets it."""
+    return f"{PREFIX}/retailers/{check_id(ven_id)}/down/openadr3/{object_type}/{operation}"
+
+
 PRIVILEGED_ACL = f"{PREFIX}/#"
 """The hub (on the hub broker) and a bridge (on its retailer broker) may read and write the whole v1 tree, the
 hub replicas' ``hub/replicas`` subtree included (and only they: :func:`acl_patterns` never grants it)."""

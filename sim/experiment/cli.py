@@ -77,7 +77,7 @@ def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--retailers cannot exceed --gateways (each retailer needs at least one client)")
     res = fanout_mod.run(fanout_mod.FanoutParams(out=args.out, gateways=args.gateways, retailers=args.retailers,
                                                  runs=args.runs, per_fleet=args.per_fleet, timeout_s=args.timeout_s,
-                                                 peer=args.peer or ""))
+                                                 peer=args.peer or "", via=args.via or "", vens=args.vens))
     s = res["summary"]
     print(f"[fanout] done: {s['runs']} run(s); all executed every run: {s['all_executed_every_run']}; missing "
           f"{s['missing_commands']}, duplicates {s['duplicate_commands']}; 100 % executed by {s['t100_s_best']} s "
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     fanout.add_argument("--per-fleet", type=int, default=2_500, help="simulated gateways per fleet process")
     fanout.add_argument("--timeout-s", type=float, default=60.0, help="how long one run is followed")
     fanout.add_argument("--peer", choices=("openleadr",), help="also run this peer's fan-out to as many VENs")
+    fanout.add_argument("--via", choices=("openadr3",),
+                        help="also run the fan-out through the hub's OpenADR 3 door (VENs on its MQTT notifier)")
+    fanout.add_argument("--vens", type=int, default=0, help="VENs of --via (default: as many as --gateways)")
     peer = sub.add_parser("peer", help="the emergency fan-out to N homes through a peer, OpenLEADR (OpenADR 2.0b)")
     peer.add_argument("--out", type=Path, required=True, help="folder for results.json, peer.csv, the PNG, report.md")
     peer.add_argument("--homes", type=int, default=100, help="VENs, one per home")

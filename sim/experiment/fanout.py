@@ -77,6 +77,11 @@ class FanoutParams:
     progress_interval_s: float = 1.0
     peer: str = ""
     """``""`` or ``"openleadr"``: also run that peer's fan-out with as many VENs as gateways."""
+    via: str = ""
+    """``""`` or ``"openadr3"``: also run the fan-out through the hub's OpenADR 3 door (``sim.experiment.via_openadr3``)
+    with ``vens`` VENs on its MQTT notifier."""
+    vens: int = 0
+    """VENs of ``via`` (0: as many as gateways)."""
 
 
 def gateway_of(client_id: str) -> str:
@@ -177,6 +182,8 @@ class FanoutExperiment(Experiment):
         results = self._results(runs, stats, setup, round(time.time() - started, 3))
         if fp.peer:
             results["peer"] = self._run_peer()
+        if fp.via:
+            results["via"] = self._run_via()
         write_all(self.out, results)
         return results
 
@@ -354,6 +361,17 @@ class FanoutExperiment(Experiment):
                 "files": {"runs_csv": "fanout.csv", "clients_csv": "fanout_clients.csv", "plots": ["fanout.png"],
                           "report": "report.md"}}
 
+    def _run_via(self) -> dict[str, Any]:
+        """The same fan-out through the hub's OpenADR 3 door, into ``OUT/via-openadr3``."""
+        if self.fp.via != "openadr3":
+            raise ValueError(f"unknown door {self.fp.via!r} (known: openadr3)")
+        from sim.experiment.via_openadr3 import run_openadr3_fanout
+
+        vens = self.fp.vens or self.fp.gateways
+        self.log(f"via openadr3: {vens} VENs, {self.fp.runs} run(s)")
+        result = run_openadr3_fanout(vens, self.out / "via-openadr3", self.fp.runs, self.fp.timeout_s)
+        return {"name": "openadr3", "dir": "via-openadr3", "result": result}
+
     def _run_peer(self) -> dict[str, Any]:
         if self.fp.peer != "openleadr":
             raise ValueError(f"unknown peer {self.fp.peer!r} (known: openleadr)")
@@ -365,6 +383,24 @@ class FanoutExperiment(Experiment):
         self.log(f"peer openleadr: {self.fp.gateways} VENs, {self.fp.runs} run(s)")
         result: dict[str, Any] = run_openleadr_fanout(self.fp.gateways, self.out / "peer-openleadr", self.fp.runs)
         return {"name": "openleadr", "dir": "peer-openleadr", "result": result}
+
+
+def via_section(results: dict[str, Any]) -> list[str]:
+    """The report's section of ``--via openadr3``: the same emergency through the standard door."""
+    via = results.get("via")
+    if not via:
+        return []
+    lines = ["## Through the standard door: OpenADR 3 VENs on the hub's MQTT notifier", ""]
+    summary = via.get("result", {}).get("summary")
+    if summary is None:
+        return [*lines, f"not run: {via.get('error')}", ""]
+    lines += ["| run | VENs | notified 50/90/99/100 % (s) | reports accepted 50/90/99/100 % (s) | hub CPU s |",
+              "|---|---|---|---|---|"]
+    for r in via["result"]["runs"]:
+        lines.append(f"| {r['run']} | {r['vens']} | " + " / ".join(_fmt(r[f'notified_t{q}_s']) for q in QUANTILES)
+                     + " | " + " / ".join(_fmt(r[f'reported_t{q}_s']) for q in QUANTILES)
+                     + f" | {_fmt(r['cpu_s'].get('hub'))} |")
+    return [*lines, "", f"Its results: `{via.get('dir')}/results.json`.", ""]
 
 
 def peer_ack_times(out: Path, results: dict[str, Any]) -> dict[str, list[float]]:
@@ -467,6 +503,7 @@ def markdown(results: dict[str, Any]) -> str:
                       + " / ".join(_fmt(frac.get(q)) for q in ("0.5", "0.9", "0.99", "1.0"))
                       + f" ms; its own report: `{peer.get('dir')}/report.md`.", ""]
         lines += ["```", json.dumps(peer.get("result", {}).get("summary", peer), indent=1)[:4000], "```", ""]
+    lines += via_section(results)
     return "\n".join(lines)
 
 

@@ -1,0 +1,290 @@
+"""The OpenADR 3 facade's events and notifications, produced from the hub's change feed.
+
+One follower of :class:`~cloud_hub.feed.ChangeFeed` (as the DSO, the issuer of every flexibility request) watches
+the requests of the event types. When a request is created, revised or cancelled it writes, for each VEN its
+clients were addressed to (their supplier at the request's time, as the bridges get it), that VEN's index row
+``evt|<ven>|<request>`` (what ``GET /events`` lists) and notifies the VEN: on the hub broker, on the VEN's own
+topic (:func:`mhp_wire.topics.openadr3_ven`, readable only by that VEN through the broker's ACL), and to every
+webhook subscription of that VEN. Each notification carries the event as that VEN sees it (its own clients only).
+
+The follower's cursor (the last feed event handled) is stored after each change, so a restarted hub resumes where
+it stopped; a notification is sent at least once (a VEN deduplicates by the event's id and modificationDateTime).
+Webhook deliveries are retried with :class:`mhp_wire.backoff.Backoff` up to ``max_age_s``; they live in memory:
+a hub restarted while one is being retried does not retry it (the VEN's ``GET /events`` still shows the event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from cloud_hub.authz import Action, Context, Principal, decide
+from cloud_hub.book import OutcomeVerdict, ReportedOutcome
+from cloud_hub.feed import ChangeFeed
+from cloud_hub.openadr3 import mapping
+from cloud_hub.relay import GroupCommit, HubRelay
+from cloud_hub.storage import Mutation, prefix_stop
+from cloud_hub.store import HubStore
+from cloud_hub.webhooks import TargetRefused, Webhooks
+from mhp_wire import topics
+from mhp_wire.backoff import Backoff
+from mhp_wire.mqtt import MqttError
+
+log = logging.getLogger(__name__)
+
+TABLE = "openadr3"
+CURSOR_ROW = "~cursor"
+OPERATIONS = ("CREATE", "UPDATE", "DELETE")
+
+
+@dataclass(slots=True)
+class _Reported:
+    """One VEN-reported outcome waiting for its group commit, and what became of it."""
+
+    outcome: ReportedOutcome
+    verdict: OutcomeVerdict | None = None
+    error: Exception | None = None
+
+
+def may_report(retailer_id: str, addressed: list[str]) -> bool:
+    """The authorization of one reported outcome (``authz`` ``REPORT_OUTCOME``), asked by the book."""
+    return decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
+                  Context(addressed_retailers=tuple(addressed))).allowed
+
+
+def _j(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class Notifier:
+    """Turns the hub's requests into OpenADR events per VEN and notifies the VENs (MQTT and webhooks)."""
+
+    def __init__(self, store: HubStore, feed: ChangeFeed, relay: HubRelay, hooks: Webhooks, *,
+                 replica_id: str | None = None, now: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.store = store
+        self.kv = store.kv
+        self.feed = feed
+        self.relay = relay
+        self.hooks = hooks
+        self.cursor_row = CURSOR_ROW if replica_id is None else f"{CURSOR_ROW}|{replica_id}"
+        """Each hub replica follows its own feed (the changes it writes), so each keeps its own cursor."""
+        self.now = now
+        self.sleep = sleep
+        self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.vens: set[str] = set()
+        """The retailers registered as VENs (``POST /vens``): only their events are indexed and notified, so a
+        platform whose retailers all run bridges pays nothing for the door."""
+        self._seen: dict[str, tuple[str, int | None, str | None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._http = httpx.AsyncClient(timeout=hooks.policy.timeout_s, follow_redirects=False, trust_env=False)
+        self.sent = {"mqtt": 0, "webhook": 0, "webhook_failed": 0}
+        self._outcomes: GroupCommit[_Reported] = GroupCommit(self._commit_outcomes, max_batch=500,
+                                                             name="openadr3-outcomes")
+
+    async def apply_outcomes(self, outcomes: list[ReportedOutcome]) -> list[OutcomeVerdict]:
+        """Apply VENs' reported outcomes as the relay applies bridges' (``RequestBook.apply_outcomes``), reports
+        that arrive together in one group commit; raises what the commit raised (StoreUnavailable: 503)."""
+        pending = [_Reported(o) for o in outcomes]
+        await asyncio.gather(*(self._outcomes.submit(p) for p in pending))
+        verdicts = []
+        for p in pending:
+            if p.error is not None:
+                raise p.error
+            assert p.verdict is not None
+            verdicts.append(p.verdict)
+        return verdicts
+
+    async def _commit_outcomes(self, batch: list[_Reported]) -> None:
+        try:
+            verdicts = await self.relay.book.apply_outcomes([p.outcome for p in batch], may_report)
+        except Exception as exc:  # handed to each waiting report: its HTTP answer says it was not stored
+            for p in batch:
+                p.error = exc
+            return
+        for p, v in zip(batch, verdicts, strict=True):
+            p.verdict = v
+
+    async def start(self) -> None:
+        """Load the subscriptions and follow the feed from the stored cursor (from now on, the first time)."""
+        self.vens = {r[len("ven|"):] for r, _ in await self.kv.scan(TABLE, start="ven|", stop=prefix_stop("ven|"),
+                                                                      columns=["d:o"])}
+        for _, cells in await self.kv.scan(TABLE, prefix="sub|"):
+            sub = json.loads(cells["d:o"])
+            self.subscriptions[sub["id"]] = sub
+        row = await self.kv.get(TABLE, self.cursor_row)
+        cursor = int(row["d:c"]) if row else self.feed.watermark
+        self._task = asyncio.create_task(self._run(cursor), name="openadr3-notifier")
+
+    async def close(self) -> None:
+        """Stop following and delivering."""
+        for task in [self._task, *self._deliveries]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._http.aclose()
+
+    async def _run(self, cursor: int) -> None:
+        dso = Principal("dso")
+        while True:
+            try:
+                async for item in self.feed.follow(dso, since=cursor, keepalive_s=3600):
+                    if item.kind != "request":
+                        continue
+                    if await self.on_change(item.data):
+                        await self.kv.batch([Mutation(TABLE, self.cursor_row, {"d:c": str(item.event_id).encode()})])
+                    cursor = max(cursor, item.event_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a storage failure: resume from the cursor after a pause
+                log.exception("openadr3 notifier failed; resuming from feed event %d", cursor)
+                await self.sleep(1.0)
+
+    async def on_change(self, change: dict[str, Any]) -> bool:
+        """Handle one change of a request (as the feed shows it to the DSO); returns whether it made an event."""
+        if change.get("type") not in mapping.PROGRAM_OF_TYPE or not self.vens:
+            return False
+        rid = change["request_id"]
+        phase = None
+        if change["type"] == "load_reduction":  # its second phase changes who is asked what: one cell read
+            phase = (await self.store.get_request_cells(rid, ["r:phase"])).get("r:phase")
+        key = (change["state"], change.get("revision"), phase)
+        if self._seen.get(rid) == key:
+            return False  # a client's progress: nothing an OpenADR event shows
+        self._seen[rid] = key
+        if len(self._seen) > 50_000:
+            self._seen.pop(next(iter(self._seen)))
+        req = await self.store.get_request(rid, ["r:", "c:"])
+        if req is None:
+            return False
+        meta, clients = req["meta"], req["clients"]
+        by_ven = {v: cs for v, cs in mapping.clients_by_ven(clients).items() if v in self.vens}
+        rows = await self.kv.get_many(TABLE, [f"evt|{v}|{rid}" for v in by_ven])
+        revision = int(meta.get("revision", 1))
+        writes: list[Mutation] = []
+        notes: list[tuple[str, str, dict[str, Any]]] = []
+        phase = meta.get("phase")
+        for ven, mine in by_ven.items():
+            row = rows.get(f"evt|{ven}|{rid}")
+            seen = json.loads(row["d:o"]) if row else None
+            event = mapping.event_for(rid, meta, clients, ven, mine)
+            if meta["state"] == "cancelled" or event is None:  # cancelled; or none of its clients disconnected
+                if seen is None:
+                    continue
+                op = "DELETE"
+                event = event or mapping.event_for(rid, {**meta, "phase": None}, clients, ven, mine)
+            elif seen is None:
+                op = "CREATE"
+            elif seen["revision"] != revision or seen.get("phase") != phase:
+                op = "UPDATE"
+            else:
+                continue
+            if event is None:
+                continue
+            if op == "DELETE":
+                writes.append(_delete(f"evt|{ven}|{rid}"))
+            else:
+                writes.append(_put(f"evt|{ven}|{rid}", {"revision": revision, "phase": phase,
+                                                        "created_at": meta["created_at"],
+                                                        "program": event["programID"], "clients": mine}))
+            notes.append((ven, op, event))
+        if writes:  # every VEN's index in one write, then the notifications (GET /events agrees with them)
+            await self.kv.batch(writes)
+        for ven, op, event in notes:
+            await self.notify(ven, "EVENT", op, event)
+        return True
+
+    async def notify(self, ven: str, object_type: str, operation: str, obj: dict[str, Any]) -> None:
+        """Tell ``ven`` of a change of one of its objects: on its MQTT topic and to its webhook subscriptions."""
+        body = _j({"objectType": object_type, "operation": operation, "object": obj})
+        link = self.relay.link
+        if link is not None:
+            try:
+                await link.publish(topics.openadr3_ven(ven, object_type.lower() + "s", operation.lower()), body,
+                                   wait_s=5.0)
+                self.sent["mqtt"] += 1
+            except MqttError as exc:
+                log.warning("openadr3: MQTT notification to VEN %s not sent (%s); its GET shows the object", ven,
+                            exc)
+        owner = f"retailer:{ven}"
+        for sub in list(self.subscriptions.values()):
+            if sub["owner"] != owner:
+                continue
+            if sub.get("programID") and obj.get("programID") and sub["programID"] != obj["programID"]:
+                continue
+            for oo in sub["objectOperations"]:
+                if object_type in oo["objects"] and (operation in oo["operations"] or "ALL" in oo["operations"]
+                                                     or _verb(operation) in oo["operations"]):
+                    task = asyncio.create_task(self._deliver(oo["callbackUrl"], oo.get("bearerToken"), body),
+                                               name=f"openadr3-webhook-{sub['id']}")
+                    self._deliveries.add(task)
+                    task.add_done_callback(self._deliveries.discard)
+                    break
+
+    async def _deliver(self, url: str, bearer: str | None, body: bytes) -> None:
+        headers = {"Content-Type": "application/json", "User-Agent": "mhp-hub-openadr3/1"}
+        if bearer:
+            headers["Authorization"] = f"Bearer {bearer}"
+        policy = self.hooks.policy
+        first = self.now()
+        backoff = Backoff(initial_s=policy.retry_initial_s, max_s=policy.retry_max_s)
+        while True:
+            try:
+                await self.hooks.check(url)  # again at every delivery: the name may resolve elsewhere now
+                answer = await self._http.post(url, content=body, headers=headers)
+                if 200 <= answer.status_code < 300:
+                    self.sent["webhook"] += 1
+                    return
+                problem = f"answered {answer.status_code}"
+            except TargetRefused as exc:
+                problem = str(exc)
+            except httpx.HTTPError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            age = self.now() - first
+            if age >= policy.max_age_s:
+                self.sent["webhook_failed"] += 1
+                log.warning("openadr3: notification to %s dropped after %.0f s (%s)", url, age, problem)
+                return
+            await self.sleep(min(backoff.record_failure(self.now()), max(0.0, policy.max_age_s - age)))
+
+    # -- the VENs' index and subscriptions ---------------------------------------------------------------
+
+    async def event_ids(self, ven: str) -> list[tuple[str, dict[str, Any]]]:
+        """``(request_id, index entry)`` of every event of ``ven``, newest first."""
+        prefix = f"evt|{ven}|"
+        rows = await self.kv.scan(TABLE, start=prefix, stop=prefix_stop(prefix))
+        out = [(r[len(prefix):], json.loads(c["d:o"])) for r, c in rows]
+        return sorted(out, key=lambda x: -float(x[1]["created_at"]))
+
+    async def put_subscription(self, sub: dict[str, Any]) -> None:
+        """Store a subscription and start notifying it."""
+        await self.kv.batch([_put(f"sub|{sub['id']}", sub)])
+        self.subscriptions[sub["id"]] = sub
+
+    async def delete_subscription(self, sub_id: str) -> None:
+        """Stop notifying a subscription and forget it."""
+        await self.kv.batch([_delete(f"sub|{sub_id}")])
+        self.subscriptions.pop(sub_id, None)
+
+
+def _verb(operation: str) -> str:
+    """The HTTP verb of an operation (OpenADR 3.0 subscriptions name operations by verb: POST, PUT, DELETE)."""
+    return {"CREATE": "POST", "UPDATE": "PUT", "DELETE": "DELETE"}[operation]
+
+
+def _put(row: str, obj: dict[str, Any]) -> Mutation:
+    return Mutation(TABLE, row, {"d:o": _j(obj)})
+
+
+def _delete(row: str) -> Mutation:
+    return Mutation(TABLE, row, delete=[])
