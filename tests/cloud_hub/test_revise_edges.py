@@ -6,6 +6,7 @@ but not yet recorded as sent still gets the cancel or the removal."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -111,7 +112,7 @@ async def test_a_revision_that_moves_a_client_past_a_supplier_switch_is_409(hub:
         r = await revise(hub, request_id, {"start": after_switch})
         assert r.status_code == 409, r.text
         message = r.json()["message"]
-        assert "c1" in message and "r2" in message and "c2" not in message, message
+        assert re.search(r"\bc1\b", message) and "r2" in message and not re.search(r"\bc2\b", message), message
         # Neither retailer hears of a revision: r1 no longer supplies c1 then, r2 never had the request.
         await r1.nothing("request", 0.5)
         await r2.nothing("request", 0.1)
