@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cloud_hub.errors import StoreUnavailable as StoreUnavailable  # raised by every backend: a hub error (503)
+
 Row = dict[str, bytes]
 """Cells of one row: ``"family:qualifier" -> value``."""
 
@@ -34,10 +36,6 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "events": ("e",),               # row event id (20 digits): the change feed's log; row "~last": the highest id
     "subscriptions": ("d",),        # row subscription id: a webhook (owner, url, events, secret, cursor)
 }
-
-
-class StoreUnavailable(Exception):
-    """The storage cannot be used right now (locked, read-only, unreachable); retry later."""
 
 
 @dataclass(slots=True)

@@ -80,7 +80,7 @@ async def flap(broker: BrokerHandle, store: HubStore, clock: Callable[[], float]
     book = RequestBook(store, metrics)
     relay = HubRelay(book, metrics, clock=clock)
     relay.presence_limiter = RateLimiter(0.1, BURST, clock=clock)
-    service = HubService(store, book, metrics)
+    service = HubService.build(store, book, metrics)
     seen: list[tuple[str, str]] = []
     """(retailer, request id) of every message the hub published, in the broker's order."""
 
@@ -91,10 +91,10 @@ async def flap(broker: BrokerHandle, store: HubStore, clock: Callable[[], float]
 
     async def emergency(client_id: str) -> str:
         start = datetime.now(UTC) + timedelta(hours=1)
-        status, body = await service.create_emergency(DSO, {"client_ids": [client_id], "start": start,
-                                                            "duration_s": 600, "power_limit_kw": 1.0}, None)
-        assert status == 202, body
-        return str(body["request_id"])
+        accepted = await service.flexibility.create_emergency(DSO, {"client_ids": [client_id], "start": start,
+                                                                    "duration_s": 600, "power_limit_kw": 1.0}, None)
+        assert accepted.state == "accepted", accepted
+        return accepted.request_id
 
     async def dispatch_round() -> list[tuple[str, str]]:
         """One round of the dispatcher, as the broker forwarded it."""
@@ -105,7 +105,7 @@ async def flap(broker: BrokerHandle, store: HubStore, clock: Callable[[], float]
         return seen[before:]
 
     for rid in ("r1", "r2"):
-        await service.put_retailer(DSO, rid, rid)
+        await service.registry.put_retailer(DSO, rid, rid)
     for cid, rid in [("a1", "r1"), ("b1", "r2")]:  # straight into storage: no customers announcement (issue 13)
         await store.put_client(cid, rid, 5.0, None, time.time())  # joins the requests this test counts
     b_first: list[int] = []
