@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from cloud_hub.usecases import idempotency as keys
 from cloud_hub.storage import Mutation
 from cloud_hub.store import HubStore
+from cloud_hub.usecases import idempotency as keys
 from tests.broker_fixtures import MosquittoFactory
 from tests.hub_fixtures import HubHandle, running_hub
 
