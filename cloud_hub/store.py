@@ -321,7 +321,8 @@ class HubStore:
         """Whether the request's row has been written."""
         return bool(await self.kv.get("requests", request_id, ["r:type"]))
 
-    async def create_request(self, request_id: str, meta: dict[str, Any], clients: dict[str, dict[str, Any]],
+    # Complexity (PLR0913): every part of a new request's row goes into one atomic write.
+    async def create_request(self, request_id: str, meta: dict[str, Any], clients: dict[str, dict[str, Any]],  # noqa: PLR0913
                              outbox: dict[str, dict[str, Any]], parties: dict[str, dict[str, Any]],
                              audit: list[AuditEntry],
                              idempotency: tuple[str, str, str, int, dict[str, Any]] | None,

@@ -69,7 +69,8 @@ class LinkStats:
 class MqttLink:
     """One persistent MQTT 5 session; use as ``async with MqttLink(...) as link``."""
 
-    def __init__(
+    # Complexity (PLR0913): the MQTT connection's options, each a keyword with a default.
+    def __init__(  # noqa: PLR0913
         self,
         endpoint: MqttEndpoint,
         *,

@@ -32,7 +32,8 @@ class RequestCreator:
         self.metrics = metrics
         self.replicas = replicas
 
-    async def create(self, who: Principal, key: str | None, body: dict[str, Any], request_id: str, kind: str,
+    # Complexity (PLR0913): every part of a new request goes into one atomic write (row, outbox, audit, answer).
+    async def create(self, who: Principal, key: str | None, body: dict[str, Any], request_id: str, kind: str,  # noqa: PLR0913
                       deadline: float, clients: dict[str, dict[str, Any]], outbox: list[OutboxItem],
                       parties: dict[str, dict[str, Any]], audit: list[AuditEntry], t0: float,
                       extra: dict[str, Any] | None = None, mutations: Sequence[Mutation] = ()
