@@ -52,12 +52,14 @@ def _known_leak(request: pytest.FixtureRequest) -> str | None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every coroutine test also gets :func:`no_task_leaks`, first, so that it is torn down last (after every
-    fixture that starts tasks has stopped them)."""
+    """Every coroutine test also gets :func:`no_task_leaks`, right after :func:`no_leaks`: it is torn down after
+    every fixture that starts tasks has stopped them, and before the event loop closes (whose executor threads
+    :func:`no_leaks` then sees gone)."""
     for item in items:
         if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
-            if "no_task_leaks" not in item.fixturenames:
-                item.fixturenames.insert(0, "no_task_leaks")
+            names = item.fixturenames
+            if "no_task_leaks" not in names:
+                names.insert(names.index("no_leaks") + 1 if "no_leaks" in names else 0, "no_task_leaks")
 
 
 @pytest.fixture
