@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cloud_hub.book import RequestBook
+from cloud_hub.errors import Forbidden, IdempotencyConflict, InvalidBody, KeyInProgress, NotFound
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.replicas import Replicas
 from cloud_hub.store import HubStore
@@ -18,10 +19,14 @@ from cloud_hub.usecases.flexibility import REQUEST_CLIENTS_PER_MESSAGE, Flexibil
 from cloud_hub.usecases.idempotency import Idempotency
 from cloud_hub.usecases.registry import Registry
 from cloud_hub.usecases.revisions import Revisions
+from cloud_hub.usecases.shared import iso
 from cloud_hub.usecases.tariffs import Tariffs, tariff_message
 from cloud_hub.usecases.views import RequestViews
 
-__all__ = ["REQUEST_CLIENTS_PER_MESSAGE", "HubService", "tariff_message"]
+__all__ = ["REQUEST_CLIENTS_PER_MESSAGE", "Forbidden", "HubService", "IdempotencyConflict", "InvalidBody",
+           "KeyInProgress", "NotFound", "iso", "tariff_message"]
+"""Names other modules imported from here before the split keep working (the errors live in ``cloud_hub.errors``,
+``iso`` in ``cloud_hub.usecases.shared``)."""
 
 
 @dataclass(frozen=True, slots=True)
