@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from cloud_hub.authz import Principal
@@ -22,6 +23,29 @@ from cloud_hub.usecases.results import Accepted
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class NewRequest:
+    """Everything a new request is stored with, in one write."""
+
+    request_id: str
+    kind: str
+    """The request's ``type`` (``emergency``, ``billing``, ``customers``, ...)."""
+    body: dict[str, Any]
+    """The validated body it was created from (its issuer sees it in the GET)."""
+    deadline: float
+    t0: float
+    """``time.perf_counter()`` when the use case began (the request's ``hub_ms``)."""
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outbox: list[OutboxItem] = field(default_factory=list)
+    parties: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Retailers addressed as a whole (a tariff, a customers announcement), not through clients."""
+    audit: list[AuditEntry] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More cells of the request row (``version``, ``phase``, ``targets``, ...)."""
+    mutations: Sequence[Mutation] = ()
+    """Other rows written in the same batch (a registration's client rows)."""
+
+
 class RequestCreator:
     """Stores new requests through the book, and finds a request's targets."""
 
@@ -32,23 +56,21 @@ class RequestCreator:
         self.metrics = metrics
         self.replicas = replicas
 
-    # Complexity (PLR0913): every part of a new request goes into one atomic write (row, outbox, audit, answer).
-    async def create(self, who: Principal, key: str | None, body: dict[str, Any], request_id: str, kind: str,  # noqa: PLR0913
-                      deadline: float, clients: dict[str, dict[str, Any]], outbox: list[OutboxItem],
-                      parties: dict[str, dict[str, Any]], audit: list[AuditEntry], t0: float,
-                      extra: dict[str, Any] | None = None, mutations: Sequence[Mutation] = ()
-                      ) -> Accepted:
+    async def create(self, who: Principal, key: str | None, new: NewRequest) -> Accepted:
+        """Store ``new`` (row, outbox, audit and, under ``key``, the idempotent answer) in one write: once this
+        returns, the request is durable and will be delivered."""
         if self.replicas is not None:
             self.replicas.check_ready()
         now = time.time()
-        answer = {"request_id": request_id, "state": RequestState.ACCEPTED.value}
-        meta = {"type": kind, "issuer": str(who), "body": json.loads(json.dumps(body, default=str)),
-                "created_at": now, "deadline": deadline, "hub_ms": round((time.perf_counter() - t0) * 1000, 3),
-                **(extra or {})}
-        idem = (str(who), key, body_hash(body), 202, answer) if key else None
-        await self.book.create(request_id, meta, clients, outbox, parties, audit, idem, mutations)
-        self.metrics.requests_created.labels(kind).inc()
-        self.metrics.accept_seconds.labels(kind).observe(time.perf_counter() - t0)
+        answer = {"request_id": new.request_id, "state": RequestState.ACCEPTED.value}
+        meta = {"type": new.kind, "issuer": str(who), "body": json.loads(json.dumps(new.body, default=str)),
+                "created_at": now, "deadline": new.deadline,
+                "hub_ms": round((time.perf_counter() - new.t0) * 1000, 3), **new.extra}
+        idem = (str(who), key, body_hash(new.body), 202, answer) if key else None
+        await self.book.create(new.request_id, meta, new.clients, new.outbox, new.parties, new.audit, idem,
+                               new.mutations)
+        self.metrics.requests_created.labels(new.kind).inc()
+        self.metrics.accept_seconds.labels(new.kind).observe(time.perf_counter() - new.t0)
         return Accepted.model_validate(answer)
 
     async def targets(self, body: dict[str, Any]) -> list[str]:

@@ -23,7 +23,7 @@ from cloud_hub.timeline import (
     withhold_straddling,
 )
 from cloud_hub.usecases.access import Access, refusal_audit
-from cloud_hub.usecases.creating import RequestCreator
+from cloud_hub.usecases.creating import NewRequest, RequestCreator
 from cloud_hub.usecases.idempotency import Idempotency
 from cloud_hub.usecases.results import Accepted
 from cloud_hub.usecases.shared import iso, ts
@@ -172,8 +172,9 @@ class ClientData:
                 outbox.append(OutboxItem(msg.msg_id, request_id, rid, "billing", encode(msg),
                                          [c.client_id for c in chunk]))
         audit = [AuditEntry(str(who), cid, Action.REQUEST_BILLING.value, right, ref=request_id) for cid in client_ids]
-        return await self.creator.create(who, key, body, request_id, "billing", time.time() + BILLING_DELIVERY_S,
-                                         entries, outbox, {}, audit, t0)
+        return await self.creator.create(who, key, NewRequest(
+            request_id, "billing", body, time.time() + BILLING_DELIVERY_S, t0, clients=entries, outbox=outbox,
+            audit=audit))
 
     # -- measurements and audit -------------------------------------------------------------------------------
 

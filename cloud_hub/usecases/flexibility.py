@@ -21,7 +21,7 @@ from cloud_hub.timeline import (
     supplier_at,
 )
 from cloud_hub.usecases.access import Access
-from cloud_hub.usecases.creating import RequestCreator
+from cloud_hub.usecases.creating import NewRequest, RequestCreator
 from cloud_hub.usecases.idempotency import Idempotency
 from cloud_hub.usecases.results import Accepted, Cancelled
 from cloud_hub.usecases.shared import chunks, iso, ts
@@ -162,8 +162,9 @@ class Flexibility:
                 msg = Request(request_id=request_id, kind=kind, client_ids=cids, params=params, expires_at=expires)
                 outbox.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
         audit = [AuditEntry(str(who), cid, action.value, right, ref=request_id, at=now) for cid in client_ids]
-        return await self.creator.create(who, key, body, request_id, request_type or kind.value, deadline, entries,
-                                         outbox, {}, audit, t0, extra={**(extra or {}), "targets": len(entries)})
+        return await self.creator.create(who, key, NewRequest(
+            request_id, request_type or kind.value, body, deadline, t0, clients=entries, outbox=outbox, audit=audit,
+            extra={**(extra or {}), "targets": len(entries)}))
 
     async def finish_availability(self, request_id: str) -> None:
         """Phase two of a load reduction: disconnect the most available clients until the reduction is covered."""

@@ -19,7 +19,7 @@ from cloud_hub.timeline import (
     supplier_at,
 )
 from cloud_hub.usecases.access import Access
-from cloud_hub.usecases.creating import RequestCreator
+from cloud_hub.usecases.creating import NewRequest, RequestCreator
 from cloud_hub.usecases.results import ClientRegistered
 from cloud_hub.usecases.shared import iso, ts
 from mhp_wire.messages import (
@@ -152,8 +152,9 @@ class Registry:
         audit = [AuditEntry(f"retailer:{rid}", item.client_id, "receive_supplier_periods",
                             "retailer:supplier-of-period", ref=request_id, at=now)
                  for rid, items in sorted(per_retailer.items()) for item in items]
-        await self.creator.create(who, None, body, request_id, "customers", now + CUSTOMERS_DELIVERY_S, {}, outbox,
-                           parties, audit, t0, mutations=plan.mutations)
+        await self.creator.create(who, None, NewRequest(
+            request_id, "customers", body, now + CUSTOMERS_DELIVERY_S, t0, outbox=outbox, parties=parties,
+            audit=audit, mutations=plan.mutations))
         log.info("supplier changes of %d client(s) announced to %s (request %s)", len(plan.history),
                  ", ".join(sorted(per_retailer)), request_id)
         return plan.created, request_id

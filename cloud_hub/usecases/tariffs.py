@@ -13,7 +13,7 @@ from cloud_hub.book import OutboxItem
 from cloud_hub.errors import NotFound
 from cloud_hub.store import HubStore
 from cloud_hub.usecases.access import Access
-from cloud_hub.usecases.creating import RequestCreator
+from cloud_hub.usecases.creating import NewRequest, RequestCreator
 from cloud_hub.usecases.idempotency import Idempotency
 from cloud_hub.usecases.results import TariffAccepted
 from cloud_hub.usecases.shared import ts
@@ -86,8 +86,9 @@ class Tariffs:
                          "detail": {}, "trace": {}, "updated_at": time.time()} for rid in retailers}
         copies = {rid: msg.model_copy(update={"msg_id": recipient_msg_id(msg.msg_id, rid)}) for rid in retailers}
         outbox = [OutboxItem(copy.msg_id, request_id, rid, "tariff", encode(copy)) for rid, copy in copies.items()]
-        answer = await self.creator.create(who, key, body, request_id, "tariff", time.time() + TARIFF_DELIVERY_S,
-                                           {}, outbox, parties, [], t0, extra={"version": version})
+        answer = await self.creator.create(who, key, NewRequest(
+            request_id, "tariff", body, time.time() + TARIFF_DELIVERY_S, t0, outbox=outbox, parties=parties,
+            extra={"version": version}))
         return TariffAccepted(**answer.model_dump(), version=version)
 
     async def deliver_current_tariff(self, who: Principal, retailer_id: str) -> str | None:
@@ -108,8 +109,9 @@ class Tariffs:
         outbox = [OutboxItem(msg.msg_id, request_id, retailer_id, "tariff", encode(msg))]
         body = {"tariff_id": stored["tariff_id"], "version": stored["version"], "retailer_id": retailer_id,
                 "reason": "retailer registered after the tariff was published"}
-        await self.creator.create(who, None, body, request_id, "tariff", time.time() + TARIFF_DELIVERY_S, {}, outbox,
-                           parties, [], t0, extra={"version": stored["version"]})
+        await self.creator.create(who, None, NewRequest(
+            request_id, "tariff", body, time.time() + TARIFF_DELIVERY_S, t0, outbox=outbox, parties=parties,
+            extra={"version": stored["version"]}))
         log.info("retailer %s registered: tariff %s v%d queued for it (request %s)", retailer_id,
                  stored["tariff_id"], stored["version"], request_id)
         return request_id
