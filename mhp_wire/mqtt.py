@@ -174,6 +174,17 @@ class MqttLink:
         except (OSError, TimeoutError, MqttError, AttributeError) as exc:
             log.debug("MQTT disconnect of %s ended with %r", self.client_id, exc)
         self._connected.clear()
+        self._stop_gmqtt_reconnects()
+
+    def _stop_gmqtt_reconnects(self) -> None:
+        """Cancel a reconnection gmqtt started by itself after a lost connection (``ensure_future`` without a
+        handle, asleep for its reconnect delay): it would outlive the link."""
+        for task in asyncio.all_tasks():
+            coro = task.get_coro()
+            frame = getattr(coro, "cr_frame", None)
+            if (getattr(coro, "__qualname__", "") == "Client.reconnect" and frame is not None
+                    and frame.f_locals.get("self") is self._client):
+                task.cancel()
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                       wait_s: float = 0.0) -> None:
