@@ -101,9 +101,10 @@ class HubRelay:
         """When (``clock``) each retailer's presence last changed, as this hub heard it (``GET /v1/status``)."""
         self.on_measurements: Callable[[str, Measurements], Awaitable[list[str]]] | None = None
         self.on_phase_due: Callable[[str], Awaitable[None]] | None = None
-        self.limiter = limiter or RateLimiter(200.0, 400)
+        self.limiter = limiter if limiter is not None else RateLimiter(200.0, 400)
         """One token bucket per retailer: messages beyond it are refused (unread) with an error answer."""
-        self.presence_limiter = presence_limiter or RateLimiter(PRESENCE_CHANGES_PER_S, PRESENCE_CHANGES_BURST)
+        self.presence_limiter = (presence_limiter if presence_limiter is not None
+                                 else RateLimiter(PRESENCE_CHANGES_PER_S, PRESENCE_CHANGES_BURST))
         """One token bucket per retailer for presence changes: a bridge flapping online/offline would otherwise
         have all its unacknowledged messages re-sent at every ``online``. Changes beyond it are ignored and
         counted (``presence_rate_limited``); those messages are then re-sent on their back-off."""
