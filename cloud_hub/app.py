@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,16 +15,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud_hub import openadr3
 from cloud_hub.api import console, data, events, health, permissions, registry, requests, tariffs
-from cloud_hub.api.deps import RateLimited
-from cloud_hub.authz import Principal
 from cloud_hub.book import RequestBook
+from cloud_hub.errors import HubError, StoreUnavailable
 from cloud_hub.feed import ChangeFeed
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.relay import HubRelay
-from cloud_hub.replicas import CancelHandler, OwnerUnavailable, Replicas
-from cloud_hub.service import Forbidden, HubService, IdempotencyConflict, InvalidBody, KeyInProgress, NotFound
+from cloud_hub.replicas import Replicas
+from cloud_hub.service import HubService
 from cloud_hub.settings import HubSettings
-from cloud_hub.store import Conflict, HubStore, StoreUnavailable
+from cloud_hub.store import HubStore
 from cloud_hub.tokens import TokenBook
 from cloud_hub.views import ConsoleViews
 from cloud_hub.webhooks import WebhookPolicy, Webhooks
@@ -42,11 +40,55 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": code, "message": message, **extra}, status_code=status)
 
 
-def _retry_later(status: int, code: str, message: str, after_s: float = 1.0) -> JSONResponse:
-    """An error the client should retry: ``retry_after_s`` in the body, ``Retry-After`` (whole seconds) header."""
-    resp = _error(status, code, message, retry_after_s=round(after_s, 3))
-    resp.headers["Retry-After"] = str(max(1, math.ceil(after_s)))
-    return resp
+def _count(request: Request, status: int) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.http_rejected.labels(str(status)).inc()
+
+
+async def _hub_error(request: Request, exc: Exception) -> JSONResponse:
+    """Every :class:`HubError`: its status, its body, its headers."""
+    assert isinstance(exc, HubError)
+    _count(request, exc.status)
+    if isinstance(exc, StoreUnavailable):
+        log.error("storage unavailable: %s", exc)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+async def _invalid_body(request: Request, exc: Exception) -> JSONResponse:
+    """A body or query FastAPI refused: 422 with each problem."""
+    assert isinstance(exc, RequestValidationError)
+    _count(request, 422)
+    problems = [
+        {"field": ".".join(str(p) for p in e["loc"] if p != "body"), "message": e["msg"]} for e in exc.errors()
+    ]
+    text = "; ".join(f"{p['field'] or 'body'}: {p['message']}" for p in problems[:10])
+    return _error(422, "invalid", f"invalid request: {text}", problems=problems)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (401 from the token check, 404 of an unknown path, 405) in the same body."""
+    assert isinstance(exc, StarletteHTTPException)
+    _count(request, exc.status_code)
+    code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+    return JSONResponse({"error": code.get(exc.status_code, "error"), "message": str(exc.detail)},
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+async def _value_error(request: Request, exc: Exception) -> JSONResponse:
+    """A value a use case found invalid (an end before its start): 422."""
+    _count(request, 422)
+    return _error(422, "invalid", str(exc))
+
+
+ERROR_HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[JSONResponse]]] = {
+    HubError: _hub_error,
+    RequestValidationError: _invalid_body,
+    StarletteHTTPException: _http_error,
+    ValueError: _value_error,
+}
+"""Every error the HTTP layer answers, registered in one loop (the most specific class of an error wins, so
+:class:`cloud_hub.errors.InvalidBody`, also a ``ValueError``, is a :class:`HubError` here)."""
 
 
 async def _run_relay(app: FastAPI, settings: HubSettings) -> None:
@@ -110,24 +152,6 @@ async def _supervise_relay(app: FastAPI, settings: HubSettings) -> None:
         pause = 1.0 if ran_s > 10 * RELAY_RESTART_MAX_S else min(2 * pause, RELAY_RESTART_MAX_S)
 
 
-def _owner_cancel(service: HubService) -> CancelHandler:
-    """The owner's side of a cancel forwarded by another replica, answered as ``(HTTP status, body)``."""
-
-    async def cancel(principal: str, request_id: str) -> tuple[int, dict[str, Any]]:
-        try:
-            return 200, await service.cancel(Principal.parse(principal), request_id, forwarded=True)
-        except NotFound as exc:
-            return 404, {"message": str(exc)}
-        except Forbidden as exc:
-            return 403, {"message": str(exc)}
-        except Conflict as exc:
-            return 409, {"message": str(exc)}
-        except (OwnerUnavailable, StoreUnavailable, ValueError) as exc:
-            return 503, {"message": str(exc)}
-
-    return cancel
-
-
 async def _prune_feed(feed: ChangeFeed) -> None:
     """Delete change-feed events older than the replay window, a few times per window."""
     pause = min(300.0, max(1.0, feed.replay_s / 10))
@@ -140,45 +164,51 @@ async def _prune_feed(feed: ChangeFeed) -> None:
             log.warning("change feed: pruning old events failed (%s); tried again later", exc)
 
 
-def create_app(settings: HubSettings) -> FastAPI:
-    """Build the hub application for ``settings``."""
+async def _assemble(app: FastAPI, settings: HubSettings) -> tuple[ChangeFeed, Webhooks]:
+    """Open the store and build the hub's parts, each given what it uses through its constructor, in the order
+    they depend on each other: the book, the replicas, the relay, the use cases (whose tariffs publish through
+    the relay); then the two edges back, named: the relay hands measurements and due phases to the use cases, and
+    the replicas hand forwarded cancels to them."""
+    store = HubStore.from_settings(settings)
+    await store.open()
+    metrics = HubMetrics()
+    feed = ChangeFeed(store.kv, metrics, replay_s=settings.feed_replay_s, queue_max=settings.feed_queue_max)
+    await feed.open()
+    store.feed = feed  # from here on every request write carries its change-feed events
+    book = RequestBook(store, metrics, settings.replica_id)
+    relay = HubRelay(book, metrics,
+                     limiter=RateLimiter(settings.mqtt_rate_limit_per_s, settings.mqtt_rate_limit_burst),
+                     presence_limiter=RateLimiter(settings.presence_rate_limit_per_s,
+                                                  settings.presence_rate_limit_burst))
+    replicas = None
+    if settings.replica_id is None:
+        resumed = await book.load()
+        if resumed:
+            log.info("resumed %d unfinished request(s) from storage", resumed)
+    else:  # a replica loads its requests once it has heard the others' presence (Replicas.run)
+        replicas = Replicas(settings.replica_id, book, metrics, settle_s=settings.replica_settle_s,
+                            scan_s=settings.replica_scan_s, forward_timeout_s=settings.replica_forward_timeout_s)
+        relay.use_replicas(replicas)
+    service = HubService.build(store, book, metrics, replicas, publish_tariff_retained=relay.publish_tariff)
+    relay.deliver_to(service.data.accept_measurements, service.flexibility.finish_availability)
+    if replicas is not None:
+        replicas.serve_cancels(service.flexibility.owner_cancel)
+    webhooks = Webhooks(store, feed, metrics, WebhookPolicy(
+        production=settings.environment == "production", allow_private=settings.webhook_allow_private,
+        timeout_s=settings.webhook_timeout_s, retry_initial_s=settings.webhook_retry_initial_s,
+        retry_max_s=settings.webhook_retry_max_s, max_age_s=settings.webhook_max_age_s))
+    state = app.state
+    state.store, state.metrics, state.relay, state.service, state.replicas = store, metrics, relay, service, replicas
+    state.views = ConsoleViews(store, metrics, relay.presence_now)
+    state.tokens = TokenBook(settings.tokens_file)
+    state.feed, state.webhooks, state.settings = feed, webhooks, settings
+    return feed, webhooks
 
+
+def _lifespan(settings: HubSettings) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = HubStore.from_settings(settings)
-        await store.open()
-        metrics = HubMetrics()
-        feed = ChangeFeed(store.kv, metrics, replay_s=settings.feed_replay_s, queue_max=settings.feed_queue_max)
-        await feed.open()
-        store.feed = feed  # from here on every request write carries its change-feed events
-        book = RequestBook(store, metrics, settings.replica_id)
-        relay = HubRelay(book, metrics)
-        replicas = None
-        if settings.replica_id is None:
-            resumed = await book.load()
-            if resumed:
-                log.info("resumed %d unfinished request(s) from storage", resumed)
-        else:  # a replica loads its requests once it has heard the others' presence (Replicas.run)
-            replicas = Replicas(settings.replica_id, book, metrics, settle_s=settings.replica_settle_s,
-                                scan_s=settings.replica_scan_s, forward_timeout_s=settings.replica_forward_timeout_s)
-            relay.use_replicas(replicas)
-        service = HubService(store, book, metrics, replicas)
-        if replicas is not None:
-            replicas.on_cancel = _owner_cancel(service)
-        relay.on_measurements = service.accept_measurements
-        relay.limiter = RateLimiter(settings.mqtt_rate_limit_per_s, settings.mqtt_rate_limit_burst)
-        relay.presence_limiter = RateLimiter(settings.presence_rate_limit_per_s, settings.presence_rate_limit_burst)
-        relay.on_phase_due = service.finish_availability
-        service.publish_tariff_retained = relay.publish_tariff
-        app.state.store, app.state.metrics, app.state.relay, app.state.service = store, metrics, relay, service
-        app.state.replicas = replicas
-        app.state.views = ConsoleViews(store, metrics, relay.presence_now)
-        app.state.tokens = TokenBook(settings.tokens_file)
-        webhooks = Webhooks(store, feed, metrics, WebhookPolicy(
-            production=settings.environment == "production", allow_private=settings.webhook_allow_private,
-            timeout_s=settings.webhook_timeout_s, retry_initial_s=settings.webhook_retry_initial_s,
-            retry_max_s=settings.webhook_retry_max_s, max_age_s=settings.webhook_max_age_s))
-        app.state.feed, app.state.webhooks, app.state.settings = feed, webhooks, settings
+        feed, webhooks = await _assemble(app, settings)
         await webhooks.start()
         permissions.attach(app)  # customer consent for eligible parties (docs/consent.md)
         task = asyncio.create_task(_supervise_relay(app, settings), name="hub-relay")
@@ -191,12 +221,18 @@ def create_app(settings: HubSettings) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             await webhooks.close()
-            await store.close()
+            await app.state.store.close()
 
+    return lifespan
+
+
+def create_app(settings: HubSettings) -> FastAPI:
+    """Build the hub application for ``settings``."""
     # The API's own description (/docs, /redoc, /openapi.json) only where the settings expose it.
     docs = settings.expose_docs
-    app = FastAPI(title="Market Hub Platform", version="1", lifespan=lifespan, docs_url="/docs" if docs else None,
-                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
+    app = FastAPI(title="Market Hub Platform", version="1", lifespan=_lifespan(settings),
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.include_router(health.router)
     if settings.expose_metrics:
         app.include_router(health.metrics_router)
@@ -211,80 +247,6 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.state.http_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-
-    def count(status: int) -> None:
-        metrics = getattr(app.state, "metrics", None)
-        if metrics is not None:
-            metrics.http_rejected.labels(str(status)).inc()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        count(422)
-        problems = [
-            {"field": ".".join(str(p) for p in e["loc"] if p != "body"), "message": e["msg"]} for e in exc.errors()
-        ]
-        text = "; ".join(f"{p['field'] or 'body'}: {p['message']}" for p in problems[:10])
-        return _error(422, "invalid", f"invalid request: {text}", problems=problems)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        count(exc.status_code)
-        code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
-        resp = _error(exc.status_code, code.get(exc.status_code, "error"), str(exc.detail))
-        if exc.headers:
-            resp.headers.update(exc.headers)
-        return resp
-
-    @app.exception_handler(Forbidden)
-    async def forbidden(request: Request, exc: Forbidden) -> JSONResponse:
-        count(403)
-        return _error(403, "forbidden", str(exc))
-
-    @app.exception_handler(NotFound)
-    async def not_found(request: Request, exc: NotFound) -> JSONResponse:
-        count(404)
-        return _error(404, "not_found", str(exc))
-
-    @app.exception_handler(Conflict)
-    async def conflict(request: Request, exc: Conflict) -> JSONResponse:
-        count(409)
-        return _error(409, "conflict", str(exc))
-
-    @app.exception_handler(IdempotencyConflict)
-    async def idem_conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:
-        count(409)
-        return _error(409, "conflict", str(exc))
-
-    @app.exception_handler(KeyInProgress)
-    async def key_in_progress(request: Request, exc: KeyInProgress) -> JSONResponse:
-        count(409)
-        return _retry_later(409, "in_progress", str(exc))
-
-    @app.exception_handler(InvalidBody)
-    async def invalid_merged_body(request: Request, exc: InvalidBody) -> JSONResponse:
-        count(422)
-        return _error(422, "invalid", str(exc), problems=exc.problems)
-
-    @app.exception_handler(ValueError)
-    async def value_error(request: Request, exc: ValueError) -> JSONResponse:
-        count(422)
-        return _error(422, "invalid", str(exc))
-
-    @app.exception_handler(RateLimited)
-    async def rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
-        count(429)
-        return _retry_later(429, "rate_limited", str(exc), exc.retry_after_s)
-
-    @app.exception_handler(OwnerUnavailable)
-    async def owner_unavailable(request: Request, exc: OwnerUnavailable) -> JSONResponse:
-        count(503)
-        return _retry_later(503, "owner_unavailable", str(exc))
-
-    @app.exception_handler(StoreUnavailable)
-    async def unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        count(503)
-        log.error("storage unavailable: %s", exc)
-        return _error(503, "storage_unavailable", "storage is unavailable; nothing was stored, retry later",
-                      retry_after_s=1)
-
+    for error, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(error, handler)
     return app

@@ -129,7 +129,9 @@ _DSO_ONLY = {Action.MANAGE_CLIENT, Action.UPLOAD_READINGS, Action.REQUEST_BILLIN
              Action.READ_FEEDER_MEASUREMENTS, Action.LIST_REQUESTS}
 
 
-def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decision:
+# Complexity (C901, PLR0911, PLR0912): the one authorization table, one rule per branch, read top to bottom and tested
+# case by case (tests/cloud_hub/test_authz.py).
+def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decision:  # noqa: C901, PLR0911, PLR0912
     """Decide whether ``who`` may perform ``action`` on the resource described by ``ctx``."""
     ctx = ctx or Context()
     if who.kind == "party":

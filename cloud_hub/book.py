@@ -267,6 +267,44 @@ class RequestBook:
             self.outbox[item.msg_id] = item
         self.kick()
 
+    async def write(self, request_id: str, put: dict[str, Any]) -> None:
+        """Write cells of a request's row as an outcome would (the request ends, and is closed, when ``put`` says
+        it has ended): for a use case that decides a request's state itself (a load reduction nobody can serve)."""
+        await self._write(request_id, put)
+
+    def knows(self, request_id: str) -> bool:
+        """Whether this book holds the unfinished request ``request_id`` (a deadline or a queued message)."""
+        return request_id in self.deadlines or any(o.request_id == request_id for o in self.outbox.values())
+
+    def end_phase(self, request_id: str) -> None:
+        """Stop waiting for the end of the request's availability phase (it was handled, or is gone)."""
+        self.phases.pop(request_id, None)
+
+    async def replace_messages(self, request_id: str, put: dict[str, Any], items: list[OutboxItem],
+                               drop: Callable[[OutboxItem], bool], *, deadline: float | None = None,
+                               reduction_kw: float | None = None, **write: Any) -> None:
+        """Swap a request's queued messages for ``items`` in one write of its row with ``put`` (a cancel, a
+        revision): the queued ones ``drop`` selects are deleted. ``deadline`` None: the request ends here (no
+        deadline, no phase); else its new deadline (and ``reduction_kw`` its phase's). ``write``: the other
+        arguments of :meth:`HubStore.update_request` (``close``, ``audit``, ``reopen``, ``idempotency``)."""
+        dropped = [m for m, i in self.outbox.items() if i.request_id == request_id and drop(i)]
+        await self.store.update_request(request_id, {**put, **{f"o:{i.msg_id}": i.stored() for i in items}},
+                                        [f"o:{m}" for m in dropped] or None, **write)
+        # Forgotten only once the write is durable: when it fails (storage unavailable), the request keeps its
+        # deadline, phase and messages here, as storage still has them.
+        for m in dropped:
+            self.outbox.pop(m, None)
+        if deadline is None:
+            self.deadlines.pop(request_id, None)
+            self.phases.pop(request_id, None)
+        else:
+            self.deadlines[request_id] = deadline
+            if reduction_kw is not None and request_id in self.phases:
+                self.phases[request_id].reduction_kw = reduction_kw
+        for item in items:
+            self.outbox[item.msg_id] = item
+        self.kick()
+
     # -- dispatch -----------------------------------------------------------------------------------------
 
     def due(self, now: float, limit: int = 1000) -> list[OutboxItem]:

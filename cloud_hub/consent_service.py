@@ -18,9 +18,11 @@ from cloud_hub import consent
 from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.consent import Event, InvalidTransition, Permission, Scope
 from cloud_hub.consent_store import PermissionStore
-from cloud_hub.service import Forbidden, NotFound, hidden_client, iso
+from cloud_hub.errors import Forbidden, NotFound
 from cloud_hub.store import AuditEntry, Conflict, HubStore
 from cloud_hub.timeline import clip_blocks, profile, supplier_at, withhold_straddling
+from cloud_hub.usecases.access import hidden_client
+from cloud_hub.usecases.shared import iso
 from mhp_wire.messages import (
     AccessItem,
     Ack,

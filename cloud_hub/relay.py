@@ -96,7 +96,8 @@ class HubRelay:
     """Dispatches the outbox and applies what retailers send back."""
 
     def __init__(self, book: RequestBook, metrics: HubMetrics, *, sweep_interval_s: float = 0.25,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, limiter: RateLimiter | None = None,
+                 presence_limiter: RateLimiter | None = None) -> None:
         self.book = book
         self.metrics = metrics
         self.clock = clock
@@ -114,9 +115,10 @@ class HubRelay:
                                   Awaitable[list[Ack | ErrorReply | ConsentView]]] | None = None
         """Set by the app: a customer's consent query or decision relayed by a retailer (docs/consent.md)."""
         self.on_phase_due: Callable[[str], Awaitable[None]] | None = None
-        self.limiter = RateLimiter(200.0, 400)
+        self.limiter = limiter if limiter is not None else RateLimiter(200.0, 400)
         """One token bucket per retailer: messages beyond it are refused (unread) with an error answer."""
-        self.presence_limiter = RateLimiter(PRESENCE_CHANGES_PER_S, PRESENCE_CHANGES_BURST)
+        self.presence_limiter = (presence_limiter if presence_limiter is not None
+                                 else RateLimiter(PRESENCE_CHANGES_PER_S, PRESENCE_CHANGES_BURST))
         """One token bucket per retailer for presence changes: a bridge flapping online/offline would otherwise
         have all its unacknowledged messages re-sent at every ``online``. Changes beyond it are ignored and
         counted (``presence_rate_limited``); those messages are then re-sent on their back-off."""
@@ -135,6 +137,13 @@ class HubRelay:
         """Awaited with each round of published messages before the book records them as sent: the window in which
         a message is at the broker while its targets still read ``pending`` (a test holds a round there)."""
         book.kick = self.kick
+
+    def deliver_to(self, on_measurements: Callable[[str, Measurements], Awaitable[list[str]]],
+                   on_phase_due: Callable[[str], Awaitable[None]]) -> None:
+        """Hand retailers' measurements and due availability phases to the use cases: the one edge back from the
+        relay to the use cases, which are built after it (the tariffs use case publishes through the relay)."""
+        self.on_measurements = on_measurements
+        self.on_phase_due = on_phase_due
 
     def use_replicas(self, replicas: Replicas) -> None:
         """Run as one of several replicas: forward what another replica owns, apply what they forward."""

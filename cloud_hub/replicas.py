@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cloud_hub.book import RequestBook
+from cloud_hub.errors import HubError, OwnerUnavailable
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import StoreUnavailable
 from mhp_wire import topics
@@ -37,10 +38,6 @@ from mhp_wire.mqtt import MqttError, MqttLink
 from mhp_wire.process import wait_or_timeout
 
 log = logging.getLogger(__name__)
-
-
-class OwnerUnavailable(Exception):
-    """The replica that owns a request cannot act on it now (offline, not answering); retry later (HTTP 503)."""
 
 
 class ReplicaMessage(BaseModel):
@@ -60,11 +57,17 @@ class ReplicaMessage(BaseModel):
     corr: str | None = None
     """``cancel``/``cancel_result``: pairs an answer with its question."""
     status: int | None = None
+    """``cancel_result``: unused since the owner answers with ``error`` (kept so the message's shape only grows)."""
     body: dict[str, Any] | None = None
+    """``cancel_result``: the owner's answer when the cancel was done."""
+    error: str | None = None
+    """``cancel_result``: the owner refused: the :class:`cloud_hub.errors.HubError` ``code`` it raised."""
+    message: str | None = None
+    """``cancel_result``: that error's message."""
 
 
-CancelHandler = Callable[[str, str], Awaitable[tuple[int, dict[str, Any]]]]
-"""``(principal, request_id) -> (HTTP status, body)``: the owner's cancel."""
+CancelHandler = Callable[[str, str], Awaitable[dict[str, Any]]]
+"""``(principal, request_id) -> answer``: the owner's cancel; raises a :class:`HubError` when it refuses."""
 
 
 class Replicas:
@@ -86,7 +89,7 @@ class Replicas:
         self.on_outcome: Callable[[str, bytes], Awaitable[None]] | None = None
         """Set by the relay: apply an outcome forwarded by another replica."""
         self.on_cancel: CancelHandler | None = None
-        self._answers: dict[str, asyncio.Future[tuple[int, dict[str, Any]]]] = {}
+        self._answers: dict[str, asyncio.Future[ReplicaMessage]] = {}
         self._wake = asyncio.Event()
         self._adopting = asyncio.Lock()
 
@@ -233,24 +236,32 @@ class Replicas:
             except MqttError as exc:  # the owner sends the message again and the retailer acks it again
                 log.warning("could not forward acks to replica %s: %s", peer, exc)
 
-    async def forward_cancel(self, owner: str, principal: str, request_id: str) -> tuple[int, dict[str, Any]]:
-        """Ask the owner of a request to cancel it; its answer as ``(HTTP status, body)``."""
+    def serve_cancels(self, handler: CancelHandler) -> None:
+        """Answer other replicas' cancels with ``handler`` (the flexibility use case's, built after the replicas
+        because it forwards cancels through them: the one edge back from the replicas to the use cases)."""
+        self.on_cancel = handler
+
+    async def forward_cancel(self, owner: str, principal: str, request_id: str) -> dict[str, Any]:
+        """Ask the owner of a request to cancel it: its answer, or the :class:`HubError` it refused with."""
         if not self.is_live(owner):
             raise OwnerUnavailable(f"replica {owner} that owns request {request_id} is offline; another replica "
                                    "is adopting its requests, retry shortly")
         corr = uuid.uuid4().hex
-        fut: asyncio.Future[tuple[int, dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[ReplicaMessage] = asyncio.get_running_loop().create_future()
         self._answers[corr] = fut
         try:
             await self._send(owner, ReplicaMessage(type="cancel", sender=self.me, request_id=request_id,
                                                    principal=principal, corr=corr))
             self.metrics.replica_forwarded.labels("cancel").inc()
-            return await asyncio.wait_for(fut, self.forward_timeout_s)
+            answer = await asyncio.wait_for(fut, self.forward_timeout_s)
         except (MqttError, TimeoutError) as exc:
             raise OwnerUnavailable(f"replica {owner} that owns request {request_id} did not answer ({exc or 'timeout'})"
                                    "; retry shortly") from None
         finally:
             self._answers.pop(corr, None)
+        if answer.error is not None or answer.body is None:
+            raise HubError.from_code(answer.error or "", answer.message or "the owner replica gave no answer")
+        return answer.body
 
     async def on_message(self, payload: bytes) -> None:
         """Apply what another replica sent this one."""
@@ -264,15 +275,20 @@ class Replicas:
         elif msg.type == "ack" and msg.retailer_id:
             await self.book.on_ack(msg.retailer_id, msg.ack_ids)
         elif msg.type == "cancel" and msg.corr and msg.request_id and msg.principal and self.on_cancel is not None:
-            status, body = await self.on_cancel(msg.principal, msg.request_id)
+            answer = ReplicaMessage(type="cancel_result", sender=self.me, corr=msg.corr)
             try:
-                await self._send(msg.sender, ReplicaMessage(type="cancel_result", sender=self.me, corr=msg.corr,
-                                                            status=status, body=body))
+                answer.body = await self.on_cancel(msg.principal, msg.request_id)
+            except HubError as exc:  # the asking replica raises the same error to its client
+                answer.error, answer.message = exc.code, str(exc)
+            except ValueError as exc:  # a stored row this replica cannot read: another replica may, later
+                answer.error, answer.message = OwnerUnavailable.code, str(exc)
+            try:
+                await self._send(msg.sender, answer)
             except MqttError as exc:  # the asking replica answers 503 after its timeout
                 log.warning("could not answer replica %s's cancel: %s", msg.sender, exc)
         elif msg.type == "cancel_result" and msg.corr:
             fut = self._answers.get(msg.corr)
             if fut is not None and not fut.done():
-                fut.set_result((msg.status or 503, msg.body or {}))
+                fut.set_result(msg)
         else:
             log.warning("ignored an incomplete %s message from replica %s", msg.type, outside(msg.sender))

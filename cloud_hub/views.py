@@ -16,11 +16,12 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from cloud_hub.authz import Action, Principal, decide, visible_suppliers
+from cloud_hub.errors import Forbidden, NotFound
 from cloud_hub.lifecycle import RequestState
 from cloud_hub.metrics import HubMetrics
-from cloud_hub.service import Forbidden, NotFound, iso
 from cloud_hub.store import AuditEntry, HubStore
 from cloud_hub.timeline import supplier_at
+from cloud_hub.usecases.shared import iso
 
 PAGE_MAX = 1000
 """The largest ``limit`` of a paged list."""

@@ -69,7 +69,8 @@ class LinkStats:
 class MqttLink:
     """One persistent MQTT 5 session; use as ``async with MqttLink(...) as link``."""
 
-    def __init__(
+    # Complexity (PLR0913): the MQTT connection's options, each a keyword with a default.
+    def __init__(  # noqa: PLR0913
         self,
         endpoint: MqttEndpoint,
         *,
@@ -173,6 +174,17 @@ class MqttLink:
         except (OSError, TimeoutError, MqttError, AttributeError) as exc:
             log.debug("MQTT disconnect of %s ended with %r", self.client_id, exc)
         self._connected.clear()
+        self._stop_gmqtt_reconnects()
+
+    def _stop_gmqtt_reconnects(self) -> None:
+        """Cancel a reconnection gmqtt started by itself after a lost connection (``ensure_future`` without a
+        handle, asleep for its reconnect delay): it would outlive the link."""
+        for task in asyncio.all_tasks():
+            coro = task.get_coro()
+            frame = getattr(coro, "cr_frame", None)
+            if (getattr(coro, "__qualname__", "") == "Client.reconnect" and frame is not None
+                    and frame.f_locals.get("self") is self._client):
+                task.cancel()
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                       wait_s: float = 0.0) -> None:

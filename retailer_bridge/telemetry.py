@@ -279,7 +279,8 @@ class TelemetryExporter:
     ``dropped``, ``failed_batches``, ``duplicates``; ``spool_size`` is the points on disk, ``pending`` in memory.
     """
 
-    def __init__(self, kind: Literal["sqlite", "influxdb", "none"], db_path: Path | str, *,
+    # Complexity (PLR0913): the telemetry backend's settings, each a keyword with a default.
+    def __init__(self, kind: Literal["sqlite", "influxdb", "none"], db_path: Path | str, *,  # noqa: PLR0913
                  influx_url: str | None = None, influx_token: str = "", influx_org: str = "mhp",
                  influx_bucket: str = "telemetry", influx_timeout_s: float = 10.0,
                  influx_ca_file: str | None = None, batch_size: int = 500,

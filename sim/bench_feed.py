@@ -126,7 +126,8 @@ async def _retailer(broker: MosquittoProcess) -> tuple[MqttLink, list[MqttLink]]
     return link, box
 
 
-async def _drive(url: str, pid: int, broker: MosquittoProcess, admin: str, dso: str, n_subscribers: int,
+# Complexity (PLR0913): a benchmark's knobs, passed once.
+async def _drive(url: str, pid: int, broker: MosquittoProcess, admin: str, dso: str, n_subscribers: int,  # noqa: PLR0913
                  n_requests: int, per_request: int, rate_per_s: float) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=n_subscribers + 20, max_keepalive_connections=n_subscribers + 20)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits, trust_env=False) as http:

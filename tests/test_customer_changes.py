@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,23 +31,11 @@ from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.hub_fixtures import start_hub
 from tests.mqtt_party import Party, parties
 from tests.retailer_bridge.personal_area_rig import CHEAP_SCRYPT_N, csrf_of, sign_in
+from tests.waiting import eventually
 
 MOVER = ("c-move", "mover@example.com", "a long enough passphrase")
 HOME_DEVICES: dict[str, dict[str, float | bool | None]] = {"meter": {"kw": 2.5}, "heater": {"on": True}}
 
-
-async def until(check: Callable[[], Awaitable[bool]] | Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    """Wait until ``check()`` holds (it may be a coroutine function), or fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -97,7 +85,7 @@ class World:
         server, task, tokens, url = await start_hub(self.tmp_path, self.hub_broker)
         http = httpx.AsyncClient(base_url=url, timeout=10)
         self.hub = Hub(server, task, http, tokens, server.config.app)
-        await until(lambda: self._ready(http), "the hub is ready")
+        await eventually(lambda: self._ready(http), "the hub is ready", timeout_s=20.0)
         return self.hub
 
     @staticmethod
@@ -110,8 +98,8 @@ class World:
         self.tasks[rid] = asyncio.create_task(bridge.run(), name=f"test-bridge-{rid}")
         assert self.hub is not None
         relay = self.hub.app.state.relay
-        await until(lambda: bridge.relay.hub is not None and bridge.relay.hub.connected
-                    and relay.presence.get(rid) == "online", f"bridge {rid} online at the hub")
+        await eventually(lambda: bridge.relay.hub is not None and bridge.relay.hub.connected
+                    and relay.presence.get(rid) == "online", f"bridge {rid} online at the hub", timeout_s=20.0)
         return bridge
 
     async def stop_bridge(self, rid: str) -> None:
@@ -215,10 +203,11 @@ async def test_a_supplier_switch_at_the_hub_moves_the_customer_between_the_bridg
                 got.update((await hub.http.get(f"/v1/requests/{emergency}", headers=dso)).json())
                 return bool(got["clients"]["c-move"]["state"] == "refused")
 
-            await until(client_closed, "the withdrawn command's client refused at the hub")
+            await eventually(client_closed, "the withdrawn command's client refused at the hub", timeout_s=20.0)
             assert "supplier change" in got["clients"]["c-move"]["detail"]["reason"]
             # r2 learns that it gains c-move from switch_at: before then its gateway's reports are refused.
-            await until(lambda: r2.relay.customer_list.announced.get("c-move") is not None, "r2 told of c-move")
+            await eventually(lambda: r2.relay.customer_list.announced.get("c-move") is not None, "r2 told of c-move",
+                       timeout_s=20.0)
             assert datetime.now(UTC) < switch_at, "the machine was too slow for the test's 10 s margin"
             assert refused(await report(gw9, "gw-9", 1), "starts at"), "r2 took a report before its supply"
             assert "gw-9" not in r2.relay.latest_telemetry
@@ -259,7 +248,7 @@ async def test_a_supplier_switch_at_the_hub_moves_the_customer_between_the_bridg
                 series[:] = (await hub.http.get("/v1/measurements", headers=dso, params=window)).json()["series"]
                 return bool(series)
 
-            await until(measured, "c-move's measurement from r2 stored at the hub")
+            await eventually(measured, "c-move's measurement from r2 stored at the hub", timeout_s=20.0)
             assert [(m["retailer_id"], m["active_power_kw"]) for m in series] == [("r2", 3.25)]
             # The announcement was acknowledged by both retailers.
             assert change is not None
@@ -297,7 +286,8 @@ async def test_a_customer_change_lost_with_the_broker_is_resent_by_the_restarted
         r1 = await w.start_bridge("r1")
         await w.start_bridge("r2")
         await w.stop_bridge("r2")  # r2's bridge is down; the broker keeps its session
-        await until(lambda: hub.app.state.relay.presence.get("r2") == "offline", "r2 offline at the hub")
+        await eventually(lambda: hub.app.state.relay.presence.get("r2") == "offline", "r2 offline at the hub",
+                   timeout_s=20.0)
         switch_at = datetime.now(UTC) + timedelta(hours=1)
         r = await hub.http.put("/v1/clients/c-move", headers=hub.auth("dso"), json={
             "retailer_id": "r2", "contracted_power_kw": 6.9, "valid_from": switch_at.isoformat()})
@@ -312,7 +302,7 @@ async def test_a_customer_change_lost_with_the_broker_is_resent_by_the_restarted
             states.update({rid: v["state"] for rid, v in got["retailers"].items()})
             return states.get("r1") == "acknowledged" and states.get("r2") == "sent"
 
-        await until(delivered, "r1 acknowledged, r2's copy queued in the broker")
+        await eventually(delivered, "r1 acknowledged, r2's copy queued in the broker", timeout_s=20.0)
         r1_copies = r1.relay.received["hub_customers"]
         # The hub broker crashes with r2's copy queued; the hub stops; both come back.
         w.hub_broker.process.kill()
@@ -321,8 +311,8 @@ async def test_a_customer_change_lost_with_the_broker_is_resent_by_the_restarted
         hub = await w.start_hub()
         r2 = await w.start_bridge("r2")
         with parties(Party(w.local["r2"], "gw-9", topics.down("gateways", "gw-9"))) as (gw9,):
-            await until(lambda: r2.relay.customer_list.announced.get("c-move") is not None,
-                        "the restarted hub re-sent the change to r2")
+            await eventually(lambda: r2.relay.customer_list.announced.get("c-move") is not None,
+                        "the restarted hub re-sent the change to r2", timeout_s=20.0)
             answer = await report(gw9, "gw-9", 1)
             assert refused(answer, "starts at"), "r2 supplies c-move only from the switch"
         states.clear()
@@ -332,7 +322,7 @@ async def test_a_customer_change_lost_with_the_broker_is_resent_by_the_restarted
             states.update({rid: v["state"] for rid, v in got["retailers"].items()})
             return bool(got["state"] == "completed")
 
-        await until(completed, "the announcement completed")
+        await eventually(completed, "the announcement completed", timeout_s=20.0)
         assert states == {"r1": "acknowledged", "r2": "acknowledged"}
         assert r2.relay.customer_changes_applied == 1, "applied once"
         stored = await r2.store.customers()

@@ -30,6 +30,7 @@ from retailer_bridge.store import BridgeStore, NewCommand
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.hub_fixtures import HubHandle
 from tests.mqtt_party import Party, parties
+from tests.waiting import eventually
 
 PLUGS = [Plug(0, 2.0, "water-heater", 1, True), Plug(1, 3.7, "ev-charger", 2, True),
          Plug(2, 1.2, "washing-machine", 3, True), Plug(3, 0.15, "fridge", 9, False)]
@@ -96,13 +97,14 @@ async def chain(hub: HubHandle, tmp_path: Path, mosquitto_factory: MosquittoFact
 async def wait_for(hub: HubHandle, request_id: str, revision: int, state: str, client_id: str = "c1",
                    timeout_s: float = 20) -> dict[str, Any]:
     """The request once ``client_id`` is in ``state`` for ``revision``."""
-    for _ in range(int(timeout_s * 20)):
+
+    async def arrived() -> dict[str, Any] | None:
         req: dict[str, Any] = (await hub.http.get(f"/v1/requests/{request_id}", headers=hub.auth("dso"))).json()
         c = req["clients"][client_id]
-        if c.get("revision", 1) == revision and c["state"] == state:
-            return req
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{client_id} not {state} for revision {revision}: {req}")
+        return req if c.get("revision", 1) == revision and c["state"] == state else None
+
+    return await eventually(arrived, f"{client_id} {state} for revision {revision}", timeout_s=timeout_s,
+                            interval_s=0.05)
 
 
 async def test_a_revised_emergency_sheds_more_and_a_late_old_revision_is_ignored(chain: Chain) -> None:

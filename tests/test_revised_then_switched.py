@@ -13,7 +13,8 @@ from mhp_wire import topics
 from mhp_wire.messages import Ack, Command
 from tests.broker_fixtures import MosquittoFactory
 from tests.mqtt_party import Party, parties
-from tests.test_customer_changes import until, world
+from tests.test_customer_changes import world
+from tests.waiting import eventually
 
 
 async def test_a_revised_command_withdrawn_at_a_supplier_switch_is_refused_at_the_hub(
@@ -50,6 +51,7 @@ async def test_a_revised_command_withdrawn_at_a_supplier_switch_is_refused_at_th
                 got.update((await hub.http.get(f"/v1/requests/{emergency}", headers=dso)).json())
                 return bool(got["clients"]["c-move"]["state"] == "refused")
 
-            await until(refused_at_the_hub, "the withdrawn revision-2 command's client refused at the hub", 15)
+            await eventually(refused_at_the_hub, "the withdrawn revision-2 command's client refused at the hub",
+                             timeout_s=15)
             assert got["clients"]["c-move"]["revision"] == 2
             assert "supplier change" in got["clients"]["c-move"]["detail"]["reason"]

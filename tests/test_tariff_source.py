@@ -14,7 +14,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import pytest
 
 from broker_config.render import DB_NAME
 from sim.stack.stack import Stack
+from tests.waiting import eventually
 
 
 class LateRetailerStack(Stack):
@@ -81,13 +82,6 @@ def tariff_body(tariff_id: str, price: float) -> dict[str, Any]:
                          "price_eur_per_kwh": price * 2}]}
 
 
-async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.1)
-
 
 async def follow(http: httpx.AsyncClient, headers: dict[str, str], request_id: str) -> dict[str, Any]:
     req: dict[str, Any] = {}
@@ -141,7 +135,7 @@ def kill_9(stack: Stack, *names: str) -> None:
 async def restart(stack: Stack, *names: str) -> None:
     """Let the supervisor start the killed children again (as ``mhp-stack up`` does)."""
     await eventually(lambda: (stack.sup.check(), all(stack.sup.children[n].pid for n in names))[1],
-                     f"{names} restarted")
+                     f"{names} restarted", timeout_s=20.0)
 
 
 def wipe_broker(stack: Stack, name: str) -> None:
@@ -164,9 +158,10 @@ async def ready(http: httpx.AsyncClient) -> None:
 async def test_tariff_survives_the_hub_broker_and_the_hub_restarting(stack: Stack) -> None:
     async with stack.http_client() as http:
         version = await publish(stack, http, "tou", 0.1)
-        await eventually(lambda: stack.tariffs.get("hub", ("",))[:2] == ("tou", version), "hub broker retains it")
-        await eventually(lambda: bridge_tariff(stack, "r1") == ("tou", version), "bridge stored it")
-        await eventually(lambda: gateway_got(stack, "gw-1", "tou", version) == 1, "gateway took it")
+        await eventually(lambda: stack.tariffs.get("hub", ("",))[:2] == ("tou", version), "hub broker retains it",
+                   timeout_s=20.0)
+        await eventually(lambda: bridge_tariff(stack, "r1") == ("tou", version), "bridge stored it", timeout_s=20.0)
+        await eventually(lambda: gateway_got(stack, "gw-1", "tou", version) == 1, "gateway took it", timeout_s=20.0)
 
         # The hub broker and the hub die with kill -9; the broker comes back empty.
         kill_9(stack, "broker-hub", "hub")
@@ -177,7 +172,7 @@ async def test_tariff_survives_the_hub_broker_and_the_hub_restarting(stack: Stac
 
         # The hub republished its stored tariff on start: a subscriber to public/tariff gets it again.
         await eventually(lambda: stack.tariffs.get("hub", ("",))[:2] == ("tou", version),
-                         "the restarted hub broker holds the tariff again")
+                         "the restarted hub broker holds the tariff again", timeout_s=20.0)
         # The bridge and its broker still hold it.
         assert bridge_tariff(stack, "r1") == ("tou", version)
         assert stack.tariffs["r1"][:2] == ("tou", version)
@@ -188,7 +183,8 @@ async def test_tariff_survives_the_hub_broker_and_the_hub_restarting(stack: Stac
         for f in stack.dir.glob("bridge-r1.db*"):
             f.unlink()
         await restart(stack, "bridge-r1")
-        await eventually(lambda: bridge_tariff(stack, "r1") == ("tou", version), "the new bridge stored it")
+        await eventually(lambda: bridge_tariff(stack, "r1") == ("tou", version), "the new bridge stored it",
+                   timeout_s=20.0)
 
 
 async def test_retailer_registered_after_publication_gets_it(late_stack: Stack) -> None:
@@ -203,9 +199,12 @@ async def test_retailer_registered_after_publication_gets_it(late_stack: Stack) 
         assert req["state"] == "completed", req
         assert req["type"] == "tariff" and req["version"] == version
         assert req["retailers"] == {"r2": {"state": "acknowledged", "updated_at": req["retailers"]["r2"]["updated_at"]}}
-        await eventually(lambda: bridge_tariff(stack, "r2") == ("tou", version), "r2's bridge stored it")
-        await eventually(lambda: stack.tariffs.get("r2", ("",))[:2] == ("tou", version), "r2's broker retains it")
-        await eventually(lambda: gateway_got(stack, "gw-2", "tou", version) >= 1, "r2's gateway took it")
+        await eventually(lambda: bridge_tariff(stack, "r2") == ("tou", version), "r2's bridge stored it",
+                   timeout_s=20.0)
+        await eventually(lambda: stack.tariffs.get("r2", ("",))[:2] == ("tou", version), "r2's broker retains it",
+                   timeout_s=20.0)
+        await eventually(lambda: gateway_got(stack, "gw-2", "tou", version) >= 1, "r2's gateway took it",
+                   timeout_s=20.0)
         # Renaming a retailer is not a registration: nothing is sent again.
         r = await http.put("/v1/retailers/r2", headers=auth(stack, "admin"), json={"name": "Retailer 2"})
         assert r.status_code == 200 and "tariff_request_id" not in r.json()
@@ -214,8 +213,9 @@ async def test_retailer_registered_after_publication_gets_it(late_stack: Stack) 
 async def test_bridge_republishes_when_its_broker_restarts_empty(stack: Stack) -> None:
     async with stack.http_client() as http:
         version = await publish(stack, http, "tou", 0.1)
-    await eventually(lambda: stack.tariffs.get("r1", ("",))[:2] == ("tou", version), "r1's broker retains it")
-    await eventually(lambda: gateway_got(stack, "gw-1", "tou", version) == 1, "gateway took it")
+    await eventually(lambda: stack.tariffs.get("r1", ("",))[:2] == ("tou", version), "r1's broker retains it",
+               timeout_s=20.0)
+    await eventually(lambda: gateway_got(stack, "gw-1", "tou", version) == 1, "gateway took it", timeout_s=20.0)
 
     kill_9(stack, "broker-r1")
     wipe_broker(stack, "r1")
@@ -223,17 +223,19 @@ async def test_bridge_republishes_when_its_broker_restarts_empty(stack: Stack) -
     await restart(stack, "broker-r1")
     # The bridge reconnects and republishes its stored copy: a gateway subscribing now gets it.
     await eventually(lambda: stack.tariffs.get("r1", ("",))[:2] == ("tou", version),
-                     "the restarted retailer broker holds the tariff again")
+                     "the restarted retailer broker holds the tariff again", timeout_s=20.0)
     # The gateway itself, started again after the broker restart, gets it again.
     kill_9(stack, "gateways-1")
     await restart(stack, "gateways-1")
-    await eventually(lambda: gateway_got(stack, "gw-1", "tou", version) == 2, "the restarted gateway took it")
+    await eventually(lambda: gateway_got(stack, "gw-1", "tou", version) == 2, "the restarted gateway took it",
+               timeout_s=20.0)
 
     # A tariff id of the longest allowed length reaches the gateway too (its retained copy's msg_id fits the wire).
     long_id = "t" * 64
     async with stack.http_client() as http:
         long_version = await publish(stack, http, long_id, 0.2)
-    await eventually(lambda: gateway_got(stack, "gw-1", long_id, long_version) == 1, "the gateway took a long id")
+    await eventually(lambda: gateway_got(stack, "gw-1", long_id, long_version) == 1, "the gateway took a long id",
+               timeout_s=20.0)
 
 
 async def test_stored_tariffs_are_readable_by_anyone_with_a_token(stack: Stack) -> None:

@@ -9,6 +9,7 @@ from pydantic import AwareDatetime
 
 from cloud_hub.api.deps import Caller
 from cloud_hub.api.health import readiness
+from cloud_hub.api.models import Document, Page, errors
 from cloud_hub.views import PAGE_MAX, ConsoleViews
 
 router = APIRouter(prefix="/v1", tags=["console"])
@@ -32,7 +33,7 @@ async def get_views(request: Request) -> ConsoleViews:
 Views = Annotated[ConsoleViews, Depends(get_views)]
 
 
-@router.get("/status")
+@router.get("/status", response_model=Document, responses=errors(403))
 async def status(request: Request, who: Caller, views: Views) -> dict[str, Any]:
     """The platform now: retailers online or offline and since when, open requests by type and state, refusals and
     errors in the last hour, the hub's readiness (dso)."""
@@ -40,7 +41,7 @@ async def status(request: Request, who: Caller, views: Views) -> dict[str, Any]:
     return await views.status(who, await readiness(request.app.state))
 
 
-@router.get("/clients")
+@router.get("/clients", response_model=Page, responses=errors(403))
 async def list_clients(who: Caller, views: Views,
                        feeder_id: Annotated[str | None, Query(pattern=FEEDER_PATTERN)] = None,
                        retailer_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
@@ -51,7 +52,7 @@ async def list_clients(who: Caller, views: Views,
     return await views.clients(who, feeder_id=feeder_id, retailer_id=retailer_id, limit=limit, after=after)
 
 
-@router.get("/feeders/{feeder_id}/measurements")
+@router.get("/feeders/{feeder_id}/measurements", response_model=Document, responses=errors(403, 404))
 async def feeder_measurements(feeder_id: Annotated[str, Path(pattern=FEEDER_PATTERN)], who: Caller, views: Views,
                               from_: Annotated[AwareDatetime, Query(alias="from")],
                               to: Annotated[AwareDatetime, Query()],
@@ -61,7 +62,7 @@ async def feeder_measurements(feeder_id: Annotated[str, Path(pattern=FEEDER_PATT
     return await views.feeder_measurements(who, feeder_id, from_.timestamp(), to.timestamp(), step_s)
 
 
-@router.get("/requests")
+@router.get("/requests", response_model=Page, responses=errors(403))
 async def list_requests(who: Caller, views: Views, state: RequestStateName | None = None,
                         kind: Annotated[RequestType | None, Query(alias="type")] = None,
                         since: Annotated[AwareDatetime | None, Query()] = None, limit: Limit = 100,

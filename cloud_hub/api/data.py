@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from cloud_hub.api.deps import Caller, Service
+from cloud_hub.api.models import ReadingsStored, Series, errors
 
 router = APIRouter(prefix="/v1", tags=["data"])
 
@@ -33,13 +34,13 @@ class ReadingsBody(BaseModel):
     readings: list[ReadingBlockBody] = Field(min_length=1, max_length=10_000)
 
 
-@router.post("/meter-readings")
+@router.post("/meter-readings", response_model=ReadingsStored, responses=errors(403, 404))
 async def post_readings(body: ReadingsBody, who: Caller, service: Service) -> dict[str, Any]:
     """Upload meter readings; a later upload of the same interval is a correction (dso)."""
-    return await service.upload_readings(who, [r.model_dump() for r in body.readings])
+    return await service.data.upload_readings(who, [r.model_dump() for r in body.readings])
 
 
-@router.get("/clients/{client_id}/consumption-profile")
+@router.get("/clients/{client_id}/consumption-profile", response_model=Series, responses=errors(403, 404))
 async def consumption_profile(
     client_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")], who: Caller, service: Service,
     request: Request, from_: Annotated[AwareDatetime, Query(alias="from")], to: Time,
@@ -50,10 +51,10 @@ async def consumption_profile(
     if who.kind == "party":
         return await request.app.state.consent.consumption_profile(
             who, client_id, from_.timestamp(), to.timestamp(), resolution_s)
-    return await service.consumption_profile(who, client_id, from_.timestamp(), to.timestamp(), resolution_s)
+    return await service.data.consumption_profile(who, client_id, from_.timestamp(), to.timestamp(), resolution_s)
 
 
-@router.get("/measurements")
+@router.get("/measurements", response_model=Series, responses=errors(403, 404))
 async def measurements(client_id: Annotated[str, Query(max_length=64)], who: Caller, service: Service,
                        request: Request, from_: Annotated[AwareDatetime, Query(alias="from")], to: Time
                        ) -> dict[str, Any]:
@@ -61,11 +62,11 @@ async def measurements(client_id: Annotated[str, Query(max_length=64)], who: Cal
     if who.kind == "party":
         return await request.app.state.consent.measurements(
             who, client_id, from_.timestamp(), to.timestamp())
-    return await service.get_measurements(who, client_id, from_.timestamp(), to.timestamp())
+    return await service.data.get_measurements(who, client_id, from_.timestamp(), to.timestamp())
 
 
-@router.get("/audit")
+@router.get("/audit", response_model=Series, responses=errors(403))
 async def audit(client_id: Annotated[str, Query(max_length=64)], who: Caller, service: Service,
                 from_: Annotated[AwareDatetime, Query(alias="from")], to: Time) -> dict[str, Any]:
     """The data access log of one client: who read or triggered what, when, under which right (dso)."""
-    return await service.get_audit(who, client_id, from_.timestamp(), to.timestamp())
+    return await service.data.get_audit(who, client_id, from_.timestamp(), to.timestamp())

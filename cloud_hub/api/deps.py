@@ -7,16 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Header, HTTPException, Request
 
 from cloud_hub.authz import Principal
+from cloud_hub.errors import RateLimited
 from cloud_hub.service import HubService
 from mhp_wire.ratelimit import RateLimiter
-
-
-class RateLimited(Exception):
-    """A principal sent more HTTP requests than its token bucket allows; retry after ``retry_after_s``."""
-
-    def __init__(self, principal: Principal, retry_after_s: float) -> None:
-        super().__init__(f"rate limit exceeded for {principal}: retry in {retry_after_s:.2f} s")
-        self.retry_after_s = retry_after_s
 
 
 async def get_service(request: Request) -> HubService:

@@ -11,14 +11,20 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_hub.api.deps import Caller, Service
+from cloud_hub.api.models import Document, errors
 from cloud_hub.authz import Principal
+from cloud_hub.errors import NotFound
 from cloud_hub.feed import ChangeFeed, FeedItem
-from cloud_hub.service import NotFound
+from cloud_hub.service import HubService
 from cloud_hub.webhooks import Webhooks, public
 
 router = APIRouter(prefix="/v1", tags=["events"])
 
 RequestId = Annotated[str, Path(max_length=64)]
+SSE: dict[int | str, dict[str, Any]] = {200: {
+    "description": "Server-Sent Events: `id`, `event` and one `data` line of JSON",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+"""The answer of an event stream (OpenAPI)."""
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)]
 
 
@@ -52,23 +58,24 @@ def _stream(request: Request, who: Principal, since: int | None, request_id: str
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.get("/events")
+@router.get("/events", response_class=StreamingResponse, responses={**SSE, **errors(403)})
 async def events(request: Request, who: Caller, service: Service, last_event_id: LastEventId = None,
                  since: Annotated[str | None, Query(max_length=40)] = None) -> StreamingResponse:
     """Server-Sent Events of the changes of every request the caller may follow (the DSO: those it issued; a
     retailer: those of its clients, showing only them)."""
     point = resume_point(last_event_id, since)
-    await service.may_follow(who, None)
+    await service.requests.may_follow(who, None)
     return _stream(request, who, point, None)
 
 
-@router.get("/requests/{request_id}/events")
+@router.get("/requests/{request_id}/events", response_class=StreamingResponse,
+            responses={**SSE, **errors(403, 404)})
 async def request_events(request_id: RequestId, request: Request, who: Caller, service: Service,
                          last_event_id: LastEventId = None,
                          since: Annotated[str | None, Query(max_length=40)] = None) -> StreamingResponse:
     """Server-Sent Events of one request's changes (its issuer; a retailer of some of its clients)."""
     point = resume_point(last_event_id, since)
-    await service.may_follow(who, request_id)
+    await service.requests.may_follow(who, request_id)
     return _stream(request, who, point, request_id)
 
 
@@ -82,32 +89,33 @@ class SubscriptionBody(BaseModel):
     secret: str = Field(min_length=16, max_length=200)
 
 
-@router.post("/subscriptions", status_code=201)
+@router.post("/subscriptions", status_code=201, response_model=Document, responses=errors(403, 404))
 async def create_subscription(body: SubscriptionBody, request: Request, who: Caller, service: Service
                               ) -> dict[str, Any]:
     """Subscribe a webhook to the events the caller may follow (the DSO; a retailer, for its own clients)."""
-    service.may_manage_subscription(who, None)
+    service.requests.may_manage_subscription(who, None)
     hooks: Webhooks = request.app.state.webhooks
-    return await hooks.create(who, body.url, body.events, body.request_id, body.secret, service.may_follow)
+    return await hooks.create(who, body.url, body.events, body.request_id, body.secret,
+                              service.requests.may_follow)
 
 
-async def _owned(request: Request, who: Principal, service: Any, subscription_id: str) -> dict[str, Any]:
+async def _owned(request: Request, who: Principal, service: HubService, subscription_id: str) -> dict[str, Any]:
     sub = await request.app.state.store.get_subscription(subscription_id)
     if sub is None:
         raise NotFound("no such subscription")
-    service.may_manage_subscription(who, sub["owner"])
+    service.requests.may_manage_subscription(who, sub["owner"])
     result: dict[str, Any] = sub
     return result
 
 
-@router.get("/subscriptions/{subscription_id}")
+@router.get("/subscriptions/{subscription_id}", response_model=Document, responses=errors(404))
 async def get_subscription(subscription_id: Annotated[str, Path(max_length=64)], request: Request, who: Caller,
                            service: Service) -> dict[str, Any]:
     """A subscription (its owner); never its secret."""
     return public(await _owned(request, who, service, subscription_id))
 
 
-@router.delete("/subscriptions/{subscription_id}", status_code=204)
+@router.delete("/subscriptions/{subscription_id}", status_code=204, responses=errors(404))
 async def delete_subscription(subscription_id: Annotated[str, Path(max_length=64)], request: Request, who: Caller,
                               service: Service) -> Response:
     """Stop and remove a subscription (its owner)."""

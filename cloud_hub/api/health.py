@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from cloud_hub.api.models import Health, Readiness
 from cloud_hub.store import StoreUnavailable
 
 router = APIRouter(tags=["health"])
@@ -14,7 +15,7 @@ metrics_router = APIRouter(tags=["health"])
 """``/metrics``: included only where the settings expose it (``HubSettings.expose_metrics``)."""
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Health)
 async def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
@@ -37,7 +38,8 @@ async def readiness(state: Any) -> tuple[bool, dict[str, str]]:
     return all(v == "ok" for v in checks.values()), checks
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "not ready: the checks say why"}})
 async def readyz(request: Request) -> Response:
     """Ready when the storage accepts writes and the MQTT link to the hub broker is up (and, for a hub replica,
     once it has loaded the requests it owns)."""
@@ -45,7 +47,8 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
-@metrics_router.get("/metrics")
+@metrics_router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
     return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")

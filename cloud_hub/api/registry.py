@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from cloud_hub.api.deps import Caller, Service
+from cloud_hub.api.models import ClientAnswer, ClientsStored, RetailerAnswer, errors
 
 router = APIRouter(prefix="/v1", tags=["registry"])
 
@@ -53,40 +54,42 @@ class ClientsBody(BaseModel):
         return self
 
 
-@router.put("/retailers/{retailer_id}")
+@router.put("/retailers/{retailer_id}", response_model=RetailerAnswer,
+            responses={201: {"model": RetailerAnswer, "description": "a new retailer"}, **errors(403)})
 async def put_retailer(retailer_id: IdPath, body: RetailerBody, who: Caller, service: Service,
                        response: Response) -> dict[str, str]:
     """Register or rename a retailer (admin, dso); a new one is sent the current tariff (``tariff_request_id``)."""
-    created = await service.put_retailer(who, retailer_id, body.name)
+    created = await service.registry.put_retailer(who, retailer_id, body.name)
     response.status_code = 201 if created else 200
     answer = {"retailer_id": retailer_id, "name": body.name}
     if created:
-        delivery = await service.deliver_current_tariff(who, retailer_id)
+        delivery = await service.tariffs.deliver_current_tariff(who, retailer_id)
         if delivery is not None:
             answer["tariff_request_id"] = delivery
     return answer
 
 
-@router.put("/clients/{client_id}")
+@router.put("/clients/{client_id}", response_model=ClientAnswer,
+            responses={201: {"model": ClientAnswer, "description": "a new client"}, **errors(403, 404, 409)})
 async def put_client(client_id: IdPath, body: ClientBody, who: Caller, service: Service,
                      response: Response) -> dict[str, object]:
     """Register or change a client (dso); a change of its supplier history is announced to the retailers concerned
     by the request ``customer_change_request_id`` (follow it with ``GET /v1/requests/{id}``)."""
-    created, announced = await service.register_client(who, client_id, body.model_dump())
-    response.status_code = 201 if created else 200
-    answer = await service.get_client(who, client_id)
-    if announced is not None:
-        answer["customer_change_request_id"] = announced
+    registered = await service.registry.register_client(who, client_id, body.model_dump())
+    response.status_code = 201 if registered.created else 200
+    answer = await service.registry.get_client(who, client_id)
+    if registered.customer_change_request_id is not None:
+        answer["customer_change_request_id"] = registered.customer_change_request_id
     return answer
 
 
-@router.put("/clients")
+@router.put("/clients", response_model=ClientsStored, responses=errors(403, 404, 409))
 async def put_clients(body: ClientsBody, who: Caller, service: Service) -> dict[str, int]:
     """Register or change up to 10,000 clients in one call, all or nothing (dso)."""
-    return await service.put_clients(who, [c.model_dump() for c in body.clients])
+    return await service.registry.put_clients(who, [c.model_dump() for c in body.clients])
 
 
-@router.get("/clients/{client_id}")
+@router.get("/clients/{client_id}", response_model=ClientAnswer, responses=errors(403, 404))
 async def get_client(client_id: IdPath, who: Caller, service: Service) -> dict[str, object]:
     """A client with its supplier history (dso; its current retailer)."""
-    return await service.get_client(who, client_id)
+    return await service.registry.get_client(who, client_id)

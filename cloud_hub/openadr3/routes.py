@@ -103,7 +103,7 @@ async def get_program(program_id: ObjId, request: Request, who: Caller) -> dict[
 
 async def _tariff_events(service: HubService, who: Principal) -> list[dict[str, Any]]:
     try:
-        return [mapping.tariff_event(await service.current_tariff(who))]
+        return [mapping.tariff_event(await service.tariffs.current_tariff(who))]
     except NotFound:
         return []
 
@@ -130,22 +130,22 @@ async def get_events(request: Request, who: Caller, service: Service, skip: Skip
             # Only this VEN's clients' cells (the index row names them): a VEN's poll costs its own clients,
             # not the whole request's.
             mine = entry.get("clients")
-            cells = await service.store.get_request_cells(rid, ["r:", *(f"c:{c}" for c in mine)] if mine is not None
-                                                          else ["r:", "c:"])
+            cells = await service.book.store.get_request_cells(
+                rid, ["r:", *(f"c:{c}" for c in mine)] if mine is not None else ["r:", "c:"])
             meta = {k[2:]: v for k, v in cells.items() if k.startswith("r:")}
             clients = {k[2:]: v for k, v in cells.items() if k.startswith("c:")}
             event = mapping.event_for(rid, meta, clients, ven) if meta else None
             if event is not None:
                 events.append(event)
     elif who.kind == "dso":
-        service.authorize(who, Action.LIST_REQUESTS)
+        service.access.authorize(who, Action.LIST_REQUESTS)
         after = None
         while len(events) < wanted:
-            page = await service.store.issued_request_page(str(who), after, None, 200)
+            page = await service.book.store.issued_request_page(str(who), after, None, 200)
             if not page:
                 break
             after = page[-1][0]
-            reqs = await service.store.get_requests_cells({rid: ["r:", "c:"] for _, rid in page})
+            reqs = await service.book.store.get_requests_cells({rid: ["r:", "c:"] for _, rid in page})
             for _, rid in page:
                 req = reqs.get(rid) or {}
                 meta = {k[2:]: v for k, v in req.items() if k.startswith("r:")}
@@ -173,10 +173,10 @@ async def _event(service: HubService, who: Principal, event_id: str) -> dict[str
         raise NotFound(f"event {event_id!r} does not exist")
     columns = ["r:", "c:"]
     if who.kind == "retailer":  # a VEN's own event names its clients in the index: read only their cells
-        row = await service.store.kv.get(TABLE, f"evt|{who.retailer_id}|{event_id}")
+        row = await service.book.store.kv.get(TABLE, f"evt|{who.retailer_id}|{event_id}")
         if row and json.loads(row["d:o"]).get("clients") is not None:
             columns = ["r:", *(f"c:{c}" for c in json.loads(row["d:o"])["clients"])]
-    cells = await service.store.get_request_cells(event_id, columns)
+    cells = await service.book.store.get_request_cells(event_id, columns)
     meta = {k[2:]: v for k, v in cells.items() if k.startswith("r:")}
     clients = {k[2:]: v for k, v in cells.items() if k.startswith("c:")}
     if meta.get("type") not in mapping.PROGRAM_OF_TYPE:
@@ -215,17 +215,18 @@ async def create_event(body: EventBody, who: Caller, service: Service, key: Idem
     """A DSO's event: the same request as ``POST /v1/emergencies`` (or load-shifts, load-reductions) would make,
     delivered to bridges and VENs alike; ``Idempotency-Key`` honoured as there."""
     kind, hub_body = mapping.request_body(body.model_dump(by_alias=True))
-    create = {"emergency": service.create_emergency, "load_shift": service.create_load_shift,
-              "load_reduction": service.create_load_reduction}[kind]
-    _, answer = await create(who, hub_body, key)
-    return await _event(service, who, answer["request_id"])
+    flex = service.flexibility
+    create = {"emergency": flex.create_emergency, "load_shift": flex.create_load_shift,
+              "load_reduction": flex.create_load_reduction}[kind]
+    answer = await create(who, hub_body, key)
+    return await _event(service, who, answer.request_id)
 
 
 @router.delete("/events/{event_id}")
 async def delete_event(event_id: ObjId, who: Caller, service: Service) -> dict[str, Any]:
     """Cancel the request behind an event (its issuer), as ``POST /v1/requests/{id}/cancel``."""
     event = await _event(service, who, event_id)
-    await service.cancel(who, event_id)
+    await service.flexibility.cancel(who, event_id)
     return event
 
 
@@ -249,10 +250,10 @@ class VenBody(BaseModel):
 async def create_ven(body: VenBody, request: Request, who: Caller, service: Service) -> dict[str, Any]:
     """Register a VEN: a retailer its own (``venName`` = its id); the DSO any registered retailer's."""
     topics.check_id(body.venName)
-    service.authorize(who, Action.READ_VEN, Context(issuer=f"retailer:{body.venName}"))
-    if await service.store.get_retailer(body.venName) is None:
+    service.access.authorize(who, Action.READ_VEN, Context(issuer=f"retailer:{body.venName}"))
+    if await service.book.store.get_retailer(body.venName) is None:
         raise NotFound(f"retailer {body.venName!r} is not registered: the DSO registers it first")
-    kv = service.store.kv
+    kv = service.book.store.kv
     row = await kv.get(TABLE, f"ven|{body.venName}")
     stored = json.loads(row["d:o"]) if row else {"createdDateTime": mapping._iso(time.time())}
     stored["attributes"] = body.attributes
@@ -267,7 +268,7 @@ async def _ven(service: HubService, who: Principal, ven_id: str) -> dict[str, An
         raise NotFound(f"VEN {ven_id!r} does not exist")
     if not verdict.allowed:
         raise Forbidden(verdict.reason)
-    row = await service.store.kv.get(TABLE, f"ven|{ven_id}")
+    row = await service.book.store.kv.get(TABLE, f"ven|{ven_id}")
     if not row:
         raise NotFound(f"VEN {ven_id!r} does not exist")
     return _ven_object(ven_id, json.loads(row["d:o"]))
@@ -281,8 +282,8 @@ async def get_vens(who: Caller, service: Service, skip: Skip = 0, limit: Limit =
             return [await _ven(service, who, _ven_of(who))]
         except NotFound:
             return []
-    service.authorize(who, Action.READ_VEN)
-    rows = await service.store.kv.scan(TABLE, start="ven|", stop=prefix_stop("ven|"))
+    service.access.authorize(who, Action.READ_VEN)
+    rows = await service.book.store.kv.scan(TABLE, start="ven|", stop=prefix_stop("ven|"))
     return _page([_ven_object(r[4:], json.loads(c["d:o"])) for r, c in rows], skip, limit)
 
 
@@ -302,7 +303,7 @@ async def get_resources(ven_id: ObjId, who: Caller, service: Service, skip: Skip
     after = None
     scanned = 0
     while len(out) < skip + limit and scanned < MAX_RESOURCES:
-        page = await service.store.client_page(after, 500)
+        page = await service.book.store.client_page(after, 500)
         if not page:
             break
         scanned += len(page)
@@ -335,7 +336,7 @@ async def create_report(body: ReportBody, request: Request, who: Caller, service
     items = mapping.report_items(report, time.time())
     named = sorted({i.client_id for i in items})
     # Only the named clients' cells of the request row: a report costs the same on a request of a million clients.
-    cells = await service.store.get_request_cells(body.eventID, ["r:type", "r:issuer", "r:state", "r:revision"]
+    cells = await service.book.store.get_request_cells(body.eventID, ["r:type", "r:issuer", "r:state", "r:revision"]
                                                   + [f"c:{c}" for c in named])
     addressed = {c: set((cells.get(f"c:{c}") or {}).get("retailers", {})) for c in named}
     verdict = decide(who, Action.READ_EVENTS, Context(
@@ -346,7 +347,7 @@ async def create_report(body: ReportBody, request: Request, who: Caller, service
     mine = {c for c, rs in addressed.items() if ven in rs}
     strangers = sorted({i.client_id for i in items if i.kind == "outcome" and i.client_id not in mine})
     demands = [i for i in items if i.kind == "demand"]
-    clients = await service.store.get_clients(sorted({i.client_id for i in demands}))
+    clients = await service.book.store.get_clients(sorted({i.client_id for i in demands}))
     for i in demands:
         c = clients.get(i.client_id)
         owner = supplier_at(c["suppliers"], i.at) if c else None
@@ -365,13 +366,13 @@ async def create_report(body: ReportBody, request: Request, who: Caller, service
         if refused:
             raise Forbidden(f"not your client(s) in this event: {', '.join(refused[:20])}")
     if demands:
-        await service.accept_measurements(ven, Measurements(items=[
+        await service.data.accept_measurements(ven, Measurements(items=[
             Measurement(client_id=i.client_id, at=datetime.fromtimestamp(i.at, UTC), active_power_kw=i.value or 0.0)
             for i in demands]))
     now = mapping._iso(time.time())
     stored = {**report, "id": new_id(), "objectType": "REPORT", "createdDateTime": now, "modificationDateTime": now,
               "clientName": report["clientName"]}
-    await service.store.kv.batch([Mutation(TABLE, f"rep|{ven}|{stored['id']}", {"d:o": json.dumps(
+    await service.book.store.kv.batch([Mutation(TABLE, f"rep|{ven}|{stored['id']}", {"d:o": json.dumps(
         stored, default=str).encode()})])
     return stored
 
@@ -383,7 +384,7 @@ async def get_reports(who: Caller, service: Service, skip: Skip = 0, limit: Limi
     """A VEN's own reports."""
     ven = _ven_of(who)
     prefix = f"rep|{ven}|"
-    rows = await service.store.kv.scan(TABLE, start=prefix, stop=prefix_stop(prefix))
+    rows = await service.book.store.kv.scan(TABLE, start=prefix, stop=prefix_stop(prefix))
     reports = [json.loads(c["d:o"]) for _, c in rows]
     if event_id is not None:
         reports = [r for r in reports if r.get("eventID") == event_id]
@@ -408,7 +409,7 @@ async def create_subscription(body: SubscriptionBody, request: Request, who: Cal
     """Subscribe a webhook (a VEN, to its own objects); every callback URL must pass the hub's webhook target
     check (no loopback, private or link-local addresses unless the hub allows them)."""
     _ven_of(who)
-    service.authorize(who, Action.MANAGE_SUBSCRIPTION)
+    service.access.authorize(who, Action.MANAGE_SUBSCRIPTION)
     if body.programID is not None and body.programID not in mapping.program_ids():
         raise NotFound(f"program {body.programID!r} does not exist")
     ops = []
@@ -440,7 +441,7 @@ def _owned(request: Request, service: HubService, who: Principal, sub_id: str) -
     sub = _notifier(request).subscriptions.get(sub_id)
     if sub is None:
         raise NotFound("no such subscription")
-    service.may_manage_subscription(who, sub["owner"])
+    service.requests.may_manage_subscription(who, sub["owner"])
     return sub
 
 

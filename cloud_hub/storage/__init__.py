@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cloud_hub.errors import StoreUnavailable as StoreUnavailable  # raised by every backend: a hub error (503)
+
 Row = dict[str, bytes]
 """Cells of one row: ``"family:qualifier" -> value``."""
 
@@ -38,10 +40,6 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "permissions_by_client": ("d",),  # row client_id|permission_id: an index for the customer's view and reads
     "openadr3": ("d",),             # the OpenADR 3 facade: ven|, evt|<ven>|<request>, sub|, rep|<ven>|, ~cursor
 }
-
-
-class StoreUnavailable(Exception):
-    """The storage cannot be used right now (locked, read-only, unreachable); retry later."""
 
 
 @dataclass(slots=True)

@@ -30,7 +30,8 @@ class SimulatedHome:
     (or, for a negative total, export) energy integrates the power over monotonic time. Every coil starts on.
     """
 
-    def __init__(
+    # Complexity (PLR0913): a simulated home's physical parameters, each a keyword with a default.
+    def __init__(  # noqa: PLR0913
         self,
         base_load_kw: float,
         plugs: Iterable[Plug | tuple[int, float]] = (),

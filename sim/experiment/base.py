@@ -27,9 +27,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import httpx
 import tomli_w
@@ -372,115 +373,130 @@ class Experiment:
         return ready
 
     async def _inject_fault(self, hub_url: str, t0: float) -> None:
-        """At ``fault_at_s``: kill -9 the hub and restart it, lock its database for ``fault_down_s``, kill -9 the
-        hub broker and restart it, kill -9 the Thrift gateway and restart it, or stop the HBase double for
-        ``fault_down_s``."""
+        """At ``fault_at_s``: the fault ``p.fault`` names (:attr:`FAULTS`), its timings in :attr:`fault_log`."""
         p = self.p
+        inject = self.FAULTS.get(p.fault)
+        if inject is None:
+            raise ValueError(f"unknown fault {p.fault!r}")
         await asyncio.sleep(max(0.0, t0 + p.fault_at_s - time.monotonic()))
-        f = self.fault_log
-        f.update(kind=p.fault, at_wall=time.time())
-        if p.fault == "hub":
-            old = self.procs["hub"]
-            os.kill(old.pid, signal.SIGKILL)
-            old.wait()
-            killed = time.monotonic()
-            # The samples of the killed process keep their own name, so CPU is not mixed across the two processes.
-            for s in self.samples:
-                if s["process"] == "hub":
-                    s["process"] = "hub (killed)"
-            self._spawn_hub("hub", self.work / "hub.toml")
-            self.log(f"fault: hub pid {old.pid} killed with SIGKILL (exit {old.returncode}); restarted as pid "
-                     f"{self.procs['hub'].pid}")
-            await self._wait_ready(hub_url)
-            f.update(killed_pid=old.pid, exit_code=old.returncode, restarted_pid=self.procs["hub"].pid,
-                     restart_to_ready_s=round(time.monotonic() - killed, 3), ready_wall=time.time())
-            self.log(f"fault: hub ready again {f['restart_to_ready_s']:.3f} s after the kill")
-        elif p.fault == "storage":
-            db = sqlite3.connect(self.work / "hub.db", isolation_level=None, check_same_thread=False)
-            try:
-                db.execute("BEGIN EXCLUSIVE")
-                locked = time.monotonic()
-                self.log(f"fault: hub database locked (BEGIN EXCLUSIVE from pid {os.getpid()}) for "
-                         f"{p.fault_down_s:g} s")
-                unready_after = None
-                async with httpx.AsyncClient(base_url=hub_url, timeout=5) as http:
-                    while time.monotonic() - locked < p.fault_down_s:
-                        if unready_after is None:
-                            with contextlib.suppress(httpx.HTTPError):
-                                if (await http.get("/readyz")).status_code == 503:
-                                    unready_after = round(time.monotonic() - locked, 3)
-                        await asyncio.sleep(0.1)
-                    db.execute("ROLLBACK")
-                    unlocked = time.monotonic()
-                    f.update(locked_s=round(unlocked - locked, 3), unlock_wall=time.time(),
-                             readyz_503_after_s=unready_after)
-                    self.log("fault: hub database unlocked")
-                    await self._wait_ready(hub_url)
-                    f.update(unlock_to_ready_s=round(time.monotonic() - unlocked, 3), ready_wall=time.time())
-                    self.log(f"fault: hub ready {f['unlock_to_ready_s']:.3f} s after the unlock")
-            finally:
-                db.close()
-        elif p.fault == "hbase":
-            old = self.procs["thrift-gateway"]
-            os.kill(old.pid, signal.SIGKILL)
-            old.wait()
-            killed = time.monotonic()
-            for s in self.samples:
-                if s["process"] == "thrift-gateway":
-                    s["process"] = "thrift-gateway (killed)"
-            await self._start_gateway()
-            self.log(f"fault: Thrift gateway pid {old.pid} killed with SIGKILL (exit {old.returncode}); restarted "
-                     f"as pid {self.procs['thrift-gateway'].pid} on the same port")
-            f.update(killed_pid=old.pid, exit_code=old.returncode, restarted_pid=self.procs["thrift-gateway"].pid,
-                     restart_s=round(time.monotonic() - killed, 3))
-            await self._wait_ready(hub_url)
-            f.update(kill_to_hub_ready_s=round(time.monotonic() - killed, 3), ready_wall=time.time())
-            self.log(f"fault: hub ready {f['kill_to_hub_ready_s']:.3f} s after the gateway was killed")
-        elif p.fault == "broker":
-            assert self.broker is not None
-            old_pid = self.broker.pid
-            self.broker.kill()  # SIGKILL: Mosquitto saves nothing, its sessions and queued messages are gone
-            killed = time.monotonic()
-            self.log(f"fault: hub broker pid {old_pid} killed with SIGKILL; restarting it on the same port")
-            await self.broker.start_async()
-            if self.broker.pid is not None:
-                self.pids["broker"] = self.broker.pid
-            f.update(killed_pid=old_pid, restarted_pid=self.broker.pid,
-                     restart_s=round(time.monotonic() - killed, 3), ready_wall=time.time())
-            self.log(f"fault: hub broker accepting connections {f['restart_s']:.3f} s after the kill")
-        elif p.fault == "hbase-stall":
-            pid = self.procs["hbase"].pid
-            os.kill(pid, signal.SIGSTOP)
-            stopped = time.monotonic()
-            self.log(f"fault: HBase test double pid {pid} stopped (SIGSTOP) for {p.fault_down_s:g} s")
-            unready: list[float] = []
+        self.fault_log.update(kind=p.fault, at_wall=time.time())
+        await inject(self, hub_url, self.fault_log)
 
-            async def probe() -> None:
-                # Apart from the stop's own clock: a probe waits for the hub, which waits for the stopped double.
-                async with httpx.AsyncClient(base_url=hub_url, timeout=1) as http:
-                    while not unready:
+    def _kill_process(self, name: str) -> tuple[subprocess.Popen[bytes], float]:
+        """kill -9 the process ``name``; its CPU samples keep their own name (``name (killed)``), so that CPU is
+        not mixed across it and its restart. Returns it and when it was killed."""
+        old = self.procs[name]
+        os.kill(old.pid, signal.SIGKILL)
+        old.wait()
+        killed = time.monotonic()
+        for s in self.samples:
+            if s["process"] == name:
+                s["process"] = f"{name} (killed)"
+        return old, killed
+
+    async def _fault_hub(self, hub_url: str, f: dict[str, Any]) -> None:
+        """kill -9 the hub and restart it."""
+        old, killed = self._kill_process("hub")
+        self._spawn_hub("hub", self.work / "hub.toml")
+        self.log(f"fault: hub pid {old.pid} killed with SIGKILL (exit {old.returncode}); restarted as pid "
+                 f"{self.procs['hub'].pid}")
+        await self._wait_ready(hub_url)
+        f.update(killed_pid=old.pid, exit_code=old.returncode, restarted_pid=self.procs["hub"].pid,
+                 restart_to_ready_s=round(time.monotonic() - killed, 3), ready_wall=time.time())
+        self.log(f"fault: hub ready again {f['restart_to_ready_s']:.3f} s after the kill")
+
+    async def _fault_storage(self, hub_url: str, f: dict[str, Any]) -> None:
+        """Lock the hub's database for ``fault_down_s``."""
+        p = self.p
+        db = sqlite3.connect(self.work / "hub.db", isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("BEGIN EXCLUSIVE")
+            locked = time.monotonic()
+            self.log(f"fault: hub database locked (BEGIN EXCLUSIVE from pid {os.getpid()}) for "
+                     f"{p.fault_down_s:g} s")
+            unready_after = None
+            async with httpx.AsyncClient(base_url=hub_url, timeout=5) as http:
+                while time.monotonic() - locked < p.fault_down_s:
+                    if unready_after is None:
                         with contextlib.suppress(httpx.HTTPError):
                             if (await http.get("/readyz")).status_code == 503:
-                                unready.append(round(time.monotonic() - stopped, 3))
-                        await asyncio.sleep(0.1)
+                                unready_after = round(time.monotonic() - locked, 3)
+                    await asyncio.sleep(0.1)
+                db.execute("ROLLBACK")
+                unlocked = time.monotonic()
+                f.update(locked_s=round(unlocked - locked, 3), unlock_wall=time.time(),
+                         readyz_503_after_s=unready_after)
+                self.log("fault: hub database unlocked")
+                await self._wait_ready(hub_url)
+                f.update(unlock_to_ready_s=round(time.monotonic() - unlocked, 3), ready_wall=time.time())
+                self.log(f"fault: hub ready {f['unlock_to_ready_s']:.3f} s after the unlock")
+        finally:
+            db.close()
 
-            prober = asyncio.create_task(probe())
-            try:
-                await asyncio.sleep(p.fault_down_s)
-            finally:
-                os.kill(pid, signal.SIGCONT)
-                prober.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await prober
-            resumed = time.monotonic()
-            f.update(stopped_pid=pid, stopped_s=round(resumed - stopped, 3), unlock_wall=time.time(),
-                     readyz_503_after_s=unready[0] if unready else None)
-            self.log("fault: HBase test double continued (SIGCONT)")
-            await self._wait_ready(hub_url)
-            f.update(resume_to_ready_s=round(time.monotonic() - resumed, 3), ready_wall=time.time())
-            self.log(f"fault: hub ready {f['resume_to_ready_s']:.3f} s after the double went on")
-        else:
-            raise ValueError(f"unknown fault {p.fault!r}")
+    async def _fault_hbase(self, hub_url: str, f: dict[str, Any]) -> None:
+        """kill -9 the Thrift gateway and restart it on the same port."""
+        old, killed = self._kill_process("thrift-gateway")
+        await self._start_gateway()
+        self.log(f"fault: Thrift gateway pid {old.pid} killed with SIGKILL (exit {old.returncode}); restarted "
+                 f"as pid {self.procs['thrift-gateway'].pid} on the same port")
+        f.update(killed_pid=old.pid, exit_code=old.returncode, restarted_pid=self.procs["thrift-gateway"].pid,
+                 restart_s=round(time.monotonic() - killed, 3))
+        await self._wait_ready(hub_url)
+        f.update(kill_to_hub_ready_s=round(time.monotonic() - killed, 3), ready_wall=time.time())
+        self.log(f"fault: hub ready {f['kill_to_hub_ready_s']:.3f} s after the gateway was killed")
+
+    async def _fault_broker(self, hub_url: str, f: dict[str, Any]) -> None:
+        """kill -9 the hub broker and restart it on the same port."""
+        assert self.broker is not None
+        old_pid = self.broker.pid
+        self.broker.kill()  # SIGKILL: Mosquitto saves nothing, its sessions and queued messages are gone
+        killed = time.monotonic()
+        self.log(f"fault: hub broker pid {old_pid} killed with SIGKILL; restarting it on the same port")
+        await self.broker.start_async()
+        if self.broker.pid is not None:
+            self.pids["broker"] = self.broker.pid
+        f.update(killed_pid=old_pid, restarted_pid=self.broker.pid,
+                 restart_s=round(time.monotonic() - killed, 3), ready_wall=time.time())
+        self.log(f"fault: hub broker accepting connections {f['restart_s']:.3f} s after the kill")
+
+    async def _fault_hbase_stall(self, hub_url: str, f: dict[str, Any]) -> None:
+        """Stop the HBase double (SIGSTOP) for ``fault_down_s``, then continue it."""
+        p = self.p
+        pid = self.procs["hbase"].pid
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        self.log(f"fault: HBase test double pid {pid} stopped (SIGSTOP) for {p.fault_down_s:g} s")
+        unready: list[float] = []
+
+        async def probe() -> None:
+            # Apart from the stop's own clock: a probe waits for the hub, which waits for the stopped double.
+            async with httpx.AsyncClient(base_url=hub_url, timeout=1) as http:
+                while not unready:
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await http.get("/readyz")).status_code == 503:
+                            unready.append(round(time.monotonic() - stopped, 3))
+                    await asyncio.sleep(0.1)
+
+        prober = asyncio.create_task(probe())
+        try:
+            await asyncio.sleep(p.fault_down_s)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prober
+        resumed = time.monotonic()
+        f.update(stopped_pid=pid, stopped_s=round(resumed - stopped, 3), unlock_wall=time.time(),
+                 readyz_503_after_s=unready[0] if unready else None)
+        self.log("fault: HBase test double continued (SIGCONT)")
+        await self._wait_ready(hub_url)
+        f.update(resume_to_ready_s=round(time.monotonic() - resumed, 3), ready_wall=time.time())
+        self.log(f"fault: hub ready {f['resume_to_ready_s']:.3f} s after the double went on")
+
+    FAULTS: ClassVar[dict[str, Callable[[Experiment, str, dict[str, Any]], Awaitable[None]]]] = {
+        "hub": _fault_hub, "storage": _fault_storage, "hbase": _fault_hbase, "broker": _fault_broker,
+        "hbase-stall": _fault_hbase_stall}
+    """Each fault the experiments inject, by the name ``--fault`` gives it."""
 
     def _sample(self, t: float) -> dict[str, dict[str, float]]:
         now: dict[str, dict[str, float]] = {}

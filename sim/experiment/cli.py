@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sim.experiment import fanout as fanout_mod
 from sim.experiment import faults as faults_mod
@@ -85,12 +87,12 @@ def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0 if s["all_executed_every_run"] and s["missing_commands"] == 0 else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``mhp-sim experiment``."""
-    parser = argparse.ArgumentParser(prog="mhp-sim experiment", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="experiment", required=True)
-    base = sub.add_parser("base", help="the paper's base setup: DSO simulator -> hub -> RP simulators, measured")
-    _common(base, duration_s=60.0)
+def _add_base(sub: Any) -> None:
+    _common(sub.add_parser("base", help="the paper's base setup: DSO simulator -> hub -> RP simulators, measured"),
+            duration_s=60.0)
+
+
+def _add_scale(sub: Any) -> None:
     scale = sub.add_parser("scale", help="the base setup once per number of clients or retailers (Figures 7-10)")
     _common(scale, duration_s=20.0, sizes=True)
     scale.add_argument("--poll-interval-s", type=float, default=0.02,
@@ -98,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--max-targets", type=int, default=0,
                        help="at most this many clients per request: the type fractions are lowered for the sizes "
                             "where they would target more (0: no cap, the paper's fractions)")
+
+
+def _add_faults(sub: Any) -> None:
     faults = sub.add_parser("faults", help="the base setup with a hub or storage fault injected (Figures 12-13)")
     _common(faults, duration_s=60.0)
     faults.add_argument("--fault", choices=("hub", "storage", "broker", "hbase", "hbase-stall"), required=True,
@@ -110,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     faults.add_argument("--down-s", type=float, default=5.0, help="how long the storage stays locked")
     faults.add_argument("--bucket-s", type=float, default=2.0, help="latency-over-time bucket")
     faults.add_argument("--retry-s", type=float, default=0.5, help="the DSO's pause before re-sending a POST")
+
+
+def _add_fanout(sub: Any) -> None:
     fanout = sub.add_parser("fanout", help="one emergency to every simulated gateway through the real chain, timed")
     fanout.add_argument("--out", type=Path, required=True, help="folder for results.json, CSVs, PNG, report.md")
     fanout.add_argument("--gateways", type=int, default=10_000, help="simulated gateways (one client each)")
@@ -122,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     fanout.add_argument("--via", choices=("openadr3",),
                         help="also run the fan-out through the hub's OpenADR 3 door (VENs on its MQTT notifier)")
     fanout.add_argument("--vens", type=int, default=0, help="VENs of --via (default: as many as --gateways)")
+
+
+def _add_peer(sub: Any) -> None:
     peer = sub.add_parser("peer", help="the emergency fan-out to N homes through a peer, OpenLEADR (OpenADR 2.0b)")
     peer.add_argument("--out", type=Path, required=True, help="folder for results.json, peer.csv, the PNG, report.md")
     peer.add_argument("--homes", type=int, default=100, help="VENs, one per home")
@@ -130,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                       "(OpenLEADR writes whole seconds into OpenADR's duration)")
     peer.add_argument("--ven-procs", type=int, default=None, help="VEN processes (default: one per 500 VENs, <= 4)")
     peer.add_argument("--timeout-s", type=float, default=None, help="a run's limit (default 30 s + 10 ms per VEN)")
+
+
+def _add_rate(sub: Any) -> None:
     rate = sub.add_parser("rate", help="open loop at fixed total rates, stepped up until the p99 target breaks")
     _common(rate, duration_s=60.0, rate=False, warmup_s=10.0, drain_s=10.0)
     rate.add_argument("--start-per-min", type=float, default=1200.0, help="first total rate (4 types together)")
@@ -145,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     rate.add_argument("--poll-s", type=float, default=0.25,
                       help="the DSO simulators' wait before each GET of an accepted request (latency comes from the "
                            "hub's completed_at, so sparse polling does not blur it and spares the hub)")
+
+
+def _add_scaleout(sub: Any) -> None:
     scaleout = sub.add_parser("scaleout", help="hub replicas behind one HTTP entry (HAProxy), one killed mid-run")
     _common(scaleout, duration_s=60.0)
     scaleout.add_argument("--replicas", type=int, default=2, help="hub replicas (at least 2)")
@@ -154,18 +171,21 @@ def main(argv: list[str] | None = None) -> int:
                           help="start the killed replica again this long after the kill (default: it stays down)")
     scaleout.add_argument("--bucket-s", type=float, default=2.0, help="latency-over-time bucket")
     scaleout.add_argument("--retry-s", type=float, default=0.5, help="the DSO's pause before re-sending a POST")
-    args = parser.parse_args(argv)
-    if args.experiment == "fanout":
-        return _fanout(parser, args)
-    if args.experiment == "peer":
-        if args.homes < 1 or args.runs < 1 or args.poll_s < 1:
-            parser.error("--homes, --runs and --poll-s must be positive")
-        if args.ven_procs is not None and not 1 <= args.ven_procs <= args.homes:
-            parser.error("--ven-procs must be between 1 and --homes")
-        res = peer_openleadr.run_openleadr_fanout(args.homes, args.out, args.runs, poll_s=args.poll_s,
-                                                  ven_procs=args.ven_procs, timeout_s=args.timeout_s)
-        s = res["summary"]
-        return 0 if s["missing"] == 0 and s["duplicates"] == 0 else 1
+
+
+def _peer(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.homes < 1 or args.runs < 1 or args.poll_s < 1:
+        parser.error("--homes, --runs and --poll-s must be positive")
+    if args.ven_procs is not None and not 1 <= args.ven_procs <= args.homes:
+        parser.error("--ven-procs must be between 1 and --homes")
+    res = peer_openleadr.run_openleadr_fanout(args.homes, args.out, args.runs, poll_s=args.poll_s,
+                                              ven_procs=args.ven_procs, timeout_s=args.timeout_s)
+    s = res["summary"]
+    return 0 if s["missing"] == 0 and s["duplicates"] == 0 else 1
+
+
+def _common_params(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """What every experiment on the base setup shares, checked: the output, the timing, the storage."""
     if args.duration_s <= 0 or getattr(args, "rate_per_min", 1.0) <= 0:
         parser.error("duration and rate must be positive")
     fault = getattr(args, "fault", "")
@@ -178,80 +198,118 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(out=args.out, duration_s=args.duration_s, warmup_s=args.warmup_s,
                   rp_delay_min_ms=args.rp_delay_min_ms, rp_delay_max_ms=args.rp_delay_max_ms, drain_s=args.drain_s,
                   seed=args.seed, storage=storage, lag_bound_ms=args.lag_bound_ms)
-    if args.experiment == "rate":
-        if args.clients < 1 or args.retailers < 1 or args.runs < 1 or args.dso_workers < 0 or args.poll_s <= 0:
-            parser.error("clients, retailers and runs must be positive, --dso-workers >= 0, --poll-s > 0")
-        if args.start_per_min <= 0 or args.step_per_min <= 0 or args.max_per_min < args.start_per_min:
-            parser.error("--start-per-min and --step-per-min must be positive, --max-per-min >= --start-per-min")
-        rp = rate_mod.RateParams(
-            base=BaseParams(clients=args.clients, retailers=args.retailers, poll_interval_s=args.poll_s,
-                            first_poll_s=args.poll_s, progress_interval_s=10.0, **common),
-            start_per_min=args.start_per_min, step_per_min=args.step_per_min, max_per_min=args.max_per_min,
-            runs=args.runs, metric=args.metric, p99_bound_ms=args.p99_ms, dso_workers=args.dso_workers)
-        res = rate_mod.run(rp)
-        s = res["sustained"]
-        print("[rate] done: largest sustained rate "
-              + (f"{s['rate_per_min']:g} requests/min ({args.metric} p99 {s['p99_ms']} ms)" if s else "none")
-              + (f"; stopped at {res['stopped_at']['rate_per_min']:g}/min: {res['stopped_at']['verdict']}"
-                 if res["stopped_at"] else "") + f"; results in {args.out}", flush=True)
-        return 0
-    common["rate_per_min"] = args.rate_per_min
-    if args.experiment == "scale":
-        clients, retailers = _sizes(parser, args.clients, "clients"), _sizes(parser, args.retailers, "retailers")
-        if len(clients) > 1 and len(retailers) > 1:
-            parser.error("only one of --clients / --retailers can be a list of sizes")
-        axis, sizes = ("retailers", retailers) if len(retailers) > 1 else ("clients", clients)
-        if args.poll_interval_s <= 0 or args.max_targets < 0:
-            parser.error("--poll-interval-s must be positive and --max-targets >= 0")
-        res = scale_mod.run(BaseParams(clients=clients[0], retailers=retailers[0],
-                                       poll_interval_s=args.poll_interval_s, **common), axis, sizes,
-                            max_targets=args.max_targets)
-        t = res["totals"]
-        print(f"[scale] done: {len(sizes)} sizes of {axis}; sent {t['sent']}, completed {t['completed']}, failed "
-              f"{t['failed']}, missing {t['missing']}; results in {args.out}", flush=True)
-        return 0 if t["sent"] == t["completed"] else 1
-    if args.clients < 1 or args.retailers < 1:
+    if args.experiment != "rate":
+        common["rate_per_min"] = args.rate_per_min
+    if args.experiment not in ("rate", "scale") and (args.clients < 1 or args.retailers < 1):
         parser.error("clients and retailers must be positive")
-    if args.experiment == "faults":
-        if args.at_s < 0 or args.down_s <= 0 or args.bucket_s <= 0:
-            parser.error("--at-s must be >= 0, --down-s and --bucket-s positive")
-        if args.at_s >= args.warmup_s + args.duration_s:
-            parser.error("--at-s must fall before the end of the run (warm-up + duration)")
-        p = BaseParams(clients=args.clients, retailers=args.retailers, fault=args.fault, fault_at_s=args.at_s,
-                       fault_down_s=args.down_s, retry_s=args.retry_s, **common)
-        res = faults_mod.run(p, args.bucket_s)
-        a, f = res["accounting"], res["fault"]
-        print(f"[faults] done: {json.dumps(f)}", flush=True)
-        print(f"[faults] sent {a['sent']} accepted {a['accepted']} completed {a['completed']} lost {a['lost']} "
-              f"(retried {a['retried_requests']} requests, {a['retries']} re-sends: {a['status_503']} 503s, "
-              f"{a['no_answer']} without an answer); results in {args.out}", flush=True)
-        return 0 if a["accounted"] and a["lost"] == 0 and f["injected"] else 1
-    if args.experiment == "scaleout":
-        if storage != "sqlite":
-            parser.error("scaleout runs its replicas on one shared SQLite file (it checks request owners there); "
-                         "--storage hbase is not supported by this experiment")
-        if args.replicas < 2:
-            parser.error("--replicas must be at least 2")
-        if args.kill_at_s < 0 or args.bucket_s <= 0 or (args.restart_after_s is not None and args.restart_after_s < 0):
-            parser.error("--kill-at-s and --restart-after-s must be >= 0, --bucket-s positive")
-        if args.kill_at_s >= args.warmup_s + args.duration_s:
-            parser.error("--kill-at-s must fall before the end of the run (warm-up + duration)")
-        sp = scaleout_mod.ScaleoutParams(clients=args.clients, retailers=args.retailers, replicas=args.replicas,
-                                         fault_at_s=args.kill_at_s, restart_after_s=args.restart_after_s,
-                                         bucket_s=args.bucket_s, retry_s=args.retry_s, **common)
-        res = scaleout_mod.run(sp)
-        a, f = res["accounting"], res["fault"]
-        print(f"[scaleout] done: {json.dumps(f)}", flush=True)
-        print(f"[scaleout] sent {a['sent']} accepted {a['accepted']} completed {a['completed']} lost {a['lost']} "
-              f"duplicate ids {a['duplicate_request_ids']} (retried {a['retried_requests']} requests, "
-              f"{a['redelivered_to_retailers']} requests re-delivered to retailers and dropped there); CPU per "
-              f"replica " + json.dumps({k: v["cpu_s"] for k, v in res["replicas"]["cpu"].items()})
-              + f"; results in {args.out}", flush=True)
-        return 0 if a["accounted"] and a["lost"] == 0 and f["injected"] else 1
+    return common
+
+
+def _rate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    common = _common_params(parser, args)
+    if args.clients < 1 or args.retailers < 1 or args.runs < 1 or args.dso_workers < 0 or args.poll_s <= 0:
+        parser.error("clients, retailers and runs must be positive, --dso-workers >= 0, --poll-s > 0")
+    if args.start_per_min <= 0 or args.step_per_min <= 0 or args.max_per_min < args.start_per_min:
+        parser.error("--start-per-min and --step-per-min must be positive, --max-per-min >= --start-per-min")
+    rp = rate_mod.RateParams(
+        base=BaseParams(clients=args.clients, retailers=args.retailers, poll_interval_s=args.poll_s,
+                        first_poll_s=args.poll_s, progress_interval_s=10.0, **common),
+        start_per_min=args.start_per_min, step_per_min=args.step_per_min, max_per_min=args.max_per_min,
+        runs=args.runs, metric=args.metric, p99_bound_ms=args.p99_ms, dso_workers=args.dso_workers)
+    res = rate_mod.run(rp)
+    s = res["sustained"]
+    print("[rate] done: largest sustained rate "
+          + (f"{s['rate_per_min']:g} requests/min ({args.metric} p99 {s['p99_ms']} ms)" if s else "none")
+          + (f"; stopped at {res['stopped_at']['rate_per_min']:g}/min: {res['stopped_at']['verdict']}"
+             if res["stopped_at"] else "") + f"; results in {args.out}", flush=True)
+    return 0
+
+
+def _scale(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    common = _common_params(parser, args)
+    clients, retailers = _sizes(parser, args.clients, "clients"), _sizes(parser, args.retailers, "retailers")
+    if len(clients) > 1 and len(retailers) > 1:
+        parser.error("only one of --clients / --retailers can be a list of sizes")
+    axis, sizes = ("retailers", retailers) if len(retailers) > 1 else ("clients", clients)
+    if args.poll_interval_s <= 0 or args.max_targets < 0:
+        parser.error("--poll-interval-s must be positive and --max-targets >= 0")
+    res = scale_mod.run(BaseParams(clients=clients[0], retailers=retailers[0],
+                                   poll_interval_s=args.poll_interval_s, **common), axis, sizes,
+                        max_targets=args.max_targets)
+    t = res["totals"]
+    print(f"[scale] done: {len(sizes)} sizes of {axis}; sent {t['sent']}, completed {t['completed']}, failed "
+          f"{t['failed']}, missing {t['missing']}; results in {args.out}", flush=True)
+    return 0 if t["sent"] == t["completed"] else 1
+
+
+def _faults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    common = _common_params(parser, args)
+    if args.at_s < 0 or args.down_s <= 0 or args.bucket_s <= 0:
+        parser.error("--at-s must be >= 0, --down-s and --bucket-s positive")
+    if args.at_s >= args.warmup_s + args.duration_s:
+        parser.error("--at-s must fall before the end of the run (warm-up + duration)")
+    p = BaseParams(clients=args.clients, retailers=args.retailers, fault=args.fault, fault_at_s=args.at_s,
+                   fault_down_s=args.down_s, retry_s=args.retry_s, **common)
+    res = faults_mod.run(p, args.bucket_s)
+    a, f = res["accounting"], res["fault"]
+    print(f"[faults] done: {json.dumps(f)}", flush=True)
+    print(f"[faults] sent {a['sent']} accepted {a['accepted']} completed {a['completed']} lost {a['lost']} "
+          f"(retried {a['retried_requests']} requests, {a['retries']} re-sends: {a['status_503']} 503s, "
+          f"{a['no_answer']} without an answer); results in {args.out}", flush=True)
+    return 0 if a["accounted"] and a["lost"] == 0 and f["injected"] else 1
+
+
+def _scaleout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    common = _common_params(parser, args)
+    if common["storage"] != "sqlite":
+        parser.error("scaleout runs its replicas on one shared SQLite file (it checks request owners there); "
+                     "--storage hbase is not supported by this experiment")
+    if args.replicas < 2:
+        parser.error("--replicas must be at least 2")
+    if args.kill_at_s < 0 or args.bucket_s <= 0 or (args.restart_after_s is not None and args.restart_after_s < 0):
+        parser.error("--kill-at-s and --restart-after-s must be >= 0, --bucket-s positive")
+    if args.kill_at_s >= args.warmup_s + args.duration_s:
+        parser.error("--kill-at-s must fall before the end of the run (warm-up + duration)")
+    sp = scaleout_mod.ScaleoutParams(clients=args.clients, retailers=args.retailers, replicas=args.replicas,
+                                     fault_at_s=args.kill_at_s, restart_after_s=args.restart_after_s,
+                                     bucket_s=args.bucket_s, retry_s=args.retry_s, **common)
+    res = scaleout_mod.run(sp)
+    a, f = res["accounting"], res["fault"]
+    print(f"[scaleout] done: {json.dumps(f)}", flush=True)
+    print(f"[scaleout] sent {a['sent']} accepted {a['accepted']} completed {a['completed']} lost {a['lost']} "
+          f"duplicate ids {a['duplicate_request_ids']} (retried {a['retried_requests']} requests, "
+          f"{a['redelivered_to_retailers']} requests re-delivered to retailers and dropped there); CPU per "
+          f"replica " + json.dumps({k: v["cpu_s"] for k, v in res["replicas"]["cpu"].items()})
+          + f"; results in {args.out}", flush=True)
+    return 0 if a["accounted"] and a["lost"] == 0 and f["injected"] else 1
+
+
+def _base(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    common = _common_params(parser, args)
     results = Experiment(BaseParams(clients=args.clients, retailers=args.retailers, **common)).run()
     _print_base(results, args.out)
     t = results["totals"]
     return 0 if t["accounted"] and t["missing"] == 0 and t["failed"] == 0 else 1
+
+
+Runner = Callable[[argparse.ArgumentParser, argparse.Namespace], int]
+EXPERIMENTS: dict[str, tuple[Callable[[Any], None], Runner]] = {
+    "base": (_add_base, _base), "scale": (_add_scale, _scale), "faults": (_add_faults, _faults),
+    "fanout": (_add_fanout, _fanout), "peer": (_add_peer, _peer), "rate": (_add_rate, _rate),
+    "scaleout": (_add_scaleout, _scaleout),
+}
+"""Each experiment: how its arguments are declared, and how it runs (in the order ``--help`` lists them)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mhp-sim experiment``."""
+    parser = argparse.ArgumentParser(prog="mhp-sim experiment", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="experiment", required=True)
+    for declare, _ in EXPERIMENTS.values():
+        declare(sub)
+    args = parser.parse_args(argv)
+    return EXPERIMENTS[args.experiment][1](parser, args)
+
 
 if __name__ == "__main__":
     sys.exit(main())

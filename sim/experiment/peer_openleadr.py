@@ -438,7 +438,8 @@ def _progress(text: str) -> None:
     print(f"[peer] {text}", flush=True)
 
 
-def run_openleadr_fanout(n_vens: int, out_dir: Path, runs: int = 3, *, poll_s: int = 1,
+# Complexity (PLR0913, PLR0915): the peer benchmark's whole run, its knobs passed once.
+def run_openleadr_fanout(n_vens: int, out_dir: Path, runs: int = 3, *, poll_s: int = 1,  # noqa: PLR0913, PLR0915
                          ven_procs: int | None = None, timeout_s: float | None = None,
                          register_timeout_s: float | None = None, settle_s: float | None = None,
                          write: bool = True) -> dict[str, Any]:

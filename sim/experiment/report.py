@@ -220,7 +220,8 @@ def resources(samples: list[dict[str, Any]], disk_samples: list[dict[str, Any]],
     return rows
 
 
-def write_all(out: Path, *, params: dict[str, Any], machine: dict[str, Any], records: list[dict[str, Any]],
+# Complexity (PLR0913): everything a report is written from, passed once.
+def write_all(out: Path, *, params: dict[str, Any], machine: dict[str, Any], records: list[dict[str, Any]],  # noqa: PLR0913
               rp_stats: dict[str, Any], samples: list[dict[str, Any]], procs: dict[str, dict[str, float]],
               wall_s: float, setup: dict[str, Any], generator: list[dict[str, Any]] | None = None,
               hub_counters: dict[str, Any] | None = None,

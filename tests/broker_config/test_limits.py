@@ -22,8 +22,8 @@ def test_oversize_packet_disconnects_the_sender(mosquitto_factory: MosquittoFact
 
     rc = r1.publish_qos0(topics.up("retailers", "r1"), b"x" * 2048)
     if rc == mqtt.MQTT_ERR_NO_CONN:
-        # The connection dropped before the oversize packet left (seen twice in full suite runs on a loaded machine,
-        # never alone): that is not what this test examines, so connect again, and keep the broker's log in view.
+        # The connection dropped before the oversize packet left: that is not what this test examines, so connect
+        # again, and keep the broker's log in view.
         dropped = broker.process.log_tail()
         r1.connect()
         rc = r1.publish_qos0(topics.up("retailers", "r1"), b"x" * 2048)

@@ -29,6 +29,10 @@ class SseStream:
         self.response = response
         self._lines = response.aiter_lines()
 
+    async def close(self) -> None:
+        """Close the line reader."""
+        await self._lines.aclose()  # type: ignore[attr-defined]
+
     async def frame(self, timeout: float = 10.0) -> Frame:
         """The next frame, comments included."""
         return await asyncio.wait_for(self._frame(), timeout)
@@ -103,4 +107,8 @@ async def sse(http: httpx.AsyncClient, path: str, headers: dict[str, str], **par
             await response.aread()
             raise AssertionError(f"{path}: {response.status_code} {response.text}")
         assert response.headers["content-type"].startswith("text/event-stream")
-        yield SseStream(response)
+        stream = SseStream(response)
+        try:
+            yield stream
+        finally:  # closed here, not left to the garbage collector (whose finalizer would leave a task behind)
+            await stream.close()

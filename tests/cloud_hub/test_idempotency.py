@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-import cloud_hub.service
 from cloud_hub.storage import Mutation
 from cloud_hub.store import HubStore
+from cloud_hub.usecases import idempotency as keys
 from tests.broker_fixtures import MosquittoFactory
 from tests.hub_fixtures import HubHandle, running_hub
 
@@ -96,13 +96,13 @@ async def test_a_repeat_waits_for_the_attempt_in_progress(keyed_hub: HubHandle, 
     hub = keyed_hub
     await hub.setup_registry({"c1": "r1"})
     service = hub.app.state.service
-    looked_up = service._known_clients
+    looked_up = service.access.known_clients
 
     async def slow_lookup(client_ids: list[str]) -> dict[str, dict[str, Any]]:
         await asyncio.sleep(0.8)  # the first attempt is slow (a large request, a busy store)
         return dict(await looked_up(client_ids))
 
-    monkeypatch.setattr(service, "_known_clients", slow_lookup)
+    monkeypatch.setattr(service.access, "known_clients", slow_lookup)
     body = emergency(["c1"])
     headers = {**hub.auth("dso"), "Idempotency-Key": "slow"}
     first = asyncio.create_task(hub.http.post("/v1/emergencies", json=body, headers=headers))
@@ -110,7 +110,7 @@ async def test_a_repeat_waits_for_the_attempt_in_progress(keyed_hub: HubHandle, 
     repeat = await hub.http.post("/v1/emergencies", json=body, headers=headers)  # waits for the first's answer
     assert repeat.status_code == 202 and repeat.json() == (await first).json(), repeat.text
     # A repeat that would wait longer than KEY_WAIT_S is told to retry; another body is a conflict.
-    monkeypatch.setattr(cloud_hub.service, "KEY_WAIT_S", 0.2)
+    monkeypatch.setattr(keys, "KEY_WAIT_S", 0.2)
     headers = {**hub.auth("dso"), "Idempotency-Key": "slower"}
     first = asyncio.create_task(hub.http.post("/v1/emergencies", json=body, headers=headers))
     await asyncio.sleep(0.2)
@@ -126,7 +126,7 @@ async def test_a_repeat_waits_for_the_attempt_in_progress(keyed_hub: HubHandle, 
 async def test_a_stored_claim_in_progress_makes_a_repeat_wait(replica_hub: HubHandle,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     hub = replica_hub
-    monkeypatch.setattr(cloud_hub.service, "KEY_WAIT_S", 0.5)
+    monkeypatch.setattr(keys, "KEY_WAIT_S", 0.5)
     await hub.setup_registry({"c1": "r1"})
     body = emergency(["c1"])
     digest = await digest_of(hub, body)
@@ -138,7 +138,7 @@ async def test_a_stored_claim_in_progress_makes_a_repeat_wait(replica_hub: HubHa
     assert other.status_code == 409 and other.json()["error"] == "conflict"
     # Once that claim is stale (its attempt died, nothing created), a corrected body may take the key.
     await hub.app.state.store.kv.batch([Mutation("idempotency", "dso|busy", delete=["d:claim"])])
-    await claim(hub.app.state.store, "busy", digest, "not-created", age_s=cloud_hub.service.KEY_CLAIM_STALE_S + 1)
+    await claim(hub.app.state.store, "busy", digest, "not-created", age_s=keys.KEY_CLAIM_STALE_S + 1)
     corrected = await hub.http.post("/v1/emergencies", json={**body, "power_limit_kw": 1}, headers=headers)
     assert corrected.status_code == 202, corrected.text
 
@@ -147,14 +147,14 @@ async def test_a_dead_attempts_claim_is_taken_over_or_answered(replica_hub: HubH
                                                                caplog: pytest.LogCaptureFixture,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     hub = replica_hub
-    monkeypatch.setattr(cloud_hub.service, "KEY_WAIT_S", 0.3)
+    monkeypatch.setattr(keys, "KEY_WAIT_S", 0.3)
     await hub.setup_registry({"c1": "r1"})
     body = emergency(["c1"])
     digest = await digest_of(hub, body)
     store = hub.app.state.store
     # It died before creating anything: a retry after the claim went stale creates the request.
-    await claim(store, "dead", digest, "never-created", age_s=cloud_hub.service.KEY_CLAIM_STALE_S + 1)
-    with caplog.at_level(logging.WARNING, logger="cloud_hub.service"):
+    await claim(store, "dead", digest, "never-created", age_s=keys.KEY_CLAIM_STALE_S + 1)
+    with caplog.at_level(logging.WARNING, logger="cloud_hub.usecases.idempotency"):
         r = await hub.http.post("/v1/emergencies", json=body, headers={**hub.auth("dso"), "Idempotency-Key": "dead"})
     assert r.status_code == 202, r.text
     assert r.json()["request_id"] != "never-created"
@@ -166,7 +166,7 @@ async def test_a_dead_attempts_claim_is_taken_over_or_answered(replica_hub: HubH
     book.forget()
     assert made not in book.deadlines
     await claim(store, "half", digest, made, age_s=0)
-    with caplog.at_level(logging.WARNING, logger="cloud_hub.service"):
+    with caplog.at_level(logging.WARNING, logger="cloud_hub.usecases.idempotency"):
         r = await hub.http.post("/v1/emergencies", json=body, headers={**hub.auth("dso"), "Idempotency-Key": "half"})
     assert r.status_code == 202 and r.json() == {"request_id": made, "state": "accepted"}, r.text
     assert made in book.deadlines, "queued again"

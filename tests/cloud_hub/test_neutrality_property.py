@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from cloud_hub.authz import Principal
 from cloud_hub.book import RequestBook
+from cloud_hub.errors import Forbidden, NotFound
 from cloud_hub.metrics import HubMetrics
-from cloud_hub.service import Forbidden, HubService, NotFound
+from cloud_hub.service import HubService
 from cloud_hub.store import HubStore
 from cloud_hub.timeline import supplier_at, supply_spans
 from mhp_wire.messages import BillingData, Request, decode
@@ -53,18 +54,18 @@ async def scenario(tmp: Path, hist: list[list[tuple[int, str]]], acts: list[tupl
     store = HubStore.embedded(tmp / "hub.db")
     await store.open()
     book = RequestBook(store, HubMetrics())
-    service = HubService(store, book, HubMetrics())
+    service = HubService.build(store, book, HubMetrics())
     try:
         for rid in RETAILERS:
-            await service.put_retailer(DSO, rid, rid)
+            await service.registry.put_retailer(DSO, rid, rid)
         truth: dict[str, list[dict[str, float | str]]] = {}
         for i, h in enumerate(hist):
             cid = f"c{i}"
             for t, rid in periods_of(h):
-                await service.put_client(DSO, cid, {"retailer_id": rid, "contracted_power_kw": 5.0,
+                await service.registry.put_client(DSO, cid, {"retailer_id": rid, "contracted_power_kw": 5.0,
                                                     "valid_from": datetime.fromtimestamp(t, UTC)})
             truth[cid] = [{"valid_from": t, "retailer_id": r} for t, r in periods_of(h)]
-            await service.upload_readings(DSO, [{"client_id": cid, "start": datetime.fromtimestamp(BASE, UTC),
+            await service.data.upload_readings(DSO, [{"client_id": cid, "start": datetime.fromtimestamp(BASE, UTC),
                                                  "resolution_s": 21_600, "values_kwh": [1.0] * 4 * 40}])
         clients = sorted(truth)
         for kind, day, length in acts:
@@ -73,14 +74,14 @@ async def scenario(tmp: Path, hist: list[list[tuple[int, str]]], acts: list[tupl
                 start = max(start, BASE) + length * 3600
                 targets = [c for c in clients if supplier_at(truth[c], start) is not None]
                 if targets:
-                    await service.create_emergency(DSO, {
+                    await service.flexibility.create_emergency(DSO, {
                         "client_ids": targets, "start": datetime.fromtimestamp(start, UTC), "duration_s": 600,
                         "power_limit_kw": 1.0}, None)
             elif kind == "billing":
                 end = start + length * DAY
                 targets = [c for c in clients if supply_spans(truth[c], start, end)]
                 if targets:
-                    await service.request_billing(DSO, {
+                    await service.data.request_billing(DSO, {
                         "client_ids": targets, "period_start": datetime.fromtimestamp(start, UTC),
                         "period_end": datetime.fromtimestamp(end, UTC)}, None)
             else:
@@ -89,7 +90,7 @@ async def scenario(tmp: Path, hist: list[list[tuple[int, str]]], acts: list[tupl
                 spans = supply_spans(truth[cid], start, end)
                 allowed = len(spans) == 1 and spans[0] == (asker, start, end)
                 try:
-                    got = await service.consumption_profile(Principal("retailer", asker), cid, start, end, 21_600)
+                    got = await service.data.consumption_profile(Principal("retailer", asker), cid, start, end, 21_600)
                 except (Forbidden, NotFound):  # NotFound: it supplied none of the range (neutral refusal)
                     assert not allowed, f"{asker} was refused {cid}'s profile over its own supply period"
                 else:

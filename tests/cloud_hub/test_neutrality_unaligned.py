@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 
 from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import RequestBook
+from cloud_hub.errors import Forbidden, NotFound
 from cloud_hub.metrics import HubMetrics
-from cloud_hub.service import Forbidden, HubService, NotFound
+from cloud_hub.service import HubService
 from cloud_hub.store import HubStore
 from cloud_hub.timeline import whole_supplier, withhold_straddling
 from mhp_wire import topics
@@ -142,19 +143,19 @@ async def scenario(tmp: Path, hist: list[list[tuple[int, str]]], raw_blocks: lis
     store = HubStore.embedded(tmp / "hub.db")
     await store.open()
     book = RequestBook(store, HubMetrics())
-    service = HubService(store, book, HubMetrics())
+    service = HubService.build(store, book, HubMetrics())
     try:
         for rid in RETAILERS:
-            await service.put_retailer(DSO, rid, rid)
+            await service.registry.put_retailer(DSO, rid, rid)
         truth: dict[str, list[tuple[float, str]]] = {}
         blocks = laid_out(raw_blocks)
         for i, h in enumerate(hist):
             cid = f"c{i}"
             truth[cid] = periods_of(h)
             for t, rid in truth[cid]:
-                await service.put_client(DSO, cid, {"retailer_id": rid, "contracted_power_kw": 5.0,
+                await service.registry.put_client(DSO, cid, {"retailer_id": rid, "contracted_power_kw": 5.0,
                                                     "valid_from": datetime.fromtimestamp(t, UTC)})
-            await service.upload_readings(DSO, [
+            await service.data.upload_readings(DSO, [
                 {"client_id": cid, "start": datetime.fromtimestamp(b0, UTC), "resolution_s": res, "values_kwh": v}
                 for b0, res, v in blocks])
         clients = sorted(truth)
@@ -171,7 +172,7 @@ async def scenario(tmp: Path, hist: list[list[tuple[int, str]]], raw_blocks: lis
                 if periods[0][0] >= end:
                     continue  # nobody supplied any of the period: refused (409), another test's subject
                 before = set(book.outbox)
-                _, answer = await service.request_billing(DSO, {
+                answer = await service.data.request_billing(DSO, {
                     "client_ids": [cid], "period_start": datetime.fromtimestamp(start, UTC),
                     "period_end": datetime.fromtimestamp(end, UTC)}, None)
                 delivered: dict[float, str] = {}
@@ -191,7 +192,7 @@ async def scenario(tmp: Path, hist: list[list[tuple[int, str]]], raw_blocks: lis
                                 assert t0 not in delivered, "one interval delivered twice"
                                 delivered[t0] = item.retailer_id
                                 assert kwh == inside[t0][1]
-                req = await service.get_request(DSO, answer["request_id"])
+                req = await service.requests.get_request(DSO, answer.request_id)
                 withheld = {datetime.fromisoformat(w["start"]).timestamp()
                             for w in req["clients"][cid]["detail"].get("withheld", [])}
                 assert withheld == straddling, "every interval across a switch is withheld, and flagged"
@@ -200,7 +201,8 @@ async def scenario(tmp: Path, hist: list[list[tuple[int, str]]], raw_blocks: lis
             else:
                 allowed = supplier_of_whole(periods, start, end) == asker
                 try:
-                    got = await service.consumption_profile(Principal("retailer", asker), cid, start, end, resolution)
+                    got = await service.data.consumption_profile(Principal("retailer", asker), cid, start, end,
+                                                                 resolution)
                 except (Forbidden, NotFound):
                     assert not allowed, f"{asker} was refused {cid}'s profile over its own supply period"
                     continue

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, Customers, Outcome, Request
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory, free_port
 from tests.mqtt_party import Party, parties
+from tests.waiting import eventually
 
 CLIENTS = ["c1", "c2", "c3"]
 NOT_AUTHORIZED = 0x87
@@ -122,14 +123,6 @@ async def wait_ready(replica: Replica, timeout_s: float = 30) -> None:
     raise TimeoutError(f"replica {replica.replica_id} at {replica.url} not ready: {last}\n"
                        f"{replica.log.read_text()[-3000:]}")
 
-
-async def until(cond: Callable[[], bool], timeout_s: float = 20) -> None:
-    """Wait until ``cond()`` holds (the assertion after it says what did not happen)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        await asyncio.sleep(0.05)
 
 
 def metric(text: str, name: str) -> float:
@@ -327,7 +320,7 @@ async def test_killed_replica_requests_are_adopted_and_complete_once(
                         for _ in range(15)]
                 on_b = [(await hb.post("/v1/emergencies", headers=dso, json=emergency(CLIENTS))).json()["request_id"]
                         for _ in range(5)]
-                await until(lambda: len({k[0] for k in fake.executed}) == 20)
+                await eventually(lambda: len({k[0] for k in fake.executed}) == 20, timeout_s=20.0)
                 assert len({k[0] for k in fake.executed}) == 20, "every request reached the retailer"
                 assert await owners(a.config) == {"a": 15, "b": 5}
                 a.kill()  # mid-request: every request of a is open, its outcomes not yet sent
@@ -405,7 +398,7 @@ async def test_replica_that_lost_the_broker_rejoins_without_taking_back_adopted_
                     httpx.AsyncClient(base_url=b.url, timeout=10) as hb:
                 ids = [(await ha.post("/v1/emergencies", headers=dso, json=emergency(CLIENTS))).json()["request_id"]
                        for _ in range(8)]
-                await until(lambda: len({k[0] for k in fake.executed}) == 8)
+                await eventually(lambda: len({k[0] for k in fake.executed}) == 8, timeout_s=20.0)
                 assert await owners(a.config) == {"a": 8}
                 intruder = TestClient(broker.host, broker.port, "hub", broker.identities["hub"].password,
                                       client_id="hub-a")

@@ -1,10 +1,7 @@
-"""Fixtures for the device driver tests: free TCP ports, a manual clock, and a leak check on every test."""
+"""Fixtures for the device driver tests: free TCP ports and a manual clock (the leak check is the suite's,
+in ``tests/conftest.py``)."""
 
 from __future__ import annotations
-
-import asyncio
-import threading
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -22,22 +19,6 @@ def free_port() -> int:
 def clock() -> ManualClock:
     """A manual monotonic clock for backoff and energy integration."""
     return ManualClock()
-
-
-@pytest.fixture(autouse=True)
-async def no_leaks() -> AsyncIterator[None]:
-    """Fail a test that leaves asyncio tasks or threads behind."""
-    threads_before = set(threading.enumerate())
-    yield
-    for _ in range(3):  # closing transports finish on the next loop turns
-        await asyncio.sleep(0)
-    current = asyncio.current_task()
-    tasks = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
-    threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
-    for task in tasks:
-        task.cancel()
-    assert not tasks, f"leaked tasks: {tasks}"
-    assert not threads, f"leaked threads: {threads}"
 
 
 @pytest.fixture

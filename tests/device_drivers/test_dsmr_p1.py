@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from device_drivers.obis import parse_telegram
 from device_drivers.p1_framing import crc16
 from device_drivers.serial_line import LineSettings, SerialLine
 from device_drivers.sim import ManualClock, P1State, P1TelegramWriter, PtyNullModem, build_telegram
+from tests.waiting import eventually
 
 STATE = P1State(
     import_power_kw=1.193,
@@ -56,12 +57,6 @@ def p1_cfg(port: str, **fields: object) -> DeviceConfig:
     return DeviceConfig.model_validate(entry | {"timeout_s": 1.0} | fields)
 
 
-async def until(check: Callable[[], bool], timeout_s: float = 1.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
 
 @pytest.fixture
 async def line() -> AsyncIterator[PtyNullModem]:
@@ -80,7 +75,7 @@ async def test_readings_of_the_newest_telegram(line: PtyNullModem) -> None:
         assert "frequency_hz" not in readings  # P1 does not carry it
         state.import_power_kw, state.export_power_kw = 0.0, 2.0
         seen = meter.reader.framing.telegrams
-        await until(lambda: meter.reader.framing.telegrams > seen + 1)
+        await eventually(lambda: meter.reader.framing.telegrams > seen + 1)
         assert (await meter.read())["active_power_kw"] == pytest.approx(-2.0)
     assert not meter.reader.running  # closing the pool stopped the reader
 
@@ -97,11 +92,11 @@ async def test_garbage_bad_crcs_and_truncated_telegrams_on_the_line(line: PtyNul
         await sim.send_truncated()
         await sim.send_bad_crc()
         await sim.send_garbage(b"/half a header without an end")
-        await until(lambda: meter.reader.framing.bad_crc == 1)
+        await eventually(lambda: meter.reader.framing.bad_crc == 1)
         with pytest.raises(DeviceUnavailable, match=r"1 telegram\(s\) with a bad CRC"):
             await meter.read()
         await sim.send()
-        await until(lambda: meter.reader.framing.telegrams == 1)
+        await eventually(lambda: meter.reader.framing.telegrams == 1)
         assert (await meter.read())["active_power_kw"] == pytest.approx(0.5)
         stats = meter.reader.framing
         assert (stats.telegrams, stats.bad_crc, stats.truncated) == (1, 1, 2)
@@ -118,7 +113,7 @@ async def test_a_meter_that_goes_quiet_is_unavailable_until_it_speaks_again(
         meter.reader.start()
         await asyncio.sleep(0.05)  # let the reader open the port
         await sim.send()
-        await until(lambda: meter.reader.latest is not None)
+        await eventually(lambda: meter.reader.latest is not None)
         assert (await meter.read())["active_power_kw"] == pytest.approx(0.7)
         clock.advance(9.9)
         assert await meter.read()  # still young enough
@@ -127,7 +122,7 @@ async def test_a_meter_that_goes_quiet_is_unavailable_until_it_speaks_again(
             await meter.read()
         sim.state.import_power_kw = 1.4
         await sim.send()
-        await until(lambda: meter.reader.framing.telegrams == 2)
+        await eventually(lambda: meter.reader.framing.telegrams == 2)
         assert (await meter.read())["active_power_kw"] == pytest.approx(1.4)
 
 
@@ -142,7 +137,7 @@ async def test_the_periodic_writer_going_offline_and_back(line: PtyNullModem) ->
         with pytest.raises(DeviceUnavailable, match="old"):
             await meter.read()
         sim.online = True
-        await until(lambda: sim.sent > 0 and time.monotonic() - meter.reader.latest_at < 0.05)
+        await eventually(lambda: sim.sent > 0 and time.monotonic() - meter.reader.latest_at < 0.05)
         assert (await meter.read())["active_power_kw"] == pytest.approx(0.3)
 
 
@@ -159,15 +154,15 @@ async def test_a_port_that_disappears_is_reopened_with_backoff(tmp_path: Path) -
             async with P1TelegramWriter(first.paths[0], P1State(import_power_kw=1.0), interval_s=0.02):
                 assert (await meter.read())["active_power_kw"] == pytest.approx(1.0)
             link.unlink()
-        await until(lambda: meter.reader.port_error is not None)
+        await eventually(lambda: meter.reader.port_error is not None)
         assert "hung up" in str(meter.reader.port_error)
-        await until(lambda: meter.reader.backoff.failures >= 2)  # the missing port is retried, backed off
+        await eventually(lambda: meter.reader.backoff.failures >= 2)  # the missing port is retried, backed off
         assert "cannot open" in str(meter.reader.port_error)
         async with PtyNullModem() as second:
             os.symlink(second.paths[1], link)
             async with P1TelegramWriter(second.paths[0], P1State(import_power_kw=2.0), interval_s=0.02):
-                await until(lambda: meter.reader.port_error is None and meter.reader.opens == 2)
-                await until(
+                await eventually(lambda: meter.reader.port_error is None and meter.reader.opens == 2)
+                await eventually(
                     lambda: meter.reader.latest is not None and meter.reader.latest.values["import_power_kw"] == 2
                 )
                 assert (await meter.read())["active_power_kw"] == pytest.approx(2.0)
@@ -219,7 +214,7 @@ async def test_a_telegram_without_the_needed_values_is_an_error_not_stale(line: 
         meter.reader.start()
         await asyncio.sleep(0.05)
         await sim.send_garbage(body + b"%04X\r\n" % crc16(body))
-        await until(lambda: meter.reader.latest is not None)
+        await eventually(lambda: meter.reader.latest is not None)
         with pytest.raises(DeviceError, match=r"lacks 1-0:2\.7\.0") as info:
             await meter.read()
         assert not isinstance(info.value, DeviceUnavailable)
@@ -237,7 +232,7 @@ async def test_log_policy_first_error_then_debug_then_recovery(
             with pytest.raises(DeviceUnavailable):
                 await meter.read()
         await sim.send()
-        await until(lambda: isinstance(meter, DsmrP1Meter) and meter.reader.latest is not None)
+        await eventually(lambda: isinstance(meter, DsmrP1Meter) and meter.reader.latest is not None)
         await meter.read()
     failures = [r for r in caplog.records if r.name == "device_drivers.dsmr" and "failed" in r.getMessage()]
     assert [r.levelno for r in failures] == [logging.ERROR, logging.DEBUG, logging.DEBUG]

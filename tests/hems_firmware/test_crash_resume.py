@@ -37,6 +37,7 @@ from mhp_wire.messages import (
 )
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.mqtt_party import Party, parties
+from tests.waiting import eventually
 
 LEAD_S, DURATION_S = 1.0, 9.0
 
@@ -357,18 +358,18 @@ def test_an_older_database_gets_the_reported_column_without_repeating_outcomes(t
 async def _until_shed_is_stored(db_path: Path, request_id: str, names: list[str], timeout: float = 10.0) -> None:
     """Wait until the gateway's store holds ``names`` shed for ``request_id`` (read-only, beside the running
     gateway): the shedding is done and survives the kill."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def stored() -> bool:
         with contextlib.suppress(sqlite3.Error):
             db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
             try:
                 row = db.execute("SELECT shed FROM commands WHERE request_id=?", (request_id,)).fetchone()
             finally:
                 db.close()
-            if row is not None and sorted(json.loads(row[0])) == sorted(names):
-                return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"the gateway did not store {names} shed for {request_id} within {timeout} s")
+            return row is not None and sorted(json.loads(row[0])) == sorted(names)
+        return False
+
+    await eventually(stored, f"the gateway stored {names} shed for {request_id}", timeout_s=timeout)
 
 
 async def _drain(bridge: Party) -> list[object]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from mhp_wire import topics
 from mhp_wire.messages import Ack, Telemetry
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.mqtt_party import Party, parties
+from tests.waiting import eventually
 
 AFTER_S, DURATION_S = 60.0, 600.0
 
@@ -100,7 +101,7 @@ async def running(tmp_path: Path, factory: MosquittoFactory) -> AsyncIterator[Ri
             "devices": split_device_entries(home, "127.0.0.1", meter.port, relay.port, timeout_s=0.3)})
         gw = Gateway(cfg, clock=clock)
         task = asyncio.create_task(gw.run())
-        await until(lambda: gw.link is not None and gw.link.connected and "heater" in gw.state
+        await eventually(lambda: gw.link is not None and gw.link.connected and "heater" in gw.state
                     and bound_address(gw) is not None)
         try:
             yield Rig(home, gw, broker, clock)
@@ -110,14 +111,6 @@ async def running(tmp_path: Path, factory: MosquittoFactory) -> AsyncIterator[Ri
                 await task
 
 
-async def until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Wait (real time: polls, reconnects) until ``cond()`` holds."""
-    for _ in range(int(timeout_s / 0.02)):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    assert cond()
-
 
 async def polls(gw: Gateway, n: int = 3) -> None:
     """Let the gateway's poll loop run ``n`` more control steps."""
@@ -126,7 +119,7 @@ async def polls(gw: Gateway, n: int = 3) -> None:
 
 async def lose_the_bridge(rig: Rig) -> None:
     rig.broker.process.stop()
-    await until(lambda: rig.gateway.link is not None and not rig.gateway.link.connected)
+    await eventually(lambda: rig.gateway.link is not None and not rig.gateway.link.connected)
     await polls(rig.gateway)
     assert rig.gateway.failsafe.lost_at == rig.clock.now
 
@@ -163,7 +156,7 @@ async def test_the_failsafe_holds_the_limit_for_its_duration_and_is_reported_on_
         await polls(gw)
         assert FAILSAFE_ID not in gw.active and rig.home.coil_state(0), "not before after_s"
         rig.clock.now += 1
-        await until(lambda: FAILSAFE_ID in gw.active and not rig.home.coil_state(0))
+        await eventually(lambda: FAILSAFE_ID in gw.active and not rig.home.coil_state(0))
         assert gw.active[FAILSAFE_ID].limit_kw == 4.5
         assert rig.home.coil_state(1), "4.15 kW: the heater was enough to get under 4.5 kW"
         state = await page_state(gw)
@@ -173,7 +166,7 @@ async def test_the_failsafe_holds_the_limit_for_its_duration_and_is_reported_on_
         await polls(gw)
         assert FAILSAFE_ID in gw.active and not rig.home.coil_state(0), "held for its whole duration"
         rig.clock.now += 1
-        await until(lambda: FAILSAFE_ID not in gw.active and rig.home.coil_state(0))
+        await eventually(lambda: FAILSAFE_ID not in gw.active and rig.home.coil_state(0))
         rig.clock.now += 10 * DURATION_S
         await polls(gw)
         assert FAILSAFE_ID not in gw.active and rig.home.coil_state(0), "applied once per outage: bounded"
@@ -192,7 +185,7 @@ async def test_the_failsafe_ends_when_the_bridge_is_back(tmp_path: Path, mosquit
         gw = rig.gateway
         await lose_the_bridge(rig)
         rig.clock.now += AFTER_S
-        await until(lambda: FAILSAFE_ID in gw.active and not rig.home.coil_state(0))
+        await eventually(lambda: FAILSAFE_ID in gw.active and not rig.home.coil_state(0))
         seen = await reports_after_reconnect(rig, "ended")
         assert FAILSAFE_ID not in gw.active
         for _ in range(50):  # loads come back one per restore interval on the gateway's clock
@@ -212,7 +205,7 @@ async def test_loads_the_failsafe_shed_come_back_after_a_restart(tmp_path: Path,
     async with running(tmp_path, mosquitto_factory) as rig:
         await lose_the_bridge(rig)
         rig.clock.now += AFTER_S
-        await until(lambda: FAILSAFE_ID in rig.gateway.active and not rig.home.coil_state(0))
+        await eventually(lambda: FAILSAFE_ID in rig.gateway.active and not rig.home.coil_state(0))
         cfg, broker, home = rig.gateway.cfg, rig.broker, rig.home
     assert not home.coil_state(0), "the board holds what the failsafe shed"
     broker.process.start()
@@ -222,7 +215,7 @@ async def test_loads_the_failsafe_shed_come_back_after_a_restart(tmp_path: Path,
             {"gateway": cfg.gateway.model_dump(), "devices": devices}).devices}), clock=FakeClock())
         task = asyncio.create_task(again.run())
         try:
-            await until(lambda: home.coil_state(0))
+            await eventually(lambda: home.coil_state(0))
             assert FAILSAFE_ID not in again.active and not again.to_restore
         finally:
             task.cancel()

@@ -22,6 +22,7 @@ from mhp_wire.messages import ClientState, Outcome
 from tests.broker_fixtures import MosquittoFactory
 from tests.hems_firmware.web_rig import WebRig, emergency, running_gateway, send
 from tests.mqtt_party import Party, parties
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -46,12 +47,6 @@ async def next_of(events: AsyncIterator[dict[str, Any]], match: Any, timeout: fl
                 return event
     raise AssertionError("the stream ended")
 
-
-async def wait_for(predicate: Any, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 async def test_api_state_is_the_current_snapshot(rig: WebRig) -> None:
@@ -113,15 +108,15 @@ async def test_a_client_that_disconnects_leaves_no_subscriber(rig: WebRig) -> No
             await anext(sse_events(one))
             await anext(sse_events(two))
             assert feed.subscribers == 2
-        await wait_for(lambda: feed.subscribers == 0, timeout=2)
+        await eventually(lambda: feed.subscribers == 0, timeout_s=2)
     # A browser that vanishes without reading: the TCP connection is simply closed.
     reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
     writer.write(b"GET /events HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n")
     await writer.drain()
     assert b"200" in await reader.readline()
-    await wait_for(lambda: feed.subscribers == 1, timeout=2)
+    await eventually(lambda: feed.subscribers == 1, timeout_s=2)
     writer.transport.abort()
-    await wait_for(lambda: feed.subscribers == 0, timeout=2)
+    await eventually(lambda: feed.subscribers == 0, timeout_s=2)
 
 
 async def test_stopping_the_gateway_ends_open_streams_promptly(rig: WebRig) -> None:
@@ -195,4 +190,4 @@ async def test_an_idle_stream_gets_keep_alives_and_ends_when_the_server_stops(tm
     page.close_streams()
     with pytest.raises(StopAsyncIteration):
         await anext(stream)
-    await wait_for(lambda: gw.events.subscribers == 0, timeout=1)
+    await eventually(lambda: gw.events.subscribers == 0, timeout_s=1)

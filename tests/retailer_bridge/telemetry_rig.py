@@ -20,7 +20,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,6 @@ from tests.broker_fixtures import free_port
 
 VM_BINARY = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
 
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> None:
-    """Wait until ``check()`` holds, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout} s: {check}")
-        await asyncio.sleep(interval)
 
 
 class VictoriaMetrics:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,6 +37,7 @@ from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.mqtt_party import Party, parties
+from tests.waiting import eventually
 
 
 @dataclass
@@ -207,7 +209,13 @@ async def test_a_gateway_that_comes_back_gets_its_command_at_once(rig: Rig) -> N
     with parties(Party(rig.hub_broker, "hub", topics.all_up("retailers"))) as (hub,):
         await hub.publish(topics.down("retailers", "r1"), request(["c1"], "q5", lead_s=30))
         await hub.next("ack")
-        await asyncio.sleep(1.8)  # sent twice while gw-1 was away; the next retry is seconds off
+
+        def sent_twice() -> bool:  # while gw-1 was away: the next retry is seconds off
+            with contextlib.closing(sqlite3.connect(f"file:{rig.bridge.settings.db_path}?mode=ro", uri=True)) as db:
+                row = db.execute("SELECT attempts FROM commands WHERE request_id='q5' AND client_id='c1'").fetchone()
+            return row is not None and row[0] >= 2
+
+        await eventually(sent_twice, "the command to gw-1 sent twice", timeout_s=10.0)
         with parties(Party(rig.local, "gw-1", topics.down("gateways", "gw-1"))) as (gw1,):
             await gw1.publish(topics.status("gateways", "gw-1"), presence_payload("online"), retain=True)
             cmd = await gw1.next("command", timeout=1.0)

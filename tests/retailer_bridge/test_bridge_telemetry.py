@@ -17,8 +17,8 @@ from retailer_bridge.settings import BridgeSettings
 from retailer_bridge.telemetry import HOME_DEVICE
 from tests.broker_fixtures import MosquittoFactory
 from tests.mqtt_party import Party, parties
-from tests.retailer_bridge.telemetry_rig import eventually
 from tests.retailer_bridge.test_bridge import Rig
+from tests.waiting import eventually
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from retailer_bridge.telemetry import (
     to_ms,
 )
 from tests.broker_fixtures import free_port
-from tests.retailer_bridge.telemetry_rig import eventually
+from tests.waiting import eventually
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123000, tzinfo=UTC)
 
@@ -113,11 +113,11 @@ async def test_batches_wait_for_the_flush_interval_unless_full(tmp_path: Path) -
         exp.submit(telemetry(1))  # 5 points: less than a batch, written only after the interval
         await eventually(lambda: exp.spool_size == 5)
         exp.submit(telemetry(2))  # now a full batch: written at once
-        await eventually(lambda: exp.written == 10, timeout=0.5)
+        await eventually(lambda: exp.written == 10, timeout_s=0.5)
         exp.submit(telemetry(3))
         await eventually(lambda: exp.spool_size == 5)
         assert exp.written == 10
-        await eventually(lambda: exp.written == 15, timeout=2.0)
+        await eventually(lambda: exp.written == 15, timeout_s=2.0)
 
 
 async def test_the_spool_is_capped_and_drops_the_oldest(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

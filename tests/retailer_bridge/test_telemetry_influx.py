@@ -16,7 +16,8 @@ import pytest
 
 from mhp_wire.messages import Telemetry
 from retailer_bridge.telemetry import TelemetryExporter, to_ms
-from tests.retailer_bridge.telemetry_rig import VM_BINARY, VictoriaMetrics, eventually
+from tests.retailer_bridge.telemetry_rig import VM_BINARY, VictoriaMetrics
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.skipif(not os.access(VM_BINARY, os.X_OK),
                                 reason="victoria-metrics is not installed (scripts/setup.sh installs it)")
@@ -97,7 +98,7 @@ async def test_influxdb_down_and_back_nothing_lost(vm: VictoriaMetrics, exporter
     msgs = [telemetry(seq) for seq in range(1, 101)]
     for msg in msgs[:10]:
         exporter.submit(msg)
-    await eventually(lambda: exporter.written == 40 and exporter.spool_size == 0, timeout=20)
+    await eventually(lambda: exporter.written == 40 and exporter.spool_size == 0, timeout_s=20)
     await asyncio.to_thread(vm.stop)
     sizes = []
     for msg in msgs[10:]:
@@ -105,11 +106,11 @@ async def test_influxdb_down_and_back_nothing_lost(vm: VictoriaMetrics, exporter
         await asyncio.sleep(0.01)
         sizes.append(exporter.spool_size)
         assert exporter.pending <= 40  # memory holds at most the last few messages; the rest is on disk
-    await eventually(lambda: exporter.spool_size == 360, timeout=20)
+    await eventually(lambda: exporter.spool_size == 360, timeout_s=20)
     assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
     assert exporter.failed_batches >= 2 and exporter.written == 40 and exporter.dropped == 0
     await asyncio.to_thread(vm.start)
-    await eventually(lambda: exporter.written == 400 and exporter.spool_size == 0, timeout=30)
+    await eventually(lambda: exporter.written == 400 and exporter.spool_size == 0, timeout_s=30)
     assert exporter.spooled == 400 and exporter.dropped == 0
     got = await vm.wait_for_samples(400)
     check_exactly_once(got, msgs)

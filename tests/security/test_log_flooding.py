@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from tests.hems_firmware.test_gateway import Rig as GatewayRig
 from tests.hems_firmware.test_gateway import rig  # noqa: F401  (the gateway rig, a fixture)
 from tests.hub_fixtures import HubHandle, running_hub
 from tests.mqtt_party import Party, parties
+from tests.waiting import eventually
 
 FLOOD = 300
 BURST = 5
@@ -50,13 +51,6 @@ def assert_one_line_each(lines: list[str], limit: int = 1_000) -> None:
         assert not any(c in line for c in "\n\r\x85\u2028\u2029"), f"a raw line break in the log: {line[:200]!r}"
         assert len(line) <= limit, f"a log line of {len(line)} characters"
 
-
-async def until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"never: {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -133,7 +127,7 @@ async def bridge(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncIt
         gateway_rate_limit_burst=BURST))
     task = asyncio.create_task(b.run())
     try:
-        await until(lambda: b.relay.local is not None and b.relay.local.connected, "the bridge connected")
+        await eventually(lambda: b.relay.local is not None and b.relay.local.connected, "the bridge connected")
         with parties(Party(local, "gw-1", topics.down("gateways", "gw-1"))) as (gw1,):
             yield b, gw1
     finally:
@@ -153,7 +147,7 @@ async def test_a_gateway_flooding_the_bridge_with_multiline_garbage_gets_few_one
     await gw1.publish(topics.up("gateways", "gw-1"), error_payload("m-1", MULTILINE_TEXT))
     for _ in range(FLOOD):
         await gw1.publish(topics.up("gateways", "gw-1"), hostile)
-    await until(lambda: b.relay.rejected["gateway_invalid"] + b.relay.rejected["gateway_rate_limited"] >= FLOOD,
+    await eventually(lambda: b.relay.rejected["gateway_invalid"] + b.relay.rejected["gateway_rate_limited"] >= FLOOD,
                 "the bridge counted the flood")
     logged = lines_of(caplog, "retailer_bridge.relay")
     assert len(logged) <= BURST, f"{len(logged)} log lines for a flood of {FLOOD}"
@@ -173,10 +167,10 @@ async def test_the_hubs_multiline_error_text_is_logged_on_one_line_by_the_bridge
         db_path=tmp_path / "bridge.db", customers={"c1": "gw-1"}))
     task = asyncio.create_task(b.run())
     try:
-        await until(lambda: b.relay.hub is not None and b.relay.hub.connected, "the bridge connected")
+        await eventually(lambda: b.relay.hub is not None and b.relay.hub.connected, "the bridge connected")
         with parties(Party(hub_broker, "hub")) as (hub,):
             await hub.publish(topics.down("retailers", "r1"), error_payload("m\n1", MULTILINE_TEXT))
-            await until(lambda: b.relay.received["hub_error"] >= 1, "the bridge read the error")
+            await eventually(lambda: b.relay.received["hub_error"] >= 1, "the bridge read the error")
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -194,7 +188,7 @@ async def test_the_gateway_logs_an_error_answer_on_one_line(
     caplog.set_level(logging.WARNING, logger="hems_firmware.daemon")
     with parties(Party(rig.broker, "bridge")) as (bridge_party,):
         await bridge_party.publish(topics.down("gateways", "gw-1"), error_payload("m\n1", MULTILINE_TEXT))
-        await until(lambda: any("FORGED" in line for line in lines_of(caplog, "hems_firmware.daemon")),
+        await eventually(lambda: any("FORGED" in line for line in lines_of(caplog, "hems_firmware.daemon")),
                     "the gateway logged the error answer")
     assert_one_line_each(lines_of(caplog, "hems_firmware.daemon"))
 

@@ -26,6 +26,7 @@ from mhp_wire.messages import Request, decode, presence_payload
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.ratelimit import RateLimiter
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
+from tests.waiting import eventually
 
 DSO = Principal("dso")
 A_REQUESTS = 20
@@ -36,13 +37,6 @@ BURST = 6
 """Presence changes r1 may make at once: 3 offline/online pairs; the clock never refills the bucket."""
 WAIT_S = 15.0
 
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Wait until ``condition`` holds (a failure naming ``what`` if it never does)."""
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"never: {what}"
-        await asyncio.sleep(0.01)
 
 
 def link(broker: BrokerHandle, username: str, subscriptions: list[str],
@@ -80,7 +74,7 @@ async def flap(broker: BrokerHandle, store: HubStore, clock: Callable[[], float]
     book = RequestBook(store, metrics)
     relay = HubRelay(book, metrics, clock=clock)
     relay.presence_limiter = RateLimiter(0.1, BURST, clock=clock)
-    service = HubService(store, book, metrics)
+    service = HubService.build(store, book, metrics)
     seen: list[tuple[str, str]] = []
     """(retailer, request id) of every message the hub published, in the broker's order."""
 
@@ -91,21 +85,22 @@ async def flap(broker: BrokerHandle, store: HubStore, clock: Callable[[], float]
 
     async def emergency(client_id: str) -> str:
         start = datetime.now(UTC) + timedelta(hours=1)
-        status, body = await service.create_emergency(DSO, {"client_ids": [client_id], "start": start,
-                                                            "duration_s": 600, "power_limit_kw": 1.0}, None)
-        assert status == 202, body
-        return str(body["request_id"])
+        accepted = await service.flexibility.create_emergency(DSO, {"client_ids": [client_id], "start": start,
+                                                                    "duration_s": 600, "power_limit_kw": 1.0}, None)
+        assert accepted.state == "accepted", accepted
+        return accepted.request_id
 
     async def dispatch_round() -> list[tuple[str, str]]:
         """One round of the dispatcher, as the broker forwarded it."""
         before, sent_before = len(seen), sample(metrics, "mhp_outbox_sent_total")
         await relay.dispatch_once()
         sent = int(sample(metrics, "mhp_outbox_sent_total") - sent_before)
-        await until(lambda: len(seen) == before + sent, f"the observer gets the {sent} message(s) of the round")
+        await eventually(lambda: len(seen) == before + sent, f"the observer gets the {sent} message(s) of the round",
+                   timeout_s=WAIT_S)
         return seen[before:]
 
     for rid in ("r1", "r2"):
-        await service.put_retailer(DSO, rid, rid)
+        await service.registry.put_retailer(DSO, rid, rid)
     for cid, rid in [("a1", "r1"), ("b1", "r2")]:  # straight into storage: no customers announcement (issue 13)
         await store.put_client(cid, rid, 5.0, None, time.time())  # joins the requests this test counts
     b_first: list[int] = []
@@ -121,8 +116,8 @@ async def flap(broker: BrokerHandle, store: HubStore, clock: Callable[[], float]
             for state in ("offline", "online"):
                 await r1.publish(topics.status("retailers", "r1"), presence_payload(state), retain=True)
             done = 2 * (flap + 1)
-            await until(lambda n=done: sample(metrics, "mhp_mqtt_received_total", type="presence") == n,
-                        f"the hub read r1's {done} presence messages")
+            await eventually(lambda n=done: sample(metrics, "mhp_mqtt_received_total", type="presence") == n,
+                        f"the hub read r1's {done} presence messages", timeout_s=WAIT_S)
             b_id = await emergency("b1")
             round_ = await dispatch_round()
             b_first.append(round_.index(("r2", b_id)))

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import happybase
@@ -18,6 +18,7 @@ import pytest
 from thriftpy2.transport import TTransportException
 
 from sim.hbase_double import Hbase_thrift, HBaseThriftDouble
+from tests.waiting import eventually_blocking
 
 REPO = Path(__file__).resolve().parents[2]
 IOError_ = Hbase_thrift.IOError
@@ -50,13 +51,6 @@ def table(conn: happybase.Connection) -> happybase.Table:
     """Table ``t`` with families ``cf`` (2 versions) and ``x`` (default 3)."""
     conn.create_table("t", {"cf": {"max_versions": 2}, "x": {}})
     return conn.table("t")
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def close_pool(pool: happybase.ConnectionPool) -> None:
@@ -412,7 +406,7 @@ def test_idle_connections_are_closed_and_can_be_dropped() -> None:
         c = connect(double.port)
         try:
             c.create_table("t", {"cf": {}})
-            wait_for(lambda: double.connection_count == 0)
+            eventually_blocking(lambda: double.connection_count == 0)
             with pytest.raises(TTransportException, match="read 0 bytes"):
                 c.tables()
             c.close()
@@ -443,7 +437,7 @@ def test_garbage_and_abrupt_clients_do_not_kill_the_server(double: HBaseThriftDo
     send(b"\x80\x01\x00\x01\x00\x00\x00\x0bnoSuchThing\x00\x00\x00\x01\x00")  # unknown method: an answer
     send(b"\x80\x01\x00\x01\x7f\xff\xff\xff", reset=True)
     send(b"\x80\x01\x00\x01\x00\x00\x00\x0dgetTableNames\x00\x00\x00\x01", reset=True)
-    wait_for(lambda: double.connection_count == 1)
+    eventually_blocking(lambda: double.connection_count == 1)
     conn.create_table("t", {"cf": {}})
     assert conn.tables() == [b"t"]
 
@@ -466,7 +460,7 @@ def test_runs_as_a_process(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "sim.hbase_double", "--port", "0", "--ready-file", str(ready)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(ready.exists, timeout=10)
+        eventually_blocking(ready.exists, timeout_s=10)
         c = connect(int(ready.read_text()))
         try:
             c.create_table("t", {"cf": {}})
@@ -489,7 +483,7 @@ def test_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "sim.hbase_double", "--port", "0", "--ready-file", str(ready)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(ready.exists, timeout=10)
+        eventually_blocking(ready.exists, timeout_s=10)
         c = connect(int(ready.read_text()))
         c.close()
         proc.terminate()
