@@ -239,17 +239,27 @@ def _decide_party(who: Principal, action: Action, ctx: Context) -> Decision:
     if action is Action.REQUEST_PERMISSION:
         return Decision(True, "party:request-permission")
     if action in (Action.READ_PERMISSION, Action.TERMINATE_PERMISSION):
-        if ctx.issuer is not None and ctx.issuer == str(who):
-            return Decision(True, "issuer")
-        return Decision(False, "none", "a permission is read or ended only by the party that asked for it",
-                        conceal=True)
+        return _decide_party_own_permission(who, ctx)
     if action in _PARTY_READS:
-        if ctx.permission_id is not None:
-            return Decision(True, f"party:permission:{ctx.permission_id}")
-        return Decision(False, "none", f"no permission of the customer, valid now, covers this read of "
-                                       f"{_PARTY_READS[action]}", conceal=True)
+        return _decide_party_read(action, ctx)
     return Decision(False, "none", f"an eligible party may not {action.value.replace('_', ' ')}",
                     conceal=action in (Action.READ_CLIENT, Action.READ_EVENTS, Action.MANAGE_SUBSCRIPTION))
+
+
+def _decide_party_own_permission(who: Principal, ctx: Context) -> Decision:
+    """A party reads or ends a permission only if it is the party that asked for it (concealed otherwise)."""
+    if ctx.issuer is not None and ctx.issuer == str(who):
+        return Decision(True, "issuer")
+    return Decision(False, "none", "a permission is read or ended only by the party that asked for it",
+                    conceal=True)
+
+
+def _decide_party_read(action: Action, ctx: Context) -> Decision:
+    """A party reads a client's data only under a permission of the customer valid now (concealed otherwise)."""
+    if ctx.permission_id is not None:
+        return Decision(True, f"party:permission:{ctx.permission_id}")
+    return Decision(False, "none", f"no permission of the customer, valid now, covers this read of "
+                                   f"{_PARTY_READS[action]}", conceal=True)
 
 
 def visible_suppliers(who: Principal, periods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -184,12 +184,24 @@ def validate_request(purpose: str, scopes: Iterable[Scope], resolution_s: int, d
     return problems
 
 
-def new_permission(permission_id: str, party_id: str, client_id: str, purpose: str, scopes: Iterable[Scope],
-                   resolution_s: int, data_from: float, data_to: float, valid_until: float, now: float,
+@dataclass(frozen=True, slots=True)
+class PermissionAsk:
+    """What a party asks a customer for: ``scopes`` of data of ``[data_from, data_to)`` at ``resolution_s``, for
+    ``purpose``, valid until ``valid_until`` (the fields :func:`validate_request` checks)."""
+
+    purpose: str
+    scopes: Iterable[Scope]
+    resolution_s: int
+    data_from: float
+    data_to: float
+    valid_until: float
+
+
+def new_permission(permission_id: str, party_id: str, client_id: str, ask: PermissionAsk, now: float,
                    decide_within_s: float = DECIDE_WITHIN_S) -> Permission:
     """A validated request, sent to the customer's personal area: created, validated and sent at ``now``."""
-    p = Permission(permission_id, party_id, client_id, purpose, tuple(dict.fromkeys(scopes)), resolution_s,
-                   data_from, data_to, valid_until, now + decide_within_s, now)
+    p = Permission(permission_id, party_id, client_id, ask.purpose, tuple(dict.fromkeys(ask.scopes)),
+                   ask.resolution_s, ask.data_from, ask.data_to, ask.valid_until, now + decide_within_s, now)
     return p.apply(Event.VALIDATE, now, "hub").apply(Event.SEND, now, "hub")
 
 

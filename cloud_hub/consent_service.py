@@ -130,10 +130,11 @@ class ConsentService:
             raise Forbidden(f"party {who.party_id!r} is not registered: ask the hub's administrator")
         now = self.now()
         client_id = body["client_id"]
-        scopes = [Scope(s) for s in body["scopes"]]
-        problems = consent.validate_request(body["purpose"], scopes, body["resolution_s"],
-                                            body["data_from"].timestamp(), body["data_to"].timestamp(),
-                                            body["valid_until"].timestamp(), now)
+        ask = consent.PermissionAsk(body["purpose"], [Scope(s) for s in body["scopes"]], body["resolution_s"],
+                                    body["data_from"].timestamp(), body["data_to"].timestamp(),
+                                    body["valid_until"].timestamp())
+        problems = consent.validate_request(ask.purpose, ask.scopes, ask.resolution_s, ask.data_from, ask.data_to,
+                                            ask.valid_until, now)
         if problems:
             raise ValueError("; ".join(problems))
         client = await self.store.get_client(client_id)
@@ -141,9 +142,7 @@ class ConsentService:
             # The party had the id from the customer: an unknown id is a mistake to report (nothing is logged:
             # it names no one's data).
             raise NotFound(f"client {client_id!r} is not registered")
-        p = consent.new_permission(new_id(), who.party_id, client_id, body["purpose"], scopes, body["resolution_s"],
-                                   body["data_from"].timestamp(), body["data_to"].timestamp(),
-                                   body["valid_until"].timestamp(), now)
+        p = consent.new_permission(new_id(), who.party_id, client_id, ask, now)
         await self._changed(None, p, verdict.right)
         await self.push_view(client_id, supplier_at(client["suppliers"], now))
         return permission_json(p)

@@ -226,6 +226,28 @@ class _Failures:
     locked_until: float = 0.0
 
 
+@dataclass
+class _Followed:
+    """What a follower of one request was last told: its view, the hub's error, when it ended, the feed's error."""
+
+    last: dict[str, Any] | None = None
+    last_error: str | None = None
+    ended_at: float | None = None
+    feed_error: str | None = None
+
+
+async def _next_change(changes: asyncio.Queue[tuple[str, str]], wait_s: float) -> tuple[str, str] | None:
+    """The last of the changes on ``changes`` once one comes within ``wait_s`` (many at once: one fetch); None when
+    none came."""
+    try:
+        change = await asyncio.wait_for(changes.get(), wait_s)
+    except TimeoutError:
+        return None
+    while not changes.empty():
+        change = changes.get_nowait()
+    return change
+
+
 class _HubError(Exception):
     """The hub could not be reached."""
 
@@ -361,6 +383,13 @@ class DsoConsole:
         self._set_cookie(response, self.login_cookie, token, 3600)
         return response
 
+    def _post_refusal(self, request: Request) -> Response | None:
+        """A refusal unless the POST comes from a signed-in session (:meth:`_check_post`)."""
+        session = self._session(request)
+        if session is None:
+            return _signed_out()
+        return self._check_post(request, session)
+
     def _check_post(self, request: Request, session: _Session) -> Response | None:
         """A refusal unless the POST is JSON from this page carrying the session's CSRF token."""
         origin = request.headers.get("origin")
@@ -467,25 +496,14 @@ class DsoConsole:
             return _signed_out()
         return JSONResponse({"requests": self.recent})
 
-    # Complexity (C901, PLR0911): a form handler answers each refusal at the point it is found.
-    async def create(self, request: Request) -> Response:  # noqa: C901, PLR0911
+    async def create(self, request: Request) -> Response:
         """``POST /api/requests``: one form, checked, turned into the hub's body and posted to the hub."""
-        session = self._session(request)
-        if session is None:
-            return _signed_out()
-        refused = self._check_post(request, session)
+        refused = self._post_refusal(request)
         if refused is not None:
             return refused
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-            return _error(415, "unsupported_media_type", "send the form as application/json")
-        try:
-            form = json.loads(await _read_body(request, MAX_BODY))
-        except _TooLarge:
-            return _error(413, "too_large", f"the form is larger than {MAX_BODY // 1024} KiB")
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, "invalid_form", "the form is not JSON")
-        if not isinstance(form, dict):
-            return _error(400, "invalid_form", "the form is not a JSON object")
+        form = await _json_form(request)
+        if isinstance(form, Response):
+            return form
         try:
             kind, path, body = build_request(form)
         except FormProblems as exc:
@@ -497,6 +515,10 @@ class DsoConsole:
                 return _error(400, "invalid_form", "nothing was posted: a bad idempotency key",
                               problems=[{"field": "idempotency_key", "message": "8 to 100 letters, digits, _ . : -"}])
             headers["Idempotency-Key"] = "dso-web-" + key
+        return await self._post_request(kind, path, body, headers)
+
+    async def _post_request(self, kind: str, path: str, body: dict[str, Any], headers: dict[str, str]) -> Response:
+        """Post a checked request to the hub, remember it among the recent ones, and pass on the hub's answer."""
         try:
             status, answer = await self._hub("POST", path, json=body, headers=headers)
         except _HubError as exc:
@@ -569,56 +591,61 @@ class DsoConsole:
                                    name=f"dso-console-feed-{rid}")
         try:
             yield f"retry: {RETRY_MS}\n\n"
-            last: dict[str, Any] | None = None
-            last_error: str | None = None
-            ended_at: float | None = None
-            feed_error: str | None = None
+            seen = _Followed()
             fetch = False
             while not self._closing.is_set() and not await request.is_disconnected():
                 if fetch:
-                    try:
-                        status, answer = await self._hub("GET", f"/v1/requests/{quote(rid, safe='')}")
-                    except _HubError as exc:
-                        status, answer = 502, {"error": "hub_unreachable", "message": str(exc)}
-                    if status == 200:
-                        last_error = None
-                        if answer != last:
-                            last = answer
-                            self._note_state(rid, answer)
-                            yield sse({"type": "request", "request": summarize(answer)})
-                        if answer.get("state") in TERMINAL:
-                            ended_at = ended_at or time.monotonic()
-                    elif status in (404, 403) or (status == 502 and answer.get("error") == "hub_refused"):
-                        yield sse({"type": "error", "status": status, **answer})
-                        yield sse({"type": "end", "state": None})
+                    messages, over = await self._refresh(rid, seen)
+                    for message in messages:
+                        yield message
+                    if over:
                         return
-                    elif answer.get("message") != last_error:  # the hub is away or busy: say so once
-                        last_error = answer.get("message")
-                        yield sse({"type": "error", "status": status, **answer, "retrying": True})
                 wait_s = KEEPALIVE_S
-                if ended_at is not None:
-                    wait_s = self.settings.settle_s - (time.monotonic() - ended_at)
+                if seen.ended_at is not None:
+                    wait_s = self.settings.settle_s - (time.monotonic() - seen.ended_at)
                     if wait_s <= 0:  # ended, and no late change (a cancel acknowledgement) for settle_s
-                        yield sse({"type": "end", "state": last.get("state") if last else None})
+                        yield sse({"type": "end", "state": seen.last.get("state") if seen.last else None})
                         return
-                try:
-                    kind, message = await asyncio.wait_for(changes.get(), wait_s)
-                except TimeoutError:
-                    if ended_at is None:
+                change = await _next_change(changes, wait_s)
+                if change is None:
+                    if seen.ended_at is None:
                         yield ": keep-alive\n\n"
                     fetch = False
                     continue
-                while not changes.empty():  # many changes at once: one fetch
-                    kind, message = changes.get_nowait()
                 fetch = True  # after a change, or once a second while the feed cannot be followed (the GET says why)
-                if kind == "error" and message != feed_error:
-                    feed_error = message
+                kind, message = change
+                if kind == "error" and message != seen.feed_error:
+                    seen.feed_error = message
                     log.warning("DSO console: cannot follow the hub's feed of %s: %s", rid, message)
         finally:
             self.streams -= 1
             feed.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feed
+
+    async def _refresh(self, rid: str, seen: _Followed) -> tuple[list[str], bool]:
+        """Fetch the request's view for its follower: the events to send it (the view when it changed; the hub's
+        error, once while it lasts), and whether the stream is over (the request cannot be followed)."""
+        try:
+            status, answer = await self._hub("GET", f"/v1/requests/{quote(rid, safe='')}")
+        except _HubError as exc:
+            status, answer = 502, {"error": "hub_unreachable", "message": str(exc)}
+        if status == 200:
+            seen.last_error = None
+            messages = []
+            if answer != seen.last:
+                seen.last = answer
+                self._note_state(rid, answer)
+                messages.append(sse({"type": "request", "request": summarize(answer)}))
+            if answer.get("state") in TERMINAL:
+                seen.ended_at = seen.ended_at or time.monotonic()
+            return messages, False
+        if status in (404, 403) or (status == 502 and answer.get("error") == "hub_refused"):
+            return [sse({"type": "error", "status": status, **answer}), sse({"type": "end", "state": None})], True
+        if answer.get("message") != seen.last_error:  # the hub is away or busy: say so once
+            seen.last_error = answer.get("message")
+            return [sse({"type": "error", "status": status, **answer, "retrying": True})], False
+        return [], False
 
     async def _watch(self, path: str, changes: asyncio.Queue[tuple[str, str]]) -> None:
         """Follow the hub's feed at ``path``, putting ``("change", "")`` on ``changes`` when it opens and after each
@@ -838,29 +865,23 @@ class DsoConsole:
 
     async def revise(self, request: Request) -> Response:
         """``POST /api/requests/{id}/revise``: the fields that change, validated by the hub's revision model."""
-        session = self._session(request)
-        if session is None:
-            return _signed_out()
-        refused = self._check_post(request, session)
+        refused = self._post_refusal(request)
         if refused is not None:
             return refused
         rid = request.path_params["request_id"]
         if not REQUEST_ID.fullmatch(rid):
             return _error(404, "not_found", "not a request id")
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-            return _error(415, "unsupported_media_type", "send the form as application/json")
-        try:
-            form = json.loads(await _read_body(request, MAX_BODY))
-        except _TooLarge:
-            return _error(413, "too_large", f"the form is larger than {MAX_BODY // 1024} KiB")
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, "invalid_form", "the form is not JSON")
-        if not isinstance(form, dict):
-            return _error(400, "invalid_form", "the form is not a JSON object")
+        form = await _json_form(request)
+        if isinstance(form, Response):
+            return form
         try:
             body = build_revision(form)
         except FormProblems as exc:
             return _error(400, "invalid_form", f"nothing was revised: {exc}", problems=exc.problems)
+        return await self._post_revision(rid, form, body)
+
+    async def _post_revision(self, rid: str, form: dict[str, Any], body: dict[str, Any]) -> Response:
+        """Post a checked revision to the hub (once per idempotency key the form carries) and pass on its answer."""
         headers = {}
         key = form.get("idempotency_key")
         if isinstance(key, str) and IDEMPOTENCY_KEY.fullmatch(key):
@@ -949,6 +970,21 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": code, "message": message, **extra}, status)
+
+
+async def _json_form(request: Request) -> dict[str, Any] | Response:
+    """The JSON object a form POST carries, or the refusal to answer (not JSON, too large, not an object)."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return _error(415, "unsupported_media_type", "send the form as application/json")
+    try:
+        form = json.loads(await _read_body(request, MAX_BODY))
+    except _TooLarge:
+        return _error(413, "too_large", f"the form is larger than {MAX_BODY // 1024} KiB")
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, "invalid_form", "the form is not JSON")
+    if not isinstance(form, dict):
+        return _error(400, "invalid_form", "the form is not a JSON object")
+    return form
 
 
 def _signed_out() -> JSONResponse:

@@ -658,28 +658,11 @@ class PersonalArea:
     async def consent_decide(self, request: Request) -> Response:
         """``POST /consent/{permission_id}``: the signed-in customer accepts, rejects or revokes a party's
         permission; relayed to the hub through the stored outbox."""
-        wait = self._address_wait(request)
-        if wait > 0:
-            return self._too_many(HTMLResponse(message_page("Not sent", _too_many_text(wait)), 429), wait)
-        signed_in = await self._session(request)
-        if signed_in is None:
-            return HTMLResponse(message_page("Signed out", "Your session has ended; please sign in again."), 403)
-        session = signed_in[1]
-        wait = self._account_wait("customer:" + session.client_id, request, session.client_id)
-        if wait > 0:
-            return self._too_many(HTMLResponse(message_page("Not sent", _too_many_text(wait), session.csrf_token),
-                                               429), wait)
-        try:
-            form = await read_form(request)
-        except FormError as exc:
-            return HTMLResponse(message_page("Not sent", str(exc), session.csrf_token), exc.status)
-        if not self._csrf_ok(form, session.csrf_token):
-            return HTMLResponse(message_page("Not sent", "The form was out of date or not from this site; nothing "
-                                             "was changed. Please try again.", session.csrf_token), 403)
+        checked = await self._customer_form(request, "Not sent")
+        if isinstance(checked, Response):
+            return checked
+        session, form = checked
         cid = session.client_id
-        away = self._away(cid)
-        if away is not None:
-            return HTMLResponse(moved_page(away, session.csrf_token, "Not sent"), 403)
         decision = parse_decision(form)
         permission_id = request.path_params["permission_id"]
         held = self.consent.views.get(cid)
@@ -694,31 +677,13 @@ class PersonalArea:
         log.info("customer %s decided %s on permission %s", cid, decision, permission_id)
         return RedirectResponse("/?decided=" + decision, 303)
 
-    # Complexity (PLR0911): a form handler answers each refusal at the point it is found.
-    async def change(self, request: Request) -> Response:  # noqa: PLR0911
+    async def change(self, request: Request) -> Response:
         """``POST /appliances/{device}``: new settings for one appliance of the signed-in customer's home."""
-        wait = self._address_wait(request)
-        if wait > 0:
-            return self._too_many(HTMLResponse(message_page("Not saved", _too_many_text(wait)), 429), wait)
-        signed_in = await self._session(request)
-        if signed_in is None:
-            return HTMLResponse(message_page("Signed out", "Your session has ended; please sign in again."), 403)
-        session = signed_in[1]
-        wait = self._account_wait("customer:" + session.client_id, request, session.client_id)
-        if wait > 0:
-            return self._too_many(HTMLResponse(message_page("Not saved", _too_many_text(wait), session.csrf_token),
-                                               429), wait)
-        try:
-            form = await read_form(request)
-        except FormError as exc:
-            return HTMLResponse(message_page("Not saved", str(exc), session.csrf_token), exc.status)
-        if not self._csrf_ok(form, session.csrf_token):
-            return HTMLResponse(message_page("Not saved", "The form was out of date or not from this site; nothing "
-                                             "was changed. Please try again.", session.csrf_token), 403)
+        checked = await self._customer_form(request, "Not saved")
+        if isinstance(checked, Response):
+            return checked
+        session, form = checked
         cid = session.client_id
-        away = self._away(cid)
-        if away is not None:
-            return HTMLResponse(moved_page(away, session.csrf_token, "Not saved"), 403)
         gateway_id = self.relay.customer_list.gateway_of(cid)
         if gateway_id is None:
             return HTMLResponse(message_page("Not saved", "Your home has no gateway yet: your retailer installs it "
@@ -752,6 +717,40 @@ class PersonalArea:
         return Response(ICON, media_type="image/svg+xml", headers={"cache-control": "public, max-age=3600"})
 
     # -- helpers --------------------------------------------------------------------------------------------
+
+    async def _customer_form(self, request: Request, title: str) -> tuple[Session, dict[str, str]] | Response:
+        """The signed-in customer's session and the form they posted, or the page refusing it under ``title``
+        (see :meth:`_posting_customer`; a bad or stale form; no longer this retailer's customer)."""
+        session = await self._posting_customer(request, title)
+        if isinstance(session, Response):
+            return session
+        try:
+            form = await read_form(request)
+        except FormError as exc:
+            return HTMLResponse(message_page(title, str(exc), session.csrf_token), exc.status)
+        if not self._csrf_ok(form, session.csrf_token):
+            return HTMLResponse(message_page(title, "The form was out of date or not from this site; nothing "
+                                             "was changed. Please try again.", session.csrf_token), 403)
+        away = self._away(session.client_id)
+        if away is not None:
+            return HTMLResponse(moved_page(away, session.csrf_token, title), 403)
+        return session, form
+
+    async def _posting_customer(self, request: Request, title: str) -> Session | Response:
+        """The session of the customer posting a form, or the page refusing it under ``title`` (too many forms from
+        the address or the account, or signed out)."""
+        wait = self._address_wait(request)
+        if wait > 0:
+            return self._too_many(HTMLResponse(message_page(title, _too_many_text(wait)), 429), wait)
+        signed_in = await self._session(request)
+        if signed_in is None:
+            return HTMLResponse(message_page("Signed out", "Your session has ended; please sign in again."), 403)
+        session = signed_in[1]
+        wait = self._account_wait("customer:" + session.client_id, request, session.client_id)
+        if wait > 0:
+            return self._too_many(HTMLResponse(message_page(title, _too_many_text(wait), session.csrf_token),
+                                               429), wait)
+        return session
 
     def _away(self, client_id: str) -> str | None:
         """None while ``client_id`` is this retailer's customer, else what to tell them (moved, not yet, never)."""

@@ -223,6 +223,14 @@ def request_body(event: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if kind is None:
         raise MappingError(f"programID must be one of {sorted(TYPE_OF_PROGRAM)}: the tariff is published with "
                            f"POST /v1/tariffs")
+    start, duration, payloads = _event_interval(event)
+    body: dict[str, Any] = {"client_ids": _event_clients(event)}
+    body.update(_BODY_OF_KIND.get(kind, _window_body)(start, duration, payloads))
+    return kind, body
+
+
+def _event_interval(event: Mapping[str, Any]) -> tuple[float, float, dict[Any, Any]]:
+    """The start, duration (s) and payloads (type -> first value) of an event's one interval."""
     period = event.get("intervalPeriod") or {}
     intervals = event.get("intervals") or []
     if not intervals:
@@ -234,6 +242,11 @@ def request_body(event: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         raise MappingError("the event (or its interval) needs an intervalPeriod with start and duration")
     start, duration = _ts(period["start"]), parse_duration(str(period["duration"]))
     payloads = {p.get("type"): (p.get("values") or [None])[0] for p in intervals[0].get("payloads") or []}
+    return start, duration, payloads
+
+
+def _event_clients(event: Mapping[str, Any]) -> list[str]:
+    """The client ids an event's RESOURCE_NAME targets name (at least one)."""
     clients: list[str] = []
     for t in event.get("targets") or []:
         if t.get("type") != "RESOURCE_NAME":
@@ -241,23 +254,35 @@ def request_body(event: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         clients += [str(v) for v in t.get("values") or []]
     if not clients:
         raise MappingError("an event needs a RESOURCE_NAME target naming the clients")
-    body: dict[str, Any] = {"client_ids": clients}
-    start_iso = _iso(start)
-    if kind == "emergency":
-        if payloads.get("IMPORT_CAPACITY_LIMIT") is None:
-            raise MappingError("an emergency event needs an IMPORT_CAPACITY_LIMIT payload (kW)")
-        body.update(start=start_iso, duration_s=duration, power_limit_kw=float(payloads["IMPORT_CAPACITY_LIMIT"]))
-    elif kind == "load_reduction":
-        if payloads.get("DISPATCH_SETPOINT_RELATIVE") is None:
-            raise MappingError("a load reduction event needs a DISPATCH_SETPOINT_RELATIVE payload (kW, negative)")
-        body.update(start=start_iso, duration_s=duration,
-                    reduction_kw=abs(float(payloads["DISPATCH_SETPOINT_RELATIVE"])),
-                    respond_within_s=max(1.0, min(60.0, start - datetime.now(UTC).timestamp())))
-    else:
-        body.update(window_start=start_iso, window_end=_iso(start + duration))
-        if payloads.get("ALERT_OTHER"):
-            body["reason"] = str(payloads["ALERT_OTHER"])[:200]
-    return kind, body
+    return clients
+
+
+def _emergency_body(start: float, duration: float, payloads: Mapping[Any, Any]) -> dict[str, Any]:
+    """An emergency's fields: its window and the import limit (kW)."""
+    if payloads.get("IMPORT_CAPACITY_LIMIT") is None:
+        raise MappingError("an emergency event needs an IMPORT_CAPACITY_LIMIT payload (kW)")
+    return {"start": _iso(start), "duration_s": duration, "power_limit_kw": float(payloads["IMPORT_CAPACITY_LIMIT"])}
+
+
+def _load_reduction_body(start: float, duration: float, payloads: Mapping[Any, Any]) -> dict[str, Any]:
+    """A load reduction's fields: its window, the reduction (kW) and how soon clients answer (1-60 s)."""
+    if payloads.get("DISPATCH_SETPOINT_RELATIVE") is None:
+        raise MappingError("a load reduction event needs a DISPATCH_SETPOINT_RELATIVE payload (kW, negative)")
+    return {"start": _iso(start), "duration_s": duration,
+            "reduction_kw": abs(float(payloads["DISPATCH_SETPOINT_RELATIVE"])),
+            "respond_within_s": max(1.0, min(60.0, start - datetime.now(UTC).timestamp()))}
+
+
+def _window_body(start: float, duration: float, payloads: Mapping[Any, Any]) -> dict[str, Any]:
+    """A load shift's fields: the window clients shift into, and the reason the DSO gave (ALERT_OTHER)."""
+    body: dict[str, Any] = {"window_start": _iso(start), "window_end": _iso(start + duration)}
+    if payloads.get("ALERT_OTHER"):
+        body["reason"] = str(payloads["ALERT_OTHER"])[:200]
+    return body
+
+
+_BODY_OF_KIND = {"emergency": _emergency_body, "load_reduction": _load_reduction_body}
+"""The request body's fields by request type; any other (load_shift) is a window (:func:`_window_body`)."""
 
 
 @dataclass(frozen=True, slots=True)

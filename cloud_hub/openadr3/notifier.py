@@ -155,42 +155,47 @@ class Notifier:
         if change.get("type") not in mapping.PROGRAM_OF_TYPE or not self.vens:
             return False
         rid = change["request_id"]
+        if not await self._moved(rid, change):
+            return False  # a client's progress: nothing an OpenADR event shows
+        req = await self.store.get_request(rid, ["r:", "c:"])
+        if req is None:
+            return False
+        writes, notes = await self._ven_changes(rid, req["meta"], req["clients"])
+        if writes:  # every VEN's index in one write, then the notifications (GET /events agrees with them)
+            await self.kv.batch(writes)
+        for ven, op, event in notes:
+            await self.notify(ven, "EVENT", op, event)
+        return True
+
+    async def _moved(self, rid: str, change: dict[str, Any]) -> bool:
+        """Whether the request's state, revision or phase differs from the last change seen of it (remembered)."""
         phase = None
         if change["type"] == "load_reduction":  # its second phase changes who is asked what: one cell read
             phase = (await self.store.get_request_cells(rid, ["r:phase"])).get("r:phase")
         key = (change["state"], change.get("revision"), phase)
         if self._seen.get(rid) == key:
-            return False  # a client's progress: nothing an OpenADR event shows
+            return False
         self._seen[rid] = key
         if len(self._seen) > 50_000:
             self._seen.pop(next(iter(self._seen)))
-        req = await self.store.get_request(rid, ["r:", "c:"])
-        if req is None:
-            return False
-        meta, clients = req["meta"], req["clients"]
+        return True
+
+    async def _ven_changes(self, rid: str, meta: dict[str, Any], clients: dict[str, Any]
+                           ) -> tuple[list[Mutation], list[tuple[str, str, dict[str, Any]]]]:
+        """Each VEN's event operation on the request: the writes to its index, and the notifications to send."""
         by_ven = {v: cs for v, cs in mapping.clients_by_ven(clients).items() if v in self.vens}
         rows = await self.kv.get_many(TABLE, [f"evt|{v}|{rid}" for v in by_ven])
         revision = int(meta.get("revision", 1))
+        phase = meta.get("phase")
         writes: list[Mutation] = []
         notes: list[tuple[str, str, dict[str, Any]]] = []
-        phase = meta.get("phase")
         for ven, mine in by_ven.items():
             row = rows.get(f"evt|{ven}|{rid}")
             seen = json.loads(row["d:o"]) if row else None
-            event = mapping.event_for(rid, meta, clients, ven, mine)
-            if meta["state"] == "cancelled" or event is None:  # cancelled; or none of its clients disconnected
-                if seen is None:
-                    continue
-                op = "DELETE"
-                event = event or mapping.event_for(rid, {**meta, "phase": None}, clients, ven, mine)
-            elif seen is None:
-                op = "CREATE"
-            elif seen["revision"] != revision or seen.get("phase") != phase:
-                op = "UPDATE"
-            else:
+            found = _event_operation(rid, meta, clients, ven, mine, seen)
+            if found is None:
                 continue
-            if event is None:
-                continue
+            op, event = found
             if op == "DELETE":
                 writes.append(_delete(f"evt|{ven}|{rid}"))
             else:
@@ -198,11 +203,7 @@ class Notifier:
                                                         "created_at": meta["created_at"],
                                                         "program": event["programID"], "clients": mine}))
             notes.append((ven, op, event))
-        if writes:  # every VEN's index in one write, then the notifications (GET /events agrees with them)
-            await self.kv.batch(writes)
-        for ven, op, event in notes:
-            await self.notify(ven, "EVENT", op, event)
-        return True
+        return writes, notes
 
     async def notify(self, ven: str, object_type: str, operation: str, obj: dict[str, Any]) -> None:
         """Tell ``ven`` of a change of one of its objects: on its MQTT topic and to its webhook subscriptions."""
@@ -275,6 +276,23 @@ class Notifier:
         """Stop notifying a subscription and forget it."""
         await self.kv.batch([_delete(f"sub|{sub_id}")])
         self.subscriptions.pop(sub_id, None)
+
+
+def _event_operation(rid: str, meta: dict[str, Any], clients: dict[str, Any], ven: str, mine: list[str],
+                     seen: dict[str, Any] | None) -> tuple[str, dict[str, Any]] | None:
+    """What ``ven`` is told of the request's event, given what its index ``seen``: CREATE, UPDATE (a new revision or
+    phase) or DELETE (cancelled, or none of its clients disconnected any more), with the event; None: nothing."""
+    event = mapping.event_for(rid, meta, clients, ven, mine)
+    if meta["state"] == "cancelled" or event is None:  # cancelled; or none of its clients disconnected
+        if seen is None:
+            return None
+        event = event or mapping.event_for(rid, {**meta, "phase": None}, clients, ven, mine)
+        return None if event is None else ("DELETE", event)
+    if seen is None:
+        return "CREATE", event
+    if seen["revision"] != int(meta.get("revision", 1)) or seen.get("phase") != meta.get("phase"):
+        return "UPDATE", event
+    return None
 
 
 def _verb(operation: str) -> str:

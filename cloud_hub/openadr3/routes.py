@@ -119,49 +119,74 @@ async def get_events(request: Request, who: Caller, service: Service, skip: Skip
     events: list[dict[str, Any]] = []
     if program_id in (None, mapping.TARIFF_PROGRAM):
         events += await _tariff_events(service, who)
-    wanted = skip + limit
+    room = skip + limit - len(events)
     if who.kind == "retailer":
-        ven = _ven_of(who)
-        for rid, entry in await _notifier(request).event_ids(ven):
-            if len(events) >= wanted:
-                break
-            if program_id is not None and entry.get("program") != program_id:
+        events += await _ven_events(request, service, who, program_id, room)
+    elif who.kind == "dso":
+        events += await _dso_events(service, who, program_id, room)
+    if target_type is not None and target_values:
+        events = _targeted(events, target_type, set(target_values))
+    return _page(events, skip, limit)
+
+
+def _split_cells(cells: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A request's cells as its meta (``r:``) and its clients (``c:``), prefixes dropped."""
+    meta = {k[2:]: v for k, v in cells.items() if k.startswith("r:")}
+    clients = {k[2:]: v for k, v in cells.items() if k.startswith("c:")}
+    return meta, clients
+
+
+async def _ven_events(request: Request, service: HubService, who: Principal, program_id: str | None,
+                      room: int) -> list[dict[str, Any]]:
+    """Up to ``room`` of a VEN's events, from its index, of ``program_id`` if given."""
+    ven = _ven_of(who)
+    events: list[dict[str, Any]] = []
+    for rid, entry in await _notifier(request).event_ids(ven):
+        if len(events) >= room:
+            break
+        if program_id is not None and entry.get("program") != program_id:
+            continue
+        # Only this VEN's clients' cells (the index row names them): a VEN's poll costs its own clients,
+        # not the whole request's.
+        mine = entry.get("clients")
+        cells = await service.book.store.get_request_cells(
+            rid, ["r:", *(f"c:{c}" for c in mine)] if mine is not None else ["r:", "c:"])
+        meta, clients = _split_cells(cells)
+        event = mapping.event_for(rid, meta, clients, ven) if meta else None
+        if event is not None:
+            events.append(event)
+    return events
+
+
+async def _dso_events(service: HubService, who: Principal, program_id: str | None,
+                      room: int) -> list[dict[str, Any]]:
+    """The events of the requests the DSO issued (not cancelled), of ``program_id`` if given, page by page until
+    there are ``room`` or more."""
+    service.access.authorize(who, Action.LIST_REQUESTS)
+    events: list[dict[str, Any]] = []
+    after = None
+    while len(events) < room:
+        page = await service.book.store.issued_request_page(str(who), after, None, 200)
+        if not page:
+            break
+        after = page[-1][0]
+        reqs = await service.book.store.get_requests_cells({rid: ["r:", "c:"] for _, rid in page})
+        for _, rid in page:
+            meta, clients = _split_cells(reqs.get(rid) or {})
+            if not meta or meta.get("state") == "cancelled":
                 continue
-            # Only this VEN's clients' cells (the index row names them): a VEN's poll costs its own clients,
-            # not the whole request's.
-            mine = entry.get("clients")
-            cells = await service.book.store.get_request_cells(
-                rid, ["r:", *(f"c:{c}" for c in mine)] if mine is not None else ["r:", "c:"])
-            meta = {k[2:]: v for k, v in cells.items() if k.startswith("r:")}
-            clients = {k[2:]: v for k, v in cells.items() if k.startswith("c:")}
-            event = mapping.event_for(rid, meta, clients, ven) if meta else None
+            if program_id is not None and mapping.PROGRAM_OF_TYPE.get(meta.get("type", "")) != program_id:
+                continue
+            event = mapping.event_for(rid, meta, clients, None)
             if event is not None:
                 events.append(event)
-    elif who.kind == "dso":
-        service.access.authorize(who, Action.LIST_REQUESTS)
-        after = None
-        while len(events) < wanted:
-            page = await service.book.store.issued_request_page(str(who), after, None, 200)
-            if not page:
-                break
-            after = page[-1][0]
-            reqs = await service.book.store.get_requests_cells({rid: ["r:", "c:"] for _, rid in page})
-            for _, rid in page:
-                req = reqs.get(rid) or {}
-                meta = {k[2:]: v for k, v in req.items() if k.startswith("r:")}
-                clients = {k[2:]: v for k, v in req.items() if k.startswith("c:")}
-                if not meta or meta.get("state") == "cancelled":
-                    continue
-                if program_id is not None and mapping.PROGRAM_OF_TYPE.get(meta.get("type", "")) != program_id:
-                    continue
-                event = mapping.event_for(rid, meta, clients, None)
-                if event is not None:
-                    events.append(event)
-    if target_type is not None and target_values:
-        want = set(target_values)
-        events = [e for e in events if any(t["type"] == target_type and want & set(map(str, t["values"]))
-                                           for t in e.get("targets") or [])]
-    return _page(events, skip, limit)
+    return events
+
+
+def _targeted(events: list[dict[str, Any]], target_type: str, want: set[str]) -> list[dict[str, Any]]:
+    """The events with a target of ``target_type`` naming one of ``want``."""
+    return [e for e in events if any(t["type"] == target_type and want & set(map(str, t["values"]))
+                                     for t in e.get("targets") or [])]
 
 
 async def _event(service: HubService, who: Principal, event_id: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from cloud_hub.consent import (
     Event,
     InvalidTransition,
     Permission,
+    PermissionAsk,
     Scope,
     State,
     allowed_interval,
@@ -32,8 +33,8 @@ DAY = 86_400.0
 def perm(pid: str = "perm-1", party: str = "p1", client: str = "c1", scopes: tuple[Scope, ...] = (
         Scope.CONSUMPTION_PROFILE,), data: tuple[float, float] = (NOW - 30 * DAY, NOW), valid_days: float = 10,
          resolution_s: int = 900, at: float = NOW) -> Permission:
-    return new_permission(pid, party, client, "an offer", scopes, resolution_s, data[0], data[1],
-                          at + valid_days * DAY, at)
+    return new_permission(pid, party, client, PermissionAsk("an offer", scopes, resolution_s, data[0], data[1],
+                                                            at + valid_days * DAY), at)
 
 
 ALL_PAIRS = [(s, e) for s in State for e in Event]

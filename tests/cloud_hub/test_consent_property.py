@@ -82,8 +82,8 @@ def test_no_party_ever_receives_data_outside_a_valid_permission(
         elif kind == "request":
             _, party, scopes, first, hours, valid_h, res = op
             pid = f"perm-{len(w.order)}"
-            w.perms[pid] = consent.new_permission(pid, party, "c1", "x", scopes, res, first * H,
-                                                  min(48, first + hours) * H, now + valid_h * H, now)
+            w.perms[pid] = consent.new_permission(pid, party, "c1", consent.PermissionAsk(
+                "x", scopes, res, first * H, min(48, first + hours) * H, now + valid_h * H), now)
             w.order.append(pid)
         elif kind in ("decide", "terminate") and w.order:
             pid = w.order[-1 - op[2] % len(w.order)]  # mostly the newest requests

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from cloud_hub.consent import Event, Scope, State, decide, new_permission
+from cloud_hub.consent import Event, PermissionAsk, Scope, State, decide, new_permission
 from cloud_hub.consent_store import PermissionStore, decode_permission, encode_permission
 from cloud_hub.storage import KVStore
 from cloud_hub.store import AuditEntry, HubStore
@@ -14,8 +14,9 @@ NOW = time.time()
 
 
 def test_a_permission_survives_its_stored_form() -> None:
-    p = new_permission("perm-1", "p1", "c1", "an offer", [Scope.CONSUMPTION_PROFILE, Scope.LIVE_MEASUREMENTS],
-                       900, NOW - 86_400, NOW, NOW + 86_400, NOW)
+    p = new_permission("perm-1", "p1", "c1", PermissionAsk("an offer", [Scope.CONSUMPTION_PROFILE,
+                                                                     Scope.LIVE_MEASUREMENTS],
+                                                           900, NOW - 86_400, NOW, NOW + 86_400), NOW)
     p = decide(p, Event.ACCEPT, NOW + 5, "customer via retailer:r1")
     assert decode_permission(encode_permission(p)) == p
 
@@ -27,10 +28,10 @@ async def test_parties_and_permissions_on_each_backend(kv: KVStore) -> None:
     assert await store.get_party("p1") == {"party_id": "p1", "name": "Energy Company"}
     assert await store.get_party("p2") is None
 
-    a = new_permission("perm-a", "p1", "c1", "an offer", [Scope.CONSUMPTION_PROFILE], 900, NOW - 10, NOW,
-                       NOW + 100, NOW)
-    b = new_permission("perm-b", "p1", "c1|x", "other client", [Scope.BILLING_DATA], 900, NOW - 10, NOW,
-                       NOW + 100, NOW + 1)
+    a = new_permission("perm-a", "p1", "c1", PermissionAsk("an offer", [Scope.CONSUMPTION_PROFILE], 900, NOW - 10,
+                                                           NOW, NOW + 100), NOW)
+    b = new_permission("perm-b", "p1", "c1|x", PermissionAsk("other client", [Scope.BILLING_DATA], 900, NOW - 10,
+                                                             NOW, NOW + 100), NOW + 1)
     await store.put([a, b], [AuditEntry("party:p1", "c1", "permission_send", "party:request-permission",
                                         ref="perm-a", at=NOW)])
     accepted = decide(a, Event.ACCEPT, NOW + 2, "customer via retailer:r1")
