@@ -98,6 +98,40 @@ class Page(Answer):
     count: int
 
 
+class PartyAnswer(Answer):
+    """An eligible party as registered."""
+
+    party_id: str
+    name: str
+
+
+class PermissionChange(Answer):
+    """One step of a permission's history: when, what happened, who did it, the state it led to."""
+
+    at: str | None
+    event: str
+    by: str
+    state: str
+
+
+class PermissionAnswer(Answer):
+    """A customer's permission as the party that asked for it (and the DSO) sees it, with its history."""
+
+    permission_id: str
+    party_id: str
+    client_id: str
+    purpose: str
+    scopes: list[str]
+    resolution_s: int
+    data_from: str | None
+    data_to: str | None
+    valid_until: str | None
+    decide_by: str | None
+    created_at: str | None
+    state: str
+    history: list[PermissionChange]
+
+
 class Document(Answer):
     """A stored document answered as stored (a tariff version, a subscription, the platform status)."""
 
@@ -110,7 +144,8 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 _DESCRIPTIONS = {401: "no, an unknown or an expired bearer token", 403: "the principal may not",
-                 404: "an unknown id", 409: "a conflict with what is stored", 422: "an invalid body or query",
+                 404: "an unknown id", 409: "a conflict with what is stored",
+                 413: "the body is larger than the hub takes", 422: "an invalid body or query",
                  429: "rate limited: retry after Retry-After", 503: "storage or the owning replica unavailable: retry"}
 
 __all__ = ["Answer", "ErrorBody", "HubError", "errors"]

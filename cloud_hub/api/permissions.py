@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from cloud_hub.api.deps import Caller
+from cloud_hub.api.models import PartyAnswer, PermissionAnswer, errors
 from cloud_hub.consent_service import ConsentService
 from mhp_wire import topics
 from mhp_wire.messages import encode
@@ -62,7 +63,8 @@ class PermissionBody(BaseModel):
     valid_until: AwareDatetime
 
 
-@router.put("/parties/{party_id}")
+@router.put("/parties/{party_id}", response_model=PartyAnswer,
+            responses={201: {"model": PartyAnswer, "description": "a new party"}, **errors(403)})
 async def put_party(party_id: IdPath, body: PartyBody, who: Caller, consent: Consent,
                     response: Response) -> dict[str, str]:
     """Register or rename an eligible party (admin, dso); its tokens are issued like a retailer's
@@ -72,20 +74,21 @@ async def put_party(party_id: IdPath, body: PartyBody, who: Caller, consent: Con
     return {"party_id": party_id, "name": body.name}
 
 
-@router.post("/permissions", status_code=201)
+@router.post("/permissions", status_code=201, response_model=PermissionAnswer, responses=errors(403, 404))
 async def post_permission(body: PermissionBody, who: Caller, consent: Consent) -> dict[str, Any]:
     """Ask a customer for access to their data (a registered party); the customer decides in their retailer's
     personal area by ``decide_by``."""
     return await consent.request(who, body.model_dump())
 
 
-@router.get("/permissions/{permission_id}")
+@router.get("/permissions/{permission_id}", response_model=PermissionAnswer, responses=errors(403, 404))
 async def get_permission(permission_id: IdPath, who: Caller, consent: Consent) -> dict[str, Any]:
     """A permission and its history (the party that asked for it, the DSO)."""
     return await consent.get(who, permission_id)
 
 
-@router.post("/permissions/{permission_id}/terminate")
+@router.post("/permissions/{permission_id}/terminate", response_model=PermissionAnswer,
+             responses=errors(403, 404, 409))
 async def terminate_permission(permission_id: IdPath, who: Caller, consent: Consent) -> dict[str, Any]:
     """End a permission, or withdraw a request not yet decided (the party that asked for it)."""
     return await consent.terminate(who, permission_id)

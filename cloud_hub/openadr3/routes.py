@@ -18,9 +18,23 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_hub.api.deps import Caller, IdempotencyKey, Service
+from cloud_hub.api.models import errors
 from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import ReportedOutcome
 from cloud_hub.openadr3 import mapping
+from cloud_hub.openadr3.models import (
+    AuthServerInfo,
+    ClientCredentialResponse,
+    Event,
+    Notifiers,
+    NotifierTopics,
+    OAuthError,
+    Program,
+    Report,
+    Resource,
+    Subscription,
+    Ven,
+)
 from cloud_hub.openadr3.notifier import TABLE, Notifier
 from cloud_hub.service import Forbidden, HubService, NotFound
 from cloud_hub.storage import Mutation, prefix_stop
@@ -55,13 +69,19 @@ def _page(items: list[Any], skip: int, limit: int) -> list[Any]:
 
 # -- OAuth2 client credentials ------------------------------------------------------------------------------
 
-@router.get("/auth/server")
+TOKEN_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": OAuthError, "description": "a grant type other than client_credentials"},
+    401: {"model": OAuthError, "description": "an unknown client or a wrong secret"},
+}
+"""The errors of the token endpoint, in OAuth2's shape (RFC 6749 5.2), not the hub's."""
+
+@router.get("/auth/server", response_model=AuthServerInfo, response_model_exclude_unset=True)
 async def auth_server(request: Request) -> dict[str, Any]:
     """Where to get a token: this VTN's own token endpoint (the hub's token book)."""
     return {"tokenURL": str(request.url_for("auth_token"))}
 
 
-@router.post("/auth/token", name="auth_token")
+@router.post("/auth/token", name="auth_token", response_model=ClientCredentialResponse, responses=TOKEN_ERRORS)
 async def auth_token(request: Request) -> JSONResponse:
     """OAuth2 client credentials (RFC 6749 4.4, form-encoded): ``client_id`` is the principal's id (``dso``,
     ``admin`` or the retailer's id), ``client_secret`` one of its hub bearer tokens; the answer's ``access_token``
@@ -83,14 +103,14 @@ async def auth_token(request: Request) -> JSONResponse:
 
 # -- programs ---------------------------------------------------------------------------------------------
 
-@router.get("/programs")
+@router.get("/programs", response_model=list[Program], response_model_exclude_unset=True, responses=errors())
 async def get_programs(request: Request, who: Caller, skip: Skip = 0, limit: Limit = 50) -> list[dict[str, Any]]:
     """The hub's programs (public, like the tariff: anyone with a token)."""
     decide(who, Action.READ_TARIFF)
     return _page(mapping.programs(request.app.state.openadr3_started), skip, limit)
 
 
-@router.get("/programs/{program_id}")
+@router.get("/programs/{program_id}", response_model=Program, response_model_exclude_unset=True, responses=errors(404))
 async def get_program(program_id: ObjId, request: Request, who: Caller) -> dict[str, Any]:
     """One program."""
     for p in mapping.programs(request.app.state.openadr3_started):
@@ -108,7 +128,7 @@ async def _tariff_events(service: HubService, who: Principal) -> list[dict[str, 
         return []
 
 
-@router.get("/events")
+@router.get("/events", response_model=list[Event], response_model_exclude_unset=True, responses=errors(403))
 async def get_events(request: Request, who: Caller, service: Service, skip: Skip = 0, limit: Limit = 50,
                      program_id: Annotated[str | None, Query(alias="programID", max_length=128)] = None,
                      target_type: Annotated[str | None, Query(alias="targetType", max_length=64)] = None,
@@ -218,7 +238,7 @@ async def _event(service: HubService, who: Principal, event_id: str) -> dict[str
     return event
 
 
-@router.get("/events/{event_id}")
+@router.get("/events/{event_id}", response_model=Event, response_model_exclude_unset=True, responses=errors(403, 404))
 async def get_event(event_id: ObjId, who: Caller, service: Service) -> dict[str, Any]:
     """One event (a VEN: one that concerns its clients, showing only them)."""
     return await _event(service, who, event_id)
@@ -234,7 +254,8 @@ class EventBody(BaseModel):
     intervalPeriod: dict[str, Any] | None = None
 
 
-@router.post("/events", status_code=201)
+@router.post("/events", status_code=201, response_model=Event, response_model_exclude_unset=True,
+             responses=errors(403, 404, 409, 413))
 async def create_event(body: EventBody, who: Caller, service: Service, key: IdempotencyKey = None
                        ) -> dict[str, Any]:
     """A DSO's event: the same request as ``POST /v1/emergencies`` (or load-shifts, load-reductions) would make,
@@ -247,7 +268,8 @@ async def create_event(body: EventBody, who: Caller, service: Service, key: Idem
     return await _event(service, who, answer.request_id)
 
 
-@router.delete("/events/{event_id}")
+@router.delete("/events/{event_id}",
+               response_model=Event, response_model_exclude_unset=True, responses=errors(403, 404, 409))
 async def delete_event(event_id: ObjId, who: Caller, service: Service) -> dict[str, Any]:
     """Cancel the request behind an event (its issuer), as ``POST /v1/requests/{id}/cancel``."""
     event = await _event(service, who, event_id)
@@ -271,7 +293,8 @@ class VenBody(BaseModel):
     attributes: list[dict[str, Any]] | None = Field(None, max_length=20)
 
 
-@router.post("/vens", status_code=201)
+@router.post("/vens", status_code=201,
+             response_model=Ven, response_model_exclude_unset=True, responses=errors(403, 404, 413))
 async def create_ven(body: VenBody, request: Request, who: Caller, service: Service) -> dict[str, Any]:
     """Register a VEN: a retailer its own (``venName`` = its id); the DSO any registered retailer's."""
     topics.check_id(body.venName)
@@ -299,7 +322,7 @@ async def _ven(service: HubService, who: Principal, ven_id: str) -> dict[str, An
     return _ven_object(ven_id, json.loads(row["d:o"]))
 
 
-@router.get("/vens")
+@router.get("/vens", response_model=list[Ven], response_model_exclude_unset=True, responses=errors(403))
 async def get_vens(who: Caller, service: Service, skip: Skip = 0, limit: Limit = 50) -> list[dict[str, Any]]:
     """The VENs the caller may see: a VEN itself; the DSO every one."""
     if who.kind == "retailer":
@@ -312,13 +335,14 @@ async def get_vens(who: Caller, service: Service, skip: Skip = 0, limit: Limit =
     return _page([_ven_object(r[4:], json.loads(c["d:o"])) for r, c in rows], skip, limit)
 
 
-@router.get("/vens/{ven_id}")
+@router.get("/vens/{ven_id}", response_model=Ven, response_model_exclude_unset=True, responses=errors(403, 404))
 async def get_ven(ven_id: ObjId, who: Caller, service: Service) -> dict[str, Any]:
     """One VEN (itself; the DSO any)."""
     return await _ven(service, who, ven_id)
 
 
-@router.get("/vens/{ven_id}/resources")
+@router.get("/vens/{ven_id}/resources", response_model=list[Resource], response_model_exclude_unset=True,
+            responses=errors(403, 404))
 async def get_resources(ven_id: ObjId, who: Caller, service: Service, skip: Skip = 0, limit: Limit = 50
                         ) -> list[dict[str, Any]]:
     """A VEN's resources: the clients it supplies now (supplier periods; neutral: its own only)."""
@@ -352,7 +376,8 @@ class ReportBody(BaseModel):
     resources: list[dict[str, Any]] = Field(min_length=1, max_length=10_000)
 
 
-@router.post("/reports", status_code=201)
+@router.post("/reports", status_code=201, response_model=Report, response_model_exclude_unset=True,
+             responses=errors(403, 404, 413))
 async def create_report(body: ReportBody, request: Request, who: Caller, service: Service) -> dict[str, Any]:
     """A VEN's report: outcomes become the request's client states and ``DEMAND`` the clients' measurements, as
     its bridge's MQTT messages would. All or nothing: one client that is not the VEN's refuses the whole report."""
@@ -402,7 +427,7 @@ async def create_report(body: ReportBody, request: Request, who: Caller, service
     return stored
 
 
-@router.get("/reports")
+@router.get("/reports", response_model=list[Report], response_model_exclude_unset=True, responses=errors(403))
 async def get_reports(who: Caller, service: Service, skip: Skip = 0, limit: Limit = 50,
                       event_id: Annotated[str | None, Query(alias="eventID", max_length=128)] = None,
                       ) -> list[dict[str, Any]]:
@@ -428,7 +453,8 @@ class SubscriptionBody(BaseModel):
     targets: list[dict[str, Any]] | None = Field(None, max_length=10)
 
 
-@router.post("/subscriptions", status_code=201)
+@router.post("/subscriptions", status_code=201, response_model=Subscription, response_model_exclude_unset=True,
+             responses=errors(403, 404, 413))
 async def create_subscription(body: SubscriptionBody, request: Request, who: Caller, service: Service
                               ) -> dict[str, Any]:
     """Subscribe a webhook (a VEN, to its own objects); every callback URL must pass the hub's webhook target
@@ -470,7 +496,7 @@ def _owned(request: Request, service: HubService, who: Principal, sub_id: str) -
     return sub
 
 
-@router.get("/subscriptions")
+@router.get("/subscriptions", response_model=list[Subscription], response_model_exclude_unset=True, responses=errors())
 async def get_subscriptions(request: Request, who: Caller, service: Service, skip: Skip = 0, limit: Limit = 50
                             ) -> list[dict[str, Any]]:
     """The caller's own subscriptions."""
@@ -478,13 +504,15 @@ async def get_subscriptions(request: Request, who: Caller, service: Service, ski
     return _page(sorted(mine, key=lambda s: s["createdDateTime"]), skip, limit)
 
 
-@router.get("/subscriptions/{sub_id}")
+@router.get("/subscriptions/{sub_id}",
+            response_model=Subscription, response_model_exclude_unset=True, responses=errors(403, 404))
 async def get_subscription(sub_id: ObjId, request: Request, who: Caller, service: Service) -> dict[str, Any]:
     """One of the caller's subscriptions (another's is an unknown one)."""
     return _public(_owned(request, service, who, sub_id))
 
 
-@router.delete("/subscriptions/{sub_id}")
+@router.delete("/subscriptions/{sub_id}", response_model=Subscription, response_model_exclude_unset=True,
+               responses=errors(403, 404))
 async def delete_subscription(sub_id: ObjId, request: Request, who: Caller, service: Service) -> dict[str, Any]:
     """Remove one of the caller's subscriptions."""
     sub = _owned(request, service, who, sub_id)
@@ -494,7 +522,7 @@ async def delete_subscription(sub_id: ObjId, request: Request, who: Caller, serv
 
 # -- notifiers ----------------------------------------------------------------------------------------
 
-@router.get("/notifiers")
+@router.get("/notifiers", response_model=Notifiers, response_model_exclude_unset=True, responses=errors())
 async def get_notifiers(request: Request, who: Caller) -> dict[str, Any]:
     """The notifiers: webhooks, and MQTT on the hub broker (a VEN logs in with its hub-broker identity)."""
     settings = request.app.state.settings
@@ -505,7 +533,9 @@ async def get_notifiers(request: Request, who: Caller) -> dict[str, Any]:
                                       "authentication": {"method": "X_MHP_BROKER_IDENTITY"}}}
 
 
-@router.get("/notifiers/mqtt/topics/vens/{ven_id}/events")
+@router.get("/notifiers/mqtt/topics/vens/{ven_id}/events",
+            response_model=NotifierTopics, response_model_exclude_unset=True,
+            responses=errors(403, 404))
 async def ven_event_topics(ven_id: ObjId, who: Caller, service: Service) -> dict[str, Any]:
     """The MQTT topics of one VEN's events (itself; the DSO any)."""
     verdict = decide(who, Action.READ_VEN, Context(issuer=f"retailer:{ven_id}"))

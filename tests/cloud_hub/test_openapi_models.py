@@ -31,8 +31,10 @@ find storage unavailable (503)."""
 
 
 def _refs(schema: dict[str, Any]) -> list[str]:
-    """The component schemas ``schema`` names, directly or as one of its alternatives."""
+    """The component schemas ``schema`` names, directly, as one of its alternatives or as the items of a list."""
     found = [schema["$ref"]] if "$ref" in schema else []
+    if schema.get("type") == "array":
+        found += _refs(schema.get("items", {}))
     for alternative in schema.get("anyOf", []) + schema.get("allOf", []) + schema.get("oneOf", []):
         found += _refs(alternative)
     return found
