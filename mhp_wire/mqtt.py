@@ -128,6 +128,19 @@ class MqttLink:
         await asyncio.wait_for(self._connected.wait(), timeout_s)
 
     async def __aenter__(self) -> MqttLink:
+        try:
+            await self._connect_first()
+        except BaseException:  # never connected (refused, timed out, cancelled): no reconnection may outlive it
+            self._client.stop_reconnect()
+            self._stop_gmqtt_reconnects()
+            raise
+        if self._subscriptions:
+            self._client.subscribe([gmqtt.Subscription(t, qos=1) for t in self._subscriptions])
+        if self._status_topic:
+            await self.publish(self._status_topic, presence_payload("online"), retain=True)
+        return self
+
+    async def _connect_first(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = None if self._connect_timeout_s is None else loop.time() + self._connect_timeout_s
         delay = 0.1
@@ -158,11 +171,6 @@ class MqttLink:
                         self.endpoint.host, self.endpoint.port, err, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-        if self._subscriptions:
-            self._client.subscribe([gmqtt.Subscription(t, qos=1) for t in self._subscriptions])
-        if self._status_topic:
-            await self.publish(self._status_topic, presence_payload("online"), retain=True)
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         try:
