@@ -77,11 +77,15 @@ def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--retailers cannot exceed --gateways (each retailer needs at least one client)")
     res = fanout_mod.run(fanout_mod.FanoutParams(out=args.out, gateways=args.gateways, retailers=args.retailers,
                                                  runs=args.runs, per_fleet=args.per_fleet, timeout_s=args.timeout_s,
-                                                 peer=args.peer or ""))
+                                                 peer=args.peer or "", floor=args.floor))
     s = res["summary"]
     print(f"[fanout] done: {s['runs']} run(s); all executed every run: {s['all_executed_every_run']}; missing "
           f"{s['missing_commands']}, duplicates {s['duplicate_commands']}; 100 % executed by {s['t100_s_best']} s "
           f"(best) / {s['t100_s_worst']} s (worst), target {s['target_s']:g} s; results in {args.out}", flush=True)
+    if "floor" in s:
+        f = s["floor"]
+        print(f"[fanout] floor: 100 % acknowledged by {f['t100_s_median']} s (median of {f['runs']}); ours over the "
+              f"floor {f['ratio_best']}x (best) / {f['ratio_worst']}x (worst)", flush=True)
     return 0 if s["all_executed_every_run"] and s["missing_commands"] == 0 else 1
 
 
@@ -119,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     fanout.add_argument("--per-fleet", type=int, default=2_500, help="simulated gateways per fleet process")
     fanout.add_argument("--timeout-s", type=float, default=60.0, help="how long one run is followed")
     fanout.add_argument("--peer", choices=("openleadr",), help="also run this peer's fan-out to as many VENs")
+    fanout.add_argument("--floor", action="store_true",
+                        help="also run the bare MQTT command+ack floor (same brokers, N and fleet layout) --runs "
+                             "times and report each run's ratio to it")
     peer = sub.add_parser("peer", help="the emergency fan-out to N homes through a peer, OpenLEADR (OpenADR 2.0b)")
     peer.add_argument("--out", type=Path, required=True, help="folder for results.json, peer.csv, the PNG, report.md")
     peer.add_argument("--homes", type=int, default=100, help="VENs, one per home")
