@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import OutboxItem, ReportedOutcome, RequestBook
@@ -25,6 +25,7 @@ from cloud_hub.service import tariff_message
 from cloud_hub.storage import StoreUnavailable
 from cloud_hub.store import AuditEntry
 from mhp_wire import topics
+from mhp_wire.groupcommit import GroupCommit
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import Ack, ErrorReply, Measurements, Outcome, WireError, decode, encode
 from mhp_wire.mqtt import MqttError, MqttLink, Republisher
@@ -32,7 +33,6 @@ from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 PUBLISH_WAIT_S = 5.0
 """How long a publish may wait for room in the MQTT in-flight window (the broker's receive maximum) before it
@@ -43,42 +43,6 @@ PRESENCE_CHANGES_PER_S = 0.1
 """Presence changes (``online``/``offline``) per second a retailer may sustain (settings override it)."""
 PRESENCE_CHANGES_BURST = 10
 """Presence changes a retailer may make at once before :data:`PRESENCE_CHANGES_PER_S` applies."""
-
-
-class GroupCommit(Generic[T]):
-    """Items that arrive while a commit is in flight are committed together, by one call of ``commit``.
-
-    No artificial wait: the first item starts a commit at once (at the next turn of the event loop, by which time
-    every message read in the same turn has queued its item), and everything that arrives meanwhile forms the next
-    one, of at most ``max_batch`` items. :meth:`submit` returns once its item's commit has ended (committed, or
-    failed: ``commit`` handles its own errors, and answers nothing for what it did not store)."""
-
-    def __init__(self, commit: Callable[[list[T]], Awaitable[None]], *, max_batch: int, name: str) -> None:
-        self._commit = commit
-        self.max_batch = max_batch
-        self._name = name
-        self._queue: list[tuple[T, asyncio.Future[None]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def submit(self, item: T) -> None:
-        """Queue ``item`` for the next commit and wait for that commit."""
-        done = asyncio.get_running_loop().create_future()
-        self._queue.append((item, done))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name=self._name)
-        await done
-
-    async def _run(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
-            try:
-                await self._commit([item for item, _ in batch])
-            except Exception:  # one failed commit must not strand the items queued behind it
-                log.exception("%s: a commit of %d item(s) failed", self._name, len(batch))
-            finally:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
 
 
 class HubRelay:
@@ -107,9 +71,11 @@ class HubRelay:
         have all its unacknowledged messages re-sent at every ``online``. Changes beyond it are ignored and
         counted (``presence_rate_limited``); those messages are then re-sent on their back-off."""
         self._presence_muted: set[str] = set()
-        self.outcomes = GroupCommit(self._commit_outcomes, max_batch=5_000, name="hub-outcome-commit")
+        self.outcomes: GroupCommit[tuple[str, Outcome], None] = GroupCommit(
+            self._settled(self._commit_outcomes), max_batch=5_000, name="hub-outcome-commit")
         """5,000 outcomes at most per storage batch: its column list stays well inside SQLite's limits."""
-        self.acks = GroupCommit(self._commit_acks, max_batch=1_000, name="hub-ack-commit")
+        self.acks: GroupCommit[tuple[str, list[str]], None] = GroupCommit(
+            self._settled(self._commit_acks), max_batch=1_000, name="hub-ack-commit")
         self._received: dict[str, Any] = {}
         self.replicas: Replicas | None = None
         """Set when the hub runs as several replicas."""
@@ -121,6 +87,22 @@ class HubRelay:
         """Awaited with each round of published messages before the book records them as sent: the window in which
         a message is at the broker while its targets still read ``pending`` (a test holds a round there)."""
         book.kick = self.kick
+
+    @staticmethod
+    def _settled(commit: Callable[[list[Any]], Awaitable[None]]) -> Callable[[list[Any]], Awaitable[list[None]]]:
+        """A hub commit for :class:`GroupCommit`: it answers (or not) the retailers itself and handles its own
+        errors, so every caller is released once it has ended, whatever happened (one failed commit must not strand
+        the items queued behind it, nor fail the MQTT handler that waits)."""
+        name = getattr(commit, "__name__", "commit")
+
+        async def run(batch: list[Any]) -> list[None]:
+            try:
+                await commit(batch)
+            except Exception:
+                log.exception("%s: a commit of %d item(s) failed", name, len(batch))
+            return [None] * len(batch)
+
+        return run
 
     def use_replicas(self, replicas: Replicas) -> None:
         """Run as one of several replicas: forward what another replica owns, apply what they forward."""

@@ -43,6 +43,7 @@ from hems_firmware.events import EventFeed
 from hems_firmware.systemd import Notifier
 from hems_firmware.web import failsafe_view, serve_web
 from mhp_wire import topics
+from mhp_wire.backoff import delay_s
 from mhp_wire.logsafe import outside
 from mhp_wire.messages import (
     Ack,
@@ -737,7 +738,7 @@ class Gateway:
                                         retain=newest and i == len(rows) - 1)
             except MqttError:
                 break
-            sent.append((time.time() + min(30.0, 2.0 * 2 ** row["attempts"]), row["seq"]))
+            sent.append((time.time() + delay_s(row["attempts"] + 1, 2.0), row["seq"]))
         if sent:
             await self.sql.tx(lambda db: db.executemany(
                 "UPDATE telemetry SET attempts=attempts+1, next_attempt_at=? WHERE seq=?", sent))
@@ -786,7 +787,7 @@ class Gateway:
                         await self.link.publish(topics.up("gateways", self.id), row["payload"])
                     except MqttError:
                         break
-                    sent.append((time.time() + min(30.0, 0.5 * 2 ** row["attempts"]), row["msg_id"]))
+                    sent.append((time.time() + delay_s(row["attempts"] + 1, 0.5), row["msg_id"]))
                 if sent:
                     await self.sql.tx(partial(_mark_sent, sent=sent))
                 await self._send_telemetry()

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mhp_wire import topics
+from mhp_wire.backoff import delay_s
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
     Ack,
@@ -61,11 +62,6 @@ waits for the group commit in progress, so an emergency to 10,000 gateways goes 
 PUBLISH_WAIT_S = 5.0
 """How long a publish waits for room in the broker's in-flight window (back-pressure) before the outbox takes
 over; a fan-out to 10,000 gateways fills a window of 1,000 many times."""
-
-
-def retry_delay_s(attempts: int, first_s: float = 0.5) -> float:
-    """Back-off before re-sending a message for the ``attempts``-th time."""
-    return float(min(30.0, first_s * 2 ** max(0, attempts - 1)))
 
 
 HUB_FIRST_RETRY_S = 5.0
@@ -563,7 +559,7 @@ class BridgeRelay:
                 sent.append((cmd["msg_id"], cmd["attempts"]))
             if sent:  # re-sends count from the end of the batch: thousands of publishes take a while
                 after = time.time()
-                await self.store.mark_sent([(m, after + retry_delay_s(a + 1)) for m, a in sent], now)
+                await self.store.mark_sent([(m, after + delay_s(a + 1)) for m, a in sent], now)
             notices: list[tuple[str, float]] = []
             expired: list[str] = []
             for row in await self.store.due_gateway_outbox(now):
@@ -575,7 +571,7 @@ class BridgeRelay:
                                              wait_s=PUBLISH_WAIT_S)
                 except MqttError:
                     break
-                notices.append((row["msg_id"], now + retry_delay_s(row["attempts"] + 1)))
+                notices.append((row["msg_id"], now + delay_s(row["attempts"] + 1)))
             if notices or expired:
                 await self.store.mark_gateway_outbox(notices, expired)
         if self.local is None or not self.local.connected:
@@ -606,7 +602,7 @@ class BridgeRelay:
                 done.append((row["msg_id"], row["attempts"]))
             if done:
                 after = time.time()
-                await self.store.mark_outbox_sent([(m, after + retry_delay_s(a + 1, self.hub_retry_s))
+                await self.store.mark_outbox_sent([(m, after + delay_s(a + 1, self.hub_retry_s))
                                                    for m, a in done])
         if self.hub is None or not self.hub.connected:
             return 0.2  # what is due waits for the hub broker (measurements are still queued on time)

@@ -7,7 +7,6 @@ returns only once its transaction is committed, so "stored before acknowledged" 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 from collections.abc import Callable
@@ -16,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mhp_wire.groupcommit import Failed
+from mhp_wire.groupcommit import GroupCommit as _GroupCommit
 from mhp_wire.sqlite import SqliteThread, StorageError
 from retailer_bridge.billing import BillingReading, readings_of, select
 
@@ -83,13 +84,8 @@ class NewCommand:
     """The request's revision the command carries: a higher one replaces the stored command of its client."""
 
 
-@dataclass(slots=True)
-class _Failed:
-    error: BaseException
-
-
-class GroupCommit:
-    """Write transactions of many callers, committed together.
+class GroupCommit(_GroupCommit[Callable[[sqlite3.Connection], Any], Any]):
+    """Write transactions of many callers, committed together (:class:`mhp_wire.groupcommit.GroupCommit`).
 
     ``await tx(fn)`` queues ``fn(db)``; one flusher runs everything queued in a single ``BEGIN IMMEDIATE`` …
     ``COMMIT`` on the database thread, each ``fn`` inside its own savepoint, and resolves every caller after the
@@ -99,48 +95,18 @@ class GroupCommit:
     """
 
     def __init__(self, sql: SqliteThread) -> None:
+        super().__init__(self._commit_sql, name="bridge-group-commit")
         self.sql = sql
-        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self.commits = 0
-        """Transactions committed (the number of fsyncs)."""
-        self.writes = 0
-        """Writes committed; ``writes / commits`` is the mean batch."""
 
     async def tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(db)`` in the next group transaction; returns once that transaction is committed."""
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((fn, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="bridge-group-commit")
-        return await fut
+        result: T = await self.submit(fn)
+        return result
 
-    async def drain(self) -> None:
-        """Wait until everything queued is committed (or failed)."""
-        while self._flusher is not None and not self._flusher.done():
-            await asyncio.shield(self._flusher)
+    async def _commit_sql(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        return await self.sql.call(self._run_sql, fns)
 
-    async def _flush(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                results = await self.sql.call(self._run, [fn for fn, _ in batch])
-            except Exception as exc:  # the commit failed (StorageError): nothing of this batch is stored
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            self.commits += 1
-            self.writes += len(batch)
-            for (_, fut), result in zip(batch, results, strict=True):
-                if fut.done():  # the caller was cancelled; its write is committed all the same
-                    continue
-                if isinstance(result, _Failed):
-                    fut.set_exception(result.error)
-                else:
-                    fut.set_result(result)
-
-    def _run(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+    def _run_sql(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
         db = self.sql.db
         db.execute("BEGIN IMMEDIATE")
         results: list[Any] = []
@@ -151,7 +117,7 @@ class GroupCommit:
                     results.append(fn(db))
                 except Exception as exc:
                     db.execute("ROLLBACK TO one_write")
-                    results.append(_Failed(StorageError(f"storage error: {exc}") if isinstance(exc, sqlite3.Error)
+                    results.append(Failed(StorageError(f"storage error: {exc}") if isinstance(exc, sqlite3.Error)
                                            else exc))
                 db.execute("RELEASE one_write")
             db.execute("COMMIT")
