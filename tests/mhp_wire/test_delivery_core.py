@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from mhp_wire.backoff import Backoff, delay_s
 from mhp_wire.groupcommit import Failed, GroupCommit
-from mhp_wire.ids import ID_PATTERN, Id, is_id
+from mhp_wire.ids import ID_PATTERN, is_id
+from mhp_wire.messages import Id
 from mhp_wire.topics import TopicError, check_id
 
 
@@ -61,7 +62,14 @@ def test_one_id_rule_for_topics_and_models(value: str, ok: bool) -> None:
             check_id(value)
         with pytest.raises(ValidationError):
             Thing(id=value)
-    assert ID_PATTERN.startswith("^") and ID_PATTERN.endswith("$")
+    class Declared(BaseModel):  # what the HTTP layer declares with the pattern
+        id: str = Field(pattern=ID_PATTERN)
+
+    if ok:
+        assert Declared(id=value).id == value
+    else:
+        with pytest.raises(ValidationError):
+            Declared(id=value)
 
 
 async def test_group_commit_batches_what_arrives_during_a_commit() -> None:
