@@ -9,10 +9,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from cloud_hub.api.deps import Caller, IdempotencyKey, Service
 from cloud_hub.service import InvalidBody
+from mhp_wire.ids import ID_PATTERN
 
 router = APIRouter(prefix="/v1", tags=["requests"])
 
-ClientId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+ClientId = Annotated[str, Field(pattern=ID_PATTERN)]
 RequestId = Annotated[str, Path(max_length=64)]
 
 
