@@ -68,6 +68,7 @@ from mhp_wire.messages import (
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
 from mhp_wire.outbox import Outbox, Pending
 from mhp_wire.process import wait_or_timeout
+from mhp_wire.router import TypeTable
 from mhp_wire.sqlite import SqliteThread, StorageError
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,9 @@ class Gateway:
         self._seq = 0
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.from_bridge = TypeTable({Command: self._on_command, Cancel: self._on_cancel, Schedule: self._on_schedule,
+                                      Ack: self._on_ack, ErrorReply: self._on_error})
+        """The bridge's messages on our ``down`` topic, by type."""
         self.outbox = Outbox(_OutcomeTable(self), self._publish_up, limit=OUTBOX_ROUND,
                              retry_s=lambda n: delay_s(n, 0.5))
         """Outcomes (and other answers) to the bridge, stored, re-sent until the bridge acknowledges them."""
@@ -442,26 +446,24 @@ class Gateway:
                 self.tariff = msg
                 log.info("gateway %s has tariff %s v%d", self.id, msg.tariff_id, msg.version)
             return
-        if isinstance(msg, Command):
-            await self._on_command(msg)
-        elif isinstance(msg, Cancel):
-            await self._on_cancel(msg)
-        elif isinstance(msg, Schedule):
-            await self._on_schedule(msg)
-        elif isinstance(msg, Ack):
-            def drop(db: sqlite3.Connection) -> None:
-                db.executemany("DELETE FROM outbox WHERE msg_id=?", [(m,) for m in msg.ack_ids])
-                db.executemany("DELETE FROM telemetry WHERE msg_id=?", [(m,) for m in msg.ack_ids])
-
-            await self.sql.tx(drop)
-        elif isinstance(msg, ErrorReply):
-            log.warning("the bridge refused %s: %s", outside(msg.ref_msg_id), outside(msg.message, 300))
-            if msg.ref_msg_id:
-                await self.sql.tx(lambda db: db.execute("DELETE FROM outbox WHERE msg_id=?", (msg.ref_msg_id,)))
-        else:
+        if not await self.from_bridge.dispatch(msg):
             self.rejected += 1
             await self._send(ErrorReply(ref_msg_id=msg.msg_id, code="invalid",
                                         message=f"a gateway does not handle {msg.type!r} messages"))
+
+    async def _on_ack(self, msg: Ack) -> None:
+        """The bridge has our messages: drop them from the outbox and the telemetry buffer."""
+
+        def drop(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM outbox WHERE msg_id=?", [(m,) for m in msg.ack_ids])
+            db.executemany("DELETE FROM telemetry WHERE msg_id=?", [(m,) for m in msg.ack_ids])
+
+        await self.sql.tx(drop)
+
+    async def _on_error(self, msg: ErrorReply) -> None:
+        log.warning("the bridge refused %s: %s", outside(msg.ref_msg_id), outside(msg.message, 300))
+        if msg.ref_msg_id:
+            await self.sql.tx(lambda db: db.execute("DELETE FROM outbox WHERE msg_id=?", (msg.ref_msg_id,)))
 
     async def _on_command(self, cmd: Command) -> None:
         if cmd.client_id != self.client_id:

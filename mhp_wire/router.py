@@ -100,3 +100,19 @@ class InboundRouter:
             await self.on_refused(Refusal("unexpected", topic, party, msg=msg))
             return
         await handler(source, msg)
+
+
+class TypeTable:
+    """``{message type: handler}`` for the traffic from one's own upstream (a bridge's from the hub, a gateway's
+    from its bridge), whose topic names no party to rate: the dispatch half of :class:`InboundRouter`."""
+
+    def __init__(self, handlers: Mapping[type, Callable[[Any], Awaitable[None]]]) -> None:
+        self.handlers = dict(handlers)
+
+    async def dispatch(self, msg: Message) -> bool:
+        """Hand ``msg`` to the handler of its type; False when there is none (the caller refuses it)."""
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            return False
+        await handler(msg)
+        return True

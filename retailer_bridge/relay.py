@@ -47,7 +47,7 @@ from mhp_wire.mqtt import MqttError, MqttLink, Republisher
 from mhp_wire.outbox import Outbox, Pending
 from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
-from mhp_wire.router import Inbound, InboundRouter, Refusal
+from mhp_wire.router import Inbound, InboundRouter, Refusal, TypeTable
 from mhp_wire.sqlite import StorageError
 from retailer_bridge.billing import BillingReading, readings_of
 from retailer_bridge.customers import Announced, CustomerList, periods_of
@@ -118,6 +118,11 @@ class BridgeRelay:
         self._wake_hub = asyncio.Event()
         self.gateway_limiter = RateLimiter(50.0, 200)
         """One token bucket per gateway: messages beyond it are refused (unread) with an error answer."""
+        self.from_hub = TypeTable({
+            Request: self._on_request, Cancel: self._on_cancel, BillingData: self._on_billing,
+            Tariff: self._tariff_from_hub, Customers: self._on_customers, Ack: self._hub_ack,
+            ErrorReply: self._hub_error})
+        """The hub's messages on our ``down`` topic, by type."""
         self.inbound = InboundRouter("gateways", {
             Telemetry: self._gateway_telemetry, Ack: self._gateway_ack, Outcome: self._gateway_outcome,
             ErrorReply: self._gateway_error}, on_refused=self._refused, limiter=lambda: self.gateway_limiter,
@@ -179,27 +184,22 @@ class BridgeRelay:
             if isinstance(msg, Tariff):
                 await self._on_tariff(msg, ack=False)
             return
-        if isinstance(msg, Request):
-            await self._on_request(msg)
-        elif isinstance(msg, Cancel):
-            await self._on_cancel(msg)
-        elif isinstance(msg, BillingData):
-            await self._on_billing(msg)
-        elif isinstance(msg, Tariff):
-            await self._on_tariff(msg, ack=True)
-        elif isinstance(msg, Customers):
-            await self._on_customers(msg)
-        elif isinstance(msg, Ack):
-            self.last_hub_ack = time.monotonic()
-            await self.store.ack_outbox(msg.ack_ids)
-        elif isinstance(msg, ErrorReply):
-            log.warning("the hub refused our message %s: %s", outside(msg.ref_msg_id), outside(msg.message, 300))
-            if msg.ref_msg_id:
-                await self.store.ack_outbox([msg.ref_msg_id])
-        else:
+        if not await self.from_hub.dispatch(msg):
             self.rejected["hub_unexpected"] += 1
             await self._to_hub(ErrorReply(ref_msg_id=msg.msg_id, code="invalid",
                                           message=f"the bridge does not handle {msg.type!r} messages yet"))
+
+    async def _tariff_from_hub(self, msg: Tariff) -> None:
+        await self._on_tariff(msg, ack=True)
+
+    async def _hub_ack(self, msg: Ack) -> None:
+        self.last_hub_ack = time.monotonic()
+        await self.store.ack_outbox(msg.ack_ids)
+
+    async def _hub_error(self, msg: ErrorReply) -> None:
+        log.warning("the hub refused our message %s: %s", outside(msg.ref_msg_id), outside(msg.message, 300))
+        if msg.ref_msg_id:
+            await self.store.ack_outbox([msg.ref_msg_id])
 
     async def _on_hub_presence(self, payload: bytes) -> None:
         try:

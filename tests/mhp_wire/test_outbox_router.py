@@ -149,3 +149,17 @@ async def test_router_rate_limits_per_party_before_decoding() -> None:
     clock.t += 1.0  # one token back
     await router.route(topics.up("gateways", "gw-1"), ACK, False)
     assert seen[-1] == ("gw-1", "Ack:msg")
+
+
+async def test_type_table_hands_each_type_to_its_handler_and_says_when_none_takes_it() -> None:
+    from mhp_wire.router import TypeTable
+
+    got: list[str] = []
+
+    async def on_ack(msg: Ack) -> None:
+        got.append("ack:" + ",".join(msg.ack_ids))
+
+    table = TypeTable({Ack: on_ack})
+    assert await table.dispatch(Ack(ack_ids=["m1", "m2"])) is True
+    assert await table.dispatch(Presence(state="online")) is False
+    assert got == ["ack:m1,m2"]
