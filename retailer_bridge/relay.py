@@ -19,6 +19,7 @@ from typing import Any
 
 from mhp_wire import topics
 from mhp_wire.backoff import delay_s
+from mhp_wire.groupcommit import GroupCommit
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
     Ack,
@@ -118,6 +119,9 @@ class BridgeRelay:
         self._wake_hub = asyncio.Event()
         self.gateway_limiter = RateLimiter(50.0, 200)
         """One token bucket per gateway: messages beyond it are refused (unread) with an error answer."""
+        self.gateway_acks: GroupCommit[tuple[str, list[str]], None] = GroupCommit(
+            self._deliver_batch, name="bridge-gateway-acks")
+        """Gateways' acknowledgements, batched: one store write (and a few statements) per batch, not per ack."""
         self.from_hub = TypeTable({
             Request: self._on_request, Cancel: self._on_cancel, BillingData: self._on_billing,
             Tariff: self._tariff_from_hub, Customers: self._on_customers, Ack: self._hub_ack,
@@ -462,14 +466,13 @@ class BridgeRelay:
         await self._on_gateway_outcome(source.party_id, msg)
 
     async def _on_gateway_ack(self, gid: str, msg: Ack) -> None:
-        def delivered(cmd: dict[str, Any]) -> tuple[str, bytes]:
-            out = Outcome(msg_id=delivered_msg_id(cmd["msg_id"]), request_id=cmd["request_id"],
-                          client_id=cmd["client_id"], state=ClientState.DELIVERED,
-                          trace={"retailer_ms": round(cmd["handling_ms"], 3)}, revision=cmd["revision"])
-            return out.msg_id, encode(out)
-
-        await self.store.deliver(gid, msg.ack_ids, delivered)
+        await self.gateway_acks.submit((gid, msg.ack_ids))
         self.kick()
+
+    async def _deliver_batch(self, acks: list[tuple[str, list[str]]]) -> list[None]:
+        """The gateways' acknowledgements that arrived during the previous batch, applied in one store write."""
+        await self.store.deliver_many(acks, _delivered)
+        return [None] * len(acks)
 
     async def _on_gateway_outcome(self, gid: str, msg: Outcome) -> None:
         t0 = time.time()
@@ -674,3 +677,11 @@ class _ToHub:
     async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
         if sent:
             await self.store.mark_outbox_sent([(str(p.key), at) for p, at in sent])
+
+
+def _delivered(cmd: dict[str, Any]) -> tuple[str, bytes]:
+    """The ``delivered`` outcome of a command its gateway acknowledged, for the hub."""
+    out = Outcome(msg_id=delivered_msg_id(cmd["msg_id"]), request_id=cmd["request_id"], client_id=cmd["client_id"],
+                  state=ClientState.DELIVERED, trace={"retailer_ms": round(cmd["handling_ms"], 3)},
+                  revision=cmd["revision"])
+    return out.msg_id, encode(out)

@@ -67,6 +67,9 @@ class Refused(Exception):
     is stored."""
 
 
+SQL_IN_MAX = 500
+"""Ids per ``IN (...)`` list: well inside SQLite's limit on bound parameters."""
+
 @dataclass(slots=True)
 class NewCommand:
     """A command for one gateway, derived from a hub request."""
@@ -220,23 +223,29 @@ class BridgeStore:
 
     async def deliver(self, gateway_id: str, msg_ids: list[str],
                       outcome_of: Callable[[dict[str, Any]], tuple[str, bytes]]) -> int:
-        """A gateway acknowledged these messages: drop its notices among them, and move its commands among them
-        that still wait for that acknowledgement to ``delivered`` with the outcome ``outcome_of(command)`` queued
-        for the hub; one write. Returns the commands moved."""
+        """A gateway acknowledged these messages: :meth:`deliver_many` for one gateway."""
+        return await self.deliver_many([(gateway_id, msg_ids)], outcome_of)
+
+    async def deliver_many(self, acks: list[tuple[str, list[str]]],
+                           outcome_of: Callable[[dict[str, Any]], tuple[str, bytes]]) -> int:
+        """Gateways acknowledged these messages (``(gateway_id, msg_ids)`` each): drop their notices among them,
+        and move their commands among them that still wait for that acknowledgement to ``delivered``, with the
+        outcome ``outcome_of(command)`` queued for the hub; one write, a few statements for the whole batch (not
+        a few per message). A message counts only for the gateway it was sent to. Returns the commands moved."""
+        pairs = list(dict.fromkeys((m, gid) for gid, ids in acks for m in ids))
 
         def op(db: sqlite3.Connection) -> int:
-            db.executemany("DELETE FROM gateway_outbox WHERE msg_id=? AND gateway_id=?",
-                           [(m, gateway_id) for m in msg_ids])
-            moved = 0
-            for m in msg_ids:
-                row = db.execute("SELECT * FROM commands WHERE msg_id=? AND gateway_id=? AND state=?",
-                                 (m, gateway_id, SENDING)).fetchone()
-                if row is None:
-                    continue
-                db.execute("UPDATE commands SET state=? WHERE msg_id=?", (DELIVERED, m))
-                self._queue(db, [outcome_of(dict(row))])
-                moved += 1
-            return moved
+            db.executemany("DELETE FROM gateway_outbox WHERE msg_id=? AND gateway_id=?", pairs)
+            wanted = set(pairs)
+            rows: list[dict[str, Any]] = []
+            for k in range(0, len(pairs), SQL_IN_MAX):
+                chunk = [m for m, _ in pairs[k:k + SQL_IN_MAX]]
+                rows += [dict(r) for r in db.execute(
+                    f"SELECT * FROM commands WHERE state=? AND msg_id IN ({','.join('?' * len(chunk))})",
+                    (SENDING, *chunk)) if (r["msg_id"], r["gateway_id"]) in wanted]
+            db.executemany("UPDATE commands SET state=? WHERE msg_id=?", [(DELIVERED, r["msg_id"]) for r in rows])
+            self._queue(db, [outcome_of(r) for r in rows])
+            return len(rows)
 
         return await self._tx(op)
 
