@@ -138,6 +138,7 @@ class BridgeRelay:
         self._claims_logged = Once()
         self.tariff = Republisher(self.republish_tariff, "the stored tariff for our gateways",
                                   retry_on=(StorageError,))
+        """At every connection to the retailer broker the stored tariff is published again, retained."""
         self.commands_out = Outbox(_Commands(store), self._to_local, limit=DISPATCH_BATCH)
         """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
         self.notices_out = Outbox(_Notices(store), self._to_local, resend_from="read")
@@ -145,7 +146,6 @@ class BridgeRelay:
         self.hub_out = Outbox(_ToHub(store, topics.up("retailers", retailer_id)), self._to_hub_link,
                               limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.hub_retry_s))
         """Outcomes and measurements to the hub, re-sent until the hub acknowledges them."""
-        """At every connection to the retailer broker the stored tariff is published again, retained."""
 
     def local_connected(self) -> None:
         """The link to this retailer's broker is up (the first time or again): republish the stored tariff, which
