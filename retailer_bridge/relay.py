@@ -19,7 +19,7 @@ from typing import Any
 
 from mhp_wire import topics
 from mhp_wire.backoff import delay_s
-from mhp_wire.groupcommit import Failed, GroupCommit
+from mhp_wire.groupcommit import GroupCommit
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
     Ack,
@@ -52,7 +52,7 @@ from mhp_wire.router import Inbound, InboundRouter, Refusal, TypeTable
 from mhp_wire.sqlite import StorageError
 from retailer_bridge.billing import BillingReading, readings_of
 from retailer_bridge.customers import Announced, CustomerList, periods_of
-from retailer_bridge.store import CLOSED, BridgeStore, Closing, NewCommand, Refused, delivered_msg_id
+from retailer_bridge.store import CLOSED, BridgeStore, NewCommand, Refused, delivered_msg_id
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,6 @@ class BridgeRelay:
         self.gateway_acks: GroupCommit[tuple[str, list[str]], None] = GroupCommit(
             self._deliver_batch, name="bridge-gateway-acks")
         """Gateways' acknowledgements, batched: one store write (and a few statements) per batch, not per ack."""
-        self.gateway_outcomes: GroupCommit[Closing, dict[str, Any] | None] = GroupCommit(
-            self._close_batch, name="bridge-gateway-outcomes")
-        """Gateways' outcomes, batched the same way (each report still gets its own answer)."""
         self.from_hub = TypeTable({
             Request: self._on_request, Cancel: self._on_cancel, BillingData: self._on_billing,
             Tariff: self._tariff_from_hub, Customers: self._on_customers, Ack: self._hub_ack,
@@ -472,10 +469,6 @@ class BridgeRelay:
         await self.gateway_acks.submit((gid, msg.ack_ids))
         self.kick()
 
-    async def _close_batch(self, items: list[Closing]) -> list[dict[str, Any] | Failed | None]:
-        """The gateways' outcomes that arrived during the previous batch, applied in one store write."""
-        return await self.store.close_commands(items)
-
     async def _deliver_batch(self, acks: list[tuple[str, list[str]]]) -> list[None]:
         """The gateways' acknowledgements that arrived during the previous batch, applied in one store write."""
         await self.store.deliver_many(acks, _delivered)
@@ -505,7 +498,7 @@ class BridgeRelay:
             return self.not_customer(msg.client_id, cmd["not_before"])
 
         try:
-            cmd = await self.gateway_outcomes.submit(Closing(msg.request_id, msg.client_id, closing, allowed))
+            cmd = await self.store.close_command(msg.request_id, msg.client_id, closing, allowed)
         except Refused as exc:
             self.rejected["gateway_not_customer"] += 1
             log.warning("gateway %s reported for request %s: %s", gid, outside(msg.request_id), exc)

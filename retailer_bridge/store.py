@@ -62,16 +62,6 @@ def delivered_msg_id(command_msg_id: str) -> str:
     return f"dlv-{command_msg_id}"
 
 
-@dataclass(frozen=True, slots=True)
-class Closing:
-    """One report closing a command (:meth:`BridgeStore.close_commands`)."""
-
-    request_id: str
-    client_id: str
-    outcome_of: Callable[[dict[str, Any]], tuple[str, bytes] | None]
-    allowed: Callable[[dict[str, Any]], str | None] | None = None
-
-
 class Refused(Exception):
     """A write refused by the caller's own check (:meth:`BridgeStore.close_command`'s ``allowed``); nothing of it
     is stored."""
@@ -270,54 +260,25 @@ class BridgeStore:
         command as it was before, or None if there is no such command. ``allowed(command)`` returning a reason
         refuses the report: :class:`Refused` with that reason is raised and nothing is written.
         """
-        (result,) = await self.close_commands([Closing(request_id, client_id, outcome_of, allowed)])
-        if isinstance(result, Failed):
-            raise result.error
-        return result
 
-    async def close_commands(self, items: list[Closing]) -> list[dict[str, Any] | Failed | None]:
-        """:meth:`close_command` for many reports in one write and a few statements for the whole batch, in their
-        order (a second report of the same command sees it closed by the first). Each item's result: the command
-        as it was before, None (no such command), or :class:`Failed` (refused, or its ``outcome_of`` raised:
-        nothing of that item is written)."""
-        keys = list(dict.fromkeys((i.request_id, i.client_id) for i in items))
-
-        def op(db: sqlite3.Connection) -> list[dict[str, Any] | Failed | None]:
-            rows: dict[tuple[str, str], dict[str, Any]] = {}
-            for k in range(0, len(keys), SQL_IN_MAX // 2):
-                chunk = keys[k:k + SQL_IN_MAX // 2]
-                values = ",".join("(?,?)" for _ in chunk)
-                for r in db.execute(f"SELECT * FROM commands WHERE (request_id, client_id) IN (VALUES {values})",
-                                    [v for key in chunk for v in key]):
-                    rows[(r["request_id"], r["client_id"])] = dict(r)
-            closed: list[tuple[str, str, str]] = []
-            superseded: list[tuple[str]] = []
-            outcomes: list[tuple[str, bytes]] = []
-            results: list[dict[str, Any] | Failed | None] = []
-            for item in items:
-                row = rows.get((item.request_id, item.client_id))
-                if row is None:
-                    results.append(None)
-                    continue
-                cmd = dict(row)
-                try:
-                    reason = None if item.allowed is None else item.allowed(cmd)
-                    if reason is not None:
-                        raise Refused(reason)
-                    outcome = None if cmd["state"] == CLOSED else item.outcome_of(cmd)
-                except Exception as exc:
-                    results.append(Failed(exc))
-                    continue
-                if outcome is not None:
-                    row["state"] = CLOSED  # as the next report of the same command in this batch will see it
-                    closed.append((CLOSED, item.request_id, item.client_id))
-                    superseded.append((delivered_msg_id(cmd["msg_id"]),))
-                    outcomes.append(outcome)
-                results.append(cmd)
-            db.executemany("UPDATE commands SET state=? WHERE request_id=? AND client_id=?", closed)
-            db.executemany("DELETE FROM hub_outbox WHERE msg_id=? AND attempts=0", superseded)
-            self._queue(db, outcomes)
-            return results
+        def op(db: sqlite3.Connection) -> dict[str, Any] | None:
+            row = db.execute("SELECT * FROM commands WHERE request_id=? AND client_id=?",
+                             (request_id, client_id)).fetchone()
+            if row is None:
+                return None
+            cmd = dict(row)
+            reason = None if allowed is None else allowed(cmd)
+            if reason is not None:
+                raise Refused(reason)
+            if cmd["state"] == CLOSED:
+                return cmd
+            outcome = outcome_of(cmd)
+            if outcome is not None:
+                db.execute("UPDATE commands SET state=? WHERE request_id=? AND client_id=?",
+                           (CLOSED, request_id, client_id))
+                db.execute("DELETE FROM hub_outbox WHERE msg_id=? AND attempts=0", (delivered_msg_id(cmd["msg_id"]),))
+                self._queue(db, [outcome])
+            return cmd
 
         return await self._tx(op)
 

@@ -1,5 +1,4 @@
-"""Gateways' acknowledgements and outcomes applied in batches: one store write and a few statements per batch
-(issue 14), with each report still answered on its own."""
+"""Gateways' acknowledgements applied in batches: one store write and a few statements per batch (issue 14)."""
 
 from __future__ import annotations
 
@@ -7,12 +6,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from mhp_wire.groupcommit import Failed
 from mhp_wire.messages import Ack
 from retailer_bridge.relay import BridgeRelay
-from retailer_bridge.store import CLOSED, SQL_IN_MAX, BridgeStore, Closing, NewCommand, Refused, delivered_msg_id
+from retailer_bridge.store import SQL_IN_MAX, BridgeStore, NewCommand, delivered_msg_id
 
 
 def _delivered(cmd: dict[str, Any]) -> tuple[str, bytes]:
@@ -60,47 +56,5 @@ async def test_acks_arriving_together_share_one_write(tmp_path: Path) -> None:
         assert store.group.commits - commits <= 2
         assert await store.sql.read(lambda db: db.execute(
             "SELECT COUNT(*) FROM commands WHERE state='delivered'").fetchone()[0]) == 50
-    finally:
-        await store.close()
-
-
-async def test_outcomes_close_their_commands_in_one_write_each_report_answered_alone(tmp_path: Path) -> None:
-    store = BridgeStore(tmp_path / "b.db")
-    await store.open()
-    try:
-        n = SQL_IN_MAX  # more (request, client) pairs than one VALUES list holds
-        await store.accept_request([NewCommand("q", f"c{i}", f"gw-{i}", f"cmd{i}", b"command", 0.0, 1e12)
-                                    for i in range(n)], [])
-        await store.deliver_many([("gw-0", ["cmd0"]), ("gw-1", ["cmd1"])], _delivered)  # two delivered, unsent
-
-        def final(tag: str) -> Any:
-            return lambda cmd: (f"{tag}-{cmd['client_id']}", tag.encode())
-
-        def broken(cmd: dict[str, Any]) -> tuple[str, bytes]:
-            raise ValueError("cannot build this outcome")
-
-        items = [Closing("q", f"c{i}", final("executed")) for i in range(2, n)]
-        items += [Closing("q", "c0", final("executed")), Closing("q", "c0", final("again")),  # a re-sent report
-                  Closing("q", "c1", final("executed"), lambda cmd: "moved to another supplier"),
-                  Closing("q", "c1", broken), Closing("q", "nobody", final("executed"))]
-        commits = store.group.commits
-        results = await store.close_commands(items)
-        assert store.group.commits == commits + 1
-        assert all(isinstance(r, dict) and r["state"] == "sending" for r in results[:n - 2])
-        first, second, refused, failed, unknown = results[n - 2:]
-        assert isinstance(first, dict) and first["state"] == "delivered"
-        assert isinstance(second, dict) and second["state"] == CLOSED  # closed by the first: no second outcome
-        assert isinstance(refused, Failed) and isinstance(refused.error, Refused)
-        assert isinstance(failed, Failed) and isinstance(failed.error, ValueError)
-        assert unknown is None
-        outbox = await store.sql.read(lambda db: sorted(r[0] for r in db.execute("SELECT msg_id FROM hub_outbox")))
-        # c0's unsent delivered outcome is superseded by its executed one; c1 keeps its delivered one, unclosed.
-        assert outbox == sorted([*(f"executed-c{i}" for i in range(n) if i != 1), delivered_msg_id("cmd1")])
-        states = await store.sql.read(lambda db: dict(db.execute("SELECT client_id, state FROM commands")))
-        assert states["c1"] == "delivered" and {states[f"c{i}"] for i in range(2, n)} | {states["c0"]} == {CLOSED}
-        # One at a time (``close_command``) says the same.
-        with pytest.raises(Refused):
-            await store.close_command("q", "c1", final("x"), lambda cmd: "not ours")
-        assert await store.close_command("q", "nobody", final("x")) is None
     finally:
         await store.close()
