@@ -317,12 +317,13 @@ class RequestBook:
         """When the next message is due."""
         return min((i.next_at for i in self.outbox.values()), default=None)
 
-    async def mark_sent(self, items: list[OutboxItem], now: float) -> None:
-        """Record attempts; a request's pending targets of that retailer become ``sent``."""
+    async def mark_sent(self, items: list[OutboxItem], now: float, next_at: Sequence[float] | None = None) -> None:
+        """Record attempts (each item's next one at ``next_at``, by default after the one back-off from ``now``); a
+        request's pending targets of that retailer become ``sent``."""
         first: dict[str, list[OutboxItem]] = {}
-        for item in items:
+        for k, item in enumerate(items):
             item.attempts += 1
-            item.next_at = now + retry_delay_s(item.attempts)
+            item.next_at = now + retry_delay_s(item.attempts) if next_at is None else next_at[k]
             if item.attempts == 1 and item.kind in ("request", *DELIVERIES):
                 first.setdefault(item.request_id, []).append(item)
         if not first:

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
+from mhp_wire.backoff import delay_s
 from mhp_wire.messages import ClientState
 
 
@@ -88,5 +89,5 @@ def may_move(old: ClientState, new: ClientState) -> bool:
 
 
 def retry_delay_s(attempts: int, base_s: float = 0.5, cap_s: float = 30.0) -> float:
-    """Back-off before re-sending an unacknowledged message for the ``attempts``-th time."""
-    return float(min(cap_s, base_s * (2 ** max(0, attempts - 1))))
+    """Back-off before re-sending an unacknowledged message for the ``attempts``-th time (:func:`delay_s`)."""
+    return delay_s(attempts, base_s, cap_s)

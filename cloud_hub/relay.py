@@ -14,17 +14,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import OutboxItem, ReportedOutcome, RequestBook
+from cloud_hub.lifecycle import retry_delay_s
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.replicas import Replicas
 from cloud_hub.service import tariff_message
 from cloud_hub.storage import StoreUnavailable
 from cloud_hub.store import AuditEntry
 from mhp_wire import topics
+from mhp_wire.groupcommit import GroupCommit
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
     Ack,
@@ -33,17 +35,20 @@ from mhp_wire.messages import (
     ConsentView,
     ErrorReply,
     Measurements,
+    Message,
     Outcome,
+    Presence,
     WireError,
     decode,
     encode,
 )
 from mhp_wire.mqtt import MqttError, MqttLink, Republisher
+from mhp_wire.outbox import Outbox, Pending
 from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
+from mhp_wire.router import Inbound, InboundRouter, Refusal
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 PUBLISH_WAIT_S = 5.0
 """How long a publish may wait for room in the MQTT in-flight window (the broker's receive maximum) before it
@@ -54,42 +59,6 @@ PRESENCE_CHANGES_PER_S = 0.1
 """Presence changes (``online``/``offline``) per second a retailer may sustain (settings override it)."""
 PRESENCE_CHANGES_BURST = 10
 """Presence changes a retailer may make at once before :data:`PRESENCE_CHANGES_PER_S` applies."""
-
-
-class GroupCommit(Generic[T]):
-    """Items that arrive while a commit is in flight are committed together, by one call of ``commit``.
-
-    No artificial wait: the first item starts a commit at once (at the next turn of the event loop, by which time
-    every message read in the same turn has queued its item), and everything that arrives meanwhile forms the next
-    one, of at most ``max_batch`` items. :meth:`submit` returns once its item's commit has ended (committed, or
-    failed: ``commit`` handles its own errors, and answers nothing for what it did not store)."""
-
-    def __init__(self, commit: Callable[[list[T]], Awaitable[None]], *, max_batch: int, name: str) -> None:
-        self._commit = commit
-        self.max_batch = max_batch
-        self._name = name
-        self._queue: list[tuple[T, asyncio.Future[None]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def submit(self, item: T) -> None:
-        """Queue ``item`` for the next commit and wait for that commit."""
-        done = asyncio.get_running_loop().create_future()
-        self._queue.append((item, done))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name=self._name)
-        await done
-
-    async def _run(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
-            try:
-                await self._commit([item for item, _ in batch])
-            except Exception:  # one failed commit must not strand the items queued behind it
-                log.exception("%s: a commit of %d item(s) failed", self._name, len(batch))
-            finally:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
 
 
 class HubRelay:
@@ -115,17 +84,26 @@ class HubRelay:
                                   Awaitable[list[Ack | ErrorReply | ConsentView]]] | None = None
         """Set by the app: a customer's consent query or decision relayed by a retailer (docs/consent.md)."""
         self.on_phase_due: Callable[[str], Awaitable[None]] | None = None
-        self.limiter = limiter if limiter is not None else RateLimiter(200.0, 400)
-        """One token bucket per retailer: messages beyond it are refused (unread) with an error answer."""
         self.presence_limiter = (presence_limiter if presence_limiter is not None
                                  else RateLimiter(PRESENCE_CHANGES_PER_S, PRESENCE_CHANGES_BURST))
         """One token bucket per retailer for presence changes: a bridge flapping online/offline would otherwise
         have all its unacknowledged messages re-sent at every ``online``. Changes beyond it are ignored and
         counted (``presence_rate_limited``); those messages are then re-sent on their back-off."""
         self._presence_muted: set[str] = set()
-        self.outcomes = GroupCommit(self._commit_outcomes, max_batch=5_000, name="hub-outcome-commit")
+        self.limiter = limiter if limiter is not None else RateLimiter(200.0, 400)
+        """One token bucket per retailer: messages beyond it are refused (unread) with an error answer."""
+        self.inbound = InboundRouter("retailers", {
+            Ack: self._ack_in, Outcome: self._outcome_in, Measurements: self._measurements_in,
+            ConsentQuery: self._consent_in, ConsentDecision: self._consent_in, ErrorReply: self._error_in},
+            on_refused=self._refused, limiter=lambda: self.limiter,
+            on_presence=self._presence_in, on_decoded=self._count_received)
+        """Retailers' messages: topic → rate limit (one token bucket per retailer: messages beyond it are refused
+        unread, with an error answer) → decode → the handler of its type."""
+        self.outcomes: GroupCommit[tuple[str, Outcome], None] = GroupCommit(
+            self._settled(self._commit_outcomes), max_batch=5_000, name="hub-outcome-commit")
         """5,000 outcomes at most per storage batch: its column list stays well inside SQLite's limits."""
-        self.acks = GroupCommit(self._commit_acks, max_batch=1_000, name="hub-ack-commit")
+        self.acks: GroupCommit[tuple[str, list[str]], None] = GroupCommit(
+            self._settled(self._commit_acks), max_batch=1_000, name="hub-ack-commit")
         self._received: dict[str, Any] = {}
         self.replicas: Replicas | None = None
         """Set when the hub runs as several replicas."""
@@ -137,6 +115,35 @@ class HubRelay:
         """Awaited with each round of published messages before the book records them as sent: the window in which
         a message is at the broker while its targets still read ``pending`` (a test holds a round there)."""
         book.kick = self.kick
+        self.outbox = Outbox(_BookOutbox(self), self._publish_down, clock=lambda: self.clock(), limit=1000,
+                             retry_s=retry_delay_s, resend_from="read")
+        """The book's outbox: requests, deliveries and notices to retailers, re-sent until acknowledged."""
+
+    async def _publish_down(self, topic: str, payload: bytes, retain: bool) -> None:
+        if self.link is None:
+            raise MqttError("the hub broker link is not open")
+        try:
+            await self.link.publish(topic, payload, retain=retain, wait_s=PUBLISH_WAIT_S)
+        except MqttError as exc:
+            log.warning("outbox send paused: %s", exc)
+            raise
+        self.metrics.outbox_sent.inc()
+
+    @staticmethod
+    def _settled(commit: Callable[[list[Any]], Awaitable[None]]) -> Callable[[list[Any]], Awaitable[list[None]]]:
+        """A hub commit for :class:`GroupCommit`: it answers (or not) the retailers itself and handles its own
+        errors, so every caller is released once it has ended, whatever happened (one failed commit must not strand
+        the items queued behind it, nor fail the MQTT handler that waits)."""
+        name = getattr(commit, "__name__", "commit")
+
+        async def run(batch: list[Any]) -> list[None]:
+            try:
+                await commit(batch)
+            except Exception:
+                log.exception("%s: a commit of %d item(s) failed", name, len(batch))
+            return [None] * len(batch)
+
+        return run
 
     def deliver_to(self, on_measurements: Callable[[str, Measurements], Awaitable[list[str]]],
                    on_phase_due: Callable[[str], Awaitable[None]]) -> None:
@@ -201,22 +208,9 @@ class HubRelay:
     async def dispatch_once(self) -> float:
         """Send what is due; returns how long to sleep before the next attempt."""
         link = self.link
-        now = self.clock()
         if link is None or not link.connected:
             return 0.2
-        sent = []
-        for item in self.book.due(now):
-            try:
-                await link.publish(topics.down("retailers", item.retailer_id), item.payload, wait_s=PUBLISH_WAIT_S)
-            except MqttError as exc:
-                log.warning("outbox send paused: %s", exc)
-                break
-            self.metrics.outbox_sent.inc()
-            sent.append(item)
-        if sent:
-            if self.on_published is not None:
-                await self.on_published(sent)
-            await self.book.mark_sent(sent, now)
+        await self.outbox.send_due()
         nxt = self.book.next_due()
         phase = min((p.due for p in self.book.phases.values()), default=None)
         candidates = [t for t in (nxt, phase) if t is not None]
@@ -251,64 +245,68 @@ class HubRelay:
                 elif replica[0] == self.replicas.me:
                     await self.replicas.on_message(payload)
                 return
-        try:
-            parsed = topics.parse_up(topic)
-        except topics.TopicError:
+        await self.inbound.route(topic, payload, retained)
+
+    async def _refused(self, r: Refusal) -> None:
+        """What the router did not hand on: counted, logged and answered by the hub's rules."""
+        if r.reason == "topic":
             # The rate limit first (a flood of strange topics is a flood of log lines), then the log line.
-            if self.limiter.take(topics.sender_of(topic) or "") > 0:
+            if self.limiter.take(r.party_id or "") > 0:
                 self.metrics.mqtt_rejected.labels("rate_limited").inc()
                 return
             self.metrics.mqtt_rejected.labels("topic").inc()
-            log.warning("ignored a message on unexpected topic %s", outside(topic))
-            return
-        if parsed.kind != "retailers":
+            log.warning("ignored a message on unexpected topic %s", outside(r.topic))
+        elif r.reason == "kind":
             self.metrics.mqtt_rejected.labels("topic").inc()
-            return
-        retailer_id = parsed.party_id
-        if self.limiter.take(retailer_id) > 0:
+        elif r.reason == "rate_limited":
             self.metrics.mqtt_rejected.labels("rate_limited").inc()
-            log.debug("rate limit: refused a message from retailer %s", retailer_id)
-            await self._reply(retailer_id, ErrorReply(code="invalid", message="rate limit: message refused unread, "
-                                                                               "send it again later"))
-            return
-        try:
-            msg = decode(payload)
-        except WireError as exc:
+            log.debug("rate limit: refused a message from retailer %s", r.party_id)
+            await self._reply(str(r.party_id), ErrorReply(code="invalid", message="rate limit: message refused "
+                                                                                 "unread, send it again later"))
+        elif r.reason == "invalid":
             self.metrics.mqtt_rejected.labels("invalid").inc()
-            log.warning("refused a message from retailer %s: %s", retailer_id, outside(exc, 300))
-            await self._reply(retailer_id, ErrorReply(code="invalid", message=str(exc)))
-            return
+            log.warning("refused a message from retailer %s: %s", r.party_id, outside(r.error, 300))
+            await self._reply(str(r.party_id), ErrorReply(code="invalid", message=r.error))
+        else:
+            self.metrics.mqtt_rejected.labels("unexpected").inc()
+            await self._reply(str(r.party_id), ErrorReply(
+                ref_msg_id=r.msg.msg_id, code="invalid", message=f"a retailer may not send {r.msg.type!r} messages"))
+
+    def _count_received(self, msg: Message) -> None:
         received = self._received.get(msg.type)
         if received is None:  # labels() costs more than the rest of a small message's handling: look it up once
             received = self._received[msg.type] = self.metrics.mqtt_received.labels(msg.type)
         received.inc()
-        if parsed.channel == "status":
-            if msg.type == "presence":
-                self._on_presence(retailer_id, msg.state)
+
+    async def _presence_in(self, source: Inbound, msg: Presence) -> None:
+        self._on_presence(source.party_id, msg.state)
+
+    async def _ack_in(self, source: Inbound, msg: Ack) -> None:
+        if self.replicas is not None:
+            foreign = [m for m in msg.ack_ids if m not in self.book.outbox]
+            if foreign:
+                await self.replicas.forward_acks(source.party_id, foreign)
+        await self.acks.submit((source.party_id, msg.ack_ids))
+
+    async def _outcome_in(self, source: Inbound, msg: Outcome) -> None:
+        if self.replicas is not None and not await self._owned_here(source.party_id, msg, source.payload):
             return
-        if isinstance(msg, Ack):
-            if self.replicas is not None:
-                foreign = [m for m in msg.ack_ids if m not in self.book.outbox]
-                if foreign:
-                    await self.replicas.forward_acks(retailer_id, foreign)
-            await self.acks.submit((retailer_id, msg.ack_ids))
-        elif isinstance(msg, Outcome):
-            if self.replicas is not None and not await self._owned_here(retailer_id, msg, payload):
-                return
-            # Waiting for the commit keeps the MQTT-level PUBACK after it (and the broker's window as back-pressure).
-            await self.outcomes.submit((retailer_id, msg))
-        elif isinstance(msg, Measurements):
-            await self._on_measurements(retailer_id, msg)
-        elif isinstance(msg, ConsentQuery | ConsentDecision) and self.on_consent is not None:
-            for answer in await self.on_consent(retailer_id, msg):
-                await self._reply(retailer_id, answer)
-        elif isinstance(msg, ErrorReply):
-            log.warning("retailer %s reported an error about %s: %s", retailer_id, outside(msg.ref_msg_id),
-                        outside(msg.message, 300))
-        else:
-            self.metrics.mqtt_rejected.labels("unexpected").inc()
-            await self._reply(retailer_id, ErrorReply(
-                ref_msg_id=msg.msg_id, code="invalid", message=f"a retailer may not send {msg.type!r} messages"))
+        # Waiting for the commit keeps the MQTT-level PUBACK after it (and the broker's window as back-pressure).
+        await self.outcomes.submit((source.party_id, msg))
+
+    async def _measurements_in(self, source: Inbound, msg: Measurements) -> None:
+        await self._on_measurements(source.party_id, msg)
+
+    async def _consent_in(self, source: Inbound, msg: ConsentQuery | ConsentDecision) -> None:
+        if self.on_consent is None:
+            await self._refused(Refusal("unexpected", source.topic, source.party_id, msg=msg))
+            return
+        for answer in await self.on_consent(source.party_id, msg):
+            await self._reply(source.party_id, answer)
+
+    async def _error_in(self, source: Inbound, msg: ErrorReply) -> None:
+        log.warning("retailer %s reported an error about %s: %s", source.party_id, outside(msg.ref_msg_id),
+                    outside(msg.message, 300))
 
     def _on_presence(self, retailer_id: str, state: str) -> None:
         """Record a retailer's presence; one coming online is re-sent what it has not acknowledged. Changes beyond
@@ -461,3 +459,22 @@ class HubRelay:
             await self.link.publish(topics.down("retailers", retailer_id), encode(msg), wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
             log.warning("could not answer retailer %s: %s", retailer_id, exc)
+
+
+class _BookOutbox:
+    """The request book's outbox (in memory, stored in each request's row) as an :class:`OutboxStorage`."""
+
+    def __init__(self, relay: HubRelay) -> None:
+        self.relay = relay
+
+    async def due(self, now: float, limit: int) -> list[Pending]:
+        return [Pending(i.msg_id, topics.down("retailers", i.retailer_id), i.payload, i.attempts, row=i)
+                for i in self.relay.book.due(now, limit)]
+
+    async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
+        items: list[OutboxItem] = [p.row for p, _ in sent]
+        if not items:
+            return
+        if self.relay.on_published is not None:
+            await self.relay.on_published(items)
+        await self.relay.book.mark_sent(items, now, [at for _, at in sent])

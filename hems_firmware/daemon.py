@@ -15,7 +15,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -43,6 +43,7 @@ from hems_firmware.events import EventFeed
 from hems_firmware.systemd import Notifier
 from hems_firmware.web import failsafe_view, serve_web
 from mhp_wire import topics
+from mhp_wire.backoff import delay_s
 from mhp_wire.logsafe import outside
 from mhp_wire.messages import (
     Ack,
@@ -65,10 +66,14 @@ from mhp_wire.messages import (
     utcnow,
 )
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
+from mhp_wire.outbox import Outbox, Pending
 from mhp_wire.process import wait_or_timeout
+from mhp_wire.router import TypeTable
 from mhp_wire.sqlite import SqliteThread, StorageError
 
 log = logging.getLogger(__name__)
+OUTBOX_ROUND = 10_000
+"""Outcomes read and sent per outbox round (a gateway holds a handful; the bound only keeps one read small)."""
 
 # commands.reported: the newest revision of the request whose outcome is in the outbox (0: none yet), set in the
 # transaction that stores the outcome, so that a restart reports a revision that was not, and none twice.
@@ -154,6 +159,15 @@ class Gateway:
         self._seq = 0
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.from_bridge = TypeTable({Command: self._on_command, Cancel: self._on_cancel, Schedule: self._on_schedule,
+                                      Ack: self._on_ack, ErrorReply: self._on_error})
+        """The bridge's messages on our ``down`` topic, by type."""
+        self.outbox = Outbox(_OutcomeTable(self), self._publish_up, limit=OUTBOX_ROUND,
+                             retry_s=lambda n: delay_s(n, 0.5))
+        """Outcomes (and other answers) to the bridge, stored, re-sent until the bridge acknowledges them."""
+        self.telemetry_outbox = Outbox(_TelemetryTable(self), self._publish_up, limit=500,
+                                       retry_s=lambda n: delay_s(n, 2.0))
+        """Buffered telemetry, in order, re-sent until acknowledged (the newest retained)."""
 
     # -- running ------------------------------------------------------------------------------------------
 
@@ -432,26 +446,24 @@ class Gateway:
                 self.tariff = msg
                 log.info("gateway %s has tariff %s v%d", self.id, msg.tariff_id, msg.version)
             return
-        if isinstance(msg, Command):
-            await self._on_command(msg)
-        elif isinstance(msg, Cancel):
-            await self._on_cancel(msg)
-        elif isinstance(msg, Schedule):
-            await self._on_schedule(msg)
-        elif isinstance(msg, Ack):
-            def drop(db: sqlite3.Connection) -> None:
-                db.executemany("DELETE FROM outbox WHERE msg_id=?", [(m,) for m in msg.ack_ids])
-                db.executemany("DELETE FROM telemetry WHERE msg_id=?", [(m,) for m in msg.ack_ids])
-
-            await self.sql.tx(drop)
-        elif isinstance(msg, ErrorReply):
-            log.warning("the bridge refused %s: %s", outside(msg.ref_msg_id), outside(msg.message, 300))
-            if msg.ref_msg_id:
-                await self.sql.tx(lambda db: db.execute("DELETE FROM outbox WHERE msg_id=?", (msg.ref_msg_id,)))
-        else:
+        if not await self.from_bridge.dispatch(msg):
             self.rejected += 1
             await self._send(ErrorReply(ref_msg_id=msg.msg_id, code="invalid",
                                         message=f"a gateway does not handle {msg.type!r} messages"))
+
+    async def _on_ack(self, msg: Ack) -> None:
+        """The bridge has our messages: drop them from the outbox and the telemetry buffer."""
+
+        def drop(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM outbox WHERE msg_id=?", [(m,) for m in msg.ack_ids])
+            db.executemany("DELETE FROM telemetry WHERE msg_id=?", [(m,) for m in msg.ack_ids])
+
+        await self.sql.tx(drop)
+
+    async def _on_error(self, msg: ErrorReply) -> None:
+        log.warning("the bridge refused %s: %s", outside(msg.ref_msg_id), outside(msg.message, 300))
+        if msg.ref_msg_id:
+            await self.sql.tx(lambda db: db.execute("DELETE FROM outbox WHERE msg_id=?", (msg.ref_msg_id,)))
 
     async def _on_command(self, cmd: Command) -> None:
         if cmd.client_id != self.client_id:
@@ -722,25 +734,10 @@ class Gateway:
 
     # -- outbox -------------------------------------------------------------------------------------------
 
-    async def _send_telemetry(self) -> None:
-        """Send buffered telemetry in order (the newest retained, for a bridge that starts later)."""
-        rows = await self.sql.read(lambda db: [dict(r) for r in db.execute(
-            "SELECT seq, msg_id, payload, attempts FROM telemetry WHERE next_attempt_at<=? ORDER BY seq LIMIT 500",
-            (time.time(),))])
-        if not rows or self.link is None or not self.link.connected:
-            return
-        newest = rows[-1]["seq"] == self._seq
-        sent = []
-        for i, row in enumerate(rows):
-            try:
-                await self.link.publish(topics.telemetry(self.id), row["payload"],
-                                        retain=newest and i == len(rows) - 1)
-            except MqttError:
-                break
-            sent.append((time.time() + min(30.0, 2.0 * 2 ** row["attempts"]), row["seq"]))
-        if sent:
-            await self.sql.tx(lambda db: db.executemany(
-                "UPDATE telemetry SET attempts=attempts+1, next_attempt_at=? WHERE seq=?", sent))
+    async def _publish_up(self, topic: str, payload: bytes, retain: bool) -> None:
+        if self.link is None:
+            raise MqttError("the uplink is not open")
+        await self.link.publish(topic, payload, retain=retain)
 
     async def _report(self, out: Outcome) -> bool:
         """Store the outcome of a stored command's revision in the outbox, unless one of that revision (or a newer
@@ -776,20 +773,8 @@ class Gateway:
         while True:
             self._wake.clear()
             try:
-                rows = await self.sql.read(lambda db: [dict(r) for r in db.execute(
-                    "SELECT * FROM outbox WHERE next_attempt_at<=? ORDER BY rowid", (time.time(),))])
-                sent = []
-                for row in rows:
-                    if self.link is None or not self.link.connected:
-                        break
-                    try:
-                        await self.link.publish(topics.up("gateways", self.id), row["payload"])
-                    except MqttError:
-                        break
-                    sent.append((time.time() + min(30.0, 0.5 * 2 ** row["attempts"]), row["msg_id"]))
-                if sent:
-                    await self.sql.tx(partial(_mark_sent, sent=sent))
-                await self._send_telemetry()
+                await self.outbox.send_due()
+                await self.telemetry_outbox.send_due()
             except StorageError as exc:
                 log.error("gateway %s outbox paused: %s", self.id, exc)
             await wait_or_timeout(self._wake, 0.5)
@@ -828,8 +813,46 @@ def _seconds(hhmm: str) -> float:
     return int(hh) * 3600.0 + int(mm) * 60.0
 
 
-def _mark_sent(db: sqlite3.Connection, sent: list[tuple[float, str]]) -> None:
-    db.executemany("UPDATE outbox SET attempts=attempts+1, next_attempt_at=? WHERE msg_id=?", sent)
+class _OutcomeTable:
+    """The gateway's ``outbox`` table (outcomes to the bridge) as an :class:`OutboxStorage`."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def due(self, now: float, limit: int) -> list[Pending]:
+        topic = topics.up("gateways", self.gw.id)
+        rows = await self.gw.sql.read(lambda db: db.execute(
+            "SELECT msg_id, payload, attempts FROM outbox WHERE next_attempt_at<=? ORDER BY rowid LIMIT ?",
+            (now, limit)).fetchall())
+        return [Pending(r[0], topic, r[1], r[2]) for r in rows]
+
+    async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
+        if sent:
+            await self.gw.sql.tx(lambda db: db.executemany(
+                "UPDATE outbox SET attempts=attempts+1, next_attempt_at=? WHERE msg_id=?",
+                [(at, p.key) for p, at in sent]))
+
+
+class _TelemetryTable:
+    """The gateway's ``telemetry`` buffer as an :class:`OutboxStorage`: in order, the newest sent retained (for a
+    bridge that starts later)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def due(self, now: float, limit: int) -> list[Pending]:
+        topic = topics.telemetry(self.gw.id)
+        rows = await self.gw.sql.read(lambda db: db.execute(
+            "SELECT seq, payload, attempts FROM telemetry WHERE next_attempt_at<=? ORDER BY seq LIMIT ?",
+            (now, limit)).fetchall())
+        newest = bool(rows) and rows[-1][0] == self.gw._seq
+        return [Pending(r[0], topic, r[1], r[2], retain=newest and i == len(rows) - 1) for i, r in enumerate(rows)]
+
+    async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
+        if sent:
+            await self.gw.sql.tx(lambda db: db.executemany(
+                "UPDATE telemetry SET attempts=attempts+1, next_attempt_at=? WHERE seq=?",
+                [(at, p.key) for p, at in sent]))
 
 
 async def selftest(cfg: GatewayConfig) -> dict[str, Any]:

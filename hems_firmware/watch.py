@@ -19,6 +19,8 @@ from datetime import datetime, tzinfo
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+from mhp_wire.backoff import Backoff
+
 KINDS = {"emergency": "emergency", "load_reduction": "load reduction", "load_shift": "load shift"}
 SNAPSHOT_ACTUATIONS = 5
 """How many of the latest actuations are printed on (re)connecting."""
@@ -172,12 +174,12 @@ class Watcher:
 
     def run(self) -> None:
         """Print the gateway's events until stopped; connection problems are reported and retried."""
-        delay = self.min_delay_s
+        backoff = Backoff(initial_s=self.min_delay_s, max_s=self.max_delay_s)
         while not self._stopped.is_set():
             try:
                 with contextlib.closing(self.events()) as events:
                     for event in events:
-                        delay = self.min_delay_s
+                        backoff.record_success()
                         for line in self.formatter.lines(event):
                             self._print(line)
                 problem = "the gateway ended the stream"
@@ -185,9 +187,9 @@ class Watcher:
                 problem = f"cannot follow the gateway: {clean(exc) or type(exc).__name__}"
             if self._stopped.is_set():
                 break
+            delay = backoff.record_failure(time.monotonic())
             print(f"hems-gateway watch: {problem}; retrying in {delay:.1f} s", file=self.err, flush=True)
             self._stopped.wait(delay)
-            delay = min(self.max_delay_s, delay * 2)
 
     def _print(self, line: str) -> None:
         try:

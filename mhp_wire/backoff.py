@@ -1,8 +1,22 @@
-"""Exponential back-off: a pure policy with no I/O and an injected clock (failing devices, webhook deliveries)."""
+"""Exponential back-off, the one formula of the project: a pure policy with no I/O and an injected clock.
+
+:func:`delay_s` is the delay before the n-th try of anything (an outbox re-send, a telemetry batch, a storage
+retry, a reconnection); :class:`Backoff` keeps the count and the blocked-until time of one thing (a failing device,
+a webhook target, a connection) against a clock the caller passes in.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+MAX_EXPONENT = 64
+"""Past this many doublings every delay is at its cap anyway; a float power beyond it would overflow."""
+
+
+def delay_s(attempts: int, first_s: float = 0.5, max_s: float = 30.0, factor: float = 2.0) -> float:
+    """The delay before try number ``attempts`` (1: the first re-try): ``min(max_s, first_s * factor **
+    (attempts - 1))``, ``first_s`` for ``attempts`` <= 1."""
+    return float(min(max_s, first_s * factor ** min(max(0, attempts - 1), MAX_EXPONENT)))
 
 
 @dataclass
@@ -21,7 +35,7 @@ class Backoff:
 
     def record_failure(self, now: float) -> float:
         """Count a failure at time `now`; return the delay before the next try."""
-        delay = min(self.max_s, self.initial_s * self.factor ** min(self.failures, 64))
+        delay = delay_s(self.failures + 1, self.initial_s, self.max_s, self.factor)
         self.failures += 1
         self._until = now + delay
         return delay

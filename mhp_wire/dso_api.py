@@ -11,7 +11,9 @@ from typing import Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-ClientId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+from mhp_wire.ids import ID_PATTERN
+
+ClientId = Annotated[str, Field(pattern=ID_PATTERN)]
 
 
 class Targets(BaseModel):

@@ -19,6 +19,7 @@ import gmqtt
 from gmqtt.mqtt.constants import MQTTv50
 from gmqtt.mqtt.handler import MQTTConnectError
 
+from mhp_wire.backoff import Backoff
 from mhp_wire.logsafe import outside
 from mhp_wire.messages import presence_payload
 
@@ -143,7 +144,7 @@ class MqttLink:
     async def _connect_first(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = None if self._connect_timeout_s is None else loop.time() + self._connect_timeout_s
-        delay = 0.1
+        backoff = Backoff(initial_s=0.1, max_s=5.0)
         tls: ssl.SSLContext | bool = False
         if self.endpoint.tls_ca_file:
             tls = ssl.create_default_context(cafile=self.endpoint.tls_ca_file)
@@ -162,6 +163,7 @@ class MqttLink:
                 err: Exception = exc
             except (OSError, TimeoutError) as exc:
                 err = exc
+            delay = backoff.record_failure(loop.time())
             if deadline is not None and loop.time() + delay > deadline:
                 raise MqttError(
                     f"cannot connect to MQTT broker {self.endpoint.host}:{self.endpoint.port} as "
@@ -170,7 +172,6 @@ class MqttLink:
             log.warning("MQTT connect to %s:%s failed (%s), retrying in %.1f s",
                         self.endpoint.host, self.endpoint.port, err, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
     async def __aexit__(self, *exc: object) -> None:
         try:

@@ -30,13 +30,14 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from mhp_wire.ids import is_id
+
 ROOT = "mhp"
 VERSION = "v1"
 PREFIX = f"{ROOT}/{VERSION}"
 
 PartyKind = Literal["retailers", "gateways"]
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 RESERVED_IDS = frozenset({"hub", "bridge", "admin", "dso"})
 
 
@@ -46,7 +47,7 @@ class TopicError(ValueError):
 
 def check_id(value: str) -> str:
     """Return ``value`` if it can be a retailer, gateway or client id (and so an MQTT username and a topic level)."""
-    if not _ID_RE.fullmatch(value):
+    if not is_id(value):
         raise TopicError(
             f"invalid id {value!r}: 1-64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
         )

@@ -13,11 +13,13 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from mhp_wire import topics
+from mhp_wire.backoff import delay_s
+from mhp_wire.groupcommit import GroupCommit
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
     Ack,
@@ -30,6 +32,7 @@ from mhp_wire.messages import (
     ErrorReply,
     Measurement,
     Measurements,
+    Message,
     Outcome,
     Presence,
     Request,
@@ -43,8 +46,10 @@ from mhp_wire.messages import (
     tariff_msg_id,
 )
 from mhp_wire.mqtt import MqttError, MqttLink, Republisher
+from mhp_wire.outbox import Outbox, Pending
 from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
+from mhp_wire.router import Inbound, InboundRouter, Refusal, TypeTable
 from mhp_wire.sqlite import StorageError
 from retailer_bridge.billing import BillingReading, readings_of
 from retailer_bridge.customers import Announced, CustomerList, periods_of
@@ -62,11 +67,6 @@ waits for the group commit in progress, so an emergency to 10,000 gateways goes 
 PUBLISH_WAIT_S = 5.0
 """How long a publish waits for room in the broker's in-flight window (back-pressure) before the outbox takes
 over; a fan-out to 10,000 gateways fills a window of 1,000 many times."""
-
-
-def retry_delay_s(attempts: int, first_s: float = 0.5) -> float:
-    """Back-off before re-sending a message for the ``attempts``-th time."""
-    return float(min(30.0, first_s * 2 ** max(0, attempts - 1)))
 
 
 HUB_FIRST_RETRY_S = 5.0
@@ -120,6 +120,20 @@ class BridgeRelay:
         self._wake_hub = asyncio.Event()
         self.gateway_limiter = RateLimiter(50.0, 200)
         """One token bucket per gateway: messages beyond it are refused (unread) with an error answer."""
+        self.gateway_acks: GroupCommit[tuple[str, list[str]], None] = GroupCommit(
+            self._deliver_batch, name="bridge-gateway-acks")
+        """Gateways' acknowledgements, batched: one store write (and a few statements) per batch, not per ack."""
+        self.from_hub = TypeTable({
+            Request: self._on_request, Cancel: self._on_cancel, BillingData: self._on_billing,
+            Tariff: self._tariff_from_hub, Customers: self._on_customers, ConsentView: self._consent_view,
+            Ack: self._hub_ack, ErrorReply: self._hub_error})
+        """The hub's messages on our ``down`` topic, by type."""
+        self.inbound = InboundRouter("gateways", {
+            Telemetry: self._gateway_telemetry, Ack: self._gateway_ack, Outcome: self._gateway_outcome,
+            ErrorReply: self._gateway_error}, on_refused=self._refused, limiter=lambda: self.gateway_limiter,
+            on_presence=self._gateway_presence, on_decoded=self._count_gateway_message)
+        """Gateways' messages: topic → rate limit (one token bucket per gateway: messages beyond it are refused
+        unread, with an error answer) → decode → the handler of its type."""
         self.rated_sheddable_kw = dict(rated_sheddable_kw or {})
         """``client_id -> kW`` from the installation record (settings ``customer_sheddable_kw``)."""
         self._claims_logged = Once()
@@ -128,6 +142,13 @@ class BridgeRelay:
         self.tariff = Republisher(self.republish_tariff, "the stored tariff for our gateways",
                                   retry_on=(StorageError,))
         """At every connection to the retailer broker the stored tariff is published again, retained."""
+        self.commands_out = Outbox(_Commands(store), self._to_local, limit=DISPATCH_BATCH)
+        """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
+        self.notices_out = Outbox(_Notices(store), self._to_local, resend_from="read")
+        """Notices to gateways (cancellations, schedules), re-sent until acknowledged or past their deadline."""
+        self.hub_out = Outbox(_ToHub(store, topics.up("retailers", retailer_id)), self._to_hub_link,
+                              limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.hub_retry_s))
+        """Outcomes and measurements to the hub, re-sent until the hub acknowledges them."""
 
     def local_connected(self) -> None:
         """The link to this retailer's broker is up (the first time or again): republish the stored tariff, which
@@ -170,30 +191,26 @@ class BridgeRelay:
             if isinstance(msg, Tariff):
                 await self._on_tariff(msg, ack=False)
             return
-        if isinstance(msg, Request):
-            await self._on_request(msg)
-        elif isinstance(msg, Cancel):
-            await self._on_cancel(msg)
-        elif isinstance(msg, BillingData):
-            await self._on_billing(msg)
-        elif isinstance(msg, Tariff):
-            await self._on_tariff(msg, ack=True)
-        elif isinstance(msg, Customers):
-            await self._on_customers(msg)
-        elif isinstance(msg, ConsentView):
-            if self.on_consent_view is not None:
-                self.on_consent_view(msg)
-        elif isinstance(msg, Ack):
-            self.last_hub_ack = time.monotonic()
-            await self.store.ack_outbox(msg.ack_ids)
-        elif isinstance(msg, ErrorReply):
-            log.warning("the hub refused our message %s: %s", outside(msg.ref_msg_id), outside(msg.message, 300))
-            if msg.ref_msg_id:
-                await self.store.ack_outbox([msg.ref_msg_id])
-        else:
+        if not await self.from_hub.dispatch(msg):
             self.rejected["hub_unexpected"] += 1
             await self._to_hub(ErrorReply(ref_msg_id=msg.msg_id, code="invalid",
                                           message=f"the bridge does not handle {msg.type!r} messages yet"))
+
+    async def _tariff_from_hub(self, msg: Tariff) -> None:
+        await self._on_tariff(msg, ack=True)
+
+    async def _consent_view(self, msg: ConsentView) -> None:
+        if self.on_consent_view is not None:
+            self.on_consent_view(msg)
+
+    async def _hub_ack(self, msg: Ack) -> None:
+        self.last_hub_ack = time.monotonic()
+        await self.store.ack_outbox(msg.ack_ids)
+
+    async def _hub_error(self, msg: ErrorReply) -> None:
+        log.warning("the hub refused our message %s: %s", outside(msg.ref_msg_id), outside(msg.message, 300))
+        if msg.ref_msg_id:
+            await self.store.ack_outbox([msg.ref_msg_id])
 
     async def _on_hub_presence(self, payload: bytes) -> None:
         try:
@@ -390,76 +407,79 @@ class BridgeRelay:
 
     async def on_local_message(self, topic: str, payload: bytes, retained: bool) -> None:
         """Apply one message from a gateway; the gateway id comes from the topic, which the broker ACL binds."""
-        try:
-            parsed = topics.parse_up(topic)
-        except topics.TopicError:
+        await self.inbound.route(topic, payload, retained)
+
+    async def _refused(self, r: Refusal) -> None:
+        """What the router did not hand on: counted, logged and answered by the bridge's rules."""
+        gid = str(r.party_id)
+        if r.reason == "topic":
             self.rejected["local_topic"] += 1
-            return
-        if parsed.kind != "gateways":
-            return
-        gid = parsed.party_id
-        if self.gateway_limiter.take(gid) > 0:
+        elif r.reason == "rate_limited":
             self.rejected["gateway_rate_limited"] += 1
             log.debug("rate limit: refused a message from gateway %s", gid)
             await self._to_gateway(gid, ErrorReply(code="invalid", message="rate limit: message refused unread, "
                                                                            "send it again later"))
-            return
-        try:
-            msg = decode(payload)
-        except WireError as exc:
+        elif r.reason == "invalid":
             self.rejected["gateway_invalid"] += 1
-            log.warning("refused a message from gateway %s: %s", gid, outside(exc, 300))
-            await self._to_gateway(gid, ErrorReply(code="invalid", message=str(exc)))
-            return
-        self.received[f"gateway_{msg.type}"] += 1
-        if parsed.channel == "status":
-            if msg.type == "presence":
-                before = self.gateway_presence.get(gid)
-                self.gateway_presence[gid] = msg.state
-                if msg.state == "online" and before != "online":
-                    await self.store.resend_now(gid)
-                    self.kick()
-        elif isinstance(msg, Telemetry):
-            if self.gateway_of_client.get(msg.client_id) != gid or msg.gateway_id != gid:
-                self.rejected["gateway_foreign_client"] += 1
-                return
-            why = self.not_customer(msg.client_id, msg.at.timestamp())
-            if why is not None:  # its home has moved to another supplier (or not yet come here)
-                self.rejected["gateway_not_customer"] += 1
-                if not retained:
-                    await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="forbidden", message=why))
-                return
-            if not retained:
-                await self._to_gateway(gid, Ack(ack_ids=[msg.msg_id]))
-            self._check_claim(gid, msg)
-            latest = self.latest_telemetry.get(gid)
-            if latest is None or msg.seq >= latest.seq:
-                self.latest_telemetry[gid] = msg
-            for sink in self.telemetry_sinks:
-                sink(msg)
-            if msg.active_power_kw is not None:
-                self._pending_measurements[(msg.client_id, msg.at.timestamp())] = Measurement(
-                    client_id=msg.client_id, at=msg.at, active_power_kw=msg.active_power_kw)
-        elif isinstance(msg, Ack):
-            await self._on_gateway_ack(gid, msg)
-        elif isinstance(msg, Outcome):
-            await self._on_gateway_outcome(gid, msg)
-        elif isinstance(msg, ErrorReply):
-            log.warning("gateway %s refused %s: %s", gid, outside(msg.ref_msg_id), outside(msg.message, 300))
-        else:
+            log.warning("refused a message from gateway %s: %s", gid, outside(r.error, 300))
+            await self._to_gateway(gid, ErrorReply(code="invalid", message=r.error))
+        elif r.reason == "unexpected":
             self.rejected["gateway_unexpected"] += 1
-            await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="invalid",
-                                                   message=f"a gateway may not send {msg.type!r} messages"))
+            await self._to_gateway(gid, ErrorReply(ref_msg_id=r.msg.msg_id, code="invalid",
+                                                   message=f"a gateway may not send {r.msg.type!r} messages"))
+        # "kind": another kind of party's topic on our broker: not ours to read
+
+    def _count_gateway_message(self, msg: Message) -> None:
+        self.received[f"gateway_{msg.type}"] += 1
+
+    async def _gateway_presence(self, source: Inbound, msg: Presence) -> None:
+        gid = source.party_id
+        before = self.gateway_presence.get(gid)
+        self.gateway_presence[gid] = msg.state
+        if msg.state == "online" and before != "online":
+            await self.store.resend_now(gid)
+            self.kick()
+
+    async def _gateway_telemetry(self, source: Inbound, msg: Telemetry) -> None:
+        gid, retained = source.party_id, source.retained
+        if self.gateway_of_client.get(msg.client_id) != gid or msg.gateway_id != gid:
+            self.rejected["gateway_foreign_client"] += 1
+            return
+        why = self.not_customer(msg.client_id, msg.at.timestamp())
+        if why is not None:  # its home has moved to another supplier (or not yet come here)
+            self.rejected["gateway_not_customer"] += 1
+            if not retained:
+                await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="forbidden", message=why))
+            return
+        if not retained:
+            await self._to_gateway(gid, Ack(ack_ids=[msg.msg_id]))
+        self._check_claim(gid, msg)
+        latest = self.latest_telemetry.get(gid)
+        if latest is None or msg.seq >= latest.seq:
+            self.latest_telemetry[gid] = msg
+        for sink in self.telemetry_sinks:
+            sink(msg)
+        if msg.active_power_kw is not None:
+            self._pending_measurements[(msg.client_id, msg.at.timestamp())] = Measurement(
+                client_id=msg.client_id, at=msg.at, active_power_kw=msg.active_power_kw)
+
+    async def _gateway_error(self, source: Inbound, msg: ErrorReply) -> None:
+        log.warning("gateway %s refused %s: %s", source.party_id, outside(msg.ref_msg_id), outside(msg.message, 300))
+
+    async def _gateway_ack(self, source: Inbound, msg: Ack) -> None:
+        await self._on_gateway_ack(source.party_id, msg)
+
+    async def _gateway_outcome(self, source: Inbound, msg: Outcome) -> None:
+        await self._on_gateway_outcome(source.party_id, msg)
 
     async def _on_gateway_ack(self, gid: str, msg: Ack) -> None:
-        def delivered(cmd: dict[str, Any]) -> tuple[str, bytes]:
-            out = Outcome(msg_id=delivered_msg_id(cmd["msg_id"]), request_id=cmd["request_id"],
-                          client_id=cmd["client_id"], state=ClientState.DELIVERED,
-                          trace={"retailer_ms": round(cmd["handling_ms"], 3)}, revision=cmd["revision"])
-            return out.msg_id, encode(out)
-
-        await self.store.deliver(gid, msg.ack_ids, delivered)
+        await self.gateway_acks.submit((gid, msg.ack_ids))
         self.kick()
+
+    async def _deliver_batch(self, acks: list[tuple[str, list[str]]]) -> list[None]:
+        """The gateways' acknowledgements that arrived during the previous batch, applied in one store write."""
+        await self.store.deliver_many(acks, _delivered)
+        return [None] * len(acks)
 
     async def _on_gateway_outcome(self, gid: str, msg: Outcome) -> None:
         t0 = time.time()
@@ -547,43 +567,38 @@ class BridgeRelay:
         """Send what is due in both directions once; returns how long to sleep."""
         return min(await self.dispatch_gateways(), await self.dispatch_hub())
 
+    async def _to_local(self, topic: str, payload: bytes, retain: bool) -> None:
+        if self.local is None:
+            raise MqttError("the retailer broker link is not open")
+        await self.local.publish(topic, payload, retain=retain, wait_s=PUBLISH_WAIT_S)
+
+    async def _to_hub_link(self, topic: str, payload: bytes, retain: bool) -> None:
+        if self.hub is None:
+            raise MqttError("the hub broker link is not open")
+        await self.hub.publish(topic, payload, retain=retain, wait_s=PUBLISH_WAIT_S)
+
+    async def _command_due(self, p: Pending) -> bool:
+        """The bridge's rule before (re-)sending a command: a gateway silent past the ack timeout, or a request
+        past its deadline, gets its outcome instead."""
+        cmd, now = p.row, self.commands_out.round_at
+        waited_from = max(cmd["first_sent_at"] or now, cmd["not_before"])
+        if cmd["first_sent_at"] is not None and now - waited_from > self.gateway_ack_timeout_s:
+            await self._unreachable(cmd, "no acknowledgement from the gateway in time")
+            return False
+        if cmd["deadline"] <= now:
+            await self._unreachable(cmd, "the request expired before the gateway acknowledged it", ClientState.EXPIRED)
+            return False
+        return True
+
+    async def _notice_due(self, p: Pending) -> bool:
+        """A notice past its deadline is dropped, not sent."""
+        return bool(p.row["deadline"] > self.notices_out.round_at)
+
     async def dispatch_gateways(self) -> float:
         """Send the commands and notices that are due to gateways; returns how long to sleep."""
-        now = time.time()
         if self.local is not None and self.local.connected:
-            sent: list[tuple[str, int]] = []
-            for cmd in await self.store.due_commands(now, DISPATCH_BATCH):
-                waited_from = max(cmd["first_sent_at"] or now, cmd["not_before"])
-                if cmd["first_sent_at"] is not None and now - waited_from > self.gateway_ack_timeout_s:
-                    await self._unreachable(cmd, "no acknowledgement from the gateway in time")
-                    continue
-                if cmd["deadline"] <= now:
-                    await self._unreachable(cmd, "the request expired before the gateway acknowledged it",
-                                            ClientState.EXPIRED)
-                    continue
-                try:
-                    await self.local.publish(topics.down("gateways", cmd["gateway_id"]), cmd["payload"],
-                                             wait_s=PUBLISH_WAIT_S)
-                except MqttError:
-                    break
-                sent.append((cmd["msg_id"], cmd["attempts"]))
-            if sent:  # re-sends count from the end of the batch: thousands of publishes take a while
-                after = time.time()
-                await self.store.mark_sent([(m, after + retry_delay_s(a + 1)) for m, a in sent], now)
-            notices: list[tuple[str, float]] = []
-            expired: list[str] = []
-            for row in await self.store.due_gateway_outbox(now):
-                if row["deadline"] <= now:
-                    expired.append(row["msg_id"])
-                    continue
-                try:
-                    await self.local.publish(topics.down("gateways", row["gateway_id"]), row["payload"],
-                                             wait_s=PUBLISH_WAIT_S)
-                except MqttError:
-                    break
-                notices.append((row["msg_id"], now + retry_delay_s(row["attempts"] + 1)))
-            if notices or expired:
-                await self.store.mark_gateway_outbox(notices, expired)
+            await self.commands_out.send_due(self._command_due)
+            await self.notices_out.send_due(self._notice_due)
         if self.local is None or not self.local.connected:
             return 0.2  # what is due waits for the retailer broker; do not poll the store meanwhile
         nxt = await self.store.next_due("gateways")
@@ -599,21 +614,10 @@ class BridgeRelay:
             batch = Measurements(items=items)
             await self.store.queue_for_hub([(batch.msg_id, encode(batch))])
         if self.hub is not None and self.hub.connected:
-            done: list[tuple[str, int]] = []
             busy = time.monotonic() - self.last_hub_ack < self.hub_retry_s
             if busy:  # the hub is acknowledging, in order: what it has not acknowledged yet is queued there
                 await self.store.postpone_hub_resends(now, now + self.hub_retry_s)
-            for row in await self.store.due_outbox(now, DISPATCH_BATCH):
-                try:
-                    await self.hub.publish(topics.up("retailers", self.retailer_id), row["payload"],
-                                           wait_s=PUBLISH_WAIT_S)
-                except MqttError:
-                    break
-                done.append((row["msg_id"], row["attempts"]))
-            if done:
-                after = time.time()
-                await self.store.mark_outbox_sent([(m, after + retry_delay_s(a + 1, self.hub_retry_s))
-                                                   for m, a in done])
+            await self.hub_out.send_due()
         if self.hub is None or not self.hub.connected:
             return 0.2  # what is due waits for the hub broker (measurements are still queued on time)
         nxt = await self.store.next_due("hub")
@@ -635,3 +639,56 @@ class BridgeRelay:
         """Send a customer's schedule to its gateway through the stored outbox (re-sent until acknowledged)."""
         await self.store.queue_for_gateway(schedule.msg_id, gateway_id, encode(schedule), time.time() + 7 * 86_400)
         self.kick()
+
+
+class _Commands:
+    """The store's ``commands`` (those still being sent) as an :class:`OutboxStorage`."""
+
+    def __init__(self, store: BridgeStore) -> None:
+        self.store = store
+
+    async def due(self, now: float, limit: int) -> list[Pending]:
+        return [Pending(c["msg_id"], topics.down("gateways", c["gateway_id"]), c["payload"], c["attempts"], row=c)
+                for c in await self.store.due_commands(now, limit)]
+
+    async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
+        if sent:  # a dropped command has its outcome already (``_unreachable``)
+            await self.store.mark_sent([(str(p.key), at) for p, at in sent], now)
+
+
+class _Notices:
+    """The store's ``gateway_outbox`` (cancellations, schedules) as an :class:`OutboxStorage`."""
+
+    def __init__(self, store: BridgeStore) -> None:
+        self.store = store
+
+    async def due(self, now: float, limit: int) -> list[Pending]:
+        return [Pending(r["msg_id"], topics.down("gateways", r["gateway_id"]), r["payload"], r["attempts"], row=r)
+                for r in (await self.store.due_gateway_outbox(now))[:limit]]
+
+    async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
+        await self.store.mark_gateway_outbox([(str(p.key), at) for p, at in sent], [str(p.key) for p in dropped])
+
+
+class _ToHub:
+    """The store's ``hub_outbox`` (outcomes, measurements) as an :class:`OutboxStorage`."""
+
+    def __init__(self, store: BridgeStore, topic: str) -> None:
+        self.store = store
+        self.topic = topic
+
+    async def due(self, now: float, limit: int) -> list[Pending]:
+        return [Pending(r["msg_id"], self.topic, r["payload"], r["attempts"])
+                for r in await self.store.due_outbox(now, limit)]
+
+    async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
+        if sent:
+            await self.store.mark_outbox_sent([(str(p.key), at) for p, at in sent])
+
+
+def _delivered(cmd: dict[str, Any]) -> tuple[str, bytes]:
+    """The ``delivered`` outcome of a command its gateway acknowledged, for the hub."""
+    out = Outcome(msg_id=delivered_msg_id(cmd["msg_id"]), request_id=cmd["request_id"], client_id=cmd["client_id"],
+                  state=ClientState.DELIVERED, trace={"retailer_ms": round(cmd["handling_ms"], 3)},
+                  revision=cmd["revision"])
+    return out.msg_id, encode(out)

@@ -7,7 +7,6 @@ returns only once its transaction is committed, so "stored before acknowledged" 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 from collections.abc import Callable
@@ -16,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mhp_wire.groupcommit import Failed
+from mhp_wire.groupcommit import GroupCommit as _GroupCommit
 from mhp_wire.sqlite import SqliteThread, StorageError
 from retailer_bridge.billing import BillingReading, readings_of, select
 
@@ -66,6 +67,9 @@ class Refused(Exception):
     is stored."""
 
 
+SQL_IN_MAX = 500
+"""Ids per ``IN (...)`` list: well inside SQLite's limit on bound parameters."""
+
 @dataclass(slots=True)
 class NewCommand:
     """A command for one gateway, derived from a hub request."""
@@ -83,13 +87,8 @@ class NewCommand:
     """The request's revision the command carries: a higher one replaces the stored command of its client."""
 
 
-@dataclass(slots=True)
-class _Failed:
-    error: BaseException
-
-
-class GroupCommit:
-    """Write transactions of many callers, committed together.
+class GroupCommit(_GroupCommit[Callable[[sqlite3.Connection], Any], Any]):
+    """Write transactions of many callers, committed together (:class:`mhp_wire.groupcommit.GroupCommit`).
 
     ``await tx(fn)`` queues ``fn(db)``; one flusher runs everything queued in a single ``BEGIN IMMEDIATE`` …
     ``COMMIT`` on the database thread, each ``fn`` inside its own savepoint, and resolves every caller after the
@@ -99,48 +98,18 @@ class GroupCommit:
     """
 
     def __init__(self, sql: SqliteThread) -> None:
+        super().__init__(self._commit_sql, name="bridge-group-commit")
         self.sql = sql
-        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self.commits = 0
-        """Transactions committed (the number of fsyncs)."""
-        self.writes = 0
-        """Writes committed; ``writes / commits`` is the mean batch."""
 
     async def tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(db)`` in the next group transaction; returns once that transaction is committed."""
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((fn, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="bridge-group-commit")
-        return await fut
+        result: T = await self.submit(fn)
+        return result
 
-    async def drain(self) -> None:
-        """Wait until everything queued is committed (or failed)."""
-        while self._flusher is not None and not self._flusher.done():
-            await asyncio.shield(self._flusher)
+    async def _commit_sql(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        return await self.sql.call(self._run_sql, fns)
 
-    async def _flush(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                results = await self.sql.call(self._run, [fn for fn, _ in batch])
-            except Exception as exc:  # the commit failed (StorageError): nothing of this batch is stored
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            self.commits += 1
-            self.writes += len(batch)
-            for (_, fut), result in zip(batch, results, strict=True):
-                if fut.done():  # the caller was cancelled; its write is committed all the same
-                    continue
-                if isinstance(result, _Failed):
-                    fut.set_exception(result.error)
-                else:
-                    fut.set_result(result)
-
-    def _run(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+    def _run_sql(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
         db = self.sql.db
         db.execute("BEGIN IMMEDIATE")
         results: list[Any] = []
@@ -151,7 +120,7 @@ class GroupCommit:
                     results.append(fn(db))
                 except Exception as exc:
                     db.execute("ROLLBACK TO one_write")
-                    results.append(_Failed(StorageError(f"storage error: {exc}") if isinstance(exc, sqlite3.Error)
+                    results.append(Failed(StorageError(f"storage error: {exc}") if isinstance(exc, sqlite3.Error)
                                            else exc))
                 db.execute("RELEASE one_write")
             db.execute("COMMIT")
@@ -254,23 +223,29 @@ class BridgeStore:
 
     async def deliver(self, gateway_id: str, msg_ids: list[str],
                       outcome_of: Callable[[dict[str, Any]], tuple[str, bytes]]) -> int:
-        """A gateway acknowledged these messages: drop its notices among them, and move its commands among them
-        that still wait for that acknowledgement to ``delivered`` with the outcome ``outcome_of(command)`` queued
-        for the hub; one write. Returns the commands moved."""
+        """A gateway acknowledged these messages: :meth:`deliver_many` for one gateway."""
+        return await self.deliver_many([(gateway_id, msg_ids)], outcome_of)
+
+    async def deliver_many(self, acks: list[tuple[str, list[str]]],
+                           outcome_of: Callable[[dict[str, Any]], tuple[str, bytes]]) -> int:
+        """Gateways acknowledged these messages (``(gateway_id, msg_ids)`` each): drop their notices among them,
+        and move their commands among them that still wait for that acknowledgement to ``delivered``, with the
+        outcome ``outcome_of(command)`` queued for the hub; one write, a few statements for the whole batch (not
+        a few per message). A message counts only for the gateway it was sent to. Returns the commands moved."""
+        pairs = list(dict.fromkeys((m, gid) for gid, ids in acks for m in ids))
 
         def op(db: sqlite3.Connection) -> int:
-            db.executemany("DELETE FROM gateway_outbox WHERE msg_id=? AND gateway_id=?",
-                           [(m, gateway_id) for m in msg_ids])
-            moved = 0
-            for m in msg_ids:
-                row = db.execute("SELECT * FROM commands WHERE msg_id=? AND gateway_id=? AND state=?",
-                                 (m, gateway_id, SENDING)).fetchone()
-                if row is None:
-                    continue
-                db.execute("UPDATE commands SET state=? WHERE msg_id=?", (DELIVERED, m))
-                self._queue(db, [outcome_of(dict(row))])
-                moved += 1
-            return moved
+            db.executemany("DELETE FROM gateway_outbox WHERE msg_id=? AND gateway_id=?", pairs)
+            wanted = set(pairs)
+            rows: list[dict[str, Any]] = []
+            for k in range(0, len(pairs), SQL_IN_MAX):
+                chunk = [m for m, _ in pairs[k:k + SQL_IN_MAX]]
+                rows += [dict(r) for r in db.execute(
+                    f"SELECT * FROM commands WHERE state=? AND msg_id IN ({','.join('?' * len(chunk))})",
+                    (SENDING, *chunk)) if (r["msg_id"], r["gateway_id"]) in wanted]
+            db.executemany("UPDATE commands SET state=? WHERE msg_id=?", [(DELIVERED, r["msg_id"]) for r in rows])
+            self._queue(db, [outcome_of(r) for r in rows])
+            return len(rows)
 
         return await self._tx(op)
 

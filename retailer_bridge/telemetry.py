@@ -37,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol, TypeVar
 
+from mhp_wire.backoff import delay_s
 from mhp_wire.messages import Telemetry
 from mhp_wire.sqlite import SqliteThread, StorageError
 from retailer_bridge.billing import BillingReading
@@ -137,9 +138,8 @@ def billing_points(readings: Sequence[BillingReading]) -> list[Point]:
     return out
 
 
-def retry_delay_s(failures: int, base_s: float, max_s: float) -> float:
-    """Back-off before retrying a batch after ``failures`` failures in a row."""
-    return float(min(max_s, base_s * 2 ** max(0, failures - 1)))
+retry_delay_s = delay_s
+"""Back-off before retrying a batch after ``failures`` failures in a row: the one formula of ``mhp_wire``."""
 
 
 class PointStore(Protocol):

@@ -32,6 +32,10 @@ from mhp_wire.mqtt import MqttEndpoint, MqttLink
 
 log = logging.getLogger(__name__)
 
+FLOOR_PREFIX = b"floor:"
+"""A payload starting with this is the MQTT floor's bare command (``mhp-sim experiment fanout --floor``): the
+gateway publishes it back, unchanged, as its one QoS 1 acknowledgement, with no decoding and no application."""
+
 
 class FleetGateway:
     """One simulated gateway."""
@@ -47,7 +51,10 @@ class FleetGateway:
                              clean_start=True, session_expiry_s=0, connect_timeout_s=60)
 
     async def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        """Acknowledge and answer a command at once."""
+        """Acknowledge and answer a command at once (a floor command: echo it back, nothing else)."""
+        if payload.startswith(FLOOR_PREFIX):
+            await self.link.publish(topics.up("gateways", self.id), payload)
+            return
         try:
             msg = decode(payload)
         except WireError:

@@ -11,10 +11,10 @@ from cloud_hub.api.deps import Caller
 from cloud_hub.api.health import readiness
 from cloud_hub.api.models import Document, Page, errors
 from cloud_hub.views import PAGE_MAX, ConsoleViews
+from mhp_wire.ids import ID_PATTERN
 
 router = APIRouter(prefix="/v1", tags=["console"])
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 FEEDER_PATTERN = r"^[^|]{1,64}$"
 """A feeder id as registered (``PUT /v1/clients``: up to 64 characters); ``|`` separates the feeders index's keys."""
 REQUEST_CURSOR = r"^[0-9]{15}\|[A-Za-z0-9_.\-]{1,64}$"

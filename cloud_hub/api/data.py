@@ -9,10 +9,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from cloud_hub.api.deps import Caller, Service
 from cloud_hub.api.models import ReadingsStored, Series, errors
+from mhp_wire.ids import ID_PATTERN
 
 router = APIRouter(prefix="/v1", tags=["data"])
 
-ClientId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+ClientId = Annotated[str, Field(pattern=ID_PATTERN)]
 Time = Annotated[AwareDatetime, Query()]
 
 
@@ -42,7 +43,7 @@ async def post_readings(body: ReadingsBody, who: Caller, service: Service) -> di
 
 @router.get("/clients/{client_id}/consumption-profile", response_model=Series, responses=errors(403, 404))
 async def consumption_profile(
-    client_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")], who: Caller, service: Service,
+    client_id: Annotated[str, Path(pattern=ID_PATTERN)], who: Caller, service: Service,
     request: Request, from_: Annotated[AwareDatetime, Query(alias="from")], to: Time,
     resolution_s: Annotated[int, Query(gt=0, le=31 * 86_400)] = 900,
 ) -> dict[str, Any]:

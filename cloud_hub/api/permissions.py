@@ -11,11 +11,12 @@ from cloud_hub.api.deps import Caller
 from cloud_hub.api.models import PartyAnswer, PermissionAnswer, errors
 from cloud_hub.consent_service import ConsentService
 from mhp_wire import topics
+from mhp_wire.ids import ID_PATTERN
 from mhp_wire.messages import encode
 
 router = APIRouter(prefix="/v1", tags=["consent"])
 
-IdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+IdPath = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
 async def get_consent(request: Request) -> ConsentService:
@@ -53,7 +54,7 @@ class PermissionBody(BaseModel):
     """A party's request for a customer's data."""
 
     model_config = ConfigDict(extra="forbid")
-    client_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+    client_id: str = Field(pattern=ID_PATTERN)
     purpose: str = Field(min_length=1, max_length=500)
     scopes: list[Literal["consumption_profile", "billing_data", "live_measurements"]] = Field(min_length=1,
                                                                                               max_length=3)

@@ -10,10 +10,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 
 from cloud_hub.api.deps import Caller, Service
 from cloud_hub.api.models import ClientAnswer, ClientsStored, RetailerAnswer, errors
+from mhp_wire.ids import ID_PATTERN
 
 router = APIRouter(prefix="/v1", tags=["registry"])
 
-IdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+IdPath = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
 class RetailerBody(BaseModel):
@@ -27,7 +28,7 @@ class ClientBody(BaseModel):
     """A client's registration; a different ``retailer_id`` with a later ``valid_from`` is a supplier switch."""
 
     model_config = ConfigDict(extra="forbid")
-    retailer_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+    retailer_id: str = Field(pattern=ID_PATTERN)
     contracted_power_kw: float = Field(gt=0, le=10_000)
     feeder_id: str | None = Field(None, max_length=64)
     valid_from: AwareDatetime | None = None
@@ -36,7 +37,7 @@ class ClientBody(BaseModel):
 class ClientItem(ClientBody):
     """One client of a bulk registration."""
 
-    client_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+    client_id: str = Field(pattern=ID_PATTERN)
 
 
 class ClientsBody(BaseModel):

@@ -12,10 +12,11 @@ from fastapi import APIRouter, Path, Query
 
 from cloud_hub.api.deps import Caller, Service
 from cloud_hub.api.models import Document, errors
+from mhp_wire.ids import ID_PATTERN
 
 router = APIRouter(prefix="/v1", tags=["tariffs"])
 
-TariffId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+TariffId = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
 @router.get("/tariffs/current", response_model=Document, responses=errors(403, 404))

@@ -21,7 +21,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -30,12 +29,13 @@ from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import OutcomeVerdict, ReportedOutcome
 from cloud_hub.feed import ChangeFeed
 from cloud_hub.openadr3 import mapping
-from cloud_hub.relay import GroupCommit, HubRelay
+from cloud_hub.relay import HubRelay
 from cloud_hub.storage import Mutation, prefix_stop
 from cloud_hub.store import HubStore
 from cloud_hub.webhooks import TargetRefused, Webhooks
 from mhp_wire import topics
 from mhp_wire.backoff import Backoff
+from mhp_wire.groupcommit import GroupCommit
 from mhp_wire.mqtt import MqttError
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,6 @@ log = logging.getLogger(__name__)
 TABLE = "openadr3"
 CURSOR_ROW = "~cursor"
 OPERATIONS = ("CREATE", "UPDATE", "DELETE")
-
-
-@dataclass(slots=True)
-class _Reported:
-    """One VEN-reported outcome waiting for its group commit, and what became of it."""
-
-    outcome: ReportedOutcome
-    verdict: OutcomeVerdict | None = None
-    error: Exception | None = None
 
 
 def may_report(retailer_id: str, addressed: list[str]) -> bool:
@@ -88,31 +79,23 @@ class Notifier:
         self._deliveries: set[asyncio.Task[None]] = set()
         self._http = httpx.AsyncClient(timeout=hooks.policy.timeout_s, follow_redirects=False, trust_env=False)
         self.sent = {"mqtt": 0, "webhook": 0, "webhook_failed": 0}
-        self._outcomes: GroupCommit[_Reported] = GroupCommit(self._commit_outcomes, max_batch=500,
-                                                             name="openadr3-outcomes")
+        self._outcomes: GroupCommit[ReportedOutcome, OutcomeVerdict] = GroupCommit(
+            self._commit_outcomes, max_batch=500, name="openadr3-outcomes")
 
     async def apply_outcomes(self, outcomes: list[ReportedOutcome]) -> list[OutcomeVerdict]:
         """Apply VENs' reported outcomes as the relay applies bridges' (``RequestBook.apply_outcomes``), reports
         that arrive together in one group commit; raises what the commit raised (StoreUnavailable: 503)."""
-        pending = [_Reported(o) for o in outcomes]
-        await asyncio.gather(*(self._outcomes.submit(p) for p in pending))
+        results = await asyncio.gather(*(self._outcomes.submit(o) for o in outcomes), return_exceptions=True)
         verdicts = []
-        for p in pending:
-            if p.error is not None:
-                raise p.error
-            assert p.verdict is not None
-            verdicts.append(p.verdict)
+        for r in results:
+            if isinstance(r, BaseException):  # the commit's error, handed to each report of it
+                raise r
+            verdicts.append(r)
         return verdicts
 
-    async def _commit_outcomes(self, batch: list[_Reported]) -> None:
-        try:
-            verdicts = await self.relay.book.apply_outcomes([p.outcome for p in batch], may_report)
-        except Exception as exc:  # handed to each waiting report: its HTTP answer says it was not stored
-            for p in batch:
-                p.error = exc
-            return
-        for p, v in zip(batch, verdicts, strict=True):
-            p.verdict = v
+    async def _commit_outcomes(self, batch: list[ReportedOutcome]) -> list[OutcomeVerdict]:
+        # An error reaches each waiting report (GroupCommit): its HTTP answer says it was not stored.
+        return await self.relay.book.apply_outcomes(batch, may_report)
 
     async def start(self) -> None:
         """Load the subscriptions and follow the feed from the stored cursor (from now on, the first time)."""

@@ -31,6 +31,7 @@ from Hbase_thrift import AlreadyExists  # the Thrift module happybase loads (``i
 from thriftpy2.transport import TTransportException
 
 from cloud_hub.storage import SCHEMA, Mutation, Row, StoreUnavailable
+from mhp_wire.backoff import delay_s
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class HBaseKV:
                 log.warning("HBase Thrift gateway failed (%s); trying %s", exc,
                             "the next address" if attempt + 1 < attempts else "no more")
                 if attempt + 1 < attempts:
-                    time.sleep(min(0.2, 0.02 * 2 ** attempt))
+                    time.sleep(delay_s(attempt + 1, 0.02, 0.2))
         self._down_until = time.monotonic() + self.down_for_s
         raise StoreUnavailable(f"HBase is unreachable through {len(self.hosts)} Thrift gateway(s): {last}")
 

@@ -79,11 +79,16 @@ def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--retailers cannot exceed --gateways (each retailer needs at least one client)")
     res = fanout_mod.run(fanout_mod.FanoutParams(out=args.out, gateways=args.gateways, retailers=args.retailers,
                                                  runs=args.runs, per_fleet=args.per_fleet, timeout_s=args.timeout_s,
-                                                 peer=args.peer or "", via=args.via or "", vens=args.vens))
+                                                 peer=args.peer or "", via=args.via or "", vens=args.vens,
+                                                 floor=args.floor))
     s = res["summary"]
     print(f"[fanout] done: {s['runs']} run(s); all executed every run: {s['all_executed_every_run']}; missing "
           f"{s['missing_commands']}, duplicates {s['duplicate_commands']}; 100 % executed by {s['t100_s_best']} s "
           f"(best) / {s['t100_s_worst']} s (worst), target {s['target_s']:g} s; results in {args.out}", flush=True)
+    if "floor" in s:
+        f = s["floor"]
+        print(f"[fanout] floor: 100 % acknowledged by {f['t100_s_median']} s (median of {f['runs']}); ours over the "
+              f"floor {f['ratio_best']}x (best) / {f['ratio_worst']}x (worst)", flush=True)
     return 0 if s["all_executed_every_run"] and s["missing_commands"] == 0 else 1
 
 
@@ -130,6 +135,9 @@ def _add_fanout(sub: Any) -> None:
     fanout.add_argument("--via", choices=("openadr3",),
                         help="also run the fan-out through the hub's OpenADR 3 door (VENs on its MQTT notifier)")
     fanout.add_argument("--vens", type=int, default=0, help="VENs of --via (default: as many as --gateways)")
+    fanout.add_argument("--floor", action="store_true",
+                        help="also run the bare MQTT command+ack floor (same brokers, N and fleet layout) --runs "
+                             "times and report each run's ratio to it")
 
 
 def _add_peer(sub: Any) -> None:

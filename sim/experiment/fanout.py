@@ -17,6 +17,16 @@ Outputs in OUT: ``results.json``, ``fanout.csv`` (one row per run), ``fanout_cli
 to executed, per run), ``fanout.png`` (fraction of clients executed against time, one line per run) and
 ``report.md``. ``--peer openleadr`` also runs ``sim.experiment.peer_openleadr.run_openleadr_fanout`` (the same
 fan-out over OpenADR 2.0b) into ``OUT/peer-openleadr`` and puts its result next to ours.
+
+``--floor`` also measures the bare MQTT floor in the same run, with the same retailer brokers and the same fleet
+processes (so the same N and layout): before the bridges start, this process connects to each retailer broker
+as the extra privileged identity ``floor``, publishes one QoS 1 command per gateway on its ``down`` topic and
+waits for one QoS 1 acknowledgement per gateway (each simulated gateway echoes a ``floor:`` payload back on its
+``up`` topic, with no decoding and no application: ``sim.fleet.FLOOR_PREFIX``). Its time to the last
+acknowledgement is the floor; each of our runs gets its ratio to the floor's median. Every run, ours and the
+floor's, also reports CPU milliseconds per client per process and per group (``product`` = hub + bridges,
+``fleet`` = the simulated gateways, ``brokers``, ``experiment`` = this process, which is the floor's commander),
+so the simulated fleet's own cost is visible and not charged to the product.
 """
 
 from __future__ import annotations
@@ -44,9 +54,12 @@ import matplotlib.pyplot as plt
 
 from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, generate_password
 from broker_config.render import GENERATED_PASSWORD_ITERATIONS
+from mhp_wire import topics
+from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.secretfile import write_private
 from sim.experiment.base import BaseParams, Experiment, machine, proc_sample
 from sim.experiment.dso_sim import pct
+from sim.fleet import FLOOR_PREFIX
 from sim.stack.stack import free_port
 
 TARGET_S = 5.0
@@ -82,6 +95,46 @@ class FanoutParams:
     with ``vens`` VENs on its MQTT notifier."""
     vens: int = 0
     """VENs of ``via`` (0: as many as gateways)."""
+    floor: bool = False
+    """Also measure the bare MQTT command+ack floor (``runs`` times, before the bridges start) and each ratio."""
+
+
+FLOOR_FIELDS = ("run", "clients", "acked", "duplicates", "t50_s", "t90_s", "t99_s", "t100_s", "loadavg_1m")
+
+
+def process_group(name: str) -> str:
+    """Which group a measured process belongs to: ``product`` (hub, bridges), ``fleet``, ``brokers`` or
+    ``experiment`` (this process: the DSO's HTTP client, and the floor's MQTT commander)."""
+    if name == "hub" or name.startswith("bridge-"):
+        return "product"
+    if name.startswith("fleet-"):
+        return "fleet"
+    if name == "hub-broker" or name.startswith("broker-"):
+        return "brokers"
+    return "experiment"
+
+
+def cpu_per_client(cpu_s: dict[str, float], clients: int) -> dict[str, dict[str, float]]:
+    """CPU milliseconds per client, per process and per group (:func:`process_group`)."""
+    per_process = {k: round(v * 1000 / clients, 4) for k, v in sorted(cpu_s.items())}
+    groups: dict[str, float] = {}
+    for k, v in cpu_s.items():
+        groups[process_group(k)] = groups.get(process_group(k), 0.0) + v
+    return {"process": per_process, "group": {k: round(v * 1000 / clients, 4) for k, v in sorted(groups.items())}}
+
+
+def floor_ratios(runs: list[dict[str, Any]], floor_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each of our runs' time to 100 % executed over the floor's median time to 100 % acknowledged."""
+    floor_t = sorted(r["t100_s"] for r in floor_runs if r.get("t100_s"))
+    if not floor_t or len(floor_t) < len(floor_runs):
+        return {"floor_t100_s_median": None, "ratios": [None for _ in runs], "ratio_best": None,
+                "ratio_worst": None}
+    median = floor_t[len(floor_t) // 2] if len(floor_t) % 2 else (floor_t[len(floor_t) // 2 - 1]
+                                                                  + floor_t[len(floor_t) // 2]) / 2
+    ratios = [None if r.get("t100_s") is None else round(r["t100_s"] / median, 2) for r in runs]
+    known = [x for x in ratios if x is not None]
+    return {"floor_t100_s_median": round(median, 4), "ratios": ratios, "ratio_best": min(known) if known else None,
+            "ratio_worst": max(known) if len(known) == len(ratios) and known else None}
 
 
 def gateway_of(client_id: str) -> str:
@@ -147,6 +200,7 @@ class FanoutExperiment(Experiment):
             stale.unlink()
         started = time.time()
         passwords = {r: generate_password() for r in self.retailer_ids}
+        self.floor_password = generate_password()
         hub_spec = BrokerSpec(kind="hub", port=free_port(), data_dir=self.work / "broker",
                               privileged=Identity("hub", generate_password()),
                               parties=[Identity(r, pw) for r, pw in passwords.items()], use_username_as_clientid=True,
@@ -154,6 +208,7 @@ class FanoutExperiment(Experiment):
         self.log(f"{fp.gateways} gateways, {fp.retailers} retailer(s), {fp.runs} run(s); target: all executed in "
                  f"<= {TARGET_S:g} s")
         runs: list[dict[str, Any]] = []
+        self.floor_runs: list[dict[str, Any]] = []
         setup: dict[str, Any] = {}
         try:
             with MosquittoProcess(hub_spec) as hub_broker, contextlib.ExitStack() as stack:
@@ -164,6 +219,7 @@ class FanoutExperiment(Experiment):
                                       privileged=Identity("bridge", generate_password()),
                                       parties=[Identity(gateway_of(c), self.gateway_passwords[gateway_of(c)])
                                                for c in self.clients_of[r]],
+                                      extra_privileged=[Identity("floor", self.floor_password)] if fp.floor else [],
                                       # every password is generated; thousands of gateways log in
                                       password_iterations=GENERATED_PASSWORD_ITERATIONS)
                     brokers[r] = stack.enter_context(MosquittoProcess(spec))
@@ -199,8 +255,9 @@ class FanoutExperiment(Experiment):
         await self._register(hub_url, tokens)
         self.log(f"registered {fp.retailers} retailer(s) and {fp.gateways} clients "
                  f"({time.monotonic() - t_setup:.1f} s)")
-        for r in self.retailer_ids:
-            self._start_bridge(r, hub_port, passwords[r], brokers[r])
+        if not fp.floor:
+            for r in self.retailer_ids:
+                self._start_bridge(r, hub_port, passwords[r], brokers[r])
         for r in self.retailer_ids:
             self._start_fleets(r, brokers[r])
         t_fleet = time.monotonic()
@@ -211,6 +268,13 @@ class FanoutExperiment(Experiment):
                  f"{time.monotonic() - t_fleet:.1f} s (slowest fleet's own figure "
                  f"{max(f['connect_s'] for f in fleet_ready):.2f} s)")
         self.pids["experiment"] = os.getpid()
+        if fp.floor:
+            # The floor first, while no bridge listens on the retailer brokers; then the product on the same ones.
+            for i in range(fp.runs):
+                await self._settle()
+                self.floor_runs.append(await self._floor_run(brokers, i + 1))
+            for r in self.retailer_ids:
+                self._start_bridge(r, hub_port, passwords[r], brokers[r])
         runs = []
         async with httpx.AsyncClient(base_url=hub_url, timeout=60,
                                      headers={"Authorization": f"Bearer {tokens['dso']}"}) as http:
@@ -321,9 +385,63 @@ class FanoutExperiment(Experiment):
         for q in QUANTILES:
             run[f"t{q}_s"] = time_to_fraction(times, len(self.client_ids), q)
         run["within_target"] = run["t100_s"] is not None and run["t100_s"] <= TARGET_S
+        run["cpu_ms_per_client"] = cpu_per_client(run["cpu_s"], len(self.client_ids))
         self.log(f"run {n}/{fp.runs}: {run['executed']}/{len(self.client_ids)} executed, state {run['state']}; "
                  + ", ".join(f"{q} % by {run[f't{q}_s']} s" for q in QUANTILES)
                  + f"; CPU s {json.dumps(run['cpu_s'])}")
+        return run
+
+    async def _floor_run(self, brokers: dict[str, MosquittoProcess], n: int) -> dict[str, Any]:
+        """The bare MQTT floor: one QoS 1 command to every gateway and one QoS 1 acknowledgement back, timed."""
+        fp = self.fp
+        tag = f"{FLOOR_PREFIX.decode()}{n}:"
+        acked: dict[str, float] = {}
+        duplicates = 0
+        done = asyncio.Event()
+
+        async def on_ack(topic: str, payload: bytes, retained: bool) -> None:
+            nonlocal duplicates
+            text = payload.decode(errors="replace")
+            if not text.startswith(tag):
+                return
+            gateway = text[len(tag):]
+            if gateway in acked:
+                duplicates += 1
+                return
+            acked[gateway] = time.time()
+            if len(acked) == len(self.client_ids):
+                done.set()
+
+        links = [MqttLink(MqttEndpoint("127.0.0.1", brokers[r].port, "floor", self.floor_password),
+                          client_id=f"floor-{n}", subscriptions=[topics.all_up_msg("gateways")], handler=on_ack,
+                          clean_start=True, session_expiry_s=0) for r in self.retailer_ids]
+        async with contextlib.AsyncExitStack() as stack:
+            for link in links:
+                await stack.enter_async_context(link)
+            await asyncio.sleep(0.2)  # the SUBACKs (gmqtt's subscribe does not wait for them)
+            cpu_before = self._cpu()
+            load_before = loadavg()
+            t0 = time.time()
+
+            async def send(link: MqttLink, r: str) -> None:
+                for c in self.clients_of[r]:
+                    gw = gateway_of(c)
+                    await link.publish(topics.down("gateways", gw), f"{tag}{gw}".encode(), wait_s=30.0)
+
+            await asyncio.gather(*(send(link, r) for link, r in zip(links, self.retailer_ids, strict=True)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), fp.timeout_s)
+            cpu_after = self._cpu()
+        times = sorted(at - t0 for at in acked.values())
+        cpu = {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 3) for k in cpu_after}
+        run: dict[str, Any] = {"run": n, "clients": len(self.client_ids), "acked": len(acked),
+                               "duplicates": duplicates, "cpu_s": cpu, "loadavg_1m": load_before,
+                               "cpu_ms_per_client": cpu_per_client(cpu, len(self.client_ids))}
+        for q in QUANTILES:
+            run[f"t{q}_s"] = time_to_fraction(times, len(self.client_ids), q)
+        self.log(f"floor {n}/{fp.runs}: {len(acked)}/{len(self.client_ids)} acknowledged; "
+                 + ", ".join(f"{q} % by {run[f't{q}_s']} s" for q in QUANTILES)
+                 + f"; CPU ms per client {json.dumps(run['cpu_ms_per_client']['group'])}")
         return run
 
     async def _metrics(self, http: httpx.AsyncClient) -> dict[str, float]:
@@ -355,9 +473,21 @@ class FanoutExperiment(Experiment):
                    "t100_s_best": min(t100) if t100 else None, "t100_s_worst": max(t100) if len(t100) == len(runs)
                    and t100 else None, "within_target_every_run": bool(runs) and all(r["within_target"] for r in runs),
                    "target_s": TARGET_S}
+        if self.floor_runs:
+            ratios = floor_ratios(runs, self.floor_runs)
+            for r, x in zip(runs, ratios["ratios"], strict=True):
+                r["floor_ratio"] = x
+            floor_t = [f["t100_s"] for f in self.floor_runs if f["t100_s"] is not None]
+            summary["floor"] = {"runs": len(self.floor_runs),
+                                "all_acked_every_run": all(f["acked"] == f["clients"] for f in self.floor_runs),
+                                "t100_s_best": min(floor_t) if floor_t else None,
+                                "t100_s_worst": max(floor_t) if floor_t else None,
+                                "t100_s_median": ratios["floor_t100_s_median"],
+                                "ratio_best": ratios["ratio_best"], "ratio_worst": ratios["ratio_worst"]}
         return {"experiment": "fanout", "params": {k: (str(v) if isinstance(v, Path) else v)
                                                    for k, v in vars(self.fp).items()},
                 "machine": machine(), "wall_s": wall_s, "setup": setup, "summary": summary, "runs": runs,
+                "floor_runs": self.floor_runs,
                 "files": {"runs_csv": "fanout.csv", "clients_csv": "fanout_clients.csv", "plots": ["fanout.png"],
                           "report": "report.md"}}
 
@@ -426,6 +556,11 @@ def write_all(out: Path, results: dict[str, Any]) -> None:
         w = csv.DictWriter(f, fieldnames=RUN_FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(results["runs"])
+    if results.get("floor_runs"):
+        with (out / "floor.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FLOOR_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(results["floor_runs"])
     with (out / "fanout_clients.csv").open("w", newline="") as f:
         w2 = csv.writer(f)
         w2.writerow(["run", "rank", "executed_s"])
@@ -455,6 +590,9 @@ def write_all(out: Path, results: dict[str, Any]) -> None:
     fig.savefig(out / "fanout.png", dpi=110)
     plt.close(fig)
     (out / "report.md").write_text(markdown(results))
+
+
+GROUPS = ("product", "brokers", "fleet", "experiment")
 
 
 def _fmt(v: Any) -> str:
@@ -494,6 +632,28 @@ def markdown(results: dict[str, Any]) -> str:
               "(`executed`); \"seen done\" is when this process saw the request end on the hub's `/metrics`. "
               "Plot: `fanout.png`; per-client times: `fanout_clients.csv`. \"load avg\" is the machine's 1-minute "
               "load average at the POST: above the number of CPUs, other work shared them and times stretch.", ""]
+    lines += ["## CPU milliseconds per client (per group; `product` = hub + bridges)", "",
+              "| run | " + " | ".join(GROUPS) + " | per process |", "|---|" + "---|" * (len(GROUPS) + 1)]
+    for r in results["runs"]:
+        c = r.get("cpu_ms_per_client", {})
+        lines.append(f"| {r['run']} | " + " | ".join(_fmt(c.get("group", {}).get(g)) for g in GROUPS)
+                     + f" | {_fmt(c.get('process'))} |")
+    floor_runs = results.get("floor_runs") or []
+    if floor_runs:
+        fs = s["floor"]
+        lines += ["", "## The bare MQTT floor (same brokers, N and fleet processes; before the bridges started)", "",
+                  f"One QoS 1 command to every gateway and one QoS 1 acknowledgement back, no application. Floor "
+                  f"median to 100 %: {_fmt(fs['t100_s_median'])} s; our 100 % over it: "
+                  f"{_fmt(fs['ratio_best'])}x (best) to {_fmt(fs['ratio_worst'])}x (worst); per run: "
+                  + ", ".join(_fmt(r.get("floor_ratio")) for r in results["runs"]) + ".", "",
+                  "| floor run | acked | 50 % s | 90 % s | 99 % s | 100 % s | CPU ms/client " + " | ".join(GROUPS)
+                  + " | load avg |", "|---|---|---|---|---|---|" + "---|" * len(GROUPS) + "---|"]
+        for f in floor_runs:
+            g = f["cpu_ms_per_client"]["group"]
+            lines.append(f"| {f['run']} | {f['acked']}/{f['clients']} | {_fmt(f['t50_s'])} | {_fmt(f['t90_s'])} | "
+                         f"{_fmt(f['t99_s'])} | {_fmt(f['t100_s'])} | " + " | ".join(_fmt(g.get(k)) for k in GROUPS)
+                         + f" | {_fmt(f.get('loadavg_1m'))} |")
+    lines.append("")
     peer = results.get("peer")
     if peer:
         lines += ["## Peer: " + peer["name"], ""]

@@ -1,0 +1,79 @@
+"""The one group commit of the platform: writes that arrive while a commit is in flight are committed together.
+
+No artificial wait: the first item starts a commit at once (at the next turn of the event loop, by which time every
+message read in the same turn has queued its item), and everything that arrives meanwhile forms the next one, of at
+most ``max_batch`` items (0: no bound). :meth:`GroupCommit.submit` returns the item's own result once its commit
+has ended. ``commit(items)`` returns one result per item, in order; a result that is a :class:`Failed` is raised to
+that item's caller alone (its write was rolled back, the others stand); ``commit`` raising fails every item of the
+batch with that error, and the items queued behind it still get their own commit. The hub (outcomes and acks, in
+its book), the bridge (every SQLite write) and any future writer keep their own storage and use this for the
+batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class Failed:
+    """One item's own failure inside a commit that otherwise went through."""
+
+    error: BaseException
+
+
+class GroupCommit(Generic[T, R]):
+    """Items committed together by one call of ``commit``; see the module's docstring."""
+
+    def __init__(self, commit: Callable[[list[T]], Awaitable[list[Any]]], *, name: str, max_batch: int = 0) -> None:
+        self._commit = commit
+        self.max_batch = max_batch
+        self.name = name
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.commits = 0
+        """Commits that went through (for SQLite: the number of fsyncs)."""
+        self.writes = 0
+        """Items committed; ``writes / commits`` is the mean batch."""
+
+    async def submit(self, item: T) -> R:
+        """Queue ``item`` for the next commit; returns its result once that commit has ended."""
+        done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, done))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=self.name)
+        return await done
+
+    async def drain(self) -> None:
+        """Wait until everything queued is committed (or failed)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        while self._queue:
+            if self.max_batch > 0:
+                batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+            else:
+                batch, self._queue = self._queue, []
+            try:
+                results = await self._commit([item for item, _ in batch])
+            except Exception as exc:  # nothing of this batch is committed; the ones queued behind it still go
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            self.commits += 1
+            self.writes += len(batch)
+            for (_, fut), result in zip(batch, results, strict=True):
+                if fut.done():  # the caller was cancelled; its write is committed all the same
+                    continue
+                if isinstance(result, Failed):
+                    fut.set_exception(result.error)
+                else:
+                    fut.set_result(result)

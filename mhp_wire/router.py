@@ -1,0 +1,118 @@
+"""The one inbound dispatch point for what parties send up: topic → rate limit → decode → ``{message type:
+handler}``.
+
+The hub (from retailers' bridges) and a bridge (from its gateways) receive the same shape of traffic: a party's
+``up`` topic, whose party id the broker's ACL ties to the MQTT username. :class:`InboundRouter` reads the party
+from the topic, takes one token from that party's bucket, decodes the payload once with the wire models, hands a
+``presence`` on the ``status`` channel to the presence handler, and everything else to the handler registered for
+its type. Anything it refuses goes, with the reason, to the owner's ``on_refused`` (which counts, logs and answers
+by its own rules); the router itself never answers, so each side keeps its own replies and counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mhp_wire import topics
+from mhp_wire.messages import Message, Presence, WireError, decode
+from mhp_wire.ratelimit import RateLimiter
+
+Reason = Literal["topic", "kind", "rate_limited", "invalid", "unexpected"]
+"""``topic``: not a v1 ``up`` topic; ``kind``: another kind of party's; ``rate_limited``: over the party's rate,
+refused unread; ``invalid``: not a valid message; ``unexpected``: a valid message this side does not take."""
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """Where a message came from."""
+
+    party_id: str
+    channel: Literal["msg", "telemetry", "status"]
+    topic: str
+    retained: bool
+    payload: bytes
+    """As received (to forward it unchanged)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A message the router did not hand to a handler, and why."""
+
+    reason: Reason
+    topic: str
+    party_id: str | None
+    """The sender when the topic names one (for a refused topic: :func:`mhp_wire.topics.sender_of`)."""
+    error: str = ""
+    msg: Any = None
+    """The decoded message (``unexpected`` only)."""
+
+
+Handler = Callable[[Inbound, Any], Awaitable[None]]
+
+
+class InboundRouter:
+    """Routes one party kind's ``up`` messages; give it to the MQTT link as its handler (or call :meth:`route`)."""
+
+    def __init__(self, kind: topics.PartyKind, handlers: Mapping[type, Handler], *,
+                 on_refused: Callable[[Refusal], Awaitable[None]],
+                 limiter: Callable[[], RateLimiter] | None = None,
+                 on_presence: Handler | None = None, on_decoded: Callable[[Message], None] | None = None) -> None:
+        self.kind = kind
+        self.handlers = dict(handlers)
+        self.on_refused = on_refused
+        self.limiter = limiter
+        """The owner's current per-party limiter (read at each message: settings may replace it)."""
+        self.on_presence = on_presence
+        """Called with a ``presence`` on the ``status`` channel; anything else there is ignored."""
+        self.on_decoded = on_decoded
+        """Called with every message decoded from a party within its rate (counters), before its handler."""
+
+    async def route(self, topic: str, payload: bytes, retained: bool) -> None:
+        """Route one message."""
+        try:
+            parsed = topics.parse_up(topic)
+        except topics.TopicError:
+            await self.on_refused(Refusal("topic", topic, topics.sender_of(topic)))
+            return
+        if parsed.kind != self.kind:
+            await self.on_refused(Refusal("kind", topic, parsed.party_id))
+            return
+        party = parsed.party_id
+        if self.limiter is not None and self.limiter().take(party) > 0:
+            await self.on_refused(Refusal("rate_limited", topic, party))
+            return
+        try:
+            msg = decode(payload)
+        except WireError as exc:
+            await self.on_refused(Refusal("invalid", topic, party, str(exc)))
+            return
+        if self.on_decoded is not None:
+            self.on_decoded(msg)
+        source = Inbound(party, parsed.channel, topic, retained, payload)
+        if parsed.channel == "status":
+            if isinstance(msg, Presence) and self.on_presence is not None:
+                await self.on_presence(source, msg)
+            return
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            await self.on_refused(Refusal("unexpected", topic, party, msg=msg))
+            return
+        await handler(source, msg)
+
+
+class TypeTable:
+    """``{message type: handler}`` for the traffic from one's own upstream (a bridge's from the hub, a gateway's
+    from its bridge), whose topic names no party to rate: the dispatch half of :class:`InboundRouter`."""
+
+    def __init__(self, handlers: Mapping[type, Callable[[Any], Awaitable[None]]]) -> None:
+        self.handlers = dict(handlers)
+
+    async def dispatch(self, msg: Message) -> bool:
+        """Hand ``msg`` to the handler of its type; False when there is none (the caller refuses it)."""
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            return False
+        await handler(msg)
+        return True
