@@ -906,7 +906,14 @@ class DsoConsole:
         cannot be reached."""
         assert self.http is not None, "the DSO page is not serving"
         try:
-            r = await self.http.request(method, path, **kwargs)
+            try:
+                r = await self.http.request(method, path, **kwargs)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                if method != "GET":
+                    raise
+                # A pooled connection the hub closed as it was reused (its keep-alive ran out as the request left):
+                # a read is asked again once, on a fresh connection.
+                r = await self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise _HubError(f"cannot reach the hub at {self.settings.hub_url}: {type(exc).__name__}: {exc}") from None
         try:
@@ -930,7 +937,10 @@ class DsoConsole:
         verify: ssl.SSLContext | bool = True if s.ca_file is None else ssl.create_default_context(cafile=str(s.ca_file))
         sock = bind(s.host, s.port)
         self._closing.clear()
+        # Idle connections are dropped well before the hub's keep-alive ends (uvicorn: 5 s), so that a reused one
+        # is not closed by the hub under the request (the page's reads come every 5 s).
         async with httpx.AsyncClient(base_url=s.hub_url, timeout=10, verify=verify,
+                                     limits=httpx.Limits(keepalive_expiry=2.0),
                                      headers={"Authorization": f"Bearer {s.token.strip()}"}) as http:
             self.http = http
             config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", ws="none",
