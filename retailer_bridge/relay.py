@@ -146,7 +146,9 @@ class BridgeRelay:
         """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
         self.notices_out = Outbox(_Notices(store), self._to_local, resend_from="read")
         """Notices to gateways (cancellations, schedules), re-sent until acknowledged or past their deadline."""
-        self.hub_out = Outbox(_ToHub(store, topics.up("retailers", retailer_id)), self._to_hub_link,
+        self.hub_order = SendOrder()
+        """The order of our last sends to the hub, against its acknowledgements (which of our re-sends wait)."""
+        self.hub_out = Outbox(_ToHub(store, topics.up("retailers", retailer_id), self.hub_order), self._to_hub_link,
                               limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.hub_retry_s))
         """Outcomes and measurements to the hub, re-sent until the hub acknowledges them."""
 
@@ -205,11 +207,13 @@ class BridgeRelay:
 
     async def _hub_ack(self, msg: Ack) -> None:
         self.last_hub_ack = time.monotonic()
+        self.hub_order.acked(msg.ack_ids)
         await self.store.ack_outbox(msg.ack_ids)
 
     async def _hub_error(self, msg: ErrorReply) -> None:
         log.warning("the hub refused our message %s: %s", outside(msg.ref_msg_id), outside(msg.message, 300))
         if msg.ref_msg_id:
+            self.hub_order.acked([msg.ref_msg_id])
             await self.store.ack_outbox([msg.ref_msg_id])
 
     async def _on_hub_presence(self, payload: bytes) -> None:
@@ -615,8 +619,8 @@ class BridgeRelay:
             await self.store.queue_for_hub([(batch.msg_id, encode(batch))])
         if self.hub is not None and self.hub.connected:
             busy = time.monotonic() - self.last_hub_ack < self.hub_retry_s
-            if busy:  # the hub is acknowledging, in order: what it has not acknowledged yet is queued there
-                await self.store.postpone_hub_resends(now, now + self.hub_retry_s)
+            if busy:  # the hub is acknowledging, in order: what was sent after its last acknowledgement is queued
+                await self.store.postpone_hub_resends(now, now + self.hub_retry_s, self.hub_order.maybe_queued)
             await self.hub_out.send_due()
         if self.hub is None or not self.hub.connected:
             return 0.2  # what is due waits for the hub broker (measurements are still queued on time)
@@ -670,12 +674,44 @@ class _Notices:
         await self.store.mark_gateway_outbox([(str(p.key), at) for p, at in sent], [str(p.key) for p in dropped])
 
 
+class SendOrder:
+    """Which messages sent to the hub may still be in its backlog. The hub acknowledges in the order it received
+    (one group commit after the other), so a message sent *after* the last one it acknowledged may still be queued
+    there (a re-send would only add to its backlog), while one sent *before* it was lost (not stored: a storage
+    outage, a hub restart) and is re-sent when due, even while the hub keeps acknowledging newer ones. A message
+    sent before this process started has no number and counts as lost (it is re-sent when due)."""
+
+    def __init__(self) -> None:
+        self._seq = 0
+        self._sent: dict[str, int] = {}
+        self._acked = 0
+        """The highest send number the hub has acknowledged."""
+
+    def sent(self, msg_ids: Sequence[str]) -> None:
+        """These went out now, in this order (a re-send gets a new number)."""
+        for m in msg_ids:
+            self._seq += 1
+            self._sent[m] = self._seq
+
+    def acked(self, msg_ids: Sequence[str]) -> None:
+        """The hub acknowledged these."""
+        for m in msg_ids:
+            seq = self._sent.pop(m, None)
+            if seq is not None and seq > self._acked:
+                self._acked = seq
+
+    def maybe_queued(self, msg_id: str) -> bool:
+        """Whether ``msg_id`` was sent after the newest message the hub has acknowledged."""
+        return self._sent.get(msg_id, 0) > self._acked
+
+
 class _ToHub:
     """The store's ``hub_outbox`` (outcomes, measurements) as an :class:`OutboxStorage`."""
 
-    def __init__(self, store: BridgeStore, topic: str) -> None:
+    def __init__(self, store: BridgeStore, topic: str, order: SendOrder) -> None:
         self.store = store
         self.topic = topic
+        self.order = order
 
     async def due(self, now: float, limit: int) -> list[Pending]:
         return [Pending(r["msg_id"], self.topic, r["payload"], r["attempts"])
@@ -683,6 +719,7 @@ class _ToHub:
 
     async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
         if sent:
+            self.order.sent([str(p.key) for p, _ in sent])
             await self.store.mark_outbox_sent([(str(p.key), at) for p, at in sent])
 
 

@@ -383,10 +383,17 @@ class BridgeStore:
 
         await self._tx(op)
 
-    async def postpone_hub_resends(self, now: float, until: float) -> None:
-        """Re-sends to the hub due by ``now`` wait until ``until``; first sends are not touched."""
-        await self._tx(lambda db: db.execute(
-            "UPDATE hub_outbox SET next_attempt_at=? WHERE attempts>0 AND next_attempt_at<=?", (until, now)))
+    async def postpone_hub_resends(self, now: float, until: float, queued: Callable[[str], bool]) -> None:
+        """Re-sends to the hub due by ``now`` that ``queued(msg_id)`` says may still be in the hub's backlog wait
+        until ``until``; the others (lost) and first sends are not touched."""
+
+        def op(db: sqlite3.Connection) -> None:
+            due = [r[0] for r in db.execute(
+                "SELECT msg_id FROM hub_outbox WHERE attempts>0 AND next_attempt_at<=?", (now,))]
+            db.executemany("UPDATE hub_outbox SET next_attempt_at=? WHERE msg_id=?",
+                           [(until, m) for m in due if queued(m)])
+
+        await self._tx(op)
 
     async def resend_to_hub_now(self) -> None:
         """The hub is back: every outcome waiting for its acknowledgement is due now."""
