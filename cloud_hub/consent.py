@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Any
 
 
 class State(StrEnum):
@@ -265,3 +266,27 @@ def covers(g: Grant, t: float) -> bool:
 def resolution(g: Grant, asked_s: int) -> int:
     """The resolution a read is answered at: what was asked, or the permission's finest if that is coarser."""
     return max(asked_s, g.resolution_s)
+
+
+def coarsen(blocks: Iterable[dict[str, Any]], resolution_s: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Reading blocks (:func:`cloud_hub.timeline.clip_blocks`' form) at ``resolution_s`` or coarser, for a party
+    whose permission allows no finer: a block at a finer resolution is summed in groups of
+    ``ceil(resolution_s / its resolution)`` consecutive values from its own start (the block's resolution times
+    that count is the served resolution); a last group shorter than that is withheld, since its energy would pass
+    for a whole interval. Returns ``(blocks, withheld)``, each withheld item ``{"start", "end", "resolution_s"}``."""
+    kept: list[dict[str, Any]] = []
+    withheld: list[dict[str, Any]] = []
+    for b in blocks:
+        res, values = b["resolution_s"], b["values_kwh"]
+        if res >= resolution_s:
+            kept.append(b)
+            continue
+        k = math.ceil(resolution_s / res)
+        whole = len(values) // k * k
+        if whole:
+            kept.append({**b, "resolution_s": res * k,
+                         "values_kwh": [round(sum(values[i:i + k]), 6) for i in range(0, whole, k)]})
+        if whole < len(values):
+            withheld.append({"start": b["start"] + whole * res, "end": b["start"] + len(values) * res,
+                             "resolution_s": res})
+    return kept, withheld

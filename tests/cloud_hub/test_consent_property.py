@@ -21,6 +21,9 @@ PARTIES = ["p1", "p2"]
 SCOPES = list(Scope)
 DATA = [(i * H, (i + 1) * H) for i in range(48)]
 """The client's data: one value per hour over two days (the reads ask for parts of it)."""
+READ_OF = {Scope.CONSUMPTION_PROFILE: Action.READ_CONSUMPTION, Scope.BILLING_DATA: Action.READ_BILLING_DATA,
+           Scope.LIVE_MEASUREMENTS: Action.READ_MEASUREMENTS}
+"""The action a party's read of each scope is authorized as (every scope is read through its own route)."""
 
 switch = st.tuples(st.just("switch"), st.sampled_from(RETAILERS))
 request = st.tuples(st.just("request"), st.sampled_from(PARTIES), st.lists(st.sampled_from(SCOPES), min_size=1,
@@ -109,8 +112,7 @@ def test_no_party_ever_receives_data_outside_a_valid_permission(
             _, party, scope, first, hours, asked_res = op
             start, end = first * H, min(48, first + hours) * H
             g = consent.grant(w.perms.values(), party, "c1", scope, now, start, end)
-            verdict = decide(Principal("party", party_id=party), Action.READ_CONSUMPTION
-                             if scope is not Scope.LIVE_MEASUREMENTS else Action.READ_MEASUREMENTS,
+            verdict = decide(Principal("party", party_id=party), READ_OF[scope],
                              Context(permission_id=None if g is None else g.permission_id))
             if not verdict.allowed:
                 assert g is None
