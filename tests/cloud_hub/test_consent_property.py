@@ -122,6 +122,13 @@ def test_no_party_ever_receives_data_outside_a_valid_permission(
             assert g is not None and verdict.right == f"party:permission:{g.permission_id}"
             res = consent.resolution(g, asked_res)
             served = [(t0, t1) for t0, t1 in DATA if start <= t0 and t1 <= end and consent.allowed_interval(g, t0, t1)]
+            if scope is Scope.BILLING_DATA and served:  # the readings, summed to the permission's resolution
+                coarse, _ = consent.coarsen([{"start": served[0][0], "resolution_s": int(H),
+                                              "values_kwh": [1.0] * len(served), "quality": "measured",
+                                              "corrected": False}], g.resolution_s)
+                res = coarse[0]["resolution_s"] if coarse else g.resolution_s
+                served = [(b["start"] + i * b["resolution_s"], b["start"] + (i + 1) * b["resolution_s"])
+                          for b in coarse for i in range(len(b["values_kwh"]))]
             for t0, t1 in served:
                 assert legitimate(w, party, scope, now, t0, t1, res), (party, scope, now, t0, t1, g)
             served_any += len(served)
