@@ -163,8 +163,10 @@ class ConsentService:
         ``next_after`` of the previous page); ``state`` (after the clock's changes) filters, so such a page may be
         short (at most :data:`cloud_hub.views.SCAN_MAX` are read for one page). An eligible party only: no other
         principal asks for permissions."""
-        if who.kind != "party" or who.party_id is None:
-            raise Forbidden("only an eligible party lists its own permissions (GET /v1/permissions/{id} for the DSO)")
+        verdict = decide(who, Action.LIST_PERMISSIONS)
+        if not verdict.allowed:
+            raise Forbidden(verdict.reason)
+        assert who.party_id is not None  # only a party may list
         party_id = who.party_id
 
         async def fetch(cursor: str | None, n: int) -> list[tuple[str, Permission | None]]:
