@@ -63,6 +63,11 @@ class Action(StrEnum):
     DECIDE_PERMISSION = "decide_permission"
     """Relay a customer's accept, reject or revoke, or show the customer their permissions and access log
     (``Context.supplier_at_time``: the client's supplier now; only it speaks for the customer)."""
+    READ_BILLING_DATA = "read_billing_data"
+    """A client's meter readings as used for its bills (the DSO; a party under the customer's permission with the
+    ``billing_data`` scope, ``Context.permission_id``: docs/consent.md)."""
+    LIST_PERMISSIONS = "list_permissions"
+    """List the permissions the principal asked for (an eligible party: its own; nobody else has any)."""
     READ_VEN = "read_ven"
     """An OpenADR 3 VEN object and its resources (``Context.issuer``: the VEN's principal, ``retailer:<id>``)."""
 
@@ -126,7 +131,7 @@ class Context:
 _DSO_ONLY = {Action.MANAGE_CLIENT, Action.UPLOAD_READINGS, Action.REQUEST_BILLING, Action.PUBLISH_TARIFF,
              Action.TRIGGER_EMERGENCY, Action.TRIGGER_LOAD_SHIFT, Action.TRIGGER_LOAD_REDUCTION,
              Action.READ_MEASUREMENTS, Action.READ_AUDIT, Action.READ_STATUS, Action.LIST_CLIENTS,
-             Action.READ_FEEDER_MEASUREMENTS, Action.LIST_REQUESTS}
+             Action.READ_FEEDER_MEASUREMENTS, Action.LIST_REQUESTS, Action.READ_BILLING_DATA}
 
 
 # Complexity (C901, PLR0911, PLR0912): the one authorization table, one rule per branch, read top to bottom and tested
@@ -148,6 +153,8 @@ def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decisi
         if who.kind == "dso":
             return Decision(True, "dso:permission-log")
         return Decision(False, "none", "a permission is read only by the party that asked for it", conceal=True)
+    if action is Action.LIST_PERMISSIONS:
+        return Decision(False, "none", "only an eligible party lists its own permissions (the DSO reads one by id)")
     if action is Action.TERMINATE_PERMISSION:
         return Decision(False, "none", "a permission is ended only by the party that asked for it (or revoked by "
                                        "the customer)", conceal=True)
@@ -227,7 +234,8 @@ def decide(who: Principal, action: Action, ctx: Context | None = None) -> Decisi
     raise AssertionError(f"unhandled action {action}")  # every Action is handled above
 
 
-_PARTY_READS = {Action.READ_CONSUMPTION: "consumption", Action.READ_MEASUREMENTS: "measurements"}
+_PARTY_READS = {Action.READ_CONSUMPTION: "consumption", Action.READ_MEASUREMENTS: "measurements",
+                Action.READ_BILLING_DATA: "billing data"}
 
 
 def _decide_party(who: Principal, action: Action, ctx: Context) -> Decision:
@@ -240,6 +248,8 @@ def _decide_party(who: Principal, action: Action, ctx: Context) -> Decision:
         return Decision(True, "party:request-permission")
     if action in (Action.READ_PERMISSION, Action.TERMINATE_PERMISSION):
         return _decide_party_own_permission(who, ctx)
+    if action is Action.LIST_PERMISSIONS:
+        return Decision(True, "party:own-permissions")
     if action in _PARTY_READS:
         return _decide_party_read(action, ctx)
     return Decision(False, "none", f"an eligible party may not {action.value.replace('_', ' ')}",

@@ -7,10 +7,11 @@ A permission request moves through EDDIE's states (docs/consent.md)::
                                        -> timed_out
 
 ``sent_to_pa``: shown to the customer in their retailer's personal area ("permission administrator"). A request
-the customer does not decide by ``decide_by`` times out; an accepted permission whose validity ends is fulfilled.
-Both happen by the clock: :func:`effective` applies them to a stored permission at ``now``, so nothing has to run
-at the deadline. The customer revokes at any time, the party terminates at any time; both end the permission at
-once. A supplier switch changes who relays the customer's decisions (the new retailer), never the permission.
+the customer does not decide by ``decide_by`` (three working days, :func:`decision_deadline`) times out; an
+accepted permission whose validity ends is fulfilled. Both happen by the clock: :func:`effective` applies them to a
+stored permission at ``now``, so nothing has to run at the deadline. The customer revokes at any time, the party
+terminates at any time; both end the permission at once. A supplier switch changes who relays the customer's
+decisions (the new retailer), never the permission.
 
 A party's read is served only under a permission that is accepted and valid at the time of the read and whose
 data period contains the data served (:func:`grant`, :func:`allowed_interval`).
@@ -21,7 +22,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta, tzinfo
 from enum import StrEnum
+from typing import Any
 
 
 class State(StrEnum):
@@ -107,8 +110,28 @@ SCOPE_WORDS = {Scope.CONSUMPTION_PROFILE: "your electricity consumption over tim
                Scope.LIVE_MEASUREMENTS: "the live power measurements of your home"}
 """How the personal area names each scope to the customer."""
 
-DECIDE_WITHIN_S = 3 * 86_400
-"""How long a customer has to decide (Elhub: three working days; here three days, docs/consent.md)."""
+DECIDE_WITHIN_WORKING_DAYS = 3
+"""How long a customer has to decide: three working days, as Elhub counts them (BRS-NO-622, docs/consent.md)."""
+
+
+def decision_deadline(created_at: float, working_days: int = DECIDE_WITHIN_WORKING_DAYS, tz: tzinfo = UTC) -> float:
+    """When a request made at ``created_at`` lapses: ``working_days`` working days later, a working day being
+    Monday to Friday in ``tz`` (national holidays are not counted as such: they are working days here). The window
+    runs only on working days: a request made on a working day lapses at the same wall-clock time that many working
+    days later (Friday 10:00 -> Wednesday 10:00); one made on a Saturday or Sunday counts from Monday 00:00
+    (-> Thursday 00:00)."""
+    t = datetime.fromtimestamp(created_at, tz)
+    if t.weekday() >= _SATURDAY:
+        t = (t + timedelta(days=7 - t.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
+    left = working_days
+    while left > 0:
+        t += timedelta(days=1)  # wall-clock arithmetic in tz: a day across a DST change keeps the time of day
+        if t.weekday() < _SATURDAY:
+            left -= 1
+    return t.timestamp()
+
+
+_SATURDAY = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,10 +221,12 @@ class PermissionAsk:
 
 
 def new_permission(permission_id: str, party_id: str, client_id: str, ask: PermissionAsk, now: float,
-                   decide_within_s: float = DECIDE_WITHIN_S) -> Permission:
-    """A validated request, sent to the customer's personal area: created, validated and sent at ``now``."""
+                   decide_by: float | None = None) -> Permission:
+    """A validated request, sent to the customer's personal area: created, validated and sent at ``now``; the
+    customer decides by ``decide_by`` (default: :func:`decision_deadline`, three working days)."""
+    deadline = decision_deadline(now) if decide_by is None else decide_by
     p = Permission(permission_id, party_id, client_id, ask.purpose, tuple(dict.fromkeys(ask.scopes)),
-                   ask.resolution_s, ask.data_from, ask.data_to, ask.valid_until, now + decide_within_s, now)
+                   ask.resolution_s, ask.data_from, ask.data_to, ask.valid_until, deadline, now)
     return p.apply(Event.VALIDATE, now, "hub").apply(Event.SEND, now, "hub")
 
 
@@ -265,3 +290,27 @@ def covers(g: Grant, t: float) -> bool:
 def resolution(g: Grant, asked_s: int) -> int:
     """The resolution a read is answered at: what was asked, or the permission's finest if that is coarser."""
     return max(asked_s, g.resolution_s)
+
+
+def coarsen(blocks: Iterable[dict[str, Any]], resolution_s: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Reading blocks (:func:`cloud_hub.timeline.clip_blocks`' form) at ``resolution_s`` or coarser, for a party
+    whose permission allows no finer: a block at a finer resolution is summed in groups of
+    ``ceil(resolution_s / its resolution)`` consecutive values from its own start (the block's resolution times
+    that count is the served resolution); a last group shorter than that is withheld, since its energy would pass
+    for a whole interval. Returns ``(blocks, withheld)``, each withheld item ``{"start", "end", "resolution_s"}``."""
+    kept: list[dict[str, Any]] = []
+    withheld: list[dict[str, Any]] = []
+    for b in blocks:
+        res, values = b["resolution_s"], b["values_kwh"]
+        if res >= resolution_s:
+            kept.append(b)
+            continue
+        k = math.ceil(resolution_s / res)
+        whole = len(values) // k * k
+        if whole:
+            kept.append({**b, "resolution_s": res * k,
+                         "values_kwh": [round(sum(values[i:i + k]), 6) for i in range(0, whole, k)]})
+        if whole < len(values):
+            withheld.append({"start": b["start"] + whole * res, "end": b["start"] + len(values) * res,
+                             "resolution_s": res})
+    return kept, withheld

@@ -22,7 +22,9 @@ from cloud_hub.errors import Forbidden, NotFound
 from cloud_hub.store import AuditEntry, Conflict, HubStore
 from cloud_hub.timeline import clip_blocks, profile, supplier_at, withhold_straddling
 from cloud_hub.usecases.access import hidden_client
+from cloud_hub.usecases.data import billing_readings, readings_json
 from cloud_hub.usecases.shared import iso
+from cloud_hub.views import paged
 from mhp_wire.messages import (
     AccessItem,
     Ack,
@@ -155,6 +157,31 @@ class ConsentService:
             raise NotFound(f"permission {permission_id!r} is unknown")
         return permission_json(p)
 
+    async def of_party(self, who: Principal, *, state: consent.State | None, limit: int, after: str | None
+                       ) -> dict[str, Any]:
+        """The caller's own permissions, newest first, ``limit`` a page, after the cursor ``after`` (the
+        ``next_after`` of the previous page); ``state`` (after the clock's changes) filters, so such a page may be
+        short (at most :data:`cloud_hub.views.SCAN_MAX` are read for one page). An eligible party only: no other
+        principal asks for permissions."""
+        verdict = decide(who, Action.LIST_PERMISSIONS)
+        if not verdict.allowed:
+            raise Forbidden(verdict.reason)
+        assert who.party_id is not None  # only a party may list
+        party_id = who.party_id
+
+        async def fetch(cursor: str | None, n: int) -> list[tuple[str, Permission | None]]:
+            return [(k, None if p is None else await self._current(p))
+                    for k, p in await self.permissions.of_party(party_id, cursor, n)]
+
+        def keep(p: Permission | None) -> dict[str, Any] | None:
+            if p is None or (state is not None and p.state is not state):
+                return None
+            verdict = decide(who, Action.READ_PERMISSION, Context(issuer=f"party:{p.party_id}"))
+            return permission_json(p) if verdict.allowed else None
+
+        found, cursor = await paged(fetch, keep, limit=limit, after=after, filtered=state is not None)
+        return {"permissions": found, "count": len(found), "next_after": cursor}
+
     async def terminate(self, who: Principal, permission_id: str) -> dict[str, Any]:
         """The party ends its permission (or withdraws its request) now."""
         async with self._lock(permission_id):
@@ -284,3 +311,19 @@ class ConsentService:
         return {"client_id": client_id, "from": iso(g.start), "to": iso(g.end), "permission_id": g.permission_id,
                 "right": right,
                 "series": [{"at": iso(s["at"]), "active_power_kw": s["active_power_kw"]} for s in series]}
+
+    async def billing_data(self, who: Principal, client_id: str, start: float, end: float) -> dict[str, Any]:
+        """A client's meter readings as used for its bills, for a party: only the part of the range its permission
+        covers, at the permitted resolution or coarser (:func:`consent.coarsen`); a reading interval that runs past
+        the permitted period, or that cannot be made as coarse as the permission asks, is withheld."""
+        g, right = await self._grant(who, Action.READ_BILLING_DATA, Scope.BILLING_DATA, client_id, start, end)
+        blocks, past = await billing_readings(self.store, client_id, g.start, g.end,
+                                              lambda t0, t1: consent.allowed_interval(g, t0, t1))
+        blocks, partial = consent.coarsen(blocks, g.resolution_s)
+        withheld = [{**w, "reason": "runs past the period the permission covers"} for w in past]
+        withheld += [{**w, "reason": f"does not make a whole interval of {g.resolution_s} s, the finest the "
+                                     "permission allows"} for w in partial]
+        return {"client_id": client_id, "from": iso(g.start), "to": iso(g.end), "resolution_s": g.resolution_s,
+                "permission_id": g.permission_id, "right": right, "readings": readings_json(blocks),
+                "withheld": [{**w, "start": iso(w["start"]), "end": iso(w["end"])}
+                             for w in sorted(withheld, key=lambda w: w["start"])]}

@@ -1,6 +1,6 @@
 """Eligible parties and permissions on the hub's store (both backends: tables ``parties``, ``permissions``,
-``permissions_by_client``); every change of a permission is written in one batch with its lines of the data access
-log, so the permission log and the access log never disagree."""
+``permissions_by_client``, ``permissions_by_party``); every change of a permission is written in one batch with its
+lines of the data access log, so the permission log and the access log never disagree."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from cloud_hub.consent import Change, Event, Permission, Scope, State
 from cloud_hub.storage import Mutation, prefix_stop
-from cloud_hub.store import AuditEntry, HubStore, audit_mutation
+from cloud_hub.store import AuditEntry, HubStore, audit_mutation, issuer_key
 
 
 def encode_permission(p: Permission) -> bytes:
@@ -57,6 +57,8 @@ class PermissionStore:
         for p in permissions:
             muts.append(Mutation("permissions", p.permission_id, {"d:p": encode_permission(p)}))
             muts.append(Mutation("permissions_by_client", f"{p.client_id}|{p.permission_id}", {"d:x": b"1"}))
+            muts.append(Mutation("permissions_by_party", issuer_key(p.party_id, p.created_at, p.permission_id),
+                                 {"d:x": b"1"}))
         await self.store.kv.batch(muts)
 
     async def get(self, permission_id: str) -> Permission | None:
@@ -73,3 +75,18 @@ class PermissionStore:
         rows = await self.store.kv.get_many("permissions", ids) if ids else {}
         found = [decode_permission(r["d:p"]) for r in rows.values() if "d:p" in r]
         return sorted(found, key=lambda p: (p.created_at, p.permission_id))
+
+    async def of_party(self, party_id: str, after: str | None, limit: int) -> list[tuple[str, Permission | None]]:
+        """Up to ``limit`` entries ``(cursor, permission)`` of ``party_id``'s permissions, newest first, after the
+        cursor ``after`` (the cursor of the last entry of the previous page). Permissions stored before this index
+        existed are not in it (they are rewritten into it by their next change)."""
+        prefix = f"{party_id}|"
+        start = prefix + (after + "\x00" if after is not None else "")
+        keys = [k for k, _ in await self.store.kv.scan("permissions_by_party", start=start, stop=prefix_stop(prefix),
+                                                        limit=limit, columns=["d:x"])]
+        rows = await self.store.kv.get_many("permissions", [k.rsplit("|", 1)[1] for k in keys]) if keys else {}
+        out: list[tuple[str, Permission | None]] = []
+        for k in keys:  # an index entry whose row is gone still moves the cursor (None)
+            row = rows.get(k.rsplit("|", 1)[1])
+            out.append((k[len(prefix):], decode_permission(row["d:p"]) if row and "d:p" in row else None))
+        return out

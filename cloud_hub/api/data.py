@@ -55,6 +55,17 @@ async def consumption_profile(
     return await service.data.consumption_profile(who, client_id, from_.timestamp(), to.timestamp(), resolution_s)
 
 
+@router.get("/clients/{client_id}/billing-data", response_model=Series, responses=errors(403, 404))
+async def billing_data(client_id: Annotated[str, Path(pattern=ID_PATTERN)], who: Caller, service: Service,
+                       request: Request, from_: Annotated[AwareDatetime, Query(alias="from")], to: Time
+                       ) -> dict[str, Any]:
+    """A client's meter readings as used for its bills (dso; a party under the customer's permission with the
+    ``billing_data`` scope, clipped to its period and resolution: docs/consent.md)."""
+    if who.kind == "party":
+        return await request.app.state.consent.billing_data(who, client_id, from_.timestamp(), to.timestamp())
+    return await service.data.billing_data(who, client_id, from_.timestamp(), to.timestamp())
+
+
 @router.get("/measurements", response_model=Series, responses=errors(403, 404))
 async def measurements(client_id: Annotated[str, Query(max_length=64)], who: Caller, service: Service,
                        request: Request, from_: Annotated[AwareDatetime, Query(alias="from")], to: Time

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from cloud_hub.api.deps import Caller
-from cloud_hub.api.models import PartyAnswer, PermissionAnswer, errors
+from cloud_hub.api.models import Answer, PartyAnswer, PermissionAnswer, errors
+from cloud_hub.consent import State
 from cloud_hub.consent_service import ConsentService
+from cloud_hub.views import PAGE_MAX
 from mhp_wire import topics
 from mhp_wire.ids import ID_PATTERN
 from mhp_wire.messages import encode
@@ -17,6 +19,9 @@ from mhp_wire.messages import encode
 router = APIRouter(prefix="/v1", tags=["consent"])
 
 IdPath = Annotated[str, Path(pattern=ID_PATTERN)]
+StateName = Literal["sent_to_pa", "accepted", "rejected", "timed_out", "revoked", "terminated", "fulfilled"]
+"""The states a stored permission can be in (``created`` and ``validated`` pass within its request)."""
+PERMISSION_CURSOR = r"^[0-9]{15}\|[A-Za-z0-9_.\-]{1,64}$"
 
 
 async def get_consent(request: Request) -> ConsentService:
@@ -80,6 +85,24 @@ async def post_permission(body: PermissionBody, who: Caller, consent: Consent) -
     """Ask a customer for access to their data (a registered party); the customer decides in their retailer's
     personal area by ``decide_by``."""
     return await consent.request(who, body.model_dump())
+
+
+class PermissionPage(Answer):
+    """A page of the caller's permissions, newest first, with ``count`` and ``next_after`` (the cursor of the next
+    page, or null)."""
+
+    permissions: list[PermissionAnswer]
+    count: int
+    next_after: str | None
+
+
+@router.get("/permissions", response_model=PermissionPage, responses=errors(403))
+async def list_permissions(who: Caller, consent: Consent, state: StateName | None = None,
+                           limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 100,
+                           after: Annotated[str | None, Query(pattern=PERMISSION_CURSOR)] = None) -> dict[str, Any]:
+    """The calling party's own permissions, newest first, in their state now (``state`` filters), paged by
+    ``after`` (the ``next_after`` of the previous page) (a party)."""
+    return await consent.of_party(who, state=None if state is None else State(state), limit=limit, after=after)
 
 
 @router.get("/permissions/{permission_id}", response_model=PermissionAnswer, responses=errors(403, 404))

@@ -38,6 +38,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "parties": ("d",),              # row party id: an eligible party (docs/consent.md)
     "permissions": ("d",),          # row permission id: d:p -> the permission with its history
     "permissions_by_client": ("d",),  # row client_id|permission_id: an index for the customer's view and reads
+    "permissions_by_party": ("d",),  # row party_id|newest-first time|permission_id: a party's own permissions
     "openadr3": ("d",),             # the OpenADR 3 facade: ven|, evt|<ven>|<request>, sub|, rep|<ven>|, ~cursor
 }
 

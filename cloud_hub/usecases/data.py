@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,6 +41,22 @@ log = logging.getLogger(__name__)
 
 BILLING_CLIENTS_PER_MESSAGE = 100
 BILLING_DELIVERY_S = 24 * 3600
+
+
+def readings_json(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reading blocks as the API shows them (the wire's ``ReadingBlock`` fields, times in ISO 8601)."""
+    return [{"start": iso(b["start"]), "resolution_s": b["resolution_s"], "values_kwh": b["values_kwh"],
+             "quality": b["quality"], "corrected": b["corrected"]} for b in blocks]
+
+
+async def billing_readings(store: HubStore, client_id: str, start: float, end: float,
+                           may_have: Callable[[float, float], bool]
+                           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A client's meter readings of ``[start, end)`` as billing uses them (consecutive blocks, corrections applied,
+    each with its quality and whether it corrects an earlier upload), and the reading intervals withheld because
+    they run past ``end`` into time the reader may not have (``may_have(t0, t1)`` False). No authorization: the
+    caller decided (the DSO's :meth:`ClientData.billing_data`, a party's read under its permission)."""
+    return withhold_straddling(clip_blocks(await store.readings(client_id, start, end), start, end), end, may_have)
 
 
 class ClientData:
@@ -88,6 +105,17 @@ class ClientData:
         return {"client_id": client_id, "from": iso(start), "to": iso(end), "resolution_s": resolution_s,
                 "series": [{**p, "start": iso(p["start"])} for p in profile(blocks, start, end, resolution_s)],
                 "withheld": [self._withheld(w, periods, who) for w in withheld]}
+
+    async def billing_data(self, who: Principal, client_id: str, start: float, end: float) -> dict[str, Any]:
+        """A client's meter readings of ``[start, end)`` as used for its bills (dso)."""
+        if end <= start:
+            raise ValueError("'to' must be after 'from'")
+        await self.access.named(who, Action.READ_BILLING_DATA, [client_id])
+        exists = await self.store.get_client(client_id) is not None
+        await self.access.logged(who, Action.READ_BILLING_DATA, client_id, exists=exists)
+        blocks, _ = await billing_readings(self.store, client_id, start, end, lambda t0, t1: True)
+        return {"client_id": client_id, "from": iso(start), "to": iso(end), "readings": readings_json(blocks),
+                "withheld": []}
 
     @staticmethod
     def _withheld(w: dict[str, Any], periods: list[dict[str, Any]], reader: Principal) -> dict[str, Any]:

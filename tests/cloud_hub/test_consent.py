@@ -7,7 +7,6 @@ import time
 import pytest
 
 from cloud_hub.consent import (
-    DECIDE_WITHIN_S,
     TRANSITIONS,
     Event,
     InvalidTransition,
@@ -18,6 +17,7 @@ from cloud_hub.consent import (
     allowed_interval,
     covers,
     decide,
+    decision_deadline,
     effective,
     grant,
     new_permission,
@@ -98,7 +98,7 @@ def test_refused_decisions(events: list[tuple[float, Event]], last: Event | None
 
 def test_the_clock_times_out_an_undecided_request_at_its_deadline() -> None:
     p = perm()
-    assert p.decide_by == NOW + DECIDE_WITHIN_S
+    assert p.decide_by == decision_deadline(NOW)
     assert effective(p, p.decide_by - 1) == p
     lapsed = effective(p, p.decide_by + 5)
     assert lapsed.state is State.TIMED_OUT

@@ -21,6 +21,9 @@ PARTIES = ["p1", "p2"]
 SCOPES = list(Scope)
 DATA = [(i * H, (i + 1) * H) for i in range(48)]
 """The client's data: one value per hour over two days (the reads ask for parts of it)."""
+READ_OF = {Scope.CONSUMPTION_PROFILE: Action.READ_CONSUMPTION, Scope.BILLING_DATA: Action.READ_BILLING_DATA,
+           Scope.LIVE_MEASUREMENTS: Action.READ_MEASUREMENTS}
+"""The action a party's read of each scope is authorized as (every scope is read through its own route)."""
 
 switch = st.tuples(st.just("switch"), st.sampled_from(RETAILERS))
 request = st.tuples(st.just("request"), st.sampled_from(PARTIES), st.lists(st.sampled_from(SCOPES), min_size=1,
@@ -109,8 +112,7 @@ def test_no_party_ever_receives_data_outside_a_valid_permission(
             _, party, scope, first, hours, asked_res = op
             start, end = first * H, min(48, first + hours) * H
             g = consent.grant(w.perms.values(), party, "c1", scope, now, start, end)
-            verdict = decide(Principal("party", party_id=party), Action.READ_CONSUMPTION
-                             if scope is not Scope.LIVE_MEASUREMENTS else Action.READ_MEASUREMENTS,
+            verdict = decide(Principal("party", party_id=party), READ_OF[scope],
                              Context(permission_id=None if g is None else g.permission_id))
             if not verdict.allowed:
                 assert g is None
@@ -120,6 +122,13 @@ def test_no_party_ever_receives_data_outside_a_valid_permission(
             assert g is not None and verdict.right == f"party:permission:{g.permission_id}"
             res = consent.resolution(g, asked_res)
             served = [(t0, t1) for t0, t1 in DATA if start <= t0 and t1 <= end and consent.allowed_interval(g, t0, t1)]
+            if scope is Scope.BILLING_DATA and served:  # the readings, summed to the permission's resolution
+                coarse, _ = consent.coarsen([{"start": served[0][0], "resolution_s": int(H),
+                                              "values_kwh": [1.0] * len(served), "quality": "measured",
+                                              "corrected": False}], g.resolution_s)
+                res = coarse[0]["resolution_s"] if coarse else g.resolution_s
+                served = [(b["start"] + i * b["resolution_s"], b["start"] + (i + 1) * b["resolution_s"])
+                          for b in coarse for i in range(len(b["values_kwh"]))]
             for t0, t1 in served:
                 assert legitimate(w, party, scope, now, t0, t1, res), (party, scope, now, t0, t1, g)
             served_any += len(served)
