@@ -176,3 +176,24 @@ async def test_an_openadr3_client_ven_joins_gets_an_emergency_by_webhook_and_mqt
     r2_reports = (await hub.http.get(f"{BASE_PATH}/reports", headers=h2)).json()
     assert r2_reports == [], "r2 sees none of r1's reports"
     assert start > datetime.now(UTC), "all of it happened before the emergency began"
+
+
+async def test_the_token_endpoint_takes_http_basic_client_authentication(oadr_hub: HubHandle) -> None:
+    """RFC 6749 2.3.1: a server MUST accept HTTP Basic for a client with a password (openadr3-client sends only
+    that); credentials in both the header and the body are refused (2.3: one method per request); a wrong or
+    undecodable one is ``invalid_client``."""
+    hub = oadr_hub
+    url = f"{BASE_PATH}/auth/token"
+    form = {"grant_type": "client_credentials"}
+    ok = await hub.http.post(url, data=form, auth=("r1", hub.tokens["r1"]))
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["access_token"] == hub.tokens["r1"] and ok.json()["token_type"] == "Bearer"
+    events = await hub.http.get(f"{BASE_PATH}/events", headers={"Authorization": f"Bearer {ok.json()['access_token']}"})
+    assert events.status_code == 200, events.text
+    both = await hub.http.post(url, data={**form, "client_secret": hub.tokens["r1"]}, auth=("r1", hub.tokens["r1"]))
+    assert both.status_code == 400 and both.json()["error"] == "invalid_request", both.text
+    for auth in (("r2", hub.tokens["r1"]), ("r1", "not-a-token")):
+        r = await hub.http.post(url, data=form, auth=auth)
+        assert r.status_code == 401 and r.json()["error"] == "invalid_client", r.text
+    garbled = await hub.http.post(url, data=form, headers={"Authorization": "Basic %%%not-base64"})
+    assert garbled.status_code == 401 and garbled.json()["error"] == "invalid_client", garbled.text
