@@ -83,7 +83,8 @@ def main() -> int:
         vtn_base_url=args["base_url"], client_id=args["client_id"], client_secret=args["client_secret"],
         token_url=None, scopes=args["scopes"],
         allow_insecure_http=True, version=OADRVersion.OADR_310)
-    results: dict[str, Any] = {"version": client.version.value}
+    results: dict[str, Any] = {"version": client.version.value,
+                               "token_url": client.auth.get_auth_server().token_url}
     if phase == "join":
         _call(results, "auth_server", client.auth.get_auth_server)
         _call(results, "create_ven", lambda: client.vens.create_ven(NewVenVenRequest(ven_name=args["client_id"])))
@@ -109,6 +110,14 @@ def main() -> int:
         if args.get("event_id"):
             _call(results, "event", lambda: client.events.get_event_by_id(args["event_id"]))
             _call(results, "raw_event", lambda: _get(session, f"{base}/events/{args['event_id']}", {}))
+        # The same events through the client's OpenADR 3.0.1 VEN (3.0's targets): its own API and models accept them.
+        legacy = VirtualEndNodeHttpClientFactory.create_http_ven_client(
+            vtn_base_url=args["base_url"], client_id=args["client_id"], client_secret=args["client_secret"],
+            token_url=results["token_url"], scopes=args["scopes"], version=OADRVersion.OADR_301)
+        _call(results, "events_301", lambda: legacy.events.get_events(
+            target=None, pagination=None, program_id=args["program_id"]))
+        if args.get("event_id"):
+            _call(results, "event_301", lambda: legacy.events.get_event_by_id(args["event_id"]))
         raw = results["raw_events"].get("ok") or []
         _call(results, "validated_without_targets", lambda: [ExistingEvent.model_validate(
             {k: v for k, v in e.items() if k != "targets"}).id for e in raw])

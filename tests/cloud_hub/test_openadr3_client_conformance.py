@@ -149,6 +149,9 @@ async def test_an_openadr3_client_ven_joins_gets_an_emergency_by_webhook_and_mqt
     assert event["intervals"][0]["payloads"][0]["type"] == "IMPORT_CAPACITY_LIMIT"
     assert event["intervals"][0]["payloads"][0]["values"] == [2.5]
     assert '"c2"' not in json.dumps(polled)
+    # Its OpenADR 3.0.1 VEN (3.0's targets) reads the same events with its own API and models.
+    assert [(e["id"], _resources(e)) for e in _ok(polled, "events_301")] == [(request_id, ["c1"])]
+    assert _ok(polled, "event_301")["id"] == request_id
 
     # Another VEN's objects by id: refused (403 or the 404 that hides them), and the refusal carries none of them.
     probe = await _ven(hub, "r1", "probe", event_id=only_r2, ven_id="r2")
