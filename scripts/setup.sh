@@ -2,7 +2,8 @@
 # Idempotent set-up on a fresh Debian 12 machine that has only python3: from Debian's packages when missing,
 # Mosquitto (the brokers) and its command-line clients, HAProxy (the HTTP entry of the hub replicas), python3-venv, Chromium (headless browser
 # tests of the web pages) and VictoriaMetrics (a server speaking InfluxDB's write API, for the telemetry-export
-# tests); then a virtual environment in .venv with the package, every extra and the dev tools.
+# tests); then a virtual environment in .venv with the package, every extra and the dev tools; and a side venv
+# .venv-openadr3 with openadr3-client for its conformance test, when the machine has a Python >= 3.12 (see the end).
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it only installs what is missing).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
