@@ -465,8 +465,8 @@ async def get_reports(who: Caller, service: Service, skip: Skip = 0, limit: Limi
     ven = _ven_of(who)
     prefix = f"rep|{ven}|"
     rows = await service.book.store.kv.scan(TABLE, start=prefix, stop=prefix_stop(prefix))
-    # clientID (OpenADR 3.1.0) is the reporting VEN's client; a report stored before it was added gets it here.
-    reports = [{"clientID": ven, **json.loads(c["d:o"])} for _, c in rows]
+    # clientID (OpenADR 3.1.0) is set by the hub: the reporting VEN's client (a report stored before it existed too).
+    reports = [{**json.loads(c["d:o"]), "clientID": ven} for _, c in rows]
     if event_id is not None:
         reports = [r for r in reports if r.get("eventID") == event_id]
     return _page(reports, skip, limit)
