@@ -2,7 +2,8 @@
 # Idempotent set-up on a fresh Debian 12 machine that has only python3: from Debian's packages when missing,
 # Mosquitto (the brokers) and its command-line clients, HAProxy (the HTTP entry of the hub replicas), python3-venv, Chromium (headless browser
 # tests of the web pages) and VictoriaMetrics (a server speaking InfluxDB's write API, for the telemetry-export
-# tests); then a virtual environment in .venv with the package, every extra and the dev tools.
+# tests); then a virtual environment in .venv with the package, every extra and the dev tools; and a side venv
+# .venv-openadr3 with openadr3-client for its conformance test, when the machine has a Python >= 3.12 (see the end).
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it only installs what is missing).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -41,4 +42,34 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+
+# A side venv .venv-openadr3 for the OpenADR 3 conformance test's second third-party client: openadr3-client (ElaadNL)
+# requires Python >= 3.12 while the project runs on 3.11, so the test runs tests/openadr3_client_ven.py under this
+# venv's python as a subprocess. The first Python >= 3.12 found: python3 itself, python3.13/python3.12 on PATH, or
+# pyenv's. Pinned to 2.4.2: the version whose API and 3.1.0 models the test VEN was written against (a new release
+# may rename them). With none found, the marker .openadr3-no-python312 tells the test to skip (and say why).
+oadr_pin="openadr3-client==2.4.2"
+oadr_stamp=".venv-openadr3/.installed-${oadr_pin}"
+if [ ! -f "$oadr_stamp" ]; then
+  is_312() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; }
+  oadr_python=""
+  candidates=(python3 python3.13 python3.12)
+  if command -v pyenv >/dev/null 2>&1; then
+    for p in "$(pyenv root)"/versions/3.1[23]*/bin/python3; do [ -x "$p" ] && candidates+=("$p"); done
+  fi
+  # A pyenv shim on PATH answers for a version it does not select with an error: is_312 runs each, not just finds it.
+  for c in "${candidates[@]}"; do
+    if is_312 "$c"; then oadr_python="$c"; break; fi
+  done
+  if [ -z "$oadr_python" ]; then
+    echo "setup: no Python >= 3.12 found (python3, python3.13, python3.12, pyenv's); the openadr3-client conformance test will be skipped" >&2
+    touch .openadr3-no-python312
+  else
+    echo "setup: creating .venv-openadr3 with $("$oadr_python" -c 'import sys; print(sys.executable)') for $oadr_pin" >&2
+    rm -rf .venv-openadr3 .openadr3-no-python312
+    "$oadr_python" -m venv .venv-openadr3
+    .venv-openadr3/bin/python -m pip install -q --disable-pip-version-check "$oadr_pin"
+    touch "$oadr_stamp"
+  fi
 fi

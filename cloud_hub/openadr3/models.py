@@ -138,6 +138,7 @@ class Ven(OadrObject):
     id: str
     objectType: str
     venName: str
+    clientID: str | None = None
     createdDateTime: str | None = None
     modificationDateTime: str | None = None
     attributes: list[dict[str, Any]] | None = None
@@ -163,6 +164,7 @@ class Report(OadrObject):
     programID: str
     eventID: str
     clientName: str
+    clientID: str | None = None
     reportName: str | None = None
     resources: list[dict[str, Any]]
 

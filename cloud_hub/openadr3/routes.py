@@ -7,11 +7,13 @@ Errors keep the hub's JSON shape (``{"error", "message"}``) and status codes.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote_plus
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
@@ -81,9 +83,24 @@ async def auth_server(request: Request) -> dict[str, Any]:
     return {"tokenURL": str(request.url_for("auth_token"))}
 
 
+def _basic_credentials(header: str) -> tuple[str, str] | None:
+    """``(client_id, client_secret)`` from an ``Authorization: Basic`` header (RFC 6749 2.3.1: each part
+    form-urlencoded, then ``id:secret`` in base64), ``("", "")`` when it does not decode, ``None`` without one."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return "", ""
+    client_id, sep, secret = decoded.partition(":")
+    return (unquote_plus(client_id), unquote_plus(secret)) if sep else ("", "")
+
+
 @router.post("/auth/token", name="auth_token", response_model=ClientCredentialResponse, responses=TOKEN_ERRORS)
 async def auth_token(request: Request) -> JSONResponse:
-    """OAuth2 client credentials (RFC 6749 4.4, form-encoded): ``client_id`` is the principal's id (``dso``,
+    """OAuth2 client credentials (RFC 6749 4.4, form-encoded; the client authenticated by the body's
+    ``client_id``/``client_secret`` or by HTTP Basic, RFC 6749 2.3.1): ``client_id`` is the principal's id (``dso``,
     ``admin`` or the retailer's id), ``client_secret`` one of its hub bearer tokens; the answer's ``access_token``
     is that token, with the OpenADR 3.1 scopes of the principal. Revoking the token revokes the access."""
     raw = (await request.body()).decode("utf-8", "replace")
@@ -92,6 +109,14 @@ async def auth_token(request: Request) -> JSONResponse:
         return JSONResponse({"error": "unsupported_grant_type",
                              "error_description": "only grant_type=client_credentials is supported"}, 400)
     secret, client_id = form.get("client_secret", ""), form.get("client_id", "")
+    basic = _basic_credentials(request.headers.get("authorization", ""))
+    if basic is not None:
+        # RFC 6749 2.3.1: the server MUST support HTTP Basic for a client with a password (openadr3-client's
+        # token manager, through requests-oauthlib, sends only that); one method per request (2.3).
+        if secret or (client_id and client_id != basic[0]):
+            return JSONResponse({"error": "invalid_request", "error_description":
+                                 "client credentials in both the Authorization header and the body"}, 400)
+        client_id, secret = basic
     principal = request.app.state.tokens.principal(secret) if secret else None
     if principal is None or client_id != (principal.retailer_id if principal.kind == "retailer" else principal.kind):
         return JSONResponse({"error": "invalid_client", "error_description": "unknown client or wrong secret"}, 401,
@@ -280,7 +305,9 @@ async def delete_event(event_id: ObjId, who: Caller, service: Service) -> dict[s
 # -- VENs and resources ---------------------------------------------------------------------------------
 
 def _ven_object(name: str, stored: dict[str, Any]) -> dict[str, Any]:
-    return {"id": name, "objectType": "VEN", "venName": name, "createdDateTime": stored["createdDateTime"],
+    # clientID (OpenADR 3.1.0): the OAuth client the VEN authenticates as, which is its retailer id here.
+    return {"id": name, "objectType": "VEN", "venName": name, "clientID": name,
+            "createdDateTime": stored["createdDateTime"],
             "modificationDateTime": stored["createdDateTime"], **({"attributes": stored["attributes"]}
                                                                    if stored.get("attributes") else {})}
 
@@ -369,7 +396,8 @@ class ReportBody(BaseModel):
     """A VEN's report on one event."""
 
     model_config = ConfigDict(extra="allow")
-    programID: str = Field(min_length=1, max_length=128)
+    # Optional, as in OpenADR 3.1.0's report (openadr3-client sends none): the event's program when left out.
+    programID: str | None = Field(None, min_length=1, max_length=128)
     eventID: str = Field(min_length=1, max_length=128)
     clientName: str = Field(min_length=1, max_length=128)
     reportName: str | None = Field(None, max_length=128)
@@ -420,8 +448,10 @@ async def create_report(body: ReportBody, request: Request, who: Caller, service
             Measurement(client_id=i.client_id, at=datetime.fromtimestamp(i.at, UTC), active_power_kw=i.value or 0.0)
             for i in demands]))
     now = mapping._iso(time.time())
+    if report.get("programID") is None:
+        report["programID"] = mapping.PROGRAM_OF_TYPE[cells["r:type"]]
     stored = {**report, "id": new_id(), "objectType": "REPORT", "createdDateTime": now, "modificationDateTime": now,
-              "clientName": report["clientName"]}
+              "clientName": report["clientName"], "clientID": ven}
     await service.book.store.kv.batch([Mutation(TABLE, f"rep|{ven}|{stored['id']}", {"d:o": json.dumps(
         stored, default=str).encode()})])
     return stored
@@ -435,7 +465,8 @@ async def get_reports(who: Caller, service: Service, skip: Skip = 0, limit: Limi
     ven = _ven_of(who)
     prefix = f"rep|{ven}|"
     rows = await service.book.store.kv.scan(TABLE, start=prefix, stop=prefix_stop(prefix))
-    reports = [json.loads(c["d:o"]) for _, c in rows]
+    # clientID (OpenADR 3.1.0) is set by the hub: the reporting VEN's client (a report stored before it existed too).
+    reports = [{**json.loads(c["d:o"]), "clientID": ven} for _, c in rows]
     if event_id is not None:
         reports = [r for r in reports if r.get("eventID") == event_id]
     return _page(reports, skip, limit)
