@@ -102,10 +102,32 @@ async def read_until(stream: asyncio.StreamReader, needle: str, timeout: float =
                 return got
 
 
+def _as_in_a_terminal() -> None:
+    """The child's Ctrl-C as in a terminal's foreground: SIGINT not ignored, whatever this test process inherited
+    (a shell starts background jobs with SIGINT ignored, and a child inherits an ignored signal)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _proc_status(pid: int) -> str:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as exc:
+        return f"no status ({exc})"
+    return "; ".join(line for line in lines if line.startswith(("State", "SigIgn", "SigCgt", "SigBlk", "SigPnd")))
+
+
+def _ignores_sigint(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    return False
+
+
 async def test_watch_follows_a_gateway_through_a_restart_and_stops_on_ctrl_c(rig: WebRig) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "hems_firmware.cli", "watch", "--url", rig.url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "TZ": "UTC"})
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "TZ": "UTC"},
+        preexec_fn=_as_in_a_terminal)
     assert proc.stdout is not None and proc.stderr is not None
     try:
         await read_until(proc.stdout, "connected to gateway gw-1 (client c1)")
@@ -127,9 +149,13 @@ async def test_watch_follows_a_gateway_through_a_restart_and_stops_on_ctrl_c(rig
         resumed = await read_until(proc.stdout, "power ")
         assert "heater off  ev off  fridge on | emergency q-watch <=1.00 kW" in resumed[-1], "the emergency resumed"
 
+        assert not _ignores_sigint(proc.pid), "the watcher was started with SIGINT ignored"
         proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(10):  # a guard against a hang, not a speed check: a loaded machine is slow
-            assert await proc.wait() == 0
+        try:
+            async with asyncio.timeout(10):  # a guard against a hang, not a speed check: a loaded machine is slow
+                assert await proc.wait() == 0
+        except TimeoutError:
+            raise AssertionError(f"the watcher did not stop on SIGINT: {_proc_status(proc.pid)}") from None
         rest = (await proc.stderr.read()).decode()
         assert "Traceback" not in rest
     finally:
