@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -20,16 +19,22 @@ from typing import Any
 
 from cloud_hub.authz import Action
 from cloud_hub.lifecycle import (
+    Allowed,
+    OutcomeVerdict,
+    ReportedOutcome,
     RequestState,
+    addressed_only,
+    apply,
     combine,
     may_move,
+    reduction_outcome,
     request_state_from_counts,
     retry_delay_s,
     state_after_deadline,
 )
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import Mutation
-from cloud_hub.store import AuditEntry, HubStore, StoreUnavailable
+from cloud_hub.store import AuditEntry, HubStore, RequestCodec, StoreUnavailable
 from mhp_wire.messages import ClientState
 
 log = logging.getLogger(__name__)
@@ -37,7 +42,7 @@ log = logging.getLogger(__name__)
 C = ClientState
 STORAGE_MS_KEPT = 20_000
 """Measured storage times kept in memory until stored with their request (see :attr:`RequestBook.storage_ms`)."""
-_TERMINAL = frozenset(s.value for s in ClientState if s.terminal)
+__all__ = ["OutboxItem", "OutcomeVerdict", "Phase", "ReportedOutcome", "RequestBook", "reduction_outcome"]
 
 
 DELIVERIES = ("billing", "tariff", "customers")
@@ -75,38 +80,6 @@ class OutboxItem:
 
 
 @dataclass(slots=True)
-class OutcomeVerdict:
-    """What the book did with one reported outcome."""
-
-    known: bool
-    addressed: list[str]
-    changed: bool = False
-    request_state: RequestState | None = None
-    held: bool = False
-    """Not applied: another replica owns the request (it adopted it meanwhile); not acknowledged either, so the
-    retailer sends it again and the owner applies it."""
-    refused_claim: tuple[float, float] | None = None
-    """``(claimed_kw, bound_kw)`` of an availability claim above the client's contracted power: recorded as
-    ``unavailable``, not believed."""
-    stale: bool = False
-    """The outcome answers an older revision of the request than the client's latest: acknowledged, not applied."""
-
-
-@dataclass(slots=True)
-class ReportedOutcome:
-    """One client's outcome as a retailer reported it (already checked against the topic's retailer)."""
-
-    retailer_id: str
-    request_id: str
-    client_id: str
-    state: ClientState
-    detail: dict[str, Any] = field(default_factory=dict)
-    trace: dict[str, float] = field(default_factory=dict)
-    revision: int = 1
-    """The revision of the request the outcome answers."""
-
-
-@dataclass(slots=True)
 class _RowWrite:
     """What a batch of outcomes does to one request row: the cells to write and what follows in memory."""
 
@@ -125,27 +98,6 @@ class Phase:
 
     due: float
     reduction_kw: float
-
-
-def _kw(value: Any) -> float:
-    """A power a retailer reported in an outcome's free-form ``detail``: a finite, non-negative number, else 0."""
-    try:
-        kw = float(value)
-    except (TypeError, ValueError):
-        return 0.0
-    return kw if math.isfinite(kw) and kw >= 0 else 0.0
-
-
-def reduction_outcome(selection: dict[str, Any], counts: Counter[ClientState]) -> RequestState:
-    """A finished load reduction: completed when every chosen client executed and the reduction was covered;
-    clients that were unavailable, or available but not needed, do not make it partial."""
-    chosen = len(selection.get("chosen", []))
-    executed = counts.get(C.EXECUTED, 0)
-    if chosen and executed == chosen and selection.get("covered"):
-        return RequestState.COMPLETED
-    if executed:
-        return RequestState.PARTIALLY_COMPLETED
-    return RequestState.FAILED
 
 
 class RequestBook:
@@ -472,7 +424,8 @@ class RequestBook:
             state = request_state_from_counts(current, counts)
             put["r:counts"] = {k.value: v for k, v in counts.items() if v}
             self._finish(put, current, state, now)
-        return _RowWrite(request_id, put=put, delete=delete, close=self._closes(request_id, put))
+        close = self._closes(request_id, RequestCodec.state_written(put))
+        return _RowWrite(request_id, put=put, delete=delete, close=close)
 
     @staticmethod
     def _set_state(entry: dict[str, Any], new: ClientState, counts: Counter[ClientState], now: float) -> bool:
@@ -492,12 +445,9 @@ class RequestBook:
             put["r:phase"] = "done"
 
     async def _write(self, request_id: str, put: dict[str, Any], delete: list[str] | None = None) -> None:
-        state = put.get("r:state")
-        ended = state is not None and RequestState(state).terminal
-        pending = any(i.request_id == request_id for i in self.outbox.values())
-        close = ended and not pending
-        if state is None and not pending and request_id not in self.deadlines:
-            close = True
+        state = RequestCodec.state_written(put)
+        ended = state is not None and state.terminal
+        close = self._closes(request_id, state)
         put = self._with_storage_ms(request_id, put)
         await self.store.update_request(request_id, put, delete, close=close)
         # Forgotten only once the write is durable: a write that fails (storage unavailable) leaves the request's
@@ -515,18 +465,18 @@ class RequestBook:
         return (await self.apply_outcomes([ReportedOutcome(retailer_id, request_id, client_id, state, detail,
                                                            trace)]))[0]
 
-    async def apply_outcomes(self, outcomes: list[ReportedOutcome],
-                             allowed: Callable[[str, list[str]], bool] = lambda r, addressed: r in addressed,
+    async def apply_outcomes(self, outcomes: list[ReportedOutcome], allowed: Allowed = addressed_only,
                              ) -> list[OutcomeVerdict]:
         """Apply outcomes reported by retailers, in order, all committed in one storage batch (group commit).
 
         Each request's row is read once and written once, under its lock (the locks of the batch are taken in
-        request-id order, so two batches never wait on each other). Before an outcome changes anything,
-        ``allowed(retailer_id, addressed_retailers)`` must say that its retailer may report on that client; one
-        that may not, or for an unknown request or client, changes nothing and says so in its verdict. Returns one
-        verdict per outcome, in order, once everything is durable; raises
-        :class:`~cloud_hub.storage.StoreUnavailable` (nothing of the batch may be acknowledged then: the
-        retailers re-send, and applying an outcome again changes nothing).
+        request-id order, so two batches never wait on each other): the store decodes it to a
+        :class:`~cloud_hub.lifecycle.RowState`, the pure :func:`~cloud_hub.lifecycle.apply` decides, the store
+        encodes what changed. Before an outcome changes anything, ``allowed(retailer_id, addressed_retailers)``
+        must say that its retailer may report on that client; one that may not, or for an unknown request or
+        client, changes nothing and says so in its verdict. Returns one verdict per outcome, in order, once
+        everything is durable; raises :class:`~cloud_hub.storage.StoreUnavailable` (nothing of the batch may be
+        acknowledged then: the retailers re-send, and applying an outcome again changes nothing).
         """
         now = time.time()
         by_request: dict[str, list[int]] = {}
@@ -538,7 +488,8 @@ class RequestBook:
                 await locks.enter_async_context(self.lock(request_id))
             writes: list[_RowWrite] = []
             rows = await self.store.get_requests_cells(  # every row of the commit in one storage call
-                {rid: self._outcome_columns([outcomes[i] for i in idx]) for rid, idx in by_request.items()})
+                {rid: RequestCodec.outcome_columns((outcomes[i].client_id for i in idx), self.replica_id is not None)
+                 for rid, idx in by_request.items()})
             for request_id, idx in by_request.items():
                 write = self._apply_to_row(request_id, rows[request_id], [outcomes[i] for i in idx], now, allowed)
                 for i, v in zip(idx, write.verdicts, strict=True):
@@ -551,122 +502,48 @@ class RequestBook:
                 self._after_write(w, now)
         return verdicts
 
-    def _outcome_columns(self, batch: list[ReportedOutcome]) -> list[str]:
-        """The cells of a request row that :meth:`_apply_to_row` reads for ``batch``."""
-        owner = ["r:owner"] if self.replica_id is not None else []
-        return [*dict.fromkeys(f"c:{o.client_id}" for o in batch), "r:state", "r:counts", "r:created_at", "r:phase",
-                "r:type", "r:answered", "r:targets", "r:selection", *owner]
-
     def _apply_to_row(self, request_id: str, cells: dict[str, Any], batch: list[ReportedOutcome], now: float,
-                      allowed: Callable[[str, list[str]], bool]) -> _RowWrite:
-        """The new cells of one request row (``cells``: its :meth:`_outcome_columns`) after ``batch``; nothing is
-        written here."""
-        write = _RowWrite(request_id)
-        if self.replica_id is not None and cells.get("r:owner") not in (None, self.replica_id):
+                      allowed: Allowed) -> _RowWrite:
+        """What ``batch`` writes to one request row (``cells``: read by :meth:`RequestCodec.outcome_columns`);
+        nothing is written here."""
+        owner = RequestCodec.owner(cells)
+        if self.replica_id is not None and owner not in (None, self.replica_id):
             # Checked again at the commit: the relay saw this replica as the owner, but another has adopted the
             # request since (this one lost the broker meanwhile); only the owner writes the row. A refusal writes
             # nothing, so any replica gives it (as it does for an unknown pair).
-            for o in batch:
-                entry = cells.get(f"c:{o.client_id}")
-                addressed = [] if entry is None else list(entry.get("retailers", {}))
-                refused = entry is None or not allowed(o.retailer_id, addressed)
-                write.verdicts.append(OutcomeVerdict(entry is not None, addressed, held=not refused))
-            return write
-        if "r:state" not in cells:
-            write.verdicts = [OutcomeVerdict(False, []) for _ in batch]
-            return write
-        current = RequestState(cells["r:state"])
-        counts = Counter({C(k): v for k, v in cells["r:counts"].items()})
-        answered = int(cells.get("r:answered") or 0)
-        put: dict[str, Any] = {}
-        changed_any = False
-        for o in batch:
-            col = f"c:{o.client_id}"
-            entry = put.get(col) or cells.get(col)
-            if entry is None:
-                write.verdicts.append(OutcomeVerdict(False, []))
-                continue
-            addressed = list(entry.get("retailers", {}))
-            if not allowed(o.retailer_id, addressed):
-                write.verdicts.append(OutcomeVerdict(True, addressed))
-                continue
-            if o.revision < int(entry.get("revision", 1)):
-                # An answer to a revision the client has since been sent a newer one of (a late delivery, or a
-                # re-send): the hub keeps the latest revision's outcome only (docs/decisions.md, "Revisions").
-                write.verdicts.append(OutcomeVerdict(True, addressed, request_state=current, stale=True))
-                continue
-            if cells.get("r:phase") == "availability" and o.state in (C.AVAILABLE, C.UNAVAILABLE):
-                if entry.get("answered"):
-                    write.verdicts.append(OutcomeVerdict(True, addressed))
-                    continue
-                entry["answered"] = True
-                kw = _kw(o.detail.get("available_kw", 0.0)) if o.state is C.AVAILABLE else 0.0
-                bound = entry.get("max_kw")
-                refused_claim: tuple[float, float] | None = None
-                if bound is not None and kw > bound:
-                    # A home cannot shed more than it may draw: a claim above its contracted power is not
-                    # believed, and the client counts as unavailable (docs/decisions.md, "Bounded claims").
-                    refused_claim = (kw, float(bound))
-                    entry["available_kw"], entry["availability"] = 0.0, C.UNAVAILABLE.value
-                    entry["detail"] = {"reason": f"claimed {kw:g} kW available, more than the client's contracted "
-                                                 f"power ({bound:g} kW): not believed", "claimed_kw": kw,
-                                       "available_kw": 0.0}
-                else:
-                    entry["available_kw"] = kw
-                    entry["availability"] = o.state.value
-                    entry["detail"] = o.detail
-                entry["updated_at"] = now
-                answered += 1
-                put[col] = entry
-                put["r:answered"] = answered
-                write.verdicts.append(OutcomeVerdict(True, addressed, changed=True, request_state=current,
-                                                     refused_claim=refused_claim))
-                continue
-            if entry["state"] in _TERMINAL:  # a re-sent outcome, the common duplicate: a terminal state stays
-                write.verdicts.append(OutcomeVerdict(True, addressed, request_state=current))
-                continue
-            entry["retailers"][o.retailer_id] = o.state.value
-            new = combine(C(s) for s in entry["retailers"].values())
-            if not self._set_state(entry, new, counts, now):
-                write.verdicts.append(OutcomeVerdict(True, addressed, request_state=current))
-                continue
-            entry["detail"] = o.detail
-            full = {**entry.get("trace", {}), **o.trace}
-            if new.terminal:
-                full["total_ms"] = round((now - cells["r:created_at"]) * 1000, 3)
-            entry["trace"] = full
-            put[col] = entry
-            changed_any = True
-            write.verdicts.append(OutcomeVerdict(True, addressed, changed=True))
-        if "r:answered" in put and answered >= int(cells.get("r:targets") or 0):
-            write.phase_complete = True
-        if changed_any:
-            state_now = request_state_from_counts(current, counts)
-            if cells.get("r:type") == "load_reduction" and state_now.terminal and state_now is not current:
-                state_now = reduction_outcome(cells.get("r:selection") or {}, counts)
-            put["r:counts"] = {k.value: v for k, v in counts.items() if v}
-            self._finish(put, current, state_now, now)
-            if state_now is not current and state_now.terminal:
-                write.finished = (cells["r:type"], state_now, now - cells["r:created_at"])
-            for v in write.verdicts:
-                if v.changed and v.request_state is None:
-                    v.request_state = state_now
-        write.put = put
-        if put:
-            write.close = self._closes(request_id, put)
+            return _RowWrite(request_id, verdicts=self._held(cells, batch, allowed))
+        row = RequestCodec.row_state(cells)
+        if row is None:
+            return _RowWrite(request_id, verdicts=[OutcomeVerdict(False, []) for _ in batch])
+        changes, verdicts = apply(row, batch, now, allowed)
+        write = _RowWrite(request_id, verdicts=verdicts, put=RequestCodec.changes(changes),
+                          phase_complete=changes.phase_complete, finished=changes.finished)
+        if write.put:
+            write.close = self._closes(request_id, changes.state)
         return write
 
-    def _closes(self, request_id: str, put: dict[str, Any]) -> bool:
-        """Whether writing ``put`` ends the request's life in the open index (as :meth:`_write` decides)."""
-        state = put.get("r:state")
-        ended = state is not None and RequestState(state).terminal
+    @staticmethod
+    def _held(cells: dict[str, Any], batch: list[ReportedOutcome], allowed: Allowed) -> list[OutcomeVerdict]:
+        """The verdicts of outcomes for a request another replica owns: held when they would be applied."""
+        verdicts = []
+        for o in batch:
+            entry = cells.get(RequestCodec.client(o.client_id))
+            addressed = [] if entry is None else list(entry.get("retailers", {}))
+            refused = entry is None or not allowed(o.retailer_id, addressed)
+            verdicts.append(OutcomeVerdict(entry is not None, addressed, held=not refused))
+        return verdicts
+
+    def _closes(self, request_id: str, state: RequestState | None) -> bool:
+        """Whether a write that leaves the request in ``state`` (None: does not change it) ends the request's life
+        in the open index (as :meth:`_write` decides)."""
         pending = any(i.request_id == request_id for i in self.outbox.values())
-        return (ended and not pending) or (state is None and not pending and request_id not in self.deadlines)
+        return (state is not None and state.terminal and not pending) or (
+            state is None and not pending and request_id not in self.deadlines)
 
     def _after_write(self, w: _RowWrite, now: float) -> None:
         """What the book keeps in memory, once a row written by :meth:`apply_outcomes` is durable."""
-        state = w.put.get("r:state")
-        if state is not None and RequestState(state).terminal:
+        state = RequestCodec.state_written(w.put)
+        if state is not None and state.terminal:
             self.deadlines.pop(w.request_id, None)
             self.phases.pop(w.request_id, None)
         if w.close:
