@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloud_hub import lifecycle
 from cloud_hub.authz import Action
 from cloud_hub.lifecycle import (
     Allowed,
@@ -25,12 +26,8 @@ from cloud_hub.lifecycle import (
     RequestState,
     addressed_only,
     apply,
-    combine,
-    may_move,
     reduction_outcome,
-    request_state_from_counts,
     retry_delay_s,
-    state_after_deadline,
 )
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import Mutation
@@ -77,6 +74,11 @@ class OutboxItem:
         """Back from the request row."""
         return cls(msg_id, request_id, d["retailer_id"], d["kind"], d["payload"].encode(), d.get("clients", []),
                    revision=d.get("revision", 1))
+
+
+def _message_cells(items: list[OutboxItem]) -> dict[str, Any]:
+    """The cells of queued messages in the request row."""
+    return RequestCodec.messages({i.msg_id: i.stored() for i in items})
 
 
 @dataclass(slots=True)
@@ -137,7 +139,7 @@ class RequestBook:
         return n
 
     async def _load_one(self, request_id: str) -> bool:
-        req = await self.store.get_request(request_id, ["r:", "o:"])
+        req = await self.store.get_request(request_id, RequestCodec.WITH_MESSAGES)
         if req is None:  # crashed between writing the index and the row: nothing was accepted
             await self.store.update_request(request_id, {}, close=True)
             return False
@@ -185,9 +187,10 @@ class RequestBook:
     async def route(self, request_id: str, client_id: str) -> tuple[list[str] | None, str | None]:
         """What an outcome for ``(request_id, client_id)`` needs before it is applied: the retailers addressed for
         that client (None: no such pair) and the replica that owns the request (None: a hub without replicas)."""
-        cells = await self.store.get_request_cells(request_id, [f"c:{client_id}", "r:owner"])
-        entry = cells.get(f"c:{client_id}")
-        return (None if entry is None else list(entry.get("retailers", {}))), cells.get("r:owner")
+        col = RequestCodec.client(client_id)
+        cells = await self.store.get_request_cells(request_id, [col, RequestCodec.meta("owner")])
+        entry = cells.get(col)
+        return (None if entry is None else list(entry.get("retailers", {}))), RequestCodec.owner(cells)
 
     # -- new requests -------------------------------------------------------------------------------------
 
@@ -214,7 +217,7 @@ class RequestBook:
 
     async def add_messages(self, request_id: str, items: list[OutboxItem], put: dict[str, Any]) -> None:
         """Queue more messages of an existing request, with other cells of its row, atomically."""
-        await self.store.update_request(request_id, {**put, **{f"o:{i.msg_id}": i.stored() for i in items}})
+        await self.store.update_request(request_id, {**put, **_message_cells(items)})
         for item in items:
             self.outbox[item.msg_id] = item
         self.kick()
@@ -240,8 +243,8 @@ class RequestBook:
         deadline, no phase); else its new deadline (and ``reduction_kw`` its phase's). ``write``: the other
         arguments of :meth:`HubStore.update_request` (``close``, ``audit``, ``reopen``, ``idempotency``)."""
         dropped = [m for m, i in self.outbox.items() if i.request_id == request_id and drop(i)]
-        await self.store.update_request(request_id, {**put, **{f"o:{i.msg_id}": i.stored() for i in items}},
-                                        [f"o:{m}" for m in dropped] or None, **write)
+        await self.store.update_request(request_id, {**put, **_message_cells(items)},
+                                        RequestCodec.message_cells(dropped), **write)
         # Forgotten only once the write is durable: when it fails (storage unavailable), the request keeps its
         # deadline, phase and messages here, as storage still has them.
         for m in dropped:
@@ -285,13 +288,9 @@ class RequestBook:
         async with contextlib.AsyncExitStack() as locks:
             for request_id in sorted(first):
                 await locks.enter_async_context(self.lock(request_id))
-            wanted: dict[str, list[str]] = {}
-            for request_id, sent in first.items():
-                cols = ["r:state", "r:counts", "r:first_dispatch_at"]
-                for item in sent:
-                    cols += [f"c:{c}" for c in item.clients] or [f"p:{item.retailer_id}"]
-                wanted[request_id] = cols
-            rows = await self.store.get_requests_cells(wanted)
+            rows = await self.store.get_requests_cells({rid: RequestCodec.sent_columns((i.clients, i.retailer_id)
+                                                                                       for i in sent)
+                                                        for rid, sent in first.items()})
             writes: list[tuple[str, dict[str, Any], list[str] | None, bool]] = [
                 (rid, self._with_storage_ms(rid, put), None, False) for rid, sent in first.items()
                 if (put := self._advance_sent(rows[rid], sent, now))]
@@ -307,41 +306,21 @@ class RequestBook:
     @staticmethod
     def _advance_sent(cells: dict[str, Any], sent: list[OutboxItem], now: float) -> dict[str, Any]:
         """The cells of a request row to write once ``sent`` went out (nothing when the request has ended)."""
-        if "r:state" not in cells or RequestState(cells["r:state"]).terminal:
+        row = RequestCodec.row_state(cells)
+        if row is None:
             return {}
-        counts = Counter({C(k): v for k, v in cells["r:counts"].items()})
-        put: dict[str, Any] = {}
-        for item in sent:
-            for col in [f"c:{c}" for c in item.clients] or [f"p:{item.retailer_id}"]:
-                entry = put.get(col) or cells.get(col)
-                if entry is None or item.revision < entry.get("revision", 1):
-                    continue  # an older revision's message: the entry waits for its own revision's
-                if entry.get("retailers", {}).get(item.retailer_id) == C.PENDING.value:
-                    entry["retailers"][item.retailer_id] = C.SENT.value
-                new = combine(C(s) for s in entry["retailers"].values())
-                if new is not C(entry["state"]) and may_move(C(entry["state"]), new):
-                    counts[C(entry["state"])] -= 1
-                    counts[new] += 1
-                    entry["state"] = new.value
-                    entry["updated_at"] = now
-                put[col] = entry
-        state = request_state_from_counts(RequestState(cells["r:state"]), counts)
-        put["r:counts"] = {k.value: v for k, v in counts.items() if v}
-        put["r:state"] = state.value
-        if cells.get("r:first_dispatch_at") is None:
-            put["r:first_dispatch_at"] = now
-        return put
+        return RequestCodec.changes(lifecycle.sent(row, [(i.clients, i.retailer_id, i.revision) for i in sent], now))
 
     def _with_storage_ms(self, request_id: str, put: dict[str, Any]) -> dict[str, Any]:
         """``put`` with the request's measured ``r:storage_ms`` when it is not stored yet."""
         ms = self.storage_ms.get(request_id)
         if ms is not None and put:
-            put["r:storage_ms"] = ms
+            RequestCodec.with_storage_ms(put, ms)
         return put
 
     def _storage_ms_stored(self, writes: list[tuple[str, dict[str, Any], list[str] | None, bool]]) -> None:
         for request_id, put, _, _ in writes:
-            if "r:storage_ms" in put:
+            if RequestCodec.stores_storage_ms(put):
                 self.storage_ms.pop(request_id, None)
 
     def retailer_online(self, retailer_id: str, now: float) -> int:
@@ -395,54 +374,19 @@ class RequestBook:
 
     async def _apply_acks(self, request_id: str, items: list[OutboxItem], now: float) -> _RowWrite | None:
         """The new cells of one request row once ``items`` are acknowledged (None: the row is gone)."""
-        delete = [f"o:{i.msg_id}" for i in items]
-        deliveries = [i for i in items if i.kind in DELIVERIES]
-        cancels = [i for i in items if i.kind == "cancel"]
+        delete = [RequestCodec.message(i.msg_id) for i in items]
+        deliveries = [(i.clients, i.retailer_id, i.revision) for i in items if i.kind in DELIVERIES]
+        cancels = [i.retailer_id for i in items if i.kind == "cancel"]
         put: dict[str, Any] = {}
         if deliveries or cancels:
-            cols = ["r:state", "r:counts", "r:cancel"]
-            for i in deliveries:
-                cols += [f"c:{c}" for c in i.clients] or [f"p:{i.retailer_id}"]
-            cells = await self.store.get_request_cells(request_id, cols)
-            if "r:state" not in cells:
+            cells = await self.store.get_request_cells(request_id,
+                                                       RequestCodec.ack_columns((c, r) for c, r, _ in deliveries))
+            row = RequestCodec.row_state(cells)
+            if row is None:
                 return None
-            if cancels:
-                cancel = cells.get("r:cancel") or {"retailers": {}}
-                for i in cancels:
-                    cancel["retailers"][i.retailer_id] = now
-                put["r:cancel"] = cancel
-            counts = Counter({C(k): v for k, v in cells["r:counts"].items()})
-            for i in deliveries:
-                for col in [f"c:{c}" for c in i.clients] or [f"p:{i.retailer_id}"]:
-                    entry = put.get(col) or cells.get(col)
-                    if entry is None:
-                        continue
-                    entry["retailers"][i.retailer_id] = C.ACKNOWLEDGED.value
-                    self._set_state(entry, combine(C(s) for s in entry["retailers"].values()), counts, now)
-                    put[col] = entry
-            current = RequestState(cells["r:state"])
-            state = request_state_from_counts(current, counts)
-            put["r:counts"] = {k.value: v for k, v in counts.items() if v}
-            self._finish(put, current, state, now)
+            put = RequestCodec.changes(lifecycle.acknowledged(row, deliveries, cancels, now))
         close = self._closes(request_id, RequestCodec.state_written(put))
         return _RowWrite(request_id, put=put, delete=delete, close=close)
-
-    @staticmethod
-    def _set_state(entry: dict[str, Any], new: ClientState, counts: Counter[ClientState], now: float) -> bool:
-        old = C(entry["state"])
-        if new is old or not may_move(old, new):
-            return False
-        counts[old] -= 1
-        counts[new] += 1
-        entry["state"] = new.value
-        entry["updated_at"] = now
-        return True
-
-    def _finish(self, put: dict[str, Any], current: RequestState, state: RequestState, now: float) -> None:
-        put["r:state"] = state.value
-        if state is not current and state.terminal:
-            put["r:completed_at"] = now
-            put["r:phase"] = "done"
 
     async def _write(self, request_id: str, put: dict[str, Any], delete: list[str] | None = None) -> None:
         state = RequestCodec.state_written(put)
@@ -565,35 +509,22 @@ class RequestBook:
         due = [r for r, d in self.deadlines.items() if d <= now]
         for request_id in due:
             async with self.lock(request_id):
-                req = await self.store.get_request(request_id, ["r:", "c:", "p:"])
-                if req is None:
+                row = RequestCodec.row_state(await self.store.get_request_cells(request_id, RequestCodec.WHOLE))
+                if row is None:
                     self.deadlines.pop(request_id, None)
                     continue
-                meta = req["meta"]
-                current = RequestState(meta["state"])
-                counts = Counter({C(k): v for k, v in meta["counts"].items()})
-                put: dict[str, Any] = {}
-                targets = {f"c:{k}": v for k, v in req["clients"].items()} or {
-                    f"p:{k}": v for k, v in req["parties"].items()}
-                for col, entry in targets.items():
-                    new = state_after_deadline(C(entry["state"]))
-                    if self._set_state(entry, new, counts, now):
-                        entry["detail"] = {**entry.get("detail", {}),
-                                           "reason": "no outcome before the request's deadline"}
-                        put[col] = entry
-                state = request_state_from_counts(current, counts)
-                put["r:counts"] = {k.value: v for k, v in counts.items() if v}
-                self._finish(put, current, state, now)
+                changes = lifecycle.expired(row, now)
+                put = RequestCodec.changes(changes)
                 dropped = {m: i for m, i in self.outbox.items() if i.request_id == request_id and i.kind != "cancel"}
                 for mid in dropped:
                     del self.outbox[mid]
                 try:
-                    await self._write(request_id, put, [f"o:{m}" for m in dropped] or None)
+                    await self._write(request_id, put, RequestCodec.message_cells(dropped))
                 except BaseException:
                     self.outbox.update(dropped)  # still stored: the next sweep drops them with the row's write
                     raise
-                if state is not current:
-                    self._finished_metrics(meta["type"], state, now - meta["created_at"])
+                if changes.finished is not None:
+                    self._finished_metrics(*changes.finished)
         return due
 
     def phases_due(self, now: float) -> list[str]:

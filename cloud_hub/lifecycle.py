@@ -3,6 +3,7 @@ outcomes do to a request (:func:`apply`), and retry timing. No I/O and no storag
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -165,6 +166,11 @@ class RowState:
     selection: dict[str, Any] = field(default_factory=dict)
     """A load reduction's choice of clients (``chosen``, ``covered``...)."""
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    parties: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """A request without clients (a tariff, a customer list): one entry per retailer addressed, as ``clients``."""
+    first_dispatch_at: float | None = None
+    cancel: dict[str, Any] | None = None
+    """A cancelled request's cancel record: ``{"requested_at", "retailers": {retailer: acknowledged_at}}``."""
 
 
 @dataclass(slots=True)
@@ -173,6 +179,8 @@ class RowChanges:
 
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
     """The new target entries of the clients that changed, in the order they changed."""
+    parties: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The same for the parties of a request without clients."""
     answered: int | None = None
     """The new number of availability answers (None: unchanged)."""
     counts: Counter[ClientState] | None = None
@@ -184,11 +192,16 @@ class RowChanges:
     """Every target answered the availability question: the phase may end now."""
     finished: tuple[str, RequestState, float] | None = None
     """``(kind, state, seconds since creation)`` of a request that ended here, for the metrics."""
+    first_dispatch_at: float | None = None
+    """Set by the request's first send."""
+    cancel: dict[str, Any] | None = None
+    """The new cancel record (None: unchanged)."""
 
     @property
     def empty(self) -> bool:
         """Whether nothing is to be written."""
-        return not self.clients and self.answered is None and self.state is None
+        return not (self.clients or self.parties) and self.answered is None and self.state is None and (
+            self.cancel is None and self.first_dispatch_at is None)
 
 
 def reported_kw(value: Any) -> float:
@@ -351,3 +364,96 @@ def apply(row: RowState, outcomes: Sequence[ReportedOutcome], now: float,
     verdicts = [run.one(o) for o in outcomes]
     run.settle(verdicts)
     return run.changes, verdicts
+
+
+# -- messages sent, acknowledged, deadlines ----------------------------------------------------------------------
+
+Sent = tuple[Sequence[str], str, int]
+"""A message's ``(clients, retailer_id, revision)``: its targets are its clients, or (none) the retailer as a
+party of a request without clients."""
+
+
+def _targets(work: dict[str, dict[str, Any]], parties: dict[str, dict[str, Any]], clients: Sequence[str],
+             retailer_id: str) -> list[tuple[bool, str, dict[str, Any] | None]]:
+    """``(is_client, id, entry)`` of a message's targets."""
+    if clients:
+        return [(True, c, work.get(c)) for c in clients]
+    return [(False, retailer_id, parties.get(retailer_id))]
+
+
+def _record(changes: RowChanges, is_client: bool, key: str, entry: dict[str, Any]) -> None:
+    (changes.clients if is_client else changes.parties)[key] = entry
+
+
+def _finish(changes: RowChanges, current: RequestState, counts: Counter[ClientState], now: float) -> RequestState:
+    """The request's state from ``counts``, always written; its end when it reaches a terminal state here."""
+    state = request_state_from_counts(current, counts)
+    changes.counts, changes.state = counts, state
+    if state is not current and state.terminal:
+        changes.ended_at = now
+    return state
+
+
+def sent(row: RowState, messages: Sequence[Sent], now: float) -> RowChanges:
+    """First sends of ``messages``: their pending targets become ``sent`` (a message of an older revision than its
+    target's leaves it alone); the request's state and counts, and its first dispatch time, are written (nothing
+    once the request has ended)."""
+    changes = RowChanges()
+    if row.state.terminal:
+        return changes
+    counts = Counter(row.counts)
+    work = {c: _working(e) for c, e in row.clients.items()}
+    parties = {p: _working(e) for p, e in row.parties.items()}
+    for clients, retailer_id, revision in messages:
+        for is_client, key, entry in _targets(work, parties, clients, retailer_id):
+            if entry is None or revision < entry.get("revision", 1):
+                continue  # an older revision's message: the entry waits for its own revision's
+            if entry.get("retailers", {}).get(retailer_id) == C.PENDING.value:
+                entry["retailers"][retailer_id] = C.SENT.value
+            move(entry, combine(C(s) for s in entry["retailers"].values()), counts, now)
+            _record(changes, is_client, key, entry)
+    changes.counts = counts
+    changes.state = request_state_from_counts(row.state, counts)
+    if row.first_dispatch_at is None:
+        changes.first_dispatch_at = now
+    return changes
+
+
+def acknowledged(row: RowState, deliveries: Sequence[Sent], cancels: Sequence[str], now: float) -> RowChanges:
+    """Retailers acknowledged ``deliveries`` (billing, tariff, customers: their targets are ``acknowledged``) and
+    the cancels of ``cancels`` (retailer ids: the time each acknowledged is recorded)."""
+    changes = RowChanges()
+    if cancels:
+        cancel = copy.deepcopy(row.cancel) if row.cancel else {"retailers": {}}
+        for retailer_id in cancels:
+            cancel["retailers"][retailer_id] = now
+        changes.cancel = cancel
+    counts = Counter(row.counts)
+    work = {c: _working(e) for c, e in row.clients.items()}
+    parties = {p: _working(e) for p, e in row.parties.items()}
+    for clients, retailer_id, _ in deliveries:
+        for is_client, key, entry in _targets(work, parties, clients, retailer_id):
+            if entry is None:
+                continue
+            entry["retailers"][retailer_id] = C.ACKNOWLEDGED.value
+            move(entry, combine(C(s) for s in entry["retailers"].values()), counts, now)
+            _record(changes, is_client, key, entry)
+    _finish(changes, row.state, counts, now)
+    return changes
+
+
+def expired(row: RowState, now: float) -> RowChanges:
+    """The request's deadline passed: every target still open ends (:func:`state_after_deadline`), with the
+    reason in its detail; ``row`` holds every client (or, without clients, every party)."""
+    changes = RowChanges()
+    counts = Counter(row.counts)
+    is_client = bool(row.clients)
+    for key, stored in (row.clients or row.parties).items():
+        entry = _working(stored)
+        if move(entry, state_after_deadline(C(entry["state"])), counts, now):
+            entry["detail"] = {**entry.get("detail", {}), "reason": "no outcome before the request's deadline"}
+            _record(changes, is_client, key, entry)
+    state = _finish(changes, row.state, counts, now)
+    if state is not row.state:
+        changes.finished = (str(row.kind), state, now - float(row.created_at or 0.0))
+    return changes

@@ -155,7 +155,7 @@ class RequestCodec:
 
     @staticmethod
     def row_state(cells: dict[str, Any]) -> RowState | None:
-        """The lifecycle's view of cells read by :meth:`outcome_columns` (None: no such request)."""
+        """The lifecycle's view of a request's cells, as read (None: no such request)."""
         if "r:state" not in cells:
             return None
         return RowState(
@@ -164,12 +164,16 @@ class RequestCodec:
             created_at=cells.get("r:created_at"), kind=cells.get("r:type"), phase=cells.get("r:phase"),
             answered=int(cells.get("r:answered") or 0), targets=int(cells.get("r:targets") or 0),
             selection=cells.get("r:selection") or {},
-            clients={col[2:]: e for col, e in cells.items() if col.startswith("c:")})
+            clients={col[2:]: e for col, e in cells.items() if col.startswith("c:")},
+            parties={col[2:]: e for col, e in cells.items() if col.startswith("p:")},
+            first_dispatch_at=cells.get("r:first_dispatch_at"), cancel=cells.get("r:cancel"))
 
     @staticmethod
     def changes(changes: RowChanges) -> dict[str, Any]:
         """The cells to write for ``changes`` (empty when nothing changed)."""
-        put: dict[str, Any] = {f"c:{cid}": e for cid, e in changes.clients.items()}
+        put: dict[str, Any] = {} if changes.cancel is None else {"r:cancel": changes.cancel}
+        put.update({f"c:{cid}": e for cid, e in changes.clients.items()})
+        put.update({f"p:{rid}": e for rid, e in changes.parties.items()})
         if changes.answered is not None:
             put["r:answered"] = changes.answered
         if changes.counts is not None:
@@ -179,7 +183,50 @@ class RequestCodec:
         if changes.ended_at is not None:
             put["r:completed_at"] = changes.ended_at
             put["r:phase"] = "done"
+        if changes.first_dispatch_at is not None:
+            put["r:first_dispatch_at"] = changes.first_dispatch_at
         return put
+
+    @classmethod
+    def target_columns(cls, clients: Sequence[str], retailer_id: str) -> list[str]:
+        """The cells of a message's targets: its clients', or (none) its retailer's as a party."""
+        return [cls.client(c) for c in clients] or [cls.party(retailer_id)]
+
+    @classmethod
+    def sent_columns(cls, messages: Iterable[tuple[Sequence[str], str]]) -> list[str]:
+        """The cells :func:`~cloud_hub.lifecycle.sent` needs for ``(clients, retailer_id)`` of first sends."""
+        cols = [cls.meta("state"), cls.meta("counts"), cls.meta("first_dispatch_at")]
+        for clients, retailer_id in messages:
+            cols += cls.target_columns(clients, retailer_id)
+        return cols
+
+    @classmethod
+    def ack_columns(cls, deliveries: Iterable[tuple[Sequence[str], str]]) -> list[str]:
+        """The cells :func:`~cloud_hub.lifecycle.acknowledged` needs for ``(clients, retailer_id)`` of deliveries."""
+        cols = [cls.meta("state"), cls.meta("counts"), cls.meta("cancel")]
+        for clients, retailer_id in deliveries:
+            cols += cls.target_columns(clients, retailer_id)
+        return cols
+
+    WHOLE = ["r:", "c:", "p:"]
+    """The families of a request's own fields and all of its targets (no queued messages)."""
+    WITH_MESSAGES = ["r:", "o:"]
+    """The families of a request's own fields and its queued messages."""
+
+    @classmethod
+    def messages(cls, stored: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The cells of queued messages, from ``{msg_id: stored form}``."""
+        return {cls.message(m): d for m, d in stored.items()}
+
+    @classmethod
+    def message_cells(cls, msg_ids: Iterable[str]) -> list[str] | None:
+        """The cells of ``msg_ids`` to delete (None: none)."""
+        return [cls.message(m) for m in msg_ids] or None
+
+    @classmethod
+    def fields(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The cells of the request's own fields ``{name: value}``."""
+        return {cls.meta(k): v for k, v in values.items()}
 
     @staticmethod
     def state_written(put: dict[str, Any]) -> RequestState | None:

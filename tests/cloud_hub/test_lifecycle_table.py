@@ -16,9 +16,12 @@ from cloud_hub.lifecycle import (
     RequestState,
     RowChanges,
     RowState,
+    acknowledged,
     apply,
+    expired,
     may_move,
     reported_kw,
+    sent,
 )
 from cloud_hub.store import RequestCodec
 from mhp_wire.messages import ClientState as C
@@ -212,6 +215,71 @@ def test_an_open_load_reduction_is_not_judged_yet() -> None:
     r = row({"a": entry(C.SENT), "b": entry(C.SENT)}, kind="load_reduction", phase="dispatch", selection={})
     changes, _ = apply(r, [out("a", C.EXECUTED)], NOW)
     assert changes.state is R.DISPATCHING and changes.finished is None
+
+
+# -- first sends, acknowledgements, deadlines -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("stored", "message_revision", "after"), [
+    (C.PENDING, 1, C.SENT),
+    (C.PENDING, 2, C.SENT),
+    (C.SENT, 1, C.SENT),  # sent again: unchanged, still written
+    (C.DELIVERED, 1, C.DELIVERED),  # never back
+    (C.EXECUTED, 1, C.EXECUTED),
+])
+def test_sent(stored: C, message_revision: int, after: C) -> None:
+    r = row({"a": entry(stored), "b": entry(C.PENDING)}, state=R.ACCEPTED)
+    changes = sent(r, [(["a"], "r1", message_revision)], NOW)
+    assert changes.clients["a"]["state"] == after.value and "b" not in changes.clients
+    assert changes.state is R.DISPATCHING and changes.first_dispatch_at == NOW
+    assert r.clients["a"]["state"] == stored.value  # pure
+
+
+def test_sent_older_revision_leaves_the_target_and_a_party_is_a_target() -> None:
+    r = row({"a": entry(C.PENDING, revision=2)}, state=R.ACCEPTED)
+    changes = sent(r, [(["a"], "r1", 1)], NOW)
+    assert changes.clients == {} and changes.state is R.ACCEPTED and changes.counts == Counter({C.PENDING: 1})
+    r = RowState(R.ACCEPTED, Counter({C.PENDING: 1}), CREATED, "tariff", parties={"r1": entry(C.PENDING)},
+                  first_dispatch_at=CREATED)
+    changes = sent(r, [([], "r1", 1)], NOW)
+    assert changes.parties["r1"]["state"] == "sent" and changes.first_dispatch_at is None
+    assert sent(row({"a": entry(C.PENDING)}, state=R.CANCELLED), [(["a"], "r1", 1)], NOW).empty
+
+
+def test_acknowledged_delivery_and_cancel() -> None:
+    r = row({"a": entry(C.SENT), "b": entry(C.SENT)}, kind="billing")
+    changes = acknowledged(r, [(["a"], "r1", 1)], [], NOW)
+    assert changes.clients["a"]["state"] == "acknowledged" and changes.state is R.DISPATCHING
+    assert changes.cancel is None and changes.ended_at is None
+    changes = acknowledged(r, [(["a", "b"], "r1", 1)], [], NOW)
+    assert changes.state is R.COMPLETED and changes.ended_at == NOW and changes.finished is None
+    cancelled = row({"a": entry(C.CANCELLED)}, state=R.CANCELLED, cancel={"requested_at": CREATED, "retailers": {}})
+    changes = acknowledged(cancelled, [], ["r1"], NOW)
+    assert changes.cancel == {"requested_at": CREATED, "retailers": {"r1": NOW}}
+    assert cancelled.cancel == {"requested_at": CREATED, "retailers": {}}  # pure
+    assert changes.state is R.CANCELLED and changes.ended_at is None
+
+
+@pytest.mark.parametrize(("states", "expected", "after"), [
+    ([C.DELIVERED, C.EXECUTED], R.PARTIALLY_COMPLETED, [C.EXPIRED, C.EXECUTED]),
+    ([C.SENT, C.PENDING], R.FAILED, [C.UNREACHABLE, C.UNREACHABLE]),
+    ([C.DELIVERED, C.SENT], R.EXPIRED, [C.EXPIRED, C.UNREACHABLE]),
+    ([C.EXECUTED, C.EXECUTED], R.COMPLETED, [C.EXECUTED, C.EXECUTED]),
+])
+def test_expired(states: list[C], expected: R, after: list[C]) -> None:
+    r = row({"a": entry(states[0]), "b": entry(states[1])})
+    changes = expired(r, NOW)
+    assert changes.state is expected and changes.finished == ("emergency", expected, NOW - CREATED)
+    for cid, s in zip("ab", after, strict=True):
+        e = changes.clients.get(cid, r.clients[cid])
+        assert e["state"] == s.value
+        assert (cid in changes.clients) is (s is not C(r.clients[cid]["state"]))
+        if cid in changes.clients:
+            assert changes.clients[cid]["detail"]["reason"] == "no outcome before the request's deadline"
+
+
+def test_an_ended_request_does_not_expire_again() -> None:
+    changes = expired(row({"a": entry(C.EXECUTED)}, state=R.COMPLETED), NOW)
+    assert changes.state is R.COMPLETED and changes.finished is None and not changes.clients
 
 
 # -- the codec: cells <-> row state, the storage format unchanged ---------------------------------------------------
