@@ -260,6 +260,34 @@ class RequestBook:
             self.outbox[item.msg_id] = item
         self.kick()
 
+    async def cancel(self, request_id: str, messages: Callable[[dict[str, list[str]]], list[OutboxItem]],
+                     now: float) -> tuple[RequestState, str | None, list[str]]:
+        """Cancel a request that has not ended (:func:`~cloud_hub.lifecycle.cancelled`), under its lock: its queued
+        messages are replaced by ``messages(reached)`` (``{retailer: clients}``) in the same write. Returns the
+        request's state before (a terminal one: nothing was done), its type, and the retailers told."""
+        async with self.lock(request_id):
+            row = RequestCodec.row_state(await self.store.get_request_cells(request_id, RequestCodec.WHOLE))
+            assert row is not None, "a request row is never deleted"
+            if row.state.terminal:
+                return row.state, row.kind, []
+            changes, reached = lifecycle.cancelled(row, now)
+            items = messages(reached)
+            await self.replace_messages(request_id, RequestCodec.changes(changes), items, lambda _: True,
+                                        close=not items)
+        return row.state, row.kind, sorted(reached)
+
+    async def finish_phase(self, request_id: str, put: dict[str, Any] | None = None,
+                           items: Sequence[OutboxItem] = ()) -> None:
+        """End a load reduction's availability phase: write its dispatch (``put``, cells from
+        :class:`~cloud_hub.store.RequestCodec`, with the messages ``items``); with nothing to write, only stop
+        waiting for it (it was handled, or is gone). The phase stays due when the write fails."""
+        if put is not None:
+            if items:
+                await self.add_messages(request_id, list(items), put)
+            else:
+                await self._write(request_id, put)
+        self.end_phase(request_id)
+
     # -- dispatch -----------------------------------------------------------------------------------------
 
     def due(self, now: float, limit: int = 1000) -> list[OutboxItem]:
@@ -405,12 +433,11 @@ class RequestBook:
 
     async def on_outcome(self, retailer_id: str, request_id: str, client_id: str, state: ClientState,
                          detail: dict[str, Any], trace: dict[str, float]) -> OutcomeVerdict:
-        """Apply one client's outcome reported by ``retailer_id`` (a batch of one, see :meth:`apply_outcomes`)."""
-        return (await self.apply_outcomes([ReportedOutcome(retailer_id, request_id, client_id, state, detail,
+        """Apply one client's outcome reported by ``retailer_id`` (a batch of one, see :meth:`apply`)."""
+        return (await self.apply([ReportedOutcome(retailer_id, request_id, client_id, state, detail,
                                                            trace)]))[0]
 
-    async def apply_outcomes(self, outcomes: list[ReportedOutcome], allowed: Allowed = addressed_only,
-                             ) -> list[OutcomeVerdict]:
+    async def apply(self, outcomes: list[ReportedOutcome], allowed: Allowed = addressed_only) -> list[OutcomeVerdict]:
         """Apply outcomes reported by retailers, in order, all committed in one storage batch (group commit).
 
         Each request's row is read once and written once, under its lock (the locks of the batch are taken in
@@ -445,6 +472,9 @@ class RequestBook:
             for w in writes:
                 self._after_write(w, now)
         return verdicts
+
+    apply_outcomes = apply
+    """The name the OpenADR 3 notifier calls :meth:`apply` by."""
 
     def _apply_to_row(self, request_id: str, cells: dict[str, Any], batch: list[ReportedOutcome], now: float,
                       allowed: Allowed) -> _RowWrite:
@@ -485,7 +515,7 @@ class RequestBook:
             state is None and not pending and request_id not in self.deadlines)
 
     def _after_write(self, w: _RowWrite, now: float) -> None:
-        """What the book keeps in memory, once a row written by :meth:`apply_outcomes` is durable."""
+        """What the book keeps in memory, once a row written by :meth:`apply` is durable."""
         state = RequestCodec.state_written(w.put)
         if state is not None and state.terminal:
             self.deadlines.pop(w.request_id, None)

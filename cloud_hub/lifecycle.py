@@ -457,3 +457,23 @@ def expired(row: RowState, now: float) -> RowChanges:
     if state is not row.state:
         changes.finished = (str(row.kind), state, now - float(row.created_at or 0.0))
     return changes
+
+
+def cancelled(row: RowState, now: float) -> tuple[RowChanges, dict[str, list[str]]]:
+    """A cancel of a request that has not ended: every client not ended is ``cancelled``; returns the changes and
+    every retailer the request addressed with its clients, even one whose entry still reads pending (a round is
+    published before it is recorded as sent, and a revision resets its clients to pending, so the message may be
+    at the broker already; a bridge that never got it stops nothing, and acknowledges)."""
+    changes = RowChanges(state=RequestState.CANCELLED, ended_at=now, cancel={"requested_at": now, "retailers": {}})
+    reached: dict[str, list[str]] = {}
+    counts: Counter[ClientState] = Counter()
+    for cid, stored in row.clients.items():
+        for rid in stored["retailers"]:
+            reached.setdefault(rid, []).append(cid)
+        entry = stored
+        if not C(stored["state"]).terminal:
+            entry = {**_working(stored), "state": C.CANCELLED.value, "updated_at": now}
+            changes.clients[cid] = entry
+        counts[C(entry["state"])] += 1
+    changes.counts = counts
+    return changes, reached

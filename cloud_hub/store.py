@@ -208,8 +208,14 @@ class RequestCodec:
             cols += cls.target_columns(clients, retailer_id)
         return cols
 
-    WHOLE = ["r:", "c:", "p:"]
+    META = ["r:"]
+    """The family of a request's own fields."""
+    TARGETS = ["c:", "p:"]
+    """The families of a request's targets: its clients, or (none) its parties."""
+    WHOLE = [*META, *TARGETS]
     """The families of a request's own fields and all of its targets (no queued messages)."""
+    WITH_CLIENTS = [*META, "c:"]
+    """The families of a request's own fields and its clients."""
     WITH_MESSAGES = ["r:", "o:"]
     """The families of a request's own fields and its queued messages."""
 
