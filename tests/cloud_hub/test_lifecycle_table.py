@@ -18,6 +18,7 @@ from cloud_hub.lifecycle import (
     RowState,
     acknowledged,
     apply,
+    cancelled,
     expired,
     may_move,
     reported_kw,
@@ -280,6 +281,20 @@ def test_expired(states: list[C], expected: R, after: list[C]) -> None:
 def test_an_ended_request_does_not_expire_again() -> None:
     changes = expired(row({"a": entry(C.EXECUTED)}, state=R.COMPLETED), NOW)
     assert changes.state is R.COMPLETED and changes.finished is None and not changes.clients
+
+
+def test_cancelled() -> None:
+    r = row({"a": entry(C.EXECUTED), "b": entry(C.PENDING, {"r1": C.PENDING, "r2": C.PENDING}), "c": entry(C.SENT)})
+    changes, reached = cancelled(r, NOW)
+    assert reached == {"r1": ["a", "b", "c"], "r2": ["b"]}  # even a pending one may have the message already
+    assert set(changes.clients) == {"b", "c"} and changes.clients["b"]["state"] == "cancelled"
+    assert changes.clients["c"]["updated_at"] == NOW and "a" not in changes.clients
+    assert changes.state is R.CANCELLED and changes.ended_at == NOW
+    assert changes.counts == Counter({C.EXECUTED: 1, C.CANCELLED: 2})
+    assert changes.cancel == {"requested_at": NOW, "retailers": {}}
+    assert r.clients["b"]["state"] == "pending"  # pure
+    put = RequestCodec.changes(changes)
+    assert put["r:counts"] == {"executed": 1, "cancelled": 2} and put["r:phase"] == "done"
 
 
 # -- the codec: cells <-> row state, the storage format unchanged ---------------------------------------------------
