@@ -11,25 +11,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloud_hub import lifecycle
 from cloud_hub.authz import Action
 from cloud_hub.lifecycle import (
+    Allowed,
+    OutcomeVerdict,
+    ReportedOutcome,
     RequestState,
-    combine,
-    may_move,
-    request_state_from_counts,
+    addressed_only,
+    apply,
+    reduction_outcome,
     retry_delay_s,
-    state_after_deadline,
 )
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import Mutation
-from cloud_hub.store import AuditEntry, HubStore, StoreUnavailable
+from cloud_hub.store import AuditEntry, HubStore, RequestCodec, StoreUnavailable
 from mhp_wire.messages import ClientState
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 C = ClientState
 STORAGE_MS_KEPT = 20_000
 """Measured storage times kept in memory until stored with their request (see :attr:`RequestBook.storage_ms`)."""
-_TERMINAL = frozenset(s.value for s in ClientState if s.terminal)
+__all__ = ["OutboxItem", "OutcomeVerdict", "Phase", "ReportedOutcome", "RequestBook", "reduction_outcome"]
 
 
 DELIVERIES = ("billing", "tariff", "customers")
@@ -74,36 +76,9 @@ class OutboxItem:
                    revision=d.get("revision", 1))
 
 
-@dataclass(slots=True)
-class OutcomeVerdict:
-    """What the book did with one reported outcome."""
-
-    known: bool
-    addressed: list[str]
-    changed: bool = False
-    request_state: RequestState | None = None
-    held: bool = False
-    """Not applied: another replica owns the request (it adopted it meanwhile); not acknowledged either, so the
-    retailer sends it again and the owner applies it."""
-    refused_claim: tuple[float, float] | None = None
-    """``(claimed_kw, bound_kw)`` of an availability claim above the client's contracted power: recorded as
-    ``unavailable``, not believed."""
-    stale: bool = False
-    """The outcome answers an older revision of the request than the client's latest: acknowledged, not applied."""
-
-
-@dataclass(slots=True)
-class ReportedOutcome:
-    """One client's outcome as a retailer reported it (already checked against the topic's retailer)."""
-
-    retailer_id: str
-    request_id: str
-    client_id: str
-    state: ClientState
-    detail: dict[str, Any] = field(default_factory=dict)
-    trace: dict[str, float] = field(default_factory=dict)
-    revision: int = 1
-    """The revision of the request the outcome answers."""
+def _message_cells(items: list[OutboxItem]) -> dict[str, Any]:
+    """The cells of queued messages in the request row."""
+    return RequestCodec.messages({i.msg_id: i.stored() for i in items})
 
 
 @dataclass(slots=True)
@@ -125,27 +100,6 @@ class Phase:
 
     due: float
     reduction_kw: float
-
-
-def _kw(value: Any) -> float:
-    """A power a retailer reported in an outcome's free-form ``detail``: a finite, non-negative number, else 0."""
-    try:
-        kw = float(value)
-    except (TypeError, ValueError):
-        return 0.0
-    return kw if math.isfinite(kw) and kw >= 0 else 0.0
-
-
-def reduction_outcome(selection: dict[str, Any], counts: Counter[ClientState]) -> RequestState:
-    """A finished load reduction: completed when every chosen client executed and the reduction was covered;
-    clients that were unavailable, or available but not needed, do not make it partial."""
-    chosen = len(selection.get("chosen", []))
-    executed = counts.get(C.EXECUTED, 0)
-    if chosen and executed == chosen and selection.get("covered"):
-        return RequestState.COMPLETED
-    if executed:
-        return RequestState.PARTIALLY_COMPLETED
-    return RequestState.FAILED
 
 
 class RequestBook:
@@ -185,7 +139,7 @@ class RequestBook:
         return n
 
     async def _load_one(self, request_id: str) -> bool:
-        req = await self.store.get_request(request_id, ["r:", "o:"])
+        req = await self.store.get_request(request_id, RequestCodec.WITH_MESSAGES)
         if req is None:  # crashed between writing the index and the row: nothing was accepted
             await self.store.update_request(request_id, {}, close=True)
             return False
@@ -233,9 +187,10 @@ class RequestBook:
     async def route(self, request_id: str, client_id: str) -> tuple[list[str] | None, str | None]:
         """What an outcome for ``(request_id, client_id)`` needs before it is applied: the retailers addressed for
         that client (None: no such pair) and the replica that owns the request (None: a hub without replicas)."""
-        cells = await self.store.get_request_cells(request_id, [f"c:{client_id}", "r:owner"])
-        entry = cells.get(f"c:{client_id}")
-        return (None if entry is None else list(entry.get("retailers", {}))), cells.get("r:owner")
+        col = RequestCodec.client(client_id)
+        cells = await self.store.get_request_cells(request_id, [col, RequestCodec.meta("owner")])
+        entry = cells.get(col)
+        return (None if entry is None else list(entry.get("retailers", {}))), RequestCodec.owner(cells)
 
     # -- new requests -------------------------------------------------------------------------------------
 
@@ -262,7 +217,7 @@ class RequestBook:
 
     async def add_messages(self, request_id: str, items: list[OutboxItem], put: dict[str, Any]) -> None:
         """Queue more messages of an existing request, with other cells of its row, atomically."""
-        await self.store.update_request(request_id, {**put, **{f"o:{i.msg_id}": i.stored() for i in items}})
+        await self.store.update_request(request_id, {**put, **_message_cells(items)})
         for item in items:
             self.outbox[item.msg_id] = item
         self.kick()
@@ -288,8 +243,8 @@ class RequestBook:
         deadline, no phase); else its new deadline (and ``reduction_kw`` its phase's). ``write``: the other
         arguments of :meth:`HubStore.update_request` (``close``, ``audit``, ``reopen``, ``idempotency``)."""
         dropped = [m for m, i in self.outbox.items() if i.request_id == request_id and drop(i)]
-        await self.store.update_request(request_id, {**put, **{f"o:{i.msg_id}": i.stored() for i in items}},
-                                        [f"o:{m}" for m in dropped] or None, **write)
+        await self.store.update_request(request_id, {**put, **_message_cells(items)},
+                                        RequestCodec.message_cells(dropped), **write)
         # Forgotten only once the write is durable: when it fails (storage unavailable), the request keeps its
         # deadline, phase and messages here, as storage still has them.
         for m in dropped:
@@ -304,6 +259,34 @@ class RequestBook:
         for item in items:
             self.outbox[item.msg_id] = item
         self.kick()
+
+    async def cancel(self, request_id: str, messages: Callable[[dict[str, list[str]]], list[OutboxItem]],
+                     now: float) -> tuple[RequestState, str | None, list[str]]:
+        """Cancel a request that has not ended (:func:`~cloud_hub.lifecycle.cancelled`), under its lock: its queued
+        messages are replaced by ``messages(reached)`` (``{retailer: clients}``) in the same write. Returns the
+        request's state before (a terminal one: nothing was done), its type, and the retailers told."""
+        async with self.lock(request_id):
+            row = RequestCodec.row_state(await self.store.get_request_cells(request_id, RequestCodec.WHOLE))
+            assert row is not None, "a request row is never deleted"
+            if row.state.terminal:
+                return row.state, row.kind, []
+            changes, reached = lifecycle.cancelled(row, now)
+            items = messages(reached)
+            await self.replace_messages(request_id, RequestCodec.changes(changes), items, lambda _: True,
+                                        close=not items)
+        return row.state, row.kind, sorted(reached)
+
+    async def finish_phase(self, request_id: str, put: dict[str, Any] | None = None,
+                           items: Sequence[OutboxItem] = ()) -> None:
+        """End a load reduction's availability phase: write its dispatch (``put``, cells from
+        :class:`~cloud_hub.store.RequestCodec`, with the messages ``items``); with nothing to write, only stop
+        waiting for it (it was handled, or is gone). The phase stays due when the write fails."""
+        if put is not None:
+            if items:
+                await self.add_messages(request_id, list(items), put)
+            else:
+                await self._write(request_id, put)
+        self.end_phase(request_id)
 
     # -- dispatch -----------------------------------------------------------------------------------------
 
@@ -333,13 +316,9 @@ class RequestBook:
         async with contextlib.AsyncExitStack() as locks:
             for request_id in sorted(first):
                 await locks.enter_async_context(self.lock(request_id))
-            wanted: dict[str, list[str]] = {}
-            for request_id, sent in first.items():
-                cols = ["r:state", "r:counts", "r:first_dispatch_at"]
-                for item in sent:
-                    cols += [f"c:{c}" for c in item.clients] or [f"p:{item.retailer_id}"]
-                wanted[request_id] = cols
-            rows = await self.store.get_requests_cells(wanted)
+            rows = await self.store.get_requests_cells({rid: RequestCodec.sent_columns((i.clients, i.retailer_id)
+                                                                                       for i in sent)
+                                                        for rid, sent in first.items()})
             writes: list[tuple[str, dict[str, Any], list[str] | None, bool]] = [
                 (rid, self._with_storage_ms(rid, put), None, False) for rid, sent in first.items()
                 if (put := self._advance_sent(rows[rid], sent, now))]
@@ -355,41 +334,21 @@ class RequestBook:
     @staticmethod
     def _advance_sent(cells: dict[str, Any], sent: list[OutboxItem], now: float) -> dict[str, Any]:
         """The cells of a request row to write once ``sent`` went out (nothing when the request has ended)."""
-        if "r:state" not in cells or RequestState(cells["r:state"]).terminal:
+        row = RequestCodec.row_state(cells)
+        if row is None:
             return {}
-        counts = Counter({C(k): v for k, v in cells["r:counts"].items()})
-        put: dict[str, Any] = {}
-        for item in sent:
-            for col in [f"c:{c}" for c in item.clients] or [f"p:{item.retailer_id}"]:
-                entry = put.get(col) or cells.get(col)
-                if entry is None or item.revision < entry.get("revision", 1):
-                    continue  # an older revision's message: the entry waits for its own revision's
-                if entry.get("retailers", {}).get(item.retailer_id) == C.PENDING.value:
-                    entry["retailers"][item.retailer_id] = C.SENT.value
-                new = combine(C(s) for s in entry["retailers"].values())
-                if new is not C(entry["state"]) and may_move(C(entry["state"]), new):
-                    counts[C(entry["state"])] -= 1
-                    counts[new] += 1
-                    entry["state"] = new.value
-                    entry["updated_at"] = now
-                put[col] = entry
-        state = request_state_from_counts(RequestState(cells["r:state"]), counts)
-        put["r:counts"] = {k.value: v for k, v in counts.items() if v}
-        put["r:state"] = state.value
-        if cells.get("r:first_dispatch_at") is None:
-            put["r:first_dispatch_at"] = now
-        return put
+        return RequestCodec.changes(lifecycle.sent(row, [(i.clients, i.retailer_id, i.revision) for i in sent], now))
 
     def _with_storage_ms(self, request_id: str, put: dict[str, Any]) -> dict[str, Any]:
         """``put`` with the request's measured ``r:storage_ms`` when it is not stored yet."""
         ms = self.storage_ms.get(request_id)
         if ms is not None and put:
-            put["r:storage_ms"] = ms
+            RequestCodec.with_storage_ms(put, ms)
         return put
 
     def _storage_ms_stored(self, writes: list[tuple[str, dict[str, Any], list[str] | None, bool]]) -> None:
         for request_id, put, _, _ in writes:
-            if "r:storage_ms" in put:
+            if RequestCodec.stores_storage_ms(put):
                 self.storage_ms.pop(request_id, None)
 
     def retailer_online(self, retailer_id: str, now: float) -> int:
@@ -443,61 +402,24 @@ class RequestBook:
 
     async def _apply_acks(self, request_id: str, items: list[OutboxItem], now: float) -> _RowWrite | None:
         """The new cells of one request row once ``items`` are acknowledged (None: the row is gone)."""
-        delete = [f"o:{i.msg_id}" for i in items]
-        deliveries = [i for i in items if i.kind in DELIVERIES]
-        cancels = [i for i in items if i.kind == "cancel"]
+        delete = [RequestCodec.message(i.msg_id) for i in items]
+        deliveries = [(i.clients, i.retailer_id, i.revision) for i in items if i.kind in DELIVERIES]
+        cancels = [i.retailer_id for i in items if i.kind == "cancel"]
         put: dict[str, Any] = {}
         if deliveries or cancels:
-            cols = ["r:state", "r:counts", "r:cancel"]
-            for i in deliveries:
-                cols += [f"c:{c}" for c in i.clients] or [f"p:{i.retailer_id}"]
-            cells = await self.store.get_request_cells(request_id, cols)
-            if "r:state" not in cells:
+            cells = await self.store.get_request_cells(request_id,
+                                                       RequestCodec.ack_columns((c, r) for c, r, _ in deliveries))
+            row = RequestCodec.row_state(cells)
+            if row is None:
                 return None
-            if cancels:
-                cancel = cells.get("r:cancel") or {"retailers": {}}
-                for i in cancels:
-                    cancel["retailers"][i.retailer_id] = now
-                put["r:cancel"] = cancel
-            counts = Counter({C(k): v for k, v in cells["r:counts"].items()})
-            for i in deliveries:
-                for col in [f"c:{c}" for c in i.clients] or [f"p:{i.retailer_id}"]:
-                    entry = put.get(col) or cells.get(col)
-                    if entry is None:
-                        continue
-                    entry["retailers"][i.retailer_id] = C.ACKNOWLEDGED.value
-                    self._set_state(entry, combine(C(s) for s in entry["retailers"].values()), counts, now)
-                    put[col] = entry
-            current = RequestState(cells["r:state"])
-            state = request_state_from_counts(current, counts)
-            put["r:counts"] = {k.value: v for k, v in counts.items() if v}
-            self._finish(put, current, state, now)
-        return _RowWrite(request_id, put=put, delete=delete, close=self._closes(request_id, put))
-
-    @staticmethod
-    def _set_state(entry: dict[str, Any], new: ClientState, counts: Counter[ClientState], now: float) -> bool:
-        old = C(entry["state"])
-        if new is old or not may_move(old, new):
-            return False
-        counts[old] -= 1
-        counts[new] += 1
-        entry["state"] = new.value
-        entry["updated_at"] = now
-        return True
-
-    def _finish(self, put: dict[str, Any], current: RequestState, state: RequestState, now: float) -> None:
-        put["r:state"] = state.value
-        if state is not current and state.terminal:
-            put["r:completed_at"] = now
-            put["r:phase"] = "done"
+            put = RequestCodec.changes(lifecycle.acknowledged(row, deliveries, cancels, now))
+        close = self._closes(request_id, RequestCodec.state_written(put))
+        return _RowWrite(request_id, put=put, delete=delete, close=close)
 
     async def _write(self, request_id: str, put: dict[str, Any], delete: list[str] | None = None) -> None:
-        state = put.get("r:state")
-        ended = state is not None and RequestState(state).terminal
-        pending = any(i.request_id == request_id for i in self.outbox.values())
-        close = ended and not pending
-        if state is None and not pending and request_id not in self.deadlines:
-            close = True
+        state = RequestCodec.state_written(put)
+        ended = state is not None and state.terminal
+        close = self._closes(request_id, state)
         put = self._with_storage_ms(request_id, put)
         await self.store.update_request(request_id, put, delete, close=close)
         # Forgotten only once the write is durable: a write that fails (storage unavailable) leaves the request's
@@ -511,22 +433,21 @@ class RequestBook:
 
     async def on_outcome(self, retailer_id: str, request_id: str, client_id: str, state: ClientState,
                          detail: dict[str, Any], trace: dict[str, float]) -> OutcomeVerdict:
-        """Apply one client's outcome reported by ``retailer_id`` (a batch of one, see :meth:`apply_outcomes`)."""
-        return (await self.apply_outcomes([ReportedOutcome(retailer_id, request_id, client_id, state, detail,
+        """Apply one client's outcome reported by ``retailer_id`` (a batch of one, see :meth:`apply`)."""
+        return (await self.apply([ReportedOutcome(retailer_id, request_id, client_id, state, detail,
                                                            trace)]))[0]
 
-    async def apply_outcomes(self, outcomes: list[ReportedOutcome],
-                             allowed: Callable[[str, list[str]], bool] = lambda r, addressed: r in addressed,
-                             ) -> list[OutcomeVerdict]:
+    async def apply(self, outcomes: list[ReportedOutcome], allowed: Allowed = addressed_only) -> list[OutcomeVerdict]:
         """Apply outcomes reported by retailers, in order, all committed in one storage batch (group commit).
 
         Each request's row is read once and written once, under its lock (the locks of the batch are taken in
-        request-id order, so two batches never wait on each other). Before an outcome changes anything,
-        ``allowed(retailer_id, addressed_retailers)`` must say that its retailer may report on that client; one
-        that may not, or for an unknown request or client, changes nothing and says so in its verdict. Returns one
-        verdict per outcome, in order, once everything is durable; raises
-        :class:`~cloud_hub.storage.StoreUnavailable` (nothing of the batch may be acknowledged then: the
-        retailers re-send, and applying an outcome again changes nothing).
+        request-id order, so two batches never wait on each other): the store decodes it to a
+        :class:`~cloud_hub.lifecycle.RowState`, the pure :func:`~cloud_hub.lifecycle.apply` decides, the store
+        encodes what changed. Before an outcome changes anything, ``allowed(retailer_id, addressed_retailers)``
+        must say that its retailer may report on that client; one that may not, or for an unknown request or
+        client, changes nothing and says so in its verdict. Returns one verdict per outcome, in order, once
+        everything is durable; raises :class:`~cloud_hub.storage.StoreUnavailable` (nothing of the batch may be
+        acknowledged then: the retailers re-send, and applying an outcome again changes nothing).
         """
         now = time.time()
         by_request: dict[str, list[int]] = {}
@@ -538,7 +459,8 @@ class RequestBook:
                 await locks.enter_async_context(self.lock(request_id))
             writes: list[_RowWrite] = []
             rows = await self.store.get_requests_cells(  # every row of the commit in one storage call
-                {rid: self._outcome_columns([outcomes[i] for i in idx]) for rid, idx in by_request.items()})
+                {rid: RequestCodec.outcome_columns((outcomes[i].client_id for i in idx), self.replica_id is not None)
+                 for rid, idx in by_request.items()})
             for request_id, idx in by_request.items():
                 write = self._apply_to_row(request_id, rows[request_id], [outcomes[i] for i in idx], now, allowed)
                 for i, v in zip(idx, write.verdicts, strict=True):
@@ -551,122 +473,51 @@ class RequestBook:
                 self._after_write(w, now)
         return verdicts
 
-    def _outcome_columns(self, batch: list[ReportedOutcome]) -> list[str]:
-        """The cells of a request row that :meth:`_apply_to_row` reads for ``batch``."""
-        owner = ["r:owner"] if self.replica_id is not None else []
-        return [*dict.fromkeys(f"c:{o.client_id}" for o in batch), "r:state", "r:counts", "r:created_at", "r:phase",
-                "r:type", "r:answered", "r:targets", "r:selection", *owner]
+    apply_outcomes = apply
+    """The name the OpenADR 3 notifier calls :meth:`apply` by."""
 
     def _apply_to_row(self, request_id: str, cells: dict[str, Any], batch: list[ReportedOutcome], now: float,
-                      allowed: Callable[[str, list[str]], bool]) -> _RowWrite:
-        """The new cells of one request row (``cells``: its :meth:`_outcome_columns`) after ``batch``; nothing is
-        written here."""
-        write = _RowWrite(request_id)
-        if self.replica_id is not None and cells.get("r:owner") not in (None, self.replica_id):
+                      allowed: Allowed) -> _RowWrite:
+        """What ``batch`` writes to one request row (``cells``: read by :meth:`RequestCodec.outcome_columns`);
+        nothing is written here."""
+        owner = RequestCodec.owner(cells)
+        if self.replica_id is not None and owner not in (None, self.replica_id):
             # Checked again at the commit: the relay saw this replica as the owner, but another has adopted the
             # request since (this one lost the broker meanwhile); only the owner writes the row. A refusal writes
             # nothing, so any replica gives it (as it does for an unknown pair).
-            for o in batch:
-                entry = cells.get(f"c:{o.client_id}")
-                addressed = [] if entry is None else list(entry.get("retailers", {}))
-                refused = entry is None or not allowed(o.retailer_id, addressed)
-                write.verdicts.append(OutcomeVerdict(entry is not None, addressed, held=not refused))
-            return write
-        if "r:state" not in cells:
-            write.verdicts = [OutcomeVerdict(False, []) for _ in batch]
-            return write
-        current = RequestState(cells["r:state"])
-        counts = Counter({C(k): v for k, v in cells["r:counts"].items()})
-        answered = int(cells.get("r:answered") or 0)
-        put: dict[str, Any] = {}
-        changed_any = False
-        for o in batch:
-            col = f"c:{o.client_id}"
-            entry = put.get(col) or cells.get(col)
-            if entry is None:
-                write.verdicts.append(OutcomeVerdict(False, []))
-                continue
-            addressed = list(entry.get("retailers", {}))
-            if not allowed(o.retailer_id, addressed):
-                write.verdicts.append(OutcomeVerdict(True, addressed))
-                continue
-            if o.revision < int(entry.get("revision", 1)):
-                # An answer to a revision the client has since been sent a newer one of (a late delivery, or a
-                # re-send): the hub keeps the latest revision's outcome only (docs/decisions.md, "Revisions").
-                write.verdicts.append(OutcomeVerdict(True, addressed, request_state=current, stale=True))
-                continue
-            if cells.get("r:phase") == "availability" and o.state in (C.AVAILABLE, C.UNAVAILABLE):
-                if entry.get("answered"):
-                    write.verdicts.append(OutcomeVerdict(True, addressed))
-                    continue
-                entry["answered"] = True
-                kw = _kw(o.detail.get("available_kw", 0.0)) if o.state is C.AVAILABLE else 0.0
-                bound = entry.get("max_kw")
-                refused_claim: tuple[float, float] | None = None
-                if bound is not None and kw > bound:
-                    # A home cannot shed more than it may draw: a claim above its contracted power is not
-                    # believed, and the client counts as unavailable (docs/decisions.md, "Bounded claims").
-                    refused_claim = (kw, float(bound))
-                    entry["available_kw"], entry["availability"] = 0.0, C.UNAVAILABLE.value
-                    entry["detail"] = {"reason": f"claimed {kw:g} kW available, more than the client's contracted "
-                                                 f"power ({bound:g} kW): not believed", "claimed_kw": kw,
-                                       "available_kw": 0.0}
-                else:
-                    entry["available_kw"] = kw
-                    entry["availability"] = o.state.value
-                    entry["detail"] = o.detail
-                entry["updated_at"] = now
-                answered += 1
-                put[col] = entry
-                put["r:answered"] = answered
-                write.verdicts.append(OutcomeVerdict(True, addressed, changed=True, request_state=current,
-                                                     refused_claim=refused_claim))
-                continue
-            if entry["state"] in _TERMINAL:  # a re-sent outcome, the common duplicate: a terminal state stays
-                write.verdicts.append(OutcomeVerdict(True, addressed, request_state=current))
-                continue
-            entry["retailers"][o.retailer_id] = o.state.value
-            new = combine(C(s) for s in entry["retailers"].values())
-            if not self._set_state(entry, new, counts, now):
-                write.verdicts.append(OutcomeVerdict(True, addressed, request_state=current))
-                continue
-            entry["detail"] = o.detail
-            full = {**entry.get("trace", {}), **o.trace}
-            if new.terminal:
-                full["total_ms"] = round((now - cells["r:created_at"]) * 1000, 3)
-            entry["trace"] = full
-            put[col] = entry
-            changed_any = True
-            write.verdicts.append(OutcomeVerdict(True, addressed, changed=True))
-        if "r:answered" in put and answered >= int(cells.get("r:targets") or 0):
-            write.phase_complete = True
-        if changed_any:
-            state_now = request_state_from_counts(current, counts)
-            if cells.get("r:type") == "load_reduction" and state_now.terminal and state_now is not current:
-                state_now = reduction_outcome(cells.get("r:selection") or {}, counts)
-            put["r:counts"] = {k.value: v for k, v in counts.items() if v}
-            self._finish(put, current, state_now, now)
-            if state_now is not current and state_now.terminal:
-                write.finished = (cells["r:type"], state_now, now - cells["r:created_at"])
-            for v in write.verdicts:
-                if v.changed and v.request_state is None:
-                    v.request_state = state_now
-        write.put = put
-        if put:
-            write.close = self._closes(request_id, put)
+            return _RowWrite(request_id, verdicts=self._held(cells, batch, allowed))
+        row = RequestCodec.row_state(cells)
+        if row is None:
+            return _RowWrite(request_id, verdicts=[OutcomeVerdict(False, []) for _ in batch])
+        changes, verdicts = apply(row, batch, now, allowed)
+        write = _RowWrite(request_id, verdicts=verdicts, put=RequestCodec.changes(changes),
+                          phase_complete=changes.phase_complete, finished=changes.finished)
+        if write.put:
+            write.close = self._closes(request_id, changes.state)
         return write
 
-    def _closes(self, request_id: str, put: dict[str, Any]) -> bool:
-        """Whether writing ``put`` ends the request's life in the open index (as :meth:`_write` decides)."""
-        state = put.get("r:state")
-        ended = state is not None and RequestState(state).terminal
+    @staticmethod
+    def _held(cells: dict[str, Any], batch: list[ReportedOutcome], allowed: Allowed) -> list[OutcomeVerdict]:
+        """The verdicts of outcomes for a request another replica owns: held when they would be applied."""
+        verdicts = []
+        for o in batch:
+            entry = cells.get(RequestCodec.client(o.client_id))
+            addressed = [] if entry is None else list(entry.get("retailers", {}))
+            refused = entry is None or not allowed(o.retailer_id, addressed)
+            verdicts.append(OutcomeVerdict(entry is not None, addressed, held=not refused))
+        return verdicts
+
+    def _closes(self, request_id: str, state: RequestState | None) -> bool:
+        """Whether a write that leaves the request in ``state`` (None: does not change it) ends the request's life
+        in the open index (as :meth:`_write` decides)."""
         pending = any(i.request_id == request_id for i in self.outbox.values())
-        return (ended and not pending) or (state is None and not pending and request_id not in self.deadlines)
+        return (state is not None and state.terminal and not pending) or (
+            state is None and not pending and request_id not in self.deadlines)
 
     def _after_write(self, w: _RowWrite, now: float) -> None:
-        """What the book keeps in memory, once a row written by :meth:`apply_outcomes` is durable."""
-        state = w.put.get("r:state")
-        if state is not None and RequestState(state).terminal:
+        """What the book keeps in memory, once a row written by :meth:`apply` is durable."""
+        state = RequestCodec.state_written(w.put)
+        if state is not None and state.terminal:
             self.deadlines.pop(w.request_id, None)
             self.phases.pop(w.request_id, None)
         if w.close:
@@ -688,35 +539,22 @@ class RequestBook:
         due = [r for r, d in self.deadlines.items() if d <= now]
         for request_id in due:
             async with self.lock(request_id):
-                req = await self.store.get_request(request_id, ["r:", "c:", "p:"])
-                if req is None:
+                row = RequestCodec.row_state(await self.store.get_request_cells(request_id, RequestCodec.WHOLE))
+                if row is None:
                     self.deadlines.pop(request_id, None)
                     continue
-                meta = req["meta"]
-                current = RequestState(meta["state"])
-                counts = Counter({C(k): v for k, v in meta["counts"].items()})
-                put: dict[str, Any] = {}
-                targets = {f"c:{k}": v for k, v in req["clients"].items()} or {
-                    f"p:{k}": v for k, v in req["parties"].items()}
-                for col, entry in targets.items():
-                    new = state_after_deadline(C(entry["state"]))
-                    if self._set_state(entry, new, counts, now):
-                        entry["detail"] = {**entry.get("detail", {}),
-                                           "reason": "no outcome before the request's deadline"}
-                        put[col] = entry
-                state = request_state_from_counts(current, counts)
-                put["r:counts"] = {k.value: v for k, v in counts.items() if v}
-                self._finish(put, current, state, now)
+                changes = lifecycle.expired(row, now)
+                put = RequestCodec.changes(changes)
                 dropped = {m: i for m, i in self.outbox.items() if i.request_id == request_id and i.kind != "cancel"}
                 for mid in dropped:
                     del self.outbox[mid]
                 try:
-                    await self._write(request_id, put, [f"o:{m}" for m in dropped] or None)
+                    await self._write(request_id, put, RequestCodec.message_cells(dropped))
                 except BaseException:
                     self.outbox.update(dropped)  # still stored: the next sweep drops them with the row's write
                     raise
-                if state is not current:
-                    self._finished_metrics(meta["type"], state, now - meta["created_at"])
+                if changes.finished is not None:
+                    self._finished_metrics(*changes.finished)
         return due
 
     def phases_due(self, now: float) -> list[str]:

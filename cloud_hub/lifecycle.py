@@ -1,10 +1,15 @@
-"""The request lifecycle as pure functions: state of a request from the states of its clients, and retry timing."""
+"""The request lifecycle as pure functions: state of a request from the states of its clients, what reported
+outcomes do to a request (:func:`apply`), and retry timing. No I/O and no storage cell names here."""
 
 from __future__ import annotations
 
+import copy
+import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from mhp_wire.backoff import delay_s
 from mhp_wire.messages import ClientState
@@ -91,3 +96,384 @@ def may_move(old: ClientState, new: ClientState) -> bool:
 def retry_delay_s(attempts: int, base_s: float = 0.5, cap_s: float = 30.0) -> float:
     """Back-off before re-sending an unacknowledged message for the ``attempts``-th time (:func:`delay_s`)."""
     return delay_s(attempts, base_s, cap_s)
+
+
+# -- outcomes applied to one request -------------------------------------------------------------------------
+
+C = ClientState
+_TERMINAL = frozenset(s.value for s in ClientState if s.terminal)
+Allowed = Callable[[str, list[str]], bool]
+"""``allowed(retailer_id, addressed_retailers)``: whether that retailer may report on a client (the relay's
+decision through :mod:`cloud_hub.authz`)."""
+
+
+def addressed_only(retailer_id: str, addressed: list[str]) -> bool:
+    """The default :data:`Allowed`: only a retailer the client's message went to reports on it."""
+    return retailer_id in addressed
+
+
+@dataclass(slots=True)
+class ReportedOutcome:
+    """One client's outcome as a retailer reported it (already checked against the topic's retailer)."""
+
+    retailer_id: str
+    request_id: str
+    client_id: str
+    state: ClientState
+    detail: dict[str, Any] = field(default_factory=dict)
+    trace: dict[str, float] = field(default_factory=dict)
+    revision: int = 1
+    """The revision of the request the outcome answers."""
+
+
+@dataclass(slots=True)
+class OutcomeVerdict:
+    """What the book did with one reported outcome."""
+
+    known: bool
+    addressed: list[str]
+    changed: bool = False
+    request_state: RequestState | None = None
+    held: bool = False
+    """Not applied: another replica owns the request (it adopted it meanwhile); not acknowledged either, so the
+    retailer sends it again and the owner applies it."""
+    refused_claim: tuple[float, float] | None = None
+    """``(claimed_kw, bound_kw)`` of an availability claim above the client's contracted power: recorded as
+    ``unavailable``, not believed."""
+    stale: bool = False
+    """The outcome answers an older revision of the request than the client's latest: acknowledged, not applied."""
+
+
+@dataclass(slots=True)
+class RowState:
+    """What :func:`apply` knows of one request: its stored state, decoded (``cloud_hub.store`` owns the cells).
+
+    ``clients`` maps a client id to its stored target entry (the JSON object kept per client: ``state``,
+    ``retailers``, ``revision``, ``max_kw``, ``answered``...), only for the clients asked about; :func:`apply`
+    never changes these objects."""
+
+    state: RequestState
+    counts: Counter[ClientState]
+    created_at: float | None = None
+    kind: str | None = None
+    """The request's type (``load_reduction``, ``billing``...)."""
+    phase: str | None = None
+    """``availability`` while a load reduction waits for its clients' answers; ``dispatch``, ``done``..."""
+    answered: int = 0
+    """How many clients answered the availability question."""
+    targets: int = 0
+    """How many clients the availability question went to."""
+    selection: dict[str, Any] = field(default_factory=dict)
+    """A load reduction's choice of clients (``chosen``, ``covered``...)."""
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    parties: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """A request without clients (a tariff, a customer list): one entry per retailer addressed, as ``clients``."""
+    first_dispatch_at: float | None = None
+    cancel: dict[str, Any] | None = None
+    """A cancelled request's cancel record: ``{"requested_at", "retailers": {retailer: acknowledged_at}}``."""
+
+
+@dataclass(slots=True)
+class RowChanges:
+    """What :func:`apply` changes in one request: nothing to write when :attr:`empty`."""
+
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The new target entries of the clients that changed, in the order they changed."""
+    parties: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The same for the parties of a request without clients."""
+    answered: int | None = None
+    """The new number of availability answers (None: unchanged)."""
+    counts: Counter[ClientState] | None = None
+    """The new number of targets in each state, with :attr:`state` (None: no target's state changed)."""
+    state: RequestState | None = None
+    ended_at: float | None = None
+    """Set when the request reached a terminal state here: its completion time (its phase is then ``done``)."""
+    phase_complete: bool = False
+    """Every target answered the availability question: the phase may end now."""
+    finished: tuple[str, RequestState, float] | None = None
+    """``(kind, state, seconds since creation)`` of a request that ended here, for the metrics."""
+    first_dispatch_at: float | None = None
+    """Set by the request's first send."""
+    cancel: dict[str, Any] | None = None
+    """The new cancel record (None: unchanged)."""
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing is to be written."""
+        return not (self.clients or self.parties) and self.answered is None and self.state is None and (
+            self.cancel is None and self.first_dispatch_at is None)
+
+
+def reported_kw(value: Any) -> float:
+    """A power a retailer reported in an outcome's free-form ``detail``: a finite, non-negative number, else 0."""
+    try:
+        kw = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return kw if math.isfinite(kw) and kw >= 0 else 0.0
+
+
+def reduction_outcome(selection: dict[str, Any], counts: Mapping[ClientState, int]) -> RequestState:
+    """A finished load reduction: completed when every chosen client executed and the reduction was covered;
+    clients that were unavailable, or available but not needed, do not make it partial."""
+    chosen = len(selection.get("chosen", []))
+    executed = counts.get(C.EXECUTED, 0)
+    if chosen and executed == chosen and selection.get("covered"):
+        return RequestState.COMPLETED
+    if executed:
+        return RequestState.PARTIALLY_COMPLETED
+    return RequestState.FAILED
+
+
+def move(entry: dict[str, Any], new: ClientState, counts: Counter[ClientState], now: float) -> bool:
+    """Move one target ``entry`` (changed in place) to ``new`` when :func:`may_move` allows, keeping ``counts``;
+    returns whether it moved."""
+    old = C(entry["state"])
+    if new is old or not may_move(old, new):
+        return False
+    counts[old] -= 1
+    counts[new] += 1
+    entry["state"] = new.value
+    entry["updated_at"] = now
+    return True
+
+
+def _working(entry: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a stored target entry that :func:`apply` may change (its nested ``retailers`` too)."""
+    copy = dict(entry)
+    if "retailers" in copy:
+        copy["retailers"] = dict(copy["retailers"])
+    return copy
+
+
+def _availability(entry: dict[str, Any], o: ReportedOutcome, now: float) -> tuple[float, float] | None:
+    """Record a client's availability answer in ``entry``; returns ``(claimed, bound)`` of a claim not believed:
+    a home cannot shed more than it may draw, so a claim above its contracted power counts as unavailable
+    (docs/decisions.md, "Bounded claims")."""
+    entry["answered"] = True
+    kw = reported_kw(o.detail.get("available_kw", 0.0)) if o.state is C.AVAILABLE else 0.0
+    bound = entry.get("max_kw")
+    refused: tuple[float, float] | None = None
+    if bound is not None and kw > bound:
+        refused = (kw, float(bound))
+        entry["available_kw"], entry["availability"] = 0.0, C.UNAVAILABLE.value
+        entry["detail"] = {"reason": f"claimed {kw:g} kW available, more than the client's contracted "
+                                     f"power ({bound:g} kW): not believed", "claimed_kw": kw, "available_kw": 0.0}
+    else:
+        entry["available_kw"] = kw
+        entry["availability"] = o.state.value
+        entry["detail"] = o.detail
+    entry["updated_at"] = now
+    return refused
+
+
+class _Apply:
+    """One :func:`apply`: the row's working copy and what changed, outcome by outcome."""
+
+    def __init__(self, row: RowState, now: float, allowed: Allowed) -> None:
+        self.row, self.now, self.allowed = row, now, allowed
+        self.counts = Counter(row.counts)
+        self.answered = row.answered
+        self.work: dict[str, dict[str, Any]] = {}
+        self.changes = RowChanges()
+        self.moved = False
+
+    def entry(self, client_id: str) -> dict[str, Any] | None:
+        """The client's entry as this batch left it so far (None: not a target of the request)."""
+        if client_id not in self.work:
+            stored = self.row.clients.get(client_id)
+            if stored is None:
+                return None
+            self.work[client_id] = _working(stored)
+        return self.work[client_id]
+
+    def one(self, o: ReportedOutcome) -> OutcomeVerdict:
+        """Apply one outcome; its verdict."""
+        entry = self.entry(o.client_id)
+        if entry is None:
+            return OutcomeVerdict(False, [])
+        addressed = list(entry.get("retailers", {}))
+        if not self.allowed(o.retailer_id, addressed):
+            return OutcomeVerdict(True, addressed)
+        if o.revision < int(entry.get("revision", 1)):
+            # An answer to a revision the client has since been sent a newer one of (a late delivery, or a
+            # re-send): the hub keeps the latest revision's outcome only (docs/decisions.md, "Revisions").
+            return OutcomeVerdict(True, addressed, request_state=self.row.state, stale=True)
+        if self.row.phase == "availability" and o.state in (C.AVAILABLE, C.UNAVAILABLE):
+            return self.answer(o, entry, addressed)
+        return self.report(o, entry, addressed)
+
+    def answer(self, o: ReportedOutcome, entry: dict[str, Any], addressed: list[str]) -> OutcomeVerdict:
+        """A client's answer to the availability question: recorded once."""
+        if entry.get("answered"):
+            return OutcomeVerdict(True, addressed)
+        refused = _availability(entry, o, self.now)
+        self.answered += 1
+        self.changes.clients[o.client_id] = entry
+        self.changes.answered = self.answered
+        return OutcomeVerdict(True, addressed, changed=True, request_state=self.row.state, refused_claim=refused)
+
+    def report(self, o: ReportedOutcome, entry: dict[str, Any], addressed: list[str]) -> OutcomeVerdict:
+        """A client's reported state: its target moves forward only, a terminal one never."""
+        if entry["state"] in _TERMINAL:  # a re-sent outcome, the common duplicate: a terminal state stays
+            return OutcomeVerdict(True, addressed, request_state=self.row.state)
+        entry["retailers"][o.retailer_id] = o.state.value
+        new = combine(C(s) for s in entry["retailers"].values())
+        if not move(entry, new, self.counts, self.now):
+            return OutcomeVerdict(True, addressed, request_state=self.row.state)
+        entry["detail"] = o.detail
+        full = {**entry.get("trace", {}), **o.trace}
+        if new.terminal:
+            full["total_ms"] = round((self.now - float(self.row.created_at or 0.0)) * 1000, 3)
+        entry["trace"] = full
+        self.changes.clients[o.client_id] = entry
+        self.moved = True
+        return OutcomeVerdict(True, addressed, changed=True)
+
+    def settle(self, verdicts: list[OutcomeVerdict]) -> None:
+        """The request's state after the batch, given to the verdicts of outcomes that moved a target."""
+        row, changes = self.row, self.changes
+        if changes.answered is not None and self.answered >= row.targets:
+            changes.phase_complete = True
+        if not self.moved:
+            return
+        state = request_state_from_counts(row.state, self.counts)
+        if row.kind == "load_reduction" and state.terminal and state is not row.state:
+            state = reduction_outcome(row.selection, self.counts)
+        changes.counts = self.counts
+        changes.state = state
+        if state is not row.state and state.terminal:
+            changes.ended_at = self.now
+            changes.finished = (str(row.kind), state, self.now - float(row.created_at or 0.0))
+        for v in verdicts:
+            if v.changed and v.request_state is None:
+                v.request_state = state
+
+
+def apply(row: RowState, outcomes: Sequence[ReportedOutcome], now: float,
+          allowed: Allowed = addressed_only) -> tuple[RowChanges, list[OutcomeVerdict]]:
+    """Outcomes reported for one request, in order, applied to its state: what changes, and one verdict per outcome.
+
+    Pure: ``row`` is left as it was. An outcome for a client that is not a target, or from a retailer ``allowed``
+    refuses, changes nothing; one answering an older revision than the client's latest is ``stale``; during a load
+    reduction's availability phase an ``available``/``unavailable`` answer is recorded once (a claim above the
+    client's ``max_kw`` counts as unavailable); otherwise a target moves only forward (:func:`may_move`, its
+    retailers' states :func:`combine`\\ d), a terminal one never, and the request's state follows its counts
+    (a load reduction's by :func:`reduction_outcome`)."""
+    run = _Apply(row, now, allowed)
+    verdicts = [run.one(o) for o in outcomes]
+    run.settle(verdicts)
+    return run.changes, verdicts
+
+
+# -- messages sent, acknowledged, deadlines ----------------------------------------------------------------------
+
+Sent = tuple[Sequence[str], str, int]
+"""A message's ``(clients, retailer_id, revision)``: its targets are its clients, or (none) the retailer as a
+party of a request without clients."""
+
+
+def _targets(work: dict[str, dict[str, Any]], parties: dict[str, dict[str, Any]], clients: Sequence[str],
+             retailer_id: str) -> list[tuple[bool, str, dict[str, Any] | None]]:
+    """``(is_client, id, entry)`` of a message's targets."""
+    if clients:
+        return [(True, c, work.get(c)) for c in clients]
+    return [(False, retailer_id, parties.get(retailer_id))]
+
+
+def _record(changes: RowChanges, is_client: bool, key: str, entry: dict[str, Any]) -> None:
+    (changes.clients if is_client else changes.parties)[key] = entry
+
+
+def _finish(changes: RowChanges, current: RequestState, counts: Counter[ClientState], now: float) -> RequestState:
+    """The request's state from ``counts``, always written; its end when it reaches a terminal state here."""
+    state = request_state_from_counts(current, counts)
+    changes.counts, changes.state = counts, state
+    if state is not current and state.terminal:
+        changes.ended_at = now
+    return state
+
+
+def sent(row: RowState, messages: Sequence[Sent], now: float) -> RowChanges:
+    """First sends of ``messages``: their pending targets become ``sent`` (a message of an older revision than its
+    target's leaves it alone); the request's state and counts, and its first dispatch time, are written (nothing
+    once the request has ended)."""
+    changes = RowChanges()
+    if row.state.terminal:
+        return changes
+    counts = Counter(row.counts)
+    work = {c: _working(e) for c, e in row.clients.items()}
+    parties = {p: _working(e) for p, e in row.parties.items()}
+    for clients, retailer_id, revision in messages:
+        for is_client, key, entry in _targets(work, parties, clients, retailer_id):
+            if entry is None or revision < entry.get("revision", 1):
+                continue  # an older revision's message: the entry waits for its own revision's
+            if entry.get("retailers", {}).get(retailer_id) == C.PENDING.value:
+                entry["retailers"][retailer_id] = C.SENT.value
+            move(entry, combine(C(s) for s in entry["retailers"].values()), counts, now)
+            _record(changes, is_client, key, entry)
+    changes.counts = counts
+    changes.state = request_state_from_counts(row.state, counts)
+    if row.first_dispatch_at is None:
+        changes.first_dispatch_at = now
+    return changes
+
+
+def acknowledged(row: RowState, deliveries: Sequence[Sent], cancels: Sequence[str], now: float) -> RowChanges:
+    """Retailers acknowledged ``deliveries`` (billing, tariff, customers: their targets are ``acknowledged``) and
+    the cancels of ``cancels`` (retailer ids: the time each acknowledged is recorded)."""
+    changes = RowChanges()
+    if cancels:
+        cancel = copy.deepcopy(row.cancel) if row.cancel else {"retailers": {}}
+        for retailer_id in cancels:
+            cancel["retailers"][retailer_id] = now
+        changes.cancel = cancel
+    counts = Counter(row.counts)
+    work = {c: _working(e) for c, e in row.clients.items()}
+    parties = {p: _working(e) for p, e in row.parties.items()}
+    for clients, retailer_id, _ in deliveries:
+        for is_client, key, entry in _targets(work, parties, clients, retailer_id):
+            if entry is None:
+                continue
+            entry["retailers"][retailer_id] = C.ACKNOWLEDGED.value
+            move(entry, combine(C(s) for s in entry["retailers"].values()), counts, now)
+            _record(changes, is_client, key, entry)
+    _finish(changes, row.state, counts, now)
+    return changes
+
+
+def expired(row: RowState, now: float) -> RowChanges:
+    """The request's deadline passed: every target still open ends (:func:`state_after_deadline`), with the
+    reason in its detail; ``row`` holds every client (or, without clients, every party)."""
+    changes = RowChanges()
+    counts = Counter(row.counts)
+    is_client = bool(row.clients)
+    for key, stored in (row.clients or row.parties).items():
+        entry = _working(stored)
+        if move(entry, state_after_deadline(C(entry["state"])), counts, now):
+            entry["detail"] = {**entry.get("detail", {}), "reason": "no outcome before the request's deadline"}
+            _record(changes, is_client, key, entry)
+    state = _finish(changes, row.state, counts, now)
+    if state is not row.state:
+        changes.finished = (str(row.kind), state, now - float(row.created_at or 0.0))
+    return changes
+
+
+def cancelled(row: RowState, now: float) -> tuple[RowChanges, dict[str, list[str]]]:
+    """A cancel of a request that has not ended: every client not ended is ``cancelled``; returns the changes and
+    every retailer the request addressed with its clients, even one whose entry still reads pending (a round is
+    published before it is recorded as sent, and a revision resets its clients to pending, so the message may be
+    at the broker already; a bridge that never got it stops nothing, and acknowledges)."""
+    changes = RowChanges(state=RequestState.CANCELLED, ended_at=now, cancel={"requested_at": now, "retailers": {}})
+    reached: dict[str, list[str]] = {}
+    counts: Counter[ClientState] = Counter()
+    for cid, stored in row.clients.items():
+        for rid in stored["retailers"]:
+            reached.setdefault(rid, []).append(cid)
+        entry = stored
+        if not C(stored["state"]).terminal:
+            entry = {**_working(stored), "state": C.CANCELLED.value, "updated_at": now}
+            changes.clients[cid] = entry
+        counts[C(entry["state"])] += 1
+    changes.counts = counts
+    return changes, reached

@@ -399,7 +399,7 @@ class HubRelay:
             # now (unacknowledged, they come again).
             self.metrics.replica_held.inc(len(batch))
             return
-        verdicts = await self.book.apply_outcomes([
+        verdicts = await self.book.apply([
             ReportedOutcome(rid, m.request_id, m.client_id, m.state, m.detail, m.trace, m.revision)
             for rid, m in batch],
             self._may_report)

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloud_hub.errors import Conflict
 from cloud_hub.feed import ChangeFeed, Staged
+from cloud_hub.lifecycle import RequestState, RowChanges, RowState
 from cloud_hub.storage import KVStore, Mutation, Row, StoreUnavailable, prefix_stop
 from cloud_hub.storage.sqlite import SqliteKV
+from mhp_wire.messages import ClientState
 
 if TYPE_CHECKING:
     from cloud_hub.settings import HubSettings
 
-__all__ = ["AuditEntry", "Conflict", "HubStore", "StoreUnavailable", "ms", "tkey"]
+__all__ = ["AuditEntry", "Conflict", "HubStore", "RequestCodec", "StoreUnavailable", "ms", "tkey"]
 
 
 def ms(ts: float) -> int:
@@ -105,6 +108,148 @@ def audit_mutation(e: AuditEntry) -> Mutation:
         "a:principal": e.principal.encode(), "a:action": e.action.encode(), "a:right": e.right.encode(),
         "a:allowed": b"1" if e.allowed else b"0", "a:ref": (e.ref or "").encode(), "a:at": _j(e.at),
         **({"a:detail": e.detail.encode()} if e.detail else {})})
+
+
+class RequestCodec:
+    """A request row's cells and the lifecycle's :class:`~cloud_hub.lifecycle.RowState`, both ways.
+
+    The one place the request row's cell names live (``docs/storage.md``): ``r:<field>`` for the request's own
+    fields, ``c:<client>`` per targeted client, ``p:<retailer>`` per party of a request without clients, ``o:<msg>``
+    per queued message. Values are the JSON the row has always held, so existing hub databases load unchanged.
+    """
+
+    META_FOR_OUTCOMES = ("state", "counts", "created_at", "phase", "type", "answered", "targets", "selection")
+
+    @staticmethod
+    def meta(name: str) -> str:
+        """The cell of the request's own field ``name``."""
+        return f"r:{name}"
+
+    @staticmethod
+    def client(client_id: str) -> str:
+        """The cell of one targeted client's entry."""
+        return f"c:{client_id}"
+
+    @staticmethod
+    def party(retailer_id: str) -> str:
+        """The cell of one party (a retailer addressed by a request without clients)."""
+        return f"p:{retailer_id}"
+
+    @staticmethod
+    def message(msg_id: str) -> str:
+        """The cell of one queued outbox message."""
+        return f"o:{msg_id}"
+
+    @classmethod
+    def outcome_columns(cls, client_ids: Iterable[str], owner: bool) -> list[str]:
+        """The cells :meth:`row_state` decodes for outcomes about ``client_ids`` (``owner``: with the replica
+        owning the request)."""
+        return [*dict.fromkeys(cls.client(c) for c in client_ids), *map(cls.meta, cls.META_FOR_OUTCOMES),
+                *([cls.meta("owner")] if owner else [])]
+
+    @staticmethod
+    def owner(cells: dict[str, Any]) -> str | None:
+        """The replica owning the request (None: a hub without replicas, or not read)."""
+        owner: str | None = cells.get("r:owner")
+        return owner
+
+    @staticmethod
+    def row_state(cells: dict[str, Any]) -> RowState | None:
+        """The lifecycle's view of a request's cells, as read (None: no such request)."""
+        if "r:state" not in cells:
+            return None
+        return RowState(
+            state=RequestState(cells["r:state"]),
+            counts=Counter({ClientState(k): v for k, v in cells["r:counts"].items()}),
+            created_at=cells.get("r:created_at"), kind=cells.get("r:type"), phase=cells.get("r:phase"),
+            answered=int(cells.get("r:answered") or 0), targets=int(cells.get("r:targets") or 0),
+            selection=cells.get("r:selection") or {},
+            clients={col[2:]: e for col, e in cells.items() if col.startswith("c:")},
+            parties={col[2:]: e for col, e in cells.items() if col.startswith("p:")},
+            first_dispatch_at=cells.get("r:first_dispatch_at"), cancel=cells.get("r:cancel"))
+
+    @staticmethod
+    def changes(changes: RowChanges) -> dict[str, Any]:
+        """The cells to write for ``changes`` (empty when nothing changed)."""
+        put: dict[str, Any] = {} if changes.cancel is None else {"r:cancel": changes.cancel}
+        put.update({f"c:{cid}": e for cid, e in changes.clients.items()})
+        put.update({f"p:{rid}": e for rid, e in changes.parties.items()})
+        if changes.answered is not None:
+            put["r:answered"] = changes.answered
+        if changes.counts is not None:
+            put["r:counts"] = {k.value: v for k, v in changes.counts.items() if v}
+        if changes.state is not None:
+            put["r:state"] = changes.state.value
+        if changes.ended_at is not None:
+            put["r:completed_at"] = changes.ended_at
+            put["r:phase"] = "done"
+        if changes.first_dispatch_at is not None:
+            put["r:first_dispatch_at"] = changes.first_dispatch_at
+        return put
+
+    @classmethod
+    def target_columns(cls, clients: Sequence[str], retailer_id: str) -> list[str]:
+        """The cells of a message's targets: its clients', or (none) its retailer's as a party."""
+        return [cls.client(c) for c in clients] or [cls.party(retailer_id)]
+
+    @classmethod
+    def sent_columns(cls, messages: Iterable[tuple[Sequence[str], str]]) -> list[str]:
+        """The cells :func:`~cloud_hub.lifecycle.sent` needs for ``(clients, retailer_id)`` of first sends."""
+        cols = [cls.meta("state"), cls.meta("counts"), cls.meta("first_dispatch_at")]
+        for clients, retailer_id in messages:
+            cols += cls.target_columns(clients, retailer_id)
+        return cols
+
+    @classmethod
+    def ack_columns(cls, deliveries: Iterable[tuple[Sequence[str], str]]) -> list[str]:
+        """The cells :func:`~cloud_hub.lifecycle.acknowledged` needs for ``(clients, retailer_id)`` of deliveries."""
+        cols = [cls.meta("state"), cls.meta("counts"), cls.meta("cancel")]
+        for clients, retailer_id in deliveries:
+            cols += cls.target_columns(clients, retailer_id)
+        return cols
+
+    META = ["r:"]
+    """The family of a request's own fields."""
+    TARGETS = ["c:", "p:"]
+    """The families of a request's targets: its clients, or (none) its parties."""
+    WHOLE = [*META, *TARGETS]
+    """The families of a request's own fields and all of its targets (no queued messages)."""
+    WITH_CLIENTS = [*META, "c:"]
+    """The families of a request's own fields and its clients."""
+    WITH_MESSAGES = ["r:", "o:"]
+    """The families of a request's own fields and its queued messages."""
+
+    @classmethod
+    def messages(cls, stored: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The cells of queued messages, from ``{msg_id: stored form}``."""
+        return {cls.message(m): d for m, d in stored.items()}
+
+    @classmethod
+    def message_cells(cls, msg_ids: Iterable[str]) -> list[str] | None:
+        """The cells of ``msg_ids`` to delete (None: none)."""
+        return [cls.message(m) for m in msg_ids] or None
+
+    @classmethod
+    def fields(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The cells of the request's own fields ``{name: value}``."""
+        return {cls.meta(k): v for k, v in values.items()}
+
+    @staticmethod
+    def state_written(put: dict[str, Any]) -> RequestState | None:
+        """The request state cells ``put`` write (None: they leave it as it is)."""
+        state = put.get("r:state")
+        return None if state is None else RequestState(state)
+
+    @staticmethod
+    def with_storage_ms(put: dict[str, Any], storage_ms: float) -> dict[str, Any]:
+        """``put`` with the measured duration of the request's creating write (``docs/storage.md``)."""
+        put["r:storage_ms"] = storage_ms
+        return put
+
+    @staticmethod
+    def stores_storage_ms(put: dict[str, Any]) -> bool:
+        """Whether ``put`` writes the request's measured storage time."""
+        return "r:storage_ms" in put
 
 
 class HubStore:

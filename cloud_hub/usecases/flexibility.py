@@ -14,7 +14,7 @@ from cloud_hub.errors import Conflict, NotFound, OwnerUnavailable
 from cloud_hub.lifecycle import RequestState
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.replicas import Replicas
-from cloud_hub.store import AuditEntry, HubStore
+from cloud_hub.store import AuditEntry, HubStore, RequestCodec
 from cloud_hub.timeline import (
     choose_for_reduction,
     reduction_targets,
@@ -169,9 +169,9 @@ class Flexibility:
     async def finish_availability(self, request_id: str) -> None:
         """Phase two of a load reduction: disconnect the most available clients until the reduction is covered."""
         async with self.book.lock(request_id):
-            req = await self.store.get_request(request_id, ["r:", "c:"])
+            req = await self.store.get_request(request_id, RequestCodec.WHOLE)
             if req is None or req["meta"].get("phase") != "availability":
-                self.book.end_phase(request_id)
+                await self.book.finish_phase(request_id)
                 return
             meta = req["meta"]
             available = {cid: e.get("available_kw", 0.0) for cid, e in req["clients"].items()
@@ -195,28 +195,24 @@ class Flexibility:
                         e["detail"] = {"reason": "no availability answer within respond_within_s"}
                 e["updated_at"] = now
                 counts[e["state"]] += 1
-                put[f"c:{cid}"] = e
+                put[RequestCodec.client(cid)] = e
             selected_kw = round(sum(available[c] for c in chosen), 3)
             targets = reduction_targets(available, chosen, meta["body"]["reduction_kw"])
             items = reduction_items(request_id, by_retailer, targets, meta["body"]["start"], meta["deadline"],
                                      meta.get("revision", 1))
-            put.update({"r:phase": "dispatch", "r:counts": dict(counts),
-                        "r:selection": {"chosen": chosen, "selected_kw": selected_kw,
-                                        "reduction_kw": meta["body"]["reduction_kw"],
-                                        "covered": selected_kw >= meta["body"]["reduction_kw"]}})
+            put.update(RequestCodec.fields({"phase": "dispatch", "counts": dict(counts),
+                                            "selection": {"chosen": chosen, "selected_kw": selected_kw,
+                                                          "reduction_kw": meta["body"]["reduction_kw"],
+                                                          "covered": selected_kw >= meta["body"]["reduction_kw"]}}))
             if not chosen:  # the available answers cover nothing: nothing was reduced
-                state = RequestState.FAILED
-                put.update({"r:state": state.value, "r:completed_at": now, "r:phase": "done"})
-                await self.book.write(request_id, put)
-                return
-            await self.book.add_messages(request_id, items, put)
-            # Only now: when the write fails (storage unavailable), the phase stays due and is closed again.
-            self.book.end_phase(request_id)
+                put.update(RequestCodec.fields({"state": RequestState.FAILED.value, "completed_at": now,
+                                                "phase": "done"}))
+            await self.book.finish_phase(request_id, put, items if chosen else ())
 
     async def cancel(self, who: Principal, request_id: str, forwarded: bool = False) -> Cancelled:
         """Cancel a request that has not ended; every retailer it was sent to is told, and so every home.
         On a replica that does not own the request, the owner does it (``forwarded``: asked by another replica)."""
-        req = await self.store.get_request(request_id, ["r:", "c:", "p:"])
+        req = await self.store.get_request(request_id, RequestCodec.WHOLE)
         if req is None:
             raise NotFound(f"request {request_id!r} does not exist")
         self.access.authorize(who, Action.CANCEL_REQUEST, Context(issuer=req["meta"]["issuer"]))
@@ -228,36 +224,16 @@ class Flexibility:
             return Cancelled.model_validate(await self.replicas.forward_cancel(owner, str(who), request_id))
         if self.replicas is not None:
             self.replicas.check_ready()
-        async with self.book.lock(request_id):
-            req = await self.store.get_request(request_id, ["r:", "c:", "p:"])
-            assert req is not None
-            meta = req["meta"]
-            if RequestState(meta["state"]).terminal:
-                raise Conflict(f"request {request_id} has already ended ({meta['state']})")
-            now = time.time()
-            put: dict[str, Any] = {}
-            reached: dict[str, list[str]] = defaultdict(list)
-            counts: dict[str, int] = defaultdict(int)
-            for cid, e in req["clients"].items():
-                # Every retailer the request addressed, even one whose entry still reads pending: a round is
-                # published before it is recorded as sent (and a revision resets its clients to pending), so the
-                # message may be at the broker already. A bridge that never got it stops nothing, and acknowledges.
-                for rid in e["retailers"]:
-                    reached[rid].append(cid)
-                if not ClientState(e["state"]).terminal:
-                    e["state"] = ClientState.CANCELLED.value
-                    e["updated_at"] = now
-                    put[f"c:{cid}"] = e
-                counts[e["state"]] += 1
-            items = []
-            for rid, cids in sorted(reached.items()):
-                msg = Cancel(request_id=request_id, client_ids=cids)
-                items.append(OutboxItem(msg.msg_id, request_id, rid, "cancel", encode(msg), []))
-            put.update({"r:state": RequestState.CANCELLED.value, "r:completed_at": now, "r:phase": "done",
-                        "r:counts": dict(counts), "r:cancel": {"requested_at": now, "retailers": {}}})
-            await self.book.replace_messages(request_id, put, items, lambda _: True, close=not items)
-        self.metrics.requests_finished.labels(meta["type"], "cancelled").inc()
-        return Cancelled(request_id=request_id, state=RequestState.CANCELLED.value, cancel_sent_to=sorted(reached))
+
+        def messages(reached: dict[str, list[str]]) -> list[OutboxItem]:
+            msgs = [(rid, Cancel(request_id=request_id, client_ids=cids)) for rid, cids in sorted(reached.items())]
+            return [OutboxItem(m.msg_id, request_id, rid, "cancel", encode(m), []) for rid, m in msgs]
+
+        before, kind, told = await self.book.cancel(request_id, messages, time.time())
+        if before.terminal:
+            raise Conflict(f"request {request_id} has already ended ({before.value})")
+        self.metrics.requests_finished.labels(str(kind), "cancelled").inc()
+        return Cancelled(request_id=request_id, state=RequestState.CANCELLED.value, cancel_sent_to=told)
 
     async def owner_cancel(self, principal: str, request_id: str) -> dict[str, Any]:
         """The owner's side of a cancel forwarded by another replica (:data:`cloud_hub.replicas.CancelHandler`):

@@ -17,7 +17,7 @@ from cloud_hub.book import RequestBook
 from cloud_hub.errors import IdempotencyConflict, KeyInProgress
 from cloud_hub.lifecycle import RequestState
 from cloud_hub.replicas import Replicas
-from cloud_hub.store import HubStore, StoreUnavailable
+from cloud_hub.store import HubStore, RequestCodec, StoreUnavailable
 from mhp_wire.messages import (
     new_id,
 )
@@ -176,7 +176,7 @@ class Idempotency:
         and the answer is written, so that every retry gets it."""
         request_id = held["request_id"]
         known = self.book.knows(request_id)
-        owner = (await self.store.get_request_cells(request_id, ["r:owner"])).get("r:owner")
+        owner = RequestCodec.owner(await self.store.get_request_cells(request_id, [RequestCodec.meta("owner")]))
         if not known and (self.replicas is None or owner == self.replicas.me):
             await self.book.resume(request_id)
             log.warning("request %s of Idempotency-Key %r was stored without its answer; queued it now", request_id,

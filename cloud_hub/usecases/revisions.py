@@ -15,7 +15,7 @@ from cloud_hub.book import OutboxItem, RequestBook
 from cloud_hub.errors import Conflict, InvalidBody, NotFound, OwnerUnavailable
 from cloud_hub.lifecycle import RequestState, request_state_from_counts
 from cloud_hub.replicas import Replicas
-from cloud_hub.store import AuditEntry, HubStore
+from cloud_hub.store import AuditEntry, HubStore, RequestCodec
 from cloud_hub.timeline import (
     reduction_targets,
     supplier_at,
@@ -114,7 +114,7 @@ class Revisions:
         change) merged into the stored body, validated by ``validate`` as a new request of that type would be,
         and delivered through the same outboxes; clients the revision removes get a cancel, added ones the
         request (docs/decisions.md, "Revisions"). Honours ``Idempotency-Key`` as the creating POSTs do."""
-        req = await self.store.get_request(request_id, ["r:"])
+        req = await self.store.get_request(request_id, RequestCodec.META)
         if req is None:
             raise NotFound(f"request {request_id!r} does not exist")
         meta = req["meta"]
@@ -135,7 +135,7 @@ class Revisions:
     async def _revise(self, who: Principal, request_id: str, changes: dict[str, Any], validate: BodyValidator,  # noqa: C901, PLR0912, PLR0915
                       right: str, idem: tuple[str, str, str] | None) -> Revised:
         async with self.book.lock(request_id):
-            req = await self.store.get_request(request_id, ["r:", "c:"])
+            req = await self.store.get_request(request_id, RequestCodec.WITH_CLIENTS)
             assert req is not None  # a request row is never deleted
             meta, entries = req["meta"], req["clients"]
             kind, state, now = meta["type"], RequestState(meta["state"]), time.time()
@@ -212,7 +212,7 @@ class Revisions:
                     counts[ClientState.PENDING] += 1
                 e.update({"retailers": {rid: ClientState.PENDING.value}, "state": ClientState.PENDING.value,
                           "detail": {}, "trace": {}, "updated_at": now, "revision": revision})
-                put[f"c:{cid}"] = e
+                put[RequestCodec.client(cid)] = e
                 by_retailer[rid].append(cid)
             for cid in removed:
                 e = entries[cid]
@@ -223,7 +223,7 @@ class Revisions:
                 e.update({"state": ClientState.CANCELLED.value, "updated_at": now, "revision": revision,
                           "removed": revision, "detail": {"reason": f"removed from the request by revision "
                                                                      f"{revision}"}})
-                put[f"c:{cid}"] = e
+                put[RequestCodec.client(cid)] = e
             items = []
             expires = datetime.fromtimestamp(end, UTC)
             if phase == "dispatch":  # the chosen homes keep their own targets (in the order chosen): the window moves
@@ -252,14 +252,14 @@ class Revisions:
             counts = Counter({k: v for k, v in counts.items() if v > 0})
             new_state = RequestState.DISPATCHING if targets or phase == "availability" else (
                 request_state_from_counts(RequestState.DISPATCHING, counts))
-            put.update({"r:body": body_json, "r:revision": revision, "r:revisions": history, "r:deadline": end,
-                        "r:state": new_state.value, "r:counts": {k.value: v for k, v in counts.items()},
-                        "r:completed_at": None})
+            put.update(RequestCodec.fields({"body": body_json, "revision": revision, "revisions": history,
+                                            "deadline": end, "state": new_state.value,
+                                            "counts": {k.value: v for k, v in counts.items()}, "completed_at": None}))
             if kind == "load_reduction":
-                put["r:phase"] = phase
+                put[RequestCodec.meta("phase")] = phase
             else:
-                put["r:phase"] = None
-                put["r:targets"] = len(targets)
+                put[RequestCodec.meta("phase")] = None
+                put[RequestCodec.meta("targets")] = len(targets)
             answer = {"request_id": request_id, "revision": revision, "state": new_state.value}
             audit = [AuditEntry(str(who), cid, Action.REVISE_REQUEST.value, right, ref=request_id, at=now)
                      for cid in sorted({*targets, *removed})]

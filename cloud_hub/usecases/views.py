@@ -9,7 +9,7 @@ from typing import Any
 from cloud_hub.authz import Action, Context, Principal, decide
 from cloud_hub.book import RequestBook
 from cloud_hub.errors import Forbidden, NotFound
-from cloud_hub.store import HubStore
+from cloud_hub.store import HubStore, RequestCodec
 from cloud_hub.usecases.access import Access
 from cloud_hub.usecases.shared import iso
 
@@ -111,7 +111,7 @@ class RequestViews:
         if request_id is None:
             self.access.authorize(who, Action.READ_EVENTS)
             return
-        req = await self.store.get_request(request_id, ["r:issuer", "c:", "p:"])
+        req = await self.store.get_request(request_id, [RequestCodec.meta("issuer"), *RequestCodec.TARGETS])
         if req is None:
             raise NotFound(f"request {request_id!r} does not exist")
         addressed = {r for c in req["clients"].values() for r in c.get("retailers", {})} | set(req["parties"])
