@@ -60,7 +60,11 @@ class GatewayStore:
 
     async def open(self) -> None:
         await self.sql.open()
-        await self.sql.tx(add_reported_column)
+        try:
+            await self.sql.tx(add_reported_column)
+        except BaseException:
+            await self.sql.close()
+            raise
 
     async def close(self) -> None:
         await self.sql.close()
