@@ -1,8 +1,19 @@
-"""The gateway's decisions as pure functions: which loads to shed to hold the home under a power limit."""
+"""The gateway's decisions as pure functions: which loads to shed to hold the home under a power limit, which to
+bring back, whether an action met what it was asked, when the failsafe applies, when a flexible appliance runs, and
+what a command's expiry and revision mean. Every rule of the gateway lives here; nothing here reads a clock, a device,
+the database or the network (times and readings are arguments).
+May import: the gateway's and the drivers' configuration models and :mod:`mhp_wire.messages` (data only).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
+
+from device_drivers.config import DeviceConfig
+from hems_firmware.config import FlexibleSchedule
+from mhp_wire.messages import ApplianceSchedule, Schedule
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,3 +190,168 @@ def failsafe_step(fs: Failsafe, connected: bool, now: float, after_s: float,
     if not fs.spent and now - lost_at >= after_s:
         return Failsafe(lost_at, now, now + duration_s, True), "apply"
     return Failsafe(lost_at=lost_at, spent=fs.spent), None
+
+
+# -- the home as the controller sees it --------------------------------------------------------------------------
+
+
+def finite_kw(value: object) -> float | None:
+    """A reading as a power in kW, or None when it is missing, not a number (a bool is not) or not finite."""
+    if isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def measured_kw(readings: Mapping[str, Mapping[str, object]], meters: Iterable[str]) -> float | None:
+    """The home's import power: the ``active_power_kw`` of the first of ``meters`` that answered, in kW."""
+    for name in meters:
+        value = finite_kw(readings.get(name, {}).get("active_power_kw"))
+        if value is not None:
+            return value
+    return None
+
+
+def cap_kw(readings: Mapping[str, Mapping[str, object]], meters: Iterable[str], contracted_kw: float | None) -> float:
+    """The power the home must stay under when nothing is active: the contracted power a meter reports (the first
+    positive one), else the configured one, else no cap."""
+    for name in meters:
+        kva = readings.get(name, {}).get("contracted_power_kva")
+        if isinstance(kva, float | int) and not isinstance(kva, bool) and kva > 0:
+            return float(kva)
+    return contracted_kw or float("inf")
+
+
+def appliance(schedule: Schedule | None, name: str) -> ApplianceSchedule | None:
+    """The customer's settings for one appliance, if any."""
+    if schedule is None:
+        return None
+    return next((a for a in schedule.appliances if a.device == name), None)
+
+
+def loads(switches: Mapping[str, DeviceConfig], readings: Mapping[str, Mapping[str, object]],
+          schedule: Schedule | None, shed_since: Mapping[str, float], exempt: Container[str], now: float) -> list[Load]:
+    """The switchable appliances as the controller sees them: the customer's schedule overrides the installer's
+    priority, may forbid shedding an appliance, or bound how long it stays off (``shed_since``: monotonic time each
+    was shed; ``exempt``: loads that reached that bound and are not shed again while actions hold the home)."""
+    out = []
+    for name, c in switches.items():
+        on = readings.get(name, {}).get("on")
+        a = appliance(schedule, name)
+        priority = a.priority if a is not None and a.priority is not None else c.priority
+        sheddable = c.sheddable and not (a is not None and a.never_shed)
+        if a is not None and a.max_interruption_s is not None and name in shed_since:
+            sheddable = sheddable and now - shed_since[name] < a.max_interruption_s
+        sheddable = sheddable and name not in exempt
+        out.append(Load(name, c.rated_power_kw, priority, sheddable, on if isinstance(on, bool) else None))
+    return out
+
+
+def sheddable_kw(current: list[Load]) -> float:
+    """What the home claims it can shed now (telemetry's ``sheddable_kw``): :func:`available_kw`, to the watt."""
+    return round(available_kw(current), 3)
+
+
+def rated_sheddable_kw(switches: Iterable[DeviceConfig]) -> float:
+    """Rated power of every load the installer configured as sheddable, on or off: what the home could shed at
+    most, and so the bound of its claim (``sheddable_kw``)."""
+    return round(sum(c.rated_power_kw for c in switches if c.sheddable), 3)
+
+
+def shed_kw(current: list[Load], shed: Container[str]) -> float:
+    """Rated power of the loads in ``shed``, to the watt."""
+    return round(sum(ld.rated_kw for ld in current if ld.name in shed), 3)
+
+
+def due_back(settings: ApplianceSchedule | None, shed_at: float | None, now: float) -> bool:
+    """Whether a load an action holds off must come back on now: the customer forbids shedding it, or it has been
+    off for the longest interruption the customer allows (``shed_at``: monotonic time it was shed)."""
+    if settings is None or shed_at is None:
+        return False
+    return settings.never_shed or (settings.max_interruption_s is not None
+                                   and now - shed_at >= settings.max_interruption_s)
+
+
+def strictest(limits: Mapping[str, float]) -> str | None:
+    """The action holding the home under the lowest limit (the first of equal ones); None when none is active."""
+    return min(limits, key=lambda k: limits[k]) if limits else None
+
+
+def failsafe_limit_kw(limit_kw: float, floor_kw: float) -> float:
+    """The failsafe's import limit: the configured one, never below the legal floor."""
+    return max(limit_kw, floor_kw)
+
+
+def restore_due(last_restore: float, now: float, interval_s: float) -> bool:
+    """Whether the next shed load may come back: ``interval_s`` after the last one (monotonic seconds)."""
+    return now - last_restore >= interval_s
+
+
+# -- commands ------------------------------------------------------------------------------------------------------
+
+
+def command_expired(expires_at: float, now: float) -> bool:
+    """A command that arrives at or after its expiry is refused (reported ``refused``, never executed)."""
+    return expires_at <= now
+
+
+def revision_step(held: int | None, revision: int) -> str:
+    """What a command's revision means against the one stored: ``"new"`` (none stored), ``"newer"`` (it replaces
+    the one in force), ``"same"`` (a redelivery: acknowledged, not executed twice) or ``"stale"`` (older than the
+    one held: acknowledged, ignored, and said so)."""
+    if held is None:
+        return "new"
+    if revision > held:
+        return "newer"
+    return "same" if revision == held else "stale"
+
+
+def judge(reduction: bool, limit_kw: float, target_kw: float | None, shed: float, before_kw: float | None,
+          after_kw: float | None, current: list[Load]) -> Verdict:
+    """Whether an action achieved what it was asked: a load reduction by :func:`judge_reduction`, any import
+    limit (emergency, failsafe, load shift) by :func:`judge_limit`."""
+    if reduction:
+        return judge_reduction(target_kw, shed, before_kw, after_kw, current)
+    return judge_limit(limit_kw, after_kw, current)
+
+
+# -- flexible appliances on the tariff -----------------------------------------------------------------------------
+
+SLOT_S = 900.0
+"""The length of one tariff slot a flexible appliance runs in."""
+
+
+def flexible(configured: Iterable[FlexibleSchedule], schedule: Schedule | None,
+             switches: Container[str]) -> list[FlexibleSchedule]:
+    """Appliances to run in the cheapest slots: the customer's schedule where it says so (for a plug this gateway
+    has), else the installer's configuration; a customer's appliance without ``run_s`` is not tariff-scheduled."""
+    out = {f.device: f for f in configured}
+    if schedule is not None:
+        for a in schedule.appliances:
+            if a.run_s and a.device in switches:
+                out[a.device] = FlexibleSchedule(device=a.device, run_s=a.run_s,
+                                                 allowed=a.allowed or [("00:00", "24:00")])
+            elif a.device in out and not a.run_s:
+                del out[a.device]
+    return list(out.values())
+
+
+def seconds_of_day(hhmm: str) -> float:
+    """``"HH:MM"`` as seconds after midnight (``"24:00"`` is the day's end)."""
+    hh, _, mm = hhmm.partition(":")
+    return int(hh) * 3600.0 + int(mm) * 60.0
+
+
+def day_windows(midnight: float, allowed: Iterable[tuple[str, str]]) -> list[tuple[float, float]]:
+    """The ``allowed`` ``("HH:MM", "HH:MM")`` windows as times of the day starting at ``midnight``; a window that
+    ends before it starts runs over midnight, so it is the day's start to its end plus its start to the day's end."""
+    windows: list[tuple[float, float]] = []
+    for a, b in allowed:
+        s = midnight + seconds_of_day(a)
+        e = midnight + seconds_of_day(b)
+        windows += [(s, e)] if e > s else [(midnight, e), (s, midnight + 86_400)]
+    return windows
+
+
+def in_slot(slots: Iterable[float], t: float, slot_s: float = SLOT_S) -> bool:
+    """Whether ``t`` falls in one of the slots starting at ``slots``: a flexible appliance should run now."""
+    return any(s <= t < s + slot_s for s in slots)

@@ -23,7 +23,7 @@ from pymodbus.constants import ExcCodes
 
 from device_drivers.sim.home import Plug, SimulatedHome, split_device_entries
 from device_drivers.sim.server import ModbusSimServer
-from hems_firmware.daemon import _add_reported_column
+from hems_firmware.store import add_reported_column as _add_reported_column
 from mhp_wire import topics
 from mhp_wire.messages import (
     Ack,

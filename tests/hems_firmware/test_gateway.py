@@ -270,7 +270,7 @@ async def test_telemetry_is_buffered_while_the_broker_is_down_and_replayed_in_or
                 break
     after = [s for s in seen if s > first.seq]
     assert after[:12] == list(range(first.seq + 1, first.seq + 13)), f"lost or reordered: {seen}"
-    left = await rig.gateway.sql.read(lambda db: db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
+    left = await rig.gateway.store.sql.read(lambda db: db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
     assert left < 5, "acknowledged telemetry is dropped from the buffer"
 
 

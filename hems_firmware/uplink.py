@@ -1,0 +1,159 @@
+"""The gateway's uplink: MQTT to its retailer's bridge.
+
+It owns the link, the dispatch of the bridge's messages by type (the commands, cancels and schedules go to the
+handlers the daemon gives it; acknowledgements and error answers it applies to the outboxes itself), the answers
+it sends (``ack``, ``error``) and the two stored outboxes (outcomes, telemetry), re-sent on the shared back-off
+until the bridge acknowledges them. It decides nothing about the home.
+May import: :mod:`mhp_wire` (topics, messages, the MQTT link, the outbox and router cores),
+:mod:`hems_firmware.store` and :mod:`hems_firmware.config`; never the control loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Literal
+
+from hems_firmware.config import Uplink as UplinkSettings
+from hems_firmware.store import GatewayStore, OutcomeTable, TelemetryTable
+from mhp_wire import topics
+from mhp_wire.backoff import delay_s
+from mhp_wire.logsafe import outside
+from mhp_wire.messages import Ack, ErrorReply, Outcome, Tariff, Telemetry, WireError, decode, encode
+from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
+from mhp_wire.outbox import Outbox
+from mhp_wire.process import wait_or_timeout
+from mhp_wire.router import TypeTable
+from mhp_wire.sqlite import StorageError
+
+log = logging.getLogger("hems_firmware.daemon")
+"""The gateway's one log (operators filter on it), whichever of its modules writes."""
+OUTBOX_ROUND = 10_000
+"""Outcomes read and sent per outbox round (a gateway holds a handful; the bound only keeps one read small)."""
+TELEMETRY_ROUND = 500
+"""Buffered telemetry reports sent per round."""
+
+
+class Uplink:
+    """The link to the bridge of gateway ``gateway_id``; ``handlers`` take the bridge's other message types and
+    ``on_tariff`` the tariffs published to every party."""
+
+    def __init__(self, cfg: UplinkSettings, gateway_id: str, store: GatewayStore,
+                 handlers: Mapping[type, Callable[[Any], Awaitable[None]]],
+                 on_tariff: Callable[[Tariff], None], newest_seq: Callable[[], int]) -> None:
+        self.cfg = cfg
+        self.id = gateway_id
+        self.store = store
+        self.on_tariff = on_tariff
+        self.link: MqttLink | None = None
+        self.rejected = 0
+        """Messages refused: undecodable, of a type a gateway does not handle, for another client, stale."""
+        self.from_bridge = TypeTable({**handlers, Ack: self._on_ack, ErrorReply: self._on_error})
+        """The bridge's messages on our ``down`` topic, by type."""
+        self._wake = asyncio.Event()
+        self.outbox = Outbox(OutcomeTable(store, topics.up("gateways", gateway_id)), self._publish,
+                             limit=OUTBOX_ROUND, retry_s=lambda n: delay_s(n, 0.5))
+        """Outcomes (and other answers) to the bridge, stored, re-sent until the bridge acknowledges them."""
+        self.telemetry_outbox = Outbox(TelemetryTable(store, topics.telemetry(gateway_id), newest_seq),
+                                       self._publish, limit=TELEMETRY_ROUND, retry_s=lambda n: delay_s(n, 2.0))
+        """Buffered telemetry, in order, re-sent until acknowledged (the newest retained)."""
+
+    @property
+    def connected(self) -> bool:
+        return self.link is not None and self.link.connected
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[MqttLink]:
+        """Open the link (it reconnects by itself until closed) for the duration of the block."""
+        up = self.cfg
+        link = MqttLink(
+            MqttEndpoint(up.host, up.port, up.username or self.id, up.password, up.tls_ca_file),
+            client_id=self.id,
+            subscriptions=[topics.down("gateways", self.id), topics.PUBLIC_ALL],
+            handler=self.on_message, status_topic=topics.status("gateways", self.id),
+            connect_timeout_s=None,
+        )
+        async with link:
+            self.link = link
+            yield link
+
+    # -- inbound --------------------------------------------------------------------------------------------
+
+    async def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        """Apply one message from the bridge (or a public one)."""
+        public = topic.startswith(topics.PREFIX + "/public/")
+        try:
+            msg = decode(payload)
+        except WireError as exc:
+            self.rejected += 1
+            log.warning("gateway %s refused a message: %s", self.id, outside(exc, 300))
+            if not public:
+                await self.send(ErrorReply(code="invalid", message=str(exc)))
+            return
+        if public:
+            if isinstance(msg, Tariff):
+                self.on_tariff(msg)
+            return
+        if not await self.from_bridge.dispatch(msg):
+            await self.refuse(msg.msg_id, "invalid", f"a gateway does not handle {msg.type!r} messages")
+
+    async def _on_ack(self, msg: Ack) -> None:
+        await self.store.drop_acknowledged(msg.ack_ids)
+
+    async def _on_error(self, msg: ErrorReply) -> None:
+        log.warning("the bridge refused %s: %s", outside(msg.ref_msg_id), outside(msg.message, 300))
+        if msg.ref_msg_id:
+            await self.store.drop_outcome(msg.ref_msg_id)
+
+    # -- outbound -------------------------------------------------------------------------------------------
+
+    async def send(self, msg: Ack | ErrorReply) -> None:
+        """Send an answer now, once (lost if the link is down: the bridge sends its message again)."""
+        if self.link is not None:
+            with contextlib.suppress(MqttError):
+                await self.link.publish(topics.up("gateways", self.id), encode(msg))
+
+    async def acknowledge(self, msg_id: str) -> None:
+        await self.send(Ack(ack_ids=[msg_id]))
+
+    async def refuse(self, ref_msg_id: str | None, code: Literal["invalid", "forbidden", "stale_revision"],
+                     message: str) -> None:
+        """Count a refused message and tell the bridge why."""
+        self.rejected += 1
+        await self.send(ErrorReply(ref_msg_id=ref_msg_id, code=code, message=message))
+
+    async def report(self, out: Outcome) -> bool:
+        """Store a stored command's outcome in the outbox (once per revision, see
+        :meth:`GatewayStore.report`); returns whether it was stored."""
+        stored = await self.store.report(out)
+        if stored:
+            self._wake.set()
+        return stored
+
+    async def put_outcome(self, out: Outcome) -> None:
+        """Store an outcome that answers no stored command (one refused on arrival) in the outbox."""
+        await self.store.put_outcome(out)
+        self._wake.set()
+
+    async def put_telemetry(self, msg: Telemetry, keep: int) -> None:
+        """Buffer one telemetry report (the newest ``keep`` are kept) for the outbox loop to send."""
+        await self.store.put_telemetry(msg, keep)
+        self._wake.set()
+
+    async def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        if self.link is None:
+            raise MqttError("the uplink is not open")
+        await self.link.publish(topic, payload, retain=retain)
+
+    async def outbox_loop(self) -> None:
+        """Send what is due in both outboxes, when woken or every half second, until cancelled."""
+        while True:
+            self._wake.clear()
+            try:
+                await self.outbox.send_due()
+                await self.telemetry_outbox.send_due()
+            except StorageError as exc:
+                log.error("gateway %s outbox paused: %s", self.id, exc)
+            await wait_or_timeout(self._wake, 0.5)
