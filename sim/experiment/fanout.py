@@ -319,7 +319,8 @@ class FanoutExperiment(Experiment):
 
     def _kill_active_bridges(self, outcomes: float) -> list[dict[str, Any]]:
         """SIGKILL each retailer's active bridge process, the one holding its instance lock (the hub has received
-        ``outcomes`` outcome messages of the run); its standby takes over."""
+        ``outcomes`` outcome messages of the run); its standby takes over, and the killed one is started again, as a
+        supervisor would, to be the next standby (so that every run has one)."""
         kills: list[dict[str, Any]] = []
         for r in self.retailer_ids:
             pid = holder_pid(self.bridge_lock(r))
@@ -335,6 +336,7 @@ class FanoutExperiment(Experiment):
                      f"{outcomes:.0f} outcome messages")
             kills.append({"retailer": r, "killed": name, "pid": proc.pid, "at": time.time(),
                           "hub_outcomes_before": int(outcomes)})
+            self._spawn(name, list(proc.args))  # type: ignore[arg-type]
         return kills
 
     def _start_fleets(self, r: str, broker: MosquittoProcess) -> None:
