@@ -88,3 +88,16 @@ def test_two_bridge_processes_the_active_one_killed_mid_emergency_lose_nothing(t
     got = {g: n for s in stats for g, (n, _) in s["commands"][run["request_id"]].items()}
     assert len(got) == GATEWAYS and min(got.values()) >= 1
     assert run["duplicate_commands"] == sum(n - 1 for n in got.values())
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--kill-bridge-after-outcomes", "1"], "needs --bridge-instances 2 or more"),
+    (["--bridge-instances", "2", "--kill-bridge-after-outcomes", "0"], "must be positive"),
+    (["--bridge-instances", "0"], "--bridge-instances must be positive"),
+])
+def test_the_experiment_refuses_a_kill_without_a_standby_with_a_clear_error(tmp_path: Path, args: list[str],
+                                                                             says: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "sim.cli", "experiment", "fanout", "--out", str(tmp_path / "x"),
+                           "--gateways", "10", *args], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
