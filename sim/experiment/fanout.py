@@ -27,6 +27,11 @@ acknowledgement is the floor; each of our runs gets its ratio to the floor's med
 floor's, also reports CPU milliseconds per client per process and per group (``product`` = hub + bridges,
 ``fleet`` = the simulated gateways, ``brokers``, ``experiment`` = this process, which is the floor's commander),
 so the simulated fleet's own cost is visible and not charged to the product.
+
+``--bridge-instances N`` starts N bridge processes per retailer on one store and one instance lock (one active,
+the others standbys: ``retailer_bridge.instance_lock``); ``--kill-bridge-after-outcomes K`` kills the active one
+with SIGKILL in each run once the hub has counted K outcome messages of it, and starts it again as the next
+standby. Each run's ``bridge_kills`` in ``results.json`` names the process killed and the hub's count then.
 """
 
 from __future__ import annotations
