@@ -8,6 +8,7 @@ import logging
 from mhp_wire import topics
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.ratelimit import RateLimiter
+from retailer_bridge.instance_lock import active_instance
 from retailer_bridge.personal_area import PersonalArea
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.settings import BridgeSettings
@@ -35,7 +36,14 @@ class Bridge:
         """The customers' personal area while it runs (``personal_area.address``: where it listens)."""
 
     async def run(self) -> None:
-        """Run until cancelled."""
+        """Run until cancelled; with ``instance_lock_path``, first wait (as a standby) until this process holds it."""
+        if self.settings.instance_lock_path is None:
+            await self._run()
+            return
+        async with active_instance(self.settings.instance_lock_path):
+            await self._run()
+
+    async def _run(self) -> None:
         s, rid = self.settings, self.settings.retailer_id
         await self.store.open()
         await self.relay.load_customers()  # the hub's announcements survive a restart: before any message is read

@@ -33,6 +33,10 @@ class BridgeSettings(BaseSettings):
     local_mqtt_password: str = ""
     local_mqtt_tls_ca_file: str | None = None
     db_path: Path = Path("state/bridge.db")
+    instance_lock_path: Path | None = None
+    """Several bridge processes of this retailer on one host (same ``db_path``, same file here): the one holding
+    this file's lock is active, the others wait as standbys and take over when it dies (``retailer_bridge/
+    instance_lock.py``). None: one process, no lock."""
     customers: dict[str, str] = Field(default_factory=dict)
     """``client_id -> gateway_id`` of this retailer's customers."""
     customers_file: Path | None = None

@@ -77,10 +77,16 @@ def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--gateways, --retailers, --runs, --per-fleet and --timeout-s must be positive")
     if args.retailers > args.gateways:
         parser.error("--retailers cannot exceed --gateways (each retailer needs at least one client)")
+    if args.bridge_instances < 1:
+        parser.error("--bridge-instances must be positive")
+    if args.kill_bridge_after_outcomes is not None and (args.kill_bridge_after_outcomes < 1
+                                                        or args.bridge_instances < 2):
+        parser.error("--kill-bridge-after-outcomes must be positive and needs --bridge-instances 2 or more")
     res = fanout_mod.run(fanout_mod.FanoutParams(out=args.out, gateways=args.gateways, retailers=args.retailers,
                                                  runs=args.runs, per_fleet=args.per_fleet, timeout_s=args.timeout_s,
                                                  peer=args.peer or "", via=args.via or "", vens=args.vens,
-                                                 floor=args.floor))
+                                                 floor=args.floor, bridge_instances=args.bridge_instances,
+                                                 kill_bridge_after_outcomes=args.kill_bridge_after_outcomes))
     s = res["summary"]
     print(f"[fanout] done: {s['runs']} run(s); all executed every run: {s['all_executed_every_run']}; missing "
           f"{s['missing_commands']}, duplicates {s['duplicate_commands']}; 100 % executed by {s['t100_s_best']} s "
@@ -138,6 +144,12 @@ def _add_fanout(sub: Any) -> None:
     fanout.add_argument("--floor", action="store_true",
                         help="also run the bare MQTT command+ack floor (same brokers, N and fleet layout) --runs "
                              "times and report each run's ratio to it")
+    fanout.add_argument("--bridge-instances", type=int, default=1,
+                        help="bridge processes per retailer (one store and instance lock: one active, the others "
+                             "standbys)")
+    fanout.add_argument("--kill-bridge-after-outcomes", type=int,
+                        help="in each run, once the hub has received this many outcome messages of it, kill -9 each "
+                             "retailer's active bridge (its standby takes over)")
 
 
 def _add_peer(sub: Any) -> None:

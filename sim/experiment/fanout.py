@@ -27,6 +27,11 @@ acknowledgement is the floor; each of our runs gets its ratio to the floor's med
 floor's, also reports CPU milliseconds per client per process and per group (``product`` = hub + bridges,
 ``fleet`` = the simulated gateways, ``brokers``, ``experiment`` = this process, which is the floor's commander),
 so the simulated fleet's own cost is visible and not charged to the product.
+
+``--bridge-instances N`` starts N bridge processes per retailer on one store and one instance lock (one active,
+the others standbys: ``retailer_bridge.instance_lock``); ``--kill-bridge-after-outcomes K`` kills the active one
+with SIGKILL in each run once the hub has counted K outcome messages of it, and starts it again as the next
+standby. Each run's ``bridge_kills`` in ``results.json`` names the process killed and the hub's count then.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -57,6 +63,7 @@ from broker_config.render import GENERATED_PASSWORD_ITERATIONS
 from mhp_wire import topics
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.secretfile import write_private
+from retailer_bridge.instance_lock import holder_pid
 from sim.experiment.base import BaseParams, Experiment, machine, proc_sample
 from sim.experiment.dso_sim import pct
 from sim.fleet import FLOOR_PREFIX
@@ -97,9 +104,20 @@ class FanoutParams:
     """VENs of ``via`` (0: as many as gateways)."""
     floor: bool = False
     """Also measure the bare MQTT command+ack floor (``runs`` times, before the bridges start) and each ratio."""
+    bridge_instances: int = 1
+    """Bridge processes per retailer: one store, one instance lock; one is active, the others its standbys."""
+    kill_bridge_after_outcomes: int | None = None
+    """In each run, as soon as the hub has received this many outcome messages of it (a condition, not a time: the
+    kill falls mid-way however fast the machine), SIGKILL the active bridge process of every retailer; its standby
+    takes over (needs ``bridge_instances`` > 1)."""
 
 
 FLOOR_FIELDS = ("run", "clients", "acked", "duplicates", "t50_s", "t90_s", "t99_s", "t100_s", "loadavg_1m")
+
+
+def bridge_name(r: str, k: int) -> str:
+    """The process name of retailer ``r``'s ``k``-th bridge process (0: ``bridge-{r}``)."""
+    return f"bridge-{r}" if k == 0 else f"bridge-{r}-{k + 1}"
 
 
 def process_group(name: str) -> str:
@@ -286,14 +304,45 @@ class FanoutExperiment(Experiment):
         return runs, setup
 
     def _start_bridge(self, r: str, hub_port: int, password: str, broker: MosquittoProcess) -> None:
+        """Start retailer ``r``'s bridge processes: ``bridge-{r}``, then its standbys ``bridge-{r}-2`` ..."""
         cfg = self.work / f"bridge-{r}.toml"
-        write_private(cfg, tomli_w.dumps({"bridge": {
+        settings: dict[str, Any] = {
             "retailer_id": r, "hub_mqtt_port": hub_port, "hub_mqtt_password": password,
             "local_mqtt_port": broker.port, "local_mqtt_password": broker.spec.privileged.password,
             "db_path": str(self.work / f"bridge-{r}.db"), "telemetry_store": "none",
-            "customers": {c: gateway_of(c) for c in self.clients_of[r]}}}))
-        self._spawn(f"bridge-{r}", [sys.executable, "-m", "retailer_bridge.cli", "--log-level", "WARNING", "run",
-                                    "--config", str(cfg)])
+            "customers": {c: gateway_of(c) for c in self.clients_of[r]}}
+        if self.fp.bridge_instances > 1:
+            settings["instance_lock_path"] = str(self.bridge_lock(r))
+        write_private(cfg, tomli_w.dumps({"bridge": settings}))
+        for k in range(self.fp.bridge_instances):
+            self._spawn(bridge_name(r, k), [sys.executable, "-m", "retailer_bridge.cli", "--log-level", "WARNING",
+                                            "run", "--config", str(cfg)])
+
+    def bridge_lock(self, r: str) -> Path:
+        """Retailer ``r``'s bridge instance lock (its holder's pid inside)."""
+        return self.work / f"bridge-{r}.lock"
+
+    def _kill_active_bridges(self, outcomes: float) -> list[dict[str, Any]]:
+        """SIGKILL each retailer's active bridge process, the one holding its instance lock (the hub has received
+        ``outcomes`` outcome messages of the run); its standby takes over, and the killed one is started again, as a
+        supervisor would, to be the next standby (so that every run has one)."""
+        kills: list[dict[str, Any]] = []
+        for r in self.retailer_ids:
+            pid = holder_pid(self.bridge_lock(r))
+            name = next((n for n, p in self.procs.items() if p.pid == pid and p.poll() is None), None)
+            if name is None:
+                kills.append({"retailer": r, "killed": None, "hub_outcomes_before": int(outcomes)})
+                continue
+            proc = self.procs[name]
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            self.pids.pop(name, None)
+            self.log(f"killed {name} (pid {proc.pid}), the active bridge of {r}, with SIGKILL after "
+                     f"{outcomes:.0f} outcome messages")
+            kills.append({"retailer": r, "killed": name, "pid": proc.pid, "at": time.time(),
+                          "hub_outcomes_before": int(outcomes)})
+            self._spawn(name, list(proc.args))  # type: ignore[arg-type]
+        return kills
 
     def _start_fleets(self, r: str, broker: MosquittoProcess) -> None:
         clients = self.clients_of[r]
@@ -345,11 +394,15 @@ class FanoutExperiment(Experiment):
         resp.raise_for_status()
         request_id = resp.json()["request_id"]
         self.log(f"run {n}/{fp.runs}: {request_id} accepted in {post_ms:.1f} ms")
+        kills: list[dict[str, Any]] | None = None
         done_at = None
         last_progress = last_check = time.monotonic()
         while time.time() - t_post < fp.timeout_s:
             await asyncio.sleep(0.05)
             metrics = await self._metrics(http)
+            if (kills is None and fp.kill_bridge_after_outcomes is not None
+                    and metrics["outcomes"] - outcomes_before >= fp.kill_bridge_after_outcomes):
+                kills = self._kill_active_bridges(metrics["outcomes"] - outcomes_before)
             if metrics["finished"] > finished_before:
                 done_at = time.time()
                 break
@@ -382,6 +435,8 @@ class FanoutExperiment(Experiment):
                "executed_s": sorted(round(t, 4) for t in times), "post_at": t_post, "trace": view.get("trace", {}),
                "cpu_s": {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 3) for k in cpu_after},
                "loadavg_1m": load_before}
+        if kills is not None:
+            run["bridge_kills"] = kills
         for q in QUANTILES:
             run[f"t{q}_s"] = time_to_fraction(times, len(self.client_ids), q)
         run["within_target"] = run["t100_s"] is not None and run["t100_s"] <= TARGET_S
