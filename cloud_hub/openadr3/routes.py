@@ -12,11 +12,12 @@ import base64
 import binascii
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import parse_qs, unquote_plus
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -172,14 +173,37 @@ async def _tariff_events(service: HubService, who: Principal) -> list[dict[str, 
         return []
 
 
+EventFilter = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def _no_filter(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return events
+
+
+def _target_filter(target_type: Annotated[str | None, Query(alias="targetType", max_length=64)] = None,
+                   target_values: Annotated[list[str] | None, Query(alias="targetValues")] = None,
+                   targets: Annotated[list[str] | None, Query(alias="targets", max_length=100)] = None,
+                   ) -> EventFilter:
+    """The events' target filters of the query: 3.0's ``targetType``/``targetValues`` (an event with any of the
+    values), 3.1.0's ``targets`` (an event with every one of the strings, client ids, among its own)."""
+    def keep(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if target_type is not None and target_values:
+            events = _targeted(events, target_type, set(target_values))
+        if targets:
+            events = [e for e in events
+                      if set(targets) <= set(mapping.targets_out(e.get("targets"), mapping.SPEC_VERSION) or [])]
+        return events
+    return keep
+
+
 @router.get("/events", response_model=list[Event], response_model_exclude_unset=True, responses=errors(403))
 async def get_events(request: Request, who: Caller, service: Service, skip: Skip = 0, limit: Limit = 50,
                      program_id: Annotated[str | None, Query(alias="programID", max_length=128)] = None,
-                     target_type: Annotated[str | None, Query(alias="targetType", max_length=64)] = None,
-                     target_values: Annotated[list[str] | None, Query(alias="targetValues")] = None,
+                     targeted: Annotated[EventFilter, Depends(_target_filter)] = _no_filter,
                      ) -> list[dict[str, Any]]:
     """The events the caller may see: a VEN its own (only its clients in them) and the tariff; the DSO those of
-    the requests it issued."""
+    the requests it issued. Filters: 3.0's ``targetType``/``targetValues`` (any of the values), 3.1.0's
+    ``targets`` (every one of the strings, client ids, among the event's)."""
     events: list[dict[str, Any]] = []
     if program_id in (None, mapping.TARIFF_PROGRAM):
         events += await _tariff_events(service, who)
@@ -188,8 +212,7 @@ async def get_events(request: Request, who: Caller, service: Service, skip: Skip
         events += await _ven_events(request, service, who, program_id, room)
     elif who.kind == "dso":
         events += await _dso_events(service, who, program_id, room)
-    if target_type is not None and target_values:
-        events = _targeted(events, target_type, set(target_values))
+    events = targeted(events)
     version = _version(request)
     return [_shaped(e, version) for e in _page(events, skip, limit)]
 

@@ -125,6 +125,17 @@ async def test_a_dsos_event_is_taken_in_its_paths_shape_and_refused_in_the_other
     for made, clients in ((made31, {"c1", "c2"}), (made30, {"c2"})):
         req = (await hub.http.get(f"/v1/requests/{made.json()['id']}", headers=dso)).json()
         assert req["type"] == "emergency" and set(req["clients"]) == clients
+    # 3.1.0's targets filter: every string named must be among the event's (at either path).
+    async def ids(**params: Any) -> list[str]:
+        r = await hub.http.get(f"{BASE_PATH}/events", headers=dso, params=params)
+        assert r.status_code == 200, r.text
+        return [e["id"] for e in r.json()]
+
+    made = {made31.json()["id"], made30.json()["id"]}
+    assert made & set(await ids(targets="c1")) == {made31.json()["id"]}
+    assert made & set(await ids(targets=["c1", "c2"])) == {made31.json()["id"]}
+    assert made & set(await ids(targets="c2")) == made
+    assert await ids(targets="c3") == []
     # Cancelled at one path, answered in that path's shape.
     gone = await hub.http.delete(f"{BASE_PATH}/events/{made30.json()['id']}", headers=dso)
     assert gone.status_code == 200 and gone.json()["targets"] == ["c2"], gone.text
