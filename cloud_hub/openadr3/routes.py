@@ -379,8 +379,10 @@ async def create_ven(body: VenBody, request: Request, who: Caller, service: Serv
     row = await kv.get(TABLE, f"ven|{body.venName}")
     stored = json.loads(row["d:o"]) if row else {"createdDateTime": mapping._iso(time.time())}
     stored["attributes"] = body.attributes
+    version = _version(request)
+    stored["version"] = version  # its MQTT notifications' shape of targets (registering again changes it)
     await kv.batch([Mutation(TABLE, f"ven|{body.venName}", {"d:o": json.dumps(stored).encode()})])
-    _notifier(request).vens.add(body.venName)  # its events are indexed and notified from now on
+    _notifier(request).vens[body.venName] = version  # its events are indexed and notified from now on
     return _ven_object(body.venName, stored)
 
 
@@ -557,7 +559,7 @@ async def create_subscription(body: SubscriptionBody, request: Request, who: Cal
                     **({"bearerToken": str(token)[:2000]} if token else {})})
     now = mapping._iso(time.time())
     sub = {"id": new_id(), "objectType": "SUBSCRIPTION", "createdDateTime": now, "modificationDateTime": now,
-           "clientName": body.clientName, "objectOperations": ops, "owner": str(who),
+           "clientName": body.clientName, "objectOperations": ops, "owner": str(who), "version": version,
            **({"programID": body.programID} if body.programID else {}),
            **({"targets": targets} if targets else {})}
     await _notifier(request).put_subscription(sub)
@@ -565,7 +567,7 @@ async def create_subscription(body: SubscriptionBody, request: Request, who: Cal
 
 
 def _public(sub: dict[str, Any], version: str) -> dict[str, Any]:
-    return _shaped({k: v for k, v in sub.items() if k != "owner"}, version)
+    return _shaped({k: v for k, v in sub.items() if k not in ("owner", "version")}, version)
 
 
 def _owned(request: Request, service: HubService, who: Principal, sub_id: str) -> dict[str, Any]:

@@ -108,13 +108,13 @@ async def test_an_openadr3_client_ven_joins_gets_an_emergency_by_webhook_and_mqt
         assert receiver.delivered[0][0]["authorization"] == "Bearer the-ven-checks-this"
         assert note["objectType"] == "EVENT" and note["operation"] == "CREATE"
         assert note["object"]["id"] == request_id and note["object"]["programID"] == "mhp-emergency"
-        assert _resources(note["object"]) == ["c1"] and '"c2"' not in json.dumps(note)
+        assert note["object"]["targets"] == ["c1"] and '"c2"' not in json.dumps(note)  # 3.1.0's shape
 
         # By MQTT on the topic openadr3-client was given; r2's login got nothing of it.
         got = await asyncio.to_thread(mqtt_r1.next_message, 10)
         assert got.topic == topics_r1["CREATE"]
         pushed = json.loads(got.payload)
-        assert pushed["object"]["id"] == request_id and _resources(pushed["object"]) == ["c1"]
+        assert pushed["object"]["id"] == request_id and pushed["object"]["targets"] == ["c1"]
         try:
             leaked = mqtt_r2.next_message(0.3)
             raise AssertionError(f"r2 got r1's notification on {leaked.topic}")

@@ -5,12 +5,15 @@ a real hub (uvicorn, SQLite, Mosquitto from broker_config) and a real webhook re
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from cloud_hub.openadr3 import BASE_PATH, BASE_PATH_30, mapping
+from tests.broker_config.paho_client import TestClient
 from tests.cloud_hub.openadr3_parts import Receiver, emergency, join, oadr_hub, receiver, token, wait_for
 from tests.hub_fixtures import HubHandle
 
@@ -157,3 +160,36 @@ async def test_a_subscriptions_targets_in_each_versions_shape(oadr_hub: HubHandl
     seen30 = (await hub.http.get(f"{BASE_PATH_30}/subscriptions/{sid}", headers=h1)).json()
     assert seen30["targets"] == [{"type": "RESOURCE_NAME", "values": ["c1"]}]
     assert [s["targets"] for s in (await hub.http.get(f"{BASE_PATH}/subscriptions", headers=h1)).json()] == [["c1"]]
+
+
+async def test_notifications_carry_targets_in_the_shape_of_the_version_registered_or_subscribed_with(
+        oadr_hub: HubHandle, receiver: Receiver) -> None:
+    """r1 registers and subscribes at 3.1.0, r2 at 3.0.1: each is notified (MQTT, webhook) in its own shape."""
+    hub = oadr_hub
+    bases = {"r1": BASE_PATH, "r2": BASE_PATH_30}
+    mqtt: dict[str, TestClient] = {}
+    try:
+        for ven, base in bases.items():
+            h = await token(hub, ven)
+            assert (await hub.http.post(f"{base}/vens", headers=h, json={"venName": ven})).status_code == 201
+            r = await hub.http.post(f"{base}/subscriptions", headers=h, json={
+                "clientName": f"ven-{ven}", "objectOperations": [{"objects": ["EVENT"], "operations": ["CREATE"],
+                                                                 "callbackUrl": receiver.url, "bearerToken": ven}]})
+            assert r.status_code == 201, r.text
+            all_topic = (await hub.http.get(f"{base}/notifiers/mqtt/topics/vens/{ven}/events", headers=h)
+                         ).json()["topics"]["ALL"]
+            client = TestClient(hub.broker.host, hub.broker.port, ven, hub.broker.identities[ven].password)
+            mqtt[ven] = client
+            assert not client.connect().is_failure and not client.subscribe(all_topic).is_failure
+        request_id, _ = await emergency(hub.http, hub.auth("dso"), ["c1", "c2"])
+        want = {"r1": ["c1"],
+                "r2": [{"type": "RESOURCE_NAME", "values": ["c2"]}, {"type": "VEN_NAME", "values": ["r2"]}]}
+        for ven, client in mqtt.items():
+            pushed = json.loads((await asyncio.to_thread(client.next_message, 10)).payload)
+            assert pushed["object"]["id"] == request_id and pushed["object"]["targets"] == want[ven], pushed
+        await receiver.events(2)
+        hooked = {h["authorization"].removeprefix("Bearer "): json.loads(b)["object"] for h, b in receiver.delivered}
+        assert {ven: obj["targets"] for ven, obj in hooked.items()} == want
+    finally:
+        for client in mqtt.values():
+            client.close()
