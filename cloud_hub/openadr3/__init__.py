@@ -13,17 +13,19 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from cloud_hub.openadr3.mapping import BASE_PATH
+from cloud_hub.openadr3 import mapping
+from cloud_hub.openadr3.mapping import BASE_PATH, BASE_PATH_30
 from cloud_hub.openadr3.notifier import Notifier
 from cloud_hub.openadr3.routes import router
 
-__all__ = ["BASE_PATH", "Notifier", "mount"]
+__all__ = ["BASE_PATH", "BASE_PATH_30", "Notifier", "mount"]
 
 
 def mount(app: FastAPI) -> None:
     """Serve the facade on ``app`` (the hub): its routes, and its notifier started inside the hub's lifespan once
     the store, the change feed, the relay and the webhooks are open (and stopped before them)."""
-    app.include_router(router)
+    for base in mapping.VERSIONS:  # the same routes at /openadr3/3.1.0 and /openadr3/3.0.1 (targets' shape differs)
+        app.include_router(router, prefix=base)
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager

@@ -18,6 +18,11 @@ from mhp_wire.messages import ClientState
 SPEC_VERSION = "3.1.0"
 BASE_PATH = f"/openadr3/{SPEC_VERSION}"
 """Where the facade is mounted; a VEN's ``vtn_url`` is the hub's URL followed by this."""
+SPEC_VERSION_30 = "3.0.1"
+BASE_PATH_30 = f"/openadr3/{SPEC_VERSION_30}"
+"""The same facade for OpenADR 3.0 clients (toadr3, openadr3-client's 3.0.1 VEN): targets as ``{type, values}``."""
+VERSIONS = {BASE_PATH: SPEC_VERSION, BASE_PATH_30: SPEC_VERSION_30}
+"""Each base path and the OpenADR version whose shape of ``targets`` it answers and takes."""
 
 PROGRAM_OF_TYPE = {"emergency": "mhp-emergency", "load_shift": "mhp-load-shift",
                    "load_reduction": "mhp-load-reduction"}
@@ -255,6 +260,33 @@ def _event_clients(event: Mapping[str, Any]) -> list[str]:
     if not clients:
         raise MappingError("an event needs a RESOURCE_NAME target naming the clients")
     return clients
+
+
+def targets_out(targets: list[Any] | None, version: str) -> list[Any] | None:
+    """An object's ``targets`` (kept in 3.0's ``{type, values}`` shape inside the hub) in ``version``'s shape: as
+    they are for 3.0.1; for 3.1.0 a list of strings, the ``RESOURCE_NAME`` values (client ids) in order (the VEN an
+    event concerns is the one that reads it, its ``VEN_NAME`` target is not repeated as a string)."""
+    if targets is None or version != SPEC_VERSION:
+        return targets
+    return [str(v) for t in targets if isinstance(t, Mapping) and t.get("type") == "RESOURCE_NAME"
+            for v in t.get("values") or []]
+
+
+def targets_in(targets: list[Any] | None, version: str) -> list[dict[str, Any]] | None:
+    """Incoming ``targets`` in ``version``'s shape, as the hub keeps them (3.0's ``{type, values}``); raises
+    :class:`MappingError` on the other version's shape: 3.1.0 takes strings (client ids, ``RESOURCE_NAME``),
+    3.0.1 takes ``{type, values}`` objects."""
+    if targets is None:
+        return None
+    if version == SPEC_VERSION:
+        if not all(isinstance(t, str) for t in targets):
+            raise MappingError(f"OpenADR {SPEC_VERSION}'s targets are strings (client ids); {{type, values}} "
+                               f"targets are OpenADR 3.0's: use {BASE_PATH_30}")
+        return [{"type": "RESOURCE_NAME", "values": list(targets)}] if targets else []
+    if not all(isinstance(t, Mapping) and isinstance(t.get("values", []), list) for t in targets):
+        raise MappingError(f"OpenADR {SPEC_VERSION_30}'s targets are {{type, values}} objects; targets as strings "
+                           f"are OpenADR 3.1's: use {BASE_PATH}")
+    return [dict(t) for t in targets]
 
 
 def _emergency_body(start: float, duration: float, payloads: Mapping[Any, Any]) -> dict[str, Any]:

@@ -125,7 +125,8 @@ class Event(OadrObject):
     modificationDateTime: str | None = None
     eventName: str | None = None
     priority: int | None = None
-    targets: list[ValuesMap] | None = None
+    # OpenADR 3.0's {type, values} (at /openadr3/3.0.1) or 3.1's strings (at /openadr3/3.1.0).
+    targets: list[ValuesMap] | list[str] | None = None
     payloadDescriptors: list[EventPayloadDescriptor] | None = None
     reportDescriptors: list[ReportDescriptor] | None = None
     intervalPeriod: IntervalPeriod | None = None
@@ -179,7 +180,7 @@ class Subscription(OadrObject):
     clientName: str
     programID: str | None = None
     objectOperations: list[ObjectOperation]
-    targets: list[dict[str, Any]] | None = None
+    targets: list[dict[str, Any]] | list[str] | None = None
 
 
 class MqttNotifier(OadrObject):

@@ -71,9 +71,10 @@ class Notifier:
         self.now = now
         self.sleep = sleep
         self.subscriptions: dict[str, dict[str, Any]] = {}
-        self.vens: set[str] = set()
-        """The retailers registered as VENs (``POST /vens``): only their events are indexed and notified, so a
-        platform whose retailers all run bridges pays nothing for the door."""
+        self.vens: dict[str, str] = {}
+        """The retailers registered as VENs (``POST /vens``), each with the OpenADR version of the base path it
+        registered on (its MQTT notifications' shape of ``targets``): only their events are indexed and notified,
+        so a platform whose retailers all run bridges pays nothing for the door."""
         self._seen: dict[str, tuple[str, int | None, str | None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -99,8 +100,9 @@ class Notifier:
 
     async def start(self) -> None:
         """Load the subscriptions and follow the feed from the stored cursor (from now on, the first time)."""
-        self.vens = {r[len("ven|"):] for r, _ in await self.kv.scan(TABLE, start="ven|", stop=prefix_stop("ven|"),
-                                                                      columns=["d:o"])}
+        # A VEN registered before the versions were told apart was notified in 3.0's shape: it still is.
+        self.vens = {r[len("ven|"):]: json.loads(c["d:o"]).get("version", mapping.SPEC_VERSION_30)
+                     for r, c in await self.kv.scan(TABLE, start="ven|", stop=prefix_stop("ven|"), columns=["d:o"])}
         for _, cells in await self.kv.scan(TABLE, prefix="sub|"):
             sub = json.loads(cells["d:o"])
             self.subscriptions[sub["id"]] = sub
@@ -189,8 +191,18 @@ class Notifier:
         return writes, notes
 
     async def notify(self, ven: str, object_type: str, operation: str, obj: dict[str, Any]) -> None:
-        """Tell ``ven`` of a change of one of its objects: on its MQTT topic and to its webhook subscriptions."""
-        body = _j({"objectType": object_type, "operation": operation, "object": obj})
+        """Tell ``ven`` of a change of one of its objects: on its MQTT topic (the object's ``targets`` in the shape
+        of the version the VEN registered with) and to its webhook subscriptions (in the shape of the version each
+        was made with); 3.0's shape for those stored before the versions were told apart."""
+        bodies: dict[str, bytes] = {}
+
+        def shaped(version: str) -> bytes:
+            if version not in bodies:
+                out = obj if "targets" not in obj else {**obj, "targets": mapping.targets_out(obj["targets"], version)}
+                bodies[version] = _j({"objectType": object_type, "operation": operation, "object": out})
+            return bodies[version]
+
+        body = shaped(self.vens.get(ven, mapping.SPEC_VERSION_30))
         link = self.relay.link
         if link is not None:
             try:
@@ -209,7 +221,8 @@ class Notifier:
             for oo in sub["objectOperations"]:
                 if object_type in oo["objects"] and (operation in oo["operations"] or "ALL" in oo["operations"]
                                                      or _verb(operation) in oo["operations"]):
-                    task = asyncio.create_task(self._deliver(oo["callbackUrl"], oo.get("bearerToken"), body),
+                    hook_body = shaped(sub.get("version", mapping.SPEC_VERSION_30))
+                    task = asyncio.create_task(self._deliver(oo["callbackUrl"], oo.get("bearerToken"), hook_body),
                                                name=f"openadr3-webhook-{sub['id']}")
                     self._deliveries.add(task)
                     task.add_done_callback(self._deliveries.discard)

@@ -1,4 +1,5 @@
-"""The OpenADR 3.1 VTN's REST paths, under ``/openadr3/3.1.0`` (``mapping.BASE_PATH``).
+"""The OpenADR 3.1 VTN's REST paths, under ``/openadr3/3.1.0`` (``mapping.BASE_PATH``) and, the same routes in
+OpenADR 3.0's shape of ``targets``, under ``/openadr3/3.0.1`` (``mapping.BASE_PATH_30``).
 
 Thin: the bearer token is the hub's (``cloud_hub.api.deps.Caller``), every decision on client data is
 ``cloud_hub.authz.decide`` (through the service), the objects are built by ``cloud_hub.openadr3.mapping``.
@@ -11,11 +12,12 @@ import base64
 import binascii
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import parse_qs, unquote_plus
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,7 +46,8 @@ from cloud_hub.timeline import supplier_at
 from mhp_wire import topics
 from mhp_wire.messages import Measurement, Measurements, new_id
 
-router = APIRouter(prefix=mapping.BASE_PATH, tags=["openadr3"])
+router = APIRouter(tags=["openadr3"])
+"""Mounted once per base path of ``mapping.VERSIONS`` (``cloud_hub.openadr3.mount``)."""
 
 ObjId = Annotated[str, Path(min_length=1, max_length=128)]
 Skip = Annotated[int, Query(ge=0, le=1_000_000)]
@@ -65,6 +68,22 @@ def _ven_of(who: Principal) -> str:
     return who.retailer_id
 
 
+def _version(request: Request) -> str:
+    """The OpenADR version of the base path a request came in on (its shape of ``targets``)."""
+    path = request.url.path
+    for base, version in mapping.VERSIONS.items():
+        if path.startswith(base + "/"):
+            return version
+    return mapping.SPEC_VERSION
+
+
+def _shaped(obj: dict[str, Any], version: str) -> dict[str, Any]:
+    """An event or subscription with its ``targets`` in ``version``'s shape (``mapping.targets_out``)."""
+    if "targets" not in obj:
+        return obj
+    return {**obj, "targets": mapping.targets_out(obj["targets"], version)}
+
+
 def _page(items: list[Any], skip: int, limit: int) -> list[Any]:
     return items[skip:skip + limit]
 
@@ -80,7 +99,8 @@ TOKEN_ERRORS: dict[int | str, dict[str, Any]] = {
 @router.get("/auth/server", response_model=AuthServerInfo, response_model_exclude_unset=True)
 async def auth_server(request: Request) -> dict[str, Any]:
     """Where to get a token: this VTN's own token endpoint (the hub's token book)."""
-    return {"tokenURL": str(request.url_for("auth_token"))}
+    url = str(request.url.replace(query=""))  # this base path's token endpoint (each version has its own)
+    return {"tokenURL": url.removesuffix("/auth/server") + "/auth/token"}
 
 
 def _basic_credentials(header: str) -> tuple[str, str] | None:
@@ -153,14 +173,37 @@ async def _tariff_events(service: HubService, who: Principal) -> list[dict[str, 
         return []
 
 
+EventFilter = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def _no_filter(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return events
+
+
+def _target_filter(target_type: Annotated[str | None, Query(alias="targetType", max_length=64)] = None,
+                   target_values: Annotated[list[str] | None, Query(alias="targetValues")] = None,
+                   targets: Annotated[list[str] | None, Query(alias="targets", max_length=100)] = None,
+                   ) -> EventFilter:
+    """The events' target filters of the query: 3.0's ``targetType``/``targetValues`` (an event with any of the
+    values), 3.1.0's ``targets`` (an event with every one of the strings, client ids, among its own)."""
+    def keep(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if target_type is not None and target_values:
+            events = _targeted(events, target_type, set(target_values))
+        if targets:
+            events = [e for e in events
+                      if set(targets) <= set(mapping.targets_out(e.get("targets"), mapping.SPEC_VERSION) or [])]
+        return events
+    return keep
+
+
 @router.get("/events", response_model=list[Event], response_model_exclude_unset=True, responses=errors(403))
 async def get_events(request: Request, who: Caller, service: Service, skip: Skip = 0, limit: Limit = 50,
                      program_id: Annotated[str | None, Query(alias="programID", max_length=128)] = None,
-                     target_type: Annotated[str | None, Query(alias="targetType", max_length=64)] = None,
-                     target_values: Annotated[list[str] | None, Query(alias="targetValues")] = None,
+                     targeted: Annotated[EventFilter, Depends(_target_filter)] = _no_filter,
                      ) -> list[dict[str, Any]]:
     """The events the caller may see: a VEN its own (only its clients in them) and the tariff; the DSO those of
-    the requests it issued."""
+    the requests it issued. Filters: 3.0's ``targetType``/``targetValues`` (any of the values), 3.1.0's
+    ``targets`` (every one of the strings, client ids, among the event's)."""
     events: list[dict[str, Any]] = []
     if program_id in (None, mapping.TARIFF_PROGRAM):
         events += await _tariff_events(service, who)
@@ -169,9 +212,9 @@ async def get_events(request: Request, who: Caller, service: Service, skip: Skip
         events += await _ven_events(request, service, who, program_id, room)
     elif who.kind == "dso":
         events += await _dso_events(service, who, program_id, room)
-    if target_type is not None and target_values:
-        events = _targeted(events, target_type, set(target_values))
-    return _page(events, skip, limit)
+    events = targeted(events)
+    version = _version(request)
+    return [_shaped(e, version) for e in _page(events, skip, limit)]
 
 
 def _split_cells(cells: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -264,9 +307,9 @@ async def _event(service: HubService, who: Principal, event_id: str) -> dict[str
 
 
 @router.get("/events/{event_id}", response_model=Event, response_model_exclude_unset=True, responses=errors(403, 404))
-async def get_event(event_id: ObjId, who: Caller, service: Service) -> dict[str, Any]:
+async def get_event(event_id: ObjId, request: Request, who: Caller, service: Service) -> dict[str, Any]:
     """One event (a VEN: one that concerns its clients, showing only them)."""
-    return await _event(service, who, event_id)
+    return _shaped(await _event(service, who, event_id), _version(request))
 
 
 class EventBody(BaseModel):
@@ -275,31 +318,35 @@ class EventBody(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     programID: str = Field(min_length=1, max_length=128)
     intervals: list[dict[str, Any]] = Field(min_length=1, max_length=1)
-    targets: list[dict[str, Any]] = Field(default_factory=list, max_length=10)
+    # {type, values} objects at /openadr3/3.0.1, strings (client ids) at /openadr3/3.1.0 (mapping.targets_in).
+    targets: list[Any] = Field(default_factory=list, max_length=10_000)
     intervalPeriod: dict[str, Any] | None = None
 
 
 @router.post("/events", status_code=201, response_model=Event, response_model_exclude_unset=True,
              responses=errors(403, 404, 409, 413))
-async def create_event(body: EventBody, who: Caller, service: Service, key: IdempotencyKey = None
-                       ) -> dict[str, Any]:
+async def create_event(body: EventBody, request: Request, who: Caller, service: Service,
+                       key: IdempotencyKey = None) -> dict[str, Any]:
     """A DSO's event: the same request as ``POST /v1/emergencies`` (or load-shifts, load-reductions) would make,
     delivered to bridges and VENs alike; ``Idempotency-Key`` honoured as there."""
-    kind, hub_body = mapping.request_body(body.model_dump(by_alias=True))
+    version = _version(request)
+    event_in = body.model_dump(by_alias=True)
+    event_in["targets"] = mapping.targets_in(event_in.get("targets"), version)
+    kind, hub_body = mapping.request_body(event_in)
     flex = service.flexibility
     create = {"emergency": flex.create_emergency, "load_shift": flex.create_load_shift,
               "load_reduction": flex.create_load_reduction}[kind]
     answer = await create(who, hub_body, key)
-    return await _event(service, who, answer.request_id)
+    return _shaped(await _event(service, who, answer.request_id), version)
 
 
 @router.delete("/events/{event_id}",
                response_model=Event, response_model_exclude_unset=True, responses=errors(403, 404, 409))
-async def delete_event(event_id: ObjId, who: Caller, service: Service) -> dict[str, Any]:
+async def delete_event(event_id: ObjId, request: Request, who: Caller, service: Service) -> dict[str, Any]:
     """Cancel the request behind an event (its issuer), as ``POST /v1/requests/{id}/cancel``."""
     event = await _event(service, who, event_id)
     await service.flexibility.cancel(who, event_id)
-    return event
+    return _shaped(event, _version(request))
 
 
 # -- VENs and resources ---------------------------------------------------------------------------------
@@ -332,8 +379,10 @@ async def create_ven(body: VenBody, request: Request, who: Caller, service: Serv
     row = await kv.get(TABLE, f"ven|{body.venName}")
     stored = json.loads(row["d:o"]) if row else {"createdDateTime": mapping._iso(time.time())}
     stored["attributes"] = body.attributes
+    version = _version(request)
+    stored["version"] = version  # its MQTT notifications' shape of targets (registering again changes it)
     await kv.batch([Mutation(TABLE, f"ven|{body.venName}", {"d:o": json.dumps(stored).encode()})])
-    _notifier(request).vens.add(body.venName)  # its events are indexed and notified from now on
+    _notifier(request).vens[body.venName] = version  # its events are indexed and notified from now on
     return _ven_object(body.venName, stored)
 
 
@@ -481,7 +530,7 @@ class SubscriptionBody(BaseModel):
     clientName: str = Field(min_length=1, max_length=128)
     programID: str | None = Field(None, max_length=128)
     objectOperations: list[dict[str, Any]] = Field(min_length=1, max_length=10)
-    targets: list[dict[str, Any]] | None = Field(None, max_length=10)
+    targets: list[Any] | None = Field(None, max_length=10)  # in the path's version's shape (mapping.targets_in)
 
 
 @router.post("/subscriptions", status_code=201, response_model=Subscription, response_model_exclude_unset=True,
@@ -492,6 +541,8 @@ async def create_subscription(body: SubscriptionBody, request: Request, who: Cal
     check (no loopback, private or link-local addresses unless the hub allows them)."""
     _ven_of(who)
     service.access.authorize(who, Action.MANAGE_SUBSCRIPTION)
+    version = _version(request)
+    targets = mapping.targets_in(body.targets, version)
     if body.programID is not None and body.programID not in mapping.program_ids():
         raise NotFound(f"program {body.programID!r} does not exist")
     ops = []
@@ -508,15 +559,15 @@ async def create_subscription(body: SubscriptionBody, request: Request, who: Cal
                     **({"bearerToken": str(token)[:2000]} if token else {})})
     now = mapping._iso(time.time())
     sub = {"id": new_id(), "objectType": "SUBSCRIPTION", "createdDateTime": now, "modificationDateTime": now,
-           "clientName": body.clientName, "objectOperations": ops, "owner": str(who),
+           "clientName": body.clientName, "objectOperations": ops, "owner": str(who), "version": version,
            **({"programID": body.programID} if body.programID else {}),
-           **({"targets": body.targets} if body.targets else {})}
+           **({"targets": targets} if targets else {})}
     await _notifier(request).put_subscription(sub)
-    return _public(sub)
+    return _public(sub, version)
 
 
-def _public(sub: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in sub.items() if k != "owner"}
+def _public(sub: dict[str, Any], version: str) -> dict[str, Any]:
+    return _shaped({k: v for k, v in sub.items() if k not in ("owner", "version")}, version)
 
 
 def _owned(request: Request, service: HubService, who: Principal, sub_id: str) -> dict[str, Any]:
@@ -531,7 +582,7 @@ def _owned(request: Request, service: HubService, who: Principal, sub_id: str) -
 async def get_subscriptions(request: Request, who: Caller, service: Service, skip: Skip = 0, limit: Limit = 50
                             ) -> list[dict[str, Any]]:
     """The caller's own subscriptions."""
-    mine = [_public(s) for s in _notifier(request).subscriptions.values() if s["owner"] == str(who)]
+    mine = [_public(s, _version(request)) for s in _notifier(request).subscriptions.values() if s["owner"] == str(who)]
     return _page(sorted(mine, key=lambda s: s["createdDateTime"]), skip, limit)
 
 
@@ -539,7 +590,7 @@ async def get_subscriptions(request: Request, who: Caller, service: Service, ski
             response_model=Subscription, response_model_exclude_unset=True, responses=errors(403, 404))
 async def get_subscription(sub_id: ObjId, request: Request, who: Caller, service: Service) -> dict[str, Any]:
     """One of the caller's subscriptions (another's is an unknown one)."""
-    return _public(_owned(request, service, who, sub_id))
+    return _public(_owned(request, service, who, sub_id), _version(request))
 
 
 @router.delete("/subscriptions/{sub_id}", response_model=Subscription, response_model_exclude_unset=True,
@@ -548,7 +599,7 @@ async def delete_subscription(sub_id: ObjId, request: Request, who: Caller, serv
     """Remove one of the caller's subscriptions."""
     sub = _owned(request, service, who, sub_id)
     await _notifier(request).delete_subscription(sub_id)
-    return _public(sub)
+    return _public(sub, _version(request))
 
 
 # -- notifiers ----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from cloud_hub.openadr3 import BASE_PATH
+from cloud_hub.openadr3 import BASE_PATH, BASE_PATH_30
 from mhp_wire import ports
 from tests.broker_fixtures import MosquittoFactory
 from tests.cloud_hub.test_webhooks import Receiver
@@ -59,13 +59,13 @@ async def oadr_hub(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_fac
 def ven(hub: HubHandle, retailer: str) -> toadr3.ToadrClient:
     """A toadr3 client logging in as ``retailer``'s VEN with OAuth2 client credentials (its hub token as the
     secret)."""
-    oauth = toadr3.OAuthScopeConfig(token_url=f"{hub.url}{BASE_PATH}/auth/token", grant_type="client_credentials",
+    oauth = toadr3.OAuthScopeConfig(token_url=f"{hub.url}{BASE_PATH_30}/auth/token", grant_type="client_credentials",
                                     scope="read_targets write_reports write_subscriptions", client_id=retailer,
                                     client_secret=hub.tokens[retailer])
     # The system resolver on a thread: aiohttp would otherwise pick aiodns (a toadr3 dependency), whose c-ares
     # shutdown thread outlives the test (the leak check fails it); the client closes the session it is given.
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=aiohttp.ThreadedResolver()))
-    return toadr3.ToadrClient(f"{hub.url}{BASE_PATH}", oauth, session=session)
+    return toadr3.ToadrClient(f"{hub.url}{BASE_PATH_30}", oauth, session=session)  # a 3.0 client: 3.0.1
 
 
 async def token(hub: HubHandle, retailer: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cloud_hub.openadr3 import BASE_PATH
+from cloud_hub.openadr3 import BASE_PATH, BASE_PATH_30
 from tests.broker_config.paho_client import TestClient
 from tests.cloud_hub.openadr3_parts import Receiver, emergency, join, oadr_hub, receiver, token, wait_for
 from tests.hub_fixtures import HubHandle
@@ -108,13 +108,13 @@ async def test_an_openadr3_client_ven_joins_gets_an_emergency_by_webhook_and_mqt
         assert receiver.delivered[0][0]["authorization"] == "Bearer the-ven-checks-this"
         assert note["objectType"] == "EVENT" and note["operation"] == "CREATE"
         assert note["object"]["id"] == request_id and note["object"]["programID"] == "mhp-emergency"
-        assert _resources(note["object"]) == ["c1"] and '"c2"' not in json.dumps(note)
+        assert note["object"]["targets"] == ["c1"] and '"c2"' not in json.dumps(note)  # 3.1.0's shape
 
         # By MQTT on the topic openadr3-client was given; r2's login got nothing of it.
         got = await asyncio.to_thread(mqtt_r1.next_message, 10)
         assert got.topic == topics_r1["CREATE"]
         pushed = json.loads(got.payload)
-        assert pushed["object"]["id"] == request_id and _resources(pushed["object"]) == ["c1"]
+        assert pushed["object"]["id"] == request_id and pushed["object"]["targets"] == ["c1"]
         try:
             leaked = mqtt_r2.next_message(0.3)
             raise AssertionError(f"r2 got r1's notification on {leaked.topic}")
@@ -133,23 +133,24 @@ async def test_an_openadr3_client_ven_joins_gets_an_emergency_by_webhook_and_mqt
 
     await wait_for(listed_for_r2)
 
-    # Polling with openadr3-client: its 3.1.0 event model refuses the facade's 3.0-shaped targets (the recorded
-    # disagreement, docs/openadr3.md "Clients"); through its own session, the events with c1 only and nothing of r2's
-    # event, and every event otherwise valid for the client's model.
-    polled = await _ven(hub, "r1", "events", program_id="mhp-emergency", event_id=request_id)
-    assert polled["events"]["error"] == "ValidationError" and "targets" in polled["events"]["message"], polled
-    assert polled["event"]["error"] == "ValidationError" and "targets" in polled["event"]["message"], polled
-    events = _ok(polled, "raw_events")
+    # Polling with openadr3-client's own 3.1.0 API and models (get_events, get_event_by_id): the events with c1
+    # only, as OpenADR 3.1.0's targets (strings), and nothing of r2's event.
+    polled = await _ven(hub, "r1", "events", program_id="mhp-emergency", event_id=request_id,
+                        base_url_301=f"{hub.url}{BASE_PATH_30}")
+    events = _ok(polled, "events")
     ids = [e["id"] for e in events]
     assert request_id in ids and only_r2 not in ids
-    assert _ok(polled, "validated_without_targets") == ids
+    assert [e["id"] for e in _ok(polled, "raw_events")] == ids
+    mine = _ok(polled, "event")
+    assert mine["id"] == request_id and list(mine["targets"]) == ["c1"], mine
+    assert [list(e["targets"]) for e in events if e["id"] == request_id] == [["c1"]]
     assert [e["id"] for e in _ok(polled, "raw_events_of_program")] == [request_id]
     event = _ok(polled, "raw_event")
-    assert event["id"] == request_id and _resources(event) == ["c1"]
+    assert event["id"] == request_id and event["targets"] == ["c1"]
     assert event["intervals"][0]["payloads"][0]["type"] == "IMPORT_CAPACITY_LIMIT"
     assert event["intervals"][0]["payloads"][0]["values"] == [2.5]
     assert '"c2"' not in json.dumps(polled)
-    # Its OpenADR 3.0.1 VEN (3.0's targets) reads the same events with its own API and models.
+    # Its OpenADR 3.0.1 VEN (3.0's targets) reads the same events at /openadr3/3.0.1 with its own API and models.
     assert [(e["id"], _resources(e)) for e in _ok(polled, "events_301")] == [(request_id, ["c1"])]
     assert _ok(polled, "event_301")["id"] == request_id
 

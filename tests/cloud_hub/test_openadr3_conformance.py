@@ -24,7 +24,7 @@ from toadr3.models import (
     ValuesMap,
 )
 
-from cloud_hub.openadr3 import BASE_PATH
+from cloud_hub.openadr3 import BASE_PATH_30
 from tests.broker_config.paho_client import TestClient
 from tests.cloud_hub.openadr3_parts import Receiver, emergency, join, oadr_hub, receiver, token, ven, wait_for
 from tests.hub_fixtures import HubHandle
@@ -44,14 +44,14 @@ async def test_a_ven_joins_gets_an_emergency_by_webhook_and_mqtt_and_reports(oad
     async with ven(hub, "r1") as v1, ven(hub, "r2") as v2:
         # Joining: a token (client credentials), the VEN registered under its retailer id, the programs read.
         h1 = await token(hub, "r1")
-        r = await hub.http.post(f"{BASE_PATH}/vens", headers=h1, json={"venName": "r1"})
+        r = await hub.http.post(f"{BASE_PATH_30}/vens", headers=h1, json={"venName": "r1"})
         assert r.status_code == 201, r.text
         assert r.json()["venName"] == "r1" and r.json()["objectType"] == "VEN"
         await join(hub, "r2")
         programs = {p.id: p for p in await v1.get_programs()}
         assert {"mhp-tariff", "mhp-emergency", "mhp-load-shift", "mhp-load-reduction"} <= set(programs)
         assert programs["mhp-tariff"].program_type == "PRICE"
-        resources = (await hub.http.get(f"{BASE_PATH}/vens/r1/resources", headers=h1)).json()
+        resources = (await hub.http.get(f"{BASE_PATH_30}/vens/r1/resources", headers=h1)).json()
         assert [x["resourceName"] for x in resources] == ["c1"], "its clients only"
 
         # A webhook subscription (toadr3 names operations by HTTP verb, as OpenADR 3.0 did).
@@ -62,10 +62,10 @@ async def test_a_ven_joins_gets_an_emergency_by_webhook_and_mqtt_and_reports(oad
         assert sub.id and [s.id for s in await v1.get_subscriptions()] == [sub.id]
 
         # The MQTT notifier: the hub broker, the VEN's own topics, its hub-broker identity.
-        notifiers = (await hub.http.get(f"{BASE_PATH}/notifiers", headers=h1)).json()
+        notifiers = (await hub.http.get(f"{BASE_PATH_30}/notifiers", headers=h1)).json()
         assert notifiers["WEBHOOK"] is True and notifiers["MQTT"]["URIS"] == [
             f"mqtt://{hub.broker.host}:{hub.broker.port}"]
-        topics_r1 = (await hub.http.get(f"{BASE_PATH}/notifiers/mqtt/topics/vens/r1/events", headers=h1)).json()
+        topics_r1 = (await hub.http.get(f"{BASE_PATH_30}/notifiers/mqtt/topics/vens/r1/events", headers=h1)).json()
         mqtt_r1 = TestClient(hub.broker.host, hub.broker.port, "r1", hub.broker.identities["r1"].password)
         mqtt_r2 = TestClient(hub.broker.host, hub.broker.port, "r2", hub.broker.identities["r2"].password)
         try:
@@ -143,7 +143,7 @@ async def test_the_dso_creates_an_event_that_reaches_bridges_and_vens_alike(oadr
     hub = oadr_hub
     await join(hub, "r2")
     start = datetime.now(UTC) + timedelta(minutes=5)
-    r = await hub.http.post(f"{BASE_PATH}/events", headers=hub.auth("dso"), json={
+    r = await hub.http.post(f"{BASE_PATH_30}/events", headers=hub.auth("dso"), json={
         "programID": "mhp-emergency", "targets": [{"type": "RESOURCE_NAME", "values": ["c1", "c2"]}],
         "intervalPeriod": {"start": start.isoformat(), "duration": "PT15M"},
         "intervals": [{"id": 0, "payloads": [{"type": "IMPORT_CAPACITY_LIMIT", "values": [3.0]}]}]})
@@ -152,7 +152,7 @@ async def test_the_dso_creates_an_event_that_reaches_bridges_and_vens_alike(oadr
     assert _resources(event) == ["c1", "c2"]
     # The same Idempotency-Key twice: one request.
     body = {k: event[k] for k in ("programID", "targets", "intervalPeriod", "intervals")}
-    keyed = [await hub.http.post(f"{BASE_PATH}/events", headers={**hub.auth("dso"), "Idempotency-Key": "ev-1"},
+    keyed = [await hub.http.post(f"{BASE_PATH_30}/events", headers={**hub.auth("dso"), "Idempotency-Key": "ev-1"},
                                  json=body) for _ in range(2)]
     assert [k.status_code for k in keyed] == [201, 201] and keyed[0].json()["id"] == keyed[1].json()["id"]
     assert keyed[0].json()["id"] != event["id"]
@@ -167,27 +167,27 @@ async def test_the_dso_creates_an_event_that_reaches_bridges_and_vens_alike(oadr
         assert _resources(got[0]) == ["c2"]
     # A VEN may not create events.
     h1 = await token(hub, "r1")
-    r = await hub.http.post(f"{BASE_PATH}/events", headers=h1, json={**{k: event[k] for k in (
+    r = await hub.http.post(f"{BASE_PATH_30}/events", headers=h1, json={**{k: event[k] for k in (
         "programID", "targets", "intervalPeriod", "intervals")}})
     assert r.status_code == 403, r.text
 
 
 async def test_client_credentials_refuse_a_wrong_secret_and_name_the_scopes(oadr_hub: HubHandle) -> None:
     hub = oadr_hub
-    ok = await hub.http.post(f"{BASE_PATH}/auth/token", data={
+    ok = await hub.http.post(f"{BASE_PATH_30}/auth/token", data={
         "grant_type": "client_credentials", "client_id": "r1", "client_secret": hub.tokens["r1"]})
     assert ok.status_code == 200 and ok.json()["token_type"] == "Bearer"
     assert set(ok.json()["scope"].split()) >= {"read_targets", "write_reports", "write_subscriptions"}
     for data in ({"grant_type": "client_credentials", "client_id": "r2", "client_secret": hub.tokens["r1"]},
                  {"grant_type": "client_credentials", "client_id": "r1", "client_secret": "not-a-token"}):
-        r = await hub.http.post(f"{BASE_PATH}/auth/token", data=data)
+        r = await hub.http.post(f"{BASE_PATH_30}/auth/token", data=data)
         assert r.status_code == 401 and r.json()["error"] == "invalid_client", r.text
-    r = await hub.http.post(f"{BASE_PATH}/auth/token", data={"grant_type": "password", "client_id": "r1"})
+    r = await hub.http.post(f"{BASE_PATH_30}/auth/token", data={"grant_type": "password", "client_id": "r1"})
     assert r.status_code == 400 and r.json()["error"] == "unsupported_grant_type"
-    r = await hub.http.get(f"{BASE_PATH}/events")
+    r = await hub.http.get(f"{BASE_PATH_30}/events")
     assert r.status_code == 401
-    server = (await hub.http.get(f"{BASE_PATH}/auth/server")).json()
-    assert server["tokenURL"].endswith(f"{BASE_PATH}/auth/token")
+    server = (await hub.http.get(f"{BASE_PATH_30}/auth/server")).json()
+    assert server["tokenURL"].endswith(f"{BASE_PATH_30}/auth/token")
 
 
 async def test_a_revision_reaches_the_ven_as_an_update_with_the_new_values(oadr_hub: HubHandle,
@@ -223,19 +223,19 @@ async def test_a_retailer_that_has_not_joined_as_a_ven_gets_no_events_and_costs_
     h1, h2 = await token(hub, "r1"), await token(hub, "r2")
 
     async def listed_for_r1() -> bool:
-        return (await hub.http.get(f"{BASE_PATH}/events/{request_id}", headers=h1)).status_code == 200
+        return (await hub.http.get(f"{BASE_PATH_30}/events/{request_id}", headers=h1)).status_code == 200
 
     await wait_for(listed_for_r1)
     rows = await hub.app.state.store.kv.scan("openadr3", prefix="evt|")
     assert [r for r, _ in rows] == [f"evt|r1|{request_id}"], "no index row for r2, which has not joined"
-    r2_events = (await hub.http.get(f"{BASE_PATH}/events", headers=h2)).json()
+    r2_events = (await hub.http.get(f"{BASE_PATH_30}/events", headers=h2)).json()
     assert [e["id"] for e in r2_events if not e["id"].startswith("tariff-")] == []
     # Joining later: the events from then on.
     await join(hub, "r2")
     later, _ = await emergency(hub.http, hub.auth("dso"), ["c2"])
 
     async def listed_for_r2() -> list[str]:
-        got = (await hub.http.get(f"{BASE_PATH}/events", headers=h2)).json()
+        got = (await hub.http.get(f"{BASE_PATH_30}/events", headers=h2)).json()
         return [e["id"] for e in got if not e["id"].startswith("tariff-")]
 
     assert await wait_for(listed_for_r2) == [later]

@@ -144,7 +144,7 @@ async def test_oversized_and_malformed_bodies_are_refused_and_the_door_keeps_ser
                                                                       "resources": [{"resourceName": "c1"}]})
     assert r.status_code == 422 and "says nothing" in r.json()["message"], r.text
     r = await hub.http.post(f"{BASE_PATH}/events", headers=hub.auth("dso"), json={
-        "programID": "mhp-emergency", "targets": [{"type": "RESOURCE_NAME", "values": ["c1"]}],
+        "programID": "mhp-emergency", "targets": ["c1"],  # OpenADR 3.1.0's targets: strings
         "intervals": [{"id": 0, "intervalPeriod": {"start": datetime.now(UTC).isoformat(), "duration": "1 hour"},
                        "payloads": [{"type": "IMPORT_CAPACITY_LIMIT", "values": [3.0]}]}]})
     assert r.status_code == 422 and "ISO 8601" in r.json()["message"], r.text
