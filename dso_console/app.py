@@ -1013,18 +1013,8 @@ def _passed(status: int, answer: dict[str, Any]) -> JSONResponse:
 # -- command line ------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None, prog: str = "dso-console") -> int:
-    """``dso-console``: serve the console until SIGINT or SIGTERM; ``dso-console hash-password`` makes a hash.
-
-    ``prog`` is the name it answers to (``mhp-sim dso-web`` runs it too)."""
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["hash-password"]:
-        password = getpass.getpass("operator password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
-        if len(password) < 10:
-            print(f"{prog}: the password needs at least 10 characters", file=sys.stderr)
-            return 2
-        print(hash_password(password))
-        return 0
+def _parser(prog: str) -> argparse.ArgumentParser:
+    """The options of ``dso-console``."""
     parser = argparse.ArgumentParser(prog=prog, description="The DSO's console: the platform, requests "
                                      f"followed live, feeder plots, the client registry. ({prog} hash-password < PW "
                                      "makes a hash)")
@@ -1048,7 +1038,22 @@ def main(argv: list[str] | None = None, prog: str = "dso-console") -> int:
     parser.add_argument("--environment", choices=["development", "production"], default="development",
                         help="production: refuse a plain listener and a plain http:// hub")
     parser.add_argument("--log-level", default="INFO")
-    ns = parser.parse_args(args)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "dso-console") -> int:
+    """``dso-console``: serve the console until SIGINT or SIGTERM; ``dso-console hash-password`` makes a hash.
+
+    ``prog`` is the name it answers to (``mhp-sim dso-web`` runs it too)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["hash-password"]:
+        password = getpass.getpass("operator password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+        if len(password) < 10:
+            print(f"{prog}: the password needs at least 10 characters", file=sys.stderr)
+            return 2
+        print(hash_password(password))
+        return 0
+    ns = _parser(prog).parse_args(args)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = ConsoleSettings(

@@ -59,6 +59,20 @@ async def billing_readings(store: HubStore, client_id: str, start: float, end: f
     return withhold_straddling(clip_blocks(await store.readings(client_id, start, end), start, end), end, may_have)
 
 
+def _billing_messages(request_id: str, body: dict[str, Any], per_retailer: dict[str, list[BillingClient]]
+                      ) -> list[OutboxItem]:
+    """Each retailer's billing data, in messages of at most :data:`BILLING_CLIENTS_PER_MESSAGE` clients."""
+    outbox = []
+    for rid, items in sorted(per_retailer.items()):
+        for i in range(0, len(items), BILLING_CLIENTS_PER_MESSAGE):
+            chunk = items[i:i + BILLING_CLIENTS_PER_MESSAGE]
+            msg = BillingData(request_id=request_id, period_start=body["period_start"],
+                              period_end=body["period_end"], clients=chunk)
+            outbox.append(OutboxItem(msg.msg_id, request_id, rid, "billing", encode(msg),
+                                     [c.client_id for c in chunk]))
+    return outbox
+
+
 class ClientData:
     """Client data, each read and write authorized and logged."""
 
@@ -191,14 +205,7 @@ class ClientData:
                 entries[cid]["detail"]["withheld"] = withheld
         if unsupplied:
             raise Conflict(f"no retailer supplied {', '.join(unsupplied[:20])} in the billed period")
-        outbox = []
-        for rid, items in sorted(per_retailer.items()):
-            for i in range(0, len(items), BILLING_CLIENTS_PER_MESSAGE):
-                chunk = items[i:i + BILLING_CLIENTS_PER_MESSAGE]
-                msg = BillingData(request_id=request_id, period_start=body["period_start"],
-                                  period_end=body["period_end"], clients=chunk)
-                outbox.append(OutboxItem(msg.msg_id, request_id, rid, "billing", encode(msg),
-                                         [c.client_id for c in chunk]))
+        outbox = _billing_messages(request_id, body, per_retailer)
         audit = [AuditEntry(str(who), cid, Action.REQUEST_BILLING.value, right, ref=request_id) for cid in client_ids]
         return await self.creator.create(who, key, NewRequest(
             request_id, "billing", body, time.time() + BILLING_DELIVERY_S, t0, clients=entries, outbox=outbox,
