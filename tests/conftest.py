@@ -15,7 +15,8 @@ from hypothesis import settings
 
 from broker_config import live_processes
 
-pytest_plugins = ["tests.broker_fixtures", "tests.hub_fixtures", "tests.storage_fixtures", "tests.browser", "pytester"]
+pytest_plugins = ["tests.ssl_contexts", "tests.broker_fixtures", "tests.hub_fixtures", "tests.storage_fixtures",
+                  "tests.browser", "pytester"]
 
 # Property tests: the same examples on every run of the suite (CI does not fail by chance on an example no one
 # ran before); MHP_HYPOTHESIS=explore draws new ones, many more, to look for failures on purpose.
