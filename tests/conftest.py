@@ -15,7 +15,8 @@ from hypothesis import settings
 
 from broker_config import live_processes
 
-pytest_plugins = ["tests.broker_fixtures", "tests.hub_fixtures", "tests.storage_fixtures", "tests.browser", "pytester"]
+pytest_plugins = ["tests.ssl_contexts", "tests.broker_fixtures", "tests.hub_fixtures", "tests.storage_fixtures",
+                  "tests.browser", "pytester"]
 
 # Property tests: the same examples on every run of the suite (CI does not fail by chance on an example no one
 # ran before); MHP_HYPOTHESIS=explore draws new ones, many more, to look for failures on purpose.
@@ -78,13 +79,18 @@ async def no_task_leaks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
                     f"{sorted(t.get_name() + ' ' + repr(t.get_coro()) for t in tasks)}", pytrace=False)
 
 
+LEAK_GRACE_S = float(os.environ.get("MHP_LEAK_GRACE_S", "3.0"))
+"""How long :func:`no_leaks` lets threads and processes end after a test's teardown before calling them leaked
+(``tests/test_leak_check.py`` shortens it for the leaks it makes on purpose)."""
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test that leaves a Mosquitto, any other child process, or a thread running after its teardown."""
     before = set(threading.enumerate())
     children_before = child_processes()
     yield
-    deadline = time.monotonic() + 3.0
+    deadline = time.monotonic() + LEAK_GRACE_S
     while True:
         threads = [t for t in threading.enumerate() if t not in before and t.is_alive()]
         brokers = live_processes()

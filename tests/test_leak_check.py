@@ -48,6 +48,8 @@ async def test_a_known_leak_with_its_reason():
 @pytest.fixture
 def leaky(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.RunResult:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    # The leakers below live 5 s; the check waits 0.5 s for them to end, not 3 s each (a thread and a process).
+    monkeypatch.setenv("MHP_LEAK_GRACE_S", "0.5")
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_leaky=LEAKY)
     pytester.makeini("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n")

@@ -98,15 +98,27 @@ def bridge_settings(tmp_path: Path, hub: HubHandle, mosquitto_factory: Mosquitto
         telemetry_db_path=tmp_path / "telemetry.db", telemetry_flush_interval_s=0.05, **extra)
 
 
-def export(tmp_path: Path, settings: BridgeSettings, *args: str) -> subprocess.CompletedProcess[str]:
-    """``retailer-bridge billing export`` with the bridge's own TOML file."""
+def exports(tmp_path: Path, settings: BridgeSettings, *runs: tuple[str, ...]
+            ) -> list[subprocess.CompletedProcess[str]]:
+    """Several ``retailer-bridge billing export`` runs (each its arguments) at once, as separate processes reading
+    the one store; their results in the order given. At once because each pays a Python start-up, not for speed
+    of the export itself."""
     config = tmp_path / "bridge-export.toml"
     config.write_text(tomli_w.dumps({"bridge": {"retailer_id": settings.retailer_id,
                                                 "db_path": str(settings.db_path),
                                                 "customers": settings.customers}}))
-    return subprocess.run([sys.executable, "-m", "retailer_bridge.cli", "--log-level", "WARNING", "billing",
-                           "export", "--config", str(config), *args],
-                          capture_output=True, text=True, timeout=60, check=False)
+    procs = [subprocess.Popen([sys.executable, "-m", "retailer_bridge.cli", "--log-level", "WARNING", "billing",
+                               "export", "--config", str(config), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in runs]
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
 
 
 def typed(row: dict[str, str]) -> dict[str, Any]:
@@ -121,9 +133,19 @@ async def test_billing_export_cli_and_embedded_store(tmp_path: Path, hub: HubHan
     bridge, task, request_id = await deliver(hub, settings)
     try:
         want = expected()
-        # JSON, the whole day: every interval, value by value, with the request that delivered it.
         day_args = ("--from", DAY.isoformat(), "--to", (DAY + timedelta(days=1)).isoformat())
-        done = await asyncio.to_thread(export, tmp_path, settings, *day_args, "--format", "json")
+        india = timezone(timedelta(hours=5, minutes=30))
+        start, end = (DAY + timedelta(hours=1)).astimezone(india), (DAY + timedelta(hours=5)).astimezone(india)
+        out = tmp_path / "billing.csv"
+        no_offset = DAY.replace(tzinfo=None).isoformat()  # a time without its offset is refused, whatever the day
+        as_json, as_csv, without_offset, backwards = await asyncio.to_thread(
+            exports, tmp_path, settings, (*day_args, "--format", "json"),
+            ("--from", start.isoformat(), "--to", end.isoformat(), "--format", "csv", "--client-id", "c1",
+             "--output", str(out)),
+            ("--from", no_offset, "--to", end.isoformat()), ("--from", end.isoformat(), "--to", start.isoformat()))
+
+        # JSON, the whole day: every interval, value by value, with the request that delivered it.
+        done = as_json
         assert done.returncode == 0, done.stderr
         got = json.loads(done.stdout)
         assert [{k: v for k, v in g.items() if k not in ("request_id", "received_at")} for g in got] == want
@@ -132,11 +154,7 @@ async def test_billing_export_cli_and_embedded_store(tmp_path: Path, hub: HubHan
         assert "48 billing interval(s) exported" in done.stderr
 
         # CSV, part of the day in another offset, one client, into a file: the same values.
-        india = timezone(timedelta(hours=5, minutes=30))
-        start, end = (DAY + timedelta(hours=1)).astimezone(india), (DAY + timedelta(hours=5)).astimezone(india)
-        out = tmp_path / "billing.csv"
-        done = await asyncio.to_thread(export, tmp_path, settings, "--from", start.isoformat(), "--to",
-                                       end.isoformat(), "--format", "csv", "--client-id", "c1", "--output", str(out))
+        done = as_csv
         assert done.returncode == 0, done.stderr
         text = out.read_text()
         assert text.splitlines()[0] == ("client_id,start,end,energy_kwh,quality,request_id,resolution_s,version,"
@@ -147,11 +165,9 @@ async def test_billing_export_cli_and_embedded_store(tmp_path: Path, hub: HubHan
         assert [r["energy_kwh"] for r in rows] == [*C1_FIX, C1[3], C1[4]]
 
         # Bad input: a clear error, nothing written.
-        no_offset = DAY.replace(tzinfo=None).isoformat()  # a time without its offset is refused, whatever the day
-        done = await asyncio.to_thread(export, tmp_path, settings, "--from", no_offset, "--to", end.isoformat())
+        done = without_offset
         assert done.returncode == 2 and "has no offset" in done.stderr and not done.stdout
-        done = await asyncio.to_thread(export, tmp_path, settings, "--from", end.isoformat(), "--to",
-                                       start.isoformat())
+        done = backwards
         assert done.returncode == 2 and "--to must be after --from" in done.stderr
 
         # The embedded telemetry store holds the same intervals as measurement "billing".

@@ -13,7 +13,8 @@ import pytest
 from sim.experiment.dso_sim import TYPES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SMALL = ["--duration-s", "3", "--warmup-s", "0.5", "--rate-per-min", "120", "--drain-s", "10"]
+SMALL = ["--duration-s", "1.5", "--warmup-s", "0.5", "--rate-per-min", "240", "--drain-s", "10"]
+"""8 requests of each type per run (a period of 0.25 s over 2 s), where 3.5 s at 120/min gave 7."""
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
