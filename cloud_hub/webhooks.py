@@ -23,7 +23,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -132,21 +132,23 @@ class WebhookPolicy:
     max_age_s: float = 86_400.0
 
 
+@dataclass(eq=False)
 class Webhooks:
     """The subscriptions' delivery workers."""
 
-    def __init__(self, store: HubStore, feed: ChangeFeed, metrics: HubMetrics, policy: WebhookPolicy, *,
-                 resolver: Resolver = resolve, now: Callable[[], float] = time.time,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        self.store = store
-        self.feed = feed
-        self.metrics = metrics
-        self.policy = policy
-        self.resolver = resolver
-        self.now = now
-        self.sleep = sleep
-        self._workers: dict[str, asyncio.Task[None]] = {}
-        self._http = httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False, trust_env=False)
+    store: HubStore
+    feed: ChangeFeed
+    metrics: HubMetrics
+    policy: WebhookPolicy
+    _: KW_ONLY
+    resolver: Resolver = resolve
+    now: Callable[[], float] = time.time
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    _workers: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False)
+    _http: httpx.AsyncClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._http = httpx.AsyncClient(timeout=self.policy.timeout_s, follow_redirects=False, trust_env=False)
 
     async def start(self) -> int:
         """Start a worker for every stored subscription (each resumes from its cursor); returns how many."""

@@ -184,13 +184,7 @@ class ModbusBus:
         self, unit: int, address: int, count: int, *, timeout_s: float | None = None
     ) -> list[int]:
         """Read `count` input registers (function 04) from `unit` starting at `address`."""
-        _check_count(count, MAX_READ_REGISTERS)
-        rsp = await self._execute(
-            unit,
-            f"read input registers {address}+{count}",
-            lambda c: c.read_input_registers(address, count=count, device_id=unit),
-            timeout_s,
-        )
+        rsp = await self._read(unit, "input registers", address, count, timeout_s, lambda c: c.read_input_registers)
         return _registers(rsp, count, unit)
 
     async def read_input_object(self, unit: int, index: int, *, timeout_s: float | None = None) -> bytes:
@@ -212,24 +206,12 @@ class ModbusBus:
         self, unit: int, address: int, count: int, *, timeout_s: float | None = None
     ) -> list[int]:
         """Read `count` holding registers (function 03) from `unit` starting at `address`."""
-        _check_count(count, MAX_READ_REGISTERS)
-        rsp = await self._execute(
-            unit,
-            f"read holding registers {address}+{count}",
-            lambda c: c.read_holding_registers(address, count=count, device_id=unit),
-            timeout_s,
-        )
+        rsp = await self._read(unit, "holding registers", address, count, timeout_s, lambda c: c.read_holding_registers)
         return _registers(rsp, count, unit)
 
     async def read_coils(self, unit: int, address: int, count: int, *, timeout_s: float | None = None) -> list[bool]:
         """Read `count` coils (function 01) from `unit` starting at `address`."""
-        _check_count(count, MAX_READ_COILS)
-        rsp = await self._execute(
-            unit,
-            f"read coils {address}+{count}",
-            lambda c: c.read_coils(address, count=count, device_id=unit),
-            timeout_s,
-        )
+        rsp = await self._read(unit, "coils", address, count, timeout_s, lambda c: c.read_coils)
         bits = list(rsp.bits)
         if len(bits) < count:
             raise DeviceError(f"{self.endpoint} unit {unit}: asked for {count} coils, got {len(bits)}")
@@ -241,6 +223,27 @@ class ModbusBus:
             unit,
             f"write coil {address}={'on' if value else 'off'}",
             lambda c: c.write_coil(address, value, device_id=unit),
+            timeout_s,
+        )
+
+    async def _read(
+        self,
+        unit: int,
+        what: str,
+        address: int,
+        count: int,
+        timeout_s: float | None,
+        method: Callable[[ModbusBaseClient], Callable[..., Awaitable[ModbusPDU]]],
+    ) -> ModbusPDU:
+        """Read `count` `what` ("coils", "input registers", ...) from `address` with the client's `method`.
+
+        The count is checked against what one request may carry (coils have their own limit) first.
+        """
+        _check_count(count, MAX_READ_COILS if what == "coils" else MAX_READ_REGISTERS)
+        return await self._execute(
+            unit,
+            f"read {what} {address}+{count}",
+            lambda c: method(c)(address, count=count, device_id=unit),
             timeout_s,
         )
 

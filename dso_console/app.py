@@ -538,17 +538,8 @@ class DsoConsole:
         """``GET /api/requests/{id}``: the hub's view of a request, once."""
         if self._session(request) is None:
             return _signed_out()
-        rid = request.path_params["request_id"]
-        if not REQUEST_ID.fullmatch(rid):
-            return _error(404, "not_found", "not a request id")
-        try:
-            status, answer = await self._hub("GET", f"/v1/requests/{quote(rid, safe='')}")
-        except _HubError as exc:
-            return _error(502, "hub_unreachable", str(exc))
-        if status != 200:
-            return _passed(status, answer)
-        self._note_state(rid, answer)
-        return JSONResponse(summarize(answer))
+        asked = await self._ask_about_request(request, "GET", "")
+        return asked if isinstance(asked, Response) else JSONResponse(summarize(asked))
 
     async def cancel(self, request: Request) -> Response:
         """``POST /api/requests/{id}/cancel``: cancel a request that has not ended."""
@@ -558,18 +549,26 @@ class DsoConsole:
         refused = self._check_post(request, session)
         if refused is not None:
             return refused
+        asked = await self._ask_about_request(request, "POST", "/cancel")
+        if isinstance(asked, Response):
+            return asked
+        log.info("DSO page: cancelled %s", request.path_params["request_id"])
+        return JSONResponse(asked)
+
+    async def _ask_about_request(self, request: Request, method: str, suffix: str) -> Response | dict[str, Any]:
+        """The hub's 200 answer about the request named in the path (``/v1/requests/{id}`` + `suffix`), noted in
+        the recent list; the page's answer instead when the id is malformed, the hub unreachable or refusing."""
         rid = request.path_params["request_id"]
         if not REQUEST_ID.fullmatch(rid):
             return _error(404, "not_found", "not a request id")
         try:
-            status, answer = await self._hub("POST", f"/v1/requests/{quote(rid, safe='')}/cancel")
+            status, answer = await self._hub(method, f"/v1/requests/{quote(rid, safe='')}{suffix}")
         except _HubError as exc:
             return _error(502, "hub_unreachable", str(exc))
         if status != 200:
             return _passed(status, answer)
-        log.info("DSO page: cancelled %s", rid)
         self._note_state(rid, answer)
-        return JSONResponse(answer)
+        return answer
 
     async def events(self, request: Request) -> Response:
         """``GET /api/requests/{id}/events``: the request's view as server-sent events, each time it changes."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -65,19 +66,18 @@ def reduction_items(request_id: str, by_retailer: dict[str, list[str]], targets:
 
 
 
+@dataclass(eq=False)
 class Flexibility:
     """Emergencies, load shifts and load reductions, their second phase, and cancels."""
 
-    def __init__(self, store: HubStore, book: RequestBook, metrics: HubMetrics, access: Access,
-                 idempotency: Idempotency, creator: RequestCreator, replicas: Replicas | None = None) -> None:
-        self.store = store
-        self.book = book
-        self.metrics = metrics
-        self.access = access
-        self.idempotency = idempotency
-        self.creator = creator
-        self.replicas = replicas
-        """Set when the hub runs as several replicas: a cancel goes to the replica that owns the request."""
+    store: HubStore
+    book: RequestBook
+    metrics: HubMetrics
+    access: Access
+    idempotency: Idempotency
+    creator: RequestCreator
+    replicas: Replicas | None = None
+    """Set when the hub runs as several replicas: a cancel goes to the replica that owns the request."""
 
     # -- flexibility requests -------------------------------------------------------------------------------
 

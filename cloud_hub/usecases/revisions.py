@@ -7,6 +7,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -94,17 +95,16 @@ def _revised_params(kind: str, phase: str | None, body: dict[str, Any]) -> tuple
 
 
 
+@dataclass(eq=False)
 class Revisions:
     """Revising emergencies, load shifts and load reductions that have not ended."""
 
-    def __init__(self, store: HubStore, book: RequestBook, access: Access, idempotency: Idempotency,
-                 creator: RequestCreator, replicas: Replicas | None = None) -> None:
-        self.store = store
-        self.book = book
-        self.access = access
-        self.idempotency = idempotency
-        self.creator = creator
-        self.replicas = replicas
+    store: HubStore
+    book: RequestBook
+    access: Access
+    idempotency: Idempotency
+    creator: RequestCreator
+    replicas: Replicas | None = None
 
     # -- revisions ------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ Start a simulated home on a TCP port::
         configs = home.device_configs("127.0.0.1", server.port)
 """
 
-from .base import SimulatedDevice
+from .base import ModbusRequest, SimulatedDevice
 from .clock import ManualClock
 from .eredes import HanMeterSim, HanState
 from .home import Plug, SimulatedHome
@@ -26,6 +26,7 @@ __all__ = [
     "MeterModel",
     "MeterSim",
     "MeterState",
+    "ModbusRequest",
     "ModbusSimServer",
     "P1State",
     "P1TelegramWriter",

@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
 
 from pymodbus.constants import ExcCodes
 from pymodbus.pdu import ModbusPDU
 from pymodbus.simulator import SimData, SimDevice
+
+
+@dataclass(frozen=True)
+class ModbusRequest:
+    """One request pymodbus hands a simulated device, after checking the address is inside the map.
+
+    `registers` is the whole block, starting at `start_address`, that the answer is read from; `values` holds
+    what a write request writes, None for reads.
+    """
+
+    function_code: int
+    start_address: int
+    address: int
+    count: int
+    registers: list[int]
+    values: list[int] | list[bool] | None
 
 
 class SimulatedDevice(ABC):
@@ -36,7 +54,6 @@ class SimulatedDevice(ABC):
     def simdata(self) -> list[SimData]:
         """The register blocks the device answers for; any other address is an illegal data address."""
 
-    @abstractmethod
     def on_request(
         self,
         function_code: int,
@@ -48,8 +65,14 @@ class SimulatedDevice(ABC):
     ) -> ExcCodes | None:
         """Refresh `registers` (the whole block, starting at `start_address`) or refuse with an exception code.
 
-        `values` holds what a write request writes, None for reads.
+        `values` holds what a write request writes, None for reads. Devices answer in :meth:`answer`; this
+        flat signature is pymodbus's, kept so a test can wrap it on one device.
         """
+        return self.answer(ModbusRequest(function_code, start_address, address, count, registers, values))
+
+    @abstractmethod
+    def answer(self, request: ModbusRequest) -> ExcCodes | None:
+        """Refresh ``request.registers`` from the device's state, or refuse with an exception code."""
 
     def build(self, unit_id: int) -> SimDevice:
         """Build a fresh pymodbus ``SimDevice`` answering as `unit_id`."""
@@ -60,15 +83,10 @@ class SimulatedDevice(ABC):
             use_bit_addressing=self.bit_addressing,
         )
 
-    async def _action(
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
-        """pymodbus calls this after checking the address is inside the map, before answering."""
+    async def _action(self, *request: Any) -> ExcCodes | None:
+        """pymodbus calls this after checking the address is inside the map, before answering.
+
+        `request` is :meth:`on_request`'s arguments, passed through unchanged (written once, there).
+        """
         self.requests += 1
-        return self.on_request(function_code, start_address, address, count, registers, values)
+        return self.on_request(*request)

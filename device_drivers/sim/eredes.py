@@ -31,7 +31,7 @@ from pymodbus.pdu.register_message import ReadInputRegistersRequest
 from pymodbus.simulator import DataType, SimData
 
 from ..config import DeviceConfig, TransportName
-from .base import SimulatedDevice
+from .base import ModbusRequest, SimulatedDevice
 
 
 @dataclass
@@ -146,19 +146,11 @@ class HanMeterSim(SimulatedDevice):
         """One block holding every object, two registers each."""
         return [SimData(0, count=_MEMORY, values=0, datatype=DataType.REGISTERS)]
 
-    def on_request(
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
+    def answer(self, request: ModbusRequest) -> ExcCodes | None:
         """Refresh the requested object from the state, or refuse it."""
-        if function_code != 4:
+        if request.function_code != 4:
             return ExcCodes.ILLEGAL_FUNCTION
-        index = address // 2
+        index = request.address // 2
         self.objects_read.append(index)
         if index in self.refuse:
             return ExcCodes(self.refuse[index])
@@ -166,8 +158,8 @@ class HanMeterSim(SimulatedDevice):
         value = getter(self.state)
         if not 0 <= value < 1 << (8 * width):
             return ExcCodes.DEVICE_FAILURE  # the state holds something the object cannot carry
-        offset = 2 * index - start_address
-        registers[offset : offset + 2] = [value >> 16, value & 0xFFFF]
+        offset = 2 * index - request.start_address
+        request.registers[offset : offset + 2] = [value >> 16, value & 0xFFFF]
         return None
 
     @staticmethod

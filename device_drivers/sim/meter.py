@@ -10,7 +10,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.simulator import DataType, SimData
 
 from ..codec import encode_float32
-from .base import SimulatedDevice
+from .base import ModbusRequest, SimulatedDevice
 
 Phases = tuple[float, float, float]
 
@@ -91,20 +91,12 @@ class MeterSim(SimulatedDevice):
         """One block of registers per answering range."""
         return [SimData(start, count=count, values=0, datatype=DataType.REGISTERS) for start, count in self._ranges]
 
-    def on_request(
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
+    def answer(self, request: ModbusRequest) -> ExcCodes | None:
         """Answer input-register reads with the state now; refuse every other function."""
-        if function_code != 4:
+        if request.function_code != 4:
             return ExcCodes.ILLEGAL_FUNCTION
         state = self.current_state()
         for reg, getter in self._map.items():
-            offset = reg - start_address
-            registers[offset : offset + 2] = encode_float32(getter(state))
+            offset = reg - request.start_address
+            request.registers[offset : offset + 2] = encode_float32(getter(state))
         return None

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pymodbus.constants import ExcCodes
 from pymodbus.simulator import DataType, SimData
 
-from .base import SimulatedDevice
+from .base import ModbusRequest, SimulatedDevice
 
 CoilCallback = Callable[[int, bool], None]
 
@@ -60,26 +60,18 @@ class RelayBoardSim(SimulatedDevice):
         n_bits = (self.n_coils + 15) // 16 * 16
         return [SimData(0, values=[False] * n_bits, datatype=DataType.BITS)]
 
-    def on_request(
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
+    def answer(self, request: ModbusRequest) -> ExcCodes | None:
         """Apply writes to the board's state, then copy the state into the registers pymodbus answers from."""
-        if function_code not in (1, 5, 15):
+        if request.function_code not in (1, 5, 15):
             return ExcCodes.ILLEGAL_FUNCTION
         # For coils pymodbus passes `count` in registers, not coils: only a write knows its exact span.
-        span = len(values) if values is not None else 1
-        if address + span > self.n_coils:
+        span = len(request.values) if request.values is not None else 1
+        if request.address + span > self.n_coils:
             return ExcCodes.ILLEGAL_ADDRESS
-        if values is not None:
-            for i, value in enumerate(values):
-                self.set_coil(address + i, bool(value))
-        self._sync(registers)
+        if request.values is not None:
+            for i, value in enumerate(request.values):
+                self.set_coil(request.address + i, bool(value))
+        self._sync(request.registers)
         return None
 
     def _sync(self, registers: list[int]) -> None:
