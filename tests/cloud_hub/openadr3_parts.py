@@ -13,36 +13,13 @@ import aiohttp
 import httpx
 import pytest
 import toadr3
-import uvicorn
-from starlette.applications import Starlette
-from starlette.routing import Route
 
 from cloud_hub.openadr3 import BASE_PATH, BASE_PATH_30
-from mhp_wire import ports
 from tests.broker_fixtures import MosquittoFactory
-from tests.cloud_hub.test_webhooks import Receiver
+from tests.cloud_hub.test_webhooks import Receiver, receiver  # the fixture: a VEN's callback endpoint
 from tests.hub_fixtures import HubHandle, running_hub
 
 __all__ = ["Receiver", "emergency", "join", "oadr_hub", "receiver", "token", "ven"]
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    """A webhook receiver (a VEN's callback endpoint) served by uvicorn on 127.0.0.1."""
-    port = ports.free_port()
-    rec = Receiver(f"http://127.0.0.1:{port}/hook")
-    app = Starlette(routes=[Route("/hook", rec.handle, methods=["POST"])])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(), name="test-openadr3-receiver")
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield rec
-    finally:
-        server.should_exit = True
-        await task
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 from sim.stack.stack import Stack
 from tests.browser import Browser, needs_chromium
-from tests.dso_console.tab import Tab, open_tab, screenshot
+from tests.browser_tab import Tab, open_tab, screenshot
 
 FEEDER = "feeder-1"
 

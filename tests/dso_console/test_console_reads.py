@@ -60,6 +60,7 @@ async def test_a_request_is_revised_through_the_console_with_the_hubs_revision_m
         at_hub = (await hub.http.get(f"/v1/requests/{rid}", headers=hub.auth("dso"))).json()
         assert at_hub["revision"] == 2 and at_hub["request"]["power_limit_kw"] == 2.5
         # The hub's own refusals pass through: a billing request has no revisions (409).
+        # A billing period in the past stays in the past: this fixed date cannot expire.
         billing = await page.post({"kind": "billing", "client_ids": "c1", "period_start": "2026-01-01T00:00",
                                    "period_end": "2026-01-02T00:00"})
         refused = await page.http.post(f"/api/requests/{billing.json()['request_id']}/revise", headers=post,

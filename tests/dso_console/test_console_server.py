@@ -31,7 +31,7 @@ from sim.experiment.rp_sim import RpSimulator, run
 from sim.stack.stack import Stack
 from tests.broker_fixtures import MosquittoFactory
 from tests.browser import Browser, needs_chromium
-from tests.dso_console.tab import open_tab
+from tests.browser_tab import open_tab
 from tests.hub_fixtures import HubHandle, start_hub
 
 CLIENTS = {"c1": "r1", "c2": "r2", "c3": "r1"}

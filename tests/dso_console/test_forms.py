@@ -17,6 +17,8 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 @pytest.mark.parametrize(("form", "body"), [
     ({"power_limit_kw": " 1,5 "}, {"power_limit_kw": 1.5}),
     ({"duration_s": "600", "reason": "", "tz": "UTC"}, {"duration_s": 600}),
+    # A fixed date in a pure conversion (no clock, no "in the past" rule here): it cannot expire; May has Lisbon's
+    # summer offset whatever the year.
     ({"start": "2031-05-01T10:00", "tz": "Europe/Lisbon"}, {"start": "2031-05-01T10:00:00+01:00"}),
     ({"client_ids": "c1, c2\nc1"}, {"client_ids": ["c1", "c2"]}),
 ])

@@ -32,7 +32,7 @@ from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
 from retailer_bridge.store import CLOSED, BridgeStore, NewCommand, delivered_msg_id
 from sim.fleet import FleetGateway
-from tests.broker_fixtures import MosquittoFactory
+from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.mqtt_party import Party, parties
 
 N_FLEET = 120
@@ -43,6 +43,15 @@ def emergency(clients: list[str], request_id: str) -> Request:
     params = EmergencyParams(start=start, end=start + timedelta(minutes=5), power_limit_kw=1.0)
     return Request(request_id=request_id, kind=RequestKind.EMERGENCY, client_ids=clients, params=params,
                    expires_at=params.end)
+
+
+def r1_bridge(hub_broker: BrokerHandle, local: BrokerHandle, db_path: Path, customers: dict[str, str]) -> Bridge:
+    """Retailer r1's bridge between ``hub_broker`` and its own broker ``local``, without telemetry export."""
+    return Bridge(BridgeSettings(
+        retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
+        hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host, local_mqtt_port=local.port,
+        local_mqtt_password=local.identities["bridge"].password, db_path=db_path, telemetry_store="none",
+        customers=customers))
 
 
 @contextlib.asynccontextmanager
@@ -62,11 +71,7 @@ async def test_a_burst_of_answers_shares_commits_and_every_client_is_reported_ex
     gids = [f"gw-{i:03d}" for i in range(N_FLEET)]
     hub_broker = mosquitto_factory("hub", ["r1"], "hub")
     local = mosquitto_factory("retailer", gids, "bridge")
-    bridge = Bridge(BridgeSettings(
-        retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
-        hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host, local_mqtt_port=local.port,
-        local_mqtt_password=local.identities["bridge"].password, db_path=tmp_path / "bridge.db",
-        telemetry_store="none", customers={f"c-{g}": g for g in gids}))
+    bridge = r1_bridge(hub_broker, local, tmp_path / "bridge.db", {f"c-{g}": g for g in gids})
     fleet = [FleetGateway(g, f"c-{g}", MqttEndpoint(local.host, local.port, g, local.identities[g].password))
              for g in gids]
     with parties(Party(hub_broker, "hub", topics.all_up("retailers"), topics.status("retailers", "r1"))) as (hub,):
@@ -102,11 +107,7 @@ async def test_an_outcome_is_stored_before_the_gateway_gets_its_ack(
     hub_broker = mosquitto_factory("hub", ["r1"], "hub")
     local = mosquitto_factory("retailer", ["gw-1", "gw-2", "gw-3"], "bridge")
     db = tmp_path / "bridge.db"
-    bridge = Bridge(BridgeSettings(
-        retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
-        hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host, local_mqtt_port=local.port,
-        local_mqtt_password=local.identities["bridge"].password, db_path=db, telemetry_store="none",
-        customers={"c1": "gw-1", "c2": "gw-2", "c3": "gw-3"}))
+    bridge = r1_bridge(hub_broker, local, db, {"c1": "gw-1", "c2": "gw-2", "c3": "gw-3"})
     with parties(Party(hub_broker, "hub", topics.all_up("retailers"), topics.status("retailers", "r1")),
                  *(Party(local, g, topics.down("gateways", g)) for g in ("gw-1", "gw-2", "gw-3"))) as (hub, *gws):
         async with running(bridge, hub):
@@ -191,11 +192,7 @@ async def test_outcomes_waiting_for_the_hub_are_re_sent_when_it_comes_back(
         tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
     hub_broker = mosquitto_factory("hub", ["r1"], "hub")
     local = mosquitto_factory("retailer", ["gw-1"], "bridge")
-    bridge = Bridge(BridgeSettings(
-        retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
-        hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host, local_mqtt_port=local.port,
-        local_mqtt_password=local.identities["bridge"].password, db_path=tmp_path / "bridge.db",
-        telemetry_store="none", customers={"c1": "gw-1"}))
+    bridge = r1_bridge(hub_broker, local, tmp_path / "bridge.db", {"c1": "gw-1"})
     with parties(Party(hub_broker, "hub", topics.all_up("retailers"), topics.status("retailers", "r1"))) as (hub,):
         async with running(bridge, hub):
             await hub.publish(topics.down("retailers", "r1"), emergency(["c9"], "q"))  # not a customer: refused
@@ -216,11 +213,7 @@ async def test_no_re_send_to_a_hub_that_is_busy_acknowledging_and_one_once_it_is
         tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
     hub_broker = mosquitto_factory("hub", ["r1"], "hub")
     local = mosquitto_factory("retailer", ["gw-1"], "bridge")
-    bridge = Bridge(BridgeSettings(
-        retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
-        hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host, local_mqtt_port=local.port,
-        local_mqtt_password=local.identities["bridge"].password, db_path=tmp_path / "bridge.db",
-        telemetry_store="none", customers={"c1": "gw-1"}))
+    bridge = r1_bridge(hub_broker, local, tmp_path / "bridge.db", {"c1": "gw-1"})
     bridge.relay.hub_retry_s = 1.0
     with parties(Party(hub_broker, "hub", topics.all_up("retailers"), topics.status("retailers", "r1"))) as (hub,):
         async with running(bridge, hub):

@@ -10,22 +10,16 @@ from pathlib import Path
 
 from mhp_wire import topics
 from mhp_wire.messages import Ack
-from retailer_bridge.service import Bridge
-from retailer_bridge.settings import BridgeSettings
 from tests.broker_fixtures import MosquittoFactory
 from tests.mqtt_party import Party, parties
-from tests.retailer_bridge.test_bridge_batching import emergency, running
+from tests.retailer_bridge.test_bridge_batching import emergency, r1_bridge, running
 
 
 async def test_a_lost_outcome_is_re_sent_while_the_hub_acknowledges_newer_ones(
         tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
     hub_broker = mosquitto_factory("hub", ["r1"], "hub")
     local = mosquitto_factory("retailer", ["gw-1"], "bridge")
-    bridge = Bridge(BridgeSettings(
-        retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
-        hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host, local_mqtt_port=local.port,
-        local_mqtt_password=local.identities["bridge"].password, db_path=tmp_path / "bridge.db",
-        telemetry_store="none", customers={"c1": "gw-1"}))
+    bridge = r1_bridge(hub_broker, local, tmp_path / "bridge.db", {"c1": "gw-1"})
     bridge.relay.hub_retry_s = 1.0
     with parties(Party(hub_broker, "hub", topics.all_up("retailers"), topics.status("retailers", "r1"))) as (hub,):
         async with running(bridge, hub):

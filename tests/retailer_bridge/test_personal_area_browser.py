@@ -13,71 +13,26 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
 
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ApplianceSchedule, Schedule
+from tests import browser_tab
 from tests.broker_fixtures import MosquittoFactory
-from tests.browser import Browser, Cdp, needs_chromium
+from tests.browser import Browser, needs_chromium
+from tests.browser_tab import Tab
 from tests.mqtt_party import Party, parties
 from tests.retailer_bridge.personal_area_rig import ALICE, AreaRig, running_area
 
 pytestmark = needs_chromium
 
 
-class Tab(Cdp):
-    """One browser tab driven over the shared DevTools client (one websocket, a flat session)."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        super().__init__(ws)
-        self.session = ""
-
-    async def call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 5.0,
-                   *, browser: bool = False) -> dict[str, Any]:
-        """Send one command to the tab (or to the browser); its ``result``."""
-        return await self.send(method, params, None if browser else self.session or None, timeout)
-
-    async def evaluate(self, expression: str) -> Any:
-        """The value of a JavaScript expression in the page (promises awaited)."""
-        result = await self.call("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
-                                                      "returnByValue": True})
-        assert "exceptionDetails" not in result, result["exceptionDetails"]
-        return result["result"].get("value")
-
-    async def loads(self, action: str) -> None:
-        """Run the JavaScript ``action`` (a click, a reload) and wait until the page it leads to has loaded."""
-        mark = len(self.events)
-        await self.evaluate(action)
-        await self.wait_event("Page.loadEventFired", after=mark)
-
-    async def type_into(self, selector: str, text: str) -> None:
-        """Focus a field, clear it, and type ``text`` as keyboard input."""
-        await self.evaluate(f"(() => {{ const f = document.querySelector({json.dumps(selector)}); f.focus(); "
-                            "f.select(); })()")
-        await self.call("Input.insertText", {"text": text})
-
-
 @contextlib.asynccontextmanager
 async def open_tab(browser: Browser, url: str) -> AsyncIterator[Tab]:
-    """A new tab of ``browser`` showing ``url`` (loaded)."""
-    tab = Tab(await connect(browser.ws_url, max_size=None))
-    try:
-        target = (await tab.call("Target.createTarget", {"url": "about:blank"}))["targetId"]
-        tab.session = (await tab.call("Target.attachToTarget", {"targetId": target, "flatten": True},
-                                      browser=True))["sessionId"]
-        for method in ("Page.enable", "Runtime.enable", "Log.enable"):
-            await tab.call(method)
-        await tab.call("Emulation.setDeviceMetricsOverride", {"width": 1100, "height": 900, "deviceScaleFactor": 1,
-                                                              "mobile": False})
-        mark = len(tab.events)
-        await tab.call("Page.navigate", {"url": url})
-        await tab.wait_event("Page.loadEventFired", after=mark)
+    """A tab of the personal area's size (1100 x 900)."""
+    async with browser_tab.open_tab(browser, url, width=1100, height=900) as tab:
         yield tab
-    finally:
-        await tab.close()
 
 
 HEATER = 'section[data-device="heater"]'

@@ -1,5 +1,5 @@
-"""A browser tab driven over the DevTools protocol, for the console's browser tests (headless Chromium of
-:mod:`tests.browser`)."""
+"""A browser tab driven over the DevTools protocol, for the browser tests of the console, the personal area and
+consent (headless Chromium of :mod:`tests.browser`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tests.browser import Browser, Cdp
 
-SCREENSHOTS = Path(os.environ.get("MHP_SCREENSHOTS", Path(__file__).resolve().parents[2] / "build" / "screenshots"))
+SCREENSHOTS = Path(os.environ.get("MHP_SCREENSHOTS", Path(__file__).resolve().parents[1] / "build" / "screenshots"))
 """Where the browser tests leave a screenshot of each screen for a reviewer (kept after the run; gitignored)."""
 
 
@@ -63,8 +63,8 @@ class Tab(Cdp):
 
 
 @contextlib.asynccontextmanager
-async def open_tab(browser: Browser, url: str) -> AsyncIterator[Tab]:
-    """A new tab of ``browser`` showing ``url`` (loaded)."""
+async def open_tab(browser: Browser, url: str, *, width: int = 1280, height: int = 1100) -> AsyncIterator[Tab]:
+    """A new tab of ``browser`` showing ``url`` (loaded), ``width`` x ``height`` CSS pixels."""
     tab = Tab(await connect(browser.ws_url, max_size=None))
     try:
         target = (await tab.call("Target.createTarget", {"url": "about:blank"}, browser=True))["targetId"]
@@ -72,7 +72,7 @@ async def open_tab(browser: Browser, url: str) -> AsyncIterator[Tab]:
                                       browser=True))["sessionId"]
         for method in ("Page.enable", "Runtime.enable", "Log.enable"):
             await tab.call(method)
-        await tab.call("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 1100, "deviceScaleFactor": 1,
+        await tab.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
                                                               "mobile": False})
         mark = len(tab.events)
         await tab.call("Page.navigate", {"url": url})
