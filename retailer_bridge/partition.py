@@ -92,14 +92,18 @@ class PartitionGate:
     def request(self, req: Request) -> Request:
         """The request with only this partition's clients (possibly none: it is still acknowledged)."""
         mine = [c for c in req.client_ids if self.partition.owns_client(c, self.gateway_of)]
+        if len(mine) == len(req.client_ids):
+            return req
         self.dropped["request_clients"] += len(req.client_ids) - len(mine)
-        return req if len(mine) == len(req.client_ids) else req.model_copy(update={"client_ids": mine})
+        return req.model_copy(update={"client_ids": mine})
 
     def billing(self, msg: BillingData) -> BillingData:
         """The billing delivery with only this partition's clients."""
         mine = [c for c in msg.clients if self.partition.owns_client(c.client_id, self.gateway_of)]
+        if len(mine) == len(msg.clients):
+            return msg
         self.dropped["billing_clients"] += len(msg.clients) - len(mine)
-        return msg if len(mine) == len(msg.clients) else msg.model_copy(update={"clients": mine})
+        return msg.model_copy(update={"clients": mine})
 
     def gateway_topic(self, topic: str) -> bool:
         """Whether a message on ``topic`` (of the retailer broker) is this partition's to read: a gateway's own
