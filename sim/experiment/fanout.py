@@ -756,6 +756,14 @@ def markdown(results: dict[str, Any]) -> str:
         c = r.get("cpu_ms_per_client", {})
         lines.append(f"| {r['run']} | " + " | ".join(_fmt(c.get("group", {}).get(g)) for g in GROUPS)
                      + f" | {_fmt(c.get('process'))} |")
+    if any("partitions" in r for r in results["runs"]):
+        lines += ["", f"## Bridge partitions ({p.get('bridge_partitions')} per retailer, by gateway)", "",
+                  "Commands of each run's request in each partition's store, and those for a gateway the partition "
+                  "does not own (0: each handled only its own); CPU per process is in the tables above.", "",
+                  "| run | partition | commands | foreign |", "|---|---|---|---|"]
+        for r in results["runs"]:
+            lines += [f"| {r['run']} | {name} | {c['commands']} | {c['foreign']} |"
+                      for name, c in r.get("partitions", {}).items()]
     floor_runs = results.get("floor_runs") or []
     if floor_runs:
         fs = s["floor"]
