@@ -187,6 +187,17 @@ def floor_ratios(runs: list[dict[str, Any]], floor_runs: list[dict[str, Any]]) -
             "ratio_worst": max(known) if len(known) == len(ratios) and known else None}
 
 
+def cpu_spent(before: dict[str, float], after: dict[str, float], kills: list[dict[str, Any]]) -> dict[str, float]:
+    """CPU seconds of each process during a run; a process killed during it and started again under its name
+    counts what it spent until the kill plus what its successor spent (which started from 0)."""
+    spent = {k: after[k] - before.get(k, 0.0) for k in after}
+    for kill in kills:
+        name = kill.get("killed")
+        if name is not None and kill.get("cpu_s_at_kill") is not None:
+            spent[name] = kill["cpu_s_at_kill"] - before.get(name, 0.0) + after.get(name, 0.0)
+    return {k: round(v, 3) for k, v in spent.items()}
+
+
 def gateway_of(client_id: str) -> str:
     """The simulated gateway of a client (``client-00042`` → ``gw-00042``)."""
     return "gw-" + client_id.removeprefix("client-")
@@ -395,13 +406,15 @@ class FanoutExperiment(Experiment):
                 kills.append({"retailer": r, "killed": None, "hub_outcomes_before": int(outcomes)})
                 continue
             proc = self.procs[name]
+            at_kill = proc_sample(proc.pid)  # its CPU until now: the process started again in its place counts from 0
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             self.pids.pop(name, None)
             self.log(f"killed {name} (pid {proc.pid}), the active bridge of {r}, with SIGKILL after "
                      f"{outcomes:.0f} outcome messages")
             kills.append({"retailer": r, "killed": name, "pid": proc.pid, "at": time.time(),
-                          "hub_outcomes_before": int(outcomes)})
+                          "hub_outcomes_before": int(outcomes),
+                          "cpu_s_at_kill": None if at_kill is None else at_kill["cpu_s"]})
             self._spawn(name, list(proc.args))  # type: ignore[arg-type]
         return kills
 
@@ -494,7 +507,7 @@ class FanoutExperiment(Experiment):
                    datetime.fromisoformat(completed_at).timestamp() - t_post, 3),
                "observed_done_s": None if done_at is None else round(done_at - t_post, 3),
                "executed_s": sorted(round(t, 4) for t in times), "post_at": t_post, "trace": view.get("trace", {}),
-               "cpu_s": {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 3) for k in cpu_after},
+               "cpu_s": cpu_spent(cpu_before, cpu_after, kills or []),
                "loadavg_1m": load_before}
         if kills is not None:
             run["bridge_kills"] = kills

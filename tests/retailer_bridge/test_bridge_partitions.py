@@ -186,3 +186,20 @@ def test_the_experiment_refuses_impossible_partitions_with_a_clear_error(tmp_pat
                           timeout=60, check=False)
     assert proc.returncode == 2 and "--bridge-partitions must be between 1 and" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("kills", "expected"), [
+    ([], {"bridge-r1-p0": 0.5, "hub": 1.0}),
+    # killed at 2.25 s of CPU (it had 2.0 at the start of the run); its successor spent 0.5 from 0
+    ([{"killed": "bridge-r1-p0", "cpu_s_at_kill": 2.25}], {"bridge-r1-p0": 0.75, "hub": 1.0}),
+    ([{"killed": None}], {"bridge-r1-p0": 0.5, "hub": 1.0}),  # nothing was killed (no active process found)
+])
+def test_a_killed_process_cpu_is_what_it_and_its_successor_spent(kills: list[dict[str, Any]],
+                                                                  expected: dict[str, float]) -> None:
+    """Before, a process restarted under its name counted its successor's CPU minus its own (negative figures)."""
+    from sim.experiment.fanout import cpu_spent
+
+    before, after = {"bridge-r1-p0": 2.0, "hub": 3.0}, {"bridge-r1-p0": 0.5, "hub": 4.0}
+    if not any(k.get("killed") for k in kills):
+        after = {"bridge-r1-p0": 2.5, "hub": 4.0}
+    assert cpu_spent(before, after, kills) == expected
