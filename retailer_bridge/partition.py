@@ -23,10 +23,12 @@ The decisions are pure functions (:func:`partition_of`, :class:`Partition`), tes
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mhp_wire import topics
@@ -145,3 +147,47 @@ def describe(partition: Partition, customers: Mapping[str, str]) -> str:
     return (f"partition {partition.index} of {partition.count}: {len(partition.customers(customers))} of "
             f"{len(customers)} customers")
 
+
+
+class StoreOfAnotherPartition(ValueError):
+    """A bridge was started on a store that another partition (or an unpartitioned bridge) has used."""
+
+
+def partition_file(db_path: Path) -> Path:
+    """The file next to a partition's store that names its partition (``0 of 2``)."""
+    return db_path.with_name(db_path.name + ".partition")
+
+
+def claim_store(db_path: Path, partition: Partition) -> None:
+    """Bind the store at ``db_path`` to ``partition``, or refuse a store that is not this partition's: two partitions
+    on one store would each send the other's commands (whose acknowledgements only the owner reads), and a store
+    used with another K holds commands of gateways that now belong elsewhere. A partitioned bridge writes
+    ``<db_path>.partition`` on its first start (a new store only); an unpartitioned one writes nothing and refuses a
+    store that has such a file."""
+    path = partition_file(db_path)
+    mine = f"{partition.index} of {partition.count}"
+    try:
+        held: str | None = path.read_text().strip()
+    except FileNotFoundError:
+        held = None
+    if partition.whole:
+        if held is not None:
+            raise StoreOfAnotherPartition(f"{db_path} is the store of bridge partition {held} ({path}); this bridge "
+                                          "is not partitioned: give it a store of its own")
+        return
+    if held is None:
+        if db_path.exists():
+            raise StoreOfAnotherPartition(f"{db_path} was used by an unpartitioned bridge; partition {mine} needs a "
+                                          "new store (docs/decisions.md: changing the number of partitions)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process of this retailer created it just now: compare below
+            held = path.read_text().strip()
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(mine + "\n")
+            return
+    if held != mine:
+        raise StoreOfAnotherPartition(f"{db_path} is the store of bridge partition {held} ({path}), not of "
+                                      f"partition {mine}: each partition needs a store of its own")

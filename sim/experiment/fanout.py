@@ -72,7 +72,7 @@ from mhp_wire import topics
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.secretfile import write_private
 from retailer_bridge.instance_lock import holder_pid
-from retailer_bridge.partition import Partition
+from retailer_bridge.partition import Partition, partition_file
 from sim.experiment.base import BaseParams, Experiment, machine, proc_sample
 from sim.experiment.dso_sim import pct
 from sim.fleet import FLOOR_PREFIX
@@ -371,6 +371,9 @@ class FanoutExperiment(Experiment):
                 "customers": {c: gateway_of(c) for c in self.clients_of[r]}}
             if parts > 1:
                 settings.update(partitions=parts, partition=j, hub_mqtt_username=hub_login)
+                db = self.bridge_db(r, part)  # a new store per experiment: one left by another K would be refused
+                for old in (db, partition_file(db), db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+                    old.unlink(missing_ok=True)
             if self.fp.bridge_instances > 1:
                 settings["instance_lock_path"] = str(self.bridge_lock(r, part))
             write_private(cfg, tomli_w.dumps({"bridge": settings}))

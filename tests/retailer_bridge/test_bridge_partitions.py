@@ -21,7 +21,15 @@ from pydantic import ValidationError
 
 from mhp_wire import topics
 from mhp_wire.messages import BillingClient, BillingData, EmergencyParams, Request, RequestKind
-from retailer_bridge.partition import MAX_PARTITIONS, Partition, PartitionGate, partition_of
+from retailer_bridge.partition import (
+    MAX_PARTITIONS,
+    Partition,
+    PartitionGate,
+    StoreOfAnotherPartition,
+    claim_store,
+    partition_file,
+    partition_of,
+)
 from retailer_bridge.settings import BridgeSettings
 
 GATEWAYS = 1000
@@ -203,3 +211,33 @@ def test_a_killed_process_cpu_is_what_it_and_its_successor_spent(kills: list[dic
     if not any(k.get("killed") for k in kills):
         after = {"bridge-r1-p0": 2.5, "hub": 4.0}
     assert cpu_spent(before, after, kills) == expected
+
+
+def test_a_store_is_bound_to_its_partition_and_others_are_refused(tmp_path: Path) -> None:
+    db = tmp_path / "state" / "bridge-p0.db"
+    claim_store(db, Partition(0, 2))  # a new store: bound to partition 0 of 2
+    assert partition_file(db).read_text() == "0 of 2\n"
+    claim_store(db, Partition(0, 2))  # the same partition again (a restart, its standby): accepted
+    for other in (Partition(1, 2), Partition(0, 3)):
+        with pytest.raises(StoreOfAnotherPartition, match="store of bridge partition 0 of 2"):
+            claim_store(db, other)
+    with pytest.raises(StoreOfAnotherPartition, match="this bridge is not partitioned"):
+        claim_store(db, Partition())
+    used = tmp_path / "bridge.db"
+    used.write_bytes(b"")  # a store an unpartitioned bridge has used (no .partition file)
+    claim_store(used, Partition())  # still fine for it, and nothing written
+    assert not partition_file(used).exists()
+    with pytest.raises(StoreOfAnotherPartition, match="was used by an unpartitioned bridge"):
+        claim_store(used, Partition(1, 2))
+
+
+def test_the_bridge_refuses_to_start_on_another_partitions_store_with_a_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "bridge.db"
+    claim_store(db, Partition(0, 2))
+    cfg = tmp_path / "p1.toml"
+    cfg.write_text(f'[bridge]\nretailer_id = "r1"\npartitions = 2\npartition = 1\nhub_mqtt_username = "r1.p1"\n'
+                   f'local_mqtt_username = "bridge.p1"\ndb_path = "{db}"\ntelemetry_store = "none"\n')
+    proc = subprocess.run([sys.executable, "-m", "retailer_bridge.cli", "run", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "is the store of bridge partition 0 of 2" in proc.stderr and "not of partition 1 of 2" in proc.stderr
