@@ -59,6 +59,17 @@ def generate_password() -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Delegate:
+    """A second login of one party: ``identity`` gets exactly the rights of ``party_id`` (its ``down`` and ``up``
+    subtrees and ``public``), under a username of its own, so that it holds a connection and a persistent session
+    of its own. A retailer's bridge partitions log in to the hub broker this way (``retailer_bridge.partition``):
+    the broker's ``use_username_as_clientid`` would otherwise let two processes of one retailer kick each other."""
+
+    identity: Identity
+    party_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerTls:
     """The broker's TLS listener: its CA, certificate and key (PEM files; see ``broker_config.tls``).
 
@@ -88,6 +99,8 @@ class BrokerSpec:
     privileged: Identity
     parties: list[Identity] = field(default_factory=list)
     extra_privileged: list[Identity] = field(default_factory=list)
+    delegates: list[Delegate] = field(default_factory=list)
+    """Second logins of parties (:class:`Delegate`): each gets the rights of its party, and no more."""
     host: str = "127.0.0.1"
     tls: BrokerTls | None = None
     """With it, the listener speaks MQTT over TLS only (TLS 1.2 or later); ``None``: plain MQTT."""
@@ -131,7 +144,12 @@ class BrokerSpec:
     @property
     def identities(self) -> dict[str, Identity]:
         """Every identity of this broker by username."""
-        return {i.username: i for i in [*self.privileged_identities, *self.parties]}
+        return {i.username: i for i in [*self.privileged_identities, *self.parties, *self.delegate_identities]}
+
+    @property
+    def delegate_identities(self) -> list[Identity]:
+        """The identities of :attr:`delegates`."""
+        return [d.identity for d in self.delegates]
 
     @property
     def conf_path(self) -> Path:
@@ -196,7 +214,12 @@ def validate(spec: BrokerSpec) -> list[str]:  # noqa: C901, PLR0912
         errors.append(f"environment must be 'development' or 'production', not {spec.environment!r}")
 
     seen: set[str] = set()
-    roles = [(i, True) for i in spec.privileged_identities] + [(i, False) for i in spec.parties]
+    roles = ([(i, True) for i in spec.privileged_identities] + [(i, False) for i in spec.parties]
+             + [(i, False) for i in spec.delegate_identities])
+    parties = {i.username for i in spec.parties}
+    for d in spec.delegates:
+        if d.party_id not in parties:
+            errors.append(f"delegate {d.identity.username!r}: {d.party_id!r} is not a party of this broker")
     for identity, privileged in roles:
         role = "privileged identity" if privileged else f"party ({spec.party_kind})"
         try:
@@ -252,6 +275,11 @@ def acl_text(spec: BrokerSpec) -> str:
             f"topic readwrite {topics.PRIVILEGED_ACL}",
             "topic read $SYS/#",
         ]
+    for d in spec.delegates:  # a party's own patterns, with its id in place of %u
+        lines += ["", f"# {d.identity.username}: a second login of {d.party_id} (its rights, no more).",
+                  f"user {d.identity.username}"]
+        lines += [f"topic {access} {topic.replace('%u', d.party_id)}"
+                  for access, topic in topics.acl_patterns(spec.party_kind)]
     return "\n".join(lines) + "\n"
 
 
@@ -308,7 +336,7 @@ def render(spec: BrokerSpec) -> Path:
     if errors:
         raise BrokerConfigError(errors)
     spec.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    identities = [*spec.privileged_identities, *spec.parties]
+    identities = [*spec.privileged_identities, *spec.parties, *spec.delegate_identities]
     write_private(spec.password_path, password_file_text(identities, spec.password_iterations))
     write_private(spec.acl_path, acl_text(spec))
     write_private(spec.conf_path, conf_text(spec), 0o644)

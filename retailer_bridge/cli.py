@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         return customer_command(args, settings)
     if args.command == "billing":
         return billing_export(args, settings)
+    from retailer_bridge.partition import Partition, StoreOfAnotherPartition, claim_store
+
+    try:
+        claim_store(settings.db_path, Partition(settings.partition, settings.partitions))
+    except (StoreOfAnotherPartition, OSError) as exc:
+        print(f"retailer-bridge: {exc}", file=sys.stderr)
+        return 2
     return run_service(run_bridge(settings))
 
 

@@ -9,6 +9,7 @@ from mhp_wire import topics
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.ratelimit import RateLimiter
 from retailer_bridge.instance_lock import active_instance
+from retailer_bridge.partition import Partition, PartitionGate, describe
 from retailer_bridge.personal_area import PersonalArea
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.settings import BridgeSettings
@@ -24,10 +25,15 @@ class Bridge:
     def __init__(self, settings: BridgeSettings) -> None:
         self.settings = settings
         self.store = BridgeStore(settings.db_path)
-        self.relay = BridgeRelay(settings.retailer_id, settings.customers, self.store,
+        self.partition = Partition(settings.partition, settings.partitions)
+        """This process's share of the retailer's gateways (all of them unless ``partitions`` > 1)."""
+        self.relay = BridgeRelay(settings.retailer_id, self.partition.customers(settings.customers), self.store,
                                  gateway_ack_timeout_s=settings.gateway_ack_timeout_s,
                                  measurement_interval_s=settings.measurement_interval_s,
                                  rated_sheddable_kw=settings.customer_sheddable_kw)
+        self.gate = PartitionGate(self.partition, settings.customers)
+        """Cuts the hub's requests and billing deliveries, and the gateways' uplinks, to this partition's share."""
+        self.gate.install(self.relay)
         self.relay.gateway_limiter = RateLimiter(settings.gateway_rate_limit_per_s, settings.gateway_rate_limit_burst)
         self.telemetry = TelemetryExporter.from_settings(settings)
         self.relay.telemetry_sinks.append(self.telemetry.submit)
@@ -48,8 +54,9 @@ class Bridge:
         await self.store.open()
         await self.relay.load_customers()  # the hub's announcements survive a restart: before any message is read
         hub = MqttLink(
-            MqttEndpoint(s.hub_mqtt_host, s.hub_mqtt_port, rid, s.hub_mqtt_password, s.hub_mqtt_tls_ca_file),
-            client_id=rid, subscriptions=[topics.down("retailers", rid), topics.PUBLIC_ALL],
+            MqttEndpoint(s.hub_mqtt_host, s.hub_mqtt_port, s.hub_mqtt_username or rid, s.hub_mqtt_password,
+                         s.hub_mqtt_tls_ca_file),
+            client_id=s.hub_mqtt_username or rid, subscriptions=[topics.down("retailers", rid), topics.PUBLIC_ALL],
             handler=self.relay.on_hub_message, status_topic=topics.status("retailers", rid), connect_timeout_s=None,
         )
         local = MqttLink(
@@ -67,7 +74,7 @@ class Bridge:
                         PersonalArea(s, self.relay, self.store).serving())
                 self.relay.local = await stack.enter_async_context(local)
                 self.relay.hub = await stack.enter_async_context(hub)
-                log.info("bridge %s running with %d customers", rid, len(s.customers))
+                log.info("bridge %s running with %s", rid, describe(self.partition, s.customers))
                 self.relay.kick()
                 await self.relay.run()
         finally:

@@ -26,6 +26,9 @@ class BridgeSettings(BaseSettings):
     hub_mqtt_host: str = "127.0.0.1"
     hub_mqtt_port: int = Field(1883, ge=1, le=65535)
     hub_mqtt_password: str = ""
+    hub_mqtt_username: str | None = None
+    """The login at the hub broker; None: ``retailer_id``. A partition other than the first logs in under a
+    second identity of the retailer (``broker_config.render.Delegate``), since one login holds one connection."""
     hub_mqtt_tls_ca_file: str | None = None
     local_mqtt_host: str = "127.0.0.1"
     local_mqtt_port: int = Field(1884, ge=1, le=65535)
@@ -37,6 +40,11 @@ class BridgeSettings(BaseSettings):
     """Several bridge processes of this retailer on one host (same ``db_path``, same file here): the one holding
     this file's lock is active, the others wait as standbys and take over when it dies (``retailer_bridge/
     instance_lock.py``). None: one process, no lock."""
+    partitions: int = Field(1, ge=1, le=64)
+    """Bridge processes sharing this retailer's gateways by a hash of the gateway id (``retailer_bridge/
+    partition.py``); each is given the whole ``customers`` list, its own ``partition``, store, lock and logins."""
+    partition: int = Field(0, ge=0)
+    """Which of the ``partitions`` this process is (0 to partitions - 1)."""
     customers: dict[str, str] = Field(default_factory=dict)
     """``client_id -> gateway_id`` of this retailer's customers."""
     customers_file: Path | None = None
@@ -147,6 +155,18 @@ class BridgeSettings(BaseSettings):
         for cid, gid in self.customers.items():
             check_id(cid)
             check_id(gid)
+        if self.partition >= self.partitions:
+            raise ValueError(f"partition must be between 0 and {self.partitions - 1} (partitions "
+                             f"{self.partitions}), not {self.partition}")
+        if self.partitions > 1 and self.personal_area_port is not None:
+            raise ValueError("the personal area is served by an unpartitioned bridge only (partitions = 1): a "
+                             "customer's schedule is sent and acknowledged through the partition of its gateway")
+        if self.partitions > 1 and self.partition > 0 and self.hub_mqtt_username in (None, self.retailer_id):
+            raise ValueError("a partition other than 0 needs hub_mqtt_username, a login of its own at the hub "
+                             "broker (a second login of the retailer: one login holds one connection)")
+        if self.partitions > 1 and self.partition > 0 and self.local_mqtt_username == "bridge":
+            raise ValueError("a partition other than 0 needs local_mqtt_username, a privileged login of its own at "
+                             "the retailer broker ('bridge' is partition 0's)")
         strangers = sorted(set(self.customer_sheddable_kw) - set(self.customers))
         if strangers:
             raise ValueError(f"customer_sheddable_kw names clients that are not customers: {', '.join(strangers[:20])}")

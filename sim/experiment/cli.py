@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from retailer_bridge.partition import MAX_PARTITIONS
 from sim.experiment import fanout as fanout_mod
 from sim.experiment import faults as faults_mod
 from sim.experiment import peer_openleadr
@@ -79,6 +80,8 @@ def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--retailers cannot exceed --gateways (each retailer needs at least one client)")
     if args.bridge_instances < 1:
         parser.error("--bridge-instances must be positive")
+    if not 1 <= args.bridge_partitions <= MAX_PARTITIONS:
+        parser.error(f"--bridge-partitions must be between 1 and {MAX_PARTITIONS}")
     if args.kill_bridge_after_outcomes is not None and (args.kill_bridge_after_outcomes < 1
                                                         or args.bridge_instances < 2):
         parser.error("--kill-bridge-after-outcomes must be positive and needs --bridge-instances 2 or more")
@@ -86,7 +89,8 @@ def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                                  runs=args.runs, per_fleet=args.per_fleet, timeout_s=args.timeout_s,
                                                  peer=args.peer or "", via=args.via or "", vens=args.vens,
                                                  floor=args.floor, bridge_instances=args.bridge_instances,
-                                                 kill_bridge_after_outcomes=args.kill_bridge_after_outcomes))
+                                                 kill_bridge_after_outcomes=args.kill_bridge_after_outcomes,
+                                                 bridge_partitions=args.bridge_partitions))
     s = res["summary"]
     print(f"[fanout] done: {s['runs']} run(s); all executed every run: {s['all_executed_every_run']}; missing "
           f"{s['missing_commands']}, duplicates {s['duplicate_commands']}; 100 % executed by {s['t100_s_best']} s "
@@ -150,6 +154,9 @@ def _add_fanout(sub: Any) -> None:
     fanout.add_argument("--kill-bridge-after-outcomes", type=int,
                         help="in each run, once the hub has received this many outcome messages of it, kill -9 each "
                              "retailer's active bridge (its standby takes over)")
+    fanout.add_argument("--bridge-partitions", type=int, default=1,
+                        help="bridge partitions per retailer, by gateway: each its own process(es), store and "
+                             "logins (with --bridge-instances N, N processes per partition)")
 
 
 def _add_peer(sub: Any) -> None:

@@ -32,6 +32,13 @@ so the simulated fleet's own cost is visible and not charged to the product.
 the others standbys: ``retailer_bridge.instance_lock``); ``--kill-bridge-after-outcomes K`` kills the active one
 with SIGKILL in each run once the hub has counted K outcome messages of it, and starts it again as the next
 standby. Each run's ``bridge_kills`` in ``results.json`` names the process killed and the hub's count then.
+
+``--bridge-partitions K`` runs each retailer's bridge as K partitions by gateway (``retailer_bridge.partition``),
+each its own process(es), store and logins (partition k > 0 logs in as ``{r}.p{k}``, a second login of ``r`` at the
+hub broker, and as ``bridge.p{k}`` at the retailer broker); with ``--bridge-instances N`` each partition has N
+processes on its own lock, and ``--kill-bridge-after-outcomes`` kills the active process of partition 0 only.
+Each run's ``partitions`` in ``results.json`` counts, from each partition's store, the commands of the run's
+request and those among them for a gateway that partition does not own (0 when each handled only its own).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import json
 import math
 import os
 import signal
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass
@@ -59,11 +67,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, generate_password
-from broker_config.render import GENERATED_PASSWORD_ITERATIONS
+from broker_config.render import GENERATED_PASSWORD_ITERATIONS, Delegate
 from mhp_wire import topics
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.secretfile import write_private
 from retailer_bridge.instance_lock import holder_pid
+from retailer_bridge.partition import Partition, partition_file
 from sim.experiment.base import BaseParams, Experiment, machine, proc_sample
 from sim.experiment.dso_sim import pct
 from sim.fleet import FLOOR_PREFIX
@@ -109,15 +118,38 @@ class FanoutParams:
     kill_bridge_after_outcomes: int | None = None
     """In each run, as soon as the hub has received this many outcome messages of it (a condition, not a time: the
     kill falls mid-way however fast the machine), SIGKILL the active bridge process of every retailer; its standby
-    takes over (needs ``bridge_instances`` > 1)."""
+    takes over (needs ``bridge_instances`` > 1). With ``bridge_partitions`` > 1: partition 0's active process."""
+    bridge_partitions: int = 1
+    """Bridge partitions per retailer (by gateway): each its own process(es), store, instance lock and logins."""
 
 
 FLOOR_FIELDS = ("run", "clients", "acked", "duplicates", "t50_s", "t90_s", "t99_s", "t100_s", "loadavg_1m")
 
 
-def bridge_name(r: str, k: int) -> str:
-    """The process name of retailer ``r``'s ``k``-th bridge process (0: ``bridge-{r}``)."""
-    return f"bridge-{r}" if k == 0 else f"bridge-{r}-{k + 1}"
+def bridge_name(r: str, k: int, partition: int | None = None) -> str:
+    """The process name of retailer ``r``'s ``k``-th bridge process (0: ``bridge-{r}``), of one ``partition``
+    (``bridge-{r}-p{j}``, ``bridge-{r}-p{j}-2``) when the bridge is partitioned."""
+    base = f"bridge-{r}" if partition is None else f"bridge-{r}-p{partition}"
+    return base if k == 0 else f"{base}-{k + 1}"
+
+
+def partition_logins(r: str, j: int) -> tuple[str, str]:
+    """Partition ``j``'s logins (hub broker, retailer broker): partition 0 keeps the retailer's own and
+    ``bridge``; the others have second logins of their own."""
+    return (r, "bridge") if j == 0 else (f"{r}.p{j}", f"bridge.p{j}")
+
+
+def partition_counts(db_path: Path, request_id: str, partition: Partition) -> dict[str, int]:
+    """From one partition's store: the commands it holds for ``request_id``, and how many of them are for a
+    gateway it does not own (read-only; the bridge may still be running)."""
+    if not db_path.exists():
+        return {"commands": 0, "foreign": 0}
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    try:
+        gateways = [g for (g,) in db.execute("SELECT gateway_id FROM commands WHERE request_id=?", (request_id,))]
+    finally:
+        db.close()
+    return {"commands": len(gateways), "foreign": sum(not partition.owns_gateway(g) for g in gateways)}
 
 
 def process_group(name: str) -> str:
@@ -153,6 +185,17 @@ def floor_ratios(runs: list[dict[str, Any]], floor_runs: list[dict[str, Any]]) -
     known = [x for x in ratios if x is not None]
     return {"floor_t100_s_median": round(median, 4), "ratios": ratios, "ratio_best": min(known) if known else None,
             "ratio_worst": max(known) if len(known) == len(ratios) and known else None}
+
+
+def cpu_spent(before: dict[str, float], after: dict[str, float], kills: list[dict[str, Any]]) -> dict[str, float]:
+    """CPU seconds of each process during a run; a process killed during it and started again under its name
+    counts what it spent until the kill plus what its successor spent (which started from 0)."""
+    spent = {k: after[k] - before.get(k, 0.0) for k in after}
+    for kill in kills:
+        name = kill.get("killed")
+        if name is not None and kill.get("cpu_s_at_kill") is not None:
+            spent[name] = kill["cpu_s_at_kill"] - before.get(name, 0.0) + after.get(name, 0.0)
+    return {k: round(v, 3) for k, v in spent.items()}
 
 
 def gateway_of(client_id: str) -> str:
@@ -219,9 +262,14 @@ class FanoutExperiment(Experiment):
         started = time.time()
         passwords = {r: generate_password() for r in self.retailer_ids}
         self.floor_password = generate_password()
+        self.partition_passwords = {(r, j): (generate_password(), generate_password())
+                                    for r in self.retailer_ids for j in range(1, fp.bridge_partitions)}
+        """Each partition's (hub, retailer broker) passwords, partition 0 excepted (it has the retailer's own)."""
         hub_spec = BrokerSpec(kind="hub", port=free_port(), data_dir=self.work / "broker",
                               privileged=Identity("hub", generate_password()),
                               parties=[Identity(r, pw) for r, pw in passwords.items()], use_username_as_clientid=True,
+                              delegates=[Delegate(Identity(partition_logins(r, j)[0], pws[0]), r)
+                                         for (r, j), pws in self.partition_passwords.items()],
                               password_iterations=GENERATED_PASSWORD_ITERATIONS)  # every password is generated
         self.log(f"{fp.gateways} gateways, {fp.retailers} retailer(s), {fp.runs} run(s); target: all executed in "
                  f"<= {TARGET_S:g} s")
@@ -237,7 +285,9 @@ class FanoutExperiment(Experiment):
                                       privileged=Identity("bridge", generate_password()),
                                       parties=[Identity(gateway_of(c), self.gateway_passwords[gateway_of(c)])
                                                for c in self.clients_of[r]],
-                                      extra_privileged=[Identity("floor", self.floor_password)] if fp.floor else [],
+                                      extra_privileged=([Identity("floor", self.floor_password)] if fp.floor else [])
+                                      + [Identity(partition_logins(r, j)[1], self.partition_passwords[r, j][1])
+                                         for j in range(1, fp.bridge_partitions)],
                                       # every password is generated; thousands of gateways log in
                                       password_iterations=GENERATED_PASSWORD_ITERATIONS)
                     brokers[r] = stack.enter_context(MosquittoProcess(spec))
@@ -304,23 +354,48 @@ class FanoutExperiment(Experiment):
         return runs, setup
 
     def _start_bridge(self, r: str, hub_port: int, password: str, broker: MosquittoProcess) -> None:
-        """Start retailer ``r``'s bridge processes: ``bridge-{r}``, then its standbys ``bridge-{r}-2`` ..."""
-        cfg = self.work / f"bridge-{r}.toml"
-        settings: dict[str, Any] = {
-            "retailer_id": r, "hub_mqtt_port": hub_port, "hub_mqtt_password": password,
-            "local_mqtt_port": broker.port, "local_mqtt_password": broker.spec.privileged.password,
-            "db_path": str(self.work / f"bridge-{r}.db"), "telemetry_store": "none",
-            "customers": {c: gateway_of(c) for c in self.clients_of[r]}}
-        if self.fp.bridge_instances > 1:
-            settings["instance_lock_path"] = str(self.bridge_lock(r))
-        write_private(cfg, tomli_w.dumps({"bridge": settings}))
-        for k in range(self.fp.bridge_instances):
-            self._spawn(bridge_name(r, k), [sys.executable, "-m", "retailer_bridge.cli", "--log-level", "WARNING",
-                                            "run", "--config", str(cfg)])
+        """Start retailer ``r``'s bridge processes: ``bridge-{r}``, then its standbys ``bridge-{r}-2`` ... (per
+        partition ``bridge-{r}-p{j}``, ``bridge-{r}-p{j}-2`` ... when partitioned)."""
+        parts = self.fp.bridge_partitions
+        for j in range(parts):
+            part = None if parts == 1 else j
+            stem = bridge_name(r, 0, part)
+            cfg = self.work / f"{stem}.toml"
+            hub_login, local_login = partition_logins(r, j)
+            settings: dict[str, Any] = {
+                "retailer_id": r, "hub_mqtt_port": hub_port,
+                "hub_mqtt_password": password if j == 0 else self.partition_passwords[r, j][0],
+                "local_mqtt_port": broker.port, "local_mqtt_username": local_login,
+                "local_mqtt_password": broker.spec.privileged.password if j == 0 else self.partition_passwords[r, j][1],
+                "db_path": str(self.bridge_db(r, part)), "telemetry_store": "none",
+                "customers": {c: gateway_of(c) for c in self.clients_of[r]}}
+            if parts > 1:
+                settings.update(partitions=parts, partition=j, hub_mqtt_username=hub_login)
+                db = self.bridge_db(r, part)  # a new store per experiment: one left by another K would be refused
+                for old in (db, partition_file(db), db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+                    old.unlink(missing_ok=True)
+            if self.fp.bridge_instances > 1:
+                settings["instance_lock_path"] = str(self.bridge_lock(r, part))
+            write_private(cfg, tomli_w.dumps({"bridge": settings}))
+            for k in range(self.fp.bridge_instances):
+                self._spawn(bridge_name(r, k, part), [sys.executable, "-m", "retailer_bridge.cli", "--log-level",
+                                                      "WARNING", "run", "--config", str(cfg)])
 
-    def bridge_lock(self, r: str) -> Path:
-        """Retailer ``r``'s bridge instance lock (its holder's pid inside)."""
-        return self.work / f"bridge-{r}.lock"
+    def bridge_lock(self, r: str, partition: int | None = None) -> Path:
+        """Retailer ``r``'s (or one of its partitions') bridge instance lock (its holder's pid inside)."""
+        return self.work / f"{bridge_name(r, 0, partition)}.lock"
+
+    def bridge_db(self, r: str, partition: int | None = None) -> Path:
+        """Retailer ``r``'s (or one of its partitions') bridge store."""
+        return self.work / f"{bridge_name(r, 0, partition)}.db"
+
+    def partition_stats(self, request_id: str) -> dict[str, dict[str, int]]:
+        """Per partition (by its first process's name): its store's commands of ``request_id``, foreign ones."""
+        parts = self.fp.bridge_partitions
+        if parts == 1:
+            return {}
+        return {bridge_name(r, 0, j): partition_counts(self.bridge_db(r, j), request_id, Partition(j, parts))
+                for r in self.retailer_ids for j in range(parts)}
 
     def _kill_active_bridges(self, outcomes: float) -> list[dict[str, Any]]:
         """SIGKILL each retailer's active bridge process, the one holding its instance lock (the hub has received
@@ -328,19 +403,21 @@ class FanoutExperiment(Experiment):
         supervisor would, to be the next standby (so that every run has one)."""
         kills: list[dict[str, Any]] = []
         for r in self.retailer_ids:
-            pid = holder_pid(self.bridge_lock(r))
+            pid = holder_pid(self.bridge_lock(r, None if self.fp.bridge_partitions == 1 else 0))
             name = next((n for n, p in self.procs.items() if p.pid == pid and p.poll() is None), None)
             if name is None:
                 kills.append({"retailer": r, "killed": None, "hub_outcomes_before": int(outcomes)})
                 continue
             proc = self.procs[name]
+            at_kill = proc_sample(proc.pid)  # its CPU until now: the process started again in its place counts from 0
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             self.pids.pop(name, None)
             self.log(f"killed {name} (pid {proc.pid}), the active bridge of {r}, with SIGKILL after "
                      f"{outcomes:.0f} outcome messages")
             kills.append({"retailer": r, "killed": name, "pid": proc.pid, "at": time.time(),
-                          "hub_outcomes_before": int(outcomes)})
+                          "hub_outcomes_before": int(outcomes),
+                          "cpu_s_at_kill": None if at_kill is None else at_kill["cpu_s"]})
             self._spawn(name, list(proc.args))  # type: ignore[arg-type]
         return kills
 
@@ -433,10 +510,12 @@ class FanoutExperiment(Experiment):
                    datetime.fromisoformat(completed_at).timestamp() - t_post, 3),
                "observed_done_s": None if done_at is None else round(done_at - t_post, 3),
                "executed_s": sorted(round(t, 4) for t in times), "post_at": t_post, "trace": view.get("trace", {}),
-               "cpu_s": {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 3) for k in cpu_after},
+               "cpu_s": cpu_spent(cpu_before, cpu_after, kills or []),
                "loadavg_1m": load_before}
         if kills is not None:
             run["bridge_kills"] = kills
+        if fp.bridge_partitions > 1:
+            run["partitions"] = self.partition_stats(request_id)
         for q in QUANTILES:
             run[f"t{q}_s"] = time_to_fraction(times, len(self.client_ids), q)
         run["within_target"] = run["t100_s"] is not None and run["t100_s"] <= TARGET_S
@@ -693,6 +772,14 @@ def markdown(results: dict[str, Any]) -> str:
         c = r.get("cpu_ms_per_client", {})
         lines.append(f"| {r['run']} | " + " | ".join(_fmt(c.get("group", {}).get(g)) for g in GROUPS)
                      + f" | {_fmt(c.get('process'))} |")
+    if any("partitions" in r for r in results["runs"]):
+        lines += ["", f"## Bridge partitions ({p.get('bridge_partitions')} per retailer, by gateway)", "",
+                  "Commands of each run's request in each partition's store, and those for a gateway the partition "
+                  "does not own (0: each handled only its own); CPU per process is in the tables above.", "",
+                  "| run | partition | commands | foreign |", "|---|---|---|---|"]
+        for r in results["runs"]:
+            lines += [f"| {r['run']} | {name} | {c['commands']} | {c['foreign']} |"
+                      for name, c in r.get("partitions", {}).items()]
     floor_runs = results.get("floor_runs") or []
     if floor_runs:
         fs = s["floor"]
