@@ -221,6 +221,7 @@ def _lifespan(settings: HubSettings) -> Callable[[FastAPI], contextlib.AbstractA
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             await webhooks.close()
+            await app.state.service.book.close()  # an expansion cut short is finished by the next start
             await app.state.store.close()
 
     return lifespan

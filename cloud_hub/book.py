@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloud_hub import lifecycle
+from cloud_hub import fanout, lifecycle
 from cloud_hub.authz import Action
 from cloud_hub.lifecycle import (
     Allowed,
@@ -116,6 +116,13 @@ class RequestBook:
         self._locks: dict[str, asyncio.Lock] = {}
         self.on_phase_due: Callable[[str], Any] | None = None
         self.kick: Callable[[], None] = lambda: None
+        self._expanding: dict[str, asyncio.Task[None]] = {}
+        """Requests accepted with a plan whose expansion is running (:mod:`cloud_hub.fanout`)."""
+        self._generation = 0
+        """Counts :meth:`forget`: an expansion that ends after one queues nothing (the book forgot it)."""
+        self._unexpanded: dict[str, tuple[dict[str, Any], dict[str, Any], list[OutboxItem]]] = {}
+        """Requests whose expansion failed (storage unavailable): ``(meta, plan, outbox)``, tried again by the
+        sweep (:meth:`expire_due`)."""
         self.storage_ms: dict[str, float] = {}
         """How long each new request's creating write took, until the next write of its row stores it as
         ``r:storage_ms`` (a write cannot hold its own duration); bounded, oldest dropped."""
@@ -144,6 +151,8 @@ class RequestBook:
             await self.store.update_request(request_id, {}, close=True)
             return False
         meta = req["meta"]
+        if "plan" in req:  # accepted, then killed before its expansion was durable: nothing was sent yet
+            await self._expand(request_id, meta, req["plan"])
         for mid, d in req["outbox"].items():
             self.outbox[mid] = OutboxItem.load(mid, request_id, d)
         if not RequestState(meta["state"]).terminal:
@@ -160,6 +169,8 @@ class RequestBook:
         """Drop the in-memory view (a replica that lost the broker may have had its requests adopted meanwhile: it
         loads again, after rejoining, only what it still owns); returns how many open requests were dropped."""
         n = len(self.deadlines)
+        self._generation += 1
+        self._unexpanded.clear()  # the replica that adopts them expands them
         self.outbox.clear()
         self.deadlines.clear()
         self.phases.clear()
@@ -194,26 +205,96 @@ class RequestBook:
 
     # -- new requests -------------------------------------------------------------------------------------
 
-    async def create(self, request_id: str, meta: dict[str, Any], clients: dict[str, dict[str, Any]],
+    # Complexity (PLR0913): every part of a new request goes into its one atomic write (as HubStore.create_request).
+    async def create(self, request_id: str, meta: dict[str, Any], clients: dict[str, dict[str, Any]],  # noqa: PLR0913
                      outbox: list[OutboxItem], parties: dict[str, dict[str, Any]], audit: list[AuditEntry],
                      idempotency: tuple[str, str, str, int, dict[str, Any]] | None,
-                     extra: Sequence[Mutation] = ()) -> None:
+                     extra: Sequence[Mutation] = (), plan: dict[str, Any] | None = None) -> None:
         """Store a new request (durably, before it is answered) and queue its messages; ``extra``: mutations of
-        other rows written with it (see :meth:`HubStore.create_request`)."""
-        counts = Counter(e["state"] for e in (clients or parties).values())
+        other rows written with it (see :meth:`HubStore.create_request`).
+
+        ``plan`` (:mod:`cloud_hub.fanout`; ``clients`` and ``audit`` empty): only the compact record is written
+        here; the expansion to per-client entries runs right after, in a task holding the request's lock (every
+        other writer of the row waits for it), and the messages are queued once it is durable."""
+        if plan is None:
+            counts = Counter(e["state"] for e in (clients or parties).values())
+        else:
+            counts = Counter({ClientState.PENDING.value: fanout.targets(plan)})
         meta = {**meta, "state": RequestState.ACCEPTED.value, "counts": dict(counts)}
+        lock = self.lock(request_id)
+        if plan is not None:
+            await lock.acquire()  # a new request id: never waits; released once the expansion is done
         t0 = time.perf_counter()
-        await self.store.create_request(request_id, meta, clients, {o.msg_id: o.stored() for o in outbox},
-                                        parties, audit, idempotency, owner=self.replica_id, extra=extra)
+        try:
+            await self.store.create_request(request_id, meta, clients, {o.msg_id: o.stored() for o in outbox},
+                                            parties, audit, idempotency, owner=self.replica_id, extra=extra,
+                                            plan=plan)
+        except BaseException:
+            if plan is not None:
+                lock.release()
+            raise
         self.storage_ms[request_id] = round((time.perf_counter() - t0) * 1000, 3)
         if len(self.storage_ms) > STORAGE_MS_KEPT:
             self.storage_ms.pop(next(iter(self.storage_ms)))
+        if plan is None:
+            self._queue(request_id, meta, outbox)
+            return
+        self._expanding[request_id] = asyncio.create_task(self._expand_after(request_id, meta, plan, outbox, lock),
+                                                          name=f"hub-expand-{request_id}")
+
+    def _queue(self, request_id: str, meta: dict[str, Any], outbox: list[OutboxItem]) -> None:
+        """Hold a stored request's deadline, phase and messages in memory, and wake the dispatcher."""
         self.deadlines[request_id] = meta["deadline"]
         if meta.get("phase") == "availability":
             self.phases[request_id] = Phase(meta["phase_due"], meta["body"]["reduction_kw"])
         for item in outbox:
             self.outbox[item.msg_id] = item
         self.kick()
+
+    async def _expand(self, request_id: str, meta: dict[str, Any], plan: dict[str, Any]) -> None:
+        """Write the per-client entries and audit lines of a request accepted with ``plan`` (its lock held)."""
+        audit = [AuditEntry(principal, cid, action, right, ref=request_id, at=at)
+                 for principal, cid, action, right, at in fanout.audit_lines(plan)]
+        await self.store.expand_request(request_id, meta, fanout.entries(plan, meta["created_at"]), audit)
+
+    async def _expand_after(self, request_id: str, meta: dict[str, Any], plan: dict[str, Any],
+                            outbox: list[OutboxItem], lock: asyncio.Lock) -> None:
+        """The expansion right after the answer; on a storage failure the sweep tries it again."""
+        generation = self._generation
+        try:
+            await self._expand(request_id, meta, plan)
+        except StoreUnavailable as exc:
+            log.warning("request %s: writing its clients' entries failed (%s); tried again shortly", request_id, exc)
+            if generation == self._generation:
+                self._unexpanded[request_id] = (meta, plan, outbox)
+            return
+        else:
+            if generation == self._generation:
+                self._queue(request_id, meta, outbox)
+        finally:
+            self._expanding.pop(request_id, None)
+            lock.release()
+
+    async def expand_pending(self) -> int:
+        """Try again the expansions that failed; returns how many are done."""
+        done = 0
+        for request_id in list(self._unexpanded):
+            meta, plan, outbox = self._unexpanded[request_id]
+            async with self.lock(request_id):
+                await self._expand(request_id, meta, plan)
+            self._unexpanded.pop(request_id, None)
+            self._queue(request_id, meta, outbox)
+            done += 1
+        return done
+
+    async def close(self) -> None:
+        """Stop the expansions still running (a restart finishes them from storage)."""
+        tasks = list(self._expanding.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
 
     async def add_messages(self, request_id: str, items: list[OutboxItem], put: dict[str, Any]) -> None:
         """Queue more messages of an existing request, with other cells of its row, atomically."""
@@ -229,7 +310,8 @@ class RequestBook:
 
     def knows(self, request_id: str) -> bool:
         """Whether this book holds the unfinished request ``request_id`` (a deadline or a queued message)."""
-        return request_id in self.deadlines or any(o.request_id == request_id for o in self.outbox.values())
+        return (request_id in self.deadlines or request_id in self._expanding or request_id in self._unexpanded
+                or any(o.request_id == request_id for o in self.outbox.values()))
 
     def end_phase(self, request_id: str) -> None:
         """Stop waiting for the end of the request's availability phase (it was handled, or is gone)."""
@@ -535,7 +617,10 @@ class RequestBook:
     # -- time ---------------------------------------------------------------------------------------------
 
     async def expire_due(self, now: float) -> list[str]:
-        """Close every open target of every request past its deadline; returns the requests closed."""
+        """Close every open target of every request past its deadline; returns the requests closed. Expansions
+        that failed are tried again first."""
+        if self._unexpanded:
+            await self.expand_pending()
         due = [r for r, d in self.deadlines.items() if d <= now]
         for request_id in due:
             async with self.lock(request_id):

@@ -44,6 +44,9 @@ class NewRequest:
     """More cells of the request row (``version``, ``phase``, ``targets``, ...)."""
     mutations: Sequence[Mutation] = ()
     """Other rows written in the same batch (a registration's client rows)."""
+    plan: dict[str, Any] | None = None
+    """Accepted compactly, its clients' entries and audit lines written right after (:mod:`cloud_hub.fanout`);
+    ``clients`` and ``audit`` are then empty."""
 
 
 class RequestCreator:
@@ -68,7 +71,7 @@ class RequestCreator:
                 "hub_ms": round((time.perf_counter() - new.t0) * 1000, 3), **new.extra}
         idem = (str(who), key, body_hash(new.body), 202, answer) if key else None
         await self.book.create(new.request_id, meta, new.clients, new.outbox, new.parties, new.audit, idem,
-                               new.mutations)
+                               new.mutations, plan=new.plan)
         self.metrics.requests_created.labels(new.kind).inc()
         self.metrics.accept_seconds.labels(new.kind).observe(time.perf_counter() - new.t0)
         return Accepted.model_validate(answer)
