@@ -275,6 +275,12 @@ class RequestBook:
             self._expanding.pop(request_id, None)
             lock.release()
 
+    async def expanded(self, request_id: str) -> None:
+        """Wait until the expansion of ``request_id`` running now, if any, has ended."""
+        task = self._expanding.get(request_id)
+        if task is not None:
+            await asyncio.shield(task)
+
     async def expand_pending(self) -> int:
         """Try again the expansions that failed; returns how many are done."""
         done = 0
