@@ -105,10 +105,28 @@ def audit_mutation(e: AuditEntry) -> Mutation:
     """The audit row of one entry (key ``client_id|time|seq``: one client's log is one prefix scan)."""
     global _seq
     _seq = (_seq + 1) % 1_000_000
-    return Mutation("audit", f"{e.client_id}|{tkey(e.at)}|{_seq:06d}", {
-        "a:principal": e.principal.encode(), "a:action": e.action.encode(), "a:right": e.right.encode(),
-        "a:allowed": b"1" if e.allowed else b"0", "a:ref": (e.ref or "").encode(), "a:at": _j(e.at),
-        **({"a:detail": e.detail.encode()} if e.detail else {})})
+    line: dict[str, Any] = {"principal": e.principal, "action": e.action, "right": e.right, "allowed": e.allowed,
+                            "ref": e.ref, "at": e.at}
+    if e.detail:
+        line["detail"] = e.detail
+    return Mutation("audit", f"{e.client_id}|{tkey(e.at)}|{_seq:06d}", {AUDIT_LINE: _j(line)})
+
+
+AUDIT_LINE = "a:l"
+"""The one cell of an audit row (since issue 14's third round; rows written before hold one cell per field,
+``a:principal``, ``a:action``, ..., and are read as they are)."""
+
+
+def audit_line(client_id: str, c: Row) -> dict[str, Any]:
+    """One audit row as ``GET /v1/audit`` answers it, from either form of the row."""
+    if AUDIT_LINE in c:
+        d = _u(c[AUDIT_LINE])
+        return {"at": d["at"], "principal": d["principal"], "client_id": client_id, "action": d["action"],
+                "right": d["right"], "allowed": d["allowed"], "ref": d["ref"] or None,
+                **({"detail": d["detail"]} if d.get("detail") else {})}
+    return {"at": _u(c["a:at"]), "principal": c["a:principal"].decode(), "client_id": client_id,
+            "action": c["a:action"].decode(), "right": c["a:right"].decode(), "allowed": c["a:allowed"] == b"1",
+            "ref": c["a:ref"].decode() or None, **({"detail": c["a:detail"].decode()} if "a:detail" in c else {})}
 
 
 class RequestCodec:
@@ -773,10 +791,7 @@ class HubStore:
     async def get_audit(self, client_id: str, start: float, end: float) -> list[dict[str, Any]]:
         """The data access log of one client between two times, oldest first."""
         rows = await self.kv.scan("audit", start=f"{client_id}|{tkey(start)}", stop=f"{client_id}|{tkey(end)}")
-        return [{"at": _u(c["a:at"]), "principal": c["a:principal"].decode(), "client_id": client_id,
-                 "action": c["a:action"].decode(), "right": c["a:right"].decode(),
-                 "allowed": c["a:allowed"] == b"1", "ref": c["a:ref"].decode() or None,
-                 **({"detail": c["a:detail"].decode()} if "a:detail" in c else {})} for _, c in rows]
+        return [audit_line(client_id, c) for _, c in rows]
 
 
 def _iso(ts: float) -> str:

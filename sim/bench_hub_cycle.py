@@ -7,7 +7,8 @@ Per request: the emergency use case accepts it (authorization, targets, the acce
 dispatcher's first send is recorded (``mark_sent``), the retailer's acknowledgement applied, then every client's
 ``delivered`` and ``executed`` outcomes in group commits of ``--batch`` outcomes (as the relay commits them).
 The figure is the process's CPU time (every thread: the event loop and the SQLite thread) per request, median of
-``--runs``, each on a fresh store, with the time the SQLite thread was busy; ``--profile`` writes a cProfile of the last run.
+``--runs``, each on a fresh store, with the time the SQLite thread was busy; ``--profile`` writes a cProfile of
+the last run.
 """
 
 from __future__ import annotations
