@@ -32,7 +32,7 @@ from cloud_hub.lifecycle import (
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import Mutation
 from cloud_hub.store import AuditEntry, HubStore, RequestCodec, StoreUnavailable
-from mhp_wire.messages import ClientState
+from mhp_wire.messages import ClientState, encode
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,9 @@ class RequestBook:
         """Requests accepted with a plan whose expansion is running (:mod:`cloud_hub.fanout`)."""
         self._generation = 0
         """Counts :meth:`forget`: an expansion that ends after one queues nothing (the book forgot it)."""
-        self._unexpanded: dict[str, tuple[dict[str, Any], dict[str, Any], list[OutboxItem]]] = {}
-        """Requests whose expansion failed (storage unavailable): ``(meta, plan, outbox)``, tried again by the
-        sweep (:meth:`expire_due`)."""
+        self._unexpanded: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        """Requests whose expansion failed (storage unavailable): ``(meta, plan)``, tried again by the sweep
+        (:meth:`expire_due`)."""
         self.storage_ms: dict[str, float] = {}
         """How long each new request's creating write took, until the next write of its row stores it as
         ``r:storage_ms`` (a write cannot hold its own duration); bounded, oldest dropped."""
@@ -152,7 +152,8 @@ class RequestBook:
             return False
         meta = req["meta"]
         if "plan" in req:  # accepted, then killed before its expansion was durable: nothing was sent yet
-            await self._expand(request_id, meta, req["plan"])
+            for item in await self._expand(request_id, meta, req["plan"]):
+                self.outbox[item.msg_id] = item
         for mid, d in req["outbox"].items():
             self.outbox[mid] = OutboxItem.load(mid, request_id, d)
         if not RequestState(meta["state"]).terminal:
@@ -239,7 +240,7 @@ class RequestBook:
         if plan is None:
             self._queue(request_id, meta, outbox)
             return
-        self._expanding[request_id] = asyncio.create_task(self._expand_after(request_id, meta, plan, outbox, lock),
+        self._expanding[request_id] = asyncio.create_task(self._expand_after(request_id, meta, plan, lock),
                                                           name=f"hub-expand-{request_id}")
 
     def _queue(self, request_id: str, meta: dict[str, Any], outbox: list[OutboxItem]) -> None:
@@ -251,22 +252,27 @@ class RequestBook:
             self.outbox[item.msg_id] = item
         self.kick()
 
-    async def _expand(self, request_id: str, meta: dict[str, Any], plan: dict[str, Any]) -> None:
-        """Write the per-client entries and audit lines of a request accepted with ``plan`` (its lock held)."""
+    async def _expand(self, request_id: str, meta: dict[str, Any], plan: dict[str, Any]) -> list[OutboxItem]:
+        """Write the per-client entries, audit lines and request messages of a request accepted with ``plan`` (its
+        lock held); returns the messages, to be queued."""
         audit = [AuditEntry(principal, cid, action, right, ref=request_id, at=at)
                  for principal, cid, action, right, at in fanout.audit_lines(plan)]
-        await self.store.expand_request(request_id, meta, fanout.entries(plan, meta["created_at"]), audit)
+        outbox = [OutboxItem(m.msg_id, request_id, rid, "request", encode(m), list(m.client_ids))
+                  for rid, m in fanout.messages(plan, request_id)]
+        await self.store.expand_request(request_id, meta, fanout.entries(plan, meta["created_at"]),
+                                        {o.msg_id: o.stored() for o in outbox}, audit)
+        return outbox
 
     async def _expand_after(self, request_id: str, meta: dict[str, Any], plan: dict[str, Any],
-                            outbox: list[OutboxItem], lock: asyncio.Lock) -> None:
+                            lock: asyncio.Lock) -> None:
         """The expansion right after the answer; on a storage failure the sweep tries it again."""
         generation = self._generation
         try:
-            await self._expand(request_id, meta, plan)
+            outbox = await self._expand(request_id, meta, plan)
         except StoreUnavailable as exc:
             log.warning("request %s: writing its clients' entries failed (%s); tried again shortly", request_id, exc)
             if generation == self._generation:
-                self._unexpanded[request_id] = (meta, plan, outbox)
+                self._unexpanded[request_id] = (meta, plan)
             return
         else:
             if generation == self._generation:
@@ -285,9 +291,9 @@ class RequestBook:
         """Try again the expansions that failed; returns how many are done."""
         done = 0
         for request_id in list(self._unexpanded):
-            meta, plan, outbox = self._unexpanded[request_id]
+            meta, plan = self._unexpanded[request_id]
             async with self.lock(request_id):
-                await self._expand(request_id, meta, plan)
+                outbox = await self._expand(request_id, meta, plan)
             self._unexpanded.pop(request_id, None)
             self._queue(request_id, meta, outbox)
             done += 1

@@ -545,16 +545,17 @@ class HubStore:
         await self._batch_with_events(muts, [(request_id, put, meta)])
 
     async def expand_request(self, request_id: str, meta: dict[str, Any], clients: dict[str, dict[str, Any]],
-                             audit: list[AuditEntry]) -> None:
-        """Write the per-client entries and audit lines of a request accepted with a plan, and drop the plan, in
-        one batch (the request row atomically), with the change feed's ``created`` event (``meta``: the request's
-        own fields, as at creation)."""
+                             outbox: dict[str, dict[str, Any]], audit: list[AuditEntry]) -> None:
+        """Write the per-client entries, queued messages and audit lines of a request accepted with a plan, and drop
+        the plan, in one batch (the request row atomically), with the change feed's ``created`` event (``meta``: the
+        request's own fields, as at creation)."""
         # The audit lines first, the row (which drops the plan) last: on HBase, where a batch is written row by
         # row, a crash between them leaves the plan, and the expansion is made again (an audit line twice, never
         # none).
         muts = [audit_mutation(e) for e in audit]
-        muts.append(Mutation("requests", request_id, {f"c:{cid}": _j(e) for cid, e in clients.items()},
-                             delete=[f"r:{fanout.PLAN}"]))
+        cells = {f"c:{cid}": _j(e) for cid, e in clients.items()}
+        cells.update({f"o:{mid}": _j(m) for mid, m in outbox.items()})
+        muts.append(Mutation("requests", request_id, cells, delete=[f"r:{fanout.PLAN}"]))
         await self._batch_with_events(muts, [(request_id, {f"c:{cid}": e for cid, e in clients.items()}, meta)])
 
     async def get_request(self, request_id: str, families: list[str] | None = None) -> dict[str, Any] | None:

@@ -41,8 +41,8 @@ from mhp_wire.messages import (
 
 log = logging.getLogger(__name__)
 
-REQUEST_CLIENTS_PER_MESSAGE = 3_000
-"""Client ids per ``request`` message: 3,000 ids of at most 64 characters stay under the 256 KiB payload limit."""
+REQUEST_CLIENTS_PER_MESSAGE = fanout.REQUEST_CLIENTS_PER_MESSAGE
+"""Client ids per ``request`` message (:data:`cloud_hub.fanout.REQUEST_CLIENTS_PER_MESSAGE`)."""
 
 def reduction_items(request_id: str, by_retailer: dict[str, list[str]], targets: dict[str, float], start: Any,
                      end: float, revision: int) -> list[OutboxItem]:
@@ -152,16 +152,12 @@ class Flexibility:
         max_kw = None
         if kind is RequestKind.AVAILABILITY:  # the bound of each client's availability claim (cloud_hub.book)
             max_kw = {cid: float(suppliers[cid][1] or 0.0) for cid in client_ids}
-        outbox = []
-        for rid, all_cids in sorted(by_retailer.items()):
-            for cids in chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):
-                msg = Request(request_id=request_id, kind=kind, client_ids=cids, params=params, expires_at=expires)
-                outbox.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
-        # One write answers the 202: the request, its messages and its plan; each client's entry and audit line
-        # are written right after (cloud_hub.fanout), before anything is sent.
-        plan = fanout.make_plan(dict(by_retailer), (str(who), action.value, right, time.time()), max_kw)
+        # One write answers the 202: the request and its plan; each client's entry and audit line, and the request
+        # messages, are written right after (cloud_hub.fanout), before anything is sent.
+        plan = fanout.make_plan(dict(by_retailer), (kind, params.model_dump(mode="json"), expires),
+                                (str(who), action.value, right, time.time()), max_kw)
         return await self.creator.create(who, key, NewRequest(
-            request_id, request_type or kind.value, body, deadline, t0, outbox=outbox, plan=plan,
+            request_id, request_type or kind.value, body, deadline, t0, plan=plan,
             extra={**(extra or {}), "targets": fanout.targets(plan)}))
 
     async def finish_availability(self, request_id: str) -> None:
