@@ -105,8 +105,11 @@ class Phase:
 class RequestBook:
     """Open requests, their outbox and their targets."""
 
-    def __init__(self, store: HubStore, metrics: HubMetrics, replica_id: str | None = None) -> None:
+    def __init__(self, store: HubStore, metrics: HubMetrics, replica_id: str | None = None, *,
+                 expand_after_accept_min_clients: int = 1000) -> None:
         self.store = store
+        self.expand_after_accept_min_clients = expand_after_accept_min_clients
+        """A request with a plan naming fewer clients is expanded in its accepting write (see :meth:`create`)."""
         self.metrics = metrics
         self.replica_id = replica_id
         """Set when the hub runs as several replicas: the book holds only the requests this replica owns."""
@@ -217,6 +220,12 @@ class RequestBook:
         ``plan`` (:mod:`cloud_hub.fanout`; ``clients`` and ``audit`` empty): only the compact record is written
         here; the expansion to per-client entries runs right after, in a task holding the request's lock (every
         other writer of the row waits for it), and the messages are queued once it is durable."""
+        if plan is not None and fanout.targets(plan) < self.expand_after_accept_min_clients:
+            # Small: expanded here and stored whole in the one accepting write (one transaction, as before plans).
+            audit = [*audit, *self._audit_of(request_id, plan)]
+            clients = fanout.entries(plan, meta["created_at"])
+            outbox = [*outbox, *self._messages_of(request_id, plan)]
+            plan = None
         if plan is None:
             counts = Counter(e["state"] for e in (clients or parties).values())
         else:
@@ -255,13 +264,20 @@ class RequestBook:
     async def _expand(self, request_id: str, meta: dict[str, Any], plan: dict[str, Any]) -> list[OutboxItem]:
         """Write the per-client entries, audit lines and request messages of a request accepted with ``plan`` (its
         lock held); returns the messages, to be queued."""
-        audit = [AuditEntry(principal, cid, action, right, ref=request_id, at=at)
-                 for principal, cid, action, right, at in fanout.audit_lines(plan)]
-        outbox = [OutboxItem(m.msg_id, request_id, rid, "request", encode(m), list(m.client_ids))
-                  for rid, m in fanout.messages(plan, request_id)]
+        outbox = self._messages_of(request_id, plan)
         await self.store.expand_request(request_id, meta, fanout.entries(plan, meta["created_at"]),
-                                        {o.msg_id: o.stored() for o in outbox}, audit)
+                                        {o.msg_id: o.stored() for o in outbox}, self._audit_of(request_id, plan))
         return outbox
+
+    @staticmethod
+    def _audit_of(request_id: str, plan: dict[str, Any]) -> list[AuditEntry]:
+        return [AuditEntry(principal, cid, action, right, ref=request_id, at=at)
+                for principal, cid, action, right, at in fanout.audit_lines(plan)]
+
+    @staticmethod
+    def _messages_of(request_id: str, plan: dict[str, Any]) -> list[OutboxItem]:
+        return [OutboxItem(m.msg_id, request_id, rid, "request", encode(m), list(m.client_ids))
+                for rid, m in fanout.messages(plan, request_id)]
 
     async def _expand_after(self, request_id: str, meta: dict[str, Any], plan: dict[str, Any],
                             lock: asyncio.Lock) -> None:

@@ -174,3 +174,32 @@ async def test_a_request_stored_but_not_expanded_is_expanded_then_sent_by_the_ne
     assert plan_stored(db, accepted.request_id)
     await check_after_restart(hub, broker, accepted.request_id)
     assert not plan_stored(db, accepted.request_id), "the plan is dropped with the expansion"
+
+
+async def test_a_small_request_is_stored_whole_in_its_accepting_write_and_a_large_one_with_its_plan(
+        tmp_path: Path) -> None:
+    store = HubStore.embedded(tmp_path / "hub.db")
+    await store.open()
+    try:
+        metrics = HubMetrics()
+        book = RequestBook(store, metrics, expand_after_accept_min_clients=100)
+        service = HubService.build(store, book, metrics)
+        await store.put_retailer("r1", "R1")
+        await store.put_clients([(c, "r1", 5.0, None, time.time() - 86_400) for c in CLIENTS[:100]])
+        dso = Principal.parse("dso")
+        small = await service.flexibility.create_emergency(dso, emergency(CLIENTS[:99]), None)
+        stored = await store.get_request(small.request_id)
+        assert stored is not None and "plan" not in stored and len(stored["clients"]) == 99
+        assert book.knows(small.request_id) and [i.clients for i in book.outbox.values()] == [CLIENTS[:99]]
+        large = await service.flexibility.create_emergency(dso, emergency(CLIENTS[:100]), None)
+        stored = await store.get_request(large.request_id)
+        assert stored is not None and "plan" in stored and book.knows(large.request_id)
+        await book.expanded(large.request_id)
+        stored = await store.get_request(large.request_id)
+        assert stored is not None and "plan" not in stored and len(stored["clients"]) == 100
+        assert sorted(len(i.clients) for i in book.outbox.values()) == [99, 100]
+        audit = await store.get_audit(CLIENTS[0], time.time() - 60, time.time() + 60)
+        assert sorted(a["ref"] for a in audit) == sorted([small.request_id, large.request_id])
+    finally:
+        await book.close()
+        await store.close()
