@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,11 +32,15 @@ from cloud_hub.lifecycle import (
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import Mutation
 from cloud_hub.store import AuditEntry, HubStore, RequestCodec, StoreUnavailable
+from mhp_wire.backoff import delay_s
 from mhp_wire.messages import ClientState, encode
 
 log = logging.getLogger(__name__)
 
 C = ClientState
+EXPAND_RETRY_S = 0.2
+EXPAND_RETRY_MAX_S = 5.0
+"""The back-off of an expansion while storage fails (:func:`mhp_wire.backoff.delay_s`)."""
 STORAGE_MS_KEPT = 20_000
 """Measured storage times kept in memory until stored with their request (see :attr:`RequestBook.storage_ms`)."""
 __all__ = ["OutboxItem", "OutcomeVerdict", "Phase", "ReportedOutcome", "RequestBook", "reduction_outcome"]
@@ -106,8 +110,11 @@ class RequestBook:
     """Open requests, their outbox and their targets."""
 
     def __init__(self, store: HubStore, metrics: HubMetrics, replica_id: str | None = None, *,
-                 expand_after_accept_min_clients: int = 1000) -> None:
+                 expand_after_accept_min_clients: int = 1000,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.store = store
+        self.sleep = sleep
+        """How an expansion that failed waits before it tries again (tests drive it)."""
         self.expand_after_accept_min_clients = expand_after_accept_min_clients
         """A request with a plan naming fewer clients is expanded in its accepting write (see :meth:`create`)."""
         self.metrics = metrics
@@ -123,9 +130,6 @@ class RequestBook:
         """Requests accepted with a plan whose expansion is running (:mod:`cloud_hub.fanout`)."""
         self._generation = 0
         """Counts :meth:`forget`: an expansion that ends after one queues nothing (the book forgot it)."""
-        self._unexpanded: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-        """Requests whose expansion failed (storage unavailable): ``(meta, plan)``, tried again by the sweep
-        (:meth:`expire_due`)."""
         self.storage_ms: dict[str, float] = {}
         """How long each new request's creating write took, until the next write of its row stores it as
         ``r:storage_ms`` (a write cannot hold its own duration); bounded, oldest dropped."""
@@ -173,8 +177,7 @@ class RequestBook:
         """Drop the in-memory view (a replica that lost the broker may have had its requests adopted meanwhile: it
         loads again, after rejoining, only what it still owns); returns how many open requests were dropped."""
         n = len(self.deadlines)
-        self._generation += 1
-        self._unexpanded.clear()  # the replica that adopts them expands them
+        self._generation += 1  # an expansion still running queues nothing: the replica that adopts it expands it
         self.outbox.clear()
         self.deadlines.clear()
         self.phases.clear()
@@ -281,16 +284,23 @@ class RequestBook:
 
     async def _expand_after(self, request_id: str, meta: dict[str, Any], plan: dict[str, Any],
                             lock: asyncio.Lock) -> None:
-        """The expansion right after the answer; on a storage failure the sweep tries it again."""
+        """The expansion right after the answer. While storage fails it is tried again after a back-off, the
+        request's lock still held: no cancel, revision or outcome writes a row that is not expanded yet."""
         generation = self._generation
+        attempt = 0
         try:
-            outbox = await self._expand(request_id, meta, plan)
-        except StoreUnavailable as exc:
-            log.warning("request %s: writing its clients' entries failed (%s); tried again shortly", request_id, exc)
-            if generation == self._generation:
-                self._unexpanded[request_id] = (meta, plan)
-            return
-        else:
+            while True:
+                try:
+                    outbox = await self._expand(request_id, meta, plan)
+                    break
+                except StoreUnavailable as exc:
+                    attempt += 1
+                    pause = delay_s(attempt, EXPAND_RETRY_S, EXPAND_RETRY_MAX_S)
+                    log.warning("request %s: writing its clients' entries failed (%s); trying again in %.1f s",
+                                request_id, exc, pause)
+                    await self.sleep(pause)
+                    if generation != self._generation:
+                        return  # forgotten meanwhile: whoever loads it again expands it
             if generation == self._generation:
                 self._queue(request_id, meta, outbox)
         finally:
@@ -302,18 +312,6 @@ class RequestBook:
         task = self._expanding.get(request_id)
         if task is not None:
             await asyncio.shield(task)
-
-    async def expand_pending(self) -> int:
-        """Try again the expansions that failed; returns how many are done."""
-        done = 0
-        for request_id in list(self._unexpanded):
-            meta, plan = self._unexpanded[request_id]
-            async with self.lock(request_id):
-                outbox = await self._expand(request_id, meta, plan)
-            self._unexpanded.pop(request_id, None)
-            self._queue(request_id, meta, outbox)
-            done += 1
-        return done
 
     async def close(self) -> None:
         """Stop the expansions still running (a restart finishes them from storage)."""
@@ -338,7 +336,7 @@ class RequestBook:
 
     def knows(self, request_id: str) -> bool:
         """Whether this book holds the unfinished request ``request_id`` (a deadline or a queued message)."""
-        return (request_id in self.deadlines or request_id in self._expanding or request_id in self._unexpanded
+        return (request_id in self.deadlines or request_id in self._expanding
                 or any(o.request_id == request_id for o in self.outbox.values()))
 
     def end_phase(self, request_id: str) -> None:
@@ -645,10 +643,7 @@ class RequestBook:
     # -- time ---------------------------------------------------------------------------------------------
 
     async def expire_due(self, now: float) -> list[str]:
-        """Close every open target of every request past its deadline; returns the requests closed. Expansions
-        that failed are tried again first."""
-        if self._unexpanded:
-            await self.expand_pending()
+        """Close every open target of every request past its deadline; returns the requests closed."""
         due = [r for r, d in self.deadlines.items() if d <= now]
         for request_id in due:
             async with self.lock(request_id):

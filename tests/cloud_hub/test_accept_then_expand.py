@@ -24,6 +24,7 @@ from cloud_hub.authz import Principal
 from cloud_hub.book import RequestBook
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.service import HubService
+from cloud_hub.storage.sqlite import SqliteKV
 from cloud_hub.store import HubStore
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, Outcome, Request
@@ -202,4 +203,48 @@ async def test_a_small_request_is_stored_whole_in_its_accepting_write_and_a_larg
         assert sorted(a["ref"] for a in audit) == sorted([small.request_id, large.request_id])
     finally:
         await book.close()
+        await store.close()
+
+
+async def test_an_expansion_storage_refuses_is_tried_again_holding_the_request_and_a_cancel_waits(
+        tmp_path: Path) -> None:
+    db = tmp_path / "hub.db"
+    store = HubStore(SqliteKV(db, busy_timeout_ms=50))
+    await store.open()
+    blocker = sqlite3.connect(db, isolation_level=None)
+    pauses: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # the book's back-off, driven here: storage is back after two
+        pauses.append(seconds)
+        if len(pauses) == 2:
+            blocker.execute("ROLLBACK")
+        await asyncio.sleep(0)
+
+    try:
+        metrics = HubMetrics()
+        book = RequestBook(store, metrics, expand_after_accept_min_clients=1, sleep=sleep)
+        service = HubService.build(store, book, metrics)
+        await store.put_retailer("r1", "R1")
+        await store.put_clients([(c, "r1", 5.0, None, time.time() - 86_400) for c in CLIENTS[:3]])
+        dso = Principal.parse("dso")
+        accepted = await service.flexibility.create_emergency(dso, emergency(CLIENTS[:3]), None)
+        # Another process takes the database's write lock before the expansion's first step.
+        blocker.execute("BEGIN IMMEDIATE")
+        cancel = asyncio.create_task(service.flexibility.cancel(dso, accepted.request_id))
+        await book.expanded(accepted.request_id)
+        assert pauses == [0.2, 0.4], "tried again after a back-off while storage refused it"
+        stored = await store.get_request(accepted.request_id)
+        assert stored is not None and "plan" not in stored and set(stored["clients"]) == set(CLIENTS[:3])
+        audit = await store.get_audit(CLIENTS[0], time.time() - 60, time.time() + 60)
+        assert [a["ref"] for a in audit] == [accepted.request_id]
+        # The cancel waited for the expansion (the request's lock), so it cancelled the expanded request.
+        answer = await cancel
+        assert answer.state == "cancelled"
+        stored = await store.get_request(accepted.request_id)
+        assert stored is not None and stored["meta"]["state"] == "cancelled"
+        assert {e["state"] for e in stored["clients"].values()} <= {"cancelled", "expired", "unreachable"}
+        assert not [i for i in book.outbox.values() if i.kind == "request"], "the request is never sent"
+    finally:
+        await book.close()
+        blocker.close()
         await store.close()
