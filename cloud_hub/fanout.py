@@ -27,7 +27,7 @@ PLAN = "plan"
 
 
 def make_plan(by_retailer: dict[str, list[str]], message: tuple[RequestKind, dict[str, Any], datetime],
-              audit: tuple[str, str, str, float], max_kw: dict[str, float] | None = None) -> dict[str, Any]:
+              audit: tuple[str, str, str, float], max_kw: dict[str, float | None] | None = None) -> dict[str, Any]:
     """The plan of a client request: ``by_retailer`` (``{retailer: [client, ...]}``, each client once), what its
     ``request`` messages say (``(kind, params as JSON, expires_at)``), the audit line ``(principal, action, right,
     at)`` written for every client, and each client's contracted power when its entry bounds an availability claim

@@ -151,9 +151,9 @@ class Flexibility:
         expires = datetime.fromtimestamp(deadline, UTC)
         max_kw = None
         if kind is RequestKind.AVAILABILITY:  # the bound of each client's availability claim (cloud_hub.book)
-            max_kw = {cid: float(suppliers[cid][1] or 0.0) for cid in client_ids}
-        # One write answers the 202: the request and its plan; each client's entry and audit line, and the request
-        # messages, are written right after (cloud_hub.fanout), before anything is sent.
+            max_kw = {cid: suppliers[cid][1] for cid in client_ids}
+        # The plan: a large request is answered after one write of it, its clients' entries, audit lines and request
+        # messages written right after (cloud_hub.fanout); the book stores a small one whole in its one write.
         plan = fanout.make_plan(dict(by_retailer), (kind, params.model_dump(mode="json"), expires),
                                 (str(who), action.value, right, time.time()), max_kw)
         return await self.creator.create(who, key, NewRequest(
