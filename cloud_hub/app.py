@@ -175,7 +175,8 @@ async def _assemble(app: FastAPI, settings: HubSettings) -> tuple[ChangeFeed, We
     feed = ChangeFeed(store.kv, metrics, replay_s=settings.feed_replay_s, queue_max=settings.feed_queue_max)
     await feed.open()
     store.feed = feed  # from here on every request write carries its change-feed events
-    book = RequestBook(store, metrics, settings.replica_id)
+    book = RequestBook(store, metrics, settings.replica_id,
+                       expand_after_accept_min_clients=settings.expand_after_accept_min_clients)
     relay = HubRelay(book, metrics,
                      limiter=RateLimiter(settings.mqtt_rate_limit_per_s, settings.mqtt_rate_limit_burst),
                      presence_limiter=RateLimiter(settings.presence_rate_limit_per_s,
@@ -221,6 +222,7 @@ def _lifespan(settings: HubSettings) -> Callable[[FastAPI], contextlib.AbstractA
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             await webhooks.close()
+            await app.state.service.book.close()  # an expansion cut short is finished by the next start
             await app.state.store.close()
 
     return lifespan

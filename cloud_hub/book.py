@@ -13,11 +13,11 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloud_hub import lifecycle
+from cloud_hub import fanout, lifecycle
 from cloud_hub.authz import Action
 from cloud_hub.lifecycle import (
     Allowed,
@@ -32,11 +32,15 @@ from cloud_hub.lifecycle import (
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import Mutation
 from cloud_hub.store import AuditEntry, HubStore, RequestCodec, StoreUnavailable
-from mhp_wire.messages import ClientState
+from mhp_wire.backoff import delay_s
+from mhp_wire.messages import ClientState, encode
 
 log = logging.getLogger(__name__)
 
 C = ClientState
+EXPAND_RETRY_S = 0.2
+EXPAND_RETRY_MAX_S = 5.0
+"""The back-off of an expansion while storage fails (:func:`mhp_wire.backoff.delay_s`)."""
 STORAGE_MS_KEPT = 20_000
 """Measured storage times kept in memory until stored with their request (see :attr:`RequestBook.storage_ms`)."""
 __all__ = ["OutboxItem", "OutcomeVerdict", "Phase", "ReportedOutcome", "RequestBook", "reduction_outcome"]
@@ -105,8 +109,14 @@ class Phase:
 class RequestBook:
     """Open requests, their outbox and their targets."""
 
-    def __init__(self, store: HubStore, metrics: HubMetrics, replica_id: str | None = None) -> None:
+    def __init__(self, store: HubStore, metrics: HubMetrics, replica_id: str | None = None, *,
+                 expand_after_accept_min_clients: int = 1000,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.store = store
+        self.sleep = sleep
+        """How an expansion that failed waits before it tries again (tests drive it)."""
+        self.expand_after_accept_min_clients = expand_after_accept_min_clients
+        """A request with a plan naming fewer clients is expanded in its accepting write (see :meth:`create`)."""
         self.metrics = metrics
         self.replica_id = replica_id
         """Set when the hub runs as several replicas: the book holds only the requests this replica owns."""
@@ -116,6 +126,10 @@ class RequestBook:
         self._locks: dict[str, asyncio.Lock] = {}
         self.on_phase_due: Callable[[str], Any] | None = None
         self.kick: Callable[[], None] = lambda: None
+        self._expanding: dict[str, asyncio.Task[None]] = {}
+        """Requests accepted with a plan whose expansion is running (:mod:`cloud_hub.fanout`)."""
+        self._generation = 0
+        """Counts :meth:`forget`: an expansion that ends after one queues nothing (the book forgot it)."""
         self.storage_ms: dict[str, float] = {}
         """How long each new request's creating write took, until the next write of its row stores it as
         ``r:storage_ms`` (a write cannot hold its own duration); bounded, oldest dropped."""
@@ -144,6 +158,9 @@ class RequestBook:
             await self.store.update_request(request_id, {}, close=True)
             return False
         meta = req["meta"]
+        if "plan" in req:  # accepted, then killed before its expansion was durable: nothing was sent yet
+            for item in await self._expand(request_id, meta, req["plan"]):
+                self.outbox[item.msg_id] = item
         for mid, d in req["outbox"].items():
             self.outbox[mid] = OutboxItem.load(mid, request_id, d)
         if not RequestState(meta["state"]).terminal:
@@ -160,6 +177,7 @@ class RequestBook:
         """Drop the in-memory view (a replica that lost the broker may have had its requests adopted meanwhile: it
         loads again, after rejoining, only what it still owns); returns how many open requests were dropped."""
         n = len(self.deadlines)
+        self._generation += 1  # an expansion still running queues nothing: the replica that adopts it expands it
         self.outbox.clear()
         self.deadlines.clear()
         self.phases.clear()
@@ -194,26 +212,115 @@ class RequestBook:
 
     # -- new requests -------------------------------------------------------------------------------------
 
-    async def create(self, request_id: str, meta: dict[str, Any], clients: dict[str, dict[str, Any]],
+    # Complexity (PLR0913): every part of a new request goes into its one atomic write (as HubStore.create_request).
+    async def create(self, request_id: str, meta: dict[str, Any], clients: dict[str, dict[str, Any]],  # noqa: PLR0913
                      outbox: list[OutboxItem], parties: dict[str, dict[str, Any]], audit: list[AuditEntry],
                      idempotency: tuple[str, str, str, int, dict[str, Any]] | None,
-                     extra: Sequence[Mutation] = ()) -> None:
+                     extra: Sequence[Mutation] = (), plan: dict[str, Any] | None = None) -> None:
         """Store a new request (durably, before it is answered) and queue its messages; ``extra``: mutations of
-        other rows written with it (see :meth:`HubStore.create_request`)."""
-        counts = Counter(e["state"] for e in (clients or parties).values())
+        other rows written with it (see :meth:`HubStore.create_request`).
+
+        ``plan`` (:mod:`cloud_hub.fanout`; ``clients`` and ``audit`` empty): only the compact record is written
+        here; the expansion to per-client entries runs right after, in a task holding the request's lock (every
+        other writer of the row waits for it), and the messages are queued once it is durable."""
+        if plan is not None and fanout.targets(plan) < self.expand_after_accept_min_clients:
+            # Small: expanded here and stored whole in the one accepting write (one transaction, as before plans).
+            audit = [*audit, *self._audit_of(request_id, plan)]
+            clients = fanout.entries(plan, meta["created_at"])
+            outbox = [*outbox, *self._messages_of(request_id, plan)]
+            plan = None
+        if plan is None:
+            counts = Counter(e["state"] for e in (clients or parties).values())
+        else:
+            counts = Counter({ClientState.PENDING.value: fanout.targets(plan)})
         meta = {**meta, "state": RequestState.ACCEPTED.value, "counts": dict(counts)}
+        lock = self.lock(request_id)
+        if plan is not None:
+            await lock.acquire()  # a new request id: never waits; released once the expansion is done
         t0 = time.perf_counter()
-        await self.store.create_request(request_id, meta, clients, {o.msg_id: o.stored() for o in outbox},
-                                        parties, audit, idempotency, owner=self.replica_id, extra=extra)
+        try:
+            await self.store.create_request(request_id, meta, clients, {o.msg_id: o.stored() for o in outbox},
+                                            parties, audit, idempotency, owner=self.replica_id, extra=extra,
+                                            plan=plan)
+        except BaseException:
+            if plan is not None:
+                lock.release()
+            raise
         self.storage_ms[request_id] = round((time.perf_counter() - t0) * 1000, 3)
         if len(self.storage_ms) > STORAGE_MS_KEPT:
             self.storage_ms.pop(next(iter(self.storage_ms)))
+        if plan is None:
+            self._queue(request_id, meta, outbox)
+            return
+        self._expanding[request_id] = asyncio.create_task(self._expand_after(request_id, meta, plan, lock),
+                                                          name=f"hub-expand-{request_id}")
+
+    def _queue(self, request_id: str, meta: dict[str, Any], outbox: list[OutboxItem]) -> None:
+        """Hold a stored request's deadline, phase and messages in memory, and wake the dispatcher."""
         self.deadlines[request_id] = meta["deadline"]
         if meta.get("phase") == "availability":
             self.phases[request_id] = Phase(meta["phase_due"], meta["body"]["reduction_kw"])
         for item in outbox:
             self.outbox[item.msg_id] = item
         self.kick()
+
+    async def _expand(self, request_id: str, meta: dict[str, Any], plan: dict[str, Any]) -> list[OutboxItem]:
+        """Write the per-client entries, audit lines and request messages of a request accepted with ``plan`` (its
+        lock held); returns the messages, to be queued."""
+        outbox = self._messages_of(request_id, plan)
+        await self.store.expand_request(request_id, meta, fanout.entries(plan, meta["created_at"]),
+                                        {o.msg_id: o.stored() for o in outbox}, self._audit_of(request_id, plan))
+        return outbox
+
+    @staticmethod
+    def _audit_of(request_id: str, plan: dict[str, Any]) -> list[AuditEntry]:
+        return [AuditEntry(principal, cid, action, right, ref=request_id, at=at)
+                for principal, cid, action, right, at in fanout.audit_lines(plan)]
+
+    @staticmethod
+    def _messages_of(request_id: str, plan: dict[str, Any]) -> list[OutboxItem]:
+        return [OutboxItem(m.msg_id, request_id, rid, "request", encode(m), list(m.client_ids))
+                for rid, m in fanout.messages(plan, request_id)]
+
+    async def _expand_after(self, request_id: str, meta: dict[str, Any], plan: dict[str, Any],
+                            lock: asyncio.Lock) -> None:
+        """The expansion right after the answer. While storage fails it is tried again after a back-off, the
+        request's lock still held: no cancel, revision or outcome writes a row that is not expanded yet."""
+        generation = self._generation
+        attempt = 0
+        try:
+            while True:
+                try:
+                    outbox = await self._expand(request_id, meta, plan)
+                    break
+                except StoreUnavailable as exc:
+                    attempt += 1
+                    pause = delay_s(attempt, EXPAND_RETRY_S, EXPAND_RETRY_MAX_S)
+                    log.warning("request %s: writing its clients' entries failed (%s); trying again in %.1f s",
+                                request_id, exc, pause)
+                    await self.sleep(pause)
+                    if generation != self._generation:
+                        return  # forgotten meanwhile: whoever loads it again expands it
+            if generation == self._generation:
+                self._queue(request_id, meta, outbox)
+        finally:
+            self._expanding.pop(request_id, None)
+            lock.release()
+
+    async def expanded(self, request_id: str) -> None:
+        """Wait until the expansion of ``request_id`` running now, if any, has ended."""
+        task = self._expanding.get(request_id)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def close(self) -> None:
+        """Stop the expansions still running (a restart finishes them from storage)."""
+        tasks = list(self._expanding.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
 
     async def add_messages(self, request_id: str, items: list[OutboxItem], put: dict[str, Any]) -> None:
         """Queue more messages of an existing request, with other cells of its row, atomically."""
@@ -229,7 +336,8 @@ class RequestBook:
 
     def knows(self, request_id: str) -> bool:
         """Whether this book holds the unfinished request ``request_id`` (a deadline or a queued message)."""
-        return request_id in self.deadlines or any(o.request_id == request_id for o in self.outbox.values())
+        return (request_id in self.deadlines or request_id in self._expanding
+                or any(o.request_id == request_id for o in self.outbox.values()))
 
     def end_phase(self, request_id: str) -> None:
         """Stop waiting for the end of the request's availability phase (it was handled, or is gone)."""

@@ -14,7 +14,6 @@ What a principal sees of an event is decided by :func:`view` (neutral: a retaile
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from cloud_hub import codec
 from cloud_hub.authz import Principal
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import KVStore, Mutation
@@ -184,11 +184,11 @@ class ChangeFeed:
         audience: set[str] = set()
         for col, raw in row.items():
             if col.startswith("c:"):
-                audience.update(json.loads(raw).get("retailers", {}))
+                audience.update(codec.loads(raw).get("retailers", {}))
             elif col.startswith("p:"):
                 audience.add(col[2:])
-        rev = json.loads(row["r:revision"]) if "r:revision" in row else None
-        known = Known(json.loads(row["r:type"]), json.loads(row["r:issuer"]), json.loads(row["r:state"]), rev,
+        rev = codec.loads(row["r:revision"]) if "r:revision" in row else None
+        known = Known(codec.loads(row["r:type"]), codec.loads(row["r:issuer"]), codec.loads(row["r:state"]), rev,
                       audience)
         self._remember(request_id, known)
         return known
@@ -224,8 +224,7 @@ class ChangeFeed:
             now = self.clock()
             event = {"event_id": event_id, "at": _iso(now), **event}
             staged.events.append(event)
-            staged.mutations.append(Mutation(TABLE, event_key(event_id), {"e:d": json.dumps(
-                event, separators=(",", ":"), default=str).encode()}))
+            staged.mutations.append(Mutation(TABLE, event_key(event_id), {"e:d": codec.dumps(event)}))
         if staged.events:
             staged.mutations.append(Mutation(TABLE, LAST_ROW, {"e:id": str(staged.events[-1]["event_id"]).encode()}))
         return staged
@@ -308,7 +307,7 @@ class ChangeFeed:
         while True:
             rows = await self.kv.scan(TABLE, start=start, stop=stop, limit=PAGE)
             for _row, cells in rows:
-                yield json.loads(cells["e:d"])
+                yield codec.loads(cells["e:d"])
             if len(rows) < PAGE:
                 return
             start = event_key(int(rows[-1][0]) + 1)

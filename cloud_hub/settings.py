@@ -52,6 +52,10 @@ class HubSettings(BaseSettings):
     hbase_pool_size: int = Field(4, ge=1, le=64)
     hbase_timeout_ms: int = Field(2000, ge=100)
     sqlite_busy_timeout_ms: int = Field(1000, ge=0)
+    expand_after_accept_min_clients: int = Field(1000, ge=0)
+    """A client request naming at least this many clients is answered after one compact write and expanded to its
+    per-client entries right after (``cloud_hub/fanout.py``); a smaller one is stored whole in its one accepting
+    write (one transaction, one disk sync, where two would cost more than they save)."""
     rate_limit_per_s: float = Field(200.0, gt=0)
     """HTTP requests per second each principal (token holder) may sustain; beyond it: 429 with Retry-After."""
     rate_limit_burst: int = Field(400, ge=1)

@@ -7,7 +7,6 @@ measurement series is one prefix scan of ``client_id|time``, the audit of a clie
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -15,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cloud_hub import codec, fanout
 from cloud_hub.errors import Conflict
 from cloud_hub.feed import ChangeFeed, Staged
 from cloud_hub.lifecycle import RequestState, RowChanges, RowState
 from cloud_hub.storage import KVStore, Mutation, Row, StoreUnavailable, prefix_stop
 from cloud_hub.storage.sqlite import SqliteKV
+from cloud_hub.timeline import supplier_at
 from mhp_wire.messages import ClientState
 
 if TYPE_CHECKING:
@@ -49,11 +50,11 @@ def issuer_key(issuer: str, created_at: float, request_id: str) -> str:
 
 
 def _j(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=str).encode()
+    return codec.dumps(obj)
 
 
 def _u(raw: bytes | None, default: Any = None) -> Any:
-    return default if raw is None else json.loads(raw)
+    return default if raw is None else codec.loads(raw)
 
 
 def _blocks(rows: list[tuple[str, Row]], start: float) -> list[dict[str, Any]]:
@@ -104,10 +105,28 @@ def audit_mutation(e: AuditEntry) -> Mutation:
     """The audit row of one entry (key ``client_id|time|seq``: one client's log is one prefix scan)."""
     global _seq
     _seq = (_seq + 1) % 1_000_000
-    return Mutation("audit", f"{e.client_id}|{tkey(e.at)}|{_seq:06d}", {
-        "a:principal": e.principal.encode(), "a:action": e.action.encode(), "a:right": e.right.encode(),
-        "a:allowed": b"1" if e.allowed else b"0", "a:ref": (e.ref or "").encode(), "a:at": _j(e.at),
-        **({"a:detail": e.detail.encode()} if e.detail else {})})
+    line: dict[str, Any] = {"principal": e.principal, "action": e.action, "right": e.right, "allowed": e.allowed,
+                            "ref": e.ref, "at": e.at}
+    if e.detail:
+        line["detail"] = e.detail
+    return Mutation("audit", f"{e.client_id}|{tkey(e.at)}|{_seq:06d}", {AUDIT_LINE: _j(line)})
+
+
+AUDIT_LINE = "a:l"
+"""The one cell of an audit row (since issue 14's third round; rows written before hold one cell per field,
+``a:principal``, ``a:action``, ..., and are read as they are)."""
+
+
+def audit_line(client_id: str, c: Row) -> dict[str, Any]:
+    """One audit row as ``GET /v1/audit`` answers it, from either form of the row."""
+    if AUDIT_LINE in c:
+        d = _u(c[AUDIT_LINE])
+        return {"at": d["at"], "principal": d["principal"], "client_id": client_id, "action": d["action"],
+                "right": d["right"], "allowed": d["allowed"], "ref": d["ref"] or None,
+                **({"detail": d["detail"]} if d.get("detail") else {})}
+    return {"at": _u(c["a:at"]), "principal": c["a:principal"].decode(), "client_id": client_id,
+            "action": c["a:action"].decode(), "right": c["a:right"].decode(), "allowed": c["a:allowed"] == b"1",
+            "ref": c["a:ref"].decode() or None, **({"detail": c["a:detail"].decode()} if "a:detail" in c else {})}
 
 
 class RequestCodec:
@@ -341,6 +360,23 @@ class HubStore:
         rows = await self.kv.get_many("clients", client_ids)
         return {cid: self._client(cid, row) for cid, row in rows.items()}
 
+    async def suppliers_at(self, client_ids: list[str], at: float, *, power: bool = False
+                           ) -> dict[str, tuple[str | None, float | None]]:
+        """Each registered client's retailer at ``at`` (None: none supplies it then) and, with ``power``, its
+        contracted power; unknown clients are absent. Reads only the supplier cells (and the power), decoding
+        nothing else: what accepting a request for thousands of clients needs (``docs/performance.md``)."""
+        columns = ["s:", "d:contracted_power_kw"] if power else ["s:"]
+        rows = await self.kv.get_many("clients", client_ids, columns)
+        out: dict[str, tuple[str | None, float | None]] = {}
+        for cid, row in rows.items():
+            periods = [(int(c[2:]) / 1000, v) for c, v in row.items() if c[0] == "s"]
+            if len(periods) == 1:  # one supplier since registration: supplier_at's rule without its dicts
+                rid = periods[0][1].decode() if periods[0][0] <= at else None
+            else:
+                rid = supplier_at([{"valid_from": f, "retailer_id": r.decode()} for f, r in sorted(periods)], at)
+            out[cid] = (rid, _u(row.get("d:contracted_power_kw")) if power else None)
+        return out
+
     async def put_client(self, client_id: str, retailer_id: str, contracted_power_kw: float,
                          feeder_id: str | None, valid_from: float) -> bool:
         """Create or update a client; a different retailer from a later ``valid_from`` is a supplier switch."""
@@ -471,14 +507,20 @@ class HubStore:
                              outbox: dict[str, dict[str, Any]], parties: dict[str, dict[str, Any]],
                              audit: list[AuditEntry],
                              idempotency: tuple[str, str, str, int, dict[str, Any]] | None,
-                             owner: str | None = None, extra: Sequence[Mutation] = ()) -> None:
+                             owner: str | None = None, extra: Sequence[Mutation] = (),
+                             plan: dict[str, Any] | None = None) -> None:
         """Store a new request. Rows in crash-safe order: the open index and the issuer's index, the request row
         (atomic), the idempotency answer, the audit lines; a restart, and a listing, ignore an index entry without
         its request row.
         ``owner``: the hub replica that keeps the request's book (``r:owner`` and the index's ``d:owner``).
         ``extra``: mutations written first, in the same batch (one transaction on SQLite): the client rows whose
-        change the request announces (:meth:`plan_clients`)."""
+        change the request announces (:meth:`plan_clients`).
+        ``plan``: the request is accepted compactly (:mod:`cloud_hub.fanout`): ``clients`` and ``audit`` are empty
+        here, the plan is stored in ``r:plan``, and the change feed's ``created`` event waits for
+        :meth:`expand_request`, which writes them."""
         cells: Row = {f"r:{k}": _j(v) for k, v in meta.items()}
+        if plan is not None:
+            cells[f"r:{fanout.PLAN}"] = _j(plan)
         cells.update({f"c:{cid}": _j(e) for cid, e in clients.items()})
         cells.update({f"o:{mid}": _j(m) for mid, m in outbox.items()})
         cells.update({f"p:{rid}": _j(p) for rid, p in parties.items()})
@@ -496,11 +538,29 @@ class HubStore:
             muts.append(Mutation("idempotency", f"{principal}|{key}", {
                 "d:hash": digest.encode(), "d:status": str(status).encode(), "d:answer": _j(answer)}))
         muts += [audit_mutation(e) for e in audit]
+        if plan is not None:
+            await self._batch_with_events(muts, [])
+            return
         put = {**{f"c:{cid}": e for cid, e in clients.items()}, **{f"p:{rid}": p for rid, p in parties.items()}}
         await self._batch_with_events(muts, [(request_id, put, meta)])
 
+    async def expand_request(self, request_id: str, meta: dict[str, Any], clients: dict[str, dict[str, Any]],
+                             outbox: dict[str, dict[str, Any]], audit: list[AuditEntry]) -> None:
+        """Write the per-client entries, queued messages and audit lines of a request accepted with a plan, and drop
+        the plan, in one batch (the request row atomically), with the change feed's ``created`` event (``meta``: the
+        request's own fields, as at creation)."""
+        # The audit lines first, the row (which drops the plan) last: on HBase, where a batch is written row by
+        # row, a crash between them leaves the plan, and the expansion is made again (an audit line twice, never
+        # none).
+        muts = [audit_mutation(e) for e in audit]
+        cells = {f"c:{cid}": _j(e) for cid, e in clients.items()}
+        cells.update({f"o:{mid}": _j(m) for mid, m in outbox.items()})
+        muts.append(Mutation("requests", request_id, cells, delete=[f"r:{fanout.PLAN}"]))
+        await self._batch_with_events(muts, [(request_id, {f"c:{cid}": e for cid, e in clients.items()}, meta)])
+
     async def get_request(self, request_id: str, families: list[str] | None = None) -> dict[str, Any] | None:
-        """A request as ``{"meta", "clients", "outbox", "parties"}`` (only the families asked), or None."""
+        """A request as ``{"meta", "clients", "outbox", "parties"}`` (only the families asked), or None; with
+        ``"plan"`` too while it is accepted but not expanded (:mod:`cloud_hub.fanout`)."""
         row = await self.kv.get("requests", request_id, families)
         if not row:
             return None
@@ -509,6 +569,13 @@ class HubStore:
         for col, raw in row.items():
             fam, _, qual = col.partition(":")
             out[names[fam]][qual] = _u(raw)
+        plan = out["meta"].pop(fanout.PLAN, None)
+        if plan is not None:
+            out["plan"] = plan
+        if plan is not None and (families is None or "c:" in families):
+            # Accepted but not expanded yet (a moment after the 202): its clients are pending, as they will be
+            # written.
+            out["clients"] = {**fanout.entries(plan, out["meta"]["created_at"]), **out["clients"]}
         return out
 
     async def get_request_cells(self, request_id: str, columns: list[str]) -> dict[str, Any]:
@@ -725,10 +792,7 @@ class HubStore:
     async def get_audit(self, client_id: str, start: float, end: float) -> list[dict[str, Any]]:
         """The data access log of one client between two times, oldest first."""
         rows = await self.kv.scan("audit", start=f"{client_id}|{tkey(start)}", stop=f"{client_id}|{tkey(end)}")
-        return [{"at": _u(c["a:at"]), "principal": c["a:principal"].decode(), "client_id": client_id,
-                 "action": c["a:action"].decode(), "right": c["a:right"].decode(),
-                 "allowed": c["a:allowed"] == b"1", "ref": c["a:ref"].decode() or None,
-                 **({"detail": c["a:detail"].decode()} if "a:detail" in c else {})} for _, c in rows]
+        return [audit_line(client_id, c) for _, c in rows]
 
 
 def _iso(ts: float) -> str:

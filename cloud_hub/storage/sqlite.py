@@ -25,6 +25,9 @@ CREATE TABLE IF NOT EXISTS ping (x);
 """
 
 
+_PUT = "INSERT OR REPLACE INTO cells (tbl, row, col, val) VALUES (?,?,?,?)"
+
+
 def _check_table(table: str) -> None:
     if table not in SCHEMA:
         raise KeyError(f"no table {table!r}")
@@ -181,15 +184,25 @@ class SqliteKV:
                 db.executemany("DELETE FROM cells WHERE tbl=? AND row=? AND col=?",
                                [(m.table, m.row, c) for c in m.delete])
         if m.put:
-            db.executemany("INSERT OR REPLACE INTO cells (tbl, row, col, val) VALUES (?,?,?,?)",
-                           [(m.table, m.row, c, v) for c, v in m.put.items()])
+            db.executemany(_PUT, [(m.table, m.row, c, v) for c, v in m.put.items()])
 
     async def batch(self, mutations: list[Mutation]) -> None:
         """Apply every mutation in one transaction."""
 
         def op(db: sqlite3.Connection) -> None:
+            # The cells of consecutive puts go in one statement (a batch of a hundred audit lines or client entries
+            # is one executemany, not a hundred); a deletion first writes the puts before it, so order holds.
+            puts: list[tuple[str, str, str, bytes]] = []
             for m in mutations:
-                self._apply(db, m)
+                if m.delete is not None:
+                    if puts:
+                        db.executemany(_PUT, puts)
+                        puts = []
+                    self._apply(db, Mutation(m.table, m.row, delete=m.delete))
+                _check_table(m.table)
+                puts += [(m.table, m.row, c, v) for c, v in m.put.items()]
+            if puts:
+                db.executemany(_PUT, puts)
 
         try:
             await self._sql.tx(op)

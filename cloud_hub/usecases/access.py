@@ -106,3 +106,13 @@ class Access:
             raise NotFound(f"unknown client(s): {', '.join(unknown[:20])}")
         return clients
 
+    async def known_suppliers(self, client_ids: list[str], at: float, *, power: bool = False
+                              ) -> dict[str, tuple[str | None, float | None]]:
+        """Each client's retailer at ``at`` (and, with ``power``, contracted power), reading only that
+        (:meth:`HubStore.suppliers_at`); raises :class:`NotFound` naming the unknown ones, as
+        :meth:`known_clients` does."""
+        suppliers = await self.store.suppliers_at(client_ids, at, power=power)
+        if len(suppliers) < len(set(client_ids)):
+            unknown = sorted(set(client_ids) - set(suppliers))
+            raise NotFound(f"unknown client(s): {', '.join(unknown[:20])}")
+        return suppliers

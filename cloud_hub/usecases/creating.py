@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloud_hub import codec
 from cloud_hub.authz import Principal
 from cloud_hub.book import OutboxItem, RequestBook
 from cloud_hub.errors import NotFound
@@ -44,6 +44,9 @@ class NewRequest:
     """More cells of the request row (``version``, ``phase``, ``targets``, ...)."""
     mutations: Sequence[Mutation] = ()
     """Other rows written in the same batch (a registration's client rows)."""
+    plan: dict[str, Any] | None = None
+    """Accepted compactly, its clients' entries and audit lines written right after (:mod:`cloud_hub.fanout`);
+    ``clients`` and ``audit`` are then empty."""
 
 
 class RequestCreator:
@@ -63,12 +66,12 @@ class RequestCreator:
             self.replicas.check_ready()
         now = time.time()
         answer = {"request_id": new.request_id, "state": RequestState.ACCEPTED.value}
-        meta = {"type": new.kind, "issuer": str(who), "body": json.loads(json.dumps(new.body, default=str)),
+        meta = {"type": new.kind, "issuer": str(who), "body": codec.loads(codec.dumps(new.body)),
                 "created_at": now, "deadline": new.deadline,
                 "hub_ms": round((time.perf_counter() - new.t0) * 1000, 3), **new.extra}
         idem = (str(who), key, body_hash(new.body), 202, answer) if key else None
         await self.book.create(new.request_id, meta, new.clients, new.outbox, new.parties, new.audit, idem,
-                               new.mutations)
+                               new.mutations, plan=new.plan)
         self.metrics.requests_created.labels(new.kind).inc()
         self.metrics.accept_seconds.labels(new.kind).observe(time.perf_counter() - new.t0)
         return Accepted.model_validate(answer)

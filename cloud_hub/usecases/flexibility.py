@@ -9,17 +9,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cloud_hub import fanout
 from cloud_hub.authz import Action, Context, Principal
 from cloud_hub.book import OutboxItem, RequestBook
 from cloud_hub.errors import Conflict, NotFound, OwnerUnavailable
 from cloud_hub.lifecycle import RequestState
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.replicas import Replicas
-from cloud_hub.store import AuditEntry, HubStore, RequestCodec
+from cloud_hub.store import HubStore, RequestCodec
 from cloud_hub.timeline import (
     choose_for_reduction,
     reduction_targets,
-    supplier_at,
 )
 from cloud_hub.usecases.access import Access
 from cloud_hub.usecases.creating import NewRequest, RequestCreator
@@ -41,8 +41,8 @@ from mhp_wire.messages import (
 
 log = logging.getLogger(__name__)
 
-REQUEST_CLIENTS_PER_MESSAGE = 3_000
-"""Client ids per ``request`` message: 3,000 ids of at most 64 characters stay under the 256 KiB payload limit."""
+REQUEST_CLIENTS_PER_MESSAGE = fanout.REQUEST_CLIENTS_PER_MESSAGE
+"""Client ids per ``request`` message (:data:`cloud_hub.fanout.REQUEST_CLIENTS_PER_MESSAGE`)."""
 
 def reduction_items(request_id: str, by_retailer: dict[str, list[str]], targets: dict[str, float], start: Any,
                      end: float, revision: int) -> list[OutboxItem]:
@@ -137,11 +137,11 @@ class Flexibility:
         if deadline <= time.time():
             raise ValueError("the request would already be over: its end is in the past")
         client_ids = await self.creator.targets(body)
-        clients = await self.access.known_clients(client_ids)
+        suppliers = await self.access.known_suppliers(client_ids, at, power=kind is RequestKind.AVAILABILITY)
         by_retailer: dict[str, list[str]] = defaultdict(list)
         unsupplied = []
         for cid in client_ids:
-            rid = supplier_at(clients[cid]["suppliers"], at)
+            rid = suppliers[cid][0]
             if rid is None:
                 unsupplied.append(cid)
             else:
@@ -149,22 +149,16 @@ class Flexibility:
         if unsupplied:
             raise Conflict(f"no retailer supplies {', '.join(unsupplied[:20])} at {iso(at)}")
         expires = datetime.fromtimestamp(deadline, UTC)
-        now = time.time()
-        entries = {cid: {"retailers": {rid: ClientState.PENDING.value}, "state": ClientState.PENDING.value,
-                         "detail": {}, "trace": {}, "updated_at": now}
-                   for rid, cids in by_retailer.items() for cid in cids}
+        max_kw = None
         if kind is RequestKind.AVAILABILITY:  # the bound of each client's availability claim (cloud_hub.book)
-            for cid, e in entries.items():
-                e["max_kw"] = clients[cid]["contracted_power_kw"]
-        outbox = []
-        for rid, all_cids in sorted(by_retailer.items()):
-            for cids in chunks(all_cids, REQUEST_CLIENTS_PER_MESSAGE):
-                msg = Request(request_id=request_id, kind=kind, client_ids=cids, params=params, expires_at=expires)
-                outbox.append(OutboxItem(msg.msg_id, request_id, rid, "request", encode(msg), cids))
-        audit = [AuditEntry(str(who), cid, action.value, right, ref=request_id, at=now) for cid in client_ids]
+            max_kw = {cid: suppliers[cid][1] for cid in client_ids}
+        # The plan: a large request is answered after one write of it, its clients' entries, audit lines and request
+        # messages written right after (cloud_hub.fanout); the book stores a small one whole in its one write.
+        plan = fanout.make_plan(dict(by_retailer), (kind, params.model_dump(mode="json"), expires),
+                                (str(who), action.value, right, time.time()), max_kw)
         return await self.creator.create(who, key, NewRequest(
-            request_id, request_type or kind.value, body, deadline, t0, clients=entries, outbox=outbox, audit=audit,
-            extra={**(extra or {}), "targets": len(entries)}))
+            request_id, request_type or kind.value, body, deadline, t0, plan=plan,
+            extra={**(extra or {}), "targets": fanout.targets(plan)}))
 
     async def finish_availability(self, request_id: str) -> None:
         """Phase two of a load reduction: disconnect the most available clients until the reduction is covered."""

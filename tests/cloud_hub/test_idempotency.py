@@ -96,13 +96,13 @@ async def test_a_repeat_waits_for_the_attempt_in_progress(keyed_hub: HubHandle, 
     hub = keyed_hub
     await hub.setup_registry({"c1": "r1"})
     service = hub.app.state.service
-    looked_up = service.access.known_clients
+    looked_up = service.access.known_suppliers
 
-    async def slow_lookup(client_ids: list[str]) -> dict[str, dict[str, Any]]:
+    async def slow_lookup(client_ids: list[str], at: float, **kw: Any) -> dict[str, Any]:
         await asyncio.sleep(0.8)  # the first attempt is slow (a large request, a busy store)
-        return dict(await looked_up(client_ids))
+        return dict(await looked_up(client_ids, at, **kw))
 
-    monkeypatch.setattr(service.access, "known_clients", slow_lookup)
+    monkeypatch.setattr(service.access, "known_suppliers", slow_lookup)
     body = emergency(["c1"])
     headers = {**hub.auth("dso"), "Idempotency-Key": "slow"}
     first = asyncio.create_task(hub.http.post("/v1/emergencies", json=body, headers=headers))
