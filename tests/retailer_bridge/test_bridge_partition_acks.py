@@ -20,6 +20,8 @@ import httpx
 
 from broker_config import Identity, generate_password
 from broker_config.render import Delegate
+from mhp_wire import topics
+from mhp_wire.messages import Ack, AckPartition
 from mhp_wire.mqtt import MqttEndpoint
 from retailer_bridge.partition import Partition
 from retailer_bridge.service import Bridge
@@ -28,6 +30,8 @@ from sim.fleet import FleetGateway
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.cloud_hub.test_relay import post_emergency
 from tests.hub_fixtures import HubHandle, start_hub
+from tests.mqtt_party import Party, parties
+from tests.retailer_bridge.test_bridge_batching import emergency
 
 GATEWAYS = [f"gw-{i:02d}" for i in range(10)]
 CUSTOMERS = {f"c-{g}": g for g in GATEWAYS}
@@ -132,3 +136,28 @@ async def test_a_partition_down_and_the_hub_broker_killed_loses_nothing(tmp_path
     finally:
         server.should_exit = True
         await hub_task
+
+
+async def test_each_partition_acks_naming_itself_and_acks_a_redelivery_again_storing_it_once(
+        tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
+    """The hub re-sends a request until every partition acks: a partition that stored it acks the re-send again
+    (with its partition) and adds nothing to its store. An unpartitioned bridge's ack names no partition."""
+    hub_broker = mosquitto_factory("hub", ["r1", "r2"], "hub",
+                                   delegates=[Delegate(Identity("r1.p1", generate_password()), "r1")])
+    local = mosquitto_factory("retailer", GATEWAYS, "bridge", extra_privileged=["bridge.p1"])
+    request = emergency(list(CUSTOMERS), "req-1")
+    with parties(Party(hub_broker, "hub", topics.all_up("retailers"))) as (hub,):
+        async with running(Bridge(partition_settings(1, hub_broker, local, tmp_path))) as p1:
+            for _ in range(2):  # the first delivery, then the hub's re-send of the same message
+                await hub.publish(topics.down("retailers", "r1"), request)
+                got = await hub.next("ack")
+                assert isinstance(got, Ack) and got.ack_ids == [request.msg_id]
+                assert got.partition == AckPartition(index=1, of=2)
+            stored = [cmd["client_id"] for cmd in await p1.store.commands_of("req-1")]
+            assert sorted(stored) == sorted(c for c, g in CUSTOMERS.items() if Partition(1, 2).owns_gateway(g))
+        plain = BridgeSettings(**{**partition_settings(0, hub_broker, local, tmp_path).model_dump(),
+                                  "partitions": 1, "partition": 0, "db_path": tmp_path / "whole.db"})
+        async with running(Bridge(plain)):
+            await hub.publish(topics.down("retailers", "r1"), emergency(list(CUSTOMERS), "req-2"))
+            got = await hub.next("ack")
+            assert isinstance(got, Ack) and got.partition is None
