@@ -12,6 +12,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from mhp_wire import topics
+from mhp_wire.messages import presence_payload
 from tests.cloud_hub.test_relay import post_emergency, wait_state
 from tests.hub_fixtures import HubHandle
 from tests.mqtt_party import Party, parties
@@ -27,6 +28,14 @@ def ack(msg_id: str, partition: tuple[int, int] | None) -> bytes:
     if partition is not None:
         body["partition"] = {"index": partition[0], "of": partition[1]}
     return json.dumps(body).encode()
+
+
+async def resend_now(party: Party, retailer_id: str = "r1") -> None:
+    """Make the hub re-send at once everything the retailer has not acknowledged, whatever its back-off: the
+    retailer's presence goes ``offline`` then ``online`` (what a bridge's reconnection does). A message the hub
+    still holds then arrives within a moment; one it no longer holds never does."""
+    for state in ("offline", "online"):
+        await party.publish(topics.status("retailers", retailer_id), presence_payload(state), retain=True)
 
 
 async def drain(party: Party) -> None:
@@ -50,10 +59,12 @@ async def test_the_hub_re_sends_until_every_partition_has_acknowledged(hub: HubH
         # Partition 0 again (it deduplicated the re-send): still not every partition.
         await r1.publish(up, ack(first.msg_id, (0, 2)))
         await drain(r1)
+        await resend_now(r1)
         assert (await r1.next("request", timeout=RESEND_WITHIN_S)).msg_id == first.msg_id
         # Partition 1 of 2: every partition has it, the hub stops.
         await r1.publish(up, ack(first.msg_id, (1, 2)))
         await drain(r1)
+        await resend_now(r1)
         await r1.nothing("request", within=RESEND_WITHIN_S)
 
 
@@ -65,6 +76,7 @@ async def test_an_unpartitioned_ack_still_stops_the_hub_at_once(hub: HubHandle) 
         first = await r1.next("request")
         await r1.publish(topics.up("retailers", "r1"), ack(first.msg_id, None))
         await drain(r1)
+        await resend_now(r1)
         await r1.nothing("request", within=RESEND_WITHIN_S)
 
 
@@ -94,4 +106,5 @@ async def test_a_tariff_is_delivered_to_a_retailer_when_all_its_partitions_have_
         assert req["state"] == "completed"
         assert {x["state"] for x in req["retailers"].values()} == {"acknowledged"}
         await drain(r1)
+        await resend_now(r1)
         await r1.nothing("tariff", within=RESEND_WITHIN_S)
