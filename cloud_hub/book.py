@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloud_hub import fanout, lifecycle
+from cloud_hub import fanout, lifecycle, partition_acks
 from cloud_hub.authz import Action
 from cloud_hub.lifecycle import (
     Allowed,
@@ -33,7 +33,7 @@ from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import Mutation
 from cloud_hub.store import AuditEntry, HubStore, RequestCodec, StoreUnavailable
 from mhp_wire.backoff import delay_s
-from mhp_wire.messages import ClientState, encode
+from mhp_wire.messages import AckPartition, ClientState, encode
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ class OutboxItem:
     next_at: float = 0.0
     revision: int = 1
     """The request's revision a ``request`` message carries: its being sent never marks a newer revision sent."""
+    partitions_acked: dict[int, frozenset[int]] = field(default_factory=dict, compare=False)
+    """The partitions of a partitioned bridge that have acknowledged it so far (in memory only; see
+    :mod:`cloud_hub.partition_acks`)."""
 
     def stored(self) -> dict[str, Any]:
         """The form kept in the request row."""
@@ -472,6 +475,25 @@ class RequestBook:
         return n
 
     # -- answers from retailers ---------------------------------------------------------------------------
+
+    def acked_by_retailer(self, retailer_id: str, msg_ids: list[str], partition: AckPartition | None) -> list[str]:
+        """The ids of ``msg_ids`` that ``retailer_id`` has now acknowledged as a whole, to hand to :meth:`on_acks`.
+        A partition's acknowledgement of a message some other partition has not acknowledged yet is recorded on
+        its outbox item, which stays queued and is re-sent at its back-off (the partitions that stored it
+        deduplicate and acknowledge again). Without a partition, and for ids not in this book's outbox, the ids
+        are returned as they are (:meth:`on_acks` ignores unknown ones)."""
+        if partition is None:
+            return msg_ids
+        done = []
+        for mid in msg_ids:
+            item = self.outbox.get(mid)
+            if item is None or item.retailer_id != retailer_id:
+                done.append(mid)
+                continue
+            item.partitions_acked, complete = partition_acks.acknowledged(item.partitions_acked, partition)
+            if complete:
+                done.append(mid)
+        return done
 
     async def on_ack(self, retailer_id: str, msg_ids: list[str]) -> None:
         """A retailer stored these messages: stop re-sending them; a billing or tariff delivery is complete."""

@@ -285,8 +285,10 @@ class HubRelay:
         if self.replicas is not None:
             foreign = [m for m in msg.ack_ids if m not in self.book.outbox]
             if foreign:
-                await self.replicas.forward_acks(source.party_id, foreign)
-        await self.acks.submit((source.party_id, msg.ack_ids))
+                await self.replicas.forward_acks(source.party_id, foreign, msg.partition)
+        ids = self.book.acked_by_retailer(source.party_id, msg.ack_ids, msg.partition)
+        if ids:  # a partition's ack of a message other partitions have not acked yet is only recorded
+            await self.acks.submit((source.party_id, ids))
 
     async def _outcome_in(self, source: Inbound, msg: Outcome) -> None:
         if self.replicas is not None and not await self._owned_here(source.party_id, msg, source.payload):

@@ -33,7 +33,7 @@ from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import StoreUnavailable
 from mhp_wire import topics
 from mhp_wire.logsafe import outside
-from mhp_wire.messages import Presence, WireError, decode
+from mhp_wire.messages import AckPartition, Presence, WireError, decode
 from mhp_wire.mqtt import MqttError, MqttLink
 from mhp_wire.process import wait_or_timeout
 
@@ -51,6 +51,8 @@ class ReplicaMessage(BaseModel):
     payload: str | None = None
     """``outcome``: the retailer's message as it was received."""
     ack_ids: list[str] = Field(default_factory=list)
+    partition: AckPartition | None = None
+    """``ack``: the partition of the retailer's bridge that sent it (absent: an unpartitioned bridge)."""
     request_id: str | None = None
     principal: str | None = None
     """``cancel``: who asked (already authorized by the sender; the owner authorizes again)."""
@@ -226,12 +228,13 @@ class Replicas:
         except MqttError as exc:  # the retailer sends it again: it was not acknowledged
             log.warning("could not forward an outcome to replica %s: %s", owner, exc)
 
-    async def forward_acks(self, retailer_id: str, ack_ids: list[str]) -> None:
-        """Acks of messages this replica did not send: every other live replica may have sent them."""
+    async def forward_acks(self, retailer_id: str, ack_ids: list[str], partition: AckPartition | None = None) -> None:
+        """Acks of messages this replica did not send: every other live replica may have sent them. ``partition``:
+        which partition of the retailer's bridge acknowledged (the owner waits for all of them)."""
         for peer in self.peers():
             try:
                 await self._send(peer, ReplicaMessage(type="ack", sender=self.me, retailer_id=retailer_id,
-                                                      ack_ids=ack_ids))
+                                                      ack_ids=ack_ids, partition=partition))
                 self.metrics.replica_forwarded.labels("ack").inc()
             except MqttError as exc:  # the owner sends the message again and the retailer acks it again
                 log.warning("could not forward acks to replica %s: %s", peer, exc)
@@ -273,7 +276,9 @@ class Replicas:
         if msg.type == "outcome" and msg.retailer_id and msg.payload is not None and self.on_outcome is not None:
             await self.on_outcome(msg.retailer_id, msg.payload.encode())
         elif msg.type == "ack" and msg.retailer_id:
-            await self.book.on_ack(msg.retailer_id, msg.ack_ids)
+            ids = self.book.acked_by_retailer(msg.retailer_id, msg.ack_ids, msg.partition)
+            if ids:
+                await self.book.on_ack(msg.retailer_id, ids)
         elif msg.type == "cancel" and msg.corr and msg.request_id and msg.principal and self.on_cancel is not None:
             answer = ReplicaMessage(type="cancel_result", sender=self.me, corr=msg.corr)
             try:

@@ -20,10 +20,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -206,11 +208,37 @@ class Cancel(_Msg):
     client ignores it."""
 
 
+class AckPartition(BaseModel):
+    """Which partition of a retailer's bridge acknowledges: process ``index`` of ``of`` (``docs/protocol.md``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int = Field(ge=0, lt=64)
+    of: int = Field(ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _within(self) -> AckPartition:
+        if self.index >= self.of:
+            raise ValueError(f"partition index {self.index} must be below its count {self.of}")
+        return self
+
+
 class Ack(_Msg):
     """The receiver has durably stored the messages named in ``ack_ids``; the sender may stop re-sending them."""
 
     type: Literal["ack"] = "ack"
     ack_ids: list[str] = Field(min_length=1, max_length=10_000)
+    partition: AckPartition | None = None
+    """A partitioned retailer bridge's acknowledgement to the hub: it stored its partition's share of each message;
+    the hub stops re-sending a message when every partition ``0..of-1`` has acknowledged it. Absent (not ``null``)
+    from an unpartitioned bridge, the hub and gateways, so that their acknowledgements are as before."""
+
+    @model_serializer(mode="wrap")
+    def _absent_when_unpartitioned(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("partition", 0) is None:
+            del data["partition"]
+        return data
 
 
 class Outcome(_Msg):

@@ -10,7 +10,8 @@ Every process receives every message the hub sends the retailer (one ``down`` to
 (one ``up`` filter); :class:`PartitionGate` keeps, before the relay sees them, only its own share:
 
 - a request or billing delivery is cut down to the process's own clients (all of them acknowledge the message to
-  the hub once their share is stored; the share of a process that is down waits in its persistent session);
+  the hub once their share is stored, each acknowledgement naming its partition, and the hub re-sends the message
+  until every partition has acknowledged it, see ``cloud_hub.partition_acks``);
 - a gateway's message (telemetry, acknowledgement, outcome, presence) is read only by its gateway's owner: the
   sender is in the topic, which the retailer broker's ACL binds to the gateway's login, so foreign traffic is
   dropped before it is decoded;
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mhp_wire import topics
-from mhp_wire.messages import BillingData, Request
+from mhp_wire.messages import AckPartition, BillingData, Request
 
 MAX_PARTITIONS = 64
 """More bridge processes of one retailer than this is a configuration mistake, not a deployment."""
@@ -121,6 +122,7 @@ class PartitionGate:
         hub's requests and billing deliveries, and its handler of the retailer broker's messages."""
         if self.partition.whole:
             return
+        relay.ack_partition = AckPartition(index=self.partition.index, of=self.partition.count)
         handlers: dict[type, Callable[[Any], Awaitable[None]]] = relay.from_hub.handlers
         on_request, on_billing = handlers[Request], handlers[BillingData]
 

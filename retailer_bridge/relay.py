@@ -23,6 +23,7 @@ from mhp_wire.groupcommit import GroupCommit
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
     Ack,
+    AckPartition,
     BillingData,
     Cancel,
     ClientState,
@@ -148,6 +149,9 @@ class BridgeRelay:
         """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
         self.notices_out = Outbox(_Notices(store), self._to_local, resend_from="read")
         """Notices to gateways (cancellations, schedules), re-sent until acknowledged or past their deadline."""
+        self.ack_partition: AckPartition | None = None
+        """Set on a partitioned bridge (:meth:`retailer_bridge.partition.PartitionGate.install`): each ``ack`` to the
+        hub says which partition of how many stored the message, and the hub waits for all of them."""
         self.hub_order = SendOrder()
         """The order of our last sends to the hub, against its acknowledgements (which of our re-sends wait)."""
         self.hub_out = Outbox(_ToHub(store, topics.up("retailers", retailer_id), self.hub_order), self._to_hub_link,
@@ -535,6 +539,8 @@ class BridgeRelay:
     async def _to_hub(self, msg: Ack | ErrorReply) -> None:
         if self.hub is None:
             return
+        if isinstance(msg, Ack) and self.ack_partition is not None:
+            msg = msg.model_copy(update={"partition": self.ack_partition})
         try:
             await self.hub.publish(topics.up("retailers", self.retailer_id), encode(msg), wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
