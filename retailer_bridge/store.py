@@ -202,9 +202,9 @@ class BridgeStore:
 
     @staticmethod
     def _queue(db: sqlite3.Connection, outcomes: list[tuple[str, bytes]]) -> None:
-        db.executemany(
-            "INSERT OR IGNORE INTO hub_outbox (msg_id, payload, next_attempt_at) VALUES (?,?,0)", outcomes
-        )
+        if outcomes:
+            db.executemany("INSERT OR IGNORE INTO hub_outbox (msg_id, payload, next_attempt_at) VALUES (?,?,0)",
+                           outcomes)
 
     async def queue_for_hub(self, outcomes: list[tuple[str, bytes]]) -> None:
         """Add outcomes to the outbox towards the hub."""
