@@ -601,14 +601,16 @@ REPORT_COLUMNS = ("request_id, client_id, gateway_id, msg_id, state, received_at
 
 
 def _acked_commands(db: sqlite3.Connection, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    """The commands still waiting for these ``(msg_id, gateway_id)`` acknowledgements, each once."""
+    """The commands still waiting for these ``(msg_id, gateway_id)`` acknowledgements, each once. Found by their
+    unique ``msg_id`` (``+state`` keeps SQLite off the ``commands_due`` index, which it picked otherwise and then
+    walked every command still being sent, 10,000 during a fan-out, once per 500 acknowledgements)."""
     wanted = set(pairs)
     rows: list[dict[str, Any]] = []
     for k in range(0, len(pairs), SQL_IN_MAX):
         chunk = [m for m, _ in pairs[k:k + SQL_IN_MAX]]
         rows += [dict(r) for r in db.execute(
-            f"SELECT {REPORT_COLUMNS} FROM commands WHERE state=? AND msg_id IN ({','.join('?' * len(chunk))})",
-            (SENDING, *chunk)) if (r["msg_id"], r["gateway_id"]) in wanted]
+            f"SELECT {REPORT_COLUMNS} FROM commands WHERE msg_id IN ({','.join('?' * len(chunk))}) AND +state=?",
+            (*chunk, SENDING)) if (r["msg_id"], r["gateway_id"]) in wanted]
     return rows
 
 
