@@ -129,9 +129,9 @@ class BridgeRelay:
         reports that arrive during a batch are applied in one store write with a few statements, not a few per
         report, and a command acknowledged and closed in the same batch sends the hub no ``delivered``."""
         self.gateway_acks = self.gateway_reports
+        """The name of :attr:`gateway_reports` from when it took acknowledgements only."""
         self.gateways_back: GroupCommit[str, None] = GroupCommit(self._resend_batch, name="bridge-gateways-back")
         """Gateways that came online, batched: what waits for them is due now, one store write per batch."""
-        """The name of :attr:`gateway_reports` from when it took acknowledgements only."""
         self.from_hub = TypeTable({
             Request: self._on_request, Cancel: self._on_cancel, BillingData: self._on_billing,
             Tariff: self._tariff_from_hub, Customers: self._on_customers, ConsentView: self._consent_view,
@@ -493,6 +493,7 @@ class BridgeRelay:
         self.kick()
 
     async def _resend_batch(self, gids: list[str]) -> list[None]:
+        """The gateways that came online during the previous batch: what waits for them is due now."""
         await self.store.resend_now_many(gids)
         return [None] * len(gids)
 
