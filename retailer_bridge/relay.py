@@ -19,7 +19,7 @@ from typing import Any
 
 from mhp_wire import topics
 from mhp_wire.backoff import delay_s
-from mhp_wire.groupcommit import GroupCommit
+from mhp_wire.groupcommit import Failed, GroupCommit
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
     Ack,
@@ -44,6 +44,7 @@ from mhp_wire.messages import (
     WireError,
     decode,
     encode,
+    new_id,
     tariff_msg_id,
 )
 from mhp_wire.mqtt import MqttError, MqttLink, Republisher
@@ -54,7 +55,7 @@ from mhp_wire.router import Inbound, InboundRouter, Refusal, TypeTable
 from mhp_wire.sqlite import StorageError
 from retailer_bridge.billing import BillingReading, readings_of
 from retailer_bridge.customers import Announced, CustomerList, periods_of
-from retailer_bridge.store import CLOSED, BridgeStore, NewCommand, Refused, delivered_msg_id
+from retailer_bridge.store import CLOSED, BridgeStore, Closing, NewCommand, Refused, delivered_msg_id
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,15 @@ class BridgeRelay:
         self._wake_hub = asyncio.Event()
         self.gateway_limiter = RateLimiter(50.0, 200)
         """One token bucket per gateway: messages beyond it are refused (unread) with an error answer."""
-        self.gateway_acks: GroupCommit[tuple[str, list[str]], None] = GroupCommit(
-            self._deliver_batch, name="bridge-gateway-acks")
-        """Gateways' acknowledgements, batched: one store write (and a few statements) per batch, not per ack."""
+        self.gateway_reports: GroupCommit[tuple[str, list[str]] | Closing, dict[str, Any] | None] = GroupCommit(
+            self._reports_batch, name="bridge-gateway-reports")
+        """Gateways' acknowledgements ``(gateway_id, msg_ids)`` and outcomes (:class:`Closing`), batched: the
+        reports that arrive during a batch are applied in one store write with a few statements, not a few per
+        report, and a command acknowledged and closed in the same batch sends the hub no ``delivered``."""
+        self.gateway_acks = self.gateway_reports
+        """The name of :attr:`gateway_reports` from when it took acknowledgements only."""
+        self.gateways_back: GroupCommit[str, None] = GroupCommit(self._resend_batch, name="bridge-gateways-back")
+        """Gateways that came online, batched: what waits for them is due now, one store write per batch."""
         self.from_hub = TypeTable({
             Request: self._on_request, Cancel: self._on_cancel, BillingData: self._on_billing,
             Tariff: self._tariff_from_hub, Customers: self._on_customers, ConsentView: self._consent_view,
@@ -243,6 +250,10 @@ class BridgeRelay:
             await self._to_hub(Ack(ack_ids=[req.msg_id]))
             return
         at = req.params.start.timestamp()
+        # One command validated for the request; each client's is a copy with its own client and message ids (the
+        # request validated the client ids already): 19 instead of 31 µs per command with its encoding.
+        template = Command(request_id=req.request_id, client_id=req.client_ids[0], kind=req.kind,
+                           params=req.params, expires_at=req.expires_at, revision=req.revision)
         for cid in req.client_ids:
             gid = self.customer_list.gateway_of(cid)
             why = self.not_customer(cid, at)
@@ -256,8 +267,7 @@ class BridgeRelay:
                 out = self.availability(req.request_id, cid, gid).model_copy(update={"revision": req.revision})
                 answers.append((out.msg_id, encode(out)))
             else:
-                cmd = Command(request_id=req.request_id, client_id=cid, kind=req.kind, params=req.params,
-                              expires_at=req.expires_at, revision=req.revision)
+                cmd = template.model_copy(update={"client_id": cid, "msg_id": new_id()})
                 commands.append(NewCommand(req.request_id, cid, gid, cmd.msg_id, encode(cmd), now,
                                            req.expires_at.timestamp(), req.params.start.timestamp(), req.revision))
         await self.store.accept_request(commands, answers)
@@ -447,7 +457,7 @@ class BridgeRelay:
         before = self.gateway_presence.get(gid)
         self.gateway_presence[gid] = msg.state
         if msg.state == "online" and before != "online":
-            await self.store.resend_now(gid)
+            await self.gateways_back.submit(gid)
             self.kick()
 
     async def _gateway_telemetry(self, source: Inbound, msg: Telemetry) -> None:
@@ -483,13 +493,23 @@ class BridgeRelay:
         await self._on_gateway_outcome(source.party_id, msg)
 
     async def _on_gateway_ack(self, gid: str, msg: Ack) -> None:
-        await self.gateway_acks.submit((gid, msg.ack_ids))
+        await self.gateway_reports.submit((gid, msg.ack_ids))
         self.kick()
 
-    async def _deliver_batch(self, acks: list[tuple[str, list[str]]]) -> list[None]:
-        """The gateways' acknowledgements that arrived during the previous batch, applied in one store write."""
-        await self.store.deliver_many(acks, _delivered)
-        return [None] * len(acks)
+    async def _resend_batch(self, gids: list[str]) -> list[None]:
+        """The gateways that came online during the previous batch: what waits for them is due now."""
+        await self.store.resend_now_many(gids)
+        return [None] * len(gids)
+
+    async def _reports_batch(self, items: list[tuple[str, list[str]] | Closing]
+                             ) -> list[dict[str, Any] | Failed | None]:
+        """The gateways' acknowledgements and outcomes that arrived during the previous batch, applied in one
+        store write; an acknowledgement's result is None, an outcome's that of :meth:`BridgeStore.apply_reports`."""
+        acks = [i for i in items if not isinstance(i, Closing)]
+        closings = [i for i in items if isinstance(i, Closing)]
+        applied = await self.store.apply_reports(acks, closings, _delivered)
+        closed = iter(applied.closed)
+        return [next(closed) if isinstance(i, Closing) else None for i in items]
 
     async def _on_gateway_outcome(self, gid: str, msg: Outcome) -> None:
         t0 = time.time()
@@ -515,7 +535,7 @@ class BridgeRelay:
             return self.not_customer(msg.client_id, cmd["not_before"])
 
         try:
-            cmd = await self.store.close_command(msg.request_id, msg.client_id, closing, allowed)
+            cmd = await self.gateway_reports.submit(Closing(msg.request_id, msg.client_id, closing, allowed))
         except Refused as exc:
             self.rejected["gateway_not_customer"] += 1
             log.warning("gateway %s reported for request %s: %s", gid, outside(msg.request_id), exc)
