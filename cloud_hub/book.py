@@ -202,6 +202,9 @@ class RequestBook:
         other rows written with it (see :meth:`HubStore.create_request`)."""
         counts = Counter(e["state"] for e in (clients or parties).values())
         meta = {**meta, "state": RequestState.ACCEPTED.value, "counts": dict(counts)}
+        window = meta["body"]["respond_within_s"] if meta.get("phase") == "availability" else None
+        if window is not None:  # stored: where a restarted hub takes the phase up
+            meta["phase_due"] = time.time() + window
         t0 = time.perf_counter()
         await self.store.create_request(request_id, meta, clients, {o.msg_id: o.stored() for o in outbox},
                                         parties, audit, idempotency, owner=self.replica_id, extra=extra)
@@ -209,8 +212,12 @@ class RequestBook:
         if len(self.storage_ms) > STORAGE_MS_KEPT:
             self.storage_ms.pop(next(iter(self.storage_ms)))
         self.deadlines[request_id] = meta["deadline"]
-        if meta.get("phase") == "availability":
-            self.phases[request_id] = Phase(meta["phase_due"], meta["body"]["reduction_kw"])
+        if window is not None:
+            # The retailers' window opens once the request is accepted (stored, its 202 on the way), not when its
+            # use case began: reads and a write that waited behind a slow or locked storage must not use it up, or
+            # a request is accepted already over, its clients "unreachable" though no retailer had time to answer.
+            self.phases[request_id] = Phase(max(meta["phase_due"], time.time() + window),
+                                            meta["body"]["reduction_kw"])
         for item in outbox:
             self.outbox[item.msg_id] = item
         self.kick()
