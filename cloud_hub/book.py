@@ -237,6 +237,9 @@ class RequestBook:
         else:
             counts = Counter({ClientState.PENDING.value: fanout.targets(plan)})
         meta = {**meta, "state": RequestState.ACCEPTED.value, "counts": dict(counts)}
+        window = meta["body"]["respond_within_s"] if meta.get("phase") == "availability" else None
+        if window is not None:  # stored: where a restarted hub takes the phase up
+            meta["phase_due"] = time.time() + window
         lock = self.lock(request_id)
         if plan is not None:
             await lock.acquire()  # a new request id: never waits; released once the expansion is done
@@ -261,8 +264,13 @@ class RequestBook:
     def _queue(self, request_id: str, meta: dict[str, Any], outbox: list[OutboxItem]) -> None:
         """Hold a stored request's deadline, phase and messages in memory, and wake the dispatcher."""
         self.deadlines[request_id] = meta["deadline"]
-        if meta.get("phase") == "availability":
-            self.phases[request_id] = Phase(meta["phase_due"], meta["body"]["reduction_kw"])
+        window = meta["body"]["respond_within_s"] if meta.get("phase") == "availability" else None
+        if window is not None:
+            # The retailers' window opens once the request is accepted (stored, its 202 on the way), not when its
+            # use case began: reads and a write that waited behind a slow or locked storage must not use it up, or
+            # a request is accepted already over, its clients "unreachable" though no retailer had time to answer.
+            self.phases[request_id] = Phase(max(meta["phase_due"], time.time() + window),
+                                            meta["body"]["reduction_kw"])
         for item in outbox:
             self.outbox[item.msg_id] = item
         self.kick()

@@ -84,7 +84,8 @@ class Follower:
 @dataclass(frozen=True, slots=True)
 class FeedItem:
     """What a stream yields: ``request`` (an event as the follower sees it), ``reset`` (its resume point is older
-    than the replay window: re-read with GET) or ``keepalive``."""
+    than the replay window: re-read with GET), ``keepalive``, or first, when asked for, ``open`` (the follower is
+    registered)."""
 
     kind: str
     event_id: int = 0
@@ -266,16 +267,20 @@ class ChangeFeed:
         return id_time(since) < self.clock() - self.replay_s
 
     async def follow(self, who: Principal, since: int | None = None, request_id: str | None = None,
-                     keepalive_s: float = 15.0) -> AsyncIterator[FeedItem]:
+                     keepalive_s: float = 15.0, *, announce: bool = False) -> AsyncIterator[FeedItem]:
         """The events ``who`` sees after ``since`` (None: from now): the stored ones, then live ones, with a
         ``keepalive`` item after each quiet ``keepalive_s``; a ``reset`` first when ``since`` is older than the
-        replay window. Ends when the follower fell ``queue_max`` events behind (it resumes from its last id)."""
+        replay window. Ends when the follower fell ``queue_max`` events behind (it resumes from its last id).
+        ``announce``: an ``open`` item comes first, once the follower is registered, so that a stream can tell its
+        reader from when on "from now" holds (every change stored after that item is in the stream)."""
         follower = Follower(who, request_id, asyncio.Queue(self.queue_max))
         self._followers.add(follower)
         upto = self.watermark  # no await since adding the follower: every later event reaches its queue
         if self.metrics is not None:
             self.metrics.feed_followers.inc()
         try:
+            if announce:
+                yield FeedItem("open", upto)
             if since is not None and since < upto and self.too_old(since):
                 yield FeedItem("reset", upto, {"reason": "the resume point is older than the replay window; read the "
                                                          "requests again with GET, then follow from this event",

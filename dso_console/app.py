@@ -85,6 +85,9 @@ SESSION_S = 8 * 3600
 FEED_RETRY_S = 1.0
 """How long to wait before following the hub's feed again after it broke."""
 FEED_READ_TIMEOUT_S = 60.0
+OPENED = " open"
+"""What :meth:`DsoConsole._hub_stream` yields as the event once the hub's feed is open (no event name the hub sends
+can start with a space: they are stripped)."""
 """The hub sends a keep-alive every 15 s: a feed silent for this long is dead."""
 MAX_BANDS = 50
 MAX_LATENCY = 100
@@ -652,7 +655,7 @@ class DsoConsole:
         last_id: str | None = None
         while True:
             try:
-                async for kind, event_id, _ in self._hub_stream(path, last_id, changes):
+                async for kind, event_id, _ in self._hub_stream(path, last_id, announce=True):
                     if event_id:
                         last_id = event_id
                     await changes.put((kind, ""))
@@ -661,9 +664,10 @@ class DsoConsole:
             await asyncio.sleep(FEED_RETRY_S)
 
     async def _hub_stream(self, path: str, last_id: str | None,
-                          opened: asyncio.Queue[tuple[str, str]] | None = None) -> AsyncIterator[tuple[str, str, str]]:
-        """``(event, id, data)`` of the hub's server-sent events at ``path`` (``("change", "", "")`` first, once
-        open, when ``opened`` is given); :class:`_HubError` when it cannot be reached or does not answer 200."""
+                          announce: bool = False) -> AsyncIterator[tuple[str, str, str]]:
+        """``(event, id, data)`` of the hub's server-sent events at ``path`` (with ``announce``, ``(OPENED, "", "")``
+        first, once open: the hub's first line has come, which it writes once it follows, so every change it stores
+        after that is in the stream); :class:`_HubError` when it cannot be reached or does not answer 200."""
         assert self.http is not None, "the console is not serving"
         headers = {"Accept": "text/event-stream"}
         if last_id is not None:
@@ -674,10 +678,11 @@ class DsoConsole:
                 if r.status_code != 200:
                     await r.aread()
                     raise _HubError(f"the hub's feed answered {r.status_code}: {r.text[:200]}")
-                if opened is not None:
-                    yield "change", "", ""
                 event, event_id, data = "message", "", list[str]()
                 async for line in r.aiter_lines():
+                    if announce:
+                        announce = False
+                        yield OPENED, "", ""
                     if not line:
                         if data:
                             yield event, event_id, "\n".join(data)
@@ -705,16 +710,27 @@ class DsoConsole:
                                  headers={"X-Accel-Buffering": "no"})
 
     async def _relay(self, last_id: str | None, request: Request) -> AsyncIterator[str]:
+        """The relayed feed. Its first line (``retry:``) is written once the hub's feed is open (or could not be
+        opened): the hub's feed without ``Last-Event-ID`` starts from when it opens, so a change the browser makes
+        after that line is relayed, and one made before it may not be."""
         self.streams += 1
+        started = False
         try:
-            yield f"retry: {RETRY_MS}\n\n"
             while not self._closing.is_set() and not await request.is_disconnected():
                 try:
-                    async for event, event_id, data in self._hub_stream("/v1/events", last_id):
+                    async for event, event_id, data in self._hub_stream("/v1/events", last_id, announce=True):
+                        if event == OPENED:
+                            if not started:
+                                started = True
+                                yield f"retry: {RETRY_MS}\n\n"
+                            continue
                         if event_id:
                             last_id = event_id
                         yield (f"id: {event_id}\n" if event_id else "") + f"event: {event}\ndata: {data}\n\n"
                 except _HubError as exc:
+                    if not started:
+                        started = True
+                        yield f"retry: {RETRY_MS}\n\n"
                     yield "event: hub\ndata: " + json.dumps({"error": "feed", "message": str(exc)}) + "\n\n"
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), FEED_RETRY_S)

@@ -50,9 +50,10 @@ def _stream(request: Request, who: Principal, since: int | None, request_id: str
     keepalive_s: float = request.app.state.settings.feed_keepalive_s
 
     async def body() -> AsyncIterator[str]:
-        yield "retry: 1000\n\n"  # the browser's EventSource reconnects after 1 s, with Last-Event-ID
-        async for item in feed.follow(who, since, request_id, keepalive_s):
-            yield frame(item)
+        async for item in feed.follow(who, since, request_id, keepalive_s, announce=True):
+            # The first line, once the follower is registered: a reader that has it gets every change stored after
+            # it. The browser's EventSource reconnects after 1 s, with Last-Event-ID.
+            yield "retry: 1000\n\n" if item.kind == "open" else frame(item)
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

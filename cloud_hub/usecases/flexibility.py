@@ -111,7 +111,7 @@ class Flexibility:
         return await self._client_request(
             who, Action.TRIGGER_LOAD_REDUCTION, RequestKind.AVAILABILITY, body, key, params, at=start, deadline=end,
             request_type="load_reduction",
-            extra={"phase": "availability", "phase_due": time.time() + body["respond_within_s"], "answered": 0})
+            extra={"phase": "availability", "answered": 0})  # its window opens when it is stored (RequestBook)
 
     # Complexity (PLR0913): the three flexibility requests differ only in these arguments; grouping them would hide
     # which.

@@ -47,6 +47,8 @@ from sim.stack.stack import free_port
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 RP_PROCESSES = 4
 """At most this many RP simulator processes (on 2 cores, 100 processes would measure the scheduler)."""
+FAULT_FINISH_S = 90.0
+"""How long an injected fault may go on after the DSO simulator is done (its waits for readiness are bounded too)."""
 
 
 @dataclass
@@ -176,6 +178,8 @@ class Experiment:
         self.pids: dict[str, int] = {}
         self.fault_log: dict[str, Any] = {}
         """What the fault injection did and measured (wall-clock times, durations); empty without a fault."""
+        self.sample_t0 = 0.0
+        """``time.monotonic()`` of the run's time 0, the time line of :attr:`samples`."""
 
     def log(self, text: str) -> None:
         """A progress line."""
@@ -283,7 +287,7 @@ class Experiment:
                                          "--stats-file", str(self.work / f"{name}.stats.json")], inherit_stdout=True)
                 for i, name in enumerate(names)}
         self.pids["experiment"] = os.getpid()
-        t0 = time.monotonic()
+        t0 = self.sample_t0 = time.monotonic()
         fault = asyncio.create_task(self._inject_fault(hub_url, t0)) if p.fault else None
         exited: set[str] = set()
         while any(d.poll() is None for d in dsos.values()):
@@ -294,11 +298,7 @@ class Experiment:
                     exited.add(name)
                     self.log(f"{name} exited with {proc.returncode} during the run; see {self.work / 'logs'}")
         if fault is not None:
-            if not fault.done():
-                self.log("the DSO simulator ended before the fault was over; cancelling the injection")
-                fault.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await fault
+            await self._finish_fault(fault)
         procs = self._sample(time.monotonic() - t0)
         hub_counters = await self._hub_counters(hub_url)
         generator: list[dict[str, Any]] = []
@@ -372,6 +372,20 @@ class Experiment:
                                "--stats-file", str(self.work / "rp-{retailer}.stats.json")])
         return ready
 
+    async def _finish_fault(self, fault: asyncio.Task[None]) -> None:
+        """The DSO simulator is done: a fault already injected may finish (a restart to wait for, a lock to
+        release), so that all its timings are in the results, however slowly a loaded machine restarts a process;
+        one not yet injected is cancelled."""
+        if not fault.done() and "at_wall" in self.fault_log:
+            self.log("the DSO simulator ended before the fault was over; waiting for the injection to finish")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(fault), FAULT_FINISH_S)
+        if not fault.done():
+            self.log("the DSO simulator ended before the fault was over; cancelling the injection")
+            fault.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fault
+
     async def _inject_fault(self, hub_url: str, t0: float) -> None:
         """At ``fault_at_s``: the fault ``p.fault`` names (:attr:`FAULTS`), its timings in :attr:`fault_log`."""
         p = self.p
@@ -382,10 +396,19 @@ class Experiment:
         self.fault_log.update(kind=p.fault, at_wall=time.time())
         await inject(self, hub_url, self.fault_log)
 
+    def sample_before_kill(self, name: str) -> None:
+        """One more sample of the process ``name``, taken right before it is killed: its CPU is counted up to the
+        kill, not up to the last periodic sample (up to a second earlier, on a busy machine maybe before the DSO
+        simulator sent it anything)."""
+        s = proc_sample(self.procs[name].pid)
+        if s is not None:
+            self.samples.append({"t_s": round(time.monotonic() - self.sample_t0, 3), "process": name, **s})
+
     def _kill_process(self, name: str) -> tuple[subprocess.Popen[bytes], float]:
         """kill -9 the process ``name``; its CPU samples keep their own name (``name (killed)``), so that CPU is
         not mixed across it and its restart. Returns it and when it was killed."""
         old = self.procs[name]
+        self.sample_before_kill(name)
         os.kill(old.pid, signal.SIGKILL)
         old.wait()
         killed = time.monotonic()
@@ -414,22 +437,36 @@ class Experiment:
             locked = time.monotonic()
             self.log(f"fault: hub database locked (BEGIN EXCLUSIVE from pid {os.getpid()}) for "
                      f"{p.fault_down_s:g} s")
-            unready_after = None
-            async with httpx.AsyncClient(base_url=hub_url, timeout=5) as http:
-                while time.monotonic() - locked < p.fault_down_s:
-                    if unready_after is None:
+            unready: list[float] = []
+
+            async def probe() -> None:
+                # Apart from the lock's own clock: a probe waits for the hub, whose check waits behind the writes
+                # queued on the locked database (a busy timeout each), seconds under load. The lock lasts what was
+                # asked, however long the hub takes to answer.
+                async with httpx.AsyncClient(base_url=hub_url, timeout=5) as http:
+                    while not unready:
                         with contextlib.suppress(httpx.HTTPError):
                             if (await http.get("/readyz")).status_code == 503:
-                                unready_after = round(time.monotonic() - locked, 3)
-                    await asyncio.sleep(0.1)
-                db.execute("ROLLBACK")
-                unlocked = time.monotonic()
-                f.update(locked_s=round(unlocked - locked, 3), unlock_wall=time.time(),
-                         readyz_503_after_s=unready_after)
+                                unready.append(round(time.monotonic() - locked, 3))
+                        await asyncio.sleep(0.1)
+
+            prober = asyncio.create_task(probe())
+            try:
+                try:
+                    await asyncio.sleep(max(0.0, locked + p.fault_down_s - time.monotonic()))
+                finally:
+                    db.execute("ROLLBACK")
+                    unlocked = time.monotonic()
+                f.update(locked_s=round(unlocked - locked, 3), unlock_wall=time.time())
                 self.log("fault: hub database unlocked")
                 await self._wait_ready(hub_url)
                 f.update(unlock_to_ready_s=round(time.monotonic() - unlocked, 3), ready_wall=time.time())
                 self.log(f"fault: hub ready {f['unlock_to_ready_s']:.3f} s after the unlock")
+            finally:  # a 503 that comes after the unlock (a check that waited out the lock) still counts
+                prober.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await prober
+                f.update(readyz_503_after_s=unready[0] if unready else None)
         finally:
             db.close()
 

@@ -182,6 +182,7 @@ class ScaleoutExperiment(Experiment):
         f = self.fault_log
         f.update(kind="replica", replica=victim, at_wall=time.time(), at_sample_s=round(time.monotonic() - t0, 3))
         open_at_kill = self._owned(victim)
+        self.sample_before_kill(name)
         old = self.procs.pop(name)
         os.kill(old.pid, signal.SIGKILL)
         old.wait()

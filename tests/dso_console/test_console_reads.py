@@ -16,9 +16,11 @@ from tests.dso_console.test_console_server import page as page  # the fixture: a
 from tests.hub_fixtures import HubHandle
 
 
-async def feed_events(console: Page, rid: asyncio.Future[str]) -> list[tuple[str, str, dict[str, Any]]]:
+async def feed_events(console: Page, rid: asyncio.Future[str], opened: asyncio.Event | None = None
+                      ) -> list[tuple[str, str, dict[str, Any]]]:
     """``(id, event, data)`` of the console's ``/api/events`` until an event of the request ``rid`` has come (the
-    registry's customer-list requests come too: the DSO issued them)."""
+    registry's customer-list requests come too: the DSO issued them); ``opened`` is set at the stream's first line,
+    which the console writes once the hub's feed is open (a change from then on is relayed)."""
     out: list[tuple[str, str, dict[str, Any]]] = []
     # Its own client: the page's checks every answer whole, and this one never ends.
     async with httpx.AsyncClient(base_url=console.web.url) as http, \
@@ -27,6 +29,9 @@ async def feed_events(console: Page, rid: asyncio.Future[str]) -> list[tuple[str
         event_id, event = "", "message"
         async for line in r.aiter_lines():
             assert console.token not in line
+            if opened is not None and not opened.is_set():
+                assert line.startswith("retry: "), line
+                opened.set()
             if line.startswith("id: "):
                 event_id = line[4:]
             elif line.startswith("event: "):
@@ -72,8 +77,9 @@ async def test_the_hubs_change_feed_is_relayed_with_its_ids_and_resumes_at_the_h
                                                                                     page: Page) -> None:
     async with retailers(hub, "r1", "r2"):
         posted: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        listening = asyncio.create_task(feed_events(page, posted))
-        await asyncio.sleep(0.3)  # the relay is open: a change from now on is pushed
+        opened = asyncio.Event()
+        listening = asyncio.create_task(feed_events(page, posted, opened))
+        await asyncio.wait_for(opened.wait(), 20)  # the relay is open: a change from now on is pushed
         r = await page.post({"kind": "emergency", "client_ids": "c1, c3", "start": soon(30), "duration_s": "60",
                              "power_limit_kw": "1"})
         rid = r.json()["request_id"]

@@ -17,7 +17,9 @@ SMALL = ["--duration-s", "1.5", "--warmup-s", "0.5", "--rate-per-min", "240", "-
 """8 requests of each type per run (a period of 0.25 s over 2 s), where 3.5 s at 120/min gave 7."""
 
 
-def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """One experiment run; ``timeout`` only guards against a hang (a two-size scale run took over 60 s on the
+    2-core machine under a parallel test run: each size starts a hub, brokers and simulators)."""
     proc = subprocess.run([sys.executable, "-m", "sim.cli", "experiment", *args], capture_output=True, text=True,
                           timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -53,7 +53,10 @@ def test_scaleout_kill_one_replica_loses_nothing(tmp_path: Path) -> None:
     buckets = res["buckets"]
     assert sum(b["sent"] for b in buckets) == a["sent"] and sum(b["completed"] for b in buckets) == a["completed"]
     assert len(list(csv.DictReader((out / "latency_buckets.csv").open()))) == len(buckets)
-    assert list(csv.DictReader((out / "replica_cpu.csv").open()))
+    cpu_rows = list(csv.DictReader((out / "replica_cpu.csv").open()))
+    # The killed replica's last sample is taken right before the kill, not a periodic one up to a second earlier.
+    killed = [r for r in cpu_rows if r["process"] == "hub-1 (killed)"]
+    assert killed and float(killed[-1]["t_s"]) >= f["at_sample_s"]
     for png in ("latency_fault.png", "replica_cpu.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
     assert "## Scale-out: 2 hub replicas" in (out / "report.md").read_text()
