@@ -161,8 +161,9 @@ class DsoSimulator:
         t_post = time.perf_counter()
         rec["attempts"] = 0
         while True:
-            # A POST that gets no answer, a 503 or another 5xx is sent again with the same Idempotency-Key, as a
-            # real DSO would, until the drain period ends; every attempt is counted.
+            # A POST that gets no answer, a 503, another 5xx or a 409 in_progress (the first attempt with the key is
+            # still creating its request, or died doing so: docs/api.md) is sent again with the same Idempotency-Key,
+            # as a real DSO would, until the drain period ends; every attempt is counted.
             rec["attempts"] += 1
             t_try = time.perf_counter()
             try:
@@ -179,8 +180,11 @@ class DsoSimulator:
                     rec["status_503"] = rec.get("status_503", 0) + 1
                 elif status >= 500:
                     rec["status_5xx_other"] = rec.get("status_5xx_other", 0) + 1
+                in_progress = status == 409 and '"in_progress"' in text
+                if in_progress:
+                    rec["status_409_in_progress"] = rec.get("status_409_in_progress", 0) + 1
                 rec["error"] = f"POST answered {status}: {text[:300]}"
-                retry = status >= 500
+                retry = status >= 500 or in_progress
             if not retry or time.monotonic() + self.retry_s >= self.stop_following_at:
                 break
             await asyncio.sleep(self.retry_s)

@@ -53,6 +53,7 @@ def accounting(records: list[dict[str, Any]]) -> dict[str, Any]:
         "status_503": sum(int(r.get("status_503", 0)) for r in records),
         "no_answer": sum(int(r.get("no_answer", 0)) for r in records),
         "status_5xx_other": sum(int(r.get("status_5xx_other", 0)) for r in records),
+        "status_409_in_progress": sum(int(r.get("status_409_in_progress", 0)) for r in records),
     }
 
 

@@ -90,7 +90,7 @@ def test_faults_lose_nothing(tmp_path: Path, fault: str) -> None:
     assert a["duplicate_request_ids"] == 0
     assert a["post_attempts"] == a["sent"] + a["retries"]
     # Every re-send follows exactly one unanswered or 5xx attempt (all requests ended up accepted).
-    assert a["retries"] == a["status_503"] + a["no_answer"] + a["status_5xx_other"]
+    assert a["retries"] == a["status_503"] + a["no_answer"] + a["status_5xx_other"] + a["status_409_in_progress"]
     buckets = res["buckets"]
     assert sum(b["sent"] for b in buckets) == a["sent"] and sum(b["completed"] for b in buckets) == a["completed"]
     assert len(list(csv.DictReader((out / "latency_buckets.csv").open()))) == len(buckets)

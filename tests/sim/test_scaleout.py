@@ -30,10 +30,12 @@ def test_haproxy_accepts_the_generated_config(tmp_path: Path) -> None:
 
 def test_scaleout_kill_one_replica_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "scaleout"
+    # The drain bounds the wait (the run ends once every request is terminal): 40 s covers a POST in flight to the
+    # killed replica, whose Idempotency-Key claim the survivor answers with 409 in_progress until it is 30 s stale.
     proc = subprocess.run(
         [sys.executable, "-m", "sim.cli", "experiment", "scaleout", "--out", str(out), "--replicas", "2",
          "--clients", "20", "--duration-s", "6", "--warmup-s", "0.5", "--rate-per-min", "120", "--kill-at-s", "2",
-         "--restart-after-s", "1", "--drain-s", "20", "--bucket-s", "1"],
+         "--restart-after-s", "1", "--drain-s", "40", "--bucket-s", "1"],
         capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[scaleout] done" in proc.stdout and "[dso-sim]" in proc.stdout and "killed with SIGKILL" in proc.stdout
@@ -45,7 +47,7 @@ def test_scaleout_kill_one_replica_loses_nothing(tmp_path: Path) -> None:
     assert a["accounted"] and a["sent"] > 0
     assert a["lost"] == 0 and a["completed"] == a["accepted"] == a["sent"]
     assert a["duplicate_request_ids"] == 0
-    assert a["retries"] == a["status_503"] + a["no_answer"] + a["status_5xx_other"]
+    assert a["retries"] == a["status_503"] + a["no_answer"] + a["status_5xx_other"] + a["status_409_in_progress"]
     # Both replicas worked: each process (the killed one under its own name) used CPU; the survivor's counters.
     assert {"hub-1 (killed)", "hub-1", "hub-2"} <= set(rep["cpu"])
     assert rep["cpu"]["hub-1 (killed)"]["cpu_s"] > 0 and rep["cpu"]["hub-2"]["cpu_s"] > 0
