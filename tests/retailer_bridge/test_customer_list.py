@@ -53,7 +53,9 @@ LIST.apply([change("moving", 2, (t - H, t)), change("coming", 2, (t + H, None)),
             change("twice", 3, (t - 2 * H, t - H), (t + H, None))])
 
 
-@pytest.mark.parametrize(("client_id", "at", "standing", "since", "until"), [
+# The ids name each case by client and standing, not by its times (relative to now, they differ from one collection
+# to the next, and pytest-xdist's workers must collect the same tests).
+WHEN_CASES = [
     ("static", t, "customer", None, None),  # in the installation record, never announced: no limit
     ("stranger", t, "stranger", None, None),
     ("moving", t - 1, "customer", t - H, t),
@@ -63,7 +65,11 @@ LIST.apply([change("moving", 2, (t - H, t)), change("coming", 2, (t + H, None)),
     ("coming", t + H, "customer", t + H, None),
     ("twice", t, "not_yet", t - H, t + H),  # left, and comes back: not ours in between
     ("twice", t + 2 * H, "customer", t + H, None),
-])
+]
+
+
+@pytest.mark.parametrize(("client_id", "at", "standing", "since", "until"), WHEN_CASES,
+                         ids=[f"{case[0]}-{case[2]}" for case in WHEN_CASES])
 def test_who_is_a_customer_when(client_id: str, at: float, standing: str, since: float | None,
                                 until: float | None) -> None:
     status = LIST.status(client_id, at)
