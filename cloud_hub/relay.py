@@ -15,10 +15,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from cloud_hub.authz import Action, Context, Principal, decide
-from cloud_hub.book import OutboxItem, ReportedOutcome, RequestBook
+from cloud_hub.book import OutboxItem, OutcomeVerdict, ReportedOutcome, RequestBook
 from cloud_hub.lifecycle import retry_delay_s
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.replicas import Replicas
@@ -37,6 +38,8 @@ from mhp_wire.messages import (
     Measurements,
     Message,
     Outcome,
+    OutcomeReport,
+    Outcomes,
     Presence,
     WireError,
     decode,
@@ -59,6 +62,37 @@ PRESENCE_CHANGES_PER_S = 0.1
 """Presence changes (``online``/``offline``) per second a retailer may sustain (settings override it)."""
 PRESENCE_CHANGES_BURST = 10
 """Presence changes a retailer may make at once before :data:`PRESENCE_CHANGES_PER_S` applies."""
+
+
+@dataclass(slots=True)
+class _Reported:
+    """One retailer message of outcomes in the hub's group commit: an ``outcome`` (one report) or an ``outcomes``
+    message (its valid reports, and the entries that are not valid reports with why)."""
+
+    retailer_id: str
+    msg: Outcome | Outcomes
+    reports: list[ReportedOutcome]
+    positions: list[int] = field(default_factory=lambda: [0])
+    """The entry of ``msg`` each report is (``outcomes``: the index in its ``reports``)."""
+    invalid: list[tuple[int, str]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, retailer_id: str, msg: Outcome | Outcomes) -> _Reported:
+        if isinstance(msg, Outcome):
+            return cls(retailer_id, msg, [ReportedOutcome(retailer_id, msg.request_id, msg.client_id, msg.state,
+                                                          msg.detail, msg.trace, msg.revision)])
+        reports, positions, invalid = [], [], []
+        for i, r in enumerate(msg.reports):
+            if isinstance(r, OutcomeReport):
+                reports.append(ReportedOutcome(retailer_id, msg.request_id, r.client_id, r.state, r.detail, r.trace,
+                                               r.revision))
+                positions.append(i)
+            else:
+                invalid.append((i, msg.invalid_reason(i)))
+        return cls(retailer_id, msg, reports, positions, invalid)
+
+    def weight(self) -> int:
+        return max(1, len(self.reports) + len(self.invalid))
 
 
 class HubRelay:
@@ -93,15 +127,19 @@ class HubRelay:
         self.limiter = limiter if limiter is not None else RateLimiter(200.0, 400)
         """One token bucket per retailer: messages beyond it are refused (unread) with an error answer."""
         self.inbound = InboundRouter("retailers", {
-            Ack: self._ack_in, Outcome: self._outcome_in, Measurements: self._measurements_in,
+            Ack: self._ack_in, Outcome: self._outcome_in, Outcomes: self._outcomes_in,
+            Measurements: self._measurements_in,
             ConsentQuery: self._consent_in, ConsentDecision: self._consent_in, ErrorReply: self._error_in},
             on_refused=self._refused, limiter=lambda: self.limiter,
             on_presence=self._presence_in, on_decoded=self._count_received)
         """Retailers' messages: topic → rate limit (one token bucket per retailer: messages beyond it are refused
         unread, with an error answer) → decode → the handler of its type."""
-        self.outcomes: GroupCommit[tuple[str, Outcome], None] = GroupCommit(
-            self._settled(self._commit_outcomes), max_batch=5_000, name="hub-outcome-commit")
-        """5,000 outcomes at most per storage batch: its column list stays well inside SQLite's limits."""
+        self.outcomes: GroupCommit[_Reported, None] = GroupCommit(
+            self._settled(self._commit_outcomes), max_batch=5_000, name="hub-outcome-commit",
+            weight=_Reported.weight)
+        """5,000 client reports at most per storage batch (an ``outcomes`` message counts its entries): its column
+        list stays well inside SQLite's limits. A message is never split across two batches, so its one ``ack``
+        follows the commit of all of it."""
         self.acks: GroupCommit[tuple[str, list[str]], None] = GroupCommit(
             self._settled(self._commit_acks), max_batch=1_000, name="hub-ack-commit")
         self._received: dict[str, Any] = {}
@@ -294,7 +332,13 @@ class HubRelay:
         if self.replicas is not None and not await self._owned_here(source.party_id, msg, source.payload):
             return
         # Waiting for the commit keeps the MQTT-level PUBACK after it (and the broker's window as back-pressure).
-        await self.outcomes.submit((source.party_id, msg))
+        await self.outcomes.submit(_Reported.of(source.party_id, msg))
+
+    async def _outcomes_in(self, source: Inbound, msg: Outcomes) -> None:
+        reported = _Reported.of(source.party_id, msg)
+        if self.replicas is not None and not await self._batch_owned_here(reported, source.payload):
+            return
+        await self.outcomes.submit(reported)
 
     async def _measurements_in(self, source: Inbound, msg: Measurements) -> None:
         await self._on_measurements(source.party_id, msg)
@@ -339,7 +383,30 @@ class HubRelay:
             log.warning("ignored an invalid forwarded outcome of retailer %s: %s", retailer_id, outside(exc, 300))
             return
         if isinstance(msg, Outcome) and await self._owned_here(retailer_id, msg, payload, forwarded=True):
-            await self.outcomes.submit((retailer_id, msg))
+            await self.outcomes.submit(_Reported.of(retailer_id, msg))
+        elif isinstance(msg, Outcomes):
+            reported = _Reported.of(retailer_id, msg)
+            if await self._batch_owned_here(reported, payload, forwarded=True):
+                await self.outcomes.submit(reported)
+
+    async def _batch_owned_here(self, reported: _Reported, payload: bytes, forwarded: bool = False) -> bool:
+        """:meth:`_owned_here` for an ``outcomes`` message, decided once for its request (one owner per request):
+        forwarded whole to a live owner; otherwise applied here, where the book holds (unanswered) the reports for
+        a request another replica owns and refuses the others, as it does for single outcomes."""
+        assert self.replicas is not None
+        if not reported.reports:
+            return True  # nothing to apply: only refusals, answered here
+        msg = reported.msg
+        try:
+            _, owner = await self.book.route(msg.request_id, reported.reports[0].client_id)
+        except StoreUnavailable as exc:
+            log.debug("outcomes for %s held, storage unavailable: %s", outside(msg.request_id), exc)
+            self.metrics.replica_held.inc(len(reported.reports))
+            return False
+        if (not forwarded and owner is not None and owner != self.replicas.me and self.replicas.is_live(owner)):
+            await self.replicas.forward_outcome(owner, reported.retailer_id, payload)
+            return False
+        return True
 
     async def _owned_here(self, retailer_id: str, msg: Outcome, payload: bytes, forwarded: bool = False) -> bool:
         """With replicas: whether this replica owns the outcome's request and has loaded its book, so that it may
@@ -372,20 +439,20 @@ class HubRelay:
         except StoreUnavailable as exc:
             log.warning("%d ack(s) not applied now (the messages will be sent again): %s", len(batch), exc)
 
-    async def _commit_outcomes(self, batch: list[tuple[str, Outcome]]) -> None:
-        """Store outcomes in one group commit; then each retailer gets one ``ack`` naming all of its outcomes of
+    async def _commit_outcomes(self, batch: list[_Reported]) -> None:
+        """Store outcomes in one group commit; then each retailer gets one ``ack`` naming all of its messages of
         the commit. When storage is unavailable nothing is acknowledged, so the bridges re-send them."""
         try:
             await self._commit_batch(batch)
         except StoreUnavailable as exc:
-            log.warning("%d outcome(s) not stored, so not acknowledged (their senders re-send them): %s",
+            log.warning("%d outcome message(s) not stored, so not acknowledged (their senders re-send them): %s",
                         len(batch), exc)
         except Exception:
             if len(batch) == 1:
                 raise
             # Something in one outcome broke the whole commit: apply them one by one, so that it fails alone
             # (unacknowledged) and the rest of the batch, from every retailer, goes through.
-            log.exception("a group commit of %d outcomes failed; applying them one by one", len(batch))
+            log.exception("a group commit of %d outcome messages failed; applying them one by one", len(batch))
             for item in batch:
                 await self._commit_outcomes([item])
 
@@ -395,52 +462,91 @@ class HubRelay:
         return decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
                       Context(addressed_retailers=tuple(addressed))).allowed
 
-    async def _commit_batch(self, batch: list[tuple[str, Outcome]]) -> None:
+    async def _commit_batch(self, batch: list[_Reported]) -> None:
         if self.replicas is not None and not self.replicas.ready.is_set():
             # This replica lost the broker and is joining again since the outcomes were queued: not its to apply
             # now (unacknowledged, they come again).
-            self.metrics.replica_held.inc(len(batch))
+            self.metrics.replica_held.inc(sum(len(item.reports) for item in batch))
             return
-        verdicts = await self.book.apply([
-            ReportedOutcome(rid, m.request_id, m.client_id, m.state, m.detail, m.trace, m.revision)
-            for rid, m in batch],
-            self._may_report)
-        self.metrics.outcome_batch_size.observe(len(batch))
+        flat = [r for item in batch for r in item.reports]
+        verdicts = await self.book.apply(flat, self._may_report)
+        self.metrics.outcome_batch_size.observe(len(flat))
         acks: dict[str, list[str]] = {}
-        refused: list[tuple[str, Outcome, str]] = []
-        for (retailer_id, msg), v in zip(batch, verdicts, strict=True):
-            if v.held:
-                self.metrics.replica_held.inc()
-                continue
-            if v.refused_claim is not None:
-                self.metrics.claims_refused.inc()
-                if self._claims_logged.first((retailer_id, msg.client_id)):
-                    log.warning("retailer %s claimed %s kW available for client %s, more than its contracted power "
-                                "(%s kW): not believed (logged once per client, counted in mhp_claims_refused)",
-                                retailer_id, f"{v.refused_claim[0]:g}", msg.client_id, f"{v.refused_claim[1]:g}")
-            verdict = decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
-                             Context(addressed_retailers=tuple(v.addressed)))
-            if v.known and verdict.allowed:
-                acks.setdefault(retailer_id, []).append(msg.msg_id)
-                continue
-            refused.append((retailer_id, msg, verdict.reason))
-            log.warning("refused an outcome from retailer %s for request %s client %s: %s", retailer_id,
-                        outside(msg.request_id), outside(msg.client_id),
-                        verdict.reason if v.known else "no such request and client")
+        refused: list[tuple[_Reported, ReportedOutcome, str]] = []
+        answers: list[tuple[str, ErrorReply]] = []
+        at = 0
+        for item in batch:
+            held, item_refused = self._judge(item, verdicts[at:at + len(item.reports)])
+            at += len(item.reports)
+            refused.extend((item, report, reason) for _, report, reason in item_refused)
+            answers.extend((item.retailer_id, answer) for answer in self._answers(item, held, item_refused))
+            if not held and (isinstance(item.msg, Outcomes) or not item_refused):
+                acks.setdefault(item.retailer_id, []).append(item.msg.msg_id)
         if refused:
             # In the data access log before anyone is answered (if it cannot be written, nothing of the batch is
             # acknowledged and the retailers send it again).
             await self.book.store.audit([
-                AuditEntry(f"retailer:{rid}", msg.client_id, Action.REPORT_OUTCOME.value, "none", False,
-                           msg.request_id) for rid, msg, _ in refused])
-        for retailer_id, msg, reason in refused:
-            # Neutral: one answer, code and text, whether the request and client exist or were addressed to
-            # another retailer; only the log above and the data access log tell them apart.
-            self.metrics.mqtt_rejected.labels("forbidden").inc()
-            await self._reply(retailer_id, ErrorReply(ref_msg_id=msg.msg_id, code="forbidden", message=reason))
+                AuditEntry(f"retailer:{item.retailer_id}", report.client_id, Action.REPORT_OUTCOME.value, "none",
+                           False, report.request_id) for item, report, _ in refused])
+        for retailer_id, answer in answers:
+            if answer.code == "forbidden":
+                self.metrics.mqtt_rejected.labels("forbidden").inc()
+            await self._reply(retailer_id, answer)
         for retailer_id, ids in acks.items():
             for i in range(0, len(ids), ACK_IDS_MAX):
                 await self._reply(retailer_id, Ack(ack_ids=ids[i:i + ACK_IDS_MAX]))
+
+    def _judge(self, item: _Reported, verdicts: list[OutcomeVerdict]
+               ) -> tuple[bool, list[tuple[int, ReportedOutcome, str]]]:
+        """Whether some of ``item`` is held (another replica's request), and its refused reports with why."""
+        held = False
+        item_refused: list[tuple[int, ReportedOutcome, str]] = []
+        retailer_id = item.retailer_id
+        for pos, report, v in zip(item.positions, item.reports, verdicts, strict=True):
+            if v.held:
+                self.metrics.replica_held.inc()
+                held = True
+                continue
+            if v.refused_claim is not None:
+                self.metrics.claims_refused.inc()
+                if self._claims_logged.first((retailer_id, report.client_id)):
+                    log.warning("retailer %s claimed %s kW available for client %s, more than its contracted "
+                                "power (%s kW): not believed (logged once per client, counted in "
+                                "mhp_claims_refused)", retailer_id, f"{v.refused_claim[0]:g}",
+                                report.client_id, f"{v.refused_claim[1]:g}")
+            verdict = decide(Principal("retailer", retailer_id), Action.REPORT_OUTCOME,
+                             Context(addressed_retailers=tuple(v.addressed)))
+            if v.known and verdict.allowed:
+                continue
+            item_refused.append((pos, report, verdict.reason))
+            log.warning("refused an outcome from retailer %s for request %s client %s: %s", retailer_id,
+                        outside(report.request_id), outside(report.client_id),
+                        verdict.reason if v.known else "no such request and client")
+        return held, item_refused
+
+    def _answers(self, item: _Reported, held: bool, item_refused: list[tuple[int, ReportedOutcome, str]]
+                 ) -> list[ErrorReply]:
+        """The refusals of ``item``'s bad reports and entries."""
+        msg = item.msg
+        if isinstance(msg, Outcome):
+            # Neutral: one answer, code and text, whether the request and client exist or were addressed to
+            # another retailer; only the log above and the data access log tell them apart.
+            return [ErrorReply(ref_msg_id=msg.msg_id, code="forbidden", message=reason)
+                    for _, _, reason in item_refused]
+        # An ``outcomes`` message: each bad entry is refused alone, naming it; the message is acknowledged once all
+        # of it is handled. While some of it is held (another replica's request), the refusals name no message (a
+        # bridge drops a message it is refused) and nothing is acknowledged: it comes again.
+        ref = None if held else msg.msg_id
+        answers = [ErrorReply(ref_msg_id=ref, code="forbidden",
+                              message=outside(f"outcomes entry {pos} (client {report.client_id}): {reason}", 1900))
+                   for pos, report, reason in item_refused]
+        if item.invalid:
+            self.metrics.mqtt_rejected.labels("invalid").inc(len(item.invalid))
+            log.warning("refused %d invalid entries of an outcomes message from retailer %s", len(item.invalid),
+                        item.retailer_id)
+        answers.extend(ErrorReply(ref_msg_id=ref, code="invalid", message=f"outcomes entry {pos}: {why}")
+                       for pos, why in item.invalid)
+        return answers
 
     async def _on_measurements(self, retailer_id: str, msg: Measurements) -> None:
         if self.on_measurements is None:

@@ -31,9 +31,12 @@ class Failed:
 class GroupCommit(Generic[T, R]):
     """Items committed together by one call of ``commit``; see the module's docstring."""
 
-    def __init__(self, commit: Callable[[list[T]], Awaitable[list[Any]]], *, name: str, max_batch: int = 0) -> None:
+    def __init__(self, commit: Callable[[list[T]], Awaitable[list[Any]]], *, name: str, max_batch: int = 0,
+                 weight: Callable[[T], int] | None = None) -> None:
         self._commit = commit
         self.max_batch = max_batch
+        self.weight = weight
+        """How much of ``max_batch`` an item takes (None: 1 each); a batch always takes at least one item."""
         self.name = name
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
@@ -55,10 +58,22 @@ class GroupCommit(Generic[T, R]):
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
 
+    def _batch_len(self) -> int:
+        """How many queued items the next batch takes: ``max_batch`` of them, or as many as fit its weight."""
+        if self.weight is None:
+            return self.max_batch
+        total = 0
+        for n, (item, _) in enumerate(self._queue):
+            total += self.weight(item)
+            if total > self.max_batch:
+                return max(1, n)
+        return len(self._queue)
+
     async def _run(self) -> None:
         while self._queue:
             if self.max_batch > 0:
-                batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+                n = self._batch_len()
+                batch, self._queue = self._queue[:n], self._queue[n:]
             else:
                 batch, self._queue = self._queue, []
             try:

@@ -265,6 +265,51 @@ class Outcome(_Msg):
         return detail
 
 
+OUTCOMES_MAX = 2_000
+"""Client reports per ``outcomes`` message: 2,000 reports of a few hundred bytes stay under the 256 KiB limit."""
+
+
+class OutcomeReport(BaseModel):
+    """One client's entry of an :class:`Outcomes` message: the fields of an :class:`Outcome` that name the client."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    client_id: Id
+    state: ClientState
+    detail: dict[str, Any] = Field(default_factory=dict)
+    trace: dict[str, float] = Field(default_factory=dict)
+    revision: int = Field(default=1, ge=1)
+
+    @field_validator("detail")
+    @classmethod
+    def _finite_available_kw(cls, detail: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        try:
+            _finite_claim(detail.get("available_kw"), info)
+        except ValueError:
+            raise ValueError("available_kw must be a finite number") from None
+        return detail
+
+
+class Outcomes(_Msg):
+    """Bridge -> hub: where many clients stand in one request, one entry per client (``docs/protocol.md``).
+
+    An entry that is not a valid :class:`OutcomeReport` does not make the message invalid: it stays a plain object
+    here, and the hub refuses it alone (``error`` naming the entry) while it applies the rest."""
+
+    type: Literal["outcomes"] = "outcomes"
+    request_id: str = Field(min_length=1, max_length=64)
+    reports: list[Annotated[OutcomeReport | dict[str, Any], Field(union_mode="left_to_right")]] = Field(
+        min_length=1, max_length=OUTCOMES_MAX)
+
+    def invalid_reason(self, index: int) -> str:
+        """Why entry ``index`` (a plain object, see the class) is not a valid report."""
+        try:
+            OutcomeReport.model_validate(self.reports[index], context=_WIRE)
+        except ValidationError as exc:
+            return _clip("; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(entry)'}: {err['msg']}"
+                                   for err in exc.errors()[:5]), 600)
+        return "not a valid report"
+
+
 class ErrorReply(_Msg):
     """An answer to a message that was refused: what was wrong with it, so its sender can tell."""
 
@@ -535,7 +580,7 @@ class ConsentView(_Msg):
 
 
 Message = Annotated[
-    Request | Command | Cancel | Ack | Outcome | ErrorReply | Telemetry | Presence | BillingData | Tariff
+    Request | Command | Cancel | Ack | Outcome | Outcomes | ErrorReply | Telemetry | Presence | BillingData | Tariff
     | Measurements | Schedule | Customers | ConsentQuery | ConsentDecision | ConsentView,
     Field(discriminator="type"),
 ]

@@ -22,6 +22,7 @@ from mhp_wire.backoff import delay_s
 from mhp_wire.groupcommit import Failed, GroupCommit
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
+    MAX_PAYLOAD_BYTES,
     Ack,
     AckPartition,
     BillingData,
@@ -35,6 +36,8 @@ from mhp_wire.messages import (
     Measurements,
     Message,
     Outcome,
+    OutcomeReport,
+    Outcomes,
     Presence,
     Request,
     RequestKind,
@@ -79,6 +82,11 @@ A message is lost with a connection, and when the hub is back (its presence says
 for it is re-sent at once; one the hub dropped otherwise is re-sent once the hub has gone quiet."""
 
 
+OUTCOMES_PER_MESSAGE = 1_000
+"""Clients per ``outcomes`` message the bridge sends (the wire allows 2,000); a payload over the wire's limit is
+split further."""
+
+
 class BridgeRelay:
     """Relays between the hub broker and this retailer's broker."""
 
@@ -113,6 +121,9 @@ class BridgeRelay:
         self.hub_retry_s = HUB_FIRST_RETRY_S
         """``HUB_FIRST_RETRY_S`` (tests shorten it)."""
         self.measurement_interval_s = measurement_interval_s
+        self.hub_outcome_batches = True
+        """Send a report batch's outcomes as one ``outcomes`` message per request (settings
+        ``hub_outcome_batches``); False: one ``outcome`` per client, for a hub that does not know ``outcomes``."""
         self.telemetry_sinks: list[Callable[[Telemetry], None]] = []
         """Called with every accepted telemetry message (the telemetry export); must not block."""
         self.billing_sinks: list[Callable[[str, list[BillingReading]], Awaitable[None]]] = []
@@ -507,7 +518,8 @@ class BridgeRelay:
         store write; an acknowledgement's result is None, an outcome's that of :meth:`BridgeStore.apply_reports`."""
         acks = [i for i in items if not isinstance(i, Closing)]
         closings = [i for i in items if isinstance(i, Closing)]
-        applied = await self.store.apply_reports(acks, closings, _delivered)
+        applied = await self.store.apply_reports(acks, closings, _delivered,
+                                                 pack_outcomes if self.hub_outcome_batches else None)
         closed = iter(applied.closed)
         return [next(closed) if isinstance(i, Closing) else None for i in items]
 
@@ -520,16 +532,15 @@ class BridgeRelay:
                                                    message=f"gateway {gid} may not report for {msg.client_id}"))
             return
 
-        def closing(cmd: dict[str, Any]) -> tuple[str, bytes] | None:
+        def closing(cmd: dict[str, Any]) -> Outcome | None:
             if not msg.state.terminal or msg.revision < cmd["revision"]:
                 return None  # an answer to a revision since replaced is not the client's outcome any more
             trace: dict[str, Any] = {k: v for k, v in msg.trace.items() if k in ("gateway_ms", "waited_ms")}
             if cmd["first_sent_at"] is not None:
                 trace["gateway_rtt_ms"] = round((t0 - cmd["first_sent_at"]) * 1000, 3)
             trace["retailer_ms"] = round(cmd["handling_ms"] + (time.time() - t0) * 1000, 3)
-            out = Outcome(request_id=msg.request_id, client_id=msg.client_id, state=msg.state, detail=msg.detail,
-                          trace=trace, revision=msg.revision)
-            return out.msg_id, encode(out)
+            return Outcome(request_id=msg.request_id, client_id=msg.client_id, state=msg.state, detail=msg.detail,
+                           trace=trace, revision=msg.revision)  # encoded, or packed with others, by the store
 
         def allowed(cmd: dict[str, Any]) -> str | None:
             return self.not_customer(msg.client_id, cmd["not_before"])
@@ -751,9 +762,37 @@ class _ToHub:
             await self.store.mark_outbox_sent([(str(p.key), at) for p, at in sent])
 
 
-def _delivered(cmd: dict[str, Any]) -> tuple[str, bytes]:
-    """The ``delivered`` outcome of a command its gateway acknowledged, for the hub."""
-    out = Outcome(msg_id=delivered_msg_id(cmd["msg_id"]), request_id=cmd["request_id"], client_id=cmd["client_id"],
-                  state=ClientState.DELIVERED, trace={"retailer_ms": round(cmd["handling_ms"], 3)},
-                  revision=cmd["revision"])
-    return out.msg_id, encode(out)
+def _delivered(cmd: dict[str, Any]) -> Outcome:
+    """The ``delivered`` outcome of a command its gateway acknowledged, for the hub (encoded, or packed with
+    others, by the store)."""
+    return Outcome(msg_id=delivered_msg_id(cmd["msg_id"]), request_id=cmd["request_id"], client_id=cmd["client_id"],
+                   state=ClientState.DELIVERED, trace={"retailer_ms": round(cmd["handling_ms"], 3)},
+                   revision=cmd["revision"])
+
+
+def pack_outcomes(outcomes: list[Outcome]) -> list[tuple[str, bytes]]:
+    """One batch's outcomes for the hub as outbox messages ``(msg_id, payload)``: one ``outcomes`` per request (of
+    at most :data:`OUTCOMES_PER_MESSAGE` clients, and split further while its payload is too big), a request with
+    one outcome in the batch as a plain ``outcome``. Each client's outcomes keep their order."""
+    by_request: dict[str, list[Outcome]] = {}
+    for o in outcomes:
+        by_request.setdefault(o.request_id, []).append(o)
+    packed: list[tuple[str, bytes]] = []
+    for request_id, group in by_request.items():
+        for i in range(0, len(group), OUTCOMES_PER_MESSAGE):
+            packed += _pack_one(request_id, group[i:i + OUTCOMES_PER_MESSAGE])
+    return packed
+
+
+def _pack_one(request_id: str, group: list[Outcome]) -> list[tuple[str, bytes]]:
+    if len(group) == 1:
+        return [(group[0].msg_id, encode(group[0]))]
+    # Built from validated outcomes: constructed, not validated again (the hub validates what it receives).
+    msg = Outcomes.model_construct(request_id=request_id, reports=[
+        OutcomeReport.model_construct(client_id=o.client_id, state=o.state, detail=o.detail, trace=o.trace,
+                                      revision=o.revision) for o in group])
+    payload = encode(msg)
+    if len(payload) <= MAX_PAYLOAD_BYTES:
+        return [(msg.msg_id, payload)]
+    half = len(group) // 2
+    return _pack_one(request_id, group[:half]) + _pack_one(request_id, group[half:])

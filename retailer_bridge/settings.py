@@ -59,6 +59,9 @@ class BridgeSettings(BaseSettings):
     """MQTT messages per second each gateway may sustain; beyond it they are refused with an error answer."""
     gateway_rate_limit_burst: int = Field(200, ge=1)
     """How often active-power measurements of the customers are forwarded to the hub."""
+    hub_outcome_batches: bool = True
+    """Send the outcomes of one batch of gateways' reports as one ``outcomes`` message per request (docs/protocol.md);
+    False: one ``outcome`` per client, for a hub that does not know ``outcomes`` yet (it refuses that type)."""
     telemetry_store: Literal["sqlite", "influxdb", "none"] = "sqlite"
     """Where the customers' telemetry is kept: the embedded SQLite file, or an InfluxDB (v2 write API)."""
     telemetry_db_path: Path = Path("state/telemetry.db")

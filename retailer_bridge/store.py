@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from mhp_wire.groupcommit import Failed
 from mhp_wire.groupcommit import GroupCommit as _GroupCommit
+from mhp_wire.messages import Outcome, encode
 from mhp_wire.sqlite import SqliteThread, StorageError
 from retailer_bridge.billing import BillingReading, readings_of, select
 
@@ -68,8 +69,9 @@ class Closing:
 
     request_id: str
     client_id: str
-    outcome_of: Callable[[dict[str, Any]], tuple[str, bytes] | None]
-    """The outcome ``(msg_id, payload)`` for the hub, from the command as stored; None leaves it as it is."""
+    outcome_of: Callable[[dict[str, Any]], tuple[str, bytes] | Outcome | None]
+    """The outcome ``(msg_id, payload)`` for the hub, or as a model (encoded, or packed with others, by
+    :meth:`BridgeStore.apply_reports`), from the command as stored; None leaves it as it is."""
     allowed: Callable[[dict[str, Any]], str | None] | None = None
     """A reason refuses the report (:class:`Refused`): nothing of it is written."""
 
@@ -275,7 +277,8 @@ class BridgeStore:
         return result
 
     async def apply_reports(self, acks: list[tuple[str, list[str]]], closings: list[Closing],
-                            delivered_of: Callable[[dict[str, Any]], tuple[str, bytes]] | None) -> Applied:
+                            delivered_of: Callable[[dict[str, Any]], tuple[str, bytes] | Outcome] | None,
+                            pack: Callable[[list[Outcome]], list[tuple[str, bytes]]] | None = None) -> Applied:
         """Gateways' acknowledgements (as :meth:`deliver_many`) and outcomes (as :meth:`close_command`, in their
         order: a second report of the same command sees it closed by the first) that arrived together, applied in
         one write with a few statements for the whole batch: one ``SELECT`` per 500 commands, one ``executemany``
@@ -286,7 +289,8 @@ class BridgeStore:
         closing's result is the command as the reports before it in the batch left it (``delivered`` after this
         batch's acknowledgement, ``closed`` after an earlier outcome), None (no such command) or :class:`Failed`
         (refused, or its ``outcome_of`` raised: nothing of that report is written). ``delivered_of`` is required
-        when there are acknowledgements."""
+        when there are acknowledgements. ``pack``: the batch's outcomes given as models become these outbox
+        messages (the relay's ``outcomes`` per request); without it each is encoded as one ``outcome``."""
         if acks and delivered_of is None:
             raise ValueError("acknowledgements need delivered_of")
         pairs = list(dict.fromkeys((m, gid) for gid, ids in acks for m in ids))
@@ -311,7 +315,7 @@ class BridgeStore:
             if plan.superseded:
                 db.executemany("DELETE FROM hub_outbox WHERE msg_id=? AND attempts=0", plan.superseded)
             delivered = [delivered_of(r) for r in moved] if delivered_of is not None else []
-            self._queue(db, delivered + plan.outcomes)
+            self._queue(db, _packed(delivered + plan.outcomes, pack))
             return Applied(len(acked), plan.results)
 
         return await self._tx(op)
@@ -561,7 +565,17 @@ class _Closings:
     closed: list[tuple[str, str, str]] = field(default_factory=list)
     closed_keys: set[tuple[str, str]] = field(default_factory=set)
     superseded: list[tuple[str]] = field(default_factory=list)
-    outcomes: list[tuple[str, bytes]] = field(default_factory=list)
+    outcomes: list[tuple[str, bytes] | Outcome] = field(default_factory=list)
+
+
+def _packed(outcomes: list[tuple[str, bytes] | Outcome],
+            pack: Callable[[list[Outcome]], list[tuple[str, bytes]]] | None) -> list[tuple[str, bytes]]:
+    """The outbox rows of a batch's outcomes: those given as models packed by ``pack`` (or one each)."""
+    ready = [o for o in outcomes if not isinstance(o, Outcome)]
+    models = [o for o in outcomes if isinstance(o, Outcome)]
+    if not models:
+        return ready
+    return ready + (pack(models) if pack is not None else [(o.msg_id, encode(o)) for o in models])
 
 
 def _close_in_order(closings: list[Closing], rows: dict[tuple[str, str], dict[str, Any]],

@@ -116,7 +116,8 @@ class FanoutParams:
     bridge_instances: int = 1
     """Bridge processes per retailer: one store, one instance lock; one is active, the others its standbys."""
     kill_bridge_after_outcomes: int | None = None
-    """In each run, as soon as the hub has received this many outcome messages of it (a condition, not a time: the
+    """In each run, as soon as the hub has received this many outcome messages of it (``outcome`` and ``outcomes``
+    alike; a condition, not a time: the
     kill falls mid-way however fast the machine), SIGKILL the active bridge process of every retailer; its standby
     takes over (needs ``bridge_instances`` > 1). With ``bridge_partitions`` > 1: partition 0's active process."""
     bridge_partitions: int = 1
@@ -585,7 +586,7 @@ class FanoutExperiment(Experiment):
             for s in family.samples:
                 if s.name == "mhp_requests_finished_total" and s.labels.get("type") == "emergency":
                     out["finished"] += s.value
-                elif s.name == "mhp_mqtt_received_total" and s.labels.get("type") == "outcome":
+                elif s.name == "mhp_mqtt_received_total" and s.labels.get("type") in ("outcome", "outcomes"):
                     out["outcomes"] += s.value
         return out
 

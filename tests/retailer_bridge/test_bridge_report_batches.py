@@ -21,12 +21,14 @@ from mhp_wire.messages import (
     Command,
     EmergencyParams,
     Outcome,
+    Outcomes,
     RequestKind,
     decode,
     encode,
 )
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.store import CLOSED, SQL_IN_MAX, BridgeStore, Closing, NewCommand, Refused, delivered_msg_id
+from tests.outcome_views import client_outcomes
 
 
 class CountingConnection:
@@ -172,8 +174,10 @@ async def test_gateways_answering_together_cost_one_write_and_no_delivered_outco
         # The first report starts a batch of its own; the others arrived meanwhile and form the next one.
         assert store.group.writes - writes <= 2, store.group.writes - writes
         assert data_statements(conn) <= 2 * 12, conn.calls
-        queued = await store.sql.read(lambda db: [decode(p) for (p,) in db.execute("SELECT payload FROM hub_outbox")])
-        assert all(isinstance(m, Outcome) for m in queued)
+        messages = await store.sql.read(lambda db: [decode(p) for (p,) in db.execute(
+            "SELECT payload FROM hub_outbox")])
+        assert all(isinstance(m, (Outcome, Outcomes)) for m in messages)
+        queued = [v for m in messages for v in client_outcomes(m)]
         # No delivered outcome for a client whose executed one is in the same batch; one executed each.
         executed = Counter(m.client_id for m in queued if isinstance(m, Outcome) and m.state is ClientState.EXECUTED)
         assert executed == {f"c{i}": 1 for i in range(n)}

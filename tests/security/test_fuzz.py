@@ -37,6 +37,8 @@ from mhp_wire.messages import (
     Measurement,
     Measurements,
     Outcome,
+    OutcomeReport,
+    Outcomes,
     Presence,
     ReadingBlock,
     Request,
@@ -138,6 +140,10 @@ def _samples() -> list[Any]:
         Ack(ack_ids=["m1", "m2"]),
         Outcome(request_id="q1", client_id="c1", state=ClientState.EXECUTED, detail={"shed": ["heater"]},
                 trace={"gateway_ms": 3.5}),
+        Outcomes(request_id="q1", reports=[
+            OutcomeReport(client_id="c1", state=ClientState.EXECUTED, detail={"shed": ["heater"]},
+                          trace={"gateway_ms": 3.5}),
+            OutcomeReport(client_id="c2", state=ClientState.UNREACHABLE, detail={"reason": "silent"}, revision=2)]),
         ErrorReply(ref_msg_id="m1", code="invalid", message="no"),
         Telemetry(gateway_id="gw-1", client_id="c1", seq=3, at=T0, devices={"meter": {"p": 1.5, "on": True}},
                   active_power_kw=1.5, sheddable_kw=0.5),
@@ -225,6 +231,10 @@ VALID = st.one_of(
     st.builds(Outcome, request_id=IDS, client_id=IDS, state=st.sampled_from(ClientState),
               detail=st.dictionaries(st.text(max_size=10), JSON_LEAVES.filter(is_finite), max_size=4),
               trace=st.dictionaries(st.text(max_size=10), FINITE, max_size=4), sent_at=TIMES),
+    st.builds(Outcomes, request_id=IDS, sent_at=TIMES, reports=st.lists(st.builds(
+        OutcomeReport, client_id=IDS, state=st.sampled_from(ClientState),
+        detail=st.dictionaries(st.text(max_size=10), JSON_LEAVES.filter(is_finite), max_size=4),
+        trace=st.dictionaries(st.text(max_size=10), FINITE, max_size=4)), min_size=1, max_size=4)),
     st.builds(Telemetry, gateway_id=IDS, client_id=IDS, seq=st.integers(0, 2**53), at=TIMES,
               devices=st.dictionaries(st.text(max_size=10), st.dictionaries(
                   st.text(max_size=10), st.none() | st.booleans() | FINITE, max_size=3), max_size=3),
@@ -363,9 +373,11 @@ async def test_live_fuzz_run(hub: HubHandle) -> None:
     cases = http_cases()
     hostile_http = [(m, p, w, b) for m, p, w, valid in cases for b in collect(body_strategy(valid), 12)]
     valid_outcome = json.loads(encode(Outcome(request_id="x", client_id="c4", state=ClientState.EXECUTED)))
+    valid_outcomes = json.loads(encode(Outcomes(request_id="x", reports=[
+        OutcomeReport(client_id="c4", state=ClientState.EXECUTED), OutcomeReport(client_id="c5", state="refused")])))
     hostile_mqtt: list[bytes] = (collect(st.binary(max_size=200), 20)
                                  + [json.dumps(v).encode() for v in collect(JSON_VALUES, 20)]
-                                 + collect(mutated(valid_outcome), 20))
+                                 + collect(mutated(valid_outcome), 20) + collect(mutated(valid_outcomes), 20))
     # Packets over the broker's max_packet_size never reach the hub: Mosquitto drops the sender (broker_config).
     hostile_mqtt = [p for p in hostile_mqtt if len(p) < 200_000]
     statuses: list[tuple[str, int]] = []
@@ -396,6 +408,8 @@ async def test_live_fuzz_run(hub: HubHandle) -> None:
         for rid in request_ids[:3]:
             await r2.publish(topics.up("retailers", "r2"),
                              Outcome(request_id=rid, client_id="c1", state=ClientState.REFUSED))
+            await r2.publish(topics.up("retailers", "r2"), Outcomes(request_id=rid, reports=[
+                OutcomeReport(client_id=c, state=ClientState.REFUSED) for c in ("c2", "c3")]))
 
     with parties(Party(hub.broker, "r1", topics.down("retailers", "r1")),
                  Party(hub.broker, "r2", topics.down("retailers", "r2"))) as (r1, r2):
