@@ -105,9 +105,15 @@ async def test_a_client_that_disconnects_leaves_no_subscriber(rig: WebRig) -> No
     assert feed.subscribers == 0
     async with httpx.AsyncClient(base_url=rig.url, timeout=5) as http:
         async with http.stream("GET", "/events") as one, http.stream("GET", "/events") as two:
-            await anext(sse_events(one))
-            await anext(sse_events(two))
-            assert feed.subscribers == 2
+            # Each reader is kept until the streams are left: a reader dropped after its first event is collected,
+            # and its finalizer closes the response (httpcore closes the connection), so the gateway would drop
+            # that stream's subscription while the test still counts it (the flaky "1 == 2" under load).
+            first, second = sse_events(one), sse_events(two)
+            await anext(first)
+            await anext(second)
+            assert feed.subscribers == 2, "each stream subscribes before its snapshot is sent"
+            await first.aclose()
+            await second.aclose()
         await eventually(lambda: feed.subscribers == 0, timeout_s=2)
     # A browser that vanishes without reading: the TCP connection is simply closed.
     reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
