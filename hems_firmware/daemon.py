@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -557,21 +557,31 @@ class Gateway:
                     action.shed.remove(name)
                     self.exempt.add(name)
         plan = plan_shedding(owner.limit_kw, self.measured_kw(), self.loads())
+        if not plan.shed:
+            return plan.expected_kw
+        # Stored before any load is switched off (write-ahead): a gateway that dies right after a switch (a power
+        # cut, a kill) finds the load on restart and brings it back. A load stored but never switched off is on,
+        # and bringing it back changes nothing.
+        await self._store_shed(owner, [*owner.shed, *(n for n in plan.shed if n not in owner.shed)])
         for name in plan.shed:
             if await self._switch(name, False, owner.request_id, f"{owner.kind}: limit {owner.limit_kw} kW"):
                 if name not in owner.shed:
                     owner.shed.append(name)
-        if plan.shed:
-            await self._store_shed(owner)
+        not_shed = [n for n in plan.shed if n not in owner.shed]
+        if not_shed:  # a switch failed: store what the action really holds off
+            await self._store_shed(owner, owner.shed, forget=not_shed)
         return plan.expected_kw
 
-    async def _store_shed(self, owner: ActiveAction) -> None:
+    async def _store_shed(self, owner: ActiveAction, names: list[str], forget: Sequence[str] = ()) -> None:
         """Store what an action holds off: a request's with its command (re-armed on restart); the failsafe's as
-        loads to restore (a restart does not resume the failsafe, so they come back)."""
+        loads to restore (a restart does not resume the failsafe, so they come back); ``forget``: the failsafe's
+        loads stored ahead that stayed on."""
         if owner.request_id == FAILSAFE_ID:
-            await self.store.queue_restore(list(owner.shed), FAILSAFE_ID, time.time())
+            await self.store.queue_restore(list(names), FAILSAFE_ID, time.time())
+            for name in forget:
+                await self.store.forget_restore(name)
         else:
-            await self.store.hold_shed(owner.request_id, list(owner.shed))
+            await self.store.hold_shed(owner.request_id, list(names))
 
     async def _finish(self, request_id: str, shed: list[str], state: str = "done") -> None:
         """End one action: what it shed is handed to another action still holding the home, or queued to come
@@ -588,7 +598,7 @@ class Gateway:
         if heir is not None:
             heir.shed.extend(n for n in shed if n not in heir.shed)
             if shed:  # stored with the heir, so that a restart still brings them back when it ends
-                await self._store_shed(heir)
+                await self._store_shed(heir, heir.shed)
         else:
             for name in shed:
                 self.to_restore[name] = request_id
