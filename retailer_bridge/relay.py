@@ -94,7 +94,7 @@ class BridgeRelay:
     # no logic to split out (PLR0915 is excepted for this file in pyproject.toml for the same reason).
     def __init__(self, retailer_id: str, customers: dict[str, str], store: BridgeStore, *,
                  gateway_ack_timeout_s: float = 10.0, measurement_interval_s: float = 5.0,
-                 rated_sheddable_kw: dict[str, float] | None = None,
+                 gateway_retry_s: float = 0.5, rated_sheddable_kw: dict[str, float] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.retailer_id = retailer_id
         self.customer_list = CustomerList(customers)
@@ -163,7 +163,8 @@ class BridgeRelay:
         self.tariff = Republisher(self.republish_tariff, "the stored tariff for our gateways",
                                   retry_on=(StorageError,))
         """At every connection to the retailer broker the stored tariff is published again, retained."""
-        self.commands_out = Outbox(_Commands(store), self._to_local, limit=DISPATCH_BATCH)
+        self.commands_out = Outbox(_Commands(store), self._to_local, limit=DISPATCH_BATCH,
+                                   retry_s=lambda n: delay_s(n, gateway_retry_s))
         """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
         self.notices_out = Outbox(_Notices(store), self._to_local, resend_from="read")
         """Notices to gateways (cancellations, schedules), re-sent until acknowledged or past their deadline."""

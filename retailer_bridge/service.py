@@ -29,6 +29,7 @@ class Bridge:
         """This process's share of the retailer's gateways (all of them unless ``partitions`` > 1)."""
         self.relay = BridgeRelay(settings.retailer_id, self.partition.customers(settings.customers), self.store,
                                  gateway_ack_timeout_s=settings.gateway_ack_timeout_s,
+                                 gateway_retry_s=settings.gateway_retry_s,
                                  measurement_interval_s=settings.measurement_interval_s,
                                  rated_sheddable_kw=settings.customer_sheddable_kw)
         self.relay.hub_outcome_batches = settings.hub_outcome_batches

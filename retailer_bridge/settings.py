@@ -54,6 +54,9 @@ class BridgeSettings(BaseSettings):
     gateway claiming more is not believed (its home answers ``unavailable``); for a customer missing here the bound
     is what its gateway declares (``rated_sheddable_kw`` of its telemetry)."""
     gateway_ack_timeout_s: float = Field(10.0, gt=0)
+    gateway_retry_s: float = Field(0.5, gt=0)
+    """The first re-send delay of a command a gateway has not acknowledged (doubling up to 30 s): short, so that a
+    command lost on the way is sent again soon; a gateway answers a repeat without acting again."""
     measurement_interval_s: float = Field(5.0, gt=0)
     gateway_rate_limit_per_s: float = Field(50.0, gt=0)
     """MQTT messages per second each gateway may sustain; beyond it they are refused with an error answer."""

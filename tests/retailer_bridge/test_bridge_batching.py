@@ -53,7 +53,10 @@ def r1_bridge(hub_broker: BrokerHandle, local: BrokerHandle, db_path: Path, cust
         retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
         hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host, local_mqtt_port=local.port,
         local_mqtt_password=local.identities["bridge"].password, db_path=db_path, telemetry_store="none",
-        customers=customers, hub_outcome_batches=hub_outcome_batches))
+        customers=customers, hub_outcome_batches=hub_outcome_batches,
+        # "No duplicate" below means: nothing acknowledged is sent again. The default first re-send (0.5 s) can come
+        # before a loaded machine has read a gateway's ack; 5 s keeps the check about the bridge, not the load.
+        gateway_retry_s=5.0))
 
 
 @contextlib.asynccontextmanager
