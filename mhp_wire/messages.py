@@ -241,6 +241,16 @@ class Ack(_Msg):
         return data
 
 
+def _finite_detail(detail: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    """``detail.available_kw`` is a claim (what the client could shed): not infinite or NaN on the wire (the one
+    check of an :class:`Outcome`'s and an :class:`OutcomeReport`'s ``detail``)."""
+    try:
+        _finite_claim(detail.get("available_kw"), info)
+    except ValueError:
+        raise ValueError("available_kw must be a finite number") from None
+    return detail
+
+
 class Outcome(_Msg):
     """Gateway -> bridge -> hub: where one client stands in one request, with per-component timings (ms)."""
 
@@ -254,15 +264,7 @@ class Outcome(_Msg):
     """The revision of the request this outcome answers; the hub keeps only outcomes of a client's latest
     revision. Absent (an older gateway or bridge) means 1."""
 
-    @field_validator("detail")
-    @classmethod
-    def _finite_available_kw(cls, detail: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        """``detail.available_kw`` is a claim (what the client could shed): not infinite or NaN on the wire."""
-        try:
-            _finite_claim(detail.get("available_kw"), info)
-        except ValueError:
-            raise ValueError("available_kw must be a finite number") from None
-        return detail
+    _finite_available_kw = field_validator("detail")(_finite_detail)
 
 
 OUTCOMES_MAX = 2_000
@@ -279,14 +281,7 @@ class OutcomeReport(BaseModel):
     trace: dict[str, float] = Field(default_factory=dict)
     revision: int = Field(default=1, ge=1)
 
-    @field_validator("detail")
-    @classmethod
-    def _finite_available_kw(cls, detail: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        try:
-            _finite_claim(detail.get("available_kw"), info)
-        except ValueError:
-            raise ValueError("available_kw must be a finite number") from None
-        return detail
+    _finite_available_kw = field_validator("detail")(_finite_detail)
 
 
 class Outcomes(_Msg):
