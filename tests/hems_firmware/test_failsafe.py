@@ -208,6 +208,12 @@ async def test_loads_the_failsafe_shed_come_back_after_a_restart(tmp_path: Path,
         await eventually(lambda: FAILSAFE_ID in rig.gateway.active and not rig.home.coil_state(0))
         cfg, broker, home = rig.gateway.cfg, rig.broker, rig.home
     assert not home.coil_state(0), "the board holds what the failsafe shed"
+    await restart_brings_the_heater_back(cfg, broker, home)
+
+
+async def restart_brings_the_heater_back(cfg: GatewayConfig, broker: BrokerHandle, home: SimulatedHome) -> None:
+    """Start the stopped gateway again (new device servers, its bridge's broker back) and see the heater come back
+    on, the failsafe not resumed and nothing left to restore."""
     broker.process.start()
     async with ModbusSimServer({1: home.meter}, port=0) as meter, ModbusSimServer({1: home.relays}, port=0) as relay:
         devices = split_device_entries(home, "127.0.0.1", meter.port, relay.port, timeout_s=0.3)
@@ -216,7 +222,7 @@ async def test_loads_the_failsafe_shed_come_back_after_a_restart(tmp_path: Path,
         task = asyncio.create_task(again.run())
         try:
             # Both: the coil is on before the gateway's switch returns (it reads the coil back) and forgets the load.
-            await eventually(lambda: home.coil_state(0) and not again.to_restore)
+            await eventually(lambda: home.coil_state(0) and not again.to_restore, "the heater back on and forgotten")
             assert FAILSAFE_ID not in again.active
         finally:
             task.cancel()

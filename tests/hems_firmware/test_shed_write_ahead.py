@@ -9,17 +9,11 @@ Modbus TCP devices (pymodbus servers), a real Mosquitto and the gateway's real S
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 from typing import Any
 
-from device_drivers.sim.home import split_device_entries
-from device_drivers.sim.server import ModbusSimServer
-from hems_firmware.config import GatewayConfig
-from hems_firmware.daemon import FAILSAFE_ID, Gateway
 from tests.broker_fixtures import MosquittoFactory
-from tests.hems_firmware.test_failsafe import AFTER_S, FakeClock, lose_the_bridge, running
-from tests.waiting import eventually
+from tests.hems_firmware.test_failsafe import AFTER_S, lose_the_bridge, restart_brings_the_heater_back, running
 
 
 async def test_a_gateway_that_dies_right_after_switching_a_load_off_brings_it_back_after_the_restart(
@@ -41,17 +35,4 @@ async def test_a_gateway_that_dies_right_after_switching_a_load_off_brings_it_ba
         await asyncio.wait_for(died.wait(), 10)
         assert not rig.home.coil_state(0), "the heater was switched off"
         cfg, broker, home = gw.cfg, rig.broker, rig.home
-    broker.process.start()
-    async with ModbusSimServer({1: home.meter}, port=0) as meter, ModbusSimServer({1: home.relays}, port=0) as relay:
-        devices = split_device_entries(home, "127.0.0.1", meter.port, relay.port, timeout_s=0.3)
-        again = Gateway(cfg.model_copy(update={"devices": GatewayConfig.model_validate(
-            {"gateway": cfg.gateway.model_dump(), "devices": devices}).devices}), clock=FakeClock())
-        task = asyncio.create_task(again.run())
-        try:
-            # Both: the coil is on before the gateway's switch returns (it reads the coil back) and forgets the load.
-            await eventually(lambda: home.coil_state(0) and not again.to_restore, "the heater back on and forgotten")
-            assert FAILSAFE_ID not in again.active
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    await restart_brings_the_heater_back(cfg, broker, home)
