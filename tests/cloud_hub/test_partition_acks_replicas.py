@@ -5,37 +5,24 @@ with its partition, and the owner keeps re-sending until both partitions have ac
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 
-from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
-from tests.broker_fixtures import BrokerHandle, MosquittoFactory
+from tests.broker_fixtures import BrokerHandle
 from tests.cloud_hub.test_partition_acks import ack, drain, resend_now
-from tests.cloud_hub.test_replicas import CLIENTS, Replica, emergency, metric, register, wait_ready
+from tests.cloud_hub.test_replicas import (
+    CLIENTS,
+    Replica,
+    cluster,  # noqa: F401  (the fixture, used by name below)
+    emergency,
+    metric,
+    started,
+)
 from tests.mqtt_party import Party, parties
 
 REQUESTS = 8
 """Enough requests that the broker's shared subscription hands some acks to each replica."""
-
-
-@pytest.fixture
-def pair(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> Iterator[tuple[Replica, Replica, BrokerHandle,
-                                                                                dict[str, str]]]:
-    """Replicas ``a`` and ``b`` on one store and one broker (as ``test_replicas``'s ``cluster``, SQLite)."""
-    broker = mosquitto_factory("hub", ["r1"], "hub", extra_privileged=["hub-b"])
-    book = TokenBook(tmp_path / "tokens.json")
-    tokens = {p: book.issue(p) for p in ("dso", "admin")}
-    a = Replica(tmp_path, broker, "a", "hub", book.path, {})
-    b = Replica(tmp_path, broker, "b", "hub-b", book.path, {})
-    try:
-        yield a, b, broker, tokens
-    finally:
-        a.stop()
-        b.stop()
 
 
 async def resent(party: Party, within: float) -> set[str]:
@@ -51,12 +38,8 @@ async def resent(party: Party, within: float) -> set[str]:
 
 
 async def test_a_partitions_ack_forwarded_between_replicas_keeps_its_partition(
-        pair: tuple[Replica, Replica, BrokerHandle, dict[str, str]]) -> None:
-    a, b, broker, tokens = pair
-    a.start()
-    b.start()
-    await asyncio.gather(wait_ready(a), wait_ready(b))
-    await register(a.url, tokens)
+        cluster: tuple[Replica, Replica, BrokerHandle, dict[str, str]]) -> None:  # noqa: F811
+    a, b, broker, tokens = await started(cluster)
     up = topics.up("retailers", "r1")
     with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
         async with httpx.AsyncClient(base_url=a.url, timeout=10) as ha, \

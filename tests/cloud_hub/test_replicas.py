@@ -104,6 +104,17 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: M
         b.stop()
 
 
+async def started(cluster: tuple[Replica, Replica, BrokerHandle, dict[str, str]]
+                  ) -> tuple[Replica, Replica, BrokerHandle, dict[str, str]]:
+    """Start both replicas of ``cluster``, wait until each is ready and register the retailers and clients."""
+    a, b, _, tokens = cluster
+    a.start()
+    b.start()
+    await asyncio.gather(wait_ready(a), wait_ready(b))
+    await register(a.url, tokens)
+    return cluster
+
+
 async def wait_ready(replica: Replica, timeout_s: float = 30) -> None:
     """Wait for the replica's /readyz; on a timeout, say what it last answered and show its log."""
     last = "no answer"

@@ -19,8 +19,7 @@ from tests.cloud_hub.test_replicas import (
     cluster,  # noqa: F401  (the fixture, used by name below)
     emergency,
     metric,
-    register,
-    wait_ready,
+    started,
     wait_states,
 )
 from tests.mqtt_party import Party, parties
@@ -64,11 +63,7 @@ async def answer_in_batches(party: Party, acked: dict[str, int], errors: list[Er
 
 async def test_outcomes_messages_reach_the_owning_replica_and_complete_its_requests(
         cluster: tuple[Replica, Replica, BrokerHandle, dict[str, str]]) -> None:  # noqa: F811
-    a, b, broker, tokens = cluster
-    a.start()
-    b.start()
-    await asyncio.gather(wait_ready(a), wait_ready(b))
-    await register(a.url, tokens)
+    a, b, broker, tokens = await started(cluster)
     dso = {"Authorization": f"Bearer {tokens['dso']}"}
     acked: dict[str, int] = {}
     errors: list[ErrorReply] = []
