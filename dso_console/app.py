@@ -65,6 +65,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dso_console.forms import FormProblems, build_request, build_revision
+from mhp_wire.ids import ID_RE
 from mhp_wire.passwords import hash_password, verify_password
 from mhp_wire.production import production_error, production_problems
 from mhp_wire.webserver import BodyLimit, EmbeddedServer, bind, with_security_headers
@@ -98,7 +99,8 @@ WINDOWS = {"emergency": ("start", "duration_s"), "load_reduction": ("start", "du
 LOCK_AFTER = 5
 """Failed sign-ins from one address before it is locked out for a while (doubling with each further failure)."""
 
-CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+CLIENT_ID = ID_RE
+"""A client id is a platform id (``mhp_wire.ids``): the hub's own rule, not a copy of it."""
 REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:\-]{8,100}")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
