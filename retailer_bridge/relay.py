@@ -587,7 +587,7 @@ class BridgeRelay:
 
     def gateway_topic(self, gid: str) -> str:
         """``topics.down("gateways", gid)``, checked and built once per gateway (a fan-out sends each gateway a
-        command and two acknowledgements; the id check was ~2 % of the bridge's CPU)."""
+        command and an acknowledgement; the id check was ~2 % of the bridge's CPU)."""
         topic = self._down_topics.get(gid)
         if topic is None:
             topic = self._down_topics[gid] = topics.down("gateways", gid)
