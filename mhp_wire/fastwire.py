@@ -184,9 +184,10 @@ class OutcomeIn(NamedTuple):
         return "outcome"
 
 
-_SENT_AT_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})")
-"""The ``sent_at`` shapes read here (RFC 3339 with an offset, at most microseconds); any other goes to
-:func:`mhp_wire.messages.decode`, which reads or refuses it."""
+_SENT_AT_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)")
+"""The ``sent_at`` shapes read here (RFC 3339 with an offset of at most 23:59, at most microseconds; the date and
+time are checked by ``datetime.fromisoformat``, which alone would take an offset of ``+00:60`` that the models
+refuse); any other goes to :func:`mhp_wire.messages.decode`, which reads or refuses it."""
 _STATES = {s.value: s for s in ClientState}
 _ACK_KEYS = frozenset({"v", "msg_id", "sent_at", "type", "ack_ids"})
 _OUTCOME_KEYS = frozenset({"v", "msg_id", "sent_at", "type", "request_id", "client_id", "state", "detail", "trace",

@@ -189,7 +189,9 @@ def test_mutated_reports_are_read_as_decode_reads_them_or_left_to_it(payload: by
 @given(st.fixed_dictionaries({"type": st.sampled_from(["ack", "outcome"])}, optional={
     "v": JSON_VALUES, "msg_id": JSON_VALUES, "sent_at": JSON_VALUES | st.sampled_from(
         ["2026-02-30T00:00:00Z", "2026-01-01T00:00:00+24:00", "2026-01-01T24:00:00Z", "2026-01-01T00:00:00",
-         "2026-01-01T00:00:00.1234567Z", "2026-01-01 00:00:00Z", "2026-01-01T00:00:60Z", "0000-01-01T00:00:00Z"]),
+         "2026-01-01T00:00:00.1234567Z", "2026-01-01 00:00:00Z", "2026-01-01T00:00:60Z", "0000-01-01T00:00:00Z",
+         "2026-01-01T00:00:00+00:60", "2026-01-01T00:00:00+05:99", "2026-01-01T00:00:00+23:59",
+         "2026-01-01T00:00:00-00:00", "0001-01-01T00:00:00Z", "2026-01-01T00:00:00.1z"]),
     "request_id": JSON_VALUES, "client_id": JSON_VALUES | IDS, "state": JSON_VALUES | st.sampled_from(ClientState),
     "detail": JSON_VALUES, "trace": JSON_VALUES, "revision": JSON_VALUES, "ack_ids": JSON_VALUES}))
 def test_arbitrary_fields_are_read_as_decode_reads_them_or_left_to_it(value: dict[str, Any]) -> None:

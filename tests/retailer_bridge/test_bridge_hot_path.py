@@ -45,6 +45,7 @@ HOSTILE = [
     b'"revision":0}',
     b'{"v":1,"msg_id":"h4","sent_at":"%s","type":"ack","ack_ids":[]}',
     b'{"v":1,"msg_id":"h5","sent_at":"2026-02-30T00:00:00Z","type":"ack","ack_ids":["m"]}',
+    b'{"v":1,"msg_id":"h6","sent_at":"2026-01-01T00:00:00+00:60","type":"ack","ack_ids":["m"]}',
 ]
 
 
