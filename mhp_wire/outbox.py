@@ -94,6 +94,10 @@ class Outbox:
             sent.append(p)
         base = self.clock() if self.resend_from == "sent" else now
         if sent or dropped:
-            await self.storage.sent([(p, base + self.retry_s(p.attempts + 1)) for p in sent], dropped, now)
+            delays: dict[int, float] = {}  # one back-off figure per attempt count in a round, not one per message
+            for p in sent:
+                if p.attempts not in delays:
+                    delays[p.attempts] = self.retry_s(p.attempts + 1)
+            await self.storage.sent([(p, base + delays[p.attempts]) for p in sent], dropped, now)
         self.sends += len(sent)
         return len(sent)

@@ -58,8 +58,13 @@ class InboundRouter:
     def __init__(self, kind: topics.PartyKind, handlers: Mapping[type, Handler], *,
                  on_refused: Callable[[Refusal], Awaitable[None]],
                  limiter: Callable[[], RateLimiter] | None = None,
-                 on_presence: Handler | None = None, on_decoded: Callable[[Message], None] | None = None) -> None:
+                 on_presence: Handler | None = None, on_decoded: Callable[[Any], None] | None = None,
+                 decode: Callable[[bytes], Any] = decode) -> None:
         self.kind = kind
+        self.decode = decode
+        """Payload → message, raising :class:`WireError` for an invalid one: the models' :func:`decode`, or an
+        owner's faster reader of some plain shapes that falls back to it (the bridge's
+        :func:`mhp_wire.fastwire.reader`)."""
         self.handlers = dict(handlers)
         self.on_refused = on_refused
         self.limiter = limiter
@@ -84,7 +89,7 @@ class InboundRouter:
             await self.on_refused(Refusal("rate_limited", topic, party))
             return
         try:
-            msg = decode(payload)
+            msg = self.decode(payload)
         except WireError as exc:
             await self.on_refused(Refusal("invalid", topic, party, str(exc)))
             return

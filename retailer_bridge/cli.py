@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreOfAnotherPartition, OSError) as exc:
         print(f"retailer-bridge: {exc}", file=sys.stderr)
         return 2
+    from mhp_wire.gc_tuning import tune_for_throughput
+
+    tune_for_throughput()  # the settings (with the customers) are loaded: they stay, and are never walked again
     return run_service(run_bridge(settings))
 
 

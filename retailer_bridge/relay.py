@@ -17,12 +17,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from mhp_wire import topics
+from mhp_wire import fastwire, topics
 from mhp_wire.backoff import delay_s
+from mhp_wire.fastwire import AckIn, CommandTemplate, OutcomeIn, Report, ack_payload
 from mhp_wire.groupcommit import Failed, GroupCommit
+from mhp_wire.ids import msg_ids
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
-    MAX_PAYLOAD_BYTES,
     Ack,
     AckPartition,
     BillingData,
@@ -36,8 +37,6 @@ from mhp_wire.messages import (
     Measurements,
     Message,
     Outcome,
-    OutcomeReport,
-    Outcomes,
     Presence,
     Request,
     RequestKind,
@@ -47,7 +46,6 @@ from mhp_wire.messages import (
     WireError,
     decode,
     encode,
-    new_id,
     tariff_msg_id,
 )
 from mhp_wire.mqtt import MqttError, MqttLink, Republisher
@@ -151,10 +149,14 @@ class BridgeRelay:
         """The hub's messages on our ``down`` topic, by type."""
         self.inbound = InboundRouter("gateways", {
             Telemetry: self._gateway_telemetry, Ack: self._gateway_ack, Outcome: self._gateway_outcome,
+            AckIn: self._gateway_ack, OutcomeIn: self._gateway_outcome,
             ErrorReply: self._gateway_error}, on_refused=self._refused, limiter=lambda: self.gateway_limiter,
-            on_presence=self._gateway_presence, on_decoded=self._count_gateway_message)
+            on_presence=self._gateway_presence, on_decoded=self._count_gateway_message,
+            decode=fastwire.reader(decode))
         """Gateways' messages: topic → rate limit (one token bucket per gateway: messages beyond it are refused
-        unread, with an error answer) → decode → the handler of its type."""
+        unread, with an error answer) → decode → the handler of its type. An ``ack`` or ``outcome`` in its plain
+        shape is read into plain values (:func:`mhp_wire.fastwire.read_report`); anything else, and anything
+        invalid, through the models (:func:`mhp_wire.messages.decode`, whose error the refusal carries)."""
         self.rated_sheddable_kw = dict(rated_sheddable_kw or {})
         """``client_id -> kW`` from the installation record (settings ``customer_sheddable_kw``)."""
         self._claims_logged = Once()
@@ -163,10 +165,11 @@ class BridgeRelay:
         self.tariff = Republisher(self.republish_tariff, "the stored tariff for our gateways",
                                   retry_on=(StorageError,))
         """At every connection to the retailer broker the stored tariff is published again, retained."""
-        self.commands_out = Outbox(_Commands(store), self._to_local, limit=DISPATCH_BATCH,
+        self._down_topics: dict[str, str] = {}
+        self.commands_out = Outbox(_Commands(store, self.gateway_topic), self._to_local, limit=DISPATCH_BATCH,
                                    retry_s=lambda n: delay_s(n, gateway_retry_s))
         """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
-        self.notices_out = Outbox(_Notices(store), self._to_local, resend_from="read")
+        self.notices_out = Outbox(_Notices(store, self.gateway_topic), self._to_local, resend_from="read")
         """Notices to gateways (cancellations, schedules), re-sent until acknowledged or past their deadline."""
         self.ack_partition: AckPartition | None = None
         """Set on a partitioned bridge (:meth:`retailer_bridge.partition.PartitionGate.install`): each ``ack`` to the
@@ -264,8 +267,11 @@ class BridgeRelay:
         at = req.params.start.timestamp()
         # One command validated for the request; each client's is a copy with its own client and message ids (the
         # request validated the client ids already): 19 instead of 31 µs per command with its encoding.
-        template = Command(request_id=req.request_id, client_id=req.client_ids[0], kind=req.kind,
-                           params=req.params, expires_at=req.expires_at, revision=req.revision)
+        # The command is encoded once and each client's ``msg_id`` and ``client_id`` spliced into its bytes
+        # (:class:`CommandTemplate`: the same payload as an encoded copy, docs/performance.md "fourth round").
+        template = CommandTemplate(Command(request_id=req.request_id, client_id=req.client_ids[0], kind=req.kind,
+                                           params=req.params, expires_at=req.expires_at, revision=req.revision))
+        expires_at, not_before = req.expires_at.timestamp(), req.params.start.timestamp()
         for cid in req.client_ids:
             gid = self.customer_list.gateway_of(cid)
             why = self.not_customer(cid, at)
@@ -279,9 +285,9 @@ class BridgeRelay:
                 out = self.availability(req.request_id, cid, gid).model_copy(update={"revision": req.revision})
                 answers.append((out.msg_id, encode(out)))
             else:
-                cmd = template.model_copy(update={"client_id": cid, "msg_id": new_id()})
-                commands.append(NewCommand(req.request_id, cid, gid, cmd.msg_id, encode(cmd), now,
-                                           req.expires_at.timestamp(), req.params.start.timestamp(), req.revision))
+                mid = msg_ids()
+                commands.append(NewCommand(req.request_id, cid, gid, mid, template.payload(mid, cid), now,
+                                           expires_at, not_before, req.revision))
         await self.store.accept_request(commands, answers)
         await self._to_hub(Ack(ack_ids=[req.msg_id]))
         self.kick()
@@ -352,9 +358,9 @@ class BridgeRelay:
     def not_customer(self, client_id: str, at: float) -> str | None:
         """None when ``client_id`` is a customer at ``at``, else why not (for a refusal)."""
         status = self.customer_list.status(client_id, at)
-        when = datetime.fromtimestamp(at, UTC).isoformat()
         if status.standing == "customer":
             return None
+        when = datetime.fromtimestamp(at, UTC).isoformat()
         if status.standing == "moved" and status.since is not None:
             return (f"{client_id} is not a customer of retailer {self.retailer_id} at {when}: it moved to another "
                     f"supplier at {datetime.fromtimestamp(status.since, UTC).isoformat()}")
@@ -461,7 +467,7 @@ class BridgeRelay:
                                                    message=f"a gateway may not send {r.msg.type!r} messages"))
         # "kind": another kind of party's topic on our broker: not ours to read
 
-    def _count_gateway_message(self, msg: Message) -> None:
+    def _count_gateway_message(self, msg: Message | AckIn | OutcomeIn) -> None:
         self.received[f"gateway_{msg.type}"] += 1
 
     async def _gateway_presence(self, source: Inbound, msg: Presence) -> None:
@@ -484,7 +490,7 @@ class BridgeRelay:
                 await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="forbidden", message=why))
             return
         if not retained:
-            await self._to_gateway(gid, Ack(ack_ids=[msg.msg_id]))
+            await self._ack_gateway(gid, msg.msg_id)
         self._check_claim(gid, msg)
         latest = self.latest_telemetry.get(gid)
         if latest is None or msg.seq >= latest.seq:
@@ -498,13 +504,13 @@ class BridgeRelay:
     async def _gateway_error(self, source: Inbound, msg: ErrorReply) -> None:
         log.warning("gateway %s refused %s: %s", source.party_id, outside(msg.ref_msg_id), outside(msg.message, 300))
 
-    async def _gateway_ack(self, source: Inbound, msg: Ack) -> None:
+    async def _gateway_ack(self, source: Inbound, msg: Ack | AckIn) -> None:
         await self._on_gateway_ack(source.party_id, msg)
 
-    async def _gateway_outcome(self, source: Inbound, msg: Outcome) -> None:
+    async def _gateway_outcome(self, source: Inbound, msg: Outcome | OutcomeIn) -> None:
         await self._on_gateway_outcome(source.party_id, msg)
 
-    async def _on_gateway_ack(self, gid: str, msg: Ack) -> None:
+    async def _on_gateway_ack(self, gid: str, msg: Ack | AckIn) -> None:
         await self.gateway_reports.submit((gid, msg.ack_ids))
         self.kick()
 
@@ -524,7 +530,7 @@ class BridgeRelay:
         closed = iter(applied.closed)
         return [next(closed) if isinstance(i, Closing) else None for i in items]
 
-    async def _on_gateway_outcome(self, gid: str, msg: Outcome) -> None:
+    async def _on_gateway_outcome(self, gid: str, msg: Outcome | OutcomeIn) -> None:
         t0 = time.time()
         if self.gateway_of_client.get(msg.client_id) != gid:
             self.rejected["gateway_foreign_client"] += 1
@@ -533,15 +539,16 @@ class BridgeRelay:
                                                    message=f"gateway {gid} may not report for {msg.client_id}"))
             return
 
-        def closing(cmd: dict[str, Any]) -> Outcome | None:
+        def closing(cmd: dict[str, Any]) -> Report | None:
             if not msg.state.terminal or msg.revision < cmd["revision"]:
                 return None  # an answer to a revision since replaced is not the client's outcome any more
-            trace: dict[str, Any] = {k: v for k, v in msg.trace.items() if k in ("gateway_ms", "waited_ms")}
+            trace: dict[str, float] = {k: v for k, v in msg.trace.items() if k in ("gateway_ms", "waited_ms")}
             if cmd["first_sent_at"] is not None:
                 trace["gateway_rtt_ms"] = round((t0 - cmd["first_sent_at"]) * 1000, 3)
             trace["retailer_ms"] = round(cmd["handling_ms"] + (time.time() - t0) * 1000, 3)
-            return Outcome(request_id=msg.request_id, client_id=msg.client_id, state=msg.state, detail=msg.detail,
-                           trace=trace, revision=msg.revision)  # encoded, or packed with others, by the store
+            # Plain values from a validated outcome (no model to validate again): encoded, or packed with others,
+            # by the store.
+            return Report(msg.request_id, msg.client_id, msg.state, msg.detail, trace, msg.revision)
 
         def allowed(cmd: dict[str, Any]) -> str | None:
             return self.not_customer(msg.client_id, cmd["not_before"])
@@ -564,7 +571,7 @@ class BridgeRelay:
                      msg.revision, outside(msg.request_id), cmd["revision"])
         elif cmd["state"] != CLOSED and msg.state.terminal:
             self.kick()
-        await self._to_gateway(gid, Ack(ack_ids=[msg.msg_id]))
+        await self._ack_gateway(gid, msg.msg_id)
 
     # -- sending ------------------------------------------------------------------------------------------
 
@@ -578,11 +585,29 @@ class BridgeRelay:
         except MqttError as exc:
             log.warning("could not answer the hub: %s", exc)
 
+    def gateway_topic(self, gid: str) -> str:
+        """``topics.down("gateways", gid)``, checked and built once per gateway (a fan-out sends each gateway a
+        command and an acknowledgement; the id check was ~2 % of the bridge's CPU)."""
+        topic = self._down_topics.get(gid)
+        if topic is None:
+            topic = self._down_topics[gid] = topics.down("gateways", gid)
+        return topic
+
+    async def _ack_gateway(self, gid: str, msg_id: str) -> None:
+        """Acknowledge one message to its gateway: :meth:`_to_gateway` with an ``ack``, built without a model
+        (:func:`mhp_wire.fastwire.ack_payload`, the same payload)."""
+        if self.local is None:
+            return
+        try:
+            await self.local.publish(self.gateway_topic(gid), ack_payload([msg_id]), wait_s=PUBLISH_WAIT_S)
+        except MqttError as exc:
+            log.warning("could not answer gateway %s: %s", gid, exc)
+
     async def _to_gateway(self, gid: str, msg: Ack | ErrorReply) -> None:
         if self.local is None:
             return
         try:
-            await self.local.publish(topics.down("gateways", gid), encode(msg), wait_s=PUBLISH_WAIT_S)
+            await self.local.publish(self.gateway_topic(gid), encode(msg), wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
             log.warning("could not answer gateway %s: %s", gid, exc)
 
@@ -688,11 +713,13 @@ class BridgeRelay:
 class _Commands:
     """The store's ``commands`` (those still being sent) as an :class:`OutboxStorage`."""
 
-    def __init__(self, store: BridgeStore) -> None:
+    def __init__(self, store: BridgeStore, topic_of: Callable[[str], str]) -> None:
         self.store = store
+        self.topic_of = topic_of
 
     async def due(self, now: float, limit: int) -> list[Pending]:
-        return [Pending(c["msg_id"], topics.down("gateways", c["gateway_id"]), c["payload"], c["attempts"], row=c)
+        topic_of = self.topic_of
+        return [Pending(c["msg_id"], topic_of(c["gateway_id"]), c["payload"], c["attempts"], row=c)
                 for c in await self.store.due_commands(now, limit)]
 
     async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
@@ -703,11 +730,12 @@ class _Commands:
 class _Notices:
     """The store's ``gateway_outbox`` (cancellations, schedules) as an :class:`OutboxStorage`."""
 
-    def __init__(self, store: BridgeStore) -> None:
+    def __init__(self, store: BridgeStore, topic_of: Callable[[str], str]) -> None:
         self.store = store
+        self.topic_of = topic_of
 
     async def due(self, now: float, limit: int) -> list[Pending]:
-        return [Pending(r["msg_id"], topics.down("gateways", r["gateway_id"]), r["payload"], r["attempts"], row=r)
+        return [Pending(r["msg_id"], self.topic_of(r["gateway_id"]), r["payload"], r["attempts"], row=r)
                 for r in (await self.store.due_gateway_outbox(now))[:limit]]
 
     async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
@@ -763,37 +791,21 @@ class _ToHub:
             await self.store.mark_outbox_sent([(str(p.key), at) for p, at in sent])
 
 
-def _delivered(cmd: dict[str, Any]) -> Outcome:
+def _delivered(cmd: dict[str, Any]) -> Report:
     """The ``delivered`` outcome of a command its gateway acknowledged, for the hub (encoded, or packed with
-    others, by the store)."""
-    return Outcome(msg_id=delivered_msg_id(cmd["msg_id"]), request_id=cmd["request_id"], client_id=cmd["client_id"],
-                   state=ClientState.DELIVERED, trace={"retailer_ms": round(cmd["handling_ms"], 3)},
-                   revision=cmd["revision"])
+    others, by the store), under its fixed ``msg_id`` (:func:`delivered_msg_id`)."""
+    return Report(cmd["request_id"], cmd["client_id"], ClientState.DELIVERED, {},
+                  {"retailer_ms": round(cmd["handling_ms"], 3)}, cmd["revision"], delivered_msg_id(cmd["msg_id"]))
 
 
-def pack_outcomes(outcomes: list[Outcome]) -> list[tuple[str, bytes]]:
+def pack_outcomes(outcomes: Sequence[Outcome | Report]) -> list[tuple[str, bytes]]:
     """One batch's outcomes for the hub as outbox messages ``(msg_id, payload)``: one ``outcomes`` per request (of
     at most :data:`OUTCOMES_PER_MESSAGE` clients, and split further while its payload is too big), a request with
-    one outcome in the batch as a plain ``outcome``. Each client's outcomes keep their order."""
-    by_request: dict[str, list[Outcome]] = {}
-    for o in outcomes:
-        by_request.setdefault(o.request_id, []).append(o)
-    packed: list[tuple[str, bytes]] = []
-    for request_id, group in by_request.items():
-        for i in range(0, len(group), OUTCOMES_PER_MESSAGE):
-            packed += _pack_one(request_id, group[i:i + OUTCOMES_PER_MESSAGE])
-    return packed
+    one outcome in the batch as a plain ``outcome``. Each client's outcomes keep their order. Built from validated
+    values without models (:func:`mhp_wire.fastwire.pack_reports`; the hub validates what it receives)."""
+    return fastwire.pack_reports([o if isinstance(o, Report) else _report(o) for o in outcomes],
+                                 OUTCOMES_PER_MESSAGE)
 
 
-def _pack_one(request_id: str, group: list[Outcome]) -> list[tuple[str, bytes]]:
-    if len(group) == 1:
-        return [(group[0].msg_id, encode(group[0]))]
-    # Built from validated outcomes: constructed, not validated again (the hub validates what it receives).
-    msg = Outcomes.model_construct(request_id=request_id, reports=[
-        OutcomeReport.model_construct(client_id=o.client_id, state=o.state, detail=o.detail, trace=o.trace,
-                                      revision=o.revision) for o in group])
-    payload = encode(msg)
-    if len(payload) <= MAX_PAYLOAD_BYTES:
-        return [(msg.msg_id, payload)]
-    half = len(group) // 2
-    return _pack_one(request_id, group[:half]) + _pack_one(request_id, group[half:])
+def _report(o: Outcome) -> Report:
+    return Report(o.request_id, o.client_id, o.state, o.detail, o.trace, o.revision, o.msg_id)

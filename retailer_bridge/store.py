@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mhp_wire.fastwire import Report, outcome_payload
 from mhp_wire.groupcommit import Failed
 from mhp_wire.groupcommit import GroupCommit as _GroupCommit
 from mhp_wire.messages import Outcome, encode
@@ -69,9 +70,10 @@ class Closing:
 
     request_id: str
     client_id: str
-    outcome_of: Callable[[dict[str, Any]], tuple[str, bytes] | Outcome | None]
-    """The outcome ``(msg_id, payload)`` for the hub, or as a model (encoded, or packed with others, by
-    :meth:`BridgeStore.apply_reports`), from the command as stored; None leaves it as it is."""
+    outcome_of: Callable[[dict[str, Any]], tuple[str, bytes] | Outcome | Report | None]
+    """The outcome ``(msg_id, payload)`` for the hub, or as a model or a :class:`~mhp_wire.fastwire.Report`
+    (encoded, or packed with others, by :meth:`BridgeStore.apply_reports`), from the command as stored; None
+    leaves it as it is."""
     allowed: Callable[[dict[str, Any]], str | None] | None = None
     """A reason refuses the report (:class:`Refused`): nothing of it is written."""
 
@@ -277,8 +279,9 @@ class BridgeStore:
         return result
 
     async def apply_reports(self, acks: list[tuple[str, list[str]]], closings: list[Closing],
-                            delivered_of: Callable[[dict[str, Any]], tuple[str, bytes] | Outcome] | None,
-                            pack: Callable[[list[Outcome]], list[tuple[str, bytes]]] | None = None) -> Applied:
+                            delivered_of: Callable[[dict[str, Any]], tuple[str, bytes] | Outcome | Report] | None,
+                            pack: Callable[[list[Outcome | Report]], list[tuple[str, bytes]]] | None = None
+                            ) -> Applied:
         """Gateways' acknowledgements (as :meth:`deliver_many`) and outcomes (as :meth:`close_command`, in their
         order: a second report of the same command sees it closed by the first) that arrived together, applied in
         one write with a few statements for the whole batch: one ``SELECT`` per 500 commands, one ``executemany``
@@ -289,8 +292,9 @@ class BridgeStore:
         closing's result is the command as the reports before it in the batch left it (``delivered`` after this
         batch's acknowledgement, ``closed`` after an earlier outcome), None (no such command) or :class:`Failed`
         (refused, or its ``outcome_of`` raised: nothing of that report is written). ``delivered_of`` is required
-        when there are acknowledgements. ``pack``: the batch's outcomes given as models become these outbox
-        messages (the relay's ``outcomes`` per request); without it each is encoded as one ``outcome``."""
+        when there are acknowledgements. ``pack``: the batch's outcomes given as models or
+        :class:`~mhp_wire.fastwire.Report` objects become these outbox messages (the relay's ``outcomes`` per request);
+        without it each is encoded as one ``outcome``."""
         if acks and delivered_of is None:
             raise ValueError("acknowledgements need delivered_of")
         pairs = list(dict.fromkeys((m, gid) for gid, ids in acks for m in ids))
@@ -303,18 +307,19 @@ class BridgeStore:
             rows = _commands_by_key(db, keys)
             was = {k: r["state"] for k, r in rows.items()}
             for r in acked:
-                key = (r["request_id"], r["client_id"])
+                key = (r[_REQUEST], r[_CLIENT])
                 if key in rows:
                     rows[key]["state"] = DELIVERED  # as this batch's outcome of the same command will see it
             plan = _close_in_order(closings, rows, was)
-            moved = [r for r in acked if (r["request_id"], r["client_id"]) not in plan.closed_keys]
+            closed_keys = plan.closed_keys
+            moved = [r for r in acked if (r[_REQUEST], r[_CLIENT]) not in closed_keys]
             if moved:
-                db.executemany("UPDATE commands SET state=? WHERE msg_id=?", [(DELIVERED, r["msg_id"]) for r in moved])
+                db.executemany("UPDATE commands SET state=? WHERE msg_id=?", [(DELIVERED, r[_MSG]) for r in moved])
             if plan.closed:
                 db.executemany("UPDATE commands SET state=? WHERE request_id=? AND client_id=?", plan.closed)
             if plan.superseded:
                 db.executemany("DELETE FROM hub_outbox WHERE msg_id=? AND attempts=0", plan.superseded)
-            delivered = [delivered_of(r) for r in moved] if delivered_of is not None else []
+            delivered = [delivered_of(dict(r)) for r in moved] if delivered_of is not None else []
             self._queue(db, _packed(delivered + plan.outcomes, pack))
             return Applied(len(acked), plan.results)
 
@@ -565,17 +570,25 @@ class _Closings:
     closed: list[tuple[str, str, str]] = field(default_factory=list)
     closed_keys: set[tuple[str, str]] = field(default_factory=set)
     superseded: list[tuple[str]] = field(default_factory=list)
-    outcomes: list[tuple[str, bytes] | Outcome] = field(default_factory=list)
+    outcomes: list[tuple[str, bytes] | Outcome | Report] = field(default_factory=list)
 
 
-def _packed(outcomes: list[tuple[str, bytes] | Outcome],
-            pack: Callable[[list[Outcome]], list[tuple[str, bytes]]] | None) -> list[tuple[str, bytes]]:
-    """The outbox rows of a batch's outcomes: those given as models packed by ``pack`` (or one each)."""
-    ready = [o for o in outcomes if not isinstance(o, Outcome)]
-    models = [o for o in outcomes if isinstance(o, Outcome)]
+def _packed(outcomes: list[tuple[str, bytes] | Outcome | Report],
+            pack: Callable[[list[Outcome | Report]], list[tuple[str, bytes]]] | None) -> list[tuple[str, bytes]]:
+    """The outbox rows of a batch's outcomes: those given as models or reports packed by ``pack`` (or one
+    each)."""
+    ready: list[tuple[str, bytes]] = []
+    models: list[Outcome | Report] = []
+    for o in outcomes:
+        if isinstance(o, (Outcome, Report)):
+            models.append(o)
+        else:
+            ready.append(o)
     if not models:
         return ready
-    return ready + (pack(models) if pack is not None else [(o.msg_id, encode(o)) for o in models])
+    if pack is not None:
+        return ready + pack(models)
+    return ready + [(o.msg_id, encode(o)) if isinstance(o, Outcome) else outcome_payload(o) for o in models]
 
 
 def _close_in_order(closings: list[Closing], rows: dict[tuple[str, str], dict[str, Any]],
@@ -614,17 +627,23 @@ REPORT_COLUMNS = ("request_id, client_id, gateway_id, msg_id, state, received_at
 """A command's columns as a gateway's report reads them: all but its payload, which would only be copied."""
 
 
-def _acked_commands(db: sqlite3.Connection, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+_REQUEST, _CLIENT, _GATEWAY, _MSG = range(4)
+"""Positions in a row of :data:`REPORT_COLUMNS`: the acknowledged rows are read by position, and a dict is made
+only of those that get a ``delivered`` outcome (most are closed in the same batch, and a dict per row was a
+visible part of the bridge's CPU per client)."""
+
+
+def _acked_commands(db: sqlite3.Connection, pairs: list[tuple[str, str]]) -> list[sqlite3.Row]:
     """The commands still waiting for these ``(msg_id, gateway_id)`` acknowledgements, each once. Found by their
     unique ``msg_id`` (``+state`` keeps SQLite off the ``commands_due`` index, which it picked otherwise and then
     walked every command still being sent, 10,000 during a fan-out, once per 500 acknowledgements)."""
     wanted = set(pairs)
-    rows: list[dict[str, Any]] = []
+    rows: list[sqlite3.Row] = []
     for k in range(0, len(pairs), SQL_IN_MAX):
         chunk = [m for m, _ in pairs[k:k + SQL_IN_MAX]]
-        rows += [dict(r) for r in db.execute(
+        rows += [r for r in db.execute(
             f"SELECT {REPORT_COLUMNS} FROM commands WHERE msg_id IN ({','.join('?' * len(chunk))}) AND +state=?",
-            (*chunk, SENDING)) if (r["msg_id"], r["gateway_id"]) in wanted]
+            (*chunk, SENDING)) if (r[_MSG], r[_GATEWAY]) in wanted]
     return rows
 
 

@@ -1,0 +1,288 @@
+"""Wire payloads of a hot path built without a pydantic model per message: the same JSON, the same rules.
+
+A bridge in a fan-out to 10,000 gateways handles five messages per gateway; building, validating and encoding a
+model for each of them (``Ack(...)``: ~17 µs with its ``uuid4`` id and encoding; ``Outcome(...)``: ~18 µs) was a
+large part of its CPU per client (docs/performance.md, "Issue 14, fourth round"). What is built here is what
+:func:`mhp_wire.messages.encode` writes for the same values — keys in the models' order, ``sent_at`` through
+pydantic's own serialiser of datetimes, strings and numbers through orjson (the same JSON escapes; a non-finite
+float written as ``null`` as pydantic writes it) — from values that are valid by construction (ids the caller
+generated or received validated, states of :class:`ClientState`). ``tests/mhp_wire/test_fastwire.py`` holds each
+payload against the model's encoding and its decoding. Anything orjson cannot write (an integer beyond 64 bits
+inside a gateway's ``detail``) falls back to the model's encoding.
+
+:class:`CommandTemplate` encodes a request's command once and splices each client's ``msg_id`` and ``client_id``
+into it; :func:`read_report` is the other direction, a gateway's ``ack`` or ``outcome`` read into plain values
+when it is one of the plain shapes gateways send, and ``None`` (read it with :func:`mhp_wire.messages.decode`,
+which refuses it with its error) otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import orjson
+from pydantic import AwareDatetime, TypeAdapter
+
+from mhp_wire.ids import ID_RE, msg_ids
+from mhp_wire.messages import (
+    MAX_PAYLOAD_BYTES,
+    ClientState,
+    Command,
+    Outcome,
+    OutcomeReport,
+    Outcomes,
+    encode,
+    utcnow,
+)
+
+_SENT_AT: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
+
+
+def sent_at_json(at: datetime | None = None) -> bytes:
+    """``at`` (default: now) as the models write ``sent_at``, quotes included."""
+    return _SENT_AT.dump_json(utcnow() if at is None else at)
+
+
+def ack_payload(ack_ids: Sequence[str], *, msg_id: str | None = None, at: datetime | None = None) -> bytes:
+    """An ``ack`` naming ``ack_ids`` (1 to 10,000 ``msg_id``s), as ``encode(Ack(ack_ids=...))`` writes it."""
+    if not 1 <= len(ack_ids) <= 10_000:
+        raise ValueError(f"an ack names 1 to 10,000 messages, not {len(ack_ids)}")
+    return (b'{"v":1,"msg_id":' + orjson.dumps(msg_id or msg_ids()) + b',"sent_at":' + sent_at_json(at)
+            + b',"type":"ack","ack_ids":' + orjson.dumps(list(ack_ids)) + b"}")
+
+
+class Report(NamedTuple):
+    """One client's outcome for the hub, as plain values (what an :class:`Outcome` carries but its envelope)."""
+
+    request_id: str
+    client_id: str
+    state: ClientState
+    detail: dict[str, Any]
+    trace: dict[str, float]
+    revision: int
+    msg_id: str | None = None
+    """A fixed ``msg_id`` when it travels alone as an ``outcome`` (a ``delivered`` one's, which a later outcome
+    may withdraw); None: a fresh one."""
+
+
+def _entry(r: Report) -> dict[str, Any]:
+    return {"client_id": r.client_id, "state": r.state.value, "detail": r.detail, "trace": r.trace,
+            "revision": r.revision}
+
+
+def outcome_payload(r: Report, *, at: datetime | None = None) -> tuple[str, bytes]:
+    """``(msg_id, payload)`` of one client's ``outcome``, as ``encode(Outcome(...))`` writes it."""
+    mid = r.msg_id or msg_ids()
+    try:
+        body = orjson.dumps({"request_id": r.request_id, **_entry(r)})
+    except orjson.JSONEncodeError:  # beyond what orjson writes (an integer over 64 bits): the model's encoding
+        return mid, encode(Outcome.model_construct(
+            msg_id=mid, sent_at=utcnow() if at is None else at, request_id=r.request_id, client_id=r.client_id,
+            state=r.state, detail=r.detail, trace=r.trace, revision=r.revision))
+    return mid, (b'{"v":1,"msg_id":' + orjson.dumps(mid) + b',"sent_at":' + sent_at_json(at)
+                 + b',"type":"outcome",' + body[1:])
+
+
+def outcomes_payload(request_id: str, reports: Sequence[Report], *, msg_id: str | None = None,
+                     at: datetime | None = None) -> tuple[str, bytes]:
+    """``(msg_id, payload)`` of one ``outcomes`` message of one request, as the model writes it."""
+    mid = msg_id or msg_ids()
+    try:
+        entries = orjson.dumps([_entry(r) for r in reports])
+    except orjson.JSONEncodeError:
+        return mid, encode(Outcomes.model_construct(
+            msg_id=mid, sent_at=utcnow() if at is None else at, request_id=request_id, reports=[
+                OutcomeReport.model_construct(client_id=r.client_id, state=r.state, detail=r.detail, trace=r.trace,
+                                              revision=r.revision) for r in reports]))
+    return mid, (b'{"v":1,"msg_id":' + orjson.dumps(mid) + b',"sent_at":' + sent_at_json(at)
+                 + b',"type":"outcomes","request_id":' + orjson.dumps(request_id) + b',"reports":' + entries + b"}")
+
+
+def pack_reports(reports: Sequence[Report], per_message: int) -> list[tuple[str, bytes]]:
+    """Outbox messages ``(msg_id, payload)`` for the hub: one ``outcomes`` per request of at most ``per_message``
+    clients, split further while a payload is over the wire's limit; a request with one report as an ``outcome``.
+    Each client's reports keep their order."""
+    by_request: dict[str, list[Report]] = {}
+    for r in reports:
+        by_request.setdefault(r.request_id, []).append(r)
+    packed: list[tuple[str, bytes]] = []
+    for request_id, group in by_request.items():
+        for i in range(0, len(group), per_message):
+            packed += _pack_one(request_id, group[i:i + per_message])
+    return packed
+
+
+def _pack_one(request_id: str, group: list[Report]) -> list[tuple[str, bytes]]:
+    if len(group) == 1:
+        return [outcome_payload(group[0])]
+    mid, payload = outcomes_payload(request_id, group)
+    if len(payload) <= MAX_PAYLOAD_BYTES:
+        return [(mid, payload)]
+    half = len(group) // 2
+    return _pack_one(request_id, group[:half]) + _pack_one(request_id, group[half:])
+
+
+class CommandTemplate:
+    """A request's :class:`Command` encoded once; :meth:`payload` splices one client's ``msg_id`` and
+    ``client_id`` into it: the bytes ``encode(template.model_copy(update={"client_id": ..., "msg_id": ...}))``
+    writes (the same ``sent_at`` for all, as the copies had), at a fraction of the cost."""
+
+    _MSG = "\x01mhp-msg-id\x01"
+    _CLIENT = "\x01mhp-client-id\x01"
+
+    def __init__(self, template: Command) -> None:
+        self.template = template
+        raw = encode(template.model_copy(update={"msg_id": self._MSG, "client_id": self._CLIENT}))
+        msg, client = orjson.dumps(self._MSG), orjson.dumps(self._CLIENT)
+        self._parts: tuple[bytes, bytes, bytes] | None = None
+        if raw.count(msg) == 1 and raw.count(client) == 1 and raw.index(msg) < raw.index(client):
+            head, rest = raw.split(msg)
+            middle, tail = rest.split(client)
+            self._parts = (head, middle, tail)
+        # else (a marker inside the params' own text): each command is encoded as a copy, as before
+
+    def payload(self, msg_id: str, client_id: str) -> bytes:
+        """The command for ``client_id`` (a valid id: the request's own) under ``msg_id``."""
+        if self._parts is None or ID_RE.fullmatch(client_id) is None:
+            return encode(self.template.model_copy(update={"client_id": client_id, "msg_id": msg_id}))
+        head, middle, tail = self._parts
+        return head + orjson.dumps(msg_id) + middle + orjson.dumps(client_id) + tail
+
+
+# -- reading a gateway's reports ------------------------------------------------------------------------------
+
+class AckIn(NamedTuple):
+    """A gateway's ``ack``, read by :func:`read_report`."""
+
+    msg_id: str
+    ack_ids: list[str]
+
+    @property
+    def type(self) -> str:
+        """The wire ``type``."""
+        return "ack"
+
+
+class OutcomeIn(NamedTuple):
+    """A gateway's ``outcome``, read by :func:`read_report`."""
+
+    msg_id: str
+    request_id: str
+    client_id: str
+    state: ClientState
+    detail: dict[str, Any]
+    trace: dict[str, float]
+    revision: int
+
+    @property
+    def type(self) -> str:
+        """The wire ``type``."""
+        return "outcome"
+
+
+_SENT_AT_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)")
+"""The ``sent_at`` shapes read here (RFC 3339 with an offset of at most 23:59, at most microseconds; the date and
+time are checked by ``datetime.fromisoformat``, which alone would take an offset of ``+00:60`` that the models
+refuse); any other goes to :func:`mhp_wire.messages.decode`, which reads or refuses it."""
+_STATES = {s.value: s for s in ClientState}
+_ACK_KEYS = frozenset({"v", "msg_id", "sent_at", "type", "ack_ids"})
+_OUTCOME_KEYS = frozenset({"v", "msg_id", "sent_at", "type", "request_id", "client_id", "state", "detail", "trace",
+                           "revision"})
+_OUTCOME_REQUIRED = frozenset({"v", "msg_id", "sent_at", "type", "request_id", "client_id", "state"})
+_MAX_INT = 2 ** 63
+
+
+def _short_str(value: Any, most: int) -> bool:
+    return type(value) is str and 1 <= len(value) <= most
+
+
+def _plain_number(value: Any) -> bool:
+    """A JSON number as both parsers read it alike: a finite float, or an int within 64 bits."""
+    t = type(value)
+    return (t is float and math.isfinite(value)) or (t is int and -_MAX_INT <= value < _MAX_INT)
+
+
+def _plain_json(value: Any, depth: int = 0) -> bool:
+    """Values inside a ``detail`` that both parsers read alike (anything else: the models' decoding decides)."""
+    t = type(value)
+    if t is str or t is bool or value is None:
+        return True
+    if t is int or t is float:
+        return _plain_number(value)
+    if depth >= 16:
+        return False
+    if t is list:
+        return all(_plain_json(v, depth + 1) for v in value)
+    if t is dict:
+        return all(_plain_json(v, depth + 1) for v in value.values())
+    return False
+
+
+def _sent_at_ok(value: Any) -> bool:
+    if type(value) is not str or _SENT_AT_RE.fullmatch(value) is None:
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def read_report(payload: bytes) -> AckIn | OutcomeIn | None:
+    """A gateway's ``ack`` or ``outcome`` in its plain shape, as plain values; None for anything else (another
+    type, a field outside the plain shape, or anything invalid), which the caller reads with
+    :func:`mhp_wire.messages.decode` — the one that refuses, with its error. What this accepts is exactly a subset
+    of what ``decode`` accepts, with the same values (held against it by ``tests/mhp_wire/test_fastwire.py``)."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return None
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if type(data) is not dict or type(data.get("v")) is not int or data["v"] != 1 \
+            or not _short_str(data.get("msg_id"), 64) or not _sent_at_ok(data.get("sent_at")):
+        return None
+    kind = data.get("type")
+    if kind == "ack":
+        return _read_ack(data)
+    if kind == "outcome":
+        return _read_outcome(data)
+    return None
+
+
+def _read_ack(data: dict[str, Any]) -> AckIn | None:
+    ids = data.get("ack_ids")
+    if data.keys() != _ACK_KEYS or type(ids) is not list or not 1 <= len(ids) <= 10_000 \
+            or not all(type(i) is str for i in ids):
+        return None
+    return AckIn(data["msg_id"], ids)
+
+
+def _read_outcome(data: dict[str, Any]) -> OutcomeIn | None:
+    if not data.keys() <= _OUTCOME_KEYS or not _OUTCOME_REQUIRED <= data.keys():
+        return None
+    request_id, client_id, state = data["request_id"], data["client_id"], data["state"]
+    detail, trace, revision = data.get("detail", {}), data.get("trace", {}), data.get("revision", 1)
+    plain = (_short_str(request_id, 64) and type(client_id) is str and ID_RE.fullmatch(client_id) is not None
+             and type(state) is str and state in _STATES
+             and type(revision) is int and 1 <= revision < _MAX_INT
+             and type(detail) is dict and _plain_json(detail)
+             and type(trace) is dict and all(_plain_number(v) for v in trace.values()))
+    if not plain:
+        return None
+    return OutcomeIn(data["msg_id"], request_id, client_id, _STATES[state], detail,
+                     {k: float(v) for k, v in trace.items()}, revision)
+
+
+def reader(fallback: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``read_report`` where it reads the payload, ``fallback`` (the models' decoding) where it does not."""
+
+    def read(payload: bytes) -> Any:
+        fast = read_report(payload)
+        return fallback(payload) if fast is None else fast
+
+    return read

@@ -1,0 +1,249 @@
+"""The bridge's hot-path codec (``mhp_wire.fastwire``, issue 14 fourth round) against the models it stands in for.
+
+Encoders: the same bytes as :func:`mhp_wire.messages.encode` for the same values. The reader: whatever it accepts,
+:func:`mhp_wire.messages.decode` accepts too, with the same values (hostile inputs from the fuzz corpus's own
+strategies); whatever it does not read goes to ``decode``, which refuses it with its error. Message ids: unique,
+short, a new prefix per process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mhp_wire.fastwire import (
+    AckIn,
+    CommandTemplate,
+    OutcomeIn,
+    Report,
+    ack_payload,
+    outcome_payload,
+    outcomes_payload,
+    pack_reports,
+    read_report,
+    reader,
+)
+from mhp_wire.ids import ID_RE, MsgIds, msg_ids
+from mhp_wire.messages import (
+    MAX_PAYLOAD_BYTES,
+    Ack,
+    ClientState,
+    Command,
+    EmergencyParams,
+    LoadShiftParams,
+    Outcome,
+    OutcomeReport,
+    Outcomes,
+    RequestKind,
+    WireError,
+    decode,
+    encode,
+)
+from tests.security.test_fuzz import FINITE, IDS, JSON_LEAVES, JSON_VALUES, QUICK, TIMES, is_finite, mutated
+
+DETAILS = st.dictionaries(st.text(max_size=10), JSON_LEAVES.filter(is_finite), max_size=4)
+TRACES = st.dictionaries(st.text(max_size=10), FINITE, max_size=4)
+REPORTS = st.builds(Report, request_id=IDS, client_id=IDS, state=st.sampled_from(ClientState), detail=DETAILS,
+                    trace=TRACES, revision=st.integers(1, 2**53))
+GATEWAY_OUTCOMES = st.builds(Outcome, request_id=IDS, client_id=IDS, state=st.sampled_from(ClientState),
+                             detail=DETAILS, trace=TRACES, sent_at=TIMES, revision=st.integers(1, 2**53))
+GATEWAY_ACKS = st.builds(Ack, ack_ids=st.lists(st.text(max_size=64), min_size=1, max_size=5), sent_at=TIMES)
+
+
+# -- encoders: the models' bytes ------------------------------------------------------------------------------
+
+@QUICK
+@given(ids=st.lists(st.text(max_size=64), min_size=1, max_size=5), at=TIMES)
+def test_an_ack_is_the_models_bytes(ids: list[str], at: datetime) -> None:
+    assert ack_payload(ids, msg_id="m-1", at=at) == encode(Ack(ack_ids=ids, msg_id="m-1", sent_at=at))
+
+
+def test_an_ack_names_one_to_ten_thousand_messages() -> None:
+    with pytest.raises(ValueError, match="1 to 10,000"):
+        ack_payload([])
+    with pytest.raises(ValueError, match="1 to 10,000"):
+        ack_payload(["m"] * 10_001)
+    back = decode(ack_payload(["m1", "m2"]))
+    assert isinstance(back, Ack) and back.ack_ids == ["m1", "m2"] and back.partition is None
+
+
+@QUICK
+@given(r=REPORTS, at=TIMES)
+def test_an_outcome_is_the_models_bytes(r: Report, at: datetime) -> None:
+    mid, payload = outcome_payload(r._replace(msg_id="m-2"), at=at)
+    assert mid == "m-2"
+    assert payload == encode(Outcome(msg_id="m-2", sent_at=at, request_id=r.request_id, client_id=r.client_id,
+                                     state=r.state, detail=r.detail, trace=r.trace, revision=r.revision))
+
+
+@QUICK
+@given(request_id=IDS, reports=st.lists(REPORTS, min_size=1, max_size=4), at=TIMES)
+def test_outcomes_are_the_models_bytes(request_id: str, reports: list[Report], at: datetime) -> None:
+    mid, payload = outcomes_payload(request_id, reports, msg_id="m-3", at=at)
+    assert mid == "m-3"
+    assert payload == encode(Outcomes(msg_id="m-3", sent_at=at, request_id=request_id, reports=[
+        OutcomeReport(client_id=r.client_id, state=r.state, detail=r.detail, trace=r.trace, revision=r.revision)
+        for r in reports]))
+
+
+def test_what_orjson_cannot_write_falls_back_to_the_model_and_non_finite_is_null() -> None:
+    at = datetime.now(UTC)
+    huge = Report("q", "c1", ClientState.EXECUTED, {"n": 2**70, "x": math.inf}, {"gateway_ms": 1.0}, 1, "m-4")
+    _, one = outcome_payload(huge, at=at)
+    assert one == encode(Outcome(msg_id="m-4", sent_at=at, request_id="q", client_id="c1",
+                                 state=ClientState.EXECUTED, detail={"n": 2**70, "x": math.inf},
+                                 trace={"gateway_ms": 1.0}))
+    back = decode(one)
+    assert isinstance(back, Outcome) and back.detail == {"n": 2**70, "x": None}
+    _, many = outcomes_payload("q", [huge, huge._replace(client_id="c2")], at=at)
+    back_many = decode(many)
+    assert isinstance(back_many, Outcomes) and [r.detail for r in back_many.reports] == [{"n": 2**70, "x": None}] * 2
+    plain = Report("q", "c1", ClientState.EXECUTED, {"x": math.nan}, {}, 1)
+    assert json.loads(outcome_payload(plain)[1])["detail"] == {"x": None}
+
+
+def test_reports_are_packed_per_request_within_the_wire_limit() -> None:
+    big = {"note": "x" * 2_000}
+    reports = [Report("q1", f"c{i}", ClientState.EXECUTED, big, {}, 1) for i in range(300)]
+    reports += [Report("q2", "c1", ClientState.DELIVERED, {}, {"retailer_ms": 1.0}, 1, "dlv-fixed")]
+    packed = pack_reports(reports, 250)
+    alone = [p for mid, p in packed if mid == "dlv-fixed"]
+    assert len(alone) == 1 and isinstance(decode(alone[0]), Outcome)  # one report of its request: an outcome
+    many = [decode(p) for mid, p in packed if mid != "dlv-fixed"]
+    assert all(isinstance(m, Outcomes) and m.request_id == "q1" for m in many)
+    assert all(len(p) <= MAX_PAYLOAD_BYTES for _, p in packed) and len(many) > 2  # 250 did not fit: split
+    assert [r.client_id for m in many for r in m.reports] == [f"c{i}" for i in range(300)]  # type: ignore[union-attr]
+
+
+def _command(params: Any = None) -> Command:
+    start = datetime.now(UTC) + timedelta(minutes=1)
+    params = params or EmergencyParams(start=start, end=start + timedelta(minutes=5), power_limit_kw=1.5)
+    kind = RequestKind.EMERGENCY if isinstance(params, EmergencyParams) else RequestKind.LOAD_SHIFT
+    return Command(request_id="q-1", client_id="c0", kind=kind, params=params, expires_at=params.end, revision=3)
+
+
+@QUICK
+@given(client_id=IDS)
+def test_a_spliced_command_is_the_copys_bytes(client_id: str) -> None:
+    template = _command()
+    mid = msg_ids()
+    spliced = CommandTemplate(template).payload(mid, client_id)
+    assert spliced == encode(template.model_copy(update={"client_id": client_id, "msg_id": mid}))
+    back = decode(spliced)
+    assert isinstance(back, Command) and (back.client_id, back.msg_id, back.revision) == (client_id, mid, 3)
+
+
+def test_a_command_whose_own_text_holds_a_marker_is_encoded_as_a_copy() -> None:
+    start = datetime.now(UTC) + timedelta(minutes=1)
+    template = _command(LoadShiftParams(start=start, end=start + timedelta(hours=1),
+                                        reason="peak \x01mhp-client-id\x01 here"))
+    spliced = CommandTemplate(template).payload("m-5", "c7")
+    assert spliced == encode(template.model_copy(update={"client_id": "c7", "msg_id": "m-5"}))
+    back = decode(spliced)
+    assert isinstance(back, Command) and back.client_id == "c7"
+    assert back.params.reason == "peak \x01mhp-client-id\x01 here"  # type: ignore[union-attr]
+
+
+# -- the reader: a subset of decode, with the same values -----------------------------------------------------
+
+def same_as_decode(payload: bytes) -> AckIn | OutcomeIn | None:
+    """What :func:`read_report` reads of ``payload``, checked against :func:`decode`."""
+    fast = read_report(payload)
+    if fast is None:
+        return None
+    model = decode(payload)  # raises (and fails the test) if the reader took what decode refuses
+    if isinstance(fast, AckIn):
+        assert isinstance(model, Ack) and model.partition is None
+        assert (fast.msg_id, fast.ack_ids) == (model.msg_id, model.ack_ids)
+    else:
+        assert isinstance(model, Outcome)
+        assert fast == OutcomeIn(model.msg_id, model.request_id, model.client_id, model.state, model.detail,
+                                 model.trace, model.revision)
+        assert all(type(v) is float for v in fast.trace.values())
+    return fast
+
+
+@QUICK
+@given(msg=GATEWAY_OUTCOMES | GATEWAY_ACKS)
+def test_what_gateways_send_is_read_on_the_fast_path(msg: Outcome | Ack) -> None:
+    assert same_as_decode(encode(msg)) is not None
+
+
+@QUICK
+@given(st.sampled_from([
+    Outcome(request_id="q1", client_id="c1", state=ClientState.EXECUTED, detail={"shed": ["heater"], "kw": 1},
+            trace={"gateway_ms": 3.5}),
+    Ack(ack_ids=["m1", "m2"])]).flatmap(lambda m: mutated(json.loads(encode(m)))))
+def test_mutated_reports_are_read_as_decode_reads_them_or_left_to_it(payload: bytes) -> None:
+    same_as_decode(payload)
+
+
+@QUICK
+@given(st.fixed_dictionaries({"type": st.sampled_from(["ack", "outcome"])}, optional={
+    "v": JSON_VALUES, "msg_id": JSON_VALUES, "sent_at": JSON_VALUES | st.sampled_from(
+        ["2026-02-30T00:00:00Z", "2026-01-01T00:00:00+24:00", "2026-01-01T24:00:00Z", "2026-01-01T00:00:00",
+         "2026-01-01T00:00:00.1234567Z", "2026-01-01 00:00:00Z", "2026-01-01T00:00:60Z", "0000-01-01T00:00:00Z",
+         "2026-01-01T00:00:00+00:60", "2026-01-01T00:00:00+05:99", "2026-01-01T00:00:00+23:59",
+         "2026-01-01T00:00:00-00:00", "0001-01-01T00:00:00Z", "2026-01-01T00:00:00.1z"]),
+    "request_id": JSON_VALUES, "client_id": JSON_VALUES | IDS, "state": JSON_VALUES | st.sampled_from(ClientState),
+    "detail": JSON_VALUES, "trace": JSON_VALUES, "revision": JSON_VALUES, "ack_ids": JSON_VALUES}))
+def test_arbitrary_fields_are_read_as_decode_reads_them_or_left_to_it(value: dict[str, Any]) -> None:
+    same_as_decode(json.dumps(value).encode())
+
+
+@QUICK
+@given(st.binary(max_size=500))
+def test_arbitrary_bytes_are_left_to_decode(payload: bytes) -> None:
+    same_as_decode(payload)
+
+
+def test_an_invalid_report_is_refused_by_decode_with_its_own_error() -> None:
+    at = "2026-01-01T00:00:00Z"
+    hostile = [
+        b'{"v":1,"msg_id":"m","sent_at":"%s","type":"outcome","request_id":"q","client_id":"c1","state":"bogus"}',
+        b'{"v":1,"msg_id":"m","sent_at":"%s","type":"outcome","request_id":"q","client_id":"c 1","state":"executed"}',
+        b'{"v":1,"msg_id":"m","sent_at":"%s","type":"outcome","request_id":"q","client_id":"c1","state":"executed",'
+        b'"detail":{"available_kw":1e999}}',
+        b'{"v":1,"msg_id":"m","sent_at":"%s","type":"outcome","request_id":"q","client_id":"c1","state":"executed",'
+        b'"revision":0}',
+        b'{"v":1,"msg_id":"m","sent_at":"%s","type":"ack","ack_ids":[]}',
+        b'{"v":1,"msg_id":"m","sent_at":"%s","type":"ack","ack_ids":["m1"],"extra":1}',
+    ]
+    read = reader(decode)
+    for raw in hostile:
+        payload = raw.replace(b"%s", at.encode())
+        assert read_report(payload) is None
+        with pytest.raises(WireError) as fast_error:
+            read(payload)
+        with pytest.raises(WireError) as model_error:
+            decode(payload)
+        assert str(fast_error.value) == str(model_error.value)
+
+
+# -- message ids ----------------------------------------------------------------------------------------------
+
+def test_message_ids_are_unique_short_and_new_per_process() -> None:
+    a, b = MsgIds(), MsgIds()
+    ids = [a() for _ in range(100_000)] + [b() for _ in range(1_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) <= 42 and ID_RE.fullmatch(i) for i in ids)
+    assert ids[0].split("-")[0] != ids[-1].split("-")[0]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a new prefix, not the parent's counter
+        os.write(write, msg_ids().encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        child = os.read(read, 100).decode()
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(read)
+    assert status == 0 and child.split("-")[0] != msg_ids().split("-")[0]
