@@ -7,6 +7,7 @@ a webhook target, a connection) against a clock the caller passes in.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_EXPONENT = 64
@@ -52,3 +53,48 @@ class Backoff:
     def blocked(self, now: float) -> bool:
         """Whether the device is still backed off at time `now`."""
         return now < self._until
+
+
+@dataclass
+class RoundTrip:
+    """The first re-send delay from the round trips measured, after RFC 6298 (TCP's retransmission timer):
+    ``srtt + 4 * rttvar`` over the acknowledgements of messages sent once (Karn's rule: a re-sent message's
+    acknowledgement could answer either send), never below ``floor_s`` (the configured delay, what a quiet link
+    gets) nor above ``max_s`` unless ``floor_s`` is above it.
+
+    A fixed short delay re-sends everything that is merely queued when the receivers or the broker are busy (a
+    fan-out to thousands of gateways on a loaded machine): the re-sends add to the queue they wait in. Measured
+    round trips let the delay follow the link's own pace, and fall back as the link gets quick again.
+    """
+
+    floor_s: float = 0.5
+    max_s: float = 4.0
+    srtt: float | None = None
+    """The smoothed round trip (None: no sample yet)."""
+    rttvar: float = 0.0
+    """Its smoothed mean deviation."""
+    backoff: float = 1.0
+    """Doubled each time first re-sends fall due (:meth:`timed_out`), back to 1 with the next sample: as TCP keeps
+    its backed-off timer for new segments, so that a link slower than the floor, whose messages are all re-sent and
+    so give no sample under Karn's rule, still gets one that arrives in time."""
+
+    def sample(self, rtt_s: float) -> None:
+        """One measured round trip (send to acknowledgement) of a message sent once; non-finite or negative values
+        (a clock step) are ignored."""
+        if not math.isfinite(rtt_s) or rtt_s < 0:
+            return
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt_s, rtt_s / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt_s)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt_s
+        self.backoff = 1.0
+
+    def timed_out(self) -> None:
+        """Messages sent once were not acknowledged within :meth:`timeout_s` and are being sent again."""
+        self.backoff = min(self.backoff * 2, 2.0 ** 10)
+
+    def timeout_s(self) -> float:
+        """The first re-send delay now."""
+        base = self.floor_s if self.srtt is None else self.srtt + 4 * self.rttvar
+        return max(self.floor_s, min(self.max_s, base * self.backoff))

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mhp_wire import fastwire, topics
-from mhp_wire.backoff import delay_s
+from mhp_wire.backoff import RoundTrip, delay_s
 from mhp_wire.fastwire import AckIn, CommandTemplate, OutcomeIn, Report, ack_payload
 from mhp_wire.groupcommit import Failed, GroupCommit
 from mhp_wire.ids import msg_ids
@@ -166,8 +166,12 @@ class BridgeRelay:
                                   retry_on=(StorageError,))
         """At every connection to the retailer broker the stored tariff is published again, retained."""
         self._down_topics: dict[str, str] = {}
-        self.commands_out = Outbox(_Commands(store, self.gateway_topic), self._to_local, limit=DISPATCH_BATCH,
-                                   retry_s=lambda n: delay_s(n, gateway_retry_s))
+        self.gateway_rtt = RoundTrip(floor_s=gateway_retry_s)
+        """The gateways' measured acknowledgement times: a command's first re-send waits ``timeout_s()``, at
+        least ``gateway_retry_s`` and at most its ``max_s`` (settings ``gateway_retry_max_s``; docs/architecture.md,
+        step 5)."""
+        self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt), self._to_local,
+                                   limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.gateway_rtt.timeout_s()))
         """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
         self.notices_out = Outbox(_Notices(store, self.gateway_topic), self._to_local, resend_from="read")
         """Notices to gateways (cancellations, schedules), re-sent until acknowledged or past their deadline."""
@@ -527,6 +531,10 @@ class BridgeRelay:
         closings = [i for i in items if isinstance(i, Closing)]
         applied = await self.store.apply_reports(acks, closings, _delivered,
                                                  pack_outcomes if self.hub_outcome_batches else None)
+        if applied.first_sent_at:
+            now = self.commands_out.clock()
+            for sent_at in applied.first_sent_at:
+                self.gateway_rtt.sample(now - sent_at)
         closed = iter(applied.closed)
         return [next(closed) if isinstance(i, Closing) else None for i in items]
 
@@ -711,16 +719,30 @@ class BridgeRelay:
 
 
 class _Commands:
-    """The store's ``commands`` (those still being sent) as an :class:`OutboxStorage`."""
+    """The store's ``commands`` (those still being sent) as an :class:`OutboxStorage`. A command sent once whose
+    first re-send falls due before the gateways' measured round trip (``rtt``) says it could have been answered
+    waits until then: its delay was fixed when it was sent, before the acknowledgements of a busy link came in."""
 
-    def __init__(self, store: BridgeStore, topic_of: Callable[[str], str]) -> None:
+    def __init__(self, store: BridgeStore, topic_of: Callable[[str], str], rtt: RoundTrip) -> None:
         self.store = store
         self.topic_of = topic_of
+        self.rtt = rtt
 
     async def due(self, now: float, limit: int) -> list[Pending]:
         topic_of = self.topic_of
-        return [Pending(c["msg_id"], topic_of(c["gateway_id"]), c["payload"], c["attempts"], row=c)
-                for c in await self.store.due_commands(now, limit)]
+        rows = await self.store.due_commands(now, limit)
+        wait_s = self.rtt.timeout_s()
+        # Not one made due at once (next_attempt_at 0: its gateway came back online, ``resend_now_many``).
+        early = [(c["first_sent_at"] + wait_s, c["msg_id"]) for c in rows
+                 if c["attempts"] == 1 and c["next_attempt_at"] > 0 and c["first_sent_at"] is not None
+                 and now - c["first_sent_at"] < wait_s]
+        if early:
+            await self.store.postpone_commands(early)
+            later = {m for _, m in early}
+            rows = [c for c in rows if c["msg_id"] not in later]
+        if any(c["attempts"] == 1 and c["next_attempt_at"] > 0 for c in rows):
+            self.rtt.timed_out()  # first re-sends going out: wait longer for the next ones, until a sample
+        return [Pending(c["msg_id"], topic_of(c["gateway_id"]), c["payload"], c["attempts"], row=c) for c in rows]
 
     async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
         if sent:  # a dropped command has its outcome already (``_unreachable``)

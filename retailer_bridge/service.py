@@ -33,6 +33,7 @@ class Bridge:
                                  measurement_interval_s=settings.measurement_interval_s,
                                  rated_sheddable_kw=settings.customer_sheddable_kw)
         self.relay.hub_outcome_batches = settings.hub_outcome_batches
+        self.relay.gateway_rtt.max_s = settings.gateway_retry_max_s
         self.gate = PartitionGate(self.partition, settings.customers)
         """Cuts the hub's requests and billing deliveries, and the gateways' uplinks, to this partition's share."""
         self.gate.install(self.relay)

@@ -56,7 +56,12 @@ class BridgeSettings(BaseSettings):
     gateway_ack_timeout_s: float = Field(10.0, gt=0)
     gateway_retry_s: float = Field(0.5, gt=0)
     """The first re-send delay of a command a gateway has not acknowledged (doubling up to 30 s): short, so that a
-    command lost on the way is sent again soon; a gateway answers a repeat without acting again."""
+    command lost on the way is sent again soon; a gateway answers a repeat without acting again. It is the
+    floor: when gateways' measured acknowledgements take longer (a busy broker or fleet), the first re-send waits
+    for them (``srtt + 4 * rttvar``, RFC 6298), up to ``gateway_retry_max_s``."""
+    gateway_retry_max_s: float = Field(4.0, gt=0)
+    """The longest the measured round trips may stretch a command's first re-send delay (never below
+    ``gateway_retry_s``)."""
     measurement_interval_s: float = Field(5.0, gt=0)
     gateway_rate_limit_per_s: float = Field(50.0, gt=0)
     """MQTT messages per second each gateway may sustain; beyond it they are refused with an error answer."""

@@ -86,6 +86,9 @@ class Applied:
     """Commands acknowledged by their gateway in this batch (those also closed in it included)."""
     closed: list[dict[str, Any] | Failed | None]
     """Per closing, in order: the command as it was, None (no such command) or its own failure."""
+    first_sent_at: list[float] = field(default_factory=list)
+    """When each command acknowledged in this batch that was sent only once was sent: the round trips that the
+    relay's re-send delay learns from (:class:`mhp_wire.backoff.RoundTrip`)."""
 
 
 class Refused(Exception):
@@ -234,6 +237,11 @@ class BridgeStore:
 
         await self._tx(op)
 
+    async def postpone_commands(self, waits: list[tuple[float, str]]) -> None:
+        """Commands ``(next_attempt_at, msg_id)`` still sending wait until then, their attempts unchanged."""
+        await self._tx(lambda db: db.executemany(
+            "UPDATE commands SET next_attempt_at=? WHERE msg_id=? AND state=?", [(t, m, SENDING) for t, m in waits]))
+
     async def set_state(self, request_id: str, client_id: str, state: str, outcome: tuple[str, bytes] | None) -> bool:
         """Move a command to ``state`` (never back from closed) and queue its outcome for the hub, atomically."""
 
@@ -321,7 +329,8 @@ class BridgeStore:
                 db.executemany("DELETE FROM hub_outbox WHERE msg_id=? AND attempts=0", plan.superseded)
             delivered = [delivered_of(dict(r)) for r in moved] if delivered_of is not None else []
             self._queue(db, _packed(delivered + plan.outcomes, pack))
-            return Applied(len(acked), plan.results)
+            once = [r[_FIRST_SENT] for r in acked if r[_ATTEMPTS] == 1 and r[_FIRST_SENT] is not None]
+            return Applied(len(acked), plan.results, once)
 
         return await self._tx(op)
 
@@ -628,6 +637,7 @@ REPORT_COLUMNS = ("request_id, client_id, gateway_id, msg_id, state, received_at
 
 
 _REQUEST, _CLIENT, _GATEWAY, _MSG = range(4)
+_FIRST_SENT, _ATTEMPTS = 6, 7
 """Positions in a row of :data:`REPORT_COLUMNS`: the acknowledged rows are read by position, and a dict is made
 only of those that get a ``delivered`` outcome (most are closed in the same batch, and a dict per row was a
 visible part of the bridge's CPU per client)."""
