@@ -11,10 +11,12 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+
+from mhp_wire.groupcommit import Failed
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -115,6 +117,38 @@ class SqliteThread:
                 db.execute("PRAGMA synchronous=FULL")
         return result
 
+    async def tx_each(self, fns: Sequence[Callable[[sqlite3.Connection], T]]) -> list[T | Failed]:
+        """Run every ``fn(db)`` of ``fns`` in order in ONE durable write transaction (one commit, one WAL sync for
+        all of them: a group commit's batch), each inside its own savepoint: one that raises is rolled back alone
+        and its place in the answer is a :class:`~mhp_wire.groupcommit.Failed` with a :class:`StorageError`, the
+        others stand. Returns once the transaction is committed; raises :class:`StorageError` when the
+        transaction as a whole fails (then nothing of it is stored)."""
+        return await self.call(self._tx, lambda db: [_in_savepoint(db, fn) for fn in fns], True)
+
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(db)`` (reads only) on the worker thread."""
         return await self.call(lambda: fn(self.db))
+
+
+def _in_savepoint(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T | Failed:
+    """``fn(db)`` inside a savepoint of the open transaction. When it raises, only its own writes are rolled back
+    and the answer is a :class:`Failed` (a SQLite error as a :class:`StorageError`, anything else as it is);
+    an error that ended the transaction itself (SQLite rolled it back: a full disk, an I/O error) or a misuse of
+    the connection is raised, failing the whole transaction."""
+    db.execute("SAVEPOINT one_write")
+    try:
+        result = fn(db)
+    except sqlite3.InterfaceError:
+        raise
+    except Exception as exc:
+        if not db.in_transaction:
+            raise
+        db.execute("ROLLBACK TO one_write")
+        db.execute("RELEASE one_write")
+        if isinstance(exc, sqlite3.Error):
+            error = StorageError(f"storage error: {exc}")
+            error.__cause__ = exc
+            return Failed(error)
+        return Failed(exc)
+    db.execute("RELEASE one_write")
+    return result
