@@ -11,12 +11,12 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mhp_wire.groupcommit import Failed
+from mhp_wire.groupcommit import Failed, GroupCommit
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -117,17 +117,38 @@ class SqliteThread:
                 db.execute("PRAGMA synchronous=FULL")
         return result
 
-    async def tx_each(self, fns: Sequence[Callable[[sqlite3.Connection], T]]) -> list[T | Failed]:
-        """Run every ``fn(db)`` of ``fns`` in order in ONE durable write transaction (one commit, one WAL sync for
-        all of them: a group commit's batch), each inside its own savepoint: one that raises is rolled back alone
-        and its place in the answer is a :class:`~mhp_wire.groupcommit.Failed` with a :class:`StorageError`, the
-        others stand. Returns once the transaction is committed; raises :class:`StorageError` when the
-        transaction as a whole fails (then nothing of it is stored)."""
-        return await self.call(self._tx, lambda db: [_in_savepoint(db, fn) for fn in fns], True)
-
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(db)`` (reads only) on the worker thread."""
         return await self.call(lambda: fn(self.db))
+
+
+
+class GroupTransactions(GroupCommit[Callable[[sqlite3.Connection], Any], Any]):
+    """Write transactions of many callers on one :class:`SqliteThread`, committed together
+    (:class:`mhp_wire.groupcommit.GroupCommit`): the shape of ``retailer_bridge.store.GroupCommit``, here so that
+    the hub's store uses the same one (and the bridge's can become this).
+
+    ``await tx(fn)`` queues ``fn(db)``; one flusher runs everything queued in a single ``BEGIN IMMEDIATE`` …
+    ``COMMIT`` (durable: ``synchronous=FULL``) on the database thread, each ``fn`` inside its own savepoint, and
+    resolves every caller after the commit. A ``fn`` that raises is rolled back to its savepoint and gets its error
+    (a SQLite error as :class:`StorageError`); the others commit. Whatever arrives during a commit waits for the
+    next one: the batch grows with the load, and a lone write pays one commit as before. If the commit itself
+    fails (or an error ends the transaction), every caller of that batch gets the :class:`StorageError`.
+    """
+
+    def __init__(self, sql: SqliteThread, name: str) -> None:
+        super().__init__(self._commit_sql, name=name)
+        self.sql = sql
+
+    async def tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(db)`` in the next group transaction; returns once that transaction is committed."""
+        result: T = await self.submit(fn)
+        return result
+
+    async def _commit_sql(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        if len(fns) == 1:  # alone: no savepoint, its failure is the transaction's
+            return [await self.sql.tx(fns[0])]
+        return await self.sql.tx(lambda db: [_in_savepoint(db, fn) for fn in fns])
 
 
 def _in_savepoint(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T | Failed:

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cloud_hub.storage import SCHEMA, Mutation, Row, StoreUnavailable, prefix_stop
-from mhp_wire.groupcommit import Failed, GroupCommit
-from mhp_wire.sqlite import SqliteThread, StorageError
+from mhp_wire.sqlite import GroupTransactions, SqliteThread, StorageError
 
 T = TypeVar("T")
 
@@ -28,14 +27,6 @@ CREATE TABLE IF NOT EXISTS ping (x);
 
 
 _PUT = "INSERT OR REPLACE INTO cells (tbl, row, col, val) VALUES (?,?,?,?)"
-COMMIT_MAX_CELLS = 20_000
-"""Cells (puts and deletions) a group commit gathers at most, so that one transaction stays short; a single batch
-larger than that (a 10,000-client expansion) is committed alone."""
-
-
-def _cells(mutations: list[Mutation]) -> int:
-    """How much of :data:`COMMIT_MAX_CELLS` a batch takes."""
-    return sum(len(m.put) + (len(m.delete) if m.delete else 1) for m in mutations) or 1
 
 
 def _check_table(table: str) -> None:
@@ -67,8 +58,7 @@ class SqliteKV:
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 2000) -> None:
         self.path = str(path)
         self._sql = SqliteThread(path, DDL, busy_timeout_ms=busy_timeout_ms, name="hub-store")
-        self.commits: GroupCommit[list[Mutation], None] = GroupCommit(
-            self._commit, name="hub-store-commit", max_batch=COMMIT_MAX_CELLS, weight=_cells)
+        self.commits = GroupTransactions(self._sql, name="hub-store-commit")
         """The group commit of :meth:`batch`: ``commits.commits`` transactions for ``commits.writes`` batches."""
 
     @property
@@ -220,23 +210,14 @@ class SqliteKV:
     async def batch(self, mutations: list[Mutation]) -> None:
         """Apply every mutation in one transaction, durable when this returns.
 
-        Batches handed in while the SQLite thread is busy are committed together (:attr:`commits`): one
-        transaction, one WAL sync for all of them, each batch in its own savepoint, so one that fails is rolled
-        back alone and raises to its own caller only. No batch waits for company: the first starts a commit at
-        once, and whatever arrives meanwhile goes into the next one."""
-        await self.commits.submit(mutations)
-
-    async def _commit(self, batches: list[list[Mutation]]) -> list[Failed | None]:
-        """One transaction for the batches of a group commit (see :meth:`batch`)."""
+        Batches handed in while the SQLite thread is busy are committed together (:attr:`commits`, a
+        :class:`~mhp_wire.sqlite.GroupTransactions`): one transaction, one WAL sync for all of them, each batch in
+        its own savepoint, so one that fails is rolled back alone and raises to its own caller only. No batch waits
+        for company: the first starts a commit at once, and whatever arrives meanwhile goes into the next one."""
         try:
-            if len(batches) == 1:  # alone: no savepoint needed, its failure is the transaction's
-                await self._sql.tx(lambda db: self._write(db, batches[0]))
-                return [None]
-            results = await self._sql.tx_each([functools.partial(self._write, mutations=b) for b in batches])
+            await self.commits.tx(functools.partial(self._write, mutations=mutations))
         except StorageError as exc:
             raise StoreUnavailable(str(exc)) from exc
-        return [Failed(StoreUnavailable(str(r.error))) if isinstance(r, Failed) and isinstance(r.error, StorageError)
-                else r for r in results]
 
     async def increment(self, table: str, row: str, column: str, value: int = 1) -> int:
         """Atomically add to a big-endian 64-bit counter, as HBase stores them."""
