@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from mhp_wire.groupcommit import Failed, GroupCommit
 
@@ -141,9 +141,26 @@ class GroupTransactions(GroupCommit[Callable[[sqlite3.Connection], Any], Any]):
         self.sql = sql
 
     async def tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(db)`` in the next group transaction; returns once that transaction is committed."""
-        result: T = await self.submit(fn)
-        return result
+        """Run ``fn(db)`` in the next group transaction; returns once that transaction is committed.
+
+        With no commit in flight and nothing queued, ``fn`` is committed at once from the caller (no flusher task,
+        no extra turns of the event loop: a lone write costs what a plain transaction costs); whatever arrives
+        meanwhile is queued and committed together right after it."""
+        if (self._task is None or self._task.done()) and not self._queue:
+            gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._task = cast("asyncio.Task[None]", gate)  # a commit is in flight: submit() only queues
+            try:
+                result: T = await self.sql.tx(fn)
+            finally:
+                gate.set_result(None)
+                self._task = None
+                if self._queue:
+                    self._task = asyncio.create_task(self._run(), name=self.name)
+            self.commits += 1
+            self.writes += 1
+            return result
+        queued: T = await self.submit(fn)
+        return queued
 
     async def _commit_sql(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
         if len(fns) == 1:  # alone: no savepoint, its failure is the transaction's

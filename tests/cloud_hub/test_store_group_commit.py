@@ -50,9 +50,10 @@ async def test_concurrent_batches_share_one_transaction_and_one_wal_sync(tmp_pat
         assert len(stored) == 50 and len(_stored(db_path, "open_requests")) == 50
     finally:
         await kv.close()
-    # One commit writes each changed page once: separate commits would append the same leaf page fifty times.
+    # One commit writes each changed page once: separate commits would append the same leaf page fifty times. The
+    # first batch found nothing in flight and was committed at once; the 49 that came meanwhile, together after it.
     assert frames < 10, f"{frames} WAL frames for 50 small batches: they were not committed together"
-    assert kv.commits.commits == 1 and kv.commits.writes == 50
+    assert kv.commits.commits == 2 and kv.commits.writes == 50
 
 
 async def test_a_failing_batch_is_rolled_back_alone(tmp_path: Path) -> None:
@@ -66,7 +67,7 @@ async def test_a_failing_batch_is_rolled_back_alone(tmp_path: Path) -> None:
         results = await asyncio.gather(good[0], bad, good[1], good[2], return_exceptions=True)
         assert results[0] is None and results[2] is None and results[3] is None
         assert isinstance(results[1], KeyError)
-        assert kv.commits.commits == 1  # the four went in one transaction
+        assert kv.commits.commits == 2  # the first alone, at once; the failing one with the two others after it
         assert sorted(_stored(db_path, "requests")) == ["ok0", "ok1", "ok2"]
         # The store goes on: a later batch commits.
         await kv.batch([Mutation("requests", "later", {"r:state": b"accepted"})])
@@ -103,3 +104,20 @@ async def test_concurrent_batches_keep_each_batch_whole_and_in_order(kv: KVStore
                                      Mutation("requests", f"w{k}", delete=["r:a"])]) for k in range(writers)))
     for k in range(writers):
         assert await kv.get("requests", f"w{k}") == {"r:b": b"2"}
+
+
+async def test_a_lone_batch_is_committed_at_once_and_what_comes_meanwhile_after_it(tmp_path: Path) -> None:
+    db_path = tmp_path / "hub.db"
+    kv = SqliteKV(db_path)
+    await kv.open()
+    try:
+        await kv.batch([Mutation("requests", "alone", {"r:state": b"accepted"})])
+        assert "alone" in _stored(db_path, "requests") and kv.commits.commits == 1
+        first = asyncio.ensure_future(kv.batch([Mutation("requests", "first", {"r:state": b"accepted"})]))
+        await asyncio.sleep(0)  # the first is committing now, from its caller
+        rest = [kv.batch([Mutation("requests", f"then{k}", {"r:state": b"accepted"})]) for k in range(3)]
+        await asyncio.gather(first, *rest)
+        assert kv.commits.commits == 3 and kv.commits.writes == 5
+        assert sorted(_stored(db_path, "requests")) == ["alone", "first", "then0", "then1", "then2"]
+    finally:
+        await kv.close()
