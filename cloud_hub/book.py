@@ -83,6 +83,67 @@ class OutboxItem:
                    revision=d.get("revision", 1))
 
 
+class _Outbox(dict[str, OutboxItem]):
+    """The book's queued messages by id, with an index of their ids by request: whether a request still has a
+    message queued is asked for every row the book writes (:meth:`RequestBook._closes`), and scanning every queued
+    message for it grew with the backlog."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_request: dict[str, dict[str, None]] = {}
+
+    def __setitem__(self, msg_id: str, item: OutboxItem) -> None:
+        old = self.get(msg_id)
+        if old is not None:
+            self._unindex(msg_id, old)
+        super().__setitem__(msg_id, item)
+        self._by_request.setdefault(item.request_id, {})[msg_id] = None
+
+    def __delitem__(self, msg_id: str) -> None:
+        item = self[msg_id]
+        super().__delitem__(msg_id)
+        self._unindex(msg_id, item)
+
+    def pop(self, msg_id: str, default: Any = None) -> Any:
+        """Remove and return a message (``default`` when it is not queued)."""
+        if msg_id not in self:
+            return default
+        item = self[msg_id]
+        del self[msg_id]
+        return item
+
+    def setdefault(self, msg_id: str, item: OutboxItem) -> OutboxItem:
+        """Queue ``item`` unless a message with its id is queued; the queued one."""
+        if msg_id not in self:
+            self[msg_id] = item
+        return self[msg_id]
+
+    def update(self, other: Any = (), /, **kw: OutboxItem) -> None:
+        """Queue every message of ``other``."""
+        for msg_id, item in dict(other, **kw).items():
+            self[msg_id] = item
+
+    def clear(self) -> None:
+        """Drop every message."""
+        super().clear()
+        self._by_request.clear()
+
+    def of(self, request_id: str) -> list[OutboxItem]:
+        """The queued messages of one request, in the order they were queued."""
+        return [self[m] for m in self._by_request.get(request_id, ())]
+
+    def has(self, request_id: str) -> bool:
+        """Whether a message of ``request_id`` is queued."""
+        return request_id in self._by_request
+
+    def _unindex(self, msg_id: str, item: OutboxItem) -> None:
+        ids = self._by_request.get(item.request_id)
+        if ids is not None:
+            ids.pop(msg_id, None)
+            if not ids:
+                del self._by_request[item.request_id]
+
+
 def _message_cells(items: list[OutboxItem]) -> dict[str, Any]:
     """The cells of queued messages in the request row."""
     return RequestCodec.messages({i.msg_id: i.stored() for i in items})
@@ -123,7 +184,7 @@ class RequestBook:
         self.metrics = metrics
         self.replica_id = replica_id
         """Set when the hub runs as several replicas: the book holds only the requests this replica owns."""
-        self.outbox: dict[str, OutboxItem] = {}
+        self.outbox = _Outbox()
         self.deadlines: dict[str, float] = {}
         self.phases: dict[str, Phase] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -347,8 +408,7 @@ class RequestBook:
 
     def knows(self, request_id: str) -> bool:
         """Whether this book holds the unfinished request ``request_id`` (a deadline or a queued message)."""
-        return (request_id in self.deadlines or request_id in self._expanding
-                or any(o.request_id == request_id for o in self.outbox.values()))
+        return request_id in self.deadlines or request_id in self._expanding or self.outbox.has(request_id)
 
     def end_phase(self, request_id: str) -> None:
         """Stop waiting for the end of the request's availability phase (it was handled, or is gone)."""
@@ -361,7 +421,7 @@ class RequestBook:
         revision): the queued ones ``drop`` selects are deleted. ``deadline`` None: the request ends here (no
         deadline, no phase); else its new deadline (and ``reduction_kw`` its phase's). ``write``: the other
         arguments of :meth:`HubStore.update_request` (``close``, ``audit``, ``reopen``, ``idempotency``)."""
-        dropped = [m for m, i in self.outbox.items() if i.request_id == request_id and drop(i)]
+        dropped = [i.msg_id for i in self.outbox.of(request_id) if drop(i)]
         await self.store.update_request(request_id, {**put, **_message_cells(items)},
                                         RequestCodec.message_cells(dropped), **write)
         # Forgotten only once the write is durable: when it fails (storage unavailable), the request keeps its
@@ -648,7 +708,7 @@ class RequestBook:
     def _closes(self, request_id: str, state: RequestState | None) -> bool:
         """Whether a write that leaves the request in ``state`` (None: does not change it) ends the request's life
         in the open index (as :meth:`_write` decides)."""
-        pending = any(i.request_id == request_id for i in self.outbox.values())
+        pending = self.outbox.has(request_id)
         return (state is not None and state.terminal and not pending) or (
             state is None and not pending and request_id not in self.deadlines)
 
@@ -683,7 +743,7 @@ class RequestBook:
                     continue
                 changes = lifecycle.expired(row, now)
                 put = RequestCodec.changes(changes)
-                dropped = {m: i for m, i in self.outbox.items() if i.request_id == request_id and i.kind != "cancel"}
+                dropped = {i.msg_id: i for i in self.outbox.of(request_id) if i.kind != "cancel"}
                 for mid in dropped:
                     del self.outbox[mid]
                 try:

@@ -70,10 +70,11 @@ def request_state_from_counts(current: RequestState, counts: Mapping[ClientState
 def combine(states: Iterable[ClientState]) -> ClientState:
     """One client's state from its deliveries to several retailers (billing across a supplier switch)."""
     states = list(states)
+    if len(states) == 1:  # one retailer, the common case: its state is the client's
+        return states[0]
     open_ = [s for s in states if not s.terminal]
     if open_:
-        order = [ClientState.PENDING, ClientState.SENT, ClientState.DELIVERED]
-        return min(open_, key=order.index)
+        return min(open_, key=_OPEN_RANK.__getitem__)
     bad = [s for s in states if s not in SUCCESS]
     return bad[0] if bad else states[0]
 
@@ -85,12 +86,20 @@ def state_after_deadline(state: ClientState) -> ClientState:
     return ClientState.EXPIRED if state is ClientState.DELIVERED else ClientState.UNREACHABLE
 
 
+_OPEN_RANK = {ClientState.PENDING: 0, ClientState.SENT: 1, ClientState.DELIVERED: 2}
+"""The order of the states that are not terminal."""
+_BY_VALUE = {s.value: s for s in ClientState}
+"""A stored state's value to its :class:`ClientState` (a dict look-up: the enum's own call costs several times more,
+and it runs for every target of every batch)."""
+
+
 def may_move(old: ClientState, new: ClientState) -> bool:
     """Whether a reported state may replace the stored one: terminal states never change, and never go back."""
-    if old.terminal:
+    rank_old = _OPEN_RANK.get(old)
+    if rank_old is None:  # terminal
         return False
-    order = {ClientState.PENDING: 0, ClientState.SENT: 1, ClientState.DELIVERED: 2}
-    return new.terminal or order[new] > order[old]
+    rank_new = _OPEN_RANK.get(new)
+    return rank_new is None or rank_new > rank_old
 
 
 def retry_delay_s(attempts: int, base_s: float = 0.5, cap_s: float = 30.0) -> float:
@@ -228,7 +237,7 @@ def reduction_outcome(selection: dict[str, Any], counts: Mapping[ClientState, in
 def move(entry: dict[str, Any], new: ClientState, counts: Counter[ClientState], now: float) -> bool:
     """Move one target ``entry`` (changed in place) to ``new`` when :func:`may_move` allows, keeping ``counts``;
     returns whether it moved."""
-    old = C(entry["state"])
+    old = _BY_VALUE[entry["state"]]
     if new is old or not may_move(old, new):
         return False
     counts[old] -= 1
@@ -318,7 +327,7 @@ class _Apply:
         if entry["state"] in _TERMINAL:  # a re-sent outcome, the common duplicate: a terminal state stays
             return OutcomeVerdict(True, addressed, request_state=self.row.state)
         entry["retailers"][o.retailer_id] = o.state.value
-        new = combine(C(s) for s in entry["retailers"].values())
+        new = combine([_BY_VALUE[s] for s in entry["retailers"].values()])
         if not move(entry, new, self.counts, self.now):
             return OutcomeVerdict(True, addressed, request_state=self.row.state)
         entry["detail"] = o.detail
@@ -410,7 +419,7 @@ def sent(row: RowState, messages: Sequence[Sent], now: float) -> RowChanges:
                 continue  # an older revision's message: the entry waits for its own revision's
             if entry.get("retailers", {}).get(retailer_id) == C.PENDING.value:
                 entry["retailers"][retailer_id] = C.SENT.value
-            move(entry, combine(C(s) for s in entry["retailers"].values()), counts, now)
+            move(entry, combine([_BY_VALUE[s] for s in entry["retailers"].values()]), counts, now)
             _record(changes, is_client, key, entry)
     changes.counts = counts
     changes.state = request_state_from_counts(row.state, counts)
@@ -436,7 +445,7 @@ def acknowledged(row: RowState, deliveries: Sequence[Sent], cancels: Sequence[st
             if entry is None:
                 continue
             entry["retailers"][retailer_id] = C.ACKNOWLEDGED.value
-            move(entry, combine(C(s) for s in entry["retailers"].values()), counts, now)
+            move(entry, combine([_BY_VALUE[s] for s in entry["retailers"].values()]), counts, now)
             _record(changes, is_client, key, entry)
     _finish(changes, row.state, counts, now)
     return changes

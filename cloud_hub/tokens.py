@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import secrets
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ class TokenBook:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._file = str(self.path)
         self._mtime: float | None = None
         self._by_hash: dict[str, Principal] = {}
         self._expires: dict[str, float | None] = {}
@@ -54,7 +57,7 @@ class TokenBook:
         # once it is complete, so no request ever sees a half-loaded book.
         with self._lock:
             try:
-                st = self.path.stat()
+                st = os.stat(self._file)
             except FileNotFoundError:
                 self._by_hash, self._expires, self._mtime, self._seen = {}, {}, None, None
                 return
@@ -75,17 +78,22 @@ class TokenBook:
             self._mtime, self._seen = mtime, seen
 
     def principal(self, token: str) -> Principal | None:
-        """The principal a token stands for, or None (unknown, revoked or expired)."""
+        """The principal a token stands for, or None (unknown, revoked or expired). One look at the file and one
+        hash per call: it runs for every HTTP request."""
         self._reload()
-        if self.expired(token):
+        digest = token_hash(token)
+        if self._expired(digest):
             return None
-        return self._by_hash.get(token_hash(token))
+        return self._by_hash.get(digest)
 
     def expired(self, token: str) -> bool:
         """Whether ``token`` is a known token past its ``expires_at``."""
         self._reload()
-        at = self._expires.get(token_hash(token))
-        return at is not None and at <= datetime.now(UTC).timestamp()
+        return self._expired(token_hash(token))
+
+    def _expired(self, digest: str) -> bool:
+        at = self._expires.get(digest)
+        return at is not None and at <= time.time()
 
     def issue(self, principal: str, expires_in_s: float | None = None) -> str:
         """Create a token for ``principal``, store its hash, and return it (it is shown only this once)."""

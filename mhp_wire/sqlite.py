@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+
+from mhp_wire.groupcommit import Failed, GroupCommit
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -118,3 +120,73 @@ class SqliteThread:
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(db)`` (reads only) on the worker thread."""
         return await self.call(lambda: fn(self.db))
+
+
+
+class GroupTransactions(GroupCommit[Callable[[sqlite3.Connection], Any], Any]):
+    """Write transactions of many callers on one :class:`SqliteThread`, committed together
+    (:class:`mhp_wire.groupcommit.GroupCommit`): the shape of ``retailer_bridge.store.GroupCommit``, here so that
+    the hub's store uses the same one (and the bridge's can become this).
+
+    ``await tx(fn)`` queues ``fn(db)``; one flusher runs everything queued in a single ``BEGIN IMMEDIATE`` …
+    ``COMMIT`` (durable: ``synchronous=FULL``) on the database thread, each ``fn`` inside its own savepoint, and
+    resolves every caller after the commit. A ``fn`` that raises is rolled back to its savepoint and gets its error
+    (a SQLite error as :class:`StorageError`); the others commit. Whatever arrives during a commit waits for the
+    next one: the batch grows with the load, and a lone write pays one commit as before. If the commit itself
+    fails (or an error ends the transaction), every caller of that batch gets the :class:`StorageError`.
+    """
+
+    def __init__(self, sql: SqliteThread, name: str) -> None:
+        super().__init__(self._commit_sql, name=name)
+        self.sql = sql
+
+    async def tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(db)`` in the next group transaction; returns once that transaction is committed.
+
+        With no commit in flight and nothing queued, ``fn`` is committed at once from the caller (no flusher task,
+        no extra turns of the event loop: a lone write costs what a plain transaction costs); whatever arrives
+        meanwhile is queued and committed together right after it."""
+        if (self._task is None or self._task.done()) and not self._queue:
+            gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._task = cast("asyncio.Task[None]", gate)  # a commit is in flight: submit() only queues
+            try:
+                result: T = await self.sql.tx(fn)
+            finally:
+                gate.set_result(None)
+                self._task = None
+                if self._queue:
+                    self._task = asyncio.create_task(self._run(), name=self.name)
+            self.commits += 1
+            self.writes += 1
+            return result
+        queued: T = await self.submit(fn)
+        return queued
+
+    async def _commit_sql(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        if len(fns) == 1:  # alone: no savepoint, its failure is the transaction's
+            return [await self.sql.tx(fns[0])]
+        return await self.sql.tx(lambda db: [_in_savepoint(db, fn) for fn in fns])
+
+
+def _in_savepoint(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T | Failed:
+    """``fn(db)`` inside a savepoint of the open transaction. When it raises, only its own writes are rolled back
+    and the answer is a :class:`Failed` (a SQLite error as a :class:`StorageError`, anything else as it is);
+    an error that ended the transaction itself (SQLite rolled it back: a full disk, an I/O error) or a misuse of
+    the connection is raised, failing the whole transaction."""
+    db.execute("SAVEPOINT one_write")
+    try:
+        result = fn(db)
+    except sqlite3.InterfaceError:
+        raise
+    except Exception as exc:
+        if not db.in_transaction:
+            raise
+        db.execute("ROLLBACK TO one_write")
+        db.execute("RELEASE one_write")
+        if isinstance(exc, sqlite3.Error):
+            error = StorageError(f"storage error: {exc}")
+            error.__cause__ = exc
+            return Failed(error)
+        return Failed(exc)
+    db.execute("RELEASE one_write")
+    return result

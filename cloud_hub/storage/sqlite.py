@@ -6,6 +6,7 @@ a prefix scan is a range scan, and a batch is one transaction.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import struct
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cloud_hub.storage import SCHEMA, Mutation, Row, StoreUnavailable, prefix_stop
-from mhp_wire.sqlite import SqliteThread, StorageError
+from mhp_wire.sqlite import GroupTransactions, SqliteThread, StorageError
 
 T = TypeVar("T")
 
@@ -57,6 +58,8 @@ class SqliteKV:
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 2000) -> None:
         self.path = str(path)
         self._sql = SqliteThread(path, DDL, busy_timeout_ms=busy_timeout_ms, name="hub-store")
+        self.commits = GroupTransactions(self._sql, name="hub-store-commit")
+        """The group commit of :meth:`batch`: ``commits.commits`` transactions for ``commits.writes`` batches."""
 
     @property
     def busy_seconds(self) -> float:
@@ -77,7 +80,8 @@ class SqliteKV:
             raise StoreUnavailable(str(exc)) from exc
 
     async def close(self) -> None:
-        """Close the database."""
+        """Close the database, once every batch handed in is committed (or failed)."""
+        await self.commits.drain()
         await self._sql.close()
 
     def _get(self, table: str, row: str, columns: list[str] | None) -> Row:
@@ -186,26 +190,32 @@ class SqliteKV:
         if m.put:
             db.executemany(_PUT, [(m.table, m.row, c, v) for c, v in m.put.items()])
 
+    @staticmethod
+    def _write(db: sqlite3.Connection, mutations: list[Mutation]) -> None:
+        """The mutations of one :meth:`batch`, in order, inside the open transaction."""
+        # The cells of consecutive puts go in one statement (a batch of a hundred audit lines or client entries
+        # is one executemany, not a hundred); a deletion first writes the puts before it, so order holds.
+        puts: list[tuple[str, str, str, bytes]] = []
+        for m in mutations:
+            if m.delete is not None:
+                if puts:
+                    db.executemany(_PUT, puts)
+                    puts = []
+                SqliteKV._apply(db, Mutation(m.table, m.row, delete=m.delete))
+            _check_table(m.table)
+            puts += [(m.table, m.row, c, v) for c, v in m.put.items()]
+        if puts:
+            db.executemany(_PUT, puts)
+
     async def batch(self, mutations: list[Mutation]) -> None:
-        """Apply every mutation in one transaction."""
+        """Apply every mutation in one transaction, durable when this returns.
 
-        def op(db: sqlite3.Connection) -> None:
-            # The cells of consecutive puts go in one statement (a batch of a hundred audit lines or client entries
-            # is one executemany, not a hundred); a deletion first writes the puts before it, so order holds.
-            puts: list[tuple[str, str, str, bytes]] = []
-            for m in mutations:
-                if m.delete is not None:
-                    if puts:
-                        db.executemany(_PUT, puts)
-                        puts = []
-                    self._apply(db, Mutation(m.table, m.row, delete=m.delete))
-                _check_table(m.table)
-                puts += [(m.table, m.row, c, v) for c, v in m.put.items()]
-            if puts:
-                db.executemany(_PUT, puts)
-
+        Batches handed in while the SQLite thread is busy are committed together (:attr:`commits`, a
+        :class:`~mhp_wire.sqlite.GroupTransactions`): one transaction, one WAL sync for all of them, each batch in
+        its own savepoint, so one that fails is rolled back alone and raises to its own caller only. No batch waits
+        for company: the first starts a commit at once, and whatever arrives meanwhile goes into the next one."""
         try:
-            await self._sql.tx(op)
+            await self.commits.tx(functools.partial(self._write, mutations=mutations))
         except StorageError as exc:
             raise StoreUnavailable(str(exc)) from exc
 

@@ -78,7 +78,9 @@ class RequestViews:
 
     async def get_request(self, who: Principal, request_id: str) -> dict[str, Any]:
         """A request as its issuer sees it: state, per-retailer and per-client progress, per-component trace."""
-        req = await self.store.get_request(request_id)
+        # Its own fields and targets only: the queued messages (a billing request's hold every client's readings)
+        # are not part of the answer, and the DSO polls an open request several times a second.
+        req = await self.store.get_request(request_id, RequestCodec.WHOLE)
         if req is None:
             raise NotFound(f"request {request_id!r} does not exist")
         meta = req["meta"]
