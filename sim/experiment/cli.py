@@ -85,12 +85,18 @@ def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.kill_bridge_after_outcomes is not None and (args.kill_bridge_after_outcomes < 1
                                                         or args.bridge_instances < 2):
         parser.error("--kill-bridge-after-outcomes must be positive and needs --bridge-instances 2 or more")
-    res = fanout_mod.run(fanout_mod.FanoutParams(out=args.out, gateways=args.gateways, retailers=args.retailers,
-                                                 runs=args.runs, per_fleet=args.per_fleet, timeout_s=args.timeout_s,
-                                                 peer=args.peer or "", via=args.via or "", vens=args.vens,
-                                                 floor=args.floor, bridge_instances=args.bridge_instances,
-                                                 kill_bridge_after_outcomes=args.kill_bridge_after_outcomes,
-                                                 bridge_partitions=args.bridge_partitions))
+    if args.fleets_connecting < 1 or args.connect_concurrency < 1:
+        parser.error("--fleets-connecting and --connect-concurrency must be positive")
+    try:
+        res = fanout_mod.run(fanout_mod.FanoutParams(
+            out=args.out, gateways=args.gateways, retailers=args.retailers, runs=args.runs, per_fleet=args.per_fleet,
+            timeout_s=args.timeout_s, peer=args.peer or "", via=args.via or "", vens=args.vens, floor=args.floor,
+            bridge_instances=args.bridge_instances, kill_bridge_after_outcomes=args.kill_bridge_after_outcomes,
+            bridge_partitions=args.bridge_partitions, fleets_connecting=args.fleets_connecting,
+            connect_concurrency=args.connect_concurrency))
+    except fanout_mod.ProcessExited as exc:
+        print(f"[fanout] FAILED: {exc}", file=sys.stderr, flush=True)
+        return 3
     s = res["summary"]
     print(f"[fanout] done: {s['runs']} run(s); all executed every run: {s['all_executed_every_run']}; missing "
           f"{s['missing_commands']}, duplicates {s['duplicate_commands']}; 100 % executed by {s['t100_s_best']} s "
@@ -154,6 +160,10 @@ def _add_fanout(sub: Any) -> None:
     fanout.add_argument("--kill-bridge-after-outcomes", type=int,
                         help="in each run, once the hub has received this many outcome messages of it, kill -9 each "
                              "retailer's active bridge (its standby takes over)")
+    fanout.add_argument("--fleets-connecting", type=int, default=2,
+                        help="fleet processes connecting their gateways at once (the others wait for their turn)")
+    fanout.add_argument("--connect-concurrency", type=int, default=200,
+                        help="CONNECTs in flight per fleet process while it connects")
     fanout.add_argument("--bridge-partitions", type=int, default=1,
                         help="bridge partitions per retailer, by gateway: each its own process(es), store and "
                              "logins (with --bridge-instances N, N processes per partition)")
