@@ -74,6 +74,8 @@ def _print_base(results: dict[str, object], out: Path) -> None:
 
 
 def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.timeout_s is None:
+        args.timeout_s = fanout_mod.run_timeout_s(args.gateways)
     if min(args.gateways, args.retailers, args.runs, args.per_fleet) < 1 or args.timeout_s <= 0:
         parser.error("--gateways, --retailers, --runs, --per-fleet and --timeout-s must be positive")
     if args.retailers > args.gateways:
@@ -146,7 +148,8 @@ def _add_fanout(sub: Any) -> None:
                         "spread over them")
     fanout.add_argument("--runs", type=int, default=3, help="emergencies sent, one after the other")
     fanout.add_argument("--per-fleet", type=int, default=2_500, help="simulated gateways per fleet process")
-    fanout.add_argument("--timeout-s", type=float, default=60.0, help="how long one run is followed")
+    fanout.add_argument("--timeout-s", type=float, default=None,
+                        help="how long one run is followed (default: 3 ms per gateway, at least 60 s)")
     fanout.add_argument("--peer", choices=("openleadr",), help="also run this peer's fan-out to as many VENs")
     fanout.add_argument("--via", choices=("openadr3",),
                         help="also run the fan-out through the hub's OpenADR 3 door (VENs on its MQTT notifier)")

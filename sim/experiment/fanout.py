@@ -84,7 +84,21 @@ TARGET_S = 5.0
 QUANTILES = (50, 90, 99, 100)
 ENDED = frozenset({"completed", "failed", "partially_completed", "expired", "cancelled"})
 CHECK_INTERVAL_S = 3.0
-"""How often a run still going reads the request's whole view (thousands of clients: not every poll)."""
+"""How often a run still going reads the request's whole view (thousands of clients: not every poll); once per
+:data:`CHECK_CLIENTS` clients more, this much longer (the view of 100,000 clients costs the hub seconds)."""
+CHECK_CLIENTS = 10_000
+IDLE_CPU_S = 0.025
+""":meth:`FanoutExperiment._settle`: every process together below this many CPU seconds per half second (5 % of a
+core) counts as idle ..."""
+IDLE_CPU_S_PER_CLIENT = 1.5e-6
+"""... plus this much per connected gateway: each simulated gateway's keep-alive ping (every 24 s) costs its fleet
+process and its broker ~50-60 us, so 100,000 idle gateways keep ~0.25 of a core busy, which no wait ends."""
+HUB_BODY_BYTES = 1024 * 1024
+"""The hub's default ``max_body_bytes``."""
+BODY_BYTES_PER_CLIENT = 32
+"""Room per client id in the emergency's body (``"client-00042",`` is 15 bytes)."""
+RUN_TIMEOUT_S_PER_CLIENT = 0.003
+"""The default time a run is followed: this per client, at least 60 s (100,000 gateways: 300 s)."""
 RUN_FIELDS = ("run", "request_id", "clients", "post_ms", "executed", "other_terminal", "missing_commands",
               "duplicate_commands", "hub_completed_s", "observed_done_s", "t50_s", "t90_s", "t99_s", "t100_s",
               "gateway_first_p50_s", "gateway_first_max_s", "state", "within_target", "loadavg_1m")
@@ -259,6 +273,11 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     except OSError:
         text = ""
     return "\n".join(text.splitlines()[-lines:]) or "(no output)"
+
+
+def run_timeout_s(gateways: int) -> float:
+    """The default time one run of ``gateways`` is followed before it counts as not done."""
+    return max(60.0, gateways * RUN_TIMEOUT_S_PER_CLIENT)
 
 
 def gateway_connect_timeout_s(gateways: int) -> float:
@@ -480,6 +499,13 @@ class FanoutExperiment(Experiment):
                  "fleet_connect_wall_s": round(time.monotonic() - t_fleet, 3)}
         return runs, setup
 
+    def _hub_config(self, name: str, broker_port: int, identity: Identity, tokens_file: Path,
+                    **extra: Any) -> tuple[Path, str]:
+        """The hub's settings, with a body limit that lets the emergency name every client: the hub's default
+        (1 MiB) holds ~60,000 of our ids, fewer than the 100,000 a request may name."""
+        extra.setdefault("max_body_bytes", max(HUB_BODY_BYTES, BODY_BYTES_PER_CLIENT * len(self.client_ids)))
+        return super()._hub_config(name, broker_port, identity, tokens_file, **extra)
+
     async def _register(self, hub_url: str, tokens: dict[str, str], *, readings: bool = False) -> None:
         """The retailers and clients only, by default: a fan-out reads no meter readings (``Experiment._register``
         uploads a day of them per client, 500 calls at 100,000 clients)."""
@@ -617,7 +643,7 @@ class FanoutExperiment(Experiment):
             now = self._cpu()
             busy = sum(now[k] - before.get(k, now[k]) for k in now)
             before = now
-            if busy < 0.025:
+            if busy < IDLE_CPU_S + IDLE_CPU_S_PER_CLIENT * len(self.client_ids):
                 return
         self.log(f"processes still busy after {self.fp.settle_s:g} s; starting the run anyway")
 
@@ -655,7 +681,7 @@ class FanoutExperiment(Experiment):
             if metrics["finished"] > finished_before:
                 done_at = time.time()
                 break
-            if time.monotonic() - last_check >= CHECK_INTERVAL_S:
+            if time.monotonic() - last_check >= CHECK_INTERVAL_S * max(1.0, len(self.client_ids) / CHECK_CLIENTS):
                 # The hub's counter is the cheap signal; its request view, read now and then, the sure one.
                 last_check = time.monotonic()
                 if (await http.get(f"/v1/requests/{request_id}")).json()["state"] in ENDED:
