@@ -12,9 +12,11 @@ acknowledges every command and answers it at once (``executed`` for actions, ``a
 {request_id: {gateway_id: [times received, first received at (epoch s)]}}}`` — what the fan-out experiment
 counts missing and duplicate commands from.
 
-``--go-file`` makes the process wait, started and idle, until that file exists before it connects: the fan-out
-experiment starts every fleet process at once and gives them their turn a few at a time, so that the CONNECTs in
-flight across the fleet stay bounded (``--connect-concurrency`` per process) however many gateways it has.
+The ready file says how many gateways, how long they took to connect, and when that began and ended
+(``connect_started_at``, ``connected_at``, epoch seconds). ``--go-file`` makes the process wait, started and
+idle, until that file exists before it connects: the fan-out experiment starts every fleet process at once and
+gives them their turn a few at a time, so that the CONNECTs in flight across the fleet stay bounded
+(``--connect-concurrency`` per process) however many gateways it has.
 """
 
 from __future__ import annotations
@@ -115,12 +117,13 @@ async def run_fleet(host: str, port: int, credentials: dict[str, dict[str, str]]
             await wait_for_turn(go_file, stop)
         if stop.is_set():  # stopped before its turn came: nothing connected, nothing received
             return
-        t0 = time.monotonic()
+        t0, started_at = time.monotonic(), time.time()
         await asyncio.gather(*(connect(g) for g in fleet))
         connect_s = round(time.monotonic() - t0, 3)
         log.info("%d simulated gateways connected in %.2f s", len(fleet), connect_s)
         if ready_file is not None:
-            _write_atomically(ready_file, {"gateways": len(fleet), "connect_s": connect_s})
+            _write_atomically(ready_file, {"gateways": len(fleet), "connect_s": connect_s,
+                                           "connect_started_at": started_at, "connected_at": time.time()})
         await stop.wait()
     finally:
         if stats_file is not None:  # before the links close

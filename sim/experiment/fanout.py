@@ -275,6 +275,14 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(no output)"
 
 
+def fleet_connect(fleet_ready: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """From the fleet processes' ready files: each one's connect time (``fleet_connect_s``) and its connecting
+    window, from its first CONNECT to its last CONNACK (``fleet_connect_windows``, epoch seconds)."""
+    return {"fleet_connect_s": {f["file"]: f["connect_s"] for f in fleet_ready},
+            "fleet_connect_windows": {f["file"]: [f.get("connect_started_at"), f.get("connected_at")]
+                                      for f in fleet_ready}}
+
+
 def run_timeout_s(gateways: int) -> float:
     """The default time one run of ``gateways`` is followed before it counts as not done."""
     return max(60.0, gateways * RUN_TIMEOUT_S_PER_CLIENT)
@@ -401,7 +409,7 @@ class FanoutExperiment(Experiment):
         if len(stats) < len(self.fleets):
             self.log(f"only {len(stats)} of {len(self.fleets)} fleet processes wrote their counts; see "
                      f"{self.work / 'logs'}")
-        setup["fleet_connect_s"] = {s["file"]: s["connect_s"] for s in setup.pop("fleet_ready", [])}
+        setup.update(fleet_connect(setup.pop("fleet_ready", [])))
         results = self._results(runs, stats, setup, round(time.time() - started, 3))
         if fp.peer:
             results["peer"] = self._run_peer()
