@@ -626,9 +626,10 @@ class Experiment:
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
+        deadline = time.monotonic() + 10  # 10 s for all from their SIGTERM, not 10 s each one after the other
         for name, proc in self.procs.items():
             try:
-                proc.wait(10)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.log(f"{name} did not stop in 10 s; killed")
                 proc.kill()
