@@ -20,6 +20,13 @@ def delay_s(attempts: int, first_s: float = 0.5, max_s: float = 30.0, factor: fl
     return float(min(max_s, first_s * factor ** min(max(0, attempts - 1), MAX_EXPONENT)))
 
 
+def jittered(delay: float, u: float) -> float:
+    """``delay`` spread over ``[delay / 2, delay)`` by ``u`` in ``[0, 1)`` (a random number the caller draws):
+    many clients that failed together (a broker restarted, a connect storm) do not all try again at the same
+    instant, and none waits less than half its back-off."""
+    return delay * (0.5 + min(max(u, 0.0), 1.0) / 2)
+
+
 @dataclass
 class Backoff:
     """Track consecutive failures and when a device may be tried again.

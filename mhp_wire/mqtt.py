@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import gmqtt
 from gmqtt.mqtt.constants import MQTTv50
 from gmqtt.mqtt.handler import MQTTConnectError
 
-from mhp_wire.backoff import Backoff
+from mhp_wire.backoff import Backoff, jittered
 from mhp_wire.logsafe import outside
 from mhp_wire.messages import presence_payload
 
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 CONNECT_ATTEMPT_S = 10.0
 """How long one connection attempt (TCP, TLS and the CONNACK) may take."""
+ABANDON_S = 2.0
+"""At most this long closing a connection attempt that is given up (DISCONNECT written, socket closed)."""
 ROOM_POLL_S = 0.001
 """How often a publish waiting for room in the in-flight window looks again."""
 _AUTH_REFUSALS = frozenset({4, 5, 134, 135, 138, 140})  # CONNACK codes (3.1.1 and 5) that retrying cannot fix
@@ -84,6 +87,7 @@ class MqttLink:
         connect_timeout_s: float | None = 30.0,
         reconnect_delay_s: float = 1.0,
         on_connect: Callable[[], None] | None = None,
+        connect_attempt_s: float = CONNECT_ATTEMPT_S,
     ) -> None:
         self.endpoint = endpoint
         self.client_id = client_id
@@ -91,6 +95,7 @@ class MqttLink:
         self._handler = handler
         self._status_topic = status_topic
         self._connect_timeout_s = connect_timeout_s
+        self._connect_attempt_s = connect_attempt_s
         self._on_connected = on_connect
         """Called (on the event loop, must not block) after every connection, the first and each reconnection:
         a broker restarted empty has lost what was retained, and the owner of a retained message publishes it
@@ -151,7 +156,7 @@ class MqttLink:
         while True:
             try:
                 # gmqtt waits for a CONNACK without a time limit (a plain client on a TLS port waits forever).
-                async with asyncio.timeout(CONNECT_ATTEMPT_S):
+                async with asyncio.timeout(self._connect_attempt_s):
                     await self._client.connect(self.endpoint.host, self.endpoint.port, ssl=tls, keepalive=30,
                                                version=MQTTv50)
                 break
@@ -163,15 +168,31 @@ class MqttLink:
                 err: Exception = exc
             except (OSError, TimeoutError) as exc:
                 err = exc
-            delay = backoff.record_failure(loop.time())
+            await self._abandon_attempt()
+            delay = jittered(backoff.record_failure(loop.time()), random.random())
             if deadline is not None and loop.time() + delay > deadline:
                 raise MqttError(
                     f"cannot connect to MQTT broker {self.endpoint.host}:{self.endpoint.port} as "
                     f"{self.endpoint.username!r}: {err}"
                 ) from None
             log.warning("MQTT connect to %s:%s failed (%s), retrying in %.1f s",
-                        self.endpoint.host, self.endpoint.port, err, delay)
+                        self.endpoint.host, self.endpoint.port, err or type(err).__name__, delay)
             await asyncio.sleep(delay)
+
+    async def _abandon_attempt(self) -> None:
+        """Close the connection of an attempt that failed or timed out before its CONNACK. Left open, its CONNECT,
+        still queued at a busy broker, would be served later and then either replace the next attempt's session
+        or be replaced by it (Mosquitto: "already connected, closing old connection"), and the socket would stay
+        open on both sides (one file descriptor each, of a broker's bounded number)."""
+        connection = getattr(self._client, "_connection", None)
+        if connection is None or connection.is_closing():
+            return
+        self._client._is_active = False  # the lost connection must not start gmqtt's own reconnection
+        try:
+            await asyncio.wait_for(self._client.disconnect(), ABANDON_S)
+        except (OSError, TimeoutError, AttributeError) as exc:
+            log.debug("closing the abandoned attempt of %s ended with %r", self.client_id, exc)
+        self._stop_gmqtt_reconnects()
 
     async def __aexit__(self, *exc: object) -> None:
         try:

@@ -5,11 +5,18 @@ acknowledges every command and answers it at once (``executed`` for actions, ``a
 — no devices behind it. It is the load generator for bridge and fan-out benchmarks, not a gateway.
 
     python -m sim.fleet --host 127.0.0.1 --port 1884 --credentials creds.json [--ready-file F] [--stats-file F]
+        [--go-file F] [--connect-concurrency N] [--connect-timeout-s S]
 
 ``creds.json`` maps gateway id to ``{"client_id": ..., "password": ...}``. On SIGTERM the fleet writes, to
 ``--stats-file``, every command it got per request and gateway: ``{"gateways": n, "connect_s": s, "commands":
 {request_id: {gateway_id: [times received, first received at (epoch s)]}}}`` — what the fan-out experiment
 counts missing and duplicate commands from.
+
+The ready file says how many gateways, how long they took to connect, and when that began and ended
+(``connect_started_at``, ``connected_at``, epoch seconds). ``--go-file`` makes the process wait, started and
+idle, until that file exists before it connects: the fan-out experiment starts every fleet process at once and
+gives them their turn a few at a time, so that the CONNECTs in flight across the fleet stay bounded
+(``--connect-concurrency`` per process) however many gateways it has.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from mhp_wire.mqtt import MqttEndpoint, MqttLink
 
 log = logging.getLogger(__name__)
 
+GO_POLL_S = 0.05
+"""How often a fleet process waiting for its turn (``--go-file``) looks for it."""
 FLOOR_PREFIX = b"floor:"
 """A payload starting with this is the MQTT floor's bare command (``mhp-sim experiment fanout --floor``): the
 gateway publishes it back, unchanged, as its one QoS 1 acknowledgement, with no decoding and no application."""
@@ -40,7 +49,8 @@ gateway publishes it back, unchanged, as its one QoS 1 acknowledgement, with no 
 class FleetGateway:
     """One simulated gateway."""
 
-    def __init__(self, gateway_id: str, client_id: str, endpoint: MqttEndpoint) -> None:
+    def __init__(self, gateway_id: str, client_id: str, endpoint: MqttEndpoint,
+                 connect_timeout_s: float = 60.0) -> None:
         self.id = gateway_id
         self.client_id = client_id
         self.commands = 0
@@ -48,7 +58,8 @@ class FleetGateway:
         """Per request id: ``[times received, first received at]`` (a duplicate is a second receipt)."""
         self.link = MqttLink(endpoint, client_id=gateway_id, subscriptions=[topics.down("gateways", gateway_id)],
                              handler=self.on_message, status_topic=topics.status("gateways", gateway_id),
-                             clean_start=True, session_expiry_s=0, connect_timeout_s=60)
+                             clean_start=True, session_expiry_s=0,
+                             connect_timeout_s=connect_timeout_s)
 
     async def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         """Acknowledge and answer a command at once (a floor command: echo it back, nothing else)."""
@@ -83,10 +94,12 @@ def fleet_stats(fleet: list[FleetGateway], connect_s: float | None) -> dict[str,
     return {"gateways": len(fleet), "connect_s": connect_s, "commands": commands}
 
 
-async def run_fleet(host: str, port: int, credentials: dict[str, dict[str, str]], ready_file: Path | None,
-                    connect_concurrency: int = 200, stats_file: Path | None = None) -> None:
-    """Connect every gateway, then serve until SIGTERM (or cancelled); then write ``stats_file``."""
-    fleet = [FleetGateway(gid, c["client_id"], MqttEndpoint(host, port, gid, c["password"]))
+async def run_fleet(host: str, port: int, credentials: dict[str, dict[str, str]],
+                    ready_file: Path | None, connect_concurrency: int = 200, stats_file: Path | None = None,
+                    go_file: Path | None = None, connect_timeout_s: float = 60.0) -> None:
+    """Connect every gateway (once ``go_file`` exists, if given), then serve until SIGTERM (or cancelled); then
+    write ``stats_file``."""
+    fleet = [FleetGateway(gid, c["client_id"], MqttEndpoint(host, port, gid, c["password"]), connect_timeout_s)
              for gid, c in credentials.items()]
     sem = asyncio.Semaphore(connect_concurrency)
     stop = asyncio.Event()
@@ -100,18 +113,31 @@ async def run_fleet(host: str, port: int, credentials: dict[str, dict[str, str]]
             connected.append(g)
 
     try:
-        t0 = time.monotonic()
+        if go_file is not None:
+            await wait_for_turn(go_file, stop)
+        if stop.is_set():  # stopped before its turn came: nothing connected, nothing received
+            return
+        t0, started_at = time.monotonic(), time.time()
         await asyncio.gather(*(connect(g) for g in fleet))
         connect_s = round(time.monotonic() - t0, 3)
         log.info("%d simulated gateways connected in %.2f s", len(fleet), connect_s)
         if ready_file is not None:
-            _write_atomically(ready_file, {"gateways": len(fleet), "connect_s": connect_s})
+            _write_atomically(ready_file, {"gateways": len(fleet), "connect_s": connect_s,
+                                           "connect_started_at": started_at, "connected_at": time.time()})
         await stop.wait()
     finally:
         if stats_file is not None:  # before the links close
             _write_atomically(stats_file, fleet_stats(fleet, connect_s))
         # All at once: one after the other, thousands of clean disconnects take longer than a supervisor waits.
         await asyncio.gather(*(g.link.__aexit__(None, None, None) for g in connected))
+
+
+async def wait_for_turn(go_file: Path, stop: asyncio.Event) -> None:
+    """Return when ``go_file`` exists (this process's turn to connect) or ``stop`` is set."""
+    while not go_file.exists():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), GO_POLL_S)
+            return
 
 
 def _write_atomically(path: Path, content: dict[str, Any]) -> None:
@@ -128,11 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--credentials", type=Path, required=True)
     parser.add_argument("--ready-file", type=Path)
     parser.add_argument("--stats-file", type=Path, help="written on SIGTERM: the commands received")
+    parser.add_argument("--go-file", type=Path, help="wait until this file exists before connecting")
+    parser.add_argument("--connect-concurrency", type=int, default=200, help="CONNECTs in flight at most")
+    parser.add_argument("--connect-timeout-s", type=float, default=60.0,
+                        help="how long each gateway keeps trying to connect before the process gives up")
     args = parser.parse_args(argv)
+    if args.connect_concurrency < 1 or args.connect_timeout_s <= 0:
+        parser.error("--connect-concurrency and --connect-timeout-s must be positive")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     creds: dict[str, Any] = json.loads(args.credentials.read_text())
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_fleet(args.host, args.port, creds, args.ready_file, stats_file=args.stats_file))
+        asyncio.run(run_fleet(args.host, args.port, creds, args.ready_file, args.connect_concurrency,
+                              stats_file=args.stats_file, go_file=args.go_file,
+                              connect_timeout_s=args.connect_timeout_s))
     return 0
 
 

@@ -595,9 +595,9 @@ class Experiment:
         # The hub learns presence from retained status messages; give it a moment to see every simulator.
         await asyncio.sleep(0.5)
 
-    async def _register(self, hub_url: str, tokens: dict[str, str]) -> None:
+    async def _register(self, hub_url: str, tokens: dict[str, str], *, readings: bool = True) -> None:
         """Register the retailers, then the clients in bulk (``PUT /v1/clients``, 5,000 a call) and upload their
-        readings (200 clients a call), a few calls at a time."""
+        readings (200 clients a call; not with ``readings=False``), a few calls at a time."""
         admin = {"Authorization": f"Bearer {tokens['admin']}"}
         dso = {"Authorization": f"Bearer {tokens['dso']}"}
         async with httpx.AsyncClient(base_url=hub_url, timeout=120) as http:
@@ -615,6 +615,8 @@ class Experiment:
                  "valid_from": "2020-01-01T00:00:00+00:00"}
                 for i, cid in enumerate(self.client_ids[k:k + 5000], start=k)]})
                 for k in range(0, len(self.client_ids), 5000)))
+            if not readings:
+                return
             values = [round(0.1 + 0.05 * (k % 8), 3) for k in range(96)]
             await asyncio.gather(*(call("POST", "/v1/meter-readings", {"readings": [
                 {"client_id": c, "start": BILLING_PERIOD_START.isoformat(), "resolution_s": 900, "values_kwh": values}
@@ -624,9 +626,10 @@ class Experiment:
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
+        deadline = time.monotonic() + 10  # 10 s for all from their SIGTERM, not 10 s each one after the other
         for name, proc in self.procs.items():
             try:
-                proc.wait(10)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.log(f"{name} did not stop in 10 s; killed")
                 proc.kill()

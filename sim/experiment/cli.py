@@ -74,6 +74,8 @@ def _print_base(results: dict[str, object], out: Path) -> None:
 
 
 def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.timeout_s is None:
+        args.timeout_s = fanout_mod.run_timeout_s(args.gateways)
     if min(args.gateways, args.retailers, args.runs, args.per_fleet) < 1 or args.timeout_s <= 0:
         parser.error("--gateways, --retailers, --runs, --per-fleet and --timeout-s must be positive")
     if args.retailers > args.gateways:
@@ -85,12 +87,18 @@ def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.kill_bridge_after_outcomes is not None and (args.kill_bridge_after_outcomes < 1
                                                         or args.bridge_instances < 2):
         parser.error("--kill-bridge-after-outcomes must be positive and needs --bridge-instances 2 or more")
-    res = fanout_mod.run(fanout_mod.FanoutParams(out=args.out, gateways=args.gateways, retailers=args.retailers,
-                                                 runs=args.runs, per_fleet=args.per_fleet, timeout_s=args.timeout_s,
-                                                 peer=args.peer or "", via=args.via or "", vens=args.vens,
-                                                 floor=args.floor, bridge_instances=args.bridge_instances,
-                                                 kill_bridge_after_outcomes=args.kill_bridge_after_outcomes,
-                                                 bridge_partitions=args.bridge_partitions))
+    if args.fleets_connecting < 1 or args.connect_concurrency < 1:
+        parser.error("--fleets-connecting and --connect-concurrency must be positive")
+    try:
+        res = fanout_mod.run(fanout_mod.FanoutParams(
+            out=args.out, gateways=args.gateways, retailers=args.retailers, runs=args.runs, per_fleet=args.per_fleet,
+            timeout_s=args.timeout_s, peer=args.peer or "", via=args.via or "", vens=args.vens, floor=args.floor,
+            bridge_instances=args.bridge_instances, kill_bridge_after_outcomes=args.kill_bridge_after_outcomes,
+            bridge_partitions=args.bridge_partitions, fleets_connecting=args.fleets_connecting,
+            connect_concurrency=args.connect_concurrency))
+    except fanout_mod.ProcessExited as exc:
+        print(f"[fanout] FAILED: {exc}", file=sys.stderr, flush=True)
+        return 3
     s = res["summary"]
     print(f"[fanout] done: {s['runs']} run(s); all executed every run: {s['all_executed_every_run']}; missing "
           f"{s['missing_commands']}, duplicates {s['duplicate_commands']}; 100 % executed by {s['t100_s_best']} s "
@@ -140,7 +148,8 @@ def _add_fanout(sub: Any) -> None:
                         "spread over them")
     fanout.add_argument("--runs", type=int, default=3, help="emergencies sent, one after the other")
     fanout.add_argument("--per-fleet", type=int, default=2_500, help="simulated gateways per fleet process")
-    fanout.add_argument("--timeout-s", type=float, default=60.0, help="how long one run is followed")
+    fanout.add_argument("--timeout-s", type=float, default=None,
+                        help="how long one run is followed (default: 3 ms per gateway, at least 60 s)")
     fanout.add_argument("--peer", choices=("openleadr",), help="also run this peer's fan-out to as many VENs")
     fanout.add_argument("--via", choices=("openadr3",),
                         help="also run the fan-out through the hub's OpenADR 3 door (VENs on its MQTT notifier)")
@@ -154,6 +163,10 @@ def _add_fanout(sub: Any) -> None:
     fanout.add_argument("--kill-bridge-after-outcomes", type=int,
                         help="in each run, once the hub has received this many outcome messages of it, kill -9 each "
                              "retailer's active bridge (its standby takes over)")
+    fanout.add_argument("--fleets-connecting", type=int, default=2,
+                        help="fleet processes connecting their gateways at once (the others wait for their turn)")
+    fanout.add_argument("--connect-concurrency", type=int, default=200,
+                        help="CONNECTs in flight per fleet process while it connects")
     fanout.add_argument("--bridge-partitions", type=int, default=1,
                         help="bridge partitions per retailer, by gateway: each its own process(es), store and "
                              "logins (with --bridge-instances N, N processes per partition)")
