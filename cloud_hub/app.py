@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from cloud_hub import openadr3
 from cloud_hub.api import console, data, events, health, permissions, registry, requests, tariffs
@@ -228,6 +229,20 @@ def _lifespan(settings: HubSettings) -> Callable[[FastAPI], contextlib.AbstractA
     return lifespan
 
 
+CLIENT_LIST_ROUTES = frozenset(f"/v1/{name}" for name in ("emergencies", "load-shifts", "load-reductions",
+                                                           "billing-data"))
+"""The routes whose bodies list up to 100,000 client ids (``mhp_wire.dso_api``), with ``/v1/requests/{id}/revise``."""
+
+
+def names_clients(scope: Scope) -> bool:
+    """Whether this HTTP request is one whose body may name up to 100,000 clients (``max_client_list_body_bytes``)."""
+    if scope.get("method") != "POST":
+        return False
+    path: str = scope.get("path", "")
+    return path in CLIENT_LIST_ROUTES or (path.startswith("/v1/requests/") and path.endswith("/revise")
+                                          and path.count("/") == 4)
+
+
 def create_app(settings: HubSettings) -> FastAPI:
     """Build the hub application for ``settings``."""
     # The API's own description (/docs, /redoc, /openapi.json) only where the settings expose it.
@@ -248,7 +263,9 @@ def create_app(settings: HubSettings) -> FastAPI:
     openadr3.mount(app)  # the OpenADR 3.1 VTN facade (docs/openadr3.md)
     app.state.http_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    list_limit = max(settings.max_body_bytes, settings.max_client_list_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       wider=lambda scope: list_limit if names_clients(scope) else None)
     for error, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error, handler)
     return app

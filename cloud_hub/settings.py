@@ -40,6 +40,11 @@ class HubSettings(BaseSettings):
     forwarded_allow_ips: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
     """Addresses of the TLS proxy whose X-Forwarded-* headers are believed (``behind_tls_proxy``)."""
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    """The largest HTTP request body (413 beyond it), except for ``max_client_list_body_bytes``'s routes."""
+    max_client_list_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    """The largest body of a request that names its clients (``POST`` of an emergency, load shift, load reduction,
+    billing data, and a revision): the API takes up to 100,000 client ids of up to 64 characters (~6.7 MB), so 1 MiB
+    refused requests the API documents as valid. Never below ``max_body_bytes``."""
     expose_docs: bool | None = None
     """Serve ``/docs``, ``/redoc`` and ``/openapi.json``; unset: only in development (not on a production listener)."""
     expose_metrics: bool | None = None

@@ -10,7 +10,7 @@ import contextlib
 import ipaddress
 import json
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -77,21 +77,30 @@ class BodyLimit:
     the gateway's extra supports older Starlette releases.)
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, *, wider: Callable[[Scope], int | None] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.wider = wider
+        """A larger limit for some requests (their method and path in ``scope``), None for the others: a route
+        whose valid bodies are larger than the rest (the hub's requests naming up to 100,000 clients)."""
 
-    def _message(self) -> str:
-        return "this server takes no request body" if self.max_bytes == 0 else \
-            f"request body over {self.max_bytes} bytes"
+    def limit_for(self, scope: Scope) -> int:
+        """This request's limit: ``wider``'s answer, else ``max_bytes``."""
+        wider = None if self.wider is None else self.wider(scope)
+        return self.max_bytes if wider is None else wider
+
+    @staticmethod
+    def _message(limit: int) -> str:
+        return "this server takes no request body" if limit == 0 else f"request body over {limit} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit_for(scope)
         length, chunked = _declared(scope["headers"])
-        if (length is not None and not 0 <= length <= self.max_bytes) or (chunked and self.max_bytes == 0):
-            await _answer(send, 413, "too_large", self._message())
+        if (length is not None and not 0 <= length <= limit) or (chunked and limit == 0):
+            await _answer(send, 413, "too_large", self._message(limit))
             return
         received = 0
         body_done = not chunked and not length
@@ -100,15 +109,15 @@ class BodyLimit:
         async def counted() -> Message:
             nonlocal received, body_done, refused
             if refused:
-                raise BodyTooLarge(self._message())
+                raise BodyTooLarge(self._message(limit))
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     refused = True
                     if not started:
-                        await _answer(send, 413, "too_large", self._message())
-                    raise BodyTooLarge(self._message())
+                        await _answer(send, 413, "too_large", self._message(limit))
+                    raise BodyTooLarge(self._message(limit))
                 body_done = body_done or not message.get("more_body", False)
             return message
 

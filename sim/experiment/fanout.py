@@ -96,10 +96,6 @@ core) counts as idle ..."""
 IDLE_CPU_S_PER_CLIENT = 1.5e-6
 """... plus this much per connected gateway: each simulated gateway's keep-alive ping (every 24 s) costs its fleet
 process and its broker ~50-60 us, so 100,000 idle gateways keep ~0.25 of a core busy, which no wait ends."""
-HUB_BODY_BYTES = 1024 * 1024
-"""The hub's default ``max_body_bytes``."""
-BODY_BYTES_PER_CLIENT = 32
-"""Room per client id in the emergency's body (``"client-00042",`` is 15 bytes)."""
 RUN_TIMEOUT_S_PER_CLIENT = 0.003
 """The default time a run is followed: this per client, at least 60 s (100,000 gateways: 300 s)."""
 RUN_FIELDS = ("run", "request_id", "clients", "post_ms", "executed", "other_terminal", "missing_commands",
@@ -510,13 +506,6 @@ class FanoutExperiment(Experiment):
                  "fleets_connecting": fp.fleets_connecting, "connect_concurrency": fp.connect_concurrency,
                  "fleet_connect_wall_s": fleet_connect_wall_s}
         return runs, setup
-
-    def _hub_config(self, name: str, broker_port: int, identity: Identity, tokens_file: Path,
-                    **extra: Any) -> tuple[Path, str]:
-        """The hub's settings, with a body limit that lets the emergency name every client: the hub's default
-        (1 MiB) holds ~60,000 of our ids, fewer than the 100,000 a request may name."""
-        extra.setdefault("max_body_bytes", max(HUB_BODY_BYTES, BODY_BYTES_PER_CLIENT * len(self.client_ids)))
-        return super()._hub_config(name, broker_port, identity, tokens_file, **extra)
 
     async def _register(self, hub_url: str, tokens: dict[str, str], *, readings: bool = False) -> None:
         """The retailers and clients only, by default: a fan-out reads no meter readings (``Experiment._register``

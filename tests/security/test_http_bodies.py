@@ -28,7 +28,7 @@ from tests.hub_fixtures import running_hub
 from tests.retailer_bridge.personal_area_rig import running_area
 
 HUB_LIMIT = 4096
-"""The hub's ``max_body_bytes`` in these tests (its smallest allowed value is 1024)."""
+"""The hub's ``max_body_bytes`` and ``max_client_list_body_bytes`` in these tests (the smallest allowed is 1024)."""
 DSO_LOGIN_LIMIT = 4096
 """What the DSO page reads at most of a sign-in form (``dso_console.app.LOGIN_MAX_BODY``), before anyone signed in."""
 CHUNK = 1024
@@ -57,7 +57,8 @@ async def target(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_facto
     """Each HTTP server of the project, running for real, and the unauthenticated request of it that reads a body."""
     name = request.param
     if name == "hub":
-        async for hub in running_hub(request, tmp_path, mosquitto_factory, "sqlite", max_body_bytes=HUB_LIMIT):
+        async for hub in running_hub(request, tmp_path, mosquitto_factory, "sqlite", max_body_bytes=HUB_LIMIT,
+                                     max_client_list_body_bytes=HUB_LIMIT):
             yield Target(name, httpx.URL(hub.url).port or 0, "POST", "/v1/emergencies", HUB_LIMIT,
                          {"Content-Type": "application/json"}, "/healthz")
     elif name == "personal_area":
