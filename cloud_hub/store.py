@@ -21,6 +21,7 @@ from cloud_hub.lifecycle import RequestState, RowChanges, RowState
 from cloud_hub.storage import KVStore, Mutation, Row, StoreUnavailable, prefix_stop
 from cloud_hub.storage.sqlite import SqliteKV
 from cloud_hub.timeline import supplier_at
+from cloud_hub.yielding import chunked_map
 from mhp_wire.messages import ClientState
 
 if TYPE_CHECKING:
@@ -552,8 +553,9 @@ class HubStore:
         # The audit lines first, the row (which drops the plan) last: on HBase, where a batch is written row by
         # row, a crash between them leaves the plan, and the expansion is made again (an audit line twice, never
         # none).
-        muts = [audit_mutation(e) for e in audit]
-        cells = {f"c:{cid}": _j(e) for cid, e in clients.items()}
+        # Encoded in chunks (cloud_hub.yielding): 100,000 clients held the event loop for seconds in one go.
+        muts = await chunked_map(audit_mutation, audit)
+        cells = dict(await chunked_map(lambda ce: (f"c:{ce[0]}", _j(ce[1])), clients.items()))
         cells.update({f"o:{mid}": _j(m) for mid, m in outbox.items()})
         muts.append(Mutation("requests", request_id, cells, delete=[f"r:{fanout.PLAN}"]))
         await self._batch_with_events(muts, [(request_id, {f"c:{cid}": e for cid, e in clients.items()}, meta)])
