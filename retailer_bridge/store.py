@@ -1,8 +1,9 @@
 """The bridge's durable state: commands to gateways and outcomes to the hub, each kept until acknowledged.
 
-Writes are group-committed (:class:`GroupCommit`): every write that arrives while a commit is running joins the
-next transaction, so 10,000 gateways answering at once cost a few dozen fsyncs, not 10,000. Each write still
-returns only once its transaction is committed, so "stored before acknowledged" holds for every caller.
+Writes are group-committed (:class:`mhp_wire.sqlite.GroupTransactions`, the hub's store's as well): every write that
+arrives while a commit is running joins the next transaction, so 10,000 gateways answering at once cost a few dozen
+fsyncs, not 10,000. Each write still returns only once its transaction is committed, so "stored before
+acknowledged" holds for every caller.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from typing import Any, TypeVar
 
 from mhp_wire.fastwire import Report, outcome_payload
 from mhp_wire.groupcommit import Failed
-from mhp_wire.groupcommit import GroupCommit as _GroupCommit
 from mhp_wire.messages import Outcome, encode
-from mhp_wire.sqlite import SqliteThread, StorageError
+from mhp_wire.sqlite import GroupTransactions, SqliteThread, StorageError
 from retailer_bridge.billing import BillingReading, readings_of, select
 
 T = TypeVar("T")
@@ -116,56 +116,13 @@ class NewCommand:
     """The request's revision the command carries: a higher one replaces the stored command of its client."""
 
 
-class GroupCommit(_GroupCommit[Callable[[sqlite3.Connection], Any], Any]):
-    """Write transactions of many callers, committed together (:class:`mhp_wire.groupcommit.GroupCommit`).
-
-    ``await tx(fn)`` queues ``fn(db)``; one flusher runs everything queued in a single ``BEGIN IMMEDIATE`` …
-    ``COMMIT`` on the database thread, each ``fn`` inside its own savepoint, and resolves every caller after the
-    commit. A ``fn`` that raises is rolled back to its savepoint and gets its error; the others commit. Whatever
-    arrives during a commit waits for the next one: the batch grows with the load, and a lone write pays one
-    commit as before. If the commit itself fails, every caller of that batch gets the :class:`StorageError`.
-    """
-
-    def __init__(self, sql: SqliteThread) -> None:
-        super().__init__(self._commit_sql, name="bridge-group-commit")
-        self.sql = sql
-
-    async def tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(db)`` in the next group transaction; returns once that transaction is committed."""
-        result: T = await self.submit(fn)
-        return result
-
-    async def _commit_sql(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
-        return await self.sql.call(self._run_sql, fns)
-
-    def _run_sql(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
-        db = self.sql.db
-        db.execute("BEGIN IMMEDIATE")
-        results: list[Any] = []
-        try:
-            for fn in fns:
-                db.execute("SAVEPOINT one_write")
-                try:
-                    results.append(fn(db))
-                except Exception as exc:
-                    db.execute("ROLLBACK TO one_write")
-                    results.append(Failed(StorageError(f"storage error: {exc}") if isinstance(exc, sqlite3.Error)
-                                           else exc))
-                db.execute("RELEASE one_write")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # a failed COMMIT leaves it open: the next batch must start clean
-                db.execute("ROLLBACK")
-            raise
-        return results
-
-
 class BridgeStore:
-    """Commands and the outbox towards the hub, in SQLite; every write goes through one :class:`GroupCommit`."""
+    """Commands and the outbox towards the hub, in SQLite; every write goes through one
+    :class:`~mhp_wire.sqlite.GroupTransactions`, each waiting one turn of the loop for the others of that turn."""
 
     def __init__(self, path: Path | str) -> None:
         self.sql = SqliteThread(path, SCHEMA, name="bridge-store")
-        self.group = GroupCommit(self.sql)
+        self.group = GroupTransactions(self.sql, name="bridge-group-commit", lone_write_at_once=False)
 
     async def open(self) -> None:
         """Open (and create) the database; a database of a bridge older than revisions gets their column."""
