@@ -24,7 +24,7 @@ from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.cloud_hub.sse import Frame, sse
-from tests.cloud_hub.test_relay import post_emergency
+from tests.cloud_hub.test_relay import post_emergency, wait_state
 from tests.hub_fixtures import HubHandle
 from tests.mqtt_party import Party, parties
 
@@ -89,9 +89,10 @@ async def test_a_gateway_that_acknowledges_late_and_executes_ends_executed_not_u
             await gw2.publish(topics.up("gateways", "gw-2"), Ack(ack_ids=[cmd2.msg_id]))
             await gw2.publish(topics.up("gateways", "gw-2"), Outcome(
                 request_id=request_id, client_id="c2", state=ClientState.EXECUTED, revision=cmd2.revision))
-            req = await client_state(hub, request_id, "c1", "unreachable")
-            assert req["clients"]["c1"]["state"] == "unreachable", req["clients"]
+            req = await wait_state(hub, request_id, "partially_completed", timeout=15)
             assert req["state"] == "partially_completed", req  # the request has ended on the inference
+            assert req["clients"]["c1"]["state"] == "unreachable", req["clients"]
+            assert req["clients"]["c2"]["state"] == "executed", req["clients"]
             ended_at = req["completed_at"]
             assert ended_at is not None
             await dso.until(client_event("c1", "unreachable"))
