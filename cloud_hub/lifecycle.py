@@ -178,6 +178,8 @@ class OutcomeVerdict:
     ``unavailable``, not believed."""
     stale: bool = False
     """The outcome answers an older revision of the request than the client's latest: acknowledged, not applied."""
+    superseded: bool = False
+    """The outcome replaced the client's ``unreachable`` (:func:`may_supersede`)."""
 
 
 @dataclass(slots=True)
@@ -395,7 +397,7 @@ class _Apply:
         entry["trace"] = full
         self.changes.clients[o.client_id] = entry
         self.moved = True
-        return OutcomeVerdict(True, addressed, changed=True)
+        return OutcomeVerdict(True, addressed, changed=True, superseded=True)
 
     def settle(self, verdicts: list[OutcomeVerdict]) -> None:
         """The request's state after the batch, given to the verdicts of outcomes that moved a target."""

@@ -24,7 +24,7 @@ from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.cloud_hub.sse import Frame, sse
-from tests.cloud_hub.test_relay import post_emergency, wait_state
+from tests.cloud_hub.test_relay import metric, post_emergency, wait_state
 from tests.hub_fixtures import HubHandle
 from tests.mqtt_party import Party, parties
 
@@ -116,6 +116,8 @@ async def test_a_gateway_that_acknowledges_late_and_executes_ends_executed_not_u
             for stream in (dso, r1):
                 [*_, event] = await stream.until(client_event("c1", "executed"))
                 assert event.data["request_id"] == request_id and event.data["state"] == "completed"
+    text = (await hub.http.get("/metrics")).text
+    assert metric(text, "mhp_outcomes_superseded_total") == 1
     # The bridge closed the command with the gateway's outcome, and the hub acknowledged it.
     commands = {c["client_id"]: c for c in await relay.store.commands_of(request_id)}
     assert commands["c1"]["state"] == "closed"

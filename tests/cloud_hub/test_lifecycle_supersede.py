@@ -56,7 +56,7 @@ def test_a_late_outcome_replaces_unreachable_and_the_ended_request_is_derived_ag
     row = ended(copy.deepcopy(clients), before)
     changes, [v] = apply(row, [out("a", late, shed=["heater"])], NOW)
     assert row.clients == clients  # pure
-    assert v.changed and not v.stale and v.request_state is after
+    assert v.changed and v.superseded and not v.stale and v.request_state is after
     a = changes.clients["a"]
     assert a["state"] == late.value and a["retailers"] == {"r1": late.value} and a["updated_at"] == NOW
     assert a["detail"] == {"shed": ["heater"]} and "total_ms" in a["trace"]
