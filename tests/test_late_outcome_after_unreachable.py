@@ -22,6 +22,7 @@ from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, Command, Outcome
 from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
+from tests.broker_config.paho_client import TestClient
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.cloud_hub.sse import Frame, sse
 from tests.cloud_hub.test_relay import metric, post_emergency, wait_state
@@ -126,3 +127,39 @@ async def test_a_gateway_that_acknowledges_late_and_executes_ends_executed_not_u
             break
         await asyncio.sleep(0.05)
     assert (await relay.store.counts())["hub_outbox"] == 0
+
+
+class SessionGateway(Party):
+    """Gateway gw-1 as a paho client with a persistent MQTT session (as the real gateway keeps one): while it is
+    away the broker queues its QoS 1 commands, and delivers them when it connects again."""
+
+    def __init__(self, broker: BrokerHandle, subscribe: bool) -> None:
+        ident = broker.identities["gw-1"]
+        self.client = TestClient(broker.host, broker.port, "gw-1", ident.password, clean_start=False,
+                                 session_expiry=3600)
+        rc = self.client.connect()
+        assert not rc.is_failure, f"gw-1 refused: {rc}"
+        if subscribe:
+            assert not self.client.subscribe(topics.down("gateways", "gw-1")).is_failure
+
+
+async def test_a_gateway_that_gets_its_queued_command_after_the_timeout_ends_executed(
+        hub: HubHandle, bridge: tuple[Bridge, BrokerHandle]) -> None:
+    """The 100,000-gateway case as it happened: the command waits in the broker's queue for the gateway's session
+    past the bridge's ack timeout (here the gateway is away), then reaches it; the gateway acts and reports."""
+    local = bridge[1]
+    with parties(SessionGateway(local, subscribe=True)):
+        pass  # the session, with its subscription, stays at the broker
+    request_id = await post_emergency(hub, ["c1"], lead_s=1)
+    req = await wait_state(hub, request_id, "failed", timeout=15)
+    assert req["clients"]["c1"]["state"] == "unreachable", req["clients"]
+    with parties(SessionGateway(local, subscribe=False)) as (gw,):
+        cmd = await gw.next("command")  # queued by the broker while the gateway was away
+        assert isinstance(cmd, Command) and cmd.request_id == request_id
+        await gw.publish(topics.up("gateways", "gw-1"), Ack(ack_ids=[cmd.msg_id]))
+        late = Outcome(request_id=request_id, client_id="c1", state=ClientState.EXECUTED, revision=cmd.revision)
+        await gw.publish(topics.up("gateways", "gw-1"), late)
+        req = await client_state(hub, request_id, "c1", "executed")
+    assert req["clients"]["c1"]["state"] == "executed", req["clients"]  # on main: stays "unreachable"
+    assert req["state"] == "completed", req
+    assert [s["state"] for s in req["clients"]["c1"]["superseded"]] == ["unreachable"]
