@@ -102,6 +102,33 @@ def may_move(old: ClientState, new: ClientState) -> bool:
     return rank_new is None or rank_new > rank_old
 
 
+GATEWAY_FACTS = frozenset({ClientState.ACKNOWLEDGED, ClientState.EXECUTED, ClientState.LIMIT_NOT_MET,
+                           ClientState.REFUSED})
+"""The terminal states a home's gateway reports of itself: what it did (or would not do), a fact."""
+
+
+def may_supersede(old: ClientState, new: ClientState) -> bool:
+    """Whether a reported state may replace a terminal one: only ``unreachable``, the bridge's (or the hub's)
+    inference that the home did not get the command in time, gives way, and only to the home's own outcome
+    (:data:`GATEWAY_FACTS`), which says what happened; every other terminal state is final (docs/decisions.md,
+    "A late outcome supersedes unreachable")."""
+    return old is ClientState.UNREACHABLE and new in GATEWAY_FACTS
+
+
+def restated(current: RequestState, counts: Mapping[ClientState, int], kind: str | None,
+             selection: Mapping[str, Any]) -> RequestState:
+    """The state of a request that had ended, once one of its clients' ``unreachable`` gave way to the home's own
+    outcome (:func:`may_supersede`): derived again from ``counts`` as if it were still open (a load reduction's by
+    :func:`reduction_outcome`); a cancelled request stays cancelled, and one still open follows its counts as
+    usual."""
+    if current is RequestState.CANCELLED or not current.terminal:
+        return request_state_from_counts(current, counts)
+    state = request_state_from_counts(RequestState.DISPATCHING, counts)
+    if kind == "load_reduction" and state.terminal:
+        state = reduction_outcome(dict(selection), counts)
+    return state
+
+
 def retry_delay_s(attempts: int, base_s: float = 0.5, cap_s: float = 30.0) -> float:
     """Back-off before re-sending an unacknowledged message for the ``attempts``-th time (:func:`delay_s`)."""
     return delay_s(attempts, base_s, cap_s)
@@ -151,6 +178,8 @@ class OutcomeVerdict:
     ``unavailable``, not believed."""
     stale: bool = False
     """The outcome answers an older revision of the request than the client's latest: acknowledged, not applied."""
+    superseded: bool = False
+    """The outcome replaced the client's ``unreachable`` (:func:`may_supersede`)."""
 
 
 @dataclass(slots=True)
@@ -323,8 +352,11 @@ class _Apply:
         return OutcomeVerdict(True, addressed, changed=True, request_state=self.row.state, refused_claim=refused)
 
     def report(self, o: ReportedOutcome, entry: dict[str, Any], addressed: list[str]) -> OutcomeVerdict:
-        """A client's reported state: its target moves forward only, a terminal one never."""
+        """A client's reported state: its target moves forward only, a terminal one never (but ``unreachable``
+        gives way to the home's own outcome of the same revision: :meth:`supersede`)."""
         if entry["state"] in _TERMINAL:  # a re-sent outcome, the common duplicate: a terminal state stays
+            if entry["state"] == C.UNREACHABLE.value and may_supersede(C.UNREACHABLE, o.state):
+                return self.supersede(o, entry, addressed)
             return OutcomeVerdict(True, addressed, request_state=self.row.state)
         entry["retailers"][o.retailer_id] = o.state.value
         new = combine([_BY_VALUE[s] for s in entry["retailers"].values()])
@@ -339,6 +371,34 @@ class _Apply:
         self.moved = True
         return OutcomeVerdict(True, addressed, changed=True)
 
+    def supersede(self, o: ReportedOutcome, entry: dict[str, Any], addressed: list[str]) -> OutcomeVerdict:
+        """A home's own outcome after its client was declared ``unreachable`` (its gateway got the command late,
+        from the broker's queue, and acted on it): the fact replaces the inference when it answers the client's
+        current revision; the ``unreachable`` it replaces is kept in the entry's ``superseded``."""
+        if o.revision != int(entry.get("revision", 1)):
+            return OutcomeVerdict(True, addressed, request_state=self.row.state, stale=o.revision < int(
+                entry.get("revision", 1)))
+        retailers = {**entry["retailers"], o.retailer_id: o.state.value}
+        new = combine([_BY_VALUE[s] for s in retailers.values()])
+        if new not in GATEWAY_FACTS:  # another retailer's delivery of the client still says otherwise
+            return OutcomeVerdict(True, addressed, request_state=self.row.state)
+        old = _BY_VALUE[entry["state"]]
+        entry["superseded"] = [*entry.get("superseded", []), {
+            "state": old.value, "detail": entry.get("detail", {}), "updated_at": entry.get("updated_at"),
+            "revision": o.revision, "by": new.value, "at": self.now}]
+        entry["retailers"] = retailers
+        self.counts[old] -= 1
+        self.counts[new] += 1
+        entry["state"] = new.value
+        entry["updated_at"] = self.now
+        entry["detail"] = o.detail
+        full = {**entry.get("trace", {}), **o.trace}
+        full["total_ms"] = round((self.now - float(self.row.created_at or 0.0)) * 1000, 3)
+        entry["trace"] = full
+        self.changes.clients[o.client_id] = entry
+        self.moved = True
+        return OutcomeVerdict(True, addressed, changed=True, superseded=True)
+
     def settle(self, verdicts: list[OutcomeVerdict]) -> None:
         """The request's state after the batch, given to the verdicts of outcomes that moved a target."""
         row, changes = self.row, self.changes
@@ -346,12 +406,15 @@ class _Apply:
             changes.phase_complete = True
         if not self.moved:
             return
-        state = request_state_from_counts(row.state, self.counts)
-        if row.kind == "load_reduction" and state.terminal and state is not row.state:
-            state = reduction_outcome(row.selection, self.counts)
+        if row.state.terminal:  # only a superseded ``unreachable`` moves a target of an ended request
+            state = restated(row.state, self.counts, row.kind, row.selection)
+        else:
+            state = request_state_from_counts(row.state, self.counts)
+            if row.kind == "load_reduction" and state.terminal and state is not row.state:
+                state = reduction_outcome(row.selection, self.counts)
         changes.counts = self.counts
         changes.state = state
-        if state is not row.state and state.terminal:
+        if state is not row.state and state.terminal and not row.state.terminal:  # it ended here (not again)
             changes.ended_at = self.now
             changes.finished = (str(row.kind), state, self.now - float(row.created_at or 0.0))
         for v in verdicts:

@@ -119,6 +119,9 @@ class HubMetrics:
                                                      registry=r), self.recent, "mqtt_rejected")
         self.claims_refused = Counter("mhp_claims_refused", "Availability claims above the client's contracted power, "
                                       "not believed (the client counts as unavailable)", registry=r)
+        self.outcomes_superseded = Counter(
+            "mhp_outcomes_superseded", "Clients' unreachable replaced by the home's own later outcome (a command that "
+            "reached its gateway after the bridge's ack timeout)", registry=r)
         self.outbox_sent = Counter("mhp_outbox_sent", "Outbox publications (first sends and re-sends)", registry=r)
         self.outcome_batch_size = Histogram(
             "mhp_outcome_batch_size", "Outcomes stored and acknowledged per group commit", registry=r,

@@ -514,6 +514,10 @@ class HubRelay:
                                 "power (%s kW): not believed (logged once per client, counted in "
                                 "mhp_claims_refused)", retailer_id, f"{v.refused_claim[0]:g}",
                                 report.client_id, f"{v.refused_claim[1]:g}")
+            if v.superseded:
+                self.metrics.outcomes_superseded.inc()
+                log.info("request %s client %s: unreachable replaced by the home's own outcome %s (retailer %s)",
+                         outside(report.request_id), outside(report.client_id), report.state.value, retailer_id)
             verdict = _report_decision(retailer_id, tuple(v.addressed))
             if v.known and verdict.allowed:
                 continue

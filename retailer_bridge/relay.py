@@ -56,7 +56,7 @@ from mhp_wire.router import Inbound, InboundRouter, Refusal, TypeTable
 from mhp_wire.sqlite import StorageError
 from retailer_bridge.billing import BillingReading, readings_of
 from retailer_bridge.customers import Announced, CustomerList, periods_of
-from retailer_bridge.store import CLOSED, BridgeStore, Closing, NewCommand, Refused, delivered_msg_id
+from retailer_bridge.store import CLOSED, UNANSWERED, BridgeStore, Closing, NewCommand, Refused, delivered_msg_id
 
 log = logging.getLogger(__name__)
 
@@ -708,7 +708,10 @@ class BridgeRelay:
         out = Outcome(request_id=cmd["request_id"], client_id=cmd["client_id"], state=state,
                       detail={"reason": reason, "gateway_id": cmd["gateway_id"]},
                       trace={"retailer_ms": round(cmd["handling_ms"], 3)}, revision=cmd["revision"])
-        await self.store.set_state(cmd["request_id"], cmd["client_id"], CLOSED, (out.msg_id, encode(out)))
+        # ``unreachable`` is an inference: the command may still reach the gateway from the broker's queue, and the
+        # gateway's outcome then still goes to the hub (UNANSWERED, not CLOSED); an expired command is closed.
+        closed = UNANSWERED if state is ClientState.UNREACHABLE else CLOSED
+        await self.store.set_state(cmd["request_id"], cmd["client_id"], closed, (out.msg_id, encode(out)))
         self._wake_hub.set()  # the outcome goes to the hub from the other loop
         log.warning("client %s unreachable for request %s: %s", cmd["client_id"], outside(cmd["request_id"]), reason)
 

@@ -56,6 +56,11 @@ DELIVERED = "delivered"
 """The gateway acknowledged the command and will report its outcome."""
 CLOSED = "closed"
 """The outcome went to the hub's outbox."""
+UNANSWERED = "unanswered"
+"""Not acknowledged in time: ``unreachable`` went to the hub's outbox and the command is no longer sent, but the
+gateway may still get it (from the broker's queue) and act on it; its outcome of the same revision then closes the
+command and goes to the hub, which lets it replace ``unreachable`` (docs/decisions.md, "A late outcome supersedes
+unreachable")."""
 
 
 def delivered_msg_id(command_msg_id: str) -> str:
@@ -505,8 +510,8 @@ class BridgeStore:
                     kept.append(client_id)
             closed = 0
             for client_id in kept:
-                for row in db.execute("SELECT * FROM commands WHERE client_id=? AND state!=?",
-                                      (client_id, CLOSED)).fetchall():
+                for row in db.execute("SELECT * FROM commands WHERE client_id=? AND state NOT IN (?,?)",
+                                      (client_id, CLOSED, UNANSWERED)).fetchall():
                     ended = stale(dict(row))
                     if ended is None:
                         continue

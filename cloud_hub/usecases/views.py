@@ -29,6 +29,9 @@ def _client_view(c: dict[str, Any]) -> dict[str, Any]:
     if "revision" in c:  # a revised request: the revision this state answers, and the earlier ones
         view["revision"] = c["revision"]
         view["history"] = [{**h, "updated_at": iso(h.get("updated_at"))} for h in c.get("history", [])]
+    if "superseded" in c:  # an ``unreachable`` the home's own later outcome replaced (docs/api.md)
+        view["superseded"] = [{**h, "updated_at": iso(h.get("updated_at")), "at": iso(h.get("at"))}
+                              for h in c["superseded"]]
     return view
 
 
