@@ -23,6 +23,7 @@ from tests.cloud_hub.test_replicas import (
     wait_states,
 )
 from tests.mqtt_party import Party, parties
+from tests.waiting import eventually
 
 
 async def answer_in_batches(party: Party, acked: dict[str, int], errors: list[ErrorReply]) -> None:
@@ -82,6 +83,9 @@ async def test_outcomes_messages_reach_the_owning_replica_and_complete_its_reque
                 for rid in ids:
                     req = (await hb.get(f"/v1/requests/{rid}", headers=dso)).json()
                     assert {c: v["state"] for c, v in req["clients"].items()} == dict.fromkeys(CLIENTS, "executed")
+                # A request completes once its outcomes are applied; their acknowledgements come right after
+                # (the owner's, or the forwarding replica's): wait for them while the bridge still reads.
+                await eventually(lambda: len(acked) == 24, "every outcomes message acknowledged", timeout_s=15)
                 mb = (await hb.get("/metrics")).text
         finally:
             worker.cancel()
