@@ -16,15 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import signal
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import tomli_w
 
 from broker_config import Identity, generate_password
 from broker_config.render import Delegate
 from mhp_wire import topics
-from mhp_wire.messages import Telemetry
+from mhp_wire.messages import Ack, Telemetry
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from retailer_bridge.partition import Partition, foreign_filters, partition_of, uplink_filters
 from retailer_bridge.service import Bridge
@@ -223,3 +228,45 @@ async def test_a_bad_installation_record_on_reload_keeps_the_one_the_bridge_has(
         await reload
         assert p1.relay.customers[f"c-{LATE}"] == LATE
         assert topics.party_up("gateways", LATE) in p1.relay.local.subscriptions
+
+
+async def test_sighup_makes_retailer_bridge_run_take_a_gateway_added_to_its_customers_file(
+        tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
+    """The real process: ``retailer-bridge run`` as partition 1 of 2 with a ``customers_file``; the installer adds
+    a home of partition 1 to the file and sends SIGHUP; the new gateway's telemetry is then read (and acknowledged
+    to it), which needs the partition's new subscription at the retailer broker."""
+    hub_broker, local = brokers(mosquitto_factory)
+    customers_file = tmp_path / "customers.json"
+    customers_file.write_text(json.dumps(CUSTOMERS))
+    cfg = tmp_path / "bridge-p1.toml"
+    cfg.write_text(tomli_w.dumps({"bridge": {
+        "retailer_id": "r1", "partitions": 2, "partition": 1, "hub_mqtt_host": hub_broker.host,
+        "hub_mqtt_port": hub_broker.port, "hub_mqtt_username": "r1.p1",
+        "hub_mqtt_password": hub_broker.identities["r1.p1"].password, "local_mqtt_host": local.host,
+        "local_mqtt_port": local.port, "local_mqtt_username": "bridge.p1",
+        "local_mqtt_password": local.identities["bridge.p1"].password, "db_path": str(tmp_path / "p1.db"),
+        "telemetry_store": "none", "customers_file": str(customers_file)}}))
+    log = (tmp_path / "bridge.log").open("w")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "retailer_bridge.cli", "run", "--config",
+                                                str(cfg), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with parties(Party(local, LATE, topics.down("gateways", LATE))) as (late,):
+            await _wait_log(tmp_path / "bridge.log", "running with partition 1 of 2")
+            tele = Telemeter({LATE: late})
+            customers_file.write_text(json.dumps({**CUSTOMERS, f"c-{LATE}": LATE}))
+            proc.send_signal(signal.SIGHUP)
+            await _wait_log(tmp_path / "bridge.log", "1 gateways added")
+            await tele.send([LATE])
+            ack = await late.next("ack", timeout=10)
+            assert isinstance(ack, Ack)
+    finally:
+        proc.terminate()
+        async with asyncio.timeout(15):
+            await proc.wait()
+        log.close()
+    text = (tmp_path / "bridge.log").read_text()
+    assert "installation record updated" in text and "Traceback" not in text, text[-3000:]
+
+
+async def _wait_log(path: Path, line: str, timeout_s: float = 20.0) -> None:
+    await until(lambda: line in path.read_text(), timeout=timeout_s)
