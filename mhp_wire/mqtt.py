@@ -345,6 +345,7 @@ class MqttLink:
                 if not flags:
                     self._send_subscribe(self._subscriptions)
                 else:  # the session is kept: only what changed while we were away (or unanswered)
+                    self.stats.extra["sessions_resumed"] = self.stats.extra.get("sessions_resumed", 0) + 1
                     changed = self._changed_while_down
                     self._send_unsubscribe([f for f, sub in changed.items() if not sub])
                     self._send_subscribe([f for f, sub in changed.items() if sub and f in self._subscriptions])
