@@ -25,6 +25,9 @@ from mhp_wire.logsafe import outside
 from mhp_wire.messages import presence_payload
 
 log = logging.getLogger(__name__)
+logging.getLogger("gmqtt.mqtt.package").setLevel(logging.WARNING)
+"""gmqtt logs every SUBSCRIBE and UNSUBSCRIBE with its whole list of filters at INFO: a bridge partition's thousands
+of per-gateway filters would fill its log at each start. This module logs how many it sends instead (DEBUG)."""
 
 CONNECT_ATTEMPT_S = 10.0
 """How long one connection attempt (TCP, TLS and the CONNACK) may take."""
@@ -159,12 +162,21 @@ class MqttLink:
 
     def _send_subscribe(self, filters: Sequence[str]) -> list[int]:
         """SUBSCRIBE ``filters`` (QoS 1), :data:`FILTERS_PER_PACKET` a packet; the packet ids."""
+        if filters:
+            log.debug("MQTT %s subscribes to %d filters", self.client_id, len(filters))
         return [self._client.subscribe([gmqtt.Subscription(t, qos=1) for t in filters[i:i + FILTERS_PER_PACKET]])
                 for i in range(0, len(filters), FILTERS_PER_PACKET)]
 
     def _send_unsubscribe(self, filters: Sequence[str]) -> list[int]:
-        """UNSUBSCRIBE ``filters``, :data:`FILTERS_PER_PACKET` a packet; the packet ids."""
-        return [self._client.unsubscribe(list(filters[i:i + FILTERS_PER_PACKET]))
+        """UNSUBSCRIBE ``filters``, :data:`FILTERS_PER_PACKET` a packet; the packet ids. What gmqtt's own
+        ``unsubscribe`` does, except that its list of subscriptions is pruned once against a set: gmqtt compares each
+        of its subscriptions with the packet's list, which for thousands of filters is millions of comparisons."""
+        if not filters:
+            return []
+        log.debug("MQTT %s unsubscribes from %d filters", self.client_id, len(filters))
+        gone = set(filters)
+        self._client.subscriptions = [sub for sub in self._client.subscriptions if sub.topic not in gone]
+        return [self._client._connection.unsubscribe(list(filters[i:i + FILTERS_PER_PACKET]))
                 for i in range(0, len(filters), FILTERS_PER_PACKET)]
 
     @property
