@@ -25,6 +25,9 @@ from mhp_wire.logsafe import outside
 from mhp_wire.messages import presence_payload
 
 log = logging.getLogger(__name__)
+logging.getLogger("gmqtt.mqtt.package").setLevel(logging.WARNING)
+"""gmqtt logs every SUBSCRIBE and UNSUBSCRIBE with its whole list of filters at INFO: a bridge partition's thousands
+of per-gateway filters would fill its log at each start. This module logs how many it sends instead (DEBUG)."""
 
 CONNECT_ATTEMPT_S = 10.0
 """How long one connection attempt (TCP, TLS and the CONNACK) may take."""
@@ -32,6 +35,9 @@ ABANDON_S = 2.0
 """At most this long closing a connection attempt that is given up (DISCONNECT written, socket closed)."""
 ROOM_POLL_S = 0.001
 """How often a publish waiting for room in the in-flight window looks again."""
+FILTERS_PER_PACKET = 500
+"""Topic filters per SUBSCRIBE or UNSUBSCRIBE packet: a filter of a 64-character id is under 100 bytes, so a packet
+stays well under the brokers' ``max_packet_size`` (256 KiB) however many filters a link holds."""
 _AUTH_REFUSALS = frozenset({4, 5, 134, 135, 138, 140})  # CONNACK codes (3.1.1 and 5) that retrying cannot fix
 
 Handler = Callable[[str, bytes, bool], Awaitable[None]]
@@ -176,6 +182,11 @@ class MqttLink:
         self._room = asyncio.Lock()
         """Held by the publish that waits for room in the in-flight window; the others wait behind it."""
         self._waiting = 0
+        self._replies: dict[int, asyncio.Future[None]] = {}
+        """SUBSCRIBE/UNSUBSCRIBE packet ids waiting for their SUBACK/UNSUBACK."""
+        self._changed_while_down: dict[str, bool] = {}
+        """Filters subscribed (True) or unsubscribed (False) while the link was down or unanswered: sent at the next
+        connection even when the broker kept our session."""
         will = (
             gmqtt.Message(status_topic, presence_payload("offline"), qos=1, retain=True)
             if status_topic
@@ -194,6 +205,8 @@ class MqttLink:
         self._client.on_message = self._on_message
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_reply
+        self._client.on_unsubscribe = self._on_reply
 
     @property
     def connected(self) -> bool:
@@ -211,11 +224,86 @@ class MqttLink:
             self._client.stop_reconnect()
             self._stop_gmqtt_reconnects()
             raise
-        if self._subscriptions:
-            self._client.subscribe([gmqtt.Subscription(t, qos=1) for t in self._subscriptions])
+        self._send_unsubscribe([f for f, sub in self._changed_while_down.items() if not sub])
+        self._changed_while_down = {}
+        self._send_subscribe(self._subscriptions)
         if self._status_topic:
             await self.publish(self._status_topic, presence_payload("online"), retain=True)
+        if self.writes is not None:  # the subscriptions and the presence are on the wire when the link is entered
+            self.writes.flush()
         return self
+
+    def _send_subscribe(self, filters: Sequence[str]) -> list[int]:
+        """SUBSCRIBE ``filters`` (QoS 1), :data:`FILTERS_PER_PACKET` a packet; the packet ids."""
+        if filters:
+            log.debug("MQTT %s subscribes to %d filters", self.client_id, len(filters))
+        return [self._client.subscribe([gmqtt.Subscription(t, qos=1) for t in filters[i:i + FILTERS_PER_PACKET]])
+                for i in range(0, len(filters), FILTERS_PER_PACKET)]
+
+    def _send_unsubscribe(self, filters: Sequence[str]) -> list[int]:
+        """UNSUBSCRIBE ``filters``, :data:`FILTERS_PER_PACKET` a packet; the packet ids. What gmqtt's own
+        ``unsubscribe`` does, except that its list of subscriptions is pruned once against a set: gmqtt compares each
+        of its subscriptions with the packet's list, which for thousands of filters is millions of comparisons."""
+        if not filters:
+            return []
+        log.debug("MQTT %s unsubscribes from %d filters", self.client_id, len(filters))
+        gone = set(filters)
+        self._client.subscriptions = [sub for sub in self._client.subscriptions if sub.topic not in gone]
+        return [self._client._connection.unsubscribe(list(filters[i:i + FILTERS_PER_PACKET]))
+                for i in range(0, len(filters), FILTERS_PER_PACKET)]
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """The topic filters this link holds (and restores at a connection without its session)."""
+        return list(self._subscriptions)
+
+    async def subscribe(self, filters: Sequence[str], timeout_s: float = 10.0) -> None:
+        """Add ``filters`` (QoS 1) to the link's subscriptions and, while connected, wait for the broker's SUBACK.
+        While the link is down they are sent at the next connection. A filter already held is not sent again."""
+        held = set(self._subscriptions)
+        new = list(dict.fromkeys(f for f in filters if f not in held))
+        self._subscriptions.extend(new)
+        await self._change(new, subscribe=True, timeout_s=timeout_s)
+
+    async def unsubscribe(self, filters: Sequence[str], timeout_s: float = 10.0) -> None:
+        """Remove ``filters`` from the link's subscriptions and from its session at the broker (also one the link
+        does not hold, which a persistent session may still have from an earlier run), waiting for the UNSUBACK
+        while connected; while the link is down they are sent at the next connection."""
+        gone = set(filters)
+        self._subscriptions = [f for f in self._subscriptions if f not in gone]
+        await self._change(list(dict.fromkeys(filters)), subscribe=False, timeout_s=timeout_s)
+
+    async def _change(self, filters: list[str], *, subscribe: bool, timeout_s: float) -> None:
+        if not filters:
+            return
+        for f in filters:
+            self._changed_while_down[f] = subscribe
+        if not self.connected:
+            return
+        try:
+            mids = self._send_subscribe(filters) if subscribe else self._send_unsubscribe(filters)
+        except (OSError, AttributeError) as exc:
+            raise MqttError(f"MQTT {self.client_id} could not change its subscriptions: {exc}") from None
+        loop = asyncio.get_running_loop()
+        waits = [self._replies.setdefault(mid, loop.create_future()) for mid in mids]
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            raise MqttError(f"MQTT {self.client_id}: the broker did not answer a subscription change within "
+                            f"{timeout_s:g} s (it is sent again at the next connection)") from None
+        finally:
+            for mid in mids:
+                self._replies.pop(mid, None)
+        for f in filters:
+            if self._changed_while_down.get(f) is subscribe:
+                del self._changed_while_down[f]
+
+    def _on_reply(self, client: Any, mid: int, *args: Any) -> None:
+        """A SUBACK or UNSUBACK: the change with packet id ``mid`` is in the broker's session."""
+        waiting = self._replies.get(mid)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
 
     async def _connect_first(self) -> None:
         loop = asyncio.get_running_loop()
@@ -340,8 +428,14 @@ class MqttLink:
             # from an old snapshot, or after kill -9) must get our subscriptions again. And our last will has
             # marked us offline: say we are back.
             try:
-                if not flags and self._subscriptions:
-                    self._client.subscribe([gmqtt.Subscription(t, qos=1) for t in self._subscriptions])
+                if not flags:
+                    self._send_subscribe(self._subscriptions)
+                else:  # the session is kept: only what changed while we were away (or unanswered)
+                    self.stats.extra["sessions_resumed"] = self.stats.extra.get("sessions_resumed", 0) + 1
+                    changed = self._changed_while_down
+                    self._send_unsubscribe([f for f, sub in changed.items() if not sub])
+                    self._send_subscribe([f for f, sub in changed.items() if sub and f in self._subscriptions])
+                self._changed_while_down = {}
                 if self._status_topic:
                     self._client.publish(self._status_topic, presence_payload("online"), qos=1, retain=True)
             except (OSError, AttributeError) as exc:

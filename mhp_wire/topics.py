@@ -79,6 +79,12 @@ def all_up(kind: PartyKind) -> str:
     return f"{PREFIX}/{kind}/+/up/#"
 
 
+def party_up(kind: PartyKind, party_id: str) -> str:
+    """Subscription filter for everything one party sends up (its messages, telemetry and presence): what a
+    partitioned bridge subscribes to per gateway it owns (``retailer_bridge.partition.uplink_filters``)."""
+    return f"{PREFIX}/{kind}/{check_id(party_id)}/up/#"
+
+
 def all_up_msg(kind: PartyKind) -> str:
     """Subscription filter for the messages (not the presence) every party of ``kind`` sends up."""
     return f"{PREFIX}/{kind}/+/up/msg"

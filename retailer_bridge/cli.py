@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     from mhp_wire.gc_tuning import tune_for_throughput
 
     tune_for_throughput()  # the settings (with the customers) are loaded: they stay, and are never walked again
-    return run_service(run_bridge(settings))
+    # SIGHUP re-reads the installation record (customers, customers_file): gateways added or removed at run time.
+    return run_service(run_bridge(settings, reload=lambda: BridgeSettings.load(args.config)))
 
 
 def _aware(text: str) -> datetime:

@@ -6,8 +6,13 @@ gateways whose stable hash mod K is k (:func:`partition_of`: CRC-32 of the gatew
 Python version and machine, unlike ``hash()``), and the clients of those gateways; a client with no gateway on
 record (it can only be refused) is owned by the hash of its client id, so that every client has exactly one owner.
 
-Every process receives every message the hub sends the retailer (one ``down`` topic) and every gateway's uplink
-(one ``up`` filter); :class:`PartitionGate` keeps, before the relay sees them, only its own share:
+Every process receives every message the hub sends the retailer (one ``down`` topic). At the retailer broker each
+subscribes to the uplinks of its own gateways only, one filter per gateway (:func:`uplink_filters`; issue 14, fifth
+round), so the broker does not deliver it the others' traffic at all; an unpartitioned bridge keeps the one filter
+of every gateway's uplink. A gateway added to or removed from the installation record at run time is subscribed
+or unsubscribed by its owner (``Bridge.update_installations``). :class:`PartitionGate` keeps, before the relay sees
+them, only its own share (for the gateways' uplinks a second line of defence: what an earlier run's persistent
+session still holds is dropped there):
 
 - a request or billing delivery is cut down to the process's own clients (all of them acknowledge the message to
   the hub once their share is stored, each acknowledgement naming its partition, and the hub re-sends the message
@@ -140,6 +145,27 @@ class PartitionGate:
                 await on_local(topic, payload, retained)
 
         relay.on_local_message = local
+
+
+def uplink_filters(partition: Partition, customers: Mapping[str, str]) -> list[str]:
+    """What a bridge process subscribes to at its retailer broker: unpartitioned, every gateway's uplink (one
+    filter, as before partitions); partition k, the uplink subtree of each gateway it owns in ``customers``
+    (``client_id -> gateway_id``, the whole installation record), one filter per gateway."""
+    if partition.whole:
+        return [topics.all_up("gateways")]
+    return sorted({topics.party_up("gateways", g) for g in partition.customers(customers).values()})
+
+
+def foreign_filters(partition: Partition, customers: Mapping[str, str]) -> list[str]:
+    """Filters a partition's persistent session at the retailer broker may still hold from an earlier run and that
+    are not its own: every gateway's uplink (a run before partitions subscribed per gateway, or partition 0's login
+    used unpartitioned) and each gateway of the record that another partition owns (the number of partitions
+    changed). A partitioned bridge unsubscribes them when it starts; none for an unpartitioned one."""
+    if partition.whole:
+        return []
+    mine = set(uplink_filters(partition, customers))
+    others = {topics.party_up("gateways", g) for g in customers.values()} - mine
+    return [topics.all_up("gateways"), *sorted(others)]
 
 
 def describe(partition: Partition, customers: Mapping[str, str]) -> str:

@@ -265,7 +265,9 @@ class BridgeRelay:
         now = time.time()
         commands: list[NewCommand] = []
         answers: list[tuple[str, bytes]] = []
-        if await self.store.is_cancelled(req.request_id):
+        if not req.client_ids or await self.store.is_cancelled(req.request_id):
+            # None of the request's clients is ours (a partition's share can be empty): nothing to store, and the
+            # hub waits for every partition's acknowledgement.
             await self._to_hub(Ack(ack_ids=[req.msg_id]))
             return
         at = req.params.start.timestamp()

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import signal
+from collections.abc import Callable, Mapping
+
+from pydantic import ValidationError
 
 from mhp_wire import topics
-from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
 from mhp_wire.ratelimit import RateLimiter
 from retailer_bridge.instance_lock import active_instance
-from retailer_bridge.partition import Partition, PartitionGate, describe
+from retailer_bridge.partition import Partition, PartitionGate, describe, foreign_filters, uplink_filters
 from retailer_bridge.personal_area import PersonalArea
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.settings import BridgeSettings
@@ -43,6 +48,53 @@ class Bridge:
         self.relay.billing_sinks.append(self.telemetry.submit_billing)
         self.personal_area: PersonalArea | None = None
         """The customers' personal area while it runs (``personal_area.address``: where it listens)."""
+        self._reload: asyncio.Task[None] | None = None
+
+    async def update_installations(self, customers: Mapping[str, str],
+                                   sheddable_kw: Mapping[str, float] | None = None) -> tuple[list[str], list[str]]:
+        """Take a new installation record (``client_id -> gateway_id``, the whole retailer's) while running: this
+        process's share replaces the relay's record (and ``sheddable_kw``, when given, its rated powers), and a
+        partition subscribes at the retailer broker to the uplinks of the gateways it gained, then unsubscribes
+        those it lost (an unpartitioned bridge's one filter already covers every gateway). Returns the gateways
+        this process gained and lost."""
+        before = set(self.partition.customers(self.gate.gateway_of).values())
+        mine = self.partition.customers(customers)
+        self.gate.gateway_of.clear()
+        self.gate.gateway_of.update(customers)
+        record = self.relay.customers  # the relay's aliases of its record are this one dict: changed in place
+        record.clear()
+        record.update(mine)
+        if sheddable_kw is not None:
+            self.relay.rated_sheddable_kw = dict(sheddable_kw)
+        added, removed = sorted(set(mine.values()) - before), sorted(before - set(mine.values()))
+        local = self.relay.local
+        if not self.partition.whole and local is not None:  # not running yet: _run subscribes from the record
+            await local.subscribe([topics.party_up("gateways", g) for g in added])
+            await local.unsubscribe([topics.party_up("gateways", g) for g in removed])
+        log.info("bridge %s: installation record updated (%s): %d gateways added, %d removed",
+                 self.settings.retailer_id, describe(self.partition, customers), len(added), len(removed))
+        return added, removed
+
+    def reload_soon(self, load: Callable[[], BridgeSettings]) -> asyncio.Task[None] | None:
+        """Re-read the installation record with ``load`` (on SIGHUP) and apply it (:meth:`update_installations`) in
+        a task, returned (None while an earlier reload is still under way); settings that cannot be read leave the
+        bridge serving the record it has, with the error in the log."""
+        if self._reload is not None and not self._reload.done():
+            log.warning("an installation record reload is still under way; send SIGHUP again once it is done")
+            return None
+        self._reload = asyncio.get_running_loop().create_task(self._reload_from(load), name="bridge-reload")
+        return self._reload
+
+    async def _reload_from(self, load: Callable[[], BridgeSettings]) -> None:
+        try:
+            settings = load()
+        except (ValidationError, ValueError, OSError) as exc:
+            log.error("the installation record was not reloaded (the bridge keeps the one it has): %s", exc)
+            return
+        try:
+            await self.update_installations(settings.customers, settings.customer_sheddable_kw)
+        except MqttError as exc:
+            log.warning("installation record reloaded; its subscription changes wait for the broker: %s", exc)
 
     async def run(self) -> None:
         """Run until cancelled; with ``instance_lock_path``, first wait (as a standby) until this process holds it."""
@@ -65,7 +117,7 @@ class Bridge:
         local = MqttLink(
             MqttEndpoint(s.local_mqtt_host, s.local_mqtt_port, s.local_mqtt_username, s.local_mqtt_password,
                          s.local_mqtt_tls_ca_file),
-            client_id=s.local_mqtt_username, subscriptions=[topics.all_up("gateways")],
+            client_id=s.local_mqtt_username, subscriptions=uplink_filters(self.partition, self.gate.gateway_of),
             handler=self.relay.on_local_message, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None,
             on_connect=self.relay.local_connected,
         )
@@ -76,14 +128,31 @@ class Bridge:
                     self.personal_area = await stack.enter_async_context(
                         PersonalArea(s, self.relay, self.store).serving())
                 self.relay.local = await stack.enter_async_context(local)
+                try:  # a partition's session may hold filters of an earlier run that are not its own now
+                    await self.relay.local.unsubscribe(foreign_filters(self.partition, self.gate.gateway_of))
+                except MqttError as exc:  # sent again at the next connection; the gate drops what they bring
+                    log.warning("bridge %s: %s", rid, exc)
                 self.relay.hub = await stack.enter_async_context(hub)
                 log.info("bridge %s running with %s", rid, describe(self.partition, s.customers))
                 self.relay.kick()
                 await self.relay.run()
         finally:
+            if self._reload is not None:
+                self._reload.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._reload
             await self.store.close()
 
 
-async def run_bridge(settings: BridgeSettings) -> None:
-    """Run one bridge until cancelled."""
-    await Bridge(settings).run()
+async def run_bridge(settings: BridgeSettings, reload: Callable[[], BridgeSettings] | None = None) -> None:
+    """Run one bridge until cancelled; with ``reload``, SIGHUP re-reads the installation record with it."""
+    bridge = Bridge(settings)
+    if reload is None:
+        await bridge.run()
+        return
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, bridge.reload_soon, reload)
+    try:
+        await bridge.run()
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)

@@ -46,8 +46,10 @@ class BridgeSettings(BaseSettings):
     partition: int = Field(0, ge=0)
     """Which of the ``partitions`` this process is (0 to partitions - 1)."""
     customers: dict[str, str] = Field(default_factory=dict)
-    """``client_id -> gateway_id`` of this retailer's customers."""
+    """``client_id -> gateway_id`` of this retailer's customers (the installation record; ``retailer-bridge run``
+    re-reads it, with ``customers_file`` and ``customer_sheddable_kw``, on SIGHUP)."""
     customers_file: Path | None = None
+    """A JSON object ``client_id -> gateway_id`` merged under ``customers`` (re-read on SIGHUP)."""
     customer_sheddable_kw: dict[str, Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)]] = Field(
         default_factory=dict)
     """``client_id -> kW``: the rated power of each customer's sheddable loads, from the installation record. A

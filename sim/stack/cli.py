@@ -21,6 +21,7 @@ from device_drivers.config import DeviceConfig
 from device_drivers.errors import DeviceError
 from device_drivers.modbus import BusPool
 from device_drivers.registry import build_device
+from retailer_bridge.partition import MAX_PARTITIONS
 from sim.stack.stack import PLUGS, Stack, StackError
 
 TERMINAL = {"completed", "partially_completed", "failed", "expired", "cancelled"}
@@ -73,9 +74,10 @@ def transport_note(stack: Stack) -> str:
             "certificate verification everywhere (the production configuration)")
 
 
-async def demo(state_dir: Path, retailers: int, homes: int, tls: bool = False) -> int:
+async def demo(state_dir: Path, retailers: int, homes: int, tls: bool = False, bridge_partitions: int = 1) -> int:
     """Start a stack, announce an emergency to every home, follow it to the plugs, print the timeline."""
-    stack = Stack(state_dir, retailers=retailers, homes=homes, log_level="WARNING", tls=tls)
+    stack = Stack(state_dir, retailers=retailers, homes=homes, log_level="WARNING", tls=tls,
+                  bridge_partitions=bridge_partitions)
     print(f"mhp-stack demo: starting {retailers} retailers and {homes} homes in {stack.dir}")
     t_start = time.monotonic()
     try:
@@ -211,9 +213,9 @@ async def _scenario(stack: Stack) -> int:  # noqa: PLR0915
     return 0 if ok else 1
 
 
-async def up(state_dir: Path, retailers: int, homes: int, tls: bool = False) -> int:
+async def up(state_dir: Path, retailers: int, homes: int, tls: bool = False, bridge_partitions: int = 1) -> int:
     """Start a stack and keep it running (restarting what dies) until interrupted."""
-    stack = Stack(state_dir, retailers=retailers, homes=homes, tls=tls)
+    stack = Stack(state_dir, retailers=retailers, homes=homes, tls=tls, bridge_partitions=bridge_partitions)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -252,13 +254,18 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--homes", type=int, default=4)
         p.add_argument("--tls", action="store_true",
                        help="TLS on every broker and HTTPS on the hub, with a CA made in STATE_DIR/tls")
+        p.add_argument("--bridge-partitions", type=int, default=1, metavar="K",
+                       help="run each retailer's bridge as K processes partitioned by gateway (default 1)")
     args = parser.parse_args(argv)
+    if not 1 <= args.bridge_partitions <= MAX_PARTITIONS:
+        parser.error(f"--bridge-partitions must be between 1 and {MAX_PARTITIONS}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state_dir = args.state_dir
     if args.command == "demo":
         with tempfile.TemporaryDirectory(prefix="mhp-demo-") as tmp:
-            return asyncio.run(demo(state_dir or Path(tmp), args.retailers, args.homes, args.tls))
-    return asyncio.run(up(state_dir or Path("state"), args.retailers, args.homes, args.tls))
+            return asyncio.run(demo(state_dir or Path(tmp), args.retailers, args.homes, args.tls,
+                                    args.bridge_partitions))
+    return asyncio.run(up(state_dir or Path("state"), args.retailers, args.homes, args.tls, args.bridge_partitions))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from broker_config.render import (
     GENERATED_PASSWORD_ITERATIONS,
     BrokerSpec,
     BrokerTls,
+    Delegate,
     Identity,
     generate_password,
     render,
@@ -41,6 +42,7 @@ from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.passwords import hash_password
 from mhp_wire.ports import free_port
 from mhp_wire.secretfile import write_private
+from retailer_bridge.partition import MAX_PARTITIONS
 from sim.stack.supervisor import Child, Supervisor
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,18 @@ HOME_SHEDDABLE_KW = round(sum(p["rated_kw"] for p in PLUGS if p["sheddable"]), 3
 BASE_LOAD_KW = 0.3
 CONTRACTED_POWER_KW = 6.9
 HOMES_PER_GATEWAY_PROCESS = 25
+
+
+def bridge_process(rid: str, partition: int, partitions: int) -> str:
+    """The supervised name of a bridge process: ``bridge-{rid}``, or ``bridge-{rid}-p{k}`` when partitioned (as in
+    ``mhp-sim experiment fanout --bridge-partitions``)."""
+    return f"bridge-{rid}" if partitions == 1 else f"bridge-{rid}-p{partition}"
+
+
+def partition_logins(rid: str, partition: int) -> tuple[str, str]:
+    """A bridge partition's logins (hub broker, retailer broker): partition 0 keeps the retailer's own and
+    ``bridge``; partition k > 0 has ``{rid}.p{k}`` (a delegate of the retailer) and ``bridge.p{k}``."""
+    return (rid, "bridge") if partition == 0 else (f"{rid}.p{partition}", f"bridge.p{partition}")
 
 
 class StackError(Exception):
@@ -80,9 +94,15 @@ class Stack:
     """Start with :meth:`start`, stop with :meth:`stop`; :attr:`info` is what ``stack.json`` holds."""
 
     def __init__(self, state_dir: Path, *, retailers: int = 2, homes: int = 4, host: str = "127.0.0.1",
-                 hub_port: int | None = None, log_level: str = "INFO", tls: bool = False) -> None:
+                 hub_port: int | None = None, log_level: str = "INFO", tls: bool = False,
+                 bridge_partitions: int = 1) -> None:
         if retailers < 1 or homes < 1:
             raise ValueError("a stack needs at least one retailer and one home")
+        if not 1 <= bridge_partitions <= MAX_PARTITIONS:
+            raise ValueError(f"bridge partitions must be between 1 and {MAX_PARTITIONS}, not {bridge_partitions}")
+        self.bridge_partitions = bridge_partitions
+        """Each retailer's bridge runs as this many processes, partitioned by gateway (``retailer_bridge.partition``),
+        each with its own store and logins; 1: one process, as before."""
         self.dir = Path(state_dir).resolve()
         self.host = host
         self.log_level = log_level
@@ -114,7 +134,8 @@ class Stack:
     def _python(self, module: str, *args: str) -> list[str]:
         return [sys.executable, "-m", module, *args]
 
-    def _broker(self, name: str, kind: str, privileged: str, parties: list[Identity]) -> dict[str, Any]:
+    def _broker(self, name: str, kind: str, privileged: str, parties: list[Identity], *,
+                extra_privileged: tuple[Identity, ...] = (), delegates: tuple[Delegate, ...] = ()) -> dict[str, Any]:
         port = free_port(self.host)
         priv = Identity(privileged, generate_password())
         observer = Identity("stack", generate_password())
@@ -123,13 +144,15 @@ class Stack:
             server = self.pki.servers[f"broker-{name}"]
             tls = BrokerTls(self.pki.ca_file, server.certfile, server.keyfile)
         spec = BrokerSpec(kind=kind, port=port, data_dir=self.dir / "brokers" / name, privileged=priv,  # type: ignore[arg-type]
-                          parties=parties, extra_privileged=[observer], host=self.host,
+                          parties=parties, extra_privileged=[observer, *extra_privileged], host=self.host,
+                          delegates=list(delegates),
                           use_username_as_clientid=True, tls=tls,
                           password_iterations=GENERATED_PASSWORD_ITERATIONS)  # every password is generated
         conf = render(spec)
         self.sup.start(Child(f"broker-{name}", [find_mosquitto(), "-c", str(conf)],
                              self.dir / "logs" / f"broker-{name}.log"))
-        creds = {i.username: {"username": i.username, "password": i.password} for i in [priv, observer, *parties]}
+        idents = [priv, observer, *parties, *extra_privileged, *(d.identity for d in delegates)]
+        creds = {i.username: {"username": i.username, "password": i.password} for i in idents}
         return {"host": self.host, "port": port, "credentials": creds, "tls": tls is not None}
 
     def _write_toml(self, name: str, data: dict[str, Any]) -> Path:
@@ -151,11 +174,18 @@ class Stack:
             self.pki = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: create_pki(self.dir / "tls", hosts, servers=servers))
         # Brokers: the hub broker (hub + retailers) and one broker per retailer (its bridge + its gateways).
+        # A partitioned bridge's partition k > 0 logs in as {rid}.p{k} (a delegate of the retailer) at the hub
+        # broker and as bridge.p{k} (privileged) at its retailer's broker.
+        parts = range(1, self.bridge_partitions)
         self.brokers["hub"] = self._broker(
-            "hub", "hub", "hub", [Identity(r, generate_password()) for r in self.retailer_ids])
+            "hub", "hub", "hub", [Identity(r, generate_password()) for r in self.retailer_ids],
+            delegates=tuple(Delegate(Identity(partition_logins(r, k)[0], generate_password()), r)
+                            for r in self.retailer_ids for k in parts))
         for rid in self.retailer_ids:
             gws = [Identity(h.gateway_id, h.password) for h in self.homes if h.retailer_id == rid]
-            self.brokers[rid] = self._broker(rid, "retailer", "bridge", gws)
+            self.brokers[rid] = self._broker(
+                rid, "retailer", "bridge", gws,
+                extra_privileged=tuple(Identity(partition_logins(rid, k)[1], generate_password()) for k in parts))
         # Simulated devices: they pick their own ports and say which.
         spec = {"homes": [{"gateway_id": h.gateway_id, "base_load_kw": BASE_LOAD_KW, "plugs": PLUGS}
                           for h in self.homes]}
@@ -185,22 +215,14 @@ class Stack:
         await self._wait_ready(deadline)
         await self._register()
         self._start_console()
-        # Bridges.
+        # Bridges: one process per retailer, or one per partition.
         for rid in self.retailer_ids:
-            customers = {h.client_id: h.gateway_id for h in self.homes if h.retailer_id == rid}
-            cfg = self._write_toml(f"bridge-{rid}.toml", {"bridge": {
-                "retailer_id": rid, "hub_mqtt_host": self.host, "hub_mqtt_port": self.brokers["hub"]["port"],
-                "hub_mqtt_password": self.brokers["hub"]["credentials"][rid]["password"],
-                "local_mqtt_host": self.host, "local_mqtt_port": self.brokers[rid]["port"],
-                "local_mqtt_username": "bridge",
-                "local_mqtt_password": self.brokers[rid]["credentials"]["bridge"]["password"],
-                "db_path": str(self.dir / f"bridge-{rid}.db"), "customers": customers,
-                # The installation record: what each home could shed at most (a claim above it is not believed).
-                "customer_sheddable_kw": {c: HOME_SHEDDABLE_KW for c in customers},
-                **self._ca_settings("hub_mqtt_tls_ca_file", "local_mqtt_tls_ca_file")}})
-            self.sup.start(Child(f"bridge-{rid}", self._python("retailer_bridge.cli", "--log-level", self.log_level,
-                                                               "run", "--config", str(cfg)),
-                                 self.dir / "logs" / f"bridge-{rid}.log"))
+            for k in range(self.bridge_partitions):
+                name = bridge_process(rid, k, self.bridge_partitions)
+                cfg = self._write_toml(f"{name}.toml", {"bridge": self.bridge_config(rid, k)})
+                self.sup.start(Child(name, self._python("retailer_bridge.cli", "--log-level", self.log_level,
+                                                        "run", "--config", str(cfg)),
+                                     self.dir / "logs" / f"{name}.log"))
         # Gateways, several homes per process, once the devices say where they listen.
         ports = await self._wait_file(ports_path, deadline, "devices")
         configs = []
@@ -216,6 +238,27 @@ class Stack:
         await self._wait_online(deadline)
         await self._wait_tcp(self.console_port, deadline, "dso-console")
         self.write_info()
+
+    def bridge_config(self, rid: str, partition: int) -> dict[str, Any]:
+        """The ``[bridge]`` table of retailer ``rid``'s bridge (of one of its partitions when partitioned)."""
+        customers = {h.client_id: h.gateway_id for h in self.homes if h.retailer_id == rid}
+        hub_login, local_login = partition_logins(rid, partition)
+        name = bridge_process(rid, partition, self.bridge_partitions)
+        cfg: dict[str, Any] = {
+            "retailer_id": rid, "hub_mqtt_host": self.host, "hub_mqtt_port": self.brokers["hub"]["port"],
+            "hub_mqtt_password": self.brokers["hub"]["credentials"][hub_login]["password"],
+            "local_mqtt_host": self.host, "local_mqtt_port": self.brokers[rid]["port"],
+            "local_mqtt_username": local_login,
+            "local_mqtt_password": self.brokers[rid]["credentials"][local_login]["password"],
+            "db_path": str(self.dir / f"{name}.db"), "customers": customers,
+            # The installation record: what each home could shed at most (a claim above it is not believed).
+            "customer_sheddable_kw": {c: HOME_SHEDDABLE_KW for c in customers},
+            **self._ca_settings("hub_mqtt_tls_ca_file", "local_mqtt_tls_ca_file")}
+        if self.bridge_partitions > 1:
+            cfg.update({"partitions": self.bridge_partitions, "partition": partition})
+            if partition > 0:
+                cfg["hub_mqtt_username"] = hub_login
+        return cfg
 
     def _start_console(self) -> None:
         """The DSO's console (``dso-console``, package ``dso_console``), holding the DSO's token; with an operator
@@ -390,6 +433,7 @@ class Stack:
             "plugs": PLUGS,
             "restarts": self.sup.events[-50:],
             "tls": {"ca_file": str(self.pki.ca_file)} if self.pki is not None else None,
+            "bridge_partitions": self.bridge_partitions,
         }
         path = self.dir / "stack.json"
         write_private(path, json.dumps(self.info, indent=2))
