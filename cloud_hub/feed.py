@@ -25,6 +25,7 @@ from cloud_hub import codec
 from cloud_hub.authz import Principal
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import KVStore, Mutation
+from cloud_hub.yielding import chunked_map
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,22 @@ def view(event: dict[str, Any], who: Principal, request_id: str | None = None) -
     return out
 
 
-def describe(request_id: str, known: Known, put: dict[str, Any], created: bool) -> dict[str, Any] | None:
-    """The event of one write of a request row (``put``: its cells, decoded), or None when the write changes
-    nothing a follower sees (an outbox entry, a stored timing). Updates ``known``."""
-    clients = {col[2:]: {"state": e["state"], "detail": e.get("detail", {}),
+def _client_event(item: tuple[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """One client's part of an event, from one cell ``(column, value)`` of a write (None: not a client entry)."""
+    col, e = item
+    if col.startswith("c:") and isinstance(e, dict) and "state" in e:
+        return col[2:], {"state": e["state"], "detail": e.get("detail", {}),
                          "retailers": sorted(e.get("retailers", {}))}
-               for col, e in put.items() if col.startswith("c:") and isinstance(e, dict) and "state" in e}
+    return None
+
+
+def describe(request_id: str, known: Known, put: dict[str, Any], created: bool,
+             clients: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The event of one write of a request row (``put``: its cells, decoded), or None when the write changes
+    nothing a follower sees (an outbox entry, a stored timing). Updates ``known``. ``clients``: the clients' part,
+    when the caller made it already (:meth:`ChangeFeed.stage`, in chunks)."""
+    if clients is None:
+        clients = dict(c for c in map(_client_event, put.items()) if c is not None)
     retailers = {col[2:]: e["state"] for col, e in put.items()
                  if col.startswith("p:") and isinstance(e, dict) and "state" in e}
     state = put.get("r:state", known.state)
@@ -217,7 +228,9 @@ class ChangeFeed:
                                                         set(base.audience))
             if known is None:
                 continue
-            event = describe(request_id, known, put, meta is not None)
+            # The clients' part in chunks (cloud_hub.yielding): a write naming 100,000 clients held the loop.
+            parts = await chunked_map(_client_event, put.items())
+            event = describe(request_id, known, put, meta is not None, dict(c for c in parts if c is not None))
             staged.known[request_id] = known
             if event is None:
                 continue
