@@ -214,6 +214,17 @@ class ChangeFeed:
         """The events of request-row writes ``(request_id, put, meta)`` (``meta``: the new request's, at creation),
         to be written in the same batch; :meth:`settle` once the batch succeeded or failed."""
         staged = Staged()
+        try:
+            await self._stage_into(staged, writes)
+        except BaseException:
+            # Cut short (cancelled between two chunks of a large write, or a storage read failed): the ids given
+            # out so far are given back, or every later event would wait behind them and no follower would see it.
+            self.settle(staged, durable=False)
+            raise
+        return staged
+
+    async def _stage_into(self, staged: Staged,
+                          writes: Iterable[tuple[str, dict[str, Any], dict[str, Any] | None]]) -> None:
         for request_id, put, meta in writes:
             if meta is None and not any(c.startswith(("c:", "p:")) or c == "r:state" for c in put):
                 continue  # an outbox entry, a timing: nothing a follower sees, and no read of the row for it
@@ -241,7 +252,6 @@ class ChangeFeed:
             staged.mutations.append(Mutation(TABLE, event_key(event_id), {"e:d": codec.dumps(event)}))
         if staged.events:
             staged.mutations.append(Mutation(TABLE, LAST_ROW, {"e:id": str(staged.events[-1]["event_id"]).encode()}))
-        return staged
 
     def settle(self, staged: Staged, durable: bool) -> None:
         """The batch of ``staged`` was written (``durable``) or not: publish, in id order, every event that no
