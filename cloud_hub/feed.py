@@ -317,7 +317,11 @@ class ChangeFeed:
                 if follower.overflowed and follower.queue.empty():
                     return
                 try:
-                    event = await asyncio.wait_for(follower.queue.get(), keepalive_s)
+                    # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives just as an event
+                    # reaches the queue, and the follower (the OpenADR 3 notifier's, say) then never stops: the
+                    # hub's shutdown waited for it for ever (mhp_wire.process.wait_or_timeout has the same note).
+                    async with asyncio.timeout(keepalive_s):
+                        event = await follower.queue.get()
                 except TimeoutError:
                     yield FeedItem("keepalive")
                     continue
