@@ -222,6 +222,7 @@ def _lifespan(settings: HubSettings) -> Callable[[FastAPI], contextlib.AbstractA
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+            await app.state.relay.drain()  # the outcomes and acks received are stored before the store closes
             await webhooks.close()
             await app.state.service.book.close()  # an expansion cut short is finished by the next start
             await app.state.store.close()

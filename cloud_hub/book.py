@@ -170,6 +170,28 @@ class Phase:
     reduction_kw: float
 
 
+SENT_CHUNK_CLIENTS = 6_000
+"""Clients whose first send :meth:`RequestBook.mark_sent` records in one storage round at most (a message is never
+split): a round of 100,000 clients, read, decided, encoded and described in one go, held the hub's event loop for
+seconds (issue 14, fourth round); each chunk's write lets it go."""
+
+
+def _sent_chunks(first: dict[str, list[OutboxItem]]) -> list[dict[str, list[OutboxItem]]]:
+    """``first`` (``{request_id: [item, ...]}``) cut into chunks of about :data:`SENT_CHUNK_CLIENTS` clients, each
+    item whole and in its order."""
+    chunks: list[dict[str, list[OutboxItem]]] = [{}]
+    size = 0
+    for request_id, items in first.items():
+        for item in items:
+            n = max(1, len(item.clients))
+            if size and size + n > SENT_CHUNK_CLIENTS:
+                chunks.append({})
+                size = 0
+            chunks[-1].setdefault(request_id, []).append(item)
+            size += n
+    return [c for c in chunks if c]
+
+
 class RequestBook:
     """Open requests, their outbox and their targets."""
 
@@ -488,9 +510,12 @@ class RequestBook:
             item.next_at = now + retry_delay_s(item.attempts) if next_at is None else next_at[k]
             if item.attempts == 1 and item.kind in ("request", *DELIVERIES):
                 first.setdefault(item.request_id, []).append(item)
-        if not first:
-            return
-        # Every request of the round read in one storage call and written in one batch (each row atomically), as
+        for part in _sent_chunks(first):
+            await self._mark_first_sent(part, now)
+
+    async def _mark_first_sent(self, first: dict[str, list[OutboxItem]], now: float) -> None:
+        """:meth:`mark_sent` of one chunk of first sends (:func:`_sent_chunks`)."""
+        # Every request of the chunk read in one storage call and written in one batch (each row atomically), as
         # the group commit does for outcomes; the locks are taken in request-id order, as there.
         async with contextlib.AsyncExitStack() as locks:
             for request_id in sorted(first):

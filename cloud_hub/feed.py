@@ -25,6 +25,7 @@ from cloud_hub import codec
 from cloud_hub.authz import Principal
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import KVStore, Mutation
+from cloud_hub.yielding import chunked_map
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,22 @@ def view(event: dict[str, Any], who: Principal, request_id: str | None = None) -
     return out
 
 
-def describe(request_id: str, known: Known, put: dict[str, Any], created: bool) -> dict[str, Any] | None:
-    """The event of one write of a request row (``put``: its cells, decoded), or None when the write changes
-    nothing a follower sees (an outbox entry, a stored timing). Updates ``known``."""
-    clients = {col[2:]: {"state": e["state"], "detail": e.get("detail", {}),
+def _client_event(item: tuple[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """One client's part of an event, from one cell ``(column, value)`` of a write (None: not a client entry)."""
+    col, e = item
+    if col.startswith("c:") and isinstance(e, dict) and "state" in e:
+        return col[2:], {"state": e["state"], "detail": e.get("detail", {}),
                          "retailers": sorted(e.get("retailers", {}))}
-               for col, e in put.items() if col.startswith("c:") and isinstance(e, dict) and "state" in e}
+    return None
+
+
+def describe(request_id: str, known: Known, put: dict[str, Any], created: bool,
+             clients: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The event of one write of a request row (``put``: its cells, decoded), or None when the write changes
+    nothing a follower sees (an outbox entry, a stored timing). Updates ``known``. ``clients``: the clients' part,
+    when the caller made it already (:meth:`ChangeFeed.stage`, in chunks)."""
+    if clients is None:
+        clients = dict(c for c in map(_client_event, put.items()) if c is not None)
     retailers = {col[2:]: e["state"] for col, e in put.items()
                  if col.startswith("p:") and isinstance(e, dict) and "state" in e}
     state = put.get("r:state", known.state)
@@ -203,6 +214,17 @@ class ChangeFeed:
         """The events of request-row writes ``(request_id, put, meta)`` (``meta``: the new request's, at creation),
         to be written in the same batch; :meth:`settle` once the batch succeeded or failed."""
         staged = Staged()
+        try:
+            await self._stage_into(staged, writes)
+        except BaseException:
+            # Cut short (cancelled between two chunks of a large write, or a storage read failed): the ids given
+            # out so far are given back, or every later event would wait behind them and no follower would see it.
+            self.settle(staged, durable=False)
+            raise
+        return staged
+
+    async def _stage_into(self, staged: Staged,
+                          writes: Iterable[tuple[str, dict[str, Any], dict[str, Any] | None]]) -> None:
         for request_id, put, meta in writes:
             if meta is None and not any(c.startswith(("c:", "p:")) or c == "r:state" for c in put):
                 continue  # an outbox entry, a timing: nothing a follower sees, and no read of the row for it
@@ -217,7 +239,9 @@ class ChangeFeed:
                                                         set(base.audience))
             if known is None:
                 continue
-            event = describe(request_id, known, put, meta is not None)
+            # The clients' part in chunks (cloud_hub.yielding): a write naming 100,000 clients held the loop.
+            parts = await chunked_map(_client_event, put.items())
+            event = describe(request_id, known, put, meta is not None, dict(c for c in parts if c is not None))
             staged.known[request_id] = known
             if event is None:
                 continue
@@ -228,7 +252,6 @@ class ChangeFeed:
             staged.mutations.append(Mutation(TABLE, event_key(event_id), {"e:d": codec.dumps(event)}))
         if staged.events:
             staged.mutations.append(Mutation(TABLE, LAST_ROW, {"e:id": str(staged.events[-1]["event_id"]).encode()}))
-        return staged
 
     def settle(self, staged: Staged, durable: bool) -> None:
         """The batch of ``staged`` was written (``durable``) or not: publish, in id order, every event that no
@@ -294,7 +317,11 @@ class ChangeFeed:
                 if follower.overflowed and follower.queue.empty():
                     return
                 try:
-                    event = await asyncio.wait_for(follower.queue.get(), keepalive_s)
+                    # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives just as an event
+                    # reaches the queue, and the follower (the OpenADR 3 notifier's, say) then never stops: the
+                    # hub's shutdown waited for it for ever (mhp_wire.process.wait_or_timeout has the same note).
+                    async with asyncio.timeout(keepalive_s):
+                        event = await follower.queue.get()
                 except TimeoutError:
                     yield FeedItem("keepalive")
                     continue

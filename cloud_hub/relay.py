@@ -211,6 +211,13 @@ class HubRelay:
             tg.create_task(self._sweep_loop(), name="hub-sweep")
             tg.create_task(self.tariff.run(), name="hub-tariff-republish")
 
+    async def drain(self) -> None:
+        """Wait until the outcome and acknowledgement commits handed in so far have ended (at shutdown, once the
+        MQTT side has stopped and before the store closes: a commit still running would meet a closed store, and
+        the outcomes its retailers sent would be lost until they re-send them)."""
+        await self.outcomes.drain()
+        await self.acks.drain()
+
     def link_connected(self) -> None:
         """The link to the hub broker is up (the first time or again): republish the stored tariff."""
         self.tariff.connected()

@@ -21,6 +21,7 @@ from cloud_hub.lifecycle import RequestState, RowChanges, RowState
 from cloud_hub.storage import KVStore, Mutation, Row, StoreUnavailable, prefix_stop
 from cloud_hub.storage.sqlite import SqliteKV
 from cloud_hub.timeline import supplier_at
+from cloud_hub.yielding import chunked_map
 from mhp_wire.messages import ClientState
 
 if TYPE_CHECKING:
@@ -552,8 +553,9 @@ class HubStore:
         # The audit lines first, the row (which drops the plan) last: on HBase, where a batch is written row by
         # row, a crash between them leaves the plan, and the expansion is made again (an audit line twice, never
         # none).
-        muts = [audit_mutation(e) for e in audit]
-        cells = {f"c:{cid}": _j(e) for cid, e in clients.items()}
+        # Encoded in chunks (cloud_hub.yielding): 100,000 clients held the event loop for seconds in one go.
+        muts = await chunked_map(audit_mutation, audit)
+        cells = dict(await chunked_map(lambda ce: (f"c:{ce[0]}", _j(ce[1])), clients.items()))
         cells.update({f"o:{mid}": _j(m) for mid, m in outbox.items()})
         muts.append(Mutation("requests", request_id, cells, delete=[f"r:{fanout.PLAN}"]))
         await self._batch_with_events(muts, [(request_id, {f"c:{cid}": e for cid, e in clients.items()}, meta)])
@@ -586,7 +588,9 @@ class HubStore:
     async def get_requests_cells(self, wanted: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
         """:meth:`get_request_cells` of several requests in one storage call (a missing request maps to ``{}``)."""
         rows = await self.kv.get_each("requests", dict(wanted))
-        return {rid: {c: _u(v) for c, v in rows.get(rid, {}).items()} for rid in wanted}
+        # Decoded in chunks (cloud_hub.yielding): an outcome commit or a round of first sends reads thousands.
+        return {rid: dict(await chunked_map(lambda cv: (cv[0], _u(cv[1])), rows.get(rid, {}).items()))
+                for rid in wanted}
 
     async def update_request(self, request_id: str, put: dict[str, Any], delete: list[str] | None = None,
                              audit: list[AuditEntry] | None = None, close: bool = False,
@@ -617,9 +621,9 @@ class HubStore:
         """Write cells of several request rows in one batch, each row atomically: ``(request_id, put, delete,
         close)`` as in :meth:`update_request`; the open index loses the closed requests after every row; ``audit``
         lines go in the same batch, first."""
-        muts = [audit_mutation(e) for e in audit or []]
-        muts += [Mutation("requests", rid, {c: _j(v) for c, v in put.items()}, delete=delete or None)
-                 for rid, put, delete, _ in writes]
+        muts = await chunked_map(audit_mutation, audit or [])
+        muts += [Mutation("requests", rid, dict(await chunked_map(lambda cv: (cv[0], _j(cv[1])), put.items())),
+                          delete=delete or None) for rid, put, delete, _ in writes]
         muts += [Mutation("open_requests", rid, delete=[]) for rid, _, _, close in writes if close]
         if muts:
             await self._batch_with_events(muts, [(rid, put, None) for rid, put, _, _ in writes])

@@ -1,0 +1,64 @@
+"""The pieces that let the hub's event loop go inside a large request (``cloud_hub/yielding.py``, and the first
+sends' storage rounds of ``cloud_hub/book.py``): the same results as one loop, in chunks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cloud_hub.book import SENT_CHUNK_CLIENTS, OutboxItem, _sent_chunks
+from cloud_hub.yielding import chunked_map
+
+
+async def test_chunked_map_gives_the_loops_result_and_lets_other_tasks_run_between_chunks() -> None:
+    ticks = 0
+    seen: list[int] = []
+
+    async def other() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    def step(x: int) -> int:
+        seen.append(ticks)
+        return x * 2
+
+    task = asyncio.create_task(other())
+    await asyncio.sleep(0)
+    try:
+        out = await chunked_map(step, range(10), chunk=3)
+    finally:
+        task.cancel()
+    assert out == [x * 2 for x in range(10)]
+    # Within a chunk the other task does not run; between chunks it does.
+    assert seen[0] == seen[1] == seen[2] < seen[3] == seen[4] == seen[5] < seen[6] == seen[7] == seen[8] < seen[9]
+
+
+def item(msg_id: str, request_id: str, n: int) -> OutboxItem:
+    return OutboxItem(msg_id, request_id, "r1", "request", b"{}", [f"{msg_id}-{i}" for i in range(n)])
+
+
+@pytest.mark.parametrize(("sizes", "expected"), [
+    ([], []),
+    ([10], [["m0"]]),
+    ([3_000, 3_000], [["m0", "m1"]]),
+    ([3_000, 3_000, 3_000], [["m0", "m1"], ["m2"]]),
+    ([SENT_CHUNK_CLIENTS + 1, 5], [["m0"], ["m1"]]),  # a message is never split, even one over the bound
+    ([0, 0], [["m0", "m1"]]),
+])
+def test_sent_chunks_keep_messages_whole_and_in_order(sizes: list[int], expected: list[list[str]]) -> None:
+    items = [item(f"m{k}", "q1", n) for k, n in enumerate(sizes)]
+    first: dict[str, list[OutboxItem]] = {}
+    for i in items:
+        first.setdefault(i.request_id, []).append(i)
+    chunks = _sent_chunks(first)
+    got = [sorted(i.msg_id for items_ in c.values() for i in items_) for c in chunks]
+    assert got == expected
+    flat = [i for c in chunks for rid in sorted(c) for i in c[rid]]
+    assert sorted(i.msg_id for i in flat) == sorted(i.msg_id for i in items)
+    for c in chunks:
+        for rid, its in c.items():
+            assert all(i.request_id == rid for i in its)
+            assert its == [i for i in first[rid] if i in its]  # each request's items in their order
