@@ -26,7 +26,8 @@ from mhp_wire.messages import ClientState
 if TYPE_CHECKING:
     from cloud_hub.settings import HubSettings
 
-__all__ = ["AuditEntry", "Conflict", "HubStore", "RequestCodec", "StoreUnavailable", "ms", "tkey"]
+__all__ = ["AuditEntry", "Conflict", "HubStore", "RequestCodec", "StoreUnavailable", "audit_mutations", "decode_cells",
+           "ms", "tkey"]
 
 
 def ms(ts: float) -> int:
@@ -110,6 +111,43 @@ def audit_mutation(e: AuditEntry) -> Mutation:
     if e.detail:
         line["detail"] = e.detail
     return Mutation("audit", f"{e.client_id}|{tkey(e.at)}|{_seq:06d}", {AUDIT_LINE: _j(line)})
+
+
+def audit_mutations(entries: Iterable[AuditEntry]) -> list[Mutation]:
+    """:func:`audit_mutation` of each entry, in order, with the same rows; a line shared by many entries (one request's
+    clients: same principal, action, right, reference and time) is encoded once, and each distinct time's key part
+    made once. Accepting a request for 10,000 clients writes 10,000 audit lines that differ only in their client."""
+    global _seq
+    out: list[Mutation] = []
+    encoded: dict[tuple[Any, ...], tuple[str, bytes]] = {}
+    for e in entries:
+        shape = (e.principal, e.action, e.right, e.allowed, e.ref, e.at, e.detail)
+        known = encoded.get(shape)
+        if known is None:
+            line: dict[str, Any] = {"principal": e.principal, "action": e.action, "right": e.right,
+                                    "allowed": e.allowed, "ref": e.ref, "at": e.at}
+            if e.detail:
+                line["detail"] = e.detail
+            known = encoded[shape] = (tkey(e.at), _j(line))
+        _seq = (_seq + 1) % 1_000_000
+        out.append(Mutation("audit", f"{e.client_id}|{known[0]}|{_seq:06d}", {AUDIT_LINE: known[1]}))
+    return out
+
+
+def decode_cells(row: Row) -> dict[str, Any]:
+    """A row's cells decoded, ``{column: value}``: all of them in one decoder call (each cell is one JSON text, so
+    the row's values joined by commas are one JSON array), the same values as decoding cell by cell; a row whose
+    cells do not make one array (a cell that is not JSON) is decoded cell by cell, so the error names that cell's
+    value as before."""
+    if len(row) < 2:
+        return {c: _u(v) for c, v in row.items()}
+    try:
+        values = codec.loads(b"[" + b",".join(row.values()) + b"]")
+    except ValueError:
+        return {c: _u(v) for c, v in row.items()}
+    if len(values) != len(row):  # an empty cell, or one holding several texts: not one value per cell
+        return {c: _u(v) for c, v in row.items()}
+    return dict(zip(row, values, strict=True))
 
 
 AUDIT_LINE = "a:l"
@@ -537,7 +575,7 @@ class HubStore:
             principal, key, digest, status, answer = idempotency
             muts.append(Mutation("idempotency", f"{principal}|{key}", {
                 "d:hash": digest.encode(), "d:status": str(status).encode(), "d:answer": _j(answer)}))
-        muts += [audit_mutation(e) for e in audit]
+        muts += audit_mutations(audit)
         if plan is not None:
             await self._batch_with_events(muts, [])
             return
@@ -552,7 +590,7 @@ class HubStore:
         # The audit lines first, the row (which drops the plan) last: on HBase, where a batch is written row by
         # row, a crash between them leaves the plan, and the expansion is made again (an audit line twice, never
         # none).
-        muts = [audit_mutation(e) for e in audit]
+        muts = audit_mutations(audit)
         cells = {f"c:{cid}": _j(e) for cid, e in clients.items()}
         cells.update({f"o:{mid}": _j(m) for mid, m in outbox.items()})
         muts.append(Mutation("requests", request_id, cells, delete=[f"r:{fanout.PLAN}"]))
@@ -566,9 +604,9 @@ class HubStore:
             return None
         out: dict[str, Any] = {"meta": {}, "clients": {}, "outbox": {}, "parties": {}}
         names = {"r": "meta", "c": "clients", "o": "outbox", "p": "parties"}
-        for col, raw in row.items():
+        for col, value in decode_cells(row).items():
             fam, _, qual = col.partition(":")
-            out[names[fam]][qual] = _u(raw)
+            out[names[fam]][qual] = value
         plan = out["meta"].pop(fanout.PLAN, None)
         if plan is not None:
             out["plan"] = plan
@@ -581,12 +619,12 @@ class HubStore:
     async def get_request_cells(self, request_id: str, columns: list[str]) -> dict[str, Any]:
         """Some cells of a request, decoded: ``{"c:<client>": {...}, "r:counts": {...}}``."""
         row = await self.kv.get("requests", request_id, columns)
-        return {c: _u(v) for c, v in row.items()}
+        return decode_cells(row)
 
     async def get_requests_cells(self, wanted: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
         """:meth:`get_request_cells` of several requests in one storage call (a missing request maps to ``{}``)."""
         rows = await self.kv.get_each("requests", dict(wanted))
-        return {rid: {c: _u(v) for c, v in rows.get(rid, {}).items()} for rid in wanted}
+        return {rid: decode_cells(rows.get(rid, {})) for rid in wanted}
 
     async def update_request(self, request_id: str, put: dict[str, Any], delete: list[str] | None = None,
                              audit: list[AuditEntry] | None = None, close: bool = False,
@@ -607,7 +645,7 @@ class HubStore:
             principal, key, digest, status, answer = idempotency
             muts.append(Mutation("idempotency", f"{principal}|{key}", {
                 "d:hash": digest.encode(), "d:status": str(status).encode(), "d:answer": _j(answer)}))
-        muts += [audit_mutation(e) for e in audit or []]
+        muts += audit_mutations(audit or [])
         if close:
             muts.append(Mutation("open_requests", request_id, delete=[]))
         await self._batch_with_events(muts, [(request_id, put, None)])
@@ -617,7 +655,7 @@ class HubStore:
         """Write cells of several request rows in one batch, each row atomically: ``(request_id, put, delete,
         close)`` as in :meth:`update_request`; the open index loses the closed requests after every row; ``audit``
         lines go in the same batch, first."""
-        muts = [audit_mutation(e) for e in audit or []]
+        muts = audit_mutations(audit or [])
         muts += [Mutation("requests", rid, {c: _j(v) for c, v in put.items()}, delete=delete or None)
                  for rid, put, delete, _ in writes]
         muts += [Mutation("open_requests", rid, delete=[]) for rid, _, _, close in writes if close]
@@ -705,7 +743,7 @@ class HubStore:
                                audit: list[AuditEntry] | None = None) -> None:
         """Store ``(client_id, at, active_power_kw, retailer_id)`` items (idempotent: the key is client|time), with
         their ``audit`` lines first in the same batch (one write for a whole message)."""
-        muts = [audit_mutation(e) for e in audit or []]
+        muts = audit_mutations(audit or [])
         muts += [Mutation("measurements", f"{cid}|{tkey(at)}", {
             "m:kw": _j(kw), "m:retailer": rid.encode()}) for cid, at, kw, rid in items]
         if muts:
@@ -787,7 +825,7 @@ class HubStore:
     async def audit(self, entries: list[AuditEntry]) -> None:
         """Append lines to the data access log."""
         if entries:
-            await self.kv.batch([audit_mutation(e) for e in entries])
+            await self.kv.batch(audit_mutations(entries))
 
     async def get_audit(self, client_id: str, start: float, end: float) -> list[dict[str, Any]]:
         """The data access log of one client between two times, oldest first."""
