@@ -407,6 +407,10 @@ class HubStore:
         rows = await self.kv.get_many("clients", client_ids, columns)
         out: dict[str, tuple[str | None, float | None]] = {}
         for cid, row in rows.items():
+            if not power and len(row) == 1:  # one supplier since registration, the common row: no list built
+                ((col, raw),) = row.items()
+                out[cid] = (raw.decode() if int(col[2:]) / 1000 <= at else None, None)
+                continue
             periods = [(int(c[2:]) / 1000, v) for c, v in row.items() if c[0] == "s"]
             if len(periods) == 1:  # one supplier since registration: supplier_at's rule without its dicts
                 rid = periods[0][1].decode() if periods[0][0] <= at else None

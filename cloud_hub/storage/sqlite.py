@@ -120,8 +120,8 @@ class SqliteKV:
                 cur = self._sql.db.execute(
                     f"SELECT row, col, val FROM cells WHERE tbl=? AND row IN ({marks}){where}",
                     [table, *chunk, *cargs])
-                for r, c, v in cur:
-                    out.setdefault(r, {})[c] = bytes(v)
+                for r, c, v in cur:  # a BLOB comes back as bytes: no copy
+                    out.setdefault(r, {})[c] = v
             return out
 
         result: dict[str, Row] = await self._run(op)

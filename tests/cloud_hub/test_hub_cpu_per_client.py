@@ -27,6 +27,7 @@ from cloud_hub.metrics import HubMetrics
 from cloud_hub.service import HubService
 from cloud_hub.storage import KVStore, Row
 from cloud_hub.store import AuditEntry, HubStore, audit_line, audit_mutation, audit_mutations, decode_cells
+from cloud_hub.timeline import supplier_at
 from cloud_hub.usecases.shared import iso
 from mhp_wire.messages import ClientState
 
@@ -133,3 +134,21 @@ async def test_the_view_counts_and_times_are_those_of_a_count_client_by_client(t
         assert {c["state"] for c in view["clients"].values()} >= {"sent", "delivered", "executed", "refused"}
     finally:
         await store.close()
+
+
+async def test_the_supplier_read_before_the_202_answers_as_the_whole_client_rows_do(kv: KVStore) -> None:
+    """:meth:`HubStore.suppliers_at` (what accepting a request reads per named client) reads a one-supplier row
+    without building its period list: the same answer as the client rows read whole and the timeline's rule."""
+    store = HubStore(kv)
+    now = time.time()
+    await store.import_clients([("old", "r1", 5.0, None, now - 86_400), ("later", "r2", 7.5, None, now + 3_600)])
+    await store.put_clients([("moved", "r1", 4.0, None, now - 86_400)])
+    await store.put_clients([("moved", "r2", 4.0, None, now - 3_600)])  # a supplier switch an hour ago
+    ids = ["old", "later", "moved", "unknown"]
+    whole = await store.get_clients(ids)
+    for at in (now - 7_200, now, now + 7_200):
+        expected = {cid: (supplier_at(c["suppliers"], at), c["contracted_power_kw"]) for cid, c in whole.items()}
+        assert await store.suppliers_at(ids, at, power=True) == expected
+        assert await store.suppliers_at(ids, at) == {cid: (rid, None) for cid, (rid, _) in expected.items()}
+    assert (await store.suppliers_at(ids, now))["later"] == (None, None)  # not supplied yet: no retailer
+    assert (await store.suppliers_at(ids, now))["moved"] == ("r2", None)
