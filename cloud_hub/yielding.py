@@ -11,7 +11,7 @@ batch, so durability and ordering are those of the write.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -30,4 +30,15 @@ async def chunked_map(fn: Callable[[T], R], items: Iterable[T], chunk: int = CHU
         n += 1
         if n % chunk == 0:
             await asyncio.sleep(0)
+    return out
+
+
+async def chunked_apply(fn: Callable[[list[T]], list[R]], items: Sequence[T], chunk: int = CHUNK) -> list[R]:
+    """``fn(items)`` for a ``fn`` that maps a list to a list item by item (``audit_mutations``), run on ``chunk``
+    items at a time with the event loop let go between them."""
+    out: list[R] = []
+    for start in range(0, len(items), chunk):
+        if start:
+            await asyncio.sleep(0)
+        out.extend(fn(list(items[start:start + chunk])))
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 from cloud_hub.authz import Action, Context, Principal, decide
@@ -20,10 +20,21 @@ TRACE_PER_CLIENT = ("retailer_ms", "gateway_ms", "total_ms")
 """Per-client timings a request's trace gives as a mean and a maximum over its clients."""
 
 
-def _client_view(c: dict[str, Any]) -> dict[str, Any]:
-    """One client of a request, as its issuer sees it."""
+class _Stamps(dict[float, str | None]):
+    """:func:`iso` of the times of one view, each formatted once: the clients of one outcome batch share one
+    ``updated_at`` (the hub's time of that commit), so a view of 10,000 clients holds a few dozen distinct times."""
+
+    def __missing__(self, ts: float) -> str | None:
+        text = self[ts] = iso(ts)
+        return text
+
+
+def _client_view(c: dict[str, Any], stamps: _Stamps | None = None) -> dict[str, Any]:
+    """One client of a request, as its issuer sees it (``stamps``: the view's times already formatted)."""
+    updated_at = c["updated_at"]
     view = {"state": c["state"], "retailer_id": next(iter(c["retailers"])), "retailers": c["retailers"],
-            "detail": c.get("detail", {}), "trace": c.get("trace", {}), "updated_at": iso(c["updated_at"])}
+            "detail": c.get("detail", {}), "trace": c.get("trace", {}),
+            "updated_at": iso(updated_at) if stamps is None or updated_at is None else stamps[updated_at]}
     if "available_kw" in c:
         view["available_kw"] = c["available_kw"]
     if "revision" in c:  # a revised request: the revision this state answers, and the earlier ones
@@ -42,15 +53,21 @@ def _progress(req: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str,
     retailers: dict[str, dict[str, Any]] = {}
     clients: dict[str, dict[str, Any]] = {}
     sums: dict[str, list[float]] = defaultdict(list)
-    for cid, c in sorted(req["clients"].items()):
-        for rid in c["retailers"]:
-            r = retailers.setdefault(rid, {"clients": 0, "states": {}})
-            r["clients"] += 1
-            r["states"][c["state"]] = r["states"].get(c["state"], 0) + 1
-        clients[cid] = _client_view(c)
-        for k in TRACE_PER_CLIENT:
-            if k in c.get("trace", {}):
-                sums[k].append(float(c["trace"][k]))
+    stamps = _Stamps()
+    ordered = sorted(req["clients"].items())
+    # Each retailer's clients by state, counted in C; a Counter keeps the order in which each pair first appears,
+    # so the retailers and their states are listed as a count client by client lists them.
+    for (rid, state), n in Counter([(rid, c["state"]) for _, c in ordered for rid in c["retailers"]]).items():
+        r = retailers.setdefault(rid, {"clients": 0, "states": {}})
+        r["clients"] += n
+        r["states"][state] = n
+    for cid, c in ordered:
+        clients[cid] = _client_view(c, stamps)
+        trace = c.get("trace")
+        if trace:
+            for k in TRACE_PER_CLIENT:
+                if k in trace:
+                    sums[k].append(float(trace[k]))
     for rid, p in sorted(req["parties"].items()):
         retailers[rid] = {"state": p["state"], "updated_at": iso(p["updated_at"])}
     return retailers, clients, sums

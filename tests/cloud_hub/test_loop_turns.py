@@ -6,7 +6,8 @@ Counted, not timed: a real hub (uvicorn on a real port, SQLite in ``tmp_path``, 
 clients registered through ``PUT /v1/clients``, an emergency to all of them POSTed, a retailer on the hub broker
 acknowledging every request message and reporting every client ``executed``. Beside the hub, on its event loop, a
 probe task does nothing but ``await asyncio.sleep(0)``: it is always ready, so it takes a turn every time the loop
-is let go. The hub's own cell codec (``cloud_hub.store._j``, ``_u``) is wrapped to count, and the three steps
+is let go. The hub's own cell codec (``cloud_hub.store._j``, ``_u``, ``decode_cells``, ``audit_mutations``) is
+wrapped to count, and the three steps
 (``HubStore.expand_request``, ``RequestBook.mark_sent``, ``RequestBook.apply``) to name the step a cell belongs to
 (a context variable, so that only the step's own task is counted). Each probe turn closes a segment: the cells
 each step encoded or decoded since the probe's previous turn, that is, while the loop was held.
@@ -64,11 +65,13 @@ class TurnProbe:
         self.segments: dict[tuple[str, str], list[int]] = defaultdict(list)
         """``(step, "encoded" | "decoded")``: the cells of each segment in which the step did any."""
         self.turns = 0
+        self.inside = 0
+        """Inside a counted call that counts its cells itself (its own ``_u`` calls are not counted again)."""
 
-    def count(self, kind: str) -> None:
+    def count(self, kind: str, n: int = 1) -> None:
         step = _step.get()
-        if step is not None:
-            self.since_turn[(step, kind)] += 1
+        if step is not None and not self.inside:
+            self.since_turn[(step, kind)] += n
 
     def turn(self) -> None:
         for key, n in self.since_turn.items():
@@ -93,6 +96,20 @@ def counting(probe: TurnProbe, kind: str, fn: Callable[..., Any]) -> Callable[..
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         probe.count(kind)
         return fn(*args, **kwargs)
+    return wrapper
+
+
+def counting_cells(probe: TurnProbe, kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A function over many cells at once (``decode_cells`` of a row, ``audit_mutations`` of entries): counted
+    by the number of cells (or entries) it is given."""
+    @functools.wraps(fn)
+    def wrapper(cells: Any, *args: Any, **kwargs: Any) -> Any:
+        probe.count(kind, len(cells))
+        probe.inside += 1
+        try:
+            return fn(cells, *args, **kwargs)
+        finally:
+            probe.inside -= 1
     return wrapper
 
 
@@ -122,6 +139,11 @@ def probe(monkeypatch: pytest.MonkeyPatch) -> TurnProbe:
     p = TurnProbe()
     monkeypatch.setattr(cloud_hub.store, "_j", counting(p, "encoded", cloud_hub.store._j))
     monkeypatch.setattr(cloud_hub.store, "_u", counting(p, "decoded", cloud_hub.store._u))
+    # Since the fifth round a row is decoded in one call and a request's audit lines encoded once per distinct
+    # line: those count by the cells (entries) they are given.
+    monkeypatch.setattr(cloud_hub.store, "decode_cells", counting_cells(p, "decoded", cloud_hub.store.decode_cells))
+    monkeypatch.setattr(cloud_hub.store, "audit_mutations",
+                        counting_cells(p, "encoded", cloud_hub.store.audit_mutations))
     for step, (cls, name) in STEPS.items():
         monkeypatch.setattr(cls, name, named(step, getattr(cls, name)))
     return p
