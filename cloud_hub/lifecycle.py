@@ -381,6 +381,9 @@ class _Apply:
         retailers = {**entry["retailers"], o.retailer_id: o.state.value}
         new = combine([_BY_VALUE[s] for s in retailers.values()])
         if new not in GATEWAY_FACTS:  # another retailer's delivery of the client still says otherwise
+            # Kept all the same (written with the entry): when that delivery's home reports too, both facts are in.
+            entry["retailers"] = retailers
+            self.changes.clients[o.client_id] = entry
             return OutcomeVerdict(True, addressed, request_state=self.row.state)
         old = _BY_VALUE[entry["state"]]
         entry["superseded"] = [*entry.get("superseded", []), {

@@ -103,6 +103,26 @@ def test_unreachable_from_the_hubs_deadline_also_gives_way() -> None:
     assert v.changed and changes.clients["a"]["retailers"] == {"r1": "executed"} and changes.state is R.COMPLETED
 
 
+@pytest.mark.parametrize("one_batch", [True, False], ids=["one-batch", "two-batches"])
+def test_a_client_of_two_retailers_gives_way_once_both_homes_outcomes_are_in(one_batch: bool) -> None:
+    """Delivered through two retailers (billing across a supplier switch), both declared ``unreachable``: the first
+    late fact is kept (the client still combines to ``unreachable``), the second one completes it. Before, the first
+    was dropped, so the second combined with the stored ``unreachable`` and was dropped as well."""
+    both = {"r1": C.UNREACHABLE, "r2": C.UNREACHABLE}
+    row = ended({"a": entry(C.UNREACHABLE, both, revision=1)}, R.FAILED)
+    if one_batch:
+        changes, [first, second] = apply(row, [out("a", C.EXECUTED, "r1"), out("a", C.EXECUTED, "r2")], NOW)
+    else:
+        kept, [first] = apply(row, [out("a", C.EXECUTED, "r1")], NOW)
+        assert kept.clients["a"]["state"] == "unreachable"
+        assert kept.clients["a"]["retailers"] == {"r1": "executed", "r2": "unreachable"}
+        changes, [second] = apply(ended({"a": kept.clients["a"]}, R.FAILED), [out("a", C.EXECUTED, "r2")], NOW)
+    assert not first.changed and second.changed and second.superseded
+    assert changes.clients["a"]["state"] == "executed"
+    assert changes.clients["a"]["retailers"] == {"r1": "executed", "r2": "executed"}
+    assert changes.state is R.COMPLETED
+
+
 def test_a_retailer_not_addressed_cannot_replace_unreachable() -> None:
     row = ended({"a": entry(C.UNREACHABLE, revision=1)}, R.FAILED)
     changes, [v] = apply(row, [out("a", C.EXECUTED, retailer="r2")], NOW)
