@@ -49,6 +49,9 @@ class Bridge:
         self.personal_area: PersonalArea | None = None
         """The customers' personal area while it runs (``personal_area.address``: where it listens)."""
         self._reload: asyncio.Task[None] | None = None
+        self._local_link: MqttLink | None = None
+        """The link to the retailer broker, from the moment it is made (:meth:`update_installations` changes its
+        filters whether it is connected yet or not)."""
 
     async def update_installations(self, customers: Mapping[str, str],
                                    sheddable_kw: Mapping[str, float] | None = None) -> tuple[list[str], list[str]]:
@@ -67,10 +70,14 @@ class Bridge:
         if sheddable_kw is not None:
             self.relay.rated_sheddable_kw = dict(sheddable_kw)
         added, removed = sorted(set(mine.values()) - before), sorted(before - set(mine.values()))
-        local = self.relay.local
-        if not self.partition.whole and local is not None:  # not running yet: _run subscribes from the record
-            await local.subscribe([topics.party_up("gateways", g) for g in added])
-            await local.unsubscribe([topics.party_up("gateways", g) for g in removed])
+        # The link as soon as it exists, connected or not (a change made while it connects or is down is sent
+        # when it is up); before that, _run subscribes from the record.
+        local = self._local_link
+        if not self.partition.whole and local is not None:
+            try:
+                await local.subscribe([topics.party_up("gateways", g) for g in added])
+            finally:  # the lost gateways' filters go (or wait for the connection) even if the subscribe failed
+                await local.unsubscribe([topics.party_up("gateways", g) for g in removed])
         log.info("bridge %s: installation record updated (%s): %d gateways added, %d removed",
                  self.settings.retailer_id, describe(self.partition, customers), len(added), len(removed))
         return added, removed
@@ -121,6 +128,7 @@ class Bridge:
             handler=self.relay.on_local_message, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None,
             on_connect=self.relay.local_connected,
         )
+        self._local_link = local
         try:
             async with contextlib.AsyncExitStack() as stack:
                 await stack.enter_async_context(self.telemetry)  # spools and drains until the bridge stops

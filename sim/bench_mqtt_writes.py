@@ -31,7 +31,15 @@ async def one_run(messages: int, per_turn: int, coalesce: bool) -> tuple[float, 
     real = mqtt.coalesce_writes
     if not coalesce:
         mqtt.coalesce_writes = lambda client: None
-    spec = BrokerSpec(kind="retailer", port=free_port(), data_dir=Path(tempfile.mkdtemp(prefix="bench-writes-")),
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-writes-") as data_dir:
+            return await _publish_all(Path(data_dir), messages, per_turn)
+    finally:
+        mqtt.coalesce_writes = real
+
+
+async def _publish_all(data_dir: Path, messages: int, per_turn: int) -> tuple[float, float, int | None]:
+    spec = BrokerSpec(kind="retailer", port=free_port(), data_dir=data_dir,
                       privileged=Identity("bridge", generate_password()),
                       parties=[Identity("gw-1", generate_password())],
                       password_iterations=GENERATED_PASSWORD_ITERATIONS, max_inflight_messages=0)
@@ -53,7 +61,6 @@ async def one_run(messages: int, per_turn: int, coalesce: bool) -> tuple[float, 
             cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
             return cpu, wall, (link.writes.flushes if link.writes is not None else None)
     finally:
-        mqtt.coalesce_writes = real
         broker.stop()
 
 

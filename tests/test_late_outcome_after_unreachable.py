@@ -28,6 +28,7 @@ from tests.cloud_hub.sse import Frame, sse
 from tests.cloud_hub.test_relay import metric, post_emergency, wait_state
 from tests.hub_fixtures import HubHandle
 from tests.mqtt_party import Party, parties
+from tests.waiting import eventually
 
 ACK_TIMEOUT_S = 0.5
 
@@ -46,11 +47,9 @@ async def bridge(hub: HubHandle, tmp_path: Path, mosquitto_factory: MosquittoFac
         gateway_ack_timeout_s=ACK_TIMEOUT_S, gateway_retry_s=0.2))
     task = asyncio.create_task(b.run())
     try:
-        for _ in range(400):  # at the hub broker (else the hub sends it the request when it is)
-            if b.relay.hub is not None and b.relay.hub.connected and b.relay.local is not None \
-                    and b.relay.local.connected:
-                break
-            await asyncio.sleep(0.05)
+        # At the hub broker (else the hub sends it the request when it is) and at its own.
+        await eventually(lambda: b.relay.hub is not None and b.relay.hub.connected and b.relay.local is not None
+                         and b.relay.local.connected, "the bridge is connected to both brokers", timeout_s=20)
         yield b, local
     finally:
         task.cancel()

@@ -55,11 +55,11 @@ async def test_the_publishes_of_one_turn_are_one_write_and_arrive_in_order(
     async def collect(topic: str, payload: bytes, retained: bool) -> None:
         got.append(payload)
 
-    async with (MqttLink(gateway, client_id="gw-1", subscriptions=[topics.down("gateways", "gw-1")],
-                         handler=collect, clean_start=True, session_expiry_s=0),
+    async with (MqttLink(gateway, client_id="gw-1", subscriptions=[], handler=collect, clean_start=True,
+                         session_expiry_s=0) as gw,
                 MqttLink(bridge, client_id="bridge", subscriptions=[], handler=_ignore, clean_start=True,
                          session_expiry_s=0) as link):
-        await asyncio.sleep(0.2)  # the gateway's subscription is in place
+        await gw.subscribe([topics.down("gateways", "gw-1")])  # returns with the broker's SUBACK
         sizes = spy_writes(socket_transport(link))
         for i in range(N):  # no await that suspends in between: one turn of the loop
             await link.publish(topics.down("gateways", "gw-1"), f"{i:04d}".encode())
@@ -82,9 +82,9 @@ async def test_what_is_written_just_before_the_link_closes_still_goes_out(
     async def collect(topic: str, payload: bytes, retained: bool) -> None:
         got.append(payload)
 
-    async with MqttLink(gateway, client_id="gw-1", subscriptions=[topics.down("gateways", "gw-1")],
-                        handler=collect, clean_start=True, session_expiry_s=0):
-        await asyncio.sleep(0.2)
+    async with MqttLink(gateway, client_id="gw-1", subscriptions=[], handler=collect, clean_start=True,
+                        session_expiry_s=0) as gw:
+        await gw.subscribe([topics.down("gateways", "gw-1")])  # returns with the broker's SUBACK
         link = MqttLink(bridge, client_id="bridge", subscriptions=[], handler=_ignore, clean_start=True,
                         session_expiry_s=0)
         await link.__aenter__()
@@ -112,7 +112,14 @@ async def test_a_reconnection_coalesces_on_its_new_socket(mosquitto_factory: Mos
         await eventually(lambda: not link.connected and not gw.connected, timeout_s=15)
         broker.process.start()
         await eventually(lambda: link.connected and gw.connected and gw.stats.connects >= 2, timeout_s=15)
-        await asyncio.sleep(0.2)  # the gateway's subscription restored
+
+        async def subscribed() -> bool:  # the gateway's subscription is restored once a probe gets through
+            await link.publish(topics.down("gateways", "gw-1"), b"probe")
+            await asyncio.sleep(0.05)
+            return b"probe" in got
+
+        await eventually(subscribed, "the gateway's subscription restored", timeout_s=15)
+        got.clear()  # probes arrive in order: none after the one seen
         assert link.writes is not None and link.writes is not first
         assert link.writes.wrapped is socket_transport(link) and not link.writes.wrapped.is_closing()
         sizes = spy_writes(socket_transport(link))
