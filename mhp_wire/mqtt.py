@@ -34,6 +34,8 @@ CONNECT_ATTEMPT_S = 10.0
 ABANDON_S = 2.0
 """At most this long closing a connection attempt that is given up (DISCONNECT written, socket closed)."""
 ROOM_POLL_S = 0.001
+SUBSCRIBE_WAIT_S = 30.0
+"""How long the subscriptions sent at a connection may wait for free packet ids (:meth:`MqttLink._send_waves`)."""
 """How often a publish waiting for room in the in-flight window looks again."""
 FILTERS_PER_PACKET = 500
 """Topic filters per SUBSCRIBE or UNSUBSCRIBE packet: a filter of a 64-character id is under 100 bytes, so a packet
@@ -183,6 +185,9 @@ class MqttLink:
         """Held by the publish that waits for room in the in-flight window; the others wait behind it."""
         self._waiting = 0
         self._replies: dict[int, asyncio.Future[None]] = {}
+        self._reply_mids: dict[asyncio.Future[None], int] = {}
+        self._restoring: asyncio.Task[None] | None = None
+        """Subscriptions sent again after a reconnection (:meth:`_restore`)."""
         """SUBSCRIBE/UNSUBSCRIBE packet ids waiting for their SUBACK/UNSUBACK."""
         self._changed_while_down: dict[str, bool] = {}
         """Filters subscribed (True) or unsubscribed (False) while the link was down or unanswered: sent at the next
@@ -224,33 +229,66 @@ class MqttLink:
             self._client.stop_reconnect()
             self._stop_gmqtt_reconnects()
             raise
-        self._send_unsubscribe([f for f, sub in self._changed_while_down.items() if not sub])
-        self._changed_while_down = {}
-        self._send_subscribe(self._subscriptions)
+        changed, self._changed_while_down = self._changed_while_down, {}
+        try:
+            await self._send_waves([f for f, sub in changed.items() if not sub], subscribe=False,
+                                   timeout_s=SUBSCRIBE_WAIT_S)
+            await self._send_waves(self._subscriptions, subscribe=True, timeout_s=SUBSCRIBE_WAIT_S)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         if self._status_topic:
             await self.publish(self._status_topic, presence_payload("online"), retain=True)
         if self.writes is not None:  # the subscriptions and the presence are on the wire when the link is entered
             self.writes.flush()
         return self
 
-    def _send_subscribe(self, filters: Sequence[str]) -> list[int]:
-        """SUBSCRIBE ``filters`` (QoS 1), :data:`FILTERS_PER_PACKET` a packet; the packet ids."""
-        if filters:
-            log.debug("MQTT %s subscribes to %d filters", self.client_id, len(filters))
-        return [self._client.subscribe([gmqtt.Subscription(t, qos=1) for t in filters[i:i + FILTERS_PER_PACKET]])
-                for i in range(0, len(filters), FILTERS_PER_PACKET)]
+    async def _send_waves(self, filters: Sequence[str], *, subscribe: bool, timeout_s: float,
+                          replies: bool = False) -> list[asyncio.Future[None]]:
+        """SUBSCRIBE (QoS 1) or UNSUBSCRIBE ``filters``, :data:`FILTERS_PER_PACKET` a packet; with ``replies``, a
+        future per packet that its SUBACK/UNSUBACK resolves.
 
-    def _send_unsubscribe(self, filters: Sequence[str]) -> list[int]:
-        """UNSUBSCRIBE ``filters``, :data:`FILTERS_PER_PACKET` a packet; the packet ids. What gmqtt's own
-        ``unsubscribe`` does, except that its list of subscriptions is pruned once against a set: gmqtt compares each
-        of its subscriptions with the packet's list, which for thousands of filters is millions of comparisons."""
+        Each packet takes a packet id from the pool that the broker's receive maximum bounds, shared with the QoS 1
+        publishes in flight (Mosquitto's ``max_inflight_messages``; 20 in a stock Mosquitto): when none is free,
+        the next packet waits for one (as a publish with ``wait_s`` does), up to ``timeout_s`` in all, then
+        :class:`MqttError`. gmqtt's own list of subscriptions is kept here: a filter is added once its packet is
+        written (its ``subscribe`` added it before, again at every retry), and an unsubscription prunes it once
+        against a set (gmqtt compares each subscription with the packet's list: millions of comparisons for
+        thousands of filters)."""
         if not filters:
             return []
-        log.debug("MQTT %s unsubscribes from %d filters", self.client_id, len(filters))
-        gone = set(filters)
-        self._client.subscriptions = [sub for sub in self._client.subscriptions if sub.topic not in gone]
-        return [self._client._connection.unsubscribe(list(filters[i:i + FILTERS_PER_PACKET]))
-                for i in range(0, len(filters), FILTERS_PER_PACKET)]
+        log.debug("MQTT %s %s %d filters", self.client_id, "subscribes to" if subscribe else "unsubscribes from",
+                  len(filters))
+        if not subscribe:
+            gone = set(filters)
+            self._client.subscriptions = [sub for sub in self._client.subscriptions if sub.topic not in gone]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        waits: list[asyncio.Future[None]] = []
+        for i in range(0, len(filters), FILTERS_PER_PACKET):
+            chunk = list(filters[i:i + FILTERS_PER_PACKET])
+            while True:
+                try:
+                    connection = self._client._connection
+                    if subscribe:
+                        subs = [gmqtt.Subscription(t, qos=1) for t in chunk]
+                        mid = connection.subscribe(subs)
+                        self._client.subscriptions.extend(subs)
+                    else:
+                        mid = connection.unsubscribe(chunk)
+                    break
+                except OverflowError:  # no packet id free: the in-flight window is full
+                    if loop.time() >= deadline:
+                        raise MqttError(f"MQTT {self.client_id}: no packet id came free for a subscription change "
+                                        f"within {timeout_s:g} s (the in-flight window stayed full)") from None
+                    self.stats.extra["subscribe_waits"] = self.stats.extra.get("subscribe_waits", 0) + 1
+                    await asyncio.sleep(ROOM_POLL_S)
+                except (OSError, AttributeError) as exc:
+                    raise MqttError(f"MQTT {self.client_id} could not change its subscriptions: {exc}") from None
+            if replies:  # registered before the next await: its reply cannot come first
+                waits.append(self._replies.setdefault(mid, loop.create_future()))
+                self._reply_mids[waits[-1]] = mid
+        return waits
 
     @property
     def subscriptions(self) -> list[str]:
@@ -280,21 +318,19 @@ class MqttLink:
             self._changed_while_down[f] = subscribe
         if not self.connected:
             return
-        try:
-            mids = self._send_subscribe(filters) if subscribe else self._send_unsubscribe(filters)
-        except (OSError, AttributeError) as exc:
-            raise MqttError(f"MQTT {self.client_id} could not change its subscriptions: {exc}") from None
-        loop = asyncio.get_running_loop()
-        waits = [self._replies.setdefault(mid, loop.create_future()) for mid in mids]
+        waits: list[asyncio.Future[None]] = []
         try:
             async with asyncio.timeout(timeout_s):
+                waits = await self._send_waves(filters, subscribe=subscribe, timeout_s=timeout_s, replies=True)
                 await asyncio.gather(*waits)
         except TimeoutError:
             raise MqttError(f"MQTT {self.client_id}: the broker did not answer a subscription change within "
                             f"{timeout_s:g} s (it is sent again at the next connection)") from None
         finally:
-            for mid in mids:
-                self._replies.pop(mid, None)
+            for wait in waits:
+                mid = self._reply_mids.pop(wait, None)
+                if mid is not None and self._replies.get(mid) is wait:
+                    del self._replies[mid]
         for f in filters:
             if self._changed_while_down.get(f) is subscribe:
                 del self._changed_while_down[f]
@@ -354,6 +390,8 @@ class MqttLink:
         self._stop_gmqtt_reconnects()
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._restoring is not None:
+            self._restoring.cancel()
         try:
             if self._status_topic and self.connected:
                 await self.publish(self._status_topic, presence_payload("offline"), retain=True)
@@ -427,21 +465,36 @@ class MqttLink:
             # A reconnect. gmqtt does not subscribe again by itself: a broker that lost our session (restarted
             # from an old snapshot, or after kill -9) must get our subscriptions again. And our last will has
             # marked us offline: say we are back.
-            try:
-                if not flags:
-                    self._send_subscribe(self._subscriptions)
-                else:  # the session is kept: only what changed while we were away (or unanswered)
-                    self.stats.extra["sessions_resumed"] = self.stats.extra.get("sessions_resumed", 0) + 1
-                    changed = self._changed_while_down
-                    self._send_unsubscribe([f for f, sub in changed.items() if not sub])
-                    self._send_subscribe([f for f, sub in changed.items() if sub and f in self._subscriptions])
-                self._changed_while_down = {}
-                if self._status_topic:
-                    self._client.publish(self._status_topic, presence_payload("online"), qos=1, retain=True)
-            except (OSError, AttributeError) as exc:
-                log.warning("MQTT %s could not restore its subscriptions: %s", self.client_id, exc)
+            if flags:
+                self.stats.extra["sessions_resumed"] = self.stats.extra.get("sessions_resumed", 0) + 1
+            changed, self._changed_while_down = self._changed_while_down, {}
+            if self._restoring is not None:
+                self._restoring.cancel()
+            self._restoring = asyncio.get_running_loop().create_task(
+                self._restore(bool(flags), changed), name=f"mqtt-restore-{self.client_id}")
         if self._on_connected is not None:
             self._on_connected()
+
+    async def _restore(self, session_kept: bool, changed: dict[str, bool]) -> None:
+        """After a reconnection: the subscriptions again (all of them to a broker that lost our session; to one that
+        kept it, only what changed while we were away), then the presence. A task of its own: the packets may wait
+        for free packet ids (:meth:`_send_waves`)."""
+        try:
+            if not session_kept:
+                self._client.subscriptions = []
+                await self._send_waves(self._subscriptions, subscribe=True, timeout_s=SUBSCRIBE_WAIT_S)
+            else:
+                await self._send_waves([f for f, sub in changed.items() if not sub], subscribe=False,
+                                       timeout_s=SUBSCRIBE_WAIT_S)
+                await self._send_waves([f for f, sub in changed.items() if sub and f in self._subscriptions],
+                                       subscribe=True, timeout_s=SUBSCRIBE_WAIT_S)
+            if self._status_topic:
+                self._client.publish(self._status_topic, presence_payload("online"), qos=1, retain=True)
+        except (MqttError, OSError, AttributeError, OverflowError) as exc:
+            # What was not sent waits for the next connection.
+            for f, sub in changed.items():
+                self._changed_while_down.setdefault(f, sub)
+            log.warning("MQTT %s could not restore its subscriptions: %s", self.client_id, exc)
 
     def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
         if self._connected.is_set():
