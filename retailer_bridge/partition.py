@@ -51,6 +51,13 @@ def partition_of(key: str, partitions: int) -> int:
     return zlib.crc32(key.encode("utf-8")) % partitions
 
 
+def partition_logins(retailer_id: str, partition: int) -> tuple[str, str]:
+    """A bridge partition's logins (hub broker, retailer broker), the convention of the deployments this project
+    starts (``mhp-stack``, the fan-out experiment): partition 0 keeps the retailer's own and ``bridge``; partition
+    k > 0 has ``{retailer_id}.p{k}`` (a delegate of the retailer at the hub broker) and ``bridge.p{k}``."""
+    return (retailer_id, "bridge") if partition == 0 else (f"{retailer_id}.p{partition}", f"bridge.p{partition}")
+
+
 @dataclass(frozen=True, slots=True)
 class Partition:
     """Process ``index`` of ``count`` of one retailer's bridge."""

@@ -73,7 +73,7 @@ from mhp_wire import topics
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.secretfile import write_private
 from retailer_bridge.instance_lock import holder_pid
-from retailer_bridge.partition import Partition, partition_file
+from retailer_bridge.partition import Partition, partition_file, partition_logins
 from sim.experiment.base import BaseParams, Experiment, machine, proc_sample
 from sim.experiment.dso_sim import pct
 from sim.fleet import FLOOR_PREFIX
@@ -155,12 +155,6 @@ def bridge_name(r: str, k: int, partition: int | None = None) -> str:
     (``bridge-{r}-p{j}``, ``bridge-{r}-p{j}-2``) when the bridge is partitioned."""
     base = f"bridge-{r}" if partition is None else f"bridge-{r}-p{partition}"
     return base if k == 0 else f"{base}-{k + 1}"
-
-
-def partition_logins(r: str, j: int) -> tuple[str, str]:
-    """Partition ``j``'s logins (hub broker, retailer broker): partition 0 keeps the retailer's own and
-    ``bridge``; the others have second logins of their own."""
-    return (r, "bridge") if j == 0 else (f"{r}.p{j}", f"bridge.p{j}")
 
 
 def partition_counts(db_path: Path, request_id: str, partition: Partition) -> dict[str, int]:

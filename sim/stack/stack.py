@@ -42,7 +42,7 @@ from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.passwords import hash_password
 from mhp_wire.ports import free_port
 from mhp_wire.secretfile import write_private
-from retailer_bridge.partition import MAX_PARTITIONS
+from retailer_bridge.partition import MAX_PARTITIONS, partition_logins
 from sim.stack.supervisor import Child, Supervisor
 
 log = logging.getLogger(__name__)
@@ -65,12 +65,6 @@ def bridge_process(rid: str, partition: int, partitions: int) -> str:
     """The supervised name of a bridge process: ``bridge-{rid}``, or ``bridge-{rid}-p{k}`` when partitioned (as in
     ``mhp-sim experiment fanout --bridge-partitions``)."""
     return f"bridge-{rid}" if partitions == 1 else f"bridge-{rid}-p{partition}"
-
-
-def partition_logins(rid: str, partition: int) -> tuple[str, str]:
-    """A bridge partition's logins (hub broker, retailer broker): partition 0 keeps the retailer's own and
-    ``bridge``; partition k > 0 has ``{rid}.p{k}`` (a delegate of the retailer) and ``bridge.p{k}``."""
-    return (rid, "bridge") if partition == 0 else (f"{rid}.p{partition}", f"bridge.p{partition}")
 
 
 class StackError(Exception):
