@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,12 +23,11 @@ from typing import Any
 
 import httpx
 
-from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, die_with_parent, generate_password
-from cloud_hub.tokens import TokenBook
+from broker_config.launcher import MosquittoProcess
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, Outcome, Request, WireError, decode, encode
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
-from sim.stack.stack import free_port
+from sim.hub_process import R1_PASSWORD, hub_process, wait_ready
 
 TERMINAL = ("completed", "partially_completed", "failed", "expired", "cancelled")
 
@@ -83,26 +81,11 @@ class Subscriber:
 async def bench(n_subscribers: int, n_requests: int, per_request: int, rate_per_s: float) -> dict[str, Any]:
     """Run the benchmark; returns its figures."""
     with tempfile.TemporaryDirectory() as tmpdir:
-        tmp = Path(tmpdir)
-        spec = BrokerSpec(kind="hub", port=free_port(), data_dir=tmp / "hub-broker",
-                          privileged=Identity("hub", generate_password()), parties=[Identity("r1", "r1-pw")])
-        with MosquittoProcess(spec) as broker:
-            book = TokenBook(tmp / "tokens.json")
-            admin, dso = book.issue("admin"), book.issue("dso")
-            port = free_port()
-            env = {**os.environ, "MHP_HUB_HTTP_PORT": str(port), "MHP_HUB_DB_PATH": str(tmp / "hub.db"),
-                   "MHP_HUB_TOKENS_FILE": str(book.path), "MHP_HUB_MQTT_PORT": str(broker.port),
-                   "MHP_HUB_MQTT_PASSWORD": spec.privileged.password, "MHP_HUB_RATE_LIMIT_PER_S": "100000",
-                   "MHP_HUB_RATE_LIMIT_BURST": "100000", "MHP_HUB_MQTT_RATE_LIMIT_PER_S": "100000",
-                   "MHP_HUB_MQTT_RATE_LIMIT_BURST": "100000"}
-            hub = subprocess.Popen([sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve"],
-                                   env=env, preexec_fn=die_with_parent())
-            try:
-                return await _drive(f"http://127.0.0.1:{port}", hub.pid, broker, admin, dso, n_subscribers,
-                                    n_requests, per_request, rate_per_s)
-            finally:
-                hub.terminate()
-                hub.wait()
+        with hub_process(Path(tmpdir), {"MHP_HUB_RATE_LIMIT_PER_S": "100000", "MHP_HUB_RATE_LIMIT_BURST": "100000",
+                                        "MHP_HUB_MQTT_RATE_LIMIT_PER_S": "100000",
+                                        "MHP_HUB_MQTT_RATE_LIMIT_BURST": "100000"}) as h:
+            return await _drive(h.url, h.pid, h.broker, h.admin, h.dso, n_subscribers, n_requests, per_request,
+                                rate_per_s)
 
 
 async def _retailer(broker: MosquittoProcess) -> tuple[MqttLink, list[MqttLink]]:
@@ -120,7 +103,7 @@ async def _retailer(broker: MosquittoProcess) -> tuple[MqttLink, list[MqttLink]]
                 await box[0].publish(up, encode(Outcome(request_id=msg.request_id, client_id=cid,
                                                         state=ClientState.EXECUTED)))
 
-    link = MqttLink(MqttEndpoint(broker.host, broker.port, "r1", "r1-pw"), client_id="r1",
+    link = MqttLink(MqttEndpoint(broker.host, broker.port, "r1", R1_PASSWORD), client_id="r1",
                     subscriptions=[topics.down("retailers", "r1")], handler=on_message, clean_start=True,
                     session_expiry_s=0)
     return link, box
@@ -131,15 +114,7 @@ async def _drive(url: str, pid: int, broker: MosquittoProcess, admin: str, dso: 
                  n_requests: int, per_request: int, rate_per_s: float) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=n_subscribers + 20, max_keepalive_connections=n_subscribers + 20)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits, trust_env=False) as http:
-        for _ in range(600):
-            try:
-                if (await http.get("/readyz")).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.05)
-        else:
-            raise TimeoutError("the hub did not become ready")
+        await wait_ready(http)
         await http.put("/v1/retailers/r1", json={"name": "R1"}, headers={"Authorization": f"Bearer {admin}"})
         clients = [f"c-{i:04d}" for i in range(per_request)]
         for cid in clients:
@@ -195,3 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

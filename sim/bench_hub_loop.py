@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,13 +33,12 @@ from typing import Any
 import httpx
 
 import cloud_hub
-from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, die_with_parent, generate_password
-from cloud_hub.tokens import TokenBook
+from broker_config.launcher import MosquittoProcess
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, OutcomeReport, Outcomes, Request, WireError, decode, encode
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from sim.bench_feed import cpu_s
-from sim.stack.stack import free_port
+from sim.hub_process import R1_PASSWORD, hub_process, wait_ready
 
 REGISTER_PER_CALL = 5_000
 REPORTS_PER_MESSAGE = 2_000
@@ -89,25 +87,10 @@ class HealthProbe:
 async def one_run(n: int, interval_s: float) -> dict[str, Any]:
     """One fresh broker, hub and store; the figures of one emergency to ``n`` clients."""
     with tempfile.TemporaryDirectory() as tmpdir:
-        tmp = Path(tmpdir)
-        spec = BrokerSpec(kind="hub", port=free_port(), data_dir=tmp / "hub-broker",
-                          privileged=Identity("hub", generate_password()), parties=[Identity("r1", "r1-pw")])
-        with MosquittoProcess(spec) as broker:
-            book = TokenBook(tmp / "tokens.json")
-            admin, dso = book.issue("admin"), book.issue("dso")
-            port = free_port()
-            env = {**os.environ, "MHP_HUB_HTTP_PORT": str(port), "MHP_HUB_DB_PATH": str(tmp / "hub.db"),
-                   "MHP_HUB_TOKENS_FILE": str(book.path), "MHP_HUB_MQTT_PORT": str(broker.port),
-                   "MHP_HUB_MQTT_PASSWORD": spec.privileged.password,
-                   # The retailer reports N outcomes at once: the per-retailer MQTT rate limit is not measured.
-                   "MHP_HUB_MQTT_RATE_LIMIT_PER_S": "1000000", "MHP_HUB_MQTT_RATE_LIMIT_BURST": "1000000"}
-            hub = subprocess.Popen([sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve"],
-                                   env=env, preexec_fn=die_with_parent())
-            try:
-                return await _drive(f"http://127.0.0.1:{port}", hub.pid, broker, admin, dso, n, interval_s)
-            finally:
-                hub.terminate()
-                hub.wait()
+        # The retailer reports N outcomes at once: the per-retailer MQTT rate limit is not measured.
+        with hub_process(Path(tmpdir), {"MHP_HUB_MQTT_RATE_LIMIT_PER_S": "1000000",
+                                        "MHP_HUB_MQTT_RATE_LIMIT_BURST": "1000000"}) as h:
+            return await _drive(h.url, h.pid, h.broker, h.admin, h.dso, n, interval_s)
 
 
 def _retailer(broker: MosquittoProcess, named: set[str]) -> tuple[MqttLink, list[MqttLink]]:
@@ -128,7 +111,7 @@ def _retailer(broker: MosquittoProcess, named: set[str]) -> tuple[MqttLink, list
             await box[0].publish(up, encode(Outcomes(request_id=msg.request_id, reports=[
                 OutcomeReport(client_id=cid, state=ClientState.EXECUTED) for cid in new[k:k + REPORTS_PER_MESSAGE]])))
 
-    link = MqttLink(MqttEndpoint(broker.host, broker.port, "r1", "r1-pw"), client_id="r1",
+    link = MqttLink(MqttEndpoint(broker.host, broker.port, "r1", R1_PASSWORD), client_id="r1",
                     subscriptions=[topics.down("retailers", "r1")], handler=on_message, clean_start=True,
                     session_expiry_s=0)
     return link, box
@@ -137,15 +120,7 @@ def _retailer(broker: MosquittoProcess, named: set[str]) -> tuple[MqttLink, list
 async def _drive(url: str, pid: int, broker: MosquittoProcess, admin: str, dso: str, n: int,
                  interval_s: float) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=300, trust_env=False) as http:
-        for _ in range(600):
-            try:
-                if (await http.get("/readyz")).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.05)
-        else:
-            raise TimeoutError("the hub did not become ready")
+        await wait_ready(http)
         r = await http.put("/v1/retailers/r1", json={"name": "R1"}, headers={"Authorization": f"Bearer {admin}"})
         r.raise_for_status()
         clients = [f"c{i:06d}" for i in range(n)]
@@ -203,3 +178,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -1,0 +1,68 @@
+"""A hub process of its own for the benchmarks that measure it from outside (``sim.bench_feed``,
+``sim.bench_hub_loop``): a hub broker rendered from ``broker_config/`` with retailer ``r1``, a token book with an
+administrator and a DSO, and ``python -m cloud_hub.cli serve`` on a free port, stopped at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, die_with_parent, generate_password
+from cloud_hub.tokens import TokenBook
+from mhp_wire.ports import free_port
+
+R1_PASSWORD = "r1-pw"
+"""Retailer ``r1``'s password at the hub broker (a benchmark's throwaway broker)."""
+
+
+@dataclass(frozen=True)
+class HubProcess:
+    url: str
+    pid: int
+    broker: MosquittoProcess
+    admin: str
+    dso: str
+
+
+@contextlib.contextmanager
+def hub_process(tmp: Path, env: Mapping[str, str]) -> Iterator[HubProcess]:
+    """The broker and the hub in ``tmp``; ``env``: the hub's settings beyond its ports, store and tokens (rate
+    limits, say)."""
+    spec = BrokerSpec(kind="hub", port=free_port(), data_dir=tmp / "hub-broker",
+                      privileged=Identity("hub", generate_password()), parties=[Identity("r1", R1_PASSWORD)])
+    with MosquittoProcess(spec) as broker:
+        book = TokenBook(tmp / "tokens.json")
+        admin, dso = book.issue("admin"), book.issue("dso")
+        port = free_port()
+        hub_env = {**os.environ, "MHP_HUB_HTTP_PORT": str(port), "MHP_HUB_DB_PATH": str(tmp / "hub.db"),
+                   "MHP_HUB_TOKENS_FILE": str(book.path), "MHP_HUB_MQTT_PORT": str(broker.port),
+                   "MHP_HUB_MQTT_PASSWORD": spec.privileged.password, **env}
+        hub = subprocess.Popen([sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve"],
+                               env=hub_env, preexec_fn=die_with_parent())
+        try:
+            yield HubProcess(f"http://127.0.0.1:{port}", hub.pid, broker, admin, dso)
+        finally:
+            hub.terminate()
+            hub.wait()
+
+
+
+
+async def wait_ready(http: httpx.AsyncClient, timeout_s: float = 30.0) -> None:
+    """Poll ``/readyz`` until the hub answers 200; :class:`TimeoutError` after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if (await http.get("/readyz")).status_code == 200:
+                return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the hub did not become ready")
