@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mhp_wire import topics
-from mhp_wire.mqtt import CoalescedWrites, MqttEndpoint, MqttLink
-from tests.broker_fixtures import MosquittoFactory
+from mhp_wire.mqtt import CoalescedWrites, Handler, MqttEndpoint, MqttLink
+from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.waiting import eventually
 
 N = 200
@@ -45,15 +45,25 @@ def spy_writes(transport: Any) -> list[int]:
     return sizes
 
 
-async def test_the_publishes_of_one_turn_are_one_write_and_arrive_in_order(
-        mosquitto_factory: MosquittoFactory) -> None:
+def two_parties(mosquitto_factory: MosquittoFactory) -> tuple[BrokerHandle, MqttEndpoint, MqttEndpoint]:
+    """A retailer broker, and the endpoints of its bridge and of gateway ``gw-1``."""
     broker = mosquitto_factory("retailer", ["gw-1"], "bridge")
-    bridge = MqttEndpoint(broker.host, broker.port, "bridge", broker.identities["bridge"].password)
-    gateway = MqttEndpoint(broker.host, broker.port, "gw-1", broker.identities["gw-1"].password)
-    got: list[bytes] = []
+    return (broker, MqttEndpoint(broker.host, broker.port, "bridge", broker.identities["bridge"].password),
+            MqttEndpoint(broker.host, broker.port, "gw-1", broker.identities["gw-1"].password))
 
+
+def collector(got: list[bytes]) -> Handler:
+    """A link's handler that keeps every payload in ``got``, in order."""
     async def collect(topic: str, payload: bytes, retained: bool) -> None:
         got.append(payload)
+    return collect
+
+
+async def test_the_publishes_of_one_turn_are_one_write_and_arrive_in_order(
+        mosquitto_factory: MosquittoFactory) -> None:
+    _, bridge, gateway = two_parties(mosquitto_factory)
+    got: list[bytes] = []
+    collect = collector(got)
 
     async with (MqttLink(gateway, client_id="gw-1", subscriptions=[], handler=collect, clean_start=True,
                          session_expiry_s=0) as gw,
@@ -74,13 +84,9 @@ async def test_the_publishes_of_one_turn_are_one_write_and_arrive_in_order(
 
 async def test_what_is_written_just_before_the_link_closes_still_goes_out(
         mosquitto_factory: MosquittoFactory) -> None:
-    broker = mosquitto_factory("retailer", ["gw-1"], "bridge")
-    bridge = MqttEndpoint(broker.host, broker.port, "bridge", broker.identities["bridge"].password)
-    gateway = MqttEndpoint(broker.host, broker.port, "gw-1", broker.identities["gw-1"].password)
+    _, bridge, gateway = two_parties(mosquitto_factory)
     got: list[bytes] = []
-
-    async def collect(topic: str, payload: bytes, retained: bool) -> None:
-        got.append(payload)
+    collect = collector(got)
 
     async with MqttLink(gateway, client_id="gw-1", subscriptions=[], handler=collect, clean_start=True,
                         session_expiry_s=0) as gw:
@@ -90,17 +96,15 @@ async def test_what_is_written_just_before_the_link_closes_still_goes_out(
         await link.__aenter__()
         await link.publish(topics.down("gateways", "gw-1"), b"last words")
         await link.__aexit__(None, None, None)  # DISCONNECT and close in the same turn as the publish
-        await eventually(lambda: got == [b"last words"], timeout_s=15)
+        assert link.writes is not None and link.writes.wrapped.is_closing()  # the socket is closed ...
+        await eventually(lambda: got, "the message written just before the close", timeout_s=15)
+        assert got == [b"last words"]  # ... and what was kept for it went out first
 
 
 async def test_a_reconnection_coalesces_on_its_new_socket(mosquitto_factory: MosquittoFactory) -> None:
-    broker = mosquitto_factory("retailer", ["gw-1"], "bridge")
-    bridge = MqttEndpoint(broker.host, broker.port, "bridge", broker.identities["bridge"].password)
-    gateway = MqttEndpoint(broker.host, broker.port, "gw-1", broker.identities["gw-1"].password)
+    broker, bridge, gateway = two_parties(mosquitto_factory)
     got: list[bytes] = []
-
-    async def collect(topic: str, payload: bytes, retained: bool) -> None:
-        got.append(payload)
+    collect = collector(got)
 
     async with (MqttLink(gateway, client_id="gw-1", subscriptions=[topics.down("gateways", "gw-1")],
                          handler=collect, reconnect_delay_s=0.2) as gw,
