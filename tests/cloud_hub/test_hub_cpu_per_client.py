@@ -22,14 +22,13 @@ from hypothesis import strategies as st
 
 from cloud_hub import codec
 from cloud_hub.authz import Principal
-from cloud_hub.book import ReportedOutcome, RequestBook
-from cloud_hub.metrics import HubMetrics
-from cloud_hub.service import HubService
+from cloud_hub.book import ReportedOutcome
 from cloud_hub.storage import KVStore, Row
 from cloud_hub.store import AuditEntry, HubStore, audit_line, audit_mutation, audit_mutations, decode_cells
 from cloud_hub.timeline import supplier_at
 from cloud_hub.usecases.shared import iso
 from mhp_wire.messages import ClientState
+from tests.cloud_hub.embedded_hub import embedded_hub
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False)
@@ -96,12 +95,8 @@ def _progress_client_by_client(clients: dict[str, dict[str, Any]]) -> tuple[dict
 
 
 async def test_the_view_counts_and_times_are_those_of_a_count_client_by_client(tmp_path: Path) -> None:
-    store = HubStore.embedded(tmp_path / "hub.db")
-    await store.open()
-    try:
-        metrics = HubMetrics()
-        book = RequestBook(store, metrics)
-        service = HubService.build(store, book, metrics)
+    async with embedded_hub(tmp_path / "hub.db") as hub:
+        store, book, service = hub.store, hub.book, hub.service
         for rid in ("r1", "r2"):
             await store.put_retailer(rid, rid.upper())
         # Two retailers' clients interleaved in id order, so that each retailer's states appear in a mixed order.
@@ -132,8 +127,6 @@ async def test_the_view_counts_and_times_are_those_of_a_count_client_by_client(t
         assert {cid: c["updated_at"] for cid, c in view["clients"].items()} == times
         assert len(set(times.values())) > 2  # several commits' times, each formatted for its own clients
         assert {c["state"] for c in view["clients"].values()} >= {"sent", "delivered", "executed", "refused"}
-    finally:
-        await store.close()
 
 
 async def test_the_supplier_read_before_the_202_answers_as_the_whole_client_rows_do(kv: KVStore) -> None:

@@ -10,20 +10,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cloud_hub.authz import Principal
-from cloud_hub.book import RequestBook
-from cloud_hub.metrics import HubMetrics
-from cloud_hub.service import HubService
 from cloud_hub.storage import Mutation
-from cloud_hub.store import HubStore, RequestCodec
+from cloud_hub.store import RequestCodec
+from tests.cloud_hub.embedded_hub import embedded_hub
 
 
 async def test_the_view_of_an_open_request_does_not_read_its_queued_messages(tmp_path: Path) -> None:
-    store = HubStore.embedded(tmp_path / "hub.db")
-    await store.open()
-    try:
-        metrics = HubMetrics()
-        book = RequestBook(store, metrics)
-        service = HubService.build(store, book, metrics)
+    async with embedded_hub(tmp_path / "hub.db") as hub:
+        store, book, service = hub.store, hub.book, hub.service
         await store.put_retailer("r1", "R1")
         await store.import_clients([(f"c{i}", "r1", 5.0, None, time.time() - 86_400) for i in range(3)])
         dso = Principal.parse("dso")
@@ -41,6 +35,3 @@ async def test_the_view_of_an_open_request_does_not_read_its_queued_messages(tmp
         assert after == before
         assert after["state"] == "accepted" and sorted(after["clients"]) == ["c0", "c1", "c2"]
         assert all(c["state"] == "pending" for c in after["clients"].values())
-    finally:
-        await book.close()
-        await store.close()
