@@ -23,7 +23,7 @@ from broker_config.render import Delegate
 from mhp_wire import topics
 from mhp_wire.messages import Ack, AckPartition
 from mhp_wire.mqtt import MqttEndpoint
-from retailer_bridge.partition import Partition
+from retailer_bridge.partition import Partition, partition_logins
 from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
 from sim.fleet import FleetGateway
@@ -35,18 +35,19 @@ from tests.retailer_bridge.test_bridge_batching import emergency
 
 GATEWAYS = [f"gw-{i:02d}" for i in range(10)]
 CUSTOMERS = {f"c-{g}": g for g in GATEWAYS}
-LOGINS = [("r1", "bridge"), ("r1.p1", "bridge.p1")]
+LOGINS = [partition_logins("r1", k) for k in range(2)]
 """Partition k's login at the hub broker and at the retailer broker."""
 
 
-def partition_settings(k: int, hub_broker: BrokerHandle, local: BrokerHandle, state: Path) -> BridgeSettings:
+def partition_settings(k: int, hub_broker: BrokerHandle, local: BrokerHandle, state: Path,
+                       customers: dict[str, str] | None = None) -> BridgeSettings:
     hub_user, local_user = LOGINS[k]
     return BridgeSettings(
         retailer_id="r1", partitions=2, partition=k, hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
         hub_mqtt_username=hub_user if k else None, hub_mqtt_password=hub_broker.identities[hub_user].password,
         local_mqtt_host=local.host, local_mqtt_port=local.port, local_mqtt_username=local_user,
         local_mqtt_password=local.identities[local_user].password, db_path=state / f"bridge-p{k}.db",
-        telemetry_store="none", customers=CUSTOMERS)
+        telemetry_store="none", customers=CUSTOMERS if customers is None else customers)
 
 
 @contextlib.asynccontextmanager

@@ -39,7 +39,7 @@ from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.cloud_hub.test_relay import post_emergency
 from tests.hub_fixtures import HubHandle, start_hub
 from tests.mqtt_party import Party, parties
-from tests.retailer_bridge.test_bridge_partition_acks import LOGINS, running, until, wait_states
+from tests.retailer_bridge.test_bridge_partition_acks import partition_settings, running, until, wait_states
 
 GATEWAYS = [f"gw-{i:02d}" for i in range(10)]
 CUSTOMERS = {f"c-{g}": g for g in GATEWAYS}
@@ -52,17 +52,6 @@ def brokers(factory: MosquittoFactory) -> tuple[BrokerHandle, BrokerHandle]:
     hub_broker = factory("hub", ["r1", "r2"], "hub", delegates=[Delegate(Identity("r1.p1", generate_password()), "r1")])
     local = factory("retailer", [*GATEWAYS, LATE], "bridge", extra_privileged=["bridge.p1"])
     return hub_broker, local
-
-
-def settings(k: int, hub_broker: BrokerHandle, local: BrokerHandle, state: Path,
-             customers: dict[str, str]) -> BridgeSettings:
-    hub_user, local_user = LOGINS[k]
-    return BridgeSettings(
-        retailer_id="r1", partitions=2, partition=k, hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
-        hub_mqtt_username=hub_user if k else None, hub_mqtt_password=hub_broker.identities[hub_user].password,
-        local_mqtt_host=local.host, local_mqtt_port=local.port, local_mqtt_username=local_user,
-        local_mqtt_password=local.identities[local_user].password, db_path=state / f"bridge-p{k}.db",
-        telemetry_store="none", customers=customers)
 
 
 def received(bridge: Bridge) -> int:
@@ -116,7 +105,7 @@ async def test_a_partition_is_not_delivered_the_other_partitions_uplinks(tmp_pat
     with parties(*(Party(local, g) for g in GATEWAYS)) as made:
         tele = Telemeter(dict(zip(GATEWAYS, made, strict=True)))
         async with contextlib.AsyncExitStack() as stack:
-            bridges = [await stack.enter_async_context(running(Bridge(settings(
+            bridges = [await stack.enter_async_context(running(Bridge(partition_settings(
                 k, hub_broker, local, tmp_path / "bridges", CUSTOMERS)))) for k in range(2)]
             p0, p1 = bridges
             base = [received(b) for b in bridges]
@@ -139,7 +128,7 @@ async def test_a_partition_is_not_delivered_the_other_partitions_uplinks(tmp_pat
             await stack.aclose()
         await tele.send(OWNED[1])
         await tele.send(OWNED[0])
-        async with running(Bridge(settings(1, hub_broker, local, tmp_path / "bridges", CUSTOMERS))) as p1:
+        async with running(Bridge(partition_settings(1, hub_broker, local, tmp_path / "bridges", CUSTOMERS))) as p1:
             await until(lambda: tele.handled(p1, OWNED[1]))
             await tele.send(OWNED[1][:1])
             await until(lambda: tele.handled(p1, OWNED[1]))
@@ -169,7 +158,7 @@ async def test_a_gateway_added_at_run_time_is_served_by_its_partition_and_a_remo
             late = FleetGateway(LATE, late_client, MqttEndpoint(local.host, local.port, LATE,
                                                                 local.identities[LATE].password))
             await stack.enter_async_context(late.link)
-            bridges = [await stack.enter_async_context(running(Bridge(settings(
+            bridges = [await stack.enter_async_context(running(Bridge(partition_settings(
                 k, hub_broker, local, tmp_path / "bridges", CUSTOMERS)))) for k in range(2)]
             p0, p1 = bridges
             base0 = received(p0)
@@ -210,7 +199,7 @@ async def test_a_bad_installation_record_on_reload_keeps_the_one_the_bridge_has(
         tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
     hub_broker, local = brokers(mosquitto_factory)
     (tmp_path / "bridges").mkdir()
-    async with running(Bridge(settings(1, hub_broker, local, tmp_path / "bridges", CUSTOMERS))) as p1:
+    async with running(Bridge(partition_settings(1, hub_broker, local, tmp_path / "bridges", CUSTOMERS))) as p1:
         filters = p1.relay.local.subscriptions if p1.relay.local is not None else []
 
         def broken() -> BridgeSettings:
@@ -222,7 +211,7 @@ async def test_a_bad_installation_record_on_reload_keeps_the_one_the_bridge_has(
         assert p1.relay.customers == {c: g for c, g in CUSTOMERS.items() if g in OWNED[1]}
         assert p1.relay.local is not None and p1.relay.local.subscriptions == filters
         # A good record is taken the same way.
-        reload = p1.reload_soon(lambda: settings(1, hub_broker, local, tmp_path / "bridges",
+        reload = p1.reload_soon(lambda: partition_settings(1, hub_broker, local, tmp_path / "bridges",
                                                  {**CUSTOMERS, f"c-{LATE}": LATE}))
         assert reload is not None
         await reload
