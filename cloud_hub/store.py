@@ -7,7 +7,6 @@ measurement series is one prefix scan of ``client_id|time``, the audit of a clie
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -157,13 +156,7 @@ async def _decode_in_chunks(row: Row) -> dict[str, Any]:
     between them (a request row of 100,000 clients)."""
     if len(row) <= CHUNK:
         return decode_cells(row)
-    items = list(row.items())
-    out: dict[str, Any] = {}
-    for start in range(0, len(items), CHUNK):
-        if start:
-            await asyncio.sleep(0)
-        out.update(decode_cells(dict(items[start:start + CHUNK])))
-    return out
+    return dict(await chunked_apply(lambda part: list(decode_cells(dict(part)).items()), list(row.items())))
 
 
 AUDIT_LINE = "a:l"

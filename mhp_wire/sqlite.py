@@ -168,11 +168,8 @@ class GroupTransactions(GroupCommit[Callable[[sqlite3.Connection], Any], Any]):
         return queued
 
     async def _commit_sql(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
-        if len(fns) == 1 and self.lone_write_at_once:  # alone: no savepoint, its failure is the transaction's
-            # (the bridge's store keeps each write in its savepoint, also alone, as its own copy of this class did;
-            # with the bare transaction here its burst test, test_bridge_batching, shared no commit at all in 2 runs
-            # of 11 against 0 of 28 with the savepoint, for reasons of timing not found)
-            return [await self.sql.tx(fns[0])]
+        # Each write in its savepoint, also alone (a flusher's batch of one): one way of committing, whose failures
+        # reach each write's own caller.
         return await self.sql.tx(lambda db: [_in_savepoint(db, fn) for fn in fns])
 
 
