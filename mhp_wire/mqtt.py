@@ -185,7 +185,6 @@ class MqttLink:
         """Held by the publish that waits for room in the in-flight window; the others wait behind it."""
         self._waiting = 0
         self._replies: dict[int, asyncio.Future[None]] = {}
-        self._reply_mids: dict[asyncio.Future[None], int] = {}
         self._restoring: asyncio.Task[None] | None = None
         """Subscriptions sent again after a reconnection (:meth:`_restore`)."""
         """SUBSCRIBE/UNSUBSCRIBE packet ids waiting for their SUBACK/UNSUBACK."""
@@ -244,9 +243,9 @@ class MqttLink:
         return self
 
     async def _send_waves(self, filters: Sequence[str], *, subscribe: bool, timeout_s: float,
-                          replies: bool = False) -> list[asyncio.Future[None]]:
-        """SUBSCRIBE (QoS 1) or UNSUBSCRIBE ``filters``, :data:`FILTERS_PER_PACKET` a packet; with ``replies``, a
-        future per packet that its SUBACK/UNSUBACK resolves.
+                          replies: bool = False) -> list[tuple[int, asyncio.Future[None]]]:
+        """SUBSCRIBE (QoS 1) or UNSUBSCRIBE ``filters``, :data:`FILTERS_PER_PACKET` a packet; with ``replies``, per
+        packet its id and a future that its SUBACK/UNSUBACK resolves.
 
         Each packet takes a packet id from the pool that the broker's receive maximum bounds, shared with the QoS 1
         publishes in flight (Mosquitto's ``max_inflight_messages``; 20 in a stock Mosquitto): when none is free,
@@ -264,7 +263,7 @@ class MqttLink:
             self._client.subscriptions = [sub for sub in self._client.subscriptions if sub.topic not in gone]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        waits: list[asyncio.Future[None]] = []
+        waits: list[tuple[int, asyncio.Future[None]]] = []
         for i in range(0, len(filters), FILTERS_PER_PACKET):
             chunk = list(filters[i:i + FILTERS_PER_PACKET])
             while True:
@@ -286,8 +285,7 @@ class MqttLink:
                 except (OSError, AttributeError) as exc:
                     raise MqttError(f"MQTT {self.client_id} could not change its subscriptions: {exc}") from None
             if replies:  # registered before the next await: its reply cannot come first
-                waits.append(self._replies.setdefault(mid, loop.create_future()))
-                self._reply_mids[waits[-1]] = mid
+                waits.append((mid, self._replies.setdefault(mid, loop.create_future())))
         return waits
 
     @property
@@ -318,18 +316,17 @@ class MqttLink:
             self._changed_while_down[f] = subscribe
         if not self.connected:
             return
-        waits: list[asyncio.Future[None]] = []
+        waits: list[tuple[int, asyncio.Future[None]]] = []
         try:
             async with asyncio.timeout(timeout_s):
                 waits = await self._send_waves(filters, subscribe=subscribe, timeout_s=timeout_s, replies=True)
-                await asyncio.gather(*waits)
+                await asyncio.gather(*(wait for _, wait in waits))
         except TimeoutError:
             raise MqttError(f"MQTT {self.client_id}: the broker did not answer a subscription change within "
                             f"{timeout_s:g} s (it is sent again at the next connection)") from None
         finally:
-            for wait in waits:
-                mid = self._reply_mids.pop(wait, None)
-                if mid is not None and self._replies.get(mid) is wait:
+            for mid, wait in waits:
+                if self._replies.get(mid) is wait:
                     del self._replies[mid]
         for f in filters:
             if self._changed_while_down.get(f) is subscribe:
