@@ -27,6 +27,7 @@ from retailer_bridge.partition import Partition, partition_logins
 from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
 from sim.fleet import FleetGateway
+from sim.hub_process import wait_ready
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.cloud_hub.test_relay import post_emergency
 from tests.hub_fixtures import HubHandle, start_hub
@@ -101,10 +102,7 @@ async def test_a_partition_down_and_the_hub_broker_killed_loses_nothing(tmp_path
     try:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http, contextlib.AsyncExitStack() as stack:
             hub = HubHandle(url, tokens, hub_broker, http, server.config.app)
-            for _ in range(300):
-                if (await http.get("/readyz")).status_code == 200:
-                    break
-                await asyncio.sleep(0.02)
+            await wait_ready(http)
             await hub.setup_registry(dict.fromkeys(CUSTOMERS, "r1"))
             for g in fleet:
                 await stack.enter_async_context(g.link)

@@ -35,6 +35,7 @@ from retailer_bridge.partition import Partition, foreign_filters, partition_of, 
 from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
 from sim.fleet import FleetGateway
+from sim.hub_process import wait_ready
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.cloud_hub.test_relay import post_emergency
 from tests.hub_fixtures import HubHandle, start_hub
@@ -150,10 +151,7 @@ async def test_a_gateway_added_at_run_time_is_served_by_its_partition_and_a_remo
     try:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http, contextlib.AsyncExitStack() as stack:
             hub = HubHandle(url, tokens, hub_broker, http, server.config.app)
-            for _ in range(300):
-                if (await http.get("/readyz")).status_code == 200:
-                    break
-                await asyncio.sleep(0.02)
+            await wait_ready(http)
             await hub.setup_registry(dict.fromkeys([*CUSTOMERS, late_client], "r1"))
             late = FleetGateway(LATE, late_client, MqttEndpoint(local.host, local.port, LATE,
                                                                 local.identities[LATE].password))
