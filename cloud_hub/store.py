@@ -7,6 +7,7 @@ measurement series is one prefix scan of ``client_id|time``, the audit of a clie
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -69,6 +70,26 @@ def _blocks(rows: list[tuple[str, Row]], start: float) -> list[dict[str, Any]]:
         if b["start"] + b["resolution_s"] * len(b["values_kwh"]) > start:
             out.append(b)
     return out
+
+
+SUPPLIER_CELL_MS_MAX = 10**15 - 1
+"""The largest time a supplier period's cell name holds (:func:`tkey`'s 15 digits)."""
+
+
+def supplier_cell_upto(at: float) -> str:
+    """The greatest supplier-period cell name (``s:`` and :func:`tkey`'s 15 digits) of a period that has begun at
+    ``at``: a cell ``s:<ms>`` sorts at or below it exactly when ``ms / 1000 <= at``, so the common one-period client
+    row is answered by comparing names, without parsing its time."""
+    if at != at:  # NaN: no period has begun (ms / 1000 <= NaN is never true)
+        return "s:"
+    m = math.floor(at * 1000) if abs(at) < 1e16 else (SUPPLIER_CELL_MS_MAX if at > 0 else -1)
+    while m < SUPPLIER_CELL_MS_MAX and (m + 1) / 1000 <= at:  # at * 1000 rounded down one too far
+        m += 1
+    while m >= 0 and m / 1000 > at:  # ... or up
+        m -= 1
+    if m < 0:
+        return "s:"  # below every cell: no period has begun
+    return f"s:{min(m, SUPPLIER_CELL_MS_MAX):015d}"
 
 
 @dataclass(slots=True)
@@ -412,20 +433,42 @@ class HubStore:
         """Each registered client's retailer at ``at`` (None: none supplies it then) and, with ``power``, its
         contracted power; unknown clients are absent. Reads only the supplier cells (and the power), decoding
         nothing else: what accepting a request for thousands of clients needs (``docs/performance.md``)."""
-        columns = ["s:", "d:contracted_power_kw"] if power else ["s:"]
-        rows = await self.kv.get_many("clients", client_ids, columns)
+        if not power:
+            return await self._suppliers_only(client_ids, at)
+        rows = await self.kv.get_many("clients", client_ids, ["s:", "d:contracted_power_kw"])
         out: dict[str, tuple[str | None, float | None]] = {}
         for cid, row in rows.items():
-            if not power and len(row) == 1:  # one supplier since registration, the common row: no list built
-                ((col, raw),) = row.items()
-                out[cid] = (raw.decode() if int(col[2:]) / 1000 <= at else None, None)
-                continue
             periods = [(int(c[2:]) / 1000, v) for c, v in row.items() if c[0] == "s"]
             if len(periods) == 1:  # one supplier since registration: supplier_at's rule without its dicts
                 rid = periods[0][1].decode() if periods[0][0] <= at else None
             else:
                 rid = supplier_at([{"valid_from": f, "retailer_id": r.decode()} for f, r in sorted(periods)], at)
-            out[cid] = (rid, _u(row.get("d:contracted_power_kw")) if power else None)
+            out[cid] = (rid, _u(row.get("d:contracted_power_kw")))
+        return out
+
+    async def _suppliers_only(self, client_ids: list[str], at: float) -> dict[str, tuple[str | None, float | None]]:
+        """:meth:`suppliers_at` without the power, from the supplier cells as flat triples: the common client,
+        supplied by one retailer since registration, costs a comparison of its cell's name with ``at``'s
+        (:func:`supplier_cell_upto`) and a lookup of its retailer's id, decoded once per retailer."""
+        cells = await self.kv.get_many_cells("clients", client_ids, ["s:"])
+        upto = supplier_cell_upto(at)
+        names: dict[bytes, str] = {}
+        out: dict[str, tuple[str | None, float | None]] = {}
+        for cid, col, raw in cells:
+            if col > upto:
+                out[cid] = (None, None)
+                continue
+            rid = names.get(raw)
+            if rid is None:
+                rid = names[raw] = raw.decode()
+            out[cid] = (rid, None)
+        if len(out) < len(cells):  # some clients have several supplier periods: supplier_at's rule for them
+            periods: dict[str, list[tuple[float, str]]] = {}
+            for cid, col, raw in cells:
+                periods.setdefault(cid, []).append((int(col[2:]) / 1000, raw.decode()))
+            for cid, mine in periods.items():
+                if len(mine) > 1:
+                    out[cid] = (supplier_at([{"valid_from": f, "retailer_id": r} for f, r in sorted(mine)], at), None)
         return out
 
     async def put_client(self, client_id: str, retailer_id: str, contracted_power_kw: float,

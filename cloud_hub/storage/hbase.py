@@ -205,6 +205,12 @@ class HBaseKV:
 
         return await self._run(op)
 
+    async def get_many_cells(self, table: str, rows: list[str], columns: list[str] | None = None
+                             ) -> list[tuple[str, str, bytes]]:
+        """:meth:`get_many`'s cells as ``(row, column, value)`` triples."""
+        found = await self.get_many(table, rows, columns)
+        return [(r, c, v) for r, cells in found.items() for c, v in cells.items()]
+
     async def scan(self, table: str, *, prefix: str | None = None, start: str | None = None,
                    stop: str | None = None, limit: int | None = None,
                    columns: list[str] | None = None) -> list[tuple[str, Row]]:

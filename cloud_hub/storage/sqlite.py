@@ -127,6 +127,26 @@ class SqliteKV:
         result: dict[str, Row] = await self._run(op)
         return result
 
+    async def get_many_cells(self, table: str, rows: list[str], columns: list[str] | None = None
+                             ) -> list[tuple[str, str, bytes]]:
+        """:meth:`get_many`'s cells as ``(row, column, value)`` triples, as SQLite returns them (built in C)."""
+        _check_table(table)
+
+        def op() -> list[tuple[str, str, bytes]]:
+            out: list[tuple[str, str, bytes]] = []
+            where, cargs = _column_filter(columns)
+            for i in range(0, len(rows), 500):
+                chunk = rows[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                cur = self._sql.db.cursor()
+                cur.row_factory = None  # plain tuples
+                out += cur.execute(f"SELECT row, col, val FROM cells WHERE tbl=? AND row IN ({marks}){where}",
+                                   [table, *chunk, *cargs]).fetchall()
+            return out
+
+        result: list[tuple[str, str, bytes]] = await self._run(op)
+        return result
+
     async def scan(self, table: str, *, prefix: str | None = None, start: str | None = None,
                    stop: str | None = None, limit: int | None = None,
                    columns: list[str] | None = None) -> list[tuple[str, Row]]:
