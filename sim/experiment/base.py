@@ -67,6 +67,10 @@ class BaseParams:
         "emergency": 0.10, "load_reduction": 0.10, "load_shift": 0.10, "billing": 0.30})
     rp_delay_min_ms: float = 100.0
     rp_delay_max_ms: float = 110.0
+    rp_outcomes: str = "per-client"
+    """How the RP simulators answer: ``"per-client"`` (one ``outcome`` message per client, the paper's simulator)
+    or ``"batches"`` (``outcomes`` messages, as the real bridge; ``docs/decisions.md``, "The RP simulator answers
+    in batches in the rate experiment")."""
     drain_s: float = 30.0
     poll_interval_s: float = 0.02
     progress_interval_s: float = 5.0
@@ -368,6 +372,7 @@ class Experiment:
             self._spawn(name, [sys.executable, "-m", "sim.experiment.rp_sim", "--port", str(broker_port),
                                "--identities", str(ids), "--delay-min-ms", str(p.rp_delay_min_ms),
                                "--delay-max-ms", str(p.rp_delay_max_ms), "--seed", str(p.seed),
+                               "--outcomes", p.rp_outcomes,
                                "--ready-file", str(ready[-1]),
                                "--stats-file", str(self.work / "rp-{retailer}.stats.json")])
         return ready
