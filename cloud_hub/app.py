@@ -251,11 +251,14 @@ def create_app(settings: HubSettings) -> FastAPI:
     app = FastAPI(title="Market Hub Platform", version="1", lifespan=_lifespan(settings),
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                   openapi_url="/openapi.json" if docs else None)
+    # The requests router first: its POSTs and the DSO's polls are most of the traffic, and FastAPI tries the
+    # routes in order (its matching was ~7 % of the loop at 6,000 requests/min). No path of it is also a path of
+    # another router, so the order changes no answer (tests/cloud_hub/test_route_order.py).
+    app.include_router(requests.router)
     app.include_router(health.router)
     if settings.expose_metrics:
         app.include_router(health.metrics_router)
     app.include_router(registry.router)
-    app.include_router(requests.router)
     app.include_router(data.router)
     app.include_router(tariffs.router)
     app.include_router(console.router)

@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from mhp_wire.ids import msg_ids
 from mhp_wire.logsafe import outside
 from mhp_wire.topics import TopicError, check_id
 
@@ -112,7 +113,9 @@ class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     v: Literal[1] = 1
-    msg_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+    msg_id: str = Field(default_factory=msg_ids, min_length=1, max_length=64)
+    """Opaque, unique per message: a per-process prefix and a counter (:class:`mhp_wire.ids.MsgIds`), not a
+    ``uuid4`` each (a system call per message on the hub's hot path, ~5 % of its event loop at 6,000/min)."""
     sent_at: AwareDatetime = Field(default_factory=utcnow)
 
 

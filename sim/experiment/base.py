@@ -67,6 +67,10 @@ class BaseParams:
         "emergency": 0.10, "load_reduction": 0.10, "load_shift": 0.10, "billing": 0.30})
     rp_delay_min_ms: float = 100.0
     rp_delay_max_ms: float = 110.0
+    rp_outcomes: str = "per-client"
+    """How the RP simulators answer: ``"per-client"`` (one ``outcome`` message per client, the paper's simulator)
+    or ``"batches"`` (``outcomes`` messages, as the real bridge; ``docs/decisions.md``, "The RP simulator answers
+    in batches in the rate experiment")."""
     drain_s: float = 30.0
     poll_interval_s: float = 0.02
     progress_interval_s: float = 5.0
@@ -84,6 +88,10 @@ class BaseParams:
     """``sqlite`` (the hub's embedded store) or ``hbase`` (the Thrift test double as its own process)."""
     dso_workers: int = 1
     """DSO simulator processes sharing the schedule (``seq`` modulo ``dso_workers``)."""
+    dso_follow: str = "poll"
+    """How the DSO simulator learns that a request ended: ``"poll"`` (the paper's) or ``"feed"`` (the change feed,
+    one GET per request; ``docs/decisions.md``, "The rate experiment's simulators answer and follow as the real
+    parties do")."""
     first_poll_s: float | None = None
     """The DSO simulator's wait before the first GET of an accepted request; ``None``: ``poll_interval_s``."""
     lag_bound_ms: float = 50.0
@@ -278,8 +286,9 @@ class Experiment:
         write_private(dso_cfg, json.dumps({
             "hub_url": hub_url, "token": tokens["dso"], "clients": self.client_ids, "rates_per_min": p.rates(),
             "fractions": p.fractions, "duration_s": p.duration_s, "warmup_s": p.warmup_s, "drain_s": p.drain_s,
-            "poll_interval_s": p.poll_interval_s, "first_poll_s": p.first_poll_s if p.first_poll_s is not None
-            else p.poll_interval_s, "lag_bound_ms": p.lag_bound_ms, "workers": p.dso_workers,
+            "follow": p.dso_follow, "poll_interval_s": p.poll_interval_s,
+            "first_poll_s": p.first_poll_s if p.first_poll_s is not None else p.poll_interval_s,
+            "lag_bound_ms": p.lag_bound_ms, "workers": p.dso_workers,
             "progress_interval_s": p.progress_interval_s, "seed": p.seed, "retry_s": p.retry_s}))
         names = ["dso-sim"] if p.dso_workers == 1 else [f"dso-sim-{i + 1}" for i in range(p.dso_workers)]
         dsos = {name: self._spawn(name, [sys.executable, "-m", "sim.experiment.dso_sim", "--config", str(dso_cfg),
@@ -368,6 +377,7 @@ class Experiment:
             self._spawn(name, [sys.executable, "-m", "sim.experiment.rp_sim", "--port", str(broker_port),
                                "--identities", str(ids), "--delay-min-ms", str(p.rp_delay_min_ms),
                                "--delay-max-ms", str(p.rp_delay_max_ms), "--seed", str(p.seed),
+                               "--outcomes", p.rp_outcomes,
                                "--ready-file", str(ready[-1]),
                                "--stats-file", str(self.work / "rp-{retailer}.stats.json")])
         return ready

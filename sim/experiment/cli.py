@@ -20,7 +20,8 @@ from sim.experiment.base import BaseParams, Experiment
 
 
 def _common(sp: argparse.ArgumentParser, *, duration_s: float, sizes: bool = False, rate: bool = True,
-            warmup_s: float = 5.0, drain_s: float = 30.0) -> None:
+            warmup_s: float = 5.0, drain_s: float = 30.0, rp_outcomes: str = "per-client",
+            dso_follow: str = "poll") -> None:
     sp.add_argument("--out", type=Path, required=True, help="folder for results.json, CSVs, PNGs, report.md")
     if sizes:
         sp.add_argument("--clients", default="1000", help="a number, or a comma-separated list of sizes (e.g. "
@@ -35,6 +36,12 @@ def _common(sp: argparse.ArgumentParser, *, duration_s: float, sizes: bool = Fal
         sp.add_argument("--rate-per-min", type=float, default=30.0, help="requests per minute of each of the 4 types")
     sp.add_argument("--rp-delay-min-ms", type=float, default=100.0)
     sp.add_argument("--rp-delay-max-ms", type=float, default=110.0)
+    sp.add_argument("--rp-outcomes", choices=("batches", "per-client"), default=rp_outcomes,
+                    help="how the RP simulator answers: outcomes batches as the real bridge, or the paper's one "
+                         f"outcome message per client (default here: {rp_outcomes})")
+    sp.add_argument("--dso-follow", choices=("poll", "feed"), default=dso_follow,
+                    help="how the DSO simulator learns that a request ended: polling GET /v1/requests/{id}, or "
+                         f"the hub's change feed and one GET per request (default here: {dso_follow})")
     sp.add_argument("--drain-s", type=float, default=drain_s,
                     help="how long requests are followed after the last send")
     sp.add_argument("--seed", type=int, default=1)
@@ -185,7 +192,8 @@ def _add_peer(sub: Any) -> None:
 
 def _add_rate(sub: Any) -> None:
     rate = sub.add_parser("rate", help="open loop at fixed total rates, stepped up until the p99 target breaks")
-    _common(rate, duration_s=60.0, rate=False, warmup_s=10.0, drain_s=10.0)
+    _common(rate, duration_s=60.0, rate=False, warmup_s=10.0, drain_s=10.0, rp_outcomes="batches",
+            dso_follow="feed")
     rate.add_argument("--start-per-min", type=float, default=1200.0, help="first total rate (4 types together)")
     rate.add_argument("--step-per-min", type=float, default=1200.0)
     rate.add_argument("--max-per-min", type=float, default=30000.0)
@@ -236,7 +244,8 @@ def _common_params(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("--fault storage locks the embedded SQLite database; with --storage hbase use --fault hbase "
                      "or hbase-stall")
     common = dict(out=args.out, duration_s=args.duration_s, warmup_s=args.warmup_s,
-                  rp_delay_min_ms=args.rp_delay_min_ms, rp_delay_max_ms=args.rp_delay_max_ms, drain_s=args.drain_s,
+                  rp_delay_min_ms=args.rp_delay_min_ms, rp_delay_max_ms=args.rp_delay_max_ms,
+                  rp_outcomes=args.rp_outcomes, dso_follow=args.dso_follow, drain_s=args.drain_s,
                   seed=args.seed, storage=storage, lag_bound_ms=args.lag_bound_ms)
     if args.experiment != "rate":
         common["rate_per_min"] = args.rate_per_min

@@ -13,6 +13,12 @@ the simulator itself saw the terminal state.
 
 The generator checks itself: ``lag_ms`` is how late each send left against its schedule; when the p99 of the lag
 exceeds ``lag_bound_ms`` the simulator, not the hub, set the pace, and its stats say ``schedule_kept: false``.
+With ``follow: "feed"`` the simulator learns when a request ends from the hub's change feed (one ``GET
+/v1/events`` stream per process, resumed with ``Last-Event-ID`` when it drops) instead of polling, and reads each
+request once, when the feed says it ended (a request still open after ``feed_poll_s`` is read anyway, as a safety
+net): one GET per request instead of one per poll, and a backlog at the hub no longer multiplies the GETs.
+``follow: "poll"`` (the default) is the paper's simulator.
+
 One process may not generate a high rate: ``workers`` processes then share one schedule, worker ``i`` sending the
 requests whose ``seq`` is ``i`` modulo ``workers`` (every ``seq`` is still unique and scheduled exactly once).
 
@@ -20,14 +26,15 @@ requests whose ``seq`` is ``i`` modulo ``workers`` (every ``seq`` is still uniqu
 
 ``dso.json``: ``hub_url``, ``token``, ``clients`` (ids), ``rates_per_min`` and ``fractions`` per type,
 ``duration_s``, ``warmup_s``, ``drain_s``, ``first_poll_s``, ``poll_interval_s``, ``poll_max_s``, ``lag_bound_ms``,
-``workers``, ``progress_interval_s``, ``seed``. Every request scheduled is written to ``--out`` (one JSON object per
-line), finished or not.
+``follow``, ``feed_poll_s``, ``workers``, ``progress_interval_s``, ``seed``. Every request scheduled is written to
+``--out`` (one JSON object per line), finished or not.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -44,6 +51,8 @@ TYPES = ("emergency", "load_reduction", "load_shift", "billing")
 """The paper's four request types."""
 PATHS = {"emergency": "/v1/emergencies", "load_reduction": "/v1/load-reductions", "load_shift": "/v1/load-shifts",
          "billing": "/v1/billing-data"}
+FOLLOW_MODES = ("poll", "feed")
+"""How the simulator learns that a request ended: polling ``GET /v1/requests/{id}``, or the change feed."""
 TERMINAL = frozenset({"completed", "partially_completed", "failed", "expired", "cancelled"})
 BILLING_PERIOD_START = datetime(2026, 1, 1, tzinfo=UTC)
 """The day whose readings the experiment uploads and bills."""
@@ -97,6 +106,14 @@ class DsoSimulator:
         self.polls = 0
         self.reduction_kw = float(cfg.get("reduction_kw_per_client", 1.0))
         self.retry_s = float(cfg.get("retry_s", 0.5))
+        self.follow = str(cfg.get("follow", "poll"))
+        if self.follow not in FOLLOW_MODES:
+            raise ValueError(f"follow must be one of {FOLLOW_MODES}, not {self.follow!r}")
+        self.feed_poll_s = float(cfg.get("feed_poll_s", 10.0))
+        self.ended: dict[str, asyncio.Event] = {}
+        """``follow: "feed"``: per request id, set once the feed said it reached a terminal state."""
+        self.feed_events = 0
+        self.feed_reconnects = 0
         self.t0 = 0.0
         self.stop_following_at = float("inf")
 
@@ -133,6 +150,16 @@ class DsoSimulator:
             self.t0 = time.monotonic()
             send_end = float(self.cfg["warmup_s"]) + float(self.cfg["duration_s"])
             self.stop_following_at = self.t0 + send_end + float(self.cfg.get("drain_s", 30.0))
+            feed: asyncio.Task[None] | None = None
+            if self.follow == "feed":
+                following = asyncio.Event()
+                feed = asyncio.create_task(self._follow_feed(http, following), name="dso-feed")
+                await asyncio.wait([feed, asyncio.create_task(following.wait())], timeout=30.0,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if feed.done() or not following.is_set():
+                    raise RuntimeError("the hub's change feed did not open within 30 s")
+                self.t0 = time.monotonic()
+                self.stop_following_at = self.t0 + send_end + float(self.cfg.get("drain_s", 30.0))
             progress = asyncio.create_task(self._progress())
             tasks = []
             for seq, at, kind in plan:
@@ -145,7 +172,58 @@ class DsoSimulator:
                 tasks.append(asyncio.create_task(self._one(http, rec)))
             await asyncio.gather(*tasks)
             progress.cancel()
+            if feed is not None:
+                feed.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feed
             self._print_progress(final=True)
+
+    def _ended(self, request_id: str) -> asyncio.Event:
+        event = self.ended.get(request_id)
+        if event is None:
+            event = self.ended[request_id] = asyncio.Event()
+        return event
+
+    async def _follow_feed(self, http: aiohttp.ClientSession, following: asyncio.Event) -> None:
+        """Read the hub's change feed until cancelled; mark every request that reaches a terminal state. A stream
+        that drops is resumed after its last event id (none missed, none twice: docs/api.md); after a ``reset``
+        every open request is read again."""
+        last: str | None = None
+        while True:
+            headers = {"Last-Event-ID": last} if last is not None else {}
+            try:
+                async with http.get("/v1/events", headers=headers,
+                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=60.0)) as resp:
+                    if resp.status != 200:
+                        raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
+                    kind, data = "", ""
+                    async for raw in resp.content:
+                        line = raw.decode().rstrip("\r\n")
+                        if line.startswith("retry:"):
+                            following.set()
+                        elif line.startswith("id:"):
+                            last = line[3:].strip()
+                        elif line.startswith("event:"):
+                            kind = line[6:].strip()
+                        elif line.startswith("data:"):
+                            data = line[5:].strip()
+                        elif not line and data:
+                            self._on_feed_event(kind, data)
+                            kind, data = "", ""
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                print(f"[dso-sim] change feed dropped ({type(exc).__name__}: {exc}); resuming", flush=True)
+            self.feed_reconnects += 1
+            await asyncio.sleep(0.2)
+
+    def _on_feed_event(self, kind: str, data: str) -> None:
+        self.feed_events += 1
+        if kind == "reset":  # events were lost to this stream: every request waiting reads itself again
+            for event in self.ended.values():
+                event.set()
+            return
+        body = json.loads(data)
+        if kind == "request" and body.get("state") in TERMINAL:
+            self._ended(str(body["request_id"])).set()
 
     # Complexity (C901, PLR0912, PLR0915): one simulated DSO request from POST to its last poll, timed step by step as
     # the paper measures it.
@@ -200,7 +278,15 @@ class DsoSimulator:
         rec["state"] = "accepted"
         wait = self.first_poll_s
         while (left := self.stop_following_at - time.monotonic()) > 0:
-            await asyncio.sleep(min(wait, left))  # the last look exactly when following stops
+            if self.follow == "feed":
+                # Read once the feed says the request ended (or after feed_poll_s, a safety net; or when following
+                # stops, the last look).
+                ended = self._ended(rec["request_id"])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), min(self.feed_poll_s, left))
+                ended.clear()
+            else:
+                await asyncio.sleep(min(wait, left))  # the last look exactly when following stops
             # Back off while the request is open: the latency comes from ``completed_at``, so a later look costs no
             # accuracy, and a backlog at the hub does not multiply the GETs that load it further.
             wait = min(self.poll_max_s, max(self.poll_s, 2 * wait))
@@ -264,7 +350,8 @@ class DsoSimulator:
         lags = [float(r["lag_ms"]) for r in self.records if "lag_ms" in r and not r.get("warmup")]
         p99 = pct(lags, 99)
         return {"worker": self.worker, "workers": self.workers, "planned": self.planned, "sent": len(self.records),
-                "polls": self.polls, "lag_bound_ms": self.lag_bound_ms, "lag_p99_ms": p99,
+                "polls": self.polls, "follow": self.follow, "feed_events": self.feed_events,
+                "feed_reconnects": self.feed_reconnects, "lag_bound_ms": self.lag_bound_ms, "lag_p99_ms": p99,
                 "lag_max_ms": round(max(lags), 3) if lags else None,
                 "late_sends": sum(1 for v in lags if v > self.lag_bound_ms),
                 "schedule_kept": len(self.records) == self.planned and (p99 is None or p99 <= self.lag_bound_ms)}

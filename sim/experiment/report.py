@@ -119,6 +119,8 @@ def reconcile(records: list[dict[str, Any]], generator: list[dict[str, Any]], hu
         "retries": sum(int(r.get("attempts", 1)) - 1 for r in records if "attempts" in r),
         "rp_redelivered_requests": sum(int(v.get("redelivered_requests", 0)) for v in rp_stats.values()),
         "rp_outcome_resends": sum(int(v.get("outcome_resends", 0)) for v in rp_stats.values()),
+        "rp_outcomes": sum(int(v.get("outcomes", 0)) for v in rp_stats.values()),
+        "rp_outcome_messages": sum(int(v.get("outcome_messages", 0)) for v in rp_stats.values()),
         "rp_unacked_at_exit": sum(int(v.get("unacked_at_exit", 0)) for v in rp_stats.values()),
     }
     # The hub accepted requests the DSO was never told of (a 202 lost, the POST re-sent and accepted again under
@@ -443,7 +445,8 @@ def reconciliation_text(results: dict[str, Any]) -> str:
             f"{len(r['seq_duplicates'])}, request ids for two seqs {r['duplicate_request_ids']}; hub's own count of "
             f"accepted requests {hub}; POST attempts {r['post_attempts']} ({r['retries']} re-sends). RP simulators: "
             f"{r['rp_redelivered_requests']} requests delivered again (acked again, answered once), "
-            f"{r['rp_outcome_resends']} outcomes re-sent, {r['rp_unacked_at_exit']} unacknowledged at exit.\n\n"
+            f"{r.get('rp_outcomes', 0)} outcomes in {r.get('rp_outcome_messages', 0)} messages, "
+            f"{r['rp_outcome_resends']} messages re-sent, {r['rp_unacked_at_exit']} unacknowledged at exit.\n\n"
             f"Generator (open loop): {kept} — {workers}.")
 
 

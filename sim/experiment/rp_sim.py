@@ -8,6 +8,10 @@ presence topic) and its own counters, and:
   answers each client with its terminal outcome: ``executed`` (emergency, load reduction), ``acknowledged``
   (load shift), ``available`` with ``available_kw`` (availability); ``retailer_ms`` in the outcome's trace is the
   time from receipt to sending;
+* answers as the real bridge does (``--outcomes batches``, the default): the clients of one request whose delays
+  fall in the same ``--batch-window-ms`` window go in one ``outcomes`` message (at most ``OUTCOMES_MAX`` each),
+  sent when the window's last delay has passed; a window with a single client goes as a plain ``outcome``.
+  ``--outcomes per-client`` is the paper's simulator: one ``outcome`` message per client, at its own delay;
 * ``billing_data``, ``tariff`` and ``cancel`` get only the ``ack``;
 * publishes with back-pressure: when the MQTT in-flight window (the broker's receive maximum) is full, it waits
   for room instead of dropping the message, so a request for 10,000 clients is answered at full speed;
@@ -44,12 +48,16 @@ from pathlib import Path
 from mhp_wire import topics
 from mhp_wire.logsafe import outside
 from mhp_wire.messages import (
+    MAX_PAYLOAD_BYTES,
+    OUTCOMES_MAX,
     Ack,
     BillingData,
     Cancel,
     ClientState,
     ErrorReply,
     Outcome,
+    OutcomeReport,
+    Outcomes,
     Request,
     RequestKind,
     Tariff,
@@ -74,8 +82,13 @@ class RpStats:
     cancels: int = 0
     other: int = 0
     outcomes: int = 0
+    """Clients answered (one outcome each, whether sent alone or in an ``outcomes`` message)."""
+    outcome_messages: int = 0
+    """Messages that carried them (first sends): as many as ``outcomes`` with ``--outcomes per-client``."""
     outcome_resends: int = 0
+    """Messages re-sent."""
     outcomes_acked: int = 0
+    """Clients whose outcome's message the hub acknowledged."""
     errors_from_hub: int = 0
     unacked_at_exit: int = 0
 
@@ -87,6 +100,10 @@ def retry_delay_s(attempts: int) -> float:
 
 RESEND_QUIET_S = 5.0
 """Re-sends wait until the hub has acknowledged nothing for this long."""
+BATCH_WINDOW_MS = 20.0
+"""Clients of one request whose delays fall within this window of the window's first one share a message."""
+OUTCOME_MODES = ("batches", "per-client")
+"""How outcomes are sent: ``outcomes`` batches as the real bridge (the default), or one ``outcome`` per client."""
 PUBLISH_WAIT_S = 30.0
 """How long a publish waits for room in the in-flight window; past it the outcome stays in the re-send queue."""
 
@@ -95,16 +112,26 @@ class RpSimulator:
     """One simulated retailer platform."""
 
     def __init__(self, retailer_id: str, endpoint: MqttEndpoint, *, delay_min_ms: float = 100.0,
-                 delay_max_ms: float = 110.0, available_kw: float = 2.0, seed: int | None = None) -> None:
+                 delay_max_ms: float = 110.0, available_kw: float = 2.0, seed: int | None = None,
+                 outcomes: str = "batches", batch_window_ms: float = BATCH_WINDOW_MS) -> None:
+        if outcomes not in OUTCOME_MODES:
+            raise ValueError(f"outcomes must be one of {OUTCOME_MODES}, not {outcomes!r}")
+        if batch_window_ms < 0:
+            raise ValueError("batch_window_ms must be >= 0")
         self.retailer_id = retailer_id
         self.delay = (delay_min_ms / 1000.0, delay_max_ms / 1000.0)
+        self.batches = outcomes == "batches"
+        self.batch_window = batch_window_ms / 1000.0
+        self.batch_max = OUTCOMES_MAX
+        """Clients per ``outcomes`` message at most."""
         self.available_kw = available_kw
         self.rng = random.Random(seed)
         self.stats = RpStats()
         self.answered: dict[tuple[str, str], set[str]] = {}
         """Clients answered per ``(request_id, kind)``: a load reduction's two phases share one request id."""
-        self.unacked: dict[str, tuple[bytes, int, int, float]] = {}
-        """Outcomes sent and not yet acknowledged: ``msg_id -> (payload, attempts, send sequence number, sent at)``."""
+        self.unacked: dict[str, tuple[bytes, int, int, float, int]] = {}
+        """Outcome messages sent and not yet acknowledged: ``msg_id -> (payload, attempts, send sequence number,
+        sent at, clients in it)``."""
         self._seq = 0
         self.acked_seq = 0
         """The highest send sequence number the hub has acknowledged."""
@@ -130,7 +157,7 @@ class RpSimulator:
             for mid in msg.ack_ids:
                 sent = self.unacked.pop(mid, None)
                 if sent is not None:
-                    self.stats.outcomes_acked += 1
+                    self.stats.outcomes_acked += sent[4]
                     self.acked_seq = max(self.acked_seq, sent[2])
             return
         if isinstance(msg, ErrorReply):
@@ -162,7 +189,8 @@ class RpSimulator:
         await self._publish(encode(Ack(ack_ids=[msg.msg_id])))
 
     async def _answer(self, req: Request, clients: list[str], received: float) -> None:
-        """Answer each client after its own delay (one task per request, in delay order, not one per client)."""
+        """Answer each client after its own delay (one task per request, in delay order, not one per client): one
+        message per client, or one per window of delays (:meth:`windows`)."""
         detail: dict[str, object] = {"simulated": True}
         if req.kind is RequestKind.AVAILABILITY:
             state = ClientState.AVAILABLE
@@ -171,18 +199,48 @@ class RpSimulator:
             state = ClientState.ACKNOWLEDGED
         else:
             state = ClientState.EXECUTED
-        for delay, client_id in sorted((self.rng.uniform(*self.delay), c) for c in clients):
-            wait = received + delay - time.perf_counter()
+        timed = sorted((self.rng.uniform(*self.delay), c) for c in clients)
+        groups = self.windows(timed) if self.batches else [[t] for t in timed]
+        for group in groups:
+            wait = received + group[-1][0] - time.perf_counter()
             if wait > 0:
                 await asyncio.sleep(wait)
-            out = Outcome(request_id=req.request_id, client_id=client_id, state=state, detail=detail,
-                          trace={"retailer_ms": round((time.perf_counter() - received) * 1000, 3)})
-            payload = encode(out)
-            self._seq += 1
-            self.unacked[out.msg_id] = (payload, 1, self._seq, time.monotonic())
-            heapq.heappush(self._resend_at, (time.monotonic() + retry_delay_s(1), out.msg_id))
-            self.stats.outcomes += 1
-            await self._publish(payload)
+            trace = {"retailer_ms": round((time.perf_counter() - received) * 1000, 3)}
+            for msg in self._messages(req.request_id, [c for _, c in group], state, detail, trace):
+                payload = encode(msg)
+                n = len(msg.reports) if isinstance(msg, Outcomes) else 1
+                self._seq += 1
+                self.unacked[msg.msg_id] = (payload, 1, self._seq, time.monotonic(), n)
+                heapq.heappush(self._resend_at, (time.monotonic() + retry_delay_s(1), msg.msg_id))
+                self.stats.outcomes += n
+                self.stats.outcome_messages += 1
+                await self._publish(payload)
+
+    @staticmethod
+    def _messages(request_id: str, clients: list[str], state: ClientState, detail: dict[str, object],
+                  trace: dict[str, float]) -> list[Outcome | Outcomes]:
+        """One window's clients as messages: a plain ``outcome`` for one client, else ``outcomes``, halved while
+        its payload is over the wire's limit (as the bridge splits)."""
+        if len(clients) == 1:
+            return [Outcome(request_id=request_id, client_id=clients[0], state=state, detail=detail, trace=trace)]
+        msg = Outcomes(request_id=request_id, reports=[
+            OutcomeReport(client_id=c, state=state, detail=detail, trace=trace) for c in clients])
+        if len(encode(msg)) <= MAX_PAYLOAD_BYTES:
+            return [msg]
+        half = len(clients) // 2
+        return [*RpSimulator._messages(request_id, clients[:half], state, detail, trace),
+                *RpSimulator._messages(request_id, clients[half:], state, detail, trace)]
+
+    def windows(self, timed: list[tuple[float, str]]) -> list[list[tuple[float, str]]]:
+        """``(delay, client)`` pairs sorted by delay, cut into messages: a message holds the clients whose delay is
+        within ``batch_window`` of its first one, at most ``batch_max`` of them."""
+        groups: list[list[tuple[float, str]]] = []
+        for item in timed:
+            if groups and item[0] - groups[-1][0][0] <= self.batch_window and len(groups[-1]) < self.batch_max:
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+        return groups
 
     async def _publish(self, payload: bytes) -> None:
         try:
@@ -208,12 +266,12 @@ class RpSimulator:
                 mid = item[1]
                 if mid not in self.unacked:
                     continue
-                payload, attempts, seq, sent_at = self.unacked[mid]
+                payload, attempts, seq, sent_at, n = self.unacked[mid]
                 if seq > self.acked_seq and (not quiet or now - sent_at < RESEND_QUIET_S):
                     held.append(item)
                     continue
                 self._seq += 1
-                self.unacked[mid] = (payload, attempts + 1, self._seq, now)
+                self.unacked[mid] = (payload, attempts + 1, self._seq, now, n)
                 heapq.heappush(self._resend_at, (now + retry_delay_s(attempts + 1), mid))
                 self.stats.outcome_resends += 1
                 await self._publish(payload)
@@ -274,14 +332,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-max-ms", type=float, default=110.0)
     parser.add_argument("--available-kw", type=float, default=2.0)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--outcomes", choices=OUTCOME_MODES, default="batches",
+                        help="outcomes batches as the real bridge sends them (default), or the paper's one outcome "
+                             "message per client")
+    parser.add_argument("--batch-window-ms", type=float, default=BATCH_WINDOW_MS,
+                        help="clients whose delays fall within this window share one outcomes message")
     parser.add_argument("--ready-file", type=Path)
     parser.add_argument("--stats-file", type=Path, help="per retailer; {retailer} is replaced by its id")
     args = parser.parse_args(argv)
     ids = identities(args, parser)
+    if args.batch_window_ms < 0:
+        parser.error("--batch-window-ms must be >= 0")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s rp-sim: %(message)s")
     sims = [RpSimulator(rid, MqttEndpoint(args.host, args.port, rid, pw), delay_min_ms=args.delay_min_ms,
                         delay_max_ms=args.delay_max_ms, available_kw=args.available_kw,
-                        seed=None if args.seed is None else args.seed + i)
+                        seed=None if args.seed is None else args.seed + i, outcomes=args.outcomes,
+                        batch_window_ms=args.batch_window_ms)
             for i, (rid, pw) in enumerate(ids.items())]
 
     async def go() -> None:
