@@ -24,9 +24,11 @@ Reason = Literal["topic", "kind", "rate_limited", "invalid", "unexpected"]
 refused unread; ``invalid``: not a valid message; ``unexpected``: a valid message this side does not take."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Inbound:
-    """Where a message came from."""
+    """Where a message came from. Not frozen: a frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__`` (1.1 against 0.24 µs for five fields), and one is made per message of a fan-out; no one
+    changes it after."""
 
     party_id: str
     channel: Literal["msg", "telemetry", "status"]

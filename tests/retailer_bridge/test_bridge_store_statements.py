@@ -125,7 +125,8 @@ async def test_a_batch_of_reports_is_a_few_statements_with_the_same_outcome(tmp_
         applied = await store.apply_reports(
             [(f"gw-{i}", [f"cmd{i}"]) for i in range(N)],
             [Closing("q", f"c{i}", final) for i in range(750)], dlv_report, pack_outcomes)
-        assert runs.data() <= 16, runs.runs  # main: 2,505 (a DELETE per acknowledgement and per withdrawn outcome, an UPDATE per command)
+        # main: 2,505 (a DELETE per acknowledgement and per withdrawn outcome, an UPDATE per command)
+        assert runs.data() <= 16, runs.runs
         assert applied.delivered == N // 2  # the first half waited for no acknowledgement any more
         assert all(isinstance(r, dict) for r in applied.closed)
         got = await states(store)
