@@ -472,26 +472,35 @@ class BridgeRelay:
         pending: list[Awaitable[None]] = []
         try:
             for topic, payload, retained in messages:
-                if self.local_gate is not None and not self.local_gate(topic):
+                try:
+                    started = self._start_local(topic, payload, retained)
+                except Exception:  # one message's failure is that message's: the others go on
+                    log.exception("a gateway's message failed (%s)", outside(topic))
                     continue
-                screened = self.inbound.screen(topic, payload, retained)
-                if isinstance(screened, Refusal):
-                    pending.append(asyncio.ensure_future(self.inbound.on_refused(screened)))
-                    continue
-                start = self._reports_started.get(type(screened.msg)) if screened.source.channel == "msg" else None
-                if start is not None:
-                    pending.append(start(screened.source.party_id, screened.msg))
-                else:  # the router's handler of its type (or presence), in a task of its own
-                    pending.append(asyncio.ensure_future(self.inbound.dispatch(screened.source, screened.msg)))
-            for k, answer in enumerate(pending):
+                if started is not None:
+                    pending.append(started)
+            for answer in pending:
                 try:
                     await answer
-                except Exception:  # one message's failure is that message's: the others are answered
-                    log.exception("a gateway's message failed (%s)", outside(messages[k][0]))
+                except Exception:
+                    log.exception("a gateway's message failed")
         finally:
             for answer in pending:  # cancelled (the bridge stops): nothing left un-awaited
                 if asyncio.iscoroutine(answer):
                     answer.close()
+
+    def _start_local(self, topic: str, payload: bytes, retained: bool) -> Awaitable[None] | None:
+        """One message of :meth:`on_local_batch` started: what to await for it, None when the gate drops it."""
+        if self.local_gate is not None and not self.local_gate(topic):
+            return None
+        screened = self.inbound.screen(topic, payload, retained)
+        if isinstance(screened, Refusal):
+            return asyncio.ensure_future(self.inbound.on_refused(screened))
+        start = self._reports_started.get(type(screened.msg)) if screened.source.channel == "msg" else None
+        if start is not None:
+            return start(screened.source.party_id, screened.msg)
+        # The router's handler of its type (or the presence handler), in a task of its own.
+        return asyncio.ensure_future(self.inbound.dispatch(screened.source, screened.msg))
 
     async def _refused(self, r: Refusal) -> None:
         """What the router did not hand on: counted, logged and answered by the bridge's rules."""

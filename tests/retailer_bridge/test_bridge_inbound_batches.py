@@ -8,13 +8,19 @@ the bad ones lose nothing of the others, and the bridge keeps serving."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
 from mhp_wire import topics
-from mhp_wire.messages import Ack, ClientState, Command, ErrorReply, Message, Outcome, encode
-from retailer_bridge.store import CLOSED
+from mhp_wire.fastwire import OutcomeIn
+from mhp_wire.messages import Ack, ClientState, Command, ErrorReply, Message, Outcome, decode, encode
+from retailer_bridge.relay import BridgeRelay
+from retailer_bridge.store import CLOSED, DELIVERED, BridgeStore, NewCommand
 from tests.mqtt_party import Party, parties
 from tests.outcome_views import client_outcomes, no_outcomes
 from tests.retailer_bridge.test_bridge import Rig, request, rig  # noqa: F401  (the rig fixture)
+from tests.retailer_bridge.test_bridge_report_batches import command
 
 
 async def answers(party: Party, n: int) -> list[Message]:
@@ -73,3 +79,45 @@ async def test_a_burst_of_good_and_bad_reports_is_answered_each_by_the_rules(rig
         assert rig.bridge.relay.received["gateway_outcome"] == 4  # the three of gw-1's burst and gw-2's
         link = rig.bridge._local_link
         assert link is not None and link.stats.extra["inbound_batches"] >= 1  # read by the batch handler
+
+
+async def test_one_message_failing_in_a_batch_loses_none_of_the_others(tmp_path: Path) -> None:
+    """The relay's batch handler itself (real SQLite, no links: nothing is published): the start of one gateway's
+    outcome fails (a fault injected into its handler), a malformed payload sits among the good ones, and every other
+    report of the same batch is applied, in its order, in one store write."""
+    store = BridgeStore(tmp_path / "b.db")
+    await store.open()
+    try:
+        cmds = [command(f"c{i}") for i in range(4)]
+        await store.accept_request([NewCommand("q", c.client_id, f"gw-{i}", c.msg_id, encode(c), 0.0, 1e12)
+                                    for i, c in enumerate(cmds)], [])
+        relay = BridgeRelay("r1", {f"c{i}": f"gw-{i}" for i in range(4)}, store)
+        start = relay._reports_started[OutcomeIn]
+
+        def faulty(gid: str, msg: Any) -> Any:
+            if gid == "gw-1":
+                raise RuntimeError("injected fault")
+            return start(gid, msg)
+
+        relay._reports_started[OutcomeIn] = faulty
+        batch: list[tuple[str, bytes, bool]] = []
+        for i, c in enumerate(cmds):
+            up = topics.up("gateways", f"gw-{i}")
+            batch.append((up, encode(Ack(ack_ids=[c.msg_id])), False))
+            if i == 2:
+                batch.append((up, b"not json", False))
+            batch.append((up, encode(Outcome(request_id="q", client_id=c.client_id, state=ClientState.EXECUTED)),
+                          False))
+        writes = store.group.writes
+        await relay.on_local_batch(batch)
+        assert store.group.writes - writes == 1  # the whole turn's reports in one store write
+        states = {c["client_id"]: c["state"] for c in await store.commands_of("q")}
+        assert states == {"c0": CLOSED, "c1": DELIVERED, "c2": CLOSED, "c3": CLOSED}
+        assert relay.rejected["gateway_invalid"] == 1
+        messages = await store.sql.read(lambda db: [decode(p) for (p,) in db.execute(
+            "SELECT payload FROM hub_outbox")])
+        queued = Counter((o.client_id, o.state) for m in messages for o in client_outcomes(m))
+        assert queued == {("c0", ClientState.EXECUTED): 1, ("c1", ClientState.DELIVERED): 1,
+                          ("c2", ClientState.EXECUTED): 1, ("c3", ClientState.EXECUTED): 1}
+    finally:
+        await store.close()
