@@ -47,11 +47,16 @@ class GroupCommit(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """Queue ``item`` for the next commit; returns its result once that commit has ended."""
+        return await self.submit_nowait(item)
+
+    def submit_nowait(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item`` for the next commit now; the future resolves with its result once that commit has ended
+        (for callers that queue many items in one turn of the loop and await them after, without a task each)."""
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, done))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=self.name)
-        return await done
+        return done
 
     async def drain(self) -> None:
         """Wait until everything queued is committed (or failed)."""

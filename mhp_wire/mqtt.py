@@ -45,6 +45,9 @@ _AUTH_REFUSALS = frozenset({4, 5, 134, 135, 138, 140})  # CONNACK codes (3.1.1 a
 Handler = Callable[[str, bytes, bool], Awaitable[None]]
 """``handler(topic, payload, retained)``; an exception is logged and the message still acknowledged at MQTT
 level: redelivery of anything that matters is the sender's application-level outbox's job."""
+BatchHandler = Callable[[list[tuple[str, bytes, bool]]], Awaitable[None]]
+"""``batch_handler([(topic, payload, retained), ...])``: the QoS 1 messages read in one turn of the event loop, in
+the order received, handled in one task; each is acknowledged (PUBACK) once it returns, as with :data:`Handler`."""
 
 
 class MqttError(Exception):
@@ -165,6 +168,7 @@ class MqttLink:
         reconnect_delay_s: float = 1.0,
         on_connect: Callable[[], None] | None = None,
         connect_attempt_s: float = CONNECT_ATTEMPT_S,
+        batch_handler: BatchHandler | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.client_id = client_id
@@ -211,6 +215,17 @@ class MqttLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_reply
         self._client.on_unsubscribe = self._on_reply
+        self._batch_handler = batch_handler
+        self._inbox: list[tuple[str, bytes, bool, int]] = []
+        """QoS 1 messages read in this turn of the loop, with their packet ids (``batch_handler`` only)."""
+        self._batches: set[asyncio.Task[None]] = set()
+        if batch_handler is not None:
+            # gmqtt 0.8.0 runs each received QoS 1 PUBLISH's handler in a task of its own and sends the PUBACK from
+            # that task's done-callback. With a batch handler the messages of one turn go to one task instead: the
+            # client's package handler (``Client._package_handler``, one for all its connections) calls its own
+            # ``_handle_qos_1_publish_packet``, looked up on the instance. ``tests/mhp_wire/test_mqtt_batches.py``
+            # fails if a gmqtt upgrade moves it.
+            self._client._package_handler._handle_qos_1_publish_packet = self._qos1_received
 
     @property
     def connected(self) -> bool:
@@ -499,6 +514,40 @@ class MqttLink:
             log.warning("MQTT %s lost its connection to %s:%s", self.client_id, self.endpoint.host,
                         self.endpoint.port)
         self._connected.clear()
+
+    def _qos1_received(self, mid: int, payload: bytes, topic: str, properties: Any) -> None:
+        """gmqtt read a QoS 1 PUBLISH: keep it for this turn's batch (the first one of the turn schedules it)."""
+        retained = bool(properties.get("retain", 0)) if isinstance(properties, dict) else False
+        if not self._inbox:
+            asyncio.get_running_loop().call_soon(self._start_batch)
+        self._inbox.append((topic, payload, retained, mid))
+
+    def _start_batch(self) -> None:
+        batch, self._inbox = self._inbox, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._handle_batch(batch), name=f"mqtt-in-{self.client_id}")
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _handle_batch(self, batch: list[tuple[str, bytes, bool, int]]) -> None:
+        """One turn's QoS 1 messages through ``batch_handler``, then their PUBACKs in order (an exception is logged
+        and the messages acknowledged all the same, as with :data:`Handler`)."""
+        handler = self._batch_handler
+        if handler is None:  # only installed with one
+            return
+        self.stats.received += len(batch)
+        self.stats.extra["inbound_batches"] = self.stats.extra.get("inbound_batches", 0) + 1
+        try:
+            await handler([(topic, payload, retained) for topic, payload, retained, _ in batch])
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("batch handler failed on %d messages", len(batch))
+        try:
+            send_puback = self._client._package_handler._send_puback
+            for *_, mid in batch:
+                send_puback(mid)
+        except (OSError, AttributeError) as exc:  # the connection went meanwhile: the broker sends them again
+            log.debug("PUBACKs of %d messages not sent: %r", len(batch), exc)
 
     async def _on_message(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any) -> int:
         self.stats.received += 1

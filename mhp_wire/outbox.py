@@ -20,9 +20,11 @@ from mhp_wire.backoff import delay_s
 from mhp_wire.mqtt import MqttError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pending:
-    """One stored message whose next attempt is due."""
+    """One stored message whose next attempt is due. Not frozen: a frozen dataclass's ``__init__`` sets each field
+    through ``object.__setattr__`` (1.1 against 0.24 µs for five fields), and one is made per message of a fan-out;
+    no one changes it after."""
 
     key: Hashable
     """What the storage knows it by (a ``msg_id``, a sequence number, its own record)."""

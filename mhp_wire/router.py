@@ -24,9 +24,11 @@ Reason = Literal["topic", "kind", "rate_limited", "invalid", "unexpected"]
 refused unread; ``invalid``: not a valid message; ``unexpected``: a valid message this side does not take."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Inbound:
-    """Where a message came from."""
+    """Where a message came from. Not frozen: a frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__`` (1.1 against 0.24 µs for five fields), and one is made per message of a fan-out; no one
+    changes it after."""
 
     party_id: str
     channel: Literal["msg", "telemetry", "status"]
@@ -47,6 +49,14 @@ class Refusal:
     error: str = ""
     msg: Any = None
     """The decoded message (``unexpected`` only)."""
+
+
+@dataclass(slots=True)
+class Routed:
+    """A message that passed :meth:`InboundRouter.screen`, with where it came from."""
+
+    source: Inbound
+    msg: Any
 
 
 Handler = Callable[[Inbound, Any], Awaitable[None]]
@@ -76,33 +86,42 @@ class InboundRouter:
 
     async def route(self, topic: str, payload: bytes, retained: bool) -> None:
         """Route one message."""
+        screened = self.screen(topic, payload, retained)
+        if isinstance(screened, Refusal):
+            await self.on_refused(screened)
+            return
+        await self.dispatch(screened.source, screened.msg)
+
+    def screen(self, topic: str, payload: bytes, retained: bool) -> Routed | Refusal:
+        """What :meth:`route` does before a handler, at once (no ``await``): the topic, the party's rate, the
+        decoding and ``on_decoded``; the message with its source, or the :class:`Refusal` to hand to
+        ``on_refused``. An owner that handles a turn's messages together (:meth:`dispatch` for the others) uses it."""
         try:
             parsed = topics.parse_up(topic)
         except topics.TopicError:
-            await self.on_refused(Refusal("topic", topic, topics.sender_of(topic)))
-            return
+            return Refusal("topic", topic, topics.sender_of(topic))
         if parsed.kind != self.kind:
-            await self.on_refused(Refusal("kind", topic, parsed.party_id))
-            return
+            return Refusal("kind", topic, parsed.party_id)
         party = parsed.party_id
         if self.limiter is not None and self.limiter().take(party) > 0:
-            await self.on_refused(Refusal("rate_limited", topic, party))
-            return
+            return Refusal("rate_limited", topic, party)
         try:
             msg = self.decode(payload)
         except WireError as exc:
-            await self.on_refused(Refusal("invalid", topic, party, str(exc)))
-            return
+            return Refusal("invalid", topic, party, str(exc))
         if self.on_decoded is not None:
             self.on_decoded(msg)
-        source = Inbound(party, parsed.channel, topic, retained, payload)
-        if parsed.channel == "status":
+        return Routed(Inbound(party, parsed.channel, topic, retained, payload), msg)
+
+    async def dispatch(self, source: Inbound, msg: Any) -> None:
+        """The second half of :meth:`route`: a presence to ``on_presence``, anything else to its type's handler."""
+        if source.channel == "status":
             if isinstance(msg, Presence) and self.on_presence is not None:
                 await self.on_presence(source, msg)
             return
         handler = self.handlers.get(type(msg))
         if handler is None:
-            await self.on_refused(Refusal("unexpected", topic, party, msg=msg))
+            await self.on_refused(Refusal("unexpected", source.topic, source.party_id, msg=msg))
             return
         await handler(source, msg)
 

@@ -152,6 +152,7 @@ class PartitionGate:
                 await on_local(topic, payload, retained)
 
         relay.on_local_message = local
+        relay.local_gate = self.gateway_topic
 
 
 def uplink_filters(partition: Partition, customers: Mapping[str, str]) -> list[str]:

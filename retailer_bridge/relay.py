@@ -147,6 +147,13 @@ class BridgeRelay:
             Tariff: self._tariff_from_hub, Customers: self._on_customers, ConsentView: self._consent_view,
             Ack: self._hub_ack, ErrorReply: self._hub_error})
         """The hub's messages on our ``down`` topic, by type."""
+        self._reports_started: dict[type, Callable[[str, Any], Awaitable[None]]] = {
+            Ack: self._gateway_ack_started, AckIn: self._gateway_ack_started,
+            Outcome: self._gateway_outcome_started, OutcomeIn: self._gateway_outcome_started}
+        """A gateway's reports by type, started at once in :meth:`on_local_batch` (the answer to await after)."""
+        self.local_gate: Callable[[str], bool] | None = None
+        """Set on a partitioned bridge (:meth:`retailer_bridge.partition.PartitionGate.install`): whether a message on
+        this topic of the retailer broker is this partition's to read (:meth:`on_local_batch` asks it first)."""
         self.inbound = InboundRouter("gateways", {
             Telemetry: self._gateway_telemetry, Ack: self._gateway_ack, Outcome: self._gateway_outcome,
             AckIn: self._gateway_ack, OutcomeIn: self._gateway_outcome,
@@ -453,6 +460,48 @@ class BridgeRelay:
         """Apply one message from a gateway; the gateway id comes from the topic, which the broker ACL binds."""
         await self.inbound.route(topic, payload, retained)
 
+    async def on_local_batch(self, messages: list[tuple[str, bytes, bool]]) -> None:
+        """Apply the gateways' messages read in one turn of the loop (the retailer broker link's batch handler),
+        in their order, and return once each is handled, so that the link acknowledges them all after.
+
+        A gateway's ``ack`` or ``outcome`` (nearly all of the traffic of a fan-out) is screened by the router and
+        queued for the next batch of reports at once, without a task of its own; its answer is awaited after the
+        whole turn's messages are queued, so they share one store write as before. Every other message, refusals
+        included, goes to the router's handler of its type (:meth:`InboundRouter.dispatch`) or ``on_refused`` in a
+        task of its own, as each message did before. A partition's gate (:attr:`local_gate`) is asked first."""
+        pending: list[Awaitable[None]] = []
+        try:
+            for topic, payload, retained in messages:
+                try:
+                    started = self._start_local(topic, payload, retained)
+                except Exception:  # one message's failure is that message's: the others go on
+                    log.exception("a gateway's message failed (%s)", outside(topic))
+                    continue
+                if started is not None:
+                    pending.append(started)
+            for answer in pending:
+                try:
+                    await answer
+                except Exception:
+                    log.exception("a gateway's message failed")
+        finally:
+            for answer in pending:  # cancelled (the bridge stops): nothing left un-awaited
+                if asyncio.iscoroutine(answer):
+                    answer.close()
+
+    def _start_local(self, topic: str, payload: bytes, retained: bool) -> Awaitable[None] | None:
+        """One message of :meth:`on_local_batch` started: what to await for it, None when the gate drops it."""
+        if self.local_gate is not None and not self.local_gate(topic):
+            return None
+        screened = self.inbound.screen(topic, payload, retained)
+        if isinstance(screened, Refusal):
+            return asyncio.ensure_future(self.inbound.on_refused(screened))
+        start = self._reports_started.get(type(screened.msg)) if screened.source.channel == "msg" else None
+        if start is not None:
+            return start(screened.source.party_id, screened.msg)
+        # The router's handler of its type (or the presence handler), in a task of its own.
+        return asyncio.ensure_future(self.inbound.dispatch(screened.source, screened.msg))
+
     async def _refused(self, r: Refusal) -> None:
         """What the router did not hand on: counted, logged and answered by the bridge's rules."""
         gid = str(r.party_id)
@@ -517,7 +566,16 @@ class BridgeRelay:
         await self._on_gateway_outcome(source.party_id, msg)
 
     async def _on_gateway_ack(self, gid: str, msg: Ack | AckIn) -> None:
-        await self.gateway_reports.submit((gid, msg.ack_ids))
+        await self._gateway_ack_started(gid, msg)
+
+    def _gateway_ack_started(self, gid: str, msg: Ack | AckIn) -> Awaitable[None]:
+        """A gateway's acknowledgement queued for the next batch of reports now; the rest (once it is stored) to
+        await."""
+        stored = self.gateway_reports.submit_nowait((gid, msg.ack_ids))
+        return self._gateway_ack_stored(stored)
+
+    async def _gateway_ack_stored(self, stored: Awaitable[object]) -> None:
+        await stored
         self.kick()
 
     async def _resend_batch(self, gids: list[str]) -> list[None]:
@@ -541,13 +599,17 @@ class BridgeRelay:
         return [next(closed) if isinstance(i, Closing) else None for i in items]
 
     async def _on_gateway_outcome(self, gid: str, msg: Outcome | OutcomeIn) -> None:
+        await self._gateway_outcome_started(gid, msg)
+
+    def _gateway_outcome_started(self, gid: str, msg: Outcome | OutcomeIn) -> Awaitable[None]:
+        """A gateway's outcome checked and queued for the next batch of reports now; its answer (once the batch is
+        stored: the gateway's ``ack``, or an ``error``) to await."""
         t0 = time.time()
         if self.gateway_of_client.get(msg.client_id) != gid:
             self.rejected["gateway_foreign_client"] += 1
             log.warning("gateway %s reported for client %s, which is not its own", gid, outside(msg.client_id))
-            await self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="forbidden",
-                                                   message=f"gateway {gid} may not report for {msg.client_id}"))
-            return
+            return self._to_gateway(gid, ErrorReply(ref_msg_id=msg.msg_id, code="forbidden",
+                                                    message=f"gateway {gid} may not report for {msg.client_id}"))
 
         def closing(cmd: dict[str, Any]) -> Report | None:
             if not msg.state.terminal or msg.revision < cmd["revision"]:
@@ -563,8 +625,13 @@ class BridgeRelay:
         def allowed(cmd: dict[str, Any]) -> str | None:
             return self.not_customer(msg.client_id, cmd["not_before"])
 
+        stored = self.gateway_reports.submit_nowait(Closing(msg.request_id, msg.client_id, closing, allowed))
+        return self._gateway_outcome_stored(gid, msg, stored)
+
+    async def _gateway_outcome_stored(self, gid: str, msg: Outcome | OutcomeIn,
+                                      stored: Awaitable[dict[str, Any] | None]) -> None:
         try:
-            cmd = await self.gateway_reports.submit(Closing(msg.request_id, msg.client_id, closing, allowed))
+            cmd = await stored
         except Refused as exc:
             self.rejected["gateway_not_customer"] += 1
             log.warning("gateway %s reported for request %s: %s", gid, outside(msg.request_id), exc)

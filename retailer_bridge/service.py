@@ -126,7 +126,7 @@ class Bridge:
                          s.local_mqtt_tls_ca_file),
             client_id=s.local_mqtt_username, subscriptions=uplink_filters(self.partition, self.gate.gateway_of),
             handler=self.relay.on_local_message, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None,
-            on_connect=self.relay.local_connected,
+            on_connect=self.relay.local_connected, batch_handler=self.relay.on_local_batch,
         )
         self._local_link = local
         try:

@@ -1,0 +1,194 @@
+"""The bridge's store per batch, not per command (issue 14, sixth round): a sending round's attempts and a batch of
+gateways' reports run a few set-based statements whatever their size, the commands still being sent have a
+partial index of their own that closing a command does not touch, and an older store is migrated to it. Real
+SQLite; the statements are counted as SQLite runs them (its trace callback fires for every statement run, each row
+of an ``executemany`` included)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from mhp_wire.fastwire import Report
+from mhp_wire.messages import ClientState, Outcome, Outcomes, decode
+from retailer_bridge.relay import pack_outcomes
+from retailer_bridge.store import (
+    CLOSED,
+    DELIVERED,
+    SENDING,
+    BridgeStore,
+    Closing,
+    NewCommand,
+    delivered_msg_id,
+)
+
+N = 1_000
+
+
+class SqliteRuns:
+    """Every statement SQLite runs on the store's connection, by its first word (``BEGIN``, ``UPDATE``, ...)."""
+
+    def __init__(self) -> None:
+        self.runs: Counter[str] = Counter()
+
+    def __call__(self, sql: str) -> None:
+        self.runs[sql.split()[0].upper()] += 1
+
+    def data(self) -> int:
+        """Statements that read or write rows."""
+        return sum(n for kind, n in self.runs.items() if kind in ("SELECT", "INSERT", "UPDATE", "DELETE"))
+
+
+async def traced(store: BridgeStore) -> SqliteRuns:
+    runs = SqliteRuns()
+    await store.sql.call(lambda: store.sql.db.set_trace_callback(runs))
+    return runs
+
+
+async def store_with_commands(tmp_path: Path, n: int = N) -> BridgeStore:
+    store = BridgeStore(tmp_path / "b.db")
+    await store.open()
+    await store.accept_request([NewCommand("q", f"c{i}", f"gw-{i}", f"cmd{i}", b"command", 100.0, 1e12)
+                                for i in range(n)], [])
+    return store
+
+
+async def states(store: BridgeStore) -> dict[str, str]:
+    return {c["client_id"]: c["state"] for c in await store.commands_of("q")}
+
+
+def final(cmd: dict[str, Any]) -> Report:
+    return Report("q", cmd["client_id"], ClientState.EXECUTED, {}, {}, 1)
+
+
+def dlv(cmd: dict[str, Any]) -> tuple[str, bytes]:
+    """A ``delivered`` outcome as its own outbox row (which a later outcome withdraws while unsent)."""
+    return delivered_msg_id(cmd["msg_id"]), b"delivered"
+
+
+def dlv_report(cmd: dict[str, Any]) -> Report:
+    """A ``delivered`` outcome as the relay gives it (packed with the batch's others)."""
+    return Report("q", cmd["client_id"], ClientState.DELIVERED, {}, {}, 1, delivered_msg_id(cmd["msg_id"]))
+
+
+async def hub_outbox(store: BridgeStore) -> set[str]:
+    return await store.sql.read(lambda db: {r[0] for r in db.execute("SELECT msg_id FROM hub_outbox")})
+
+
+async def hub_outcomes(store: BridgeStore) -> Counter[tuple[str, str]]:
+    """``(client_id, state)`` of every outcome queued for the hub, unpacked from its messages."""
+    payloads = await store.sql.read(lambda db: [bytes(r[0]) for r in db.execute("SELECT payload FROM hub_outbox")])
+    out: Counter[tuple[str, str]] = Counter()
+    for p in payloads:
+        msg = decode(p)
+        if isinstance(msg, Outcomes):
+            out.update((r.client_id, r.state.value) for r in msg.reports)
+        elif isinstance(msg, Outcome):
+            out[(msg.client_id, msg.state.value)] += 1
+        else:
+            out[("?", p.decode())] += 1
+    return out
+
+
+async def test_a_sending_round_of_1000_commands_is_a_few_statements(tmp_path: Path) -> None:
+    store = await store_with_commands(tmp_path)
+    try:
+        runs = await traced(store)
+        # A round: the first attempt of 990 commands, a second attempt of 10 (another next attempt).
+        await store.mark_sent([(f"cmd{i}", 5.0 if i < 990 else 7.0) for i in range(N)], now=101.0)
+        assert runs.runs["UPDATE"] <= 4, runs.runs  # one per 500 commands of one next attempt; main: 1,000
+        rows = {c["client_id"]: c for c in await store.commands_of("q")}
+        assert {c["attempts"] for c in rows.values()} == {1}
+        assert {rows[f"c{i}"]["next_attempt_at"] for i in range(990)} == {5.0}
+        assert {rows[f"c{i}"]["next_attempt_at"] for i in range(990, N)} == {7.0}
+        assert {c["first_sent_at"] for c in rows.values()} == {101.0}
+        assert {round(c["handling_ms"], 6) for c in rows.values()} == {1000.0}
+        # A re-send keeps the first send's time and handling.
+        await store.mark_sent([("cmd0", 9.0)], now=105.0)
+        again = {c["client_id"]: c for c in await store.commands_of("q")}["c0"]
+        assert (again["attempts"], again["next_attempt_at"], again["first_sent_at"], round(again["handling_ms"], 6)) \
+            == (2, 9.0, 101.0, 1000.0)
+    finally:
+        await store.close()
+
+
+async def test_a_batch_of_reports_is_a_few_statements_with_the_same_outcome(tmp_path: Path) -> None:
+    store = await store_with_commands(tmp_path)
+    try:
+        # Batch 1: the first half acknowledged (their ``delivered`` outcomes queued for the hub).
+        await store.apply_reports([(f"gw-{i}", [f"cmd{i}"]) for i in range(N // 2)], [], dlv)
+        runs = await traced(store)
+        # Batch 2: every gateway's acknowledgement (the first half's again: a redelivery), and outcomes of the first
+        # 750: the first half's withdraw their unsent ``delivered``; 500-749 are acknowledged and closed together.
+        applied = await store.apply_reports(
+            [(f"gw-{i}", [f"cmd{i}"]) for i in range(N)],
+            [Closing("q", f"c{i}", final) for i in range(750)], dlv_report, pack_outcomes)
+        # main: 2,505 (a DELETE per acknowledgement and per withdrawn outcome, an UPDATE per command)
+        assert runs.data() <= 16, runs.runs
+        assert applied.delivered == N // 2  # the first half waited for no acknowledgement any more
+        assert all(isinstance(r, dict) for r in applied.closed)
+        got = await states(store)
+        assert Counter(got.values()) == {CLOSED: 750, DELIVERED: 250}
+        assert {got[f"c{i}"] for i in range(750, N)} == {DELIVERED}
+        # One outcome per closed command; ``delivered`` only for those acknowledged and not closed: the first
+        # half's from batch 1 were withdrawn (unsent) by their outcomes, 500-749 never had one.
+        assert runs.runs["INSERT"] == 1  # one ``outcomes`` message: the request's 750 executed and 250 delivered
+        assert await hub_outcomes(store) == Counter(
+            {**{(f"c{i}", "executed"): 1 for i in range(750)}, **{(f"c{i}", "delivered"): 1 for i in range(750, N)}})
+    finally:
+        await store.close()
+
+
+async def test_a_notice_counts_only_for_its_own_gateway_among_many_acknowledgements(tmp_path: Path) -> None:
+    store = await store_with_commands(tmp_path, 600)
+    try:
+        for n in ("n1", "n2", "n3"):
+            await store.queue_for_gateway(n, f"gw-{n}", b"notice", 1e12)
+        runs = await traced(store)
+        await store.apply_reports([(f"gw-{i}", [f"cmd{i}"]) for i in range(600)]
+                                  + [("gw-n1", ["n1"]), ("gw-intruder", ["n2"]), ("gw-n3", ["n3", "n3"])], [], dlv)
+        assert runs.runs["DELETE"] == 2, runs.runs  # one for each of the two notices found; main: one per pair, 603
+        left = await store.sql.read(lambda db: {r[0] for r in db.execute("SELECT msg_id FROM gateway_outbox")})
+        assert left == {"n2"}  # acknowledged by another gateway: still waiting for its own
+        assert Counter((await states(store)).values()) == {DELIVERED: 600}
+    finally:
+        await store.close()
+
+
+async def test_a_store_of_an_older_bridge_gets_the_partial_index_and_keeps_its_commands(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE commands (
+            request_id TEXT NOT NULL, client_id TEXT NOT NULL, gateway_id TEXT NOT NULL, msg_id TEXT NOT NULL UNIQUE,
+            payload BLOB NOT NULL, state TEXT NOT NULL, received_at REAL NOT NULL, first_sent_at REAL,
+            attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, deadline REAL NOT NULL,
+            handling_ms REAL NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0,
+            revision INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (request_id, client_id));
+        CREATE INDEX commands_due ON commands(state, next_attempt_at);""")
+    db.executemany("INSERT INTO commands (request_id, client_id, gateway_id, msg_id, payload, state, received_at, "
+                   "next_attempt_at, deadline) VALUES ('q',?,?,?,x'00',?,0,?,1e12)",
+                   [("c1", "gw-1", "m1", SENDING, 30.0), ("c2", "gw-2", "m2", SENDING, 10.0),
+                    ("c3", "gw-3", "m3", DELIVERED, 1.0), ("c4", "gw-4", "m4", CLOSED, 2.0),
+                    ("c5", "gw-5", "m5", SENDING, 99.0)])
+    db.commit()
+    db.close()
+    store = BridgeStore(path)
+    await store.open()
+    try:
+        indexes = await store.sql.read(lambda db: {r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='commands' AND sql IS NOT NULL")})
+        assert indexes == {"commands_sending"}
+        due = await store.due_commands(50.0)
+        assert [c["msg_id"] for c in due] == ["m2", "m1"]  # the sending ones due, in the order they fall due
+        assert await store.next_due("gateways") == 10.0
+        plan = await store.sql.read(lambda db: " ".join(r[3] for r in db.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM commands WHERE state = 'sending' AND next_attempt_at<=? "
+            "ORDER BY next_attempt_at LIMIT 10", (50.0,))))
+        assert "commands_sending" in plan
+        await store.resend_now_many(["gw-5", "gw-3"])  # only a command still sending is made due
+        assert [c["msg_id"] for c in await store.due_commands(0.0)] == ["m5"]
+    finally:
+        await store.close()
