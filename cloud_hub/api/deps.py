@@ -12,16 +12,6 @@ from cloud_hub.service import HubService
 from mhp_wire.ratelimit import RateLimiter
 
 
-def hub_service(request: Request) -> HubService:
-    """The hub's use cases, read from the app where an endpoint takes the ``Request`` (the requests router's,
-    most of the traffic): FastAPI passes a ``Request`` parameter as it is, while every dependency is resolved per
-    request (its own parameters looked up and validated, its result cached), ~10 % of the HTTP layer's CPU for
-    this one (``python -m sim.bench_accept --mix``; docs/performance.md, "Issue 14, sixth round: the hub's HTTP
-    cost per request")."""
-    service: HubService = request.app.state.service
-    return service
-
-
 async def get_service(request: Request) -> HubService:
     """The hub's use cases, opened in the app's lifespan (``async``, as every dependency here: FastAPI runs a plain
     ``def`` dependency on a worker thread, a thread hand-off per request)."""
