@@ -13,13 +13,15 @@ so its CPU is not charged to the hub.
 
 ``--mix R`` measures instead the hub's CPU per HTTP request for the rate experiment's mix (``sim.experiment.rate``):
 R requests of the four types in turn (emergency, load reduction, load shift, billing; the DSO simulator's bodies),
-each to ``--targets`` random clients of ``--clients`` and with an ``Idempotency-Key``, each followed by the one
-``GET /v1/requests/{id}`` the DSO simulator sends when the feed says a request ended (here: at once; the retailer
-acknowledges and never reports, so the requests stay open). Per endpoint, the event loop thread's CPU inside the
-call, and of it the use case's own (``service...``) and what the HTTP layer adds (FastAPI, its dependencies,
-validation, encoding of the answer, httpx's in-process transport); and the process's CPU (every thread, including
-the relay sending the requests and the SQLite thread) over the whole run, settled, per request. The first
-``--warmup`` requests are not counted.
+each to ``--targets`` random clients of ``--clients`` and with an ``Idempotency-Key`` (``--no-key``: without),
+each followed by the one ``GET /v1/requests/{id}`` the DSO simulator sends when the feed says a request ended
+(here: at once; the retailer acknowledges and never reports, so the requests stay open). Per endpoint, the event
+loop thread's CPU inside the call, split into the use case's own (``HubService`` methods, wrapped; a background
+task that runs while the use case awaits storage is charged to it), the hub's HTTP layer (the ASGI application less
+the use case: middleware, routing, FastAPI's dependencies and validation, encoding of the answer) and the client
+(httpx building the request and reading the answer in this process, not the hub's); and the process's CPU (every
+thread, including the relay sending the requests and the SQLite thread) over the whole run, settled, per request.
+The first ``--warmup`` requests are not counted.
 
 N clients of ``r1`` are registered through ``PUT /v1/clients``; then ``--posts`` emergencies to all of them, one
 after the other, each POST measured alone (the previous request expanded, its messages acknowledged, the process
@@ -357,8 +359,8 @@ async def idle(book: Any, request_id: str, timeout_s: float = 30.0) -> None:
 
 
 # Complexity (PLR0915): one measured loop, its counters kept side by side.
-async def one_mix(backend: str, n: int, requests: int, targets: int, warmup: int, profile: Path | None  # noqa: PLR0915
-                  ) -> dict[str, Any]:
+async def one_mix(backend: str, n: int, requests: int, targets: int, warmup: int, profile: Path | None,  # noqa: PLR0915
+                  keyed: bool = True) -> dict[str, Any]:
     """Register ``n`` clients, then ``requests`` requests of the rate experiment's mix, each followed by its GET."""
     import random
 
@@ -401,7 +403,8 @@ async def one_mix(backend: str, n: int, requests: int, targets: int, warmup: int
                 kind = TYPES[seq % len(TYPES)]
                 body = body_for(kind, rng.sample(clients, min(targets, n)), seq)
                 t0, a0 = time.thread_time(), asgi[0]
-                r = await http.post(PATHS[kind], json=body, headers={**auth, "Idempotency-Key": f"mix-{seq}"})
+                r = await http.post(PATHS[kind], json=body,
+                                    headers={**auth, "Idempotency-Key": f"mix-{seq}"} if keyed else auth)
                 t1, a1 = time.thread_time(), asgi[0]
                 if r.status_code != 202:
                     raise SystemExit(f"POST {kind} answered {r.status_code}: {r.text[:300]}")
@@ -429,7 +432,7 @@ async def one_mix(backend: str, n: int, requests: int, targets: int, warmup: int
                "hub_http_ms": round((app_cpu[k] - use_case_cpu[k]) / max(1, calls[k]) * 1000, 3),
                "client_ms": round((call_cpu[k] - app_cpu[k]) / max(1, calls[k]) * 1000, 3)} for k in endpoints}
     post_calls = sum(calls[k] for k in TYPES)
-    return {"backend": backend, "mode": "mix", "clients": n, "targets": targets, "requests": requests,
+    return {"backend": backend, "mode": "mix", "clients": n, "targets": targets, "requests": requests, "keyed": keyed,
             "load_1min_before": round(load0, 2), "load_1min_after": round(os.getloadavg()[0], 2),
             "per_endpoint": per,
             "per_request_ms": {
@@ -453,11 +456,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure R requests of the rate experiment's mix instead (each with its GET)")
     parser.add_argument("--targets", type=int, default=10, help="--mix: clients per request")
     parser.add_argument("--warmup", type=int, default=40, help="--mix: requests sent first, not counted")
+    parser.add_argument("--no-key", action="store_true", help="--mix: POST without an Idempotency-Key")
     args = parser.parse_args(argv)
     backends = ("sqlite", "hbase") if args.backend == "both" else (args.backend,)
     for backend in backends:
         if args.mix:
-            result = asyncio.run(one_mix(backend, args.clients, args.mix, args.targets, args.warmup, args.profile))
+            result = asyncio.run(one_mix(backend, args.clients, args.mix, args.targets, args.warmup, args.profile,
+                                         not args.no_key))
         else:
             result = asyncio.run(one_backend(backend, args.clients, args.posts, args.key, args.profile))
         result["hub_code"] = str(Path(cloud_hub.__file__).parent)
