@@ -9,6 +9,19 @@ stores through happybase into the HBase Thrift test double (``sim/hbase_double.p
 so its CPU is not charged to the hub.
 
     python -m sim.bench_accept --clients 10000 --posts 7 [--backend sqlite|hbase|both] [--key] [--profile F]
+    python -m sim.bench_accept --mix 400 [--clients 100] [--targets 10] [--backend sqlite] [--profile F]
+
+``--mix R`` measures instead the hub's CPU per HTTP request for the rate experiment's mix (``sim.experiment.rate``):
+R requests of the four types in turn (emergency, load reduction, load shift, billing; the DSO simulator's bodies),
+each to ``--targets`` random clients of ``--clients`` and with an ``Idempotency-Key`` (``--no-key``: without),
+each followed by the one ``GET /v1/requests/{id}`` the DSO simulator sends when the feed says a request ended
+(here: at once; the retailer acknowledges and never reports, so the requests stay open). Per endpoint, the event
+loop thread's CPU inside the call, split into the use case's own (``HubService`` methods, wrapped; a background
+task that runs while the use case awaits storage is charged to it), the hub's HTTP layer (the ASGI application less
+the use case: middleware, routing, FastAPI's dependencies and validation, encoding of the answer) and the client
+(httpx building the request and reading the answer in this process, not the hub's); and the process's CPU (every
+thread, including the relay sending the requests and the SQLite thread) over the whole run, settled, per request.
+The first ``--warmup`` requests are not counted.
 
 N clients of ``r1`` are registered through ``PUT /v1/clients``; then ``--posts`` emergencies to all of them, one
 after the other, each POST measured alone (the previous request expanded, its messages acknowledged, the process
@@ -203,8 +216,11 @@ def _retailer(broker: MosquittoProcess) -> tuple[MqttLink, list[MqttLink]]:
 
 
 @contextlib.asynccontextmanager
-async def running_hub(tmp: Path, backend: str) -> AsyncIterator[tuple[Any, httpx.AsyncClient, str, str]]:
-    """Broker, (HBase double,) the hub app with its lifespan, an HTTP client on it; ``(app, http, admin, dso)``."""
+async def running_hub(tmp: Path, backend: str, asgi_cpu: list[float] | None = None
+                      ) -> AsyncIterator[tuple[Any, httpx.AsyncClient, str, str]]:
+    """Broker, (HBase double,) the hub app with its lifespan, an HTTP client on it; ``(app, http, admin, dso)``.
+    ``asgi_cpu``: its first item accumulates the loop thread's CPU inside the ASGI application (the client's own
+    share, httpx building the request and reading the answer, is not in it)."""
     spec = BrokerSpec(kind="hub", port=free_port(), data_dir=tmp / "hub-broker",
                       privileged=Identity("hub", generate_password()), parties=[Identity("r1", R1_PASSWORD)])
     with contextlib.ExitStack() as stack:
@@ -222,7 +238,15 @@ async def running_hub(tmp: Path, backend: str) -> AsyncIterator[tuple[Any, httpx
         app = create_app(settings)
         async with app.router.lifespan_context(app):
             link, box = _retailer(broker)
-            async with link, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub",
+            served: Any = app
+            if asgi_cpu is not None:
+                async def served(scope: Any, receive: Any, send: Any) -> None:
+                    c0 = time.thread_time()
+                    try:
+                        await app(scope, receive, send)
+                    finally:
+                        asgi_cpu[0] += time.thread_time() - c0
+            async with link, httpx.AsyncClient(transport=httpx.ASGITransport(app=served), base_url="http://hub",
                                                timeout=600) as http:
                 box.append(link)
                 yield app, http, admin, dso
@@ -296,6 +320,130 @@ async def one_backend(backend: str, n: int, posts: int, key: bool, profile: Path
     return {"backend": backend, "clients": n, "posts": out, "median": med, "median_steps": step_med}
 
 
+MIX_USE_CASES = {"emergency": ("flexibility", "create_emergency"),
+                 "load_reduction": ("flexibility", "create_load_reduction"),
+                 "load_shift": ("flexibility", "create_load_shift"), "billing": ("data", "request_billing"),
+                 "get": ("requests", "get_request")}
+"""Per endpoint of the mix, the use case it calls: ``(HubService attribute, method)``."""
+
+
+def _time_use_cases(service: Any, use_case_cpu: dict[str, float]) -> None:
+    """Wrap every use case of the mix to add its loop-thread CPU to ``use_case_cpu[endpoint]``."""
+    for name, (part, method) in MIX_USE_CASES.items():
+        owner = getattr(service, part)
+        inner = getattr(owner, method)
+
+        def timed(inner: Any = inner, name: str = name) -> Any:
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                c0 = time.thread_time()
+                try:
+                    return await inner(*args, **kwargs)
+                finally:
+                    use_case_cpu[name] += time.thread_time() - c0
+            return call
+
+        setattr(owner, method, timed())
+
+
+async def idle(book: Any, request_id: str, timeout_s: float = 30.0) -> None:
+    """Wait until the last request is expanded and the process idle (under 10 ms of CPU in 0.2 s). Unlike
+    :func:`settle`, its outbox is not awaited: a load reduction's later phase is sent only when its retailer
+    answers, which the retailer here never does."""
+    await book.expanded(request_id)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        c0 = time.process_time()
+        await asyncio.sleep(0.2)
+        if time.process_time() - c0 < 0.01:
+            return
+
+
+# Complexity (PLR0915): one measured loop, its counters kept side by side.
+async def one_mix(backend: str, n: int, requests: int, targets: int, warmup: int, profile: Path | None,  # noqa: PLR0915
+                  keyed: bool = True) -> dict[str, Any]:
+    """Register ``n`` clients, then ``requests`` requests of the rate experiment's mix, each followed by its GET."""
+    import random
+
+    from sim.experiment.dso_sim import PATHS, TYPES, body_for
+
+    rng = random.Random(1)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        asgi = [0.0]
+        async with running_hub(Path(tmpdir), backend, asgi) as (app, http, admin, dso):
+            r = await http.put("/v1/retailers/r1", json={"name": "R1"}, headers={"Authorization": f"Bearer {admin}"})
+            r.raise_for_status()
+            clients = [f"c{i:06d}" for i in range(n)]
+            since = (datetime.now(UTC) - timedelta(days=400)).isoformat()
+            r = await http.put("/v1/clients", headers={"Authorization": f"Bearer {dso}"}, json={"clients": [
+                {"client_id": cid, "retailer_id": "r1", "contracted_power_kw": 6.9, "valid_from": since}
+                for cid in clients]})
+            r.raise_for_status()
+            endpoints = (*TYPES, "get")
+            call_cpu = dict.fromkeys(endpoints, 0.0)
+            app_cpu = dict.fromkeys(endpoints, 0.0)
+            use_case_cpu = dict.fromkeys(endpoints, 0.0)
+            calls = dict.fromkeys(endpoints, 0)
+            _time_use_cases(app.state.service, use_case_cpu)
+            book = app.state.service.book
+            auth = {"Authorization": f"Bearer {dso}"}
+            prof = cProfile.Profile() if profile is not None else None
+            last = ""
+            load0 = os.getloadavg()[0]
+            c_all = 0.0
+            for seq in range(warmup + requests):
+                counted = seq >= warmup
+                if seq == warmup:
+                    await idle(book, last)
+                    for d in (call_cpu, use_case_cpu, app_cpu):
+                        for k in d:
+                            d[k] = 0.0
+                    c_all = time.process_time()
+                    if prof is not None:
+                        prof.enable()
+                kind = TYPES[seq % len(TYPES)]
+                body = body_for(kind, rng.sample(clients, min(targets, n)), seq)
+                t0, a0 = time.thread_time(), asgi[0]
+                r = await http.post(PATHS[kind], json=body,
+                                    headers={**auth, "Idempotency-Key": f"mix-{seq}"} if keyed else auth)
+                t1, a1 = time.thread_time(), asgi[0]
+                if r.status_code != 202:
+                    raise SystemExit(f"POST {kind} answered {r.status_code}: {r.text[:300]}")
+                last = r.json()["request_id"]
+                g = await http.get(f"/v1/requests/{last}", headers=auth)
+                t2, a2 = time.thread_time(), asgi[0]
+                if g.status_code != 200:
+                    raise SystemExit(f"GET answered {g.status_code}: {g.text[:300]}")
+                if counted:
+                    call_cpu[kind] += t1 - t0
+                    call_cpu["get"] += t2 - t1
+                    app_cpu[kind] += a1 - a0
+                    app_cpu["get"] += a2 - a1
+                    calls[kind] += 1
+                    calls["get"] += 1
+            await idle(book, last)
+            if prof is not None and profile is not None:
+                prof.disable()
+                prof.dump_stats(str(profile.with_suffix(f".mix.{backend}.prof")))
+            process_cpu = time.process_time() - c_all
+    per = {k: {"calls": calls[k],
+               "loop_cpu_ms": round(call_cpu[k] / max(1, calls[k]) * 1000, 3),
+               "use_case_ms": round(use_case_cpu[k] / max(1, calls[k]) * 1000, 3),
+               "http_ms": round((call_cpu[k] - use_case_cpu[k]) / max(1, calls[k]) * 1000, 3),
+               "hub_http_ms": round((app_cpu[k] - use_case_cpu[k]) / max(1, calls[k]) * 1000, 3),
+               "client_ms": round((call_cpu[k] - app_cpu[k]) / max(1, calls[k]) * 1000, 3)} for k in endpoints}
+    post_calls = sum(calls[k] for k in TYPES)
+    return {"backend": backend, "mode": "mix", "clients": n, "targets": targets, "requests": requests, "keyed": keyed,
+            "load_1min_before": round(load0, 2), "load_1min_after": round(os.getloadavg()[0], 2),
+            "per_endpoint": per,
+            "per_request_ms": {
+                "loop_cpu_in_calls": round(sum(call_cpu.values()) / post_calls * 1000, 3),
+                "use_cases": round(sum(use_case_cpu.values()) / post_calls * 1000, 3),
+                "http": round((sum(call_cpu.values()) - sum(use_case_cpu.values())) / post_calls * 1000, 3),
+                "hub_http": round((sum(app_cpu.values()) - sum(use_case_cpu.values())) / post_calls * 1000, 3),
+                "client": round((sum(call_cpu.values()) - sum(app_cpu.values())) / post_calls * 1000, 3),
+                "process_cpu_whole_run": round(process_cpu / post_calls * 1000, 3)}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one JSON document per backend."""
     parser = argparse.ArgumentParser(prog="python -m sim.bench_accept", description=__doc__.split("\n\n")[0])
@@ -304,10 +452,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("sqlite", "hbase", "both"), default="both")
     parser.add_argument("--key", action="store_true", help="send an Idempotency-Key with every POST")
     parser.add_argument("--profile", type=Path, default=None, help="cProfile of the last POST (per backend)")
+    parser.add_argument("--mix", type=int, default=0, metavar="R",
+                        help="measure R requests of the rate experiment's mix instead (each with its GET)")
+    parser.add_argument("--targets", type=int, default=10, help="--mix: clients per request")
+    parser.add_argument("--warmup", type=int, default=40, help="--mix: requests sent first, not counted")
+    parser.add_argument("--no-key", action="store_true", help="--mix: POST without an Idempotency-Key")
     args = parser.parse_args(argv)
     backends = ("sqlite", "hbase") if args.backend == "both" else (args.backend,)
     for backend in backends:
-        result = asyncio.run(one_backend(backend, args.clients, args.posts, args.key, args.profile))
+        if args.mix:
+            result = asyncio.run(one_mix(backend, args.clients, args.mix, args.targets, args.warmup, args.profile,
+                                         not args.no_key))
+        else:
+            result = asyncio.run(one_backend(backend, args.clients, args.posts, args.key, args.profile))
         result["hub_code"] = str(Path(cloud_hub.__file__).parent)
         result["machine_cores"] = os.cpu_count()
         print(json.dumps(result), flush=True)
