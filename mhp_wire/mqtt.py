@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gmqtt
-from gmqtt.mqtt.constants import MQTTv50
+from gmqtt.mqtt.constants import MQTTCommands, MQTTv50
 from gmqtt.mqtt.handler import MQTTConnectError
 
 from mhp_wire.backoff import Backoff, jittered
@@ -45,6 +45,8 @@ _AUTH_REFUSALS = frozenset({4, 5, 134, 135, 138, 140})  # CONNACK codes (3.1.1 a
 Handler = Callable[[str, bytes, bool], Awaitable[None]]
 """``handler(topic, payload, retained)``; an exception is logged and the message still acknowledged at MQTT
 level: redelivery of anything that matters is the sender's application-level outbox's job."""
+BATCH_DRAIN_S = 2.0
+"""How long closing a link waits for the inbound batches being handled (``batch_handler``) before cancelling them."""
 BatchHandler = Callable[[list[tuple[str, bytes, bool]]], Awaitable[None]]
 """``batch_handler([(topic, payload, retained), ...])``: the QoS 1 messages read in one turn of the event loop, in
 the order received, handled in one task; each is acknowledged (PUBACK) once it returns, as with :data:`Handler`."""
@@ -216,8 +218,9 @@ class MqttLink:
         self._client.on_subscribe = self._on_reply
         self._client.on_unsubscribe = self._on_reply
         self._batch_handler = batch_handler
-        self._inbox: list[tuple[str, bytes, bool, int]] = []
-        """QoS 1 messages read in this turn of the loop, with their packet ids (``batch_handler`` only)."""
+        self._inbox: list[tuple[str, bytes, bool, int, Any]] = []
+        """QoS 1 messages read in this turn of the loop, with their packet ids and the connection that read them
+        (``batch_handler`` only)."""
         self._batches: set[asyncio.Task[None]] = set()
         if batch_handler is not None:
             # gmqtt 0.8.0 runs each received QoS 1 PUBLISH's handler in a task of its own and sends the PUBACK from
@@ -404,6 +407,11 @@ class MqttLink:
     async def __aexit__(self, *exc: object) -> None:
         if self._restoring is not None:
             self._restoring.cancel()
+        if self._batches:  # let the batches being handled finish and acknowledge; what is cut short comes again
+            _, unfinished = await asyncio.wait(set(self._batches), timeout=BATCH_DRAIN_S)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
         try:
             if self._status_topic and self.connected:
                 await self.publish(self._status_topic, presence_payload("offline"), retain=True)
@@ -520,7 +528,7 @@ class MqttLink:
         retained = bool(properties.get("retain", 0)) if isinstance(properties, dict) else False
         if not self._inbox:
             asyncio.get_running_loop().call_soon(self._start_batch)
-        self._inbox.append((topic, payload, retained, mid))
+        self._inbox.append((topic, payload, retained, mid, self._client._package_handler.current_connection))
 
     def _start_batch(self) -> None:
         batch, self._inbox = self._inbox, []
@@ -529,25 +537,35 @@ class MqttLink:
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
-    async def _handle_batch(self, batch: list[tuple[str, bytes, bool, int]]) -> None:
+    async def _handle_batch(self, batch: list[tuple[str, bytes, bool, int, Any]]) -> None:
         """One turn's QoS 1 messages through ``batch_handler``, then their PUBACKs in order (an exception is logged
-        and the messages acknowledged all the same, as with :data:`Handler`)."""
+        and the messages acknowledged all the same, as with :data:`Handler`).
+
+        A PUBACK goes only on the connection that read the message. A packet id names a message within one
+        connection's session: after a reconnection, the broker either sends the unacknowledged message again (the
+        session was kept: that copy is acknowledged when its own batch returns) or has forgotten it (the session
+        was lost, and the same id may already name a new message this link has not handled yet). Either way a
+        PUBACK of an earlier connection's id on the new one would be wrong, so it is not sent."""
         handler = self._batch_handler
         if handler is None:  # only installed with one
             return
         self.stats.received += len(batch)
         self.stats.extra["inbound_batches"] = self.stats.extra.get("inbound_batches", 0) + 1
         try:
-            await handler([(topic, payload, retained) for topic, payload, retained, _ in batch])
+            await handler([(topic, payload, retained) for topic, payload, retained, _, _ in batch])
         except Exception:
             self.stats.handler_errors += 1
             log.exception("batch handler failed on %d messages", len(batch))
-        try:
-            send_puback = self._client._package_handler._send_puback
-            for *_, mid in batch:
-                send_puback(mid)
-        except (OSError, AttributeError) as exc:  # the connection went meanwhile: the broker sends them again
-            log.debug("PUBACKs of %d messages not sent: %r", len(batch), exc)
+        current = self._client._package_handler.current_connection
+        stale = 0
+        for *_, mid, conn in batch:
+            if conn is not current or conn is None or conn.is_closing():
+                stale += 1
+                continue
+            conn.send_command_with_mid(MQTTCommands.PUBACK, mid, False)
+        if stale:
+            self.stats.extra["pubacks_not_sent_stale"] = self.stats.extra.get("pubacks_not_sent_stale", 0) + stale
+            log.debug("MQTT %s: %d PUBACKs not sent, their connection is gone", self.client_id, stale)
 
     async def _on_message(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any) -> int:
         self.stats.received += 1

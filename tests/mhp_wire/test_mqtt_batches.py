@@ -122,3 +122,46 @@ async def test_a_batch_that_never_returned_is_delivered_again_to_the_next_sessio
                             batch_handler=handle, clean_start=False, session_expiry_s=300):
             await eventually(lambda: len(again) >= 20, "the unacknowledged messages delivered again")
             assert sorted(set(again)) == list(range(20))
+
+
+async def test_a_batch_cut_by_a_reconnection_acknowledges_nothing_on_the_new_connection(
+        mosquitto_factory: MosquittoFactory) -> None:
+    """A packet id names a message within one connection. The broker sends the messages of a batch still being
+    handled again on the next connection (the session is kept), and that copy is acknowledged when its own batch
+    returns; the first batch's PUBACKs would name ids of the old connection (after a lost session, possibly new
+    messages not handled yet), so they are not sent. Before the fix they were written on the new socket."""
+    bridge, gateway = endpoints(mosquitto_factory)
+    held: list[int] = []
+    again: list[int] = []
+    release = asyncio.Event()
+    reconnected = False
+
+    async def handle(messages: list[tuple[str, bytes, bool]]) -> None:
+        if reconnected:
+            again.extend(int(p) for _, p, _ in messages)
+            return
+        held.extend(int(p) for _, p, _ in messages)
+        await release.wait()  # still committing when the connection goes
+
+    async with (MqttLink(bridge, client_id="bridge", subscriptions=[topics.all_up("gateways")], handler=_ignore,
+                         batch_handler=handle, clean_start=False, session_expiry_s=300,
+                         reconnect_delay_s=0.1) as link,
+                MqttLink(gateway, client_id="gw-1", subscriptions=[], handler=_ignore, clean_start=True,
+                         session_expiry_s=0) as gw):
+        await publish_in_one_turn(gw, 5)
+        await eventually(lambda: len(held) == 5, "the messages handed over, their batches held")
+        held_batches = link.stats.extra["inbound_batches"]
+        old = link._client._connection
+        reconnected = True
+        old._transport.abort()  # the connection drops while the batches are being handled
+        await eventually(lambda: link.connected and link._client._connection is not old, "a new connection")
+        await eventually(lambda: sorted(again) == list(range(5)),
+                         "the held messages delivered again on the new connection (and acknowledged there)")
+        await asyncio.sleep(0)  # the copies' PUBACKs leave in the turn their batch returned
+        writes = spy_writes(socket_transport(link))
+        release.set()
+        await eventually(lambda: not link._batches, "the held batches returned")
+        await asyncio.sleep(0)  # what they wrote has left
+        assert writes == []  # nothing written for the old connection's ids
+        assert link.stats.extra["pubacks_not_sent_stale"] == 5
+        assert held_batches >= 1
