@@ -66,13 +66,10 @@ from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, die_w
 from cloud_hub.app import create_app
 from cloud_hub.settings import HubSettings
 from cloud_hub.tokens import TokenBook
-from mhp_wire import topics
-from mhp_wire.messages import Ack, Request, WireError, decode, encode
-from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.ports import free_port
+from sim.hub_process import R1_PASSWORD, retailer_r1
 
 REGISTER_PER_CALL = 5_000
-R1_PASSWORD = "r1-pw"
 STEPS = ("http", "authorize", "targets", "suppliers_read", "suppliers_decode", "plan", "write", "use_case_rest")
 
 
@@ -197,24 +194,6 @@ def hbase_double_process(tmp: Path) -> Iterator[str]:
         proc.wait()
 
 
-def _retailer(broker: MosquittoProcess) -> tuple[MqttLink, list[MqttLink]]:
-    """Retailer ``r1``: acknowledges every request message, reports nothing (the requests stay open)."""
-    box: list[MqttLink] = []
-
-    async def on_message(topic: str, payload: bytes, retained: bool) -> None:
-        try:
-            msg = decode(payload)
-        except WireError:
-            return
-        if isinstance(msg, Request) and box:
-            await box[0].publish(topics.up("retailers", "r1"), encode(Ack(ack_ids=[msg.msg_id])))
-
-    link = MqttLink(MqttEndpoint(broker.host, broker.port, "r1", R1_PASSWORD), client_id="r1",
-                    subscriptions=[topics.down("retailers", "r1")], handler=on_message, clean_start=True,
-                    session_expiry_s=0)
-    return link, box
-
-
 @contextlib.asynccontextmanager
 async def running_hub(tmp: Path, backend: str, asgi_cpu: list[float] | None = None
                       ) -> AsyncIterator[tuple[Any, httpx.AsyncClient, str, str]]:
@@ -237,7 +216,7 @@ async def running_hub(tmp: Path, backend: str, asgi_cpu: list[float] | None = No
                                **extra)
         app = create_app(settings)
         async with app.router.lifespan_context(app):
-            link, box = _retailer(broker)
+            link, box = retailer_r1(broker)  # acknowledges, reports nothing: the requests stay open
             served: Any = app
             if asgi_cpu is not None:
                 async def served(scope: Any, receive: Any, send: Any) -> None:

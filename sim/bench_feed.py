@@ -24,10 +24,8 @@ from typing import Any
 import httpx
 
 from broker_config.launcher import MosquittoProcess
-from mhp_wire import topics
-from mhp_wire.messages import Ack, ClientState, Outcome, Request, WireError, decode, encode
-from mhp_wire.mqtt import MqttEndpoint, MqttLink
-from sim.hub_process import R1_PASSWORD, hub_process, wait_ready
+from mhp_wire.messages import ClientState, Outcome, Request, encode
+from sim.hub_process import hub_process, retailer_r1, wait_ready
 
 TERMINAL = ("completed", "partially_completed", "failed", "expired", "cancelled")
 
@@ -88,25 +86,10 @@ async def bench(n_subscribers: int, n_requests: int, per_request: int, rate_per_
                                 rate_per_s)
 
 
-async def _retailer(broker: MosquittoProcess) -> tuple[MqttLink, list[MqttLink]]:
-    box: list[MqttLink] = []
-
-    async def on_message(topic: str, payload: bytes, retained: bool) -> None:
-        try:
-            msg = decode(payload)
-        except WireError:
-            return
-        if isinstance(msg, Request) and box:
-            up = topics.up("retailers", "r1")
-            await box[0].publish(up, encode(Ack(ack_ids=[msg.msg_id])))
-            for cid in msg.client_ids:
-                await box[0].publish(up, encode(Outcome(request_id=msg.request_id, client_id=cid,
-                                                        state=ClientState.EXECUTED)))
-
-    link = MqttLink(MqttEndpoint(broker.host, broker.port, "r1", R1_PASSWORD), client_id="r1",
-                    subscriptions=[topics.down("retailers", "r1")], handler=on_message, clean_start=True,
-                    session_expiry_s=0)
-    return link, box
+def _executed(msg: Request) -> list[bytes]:
+    """Every client of a request executed, one ``outcome`` message each."""
+    return [encode(Outcome(request_id=msg.request_id, client_id=cid, state=ClientState.EXECUTED))
+            for cid in msg.client_ids]
 
 
 # Complexity (PLR0913): a benchmark's knobs, passed once.
@@ -121,7 +104,7 @@ async def _drive(url: str, pid: int, broker: MosquittoProcess, admin: str, dso: 
             r = await http.put(f"/v1/clients/{cid}", headers={"Authorization": f"Bearer {dso}"}, json={
                 "retailer_id": "r1", "contracted_power_kw": 6.9, "feeder_id": "f1"})
             r.raise_for_status()
-        link, box = await _retailer(broker)
+        link, box = retailer_r1(broker, _executed)
         async with link:
             box.append(link)
             subs = [Subscriber() for _ in range(n_subscribers)]

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,9 @@ import httpx
 
 import cloud_hub
 from broker_config.launcher import MosquittoProcess
-from mhp_wire import topics
-from mhp_wire.messages import Ack, ClientState, OutcomeReport, Outcomes, Request, WireError, decode, encode
-from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from mhp_wire.messages import ClientState, OutcomeReport, Outcomes, Request, encode
 from sim.bench_feed import cpu_s
-from sim.hub_process import R1_PASSWORD, hub_process, wait_ready
+from sim.hub_process import hub_process, retailer_r1, wait_ready
 
 REGISTER_PER_CALL = 5_000
 REPORTS_PER_MESSAGE = 2_000
@@ -93,28 +92,17 @@ async def one_run(n: int, interval_s: float) -> dict[str, Any]:
             return await _drive(h.url, h.pid, h.broker, h.admin, h.dso, n, interval_s)
 
 
-def _retailer(broker: MosquittoProcess, named: set[str]) -> tuple[MqttLink, list[MqttLink]]:
-    box: list[MqttLink] = []
+def _executed_once(named: set[str]) -> Callable[[Request], list[bytes]]:
+    """Each client executed, once (a request delivered again names them again), in ``outcomes`` batches."""
 
-    async def on_message(topic: str, payload: bytes, retained: bool) -> None:
-        try:
-            msg = decode(payload)
-        except WireError:
-            return
-        if not isinstance(msg, Request) or not box:
-            return
-        up = topics.up("retailers", "r1")
-        await box[0].publish(up, encode(Ack(ack_ids=[msg.msg_id])))
+    def answer(msg: Request) -> list[bytes]:
         new = [cid for cid in msg.client_ids if cid not in named]
         named.update(new)
-        for k in range(0, len(new), REPORTS_PER_MESSAGE):
-            await box[0].publish(up, encode(Outcomes(request_id=msg.request_id, reports=[
-                OutcomeReport(client_id=cid, state=ClientState.EXECUTED) for cid in new[k:k + REPORTS_PER_MESSAGE]])))
+        return [encode(Outcomes(request_id=msg.request_id, reports=[
+            OutcomeReport(client_id=cid, state=ClientState.EXECUTED) for cid in new[k:k + REPORTS_PER_MESSAGE]]))
+            for k in range(0, len(new), REPORTS_PER_MESSAGE)]
 
-    link = MqttLink(MqttEndpoint(broker.host, broker.port, "r1", R1_PASSWORD), client_id="r1",
-                    subscriptions=[topics.down("retailers", "r1")], handler=on_message, clean_start=True,
-                    session_expiry_s=0)
-    return link, box
+    return answer
 
 
 async def _drive(url: str, pid: int, broker: MosquittoProcess, admin: str, dso: str, n: int,
@@ -131,7 +119,7 @@ async def _drive(url: str, pid: int, broker: MosquittoProcess, admin: str, dso: 
                  "valid_from": since} for cid in clients[k:k + REGISTER_PER_CALL]]})
             r.raise_for_status()
         named: set[str] = set()
-        link, box = _retailer(broker, named)
+        link, box = retailer_r1(broker, _executed_once(named))
         async with link:
             box.append(link)
             with HealthProbe(url, interval_s) as probe:

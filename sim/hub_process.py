@@ -9,7 +9,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,9 @@ import httpx
 
 from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, die_with_parent, generate_password
 from cloud_hub.tokens import TokenBook
+from mhp_wire import topics
+from mhp_wire.messages import Ack, Request, WireError, decode, encode
+from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.ports import free_port
 
 R1_PASSWORD = "r1-pw"
@@ -66,3 +69,28 @@ async def wait_ready(http: httpx.AsyncClient, timeout_s: float = 30.0) -> None:
                 return
         await asyncio.sleep(0.05)
     raise TimeoutError("the hub did not become ready")
+
+
+def retailer_r1(broker: MosquittoProcess, answer: Callable[[Request], list[bytes]] | None = None
+                ) -> tuple[MqttLink, list[MqttLink]]:
+    """Retailer ``r1`` of a benchmark: acknowledges every request message, then publishes what ``answer`` makes of
+    it (encoded outcomes; nothing by default: the requests stay open). Returns the link, not entered, and a box
+    to put the entered link in (the handler publishes through it)."""
+    box: list[MqttLink] = []
+    up = topics.up("retailers", "r1")
+
+    async def on_message(topic: str, payload: bytes, retained: bool) -> None:
+        try:
+            msg = decode(payload)
+        except WireError:
+            return
+        if not isinstance(msg, Request) or not box:
+            return
+        await box[0].publish(up, encode(Ack(ack_ids=[msg.msg_id])))
+        for out in answer(msg) if answer is not None else []:
+            await box[0].publish(up, out)
+
+    link = MqttLink(MqttEndpoint(broker.host, broker.port, "r1", R1_PASSWORD), client_id="r1",
+                    subscriptions=[topics.down("retailers", "r1")], handler=on_message, clean_start=True,
+                    session_expiry_s=0)
+    return link, box

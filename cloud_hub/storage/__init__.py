@@ -77,7 +77,8 @@ class KVStore(Protocol):
     async def get_many_cells(self, table: str, rows: list[str], columns: list[str] | None = None
                              ) -> list[tuple[str, str, bytes]]:
         """The cells of :meth:`get_many` as flat ``(row, column, value)`` triples, no dict built per row (accepting
-        a request for 10,000 clients reads one supplier cell of each); a row's cells in no promised order."""
+        a request for 10,000 clients reads one supplier cell of each); a row's cells in no promised order, a row
+        named twice answered once."""
         ...
 
     async def get_each(self, table: str, wanted: dict[str, list[str] | None]) -> dict[str, Row]:

@@ -132,11 +132,13 @@ class SqliteKV:
         """:meth:`get_many`'s cells as ``(row, column, value)`` triples, as SQLite returns them (built in C)."""
         _check_table(table)
 
+        unique = list(dict.fromkeys(rows))  # a row named twice is answered once, as by get_many
+
         def op() -> list[tuple[str, str, bytes]]:
             out: list[tuple[str, str, bytes]] = []
             where, cargs = _column_filter(columns)
-            for i in range(0, len(rows), 500):
-                chunk = rows[i:i + 500]
+            for i in range(0, len(unique), 500):
+                chunk = unique[i:i + 500]
                 marks = ",".join("?" * len(chunk))
                 cur = self._sql.db.cursor()
                 cur.row_factory = None  # plain tuples

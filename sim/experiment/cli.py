@@ -21,7 +21,7 @@ from sim.experiment.base import BaseParams, Experiment
 
 def _common(sp: argparse.ArgumentParser, *, duration_s: float, sizes: bool = False, rate: bool = True,
             warmup_s: float = 5.0, drain_s: float = 30.0, rp_outcomes: str = "per-client",
-            dso_follow: str = "poll") -> None:
+            dso_follow: str | None = "poll") -> None:
     sp.add_argument("--out", type=Path, required=True, help="folder for results.json, CSVs, PNGs, report.md")
     if sizes:
         sp.add_argument("--clients", default="1000", help="a number, or a comma-separated list of sizes (e.g. "
@@ -39,9 +39,12 @@ def _common(sp: argparse.ArgumentParser, *, duration_s: float, sizes: bool = Fal
     sp.add_argument("--rp-outcomes", choices=("batches", "per-client"), default=rp_outcomes,
                     help="how the RP simulator answers: outcomes batches as the real bridge, or the paper's one "
                          f"outcome message per client (default here: {rp_outcomes})")
-    sp.add_argument("--dso-follow", choices=("poll", "feed"), default=dso_follow,
-                    help="how the DSO simulator learns that a request ended: polling GET /v1/requests/{id}, or "
-                         f"the hub's change feed and one GET per request (default here: {dso_follow})")
+    if dso_follow is None:  # scale-out: a replica's live feed carries only its own writes (docs/architecture.md)
+        sp.set_defaults(dso_follow="poll")
+    else:
+        sp.add_argument("--dso-follow", choices=("poll", "feed"), default=dso_follow,
+                        help="how the DSO simulator learns that a request ended: polling GET /v1/requests/{id}, or "
+                             f"the hub's change feed and one GET per request (default here: {dso_follow})")
     sp.add_argument("--drain-s", type=float, default=drain_s,
                     help="how long requests are followed after the last send")
     sp.add_argument("--seed", type=int, default=1)
@@ -211,7 +214,7 @@ def _add_rate(sub: Any) -> None:
 
 def _add_scaleout(sub: Any) -> None:
     scaleout = sub.add_parser("scaleout", help="hub replicas behind one HTTP entry (HAProxy), one killed mid-run")
-    _common(scaleout, duration_s=60.0)
+    _common(scaleout, duration_s=60.0, dso_follow=None)  # behind HAProxy a feed would miss the other replicas' writes
     scaleout.add_argument("--replicas", type=int, default=2, help="hub replicas (at least 2)")
     scaleout.add_argument("--kill-at-s", type=float, default=20.0,
                           help="when replica 1 is killed with SIGKILL, in seconds after the DSO simulator started")

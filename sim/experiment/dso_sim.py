@@ -51,6 +51,9 @@ TYPES = ("emergency", "load_reduction", "load_shift", "billing")
 """The paper's four request types."""
 PATHS = {"emergency": "/v1/emergencies", "load_reduction": "/v1/load-reductions", "load_shift": "/v1/load-shifts",
          "billing": "/v1/billing-data"}
+FEED_READ_BUFSIZE = 1 << 24
+"""aiohttp's read buffer (a line may be twice as long): a change-feed event names every client its write touched,
+~63 bytes each, so an event of a 10,000-client request is over aiohttp's default 512 KiB line."""
 FOLLOW_MODES = ("poll", "feed")
 """How the simulator learns that a request ended: polling ``GET /v1/requests/{id}``, or the change feed."""
 TERMINAL = frozenset({"completed", "partially_completed", "failed", "expired", "cancelled"})
@@ -141,12 +144,7 @@ class DsoSimulator:
         """Send this worker's share of the schedule, follow it, print progress."""
         plan = [(seq, at, kind) for seq, (at, kind) in enumerate(self.schedule()) if seq % self.workers == self.worker]
         self.planned = len(plan)
-        headers = {"Authorization": f"Bearer {self.cfg['token']}"}
-        # aiohttp, not httpx: httpx's pool costs several times the CPU per request, growing with the number of
-        # requests in flight (encode/httpx#3215), which made the generator, not the hub, the bottleneck.
-        async with aiohttp.ClientSession(base_url=self.cfg["hub_url"], headers=headers,
-                                         timeout=aiohttp.ClientTimeout(total=30.0),
-                                         connector=aiohttp.TCPConnector(limit=200)) as http:
+        async with self.session() as http:
             self.t0 = time.monotonic()
             send_end = float(self.cfg["warmup_s"]) + float(self.cfg["duration_s"])
             self.stop_following_at = self.t0 + send_end + float(self.cfg.get("drain_s", 30.0))
@@ -154,9 +152,11 @@ class DsoSimulator:
             if self.follow == "feed":
                 following = asyncio.Event()
                 feed = asyncio.create_task(self._follow_feed(http, following), name="dso-feed")
-                await asyncio.wait([feed, asyncio.create_task(following.wait())], timeout=30.0,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                opened = asyncio.create_task(following.wait())
+                await asyncio.wait([feed, opened], timeout=30.0, return_when=asyncio.FIRST_COMPLETED)
+                opened.cancel()
                 if feed.done() or not following.is_set():
+                    feed.cancel()
                     raise RuntimeError("the hub's change feed did not open within 30 s")
                 self.t0 = time.monotonic()
                 self.stop_following_at = self.t0 + send_end + float(self.cfg.get("drain_s", 30.0))
@@ -178,6 +178,16 @@ class DsoSimulator:
                     await feed
             self._print_progress(final=True)
 
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP session to the hub (its token, a pool of 200 connections, a read buffer for long feed events).
+
+        aiohttp, not httpx: httpx's pool costs several times the CPU per request, growing with the number of
+        requests in flight (encode/httpx#3215), which made the generator, not the hub, the bottleneck."""
+        return aiohttp.ClientSession(base_url=self.cfg["hub_url"],
+                                     headers={"Authorization": f"Bearer {self.cfg['token']}"},
+                                     timeout=aiohttp.ClientTimeout(total=30.0),
+                                     connector=aiohttp.TCPConnector(limit=200), read_bufsize=FEED_READ_BUFSIZE)
+
     def _ended(self, request_id: str) -> asyncio.Event:
         event = self.ended.get(request_id)
         if event is None:
@@ -196,21 +206,24 @@ class DsoSimulator:
                                     timeout=aiohttp.ClientTimeout(total=None, sock_read=60.0)) as resp:
                     if resp.status != 200:
                         raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
-                    kind, data = "", ""
+                    kind, data, event_id = "", "", None
                     async for raw in resp.content:
                         line = raw.decode().rstrip("\r\n")
                         if line.startswith("retry:"):
                             following.set()
                         elif line.startswith("id:"):
-                            last = line[3:].strip()
+                            event_id = line[3:].strip()
                         elif line.startswith("event:"):
                             kind = line[6:].strip()
                         elif line.startswith("data:"):
                             data = line[5:].strip()
                         elif not line and data:
                             self._on_feed_event(kind, data)
-                            kind, data = "", ""
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                            if event_id is not None:  # the resume point moves once the event is handled
+                                last = event_id
+                            kind, data, event_id = "", "", None
+            except (aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError, ValueError,
+                    TimeoutError) as exc:  # ValueError: aiohttp's line too long (a buffer overrun)
                 print(f"[dso-sim] change feed dropped ({type(exc).__name__}: {exc}); resuming", flush=True)
             self.feed_reconnects += 1
             await asyncio.sleep(0.2)

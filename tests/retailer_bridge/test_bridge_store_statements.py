@@ -23,25 +23,13 @@ from retailer_bridge.store import (
     NewCommand,
     delivered_msg_id,
 )
+from sim.bench_bridge_store import Runs as SqliteRuns
 
 N = 1_000
 
 
-class SqliteRuns:
-    """Every statement SQLite runs on the store's connection, by its first word (``BEGIN``, ``UPDATE``, ...)."""
-
-    def __init__(self) -> None:
-        self.runs: Counter[str] = Counter()
-
-    def __call__(self, sql: str) -> None:
-        self.runs[sql.split()[0].upper()] += 1
-
-    def data(self) -> int:
-        """Statements that read or write rows."""
-        return sum(n for kind, n in self.runs.items() if kind in ("SELECT", "INSERT", "UPDATE", "DELETE"))
-
-
 async def traced(store: BridgeStore) -> SqliteRuns:
+    """Every statement SQLite runs on the store's connection from now on, by its first word."""
     runs = SqliteRuns()
     await store.sql.call(lambda: store.sql.db.set_trace_callback(runs))
     return runs
