@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -21,6 +22,15 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"cloud-hub: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    from mhp_wire.gc_tuning import YOUNG_THRESHOLD, tune_for_throughput
+
+    # As the bridge's process does: what start-up made (modules, settings, the app) is frozen, and young collections
+    # are rarer. In a fan-out the hub allocates a few dicts per client per write (working copies, cells, events)
+    # while it holds every open request's state, so CPython's default full collections walked that heap again and
+    # again (docs/performance.md, "Issue 14, sixth round: the hub's CPU per client in a fan-out").
+    tune_for_throughput()
+    logging.getLogger("cloud_hub").info("garbage collector tuned for throughput: %d start-up objects frozen, young "
+                                        "collections every %d new objects", gc.get_freeze_count(), YOUNG_THRESHOLD)
     # uvloop and httptools (the hub extra) rather than asyncio's loop and h11: the HTTP and MQTT I/O is most of the
     # hub's CPU per request.
     uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port, loop="uvloop",

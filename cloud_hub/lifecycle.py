@@ -263,15 +263,29 @@ def reduction_outcome(selection: dict[str, Any], counts: Mapping[ClientState, in
     return RequestState.FAILED
 
 
+_RANK_OF_VALUE = {s.value: rank for s, rank in _OPEN_RANK.items()}
+""":data:`_OPEN_RANK` by the stored value: :func:`move` runs per target of every write, and an enum member's hash is
+a Python call (``Enum.__hash__``) where a ``str``'s is cached."""
+
+
 def move(entry: dict[str, Any], new: ClientState, counts: Counter[ClientState], now: float) -> bool:
     """Move one target ``entry`` (changed in place) to ``new`` when :func:`may_move` allows, keeping ``counts``;
     returns whether it moved."""
-    old = _BY_VALUE[entry["state"]]
-    if new is old or not may_move(old, new):
+    stored = entry["state"]
+    old = _BY_VALUE[stored]  # an unknown stored state raises here, as before
+    value = new._value_
+    if value == stored:
+        return False
+    # may_move(old, new), on the values
+    rank_old = _RANK_OF_VALUE.get(stored)
+    if rank_old is None:
+        return False
+    rank_new = _RANK_OF_VALUE.get(value)
+    if rank_new is not None and rank_new <= rank_old:
         return False
     counts[old] -= 1
     counts[new] += 1
-    entry["state"] = new.value
+    entry["state"] = value
     entry["updated_at"] = now
     return True
 
@@ -358,8 +372,10 @@ class _Apply:
             if entry["state"] == C.UNREACHABLE.value and may_supersede(C.UNREACHABLE, o.state):
                 return self.supersede(o, entry, addressed)
             return OutcomeVerdict(True, addressed, request_state=self.row.state)
-        entry["retailers"][o.retailer_id] = o.state.value
-        new = combine([_BY_VALUE[s] for s in entry["retailers"].values()])
+        retailers = entry["retailers"]
+        retailers[o.retailer_id] = o.state._value_
+        # One retailer, the common case: its state is the client's (combine's own first case, without the list).
+        new = o.state if len(retailers) == 1 else combine([_BY_VALUE[s] for s in retailers.values()])
         if not move(entry, new, self.counts, self.now):
             return OutcomeVerdict(True, addressed, request_state=self.row.state)
         entry["detail"] = o.detail
@@ -456,6 +472,19 @@ def _targets(work: dict[str, dict[str, Any]], parties: dict[str, dict[str, Any]]
     return [(False, retailer_id, parties.get(retailer_id))]
 
 
+_PENDING, _SENT, _ACKNOWLEDGED = C.PENDING.value, C.SENT.value, C.ACKNOWLEDGED.value
+"""The stored values :func:`sent` and :func:`acknowledged` compare and write per target (an enum member's
+``.value`` is a descriptor call)."""
+
+
+def _combined(retailers: dict[str, str]) -> ClientState:
+    """:func:`combine` of a target's stored per-retailer states; one retailer (the common case) without a list."""
+    if len(retailers) == 1:
+        for value in retailers.values():
+            return _BY_VALUE[value]
+    return combine([_BY_VALUE[s] for s in retailers.values()])
+
+
 def _record(changes: RowChanges, is_client: bool, key: str, entry: dict[str, Any]) -> None:
     (changes.clients if is_client else changes.parties)[key] = entry
 
@@ -483,9 +512,10 @@ def sent(row: RowState, messages: Sequence[Sent], now: float) -> RowChanges:
         for is_client, key, entry in _targets(work, parties, clients, retailer_id):
             if entry is None or revision < entry.get("revision", 1):
                 continue  # an older revision's message: the entry waits for its own revision's
-            if entry.get("retailers", {}).get(retailer_id) == C.PENDING.value:
-                entry["retailers"][retailer_id] = C.SENT.value
-            move(entry, combine([_BY_VALUE[s] for s in entry["retailers"].values()]), counts, now)
+            retailers = entry["retailers"]
+            if retailers.get(retailer_id) == _PENDING:
+                retailers[retailer_id] = _SENT
+            move(entry, _combined(retailers), counts, now)
             _record(changes, is_client, key, entry)
     changes.counts = counts
     changes.state = request_state_from_counts(row.state, counts)
@@ -510,8 +540,8 @@ def acknowledged(row: RowState, deliveries: Sequence[Sent], cancels: Sequence[st
         for is_client, key, entry in _targets(work, parties, clients, retailer_id):
             if entry is None:
                 continue
-            entry["retailers"][retailer_id] = C.ACKNOWLEDGED.value
-            move(entry, combine([_BY_VALUE[s] for s in entry["retailers"].values()]), counts, now)
+            entry["retailers"][retailer_id] = _ACKNOWLEDGED
+            move(entry, _combined(entry["retailers"]), counts, now)
             _record(changes, is_client, key, entry)
     _finish(changes, row.state, counts, now)
     return changes

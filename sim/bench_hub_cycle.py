@@ -8,7 +8,9 @@ dispatcher's first send is recorded (``mark_sent``), the retailer's acknowledgem
 ``delivered`` and ``executed`` outcomes in group commits of ``--batch`` outcomes (as the relay commits them).
 The figure is the process's CPU time (every thread: the event loop and the SQLite thread) per request, median of
 ``--runs``, each on a fresh store, with the time the SQLite thread was busy; ``--profile`` writes a cProfile of
-the last run. ``--concurrent N`` runs N request lives at once (as overlapping requests do in a running hub, where
+the last run. ``--gc-tuned`` tunes the process's garbage collector as ``cloud-hub serve`` does since the sixth round
+(:func:`mhp_wire.gc_tuning.tune_for_throughput`, after the imports; the code under test does not change with it).
+``--concurrent N`` runs N request lives at once (as overlapping requests do in a running hub, where
 their writes share the store's group commits), and gives the store's transactions per request where it counts them.
 """
 
@@ -24,6 +26,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import cloud_hub
 from cloud_hub.authz import Principal
 from cloud_hub.book import ReportedOutcome, RequestBook
 from cloud_hub.feed import ChangeFeed
@@ -99,14 +102,21 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=1,
                     help="request lives run at once (1: one after the other, as before)")
     ap.add_argument("--profile", type=Path, default=None)
+    ap.add_argument("--gc-tuned", action="store_true",
+                    help="tune the garbage collector as the hub's process does (cloud-hub serve)")
     a = ap.parse_args()
+    if a.gc_tuned:
+        from mhp_wire.gc_tuning import tune_for_throughput
+
+        tune_for_throughput()
     runs = []
     for k in range(a.runs):
         prof = cProfile.Profile() if a.profile is not None and k == a.runs - 1 else None
         runs.append(asyncio.run(one_run(a.clients, a.requests, a.batch, prof, a.concurrent)))
         if prof is not None:
             prof.dump_stats(a.profile)
-    out = {"clients": a.clients, "requests": a.requests, "batch": a.batch, "concurrent": a.concurrent, "runs": [
+    out = {"code": str(Path(cloud_hub.__file__).parent), "gc_tuned": a.gc_tuned,
+           "clients": a.clients, "requests": a.requests, "batch": a.batch, "concurrent": a.concurrent, "runs": [
         {k: round(v, 3) for k, v in r.items()} for r in runs]}
     out["median_cpu_ms_per_request"] = round(statistics.median(r["cpu_ms_per_request"] for r in runs), 3)
     print(json.dumps(out))
