@@ -216,8 +216,8 @@ class MqttLink:
         self._client.on_subscribe = self._on_reply
         self._client.on_unsubscribe = self._on_reply
         self._batch_handler = batch_handler
-        self._inbox: list[tuple[str, bytes, bool, int]] = []
-        """QoS 1 messages read in this turn of the loop, with their packet ids (``batch_handler`` only)."""
+        self._inbox: list[tuple[str, bytes, bool, int | None]] = []
+        """Messages read in this turn of the loop, with their packet ids (None at QoS 0; ``batch_handler`` only)."""
         self._batches: set[asyncio.Task[None]] = set()
         if batch_handler is not None:
             # gmqtt 0.8.0 runs each received QoS 1 PUBLISH's handler in a task of its own and sends the PUBACK from
@@ -226,6 +226,9 @@ class MqttLink:
             # ``_handle_qos_1_publish_packet``, looked up on the instance. ``tests/mhp_wire/test_mqtt_batches.py``
             # fails if a gmqtt upgrade moves it.
             self._client._package_handler._handle_qos_1_publish_packet = self._qos1_received
+            # A QoS 0 PUBLISH (an ``ack``: mhp_wire.messages.ACK_QOS) goes to ``on_message``, which gmqtt calls at
+            # once when it is a plain function: it joins the same batch, in its order, without a PUBACK.
+            self._client.on_message = self._qos0_received
 
     @property
     def connected(self) -> bool:
@@ -515,12 +518,16 @@ class MqttLink:
                         self.endpoint.port)
         self._connected.clear()
 
-    def _qos1_received(self, mid: int, payload: bytes, topic: str, properties: Any) -> None:
+    def _qos1_received(self, mid: int | None, payload: bytes, topic: str, properties: Any) -> None:
         """gmqtt read a QoS 1 PUBLISH: keep it for this turn's batch (the first one of the turn schedules it)."""
         retained = bool(properties.get("retain", 0)) if isinstance(properties, dict) else False
         if not self._inbox:
             asyncio.get_running_loop().call_soon(self._start_batch)
         self._inbox.append((topic, payload, retained, mid))
+
+    def _qos0_received(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any) -> None:
+        """gmqtt read a QoS 0 PUBLISH (``batch_handler`` only): keep it for this turn's batch, like a QoS 1 one."""
+        self._qos1_received(None, payload, topic, properties)
 
     def _start_batch(self) -> None:
         batch, self._inbox = self._inbox, []
@@ -529,9 +536,9 @@ class MqttLink:
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
-    async def _handle_batch(self, batch: list[tuple[str, bytes, bool, int]]) -> None:
-        """One turn's QoS 1 messages through ``batch_handler``, then their PUBACKs in order (an exception is logged
-        and the messages acknowledged all the same, as with :data:`Handler`)."""
+    async def _handle_batch(self, batch: list[tuple[str, bytes, bool, int | None]]) -> None:
+        """One turn's messages through ``batch_handler``, then the PUBACKs of the QoS 1 ones in order (an exception
+        is logged and the messages acknowledged all the same, as with :data:`Handler`)."""
         handler = self._batch_handler
         if handler is None:  # only installed with one
             return
@@ -545,7 +552,8 @@ class MqttLink:
         try:
             send_puback = self._client._package_handler._send_puback
             for *_, mid in batch:
-                send_puback(mid)
+                if mid is not None:
+                    send_puback(mid)
         except (OSError, AttributeError) as exc:  # the connection went meanwhile: the broker sends them again
             log.debug("PUBACKs of %d messages not sent: %r", len(batch), exc)
 
