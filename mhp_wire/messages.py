@@ -4,6 +4,7 @@ Every message carries ``v`` (the wire version), ``type`` (the discriminator), a 
 ``sent_at``. Delivery is QoS 1, *at least once*: a receiver acknowledges a message it has durably stored with an
 ``ack`` naming its ``msg_id`` (the application-level acknowledgement that survives a broker crash, see
 ``docs/protocol.md``), and drops duplicates by ``(request_id, client_id)``.
+An ``ack`` itself is published at QoS 0 (:data:`ACK_QOS`): a lost one is repaired by the sender's re-send.
 """
 
 from __future__ import annotations
