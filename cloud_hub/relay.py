@@ -45,6 +45,7 @@ from mhp_wire.messages import (
     WireError,
     decode,
     encode,
+    publish_qos,
 )
 from mhp_wire.mqtt import MqttError, MqttLink, Republisher
 from mhp_wire.outbox import Outbox, Pending
@@ -574,7 +575,8 @@ class HubRelay:
         if self.link is None:
             return
         try:
-            await self.link.publish(topics.down("retailers", retailer_id), encode(msg), wait_s=PUBLISH_WAIT_S)
+            await self.link.publish(topics.down("retailers", retailer_id), encode(msg), qos=publish_qos(msg),
+                                    wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
             log.warning("could not answer retailer %s: %s", retailer_id, exc)
 

@@ -21,7 +21,17 @@ from hems_firmware.store import GatewayStore, OutcomeTable, TelemetryTable
 from mhp_wire import topics
 from mhp_wire.backoff import delay_s
 from mhp_wire.logsafe import outside
-from mhp_wire.messages import Ack, ErrorReply, Outcome, Tariff, Telemetry, WireError, decode, encode
+from mhp_wire.messages import (
+    Ack,
+    ErrorReply,
+    Outcome,
+    Tariff,
+    Telemetry,
+    WireError,
+    decode,
+    encode,
+    publish_qos,
+)
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
 from mhp_wire.outbox import Outbox
 from mhp_wire.process import wait_or_timeout
@@ -113,7 +123,7 @@ class Uplink:
         """Send an answer now, once (lost if the link is down: the bridge sends its message again)."""
         if self.link is not None:
             with contextlib.suppress(MqttError):
-                await self.link.publish(topics.up("gateways", self.id), encode(msg))
+                await self.link.publish(topics.up("gateways", self.id), encode(msg), qos=publish_qos(msg))
 
     async def acknowledge(self, msg_id: str) -> None:
         await self.send(Ack(ack_ids=[msg_id]))

@@ -4,6 +4,7 @@ Every message carries ``v`` (the wire version), ``type`` (the discriminator), a 
 ``sent_at``. Delivery is QoS 1, *at least once*: a receiver acknowledges a message it has durably stored with an
 ``ack`` naming its ``msg_id`` (the application-level acknowledgement that survives a broker crash, see
 ``docs/protocol.md``), and drops duplicates by ``(request_id, client_id)``.
+An ``ack`` itself is published at QoS 0 (:data:`ACK_QOS`): a lost one is repaired by the sender's re-send.
 """
 
 from __future__ import annotations
@@ -224,6 +225,13 @@ class AckPartition(BaseModel):
         if self.index >= self.of:
             raise ValueError(f"partition index {self.index} must be below its count {self.of}")
         return self
+
+
+ACK_QOS = 0
+"""The MQTT QoS of every ``ack`` (hub, bridge and gateway; docs/decisions.md, "Acks at QoS 0"). An ack is never
+stored in an outbox: a lost one is repaired by the sender of the acknowledged message, which re-sends it on its
+back-off until acknowledged, and the receiver acks the duplicate again. QoS 1 bought an ack nothing but a packet id,
+a slot of the in-flight window, the broker's stored copy and two PUBACKs. Every other message stays at QoS 1."""
 
 
 class Ack(_Msg):
@@ -613,3 +621,8 @@ def _clip(text: str, limit: int = 120) -> str:
 def presence_payload(state: Literal["online", "offline"]) -> bytes:
     """The retained presence payload (also used as the last will)."""
     return encode(Presence(state=state, msg_id=f"presence-{state}"))
+
+
+def publish_qos(msg: object) -> int:
+    """The MQTT QoS to publish ``msg`` at: :data:`ACK_QOS` for an ``ack``, 1 for everything else."""
+    return ACK_QOS if isinstance(msg, Ack) else 1

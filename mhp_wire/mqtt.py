@@ -218,9 +218,9 @@ class MqttLink:
         self._client.on_subscribe = self._on_reply
         self._client.on_unsubscribe = self._on_reply
         self._batch_handler = batch_handler
-        self._inbox: list[tuple[str, bytes, bool, int, Any]] = []
-        """QoS 1 messages read in this turn of the loop, with their packet ids and the connection that read them
-        (``batch_handler`` only)."""
+        self._inbox: list[tuple[str, bytes, bool, int | None, Any]] = []
+        """Messages read in this turn of the loop, with their packet ids (None at QoS 0) and the connection that read
+        them (``batch_handler`` only)."""
         self._batches: set[asyncio.Task[None]] = set()
         if batch_handler is not None:
             # gmqtt 0.8.0 runs each received QoS 1 PUBLISH's handler in a task of its own and sends the PUBACK from
@@ -229,6 +229,9 @@ class MqttLink:
             # ``_handle_qos_1_publish_packet``, looked up on the instance. ``tests/mhp_wire/test_mqtt_batches.py``
             # fails if a gmqtt upgrade moves it.
             self._client._package_handler._handle_qos_1_publish_packet = self._qos1_received
+            # A QoS 0 PUBLISH (an ``ack``: mhp_wire.messages.ACK_QOS) goes to ``on_message``, which gmqtt calls at
+            # once when it is a plain function: it joins the same batch, in its order, without a PUBACK.
+            self._client.on_message = self._qos0_received
 
     @property
     def connected(self) -> bool:
@@ -523,12 +526,16 @@ class MqttLink:
                         self.endpoint.port)
         self._connected.clear()
 
-    def _qos1_received(self, mid: int, payload: bytes, topic: str, properties: Any) -> None:
+    def _qos1_received(self, mid: int | None, payload: bytes, topic: str, properties: Any) -> None:
         """gmqtt read a QoS 1 PUBLISH: keep it for this turn's batch (the first one of the turn schedules it)."""
         retained = bool(properties.get("retain", 0)) if isinstance(properties, dict) else False
         if not self._inbox:
             asyncio.get_running_loop().call_soon(self._start_batch)
         self._inbox.append((topic, payload, retained, mid, self._client._package_handler.current_connection))
+
+    def _qos0_received(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any) -> None:
+        """gmqtt read a QoS 0 PUBLISH (``batch_handler`` only): keep it for this turn's batch, like a QoS 1 one."""
+        self._qos1_received(None, payload, topic, properties)
 
     def _start_batch(self) -> None:
         batch, self._inbox = self._inbox, []
@@ -537,9 +544,9 @@ class MqttLink:
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
-    async def _handle_batch(self, batch: list[tuple[str, bytes, bool, int, Any]]) -> None:
-        """One turn's QoS 1 messages through ``batch_handler``, then their PUBACKs in order (an exception is logged
-        and the messages acknowledged all the same, as with :data:`Handler`).
+    async def _handle_batch(self, batch: list[tuple[str, bytes, bool, int | None, Any]]) -> None:
+        """One turn's messages through ``batch_handler``, then the PUBACKs of the QoS 1 ones in order (an exception
+        is logged and the messages acknowledged all the same, as with :data:`Handler`).
 
         A PUBACK goes only on the connection that read the message. A packet id names a message within one
         connection's session: after a reconnection, the broker either sends the unacknowledged message again (the
@@ -559,6 +566,8 @@ class MqttLink:
         current = self._client._package_handler.current_connection
         stale = 0
         for *_, mid, conn in batch:
+            if mid is None:  # QoS 0: nothing to acknowledge
+                continue
             if conn is not current or conn is None or conn.is_closing():
                 stale += 1
                 continue

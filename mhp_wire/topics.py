@@ -6,11 +6,11 @@ Each party has a ``down`` subtree that only the privileged side writes and an ``
 writes; ``public`` is written by the privileged side and read by all. The broker ACLs in ``broker_config``
 are generated from the same three rules, so the topic tree and the ACLs cannot drift apart.
 
-    mhp/v1/retailers/{retailer_id}/down/msg      hub -> retailer       QoS 1
-    mhp/v1/retailers/{retailer_id}/up/msg        retailer -> hub       QoS 1
+    mhp/v1/retailers/{retailer_id}/down/msg      hub -> retailer       QoS 1 (an ack: QoS 0)
+    mhp/v1/retailers/{retailer_id}/up/msg        retailer -> hub       QoS 1 (an ack: QoS 0)
     mhp/v1/retailers/{retailer_id}/up/status     retailer presence     QoS 1, retained, last will
-    mhp/v1/gateways/{gateway_id}/down/msg        bridge -> gateway     QoS 1
-    mhp/v1/gateways/{gateway_id}/up/msg          gateway -> bridge     QoS 1
+    mhp/v1/gateways/{gateway_id}/down/msg        bridge -> gateway     QoS 1 (an ack: QoS 0)
+    mhp/v1/gateways/{gateway_id}/up/msg          gateway -> bridge     QoS 1 (an ack: QoS 0)
     mhp/v1/gateways/{gateway_id}/up/telemetry    gateway -> bridge     QoS 1
     mhp/v1/gateways/{gateway_id}/up/status       gateway presence      QoS 1, retained, last will
     mhp/v1/public/tariff                         current tariff        QoS 1, retained

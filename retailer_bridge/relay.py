@@ -24,6 +24,7 @@ from mhp_wire.groupcommit import Failed, GroupCommit
 from mhp_wire.ids import msg_ids
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
+    ACK_QOS,
     Ack,
     AckPartition,
     BillingData,
@@ -46,6 +47,7 @@ from mhp_wire.messages import (
     WireError,
     decode,
     encode,
+    publish_qos,
     tariff_msg_id,
 )
 from mhp_wire.mqtt import MqttError, MqttLink, Republisher
@@ -658,7 +660,8 @@ class BridgeRelay:
         if isinstance(msg, Ack) and self.ack_partition is not None:
             msg = msg.model_copy(update={"partition": self.ack_partition})
         try:
-            await self.hub.publish(topics.up("retailers", self.retailer_id), encode(msg), wait_s=PUBLISH_WAIT_S)
+            await self.hub.publish(topics.up("retailers", self.retailer_id), encode(msg), qos=publish_qos(msg),
+                                   wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
             log.warning("could not answer the hub: %s", exc)
 
@@ -676,7 +679,7 @@ class BridgeRelay:
         if self.local is None:
             return
         try:
-            await self.local.publish(self.gateway_topic(gid), ack_payload([msg_id]), wait_s=PUBLISH_WAIT_S)
+            await self.local.publish(self.gateway_topic(gid), ack_payload([msg_id]), qos=ACK_QOS, wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
             log.warning("could not answer gateway %s: %s", gid, exc)
 
@@ -684,7 +687,7 @@ class BridgeRelay:
         if self.local is None:
             return
         try:
-            await self.local.publish(self.gateway_topic(gid), encode(msg), wait_s=PUBLISH_WAIT_S)
+            await self.local.publish(self.gateway_topic(gid), encode(msg), qos=publish_qos(msg), wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
             log.warning("could not answer gateway %s: %s", gid, exc)
 

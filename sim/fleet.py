@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mhp_wire import topics
-from mhp_wire.messages import Ack, ClientState, Command, Outcome, RequestKind, WireError, decode, encode
+from mhp_wire.messages import ACK_QOS, Ack, ClientState, Command, Outcome, RequestKind, WireError, decode, encode
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class FleetGateway:
             else:
                 seen[0] += 1
             state = ClientState.ACKNOWLEDGED if msg.kind is RequestKind.LOAD_SHIFT else ClientState.EXECUTED
-            await self.link.publish(topics.up("gateways", self.id), encode(Ack(ack_ids=[msg.msg_id])))
+            await self.link.publish(topics.up("gateways", self.id), encode(Ack(ack_ids=[msg.msg_id])), qos=ACK_QOS)
             out = Outcome(request_id=msg.request_id, client_id=self.client_id, state=state,
                           trace={"gateway_ms": round((time.perf_counter() - t0) * 1000, 3)})
             await self.link.publish(topics.up("gateways", self.id), encode(out))

@@ -48,6 +48,7 @@ from pathlib import Path
 from mhp_wire import topics
 from mhp_wire.logsafe import outside
 from mhp_wire.messages import (
+    ACK_QOS,
     MAX_PAYLOAD_BYTES,
     OUTCOMES_MAX,
     Ack,
@@ -172,7 +173,7 @@ class RpSimulator:
                 self.stats.redelivered_requests += 1
             done.update(fresh)
             received = time.perf_counter()
-            await self._publish(encode(Ack(ack_ids=[msg.msg_id])))
+            await self._publish(encode(Ack(ack_ids=[msg.msg_id])), qos=ACK_QOS)
             if fresh:
                 task = asyncio.create_task(self._answer(msg, fresh, received))
                 self._tasks.add(task)
@@ -186,7 +187,7 @@ class RpSimulator:
             self.stats.cancels += 1
         else:
             self.stats.other += 1
-        await self._publish(encode(Ack(ack_ids=[msg.msg_id])))
+        await self._publish(encode(Ack(ack_ids=[msg.msg_id])), qos=ACK_QOS)
 
     async def _answer(self, req: Request, clients: list[str], received: float) -> None:
         """Answer each client after its own delay (one task per request, in delay order, not one per client): one
@@ -242,9 +243,9 @@ class RpSimulator:
                 groups.append([item])
         return groups
 
-    async def _publish(self, payload: bytes) -> None:
+    async def _publish(self, payload: bytes, qos: int = 1) -> None:
         try:
-            await self.link.publish(self._topic, payload, wait_s=PUBLISH_WAIT_S)
+            await self.link.publish(self._topic, payload, qos=qos, wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:  # the link is down: the re-send loop (or the hub's outbox) brings it again
             log.debug("publish deferred: %s", exc)
 
