@@ -24,10 +24,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from mhp_wire.gc_tuning import YOUNG_THRESHOLD, tune_for_throughput
 
-    # As the bridge's process does: what start-up made (modules, settings, the app) is frozen, and young collections
-    # are rarer. In a fan-out the hub allocates a few dicts per client per write (working copies, cells, events)
-    # while it holds every open request's state, so CPython's default full collections walked that heap again and
-    # again (docs/performance.md, "Issue 14, sixth round: the hub's CPU per client in a fan-out").
+    # As the bridge's process does: what start-up made (modules, settings; the app is built after) is frozen, and
+    # young collections are rarer. In a fan-out the hub allocates a few dicts per client per write (working copies,
+    # cells, events) while it holds every open request's state, so CPython's default full collections walked that
+    # heap again and again (docs/performance.md, "Issue 14, sixth round: the hub's CPU per client in a fan-out").
     tune_for_throughput()
     logging.getLogger("cloud_hub").info("garbage collector tuned for throughput: %d start-up objects frozen, young "
                                         "collections every %d new objects", gc.get_freeze_count(), YOUNG_THRESHOLD)

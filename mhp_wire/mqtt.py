@@ -48,8 +48,9 @@ level: redelivery of anything that matters is the sender's application-level out
 BATCH_DRAIN_S = 2.0
 """How long closing a link waits for the inbound batches being handled (``batch_handler``) before cancelling them."""
 BatchHandler = Callable[[list[tuple[str, bytes, bool]]], Awaitable[None]]
-"""``batch_handler([(topic, payload, retained), ...])``: the QoS 1 messages read in one turn of the event loop, in
-the order received, handled in one task; each is acknowledged (PUBACK) once it returns, as with :data:`Handler`."""
+"""``batch_handler([(topic, payload, retained), ...])``: the messages read in one turn of the event loop (QoS 1, and
+QoS 0 such as an ``ack``), in the order received, handled in one task; each QoS 1 one is acknowledged (PUBACK) once
+it returns, as with :data:`Handler`, on the connection that read it."""
 
 
 class MqttError(Exception):
@@ -222,6 +223,9 @@ class MqttLink:
         """Messages read in this turn of the loop, with their packet ids (None at QoS 0) and the connection that read
         them (``batch_handler`` only)."""
         self._batches: set[asyncio.Task[None]] = set()
+        self._closing = False
+        """Set while the link closes: messages read from then on are not handled (nor acknowledged: the broker
+        sends them again to the next session, or their sender's outbox does)."""
         if batch_handler is not None:
             # gmqtt 0.8.0 runs each received QoS 1 PUBLISH's handler in a task of its own and sends the PUBACK from
             # that task's done-callback. With a batch handler the messages of one turn go to one task instead: the
@@ -243,6 +247,7 @@ class MqttLink:
         await asyncio.wait_for(self._connected.wait(), timeout_s)
 
     async def __aenter__(self) -> MqttLink:
+        self._closing = False
         try:
             await self._connect_first()
         except BaseException:  # never connected (refused, timed out, cancelled): no reconnection may outlive it
@@ -410,6 +415,7 @@ class MqttLink:
     async def __aexit__(self, *exc: object) -> None:
         if self._restoring is not None:
             self._restoring.cancel()
+        self._closing = True  # no new batch from here on
         if self._batches:  # let the batches being handled finish and acknowledge; what is cut short comes again
             _, unfinished = await asyncio.wait(set(self._batches), timeout=BATCH_DRAIN_S)
             for task in unfinished:
@@ -443,8 +449,11 @@ class MqttLink:
         As many QoS 1 publishes may be in flight (not yet PUBACKed) as the broker's receive maximum (Mosquitto's
         ``max_inflight_messages``) allows. When the window is full, ``wait_s`` > 0 waits up to that long for room
         (back-pressure: waiting publishers go in their order); ``wait_s`` = 0, or a window that stays full, raises
-        :class:`MqttError`.
+        :class:`MqttError`. A QoS 0 publish takes no packet id, so it never waits in line behind QoS 1 ones.
         """
+        if qos == 0:
+            self._try_publish(topic, payload, qos, retain)  # no packet id: it cannot find the window full
+            return
         if not self._waiting and self._try_publish(topic, payload, qos, retain):
             return
         if wait_s <= 0:
@@ -528,18 +537,28 @@ class MqttLink:
 
     def _qos1_received(self, mid: int | None, payload: bytes, topic: str, properties: Any) -> None:
         """gmqtt read a QoS 1 PUBLISH: keep it for this turn's batch (the first one of the turn schedules it)."""
+        if self._closing:
+            return
         retained = bool(properties.get("retain", 0)) if isinstance(properties, dict) else False
         if not self._inbox:
             asyncio.get_running_loop().call_soon(self._start_batch)
         self._inbox.append((topic, payload, retained, mid, self._client._package_handler.current_connection))
 
     def _qos0_received(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any) -> None:
-        """gmqtt read a QoS 0 PUBLISH (``batch_handler`` only): keep it for this turn's batch, like a QoS 1 one."""
+        """gmqtt read a QoS 0 PUBLISH (``batch_handler`` only): keep it for this turn's batch, like a QoS 1 one.
+
+        gmqtt hands a QoS 2 PUBLISH here too, expecting a coroutine whose result it answers with PUBREC; the
+        platform subscribes at QoS 1 only (``docs/protocol.md``), so one is refused in the log, not batched
+        without an answer."""
+        if qos != 0:
+            log.error("MQTT %s: a QoS %s message on %s is not handled (the links subscribe at QoS 1)", self.client_id,
+                      qos, outside(topic))
+            return
         self._qos1_received(None, payload, topic, properties)
 
     def _start_batch(self) -> None:
         batch, self._inbox = self._inbox, []
-        if batch:
+        if batch and not self._closing:
             task = asyncio.get_running_loop().create_task(self._handle_batch(batch), name=f"mqtt-in-{self.client_id}")
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)

@@ -105,6 +105,8 @@ class BridgeRelay:
         self.gateway_of_client = self.customers
         self.clock = clock
         """Wall-clock time (epoch seconds) against which customers' periods are checked."""
+        self.local_up_since = 0.0
+        """When the link to the retailer broker last connected (the command outbox's clock; 0 before it ever did)."""
         self.customer_changes_applied = 0
         """Clients whose announcement from the hub was newer than the one held, and so taken (a re-send is not)."""
         self.store = store
@@ -195,7 +197,9 @@ class BridgeRelay:
 
     def local_connected(self) -> None:
         """The link to this retailer's broker is up (the first time or again): republish the stored tariff, which
-        a broker restarted without (or with an old) persistence snapshot no longer holds."""
+        a broker restarted without (or with an old) persistence snapshot no longer holds; and give each command
+        still unanswered its ack timeout again from now (see :meth:`_command_due`)."""
+        self.local_up_since = self.commands_out.clock()  # the clock the commands' rounds are judged by
         self.tariff.connected()
 
     async def republish_tariff(self) -> bool:
@@ -730,7 +734,10 @@ class BridgeRelay:
         """The bridge's rule before (re-)sending a command: a gateway silent past the ack timeout, or a request
         past its deadline, gets its outcome instead."""
         cmd, now = p.row, self.commands_out.round_at
-        waited_from = max(cmd["first_sent_at"] or now, cmd["not_before"])
+        # A gateway's ack is QoS 0 (docs/protocol.md): one sent while this bridge was offline is not queued for it.
+        # So the silence counts from the link's last (re)connection too: the command is sent once more after it,
+        # and only a gateway silent for a whole timeout since then is unreachable.
+        waited_from = max(cmd["first_sent_at"] or now, cmd["not_before"], self.local_up_since)
         if cmd["first_sent_at"] is not None and now - waited_from > self.gateway_ack_timeout_s:
             await self._unreachable(cmd, "no acknowledgement from the gateway in time")
             return False

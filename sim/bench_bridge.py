@@ -97,7 +97,8 @@ async def _drive(hub_broker: MosquittoProcess, hub_spec: BrokerSpec, gws: dict[s
             return
         if isinstance(msg, Outcome):
             if link_box:
-                await link_box[0].publish(topics.down("retailers", "r1"), encode(Ack(ack_ids=[msg.msg_id])))
+                await link_box[0].publish(topics.down("retailers", "r1"), encode(Ack(ack_ids=[msg.msg_id])),
+                                          qos=0)  # as the hub acks (ACK_QOS; a literal so older checkouts run it)
             if msg.state is ClientState.EXECUTED and (msg.request_id, msg.client_id) not in done:
                 done[(msg.request_id, msg.client_id)] = time.perf_counter()
                 retailer_ms.append(float(msg.trace.get("retailer_ms", 0.0)))

@@ -18,7 +18,7 @@ import httpx
 from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, die_with_parent, generate_password
 from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
-from mhp_wire.messages import Ack, Request, WireError, decode, encode
+from mhp_wire.messages import ACK_QOS, Ack, Request, WireError, decode, encode
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from mhp_wire.ports import free_port
 
@@ -86,7 +86,7 @@ def retailer_r1(broker: MosquittoProcess, answer: Callable[[Request], list[bytes
             return
         if not isinstance(msg, Request) or not box:
             return
-        await box[0].publish(up, encode(Ack(ack_ids=[msg.msg_id])))
+        await box[0].publish(up, encode(Ack(ack_ids=[msg.msg_id])), qos=ACK_QOS)  # as the real parties ack
         for out in answer(msg) if answer is not None else []:
             await box[0].publish(up, out)
 

@@ -41,6 +41,6 @@ async def test_the_hub_process_freezes_its_start_up_state_and_serves(tmp_path: P
         found = LINE.search(hub.log.read_text())
         assert found is not None, hub.log.read_text()
         assert int(found.group(2)) == YOUNG_THRESHOLD
-        assert int(found.group(1)) > 10_000  # the imported modules and the app at least: all of them frozen
+        assert int(found.group(1)) > 10_000  # the imported modules at least: all of them frozen
     finally:
         hub.stop()
