@@ -67,9 +67,8 @@ from cloud_hub.app import create_app
 from cloud_hub.settings import HubSettings
 from cloud_hub.tokens import TokenBook
 from mhp_wire.ports import free_port
-from sim.hub_process import R1_PASSWORD, retailer_r1
+from sim.hub_process import R1_PASSWORD, register_r1_clients, retailer_r1
 
-REGISTER_PER_CALL = 5_000
 STEPS = ("http", "authorize", "targets", "suppliers_read", "suppliers_decode", "plan", "write", "use_case_rest")
 
 
@@ -250,15 +249,7 @@ async def one_backend(backend: str, n: int, posts: int, key: bool, profile: Path
     """Register ``n`` clients, then ``posts`` emergencies to all of them, each measured alone."""
     with tempfile.TemporaryDirectory() as tmpdir:
         async with running_hub(Path(tmpdir), backend) as (app, http, admin, dso):
-            r = await http.put("/v1/retailers/r1", json={"name": "R1"}, headers={"Authorization": f"Bearer {admin}"})
-            r.raise_for_status()
-            clients = [f"c{i:06d}" for i in range(n)]
-            since = (datetime.now(UTC) - timedelta(days=1)).isoformat()
-            for k in range(0, n, REGISTER_PER_CALL):
-                r = await http.put("/v1/clients", headers={"Authorization": f"Bearer {dso}"}, json={"clients": [
-                    {"client_id": cid, "retailer_id": "r1", "contracted_power_kw": 6.9, "valid_from": since}
-                    for cid in clients[k:k + REGISTER_PER_CALL]]})
-                r.raise_for_status()
+            clients = await register_r1_clients(http, admin, dso, n)
             steps = Steps()
             use_case, reset = instrument(app, steps)
             book = app.state.service.book

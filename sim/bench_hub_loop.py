@@ -37,9 +37,8 @@ import cloud_hub
 from broker_config.launcher import MosquittoProcess
 from mhp_wire.messages import ClientState, OutcomeReport, Outcomes, Request, encode
 from sim.bench_feed import cpu_s
-from sim.hub_process import hub_process, retailer_r1, wait_ready
+from sim.hub_process import hub_process, register_r1_clients, retailer_r1, wait_ready
 
-REGISTER_PER_CALL = 5_000
 REPORTS_PER_MESSAGE = 2_000
 COMPLETED = 'mhp_requests_finished_total{state="completed",type="emergency"} 1.0'
 
@@ -109,15 +108,7 @@ async def _drive(url: str, pid: int, broker: MosquittoProcess, admin: str, dso: 
                  interval_s: float) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=300, trust_env=False) as http:
         await wait_ready(http)
-        r = await http.put("/v1/retailers/r1", json={"name": "R1"}, headers={"Authorization": f"Bearer {admin}"})
-        r.raise_for_status()
-        clients = [f"c{i:06d}" for i in range(n)]
-        since = (datetime.now(UTC) - timedelta(days=1)).isoformat()
-        for k in range(0, n, REGISTER_PER_CALL):
-            r = await http.put("/v1/clients", headers={"Authorization": f"Bearer {dso}"}, json={"clients": [
-                {"client_id": cid, "retailer_id": "r1", "contracted_power_kw": 6.9, "feeder_id": "f1",
-                 "valid_from": since} for cid in clients[k:k + REGISTER_PER_CALL]]})
-            r.raise_for_status()
+        clients = await register_r1_clients(http, admin, dso, n, {"feeder_id": "f1"})
         named: set[str] = set()
         link, box = retailer_r1(broker, _executed_once(named))
         async with link:

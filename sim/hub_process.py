@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -94,3 +95,23 @@ def retailer_r1(broker: MosquittoProcess, answer: Callable[[Request], list[bytes
                     subscriptions=[topics.down("retailers", "r1")], handler=on_message, clean_start=True,
                     session_expiry_s=0)
     return link, box
+
+
+REGISTER_PER_CALL = 5_000
+"""Clients per ``PUT /v1/clients`` when a benchmark registers its clients."""
+
+
+async def register_r1_clients(http: httpx.AsyncClient, admin: str, dso: str, n: int,
+                              extra: Mapping[str, object] | None = None) -> list[str]:
+    """Register retailer ``r1`` and ``n`` clients it supplies since yesterday (``c000000`` ...), ``extra`` fields
+    in every client record; returns their ids."""
+    r = await http.put("/v1/retailers/r1", json={"name": "R1"}, headers={"Authorization": f"Bearer {admin}"})
+    r.raise_for_status()
+    clients = [f"c{i:06d}" for i in range(n)]
+    since = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    for k in range(0, n, REGISTER_PER_CALL):
+        r = await http.put("/v1/clients", headers={"Authorization": f"Bearer {dso}"}, json={"clients": [
+            {"client_id": cid, "retailer_id": "r1", "contracted_power_kw": 6.9, "valid_from": since, **(extra or {})}
+            for cid in clients[k:k + REGISTER_PER_CALL]]})
+        r.raise_for_status()
+    return clients
