@@ -23,6 +23,7 @@ from cloud_hub.storage import KVStore, Mutation
 from cloud_hub.store import HubStore, supplier_cell_upto
 from cloud_hub.timeline import supplier_at
 from tests.hub_fixtures import HubHandle
+from tests.waiting import eventually
 
 
 def _begun(ms: int, at: float) -> bool:
@@ -159,7 +160,13 @@ async def test_a_large_emergency_is_accepted_and_refused_as_the_records_say(hub_
     view = await _view_when_expanded(hub, r.json()["request_id"], N)
     assert {cid: c["retailer_id"] for cid, c in view["clients"].items()} == clients
     assert {c["state"] for c in view["clients"].values()} <= {"pending", "sent"}
-    lines = [a for a in await _audit(hub, "c00001", now) if a.get("ref") == r.json()["request_id"]]
+    request_id = r.json()["request_id"]
+
+    async def audit_lines() -> list[dict[str, Any]]:
+        return [a for a in await _audit(hub, "c00001", now) if a.get("ref") == request_id]
+
+    # The expansion writes its audit lines in chunks beside the clients' entries: the view may be whole first.
+    lines = await eventually(audit_lines, "c00001's audit line of the request")
     assert len(lines) == 1 and lines[0]["allowed"] is True and lines[0]["principal"] == "dso"
 
     # An id that names no client: 404 naming it, nothing stored for the request.
