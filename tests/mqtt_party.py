@@ -35,6 +35,13 @@ class Party:
         data = payload if isinstance(payload, bytes) else encode(payload)
         await asyncio.to_thread(self.client.publish, topic, data, 1, retain)
 
+    def publish_nowait(self, topic: str, payload: Any) -> None:
+        """Publish a message model (encoded) or raw bytes, QoS 1, without waiting for the PUBACK: messages published
+        one after the other reach the broker back to back, as from a party that does not wait for each."""
+        data = payload if isinstance(payload, bytes) else encode(payload)
+        info = self.client._client.publish(topic, data, qos=1)
+        assert info.rc == 0, f"publish on {topic} failed: {info.rc}"
+
     async def raw(self, timeout: float = 5.0) -> Received:
         """The next message as received."""
         return await asyncio.to_thread(self.client.next_message, timeout)
