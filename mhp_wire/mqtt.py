@@ -232,7 +232,7 @@ class MqttLink:
             # client's package handler (``Client._package_handler``, one for all its connections) calls its own
             # ``_handle_qos_1_publish_packet``, looked up on the instance. ``tests/mhp_wire/test_mqtt_batches.py``
             # fails if a gmqtt upgrade moves it.
-            self._client._package_handler._handle_qos_1_publish_packet = self._qos1_received
+            self._client._package_handler._handle_qos_1_publish_packet = self._keep_for_batch
             # A QoS 0 PUBLISH (an ``ack``: mhp_wire.messages.ACK_QOS) goes to ``on_message``, which gmqtt calls at
             # once when it is a plain function: it joins the same batch, in its order, without a PUBACK.
             self._client.on_message = self._qos0_received
@@ -535,8 +535,9 @@ class MqttLink:
                         self.endpoint.port)
         self._connected.clear()
 
-    def _qos1_received(self, mid: int | None, payload: bytes, topic: str, properties: Any) -> None:
-        """gmqtt read a QoS 1 PUBLISH: keep it for this turn's batch (the first one of the turn schedules it)."""
+    def _keep_for_batch(self, mid: int | None, payload: bytes, topic: str, properties: Any) -> None:
+        """gmqtt read a PUBLISH (QoS 1 with its packet id, or QoS 0 with ``None``): keep it for this turn's batch (the
+        first one of the turn schedules it)."""
         if self._closing:
             return
         retained = bool(properties.get("retain", 0)) if isinstance(properties, dict) else False
@@ -554,7 +555,7 @@ class MqttLink:
             log.error("MQTT %s: a QoS %s message on %s is not handled (the links subscribe at QoS 1)", self.client_id,
                       qos, outside(topic))
             return
-        self._qos1_received(None, payload, topic, properties)
+        self._keep_for_batch(None, payload, topic, properties)
 
     def _start_batch(self) -> None:
         batch, self._inbox = self._inbox, []

@@ -48,6 +48,11 @@ class Party:
 
     async def next(self, msg_type: str | None = None, timeout: float = 5.0) -> Message:
         """The next decoded message (of ``msg_type`` when given; others are skipped)."""
+        msg, _ = await self.next_with_qos(msg_type, timeout)
+        return msg
+
+    async def next_with_qos(self, msg_type: str | None = None, timeout: float = 5.0) -> tuple[Message, int]:
+        """:meth:`next`, with the QoS the broker delivered the message at (the PUBLISH packet's)."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -59,7 +64,7 @@ class Party:
                 continue
             msg = decode(got.payload)
             if msg_type is None or msg.type == msg_type:
-                return msg
+                return msg, got.qos
 
     async def nothing(self, msg_type: str, within: float) -> None:
         """Assert that no message of ``msg_type`` arrives within ``within`` seconds."""

@@ -7,7 +7,6 @@ from mhp_wire import topics
 from mhp_wire.messages import ACK_QOS, Ack, ClientState, ErrorReply, Outcome
 from tests.hems_firmware.test_gateway import Rig, command, rig
 from tests.mqtt_party import Party, parties
-from tests.qos_probe import next_with_qos
 
 __all__ = ["rig"]  # the gateway rig of test_gateway.py, used here as a fixture
 
@@ -17,17 +16,17 @@ async def test_the_gateways_ack_arrives_at_qos_0_and_its_outcome_and_error_at_qo
     with parties(Party(rig.broker, "bridge", topics.up("gateways", "gw-1"))) as (bridge,):
         cmd = command(lead_s=0.3, duration_s=5)
         await bridge.publish(topics.down("gateways", "gw-1"), cmd)
-        ack, ack_qos = await next_with_qos(bridge, "ack")
+        ack, ack_qos = await bridge.next_with_qos("ack")
         assert isinstance(ack, Ack) and ack.ack_ids == [cmd.msg_id]
         assert ack_qos == 0
-        out, out_qos = await next_with_qos(bridge, "outcome")
+        out, out_qos = await bridge.next_with_qos("outcome")
         assert isinstance(out, Outcome) and out.state is ClientState.EXECUTED and out_qos == 1
         await bridge.publish(topics.down("gateways", "gw-1"), Ack(ack_ids=[out.msg_id]))
         await bridge.publish(topics.down("gateways", "gw-1"), b"{not json")
-        err, err_qos = await next_with_qos(bridge, "error")
+        err, err_qos = await bridge.next_with_qos("error")
         assert isinstance(err, ErrorReply) and err.code == "invalid" and err_qos == 1
         # A duplicate of the command is acknowledged again, at QoS 0, and not executed twice.
         await bridge.publish(topics.down("gateways", "gw-1"), cmd)
-        again, again_qos = await next_with_qos(bridge, "ack")
+        again, again_qos = await bridge.next_with_qos("ack")
         assert again.ack_ids == [cmd.msg_id] and again_qos == 0  # type: ignore[union-attr]
         assert [a.request_id for a in rig.gateway.actuations] == ["q1", "q1"]

@@ -29,8 +29,9 @@ async def bridge_running(settings: BridgeSettings, hub: Party) -> AsyncIterator[
     bridge = Bridge(settings)
     task = asyncio.create_task(bridge.run())
     try:
-        while (await hub.next("presence", timeout=10)).state != "online":  # type: ignore[union-attr]
-            pass
+        presence = await hub.next("presence", timeout=10)
+        while presence.state != "online":  # type: ignore[union-attr]  # a retained "offline" of the last run first
+            presence = await hub.next("presence", timeout=10)
         yield bridge
     finally:
         task.cancel()
