@@ -18,7 +18,7 @@ import asyncio
 import os
 import signal
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +82,20 @@ async def terminate(stack: Stack, name: str) -> None:
     await asyncio.to_thread(proc.wait, 15)
 
 
+async def emergency_delivered(stack: Stack, client_id: str, bridge_db: Path
+                              ) -> tuple[Callable[[], Awaitable[dict[str, Any]]], str]:
+    """An emergency to ``client_id`` starting in 3 s, once its command reached the gateway: ``(follow, request_id)``."""
+    follow = await run_emergency_started(stack, [client_id], lead_s=3.0)
+    await until("the bridge stored the command", lambda: bool(rows(bridge_db, "SELECT 1 FROM commands")))
+    request_id = rows(bridge_db, "SELECT request_id FROM commands")[0][0]
+    await wait_client(stack, request_id, client_id, {"delivered", "executed"})
+    return follow, request_id
+
+
 async def test_a_hub_ack_lost_while_the_bridge_is_offline_is_repaired_by_the_bridges_resend(stack: Stack) -> None:
     home = stack.homes[0]
     bridge_db = stack.dir / "bridge-r1.db"
-    follow = await run_emergency_started(stack, [home.client_id], lead_s=3.0)
-    await until("the bridge stored the command", lambda: bool(rows(bridge_db, "SELECT 1 FROM commands")))
-    request_id = rows(bridge_db, "SELECT request_id FROM commands")[0][0]
-    await wait_client(stack, request_id, home.client_id, {"delivered", "executed"})
+    follow, request_id = await emergency_delivered(stack, home.client_id, bridge_db)
     hub = pid(stack, "hub")
     os.kill(hub, signal.SIGSTOP)
     try:
@@ -116,10 +123,7 @@ async def test_a_bridge_ack_lost_while_the_gateway_is_offline_is_repaired_by_the
     home = stack.homes[0]
     bridge_db = stack.dir / "bridge-r1.db"
     gateway_db = stack.dir / "gateways" / f"gateway-{home.gateway_id}.db"
-    follow = await run_emergency_started(stack, [home.client_id], lead_s=3.0)
-    await until("the bridge stored the command", lambda: bool(rows(bridge_db, "SELECT 1 FROM commands")))
-    request_id = rows(bridge_db, "SELECT request_id FROM commands")[0][0]
-    await wait_client(stack, request_id, home.client_id, {"delivered", "executed"})
+    follow, request_id = await emergency_delivered(stack, home.client_id, bridge_db)
     bridge = pid(stack, "bridge-r1")
     os.kill(bridge, signal.SIGSTOP)
     try:
