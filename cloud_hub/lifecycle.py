@@ -93,12 +93,22 @@ _BY_VALUE = {s.value: s for s in ClientState}
 and it runs for every target of every batch)."""
 
 
+_RANK_OF_VALUE = {s.value: rank for s, rank in _OPEN_RANK.items()}
+""":data:`_OPEN_RANK` by the stored value: :func:`move` runs per target of every write, and an enum member's hash is
+a Python call (``Enum.__hash__``) where a ``str``'s is cached."""
+
+
 def may_move(old: ClientState, new: ClientState) -> bool:
     """Whether a reported state may replace the stored one: terminal states never change, and never go back."""
-    rank_old = _OPEN_RANK.get(old)
+    return _may_move_value(old._value_, new._value_)
+
+
+def _may_move_value(old: str, new: str) -> bool:
+    """:func:`may_move` on the states' stored values (the one rule; :func:`move` asks it per target)."""
+    rank_old = _RANK_OF_VALUE.get(old)
     if rank_old is None:  # terminal
         return False
-    rank_new = _OPEN_RANK.get(new)
+    rank_new = _RANK_OF_VALUE.get(new)
     return rank_new is None or rank_new > rank_old
 
 
@@ -263,25 +273,13 @@ def reduction_outcome(selection: dict[str, Any], counts: Mapping[ClientState, in
     return RequestState.FAILED
 
 
-_RANK_OF_VALUE = {s.value: rank for s, rank in _OPEN_RANK.items()}
-""":data:`_OPEN_RANK` by the stored value: :func:`move` runs per target of every write, and an enum member's hash is
-a Python call (``Enum.__hash__``) where a ``str``'s is cached."""
-
-
 def move(entry: dict[str, Any], new: ClientState, counts: Counter[ClientState], now: float) -> bool:
     """Move one target ``entry`` (changed in place) to ``new`` when :func:`may_move` allows, keeping ``counts``;
     returns whether it moved."""
     stored = entry["state"]
     old = _BY_VALUE[stored]  # an unknown stored state raises here, as before
     value = new._value_
-    if value == stored:
-        return False
-    # may_move(old, new), on the values
-    rank_old = _RANK_OF_VALUE.get(stored)
-    if rank_old is None:
-        return False
-    rank_new = _RANK_OF_VALUE.get(value)
-    if rank_new is not None and rank_new <= rank_old:
+    if value == stored or not _may_move_value(stored, value):
         return False
     counts[old] -= 1
     counts[new] += 1
@@ -374,8 +372,7 @@ class _Apply:
             return OutcomeVerdict(True, addressed, request_state=self.row.state)
         retailers = entry["retailers"]
         retailers[o.retailer_id] = o.state._value_
-        # One retailer, the common case: its state is the client's (combine's own first case, without the list).
-        new = o.state if len(retailers) == 1 else combine([_BY_VALUE[s] for s in retailers.values()])
+        new = _combined(retailers)
         if not move(entry, new, self.counts, self.now):
             return OutcomeVerdict(True, addressed, request_state=self.row.state)
         entry["detail"] = o.detail
