@@ -62,12 +62,10 @@ from typing import Any
 import httpx
 
 import cloud_hub
-from broker_config.launcher import BrokerSpec, Identity, MosquittoProcess, die_with_parent, generate_password
+from broker_config.launcher import die_with_parent
 from cloud_hub.app import create_app
 from cloud_hub.settings import HubSettings
-from cloud_hub.tokens import TokenBook
-from mhp_wire.ports import free_port
-from sim.hub_process import R1_PASSWORD, register_r1_clients, retailer_r1
+from sim.hub_process import hub_broker, register_r1_clients, retailer_r1
 
 STEPS = ("http", "authorize", "targets", "suppliers_read", "suppliers_decode", "plan", "write", "use_case_rest")
 
@@ -199,18 +197,15 @@ async def running_hub(tmp: Path, backend: str, asgi_cpu: list[float] | None = No
     """Broker, (HBase double,) the hub app with its lifespan, an HTTP client on it; ``(app, http, admin, dso)``.
     ``asgi_cpu``: its first item accumulates the loop thread's CPU inside the ASGI application (the client's own
     share, httpx building the request and reading the answer, is not in it)."""
-    spec = BrokerSpec(kind="hub", port=free_port(), data_dir=tmp / "hub-broker",
-                      privileged=Identity("hub", generate_password()), parties=[Identity("r1", R1_PASSWORD)])
     with contextlib.ExitStack() as stack:
-        broker = stack.enter_context(MosquittoProcess(spec))
-        book = TokenBook(tmp / "tokens.json")
-        admin, dso = book.issue("admin"), book.issue("dso")
+        parts = stack.enter_context(hub_broker(tmp))
+        broker, admin, dso = parts.broker, parts.admin, parts.dso
         extra: dict[str, Any] = {}
         if backend == "hbase":
             extra = {"storage": "hbase", "hbase_hosts": [stack.enter_context(hbase_double_process(tmp))],
                      "hbase_table_prefix": "bench"}
-        settings = HubSettings(db_path=tmp / "hub.db", tokens_file=book.path, mqtt_port=broker.port,
-                               mqtt_password=spec.privileged.password, mqtt_rate_limit_per_s=1e6,
+        settings = HubSettings(db_path=tmp / "hub.db", tokens_file=parts.tokens_file, mqtt_port=broker.port,
+                               mqtt_password=parts.hub_password, mqtt_rate_limit_per_s=1e6,
                                mqtt_rate_limit_burst=1_000_000, rate_limit_per_s=1e6, rate_limit_burst=1_000_000,
                                **extra)
         app = create_app(settings)

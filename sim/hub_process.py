@@ -36,23 +36,40 @@ class HubProcess:
     dso: str
 
 
+@dataclass(frozen=True)
+class HubBroker:
+    broker: MosquittoProcess
+    hub_password: str
+    """The hub's own password at ``broker``."""
+    tokens_file: Path
+    admin: str
+    dso: str
+
+
 @contextlib.contextmanager
-def hub_process(tmp: Path, env: Mapping[str, str]) -> Iterator[HubProcess]:
-    """The broker and the hub in ``tmp``; ``env``: the hub's settings beyond its ports, store and tokens (rate
-    limits, say)."""
+def hub_broker(tmp: Path) -> Iterator[HubBroker]:
+    """What a benchmark's hub needs in ``tmp``: its broker (the hub and retailer ``r1`` on it) and a tokens file
+    with an admin's and a DSO's token."""
     spec = BrokerSpec(kind="hub", port=free_port(), data_dir=tmp / "hub-broker",
                       privileged=Identity("hub", generate_password()), parties=[Identity("r1", R1_PASSWORD)])
     with MosquittoProcess(spec) as broker:
         book = TokenBook(tmp / "tokens.json")
-        admin, dso = book.issue("admin"), book.issue("dso")
+        yield HubBroker(broker, spec.privileged.password, book.path, book.issue("admin"), book.issue("dso"))
+
+
+@contextlib.contextmanager
+def hub_process(tmp: Path, env: Mapping[str, str]) -> Iterator[HubProcess]:
+    """The broker and the hub in ``tmp``; ``env``: the hub's settings beyond its ports, store and tokens (rate
+    limits, say)."""
+    with hub_broker(tmp) as b:
         port = free_port()
         hub_env = {**os.environ, "MHP_HUB_HTTP_PORT": str(port), "MHP_HUB_DB_PATH": str(tmp / "hub.db"),
-                   "MHP_HUB_TOKENS_FILE": str(book.path), "MHP_HUB_MQTT_PORT": str(broker.port),
-                   "MHP_HUB_MQTT_PASSWORD": spec.privileged.password, **env}
+                   "MHP_HUB_TOKENS_FILE": str(b.tokens_file), "MHP_HUB_MQTT_PORT": str(b.broker.port),
+                   "MHP_HUB_MQTT_PASSWORD": b.hub_password, **env}
         hub = subprocess.Popen([sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve"],
                                env=hub_env, preexec_fn=die_with_parent())
         try:
-            yield HubProcess(f"http://127.0.0.1:{port}", hub.pid, broker, admin, dso)
+            yield HubProcess(f"http://127.0.0.1:{port}", hub.pid, b.broker, b.admin, b.dso)
         finally:
             hub.terminate()
             hub.wait()
