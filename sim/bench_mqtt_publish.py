@@ -91,8 +91,10 @@ async def _round(link: MqttLink, names: list[str], messages: int, per_turn: int,
     return spent, time.process_time() - proc0
 
 
-async def run(messages: int, per_turn: int, runs: int, bound: bool) -> None:
+async def run(messages: int, per_turn: int, runs: int, bound: bool) -> list[tuple[int, int, str, float, float]]:
+    """Per run, QoS and way: CPU µs per message of the publish calls and of the process until the last PUBACK."""
     ways = ("gmqtt", "link", "bound") if bound else ("gmqtt", "link")
+    rows: list[tuple[int, int, str, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-publish-") as data_dir:
         spec = BrokerSpec(kind="retailer", port=free_port(), data_dir=Path(data_dir),
                           privileged=Identity("bridge", generate_password()),
@@ -113,10 +115,12 @@ async def run(messages: int, per_turn: int, runs: int, bound: bool) -> None:
                             link._builder = {"gmqtt": GmqttBuild, "link": PublishBuilder, "bound": LoopBound}[way]()
                             await _round(link, names, per_turn, per_turn, qos)  # the link's topics cached
                             calls, whole = await _round(link, names, messages, per_turn, qos)
-                            print(f"run {n} QoS {qos} {way:>5}: publish calls {calls / messages * 1e6:5.2f} µs, "
-                                  f"process until the last PUBACK {whole / messages * 1e6:5.2f} µs a message")
+                            rows.append((n, qos, way, calls / messages * 1e6, whole / messages * 1e6))
+                            print(f"run {n} QoS {qos} {way:>5}: publish calls {rows[-1][3]:5.2f} µs, "
+                                  f"process until the last PUBACK {rows[-1][4]:5.2f} µs a message")
         finally:
             broker.stop()
+    return rows
 
 
 def main() -> None:
