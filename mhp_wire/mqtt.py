@@ -202,7 +202,7 @@ def topic_field(topic: str | bytes) -> bytes:
 def publish_packet(topic: bytes, payload: bytes | bytearray, qos: int, retain: bool, mid: int | None,
                    mqtt5: bool) -> bytes:
     """One PUBLISH packet without properties, byte for byte as gmqtt 0.8.0's ``PublishPacket.build_package`` builds
-    it (``tests/mhp_wire/test_mqtt_fast_publish.py`` compares them): the fixed header (no DUP), the remaining length,
+    it (``tests/mhp_wire/test_mqtt_publish_bytes.py`` compares them): the fixed header (no DUP), the remaining length,
     ``topic`` (a :func:`topic_field`), the packet id (``mid``, QoS 1), the properties' length (0) under MQTT 5, the
     payload."""
     if mid is None:
