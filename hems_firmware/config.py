@@ -106,6 +106,13 @@ class GatewaySection(BaseModel):
     is read again every ``outcome_poll_s`` until the limit or target is met or this has passed (a real meter
     averages over a second or more; the outcome is sent as soon as a reading shows the limit met)."""
     outcome_poll_s: float = Field(0.25, gt=0)
+    ack_hold_s: float = Field(0.2, ge=0, le=1.0)
+    """How long the ``ack`` of a stored command waits for the command's outcome: an outcome stored within it (an
+    emergency that starts now, a load shift, a refusal of an expired command) stands for the ack, which is then
+    not sent (one uplink message per command instead of two); otherwise the ack goes at the hold's end. 0: every
+    ack at once, as before. Kept well under the bridge's first re-send (``gateway_retry_s``, 0.5 s by default) and
+    far under its ``gateway_ack_timeout_s`` (10 s), hence at most 1 s (docs/decisions.md, "An outcome stands for
+    its ack")."""
     timezone: str = "UTC"
     failsafe: FailsafeSettings | None = None
     """``None``: no failsafe (the home runs freely while the bridge is away)."""

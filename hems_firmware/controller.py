@@ -355,3 +355,56 @@ def day_windows(midnight: float, allowed: Iterable[tuple[str, str]]) -> list[tup
 def in_slot(slots: Iterable[float], t: float, slot_s: float = SLOT_S) -> bool:
     """Whether ``t`` falls in one of the slots starting at ``slots``: a flexible appliance should run now."""
     return any(s <= t < s + slot_s for s in slots)
+
+
+@dataclass(slots=True)
+class _HeldAck:
+    msg_id: str
+    request_id: str
+    revision: int
+    until: float
+
+
+class AckHold:
+    """The acknowledgements of stored commands, held for ``hold_s``: an outcome of the command stored meanwhile
+    stands for its ``ack`` (the bridge closes a command on its outcome as its ack would, and never re-sends a closed
+    one: docs/protocol.md, "An outcome acknowledges its command"), so only one uplink message answers it. An ``ack``
+    not answered so goes at the hold's end, never later. ``hold_s`` <= 0: every ack goes at once, as before.
+
+    Pure: the caller passes the (monotonic) time; nothing here reads a clock or sends anything."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self._held: dict[str, _HeldAck] = {}
+        """By the command's ``msg_id``, in the order held (so the earliest hold ends first)."""
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, msg_id: str, request_id: str, revision: int, now: float) -> bool:
+        """Hold the ack of command ``msg_id`` (revision ``revision`` of ``request_id``) until ``now + hold_s``;
+        False when there is no hold (``hold_s`` <= 0): the caller acknowledges at once."""
+        if self.hold_s <= 0:
+            return False
+        if msg_id not in self._held:
+            self._held[msg_id] = _HeldAck(msg_id, request_id, revision, now + self.hold_s)
+        return True
+
+    def answered(self, request_id: str, revision: int) -> list[str]:
+        """An outcome of ``request_id``'s revision ``revision`` is stored (it goes out from the stored outbox): the
+        held acks it stands for (its request's, of that revision or older) are dropped; returns their ``msg_id``s."""
+        gone = [m for m, h in self._held.items() if h.request_id == request_id and h.revision <= revision]
+        for m in gone:
+            del self._held[m]
+        return gone
+
+    def due(self, now: float) -> list[str]:
+        """The acks whose hold has ended by ``now``, in the order held; removed (the caller sends them)."""
+        out = [m for m, h in self._held.items() if h.until <= now]
+        for m in out:
+            del self._held[m]
+        return out
+
+    def next_at(self) -> float | None:
+        """When the next hold ends (None: nothing held)."""
+        return min((h.until for h in self._held.values()), default=None)

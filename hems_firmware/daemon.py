@@ -1,7 +1,8 @@
 """The gateway daemon's control loop: polls its devices, executes commands from its retailer's bridge, reports
 outcomes.
 
-A command is stored, then acknowledged to the bridge (application-level ``ack``), executed at its ``start``,
+A command is stored, then acknowledged to the bridge (application-level ``ack``; held for ``ack_hold_s``, and not
+sent when the command's outcome is stored within it: the outcome stands for it), executed at its ``start``,
 and its outcome kept in a stored outbox until the bridge acknowledges it; a redelivered command is recognised by
 its request id and not executed twice. While an emergency is active every poll re-checks the meter and sheds
 more if the home is over the limit; at its end the loads it shed are switched back on.
@@ -120,7 +121,8 @@ class Gateway:
         self.store = GatewayStore(Path(cfg.gateway.state_dir) / f"gateway-{self.id}.db", name=f"gw-{self.id}")
         self.uplink = Uplink(cfg.gateway.uplink, self.id, self.store,
                              {Command: self._on_command, Cancel: self._on_cancel, Schedule: self._on_schedule},
-                             on_tariff=self._on_tariff, newest_seq=lambda: self._seq)
+                             on_tariff=self._on_tariff, newest_seq=lambda: self._seq,
+                             ack_hold_s=cfg.gateway.ack_hold_s, clock=clock)
         self.meters: dict[str, Meter] = {}
         self.switches: dict[str, Switch] = {}
         self.state: dict[str, dict[str, float | bool | None]] = {}
@@ -176,6 +178,7 @@ class Gateway:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._poll_loop(), name=f"gw-{self.id}-poll")
                         tg.create_task(self.uplink.outbox_loop(), name=f"gw-{self.id}-outbox")
+                        tg.create_task(self.uplink.ack_loop(), name=f"gw-{self.id}-acks")
                         if self.cfg.gateway.web_port is not None:
                             tg.create_task(serve_web(self), name=f"gw-{self.id}-web")
         finally:
@@ -363,14 +366,18 @@ class Gateway:
             return
         now = time.time()
         if rules.command_expired(cmd.expires_at.timestamp(), now):
+            # Its refusal, stored at once, stands for its ack (docs/decisions.md, "An outcome stands for its ack").
+            await self.uplink.hold_ack(cmd.msg_id, cmd.request_id, cmd.revision)
             await self.uplink.put_outcome(Outcome(
                 request_id=cmd.request_id, client_id=self.client_id, state=ClientState.REFUSED,
                 detail={"reason": "expired: the command arrived after its expiry"}, revision=cmd.revision))
-            await self.uplink.acknowledge(cmd.msg_id)
             return
         held = await self.store.store_command(cmd, now)
-        await self.uplink.acknowledge(cmd.msg_id)
         step = rules.revision_step(held, cmd.revision)
+        if step in ("new", "newer"):  # stored: acknowledged at the hold's end, unless its outcome comes first
+            await self.uplink.hold_ack(cmd.msg_id, cmd.request_id, cmd.revision)
+        else:  # a redelivery (its outcome, if any, went before) or a stale revision: acknowledged at once
+            await self.uplink.acknowledge(cmd.msg_id)
         if step == "stale" and held is not None:
             await self._stale(cmd.msg_id, cmd.request_id, cmd.revision, held)
             return

@@ -3,9 +3,11 @@
 It owns the link, the dispatch of the bridge's messages by type (the commands, cancels and schedules go to the
 handlers the daemon gives it; acknowledgements and error answers it applies to the outboxes itself), the answers
 it sends (``ack``, ``error``) and the two stored outboxes (outcomes, telemetry), re-sent on the shared back-off
-until the bridge acknowledges them. It decides nothing about the home.
+until the bridge acknowledges them. A command's ``ack`` is held briefly (``ack_hold_s``): an outcome of it stored
+meanwhile stands for it (:class:`hems_firmware.controller.AckHold`). It decides nothing about the home.
 May import: :mod:`mhp_wire` (topics, messages, the MQTT link, the outbox and router cores),
-:mod:`hems_firmware.store` and :mod:`hems_firmware.config`; never the control loop.
+:mod:`hems_firmware.store`, :mod:`hems_firmware.config` and the pure :class:`~hems_firmware.controller.AckHold`;
+never the control loop.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 from hems_firmware.config import Uplink as UplinkSettings
+from hems_firmware.controller import AckHold
 from hems_firmware.store import GatewayStore, OutcomeTable, TelemetryTable
 from mhp_wire import topics
 from mhp_wire.backoff import delay_s
@@ -52,7 +56,8 @@ class Uplink:
 
     def __init__(self, cfg: UplinkSettings, gateway_id: str, store: GatewayStore,
                  handlers: Mapping[type, Callable[[Any], Awaitable[None]]],
-                 on_tariff: Callable[[Tariff], None], newest_seq: Callable[[], int]) -> None:
+                 on_tariff: Callable[[Tariff], None], newest_seq: Callable[[], int], *, ack_hold_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.id = gateway_id
         self.store = store
@@ -63,6 +68,11 @@ class Uplink:
         self.from_bridge = TypeTable({**handlers, Ack: self._on_ack, ErrorReply: self._on_error})
         """The bridge's messages on our ``down`` topic, by type."""
         self._wake = asyncio.Event()
+        self.clock = clock
+        """Monotonic seconds: when a held ack is due (the daemon's clock)."""
+        self.acks = AckHold(ack_hold_s)
+        """Commands' acks held until their outcome stands for them, or the hold ends (:meth:`hold_ack`)."""
+        self._acks_due = asyncio.Event()
         self.outbox = Outbox(OutcomeTable(store, topics.up("gateways", gateway_id)), self._publish,
                              limit=OUTBOX_ROUND, retry_s=lambda n: delay_s(n, 0.5))
         """Outcomes (and other answers) to the bridge, stored, re-sent until the bridge acknowledges them."""
@@ -128,6 +138,30 @@ class Uplink:
     async def acknowledge(self, msg_id: str) -> None:
         await self.send(Ack(ack_ids=[msg_id]))
 
+    async def hold_ack(self, msg_id: str, request_id: str, revision: int) -> None:
+        """Acknowledge a stored command (revision ``revision`` of ``request_id``) at the end of the hold
+        (settings ``ack_hold_s``) unless its outcome is stored before (:meth:`report`, :meth:`put_outcome`): the
+        outcome then stands for the ack. Without a hold, at once."""
+        if self.acks.hold(msg_id, request_id, revision, self.clock()):
+            self._acks_due.set()
+        else:
+            await self.acknowledge(msg_id)
+
+    def _answered(self, out: Outcome) -> None:
+        """``out`` is stored in the outbox: the held acks of the command it answers are not sent."""
+        if out.state.terminal:
+            self.acks.answered(out.request_id, out.revision)
+
+    async def ack_loop(self) -> None:
+        """Send the held acks whose hold has ended (in one ``ack``), until cancelled."""
+        while True:
+            self._acks_due.clear()
+            due = self.acks.due(self.clock())
+            if due:
+                await self.send(Ack(ack_ids=due))
+            nxt = self.acks.next_at()
+            await wait_or_timeout(self._acks_due, 3600.0 if nxt is None else max(0.0, nxt - self.clock()))
+
     async def refuse(self, ref_msg_id: str | None, code: Literal["invalid", "forbidden", "stale_revision"],
                      message: str) -> None:
         """Count a refused message and tell the bridge why."""
@@ -139,12 +173,14 @@ class Uplink:
         :meth:`GatewayStore.report`); returns whether it was stored."""
         stored = await self.store.report(out)
         if stored:
+            self._answered(out)
             self._wake.set()
         return stored
 
     async def put_outcome(self, out: Outcome) -> None:
         """Store an outcome that answers no stored command (one refused on arrival) in the outbox."""
         await self.store.put_outcome(out)
+        self._answered(out)
         self._wake.set()
 
     async def put_telemetry(self, msg: Telemetry, keep: int) -> None:

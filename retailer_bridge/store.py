@@ -95,7 +95,8 @@ class Applied:
     """Per closing, in order: the command as it was, None (no such command) or its own failure."""
     first_sent_at: list[float] = field(default_factory=list)
     """When each command acknowledged in this batch that was sent only once was sent: the round trips that the
-    relay's re-send delay learns from (:class:`mhp_wire.backoff.RoundTrip`)."""
+    relay's re-send delay learns from (:class:`mhp_wire.backoff.RoundTrip`). A command closed in this batch by
+    its outcome without an ``ack`` (still ``sending`` before it) counts as acknowledged by that outcome."""
 
 
 class Refused(Exception):
@@ -316,6 +317,11 @@ class BridgeStore:
                 if delivered_of is not None else []
             self._queue(db, _packed(delivered + plan.outcomes, pack))
             once = [r[_FIRST_SENT] for r in acked if r[_ATTEMPTS] == 1 and r[_FIRST_SENT] is not None]
+            # An outcome that closes a command still being sent acknowledges it (a gateway sends no separate
+            # ``ack`` when its outcome is ready at once): its round trip counts as the ack's would.
+            acked_keys = {(r[_REQUEST], r[_CLIENT]) for r in acked}
+            once += [rows[k]["first_sent_at"] for k in closed_keys if k not in acked_keys and was[k] == SENDING
+                     and rows[k]["attempts"] == 1 and rows[k]["first_sent_at"] is not None]
             return Applied(len(acked), plan.results, once)
 
         return await self._tx(op)

@@ -1,8 +1,10 @@
 """A fleet of simulated gateways over real MQTT (gmqtt through ``mhp_wire.mqtt``, asyncio), thousands per process.
 
 Each simulated gateway has its own MQTT identity, subscribes to its own command topic, publishes its presence,
-acknowledges every command and answers it at once (``executed`` for actions, ``acknowledged`` for a load shift)
-— no devices behind it. It is the load generator for bridge and fan-out benchmarks, not a gateway.
+and answers every command at once (``executed`` for actions, ``acknowledged`` for a load shift) with its outcome
+alone: an outcome ready at once stands for the command's ``ack``, as on a real gateway within its ``ack_hold_s``
+(docs/protocol.md, "An outcome acknowledges its command") — no devices behind it. It is the load generator for
+bridge and fan-out benchmarks, not a gateway.
 
     python -m sim.fleet --host 127.0.0.1 --port 1884 --credentials creds.json [--ready-file F] [--stats-file F]
         [--go-file F] [--connect-concurrency N] [--connect-timeout-s S]
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mhp_wire import topics
-from mhp_wire.messages import ACK_QOS, Ack, ClientState, Command, Outcome, RequestKind, WireError, decode, encode
+from mhp_wire.messages import ClientState, Command, Outcome, RequestKind, WireError, decode, encode
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,8 @@ class FleetGateway:
                              connect_timeout_s=connect_timeout_s)
 
     async def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        """Acknowledge and answer a command at once (a floor command: echo it back, nothing else)."""
+        """Answer a command at once with its outcome, which stands for its ack (a floor command: echo it back,
+        nothing else)."""
         if payload.startswith(FLOOR_PREFIX):
             await self.link.publish(topics.up("gateways", self.id), payload)
             return
@@ -79,7 +82,6 @@ class FleetGateway:
             else:
                 seen[0] += 1
             state = ClientState.ACKNOWLEDGED if msg.kind is RequestKind.LOAD_SHIFT else ClientState.EXECUTED
-            await self.link.publish(topics.up("gateways", self.id), encode(Ack(ack_ids=[msg.msg_id])), qos=ACK_QOS)
             out = Outcome(request_id=msg.request_id, client_id=self.client_id, state=state,
                           trace={"gateway_ms": round((time.perf_counter() - t0) * 1000, 3)})
             await self.link.publish(topics.up("gateways", self.id), encode(out))

@@ -2,7 +2,7 @@
 
 DSO (this process, over HTTP) → hub (``cloud-hub serve``, embedded storage) → hub Mosquitto → one retailer
 bridge per retailer (``retailer-bridge run``) → its retailer Mosquitto → simulated gateways (``python -m
-sim.fleet``, real MQTT connections, at most ``per_fleet`` per process) → acknowledgements and outcomes back → the
+sim.fleet``, real MQTT connections, at most ``per_fleet`` per process) → outcomes back (each standing for its ack) → the
 hub records every client executed. Every part is its own process, started from ``broker_config`` and the
 packages' own command lines, as in ``sim.experiment.base``.
 
