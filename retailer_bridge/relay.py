@@ -582,7 +582,9 @@ class BridgeRelay:
 
     async def _gateway_ack_stored(self, stored: Awaitable[object]) -> None:
         await stored
-        self.kick()
+        # Only the hub's loop has work now (a ``delivered`` outcome): waking the gateways' loop too made it read the
+        # store for due commands after every batch of reports, a read each report commit then queued behind.
+        self._wake_hub.set()
 
     async def _resend_batch(self, gids: list[str]) -> list[None]:
         """The gateways that came online during the previous batch: what waits for them is due now."""
@@ -653,7 +655,7 @@ class BridgeRelay:
             log.info("gateway %s answered revision %d of request %s, which revision %d replaced: not forwarded", gid,
                      msg.revision, outside(msg.request_id), cmd["revision"])
         elif cmd["state"] != CLOSED and msg.state.terminal:
-            self.kick()
+            self._wake_hub.set()  # its outcome is queued for the hub; nothing became due for the gateways
         await self._ack_gateway(gid, msg.msg_id)
 
     # -- sending ------------------------------------------------------------------------------------------
@@ -757,6 +759,8 @@ class BridgeRelay:
             await self.notices_out.send_due(self._notice_due)
         if self.local is None or not self.local.connected:
             return 0.2  # what is due waits for the retailer broker; do not poll the store meanwhile
+        if self._wake_gateways.is_set():
+            return 0.0  # woken during the round: the next round starts at once, no need to ask when it is due
         nxt = await self.store.next_due("gateways")
         return 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
 
@@ -776,6 +780,8 @@ class BridgeRelay:
             await self.hub_out.send_due()
         if self.hub is None or not self.hub.connected:
             return 0.2  # what is due waits for the hub broker (measurements are still queued on time)
+        if self._wake_hub.is_set():
+            return 0.0  # woken during the round (more outcomes stored): the next round starts at once
         nxt = await self.store.next_due("hub")
         wait = 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
         if self._pending_measurements:
