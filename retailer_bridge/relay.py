@@ -194,6 +194,10 @@ class BridgeRelay:
         self.hub_out = Outbox(_ToHub(store, topics.up("retailers", retailer_id), self.hub_order), self._to_hub_link,
                               limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.hub_retry_s))
         """Outcomes and measurements to the hub, re-sent until the hub acknowledges them."""
+        self.fresh_to_hub: dict[str, bytes] = {}
+        """Outcomes a batch of gateways' reports has just committed for the hub, ``msg_id -> payload``: the loop
+        towards the hub sends them first thing in its next round (:meth:`Outbox.send_stored`), without waiting for
+        a read of the outbox behind the next batch's commit on the one SQLite thread."""
 
     def local_connected(self) -> None:
         """The link to this retailer's broker is up (the first time or again): republish the stored tariff, which
@@ -252,6 +256,8 @@ class BridgeRelay:
 
     async def _hub_ack(self, msg: Ack) -> None:
         self.last_hub_ack = time.monotonic()
+        for m in msg.ack_ids:
+            self.fresh_to_hub.pop(m, None)
         self.hub_order.acked(msg.ack_ids)
         await self.store.ack_outbox(msg.ack_ids)
 
@@ -309,7 +315,11 @@ class BridgeRelay:
                                            expires_at, not_before, req.revision))
         await self.store.accept_request(commands, answers)
         await self._to_hub(Ack(ack_ids=[req.msg_id]))
-        self.kick()
+        # The loop towards the hub only when answers were queued for it: woken for nothing, its reads of the
+        # outbox took turns on the SQLite thread with the commands' first round.
+        self._wake_gateways.set()
+        if answers:
+            self._wake_hub.set()
 
     def availability(self, request_id: str, client_id: str, gateway_id: str) -> Outcome:
         """Whether a client could shed load now, from its gateway's presence and latest telemetry."""
@@ -599,6 +609,11 @@ class BridgeRelay:
         closings = [i for i in items if isinstance(i, Closing)]
         applied = await self.store.apply_reports(acks, closings, _delivered,
                                                  pack_outcomes if self.hub_outcome_batches else None)
+        for m in applied.withdrawn:
+            self.fresh_to_hub.pop(m, None)
+        if applied.queued:
+            self.fresh_to_hub.update(applied.queued)
+            self._wake_hub.set()
         if applied.first_sent_at:
             now = self.commands_out.clock()
             for sent_at in applied.first_sent_at:
@@ -773,7 +788,12 @@ class BridgeRelay:
             self._pending_measurements.clear()
             batch = Measurements(items=items)
             await self.store.queue_for_hub([(batch.msg_id, encode(batch))])
+        fresh, self.fresh_to_hub = self.fresh_to_hub, {}
         if self.hub is not None and self.hub.connected:
+            if fresh:  # first, before the reads below: one not sent (the link went down) is still due in the store
+                topic = topics.up("retailers", self.retailer_id)
+                await self.hub_out.send_stored([Pending(m, topic, payload, 0) for m, payload in fresh.items()
+                                                if not self.hub_order.sent_here(m)])
             busy = time.monotonic() - self.last_hub_ack < self.hub_retry_s
             if busy:  # the hub is acknowledging, in order: what was sent after its last acknowledgement is queued
                 await self.store.postpone_hub_resends(now, now + self.hub_retry_s, self.hub_order.maybe_queued)
@@ -877,6 +897,10 @@ class SendOrder:
             seq = self._sent.pop(m, None)
             if seq is not None and seq > self._acked:
                 self._acked = seq
+
+    def sent_here(self, msg_id: str) -> bool:
+        """Whether this process sent ``msg_id`` and the hub has not acknowledged it yet."""
+        return msg_id in self._sent
 
     def maybe_queued(self, msg_id: str) -> bool:
         """Whether ``msg_id`` was sent after the newest message the hub has acknowledged."""

@@ -96,6 +96,12 @@ class Applied:
     first_sent_at: list[float] = field(default_factory=list)
     """When each command acknowledged in this batch that was sent only once was sent: the round trips that the
     relay's re-send delay learns from (:class:`mhp_wire.backoff.RoundTrip`)."""
+    queued: list[tuple[str, bytes]] = field(default_factory=list)
+    """The messages ``(msg_id, payload)`` this batch queued for the hub, committed with it: the relay sends them at
+    once, without reading them back (:meth:`mhp_wire.outbox.Outbox.send_stored`)."""
+    withdrawn: list[str] = field(default_factory=list)
+    """``delivered`` outcomes not sent yet that this batch took back out of the outbox (a terminal outcome of the same
+    command says more): the relay does not send them either."""
 
 
 class Refused(Exception):
@@ -314,9 +320,10 @@ class BridgeStore:
             _each_chunk(db, "DELETE FROM hub_outbox WHERE attempts=0 AND msg_id IN ({})", (), plan.superseded)
             delivered = [delivered_of(dict(zip(_REPORT_NAMES, r, strict=True))) for r in moved] \
                 if delivered_of is not None else []
-            self._queue(db, _packed(delivered + plan.outcomes, pack))
+            queued = _packed(delivered + plan.outcomes, pack)
+            self._queue(db, queued)
             once = [r[_FIRST_SENT] for r in acked if r[_ATTEMPTS] == 1 and r[_FIRST_SENT] is not None]
-            return Applied(len(acked), plan.results, once)
+            return Applied(len(acked), plan.results, once, queued, list(plan.superseded))
 
         return await self._tx(op)
 
