@@ -181,7 +181,14 @@ class BridgeRelay:
         """The gateways' measured acknowledgement times: a command's first re-send waits ``timeout_s()``, at
         least ``gateway_retry_s`` and at most its ``max_s`` (settings ``gateway_retry_max_s``; docs/architecture.md,
         step 5)."""
-        self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt), self._to_local,
+        self.fresh_commands: list[Pending] = []
+        """A request's commands just committed, for the gateways' loop to send first thing in its next round
+        (:meth:`Outbox.send_stored`) instead of reading them back; held (:attr:`held_commands`) until then."""
+        self.held_commands: set[str] = set()
+        """``msg_id`` of the commands of :attr:`fresh_commands` (and of those being committed to join them): the
+        gateways' loop's reads of due commands leave them out, so that no command goes out twice."""
+        self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt, self.held_commands),
+                                   self._to_local,
                                    limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.gateway_rtt.timeout_s()))
         """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
         self.notices_out = Outbox(_Notices(store, self.gateway_topic), self._to_local, resend_from="read")
@@ -313,7 +320,20 @@ class BridgeRelay:
                 mid = msg_ids()
                 commands.append(NewCommand(req.request_id, cid, gid, mid, template.payload(mid, cid), now,
                                            expires_at, not_before, req.revision))
-        await self.store.accept_request(commands, answers)
+        held = {c.msg_id for c in commands}
+        self.held_commands |= held  # before the commit: a round reading due commands after it leaves them out
+        try:
+            added = await self.store.accept_request(commands, answers)
+        except BaseException:
+            self.held_commands -= held
+            raise
+        if commands and added == len(commands):  # every command stored is one of these (not a redelivery)
+            self.fresh_commands.extend(Pending(c.msg_id, self.gateway_topic(c.gateway_id), c.payload, 0, row={
+                "request_id": c.request_id, "client_id": c.client_id, "gateway_id": c.gateway_id,
+                "first_sent_at": None, "not_before": c.not_before, "deadline": c.deadline, "handling_ms": 0.0,
+                "revision": c.revision}) for c in commands)
+        else:  # a redelivered request: what it holds already goes out from the store's rounds
+            self.held_commands -= held
         await self._to_hub(Ack(ack_ids=[req.msg_id]))
         # The loop towards the hub only when answers were queued for it: woken for nothing, its reads of the
         # outbox took turns on the SQLite thread with the commands' first round.
@@ -769,6 +789,13 @@ class BridgeRelay:
 
     async def dispatch_gateways(self) -> float:
         """Send the commands and notices that are due to gateways; returns how long to sleep."""
+        fresh, self.fresh_commands = self.fresh_commands, []
+        if fresh:
+            try:
+                if self.local is not None and self.local.connected:
+                    await self.commands_out.send_stored(fresh, self._command_due)
+            finally:  # sent and recorded, or left due in the store for the rounds below
+                self.held_commands.difference_update(str(p.key) for p in fresh)
         if self.local is not None and self.local.connected:
             await self.commands_out.send_due(self._command_due)
             await self.notices_out.send_due(self._notice_due)
@@ -831,14 +858,19 @@ class _Commands:
     first re-send falls due before the gateways' measured round trip (``rtt``) says it could have been answered
     waits until then: its delay was fixed when it was sent, before the acknowledgements of a busy link came in."""
 
-    def __init__(self, store: BridgeStore, topic_of: Callable[[str], str], rtt: RoundTrip) -> None:
+    def __init__(self, store: BridgeStore, topic_of: Callable[[str], str], rtt: RoundTrip,
+                 held: set[str] | None = None) -> None:
         self.store = store
         self.topic_of = topic_of
         self.rtt = rtt
+        self.held = held if held is not None else set()
+        """Commands the relay sends from their commit (:attr:`BridgeRelay.held_commands`): not read as due here."""
 
     async def due(self, now: float, limit: int) -> list[Pending]:
         topic_of = self.topic_of
         rows = await self.store.due_commands(now, limit)
+        if self.held:
+            rows = [c for c in rows if c["msg_id"] not in self.held]
         wait_s = self.rtt.timeout_s()
         # Not one made due at once (next_attempt_at 0: its gateway came back online, ``resend_now_many``).
         early = [(c["first_sent_at"] + wait_s, c["msg_id"]) for c in rows
