@@ -187,6 +187,9 @@ class BridgeRelay:
         self.held_commands: set[str] = set()
         """``msg_id`` of the commands of :attr:`fresh_commands` (and of those being committed to join them): the
         gateways' loop's reads of due commands leave them out, so that no command goes out twice."""
+        self.handing_over: list[Pending] = []
+        """The hand-over the gateways' loop is sending (taken from :attr:`fresh_commands`), for
+        :meth:`_withdraw_fresh` to release what a later commit closes while it goes out."""
         self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt, self.held_commands),
                                    self._to_local,
                                    limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.gateway_rtt.timeout_s()))
@@ -424,6 +427,9 @@ class BridgeRelay:
         due in the store and the next round reads and sends it. One in a list the gateways' loop has already taken
         is skipped by :meth:`_handover_due` if it has not been published yet; one already published went before
         the commit, so before its notice (``notices_out`` is read after it), as with a round of ``send_due``."""
+        for p in self.handing_over:  # taken by the loop: released, so that :meth:`_handover_due` skips it
+            if gone(p.row):
+                self.held_commands.discard(str(p.key))
         if not self.fresh_commands:
             return
         keep = []
@@ -832,10 +838,12 @@ class BridgeRelay:
         """Send the commands and notices that are due to gateways; returns how long to sleep."""
         fresh, self.fresh_commands = self.fresh_commands, []
         if fresh:
+            self.handing_over = fresh
             try:
                 if self.local is not None and self.local.connected:
                     await self.commands_out.send_stored(fresh, self._handover_due)
             finally:  # sent and recorded, or left due in the store for the rounds below
+                self.handing_over = []
                 self.held_commands.difference_update(str(p.key) for p in fresh)
         if self.local is not None and self.local.connected:
             await self.commands_out.send_due(self._command_due)
