@@ -293,3 +293,64 @@ async def test_a_gateway_killed_inside_the_hold_gets_the_command_again_and_execu
         assert [on for _, on in writes.of(coil)] == [False], writes.writes
     with contextlib.closing(sqlite3.connect(f"file:{gateway_db}?mode=ro", uri=True)) as conn:
         assert conn.execute("SELECT reported FROM commands WHERE request_id=?", (request_id,)).fetchall() == [(1,)]
+
+
+def _bridge(hub: HubHandle, local: BrokerHandle, tmp_path: Path, **settings: Any) -> Bridge:
+    """r1's bridge on ``local`` with its store in ``tmp_path`` (the same store each time: a restart)."""
+    return Bridge(BridgeSettings(
+        retailer_id="r1", hub_mqtt_host=hub.broker.host, hub_mqtt_port=hub.broker.port,
+        hub_mqtt_password=hub.broker.identities["r1"].password, local_mqtt_host=local.host,
+        local_mqtt_port=local.port, local_mqtt_password=local.identities["bridge"].password,
+        db_path=tmp_path / "bridge.db", telemetry_store="none", customers={"c1": "gw-1", "c2": "gw-2"},
+        **settings))
+
+
+async def test_an_outcome_that_waited_out_a_bridge_restart_gives_no_round_trip_sample(
+        hub: HubHandle, tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
+    """gw-2 reports its outcome while the bridge is down: the broker keeps it in the bridge's session and hands it
+    to the restarted bridge, which closes the command (sent once: no re-send went while it was down). Its round
+    trip spans the outage, not the gateways' pace, so it is not sampled (on main it was: one outage-long sample
+    pinned the first re-send delay at its cap for dozens of samples). A command sent after the restart still is."""
+    await hub.setup_registry({"c1": "r1", "c2": "r1"})
+    local = mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge")
+    # No re-send within the test: the command stays sent once across the restart.
+    settings: dict[str, Any] = {"gateway_retry_s": 30.0, "gateway_ack_timeout_s": 60.0}
+    with parties(Party(local, "gw-2", topics.down("gateways", "gw-2"))) as (gw2,):
+        first = _bridge(hub, local, tmp_path, **settings)
+        task = asyncio.create_task(first.run())
+        try:
+            await eventually(lambda: first.relay.hub is not None and first.relay.hub.connected
+                             and first.relay.local is not None and first.relay.local.connected,
+                             "the first bridge is connected", timeout_s=20)
+            request_id = await post_emergency(hub, ["c2"], lead_s=0)
+            cmd = await gw2.next("command")
+            assert isinstance(cmd, Command)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        out = Outcome(request_id=request_id, client_id="c2", state=ClientState.EXECUTED, revision=cmd.revision)
+        await gw2.publish(topics.up("gateways", "gw-2"), out)  # QoS 1: kept in the bridge's session
+        second = _bridge(hub, local, tmp_path, **settings)
+        task = asyncio.create_task(second.run())
+        try:
+            assert isinstance(await gw2.next("ack", timeout=20), Ack), "the restarted bridge took the outcome"
+            req = await wait_state(hub, request_id, "completed", timeout=15)
+            assert req["clients"]["c2"]["state"] == "executed", req["clients"]
+            stored = {c["client_id"]: c for c in await second.relay.store.commands_of(request_id)}["c2"]
+            assert stored["state"] == "closed" and stored["attempts"] == 1, stored
+            assert second.relay.received["gateway_outcome"] == 1, second.relay.received
+            assert second.relay.gateway_rtt.srtt is None, "sent before the restart: not sampled"  # on main: sampled
+            assert second.relay.gateway_rtt.samples == 0
+            # A command sent by the restarted bridge is sampled as ever.
+            request_id = await post_emergency(hub, ["c2"], lead_s=0)
+            cmd = await gw2.next("command")
+            assert isinstance(cmd, Command)
+            out = Outcome(request_id=request_id, client_id="c2", state=ClientState.EXECUTED, revision=cmd.revision)
+            await gw2.publish(topics.up("gateways", "gw-2"), out)
+            await wait_state(hub, request_id, "completed", timeout=15)
+            await eventually(lambda: second.relay.gateway_rtt.samples == 1, "the new command's round trip sampled")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
