@@ -17,7 +17,8 @@ from tests.mqtt_party import Party, parties
 async def test_a_fleet_gateway_answers_a_revised_command_with_its_revision(
         mosquitto_factory: MosquittoFactory) -> None:
     local = mosquitto_factory("retailer", ["gw-1"], "bridge")
-    gateway = FleetGateway("gw-1", "c1", MqttEndpoint(local.host, local.port, "gw-1", local.identities["gw-1"].password))
+    endpoint = MqttEndpoint(local.host, local.port, "gw-1", local.identities["gw-1"].password)
+    gateway = FleetGateway("gw-1", "c1", endpoint)
     start = datetime.now(UTC)
     params = EmergencyParams(start=start, end=start + timedelta(seconds=300), power_limit_kw=1.0)
     with parties(Party(local, "bridge", topics.all_up("gateways"))) as (bridge,):
