@@ -147,6 +147,12 @@ class Uplink:
         else:
             await self.acknowledge(msg_id)
 
+    async def answered_ack(self, msg_id: str) -> None:
+        """A command whose outcome is already stored (:meth:`put_outcome`): with a hold, that outcome stands for
+        its ack and nothing else is sent; without one (``ack_hold_s`` 0), the ack goes at once, as before."""
+        if self.acks.hold_s <= 0:
+            await self.acknowledge(msg_id)
+
     def _answered(self, out: Outcome) -> None:
         """``out`` is stored in the outbox: the held acks of the command it answers are not sent."""
         if out.state.terminal:
