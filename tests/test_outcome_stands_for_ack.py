@@ -210,7 +210,7 @@ async def test_an_older_gateway_that_sends_ack_and_outcome_is_served_as_before(
             stored = await c.command(request_id, "c2")
             assert stored["state"] == "closed" and stored["attempts"] == 1, stored
             assert c.relay.received["gateway_ack"] == 1 and c.relay.received["gateway_outcome"] == 1
-            assert c.relay.gateway_rtt.srtt is not None
+            assert c.relay.gateway_rtt.srtt is not None and c.relay.gateway_rtt.samples == 1, "learnt once"
             await gw2.nothing("command", ACK_TIMEOUT_S + 0.5)
 
 
@@ -234,6 +234,26 @@ async def test_an_outcome_alone_teaches_the_bridge_the_gateways_round_trip(
         assert c.relay.gateway_rtt.srtt is not None, "the outcome's round trip was sampled"  # on main: None
         stored = await c.command(request_id, "c2")
         assert stored["state"] == "closed" and stored["attempts"] == 1, stored
+
+
+async def test_an_outcome_to_a_re_sent_command_gives_no_round_trip_sample(
+        hub: HubHandle, tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
+    """Karn's rule holds for an outcome standing for its ack: gw-2 answers only after the bridge sent the command
+    again, so the answer could be to either send, and the bridge learns nothing of the round trip from it."""
+    async with chain(hub, tmp_path, mosquitto_factory, retry_s=0.3, ack_timeout_s=10.0) as c:
+        with parties(Party(c.local, "gw-2", topics.down("gateways", "gw-2"))) as (gw2,):
+            request_id = await post_emergency(hub, ["c2"], lead_s=0)
+            cmd = await gw2.next("command")
+            again = await gw2.next("command", timeout=10)
+            assert isinstance(cmd, Command) and isinstance(again, Command) and again.msg_id == cmd.msg_id
+            out = Outcome(request_id=request_id, client_id="c2", state=ClientState.EXECUTED, revision=cmd.revision)
+            await gw2.publish(topics.up("gateways", "gw-2"), out)
+            assert isinstance(await gw2.next("ack"), Ack)
+            req = await wait_state(hub, request_id, "completed", timeout=15)
+            assert req["clients"]["c2"]["state"] == "executed", req["clients"]
+        stored = await c.command(request_id, "c2")
+        assert stored["state"] == "closed" and stored["attempts"] >= 2, stored
+        assert c.relay.gateway_rtt.samples == 0 and c.relay.gateway_rtt.srtt is None
 
 
 def _stored(db: Path, request_id: str) -> bool:
