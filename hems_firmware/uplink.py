@@ -159,7 +159,12 @@ class Uplink:
             self.acks.answered(out.request_id, out.revision)
 
     async def ack_loop(self) -> None:
-        """Send the held acks whose hold has ended (in one ``ack``), until cancelled."""
+        """Send the held acks whose hold has ended (in one ``ack``), until cancelled.
+
+        The holds are judged on the injected clock (``clock``), but the loop sleeps on the event loop's clock until
+        the next hold's end as the injected clock saw it then: that clock must advance in real time (a monotonic
+        clock does). A clock moved by hand is looked at again within ``ack_hold_s`` of real time at most (the wait
+        is never longer than the hold), or at once when a new ack is held."""
         while True:
             self._acks_due.clear()
             due = self.acks.due(self.clock())
