@@ -173,14 +173,21 @@ class Gateway:
                     else:
                         self.switches[dev.name] = built
                 async with self.uplink.connect():
-                    await self._resume()
-                    self.notifier.ready()
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(self._poll_loop(), name=f"gw-{self.id}-poll")
-                        tg.create_task(self.uplink.outbox_loop(), name=f"gw-{self.id}-outbox")
-                        tg.create_task(self.uplink.ack_loop(), name=f"gw-{self.id}-acks")
-                        if self.cfg.gateway.web_port is not None:
-                            tg.create_task(serve_web(self), name=f"gw-{self.id}-web")
+                    # The held acks go at their hold's end from the start: a command that arrives while the
+                    # stored ones are re-armed is held no longer than any other.
+                    acks = asyncio.create_task(self.uplink.ack_loop(), name=f"gw-{self.id}-acks")
+                    try:
+                        await self._resume()
+                        self.notifier.ready()
+                        async with asyncio.TaskGroup() as tg:
+                            tg.create_task(self._poll_loop(), name=f"gw-{self.id}-poll")
+                            tg.create_task(self.uplink.outbox_loop(), name=f"gw-{self.id}-outbox")
+                            tg.create_task(_joined(acks), name=f"gw-{self.id}-acks-joined")
+                            if self.cfg.gateway.web_port is not None:
+                                tg.create_task(serve_web(self), name=f"gw-{self.id}-web")
+                    finally:
+                        acks.cancel()
+                        await asyncio.gather(acks, return_exceptions=True)  # its failure, if any, is raised above
         finally:
             for task in list(self._tasks.values()):
                 task.cancel()
@@ -367,10 +374,12 @@ class Gateway:
         now = time.time()
         if rules.command_expired(cmd.expires_at.timestamp(), now):
             # Its refusal, stored at once, stands for its ack (docs/decisions.md, "An outcome stands for its ack").
-            await self.uplink.hold_ack(cmd.msg_id, cmd.request_id, cmd.revision)
+            # Stored first: a refusal the store could not keep (StorageError) leaves no ack behind to say otherwise,
+            # and the bridge sends the command again.
             await self.uplink.put_outcome(Outcome(
                 request_id=cmd.request_id, client_id=self.client_id, state=ClientState.REFUSED,
                 detail={"reason": "expired: the command arrived after its expiry"}, revision=cmd.revision))
+            await self.uplink.answered_ack(cmd.msg_id)
             return
         held = await self.store.store_command(cmd, now)
         step = rules.revision_step(held, cmd.revision)
@@ -634,6 +643,12 @@ class Gateway:
         log.info("gateway %s switched %s %s (%s, request %s)", self.id, name, "on" if on else "off", reason,
                  outside(request_id))
         return state == on
+
+
+async def _joined(task: asyncio.Task[None]) -> None:
+    """Wait for ``task`` started outside a task group, in it: its failure fails the group (and cancelling this
+    cancels it), as if the group had started it."""
+    await task
 
 
 async def selftest(cfg: GatewayConfig) -> dict[str, Any]:

@@ -147,13 +147,24 @@ class Uplink:
         else:
             await self.acknowledge(msg_id)
 
+    async def answered_ack(self, msg_id: str) -> None:
+        """A command whose outcome is already stored (:meth:`put_outcome`): with a hold, that outcome stands for
+        its ack and nothing else is sent; without one (``ack_hold_s`` 0), the ack goes at once, as before."""
+        if self.acks.hold_s <= 0:
+            await self.acknowledge(msg_id)
+
     def _answered(self, out: Outcome) -> None:
         """``out`` is stored in the outbox: the held acks of the command it answers are not sent."""
         if out.state.terminal:
             self.acks.answered(out.request_id, out.revision)
 
     async def ack_loop(self) -> None:
-        """Send the held acks whose hold has ended (in one ``ack``), until cancelled."""
+        """Send the held acks whose hold has ended (in one ``ack``), until cancelled.
+
+        The holds are judged on the injected clock (``clock``), but the loop sleeps on the event loop's clock until
+        the next hold's end as the injected clock saw it then: that clock must advance in real time (a monotonic
+        clock does). A clock moved by hand is looked at again within ``ack_hold_s`` of real time at most (the wait
+        is never longer than the hold), or at once when a new ack is held."""
         while True:
             self._acks_due.clear()
             due = self.acks.due(self.clock())

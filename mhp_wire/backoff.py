@@ -80,6 +80,8 @@ class RoundTrip:
     """The smoothed round trip (None: no sample yet)."""
     rttvar: float = 0.0
     """Its smoothed mean deviation."""
+    samples: int = 0
+    """How many round trips were sampled (what a test of Karn's rule or of a stale sample counts)."""
     backoff: float = 1.0
     """Doubled each time first re-sends fall due (:meth:`timed_out`), back to 1 with the next sample: as TCP keeps
     its backed-off timer for new segments, so that a link slower than the floor, whose messages are all re-sent and
@@ -95,6 +97,7 @@ class RoundTrip:
         else:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt_s)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt_s
+        self.samples += 1
         self.backoff = 1.0
 
     def timed_out(self) -> None:

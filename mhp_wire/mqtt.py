@@ -9,6 +9,7 @@ drop and re-subscribes; the first connection is retried here with back-off. Erro
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import ssl
@@ -162,8 +163,9 @@ def coalesce_writes(client: gmqtt.Client) -> CoalescedWrites | None:
 PAYLOAD_MAX = 268_435_455
 """The largest payload gmqtt 0.8.0's ``Message`` takes (the MQTT remaining length's limit); larger is a ValueError."""
 TOPIC_CACHE = 65_536
-"""Topics whose encoded, length-prefixed form a :class:`PublishBuilder` keeps (one per gateway at a bridge; the cache
-is emptied when it is full, so its memory stays bounded whatever a link publishes to)."""
+"""Topics whose encoded, length-prefixed form a :class:`PublishBuilder` keeps (one per gateway at a bridge; when it is
+full its older half is dropped, in the order kept, so its memory stays bounded whatever a link publishes to and the
+topics added since stay built)."""
 _U16 = struct.Struct("!H")
 _MID_PROPS = struct.Struct("!HB")
 """A packet id and MQTT 5's properties length (0)."""
@@ -241,7 +243,10 @@ class PublishBuilder:
         if field is None:
             field = topic_field(topic)
             if len(self._topics) >= TOPIC_CACHE:
-                self._topics.clear()
+                # The older half (a dict keeps insertion order), not all: a link publishing to a few more topics
+                # than the bound does not build every one of them again after each clearing.
+                for old in list(itertools.islice(self._topics, len(self._topics) // 2 or 1)):
+                    del self._topics[old]
             self._topics[topic] = field
         return field
 

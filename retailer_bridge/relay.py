@@ -676,7 +676,11 @@ class BridgeRelay:
         if applied.first_sent_at:
             now = self.commands_out.clock()
             for sent_at in applied.first_sent_at:
-                self.gateway_rtt.sample(now - sent_at)
+                # A command sent before the link's last (re)connection was answered across the outage (its QoS 1
+                # outcome waited in our session, and no re-send went while the link was down, so it was still
+                # sent once): its round trip is the outage's length, not the gateways' pace.
+                if sent_at >= self.local_up_since:
+                    self.gateway_rtt.sample(now - sent_at)
         closed = iter(applied.closed)
         return [next(closed) if isinstance(i, Closing) else None for i in items]
 

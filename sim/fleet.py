@@ -86,7 +86,7 @@ class FleetGateway:
             else:
                 seen[0] += 1
             state = ClientState.ACKNOWLEDGED if msg.kind is RequestKind.LOAD_SHIFT else ClientState.EXECUTED
-            out = Outcome(request_id=msg.request_id, client_id=self.client_id, state=state,
+            out = Outcome(request_id=msg.request_id, client_id=self.client_id, state=state, revision=msg.revision,
                           trace={"gateway_ms": round((time.perf_counter() - t0) * 1000, 3)})
             await self.link.publish(topics.up("gateways", self.id), encode(out))
             self.answered.setdefault(msg.request_id, time.time())

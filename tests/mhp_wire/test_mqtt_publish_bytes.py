@@ -112,3 +112,12 @@ def test_the_topic_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for i in range(10):
         assert builder.topic(f"t/{i}") == topic_field(f"t/{i}")
         assert len(builder._topics) <= 3
+
+
+def test_a_full_topic_cache_drops_its_older_half_and_keeps_the_newer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mhp_wire.mqtt.TOPIC_CACHE", 4)
+    builder = PublishBuilder()
+    for i in range(4):
+        builder.topic(f"t/{i}")
+    assert builder.topic("t/4") == topic_field("t/4")
+    assert list(builder._topics) == ["t/2", "t/3", "t/4"]  # on main: ["t/4"], every other topic built again
