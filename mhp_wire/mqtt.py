@@ -285,8 +285,17 @@ class MqttLink:
         on_connect: Callable[[], None] | None = None,
         connect_attempt_s: float = CONNECT_ATTEMPT_S,
         batch_handler: BatchHandler | None = None,
+        receive_maximum: int | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.receive_maximum = receive_maximum
+        """MQTT 5's Receive Maximum asked in CONNECT: how many QoS 1 messages the broker may have sent this link and
+        not yet had acknowledged. None asks nothing, and Mosquitto then allows its ``max_inflight_messages`` (1,000 as
+        ``broker_config`` renders it). A link whose PUBACKs wait for a commit (a ``batch_handler``) and reads much
+        more than it sends asks more, so that the broker does not hold its messages back while a commit runs
+        (docs/decisions.md, "The bridge asks its broker for a wide receive window")."""
+        if receive_maximum is not None and not 1 <= receive_maximum <= 65_535:
+            raise ValueError(f"receive_maximum must be 1..65535, not {receive_maximum}")
         self.client_id = client_id
         self._subscriptions = list(subscriptions)
         self._handler = handler
@@ -325,6 +334,7 @@ class MqttLink:
             will_message=will,
             session_expiry_interval=session_expiry_s,
             logger=logging.getLogger("mhp_wire.mqtt.gmqtt"),
+            **({} if receive_maximum is None else {"receive_maximum": receive_maximum}),
         )
         self._client.reconnect_delay = reconnect_delay_s
         self._client.set_auth_credentials(endpoint.username, endpoint.password)

@@ -23,6 +23,14 @@ from retailer_bridge.telemetry import TelemetryExporter
 
 log = logging.getLogger(__name__)
 
+LOCAL_RECEIVE_MAXIMUM = 65_535
+"""The receive window the bridge asks of its gateways' broker (MQTT 5's largest). The bridge acknowledges a
+gateway's outcome (PUBACK) only after the batch it came in is committed, so with the broker's default window (its
+``max_inflight_messages``, 1,000) the outcomes of a fan-out wait at the broker, 1,000 per commit, while the bridge's
+re-send timers run: a gateway that answered in time could be sent its command again. The window costs the bridge only
+the memory of the messages it has read and not yet committed (docs/decisions.md, "The bridge asks its broker for a
+wide receive window")."""
+
 
 class Bridge:
     """One retailer's bridge; ``relay`` holds its counters (received, rejected) and live gateway state."""
@@ -127,6 +135,7 @@ class Bridge:
             client_id=s.local_mqtt_username, subscriptions=uplink_filters(self.partition, self.gate.gateway_of),
             handler=self.relay.on_local_message, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None,
             on_connect=self.relay.local_connected, batch_handler=self.relay.on_local_batch,
+            receive_maximum=LOCAL_RECEIVE_MAXIMUM,
         )
         self._local_link = local
         try:
