@@ -173,21 +173,16 @@ class Gateway:
                     else:
                         self.switches[dev.name] = built
                 async with self.uplink.connect():
-                    # The held acks go at their hold's end from the start: a command that arrives while the
-                    # stored ones are re-armed is held no longer than any other.
-                    acks = asyncio.create_task(self.uplink.ack_loop(), name=f"gw-{self.id}-acks")
-                    try:
+                    async with asyncio.TaskGroup() as tg:
+                        # The held acks go at their hold's end from the start: a command that arrives while the
+                        # stored ones are re-armed is held no longer than any other.
+                        tg.create_task(self.uplink.ack_loop(), name=f"gw-{self.id}-acks")
                         await self._resume()
                         self.notifier.ready()
-                        async with asyncio.TaskGroup() as tg:
-                            tg.create_task(self._poll_loop(), name=f"gw-{self.id}-poll")
-                            tg.create_task(self.uplink.outbox_loop(), name=f"gw-{self.id}-outbox")
-                            tg.create_task(_joined(acks), name=f"gw-{self.id}-acks-joined")
-                            if self.cfg.gateway.web_port is not None:
-                                tg.create_task(serve_web(self), name=f"gw-{self.id}-web")
-                    finally:
-                        acks.cancel()
-                        await asyncio.gather(acks, return_exceptions=True)  # its failure, if any, is raised above
+                        tg.create_task(self._poll_loop(), name=f"gw-{self.id}-poll")
+                        tg.create_task(self.uplink.outbox_loop(), name=f"gw-{self.id}-outbox")
+                        if self.cfg.gateway.web_port is not None:
+                            tg.create_task(serve_web(self), name=f"gw-{self.id}-web")
         finally:
             for task in list(self._tasks.values()):
                 task.cancel()
@@ -643,12 +638,6 @@ class Gateway:
         log.info("gateway %s switched %s %s (%s, request %s)", self.id, name, "on" if on else "off", reason,
                  outside(request_id))
         return state == on
-
-
-async def _joined(task: asyncio.Task[None]) -> None:
-    """Wait for ``task`` started outside a task group, in it: its failure fails the group (and cancelling this
-    cancels it), as if the group had started it."""
-    await task
 
 
 async def selftest(cfg: GatewayConfig) -> dict[str, Any]:
