@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from broker_config import GENERATED_PASSWORD_ITERATIONS, BrokerSpec, Identity, MosquittoProcess, generate_password
 from mhp_wire import topics
-from mhp_wire.mqtt import MqttEndpoint, MqttLink, PublishBuilder, publish_packet
-from mhp_wire.ports import free_port
+from mhp_wire.mqtt import MqttLink, PublishBuilder, publish_packet
+from sim.bench_mqtt_writes import bench_link
 
 MQTT5 = 5
 """MQTT 5's protocol version (the links connect with it): this module does not import gmqtt, the adapter does."""
@@ -65,10 +64,6 @@ class GmqttBuild(PublishBuilder):
         client.publish(topic, payload, qos=qos, retain=retain)
 
 
-async def _ignore(topic: str, payload: bytes, retained: bool) -> None:
-    return None
-
-
 async def _round(link: MqttLink, names: list[str], messages: int, per_turn: int, qos: int) -> tuple[float, float]:
     """CPU seconds of the publish calls alone, and of the process until every PUBACK is in."""
     payload = b"x" * 120
@@ -96,30 +91,19 @@ async def run(messages: int, per_turn: int, runs: int, bound: bool) -> list[tupl
     ways = ("gmqtt", "link", "bound") if bound else ("gmqtt", "link")
     rows: list[tuple[int, int, str, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-publish-") as data_dir:
-        spec = BrokerSpec(kind="retailer", port=free_port(), data_dir=Path(data_dir),
-                          privileged=Identity("bridge", generate_password()),
-                          parties=[Identity("gw-1", generate_password())],
-                          password_iterations=GENERATED_PASSWORD_ITERATIONS, max_inflight_messages=0)
-        broker = MosquittoProcess(spec)
-        broker.start()
-        try:
-            endpoint = MqttEndpoint(spec.host, spec.port, "bridge", spec.identities["bridge"].password)
-            async with MqttLink(endpoint, client_id="bridge", subscriptions=[], handler=_ignore, clean_start=True,
-                                session_expiry_s=0) as link:
-                names = [topics.down("gateways", f"gw-{i:05d}") for i in range(1000)]
-                link._builder = PublishBuilder()
-                await _round(link, names, per_turn * 10, per_turn, 1)  # warm-up: the topics' cache, the sockets
-                for n in range(1, runs + 1):
-                    for qos in (1, 0):
-                        for way in ways if n % 2 else ways[::-1]:
-                            link._builder = {"gmqtt": GmqttBuild, "link": PublishBuilder, "bound": LoopBound}[way]()
-                            await _round(link, names, per_turn, per_turn, qos)  # the link's topics cached
-                            calls, whole = await _round(link, names, messages, per_turn, qos)
-                            rows.append((n, qos, way, calls / messages * 1e6, whole / messages * 1e6))
-                            print(f"run {n} QoS {qos} {way:>5}: publish calls {rows[-1][3]:5.2f} µs, "
-                                  f"process until the last PUBACK {rows[-1][4]:5.2f} µs a message")
-        finally:
-            broker.stop()
+        async with bench_link(Path(data_dir)) as link:
+            names = [topics.down("gateways", f"gw-{i:05d}") for i in range(1000)]
+            link._builder = PublishBuilder()
+            await _round(link, names, per_turn * 10, per_turn, 1)  # warm-up: the topics' cache, the sockets
+            for n in range(1, runs + 1):
+                for qos in (1, 0):
+                    for way in ways if n % 2 else ways[::-1]:
+                        link._builder = {"gmqtt": GmqttBuild, "link": PublishBuilder, "bound": LoopBound}[way]()
+                        await _round(link, names, per_turn, per_turn, qos)  # the link's topics cached
+                        calls, whole = await _round(link, names, messages, per_turn, qos)
+                        rows.append((n, qos, way, calls / messages * 1e6, whole / messages * 1e6))
+                        print(f"run {n} QoS {qos} {way:>5}: publish calls {rows[-1][3]:5.2f} µs, "
+                              f"process until the last PUBACK {rows[-1][4]:5.2f} µs a message")
     return rows
 
 

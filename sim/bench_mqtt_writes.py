@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from broker_config import GENERATED_PASSWORD_ITERATIONS, BrokerSpec, Identity, MosquittoProcess, generate_password
@@ -38,7 +40,11 @@ async def one_run(messages: int, per_turn: int, coalesce: bool) -> tuple[float, 
         mqtt.coalesce_writes = real
 
 
-async def _publish_all(data_dir: Path, messages: int, per_turn: int) -> tuple[float, float, int | None]:
+@contextlib.asynccontextmanager
+async def bench_link(data_dir: Path) -> AsyncIterator[MqttLink]:
+    """A real Mosquitto (the retailer broker as ``broker_config`` renders it, without an in-flight bound, so that the
+    publisher's window never decides) and the bridge's :class:`MqttLink` to it, connected; stopped on the way out.
+    The MQTT benchmarks' common set-up (``sim.bench_mqtt_publish`` uses it too)."""
     spec = BrokerSpec(kind="retailer", port=free_port(), data_dir=data_dir,
                       privileged=Identity("bridge", generate_password()),
                       parties=[Identity("gw-1", generate_password())],
@@ -49,19 +55,24 @@ async def _publish_all(data_dir: Path, messages: int, per_turn: int) -> tuple[fl
         endpoint = MqttEndpoint(spec.host, spec.port, "bridge", spec.identities["bridge"].password)
         async with MqttLink(endpoint, client_id="bridge", subscriptions=[], handler=_ignore, clean_start=True,
                             session_expiry_s=0) as link:
-            topic = topics.down("gateways", "gw-1")
-            payload = b"x" * 200
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            for _ in range(0, messages, per_turn):
-                for _ in range(per_turn):
-                    await link.publish(topic, payload, wait_s=10.0)
-                await asyncio.sleep(0)
-            # Every PUBACK read: gmqtt keeps each QoS 1 publish until its PUBACK (its persistent storage).
-            await asyncio.wait_for(link._client._persistent_storage.wait_empty(), 60)
-            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-            return cpu, wall, (link.writes.flushes if link.writes is not None else None)
+            yield link
     finally:
         broker.stop()
+
+
+async def _publish_all(data_dir: Path, messages: int, per_turn: int) -> tuple[float, float, int | None]:
+    async with bench_link(data_dir) as link:
+        topic = topics.down("gateways", "gw-1")
+        payload = b"x" * 200
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for _ in range(0, messages, per_turn):
+            for _ in range(per_turn):
+                await link.publish(topic, payload, wait_s=10.0)
+            await asyncio.sleep(0)
+        # Every PUBACK read: gmqtt keeps each QoS 1 publish until its PUBACK (its persistent storage).
+        await asyncio.wait_for(link._client._persistent_storage.wait_empty(), 60)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        return cpu, wall, (link.writes.flushes if link.writes is not None else None)
 
 
 def main() -> None:
