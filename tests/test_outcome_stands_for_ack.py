@@ -66,6 +66,22 @@ class Chain:
         return {c["client_id"]: c for c in await self.relay.store.commands_of(request_id)}[client_id]
 
 
+def _bridge(hub: HubHandle, local: BrokerHandle, tmp_path: Path, **settings: Any) -> Bridge:
+    """r1's bridge on ``local`` with its store in ``tmp_path`` (the same store each time: a restart)."""
+    return Bridge(BridgeSettings(
+        retailer_id="r1", hub_mqtt_host=hub.broker.host, hub_mqtt_port=hub.broker.port,
+        hub_mqtt_password=hub.broker.identities["r1"].password, local_mqtt_host=local.host,
+        local_mqtt_port=local.port, local_mqtt_password=local.identities["bridge"].password,
+        db_path=tmp_path / "bridge.db", telemetry_store="none", customers={"c1": "gw-1", "c2": "gw-2"},
+        **settings))
+
+
+def _home() -> SimulatedHome:
+    """gw-1's home: a heater and an EV charger that may be shed, a fridge that may not."""
+    return SimulatedHome(0.3, [Plug(0, 2.0, "heater", 1, True), Plug(1, 3.7, "ev", 2, True),
+                               Plug(3, 0.15, "fridge", 9, False)])
+
+
 @asynccontextmanager
 async def chain(hub: HubHandle, tmp_path: Path, mosquitto_factory: MosquittoFactory, *, retry_s: float = 0.5,
                 ack_timeout_s: float = ACK_TIMEOUT_S, clock: Callable[[], float] | None = None,
@@ -74,14 +90,8 @@ async def chain(hub: HubHandle, tmp_path: Path, mosquitto_factory: MosquittoFact
     monotonic ``clock``, ``gateway`` settings added to the rig's) running, connected."""
     await hub.setup_registry({"c1": "r1", "c2": "r1"})
     local = mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge")
-    b = Bridge(BridgeSettings(
-        retailer_id="r1", hub_mqtt_host=hub.broker.host, hub_mqtt_port=hub.broker.port,
-        hub_mqtt_password=hub.broker.identities["r1"].password, local_mqtt_host=local.host,
-        local_mqtt_port=local.port, local_mqtt_password=local.identities["bridge"].password,
-        db_path=tmp_path / "bridge.db", telemetry_store="none", customers={"c1": "gw-1", "c2": "gw-2"},
-        gateway_ack_timeout_s=ack_timeout_s, gateway_retry_s=retry_s))
-    home = SimulatedHome(0.3, [Plug(0, 2.0, "heater", 1, True), Plug(1, 3.7, "ev", 2, True),
-                               Plug(3, 0.15, "fridge", 9, False)])
+    b = _bridge(hub, local, tmp_path, gateway_ack_timeout_s=ack_timeout_s, gateway_retry_s=retry_s)
+    home = _home()
     async with ModbusSimServer({1: home.meter}, port=0) as meter, ModbusSimServer({1: home.relays}, port=0) as relay:
         cfg = GatewayConfig.model_validate({
             "gateway": {"id": "gw-1", "client_id": "c1", "state_dir": str(tmp_path / "gw"), "poll_interval_s": 0.2,
@@ -275,15 +285,9 @@ async def test_a_gateway_killed_inside_the_hold_gets_the_command_again_and_execu
     local = mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge")
     # The first re-send (3 s) comes after the kill (which lands within the 1 s hold), so that the first process
     # never sees a duplicate, however loaded the machine; the start (6 s) after both.
-    bridge = Bridge(BridgeSettings(
-        retailer_id="r1", hub_mqtt_host=hub.broker.host, hub_mqtt_port=hub.broker.port,
-        hub_mqtt_password=hub.broker.identities["r1"].password, local_mqtt_host=local.host,
-        local_mqtt_port=local.port, local_mqtt_password=local.identities["bridge"].password,
-        db_path=tmp_path / "bridge.db", telemetry_store="none", customers={"c1": "gw-1", "c2": "gw-2"},
-        gateway_retry_s=LOADED_RETRY_S))
+    bridge = _bridge(hub, local, tmp_path, gateway_retry_s=LOADED_RETRY_S)
     relay = bridge.relay
-    home = SimulatedHome(0.3, [Plug(0, 2.0, "heater", 1, True), Plug(1, 3.7, "ev", 2, True),
-                               Plug(3, 0.15, "fridge", 9, False)])
+    home = _home()
     writes = CoilWrites(home)
     log = tmp_path / "gateway.log"
     gateway_db = tmp_path / "state" / "gateway-gw-1.db"
@@ -325,16 +329,6 @@ async def test_a_gateway_killed_inside_the_hold_gets_the_command_again_and_execu
         assert [on for _, on in writes.of(coil)] == [False], writes.writes
     with contextlib.closing(sqlite3.connect(f"file:{gateway_db}?mode=ro", uri=True)) as conn:
         assert conn.execute("SELECT reported FROM commands WHERE request_id=?", (request_id,)).fetchall() == [(1,)]
-
-
-def _bridge(hub: HubHandle, local: BrokerHandle, tmp_path: Path, **settings: Any) -> Bridge:
-    """r1's bridge on ``local`` with its store in ``tmp_path`` (the same store each time: a restart)."""
-    return Bridge(BridgeSettings(
-        retailer_id="r1", hub_mqtt_host=hub.broker.host, hub_mqtt_port=hub.broker.port,
-        hub_mqtt_password=hub.broker.identities["r1"].password, local_mqtt_host=local.host,
-        local_mqtt_port=local.port, local_mqtt_password=local.identities["bridge"].password,
-        db_path=tmp_path / "bridge.db", telemetry_store="none", customers={"c1": "gw-1", "c2": "gw-2"},
-        **settings))
 
 
 async def test_an_outcome_that_waited_out_a_bridge_restart_gives_no_round_trip_sample(
