@@ -114,12 +114,15 @@ class GroupCommit(Generic[T, R]):
                 batch, self._queue = self._queue, []
             try:
                 results = await self._commit([item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{self.name}: the commit gave {len(results)} results for {len(batch)} items")
             except Exception as exc:  # nothing of this batch is committed; the ones queued behind it still go
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
-                self._ended(len(batch))
                 continue
+            finally:  # committed, failed or cancelled: a barrier no longer waits for this batch
+                self._ended(len(batch))
             self.commits += 1
             self.writes += len(batch)
             for (_, fut), result in zip(batch, results, strict=True):
@@ -129,4 +132,3 @@ class GroupCommit(Generic[T, R]):
                     fut.set_exception(result.error)
                 else:
                     fut.set_result(result)
-            self._ended(len(batch))

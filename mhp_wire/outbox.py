@@ -11,6 +11,7 @@ they share, over an injected clock and the one back-off (:func:`mhp_wire.backoff
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -19,6 +20,8 @@ from typing import Any, Literal, Protocol
 
 from mhp_wire.backoff import delay_s
 from mhp_wire.mqtt import MqttError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -120,9 +123,17 @@ class ReadHorizon:
     another goes when ``retry_s`` has passed without it (a broker may drop a queued message, a session may be lost).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time, *, retry_s: float = 2.0, nonce: str = "") -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, *, retry_s: float = 2.0, max_lag_s: float = 30.0,
+                 nonce: str = "") -> None:
         self.clock = clock
         self.retry_s = retry_s
+        self.max_lag_s = max_lag_s
+        """The most the horizon may lag the clock (:meth:`known`): markers that stop coming back (a broker queue
+        that stays full and drops each one, a commit that never ends) delay re-sends, ``unreachable`` and expiry by
+        at most this, never for ever."""
+        self.stalls = 0
+        """Times the horizon fell ``max_lag_s`` behind (each logged once)."""
+        self._stalled = False
         self.nonce = nonce
         """Tells this process's markers from an earlier one's still queued in the same session (ignored)."""
         self.at = 0.0
@@ -140,7 +151,7 @@ class ReadHorizon:
             return None
         self._seq += 1
         self._in_flight[self._seq] = self._last_sent = now
-        if len(self._in_flight) > 64:  # none came back for a long while: the oldest are lost, not merely late
+        if len(self._in_flight) > 1024:  # none came back for a long while: the oldest are lost, not merely late
             del self._in_flight[min(self._in_flight)]
         self.probes += 1
         return f"{self.nonce}:{self._seq}".encode()
@@ -161,6 +172,20 @@ class ReadHorizon:
             return False
         self.at = sent_at
         return True
+
+    def known(self, now: float) -> float:
+        """The time up to which the other side's silence counts at ``now``: the horizon, or ``now - max_lag_s`` when
+        it lags further (a warning, once per stall)."""
+        floor = now - self.max_lag_s
+        if self.at >= floor:
+            self._stalled = False
+            return self.at
+        if not self._stalled:
+            self._stalled = True
+            self.stalls += 1
+            log.warning("no read marker came back for %.0f s: re-sends are judged %.0f s behind the clock until one "
+                        "does", now - self.at if self.at else self.max_lag_s, self.max_lag_s)
+        return floor
 
     def lost(self) -> None:
         """The link was (re)connected: a marker in flight may be gone with the old session; the next may go now."""

@@ -190,7 +190,7 @@ class BridgeRelay:
         self.probe_topic: str | None = None
         """Set by the service (:func:`mhp_wire.topics.bridge_probe` of our login, which the local link subscribes
         to): the topic of our read marker. None (a relay without it): re-sends are judged by the clock alone."""
-        self.read_horizon = ReadHorizon(self.commands_out.clock, nonce=secrets.token_hex(6))
+        self.read_horizon = ReadHorizon(lambda: self.commands_out.clock(), nonce=secrets.token_hex(6))
         """How far we have read the retailer broker: a gateway's silence is counted up to there (:meth:`read_up_to`),
         so a command whose answer waits in our own backlog is not sent again (docs/architecture.md, step 5)."""
         self.notices_out = Outbox(_Notices(store, self.gateway_topic), self._to_local, resend_from="read")
@@ -216,7 +216,7 @@ class BridgeRelay:
     def read_up_to(self) -> float:
         """The time up to which a gateway's silence is known: everything our retailer broker received before it has
         been read and applied (:class:`mhp_wire.outbox.ReadHorizon`); without a marker topic, no limit."""
-        return math.inf if self.probe_topic is None else self.read_horizon.at
+        return math.inf if self.probe_topic is None else self.read_horizon.known(self.commands_out.clock())
 
     async def _probe_read(self, payload: bytes) -> None:
         """Our marker came back: once what was read before it is applied (the reports queued so far are committed),
@@ -801,7 +801,7 @@ class BridgeRelay:
             await self.notices_out.send_due(self._notice_due)
         if self.local is None or not self.local.connected:
             return 0.2  # what is due waits for the retailer broker; do not poll the store meanwhile
-        now = time.time()
+        now = self.commands_out.clock()
         nxt, behind = await self.store.next_gateway_due(now, self.read_up_to())
         if behind:  # re-sends wait for us to read further: a marker tells when we have (it wakes this loop)
             await self._send_probe()

@@ -240,7 +240,7 @@ class BridgeStore:
                       one("SELECT MIN(next_attempt_at) FROM gateway_outbox")]
             behind = horizon < now and one(
                 f"SELECT EXISTS (SELECT 1 FROM commands WHERE {_IS_SENDING} AND next_attempt_at>? AND "
-                "next_attempt_at<=?)", horizon, now) == 1
+                "next_attempt_at<=? AND attempts>0)", horizon, now) == 1
             due = [v for v in values if v is not None]
             return (min(due) if due else None), behind
 

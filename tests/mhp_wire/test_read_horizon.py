@@ -62,10 +62,10 @@ def test_a_reconnection_lets_the_next_marker_go_at_once() -> None:
 def test_markers_that_never_return_are_bounded() -> None:
     clock = Clock()
     h = ReadHorizon(clock, retry_s=1.0, nonce="n")
-    for _ in range(500):
+    for _ in range(1500):
         assert h.probe() is not None
         clock.t += 1.0
-    assert len(h._in_flight) <= 64
+    assert len(h._in_flight) == 1024
 
 
 async def test_settled_waits_for_what_was_queued_before_it_not_after() -> None:
@@ -105,3 +105,34 @@ async def test_settled_counts_a_batch_whose_commit_raised() -> None:
     fut = gc.submit_nowait(1)
     await asyncio.wait_for(gc.settled(), 1)
     assert isinstance(fut.exception(), OSError)
+
+
+def test_a_horizon_that_stops_moving_lags_the_clock_by_at_most_max_lag() -> None:
+    clock = Clock()
+    h = ReadHorizon(clock, max_lag_s=30.0, nonce="n")
+    payload = h.probe()
+    assert payload is not None and h.returned(payload)
+    assert h.known(110.0) == 100.0 and h.stalls == 0
+    assert h.known(140.0) == 110.0 and h.stalls == 1, "30 s behind at most"
+    assert h.known(150.0) == 120.0 and h.stalls == 1, "one stall, counted (and logged) once"
+    clock.t = 149.0
+    late = h.probe()
+    assert late is not None and h.returned(late)
+    assert h.known(150.0) == 149.0
+    assert h.known(200.0) == 170.0 and h.stalls == 2
+
+
+async def test_a_commit_that_gives_the_wrong_number_of_results_fails_its_items_and_ends_for_the_barrier() -> None:
+    calls = 0
+
+    async def commit(items: list[int]) -> list[object]:
+        nonlocal calls
+        calls += 1
+        return [] if calls == 1 else list(items)
+
+    gc: GroupCommit[int, object] = GroupCommit(commit, name="t")
+    bad = gc.submit_nowait(1)
+    await asyncio.wait_for(gc.settled(), 1)
+    assert isinstance(bad.exception(), RuntimeError)
+    assert await asyncio.wait_for(gc.submit(2), 1) == 2
+    await asyncio.wait_for(gc.settled(), 1)
