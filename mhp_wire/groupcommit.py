@@ -44,6 +44,11 @@ class GroupCommit(Generic[T, R]):
         """Commits that went through (for SQLite: the number of fsyncs)."""
         self.writes = 0
         """Items committed; ``writes / commits`` is the mean batch."""
+        self._queued = 0
+        """Items ever queued."""
+        self._settled = 0
+        """Items whose commit has ended (committed or failed): batches end in the order they were queued."""
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     async def submit(self, item: T) -> R:
         """Queue ``item`` for the next commit; returns its result once that commit has ended."""
@@ -54,9 +59,35 @@ class GroupCommit(Generic[T, R]):
         (for callers that queue many items in one turn of the loop and await them after, without a task each)."""
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, done))
+        self._queued += 1
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=self.name)
         return done
+
+    def settled(self) -> asyncio.Future[None]:
+        """A future done once every item queued so far has had its commit end (committed or failed), whatever is
+        queued after: a barrier for a reader that must know the writes before it are in (unlike :meth:`drain`,
+        which under a steady stream of items would wait for ever)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._settled >= self._queued:
+            done.set_result(None)
+        else:
+            self._waiters.append((self._queued, done))
+        return done
+
+    def _ended(self, n: int) -> None:
+        """``n`` more items' commit ended: wake the barriers they held."""
+        self._settled += n
+        if not self._waiters:
+            return
+        still = []
+        for target, fut in self._waiters:
+            if target <= self._settled:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((target, fut))
+        self._waiters = still
 
     async def drain(self) -> None:
         """Wait until everything queued is committed (or failed)."""
@@ -83,11 +114,15 @@ class GroupCommit(Generic[T, R]):
                 batch, self._queue = self._queue, []
             try:
                 results = await self._commit([item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{self.name}: the commit gave {len(results)} results for {len(batch)} items")
             except Exception as exc:  # nothing of this batch is committed; the ones queued behind it still go
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            finally:  # committed, failed or cancelled: a barrier no longer waits for this batch
+                self._ended(len(batch))
             self.commits += 1
             self.writes += len(batch)
             for (_, fut), result in zip(batch, results, strict=True):

@@ -11,6 +11,8 @@ they share, over an injected clock and the one back-off (:func:`mhp_wire.backoff
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from typing import Any, Literal, Protocol
 
 from mhp_wire.backoff import delay_s
 from mhp_wire.mqtt import MqttError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -103,3 +107,86 @@ class Outbox:
             await self.storage.sent([(p, base + delays[p.attempts]) for p in sent], dropped, now)
         self.sends += len(sent)
         return len(sent)
+
+
+class ReadHorizon:
+    """How far a receiver has read its broker: the time before which everything the broker received for it has been
+    read and applied. An outbox whose re-send timer counts the silence of the other side from the send alone takes
+    "not yet read" for "not answered": a receiver behind on its inbound (thousands of answers queued at the broker,
+    in its socket, or in a commit) re-sends what was answered long ago. The silence is known only up to this
+    horizon, so re-sends (and the verdict "unreachable") are judged at ``min(now, at)``.
+
+    The horizon is learnt with a marker: the owner publishes :meth:`probe`'s payload at QoS 1 to a topic only it
+    subscribes to, and hands it back to :meth:`returned` once everything read before it is applied. A broker
+    delivers one subscriber's messages in the order it received them, so what reached the broker before the marker
+    has been read when the marker is; the marker's send time is then the horizon. One marker is in flight at a time;
+    another goes when ``retry_s`` has passed without it (a broker may drop a queued message, a session may be lost).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time, *, retry_s: float = 2.0, max_lag_s: float = 30.0,
+                 nonce: str = "") -> None:
+        self.clock = clock
+        self.retry_s = retry_s
+        self.max_lag_s = max_lag_s
+        """The most the horizon may lag the clock (:meth:`known`): markers that stop coming back (a broker queue
+        that stays full and drops each one, a commit that never ends) delay re-sends, ``unreachable`` and expiry by
+        at most this, never for ever."""
+        self.stalls = 0
+        """Times the horizon fell ``max_lag_s`` behind (each logged once)."""
+        self._stalled = False
+        self.nonce = nonce
+        """Tells this process's markers from an earlier one's still queued in the same session (ignored)."""
+        self.at = 0.0
+        """Everything the broker received for us before this time has been read and applied."""
+        self._in_flight: dict[int, float] = {}
+        self._seq = 0
+        self._last_sent = -math.inf
+        self.probes = 0
+        """Markers sent."""
+
+    def probe(self) -> bytes | None:
+        """The payload of a marker to publish now, or None while one sent less than ``retry_s`` ago is in flight."""
+        now = self.clock()
+        if self._in_flight and now - self._last_sent < self.retry_s:
+            return None
+        self._seq += 1
+        self._in_flight[self._seq] = self._last_sent = now
+        if len(self._in_flight) > 1024:  # none came back for a long while: the oldest are lost, not merely late
+            del self._in_flight[min(self._in_flight)]
+        self.probes += 1
+        return f"{self.nonce}:{self._seq}".encode()
+
+    def returned(self, payload: bytes) -> bool:
+        """A marker read back (after what was read before it is applied); True when it moved the horizon. Markers
+        of another process, unknown or malformed ones are ignored; those sent before this one are implied by it."""
+        nonce, _, seq_text = payload.decode("ascii", "replace").rpartition(":")
+        if nonce != self.nonce or not seq_text.isdigit():
+            return False
+        seq = int(seq_text)
+        sent_at = self._in_flight.get(seq)
+        if sent_at is None:
+            return False
+        for s in [s for s in self._in_flight if s <= seq]:
+            del self._in_flight[s]
+        if sent_at <= self.at:
+            return False
+        self.at = sent_at
+        return True
+
+    def known(self, now: float) -> float:
+        """The time up to which the other side's silence counts at ``now``: the horizon, or ``now - max_lag_s`` when
+        it lags further (a warning, once per stall)."""
+        floor = now - self.max_lag_s
+        if self.at >= floor:
+            self._stalled = False
+            return self.at
+        if not self._stalled:
+            self._stalled = True
+            self.stalls += 1
+            log.warning("no read marker came back for %.0f s: re-sends are judged %.0f s behind the clock until one "
+                        "does", now - self.at if self.at else self.max_lag_s, self.max_lag_s)
+        return floor
+
+    def lost(self) -> None:
+        """The link was (re)connected: a marker in flight may be gone with the old session; the next may go now."""
+        self._last_sent = -math.inf

@@ -17,6 +17,7 @@ are generated from the same three rules, so the topic tree and the ACLs cannot d
     mhp/v1/public/status                         hub / bridge presence QoS 1, retained, last will
     mhp/v1/hub/replicas/{replica_id}/status      hub replica presence  QoS 1, retained, last will
     mhp/v1/hub/replicas/{replica_id}/in          replica -> replica    QoS 1 (forwarded outcomes, acks, cancels)
+    mhp/v1/bridge/{login}/probe                  bridge -> itself      QoS 1 (its read marker, on its retailer broker)
 
 The ``hub`` subtree exists only on the hub broker and only between hub replicas (``docs/architecture.md``,
 scale-out): no party pattern grants it, so only the privileged identities (one per replica) may use it. Replicas
@@ -119,6 +120,13 @@ def replica_in(replica_id: str) -> str:
 
 
 REPLICA_STATUS_ALL = f"{REPLICAS}/+/status"
+
+
+def bridge_probe(login: str) -> str:
+    """A bridge process's read marker on its retailer broker (:class:`mhp_wire.outbox.ReadHorizon`): it publishes and
+    alone reads it, under its own MQTT login. Like ``hub/replicas``, no party pattern grants the ``bridge`` subtree,
+    so a gateway can neither read nor forge it."""
+    return f"{PREFIX}/bridge/{check_id(login)}/probe"
 
 TARIFF = f"{PREFIX}/public/tariff"
 PUBLIC_STATUS = f"{PREFIX}/public/status"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,7 +53,7 @@ from mhp_wire.messages import (
     tariff_msg_id,
 )
 from mhp_wire.mqtt import MqttError, MqttLink, Republisher
-from mhp_wire.outbox import Outbox, Pending
+from mhp_wire.outbox import Outbox, Pending, ReadHorizon
 from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
 from mhp_wire.router import Inbound, InboundRouter, Refusal, TypeTable
@@ -181,9 +183,16 @@ class BridgeRelay:
         """The gateways' measured acknowledgement times: a command's first re-send waits ``timeout_s()``, at
         least ``gateway_retry_s`` and at most its ``max_s`` (settings ``gateway_retry_max_s``; docs/architecture.md,
         step 5)."""
-        self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt), self._to_local,
-                                   limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.gateway_rtt.timeout_s()))
+        self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt, self.read_up_to),
+                                   self._to_local, limit=DISPATCH_BATCH,
+                                   retry_s=lambda n: delay_s(n, self.gateway_rtt.timeout_s()))
         """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
+        self.probe_topic: str | None = None
+        """Set by the service (:func:`mhp_wire.topics.bridge_probe` of our login, which the local link subscribes
+        to): the topic of our read marker. None (a relay without it): re-sends are judged by the clock alone."""
+        self.read_horizon = ReadHorizon(lambda: self.commands_out.clock(), nonce=secrets.token_hex(6))
+        """How far we have read the retailer broker: a gateway's silence is counted up to there (:meth:`read_up_to`),
+        so a command whose answer waits in our own backlog is not sent again (docs/architecture.md, step 5)."""
         self.notices_out = Outbox(_Notices(store, self.gateway_topic), self._to_local, resend_from="read")
         """Notices to gateways (cancellations, schedules), re-sent until acknowledged or past their deadline."""
         self.ack_partition: AckPartition | None = None
@@ -200,7 +209,34 @@ class BridgeRelay:
         a broker restarted without (or with an old) persistence snapshot no longer holds; and give each command
         still unanswered its ack timeout again from now (see :meth:`_command_due`)."""
         self.local_up_since = self.commands_out.clock()  # the clock the commands' rounds are judged by
+        self.read_horizon.lost()
         self.tariff.connected()
+        self._wake_gateways.set()  # a marker goes now if re-sends wait for one
+
+    def read_up_to(self) -> float:
+        """The time up to which a gateway's silence is known: everything our retailer broker received before it has
+        been read and applied (:class:`mhp_wire.outbox.ReadHorizon`); without a marker topic, no limit."""
+        return math.inf if self.probe_topic is None else self.read_horizon.known(self.commands_out.clock())
+
+    async def _probe_read(self, payload: bytes) -> None:
+        """Our marker came back: once what was read before it is applied (the reports queued so far are committed),
+        the gateways' silence is known up to its send time, and the re-sends that waited for that are judged."""
+        await self.gateway_reports.settled()
+        if self.read_horizon.returned(payload):
+            self._wake_gateways.set()
+
+    async def _send_probe(self) -> None:
+        """Publish a read marker unless one is in flight (a lost one goes again after ``ReadHorizon.retry_s``)."""
+        if self.probe_topic is None or self.local is None:
+            return
+        payload = self.read_horizon.probe()
+        if payload is None:
+            return
+        try:
+            await self.local.publish(self.probe_topic, payload, wait_s=PUBLISH_WAIT_S)
+        except MqttError as exc:
+            self.read_horizon.lost()
+            log.debug("read marker not sent: %s", exc)
 
     async def republish_tariff(self) -> bool:
         """Publish the stored tariff, retained, for our gateways; False when none is stored."""
@@ -478,6 +514,9 @@ class BridgeRelay:
         pending: list[Awaitable[None]] = []
         try:
             for topic, payload, retained in messages:
+                if topic == self.probe_topic:  # our read marker: after what came before it (before the gate)
+                    pending.append(self._probe_read(payload))
+                    continue
                 try:
                     started = self._start_local(topic, payload, retained)
                 except Exception:  # one message's failure is that message's: the others go on
@@ -738,11 +777,12 @@ class BridgeRelay:
         """The bridge's rule before (re-)sending a command: a gateway silent past the ack timeout, or a request
         past its deadline, gets its outcome instead."""
         cmd, now = p.row, self.commands_out.round_at
+        known = min(now, self.read_up_to())  # the gateway's silence is known up to what we have read
         # A gateway's ack is QoS 0 (docs/protocol.md): one sent while this bridge was offline is not queued for it.
         # So the silence counts from the link's last (re)connection too: the command is sent once more after it,
         # and only a gateway silent for a whole timeout since then is unreachable.
         waited_from = max(cmd["first_sent_at"] or now, cmd["not_before"], self.local_up_since)
-        if cmd["first_sent_at"] is not None and now - waited_from > self.gateway_ack_timeout_s:
+        if cmd["first_sent_at"] is not None and known - waited_from > self.gateway_ack_timeout_s:
             await self._unreachable(cmd, "no acknowledgement from the gateway in time")
             return False
         if cmd["deadline"] <= now:
@@ -761,8 +801,11 @@ class BridgeRelay:
             await self.notices_out.send_due(self._notice_due)
         if self.local is None or not self.local.connected:
             return 0.2  # what is due waits for the retailer broker; do not poll the store meanwhile
-        nxt = await self.store.next_due("gateways")
-        return 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
+        now = self.commands_out.clock()
+        nxt, behind = await self.store.next_gateway_due(now, self.read_up_to())
+        if behind:  # re-sends wait for us to read further: a marker tells when we have (it wakes this loop)
+            await self._send_probe()
+        return 1.0 if nxt is None else max(0.01, min(1.0, nxt - now))
 
     async def dispatch_hub(self) -> float:
         """Send the outcomes and measurements that are due to the hub; returns how long to sleep."""
@@ -809,14 +852,19 @@ class _Commands:
     first re-send falls due before the gateways' measured round trip (``rtt``) says it could have been answered
     waits until then: its delay was fixed when it was sent, before the acknowledgements of a busy link came in."""
 
-    def __init__(self, store: BridgeStore, topic_of: Callable[[str], str], rtt: RoundTrip) -> None:
+    def __init__(self, store: BridgeStore, topic_of: Callable[[str], str], rtt: RoundTrip,
+                 read_up_to: Callable[[], float] = lambda: math.inf) -> None:
         self.store = store
         self.topic_of = topic_of
         self.rtt = rtt
+        self.read_up_to = read_up_to
+        """How far the bridge has read its broker: a command already sent is judged at that time, not at now."""
 
     async def due(self, now: float, limit: int) -> list[Pending]:
         topic_of = self.topic_of
-        rows = await self.store.due_commands(now, limit)
+        horizon = self.read_up_to()
+        rows = await self.store.due_commands(now, limit, horizon)
+        now = min(now, horizon)  # what a re-send is judged by
         wait_s = self.rtt.timeout_s()
         # Not one made due at once (next_attempt_at 0: its gateway came back online, ``resend_now_many``).
         early = [(c["first_sent_at"] + wait_s, c["msg_id"]) for c in rows

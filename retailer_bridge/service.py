@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from pydantic import ValidationError
 
 from mhp_wire import topics
+from mhp_wire.ids import is_id
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
 from mhp_wire.ratelimit import RateLimiter
 from retailer_bridge.instance_lock import active_instance
@@ -121,6 +122,13 @@ class Bridge:
 
     async def _run(self) -> None:
         s, rid = self.settings, self.settings.retailer_id
+        # Our read marker (``ReadHorizon``): re-sends to gateways wait until we have read what they may have answered.
+        # A login that cannot be a topic level gets none, and its re-sends are judged by the clock alone, as before.
+        probe = [topics.bridge_probe(s.local_mqtt_username)] if is_id(s.local_mqtt_username) else []
+        if not probe:
+            log.warning("bridge %s: local login %r cannot name a read-marker topic; re-sends are judged by the clock "
+                        "alone", rid, s.local_mqtt_username)
+        self.relay.probe_topic = probe[0] if probe else None
         await self.store.open()
         await self.relay.load_customers()  # the hub's announcements survive a restart: before any message is read
         hub = MqttLink(
@@ -132,7 +140,8 @@ class Bridge:
         local = MqttLink(
             MqttEndpoint(s.local_mqtt_host, s.local_mqtt_port, s.local_mqtt_username, s.local_mqtt_password,
                          s.local_mqtt_tls_ca_file),
-            client_id=s.local_mqtt_username, subscriptions=uplink_filters(self.partition, self.gate.gateway_of),
+            client_id=s.local_mqtt_username,
+            subscriptions=[*uplink_filters(self.partition, self.gate.gateway_of), *probe],
             handler=self.relay.on_local_message, status_topic=topics.PUBLIC_STATUS, connect_timeout_s=None,
             on_connect=self.relay.local_connected, batch_handler=self.relay.on_local_batch,
             receive_maximum=LOCAL_RECEIVE_MAXIMUM,

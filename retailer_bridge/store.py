@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS tariff (id INTEGER PRIMARY KEY CHECK (id = 1), tariff
     version INTEGER NOT NULL, payload BLOB NOT NULL, published INTEGER);
 DROP INDEX IF EXISTS commands_due;
 CREATE INDEX IF NOT EXISTS commands_sending ON commands(next_attempt_at) WHERE state = 'sending';
+CREATE INDEX IF NOT EXISTS commands_unsent ON commands(next_attempt_at) WHERE state = 'sending' AND attempts = 0;
 CREATE TABLE IF NOT EXISTS hub_outbox (
     msg_id TEXT PRIMARY KEY, payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL);
@@ -110,6 +111,8 @@ SQL_IN_MAX = 500
 _IS_SENDING = f"state = '{SENDING}'"
 """The condition of the partial index ``commands_sending``, written as a literal: SQLite uses a partial index only
 for a query whose ``WHERE`` names its condition as written (a bound ``state=?`` does not)."""
+_IS_UNSENT = f"state = '{SENDING}' AND attempts = 0"
+"""The condition of the partial index ``commands_unsent`` (commands never sent yet), written as a literal."""
 
 
 def _each_chunk(db: sqlite3.Connection, sql: str, params: tuple[Any, ...], ids: list[str]) -> None:
@@ -201,11 +204,47 @@ class BridgeStore:
         """Add outcomes to the outbox towards the hub."""
         await self._tx(lambda db: self._queue(db, outcomes))
 
-    async def due_commands(self, now: float, limit: int = 500) -> list[dict[str, Any]]:
-        """Commands not yet acknowledged by their gateway whose next attempt is due."""
-        return await self.sql.read(lambda db: _dicts(db.execute(
-            f"SELECT * FROM commands WHERE {_IS_SENDING} AND next_attempt_at<=? ORDER BY next_attempt_at LIMIT ?",
-            (now, limit))))
+    async def due_commands(self, now: float, limit: int = 500, horizon: float | None = None) -> list[dict[str, Any]]:
+        """Commands not yet acknowledged by their gateway whose next attempt is due, in the order they fall due.
+
+        With a ``horizon`` before ``now`` (how far the bridge has read its broker, :class:`mhp_wire.outbox.ReadHorizon`)
+        a command already sent is due only once its next attempt is at or before the horizon: its gateway's silence
+        is known up to there, not up to now. A command never sent is due at ``now``."""
+        if horizon is None or horizon >= now:
+            return await self.sql.read(lambda db: _dicts(db.execute(
+                f"SELECT * FROM commands WHERE {_IS_SENDING} AND next_attempt_at<=? ORDER BY next_attempt_at LIMIT ?",
+                (now, limit))))
+
+        def op(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = _dicts(db.execute(f"SELECT * FROM commands WHERE {_IS_SENDING} AND next_attempt_at<=? "
+                                     "ORDER BY next_attempt_at LIMIT ?", (horizon, limit)))
+            if len(rows) < limit:  # then the unsent ones due after the horizon: the order stays that of next attempts
+                rows += _dicts(db.execute(f"SELECT * FROM commands WHERE {_IS_UNSENT} AND next_attempt_at>? AND "
+                                          "next_attempt_at<=? ORDER BY next_attempt_at LIMIT ?",
+                                          (horizon, now, limit - len(rows))))
+            return rows
+
+        return await self.sql.read(op)
+
+    async def next_gateway_due(self, now: float, horizon: float) -> tuple[float | None, bool]:
+        """``(when, behind)``: when the next command or notice to the gateways is due as far as the store can tell
+        (None: nothing), and whether a command already sent is due at ``now`` but not at the ``horizon`` (it waits
+        for the bridge to read further, not for a time). Index seeks only."""
+
+        def op(db: sqlite3.Connection) -> tuple[float | None, bool]:
+            one = lambda sql, *args: db.execute(sql, args).fetchone()[0]  # noqa: E731
+            values = [one(f"SELECT MIN(next_attempt_at) FROM commands WHERE {_IS_SENDING} AND next_attempt_at<=?",
+                          min(now, horizon)),
+                      one(f"SELECT MIN(next_attempt_at) FROM commands WHERE {_IS_SENDING} AND next_attempt_at>?", now),
+                      one(f"SELECT MIN(next_attempt_at) FROM commands WHERE {_IS_UNSENT}"),
+                      one("SELECT MIN(next_attempt_at) FROM gateway_outbox")]
+            behind = horizon < now and one(
+                f"SELECT EXISTS (SELECT 1 FROM commands WHERE {_IS_SENDING} AND next_attempt_at>? AND "
+                "next_attempt_at<=? AND attempts>0)", horizon, now) == 1
+            due = [v for v in values if v is not None]
+            return (min(due) if due else None), behind
+
+        return await self.sql.read(op)
 
     async def mark_sent(self, sent: list[tuple[str, float]], now: float) -> None:
         """Record attempts ``(msg_id, next_attempt_at)``: one ``UPDATE`` per 500 commands of the same next attempt

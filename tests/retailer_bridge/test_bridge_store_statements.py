@@ -168,14 +168,33 @@ async def test_a_store_of_an_older_bridge_gets_the_partial_index_and_keeps_its_c
     try:
         indexes = await store.sql.read(lambda db: {r[0] for r in db.execute(
             "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='commands' AND sql IS NOT NULL")})
-        assert indexes == {"commands_sending"}
+        assert indexes == {"commands_sending", "commands_unsent"}
         due = await store.due_commands(50.0)
         assert [c["msg_id"] for c in due] == ["m2", "m1"]  # the sending ones due, in the order they fall due
         assert await store.next_due("gateways") == 10.0
+        assert await store.next_gateway_due(50.0, 60.0) == (10.0, False)
         plan = await store.sql.read(lambda db: " ".join(r[3] for r in db.execute(
             "EXPLAIN QUERY PLAN SELECT * FROM commands WHERE state = 'sending' AND next_attempt_at<=? "
             "ORDER BY next_attempt_at LIMIT 10", (50.0,))))
         assert "commands_sending" in plan
+        for sql, args, index in [  # the read horizon's queries: index seeks, not a walk of what waits
+                ("SELECT * FROM commands WHERE state = 'sending' AND attempts = 0 AND next_attempt_at>? AND "
+                 "next_attempt_at<=? ORDER BY next_attempt_at LIMIT 10", (1.0, 50.0), "commands_unsent"),
+                ("SELECT MIN(next_attempt_at) FROM commands WHERE state = 'sending' AND attempts = 0", (),
+                 "commands_unsent"),
+                ("SELECT EXISTS (SELECT 1 FROM commands WHERE state = 'sending' AND next_attempt_at>? AND "
+                 "next_attempt_at<=? AND attempts>0)", (1.0, 50.0), "commands_sending")]:
+            plan = await store.sql.read(lambda db, sql=sql, args=args: " ".join(
+                r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql, args)))
+            assert index in plan, (sql, plan)
+        # Never sent: due at now whatever the horizon. Once m1 is sent (next attempt at 30), it waits for a horizon
+        # past 30 (the bridge has read that far), while m2, never sent, does not.
+        assert [c["msg_id"] for c in await store.due_commands(50.0, horizon=20.0)] == ["m2", "m1"]
+        assert await store.next_gateway_due(50.0, 20.0) == (10.0, False)
+        await store.mark_sent([("m1", 30.0)], now=5.0)
+        assert [c["msg_id"] for c in await store.due_commands(50.0, horizon=20.0)] == ["m2"]
+        assert await store.next_gateway_due(50.0, 20.0) == (10.0, True)
+        assert [c["msg_id"] for c in await store.due_commands(50.0, horizon=30.0)] == ["m2", "m1"]
         await store.resend_now_many(["gw-5", "gw-3"])  # only a command still sending is made due
         assert [c["msg_id"] for c in await store.due_commands(0.0)] == ["m5"]
     finally:

@@ -123,7 +123,8 @@ async def test_a_partition_is_not_delivered_the_other_partitions_uplinks(tmp_pat
             assert not p0.gate.dropped and not p1.gate.dropped, "nothing foreign reached either gate"
             assert not any(g in p1.relay.latest_telemetry for g in OWNED[0])
             assert p1.relay.local is not None
-            assert p1.relay.local.subscriptions == [topics.party_up("gateways", g) for g in sorted(OWNED[1])]
+            assert p1.relay.local.subscriptions == [*(topics.party_up("gateways", g) for g in sorted(OWNED[1])),
+                                                    topics.bridge_probe("bridge.p1")]  # and its own read marker
 
             # Partition 1 restarts; what its gateways send meanwhile waits in its session, the others' does not.
             await stack.aclose()
