@@ -181,7 +181,14 @@ class BridgeRelay:
         """The gateways' measured acknowledgement times: a command's first re-send waits ``timeout_s()``, at
         least ``gateway_retry_s`` and at most its ``max_s`` (settings ``gateway_retry_max_s``; docs/architecture.md,
         step 5)."""
-        self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt), self._to_local,
+        self.fresh_commands: list[Pending] = []
+        """A request's commands just committed, for the gateways' loop to send first thing in its next round
+        (:meth:`Outbox.send_stored`) instead of reading them back; held (:attr:`held_commands`) until then."""
+        self.held_commands: set[str] = set()
+        """``msg_id`` of the commands of :attr:`fresh_commands` (and of those being committed to join them): the
+        gateways' loop's reads of due commands leave them out, so that no command goes out twice."""
+        self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt, self.held_commands),
+                                   self._to_local,
                                    limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.gateway_rtt.timeout_s()))
         """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
         self.notices_out = Outbox(_Notices(store, self.gateway_topic), self._to_local, resend_from="read")
@@ -194,6 +201,10 @@ class BridgeRelay:
         self.hub_out = Outbox(_ToHub(store, topics.up("retailers", retailer_id), self.hub_order), self._to_hub_link,
                               limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.hub_retry_s))
         """Outcomes and measurements to the hub, re-sent until the hub acknowledges them."""
+        self.fresh_to_hub: dict[str, bytes] = {}
+        """Outcomes a batch of gateways' reports has just committed for the hub, ``msg_id -> payload``: the loop
+        towards the hub sends them first thing in its next round (:meth:`Outbox.send_stored`), without waiting for
+        a read of the outbox behind the next batch's commit on the one SQLite thread."""
 
     def local_connected(self) -> None:
         """The link to this retailer's broker is up (the first time or again): republish the stored tariff, which
@@ -252,6 +263,8 @@ class BridgeRelay:
 
     async def _hub_ack(self, msg: Ack) -> None:
         self.last_hub_ack = time.monotonic()
+        for m in msg.ack_ids:
+            self.fresh_to_hub.pop(m, None)
         self.hub_order.acked(msg.ack_ids)
         await self.store.ack_outbox(msg.ack_ids)
 
@@ -307,9 +320,26 @@ class BridgeRelay:
                 mid = msg_ids()
                 commands.append(NewCommand(req.request_id, cid, gid, mid, template.payload(mid, cid), now,
                                            expires_at, not_before, req.revision))
-        await self.store.accept_request(commands, answers)
+        held = {c.msg_id for c in commands}
+        self.held_commands |= held  # before the commit: a round reading due commands after it leaves them out
+        try:
+            added = await self.store.accept_request(commands, answers)
+        except BaseException:
+            self.held_commands -= held
+            raise
+        if commands and added == len(commands):  # every command stored is one of these (not a redelivery)
+            self.fresh_commands.extend(Pending(c.msg_id, self.gateway_topic(c.gateway_id), c.payload, 0, row={
+                "request_id": c.request_id, "client_id": c.client_id, "gateway_id": c.gateway_id,
+                "first_sent_at": None, "not_before": c.not_before, "deadline": c.deadline, "handling_ms": 0.0,
+                "revision": c.revision}) for c in commands)
+        else:  # a redelivered request: what it holds already goes out from the store's rounds
+            self.held_commands -= held
         await self._to_hub(Ack(ack_ids=[req.msg_id]))
-        self.kick()
+        # The loop towards the hub only when answers were queued for it: woken for nothing, its reads of the
+        # outbox took turns on the SQLite thread with the commands' first round.
+        self._wake_gateways.set()
+        if answers:
+            self._wake_hub.set()
 
     def availability(self, request_id: str, client_id: str, gateway_id: str) -> Outcome:
         """Whether a client could shed load now, from its gateway's presence and latest telemetry."""
@@ -582,7 +612,9 @@ class BridgeRelay:
 
     async def _gateway_ack_stored(self, stored: Awaitable[object]) -> None:
         await stored
-        self.kick()
+        # Only the hub's loop has work now (a ``delivered`` outcome): waking the gateways' loop too made it read the
+        # store for due commands after every batch of reports, a read each report commit then queued behind.
+        self._wake_hub.set()
 
     async def _resend_batch(self, gids: list[str]) -> list[None]:
         """The gateways that came online during the previous batch: what waits for them is due now."""
@@ -597,6 +629,11 @@ class BridgeRelay:
         closings = [i for i in items if isinstance(i, Closing)]
         applied = await self.store.apply_reports(acks, closings, _delivered,
                                                  pack_outcomes if self.hub_outcome_batches else None)
+        for m in applied.withdrawn:
+            self.fresh_to_hub.pop(m, None)
+        if applied.queued:
+            self.fresh_to_hub.update(applied.queued)
+            self._wake_hub.set()
         if applied.first_sent_at:
             now = self.commands_out.clock()
             for sent_at in applied.first_sent_at:
@@ -657,7 +694,7 @@ class BridgeRelay:
             log.info("gateway %s answered revision %d of request %s, which revision %d replaced: not forwarded", gid,
                      msg.revision, outside(msg.request_id), cmd["revision"])
         elif cmd["state"] != CLOSED and msg.state.terminal:
-            self.kick()
+            self._wake_hub.set()  # its outcome is queued for the hub; nothing became due for the gateways
         await self._ack_gateway(gid, msg.msg_id)
 
     # -- sending ------------------------------------------------------------------------------------------
@@ -756,11 +793,20 @@ class BridgeRelay:
 
     async def dispatch_gateways(self) -> float:
         """Send the commands and notices that are due to gateways; returns how long to sleep."""
+        fresh, self.fresh_commands = self.fresh_commands, []
+        if fresh:
+            try:
+                if self.local is not None and self.local.connected:
+                    await self.commands_out.send_stored(fresh, self._command_due)
+            finally:  # sent and recorded, or left due in the store for the rounds below
+                self.held_commands.difference_update(str(p.key) for p in fresh)
         if self.local is not None and self.local.connected:
             await self.commands_out.send_due(self._command_due)
             await self.notices_out.send_due(self._notice_due)
         if self.local is None or not self.local.connected:
             return 0.2  # what is due waits for the retailer broker; do not poll the store meanwhile
+        if self._wake_gateways.is_set():
+            return 0.0  # woken during the round: the next round starts at once, no need to ask when it is due
         nxt = await self.store.next_due("gateways")
         return 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
 
@@ -773,13 +819,20 @@ class BridgeRelay:
             self._pending_measurements.clear()
             batch = Measurements(items=items)
             await self.store.queue_for_hub([(batch.msg_id, encode(batch))])
+        fresh, self.fresh_to_hub = self.fresh_to_hub, {}
         if self.hub is not None and self.hub.connected:
+            if fresh:  # first, before the reads below: one not sent (the link went down) is still due in the store
+                topic = topics.up("retailers", self.retailer_id)
+                await self.hub_out.send_stored([Pending(m, topic, payload, 0) for m, payload in fresh.items()
+                                                if not self.hub_order.sent_here(m)])
             busy = time.monotonic() - self.last_hub_ack < self.hub_retry_s
             if busy:  # the hub is acknowledging, in order: what was sent after its last acknowledgement is queued
                 await self.store.postpone_hub_resends(now, now + self.hub_retry_s, self.hub_order.maybe_queued)
             await self.hub_out.send_due()
         if self.hub is None or not self.hub.connected:
             return 0.2  # what is due waits for the hub broker (measurements are still queued on time)
+        if self._wake_hub.is_set():
+            return 0.0  # woken during the round (more outcomes stored): the next round starts at once
         nxt = await self.store.next_due("hub")
         wait = 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
         if self._pending_measurements:
@@ -809,14 +862,19 @@ class _Commands:
     first re-send falls due before the gateways' measured round trip (``rtt``) says it could have been answered
     waits until then: its delay was fixed when it was sent, before the acknowledgements of a busy link came in."""
 
-    def __init__(self, store: BridgeStore, topic_of: Callable[[str], str], rtt: RoundTrip) -> None:
+    def __init__(self, store: BridgeStore, topic_of: Callable[[str], str], rtt: RoundTrip,
+                 held: set[str] | None = None) -> None:
         self.store = store
         self.topic_of = topic_of
         self.rtt = rtt
+        self.held = held if held is not None else set()
+        """Commands the relay sends from their commit (:attr:`BridgeRelay.held_commands`): not read as due here."""
 
     async def due(self, now: float, limit: int) -> list[Pending]:
         topic_of = self.topic_of
         rows = await self.store.due_commands(now, limit)
+        if self.held:
+            rows = [c for c in rows if c["msg_id"] not in self.held]
         wait_s = self.rtt.timeout_s()
         # Not one made due at once (next_attempt_at 0: its gateway came back online, ``resend_now_many``).
         early = [(c["first_sent_at"] + wait_s, c["msg_id"]) for c in rows
@@ -875,6 +933,10 @@ class SendOrder:
             seq = self._sent.pop(m, None)
             if seq is not None and seq > self._acked:
                 self._acked = seq
+
+    def sent_here(self, msg_id: str) -> bool:
+        """Whether this process sent ``msg_id`` and the hub has not acknowledged it yet."""
+        return msg_id in self._sent
 
     def maybe_queued(self, msg_id: str) -> bool:
         """Whether ``msg_id`` was sent after the newest message the hub has acknowledged."""

@@ -1,0 +1,99 @@
+"""A request's commands go to the gateways straight from the commit that stored them, not read back from the store
+(issue 14, seventh round: the critical path of a fan-out; at 10,000 gateways the first round read 10,000 commands
+before it sent the first one). Real SQLite, a real Mosquitto retailer broker from broker_config/, gateways played by
+MQTT test clients.
+
+Each command is still stored before it is sent (the request's ``ack`` to the hub follows the same commit), recorded
+as sent, re-sent from the store until its gateway acknowledges it, and sent once: the loop's own reads of due
+commands leave out those held for the hand-over, and a redelivered request sends nothing new.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mhp_wire import topics
+from mhp_wire.messages import Command
+from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from retailer_bridge.relay import BridgeRelay
+from retailer_bridge.store import BridgeStore
+from tests.broker_fixtures import BrokerHandle, MosquittoFactory
+from tests.mqtt_party import Party, parties
+from tests.retailer_bridge.test_bridge import request
+
+
+async def _nothing(topic: str, payload: bytes, retained: bool) -> None:
+    """No message is expected on this link."""
+
+
+@pytest.fixture
+async def relay_and_broker(tmp_path: Path, mosquitto_factory: MosquittoFactory, monkeypatch: pytest.MonkeyPatch
+                           ) -> AsyncIterator[tuple[BridgeRelay, BrokerHandle, list[str]]]:
+    """A relay on a real store whose due-command reads are recorded (``read_back``), its link to a real retailer
+    broker open, and no loop running beside the test."""
+    local = mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge")
+    store = BridgeStore(tmp_path / "bridge.db")
+    await store.open()
+    read_back: list[str] = []
+    due_commands = store.due_commands
+
+    async def spied(now: float, limit: int) -> list[dict[str, Any]]:
+        rows = await due_commands(now, limit)
+        read_back.extend(r["msg_id"] for r in rows)
+        return rows
+
+    monkeypatch.setattr(store, "due_commands", spied)
+    relay = BridgeRelay("r1", {"c1": "gw-1", "c2": "gw-2"}, store)
+    link = MqttLink(MqttEndpoint(local.host, local.port, "bridge", local.identities["bridge"].password),
+                    client_id="bridge", subscriptions=[], handler=_nothing)
+    try:
+        async with link:
+            relay.local = link
+            yield relay, local, read_back
+            relay.local = None
+    finally:
+        await store.close()
+
+
+async def test_a_requests_commands_are_sent_from_their_commit_not_read_back(
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
+    relay, local, read_back = relay_and_broker
+    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1")),
+                 Party(local, "gw-2", topics.down("gateways", "gw-2"))) as (gw1, gw2):
+        await relay._on_request(request(["c1", "c2"], lead_s=60))
+        # Stored, and held for the hand-over: a round reading due commands now (as one running beside the request
+        # would) leaves them out.
+        assert await relay.commands_out.storage.due(time.time(), 100) == []
+        read_back.clear()  # that read was this test's own
+        await relay.dispatch_gateways()
+        got = [await gw1.next("command", timeout=10), await gw2.next("command", timeout=10)]
+        assert all(isinstance(c, Command) for c in got)
+        assert not {c.msg_id for c in got} & set(read_back), "read back from the store before its first send"
+        rows = await relay.store.sql.read(lambda db: db.execute(
+            "SELECT msg_id, attempts, first_sent_at FROM commands ORDER BY client_id").fetchall())
+        assert [r[0] for r in rows] == [c.msg_id for c in got]  # exactly what was stored
+        assert all(r[1] == 1 and r[2] is not None for r in rows)  # recorded as sent once: re-sent from the store
+        assert not relay.held_commands and not relay.fresh_commands
+        # Sent once: the next rounds find nothing due (their re-send is not due yet).
+        await relay.dispatch_gateways()
+        await gw1.nothing("command", within=0.3)
+
+
+async def test_a_redelivered_request_sends_nothing_new(
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
+    relay, local, _ = relay_and_broker
+    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1"))) as (gw1,):
+        req = request(["c1"], lead_s=60)
+        await relay._on_request(req)
+        await relay.dispatch_gateways()
+        first = await gw1.next("command", timeout=10)
+        await relay._on_request(req)  # the hub sent it again (our ack was lost): its commands are stored already
+        await relay.dispatch_gateways()
+        await gw1.nothing("command", within=0.3)
+        stored = await relay.store.sql.read(lambda db: db.execute("SELECT msg_id FROM commands").fetchall())
+        assert [r[0] for r in stored] == [first.msg_id]
