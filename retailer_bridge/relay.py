@@ -187,6 +187,9 @@ class BridgeRelay:
         self.held_commands: set[str] = set()
         """``msg_id`` of the commands of :attr:`fresh_commands` (and of those being committed to join them): the
         gateways' loop's reads of due commands leave them out, so that no command goes out twice."""
+        self.handing_over: list[Pending] = []
+        """The hand-over the gateways' loop is sending (taken from :attr:`fresh_commands`), for
+        :meth:`_withdraw_fresh` to release what a later commit closes while it goes out."""
         self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt, self.held_commands),
                                    self._to_local,
                                    limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.gateway_rtt.timeout_s()))
@@ -320,6 +323,16 @@ class BridgeRelay:
                 mid = msg_ids()
                 commands.append(NewCommand(req.request_id, cid, gid, mid, template.payload(mid, cid), now,
                                            expires_at, not_before, req.revision))
+        # The hand-over built before the commit: nothing between the commit and the ``try`` below can raise and
+        # leave the ids held for ever.
+        handover = [Pending(c.msg_id, self.gateway_topic(c.gateway_id), c.payload, 0, row={
+            "request_id": c.request_id, "client_id": c.client_id, "gateway_id": c.gateway_id,
+            "first_sent_at": None, "not_before": c.not_before, "deadline": c.deadline, "handling_ms": 0.0,
+            "revision": c.revision}) for c in commands]
+        if commands:  # a newer revision replaces an older one's command that may still wait for its hand-over
+            clients = {c.client_id for c in commands}
+            self._withdraw_fresh(lambda r: r["request_id"] == req.request_id and r["client_id"] in clients
+                                 and r["revision"] < req.revision)
         held = {c.msg_id for c in commands}
         self.held_commands |= held  # before the commit: a round reading due commands after it leaves them out
         try:
@@ -328,10 +341,7 @@ class BridgeRelay:
             self.held_commands -= held
             raise
         if commands and added == len(commands):  # every command stored is one of these (not a redelivery)
-            self.fresh_commands.extend(Pending(c.msg_id, self.gateway_topic(c.gateway_id), c.payload, 0, row={
-                "request_id": c.request_id, "client_id": c.client_id, "gateway_id": c.gateway_id,
-                "first_sent_at": None, "not_before": c.not_before, "deadline": c.deadline, "handling_ms": 0.0,
-                "revision": c.revision}) for c in commands)
+            self.fresh_commands.extend(handover)
         else:  # a redelivered request: what it holds already goes out from the store's rounds
             self.held_commands -= held
         await self._to_hub(Ack(ack_ids=[req.msg_id]))
@@ -392,6 +402,9 @@ class BridgeRelay:
                 if cmd["client_id"] in ours and cmd["revision"] <= msg.revision:
                     notice = Cancel(request_id=msg.request_id, client_ids=[cmd["client_id"]], revision=msg.revision)
                     removal.append((notice.msg_id, cmd["gateway_id"], encode(notice), now + 24 * 3600))
+            removed, revision = set(ours), msg.revision
+            self._withdraw_fresh(lambda r: r["request_id"] == msg.request_id and r["client_id"] in removed
+                                 and r["revision"] <= revision)
             await self.store.remove_clients(msg.request_id, ours, msg.revision, removal)
             await self._to_hub(Ack(ack_ids=[msg.msg_id]))
             self.kick()
@@ -400,9 +413,32 @@ class BridgeRelay:
         for cmd in await self.store.commands_of(msg.request_id):
             notice = Cancel(request_id=msg.request_id, client_ids=[cmd["client_id"]])
             notices.append((notice.msg_id, cmd["gateway_id"], encode(notice), now + 24 * 3600))
+        self._withdraw_fresh(lambda r: r["request_id"] == msg.request_id)
         await self.store.cancel(msg.request_id, now, notices)
         await self._to_hub(Ack(ack_ids=[msg.msg_id]))
         self.kick()
+
+    def _withdraw_fresh(self, gone: Callable[[dict[str, Any]], bool]) -> None:
+        """Take the commands for which ``gone(row)`` holds off the hand-over (:attr:`fresh_commands`) and release
+        their ids: a cancellation, a revision or a supplier change is about to close or replace them in the store.
+
+        Called just before that commit, so that no round after it can send them from the hand-over. A withdrawn
+        command whose row stays open (that commit failed, or the store judged otherwise) is not lost: released, it is
+        due in the store and the next round reads and sends it. One in a list the gateways' loop has already taken
+        is skipped by :meth:`_handover_due` if it has not been published yet; one already published went before
+        the commit, so before its notice (``notices_out`` is read after it), as with a round of ``send_due``."""
+        for p in self.handing_over:  # taken by the loop: released, so that :meth:`_handover_due` skips it
+            if gone(p.row):
+                self.held_commands.discard(str(p.key))
+        if not self.fresh_commands:
+            return
+        keep = []
+        for p in self.fresh_commands:
+            if gone(p.row):
+                self.held_commands.discard(str(p.key))
+            else:
+                keep.append(p)
+        self.fresh_commands = keep
 
     def not_customer(self, client_id: str, at: float) -> str | None:
         """None when ``client_id`` is a customer at ``at``, else why not (for a refusal)."""
@@ -447,6 +483,9 @@ class BridgeRelay:
                 return (out.msg_id, encode(out)), (notice.msg_id, cmd["gateway_id"], encode(notice), now + 24 * 3600)
 
             rows = [(c.client_id, c.revision, json.dumps(periods_of(c))) for c in changes]
+            changed = {c.client_id for c in changes}
+            self._withdraw_fresh(lambda r: r["client_id"] in changed
+                                 and after.status(r["client_id"], r["not_before"]).standing != "customer")
             closed = await self.store.put_customers(rows, now, stale)
             self.customer_changes_applied += len(self.customer_list.apply(changes))
             log.info("hub announced supplier changes of %d client(s) (%s); %d open command(s) withdrawn",
@@ -787,6 +826,14 @@ class BridgeRelay:
             return False
         return True
 
+    async def _handover_due(self, p: Pending) -> bool:
+        """:meth:`_command_due` for a command of the hand-over, which checks the copy made at its commit: first,
+        that it is still held, i.e. not withdrawn since (:meth:`_withdraw_fresh`: cancelled, replaced by a newer
+        revision, or its client's supplier changed). A withdrawn one is neither sent nor judged: its row is closed
+        or replaced (an ``unreachable`` for the old copy would close the newer revision's command), or, left open,
+        due in the store."""
+        return str(p.key) in self.held_commands and await self._command_due(p)
+
     async def _notice_due(self, p: Pending) -> bool:
         """A notice past its deadline is dropped, not sent."""
         return bool(p.row["deadline"] > self.notices_out.round_at)
@@ -795,10 +842,12 @@ class BridgeRelay:
         """Send the commands and notices that are due to gateways; returns how long to sleep."""
         fresh, self.fresh_commands = self.fresh_commands, []
         if fresh:
+            self.handing_over = fresh
             try:
                 if self.local is not None and self.local.connected:
-                    await self.commands_out.send_stored(fresh, self._command_due)
+                    await self.commands_out.send_stored(fresh, self._handover_due)
             finally:  # sent and recorded, or left due in the store for the rounds below
+                self.handing_over = []
                 self.held_commands.difference_update(str(p.key) for p in fresh)
         if self.local is not None and self.local.connected:
             await self.commands_out.send_due(self._command_due)

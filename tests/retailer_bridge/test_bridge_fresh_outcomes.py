@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from mhp_wire import topics
-from mhp_wire.messages import Ack, ClientState, Command, Outcome
+from mhp_wire.messages import Ack, ClientState, Command, Message, Outcome, decode
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.service import Bridge
@@ -56,14 +57,36 @@ async def bridge_between(tmp_path: Path, mosquitto_factory: MosquittoFactory
 async def test_outcomes_reach_the_hub_stored_first_and_once_and_stay_until_acknowledged(
         bridge_between: tuple[BrokerHandle, BrokerHandle, Bridge]) -> None:
     """The whole chain with both loops running: whichever path sends an outcome (the batch's hand-over, or a round
-    that read the outbox just after the commit), it is stored when the hub gets it, sent once, and kept until the
-    hub acknowledges it."""
+    that read the outbox just after the commit), it is stored when it is published, sent once, and kept until the
+    hub acknowledges it.
+
+    "Stored" is checked at the publish, not when the hub gets it (by then a commit that came after the send would
+    have landed too): a second connection to the bridge's database (WAL: it sees only what is committed) looks for
+    the message in the outbox as the relay hands it to the link. "Once": the first re-send of an unacknowledged
+    outcome is set an hour out (``hub_retry_s``), so that a slow run (past ``HUB_FIRST_RETRY_S``, 5 s, on loaded
+    cores) does not count a re-send as a second send."""
     hub_broker, local, bridge = bridge_between
     store = bridge.store
+    relay = bridge.relay
+    relay.hub_retry_s = 3600.0
+    committed = sqlite3.connect(bridge.settings.db_path)
+    unstored: list[str] = []
+    publish = relay.hub_out.publish
 
-    async def stored(msg_id: str) -> bool:
-        return bool(await store.sql.read(lambda db: db.execute(
-            "SELECT COUNT(*) FROM hub_outbox WHERE msg_id=?", (msg_id,)).fetchone()[0]))
+    def terminal(msg: Message) -> bool:
+        items = [msg] if isinstance(msg, Outcome) else list(getattr(msg, "reports", []))
+        return any(o.state is ClientState.EXECUTED for o in items)
+
+    async def checked(topic: str, payload: bytes, retain: bool) -> None:
+        # A terminal outcome is in the store when it is sent (a ``delivered`` one may already be withdrawn from it:
+        # the terminal outcome of the same command, stored since, says more).
+        msg = decode(payload)
+        if msg.type in ("outcome", "outcomes") and terminal(msg) and not committed.execute(
+                "SELECT COUNT(*) FROM hub_outbox WHERE msg_id=?", (msg.msg_id,)).fetchone()[0]:
+            unstored.append(msg.msg_id)
+        await publish(topic, payload, retain)
+
+    relay.hub_out.publish = checked
 
     with parties(Party(hub_broker, "hub", topics.all_up("retailers")),
                  Party(local, "gw-1", topics.down("gateways", "gw-1")),
@@ -85,11 +108,9 @@ async def test_outcomes_reach_the_hub_stored_first_and_once_and_stay_until_ackno
                 continue
             received.append(msg.msg_id)
             items = [msg] if isinstance(msg, Outcome) else list(msg.reports)  # type: ignore[attr-defined]
-            done = {o.client_id for o in items if o.state is ClientState.EXECUTED}
-            # A terminal outcome is in the store when the hub gets it (a ``delivered`` one may already be withdrawn
-            # from it: the terminal outcome of the same command, stored since, says more).
-            assert not done or await stored(msg.msg_id), "sent to the hub before it was stored"
-            executed |= done
+            executed |= {o.client_id for o in items if o.state is ClientState.EXECUTED}
+        committed.close()
+        assert not unstored, f"sent to the hub before it was stored: {unstored}"
         assert len(received) == len(set(received)), f"an outcome went to the hub twice: {received}"
         # Not acknowledged yet, so still held for a re-send; the hub's ack drops them.
         await hub.publish(topics.down("retailers", "r1"), Ack(ack_ids=received))
