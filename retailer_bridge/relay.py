@@ -840,8 +840,12 @@ class BridgeRelay:
 
     async def dispatch_gateways(self) -> float:
         """Send the commands and notices that are due to gateways; returns how long to sleep."""
-        fresh, self.fresh_commands = self.fresh_commands, []
-        if fresh:
+        # Every hand-over first, those made while one goes out included: the hub sends a large request to a bridge
+        # in several messages, and a later one's commands go before the re-sends below, as they did when this loop
+        # read them from the store (ordered by next attempt). Disconnected, a hand-over is released (due in the
+        # store) without an await, so nothing is handed over meanwhile and the loop ends.
+        while self.fresh_commands:
+            fresh, self.fresh_commands = self.fresh_commands, []
             self.handing_over = fresh
             try:
                 if self.local is not None and self.local.connected:

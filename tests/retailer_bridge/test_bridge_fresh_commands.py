@@ -10,6 +10,7 @@ commands leave out those held for the hand-over, and a redelivered request sends
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -97,3 +98,33 @@ async def test_a_redelivered_request_sends_nothing_new(
         await gw1.nothing("command", within=0.3)
         stored = await relay.store.sql.read(lambda db: db.execute("SELECT msg_id FROM commands").fetchall())
         assert [r[0] for r in stored] == [first.msg_id]
+
+
+async def test_commands_handed_over_during_a_hand_over_go_before_its_re_sends(
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
+    """The hub sends a large request to a bridge in several messages; one stored while the loop publishes an earlier
+    one's commands is handed over then. Its commands go out before any re-send of the earlier ones, as they did when
+    the loop read the store (ordered by next attempt): sent after the re-sends, each first send waited behind them,
+    and at 20,000 gateways a bridge re-sent 1,781 commands before 4,000 others went out at all."""
+    relay, local, _ = relay_and_broker
+    relay.gateway_rtt.floor_s = 0.0  # a command's re-send is due as soon as its round is recorded
+    published: list[tuple[str, str]] = []
+    publish = relay.commands_out.publish
+    second = request(["c2"], request_id="q2", lead_s=60)
+
+    async def recording(topic: str, payload: bytes, retain: bool) -> None:
+        await publish(topic, payload, retain)
+        published.append((topic, json.loads(payload)["request_id"]))
+        if len(published) == 1:  # the second message arrives while the first hand-over goes out
+            await relay._on_request(second)
+
+    relay.commands_out.publish = recording
+    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1")),
+                 Party(local, "gw-2", topics.down("gateways", "gw-2"))) as (gw1, gw2):
+        await relay._on_request(request(["c1"], request_id="q1", lead_s=60))
+        await relay.dispatch_gateways()
+        await relay.dispatch_gateways()
+        assert [(topic.split("/")[3], rid) for topic, rid in published[:2]] == [("gw-1", "q1"), ("gw-2", "q2")], \
+            published
+        assert (await gw2.next("command", timeout=10)).request_id == "q2"  # type: ignore[union-attr]
+        assert (await gw1.next("command", timeout=10)).request_id == "q1"  # type: ignore[union-attr]
