@@ -12,60 +12,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
-import pytest
-
-from mhp_wire import topics
 from mhp_wire.messages import Command
-from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from retailer_bridge.relay import BridgeRelay
-from retailer_bridge.store import BridgeStore
-from tests.broker_fixtures import BrokerHandle, MosquittoFactory
-from tests.mqtt_party import Party, parties
+from tests.broker_fixtures import BrokerHandle
+from tests.retailer_bridge.conftest import gateway_parties
 from tests.retailer_bridge.test_bridge import request
-
-
-async def _nothing(topic: str, payload: bytes, retained: bool) -> None:
-    """No message is expected on this link."""
-
-
-@pytest.fixture
-async def relay_and_broker(tmp_path: Path, mosquitto_factory: MosquittoFactory, monkeypatch: pytest.MonkeyPatch
-                           ) -> AsyncIterator[tuple[BridgeRelay, BrokerHandle, list[str]]]:
-    """A relay on a real store whose due-command reads are recorded (``read_back``), its link to a real retailer
-    broker open, and no loop running beside the test."""
-    local = mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge")
-    store = BridgeStore(tmp_path / "bridge.db")
-    await store.open()
-    read_back: list[str] = []
-    due_commands = store.due_commands
-
-    async def spied(now: float, limit: int) -> list[dict[str, Any]]:
-        rows = await due_commands(now, limit)
-        read_back.extend(r["msg_id"] for r in rows)
-        return rows
-
-    monkeypatch.setattr(store, "due_commands", spied)
-    relay = BridgeRelay("r1", {"c1": "gw-1", "c2": "gw-2"}, store)
-    link = MqttLink(MqttEndpoint(local.host, local.port, "bridge", local.identities["bridge"].password),
-                    client_id="bridge", subscriptions=[], handler=_nothing)
-    try:
-        async with link:
-            relay.local = link
-            yield relay, local, read_back
-            relay.local = None
-    finally:
-        await store.close()
 
 
 async def test_a_requests_commands_are_sent_from_their_commit_not_read_back(
         relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
     relay, local, read_back = relay_and_broker
-    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1")),
-                 Party(local, "gw-2", topics.down("gateways", "gw-2"))) as (gw1, gw2):
+    with gateway_parties(local, "gw-1", "gw-2") as (gw1, gw2):
         await relay._on_request(request(["c1", "c2"], lead_s=60))
         # Stored, and held for the hand-over: a round reading due commands now (as one running beside the request
         # would) leaves them out.
@@ -88,7 +46,7 @@ async def test_a_requests_commands_are_sent_from_their_commit_not_read_back(
 async def test_a_redelivered_request_sends_nothing_new(
         relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
     relay, local, _ = relay_and_broker
-    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1"))) as (gw1,):
+    with gateway_parties(local, "gw-1") as (gw1,):
         req = request(["c1"], lead_s=60)
         await relay._on_request(req)
         await relay.dispatch_gateways()
@@ -119,8 +77,7 @@ async def test_commands_handed_over_during_a_hand_over_go_before_its_re_sends(
             await relay._on_request(second)
 
     relay.commands_out.publish = recording
-    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1")),
-                 Party(local, "gw-2", topics.down("gateways", "gw-2"))) as (gw1, gw2):
+    with gateway_parties(local, "gw-1", "gw-2") as (gw1, gw2):
         await relay._on_request(request(["c1"], request_id="q1", lead_s=60))
         await relay.dispatch_gateways()
         await relay.dispatch_gateways()

@@ -10,8 +10,6 @@ before, re-sent from the store until the hub acknowledges it, and sent once.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,11 +22,10 @@ from mhp_wire.messages import Ack, ClientState, Command, Message, Outcome, decod
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.service import Bridge
-from retailer_bridge.settings import BridgeSettings
 from retailer_bridge.store import BridgeStore, NewCommand
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.mqtt_party import Party, parties
-from tests.retailer_bridge.test_bridge import request
+from tests.retailer_bridge.test_bridge import request, running_bridge
 from tests.waiting import eventually
 
 
@@ -37,22 +34,9 @@ async def bridge_between(tmp_path: Path, mosquitto_factory: MosquittoFactory
                          ) -> AsyncIterator[tuple[BrokerHandle, BrokerHandle, Bridge]]:
     hub_broker = mosquitto_factory("hub", ["r1"], "hub")
     local = mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge")
-    settings = BridgeSettings(
-        retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
-        hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host,
-        local_mqtt_port=local.port, local_mqtt_password=local.identities["bridge"].password,
-        db_path=tmp_path / "bridge.db", customers={"c1": "gw-1", "c2": "gw-2"}, gateway_ack_timeout_s=30)
-    bridge = Bridge(settings)
-    task = asyncio.create_task(bridge.run())
-    with parties(Party(hub_broker, "hub", topics.status("retailers", "r1"))) as (probe,):
-        await probe.next("presence")
-    try:
+    async with running_bridge(tmp_path, hub_broker, local, {"c1": "gw-1", "c2": "gw-2"},
+                              gateway_ack_timeout_s=30) as bridge:
         yield hub_broker, local, bridge
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
 
 async def test_outcomes_reach_the_hub_stored_first_and_once_and_stay_until_acknowledged(
         bridge_between: tuple[BrokerHandle, BrokerHandle, Bridge]) -> None:

@@ -20,55 +20,17 @@ what the round sent (one publisher, one topic, QoS 1: in order).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
-
-import pytest
 
 from mhp_wire import topics
 from mhp_wire.messages import Ack, Cancel, Command, CustomerChange, Customers, Message, SupplyPeriod, encode
-from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
+from mhp_wire.mqtt import MqttError
 from mhp_wire.outbox import Publish
 from retailer_bridge.relay import BridgeRelay
-from retailer_bridge.store import BridgeStore
-from tests.broker_fixtures import BrokerHandle, MosquittoFactory
-from tests.mqtt_party import Party, parties
+from tests.broker_fixtures import BrokerHandle
+from tests.mqtt_party import Party
+from tests.retailer_bridge.conftest import gateway_parties
 from tests.retailer_bridge.test_bridge import request
-
-
-async def _nothing(topic: str, payload: bytes, retained: bool) -> None:
-    """No message is expected on this link."""
-
-
-@pytest.fixture
-async def relay_and_broker(tmp_path: Path, mosquitto_factory: MosquittoFactory, monkeypatch: pytest.MonkeyPatch
-                           ) -> AsyncIterator[tuple[BridgeRelay, BrokerHandle, list[str]]]:
-    """A relay on a real store whose due-command reads are recorded (``read_back``), its link to a real retailer
-    broker open, and no loop running beside the test."""
-    local = mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge")
-    store = BridgeStore(tmp_path / "bridge.db")
-    await store.open()
-    read_back: list[str] = []
-    due_commands = store.due_commands
-
-    async def spied(now: float, limit: int) -> list[dict[str, Any]]:
-        rows = await due_commands(now, limit)
-        read_back.extend(r["msg_id"] for r in rows)
-        return rows
-
-    monkeypatch.setattr(store, "due_commands", spied)
-    relay = BridgeRelay("r1", {"c1": "gw-1", "c2": "gw-2"}, store)
-    link = MqttLink(MqttEndpoint(local.host, local.port, "bridge", local.identities["bridge"].password),
-                    client_id="bridge", subscriptions=[], handler=_nothing)
-    try:
-        async with link:
-            relay.local = link
-            yield relay, local, read_back
-            relay.local = None
-    finally:
-        await store.close()
 
 
 async def round_sent(relay: BridgeRelay, gw: Party, gid: str) -> list[Message]:
@@ -93,7 +55,7 @@ async def test_a_cancel_before_the_handover_sends_only_its_notice(
     """On main the gateway got the cancel and the command (``[command, cancel]`` in one round, ``[cancel, command]``
     when a round in progress sent the notices first): the command executed."""
     relay, local, _ = relay_and_broker
-    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1"))) as (gw1,):
+    with gateway_parties(local, "gw-1") as (gw1,):
         await relay._on_request(request(["c1"], lead_s=60))
         await relay._on_cancel(Cancel(request_id="q1"))
         await relay.notices_out.send_due(relay._notice_due)  # a round in progress sends the notice first
@@ -108,8 +70,7 @@ async def test_a_revision_removing_a_client_before_the_handover_sends_its_notice
         relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
     """Only the removed client's command is withdrawn; the other's goes from the hand-over as before."""
     relay, local, read_back = relay_and_broker
-    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1")),
-                 Party(local, "gw-2", topics.down("gateways", "gw-2"))) as (gw1, gw2):
+    with gateway_parties(local, "gw-1", "gw-2") as (gw1, gw2):
         await relay._on_request(request(["c1", "c2"], lead_s=60))
         await relay._on_cancel(Cancel(request_id="q1", client_ids=["c1"], revision=2))
         read_back.clear()
@@ -125,7 +86,7 @@ async def test_a_supplier_change_before_the_handover_sends_its_notice_not_the_co
     """The client moved to another supplier before the request starts: ``refused`` to the hub, a ``cancel`` to the
     gateway, and no command."""
     relay, local, _ = relay_and_broker
-    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1"))) as (gw1,):
+    with gateway_parties(local, "gw-1") as (gw1,):
         await relay._on_request(request(["c1"], lead_s=60))
         now = datetime.now(UTC)
         await relay._on_customers(Customers(items=[CustomerChange(client_id="c1", revision=2, periods=[
@@ -140,7 +101,7 @@ async def test_a_newer_revision_before_the_handover_sends_only_the_newer_command
         relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
     """On main both revisions went out (``[rev 1, rev 2]``) from the one row the newer had replaced."""
     relay, local, _ = relay_and_broker
-    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1"))) as (gw1,):
+    with gateway_parties(local, "gw-1") as (gw1,):
         first = request(["c1"], lead_s=60)
         await relay._on_request(first)
         await relay._on_request(first.model_copy(update={"revision": 2, "msg_id": "rev-2"}))
@@ -155,7 +116,7 @@ async def test_an_older_revisions_copy_past_its_deadline_does_not_close_the_newe
     """The old copy would be judged expired, and its ``expired`` (matched on request and client only) closed the
     newer revision's command, still due until much later. The round's clock is set an hour ahead (injected)."""
     relay, local, _ = relay_and_broker
-    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1"))) as (gw1,):
+    with gateway_parties(local, "gw-1") as (gw1,):
         first = request(["c1"], lead_s=60)  # ends 6 minutes from now
         later = request(["c1"], lead_s=7200)  # the revision moved it two hours ahead
         await relay._on_request(first)
@@ -184,8 +145,7 @@ async def test_a_command_withdrawn_while_its_handover_is_going_out_is_skipped(
         await publish(topic, payload, retain)
 
     relay.commands_out.publish = removing_c2_at_the_first_publish
-    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1")),
-                 Party(local, "gw-2", topics.down("gateways", "gw-2"))) as (gw1, gw2):
+    with gateway_parties(local, "gw-1", "gw-2") as (gw1, gw2):
         await relay._on_request(request(["c1", "c2"], lead_s=60))
         await relay.dispatch_gateways()
         assert removed_during == [topics.down("gateways", "gw-1")]
@@ -201,7 +161,7 @@ async def test_a_handover_with_the_link_down_leaves_its_commands_due_in_the_stor
     """The ids are released, and the next round with the link up reads the command from the store and sends it."""
     relay, local, read_back = relay_and_broker
     link = relay.local
-    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1"))) as (gw1,):
+    with gateway_parties(local, "gw-1") as (gw1,):
         await relay._on_request(request(["c1"], lead_s=60))
         relay.local = None
         await relay.dispatch_gateways()
@@ -230,7 +190,7 @@ async def test_a_failed_handover_leaves_its_commands_due_in_the_store(
         await publish(topic, payload, retain)
 
     relay.commands_out.publish = failing_once
-    with parties(Party(local, "gw-1", topics.down("gateways", "gw-1"))) as (gw1,):
+    with gateway_parties(local, "gw-1") as (gw1,):
         await relay._on_request(request(["c1"], lead_s=60))
         read_back.clear()
         await relay.dispatch_gateways()  # the hand-over fails; the same round's read finds the command due

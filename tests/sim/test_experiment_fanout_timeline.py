@@ -3,12 +3,10 @@ path, from the parts' own records (issue 14, seventh round)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 from sim.experiment.timeline import STAGES, floor_span, run_timeline, span
+from tests.sim.test_experiment_fanout import run_fanout
 
 CLIENT_STAGES = ("bridge_received", "bridge_sent", "gateway_received", "gateway_answered", "bridge_outcome",
                  "hub_executed")
@@ -16,11 +14,7 @@ CLIENT_STAGES = ("bridge_received", "bridge_sent", "gateway_received", "gateway_
 
 def test_a_timeline_run_orders_every_stage_and_counts_every_client(tmp_path: Path) -> None:
     out = tmp_path / "timeline"
-    proc = subprocess.run([sys.executable, "-m", "sim.cli", "experiment", "fanout", "--out", str(out),
-                           "--gateways", "30", "--runs", "1", "--floor", "--timeline"],
-                          capture_output=True, text=True, timeout=180, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    _, res = run_fanout(out, "--gateways", "30", "--runs", "1", "--floor", "--timeline")
     (run,) = res["runs"]
     stages = run["timeline"]
     assert tuple(stages) == STAGES
