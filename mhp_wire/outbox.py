@@ -85,6 +85,18 @@ class Outbox:
         """One round: read what is due, publish it in order, record it; returns how many were published."""
         now = self.round_at = self.clock()
         rows = await self.storage.due(now, self.limit)
+        return await self._send(rows, check, now)
+
+    async def send_stored(self, rows: Sequence[Pending], check: Check | None = None) -> int:
+        """A round over messages the owner has just stored (committed) and still holds, instead of reading them
+        back: published at once, in order, after the owner's ``check`` as in :meth:`send_due`, and recorded as any
+        round's (re-sends then come from storage as usual). The owner's loop calls it, like :meth:`send_due`, so
+        that the two never send the same message at once; what a failed publish leaves unsent is still due in
+        storage. Returns how many were published."""
+        now = self.round_at = self.clock()
+        return await self._send(rows, check, now)
+
+    async def _send(self, rows: Sequence[Pending], check: Check | None, now: float) -> int:
         if not rows:
             return 0
         sent: list[Pending] = []

@@ -183,9 +183,19 @@ class BridgeRelay:
         """The gateways' measured acknowledgement times: a command's first re-send waits ``timeout_s()``, at
         least ``gateway_retry_s`` and at most its ``max_s`` (settings ``gateway_retry_max_s``; docs/architecture.md,
         step 5)."""
-        self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt, self.read_up_to),
-                                   self._to_local, limit=DISPATCH_BATCH,
-                                   retry_s=lambda n: delay_s(n, self.gateway_rtt.timeout_s()))
+        self.fresh_commands: list[Pending] = []
+        """A request's commands just committed, for the gateways' loop to send first thing in its next round
+        (:meth:`Outbox.send_stored`) instead of reading them back; held (:attr:`held_commands`) until then."""
+        self.held_commands: set[str] = set()
+        """``msg_id`` of the commands of :attr:`fresh_commands` (and of those being committed to join them): the
+        gateways' loop's reads of due commands leave them out, so that no command goes out twice."""
+        self.handing_over: list[Pending] = []
+        """The hand-over the gateways' loop is sending (taken from :attr:`fresh_commands`), for
+        :meth:`_withdraw_fresh` to release what a later commit closes while it goes out."""
+        self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt, self.read_up_to,
+                                             self.held_commands),
+                                   self._to_local,
+                                   limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.gateway_rtt.timeout_s()))
         """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
         self.probe_topic: str | None = None
         """Set by the service (:func:`mhp_wire.topics.bridge_probe` of our login, which the local link subscribes
@@ -203,6 +213,10 @@ class BridgeRelay:
         self.hub_out = Outbox(_ToHub(store, topics.up("retailers", retailer_id), self.hub_order), self._to_hub_link,
                               limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.hub_retry_s))
         """Outcomes and measurements to the hub, re-sent until the hub acknowledges them."""
+        self.fresh_to_hub: dict[str, bytes] = {}
+        """Outcomes a batch of gateways' reports has just committed for the hub, ``msg_id -> payload``: the loop
+        towards the hub sends them first thing in its next round (:meth:`Outbox.send_stored`), without waiting for
+        a read of the outbox behind the next batch's commit on the one SQLite thread."""
 
     def local_connected(self) -> None:
         """The link to this retailer's broker is up (the first time or again): republish the stored tariff, which
@@ -288,6 +302,8 @@ class BridgeRelay:
 
     async def _hub_ack(self, msg: Ack) -> None:
         self.last_hub_ack = time.monotonic()
+        for m in msg.ack_ids:
+            self.fresh_to_hub.pop(m, None)
         self.hub_order.acked(msg.ack_ids)
         await self.store.ack_outbox(msg.ack_ids)
 
@@ -343,9 +359,33 @@ class BridgeRelay:
                 mid = msg_ids()
                 commands.append(NewCommand(req.request_id, cid, gid, mid, template.payload(mid, cid), now,
                                            expires_at, not_before, req.revision))
-        await self.store.accept_request(commands, answers)
+        # The hand-over built before the commit: nothing between the commit and the ``try`` below can raise and
+        # leave the ids held for ever.
+        handover = [Pending(c.msg_id, self.gateway_topic(c.gateway_id), c.payload, 0, row={
+            "request_id": c.request_id, "client_id": c.client_id, "gateway_id": c.gateway_id,
+            "first_sent_at": None, "not_before": c.not_before, "deadline": c.deadline, "handling_ms": 0.0,
+            "revision": c.revision}) for c in commands]
+        if commands:  # a newer revision replaces an older one's command that may still wait for its hand-over
+            clients = {c.client_id for c in commands}
+            self._withdraw_fresh(lambda r: r["request_id"] == req.request_id and r["client_id"] in clients
+                                 and r["revision"] < req.revision)
+        held = {c.msg_id for c in commands}
+        self.held_commands |= held  # before the commit: a round reading due commands after it leaves them out
+        try:
+            added = await self.store.accept_request(commands, answers)
+        except BaseException:
+            self.held_commands -= held
+            raise
+        if commands and added == len(commands):  # every command stored is one of these (not a redelivery)
+            self.fresh_commands.extend(handover)
+        else:  # a redelivered request: what it holds already goes out from the store's rounds
+            self.held_commands -= held
         await self._to_hub(Ack(ack_ids=[req.msg_id]))
-        self.kick()
+        # The loop towards the hub only when answers were queued for it: woken for nothing, its reads of the
+        # outbox took turns on the SQLite thread with the commands' first round.
+        self._wake_gateways.set()
+        if answers:
+            self._wake_hub.set()
 
     def availability(self, request_id: str, client_id: str, gateway_id: str) -> Outcome:
         """Whether a client could shed load now, from its gateway's presence and latest telemetry."""
@@ -398,6 +438,9 @@ class BridgeRelay:
                 if cmd["client_id"] in ours and cmd["revision"] <= msg.revision:
                     notice = Cancel(request_id=msg.request_id, client_ids=[cmd["client_id"]], revision=msg.revision)
                     removal.append((notice.msg_id, cmd["gateway_id"], encode(notice), now + 24 * 3600))
+            removed, revision = set(ours), msg.revision
+            self._withdraw_fresh(lambda r: r["request_id"] == msg.request_id and r["client_id"] in removed
+                                 and r["revision"] <= revision)
             await self.store.remove_clients(msg.request_id, ours, msg.revision, removal)
             await self._to_hub(Ack(ack_ids=[msg.msg_id]))
             self.kick()
@@ -406,9 +449,32 @@ class BridgeRelay:
         for cmd in await self.store.commands_of(msg.request_id):
             notice = Cancel(request_id=msg.request_id, client_ids=[cmd["client_id"]])
             notices.append((notice.msg_id, cmd["gateway_id"], encode(notice), now + 24 * 3600))
+        self._withdraw_fresh(lambda r: r["request_id"] == msg.request_id)
         await self.store.cancel(msg.request_id, now, notices)
         await self._to_hub(Ack(ack_ids=[msg.msg_id]))
         self.kick()
+
+    def _withdraw_fresh(self, gone: Callable[[dict[str, Any]], bool]) -> None:
+        """Take the commands for which ``gone(row)`` holds off the hand-over (:attr:`fresh_commands`) and release
+        their ids: a cancellation, a revision or a supplier change is about to close or replace them in the store.
+
+        Called just before that commit, so that no round after it can send them from the hand-over. A withdrawn
+        command whose row stays open (that commit failed, or the store judged otherwise) is not lost: released, it is
+        due in the store and the next round reads and sends it. One in a list the gateways' loop has already taken
+        is skipped by :meth:`_handover_due` if it has not been published yet; one already published went before
+        the commit, so before its notice (``notices_out`` is read after it), as with a round of ``send_due``."""
+        for p in self.handing_over:  # taken by the loop: released, so that :meth:`_handover_due` skips it
+            if gone(p.row):
+                self.held_commands.discard(str(p.key))
+        if not self.fresh_commands:
+            return
+        keep = []
+        for p in self.fresh_commands:
+            if gone(p.row):
+                self.held_commands.discard(str(p.key))
+            else:
+                keep.append(p)
+        self.fresh_commands = keep
 
     def not_customer(self, client_id: str, at: float) -> str | None:
         """None when ``client_id`` is a customer at ``at``, else why not (for a refusal)."""
@@ -453,6 +519,9 @@ class BridgeRelay:
                 return (out.msg_id, encode(out)), (notice.msg_id, cmd["gateway_id"], encode(notice), now + 24 * 3600)
 
             rows = [(c.client_id, c.revision, json.dumps(periods_of(c))) for c in changes]
+            changed = {c.client_id for c in changes}
+            self._withdraw_fresh(lambda r: r["client_id"] in changed
+                                 and after.status(r["client_id"], r["not_before"]).standing != "customer")
             closed = await self.store.put_customers(rows, now, stale)
             self.customer_changes_applied += len(self.customer_list.apply(changes))
             log.info("hub announced supplier changes of %d client(s) (%s); %d open command(s) withdrawn",
@@ -621,7 +690,9 @@ class BridgeRelay:
 
     async def _gateway_ack_stored(self, stored: Awaitable[object]) -> None:
         await stored
-        self.kick()
+        # Only the hub's loop has work now (a ``delivered`` outcome): waking the gateways' loop too made it read the
+        # store for due commands after every batch of reports, a read each report commit then queued behind.
+        self._wake_hub.set()
 
     async def _resend_batch(self, gids: list[str]) -> list[None]:
         """The gateways that came online during the previous batch: what waits for them is due now."""
@@ -636,6 +707,11 @@ class BridgeRelay:
         closings = [i for i in items if isinstance(i, Closing)]
         applied = await self.store.apply_reports(acks, closings, _delivered,
                                                  pack_outcomes if self.hub_outcome_batches else None)
+        for m in applied.withdrawn:
+            self.fresh_to_hub.pop(m, None)
+        if applied.queued:
+            self.fresh_to_hub.update(applied.queued)
+            self._wake_hub.set()
         if applied.first_sent_at:
             now = self.commands_out.clock()
             for sent_at in applied.first_sent_at:
@@ -696,7 +772,7 @@ class BridgeRelay:
             log.info("gateway %s answered revision %d of request %s, which revision %d replaced: not forwarded", gid,
                      msg.revision, outside(msg.request_id), cmd["revision"])
         elif cmd["state"] != CLOSED and msg.state.terminal:
-            self.kick()
+            self._wake_hub.set()  # its outcome is queued for the hub; nothing became due for the gateways
         await self._ack_gateway(gid, msg.msg_id)
 
     # -- sending ------------------------------------------------------------------------------------------
@@ -790,18 +866,43 @@ class BridgeRelay:
             return False
         return True
 
+    async def _handover_due(self, p: Pending) -> bool:
+        """:meth:`_command_due` for a command of the hand-over, which checks the copy made at its commit: first,
+        that it is still held, i.e. not withdrawn since (:meth:`_withdraw_fresh`: cancelled, replaced by a newer
+        revision, or its client's supplier changed). A withdrawn one is neither sent nor judged: its row is closed
+        or replaced (an ``unreachable`` for the old copy would close the newer revision's command), or, left open,
+        due in the store."""
+        return str(p.key) in self.held_commands and await self._command_due(p)
+
     async def _notice_due(self, p: Pending) -> bool:
         """A notice past its deadline is dropped, not sent."""
         return bool(p.row["deadline"] > self.notices_out.round_at)
 
     async def dispatch_gateways(self) -> float:
         """Send the commands and notices that are due to gateways; returns how long to sleep."""
+        # Every hand-over first, those made while one goes out included: the hub sends a large request to a bridge
+        # in several messages, and a later one's commands go before the re-sends below, as they did when this loop
+        # read them from the store (ordered by next attempt). Disconnected, a hand-over is released (due in the
+        # store) without an await, so nothing is handed over meanwhile and the loop ends.
+        while self.fresh_commands:
+            fresh, self.fresh_commands = self.fresh_commands, []
+            self.handing_over = fresh
+            try:
+                if self.local is not None and self.local.connected:
+                    await self.commands_out.send_stored(fresh, self._handover_due)
+            finally:  # sent and recorded, or left due in the store for the rounds below
+                self.handing_over = []
+                self.held_commands.difference_update(str(p.key) for p in fresh)
         if self.local is not None and self.local.connected:
             await self.commands_out.send_due(self._command_due)
             await self.notices_out.send_due(self._notice_due)
         if self.local is None or not self.local.connected:
             return 0.2  # what is due waits for the retailer broker; do not poll the store meanwhile
         now = self.commands_out.clock()
+        if self._wake_gateways.is_set():  # woken during the round: the next round starts at once
+            if self.read_up_to() < now:  # busy: keep a read marker going (one in flight) so re-sends are judged
+                await self._send_probe()
+            return 0.0
         nxt, behind = await self.store.next_gateway_due(now, self.read_up_to())
         if behind:  # re-sends wait for us to read further: a marker tells when we have (it wakes this loop)
             await self._send_probe()
@@ -816,13 +917,20 @@ class BridgeRelay:
             self._pending_measurements.clear()
             batch = Measurements(items=items)
             await self.store.queue_for_hub([(batch.msg_id, encode(batch))])
+        fresh, self.fresh_to_hub = self.fresh_to_hub, {}
         if self.hub is not None and self.hub.connected:
+            if fresh:  # first, before the reads below: one not sent (the link went down) is still due in the store
+                topic = topics.up("retailers", self.retailer_id)
+                await self.hub_out.send_stored([Pending(m, topic, payload, 0) for m, payload in fresh.items()
+                                                if not self.hub_order.sent_here(m)])
             busy = time.monotonic() - self.last_hub_ack < self.hub_retry_s
             if busy:  # the hub is acknowledging, in order: what was sent after its last acknowledgement is queued
                 await self.store.postpone_hub_resends(now, now + self.hub_retry_s, self.hub_order.maybe_queued)
             await self.hub_out.send_due()
         if self.hub is None or not self.hub.connected:
             return 0.2  # what is due waits for the hub broker (measurements are still queued on time)
+        if self._wake_hub.is_set():
+            return 0.0  # woken during the round (more outcomes stored): the next round starts at once
         nxt = await self.store.next_due("hub")
         wait = 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
         if self._pending_measurements:
@@ -853,17 +961,21 @@ class _Commands:
     waits until then: its delay was fixed when it was sent, before the acknowledgements of a busy link came in."""
 
     def __init__(self, store: BridgeStore, topic_of: Callable[[str], str], rtt: RoundTrip,
-                 read_up_to: Callable[[], float] = lambda: math.inf) -> None:
+                 read_up_to: Callable[[], float] = lambda: math.inf, held: set[str] | None = None) -> None:
         self.store = store
         self.topic_of = topic_of
         self.rtt = rtt
         self.read_up_to = read_up_to
         """How far the bridge has read its broker: a command already sent is judged at that time, not at now."""
+        self.held = held if held is not None else set()
+        """Commands the relay sends from their commit (:attr:`BridgeRelay.held_commands`): not read as due here."""
 
     async def due(self, now: float, limit: int) -> list[Pending]:
         topic_of = self.topic_of
         horizon = self.read_up_to()
         rows = await self.store.due_commands(now, limit, horizon)
+        if self.held:
+            rows = [c for c in rows if c["msg_id"] not in self.held]
         now = min(now, horizon)  # what a re-send is judged by
         wait_s = self.rtt.timeout_s()
         # Not one made due at once (next_attempt_at 0: its gateway came back online, ``resend_now_many``).
@@ -923,6 +1035,10 @@ class SendOrder:
             seq = self._sent.pop(m, None)
             if seq is not None and seq > self._acked:
                 self._acked = seq
+
+    def sent_here(self, msg_id: str) -> bool:
+        """Whether this process sent ``msg_id`` and the hub has not acknowledged it yet."""
+        return msg_id in self._sent
 
     def maybe_queued(self, msg_id: str) -> bool:
         """Whether ``msg_id`` was sent after the newest message the hub has acknowledged."""

@@ -94,6 +94,12 @@ class Applied:
     """Commands acknowledged by their gateway in this batch (those also closed in it included)."""
     closed: list[dict[str, Any] | Failed | None]
     """Per closing, in order: the command as it was, None (no such command) or its own failure."""
+    queued: list[tuple[str, bytes]] = field(default_factory=list, init=False)
+    """The messages ``(msg_id, payload)`` this batch queued for the hub, committed with it: the relay sends them at
+    once, without reading them back (:meth:`mhp_wire.outbox.Outbox.send_stored`)."""
+    withdrawn: list[str] = field(default_factory=list, init=False)
+    """``delivered`` outcomes not sent yet that this batch took back out of the outbox (a terminal outcome of the same
+    command says more): the relay does not send them either."""
     first_sent_at: list[float] = field(default_factory=list)
     """When each command acknowledged in this batch that was sent only once was sent: the round trips that the
     relay's re-send delay learns from (:class:`mhp_wire.backoff.RoundTrip`). A command closed in this batch by
@@ -352,9 +358,10 @@ class BridgeStore:
                 _each_chunk(db, f"UPDATE commands SET state='{CLOSED}' WHERE request_id=? AND client_id IN ({{}})",
                             (request_id,), client_ids)
             _each_chunk(db, "DELETE FROM hub_outbox WHERE attempts=0 AND msg_id IN ({})", (), plan.superseded)
+            handed["withdrawn"] = list(plan.superseded)
             delivered = [delivered_of(dict(zip(_REPORT_NAMES, r, strict=True))) for r in moved] \
                 if delivered_of is not None else []
-            self._queue(db, _packed(delivered + plan.outcomes, pack))
+            self._queue(db, _handed(handed, _packed(delivered + plan.outcomes, pack)))
             once = [r[_FIRST_SENT] for r in acked if r[_ATTEMPTS] == 1 and r[_FIRST_SENT] is not None]
             # An outcome that closes a command still being sent acknowledges it (a gateway sends no separate
             # ``ack`` when its outcome is ready at once): its round trip counts as the ack's would.
@@ -363,7 +370,12 @@ class BridgeStore:
                      and rows[k]["attempts"] == 1 and rows[k]["first_sent_at"] is not None]
             return Applied(len(acked), plan.results, once)
 
-        return await self._tx(op)
+        handed: dict[str, list[Any]] = {}
+        """What the batch queued for the hub and withdrew from it, set by ``op`` (each key set anew if it runs
+        again: ``SqliteThread.call``'s one retry)."""
+        applied: Applied = await self._tx(op)
+        applied.queued, applied.withdrawn = handed.get("queued", []), handed.get("withdrawn", [])
+        return applied
 
     async def due_outbox(self, now: float, limit: int = 500) -> list[dict[str, Any]]:
         """Outcomes for the hub whose next attempt is due."""
@@ -613,6 +625,12 @@ class _Closings:
     superseded: list[str] = field(default_factory=list)
     """The ``msg_id``s of ``delivered`` outcomes this batch's outcomes withdraw (if not sent yet)."""
     outcomes: list[tuple[str, bytes] | Outcome | Report] = field(default_factory=list)
+
+
+def _handed(handed: dict[str, list[Any]], queued: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """``queued``, kept in ``handed`` for the relay (:attr:`Applied.queued`)."""
+    handed["queued"] = queued
+    return queued
 
 
 def _packed(outcomes: list[tuple[str, bytes] | Outcome | Report],

@@ -11,8 +11,9 @@ bridge and fan-out benchmarks, not a gateway.
 
 ``creds.json`` maps gateway id to ``{"client_id": ..., "password": ...}``. On SIGTERM the fleet writes, to
 ``--stats-file``, every command it got per request and gateway: ``{"gateways": n, "connect_s": s, "commands":
-{request_id: {gateway_id: [times received, first received at (epoch s)]}}}`` — what the fan-out experiment
-counts missing and duplicate commands from.
+{request_id: {gateway_id: [times received, first received at (epoch s)]}}, "answered": {request_id: {gateway_id:
+first outcome sent at (epoch s)}}}`` — what the fan-out experiment counts missing and duplicate commands from, and
+``--timeline`` the gateways' stage from.
 
 The ready file says how many gateways, how long they took to connect, and when that began and ended
 (``connect_started_at``, ``connected_at``, epoch seconds). ``--go-file`` makes the process wait, started and
@@ -58,6 +59,9 @@ class FleetGateway:
         self.commands = 0
         self.received: dict[str, list[float]] = {}
         """Per request id: ``[times received, first received at]`` (a duplicate is a second receipt)."""
+        self.answered: dict[str, float] = {}
+        """Per request id: when (epoch s) this gateway's first outcome to it was handed to its MQTT link (``mhp-sim
+        experiment fanout --timeline``: the gateways' stage of the critical path)."""
         self.link = MqttLink(endpoint, client_id=gateway_id, subscriptions=[topics.down("gateways", gateway_id)],
                              handler=self.on_message, status_topic=topics.status("gateways", gateway_id),
                              clean_start=True, session_expiry_s=0,
@@ -85,15 +89,19 @@ class FleetGateway:
             out = Outcome(request_id=msg.request_id, client_id=self.client_id, state=state, revision=msg.revision,
                           trace={"gateway_ms": round((time.perf_counter() - t0) * 1000, 3)})
             await self.link.publish(topics.up("gateways", self.id), encode(out))
+            self.answered.setdefault(msg.request_id, time.time())
 
 
 def fleet_stats(fleet: list[FleetGateway], connect_s: float | None) -> dict[str, Any]:
     """What the fleet received, per request and gateway (the shape ``--stats-file`` documents)."""
     commands: dict[str, dict[str, list[float]]] = {}
+    answered: dict[str, dict[str, float]] = {}
     for g in fleet:
         for request_id, seen in g.received.items():
             commands.setdefault(request_id, {})[g.id] = seen
-    return {"gateways": len(fleet), "connect_s": connect_s, "commands": commands}
+        for request_id, at in g.answered.items():
+            answered.setdefault(request_id, {})[g.id] = at
+    return {"gateways": len(fleet), "connect_s": connect_s, "commands": commands, "answered": answered}
 
 
 async def run_fleet(host: str, port: int, credentials: dict[str, dict[str, str]],

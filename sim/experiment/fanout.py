@@ -76,6 +76,8 @@ from retailer_bridge.instance_lock import holder_pid
 from retailer_bridge.partition import Partition, partition_file, partition_logins
 from sim.experiment.base import BaseParams, Experiment, machine, proc_sample
 from sim.experiment.dso_sim import pct
+from sim.experiment.timeline import floor_span, run_timeline
+from sim.experiment.timeline import markdown as timeline_markdown
 from sim.fleet import FLOOR_PREFIX
 from sim.stack.stack import free_port
 
@@ -145,6 +147,8 @@ class FanoutParams:
     ``sim.fleet --go-file``); with ``connect_concurrency`` it bounds the CONNECTs in flight across the fleet."""
     connect_concurrency: int = 200
     """CONNECTs in flight per fleet process while it connects (``sim.fleet --connect-concurrency``)."""
+    timeline: bool = False
+    """Also record each run's stages of the critical path, first and last client (``sim.experiment.timeline``)."""
 
 
 FLOOR_FIELDS = ("run", "clients", "acked", "duplicates", "t50_s", "t90_s", "t99_s", "t100_s", "loadavg_1m")
@@ -336,6 +340,8 @@ class FanoutExperiment(Experiment):
         """Every broker by its process name (``hub-broker``, ``broker-{r}``), for the watchdog."""
         self.phase = "set-up"
         """What the experiment is doing now (named in the error when a process dies)."""
+        self.timeline_parts: dict[str, dict[str, Any]] = {}
+        """``--timeline``: per request id, the hub's view at the end of its run and the bridges' stored commands."""
 
     def log(self, text: str) -> None:
         """A progress line."""
@@ -494,6 +500,10 @@ class FanoutExperiment(Experiment):
                 self.phase = f"run {i + 1}"
                 await self._settle()
                 runs.append(await self._one_run(http, i + 1))
+                if fp.timeline:  # after the run's measurement: the view once more, and the bridges' stores
+                    rid = runs[-1]["request_id"]
+                    self.timeline_parts[rid] = {"view": (await http.get(f"/v1/requests/{rid}")).json(),
+                                                "commands": self.stored_commands(rid)}
         self.phase = "the end (stopping)"
         setup = {"setup_s": round(time.monotonic() - t_setup, 3), "hub_url": hub_url, "work_dir": str(self.work),
                  "fleet_processes": len(self.fleets), "fleet_ready": fleet_ready,
@@ -564,6 +574,26 @@ class FanoutExperiment(Experiment):
             for k in range(self.fp.bridge_instances):
                 self._spawn(bridge_name(r, k, part), [sys.executable, "-m", "retailer_bridge.cli", "--log-level",
                                                       "WARNING", "run", "--config", str(cfg)])
+
+    def stored_commands(self, request_id: str) -> dict[str, dict[str, Any]]:
+        """The bridges' stored commands of ``request_id`` by client: ``received_at`` and ``first_sent_at`` (read-only;
+        the bridges are still running)."""
+        parts = self.fp.bridge_partitions
+        out: dict[str, dict[str, Any]] = {}
+        for r in self.retailer_ids:
+            for j in range(parts):
+                path = self.bridge_db(r, None if parts == 1 else j)
+                if not path.exists():
+                    continue
+                db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+                try:
+                    for cid, received_at, first_sent_at in db.execute(
+                            "SELECT client_id, received_at, first_sent_at FROM commands WHERE request_id=?",
+                            (request_id,)):
+                        out[cid] = {"received_at": received_at, "first_sent_at": first_sent_at}
+                finally:
+                    db.close()
+        return out
 
     def bridge_lock(self, r: str, partition: int | None = None) -> Path:
         """Retailer ``r``'s (or one of its partitions') bridge instance lock (its holder's pid inside)."""
@@ -763,7 +793,9 @@ class FanoutExperiment(Experiment):
         times = sorted(at - t0 for at in acked.values())
         cpu = {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 3) for k in cpu_after}
         run: dict[str, Any] = {"run": n, "clients": len(self.client_ids), "acked": len(acked),
-                               "duplicates": duplicates, "cpu_s": cpu, "loadavg_1m": load_before,
+                               "duplicates": duplicates,
+                               "t_first_s": round(times[0], 4) if times else None, "cpu_s": cpu,
+                               "loadavg_1m": load_before,
                                "cpu_ms_per_client": cpu_per_client(cpu, len(self.client_ids))}
         for q in QUANTILES:
             run[f"t{q}_s"] = time_to_fraction(times, len(self.client_ids), q)
@@ -794,6 +826,18 @@ class FanoutExperiment(Experiment):
                      duplicate_commands=got["duplicates"], gateway_first_p50_s=pct(first, 50),
                      gateway_first_max_s=round(max(first), 3) if first else None,
                      gateway_first_s={f"p{q}": pct(first, q) for q in QUANTILES})
+        if self.fp.timeline:
+            answered: dict[str, dict[str, float]] = {}
+            for st in stats:
+                for request_id, per_gateway in st.get("answered", {}).items():
+                    answered.setdefault(request_id, {}).update(per_gateway)
+            for r in runs:
+                parts = self.timeline_parts.get(r["request_id"], {})
+                r["timeline"] = run_timeline(
+                    r["post_at"], r["post_ms"], parts.get("view", {}), parts.get("commands", {}),
+                    {c: gateway_of(c) for c in self.client_ids},
+                    {g: seen for st in stats for g, seen in st.get("commands", {}).get(r["request_id"], {}).items()},
+                    answered.get(r["request_id"], {}), r["observed_done_s"])
         t100 = [r["t100_s"] for r in runs if r["t100_s"] is not None]
         summary = {"runs": len(runs), "all_executed_every_run": all(r["executed"] == r["clients"] for r in runs),
                    "missing_commands": sum(r["missing_commands"] for r in runs),
@@ -816,6 +860,7 @@ class FanoutExperiment(Experiment):
                                                    for k, v in vars(self.fp).items()},
                 "machine": machine(), "wall_s": wall_s, "setup": setup, "summary": summary, "runs": runs,
                 "floor_runs": self.floor_runs,
+                **({"floor_timeline": floor_span(self.floor_runs)} if self.fp.timeline and self.floor_runs else {}),
                 "files": {"runs_csv": "fanout.csv", "clients_csv": "fanout_clients.csv", "plots": ["fanout.png"],
                           "report": "report.md"}}
 
@@ -990,6 +1035,8 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{_fmt(f['t99_s'])} | {_fmt(f['t100_s'])} | " + " | ".join(_fmt(g.get(k)) for k in GROUPS)
                          + f" | {_fmt(f.get('loadavg_1m'))} |")
     lines.append("")
+    lines += timeline_markdown([{"run": r["run"], "stages": r["timeline"]} for r in results["runs"] if "timeline" in r],
+                               results.get("floor_timeline"))
     peer = results.get("peer")
     if peer:
         lines += ["## Peer: " + peer["name"], ""]

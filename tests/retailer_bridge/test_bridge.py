@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,27 +48,35 @@ class Rig:
     bridge: Bridge
 
 
-@pytest.fixture
-async def rig(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncIterator[Rig]:
-    hub_broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
-    local = mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge")
-    settings = BridgeSettings(
+@contextlib.asynccontextmanager
+async def running_bridge(tmp_path: Path, hub_broker: BrokerHandle, local: BrokerHandle, customers: dict[str, str],
+                         **settings: Any) -> AsyncIterator[Bridge]:
+    """Bridge ``r1`` between these brokers (its store in ``tmp_path``, ``settings`` on top), running from when the
+    hub's broker shows it online until the block ends."""
+    bridge = Bridge(BridgeSettings(
         retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
         hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host,
         local_mqtt_port=local.port, local_mqtt_password=local.identities["bridge"].password,
-        db_path=tmp_path / "bridge.db", customers={"c1": "gw-1", "c2": "gw-2"}, gateway_ack_timeout_s=1.5,
-        measurement_interval_s=0.5)
-    bridge = Bridge(settings)
+        db_path=tmp_path / "bridge.db", customers=customers, **settings))
     task = asyncio.create_task(bridge.run())
     with parties(Party(hub_broker, "hub", topics.status("retailers", "r1"))) as (probe,):
         await probe.next("presence")
-    await asyncio.sleep(0.3)
     try:
-        yield Rig(hub_broker, local, bridge)
+        yield bridge
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncIterator[Rig]:
+    hub_broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
+    local = mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge")
+    async with running_bridge(tmp_path, hub_broker, local, {"c1": "gw-1", "c2": "gw-2"}, gateway_ack_timeout_s=1.5,
+                              measurement_interval_s=0.5) as bridge:
+        await asyncio.sleep(0.3)
+        yield Rig(hub_broker, local, bridge)
 
 
 def request(clients: list[str], request_id: str = "q1", lead_s: float = 5) -> Request:

@@ -9,8 +9,6 @@ bridge's other tests, and the fan-out's fault runs)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,10 +18,9 @@ import pytest
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, Command, Outcome
 from retailer_bridge.service import Bridge
-from retailer_bridge.settings import BridgeSettings
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.mqtt_party import Party, parties
-from tests.retailer_bridge.test_bridge import request
+from tests.retailer_bridge.test_bridge import request, running_bridge
 
 SLOW_ACK_S = 0.7
 """How long the gateway takes to acknowledge: above the 0.5 s floor, well below what the bridge learns (~2 s)."""
@@ -34,23 +31,9 @@ async def brokers_and_bridge(tmp_path: Path, mosquitto_factory: MosquittoFactory
                              ) -> AsyncIterator[tuple[BrokerHandle, BrokerHandle, Bridge]]:
     hub_broker = mosquitto_factory("hub", ["r1"], "hub")
     local = mosquitto_factory("retailer", ["gw-1"], "bridge")
-    settings = BridgeSettings(
-        retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
-        hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host,
-        local_mqtt_port=local.port, local_mqtt_password=local.identities["bridge"].password,
-        db_path=tmp_path / "bridge.db", customers={"c1": "gw-1"}, gateway_ack_timeout_s=30)
-    assert settings.gateway_retry_s == 0.5  # the default floor
-    bridge = Bridge(settings)
-    task = asyncio.create_task(bridge.run())
-    with parties(Party(hub_broker, "hub", topics.status("retailers", "r1"))) as (probe,):
-        await probe.next("presence")
-    try:
+    async with running_bridge(tmp_path, hub_broker, local, {"c1": "gw-1"}, gateway_ack_timeout_s=30) as bridge:
+        assert bridge.settings.gateway_retry_s == 0.5  # the default floor
         yield hub_broker, local, bridge
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
 
 async def _delivered(hub: Party, request_id: str) -> None:
     """Wait for the bridge's ``delivered`` of this request at the hub: the gateway's ack is applied (and measured)."""

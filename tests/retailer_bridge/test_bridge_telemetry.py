@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,12 +10,10 @@ import pytest
 
 from mhp_wire import topics
 from mhp_wire.messages import Telemetry
-from retailer_bridge.service import Bridge
-from retailer_bridge.settings import BridgeSettings
 from retailer_bridge.telemetry import HOME_DEVICE
 from tests.broker_fixtures import MosquittoFactory
 from tests.mqtt_party import Party, parties
-from tests.retailer_bridge.test_bridge import Rig
+from tests.retailer_bridge.test_bridge import Rig, running_bridge
 from tests.waiting import eventually
 
 
@@ -25,23 +21,9 @@ from tests.waiting import eventually
 async def rig(tmp_path: Path, mosquitto_factory: MosquittoFactory) -> AsyncIterator[Rig]:
     hub_broker = mosquitto_factory("hub", ["r1"], "hub")
     local = mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge")
-    settings = BridgeSettings(
-        retailer_id="r1", hub_mqtt_host=hub_broker.host, hub_mqtt_port=hub_broker.port,
-        hub_mqtt_password=hub_broker.identities["r1"].password, local_mqtt_host=local.host,
-        local_mqtt_port=local.port, local_mqtt_password=local.identities["bridge"].password,
-        db_path=tmp_path / "bridge.db", customers={"c1": "gw-1", "c2": "gw-2"},
-        telemetry_db_path=tmp_path / "telemetry.db", telemetry_flush_interval_s=0.1)
-    bridge = Bridge(settings)
-    task = asyncio.create_task(bridge.run())
-    with parties(Party(hub_broker, "hub", topics.status("retailers", "r1"))) as (probe,):
-        await probe.next("presence")
-    try:
+    async with running_bridge(tmp_path, hub_broker, local, {"c1": "gw-1", "c2": "gw-2"},
+                              telemetry_db_path=tmp_path / "telemetry.db", telemetry_flush_interval_s=0.1) as bridge:
         yield Rig(hub_broker, local, bridge)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
 
 async def test_gateway_telemetry_ends_up_in_the_bridge_telemetry_store(rig: Rig) -> None:
     t0 = datetime.now(UTC).replace(microsecond=0)

@@ -7,20 +7,28 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from sim.experiment.fanout import peer_ack_times, reconcile, time_to_fraction
+
+
+def run_fanout(out: Path, *args: str, timeout_s: float = 180
+               ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``mhp-sim experiment fanout --out OUT ARGS`` in a process of its own: the process (it must have succeeded) and
+    its ``results.json``."""
+    proc = subprocess.run([sys.executable, "-m", "sim.cli", "experiment", "fanout", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=timeout_s, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads((out / "results.json").read_text())
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_fanout_reaches_every_gateway_exactly_once_and_the_outputs_reconcile(tmp_path: Path) -> None:
     out = tmp_path / "fanout"
-    proc = subprocess.run([sys.executable, "-m", "sim.cli", "experiment", "fanout", "--out", str(out),
-                           "--gateways", "50", "--retailers", "2", "--runs", "1", "--per-fleet", "20"],
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, res = run_fanout(out, "--gateways", "50", "--retailers", "2", "--runs", "1", "--per-fleet", "20",
+                           timeout_s=120)
     assert "[fanout] run 1/1:" in proc.stdout and "[fanout] done:" in proc.stdout
-    res = json.loads((out / "results.json").read_text())
     assert res["experiment"] == "fanout" and res["params"]["gateways"] == 50
     # 25 gateways per retailer, at most 20 per fleet process: two fleet processes per retailer.
     assert res["setup"]["fleet_processes"] == 4 and len(res["setup"]["fleet_connect_s"]) == 4
@@ -49,11 +57,7 @@ def test_fanout_reaches_every_gateway_exactly_once_and_the_outputs_reconcile(tmp
 
 def test_fanout_with_the_openleadr_peer_puts_both_in_one_report(tmp_path: Path) -> None:
     out = tmp_path / "both"
-    proc = subprocess.run([sys.executable, "-m", "sim.cli", "experiment", "fanout", "--out", str(out),
-                           "--gateways", "10", "--runs", "1", "--peer", "openleadr"],
-                          capture_output=True, text=True, timeout=180, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    _, res = run_fanout(out, "--gateways", "10", "--runs", "1", "--peer", "openleadr")
     assert res["runs"][0]["executed"] == 10
     peer = res["peer"]
     assert peer["name"] == "openleadr" and "error" not in peer

@@ -1,0 +1,98 @@
+"""The bridge's two dispatch loops wake only for work of their own, and a loop woken during its round runs again at
+once without asking the store when its next message is due (issue 14, seventh round: the critical path of a
+fan-out). Real SQLite, real Mosquitto brokers from broker_config/ for the links the loops send on.
+
+On main a gateway's acknowledgement or outcome woke both loops: the loop towards the gateways then read the store
+for due commands after every batch of reports (nothing was due), and each such read held the one SQLite thread that
+the next batch's commit waited for. And a round that was woken while it ran read ``next_due`` before running again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mhp_wire import topics
+from mhp_wire.messages import Ack, ClientState, Outcome
+from mhp_wire.mqtt import MqttEndpoint, MqttLink
+from retailer_bridge.relay import BridgeRelay
+from retailer_bridge.store import BridgeStore, NewCommand
+from tests.broker_fixtures import MosquittoFactory
+
+
+@pytest.fixture
+async def relay(tmp_path: Path) -> AsyncIterator[BridgeRelay]:
+    store = BridgeStore(tmp_path / "bridge.db")
+    await store.open()
+    try:
+        yield BridgeRelay("r1", {"c1": "gw-1", "c2": "gw-2"}, store)
+    finally:
+        await store.close()
+
+
+async def _nothing(topic: str, payload: bytes, retained: bool) -> None:
+    """No message is expected on these links."""
+
+
+async def test_gateways_reports_wake_the_loop_towards_the_hub_only(relay: BridgeRelay) -> None:
+    await relay.store.accept_request([NewCommand("q", f"c{i}", f"gw-{i}", f"cmd{i}", b"command", 0.0, 1e12)
+                                      for i in (1, 2)], [])
+    relay._wake_gateways.clear()
+    relay._wake_hub.clear()
+    await relay._on_gateway_ack("gw-1", Ack(ack_ids=["cmd1"]))
+    assert relay._wake_hub.is_set()  # its ``delivered`` outcome is due for the hub
+    assert not relay._wake_gateways.is_set()
+    relay._wake_hub.clear()
+    await relay._on_gateway_outcome("gw-2", Outcome(request_id="q", client_id="c2", state=ClientState.EXECUTED))
+    assert relay._wake_hub.is_set()  # its outcome is due for the hub
+    assert not relay._wake_gateways.is_set()
+    outbox = await relay.store.sql.read(lambda db: db.execute("SELECT COUNT(*) FROM hub_outbox").fetchone()[0])
+    assert outbox == 2  # both reports were stored for the hub: the hub's loop has them to send
+
+
+async def test_a_round_woken_while_it_ran_starts_again_without_reading_when_next_is_due(
+        relay: BridgeRelay, mosquitto_factory: MosquittoFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub_broker = mosquitto_factory("hub", ["r1"], "hub")
+    local = mosquitto_factory("retailer", ["gw-1"], "bridge")
+    asked: list[str] = []
+    next_due, next_gateway_due = relay.store.next_due, relay.store.next_gateway_due
+
+    async def counted(direction: str) -> float | None:
+        asked.append(direction)
+        return await next_due(direction)
+
+    async def counted_gateways(now: float, horizon: float) -> tuple[float | None, bool]:
+        asked.append("gateways")
+        return await next_gateway_due(now, horizon)
+
+    monkeypatch.setattr(relay.store, "next_due", counted)
+    monkeypatch.setattr(relay.store, "next_gateway_due", counted_gateways)
+    hub = MqttLink(MqttEndpoint(hub_broker.host, hub_broker.port, "r1", hub_broker.identities["r1"].password),
+                   client_id="r1", subscriptions=[], handler=_nothing)
+    to_gateways = MqttLink(MqttEndpoint(local.host, local.port, "bridge", local.identities["bridge"].password),
+                           client_id="bridge", subscriptions=[], handler=_nothing)
+    async with hub, to_gateways:
+        relay.hub, relay.local = hub, to_gateways
+        # Idle, nothing woke it: each loop asks the store when its next message is due, as before.
+        relay._wake_hub.clear()
+        relay._wake_gateways.clear()
+        assert await relay.dispatch_hub() == 1.0
+        assert await relay.dispatch_gateways() == 1.0
+        assert asked == ["hub", "gateways"]
+        # Woken while the round ran (a report stored, a request accepted): the next round starts at once.
+        relay._wake_hub.set()
+        relay._wake_gateways.set()
+        assert await relay.dispatch_hub() == 0.0
+        assert await relay.dispatch_gateways() == 0.0
+        assert asked == ["hub", "gateways"]
+        # Kept busy like that, the gateways' loop still keeps a read marker going (one at a time), without the store's
+        # answer: re-sends are judged at the read horizon, which must not wait for an idle round to move.
+        relay.probe_topic = topics.bridge_probe("bridge")
+        relay._wake_gateways.set()
+        assert await relay.dispatch_gateways() == 0.0
+        relay._wake_gateways.set()
+        assert await relay.dispatch_gateways() == 0.0
+        assert relay.read_horizon.probes == 1 and asked == ["hub", "gateways"]
+        relay.hub = relay.local = None
