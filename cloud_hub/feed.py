@@ -77,7 +77,8 @@ class Staged:
 
 @dataclass(eq=False, slots=True)
 class Follower:
-    """One live follower: what it may see, and a bounded queue of events for it."""
+    """One live follower: what it may see, and a bounded queue of the events it sees, each as :func:`view` shows
+    it to the follower (made once, when the event is published)."""
 
     who: Principal
     request_id: str | None
@@ -279,10 +280,13 @@ class ChangeFeed:
         if self.metrics is not None:
             self.metrics.feed_events.inc()
         for f in self._followers:
-            if f.overflowed or view(event, f.who, f.request_id) is None:
+            if f.overflowed:
+                continue
+            seen = view(event, f.who, f.request_id)
+            if seen is None:
                 continue
             try:
-                f.queue.put_nowait(event)
+                f.queue.put_nowait(seen)
             except asyncio.QueueFull:
                 f.overflowed = True  # its stream ends once it has drained the queue; it resumes from its last id
                 if self.metrics is not None:
@@ -337,13 +341,10 @@ class ChangeFeed:
                 except TimeoutError:
                     yield [FeedItem("keepalive")]
                     continue
-                events = [event]
-                while len(events) < BATCH_MAX and not follower.queue.empty():
-                    events.append(follower.queue.get_nowait())
-                items = [FeedItem("request", e["event_id"], seen) for e in events
-                         if (seen := view(e, who, request_id)) is not None]
-                if items:
-                    yield items
+                seen = [event]  # as the follower sees it (_publish)
+                while len(seen) < BATCH_MAX and not follower.queue.empty():
+                    seen.append(follower.queue.get_nowait())
+                yield [FeedItem("request", e["event_id"], e) for e in seen]
         finally:
             self._followers.discard(follower)
             if self.metrics is not None:
