@@ -78,7 +78,8 @@ class Staged:
 @dataclass(eq=False, slots=True)
 class Follower:
     """One live follower: what it may see, and a bounded queue of the events it sees, each as :func:`view` shows
-    it to the follower (made once, when the event is published)."""
+    it to the follower (made once, when the event is published, and shared by the followers with the same
+    principal and request: read only)."""
 
     who: Principal
     request_id: str | None
@@ -279,10 +280,16 @@ class ChangeFeed:
         self.watermark = max(self.watermark, event["event_id"])
         if self.metrics is not None:
             self.metrics.feed_events.inc()
+        # Followers with the same principal and request see the same view (the DSO's streams and its OpenADR 3
+        # notifier): made once per event and shared, read only.
+        views: dict[tuple[Principal, str | None], dict[str, Any] | None] = {}
         for f in self._followers:
             if f.overflowed:
                 continue
-            seen = view(event, f.who, f.request_id)
+            whose = (f.who, f.request_id)
+            if whose not in views:
+                views[whose] = view(event, f.who, f.request_id)
+            seen = views[whose]
             if seen is None:
                 continue
             try:

@@ -322,3 +322,20 @@ async def test_a_streams_chunks_are_whole_frames_in_id_order(hub: HubHandle) -> 
         assert [d["event_id"] for d in seen] == sorted({d["event_id"] for d in seen})
         first = next(d for d in seen if d["request_id"] == request_id)
         assert first["state"] == "accepted" and set(first["clients"]) == {"c1", "c2"}
+
+
+async def test_followers_of_one_principal_share_its_view_and_a_retailer_gets_its_own(feed: ChangeFeed) -> None:
+    dso1 = feed.follow(Principal("dso"), keepalive_s=3600, announce=True)
+    dso2 = feed.follow(Principal("dso"), keepalive_s=3600, announce=True)
+    r2 = feed.follow(Principal("retailer", "r2"), keepalive_s=3600, announce=True)
+    for s in (dso1, dso2, r2):
+        assert (await anext(s)).kind == "open"
+    staged = await feed.stage([("q1", {"c:c1": {"state": "pending", "retailers": {"r1": "pending"}},
+                                       "c:c2": {"state": "pending", "retailers": {"r2": "pending"}}}, META)])
+    await feed.kv.batch(staged.mutations)
+    feed.settle(staged, durable=True)
+    a, b, c = (await anext(dso1)), (await anext(dso2)), (await anext(r2))
+    assert a.data == b.data and set(a.data["clients"]) == {"c1", "c2"}
+    assert set(c.data["clients"]) == {"c2"} and c.event_id == a.event_id
+    for s in (dso1, dso2, r2):
+        await s.aclose()
