@@ -14,9 +14,10 @@ What a principal sees of an event is decided by :func:`view` (neutral: a retaile
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +36,8 @@ LAST_ROW = "~last"
 KNOWN_KEPT = 50_000
 """Requests whose type, issuer, state and retailers the feed keeps in memory (oldest forgotten, read again)."""
 PAGE = 500
+BATCH_MAX = 500
+"""The most live events a follower is handed at once (:meth:`ChangeFeed.follow_batches`)."""
 
 
 def event_key(event_id: int) -> str:
@@ -74,7 +77,9 @@ class Staged:
 
 @dataclass(eq=False, slots=True)
 class Follower:
-    """One live follower: what it may see, and a bounded queue of events for it."""
+    """One live follower: what it may see, and a bounded queue of the events it sees, each as :func:`view` shows
+    it to the follower (made once, when the event is published, and shared by the followers with the same
+    principal and request: read only)."""
 
     who: Principal
     request_id: str | None
@@ -275,11 +280,20 @@ class ChangeFeed:
         self.watermark = max(self.watermark, event["event_id"])
         if self.metrics is not None:
             self.metrics.feed_events.inc()
+        # Followers with the same principal and request see the same view (the DSO's streams and its OpenADR 3
+        # notifier): made once per event and shared, read only.
+        views: dict[tuple[Principal, str | None], dict[str, Any] | None] = {}
         for f in self._followers:
-            if f.overflowed or view(event, f.who, f.request_id) is None:
+            if f.overflowed:
+                continue
+            whose = (f.who, f.request_id)
+            if whose not in views:
+                views[whose] = view(event, f.who, f.request_id)
+            seen = views[whose]
+            if seen is None:
                 continue
             try:
-                f.queue.put_nowait(event)
+                f.queue.put_nowait(seen)
             except asyncio.QueueFull:
                 f.overflowed = True  # its stream ends once it has drained the queue; it resumes from its last id
                 if self.metrics is not None:
@@ -297,7 +311,20 @@ class ChangeFeed:
         ``keepalive`` item after each quiet ``keepalive_s``; a ``reset`` first when ``since`` is older than the
         replay window. Ends when the follower fell ``queue_max`` events behind (it resumes from its last id).
         ``announce``: an ``open`` item comes first, once the follower is registered, so that a stream can tell its
-        reader from when on "from now" holds (every change stored after that item is in the stream)."""
+        reader from when on "from now" holds (every change stored after that item is in the stream).
+        One item at a time: :meth:`follow_batches`, flattened."""
+        async with contextlib.aclosing(self.follow_batches(who, since, request_id, keepalive_s,
+                                                           announce=announce)) as batches:
+            async for batch in batches:
+                for item in batch:
+                    yield item
+
+    async def follow_batches(self, who: Principal, since: int | None = None, request_id: str | None = None,
+                             keepalive_s: float = 15.0, *, announce: bool = False
+                             ) -> AsyncGenerator[list[FeedItem], None]:
+        """:meth:`follow`'s items, in the same order, as lists: each live list is every event queued for the
+        follower when it woke (up to :data:`BATCH_MAX`), so that a stream writes them in one chunk (one socket
+        write, one pass through the ASGI layers) instead of one per event; never an empty list."""
         follower = Follower(who, request_id, asyncio.Queue(self.queue_max))
         self._followers.add(follower)
         upto = self.watermark  # no await since adding the follower: every later event reaches its queue
@@ -305,16 +332,10 @@ class ChangeFeed:
             self.metrics.feed_followers.inc()
         try:
             if announce:
-                yield FeedItem("open", upto)
-            if since is not None and since < upto and self.too_old(since):
-                yield FeedItem("reset", upto, {"reason": "the resume point is older than the replay window; read the "
-                                                         "requests again with GET, then follow from this event",
-                                               "event_id": upto})
-            elif since is not None and since < upto:
-                async for event in self._replay(since, upto):
-                    seen = view(event, who, request_id)
-                    if seen is not None:
-                        yield FeedItem("request", event["event_id"], seen)
+                yield [FeedItem("open", upto)]
+            if since is not None and since < upto:
+                async for items in self._history(who, since, upto, request_id):
+                    yield items
             while True:
                 if follower.overflowed and follower.queue.empty():
                     return
@@ -325,23 +346,39 @@ class ChangeFeed:
                     async with asyncio.timeout(keepalive_s):
                         event = await follower.queue.get()
                 except TimeoutError:
-                    yield FeedItem("keepalive")
+                    yield [FeedItem("keepalive")]
                     continue
-                seen = view(event, who, request_id)
-                if seen is not None:
-                    yield FeedItem("request", event["event_id"], seen)
+                seen = [event]  # as the follower sees it (_publish)
+                while len(seen) < BATCH_MAX and not follower.queue.empty():
+                    seen.append(follower.queue.get_nowait())
+                yield [FeedItem("request", e["event_id"], e) for e in seen]
         finally:
             self._followers.discard(follower)
             if self.metrics is not None:
                 self.metrics.feed_followers.dec()
 
-    async def _replay(self, since: int, upto: int) -> AsyncIterator[dict[str, Any]]:
+    async def _history(self, who: Principal, since: int, upto: int, request_id: str | None
+                       ) -> AsyncIterator[list[FeedItem]]:
+        """What a follower resuming after ``since`` sees of the events up to ``upto``: the stored ones, a page at a
+        time, or a ``reset`` when ``since`` is older than the replay window."""
+        if self.too_old(since):
+            yield [FeedItem("reset", upto, {"reason": "the resume point is older than the replay window; read the "
+                                                      "requests again with GET, then follow from this event",
+                                            "event_id": upto})]
+            return
+        async for page in self._replay(since, upto):
+            items = [FeedItem("request", event["event_id"], seen) for event in page
+                     if (seen := view(event, who, request_id)) is not None]
+            if items:
+                yield items
+
+    async def _replay(self, since: int, upto: int) -> AsyncIterator[list[dict[str, Any]]]:
+        """The stored events after ``since`` up to ``upto``, a page of rows at a time."""
         start = event_key(since + 1)
         stop = event_key(upto + 1)
         while True:
             rows = await self.kv.scan(TABLE, start=start, stop=stop, limit=PAGE)
-            for _row, cells in rows:
-                yield codec.loads(cells["e:d"])
+            yield [codec.loads(cells["e:d"]) for _row, cells in rows]
             if len(rows) < PAGE:
                 return
             start = event_key(int(rows[-1][0]) + 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -10,6 +9,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from cloud_hub import codec
 from cloud_hub.api.deps import Caller, Service
 from cloud_hub.api.models import Document, errors
 from cloud_hub.authz import Principal
@@ -28,11 +28,16 @@ SSE: dict[int | str, dict[str, Any]] = {200: {
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)]
 
 
-def frame(item: FeedItem) -> str:
-    """One Server-Sent Events frame: ``id``, ``event`` and one ``data`` line of JSON; a comment for a keep-alive."""
+def frame(item: FeedItem) -> bytes:
+    """One Server-Sent Events frame: ``id``, ``event`` and one ``data`` line of JSON (compact, UTF-8, the hub's
+    codec); a comment for a keep-alive; ``retry`` for the first item of a stream (``open``)."""
     if item.kind == "keepalive":
-        return ": keep-alive\n\n"
-    return f"id: {item.event_id}\nevent: {item.kind}\ndata: {json.dumps(item.data, separators=(',', ':'))}\n\n"
+        return b": keep-alive\n\n"
+    if item.kind == "open":
+        # The first line, once the follower is registered: a reader that has it gets every change stored after
+        # it. The browser's EventSource reconnects after 1 s, with Last-Event-ID.
+        return b"retry: 1000\n\n"
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (item.event_id, item.kind.encode(), codec.dumps(item.data))
 
 
 def resume_point(last_event_id: str | None, since: str | None) -> int | None:
@@ -49,11 +54,11 @@ def _stream(request: Request, who: Principal, since: int | None, request_id: str
     feed: ChangeFeed = request.app.state.feed
     keepalive_s: float = request.app.state.settings.feed_keepalive_s
 
-    async def body() -> AsyncIterator[str]:
-        async for item in feed.follow(who, since, request_id, keepalive_s, announce=True):
-            # The first line, once the follower is registered: a reader that has it gets every change stored after
-            # it. The browser's EventSource reconnects after 1 s, with Last-Event-ID.
-            yield "retry: 1000\n\n" if item.kind == "open" else frame(item)
+    async def body() -> AsyncIterator[bytes]:
+        # The events queued when the stream wakes, in one chunk: one socket write and one pass through the ASGI
+        # layers for all of them (a frame at a time was a tenth of the hub's CPU at 12,000 requests/min).
+        async for batch in feed.follow_batches(who, since, request_id, keepalive_s, announce=True):
+            yield b"".join(map(frame, batch))
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

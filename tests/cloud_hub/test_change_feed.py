@@ -273,3 +273,69 @@ async def test_a_follower_that_falls_behind_is_closed_and_resumes_from_its_last_
     rest = [(await anext(resumed)).event_id for _ in range(len(written) - len(got))]
     assert got + rest == written
     await resumed.aclose()
+
+
+async def test_the_events_queued_for_a_follower_come_in_one_batch_in_order(tmp_path: Path) -> None:
+    kv = SqliteKV(tmp_path / "feed.db")
+    await kv.open()
+    try:
+        feed = ChangeFeed(kv, queue_max=100)
+        batches = feed.follow_batches(Principal("dso"), keepalive_s=3600, announce=True)
+        assert [i.kind for i in await anext(batches)] == ["open"]
+        written = []
+        writes = [("q1", {"c:c1": {"state": "pending", "retailers": {"r1": "pending"}}}, META),
+                  *[write("c1", s) for s in ("sent", "acknowledged", "executed")]]
+        for w in writes:  # all durable before the follower wakes: one batch
+            staged = await feed.stage([w])
+            await kv.batch(staged.mutations)
+            feed.settle(staged, durable=True)
+            written.append(staged.events[0]["event_id"])
+        batch = await anext(batches)
+        assert [i.event_id for i in batch] == written and {i.kind for i in batch} == {"request"}
+        assert [i.data["clients"]["c1"]["state"] for i in batch] == ["pending", "sent", "acknowledged", "executed"]
+        later = await feed.stage([write("c1", "refused")])
+        await kv.batch(later.mutations)
+        feed.settle(later, durable=True)
+        assert [i.event_id for i in await anext(batches)] == [later.events[0]["event_id"]]
+        await batches.aclose()
+        assert not feed._followers, "a closed stream is no follower any more"
+    finally:
+        await kv.close()
+
+
+async def test_a_streams_chunks_are_whole_frames_in_id_order(hub: HubHandle) -> None:
+    await hub.setup_registry({"c1": "r1", "c2": "r2"})
+    async with hub.http.stream("GET", "/v1/events", headers=hub.auth("dso"), timeout=30) as r:
+        chunks = r.aiter_bytes()
+        assert await anext(chunks) == b"retry: 1000\n\n"
+        request_id = await post_emergency(hub.http, hub.auth("dso"), ["c1", "c2"])
+        seen: list[dict[str, Any]] = []
+        while not any(d["request_id"] == request_id for d in seen):
+            # Each chunk is the events queued for the stream when it woke: whole frames, never a part of one.
+            frames = (await asyncio.wait_for(anext(chunks), 10)).decode().split("\n\n")
+            assert frames[-1] == ""
+            for f in frames[:-1]:
+                id_line, event_line, data_line = f.split("\n")
+                data = json.loads(data_line.removeprefix("data: "))
+                assert id_line == f"id: {data['event_id']}" and event_line == "event: request"
+                seen.append(data)
+        assert [d["event_id"] for d in seen] == sorted({d["event_id"] for d in seen})
+        first = next(d for d in seen if d["request_id"] == request_id)
+        assert first["state"] == "accepted" and set(first["clients"]) == {"c1", "c2"}
+
+
+async def test_followers_of_one_principal_share_its_view_and_a_retailer_gets_its_own(feed: ChangeFeed) -> None:
+    dso1 = feed.follow(Principal("dso"), keepalive_s=3600, announce=True)
+    dso2 = feed.follow(Principal("dso"), keepalive_s=3600, announce=True)
+    r2 = feed.follow(Principal("retailer", "r2"), keepalive_s=3600, announce=True)
+    for s in (dso1, dso2, r2):
+        assert (await anext(s)).kind == "open"
+    staged = await feed.stage([("q1", {"c:c1": {"state": "pending", "retailers": {"r1": "pending"}},
+                                       "c:c2": {"state": "pending", "retailers": {"r2": "pending"}}}, META)])
+    await feed.kv.batch(staged.mutations)
+    feed.settle(staged, durable=True)
+    a, b, c = (await anext(dso1)), (await anext(dso2)), (await anext(r2))
+    assert a.data == b.data and set(a.data["clients"]) == {"c1", "c2"}
+    assert set(c.data["clients"]) == {"c2"} and c.event_id == a.event_id
+    for s in (dso1, dso2, r2):
+        await s.aclose()

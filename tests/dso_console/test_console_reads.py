@@ -20,27 +20,45 @@ async def feed_events(console: Page, rid: asyncio.Future[str], opened: asyncio.E
                       ) -> list[tuple[str, str, dict[str, Any]]]:
     """``(id, event, data)`` of the console's ``/api/events`` until an event of the request ``rid`` has come (the
     registry's customer-list requests come too: the DSO issued them); ``opened`` is set at the stream's first line,
-    which the console writes once the hub's feed is open (a change from then on is relayed)."""
+    which the console writes once the hub's feed is open (a change from then on is relayed). The request's events
+    may all come before its id is known (the hub writes the events queued for a stream in one chunk, and the POST's
+    answer can reach the test after them): they are looked for both when an event comes and when the id does."""
     out: list[tuple[str, str, dict[str, Any]]] = []
-    # Its own client: the page's checks every answer whole, and this one never ends.
-    async with httpx.AsyncClient(base_url=console.web.url) as http, \
-            http.stream("GET", "/api/events", timeout=30) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        event_id, event = "", "message"
-        async for line in r.aiter_lines():
-            assert console.token not in line
-            if opened is not None and not opened.is_set():
-                assert line.startswith("retry: "), line
-                opened.set()
-            if line.startswith("id: "):
-                event_id = line[4:]
-            elif line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-                out.append((event_id, event, data))
-                if rid.done() and data.get("request_id") == rid.result():
-                    return out
+    found = asyncio.Event()
+
+    def check(_: object = None) -> None:
+        if rid.done() and any(d.get("request_id") == rid.result() for _, _, d in out):
+            found.set()
+
+    async def read() -> None:
+        # Its own client: the page's checks every answer whole, and this one never ends.
+        async with httpx.AsyncClient(base_url=console.web.url) as http, \
+                http.stream("GET", "/api/events", timeout=30) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            event_id, event = "", "message"
+            async for line in r.aiter_lines():
+                assert console.token not in line
+                if opened is not None and not opened.is_set():
+                    assert line.startswith("retry: "), line
+                    opened.set()
+                if line.startswith("id: "):
+                    event_id = line[4:]
+                elif line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    out.append((event_id, event, json.loads(line[6:])))
+                    check()
+
+    rid.add_done_callback(check)
+    reader = asyncio.create_task(read())
+    waiting = asyncio.create_task(found.wait())
+    try:
+        await asyncio.wait({reader, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if not found.is_set():
+            reader.result()  # the stream failed or ended: its error, else the events so far
+    finally:
+        reader.cancel()
+        waiting.cancel()
     return out
 
 
