@@ -144,8 +144,11 @@ class ReadHorizon:
         that stays full and drops each one, a commit that never ends) delay re-sends, ``unreachable`` and expiry by
         at most this, never for ever."""
         self.stalls = 0
-        """Times the horizon fell ``max_lag_s`` behind (each logged once)."""
+        """Times a marker stayed away longer than ``max_lag_s`` (each logged once)."""
         self._stalled = False
+        self._waiting_since: float | None = None
+        """When the oldest marker still awaited was sent (None: none is awaited, and an old horizon only means that
+        nobody asked; the owner sends a marker when a re-send waits for one)."""
         self.nonce = nonce
         """Tells this process's markers from an earlier one's still queued in the same session (ignored)."""
         self.at = 0.0
@@ -163,6 +166,8 @@ class ReadHorizon:
             return None
         self._seq += 1
         self._in_flight[self._seq] = self._last_sent = now
+        if self._waiting_since is None:
+            self._waiting_since = now
         if len(self._in_flight) > 1024:  # none came back for a long while: the oldest are lost, not merely late
             del self._in_flight[min(self._in_flight)]
         self.probes += 1
@@ -180,6 +185,7 @@ class ReadHorizon:
             return False
         for s in [s for s in self._in_flight if s <= seq]:
             del self._in_flight[s]
+        self._waiting_since = min(self._in_flight.values()) if self._in_flight else None
         if sent_at <= self.at:
             return False
         self.at = sent_at
@@ -187,18 +193,20 @@ class ReadHorizon:
 
     def known(self, now: float) -> float:
         """The time up to which the other side's silence counts at ``now``: the horizon, or ``now - max_lag_s`` when
-        it lags further (a warning, once per stall)."""
+        a marker has been awaited longer than that (a warning, once per stall)."""
         floor = now - self.max_lag_s
-        if self.at >= floor:
+        if self.at >= floor or self._waiting_since is None or self._waiting_since >= floor:
             self._stalled = False
             return self.at
         if not self._stalled:
             self._stalled = True
             self.stalls += 1
             log.warning("no read marker came back for %.0f s: re-sends are judged %.0f s behind the clock until one "
-                        "does", now - self.at if self.at else self.max_lag_s, self.max_lag_s)
+                        "does", now - self._waiting_since, self.max_lag_s)
         return floor
 
     def lost(self) -> None:
-        """The link was (re)connected: a marker in flight may be gone with the old session; the next may go now."""
+        """The link was (re)connected: a marker in flight may be gone with the old session; the next may go now (and
+        the wait for one counts from it)."""
         self._last_sent = -math.inf
+        self._waiting_since = None

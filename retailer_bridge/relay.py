@@ -71,6 +71,9 @@ CLAIM_TOLERANCE_KW = 0.001
 DISPATCH_BATCH = 10_000
 """Commands, and outcomes for the hub, read and sent per dispatch round (one read, one write each): each round
 waits for the group commit in progress, so an emergency to 10,000 gateways goes out in one round, not five."""
+MARKER_LAG_S = 0.05
+"""A gateways' round woken while it ran sends a read marker only when the horizon lags the clock by more than this:
+enough to keep markers going while the bridge is busy, not one per broker round trip while nothing lags."""
 PUBLISH_WAIT_S = 5.0
 """How long a publish waits for room in the broker's in-flight window (back-pressure) before the outbox takes
 over; a fan-out to 10,000 gateways fills a window of 1,000 many times."""
@@ -189,6 +192,9 @@ class BridgeRelay:
         self.held_commands: set[str] = set()
         """``msg_id`` of the commands of :attr:`fresh_commands` (and of those being committed to join them): the
         gateways' loop's reads of due commands leave them out, so that no command goes out twice."""
+        self.committing: list[list[Pending]] = []
+        """The hand-overs of requests whose commit is under way: a cancellation, revision or supplier change handled
+        meanwhile (the hub's messages are handled concurrently) withdraws from them too (:meth:`_withdraw_fresh`)."""
         self.handing_over: list[Pending] = []
         """The hand-over the gateways' loop is sending (taken from :attr:`fresh_commands`), for
         :meth:`_withdraw_fresh` to release what a later commit closes while it goes out."""
@@ -371,13 +377,17 @@ class BridgeRelay:
                                  and r["revision"] < req.revision)
         held = {c.msg_id for c in commands}
         self.held_commands |= held  # before the commit: a round reading due commands after it leaves them out
+        self.committing.append(handover)
         try:
             added = await self.store.accept_request(commands, answers)
         except BaseException:
             self.held_commands -= held
             raise
+        finally:
+            self.committing.remove(handover)
         if commands and added == len(commands):  # every command stored is one of these (not a redelivery)
-            self.fresh_commands.extend(handover)
+            # Less what was withdrawn while the commit ran (released: if its row stayed open it is due in the store).
+            self.fresh_commands.extend(p for p in handover if str(p.key) in self.held_commands)
         else:  # a redelivered request: what it holds already goes out from the store's rounds
             self.held_commands -= held
         await self._to_hub(Ack(ack_ids=[req.msg_id]))
@@ -466,6 +476,10 @@ class BridgeRelay:
         for p in self.handing_over:  # taken by the loop: released, so that :meth:`_handover_due` skips it
             if gone(p.row):
                 self.held_commands.discard(str(p.key))
+        for handover in self.committing:  # still being committed: released, so that it is not handed over
+            for p in handover:
+                if gone(p.row):
+                    self.held_commands.discard(str(p.key))
         if not self.fresh_commands:
             return
         keep = []
@@ -900,8 +914,8 @@ class BridgeRelay:
             return 0.2  # what is due waits for the retailer broker; do not poll the store meanwhile
         now = self.commands_out.clock()
         if self._wake_gateways.is_set():  # woken during the round: the next round starts at once
-            if self.read_up_to() < now:  # busy: keep a read marker going (one in flight) so re-sends are judged
-                await self._send_probe()
+            if now - self.read_up_to() > MARKER_LAG_S:  # busy: keep a read marker going (one in flight) so that
+                await self._send_probe()  # re-sends are judged, but not one per round trip while nothing lags
             return 0.0
         nxt, behind = await self.store.next_gateway_due(now, self.read_up_to())
         if behind:  # re-sends wait for us to read further: a marker tells when we have (it wakes this loop)

@@ -107,19 +107,36 @@ async def test_settled_counts_a_batch_whose_commit_raised() -> None:
     assert isinstance(fut.exception(), OSError)
 
 
-def test_a_horizon_that_stops_moving_lags_the_clock_by_at_most_max_lag() -> None:
+def test_a_marker_awaited_longer_than_max_lag_lets_the_horizon_lag_the_clock_by_at_most_that() -> None:
     clock = Clock()
     h = ReadHorizon(clock, max_lag_s=30.0, nonce="n")
     payload = h.probe()
     assert payload is not None and h.returned(payload)
-    assert h.known(110.0) == 100.0 and h.stalls == 0
-    assert h.known(140.0) == 110.0 and h.stalls == 1, "30 s behind at most"
-    assert h.known(150.0) == 120.0 and h.stalls == 1, "one stall, counted (and logged) once"
-    clock.t = 149.0
+    assert h.known(140.0) == 100.0 and h.stalls == 0, "none awaited: an old horizon only means nobody asked"
+    clock.t = 140.0
+    lost = h.probe()  # and never comes back
+    assert lost is not None
+    assert h.known(160.0) == 100.0 and h.stalls == 0, "awaited 20 s: still within the bound"
+    assert h.known(180.0) == 150.0 and h.stalls == 1, "awaited 40 s: 30 s behind the clock at most"
+    assert h.known(190.0) == 160.0 and h.stalls == 1, "one stall, counted (and logged) once"
+    clock.t = 189.0
     late = h.probe()
     assert late is not None and h.returned(late)
-    assert h.known(150.0) == 149.0
-    assert h.known(200.0) == 170.0 and h.stalls == 2
+    assert h.known(190.0) == 189.0 and h.stalls == 1
+
+
+def test_an_idle_horizon_with_no_marker_awaited_is_not_a_stall() -> None:
+    """Found in review: markers go only while re-sends wait, so at a start (``at`` 0) and after any quiet spell the
+    horizon is old with nothing lost; before the mend each such round logged a stall."""
+    clock = Clock()
+    h = ReadHorizon(clock, max_lag_s=30.0, nonce="n")
+    assert h.known(1_000_000.0) == 0.0 and h.stalls == 0
+    payload = h.probe()
+    assert payload is not None and h.returned(payload)
+    assert h.known(1_000_000.0) == 100.0 and h.stalls == 0
+    h.probe()
+    h.lost()  # a reconnection: the wait counts from the next marker
+    assert h.known(1_000_000.0) == 100.0 and h.stalls == 0
 
 
 async def test_a_commit_that_gives_the_wrong_number_of_results_fails_its_items_and_ends_for_the_barrier() -> None:

@@ -19,6 +19,7 @@ what the round sent (one publisher, one topic, QoS 1: in order).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -199,3 +200,18 @@ async def test_a_failed_handover_leaves_its_commands_due_in_the_store(
         assert isinstance(got[0], Command) and got[0].msg_id in read_back
         assert not relay.fresh_commands and not relay.held_commands
         assert await command_rows(relay) == [("c1", "sending", 1, 1)]
+
+
+async def test_a_cancel_handled_beside_its_request_leaves_no_command_without_its_notice(
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
+    """Found in review: the hub's messages are handled concurrently, so a cancel can run while its request's commit
+    is under way. It withdrew nothing (the commands were held, not yet handed over), its read found no command for a
+    notice, it closed them; the request's task then handed them over, and the gateway got a command alone."""
+    relay, local, _ = relay_and_broker
+    with gateway_parties(local, "gw-1") as (gw1,):
+        await asyncio.gather(relay._on_request(request(["c1"], lead_s=60)), relay._on_cancel(Cancel(request_id="q1")))
+        assert await command_rows(relay) == [("c1", "closed", 1, 0)]  # cancelled in the store, never sent
+        await relay.dispatch_gateways()
+        got = await round_sent(relay, gw1, "gw-1")
+        assert [m.type for m in got] in ([], ["command", "cancel"]), got
+        assert not relay.held_commands and not relay.fresh_commands

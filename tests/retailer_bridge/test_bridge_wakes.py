@@ -9,6 +9,7 @@ the next batch's commit waited for. And a round that was woken while it ran read
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -96,3 +97,33 @@ async def test_a_round_woken_while_it_ran_starts_again_without_reading_when_next
         assert await relay.dispatch_gateways() == 0.0
         assert relay.read_horizon.probes == 1 and asked == ["hub", "gateways"]
         relay.hub = relay.local = None
+
+
+async def test_one_wake_during_a_round_does_not_start_an_endless_chain_of_read_markers(
+        relay: BridgeRelay, mosquitto_factory: MosquittoFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: a round woken while it ran sent a read marker whenever the horizon was in the past (always);
+    the marker came back during the next round and woke it, which sent the next: 143 markers in 2 s with nothing
+    due (5 ms rounds). A marker now goes from a woken round only when the horizon lags by more than MARKER_LAG_S."""
+    local = mosquitto_factory("retailer", ["gw-1"], "bridge")
+    relay.probe_topic = topics.bridge_probe("bridge")
+    real, woke = relay.store.due_commands, []
+
+    async def due(now: float, limit: int, horizon: float | None = None) -> list[dict[str, object]]:
+        if not woke:  # once: something woke the loop during this round
+            woke.append(1)
+            relay._wake_gateways.set()
+        rows = await real(now, limit, horizon)
+        await asyncio.sleep(0.005)  # a round as long as a busy store's read
+        return rows
+
+    monkeypatch.setattr(relay.store, "due_commands", due)
+    link = MqttLink(MqttEndpoint(local.host, local.port, "bridge", local.identities["bridge"].password),
+                    client_id="bridge", subscriptions=[relay.probe_topic], handler=_nothing,
+                    batch_handler=relay.on_local_batch)
+    async with link:
+        relay.local = link
+        task = asyncio.create_task(relay._loop(relay._wake_gateways, relay.dispatch_gateways))
+        await asyncio.sleep(2.0)
+        task.cancel()
+        relay.local = None
+    assert relay.read_horizon.probes <= 2, f"{relay.read_horizon.probes} markers in 2 s with nothing due"
