@@ -175,9 +175,16 @@ class BridgeStore:
         return await self.group.tx(fn)
 
     async def accept_request(self, commands: list[NewCommand], outcomes: list[tuple[str, bytes]]) -> int:
-        """Store new commands (a redelivered request adds nothing) and outcomes for the hub; returns new commands."""
+        """Store new commands (a redelivered request adds nothing, a request cancelled meanwhile neither) and
+        outcomes for the hub; returns new commands. ``commands`` are all of one request."""
 
         def op(db: sqlite3.Connection) -> int:
+            if commands and db.execute("SELECT 1 FROM cancelled WHERE request_id=?",
+                                       (commands[0].request_id,)).fetchone():
+                # Cancelled since the request was checked (the hub's messages are handled concurrently): its
+                # cancellation closed what was stored and told those gateways; these would go out alone.
+                self._queue(db, outcomes)
+                return 0
             # One statement for all the commands of a request: those already held (a redelivered request, or an
             # older revision) are ignored by the INSERT; only if there are any does the UPDATE run, and it changes
             # just those of a lower revision (the ones inserted here hold this revision already).

@@ -22,6 +22,9 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
 
 from mhp_wire import topics
 from mhp_wire.messages import Ack, Cancel, Command, CustomerChange, Customers, Message, SupplyPeriod, encode
@@ -214,4 +217,25 @@ async def test_a_cancel_handled_beside_its_request_leaves_no_command_without_its
         await relay.dispatch_gateways()
         got = await round_sent(relay, gw1, "gw-1")
         assert [m.type for m in got] in ([], ["command", "cancel"]), got
+        assert not relay.held_commands and not relay.fresh_commands
+
+
+async def test_a_cancel_committed_between_the_requests_check_and_its_commit_stores_no_command(
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review (on main before the hand-over too): the request checked ``is_cancelled``, the cancel then
+    committed (its read found no command, so no notice), and the request's commit stored the command anyway: the
+    gateway got a cancelled emergency's command alone. The request's commit now checks the cancellation itself."""
+    relay, local, _ = relay_and_broker
+    real = relay.store.accept_request
+
+    async def after_the_cancel(*args: Any) -> int:
+        await relay._on_cancel(Cancel(request_id="q1"))
+        return await real(*args)
+
+    monkeypatch.setattr(relay.store, "accept_request", after_the_cancel)
+    with gateway_parties(local, "gw-1") as (gw1,):
+        await relay._on_request(request(["c1"], lead_s=60))
+        assert await command_rows(relay) == []
+        await relay.dispatch_gateways()
+        assert await round_sent(relay, gw1, "gw-1") == []
         assert not relay.held_commands and not relay.fresh_commands
