@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import AwareDatetime, TypeAdapter
 
 from mhp_wire.fastwire import (
     AckIn,
@@ -29,6 +30,7 @@ from mhp_wire.fastwire import (
     pack_reports,
     read_report,
     reader,
+    sent_at_json,
 )
 from mhp_wire.ids import ID_RE, MsgIds, msg_ids
 from mhp_wire.messages import (
@@ -63,6 +65,21 @@ GATEWAY_ACKS = st.builds(Ack, ack_ids=st.lists(st.text(max_size=64), min_size=1,
 @given(ids=st.lists(st.text(max_size=64), min_size=1, max_size=5), at=TIMES)
 def test_an_ack_is_the_models_bytes(ids: list[str], at: datetime) -> None:
     assert ack_payload(ids, msg_id="m-1", at=at) == encode(Ack(ack_ids=ids, msg_id="m-1", sent_at=at))
+
+
+@QUICK
+@given(at=st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999_999),
+                       timezones=st.sampled_from([UTC, timezone(timedelta(hours=-3, minutes=-30))])),
+       whole=st.booleans())
+def test_sent_at_is_pydantics_bytes_in_utc_and_any_offset(at: datetime, whole: bool) -> None:
+    at = at.replace(microsecond=0) if whole else at  # pydantic writes no fraction then
+    assert sent_at_json(at) == TypeAdapter(AwareDatetime).dump_json(at)
+
+
+def test_sent_at_by_default_is_now_in_utc() -> None:
+    before = datetime.now(UTC)
+    written = datetime.fromisoformat(json.loads(sent_at_json()))
+    assert written.utcoffset() == timedelta(0) and before <= written <= datetime.now(UTC)
 
 
 def test_an_ack_names_one_to_ten_thousand_messages() -> None:
