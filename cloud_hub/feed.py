@@ -312,15 +312,16 @@ class ChangeFeed:
         replay window. Ends when the follower fell ``queue_max`` events behind (it resumes from its last id).
         ``announce``: an ``open`` item comes first, once the follower is registered, so that a stream can tell its
         reader from when on "from now" holds (every change stored after that item is in the stream).
-        One item at a time: :meth:`follow_batches`, flattened."""
+        One item at a time: :meth:`follow_batches` taking one live event per list, so that a slow follower (a
+        webhook worker, the OpenADR 3 notifier) overflows at ``queue_max`` events behind, not more."""
         async with contextlib.aclosing(self.follow_batches(who, since, request_id, keepalive_s,
-                                                           announce=announce)) as batches:
+                                                           announce=announce, batch_max=1)) as batches:
             async for batch in batches:
                 for item in batch:
                     yield item
 
     async def follow_batches(self, who: Principal, since: int | None = None, request_id: str | None = None,
-                             keepalive_s: float = 15.0, *, announce: bool = False
+                             keepalive_s: float = 15.0, *, announce: bool = False, batch_max: int = BATCH_MAX
                              ) -> AsyncGenerator[list[FeedItem], None]:
         """:meth:`follow`'s items, in the same order, as lists: each live list is every event queued for the
         follower when it woke (up to :data:`BATCH_MAX`), so that a stream writes them in one chunk (one socket
@@ -349,7 +350,7 @@ class ChangeFeed:
                     yield [FeedItem("keepalive")]
                     continue
                 seen = [event]  # as the follower sees it (_publish)
-                while len(seen) < BATCH_MAX and not follower.queue.empty():
+                while len(seen) < batch_max and not follower.queue.empty():
                     seen.append(follower.queue.get_nowait())
                 yield [FeedItem("request", e["event_id"], e) for e in seen]
         finally:

@@ -37,7 +37,14 @@ def frame(item: FeedItem) -> bytes:
         # The first line, once the follower is registered: a reader that has it gets every change stored after
         # it. The browser's EventSource reconnects after 1 s, with Last-Event-ID.
         return b"retry: 1000\n\n"
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (item.event_id, item.kind.encode(), codec.dumps(item.data))
+    data = codec.dumps(item.data)
+    if b"\xe2\x80\xa8" in data or b"\xe2\x80\xa9" in data or b"\xc2\x85" in data:
+        # orjson writes U+2028, U+2029 and U+0085 raw; a reader that splits lines as Python's str.splitlines does
+        # (httpx's aiter_lines: the DSO console's relay) would cut the data line at them. Inside JSON they only
+        # occur in strings, where the escape is the same text.
+        data = data.replace(b"\xe2\x80\xa8", b"\\u2028").replace(b"\xe2\x80\xa9", b"\\u2029").replace(
+            b"\xc2\x85", b"\\u0085")
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (item.event_id, item.kind.encode(), data)
 
 
 def resume_point(last_event_id: str | None, since: str | None) -> int | None:

@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from cloud_hub.api.events import frame
 from cloud_hub.authz import Principal
-from cloud_hub.feed import ChangeFeed
+from cloud_hub.feed import ChangeFeed, FeedItem
 from cloud_hub.storage.sqlite import SqliteKV
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, Outcome, Request
@@ -339,3 +340,38 @@ async def test_followers_of_one_principal_share_its_view_and_a_retailer_gets_its
     assert set(c.data["clients"]) == {"c2"} and c.event_id == a.event_id
     for s in (dso1, dso2, r2):
         await s.aclose()
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
+def test_a_line_separator_in_an_event_does_not_cut_its_data_line_for_a_python_reader(separator: str) -> None:
+    """Found in review: orjson writes U+2028, U+2029 and U+0085 raw, and httpx's line reader (the DSO console's
+    relay of this stream) splits at them as str.splitlines does: a retailer's ``detail`` text cut the DSO's event."""
+    data = {"clients": {"c1": {"detail": {"why": f"relay{separator}stuck"}}}}
+    lines = httpx._decoders.LineDecoder().decode(frame(FeedItem("request", 1, data)).decode())
+    assert [json.loads(line[6:]) for line in lines if line.startswith("data: ")] == [data]
+
+
+async def test_a_one_at_a_time_follower_overflows_at_queue_max_behind(feed: ChangeFeed) -> None:
+    """Found in review: ``follow`` took up to BATCH_MAX events off the queue at once, so a slow webhook worker was
+    queue_max + 499 events behind before it overflowed, not queue_max as documented."""
+    created = await feed.stage([("q1", {"c:c1": {"state": "pending", "retailers": {"r1": "pending"}}}, META)])
+    await feed.kv.batch(created.mutations)
+    feed.settle(created, durable=True)
+    stream = feed.follow(Principal("dso"), keepalive_s=3600)
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+
+    async def settle_together(states: tuple[str, ...]) -> None:  # published in one turn of the loop
+        staged = []
+        for state in states:
+            staged.append(await feed.stage([write("c1", state)]))
+            await feed.kv.batch(staged[-1].mutations)
+        for one in staged:
+            feed.settle(one, durable=True)
+
+    await settle_together(("sent", "acknowledged", "executed"))  # the first to the waiting follower, two queued
+    await first  # the follower took one event; two are still queued for it
+    await settle_together(("refused", "executed"))  # now four behind: more than queue_max (3)
+    assert any(f.overflowed for f in feed._followers)
+    await stream.aclose()
+

@@ -76,6 +76,14 @@ def test_sent_at_is_pydantics_bytes_in_utc_and_any_offset(at: datetime, whole: b
     assert sent_at_json(at) == TypeAdapter(AwareDatetime).dump_json(at)
 
 
+def test_sent_at_of_a_datetime_subclass_is_pydantics_bytes_too() -> None:
+    class Stamp(datetime):
+        pass
+
+    at = Stamp(2024, 5, 1, 12, 0, 0, 5, tzinfo=UTC)
+    assert sent_at_json(at) == TypeAdapter(AwareDatetime).dump_json(at) == b'"2024-05-01T12:00:00.000005Z"'
+
+
 def test_sent_at_by_default_is_now_in_utc() -> None:
     before = datetime.now(UTC)
     written = datetime.fromisoformat(json.loads(sent_at_json()))
