@@ -9,6 +9,7 @@ outcome is re-sent to the hub until the hub acknowledges it. A gateway may only 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -473,13 +474,11 @@ class BridgeRelay:
         due in the store and the next round reads and sends it. One in a list the gateways' loop has already taken
         is skipped by :meth:`_handover_due` if it has not been published yet; one already published went before
         the commit, so before its notice (``notices_out`` is read after it), as with a round of ``send_due``."""
-        for p in self.handing_over:  # taken by the loop: released, so that :meth:`_handover_due` skips it
+        # Taken by the loop (released: :meth:`_handover_due` skips it) or still being committed (released: it is not
+        # handed over).
+        for p in itertools.chain(self.handing_over, *self.committing):
             if gone(p.row):
                 self.held_commands.discard(str(p.key))
-        for handover in self.committing:  # still being committed: released, so that it is not handed over
-            for p in handover:
-                if gone(p.row):
-                    self.held_commands.discard(str(p.key))
         if not self.fresh_commands:
             return
         keep = []
@@ -867,12 +866,12 @@ class BridgeRelay:
         """The bridge's rule before (re-)sending a command: a gateway silent past the ack timeout, or a request
         past its deadline, gets its outcome instead."""
         cmd, now = p.row, self.commands_out.round_at
-        known = min(now, self.read_up_to())  # the gateway's silence is known up to what we have read
         # A gateway's ack is QoS 0 (docs/protocol.md): one sent while this bridge was offline is not queued for it.
         # So the silence counts from the link's last (re)connection too: the command is sent once more after it,
         # and only a gateway silent for a whole timeout since then is unreachable.
         waited_from = max(cmd["first_sent_at"] or now, cmd["not_before"], self.local_up_since)
-        if cmd["first_sent_at"] is not None and known - waited_from > self.gateway_ack_timeout_s:
+        # The silence is known up to what we have read (asked only of a command sent before, not of a first send).
+        if cmd["first_sent_at"] is not None and min(now, self.read_up_to()) - waited_from > self.gateway_ack_timeout_s:
             await self._unreachable(cmd, "no acknowledgement from the gateway in time")
             return False
         if cmd["deadline"] <= now:
@@ -945,7 +944,7 @@ class BridgeRelay:
             return 0.2  # what is due waits for the hub broker (measurements are still queued on time)
         if self._wake_hub.is_set():
             return 0.0  # woken during the round (more outcomes stored): the next round starts at once
-        nxt = await self.store.next_due("hub")
+        nxt = await self.store.next_hub_due()
         wait = 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
         if self._pending_measurements:
             wait = min(wait, max(0.01, self._last_measurements + self.measurement_interval_s - time.time()))

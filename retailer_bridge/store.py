@@ -399,22 +399,10 @@ class BridgeStore:
         """Drop outcomes the hub acknowledged."""
         await self._tx(lambda db: db.executemany("DELETE FROM hub_outbox WHERE msg_id=?", [(m,) for m in msg_ids]))
 
-    async def next_due(self, towards: str = "both") -> float | None:
-        """When the next message is due, or None: towards ``"gateways"`` (commands and notices), the ``"hub"``
-        (outcomes, measurements) or ``"both"``."""
-
-        def op(db: sqlite3.Connection) -> float | None:
-            values = []
-            if towards in ("gateways", "both"):
-                values.append(db.execute(f"SELECT MIN(next_attempt_at) FROM commands WHERE {_IS_SENDING}"
-                                         ).fetchone()[0])
-                values.append(db.execute("SELECT MIN(next_attempt_at) FROM gateway_outbox").fetchone()[0])
-            if towards in ("hub", "both"):
-                values.append(db.execute("SELECT MIN(next_attempt_at) FROM hub_outbox").fetchone()[0])
-            due = [v for v in values if v is not None]
-            return min(due) if due else None
-
-        return await self.sql.read(op)
+    async def next_hub_due(self) -> float | None:
+        """When the next outcome or measurement to the hub is due, or None (towards the gateways:
+        :meth:`next_gateway_due`, which also knows the read horizon)."""
+        return await self.sql.read(lambda db: db.execute("SELECT MIN(next_attempt_at) FROM hub_outbox").fetchone()[0])
 
     async def counts(self) -> dict[str, int]:
         """Commands per state and outcomes waiting for the hub."""

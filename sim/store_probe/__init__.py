@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 WRAPPED = ("accept_request", "due_commands", "mark_sent", "apply_reports", "postpone_hub_resends", "due_outbox",
-           "mark_outbox_sent", "next_due", "ack_outbox")
+           "mark_outbox_sent", "next_hub_due", "next_gateway_due", "ack_outbox")
 """The :class:`~retailer_bridge.store.BridgeStore` methods counted."""
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 _DIR = os.environ.get("MHP_PROBE_DIR")
 _WRAPPED = ("accept_request", "due_commands", "mark_sent", "apply_reports", "postpone_hub_resends", "due_outbox",
-            "mark_outbox_sent", "next_due", "ack_outbox")
+            "mark_outbox_sent", "next_hub_due", "next_gateway_due", "ack_outbox")
 
 
 def _install(cls: Any, log: Any) -> None:

@@ -171,7 +171,6 @@ async def test_a_store_of_an_older_bridge_gets_the_partial_index_and_keeps_its_c
         assert indexes == {"commands_sending", "commands_unsent"}
         due = await store.due_commands(50.0)
         assert [c["msg_id"] for c in due] == ["m2", "m1"]  # the sending ones due, in the order they fall due
-        assert await store.next_due("gateways") == 10.0
         assert await store.next_gateway_due(50.0, 60.0) == (10.0, False)
         plan = await store.sql.read(lambda db: " ".join(r[3] for r in db.execute(
             "EXPLAIN QUERY PLAN SELECT * FROM commands WHERE state = 'sending' AND next_attempt_at<=? "

@@ -58,17 +58,17 @@ async def test_a_round_woken_while_it_ran_starts_again_without_reading_when_next
     hub_broker = mosquitto_factory("hub", ["r1"], "hub")
     local = mosquitto_factory("retailer", ["gw-1"], "bridge")
     asked: list[str] = []
-    next_due, next_gateway_due = relay.store.next_due, relay.store.next_gateway_due
+    next_hub_due, next_gateway_due = relay.store.next_hub_due, relay.store.next_gateway_due
 
-    async def counted(direction: str) -> float | None:
-        asked.append(direction)
-        return await next_due(direction)
+    async def counted() -> float | None:
+        asked.append("hub")
+        return await next_hub_due()
 
     async def counted_gateways(now: float, horizon: float) -> tuple[float | None, bool]:
         asked.append("gateways")
         return await next_gateway_due(now, horizon)
 
-    monkeypatch.setattr(relay.store, "next_due", counted)
+    monkeypatch.setattr(relay.store, "next_hub_due", counted)
     monkeypatch.setattr(relay.store, "next_gateway_due", counted_gateways)
     hub = MqttLink(MqttEndpoint(hub_broker.host, hub_broker.port, "r1", hub_broker.identities["r1"].password),
                    client_id="r1", subscriptions=[], handler=_nothing)
