@@ -40,6 +40,7 @@ class HubHandle:
             r = await self.http.put(f"/v1/retailers/{rid}", json={"name": rid.upper()}, headers=self.auth("admin"))
             assert r.status_code in (200, 201), r.text
         for cid, rid in clients.items():
+            # valid_from in the past: the contract is in force from then on, whatever today's date (it never expires).
             body = {"retailer_id": rid, "contracted_power_kw": 6.9, "feeder_id": "f1",
                     "valid_from": "2020-01-01T00:00:00+00:00"}
             r = await self.http.put(f"/v1/clients/{cid}", headers=self.auth("dso"), json=body)

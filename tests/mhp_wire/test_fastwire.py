@@ -78,9 +78,9 @@ def test_sent_at_is_pydantics_bytes_in_utc_and_any_offset(at: datetime, whole: b
 
 def test_sent_at_of_a_datetime_subclass_is_pydantics_bytes_too() -> None:
     class Stamp(datetime):
-        pass
+        """A subclass, as a library's own time type may be."""
 
-    at = Stamp(2024, 5, 1, 12, 0, 0, 5, tzinfo=UTC)
+    at = Stamp(2024, 5, 1, 12, 0, 0, 5, tzinfo=UTC)  # a fixed instant to encode, not compared with now: never expires
     assert sent_at_json(at) == TypeAdapter(AwareDatetime).dump_json(at) == b'"2024-05-01T12:00:00.000005Z"'
 
 
