@@ -188,10 +188,10 @@ def test_a_command_whose_own_text_holds_a_marker_is_encoded_as_a_copy() -> None:
 
 # -- the reader: a subset of decode, with the same values -----------------------------------------------------
 
-def disagreement(payload: bytes) -> str | None:
-    """None when :func:`read_report` reads ``payload`` as :func:`decode` does, or leaves it to ``decode`` (None);
-    otherwise what differs."""
-    fast = read_report(payload)
+def disagreement(payload: bytes, read: Any = read_report) -> str | None:
+    """None when ``read`` (:func:`read_report`, or the hub's :func:`read_outcomes`) reads ``payload`` as
+    :func:`decode` does, or leaves it to ``decode`` (None); otherwise what differs."""
+    fast = read(payload)
     if fast is None:
         return None
     try:
@@ -201,10 +201,17 @@ def disagreement(payload: bytes) -> str | None:
     if isinstance(fast, AckIn):
         same = isinstance(model, Ack) and model.partition is None and \
             (fast.msg_id, fast.ack_ids) == (model.msg_id, model.ack_ids)
-    else:
+    elif isinstance(fast, OutcomeIn):
         same = isinstance(model, Outcome) and all(type(v) is float for v in fast.trace.values()) and \
             fast == OutcomeIn(model.msg_id, model.request_id, model.client_id, model.state, model.detail,
                               model.trace, model.revision)
+    else:
+        same = isinstance(model, Outcomes) and all(isinstance(r, OutcomeReport) for r in model.reports) \
+            and all(type(r.state) is ClientState and all(type(v) is float for v in r.trace.values())
+                    for r in fast.reports) \
+            and fast == OutcomesIn(model.msg_id, model.request_id, [
+                ReportIn(r.client_id, r.state, r.detail, r.trace, r.revision)  # type: ignore[union-attr]
+                for r in model.reports]) and reader(decode, read)(payload) == fast
     return None if same else f"read as {fast}, decoded as {model!r}"
 
 
@@ -287,24 +294,9 @@ def test_an_integer_beyond_64_bits_in_a_detail_is_left_to_decode() -> None:
 # -- the hub's reader of a retailer's ``outcomes``: a subset of decode, with the same values -------------------
 
 def outcomes_disagreement(payload: bytes) -> str | None:
-    """None when :func:`read_outcomes` reads ``payload`` as :func:`decode` does (every entry a valid report), or
-    leaves it to ``decode`` (None: the hub's reader then gives what ``decode`` gives, or raises its error);
-    otherwise what differs."""
-    fast = read_outcomes(payload)
-    if fast is None:
-        return None
-    try:
-        model = decode(payload)
-    except WireError as exc:
-        return f"the reader took what decode refuses: {exc}"
-    if not isinstance(model, Outcomes) or not all(isinstance(r, OutcomeReport) for r in model.reports):
-        return f"read as {fast}, decoded as {model!r}"
-    expected = OutcomesIn(model.msg_id, model.request_id, [
-        ReportIn(r.client_id, r.state, r.detail, r.trace, r.revision) for r in model.reports  # type: ignore[union-attr]
-    ])
-    same = fast == expected and all(type(v) is float for r in fast.reports for v in r.trace.values()) \
-        and all(type(r.state) is ClientState for r in fast.reports) and reader(decode, read_outcomes)(payload) == fast
-    return None if same else f"read as {fast}, decoded as {model!r}"
+    """:func:`disagreement` of the hub's reader (left to ``decode``: the hub's reader gives what ``decode`` gives,
+    or raises its error)."""
+    return disagreement(payload, read_outcomes)
 
 
 BRIDGE_OUTCOMES = st.builds(lambda request_id, reports, at: outcomes_payload(request_id, reports, at=at)[1],
