@@ -194,15 +194,10 @@ class OutcomeIn(NamedTuple):
         return "outcome"
 
 
-class ReportIn(NamedTuple):
-    """One entry of a retailer's ``outcomes``, read by :func:`read_outcomes`: the fields of an
-    :class:`~mhp_wire.messages.OutcomeReport`."""
-
-    client_id: str
-    state: ClientState
-    detail: dict[str, Any]
-    trace: dict[str, float]
-    revision: int
+ReportIn = tuple[str, ClientState, dict[str, Any], dict[str, float], int]
+"""One entry of a retailer's ``outcomes``, read by :func:`read_outcomes`: the fields of an
+:class:`~mhp_wire.messages.OutcomeReport` in its order (``client_id``, ``state``, ``detail``, ``trace``,
+``revision``)."""
 
 
 class OutcomesIn(NamedTuple):
@@ -233,6 +228,7 @@ _OUTCOMES_KEYS = frozenset({"v", "msg_id", "sent_at", "type", "request_id", "rep
 _ENTRY_KEYS = frozenset({"client_id", "state", "detail", "trace", "revision"})
 _MAX_INT = 2 ** 63
 _ABSENT: Any = object()
+_id_match = ID_RE.fullmatch
 
 
 def _short_str(value: Any, most: int) -> bool:
@@ -240,17 +236,18 @@ def _short_str(value: Any, most: int) -> bool:
 
 
 def _plain_number(value: Any) -> bool:
-    """A JSON number as both parsers read it alike: an int or a float within 63 bits. orjson reads an integer
-    beyond 64 bits (``18446744073709551617``) as a float, which the models keep as the exact int; a float of that
-    size may be one, and is left to the models (as are ``NaN`` and the infinities: the comparison refuses them)."""
+    """A number of a ``trace`` that both parsers read alike: an int or a float within 63 bits. orjson reads an
+    integer beyond 64 bits (``18446744073709551617``) as a float, which the models keep as the exact int (or, in a
+    ``trace``, round themselves); a float of that size may be one, and is left to the models."""
     t = type(value)
     return (t is float or t is int) and -_MAX_INT < value < _MAX_INT
 
 
 def _plain_json(value: Any, depth: int = 0) -> bool:
     """A ``detail``'s list or object whose values both parsers read alike (anything else: the models' decoding
-    decides): strings, bools, nulls, :func:`_plain_number` numbers, and lists and objects of them at most 16 deep.
-    A container's leaves are checked in its loop (a call per value was most of reading a gateway's ``detail``)."""
+    decides): at most 16 deep, and no float of 63 bits or more (orjson's reading of an integer beyond 64 bits,
+    which the models keep exact). Its other leaves are read alike: orjson gives only strings, bools, nulls, ints
+    (exact, as the models keep them) and finite floats (it refuses ``NaN``, ``Infinity`` and ``1e999``)."""
     t = type(value)
     if t is dict:
         values: Any = value.values()
@@ -262,12 +259,10 @@ def _plain_json(value: Any, depth: int = 0) -> bool:
         return False
     for v in values:
         t = type(v)
-        if t is str or t is bool or v is None:
-            continue
-        if t is float or t is int:
+        if t is float:
             if not -_MAX_INT < v < _MAX_INT:
                 return False
-        elif not _plain_json(v, depth + 1):
+        elif (t is dict or t is list) and not _plain_json(v, depth + 1):
             return False
     return True
 
@@ -332,17 +327,19 @@ def _read_outcome(data: dict[str, Any]) -> OutcomeIn | None:
 
 def _read_entry(data: dict[str, Any]) -> ReportIn | None:
     """The client's fields of an ``outcome`` or of an ``outcomes`` entry whose keys are among the allowed ones,
-    or None (a required one missing reads as None here and is refused)."""
+    or None (a required one missing reads as None here and is refused). A plain tuple: per entry of a
+    2,000-report message, a named one cost 0.15 µs more."""
     client_id, state = data.get("client_id"), data.get("state")
+    member = _STATES.get(state) if type(state) is str else None
     revision, detail = data.get("revision", 1), data.get("detail", _ABSENT)
     if detail is _ABSENT:
         detail = {}
     trace = _float_trace(data.get("trace", _ABSENT))
-    if type(client_id) is not str or type(state) is not str or state not in _STATES \
-            or ID_RE.fullmatch(client_id) is None or type(revision) is not int or not 1 <= revision < _MAX_INT \
-            or type(detail) is not dict or not _plain_json(detail) or trace is None:
+    if member is None or type(client_id) is not str or _id_match(client_id) is None or type(revision) is not int \
+            or not 1 <= revision < _MAX_INT or type(detail) is not dict or (detail and not _plain_json(detail)) \
+            or trace is None:
         return None
-    return ReportIn(client_id, _STATES[state], detail, trace, revision)
+    return client_id, member, detail, trace, revision
 
 
 def _float_trace(trace: Any) -> dict[str, float] | None:
@@ -357,7 +354,8 @@ def _float_trace(trace: Any) -> dict[str, float] | None:
         t = type(v)
         if (t is not float and t is not int) or not -_MAX_INT < v < _MAX_INT:
             return None
-        floats = floats and t is float
+        if t is int:
+            floats = False
     return trace if floats else {k: float(v) for k, v in trace.items()}
 
 
@@ -389,14 +387,15 @@ def _read_outcomes(data: dict[str, Any]) -> OutcomesIn | None:
     if data.keys() != _OUTCOMES_KEYS or not _short_str(data["request_id"], 64) or type(entries) is not list \
             or not 1 <= len(entries) <= OUTCOMES_MAX:
         return None
-    reports = []
+    reports: list[ReportIn] = []
+    append, keys = reports.append, _ENTRY_KEYS
     for e in entries:
-        if type(e) is not dict or not e.keys() <= _ENTRY_KEYS:
+        if type(e) is not dict or not e.keys() <= keys:
             return None
         report = _read_entry(e)
         if report is None:
             return None
-        reports.append(report)
+        append(report)
     return OutcomesIn(data["msg_id"], data["request_id"], reports)
 
 

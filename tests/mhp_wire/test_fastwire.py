@@ -25,7 +25,6 @@ from mhp_wire.fastwire import (
     OutcomeIn,
     OutcomesIn,
     Report,
-    ReportIn,
     ack_payload,
     outcome_payload,
     outcomes_payload,
@@ -207,10 +206,10 @@ def disagreement(payload: bytes, read: Any = read_report) -> str | None:
                               model.trace, model.revision)
     else:
         same = isinstance(model, Outcomes) and all(isinstance(r, OutcomeReport) for r in model.reports) \
-            and all(type(r.state) is ClientState and all(type(v) is float for v in r.trace.values())
-                    for r in fast.reports) \
+            and all(type(state) is ClientState and all(type(v) is float for v in trace.values())
+                    for _, state, _, trace, _ in fast.reports) \
             and fast == OutcomesIn(model.msg_id, model.request_id, [
-                ReportIn(r.client_id, r.state, r.detail, r.trace, r.revision)  # type: ignore[union-attr]
+                (r.client_id, r.state, r.detail, r.trace, r.revision)  # type: ignore[union-attr]
                 for r in model.reports]) and reader(decode, read)(payload) == fast
     return None if same else f"read as {fast}, decoded as {model!r}"
 
@@ -420,9 +419,9 @@ def test_a_plain_outcomes_message_is_read_by_hand_and_the_rest_by_the_models() -
     spaced = _outcomes(GOOD, '{"client_id":"c2","state":"delivered","trace":{"retailer_ms":2},"revision":3}') \
         .replace(b'"type":"outcomes"', b'"type" : "outcomes"')
     read = read_outcomes(spaced)
-    assert read == OutcomesIn("m", "q", [ReportIn("c1", ClientState.EXECUTED, {}, {}, 1),
-                                         ReportIn("c2", ClientState.DELIVERED, {}, {"retailer_ms": 2.0}, 3)])
-    assert read is not None and read.type == "outcomes" and type(read.reports[1].trace["retailer_ms"]) is float
+    assert read == OutcomesIn("m", "q", [("c1", ClientState.EXECUTED, {}, {}, 1),
+                                         ("c2", ClientState.DELIVERED, {}, {"retailer_ms": 2.0}, 3)])
+    assert read is not None and read.type == "outcomes" and type(read.reports[1][3]["retailer_ms"]) is float
     assert outcomes_disagreement(spaced) is None
     hub = reader(decode, read_outcomes)
     one = encode(Outcome(request_id="q", client_id="c1", state=ClientState.EXECUTED))
