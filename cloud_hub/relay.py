@@ -27,7 +27,8 @@ from cloud_hub.replicas import Replicas
 from cloud_hub.service import tariff_message
 from cloud_hub.storage import StoreUnavailable
 from cloud_hub.store import AuditEntry
-from mhp_wire import topics
+from mhp_wire import fastwire, topics
+from mhp_wire.fastwire import OutcomesIn
 from mhp_wire.groupcommit import GroupCommit
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
@@ -69,20 +70,26 @@ PRESENCE_CHANGES_BURST = 10
 @dataclass(slots=True)
 class _Reported:
     """One retailer message of outcomes in the hub's group commit: an ``outcome`` (one report) or an ``outcomes``
-    message (its valid reports, and the entries that are not valid reports with why)."""
+    message (its valid reports, and the entries that are not valid reports with why): as the models decode it, or
+    an ``outcomes`` as :func:`mhp_wire.fastwire.read_outcomes` reads its plain shape (an :class:`OutcomesIn` has
+    only valid reports: a message with an entry that is not one is decoded by the models)."""
 
     retailer_id: str
-    msg: Outcome | Outcomes
+    msg: Outcome | Outcomes | OutcomesIn
     reports: list[ReportedOutcome]
     positions: list[int] = field(default_factory=lambda: [0])
     """The entry of ``msg`` each report is (``outcomes``: the index in its ``reports``)."""
     invalid: list[tuple[int, str]] = field(default_factory=list)
 
     @classmethod
-    def of(cls, retailer_id: str, msg: Outcome | Outcomes) -> _Reported:
+    def of(cls, retailer_id: str, msg: Outcome | Outcomes | OutcomesIn) -> _Reported:
         if isinstance(msg, Outcome):
             return cls(retailer_id, msg, [ReportedOutcome(retailer_id, msg.request_id, msg.client_id, msg.state,
                                                           msg.detail, msg.trace, msg.revision)])
+        if isinstance(msg, OutcomesIn):
+            request_id = msg.request_id
+            return cls(retailer_id, msg, [ReportedOutcome(retailer_id, request_id, *r) for r in msg.reports],
+                       list(range(len(msg.reports))))
         reports, positions, invalid = [], [], []
         for i, r in enumerate(msg.reports):
             if isinstance(r, OutcomeReport):
@@ -129,13 +136,16 @@ class HubRelay:
         self.limiter = limiter if limiter is not None else RateLimiter(200.0, 400)
         """One token bucket per retailer: messages beyond it are refused (unread) with an error answer."""
         self.inbound = InboundRouter("retailers", {
-            Ack: self._ack_in, Outcome: self._outcome_in, Outcomes: self._outcomes_in,
+            Ack: self._ack_in, Outcome: self._outcome_in, Outcomes: self._outcomes_in, OutcomesIn: self._outcomes_in,
             Measurements: self._measurements_in,
             ConsentQuery: self._consent_in, ConsentDecision: self._consent_in, ErrorReply: self._error_in},
             on_refused=self._refused, limiter=lambda: self.limiter,
-            on_presence=self._presence_in, on_decoded=self._count_received)
+            on_presence=self._presence_in, on_decoded=self._count_received,
+            decode=fastwire.reader(decode, fastwire.read_outcomes))
         """Retailers' messages: topic → rate limit (one token bucket per retailer: messages beyond it are refused
-        unread, with an error answer) → decode → the handler of its type."""
+        unread, with an error answer) → decode → the handler of its type. An ``outcomes`` message in its plain shape
+        is read by hand into light values (:func:`mhp_wire.fastwire.read_outcomes`: a subset of what the models
+        accept, with the same values); anything else by the models, which refuse it with their error."""
         self.outcomes: GroupCommit[_Reported, None] = GroupCommit(
             self._settled(self._commit_outcomes), max_batch=5_000, name="hub-outcome-commit",
             weight=_Reported.weight)
@@ -343,7 +353,7 @@ class HubRelay:
         # Waiting for the commit keeps the MQTT-level PUBACK after it (and the broker's window as back-pressure).
         await self.outcomes.submit(_Reported.of(source.party_id, msg))
 
-    async def _outcomes_in(self, source: Inbound, msg: Outcomes) -> None:
+    async def _outcomes_in(self, source: Inbound, msg: Outcomes | OutcomesIn) -> None:
         reported = _Reported.of(source.party_id, msg)
         if self.replicas is not None and not await self._batch_owned_here(reported, source.payload):
             return
@@ -385,15 +395,16 @@ class HubRelay:
             log.info("retailer %s online: %d unacknowledged message(s) re-sent now", retailer_id, n)
 
     async def apply_forwarded_outcome(self, retailer_id: str, payload: bytes) -> None:
-        """An outcome another replica received for a request this replica owns."""
+        """An outcome another replica received for a request this replica owns (read as the inbound router reads
+        it: the retailer's payload, unchanged)."""
         try:
-            msg = decode(payload)
+            msg = self.inbound.decode(payload)
         except WireError as exc:
             log.warning("ignored an invalid forwarded outcome of retailer %s: %s", retailer_id, outside(exc, 300))
             return
         if isinstance(msg, Outcome) and await self._owned_here(retailer_id, msg, payload, forwarded=True):
             await self.outcomes.submit(_Reported.of(retailer_id, msg))
-        elif isinstance(msg, Outcomes):
+        elif isinstance(msg, Outcomes | OutcomesIn):
             reported = _Reported.of(retailer_id, msg)
             if await self._batch_owned_here(reported, payload, forwarded=True):
                 await self.outcomes.submit(reported)
@@ -488,7 +499,7 @@ class HubRelay:
             at += len(item.reports)
             refused.extend((item, report, reason) for _, report, reason in item_refused)
             answers.extend((item.retailer_id, answer) for answer in self._answers(item, held, item_refused))
-            if not held and (isinstance(item.msg, Outcomes) or not item_refused):
+            if not held and (isinstance(item.msg, Outcomes | OutcomesIn) or not item_refused):
                 acks.setdefault(item.retailer_id, []).append(item.msg.msg_id)
         if refused:
             # In the data access log before anyone is answered (if it cannot be written, nothing of the batch is

@@ -23,11 +23,13 @@ from mhp_wire.fastwire import (
     AckIn,
     CommandTemplate,
     OutcomeIn,
+    OutcomesIn,
     Report,
     ack_payload,
     outcome_payload,
     outcomes_payload,
     pack_reports,
+    read_outcomes,
     read_report,
     reader,
     sent_at_json,
@@ -35,6 +37,7 @@ from mhp_wire.fastwire import (
 from mhp_wire.ids import ID_RE, MsgIds, msg_ids
 from mhp_wire.messages import (
     MAX_PAYLOAD_BYTES,
+    OUTCOMES_MAX,
     Ack,
     ClientState,
     Command,
@@ -51,11 +54,17 @@ from mhp_wire.messages import (
 from tests.security.test_fuzz import FINITE, IDS, JSON_LEAVES, JSON_VALUES, QUICK, TIMES, is_finite, mutated
 
 DETAILS = st.dictionaries(st.text(max_size=10), JSON_LEAVES.filter(is_finite), max_size=4)
+PLAIN_DETAILS = st.dictionaries(st.text(max_size=10), JSON_LEAVES.filter(
+    lambda v: type(v) not in (int, float) or -2**63 < v < 2**63), max_size=4)
+"""Details the readers take (a number beyond 63 bits, which orjson may have read from an integer beyond 64, is left
+to the models)."""
 TRACES = st.dictionaries(st.text(max_size=10), FINITE, max_size=4)
 REPORTS = st.builds(Report, request_id=IDS, client_id=IDS, state=st.sampled_from(ClientState), detail=DETAILS,
                     trace=TRACES, revision=st.integers(1, 2**53))
+PLAIN_REPORTS = st.builds(Report, request_id=IDS, client_id=IDS, state=st.sampled_from(ClientState),
+                          detail=PLAIN_DETAILS, trace=TRACES, revision=st.integers(1, 2**53))
 GATEWAY_OUTCOMES = st.builds(Outcome, request_id=IDS, client_id=IDS, state=st.sampled_from(ClientState),
-                             detail=DETAILS, trace=TRACES, sent_at=TIMES, revision=st.integers(1, 2**53))
+                             detail=PLAIN_DETAILS, trace=TRACES, sent_at=TIMES, revision=st.integers(1, 2**53))
 GATEWAY_ACKS = st.builds(Ack, ack_ids=st.lists(st.text(max_size=64), min_size=1, max_size=5), sent_at=TIMES)
 
 
@@ -178,10 +187,10 @@ def test_a_command_whose_own_text_holds_a_marker_is_encoded_as_a_copy() -> None:
 
 # -- the reader: a subset of decode, with the same values -----------------------------------------------------
 
-def disagreement(payload: bytes) -> str | None:
-    """None when :func:`read_report` reads ``payload`` as :func:`decode` does, or leaves it to ``decode`` (None);
-    otherwise what differs."""
-    fast = read_report(payload)
+def disagreement(payload: bytes, read: Any = read_report) -> str | None:
+    """None when ``read`` (:func:`read_report`, or the hub's :func:`read_outcomes`) reads ``payload`` as
+    :func:`decode` does, or leaves it to ``decode`` (None); otherwise what differs."""
+    fast = read(payload)
     if fast is None:
         return None
     try:
@@ -191,10 +200,17 @@ def disagreement(payload: bytes) -> str | None:
     if isinstance(fast, AckIn):
         same = isinstance(model, Ack) and model.partition is None and \
             (fast.msg_id, fast.ack_ids) == (model.msg_id, model.ack_ids)
-    else:
+    elif isinstance(fast, OutcomeIn):
         same = isinstance(model, Outcome) and all(type(v) is float for v in fast.trace.values()) and \
             fast == OutcomeIn(model.msg_id, model.request_id, model.client_id, model.state, model.detail,
                               model.trace, model.revision)
+    else:
+        same = isinstance(model, Outcomes) and all(isinstance(r, OutcomeReport) for r in model.reports) \
+            and all(type(state) is ClientState and all(type(v) is float for v in trace.values())
+                    for _, state, _, trace, _ in fast.reports) \
+            and fast == OutcomesIn(model.msg_id, model.request_id, [
+                (r.client_id, r.state, r.detail, r.trace, r.revision)  # type: ignore[union-attr]
+                for r in model.reports]) and reader(decode, read)(payload) == fast
     return None if same else f"read as {fast}, decoded as {model!r}"
 
 
@@ -256,6 +272,169 @@ def test_an_invalid_report_is_refused_by_decode_with_its_own_error() -> None:
         with pytest.raises(WireError) as model_error:
             decode(payload)
         assert str(fast_error.value) == str(model_error.value)
+
+
+def test_an_integer_beyond_64_bits_in_a_detail_is_left_to_decode() -> None:
+    """orjson reads ``18446744073709551617`` as the float 1.8446744073709552e19; the models keep the exact int.
+    Before the ninth round the reader took that float for a plain number and handed the bridge another value."""
+    at = "2026-01-01T00:00:00Z"
+    for number in (b"18446744073709551617", b"-9223372036854775809", b"1e19"):
+        payload = (b'{"v":1,"msg_id":"m","sent_at":"%s","type":"outcome","request_id":"q","client_id":"c1",'
+                   b'"state":"executed","detail":{"n":[%s]}}') % (at.encode(), number)
+        assert read_report(payload) is None, number
+        assert disagreement(payload) is None
+        model = decode(payload)
+        assert isinstance(model, Outcome) and model.detail["n"][0] == json.loads(number)
+    exact = decode(b'{"v":1,"msg_id":"m","sent_at":"%s","type":"outcome","request_id":"q","client_id":"c1",'
+                   b'"state":"executed","detail":{"n":18446744073709551617}}' % at.encode())
+    assert isinstance(exact, Outcome) and exact.detail == {"n": 2**64 + 1}
+
+
+# -- the hub's reader of a retailer's ``outcomes``: a subset of decode, with the same values -------------------
+
+def outcomes_disagreement(payload: bytes) -> str | None:
+    """:func:`disagreement` of the hub's reader (left to ``decode``: the hub's reader gives what ``decode`` gives,
+    or raises its error)."""
+    return disagreement(payload, read_outcomes)
+
+
+BRIDGE_OUTCOMES = st.builds(lambda request_id, reports, at: outcomes_payload(request_id, reports, at=at)[1],
+                            IDS, st.lists(PLAIN_REPORTS, min_size=1, max_size=5), TIMES)
+MODEL_OUTCOMES = st.builds(
+    lambda request_id, reports, at: encode(Outcomes(request_id=request_id, sent_at=at, reports=reports)), IDS,
+    st.lists(st.builds(OutcomeReport, client_id=IDS, state=st.sampled_from(ClientState), detail=PLAIN_DETAILS,
+                       trace=TRACES, revision=st.integers(1, 2**53)), min_size=1, max_size=5), TIMES)
+
+
+@QUICK
+@given(payload=BRIDGE_OUTCOMES | MODEL_OUTCOMES)
+def test_what_bridges_send_the_hub_is_read_on_the_fast_path(payload: bytes) -> None:
+    assert read_outcomes(payload) is not None
+    assert outcomes_disagreement(payload) is None
+
+
+VALID_OUTCOMES = json.loads(encode(Outcomes(request_id="q1", reports=[
+    OutcomeReport(client_id="c1", state=ClientState.EXECUTED, detail={"shed": ["heater"], "kw": 1, "x": {"y": None}},
+                  trace={"gateway_ms": 3.5, "retailer_ms": 1}, revision=2),
+    OutcomeReport(client_id="c2", state=ClientState.DELIVERED)])))
+
+
+@QUICK
+@given(mutated(VALID_OUTCOMES))
+def test_mutated_outcomes_are_read_as_decode_reads_them_or_left_to_it(payload: bytes) -> None:
+    """Any one change anywhere (inside an entry too): a field dropped, a wrong type, an extra field, a huge
+    string (to past the 256 KiB limit), deep nesting."""
+    assert outcomes_disagreement(payload) is None
+
+
+_ENTRY_FIELDS = {
+    "client_id": IDS | st.sampled_from(["c 1", "x" * 65, "", "c/1", "c+1", "c#1"]) | JSON_VALUES,
+    "state": st.sampled_from([s.value for s in ClientState]) | st.sampled_from(["bogus", "EXECUTED"]) | JSON_VALUES,
+    "detail": PLAIN_DETAILS | JSON_VALUES | st.sampled_from(
+        [{"n": 2**64 + 1}, {"n": -2**63}, {"available_kw": 1e300}, {"d": [[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]}]),
+    "trace": TRACES | st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=3),
+    "revision": st.integers(1, 2**53) | st.sampled_from([0, -1, 2**63 - 1, 2**63, 2**64 + 1, 1.0, True, "2"])
+    | JSON_VALUES,
+}
+ENTRIES = (st.fixed_dictionaries({k: _ENTRY_FIELDS[k] for k in ("client_id", "state")},
+                                 optional={k: _ENTRY_FIELDS[k] for k in ("detail", "trace", "revision")})
+           | st.fixed_dictionaries({}, optional={**_ENTRY_FIELDS, "extra": JSON_VALUES}) | JSON_VALUES)
+"""An entry of an ``outcomes`` message: often valid, or with one or more fields missing, of a wrong type or value,
+or extra; or not an object."""
+
+
+@QUICK
+@given(st.fixed_dictionaries({"type": st.just("outcomes")}, optional={
+    # Spellings of a timestamp, checked for their form only (valid or not as text): no date here can expire.
+    "v": JSON_VALUES | st.just(1), "msg_id": JSON_VALUES | st.sampled_from(["m", "x" * 64, "x" * 65]),
+    "sent_at": JSON_VALUES | st.sampled_from(["2026-01-01T00:00:00Z", "2026-01-01T00:00:00+24:00",
+                                              "2026-01-01T00:00:00", "2026-01-01T00:00:00+00:60"]),
+    "request_id": JSON_VALUES | st.sampled_from(["q", "x" * 64, "x" * 65]),
+    "reports": st.lists(ENTRIES, max_size=4) | JSON_VALUES, "partition": JSON_VALUES}))
+def test_arbitrary_outcomes_fields_are_read_as_decode_reads_them_or_left_to_it(value: dict[str, Any]) -> None:
+    assert outcomes_disagreement(json.dumps(value).encode()) is None
+
+
+@QUICK
+@given(st.lists(ENTRIES, min_size=1, max_size=4))
+def test_arbitrary_entries_of_a_valid_envelope_are_read_as_decode_reads_them_or_left_to_it(
+        entries: list[Any]) -> None:
+    payload = json.dumps({"v": 1, "msg_id": "m", "sent_at": "2026-01-01T00:00:00Z", "type": "outcomes",
+                          "request_id": "q", "reports": entries}).encode()
+    assert outcomes_disagreement(payload) is None
+
+
+def _outcomes(*entries: str, head: str = "") -> bytes:
+    """An ``outcomes`` message with these JSON entries (a fixed ``sent_at``: only its form is read, never compared
+    with now)."""
+    return ('{"v":1,"msg_id":"m","sent_at":"2026-01-01T00:00:00Z","type":"outcomes","request_id":"q",'
+            + head + '"reports":[' + ",".join(entries) + "]}").encode()
+
+
+GOOD = '{"client_id":"c1","state":"executed"}'
+
+
+def test_what_the_reader_leaves_to_decode_is_handled_by_decode_alone() -> None:
+    """Each: not read here; through the hub's reader exactly what ``decode`` makes of it (a message with a bad
+    entry is still an ``outcomes`` message, whose entry the hub refuses alone; a whole message refused with
+    decode's error; a lenient spelling the models accept, accepted with the models' values)."""
+    cases = [
+        _outcomes(GOOD, '{"client_id":"c 1","state":"executed"}'),                 # a bad id
+        _outcomes(GOOD, '{"client_id":"c2","state":"bogus"}'),                     # a bad state
+        _outcomes(GOOD, '{"client_id":"c2","state":"executed","revision":0}'),     # a bad revision
+        _outcomes(GOOD, '{"client_id":"c2","state":"executed","revision":1.0}'),   # a lenient one
+        _outcomes(GOOD, '{"client_id":"c2","state":"executed","trace":{"x":"2.5"}}'),
+        _outcomes(GOOD, '{"client_id":"c2","state":"executed","detail":{"available_kw":1e999}}'),
+        _outcomes(GOOD, '{"client_id":"c2","state":"executed","detail":{"n":18446744073709551617}}'),
+        _outcomes(GOOD, '{"client_id":"c2","state":"executed","detail":%s}' % ("[" * 17 + "]" * 17)),
+        _outcomes(GOOD, '{"client_id":"c2","state":"executed","extra":1}'),
+        _outcomes(GOOD, '{"client_id":"c2"}'),
+        _outcomes(GOOD, '"c2"'),
+        _outcomes(),                                                                # no entry
+        _outcomes(*[GOOD] * (OUTCOMES_MAX + 1)),                                   # too many
+        _outcomes(GOOD, head='"request_id":"%s",' % ("x" * 65)),                  # too long (a duplicate key)
+        _outcomes(GOOD, head='"partition":{"index":0,"of":1},'),
+        _outcomes(GOOD).replace(b"2026-01-01T00:00:00Z", b"2026-01-01T00:00:00+00:60"),
+        _outcomes(GOOD).replace(b'"v":1', b'"v":true'),
+        _outcomes(GOOD, '{"client_id":"c2","state":"executed","detail":{"x":"%s"}}' % ("y" * MAX_PAYLOAD_BYTES)),
+    ]
+    hub = reader(decode, read_outcomes)
+    for payload in cases:
+        assert read_outcomes(payload) is None, payload[:300]
+        try:
+            model = decode(payload)
+        except WireError as exc:
+            with pytest.raises(WireError) as fast_error:
+                hub(payload)
+            assert str(fast_error.value) == str(exc)
+        else:
+            assert hub(payload) == model
+    bad_entry = decode(cases[1])
+    assert isinstance(bad_entry, Outcomes) and bad_entry.reports[1] == {"client_id": "c2", "state": "bogus"}
+    lenient = decode(cases[3])
+    assert isinstance(lenient, Outcomes) and lenient.reports[1].revision == 1  # type: ignore[union-attr]
+
+
+def test_a_plain_outcomes_message_is_read_by_hand_and_the_rest_by_the_models() -> None:
+    spaced = _outcomes(GOOD, '{"client_id":"c2","state":"delivered","trace":{"retailer_ms":2},"revision":3}') \
+        .replace(b'"type":"outcomes"', b'"type" : "outcomes"')
+    read = read_outcomes(spaced)
+    assert read == OutcomesIn("m", "q", [("c1", ClientState.EXECUTED, {}, {}, 1),
+                                         ("c2", ClientState.DELIVERED, {}, {"retailer_ms": 2.0}, 3)])
+    assert read is not None and read.type == "outcomes" and type(read.reports[1][3]["retailer_ms"]) is float
+    assert outcomes_disagreement(spaced) is None
+    hub = reader(decode, read_outcomes)
+    one = encode(Outcome(request_id="q", client_id="c1", state=ClientState.EXECUTED))
+    assert read_outcomes(one) is None and isinstance(hub(one), Outcome)  # a single outcome: the models'
+    assert read_outcomes(ack_payload(["m1"])) is None and isinstance(hub(ack_payload(["m1"])), Ack)
+    late = json.dumps({"v": 1, "msg_id": "x" * 300, "sent_at": "2026-01-01T00:00:00Z", "type": "outcomes",
+                       "request_id": "q", "reports": [{"client_id": "c1", "state": "executed"}]}).encode()
+    assert read_outcomes(late) is None  # "outcomes" past the first 256 bytes: not looked for further
+    with pytest.raises(WireError) as fast_error:
+        hub(late)
+    with pytest.raises(WireError) as model_error:
+        decode(late)
+    assert str(fast_error.value) == str(model_error.value)
 
 
 # -- message ids ----------------------------------------------------------------------------------------------
