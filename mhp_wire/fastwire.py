@@ -294,7 +294,8 @@ def read_report(payload: bytes) -> AckIn | OutcomeIn | None:
 
 
 def _envelope(payload: bytes) -> dict[str, Any] | None:
-    """The payload's JSON object when its ``v``, ``msg_id`` and ``sent_at`` are in the plain shape, else None."""
+    """The payload's JSON object when its ``v``, ``msg_id`` and ``sent_at`` are in the plain shape and the payload
+    is that object written compactly as orjson writes it, else None."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         return None
     try:
@@ -304,7 +305,14 @@ def _envelope(payload: bytes) -> dict[str, Any] | None:
     if type(data) is not dict or type(data.get("v")) is not int or data["v"] != 1 \
             or not _short_str(data.get("msg_id"), 64) or not _sent_at_ok(data.get("sent_at")):
         return None
-    return data
+    try:
+        canonical = orjson.dumps(data) == payload
+    except orjson.JSONEncodeError:  # nesting orjson reads but does not write
+        return None
+    # Only the compact form that bridges, gateways and the models write (0.1 µs per report): a repeated key is
+    # then impossible. orjson keeps a repeated key's last value where the models check every one (a ``trace``
+    # of ``{"a":null,"a":1}``) or where their parser first refuses what the first hides (nesting past its limit).
+    return data if canonical else None
 
 
 def _read_ack(data: dict[str, Any]) -> AckIn | None:
