@@ -111,3 +111,37 @@ async def test_group_commit_bounds_the_batch_and_fails_only_what_failed() -> Non
         i for i in range(1, 13) if i % 5]
     assert gc.commits == 3 and gc.writes == 12
     await gc.drain()
+
+
+async def test_group_commit_takes_items_submitted_together_with_one_future() -> None:
+    batches: list[list[int]] = []
+    gate = asyncio.Event()
+
+    async def commit(items: list[int]) -> list[object]:
+        batches.append(items)
+        if len(batches) == 1:
+            await gate.wait()  # the first commit is "in flight" until released
+        if 99 in items:
+            raise OSError("disk gone")
+        return [Failed(ValueError(f"bad {i}")) if i % 5 == 0 else i * 10 for i in items]
+
+    gc: GroupCommit[int, int] = GroupCommit(commit, name="test-commit", max_batch=3)
+    first = gc.submit_nowait(1)
+    await asyncio.sleep(0)  # the first commit starts alone
+    many = gc.submit_many([2, 3, 4, 5, 6])  # more than max_batch: one entry all the same, never split
+    single = gc.submit_nowait(7)
+    settled = gc.settled()
+    gate.set()
+    assert await first == 10
+    results = await many
+    assert results[:3] == [20, 30, 40] and results[4] == 60
+    assert isinstance(results[3], Failed) and str(results[3].error) == "bad 5"  # its own failure stays in the list
+    assert await single == 70
+    await settled
+    assert batches == [[1], [2, 3, 4, 5, 6], [7]] and gc.commits == 3 and gc.writes == 7
+    failing = gc.submit_many([98, 99])
+    with pytest.raises(OSError, match="disk gone"):  # the commit's failure raises for the whole entry
+        await failing
+    assert gc.commits == 3 and gc.writes == 7
+    assert await gc.submit_many([8]) == [80] and await gc.submit_many([]) == []
+    assert gc.commits == 4 and gc.writes == 8
