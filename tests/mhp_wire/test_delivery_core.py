@@ -5,6 +5,7 @@ Pure or in-process parts, driven by an injected clock and by the event loop: no 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 from pydantic import BaseModel, Field, ValidationError
@@ -72,17 +73,26 @@ def test_one_id_rule_for_topics_and_models(value: str, ok: bool) -> None:
             Declared(id=value)
 
 
-async def test_group_commit_batches_what_arrives_during_a_commit() -> None:
-    batches: list[list[int]] = []
-    gate = asyncio.Event()
+def gated_commit(batches: list[list[int]], gate: asyncio.Event,
+                 result: Callable[[int], object] = lambda i: i * 10) -> Callable[[list[int]], Awaitable[list[object]]]:
+    """A commit that records its batches, holds the first "in flight" until ``gate`` is set, fails as a whole a
+    batch holding 99, and gives ``result(item)`` for each item."""
 
     async def commit(items: list[int]) -> list[object]:
         batches.append(items)
         if len(batches) == 1:
-            await gate.wait()  # the first commit is "in flight" until released
-        return [i * 10 for i in items]
+            await gate.wait()
+        if 99 in items:
+            raise OSError("disk gone")
+        return [result(i) for i in items]
 
-    gc: GroupCommit[int, int] = GroupCommit(commit, name="test-commit")
+    return commit
+
+
+async def test_group_commit_batches_what_arrives_during_a_commit() -> None:
+    batches: list[list[int]] = []
+    gate = asyncio.Event()
+    gc: GroupCommit[int, int] = GroupCommit(gated_commit(batches, gate), name="test-commit")
     first = asyncio.create_task(gc.submit(1))
     await asyncio.sleep(0)
     await asyncio.sleep(0)
@@ -116,15 +126,7 @@ async def test_group_commit_bounds_the_batch_and_fails_only_what_failed() -> Non
 async def test_group_commit_takes_items_submitted_together_with_one_future() -> None:
     batches: list[list[int]] = []
     gate = asyncio.Event()
-
-    async def commit(items: list[int]) -> list[object]:
-        batches.append(items)
-        if len(batches) == 1:
-            await gate.wait()  # the first commit is "in flight" until released
-        if 99 in items:
-            raise OSError("disk gone")
-        return [Failed(ValueError(f"bad {i}")) if i % 5 == 0 else i * 10 for i in items]
-
+    commit = gated_commit(batches, gate, lambda i: Failed(ValueError(f"bad {i}")) if i % 5 == 0 else i * 10)
     gc: GroupCommit[int, int] = GroupCommit(commit, name="test-commit", max_batch=3)
     first = gc.submit_nowait(1)
     await asyncio.sleep(0)  # the first commit starts alone
