@@ -634,8 +634,8 @@ class BridgeRelay:
                     continue
                 if started is not None:
                     pending.append(started)
-            if reports:
-                pending.append(self._reports_stored(reports))
+            if reports:  # queued now, before anything is awaited (a read marker's barrier counts them)
+                pending.append(self._queue_reports(reports))
             for answer in pending:
                 try:
                     await answer
@@ -734,7 +734,7 @@ class BridgeRelay:
     def _gateway_ack_started(self, gid: str, msg: Ack | AckIn) -> Awaitable[None]:
         """One gateway's acknowledgement queued for the next batch of reports now, alone (:meth:`on_local_batch`
         queues a turn's together); its answer (once it is stored) to await."""
-        return self._reports_stored([self._ack_report(gid, msg)])
+        return self._queue_reports([self._ack_report(gid, msg)])
 
     @staticmethod
     def _ack_report(gid: str, msg: Ack | AckIn) -> GatewayReport:
@@ -813,7 +813,7 @@ class BridgeRelay:
         """One gateway's outcome checked and queued for the next batch of reports now, alone
         (:meth:`on_local_batch` queues a turn's together); its answer (once stored) to await."""
         report = self._outcome_report(gid, msg)
-        return self._reports_stored([report]) if type(report) is tuple else report  # type: ignore[return-value]
+        return self._queue_reports([report]) if type(report) is tuple else report  # type: ignore[return-value]
 
     def _outcome_report(self, gid: str, msg: Outcome | OutcomeIn) -> GatewayReport | Awaitable[None]:
         """A gateway's outcome as the report to queue, or, when it reports for another gateway's client, the refusal
@@ -825,10 +825,16 @@ class BridgeRelay:
                                                     message=f"gateway {gid} may not report for {msg.client_id}"))
         return gid, msg, time.time()
 
-    async def _reports_stored(self, reports: list[GatewayReport]) -> None:
-        """Queue ``reports`` for the next batch together, now; once stored, answer each outcome's gateway in their
-        order (its ``ack``, or an ``error``: not ours, unknown) and wake the loop towards the hub if it has work."""
-        results = await self.gateway_reports.submit_many(reports)
+    def _queue_reports(self, reports: list[GatewayReport]) -> Awaitable[None]:
+        """Queue ``reports`` for the next batch together, now (not when awaited: a read marker read after them takes
+        its barrier before awaiting them, :meth:`_probe_read`); their answers to await."""
+        return self._reports_stored(reports, self.gateway_reports.submit_many(reports))
+
+    async def _reports_stored(self, reports: list[GatewayReport], stored: Awaitable[list[ReportResult | Failed]]
+                              ) -> None:
+        """Once ``reports`` are stored, answer each outcome's gateway in their order (its ``ack``, or an ``error``:
+        not ours, unknown) and wake the loop towards the hub if it has work."""
+        results = await stored
         wake = False
         for report, result in zip(reports, results, strict=True):
             if len(report) == 2:

@@ -95,3 +95,29 @@ async def test_each_report_of_a_turn_keeps_its_answer_metric_and_effect(
     # of revision 2 is still to come).
     assert states == {("q", "c1"): CLOSED, ("q", "c2"): "sending", ("q2", "c1"): "sending"}
     assert DELIVERED not in states.values()
+
+
+async def test_a_read_marker_counts_the_reports_read_before_it_in_its_turn(
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
+    """A read marker read in the same turn as reports before it moves the horizon only once they are committed (a
+    gateway's silence is known up to the marker's send time only if its answers read before are applied)."""
+    relay, _, _ = relay_and_broker
+    now = time.time()
+    await relay.store.accept_request([NewCommand("q", "c1", "gw-1", "cmd-q-c1", b"command", now, now + 600)], [])
+    relay.probe_topic = "probe/bridge"
+    marker = relay.read_horizon.probe()
+    assert marker is not None
+    committed_when_returned: list[int] = []
+    returned = relay.read_horizon.returned
+
+    def spied(payload: bytes) -> bool:
+        committed_when_returned.append(relay.gateway_reports.writes)
+        return returned(payload)
+
+    relay.read_horizon.returned = spied  # type: ignore[method-assign]
+    turn = [(topics.up("gateways", "gw-1"), encode(Outcome(request_id="q", client_id="c1",
+                                                           state=ClientState.EXECUTED)), False),
+            (relay.probe_topic, marker, False)]
+    await relay.on_local_batch(turn)
+    assert committed_when_returned == [1], "the marker came back before the outcome read before it was stored"
+    assert relay.read_horizon.at > 0
