@@ -844,13 +844,13 @@ class BridgeRelay:
                 wake = True
                 continue
             gid, msg, _ = report  # an outcome's (narrowed by its length)
-            if type(result) is tuple and msg.revision >= result[1]:  # the usual: stored, its ack follows
-                if result[0] != CLOSED and msg.state.terminal:
-                    wake = True  # its outcome is queued for the hub; nothing became due for the gateways
-                await self._ack_gateway(gid, msg.msg_id)
-                continue
             try:
-                await self._outcome_not_taken(gid, msg, result)
+                if type(result) is tuple and msg.revision >= result[1]:  # the usual: stored, its ack follows
+                    if result[0] != CLOSED and msg.state.terminal:
+                        wake = True  # its outcome is queued for the hub; nothing became due for the gateways
+                    await self._ack_gateway(gid, msg.msg_id)
+                else:
+                    await self._outcome_not_taken(gid, msg, result)
             except Exception:  # one report's failure is that report's: the others are answered
                 log.exception("a gateway's message failed")
         if wake:
