@@ -3,11 +3,12 @@
 No artificial wait: the first item starts a commit at once (at the next turn of the event loop, by which time every
 message read in the same turn has queued its item), and everything that arrives meanwhile forms the next one, of at
 most ``max_batch`` items (0: no bound). :meth:`GroupCommit.submit` returns the item's own result once its commit
-has ended. ``commit(items)`` returns one result per item, in order; a result that is a :class:`Failed` is raised to
-that item's caller alone (its write was rolled back, the others stand); ``commit`` raising fails every item of the
-batch with that error, and the items queued behind it still get their own commit. The hub (outcomes and acks, in
-its book), the bridge (every SQLite write) and any future writer keep their own storage and use this for the
-batching.
+has ended; :meth:`GroupCommit.submit_many` queues several items with one future for all their results (a caller that
+handles a turn's messages together pays one future per turn, not per message). ``commit(items)`` returns one result
+per item, in order; a result that is a :class:`Failed` is raised to that item's caller alone (its write was rolled
+back, the others stand); ``commit`` raising fails every item of the batch with that error, and the items queued
+behind it still get their own commit. The hub (outcomes and acks, in its book), the bridge (every SQLite write) and
+any future writer keep their own storage and use this for the batching.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ class Failed:
     error: BaseException
 
 
+class _Many(Generic[T]):
+    """Items queued together by :meth:`GroupCommit.submit_many`: one entry of the queue, never split across commits."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[T]) -> None:
+        self.items = items
+
+
 class GroupCommit(Generic[T, R]):
     """Items committed together by one call of ``commit``; see the module's docstring."""
 
@@ -38,12 +48,15 @@ class GroupCommit(Generic[T, R]):
         self.weight = weight
         """How much of ``max_batch`` an item takes (None: 1 each); a batch always takes at least one item."""
         self.name = name
-        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._queue: list[tuple[T | _Many[T], asyncio.Future[Any]]] = []
+        """Each entry: an item and its future, or a :class:`_Many` and the future of its list of results."""
+        self._many = 0
+        """:class:`_Many` entries in the queue (none: a batch is its items as they are, as before there were any)."""
         self._task: asyncio.Task[None] | None = None
         self.commits = 0
         """Commits that went through (for SQLite: the number of fsyncs)."""
         self.writes = 0
-        """Items committed; ``writes / commits`` is the mean batch."""
+        """Items committed (each of :meth:`submit_many`'s counted); ``writes / commits`` is the mean batch."""
         self._queued = 0
         """Items ever queued."""
         self._settled = 0
@@ -60,6 +73,21 @@ class GroupCommit(Generic[T, R]):
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, done))
         self._queued += 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=self.name)
+        return done
+
+    def submit_many(self, items: list[T]) -> asyncio.Future[list[R | Failed]]:
+        """Queue ``items`` for the next commit now, together (never split across commits, even past ``max_batch``);
+        the future resolves once that commit has ended with their results in order, an item's own failure left in
+        the list as its :class:`Failed` (the commit's failure raises from the future, for all of them)."""
+        done: asyncio.Future[list[R | Failed]] = asyncio.get_running_loop().create_future()
+        if not items:
+            done.set_result([])
+            return done
+        self._queue.append((_Many(items), done))
+        self._many += 1
+        self._queued += len(items)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=self.name)
         return done
@@ -95,40 +123,76 @@ class GroupCommit(Generic[T, R]):
             await asyncio.shield(self._task)
 
     def _batch_len(self) -> int:
-        """How many queued items the next batch takes: ``max_batch`` of them, or as many as fit its weight."""
-        if self.weight is None:
-            return self.max_batch
+        """How many queued entries the next batch takes: as many as fit ``max_batch`` (items, or their weight), at
+        least one."""
         total = 0
         for n, (item, _) in enumerate(self._queue):
-            total += self.weight(item)
+            total += self._weight(item)
             if total > self.max_batch:
                 return max(1, n)
         return len(self._queue)
 
+    def _weight(self, entry: T | _Many[T]) -> int:
+        weight = self.weight
+        if type(entry) is _Many:
+            return len(entry.items) if weight is None else sum(weight(i) for i in entry.items)
+        return 1 if weight is None else weight(entry)  # type: ignore[arg-type]  # not a _Many: a T
+
+    def _next_batch(self) -> tuple[list[tuple[T | _Many[T], asyncio.Future[Any]]], list[T], bool]:
+        """The queue's entries the next commit takes, their items in order, and whether any entry is a
+        :class:`_Many`."""
+        if self.max_batch > 0:
+            n = self._batch_len()
+            batch, self._queue = self._queue[:n], self._queue[n:]
+        else:
+            batch, self._queue = self._queue, []
+        if not self._many:
+            return batch, [entry for entry, _ in batch], False  # type: ignore[misc]  # no _Many queued: each a T
+        items: list[T] = []
+        for entry, _ in batch:
+            if type(entry) is _Many:
+                items += entry.items
+                self._many -= 1
+            else:
+                items.append(entry)  # type: ignore[arg-type]  # not a _Many: a T
+        return batch, items, True
+
     async def _run(self) -> None:
         while self._queue:
-            if self.max_batch > 0:
-                n = self._batch_len()
-                batch, self._queue = self._queue[:n], self._queue[n:]
-            else:
-                batch, self._queue = self._queue, []
+            batch, items, many = self._next_batch()
             try:
-                results = await self._commit([item for item, _ in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"{self.name}: the commit gave {len(results)} results for {len(batch)} items")
+                results = await self._commit(items)
+                if len(results) != len(items):
+                    raise RuntimeError(f"{self.name}: the commit gave {len(results)} results for {len(items)} items")
             except Exception as exc:  # nothing of this batch is committed; the ones queued behind it still go
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
             finally:  # committed, failed or cancelled: a barrier no longer waits for this batch
-                self._ended(len(batch))
+                self._ended(len(items))
             self.commits += 1
-            self.writes += len(batch)
-            for (_, fut), result in zip(batch, results, strict=True):
-                if fut.done():  # the caller was cancelled; its write is committed all the same
-                    continue
-                if isinstance(result, Failed):
-                    fut.set_exception(result.error)
-                else:
-                    fut.set_result(result)
+            self.writes += len(items)
+            _resolve(batch, results, many)
+
+
+def _resolve(batch: list[tuple[Any, asyncio.Future[Any]]], results: list[Any], many: bool) -> None:
+    """Each entry's future with its result (a :class:`Failed` raised from it), or a :class:`_Many`'s with its
+    list of results (``many``: the batch holds some); a future already done (its caller was cancelled) is left: its
+    write is committed all the same."""
+    k = 0
+    for entry, fut in batch:
+        if many and type(entry) is _Many:
+            n = len(entry.items)
+            if not fut.done():
+                fut.set_result(results[k:k + n])
+            k += n
+            continue
+        result = results[k]
+        k += 1
+        if fut.done():
+            continue
+        if isinstance(result, Failed):
+            fut.set_exception(result.error)
+        else:
+            fut.set_result(result)

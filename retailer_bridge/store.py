@@ -86,14 +86,41 @@ class Closing:
     """A reason refuses the report (:class:`Refused`): nothing of it is written."""
 
 
+ToHub = tuple[str, bytes] | Outcome | Report
+"""An outcome for the hub: ``(msg_id, payload)``, or a model or a :class:`~mhp_wire.fastwire.Report` that the store
+encodes (or packs with others)."""
+Verdict = ToHub | Exception | None
+"""What a report does to its command (:class:`Judged`): the outcome for the hub (as :attr:`Closing.outcome_of`
+gives it), None (it leaves the command as it is), or an exception (:class:`Refused`, say): that report fails
+alone and nothing of it is written."""
+
+
+@dataclass(slots=True)
+class Judged:
+    """Gateways' outcomes closing their commands (:meth:`BridgeStore.apply_reports`), judged together by one call
+    from plain data: the relay's way, instead of a :class:`Closing` with two closures made for each outcome.
+
+    ``judge`` is called once per batch, on the database's thread, with each outcome's command as stored before the
+    batch (a row of :data:`REPORT_COLUMNS`, read by position; None: no such command) and gives each outcome's
+    :data:`Verdict`. It must not depend on the command's state: the store applies the verdicts in order, and one for
+    a command closed before it (earlier, or by an earlier report of the same batch) is dropped. Each outcome's result
+    is ``(state, revision)`` of its command as the reports before it left it, None (no such command) or its
+    :class:`Failed`."""
+
+    keys: list[tuple[str, str]]
+    """``(request_id, client_id)`` of each outcome, in order."""
+    judge: Callable[[list[Any]], list[Verdict]]
+
+
 @dataclass(slots=True)
 class Applied:
     """What one batch of gateways' reports did (:meth:`BridgeStore.apply_reports`)."""
 
     delivered: int
     """Commands acknowledged by their gateway in this batch (those also closed in it included)."""
-    closed: list[dict[str, Any] | Failed | None]
-    """Per closing, in order: the command as it was, None (no such command) or its own failure."""
+    closed: list[dict[str, Any] | tuple[str, int] | Failed | None]
+    """Per closing, in order: the command as it was (a dict of :data:`REPORT_COLUMNS`; of a :class:`Judged` batch,
+    its ``(state, revision)``), None (no such command) or its own failure."""
     queued: list[tuple[str, bytes]] = field(default_factory=list, init=False)
     """The messages ``(msg_id, payload)`` this batch queued for the hub, committed with it: the relay sends them at
     once, without reading them back (:meth:`mhp_wire.outbox.Outbox.send_stored`)."""
@@ -322,9 +349,10 @@ class BridgeStore:
                                               None)).closed
         if isinstance(result, Failed):
             raise result.error
+        assert not isinstance(result, tuple)  # a Closing's result is its command as a dict (or None)
         return result
 
-    async def apply_reports(self, acks: list[tuple[str, list[str]]], closings: list[Closing],
+    async def apply_reports(self, acks: list[tuple[str, list[str]]], closings: list[Closing] | Judged,
                             delivered_of: Callable[[dict[str, Any]], tuple[str, bytes] | Outcome | Report] | None,
                             pack: Callable[[list[Outcome | Report]], list[tuple[str, bytes]]] | None = None
                             ) -> Applied:
@@ -337,30 +365,33 @@ class BridgeStore:
         outcome at all (``delivered_of`` is not even called for it): its terminal outcome says more. Each
         closing's result is the command as the reports before it in the batch left it (``delivered`` after this
         batch's acknowledgement, ``closed`` after an earlier outcome), None (no such command) or :class:`Failed`
-        (refused, or its ``outcome_of`` raised: nothing of that report is written). ``delivered_of`` is required
+        (refused, or its ``outcome_of`` raised: nothing of that report is written); ``closings`` may also come as one
+        :class:`Judged` batch, whose results say the same in ``(state, revision)``. ``delivered_of`` is required
         when there are acknowledgements. ``pack``: the batch's outcomes given as models or
         :class:`~mhp_wire.fastwire.Report` objects become these outbox messages (the relay's ``outcomes`` per request);
         without it each is encoded as one ``outcome``."""
         if acks and delivered_of is None:
             raise ValueError("acknowledgements need delivered_of")
         pairs = list(dict.fromkeys((m, gid) for gid, ids in acks for m in ids))
-        keys = list(dict.fromkeys((c.request_id, c.client_id) for c in closings))
+        in_order = closings.keys if isinstance(closings, Judged) else [(c.request_id, c.client_id) for c in closings]
+        keys = list(dict.fromkeys(in_order))
 
         def op(db: sqlite3.Connection) -> Applied:
             _drop_acked_notices(db, pairs)
             acked = _acked_commands(db, pairs)
             rows = _commands_by_key(db, keys)
-            was = {k: r["state"] for k, r in rows.items()}
+            was = {k: r[COL_STATE] for k, r in rows.items()}
+            state = dict(was)
             for r in acked:
-                key = (r[_REQUEST], r[_CLIENT])
-                if key in rows:
-                    rows[key]["state"] = DELIVERED  # as this batch's outcome of the same command will see it
-            plan = _close_in_order(closings, rows, was)
+                key = (r[COL_REQUEST], r[COL_CLIENT])
+                if key in state:
+                    state[key] = DELIVERED  # as this batch's outcome of the same command will see it
+            plan = _close_in_order(closings, in_order, rows, state, was)
             closed_keys = plan.closed_keys
-            moved = [r for r in acked if (r[_REQUEST], r[_CLIENT]) not in closed_keys]
+            moved = [r for r in acked if (r[COL_REQUEST], r[COL_CLIENT]) not in closed_keys]
             # Set-based: one statement per 500 commands (per request for the closed ones), not one per command.
             _each_chunk(db, f"UPDATE commands SET state='{DELIVERED}' WHERE msg_id IN ({{}})", (),
-                        [r[_MSG] for r in moved])
+                        [r[COL_MSG] for r in moved])
             for request_id, client_ids in plan.closed.items():
                 _each_chunk(db, f"UPDATE commands SET state='{CLOSED}' WHERE request_id=? AND client_id IN ({{}})",
                             (request_id,), client_ids)
@@ -369,12 +400,12 @@ class BridgeStore:
             delivered = [delivered_of(dict(zip(_REPORT_NAMES, r, strict=True))) for r in moved] \
                 if delivered_of is not None else []
             self._queue(db, _handed(handed, _packed(delivered + plan.outcomes, pack)))
-            once = [r[_FIRST_SENT] for r in acked if r[_ATTEMPTS] == 1 and r[_FIRST_SENT] is not None]
+            once = [r[COL_FIRST_SENT] for r in acked if r[COL_ATTEMPTS] == 1 and r[COL_FIRST_SENT] is not None]
             # An outcome that closes a command still being sent acknowledges it (a gateway sends no separate
             # ``ack`` when its outcome is ready at once): its round trip counts as the ack's would.
-            acked_keys = {(r[_REQUEST], r[_CLIENT]) for r in acked}
-            once += [rows[k]["first_sent_at"] for k in closed_keys if k not in acked_keys and was[k] == SENDING
-                     and rows[k]["attempts"] == 1 and rows[k]["first_sent_at"] is not None]
+            acked_keys = {(r[COL_REQUEST], r[COL_CLIENT]) for r in acked}
+            once += [rows[k][COL_FIRST_SENT] for k in closed_keys if k not in acked_keys and was[k] == SENDING
+                     and rows[k][COL_ATTEMPTS] == 1 and rows[k][COL_FIRST_SENT] is not None]
             return Applied(len(acked), plan.results, once)
 
         handed: dict[str, list[Any]] = {}
@@ -613,7 +644,7 @@ class BridgeStore:
 class _Closings:
     """What a batch's outcomes write (:func:`_close_in_order`)."""
 
-    results: list[dict[str, Any] | Failed | None] = field(default_factory=list)
+    results: list[dict[str, Any] | tuple[str, int] | Failed | None] = field(default_factory=list)
     closed: dict[str, list[str]] = field(default_factory=dict)
     """``request_id -> client_ids`` closed by this batch."""
     closed_keys: set[tuple[str, str]] = field(default_factory=set)
@@ -646,48 +677,68 @@ def _packed(outcomes: list[tuple[str, bytes] | Outcome | Report],
     return ready + [(o.msg_id, encode(o)) if isinstance(o, Outcome) else outcome_payload(o) for o in models]
 
 
-def _close_in_order(closings: list[Closing], rows: dict[tuple[str, str], dict[str, Any]],
-                    was: dict[tuple[str, str], str]) -> _Closings:
-    """Each outcome against its command as the reports before it left it (``rows``, updated here); ``was``: each
-    command's state before the batch (a ``delivered`` outcome can wait in the outbox only if it was delivered)."""
+def _close_in_order(closings: list[Closing] | Judged, keys: list[tuple[str, str]], rows: dict[tuple[str, str], Any],
+                    state: dict[tuple[str, str], str], was: dict[tuple[str, str], str]) -> _Closings:
+    """Each outcome (of ``keys``, in order) against its command (``rows``) as the reports before it left it
+    (``state``, updated here); ``was``: each command's state before the batch (a ``delivered`` outcome can wait in
+    the outbox only if it was delivered). A :class:`Judged` batch is judged in one call first; a :class:`Closing`'s
+    closures are called in turn, its ``outcome_of`` only for a command still open."""
     plan = _Closings()
-    for item in closings:
-        key = (item.request_id, item.client_id)
+    verdicts = closings.judge([rows.get(k) for k in keys]) if isinstance(closings, Judged) else None
+    for i, key in enumerate(keys):
         row = rows.get(key)
         if row is None:
             plan.results.append(None)
             continue
-        cmd = dict(row)
-        try:
-            reason = None if item.allowed is None else item.allowed(cmd)
-            if reason is not None:
-                raise Refused(reason)
-            outcome = None if cmd["state"] == CLOSED else item.outcome_of(cmd)
-        except Exception as exc:
-            plan.results.append(Failed(exc))
-            continue
+        before = state[key]
+        result: dict[str, Any] | tuple[str, int]
+        if verdicts is None:
+            try:
+                outcome, result = _by_closures(closings[i], row, before)  # type: ignore[index]  # a list
+            except Exception as exc:
+                plan.results.append(Failed(exc))
+                continue
+        else:
+            verdict = verdicts[i]
+            if isinstance(verdict, Exception):
+                plan.results.append(Failed(verdict))
+                continue
+            outcome, result = None if before == CLOSED else verdict, (before, row[COL_REVISION])
         if outcome is not None:
-            row["state"] = CLOSED  # as the next report of the same command in this batch will see it
+            state[key] = CLOSED  # as the next report of the same command in this batch will see it
             plan.closed_keys.add(key)
-            plan.closed.setdefault(item.request_id, []).append(item.client_id)
+            plan.closed.setdefault(key[0], []).append(key[1])
             if was[key] == DELIVERED:
-                plan.superseded.append(delivered_msg_id(cmd["msg_id"]))
+                plan.superseded.append(delivered_msg_id(row[COL_MSG]))
             plan.outcomes.append(outcome)
-        plan.results.append(cmd)
+        plan.results.append(result)
     return plan
 
 
-REPORT_COLUMNS = ("request_id, client_id, gateway_id, msg_id, state, received_at, first_sent_at, attempts, "
-                  "next_attempt_at, deadline, handling_ms, not_before, revision")
-"""A command's columns as a gateway's report reads them: all but its payload, which would only be copied."""
+def _by_closures(item: Closing, row: Any, state: str) -> tuple[ToHub | None, dict[str, Any]]:
+    """A :class:`Closing`'s outcome (None: none) and its command as a dict (with the ``state`` the batch left it
+    in), from its closures: ``allowed`` first (a reason raises :class:`Refused`), ``outcome_of`` only for a command
+    still open."""
+    cmd = dict(zip(_REPORT_NAMES, row, strict=True))
+    cmd["state"] = state
+    reason = None if item.allowed is None else item.allowed(cmd)
+    if reason is not None:
+        raise Refused(reason)
+    return (None if state == CLOSED else item.outcome_of(cmd)), cmd
+
+
+REPORT_COLUMNS = ("request_id, client_id, gateway_id, msg_id, state, first_sent_at, attempts, handling_ms, not_before, "
+                  "revision")
+"""A command's columns as a gateway's report reads them (the commands its acknowledgements and outcomes name): what
+the store, the relay's judgement and its ``delivered`` outcome use; not the payload, which would only be copied, nor
+the send schedule (each column read costs, 10,000 times in a fan-out)."""
 _REPORT_NAMES = tuple(c.strip() for c in REPORT_COLUMNS.split(","))
+(COL_REQUEST, COL_CLIENT, COL_GATEWAY, COL_MSG, COL_STATE, COL_FIRST_SENT, COL_ATTEMPTS, COL_HANDLING_MS,
+ COL_NOT_BEFORE, COL_REVISION) = range(len(_REPORT_NAMES))
+"""Positions in a row of :data:`REPORT_COLUMNS`: the rows are read by position, and a dict is made only of those
+that get a ``delivered`` outcome or meet a :class:`Closing`'s closures (a dict per row was a visible part of the
+bridge's CPU per client)."""
 
-
-_REQUEST, _CLIENT, _GATEWAY, _MSG = range(4)
-_FIRST_SENT, _ATTEMPTS = 6, 7
-"""Positions in a row of :data:`REPORT_COLUMNS`: the acknowledged rows are read by position, and a dict is made
-only of those that get a ``delivered`` outcome (most are closed in the same batch, and a dict per row was a
-visible part of the bridge's CPU per client)."""
 
 
 def _drop_acked_notices(db: sqlite3.Connection, pairs: list[tuple[str, str]]) -> None:
@@ -717,24 +768,24 @@ def _acked_commands(db: sqlite3.Connection, pairs: list[tuple[str, str]]) -> lis
         chunk = [m for m, _ in pairs[k:k + SQL_IN_MAX]]
         rows += [r for r in db.execute(
             f"SELECT {REPORT_COLUMNS} FROM commands WHERE msg_id IN ({','.join('?' * len(chunk))}) AND +state=?",
-            (*chunk, SENDING)) if (r[_MSG], r[_GATEWAY]) in wanted]
+            (*chunk, SENDING)) if (r[COL_MSG], r[COL_GATEWAY]) in wanted]
     return rows
 
 
-def _commands_by_key(db: sqlite3.Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """The commands of these ``(request_id, client_id)``, by key: per request, one ``SELECT`` per 500 clients on
-    the primary key (a row-value ``IN (VALUES ...)`` list would scan the whole table each time)."""
+def _commands_by_key(db: sqlite3.Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], sqlite3.Row]:
+    """The commands of these ``(request_id, client_id)``, by key, as rows of :data:`REPORT_COLUMNS`: per request,
+    one ``SELECT`` per 500 clients on the primary key (a row-value ``IN (VALUES ...)`` list would scan the whole
+    table each time)."""
     clients: dict[str, list[str]] = {}
     for request_id, client_id in keys:
         clients.setdefault(request_id, []).append(client_id)
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    rows: dict[tuple[str, str], sqlite3.Row] = {}
     for request_id, ids in clients.items():
         for k in range(0, len(ids), SQL_IN_MAX):
             chunk = ids[k:k + SQL_IN_MAX]
-            cur = db.execute(f"SELECT {REPORT_COLUMNS} FROM commands WHERE request_id=? AND client_id IN "
-                             f"({','.join('?' * len(chunk))})", (request_id, *chunk))
-            for row in _dicts(cur):
-                rows[(row["request_id"], row["client_id"])] = row
+            for row in db.execute(f"SELECT {REPORT_COLUMNS} FROM commands WHERE request_id=? AND client_id IN "
+                                  f"({','.join('?' * len(chunk))})", (request_id, *chunk)):
+                rows[(request_id, row[COL_CLIENT])] = row
     return rows
 
 

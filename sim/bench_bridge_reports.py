@@ -1,14 +1,19 @@
 """Bridge benchmark: N gateways' acknowledgements and outcomes arriving together, through the relay's own handlers
 into a real SQLite store, without MQTT (the relay has no links, so its answers to gateways are not sent).
 
-    python -m sim.bench_bridge_reports 10000 [--outcome-only]
+    python -m sim.bench_bridge_reports 10000 [--outcome-only] [--wire]
 
 ``--outcome-only``: each gateway sends its outcome alone, which stands for its ack (a gateway whose outcome is ready
 within its ``ack_hold_s``, and the simulated fleet, since issue 14's seventh round).
 
-Prints the process CPU (``time.process_time``: the event loop and the SQLite thread) per gateway, and the store
-writes and commits it took. It uses only handlers that older bridges have too, so it also runs against another
-checkout (``PYTHONPATH=<checkout>``) for a before/after on the same machine.
+``--wire``: the reports arrive as the retailer broker's link hands them over in a fan-out: encoded payloads on each
+gateway's ``up`` topic, 500 per turn, through :meth:`BridgeRelay.on_local_batch` (the topic, the rate limit, the
+decoding, the queueing, the answers); without it each report goes to the relay's handler of its type, a task each.
+
+Prints the process CPU (``time.process_time``) per gateway, split into the event loop's thread (``time.thread_time``
+in it) and the rest (the SQLite thread), and the store writes and commits it took. It uses only handlers that older
+bridges have too, so it also runs against another checkout for a before/after on the same machine
+(``PYTHONPATH=<checkout> python <this file>``).
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, Command, EmergencyParams, Outcome, RequestKind, encode
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.store import BridgeStore, NewCommand
 
+WAVE = 500
+"""Gateways per wave (per turn of the loop with ``--wire``), as they arrive over MQTT."""
 
-async def bench(n: int, outcome_only: bool = False) -> None:
+
+async def bench(n: int, outcome_only: bool = False, wire: bool = False) -> None:
     """Store N commands, then feed every gateway's acknowledgement (unless ``outcome_only``) and outcome in waves
-    of 500 gateways."""
+    of :data:`WAVE` gateways."""
     with tempfile.TemporaryDirectory() as d:
         store = BridgeStore(Path(d) / "b.db")
         await store.open()
@@ -40,23 +49,36 @@ async def bench(n: int, outcome_only: bool = False) -> None:
                                                time.time() + 600) for i, c in enumerate(cmds)], [])
         relay = BridgeRelay("r1", {f"c{i}": f"gw-{i}" for i in range(n)}, store)
         acks = [Ack(ack_ids=[c.msg_id]) for c in cmds]
-        outs = [Outcome(request_id="q", client_id=c.client_id, state=ClientState.EXECUTED) for c in cmds]
+        outs = [Outcome(request_id="q", client_id=c.client_id, state=ClientState.EXECUTED, trace={"gateway_ms": 0.02})
+                for c in cmds]
+        wire_in = [(topics.up("gateways", f"gw-{i}"), encode(m), False)
+                   for i in range(n) for m in ([outs[i]] if outcome_only else [acks[i], outs[i]])]
         w0, c0 = store.group.writes, store.group.commits
-        t0 = time.process_time()
-        reports: list[Awaitable[None]] = []
-        for i in range(n):  # in waves of 500 gateways, as they arrive over MQTT
-            if not outcome_only:
-                reports.append(relay._on_gateway_ack(f"gw-{i}", acks[i]))
-            reports.append(relay._on_gateway_outcome(f"gw-{i}", outs[i]))
-            if i % 500 == 499:
-                await asyncio.gather(*reports)
-                reports = []
-        await asyncio.gather(*reports)
-        cpu = time.process_time() - t0
-        print(f"{n} gateways{' (outcome only)' if outcome_only else ''}: {cpu / n * 1000:.4f} ms CPU per gateway; "
-              f"store writes {store.group.writes - w0}, commits {store.group.commits - c0}")
+        t0, l0 = time.process_time(), time.thread_time()
+        if wire:
+            per_wave = WAVE * (1 if outcome_only else 2)
+            for k in range(0, len(wire_in), per_wave):
+                await relay.on_local_batch(wire_in[k:k + per_wave])
+        else:
+            reports: list[Awaitable[None]] = []
+            for i in range(n):
+                if not outcome_only:
+                    reports.append(relay._on_gateway_ack(f"gw-{i}", acks[i]))
+                reports.append(relay._on_gateway_outcome(f"gw-{i}", outs[i]))
+                if i % WAVE == WAVE - 1:
+                    await asyncio.gather(*reports)
+                    reports = []
+            await asyncio.gather(*reports)
+        await relay.gateway_reports.drain()
+        cpu, loop_cpu = time.process_time() - t0, time.thread_time() - l0
+        closed = (await store.counts()).get("closed", 0)
+        print(f"{n} gateways{' (outcome only)' if outcome_only else ''}{' (wire)' if wire else ''}: "
+              f"{cpu / n * 1e6:.2f} µs CPU per gateway (event loop {loop_cpu / n * 1e6:.2f}, "
+              f"other threads {(cpu - loop_cpu) / n * 1e6:.2f}); store writes {store.group.writes - w0}, "
+              f"commits {store.group.commits - c0}; closed {closed}, refused {sum(relay.rejected.values())}")
         await store.close()
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--outcome-only"]
-    asyncio.run(bench(int(args[0]) if args else 10_000, outcome_only="--outcome-only" in sys.argv[1:]))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    asyncio.run(bench(int(args[0]) if args else 10_000, outcome_only="--outcome-only" in sys.argv[1:],
+                      wire="--wire" in sys.argv[1:]))

@@ -5,6 +5,7 @@ Pure or in-process parts, driven by an injected clock and by the event loop: no 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 from pydantic import BaseModel, Field, ValidationError
@@ -72,17 +73,26 @@ def test_one_id_rule_for_topics_and_models(value: str, ok: bool) -> None:
             Declared(id=value)
 
 
-async def test_group_commit_batches_what_arrives_during_a_commit() -> None:
-    batches: list[list[int]] = []
-    gate = asyncio.Event()
+def gated_commit(batches: list[list[int]], gate: asyncio.Event,
+                 result: Callable[[int], object] = lambda i: i * 10) -> Callable[[list[int]], Awaitable[list[object]]]:
+    """A commit that records its batches, holds the first "in flight" until ``gate`` is set, fails as a whole a
+    batch holding 99, and gives ``result(item)`` for each item."""
 
     async def commit(items: list[int]) -> list[object]:
         batches.append(items)
         if len(batches) == 1:
-            await gate.wait()  # the first commit is "in flight" until released
-        return [i * 10 for i in items]
+            await gate.wait()
+        if 99 in items:
+            raise OSError("disk gone")
+        return [result(i) for i in items]
 
-    gc: GroupCommit[int, int] = GroupCommit(commit, name="test-commit")
+    return commit
+
+
+async def test_group_commit_batches_what_arrives_during_a_commit() -> None:
+    batches: list[list[int]] = []
+    gate = asyncio.Event()
+    gc: GroupCommit[int, int] = GroupCommit(gated_commit(batches, gate), name="test-commit")
     first = asyncio.create_task(gc.submit(1))
     await asyncio.sleep(0)
     await asyncio.sleep(0)
@@ -111,3 +121,29 @@ async def test_group_commit_bounds_the_batch_and_fails_only_what_failed() -> Non
         i for i in range(1, 13) if i % 5]
     assert gc.commits == 3 and gc.writes == 12
     await gc.drain()
+
+
+async def test_group_commit_takes_items_submitted_together_with_one_future() -> None:
+    batches: list[list[int]] = []
+    gate = asyncio.Event()
+    commit = gated_commit(batches, gate, lambda i: Failed(ValueError(f"bad {i}")) if i % 5 == 0 else i * 10)
+    gc: GroupCommit[int, int] = GroupCommit(commit, name="test-commit", max_batch=3)
+    first = gc.submit_nowait(1)
+    await asyncio.sleep(0)  # the first commit starts alone
+    many = gc.submit_many([2, 3, 4, 5, 6])  # more than max_batch: one entry all the same, never split
+    single = gc.submit_nowait(7)
+    settled = gc.settled()
+    gate.set()
+    assert await first == 10
+    results = await many
+    assert results[:3] == [20, 30, 40] and results[4] == 60
+    assert isinstance(results[3], Failed) and str(results[3].error) == "bad 5"  # its own failure stays in the list
+    assert await single == 70
+    await settled
+    assert batches == [[1], [2, 3, 4, 5, 6], [7]] and gc.commits == 3 and gc.writes == 7
+    failing = gc.submit_many([98, 99])
+    with pytest.raises(OSError, match="disk gone"):  # the commit's failure raises for the whole entry
+        await failing
+    assert gc.commits == 3 and gc.writes == 7
+    assert await gc.submit_many([8]) == [80] and await gc.submit_many([]) == []
+    assert gc.commits == 4 and gc.writes == 8

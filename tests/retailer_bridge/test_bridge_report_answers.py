@@ -1,0 +1,123 @@
+"""Every kind of gateway report in one turn of the bridge's loop, each answered by the bridge's rules (issue 14,
+ninth round: the turn's reports are queued together and judged in one call, and each keeps its own answer, metric
+and effect). Real SQLite, a real Mosquitto retailer broker from broker_config/, the relay's batch handler fed one
+turn of encoded messages as the retailer broker's link hands them over, gateways played by MQTT test clients that
+read the answers."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from mhp_wire import topics
+from mhp_wire.messages import Ack, ClientState, ErrorReply, Message, Outcome, decode, encode
+from retailer_bridge.customers import Announced
+from retailer_bridge.relay import BridgeRelay
+from retailer_bridge.store import CLOSED, DELIVERED, NewCommand
+from tests.broker_fixtures import BrokerHandle
+from tests.mqtt_party import Party
+from tests.outcome_views import client_outcomes
+from tests.retailer_bridge.conftest import gateway_parties
+
+
+async def answers_by_ref(party: Party, n: int) -> dict[str, Message]:
+    """The next ``n`` acknowledgements and errors a gateway gets, by the message each answers."""
+    got: dict[str, Message] = {}
+    while len(got) < n:
+        msg = await party.next(timeout=10)
+        if isinstance(msg, Ack):
+            got.update((m, msg) for m in msg.ack_ids)
+        elif isinstance(msg, ErrorReply):
+            assert msg.ref_msg_id is not None, msg
+            got[msg.ref_msg_id] = msg
+    return got
+
+
+async def test_each_report_of_a_turn_keeps_its_answer_metric_and_effect(
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
+    relay, local, _ = relay_and_broker
+    now = time.time()
+    # c1 (gw-1's home) has a command of request q and one of q2, which a revision 2 replaced; c2 (gw-2's home) was
+    # our customer until an hour ago, and its command of q starts now.
+    await relay.store.accept_request([NewCommand("q", "c1", "gw-1", "cmd-q-c1", b"command", now, now + 600),
+                                      NewCommand("q", "c2", "gw-2", "cmd-q-c2", b"command", now, now + 600,
+                                                 not_before=now)], [])
+    await relay.store.accept_request([NewCommand("q2", "c1", "gw-1", "cmd-q2-c1", b"command", now, now + 600,
+                                                 revision=2)], [])
+    moved_at = now - 3600
+    relay.customer_list.announced["c2"] = Announced(1, ((now - 7200, moved_at),))
+
+    def outcome(request_id: str, client_id: str, state: ClientState = ClientState.EXECUTED,
+                revision: int = 1) -> Outcome:
+        return Outcome(request_id=request_id, client_id=client_id, state=state, revision=revision,
+                       trace={"gateway_ms": 2.5, "other_ms": 9.0})
+
+    good = outcome("q", "c1")
+    again = outcome("q", "c1")  # a re-sent report of a command this turn closed already
+    foreign = outcome("q", "c2")  # gw-1 reporting for gw-2's home
+    stale = outcome("q2", "c1", revision=1)  # answers a revision since replaced
+    passing = outcome("q2", "c1", ClientState.SENT, revision=2)  # not terminal: no outcome of the client yet
+    unknown = outcome("nope", "c1")
+    moved = outcome("q", "c2")  # c2 was not our customer at its command's start
+    up1, up2 = topics.up("gateways", "gw-1"), topics.up("gateways", "gw-2")
+    turn = [(up1, encode(m), False) for m in (good, again, foreign, stale, passing, unknown)]
+    turn.insert(3, (up2, encode(moved), False))
+    with gateway_parties(local, "gw-1", "gw-2") as (gw1, gw2):
+        writes, commits = relay.gateway_reports.writes, relay.gateway_reports.commits
+        await relay.on_local_batch(turn)
+        assert relay.gateway_reports.writes - writes == 6 and relay.gateway_reports.commits - commits == 1
+        to_gw1, to_gw2 = await answers_by_ref(gw1, 6), await answers_by_ref(gw2, 1)
+    for m in (good, again, stale, passing):
+        assert isinstance(to_gw1[m.msg_id], Ack), (m, to_gw1[m.msg_id])
+    assert to_gw1[foreign.msg_id] == ErrorReply(
+        msg_id=to_gw1[foreign.msg_id].msg_id, sent_at=to_gw1[foreign.msg_id].sent_at, ref_msg_id=foreign.msg_id,
+        code="forbidden", message="gateway gw-1 may not report for c2")
+    assert to_gw1[unknown.msg_id] == ErrorReply(
+        msg_id=to_gw1[unknown.msg_id].msg_id, sent_at=to_gw1[unknown.msg_id].sent_at, ref_msg_id=unknown.msg_id,
+        code="unknown_client", message="no request nope for c1")
+    refusal = to_gw2[moved.msg_id]
+    assert refusal == ErrorReply(
+        msg_id=refusal.msg_id, sent_at=refusal.sent_at, ref_msg_id=moved.msg_id, code="forbidden",
+        message=f"c2 is not a customer of retailer r1 at {datetime.fromtimestamp(now, UTC).isoformat()}: it moved "
+                f"to another supplier at {datetime.fromtimestamp(moved_at, UTC).isoformat()}")
+    assert dict(relay.rejected) == {"gateway_foreign_client": 1, "gateway_stale_revision": 1,
+                                    "gateway_unknown_request": 1, "gateway_not_customer": 1}
+    # Only the good outcome goes to the hub, once, with the gateway's timings it forwards and the bridge's own.
+    messages = await relay.store.sql.read(lambda db: [decode(p) for (p,) in db.execute(
+        "SELECT payload FROM hub_outbox")])
+    [forwarded] = [o for m in messages for o in client_outcomes(m)]
+    assert (forwarded.request_id, forwarded.client_id, forwarded.state) == ("q", "c1", ClientState.EXECUTED)
+    assert set(forwarded.trace) == {"gateway_ms", "retailer_ms"} and forwarded.trace["gateway_ms"] == 2.5
+    assert set(relay.fresh_to_hub) == {m.msg_id for m in messages}  # handed to the loop towards the hub
+    states = await relay.store.sql.read(lambda db: {(r[0], r[1]): r[2] for r in db.execute(
+        "SELECT request_id, client_id, state FROM commands")})
+    # c2's refused report wrote nothing; q2's stale and passing reports left it open (its gateway's acknowledgement
+    # of revision 2 is still to come).
+    assert states == {("q", "c1"): CLOSED, ("q", "c2"): "sending", ("q2", "c1"): "sending"}
+    assert DELIVERED not in states.values()
+
+
+async def test_a_read_marker_counts_the_reports_read_before_it_in_its_turn(
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
+    """A read marker read in the same turn as reports before it moves the horizon only once they are committed (a
+    gateway's silence is known up to the marker's send time only if its answers read before are applied)."""
+    relay, _, _ = relay_and_broker
+    now = time.time()
+    await relay.store.accept_request([NewCommand("q", "c1", "gw-1", "cmd-q-c1", b"command", now, now + 600)], [])
+    relay.probe_topic = "probe/bridge"
+    marker = relay.read_horizon.probe()
+    assert marker is not None
+    committed_when_returned: list[int] = []
+    returned = relay.read_horizon.returned
+
+    def spied(payload: bytes) -> bool:
+        committed_when_returned.append(relay.gateway_reports.writes)
+        return returned(payload)
+
+    relay.read_horizon.returned = spied  # type: ignore[method-assign]
+    turn = [(topics.up("gateways", "gw-1"), encode(Outcome(request_id="q", client_id="c1",
+                                                           state=ClientState.EXECUTED)), False),
+            (relay.probe_topic, marker, False)]
+    await relay.on_local_batch(turn)
+    assert committed_when_returned == [1], "the marker came back before the outcome read before it was stored"
+    assert relay.read_horizon.at > 0
