@@ -788,22 +788,26 @@ class BridgeRelay:
             if cmd is None:
                 verdicts.append(None)
                 continue
-            why = not_customer(msg.client_id, cmd[COL_NOT_BEFORE])
-            if why is not None:
-                verdicts.append(Refused(why))
-            elif not msg.state.terminal or msg.revision < cmd[COL_REVISION]:
-                verdicts.append(None)
-            else:
-                trace: dict[str, float] = {k: v for k, v in msg.trace.items() if k in _GATEWAY_TRACE}
-                # Milliseconds to the microsecond: round(ms * 1000) / 1000 is the float round(ms, 3) gives (the one
-                # nearest to the same whole number of microseconds, but at a tie within a float's error), in a
-                # quarter of its time (0.07 against 0.3 µs, twice per outcome).
-                if cmd[COL_FIRST_SENT] is not None:
-                    trace["gateway_rtt_ms"] = round((t0 - cmd[COL_FIRST_SENT]) * 1000 * 1000) / 1000
-                trace["retailer_ms"] = round((cmd[COL_HANDLING_MS] + (time.time() - t0) * 1000) * 1000) / 1000
-                # Plain values from a validated outcome (no model to validate again): encoded, or packed with
-                # others, by the store.
-                verdicts.append(Report(msg.request_id, msg.client_id, msg.state, msg.detail, trace, msg.revision))
+            try:
+                why = not_customer(msg.client_id, cmd[COL_NOT_BEFORE])
+                if why is not None:
+                    verdicts.append(Refused(why))
+                elif not msg.state.terminal or msg.revision < cmd[COL_REVISION]:
+                    verdicts.append(None)
+                else:
+                    trace: dict[str, float] = {k: v for k, v in msg.trace.items() if k in _GATEWAY_TRACE}
+                    # Milliseconds to the microsecond: round(ms * 1000) / 1000 is the float round(ms, 3) gives (the
+                    # one nearest to the same whole number of microseconds, but at a tie within a float's error), in
+                    # a quarter of its time (0.07 against 0.3 µs, twice per outcome).
+                    if cmd[COL_FIRST_SENT] is not None:
+                        trace["gateway_rtt_ms"] = round((t0 - cmd[COL_FIRST_SENT]) * 1000 * 1000) / 1000
+                    trace["retailer_ms"] = round((cmd[COL_HANDLING_MS] + (time.time() - t0) * 1000) * 1000) / 1000
+                    # Plain values from a validated outcome (no model to validate again): encoded, or packed with
+                    # others, by the store.
+                    verdicts.append(Report(msg.request_id, msg.client_id, msg.state, msg.detail, trace,
+                                           msg.revision))
+            except Exception as exc:  # this report fails alone (its gateway sends it again), not the batch
+                verdicts.append(exc)
         return verdicts
 
     async def _on_gateway_outcome(self, gid: str, msg: Outcome | OutcomeIn) -> None:

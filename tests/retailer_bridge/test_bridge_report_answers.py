@@ -121,3 +121,34 @@ async def test_a_read_marker_counts_the_reports_read_before_it_in_its_turn(
     await relay.on_local_batch(turn)
     assert committed_when_returned == [1], "the marker came back before the outcome read before it was stored"
     assert relay.read_horizon.at > 0
+
+
+async def test_a_report_whose_judgement_fails_fails_alone(
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
+    """The turn's reports are judged in one call; one whose judgement raises fails alone, as it did when each
+    report was judged by its own closures (review of the ninth round: the whole batch's transaction was rolled back,
+    gw-1's good outcome with it, and the failing report, re-sent by its gateway, did the same to every later
+    batch). Here the failure is real: c2 moved supplier, and its command's start is the last instant Python's
+    datetime holds, rounded up by the float (``9999-12-31T23:59:59.99999Z``, which the models accept), so the
+    refusal's text cannot be written."""
+    relay, local, _ = relay_and_broker
+    now = time.time()
+    end_of_datetime = 253402300800.0  # datetime(9999, 12, 31, 23, 59, 59, 999990, UTC).timestamp(): an edge, not a date
+    await relay.store.accept_request([NewCommand("q", "c1", "gw-1", "cmd-q-c1", b"command", now, now + 600),
+                                      NewCommand("q", "c2", "gw-2", "cmd-q-c2", b"command", now, now + 600,
+                                                 not_before=end_of_datetime)], [])
+    relay.customer_list.announced["c2"] = Announced(1, ((now - 7200, now - 3600),))
+    good = Outcome(request_id="q", client_id="c1", state=ClientState.EXECUTED)
+    failing = Outcome(request_id="q", client_id="c2", state=ClientState.EXECUTED)
+    turn = [(topics.up("gateways", "gw-2"), encode(failing), False),
+            (topics.up("gateways", "gw-1"), encode(good), False)]
+    with gateway_parties(local, "gw-1") as (gw1,):
+        await relay.on_local_batch(turn)
+        to_gw1 = await answers_by_ref(gw1, 1)
+    assert isinstance(to_gw1[good.msg_id], Ack)
+    states = await relay.store.sql.read(lambda db: {r[0]: r[1] for r in db.execute(
+        "SELECT client_id, state FROM commands")})
+    assert states == {"c1": CLOSED, "c2": "sending"}  # c2's report wrote nothing: its gateway sends it again
+    messages = await relay.store.sql.read(lambda db: [decode(p) for (p,) in db.execute(
+        "SELECT payload FROM hub_outbox")])
+    assert [(o.client_id, o.state) for m in messages for o in client_outcomes(m)] == [("c1", ClientState.EXECUTED)]
