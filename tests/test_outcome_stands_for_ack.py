@@ -314,9 +314,9 @@ async def test_a_gateway_killed_inside_the_hold_gets_the_command_again_and_execu
 
     The PUBACK is waited for because the gateway sends it after the store's commit, not with it: a kill between the
     two left the command in flight in the gateway's broker session, the broker handed it to the restarted gateway
-    itself, which acknowledged it before the bridge re-sent it, and the command closed sent once (``attempts`` 1;
-    1 run in 20 with four such tests and two busy loops on two cores). That delivery is right too (the command
-    again, executed once), but not the bridge's re-send this test is about."""
+    itself, which acknowledged it before the bridge re-sent it, and the command closed sent once (``attempts`` 1:
+    10 runs in 130 with four copies of this test and two busy loops on two cores, none in 20 alone). That delivery
+    is right too (the command again, executed once), but not the bridge's re-send this test is about."""
     await hub.setup_registry({"c1": "r1", "c2": "r1"})
     local = mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge", log_types=BROKER_DEBUG_LOG)
     broker_log = local.data_dir / LOG_NAME
