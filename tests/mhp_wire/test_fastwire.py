@@ -188,6 +188,15 @@ def test_a_command_whose_own_text_holds_a_marker_is_encoded_as_a_copy() -> None:
 
 # -- the reader: a subset of decode, with the same values -----------------------------------------------------
 
+def assert_same_refusal(read: Any, payload: bytes) -> None:
+    """``read`` (a reader with the models' decoding behind it) refuses ``payload`` with ``decode``'s own error."""
+    with pytest.raises(WireError) as fast_error:
+        read(payload)
+    with pytest.raises(WireError) as model_error:
+        decode(payload)
+    assert str(fast_error.value) == str(model_error.value)
+
+
 def compact(payload: bytes) -> bytes | None:
     """``payload`` written again as orjson writes it (the only form the readers read: what bridges, gateways and
     the models send), or None when it is not JSON orjson can write; so that a strategy's ``json.dumps`` text or a
@@ -299,11 +308,7 @@ def test_an_invalid_report_is_refused_by_decode_with_its_own_error() -> None:
     for raw in hostile:
         payload = raw.replace(b"%s", at.encode())
         assert read_report(payload) is None
-        with pytest.raises(WireError) as fast_error:
-            read(payload)
-        with pytest.raises(WireError) as model_error:
-            decode(payload)
-        assert str(fast_error.value) == str(model_error.value)
+        assert_same_refusal(read, payload)
 
 
 def test_an_integer_beyond_64_bits_in_a_detail_is_left_to_decode() -> None:
@@ -464,11 +469,7 @@ def test_a_plain_outcomes_message_is_read_by_hand_and_the_rest_by_the_models() -
     late = json.dumps({"v": 1, "msg_id": "x" * 300, "sent_at": "2026-01-01T00:00:00Z", "type": "outcomes",
                        "request_id": "q", "reports": [{"client_id": "c1", "state": "executed"}]}).encode()
     assert read_outcomes(late) is None  # "outcomes" past the first 256 bytes: not looked for further
-    with pytest.raises(WireError) as fast_error:
-        hub(late)
-    with pytest.raises(WireError) as model_error:
-        decode(late)
-    assert str(fast_error.value) == str(model_error.value)
+    assert_same_refusal(hub, late)
 
 
 def test_a_repeated_key_is_left_to_decode() -> None:
@@ -487,11 +488,7 @@ def test_a_repeated_key_is_left_to_decode() -> None:
     for text in reports:
         payload = text.replace("DEEP", deep).encode()
         assert read_report(payload) is None, text[:120]
-        with pytest.raises(WireError) as fast_error:
-            read(payload)
-        with pytest.raises(WireError) as model_error:
-            decode(payload)
-        assert str(fast_error.value) == str(model_error.value)
+        assert_same_refusal(read, payload)
     hub = reader(decode, read_outcomes)
     repeated_trace = _outcomes(GOOD, '{"client_id":"c2","state":"executed","trace":{"a":null,"a":1}}')
     assert read_outcomes(repeated_trace) is None
@@ -500,11 +497,7 @@ def test_a_repeated_key_is_left_to_decode() -> None:
     assert not isinstance(kept.reports[1], OutcomeReport)  # the entry the hub refuses alone, as decode leaves it
     hidden = _outcomes('{"client_id":"c1","state":"executed","detail":{"a":DEEP,"a":1}}'.replace("DEEP", deep))
     assert read_outcomes(hidden) is None
-    with pytest.raises(WireError) as fast_error:
-        hub(hidden)
-    with pytest.raises(WireError) as model_error:
-        decode(hidden)
-    assert str(fast_error.value) == str(model_error.value)
+    assert_same_refusal(hub, hidden)
 
 
 # -- message ids ----------------------------------------------------------------------------------------------
