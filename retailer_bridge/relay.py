@@ -520,13 +520,13 @@ class BridgeRelay:
         status = self.customer_list.status(client_id, at)
         if status.standing == "customer":
             return None
-        when = datetime.fromtimestamp(at, UTC).isoformat()
+        when = _instant(at)
         if status.standing == "moved" and status.since is not None:
             return (f"{client_id} is not a customer of retailer {self.retailer_id} at {when}: it moved to another "
-                    f"supplier at {datetime.fromtimestamp(status.since, UTC).isoformat()}")
+                    f"supplier at {_instant(status.since)}")
         if status.standing == "not_yet" and status.until is not None:
             return (f"{client_id} is not a customer of retailer {self.retailer_id} at {when}: its supply here "
-                    f"starts at {datetime.fromtimestamp(status.until, UTC).isoformat()}")
+                    f"starts at {_instant(status.until)}")
         return f"{client_id} is not a customer of retailer {self.retailer_id}"
 
     async def load_customers(self) -> None:
@@ -1166,6 +1166,15 @@ class _ToHub:
         if sent:
             self.order.sent([str(p.key) for p, _ in sent])
             await self.store.mark_outbox_sent([(str(p.key), at) for p, at in sent])
+
+
+def _instant(at: float) -> str:
+    """An instant (epoch seconds) for a refusal's text: ISO 8601 in UTC, or the number where ``datetime`` cannot hold
+    it (a start the models accept, ``9999-12-31T23:59:59.99999Z``, is 253402300800.0 as a float: year 10000)."""
+    try:
+        return datetime.fromtimestamp(at, UTC).isoformat()
+    except (OverflowError, ValueError, OSError):
+        return f"{at} (seconds since the epoch)"
 
 
 def _delivered(cmd: dict[str, Any]) -> Report:

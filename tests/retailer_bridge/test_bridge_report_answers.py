@@ -127,17 +127,21 @@ async def test_a_report_whose_judgement_fails_fails_alone(
         relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
     """The turn's reports are judged in one call; one whose judgement raises fails alone, as it did when each
     report was judged by its own closures (review of the ninth round: the whole batch's transaction was rolled back,
-    gw-1's good outcome with it, and the failing report, re-sent by its gateway, did the same to every later
-    batch). Here the failure is real: c2 moved supplier, and its command's start is the last instant Python's
-    datetime holds, rounded up by the float (``9999-12-31T23:59:59.99999Z``, which the models accept), so the
-    refusal's text cannot be written."""
+    gw-1's good outcome with it, and the failing report, re-sent by its gateway, did the same to every later batch).
+    The failure is injected into the customer check of c2 alone (the real one this review found, a start at the end
+    of ``datetime``'s range, is refused properly now: the next test)."""
     relay, local, _ = relay_and_broker
     now = time.time()
-    end_of_datetime = 253402300800.0  # datetime(9999, 12, 31, 23, 59, 59, 999990, UTC).timestamp(): an edge, not a date
     await relay.store.accept_request([NewCommand("q", "c1", "gw-1", "cmd-q-c1", b"command", now, now + 600),
-                                      NewCommand("q", "c2", "gw-2", "cmd-q-c2", b"command", now, now + 600,
-                                                 not_before=end_of_datetime)], [])
-    relay.customer_list.announced["c2"] = Announced(1, ((now - 7200, now - 3600),))
+                                      NewCommand("q", "c2", "gw-2", "cmd-q-c2", b"command", now, now + 600)], [])
+    checked = relay.not_customer
+
+    def failing_for_c2(client_id: str, at: float) -> str | None:
+        if client_id == "c2":
+            raise RuntimeError("the customer list cannot answer for c2")
+        return checked(client_id, at)
+
+    relay.not_customer = failing_for_c2  # type: ignore[method-assign]
     good = Outcome(request_id="q", client_id="c1", state=ClientState.EXECUTED)
     failing = Outcome(request_id="q", client_id="c2", state=ClientState.EXECUTED)
     turn = [(topics.up("gateways", "gw-2"), encode(failing), False),
@@ -152,3 +156,26 @@ async def test_a_report_whose_judgement_fails_fails_alone(
     messages = await relay.store.sql.read(lambda db: [decode(p) for (p,) in db.execute(
         "SELECT payload FROM hub_outbox")])
     assert [(o.client_id, o.state) for m in messages for o in client_outcomes(m)] == [("c1", ClientState.EXECUTED)]
+
+
+async def test_a_former_customer_at_the_end_of_datetimes_range_is_refused_with_a_reason(
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
+    """A command starting at ``9999-12-31T23:59:59.99999Z`` (the models accept it; as a float it is year 10000) for
+    a client that moved supplier: the refusal names the instant in seconds instead of failing to write it, and the
+    gateway gets it (before, the report went unanswered and its gateway sent it again and again)."""
+    relay, local, _ = relay_and_broker
+    now = time.time()
+    end_of_datetime = 253402300800.0  # datetime(9999, 12, 31, 23, 59, 59, 999990, UTC).timestamp(): an edge, not a date
+    await relay.store.accept_request([NewCommand("q", "c2", "gw-2", "cmd-q-c2", b"command", now, now + 600,
+                                                 not_before=end_of_datetime)], [])
+    moved_at = now - 3600
+    relay.customer_list.announced["c2"] = Announced(1, ((now - 7200, moved_at),))
+    moved = Outcome(request_id="q", client_id="c2", state=ClientState.EXECUTED)
+    with gateway_parties(local, "gw-2") as (gw2,):
+        await relay.on_local_batch([(topics.up("gateways", "gw-2"), encode(moved), False)])
+        refusal = (await answers_by_ref(gw2, 1))[moved.msg_id]
+    assert refusal == ErrorReply(
+        msg_id=refusal.msg_id, sent_at=refusal.sent_at, ref_msg_id=moved.msg_id, code="forbidden",
+        message=f"c2 is not a customer of retailer r1 at {end_of_datetime} (seconds since the epoch): it moved to "
+                f"another supplier at {datetime.fromtimestamp(moved_at, UTC).isoformat()}")
+    assert relay.rejected["gateway_not_customer"] == 1
