@@ -856,7 +856,10 @@ class BridgeRelay:
                 else:
                     await self._outcome_not_taken(gid, msg, result)
             except Exception:  # one report's failure is that report's: the others are answered
-                log.exception("a gateway's message failed")
+                # Not acknowledged: its gateway sends it again. Counted, since one that fails every time loops there.
+                self.rejected["gateway_report_failed"] += 1
+                log.exception("gateway %s's outcome for request %s (client %s) failed", gid, outside(msg.request_id),
+                              outside(msg.client_id))
         if wake:
             self._wake_hub.set()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+import pytest
+
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, ErrorReply, Message, Outcome, decode, encode
 from retailer_bridge.customers import Announced
@@ -124,7 +126,7 @@ async def test_a_read_marker_counts_the_reports_read_before_it_in_its_turn(
 
 
 async def test_a_report_whose_judgement_fails_fails_alone(
-        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]], caplog: pytest.LogCaptureFixture) -> None:
     """The turn's reports are judged in one call; one whose judgement raises fails alone, as it did when each
     report was judged by its own closures (review of the ninth round: the whole batch's transaction was rolled back,
     gw-1's good outcome with it, and the failing report, re-sent by its gateway, did the same to every later batch).
@@ -156,6 +158,9 @@ async def test_a_report_whose_judgement_fails_fails_alone(
     messages = await relay.store.sql.read(lambda db: [decode(p) for (p,) in db.execute(
         "SELECT payload FROM hub_outbox")])
     assert [(o.client_id, o.state) for m in messages for o in client_outcomes(m)] == [("c1", ClientState.EXECUTED)]
+    # Not acknowledged (its gateway sends it again), but counted and logged with its gateway and request.
+    assert dict(relay.rejected) == {"gateway_report_failed": 1}
+    assert any("gateway gw-2's outcome for request q (client c2) failed" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_former_customer_at_the_end_of_datetimes_range_is_refused_with_a_reason(
