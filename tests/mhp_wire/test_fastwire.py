@@ -188,6 +188,11 @@ def test_a_command_whose_own_text_holds_a_marker_is_encoded_as_a_copy() -> None:
 
 # -- the reader: a subset of decode, with the same values -----------------------------------------------------
 
+SENT_AT = "2026-01-01T00:00:00Z"
+"""A ``sent_at`` the readers and the models read for its form only (neither compares it with now): it cannot
+expire, whatever the day the suite runs."""
+
+
 def assert_same_refusal(read: Any, payload: bytes) -> None:
     """``read`` (a reader with the models' decoding behind it) refuses ``payload`` with ``decode``'s own error."""
     with pytest.raises(WireError) as fast_error:
@@ -293,7 +298,7 @@ def test_arbitrary_bytes_are_left_to_decode(payload: bytes) -> None:
 
 
 def test_an_invalid_report_is_refused_by_decode_with_its_own_error() -> None:
-    at = "2026-01-01T00:00:00Z"
+    at = SENT_AT
     hostile = [
         b'{"v":1,"msg_id":"m","sent_at":"%s","type":"outcome","request_id":"q","client_id":"c1","state":"bogus"}',
         b'{"v":1,"msg_id":"m","sent_at":"%s","type":"outcome","request_id":"q","client_id":"c 1","state":"executed"}',
@@ -314,7 +319,7 @@ def test_an_invalid_report_is_refused_by_decode_with_its_own_error() -> None:
 def test_an_integer_beyond_64_bits_in_a_detail_is_left_to_decode() -> None:
     """orjson reads ``18446744073709551617`` as the float 1.8446744073709552e19; the models keep the exact int.
     Before the ninth round the reader took that float for a plain number and handed the bridge another value."""
-    at = "2026-01-01T00:00:00Z"
+    at = SENT_AT
     for number in (b"18446744073709551617", b"-9223372036854775809", b"1e19"):
         payload = (b'{"v":1,"msg_id":"m","sent_at":"%s","type":"outcome","request_id":"q","client_id":"c1",'
                    b'"state":"executed","detail":{"n":[%s]}}') % (at.encode(), number)
@@ -396,7 +401,7 @@ def test_arbitrary_outcomes_fields_are_read_as_decode_reads_them_or_left_to_it(v
 @given(st.lists(ENTRIES, min_size=1, max_size=4))
 def test_arbitrary_entries_of_a_valid_envelope_are_read_as_decode_reads_them_or_left_to_it(
         entries: list[Any]) -> None:
-    payload = json.dumps({"v": 1, "msg_id": "m", "sent_at": "2026-01-01T00:00:00Z", "type": "outcomes",
+    payload = json.dumps({"v": 1, "msg_id": "m", "sent_at": SENT_AT, "type": "outcomes",
                           "request_id": "q", "reports": entries}).encode()
     assert outcomes_disagreement(payload) is None
 
@@ -404,7 +409,7 @@ def test_arbitrary_entries_of_a_valid_envelope_are_read_as_decode_reads_them_or_
 def _outcomes(*entries: str, head: str = "") -> bytes:
     """An ``outcomes`` message with these JSON entries (a fixed ``sent_at``: only its form is read, never compared
     with now)."""
-    return ('{"v":1,"msg_id":"m","sent_at":"2026-01-01T00:00:00Z","type":"outcomes","request_id":"q",'
+    return ('{"v":1,"msg_id":"m","sent_at":"' + SENT_AT + '","type":"outcomes","request_id":"q",'
             + head + '"reports":[' + ",".join(entries) + "]}").encode()
 
 
@@ -431,7 +436,7 @@ def test_what_the_reader_leaves_to_decode_is_handled_by_decode_alone() -> None:
         _outcomes(*[GOOD] * (OUTCOMES_MAX + 1)),                                   # too many
         _outcomes(GOOD, head='"request_id":"%s",' % ("x" * 65)),                  # too long (a duplicate key)
         _outcomes(GOOD, head='"partition":{"index":0,"of":1},'),
-        _outcomes(GOOD).replace(b"2026-01-01T00:00:00Z", b"2026-01-01T00:00:00+00:60"),
+        _outcomes(GOOD).replace(SENT_AT.encode(), b"2026-01-01T00:00:00+00:60"),
         _outcomes(GOOD).replace(b'"v":1', b'"v":true'),
         _outcomes(GOOD, '{"client_id":"c2","state":"executed","detail":{"x":"%s"}}' % ("y" * MAX_PAYLOAD_BYTES)),
     ]
@@ -466,7 +471,7 @@ def test_a_plain_outcomes_message_is_read_by_hand_and_the_rest_by_the_models() -
     one = encode(Outcome(request_id="q", client_id="c1", state=ClientState.EXECUTED))
     assert read_outcomes(one) is None and isinstance(hub(one), Outcome)  # a single outcome: the models'
     assert read_outcomes(ack_payload(["m1"])) is None and isinstance(hub(ack_payload(["m1"])), Ack)
-    late = json.dumps({"v": 1, "msg_id": "x" * 300, "sent_at": "2026-01-01T00:00:00Z", "type": "outcomes",
+    late = json.dumps({"v": 1, "msg_id": "x" * 300, "sent_at": SENT_AT, "type": "outcomes",
                        "request_id": "q", "reports": [{"client_id": "c1", "state": "executed"}]}).encode()
     assert read_outcomes(late) is None  # "outcomes" past the first 256 bytes: not looked for further
     assert_same_refusal(hub, late)
@@ -477,7 +482,7 @@ def test_a_repeated_key_is_left_to_decode() -> None:
     is refused) and their parser refuses nesting past its limit even under a key repeated later. Before the ninth
     round's review both readers took such messages, which ``decode`` refuses (the entry alone, or the message)."""
     deep = "[" * 300 + "]" * 300
-    head = '{"v":1,"msg_id":"m","sent_at":"2026-01-01T00:00:00Z",'  # a time only read for its form: never expires
+    head = '{"v":1,"msg_id":"m","sent_at":"' + SENT_AT + '",'
     reports = [
         head + '"type":"outcome","request_id":"q","client_id":"c1","state":"executed","trace":{"a":null,"a":1}}',
         head + '"type":"outcome","request_id":"q","client_id":"c1","state":"executed","detail":{"a":DEEP,"a":1}}',
