@@ -125,6 +125,8 @@ class GroupCommit(Generic[T, R]):
     def _batch_len(self) -> int:
         """How many queued entries the next batch takes: as many as fit ``max_batch`` (items, or their weight), at
         least one."""
+        if self.weight is None and not self._many:
+            return self.max_batch  # each entry is one item: no walk over the queue
         total = 0
         for n, (item, _) in enumerate(self._queue):
             total += self._weight(item)
