@@ -773,7 +773,7 @@ class BridgeRelay:
                 if sent_at >= self.local_up_since:
                     self.gateway_rtt.sample(now - sent_at)
         closed = iter(applied.closed)
-        return [next(closed) if len(i) == 3 else None for i in items]  # type: ignore[misc]  # (state, revision)
+        return [next(closed) if len(i) == 3 else None for i in items]
 
     def _judge_outcomes(self, outcomes: list[tuple[str, Outcome | OutcomeIn, float]],
                         commands: list[Any]) -> list[Verdict]:

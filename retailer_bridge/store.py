@@ -71,34 +71,19 @@ def delivered_msg_id(command_msg_id: str) -> str:
     return f"dlv-{command_msg_id}"
 
 
-@dataclass(slots=True)
-class Closing:
-    """One gateway's outcome closing its command (:meth:`BridgeStore.apply_reports`). Not frozen: a frozen dataclass's
-    ``__init__`` sets each field through ``object.__setattr__`` (about 1 µs against 0.25), one per outcome."""
-
-    request_id: str
-    client_id: str
-    outcome_of: Callable[[dict[str, Any]], tuple[str, bytes] | Outcome | Report | None]
-    """The outcome ``(msg_id, payload)`` for the hub, or as a model or a :class:`~mhp_wire.fastwire.Report`
-    (encoded, or packed with others, by :meth:`BridgeStore.apply_reports`), from the command as stored; None
-    leaves it as it is."""
-    allowed: Callable[[dict[str, Any]], str | None] | None = None
-    """A reason refuses the report (:class:`Refused`): nothing of it is written."""
-
-
 ToHub = tuple[str, bytes] | Outcome | Report
 """An outcome for the hub: ``(msg_id, payload)``, or a model or a :class:`~mhp_wire.fastwire.Report` that the store
 encodes (or packs with others)."""
 Verdict = ToHub | Exception | None
-"""What a report does to its command (:class:`Judged`): the outcome for the hub (as :attr:`Closing.outcome_of`
-gives it), None (it leaves the command as it is), or an exception (:class:`Refused`, say): that report fails
-alone and nothing of it is written."""
+"""What a report does to its command (:class:`Judged`): the outcome for the hub, None (it leaves the command as it
+is), or an exception (:class:`Refused`, say): that report fails alone and nothing of it is written."""
 
 
 @dataclass(slots=True)
 class Judged:
     """Gateways' outcomes closing their commands (:meth:`BridgeStore.apply_reports`), judged together by one call
-    from plain data: the relay's way, instead of a :class:`Closing` with two closures made for each outcome.
+    from plain data (the relay's :meth:`~retailer_bridge.relay.BridgeRelay._judge_outcomes`): the store's one way to
+    close a command from a gateway's report, nothing made per outcome but its verdict.
 
     ``judge`` is called once per batch, on the database's thread, with each outcome's command as stored before the
     batch (a row of :data:`REPORT_COLUMNS`, read by position; None: no such command) and gives each outcome's
@@ -118,9 +103,9 @@ class Applied:
 
     delivered: int
     """Commands acknowledged by their gateway in this batch (those also closed in it included)."""
-    closed: list[dict[str, Any] | tuple[str, int] | Failed | None]
-    """Per closing, in order: the command as it was (a dict of :data:`REPORT_COLUMNS`; of a :class:`Judged` batch,
-    its ``(state, revision)``), None (no such command) or its own failure."""
+    closed: list[tuple[str, int] | Failed | None]
+    """Per outcome of the :class:`Judged` batch, in order: ``(state, revision)`` of its command as the reports before
+    it left it, None (no such command) or its own failure."""
     queued: list[tuple[str, bytes]] = field(default_factory=list, init=False)
     """The messages ``(msg_id, payload)`` this batch queued for the hub, committed with it: the relay sends them at
     once, without reading them back (:meth:`mhp_wire.outbox.Outbox.send_stored`)."""
@@ -134,8 +119,8 @@ class Applied:
 
 
 class Refused(Exception):
-    """A write refused by the caller's own check (:meth:`BridgeStore.close_command`'s ``allowed``); nothing of it
-    is stored."""
+    """A report refused by the caller's own check (a :data:`Verdict` of a :class:`Judged` batch: not our customer);
+    nothing of it is stored."""
 
 
 SQL_IN_MAX = 500
@@ -332,49 +317,32 @@ class BridgeStore:
         and move their commands among them that still wait for that acknowledgement to ``delivered``, with the
         outcome ``outcome_of(command)`` queued for the hub; one write, a few statements for the whole batch (not
         a few per message). A message counts only for the gateway it was sent to. Returns the commands moved."""
-        return (await self.apply_reports(acks, [], outcome_of)).delivered
+        return (await self.apply_reports(acks, None, outcome_of)).delivered
 
-    async def close_command(self, request_id: str, client_id: str,
-                            outcome_of: Callable[[dict[str, Any]], tuple[str, bytes] | None],
-                            allowed: Callable[[dict[str, Any]], str | None] | None = None
-                            ) -> dict[str, Any] | None:
-        """Close a command with the outcome ``outcome_of(command)`` (None: leave it as it is), in one write.
-
-        An outcome still unsent that said ``delivered`` for the same command (:func:`delivered_msg_id`) is dropped
-        from the outbox: the terminal one supersedes it, and the hub gets one message instead of two. Returns the
-        command as it was before, or None if there is no such command. ``allowed(command)`` returning a reason
-        refuses the report: :class:`Refused` with that reason is raised and nothing is written.
-        """
-        (result,) = (await self.apply_reports([], [Closing(request_id, client_id, outcome_of, allowed)],
-                                              None)).closed
-        if isinstance(result, Failed):
-            raise result.error
-        assert not isinstance(result, tuple)  # a Closing's result is its command as a dict (or None)
-        return result
-
-    async def apply_reports(self, acks: list[tuple[str, list[str]]], closings: list[Closing] | Judged,
+    async def apply_reports(self, acks: list[tuple[str, list[str]]], judged: Judged | None,
                             delivered_of: Callable[[dict[str, Any]], tuple[str, bytes] | Outcome | Report] | None,
                             pack: Callable[[list[Outcome | Report]], list[tuple[str, bytes]]] | None = None
                             ) -> Applied:
-        """Gateways' acknowledgements (as :meth:`deliver_many`) and outcomes (as :meth:`close_command`, in their
-        order: a second report of the same command sees it closed by the first) that arrived together, applied in
-        one write with a few statements for the whole batch: one ``SELECT`` per 500 commands, one ``executemany``
-        each for the state changes, the withdrawn ``delivered`` outcomes and the outcomes queued for the hub.
+        """Gateways' acknowledgements (as :meth:`deliver_many`) and outcomes (``judged``, None: none) that arrived
+        together, applied in one write with a few statements for the whole batch: one ``SELECT`` per 500 commands,
+        one ``executemany`` each for the state changes, the withdrawn ``delivered`` outcomes and the outcomes
+        queued for the hub.
 
-        Acknowledgements apply first. A command acknowledged and closed in the same batch gets no ``delivered``
-        outcome at all (``delivered_of`` is not even called for it): its terminal outcome says more. Each
-        closing's result is the command as the reports before it in the batch left it (``delivered`` after this
-        batch's acknowledgement, ``closed`` after an earlier outcome), None (no such command) or :class:`Failed`
-        (refused, or its ``outcome_of`` raised: nothing of that report is written); ``closings`` may also come as one
-        :class:`Judged` batch, whose results say the same in ``(state, revision)``. ``delivered_of`` is required
-        when there are acknowledgements. ``pack``: the batch's outcomes given as models or
-        :class:`~mhp_wire.fastwire.Report` objects become these outbox messages (the relay's ``outcomes`` per request);
-        without it each is encoded as one ``outcome``."""
+        Acknowledgements apply first, then the outcomes' verdicts in their order: a terminal outcome closes its
+        command, and an unsent ``delivered`` outcome of the same command (:func:`delivered_msg_id`) is taken back
+        out of the outbox (the terminal one says more: the hub gets one message instead of two); a second report
+        of the same command finds it closed by the first, and its verdict is dropped. A command acknowledged and
+        closed in the same batch gets no ``delivered`` outcome at all (``delivered_of`` is not even called for
+        it). Each outcome's result is ``(state, revision)`` of its command as the reports before it in the batch
+        left it (``delivered`` after this batch's acknowledgement, ``closed`` after an earlier outcome), None (no
+        such command) or :class:`Failed` (its verdict an exception, :class:`Refused` say: nothing of that report is
+        written). ``delivered_of`` is required when there are acknowledgements. ``pack``: the batch's outcomes
+        given as models or :class:`~mhp_wire.fastwire.Report` objects become these outbox messages (the relay's
+        ``outcomes`` per request); without it each is encoded as one ``outcome``."""
         if acks and delivered_of is None:
             raise ValueError("acknowledgements need delivered_of")
         pairs = list(dict.fromkeys((m, gid) for gid, ids in acks for m in ids))
-        in_order = closings.keys if isinstance(closings, Judged) else [(c.request_id, c.client_id) for c in closings]
-        keys = list(dict.fromkeys(in_order))
+        keys = list(dict.fromkeys(judged.keys)) if judged is not None else []
 
         def op(db: sqlite3.Connection) -> Applied:
             _drop_acked_notices(db, pairs)
@@ -386,7 +354,7 @@ class BridgeStore:
                 key = (r[COL_REQUEST], r[COL_CLIENT])
                 if key in state:
                     state[key] = DELIVERED  # as this batch's outcome of the same command will see it
-            plan = _close_in_order(closings, in_order, rows, state, was)
+            plan = _close_in_order(judged, rows, state, was) if judged is not None else _Closings()
             closed_keys = plan.closed_keys
             moved = [r for r in acked if (r[COL_REQUEST], r[COL_CLIENT]) not in closed_keys]
             # Set-based: one statement per 500 commands (per request for the closed ones), not one per command.
@@ -644,7 +612,7 @@ class BridgeStore:
 class _Closings:
     """What a batch's outcomes write (:func:`_close_in_order`)."""
 
-    results: list[dict[str, Any] | tuple[str, int] | Failed | None] = field(default_factory=list)
+    results: list[tuple[str, int] | Failed | None] = field(default_factory=list)
     closed: dict[str, list[str]] = field(default_factory=dict)
     """``request_id -> client_ids`` closed by this batch."""
     closed_keys: set[tuple[str, str]] = field(default_factory=set)
@@ -677,54 +645,32 @@ def _packed(outcomes: list[tuple[str, bytes] | Outcome | Report],
     return ready + [(o.msg_id, encode(o)) if isinstance(o, Outcome) else outcome_payload(o) for o in models]
 
 
-def _close_in_order(closings: list[Closing] | Judged, keys: list[tuple[str, str]], rows: dict[tuple[str, str], Any],
-                    state: dict[tuple[str, str], str], was: dict[tuple[str, str], str]) -> _Closings:
-    """Each outcome (of ``keys``, in order) against its command (``rows``) as the reports before it left it
-    (``state``, updated here); ``was``: each command's state before the batch (a ``delivered`` outcome can wait in
-    the outbox only if it was delivered). A :class:`Judged` batch is judged in one call first; a :class:`Closing`'s
-    closures are called in turn, its ``outcome_of`` only for a command still open."""
+def _close_in_order(judged: Judged, rows: dict[tuple[str, str], Any], state: dict[tuple[str, str], str],
+                    was: dict[tuple[str, str], str]) -> _Closings:
+    """The batch's outcomes judged in one call, then each verdict (in order) applied to its command (``rows``) as
+    the reports before it left it (``state``, updated here): a verdict for a command closed already is dropped;
+    ``was``: each command's state before the batch (a ``delivered`` outcome can wait in the outbox only if it was
+    delivered)."""
     plan = _Closings()
-    verdicts = closings.judge([rows.get(k) for k in keys]) if isinstance(closings, Judged) else None
-    for i, key in enumerate(keys):
+    verdicts = judged.judge([rows.get(k) for k in judged.keys])
+    for key, verdict in zip(judged.keys, verdicts, strict=True):
         row = rows.get(key)
         if row is None:
             plan.results.append(None)
             continue
+        if isinstance(verdict, Exception):
+            plan.results.append(Failed(verdict))
+            continue
         before = state[key]
-        result: dict[str, Any] | tuple[str, int]
-        if verdicts is None:
-            try:
-                outcome, result = _by_closures(closings[i], row, before)  # type: ignore[index]  # a list
-            except Exception as exc:
-                plan.results.append(Failed(exc))
-                continue
-        else:
-            verdict = verdicts[i]
-            if isinstance(verdict, Exception):
-                plan.results.append(Failed(verdict))
-                continue
-            outcome, result = None if before == CLOSED else verdict, (before, row[COL_REVISION])
-        if outcome is not None:
+        if verdict is not None and before != CLOSED:
             state[key] = CLOSED  # as the next report of the same command in this batch will see it
             plan.closed_keys.add(key)
             plan.closed.setdefault(key[0], []).append(key[1])
             if was[key] == DELIVERED:
                 plan.superseded.append(delivered_msg_id(row[COL_MSG]))
-            plan.outcomes.append(outcome)
-        plan.results.append(result)
+            plan.outcomes.append(verdict)
+        plan.results.append((before, row[COL_REVISION]))
     return plan
-
-
-def _by_closures(item: Closing, row: Any, state: str) -> tuple[ToHub | None, dict[str, Any]]:
-    """A :class:`Closing`'s outcome (None: none) and its command as a dict (with the ``state`` the batch left it
-    in), from its closures: ``allowed`` first (a reason raises :class:`Refused`), ``outcome_of`` only for a command
-    still open."""
-    cmd = dict(zip(_REPORT_NAMES, row, strict=True))
-    cmd["state"] = state
-    reason = None if item.allowed is None else item.allowed(cmd)
-    if reason is not None:
-        raise Refused(reason)
-    return (None if state == CLOSED else item.outcome_of(cmd)), cmd
 
 
 REPORT_COLUMNS = ("request_id, client_id, gateway_id, msg_id, state, first_sent_at, attempts, handling_ms, not_before, "
@@ -736,8 +682,7 @@ _REPORT_NAMES = tuple(c.strip() for c in REPORT_COLUMNS.split(","))
 (COL_REQUEST, COL_CLIENT, COL_GATEWAY, COL_MSG, COL_STATE, COL_FIRST_SENT, COL_ATTEMPTS, COL_HANDLING_MS,
  COL_NOT_BEFORE, COL_REVISION) = range(len(_REPORT_NAMES))
 """Positions in a row of :data:`REPORT_COLUMNS`: the rows are read by position, and a dict is made only of those
-that get a ``delivered`` outcome or meet a :class:`Closing`'s closures (a dict per row was a visible part of the
-bridge's CPU per client)."""
+that get a ``delivered`` outcome (a dict per row was a visible part of the bridge's CPU per client)."""
 
 
 

@@ -9,11 +9,13 @@ callback fires once per statement run, each row of an ``executemany`` included):
 - ``accept``: a request's N commands stored (``accept_request``);
 - ``send``: the sending round's read of what is due and its record of the attempts (``due_commands``,
   ``mark_sent``);
-- ``reports``: every gateway's acknowledgement and outcome in batches of 500 gateways (``apply_reports``, with the
-  relay's ``delivered`` outcome and its packing per request); in every other batch the acknowledgements came one
-  batch before their outcomes (the outcome then withdraws the unsent ``delivered``), in the others together.
+- ``reports``: every gateway's acknowledgement and outcome in batches of 500 gateways, as the relay hands a batch
+  of reports to its store (``BridgeRelay._reports_batch``: its judgement of the outcomes, ``store.Judged``, into
+  ``apply_reports``, with its ``delivered`` outcome and its packing per request); in every other batch the
+  acknowledgements came one batch before their outcomes (the outcome then withdraws the unsent ``delivered``), in
+  the others together.
 
-Only entry points that the bridges of earlier rounds have too, so it also runs against another checkout
+Only entry points that the bridges since issue 14's ninth round have too, so it also runs against another checkout
 (``PYTHONPATH=<checkout>``) for a before/after on the same machine.
 """
 
@@ -29,10 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mhp_wire.fastwire import Report
+from mhp_wire.fastwire import OutcomeIn
 from mhp_wire.messages import ClientState
-from retailer_bridge.relay import pack_outcomes
-from retailer_bridge.store import BridgeStore, Closing, NewCommand, delivered_msg_id
+from retailer_bridge.relay import BridgeRelay, GatewayReport
+from retailer_bridge.store import BridgeStore, NewCommand
 
 WAVE = 500
 
@@ -51,15 +53,28 @@ class Runs:
         return sum(n for k, n in self.runs.items() if k in ("SELECT", "INSERT", "UPDATE", "DELETE"))
 
 
-def _delivered(cmd: dict[str, Any]) -> Report:
-    """A ``delivered`` outcome as the relay makes it (``retailer_bridge.relay._delivered``)."""
-    return Report(cmd["request_id"], cmd["client_id"], ClientState.DELIVERED, {},
-                  {"retailer_ms": round(cmd["handling_ms"], 3)}, cmd["revision"], delivered_msg_id(cmd["msg_id"]))
+def _reports(commands: list[NewCommand]) -> list[list[GatewayReport]]:
+    """The batches of reports, as the relay queues them: per wave of :data:`WAVE` gateways their acknowledgements,
+    and in every other wave the outcomes of that wave and the one before."""
+    def outcomes(cs: list[NewCommand]) -> list[GatewayReport]:
+        t0 = time.time()
+        return [(c.gateway_id, OutcomeIn(f"o-{c.msg_id}", c.request_id, c.client_id, ClientState.EXECUTED, {},
+                                         {"gateway_ms": 1.0}, c.revision), t0) for c in cs]
 
-
-def executed(cmd: dict[str, Any]) -> Report:
-    return Report(cmd["request_id"], cmd["client_id"], ClientState.EXECUTED, {},
-                  {"gateway_ms": 1.0, "retailer_ms": round(cmd["handling_ms"], 3)}, cmd["revision"])
+    batches: list[list[GatewayReport]] = []
+    pending: list[NewCommand] = []  # acknowledged in one batch, their outcomes in the next
+    for k, w in enumerate(range(0, len(commands), WAVE)):
+        wave = commands[w:w + WAVE]
+        acks: list[GatewayReport] = [(c.gateway_id, [c.msg_id]) for c in wave]
+        if k % 2 == 0:
+            batches.append(acks)
+            pending = wave
+        else:
+            batches.append(acks + outcomes(pending + wave))
+            pending = []
+    if pending:
+        batches.append(outcomes(pending))
+    return batches
 
 
 async def _phase(store: BridgeStore, runs: Runs, step: Callable[[], Any]) -> tuple[float, int]:
@@ -89,22 +104,12 @@ async def bench(n: int) -> dict[str, tuple[float, int]]:
 
             out["send"] = await _phase(store, runs, send)
 
-            def closings(cs: list[NewCommand]) -> list[Closing]:
-                return [Closing(c.request_id, c.client_id, executed) for c in cs]
+            relay = BridgeRelay("r1", {c.client_id: c.gateway_id for c in commands}, store)
+            batches = _reports(commands)
 
             async def reports() -> None:
-                pending: list[NewCommand] = []  # acknowledged in one batch, their outcomes in the next
-                for k, w in enumerate(range(0, n, WAVE)):
-                    wave = commands[w:w + WAVE]
-                    acks = [(c.gateway_id, [c.msg_id]) for c in wave]
-                    if k % 2 == 0:
-                        await store.apply_reports(acks, [], _delivered, pack_outcomes)
-                        pending = wave
-                    else:
-                        await store.apply_reports(acks, closings(pending + wave), _delivered, pack_outcomes)
-                        pending = []
-                if pending:
-                    await store.apply_reports([], closings(pending), _delivered, pack_outcomes)
+                for batch in batches:
+                    await relay._reports_batch(batch)
 
             out["reports"] = await _phase(store, runs, reports)
             counts = await store.counts()

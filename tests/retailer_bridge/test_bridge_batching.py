@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mhp_wire import topics
+from mhp_wire.groupcommit import Failed
 from mhp_wire.messages import (
     Ack,
     ClientState,
@@ -30,7 +31,7 @@ from mhp_wire.sqlite import StorageError
 from retailer_bridge.relay import HUB_FIRST_RETRY_S
 from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
-from retailer_bridge.store import CLOSED, BridgeStore, NewCommand, delivered_msg_id
+from retailer_bridge.store import CLOSED, BridgeStore, Judged, NewCommand, delivered_msg_id
 from sim.fleet import FleetGateway
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.mqtt_party import Party, parties
@@ -200,11 +201,14 @@ async def test_a_terminal_outcome_withdraws_the_unsent_delivered_one(tmp_path: P
         assert moved == 1
         if delivered_sent:
             await store.mark_outbox_sent([(delivered_msg_id("cmd1"), 1e12)])
-        before = await store.close_command("q", "c1", lambda cmd: ("final", b"executed"))
-        assert before is not None and before["state"] == "delivered"
-        again = await store.close_command("q", "c1", lambda cmd: ("second", b"executed again"))
-        assert again is not None and again["state"] == CLOSED
-        assert await store.close_command("q", "c9", lambda cmd: ("x", b"x")) is None
+
+        async def report(client_id: str, outcome: tuple[str, bytes]) -> list[tuple[str, int] | Failed | None]:
+            """One gateway's terminal outcome in a batch of its own, judged as the relay judges a batch."""
+            return (await store.apply_reports([], Judged([("q", client_id)], lambda rows: [outcome]), None)).closed
+
+        assert await report("c1", ("final", b"executed")) == [("delivered", 1)]  # as it was: delivered, revision 1
+        assert await report("c1", ("second", b"executed again")) == [(CLOSED, 1)]  # closed by the first
+        assert await report("c9", ("x", b"x")) == [None]  # no such command
         outbox = await store.sql.read(lambda db: sorted(r[0] for r in db.execute("SELECT msg_id FROM hub_outbox")))
         # Already sent, the delivered outcome stays until the hub acknowledges it; a closed command takes no other.
         assert outbox == (sorted(["dlv-cmd1", "final"]) if delivered_sent else ["final"])

@@ -27,7 +27,17 @@ from mhp_wire.messages import (
     encode,
 )
 from retailer_bridge.relay import BridgeRelay
-from retailer_bridge.store import CLOSED, SQL_IN_MAX, BridgeStore, Closing, NewCommand, Refused, delivered_msg_id
+from retailer_bridge.store import (
+    CLOSED,
+    COL_CLIENT,
+    COL_STATE,
+    SQL_IN_MAX,
+    BridgeStore,
+    Judged,
+    NewCommand,
+    Refused,
+    delivered_msg_id,
+)
 from tests.outcome_views import client_outcomes
 
 
@@ -71,7 +81,8 @@ async def fresh_store(tmp_path: Path, n: int) -> BridgeStore:
 
 
 def final(tag: str) -> Any:
-    return lambda cmd: (f"{tag}-{cmd['client_id']}", tag.encode())
+    """A terminal outcome's verdict from its command (a row of ``store.REPORT_COLUMNS``, read by position)."""
+    return lambda cmd: (f"{tag}-{cmd[COL_CLIENT]}", tag.encode())
 
 
 def dlv(cmd: dict[str, Any]) -> tuple[str, bytes]:
@@ -91,15 +102,16 @@ async def test_acks_and_outcomes_of_one_batch_are_one_write_and_a_few_statements
 
         # Every gateway acknowledges; the first n - 100 also report their outcome in the same batch.
         acks = [(f"gw-{i}", [f"cmd{i}"]) for i in range(n)]
-        closings = [Closing("q", f"c{i}", final("executed")) for i in range(n - 100)]
+        closing = final("executed")
+        judged = Judged([("q", f"c{i}") for i in range(n - 100)], lambda rows: [closing(r) for r in rows])
         commits = store.group.commits
-        applied = await store.apply_reports(acks, closings, delivered)
+        applied = await store.apply_reports(acks, judged, delivered)
         assert store.group.commits == commits + 1 and applied.delivered == n
         # A few statements for the whole batch, whatever its size: no statement per report.
         assert data_statements(conn) <= 12, conn.calls
         # Closed in the same batch as acknowledged: no delivered outcome built, stored or sent for them.
         assert sorted(delivered_for) == sorted(f"c{i}" for i in range(n - 100, n))
-        assert all(isinstance(r, dict) and r["state"] == "delivered" for r in applied.closed)
+        assert applied.closed == [("delivered", 1)] * (n - 100)  # each as this batch's acknowledgement left it
         outbox = await store.sql.read(lambda db: sorted(r[0] for r in db.execute("SELECT msg_id FROM hub_outbox")))
         assert outbox == sorted([*(f"executed-c{i}" for i in range(n - 100)),
                                  *(delivered_msg_id(f"cmd{i}") for i in range(n - 100, n))])
@@ -115,18 +127,26 @@ async def test_each_report_of_a_batch_keeps_its_own_answer(tmp_path: Path) -> No
         await store.deliver_many([("gw-0", ["cmd0"]), ("gw-1", ["cmd1"])], dlv)  # delivered, unsent
         await store.mark_outbox_sent([(delivered_msg_id("cmd1"), 1e12)])  # c1's delivered one is on its way
 
-        def broken(cmd: dict[str, Any]) -> tuple[str, bytes]:
-            raise ValueError("cannot build this outcome")
+        seen: list[tuple[str, str] | None] = []
 
-        items = [Closing("q", "c0", final("executed")), Closing("q", "c0", final("again")),  # a re-sent report
-                 Closing("q", "c1", final("executed")),
-                 Closing("q", "c2", final("executed"), lambda cmd: "moved to another supplier"),
-                 Closing("q", "c3", broken), Closing("q", "nobody", final("executed"))]
-        applied = await store.apply_reports([("gw-2", ["cmd2"]), ("gw-1", ["cmd3"])], items, dlv)
+        def judge(rows: list[Any]) -> list[Any]:  # a store.Verdict each
+            seen.extend(None if r is None else (r[COL_CLIENT], r[COL_STATE]) for r in rows)
+            return [("executed-c0", b"executed"), ("again-c0", b"again"),  # a re-sent report
+                    ("executed-c1", b"executed"),
+                    Refused("moved to another supplier"),  # the caller's check refuses it
+                    ValueError("cannot build this outcome"),  # its judgement failed (the relay catches it per report)
+                    ("executed-nobody", b"executed")]
+
+        keys = [("q", "c0"), ("q", "c0"), ("q", "c1"), ("q", "c2"), ("q", "c3"), ("q", "nobody")]
+        applied = await store.apply_reports([("gw-2", ["cmd2"]), ("gw-1", ["cmd3"])], Judged(keys, judge), dlv)
+        # Judged in one call, each command as stored before the batch (c2 not yet acknowledged by it, the re-sent
+        # report's command still open): the store, not the judge, knows what the batch's reports before it did.
+        assert seen == [("c0", "delivered"), ("c0", "delivered"), ("c1", "delivered"), ("c2", "sending"),
+                        ("c3", "sending"), None]
         first, second, c1, refused, failed, unknown = applied.closed
-        assert isinstance(first, dict) and first["state"] == "delivered"
-        assert isinstance(second, dict) and second["state"] == CLOSED  # closed by the first: no second outcome
-        assert isinstance(c1, dict) and c1["state"] == "delivered"
+        assert first == ("delivered", 1)
+        assert second == (CLOSED, 1)  # closed by the first: its verdict is dropped, no second outcome
+        assert c1 == ("delivered", 1)
         assert isinstance(refused, Failed) and isinstance(refused.error, Refused)
         assert isinstance(failed, Failed) and isinstance(failed.error, ValueError)
         assert unknown is None
@@ -138,10 +158,8 @@ async def test_each_report_of_a_batch_keeps_its_own_answer(tmp_path: Path) -> No
         assert outbox == sorted(["executed-c0", delivered_msg_id("cmd1"), "executed-c1", delivered_msg_id("cmd2")])
         states = await store.sql.read(lambda db: dict(db.execute("SELECT client_id, state FROM commands")))
         assert states == {"c0": CLOSED, "c1": CLOSED, "c2": "delivered", "c3": "sending"}
-        with pytest.raises(Refused):  # one at a time says the same
-            await store.close_command("q", "c2", final("x"), lambda cmd: "not ours")
         with pytest.raises(ValueError, match="delivered_of"):
-            await store.apply_reports([("gw-3", ["cmd3"])], [], None)
+            await store.apply_reports([("gw-3", ["cmd3"])], None, None)
     finally:
         await store.close()
 

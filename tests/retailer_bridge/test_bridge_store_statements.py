@@ -16,10 +16,11 @@ from mhp_wire.messages import ClientState, Outcome, Outcomes, decode
 from retailer_bridge.relay import pack_outcomes
 from retailer_bridge.store import (
     CLOSED,
+    COL_CLIENT,
     DELIVERED,
     SENDING,
     BridgeStore,
-    Closing,
+    Judged,
     NewCommand,
     delivered_msg_id,
 )
@@ -47,8 +48,9 @@ async def states(store: BridgeStore) -> dict[str, str]:
     return {c["client_id"]: c["state"] for c in await store.commands_of("q")}
 
 
-def final(cmd: dict[str, Any]) -> Report:
-    return Report("q", cmd["client_id"], ClientState.EXECUTED, {}, {}, 1)
+def final(cmd: Any) -> Report:
+    """A terminal outcome's verdict from its command (a row of ``store.REPORT_COLUMNS``, read by position)."""
+    return Report("q", cmd[COL_CLIENT], ClientState.EXECUTED, {}, {}, 1)
 
 
 def dlv(cmd: dict[str, Any]) -> tuple[str, bytes]:
@@ -106,17 +108,18 @@ async def test_a_batch_of_reports_is_a_few_statements_with_the_same_outcome(tmp_
     store = await store_with_commands(tmp_path)
     try:
         # Batch 1: the first half acknowledged (their ``delivered`` outcomes queued for the hub).
-        await store.apply_reports([(f"gw-{i}", [f"cmd{i}"]) for i in range(N // 2)], [], dlv)
+        await store.apply_reports([(f"gw-{i}", [f"cmd{i}"]) for i in range(N // 2)], None, dlv)
         runs = await traced(store)
         # Batch 2: every gateway's acknowledgement (the first half's again: a redelivery), and outcomes of the first
         # 750: the first half's withdraw their unsent ``delivered``; 500-749 are acknowledged and closed together.
         applied = await store.apply_reports(
             [(f"gw-{i}", [f"cmd{i}"]) for i in range(N)],
-            [Closing("q", f"c{i}", final) for i in range(750)], dlv_report, pack_outcomes)
+            Judged([("q", f"c{i}") for i in range(750)], lambda rows: [final(r) for r in rows]), dlv_report,
+            pack_outcomes)
         # main: 2,505 (a DELETE per acknowledgement and per withdrawn outcome, an UPDATE per command)
         assert runs.data() <= 16, runs.runs
         assert applied.delivered == N // 2  # the first half waited for no acknowledgement any more
-        assert all(isinstance(r, dict) for r in applied.closed)
+        assert applied.closed == [(DELIVERED, 1)] * 750  # each as this batch's acknowledgements left it
         got = await states(store)
         assert Counter(got.values()) == {CLOSED: 750, DELIVERED: 250}
         assert {got[f"c{i}"] for i in range(750, N)} == {DELIVERED}
@@ -136,7 +139,7 @@ async def test_a_notice_counts_only_for_its_own_gateway_among_many_acknowledgeme
             await store.queue_for_gateway(n, f"gw-{n}", b"notice", 1e12)
         runs = await traced(store)
         await store.apply_reports([(f"gw-{i}", [f"cmd{i}"]) for i in range(600)]
-                                  + [("gw-n1", ["n1"]), ("gw-intruder", ["n2"]), ("gw-n3", ["n3", "n3"])], [], dlv)
+                                  + [("gw-n1", ["n1"]), ("gw-intruder", ["n2"]), ("gw-n3", ["n3", "n3"])], None, dlv)
         assert runs.runs["DELETE"] == 2, runs.runs  # one for each of the two notices found; main: one per pair, 603
         left = await store.sql.read(lambda db: {r[0] for r in db.execute("SELECT msg_id FROM gateway_outbox")})
         assert left == {"n2"}  # acknowledged by another gateway: still waiting for its own

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from retailer_bridge.store import BridgeStore, Closing, NewCommand, delivered_msg_id
+from retailer_bridge.store import BridgeStore, Judged, NewCommand, delivered_msg_id
 
 
 def _delivered(cmd: dict[str, object]) -> tuple[str, bytes]:
     return delivered_msg_id(str(cmd["msg_id"])), b"delivered"
 
 
-def _closing() -> Closing:
-    return Closing("q", "c1", lambda cmd: ("final", b"executed"))
+def _outcome() -> Judged:
+    """c1's terminal outcome, judged as the relay judges a batch (one call, a verdict per outcome)."""
+    return Judged([("q", "c1")], lambda rows: [("final", b"executed")])
 
 
 @pytest.mark.parametrize(("sends", "ack", "outcome", "samples"), [
@@ -36,7 +37,7 @@ async def test_a_report_gives_a_sample_only_for_a_command_sent_once(
         await store.accept_request([NewCommand("q", "c1", "gw-1", "cmd1", b"command", 0.0, 1e12)], [])
         for n in range(sends):
             await store.mark_sent([("cmd1", 200.0 + n)], now=100.0 + n)
-        applied = await store.apply_reports([("gw-1", ["cmd1"])] if ack else [], [_closing()] if outcome else [],
+        applied = await store.apply_reports([("gw-1", ["cmd1"])] if ack else [], _outcome() if outcome else None,
                                             _delivered)
         assert applied.first_sent_at == samples
         cmd = (await store.commands_of("q"))[0]
