@@ -26,6 +26,7 @@ from mhp_wire import topics
 from mhp_wire.backoff import delay_s
 from mhp_wire.logsafe import outside
 from mhp_wire.messages import (
+    GATEWAY_OUTCOME_BYTES,
     Ack,
     ErrorReply,
     Outcome,
@@ -34,6 +35,7 @@ from mhp_wire.messages import (
     WireError,
     decode,
     encode,
+    oversize_detail,
     publish_qos,
 )
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
@@ -65,6 +67,8 @@ class Uplink:
         self.link: MqttLink | None = None
         self.rejected = 0
         """Messages refused: undecodable, of a type a gateway does not handle, for another client, stale."""
+        self.oversize = 0
+        """Outcomes whose detail was cut to fit :data:`~mhp_wire.messages.GATEWAY_OUTCOME_BYTES` (:meth:`fitted`)."""
         self.from_bridge = TypeTable({**handlers, Ack: self._on_ack, ErrorReply: self._on_error})
         """The bridge's messages on our ``down`` topic, by type."""
         self._wake = asyncio.Event()
@@ -179,9 +183,24 @@ class Uplink:
         self.rejected += 1
         await self.send(ErrorReply(ref_msg_id=ref_msg_id, code=code, message=message))
 
+    def fitted(self, out: Outcome) -> Outcome:
+        """``out``, or, when it is over :data:`~mhp_wire.messages.GATEWAY_OUTCOME_BYTES`, ``out`` with its detail cut
+        to a marker (:func:`~mhp_wire.messages.oversize_detail`), counted and logged: sent whole it would not fit the
+        retailer broker's packet once its bridge adds its trace (or at all), and the broker would cut this link at
+        each reconnection, for good; cut, its state still reaches the hub."""
+        size = len(encode(out))
+        if size <= GATEWAY_OUTCOME_BYTES:
+            return out
+        self.oversize += 1
+        log.warning("gateway %s: the outcome of request %s (%s) is %d bytes, over the %d an outcome may take: sent "
+                    "with its detail cut to its small fields and an 'oversize' marker", self.id,
+                    outside(out.request_id), out.state.value, size, GATEWAY_OUTCOME_BYTES)
+        return out.model_copy(update={"detail": oversize_detail(out.detail, size, GATEWAY_OUTCOME_BYTES, "gateway")})
+
     async def report(self, out: Outcome) -> bool:
         """Store a stored command's outcome in the outbox (once per revision, see
-        :meth:`GatewayStore.report`); returns whether it was stored."""
+        :meth:`GatewayStore.report`), :meth:`fitted`; returns whether it was stored."""
+        out = self.fitted(out)
         stored = await self.store.report(out)
         if stored:
             self._answered(out)
@@ -189,7 +208,8 @@ class Uplink:
         return stored
 
     async def put_outcome(self, out: Outcome) -> None:
-        """Store an outcome that answers no stored command (one refused on arrival) in the outbox."""
+        """Store an outcome that answers no stored command (one refused on arrival) in the outbox, :meth:`fitted`."""
+        out = self.fitted(out)
         await self.store.put_outcome(out)
         self._answered(out)
         self._wake.set()

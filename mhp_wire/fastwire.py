@@ -31,12 +31,14 @@ from mhp_wire.ids import ID_RE, msg_ids
 from mhp_wire.messages import (
     MAX_PAYLOAD_BYTES,
     OUTCOMES_MAX,
+    SEND_PAYLOAD_BYTES,
     ClientState,
     Command,
     Outcome,
     OutcomeReport,
     Outcomes,
     encode,
+    oversize_detail,
     utcnow,
 )
 
@@ -84,8 +86,26 @@ def _entry(r: Report) -> dict[str, Any]:
             "revision": r.revision}
 
 
-def outcome_payload(r: Report, *, at: datetime | None = None) -> tuple[str, bytes]:
-    """``(msg_id, payload)`` of one client's ``outcome``, as ``encode(Outcome(...))`` writes it."""
+Oversize = Callable[[Report, int], None]
+"""Told of a report whose ``outcome`` was too big to send whole, and its size in bytes (:func:`outcome_payload`)."""
+
+
+def outcome_payload(r: Report, *, at: datetime | None = None, limit: int = SEND_PAYLOAD_BYTES,
+                    oversize: Oversize | None = None) -> tuple[str, bytes]:
+    """``(msg_id, payload)`` of one client's ``outcome``, as ``encode(Outcome(...))`` writes it; one over ``limit``
+    bytes (a gateway's near the limit, once the bridge's trace is added) goes with its ``detail`` cut to a marker
+    (:func:`mhp_wire.messages.oversize_detail`), and ``oversize`` is told: its state still reaches the hub, and its
+    packet fits the brokers' (a larger one cut the sender's link at each reconnection, for good)."""
+    mid, payload = _outcome_payload(r, at)
+    if len(payload) <= limit:
+        return mid, payload
+    if oversize is not None:
+        oversize(r, len(payload))
+    return _outcome_payload(r._replace(msg_id=mid, detail=oversize_detail(r.detail, len(payload), limit, "bridge")),
+                            at)
+
+
+def _outcome_payload(r: Report, at: datetime | None) -> tuple[str, bytes]:
     mid = r.msg_id or msg_ids()
     try:
         body = orjson.dumps({"request_id": r.request_id, **_entry(r)})
@@ -112,28 +132,31 @@ def outcomes_payload(request_id: str, reports: Sequence[Report], *, msg_id: str 
                  + b',"type":"outcomes","request_id":' + orjson.dumps(request_id) + b',"reports":' + entries + b"}")
 
 
-def pack_reports(reports: Sequence[Report], per_message: int) -> list[tuple[str, bytes]]:
+def pack_reports(reports: Sequence[Report], per_message: int, *, limit: int = SEND_PAYLOAD_BYTES,
+                 oversize: Oversize | None = None) -> list[tuple[str, bytes]]:
     """Outbox messages ``(msg_id, payload)`` for the hub: one ``outcomes`` per request of at most ``per_message``
-    clients, split further while a payload is over the wire's limit; a request with one report as an ``outcome``.
-    Each client's reports keep their order."""
+    clients, split further while a payload is over ``limit`` (what fits the brokers' packet); a request with one
+    report as an ``outcome``, its ``detail`` cut to a marker if even alone it is over ``limit``
+    (:func:`outcome_payload`, which tells ``oversize``). Each client's reports keep their order."""
     by_request: dict[str, list[Report]] = {}
     for r in reports:
         by_request.setdefault(r.request_id, []).append(r)
     packed: list[tuple[str, bytes]] = []
     for request_id, group in by_request.items():
         for i in range(0, len(group), per_message):
-            packed += _pack_one(request_id, group[i:i + per_message])
+            packed += _pack_one(request_id, group[i:i + per_message], limit, oversize)
     return packed
 
 
-def _pack_one(request_id: str, group: list[Report]) -> list[tuple[str, bytes]]:
+def _pack_one(request_id: str, group: list[Report], limit: int, oversize: Oversize | None
+              ) -> list[tuple[str, bytes]]:
     if len(group) == 1:
-        return [outcome_payload(group[0])]
+        return [outcome_payload(group[0], limit=limit, oversize=oversize)]
     mid, payload = outcomes_payload(request_id, group)
-    if len(payload) <= MAX_PAYLOAD_BYTES:
+    if len(payload) <= limit:
         return [(mid, payload)]
     half = len(group) // 2
-    return _pack_one(request_id, group[:half]) + _pack_one(request_id, group[half:])
+    return _pack_one(request_id, group[:half], limit, oversize) + _pack_one(request_id, group[half:], limit, oversize)
 
 
 class CommandTemplate:

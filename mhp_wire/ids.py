@@ -17,6 +17,8 @@ from collections.abc import Callable
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 """The pattern, for pydantic ``Field(pattern=...)``, FastAPI ``Path(pattern=...)`` and JSON schemas."""
 ID_RE = re.compile(ID_PATTERN)
+ID_MAX_CHARS = 64
+"""The longest id :data:`ID_PATTERN` takes."""
 
 
 def is_id(value: str) -> bool:

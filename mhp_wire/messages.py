@@ -32,10 +32,41 @@ from pydantic import (
 
 from mhp_wire.ids import msg_ids
 from mhp_wire.logsafe import outside
-from mhp_wire.topics import TopicError, check_id
+from mhp_wire.topics import MAX_UP_TOPIC_BYTES, TopicError, check_id
 
 WIRE_VERSION = 1
 MAX_PAYLOAD_BYTES = 256 * 1024
+"""The largest payload a receiver reads: :func:`decode` refuses a larger one. A sender keeps to
+:data:`SEND_PAYLOAD_BYTES`, which is smaller."""
+MAX_PACKET_BYTES = 256 * 1024
+"""The brokers' ``max_packet_size`` (``broker_config``): the whole PUBLISH packet, topic and headers included.
+Mosquitto disconnects a client that sends a larger one, and the client's session sends a QoS 1 packet again at each
+reconnection: one oversize message cuts its sender's link for good (docs/decisions.md, "A message that fits the
+brokers' packet")."""
+PUBLISH_OVERHEAD_BYTES = 1 + 4 + 2 + MAX_UP_TOPIC_BYTES + 2 + 1
+"""What a PUBLISH packet adds to its payload at most: the fixed header (1), the remaining length (at most 4), the
+topic's length (2) and the longest ``up`` topic of a party, the packet id (2), the empty properties' length (1)."""
+SEND_PAYLOAD_BYTES = MAX_PACKET_BYTES - PUBLISH_OVERHEAD_BYTES
+"""The largest payload a party publishes on its ``up`` topics: its packet fits the brokers' :data:`MAX_PACKET_BYTES`
+on any of them (and :func:`decode` reads it, :data:`MAX_PAYLOAD_BYTES` being larger)."""
+BRIDGE_TRACE_KEYS = ("gateway_rtt_ms", "retailer_ms")
+"""The timings a bridge adds to a gateway's outcome's ``trace`` when it forwards it to the hub."""
+_FLOAT_JSON_MAX = len("-2.2250738585072014e-308")
+"""The longest JSON a finite float takes (as pydantic and orjson write it)."""
+_SENT_AT_JSON_MAX = len('"2026-01-01T00:00:00.000000+00:00"')
+"""The longest ``sent_at`` the wire takes: microseconds and an offset."""
+FORWARD_HEADROOM_BYTES = (sum(len(f',"{k}":') + _FLOAT_JSON_MAX for k in BRIDGE_TRACE_KEYS)
+                          + 64 + 2 + _SENT_AT_JSON_MAX)
+"""What a bridge's forwarding may add to a gateway's ``outcome`` at most: the :data:`BRIDGE_TRACE_KEYS` at their
+longest (a float each), and its own ``msg_id`` (at most 64 characters and quotes) and ``sent_at`` in place of the
+gateway's (counted whole, however short the gateway's were)."""
+GATEWAY_OUTCOME_BYTES = SEND_PAYLOAD_BYTES - FORWARD_HEADROOM_BYTES
+"""The largest ``outcome`` a gateway sends: once its bridge has added its trace it still fits
+:data:`SEND_PAYLOAD_BYTES`. A larger one goes with its ``detail`` cut to a marker (:func:`oversize_detail`)."""
+OVERSIZE_KEY = "oversize"
+"""The marker an outcome's ``detail`` carries when it was too big to send whole (:func:`oversize_detail`)."""
+_KEEP_FIELDS = 32
+_KEEP_CHARS = 500
 
 
 class WireError(ValueError):
@@ -276,6 +307,26 @@ class Outcome(_Msg):
     revision. Absent (an older gateway or bridge) means 1."""
 
     _finite_available_kw = field_validator("detail")(_finite_detail)
+
+
+def oversize_detail(detail: dict[str, Any], size: int, limit: int, by: Literal["gateway", "bridge"]
+                    ) -> dict[str, Any]:
+    """An outcome's ``detail`` cut to fit: its outcome was ``size`` bytes, over ``limit``. The outcome itself (its
+    state, request, client and revision) is sent all the same; its detail keeps its first top-level fields that are a
+    number, a bool, null or a string of at most 500 characters (the figures and the ``reason``; at most 32 of them,
+    with names of at most 64 characters) and says under :data:`OVERSIZE_KEY` what was dropped and who cut it:
+    ``{"bytes": size, "limit": limit, "by": by, "dropped": [the first 20 names dropped]}``."""
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    for key, value in detail.items():
+        small = value is None or isinstance(value, (bool, int, float)) \
+            or (isinstance(value, str) and len(value) <= _KEEP_CHARS)
+        if small and len(key) <= 64 and len(kept) < _KEEP_FIELDS and key != OVERSIZE_KEY:
+            kept[key] = value
+        else:
+            dropped.append(key)
+    kept[OVERSIZE_KEY] = {"bytes": size, "limit": limit, "by": by, "dropped": [k[:64] for k in dropped[:20]]}
+    return kept
 
 
 OUTCOMES_MAX = 2_000

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from mhp_wire.ids import is_id
+from mhp_wire.ids import ID_MAX_CHARS, is_id
 
 ROOT = "mhp"
 VERSION = "v1"
@@ -73,6 +73,18 @@ def telemetry(gateway_id: str) -> str:
 def status(kind: PartyKind, party_id: str) -> str:
     """A party's retained presence (``online``/``offline``), also its last will."""
     return f"{PREFIX}/{kind}/{check_id(party_id)}/up/status"
+
+
+def _longest_up_topic() -> int:
+    longest = "x" * ID_MAX_CHARS
+    return max(len(t.encode()) for t in (up("retailers", longest), up("gateways", longest),
+                                         status("retailers", longest), status("gateways", longest),
+                                         telemetry(longest)))
+
+
+MAX_UP_TOPIC_BYTES = _longest_up_topic()
+"""The longest topic a party publishes on (its ``up`` subtree, with an id of :data:`ID_MAX_CHARS`): what a PUBLISH
+packet's topic takes at most of the brokers' packet limit (:data:`mhp_wire.messages.SEND_PAYLOAD_BYTES`)."""
 
 
 def all_up(kind: PartyKind) -> str:

@@ -28,6 +28,8 @@ from mhp_wire.ids import msg_ids
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
     ACK_QOS,
+    BRIDGE_TRACE_KEYS,
+    SEND_PAYLOAD_BYTES,
     Ack,
     AckPartition,
     BillingData,
@@ -114,6 +116,8 @@ ReportResult = tuple[str, int] | Failed | None
 as the reports before it left it, None (no such command) or its :class:`Failed` (a :class:`Refused`: not ours)."""
 _GATEWAY_TRACE = ("gateway_ms", "waited_ms")
 """The timings of a gateway's outcome that the bridge forwards in its trace."""
+_RTT, _RETAILER = BRIDGE_TRACE_KEYS
+"""The timings the bridge adds (the gateways leave room for them: :data:`mhp_wire.messages.GATEWAY_OUTCOME_BYTES`)."""
 
 
 class BridgeRelay:
@@ -246,6 +250,8 @@ class BridgeRelay:
         self.hub_out = Outbox(_ToHub(store, topics.up("retailers", retailer_id), self.hub_order), self._to_hub_link,
                               limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.hub_retry_s))
         """Outcomes and measurements to the hub, re-sent until the hub acknowledges them."""
+        self._oversize: dict[tuple[str, str, int, str], int] = {}
+        """Outcomes whose detail :meth:`_pack_for_hub` cut, with their size: counted after their batch's write."""
         self.fresh_to_hub: dict[str, bytes] = {}
         """Outcomes a batch of gateways' reports has just committed for the hub, ``msg_id -> payload``: the loop
         towards the hub sends them first thing in its next round (:meth:`Outbox.send_stored`), without waiting for
@@ -757,8 +763,9 @@ class BridgeRelay:
                 outcomes.append(i)
         judged = Judged([(m.request_id, m.client_id) for _, m, _ in outcomes],
                         lambda rows: self._judge_outcomes(outcomes, rows))
-        applied = await self.store.apply_reports(acks, judged, _delivered,
-                                                 pack_outcomes if self.hub_outcome_batches else None)
+        applied = await self.store.apply_reports(acks, judged, _delivered, self._pack_for_hub)
+        if self._oversize:
+            self._count_oversize()
         for m in applied.withdrawn:
             self.fresh_to_hub.pop(m, None)
         if applied.queued:
@@ -774,6 +781,28 @@ class BridgeRelay:
                     self.gateway_rtt.sample(now - sent_at)
         closed = iter(applied.closed)
         return [next(closed) if len(i) == 3 else None for i in items]
+
+    def _pack_for_hub(self, outcomes: Sequence[Outcome | Report]) -> list[tuple[str, bytes]]:
+        """A batch's outcomes for the hub (on the store's thread): :func:`pack_outcomes`, one ``outcome`` per client
+        without ``hub_outcome_batches``; an outcome too big for the hub broker's packet has its detail cut to a
+        marker and is noted for :meth:`_count_oversize`."""
+        return pack_outcomes(outcomes, OUTCOMES_PER_MESSAGE if self.hub_outcome_batches else 1,
+                             oversize=self._note_oversize)
+
+    def _note_oversize(self, r: Report, size: int) -> None:
+        """On the store's thread (which may run a batch's write twice): noted by its client's outcome, once."""
+        self._oversize[(r.request_id, r.client_id, r.revision, r.state.value)] = size
+
+    def _count_oversize(self) -> None:
+        """The outcomes of the last batch whose detail was cut (:meth:`_pack_for_hub`): counted and logged."""
+        seen, self._oversize = self._oversize, {}
+        for (request_id, client_id, revision, state), size in seen.items():
+            self.rejected["gateway_detail_oversize"] += 1
+            log.warning("gateway %s's outcome for request %s (client %s, revision %d) is %d bytes with the bridge's "
+                        "trace, over the %d the hub broker's packet takes: forwarded as %s with its detail cut to "
+                        "its small fields and an 'oversize' marker (counted as gateway_detail_oversize)",
+                        self.customers.get(client_id), outside(request_id), outside(client_id), revision, size,
+                        SEND_PAYLOAD_BYTES, state)
 
     def _judge_outcomes(self, outcomes: list[tuple[str, Outcome | OutcomeIn, float]],
                         commands: list[Any]) -> list[Verdict]:
@@ -800,8 +829,8 @@ class BridgeRelay:
                     # one nearest to the same whole number of microseconds, but at a tie within a float's error), in
                     # a quarter of its time (0.07 against 0.3 µs, twice per outcome).
                     if cmd[COL_FIRST_SENT] is not None:
-                        trace["gateway_rtt_ms"] = round((t0 - cmd[COL_FIRST_SENT]) * 1000 * 1000) / 1000
-                    trace["retailer_ms"] = round((cmd[COL_HANDLING_MS] + (time.time() - t0) * 1000) * 1000) / 1000
+                        trace[_RTT] = round((t0 - cmd[COL_FIRST_SENT]) * 1000 * 1000) / 1000
+                    trace[_RETAILER] = round((cmd[COL_HANDLING_MS] + (time.time() - t0) * 1000) * 1000) / 1000
                     # Plain values from a validated outcome (no model to validate again): encoded, or packed with
                     # others, by the store.
                     verdicts.append(Report(msg.request_id, msg.client_id, msg.state, msg.detail, trace,
@@ -1187,13 +1216,15 @@ def _delivered(cmd: dict[str, Any]) -> Report:
                   {"retailer_ms": round(cmd["handling_ms"], 3)}, cmd["revision"], delivered_msg_id(cmd["msg_id"]))
 
 
-def pack_outcomes(outcomes: Sequence[Outcome | Report]) -> list[tuple[str, bytes]]:
+def pack_outcomes(outcomes: Sequence[Outcome | Report], per_message: int = OUTCOMES_PER_MESSAGE, *,
+                  oversize: fastwire.Oversize | None = None) -> list[tuple[str, bytes]]:
     """One batch's outcomes for the hub as outbox messages ``(msg_id, payload)``: one ``outcomes`` per request (of
-    at most :data:`OUTCOMES_PER_MESSAGE` clients, and split further while its payload is too big), a request with
-    one outcome in the batch as a plain ``outcome``. Each client's outcomes keep their order. Built from validated
-    values without models (:func:`mhp_wire.fastwire.pack_reports`; the hub validates what it receives)."""
-    return fastwire.pack_reports([o if isinstance(o, Report) else _report(o) for o in outcomes],
-                                 OUTCOMES_PER_MESSAGE)
+    at most ``per_message`` clients, and split further while its packet would not fit the hub broker's), a request
+    with one outcome in the batch as a plain ``outcome`` (its detail cut to a marker, and ``oversize`` told, if even
+    alone it would not fit). Each client's outcomes keep their order. Built from validated values without models
+    (:func:`mhp_wire.fastwire.pack_reports`; the hub validates what it receives)."""
+    return fastwire.pack_reports([o if isinstance(o, Report) else _report(o) for o in outcomes], per_message,
+                                 oversize=oversize)
 
 
 def _report(o: Outcome) -> Report:

@@ -49,8 +49,8 @@ from mhp_wire import topics
 from mhp_wire.logsafe import outside
 from mhp_wire.messages import (
     ACK_QOS,
-    MAX_PAYLOAD_BYTES,
     OUTCOMES_MAX,
+    SEND_PAYLOAD_BYTES,
     Ack,
     BillingData,
     Cancel,
@@ -221,12 +221,12 @@ class RpSimulator:
     def _messages(request_id: str, clients: list[str], state: ClientState, detail: dict[str, object],
                   trace: dict[str, float]) -> list[Outcome | Outcomes]:
         """One window's clients as messages: a plain ``outcome`` for one client, else ``outcomes``, halved while
-        its payload is over the wire's limit (as the bridge splits)."""
+        its packet would not fit the brokers' (as the bridge splits)."""
         if len(clients) == 1:
             return [Outcome(request_id=request_id, client_id=clients[0], state=state, detail=detail, trace=trace)]
         msg = Outcomes(request_id=request_id, reports=[
             OutcomeReport(client_id=c, state=state, detail=detail, trace=trace) for c in clients])
-        if len(encode(msg)) <= MAX_PAYLOAD_BYTES:
+        if len(encode(msg)) <= SEND_PAYLOAD_BYTES:
             return [msg]
         half = len(clients) // 2
         return [*RpSimulator._messages(request_id, clients[:half], state, detail, trace),

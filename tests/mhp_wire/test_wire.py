@@ -9,7 +9,12 @@ import pytest
 
 from mhp_wire import topics
 from mhp_wire.messages import (
+    FORWARD_HEADROOM_BYTES,
+    GATEWAY_OUTCOME_BYTES,
+    MAX_PACKET_BYTES,
     MAX_PAYLOAD_BYTES,
+    OVERSIZE_KEY,
+    SEND_PAYLOAD_BYTES,
     Ack,
     ClientState,
     Command,
@@ -21,6 +26,7 @@ from mhp_wire.messages import (
     WireError,
     decode,
     encode,
+    oversize_detail,
 )
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -94,6 +100,30 @@ def test_invalid_payloads_get_a_readable_reason(payload: bytes, expect: str) -> 
 def test_oversized_payload_is_refused_before_parsing() -> None:
     with pytest.raises(WireError, match="exceeds"):
         decode(b" " * (MAX_PAYLOAD_BYTES + 1))
+
+
+def test_what_a_party_sends_fits_the_brokers_packet_on_any_up_topic_and_is_read() -> None:
+    longest = max(len(t(k, "x" * 64)) for t in (topics.up, topics.status) for k in ("retailers", "gateways"))
+    assert topics.MAX_UP_TOPIC_BYTES == max(longest, len(topics.telemetry("x" * 64)))
+    assert SEND_PAYLOAD_BYTES + 1 + 4 + 2 + topics.MAX_UP_TOPIC_BYTES + 2 + 1 == MAX_PACKET_BYTES
+    assert SEND_PAYLOAD_BYTES < MAX_PAYLOAD_BYTES
+    assert GATEWAY_OUTCOME_BYTES == SEND_PAYLOAD_BYTES - FORWARD_HEADROOM_BYTES
+
+
+@pytest.mark.parametrize(("detail", "kept", "dropped"), [
+    ({"limit_kw": 1.0, "ok": True, "none": None, "reason": "r" * 500, "shed": ["a"] * 10, "log": "x" * 501,
+      "nested": {"a": 1}}, {"limit_kw": 1.0, "ok": True, "none": None, "reason": "r" * 500},
+     ["shed", "log", "nested"]),
+    ({f"f{i:03d}": i for i in range(40)}, {f"f{i:03d}": i for i in range(32)}, [f"f{i:03d}" for i in range(32, 40)]),
+    ({"k" * 65: 1, OVERSIZE_KEY: {"by": "gateway"}}, {}, ["k" * 64, OVERSIZE_KEY]),
+    ({f"big{i}": ["x"] for i in range(30)}, {}, [f"big{i}" for i in range(20)]),
+], ids=["scalars-kept", "at-most-32-fields", "long-names-and-an-older-marker", "at-most-20-names-dropped"])
+def test_an_oversize_detail_keeps_its_small_fields_and_says_what_it_dropped(
+        detail: dict[str, object], kept: dict[str, object], dropped: list[str]) -> None:
+    cut = oversize_detail(detail, 300_000, GATEWAY_OUTCOME_BYTES, "gateway")
+    marker = cut.pop(OVERSIZE_KEY)
+    assert cut == kept
+    assert marker == {"bytes": 300_000, "limit": GATEWAY_OUTCOME_BYTES, "by": "gateway", "dropped": dropped}
 
 
 def test_emergency_params_need_an_ordered_window_and_a_non_negative_limit() -> None:
