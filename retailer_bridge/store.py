@@ -87,10 +87,10 @@ class Judged:
 
     ``judge`` is called once per batch, on the database's thread, with each outcome's command as stored before the
     batch (a row of :data:`REPORT_COLUMNS`, read by position; None: no such command) and gives each outcome's
-    :data:`Verdict`. It must not depend on the command's state: the store applies the verdicts in order, and one for
-    a command closed before it (earlier, or by an earlier report of the same batch) is dropped. Each outcome's result
-    is ``(state, revision)`` of its command as the reports before it left it, None (no such command) or its
-    :class:`Failed`."""
+    :data:`Verdict`, exactly one per outcome (another count fails the batch). It must not depend on the command's
+    state: the store applies the verdicts in order, and one for a command closed before it (earlier, or by an
+    earlier report of the same batch) is dropped. Each outcome's result is ``(state, revision)`` of its command as
+    the reports before it left it, None (no such command) or its :class:`Failed`."""
 
     keys: list[tuple[str, str]]
     """``(request_id, client_id)`` of each outcome, in order."""
@@ -328,9 +328,10 @@ class BridgeStore:
         one ``executemany`` each for the state changes, the withdrawn ``delivered`` outcomes and the outcomes
         queued for the hub.
 
-        Acknowledgements apply first, then the outcomes' verdicts in their order: a terminal outcome closes its
-        command, and an unsent ``delivered`` outcome of the same command (:func:`delivered_msg_id`) is taken back
-        out of the outbox (the terminal one says more: the hub gets one message instead of two); a second report
+        Acknowledgements apply first, then the outcomes' verdicts in their order: a verdict (neither None nor a
+        failure; the relay decides which outcomes are final) closes its command, and an unsent ``delivered``
+        outcome of the same command (:func:`delivered_msg_id`) is taken back out of the outbox (the terminal one
+        says more: the hub gets one message instead of two); a second report
         of the same command finds it closed by the first, and its verdict is dropped. A command acknowledged and
         closed in the same batch gets no ``delivered`` outcome at all (``delivered_of`` is not even called for
         it). Each outcome's result is ``(state, revision)`` of its command as the reports before it in the batch
