@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -505,11 +506,36 @@ class Measurement(BaseModel):
     active_power_kw: float = Field(ge=-10_000, le=10_000)
 
 
+MEASUREMENTS_PER_MESSAGE = 10_000
+"""The most measurements one ``measurements`` message carries (a sender splits further to fit the packet:
+:func:`measurements_payloads`)."""
+
+
 class Measurements(_Msg):
     """Retailer -> hub: active-power measurements of its own clients."""
 
     type: Literal["measurements"] = "measurements"
-    items: list[Measurement] = Field(min_length=1, max_length=10_000)
+    items: list[Measurement] = Field(min_length=1, max_length=MEASUREMENTS_PER_MESSAGE)
+
+
+def measurements_payloads(items: Sequence[Measurement], limit: int = SEND_PAYLOAD_BYTES) -> list[tuple[str, bytes]]:
+    """Outbox messages ``(msg_id, payload)`` carrying every one of ``items``, in their order: ``measurements`` of at
+    most :data:`MEASUREMENTS_PER_MESSAGE` each, halved while a payload is over ``limit`` (the packet, see
+    :data:`MAX_PACKET_BYTES`; one measurement is ~80 bytes, so 10,000 are ~800 KB). One measurement alone always
+    fits: its id is at most 64 characters and its numbers bounded."""
+    out: list[tuple[str, bytes]] = []
+    for i in range(0, len(items), MEASUREMENTS_PER_MESSAGE):
+        out += _fitted_measurements(list(items[i:i + MEASUREMENTS_PER_MESSAGE]), limit)
+    return out
+
+
+def _fitted_measurements(items: list[Measurement], limit: int) -> list[tuple[str, bytes]]:
+    batch = Measurements(items=items)
+    payload = encode(batch)
+    if len(payload) <= limit or len(items) == 1:
+        return [(batch.msg_id, payload)]
+    half = len(items) // 2
+    return _fitted_measurements(items[:half], limit) + _fitted_measurements(items[half:], limit)
 
 
 class ApplianceSchedule(BaseModel):

@@ -40,7 +40,6 @@ from mhp_wire.messages import (
     Customers,
     ErrorReply,
     Measurement,
-    Measurements,
     Message,
     Outcome,
     Presence,
@@ -52,6 +51,7 @@ from mhp_wire.messages import (
     WireError,
     decode,
     encode,
+    measurements_payloads,
     publish_qos,
     tariff_msg_id,
 )
@@ -1050,10 +1050,9 @@ class BridgeRelay:
         now = time.time()
         if self._pending_measurements and now - self._last_measurements >= self.measurement_interval_s:
             self._last_measurements = now
-            items = list(self._pending_measurements.values())[:10_000]
+            items = list(self._pending_measurements.values())
             self._pending_measurements.clear()
-            batch = Measurements(items=items)
-            await self.store.queue_for_hub([(batch.msg_id, encode(batch))])
+            await self.store.queue_for_hub(measurements_payloads(items))
         fresh, self.fresh_to_hub = self.fresh_to_hub, {}
         if self.hub is not None and self.hub.connected:
             if fresh:  # first, before the reads below: one not sent (the link went down) is still due in the store

@@ -16,6 +16,8 @@ them."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from broker_config.render import BrokerSpec
 from mhp_wire import messages, topics
 from mhp_wire.fastwire import Report, outcomes_payload
@@ -24,6 +26,7 @@ from mhp_wire.messages import (
     Ack,
     ClientState,
     Command,
+    Measurement,
     Outcome,
     Outcomes,
     decode,
@@ -142,3 +145,32 @@ async def test_a_batch_of_outcomes_is_split_so_that_each_packet_fits_the_hub_bro
 
 async def _hub_outbox_empty(b: Bridge) -> bool:
     return (await b.store.counts()).get("hub_outbox") == 0
+
+
+async def test_measurements_of_many_clients_go_in_messages_that_fit_the_packet_and_none_is_dropped(
+        hub: HubHandle, bridge: tuple[Bridge, BrokerHandle]) -> None:  # noqa: F811  (the fixture)
+    """12,000 measurements waiting at one flush (a bridge of ~3,200 gateways or more reporting every 5 s, or its
+    backlog): before, the bridge kept the first 10,000 and dropped the rest unsaid, and encoded them in one message of
+    ~800 KB, which the hub broker refused by cutting the bridge's link, again at each reconnection, for good (and every
+    outcome of r1 behind it). Now they go in as many messages as fit the packet, and the hub stores every one.
+
+    The measurements are put where the bridge's telemetry handler puts them (its gateways' telemetry is
+    rate-limited per gateway, and two gateways cannot send 12,000 in one flush); from there on every part is real."""
+    b, _ = bridge
+    now = datetime.now(UTC)
+    items = {(c, i): Measurement(client_id=c, at=now - timedelta(milliseconds=i), active_power_kw=i / 1000)
+             for i in range(6_000) for c in ("c1", "c2")}
+    b.relay._pending_measurements.update(items)
+    async def flushed_and_taken() -> bool:  # the flush comes within the bridge's measurement interval (5 s)
+        return not b.relay._pending_measurements and await _hub_outbox_empty(b)
+
+    await eventually(flushed_and_taken, "the measurements were sent and the hub took them", timeout_s=30)
+    assert b.relay.hub is not None and b.relay.hub.stats.connects == 1
+    assert "oversize packet" not in hub.broker.process.log_tail()
+    window = {"from": (now - timedelta(seconds=10)).isoformat(), "to": (now + timedelta(seconds=1)).isoformat()}
+    for client in ("c1", "c2"):
+        got = (await hub.http.get("/v1/measurements", params={"client_id": client, **window},
+                                  headers=hub.auth("dso"))).json()
+        assert len(got["series"]) == 6_000, client  # before: none (the link was cut before the message passed)
+    sizes = [len(p) for _, p in messages.measurements_payloads(list(items.values()))]
+    assert len(sizes) > 1 and max(sizes) <= messages.SEND_PAYLOAD_BYTES
