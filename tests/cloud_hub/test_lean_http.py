@@ -23,20 +23,22 @@ from tests.hub_fixtures import HubHandle, running_hub
 LIMIT = 2048
 """Both hubs' body limit (``max_body_bytes`` and ``max_client_list_body_bytes``): an oversize body is cheap."""
 
-NOW = datetime.now(UTC)
-
-
 def at(seconds: float) -> str:
-    return (NOW + timedelta(seconds=seconds)).isoformat()
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
 
 
-GOOD = {
-    "/v1/emergencies": {"client_ids": ["c1", "c2"], "start": at(60), "duration_s": 600, "power_limit_kw": 1.5},
-    "/v1/load-shifts": {"client_ids": ["c1"], "window_start": at(60), "window_end": at(3600), "reason": "test"},
-    "/v1/load-reductions": {"client_ids": ["c1", "c2"], "reduction_kw": 1.5, "start": at(60), "duration_s": 900,
-                            "respond_within_s": 3.0},
-    "/v1/billing-data": {"client_ids": ["c2"], "period_start": at(-2 * 86400), "period_end": at(-86400)},
-}
+def good_body(path: str) -> dict[str, Any]:
+    """A body each hot route accepts, its times from now (a sequence is built when its test starts)."""
+    return {
+        "/v1/emergencies": {"client_ids": ["c1", "c2"], "start": at(60), "duration_s": 600, "power_limit_kw": 1.5},
+        "/v1/load-shifts": {"client_ids": ["c1"], "window_start": at(60), "window_end": at(3600), "reason": "test"},
+        "/v1/load-reductions": {"client_ids": ["c1", "c2"], "reduction_kw": 1.5, "start": at(60), "duration_s": 900,
+                                "respond_within_s": 3.0},
+        "/v1/billing-data": {"client_ids": ["c2"], "period_start": at(-2 * 86400), "period_end": at(-86400)},
+    }[path]
+
+
+HOT_POSTS = ("/v1/emergencies", "/v1/load-shifts", "/v1/load-reductions", "/v1/billing-data")
 
 
 @dataclass
@@ -62,13 +64,13 @@ def post(path: str, content: bytes | str, *headers: tuple[str, str], who: str | 
 
 
 def good(path: str, *headers: tuple[str, str], who: str | None = "dso", **over: Any) -> Step:
-    return post(path, json.dumps({**GOOD[path.partition("?")[0].rstrip("/")], **over}), *headers, who=who)
+    return post(path, json.dumps({**good_body(path.partition("?")[0].rstrip("/")), **over}), *headers, who=who)
 
 
 def sequence() -> list[Step]:
     """Good requests of each hot route first (steps 0-5 create requests 0-5), then the hostile ones."""
     emergency = "/v1/emergencies"
-    steps = [good(path, ("Idempotency-Key", f"k-{i}")) for i, path in enumerate(GOOD)]
+    steps = [good(path, ("Idempotency-Key", f"k-{i}")) for i, path in enumerate(HOT_POSTS)]
     steps += [good(emergency), good("/v1/load-shifts", reason="no key")]
     steps += [Step("GET", f"/v1/requests/{{{n}}}") for n in range(6)]
     steps += [
@@ -81,8 +83,8 @@ def sequence() -> list[Step]:
         post(emergency, '{"client_ids": ["c1"], "start": 5, "duration_s": "long", "power_limit_kw": true}'),
         good(emergency, bogus=1),  # an extra field
         # a duplicate key: the last one counts (a good body, then a refused one)
-        post(emergency, '{"client_ids": ["nope"], ' + json.dumps(GOOD[emergency])[1:]),
-        post(emergency, '{"client_ids": ["c1"], ' + json.dumps({**GOOD[emergency], "client_ids": ["c 1"]})[1:]),
+        post(emergency, '{"client_ids": ["nope"], ' + json.dumps(good_body(emergency))[1:]),
+        post(emergency, '{"client_ids": ["c1"], ' + json.dumps({**good_body(emergency), "client_ids": ["c 1"]})[1:]),
         post(emergency, ""), post(emergency, "null"), post(emergency, "[]"), post(emergency, "NaN"),
         post(emergency, b'{"client_ids": ["c\xff"]}'), post(emergency, '{"client_ids": ["\\ud800"]}'),
         post(emergency, "[" * 1000 + "]" * 1000),
@@ -119,7 +121,7 @@ def sequence() -> list[Step]:
     return steps
 
 
-CREATING = len(GOOD) + 2
+CREATING = len(HOT_POSTS) + 2
 """The steps of ``sequence()`` that create a request."""
 
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
@@ -223,7 +225,7 @@ async def test_the_lean_path_answers_every_request_as_fastapi_does(
         assert {200, 202, 401, 403, 404, 405, 409, 413, 422} <= statuses, statuses
         # Not vacuous: the lean hub answered the good requests of every hot route itself, FastAPI none of them.
         answered = lean.app.state.lean_answered
-        assert {f"POST {p}" for p in GOOD} | {"GET /v1/requests/{request_id}"} <= set(answered), answered
+        assert {f"POST {p}" for p in HOT_POSTS} | {"GET /v1/requests/{request_id}"} <= set(answered), answered
         assert answered["GET /v1/requests/{request_id}"] >= 6 and answered["POST /v1/emergencies"] >= 3
         assert not full.app.state.lean_answered
         # The same requests stored: each created request's row, read from each hub's store.
