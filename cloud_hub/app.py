@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from cloud_hub.api import console, data, events, health, permissions, registry, 
 from cloud_hub.book import RequestBook
 from cloud_hub.errors import HubError, StoreUnavailable
 from cloud_hub.feed import ChangeFeed
+from cloud_hub.lean import LeanRoutes
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.relay import HubRelay
 from cloud_hub.replicas import Replicas
@@ -244,8 +246,9 @@ def names_clients(scope: Scope) -> bool:
                                           and path.count("/") == 4)
 
 
-def create_app(settings: HubSettings) -> FastAPI:
-    """Build the hub application for ``settings``."""
+def create_app(settings: HubSettings, *, lean: bool = True) -> FastAPI:
+    """Build the hub application for ``settings``; ``lean=False`` (tests and benchmarks only) leaves out the lean
+    path of the hot routes (``cloud_hub.lean``), so that FastAPI answers every request."""
     # The API's own description (/docs, /redoc, /openapi.json) only where the settings expose it.
     docs = settings.expose_docs
     app = FastAPI(title="Market Hub Platform", version="1", lifespan=_lifespan(settings),
@@ -267,6 +270,12 @@ def create_app(settings: HubSettings) -> FastAPI:
     openadr3.mount(app)  # the OpenADR 3.1 VTN facade (docs/openadr3.md)
     app.state.http_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
 
+    # Starlette wraps the routes in the middleware added last outermost: ServerErrorMiddleware (500), BodyLimit,
+    # LeanRoutes, FastAPI's exception middleware, the routes. The lean path's body is counted and refused by
+    # BodyLimit, and an error it has no handler for becomes the same 500 as a route's.
+    app.state.lean_answered = Counter[str]()
+    if lean:
+        app.add_middleware(LeanRoutes, handlers=ERROR_HANDLERS, answered=app.state.lean_answered)
     list_limit = max(settings.max_body_bytes, settings.max_client_list_body_bytes)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                        wider=lambda scope: list_limit if names_clients(scope) else None)

@@ -9,7 +9,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,15 +58,17 @@ def hub_broker(tmp: Path) -> Iterator[HubBroker]:
 
 
 @contextlib.contextmanager
-def hub_process(tmp: Path, env: Mapping[str, str]) -> Iterator[HubProcess]:
+def hub_process(tmp: Path, env: Mapping[str, str], module: Sequence[str] = ("cloud_hub.cli",)
+                ) -> Iterator[HubProcess]:
     """The broker and the hub in ``tmp``; ``env``: the hub's settings beyond its ports, store and tokens (rate
-    limits, say)."""
+    limits, say); ``module``: what ``python -m`` runs, given ``--log-level WARNING serve`` (``cloud-hub``'s own
+    command line, or a benchmark's variant of it)."""
     with hub_broker(tmp) as b:
         port = free_port()
         hub_env = {**os.environ, "MHP_HUB_HTTP_PORT": str(port), "MHP_HUB_DB_PATH": str(tmp / "hub.db"),
                    "MHP_HUB_TOKENS_FILE": str(b.tokens_file), "MHP_HUB_MQTT_PORT": str(b.broker.port),
                    "MHP_HUB_MQTT_PASSWORD": b.hub_password, **env}
-        hub = subprocess.Popen([sys.executable, "-m", "cloud_hub.cli", "--log-level", "WARNING", "serve"],
+        hub = subprocess.Popen([sys.executable, "-m", *module, "--log-level", "WARNING", "serve"],
                                env=hub_env, preexec_fn=die_with_parent())
         try:
             yield HubProcess(f"http://127.0.0.1:{port}", hub.pid, b.broker, b.admin, b.dso)

@@ -51,9 +51,10 @@ class HubHandle:
 
 
 async def start_hub(
-    tmp_path: Path, broker: BrokerHandle, **overrides: Any
+    tmp_path: Path, broker: BrokerHandle, *, lean: bool = True, **overrides: Any
 ) -> tuple[uvicorn.Server, asyncio.Task[None], dict[str, str], str]:
-    """Start a hub in this event loop; returns the server, its task, the tokens and the URL."""
+    """Start a hub in this event loop; returns the server, its task, the tokens and the URL (``lean=False``: a hub
+    without the lean path of the hot routes, ``cloud_hub.lean``)."""
     book = TokenBook(tmp_path / "tokens.json")
     tokens = {"dso": book.issue("dso"), "admin": book.issue("admin"), "r1": book.issue("retailer:r1"),
               "r2": book.issue("retailer:r2")}
@@ -61,7 +62,7 @@ async def start_hub(
     settings = HubSettings(**{"http_port": port, "db_path": tmp_path / "hub.db", "tokens_file": book.path,
                               "mqtt_host": broker.host, "mqtt_port": broker.port, "mqtt_username": "hub",
                               "mqtt_password": broker.identities["hub"].password, **overrides})
-    app = create_app(settings)
+    app = create_app(settings, lean=lean)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     task = asyncio.create_task(server.serve(), name="test-hub")
     while not server.started:
@@ -72,7 +73,7 @@ async def start_hub(
 
 
 async def running_hub(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory,
-                      backend: str, **settings: Any) -> AsyncIterator[HubHandle]:
+                      backend: str, *, lean: bool = True, **settings: Any) -> AsyncIterator[HubHandle]:
     """A running hub on ``backend`` (``sqlite``, or ``hbase`` through the Thrift test double), ready; ``settings``
     override its ``HubSettings`` (e.g. ``replica_id``)."""
     broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
@@ -80,7 +81,7 @@ async def running_hub(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_
     if backend == "hbase":
         double = request.getfixturevalue("hbase_double")
         overrides = {"storage": "hbase", "hbase_hosts": [f"127.0.0.1:{double.port}"]}
-    server, task, tokens, url = await start_hub(tmp_path, broker, **overrides, **settings)
+    server, task, tokens, url = await start_hub(tmp_path, broker, lean=lean, **overrides, **settings)
     try:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             for _ in range(300):

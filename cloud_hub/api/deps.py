@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request
 
@@ -29,12 +29,18 @@ async def get_principal(request: Request, authorization: Annotated[str | None, H
         raise HTTPException(401, "token expired", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     if principal is None:
         raise HTTPException(401, "invalid or revoked bearer token", headers={"WWW-Authenticate": "Bearer"})
-    limiter: RateLimiter | None = getattr(request.app.state, "http_limiter", None)
+    take_turn(request.app.state, principal)
+    return principal
+
+
+def take_turn(state: Any, principal: Principal) -> None:
+    """One HTTP request of ``principal`` through the app's rate limiter (``state.http_limiter``): taken once per
+    request, by this dependency or by the lean path (``cloud_hub.lean``); :class:`RateLimited` when it is spent."""
+    limiter: RateLimiter | None = getattr(state, "http_limiter", None)
     if limiter is not None:
         wait_s = limiter.take(str(principal))
         if wait_s > 0:
             raise RateLimited(principal, wait_s)
-    return principal
 
 
 Service = Annotated[HubService, Depends(get_service)]
