@@ -47,6 +47,12 @@ REQUEST_ID_MAX = 64
 IDEMPOTENCY_KEY_MAX = 200
 """The longest ``Idempotency-Key`` FastAPI takes (``cloud_hub.api.deps.IdempotencyKey``)."""
 
+NESTING_MAX = 32
+"""A POST body with more ``[`` and ``{`` than this (strings included) goes to FastAPI. Every hot body is one flat
+object with one list of ids; Python's JSON parser counts nesting against the recursion limit, which FastAPI's
+deeper stack meets sooner: a value ~970 levels deep under a key repeated later (the last one wins, so the model
+accepts the body) was a 400 through FastAPI and a 202 here."""
+
 _WANTED = frozenset({b"authorization", b"content-type", b"idempotency-key", b"content-length", b"transfer-encoding"})
 
 
@@ -114,7 +120,8 @@ class LeanRoutes:
             await self.app(scope, _replay(messages, receive, exc), send)
             return
         arguments["body"] = self._body(route, messages)
-        if arguments["body"] is None:
+        # FastAPI checks the token once the body is in: one revoked or expired while the body arrived is refused.
+        if arguments["body"] is None or self._principal(scope["app"].state, _headers(scope["headers"])) != principal:
             await self.app(scope, _replay(messages, receive, None), send)
         else:
             await self._answer(scope, receive, send, route, principal, arguments)
@@ -148,9 +155,9 @@ class LeanRoutes:
         return route, principal, {"who": principal, "service": app.state.service, "idempotency_key": idempotency_key}
 
     @staticmethod
-    def _principal(state: Any, headers: dict[bytes, bytes]) -> Any:
+    def _principal(state: Any, headers: dict[bytes, bytes] | None) -> Any:
         """The principal of a well-formed bearer token known and unexpired, else None (FastAPI's 401s)."""
-        value = headers.get(b"authorization")
+        value = None if headers is None else headers.get(b"authorization")
         if value is None:
             return None
         text = value.decode("latin-1")
@@ -163,8 +170,11 @@ class LeanRoutes:
         """The body as the route's model accepts it (parsed as Starlette's ``Request.json`` does), or None."""
         if messages[-1]["type"] != "http.request":
             return None
+        raw = b"".join(m.get("body", b"") for m in messages)
+        if raw.count(b"[") + raw.count(b"{") > NESTING_MAX:
+            return None
         try:
-            value = json.loads(b"".join(m.get("body", b"") for m in messages))
+            value = json.loads(raw)
         except Exception:  # not JSON (nor UTF-8, nor shallow enough): FastAPI's 422 or 400
             return None
         if value is None:
@@ -179,6 +189,17 @@ class LeanRoutes:
         try:
             take_turn(scope["app"].state, principal)
             result = await route.endpoint(**arguments)
+            # In the try, as in FastAPI's route: a response that cannot be written (a ValueError) is the app's 422.
+            field = route.response_field
+            assert field is not None
+            value, errors = field.validate(result, {}, loc=("response",))
+            if errors:
+                raise ResponseValidationError(errors=errors, body=result)
+            content = field.serialize_json(
+                value, include=route.response_model_include, exclude=route.response_model_exclude,
+                by_alias=route.response_model_by_alias, exclude_unset=route.response_model_exclude_unset,
+                exclude_defaults=route.response_model_exclude_defaults,
+                exclude_none=route.response_model_exclude_none)
         except Exception as exc:
             handler = next((self.handlers[c] for c in type(exc).__mro__ if c in self.handlers), None)
             if handler is None:
@@ -186,16 +207,6 @@ class LeanRoutes:
             response = await handler(Request(scope), exc)
             await response(scope, receive, send)
             return
-        field = route.response_field
-        assert field is not None
-        value, errors = field.validate(result, {}, loc=("response",))
-        if errors:
-            raise ResponseValidationError(errors=errors, body=result)
-        content = field.serialize_json(value, include=route.response_model_include,
-                                       exclude=route.response_model_exclude, by_alias=route.response_model_by_alias,
-                                       exclude_unset=route.response_model_exclude_unset,
-                                       exclude_defaults=route.response_model_exclude_defaults,
-                                       exclude_none=route.response_model_exclude_none)
         self.answered[f"{scope['method']} {route.path}"] += 1
         await send({"type": "http.response.start", "status": route.status_code or 200,
                     "headers": [(b"content-length", str(len(content)).encode()),
