@@ -22,12 +22,14 @@ from typing import Any
 import httpx
 
 from cloud_hub import feed as feed_module
-from cloud_hub.book import SENT_SETTLE_S, OutboxItem, RequestBook
+from cloud_hub.authz import Principal
+from cloud_hub.book import SENT_SETTLE_S, OutboxItem, ReportedOutcome, RequestBook
 from cloud_hub.codec import loads
 from cloud_hub.relay import HubRelay
 from mhp_wire import topics
 from mhp_wire.messages import Ack, Cancel, ClientState, Outcome, Request
 from tests.broker_fixtures import MosquittoFactory
+from tests.cloud_hub.embedded_hub import embedded_hub
 from tests.hub_fixtures import HubHandle, start_hub
 from tests.mqtt_party import Party, parties
 from tests.waiting import eventually
@@ -280,3 +282,46 @@ async def test_a_hub_stopped_between_send_and_settle_writes_its_marks_and_carrie
 
 async def _ready(http: httpx.AsyncClient) -> bool:
     return (await http.get("/readyz")).status_code == 200
+
+
+async def test_the_settled_marks_read_only_the_targets_not_answered_meanwhile(tmp_path: Path) -> None:
+    """The book's own store calls (real SQLite): the settle reads the cells of the silent clients only, and writes
+    them alone; the answered ones are neither read nor written again."""
+    async with embedded_hub(tmp_path / "hub.db") as hub:
+        store, book = hub.store, hub.book
+        await store.put_retailer("r1", "R1")
+        ids = [f"c{i:02d}" for i in range(20)]
+        await store.import_clients([(c, "r1", 5.0, None, time.time() - 86_400) for c in ids])
+        accepted = await hub.service.flexibility.create_emergency(Principal.parse("dso"), {
+            "client_ids": ids, "start": soon(300), "duration_s": 600, "power_limit_kw": 2.0}, None)
+        request_id = accepted.request_id
+        await book.expanded(request_id)
+        sent_at = time.time()
+        items = [i for i in book.due(sent_at) if i.request_id == request_id]
+        await book.mark_sent(items, sent_at)
+        answered, silent = ids[::2], ids[1::2]
+        await book.apply([ReportedOutcome("r1", request_id, c, ClientState.EXECUTED) for c in answered])
+        read: list[list[str]] = []
+        written: list[dict[str, Any]] = []
+        get_cells, update = store.get_requests_cells, store.update_requests
+
+        async def reading(columns: dict[str, list[str]]) -> Any:
+            read.extend(columns.values())
+            return await get_cells(columns)
+
+        async def writing(writes: list[Any], audit: Any = None) -> None:
+            written.extend(put for _, put, _, _ in writes)
+            await update(writes, audit)
+
+        store.get_requests_cells = reading  # type: ignore[method-assign]
+        store.update_requests = writing  # type: ignore[method-assign]
+        assert await book.settle_due(sent_at + book.sent_settle_s - 0.01) == 0  # not settled yet
+        assert await book.settle_due(sent_at + book.sent_settle_s) == len(items)
+        assert book.next_settle() is None
+        assert [sorted(c[2:] for c in cols if c.startswith("c:")) for cols in read] == [sorted(silent)]
+        assert [sorted(c[2:] for c in put if c.startswith("c:")) for put in written] == [sorted(silent)]
+        stored = await store.get_request(request_id)
+        assert stored is not None
+        states = {c: e["state"] for c, e in stored["clients"].items()}
+        assert states == {c: "executed" if c in answered else "sent" for c in ids}
+        assert {stored["clients"][c]["updated_at"] for c in silent} == {sent_at}
