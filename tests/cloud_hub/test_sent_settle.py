@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,14 @@ import httpx
 
 from cloud_hub import feed as feed_module
 from cloud_hub.authz import Principal
-from cloud_hub.book import SENT_SETTLE_S, OutboxItem, ReportedOutcome, RequestBook
+from cloud_hub.book import SENT_SETTLE_S, ReportedOutcome, RequestBook
 from cloud_hub.codec import loads
 from cloud_hub.relay import HubRelay
 from mhp_wire import topics
 from mhp_wire.messages import Ack, Cancel, ClientState, Outcome, Request
 from tests.broker_fixtures import MosquittoFactory
 from tests.cloud_hub.embedded_hub import embedded_hub
+from tests.cloud_hub.test_revise_edges import held_after_publish
 from tests.hub_fixtures import HubHandle, start_hub
 from tests.mqtt_party import Party, parties
 from tests.waiting import eventually
@@ -100,25 +100,6 @@ async def stored_events(hub: HubHandle, request_id: str) -> list[dict[str, Any]]
 def marked_sent(events: list[dict[str, Any]]) -> list[str]:
     """The clients the events show becoming ``sent``, in order."""
     return [c for e in events for c, entry in e["clients"].items() if entry["state"] == ClientState.SENT.value]
-
-
-@asynccontextmanager
-async def held_after_publish(relay: HubRelay, held_if: Callable[[OutboxItem], bool]) -> AsyncIterator[asyncio.Event]:
-    """Hold the dispatcher after it published a round with a message ``held_if`` selects, before it records the
-    round (the event is set once held; the round goes on when the block ends)."""
-    held, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(items: list[OutboxItem]) -> None:
-        if any(held_if(i) for i in items) and not release.is_set():
-            held.set()
-            await release.wait()
-
-    relay.on_published = hold
-    try:
-        yield held
-    finally:
-        release.set()
-        relay.on_published = None
 
 
 async def test_a_target_answered_before_the_settle_gets_no_sent_mark_and_a_silent_one_gets_its_send_time(
