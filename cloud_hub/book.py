@@ -243,6 +243,9 @@ class RequestBook:
         self._settling_n: Counter[str] = Counter()
         """How many marks of each request wait."""
         self._answered: dict[str, dict[str, int]] = {}
+        self._dispatched: dict[str, None] = {}
+        """Requests whose first dispatch time is known to be stored (:meth:`_first_dispatch`; bounded, oldest
+        dropped: one dropped is read again)."""
         """Per request with marks waiting: each target cell (``c:<client>``, ``p:<retailer>``) that reached a terminal
         state since, with the revision it answered: a mark of that revision or older is dropped unread."""
         self.sleep = sleep
@@ -574,6 +577,32 @@ class RequestBook:
             return
         self._settling.extend(marks)
         self._settling_n.update(m.item.request_id for m in marks)
+        await self._first_dispatch({m.item.request_id for m in marks if m.item.request_id not in self._dispatched},
+                                   now)
+
+    async def _first_dispatch(self, request_ids: set[str], now: float) -> None:
+        """Write ``now`` as the first dispatch time of those of ``request_ids`` that have none, at once: the trace's
+        ``dispatch_ms`` of a request that ends before its marks settle is read as soon as it has ended. Two cells read
+        and one written per request (with its ``storage_ms``), no client's: no change-feed entry."""
+        if not request_ids:
+            return
+        async with contextlib.AsyncExitStack() as locks:
+            for request_id in sorted(request_ids):
+                await locks.enter_async_context(self.lock(request_id))
+            rows = await self.store.get_requests_cells({rid: RequestCodec.sent_columns(()) for rid in request_ids})
+            writes: list[tuple[str, dict[str, Any], list[str] | None, bool]] = []
+            for rid in request_ids:
+                row = RequestCodec.row_state(rows[rid])
+                if row is not None and row.first_dispatch_at is None:
+                    writes.append((rid, self._with_storage_ms(rid, RequestCodec.changes(
+                        lifecycle.RowChanges(first_dispatch_at=now))), None, False))
+            if writes:
+                await self.store.update_requests(writes)
+                self._storage_ms_stored(writes)
+        for rid in request_ids:
+            self._dispatched[rid] = None
+            if len(self._dispatched) > STORAGE_MS_KEPT:
+                self._dispatched.pop(next(iter(self._dispatched)))
 
     def next_settle(self) -> float | None:
         """When the oldest waiting mark is due (None: none waits)."""

@@ -131,24 +131,29 @@ async def test_a_target_answered_before_the_settle_gets_no_sent_mark_and_a_silen
     assert marked_sent(await stored_events(hub, request_id)) == ["c2"]
 
 
-async def test_a_request_every_home_answered_before_the_settle_still_gets_its_first_dispatch_time(
+async def test_a_request_every_home_answered_before_the_settle_has_its_first_dispatch_time_at_once(
         hub: HubHandle) -> None:
+    """The trace's ``dispatch_ms`` is there as soon as the request has ended, before its marks settle (it is written
+    with the first send, without a feed entry); the settle then writes nothing."""
     await hub.setup_registry({"c1": "r1"})
     relay, clock = shifted(hub)
+    book: RequestBook = hub.app.state.service.book
     with parties(Party(hub.broker, "r1", topics.down("retailers", "r1"))) as (r1,):
+        before = time.time()
         request_id = await emergency(hub, ["c1"])
         msg = await r1.next("request")
+        published_by = time.time()
         await r1.publish(UP, Ack(ack_ids=[msg.msg_id]))
         await r1.publish(UP, Outcome(request_id=request_id, client_id="c1", state=ClientState.EXECUTED))
         await eventually(client_is(hub, request_id, "c1", "executed"), "c1 executed")
-        assert (await view(hub, request_id))["state"] == "completed"
+        body = await view(hub, request_id)
+        assert body["state"] == "completed" and book.next_settle() is not None  # its mark still waits
+        assert 0 <= body["trace"]["dispatch_ms"] <= (published_by - before) * 1000
         events_before = await stored_events(hub, request_id)
         settle(relay, clock)
-
-        async def dispatch_ms() -> Any:
-            return (await view(hub, request_id))["trace"].get("dispatch_ms")
-        assert await eventually(dispatch_ms, "the ended request's first dispatch time written") >= 0
-    # Written without a feed entry: no target changed, nor the request's state.
+        await eventually(lambda: book.next_settle() is None, "the mark settled")
+        assert (await view(hub, request_id))["trace"]["dispatch_ms"] == body["trace"]["dispatch_ms"]
+    # Neither the first dispatch time nor the settle wrote a feed entry: no target changed, nor the request's state.
     assert await stored_events(hub, request_id) == events_before
     assert marked_sent(events_before) == []
 
