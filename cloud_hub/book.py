@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,20 +174,55 @@ SENT_CHUNK_CLIENTS = 6_000
 """Clients whose first send :meth:`RequestBook.mark_sent` records in one storage round at most (a message is never
 split): a round of 100,000 clients, read, decided, encoded and described in one go, held the hub's event loop for
 seconds (issue 14, fourth round); each chunk's write lets it go."""
+SENT_SETTLE_S = 2.0
+"""How long a first send's ``pending`` → ``sent`` marks wait before they are written (:meth:`RequestBook.mark_sent`).
+The ``sent`` state is informational (expiry treats ``sent`` and ``pending`` alike, a cancel reaches every retailer
+addressed either way, delivery rests on the outbox), and a home that answers within this time after the send has
+its outcome written instead: the mark, its cell rewrite and its change-feed entry are never made (issue 14, tenth
+round). 2 s: on a quiet machine every one of 10,000 gateways has executed about 2 s after the POST; measured on a
+loaded one (load 5-11), 0-30 % of them answered within 1 s of the first send, 0-60 % within 2 s, 0-100 % within
+3 s (docs/performance.md, "Issue 14, tenth round"). The trade: the DSO's view shows such a client ``pending`` for up
+to this long after its send."""
 
 
-def _sent_chunks(first: dict[str, list[OutboxItem]]) -> list[dict[str, list[OutboxItem]]]:
-    """``first`` (``{request_id: [item, ...]}``) cut into chunks of about :data:`SENT_CHUNK_CLIENTS` clients, each
-    item whole and in its order."""
-    chunks: list[dict[str, list[OutboxItem]]] = [{}]
+@dataclass(slots=True)
+class _SentMark:
+    """One first send waiting to be recorded: its message, its targets not answered since, and when it was sent."""
+
+    item: OutboxItem
+    at: float
+    clients: list[str]
+    """The message's clients still to mark (those answered since are dropped); empty for a party target."""
+    party: bool = True
+    """Without clients: whether the retailer's party entry is still to mark."""
+
+    @property
+    def live(self) -> bool:
+        """Whether a target is left to mark."""
+        return bool(self.clients) or (not self.item.clients and self.party)
+
+    @property
+    def size(self) -> int:
+        return len(self.clients) or int(self.live)
+
+    def sent(self) -> lifecycle.SentAt:
+        return self.clients, self.item.retailer_id, self.item.revision, self.at
+
+
+def _sent_chunks(first: dict[str, list[_SentMark]]) -> list[dict[str, list[_SentMark]]]:
+    """``first`` (``{request_id: [mark, ...]}``) cut into chunks of about :data:`SENT_CHUNK_CLIENTS` clients, each
+    mark whole and in its order (a mark with no target left counts for nothing: its send time may still be the
+    request's first dispatch time)."""
+    chunks: list[dict[str, list[_SentMark]]] = [{}]
     size = 0
-    for request_id, items in first.items():
-        for item in items:
-            n = max(1, len(item.clients))
+    for request_id, marks in first.items():
+        chunks[-1].setdefault(request_id, [])
+        for mark in marks:
+            n = mark.size
             if size and size + n > SENT_CHUNK_CLIENTS:
-                chunks.append({})
+                chunks.append({request_id: []})
                 size = 0
-            chunks[-1].setdefault(request_id, []).append(item)
+            chunks[-1][request_id].append(mark)
             size += n
     return [c for c in chunks if c]
 
@@ -197,8 +232,22 @@ class RequestBook:
 
     def __init__(self, store: HubStore, metrics: HubMetrics, replica_id: str | None = None, *,
                  expand_after_accept_min_clients: int = 1000,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 sent_settle_s: float | None = None) -> None:
         self.store = store
+        self.sent_settle_s = SENT_SETTLE_S if sent_settle_s is None else sent_settle_s
+        """How long first sends' marks wait before they are written (default :data:`SENT_SETTLE_S`, read when the
+        book is made; 0: at once)."""
+        self._settling: deque[_SentMark] = deque()
+        """First sends whose marks wait, in the order they were sent (:meth:`settle_due`)."""
+        self._settling_n: Counter[str] = Counter()
+        """How many marks of each request wait."""
+        self._answered: dict[str, dict[str, int]] = {}
+        self._dispatched: dict[str, None] = {}
+        """Requests whose first dispatch time is known to be stored (:meth:`_first_dispatch`; bounded, oldest
+        dropped: one dropped is read again)."""
+        """Per request with marks waiting: each target cell (``c:<client>``, ``p:<retailer>``) that reached a terminal
+        state since, with the revision it answered: a mark of that revision or older is dropped unread."""
         self.sleep = sleep
         """How an expansion that failed waits before it tries again (tests drive it)."""
         self.expand_after_accept_min_clients = expand_after_accept_min_clients
@@ -265,6 +314,11 @@ class RequestBook:
         n = len(self.deadlines)
         self._generation += 1  # an expansion still running queues nothing: the replica that adopts it expands it
         self.outbox.clear()
+        # Marks waiting are dropped too: the requests may be adopted by another replica, which sends and marks them
+        # again; only the owner writes a row.
+        self._settling.clear()
+        self._settling_n.clear()
+        self._answered.clear()
         self.deadlines.clear()
         self.phases.clear()
         return n
@@ -502,46 +556,145 @@ class RequestBook:
         return min((i.next_at for i in self.outbox.values()), default=None)
 
     async def mark_sent(self, items: list[OutboxItem], now: float, next_at: Sequence[float] | None = None) -> None:
-        """Record attempts (each item's next one at ``next_at``, by default after the one back-off from ``now``); a
-        request's pending targets of that retailer become ``sent``."""
-        first: dict[str, list[OutboxItem]] = {}
+        """Record attempts (each item's next one at ``next_at``, by default after the one back-off from ``now``), in
+        memory at once; a first send's pending targets of that retailer become ``sent`` in storage once the send has
+        settled for :attr:`sent_settle_s` (:meth:`settle_due`, with ``now`` as their time), or at once when it is 0.
+        Which retailer received which client's billing data goes to the data access log at once."""
+        marks: list[_SentMark] = []
         for k, item in enumerate(items):
             item.attempts += 1
             item.next_at = now + retry_delay_s(item.attempts) if next_at is None else next_at[k]
             if item.attempts == 1 and item.kind in ("request", *DELIVERIES):
-                first.setdefault(item.request_id, []).append(item)
-        for part in _sent_chunks(first):
-            await self._mark_first_sent(part, now)
+                marks.append(_SentMark(item, now, item.clients))
+        # The right was decided per reading interval when the request was created (HubService._billing).
+        audit = [AuditEntry(f"retailer:{m.item.retailer_id}", cid, Action.DELIVER_BILLING.value,
+                            "retailer:supplier-of-period", True, m.item.request_id, at=now)
+                 for m in marks if m.item.kind == "billing" for cid in m.item.clients]
+        if audit:
+            await self.store.update_requests([], audit)
+        if self.sent_settle_s <= 0:
+            await self._write_marks(marks)
+            return
+        self._settling.extend(marks)
+        self._settling_n.update(m.item.request_id for m in marks)
+        await self._first_dispatch({m.item.request_id for m in marks if m.item.request_id not in self._dispatched},
+                                   now)
 
-    async def _mark_first_sent(self, first: dict[str, list[OutboxItem]], now: float) -> None:
-        """:meth:`mark_sent` of one chunk of first sends (:func:`_sent_chunks`)."""
+    async def _first_dispatch(self, request_ids: set[str], now: float) -> None:
+        """Write ``now`` as the first dispatch time of those of ``request_ids`` that have none, at once: the trace's
+        ``dispatch_ms`` of a request that ends before its marks settle is read as soon as it has ended. Two cells read
+        and one written per request (with its ``storage_ms``), no client's: no change-feed entry."""
+        if not request_ids:
+            return
+        async with contextlib.AsyncExitStack() as locks:
+            for request_id in sorted(request_ids):
+                await locks.enter_async_context(self.lock(request_id))
+            rows = await self.store.get_requests_cells({rid: RequestCodec.sent_columns(()) for rid in request_ids})
+            writes: list[tuple[str, dict[str, Any], list[str] | None, bool]] = []
+            for rid in request_ids:
+                row = RequestCodec.row_state(rows[rid])
+                if row is not None and row.first_dispatch_at is None:
+                    writes.append((rid, self._with_storage_ms(rid, RequestCodec.changes(
+                        lifecycle.RowChanges(first_dispatch_at=now))), None, False))
+            if writes:
+                await self.store.update_requests(writes)
+                self._storage_ms_stored(writes)
+        for rid in request_ids:
+            self._dispatched[rid] = None
+            if len(self._dispatched) > STORAGE_MS_KEPT:
+                self._dispatched.pop(next(iter(self._dispatched)))
+
+    def next_settle(self) -> float | None:
+        """When the oldest waiting mark is due (None: none waits)."""
+        return self._settling[0].at + self.sent_settle_s if self._settling else None
+
+    async def settle_due(self, now: float) -> int:
+        """Write the marks of first sends that have settled by ``now``; returns how many were due."""
+        due: list[_SentMark] = []
+        while self._settling and self._settling[0].at + self.sent_settle_s <= now:
+            due.append(self._settling.popleft())
+        if due:
+            await self._write_due(due)
+        return len(due)
+
+    async def settle_all(self) -> int:
+        """Write every waiting mark now (at shutdown: else a restart re-sends those messages and marks them then)."""
+        due = list(self._settling)
+        self._settling.clear()
+        if due:
+            await self._write_due(due)
+        return len(due)
+
+    async def _write_due(self, due: list[_SentMark]) -> None:
+        """Write ``due`` (taken off the queue) without the targets answered meanwhile."""
+        answered = self._answered
+        for mark in due:
+            rid = mark.item.request_id
+            seen = answered.get(rid)
+            if seen:
+                rev = mark.item.revision
+                if mark.clients:
+                    mark.clients = [c for c in mark.clients if seen.get("c:" + c, 0) < rev]
+                else:
+                    mark.party = seen.get("p:" + mark.item.retailer_id, 0) < rev
+            left = self._settling_n[rid] - 1
+            if left > 0:
+                self._settling_n[rid] = left
+            else:
+                self._settling_n.pop(rid, None)
+                answered.pop(rid, None)
+        try:
+            await self._write_marks(due)
+        except StoreUnavailable:
+            # Not written: a restart (or the outbox's re-send after it) marks them again; waiting here for storage
+            # would hold every later mark. The view keeps ``pending`` until the client's outcome.
+            log.warning("%d first send(s) not recorded as sent: storage unavailable", len(due))
+
+    def _answered_in(self, request_id: str, put: dict[str, Any]) -> None:
+        """Note the targets a durable write of ``put`` ended, while marks of the request wait (:meth:`_write_due`)."""
+        if request_id not in self._settling_n:
+            return
+        seen = self._answered.setdefault(request_id, {})
+        for col, e in put.items():
+            if col[:2] in ("c:", "p:") and isinstance(e, dict) and e.get("state") in lifecycle.TERMINAL_VALUES:
+                seen[col] = int(e.get("revision", 1))
+
+    async def _write_marks(self, marks: list[_SentMark]) -> None:
+        """Write the ``sent`` marks of ``marks`` (in send order), a chunk of requests per storage round."""
+        first: dict[str, list[_SentMark]] = {}
+        for mark in marks:
+            first.setdefault(mark.item.request_id, []).append(mark)
+        for part in _sent_chunks(first):
+            await self._mark_first_sent(part)
+
+    async def _mark_first_sent(self, first: dict[str, list[_SentMark]]) -> None:
+        """The marks of one chunk (:func:`_sent_chunks`): each request's row read with the cells of the targets to
+        mark, decided by :func:`~cloud_hub.lifecycle.sent`, and only what changed written."""
         # Every request of the chunk read in one storage call and written in one batch (each row atomically), as
         # the group commit does for outcomes; the locks are taken in request-id order, as there.
         async with contextlib.AsyncExitStack() as locks:
             for request_id in sorted(first):
                 await locks.enter_async_context(self.lock(request_id))
-            rows = await self.store.get_requests_cells({rid: RequestCodec.sent_columns((i.clients, i.retailer_id)
-                                                                                       for i in sent)
-                                                        for rid, sent in first.items()})
+            rows = await self.store.get_requests_cells({rid: RequestCodec.sent_columns(
+                (m.clients, m.item.retailer_id) for m in marks if m.live) for rid, marks in first.items()})
             writes: list[tuple[str, dict[str, Any], list[str] | None, bool]] = [
-                (rid, self._with_storage_ms(rid, put), None, False) for rid, sent in first.items()
-                if (put := self._advance_sent(rows[rid], sent, now))]
-            # Which retailer received which client's billing data, in the data access log with the round's rows.
-            # The right was decided per reading interval when the request was created (HubService._billing).
-            audit = [AuditEntry(f"retailer:{item.retailer_id}", cid, Action.DELIVER_BILLING.value,
-                                "retailer:supplier-of-period", True, item.request_id, at=now)
-                     for sent in first.values() for item in sent if item.kind == "billing" for cid in item.clients]
-            if writes or audit:
-                await self.store.update_requests(writes, audit)
+                (rid, self._with_storage_ms(rid, put), None, False) for rid, marks in first.items()
+                if (put := self._advance_sent(rows[rid], marks))]
+            if writes:
+                await self.store.update_requests(writes)
                 self._storage_ms_stored(writes)
+        for rid in first:
+            if not self.knows(rid) and rid not in self._settling_n:
+                self._locks.pop(rid, None)  # an ended request's lock, taken again here
 
     @staticmethod
-    def _advance_sent(cells: dict[str, Any], sent: list[OutboxItem], now: float) -> dict[str, Any]:
-        """The cells of a request row to write once ``sent`` went out (nothing when the request has ended)."""
+    def _advance_sent(cells: dict[str, Any], marks: list[_SentMark]) -> dict[str, Any]:
+        """The cells of a request row to write for ``marks`` (nothing when nothing changes; a request not known
+        to storage writes nothing)."""
         row = RequestCodec.row_state(cells)
         if row is None:
             return {}
-        return RequestCodec.changes(lifecycle.sent(row, [(i.clients, i.retailer_id, i.revision) for i in sent], now))
+        return RequestCodec.changes(lifecycle.sent(row, [m.sent() for m in marks if m.live], min(m.at for m in marks)))
 
     def _with_storage_ms(self, request_id: str, put: dict[str, Any]) -> dict[str, Any]:
         """``put`` with the request's measured ``r:storage_ms`` when it is not stored yet."""
@@ -739,6 +892,7 @@ class RequestBook:
 
     def _after_write(self, w: _RowWrite, now: float) -> None:
         """What the book keeps in memory, once a row written by :meth:`apply` is durable."""
+        self._answered_in(w.request_id, w.put)
         state = RequestCodec.state_written(w.put)
         if state is not None and state.terminal:
             self.deadlines.pop(w.request_id, None)

@@ -147,7 +147,8 @@ def retry_delay_s(attempts: int, base_s: float = 0.5, cap_s: float = 30.0) -> fl
 # -- outcomes applied to one request -------------------------------------------------------------------------
 
 C = ClientState
-_TERMINAL = frozenset(s.value for s in ClientState if s.terminal)
+_TERMINAL = TERMINAL_VALUES = frozenset(s.value for s in ClientState if s.terminal)
+"""The stored values of the terminal client states."""
 Allowed = Callable[[str, list[str]], bool]
 """``allowed(retailer_id, addressed_retailers)``: whether that retailer may report on a client (the relay's
 decision through :mod:`cloud_hub.authz`)."""
@@ -495,29 +496,42 @@ def _finish(changes: RowChanges, current: RequestState, counts: Counter[ClientSt
     return state
 
 
-def sent(row: RowState, messages: Sequence[Sent], now: float) -> RowChanges:
-    """First sends of ``messages``: their pending targets become ``sent`` (a message of an older revision than its
-    target's leaves it alone); the request's state and counts, and its first dispatch time, are written (nothing
-    once the request has ended)."""
+SentAt = tuple[Sequence[str], str, int, float]
+"""A first send's ``(clients, retailer_id, revision, sent_at)``: :data:`Sent` with the time it was published."""
+
+
+def sent(row: RowState, messages: Sequence[SentAt], first_at: float) -> RowChanges:
+    """First sends of ``messages``, each at its own time: their targets still ``pending`` for that retailer become
+    ``sent`` (``updated_at`` the message's send time). Only what changes is recorded: a target that moved on meanwhile
+    (answered: terminal, or already past ``sent``), or of a newer revision than the message (the entry waits for its
+    own revision's), is left alone, and the request's state and counts are written only when a target moved. The
+    request's first dispatch time (``first_at``, the earliest send) is written when it has none, even once the
+    request has ended (its trace's ``dispatch_ms``); nothing else is then."""
     changes = RowChanges()
+    if row.first_dispatch_at is None:
+        changes.first_dispatch_at = first_at
     if row.state.terminal:
         return changes
     counts = Counter(row.counts)
-    work = {c: _working(e) for c, e in row.clients.items()}
-    parties = {p: _working(e) for p, e in row.parties.items()}
-    for clients, retailer_id, revision in messages:
-        for is_client, key, entry in _targets(work, parties, clients, retailer_id):
-            if entry is None or revision < entry.get("revision", 1):
-                continue  # an older revision's message: the entry waits for its own revision's
-            retailers = entry["retailers"]
-            if retailers.get(retailer_id) == _PENDING:
-                retailers[retailer_id] = _SENT
-            move(entry, _combined(retailers), counts, now)
-            _record(changes, is_client, key, entry)
-    changes.counts = counts
-    changes.state = request_state_from_counts(row.state, counts)
-    if row.first_dispatch_at is None:
-        changes.first_dispatch_at = now
+    moved = False
+    for clients, retailer_id, revision, at in messages:
+        for is_client, key, _ in _targets(row.clients, row.parties, clients, retailer_id):
+            done = changes.clients if is_client else changes.parties
+            entry = done.get(key)
+            if entry is None:
+                stored = (row.clients if is_client else row.parties).get(key)
+                if stored is None or stored["state"] in _TERMINAL or revision < stored.get("revision", 1) or (
+                        stored["retailers"].get(retailer_id) != _PENDING):
+                    continue  # moved on, or an older revision's message: nothing to write for it
+                entry = _working(stored)
+            elif revision < entry.get("revision", 1) or entry["retailers"].get(retailer_id) != _PENDING:
+                continue
+            entry["retailers"][retailer_id] = _SENT
+            moved = move(entry, _combined(entry["retailers"]), counts, at) or moved
+            done[key] = entry
+    if moved:
+        changes.counts = counts
+        changes.state = request_state_from_counts(row.state, counts)
     return changes
 
 

@@ -225,9 +225,11 @@ class HubRelay:
     async def drain(self) -> None:
         """Wait until the outcome and acknowledgement commits handed in so far have ended (at shutdown, once the
         MQTT side has stopped and before the store closes: a commit still running would meet a closed store, and
-        the outcomes its retailers sent would be lost until they re-send them)."""
+        the outcomes its retailers sent would be lost until they re-send them). The first sends' ``sent`` marks
+        still waiting to settle are written then too (:meth:`RequestBook.settle_all`)."""
         await self.outcomes.drain()
         await self.acks.drain()
+        await self.book.settle_all()
 
     def link_connected(self) -> None:
         """The link to the hub broker is up (the first time or again): republish the stored tariff."""
@@ -263,14 +265,17 @@ class HubRelay:
             await wait_or_timeout(self._wake, wait_s)
 
     async def dispatch_once(self) -> float:
-        """Send what is due; returns how long to sleep before the next attempt."""
+        """Write the first sends' marks that have settled, send what is due; returns how long to sleep before the
+        next attempt (or the next mark's settling)."""
+        await self.book.settle_due(self.clock())
+        settle = self.book.next_settle()
         link = self.link
         if link is None or not link.connected:
-            return 0.2
+            return 0.2 if settle is None else max(0.01, min(0.2, settle - self.clock()))
         await self.outbox.send_due()
         nxt = self.book.next_due()
         phase = min((p.due for p in self.book.phases.values()), default=None)
-        candidates = [t for t in (nxt, phase) if t is not None]
+        candidates = [t for t in (nxt, phase, self.book.next_settle()) if t is not None]
         return 1.0 if not candidates else max(0.01, min(1.0, min(candidates) - self.clock()))
 
     async def _sweep_loop(self) -> None:

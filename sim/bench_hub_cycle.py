@@ -12,6 +12,11 @@ the last run. ``--gc-tuned`` tunes the process's garbage collector as ``cloud-hu
 (:func:`mhp_wire.gc_tuning.tune_for_throughput`, after the imports; the code under test does not change with it).
 ``--concurrent N`` runs N request lives at once (as overlapping requests do in a running hub, where
 their writes share the store's group commits), and gives the store's transactions per request where it counts them.
+
+Since the first sends' ``sent`` marks wait to settle (issue 14, tenth round: ``RequestBook.settle_due``), a book
+that has them writes them at the end of each life, as its dispatcher would once the settle time passed: after the
+outcomes (the homes answered within it, the default) or, with ``--slow-homes``, before them (no home answered
+within it: every mark is written, then every outcome). A book without them wrote its marks in ``mark_sent``.
 """
 
 from __future__ import annotations
@@ -36,8 +41,15 @@ from cloud_hub.store import HubStore
 from mhp_wire.messages import ClientState
 
 
+async def settle(book: RequestBook, at: float) -> None:
+    """Write the first sends' marks settled by ``at`` (a book without waiting marks wrote them in ``mark_sent``)."""
+    settle_due = getattr(book, "settle_due", None)
+    if settle_due is not None:
+        await settle_due(at)
+
+
 async def one_run(clients: int, requests: int, batch: int, profile: cProfile.Profile | None,
-                  concurrent: int = 1) -> dict[str, float]:
+                  concurrent: int = 1, slow_homes: bool = False) -> dict[str, float]:
     """CPU ms per request (and per client) of one run on a fresh store."""
     with tempfile.TemporaryDirectory() as tmp:
         store = HubStore.embedded(Path(tmp) / "hub.db")
@@ -67,7 +79,10 @@ async def one_run(clients: int, requests: int, batch: int, profile: cProfile.Pro
                 if expanded is not None:
                     await expanded(accepted.request_id)  # the expansion, right after the answer
                 items = [i for i in book.due(time.time()) if i.request_id == accepted.request_id]
-                await book.mark_sent(items, time.time())
+                await book.mark_sent(items, sent_at := time.time())
+                settled_at = sent_at + getattr(book, "sent_settle_s", 0.0)
+                if slow_homes:
+                    await settle(book, settled_at)
                 await book.on_acks([("r1", [i.msg_id for i in items])])
                 outcomes = [ReportedOutcome("r1", accepted.request_id, c, s)
                             for s in (ClientState.DELIVERED, ClientState.EXECUTED) for c in ids]
@@ -75,6 +90,8 @@ async def one_run(clients: int, requests: int, batch: int, profile: cProfile.Pro
                     verdicts = await book.apply_outcomes(outcomes[j:j + batch])
                     if not all(v.changed for v in verdicts):
                         raise SystemExit("an outcome was not applied: the benchmark measures nothing")
+                if not slow_homes:
+                    await settle(book, settled_at)
 
             for w in range(0, requests, concurrent):  # ``concurrent`` lives at once, as requests overlap in a hub
                 await asyncio.gather(*(life(k) for k in range(w, min(w + concurrent, requests))))
@@ -102,6 +119,8 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=1,
                     help="request lives run at once (1: one after the other, as before)")
     ap.add_argument("--profile", type=Path, default=None)
+    ap.add_argument("--slow-homes", action="store_true",
+                    help="the first sends' marks settle before the outcomes come (every mark written)")
     ap.add_argument("--gc-tuned", action="store_true",
                     help="tune the garbage collector as the hub's process does (cloud-hub serve)")
     a = ap.parse_args()
@@ -112,10 +131,10 @@ def main() -> None:
     runs = []
     for k in range(a.runs):
         prof = cProfile.Profile() if a.profile is not None and k == a.runs - 1 else None
-        runs.append(asyncio.run(one_run(a.clients, a.requests, a.batch, prof, a.concurrent)))
+        runs.append(asyncio.run(one_run(a.clients, a.requests, a.batch, prof, a.concurrent, a.slow_homes)))
         if prof is not None:
             prof.dump_stats(a.profile)
-    out = {"code": str(Path(cloud_hub.__file__).parent), "gc_tuned": a.gc_tuned,
+    out = {"code": str(Path(cloud_hub.__file__).parent), "gc_tuned": a.gc_tuned, "slow_homes": a.slow_homes,
            "clients": a.clients, "requests": a.requests, "batch": a.batch, "concurrent": a.concurrent, "runs": [
         {k: round(v, 3) for k, v in r.items()} for r in runs]}
     out["median_cpu_ms_per_request"] = round(statistics.median(r["cpu_ms_per_request"] for r in runs), 3)

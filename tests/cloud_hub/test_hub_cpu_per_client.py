@@ -110,6 +110,7 @@ async def test_the_view_counts_and_times_are_those_of_a_count_client_by_client(t
         await book.expanded(accepted.request_id)
         items = [i for i in book.due(time.time()) if i.request_id == accepted.request_id]
         await book.mark_sent(items, time.time())
+        await book.settle_due(time.time() + book.sent_settle_s)  # the marks settled: written as ``sent``
         rid_of = {c: "r1" if i % 3 else "r2" for i, c in enumerate(ids)}
         # Three outcome commits (three distinct times), each a different mix of states.
         for part, state in ((ids[::2], ClientState.DELIVERED), (ids[5::7], ClientState.EXECUTED),

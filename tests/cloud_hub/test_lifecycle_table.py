@@ -227,27 +227,51 @@ def test_an_open_load_reduction_is_not_judged_yet() -> None:
 @pytest.mark.parametrize(("stored", "message_revision", "after"), [
     (C.PENDING, 1, C.SENT),
     (C.PENDING, 2, C.SENT),
-    (C.SENT, 1, C.SENT),  # sent again: unchanged, still written
-    (C.DELIVERED, 1, C.DELIVERED),  # never back
-    (C.EXECUTED, 1, C.EXECUTED),
+    (C.SENT, 1, None),  # sent again: unchanged, not written
+    (C.DELIVERED, 1, None),  # past sent: never back, not written
+    (C.EXECUTED, 1, None),  # answered before the mark settled: left alone, not written
 ])
-def test_sent(stored: C, message_revision: int, after: C) -> None:
+def test_sent(stored: C, message_revision: int, after: C | None) -> None:
     r = row({"a": entry(stored), "b": entry(C.PENDING)}, state=R.ACCEPTED)
-    changes = sent(r, [(["a"], "r1", message_revision)], NOW)
-    assert changes.clients["a"]["state"] == after.value and "b" not in changes.clients
-    assert changes.state is R.DISPATCHING and changes.first_dispatch_at == NOW
+    changes = sent(r, [(["a"], "r1", message_revision, NOW - 1)], NOW - 2)
+    assert "b" not in changes.clients and changes.first_dispatch_at == NOW - 2
+    if after is None:
+        assert "a" not in changes.clients and changes.state is None and changes.counts is None
+    else:
+        assert changes.clients["a"]["state"] == after.value and changes.clients["a"]["updated_at"] == NOW - 1
+        assert changes.state is R.DISPATCHING
     assert r.clients["a"]["state"] == stored.value  # pure
 
 
 def test_sent_older_revision_leaves_the_target_and_a_party_is_a_target() -> None:
     r = row({"a": entry(C.PENDING, revision=2)}, state=R.ACCEPTED)
-    changes = sent(r, [(["a"], "r1", 1)], NOW)
-    assert changes.clients == {} and changes.state is R.ACCEPTED and changes.counts == Counter({C.PENDING: 1})
+    changes = sent(r, [(["a"], "r1", 1, NOW)], NOW)
+    assert changes.clients == {} and changes.state is None and changes.counts is None
     r = RowState(R.ACCEPTED, Counter({C.PENDING: 1}), CREATED, "tariff", parties={"r1": entry(C.PENDING)},
                   first_dispatch_at=CREATED)
-    changes = sent(r, [([], "r1", 1)], NOW)
+    changes = sent(r, [([], "r1", 1, NOW)], NOW)
     assert changes.parties["r1"]["state"] == "sent" and changes.first_dispatch_at is None
-    assert sent(row({"a": entry(C.PENDING)}, state=R.CANCELLED), [(["a"], "r1", 1)], NOW).empty
+    assert sent(row({"a": entry(C.PENDING)}, state=R.CANCELLED, first_dispatch_at=CREATED),
+                [(["a"], "r1", 1, NOW)], NOW).empty
+
+
+def test_sent_after_the_request_ended_writes_only_its_missing_first_dispatch_time() -> None:
+    """A request that ended before its first send's mark settled (every home answered within the settle time)
+    keeps its targets as they are, but gets its first dispatch time (its trace's ``dispatch_ms``)."""
+    r = row({"a": entry(C.EXECUTED)}, state=R.COMPLETED)
+    changes = sent(r, [(["a"], "r1", 1, NOW)], NOW)
+    assert changes.first_dispatch_at == NOW and not changes.clients and changes.state is None
+
+
+def test_sent_two_messages_of_one_client_keep_their_own_times() -> None:
+    """A client of two retailers (billing across a supplier switch) sent by each at its own time: each message's
+    retailer becomes ``sent``, the target once, at the time of the send that moved it."""
+    r = row({"a": entry(C.PENDING, {"r1": C.PENDING, "r2": C.PENDING})}, state=R.ACCEPTED)
+    changes = sent(r, [(["a"], "r1", 1, NOW - 3), (["a"], "r2", 1, NOW - 2)], NOW - 3)
+    got = changes.clients["a"]
+    assert got["retailers"] == {"r1": "sent", "r2": "sent"} and got["state"] == "sent"
+    assert got["updated_at"] == NOW - 2  # r1's send left it pending (r2 was): r2's moved it
+    assert changes.counts == Counter({C.SENT: 1}) and changes.state is R.DISPATCHING
 
 
 def test_acknowledged_delivery_and_cancel() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -130,13 +130,16 @@ async def test_a_revision_that_moves_a_client_past_a_supplier_switch_is_409(hub:
 # -- the window between publishing a message and recording it as sent (finding 7) ------------------------------------
 
 @asynccontextmanager
-async def held_after_publish(relay: HubRelay, kind: str) -> AsyncIterator[asyncio.Event]:
-    """Hold the hub's dispatch after it has published a round with a ``kind`` message and before it records the
-    round as sent; the event is set once a round is held, and the round goes on when the block ends."""
+async def held_after_publish(relay: HubRelay, kind: str | Callable[[OutboxItem], bool]
+                             ) -> AsyncIterator[asyncio.Event]:
+    """Hold the hub's dispatch after it has published a round with a ``kind`` message (or one the function
+    ``kind`` selects) and before it records the round as sent; the event is set once a round is held, and the
+    round goes on when the block ends."""
     held, release = asyncio.Event(), asyncio.Event()
+    selects = kind if callable(kind) else (lambda i: i.kind == kind)
 
     async def hold(items: list[OutboxItem]) -> None:
-        if any(i.kind == kind for i in items) and not release.is_set():
+        if any(selects(i) for i in items) and not release.is_set():
             held.set()
             await release.wait()
 

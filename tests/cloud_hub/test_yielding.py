@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from cloud_hub.book import SENT_CHUNK_CLIENTS, OutboxItem, _sent_chunks
+from cloud_hub.book import SENT_CHUNK_CLIENTS, OutboxItem, _sent_chunks, _SentMark
 from cloud_hub.yielding import chunked_map
 
 
@@ -49,16 +49,16 @@ def item(msg_id: str, request_id: str, n: int) -> OutboxItem:
     ([0, 0], [["m0", "m1"]]),
 ])
 def test_sent_chunks_keep_messages_whole_and_in_order(sizes: list[int], expected: list[list[str]]) -> None:
-    items = [item(f"m{k}", "q1", n) for k, n in enumerate(sizes)]
-    first: dict[str, list[OutboxItem]] = {}
-    for i in items:
-        first.setdefault(i.request_id, []).append(i)
+    marks = [_SentMark(i, 0.0, i.clients) for i in (item(f"m{k}", "q1", n) for k, n in enumerate(sizes))]
+    first: dict[str, list[_SentMark]] = {}
+    for m in marks:
+        first.setdefault(m.item.request_id, []).append(m)
     chunks = _sent_chunks(first)
-    got = [sorted(i.msg_id for items_ in c.values() for i in items_) for c in chunks]
+    got = [sorted(m.item.msg_id for marks_ in c.values() for m in marks_) for c in chunks]
     assert got == expected
-    flat = [i for c in chunks for rid in sorted(c) for i in c[rid]]
-    assert sorted(i.msg_id for i in flat) == sorted(i.msg_id for i in items)
+    flat = [m for c in chunks for rid in sorted(c) for m in c[rid]]
+    assert sorted(m.item.msg_id for m in flat) == sorted(m.item.msg_id for m in marks)
     for c in chunks:
         for rid, its in c.items():
-            assert all(i.request_id == rid for i in its)
-            assert its == [i for i in first[rid] if i in its]  # each request's items in their order
+            assert all(m.item.request_id == rid for m in its)
+            assert its == [m for m in first[rid] if m in its]  # each request's marks in their order
