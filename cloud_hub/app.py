@@ -179,7 +179,8 @@ async def _assemble(app: FastAPI, settings: HubSettings) -> tuple[ChangeFeed, We
     await feed.open()
     store.feed = feed  # from here on every request write carries its change-feed events
     book = RequestBook(store, metrics, settings.replica_id,
-                       expand_after_accept_min_clients=settings.expand_after_accept_min_clients)
+                       expand_after_accept_min_clients=settings.expand_after_accept_min_clients,
+                       sent_settle_s=settings.sent_settle_s)
     relay = HubRelay(book, metrics,
                      limiter=RateLimiter(settings.mqtt_rate_limit_per_s, settings.mqtt_rate_limit_burst),
                      presence_limiter=RateLimiter(settings.presence_rate_limit_per_s,

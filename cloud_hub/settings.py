@@ -61,6 +61,9 @@ class HubSettings(BaseSettings):
     """A client request naming at least this many clients is answered after one compact write and expanded to its
     per-client entries right after (``cloud_hub/fanout.py``); a smaller one is stored whole in its one accepting
     write (one transaction, one disk sync, where two would cost more than they save)."""
+    sent_settle_s: float = Field(2.0, ge=0, le=60)
+    """How long a message's ``pending`` -> ``sent`` marks wait before they are written; a client answered meanwhile
+    gets none (``cloud_hub.book.SENT_SETTLE_S``, docs/decisions.md "The first sends' marks settle"). 0: at once."""
     rate_limit_per_s: float = Field(200.0, gt=0)
     """HTTP requests per second each principal (token holder) may sustain; beyond it: 429 with Retry-After."""
     rate_limit_burst: int = Field(400, ge=1)

@@ -12,6 +12,7 @@ a hub stopped (gracefully) meanwhile writes its waiting marks and, started again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -19,18 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from cloud_hub import feed as feed_module
 from cloud_hub.authz import Principal
 from cloud_hub.book import SENT_SETTLE_S, ReportedOutcome, RequestBook
 from cloud_hub.codec import loads
 from cloud_hub.relay import HubRelay
+from cloud_hub.settings import HubSettings
 from mhp_wire import topics
 from mhp_wire.messages import Ack, Cancel, ClientState, Outcome, Request
 from tests.broker_fixtures import MosquittoFactory
 from tests.cloud_hub.embedded_hub import embedded_hub
 from tests.cloud_hub.test_revise_edges import held_after_publish
-from tests.hub_fixtures import HubHandle, start_hub
+from tests.hub_fixtures import HubHandle, running_hub, start_hub
 from tests.mqtt_party import Party, parties
 from tests.waiting import eventually
 
@@ -311,3 +314,30 @@ async def test_the_settled_marks_read_only_the_targets_not_answered_meanwhile(tm
         states = {c: e["state"] for c, e in stored["clients"].items()}
         assert states == {c: "executed" if c in answered else "sent" for c in ids}
         assert {stored["clients"][c]["updated_at"] for c in silent} == {sent_at}
+
+
+async def test_the_hubs_setting_reaches_the_book(
+        request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
+    """``sent_settle_s`` (``HubSettings``, by default :data:`SENT_SETTLE_S`) reaches the book: an operator who wants
+    ``sent`` shown at once sets 0 (what 0 does: :func:`test_a_settle_of_zero_writes_the_marks_with_the_send`)."""
+    assert HubSettings().sent_settle_s == SENT_SETTLE_S
+    async with contextlib.asynccontextmanager(running_hub)(request, tmp_path, mosquitto_factory, "sqlite",
+                                                             sent_settle_s=0) as hub:
+        assert hub.app.state.service.book.sent_settle_s == 0
+
+
+async def test_a_settle_of_zero_writes_the_marks_with_the_send(tmp_path: Path) -> None:
+    """``sent_settle_s`` 0: the first send's marks are written by ``mark_sent`` itself, nothing waits to settle."""
+    async with embedded_hub(tmp_path / "hub.db") as hub:
+        store, book = hub.store, hub.book
+        book.sent_settle_s = 0
+        await store.put_retailer("r1", "R1")
+        await store.import_clients([("c1", "r1", 5.0, None, time.time() - 86_400)])
+        accepted = await hub.service.flexibility.create_emergency(Principal.parse("dso"), {
+            "client_ids": ["c1"], "start": soon(300), "duration_s": 600, "power_limit_kw": 2.0}, None)
+        sent_at = time.time()
+        await book.mark_sent([i for i in book.due(sent_at) if i.request_id == accepted.request_id], sent_at)
+        assert book.next_settle() is None
+        stored = await store.get_request(accepted.request_id)
+        assert stored is not None and stored["clients"]["c1"]["state"] == ClientState.SENT.value
+        assert stored["clients"]["c1"]["updated_at"] == sent_at
