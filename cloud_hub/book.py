@@ -215,14 +215,13 @@ def _sent_chunks(first: dict[str, list[_SentMark]]) -> list[dict[str, list[_Sent
     request's first dispatch time)."""
     chunks: list[dict[str, list[_SentMark]]] = [{}]
     size = 0
-    for request_id, marks in first.items():
-        chunks[-1].setdefault(request_id, [])
+    for marks in first.values():
         for mark in marks:
             n = mark.size
             if size and size + n > SENT_CHUNK_CLIENTS:
-                chunks.append({request_id: []})
+                chunks.append({})
                 size = 0
-            chunks[-1][request_id].append(mark)
+            chunks[-1].setdefault(mark.item.request_id, []).append(mark)
             size += n
     return [c for c in chunks if c]
 

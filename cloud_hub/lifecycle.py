@@ -521,8 +521,10 @@ def sent(row: RowState, messages: Sequence[SentAt], first_at: float) -> RowChang
             if entry is None:
                 stored = (row.clients if is_client else row.parties).get(key)
                 if stored is None or stored["state"] in _TERMINAL or revision < stored.get("revision", 1) or (
-                        stored["retailers"].get(retailer_id) != _PENDING):
-                    continue  # moved on, or an older revision's message: nothing to write for it
+                        stored["retailers"].get(retailer_id) != _PENDING) or stored.get("updated_at", at) > at:
+                    # Moved on, an older revision's message, or written after the send (a load reduction's chosen
+                    # clients set pending again for its second phase): nothing to write for it.
+                    continue
                 entry = _working(stored)
             elif revision < entry.get("revision", 1) or entry["retailers"].get(retailer_id) != _PENDING:
                 continue

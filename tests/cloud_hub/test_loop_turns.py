@@ -131,10 +131,9 @@ async def big_hub(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_fact
     # The first sends' marks written at once, in ``mark_sent``, by the chunks under test: with the default settle
     # time the retailer's outcomes (sent at once below) would be written before them, and the marks of the clients
     # they ended never made (issue 14, tenth round; the same chunks write the settled marks).
-    monkeypatch.setattr(cloud_hub.book, "SENT_SETTLE_S", 0.0)
     # The retailer below reports 20,000 outcomes in ten messages at once: the per-retailer MQTT rate limit is not
     # under test.
-    async for h in running_hub(request, tmp_path, mosquitto_factory, "sqlite",
+    async for h in running_hub(request, tmp_path, mosquitto_factory, "sqlite", sent_settle_s=0.0,
                                mqtt_rate_limit_per_s=100_000.0, mqtt_rate_limit_burst=100_000):
         yield h
 

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+import cloud_hub.book
 from cloud_hub import feed as feed_module
 from cloud_hub.authz import Principal
 from cloud_hub.book import SENT_SETTLE_S, ReportedOutcome, RequestBook
@@ -341,3 +342,50 @@ async def test_a_settle_of_zero_writes_the_marks_with_the_send(tmp_path: Path) -
         stored = await store.get_request(accepted.request_id)
         assert stored is not None and stored["clients"]["c1"]["state"] == ClientState.SENT.value
         assert stored["clients"]["c1"]["updated_at"] == sent_at
+
+
+async def test_marks_of_two_requests_cut_into_chunks_at_a_requests_first_mark_are_all_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Marks are written in chunks of about ``SENT_CHUNK_CLIENTS`` clients. When a request's first mark began a new
+    chunk, the chunk before it held an empty list for that request, and its write raised ``ValueError`` (the
+    earliest send of no mark): the dispatch loop died and every mark of the batch was lost (review of s11-sent).
+    Here a chunk of 2 clients stands for 3,000, the request of 2 clients for one of 6,000."""
+    monkeypatch.setattr(cloud_hub.book, "SENT_CHUNK_CLIENTS", 2)
+    async with embedded_hub(tmp_path / "hub.db") as hub:
+        store, book = hub.store, hub.book
+        await store.put_retailer("r1", "R1")
+        await store.import_clients([(c, "r1", 5.0, None, time.time() - 86_400) for c in ("c1", "c2", "c3")])
+        ids = [(await hub.service.flexibility.create_emergency(Principal.parse("dso"), {
+            "client_ids": clients, "start": soon(300), "duration_s": 600, "power_limit_kw": 2.0}, None)).request_id
+            for clients in (["c1", "c2"], ["c3"])]
+        sent_at = time.time()
+        await book.mark_sent(book.due(sent_at), sent_at)
+        assert await book.settle_due(sent_at + book.sent_settle_s) == 2
+        for request_id in ids:
+            stored = await store.get_request(request_id)
+            assert stored is not None
+            assert {e["state"] for e in stored["clients"].values()} == {ClientState.SENT.value}, request_id
+
+
+async def test_an_availability_questions_mark_does_not_land_on_the_second_phases_pending_clients(
+        tmp_path: Path) -> None:
+    """A load reduction's question is sent, every home answers within the settle, and the phase ends: the chosen
+    client is set ``pending`` again for its dispatch (same revision). The question's mark, settling after that,
+    marked it ``sent`` with the question's send time, although its dispatch had not gone out (review of s11-sent).
+    A target written after the send is left alone."""
+    async with embedded_hub(tmp_path / "hub.db") as hub:
+        store, book = hub.store, hub.book
+        await store.put_retailer("r1", "R1")
+        await store.import_clients([(c, "r1", 5.0, None, time.time() - 86_400) for c in ("c1", "c2")])
+        request_id = (await hub.service.flexibility.create_load_reduction(Principal.parse("dso"), {
+            "client_ids": ["c1", "c2"], "reduction_kw": 3.0, "start": soon(300), "duration_s": 600,
+            "respond_within_s": 60}, None)).request_id
+        await book.expanded(request_id)
+        sent_at = time.time()
+        await book.mark_sent([i for i in book.due(sent_at) if i.request_id == request_id], sent_at)
+        await book.apply([ReportedOutcome("r1", request_id, "c1", ClientState.AVAILABLE, {"available_kw": 4.0}),
+                          ReportedOutcome("r1", request_id, "c2", ClientState.UNAVAILABLE, {})])
+        await hub.service.flexibility.finish_availability(request_id)  # c1 chosen: pending for its dispatch
+        await book.settle_due(sent_at + book.sent_settle_s)  # the dispatch itself not sent (say, r1 is offline)
+        stored = await store.get_request(request_id)
+        assert stored is not None and stored["clients"]["c1"]["state"] == ClientState.PENDING.value
