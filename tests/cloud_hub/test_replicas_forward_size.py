@@ -15,6 +15,8 @@ before, so that the tests run (and fail) on the commit before them."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -105,6 +107,47 @@ async def requests_for(r1: Party, ha: httpx.AsyncClient, dso: dict[str, str], n:
     return ids
 
 
+@dataclass
+class Round:
+    """What :func:`one_round` saw."""
+
+    sent: dict[str, tuple[str, bytes]]
+    """msg_id -> (request id, payload) of each batch r1 published."""
+    acks: dict[str, Ack]
+    errors: dict[str, ErrorReply]
+    views: dict[str, dict[str, Any]]
+    """Each request as the DSO reads it on b, once those whose batch was acknowledged have completed."""
+    metrics_b: str
+
+
+async def one_round(replicas: tuple[Replica, Replica, BrokerHandle, dict[str, str]], n: int, size: int) -> Round:
+    """Start both replicas; r1 publishes, back to back and each once (a bridge re-sends only what is not
+    acknowledged), one ``outcomes`` batch of ``size`` bytes for each of ``n`` requests owned by a: the shared
+    subscription's round robin hands some to b, which does not own their requests. Waits for every batch's
+    acknowledgement or refusal."""
+    a, b, broker, tokens = await started(replicas)
+    dso = {"Authorization": f"Bearer {tokens['dso']}"}
+    with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
+        async with httpx.AsyncClient(base_url=a.url, timeout=10) as ha, \
+                httpx.AsyncClient(base_url=b.url, timeout=10) as hb:
+            sent = {}
+            for rid in await requests_for(r1, ha, dso, n):
+                mid, payload = batch(rid, size)
+                sent[mid] = (rid, payload)
+            for _, payload in sent.values():
+                await r1.publish(UP, payload)
+            acks, errors = await answered(r1, set(sent))
+            await wait_states(hb, dso, [sent[mid][0] for mid in acks], timeout_s=20)
+            views = {rid: (await hb.get(f"/v1/requests/{rid}", headers=dso)).json() for rid, _ in sent.values()}
+            return Round(sent, acks, errors, views, (await hb.get("/metrics")).text)
+
+
+def link_never_cut(broker: BrokerHandle) -> None:
+    """Neither replica's link to the hub broker was cut: no oversize packet, one connection each."""
+    assert "oversize packet" not in broker.process.log_path.read_text()
+    assert connects(broker, "hub-b") == 1 and connects(broker, "hub") == 1
+
+
 @pytest.mark.parametrize("session_expiry_s", [0, 60], ids=["clean-session", "persistent-session"])
 async def test_a_large_outcomes_batch_forwarded_to_its_owner_replica_is_stored_once_and_cuts_no_link(
         cluster: tuple[Replica, Replica, BrokerHandle, dict[str, str]], session_expiry_s: int) -> None:  # noqa: F811
@@ -114,33 +157,17 @@ async def test_a_large_outcomes_batch_forwarded_to_its_owner_replica_is_stored_o
     for replica in cluster[:2]:
         replica.settings["replica_session_expiry_s"] = session_expiry_s
         replica.new_port()
-    a, b, broker, tokens = await started(cluster)
-    dso = {"Authorization": f"Bearer {tokens['dso']}"}
-    with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
-        async with httpx.AsyncClient(base_url=a.url, timeout=10) as ha, \
-                httpx.AsyncClient(base_url=b.url, timeout=10) as hb:
-            ids = await requests_for(r1, ha, dso, 4)
-            sent = dict(batch(rid, 250_000) for rid in ids)
-            # Back to back, each once (a bridge re-sends only what is not acknowledged): the shared subscription's
-            # round robin hands some to b, which does not own their requests and forwards them to a.
-            for payload in sent.values():
-                await r1.publish(UP, payload)
-            acks, errors = await answered(r1, set(sent))
-            states = await wait_states(hb, dso, ids, timeout_s=20)
-            views = [(await hb.get(f"/v1/requests/{rid}", headers=dso)).json() for rid in ids]
-            mb = (await hb.get("/metrics")).text
-    assert errors == {}, errors
-    assert set(acks) == set(sent), "every batch acknowledged, by its owner"
-    assert set(states.values()) == {"completed"}, states
-    for view in views:
+    got = await one_round(cluster, 4, 250_000)
+    assert got.errors == {}, got.errors
+    assert set(got.acks) == set(got.sent), "every batch acknowledged, by its owner"
+    for view in got.views.values():
+        assert view["state"] == "completed", view
         assert {c: v["state"] for c, v in view["clients"].items()} == dict.fromkeys(CLIENTS, "executed")
         assert all(len(v["detail"]["shed"]) > 1000 for v in view["clients"].values()), "the detail whole"
-    assert metric(mb, "mhp_replica_forwarded_total") >= 1, "b forwarded some of the batches to a"
-    # The forwarding replica's link was never cut: no oversize packet, one connection each.
-    assert "oversize packet" not in broker.process.log_path.read_text()
-    assert connects(broker, "hub-b") == 1 and connects(broker, "hub") == 1
+    assert metric(got.metrics_b, "mhp_replica_forwarded_total") >= 1, "b forwarded some of the batches to a"
+    link_never_cut(cluster[2])
     # What our bridges send always fits once forwarded: the batch was within their limit.
-    assert max(len(p) for p in sent.values()) <= messages.BRIDGE_OUTCOME_BYTES
+    assert max(len(p) for _, p in got.sent.values()) <= messages.BRIDGE_OUTCOME_BYTES
 
 
 async def test_a_batch_too_big_to_forward_is_refused_with_an_error_and_cuts_no_link(
@@ -148,29 +175,17 @@ async def test_a_batch_too_big_to_forward_is_refused_with_an_error_and_cuts_no_l
     """A third-party retailer's batch as big as its packet takes: the owner applies it when the shared subscription
     hands it the batch; the other replica cannot forward it (its header would not fit) and refuses it with an
     ``error`` naming the message, so that the retailer stops sending it, counts it and logs it."""
-    a, b, broker, tokens = await started(cluster)
-    dso = {"Authorization": f"Bearer {tokens['dso']}"}
-    with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
-        async with httpx.AsyncClient(base_url=a.url, timeout=10) as ha, \
-                httpx.AsyncClient(base_url=b.url, timeout=10) as hb:
-            ids = await requests_for(r1, ha, dso, 2)
-            sent = dict(batch(rid, packet_room(UP)) for rid in ids)
-            for payload in sent.values():
-                await r1.publish(UP, payload)
-            acks, errors = await answered(r1, set(sent))
-            mb = (await hb.get("/metrics")).text
-            views = {rid: (await hb.get(f"/v1/requests/{rid}", headers=dso)).json() for rid in ids}
+    got = await one_round(cluster, 2, packet_room(UP))
     # One each way: the round robin gave one batch to a (applied, acknowledged), one to b (refused).
-    assert len(acks) == 1 and len(errors) == 1, (acks, errors)
-    (refused, error), = errors.items()
+    assert len(got.acks) == 1 and len(got.errors) == 1, (got.acks, got.errors)
+    (refused, error), = got.errors.items()
     assert error.code == "invalid" and "too big to forward" in error.message
-    by_msg = {mid: rid for rid, mid in zip(ids, sent, strict=True)}
-    assert views[by_msg[next(iter(acks))]]["state"] == "completed"
-    assert all(v["state"] != "executed" for v in views[by_msg[refused]]["clients"].values()), "not applied"
-    assert metric(mb, "mhp_mqtt_rejected_total") == 1 and 'reason="too_big_to_forward"' in mb
-    log_b = b.log.read_text()
-    assert f"retailer r1's outcomes {refused} for request {by_msg[refused]}" in log_b
-    assert "oversize packet" not in broker.process.log_path.read_text()
-    assert connects(broker, "hub-b") == 1 and connects(broker, "hub") == 1
-    assert len(next(iter(sent.values()))) > messages.BRIDGE_OUTCOME_BYTES
-
+    applied, = got.acks
+    assert got.views[got.sent[applied][0]]["state"] == "completed"
+    refused_request = got.sent[refused][0]
+    clients = got.views[refused_request]["clients"].values()
+    assert all(v["state"] != "executed" for v in clients), "not applied"
+    assert metric(got.metrics_b, "mhp_mqtt_rejected_total") == 1 and 'reason="too_big_to_forward"' in got.metrics_b
+    assert f"retailer r1's outcomes {refused} for request {refused_request}" in cluster[1].log.read_text()
+    link_never_cut(cluster[2])
+    assert len(got.sent[refused][1]) > messages.BRIDGE_OUTCOME_BYTES
