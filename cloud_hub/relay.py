@@ -23,7 +23,7 @@ from cloud_hub.authz import Action, Context, Decision, Principal, decide
 from cloud_hub.book import OutboxItem, OutcomeVerdict, ReportedOutcome, RequestBook
 from cloud_hub.lifecycle import retry_delay_s
 from cloud_hub.metrics import HubMetrics
-from cloud_hub.replicas import Replicas
+from cloud_hub.replicas import Replicas, TooBigToForward
 from cloud_hub.service import tariff_message
 from cloud_hub.storage import StoreUnavailable
 from cloud_hub.store import AuditEntry
@@ -429,7 +429,7 @@ class HubRelay:
             self.metrics.replica_held.inc(len(reported.reports))
             return False
         if (not forwarded and owner is not None and owner != self.replicas.me and self.replicas.is_live(owner)):
-            await self.replicas.forward_outcome(owner, reported.retailer_id, payload)
+            await self._forward(owner, reported.retailer_id, msg, payload)
             return False
         return True
 
@@ -451,10 +451,26 @@ class HubRelay:
                 or (owner == self.replicas.me and self.replicas.ready.is_set())):
             return True  # a refusal is answered here and now, the same whether the pair exists or not
         if not forwarded and owner is not None and owner != self.replicas.me and self.replicas.is_live(owner):
-            await self.replicas.forward_outcome(owner, retailer_id, payload)
+            await self._forward(owner, retailer_id, msg, payload)
         else:
             self.metrics.replica_held.inc()
         return False
+
+    async def _forward(self, owner: str, retailer_id: str, msg: Outcome | Outcomes | OutcomesIn,
+                       payload: bytes) -> None:
+        """Forward a retailer's outcome(s) to the replica that owns the request. One too big to forward (a retailer
+        over :data:`~mhp_wire.messages.BRIDGE_OUTCOME_BYTES`, which no bridge of ours sends) is refused with the
+        ``error`` answer of an invalid message, naming it, so that the retailer does not send it for ever; counted
+        (``too_big_to_forward``) and logged (docs/decisions.md, "An outcome forwarded between hub replicas fits the
+        packet")."""
+        assert self.replicas is not None
+        try:
+            await self.replicas.forward_outcome(owner, retailer_id, payload)
+        except TooBigToForward as exc:
+            self.metrics.mqtt_rejected.labels("too_big_to_forward").inc()
+            log.warning("refused retailer %s's %s %s for request %s, owned by replica %s: %s", retailer_id, msg.type,
+                        outside(msg.msg_id), outside(msg.request_id), owner, exc)
+            await self._reply(retailer_id, ErrorReply(ref_msg_id=msg.msg_id, code="invalid", message=str(exc)))
 
     async def _commit_acks(self, batch: list[tuple[str, list[str]]]) -> None:
         """Apply retailers' acks in one group commit; when storage is unavailable the messages stay in the outbox

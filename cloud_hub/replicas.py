@@ -5,7 +5,10 @@ owner (``r:owner``, and ``d:owner`` in the open-requests index), and only the ow
 single-writer locking holds across processes. Retailers' messages reach one replica of the shared subscription:
 
 * an outcome for a request another replica owns is forwarded to that owner's inbox, which applies and acknowledges
-  it; while the owner is offline it is left unacknowledged (the retailer's outbox sends it again);
+  it; while the owner is offline it is left unacknowledged (the retailer's outbox sends it again). It goes as the
+  retailer's bytes, unchanged, after a one-line header (:func:`mhp_wire.messages.replica_outcome_header`), so that it
+  fits the brokers' packet whenever the retailer kept to :data:`mhp_wire.messages.BRIDGE_OUTCOME_BYTES`; one that
+  would not fit raises :class:`TooBigToForward` (the relay refuses it to the retailer);
 * an ack naming messages that are not in this replica's outbox is forwarded to every other live replica;
 * a cancel (HTTP) for a request another replica owns is forwarded to the owner, which answers.
 
@@ -19,7 +22,6 @@ written (``docs/architecture.md``, scale-out; ``docs/decisions.md``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,7 +35,14 @@ from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import StoreUnavailable
 from mhp_wire import topics
 from mhp_wire.logsafe import outside
-from mhp_wire.messages import AckPartition, Presence, WireError, decode
+from mhp_wire.messages import (
+    SEND_PAYLOAD_BYTES,
+    AckPartition,
+    Presence,
+    WireError,
+    decode,
+    replica_outcome_header,
+)
 from mhp_wire.mqtt import MqttError, MqttLink
 from mhp_wire.process import wait_or_timeout
 
@@ -41,7 +50,8 @@ log = logging.getLogger(__name__)
 
 
 class ReplicaMessage(BaseModel):
-    """What one replica sends another on its inbox (``mhp/v1/hub/replicas/{id}/in``)."""
+    """What one replica sends another on its inbox (``mhp/v1/hub/replicas/{id}/in``): the whole message, or (an
+    ``outcome``) the header line before the retailer's payload (:func:`read_inbox`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -49,7 +59,8 @@ class ReplicaMessage(BaseModel):
     sender: str
     retailer_id: str | None = None
     payload: str | None = None
-    """``outcome``: the retailer's message as it was received."""
+    """``outcome`` from a replica of the release before the framing: the retailer's message as a JSON string (read
+    for one release, written no more: :func:`read_inbox`)."""
     ack_ids: list[str] = Field(default_factory=list)
     partition: AckPartition | None = None
     """``ack``: the partition of the retailer's bridge that sent it (absent: an unpartitioned bridge)."""
@@ -66,6 +77,40 @@ class ReplicaMessage(BaseModel):
     """``cancel_result``: the owner refused: the :class:`cloud_hub.errors.HubError` ``code`` it raised."""
     message: str | None = None
     """``cancel_result``: that error's message."""
+
+
+class TooBigToForward(Exception):
+    """A retailer's outcome that, with the forwarding header, would not fit the brokers' packet: only one over
+    :data:`~mhp_wire.messages.BRIDGE_OUTCOME_BYTES` (a bridge not built here). ``str()`` is the retailer's answer."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"message of {size} bytes too big to forward to the hub replica that owns its request "
+                         f"(at most {limit} bytes): split it into smaller messages or cut its detail")
+        self.size = size
+        self.limit = limit
+
+
+def outcome_frame(sender: str, retailer_id: str, payload: bytes) -> bytes:
+    """What a replica publishes on the owner's inbox for a retailer's ``outcome``/``outcomes``: the header line and
+    the retailer's bytes as received."""
+    return replica_outcome_header(sender, retailer_id) + payload
+
+
+def read_inbox(data: bytes) -> tuple[ReplicaMessage, bytes | None]:
+    """A message on a replica's inbox, and the retailer's payload when it is an ``outcome``. An ``outcome`` is a
+    header line then the retailer's bytes (:func:`outcome_frame`); every other message is one JSON object, which
+    has no newline (compact JSON escapes it inside strings). The whole-JSON ``outcome`` of the release before, its
+    payload a JSON string, is read too, for one release (docs/decisions.md, "An outcome forwarded between hub
+    replicas fits the packet"). Raises :class:`ValueError` (a :class:`ValidationError`) on anything else."""
+    head, newline, rest = data.partition(b"\n")
+    msg = ReplicaMessage.model_validate_json(head)
+    if newline:
+        if msg.type != "outcome" or msg.payload is not None:
+            raise ValueError(f"a {msg.type} message with a payload line after it")
+        return msg, rest
+    if msg.type == "outcome" and msg.payload is not None:
+        return msg, msg.payload.encode()
+    return msg, None
 
 
 CancelHandler = Callable[[str, str], Awaitable[dict[str, Any]]]
@@ -214,16 +259,23 @@ class Replicas:
     # -- forwarding -----------------------------------------------------------------------------------------
 
     async def _send(self, replica_id: str, msg: ReplicaMessage) -> None:
+        await self._publish(replica_id, msg.model_dump_json(exclude_none=True).encode())
+
+    async def _publish(self, replica_id: str, data: bytes) -> None:
         if self.link is None:
             raise MqttError("the MQTT link is not up")
-        await self.link.publish(topics.replica_in(replica_id), msg.model_dump_json(exclude_none=True).encode(),
-                                wait_s=self.forward_timeout_s)
+        await self.link.publish(topics.replica_in(replica_id), data, wait_s=self.forward_timeout_s)
 
     async def forward_outcome(self, owner: str, retailer_id: str, payload: bytes) -> None:
-        """Hand an outcome to the replica that owns its request (which acknowledges it to the retailer)."""
+        """Hand a retailer's ``outcome``/``outcomes`` to the replica that owns its request (which acknowledges it to
+        the retailer), its bytes unchanged after :func:`outcome_frame`'s header. Raises :class:`TooBigToForward`,
+        sending nothing, when that would not fit :data:`~mhp_wire.messages.SEND_PAYLOAD_BYTES` (its packet would
+        not fit the broker's, which would cut this replica's link at each re-send of it, for good)."""
+        frame = outcome_frame(self.me, retailer_id, payload)
+        if len(frame) > SEND_PAYLOAD_BYTES:
+            raise TooBigToForward(len(payload), SEND_PAYLOAD_BYTES - (len(frame) - len(payload)))
         try:
-            await self._send(owner, ReplicaMessage(type="outcome", sender=self.me, retailer_id=retailer_id,
-                                                   payload=payload.decode()))
+            await self._publish(owner, frame)
             self.metrics.replica_forwarded.labels("outcome").inc()
         except MqttError as exc:  # the retailer sends it again: it was not acknowledged
             log.warning("could not forward an outcome to replica %s: %s", owner, exc)
@@ -269,12 +321,12 @@ class Replicas:
     async def on_message(self, payload: bytes) -> None:
         """Apply what another replica sent this one."""
         try:
-            msg = ReplicaMessage.model_validate(json.loads(payload))
+            msg, outcome = read_inbox(payload)
         except (ValueError, ValidationError) as exc:
             log.warning("ignored an invalid message on replica %s's inbox: %s", self.me, outside(exc, 300))
             return
-        if msg.type == "outcome" and msg.retailer_id and msg.payload is not None and self.on_outcome is not None:
-            await self.on_outcome(msg.retailer_id, msg.payload.encode())
+        if msg.type == "outcome" and msg.retailer_id and outcome is not None and self.on_outcome is not None:
+            await self.on_outcome(msg.retailer_id, outcome)
         elif msg.type == "ack" and msg.retailer_id:
             ids = self.book.acked_by_retailer(msg.retailer_id, msg.ack_ids, msg.partition)
             if ids:

@@ -29,9 +29,9 @@ from pydantic import AwareDatetime, TypeAdapter
 
 from mhp_wire.ids import ID_RE, msg_ids
 from mhp_wire.messages import (
+    BRIDGE_OUTCOME_BYTES,
     MAX_PAYLOAD_BYTES,
     OUTCOMES_MAX,
-    SEND_PAYLOAD_BYTES,
     ClientState,
     Command,
     Outcome,
@@ -90,7 +90,7 @@ Oversize = Callable[[Report, int], None]
 """Told of a report whose ``outcome`` was too big to send whole, and its size in bytes (:func:`outcome_payload`)."""
 
 
-def outcome_payload(r: Report, *, at: datetime | None = None, limit: int = SEND_PAYLOAD_BYTES,
+def outcome_payload(r: Report, *, at: datetime | None = None, limit: int = BRIDGE_OUTCOME_BYTES,
                     oversize: Oversize | None = None) -> tuple[str, bytes]:
     """``(msg_id, payload)`` of one client's ``outcome``, as ``encode(Outcome(...))`` writes it; one over ``limit``
     bytes (a gateway's near the limit, once the bridge's trace is added) goes with its ``detail`` cut to a marker
@@ -132,12 +132,12 @@ def outcomes_payload(request_id: str, reports: Sequence[Report], *, msg_id: str 
                  + b',"type":"outcomes","request_id":' + orjson.dumps(request_id) + b',"reports":' + entries + b"}")
 
 
-def pack_reports(reports: Sequence[Report], per_message: int, *, limit: int = SEND_PAYLOAD_BYTES,
+def pack_reports(reports: Sequence[Report], per_message: int, *, limit: int = BRIDGE_OUTCOME_BYTES,
                  oversize: Oversize | None = None) -> list[tuple[str, bytes]]:
     """Outbox messages ``(msg_id, payload)`` for the hub: one ``outcomes`` per request of at most ``per_message``
-    clients, split further while a payload is over ``limit`` (what fits the brokers' packet); a request with one
-    report as an ``outcome``, its ``detail`` cut to a marker if even alone it is over ``limit``
-    (:func:`outcome_payload`, which tells ``oversize``). Each client's reports keep their order."""
+    clients, split further while a payload is over ``limit`` (what fits the brokers' packet, also once a hub
+    replica forwards it); a request with one report as an ``outcome``, its ``detail`` cut to a marker if even alone
+    it is over ``limit`` (:func:`outcome_payload`, which tells ``oversize``). Each client's reports keep their order."""
     by_request: dict[str, list[Report]] = {}
     for r in reports:
         by_request.setdefault(r.request_id, []).append(r)

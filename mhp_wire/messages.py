@@ -9,6 +9,7 @@ An ``ack`` itself is published at QoS 0 (:data:`ACK_QOS`): a lost one is repaire
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from collections.abc import Sequence
@@ -31,9 +32,9 @@ from pydantic import (
     model_validator,
 )
 
-from mhp_wire.ids import msg_ids
+from mhp_wire.ids import ID_MAX_CHARS, msg_ids
 from mhp_wire.logsafe import outside
-from mhp_wire.topics import MAX_UP_TOPIC_BYTES, TopicError, check_id
+from mhp_wire.topics import MAX_UP_TOPIC_BYTES, TopicError, check_id, replica_in
 
 WIRE_VERSION = 1
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -48,8 +49,9 @@ PUBLISH_OVERHEAD_BYTES = 1 + 4 + 2 + MAX_UP_TOPIC_BYTES + 2 + 1
 """What a PUBLISH packet adds to its payload at most: the fixed header (1), the remaining length (at most 4), the
 topic's length (2) and the longest ``up`` topic of a party, the packet id (2), the empty properties' length (1)."""
 SEND_PAYLOAD_BYTES = MAX_PACKET_BYTES - PUBLISH_OVERHEAD_BYTES
-"""The largest payload a party publishes on its ``up`` topics: its packet fits the brokers' :data:`MAX_PACKET_BYTES`
-on any of them (and :func:`decode` reads it, :data:`MAX_PAYLOAD_BYTES` being larger)."""
+"""The largest payload a party publishes on its ``up`` topics, and a hub replica on another's inbox: its packet fits
+the brokers' :data:`MAX_PACKET_BYTES` on any of them (and :func:`decode` reads it, :data:`MAX_PAYLOAD_BYTES` being
+larger)."""
 BRIDGE_TRACE_KEYS = ("gateway_rtt_ms", "retailer_ms")
 """The timings a bridge adds to a gateway's outcome's ``trace`` when it forwards it to the hub."""
 _FLOAT_JSON_MAX = len("-2.2250738585072014e-308")
@@ -61,9 +63,29 @@ FORWARD_HEADROOM_BYTES = (sum(len(f',"{k}":') + _FLOAT_JSON_MAX for k in BRIDGE_
 """What a bridge's forwarding may add to a gateway's ``outcome`` at most: the :data:`BRIDGE_TRACE_KEYS` at their
 longest (a float each), and its own ``msg_id`` (at most 64 characters and quotes) and ``sent_at`` in place of the
 gateway's (counted whole, however short the gateway's were)."""
-GATEWAY_OUTCOME_BYTES = SEND_PAYLOAD_BYTES - FORWARD_HEADROOM_BYTES
+
+
+def replica_outcome_header(sender: str, retailer_id: str) -> bytes:
+    """The line a hub replica puts before a retailer's ``outcome``/``outcomes`` payload when it forwards it to the
+    replica that owns its request (``mhp/v1/hub/replicas/{id}/in``): compact JSON and a newline; the retailer's bytes
+    follow unchanged (docs/protocol.md, "Between hub replicas"). Ids are :func:`check_id` ids: nothing to escape."""
+    return json.dumps({"type": "outcome", "sender": check_id(sender), "retailer_id": check_id(retailer_id)},
+                      separators=(",", ":")).encode() + b"\n"
+
+
+_LONGEST_ID = "x" * ID_MAX_CHARS
+REPLICA_HEADROOM_BYTES = (len(replica_outcome_header(_LONGEST_ID, _LONGEST_ID))
+                          + max(0, len(replica_in(_LONGEST_ID).encode()) - MAX_UP_TOPIC_BYTES))
+"""What a hub replica's forwarding adds to a retailer's outcome at most: the :func:`replica_outcome_header` with two
+ids of :data:`~mhp_wire.ids.ID_MAX_CHARS`, and what the replica's inbox topic is longer than the longest ``up``
+topic (nothing: :data:`PUBLISH_OVERHEAD_BYTES` covers it)."""
+BRIDGE_OUTCOME_BYTES = SEND_PAYLOAD_BYTES - REPLICA_HEADROOM_BYTES
+"""The largest ``outcome`` or ``outcomes`` payload a bridge sends the hub: once a hub replica has put its header
+before it, it still fits :data:`SEND_PAYLOAD_BYTES` on the replica's inbox (docs/decisions.md, "An outcome forwarded
+between hub replicas fits the packet")."""
+GATEWAY_OUTCOME_BYTES = BRIDGE_OUTCOME_BYTES - FORWARD_HEADROOM_BYTES
 """The largest ``outcome`` a gateway sends: once its bridge has added its trace it still fits
-:data:`SEND_PAYLOAD_BYTES`. A larger one goes with its ``detail`` cut to a marker (:func:`oversize_detail`)."""
+:data:`BRIDGE_OUTCOME_BYTES`. A larger one goes with its ``detail`` cut to a marker (:func:`oversize_detail`)."""
 OVERSIZE_KEY = "oversize"
 """The marker an outcome's ``detail`` carries when it was too big to send whole (:func:`oversize_detail`)."""
 _KEEP_FIELDS = 32

@@ -28,8 +28,8 @@ from mhp_wire.ids import msg_ids
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
     ACK_QOS,
+    BRIDGE_OUTCOME_BYTES,
     BRIDGE_TRACE_KEYS,
-    SEND_PAYLOAD_BYTES,
     Ack,
     AckPartition,
     BillingData,
@@ -799,10 +799,11 @@ class BridgeRelay:
         for (request_id, client_id, revision, state), size in seen.items():
             self.rejected["gateway_detail_oversize"] += 1
             log.warning("gateway %s's outcome for request %s (client %s, revision %d) is %d bytes with the bridge's "
-                        "trace, over the %d the hub broker's packet takes: forwarded as %s with its detail cut to "
-                        "its small fields and an 'oversize' marker (counted as gateway_detail_oversize)",
+                        "trace, over the %d the hub broker's packet takes (once a hub replica forwards it): forwarded "
+                        "as %s with its detail cut to its small fields and an 'oversize' marker (counted as "
+                        "gateway_detail_oversize)",
                         self.customers.get(client_id), outside(request_id), outside(client_id), revision, size,
-                        SEND_PAYLOAD_BYTES, state)
+                        BRIDGE_OUTCOME_BYTES, state)
 
     def _judge_outcomes(self, outcomes: list[tuple[str, Outcome | OutcomeIn, float]],
                         commands: list[Any]) -> list[Verdict]:
@@ -1218,7 +1219,8 @@ def _delivered(cmd: dict[str, Any]) -> Report:
 def pack_outcomes(outcomes: Sequence[Outcome | Report], per_message: int = OUTCOMES_PER_MESSAGE, *,
                   oversize: fastwire.Oversize | None = None) -> list[tuple[str, bytes]]:
     """One batch's outcomes for the hub as outbox messages ``(msg_id, payload)``: one ``outcomes`` per request (of
-    at most ``per_message`` clients, and split further while its packet would not fit the hub broker's), a request
+    at most ``per_message`` clients, and split further while its packet would not fit the hub broker's, also once a
+    hub replica forwards it: :data:`~mhp_wire.messages.BRIDGE_OUTCOME_BYTES`), a request
     with one outcome in the batch as a plain ``outcome`` (its detail cut to a marker, and ``oversize`` told, if even
     alone it would not fit). Each client's outcomes keep their order. Built from validated values without models
     (:func:`mhp_wire.fastwire.pack_reports`; the hub validates what it receives)."""

@@ -88,7 +88,7 @@ async def test_an_outcome_the_bridges_trace_pushes_past_the_hub_brokers_packet_r
     marker = c1["detail"].pop(messages.OVERSIZE_KEY)
     assert c1["detail"] == {"limit_kw": 1.0, "reason": "held under 1 kW"}, "its small fields are kept"
     assert marker["by"] == "bridge" and marker["dropped"] == ["shed", "log"]
-    assert marker["limit"] == messages.SEND_PAYLOAD_BYTES < marker["bytes"] <= len(encode(big)) + 200
+    assert marker["limit"] == messages.BRIDGE_OUTCOME_BYTES < marker["bytes"] <= len(encode(big)) + 200
     # Counted and logged once; nothing is left to send; the bridge's link to the hub broker was never cut.
     assert relay.rejected["gateway_detail_oversize"] == 1
     await eventually(lambda: _hub_outbox_empty(b), "the bridge's outbox to the hub is empty")

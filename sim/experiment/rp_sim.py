@@ -49,8 +49,8 @@ from mhp_wire import topics
 from mhp_wire.logsafe import outside
 from mhp_wire.messages import (
     ACK_QOS,
+    BRIDGE_OUTCOME_BYTES,
     OUTCOMES_MAX,
-    SEND_PAYLOAD_BYTES,
     Ack,
     BillingData,
     Cancel,
@@ -226,7 +226,7 @@ class RpSimulator:
             return [Outcome(request_id=request_id, client_id=clients[0], state=state, detail=detail, trace=trace)]
         msg = Outcomes(request_id=request_id, reports=[
             OutcomeReport(client_id=c, state=state, detail=detail, trace=trace) for c in clients])
-        if len(encode(msg)) <= SEND_PAYLOAD_BYTES:
+        if len(encode(msg)) <= BRIDGE_OUTCOME_BYTES:
             return [msg]
         half = len(clients) // 2
         return [*RpSimulator._messages(request_id, clients[:half], state, detail, trace),

@@ -9,11 +9,13 @@ import pytest
 
 from mhp_wire import topics
 from mhp_wire.messages import (
+    BRIDGE_OUTCOME_BYTES,
     FORWARD_HEADROOM_BYTES,
     GATEWAY_OUTCOME_BYTES,
     MAX_PACKET_BYTES,
     MAX_PAYLOAD_BYTES,
     OVERSIZE_KEY,
+    REPLICA_HEADROOM_BYTES,
     SEND_PAYLOAD_BYTES,
     Ack,
     ClientState,
@@ -27,7 +29,9 @@ from mhp_wire.messages import (
     decode,
     encode,
     oversize_detail,
+    replica_outcome_header,
 )
+from mhp_wire.topics import TopicError
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 PARAMS = EmergencyParams(start=NOW, end=NOW + timedelta(minutes=5), power_limit_kw=1.5)
@@ -107,7 +111,21 @@ def test_what_a_party_sends_fits_the_brokers_packet_on_any_up_topic_and_is_read(
     assert topics.MAX_UP_TOPIC_BYTES == max(longest, len(topics.telemetry("x" * 64)))
     assert SEND_PAYLOAD_BYTES + 1 + 4 + 2 + topics.MAX_UP_TOPIC_BYTES + 2 + 1 == MAX_PACKET_BYTES
     assert SEND_PAYLOAD_BYTES < MAX_PAYLOAD_BYTES
-    assert GATEWAY_OUTCOME_BYTES == SEND_PAYLOAD_BYTES - FORWARD_HEADROOM_BYTES
+    assert GATEWAY_OUTCOME_BYTES == BRIDGE_OUTCOME_BYTES - FORWARD_HEADROOM_BYTES
+
+
+def test_a_bridges_outcome_fits_the_packet_once_a_hub_replica_forwards_it() -> None:
+    """The replica's header with the longest ids is the whole of its growth (its inbox topic is shorter than the
+    longest ``up`` topic), and what a bridge sends leaves room for it."""
+    longest = "x" * 64
+    assert len(topics.replica_in(longest)) <= topics.MAX_UP_TOPIC_BYTES
+    header = replica_outcome_header(longest, longest)
+    assert header.endswith(b"\n") and header.count(b"\n") == 1
+    assert json.loads(header) == {"type": "outcome", "sender": longest, "retailer_id": longest}
+    assert REPLICA_HEADROOM_BYTES == len(header) == 176
+    assert BRIDGE_OUTCOME_BYTES + REPLICA_HEADROOM_BYTES == SEND_PAYLOAD_BYTES
+    with pytest.raises(TopicError):
+        replica_outcome_header('a"b', "r1")
 
 
 @pytest.mark.parametrize(("detail", "kept", "dropped"), [
