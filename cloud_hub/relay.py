@@ -458,19 +458,23 @@ class HubRelay:
 
     async def _forward(self, owner: str, retailer_id: str, msg: Outcome | Outcomes | OutcomesIn,
                        payload: bytes) -> None:
-        """Forward a retailer's outcome(s) to the replica that owns the request. One too big to forward (a retailer
-        over :data:`~mhp_wire.messages.BRIDGE_OUTCOME_BYTES`, which no bridge of ours sends) is refused with the
-        ``error`` answer of an invalid message, naming it, so that the retailer does not send it for ever; counted
-        (``too_big_to_forward``) and logged (docs/decisions.md, "An outcome forwarded between hub replicas fits the
-        packet")."""
+        """Forward a retailer's outcome(s) to the replica that owns the request. One too big to forward (over
+        :data:`~mhp_wire.messages.BRIDGE_OUTCOME_BYTES`: a bridge of an earlier release, whose limit was
+        ``SEND_PAYLOAD_BYTES``, or another retailer's own) is held, as for an owner away: not acknowledged, so the
+        retailer sends it again, and a copy that lands on the owner (the shared subscription takes turns) is applied
+        there. It is counted (``too_big_to_forward``), logged, and the retailer told by an ``error`` without
+        ``ref_msg_id`` (one naming it would make the bridge drop it: its outcomes lost; docs/decisions.md, "An
+        outcome forwarded between hub replicas fits the packet")."""
         assert self.replicas is not None
         try:
             await self.replicas.forward_outcome(owner, retailer_id, payload)
         except TooBigToForward as exc:
             self.metrics.mqtt_rejected.labels("too_big_to_forward").inc()
-            log.warning("refused retailer %s's %s %s for request %s, owned by replica %s: %s", retailer_id, msg.type,
+            self.metrics.replica_held.inc()
+            log.warning("held retailer %s's %s %s for request %s, owned by replica %s: %s", retailer_id, msg.type,
                         outside(msg.msg_id), outside(msg.request_id), owner, exc)
-            await self._reply(retailer_id, ErrorReply(ref_msg_id=msg.msg_id, code="invalid", message=str(exc)))
+            await self._reply(retailer_id, ErrorReply(code="invalid", message=(
+                f"message {msg.msg_id} held, not acknowledged: {exc}")))
 
     async def _commit_acks(self, batch: list[tuple[str, list[str]]]) -> None:
         """Apply retailers' acks in one group commit; when storage is unavailable the messages stay in the outbox

@@ -34,6 +34,7 @@ from cloud_hub.errors import HubError, OwnerUnavailable
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import StoreUnavailable
 from mhp_wire import topics
+from mhp_wire.ids import is_id
 from mhp_wire.logsafe import outside
 from mhp_wire.messages import (
     SEND_PAYLOAD_BYTES,
@@ -47,6 +48,10 @@ from mhp_wire.mqtt import MqttError, MqttLink
 from mhp_wire.process import wait_or_timeout
 
 log = logging.getLogger(__name__)
+
+ACK_IDS_PER_FORWARD = 2_000
+"""Acknowledged ids per forwarded ``ack``: 2,000 ids of at most 64 characters are ~134 KB with their quotes and
+commas, well within the packet (``mhp_wire.messages.SEND_PAYLOAD_BYTES``) with the message around them."""
 
 
 class ReplicaMessage(BaseModel):
@@ -282,14 +287,20 @@ class Replicas:
 
     async def forward_acks(self, retailer_id: str, ack_ids: list[str], partition: AckPartition | None = None) -> None:
         """Acks of messages this replica did not send: every other live replica may have sent them. ``partition``:
-        which partition of the retailer's bridge acknowledged (the owner waits for all of them)."""
-        for peer in self.peers():
-            try:
-                await self._send(peer, ReplicaMessage(type="ack", sender=self.me, retailer_id=retailer_id,
-                                                      ack_ids=ack_ids, partition=partition))
-                self.metrics.replica_forwarded.labels("ack").inc()
-            except MqttError as exc:  # the owner sends the message again and the retailer acks it again
-                log.warning("could not forward acks to replica %s: %s", peer, exc)
+        which partition of the retailer's bridge acknowledged (the owner waits for all of them). Only ids of the
+        platform's form are forwarded (no replica's message has another), :data:`ACK_IDS_PER_FORWARD` to a message,
+        so that each fits the packet: an ``ack`` filling the retailer's packet with one long id, or with many, grew
+        past it once wrapped, and cut this replica's link (review of s11-rep)."""
+        ids = [m for m in ack_ids if is_id(m)]
+        for i in range(0, len(ids), ACK_IDS_PER_FORWARD):
+            part = ids[i:i + ACK_IDS_PER_FORWARD]
+            for peer in self.peers():
+                try:
+                    await self._send(peer, ReplicaMessage(type="ack", sender=self.me, retailer_id=retailer_id,
+                                                          ack_ids=part, partition=partition))
+                    self.metrics.replica_forwarded.labels("ack").inc()
+                except MqttError as exc:  # the owner sends the message again and the retailer acks it again
+                    log.warning("could not forward acks to replica %s: %s", peer, exc)
 
     def serve_cancels(self, handler: CancelHandler) -> None:
         """Answer other replicas' cancels with ``handler`` (the flexibility use case's, built after the replicas
