@@ -242,11 +242,11 @@ class RequestBook:
         self._settling_n: Counter[str] = Counter()
         """How many marks of each request wait."""
         self._answered: dict[str, dict[str, int]] = {}
+        """Per request with marks waiting: each target cell (``c:<client>``, ``p:<retailer>``) that reached a terminal
+        state since, with the revision it answered: a mark of that revision or older is dropped unread."""
         self._dispatched: dict[str, None] = {}
         """Requests whose first dispatch time is known to be stored (:meth:`_first_dispatch`; bounded, oldest
         dropped: one dropped is read again)."""
-        """Per request with marks waiting: each target cell (``c:<client>``, ``p:<retailer>``) that reached a terminal
-        state since, with the revision it answered: a mark of that revision or older is dropped unread."""
         self.sleep = sleep
         """How an expansion that failed waits before it tries again (tests drive it)."""
         self.expand_after_accept_min_clients = expand_after_accept_min_clients

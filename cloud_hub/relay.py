@@ -459,8 +459,8 @@ class HubRelay:
     async def _forward(self, owner: str, retailer_id: str, msg: Outcome | Outcomes | OutcomesIn,
                        payload: bytes) -> None:
         """Forward a retailer's outcome(s) to the replica that owns the request. One too big to forward (over
-        :data:`~mhp_wire.messages.BRIDGE_OUTCOME_BYTES`: a bridge of an earlier release, whose limit was
-        ``SEND_PAYLOAD_BYTES``, or another retailer's own) is held, as for an owner away: not acknowledged, so the
+        :data:`~mhp_wire.messages.BRIDGE_OUTCOME_BYTES`: a bridge of an earlier release, which split only at 256 KiB of
+        payload, or another retailer's own) is held, as for an owner away: not acknowledged, so the
         retailer sends it again, and a copy that lands on the owner (the shared subscription takes turns) is applied
         there. It is counted (``too_big_to_forward``), logged, and the retailer told by an ``error`` without
         ``ref_msg_id`` (one naming it would make the bridge drop it: its outcomes lost; docs/decisions.md, "An

@@ -8,7 +8,7 @@ single-writer locking holds across processes. Retailers' messages reach one repl
   it; while the owner is offline it is left unacknowledged (the retailer's outbox sends it again). It goes as the
   retailer's bytes, unchanged, after a one-line header (:func:`mhp_wire.messages.replica_outcome_header`), so that it
   fits the brokers' packet whenever the retailer kept to :data:`mhp_wire.messages.BRIDGE_OUTCOME_BYTES`; one that
-  would not fit raises :class:`TooBigToForward` (the relay refuses it to the retailer);
+  would not fit raises :class:`TooBigToForward` (the relay holds it: not acknowledged, the retailer told);
 * an ack naming messages that are not in this replica's outbox is forwarded to every other live replica;
 * a cancel (HTTP) for a request another replica owns is forwarded to the owner, which answers.
 

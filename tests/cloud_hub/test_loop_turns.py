@@ -33,7 +33,6 @@ from typing import Any
 
 import pytest
 
-import cloud_hub.book
 import cloud_hub.store
 from cloud_hub.book import RequestBook
 from cloud_hub.store import HubStore
@@ -126,8 +125,8 @@ def named(step: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitab
 
 
 @pytest.fixture
-async def big_hub(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory,
-                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[HubHandle]:
+async def big_hub(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory
+                  ) -> AsyncIterator[HubHandle]:
     # The first sends' marks written at once, in ``mark_sent``, by the chunks under test: with the default settle
     # time the retailer's outcomes (sent at once below) would be written before them, and the marks of the clients
     # they ended never made (issue 14, tenth round; the same chunks write the settled marks).

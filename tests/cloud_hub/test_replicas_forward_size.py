@@ -6,7 +6,8 @@ escapes every quote: an ``outcomes`` batch well inside what a bridge sends (250 
 256 KiB packet. Mosquitto cut the forwarding replica's link ("oversize packet"), its session sent the same packet
 again at each reconnection, for good, and the batch never reached its owner. Now the owner gets the retailer's
 bytes verbatim after a one-line header; one that would not fit even so (a third-party retailer's, between the
-bridges' limit and its packet) is refused with an ``error`` naming it, counted and logged.
+bridges' limit and its packet) is held: not acknowledged, counted, logged, the retailer told by an ``error``
+without ``ref_msg_id``, until a copy reaches the owner directly.
 
 Real parts: two ``cloud-hub serve`` processes on one SQLite file, one Mosquitto with the shared subscription, and
 retailer r1 played by a paho party. The new limits are read as ``messages.X`` after the point each test failed at
@@ -182,8 +183,8 @@ async def test_a_large_outcomes_batch_forwarded_to_its_owner_replica_is_stored_o
 
 async def test_a_batch_too_big_to_forward_is_held_until_its_owner_takes_it_and_cuts_no_link(
         cluster: tuple[Replica, Replica, BrokerHandle, dict[str, str]]) -> None:  # noqa: F811
-    """A batch as big as the retailer's packet takes (a bridge of an earlier release, whose limit was
-    ``SEND_PAYLOAD_BYTES``, or another retailer's own): the owner applies it when the shared subscription hands it
+    """A batch as big as the retailer's packet takes (a bridge of an earlier release, which split only at 256 KiB of
+    payload, or another retailer's own): the owner applies it when the shared subscription hands it
     the batch; the other replica cannot forward it (its header would not fit) and holds it: not acknowledged, counted,
     logged, and the retailer told without ``ref_msg_id``, so that it sends the batch again and a copy reaches the
     owner. (It was refused naming the message at first, which makes a bridge drop it: its outcomes were lost; review
