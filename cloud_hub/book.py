@@ -674,11 +674,15 @@ class RequestBook:
         async with contextlib.AsyncExitStack() as locks:
             for request_id in sorted(first):
                 await locks.enter_async_context(self.lock(request_id))
-            rows = await self.store.get_requests_cells({rid: RequestCodec.sent_columns(
-                (m.clients, m.item.retailer_id) for m in marks if m.live) for rid, marks in first.items()})
+            owner = [RequestCodec.meta("owner")] if self.replica_id is not None else []
+            rows = await self.store.get_requests_cells({rid: [*RequestCodec.sent_columns(
+                (m.clients, m.item.retailer_id) for m in marks if m.live), *owner] for rid, marks in first.items()})
+            # Only the owner writes a row, as for outcomes (:meth:`_apply_to_row`): a replica that lost the broker
+            # while a settle was on its way may have had the request adopted meanwhile.
             writes: list[tuple[str, dict[str, Any], list[str] | None, bool]] = [
                 (rid, self._with_storage_ms(rid, put), None, False) for rid, marks in first.items()
-                if (put := self._advance_sent(rows[rid], marks))]
+                if RequestCodec.owner(rows[rid]) in (None, self.replica_id)
+                and (put := self._advance_sent(rows[rid], marks))]
             if writes:
                 await self.store.update_requests(writes)
                 self._storage_ms_stored(writes)

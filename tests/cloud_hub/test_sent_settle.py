@@ -395,3 +395,24 @@ async def test_an_availability_questions_mark_does_not_land_on_the_second_phases
         await book.settle_due(sent_at + book.sent_settle_s)  # the dispatch itself not sent (say, r1 is offline)
         stored = await store.get_request(request_id)
         assert stored is not None and stored["clients"]["c1"]["state"] == ClientState.PENDING.value
+
+
+async def test_a_replica_whose_request_was_adopted_meanwhile_writes_no_mark(tmp_path: Path) -> None:
+    """Only the owner writes a request's row (as for outcomes). A replica's marks wait ``sent_settle_s``; a replica
+    that lost the broker in that time may have had the request adopted by another, and a settle already on its way
+    wrote the row all the same (review of s11-sent). The settle reads the row's owner and leaves another's alone."""
+    async with embedded_hub(tmp_path / "hub.db") as hub:
+        store, book = hub.store, hub.book
+        book.replica_id = "a"
+        await store.put_retailer("r1", "R1")
+        await store.import_clients([("c1", "r1", 5.0, None, time.time() - 86_400)])
+        adopted, kept = [(await hub.service.flexibility.create_emergency(Principal.parse("dso"), {
+            "client_ids": ["c1"], "start": soon(300), "duration_s": 600, "power_limit_kw": 2.0}, None)).request_id
+            for _ in range(2)]
+        sent_at = time.time()
+        await book.mark_sent(book.due(sent_at), sent_at)
+        await store.set_owner(adopted, "b")  # adopted by replica b while the marks waited
+        assert await book.settle_due(sent_at + book.sent_settle_s) == 2
+        for request_id, state in ((adopted, ClientState.PENDING), (kept, ClientState.SENT)):
+            stored = await store.get_request(request_id)
+            assert stored is not None and stored["clients"]["c1"]["state"] == state.value, request_id
