@@ -10,6 +10,7 @@ started in the test's ``tmp_path`` on a free port and stopped at teardown, whate
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,3 +132,31 @@ def hub_broker(mosquitto_factory: MosquittoFactory) -> BrokerHandle:
 def retailer_broker(mosquitto_factory: MosquittoFactory) -> BrokerHandle:
     """A running retailer broker with ``bridge`` (privileged) and gateways ``gw-1``, ``gw-2``."""
     return mosquitto_factory("retailer", ["gw-1", "gw-2"], "bridge")
+
+
+BROKER_DEBUG_LOG = ("error", "warning", "notice", "information", "debug")
+"""A broker's ``log_types`` with each packet it sends or receives logged (``Sending PUBLISH to``, ``Received PUBACK
+from``), written as it happens: what the broker knows of a client's deliveries, read by :func:`deliveries`."""
+
+
+def deliveries(broker_log: Path, client_id: str) -> tuple[int, set[int]]:
+    """From a broker's debug log (:data:`BROKER_DEBUG_LOG`): how many QoS 1 PUBLISHes it sent ``client_id``, and the
+    packet ids of those it has no PUBACK of (in flight: the broker sends them again when the client's session
+    resumes)."""
+    sent_re = re.compile(rf"Sending PUBLISH to {re.escape(client_id)} \(d\d, q1, r\d, m(\d+),")
+    puback_re = re.compile(rf"Received PUBACK from {re.escape(client_id)} \(Mid: (\d+),")
+    sent, in_flight = 0, set[int]()
+    for line in broker_log.read_text().splitlines():
+        if (m := sent_re.search(line)) is not None:
+            sent += 1
+            in_flight.add(int(m[1]))
+        elif (m := puback_re.search(line)) is not None:
+            in_flight.discard(int(m[1]))
+    return sent, in_flight
+
+
+def all_acknowledged(broker_log: Path, client_id: str, since: int) -> bool:
+    """Whether the broker sent ``client_id`` a QoS 1 PUBLISH after its first ``since`` and has the client's PUBACK of
+    every one it sent (:func:`deliveries`)."""
+    sent, in_flight = deliveries(broker_log, client_id)
+    return sent > since and not in_flight

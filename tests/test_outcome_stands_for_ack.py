@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import signal
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -33,7 +32,7 @@ from mhp_wire.messages import Ack, ClientState, Command, Outcome
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.service import Bridge
 from retailer_bridge.settings import BridgeSettings
-from tests.broker_fixtures import BrokerHandle, MosquittoFactory
+from tests.broker_fixtures import BROKER_DEBUG_LOG, BrokerHandle, MosquittoFactory, all_acknowledged, deliveries
 from tests.cloud_hub.test_relay import post_emergency, wait_state
 from tests.hems_firmware.test_crash_resume import CoilWrites, gateway_process
 from tests.hub_fixtures import HubHandle
@@ -276,34 +275,6 @@ def _stored(db: Path, request_id: str) -> bool:
         return conn.execute("SELECT 1 FROM commands WHERE request_id=?", (request_id,)).fetchone() is not None
 
 
-BROKER_DEBUG_LOG = ("error", "warning", "notice", "information", "debug")
-"""A broker's ``log_types`` with each packet it sends or receives logged (``Sending PUBLISH to``, ``Received PUBACK
-from``), written as it happens: what the broker knows of a client's deliveries, read by :func:`_deliveries`."""
-
-
-def _deliveries(broker_log: Path, client_id: str) -> tuple[int, set[int]]:
-    """From a broker's debug log (:data:`BROKER_DEBUG_LOG`): how many QoS 1 PUBLISHes it sent ``client_id``, and the
-    packet ids of those it has no PUBACK of (in flight: the broker sends them again when the client's session
-    resumes)."""
-    sent_re = re.compile(rf"Sending PUBLISH to {re.escape(client_id)} \(d\d, q1, r\d, m(\d+),")
-    puback_re = re.compile(rf"Received PUBACK from {re.escape(client_id)} \(Mid: (\d+),")
-    sent, in_flight = 0, set[int]()
-    for line in broker_log.read_text().splitlines():
-        if (m := sent_re.search(line)) is not None:
-            sent += 1
-            in_flight.add(int(m[1]))
-        elif (m := puback_re.search(line)) is not None:
-            in_flight.discard(int(m[1]))
-    return sent, in_flight
-
-
-def _all_acknowledged(broker_log: Path, client_id: str, since: int) -> bool:
-    """Whether the broker sent ``client_id`` a QoS 1 PUBLISH after its first ``since`` and has the client's PUBACK of
-    every one it sent (:func:`_deliveries`)."""
-    sent, in_flight = _deliveries(broker_log, client_id)
-    return sent > since and not in_flight
-
-
 async def test_a_gateway_killed_inside_the_hold_gets_the_command_again_and_executes_it_once(
         hub: HubHandle, tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
     """``hems-gateway run`` as its own process stores an emergency (starting in 6 s) and is killed with SIGKILL
@@ -344,12 +315,12 @@ async def test_a_gateway_killed_inside_the_hold_gets_the_command_again_and_execu
                 await eventually(lambda: relay.hub is not None and relay.hub.connected
                                  and relay.gateway_presence.get("gw-1") == "online",
                                  "the bridge and the gateway are connected", timeout_s=30)
-                sent_before, _ = _deliveries(broker_log, "gw-1")
+                sent_before, _ = deliveries(broker_log, "gw-1")
                 request_id = await post_emergency(hub, ["c1"], lead_s=6.0)
                 await eventually(lambda: _stored(gateway_db, request_id), "the gateway stored the command",
                                  interval_s=0.005)
                 # ...and the broker has its PUBACK (the command is not in flight: only the bridge sends it again).
-                await eventually(lambda: _all_acknowledged(broker_log, "gw-1", sent_before),
+                await eventually(lambda: all_acknowledged(broker_log, "gw-1", sent_before),
                                  "the broker has the gateway's PUBACK of the command", interval_s=0.005)
                 first.send_signal(signal.SIGKILL)
                 assert await first.wait() == -signal.SIGKILL

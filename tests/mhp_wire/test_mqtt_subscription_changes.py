@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from mhp_wire import topics
 from mhp_wire.mqtt import FILTERS_PER_PACKET, MqttEndpoint, MqttLink
-from tests.broker_fixtures import BrokerHandle, MosquittoFactory
+from tests.broker_fixtures import BROKER_DEBUG_LOG, BrokerHandle, MosquittoFactory, all_acknowledged
 from tests.mqtt_party import Party, parties
 from tests.waiting import eventually
 
@@ -46,11 +46,15 @@ async def test_filters_changed_while_connected_take_effect_when_the_call_returns
 
 async def test_filters_changed_while_the_link_is_down_are_sent_when_it_is_back_with_its_session(
         mosquitto_factory: MosquittoFactory) -> None:
-    broker = mosquitto_factory("retailer", ["gw-1", "gw-2", "gw-3"], "bridge")
+    broker = mosquitto_factory("retailer", ["gw-1", "gw-2", "gw-3"], "bridge", log_types=BROKER_DEBUG_LOG)
     got: list[str] = []
     async with bridge_link(broker, got, *(topics.party_up("gateways", g) for g in ("gw-1", "gw-3"))) as link:
         await send_each(broker, ["gw-3"])  # the filters of the connection are in the session (its SUBSCRIBE is
         await eventually(lambda: got == ["gw-3"], "the message of gw-3")  # not waited for at a connection)
+        # ...and the broker has the link's PUBACK of it: one still in flight at the stop is in the saved session,
+        # and the broker sends it again when the session resumes (QoS 1), before the messages below.
+        await eventually(lambda: all_acknowledged(broker.process.log_path, broker.privileged.username, 0),
+                         "the broker has the PUBACK of gw-3's message")
         got.clear()
         broker.process.stop()  # SIGTERM: Mosquitto writes its snapshot, with our session and its two filters
         await eventually(lambda: not link.connected, "the link noticed")
