@@ -153,25 +153,28 @@ class GatewayStore:
 
     # -- outbox and telemetry --------------------------------------------------------------------------------
 
-    async def report(self, out: Outcome) -> bool:
-        """Store the outcome of a stored command's revision in the outbox, unless one of that revision (or a newer
-        one) is stored already; the mark and the outcome commit together. Returns whether it was stored."""
+    async def report(self, out: Outcome, payload: bytes | None = None) -> bool:
+        """Store the outcome of a stored command's revision in the outbox (``payload``: ``out`` encoded, when the
+        caller has it), unless one of that revision (or a newer one) is stored already; the mark and the outcome
+        commit together. Returns whether it was stored."""
+        data = encode(out) if payload is None else payload
 
         def store(db: sqlite3.Connection) -> bool:
             marked = db.execute("UPDATE commands SET reported=? WHERE request_id=? AND reported<?",
                                 (out.revision, out.request_id, out.revision)).rowcount
             if marked:
                 db.execute("INSERT OR IGNORE INTO outbox (msg_id, payload, next_attempt_at) VALUES (?,?,0)",
-                           (out.msg_id, encode(out)))
+                           (out.msg_id, data))
             return bool(marked)
 
         return await self.sql.tx(store)
 
-    async def put_outcome(self, out: Outcome) -> None:
-        """Store an outcome that answers no stored command (one refused on arrival) in the outbox."""
+    async def put_outcome(self, out: Outcome, payload: bytes | None = None) -> None:
+        """Store an outcome that answers no stored command (one refused on arrival) in the outbox (``payload``:
+        ``out`` encoded, when the caller has it)."""
+        data = encode(out) if payload is None else payload
         await self.sql.tx(lambda db: db.execute(
-            "INSERT OR IGNORE INTO outbox (msg_id, payload, next_attempt_at) VALUES (?,?,0)",
-            (out.msg_id, encode(out))))
+            "INSERT OR IGNORE INTO outbox (msg_id, payload, next_attempt_at) VALUES (?,?,0)", (out.msg_id, data)))
 
     async def put_telemetry(self, msg: Telemetry, keep: int) -> None:
         """Buffer ``msg``, keeping the newest ``keep`` reports."""

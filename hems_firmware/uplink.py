@@ -183,34 +183,45 @@ class Uplink:
         self.rejected += 1
         await self.send(ErrorReply(ref_msg_id=ref_msg_id, code=code, message=message))
 
-    def fitted(self, out: Outcome) -> Outcome:
-        """``out``, or, when it is over :data:`~mhp_wire.messages.GATEWAY_OUTCOME_BYTES`, ``out`` with its detail cut
-        to a marker (:func:`~mhp_wire.messages.oversize_detail`), counted and logged: sent whole it would not fit the
-        retailer broker's packet once its bridge adds its trace (or at all), and the broker would cut this link at
-        each reconnection, for good; cut, its state still reaches the hub."""
-        size = len(encode(out))
-        if size <= GATEWAY_OUTCOME_BYTES:
-            return out
+    @staticmethod
+    def fitted(out: Outcome) -> tuple[Outcome, bytes, int | None]:
+        """``out`` and its payload, or, when it is over :data:`~mhp_wire.messages.GATEWAY_OUTCOME_BYTES`, ``out`` with
+        its detail cut to a marker (:func:`~mhp_wire.messages.oversize_detail`) and its whole size: sent whole it
+        would not fit the retailer broker's packet once its bridge adds its trace (or at all), and the broker would
+        cut this link at each reconnection, for good; cut, its state still reaches the hub. The payload is what the
+        store writes (encoded once)."""
+        payload = encode(out)
+        if len(payload) <= GATEWAY_OUTCOME_BYTES:
+            return out, payload, None
+        cut = out.model_copy(update={"detail": oversize_detail(out.detail, len(payload), GATEWAY_OUTCOME_BYTES,
+                                                               "gateway")})
+        return cut, encode(cut), len(payload)
+
+    def _cut(self, out: Outcome, size: int | None) -> None:
+        """Count and log an outcome stored with its detail cut (:meth:`fitted`)."""
+        if size is None:
+            return
         self.oversize += 1
         log.warning("gateway %s: the outcome of request %s (%s) is %d bytes, over the %d an outcome may take: sent "
                     "with its detail cut to its small fields and an 'oversize' marker", self.id,
                     outside(out.request_id), out.state.value, size, GATEWAY_OUTCOME_BYTES)
-        return out.model_copy(update={"detail": oversize_detail(out.detail, size, GATEWAY_OUTCOME_BYTES, "gateway")})
 
     async def report(self, out: Outcome) -> bool:
         """Store a stored command's outcome in the outbox (once per revision, see
-        :meth:`GatewayStore.report`), :meth:`fitted`; returns whether it was stored."""
-        out = self.fitted(out)
-        stored = await self.store.report(out)
+        :meth:`GatewayStore.report`), :meth:`fitted`; returns whether it was stored (a cut one counted only then)."""
+        out, payload, size = self.fitted(out)
+        stored = await self.store.report(out, payload)
         if stored:
+            self._cut(out, size)
             self._answered(out)
             self._wake.set()
         return stored
 
     async def put_outcome(self, out: Outcome) -> None:
         """Store an outcome that answers no stored command (one refused on arrival) in the outbox, :meth:`fitted`."""
-        out = self.fitted(out)
-        await self.store.put_outcome(out)
+        out, payload, size = self.fitted(out)
+        await self.store.put_outcome(out, payload)
+        self._cut(out, size)
         self._answered(out)
         self._wake.set()
 
