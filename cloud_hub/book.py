@@ -681,8 +681,7 @@ class RequestBook:
             # while a settle was on its way may have had the request adopted meanwhile.
             writes: list[tuple[str, dict[str, Any], list[str] | None, bool]] = [
                 (rid, self._with_storage_ms(rid, put), None, False) for rid, marks in first.items()
-                if RequestCodec.owner(rows[rid]) in (None, self.replica_id)
-                and (put := self._advance_sent(rows[rid], marks))]
+                if self._writes(rows[rid]) and (put := self._advance_sent(rows[rid], marks))]
             if writes:
                 await self.store.update_requests(writes)
                 self._storage_ms_stored(writes)
@@ -855,12 +854,16 @@ class RequestBook:
     apply_outcomes = apply
     """The name the OpenADR 3 notifier calls :meth:`apply` by."""
 
+    def _writes(self, cells: dict[str, Any]) -> bool:
+        """Whether this book may write the request row read as ``cells`` (with its owner cell, when it is a replica):
+        only the owner writes a row; a hub without replicas, and a row without an owner, are not checked."""
+        return self.replica_id is None or RequestCodec.owner(cells) in (None, self.replica_id)
+
     def _apply_to_row(self, request_id: str, cells: dict[str, Any], batch: list[ReportedOutcome], now: float,
                       allowed: Allowed) -> _RowWrite:
         """What ``batch`` writes to one request row (``cells``: read by :meth:`RequestCodec.outcome_columns`);
         nothing is written here."""
-        owner = RequestCodec.owner(cells)
-        if self.replica_id is not None and owner not in (None, self.replica_id):
+        if not self._writes(cells):
             # Checked again at the commit: the relay saw this replica as the owner, but another has adopted the
             # request since (this one lost the broker meanwhile); only the owner writes the row. A refusal writes
             # nothing, so any replica gives it (as it does for an unknown pair).

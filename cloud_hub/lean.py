@@ -105,7 +105,7 @@ class LeanRoutes:
         if target is None:
             await self.app(scope, receive, send)
             return
-        route, principal, arguments = target
+        route, principal, arguments, headers = target
         if "request_id" in arguments:  # the GET: no body
             await self._answer(scope, receive, send, route, principal, arguments)
             return
@@ -121,14 +121,14 @@ class LeanRoutes:
             return
         arguments["body"] = self._body(route, messages)
         # FastAPI checks the token once the body is in: one revoked or expired while the body arrived is refused.
-        if arguments["body"] is None or self._principal(scope["app"].state, _headers(scope["headers"])) != principal:
+        if arguments["body"] is None or self._principal(scope["app"].state, headers) != principal:
             await self.app(scope, _replay(messages, receive, None), send)
         else:
             await self._answer(scope, receive, send, route, principal, arguments)
 
-    def _target(self, scope: Scope) -> tuple[APIRoute, Any, dict[str, Any]] | None:
-        """The route, the principal and the endpoint's arguments but the body, of a request of the plain case so
-        far (all but its body), else None."""
+    def _target(self, scope: Scope) -> tuple[APIRoute, Any, dict[str, Any], dict[bytes, bytes]] | None:
+        """The route, the principal, the endpoint's arguments but the body and the headers read, of a request of
+        the plain case so far (all but its body), else None."""
         method, path = scope["method"], scope["path"]
         route = self.posts.get(path) if method == "POST" else None
         request_id = path[len(REQUEST_PREFIX):] if method == "GET" and path.startswith(REQUEST_PREFIX) else ""
@@ -146,18 +146,19 @@ class LeanRoutes:
         if principal is None or (route is self.get and has_body):  # a GET with a body is unusual
             return None
         if route is self.get:  # FastAPI reads no body and no content type there
-            return route, principal, {"request_id": request_id, "who": principal, "service": app.state.service}
+            return route, principal, {"request_id": request_id, "who": principal, "service": app.state.service}, headers
         key = headers.get(b"idempotency-key")
         idempotency_key = None if key is None else key.decode("latin-1")
         if headers.get(b"content-type") != b"application/json" or (
                 idempotency_key is not None and not 0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX):
             return None
-        return route, principal, {"who": principal, "service": app.state.service, "idempotency_key": idempotency_key}
+        arguments = {"who": principal, "service": app.state.service, "idempotency_key": idempotency_key}
+        return route, principal, arguments, headers
 
     @staticmethod
-    def _principal(state: Any, headers: dict[bytes, bytes] | None) -> Any:
+    def _principal(state: Any, headers: dict[bytes, bytes]) -> Any:
         """The principal of a well-formed bearer token known and unexpired, else None (FastAPI's 401s)."""
-        value = None if headers is None else headers.get(b"authorization")
+        value = headers.get(b"authorization")
         if value is None:
             return None
         text = value.decode("latin-1")
