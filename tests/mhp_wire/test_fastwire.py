@@ -436,7 +436,7 @@ def test_what_the_reader_leaves_to_decode_is_handled_by_decode_alone() -> None:
         _outcomes(*[GOOD] * (OUTCOMES_MAX + 1)),                                   # too many
         _outcomes(GOOD, head='"request_id":"%s",' % ("x" * 65)),                  # too long (a duplicate key)
         _outcomes(GOOD, head='"partition":{"index":0,"of":1},'),
-        _outcomes(GOOD).replace(SENT_AT.encode(), b"2026-01-01T00:00:00+00:60"),
+        _outcomes(GOOD).replace(SENT_AT.encode(), b"2026-01-01T00:00:00+00:60"),  # a bad offset: its form only
         _outcomes(GOOD).replace(b'"v":1', b'"v":true'),
         _outcomes(GOOD, '{"client_id":"c2","state":"executed","detail":{"x":"%s"}}' % ("y" * MAX_PAYLOAD_BYTES)),
     ]
