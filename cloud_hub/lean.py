@@ -33,7 +33,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud_hub.api import requests
-from cloud_hub.api.deps import take_turn
+from cloud_hub.api.deps import IDEMPOTENCY_KEY_MAX, take_turn
+from cloud_hub.api.requests import REQUEST_ID_MAX
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 
@@ -42,10 +43,6 @@ HOT_POSTS = (requests.post_emergency, requests.post_load_shift, requests.post_lo
 ``Idempotency-Key``."""
 
 REQUEST_PREFIX = "/v1/requests/"
-REQUEST_ID_MAX = 64
-"""``GET /v1/requests/{id}``: the id's longest form FastAPI takes (``cloud_hub.api.requests.RequestId``)."""
-IDEMPOTENCY_KEY_MAX = 200
-"""The longest ``Idempotency-Key`` FastAPI takes (``cloud_hub.api.deps.IdempotencyKey``)."""
 
 NESTING_MAX = 32
 """A POST body with more ``[`` and ``{`` than this (strings included) goes to FastAPI. Every hot body is one flat

@@ -45,4 +45,6 @@ def take_turn(state: Any, principal: Principal) -> None:
 
 Service = Annotated[HubService, Depends(get_service)]
 Caller = Annotated[Principal, Depends(get_principal)]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+IDEMPOTENCY_KEY_MAX = 200
+"""The longest ``Idempotency-Key`` taken (also read by the lean path, ``cloud_hub.lean``)."""
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=IDEMPOTENCY_KEY_MAX)]

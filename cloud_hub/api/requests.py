@@ -22,7 +22,9 @@ from mhp_wire.dso_api import (
 
 router = APIRouter(prefix="/v1", tags=["requests"])
 
-RequestId = Annotated[str, Path(max_length=64)]
+REQUEST_ID_MAX = 64
+"""The longest request id a path takes (also read by the lean path, ``cloud_hub.lean``)."""
+RequestId = Annotated[str, Path(max_length=REQUEST_ID_MAX)]
 
 
 _BODIES: dict[str, type[BaseModel]] = {"emergency": EmergencyBody, "load_shift": LoadShiftBody,
