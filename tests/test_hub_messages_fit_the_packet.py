@@ -20,7 +20,7 @@ from mhp_wire import messages, topics
 from mhp_wire.messages import Ack, BillingClient, BillingData, ReadingBlock, encode
 from retailer_bridge.service import Bridge
 from tests.broker_fixtures import BrokerHandle
-from tests.cloud_hub.test_relay import wait_state
+from tests.cloud_hub.test_relay import post_emergency, wait_state
 from tests.hub_fixtures import HubHandle
 from tests.mqtt_party import Party, parties
 from tests.test_late_outcome_after_unreachable import bridge  # noqa: F401  (the fixture, used by name below)
@@ -187,3 +187,24 @@ async def test_a_tariff_too_big_for_a_packet_is_refused_with_its_reason_and_a_sm
     assert "oversize packet" not in hub.broker.process.log_tail()
     assert len(encode(messages.Tariff.model_validate({**month, "version": 1}))) < messages.SEND_PAYLOAD_BYTES
     assert b.relay.hub is not None and b.relay.hub.stats.connects == 1
+
+
+async def test_a_tariff_stored_too_big_before_is_neither_republished_nor_sent_to_a_new_retailer(hub: HubHandle) -> None:
+    """A tariff stored before tariffs were sized (put in storage here as such a hub did): before, the hub published it
+    retained at every connection and queued it to every retailer registered later, and the hub broker cut the hub's
+    link each time. Now it is logged and left: a retailer registers without it, and requests still reach r1."""
+    await hub.setup_registry({"c1": "r1"})
+    t0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    book = hub.app.state.service.book
+    await book.store.put_tariff({
+        "tariff_id": "old-year", "valid_from": t0.isoformat(), "valid_to": (t0 + timedelta(hours=8_760)).isoformat(),
+        "periods": [{"start": (t0 + timedelta(hours=h)).isoformat(), "end": (t0 + timedelta(hours=h + 1)).isoformat(),
+                     "price_eur_per_kwh": 0.1234} for h in range(8_760)]})
+    with parties(Party(hub.broker, "r1", topics.down("retailers", "r1"))) as (r1,):
+        assert await hub.app.state.relay.republish_tariff()  # what the hub does at each connection
+        r = await hub.http.put("/v1/retailers/r3", json={"name": "R3"}, headers=hub.auth("admin"))
+        assert r.status_code in (200, 201) and "tariff_request_id" not in r.json(), r.text
+        request_id = await post_emergency(hub, ["c1"])
+        msg = await r1.next("request", timeout=10)  # before: never (the link cut at each reconnection)
+        assert msg.request_id == request_id  # type: ignore[union-attr]
+    assert "oversize packet" not in hub.broker.process.log_tail()

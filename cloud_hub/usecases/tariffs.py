@@ -132,7 +132,13 @@ class Tariffs:
         parties = {retailer_id: {"retailers": {retailer_id: ClientState.PENDING.value},
                                  "state": ClientState.PENDING.value, "detail": {}, "trace": {},
                                  "updated_at": time.time()}}
-        outbox = [OutboxItem(msg.msg_id, request_id, retailer_id, "tariff", encode(msg))]
+        payload = encode(msg)
+        if len(payload) > SEND_PAYLOAD_BYTES:  # stored before tariffs were sized (fitted_tariff): never sent
+            log.error("retailer %s registered: the current tariff %s v%d is %d bytes, over the %d the brokers pass, "
+                      "and is not sent; publish a newer version that fits", retailer_id, stored["tariff_id"],
+                      stored["version"], len(payload), SEND_PAYLOAD_BYTES)
+            return None
+        outbox = [OutboxItem(msg.msg_id, request_id, retailer_id, "tariff", payload)]
         body = {"tariff_id": stored["tariff_id"], "version": stored["version"], "retailer_id": retailer_id,
                 "reason": "retailer registered after the tariff was published"}
         await self.creator.create(who, None, NewRequest(
