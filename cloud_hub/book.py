@@ -33,7 +33,7 @@ from cloud_hub.metrics import HubMetrics
 from cloud_hub.storage import Mutation
 from cloud_hub.store import AuditEntry, HubStore, RequestCodec, StoreUnavailable
 from mhp_wire.backoff import delay_s
-from mhp_wire.messages import AckPartition, ClientState, encode
+from mhp_wire.messages import SEND_PAYLOAD_BYTES, AckPartition, ClientState, encode
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,16 @@ class RequestBook:
 
         ``plan`` (:mod:`cloud_hub.fanout`; ``clients`` and ``audit`` empty): only the compact record is written
         here; the expansion to per-client entries runs right after, in a task holding the request's lock (every
-        other writer of the row waits for it), and the messages are queued once it is durable."""
+        other writer of the row waits for it), and the messages are queued once it is durable.
+
+        A message whose payload would not fit the brokers' packet (:data:`~mhp_wire.messages.SEND_PAYLOAD_BYTES`)
+        refuses the request (``ValueError``: 422, nothing stored): the hub broker would cut the hub's link for it,
+        again at every reconnection, and no retailer would hear from the hub again. The use cases size their
+        messages (billing data in parts, a tariff refused with its own reason); this is the last guard."""
+        for o in outbox:
+            if len(o.payload) > SEND_PAYLOAD_BYTES:
+                raise ValueError(f"its {o.kind} message to retailer {o.retailer_id} would be {len(o.payload)} bytes, "
+                                 f"over the {SEND_PAYLOAD_BYTES} bytes the brokers pass: nothing was stored")
         if plan is not None and fanout.targets(plan) < self.expand_after_accept_min_clients:
             # Small: expanded here and stored whole in the one accepting write (one transaction, as before plans).
             audit = [*audit, *self._audit_of(request_id, plan)]
@@ -781,7 +790,8 @@ class RequestBook:
     async def _apply_acks(self, request_id: str, items: list[OutboxItem], now: float) -> _RowWrite | None:
         """The new cells of one request row once ``items`` are acknowledged (None: the row is gone)."""
         delete = [RequestCodec.message(i.msg_id) for i in items]
-        deliveries = [(i.clients, i.retailer_id, i.revision) for i in items if i.kind in DELIVERIES]
+        deliveries = [(clients, i.retailer_id, i.revision) for i in items if i.kind in DELIVERIES
+                      for clients in [self._delivered(i)] if clients or not i.clients]
         cancels = [i.retailer_id for i in items if i.kind == "cancel"]
         put: dict[str, Any] = {}
         if deliveries or cancels:
@@ -793,6 +803,16 @@ class RequestBook:
             put = RequestCodec.changes(lifecycle.acknowledged(row, deliveries, cancels, now))
         close = self._closes(request_id, RequestCodec.state_written(put))
         return _RowWrite(request_id, put=put, delete=delete, close=close)
+
+    def _delivered(self, item: OutboxItem) -> list[str]:
+        """The clients whose delivery ``item``'s acknowledgement completes: those it names but no message of the same
+        request and kind to the same retailer still unacknowledged also names (a client whose billing readings went
+        in parts, one message each, or whose supply by that retailer came in two spans of the period)."""
+        if not item.clients or not self.outbox.has(item.request_id):
+            return item.clients
+        held = {c for o in self.outbox.of(item.request_id) if o.kind == item.kind and o.retailer_id == item.retailer_id
+                for c in o.clients}
+        return [c for c in item.clients if c not in held] if held else item.clients
 
     async def _write(self, request_id: str, put: dict[str, Any], delete: list[str] | None = None) -> None:
         state = RequestCodec.state_written(put)

@@ -32,6 +32,7 @@ from mhp_wire.fastwire import OutcomesIn
 from mhp_wire.groupcommit import GroupCommit
 from mhp_wire.logsafe import Once, outside
 from mhp_wire.messages import (
+    SEND_PAYLOAD_BYTES,
     Ack,
     ConsentDecision,
     ConsentQuery,
@@ -247,8 +248,13 @@ class HubRelay:
                 return True
             if self.link is None or not self.link.connected:
                 raise MqttError("the hub broker link is down")
-            await self.link.publish(topics.TARIFF, encode(tariff_message(stored)), retain=True, wait_s=PUBLISH_WAIT_S)
+            payload = encode(tariff_message(stored))
             published = (stored["tariff_id"], stored["version"])
+            if len(payload) > SEND_PAYLOAD_BYTES:  # stored before tariffs were sized: it would cut this link
+                log.error("tariff %s v%d is %d bytes, over the %d the brokers pass: not republished; publish a newer "
+                          "version that fits", published[0], published[1], len(payload), SEND_PAYLOAD_BYTES)
+                continue
+            await self.link.publish(topics.TARIFF, payload, retain=True, wait_s=PUBLISH_WAIT_S)
             log.info("tariff %s v%d republished from storage, retained", published[0], published[1])
 
     async def _dispatch_loop(self) -> None:

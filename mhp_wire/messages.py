@@ -449,13 +449,18 @@ class Presence(_Msg):
     state: Literal["online", "offline"]
 
 
+READING_BLOCK_VALUES = 10_000
+"""The most readings one :class:`ReadingBlock` carries (the hub stores consecutive uploads as one block, and cuts
+longer ones into blocks of this many when it delivers them)."""
+
+
 class ReadingBlock(BaseModel):
     """Consecutive meter readings of one client: ``values_kwh[i]`` is the energy of interval ``i``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     start: AwareDatetime
     resolution_s: int = Field(gt=0, le=86_400)
-    values_kwh: list[float] = Field(min_length=1, max_length=10_000)
+    values_kwh: list[float] = Field(min_length=1, max_length=READING_BLOCK_VALUES)
     quality: Literal["measured", "estimated"] = "measured"
     version: int = Field(1, ge=1)
     """Uploads of the same interval so far; above 1 the block is a correction."""

@@ -6,7 +6,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cloud_hub.authz import Action, Context, Principal, decide, visible_suppliers
@@ -29,6 +29,8 @@ from cloud_hub.usecases.idempotency import Idempotency
 from cloud_hub.usecases.results import Accepted
 from cloud_hub.usecases.shared import iso, ts
 from mhp_wire.messages import (
+    READING_BLOCK_VALUES,
+    SEND_PAYLOAD_BYTES,
     BillingClient,
     BillingData,
     ClientState,
@@ -59,18 +61,92 @@ async def billing_readings(store: HubStore, client_id: str, start: float, end: f
     return withhold_straddling(clip_blocks(await store.readings(client_id, start, end), start, end), end, may_have)
 
 
-def _billing_messages(request_id: str, body: dict[str, Any], per_retailer: dict[str, list[BillingClient]]
-                      ) -> list[OutboxItem]:
-    """Each retailer's billing data, in messages of at most :data:`BILLING_CLIENTS_PER_MESSAGE` clients."""
+def _reading_blocks(block: dict[str, Any]) -> list[ReadingBlock]:
+    """A stored block of readings (consecutive uploads are stored as one) as wire blocks of at most
+    :data:`~mhp_wire.messages.READING_BLOCK_VALUES` readings each (a longer one failed the whole billing request
+    with the wire model's error before)."""
+    values, step = block["values_kwh"], block["resolution_s"]
+    return [ReadingBlock(**{**block, "values_kwh": values[i:i + READING_BLOCK_VALUES],
+                            "start": datetime.fromtimestamp(block["start"] + i * step, UTC)})
+            for i in range(0, len(values), READING_BLOCK_VALUES)]
+
+
+def _billing_messages(request_id: str, body: dict[str, Any], per_retailer: dict[str, list[BillingClient]],
+                      limit: int = SEND_PAYLOAD_BYTES) -> list[OutboxItem]:
+    """Each retailer's billing data, in messages of at most :data:`BILLING_CLIENTS_PER_MESSAGE` clients whose
+    payload fits ``limit`` (the brokers' packet, :data:`~mhp_wire.messages.SEND_PAYLOAD_BYTES`: a larger one would
+    have the hub broker cut the hub's link, again at every reconnection). A client whose readings alone do not fit
+    goes in consecutive parts of its period, one message each (:func:`_client_parts`); each message lists its
+    clients, and the book marks a client acknowledged by a retailer once every message naming it is
+    (:meth:`cloud_hub.book.RequestBook.on_acks`)."""
     outbox = []
     for rid, items in sorted(per_retailer.items()):
         for i in range(0, len(items), BILLING_CLIENTS_PER_MESSAGE):
-            chunk = items[i:i + BILLING_CLIENTS_PER_MESSAGE]
-            msg = BillingData(request_id=request_id, period_start=body["period_start"],
-                              period_end=body["period_end"], clients=chunk)
-            outbox.append(OutboxItem(msg.msg_id, request_id, rid, "billing", encode(msg),
-                                     [c.client_id for c in chunk]))
+            for chunk, msg, payload in _fitted_billing(request_id, body, items[i:i + BILLING_CLIENTS_PER_MESSAGE],
+                                                       limit):
+                outbox.append(OutboxItem(msg.msg_id, request_id, rid, "billing", payload,
+                                         list(dict.fromkeys(c.client_id for c in chunk))))
     return outbox
+
+
+def _fitted_billing(request_id: str, body: dict[str, Any], clients: list[BillingClient], limit: int
+                    ) -> list[tuple[list[BillingClient], BillingData, bytes]]:
+    """``clients`` in as few messages as fit ``limit``, in order: one encoding when they fit (the usual case, as
+    before); otherwise each client's encoded size decides, packed in order, a client too big alone cut into parts
+    (the sizes add up exactly: compact JSON, one comma between clients)."""
+    def message(chunk: list[BillingClient]) -> tuple[list[BillingClient], BillingData, bytes]:
+        msg = BillingData(request_id=request_id, period_start=body["period_start"], period_end=body["period_end"],
+                          clients=chunk)
+        return chunk, msg, encode(msg)
+
+    whole = message(clients)
+    if len(whole[2]) <= limit:
+        return [whole]
+    room = limit - len(encode(whole[1].model_copy(update={"clients": []})))  # the envelope, "[]" included
+    out: list[tuple[list[BillingClient], BillingData, bytes]] = []
+    chunk: list[BillingClient] = []
+    used = 0
+    for part in (p for c in clients for p in _client_parts(c, room)):
+        size = len(part.model_dump_json()) + 1  # and its comma
+        if chunk and used + size > room:
+            out.append(message(chunk))
+            chunk, used = [], 0
+        chunk.append(part)
+        used += size
+    out.append(message(chunk))
+    return out
+
+
+def _client_parts(client: BillingClient, room: int) -> list[BillingClient]:
+    """``client`` as consecutive parts of its period whose JSON each fits ``room`` bytes: the readings cut between
+    blocks (a block that alone does not fit, between its values), each part's period from its first interval (the
+    client's start for the first) to the next part's (the client's end for the last). ``[client]`` when it fits."""
+    if len(client.model_dump_json()) <= room:
+        return [client]
+    envelope = len(client.model_copy(update={"readings": []}).model_dump_json())
+    groups: list[list[ReadingBlock]] = [[]]
+    used = envelope
+    for block in (b for whole in client.readings for b in _block_parts(whole, room - envelope)):
+        size = len(block.model_dump_json()) + 1
+        if groups[-1] and used + size > room:
+            groups.append([])
+            used = envelope
+        groups[-1].append(block)
+        used += size
+    starts = [client.period_start, *(g[0].start for g in groups[1:]), client.period_end]
+    return [client.model_copy(update={"period_start": starts[k], "period_end": starts[k + 1], "readings": g})
+            for k, g in enumerate(groups)]
+
+
+def _block_parts(block: ReadingBlock, room: int) -> list[ReadingBlock]:
+    """``block`` cut between its values into consecutive blocks whose JSON each fits ``room`` (a block of 10,000
+    readings is ~60-230 KB, so this is for a packet smaller than the brokers' default)."""
+    if len(block.model_dump_json()) <= room or len(block.values_kwh) == 1:
+        return [block]
+    half = len(block.values_kwh) // 2
+    second = block.start + timedelta(seconds=half * block.resolution_s)
+    return [*_block_parts(block.model_copy(update={"values_kwh": block.values_kwh[:half]}), room),
+            *_block_parts(block.model_copy(update={"values_kwh": block.values_kwh[half:], "start": second}), room)]
 
 
 class ClientData:
@@ -197,7 +273,7 @@ class ClientData:
                 per_retailer[rid].append(BillingClient(
                     client_id=cid, period_start=datetime.fromtimestamp(s, UTC),
                     period_end=datetime.fromtimestamp(e, UTC),
-                    readings=[ReadingBlock(**{**b, "start": datetime.fromtimestamp(b["start"], UTC)}) for b in blocks]))
+                    readings=[r for b in blocks for r in _reading_blocks(b)]))
                 entries[cid]["retailers"][rid] = ClientState.PENDING.value
                 entries[cid]["detail"].setdefault("corrected", False)
                 entries[cid]["detail"]["corrected"] |= any(b["corrected"] for b in blocks)

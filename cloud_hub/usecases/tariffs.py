@@ -18,6 +18,7 @@ from cloud_hub.usecases.idempotency import Idempotency
 from cloud_hub.usecases.results import TariffAccepted
 from cloud_hub.usecases.shared import ts
 from mhp_wire.messages import (
+    SEND_PAYLOAD_BYTES,
     ClientState,
     Tariff,
     encode,
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 
 TARIFF_DELIVERY_S = 3600
 
+TARIFF_PROBE_MSG_ID = "x" * 64
+"""The longest ``msg_id`` a copy of a tariff message carries (the hub's copies and a bridge's public one differ in
+it): a tariff is sized with it (:func:`fitted_tariff`)."""
+
 CURRENT_TARIFF = "current"
 """Not a tariff id: ``GET /v1/tariffs/current`` names the tariff published last."""
 
@@ -41,6 +46,26 @@ def tariff_message(stored: dict[str, Any]) -> Tariff:
                   version=stored["version"], valid_from=stored["valid_from"], valid_to=stored["valid_to"],
                   periods=stored["periods"], published=stored.get("published"))
 
+
+
+def fitted_tariff(body: dict[str, Any]) -> None:
+    """Raise ``ValueError`` (422, nothing stored or sent) when a tariff's message would not fit the brokers' packet
+    (:data:`~mhp_wire.messages.SEND_PAYLOAD_BYTES`) with any of its copies' ids and the largest version and
+    publication numbers: every broker between the hub and the gateways would cut its sender's link for it, again
+    at every reconnection (the hub's retained tariff first). A year of hourly prices is ~800 KB; one message passes
+    ~2,700 periods."""
+    probe = Tariff(tariff_id=body["tariff_id"], version=2**53, valid_from=body["valid_from"],
+                   valid_to=body["valid_to"], periods=body["periods"], published=2**53, msg_id=TARIFF_PROBE_MSG_ID)
+    size = len(encode(probe))
+    if size <= SEND_PAYLOAD_BYTES:
+        return
+    periods = len(probe.periods)
+    per_period = max(1, (size - len(encode(probe.model_copy(update={"periods": probe.periods[:1]})))) //
+                     max(1, periods - 1))
+    fit = periods - -(-(size - SEND_PAYLOAD_BYTES) // per_period)
+    raise ValueError(f"the tariff's message would be {size} bytes, over the {SEND_PAYLOAD_BYTES} bytes the brokers "
+                     f"pass to every retailer and gateway: publish its calendar as consecutive tariffs of shorter "
+                     f"validity (at most about {max(1, fit)} of these {periods} periods each)")
 
 
 class Tariffs:
@@ -73,6 +98,7 @@ class Tariffs:
             raise ValueError("valid_to must be after valid_from")
         if body["tariff_id"] == CURRENT_TARIFF:
             raise ValueError(f"tariff_id {CURRENT_TARIFF!r} is reserved: GET /v1/tariffs/current names the latest")
+        fitted_tariff(body)
         tariff = json.loads(json.dumps(body, default=str))
         version = await self.store.put_tariff(tariff)
         stored = await self.store.get_tariff(body["tariff_id"], version)
@@ -106,7 +132,13 @@ class Tariffs:
         parties = {retailer_id: {"retailers": {retailer_id: ClientState.PENDING.value},
                                  "state": ClientState.PENDING.value, "detail": {}, "trace": {},
                                  "updated_at": time.time()}}
-        outbox = [OutboxItem(msg.msg_id, request_id, retailer_id, "tariff", encode(msg))]
+        payload = encode(msg)
+        if len(payload) > SEND_PAYLOAD_BYTES:  # stored before tariffs were sized (fitted_tariff): never sent
+            log.error("retailer %s registered: the current tariff %s v%d is %d bytes, over the %d the brokers pass, "
+                      "and is not sent; publish a newer version that fits", retailer_id, stored["tariff_id"],
+                      stored["version"], len(payload), SEND_PAYLOAD_BYTES)
+            return None
+        outbox = [OutboxItem(msg.msg_id, request_id, retailer_id, "tariff", payload)]
         body = {"tariff_id": stored["tariff_id"], "version": stored["version"], "retailer_id": retailer_id,
                 "reason": "retailer registered after the tariff was published"}
         await self.creator.create(who, None, NewRequest(
