@@ -296,7 +296,13 @@ class RequestBook:
             for item in await self._expand(request_id, meta, req["plan"]):
                 self.outbox[item.msg_id] = item
         for mid, d in req["outbox"].items():
-            self.outbox[mid] = OutboxItem.load(mid, request_id, d)
+            item = OutboxItem.load(mid, request_id, d)
+            if len(item.payload) > SEND_PAYLOAD_BYTES:  # queued by a hub before messages were sized (create)
+                log.error("request %s: its %s message %s to retailer %s is %d bytes, over the %d the brokers pass, "
+                          "and is not sent (it would cut the hub's link); its targets end at the deadline",
+                          request_id, item.kind, mid, item.retailer_id, len(item.payload), SEND_PAYLOAD_BYTES)
+                continue
+            self.outbox[mid] = item
         if not RequestState(meta["state"]).terminal:
             self.deadlines[request_id] = meta["deadline"]
             if meta.get("phase") == "availability":

@@ -3,7 +3,8 @@
 Every message carries ``v`` (the wire version), ``type`` (the discriminator), a unique ``msg_id`` and
 ``sent_at``. Delivery is QoS 1, *at least once*: a receiver acknowledges a message it has durably stored with an
 ``ack`` naming its ``msg_id`` (the application-level acknowledgement that survives a broker crash, see
-``docs/protocol.md``), and drops duplicates by ``(request_id, client_id)``.
+``docs/protocol.md``), and drops duplicates by ``(request_id, client_id)`` (``billing_data``: and ``period_start``,
+a client's readings may come in parts of its period).
 An ``ack`` itself is published at QoS 0 (:data:`ACK_QOS`): a lost one is repaired by the sender's re-send.
 """
 

@@ -14,14 +14,18 @@ from __future__ import annotations
 import itertools
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+
+import httpx
+import pytest
 
 from mhp_wire import messages, topics
 from mhp_wire.messages import Ack, BillingClient, BillingData, ReadingBlock, encode
 from retailer_bridge.service import Bridge
-from tests.broker_fixtures import BrokerHandle
+from tests.broker_fixtures import BrokerHandle, MosquittoFactory, free_port
 from tests.cloud_hub.test_relay import post_emergency, wait_state
-from tests.hub_fixtures import HubHandle
+from tests.hub_fixtures import HubHandle, start_hub
 from tests.mqtt_party import Party, parties
 from tests.test_late_outcome_after_unreachable import bridge  # noqa: F401  (the fixture, used by name below)
 from tests.waiting import eventually
@@ -95,13 +99,15 @@ async def test_a_client_in_parts_is_acknowledged_once_every_part_is(hub: HubHand
             parts[msg.msg_id] = msg
         assert [len(m.clients) for m in parts.values()] == [1, 1, 1]
         up = topics.up("retailers", "r1")
+        book = hub.app.state.service.book
         ids = list(parts)
-        for k, mid in enumerate(ids[:-1]):
+        for k, mid in enumerate([ids[-1], ids[0]]):  # the last part first, then the first
             await r1.publish(up, Ack(ack_ids=[mid]))
-            req = await wait_state(hub, request_id, "completed", timeout=1.0)
-            assert req["clients"]["c1"]["state"] != "acknowledged", f"after part {k + 1} of {len(ids)}"
+            await eventually(lambda mid=mid: book.outbox.get(mid) is None, "the hub took the ack")
+            req = (await hub.http.get(f"/v1/requests/{request_id}", headers=hub.auth("dso"))).json()
+            assert req["clients"]["c1"]["state"] != "acknowledged", f"after {k + 1} of {len(ids)} parts"
             assert req["state"] != "completed"
-        await r1.publish(up, Ack(ack_ids=[ids[-1]]))
+        await r1.publish(up, Ack(ack_ids=ids[1:-1]))
         req = await wait_state(hub, request_id, "completed", timeout=10)
     assert req["state"] == "completed" and req["clients"]["c1"]["state"] == "acknowledged"
 
@@ -126,17 +132,22 @@ async def test_a_year_of_quarter_hour_readings_is_billed(
     assert max(len(block["values_kwh"]) for block in blocks) == VALUES_PER_BLOCK
 
 
-def test_parts_fit_any_limit_and_keep_every_reading_in_order() -> None:
-    """The packing itself, with limits from a few blocks to below one block (a block cut between its values)."""
+@pytest.mark.parametrize("offset_s", [0.0, 0.5])
+def test_parts_fit_any_limit_and_keep_every_reading_in_order(offset_s: float) -> None:
+    """The packing itself, with limits from a few blocks to below one block (a block cut between its values); with
+    readings starting on a fraction of a second, a part's period (from its first block) is written 7 characters
+    longer than the client's (on whole seconds): before, a part measured with the client's period could come out
+    over the limit by that much (the reviewer's case: a billing request refused with 422 at 262,043 bytes)."""
     from cloud_hub.usecases.data import _billing_messages
 
     start = datetime(2020, 1, 1, tzinfo=UTC)  # a form only: the packing compares instants with each other
+    first = start + timedelta(seconds=offset_s)
     clients = [BillingClient(client_id=f"c{k}", period_start=start, period_end=start + timedelta(days=40),
-                             readings=[ReadingBlock(start=start + timedelta(days=d), resolution_s=900,
-                                                    values_kwh=_values(96 * (k + 1), d)) for d in range(0, 40, 2)])
+                             readings=[ReadingBlock(start=first + timedelta(days=d), resolution_s=900,
+                                                    values_kwh=_values(96 * (k + 1) - d, d)) for d in range(0, 40, 2)])
                for k in range(4)]
     body: dict[str, Any] = {"period_start": start.isoformat(), "period_end": (start + timedelta(days=40)).isoformat()}
-    for limit in (messages.SEND_PAYLOAD_BYTES, 60_000, 9_000, 2_500):
+    for limit in (messages.SEND_PAYLOAD_BYTES, 60_000, 9_000, *range(2_500, 2_800, 7)):
         out = _billing_messages("q-1", body, {"r1": clients}, limit)
         assert all(len(o.payload) <= limit for o in out), limit
         for c in clients:
@@ -208,3 +219,50 @@ async def test_a_tariff_stored_too_big_before_is_neither_republished_nor_sent_to
         msg = await r1.next("request", timeout=10)  # before: never (the link cut at each reconnection)
         assert msg.request_id == request_id  # type: ignore[union-attr]
     assert "oversize packet" not in hub.broker.process.log_tail()
+
+
+async def test_a_message_queued_too_big_by_an_older_hub_is_not_sent_after_a_restart(
+        tmp_path: Path, mosquitto_factory: MosquittoFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tariff of a year of hourly prices queued to r1 by a hub from before messages were sized (played here by a
+    hub whose size checks are lifted): before, the restarted hub loaded it from the request's row and sent it, and
+    the hub broker cut its link at every reconnection. Now it is logged and left (its target ends at the deadline);
+    the hub's link stays up and r1 gets the next request."""
+    broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
+    monkeypatch.setattr("cloud_hub.book.SEND_PAYLOAD_BYTES", 10**9)
+    monkeypatch.setattr("cloud_hub.usecases.tariffs.SEND_PAYLOAD_BYTES", 10**9)
+    monkeypatch.setattr("cloud_hub.relay.SEND_PAYLOAD_BYTES", 10**9)
+    server, serving, tokens, url = await start_hub(tmp_path, broker, mqtt_port=free_port())  # no broker: sends nothing
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            old = HubHandle(url, tokens, broker, http, server.config.app)
+            await old.setup_registry({"c1": "r1"})
+            t0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+            r = await http.post("/v1/tariffs", headers=old.auth("dso"), json={
+                "tariff_id": "year", "valid_from": t0.isoformat(),
+                "valid_to": (t0 + timedelta(hours=8_760)).isoformat(),
+                "periods": [{"start": (t0 + timedelta(hours=h)).isoformat(),
+                             "end": (t0 + timedelta(hours=h + 1)).isoformat(), "price_eur_per_kwh": 0.1234}
+                            for h in range(8_760)]})
+            assert r.status_code == 202, r.text
+    finally:
+        server.should_exit = True
+        await serving
+    monkeypatch.undo()
+    server, serving, tokens, url = await start_hub(tmp_path, broker)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            hub = HubHandle(url, tokens, broker, http, server.config.app)
+            with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
+                await eventually(lambda: _ready(http), "the hub is ready again")
+                request_id = await post_emergency(hub, ["c1"])
+                msg = await r1.next("request", timeout=10)  # before: never (the link cut at each reconnection)
+                assert msg.request_id == request_id  # type: ignore[union-attr]
+                assert hub.app.state.relay.link.stats.connects == 1
+    finally:
+        server.should_exit = True
+        await serving
+    assert "oversize packet" not in broker.process.log_tail()
+
+
+async def _ready(http: httpx.AsyncClient) -> bool:
+    return (await http.get("/readyz")).status_code == 200

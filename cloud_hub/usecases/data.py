@@ -76,7 +76,7 @@ def _billing_messages(request_id: str, body: dict[str, Any], per_retailer: dict[
     """Each retailer's billing data, in messages of at most :data:`BILLING_CLIENTS_PER_MESSAGE` clients whose
     payload fits ``limit`` (the brokers' packet, :data:`~mhp_wire.messages.SEND_PAYLOAD_BYTES`: a larger one would
     have the hub broker cut the hub's link, again at every reconnection). A client whose readings alone do not fit
-    goes in consecutive parts of its period, one message each (:func:`_client_parts`); each message lists its
+    goes in consecutive parts of its period (:func:`_client_parts`), each filling a message; each message lists its
     clients, and the book marks a client acknowledged by a retailer once every message naming it is
     (:meth:`cloud_hub.book.RequestBook.on_acks`)."""
     outbox = []
@@ -89,32 +89,44 @@ def _billing_messages(request_id: str, body: dict[str, Any], per_retailer: dict[
     return outbox
 
 
-def _fitted_billing(request_id: str, body: dict[str, Any], clients: list[BillingClient], limit: int
-                    ) -> list[tuple[list[BillingClient], BillingData, bytes]]:
+def _fitted_billing(request_id: str, body: dict[str, Any], clients: list[BillingClient], limit: int,
+                    slack: int = 0) -> list[tuple[list[BillingClient], BillingData, bytes]]:
     """``clients`` in as few messages as fit ``limit``, in order: one encoding when they fit (the usual case, as
-    before); otherwise each client's encoded size decides, packed in order, a client too big alone cut into parts
-    (the sizes add up exactly: compact JSON, one comma between clients)."""
+    before); otherwise each client's encoded size decides, packed in order, a client too big alone cut into parts.
+    Sizes are measured with every time in its longest form (:func:`_longest`: a time on a whole second is written
+    7 characters shorter), so a message is never longer than measured; one that is all the same (``slack``: what
+    it was over) is packed again with that much less room, while it can still be cut."""
     def message(chunk: list[BillingClient]) -> tuple[list[BillingClient], BillingData, bytes]:
         msg = BillingData(request_id=request_id, period_start=body["period_start"], period_end=body["period_end"],
                           clients=chunk)
         return chunk, msg, encode(msg)
 
     whole = message(clients)
-    if len(whole[2]) <= limit:
+    if len(whole[2]) <= limit - slack:
         return [whole]
-    room = limit - len(encode(whole[1].model_copy(update={"clients": []})))  # the envelope, "[]" included
-    out: list[tuple[list[BillingClient], BillingData, bytes]] = []
-    chunk: list[BillingClient] = []
+    envelope = whole[1].model_copy(update={"clients": [], "sent_at": _longest(whole[1].sent_at)})
+    room = limit - slack - len(encode(envelope))  # the envelope, "[]" included
+    chunks: list[list[BillingClient]] = [[]]
     used = 0
     for part in (p for c in clients for p in _client_parts(c, room)):
         size = len(part.model_dump_json()) + 1  # and its comma
-        if chunk and used + size > room:
-            out.append(message(chunk))
-            chunk, used = [], 0
-        chunk.append(part)
+        if chunks[-1] and used + size > room:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(part)
         used += size
-    out.append(message(chunk))
+    out: list[tuple[list[BillingClient], BillingData, bytes]] = []
+    for chunk in chunks:
+        m = message(chunk)
+        over = len(m[2]) - limit
+        cuttable = len(chunk) > 1 or sum(len(b.values_kwh) for b in chunk[0].readings) > 1
+        out += _fitted_billing(request_id, body, chunk, limit, slack + over) if over > 0 and cuttable else [m]
     return out
+
+
+def _longest(t: datetime) -> datetime:
+    """``t`` as written at its longest (with microseconds: ``...:00.000001Z``, not ``...:00Z``)."""
+    return t if t.microsecond else t.replace(microsecond=1)
 
 
 def _client_parts(client: BillingClient, room: int) -> list[BillingClient]:
@@ -123,7 +135,8 @@ def _client_parts(client: BillingClient, room: int) -> list[BillingClient]:
     client's start for the first) to the next part's (the client's end for the last). ``[client]`` when it fits."""
     if len(client.model_dump_json()) <= room:
         return [client]
-    envelope = len(client.model_copy(update={"readings": []}).model_dump_json())
+    envelope = len(client.model_copy(update={"readings": [], "period_start": _longest(client.period_start),
+                                             "period_end": _longest(client.period_end)}).model_dump_json())
     groups: list[list[ReadingBlock]] = [[]]
     used = envelope
     for block in (b for whole in client.readings for b in _block_parts(whole, room - envelope)):
