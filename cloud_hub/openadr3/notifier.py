@@ -36,6 +36,7 @@ from cloud_hub.webhooks import TargetRefused, Webhooks
 from mhp_wire import topics
 from mhp_wire.backoff import Backoff
 from mhp_wire.groupcommit import GroupCommit
+from mhp_wire.messages import SEND_PAYLOAD_BYTES
 from mhp_wire.mqtt import MqttError
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class Notifier:
         self._task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
         self._http = httpx.AsyncClient(timeout=hooks.policy.timeout_s, follow_redirects=False, trust_env=False)
-        self.sent = {"mqtt": 0, "webhook": 0, "webhook_failed": 0}
+        self.sent = {"mqtt": 0, "mqtt_too_big": 0, "webhook": 0, "webhook_failed": 0}
         self._outcomes: GroupCommit[ReportedOutcome, OutcomeVerdict] = GroupCommit(
             self._commit_outcomes, max_batch=500, name="openadr3-outcomes")
 
@@ -204,7 +205,14 @@ class Notifier:
 
         body = shaped(self.vens.get(ven, mapping.SPEC_VERSION_30))
         link = self.relay.link
-        if link is not None:
+        if len(body) > SEND_PAYLOAD_BYTES:
+            # An event naming thousands of a VEN's clients: its PUBLISH would be over the brokers' packet, and the
+            # hub broker would cut the hub's link for it, again at every reconnection. Its webhooks still get it.
+            self.sent["mqtt_too_big"] += 1
+            log.warning("openadr3: MQTT notification of %s %s to VEN %s not sent: %d bytes, over the %d the brokers "
+                        "pass; its webhooks and its GET show the object", object_type, obj.get("id"), ven, len(body),
+                        SEND_PAYLOAD_BYTES)
+        elif link is not None:
             try:
                 await link.publish(topics.openadr3_ven(ven, object_type.lower() + "s", operation.lower()), body,
                                    wait_s=5.0)
