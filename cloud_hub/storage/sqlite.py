@@ -9,7 +9,7 @@ appended in arrival order, in the same transaction as the rest of their batch; :
 :attr:`SqliteKV.merge_rows` staged cells, at open, and before anything reads or deletes in a staged table. A request's
 audit lines name 10-20 clients, so written straight into ``cells`` each ~150-byte line rewrote its own 4 KiB leaf
 (and the interior pages above it) at every commit; staged they fill one or two appended leaves per commit, and a
-merge writes each client's leaf once for a second of lines (docs/decisions.md, "Audit lines staged").
+merge writes each client's leaf once for half a second of lines (docs/decisions.md, "Audit lines staged").
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class SqliteKV:
     """The HBase-shaped store on SQLite."""
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 2000,
-                 staged_tables: Iterable[str] = STAGED_TABLES, merge_interval_s: float = 1.0,
+                 staged_tables: Iterable[str] = STAGED_TABLES, merge_interval_s: float = 0.5,
                  merge_rows: int = 20_000, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.path = str(path)
         self._sql = SqliteThread(path, DDL, busy_timeout_ms=busy_timeout_ms, name="hub-store")
