@@ -119,7 +119,10 @@ class SqliteKV:
             await self._sql.open()
         except StorageError as exc:
             raise StoreUnavailable(str(exc)) from exc
-        await self.merge()  # cells staged before a crash (kill -9, power loss) are in the file: merged now
+        try:
+            await self.merge()  # cells staged before a crash (kill -9, power loss) are in the file: merged now
+        except StoreUnavailable:  # (a locked file) the periodic merge, or the first read of the table, tries again
+            log.warning("staged cells not merged at open; merged later", exc_info=True)
         if self.staged_tables and self.merge_interval_s > 0:
             self._merge_loop = asyncio.create_task(self._merge_periodically(), name="hub-store-merge")
 

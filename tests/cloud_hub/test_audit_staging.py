@@ -244,6 +244,29 @@ async def test_a_failed_merge_leaves_the_staged_cells_as_they_were(staging_kv: S
     assert _staged(db_path) == 0 and _merged_audit(db_path) == 10
 
 
+async def test_a_file_locked_at_open_opens_and_its_staged_cells_are_merged_once_it_is_free(tmp_path: Path) -> None:
+    db_path = tmp_path / "hub.db"
+    kv = SqliteKV(db_path, merge_interval_s=0)
+    await kv.open()
+    await kv.close()
+    other = sqlite3.connect(db_path, isolation_level=None)
+    # what a process killed between staging and merge leaves in the file
+    other.executemany("INSERT INTO staged_cells VALUES ('audit', ?, 'a:l', ?)",
+                      [(f"c{k}|1|{k:06d}", f"{k}".encode()) for k in range(3)])
+    other.execute("BEGIN EXCLUSIVE")  # another process holds the database (tests/cloud_hub/test_storage_faults.py)
+    kv = SqliteKV(db_path, busy_timeout_ms=50, merge_interval_s=0)
+    try:
+        await kv.open()  # the hub starts; the merge waits for the lock
+        with pytest.raises(StoreUnavailable):
+            await kv.get("audit", "c1|1|000001")  # not an answer without the staged cells
+        other.execute("ROLLBACK")
+        assert await kv.get("audit", "c1|1|000001") == {"a:l": b"1"}
+        assert _staged(db_path) == 0 and _merged_audit(db_path) == 3
+    finally:
+        other.close()
+        await kv.close()
+
+
 # -- a kill -9 between staging and merge ------------------------------------------------------------------------
 
 _WRITER = textwrap.dedent("""
