@@ -5,11 +5,12 @@ a prefix scan is a range scan, and a batch is one transaction.
 
 The puts to a **staged** table (:data:`STAGED_TABLES`: the audit log) go first to ``staged_cells``, a rowid table
 appended in arrival order, in the same transaction as the rest of their batch; :meth:`SqliteKV.merge` moves them into
-``cells`` in key order, in one transaction, every :attr:`SqliteKV.merge_interval_s`, after
-:attr:`SqliteKV.merge_rows` staged cells, at open, and before anything reads or deletes in a staged table. A request's
-audit lines name 10-20 clients, so written straight into ``cells`` each ~150-byte line rewrote its own 4 KiB leaf
-(and the interior pages above it) at every commit; staged they fill one or two appended leaves per commit, and a
-merge writes each client's leaf once for half a second of lines (docs/decisions.md, "Audit lines staged").
+``cells`` in key order, in one transaction, every :attr:`SqliteKV.merge_interval_s`, after :attr:`SqliteKV.merge_rows`
+staged cells, at open, and before anything deletes in a staged table; a scan reads the staged cells with the merged
+ones (no write lock), the other reads merge first. A request's audit lines name 10-20 clients, so written straight
+into ``cells`` each ~150-byte line rewrote its own 4 KiB leaf (and the interior pages above it) at every commit;
+staged they fill one or two appended leaves per commit, and a merge writes each client's leaf once for half a second
+of lines (docs/decisions.md, "Audit lines staged").
 """
 
 from __future__ import annotations
@@ -127,7 +128,12 @@ class SqliteKV:
             self._merge_loop = asyncio.create_task(self._merge_periodically(), name="hub-store-merge")
 
     async def close(self) -> None:
-        """Close the database, once every batch handed in is committed (or failed) and the staged cells merged."""
+        """Close the database, once every batch handed in is committed (or failed) and the staged cells merged; a
+        store not open (never opened, or closed already) has nothing to close."""
+        try:
+            self._sql.db  # noqa: B018  (raises when the store is not open)
+        except StorageError:
+            return
         if self._merge_loop is not None:
             self._merge_loop.cancel()
             await asyncio.gather(self._merge_loop, return_exceptions=True)
@@ -187,7 +193,7 @@ class SqliteKV:
             await self.sleep(self.merge_interval_s)
             try:
                 await self.merge()
-            except StoreUnavailable:
+            except Exception:  # a StoreUnavailable (a locked or full file), or anything else: logged, tried again
                 log.warning("periodic merge of staged cells failed; they stay staged", exc_info=True)
 
     def _count_staged(self, mutations: list[Mutation]) -> None:
@@ -274,11 +280,11 @@ class SqliteKV:
             if start is not None or stop is not None:
                 raise ValueError("prefix cannot be combined with start/stop (as in happybase)")
             start, stop = prefix, prefix_stop(prefix)
-        await self._merged(table)
+        staged = table in self.staged_tables
 
         def op() -> list[tuple[str, Row]]:
             where, cargs = _column_filter(columns)
-            sql = "SELECT row, col, val FROM cells WHERE tbl=?"
+            sql = " WHERE tbl=?"
             args: list[object] = [table]
             if start is not None:
                 sql += " AND row >= ?"
@@ -286,9 +292,16 @@ class SqliteKV:
             if stop is not None:
                 sql += " AND row < ?"
                 args.append(stop)
-            sql += where + " ORDER BY row, col"
+            db = self._sql.db
+            cells: Iterable[tuple[str, str, bytes]] = db.execute(
+                "SELECT row, col, val FROM cells" + sql + where + " ORDER BY row, col", [*args, *cargs])
+            if staged:  # a staged table is read as merged, without merging (a read takes no write lock)
+                waiting = db.execute("SELECT row, col, val FROM staged_cells" + sql + where + " ORDER BY rowid",
+                                     [*args, *cargs]).fetchall()
+                if waiting:
+                    cells = _overlaid(cells, waiting)
             out: list[tuple[str, Row]] = []
-            for r, c, v in self._sql.db.execute(sql, [*args, *cargs]):
+            for r, c, v in cells:
                 if not out or out[-1][0] != r:
                     if limit is not None and len(out) >= limit:
                         break
@@ -413,6 +426,16 @@ class SqliteKV:
             await self._sql.tx(lambda db: db.execute("DELETE FROM ping"))
         except StorageError as exc:
             raise StoreUnavailable(str(exc)) from exc
+
+
+def _overlaid(cells: Iterable[tuple[str, str, bytes]], staged: list[tuple[str, str, bytes]]
+              ) -> list[tuple[str, str, bytes]]:
+    """``cells`` (in key order) with ``staged`` (in the order they were staged) put over them, in key order: what
+    the merge would make of them (a deletion in a staged table merges first, so nothing staged is ever deleted)."""
+    merged = {(r, c): v for r, c, v in cells}
+    for r, c, v in staged:
+        merged[(r, c)] = v
+    return [(r, c, v) for (r, c), v in sorted(merged.items())]
 
 
 def _log_merge_failure(task: asyncio.Task[int]) -> None:
