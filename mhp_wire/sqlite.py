@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,19 +28,36 @@ class StorageError(Exception):
 
 
 class SqliteThread:
-    """One SQLite connection, used only from one dedicated worker thread."""
+    """One SQLite connection for writes, used only from one dedicated worker thread; with ``reader=True`` (a file,
+    not ``:memory:``) also a read-only connection on a thread of its own for :meth:`snapshot`.
 
-    def __init__(self, path: Path | str, schema: str, *, busy_timeout_ms: int = 2000, name: str = "sqlite") -> None:
+    WAL mode lets a reader on another connection run while the writer holds a transaction or syncs its commit: the
+    reader sees the last committed state when its read transaction starts. A read issued after an awaited commit
+    therefore sees that commit.
+    """
+
+    def __init__(self, path: Path | str, schema: str, *, busy_timeout_ms: int = 2000, name: str = "sqlite",
+                 reader: bool = False) -> None:
         self.path = str(path)
         self._schema = schema
         self._busy_timeout_ms = busy_timeout_ms
         self._db: sqlite3.Connection | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._reading = reader and self.path != ":memory:"  # a second connection to :memory: is another database
+        self._reader: sqlite3.Connection | None = None
+        self._reader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-read") \
+            if self._reading else None
+        self._here = threading.local()  # the reader thread's connection, for :attr:`db` on that thread
         self.busy_seconds = 0.0
+        """Seconds the writer's thread spent in SQLite."""
+        self.read_busy_seconds = 0.0
+        """Seconds the reader's thread spent in SQLite (0 without a reader: reads count in ``busy_seconds``)."""
 
     async def open(self) -> None:
-        """Open (and create) the database."""
+        """Open (and create) the database, then its reader."""
         await self.call(self._open)
+        if self._reader_pool is not None:
+            await asyncio.get_running_loop().run_in_executor(self._reader_pool, self._open_reader)
 
     def _open(self) -> None:
         if self.path != ":memory:":
@@ -52,42 +70,84 @@ class SqliteThread:
         db.executescript(self._schema)
         self._db = db
 
+    def _open_reader(self) -> None:
+        # Read-only: the writer created the file, its WAL and shared-memory index; this connection cannot write.
+        uri = Path(self.path).resolve().as_uri() + "?mode=ro"
+        try:
+            db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+        except sqlite3.Error as exc:
+            raise StorageError(f"storage error: {exc}") from exc
+        self._reader = db
+        self._here.db = db
+
     async def close(self) -> None:
-        """Close the database and stop its thread."""
+        """Close the reader, then the database, and stop their threads."""
+        loop = asyncio.get_running_loop()
+        if self._reader_pool is not None:
+            if self._reader is not None:
+                reader, self._reader = self._reader, None
+                await loop.run_in_executor(self._reader_pool, reader.close)
+            self._reader_pool.shutdown(wait=True)
         if self._db is not None:
             db, self._db = self._db, None
-            await asyncio.get_running_loop().run_in_executor(self._pool, db.close)
+            await loop.run_in_executor(self._pool, db.close)
         self._pool.shutdown(wait=True)
 
     @property
     def db(self) -> sqlite3.Connection:
-        """The connection; only valid on the worker thread."""
-        if self._db is None:
+        """The connection of the calling thread: the reader's on the reader's thread, else the writer's (only valid
+        on the worker thread)."""
+        db: sqlite3.Connection | None = getattr(self._here, "db", None)
+        if db is None:
+            db = self._db
+        if db is None:
             raise StorageError("storage is not open")
-        return self._db
+        return db
+
+    def _timed(self, fn: Callable[..., T], args: tuple[Any, ...], reader: bool) -> T:
+        """``fn(*args)`` on the calling worker thread, a SQLite error as :class:`StorageError`, its time counted."""
+        t0 = time.perf_counter()
+        try:
+            try:
+                return fn(*args)
+            except sqlite3.InterfaceError:
+                # CPython's sqlite3 sometimes reports SQLITE_MISUSE ("bad parameter or other API misuse") for a
+                # statement reused from its cache under load, where running it again succeeds (seen here in
+                # the bridge benchmark; coverage.py hit the same, its issues #1010 and #1138). The failed
+                # transaction was rolled back, so one retry is safe.
+                log.debug("sqlite3 reported API misuse; retrying once", exc_info=True)
+                return fn(*args)
+        except sqlite3.Error as exc:
+            raise StorageError(f"storage error: {exc}") from exc
+        finally:
+            if reader:
+                self.read_busy_seconds += time.perf_counter() - t0
+            else:
+                self.busy_seconds += time.perf_counter() - t0
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the worker thread."""
-        loop = asyncio.get_running_loop()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._timed, fn, args, False)
 
-        def timed() -> T:
-            t0 = time.perf_counter()
-            try:
-                try:
-                    return fn(*args)
-                except sqlite3.InterfaceError:
-                    # CPython's sqlite3 sometimes reports SQLITE_MISUSE ("bad parameter or other API misuse") for a
-                    # statement reused from its cache under load, where running it again succeeds (seen here in
-                    # the bridge benchmark; coverage.py hit the same, its issues #1010 and #1138). The failed
-                    # transaction was rolled back, so one retry is safe.
-                    log.debug("sqlite3 reported API misuse; retrying once", exc_info=True)
-                    return fn(*args)
-            except sqlite3.Error as exc:
-                raise StorageError(f"storage error: {exc}") from exc
-            finally:
-                self.busy_seconds += time.perf_counter() - t0
+    async def snapshot(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)``, which only reads (through :attr:`db`), in one read transaction on the reader's thread:
+        one snapshot of the last committed state, not waiting for a write transaction in flight. Without a reader
+        (``:memory:``, or ``reader=False``) on the worker thread, between write transactions, as :meth:`call`."""
+        if self._reader_pool is None:
+            return await self.call(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader_pool, self._timed, self._in_read_tx, (fn, args), True)
 
-        return await loop.run_in_executor(self._pool, timed)
+    def _in_read_tx(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        db = self.db
+        db.execute("BEGIN")  # deferred: the snapshot is taken by the first read and held until the end
+        try:
+            return fn(*args)
+        finally:
+            if db.in_transaction:
+                db.execute("COMMIT")
 
     async def tx(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Run ``fn(db)`` in one write transaction on the worker thread; committed when it returns, rolled back

@@ -58,18 +58,21 @@ class SqliteKV:
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 2000) -> None:
         self.path = str(path)
-        self._sql = SqliteThread(path, DDL, busy_timeout_ms=busy_timeout_ms, name="hub-store")
+        self._sql = SqliteThread(path, DDL, busy_timeout_ms=busy_timeout_ms, name="hub-store", reader=True)
         self.commits = GroupTransactions(self._sql, name="hub-store-commit")
         """The group commit of :meth:`batch`: ``commits.commits`` transactions for ``commits.writes`` batches."""
 
     @property
     def busy_seconds(self) -> float:
-        """Seconds spent in SQLite since start."""
-        return self._sql.busy_seconds
+        """Seconds spent in SQLite since start (the writer's thread and the reader's)."""
+        return self._sql.busy_seconds + self._sql.read_busy_seconds
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, reads only, in one read transaction on the reader's connection and thread
+        (:meth:`~mhp_wire.sqlite.SqliteThread.snapshot`): it sees every batch whose call has returned and does not
+        wait for the write transaction in flight."""
         try:
-            return await self._sql.call(fn, *args)
+            return await self._sql.snapshot(fn, *args)
         except StorageError as exc:
             raise StoreUnavailable(str(exc)) from exc
 
@@ -93,7 +96,7 @@ class SqliteKV:
     async def get(self, table: str, row: str, columns: list[str] | None = None) -> Row:
         """The cells of one row."""
         _check_table(table)
-        result: Row = await self._run(self._get, table, row, columns)
+        result: Row = await self._read(self._get, table, row, columns)
         return result
 
     async def get_each(self, table: str, wanted: dict[str, list[str] | None]) -> dict[str, Row]:
@@ -104,7 +107,7 @@ class SqliteKV:
             found = ((row, self._get(table, row, columns)) for row, columns in wanted.items())
             return {row: cells for row, cells in found if cells}
 
-        result: dict[str, Row] = await self._run(op)
+        result: dict[str, Row] = await self._read(op)
         return result
 
     async def get_many(self, table: str, rows: list[str], columns: list[str] | None = None) -> dict[str, Row]:
@@ -124,7 +127,7 @@ class SqliteKV:
                     out.setdefault(r, {})[c] = v
             return out
 
-        result: dict[str, Row] = await self._run(op)
+        result: dict[str, Row] = await self._read(op)
         return result
 
     async def get_many_cells(self, table: str, rows: list[str], columns: list[str] | None = None
@@ -146,7 +149,7 @@ class SqliteKV:
                                    [table, *chunk, *cargs]).fetchall()
             return out
 
-        result: list[tuple[str, str, bytes]] = await self._run(op)
+        result: list[tuple[str, str, bytes]] = await self._read(op)
         return result
 
     async def scan(self, table: str, *, prefix: str | None = None, start: str | None = None,
@@ -179,7 +182,7 @@ class SqliteKV:
                 out[-1][1][c] = bytes(v)
             return out
 
-        result: list[tuple[str, Row]] = await self._run(op)
+        result: list[tuple[str, Row]] = await self._read(op)
         return result
 
     async def scan_ranges(self, table: str, ranges: list[tuple[str, str]]) -> list[list[tuple[str, Row]]]:
@@ -198,7 +201,7 @@ class SqliteKV:
                 out.append(rows)
             return out
 
-        result: list[list[tuple[str, Row]]] = await self._run(op)
+        result: list[list[tuple[str, Row]]] = await self._read(op)
         return result
 
     @staticmethod
