@@ -56,11 +56,19 @@ def _column_filter(columns: list[str] | None) -> tuple[str, list[str]]:
 class SqliteKV:
     """The HBase-shaped store on SQLite."""
 
-    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 2000) -> None:
+    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 2000, wal_autocheckpoint: int = 1000,
+                 checkpoint_pages: int | None = None, cache_kib: int | None = None) -> None:
         self.path = str(path)
-        self._sql = SqliteThread(path, DDL, busy_timeout_ms=busy_timeout_ms, name="hub-store", reader=True)
+        self._sql = SqliteThread(path, DDL, busy_timeout_ms=busy_timeout_ms, name="hub-store", reader=True,
+                                 wal_autocheckpoint=wal_autocheckpoint, checkpoint_pages=checkpoint_pages,
+                                 cache_kib=cache_kib)
         self.commits = GroupTransactions(self._sql, name="hub-store-commit")
         """The group commit of :meth:`batch`: ``commits.commits`` transactions for ``commits.writes`` batches."""
+
+    @property
+    def checkpoints(self) -> int:
+        """Checkpoints run off the write path, on the checkpointer's thread (see ``checkpoint_pages``)."""
+        return self._sql.checkpoints
 
     @property
     def busy_seconds(self) -> float:
