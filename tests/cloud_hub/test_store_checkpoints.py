@@ -58,7 +58,7 @@ async def test_the_wal_stays_bounded_under_a_long_write_load(tmp_path: Path) -> 
 
 async def test_without_the_background_checkpoint_the_writer_bounds_the_wal(tmp_path: Path) -> None:
     db_path = tmp_path / "hub.db"
-    kv = SqliteKV(db_path, wal_autocheckpoint=200)
+    kv = SqliteKV(db_path, wal_autocheckpoint=200, checkpoint_pages=None)
     await kv.open()
     try:
         high = 0
