@@ -5,8 +5,10 @@ queueing behind it on the one connection. On real SQLite files."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -74,42 +76,38 @@ async def test_a_read_after_an_awaited_write_sees_it(tmp_path: Path) -> None:
         await kv.close()
 
 
-async def test_an_in_memory_store_reads_its_own_database(tmp_path: Path) -> None:
-    """A second connection to ``:memory:`` would be another, empty database: the reads stay on the one."""
-    kv = SqliteKV(":memory:")
+@contextlib.asynccontextmanager
+async def _store_with_one_row(path: Path | str) -> AsyncIterator[SqliteKV]:
+    """An open store holding request ``q``, read back once; closed at the end."""
+    kv = SqliteKV(path)
     await kv.open()
     try:
         await kv.batch([Mutation("requests", "q", {"r:state": b"accepted"})])
         assert await kv.get("requests", "q") == {"r:state": b"accepted"}
-        assert await kv.scan_ranges("requests", [("a", "z")]) == [[("q", {"r:state": b"accepted"})]]
+        yield kv
     finally:
         await kv.close()
 
 
+async def test_an_in_memory_store_reads_its_own_database() -> None:
+    """A second connection to ``:memory:`` would be another, empty database: the reads stay on the one."""
+    async with _store_with_one_row(":memory:") as kv:
+        assert await kv.scan_ranges("requests", [("a", "z")]) == [[("q", {"r:state": b"accepted"})]]
+
+
 async def test_an_error_on_the_reader_is_store_unavailable(tmp_path: Path) -> None:
-    db_path = tmp_path / "hub.db"
-    kv = SqliteKV(db_path)
-    await kv.open()
-    try:
-        await kv.batch([Mutation("requests", "q", {"r:state": b"accepted"})])
-        assert await kv.get("requests", "q") == {"r:state": b"accepted"}
-        other = sqlite3.connect(db_path, isolation_level=None)
+    async with _store_with_one_row(tmp_path / "hub.db") as kv:
+        other = sqlite3.connect(tmp_path / "hub.db", isolation_level=None)
         other.execute("DROP TABLE cells")  # what the reader's next statement finds: no such table
         other.close()
         with pytest.raises(StoreUnavailable, match="no such table"):
             await kv.get("requests", "q")
         with pytest.raises(StoreUnavailable, match="no such table"):
             await kv.scan("requests", prefix="q")
-    finally:
-        await kv.close()
 
 
-async def test_close_closes_both_connections(tmp_path: Path) -> None:
-    db_path = tmp_path / "hub.db"
-    kv = SqliteKV(db_path)
-    await kv.open()
-    await kv.batch([Mutation("requests", "q", {"r:state": b"accepted"})])
-    assert await kv.get("requests", "q") == {"r:state": b"accepted"}
-    await kv.close()
+async def test_close_closes_every_connection(tmp_path: Path) -> None:
+    async with _store_with_one_row(tmp_path / "hub.db"):
+        pass
     # The last connection closed checkpointed the WAL and removed it: nothing holds the file open.
-    assert not db_path.with_name("hub.db-wal").exists()
+    assert not (tmp_path / "hub.db-wal").exists()
