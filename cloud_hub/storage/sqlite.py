@@ -58,10 +58,6 @@ WAL_AUTOCHECKPOINT = 10_000
 default is 1,000; at 12,000 requests/min the hub wrote ~6,000 pages a second, each page of a hot B-tree level
 copied at every checkpoint)."""
 
-CHECKPOINT_PAGES = 1_000
-"""A PASSIVE checkpoint off the write path about every this many pages, so that the writer's own checkpoint at the
-bound finds most of the WAL already copied (docs/decisions.md, "The hub store's reads off the writer's thread")."""
-
 CACHE_KIB = 131_072
 """The writer's page cache (SQLite's default 2 MiB): the B-tree's interior pages and hot leaves stay in memory
 instead of being read again (pread) in each transaction."""
@@ -69,10 +65,12 @@ instead of being read again (pread) in each transaction."""
 
 class SqliteKV:
     """The HBase-shaped store on SQLite: writes and group commits on one connection and thread, reads on a read-only
-    connection and thread of their own (a file; ``:memory:`` keeps one connection), checkpoints on a third."""
+    connection and thread of their own (a file; ``:memory:`` keeps one connection). ``checkpoint_pages`` moves
+    checkpoints to a third (off by default: measured no better, docs/decisions.md, "The hub store's reads off the
+    writer's thread")."""
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 2000,
-                 wal_autocheckpoint: int = WAL_AUTOCHECKPOINT, checkpoint_pages: int | None = CHECKPOINT_PAGES,
+                 wal_autocheckpoint: int = WAL_AUTOCHECKPOINT, checkpoint_pages: int | None = None,
                  cache_kib: int | None = CACHE_KIB) -> None:
         self.path = str(path)
         self._sql = SqliteThread(path, DDL, busy_timeout_ms=busy_timeout_ms, name="hub-store", reader=True,
