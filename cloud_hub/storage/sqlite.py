@@ -74,14 +74,31 @@ def _column_filter(columns: list[str] | None) -> tuple[str, list[str]]:
     return " AND (" + " OR ".join(parts) + ")", args
 
 
-class SqliteKV:
-    """The HBase-shaped store on SQLite."""
+WAL_AUTOCHECKPOINT = 10_000
+"""The writer checkpoints itself when a commit takes the WAL past this many pages (~40 MiB): the bound (SQLite's
+default is 1,000; at 12,000 requests/min the hub wrote ~6,000 pages a second, each page of a hot B-tree level
+copied at every checkpoint)."""
 
-    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 2000,
-                 staged_tables: Iterable[str] = STAGED_TABLES, merge_interval_s: float = 0.5,
-                 merge_rows: int = 20_000, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+CACHE_KIB = 131_072
+"""The writer's page cache (SQLite's default 2 MiB): the B-tree's interior pages and hot leaves stay in memory
+instead of being read again (pread) in each transaction."""
+
+
+class SqliteKV:
+    """The HBase-shaped store on SQLite: writes and group commits on one connection and thread, reads on a read-only
+    connection and thread of their own (a file; ``:memory:`` keeps one connection). ``checkpoint_pages`` moves
+    checkpoints to a third (off by default: measured no better, docs/decisions.md, "The hub store's reads off the
+    writer's thread")."""
+
+    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 2000,  # noqa: PLR0913
+                 wal_autocheckpoint: int = WAL_AUTOCHECKPOINT, checkpoint_pages: int | None = None,
+                 cache_kib: int | None = CACHE_KIB, staged_tables: Iterable[str] = STAGED_TABLES,
+                 merge_interval_s: float = 0.5, merge_rows: int = 20_000,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.path = str(path)
-        self._sql = SqliteThread(path, DDL, busy_timeout_ms=busy_timeout_ms, name="hub-store")
+        self._sql = SqliteThread(path, DDL, busy_timeout_ms=busy_timeout_ms, name="hub-store", reader=True,
+                                 wal_autocheckpoint=wal_autocheckpoint, checkpoint_pages=checkpoint_pages,
+                                 cache_kib=cache_kib)
         self.commits = GroupTransactions(self._sql, name="hub-store-commit")
         """The group commit of :meth:`batch`: ``commits.commits`` transactions for ``commits.writes`` batches."""
         self.staged_tables = frozenset(staged_tables)
@@ -104,13 +121,21 @@ class SqliteKV:
         self._merge_loop: asyncio.Task[None] | None = None
 
     @property
-    def busy_seconds(self) -> float:
-        """Seconds spent in SQLite since start."""
-        return self._sql.busy_seconds
+    def checkpoints(self) -> int:
+        """Checkpoints run off the write path, on the checkpointer's thread (see ``checkpoint_pages``)."""
+        return self._sql.checkpoints
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    @property
+    def busy_seconds(self) -> float:
+        """Seconds spent in SQLite since start (the writer's thread and the reader's)."""
+        return self._sql.busy_seconds + self._sql.read_busy_seconds
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, reads only, in one read transaction on the reader's connection and thread
+        (:meth:`~mhp_wire.sqlite.SqliteThread.snapshot`): it sees every batch whose call has returned and does not
+        wait for the write transaction in flight."""
         try:
-            return await self._sql.call(fn, *args)
+            return await self._sql.snapshot(fn, *args)
         except StorageError as exc:
             raise StoreUnavailable(str(exc)) from exc
 
@@ -167,7 +192,7 @@ class SqliteKV:
         staged = self._unmerged
         self._unmerged = 0  # cells staged from here on wait for the next merge
         try:
-            waiting: bool = await self._run(
+            waiting: bool = await self._read(
                 lambda: self._sql.db.execute("SELECT 1 FROM staged_cells LIMIT 1").fetchone() is not None)
             if not waiting:
                 return 0
@@ -212,7 +237,7 @@ class SqliteKV:
         """The cells of one row."""
         _check_table(table)
         await self._merged(table)
-        result: Row = await self._run(self._get, table, row, columns)
+        result: Row = await self._read(self._get, table, row, columns)
         return result
 
     async def get_each(self, table: str, wanted: dict[str, list[str] | None]) -> dict[str, Row]:
@@ -224,7 +249,7 @@ class SqliteKV:
             found = ((row, self._get(table, row, columns)) for row, columns in wanted.items())
             return {row: cells for row, cells in found if cells}
 
-        result: dict[str, Row] = await self._run(op)
+        result: dict[str, Row] = await self._read(op)
         return result
 
     async def get_many(self, table: str, rows: list[str], columns: list[str] | None = None) -> dict[str, Row]:
@@ -245,7 +270,7 @@ class SqliteKV:
                     out.setdefault(r, {})[c] = v
             return out
 
-        result: dict[str, Row] = await self._run(op)
+        result: dict[str, Row] = await self._read(op)
         return result
 
     async def get_many_cells(self, table: str, rows: list[str], columns: list[str] | None = None
@@ -268,7 +293,7 @@ class SqliteKV:
                                    [table, *chunk, *cargs]).fetchall()
             return out
 
-        result: list[tuple[str, str, bytes]] = await self._run(op)
+        result: list[tuple[str, str, bytes]] = await self._read(op)
         return result
 
     async def scan(self, table: str, *, prefix: str | None = None, start: str | None = None,
@@ -309,7 +334,7 @@ class SqliteKV:
                 out[-1][1][c] = bytes(v)
             return out
 
-        result: list[tuple[str, Row]] = await self._run(op)
+        result: list[tuple[str, Row]] = await self._read(op)
         return result
 
     async def scan_ranges(self, table: str, ranges: list[tuple[str, str]]) -> list[list[tuple[str, Row]]]:
@@ -329,7 +354,7 @@ class SqliteKV:
                 out.append(rows)
             return out
 
-        result: list[list[tuple[str, Row]]] = await self._run(op)
+        result: list[list[tuple[str, Row]]] = await self._read(op)
         return result
 
     @staticmethod
