@@ -27,15 +27,15 @@ async def test_a_read_does_not_wait_for_a_write_transaction_in_flight(tmp_path: 
     inside, release = threading.Event(), threading.Event()
 
     def held_open(db: sqlite3.Connection) -> None:
-        SqliteKV._write(db, [Mutation("requests", "q1", {"r:state": b"dispatching"}),
-                             Mutation("requests", "q2", {"r:state": b"accepted"})])
+        kv._write(db, [Mutation("requests", "q1", {"r:state": b"dispatching"}),
+                       Mutation("requests", "q2", {"r:state": b"accepted"})])
         inside.set()
         release.wait()  # the write transaction stays open until the test has read
 
     try:
         await kv.batch([Mutation("requests", "q1", {"r:state": b"accepted"})])
         write = asyncio.ensure_future(kv.commits.tx(held_open))
-        await asyncio.to_thread(inside.wait)
+        assert await asyncio.to_thread(inside.wait, GUARD_S), "the held write did not start"
         reads = asyncio.ensure_future(asyncio.gather(
             kv.get("requests", "q1"), kv.get_many("requests", ["q1", "q2"]),
             kv.scan("requests", prefix="q"), kv.get_many_cells("requests", ["q1", "q2"])))
