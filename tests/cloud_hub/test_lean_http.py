@@ -189,7 +189,10 @@ answered, in order."""
 async def two_hubs(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory,
                    **settings: Any) -> AsyncIterator[tuple[HubHandle, HubHandle]]:
     """A hub with the lean path and one without, the same settings, clients c1 (r1) and c2 (r2), and in each an
-    ``expired`` and an ``unknown`` token."""
+    ``expired`` and an ``unknown`` token. The first sends' ``sent`` marks wait 60 s, longer than the test: settled
+    after 2 s (the default), a client read ``sent`` on the hub asked later and ``pending`` on the other whenever the
+    replays straddled the settling (seen on a loaded machine)."""
+    settings = {"sent_settle_s": 60.0, **settings}  # the most a hub allows: longer than any replay here
     async with contextlib.AsyncExitStack() as stack:
         hubs = []
         for lean in (True, False):

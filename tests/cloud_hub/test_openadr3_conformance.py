@@ -224,8 +224,11 @@ async def test_a_retailer_that_has_not_joined_as_a_ven_gets_no_events_and_costs_
         return (await hub.http.get(f"{BASE_PATH_30}/events/{request_id}", headers=h1)).status_code == 200
 
     await wait_for(listed_for_r1)
-    rows = await hub.app.state.store.kv.scan("openadr3", prefix="evt|")
-    assert [r for r, _ in rows] == [f"evt|r1|{request_id}"], "no index row for r2, which has not joined"
+
+    async def indexed() -> list[str]:  # the notifier's index rows, written in one batch after the request's
+        return [r for r, _ in await hub.app.state.store.kv.scan("openadr3", prefix="evt|")]
+
+    assert await wait_for(indexed) == [f"evt|r1|{request_id}"], "no index row for r2, which has not joined"
     r2_events = (await hub.http.get(f"{BASE_PATH_30}/events", headers=h2)).json()
     assert [e["id"] for e in r2_events if not e["id"].startswith("tariff-")] == []
     # Joining later: the events from then on.
