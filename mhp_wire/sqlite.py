@@ -231,6 +231,12 @@ class SqliteThread:
         db.execute("BEGIN")  # deferred: the snapshot is taken by the first read and held until the end
         try:
             return fn(*args)
+        except BaseException as exc:
+            # The failed op's frames go with its traceback: a cursor they hold, half read, kept this read's snapshot
+            # open past the COMMIT for as long as the error lived (later reads missed awaited commits, and the WAL
+            # could not start over; found in review). The error keeps its message and type.
+            exc.__traceback__ = None
+            raise
         finally:
             if db.in_transaction:
                 db.execute("COMMIT")
