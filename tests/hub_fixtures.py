@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from cloud_hub.app import create_app
 from cloud_hub.settings import HubSettings
 from cloud_hub.tokens import TokenBook
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory, free_port
+from tests.waiting import eventually
 
 __all__ = ["HubHandle", "hub", "hub_any", "running_hub"]
 
@@ -70,6 +72,24 @@ async def start_hub(
             task.result()
         await asyncio.sleep(0.01)
     return server, task, tokens, f"http://127.0.0.1:{port}"
+
+
+@contextlib.asynccontextmanager
+async def served_hub(tmp_path: Path, broker: BrokerHandle, **overrides: Any) -> AsyncIterator[HubHandle]:
+    """A hub on ``tmp_path``'s store and ``broker`` (:func:`start_hub`), once ``/readyz`` answers 200 (it waits on a
+    condition, at most 10 s), stopped at the end: the same store can be served again, as a restarted hub."""
+    server, serving, tokens, url = await start_hub(tmp_path, broker, **overrides)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            await eventually(lambda: _ready(http), "the hub is ready")
+            yield HubHandle(url, tokens, broker, http, server.config.app)
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def _ready(http: httpx.AsyncClient) -> bool:
+    return (await http.get("/readyz")).status_code == 200
 
 
 async def running_hub(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory,

@@ -17,15 +17,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from mhp_wire import messages, topics
 from mhp_wire.messages import Ack, BillingClient, BillingData, ReadingBlock, encode
 from retailer_bridge.service import Bridge
-from tests.broker_fixtures import BrokerHandle, MosquittoFactory, free_port
+from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.cloud_hub.test_relay import post_emergency, wait_state
-from tests.hub_fixtures import HubHandle, start_hub
+from tests.hub_fixtures import HubHandle, served_hub
 from tests.mqtt_party import Party, parties
 from tests.test_late_outcome_after_unreachable import bridge  # noqa: F401  (the fixture, used by name below)
 from tests.waiting import eventually
@@ -231,38 +230,22 @@ async def test_a_message_queued_too_big_by_an_older_hub_is_not_sent_after_a_rest
     monkeypatch.setattr("cloud_hub.book.SEND_PAYLOAD_BYTES", 10**9)
     monkeypatch.setattr("cloud_hub.usecases.tariffs.SEND_PAYLOAD_BYTES", 10**9)
     monkeypatch.setattr("cloud_hub.relay.SEND_PAYLOAD_BYTES", 10**9)
-    server, serving, tokens, url = await start_hub(tmp_path, broker, mqtt_port=free_port())  # no broker: sends nothing
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-            old = HubHandle(url, tokens, broker, http, server.config.app)
-            await old.setup_registry({"c1": "r1"})
-            t0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-            r = await http.post("/v1/tariffs", headers=old.auth("dso"), json={
-                "tariff_id": "year", "valid_from": t0.isoformat(),
-                "valid_to": (t0 + timedelta(hours=8_760)).isoformat(),
-                "periods": [{"start": (t0 + timedelta(hours=h)).isoformat(),
-                             "end": (t0 + timedelta(hours=h + 1)).isoformat(), "price_eur_per_kwh": 0.1234}
-                            for h in range(8_760)]})
-            assert r.status_code == 202, r.text
-    finally:
-        server.should_exit = True
-        await serving
+    async with served_hub(tmp_path, broker) as old:
+        await old.setup_registry({"c1": "r1"})
+        t0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        r = await old.http.post("/v1/tariffs", headers=old.auth("dso"), json={
+            "tariff_id": "year", "valid_from": t0.isoformat(), "valid_to": (t0 + timedelta(hours=8_760)).isoformat(),
+            "periods": [{"start": (t0 + timedelta(hours=h)).isoformat(),
+                         "end": (t0 + timedelta(hours=h + 1)).isoformat(), "price_eur_per_kwh": 0.1234}
+                        for h in range(8_760)]})
+        assert r.status_code == 202, r.text  # stored and queued (the old hub's link is cut for it: it stops now)
     monkeypatch.undo()
-    server, serving, tokens, url = await start_hub(tmp_path, broker)
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-            hub = HubHandle(url, tokens, broker, http, server.config.app)
-            with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
-                await eventually(lambda: _ready(http), "the hub is ready again")
-                request_id = await post_emergency(hub, ["c1"])
-                msg = await r1.next("request", timeout=10)  # before: never (the link cut at each reconnection)
-                assert msg.request_id == request_id  # type: ignore[union-attr]
-                assert hub.app.state.relay.link.stats.connects == 1
-    finally:
-        server.should_exit = True
-        await serving
-    assert "oversize packet" not in broker.process.log_tail()
+    cuts = broker.process.log_path.read_text().count("oversize packet")  # the old hub's, if any
+    async with served_hub(tmp_path, broker) as hub:
+        with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
+            request_id = await post_emergency(hub, ["c1"])
+            msg = await r1.next("request", timeout=10)  # before: never (the link cut at each reconnection)
+            assert msg.request_id == request_id  # type: ignore[union-attr]
+            assert hub.app.state.relay.link.stats.connects == 1
+    assert broker.process.log_path.read_text().count("oversize packet") == cuts, "the restarted hub's link: never cut"
 
-
-async def _ready(http: httpx.AsyncClient) -> bool:
-    return (await http.get("/readyz")).status_code == 200

@@ -19,7 +19,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 import cloud_hub.book
@@ -34,7 +33,7 @@ from mhp_wire.messages import Ack, Cancel, ClientState, Outcome, Request
 from tests.broker_fixtures import MosquittoFactory
 from tests.cloud_hub.embedded_hub import embedded_hub
 from tests.cloud_hub.test_revise_edges import held_after_publish
-from tests.hub_fixtures import HubHandle, running_hub, start_hub
+from tests.hub_fixtures import HubHandle, running_hub, served_hub
 from tests.mqtt_party import Party, parties
 from tests.waiting import eventually
 
@@ -232,52 +231,32 @@ async def _dispatch_ms_written(hub: HubHandle, request_id: str) -> bool:
 async def test_a_hub_stopped_between_send_and_settle_writes_its_marks_and_carries_on_after_a_restart(
         tmp_path: Path, mosquitto_factory: MosquittoFactory) -> None:
     broker = mosquitto_factory("hub", ["r1", "r2"], "hub")
-    server, serving, tokens, url = await start_hub(tmp_path, broker)
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-            hub = HubHandle(url, tokens, broker, http, server.config.app)
-            await eventually(lambda: _ready(http), "the hub is ready")
-            await hub.setup_registry({"c1": "r1", "c2": "r1"})
-            book: RequestBook = hub.app.state.service.book
-            book.sent_settle_s = HELD_S  # the marks wait until the hub stops
-            with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):  # no ack before the stop
-                request_id = await emergency(hub, ["c1", "c2"])
-                await r1.next("request")
-                await eventually(lambda: book.next_settle() is not None, "the round's marks wait")
-                body = await view(hub, request_id)
-                assert {c: e["state"] for c, e in body["clients"].items()} == {"c1": "pending", "c2": "pending"}
-                server.should_exit = True
-                await serving
-    finally:
-        server.should_exit = True
-        await serving
+    async with served_hub(tmp_path, broker) as hub:
+        await hub.setup_registry({"c1": "r1", "c2": "r1"})
+        book: RequestBook = hub.app.state.service.book
+        book.sent_settle_s = HELD_S  # the marks wait until the hub stops
+        with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):  # no ack before the stop
+            request_id = await emergency(hub, ["c1", "c2"])
+            await r1.next("request")
+            await eventually(lambda: book.next_settle() is not None, "the round's marks wait")
+            body = await view(hub, request_id)
+            assert {c: e["state"] for c, e in body["clients"].items()} == {"c1": "pending", "c2": "pending"}
 
-    server, serving, tokens, url = await start_hub(tmp_path, broker)
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-            hub = HubHandle(url, tokens, broker, http, server.config.app)
-            with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
-                await eventually(lambda: _ready(http), "the hub is ready again")
-                # Written at the stop: both read sent, nothing lost.
-                body = await view(hub, request_id)
-                assert {c: e["state"] for c, e in body["clients"].items()} == {"c1": "sent", "c2": "sent"}
-                # The unacknowledged request is sent again by the restarted hub; the retailer carries it through.
-                msg = await r1.next("request", timeout=30)
-                assert isinstance(msg, Request) and msg.request_id == request_id
-                await r1.publish(UP, Ack(ack_ids=[msg.msg_id]))
-                for cid in ("c1", "c2"):
-                    await r1.publish(UP, Outcome(request_id=request_id, client_id=cid, state=ClientState.EXECUTED))
+    async with served_hub(tmp_path, broker) as hub:
+        with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
+            # Written at the stop: both read sent, nothing lost.
+            body = await view(hub, request_id)
+            assert {c: e["state"] for c, e in body["clients"].items()} == {"c1": "sent", "c2": "sent"}
+            # The unacknowledged request is sent again by the restarted hub; the retailer carries it through.
+            msg = await r1.next("request", timeout=30)
+            assert isinstance(msg, Request) and msg.request_id == request_id
+            await r1.publish(UP, Ack(ack_ids=[msg.msg_id]))
+            for cid in ("c1", "c2"):
+                await r1.publish(UP, Outcome(request_id=request_id, client_id=cid, state=ClientState.EXECUTED))
 
-                async def completed() -> bool:
-                    return bool((await view(hub, request_id))["state"] == "completed")
-                await eventually(completed, "the request completed after the restart")
-    finally:
-        server.should_exit = True
-        await serving
-
-
-async def _ready(http: httpx.AsyncClient) -> bool:
-    return (await http.get("/readyz")).status_code == 200
+            async def completed() -> bool:
+                return bool((await view(hub, request_id))["state"] == "completed")
+            await eventually(completed, "the request completed after the restart")
 
 
 async def test_the_settled_marks_read_only_the_targets_not_answered_meanwhile(tmp_path: Path) -> None:

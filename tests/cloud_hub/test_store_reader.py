@@ -108,7 +108,7 @@ async def test_an_error_on_the_reader_is_store_unavailable(tmp_path: Path) -> No
 
 async def test_close_closes_every_connection(tmp_path: Path) -> None:
     async with _store_with_one_row(tmp_path / "hub.db"):
-        pass
+        pass  # opened, written to, read back and closed by the helper
     # The last connection closed checkpointed the WAL and removed it: nothing holds the file open.
     assert not (tmp_path / "hub.db-wal").exists()
 
