@@ -21,24 +21,13 @@ from mhp_wire import topics
 from mhp_wire.messages import Ack
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.store import BridgeStore, NewCommand
+from tests.retailer_bridge.test_bridge_read_horizon_stall import DroppingLink
 
 N = 120
 BATCH = 20
 STEP_S = 0.3
 """Acknowledgements of ``BATCH`` commands every ``STEP_S``: the burst drains in 1.8 s, the timer (floor 0.5 s) would
 fire after 0.5 s without them."""
-
-
-class RecordingLink:
-    """Connected; records every publish's topic (nothing comes back: the test hands the acks to the relay)."""
-
-    connected = True
-
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-
-    async def publish(self, topic: str, payload: bytes, **_: object) -> None:
-        self.sent.append(topic)
 
 
 class Clock:
@@ -58,7 +47,7 @@ async def _burst(tmp_path: Path, silent: set[int]) -> tuple[Counter[str], list[f
     relay = BridgeRelay("r1", {f"c{i}": f"gw-{i}" for i in range(N)}, store, gateway_ack_timeout_s=60,
                         gateway_retry_s=0.5)
     relay.commands_out.clock = clock
-    link = RecordingLink()
+    link = DroppingLink()  # records every publish; the test hands the acks to the relay
     relay.local = link  # type: ignore[assignment]
     relay.local_connected()
     await store.accept_request([NewCommand("q", f"c{i}", f"gw-{i}", f"cmd{i}", b"command", clock.t, clock.t + 3600)
