@@ -604,7 +604,9 @@ class MqttLink:
         As many QoS 1 publishes may be in flight (not yet PUBACKed) as the broker's receive maximum (Mosquitto's
         ``max_inflight_messages``) allows. When the window is full, ``wait_s`` > 0 waits up to that long for room
         (back-pressure: waiting publishers go in their order); ``wait_s`` = 0, or a window that stays full, raises
-        :class:`MqttError`. A QoS 0 publish takes no packet id, so it never waits in line behind QoS 1 ones.
+        :class:`MqttError`. A QoS 0 publish takes no packet id, so it never waits in line behind QoS 1 ones. A packet
+        over :attr:`max_packet_bytes` raises :class:`PacketTooLarge` (an :class:`MqttError` that retrying cannot
+        cure) before anything is written.
         """
         if len(payload) + len(topic) * 4 + 12 > self.max_packet_bytes:  # bounds the packet (UTF-8: 4 bytes a char)
             self._check_size(topic, payload, qos)

@@ -88,8 +88,8 @@ class Outbox:
         """When (``clock``) the current round read what was due: the time the owner's ``check`` judges by."""
         self.park_s = park_s
         """How long a message the link refuses as too large (:class:`~mhp_wire.mqtt.PacketTooLarge`) waits before it
-        is tried again: it is recorded as an attempt due then (the owner's rules, an ack timeout or a deadline, end
-        it meanwhile or then), so that it neither cuts the link nor comes back every round."""
+        is tried again: it is recorded as an attempt due then (where the owner's rules, an ack timeout or a
+        deadline, may end it), so that it neither cuts the link nor comes back every round."""
         self.parked = 0
         """Messages parked so (one per refusal), logged each time."""
 
