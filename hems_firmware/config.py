@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,20 @@ from mhp_wire.topics import check_id
 
 class ConfigError(ValueError):
     """The configuration file is missing or invalid; the message lists every problem."""
+
+
+DEVICE_NAME_MAX_CHARS = 64
+"""The longest device name a configuration may give (:data:`DEVICE_NAME`)."""
+DEVICE_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{DEVICE_NAME_MAX_CHARS - 1}}}")
+"""What a device name is: an ASCII letter or digit, then letters, digits, ``.``, ``_`` or ``-``, at most
+:data:`DEVICE_NAME_MAX_CHARS` in all. Names go into every telemetry report (its ``devices`` keys, a failsafe's
+``shed``), outcomes' details, the events of the field testers' page and the logs: no spaces, quotes, control or
+non-ASCII characters, nothing a topic level or a log line would have to escape."""
+MAX_DEVICES = 64
+"""The most devices a gateway is configured with: as many as a failsafe report's ``shed`` holds on the wire
+(:class:`mhp_wire.messages.FailsafeReport`). With :data:`DEVICE_NAME_MAX_CHARS`, a telemetry report of every device
+(all readings of the widest driver, a failsafe shedding them all) stays far under the brokers' packet
+(:data:`mhp_wire.messages.SEND_PAYLOAD_BYTES`; ``tests/hems_firmware/test_device_names.py`` builds the largest)."""
 
 
 class Uplink(BaseModel):
@@ -136,6 +151,11 @@ class GatewaySection(BaseModel):
         return self
 
 
+def _shown(name: str) -> str:
+    """A refused device name for the error: escaped (``ascii``), its first 40 characters and its length if longer."""
+    return ascii(name) if len(name) <= 40 else f"{name[:40]!a}... ({len(name)} characters)"
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -148,11 +168,16 @@ class GatewayConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     gateway: GatewaySection
-    devices: list[DeviceConfig] = Field(default_factory=list)
+    devices: list[DeviceConfig] = Field(default_factory=list, max_length=MAX_DEVICES)
 
     @model_validator(mode="after")
     def _unique_names(self) -> GatewayConfig:
         names = [d.name for d in self.devices]
+        bad = [n for n in names if not DEVICE_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"device names must be 1 to {DEVICE_NAME_MAX_CHARS} characters: ASCII letters, digits, "
+                             f"'.', '_' or '-', starting with a letter or digit; not {', '.join(map(_shown, bad[:5]))}"
+                             + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"device names must be unique: {', '.join(dupes)}")

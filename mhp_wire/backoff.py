@@ -8,6 +8,7 @@ a webhook target, a connection) against a clock the caller passes in.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 MAX_EXPONENT = 64
@@ -86,6 +87,9 @@ class RoundTrip:
     """Doubled each time first re-sends fall due (:meth:`timed_out`), back to 1 with the next sample: as TCP keeps
     its backed-off timer for new segments, so that a link slower than the floor, whose messages are all re-sent and
     so give no sample under Karn's rule, still gets one that arrives in time."""
+    answers: dict[float, float] = field(default_factory=dict)
+    """``sent_at -> answered_at``: for each send time (a sending round's, shared by all it sent) the latest answer to
+    a message sent then once (:meth:`answered`); what :meth:`quiet_since` reads."""
 
     def sample(self, rtt_s: float) -> None:
         """One measured round trip (send to acknowledgement) of a message sent once; non-finite or negative values
@@ -99,6 +103,37 @@ class RoundTrip:
             self.srtt = 0.875 * self.srtt + 0.125 * rtt_s
         self.samples += 1
         self.backoff = 1.0
+
+    def answered(self, sent_at: Sequence[float], now: float) -> None:
+        """Messages sent once at ``sent_at`` (one time per message) were answered at ``now``: one :meth:`sample`
+        each, and the link's progress for :meth:`quiet_since`. Answers older than the longest timeout are forgotten
+        (they can no longer hold a re-send back)."""
+        for s in sent_at:
+            self.sample(now - s)
+        answers = self.answers
+        for s in set(sent_at):
+            if answers.get(s, -math.inf) < now:
+                answers[s] = now
+        if len(answers) > 64:
+            oldest = now - max(self.floor_s, self.max_s)
+            for s in [s for s, at in answers.items() if at < oldest]:
+                del answers[s]
+
+    def quiet_since(self, sent_at: float) -> float:
+        """When the link last showed progress for a message sent once at ``sent_at``: the latest answer to one sent
+        at or before it (what was queued ahead of it, or beside it in its round), or ``sent_at`` itself.
+
+        TCP restarts its retransmission timer at each acknowledgement of new data (RFC 6298, 5.3): a segment is
+        sent again only once the link has been silent for the whole timeout, not merely because it is older than
+        the timeout. Here each message's answer comes on its own, so the answers that count are those to messages
+        sent no later than it: a burst of thousands whose answers keep coming is being drained, and the one still
+        waiting is queued, not lost; a message whose predecessors are all answered (or that went alone) counts from
+        its own send, so a receiver that went away is still sent it again after one timeout of silence."""
+        latest = sent_at
+        for s, at in self.answers.items():
+            if s <= sent_at and at > latest:
+                latest = at
+        return latest
 
     def timed_out(self) -> None:
         """Messages sent once were not acknowledged within :meth:`timeout_s` and are being sent again."""

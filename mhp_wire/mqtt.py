@@ -24,7 +24,7 @@ from gmqtt.mqtt.handler import MQTTConnectError
 
 from mhp_wire.backoff import Backoff, jittered
 from mhp_wire.logsafe import outside
-from mhp_wire.messages import presence_payload
+from mhp_wire.messages import MAX_PACKET_BYTES, presence_payload
 
 log = logging.getLogger(__name__)
 logging.getLogger("gmqtt.mqtt.package").setLevel(logging.WARNING)
@@ -61,6 +61,23 @@ class MqttError(Exception):
 
 class MqttAuthError(MqttError):
     """The broker refused our credentials; retrying will not help."""
+
+
+class PacketTooLarge(MqttError):
+    """A publish whose PUBLISH packet would exceed the broker's packet limit, refused by the link before anything is
+    written: Mosquitto cuts the connection of a client that sends one (every message queued behind it waits for the
+    reconnection) and the session sends a QoS 1 packet again at each reconnection, so one such message cut the link
+    for good. Retrying cannot help: an outbox parks the message (:class:`mhp_wire.outbox.Outbox`), a retained
+    republisher waits for the next connection (:class:`Republisher`); a caller that sends once catches it as the
+    :class:`MqttError` it is (logged, not sent), and the link stays up for everything else."""
+
+    def __init__(self, topic: str, size: int, limit: int) -> None:
+        super().__init__(f"publish on {outside(topic)} refused: its packet would be {size} bytes, over the {limit} "
+                         "the broker takes")
+        self.topic = topic
+        self.size = size
+        """The whole PUBLISH packet's size, in bytes."""
+        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +211,14 @@ def remaining_length(value: int) -> bytes:
             return bytes(out)
 
 
+def publish_size(topic_field_bytes: int, payload_bytes: int, qos: int, mqtt5: bool = True) -> int:
+    """The size of a PUBLISH packet without properties (what :func:`publish_packet` builds): the fixed header, the
+    remaining length, the topic's field (``topic_field_bytes``, its length prefix included), the packet id at QoS
+    1 or 2, the properties' length under MQTT 5, the payload."""
+    rest = topic_field_bytes + (2 if qos else 0) + (1 if mqtt5 else 0) + payload_bytes
+    return 1 + len(remaining_length(rest)) + rest
+
+
 def topic_field(topic: str | bytes) -> bytes:
     """A topic as a PUBLISH carries it: UTF-8 (a lone surrogate becomes ``?``, as gmqtt's ``Message`` encodes it)
     after its two-byte length; more than 65,535 bytes is gmqtt's ``struct.error``."""
@@ -286,8 +311,13 @@ class MqttLink:
         connect_attempt_s: float = CONNECT_ATTEMPT_S,
         batch_handler: BatchHandler | None = None,
         receive_maximum: int | None = None,
+        max_packet_bytes: int = MAX_PACKET_BYTES,
     ) -> None:
         self.endpoint = endpoint
+        self.max_packet_bytes = max_packet_bytes
+        """The largest PUBLISH packet the link sends (:class:`PacketTooLarge` past it): the brokers' limit as
+        ``broker_config`` renders it, lowered to the Maximum Packet Size a broker states in its CONNACK."""
+        self._configured_max_packet = max_packet_bytes
         self.receive_maximum = receive_maximum
         """MQTT 5's Receive Maximum asked in CONNECT: how many QoS 1 messages the broker may have sent this link and
         not yet had acknowledged. None asks nothing, and Mosquitto then allows its ``max_inflight_messages`` (1,000 as
@@ -574,8 +604,12 @@ class MqttLink:
         As many QoS 1 publishes may be in flight (not yet PUBACKed) as the broker's receive maximum (Mosquitto's
         ``max_inflight_messages``) allows. When the window is full, ``wait_s`` > 0 waits up to that long for room
         (back-pressure: waiting publishers go in their order); ``wait_s`` = 0, or a window that stays full, raises
-        :class:`MqttError`. A QoS 0 publish takes no packet id, so it never waits in line behind QoS 1 ones.
+        :class:`MqttError`. A QoS 0 publish takes no packet id, so it never waits in line behind QoS 1 ones. A packet
+        over :attr:`max_packet_bytes` raises :class:`PacketTooLarge` (an :class:`MqttError` that retrying cannot
+        cure) before anything is written.
         """
+        if len(payload) + len(topic) * 4 + 12 > self.max_packet_bytes:  # bounds the packet (UTF-8: 4 bytes a char)
+            self._check_size(topic, payload, qos)
         if qos == 0:
             self._try_publish(topic, payload, qos, retain)  # no packet id: it cannot find the window full
             return
@@ -600,6 +634,20 @@ class MqttLink:
         finally:
             self._waiting -= 1
 
+    @property
+    def refused_too_large(self) -> int:
+        """Publishes refused as :class:`PacketTooLarge` (``stats.extra["refused_too_large"]``)."""
+        return self.stats.extra.get("refused_too_large", 0)
+
+    def _check_size(self, topic: str, payload: bytes | bytearray | str, qos: int) -> None:
+        """Raise :class:`PacketTooLarge` when ``topic`` and ``payload`` make a PUBLISH over :attr:`max_packet_bytes`
+        (nothing is written: the link stays up for what follows)."""
+        body = payload.encode() if isinstance(payload, str) else payload
+        size = publish_size(len(self._builder.topic(topic)), len(body), qos)
+        if size > self.max_packet_bytes:
+            self.stats.extra["refused_too_large"] = self.refused_too_large + 1
+            raise PacketTooLarge(topic, size, self.max_packet_bytes)
+
     def _try_publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
         """Publish now; False when no packet id is free (the in-flight window is full)."""
         if not self.connected:
@@ -618,6 +666,11 @@ class MqttLink:
 
     def _on_connect(self, client: Any, flags: Any, rc: Any, properties: Any) -> None:
         self.stats.connects += 1
+        stated = properties.get("maximum_packet_size") if isinstance(properties, dict) else None
+        if isinstance(stated, (list, tuple)):
+            stated = stated[0] if stated else None
+        self.max_packet_bytes = (min(self._configured_max_packet, stated) if isinstance(stated, int) and stated > 0
+                                 else self._configured_max_packet)
         self.writes = coalesce_writes(self._client)
         self._connected.set()
         log.info("MQTT %s connected to %s:%s", self.client_id, self.endpoint.host, self.endpoint.port)
@@ -740,7 +793,8 @@ class Republisher:
     persistence snapshot has lost its retained copies, and their owner holds the source (the hub its stored tariff,
     a bridge its stored copy). Give :meth:`connected` as the link's ``on_connect`` (or call it from there) and run
     :meth:`run` as a task; ``publish`` is tried again after ``retry_s`` when it fails with :class:`MqttError` or one
-    of ``retry_on`` (a storage error)."""
+    of ``retry_on`` (a storage error), but not after :class:`PacketTooLarge` (logged; tried at the next connection,
+    when the owner may hold a smaller one)."""
 
     def __init__(self, publish: Callable[[], Awaitable[object]], what: str,
                  retry_on: tuple[type[Exception], ...] = (), retry_s: float = 1.0) -> None:
@@ -761,6 +815,8 @@ class Republisher:
             self._due.clear()
             try:
                 await self._publish()
+            except PacketTooLarge as exc:  # the same message would be refused again: wait for the next connection
+                log.error("%s is not republished: %s", self.what, exc)
             except self.retry_on as exc:
                 log.warning("%s is not republished now (%s); trying again", self.what, exc)
                 await asyncio.sleep(self.retry_s)

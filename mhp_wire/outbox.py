@@ -19,9 +19,13 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from mhp_wire.backoff import delay_s
-from mhp_wire.mqtt import MqttError
+from mhp_wire.logsafe import outside
+from mhp_wire.mqtt import MqttError, PacketTooLarge
 
 log = logging.getLogger(__name__)
+
+PARK_S = 3600.0
+"""How long an outbox leaves a message its link refused as too large before trying it again (:attr:`Outbox.park_s`)."""
 
 
 @dataclass(slots=True)
@@ -62,11 +66,13 @@ Check = Callable[[Pending], Awaitable[bool]]
 
 class Outbox:
     """Sends what is due, in rounds; the owner's loop calls :meth:`send_due` when woken or when the next message
-    is due. A publish that fails ends the round: the rest stays due and goes in the next one."""
+    is due. A publish that fails ends the round: the rest stays due and goes in the next one; one the link refuses as
+    too large for the broker's packet (:class:`~mhp_wire.mqtt.PacketTooLarge`, nothing written) is parked and the
+    round goes on."""
 
     def __init__(self, storage: OutboxStorage, publish: Publish, *, clock: Callable[[], float] = time.time,
                  retry_s: Callable[[int], float] = delay_s, limit: int = 500,
-                 resend_from: Literal["read", "sent"] = "sent") -> None:
+                 resend_from: Literal["read", "sent"] = "sent", park_s: float = PARK_S) -> None:
         self.storage = storage
         self.publish = publish
         self.clock = clock
@@ -80,6 +86,12 @@ class Outbox:
         """Messages published, re-sends included."""
         self.round_at = 0.0
         """When (``clock``) the current round read what was due: the time the owner's ``check`` judges by."""
+        self.park_s = park_s
+        """How long a message the link refuses as too large (:class:`~mhp_wire.mqtt.PacketTooLarge`) waits before it
+        is tried again: it is recorded as an attempt due then (where the owner's rules, an ack timeout or a
+        deadline, may end it), so that it neither cuts the link nor comes back every round."""
+        self.parked = 0
+        """Messages parked so (one per refusal), logged each time."""
 
     async def send_due(self, check: Check | None = None) -> int:
         """One round: read what is due, publish it in order, record it; returns how many were published."""
@@ -101,22 +113,30 @@ class Outbox:
             return 0
         sent: list[Pending] = []
         dropped: list[Pending] = []
+        parked: list[Pending] = []
         for p in rows:
             if check is not None and not await check(p):
                 dropped.append(p)
                 continue
             try:
                 await self.publish(p.topic, p.payload, p.retain)
+            except PacketTooLarge as exc:  # nothing was written; the link goes on with the next message
+                self.parked += 1
+                parked.append(p)
+                log.error("outbox: message %s parked for %.0f s, not sent: %s", outside(str(p.key)), self.park_s, exc)
+                continue
             except MqttError:
                 break
             sent.append(p)
         base = self.clock() if self.resend_from == "sent" else now
-        if sent or dropped:
+        if sent or dropped or parked:
             delays: dict[int, float] = {}  # one back-off figure per attempt count in a round, not one per message
             for p in sent:
                 if p.attempts not in delays:
                     delays[p.attempts] = self.retry_s(p.attempts + 1)
-            await self.storage.sent([(p, base + delays[p.attempts]) for p in sent], dropped, now)
+            records = [(p, base + delays[p.attempts]) for p in sent]
+            records += [(p, now + self.park_s) for p in parked]
+            await self.storage.sent(records, dropped, now)
         self.sends += len(sent)
         return len(sent)
 

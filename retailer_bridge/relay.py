@@ -772,13 +772,11 @@ class BridgeRelay:
             self.fresh_to_hub.update(applied.queued)
             self._wake_hub.set()
         if applied.first_sent_at:
-            now = self.commands_out.clock()
-            for sent_at in applied.first_sent_at:
-                # A command sent before the link's last (re)connection was answered across the outage (its QoS 1
-                # outcome waited in our session, and no re-send went while the link was down, so it was still
-                # sent once): its round trip is the outage's length, not the gateways' pace.
-                if sent_at >= self.local_up_since:
-                    self.gateway_rtt.sample(now - sent_at)
+            # A command sent before the link's last (re)connection was answered across the outage (its QoS 1
+            # outcome waited in our session, and no re-send went while the link was down, so it was still sent
+            # once): its round trip is the outage's length, not the gateways' pace.
+            up = self.local_up_since
+            self.gateway_rtt.answered([s for s in applied.first_sent_at if s >= up], self.commands_out.clock())
         closed = iter(applied.closed)
         return [next(closed) if len(i) == 3 else None for i in items]
 
@@ -1095,7 +1093,8 @@ class BridgeRelay:
 class _Commands:
     """The store's ``commands`` (those still being sent) as an :class:`OutboxStorage`. A command sent once whose
     first re-send falls due before the gateways' measured round trip (``rtt``) says it could have been answered
-    waits until then: its delay was fixed when it was sent, before the acknowledgements of a busy link came in."""
+    waits until then: its delay was fixed when it was sent, before the acknowledgements of a busy link came in; and
+    it waits while answers to commands sent no later than it keep coming (:meth:`RoundTrip.quiet_since`)."""
 
     def __init__(self, store: BridgeStore, topic_of: Callable[[str], str], rtt: RoundTrip,
                  read_up_to: Callable[[], float] = lambda: math.inf, held: set[str] | None = None) -> None:
@@ -1115,10 +1114,19 @@ class _Commands:
             rows = [c for c in rows if c["msg_id"] not in self.held]
         now = min(now, horizon)  # what a re-send is judged by
         wait_s = self.rtt.timeout_s()
-        # Not one made due at once (next_attempt_at 0: its gateway came back online, ``resend_now_many``).
-        early = [(c["first_sent_at"] + wait_s, c["msg_id"]) for c in rows
-                 if c["attempts"] == 1 and c["next_attempt_at"] > 0 and c["first_sent_at"] is not None
-                 and now - c["first_sent_at"] < wait_s]
+        # A first re-send waits one timeout of the link's silence towards it (``RoundTrip.quiet_since``: answers to
+        # commands sent no later than it still coming in mean it is queued behind them). Not one made due at once
+        # (next_attempt_at 0: its gateway came back online, ``resend_now_many``).
+        quiet: dict[float, float] = {}
+        early = []
+        for c in rows:
+            sent_at = c["first_sent_at"]
+            if c["attempts"] == 1 and c["next_attempt_at"] > 0 and sent_at is not None:
+                since = quiet.get(sent_at)
+                if since is None:
+                    since = quiet[sent_at] = self.rtt.quiet_since(sent_at)
+                if now - since < wait_s:
+                    early.append((since + wait_s, c["msg_id"]))
         if early:
             await self.store.postpone_commands(early)
             later = {m for _, m in early}

@@ -52,3 +52,23 @@ def test_a_time_out_doubles_the_delay_until_the_next_sample() -> None:
     assert rtt.timeout_s() == 4.0  # capped
     rtt.sample(0.2)
     assert rtt.timeout_s() == pytest.approx(0.6)  # 0.2 + 4 * 0.1, the back-off gone
+
+
+def test_a_message_counts_its_silence_from_the_latest_answer_to_one_sent_no_later() -> None:
+    rtt = RoundTrip(floor_s=0.5, max_s=4.0)
+    assert rtt.quiet_since(10.0) == 10.0  # nothing answered: from its own send
+    rtt.answered([10.0, 10.0], 11.0)  # two of the round sent at 10 answered at 11
+    rtt.answered([12.0], 12.5)  # a later round's answer
+    assert rtt.samples == 3
+    assert rtt.quiet_since(10.0) == 11.0  # its round is still being answered
+    assert rtt.quiet_since(9.0) == 9.0  # answers to later sends say nothing of an earlier one
+    assert rtt.quiet_since(12.0) == 12.5 and rtt.quiet_since(20.0) == 20.0
+    rtt.answered([10.0], 11.5)
+    assert rtt.quiet_since(11.0) == 11.5
+
+
+def test_answers_older_than_the_longest_timeout_are_forgotten() -> None:
+    rtt = RoundTrip(floor_s=0.5, max_s=4.0)
+    for k in range(100):
+        rtt.answered([float(k)], k + 0.1)
+    assert len(rtt.answers) <= 65 and 0.0 not in rtt.answers and rtt.quiet_since(99.0) == 99.1
