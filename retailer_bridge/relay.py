@@ -1014,8 +1014,13 @@ class BridgeRelay:
         that it is still held, i.e. not withdrawn since (:meth:`_withdraw_fresh`: cancelled, replaced by a newer
         revision, or its client's supplier changed). A withdrawn one is neither sent nor judged: its row is closed
         or replaced (an ``unreachable`` for the old copy would close the newer revision's command), or, left open,
-        due in the store."""
-        return str(p.key) in self.held_commands and await self._command_due(p)
+        due in the store. A first send before its deadline (nearly every one) has nothing for
+        :meth:`_command_due` to judge, and is not given a coroutine of its own."""
+        if str(p.key) not in self.held_commands:
+            return False
+        row = p.row
+        return (row["first_sent_at"] is None and row["deadline"] > self.commands_out.round_at) \
+            or await self._command_due(p)
 
     async def _notice_due(self, p: Pending) -> bool:
         """A notice past its deadline is dropped, not sent."""
