@@ -11,18 +11,21 @@ free their packet ids and stored packets. The last is the guard on the gmqtt 0.8
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
 import pytest
-from gmqtt.mqtt.constants import MQTTv50, MQTTv311
+from gmqtt.mqtt.constants import MQTTCommands, MQTTv50, MQTTv311
 from gmqtt.mqtt.handler import MqttPackageHandler
+from gmqtt.mqtt.package import CommandWithMidPacket
 from gmqtt.mqtt.utils import IdGenerator
 
 from mhp_wire import topics
 from mhp_wire.mqtt import MqttEndpoint, MqttLink, fast_inbound, publish_packet, remaining_length, topic_field
 from tests.broker_fixtures import MosquittoFactory
 from tests.mhp_wire.test_mqtt_batches import _ignore, endpoints
+from tests.mhp_wire.test_mqtt_write_coalescing import socket_transport
 from tests.waiting import eventually
 
 UP = topics.up("gateways", "gw-1")
@@ -188,3 +191,45 @@ def test_gmqtts_internals_the_fast_reader_uses_are_where_it_expects_them() -> No
     # A link without a batch handler keeps gmqtt's reader.
     plain = MqttLink(endpoints_offline(), client_id="gw", subscriptions=[], handler=_ignore)
     assert "_handle_packet" not in vars(plain._client._package_handler)
+
+
+async def test_a_batchs_pubacks_are_gmqtts_bytes(mosquitto_factory: MosquittoFactory) -> None:
+    """The PUBACKs of a batch's QoS 1 messages (one write per batch, issue 14, session 13) are the bytes gmqtt's
+    ``CommandWithMidPacket`` builds, in order, none for the QoS 0 ones, and the broker takes them: nothing is
+    delivered again. (Passes on the start commit too: the bytes are unchanged.)"""
+    bridge, gateway = endpoints(mosquitto_factory)
+    got: list[bytes] = []
+    release = asyncio.Event()
+
+    async def handle(messages: list[tuple[str, bytes, bool]]) -> None:
+        got.extend(p for _, p, _ in messages)
+        await release.wait()
+
+    async with (MqttLink(bridge, client_id="bridge", subscriptions=[topics.all_up("gateways")], handler=_ignore,
+                         batch_handler=handle, clean_start=True, session_expiry_s=0) as link,
+                MqttLink(gateway, client_id="gw-1", subscriptions=[], handler=_ignore, clean_start=True,
+                         session_expiry_s=0) as gw):
+        written: list[bytes] = []
+        transport = socket_transport(link)
+        write = transport.write
+        transport.write = lambda data: (written.append(bytes(data)), write(data))
+        mids: list[int] = []
+        keep = link._client._package_handler._handle_packet
+
+        def noted(cmd: int, packet: bytes) -> None:  # the packet ids the broker gave the QoS 1 messages
+            if cmd & 0xF6 == 0x32:
+                mids.append(int.from_bytes(packet[2 + int.from_bytes(packet[:2], "big"):][:2], "big"))
+            keep(cmd, packet)
+
+        link._client._package_handler._handle_packet = noted
+        for i in range(40):
+            await gw.publish(UP, f"{i:03d}".encode(), qos=1 - i % 2)
+        await eventually(lambda: len(got) >= 40, "every message in a batch")
+        assert written == [] and len(mids) == 20
+        release.set()
+        await eventually(lambda: len(b"".join(written)) >= 6 * 20, "the PUBACKs")
+        expected = b"".join(CommandWithMidPacket.build_package(MQTTCommands.PUBACK, m, False, proto_ver=MQTTv50)
+                            for m in mids)
+        assert b"".join(written) == expected
+        await asyncio.sleep(0.3)
+        assert len(got) == 40  # the broker took every PUBACK: nothing came again
