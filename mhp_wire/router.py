@@ -61,6 +61,10 @@ class Routed:
 
 Handler = Callable[[Inbound, Any], Awaitable[None]]
 
+TOPICS_KEPT = 65_536
+"""``up`` topics whose parse an :class:`InboundRouter` keeps (one per party: a bridge's gateways, the hub's
+retailers); when it is full it starts over."""
+
 
 class InboundRouter:
     """Routes one party kind's ``up`` messages; give it to the MQTT link as its handler (or call :meth:`route`)."""
@@ -83,6 +87,10 @@ class InboundRouter:
         """Called with a ``presence`` on the ``status`` channel; anything else there is ignored."""
         self.on_decoded = on_decoded
         """Called with every message decoded from a party within its rate (counters), before its handler."""
+        self._parsed: dict[str, topics.ParsedTopic] = {}
+        """Each topic's parse, kept (:data:`TOPICS_KEPT`): its regular expression and the id check cost 0.75 µs per
+        message, 10,000 times in a fan-out, a lookup 0.05. A :class:`~mhp_wire.topics.ParsedTopic` is immutable, so
+        the parse kept is the parse; a topic that fails is not kept (it is refused every time)."""
 
     async def route(self, topic: str, payload: bytes, retained: bool) -> None:
         """Route one message."""
@@ -96,10 +104,15 @@ class InboundRouter:
         """What :meth:`route` does before a handler, at once (no ``await``): the topic, the party's rate, the
         decoding and ``on_decoded``; the message with its source, or the :class:`Refusal` to hand to
         ``on_refused``. An owner that handles a turn's messages together (:meth:`dispatch` for the others) uses it."""
-        try:
-            parsed = topics.parse_up(topic)
-        except topics.TopicError:
-            return Refusal("topic", topic, topics.sender_of(topic))
+        parsed = self._parsed.get(topic)
+        if parsed is None:
+            try:
+                parsed = topics.parse_up(topic)
+            except topics.TopicError:
+                return Refusal("topic", topic, topics.sender_of(topic))
+            if len(self._parsed) >= TOPICS_KEPT:
+                self._parsed.clear()
+            self._parsed[topic] = parsed
         if parsed.kind != self.kind:
             return Refusal("kind", topic, parsed.party_id)
         party = parsed.party_id

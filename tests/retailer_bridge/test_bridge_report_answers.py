@@ -13,6 +13,7 @@ import pytest
 
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, ErrorReply, Message, Outcome, decode, encode
+from mhp_wire.outbox import Pending
 from retailer_bridge.customers import Announced
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.store import CLOSED, DELIVERED, NewCommand
@@ -184,3 +185,53 @@ async def test_a_former_customer_at_the_end_of_datetimes_range_is_refused_with_a
         message=f"c2 is not a customer of retailer r1 at {end_of_datetime} (seconds since the epoch): it moved to "
                 f"another supplier at {datetime.fromtimestamp(moved_at, UTC).isoformat()}")
     assert relay.rejected["gateway_not_customer"] == 1
+
+
+async def test_a_turns_outcomes_are_each_acknowledged_to_their_gateway_with_one_sent_at(
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
+    """Issue 14, session 13: the answers to one turn's outcomes share the ``sent_at`` written once for the turn
+    (:class:`mhp_wire.fastwire.AckStamp`); each is still its own ``ack``, with its own ``msg_id``, naming its outcome,
+    to its own gateway."""
+    relay, local, _ = relay_and_broker
+    now = time.time()
+    await relay.store.accept_request([NewCommand("q", "c1", "gw-1", "cmd-q-c1", b"command", now, now + 600),
+                                      NewCommand("q", "c2", "gw-2", "cmd-q-c2", b"command", now, now + 600),
+                                      NewCommand("q3", "c1", "gw-1", "cmd-q3-c1", b"command", now, now + 600)], [])
+    sent = {(r, c): Outcome(request_id=r, client_id=c, state=ClientState.EXECUTED)
+            for r, c in (("q", "c1"), ("q", "c2"), ("q3", "c1"))}
+    turn = [(topics.up("gateways", relay.customers[c]), encode(m), False) for (_, c), m in sent.items()]
+    with gateway_parties(local, "gw-1", "gw-2") as (gw1, gw2):
+        await relay.on_local_batch(turn)
+        to_gw1, to_gw2 = await answers_by_ref(gw1, 2), await answers_by_ref(gw2, 1)
+    assert set(to_gw1) == {sent["q", "c1"].msg_id, sent["q3", "c1"].msg_id} and set(to_gw2) == {sent["q", "c2"].msg_id}
+    acks = [*to_gw1.values(), *to_gw2.values()]
+    assert all(isinstance(a, Ack) and len(a.ack_ids) == 1 for a in acks)
+    assert len({a.msg_id for a in acks}) == 3 and len({a.sent_at for a in acks}) == 1
+    assert now - 1 <= acks[0].sent_at.timestamp() <= time.time()
+
+
+async def test_a_handed_over_command_goes_before_its_deadline_and_is_reported_expired_after_it(
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
+    """The hand-over's check (:meth:`BridgeRelay._handover_due`) passes a first send before its deadline without
+    :meth:`BridgeRelay._command_due` (issue 14, session 13), and still gives one past it its ``expired`` outcome;
+    a command withdrawn from the hand-over is neither sent nor judged."""
+    relay, _, _ = relay_and_broker
+    now = time.time()
+    await relay.store.accept_request([NewCommand("q", "c1", "gw-1", "m1", b"command", now, now + 600),
+                                      NewCommand("q", "c2", "gw-2", "m2", b"command", now, now - 1)], [])
+    relay.commands_out.round_at = now
+
+    def handed(msg_id: str, client_id: str, deadline: float) -> Pending:
+        return Pending(msg_id, relay.gateway_topic(relay.customers[client_id]), b"command", 0, row={
+            "request_id": "q", "client_id": client_id, "gateway_id": relay.customers[client_id],
+            "first_sent_at": None, "not_before": now, "deadline": deadline, "handling_ms": 0.0, "revision": 1})
+
+    relay.held_commands.update({"m1", "m2"})
+    assert await relay._handover_due(handed("m1", "c1", now + 600))
+    assert not await relay._handover_due(handed("m2", "c2", now - 1))
+    relay.held_commands.discard("m1")
+    assert not await relay._handover_due(handed("m1", "c1", now + 600))  # withdrawn meanwhile
+    queued = await relay.store.sql.read(lambda db: [decode(p) for (p,) in db.execute("SELECT payload FROM hub_outbox")])
+    assert [(o.client_id, o.state) for m in queued for o in client_outcomes(m)] == [("c2", ClientState.EXPIRED)]
+    states = await relay.store.sql.read(lambda db: dict(db.execute("SELECT client_id, state FROM commands")))
+    assert states == {"c1": "sending", "c2": CLOSED}

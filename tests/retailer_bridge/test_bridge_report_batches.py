@@ -31,6 +31,7 @@ from retailer_bridge.store import (
     CLOSED,
     COL_CLIENT,
     COL_STATE,
+    INSERT_ROWS,
     SQL_IN_MAX,
     BridgeStore,
     Judged,
@@ -200,6 +201,33 @@ async def test_gateways_answering_together_cost_one_write_and_no_delivered_outco
         executed = Counter(m.client_id for m in queued if isinstance(m, Outcome) and m.state is ClientState.EXECUTED)
         assert executed == {f"c{i}": 1 for i in range(n)}
         assert sum(1 for m in queued if isinstance(m, Outcome) and m.state is ClientState.DELIVERED) <= 2
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(("variables", "statements"), [(None, -(-6_000 // INSERT_ROWS)), (33, 2_000)])
+async def test_a_large_request_s_commands_are_inserted_a_few_thousand_per_statement_within_sqlites_limit(
+        tmp_path: Path, variables: int | None, statements: int) -> None:
+    """Issue 14, session 13: a request's commands go in with one multi-row ``INSERT`` per :data:`INSERT_ROWS`
+    (an ``executemany`` stepped once per command), fewer per statement where the connection allows fewer bound
+    values (33: three commands); each is stored once, a redelivery adds none, and what was added is counted."""
+    store = BridgeStore(tmp_path / "b.db")
+    await store.open()
+    try:
+        if variables is not None:
+            store.sql.db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variables)
+        conn = counting(store)
+        n = 6_000
+        commands = [NewCommand("q", f"c{i}", f"gw-{i}", f"q-{i}", f"command {i}".encode(), 1.0, 1e12, not_before=2.0,
+                               revision=3) for i in range(n)]
+        assert await store.accept_request(commands, []) == n
+        assert conn.calls["INSERT"] == statements  # 2,500 a statement, or three under the lower limit
+        assert await store.accept_request(commands[:10] + commands[-10:], []) == 0  # redelivered: nothing added
+        rows = await store.sql.read(lambda db: [tuple(r) for r in db.execute(
+            "SELECT request_id, client_id, gateway_id, msg_id, payload, state, received_at, attempts, next_attempt_at, "
+            "deadline, not_before, revision FROM commands ORDER BY rowid")])
+        assert rows == [("q", f"c{i}", f"gw-{i}", f"q-{i}", f"command {i}".encode(), "sending", 1.0, 0, 0.0, 1e12, 2.0,
+                         3) for i in range(n)]
     finally:
         await store.close()
 
