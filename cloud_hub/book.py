@@ -191,8 +191,11 @@ SENT_SETTLE_MAX_S = 10.0
 fan-out on a loaded machine the homes answer over 1-5 s, and a mark written at 2 s rewrote 40-60 % of the clients
 as ``sent`` moments before their outcomes did again (issue 14, twelfth round). A home that stays silent is marked
 once its request's answers pause, or at this bound."""
-SENT_RECHECK_S = 0.5
-"""How long a settled mark waits again while its request's answers still come in (:data:`SENT_SETTLE_MAX_S`)."""
+SENT_RECHECK_S = 2.0
+"""How long a settled mark waits again while its request's answers still come in (:data:`SENT_SETTLE_MAX_S`). The
+answers come in bursts: on a loaded machine (load 7-9) a 10,000-gateway fan-out's outcomes paused 1.6 s between two
+bursts, and a mark looked at again after 0.5 s was written in the pause (3,866 clients marked ``sent`` that answered
+a second later)."""
 
 
 @dataclass(slots=True)
