@@ -42,16 +42,12 @@ class SqliteThread:
     the pages per commit the last one found). The writer's own checkpoint stays as the bound: if the background one
     falls behind, the commit that takes the WAL past ``wal_autocheckpoint`` pages checkpoints, as before. Durability
     is unchanged: commits are synced (``synchronous=FULL``), a checkpoint syncs the WAL before it copies.
-    ``cache_kib`` sizes the writer's page cache (SQLite's default 2 MiB). ``mmap_mib`` maps up to that much of the
-    database file into memory on the writer's and the reader's connection (``PRAGMA mmap_size``; SQLite's default 0):
-    their reads of the file's pages are then memory reads instead of ``pread`` copies into each connection's cache,
-    which SQLite drops whenever another connection changed the file. Writes still go through ``write`` and the WAL
-    (SQLite is built without writable maps), so durability is unchanged.
+    ``cache_kib`` sizes the writer's page cache (SQLite's default 2 MiB).
     """
 
-    def __init__(self, path: Path | str, schema: str, *, busy_timeout_ms: int = 2000, name: str = "sqlite",  # noqa: PLR0913
+    def __init__(self, path: Path | str, schema: str, *, busy_timeout_ms: int = 2000, name: str = "sqlite",
                  reader: bool = False, wal_autocheckpoint: int = 1000, checkpoint_pages: int | None = None,
-                 cache_kib: int | None = None, mmap_mib: int | None = None) -> None:
+                 cache_kib: int | None = None) -> None:
         if checkpoint_pages is not None and not 0 < checkpoint_pages < wal_autocheckpoint:
             raise ValueError("checkpoint_pages must be positive and below wal_autocheckpoint (the writer's bound)")
         self.path = str(path)
@@ -72,7 +68,6 @@ class SqliteThread:
         """Seconds the checkpointer's thread spent in SQLite."""
         self._wal_autocheckpoint = wal_autocheckpoint
         self._cache_kib = cache_kib
-        self._mmap_mib = mmap_mib
         self._checkpoint_pages = checkpoint_pages if self.path != ":memory:" else None
         self._checkpointer: sqlite3.Connection | None = None
         self._checkpoint_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-checkpoint") \
@@ -105,14 +100,8 @@ class SqliteThread:
         db.execute(f"PRAGMA wal_autocheckpoint={int(self._wal_autocheckpoint)}")
         if self._cache_kib is not None:
             db.execute(f"PRAGMA cache_size=-{int(self._cache_kib)}")
-        self._map(db)
         db.executescript(self._schema)
         self._db = db
-
-    def _map(self, db: sqlite3.Connection) -> None:
-        """``mmap_size`` on one connection, when asked for."""
-        if self._mmap_mib is not None:
-            db.execute(f"PRAGMA mmap_size={int(self._mmap_mib) * 1024 * 1024}")
 
     def _open_checkpointer(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -169,7 +158,6 @@ class SqliteThread:
             db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
             db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
-            self._map(db)
         except sqlite3.Error as exc:
             raise StorageError(f"storage error: {exc}") from exc
         self._reader = db

@@ -83,12 +83,6 @@ CACHE_KIB = 131_072
 """The writer's page cache (SQLite's default 2 MiB): the B-tree's interior pages and hot leaves stay in memory
 instead of being read again (pread) in each transaction."""
 
-MMAP_MIB = 1024
-"""The database file mapped into memory on the writer's and the reader's connections, up to this much
-(``PRAGMA mmap_size``): the reader's cache starts empty at every read transaction after a write (SQLite drops a
-connection's cache when another changed the file), so its reads of the file were ``pread`` copies of pages the
-kernel holds anyway (docs/decisions.md, "The hub store's file mapped")."""
-
 
 class SqliteKV:
     """The HBase-shaped store on SQLite: writes and group commits on one connection and thread, reads on a read-only
@@ -98,14 +92,13 @@ class SqliteKV:
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 2000,  # noqa: PLR0913
                  wal_autocheckpoint: int = WAL_AUTOCHECKPOINT, checkpoint_pages: int | None = None,
-                 cache_kib: int | None = CACHE_KIB, mmap_mib: int | None = MMAP_MIB,
-                 staged_tables: Iterable[str] = STAGED_TABLES,
+                 cache_kib: int | None = CACHE_KIB, staged_tables: Iterable[str] = STAGED_TABLES,
                  merge_interval_s: float = 0.5, merge_rows: int = 20_000,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.path = str(path)
         self._sql = SqliteThread(path, DDL, busy_timeout_ms=busy_timeout_ms, name="hub-store", reader=True,
                                  wal_autocheckpoint=wal_autocheckpoint, checkpoint_pages=checkpoint_pages,
-                                 cache_kib=cache_kib, mmap_mib=mmap_mib)
+                                 cache_kib=cache_kib)
         self.commits = GroupTransactions(self._sql, name="hub-store-commit")
         """The group commit of :meth:`batch`: ``commits.commits`` transactions for ``commits.writes`` batches."""
         self.staged_tables = frozenset(staged_tables)

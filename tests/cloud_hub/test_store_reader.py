@@ -135,35 +135,3 @@ async def test_a_read_that_fails_half_read_does_not_hold_its_snapshot(tmp_path: 
         assert kept.value is not None
     finally:
         await kv.close()
-
-
-async def test_the_writer_and_the_reader_map_the_file(tmp_path: Path) -> None:
-    """Both connections read the database file through a memory map (``mmap_mib``); an unmapped store is possible
-    (None), and what a mapped store wrote is read back by the reader and by a store opened on the file again."""
-    kv = SqliteKV(tmp_path / "hub.db", mmap_mib=64)
-    plain = SqliteKV(tmp_path / "plain.db", mmap_mib=None)
-    await kv.open()
-    await plain.open()
-
-    def mapped() -> int:
-        return int(kv._sql.db.execute("PRAGMA mmap_size").fetchone()[0])
-
-    def plain_mapped() -> int:
-        return int(plain._sql.db.execute("PRAGMA mmap_size").fetchone()[0])
-
-    try:
-        assert await kv._sql.call(mapped) == 64 * 1024 * 1024
-        assert await kv._sql.snapshot(mapped) == 64 * 1024 * 1024
-        assert await plain._sql.call(plain_mapped) == 0
-        assert await plain._sql.snapshot(plain_mapped) == 0
-        await kv.batch([Mutation("requests", "q1", {"r:state": b"accepted"})])
-        assert await kv.get("requests", "q1") == {"r:state": b"accepted"}
-    finally:
-        await kv.close()
-        await plain.close()
-    again = SqliteKV(tmp_path / "hub.db")
-    await again.open()
-    try:
-        assert await again.get("requests", "q1") == {"r:state": b"accepted"}
-    finally:
-        await again.close()
