@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,18 +182,7 @@ its outcome written instead: the mark, its cell rewrite and its change-feed entr
 round). 2 s: on a quiet machine every one of 10,000 gateways has executed about 2 s after the POST; measured on a
 loaded one (load 5-11), 0-30 % of them answered within 1 s of the first send, 0-60 % within 2 s, 0-100 % within
 3 s (docs/performance.md, "Issue 14, tenth round"). The trade: the DSO's view shows such a client ``pending`` for up
-to this long after its send (longer while its request's answers still come in: :data:`SENT_SETTLE_MAX_S`)."""
-SENT_SETTLE_MAX_S = 10.0
-"""A mark that has settled waits on, :data:`SENT_RECHECK_S` at a time, while its request's homes are still answering
-(more of its targets ended since the mark was last looked at), up to this long after its send: at a 10,000-client
-fan-out on a loaded machine the homes answer over 1-5 s, and a mark written at 2 s rewrote 40-60 % of the clients
-as ``sent`` moments before their outcomes did again (issue 14, twelfth round). A home that stays silent is marked
-once its request's answers pause, or at this bound."""
-SENT_RECHECK_S = 2.0
-"""How long a settled mark waits again while its request's answers still come in (:data:`SENT_SETTLE_MAX_S`). The
-answers come in bursts: on a loaded machine (load 7-9) a 10,000-gateway fan-out's outcomes paused 1.6 s between two
-bursts, and a mark looked at again after 0.5 s was written in the pause (3,866 clients marked ``sent`` that answered
-a second later)."""
+to this long after its send."""
 
 
 @dataclass(slots=True)
@@ -208,8 +195,6 @@ class _SentMark:
     """The message's clients still to mark (those answered since are dropped); empty for a party target."""
     party: bool = True
     """Without clients: whether the retailer's party entry is still to mark."""
-    answers_seen: int = 0
-    """How many of its request's targets had ended when the mark was last looked at (:meth:`RequestBook.settle_due`)."""
 
     @property
     def live(self) -> bool:
@@ -247,17 +232,13 @@ class RequestBook:
     def __init__(self, store: HubStore, metrics: HubMetrics, replica_id: str | None = None, *,
                  expand_after_accept_min_clients: int = 1000,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 sent_settle_s: float | None = None, sent_settle_max_s: float = SENT_SETTLE_MAX_S) -> None:
+                 sent_settle_s: float | None = None) -> None:
         self.store = store
         self.sent_settle_s = SENT_SETTLE_S if sent_settle_s is None else sent_settle_s
         """How long first sends' marks wait before they are written (default :data:`SENT_SETTLE_S`, read when the
         book is made; 0: at once)."""
-        self.sent_settle_max_s = sent_settle_max_s
-        """How long after its send a settled mark may wait on while its request's homes still answer
-        (:data:`SENT_SETTLE_MAX_S`; at most :attr:`sent_settle_s`: it never waits on)."""
-        self._settling: list[tuple[float, int, _SentMark]] = []
-        """First sends whose marks wait: a heap of ``(when due, order, mark)`` (:meth:`settle_due`)."""
-        self._settling_order = itertools.count()
+        self._settling: deque[_SentMark] = deque()
+        """First sends whose marks wait, in the order they were sent (:meth:`settle_due`)."""
         self._settling_n: Counter[str] = Counter()
         """How many marks of each request wait."""
         self._answered: dict[str, dict[str, int]] = {}
@@ -608,8 +589,7 @@ class RequestBook:
         if self.sent_settle_s <= 0:
             await self._write_marks(marks)
             return
-        for m in marks:
-            heapq.heappush(self._settling, (now + self.sent_settle_s, next(self._settling_order), m))
+        self._settling.extend(marks)
         self._settling_n.update(m.item.request_id for m in marks)
         await self._first_dispatch({m.item.request_id for m in marks if m.item.request_id not in self._dispatched},
                                    now)
@@ -640,30 +620,20 @@ class RequestBook:
 
     def next_settle(self) -> float | None:
         """When the oldest waiting mark is due (None: none waits)."""
-        return self._settling[0][0] if self._settling else None
+        return self._settling[0].at + self.sent_settle_s if self._settling else None
 
     async def settle_due(self, now: float) -> int:
-        """Write the marks of first sends that have settled by ``now``; returns how many were written. A settled
-        mark whose request had more targets end since it was last looked at waits :data:`SENT_RECHECK_S` more,
-        until :attr:`sent_settle_max_s` after its send (its homes are still answering: most of its targets will be
-        written by their outcomes instead)."""
+        """Write the marks of first sends that have settled by ``now``; returns how many were due."""
         due: list[_SentMark] = []
-        while self._settling and self._settling[0][0] <= now:
-            mark = heapq.heappop(self._settling)[2]
-            answers = len(self._answered.get(mark.item.request_id, ()))
-            if answers > mark.answers_seen and now + SENT_RECHECK_S <= mark.at + self.sent_settle_max_s:
-                mark.answers_seen = answers
-                heapq.heappush(self._settling, (now + SENT_RECHECK_S, next(self._settling_order), mark))
-            else:
-                due.append(mark)
+        while self._settling and self._settling[0].at + self.sent_settle_s <= now:
+            due.append(self._settling.popleft())
         if due:
-            due.sort(key=lambda m: m.at)  # in send order
             await self._write_due(due)
         return len(due)
 
     async def settle_all(self) -> int:
         """Write every waiting mark now (at shutdown: else a restart re-sends those messages and marks them then)."""
-        due = sorted((entry[2] for entry in self._settling), key=lambda m: m.at)
+        due = list(self._settling)
         self._settling.clear()
         if due:
             await self._write_due(due)

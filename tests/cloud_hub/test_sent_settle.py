@@ -31,7 +31,7 @@ from cloud_hub.settings import HubSettings
 from mhp_wire import topics
 from mhp_wire.messages import Ack, Cancel, ClientState, Outcome, Request
 from tests.broker_fixtures import MosquittoFactory
-from tests.cloud_hub.embedded_hub import EmbeddedHub, embedded_hub
+from tests.cloud_hub.embedded_hub import embedded_hub
 from tests.cloud_hub.test_revise_edges import held_after_publish
 from tests.hub_fixtures import HubHandle, running_hub, served_hub
 from tests.mqtt_party import Party, parties
@@ -291,10 +291,7 @@ async def test_the_settled_marks_read_only_the_targets_not_answered_meanwhile(tm
         store.get_requests_cells = reading  # type: ignore[method-assign]
         store.update_requests = writing  # type: ignore[method-assign]
         assert await book.settle_due(sent_at + book.sent_settle_s - 0.01) == 0  # not settled yet
-        # Its homes answered since the send: the settled mark waits once more, and is written when none answered
-        # since (test_a_settled_mark_waits_while_its_homes_still_answer_up_to_its_bound).
-        assert await book.settle_due(sent_at + book.sent_settle_s) == 0
-        assert await book.settle_due(sent_at + book.sent_settle_s + cloud_hub.book.SENT_RECHECK_S) == len(items)
+        assert await book.settle_due(sent_at + book.sent_settle_s) == len(items)
         assert book.next_settle() is None
         assert [sorted(c[2:] for c in cols if c.startswith("c:")) for cols in read] == [sorted(silent)]
         assert [sorted(c[2:] for c in put if c.startswith("c:")) for put in written] == [sorted(silent)]
@@ -303,76 +300,6 @@ async def test_the_settled_marks_read_only_the_targets_not_answered_meanwhile(tm
         states = {c: e["state"] for c, e in stored["clients"].items()}
         assert states == {c: "executed" if c in answered else "sent" for c in ids}
         assert {stored["clients"][c]["updated_at"] for c in silent} == {sent_at}
-
-
-async def _emergency_sent(hub: EmbeddedHub, ids: list[str]) -> tuple[str, float, int]:
-    """An emergency to ``ids`` (all of retailer r1), its first sends recorded now: its id, their time, how many."""
-    await hub.store.put_retailer("r1", "R1")
-    await hub.store.import_clients([(c, "r1", 5.0, None, time.time() - 86_400) for c in ids])
-    accepted = await hub.service.flexibility.create_emergency(Principal.parse("dso"), {
-        "client_ids": ids, "start": soon(300), "duration_s": 600, "power_limit_kw": 2.0}, None)
-    await hub.book.expanded(accepted.request_id)
-    sent_at = time.time()
-    items = [i for i in hub.book.due(sent_at) if i.request_id == accepted.request_id]
-    await hub.book.mark_sent(items, sent_at)
-    return accepted.request_id, sent_at, len(items)
-
-
-async def test_a_settled_mark_waits_while_its_homes_still_answer_up_to_its_bound(tmp_path: Path) -> None:
-    """A settled mark waits ``SENT_RECHECK_S`` at a time while more of its request's targets end between two looks,
-    so the homes that answer late are written once (executed), not twice (sent, then executed); a home that stays
-    silent is marked ``sent``, with its send time, once the answers pause, or at ``sent_settle_max_s`` after the
-    send if they never do."""
-    recheck = cloud_hub.book.SENT_RECHECK_S
-    async with embedded_hub(tmp_path / "hub.db") as hub:
-        book = hub.book
-        ids = [f"c{i:02d}" for i in range(12)]
-        request_id, sent_at, n = await _emergency_sent(hub, ids)
-        due = sent_at + book.sent_settle_s
-
-        async def answer(clients: list[str]) -> None:
-            await book.apply([ReportedOutcome("r1", request_id, c, ClientState.EXECUTED) for c in clients])
-
-        await answer(ids[:3])
-        assert await book.settle_due(due) == 0  # settled, but its homes answered since the send
-        assert book.next_settle() == due + recheck
-        await answer(ids[3:6])  # late answers, after the settle time
-        assert await book.settle_due(due + recheck) == 0
-        marked: list[str] = []
-        update = hub.store.update_requests
-
-        async def writing(writes: list[Any], audit: Any = None) -> None:
-            marked.extend(c[2:] for _, put, _, _ in writes for c in put if c.startswith("c:"))
-            await update(writes, audit)
-
-        hub.store.update_requests = writing  # type: ignore[method-assign]
-        assert await book.settle_due(due + 2 * recheck) == n  # nobody answered since the last look: written
-        assert sorted(marked) == ids[6:]  # the late answers were never rewritten as sent
-        assert book.next_settle() is None
-        stored = await hub.store.get_request(request_id)
-        assert stored is not None
-        assert {c: e["state"] for c, e in stored["clients"].items()} == {
-            c: "executed" if c in ids[:6] else "sent" for c in ids}
-        assert {stored["clients"][c]["updated_at"] for c in ids[6:]} == {sent_at}
-
-    # Answers that never pause: the mark is written at its bound, with whoever is still silent then.
-    async with embedded_hub(tmp_path / "hub2.db") as hub:
-        book = hub.book
-        book.sent_settle_max_s = book.sent_settle_s + 2 * recheck
-        ids = [f"d{i:02d}" for i in range(12)]
-        request_id, sent_at, n = await _emergency_sent(hub, ids)
-        now = sent_at + book.sent_settle_s
-        written = 0
-        for k in range(6):
-            await book.apply([ReportedOutcome("r1", request_id, ids[k], ClientState.EXECUTED)])
-            written = await book.settle_due(now)
-            if written:
-                break
-            now = book.next_settle() or now
-        assert written == n and now <= sent_at + book.sent_settle_max_s  # written with answers still coming
-        stored = await hub.store.get_request(request_id)
-        assert stored is not None
-        assert {c for c, e in stored["clients"].items() if e["state"] == "sent"} == set(ids[k + 1:])
 
 
 async def test_the_hubs_setting_reaches_the_book(
