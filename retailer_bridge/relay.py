@@ -230,7 +230,7 @@ class BridgeRelay:
         """The hand-over the gateways' loop is sending (taken from :attr:`fresh_commands`), for
         :meth:`_withdraw_fresh` to release what a later commit closes while it goes out."""
         self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt, self.read_up_to,
-                                             self.held_commands),
+                                             self.held_commands, resend_by_s=gateway_ack_timeout_s / 2),
                                    self._to_local,
                                    limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.gateway_rtt.timeout_s()))
         """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
@@ -1094,10 +1094,13 @@ class _Commands:
     """The store's ``commands`` (those still being sent) as an :class:`OutboxStorage`. A command sent once whose
     first re-send falls due before the gateways' measured round trip (``rtt``) says it could have been answered
     waits until then: its delay was fixed when it was sent, before the acknowledgements of a busy link came in; and
-    it waits while answers to commands sent no later than it keep coming (:meth:`RoundTrip.quiet_since`)."""
+    it waits while answers to commands sent no later than it keep coming (:meth:`RoundTrip.quiet_since`), but never
+    past ``resend_by_s`` after its send (its ack timeout's half), so that it is re-sent once before the silence
+    since that send makes its gateway ``unreachable``."""
 
     def __init__(self, store: BridgeStore, topic_of: Callable[[str], str], rtt: RoundTrip,
-                 read_up_to: Callable[[], float] = lambda: math.inf, held: set[str] | None = None) -> None:
+                 read_up_to: Callable[[], float] = lambda: math.inf, held: set[str] | None = None,
+                 resend_by_s: float = math.inf) -> None:
         self.store = store
         self.topic_of = topic_of
         self.rtt = rtt
@@ -1105,6 +1108,10 @@ class _Commands:
         """How far the bridge has read its broker: a command already sent is judged at that time, not at now."""
         self.held = held if held is not None else set()
         """Commands the relay sends from their commit (:attr:`BridgeRelay.held_commands`): not read as due here."""
+        self.resend_by_s = resend_by_s
+        """The latest a first re-send is postponed to, after the command's first send (unless the measured round
+        trip alone says later): ``BridgeRelay`` gives half the ack timeout, which ``_command_due`` counts from the
+        first send, so the re-send has the other half to be answered."""
 
     async def due(self, now: float, limit: int) -> list[Pending]:
         topic_of = self.topic_of
@@ -1116,17 +1123,19 @@ class _Commands:
         wait_s = self.rtt.timeout_s()
         # A first re-send waits one timeout of the link's silence towards it (``RoundTrip.quiet_since``: answers to
         # commands sent no later than it still coming in mean it is queued behind them). Not one made due at once
-        # (next_attempt_at 0: its gateway came back online, ``resend_now_many``).
+        # (next_attempt_at 0: its gateway came back online, ``resend_now_many``). Never past ``resend_by_s`` after
+        # the send: answers to others that trickle in longer than that must not use up its own ack timeout.
         quiet: dict[float, float] = {}
         early = []
         for c in rows:
             sent_at = c["first_sent_at"]
             if c["attempts"] == 1 and c["next_attempt_at"] > 0 and sent_at is not None:
-                since = quiet.get(sent_at)
-                if since is None:
-                    since = quiet[sent_at] = self.rtt.quiet_since(sent_at)
-                if now - since < wait_s:
-                    early.append((since + wait_s, c["msg_id"]))
+                due_at = quiet.get(sent_at)
+                if due_at is None:
+                    due_at = quiet[sent_at] = min(self.rtt.quiet_since(sent_at) + wait_s,
+                                                  sent_at + max(wait_s, self.resend_by_s))
+                if now < due_at:
+                    early.append((due_at, c["msg_id"]))
         if early:
             await self.store.postpone_commands(early)
             later = {m for _, m in early}
