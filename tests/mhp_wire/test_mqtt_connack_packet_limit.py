@@ -25,5 +25,7 @@ async def test_a_lower_connack_maximum_packet_size_is_obeyed(mosquitto_factory: 
         assert gw.max_packet_bytes == 2000
         with pytest.raises(PacketTooLarge):
             await gw.publish(topics.up("gateways", "gw-1"), b"x" * 2500, wait_s=5)
+        with pytest.raises(PacketTooLarge):  # 1,000 characters, 3,000 bytes: measured in bytes (e3ac111: written)
+            await gw.publish(topics.up("gateways", "gw-1"), "\u20ac" * 1000, wait_s=5)  # type: ignore[arg-type]
         await asyncio.sleep(0.3)
-        assert gw.connected and gw.stats.connects == 1
+        assert gw.connected and gw.stats.connects == 1 and gw.refused_too_large == 2
