@@ -123,6 +123,8 @@ class HubMetrics:
             "mhp_outcomes_superseded", "Clients' unreachable replaced by the home's own later outcome (a command that "
             "reached its gateway after the bridge's ack timeout)", registry=r)
         self.outbox_sent = Counter("mhp_outbox_sent", "Outbox publications (first sends and re-sends)", registry=r)
+        self.outbox_parked = Counter("mhp_outbox_parked", "Outbox messages the link refused as over the broker's "
+                                     "packet limit: not sent, tried again at the next connection", registry=r)
         self.outcome_batch_size = Histogram(
             "mhp_outcome_batch_size", "Outcomes stored and acknowledged per group commit", registry=r,
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),

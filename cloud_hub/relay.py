@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from mhp_wire.messages import (
     encode,
     publish_qos,
 )
-from mhp_wire.mqtt import MqttError, MqttLink, Republisher
+from mhp_wire.mqtt import MqttError, MqttLink, PacketTooLarge, Republisher
 from mhp_wire.outbox import Outbox, Pending
 from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
@@ -166,6 +167,9 @@ class HubRelay:
         """Awaited with each round of published messages before the book records them as sent: the window in which
         a message is at the broker while its targets still read ``pending`` (a test holds a round there)."""
         book.kick = self.kick
+        self.parked: dict[str, OutboxItem] = {}
+        """Messages the link refused as too large (``_BookOutbox.parked``): never sent, their targets not ``sent``,
+        due again at the next connection (:meth:`link_connected`)."""
         self.outbox = Outbox(_BookOutbox(self), self._publish_down, clock=lambda: self.clock(), limit=1000,
                              retry_s=retry_delay_s, resend_from="read")
         """The book's outbox: requests, deliveries and notices to retailers, re-sent until acknowledged."""
@@ -175,6 +179,8 @@ class HubRelay:
             raise MqttError("the hub broker link is not open")
         try:
             await self.link.publish(topic, payload, retain=retain, wait_s=PUBLISH_WAIT_S)
+        except PacketTooLarge:  # not sent; the outbox parks it (``_BookOutbox.parked``) and the round goes on
+            raise
         except MqttError as exc:
             log.warning("outbox send paused: %s", exc)
             raise
@@ -233,8 +239,12 @@ class HubRelay:
         await self.book.settle_all()
 
     def link_connected(self) -> None:
-        """The link to the hub broker is up (the first time or again): republish the stored tariff."""
+        """The link to the hub broker is up (the first time or again): republish the stored tariff; what was parked
+        as too large is due again (this broker's limit may differ)."""
         self.tariff.connected()
+        for item in self.parked.values():
+            item.next_at = 0.0
+        self.parked.clear()
 
     async def republish_tariff(self) -> bool:
         """Publish the stored current tariff, retained, on ``public/tariff``; False when none was published.
@@ -648,3 +658,14 @@ class _BookOutbox:
         if self.relay.on_published is not None:
             await self.relay.on_published(items)
         await self.relay.book.mark_sent(items, now, [at for _, at in sent])
+
+    async def parked(self, parked: Sequence[tuple[Pending, float, PacketTooLarge]], now: float) -> None:
+        """Messages over the hub broker's packet (the book's guards keep its own under it): not sent, so neither
+        recorded as sent (targets, audit, ``on_published``) nor counted as an attempt; they stay in the book, out
+        of the rounds until the next connection (in memory: a restart tries them again too). Logged by the
+        outbox, counted in ``mhp_outbox_parked``."""
+        for p, _, _ in parked:
+            item: OutboxItem = p.row
+            item.next_at = math.inf
+            self.relay.parked[item.msg_id] = item
+        self.relay.metrics.outbox_parked.inc(len(parked))

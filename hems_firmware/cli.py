@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--units", default="1-247", help="unit ids to probe, e.g. 1-10,20")
     sc.add_argument("--timeout", type=float, default=0.3, help="seconds to wait for each answer")
     sc.add_argument("--json", action="store_true")
+    ck = sub.add_parser("check", help="validate configuration files as this version loads them (exit 2 if not)")
+    ck.add_argument("--config", type=Path, action="append", required=True)
     wa = sub.add_parser("watch", help="follow a gateway's live page in the terminal (actuations and power)")
     wa.add_argument("--url", required=True, help="the gateway's page, e.g. http://127.0.0.1:8080")
     args = parser.parse_args(argv)
@@ -143,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         return _provision(args)
     if args.command == "scan":
         return _scan(args)
+    if args.command == "check":
+        for cfg, path in zip(_load(args.config), args.config, strict=True):
+            print(f"hems-gateway: {path}: valid (gateway {cfg.gateway.id}, {len(cfg.devices)} devices)")
+        return 0
     if args.command == "watch":
         from hems_firmware.watch import main as watch
 

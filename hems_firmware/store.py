@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mhp_wire.messages import Command, LoadShiftParams, Outcome, Schedule, Telemetry, encode
+from mhp_wire.mqtt import PacketTooLarge
 from mhp_wire.outbox import Pending
 from mhp_wire.sqlite import SqliteThread
 
@@ -209,6 +210,11 @@ class GatewayStore:
         await self.sql.tx(lambda db: db.executemany(
             "UPDATE outbox SET attempts=attempts+1, next_attempt_at=? WHERE msg_id=?", [(at, k) for k, at in sent]))
 
+    async def outcomes_parked(self, parked: Sequence[tuple[Hashable, float]]) -> None:
+        """Outcomes ``(msg_id, next attempt at)`` refused as too large wait until then, their attempts unchanged."""
+        await self.sql.tx(lambda db: db.executemany(
+            "UPDATE outbox SET next_attempt_at=? WHERE msg_id=?", [(at, k) for k, at in parked]))
+
     async def due_telemetry(self, now: float, limit: int) -> list[tuple[int, bytes, int]]:
         """``(seq, payload, attempts)`` of the telemetry due, in order."""
         return await self.sql.read(lambda db: db.execute(
@@ -218,6 +224,11 @@ class GatewayStore:
     async def telemetry_sent(self, sent: Sequence[tuple[Hashable, float]]) -> None:
         await self.sql.tx(lambda db: db.executemany(
             "UPDATE telemetry SET attempts=attempts+1, next_attempt_at=? WHERE seq=?", [(at, k) for k, at in sent]))
+
+    async def telemetry_parked(self, parked: Sequence[tuple[Hashable, float]]) -> None:
+        """Reports ``(seq, next attempt at)`` refused as too large wait until then, their attempts unchanged."""
+        await self.sql.tx(lambda db: db.executemany(
+            "UPDATE telemetry SET next_attempt_at=? WHERE seq=?", [(at, k) for k, at in parked]))
 
 
 class OutcomeTable:
@@ -233,6 +244,13 @@ class OutcomeTable:
     async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
         if sent:
             await self.store.outcomes_sent([(p.key, at) for p, at in sent])
+
+    async def parked(self, parked: Sequence[tuple[Pending, float, PacketTooLarge]], now: float) -> None:
+        """An outcome over the bridge's packet is kept and tried again after the park, for as long as it is queued:
+        it is the only record of what this home did, and the limit it met is the broker's (a configuration the
+        retailer can raise), not the outcome's; an hourly attempt costs one row of a round and one log line
+        (docs/decisions.md, "A link refuses a packet over the broker's limit")."""
+        await self.store.outcomes_parked([(p.key, at) for p, at, _ in parked])
 
 
 class TelemetryTable:
@@ -253,3 +271,8 @@ class TelemetryTable:
     async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
         if sent:
             await self.store.telemetry_sent([(p.key, at) for p, at in sent])
+
+    async def parked(self, parked: Sequence[tuple[Pending, float, PacketTooLarge]], now: float) -> None:
+        """A report over the packet (the device names' bounds keep every report far under it) waits for the park;
+        the buffer's own cap ends it as it ends any old report."""
+        await self.store.telemetry_parked([(p.key, at) for p, at, _ in parked])

@@ -666,7 +666,10 @@ class MqttLink:
         over :attr:`max_packet_bytes` raises :class:`PacketTooLarge` (an :class:`MqttError` that retrying cannot
         cure) before anything is written.
         """
-        if len(payload) + len(topic) * 4 + 12 > self.max_packet_bytes:  # bounds the packet (UTF-8: 4 bytes a char)
+        # A quick bound on the packet, in bytes (UTF-8: at most 4 a character, also of a str payload, which callers
+        # typed loosely may pass and gmqtt encodes); the exact size only when the bound is over the limit.
+        wide = len(payload) * 4 if isinstance(payload, str) else len(payload)
+        if wide + len(topic) * 4 + 12 > self.max_packet_bytes:
             self._check_size(topic, payload, qos)
         if qos == 0:
             self._try_publish(topic, payload, qos, retain)  # no packet id: it cannot find the window full

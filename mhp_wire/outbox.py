@@ -57,6 +57,12 @@ class OutboxStorage(Protocol):
         when the round read what was due)."""
         ...
 
+    async def parked(self, parked: Sequence[tuple[Pending, float, PacketTooLarge]], now: float) -> None:
+        """Messages the link refused as too large for the broker's packet (nothing written), each with when it may
+        be tried again (``now`` + :attr:`Outbox.park_s`) and the refusal: not an attempt (no sent mark, no
+        attempt counted); the owner closes it, drops it or leaves it due then, by its own rules."""
+        ...
+
 
 Publish = Callable[[str, bytes, bool], Awaitable[None]]
 """``publish(topic, payload, retain)``; raises :class:`MqttError` when the link is down or stays full."""
@@ -88,8 +94,8 @@ class Outbox:
         """When (``clock``) the current round read what was due: the time the owner's ``check`` judges by."""
         self.park_s = park_s
         """How long a message the link refuses as too large (:class:`~mhp_wire.mqtt.PacketTooLarge`) waits before it
-        is tried again: it is recorded as an attempt due then (where the owner's rules, an ack timeout or a
-        deadline, may end it), so that it neither cuts the link nor comes back every round."""
+        is tried again: handed to :meth:`OutboxStorage.parked` (not recorded as sent) with that time, so that it
+        neither cuts the link nor comes back every round."""
         self.parked = 0
         """Messages parked so (one per refusal), logged each time."""
 
@@ -113,7 +119,7 @@ class Outbox:
             return 0
         sent: list[Pending] = []
         dropped: list[Pending] = []
-        parked: list[Pending] = []
+        parked: list[tuple[Pending, float, PacketTooLarge]] = []
         for p in rows:
             if check is not None and not await check(p):
                 dropped.append(p)
@@ -122,21 +128,21 @@ class Outbox:
                 await self.publish(p.topic, p.payload, p.retain)
             except PacketTooLarge as exc:  # nothing was written; the link goes on with the next message
                 self.parked += 1
-                parked.append(p)
+                parked.append((p, now + self.park_s, exc))
                 log.error("outbox: message %s parked for %.0f s, not sent: %s", outside(str(p.key)), self.park_s, exc)
                 continue
             except MqttError:
                 break
             sent.append(p)
         base = self.clock() if self.resend_from == "sent" else now
-        if sent or dropped or parked:
+        if sent or dropped:
             delays: dict[int, float] = {}  # one back-off figure per attempt count in a round, not one per message
             for p in sent:
                 if p.attempts not in delays:
                     delays[p.attempts] = self.retry_s(p.attempts + 1)
-            records = [(p, base + delays[p.attempts]) for p in sent]
-            records += [(p, now + self.park_s) for p in parked]
-            await self.storage.sent(records, dropped, now)
+            await self.storage.sent([(p, base + delays[p.attempts]) for p in sent], dropped, now)
+        if parked:  # never recorded as sent: nothing left (docs/decisions.md, "A link refuses a packet ...")
+            await self.storage.parked(parked, now)
         self.sends += len(sent)
         return len(sent)
 

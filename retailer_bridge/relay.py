@@ -55,7 +55,7 @@ from mhp_wire.messages import (
     publish_qos,
     tariff_msg_id,
 )
-from mhp_wire.mqtt import MqttError, MqttLink, Republisher
+from mhp_wire.mqtt import MqttError, MqttLink, PacketTooLarge, Republisher
 from mhp_wire.outbox import Outbox, Pending, ReadHorizon
 from mhp_wire.process import wait_or_timeout
 from mhp_wire.ratelimit import RateLimiter
@@ -230,7 +230,8 @@ class BridgeRelay:
         """The hand-over the gateways' loop is sending (taken from :attr:`fresh_commands`), for
         :meth:`_withdraw_fresh` to release what a later commit closes while it goes out."""
         self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt, self.read_up_to,
-                                             self.held_commands),
+                                             self.held_commands, resend_by_s=gateway_ack_timeout_s / 2,
+                                             too_large=self._too_large),
                                    self._to_local,
                                    limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.gateway_rtt.timeout_s()))
         """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
@@ -1092,7 +1093,13 @@ class BridgeRelay:
         closed = UNANSWERED if state is ClientState.UNREACHABLE else CLOSED
         await self.store.set_state(cmd["request_id"], cmd["client_id"], closed, (out.msg_id, encode(out)))
         self._wake_hub.set()  # the outcome goes to the hub from the other loop
-        log.warning("client %s unreachable for request %s: %s", cmd["client_id"], outside(cmd["request_id"]), reason)
+        log.warning("client %s %s for request %s: %s", cmd["client_id"], state, outside(cmd["request_id"]), reason)
+
+    async def _too_large(self, cmd: dict[str, Any], exc: PacketTooLarge) -> None:
+        """A command its link refused as too large for the retailer broker (never sent, nor ever sendable there):
+        closed as ``refused``, its reason the size, for the hub."""
+        await self._unreachable(cmd, f"the command was not sent to the gateway: its packet of {exc.size} bytes is "
+                                     f"over the {exc.limit} the retailer broker takes", ClientState.REFUSED)
 
     async def push_schedule(self, gateway_id: str, schedule: Schedule) -> None:
         """Send a customer's schedule to its gateway through the stored outbox (re-sent until acknowledged)."""
@@ -1104,10 +1111,14 @@ class _Commands:
     """The store's ``commands`` (those still being sent) as an :class:`OutboxStorage`. A command sent once whose
     first re-send falls due before the gateways' measured round trip (``rtt``) says it could have been answered
     waits until then: its delay was fixed when it was sent, before the acknowledgements of a busy link came in; and
-    it waits while answers to commands sent no later than it keep coming (:meth:`RoundTrip.quiet_since`)."""
+    it waits while answers to commands sent no later than it keep coming (:meth:`RoundTrip.quiet_since`), but never
+    past ``resend_by_s`` after its send (its ack timeout's half), so that it is re-sent once before the silence
+    since that send makes its gateway ``unreachable``."""
 
     def __init__(self, store: BridgeStore, topic_of: Callable[[str], str], rtt: RoundTrip,
-                 read_up_to: Callable[[], float] = lambda: math.inf, held: set[str] | None = None) -> None:
+                 read_up_to: Callable[[], float] = lambda: math.inf, held: set[str] | None = None,
+                 resend_by_s: float = math.inf,
+                 too_large: Callable[[dict[str, Any], PacketTooLarge], Awaitable[None]] | None = None) -> None:
         self.store = store
         self.topic_of = topic_of
         self.rtt = rtt
@@ -1115,6 +1126,12 @@ class _Commands:
         """How far the bridge has read its broker: a command already sent is judged at that time, not at now."""
         self.held = held if held is not None else set()
         """Commands the relay sends from their commit (:attr:`BridgeRelay.held_commands`): not read as due here."""
+        self.too_large = too_large
+        """Closes a command its link refused as too large (:meth:`parked`); None leaves it due after the park."""
+        self.resend_by_s = resend_by_s
+        """The latest a first re-send is postponed to, after the command's first send (unless the measured round
+        trip alone says later): ``BridgeRelay`` gives half the ack timeout, which ``_command_due`` counts from the
+        first send, so the re-send has the other half to be answered."""
 
     async def due(self, now: float, limit: int) -> list[Pending]:
         topic_of = self.topic_of
@@ -1126,17 +1143,19 @@ class _Commands:
         wait_s = self.rtt.timeout_s()
         # A first re-send waits one timeout of the link's silence towards it (``RoundTrip.quiet_since``: answers to
         # commands sent no later than it still coming in mean it is queued behind them). Not one made due at once
-        # (next_attempt_at 0: its gateway came back online, ``resend_now_many``).
+        # (next_attempt_at 0: its gateway came back online, ``resend_now_many``). Never past ``resend_by_s`` after
+        # the send: answers to others that trickle in longer than that must not use up its own ack timeout.
         quiet: dict[float, float] = {}
         early = []
         for c in rows:
             sent_at = c["first_sent_at"]
             if c["attempts"] == 1 and c["next_attempt_at"] > 0 and sent_at is not None:
-                since = quiet.get(sent_at)
-                if since is None:
-                    since = quiet[sent_at] = self.rtt.quiet_since(sent_at)
-                if now - since < wait_s:
-                    early.append((since + wait_s, c["msg_id"]))
+                due_at = quiet.get(sent_at)
+                if due_at is None:
+                    due_at = quiet[sent_at] = min(self.rtt.quiet_since(sent_at) + wait_s,
+                                                  sent_at + max(wait_s, self.resend_by_s))
+                if now < due_at:
+                    early.append((due_at, c["msg_id"]))
         if early:
             await self.store.postpone_commands(early)
             later = {m for _, m in early}
@@ -1148,6 +1167,15 @@ class _Commands:
     async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
         if sent:  # a dropped command has its outcome already (``_unreachable``)
             await self.store.mark_sent([(str(p.key), at) for p, at in sent], now)
+
+    async def parked(self, parked: Sequence[tuple[Pending, float, PacketTooLarge]], now: float) -> None:
+        """A command over the broker's packet was not sent: it is closed (``too_large``), its first send and
+        attempts left as they were; or, without ``too_large``, due again after the park."""
+        if self.too_large is None:
+            await self.store.postpone_commands([(at, str(p.key)) for p, at, _ in parked])
+            return
+        for p, _, exc in parked:
+            await self.too_large(p.row, exc)
 
 
 class _Notices:
@@ -1163,6 +1191,10 @@ class _Notices:
 
     async def sent(self, sent: Sequence[tuple[Pending, float]], dropped: Sequence[Pending], now: float) -> None:
         await self.store.mark_gateway_outbox([(str(p.key), at) for p, at in sent], [str(p.key) for p in dropped])
+
+    async def parked(self, parked: Sequence[tuple[Pending, float, PacketTooLarge]], now: float) -> None:
+        """A notice over the packet waits for the park, unsent (then dropped past its deadline, or tried again)."""
+        await self.store.postpone_gateway_outbox([(at, str(p.key)) for p, at, _ in parked])
 
 
 class SendOrder:
@@ -1216,6 +1248,10 @@ class _ToHub:
         if sent:
             self.order.sent([str(p.key) for p, _ in sent])
             await self.store.mark_outbox_sent([(str(p.key), at) for p, at in sent])
+
+    async def parked(self, parked: Sequence[tuple[Pending, float, PacketTooLarge]], now: float) -> None:
+        """A message over the hub broker's packet waits for the park, unsent: no send number, no attempt."""
+        await self.store.postpone_outbox([(at, str(p.key)) for p, at, _ in parked])
 
 
 def _instant(at: float) -> str:

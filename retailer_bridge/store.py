@@ -405,6 +405,10 @@ class BridgeStore:
             "UPDATE hub_outbox SET attempts=attempts+1, next_attempt_at=? WHERE msg_id=?",
             [(n, m) for m, n in sent]))
 
+    async def postpone_outbox(self, waits: list[tuple[float, str]]) -> None:
+        """Outcomes for the hub ``(next_attempt_at, msg_id)`` wait until then, their attempts unchanged (parked)."""
+        await self._tx(lambda db: db.executemany("UPDATE hub_outbox SET next_attempt_at=? WHERE msg_id=?", waits))
+
     async def ack_outbox(self, msg_ids: list[str]) -> None:
         """Drop outcomes the hub acknowledged."""
         await self._tx(lambda db: db.executemany("DELETE FROM hub_outbox WHERE msg_id=?", [(m,) for m in msg_ids]))
@@ -473,6 +477,10 @@ class BridgeStore:
             db.executemany("DELETE FROM gateway_outbox WHERE msg_id=?", [(m,) for m in expired])
 
         await self._tx(op)
+
+    async def postpone_gateway_outbox(self, waits: list[tuple[float, str]]) -> None:
+        """Notices ``(next_attempt_at, msg_id)`` wait until then, their attempts unchanged (parked)."""
+        await self._tx(lambda db: db.executemany("UPDATE gateway_outbox SET next_attempt_at=? WHERE msg_id=?", waits))
 
     async def resend_now(self, gateway_id: str) -> None:
         """A gateway came back online: everything waiting for it is due now."""

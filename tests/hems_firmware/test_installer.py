@@ -4,6 +4,7 @@ Modbus TCP bus, the install script lays out the unit, the configuration and the 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tomllib
@@ -92,6 +93,29 @@ def test_install_script_lays_out_unit_config_and_state(tmp_path: Path) -> None:
         assert line in unit
     assert (root / "etc/hems-gateway/gateway.toml").read_text() == config.read_text()
     assert (root / "var/lib/hems-gateway").is_dir()
+
+
+def test_an_upgrade_over_a_configuration_this_version_refuses_stops_before_the_service_and_says_what_to_rename(
+        tmp_path: Path) -> None:
+    """On e3ac111 the script installed over an existing gateway.toml without loading it: a device name the new
+    version refuses ("water heater") was found only when the gateway failed to start."""
+    assert provision(args(tmp_path)) == 0
+    root = tmp_path / "root"
+    toml = root / "etc/hems-gateway/gateway.toml"
+    toml.parent.mkdir(parents=True)
+    toml.write_text((tmp_path / "gateway.toml").read_text().replace('name = "boiler"', 'name = "water heater"'))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = ["bash", str(ROOT / "scripts" / "install-gateway.sh"), "--root", str(root), "--no-user", "--no-venv",
+              "--python", sys.executable]
+    out = subprocess.run(script, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1, out.stderr
+    assert "'water heater'" in out.stderr and "rename" in out.stderr.lower() and "not (re)started" in out.stderr
+    assert not (root / "etc/systemd/system/hems-gateway.service").exists()
+    toml.write_text(toml.read_text().replace('"water heater"', '"water_heater"'))
+    out = subprocess.run(script, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "valid (gateway gw-9, 2 devices)" in out.stdout
+    assert (root / "etc/systemd/system/hems-gateway.service").is_file()
 
 
 def test_cli_scan_and_provision_exit_codes(tmp_path: Path) -> None:

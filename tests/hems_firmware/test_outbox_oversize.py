@@ -52,5 +52,6 @@ async def test_an_outbox_parks_an_oversize_message_and_sends_what_follows(
                 assert [m for m, _, _ in due] == [small.msg_id]  # unacknowledged: re-sent; the big one is parked
                 parked = await store.due_outcomes(now[0] + uplink.outbox.park_s, 10)
                 assert [m for m, _, _ in parked] == [big.msg_id, small.msg_id]  # it comes back after the park
+                assert parked[0][2] == 0, "parked, not sent: no attempt counted"
     finally:
         await store.close()
