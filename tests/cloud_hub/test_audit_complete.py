@@ -14,6 +14,7 @@ from mhp_wire import topics
 from mhp_wire.messages import Ack, BillingData, ErrorReply, Measurement, Measurements
 from tests.hub_fixtures import HubHandle
 from tests.mqtt_party import Party, parties
+from tests.waiting import eventually
 
 
 async def audit_of(hub: HubHandle, client_id: str, since: datetime) -> list[dict[str, Any]]:
@@ -106,7 +107,13 @@ async def test_billing_delivery_names_the_retailer_that_received_each_clients_da
         assert isinstance(got1, BillingData) and isinstance(got2, BillingData)
         assert [c.client_id for c in got1.clients] == ["c1"] and [c.client_id for c in got2.clients] == ["c2"]
     for cid, rid in (("c1", "r1"), ("c2", "r2")):
-        entries = await audit_of(hub, cid, since)
+        # The delivery's line is written once the hub's publish returned, which can be after the retailer read the
+        # message: wait for the line, then check it is the only one.
+        async def logged(cid: str = cid) -> list[dict[str, Any]] | None:
+            entries = await audit_of(hub, cid, since)
+            return entries if any(e["action"] == "deliver_billing" for e in entries) else None
+
+        entries = await eventually(logged, f"the deliver_billing line of {cid}")
         delivered = [(e["principal"], e["right"], e["ref"]) for e in entries if e["action"] == "deliver_billing"]
         assert delivered == [(f"retailer:{rid}", "retailer:supplier-of-period", request_id)], entries
         assert ("dso", "request_billing", True, "dso:request_billing") in lines(entries)
