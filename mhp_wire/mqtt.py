@@ -9,6 +9,7 @@ drop and re-subscribes; the first connection is retried here with back-off. Erro
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import itertools
 import logging
 import random
@@ -292,6 +293,14 @@ class PublishBuilder:
             protocol.write_data(publish_packet(field, payload, 0, retain, None, mqtt5))
 
 
+GMQTT_CHECKED = "0.8.0"
+"""The gmqtt release whose internals :func:`fast_inbound` and the batched PUBACKs (:meth:`MqttLink._handle_batch`)
+were checked against (``tests/mhp_wire/test_mqtt_fast_inbound.py``). With any other release installed a link keeps
+gmqtt's own reader and sends each PUBACK through gmqtt: after an upgrade, run those tests and move this."""
+
+GMQTT_VERSION = importlib.metadata.version("gmqtt")
+"""The installed gmqtt's version, read once."""
+
 _MQTT_PUBACK = 0x40
 """The PUBACK packet type (``MQTTCommands.PUBACK``)."""
 _PUBACK_V5 = struct.Struct("!2sH2s")
@@ -428,6 +437,7 @@ class MqttLink:
         self._client.on_subscribe = self._on_reply
         self._client.on_unsubscribe = self._on_reply
         self._batch_handler = batch_handler
+        self._gmqtt_checked = GMQTT_VERSION == GMQTT_CHECKED  # fast_inbound and the batched PUBACKs' internals
         self._inbox: list[tuple[str, bytes, bool, int | None, Any]] = []
         """Messages read in this turn of the loop, with their packet ids (None at QoS 0) and the connection that read
         them (``batch_handler`` only)."""
@@ -436,19 +446,25 @@ class MqttLink:
         """Set while the link closes: messages read from then on are not handled (nor acknowledged: the broker
         sends them again to the next session, or their sender's outbox does)."""
         if batch_handler is not None:
-            # gmqtt 0.8.0 runs each received QoS 1 PUBLISH's handler in a task of its own and sends the PUBACK from
-            # that task's done-callback. With a batch handler the messages of one turn go to one task instead: the
-            # client's package handler (``Client._package_handler``, one for all its connections) calls its own
-            # ``_handle_qos_1_publish_packet``, looked up on the instance. ``tests/mhp_wire/test_mqtt_batches.py``
-            # fails if a gmqtt upgrade moves it.
-            self._client._package_handler._handle_qos_1_publish_packet = self._keep_for_batch
-            # And the packets a fan-out brings by the thousand (PUBLISH without properties, PUBACK) read without
-            # gmqtt's per-packet work (:func:`fast_inbound`); every other packet still goes through gmqtt.
+            self._read_in_batches()
+
+    def _read_in_batches(self) -> None:
+        """Hand the messages a batch handler gets to it a turn at a time (see :meth:`_handle_batch`)."""
+        # gmqtt 0.8.0 runs each received QoS 1 PUBLISH's handler in a task of its own and sends the PUBACK from
+        # that task's done-callback. With a batch handler the messages of one turn go to one task instead: the
+        # client's package handler (``Client._package_handler``, one for all its connections) calls its own
+        # ``_handle_qos_1_publish_packet``, looked up on the instance. ``tests/mhp_wire/test_mqtt_batches.py``
+        # fails if a gmqtt upgrade moves it.
+        self._client._package_handler._handle_qos_1_publish_packet = self._keep_for_batch
+        # And the packets a fan-out brings by the thousand (PUBLISH without properties, PUBACK) read without
+        # gmqtt's per-packet work (:func:`fast_inbound`); every other packet still goes through gmqtt. Only on
+        # the gmqtt release it was checked against (:data:`GMQTT_CHECKED`): on another, gmqtt's own reader.
+        if self._gmqtt_checked:
             self._client._package_handler._handle_packet = fast_inbound(self._client._package_handler,
                                                                         self._keep_for_batch)
-            # A QoS 0 PUBLISH (an ``ack``: mhp_wire.messages.ACK_QOS) goes to ``on_message``, which gmqtt calls at
-            # once when it is a plain function: it joins the same batch, in its order, without a PUBACK.
-            self._client.on_message = self._qos0_received
+        # A QoS 0 PUBLISH (an ``ack``: mhp_wire.messages.ACK_QOS) goes to ``on_message``, which gmqtt calls at
+        # once when it is a plain function: it joins the same batch, in its order, without a PUBACK.
+        self._client.on_message = self._qos0_received
 
     @property
     def connected(self) -> bool:
@@ -838,10 +854,11 @@ class MqttLink:
             pubacks.append(mid)
         if pubacks:
             # The batch's PUBACKs in one write, each the bytes gmqtt's ``send_command_with_mid`` builds (MQTT 5:
-            # reason code 0 and no properties), without its three calls and ``struct`` format per packet.
-            protocol = current._protocol
-            if protocol.proto_ver == MQTTv50:
-                protocol.write_data(b"".join([_PUBACK_V5.pack(b"\x40\x04", mid, b"\x00\x00") for mid in pubacks]))
+            # reason code 0 and no properties), without its three calls and ``struct`` format per packet; on a gmqtt
+            # release other than the one checked (:data:`GMQTT_CHECKED`), through gmqtt, one by one.
+            if self._gmqtt_checked and current._protocol.proto_ver == MQTTv50:
+                current._protocol.write_data(
+                    b"".join([_PUBACK_V5.pack(b"\x40\x04", mid, b"\x00\x00") for mid in pubacks]))
             else:
                 for mid in pubacks:
                     current.send_command_with_mid(MQTTCommands.PUBACK, mid, False)

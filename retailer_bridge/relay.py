@@ -869,7 +869,10 @@ class BridgeRelay:
         not ours, unknown) and wake the loop towards the hub if it has work."""
         results = await stored
         wake = False
-        acks: AckStamp | None = None  # the answers' one ``sent_at``, written at the first (they go in this turn)
+        # The answers' one ``sent_at``, taken at the first ack: acks are QoS 0 and do not suspend, so those that follow
+        # go in the same turn; anything else awaited here can suspend (an ``error`` reply is QoS 1 and waits for room
+        # in the window), so after it the next ack takes a new time.
+        acks: AckStamp | None = None
         for report, result in zip(reports, results, strict=True):
             if len(report) == 2:
                 # Only the hub's loop has work now (a ``delivered`` outcome): waking the gateways' loop too made it
@@ -886,6 +889,7 @@ class BridgeRelay:
                         acks = AckStamp()
                     await self._ack_gateway(gid, msg.msg_id, acks)
                 else:
+                    acks = None
                     await self._outcome_not_taken(gid, msg, result)
             except Exception:  # one report's failure is that report's: the others are answered
                 # Not acknowledged: its gateway sends it again. Counted, since one that fails every time loops there.
@@ -1014,7 +1018,9 @@ class BridgeRelay:
         revision, or its client's supplier changed). A withdrawn one is neither sent nor judged: its row is closed
         or replaced (an ``unreachable`` for the old copy would close the newer revision's command), or, left open,
         due in the store. A first send before its deadline (nearly every one) has nothing for
-        :meth:`_command_due` to judge, and is not given a coroutine of its own."""
+        :meth:`_command_due` to judge (no silence yet, not expired), so it is passed here without calling
+        :meth:`_command_due`: the coroutine object that call made and ran, one per command, is what was removed;
+        this method's own coroutine (awaited by :meth:`~mhp_wire.outbox.Outbox.send_stored`) remains."""
         if str(p.key) not in self.held_commands:
             return False
         row = p.row

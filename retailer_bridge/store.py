@@ -126,10 +126,21 @@ class Refused(Exception):
 SQL_IN_MAX = 500
 """Ids per ``IN (...)`` list: well inside SQLite's limit on bound parameters."""
 
-INSERT_ROWS = 2_500
-"""Commands per ``INSERT`` statement of a request (11 bound values each: 27,500, inside SQLite's default limit of
-32,766 since 3.32; fewer where the connection's limit is lower): one statement steps once for all of them, where
-``executemany`` steps per row: 4.4 instead of 5.0 µs per command."""
+INSERT_ROWS = 256
+"""Commands per multi-row ``INSERT`` statement of a request (11 bound values each; fewer rows where the connection's
+limit on bound values is lower); the remainder of a request (fewer than this) goes in by ``executemany`` of the
+one-row statement. Always this many rows, so the SQL text is always the same: sqlite3 keeps up to 128 prepared
+statements per connection, and one text per request size pinned a prepared statement of ~1.2 KB per row each
+(2,400 rows: ~2.8 MB; 128 sizes: +350 MB) and prepared each new size anew (~9 ms at 2,400 rows)."""
+
+_INSERT_COMMANDS = ("INSERT OR IGNORE INTO commands (request_id, client_id, gateway_id, msg_id, payload, state, "
+                    "received_at, next_attempt_at, deadline, not_before, revision) VALUES ")
+_COMMAND_ROW = "(?,?,?,?,?,?,?,?,?,?,?)"
+
+
+def _command_values(c: NewCommand) -> tuple[Any, ...]:
+    return (c.request_id, c.client_id, c.gateway_id, c.msg_id, c.payload, SENDING, c.received_at, 0.0, c.deadline,
+            c.not_before, c.revision)
 
 _IS_SENDING = f"state = '{SENDING}'"
 """The condition of the partial index ``commands_sending``, written as a literal: SQLite uses a partial index only
@@ -202,19 +213,19 @@ class BridgeStore:
                 # cancellation closed what was stored and told those gateways; these would go out alone.
                 self._queue(db, outcomes)
                 return 0
-            # One statement for all the commands of a request: those already held (a redelivered request, or an
-            # older revision) are ignored by the INSERT; only if there are any does the UPDATE run, and it changes
-            # just those of a lower revision (the ones inserted here hold this revision already).
+            # Multi-row INSERTs of INSERT_ROWS commands, the rest by executemany: those already held (a redelivered
+            # request, or an older revision) are ignored by the INSERT; only if there are any does the UPDATE run,
+            # and it changes just those of a lower revision (the ones inserted here hold this revision already).
             added = 0
             per = max(1, min(INSERT_ROWS, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 11))
-            for k in range(0, len(commands), per):
-                chunk = commands[k:k + per]
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO commands (request_id, client_id, gateway_id, msg_id, payload, state, "
-                    "received_at, next_attempt_at, deadline, not_before, revision) VALUES "
-                    + ",".join(["(?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk)),
-                    [v for c in chunk for v in (c.request_id, c.client_id, c.gateway_id, c.msg_id, c.payload, SENDING,
-                                                c.received_at, 0.0, c.deadline, c.not_before, c.revision)])
+            whole = len(commands) - len(commands) % per
+            if whole:  # one SQL text (of ``per`` rows), so one prepared statement in the connection's cache
+                sql = _INSERT_COMMANDS + ",".join([_COMMAND_ROW] * per)
+                for k in range(0, whole, per):
+                    cur = db.execute(sql, [v for c in commands[k:k + per] for v in _command_values(c)])
+                    added += max(cur.rowcount, 0)
+            if whole < len(commands):
+                cur = db.executemany(_INSERT_COMMANDS + _COMMAND_ROW, map(_command_values, commands[whole:]))
                 added += max(cur.rowcount, 0)
             if added < len(commands):  # a newer revision replaces the command, whatever its state (re-sent anew)
                 cur = db.executemany(

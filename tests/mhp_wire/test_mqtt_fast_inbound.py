@@ -12,17 +12,29 @@ free their packet ids and stored packets. The last is the guard on the gmqtt 0.8
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import inspect
 import itertools
 from typing import Any
 
 import pytest
+from gmqtt.mqtt.connection import MQTTConnection
 from gmqtt.mqtt.constants import MQTTCommands, MQTTv50, MQTTv311
 from gmqtt.mqtt.handler import MqttPackageHandler
 from gmqtt.mqtt.package import CommandWithMidPacket
+from gmqtt.mqtt.protocol import MQTTProtocol
 from gmqtt.mqtt.utils import IdGenerator
 
-from mhp_wire import topics
-from mhp_wire.mqtt import MqttEndpoint, MqttLink, fast_inbound, publish_packet, remaining_length, topic_field
+from mhp_wire import mqtt, topics
+from mhp_wire.mqtt import (
+    GMQTT_CHECKED,
+    MqttEndpoint,
+    MqttLink,
+    fast_inbound,
+    publish_packet,
+    remaining_length,
+    topic_field,
+)
 from tests.broker_fixtures import MosquittoFactory
 from tests.mhp_wire.test_mqtt_batches import _ignore, endpoints
 from tests.mhp_wire.test_mqtt_write_coalescing import socket_transport
@@ -112,17 +124,34 @@ def _error_of(call: Any, *args: Any) -> type[BaseException] | None:
 
 
 def test_a_puback_frees_its_id_and_its_stored_packet_as_gmqtt_does() -> None:
-    link = MqttLink(endpoints_offline(), client_id="bridge", subscriptions=[], handler=_ignore,
-                    batch_handler=_no_batch)
-    handler = link._client._package_handler
-    removed: list[int] = []
-    handler._remove_message_callback = removed.append
-    handler.id_generator._used_ids.update({5, 300})
-    fast = fast_inbound(handler, lambda *a: None)
-    fast(0x40, b"\x01\x2c")  # PUBACK 300
-    fast(0x40, b"\x00\x05\x00\x00")  # PUBACK 5, with a reason code and an empty property length
-    fast(0x40, b"\x00\x09")  # an id not in use: nothing to free, the callback still told (as gmqtt does)
-    assert handler.id_generator._used_ids == set() and removed == [300, 5, 9]
+    """The fast reader's PUBACK against gmqtt's own reader on a second package handler, packet by packet: the same
+    packet ids in use, the same stored packets dropped, the same time of the last packet read."""
+
+    def handler_with_ids() -> tuple[MqttPackageHandler, list[int]]:
+        link = MqttLink(endpoints_offline(), client_id="bridge", subscriptions=[], handler=_ignore,
+                        batch_handler=_no_batch)
+        handler = link._client._package_handler
+        removed: list[int] = []
+        handler._remove_message_callback = removed.append
+        handler.id_generator._used_ids.update({5, 300, 301})
+        handler._last_msg_in = 0.0
+        return handler, removed
+
+    ours, ours_removed = handler_with_ids()
+    gmqtts, gmqtts_removed = handler_with_ids()
+    fast = fast_inbound(ours, lambda *a: None)
+    packets = [b"\x01\x2c",  # PUBACK 300
+               b"\x00\x05\x00\x00",  # PUBACK 5, with a reason code and an empty property length
+               b"\x00\x09",  # an id not in use: nothing to free, the callback still told
+               b"\x01\x2d\x10"]  # PUBACK 301 with a reason code (0x10: no matching subscribers)
+    for body in packets:
+        fast(0x40, body)
+        MqttPackageHandler._handle_packet(gmqtts, 0x40, body)
+        assert ours.id_generator._used_ids == gmqtts.id_generator._used_ids, body
+        assert ours_removed == gmqtts_removed, body
+        assert ours._last_msg_in > 0 and gmqtts._last_msg_in > 0, body
+        ours._last_msg_in = gmqtts._last_msg_in = 0.0
+    assert ours_removed == [300, 5, 9, 301]  # every PUBACK was read, not skipped by both
 
 
 def endpoints_offline() -> MqttEndpoint:
@@ -177,7 +206,9 @@ async def test_a_fan_outs_messages_skip_gmqtts_parser_and_one_with_properties_st
 def test_gmqtts_internals_the_fast_reader_uses_are_where_it_expects_them() -> None:
     """gmqtt 0.8.0: the package handler's ``_handle_packet`` (the one entry ``__call__`` uses, looked up on the
     instance), ``_connection_state.protocol_version``, ``id_generator.free_id``, ``_remove_message_from_queue`` and
-    ``_last_msg_in``. If an upgrade moves one of them, this fails."""
+    ``_last_msg_in``; and for the batched PUBACKs the connection's ``_protocol`` (what its ``send_command_with_mid``
+    writes through), the protocol's ``proto_ver`` and ``write_data``. If an upgrade moves one of them, this fails
+    (and the link uses none of them on a release other than :data:`GMQTT_CHECKED`)."""
     link = MqttLink(endpoints_offline(), client_id="bridge", subscriptions=[], handler=_ignore,
                     batch_handler=_no_batch)
     handler = link._client._package_handler
@@ -188,21 +219,44 @@ def test_gmqtts_internals_the_fast_reader_uses_are_where_it_expects_them() -> No
     assert isinstance(handler.id_generator, IdGenerator) and hasattr(handler.id_generator, "_used_ids")
     assert callable(handler._remove_message_from_queue)
     assert "_last_msg_in" in MqttPackageHandler._handle_packet.__code__.co_names
+    assert "_protocol" in MQTTConnection.__init__.__code__.co_names
+    assert "_protocol" in MQTTConnection.send_command_with_mid.__code__.co_names
+    assert isinstance(inspect.getattr_static(MQTTProtocol, "proto_ver"), property)
+    assert "proto_ver" in MQTTProtocol.send_command_with_mid.__code__.co_names
+    assert "write_data" in MQTTProtocol.send_command_with_mid.__code__.co_names and callable(MQTTProtocol.write_data)
     # A link without a batch handler keeps gmqtt's reader.
     plain = MqttLink(endpoints_offline(), client_id="gw", subscriptions=[], handler=_ignore)
     assert "_handle_packet" not in vars(plain._client._package_handler)
 
 
-async def test_a_batchs_pubacks_are_gmqtts_bytes(mosquitto_factory: MosquittoFactory) -> None:
-    """The PUBACKs of a batch's QoS 1 messages (one write per batch, issue 14, session 13) are the bytes gmqtt's
-    ``CommandWithMidPacket`` builds, in order, none for the QoS 0 ones, and the broker takes them: nothing is
-    delivered again. (Passes on the start commit too: the bytes are unchanged.)"""
+def test_on_a_gmqtt_release_not_checked_a_link_keeps_gmqtts_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of s13-bridge: the fast reader relies on gmqtt's internals; a link uses it only on the release it was
+    checked against (:data:`GMQTT_CHECKED`, read once from the installed metadata)."""
+    assert mqtt.GMQTT_VERSION == importlib.metadata.version("gmqtt")
+    monkeypatch.setattr(mqtt, "GMQTT_VERSION", "0.8.1")
+    link = MqttLink(endpoints_offline(), client_id="bridge", subscriptions=[], handler=_ignore,
+                    batch_handler=_no_batch)
+    handler = link._client._package_handler
+    assert "_handle_packet" not in vars(handler)
+    assert vars(handler)["_handle_qos_1_publish_packet"] == link._keep_for_batch  # still batched
+
+
+@pytest.mark.parametrize(("gmqtt_version", "one_write_per_batch"), [(GMQTT_CHECKED, True), ("0.8.1", False)])
+async def test_a_batchs_pubacks_are_gmqtts_bytes(mosquitto_factory: MosquittoFactory, monkeypatch: pytest.MonkeyPatch,
+                                                 gmqtt_version: str, one_write_per_batch: bool) -> None:
+    """The PUBACKs of a batch's QoS 1 messages are handed to gmqtt's protocol in one write (issue 14, session 13;
+    through gmqtt, one by one, on a gmqtt release not checked), the bytes gmqtt's ``CommandWithMidPacket`` builds, in
+    order, none for the QoS 0 ones, and the broker takes them: nothing is delivered again."""
+    monkeypatch.setattr(mqtt, "GMQTT_VERSION", gmqtt_version)
     bridge, gateway = endpoints(mosquitto_factory)
     got: list[bytes] = []
     release = asyncio.Event()
 
+    qos1_per_batch: list[int] = []
+
     async def handle(messages: list[tuple[str, bytes, bool]]) -> None:
         got.extend(p for _, p, _ in messages)
+        qos1_per_batch.append(sum(1 for _, p, _ in messages if int(p) % 2 == 0))  # the even ones go at QoS 1
         await release.wait()
 
     async with (MqttLink(bridge, client_id="bridge", subscriptions=[topics.all_up("gateways")], handler=_ignore,
@@ -222,6 +276,11 @@ async def test_a_batchs_pubacks_are_gmqtts_bytes(mosquitto_factory: MosquittoFac
             keep(cmd, packet)
 
         link._client._package_handler._handle_packet = noted
+        protocol = link._client._connection._protocol
+        assert protocol.proto_ver == MQTTv50
+        handed: list[bytes] = []
+        write_data = protocol.write_data
+        protocol.write_data = lambda data: (handed.append(bytes(data)), write_data(data))
         for i in range(40):
             await gw.publish(UP, f"{i:03d}".encode(), qos=1 - i % 2)
         await eventually(lambda: len(got) >= 40, "every message in a batch")
@@ -231,5 +290,8 @@ async def test_a_batchs_pubacks_are_gmqtts_bytes(mosquitto_factory: MosquittoFac
         expected = b"".join(CommandWithMidPacket.build_package(MQTTCommands.PUBACK, m, False, proto_ver=MQTTv50)
                             for m in mids)
         assert b"".join(written) == expected
+        assert b"".join(handed) == expected
+        pubacks_per_write = [len(data) // 6 for data in handed]
+        assert pubacks_per_write == ([n for n in qos1_per_batch if n] if one_write_per_batch else [1] * 20)
         await asyncio.sleep(0.3)
         assert len(got) == 40  # the broker took every PUBACK: nothing came again

@@ -6,6 +6,7 @@ read the answers."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 
@@ -210,6 +211,45 @@ async def test_a_turns_outcomes_are_each_acknowledged_to_their_gateway_with_one_
     assert now - 1 <= acks[0].sent_at.timestamp() <= time.time()
 
 
+async def test_an_ack_after_a_suspending_error_reply_carries_a_sent_at_of_its_own_time(
+        relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
+    """Review of s13-bridge: a turn's answers shared the ``AckStamp`` made at its first ack even after an ``error``
+    reply, which is QoS 1 with ``wait_s`` and suspends while the in-flight window is full (here: 0.5 s), so the ack
+    after it carried a ``sent_at`` 0.5 s before it was built. Each ack is built within 0.1 s of its ``sent_at``."""
+    relay, local, _ = relay_and_broker
+    now = time.time()
+    await relay.store.accept_request([NewCommand("q", "c1", "gw-1", "cmd-q-c1", b"command", now, now + 600),
+                                      NewCommand("q", "c2", "gw-2", "cmd-q-c2", b"command", now, now + 600)], [])
+    assert relay.local is not None
+    publish = relay.local.publish
+    acks_at: list[tuple[float, bytes]] = []
+
+    async def window_full_for_qos1(topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                                   wait_s: float = 0.0) -> None:
+        if qos == 1:
+            await asyncio.sleep(0.5)
+        else:
+            acks_at.append((time.time(), payload))
+        await publish(topic, payload, qos=qos, retain=retain, wait_s=wait_s)
+
+    relay.local.publish = window_full_for_qos1  # type: ignore[method-assign]
+    msgs = [Outcome(request_id="q", client_id="c1", state=ClientState.EXECUTED),
+            Outcome(request_id="nope", client_id="c1", state=ClientState.EXECUTED),  # an error reply: QoS 1
+            Outcome(request_id="q", client_id="c2", state=ClientState.EXECUTED)]
+    turn = [(topics.up("gateways", relay.customers[m.client_id]), encode(m), False) for m in msgs]
+    with gateway_parties(local, "gw-1", "gw-2") as (gw1, gw2):
+        await relay.on_local_batch(turn)
+        got = {**await answers_by_ref(gw1, 2), **await answers_by_ref(gw2, 1)}
+    assert isinstance(got[msgs[1].msg_id], ErrorReply)
+    assert isinstance(got[msgs[0].msg_id], Ack) and isinstance(got[msgs[2].msg_id], Ack)
+    lags = []
+    for at, payload in acks_at:
+        ack = decode(payload)
+        assert isinstance(ack, Ack)
+        lags.append(at - ack.sent_at.timestamp())
+    assert len(lags) == 2 and max(lags) < 0.1, f"ack built {lags} s after its sent_at"
+
+
 async def test_a_handed_over_command_goes_before_its_deadline_and_is_reported_expired_after_it(
         relay_and_broker: tuple[BridgeRelay, BrokerHandle, list[str]]) -> None:
     """The hand-over's check (:meth:`BridgeRelay._handover_due`) passes a first send before its deadline without
@@ -226,9 +266,19 @@ async def test_a_handed_over_command_goes_before_its_deadline_and_is_reported_ex
             "request_id": "q", "client_id": client_id, "gateway_id": relay.customers[client_id],
             "first_sent_at": None, "not_before": now, "deadline": deadline, "handling_ms": 0.0, "revision": 1})
 
+    judged: list[str] = []
+    command_due = relay._command_due
+
+    async def spy(p: Pending) -> bool:
+        judged.append(str(p.key))
+        return await command_due(p)
+
+    relay._command_due = spy  # type: ignore[method-assign]
     relay.held_commands.update({"m1", "m2"})
     assert await relay._handover_due(handed("m1", "c1", now + 600))
+    assert judged == []  # a first send before its deadline: _command_due is not called
     assert not await relay._handover_due(handed("m2", "c2", now - 1))
+    assert judged == ["m2"]
     relay.held_commands.discard("m1")
     assert not await relay._handover_due(handed("m1", "c1", now + 600))  # withdrawn meanwhile
     queued = await relay.store.sql.read(lambda db: [decode(p) for (p,) in db.execute("SELECT payload FROM hub_outbox")])

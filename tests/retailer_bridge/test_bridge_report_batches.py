@@ -6,6 +6,8 @@ statement. Real SQLite; the statements are counted on the store's own connection
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import sqlite3
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -205,12 +207,14 @@ async def test_gateways_answering_together_cost_one_write_and_no_delivered_outco
         await store.close()
 
 
-@pytest.mark.parametrize(("variables", "statements"), [(None, -(-6_000 // INSERT_ROWS)), (33, 2_000)])
+@pytest.mark.parametrize(("variables", "statements"), [(None, 6_000 // INSERT_ROWS + (6_000 % INSERT_ROWS > 0)),
+                                                       (33, 2_000)])
 async def test_a_large_request_s_commands_are_inserted_a_few_thousand_per_statement_within_sqlites_limit(
         tmp_path: Path, variables: int | None, statements: int) -> None:
     """Issue 14, session 13: a request's commands go in with one multi-row ``INSERT`` per :data:`INSERT_ROWS`
-    (an ``executemany`` stepped once per command), fewer per statement where the connection allows fewer bound
-    values (33: three commands); each is stored once, a redelivery adds none, and what was added is counted."""
+    (an ``executemany`` stepped once per command) and the remainder by one ``executemany``, fewer per statement
+    where the connection allows fewer bound values (33: three commands); each is stored once, a redelivery adds
+    none, and what was added is counted."""
     store = BridgeStore(tmp_path / "b.db")
     await store.open()
     try:
@@ -221,7 +225,7 @@ async def test_a_large_request_s_commands_are_inserted_a_few_thousand_per_statem
         commands = [NewCommand("q", f"c{i}", f"gw-{i}", f"q-{i}", f"command {i}".encode(), 1.0, 1e12, not_before=2.0,
                                revision=3) for i in range(n)]
         assert await store.accept_request(commands, []) == n
-        assert conn.calls["INSERT"] == statements  # 2,500 a statement, or three under the lower limit
+        assert conn.calls["INSERT"] == statements  # INSERT_ROWS a statement, the rest; or three a statement
         assert await store.accept_request(commands[:10] + commands[-10:], []) == 0  # redelivered: nothing added
         rows = await store.sql.read(lambda db: [tuple(r) for r in db.execute(
             "SELECT request_id, client_id, gateway_id, msg_id, payload, state, received_at, attempts, next_attempt_at, "
@@ -232,7 +236,28 @@ async def test_a_large_request_s_commands_are_inserted_a_few_thousand_per_statem
         await store.close()
 
 
-async def test_a_request_s_commands_are_stored_with_one_statement_and_revisions_still_replace(
+async def test_requests_of_many_distinct_sizes_do_not_pin_a_prepared_statement_each(tmp_path: Path) -> None:
+    """Review of s13-bridge: the multi-row ``INSERT``'s SQL text was one per chunk length, and sqlite3 caches up to
+    128 prepared statements per connection, so each distinct request size pinned its prepared statement (~2.8 MB at
+    2,400 rows; 64 sizes: ~180 MB of SQLite's heap). One fixed chunk length and ``executemany`` for the rest keep
+    it to one; measured by SQLite's own heap counter (``sqlite3_memory_used``)."""
+    lib = ctypes.CDLL(ctypes.util.find_library("sqlite3"))
+    lib.sqlite3_memory_used.restype = ctypes.c_int64
+    store = BridgeStore(tmp_path / "b.db")
+    await store.open()
+    try:
+        before = lib.sqlite3_memory_used()
+        for k in range(64):  # 64 requests (or hub messages of a split request) of distinct sizes
+            await store.accept_request([NewCommand(f"q{k}", f"c{i}", f"gw-{i}", f"q{k}-{i}", b"x", 1.0, 1e12)
+                                        for i in range(2_400 - k)], [])
+        grown = (lib.sqlite3_memory_used() - before) / 2**20
+        assert (await store.counts())["sending"] == sum(2_400 - k for k in range(64))
+    finally:
+        await store.close()
+    assert grown < 50, f"SQLite's heap grew {grown:.0f} MB"
+
+
+async def test_a_request_s_commands_are_stored_with_few_statements_and_revisions_still_replace(
         tmp_path: Path) -> None:
     store = BridgeStore(tmp_path / "b.db")
     await store.open()
@@ -240,10 +265,11 @@ async def test_a_request_s_commands_are_stored_with_one_statement_and_revisions_
         conn = counting(store)
         first = [NewCommand("q", f"c{i}", f"gw-{i}", f"q1-{i}", b"rev 1", 0.0, 1e12) for i in range(1000)]
         assert await store.accept_request(first, [("refused-c9", b"refused")]) == 1000
-        assert conn.calls["INSERT"] == 2 and conn.calls["UPDATE"] == 0  # the commands, and the refusal
+        inserts = 1000 // INSERT_ROWS + (1000 % INSERT_ROWS > 0)  # the commands' statements
+        assert conn.calls["INSERT"] == inserts + 1 and conn.calls["UPDATE"] == 0  # the commands, and the refusal
         conn.calls.clear()
         assert await store.accept_request(first, []) == 0  # redelivered: nothing added, one UPDATE that matches none
-        assert conn.calls["INSERT"] == 1 and conn.calls["UPDATE"] == 1
+        assert conn.calls["INSERT"] == inserts and conn.calls["UPDATE"] == 1
         second = [NewCommand("q", f"c{i}", f"gw-{i}", f"q2-{i}", b"rev 2", 0.0, 1e12, revision=2)
                   for i in range(0, 1000, 2)] + [NewCommand("q", "c-new", "gw-new", "q2-new", b"rev 2", 0.0, 1e12,
                                                             revision=2)]
