@@ -32,6 +32,20 @@ async def eventually(check: Callable[[], T | Awaitable[T]], what: str = "", *, t
         await asyncio.sleep(interval_s)
 
 
+async def throughout(check: Callable[[], object], what: str = "", *, within_s: float = 1.0,
+                     interval_s: float = DEFAULT_INTERVAL_S) -> None:
+    """Poll ``check()`` for ``within_s`` seconds and fail the moment it does not hold: how a test shows that
+    something does NOT happen (a link cut, a message delivered again); ``within_s`` is the time it is given to."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = check()
+        if not value:
+            raise AssertionError(f"stopped holding: {what or _name(check)} (last: {value!r})")
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(interval_s)
+
+
 def eventually_blocking(check: Callable[[], T], what: str = "", *, timeout_s: float = DEFAULT_TIMEOUT_S,
                         interval_s: float = DEFAULT_INTERVAL_S) -> T:
     """:func:`eventually` for code without an event loop (paho's threaded clients, a process's output)."""
