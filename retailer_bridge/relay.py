@@ -1123,8 +1123,8 @@ class _Commands:
 
     def __init__(self, store: BridgeStore, topic_of: Callable[[str], str], rtt: RoundTrip,
                  read_up_to: Callable[[], float] = lambda: math.inf, held: set[str] | None = None,
-                 resend_by_s: float = math.inf,
-                 too_large: Callable[[dict[str, Any], PacketTooLarge], Awaitable[None]] | None = None) -> None:
+                 resend_by_s: float = math.inf, *,
+                 too_large: Callable[[dict[str, Any], PacketTooLarge], Awaitable[None]]) -> None:
         self.store = store
         self.topic_of = topic_of
         self.rtt = rtt
@@ -1133,7 +1133,7 @@ class _Commands:
         self.held = held if held is not None else set()
         """Commands the relay sends from their commit (:attr:`BridgeRelay.held_commands`): not read as due here."""
         self.too_large = too_large
-        """Closes a command its link refused as too large (:meth:`parked`); None leaves it due after the park."""
+        """Closes a command its link refused as too large (:meth:`parked`)."""
         self.resend_by_s = resend_by_s
         """The latest a first re-send is postponed to, after the command's first send (unless the measured round
         trip alone says later): ``BridgeRelay`` gives half the ack timeout, which ``_command_due`` counts from the
@@ -1176,10 +1176,7 @@ class _Commands:
 
     async def parked(self, parked: Sequence[tuple[Pending, float, PacketTooLarge]], now: float) -> None:
         """A command over the broker's packet was not sent: it is closed (``too_large``), its first send and
-        attempts left as they were; or, without ``too_large``, due again after the park."""
-        if self.too_large is None:
-            await self.store.postpone_commands([(at, str(p.key)) for p, at, _ in parked])
-            return
+        attempts left as they were."""
         for p, _, exc in parked:
             await self.too_large(p.row, exc)
 

@@ -13,9 +13,11 @@
 #                  it is not checked)
 # --no-user        do not create the system user   --no-venv  do not create the venv   --no-systemctl  do not start
 #
-# An upgrade over an existing gateway.toml checks it with the new version (`hems-gateway check`) before (re)starting
-# the service: a configuration the new version refuses (say a device name "water heater", refused since device
-# names were bounded) stops the script with what to change, and the service is left as it was.
+# An upgrade checks the configuration (the --config FILE, else the installed gateway.toml) with the new version
+# (`hems-gateway check`) before installing it and (re)starting the service: a configuration the new version refuses
+# (say a device name "water heater", refused since device names were bounded) stops the script with what to change;
+# the service is not restarted and its files are as they were, but the venv already holds the new version, so the
+# file must be fixed before the service next restarts.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 root="" config="" package="$here[gateway]" make_user=1 make_venv=1 use_systemctl=1 python=""
@@ -47,26 +49,31 @@ if [ "$make_venv" = 1 ]; then
   python3 -m venv "$root/opt/hems-gateway/venv"
   "$root/opt/hems-gateway/venv/bin/pip" install -q --disable-pip-version-check "$package"
 fi
-if [ -n "$config" ]; then
-  install -m 0640 "$config" "$root/etc/hems-gateway/gateway.toml"
-elif [ ! -f "$root/etc/hems-gateway/gateway.toml" ]; then
-  echo "install-gateway: no configuration yet: write one with" >&2
-  echo "  hems-gateway provision --output /etc/hems-gateway/gateway.toml ..." >&2
-fi
 toml="$root/etc/hems-gateway/gateway.toml"
+# The configuration the gateway will run with: the one given, else the one installed. It is checked before it is
+# installed, so a refused --config FILE never replaces a working one.
+candidate=${config:-$toml}
 if [ -z "$python" ] && [ -x "$root/opt/hems-gateway/venv/bin/python" ]; then
   python="$root/opt/hems-gateway/venv/bin/python"
 fi
-if [ -f "$toml" ] && [ -n "$python" ]; then
-  if ! "$python" -m hems_firmware.cli --log-level WARNING check --config "$toml"; then
-    echo "install-gateway: $toml does not load with this version (what is wrong is listed above)." >&2
-    echo "  Fix it before (re)starting hems-gateway: a refused device name is renamed in [[devices]] and wherever" >&2
-    echo "  the file names that device (e.g. \"water heater\" -> \"water_heater\": letters, digits, . _ -)." >&2
-    echo "  Then run this script again. The service was not (re)started or changed." >&2
+if [ -f "$candidate" ] && [ -n "$python" ]; then
+  if ! "$python" -m hems_firmware.cli --log-level WARNING check --config "$candidate"; then
+    echo "install-gateway: $candidate does not load with this version (what is wrong is listed above)." >&2
+    echo "  Fix it: a refused device name is renamed in [[devices]] and wherever the file names that device" >&2
+    echo "  (e.g. \"water heater\" -> \"water_heater\": letters, digits, . _ -). Then run this script again." >&2
+    echo "  hems-gateway was not (re)started and its unit not changed, but the new version is installed in its" >&2
+    echo "  venv: fix the file before the service next restarts (a reboot, the watchdog)." >&2
+    [ -n "$config" ] && echo "  $config was not installed; $toml is as it was." >&2
     exit 1
   fi
-elif [ -f "$toml" ]; then
-  echo "install-gateway: $toml not checked (--no-venv without --python)" >&2
+elif [ -f "$candidate" ]; then
+  echo "install-gateway: $candidate not checked (--no-venv without --python)" >&2
+fi
+if [ -n "$config" ]; then
+  install -m 0640 "$config" "$toml"
+elif [ ! -f "$toml" ]; then
+  echo "install-gateway: no configuration yet: write one with" >&2
+  echo "  hems-gateway provision --output /etc/hems-gateway/gateway.toml ..." >&2
 fi
 install -m 0644 "$here/hems_firmware/packaging/hems-gateway.service" "$root/etc/systemd/system/hems-gateway.service"
 if [ "$make_user" = 1 ]; then

@@ -116,6 +116,13 @@ def test_an_upgrade_over_a_configuration_this_version_refuses_stops_before_the_s
     assert out.returncode == 0, out.stderr
     assert "valid (gateway gw-9, 2 devices)" in out.stdout
     assert (root / "etc/systemd/system/hems-gateway.service").is_file()
+    # A refused --config FILE is checked before it is installed: the working file stays.
+    working = toml.read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(working.replace('"water_heater"', '"water heater"'))
+    out = subprocess.run([*script, "--config", str(bad)], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1 and "was not installed" in out.stderr, out.stderr
+    assert toml.read_text() == working
 
 
 def test_cli_scan_and_provision_exit_codes(tmp_path: Path) -> None:
