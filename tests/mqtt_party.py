@@ -79,6 +79,10 @@ class Party:
         self.client.close()
 
 
+async def ignore_messages(topic: str, payload: bytes, retained: bool) -> None:
+    """An ``MqttLink`` handler for a link whose incoming messages the test does not read."""
+
+
 @contextmanager
 def parties(*made: Party) -> Iterator[tuple[Party, ...]]:
     """Close every party at the end of the block."""

@@ -9,17 +9,14 @@ import pytest
 from mhp_wire import topics
 from mhp_wire.mqtt import MqttEndpoint, MqttLink, PacketTooLarge
 from tests.broker_fixtures import MosquittoFactory
+from tests.mqtt_party import ignore_messages
 from tests.waiting import throughout
-
-
-async def _ignore(topic: str, payload: bytes, retained: bool) -> None:
-    pass
 
 
 async def test_a_lower_connack_maximum_packet_size_is_obeyed(mosquitto_factory: MosquittoFactory) -> None:
     broker = mosquitto_factory("retailer", ["gw-1"], "bridge", max_packet_size=2000)
     gateway = MqttEndpoint(broker.host, broker.port, "gw-1", broker.identities["gw-1"].password)
-    async with MqttLink(gateway, client_id="gw-1", subscriptions=[], handler=_ignore, clean_start=True,
+    async with MqttLink(gateway, client_id="gw-1", subscriptions=[], handler=ignore_messages, clean_start=True,
                         session_expiry_s=0) as gw:
         assert gw.max_packet_bytes == 2000
         with pytest.raises(PacketTooLarge):

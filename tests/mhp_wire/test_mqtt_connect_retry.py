@@ -21,6 +21,7 @@ from mhp_wire import topics
 from mhp_wire.backoff import jittered
 from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from tests.broker_fixtures import MosquittoFactory
+from tests.mqtt_party import ignore_messages
 
 ESTABLISHED = "01"
 """The TCP state ``ESTABLISHED`` in ``/proc/net/tcp``."""
@@ -46,19 +47,15 @@ def open_sockets_to(port: int) -> int:
     return count
 
 
-async def _ignore(topic: str, payload: bytes, retained: bool) -> None:
-    return None
-
-
 async def test_an_attempt_given_up_is_closed_before_the_next_so_retries_leave_no_sockets_behind(
         mosquitto_factory: MosquittoFactory, caplog: pytest.LogCaptureFixture) -> None:
     broker = mosquitto_factory("retailer", ["gw-1"], "bridge")
     pid = broker.process.pid
     assert pid is not None
     endpoint = MqttEndpoint(broker.host, broker.port, "gw-1", broker.identities["gw-1"].password)
-    link = MqttLink(endpoint, client_id="gw-1", subscriptions=[topics.down("gateways", "gw-1")], handler=_ignore,
-                    status_topic=topics.status("gateways", "gw-1"), clean_start=True, session_expiry_s=0,
-                    connect_timeout_s=60, connect_attempt_s=0.3)
+    link = MqttLink(endpoint, client_id="gw-1", subscriptions=[topics.down("gateways", "gw-1")],
+                    handler=ignore_messages, status_topic=topics.status("gateways", "gw-1"), clean_start=True,
+                    session_expiry_s=0, connect_timeout_s=60, connect_attempt_s=0.3)
     caplog.set_level(logging.WARNING, logger="mhp_wire.mqtt")
     os.kill(pid, signal.SIGSTOP)
     try:

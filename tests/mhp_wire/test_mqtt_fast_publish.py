@@ -29,6 +29,7 @@ from gmqtt.storage import PersistentStorage
 from mhp_wire import topics
 from mhp_wire.mqtt import Handler, MqttEndpoint, MqttError, MqttLink
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
+from tests.mqtt_party import ignore_messages
 from tests.waiting import eventually
 
 DOWN = topics.down("gateways", "gw-1")
@@ -62,10 +63,6 @@ def collector(got: list[tuple[bytes, bool]]) -> Handler:
     return collect
 
 
-async def _ignore(topic: str, payload: bytes, retained: bool) -> None:
-    return None
-
-
 async def test_what_the_link_publishes_arrives_intact_at_qos_0_and_1_and_retained(
         mosquitto_factory: MosquittoFactory, gmqtt_builds: list[bytes]) -> None:
     _, bridge, gateway = parties(mosquitto_factory)
@@ -74,7 +71,7 @@ async def test_what_the_link_publishes_arrives_intact_at_qos_0_and_1_and_retaine
     got: list[tuple[bytes, bool]] = []
     async with (MqttLink(gateway, client_id="gw-1", subscriptions=[DOWN], handler=collector(got), clean_start=True,
                          session_expiry_s=0) as gw,
-                MqttLink(bridge, client_id="bridge", subscriptions=[], handler=_ignore, clean_start=True,
+                MqttLink(bridge, client_id="bridge", subscriptions=[], handler=ignore_messages, clean_start=True,
                          session_expiry_s=0) as link):
         assert gw.connected
         for qos in (0, 1):
@@ -86,7 +83,7 @@ async def test_what_the_link_publishes_arrives_intact_at_qos_0_and_1_and_retaine
     # A retained message, read by a later subscriber as retained.
     retained = rnd.randbytes(1000)
     later: list[tuple[bytes, bool]] = []
-    async with MqttLink(bridge, client_id="bridge", subscriptions=[], handler=_ignore, clean_start=True,
+    async with MqttLink(bridge, client_id="bridge", subscriptions=[], handler=ignore_messages, clean_start=True,
                         session_expiry_s=0) as link:
         await link.publish(DOWN, retained, retain=True)
         await eventually(lambda: link._client._persistent_storage.is_empty, "the retained message's PUBACK")
@@ -104,7 +101,8 @@ async def test_a_qos1_message_the_broker_never_read_is_sent_again_from_gmqtts_se
     got: list[tuple[bytes, bool]] = []
     async with (MqttLink(gateway, client_id="gw-1", subscriptions=[DOWN], handler=collector(got),
                          reconnect_delay_s=0.2) as gw,
-                MqttLink(bridge, client_id="bridge", subscriptions=[], handler=_ignore, reconnect_delay_s=0.2) as link):
+                MqttLink(bridge, client_id="bridge", subscriptions=[], handler=ignore_messages,
+                         reconnect_delay_s=0.2) as link):
         # Both persistent sessions (the gateway's subscription with them) in the broker's snapshot: SIGTERM writes it.
         await broker.process.stop_async()
         await eventually(lambda: not link.connected and not gw.connected, timeout_s=15)
@@ -136,7 +134,7 @@ async def test_a_full_window_refuses_before_writing_or_storing_and_wait_s_waits_
     got: list[tuple[bytes, bool]] = []
     async with (MqttLink(gateway, client_id="gw-1", subscriptions=[DOWN], handler=collector(got), clean_start=True,
                          session_expiry_s=0),
-                MqttLink(bridge, client_id="bridge", subscriptions=[], handler=_ignore, clean_start=True,
+                MqttLink(bridge, client_id="bridge", subscriptions=[], handler=ignore_messages, clean_start=True,
                          session_expiry_s=0) as link):
         assert link.writes is not None
         storage = link._client._persistent_storage
@@ -166,7 +164,7 @@ async def test_gmqtts_internals_the_builder_uses_are_where_it_expects_them(
     ``id_generator`` (the one the CONNACK's receive maximum bounds) and ``write_data``; the client's
     ``_persistent_storage`` with ``push_message``. If an upgrade moves one of them, this fails."""
     _, bridge, _ = parties(mosquitto_factory, max_inflight_messages=7)
-    async with MqttLink(bridge, client_id="bridge", subscriptions=[], handler=_ignore, clean_start=True,
+    async with MqttLink(bridge, client_id="bridge", subscriptions=[], handler=ignore_messages, clean_start=True,
                         session_expiry_s=0) as link:
         client = link._client
         protocol = client._connection._protocol

@@ -8,16 +8,13 @@ import asyncio
 from mhp_wire import topics
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
 from tests.broker_fixtures import MosquittoFactory
-
-
-async def _ignore(topic: str, payload: bytes, retained: bool) -> None:
-    return None
+from tests.mqtt_party import ignore_messages
 
 
 async def test_a_full_in_flight_window_is_an_mqtt_error(mosquitto_factory: MosquittoFactory) -> None:
     broker = mosquitto_factory("retailer", ["gw-1"], "bridge", max_inflight_messages=5)
     endpoint = MqttEndpoint(broker.host, broker.port, "bridge", broker.identities["bridge"].password)
-    async with MqttLink(endpoint, client_id="bridge", subscriptions=[], handler=_ignore, clean_start=True,
+    async with MqttLink(endpoint, client_id="bridge", subscriptions=[], handler=ignore_messages, clean_start=True,
                         session_expiry_s=0) as link:
         deferred = 0
         for _ in range(200):  # no await in between: the broker's PUBACKs cannot free the window meanwhile
@@ -44,7 +41,7 @@ async def test_publish_with_wait_s_waits_for_room_and_delivers_everything_in_ord
 
     async with (MqttLink(gateway, client_id="gw-1", subscriptions=[topics.down("gateways", "gw-1")],
                          handler=collect, clean_start=True, session_expiry_s=0),
-                MqttLink(bridge, client_id="bridge", subscriptions=[], handler=_ignore, clean_start=True,
+                MqttLink(bridge, client_id="bridge", subscriptions=[], handler=ignore_messages, clean_start=True,
                          session_expiry_s=0) as link):
         await asyncio.sleep(0.2)  # the gateway's subscription is in place
         # 300 publishes at once from concurrent tasks through a window of 5: each waits its turn, none fails.

@@ -11,11 +11,8 @@ from mhp_wire import topics
 from mhp_wire.messages import MAX_PACKET_BYTES
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink, PacketTooLarge, publish_size, topic_field
 from tests.broker_fixtures import MosquittoFactory
+from tests.mqtt_party import ignore_messages
 from tests.waiting import eventually, throughout
-
-
-async def _ignore(topic: str, payload: bytes, retained: bool) -> None:
-    pass
 
 
 async def test_an_oversize_publish_raises_the_link_stays_up_and_the_next_message_arrives(
@@ -31,7 +28,7 @@ async def test_an_oversize_publish_raises_the_link_stays_up_and_the_next_message
     up = topics.up("gateways", "gw-1")
     async with (MqttLink(bridge, client_id="bridge", subscriptions=[topics.all_up("gateways")], handler=receive,
                          clean_start=True, session_expiry_s=0),
-                MqttLink(gateway, client_id="gw-1", subscriptions=[], handler=_ignore, clean_start=True,
+                MqttLink(gateway, client_id="gw-1", subscriptions=[], handler=ignore_messages, clean_start=True,
                          session_expiry_s=0) as gw):
         assert gw.max_packet_bytes == MAX_PACKET_BYTES
         # The largest payload that fits: its packet is exactly the broker's limit, and the broker takes it.

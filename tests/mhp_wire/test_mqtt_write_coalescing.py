@@ -17,13 +17,10 @@ from typing import Any
 from mhp_wire import topics
 from mhp_wire.mqtt import CoalescedWrites, Handler, MqttEndpoint, MqttLink
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
+from tests.mqtt_party import ignore_messages
 from tests.waiting import eventually
 
 N = 200
-
-
-async def _ignore(topic: str, payload: bytes, retained: bool) -> None:
-    return None
 
 
 def socket_transport(link: MqttLink) -> Any:
@@ -67,7 +64,7 @@ async def test_the_publishes_of_one_turn_are_one_write_and_arrive_in_order(
 
     async with (MqttLink(gateway, client_id="gw-1", subscriptions=[], handler=collect, clean_start=True,
                          session_expiry_s=0) as gw,
-                MqttLink(bridge, client_id="bridge", subscriptions=[], handler=_ignore, clean_start=True,
+                MqttLink(bridge, client_id="bridge", subscriptions=[], handler=ignore_messages, clean_start=True,
                          session_expiry_s=0) as link):
         await gw.subscribe([topics.down("gateways", "gw-1")])  # returns with the broker's SUBACK
         sizes = spy_writes(socket_transport(link))
@@ -91,7 +88,7 @@ async def test_what_is_written_just_before_the_link_closes_still_goes_out(
     async with MqttLink(gateway, client_id="gw-1", subscriptions=[], handler=collect, clean_start=True,
                         session_expiry_s=0) as gw:
         await gw.subscribe([topics.down("gateways", "gw-1")])  # returns with the broker's SUBACK
-        link = MqttLink(bridge, client_id="bridge", subscriptions=[], handler=_ignore, clean_start=True,
+        link = MqttLink(bridge, client_id="bridge", subscriptions=[], handler=ignore_messages, clean_start=True,
                         session_expiry_s=0)
         await link.__aenter__()
         await link.publish(topics.down("gateways", "gw-1"), b"last words")
@@ -108,7 +105,7 @@ async def test_a_reconnection_coalesces_on_its_new_socket(mosquitto_factory: Mos
 
     async with (MqttLink(gateway, client_id="gw-1", subscriptions=[topics.down("gateways", "gw-1")],
                          handler=collect, reconnect_delay_s=0.2) as gw,
-                MqttLink(bridge, client_id="bridge", subscriptions=[], handler=_ignore,
+                MqttLink(bridge, client_id="bridge", subscriptions=[], handler=ignore_messages,
                          reconnect_delay_s=0.2) as link):
         first = link.writes
         assert first is not None

@@ -15,11 +15,7 @@ from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.store import BridgeStore
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
-from tests.mqtt_party import Party, parties
-
-
-async def _nothing(topic: str, payload: bytes, retained: bool) -> None:
-    """No message is expected on this link."""
+from tests.mqtt_party import Party, ignore_messages, parties
 
 
 @pytest.fixture
@@ -41,7 +37,7 @@ async def relay_and_broker(tmp_path: Path, mosquitto_factory: MosquittoFactory, 
     monkeypatch.setattr(store, "due_commands", spied)
     relay = BridgeRelay("r1", {"c1": "gw-1", "c2": "gw-2"}, store)
     link = MqttLink(MqttEndpoint(local.host, local.port, "bridge", local.identities["bridge"].password),
-                    client_id="bridge", subscriptions=[], handler=_nothing)
+                    client_id="bridge", subscriptions=[], handler=ignore_messages)
     try:
         async with link:
             relay.local = link

@@ -24,7 +24,7 @@ from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.service import Bridge
 from retailer_bridge.store import BridgeStore, NewCommand
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
-from tests.mqtt_party import Party, parties
+from tests.mqtt_party import Party, ignore_messages, parties
 from tests.retailer_bridge.test_bridge import request, running_bridge
 from tests.waiting import eventually
 
@@ -123,7 +123,7 @@ async def test_a_batchs_outcome_is_sent_from_its_commit_not_read_back(
     monkeypatch.setattr(store, "due_outbox", spied)
     relay = BridgeRelay("r1", {"c1": "gw-1"}, store)
     link = MqttLink(MqttEndpoint(hub_broker.host, hub_broker.port, "r1", hub_broker.identities["r1"].password),
-                    client_id="r1", subscriptions=[], handler=_nothing)
+                    client_id="r1", subscriptions=[], handler=ignore_messages)
     try:
         with parties(Party(hub_broker, "hub", topics.all_up("retailers"))) as (hub,):
             async with link:
@@ -152,5 +152,3 @@ async def test_a_batchs_outcome_is_sent_from_its_commit_not_read_back(
         await store.close()
 
 
-async def _nothing(topic: str, payload: bytes, retained: bool) -> None:
-    """No message is expected on this link."""

@@ -21,6 +21,7 @@ from mhp_wire.mqtt import MqttEndpoint, MqttLink
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.store import BridgeStore, NewCommand
 from tests.broker_fixtures import MosquittoFactory
+from tests.mqtt_party import ignore_messages
 
 
 @pytest.fixture
@@ -31,10 +32,6 @@ async def relay(tmp_path: Path) -> AsyncIterator[BridgeRelay]:
         yield BridgeRelay("r1", {"c1": "gw-1", "c2": "gw-2"}, store)
     finally:
         await store.close()
-
-
-async def _nothing(topic: str, payload: bytes, retained: bool) -> None:
-    """No message is expected on these links."""
 
 
 async def test_gateways_reports_wake_the_loop_towards_the_hub_only(relay: BridgeRelay) -> None:
@@ -71,9 +68,9 @@ async def test_a_round_woken_while_it_ran_starts_again_without_reading_when_next
     monkeypatch.setattr(relay.store, "next_hub_due", counted)
     monkeypatch.setattr(relay.store, "next_gateway_due", counted_gateways)
     hub = MqttLink(MqttEndpoint(hub_broker.host, hub_broker.port, "r1", hub_broker.identities["r1"].password),
-                   client_id="r1", subscriptions=[], handler=_nothing)
+                   client_id="r1", subscriptions=[], handler=ignore_messages)
     to_gateways = MqttLink(MqttEndpoint(local.host, local.port, "bridge", local.identities["bridge"].password),
-                           client_id="bridge", subscriptions=[], handler=_nothing)
+                           client_id="bridge", subscriptions=[], handler=ignore_messages)
     async with hub, to_gateways:
         relay.hub, relay.local = hub, to_gateways
         # Idle, nothing woke it: each loop asks the store when its next message is due, as before.
@@ -118,7 +115,7 @@ async def test_one_wake_during_a_round_does_not_start_an_endless_chain_of_read_m
 
     monkeypatch.setattr(relay.store, "due_commands", due)
     link = MqttLink(MqttEndpoint(local.host, local.port, "bridge", local.identities["bridge"].password),
-                    client_id="bridge", subscriptions=[relay.probe_topic], handler=_nothing,
+                    client_id="bridge", subscriptions=[relay.probe_topic], handler=ignore_messages,
                     batch_handler=relay.on_local_batch)
     async with link:
         relay.local = link

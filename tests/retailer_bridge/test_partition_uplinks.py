@@ -39,7 +39,7 @@ from sim.hub_process import wait_ready
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory
 from tests.cloud_hub.test_relay import post_emergency
 from tests.hub_fixtures import HubHandle, start_hub
-from tests.mqtt_party import Party, parties
+from tests.mqtt_party import Party, ignore_messages, parties
 from tests.retailer_bridge.test_bridge_partition_acks import partition_settings, running, until, wait_states
 
 GATEWAYS = [f"gw-{i:02d}" for i in range(10)]
@@ -99,7 +99,7 @@ async def test_a_partition_is_not_delivered_the_other_partitions_uplinks(tmp_pat
     # An earlier run under partition 1's login subscribed to every gateway's uplink (as every partition did before
     # this change); its persistent session at the retailer broker still holds that filter.
     earlier = MqttLink(MqttEndpoint(local.host, local.port, "bridge.p1", local.identities["bridge.p1"].password),
-                       client_id="bridge.p1", subscriptions=[topics.all_up("gateways")], handler=_ignore)
+                       client_id="bridge.p1", subscriptions=[topics.all_up("gateways")], handler=ignore_messages)
     async with earlier:
         await earlier.subscribe([topics.all_up("gateways")])  # held already: not sent again
         assert earlier.subscriptions == [topics.all_up("gateways")]
@@ -136,10 +136,6 @@ async def test_a_partition_is_not_delivered_the_other_partitions_uplinks(tmp_pat
             await until(lambda: tele.handled(p1, OWNED[1]))
             assert received(p1) == len(OWNED[1]) + 1, "after its restart: its own gateways' only, none lost"
             assert not p1.gate.dropped
-
-
-async def _ignore(topic: str, payload: bytes, retained: bool) -> None:
-    """A link's handler that reads nothing."""
 
 
 async def test_a_gateway_added_at_run_time_is_served_by_its_partition_and_a_removed_one_is_unsubscribed(

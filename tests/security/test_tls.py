@@ -31,6 +31,7 @@ from cloud_hub.tokens import TokenBook
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
 from sim.stack.stack import Stack
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory, free_port
+from tests.mqtt_party import ignore_messages
 
 HOSTS = ["127.0.0.1", "localhost"]
 
@@ -89,17 +90,13 @@ async def link_outcome(broker: BrokerHandle, ca: Path | None, timeout: float = 6
     endpoint = MqttEndpoint(broker.host, broker.port, "r1", broker.identities["r1"].password,
                             str(ca) if ca else None)
     link = MqttLink(endpoint, client_id=f"tls-link-{time.monotonic_ns()}", subscriptions=[],
-                    handler=_ignore, clean_start=True, session_expiry_s=0, connect_timeout_s=2.0)
+                    handler=ignore_messages, clean_start=True, session_expiry_s=0, connect_timeout_s=2.0)
     try:
         async with asyncio.timeout(timeout):
             async with link:
                 return "connected"
     except (MqttError, TimeoutError) as exc:
         return f"failed: {exc!r}"
-
-
-async def _ignore(topic: str, payload: bytes, retained: bool) -> None:
-    return None
 
 
 # --- certificates and rendering -----------------------------------------------------------------------------
