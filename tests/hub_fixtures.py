@@ -19,7 +19,12 @@ from cloud_hub.tokens import TokenBook
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory, free_port
 from tests.waiting import eventually
 
-__all__ = ["HubHandle", "hub", "hub_any", "running_hub"]
+__all__ = ["IN_FORCE_SINCE", "HubHandle", "hub", "hub_any", "running_hub"]
+
+
+IN_FORCE_SINCE = "2020-01-01T00:00:00+00:00"
+"""A client's supply contract's ``valid_from`` for tests: a start in the past with no end, so the contract is in force
+whatever today's date is (it can never expire; nothing compares it with a date to come)."""
 
 
 @dataclass
@@ -42,9 +47,7 @@ class HubHandle:
             r = await self.http.put(f"/v1/retailers/{rid}", json={"name": rid.upper()}, headers=self.auth("admin"))
             assert r.status_code in (200, 201), r.text
         for cid, rid in clients.items():
-            # valid_from in the past: the contract is in force from then on, whatever today's date (it never expires).
-            body = {"retailer_id": rid, "contracted_power_kw": 6.9, "feeder_id": "f1",
-                    "valid_from": "2020-01-01T00:00:00+00:00"}
+            body = {"retailer_id": rid, "contracted_power_kw": 6.9, "feeder_id": "f1", "valid_from": IN_FORCE_SINCE}
             r = await self.http.put(f"/v1/clients/{cid}", headers=self.auth("dso"), json=body)
             while r.status_code == 429:  # as a DSO's client does: a hub quicker than its rate limit says when to retry
                 await asyncio.sleep(float(r.json()["retry_after_s"]))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.hub_fixtures import HubHandle
+from tests.hub_fixtures import IN_FORCE_SINCE, HubHandle
 
 
 def item(cid: str, rid: str = "r1", **over: Any) -> dict[str, Any]:
     return {"client_id": cid, "retailer_id": rid, "contracted_power_kw": 6.9, "feeder_id": "f1",
-            "valid_from": "2020-01-01T00:00:00+00:00", **over}
+            "valid_from": IN_FORCE_SINCE, **over}
 
 
 async def test_bulk_registration_creates_updates_switches_and_is_audited(hub: HubHandle) -> None:

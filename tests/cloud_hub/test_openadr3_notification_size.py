@@ -17,7 +17,7 @@ from cloud_hub.openadr3 import BASE_PATH_30
 from mhp_wire.messages import SEND_PAYLOAD_BYTES
 from tests.broker_config.paho_client import TestClient
 from tests.cloud_hub.openadr3_parts import emergency, join, oadr_hub, token
-from tests.hub_fixtures import HubHandle
+from tests.hub_fixtures import IN_FORCE_SINCE, HubHandle
 from tests.waiting import eventually
 
 __all__ = ["oadr_hub"]
@@ -33,7 +33,7 @@ async def test_an_event_too_big_for_a_packet_is_not_pushed_by_mqtt_and_the_hub_l
     for k in range(0, MANY, 4_000):  # a few bulk registrations (the API's body limit)
         r = await hub.http.put("/v1/clients", headers=hub.auth("dso"), json={"clients": [
             {"client_id": cid, "retailer_id": "r1", "contracted_power_kw": 6.9, "feeder_id": "f1",
-             "valid_from": "2020-01-01T00:00:00+00:00"} for cid in ids[k:k + 4_000]]})  # in force whatever today is
+             "valid_from": IN_FORCE_SINCE} for cid in ids[k:k + 4_000]]})
         assert r.status_code == 200, r.text
     h1 = await token(hub, "r1")
     names = (await hub.http.get(f"{BASE_PATH_30}/notifiers/mqtt/topics/vens/r1/events", headers=h1)).json()

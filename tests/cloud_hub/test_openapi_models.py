@@ -19,7 +19,7 @@ from cloud_hub.errors import (
     RateLimited,
     StoreUnavailable,
 )
-from tests.hub_fixtures import HubHandle, hub
+from tests.hub_fixtures import IN_FORCE_SINCE, HubHandle, hub
 
 __all__ = ["hub"]
 
@@ -91,7 +91,7 @@ async def test_the_declared_models_pass_answers_on_unchanged(hub: HubHandle) -> 
     assert client.status_code == 200, client.text
     # The registry fixture's valid_from (tests/hub_fixtures.py): a start of supply in the past, it cannot expire.
     assert client.json() == {"client_id": "c1", "retailer_id": "r1", "contracted_power_kw": 6.9, "feeder_id": "f1",
-                             "suppliers": [{"retailer_id": "r1", "valid_from": "2020-01-01T00:00:00+00:00"}]}
+                             "suppliers": [{"retailer_id": "r1", "valid_from": IN_FORCE_SINCE}]}
     r = await hub.http.put("/v1/clients/c2", headers=hub.auth("dso"), json={"retailer_id": "r2",
                                                                           "contracted_power_kw": 3})
     assert r.status_code == 201, r.text

@@ -19,7 +19,7 @@ from mhp_wire import topics
 from mhp_wire.messages import Request
 from tests.broker_fixtures import MosquittoFactory
 from tests.cloud_hub.test_replicas import metric
-from tests.hub_fixtures import start_hub
+from tests.hub_fixtures import IN_FORCE_SINCE, start_hub
 from tests.mqtt_party import Party, parties
 
 
@@ -47,7 +47,7 @@ async def test_a_refused_login_keeps_the_api_serving_and_the_relay_recovers(
             admin, dso = ({"Authorization": f"Bearer {tokens[p]}"} for p in ("admin", "dso"))
             assert (await http.put("/v1/retailers/r1", json={"name": "R1"}, headers=admin)).status_code in (200, 201)
             r = await http.put("/v1/clients/c1", headers=dso, json={
-                "retailer_id": "r1", "contracted_power_kw": 5, "valid_from": "2020-01-01T00:00:00+00:00"})
+                "retailer_id": "r1", "contracted_power_kw": 5, "valid_from": IN_FORCE_SINCE})
             assert r.status_code in (200, 201), r.text
             start = datetime.now(UTC) + timedelta(seconds=30)
             accepted = await http.post("/v1/emergencies", headers=dso, json={

@@ -30,6 +30,7 @@ from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, Customers, Outcome, Request
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory, free_port
+from tests.hub_fixtures import IN_FORCE_SINCE
 from tests.mqtt_party import Party, parties
 from tests.waiting import eventually
 
@@ -207,7 +208,7 @@ async def register(url: str, tokens: dict[str, str]) -> None:
         assert r.status_code in (200, 201), r.text
         for cid in [*CLIENTS, "quiet"]:
             r = await http.put(f"/v1/clients/{cid}", headers={"Authorization": f"Bearer {tokens['dso']}"}, json={
-                "retailer_id": "r1", "contracted_power_kw": 5, "valid_from": "2020-01-01T00:00:00+00:00"})
+                "retailer_id": "r1", "contracted_power_kw": 5, "valid_from": IN_FORCE_SINCE})
             assert r.status_code in (200, 201), r.text
 
 

@@ -24,6 +24,7 @@ from cloud_hub.tokens import TokenBook
 from mhp_wire import topics
 from mhp_wire.messages import Ack, ClientState, Outcome, Request
 from tests.broker_fixtures import BrokerHandle, MosquittoFactory, free_port
+from tests.hub_fixtures import IN_FORCE_SINCE
 from tests.mqtt_party import Party, parties
 
 CLIENTS = ["c1", "c2", "c3"]
@@ -134,7 +135,7 @@ async def test_hub_killed_under_load_loses_nothing_and_executes_nothing_twice(
         await http.put("/v1/retailers/r1", json={"name": "R1"}, headers=admin)
         for cid in CLIENTS:
             await http.put(f"/v1/clients/{cid}", headers=dso, json={
-                "retailer_id": "r1", "contracted_power_kw": 5, "valid_from": "2020-01-01T00:00:00+00:00"})
+                "retailer_id": "r1", "contracted_power_kw": 5, "valid_from": IN_FORCE_SINCE})
         with parties(Party(broker, "r1", topics.down("retailers", "r1"))) as (r1,):
             fake = FakeRetailer(r1)
             worker = asyncio.create_task(fake.run())
