@@ -28,6 +28,16 @@ from sim.bench_bridge_store import Runs as SqliteRuns
 
 N = 1_000
 
+OLD_COMMANDS = """
+        CREATE TABLE commands (
+            request_id TEXT NOT NULL, client_id TEXT NOT NULL, gateway_id TEXT NOT NULL, msg_id TEXT NOT NULL UNIQUE,
+            payload BLOB NOT NULL, state TEXT NOT NULL, received_at REAL NOT NULL, first_sent_at REAL,
+            attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, deadline REAL NOT NULL,
+            handling_ms REAL NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0,
+            revision INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (request_id, client_id));
+"""
+"""The ``commands`` table of a bridge from before ``command_payloads`` (its payload a column), with revisions."""
+
 
 async def traced(store: BridgeStore) -> SqliteRuns:
     """Every statement SQLite runs on the store's connection from now on, by its first word."""
@@ -151,14 +161,7 @@ async def test_a_notice_counts_only_for_its_own_gateway_among_many_acknowledgeme
 async def test_a_store_of_an_older_bridge_gets_the_partial_index_and_keeps_its_commands(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
-    db.executescript("""
-        CREATE TABLE commands (
-            request_id TEXT NOT NULL, client_id TEXT NOT NULL, gateway_id TEXT NOT NULL, msg_id TEXT NOT NULL UNIQUE,
-            payload BLOB NOT NULL, state TEXT NOT NULL, received_at REAL NOT NULL, first_sent_at REAL,
-            attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, deadline REAL NOT NULL,
-            handling_ms REAL NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0,
-            revision INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (request_id, client_id));
-        CREATE INDEX commands_due ON commands(state, next_attempt_at);""")
+    db.executescript(OLD_COMMANDS + "CREATE INDEX commands_due ON commands(state, next_attempt_at);")
     db.executemany("INSERT INTO commands (request_id, client_id, gateway_id, msg_id, payload, state, received_at, "
                    "next_attempt_at, deadline) VALUES ('q',?,?,?,x'00',?,0,?,1e12)",
                    [("c1", "gw-1", "m1", SENDING, 30.0), ("c2", "gw-2", "m2", SENDING, 10.0),
@@ -210,13 +213,7 @@ async def test_a_store_of_an_older_bridge_moves_its_commands_payloads_to_their_o
     read, are sent and are replaced by a newer revision as before; opened again, nothing moves twice."""
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
-    db.executescript("""
-        CREATE TABLE commands (
-            request_id TEXT NOT NULL, client_id TEXT NOT NULL, gateway_id TEXT NOT NULL, msg_id TEXT NOT NULL UNIQUE,
-            payload BLOB NOT NULL, state TEXT NOT NULL, received_at REAL NOT NULL, first_sent_at REAL,
-            attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, deadline REAL NOT NULL,
-            handling_ms REAL NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0,
-            revision INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (request_id, client_id));
+    db.executescript(OLD_COMMANDS + """
         CREATE INDEX commands_sending ON commands(next_attempt_at) WHERE state = 'sending';
         CREATE INDEX commands_unsent ON commands(next_attempt_at) WHERE state = 'sending' AND attempts = 0;""")
     db.executemany("INSERT INTO commands (request_id, client_id, gateway_id, msg_id, payload, state, received_at, "
