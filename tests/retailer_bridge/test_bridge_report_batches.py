@@ -207,8 +207,8 @@ async def test_gateways_answering_together_cost_one_write_and_no_delivered_outco
         await store.close()
 
 
-@pytest.mark.parametrize(("variables", "statements"), [(None, 6_000 // INSERT_ROWS + (6_000 % INSERT_ROWS > 0)),
-                                                       (33, 2_000)])
+@pytest.mark.parametrize(("variables", "statements"), [(None, 2 * (6_000 // INSERT_ROWS + (6_000 % INSERT_ROWS > 0))),
+                                                       (33, 2_000 + 6_000 // 11 + 1)])
 async def test_a_large_request_s_commands_are_inserted_256_per_statement_within_sqlites_limit(
         tmp_path: Path, variables: int | None, statements: int) -> None:
     """Issue 14, session 13: a request's commands go in with one multi-row ``INSERT`` per :data:`INSERT_ROWS`
@@ -225,11 +225,14 @@ async def test_a_large_request_s_commands_are_inserted_256_per_statement_within_
         commands = [NewCommand("q", f"c{i}", f"gw-{i}", f"q-{i}", f"command {i}".encode(), 1.0, 1e12, not_before=2.0,
                                revision=3) for i in range(n)]
         assert await store.accept_request(commands, []) == n
-        assert conn.calls["INSERT"] == statements  # INSERT_ROWS a statement, the rest; or three a statement
+        # INSERT_ROWS a statement, the rest, for the commands and their payloads (a table of their own); or three
+        # commands and eleven payloads a statement
+        assert conn.calls["INSERT"] == statements
         assert await store.accept_request(commands[:10] + commands[-10:], []) == 0  # redelivered: nothing added
         rows = await store.sql.read(lambda db: [tuple(r) for r in db.execute(
-            "SELECT request_id, client_id, gateway_id, msg_id, payload, state, received_at, attempts, next_attempt_at, "
-            "deadline, not_before, revision FROM commands ORDER BY rowid")])
+            "SELECT request_id, client_id, gateway_id, msg_id, p.payload, state, received_at, attempts, "
+            "next_attempt_at, deadline, not_before, revision FROM commands JOIN command_payloads AS p "
+            "USING (request_id, client_id) ORDER BY commands.rowid")])
         assert rows == [("q", f"c{i}", f"gw-{i}", f"q-{i}", f"command {i}".encode(), "sending", 1.0, 0, 0.0, 1e12, 2.0,
                          3) for i in range(n)]
     finally:
@@ -269,7 +272,8 @@ async def test_a_request_s_commands_are_stored_with_few_statements_and_revisions
         first = [NewCommand("q", f"c{i}", f"gw-{i}", f"q1-{i}", b"rev 1", 0.0, 1e12) for i in range(1000)]
         assert await store.accept_request(first, [("refused-c9", b"refused")]) == 1000
         inserts = 1000 // INSERT_ROWS + (1000 % INSERT_ROWS > 0)  # the commands' statements
-        assert conn.calls["INSERT"] == inserts + 1 and conn.calls["UPDATE"] == 0  # the commands, and the refusal
+        # the commands, their payloads, and the refusal
+        assert conn.calls["INSERT"] == 2 * inserts + 1 and conn.calls["UPDATE"] == 0
         conn.calls.clear()
         assert await store.accept_request(first, []) == 0  # redelivered: nothing added, one UPDATE that matches none
         assert conn.calls["INSERT"] == inserts and conn.calls["UPDATE"] == 1

@@ -28,6 +28,16 @@ from sim.bench_bridge_store import Runs as SqliteRuns
 
 N = 1_000
 
+OLD_COMMANDS = """
+        CREATE TABLE commands (
+            request_id TEXT NOT NULL, client_id TEXT NOT NULL, gateway_id TEXT NOT NULL, msg_id TEXT NOT NULL UNIQUE,
+            payload BLOB NOT NULL, state TEXT NOT NULL, received_at REAL NOT NULL, first_sent_at REAL,
+            attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, deadline REAL NOT NULL,
+            handling_ms REAL NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0,
+            revision INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (request_id, client_id));
+"""
+"""The ``commands`` table of a bridge from before ``command_payloads`` (its payload a column), with revisions."""
+
 
 async def traced(store: BridgeStore) -> SqliteRuns:
     """Every statement SQLite runs on the store's connection from now on, by its first word."""
@@ -151,14 +161,7 @@ async def test_a_notice_counts_only_for_its_own_gateway_among_many_acknowledgeme
 async def test_a_store_of_an_older_bridge_gets_the_partial_index_and_keeps_its_commands(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
-    db.executescript("""
-        CREATE TABLE commands (
-            request_id TEXT NOT NULL, client_id TEXT NOT NULL, gateway_id TEXT NOT NULL, msg_id TEXT NOT NULL UNIQUE,
-            payload BLOB NOT NULL, state TEXT NOT NULL, received_at REAL NOT NULL, first_sent_at REAL,
-            attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, deadline REAL NOT NULL,
-            handling_ms REAL NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0,
-            revision INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (request_id, client_id));
-        CREATE INDEX commands_due ON commands(state, next_attempt_at);""")
+    db.executescript(OLD_COMMANDS + "CREATE INDEX commands_due ON commands(state, next_attempt_at);")
     db.executemany("INSERT INTO commands (request_id, client_id, gateway_id, msg_id, payload, state, received_at, "
                    "next_attempt_at, deadline) VALUES ('q',?,?,?,x'00',?,0,?,1e12)",
                    [("c1", "gw-1", "m1", SENDING, 30.0), ("c2", "gw-2", "m2", SENDING, 10.0),
@@ -199,5 +202,54 @@ async def test_a_store_of_an_older_bridge_gets_the_partial_index_and_keeps_its_c
         assert [c["msg_id"] for c in await store.due_commands(50.0, horizon=30.0)] == ["m2", "m1"]
         await store.resend_now_many(["gw-5", "gw-3"])  # only a command still sending is made due
         assert [c["msg_id"] for c in await store.due_commands(0.0)] == ["m5"]
+    finally:
+        await store.close()
+
+
+async def test_a_store_of_an_older_bridge_moves_its_commands_payloads_to_their_own_table(tmp_path: Path) -> None:
+    """Issue 14, thirteenth round: a command's payload is kept in ``command_payloads``, written once per command
+    (and revision), so that its send and its close rewrite a row without it. A bridge's database of the old layout
+    (the payload a column of ``commands``) is migrated at open: every payload moves, the column goes, and the commands
+    read, are sent and are replaced by a newer revision as before; opened again, nothing moves twice."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_COMMANDS + """
+        CREATE INDEX commands_sending ON commands(next_attempt_at) WHERE state = 'sending';
+        CREATE INDEX commands_unsent ON commands(next_attempt_at) WHERE state = 'sending' AND attempts = 0;""")
+    db.executemany("INSERT INTO commands (request_id, client_id, gateway_id, msg_id, payload, state, received_at, "
+                   "next_attempt_at, deadline) VALUES ('q',?,?,?,?,?,0,?,1e12)",
+                   [("c1", "gw-1", "m1", b"one", SENDING, 30.0), ("c2", "gw-2", "m2", b"two", SENDING, 10.0),
+                    ("c3", "gw-3", "m3", b"three", CLOSED, 1.0)])
+    db.commit()
+    db.close()
+    for _ in range(2):  # the migration, then a start on the new layout
+        store = BridgeStore(path)
+        await store.open()
+        try:
+            columns = await store.sql.read(lambda db: [r[1] for r in db.execute("PRAGMA table_info(commands)")])
+            assert "payload" not in columns and "state" in columns
+            assert {c["client_id"]: (c["msg_id"], c["state"], c["payload"]) for c in await store.commands_of("q")} == {
+                "c1": ("m1", SENDING, b"one"), "c2": ("m2", SENDING, b"two"), "c3": ("m3", CLOSED, b"three")}
+            due = await store.due_commands(50.0)
+            assert [(c["msg_id"], c["payload"]) for c in due] == [("m2", b"two"), ("m1", b"one")]
+            plan = await store.sql.read(lambda db: " ".join(r[3] for r in db.execute(
+                "EXPLAIN QUERY PLAN SELECT c.*, p.payload FROM commands AS c JOIN command_payloads AS p "
+                "USING (request_id, client_id) WHERE state = 'sending' AND next_attempt_at<=? "
+                "ORDER BY next_attempt_at LIMIT 10", (50.0,))))
+            assert "commands_sending" in plan  # the join keeps the due commands' index seek
+        finally:
+            await store.close()
+    store = BridgeStore(path)
+    await store.open()
+    try:
+        redelivered = NewCommand("q", "c1", "gw-1", "m1-again", b"one again", 0.0, 1e12)
+        newer = NewCommand("q", "c2", "gw-2", "m2-rev2", b"two, revision 2", 0.0, 1e12, revision=2)
+        added = NewCommand("q", "c4", "gw-4", "m4", b"four", 0.0, 1e12)
+        assert await store.accept_request([redelivered, newer, added], []) == 2
+        assert {c["client_id"]: (c["msg_id"], c["payload"], c["revision"]) for c in await store.commands_of("q")} == {
+            "c1": ("m1", b"one", 1), "c2": ("m2-rev2", b"two, revision 2", 2), "c3": ("m3", b"three", 1),
+            "c4": ("m4", b"four", 1)}
+        payloads = await store.sql.read(lambda db: db.execute("SELECT COUNT(*) FROM command_payloads").fetchone()[0])
+        assert payloads == 4  # one per command: the replaced revision's is replaced, the redelivery's not kept
     finally:
         await store.close()
