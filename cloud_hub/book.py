@@ -897,7 +897,8 @@ class RequestBook:
         row = RequestCodec.row_state(cells)
         if row is None:
             return _RowWrite(request_id, verdicts=[OutcomeVerdict(False, []) for _ in batch])
-        changes, verdicts = apply(row, batch, now, allowed)
+        # The row's entries were decoded for this commit alone: apply changes them in place, without copies.
+        changes, verdicts = apply(row, batch, now, allowed, owned=True)
         write = _RowWrite(request_id, verdicts=verdicts, put=RequestCodec.changes(changes),
                           phase_complete=changes.phase_complete, finished=changes.finished)
         if write.put:
