@@ -532,13 +532,14 @@ SentAt = tuple[Sequence[str], str, int, float]
 """A first send's ``(clients, retailer_id, revision, sent_at)``: :data:`Sent` with the time it was published."""
 
 
-def sent(row: RowState, messages: Sequence[SentAt], first_at: float) -> RowChanges:
+def sent(row: RowState, messages: Sequence[SentAt], first_at: float, *, owned: bool = False) -> RowChanges:
     """First sends of ``messages``, each at its own time: their targets still ``pending`` for that retailer become
     ``sent`` (``updated_at`` the message's send time). Only what changes is recorded: a target that moved on meanwhile
     (answered: terminal, or already past ``sent``), or of a newer revision than the message (the entry waits for its
     own revision's), is left alone, and the request's state and counts are written only when a target moved. The
     request's first dispatch time (``first_at``, the earliest send) is written when it has none, even once the
-    request has ended (its trace's ``dispatch_ms``); nothing else is then."""
+    request has ended (its trace's ``dispatch_ms``); nothing else is then. ``owned``: as for :func:`apply`, the
+    row's entries are the caller's to hand over, changed in place instead of copied."""
     changes = RowChanges()
     if row.first_dispatch_at is None:
         changes.first_dispatch_at = first_at
@@ -557,7 +558,7 @@ def sent(row: RowState, messages: Sequence[SentAt], first_at: float) -> RowChang
                     # Moved on, an older revision's message, or written after the send (a load reduction's chosen
                     # clients set pending again for its second phase): nothing to write for it.
                     continue
-                entry = _working(stored)
+                entry = stored if owned else _working(stored)
             elif revision < entry.get("revision", 1) or entry["retailers"].get(retailer_id) != _PENDING:
                 continue
             entry["retailers"][retailer_id] = _SENT

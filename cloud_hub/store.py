@@ -206,6 +206,8 @@ class RequestCodec:
     """
 
     META_FOR_OUTCOMES = ("state", "counts", "created_at", "phase", "type", "answered", "targets", "selection")
+    _OUTCOME_META = list(map("r:{}".format, META_FOR_OUTCOMES))
+    """The cells of :attr:`META_FOR_OUTCOMES` (made once, not per commit)."""
 
     @staticmethod
     def meta(name: str) -> str:
@@ -231,8 +233,8 @@ class RequestCodec:
     def outcome_columns(cls, client_ids: Iterable[str], owner: bool) -> list[str]:
         """The cells :meth:`row_state` decodes for outcomes about ``client_ids`` (``owner``: with the replica
         owning the request)."""
-        return [*dict.fromkeys(cls.client(c) for c in client_ids), *map(cls.meta, cls.META_FOR_OUTCOMES),
-                *([cls.meta("owner")] if owner else [])]
+        # "c:" + id inline (per outcome of every commit): what :meth:`client` gives, without a call per client
+        return [*dict.fromkeys(["c:" + c for c in client_ids]), *cls._OUTCOME_META, *(["r:owner"] if owner else [])]
 
     @staticmethod
     def owner(cells: dict[str, Any]) -> str | None:

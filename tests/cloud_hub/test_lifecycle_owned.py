@@ -1,6 +1,7 @@
-"""``lifecycle.apply(..., owned=True)``: the book hands over entries decoded for one commit, which are then changed
-in place instead of copied (issue 14, thirteenth round). Whatever the outcomes, it decides exactly what the pure
-call decides; and ``allowed`` is asked once per retailer and set of addressed retailers of a call."""
+"""``lifecycle.apply(..., owned=True)`` and ``lifecycle.sent(..., owned=True)``: the book hands over entries decoded
+for one write, which are then changed in place instead of copied (issue 14, thirteenth round). Whatever the
+outcomes or sends, they decide exactly what the pure calls decide; and ``allowed`` is asked once per retailer and
+set of addressed retailers of a call."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cloud_hub.lifecycle import RowState, apply
+from cloud_hub.lifecycle import RequestState, RowState, apply, sent
 from mhp_wire.messages import ClientState as C
 from tests.cloud_hub.test_lifecycle_table import NOW, entry, out, row
 
@@ -55,3 +56,18 @@ def test_allowed_is_asked_once_per_retailer_and_addressed_set_and_refuses_each_o
     assert [v.changed for v in verdicts] == [bool(i % 2) for i in range(50)]
     assert sorted(changes.clients) == sorted(f"c{i}" for i in range(1, 50, 2))
     assert changes.counts == {C.EXECUTED: 25, C.SENT: 25}
+
+
+@pytest.mark.parametrize("stored", list(C))
+def test_owned_sent_decides_as_the_pure_call(stored: C) -> None:
+    """First sends of two messages (one client in both, of two retailers; one of an older revision; one at a time
+    before the entry was written) mark what the pure call marks, at the same times."""
+    clients = {"a": entry(stored), "b": entry(C.PENDING, {"r1": C.PENDING, "r2": C.PENDING}),
+               "c": entry(C.PENDING, revision=2), "d": entry(C.PENDING, updated_at=NOW)}
+    messages = [(["a", "b", "c", "d"], "r1", 1, NOW - 2), (["b", "zz"], "r2", 1, NOW - 1)]
+    pure_row = row(copy.deepcopy(clients), state=RequestState.ACCEPTED)
+    owned_row = row(copy.deepcopy(clients), state=RequestState.ACCEPTED)
+    pure = sent(pure_row, messages, NOW - 2)
+    assert sent(owned_row, messages, NOW - 2, owned=True) == pure
+    assert pure_row.clients == clients
+    assert pure.clients["b"]["state"] == "sent" and pure.clients["b"]["updated_at"] == NOW - 1  # moved by r2's
