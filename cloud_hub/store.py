@@ -716,7 +716,7 @@ class HubStore:
         close)`` as in :meth:`update_request`; the open index loses the closed requests after every row; ``audit``
         lines go in the same batch, first."""
         muts = await chunked_apply(audit_mutations, audit or [])
-        muts += [Mutation("requests", rid, dict(zip(put, await chunked_map(codec.dumps, put.values()), strict=True)),
+        muts += [Mutation("requests", rid, dict(zip(put, await chunked_map(_j, put.values()), strict=True)),
                           delete=delete or None) for rid, put, delete, _ in writes]
         muts += [Mutation("open_requests", rid, delete=[]) for rid, _, _, close in writes if close]
         if muts:
