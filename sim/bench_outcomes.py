@@ -8,7 +8,8 @@ batches of ``--batch`` outcomes (the relay's group commit); the figure is outcom
 ``--runs``), each run on a fresh store, with the CPU per outcome of the event loop's thread (``loop_us``: what the
 book does in Python) and of the whole process (``process_us``: with the SQLite threads). ``--gc-tuned`` tunes the
 garbage collector as ``cloud-hub serve`` does; ``--fanout`` measures a fan-out's outcomes instead: every client
-from ``pending`` straight to ``executed`` with its trace, the change feed on.
+from ``pending`` straight to ``executed`` with its trace, the change feed on (``--scattered``: in a random order, as
+homes answer, so that each commit's clients spread over the row: the writer then pays per page a commit dirties).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -28,10 +30,12 @@ from cloud_hub.store import HubStore
 from mhp_wire.messages import ClientState
 
 
-async def one_run(clients: int, batch: int, fanout: bool = False) -> tuple[float, float, float]:
+async def one_run(clients: int, batch: int, fanout: bool = False, scattered: bool = False
+                  ) -> tuple[float, float, float]:
     """Outcomes per second of one run on a fresh store, and the CPU per outcome (µs) of the event loop's thread and
     of the process. ``fanout``: as at a fan-out, with the change feed, each client from ``pending`` straight to
-    ``executed`` with its trace (one outcome per client)."""
+    ``executed`` with its trace (one outcome per client); ``scattered``: those outcomes in a random order (fixed seed),
+    not in the row's key order."""
     with tempfile.TemporaryDirectory() as tmp:
         store = HubStore.embedded(Path(tmp) / "hub.db")
         await store.open()
@@ -52,6 +56,8 @@ async def one_run(clients: int, batch: int, fanout: bool = False) -> tuple[float
             if fanout:
                 trace = {"gateway_ms": 0.008, "retailer_ms": 209.5}
                 outcomes = [ReportedOutcome("r1", "req-bench", c, ClientState.EXECUTED, {}, dict(trace)) for c in ids]
+                if scattered:  # as homes answer: a commit's clients spread over the whole row
+                    random.Random(1).shuffle(outcomes)
             else:
                 outcomes = [ReportedOutcome("r1", "req-bench", c, s) for s in (ClientState.DELIVERED,
                                                                                 ClientState.EXECUTED) for c in ids]
@@ -76,14 +82,16 @@ def main() -> None:
     ap.add_argument("--gc-tuned", action="store_true", help="tune the garbage collector as cloud-hub serve does")
     ap.add_argument("--fanout", action="store_true",
                     help="pending -> executed with a trace, one outcome per client, with the change feed")
+    ap.add_argument("--scattered", action="store_true", help="with --fanout: the outcomes in a random order")
     a = ap.parse_args()
     if a.gc_tuned:
         from mhp_wire.gc_tuning import tune_for_throughput
 
         tune_for_throughput()
-    runs = [asyncio.run(one_run(a.clients, a.batch, a.fanout)) for _ in range(a.runs)]
+    runs = [asyncio.run(one_run(a.clients, a.batch, a.fanout, a.scattered)) for _ in range(a.runs)]
     rates = [r for r, _, _ in runs]
     print(json.dumps({"clients": a.clients, "batch": a.batch, "gc_tuned": a.gc_tuned, "fanout": a.fanout,
+                      "scattered": a.scattered,
                       "outcomes_per_s": [round(r) for r in rates], "median": round(statistics.median(rates)),
                       "loop_us": [round(lo, 2) for _, lo, _ in runs], "process_us": [round(p, 2) for _, _, p in runs],
                       "median_loop_us": round(statistics.median(lo for _, lo, _ in runs), 2)}))
