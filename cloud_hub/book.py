@@ -711,7 +711,9 @@ class RequestBook:
         row = RequestCodec.row_state(cells)
         if row is None:
             return {}
-        return RequestCodec.changes(lifecycle.sent(row, [m.sent() for m in marks if m.live], min(m.at for m in marks)))
+        # The row's entries were decoded for this write alone: sent() changes them in place, without copies.
+        return RequestCodec.changes(lifecycle.sent(row, [m.sent() for m in marks if m.live], min(m.at for m in marks),
+                                                   owned=True))
 
     def _with_storage_ms(self, request_id: str, put: dict[str, Any]) -> dict[str, Any]:
         """``put`` with the request's measured ``r:storage_ms`` when it is not stored yet."""
@@ -863,7 +865,7 @@ class RequestBook:
                 await locks.enter_async_context(self.lock(request_id))
             writes: list[_RowWrite] = []
             rows = await self.store.get_requests_cells(  # every row of the commit in one storage call
-                {rid: RequestCodec.outcome_columns((outcomes[i].client_id for i in idx), self.replica_id is not None)
+                {rid: RequestCodec.outcome_columns([outcomes[i].client_id for i in idx], self.replica_id is not None)
                  for rid, idx in by_request.items()})
             for request_id, idx in by_request.items():
                 write = self._apply_to_row(request_id, rows[request_id], [outcomes[i] for i in idx], now, allowed)
@@ -897,7 +899,8 @@ class RequestBook:
         row = RequestCodec.row_state(cells)
         if row is None:
             return _RowWrite(request_id, verdicts=[OutcomeVerdict(False, []) for _ in batch])
-        changes, verdicts = apply(row, batch, now, allowed)
+        # The row's entries were decoded for this commit alone: apply changes them in place, without copies.
+        changes, verdicts = apply(row, batch, now, allowed, owned=True)
         write = _RowWrite(request_id, verdicts=verdicts, put=RequestCodec.changes(changes),
                           phase_complete=changes.phase_complete, finished=changes.finished)
         if write.put:

@@ -199,7 +199,7 @@ class RowState:
 
     ``clients`` maps a client id to its stored target entry (the JSON object kept per client: ``state``,
     ``retailers``, ``revision``, ``max_kw``, ``answered``...), only for the clients asked about; :func:`apply`
-    never changes these objects."""
+    never changes these objects unless its caller says they are its own (``owned``)."""
 
     state: RequestState
     counts: Counter[ClientState]
@@ -321,22 +321,38 @@ def _availability(entry: dict[str, Any], o: ReportedOutcome, now: float) -> tupl
 class _Apply:
     """One :func:`apply`: the row's working copy and what changed, outcome by outcome."""
 
-    def __init__(self, row: RowState, now: float, allowed: Allowed) -> None:
+    def __init__(self, row: RowState, now: float, allowed: Allowed, owned: bool = False) -> None:
         self.row, self.now, self.allowed = row, now, allowed
         self.counts = Counter(row.counts)
         self.answered = row.answered
         self.work: dict[str, dict[str, Any]] = {}
         self.changes = RowChanges()
         self.moved = False
+        self.owned = owned
+        """Whether the row's entries are this call's to change (see :func:`apply`): no working copies then."""
+        self.moves: Counter[tuple[str, str]] = Counter()
+        """Targets moved by :meth:`report`, by ``(stored value, new value)``; :meth:`settle` adds them to ``counts``."""
+        self._allowed: dict[tuple[str, ...], bool] = {}
+        """``allowed``'s answers in this batch, by ``(retailer, *addressed)`` (see :func:`apply`)."""
 
     def entry(self, client_id: str) -> dict[str, Any] | None:
         """The client's entry as this batch left it so far (None: not a target of the request)."""
-        if client_id not in self.work:
+        entry = self.work.get(client_id)
+        if entry is None:
             stored = self.row.clients.get(client_id)
             if stored is None:
                 return None
-            self.work[client_id] = _working(stored)
-        return self.work[client_id]
+            entry = self.work[client_id] = stored if self.owned else _working(stored)
+        return entry
+
+    def may_report(self, retailer_id: str, addressed: list[str]) -> bool:
+        """``allowed(retailer_id, addressed)``, asked once per pair in a batch (thousands of outcomes of one
+        retailer for clients addressed to it ask the same question)."""
+        key = (retailer_id, *addressed)
+        ok = self._allowed.get(key)
+        if ok is None:
+            ok = self._allowed[key] = self.allowed(retailer_id, addressed)
+        return ok
 
     def one(self, o: ReportedOutcome) -> OutcomeVerdict:
         """Apply one outcome; its verdict."""
@@ -344,7 +360,7 @@ class _Apply:
         if entry is None:
             return OutcomeVerdict(False, [])
         addressed = list(entry.get("retailers", {}))
-        if not self.allowed(o.retailer_id, addressed):
+        if not self.may_report(o.retailer_id, addressed):
             return OutcomeVerdict(True, addressed)
         if o.revision < int(entry.get("revision", 1)):
             # An answer to a revision the client has since been sent a newer one of (a late delivery, or a
@@ -372,13 +388,22 @@ class _Apply:
                 return self.supersede(o, entry, addressed)
             return OutcomeVerdict(True, addressed, request_state=self.row.state)
         retailers = entry["retailers"]
-        retailers[o.retailer_id] = o.state._value_
-        new = _combined(retailers)
-        if not move(entry, new, self.counts, self.now):
+        value = retailers[o.retailer_id] = o.state._value_
+        if len(retailers) > 1:  # one retailer, the common case: its state is the client's
+            value = _combined(retailers)._value_
+        # move(), inline and on the stored values (per outcome of every commit): the counts' changes are kept by
+        # value and folded into ``counts`` once, in settle() (an enum member's hash is a Python call)
+        stored = entry["state"]
+        if stored not in _BY_VALUE:
+            raise KeyError(stored)  # an unknown stored state, as move() raises it
+        if value == stored or not _may_move_value(stored, value):
             return OutcomeVerdict(True, addressed, request_state=self.row.state)
+        self.moves[stored, value] += 1
+        entry["state"] = value
+        entry["updated_at"] = self.now
         entry["detail"] = o.detail
         full = {**entry.get("trace", {}), **o.trace}
-        if new.terminal:
+        if value in _TERMINAL:
             full["total_ms"] = round((self.now - float(self.row.created_at or 0.0)) * 1000, 3)
         entry["trace"] = full
         self.changes.clients[o.client_id] = entry
@@ -419,6 +444,9 @@ class _Apply:
     def settle(self, verdicts: list[OutcomeVerdict]) -> None:
         """The request's state after the batch, given to the verdicts of outcomes that moved a target."""
         row, changes = self.row, self.changes
+        for (old, new), n in self.moves.items():
+            self.counts[_BY_VALUE[old]] -= n
+            self.counts[_BY_VALUE[new]] += n
         if changes.answered is not None and self.answered >= row.targets:
             changes.phase_complete = True
         if not self.moved:
@@ -440,7 +468,7 @@ class _Apply:
 
 
 def apply(row: RowState, outcomes: Sequence[ReportedOutcome], now: float,
-          allowed: Allowed = addressed_only) -> tuple[RowChanges, list[OutcomeVerdict]]:
+          allowed: Allowed = addressed_only, *, owned: bool = False) -> tuple[RowChanges, list[OutcomeVerdict]]:
     """Outcomes reported for one request, in order, applied to its state: what changes, and one verdict per outcome.
 
     Pure: ``row`` is left as it was. An outcome for a client that is not a target, or from a retailer ``allowed``
@@ -448,8 +476,12 @@ def apply(row: RowState, outcomes: Sequence[ReportedOutcome], now: float,
     reduction's availability phase an ``available``/``unavailable`` answer is recorded once (a claim above the
     client's ``max_kw`` counts as unavailable); otherwise a target moves only forward (:func:`may_move`, its
     retailers' states :func:`combine`\\ d), a terminal one never, and the request's state follows its counts
-    (a load reduction's by :func:`reduction_outcome`)."""
-    run = _Apply(row, now, allowed)
+    (a load reduction's by :func:`reduction_outcome`).
+
+    ``allowed`` must be pure (it is asked once per retailer and set of addressed retailers in a call). ``owned``:
+    the caller hands over ``row.clients``' entries (decoded for this call, read by nobody after it), so they are
+    changed in place instead of copied first; the entries of ``changes`` are then those same objects."""
+    run = _Apply(row, now, allowed, owned)
     verdicts = [run.one(o) for o in outcomes]
     run.settle(verdicts)
     return run.changes, verdicts
@@ -500,13 +532,14 @@ SentAt = tuple[Sequence[str], str, int, float]
 """A first send's ``(clients, retailer_id, revision, sent_at)``: :data:`Sent` with the time it was published."""
 
 
-def sent(row: RowState, messages: Sequence[SentAt], first_at: float) -> RowChanges:
+def sent(row: RowState, messages: Sequence[SentAt], first_at: float, *, owned: bool = False) -> RowChanges:
     """First sends of ``messages``, each at its own time: their targets still ``pending`` for that retailer become
     ``sent`` (``updated_at`` the message's send time). Only what changes is recorded: a target that moved on meanwhile
     (answered: terminal, or already past ``sent``), or of a newer revision than the message (the entry waits for its
     own revision's), is left alone, and the request's state and counts are written only when a target moved. The
     request's first dispatch time (``first_at``, the earliest send) is written when it has none, even once the
-    request has ended (its trace's ``dispatch_ms``); nothing else is then."""
+    request has ended (its trace's ``dispatch_ms``); nothing else is then. ``owned``: as for :func:`apply`, the
+    row's entries are the caller's to hand over, changed in place instead of copied."""
     changes = RowChanges()
     if row.first_dispatch_at is None:
         changes.first_dispatch_at = first_at
@@ -525,7 +558,7 @@ def sent(row: RowState, messages: Sequence[SentAt], first_at: float) -> RowChang
                     # Moved on, an older revision's message, or written after the send (a load reduction's chosen
                     # clients set pending again for its second phase): nothing to write for it.
                     continue
-                entry = _working(stored)
+                entry = stored if owned else _working(stored)
             elif revision < entry.get("revision", 1) or entry["retailers"].get(retailer_id) != _PENDING:
                 continue
             entry["retailers"][retailer_id] = _SENT

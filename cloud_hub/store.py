@@ -206,6 +206,8 @@ class RequestCodec:
     """
 
     META_FOR_OUTCOMES = ("state", "counts", "created_at", "phase", "type", "answered", "targets", "selection")
+    _OUTCOME_META = list(map("r:{}".format, META_FOR_OUTCOMES))
+    """The cells of :attr:`META_FOR_OUTCOMES` (made once, not per commit)."""
 
     @staticmethod
     def meta(name: str) -> str:
@@ -231,8 +233,8 @@ class RequestCodec:
     def outcome_columns(cls, client_ids: Iterable[str], owner: bool) -> list[str]:
         """The cells :meth:`row_state` decodes for outcomes about ``client_ids`` (``owner``: with the replica
         owning the request)."""
-        return [*dict.fromkeys(cls.client(c) for c in client_ids), *map(cls.meta, cls.META_FOR_OUTCOMES),
-                *([cls.meta("owner")] if owner else [])]
+        # "c:" + id inline (per outcome of every commit): what :meth:`client` gives, without a call per client
+        return [*dict.fromkeys(["c:" + c for c in client_ids]), *cls._OUTCOME_META, *(["r:owner"] if owner else [])]
 
     @staticmethod
     def owner(cells: dict[str, Any]) -> str | None:
@@ -714,7 +716,7 @@ class HubStore:
         close)`` as in :meth:`update_request`; the open index loses the closed requests after every row; ``audit``
         lines go in the same batch, first."""
         muts = await chunked_apply(audit_mutations, audit or [])
-        muts += [Mutation("requests", rid, dict(await chunked_map(lambda cv: (cv[0], _j(cv[1])), put.items())),
+        muts += [Mutation("requests", rid, dict(zip(put, await chunked_map(_j, put.values()), strict=True)),
                           delete=delete or None) for rid, put, delete, _ in writes]
         muts += [Mutation("open_requests", rid, delete=[]) for rid, _, _, close in writes if close]
         if muts:
