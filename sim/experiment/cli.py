@@ -105,7 +105,7 @@ def _fanout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             timeout_s=args.timeout_s, peer=args.peer or "", via=args.via or "", vens=args.vens, floor=args.floor,
             bridge_instances=args.bridge_instances, kill_bridge_after_outcomes=args.kill_bridge_after_outcomes,
             bridge_partitions=args.bridge_partitions, fleets_connecting=args.fleets_connecting,
-            connect_concurrency=args.connect_concurrency, timeline=args.timeline))
+            connect_concurrency=args.connect_concurrency, timeline=args.timeline, shuffled=args.shuffled))
     except fanout_mod.ProcessExited as exc:
         print(f"[fanout] FAILED: {exc}", file=sys.stderr, flush=True)
         return 3
@@ -171,6 +171,9 @@ def _add_fanout(sub: Any) -> None:
                         help="also record, per run, when the first and the last client passed each stage of the "
                              "critical path (POST, hub, bridge, gateways, back), next to the floor's "
                              "(sim/experiment/timeline.py)")
+    fanout.add_argument("--shuffled", action="store_true",
+                        help="POST the clients in a random order (seeded per run) instead of in id order, as a DSO "
+                             "listing them by feeder would")
     fanout.add_argument("--bridge-instances", type=int, default=1,
                         help="bridge processes per retailer (one store and instance lock: one active, the others "
                              "standbys)")

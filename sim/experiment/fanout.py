@@ -49,6 +49,7 @@ import csv
 import json
 import math
 import os
+import random
 import signal
 import sqlite3
 import sys
@@ -160,6 +161,9 @@ class FanoutParams:
     """CONNECTs in flight per fleet process while it connects (``sim.fleet --connect-concurrency``)."""
     timeline: bool = False
     """Also record each run's stages of the critical path, first and last client (``sim.experiment.timeline``)."""
+    shuffled: bool = False
+    """POST each run's clients in a random order (seeded by the run's number) instead of in id order: a DSO that
+    lists its clients by feeder or area, not by id (docs/performance.md, "Clients in id order")."""
 
 
 FLOOR_FIELDS = ("run", "clients", "acked", "duplicates", "t50_s", "t90_s", "t99_s", "t100_s", "loadavg_1m")
@@ -691,6 +695,13 @@ class FanoutExperiment(Experiment):
                 out[name] = s["cpu_s"]
         return out
 
+    def _posted_order(self, n: int) -> list[str]:
+        """The clients as run ``n`` lists them in its POST: in id order, or shuffled (seeded by ``n``)."""
+        client_ids = list(self.client_ids)
+        if self.fp.shuffled:
+            random.Random(n).shuffle(client_ids)
+        return client_ids
+
     async def _one_run(self, http: httpx.AsyncClient, n: int) -> dict[str, Any]:
         fp = self.fp
         before = await self._metrics(http)
@@ -698,7 +709,8 @@ class FanoutExperiment(Experiment):
         cpu_before = self._cpu()
         load_before = loadavg()
         start = datetime.now(UTC) + timedelta(minutes=1)  # announced before it takes effect
-        body = {"client_ids": self.client_ids, "start": start.isoformat(), "duration_s": 600, "power_limit_kw": 2.0}
+        body = {"client_ids": self._posted_order(n), "start": start.isoformat(), "duration_s": 600,
+                "power_limit_kw": 2.0}
         t_post = time.time()
         resp = await http.post("/v1/emergencies", json=body)
         post_ms = round((time.time() - t_post) * 1000, 3)

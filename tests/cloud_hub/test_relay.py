@@ -134,3 +134,16 @@ async def test_deadline_closes_a_request_nobody_answered(hub_any: HubHandle) -> 
     assert req["state"] == "failed"
     assert req["clients"]["c1"]["state"] == "unreachable"
     assert "deadline" in req["clients"]["c1"]["detail"]["reason"]
+
+
+async def test_a_retailer_gets_its_clients_in_id_order_whatever_order_the_dso_listed_them(hub_any: HubHandle) -> None:
+    """On bf0a42e the request message listed them as the POST did: the homes then answered in that order and each
+    outcome commit wrote entries spread over the whole request row (docs/performance.md, "Clients in id order")."""
+    hub = hub_any
+    await hub.setup_registry({"c1": "r1", "c2": "r1", "c3": "r1", "c4": "r2"})
+    with parties(Party(hub.broker, "r1", topics.down("retailers", "r1")),
+                 Party(hub.broker, "r2", topics.down("retailers", "r2"))) as (r1, r2):
+        await post_emergency(hub, ["c3", "c4", "c1", "c2"])
+        got1, got2 = await r1.next("request"), await r2.next("request")
+        assert isinstance(got1, Request) and isinstance(got2, Request)
+        assert got1.client_ids == ["c1", "c2", "c3"] and got2.client_ids == ["c4"]

@@ -26,10 +26,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_fanout_reaches_every_gateway_exactly_once_and_the_outputs_reconcile(tmp_path: Path) -> None:
     out = tmp_path / "fanout"
+    # --shuffled: the POST lists the clients in a random order (the hub hands each retailer its clients in id order).
     proc, res = run_fanout(out, "--gateways", "50", "--retailers", "2", "--runs", "1", "--per-fleet", "20",
-                           timeout_s=120)
+                           "--shuffled", timeout_s=120)
     assert "[fanout] run 1/1:" in proc.stdout and "[fanout] done:" in proc.stdout
-    assert res["experiment"] == "fanout" and res["params"]["gateways"] == 50
+    assert res["experiment"] == "fanout" and res["params"]["gateways"] == 50 and res["params"]["shuffled"] is True
     # 25 gateways per retailer, at most 20 per fleet process: two fleet processes per retailer.
     assert res["setup"]["fleet_processes"] == 4 and len(res["setup"]["fleet_connect_s"]) == 4
     (run,) = res["runs"]
