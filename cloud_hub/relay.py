@@ -578,7 +578,10 @@ class HubRelay:
                 self.metrics.outcomes_superseded.inc()
                 log.info("request %s client %s: unreachable replaced by the home's own outcome %s (retailer %s)",
                          outside(report.request_id), outside(report.client_id), report.state.value, retailer_id)
-            if v.changed:  # applied: the book asked the same decision before it changed anything
+            # Applied: the book asked the same decision (``book.apply(flat, self._may_report)`` in
+            # ``_commit_batch``, which is ``_report_decision(...).allowed``) before it changed anything. Give the
+            # book another check and this skip must go.
+            if v.changed:
                 continue
             verdict = _report_decision(retailer_id, tuple(v.addressed))
             if v.known and verdict.allowed:

@@ -23,13 +23,17 @@ CHUNK = 2_000
 
 
 async def chunked_map(fn: Callable[[T], R], items: Iterable[T], chunk: int = CHUNK) -> list[R]:
-    """``[fn(x) for x in items]``, the event loop let go after every ``chunk`` items."""
+    """``[fn(x) for x in items]``, the event loop let go after every ``chunk`` items (``chunk`` >= 1). A
+    ``StopIteration`` out of ``fn`` is an error (as in any coroutine), never the end of ``items``: a comprehension,
+    not ``list.extend(map(...))``, which would take it for the end and return a short list."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, not {chunk}")
     out: list[R] = []
     it = iter(items)
     while True:
-        n = len(out)
-        out.extend(map(fn, itertools.islice(it, chunk)))  # the loop in C: per item, only ``fn``'s own call
-        if len(out) - n < chunk:
+        part = [fn(x) for x in itertools.islice(it, chunk)]
+        out += part
+        if len(part) < chunk:
             return out
         await asyncio.sleep(0)
 

@@ -62,3 +62,20 @@ def test_sent_chunks_keep_messages_whole_and_in_order(sizes: list[int], expected
         for rid, its in c.items():
             assert all(m.item.request_id == rid for m in its)
             assert its == [m for m in first[rid] if m in its]  # each request's marks in their order
+
+
+def _stops_at_three(x: int) -> int:
+    if x == 3:
+        raise StopIteration  # e.g. a bare next() on an exhausted iterator inside fn
+    return x
+
+
+async def test_a_stop_iteration_out_of_fn_is_an_error_not_a_short_list() -> None:
+    """s14-hub's ``list.extend(map(...))`` took it for the end of the items and returned [0, 1, 2] (found in review)."""
+    with pytest.raises(RuntimeError):
+        await chunked_map(_stops_at_three, range(10), chunk=4)
+
+
+async def test_a_chunk_of_zero_is_refused_not_an_endless_loop() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        await asyncio.wait_for(chunked_map(str, range(5), chunk=0), 1.0)
