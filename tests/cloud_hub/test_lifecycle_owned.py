@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -23,6 +24,12 @@ def _both(clients: dict[str, dict[str, Any]], outcomes: list[Any], **kw: Any) ->
     owned = apply(owned_row, outcomes, NOW, owned=True)
     assert owned == pure
     assert pure_row.clients == clients  # the pure call still leaves its row as it was
+    changes = owned[0]
+    assert all(changes.clients[c] is owned_row.clients[c] for c in changes.clients if c in owned_row.clients), \
+        "an owned entry is changed where it is, not copied"
+    after = {**clients, **changes.clients}  # the counts are a recount of the row as the change leaves it
+    if changes.counts is not None:
+        assert +Counter(C(e["state"]) for e in after.values()) == +Counter(changes.counts)
 
 
 @pytest.mark.parametrize(("stored", "reported", "phase"), list(itertools.product(C, C, ["dispatch", "availability"])))
