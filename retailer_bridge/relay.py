@@ -231,7 +231,7 @@ class BridgeRelay:
         :meth:`_withdraw_fresh` to release what a later commit closes while it goes out."""
         self.commands_out = Outbox(_Commands(store, self.gateway_topic, self.gateway_rtt, self.read_up_to,
                                              self.held_commands, resend_by_s=gateway_ack_timeout_s / 2,
-                                             too_large=self._too_large),
+                                             too_large=self._too_large, unsendable=self._unsendable),
                                    self._to_local,
                                    limit=DISPATCH_BATCH, retry_s=lambda n: delay_s(n, self.gateway_rtt.timeout_s()))
         """Commands to gateways, re-sent until each gateway acknowledges (or it is ``unreachable``)."""
@@ -1107,6 +1107,15 @@ class BridgeRelay:
         await self._unreachable(cmd, f"the command was not sent to the gateway: its packet of {exc.size} bytes is "
                                      f"over the {exc.limit} the retailer broker takes", ClientState.REFUSED)
 
+    async def _unsendable(self, cmd: dict[str, Any]) -> None:
+        """A due command without its payload (its ``command_payloads`` row missing: the store's invariant broken, a
+        damaged database): it can never be sent, so it is closed as ``refused`` (as one too large to send) instead of
+        being read as due again and again."""
+        log.error("command %s of client %s for request %s has no payload in the bridge's store (damaged database?): "
+                  "closed as refused", cmd["msg_id"], cmd["client_id"], outside(cmd["request_id"]))
+        await self._unreachable(cmd, "the command was not sent to the gateway: its payload is missing from the "
+                                     "retailer bridge's store", ClientState.REFUSED)
+
     async def push_schedule(self, gateway_id: str, schedule: Schedule) -> None:
         """Send a customer's schedule to its gateway through the stored outbox (re-sent until acknowledged)."""
         await self.store.queue_for_gateway(schedule.msg_id, gateway_id, encode(schedule), time.time() + 7 * 86_400)
@@ -1124,7 +1133,8 @@ class _Commands:
     def __init__(self, store: BridgeStore, topic_of: Callable[[str], str], rtt: RoundTrip,
                  read_up_to: Callable[[], float] = lambda: math.inf, held: set[str] | None = None,
                  resend_by_s: float = math.inf, *,
-                 too_large: Callable[[dict[str, Any], PacketTooLarge], Awaitable[None]]) -> None:
+                 too_large: Callable[[dict[str, Any], PacketTooLarge], Awaitable[None]],
+                 unsendable: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         self.store = store
         self.topic_of = topic_of
         self.rtt = rtt
@@ -1134,6 +1144,8 @@ class _Commands:
         """Commands the relay sends from their commit (:attr:`BridgeRelay.held_commands`): not read as due here."""
         self.too_large = too_large
         """Closes a command its link refused as too large (:meth:`parked`)."""
+        self.unsendable = unsendable
+        """Closes a due command read without its payload (:meth:`due`): it could never be sent."""
         self.resend_by_s = resend_by_s
         """The latest a first re-send is postponed to, after the command's first send (unless the measured round
         trip alone says later): ``BridgeRelay`` gives half the ack timeout, which ``_command_due`` counts from the
@@ -1143,6 +1155,11 @@ class _Commands:
         topic_of = self.topic_of
         horizon = self.read_up_to()
         rows = await self.store.due_commands(now, limit, horizon)
+        if any(c["payload"] is None for c in rows):  # never, unless the store was damaged: closed, not due for ever
+            for c in rows:
+                if c["payload"] is None:
+                    await self.unsendable(c)
+            rows = [c for c in rows if c["payload"] is not None]
         if self.held:
             rows = [c for c in rows if c["msg_id"] not in self.held]
         now = min(now, horizon)  # what a re-send is judged by

@@ -48,11 +48,11 @@ async def bench(n: int) -> tuple[float, float]:
         t0 = time.process_time()
         await relay.on_hub_message(topics.down("retailers", "r1"), encode(req), False)
         t1 = time.process_time()
-        commands = {c["client_id"]: c for c in await store.commands_of("q")}
+        commands = await store.payloads_of("q")
         assert len(commands) == n, f"{len(commands)} commands stored for {n} clients"
         payloads = []
         for i in range(n):
-            cmd = decode(commands[f"c{i}"]["payload"])
+            cmd = decode(commands[f"c{i}"])
             payloads.append((topics.up("gateways", f"gw-{i}"), encode(Ack(ack_ids=[cmd.msg_id])),
                              encode(Outcome(request_id="q", client_id=f"c{i}", state=ClientState.EXECUTED,
                                             trace={"gateway_ms": 0.3}))))

@@ -76,3 +76,44 @@ async def test_a_command_too_large_to_send_is_closed_refused_for_its_size_not_un
         assert len(await store.due_outbox(clock.t + 1)) == 1
     finally:
         await store.close()
+
+
+class RecordingLink:
+    connected = True
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def publish(self, topic: str, payload: bytes, **_: object) -> None:
+        self.sent.append((topic, payload))
+
+
+async def test_a_due_command_without_its_payload_is_closed_refused_not_due_for_ever(tmp_path: Path) -> None:
+    """Review of the thirteenth round: a command whose ``command_payloads`` row is missing (the store's invariant
+    broken: a damaged database) was hidden from ``due_commands`` by its join while ``next_gateway_due`` reported it
+    due: the dispatcher woke for it for ever and sent nothing. It is now read (its payload None) and closed as
+    ``refused``, its outcome for the hub; the other commands go out. On e44a65f this fails: the command stays
+    ``sending``, no outcome, and it is still due."""
+    store = BridgeStore(tmp_path / "b.db")
+    await store.open()
+    try:
+        clock = Clock(1_000_000.0)
+        relay = BridgeRelay("r1", {"c1": "gw-1", "c2": "gw-2"}, store)
+        relay.commands_out.clock = clock
+        link = RecordingLink()
+        relay.local = link  # type: ignore[assignment]
+        relay.local_connected()
+        await store.accept_request([NewCommand("q", c, f"gw-{c[1]}", f"cmd-{c}", b"command", clock.t, clock.t + 7200)
+                                    for c in ("c1", "c2")], [])
+        await store.sql.tx(lambda db: db.execute("DELETE FROM command_payloads WHERE client_id='c1'"))
+        await relay.dispatch_gateways()
+        assert [p for _, p in link.sent] == [b"command"]  # c2's
+        rows = {c["client_id"]: c for c in await store.commands_of("q")}
+        assert rows["c1"]["state"] == CLOSED and rows["c1"]["attempts"] == 0, rows["c1"]
+        [queued] = await store.due_outbox(clock.t + 1)
+        outcome = decode(queued["payload"])
+        assert isinstance(outcome, Outcome) and outcome.state is ClientState.REFUSED and outcome.client_id == "c1"
+        assert "payload is missing" in str(outcome.detail["reason"])
+        assert all(c["msg_id"] != "cmd-c1" for c in await store.due_commands(clock.t + 10_000))
+    finally:
+        await store.close()
