@@ -31,16 +31,11 @@ def make_plan(by_retailer: dict[str, list[str]], message: tuple[RequestKind, dic
     """The plan of a client request: ``by_retailer`` (``{retailer: [client, ...]}``, each client once), what its
     ``request`` messages say (``(kind, params as JSON, expires_at)``), the audit line ``(principal, action, right,
     at)`` written for every client, and each client's contracted power when its entry bounds an availability claim
-    (a load reduction's phase one).
-
-    Each retailer's clients are put in id order, whatever order the DSO listed them in: the request row's client
-    entries are keyed by client id, and the retailer sends the commands, so the homes answer, about in the order
-    of its message; in id order each outcome commit then writes neighbouring entries (a few leaves of the row)
-    instead of entries spread over all of it (docs/performance.md, "Clients in id order"). Sorting a list already
-    in order costs one pass."""
+    (a load reduction's phase one). Each retailer's clients come in id order (``Creator.targets``), and the request
+    messages keep that order."""
     principal, action, right, at = audit
     kind, params, expires_at = message
-    plan: dict[str, Any] = {"by_retailer": {rid: sorted(cids) for rid, cids in by_retailer.items()},
+    plan: dict[str, Any] = {"by_retailer": by_retailer,
                             "message": {"kind": kind.value, "params": params, "expires_at": expires_at.isoformat()},
                             "audit": {"principal": principal, "action": action, "right": right, "at": at}}
     if max_kw is not None:

@@ -9,7 +9,8 @@ batches of ``--batch`` outcomes (the relay's group commit); the figure is outcom
 book does in Python) and of the whole process (``process_us``: with the SQLite threads). ``--gc-tuned`` tunes the
 garbage collector as ``cloud-hub serve`` does; ``--fanout`` measures a fan-out's outcomes instead: every client
 from ``pending`` straight to ``executed`` with its trace, the change feed on (``--scattered``: in a random order, as
-homes answer, so that each commit's clients spread over the row: the writer then pays per page a commit dirties).
+a DSO's random order made them before the hub put clients in id order, so that each commit's clients spread over the
+row: the writer then pays per page a commit dirties; a fan-out's commits are in client order, ``sim.commit_pages``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ async def one_run(clients: int, batch: int, fanout: bool = False, scattered: boo
             if fanout:
                 trace = {"gateway_ms": 0.008, "retailer_ms": 209.5}
                 outcomes = [ReportedOutcome("r1", "req-bench", c, ClientState.EXECUTED, {}, dict(trace)) for c in ids]
-                if scattered:  # as homes answer: a commit's clients spread over the whole row
+                if scattered:  # a DSO's random order before c7e0509: a commit's clients spread over the whole row
                     random.Random(1).shuffle(outcomes)
             else:
                 outcomes = [ReportedOutcome("r1", "req-bench", c, s) for s in (ClientState.DELIVERED,

@@ -77,13 +77,16 @@ class RequestCreator:
         return Accepted.model_validate(answer)
 
     async def targets(self, body: dict[str, Any]) -> list[str]:
+        """The request's clients, each once and in id order, whatever order the DSO listed them in: every request
+        message lists its clients so (docs/protocol.md), and the homes answer about in that order, which is the
+        order of the request row's keys (docs/decisions.md, "Request messages list their clients in id order")."""
         if body.get("client_ids"):
-            return list(dict.fromkeys(body["client_ids"]))
+            return sorted(dict.fromkeys(body["client_ids"]))
         feeder = body.get("feeder_id")
         if feeder:
             found = await self.store.clients_on_feeder(feeder)
             if not found:
                 raise NotFound(f"no client is registered on feeder {feeder!r}")
-            return found
+            return sorted(found)  # a key scan's order already: one pass
         raise ValueError("give client_ids or feeder_id")
 

@@ -48,12 +48,13 @@ def reduction_items(request_id: str, by_retailer: dict[str, list[str]], targets:
                      end: float, revision: int) -> list[OutboxItem]:
     """The ``load_reduction`` messages of a load reduction's chosen clients (``by_retailer``), each home asked for
     its own target (:func:`cloud_hub.timeline.reduction_targets`: what it said it could shed, the last one chosen
-    only the rest): one message per retailer and target, at the dispatch and at every later revision."""
+    only the rest): one message per retailer and target, at the dispatch and at every later revision; each
+    message's clients in id order (docs/protocol.md), whatever order ``by_retailer`` gives them in."""
     until = datetime.fromtimestamp(end, UTC)
     items = []
     for rid, all_cids in sorted(by_retailer.items()):
         by_target: dict[float, list[str]] = defaultdict(list)
-        for cid in all_cids:
+        for cid in sorted(all_cids):
             by_target[targets[cid]].append(cid)
         for target_kw, same in sorted(by_target.items()):
             params = LoadReductionParams(start=start, end=until, target_kw=target_kw)

@@ -170,8 +170,7 @@ class Revisions:
                 targets = sorted(set((meta.get("selection") or {}).get("chosen", [])) & live)
             elif phase != "availability":  # (in that phase nothing is sent: the answers stand, and the selection
                 retarget = {"client_ids", "feeder_id"} & set(changes)
-                # In id order, as at creation (cloud_hub.fanout.make_plan): the messages list their clients so.
-                targets = sorted(await self.creator.targets(body)) if retarget else sorted(live)
+                targets = await self.creator.targets(body) if retarget else sorted(live)  # in id order, both
                 added = [c for c in targets if c not in entries or entries[c].get("removed")]
                 removed = sorted(live - set(targets))  # uses the revised reduction_kw)
             # Every client the revision is sent to now (or, in the availability phase, at the dispatch) is looked up

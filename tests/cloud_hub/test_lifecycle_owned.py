@@ -75,6 +75,9 @@ def test_owned_sent_decides_as_the_pure_call(stored: C) -> None:
     pure_row = row(copy.deepcopy(clients), state=RequestState.ACCEPTED)
     owned_row = row(copy.deepcopy(clients), state=RequestState.ACCEPTED)
     pure = sent(pure_row, messages, NOW - 2)
-    assert sent(owned_row, messages, NOW - 2, owned=True) == pure
+    owned = sent(owned_row, messages, NOW - 2, owned=True)
+    assert owned == pure
+    assert all(owned.clients[c] is owned_row.clients[c] for c in owned.clients if c in owned_row.clients), \
+        "an owned entry is marked where it is, not copied"
     assert pure_row.clients == clients
     assert pure.clients["b"]["state"] == "sent" and pure.clients["b"]["updated_at"] == NOW - 1  # moved by r2's

@@ -7,8 +7,9 @@ import asyncio
 import re
 from datetime import UTC, datetime, timedelta
 
+from cloud_hub.usecases.flexibility import reduction_items
 from mhp_wire import topics
-from mhp_wire.messages import Ack, ClientState, ErrorReply, Outcome, Request
+from mhp_wire.messages import Ack, ClientState, ErrorReply, Outcome, Request, decode
 from tests.hub_fixtures import HubHandle
 from tests.mqtt_party import Party, parties
 
@@ -147,3 +148,14 @@ async def test_a_retailer_gets_its_clients_in_id_order_whatever_order_the_dso_li
         got1, got2 = await r1.next("request"), await r2.next("request")
         assert isinstance(got1, Request) and isinstance(got2, Request)
         assert got1.client_ids == ["c1", "c2", "c3"] and got2.client_ids == ["c4"]
+
+
+def test_a_load_reductions_messages_list_their_clients_in_id_order_whatever_order_they_come_in() -> None:
+    """Phase two builds its messages from the request row's entries, which storage gives "in no promised order":
+    on 078fb95 ``reduction_items`` kept that order."""
+    start = datetime.now(UTC) + timedelta(hours=1)
+    items = reduction_items("req-1", {"r1": ["c3", "c1", "c2"], "r2": ["c9", "c4"]},
+                            {"c1": 1.0, "c2": 2.0, "c3": 1.0, "c4": 0.5, "c9": 0.5}, start,
+                            (start + timedelta(hours=1)).timestamp(), 1)
+    listed = [(i.retailer_id, decode(i.payload).client_ids) for i in items]  # type: ignore[union-attr]
+    assert listed == [("r1", ["c1", "c3"]), ("r1", ["c2"]), ("r2", ["c4", "c9"])]
