@@ -103,8 +103,8 @@ class Report(NamedTuple):
 
 
 def _entry(r: Report) -> dict[str, Any]:
-    return {"client_id": r.client_id, "state": r.state.value, "detail": r.detail, "trace": r.trace,
-            "revision": r.revision}
+    # The state as it is: orjson writes an enum as its value, in C (``.value`` is a Python property, ~0.09 µs).
+    return {"client_id": r.client_id, "state": r.state, "detail": r.detail, "trace": r.trace, "revision": r.revision}
 
 
 Oversize = Callable[[Report, int], None]

@@ -107,8 +107,17 @@ class CustomerList:
         return Status("moved", ended) if ended is not None else _STRANGER
 
     def is_customer(self, client_id: str, at: float) -> bool:
-        """Whether the client is a customer at ``at``."""
-        return self.status(client_id, at).standing == "customer"
+        """Whether the client is a customer at ``at``: :meth:`status`'s ``standing == "customer"`` without building
+        the :class:`Status` (asked for each gateway's outcome, and a customer's status is a new object each time)."""
+        known = self.announced.get(client_id)
+        if known is None:
+            return client_id in self.gateways
+        for start, end in known.periods:
+            if at < start:
+                return False
+            if end is None or at < end:
+                return True
+        return False
 
     def client_of(self, gateway_id: str, client_id: str, at: float) -> bool:
         """Whether ``gateway_id`` may speak for ``client_id`` about ``at``: it is the client's recorded gateway and

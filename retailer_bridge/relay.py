@@ -114,8 +114,11 @@ made per report of a fan-out)."""
 ReportResult = tuple[str, int] | Failed | None
 """A report's result from the store: None for an acknowledgement; for an outcome, ``(state, revision)`` of its command
 as the reports before it left it, None (no such command) or its :class:`Failed` (a :class:`Refused`: not ours)."""
-_GATEWAY_TRACE = ("gateway_ms", "waited_ms")
+_GATEWAY_TRACE = frozenset(("gateway_ms", "waited_ms"))
 """The timings of a gateway's outcome that the bridge forwards in its trace."""
+_NOT_FINAL = frozenset(s for s in ClientState if not s.terminal)
+"""The states an outcome can be followed by another from: ``not in`` this is ``state.terminal`` without the property's
+call (asked of each gateway's outcome, twice)."""
 _RTT, _RETAILER = BRIDGE_TRACE_KEYS
 """The timings the bridge adds (the gateways leave room for them: :data:`mhp_wire.messages.GATEWAY_OUTCOME_BYTES`)."""
 
@@ -524,9 +527,9 @@ class BridgeRelay:
 
     def not_customer(self, client_id: str, at: float) -> str | None:
         """None when ``client_id`` is a customer at ``at``, else why not (for a refusal)."""
-        status = self.customer_list.status(client_id, at)
-        if status.standing == "customer":
+        if self.customer_list.is_customer(client_id, at):  # the usual answer, without a Status object
             return None
+        status = self.customer_list.status(client_id, at)
         when = _instant(at)
         if status.standing == "moved" and status.since is not None:
             return (f"{client_id} is not a customer of retailer {self.retailer_id} at {when}: it moved to another "
@@ -812,19 +815,23 @@ class BridgeRelay:
         revision since replaced, leaves the command as it is (it is not the client's outcome any more); any other
         closes it, with the gateway's timings and ours in its trace."""
         verdicts: list[Verdict] = []
+        verdict = verdicts.append
         not_customer = self.not_customer
         for (_, msg, t0), cmd in zip(outcomes, commands, strict=True):
             if cmd is None:
-                verdicts.append(None)
+                verdict(None)
                 continue
             try:
                 why = not_customer(msg.client_id, cmd[COL_NOT_BEFORE])
                 if why is not None:
-                    verdicts.append(Refused(why))
-                elif not msg.state.terminal or msg.revision < cmd[COL_REVISION]:
-                    verdicts.append(None)
+                    verdict(Refused(why))
+                elif msg.state in _NOT_FINAL or msg.revision < cmd[COL_REVISION]:
+                    verdict(None)
                 else:
-                    trace: dict[str, float] = {k: v for k, v in msg.trace.items() if k in _GATEWAY_TRACE}
+                    # The usual gateway's trace holds only the timings forwarded: copied whole (a set test and a
+                    # copy in C), else filtered key by key.
+                    trace: dict[str, float] = dict(msg.trace) if msg.trace.keys() <= _GATEWAY_TRACE else {
+                        k: v for k, v in msg.trace.items() if k in _GATEWAY_TRACE}
                     # Milliseconds to the microsecond: round(ms * 1000) / 1000 is the float round(ms, 3) gives (the
                     # one nearest to the same whole number of microseconds, but at a tie within a float's error), in
                     # a quarter of its time (0.07 against 0.3 µs, twice per outcome).
@@ -833,10 +840,9 @@ class BridgeRelay:
                     trace[_RETAILER] = round((cmd[COL_HANDLING_MS] + (time.time() - t0) * 1000) * 1000) / 1000
                     # Plain values from a validated outcome (no model to validate again): encoded, or packed with
                     # others, by the store.
-                    verdicts.append(Report(msg.request_id, msg.client_id, msg.state, msg.detail, trace,
-                                           msg.revision))
+                    verdict(Report(msg.request_id, msg.client_id, msg.state, msg.detail, trace, msg.revision))
             except Exception as exc:  # this report fails alone (its gateway sends it again), not the batch
-                verdicts.append(exc)
+                verdict(exc)
         return verdicts
 
     async def _on_gateway_outcome(self, gid: str, msg: Outcome | OutcomeIn) -> None:
@@ -883,7 +889,7 @@ class BridgeRelay:
             gid, msg, _ = report  # an outcome's (narrowed by its length)
             try:
                 if type(result) is tuple and msg.revision >= result[1]:  # the usual: stored, its ack follows
-                    if result[0] != CLOSED and msg.state.terminal:
+                    if result[0] != CLOSED and msg.state not in _NOT_FINAL:
                         wake = True  # its outcome is queued for the hub; nothing became due for the gateways
                     if acks is None:
                         acks = AckStamp()

@@ -426,15 +426,17 @@ class BridgeStore:
             _drop_acked_notices(db, pairs)
             acked = _acked_commands(db, pairs)
             rows = _commands_by_key(db, keys)
-            was = {k: r[COL_STATE] for k, r in rows.items()}
-            state = dict(was)
-            for r in acked:
-                key = (r[COL_REQUEST], r[COL_CLIENT])
-                if key in state:
+            # Each command's state as this batch's reports find it where it differs from its row's (read before the
+            # batch): only the commands acknowledged here, not a copy of every row's state per batch.
+            state: dict[tuple[str, str], str] = {}
+            acked_keys = [(r[COL_REQUEST], r[COL_CLIENT]) for r in acked]
+            for key in acked_keys:
+                if key in rows:
                     state[key] = DELIVERED  # as this batch's outcome of the same command will see it
-            plan = _close_in_order(judged, rows, state, was) if judged is not None else _Closings()
+            plan = _close_in_order(judged, rows, state) if judged is not None else _Closings()
             closed_keys = plan.closed_keys
-            moved = [r for r in acked if (r[COL_REQUEST], r[COL_CLIENT]) not in closed_keys]
+            moved = [r for r, key in zip(acked, acked_keys, strict=True) if key not in closed_keys] \
+                if closed_keys else acked
             # Set-based: one statement per 500 commands (per request for the closed ones), not one per command.
             _each_chunk(db, f"UPDATE commands SET state='{DELIVERED}' WHERE msg_id IN ({{}})", (),
                         [r[COL_MSG] for r in moved])
@@ -448,10 +450,13 @@ class BridgeStore:
             self._queue(db, _handed(handed, _packed(delivered + plan.outcomes, pack)))
             once = [r[COL_FIRST_SENT] for r in acked if r[COL_ATTEMPTS] == 1 and r[COL_FIRST_SENT] is not None]
             # An outcome that closes a command still being sent acknowledges it (a gateway sends no separate
-            # ``ack`` when its outcome is ready at once): its round trip counts as the ack's would.
-            acked_keys = {(r[COL_REQUEST], r[COL_CLIENT]) for r in acked}
-            once += [rows[k][COL_FIRST_SENT] for k in closed_keys if k not in acked_keys and was[k] == SENDING
-                     and rows[k][COL_ATTEMPTS] == 1 and rows[k][COL_FIRST_SENT] is not None]
+            # ``ack`` when its outcome is ready at once): its round trip counts as the ack's would (noted by
+            # _close_in_order; one acknowledged in this batch too counts once, above).
+            if acked:
+                seen = set(acked_keys)
+                once += [s for k, s in plan.sent_once if k not in seen]
+            else:
+                once += [s for _, s in plan.sent_once]
             return Applied(len(acked), plan.results, once)
 
         handed: dict[str, list[Any]] = {}
@@ -711,6 +716,9 @@ class _Closings:
     superseded: list[str] = field(default_factory=list)
     """The ``msg_id``s of ``delivered`` outcomes this batch's outcomes withdraw (if not sent yet)."""
     outcomes: list[tuple[str, bytes] | Outcome | Report] = field(default_factory=list)
+    sent_once: list[tuple[tuple[str, str], float]] = field(default_factory=list)
+    """``(key, first_sent_at)`` of each command closed by this batch that was still ``sending`` before it, sent
+    once: answered by its outcome (:attr:`Applied.first_sent_at`)."""
 
 
 def _handed(handed: dict[str, list[Any]], queued: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
@@ -726,7 +734,9 @@ def _packed(outcomes: list[tuple[str, bytes] | Outcome | Report],
     ready: list[tuple[str, bytes]] = []
     models: list[Outcome | Report] = []
     for o in outcomes:
-        if isinstance(o, (Outcome, Report)):
+        # A Report first, by its exact type (the usual, one per gateway's outcome): an isinstance of the model
+        # class goes through its metaclass's check.
+        if type(o) is Report or isinstance(o, (Outcome, Report)):
             models.append(o)
         else:
             ready.append(o)
@@ -737,31 +747,40 @@ def _packed(outcomes: list[tuple[str, bytes] | Outcome | Report],
     return ready + [(o.msg_id, encode(o)) if isinstance(o, Outcome) else outcome_payload(o) for o in models]
 
 
-def _close_in_order(judged: Judged, rows: dict[tuple[str, str], Any], state: dict[tuple[str, str], str],
-                    was: dict[tuple[str, str], str]) -> _Closings:
-    """The batch's outcomes judged in one call, then each verdict (in order) applied to its command (``rows``) as
-    the reports before it left it (``state``, updated here): a verdict for a command closed already is dropped;
-    ``was``: each command's state before the batch (a ``delivered`` outcome can wait in the outbox only if it was
-    delivered)."""
+def _close_in_order(judged: Judged, rows: dict[tuple[str, str], Any], state: dict[tuple[str, str], str]) -> _Closings:
+    """The batch's outcomes judged in one call, then each verdict (in order) applied to its command (``rows``, read
+    before the batch: a ``delivered`` outcome can wait in the outbox only if its command was delivered then) as the
+    reports before it left it (``state`` where it differs from its row's, updated here): a verdict for a command
+    closed already is dropped."""
     plan = _Closings()
-    verdicts = judged.judge([rows.get(k) for k in judged.keys])
-    for key, verdict in zip(judged.keys, verdicts, strict=True):
-        row = rows.get(key)
+    results, closed, closed_keys, superseded, outcomes, sent_once = (
+        plan.results, plan.closed, plan.closed_keys, plan.superseded, plan.outcomes, plan.sent_once)
+    commands = [rows.get(k) for k in judged.keys]
+    verdicts = judged.judge(commands)
+    # Looked up once per outcome (the rows in hand): this loop runs for each gateway's outcome of a fan-out.
+    for key, row, verdict in zip(judged.keys, commands, verdicts, strict=True):
         if row is None:
-            plan.results.append(None)
+            results.append(None)
             continue
         if isinstance(verdict, Exception):
-            plan.results.append(Failed(verdict))
+            results.append(Failed(verdict))
             continue
-        before = state[key]
+        before = state.get(key) or row[COL_STATE]
         if verdict is not None and before != CLOSED:
             state[key] = CLOSED  # as the next report of the same command in this batch will see it
-            plan.closed_keys.add(key)
-            plan.closed.setdefault(key[0], []).append(key[1])
-            if was[key] == DELIVERED:
-                plan.superseded.append(delivered_msg_id(row[COL_MSG]))
-            plan.outcomes.append(verdict)
-        plan.results.append((before, row[COL_REVISION]))
+            closed_keys.add(key)
+            ids = closed.get(key[0])
+            if ids is None:
+                closed[key[0]] = [key[1]]
+            else:
+                ids.append(key[1])
+            was = row[COL_STATE]
+            if was == DELIVERED:
+                superseded.append(delivered_msg_id(row[COL_MSG]))
+            elif was == SENDING and row[COL_ATTEMPTS] == 1 and row[COL_FIRST_SENT] is not None:
+                sent_once.append((key, row[COL_FIRST_SENT]))
+            outcomes.append(verdict)
+        results.append((before, row[COL_REVISION]))
     return plan
 
 
