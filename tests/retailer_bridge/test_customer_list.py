@@ -102,3 +102,21 @@ def test_the_customers_message_round_trips_and_refuses_disordered_periods() -> N
 
 def encode_dict(data: dict[str, Any]) -> bytes:
     return json.dumps(data).encode()
+
+
+def test_is_customer_answers_as_status_says_at_every_edge() -> None:
+    """``is_customer`` repeats ``status``'s walk over the periods without building a Status (s14-bridge2): the two
+    must not drift apart. Every instant before, at and after each edge, an open end, no periods, and clients the hub
+    never announced, with and without a gateway."""
+    from retailer_bridge.customers import Announced
+
+    listed = CustomerList({"two": "gw-1", "open": "gw-2", "none": "gw-3", "recorded": "gw-4"}, {
+        "two": Announced(3, ((t, t + H), (t + 3 * H, t + 4 * H))),
+        "open": Announced(1, ((t + H, None),)),
+        "none": Announced(2, ()),
+        "elsewhere": Announced(1, ((t, t + H),)),
+    })
+    instants = [t + k * H / 2 + d for k in range(-1, 10) for d in (-1e-6, 0.0, 1e-6)]
+    for client in ("two", "open", "none", "recorded", "elsewhere", "stranger"):
+        for at in instants:
+            assert listed.is_customer(client, at) == (listed.status(client, at).standing == "customer"), (client, at)
