@@ -9,6 +9,12 @@ per item, in order; a result that is a :class:`Failed` is raised to that item's 
 back, the others stand); ``commit`` raising fails every item of the batch with that error, and the items queued
 behind it still get their own commit. The hub (outcomes and acks, in its book), the bridge (every SQLite write) and
 any future writer keep their own storage and use this for the batching.
+
+One exception, asked for by name: ``pace_s`` with ``pace_after(items)`` spaces commits out after a batch that
+``pace_after`` calls large: the next commit starts no sooner than ``pace_s`` after that one started, and what arrives
+meanwhile joins it. The hub paces its outcome commits so after one that carries a fan-out's worth of one request's
+outcomes (fewer, larger commits: each pays a fixed part, the request's meta, its change-feed event, the reads and
+the sync), never after the batches of ordinary traffic, whose latency it would add to (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -41,9 +47,22 @@ class _Many(Generic[T]):
 class GroupCommit(Generic[T, R]):
     """Items committed together by one call of ``commit``; see the module's docstring."""
 
-    def __init__(self, commit: Callable[[list[T]], Awaitable[list[Any]]], *, name: str, max_batch: int = 0,
-                 weight: Callable[[T], int] | None = None) -> None:
+    def __init__(self, commit: Callable[[list[T]], Awaitable[list[Any]]], *, name: str,
+                 max_batch: int = 0, weight: Callable[[T], int] | None = None, pace_s: float = 0.0,
+                 pace_after: Callable[[list[T]], bool] | None = None, clock: Callable[[], float] | None = None,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self._commit = commit
+        self.pace_s = pace_s
+        self.pace_after = pace_after if pace_s > 0 else None
+        """Given a committed batch's items: whether the next commit waits until ``pace_s`` after this one started
+        (see the module's doc; None: never)."""
+        self._clock = clock
+        """The pacing's clock (None: the event loop's); ``sleep`` waits on it: tests drive both."""
+        self._sleep = sleep
+        self._not_before: float | None = None
+        """When the next commit may start, after a paced one (None: at once)."""
+        self.paced = 0
+        """Commits that waited for ``pace_s``."""
         self.max_batch = max_batch
         self.weight = weight
         """How much of ``max_batch`` an item takes (None: 1 each); a batch always takes at least one item."""
@@ -160,7 +179,14 @@ class GroupCommit(Generic[T, R]):
         return batch, items, True
 
     async def _run(self) -> None:
+        clock = self._clock or asyncio.get_running_loop().time
         while self._queue:
+            if self._not_before is not None:
+                wait, self._not_before = self._not_before - clock(), None
+                if wait > 0:
+                    self.paced += 1
+                    await self._sleep(wait)  # what arrives meanwhile joins this commit
+            started = clock()
             batch, items, many = self._next_batch()
             try:
                 results = await self._commit(items)
@@ -176,6 +202,8 @@ class GroupCommit(Generic[T, R]):
             self.commits += 1
             self.writes += len(items)
             _resolve(batch, results, many)
+            if self.pace_after is not None and self.pace_after(items):
+                self._not_before = started + self.pace_s
 
 
 def _resolve(batch: list[tuple[Any, asyncio.Future[Any]]], results: list[Any], many: bool) -> None:

@@ -159,3 +159,20 @@ def test_a_load_reductions_messages_list_their_clients_in_id_order_whatever_orde
                             (start + timedelta(hours=1)).timestamp(), 1)
     listed = [(i.retailer_id, decode(i.payload).client_ids) for i in items]  # type: ignore[union-attr]
     assert listed == [("r1", ["c1", "c3"]), ("r1", ["c2"]), ("r2", ["c4", "c9"])]
+
+
+def test_outcome_commits_are_paced_only_after_a_fan_outs_worth_of_one_requests_reports() -> None:
+    """A batch carrying OUTCOME_PACE_MIN_REPORTS reports of one request (a fan-out's) paces the next outcome commit;
+    the same number spread over requests of 100 clients (12,000 requests/min) does not."""
+    from cloud_hub.relay import OUTCOME_PACE_MIN_REPORTS, OUTCOME_PACE_S, _Reported, fanout_sized
+    from mhp_wire.messages import OutcomeReport, Outcomes
+
+    def message(request_id: str, clients: int) -> _Reported:
+        return _Reported.of("r1", Outcomes(request_id=request_id, reports=[
+            OutcomeReport(client_id=f"c{k}", state=ClientState.EXECUTED) for k in range(clients)]))
+
+    half = OUTCOME_PACE_MIN_REPORTS // 2
+    assert fanout_sized([message("big", half), message("other", 100), message("big", half)])
+    assert not fanout_sized([message(f"req-{k}", 100) for k in range(3 * OUTCOME_PACE_MIN_REPORTS // 100)])
+    assert not fanout_sized([message("big", half), message("other", half)])
+    assert 0 < OUTCOME_PACE_S <= 0.25

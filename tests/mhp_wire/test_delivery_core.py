@@ -147,3 +147,41 @@ async def test_group_commit_takes_items_submitted_together_with_one_future() -> 
     assert gc.commits == 3 and gc.writes == 7
     assert await gc.submit_many([8]) == [80] and await gc.submit_many([]) == []
     assert gc.commits == 4 and gc.writes == 8
+
+
+async def test_a_paced_group_commit_waits_only_after_a_batch_it_calls_large() -> None:
+    """``pace_s``/``pace_after``: after a batch of at least 3 items the next commit starts no sooner than 10 s after
+    that one started, and what arrives meanwhile joins it; after a small batch the next starts at once. The clock and
+    the sleep are injected: nothing waits for real."""
+    now = [100.0]
+    waits: list[float] = []
+
+    async def sleep(s: float) -> None:
+        waits.append(round(s, 6))
+        now[0] += s
+        await asyncio.sleep(0)
+
+    batches: list[list[int]] = []
+
+    async def commit(items: list[int]) -> list[object]:
+        batches.append(items)
+        now[0] += 1.0  # each commit takes 1 s of the injected clock
+        await asyncio.sleep(0)
+        return list(items)
+
+    gc: GroupCommit[int, int] = GroupCommit(commit, name="test-commit", pace_s=10.0,
+                                            pace_after=lambda items: len(items) >= 3, clock=lambda: now[0], sleep=sleep)
+    assert await asyncio.gather(*(gc.submit(i) for i in (1, 2, 3))) == [1, 2, 3]  # large: the next one waits
+    now[0] += 2.0
+    late = [asyncio.create_task(gc.submit(4))]
+    await asyncio.sleep(0)
+    late.append(asyncio.create_task(gc.submit(5)))  # arrives during the wait: joins that commit
+    assert [await t for t in late] == [4, 5]
+    assert waits == [7.0] and batches[1] == [4, 5] and gc.paced == 1  # 10 s after the start at 100, it was 103
+    assert await gc.submit(6) == 6  # after a small batch: at once
+    assert waits == [7.0] and gc.commits == 3
+    unpaced: GroupCommit[int, int] = GroupCommit(commit, name="test-commit", pace_after=lambda items: True,
+                                                 clock=lambda: now[0], sleep=sleep)
+    for i in (7, 8):
+        await unpaced.submit(i)
+    assert waits == [7.0] and unpaced.paced == 0  # no pace_s: pace_after is not even kept
