@@ -70,9 +70,9 @@ PRESENCE_CHANGES_BURST = 10
 OUTCOME_PACE_S = 0.15
 """After an outcome commit carrying :data:`OUTCOME_PACE_MIN_REPORTS` reports of one request (a fan-out's), the next
 starts no sooner than this after it started: fewer, larger commits, each paying its fixed part once (the request's
-meta and counts, its change-feed event, the reads, the sync). ~10 µs per client less for the hub at a
-10,000-gateway fan-out; never applied to ordinary traffic, whose latency it would add to (docs/decisions.md,
-"Outcome commits paced after a fan-out's")."""
+meta and counts, its change-feed event, the reads, the sync): ~5 µs per client less for the hub at a
+10,000-gateway fan-out (three pairs); never applied to ordinary traffic, whose latency it would add to
+(docs/decisions.md, "Outcome commits paced after a fan-out's")."""
 OUTCOME_PACE_MIN_REPORTS = 1_000
 """Reports of one request in one outcome commit that make it a fan-out's (a request at 12,000/min has 100)."""
 
