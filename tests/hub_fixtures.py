@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ from tests.waiting import eventually
 __all__ = ["IN_FORCE_SINCE", "HubHandle", "hub", "hub_any", "running_hub"]
 
 
-IN_FORCE_SINCE = "2020-01-01T00:00:00+00:00"
-"""A client's supply contract's ``valid_from`` for tests: a start in the past with no end, so the contract is in force
-whatever today's date is (it can never expire; nothing compares it with a date to come)."""
+IN_FORCE_SINCE = (datetime.now(UTC) - timedelta(days=2_000)).replace(hour=0, minute=0, second=0,
+                                                                     microsecond=0).isoformat()
+"""A client's supply contract's ``valid_from`` for tests: midnight UTC about five and a half years before the run,
+with no end, so the contract is in force whatever today's date is (relative to now: no fixed date to pass)."""
 
 
 @dataclass
