@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import random
 import resource
@@ -46,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from mhp_wire.loopwatch import LoopWatch
 
 TYPES = ("emergency", "load_reduction", "load_shift", "billing")
 """The paper's four request types."""
@@ -383,8 +386,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.worker < int(cfg.get("workers", 1)):
         parser.error(f"--worker must be in 0 .. {int(cfg.get('workers', 1)) - 1}")
     sim = DsoSimulator({**cfg, "worker": args.worker})
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s dso-sim: %(message)s")
+
+    async def watched() -> None:
+        with LoopWatch(name="dso-sim"):  # a stall here shows as send lag, or as a late poll of a request's end
+            await sim.run()
+
     try:
-        asyncio.run(sim.run())
+        asyncio.run(watched())
     finally:
         tmp = args.out.with_suffix(".tmp")
         with tmp.open("w") as f:
