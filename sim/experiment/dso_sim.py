@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -48,6 +49,7 @@ from typing import Any
 
 import aiohttp
 
+from mhp_wire.gc_tuning import tune_for_throughput
 from mhp_wire.loopwatch import LoopWatch
 
 TYPES = ("emergency", "load_reduction", "load_shift", "billing")
@@ -387,9 +389,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--worker must be in 0 .. {int(cfg.get('workers', 1)) - 1}")
     sim = DsoSimulator({**cfg, "worker": args.worker})
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s dso-sim: %(message)s")
+    # The simulator keeps every request's record (thousands of dicts) and parses a change-feed event per write:
+    # with CPython's default thresholds its collector walked that growing heap in passes that held the loop for
+    # 300-650 ms, after a request's send time was taken and before its POST was written, which the run charged to
+    # the hub (docs/performance.md, "Issue 14, fourteenth round"). Tuned as the services are.
+    tune_for_throughput()
+    watch = LoopWatch(name="dso-sim")
 
     async def watched() -> None:
-        with LoopWatch(name="dso-sim"):  # a stall here shows as send lag, or as a late poll of a request's end
+        with watch:  # a stall here shows as send lag, or as a late POST or poll, charged to the hub
             await sim.run()
 
     try:
@@ -404,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
             ru = resource.getrusage(resource.RUSAGE_SELF)
             args.stats_file.write_text(json.dumps({"cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
                                                    "max_rss_mib": round(ru.ru_maxrss / 1024, 2),
-                                                   "generator": sim.self_check()}))
+                                                   "generator": {**sim.self_check(), "loop_stalls": watch.stalls,
+                                                                 "loop_stalled_s": round(watch.stalled_s, 3),
+                                                                 "gc_young_threshold": gc.get_threshold()[0]}}))
     return 0
 
 
