@@ -215,13 +215,13 @@ def _lifespan(settings: HubSettings) -> Callable[[FastAPI], contextlib.AbstractA
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         feed, webhooks = await _assemble(app, settings)
-        watch = LoopWatch(settings.loop_stall_s, name="hub", on_stall=app.state.metrics.count_stall)
-        watch.start()  # before the relay and the webhooks start
-        app.state.loop_watch = watch
         await webhooks.start()
         permissions.attach(app)  # customer consent for eligible parties (docs/consent.md)
         task = asyncio.create_task(_supervise_relay(app, settings), name="hub-relay")
         pruner = asyncio.create_task(_prune_feed(feed), name="hub-feed-prune")
+        watch = LoopWatch(settings.loop_stall_s, name="hub", on_stall=app.state.metrics.count_stall)
+        watch.start()  # before the relay's and the pruner's tasks first run; stopped last
+        app.state.loop_watch = watch
         try:
             yield
         finally:

@@ -145,6 +145,8 @@ class LoopWatch:
             return
         self._loop = loop or asyncio.get_running_loop()
         self._loop_thread_id = threading.get_ident()
+        self._tick, self._since, self._stack, self._last_stack = None, None, "", ""
+        self._ended.clear()
         gc.callbacks.append(self._gc.callback)
         self._beat()
         self._stop.clear()
