@@ -31,6 +31,7 @@ from cloud_hub.tokens import TokenBook
 from cloud_hub.views import ConsoleViews
 from cloud_hub.webhooks import WebhookPolicy, Webhooks
 from mhp_wire import topics
+from mhp_wire.loopwatch import LoopWatch
 from mhp_wire.messages import presence_payload
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
 from mhp_wire.ratelimit import RateLimiter
@@ -218,6 +219,9 @@ def _lifespan(settings: HubSettings) -> Callable[[FastAPI], contextlib.AbstractA
         permissions.attach(app)  # customer consent for eligible parties (docs/consent.md)
         task = asyncio.create_task(_supervise_relay(app, settings), name="hub-relay")
         pruner = asyncio.create_task(_prune_feed(feed), name="hub-feed-prune")
+        watch = LoopWatch(settings.loop_stall_s, name="hub", on_stall=app.state.metrics.count_stall)
+        watch.start()  # before the relay's and the pruner's tasks first run; stopped last
+        app.state.loop_watch = watch
         try:
             yield
         finally:
@@ -229,6 +233,7 @@ def _lifespan(settings: HubSettings) -> Callable[[FastAPI], contextlib.AbstractA
             await webhooks.close()
             await app.state.service.book.close()  # an expansion cut short is finished by the next start
             await app.state.store.close()
+            watch.stop()
 
     return lifespan
 

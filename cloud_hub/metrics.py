@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mhp_wire.loopwatch import Stall
+
 RECENT_WINDOW_S = 3600.0
 """What "recent" means for ``GET /v1/status``: the last hour."""
 RECENT_BUCKET_S = 60.0
@@ -149,6 +151,17 @@ class HubMetrics:
                                           ["result"], registry=r)
         self.webhook_dropped = Counter("mhp_webhook_dropped", "Webhook events dropped after the maximum age of "
                                        "retries", registry=r)
+        self.loop_stall_seconds = Histogram(
+            "mhp_loop_stall_seconds", "Event loop stalls (no heartbeat for longer than the setting loop_stall_s): "
+            "count and wall seconds", registry=r, buckets=(0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.loop_stall_cpu_seconds = Counter("mhp_loop_stall_cpu_seconds", "The loop thread's CPU seconds during "
+                                              "the stalls (far below their wall seconds: the process got no CPU or "
+                                              "the loop waited)", registry=r)
+
+    def count_stall(self, stall: Stall) -> None:
+        """Count one stall of the event loop (``LoopWatch.on_stall``: called in the watchdog's thread)."""
+        self.loop_stall_seconds.observe(stall.wall_s)
+        self.loop_stall_cpu_seconds.inc(max(stall.cpu_s, 0.0))
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

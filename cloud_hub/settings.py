@@ -104,6 +104,10 @@ class HubSettings(BaseSettings):
     webhook_retry_max_s: float = Field(300.0, gt=0)
     webhook_max_age_s: float = Field(86_400.0, gt=0)
     """How long an event is retried to a webhook before it is dropped (and counted in ``mhp_webhook_dropped``)."""
+    loop_stall_s: float = Field(0.25, ge=0)
+    """The event loop's stall watchdog (``mhp_wire.loopwatch``): a heartbeat of the loop more than this late is
+    logged as one warning per stall, with the loop thread's stack and CPU time, and counted in
+    ``mhp_loop_stall_seconds``. 0: off."""
 
     @model_validator(mode="after")
     def _production_profile(self) -> HubSettings:

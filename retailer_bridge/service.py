@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from mhp_wire import topics
 from mhp_wire.ids import is_id
+from mhp_wire.loopwatch import LoopWatch
 from mhp_wire.mqtt import MqttEndpoint, MqttError, MqttLink
 from mhp_wire.ratelimit import RateLimiter
 from retailer_bridge.instance_lock import active_instance
@@ -61,6 +62,8 @@ class Bridge:
         self._local_link: MqttLink | None = None
         """The link to the retailer broker, from the moment it is made (:meth:`update_installations` changes its
         filters whether it is connected yet or not)."""
+        self.loop_watch = LoopWatch(settings.loop_stall_s, name=f"bridge {settings.retailer_id}")
+        """The event loop's stall watchdog while the bridge runs (its ``stalls`` and ``stalled_s`` count them)."""
 
     async def update_installations(self, customers: Mapping[str, str],
                                    sheddable_kw: Mapping[str, float] | None = None) -> tuple[list[str], list[str]]:
@@ -121,6 +124,13 @@ class Bridge:
             await self._run()
 
     async def _run(self) -> None:
+        self.loop_watch.start()
+        try:
+            await self._serve()
+        finally:
+            self.loop_watch.stop()
+
+    async def _serve(self) -> None:
         s, rid = self.settings, self.settings.retailer_id
         # Our read marker (``ReadHorizon``): re-sends to gateways wait until we have read what they may have answered.
         # A login that cannot be a topic level gets none, and its re-sends are judged by the clock alone, as before.

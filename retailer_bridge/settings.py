@@ -69,6 +69,10 @@ class BridgeSettings(BaseSettings):
     """MQTT messages per second each gateway may sustain; beyond it they are refused with an error answer."""
     gateway_rate_limit_burst: int = Field(200, ge=1)
     """How often active-power measurements of the customers are forwarded to the hub."""
+    loop_stall_s: float = Field(0.25, ge=0)
+    """The event loop's stall watchdog (``mhp_wire.loopwatch``): a heartbeat of the loop more than this late is
+    logged as one warning per stall, with the loop thread's stack and CPU time (``Bridge.loop_watch`` counts them).
+    0: off."""
     hub_outcome_batches: bool = True
     """Send the outcomes of one batch of gateways' reports as one ``outcomes`` message per request (docs/protocol.md);
     False: one ``outcome`` per client, for a hub that does not know ``outcomes`` yet (it refuses that type)."""

@@ -35,7 +35,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
+import logging
 import math
 import random
 import resource
@@ -46,6 +48,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from mhp_wire.gc_tuning import tune_for_throughput
+from mhp_wire.loopwatch import LoopWatch
 
 TYPES = ("emergency", "load_reduction", "load_shift", "billing")
 """The paper's four request types."""
@@ -383,8 +388,20 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.worker < int(cfg.get("workers", 1)):
         parser.error(f"--worker must be in 0 .. {int(cfg.get('workers', 1)) - 1}")
     sim = DsoSimulator({**cfg, "worker": args.worker})
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s dso-sim: %(message)s")
+    # The simulator keeps every request's record (thousands of dicts) and parses a change-feed event per write:
+    # with CPython's default thresholds its collector walked that growing heap in passes that held the loop for
+    # 300-650 ms, after a request's send time was taken and before its POST was written, which the run charged to
+    # the hub (docs/performance.md, "Issue 14, fourteenth round"). Tuned as the services are.
+    tune_for_throughput()
+    watch = LoopWatch(name="dso-sim")
+
+    async def watched() -> None:
+        with watch:  # a stall here shows as send lag, or as a late POST or poll, charged to the hub
+            await sim.run()
+
     try:
-        asyncio.run(sim.run())
+        asyncio.run(watched())
     finally:
         tmp = args.out.with_suffix(".tmp")
         with tmp.open("w") as f:
@@ -395,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
             ru = resource.getrusage(resource.RUSAGE_SELF)
             args.stats_file.write_text(json.dumps({"cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
                                                    "max_rss_mib": round(ru.ru_maxrss / 1024, 2),
-                                                   "generator": sim.self_check()}))
+                                                   "generator": {**sim.self_check(), "loop_stalls": watch.stalls,
+                                                                 "loop_stalled_s": round(watch.stalled_s, 3),
+                                                                 "gc_young_threshold": gc.get_threshold()[0]}}))
     return 0
 
 

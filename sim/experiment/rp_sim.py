@@ -47,6 +47,7 @@ from pathlib import Path
 
 from mhp_wire import topics
 from mhp_wire.logsafe import outside
+from mhp_wire.loopwatch import LoopWatch
 from mhp_wire.messages import (
     ACK_QOS,
     BRIDGE_OUTCOME_BYTES,
@@ -356,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run(sims, args.ready_file, stop)
+        with LoopWatch(name="rp-sim"):  # a stall here adds to the hub_added the experiment charges to the hub
+            await run(sims, args.ready_file, stop)
 
     asyncio.run(go())
     if args.stats_file is not None:

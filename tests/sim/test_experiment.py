@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mhp_wire.gc_tuning import YOUNG_THRESHOLD
 from sim.experiment.dso_sim import TYPES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -39,6 +40,10 @@ def test_base_experiment_accounts_for_every_request(tmp_path: Path) -> None:
         if kind != "billing":  # the RP simulator's artificial delay shows as the retailer's share
             assert 95 <= s["breakdown_ms"]["retailer_ms"]["mean"] <= 200, kind
     assert {"hub", "broker", "rp-r1", "rp-r2", "dso-sim"} <= set(results["processes"])
+    # The DSO simulator collects garbage as the services do (its default collector's passes held its loop for
+    # 300-650 ms at 12,000 requests/min, charged to the hub), and says how often its loop stalled.
+    [dso] = results["generator"]["workers"]
+    assert dso["gc_young_threshold"] == YOUNG_THRESHOLD and isinstance(dso["loop_stalls"], int)
     assert all(p["max_rss_mib"] > 0 for p in results["processes"].values())
     for rp in results["rp_simulators"].values():
         assert rp["outcomes"] > 0 and rp["unacked_at_exit"] == 0

@@ -1,0 +1,118 @@
+"""The event loop's stall watchdog (``mhp_wire.loopwatch``): a real loop really blocked is reported once with the
+blocking frame in its stack, one that is not blocked never; its decisions on an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import types
+
+import pytest
+
+from mhp_wire.loopwatch import LoopWatch, Stall
+
+
+def block_the_loop_for(seconds: float) -> None:
+    time.sleep(seconds)  # a blocking call on the loop: what the watchdog is for
+
+
+async def test_a_loop_blocked_for_a_second_is_reported_once_with_the_blocking_frame(
+        caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[Stall] = []
+    watch = LoopWatch(0.2, name="test loop", on_stall=seen.append)
+    with caplog.at_level(logging.WARNING, logger="mhp_wire.loopwatch"), watch:
+        await asyncio.sleep(0.1)
+        block_the_loop_for(1.0)
+        await asyncio.sleep(0.3)  # the loop ticks again; the watchdog reports
+    assert watch.stalls == 1 and len(seen) == 1
+    assert "block_the_loop_for" in seen[0].stack and "time.sleep(seconds)" in seen[0].stack
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "test loop: event loop stalled" in warnings[0].getMessage()
+    assert "block_the_loop_for" in warnings[0].getMessage()
+    assert watch.stalled_s == seen[0].wall_s
+
+
+async def test_a_loop_that_keeps_turning_is_never_reported(caplog: pytest.LogCaptureFixture) -> None:
+    watch = LoopWatch(0.5)
+    with caplog.at_level(logging.WARNING, logger="mhp_wire.loopwatch"), watch:
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+    assert watch.stalls == 0 and watch.stalled_s == 0
+    assert not [r for r in caplog.records if r.name == "mhp_wire.loopwatch"]
+
+
+class Clocks:
+    """Wall and loop-thread CPU seconds that the test moves."""
+
+    def __init__(self) -> None:
+        self.wall = 100.0
+        self.cpu = 5.0
+
+    def advance(self, wall: float, cpu: float) -> None:
+        self.wall += wall
+        self.cpu += cpu
+
+
+def frame_of(name: str) -> types.FrameType:
+    """A real frame of a function called ``name`` (the stack the watchdog would take of the loop thread)."""
+    code = f"import sys\ndef {name}():\n    return sys._getframe()\n"
+    space: dict[str, object] = {}
+    exec(compile(code, f"<{name}>", "exec"), space)
+    frame = space[name]()  # type: ignore[operator]
+    assert isinstance(frame, types.FrameType)
+    return frame
+
+
+def watch_on(clocks: Clocks, stacks: list[types.FrameType]) -> LoopWatch:
+    watch = LoopWatch(0.25, interval_s=0.05, clock=lambda: clocks.wall, cpu_clock=lambda: clocks.cpu,
+                      frames=lambda: {watch._loop_thread_id: stacks[0]})
+    return watch
+
+
+def test_a_busy_stall_and_a_starved_one_are_told_apart_by_the_loop_threads_cpu() -> None:
+    clocks = Clocks()
+    stacks = [frame_of("merge_the_audit")]
+    watch = watch_on(clocks, stacks)
+    watch.heartbeat()
+    clocks.advance(0.05, 0.01)  # an ordinary turn: a tick on time
+    watch.heartbeat()
+    assert watch.check() == []
+    clocks.advance(0.31, 0.3)  # no tick for 0.31 s > 0.25 + 0.05: seen while it lasts, its stack taken
+    assert watch.check() == []
+    stacks[0] = frame_of("still_merging")
+    clocks.advance(0.5, 0.5)
+    assert watch.check() == []  # still under way: nothing reported yet, the latest stack kept
+    clocks.advance(0.19, 0.19)
+    watch.heartbeat()  # the loop runs again
+    [busy] = watch.check()
+    assert busy.wall_s == pytest.approx(1.0) and busy.cpu_s == pytest.approx(0.99)
+    assert "merge_the_audit" in busy.stack and "still_merging" in busy.last_stack
+    assert "code on the loop" in busy.describe()
+    assert watch.check() == [] and watch.stalls == 1  # one report per stall
+
+    clocks.advance(2.0, 0.02)  # the loop thread got no CPU for 2 s, and the watchdog did not look meanwhile
+    watch.heartbeat()
+    [starved] = watch.check()
+    assert starved.wall_s == pytest.approx(2.0) and starved.cpu_s == pytest.approx(0.02)
+    assert starved.stack == "" and "CPU far below wall" in starved.describe()
+    assert watch.stalls == 2 and watch.stalled_s == pytest.approx(3.0)
+
+
+def test_a_late_tick_within_the_threshold_is_no_stall() -> None:
+    clocks = Clocks()
+    watch = watch_on(clocks, [frame_of("anything")])
+    watch.heartbeat()
+    clocks.advance(0.29, 0.29)  # 0.24 s late: under the threshold
+    assert watch.check() == []
+    watch.heartbeat()
+    assert watch.check() == [] and watch.stalls == 0
+
+
+async def test_a_threshold_of_zero_turns_the_watch_off() -> None:
+    watch = LoopWatch(0)
+    watch.start()
+    assert not watch.enabled and watch._thread is None and watch._handle is None
+    watch.stop()
+    with pytest.raises(ValueError):
+        LoopWatch(-1)
