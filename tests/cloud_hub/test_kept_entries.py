@@ -5,8 +5,8 @@ memory instead of storage; what it holds must be what storage holds after every 
 leave it ahead of storage, and a hub that shares its store with other replicas holds nothing.
 
 In process: the hub's own use case, request book and change feed on a real SQLite file in ``tmp_path`` (no MQTT:
-the retailer's outcomes are handed to the book as the relay hands them); a storage failure is the file locked by
-another connection, as ``test_storage_faults`` makes it.
+the retailer's outcomes are handed to the book as the relay hands them; ``embedded_hub`` with the change feed); a
+storage failure is the file locked by another connection, as ``test_storage_faults`` makes it.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ import pytest
 
 from cloud_hub.authz import Principal
 from cloud_hub.book import ReportedOutcome, RequestBook
-from cloud_hub.feed import ChangeFeed
-from cloud_hub.metrics import HubMetrics
 from cloud_hub.service import HubService
 from cloud_hub.settings import HubSettings
 from cloud_hub.storage import StoreUnavailable
 from cloud_hub.store import HubStore, decode_cells
 from mhp_wire.messages import ClientState
+from tests.cloud_hub.embedded_hub import embedded_hub
 
 N = 1_200
 """Clients of the request: at least ``expand_after_accept_min_clients`` (1,000), so it is accepted with a plan and
@@ -50,30 +49,20 @@ class Hub:
 @pytest.fixture
 async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
     path = tmp_path / "hub.db"
-    store = HubStore.embedded(path, busy_timeout_ms=200, keep_entries=True)
-    await store.open()
-    metrics = HubMetrics()
-    feed = ChangeFeed(store.kv, metrics)
-    await feed.open()
-    store.feed = feed
-    book = RequestBook(store, metrics)
-    service = HubService.build(store, book, metrics)
-    await store.put_retailer("r1", "R1")
-    await store.import_clients([(c, "r1", 5.0, None, time.time() - 86_400) for c in CLIENTS])
-    reads: list[str] = []
-    get_each = store.kv.get_each
+    async with embedded_hub(path, feed=True, keep_entries=True) as h:
+        store = h.store
+        await store.put_retailer("r1", "R1")
+        await store.import_clients([(c, "r1", 5.0, None, time.time() - 86_400) for c in CLIENTS])
+        reads: list[str] = []
+        get_each = store.kv.get_each
 
-    async def recorded(table: str, wanted: dict[str, list[str] | None]) -> dict[str, Any]:
-        if table == "requests":
-            reads.extend(c for cols in wanted.values() for c in cols or ["<whole row>"])
-        return await get_each(table, wanted)
+        async def recorded(table: str, wanted: dict[str, list[str] | None]) -> dict[str, Any]:
+            if table == "requests":
+                reads.extend(c for cols in wanted.values() for c in cols or ["<whole row>"])
+            return await get_each(table, wanted)
 
-    store.kv.get_each = recorded  # type: ignore[method-assign]
-    try:
-        yield Hub(store, book, service, path, reads)
-    finally:
-        await book.close()
-        await store.close()
+        store.kv.get_each = recorded  # type: ignore[method-assign]
+        yield Hub(store, h.book, h.service, path, reads)
 
 
 async def accepted(hub: Hub) -> str:
