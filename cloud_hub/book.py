@@ -691,7 +691,8 @@ class RequestBook:
                 await locks.enter_async_context(self.lock(request_id))
             owner = [RequestCodec.meta("owner")] if self.replica_id is not None else []
             rows = await self.store.get_requests_cells({rid: [*RequestCodec.sent_columns(
-                (m.clients, m.item.retailer_id) for m in marks if m.live), *owner] for rid, marks in first.items()})
+                (m.clients, m.item.retailer_id) for m in marks if m.live), *owner] for rid, marks in first.items()},
+                kept=True)
             # Only the owner writes a row, as for outcomes (:meth:`_apply_to_row`): a replica that lost the broker
             # while a settle was on its way may have had the request adopted meanwhile.
             writes: list[tuple[str, dict[str, Any], list[str] | None, bool]] = [
@@ -866,7 +867,7 @@ class RequestBook:
             writes: list[_RowWrite] = []
             rows = await self.store.get_requests_cells(  # every row of the commit in one storage call
                 {rid: RequestCodec.outcome_columns([outcomes[i].client_id for i in idx], self.replica_id is not None)
-                 for rid, idx in by_request.items()})
+                 for rid, idx in by_request.items()}, kept=True)  # (its clients' entries from memory, when held)
             for request_id, idx in by_request.items():
                 write = self._apply_to_row(request_id, rows[request_id], [outcomes[i] for i in idx], now, allowed)
                 for i, v in zip(idx, write.verdicts, strict=True):

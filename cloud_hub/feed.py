@@ -85,6 +85,8 @@ class Follower:
     request_id: str | None
     queue: asyncio.Queue[dict[str, Any]]
     overflowed: bool = False
+    summary: bool = False
+    """The events without their clients and retailers (:func:`view`'s ``summary``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,27 +100,39 @@ class FeedItem:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def view(event: dict[str, Any], who: Principal, request_id: str | None = None) -> dict[str, Any] | None:
+def view(event: dict[str, Any], who: Principal, request_id: str | None = None, *,
+         summary: bool = False) -> dict[str, Any] | None:
     """What ``who`` sees of a stored event (None: nothing). The DSO sees the requests it issued, whole; a retailer
     only its own clients' entries and its own delivery, of requests that concern it (a change of the request's state
-    is shown to every retailer it concerns, with its own clients only); an administrator sees none."""
+    is shown to every retailer it concerns, with its own clients only); an administrator sees none. ``summary``: the
+    same events, without their ``clients`` and ``retailers`` (for a follower that reads only the request's fields,
+    the OpenADR 3 notifier: an event of a fan-out's outcome commit names hundreds of clients)."""
     if request_id is not None and event["request_id"] != request_id:
         return None
     clients: dict[str, Any]
     if who.kind == "retailer":
         rid = who.retailer_id
-        clients = {c: {"state": e["state"], "detail": e["detail"]} for c, e in event["clients"].items()
-                   if rid in e["retailers"]}
-        retailers = {r: s for r, s in event["retailers"].items() if r == rid}
-        if not clients and not retailers and not (event["state_changed"] and rid in event["audience"]):
-            return None
+        if summary:
+            if not (any(rid in e["retailers"] for e in event["clients"].values()) or rid in event["retailers"]
+                    or (event["state_changed"] and rid in event["audience"])):
+                return None
+            clients, retailers = {}, {}
+        else:
+            clients = {c: {"state": e["state"], "detail": e["detail"]} for c, e in event["clients"].items()
+                       if rid in e["retailers"]}
+            retailers = {r: s for r, s in event["retailers"].items() if r == rid}
+            if not clients and not retailers and not (event["state_changed"] and rid in event["audience"]):
+                return None
     elif who.kind == "dso" and event["issuer"] == str(who):
-        clients = {c: {"state": e["state"], "detail": e["detail"]} for c, e in event["clients"].items()}
-        retailers = dict(event["retailers"])
+        clients = {} if summary else {c: {"state": e["state"], "detail": e["detail"]}
+                                      for c, e in event["clients"].items()}
+        retailers = {} if summary else dict(event["retailers"])
     else:
         return None
     out = {"event_id": event["event_id"], "request_id": event["request_id"], "type": event["type"],
            "state": event["state"], "at": event["at"], "clients": clients, "retailers": retailers}
+    if summary:
+        del out["clients"], out["retailers"]
     if event.get("revision") is not None:
         out["revision"] = event["revision"]
     return out
@@ -282,13 +296,13 @@ class ChangeFeed:
             self.metrics.feed_events.inc()
         # Followers with the same principal and request see the same view (the DSO's streams and its OpenADR 3
         # notifier): made once per event and shared, read only.
-        views: dict[tuple[Principal, str | None], dict[str, Any] | None] = {}
+        views: dict[tuple[Principal, str | None, bool], dict[str, Any] | None] = {}
         for f in self._followers:
             if f.overflowed:
                 continue
-            whose = (f.who, f.request_id)
+            whose = (f.who, f.request_id, f.summary)
             if whose not in views:
-                views[whose] = view(event, f.who, f.request_id)
+                views[whose] = view(event, f.who, f.request_id, summary=f.summary)
             seen = views[whose]
             if seen is None:
                 continue
@@ -306,27 +320,29 @@ class ChangeFeed:
         return id_time(since) < self.clock() - self.replay_s
 
     async def follow(self, who: Principal, since: int | None = None, request_id: str | None = None,
-                     keepalive_s: float = 15.0, *, announce: bool = False) -> AsyncIterator[FeedItem]:
+                     keepalive_s: float = 15.0, *, announce: bool = False, summary: bool = False
+                     ) -> AsyncIterator[FeedItem]:
         """The events ``who`` sees after ``since`` (None: from now): the stored ones, then live ones, with a
         ``keepalive`` item after each quiet ``keepalive_s``; a ``reset`` first when ``since`` is older than the
         replay window. Ends when the follower fell ``queue_max`` events behind (it resumes from its last id).
         ``announce``: an ``open`` item comes first, once the follower is registered, so that a stream can tell its
         reader from when on "from now" holds (every change stored after that item is in the stream).
         One item at a time: :meth:`follow_batches` taking one live event per list, so that a slow follower (a
-        webhook worker, the OpenADR 3 notifier) overflows at ``queue_max`` events behind, not more."""
-        async with contextlib.aclosing(self.follow_batches(who, since, request_id, keepalive_s,
-                                                           announce=announce, batch_max=1)) as batches:
+        webhook worker, the OpenADR 3 notifier) overflows at ``queue_max`` events behind, not more. ``summary``: the
+        events without their clients and retailers (:func:`view`)."""
+        async with contextlib.aclosing(self.follow_batches(who, since, request_id, keepalive_s, announce=announce,
+                                                           batch_max=1, summary=summary)) as batches:
             async for batch in batches:
                 for item in batch:
                     yield item
 
     async def follow_batches(self, who: Principal, since: int | None = None, request_id: str | None = None,
-                             keepalive_s: float = 15.0, *, announce: bool = False, batch_max: int = BATCH_MAX
-                             ) -> AsyncGenerator[list[FeedItem], None]:
+                             keepalive_s: float = 15.0, *, announce: bool = False, batch_max: int = BATCH_MAX,
+                             summary: bool = False) -> AsyncGenerator[list[FeedItem], None]:
         """:meth:`follow`'s items, in the same order, as lists: each live list is every event queued for the
         follower when it woke (up to :data:`BATCH_MAX`), so that a stream writes them in one chunk (one socket
         write, one pass through the ASGI layers) instead of one per event; never an empty list."""
-        follower = Follower(who, request_id, asyncio.Queue(self.queue_max))
+        follower = Follower(who, request_id, asyncio.Queue(self.queue_max), summary=summary)
         self._followers.add(follower)
         upto = self.watermark  # no await since adding the follower: every later event reaches its queue
         if self.metrics is not None:
@@ -335,7 +351,7 @@ class ChangeFeed:
             if announce:
                 yield [FeedItem("open", upto)]
             if since is not None and since < upto:
-                async for items in self._history(who, since, upto, request_id):
+                async for items in self._history(who, since, upto, request_id, summary):
                     yield items
             while True:
                 if follower.overflowed and follower.queue.empty():
@@ -358,7 +374,7 @@ class ChangeFeed:
             if self.metrics is not None:
                 self.metrics.feed_followers.dec()
 
-    async def _history(self, who: Principal, since: int, upto: int, request_id: str | None
+    async def _history(self, who: Principal, since: int, upto: int, request_id: str | None, summary: bool = False
                        ) -> AsyncIterator[list[FeedItem]]:
         """What a follower resuming after ``since`` sees of the events up to ``upto``: the stored ones, a page at a
         time, or a ``reset`` when ``since`` is older than the replay window."""
@@ -369,7 +385,7 @@ class ChangeFeed:
             return
         async for page in self._replay(since, upto):
             items = [FeedItem("request", event["event_id"], seen) for event in page
-                     if (seen := view(event, who, request_id)) is not None]
+                     if (seen := view(event, who, request_id, summary=summary)) is not None]
             if items:
                 yield items
 

@@ -289,7 +289,7 @@ def move(entry: dict[str, Any], new: ClientState, counts: Counter[ClientState], 
     return True
 
 
-def _working(entry: dict[str, Any]) -> dict[str, Any]:
+def working(entry: dict[str, Any]) -> dict[str, Any]:
     """A copy of a stored target entry that :func:`apply` may change (its nested ``retailers`` too)."""
     copy = dict(entry)
     if "retailers" in copy:
@@ -342,7 +342,7 @@ class _Apply:
             stored = self.row.clients.get(client_id)
             if stored is None:
                 return None
-            entry = self.work[client_id] = stored if self.owned else _working(stored)
+            entry = self.work[client_id] = stored if self.owned else working(stored)
         return entry
 
     def may_report(self, retailer_id: str, addressed: list[str]) -> bool:
@@ -558,7 +558,7 @@ def sent(row: RowState, messages: Sequence[SentAt], first_at: float, *, owned: b
                     # Moved on, an older revision's message, or written after the send (a load reduction's chosen
                     # clients set pending again for its second phase): nothing to write for it.
                     continue
-                entry = stored if owned else _working(stored)
+                entry = stored if owned else working(stored)
             elif revision < entry.get("revision", 1) or entry["retailers"].get(retailer_id) != _PENDING:
                 continue
             entry["retailers"][retailer_id] = _SENT
@@ -580,8 +580,8 @@ def acknowledged(row: RowState, deliveries: Sequence[Sent], cancels: Sequence[st
             cancel["retailers"][retailer_id] = now
         changes.cancel = cancel
     counts = Counter(row.counts)
-    work = {c: _working(e) for c, e in row.clients.items()}
-    parties = {p: _working(e) for p, e in row.parties.items()}
+    work = {c: working(e) for c, e in row.clients.items()}
+    parties = {p: working(e) for p, e in row.parties.items()}
     for clients, retailer_id, _ in deliveries:
         for is_client, key, entry in _targets(work, parties, clients, retailer_id):
             if entry is None:
@@ -600,7 +600,7 @@ def expired(row: RowState, now: float) -> RowChanges:
     counts = Counter(row.counts)
     is_client = bool(row.clients)
     for key, stored in (row.clients or row.parties).items():
-        entry = _working(stored)
+        entry = working(stored)
         if move(entry, state_after_deadline(C(entry["state"])), counts, now):
             entry["detail"] = {**entry.get("detail", {}), "reason": "no outcome before the request's deadline"}
             _record(changes, is_client, key, entry)
@@ -623,7 +623,7 @@ def cancelled(row: RowState, now: float) -> tuple[RowChanges, dict[str, list[str
             reached.setdefault(rid, []).append(cid)
         entry = stored
         if not C(stored["state"]).terminal:
-            entry = {**_working(stored), "state": C.CANCELLED.value, "updated_at": now}
+            entry = {**working(stored), "state": C.CANCELLED.value, "updated_at": now}
             changes.clients[cid] = entry
         counts[C(entry["state"])] += 1
     changes.counts = counts

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from cloud_hub import codec, fanout
 from cloud_hub.errors import Conflict
 from cloud_hub.feed import ChangeFeed, Staged
-from cloud_hub.lifecycle import RequestState, RowChanges, RowState
+from cloud_hub.lifecycle import RequestState, RowChanges, RowState, working
 from cloud_hub.storage import KVStore, Mutation, Row, StoreUnavailable, prefix_stop
 from cloud_hub.storage.sqlite import SqliteKV
 from cloud_hub.timeline import supplier_at
@@ -28,8 +28,8 @@ from mhp_wire.messages import ClientState
 if TYPE_CHECKING:
     from cloud_hub.settings import HubSettings
 
-__all__ = ["AuditEntry", "Conflict", "HubStore", "RequestCodec", "StoreUnavailable", "audit_mutations", "decode_cells",
-           "ms", "tkey"]
+__all__ = ["AuditEntry", "Conflict", "HubStore", "KeptEntries", "RequestCodec", "StoreUnavailable", "audit_mutations",
+           "decode_cells", "held_copies", "ms", "tkey"]
 
 
 def ms(ts: float) -> int:
@@ -341,13 +341,95 @@ class RequestCodec:
         return "r:storage_ms" in put
 
 
+ENTRIES_KEPT = 50_000
+"""Client entries :class:`KeptEntries` holds at most, over all rows (~1 KB each decoded): a few fan-outs' worth."""
+
+
+class KeptEntries:
+    """The client entries (``c:`` cells) of the large request rows this process expanded, decoded, as last durably
+    written: what an outcome commit or a round of ``sent`` marks would otherwise read back from storage and decode
+    before each write (issue 14, fourteenth round: ~2 µs per client of a fan-out's outcome, and again per mark).
+
+    Only for a hub that is the one writer of its store (a replica shares the file with other writers: never there).
+    A row is kept from its expansion (every client entry it has, so a client missing here is missing from the row)
+    until a write closes the request, a write to it fails, or newer rows need the room; every write of the store
+    updates it once durable, so it holds what a storage read returns at that moment. Readers get copies
+    (:func:`~cloud_hub.lifecycle.working`): what they change before writing is theirs."""
+
+    def __init__(self, limit: int = ENTRIES_KEPT) -> None:
+        self.limit = limit
+        self._rows: dict[str, dict[str, dict[str, Any]]] = {}
+        self._size = 0
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._rows
+
+    def __len__(self) -> int:
+        """Entries held, over all rows."""
+        return self._size
+
+    def keep(self, request_id: str, entries: dict[str, dict[str, Any]]) -> None:
+        """Hold ``entries`` (``{"c:<client>": entry}``, every client entry of the row, just written) from now on;
+        a row larger than :attr:`limit` is not held, and the oldest rows make room."""
+        self.forget(request_id)
+        if len(entries) > self.limit:
+            return
+        while self._rows and self._size + len(entries) > self.limit:
+            self.forget(next(iter(self._rows)))
+        self._rows[request_id] = dict(entries)
+        self._size += len(entries)
+
+    def forget(self, request_id: str) -> None:
+        row = self._rows.pop(request_id, None)
+        if row is not None:
+            self._size -= len(row)
+
+    def written(self, request_id: str, put: dict[str, Any], delete: list[str] | None, close: bool) -> None:
+        """A durable write of the row: ``put``'s client entries replace those held, ``delete``'s go."""
+        row = self._rows.get(request_id)
+        if row is None:
+            return
+        if close:
+            self.forget(request_id)
+            return
+        n = len(row)
+        row.update((col, e) for col, e in put.items() if col[:2] == "c:")
+        for col in delete or ():
+            row.pop(col, None)
+        self._size += len(row) - n
+
+    def split(self, request_id: str, columns: list[str]) -> tuple[list[tuple[str, dict[str, Any]]], list[str]] | None:
+        """The client cells of ``columns`` held for the row, ``(column, entry)`` (the held objects themselves: a
+        reader gets :func:`held_copies` of them; a client the row lacks is left out, as a read leaves it out), and
+        the other columns, to be read; None: the row is not held."""
+        row = self._rows.get(request_id)
+        if row is None:
+            return None
+        found: list[tuple[str, dict[str, Any]]] = []
+        rest: list[str] = []
+        for col in columns:
+            if col[:2] != "c:" or col == "c:":
+                rest.append(col)
+            elif (e := row.get(col)) is not None:
+                found.append((col, e))
+        return found, rest
+
+
+def held_copies(cells: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """Held client entries as a reader gets them: copies it may change (:func:`~cloud_hub.lifecycle.working`)."""
+    return [(col, working(e)) for col, e in cells]
+
+
 class HubStore:
     """Registry, requests, readings, measurements, tariffs and the access log of the hub."""
 
-    def __init__(self, kv: KVStore) -> None:
+    def __init__(self, kv: KVStore, *, keep_entries: bool = False) -> None:
         self.kv = kv
         self.feed: ChangeFeed | None = None
         """Set by the app: every request write then adds its change-feed events to the same batch."""
+        self.kept: KeptEntries | None = KeptEntries() if keep_entries else None
+        """The expanded rows' client entries held in memory (``keep_entries``: only where this process is the store's
+        one writer), read by :meth:`get_requests_cells` with ``kept``."""
 
     async def _batch_with_events(self, muts: list[Mutation],
                                  writes: list[tuple[str, dict[str, Any], dict[str, Any] | None]]) -> None:
@@ -365,19 +447,22 @@ class HubStore:
         self.feed.settle(staged, durable=True)
 
     @classmethod
-    def embedded(cls, path: Path | str, busy_timeout_ms: int = 1000) -> HubStore:
+    def embedded(cls, path: Path | str, busy_timeout_ms: int = 1000, *, keep_entries: bool = False) -> HubStore:
         """The default: the embedded SQLite backend."""
-        return cls(SqliteKV(path, busy_timeout_ms=busy_timeout_ms))
+        return cls(SqliteKV(path, busy_timeout_ms=busy_timeout_ms), keep_entries=keep_entries)
 
     @classmethod
     def from_settings(cls, settings: HubSettings) -> HubStore:
-        """The backend the settings name."""
+        """The backend the settings name; a hub without replicas (the store's one writer) keeps its expanded rows'
+        client entries in memory (:class:`KeptEntries`)."""
+        keep = settings.replica_id is None
         if settings.storage == "hbase":
             from cloud_hub.storage.hbase import HBaseKV
 
             return cls(HBaseKV(settings.hbase_hosts, table_prefix=settings.hbase_table_prefix,
-                               pool_size=settings.hbase_pool_size, timeout_ms=settings.hbase_timeout_ms))
-        return cls.embedded(settings.db_path, settings.sqlite_busy_timeout_ms)
+                               pool_size=settings.hbase_pool_size, timeout_ms=settings.hbase_timeout_ms),
+                       keep_entries=keep)
+        return cls.embedded(settings.db_path, settings.sqlite_busy_timeout_ms, keep_entries=keep)
 
     async def open(self) -> None:
         """Open the backend (creating tables)."""
@@ -614,6 +699,8 @@ class HubStore:
         ``plan``: the request is accepted compactly (:mod:`cloud_hub.fanout`): ``clients`` and ``audit`` are empty
         here, the plan is stored in ``r:plan``, and the change feed's ``created`` event waits for
         :meth:`expand_request`, which writes them."""
+        if self.kept is not None:
+            self.kept.forget(request_id)  # (a new row: held only once expanded)
         cells: Row = {f"r:{k}": _j(v) for k, v in meta.items()}
         if plan is not None:
             cells[f"r:{fanout.PLAN}"] = _j(plan)
@@ -653,7 +740,25 @@ class HubStore:
         cells = dict(await chunked_map(lambda ce: (f"c:{ce[0]}", _j(ce[1])), clients.items()))
         cells.update({f"o:{mid}": _j(m) for mid, m in outbox.items()})
         muts.append(Mutation("requests", request_id, cells, delete=[f"r:{fanout.PLAN}"]))
-        await self._batch_with_events(muts, [(request_id, {f"c:{cid}": e for cid, e in clients.items()}, meta)])
+        entries = {f"c:{cid}": e for cid, e in clients.items()}
+        await self._written([request_id], self._batch_with_events(muts, [(request_id, entries, meta)]))
+        if self.kept is not None:
+            self.kept.keep(request_id, entries)
+
+    async def _written(self, request_ids: list[str], write: Awaitable[None],
+                       kept: Iterable[tuple[str, dict[str, Any], list[str] | None, bool]] = ()) -> None:
+        """Await ``write`` of the rows ``request_ids``, then hand :attr:`kept` what it wrote (``kept``: ``(request_id,
+        put, delete, close)``); a write that fails (or is cancelled: it may still commit) drops those rows from it."""
+        try:
+            await write
+        except BaseException:
+            if self.kept is not None:
+                for rid in request_ids:
+                    self.kept.forget(rid)
+            raise
+        if self.kept is not None:
+            for rid, put, delete, close in kept:
+                self.kept.written(rid, put, delete, close)
 
     async def get_request(self, request_id: str, families: list[str] | None = None) -> dict[str, Any] | None:
         """A request as ``{"meta", "clients", "outbox", "parties"}`` (only the families asked), or None; with
@@ -680,11 +785,31 @@ class HubStore:
         row = await self.kv.get("requests", request_id, columns)
         return decode_cells(row)
 
-    async def get_requests_cells(self, wanted: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
-        """:meth:`get_request_cells` of several requests in one storage call (a missing request maps to ``{}``)."""
-        rows = await self.kv.get_each("requests", dict(wanted))
-        # Decoded in chunks (cloud_hub.yielding): an outcome commit or a round of first sends reads thousands.
-        return {rid: await _decode_in_chunks(rows.get(rid, {})) for rid in wanted}
+    async def get_requests_cells(self, wanted: dict[str, list[str]], *, kept: bool = False
+                                 ) -> dict[str, dict[str, Any]]:
+        """:meth:`get_request_cells` of several requests in one storage call (a missing request maps to ``{}``).
+        ``kept``: the client cells of rows held in memory (:attr:`kept`) come from there, as copies the caller may
+        change, and only the other cells are read; for a caller that holds the requests' locks (an outcome commit,
+        a round of marks), so that no write of those rows is under way."""
+        held: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        rest = wanted
+        if kept and self.kept is not None:
+            rest = {}
+            for rid, columns in wanted.items():
+                part = self.kept.split(rid, columns)
+                if part is None:
+                    rest[rid] = columns
+                    continue
+                held[rid], left = part
+                if left:  # (no columns left: nothing to read; an empty list would read the whole row)
+                    rest[rid] = left
+        rows = await self.kv.get_each("requests", dict(rest)) if rest else {}
+        # Decoded (and copied) in chunks (cloud_hub.yielding): an outcome commit or a round of first sends reads
+        # thousands.
+        out = {rid: await _decode_in_chunks(rows.get(rid, {})) for rid in wanted}
+        for rid, cells in held.items():
+            out[rid].update(await chunked_apply(held_copies, cells))
+        return out
 
     async def update_request(self, request_id: str, put: dict[str, Any], delete: list[str] | None = None,
                              audit: list[AuditEntry] | None = None, close: bool = False,
@@ -708,7 +833,8 @@ class HubStore:
         muts += audit_mutations(audit or [])
         if close:
             muts.append(Mutation("open_requests", request_id, delete=[]))
-        await self._batch_with_events(muts, [(request_id, put, None)])
+        await self._written([request_id], self._batch_with_events(muts, [(request_id, put, None)]),
+                            [(request_id, put, delete, close)])
 
     async def update_requests(self, writes: list[tuple[str, dict[str, Any], list[str] | None, bool]],
                               audit: list[AuditEntry] | None = None) -> None:
@@ -720,7 +846,8 @@ class HubStore:
                           delete=delete or None) for rid, put, delete, _ in writes]
         muts += [Mutation("open_requests", rid, delete=[]) for rid, _, _, close in writes if close]
         if muts:
-            await self._batch_with_events(muts, [(rid, put, None) for rid, put, _, _ in writes])
+            await self._written([w[0] for w in writes],
+                                self._batch_with_events(muts, [(rid, put, None) for rid, put, _, _ in writes]), writes)
 
     async def issued_request_page(self, issuer: str, after: str | None, since: float | None, limit: int
                                   ) -> list[tuple[str, str]]:

@@ -10,6 +10,7 @@ The figure is the process's CPU time (every thread: the event loop and the SQLit
 ``--runs``, each on a fresh store, with the time the SQLite thread was busy; ``--profile`` writes a cProfile of
 the last run. ``--gc-tuned`` tunes the process's garbage collector as ``cloud-hub serve`` does since the sixth round
 (:func:`mhp_wire.gc_tuning.tune_for_throughput`, after the imports; the code under test does not change with it).
+The store holds its expanded rows' client entries, as a hub without replicas does (where the code has them).
 ``--concurrent N`` runs N request lives at once (as overlapping requests do in a running hub, where
 their writes share the store's group commits), and gives the store's transactions per request where it counts them.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import inspect
 import json
 import statistics
 import tempfile
@@ -41,6 +43,14 @@ from cloud_hub.store import HubStore
 from mhp_wire.messages import ClientState
 
 
+def served_store(path: Path) -> HubStore:
+    """The embedded store as ``cloud-hub serve`` opens it without replicas: holding its expanded rows' client
+    entries (``keep_entries``, issue 14, fourteenth round), where the checkout under test has them."""
+    if "keep_entries" in inspect.signature(HubStore.embedded).parameters:
+        return HubStore.embedded(path, keep_entries=True)
+    return HubStore.embedded(path)
+
+
 async def settle(book: RequestBook, at: float) -> None:
     """Write the first sends' marks settled by ``at`` (a book without waiting marks wrote them in ``mark_sent``)."""
     settle_due = getattr(book, "settle_due", None)
@@ -52,7 +62,7 @@ async def one_run(clients: int, requests: int, batch: int, profile: cProfile.Pro
                   concurrent: int = 1, slow_homes: bool = False) -> dict[str, float]:
     """CPU ms per request (and per client) of one run on a fresh store."""
     with tempfile.TemporaryDirectory() as tmp:
-        store = HubStore.embedded(Path(tmp) / "hub.db")
+        store = served_store(Path(tmp) / "hub.db")
         await store.open()
         try:
             metrics = HubMetrics()

@@ -124,7 +124,8 @@ class Notifier:
         dso = Principal("dso")
         while True:
             try:
-                async for item in self.feed.follow(dso, since=cursor, keepalive_s=3600):
+                # (summary: it reads the request's own fields of a change, never the clients an event names)
+                async for item in self.feed.follow(dso, since=cursor, keepalive_s=3600, summary=True):
                     if item.kind != "request":
                         continue
                     if await self.on_change(item.data):

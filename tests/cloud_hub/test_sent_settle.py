@@ -280,9 +280,9 @@ async def test_the_settled_marks_read_only_the_targets_not_answered_meanwhile(tm
         written: list[dict[str, Any]] = []
         get_cells, update = store.get_requests_cells, store.update_requests
 
-        async def reading(columns: dict[str, list[str]]) -> Any:
+        async def reading(columns: dict[str, list[str]], **kw: Any) -> Any:
             read.extend(columns.values())
-            return await get_cells(columns)
+            return await get_cells(columns, **kw)
 
         async def writing(writes: list[Any], audit: Any = None) -> None:
             written.extend(put for _, put, _, _ in writes)
