@@ -416,7 +416,7 @@ class BridgeRelay:
         self.held_commands |= held  # before the commit: a round reading due commands after it leaves them out
         self.committing.append(handover)
         try:
-            added = await self.store.accept_request(commands, answers)
+            added = await self.store.accept_request(commands, answers, template.parts)
         except BaseException:
             self.held_commands -= held
             raise
