@@ -54,8 +54,8 @@ CREATE TABLE IF NOT EXISTS commands {_COMMANDS_TABLE};
 CREATE TABLE IF NOT EXISTS command_payloads (
     request_id TEXT NOT NULL, client_id TEXT NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (request_id, client_id));
 CREATE TABLE IF NOT EXISTS command_templates (
-    request_id TEXT NOT NULL, revision INTEGER NOT NULL, head BLOB NOT NULL, middle BLOB NOT NULL, tail BLOB NOT NULL,
-    PRIMARY KEY (request_id, revision));
+    request_id TEXT NOT NULL, revision INTEGER NOT NULL, received_at REAL NOT NULL, head BLOB NOT NULL,
+    middle BLOB NOT NULL, tail BLOB NOT NULL, PRIMARY KEY (request_id, revision, received_at));
 CREATE TABLE IF NOT EXISTS cancelled (request_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS gateway_outbox (
     msg_id TEXT PRIMARY KEY, gateway_id TEXT NOT NULL, payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
@@ -162,7 +162,7 @@ _INSERT_PAYLOADS = "INSERT OR REPLACE INTO command_payloads (request_id, client_
 _PAYLOAD_ROW = "(?,?,?)"
 _COMMAND_JOIN = ("commands AS c LEFT JOIN command_payloads AS p ON p.request_id = c.request_id AND "
                  "p.client_id = c.client_id LEFT JOIN command_templates AS t ON t.request_id = c.request_id AND "
-                 "t.revision = c.revision")
+                 "t.revision = c.revision AND t.received_at = c.received_at")
 """A command's row with its payload (``SELECT c.*, {_PAYLOAD} FROM`` this; what :meth:`BridgeStore.due_commands`
 reads): the payload is kept apart from the command's row, so that the command's two ``UPDATE``s (its first send, its
 close) rewrite a row of ~100 bytes instead of one with its payload (~400: 2.4 of 10 µs of SQLite per command). Left
@@ -171,8 +171,10 @@ and closed by the relay instead of staying due unseen."""
 _PAYLOAD = ("COALESCE(p.payload, CAST(t.head || '\"' || c.msg_id || '\"' || t.middle || '\"' || c.client_id || '\"' "
             "|| t.tail AS BLOB)) AS payload")
 """A command's payload in :data:`_COMMAND_JOIN`: its own row in ``command_payloads`` (a command not made from its
-request's template, or one replaced by a newer revision), else its request revision's template with its ``msg_id``
-and ``client_id`` spliced in (:func:`_spliced`, the same bytes), else None (a damaged store)."""
+request's template, or one replaced by a newer revision), else the template of the request message it came in (its
+request, revision and ``received_at``: the hub sends a large request in several messages, and each message's
+template has its own ``sent_at``) with its ``msg_id`` and ``client_id`` spliced in (:func:`_spliced`, the same
+bytes), else None (a damaged store)."""
 
 
 def _spliced(parts: tuple[bytes, bytes, bytes], msg_id: str, client_id: str) -> bytes:
@@ -282,10 +284,12 @@ class BridgeStore:
         outcomes for the hub; returns new commands. ``commands`` are all of one request and one revision.
 
         ``template``: the ``(head, middle, tail)`` the commands' payloads were made from
-        (:attr:`mhp_wire.fastwire.CommandTemplate.parts`). New commands whose payload is that template with their ids
-        spliced in (:func:`_spliced`, checked byte for byte) then keep no payload of their own: the template is
-        stored once for the request's revision (``command_templates``) instead of 10,000 payloads of ~300 bytes
-        in a fan-out (~4 µs of SQLite per command). Replaced commands (a newer revision) keep their own payload."""
+        (:attr:`mhp_wire.fastwire.CommandTemplate.parts`), all received at the same ``received_at``. New commands
+        whose payload is that template with their ids spliced in (:func:`_spliced`, checked byte for byte against the
+        template stored for them) then keep no payload of their own: the template is stored once for the request
+        message (``command_templates``, keyed by request, revision and ``received_at``) instead of 10,000 payloads
+        of ~300 bytes in a fan-out (~4 µs of SQLite per command). Replaced commands (a newer revision) keep their
+        own payload."""
 
         def op(db: sqlite3.Connection) -> int:
             if commands and db.execute("SELECT 1 FROM cancelled WHERE request_id=?",
@@ -301,9 +305,16 @@ class BridgeStore:
             if added == len(commands):  # all new (the usual): their payloads likewise, or the template they share
                 own = commands
                 if template is not None and commands:
-                    db.execute("INSERT OR REPLACE INTO command_templates (request_id, revision, head, middle, tail) "
-                               "VALUES (?,?,?,?,?)", (commands[0].request_id, commands[0].revision, *template))
-                    own = [c for c in commands if c.payload != _spliced(template, c.msg_id, c.client_id)]
+                    key = (commands[0].request_id, commands[0].revision, commands[0].received_at)
+                    # The template already held for this key, if any (a message received at the very same instant),
+                    # is kept: the commands it does not make keep their own payloads.
+                    db.execute("INSERT OR IGNORE INTO command_templates (request_id, revision, received_at, head, "
+                               "middle, tail) VALUES (?,?,?,?,?,?)", (*key, *template))
+                    held = db.execute("SELECT head, middle, tail FROM command_templates WHERE request_id=? AND "
+                                      "revision=? AND received_at=?", key).fetchone()
+                    parts = (bytes(held[0]), bytes(held[1]), bytes(held[2]))
+                    own = [c for c in commands if c.revision != key[1] or c.received_at != key[2]
+                           or c.payload != _spliced(parts, c.msg_id, c.client_id)]
                 _insert_rows(db, _INSERT_PAYLOADS, _PAYLOAD_ROW, [_payload_values(c) for c in own])
                 self._queue(db, outcomes)
                 return added

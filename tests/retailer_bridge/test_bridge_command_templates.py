@@ -35,9 +35,9 @@ def template(request_id: str = "q", revision: int = 1) -> CommandTemplate:
                                    expires_at=params.end, revision=revision))
 
 
-def commands(t: CommandTemplate, clients: range, revision: int = 1) -> list[NewCommand]:
-    return [NewCommand("q", f"c{i}", f"gw-{i}", f"r{revision}-m{i}", t.payload(f"r{revision}-m{i}", f"c{i}"), 0.0,
-                       1e12, revision=revision) for i in clients]
+def commands(t: CommandTemplate, clients: range, revision: int = 1, received_at: float = 0.0) -> list[NewCommand]:
+    return [NewCommand("q", f"c{i}", f"gw-{i}", f"r{revision}-m{i}", t.payload(f"r{revision}-m{i}", f"c{i}"),
+                       received_at, 1e12, revision=revision) for i in clients]
 
 
 def count(store: BridgeStore, table: str) -> int:
@@ -78,6 +78,25 @@ async def test_commands_not_made_from_the_template_and_replaced_ones_keep_their_
     due = await store.due_commands(1.0)
     assert {r["client_id"]: (r["revision"], r["payload"]) for r in due} == {
         c: (2 if c in ("c0", "c1", "c4") else 1, p) for c, p in expected.items()}
+
+
+async def test_each_message_of_a_large_request_reads_back_its_own_templates_bytes(store: BridgeStore) -> None:
+    """The hub sends a large request in several messages; each message's template has its own ``sent_at``. Fails on
+    b6f3506 (one template per request and revision, replaced by the next message's): the first message's commands
+    read back with the second message's ``sent_at``."""
+    first, second, third = template(), template(), template()
+    assert first.parts is not None and second.parts is not None and third.parts is not None
+    assert first.parts != second.parts  # their sent_at differs
+    messages = [commands(first, range(0, 100), received_at=10.0), commands(second, range(100, 200), received_at=11.0),
+                commands(third, range(200, 300), received_at=11.0)]  # the third received at the same instant
+    for msg, t in zip(messages, (first, second, third), strict=True):
+        await store.accept_request(msg, [], t.parts)
+    sent = {c.client_id: c.payload for msg in messages for c in msg}
+    assert await store.payloads_of("q") == sent
+    assert {r["client_id"]: r["payload"] for r in await store.due_commands(1.0, limit=1_000)} == sent
+    # Two templates held; the third message's commands, whose key was taken, keep their own payloads.
+    assert await store.sql.read(lambda db: (count(store, "command_payloads"), count(store, "command_templates"))) \
+        == (0 if third.parts == second.parts else 100, 2)
 
 
 async def test_the_relay_stores_a_requests_template_and_its_commands_read_back_as_sent(store: BridgeStore) -> None:
