@@ -199,6 +199,13 @@ class CommandTemplate:
             self._parts = (head, middle, tail)
         # else (a marker inside the params' own text): each command is encoded as a copy, as before
 
+    @property
+    def parts(self) -> tuple[bytes, bytes, bytes] | None:
+        """``(head, middle, tail)``: :meth:`payload` of ids that :data:`~mhp_wire.ids.ID_RE` matches is ``head``, the
+        ``msg_id`` in quotes, ``middle``, the ``client_id`` in quotes, ``tail`` (such ids need no escaping in JSON);
+        None when the template cannot be spliced (each command is then encoded as a copy)."""
+        return self._parts
+
     def payload(self, msg_id: str, client_id: str) -> bytes:
         """The command for ``client_id`` (a valid id: the request's own) under ``msg_id``."""
         if self._parts is None or ID_RE.fullmatch(client_id) is None:

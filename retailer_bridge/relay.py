@@ -416,7 +416,7 @@ class BridgeRelay:
         self.held_commands |= held  # before the commit: a round reading due commands after it leaves them out
         self.committing.append(handover)
         try:
-            added = await self.store.accept_request(commands, answers)
+            added = await self.store.accept_request(commands, answers, template.parts)
         except BaseException:
             self.held_commands -= held
             raise
@@ -1114,9 +1114,9 @@ class BridgeRelay:
                                      f"over the {exc.limit} the retailer broker takes", ClientState.REFUSED)
 
     async def _unsendable(self, cmd: dict[str, Any]) -> None:
-        """A due command without its payload (its ``command_payloads`` row missing: the store's invariant broken, a
-        damaged database): it can never be sent, so it is closed as ``refused`` (as one too large to send) instead of
-        being read as due again and again."""
+        """A due command without its payload (neither its ``command_payloads`` row nor its request's template in
+        ``command_templates``: the store's invariant broken, a damaged database): it can never be sent, so it is
+        closed as ``refused`` (as one too large to send) instead of being read as due again and again."""
         log.error("command %s of client %s for request %s has no payload in the bridge's store (damaged database?): "
                   "closed as refused", cmd["msg_id"], cmd["client_id"], outside(cmd["request_id"]))
         await self._unreachable(cmd, "the command was not sent to the gateway: its payload is missing from the "

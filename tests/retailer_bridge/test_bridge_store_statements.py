@@ -370,7 +370,7 @@ async def test_the_store_records_its_layout_and_refuses_a_newer_one(tmp_path: Pa
         await store.open()
         await store.close()
         db = sqlite3.connect(path)
-        assert db.execute("PRAGMA user_version").fetchone()[0] == LAYOUT == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == LAYOUT == 2
         db.close()
     newer = tmp_path / "newer.db"
     db = sqlite3.connect(newer)
