@@ -117,15 +117,19 @@ class LeanRoutes:
             await self.app(scope, _replay(messages, receive, exc), send)
             return
         arguments["body"] = self._body(route, messages)
-        # FastAPI checks the token once the body is in: one revoked or expired while the body arrived is refused.
-        if arguments["body"] is None or self._principal(scope["app"].state, headers) != principal:
+        # FastAPI checks the token once the body is in (one revoked or expired while the body arrived is refused),
+        # and so does the lean path for a POST: its only look at the token file and only hash of the token.
+        principal = None if arguments["body"] is None else self._principal(scope["app"].state, headers)
+        if principal is None:
             await self.app(scope, _replay(messages, receive, None), send)
         else:
+            arguments["who"] = principal
             await self._answer(scope, receive, send, route, principal, arguments)
 
     def _target(self, scope: Scope) -> tuple[APIRoute, Any, dict[str, Any], dict[bytes, bytes]] | None:
-        """The route, the principal, the endpoint's arguments but the body and the headers read, of a request of
-        the plain case so far (all but its body), else None."""
+        """The route, the principal (a GET's; a POST's is found after its body, once), the endpoint's arguments but
+        the body and the principal, and the headers read, of a request of the plain case so far (all but its body
+        and a POST's token), else None."""
         method, path = scope["method"], scope["path"]
         route = self.posts.get(path) if method == "POST" else None
         request_id = path[len(REQUEST_PREFIX):] if method == "GET" and path.startswith(REQUEST_PREFIX) else ""
@@ -138,19 +142,18 @@ class LeanRoutes:
         if (headers is None or scope["query_string"] or scope.get("root_path") or app.dependency_overrides
                 or getattr(app.state, "service", None) is None):
             return None
-        principal = self._principal(app.state, headers)
-        has_body = b"content-length" in headers or b"transfer-encoding" in headers
-        if principal is None or (route is self.get and has_body):  # a GET with a body is unusual
-            return None
-        if route is self.get:  # FastAPI reads no body and no content type there
+        if route is self.get:  # FastAPI reads no body and no content type there; a GET with a body is unusual
+            principal = self._principal(app.state, headers)
+            if principal is None or b"content-length" in headers or b"transfer-encoding" in headers:
+                return None
             return route, principal, {"request_id": request_id, "who": principal, "service": app.state.service}, headers
         key = headers.get(b"idempotency-key")
         idempotency_key = None if key is None else key.decode("latin-1")
-        if headers.get(b"content-type") != b"application/json" or (
+        if b"authorization" not in headers or headers.get(b"content-type") != b"application/json" or (
                 idempotency_key is not None and not 0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX):
-            return None
-        arguments = {"who": principal, "service": app.state.service, "idempotency_key": idempotency_key}
-        return route, principal, arguments, headers
+            return None  # (no token: FastAPI's 401, without the lean path reading the body)
+        # A POST's principal is found once its body is in (``__call__``): ``None`` here.
+        return route, None, {"service": app.state.service, "idempotency_key": idempotency_key}, headers
 
     @staticmethod
     def _principal(state: Any, headers: dict[bytes, bytes]) -> Any:

@@ -329,3 +329,32 @@ async def test_a_token_revoked_while_the_body_arrives_is_refused_alike(
             answers.append((r.status_code, r.json()))
         assert answers[0] == answers[1] and answers[0][0] == 401, answers
         assert not lean.app.state.lean_answered
+
+
+async def test_the_lean_path_looks_at_the_token_file_once_per_request(
+        request: pytest.FixtureRequest, tmp_path: Path, mosquitto_factory: MosquittoFactory,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each look at the token file is an ``os.stat`` (and a hash of the token) on the hub's loop, for every HTTP
+    request (revocation at once). The lean path looked twice per POST: before reading the body and, as FastAPI
+    does, once it was in; now only once it is in (the look that refuses a token revoked while the body arrived, the
+    test above). A GET, which has no body, is looked at once, as before."""
+    async with contextlib.asynccontextmanager(running_hub)(request, tmp_path, mosquitto_factory, "sqlite",
+                                                           lean=True) as hub:
+        await hub.setup_registry({"c1": "r1", "c2": "r2"})
+        book = hub.app.state.tokens
+        looks: list[str] = []
+        look = book.principal
+
+        def counted(token: str) -> Any:
+            looks.append(token)
+            return look(token)
+
+        monkeypatch.setattr(book, "principal", counted)
+        r = await hub.http.post("/v1/emergencies", json=good_body("/v1/emergencies"),
+                                headers=hub.auth("dso"))
+        assert r.status_code == 202, r.text
+        assert looks == [hub.tokens["dso"]]
+        r = await hub.http.get(f"/v1/requests/{r.json()['request_id']}", headers=hub.auth("dso"))
+        assert r.status_code == 200, r.text
+        assert looks == [hub.tokens["dso"]] * 2
+        assert hub.app.state.lean_answered == {"POST /v1/emergencies": 1, "GET /v1/requests/{request_id}": 1}
