@@ -31,13 +31,10 @@ def _serve(args: argparse.Namespace) -> int:
     tune_for_throughput()
     logging.getLogger("cloud_hub").info("garbage collector tuned for throughput: %d start-up objects frozen, young "
                                         "collections every %d new objects", gc.get_freeze_count(), YOUNG_THRESHOLD)
-    from cloud_hub.httpwire import OneWriteHttpToolsProtocol
-
     # uvloop and httptools (the hub extra) rather than asyncio's loop and h11: the HTTP and MQTT I/O is most of the
-    # hub's CPU per request; each answer written in one piece (cloud_hub.httpwire).
+    # hub's CPU per request.
     uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port, loop="uvloop",
-                http=OneWriteHttpToolsProtocol, log_level=args.log_level.lower(), access_log=False,
-                timeout_graceful_shutdown=3,
+                http="httptools", log_level=args.log_level.lower(), access_log=False, timeout_graceful_shutdown=3,
                 ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile,
                 # Behind a TLS proxy: the client's scheme and address from X-Forwarded-*, believed only from it.
                 proxy_headers=settings.behind_tls_proxy, forwarded_allow_ips=settings.forwarded_allow_ips)
