@@ -288,8 +288,8 @@ class BridgeStore:
         whose payload is that template with their ids spliced in (:func:`_spliced`, checked byte for byte against the
         template stored for them) then keep no payload of their own: the template is stored once for the request
         message (``command_templates``, keyed by request, revision and ``received_at``) instead of 10,000 payloads
-        of ~300 bytes in a fan-out (~4 µs of SQLite per command). Replaced commands (a newer revision) keep their
-        own payload."""
+        of ~300 bytes in a fan-out (~2.3 µs of the store's thread per command, docs/performance.md). Replaced
+        commands (a newer revision) keep their own payload."""
 
         def op(db: sqlite3.Connection) -> int:
             if commands and db.execute("SELECT 1 FROM cancelled WHERE request_id=?",
@@ -353,8 +353,8 @@ class BridgeStore:
         With a ``horizon`` before ``now`` (how far the bridge has read its broker, :class:`mhp_wire.outbox.ReadHorizon`)
         a command already sent is due only once its next attempt is at or before the horizon: its gateway's silence
         is known up to there, not up to now. A command never sent is due at ``now``. Each row has its ``payload``:
-        None if its ``command_payloads`` row is missing (a damaged store), for the relay to close it rather than
-        leave it due (``next_gateway_due`` counts it) and unread."""
+        None if neither its ``command_payloads`` row nor its message's ``command_templates`` row is there (a damaged
+        store), for the relay to close it rather than leave it due (``next_gateway_due`` counts it) and unread."""
         if horizon is None or horizon >= now:
             return await self.sql.read(lambda db: _dicts(db.execute(
                 f"SELECT c.*, {_PAYLOAD} FROM {_COMMAND_JOIN} WHERE {_IS_SENDING} AND next_attempt_at<=? "

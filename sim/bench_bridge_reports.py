@@ -25,9 +25,9 @@ bridges have too, so it also runs against another checkout for a before/after on
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable
@@ -109,9 +109,14 @@ async def bench(n: int, outcome_only: bool = False, wire: bool = False, rate: fl
         await store.close()
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    flags = sys.argv[1:]
-    rate = float(flags[flags.index("--rate") + 1]) if "--rate" in flags else 0.0
-    args = [a for a in args if "--rate" not in flags or a != flags[flags.index("--rate") + 1]]
-    asyncio.run(bench(int(args[0]) if args else 10_000, outcome_only="--outcome-only" in flags,
-                      wire="--wire" in flags or rate > 0, rate=rate, shuffled="--shuffled" in flags))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("gateways", nargs="?", type=int, default=10_000)
+    parser.add_argument("--outcome-only", action="store_true")
+    parser.add_argument("--wire", action="store_true")
+    parser.add_argument("--rate", type=float, default=0.0, help="reports per second, in waves (implies --wire)")
+    parser.add_argument("--shuffled", action="store_true", help="with --rate: the gateways answer in random order")
+    a = parser.parse_args()
+    if a.shuffled and not a.rate:
+        parser.error("--shuffled goes with --rate")
+    asyncio.run(bench(a.gateways, outcome_only=a.outcome_only, wire=a.wire or a.rate > 0, rate=a.rate,
+                      shuffled=a.shuffled))

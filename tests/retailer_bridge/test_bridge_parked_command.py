@@ -15,6 +15,7 @@ from mhp_wire.mqtt import PacketTooLarge
 from mhp_wire.outbox import Outbox, Pending
 from retailer_bridge.relay import BridgeRelay
 from retailer_bridge.store import CLOSED, BridgeStore, NewCommand
+from tests.retailer_bridge.test_bridge_command_templates import template
 from tests.retailer_bridge.test_bridge_resend_queued_burst import Clock
 
 
@@ -115,5 +116,37 @@ async def test_a_due_command_without_its_payload_is_closed_refused_not_due_for_e
         assert isinstance(outcome, Outcome) and outcome.state is ClientState.REFUSED and outcome.client_id == "c1"
         assert "payload is missing" in str(outcome.detail["reason"])
         assert all(c["msg_id"] != "cmd-c1" for c in await store.due_commands(clock.t + 10_000))
+    finally:
+        await store.close()
+
+
+async def test_a_template_made_command_whose_template_is_lost_is_closed_refused(tmp_path: Path) -> None:
+    """Review of the fourteenth round: the same for a command made from its message's template (layout 2), whose
+    ``command_templates`` row is missing: its payload reads as None and it is closed as ``refused`` with its outcome
+    for the hub, not sent and not due for ever."""
+    store = BridgeStore(tmp_path / "b.db")
+    await store.open()
+    try:
+        clock = Clock(1_000_000.0)
+        relay = BridgeRelay("r1", {"c1": "gw-1", "c2": "gw-2"}, store)
+        relay.commands_out.clock = clock
+        link = RecordingLink()
+        relay.local = link  # type: ignore[assignment]
+        relay.local_connected()
+        t = template()
+        assert t.parts is not None
+        made = [NewCommand("q", c, f"gw-{c[1]}", f"cmd-{c}", t.payload(f"cmd-{c}", c), clock.t, clock.t + 7200)
+                for c in ("c1", "c2")]
+        await store.accept_request(made, [], t.parts)
+        assert await store.sql.read(lambda db: db.execute("SELECT COUNT(*) FROM command_payloads").fetchone()[0]) == 0
+        await store.sql.tx(lambda db: db.execute("DELETE FROM command_templates"))
+        await relay.dispatch_gateways()
+        assert link.sent == []
+        rows = await store.commands_of("q")
+        assert {r["state"] for r in rows} == {CLOSED} and {r["attempts"] for r in rows} == {0}, rows
+        outcomes = [decode(q["payload"]) for q in await store.due_outbox(clock.t + 1)]
+        assert sorted(o.client_id for o in outcomes if isinstance(o, Outcome) and o.state is ClientState.REFUSED) \
+            == ["c1", "c2"]
+        assert await store.due_commands(clock.t + 10_000) == []
     finally:
         await store.close()
