@@ -166,7 +166,8 @@ class LoopWatch:
         with_gc = self._gc.callback
         if with_gc in gc.callbacks:
             gc.callbacks.remove(with_gc)
-        self.check()  # a stall seen and not yet reported ends now: the loop is running this
+        self.heartbeat()  # a stall under way ends now (the loop thread runs this): the tick puts it in _ended
+        self.check()
 
     def __enter__(self) -> LoopWatch:
         self.start()
@@ -210,11 +211,14 @@ class LoopWatch:
         while self._ended:
             before, after = self._ended.popleft()
             ended.append(self._report(before, after, seen=self._since is before))
+        now = self.clock()  # before reading the tick: a tick landing in between is then never taken for a stall
         tick = self._tick
         if tick is None:
             return ended
+        if self._since is not None and self._since is not tick and not self._ended:
+            self._since, self._stack, self._last_stack = None, "", ""  # a sighting no ended pair names: cleared
         if self._since is None:
-            if self.clock() - tick.wall > self.threshold_s + self.interval_s:
+            if now - tick.wall > self.threshold_s + self.interval_s:
                 self._since = tick
                 self._stack = self._loop_stack()
         elif self._since is tick:

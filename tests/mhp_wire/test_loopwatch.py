@@ -116,3 +116,12 @@ async def test_a_threshold_of_zero_turns_the_watch_off() -> None:
     watch.stop()
     with pytest.raises(ValueError):
         LoopWatch(-1)
+
+
+async def test_a_stall_under_way_when_the_watch_stops_is_reported() -> None:
+    seen: list[Stall] = []
+    watch = LoopWatch(0.2, name="test loop", on_stall=seen.append)
+    watch.start()
+    block_the_loop_for(0.6)
+    watch.stop()
+    assert watch.stalls >= 1 and watch._since is None
