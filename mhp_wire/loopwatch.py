@@ -231,9 +231,12 @@ class LoopWatch:
                       after.gc_runs - before.gc_runs, self._stack if seen else "", self._last_stack if seen else "")
         if seen:
             self._since, self._stack, self._last_stack = None, "", ""
+        log.warning("%s: %s", self.name, stall.describe())
+        if self.on_stall is not None:  # first: a test that sees ``stalls`` grow finds the service's metric grown too
+            try:
+                self.on_stall(stall)
+            except Exception:  # stop() runs this in a service's shutdown: never let it raise there
+                log.exception("%s watchdog: on_stall failed", self.name)
         self.stalls += 1
         self.stalled_s += stall.wall_s
-        log.warning("%s: %s", self.name, stall.describe())
-        if self.on_stall is not None:
-            self.on_stall(stall)
         return stall
