@@ -139,19 +139,27 @@ class LoopWatch:
     def enabled(self) -> bool:
         return self.threshold_s > 0
 
-    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Start watching ``loop`` (the running loop by default); call it from the loop's thread."""
+    def start(self) -> None:
+        """Start watching the running loop; call it from the loop's thread. If it fails, nothing is left behind."""
         if not self.enabled or self._thread is not None:
             return
-        self._loop = loop or asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         self._loop_thread_id = threading.get_ident()
         self._tick, self._since, self._stack, self._last_stack = None, None, "", ""
         self._ended.clear()
-        gc.callbacks.append(self._gc.callback)
-        self._beat()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._watch, name=f"loopwatch-{self.name}", daemon=True)
-        self._thread.start()
+        gc.callbacks.append(self._gc.callback)
+        try:
+            self._beat()
+            thread = threading.Thread(target=self._watch, name=f"loopwatch-{self.name}", daemon=True)
+            thread.start()
+        except BaseException:
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
+            gc.callbacks.remove(self._gc.callback)
+            raise
+        self._thread = thread  # only a started thread: stop() joins it
 
     def stop(self) -> None:
         """Stop the thread and the heartbeat (a stall under way is reported first); idempotent."""

@@ -4,6 +4,8 @@ block of their loop is logged once with the blocking frame, and counted (the hub
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
 from pathlib import Path
@@ -73,3 +75,20 @@ async def test_a_stall_threshold_of_zero_runs_no_watch(tmp_path: Path, mosquitto
     broker = mosquitto_factory("hub", ["r1"], "hub")
     async with served_hub(tmp_path, broker, loop_stall_s=0) as hub:
         assert not hub.app.state.loop_watch.enabled and hub.app.state.loop_watch._thread is None
+
+
+async def test_the_hubs_watch_stops_when_its_shutdown_fails(tmp_path: Path,
+                                                            mosquitto_factory: MosquittoFactory) -> None:
+    broker = mosquitto_factory("hub", ["r1"], "hub")
+    with contextlib.suppress(Exception):  # the server may log the failed shutdown or raise it
+        async with served_hub(tmp_path, broker, loop_stall_s=0.2) as hub:
+            watch, store = hub.app.state.loop_watch, hub.app.state.store
+            close = store.close
+
+            async def close_then_fail() -> None:
+                await close()
+                raise OSError("the disk went away")
+
+            store.close = close_then_fail
+            assert watch._thread is not None
+    assert watch._thread is None and watch._gc.callback not in gc.callbacks

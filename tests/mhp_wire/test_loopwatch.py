@@ -4,6 +4,7 @@ blocking frame in its stack, one that is not blocked never; its decisions on an 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import types
@@ -133,3 +134,21 @@ async def test_a_stall_under_way_when_the_watch_stops_is_reported() -> None:
     block_the_loop_for(watch)
     watch.stop()
     assert [s for s in seen if "block_the_loop_for" in s.stack + s.last_stack] and watch._since is None
+
+
+async def test_a_start_that_fails_leaves_no_gc_callback_and_no_thread() -> None:
+    def failing_clock() -> float:
+        raise OSError("no clock")
+
+    watch = LoopWatch(0.2, clock=failing_clock)
+    with pytest.raises(OSError):
+        watch.start()
+    assert watch._gc.callback not in gc.callbacks and watch._thread is None and watch._handle is None
+    watch.stop()  # nothing to stop: no error
+
+
+async def test_the_gc_callback_is_removed_when_the_watch_stops() -> None:
+    watch = LoopWatch(0.2)
+    with watch:
+        assert watch._gc.callback in gc.callbacks
+    assert watch._gc.callback not in gc.callbacks and watch._thread is None
