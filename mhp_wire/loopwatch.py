@@ -101,6 +101,18 @@ class _GcClock:
             self.runs += 1
 
 
+MIN_THRESHOLD_S = 0.05
+"""The smallest stall threshold a service's settings take (besides 0, off): below it the heartbeat (a fifth of the
+threshold) would run every few milliseconds and every scheduler hiccup would be a warning."""
+
+
+def valid_threshold(value: float) -> float:
+    """A service setting's stall threshold: 0 (off) or at least :data:`MIN_THRESHOLD_S`; else ValueError."""
+    if value != 0 and value < MIN_THRESHOLD_S:
+        raise ValueError(f"the loop stall threshold is 0 (off) or at least {MIN_THRESHOLD_S} s, not {value}")
+    return value
+
+
 class LoopWatch:
     """Watches one asyncio loop (see the module's description). ``threshold_s`` 0 turns it off (``start`` does
     nothing). ``clock`` (monotonic seconds) decides the stalls, ``cpu_clock`` reads the calling thread's CPU seconds;

@@ -11,8 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from cloud_hub.settings import HubSettings
 from mhp_wire.loopwatch import LoopWatch
+from retailer_bridge.service import Bridge
+from retailer_bridge.settings import BridgeSettings
 from tests.broker_fixtures import MosquittoFactory
 from tests.cloud_hub.test_relay import metric
 from tests.hub_fixtures import served_hub
@@ -92,3 +96,19 @@ async def test_the_hubs_watch_stops_when_its_shutdown_fails(tmp_path: Path,
             store.close = close_then_fail
             assert watch._thread is not None
     assert watch._thread is None and watch._gc.callback not in gc.callbacks
+
+
+def test_a_stall_threshold_is_zero_or_at_least_fifty_milliseconds() -> None:
+    for settings in (lambda s: HubSettings(loop_stall_s=s), lambda s: BridgeSettings(retailer_id="r1", loop_stall_s=s)):
+        assert settings(0).loop_stall_s == 0 and settings(0.05).loop_stall_s == 0.05
+        for bad in (0.001, 0.049, -1):
+            with pytest.raises(ValidationError, match=r"0 \(off\) or at least 0\.05 s"):
+                settings(bad)
+
+
+def test_each_partition_of_a_bridge_names_its_own_watch(tmp_path: Path) -> None:
+    names = [Bridge(BridgeSettings(retailer_id="r1", partitions=2, partition=k, hub_mqtt_username=f"r1-p{k}",
+                                   local_mqtt_username=f"bridge-p{k}",
+                                   db_path=tmp_path / f"p{k}.db")).loop_watch.name for k in range(2)]
+    assert names == ["bridge r1 p0", "bridge r1 p1"]
+    assert Bridge(BridgeSettings(retailer_id="r1", db_path=tmp_path / "one.db")).loop_watch.name == "bridge r1"
