@@ -237,13 +237,16 @@ class LoopWatch:
             return ended
         if self._since is not None and self._since is not tick and not self._ended:
             self._since, self._stack, self._last_stack = None, "", ""  # a sighting no ended pair names: cleared
+        # a stack taken after the loop ticked again shows the frame after the stall, not the one that held it: dropped
         if self._since is None:
             if now - tick.wall > self.threshold_s + self.interval_s:
                 self._since = tick
-                self._stack = self._loop_stack()
+                stack = self._loop_stack()
+                self._stack = stack if self._tick is tick else ""
         elif self._since is tick:
             stack = self._loop_stack()
-            self._last_stack = "" if stack == self._stack else stack
+            if self._tick is tick:
+                self._last_stack = "" if stack == self._stack else stack
         return ended
 
     def _report(self, before: Tick, after: Tick, *, seen: bool) -> Stall:

@@ -152,3 +152,57 @@ async def test_the_gc_callback_is_removed_when_the_watch_stops() -> None:
     with watch:
         assert watch._gc.callback in gc.callbacks
     assert watch._gc.callback not in gc.callbacks and watch._thread is None
+
+
+def test_a_tick_landing_while_the_watchdog_reads_the_clock_is_no_stall_and_leaves_stacks_working() -> None:
+    clocks = Clocks()
+    watch = watch_on(clocks, [frame_of("the_next_stall")])
+    watch.heartbeat()
+    armed = [True]
+    real = watch.clock
+
+    def clock() -> float:
+        if armed[0]:  # the loop ticks (0.29 s late: within the threshold) just as the watchdog looks
+            armed[0] = False
+            clocks.advance(0.29, 0.29)
+            watch.heartbeat()
+            clocks.advance(0.02, 0.02)
+        return real()
+
+    watch.clock = clock
+    assert watch.check() == [] and watch._since is None
+    clocks.advance(0.5, 0.5)  # a real stall later: seen, with its stack
+    assert watch.check() == []
+    watch.heartbeat()
+    [stall] = watch.check()
+    assert "the_next_stall" in stall.stack
+
+
+def test_a_stack_taken_after_the_loop_resumed_is_dropped() -> None:
+    clocks = Clocks()
+    watch = watch_on(clocks, [])
+    after = frame_of("after_the_stall")
+
+    def frames() -> dict[int, types.FrameType]:
+        watch.heartbeat()  # the loop resumes between the watchdog's read of the tick and its look at the stack
+        return {watch._loop_thread_id: after}
+
+    watch.frames = frames
+    watch.heartbeat()
+    clocks.advance(0.5, 0.5)
+    assert watch.check() == []
+    [stall] = watch.check()
+    assert stall.stack == "" and "after_the_stall" not in stall.last_stack
+
+
+async def test_an_on_stall_that_raises_in_stop_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    def fail(stall: Stall) -> None:
+        raise RuntimeError("the metric is gone")
+
+    watch = LoopWatch(0.2, name="test loop", on_stall=fail)
+    with caplog.at_level(logging.ERROR, logger="mhp_wire.loopwatch"):
+        watch.start()
+        block_the_loop_for(watch)
+        watch.stop()  # the stall under way is reported here: its on_stall's error is logged
+    assert watch.stalls >= 1
+    assert [r for r in caplog.records if "on_stall failed" in r.getMessage() and r.exc_info]
