@@ -206,3 +206,20 @@ async def test_an_on_stall_that_raises_in_stop_is_logged_not_raised(caplog: pyte
         watch.stop()  # the stall under way is reported here: its on_stall's error is logged
     assert watch.stalls >= 1
     assert [r for r in caplog.records if "on_stall failed" in r.getMessage() and r.exc_info]
+
+
+async def test_collections_during_a_stall_are_counted_and_a_restart_starts_clean() -> None:
+    seen: list[Stall] = []
+    watch = LoopWatch(0.2, name="test loop", on_stall=seen.append)
+    watch.start()
+    gc.collect()  # on the loop, inside the stall: no tick between it and the block
+    block_the_loop_for(watch)
+    watch.stop()
+    [stall] = [s for s in seen if "block_the_loop_for" in s.stack + s.last_stack]
+    assert stall.gc_runs >= 1 and stall.gc_s > 0
+    watch.start()  # again, after a stall reported at stop: nothing of the last run is carried over
+    try:
+        assert watch._since is None and watch._stack == "" and watch._last_stack == "" and not watch._ended
+        assert watch._tick is not None and watch._thread is not None and watch._gc.callback in gc.callbacks
+    finally:
+        watch.stop()
