@@ -220,20 +220,21 @@ def _lifespan(settings: HubSettings) -> Callable[[FastAPI], contextlib.AbstractA
         task = asyncio.create_task(_supervise_relay(app, settings), name="hub-relay")
         pruner = asyncio.create_task(_prune_feed(feed), name="hub-feed-prune")
         watch = LoopWatch(settings.loop_stall_s, name="hub", on_stall=app.state.metrics.count_stall)
-        watch.start()  # before the relay's and the pruner's tasks first run; stopped last
         app.state.loop_watch = watch
-        try:
-            yield
-        finally:
-            for t in (task, pruner):
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-            await app.state.relay.drain()  # the outcomes and acks received are stored before the store closes
-            await webhooks.close()
-            await app.state.service.book.close()  # an expansion cut short is finished by the next start
-            await app.state.store.close()
-            watch.stop()
+        # started before the relay's and the pruner's tasks first run; stopped last, however the shutdown below
+        # ends (a close that raises, a cancellation)
+        with watch:
+            try:
+                yield
+            finally:
+                for t in (task, pruner):
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
+                await app.state.relay.drain()  # the outcomes and acks received are stored before the store closes
+                await webhooks.close()
+                await app.state.service.book.close()  # an expansion cut short is finished by the next start
+                await app.state.store.close()
 
     return lifespan
 

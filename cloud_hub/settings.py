@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mhp_wire.loopwatch import valid_threshold
 from mhp_wire.production import production_error, production_problems
 from mhp_wire.topics import check_id
 
@@ -104,7 +105,7 @@ class HubSettings(BaseSettings):
     webhook_retry_max_s: float = Field(300.0, gt=0)
     webhook_max_age_s: float = Field(86_400.0, gt=0)
     """How long an event is retried to a webhook before it is dropped (and counted in ``mhp_webhook_dropped``)."""
-    loop_stall_s: float = Field(0.25, ge=0)
+    loop_stall_s: Annotated[float, AfterValidator(valid_threshold)] = 0.25
     """The event loop's stall watchdog (``mhp_wire.loopwatch``): a heartbeat of the loop more than this late is
     logged as one warning per stall, with the loop thread's stack and CPU time, and counted in
     ``mhp_loop_stall_seconds``. 0: off."""

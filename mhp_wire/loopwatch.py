@@ -101,6 +101,18 @@ class _GcClock:
             self.runs += 1
 
 
+MIN_THRESHOLD_S = 0.05
+"""The smallest stall threshold a service's settings take (besides 0, off): below it the heartbeat (a fifth of the
+threshold) would run every few milliseconds and every scheduler hiccup would be a warning."""
+
+
+def valid_threshold(value: float) -> float:
+    """A service setting's stall threshold: 0 (off) or at least :data:`MIN_THRESHOLD_S`; else ValueError."""
+    if value != 0 and value < MIN_THRESHOLD_S:
+        raise ValueError(f"the loop stall threshold is 0 (off) or at least {MIN_THRESHOLD_S} s, not {value}")
+    return value
+
+
 class LoopWatch:
     """Watches one asyncio loop (see the module's description). ``threshold_s`` 0 turns it off (``start`` does
     nothing). ``clock`` (monotonic seconds) decides the stalls, ``cpu_clock`` reads the calling thread's CPU seconds;
@@ -139,19 +151,27 @@ class LoopWatch:
     def enabled(self) -> bool:
         return self.threshold_s > 0
 
-    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Start watching ``loop`` (the running loop by default); call it from the loop's thread."""
+    def start(self) -> None:
+        """Start watching the running loop; call it from the loop's thread. If it fails, nothing is left behind."""
         if not self.enabled or self._thread is not None:
             return
-        self._loop = loop or asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         self._loop_thread_id = threading.get_ident()
         self._tick, self._since, self._stack, self._last_stack = None, None, "", ""
         self._ended.clear()
-        gc.callbacks.append(self._gc.callback)
-        self._beat()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._watch, name=f"loopwatch-{self.name}", daemon=True)
-        self._thread.start()
+        gc.callbacks.append(self._gc.callback)
+        try:
+            self._beat()
+            thread = threading.Thread(target=self._watch, name=f"loopwatch-{self.name}", daemon=True)
+            thread.start()
+        except BaseException:
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
+            gc.callbacks.remove(self._gc.callback)
+            raise
+        self._thread = thread  # only a started thread: stop() joins it
 
     def stop(self) -> None:
         """Stop the thread and the heartbeat (a stall under way is reported first); idempotent."""
@@ -166,7 +186,8 @@ class LoopWatch:
         with_gc = self._gc.callback
         if with_gc in gc.callbacks:
             gc.callbacks.remove(with_gc)
-        self.check()  # a stall seen and not yet reported ends now: the loop is running this
+        self.heartbeat()  # a stall under way ends now (the loop thread runs this): the tick puts it in _ended
+        self.check()
 
     def __enter__(self) -> LoopWatch:
         self.start()
@@ -210,16 +231,22 @@ class LoopWatch:
         while self._ended:
             before, after = self._ended.popleft()
             ended.append(self._report(before, after, seen=self._since is before))
+        now = self.clock()  # before reading the tick: a tick landing in between is then never taken for a stall
         tick = self._tick
         if tick is None:
             return ended
+        if self._since is not None and self._since is not tick and not self._ended:
+            self._since, self._stack, self._last_stack = None, "", ""  # a sighting no ended pair names: cleared
+        # a stack taken after the loop ticked again shows the frame after the stall, not the one that held it: dropped
         if self._since is None:
-            if self.clock() - tick.wall > self.threshold_s + self.interval_s:
+            if now - tick.wall > self.threshold_s + self.interval_s:
                 self._since = tick
-                self._stack = self._loop_stack()
+                stack = self._loop_stack()
+                self._stack = stack if self._tick is tick else ""
         elif self._since is tick:
             stack = self._loop_stack()
-            self._last_stack = "" if stack == self._stack else stack
+            if self._tick is tick:
+                self._last_stack = "" if stack == self._stack else stack
         return ended
 
     def _report(self, before: Tick, after: Tick, *, seen: bool) -> Stall:
@@ -227,9 +254,12 @@ class LoopWatch:
                       after.gc_runs - before.gc_runs, self._stack if seen else "", self._last_stack if seen else "")
         if seen:
             self._since, self._stack, self._last_stack = None, "", ""
+        log.warning("%s: %s", self.name, stall.describe())
+        if self.on_stall is not None:  # first: a test that sees ``stalls`` grow finds the service's metric grown too
+            try:
+                self.on_stall(stall)
+            except Exception:  # stop() runs this in a service's shutdown: never let it raise there
+                log.exception("%s watchdog: on_stall failed", self.name)
         self.stalls += 1
         self.stalled_s += stall.wall_s
-        log.warning("%s: %s", self.name, stall.describe())
-        if self.on_stall is not None:
-            self.on_stall(stall)
         return stall

@@ -62,7 +62,8 @@ class Bridge:
         self._local_link: MqttLink | None = None
         """The link to the retailer broker, from the moment it is made (:meth:`update_installations` changes its
         filters whether it is connected yet or not)."""
-        self.loop_watch = LoopWatch(settings.loop_stall_s, name=f"bridge {settings.retailer_id}")
+        part = f" p{settings.partition}" if settings.partitions > 1 else ""  # two partitions may share one loop
+        self.loop_watch = LoopWatch(settings.loop_stall_s, name=f"bridge {settings.retailer_id}{part}")
         """The event loop's stall watchdog while the bridge runs (its ``stalls`` and ``stalled_s`` count them)."""
 
     async def update_installations(self, customers: Mapping[str, str],

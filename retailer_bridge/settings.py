@@ -8,9 +8,10 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mhp_wire.loopwatch import valid_threshold
 from mhp_wire.production import production_error, production_problems
 from mhp_wire.topics import check_id
 
@@ -69,7 +70,7 @@ class BridgeSettings(BaseSettings):
     """MQTT messages per second each gateway may sustain; beyond it they are refused with an error answer."""
     gateway_rate_limit_burst: int = Field(200, ge=1)
     """How often active-power measurements of the customers are forwarded to the hub."""
-    loop_stall_s: float = Field(0.25, ge=0)
+    loop_stall_s: Annotated[float, AfterValidator(valid_threshold)] = 0.25
     """The event loop's stall watchdog (``mhp_wire.loopwatch``): a heartbeat of the loop more than this late is
     logged as one warning per stall, with the loop thread's stack and CPU time (``Bridge.loop_watch`` counts them).
     0: off."""
