@@ -180,3 +180,17 @@ def test_the_oldest_rows_make_room_and_a_row_larger_than_the_room_is_not_held() 
     assert kept.split("b", ["c:1", "c:2", "c:3", "r:state"]) == (
         [("c:2", {"state": "pending"}), ("c:3", {"state": "sent"})], ["r:state"])
     assert len(kept) == 4
+
+
+async def test_a_refused_backwards_report_leaves_the_held_entry_as_stored(hub: Hub) -> None:
+    """A non-terminal backwards report (delivered, then sent) sets the retailer's state on the working entry before
+    the move is refused and nothing is written: the held entry must not be that working entry (readers get copies)."""
+    rid = await accepted(hub)
+    client = CLIENTS[0]
+    await hub.book.apply([ReportedOutcome("r1", rid, client, ClientState.DELIVERED, {}, {})])
+    verdicts = await hub.book.apply([ReportedOutcome("r1", rid, client, ClientState.SENT, {}, {})])
+    assert verdicts[0].known and not verdicts[0].changed
+    on_file = stored_entries(hub.path, rid)
+    assert on_file[f"c:{client}"]["state"] == "delivered"
+    assert on_file[f"c:{client}"]["retailers"] == {"r1": "delivered"}
+    assert held_entries(hub.store, rid) == on_file
