@@ -385,7 +385,10 @@ class KeptEntries:
             self._size -= len(row)
 
     def written(self, request_id: str, put: dict[str, Any], delete: list[str] | None, close: bool) -> None:
-        """A durable write of the row: ``put``'s client entries replace those held, ``delete``'s go."""
+        """A durable write of the row: ``delete``'s client entries go, then ``put``'s replace those held (the order
+        storage applies a mutation in, :meth:`~cloud_hub.storage.sqlite.SqliteKV.batch`: a column in both is put).
+        Over :attr:`limit` after it, the oldest other rows make room; a row larger than the limit is held no
+        longer."""
         row = self._rows.get(request_id)
         if row is None:
             return
@@ -393,10 +396,15 @@ class KeptEntries:
             self.forget(request_id)
             return
         n = len(row)
-        row.update((col, e) for col, e in put.items() if col[:2] == "c:")
         for col in delete or ():
             row.pop(col, None)
+        row.update((col, e) for col, e in put.items() if col[:2] == "c:")
         self._size += len(row) - n
+        if len(row) > self.limit:
+            self.forget(request_id)
+            return
+        while self._size > self.limit:
+            self.forget(next(r for r in self._rows if r != request_id))
 
     def split(self, request_id: str, columns: list[str]) -> tuple[list[tuple[str, dict[str, Any]]], list[str]] | None:
         """The client cells of ``columns`` held for the row, ``(column, entry)`` (the held objects themselves: a

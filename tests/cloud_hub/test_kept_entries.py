@@ -194,3 +194,38 @@ async def test_a_refused_backwards_report_leaves_the_held_entry_as_stored(hub: H
     assert on_file[f"c:{client}"]["state"] == "delivered"
     assert on_file[f"c:{client}"]["retailers"] == {"r1": "delivered"}
     assert held_entries(hub.store, rid) == on_file
+
+
+def test_a_write_that_adds_clients_to_a_held_row_keeps_the_limit() -> None:
+    from cloud_hub.store import KeptEntries
+
+    kept = KeptEntries(limit=5)
+    kept.keep("a", {"c:1": {"state": "pending"}, "c:2": {"state": "pending"}})
+    kept.keep("b", {"c:1": {"state": "pending"}, "c:2": {"state": "pending"}})
+    # a revision adds two clients to b: 6 > 5, the oldest other row (a) makes room
+    kept.written("b", {"c:3": {"state": "pending"}, "c:4": {"state": "pending"}}, None, close=False)
+    assert "a" not in kept and "b" in kept and len(kept) == 4
+    # b alone grows past the limit: it is held no longer
+    kept.written("b", {f"c:{i}": {"state": "pending"} for i in range(5, 7)}, None, close=False)
+    assert "b" not in kept and len(kept) == 0
+
+
+async def test_a_write_that_deletes_and_puts_one_client_holds_the_put_as_storage_does(tmp_path: Path) -> None:
+    """Storage applies a mutation's delete before its put (``SqliteKV``): a column in both is there afterwards."""
+    from cloud_hub.storage import Mutation
+    from cloud_hub.storage.sqlite import SqliteKV
+    from cloud_hub.store import KeptEntries
+
+    kv = SqliteKV(tmp_path / "kv.db")
+    await kv.open()
+    try:
+        await kv.batch([Mutation("requests", "a", {"c:1": b"pending", "c:2": b"pending"})])
+        await kv.batch([Mutation("requests", "a", {"c:1": b"sent"}, delete=["c:1", "c:2"])])
+        assert await kv.get("requests", "a") == {"c:1": b"sent"}
+    finally:
+        await kv.close()
+    kept = KeptEntries(limit=5)
+    kept.keep("a", {"c:1": {"state": "pending"}, "c:2": {"state": "pending"}})
+    kept.written("a", {"c:1": {"state": "sent"}}, ["c:1", "c:2"], close=False)
+    assert kept.split("a", ["c:1", "c:2"]) == ([("c:1", {"state": "sent"})], [])
+    assert len(kept) == 1
