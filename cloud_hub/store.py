@@ -379,6 +379,11 @@ class KeptEntries:
         self._rows[request_id] = dict(entries)
         self._size += len(entries)
 
+    def clear(self) -> None:
+        """Hold nothing."""
+        self._rows.clear()
+        self._size = 0
+
     def forget(self, request_id: str) -> None:
         row = self._rows.pop(request_id, None)
         if row is not None:
@@ -477,7 +482,9 @@ class HubStore:
         await self.kv.open()
 
     async def close(self) -> None:
-        """Close the backend."""
+        """Close the backend; the held client entries go (a store opened again reads storage first)."""
+        if self.kept is not None:
+            self.kept.clear()
         await self.kv.close()
 
     async def ping(self) -> None:

@@ -229,3 +229,12 @@ async def test_a_write_that_deletes_and_puts_one_client_holds_the_put_as_storage
     kept.written("a", {"c:1": {"state": "sent"}}, ["c:1", "c:2"], close=False)
     assert kept.split("a", ["c:1", "c:2"]) == ([("c:1", {"state": "sent"})], [])
     assert len(kept) == 1
+
+
+async def test_a_closed_store_holds_nothing(tmp_path: Path) -> None:
+    store = HubStore.embedded(tmp_path / "hub.db", keep_entries=True)
+    await store.open()
+    assert store.kept is not None
+    store.kept.keep("rq1", {"c:1": {"state": "pending"}, "c:2": {"state": "pending"}})
+    await store.close()
+    assert "rq1" not in store.kept and len(store.kept) == 0
