@@ -238,3 +238,62 @@ async def test_a_closed_store_holds_nothing(tmp_path: Path) -> None:
     store.kept.keep("rq1", {"c:1": {"state": "pending"}, "c:2": {"state": "pending"}})
     await store.close()
     assert "rq1" not in store.kept and len(store.kept) == 0
+
+
+async def test_a_revision_of_a_held_row_holds_what_storage_holds(hub: Hub) -> None:
+    from cloud_hub.api.requests import validate_body
+
+    rid = await accepted(hub)
+    await hub.book.apply(executed(rid, CLIENTS[:10]))
+    await hub.service.revisions.revise(Principal.parse("dso"), rid, {"client_ids": CLIENTS[5:1100]}, None,
+                                       validate_body)
+    assert held_entries(hub.store, rid) == stored_entries(hub.path, rid)
+    await hub.book.apply(executed(rid, CLIENTS[5:20]))
+    on_file = stored_entries(hub.path, rid)
+    # the revision's clients start again (their earlier outcome in their history), the ones it left are cancelled
+    assert {c: on_file[f"c:{c}"]["state"] for c in (CLIENTS[6], CLIENTS[1100])} == {
+        CLIENTS[6]: "pending", CLIENTS[1100]: "cancelled"}
+    assert on_file[f"c:{CLIENTS[6]}"]["history"][0]["state"] == "executed"
+    assert held_entries(hub.store, rid) == on_file
+
+
+async def test_a_cancel_of_a_held_row_holds_what_storage_holds(hub: Hub) -> None:
+    rid = await accepted(hub)
+    await hub.book.apply(executed(rid, CLIENTS[:10]))
+    await hub.service.flexibility.cancel(Principal.parse("dso"), rid)
+    assert held_entries(hub.store, rid) == stored_entries(hub.path, rid)
+    await hub.book.apply(executed(rid, CLIENTS[10:20]))
+    assert held_entries(hub.store, rid) == stored_entries(hub.path, rid)
+
+
+async def test_an_expired_row_is_held_no_longer(hub: Hub) -> None:
+    rid = await accepted(hub)
+    await hub.book.apply(executed(rid, CLIENTS[:10]))
+    assert await hub.book.expire_due(time.time() + 10_000) == [rid]
+    assert hub.store.kept is not None and rid not in hub.store.kept and len(hub.store.kept) == 0
+
+
+async def test_a_cancelled_write_drops_the_row(hub: Hub) -> None:
+    """A write cancelled while in flight may still commit: the row is held no longer, the next commit reads storage."""
+    import asyncio
+
+    rid = await accepted(hub)
+    batch = hub.store.kv.batch
+    committed = asyncio.Event()
+
+    async def commit_then_hang(muts: Any) -> None:
+        await batch(muts)
+        committed.set()
+        await asyncio.Event().wait()
+
+    hub.store.kv.batch = commit_then_hang  # type: ignore[method-assign]
+    task = asyncio.create_task(hub.book.apply(executed(rid, CLIENTS[:10])))
+    await committed.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    hub.store.kv.batch = batch  # type: ignore[method-assign]
+    assert hub.store.kept is not None and rid not in hub.store.kept
+    hub.reads.clear()
+    await hub.book.apply(executed(rid, CLIENTS[10:20]))
+    assert [c for c in hub.reads if c.startswith("c:")] == [f"c:{c}" for c in CLIENTS[10:20]]
