@@ -353,8 +353,10 @@ class KeptEntries:
     Only for a hub that is the one writer of its store (a replica shares the file with other writers: never there).
     A row is kept from its expansion (every client entry it has, so a client missing here is missing from the row)
     until a write closes the request, a write to it fails, or newer rows need the room; every write of the store
-    updates it once durable, so it holds what a storage read returns at that moment. Readers get copies
-    (:func:`~cloud_hub.lifecycle.working`): what they change before writing is theirs."""
+    updates it once durable, so it holds what a storage read returns at that moment. Readers get shallow copies
+    (:func:`~cloud_hub.lifecycle.working`): they may change an entry's top-level fields and its ``retailers`` in
+    place; its other nested values (``detail``, ``trace``, ``history``, ``superseded``) are shared with the held
+    entry, to be replaced, never changed."""
 
     def __init__(self, limit: int = ENTRIES_KEPT) -> None:
         self.limit = limit
@@ -429,7 +431,8 @@ class KeptEntries:
 
 
 def held_copies(cells: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
-    """Held client entries as a reader gets them: copies it may change (:func:`~cloud_hub.lifecycle.working`)."""
+    """Held client entries as a reader gets them: shallow copies (:func:`~cloud_hub.lifecycle.working`) whose
+    top-level fields and ``retailers`` it may change in place; other nested values are shared, to be replaced."""
     return [(col, working(e)) for col, e in cells]
 
 
@@ -803,9 +806,10 @@ class HubStore:
     async def get_requests_cells(self, wanted: dict[str, list[str]], *, kept: bool = False
                                  ) -> dict[str, dict[str, Any]]:
         """:meth:`get_request_cells` of several requests in one storage call (a missing request maps to ``{}``).
-        ``kept``: the client cells of rows held in memory (:attr:`kept`) come from there, as copies the caller may
-        change, and only the other cells are read; for a caller that holds the requests' locks (an outcome commit,
-        a round of marks), so that no write of those rows is under way."""
+        ``kept``: the client cells of rows held in memory (:attr:`kept`) come from there, as :func:`held_copies` (only
+        top-level fields and ``retailers`` may be changed in place), and only the other cells are read; for a
+        caller that holds the requests' locks (an outcome commit, a round of marks), so that no write of those rows
+        is under way."""
         held: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         rest = wanted
         if kept and self.kept is not None:
