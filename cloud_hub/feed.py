@@ -100,6 +100,13 @@ class FeedItem:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+def _concerns(event: dict[str, Any], retailer_id: str | None) -> bool:
+    """Whether a retailer sees the stored event at all (in either view): its own delivery, a change of the
+    request's state it is in the audience of, or one of its own clients (the cheapest tests first)."""
+    return (retailer_id in event["retailers"] or (event["state_changed"] and retailer_id in event["audience"])
+            or any(retailer_id in e["retailers"] for e in event["clients"].values()))
+
+
 def view(event: dict[str, Any], who: Principal, request_id: str | None = None, *,
          summary: bool = False) -> dict[str, Any] | None:
     """What ``who`` sees of a stored event (None: nothing). The DSO sees the requests it issued, whole; a retailer
@@ -112,17 +119,14 @@ def view(event: dict[str, Any], who: Principal, request_id: str | None = None, *
     clients: dict[str, Any]
     if who.kind == "retailer":
         rid = who.retailer_id
+        if not _concerns(event, rid):
+            return None
         if summary:
-            if not (any(rid in e["retailers"] for e in event["clients"].values()) or rid in event["retailers"]
-                    or (event["state_changed"] and rid in event["audience"])):
-                return None
             clients, retailers = {}, {}
         else:
             clients = {c: {"state": e["state"], "detail": e["detail"]} for c, e in event["clients"].items()
                        if rid in e["retailers"]}
             retailers = {r: s for r, s in event["retailers"].items() if r == rid}
-            if not clients and not retailers and not (event["state_changed"] and rid in event["audience"]):
-                return None
     elif who.kind == "dso" and event["issuer"] == str(who):
         clients = {} if summary else {c: {"state": e["state"], "detail": e["detail"]}
                                       for c, e in event["clients"].items()}

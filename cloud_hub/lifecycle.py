@@ -290,7 +290,9 @@ def move(entry: dict[str, Any], new: ClientState, counts: Counter[ClientState], 
 
 
 def working(entry: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a stored target entry that :func:`apply` may change (its nested ``retailers`` too)."""
+    """A shallow copy of a stored target entry that :func:`apply` may change: its top-level fields and its nested
+    ``retailers`` in place (copied too); the other nested values (``detail``, ``trace``, ``history``,
+    ``superseded``) are the stored entry's own objects, to be replaced, never changed in place."""
     copy = dict(entry)
     if "retailers" in copy:
         copy["retailers"] = dict(copy["retailers"])
@@ -480,7 +482,9 @@ def apply(row: RowState, outcomes: Sequence[ReportedOutcome], now: float,
 
     ``allowed`` must be pure (it is asked once per retailer and set of addressed retailers in a call). ``owned``:
     the caller hands over ``row.clients``' entries (decoded for this call, read by nobody after it), so they are
-    changed in place instead of copied first; the entries of ``changes`` are then those same objects."""
+    changed in place instead of copied first; the entries of ``changes`` are then those same objects. Without it
+    each entry is :func:`working`: only its top-level fields and ``retailers`` are changed in place (its other
+    nested values are shared with the caller's entry and replaced when they change)."""
     run = _Apply(row, now, allowed, owned)
     verdicts = [run.one(o) for o in outcomes]
     run.settle(verdicts)

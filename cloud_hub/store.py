@@ -353,8 +353,10 @@ class KeptEntries:
     Only for a hub that is the one writer of its store (a replica shares the file with other writers: never there).
     A row is kept from its expansion (every client entry it has, so a client missing here is missing from the row)
     until a write closes the request, a write to it fails, or newer rows need the room; every write of the store
-    updates it once durable, so it holds what a storage read returns at that moment. Readers get copies
-    (:func:`~cloud_hub.lifecycle.working`): what they change before writing is theirs."""
+    updates it once durable, so it holds what a storage read returns at that moment. Readers get shallow copies
+    (:func:`~cloud_hub.lifecycle.working`): they may change an entry's top-level fields and its ``retailers`` in
+    place; its other nested values (``detail``, ``trace``, ``history``, ``superseded``) are shared with the held
+    entry, to be replaced, never changed."""
 
     def __init__(self, limit: int = ENTRIES_KEPT) -> None:
         self.limit = limit
@@ -379,13 +381,21 @@ class KeptEntries:
         self._rows[request_id] = dict(entries)
         self._size += len(entries)
 
+    def clear(self) -> None:
+        """Hold nothing."""
+        self._rows.clear()
+        self._size = 0
+
     def forget(self, request_id: str) -> None:
         row = self._rows.pop(request_id, None)
         if row is not None:
             self._size -= len(row)
 
     def written(self, request_id: str, put: dict[str, Any], delete: list[str] | None, close: bool) -> None:
-        """A durable write of the row: ``put``'s client entries replace those held, ``delete``'s go."""
+        """A durable write of the row: ``delete``'s client entries go, then ``put``'s replace those held (the order
+        storage applies a mutation in, :meth:`~cloud_hub.storage.sqlite.SqliteKV.batch`: a column in both is put).
+        Over :attr:`limit` after it, the oldest other rows make room; a row larger than the limit is held no
+        longer."""
         row = self._rows.get(request_id)
         if row is None:
             return
@@ -393,10 +403,15 @@ class KeptEntries:
             self.forget(request_id)
             return
         n = len(row)
-        row.update((col, e) for col, e in put.items() if col[:2] == "c:")
         for col in delete or ():
             row.pop(col, None)
+        row.update((col, e) for col, e in put.items() if col[:2] == "c:")
         self._size += len(row) - n
+        if len(row) > self.limit:
+            self.forget(request_id)
+            return
+        while self._size > self.limit:
+            self.forget(next(r for r in self._rows if r != request_id))
 
     def split(self, request_id: str, columns: list[str]) -> tuple[list[tuple[str, dict[str, Any]]], list[str]] | None:
         """The client cells of ``columns`` held for the row, ``(column, entry)`` (the held objects themselves: a
@@ -416,7 +431,8 @@ class KeptEntries:
 
 
 def held_copies(cells: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
-    """Held client entries as a reader gets them: copies it may change (:func:`~cloud_hub.lifecycle.working`)."""
+    """Held client entries as a reader gets them: shallow copies (:func:`~cloud_hub.lifecycle.working`) whose
+    top-level fields and ``retailers`` it may change in place; other nested values are shared, to be replaced."""
     return [(col, working(e)) for col, e in cells]
 
 
@@ -469,7 +485,9 @@ class HubStore:
         await self.kv.open()
 
     async def close(self) -> None:
-        """Close the backend."""
+        """Close the backend; the held client entries go (a store opened again reads storage first)."""
+        if self.kept is not None:
+            self.kept.clear()
         await self.kv.close()
 
     async def ping(self) -> None:
@@ -788,9 +806,10 @@ class HubStore:
     async def get_requests_cells(self, wanted: dict[str, list[str]], *, kept: bool = False
                                  ) -> dict[str, dict[str, Any]]:
         """:meth:`get_request_cells` of several requests in one storage call (a missing request maps to ``{}``).
-        ``kept``: the client cells of rows held in memory (:attr:`kept`) come from there, as copies the caller may
-        change, and only the other cells are read; for a caller that holds the requests' locks (an outcome commit,
-        a round of marks), so that no write of those rows is under way."""
+        ``kept``: the client cells of rows held in memory (:attr:`kept`) come from there, as :func:`held_copies` (only
+        top-level fields and ``retailers`` may be changed in place), and only the other cells are read; for a
+        caller that holds the requests' locks (an outcome commit, a round of marks), so that no write of those rows
+        is under way."""
         held: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         rest = wanted
         if kept and self.kept is not None:

@@ -92,3 +92,29 @@ async def test_the_openadr3_notifier_follows_the_feed_in_summary(
 async def dso_followers(feed: ChangeFeed) -> bool:
     await asyncio.sleep(0)
     return any(f.who == Principal("dso") for f in feed._followers)
+
+
+def _event(clients: dict[str, list[str]], retailers: dict[str, str], state_changed: bool,
+           audience: list[str]) -> dict[str, Any]:
+    return {"event_id": 7, "request_id": "rq1", "type": "outcome", "state": "dispatching", "at": 1.0,
+            "issuer": "dso", "state_changed": state_changed, "audience": audience, "revision": None,
+            "retailers": retailers,
+            "clients": {c: {"state": "executed", "detail": {}, "retailers": rs} for c, rs in clients.items()}}
+
+
+@pytest.mark.parametrize(("event", "seen"), [
+    (_event({"c1": ["r1"], "c2": ["r2"]}, {}, False, []), True),           # one of its clients
+    (_event({"c2": ["r2"]}, {"r1": "delivered"}, False, []), True),        # its own delivery
+    (_event({"c2": ["r2"]}, {}, True, ["r1", "r2"]), True),                # a state change it is told of
+    (_event({"c2": ["r2"]}, {"r2": "delivered"}, True, ["r2"]), False),    # none of these
+    (_event({"c2": ["r2"]}, {}, False, ["r1"]), False),                    # in the audience, no state change
+])
+def test_a_retailer_sees_an_event_in_summary_exactly_when_it_sees_it_whole(event: dict[str, Any], seen: bool) -> None:
+    from cloud_hub.feed import view
+
+    who = Principal.parse("retailer:r1")
+    whole, summary = view(event, who), view(event, who, summary=True)
+    assert (whole is not None, summary is not None) == (seen, seen)
+    if whole is not None and summary is not None:
+        assert summary == {k: v for k, v in whole.items() if k not in ("clients", "retailers")}
+        assert all(c == "c1" for c in whole["clients"]) and set(whole["retailers"]) <= {"r1"}

@@ -180,3 +180,120 @@ def test_the_oldest_rows_make_room_and_a_row_larger_than_the_room_is_not_held() 
     assert kept.split("b", ["c:1", "c:2", "c:3", "r:state"]) == (
         [("c:2", {"state": "pending"}), ("c:3", {"state": "sent"})], ["r:state"])
     assert len(kept) == 4
+
+
+async def test_a_refused_backwards_report_leaves_the_held_entry_as_stored(hub: Hub) -> None:
+    """A non-terminal backwards report (delivered, then sent) sets the retailer's state on the working entry before
+    the move is refused and nothing is written: the held entry must not be that working entry (readers get copies)."""
+    rid = await accepted(hub)
+    client = CLIENTS[0]
+    await hub.book.apply([ReportedOutcome("r1", rid, client, ClientState.DELIVERED, {}, {})])
+    verdicts = await hub.book.apply([ReportedOutcome("r1", rid, client, ClientState.SENT, {}, {})])
+    assert verdicts[0].known and not verdicts[0].changed
+    on_file = stored_entries(hub.path, rid)
+    assert on_file[f"c:{client}"]["state"] == "delivered"
+    assert on_file[f"c:{client}"]["retailers"] == {"r1": "delivered"}
+    assert held_entries(hub.store, rid) == on_file
+
+
+def test_a_write_that_adds_clients_to_a_held_row_keeps_the_limit() -> None:
+    from cloud_hub.store import KeptEntries
+
+    kept = KeptEntries(limit=5)
+    kept.keep("a", {"c:1": {"state": "pending"}, "c:2": {"state": "pending"}})
+    kept.keep("b", {"c:1": {"state": "pending"}, "c:2": {"state": "pending"}})
+    # a revision adds two clients to b: 6 > 5, the oldest other row (a) makes room
+    kept.written("b", {"c:3": {"state": "pending"}, "c:4": {"state": "pending"}}, None, close=False)
+    assert "a" not in kept and "b" in kept and len(kept) == 4
+    # b alone grows past the limit: it is held no longer
+    kept.written("b", {f"c:{i}": {"state": "pending"} for i in range(5, 7)}, None, close=False)
+    assert "b" not in kept and len(kept) == 0
+
+
+async def test_a_write_that_deletes_and_puts_one_client_holds_the_put_as_storage_does(tmp_path: Path) -> None:
+    """Storage applies a mutation's delete before its put (``SqliteKV``): a column in both is there afterwards."""
+    from cloud_hub.storage import Mutation
+    from cloud_hub.storage.sqlite import SqliteKV
+    from cloud_hub.store import KeptEntries
+
+    kv = SqliteKV(tmp_path / "kv.db")
+    await kv.open()
+    try:
+        await kv.batch([Mutation("requests", "a", {"c:1": b"pending", "c:2": b"pending"})])
+        await kv.batch([Mutation("requests", "a", {"c:1": b"sent"}, delete=["c:1", "c:2"])])
+        assert await kv.get("requests", "a") == {"c:1": b"sent"}
+    finally:
+        await kv.close()
+    kept = KeptEntries(limit=5)
+    kept.keep("a", {"c:1": {"state": "pending"}, "c:2": {"state": "pending"}})
+    kept.written("a", {"c:1": {"state": "sent"}}, ["c:1", "c:2"], close=False)
+    assert kept.split("a", ["c:1", "c:2"]) == ([("c:1", {"state": "sent"})], [])
+    assert len(kept) == 1
+
+
+async def test_a_closed_store_holds_nothing(tmp_path: Path) -> None:
+    store = HubStore.embedded(tmp_path / "hub.db", keep_entries=True)
+    await store.open()
+    assert store.kept is not None
+    store.kept.keep("rq1", {"c:1": {"state": "pending"}, "c:2": {"state": "pending"}})
+    await store.close()
+    assert "rq1" not in store.kept and len(store.kept) == 0
+
+
+async def test_a_revision_of_a_held_row_holds_what_storage_holds(hub: Hub) -> None:
+    from cloud_hub.api.requests import validate_body
+
+    rid = await accepted(hub)
+    await hub.book.apply(executed(rid, CLIENTS[:10]))
+    await hub.service.revisions.revise(Principal.parse("dso"), rid, {"client_ids": CLIENTS[5:1100]}, None,
+                                       validate_body)
+    assert held_entries(hub.store, rid) == stored_entries(hub.path, rid)
+    await hub.book.apply(executed(rid, CLIENTS[5:20]))
+    on_file = stored_entries(hub.path, rid)
+    # the revision's clients start again (their earlier outcome in their history), the ones it left are cancelled
+    assert {c: on_file[f"c:{c}"]["state"] for c in (CLIENTS[6], CLIENTS[1100])} == {
+        CLIENTS[6]: "pending", CLIENTS[1100]: "cancelled"}
+    assert on_file[f"c:{CLIENTS[6]}"]["history"][0]["state"] == "executed"
+    assert held_entries(hub.store, rid) == on_file
+
+
+async def test_a_cancel_of_a_held_row_holds_what_storage_holds(hub: Hub) -> None:
+    rid = await accepted(hub)
+    await hub.book.apply(executed(rid, CLIENTS[:10]))
+    await hub.service.flexibility.cancel(Principal.parse("dso"), rid)
+    assert held_entries(hub.store, rid) == stored_entries(hub.path, rid)
+    await hub.book.apply(executed(rid, CLIENTS[10:20]))
+    assert held_entries(hub.store, rid) == stored_entries(hub.path, rid)
+
+
+async def test_an_expired_row_is_held_no_longer(hub: Hub) -> None:
+    rid = await accepted(hub)
+    await hub.book.apply(executed(rid, CLIENTS[:10]))
+    assert await hub.book.expire_due(time.time() + 10_000) == [rid]
+    assert hub.store.kept is not None and rid not in hub.store.kept and len(hub.store.kept) == 0
+
+
+async def test_a_cancelled_write_drops_the_row(hub: Hub) -> None:
+    """A write cancelled while in flight may still commit: the row is held no longer, the next commit reads storage."""
+    import asyncio
+
+    rid = await accepted(hub)
+    batch = hub.store.kv.batch
+    committed = asyncio.Event()
+
+    async def commit_then_hang(muts: Any) -> None:
+        await batch(muts)
+        committed.set()
+        await asyncio.Event().wait()
+
+    hub.store.kv.batch = commit_then_hang  # type: ignore[method-assign]
+    task = asyncio.create_task(hub.book.apply(executed(rid, CLIENTS[:10])))
+    await committed.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    hub.store.kv.batch = batch  # type: ignore[method-assign]
+    assert hub.store.kept is not None and rid not in hub.store.kept
+    hub.reads.clear()
+    await hub.book.apply(executed(rid, CLIENTS[10:20]))
+    assert [c for c in hub.reads if c.startswith("c:")] == [f"c:{c}" for c in CLIENTS[10:20]]
