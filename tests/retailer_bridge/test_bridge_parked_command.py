@@ -89,6 +89,18 @@ class RecordingLink:
         self.sent.append((topic, payload))
 
 
+def _relay_to_two_gateways(store: BridgeStore) -> tuple[Clock, BridgeRelay, RecordingLink]:
+    """A relay for clients c1 and c2 (gateways gw-1, gw-2) on ``store``, its clock injected, its link up and
+    recording what it publishes."""
+    clock = Clock(1_000_000.0)
+    relay = BridgeRelay("r1", {"c1": "gw-1", "c2": "gw-2"}, store)
+    relay.commands_out.clock = clock
+    link = RecordingLink()
+    relay.local = link  # type: ignore[assignment]
+    relay.local_connected()
+    return clock, relay, link
+
+
 async def test_a_due_command_without_its_payload_is_closed_refused_not_due_for_ever(tmp_path: Path) -> None:
     """Review of the thirteenth round: a command whose ``command_payloads`` row is missing (the store's invariant
     broken: a damaged database) was hidden from ``due_commands`` by its join while ``next_gateway_due`` reported it
@@ -98,12 +110,7 @@ async def test_a_due_command_without_its_payload_is_closed_refused_not_due_for_e
     store = BridgeStore(tmp_path / "b.db")
     await store.open()
     try:
-        clock = Clock(1_000_000.0)
-        relay = BridgeRelay("r1", {"c1": "gw-1", "c2": "gw-2"}, store)
-        relay.commands_out.clock = clock
-        link = RecordingLink()
-        relay.local = link  # type: ignore[assignment]
-        relay.local_connected()
+        clock, relay, link = _relay_to_two_gateways(store)
         await store.accept_request([NewCommand("q", c, f"gw-{c[1]}", f"cmd-{c}", b"command", clock.t, clock.t + 7200)
                                     for c in ("c1", "c2")], [])
         await store.sql.tx(lambda db: db.execute("DELETE FROM command_payloads WHERE client_id='c1'"))
@@ -127,12 +134,7 @@ async def test_a_template_made_command_whose_template_is_lost_is_closed_refused(
     store = BridgeStore(tmp_path / "b.db")
     await store.open()
     try:
-        clock = Clock(1_000_000.0)
-        relay = BridgeRelay("r1", {"c1": "gw-1", "c2": "gw-2"}, store)
-        relay.commands_out.clock = clock
-        link = RecordingLink()
-        relay.local = link  # type: ignore[assignment]
-        relay.local_connected()
+        clock, relay, link = _relay_to_two_gateways(store)
         t = template()
         assert t.parts is not None
         made = [NewCommand("q", c, f"gw-{c[1]}", f"cmd-{c}", t.payload(f"cmd-{c}", c), clock.t, clock.t + 7200)
