@@ -93,14 +93,18 @@ class SqliteThread:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.row_factory = sqlite3.Row
-        db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute(f"PRAGMA wal_autocheckpoint={int(self._wal_autocheckpoint)}")
-        if self._cache_kib is not None:
-            db.execute(f"PRAGMA cache_size=-{int(self._cache_kib)}")
-        db.executescript(self._schema)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA wal_autocheckpoint={int(self._wal_autocheckpoint)}")
+            if self._cache_kib is not None:
+                db.execute(f"PRAGMA cache_size=-{int(self._cache_kib)}")
+            db.executescript(self._schema)
+        except BaseException:
+            db.close()  # a failed open (a locked file) leaves no connection behind: the caller may try again
+            raise
         self._db = db
 
     def _open_checkpointer(self) -> None:

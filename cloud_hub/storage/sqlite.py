@@ -31,6 +31,9 @@ from mhp_wire.sqlite import GroupTransactions, SqliteThread, StorageError
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+OPEN_WAIT_S = 10.0
+"""How long :meth:`SqliteKV.open` keeps trying a file another connection holds locked."""
+
 DDL = """
 CREATE TABLE IF NOT EXISTS cells (
     tbl TEXT NOT NULL, row TEXT NOT NULL, col TEXT NOT NULL, val BLOB NOT NULL,
@@ -140,11 +143,20 @@ class SqliteKV:
             raise StoreUnavailable(str(exc)) from exc
 
     async def open(self) -> None:
-        """Open (and create) the database file."""
-        try:
-            await self._sql.open()
-        except StorageError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        """Open (and create) the database file. A file another process holds locked longer than the busy timeout
+        (a replica sharing it, starting at the same moment or committing a large write on a loaded machine) is tried
+        again every 0.1 s for up to ``OPEN_WAIT_S`` (the loop's clock) before the open fails."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + OPEN_WAIT_S
+        while True:
+            try:
+                await self._sql.open()
+                break
+            except StorageError as exc:
+                if "locked" not in str(exc) or loop.time() >= deadline:
+                    raise StoreUnavailable(str(exc)) from exc
+                log.warning("hub store %s is locked by another connection; trying to open it again", self._sql.path)
+                await asyncio.sleep(0.1)
         try:
             await self.merge()  # cells staged before a crash (kill -9, power loss) are in the file: merged now
         except StoreUnavailable:  # (a locked file) the periodic merge, or the first read of the table, tries again
