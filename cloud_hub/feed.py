@@ -116,27 +116,22 @@ def view(event: dict[str, Any], who: Principal, request_id: str | None = None, *
     the OpenADR 3 notifier: an event of a fan-out's outcome commit names hundreds of clients)."""
     if request_id is not None and event["request_id"] != request_id:
         return None
-    clients: dict[str, Any]
     if who.kind == "retailer":
         rid = who.retailer_id
         if not _concerns(event, rid):
             return None
-        if summary:
-            clients, retailers = {}, {}
-        else:
-            clients = {c: {"state": e["state"], "detail": e["detail"]} for c, e in event["clients"].items()
-                       if rid in e["retailers"]}
-            retailers = {r: s for r, s in event["retailers"].items() if r == rid}
-    elif who.kind == "dso" and event["issuer"] == str(who):
-        clients = {} if summary else {c: {"state": e["state"], "detail": e["detail"]}
-                                      for c, e in event["clients"].items()}
-        retailers = {} if summary else dict(event["retailers"])
-    else:
+    elif who.kind != "dso" or event["issuer"] != str(who):
         return None
-    out = {"event_id": event["event_id"], "request_id": event["request_id"], "type": event["type"],
-           "state": event["state"], "at": event["at"], "clients": clients, "retailers": retailers}
-    if summary:
-        del out["clients"], out["retailers"]
+    out: dict[str, Any] = {"event_id": event["event_id"], "request_id": event["request_id"], "type": event["type"],
+                           "state": event["state"], "at": event["at"]}
+    if not summary:
+        if who.kind == "retailer":
+            out["clients"] = {c: {"state": e["state"], "detail": e["detail"]} for c, e in event["clients"].items()
+                              if rid in e["retailers"]}
+            out["retailers"] = {r: s for r, s in event["retailers"].items() if r == rid}
+        else:
+            out["clients"] = {c: {"state": e["state"], "detail": e["detail"]} for c, e in event["clients"].items()}
+            out["retailers"] = dict(event["retailers"])
     if event.get("revision") is not None:
         out["revision"] = event["revision"]
     return out

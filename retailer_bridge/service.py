@@ -125,11 +125,8 @@ class Bridge:
             await self._run()
 
     async def _run(self) -> None:
-        self.loop_watch.start()
-        try:
+        with self.loop_watch:
             await self._serve()
-        finally:
-            self.loop_watch.stop()
 
     async def _serve(self) -> None:
         s, rid = self.settings, self.settings.retailer_id
